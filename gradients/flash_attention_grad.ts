@@ -1,0 +1,81 @@
+/**
+ * The gradient of FlashAttention: the backend's fused FlashAttentionGrad
+ * kernel when it has one, else the composed reference backward. Either
+ * way it is the FlashAttention backward from saved q, k, v, out and lse,
+ * so a fused forward and the reference backward work together.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+
+import {checkQKV} from '../src/checks';
+import {useFusedKernel} from '../src/dispatch';
+import {getReferenceBlockElements} from '../src/flags';
+import {FlashAttention, FlashAttentionAttrs, FlashAttentionGrad} from '../src/kernel_names';
+import {referenceBackward} from '../src/reference/backward';
+
+/** Lazy gradient of each input, as tfjs's tape expects. */
+export type NamedGradientMap = Record<string, () => tf.Tensor>;
+
+export interface FlashAttentionGradTensors {
+  dy: tf.Tensor4D;
+  dLse: tf.Tensor3D;
+  q: tf.Tensor4D;
+  k: tf.Tensor4D;
+  v: tf.Tensor4D;
+  out: tf.Tensor4D;
+  softmaxLse: tf.Tensor3D;
+  /** Shape `[0]` when ALiBi is off (kernels always get this input). */
+  alibiSlopes: tf.Tensor;
+}
+
+/** `[dq, dk, dv]` by the fused kernel or the reference. */
+export function flashAttentionBackward(
+    inputs: FlashAttentionGradTensors,
+    attrs: FlashAttentionAttrs): [tf.Tensor4D, tf.Tensor4D, tf.Tensor4D] {
+  const shapes = checkQKV(inputs.q, inputs.k, inputs.v, 'flashAttention gradient');
+  if (useFusedKernel(FlashAttentionGrad, shapes, attrs)) {
+    return tf.engine().runKernel(
+               FlashAttentionGrad, inputs as unknown as tf.NamedTensorMap,
+               attrs as unknown as tf.NamedAttrMap) as
+        [tf.Tensor4D, tf.Tensor4D, tf.Tensor4D];
+  }
+  const alibiSlopes = inputs.alibiSlopes.size === 0 ? null : inputs.alibiSlopes;
+  return referenceBackward(
+      {...inputs, alibiSlopes}, shapes, attrs, getReferenceBlockElements());
+}
+
+/**
+ * Tensors saved by the forward pass, in this order: q, k, v, alibiSlopes,
+ * out, softmaxLse (the order the registered gradient saves them in).
+ */
+export function flashAttentionGradFunc(
+    dys: tf.Tensor|tf.Tensor[], saved: tf.Tensor[],
+    attrs: tf.NamedAttrMap): NamedGradientMap {
+  const [dy, dLse] = dys as tf.Tensor[];
+  const [q, k, v, alibiSlopes, out, softmaxLse] = saved;
+  const [dq, dk, dv] = flashAttentionBackward(
+      {
+        dy: dy as tf.Tensor4D,
+        dLse: dLse as tf.Tensor3D,
+        q: q as tf.Tensor4D,
+        k: k as tf.Tensor4D,
+        v: v as tf.Tensor4D,
+        out: out as tf.Tensor4D,
+        softmaxLse: softmaxLse as tf.Tensor3D,
+        alibiSlopes,
+      },
+      attrs as unknown as FlashAttentionAttrs);
+  return {
+    q: () => dq,
+    k: () => dk,
+    v: () => dv,
+    // ALiBi slopes are not differentiated (as in flash_attn).
+    alibiSlopes: () => tf.zerosLike(alibiSlopes),
+  };
+}
+
+export const flashAttentionGradConfig: tf.GradConfig = {
+  kernelName: FlashAttention,
+  inputsToSave: ['q', 'k', 'v', 'alibiSlopes'],
+  outputsToSave: [true, true],
+  gradFunc: flashAttentionGradFunc,
+};

@@ -1,0 +1,13 @@
+/** @type {import('jest').Config} */
+module.exports = {
+  preset: 'ts-jest',
+  testEnvironment: 'node',
+  roots: ['<rootDir>/test'],
+  testMatch: ['**/*.test.ts'],
+  // SwiftShader is slow: allow long numerical tests.
+  testTimeout: 300000,
+  globalSetup: '<rootDir>/test/harness/global_setup.ts',
+  transform: {
+    '^.+\\.ts$': ['ts-jest', {diagnostics: false}],
+  },
+};

@@ -1,0 +1,136 @@
+/**
+ * Input checks of the flashAttention ops (DESIGN.md §2, last point). They
+ * run before any kernel: a bad call throws an error naming the argument,
+ * the expected and the actual value, and allocates nothing.
+ */
+import {Tensor} from '@tensorflow/tfjs-core';
+
+/** Largest head dim (D and Dv) any kernel of this package accepts. */
+export const MAX_HEAD_DIM = 256;
+
+export interface AttentionShapes {
+  batch: number;
+  seqQ: number;
+  seqK: number;
+  heads: number;
+  headsKV: number;
+  headDim: number;
+  headDimV: number;
+}
+
+function shapeString(shape: readonly number[]): string {
+  return `[${shape.join(', ')}]`;
+}
+
+export function checkTensor(
+    value: unknown, argName: string, opName: string,
+    expectedRank: number, layout: string): Tensor {
+  if (!(value instanceof Tensor)) {
+    throw new Error(`${opName}: ${argName} must be a tf.Tensor of shape ${
+        layout}, got ${value === null ? 'null' : typeof value}`);
+  }
+  if (value.isDisposed) {
+    throw new Error(`${opName}: ${argName} has been disposed`);
+  }
+  if (value.rank !== expectedRank) {
+    throw new Error(`${opName}: ${argName} must have rank ${expectedRank} (${
+        layout}), got rank ${value.rank} with shape ${
+        shapeString(value.shape)}`);
+  }
+  if (value.dtype !== 'float32') {
+    throw new Error(`${opName}: ${argName} must have dtype float32, got ${
+        value.dtype}`);
+  }
+  return value;
+}
+
+/** Checks q [B,Sq,H,D], k [B,Sk,Hk,D], v [B,Sk,Hk,Dv] against each other. */
+export function checkQKV(
+    q: Tensor, k: Tensor, v: Tensor, opName: string,
+    names = {q: 'q', k: 'k', v: 'v'}): AttentionShapes {
+  const [batch, seqQ, heads, headDim] = q.shape;
+  const [batchK, seqK, headsKV, headDimK] = k.shape;
+  const [batchV, seqV, headsV, headDimV] = v.shape;
+  const fail = (what: string) => {
+    throw new Error(`${opName}: ${what}`);
+  };
+  if (batchK !== batch || batchV !== batch) {
+    fail(`batch sizes must match: ${names.q} has ${batch}, ${names.k} has ${
+        batchK}, ${names.v} has ${batchV}`);
+  }
+  if (seqV !== seqK) {
+    fail(`${names.k} and ${names.v} must have the same sequence length, got ${
+        seqK} (${names.k}) and ${seqV} (${names.v})`);
+  }
+  if (headsV !== headsKV) {
+    fail(`${names.k} and ${names.v} must have the same number of heads, got ${
+        headsKV} (${names.k}) and ${headsV} (${names.v})`);
+  }
+  if (headDimK !== headDim) {
+    fail(`${names.q} and ${names.k} must have the same head dim, got ${
+        headDim} (${names.q}) and ${headDimK} (${names.k})`);
+  }
+  if (headsKV < 1 || heads % headsKV !== 0) {
+    fail(`the number of query heads must be a multiple of the number of key/value heads (H % Hk == 0), got H=${
+        heads} (${names.q}) and Hk=${headsKV} (${names.k})`);
+  }
+  for (const [name, dim] of [[names.q, headDim], [names.v, headDimV]] as
+       Array<[string, number]>) {
+    if (dim < 1 || dim > MAX_HEAD_DIM) {
+      fail(`head dim of ${name} must be in [1, ${MAX_HEAD_DIM}], got ${dim}`);
+    }
+  }
+  for (const [name, t] of [[names.q, q], [names.k, k]] as
+       Array<[string, Tensor]>) {
+    if (t.shape.some(d => d === 0)) {
+      fail(`${name} must not be empty, got shape ${shapeString(t.shape)}`);
+    }
+  }
+  return {batch, seqQ, seqK, heads, headsKV, headDim, headDimV};
+}
+
+/** alibiSlopes must be float32 `[H]` or `[B, H]`. */
+export function checkAlibi(
+    alibiSlopes: unknown, shapes: AttentionShapes, opName: string): Tensor|
+    undefined {
+  if (alibiSlopes == null) {
+    return undefined;
+  }
+  if (!(alibiSlopes instanceof Tensor)) {
+    throw new Error(`${opName}: alibiSlopes must be a tf.Tensor of shape [H] or [B, H], got ${
+        typeof alibiSlopes}`);
+  }
+  const {batch, heads} = shapes;
+  const shape = alibiSlopes.shape;
+  const ok = (shape.length === 1 && shape[0] === heads) ||
+      (shape.length === 2 && shape[0] === batch && shape[1] === heads);
+  if (!ok) {
+    throw new Error(`${opName}: alibiSlopes must have shape [${heads}] or [${
+        batch}, ${heads}] ([H] or [B, H]), got ${shapeString(shape)}`);
+  }
+  if (alibiSlopes.dtype !== 'float32') {
+    throw new Error(`${opName}: alibiSlopes must have dtype float32, got ${
+        alibiSlopes.dtype}`);
+  }
+  return alibiSlopes;
+}
+
+/** qkv [B, S, 3, H, D]. */
+export function checkQKVPacked(qkv: unknown, opName: string): Tensor {
+  const t = checkTensor(qkv, 'qkv', opName, 5, '[B, S, 3, H, D]');
+  if (t.shape[2] !== 3) {
+    throw new Error(`${opName}: qkv must have shape [B, S, 3, H, D] with 3 at axis 2, got ${
+        shapeString(t.shape)}`);
+  }
+  return t;
+}
+
+/** kv [B, Sk, 2, Hk, D]. */
+export function checkKVPacked(kv: unknown, opName: string): Tensor {
+  const t = checkTensor(kv, 'kv', opName, 5, '[B, Sk, 2, Hk, D]');
+  if (t.shape[2] !== 2) {
+    throw new Error(`${opName}: kv must have shape [B, Sk, 2, Hk, D] with 2 at axis 2, got ${
+        shapeString(t.shape)}`);
+  }
+  return t;
+}

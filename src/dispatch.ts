@@ -1,0 +1,69 @@
+/**
+ * Chooses between a backend's fused kernel and the composed reference.
+ *
+ * Fused kernels register through `registerFusedKernel`, which records, next
+ * to the tfjs kernel, a predicate saying which calls the kernel can take
+ * (head dims, device limits...). A call it cannot take falls back to the
+ * reference under `auto`, and is an error under `fused`.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+
+import type {AttentionShapes} from './checks';
+import {getImpl} from './flags';
+import type {FlashAttentionAttrs} from './kernel_names';
+
+/** Why a fused kernel cannot take a call, or null when it can. */
+export type FusedSupportCheck =
+    (shapes: AttentionShapes, attrs: FlashAttentionAttrs,
+     backend: tf.KernelBackend) => string | null;
+
+const supportChecks = new Map<string, FusedSupportCheck>();
+
+function key(kernelName: string, backendName: string): string {
+  return `${kernelName}@${backendName}`;
+}
+
+/** Registers a fused kernel with tfjs and records which calls it takes. */
+export function registerFusedKernel(
+    config: tf.KernelConfig, supports: FusedSupportCheck = () => null): void {
+  if (tf.getKernel(config.kernelName, config.backendName) != null) {
+    tf.unregisterKernel(config.kernelName, config.backendName);
+  }
+  tf.registerKernel(config);
+  supportChecks.set(key(config.kernelName, config.backendName), supports);
+}
+
+/** Is a fused kernel registered for this backend (whatever the call)? */
+export function hasFusedKernel(kernelName: string, backendName: string): boolean {
+  return supportChecks.has(key(kernelName, backendName)) &&
+      tf.getKernel(kernelName, backendName) != null;
+}
+
+/**
+ * True to run the backend's fused kernel, false for the reference. Throws
+ * under FLASH_ATTENTION_IMPL=fused when the fused kernel cannot run.
+ */
+export function useFusedKernel(
+    kernelName: string, shapes: AttentionShapes,
+    attrs: FlashAttentionAttrs): boolean {
+  const impl = getImpl();
+  if (impl === 'reference') {
+    return false;
+  }
+  const backendName = tf.getBackend();
+  let reason: string|null;
+  if (!hasFusedKernel(kernelName, backendName)) {
+    reason = `backend '${backendName}' has no fused ${kernelName} kernel`;
+  } else {
+    reason = supportChecks.get(key(kernelName, backendName))!(
+        shapes, attrs, tf.engine().findBackend(backendName));
+  }
+  if (reason == null) {
+    return true;
+  }
+  if (impl === 'fused') {
+    throw new Error(`FLASH_ATTENTION_IMPL is 'fused' but ${
+        reason}; use 'auto' to fall back to the composed reference`);
+  }
+  return false;
+}

@@ -1,0 +1,50 @@
+/**
+ * tfjs flags of the package. In Node each also reads the environment
+ * variable of the same name; in a page, `?tfjsflags=NAME:value` works too.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+
+/** `auto` (fused kernel when the backend has one), `fused` or `reference`. */
+export const FLASH_ATTENTION_IMPL = 'FLASH_ATTENTION_IMPL';
+/** Most scores one block of the composed reference holds (memory bound). */
+export const FLASH_ATTENTION_REFERENCE_BLOCK_ELEMENTS =
+    'FLASH_ATTENTION_REFERENCE_BLOCK_ELEMENTS';
+
+export type FlashAttentionImpl = 'auto'|'fused'|'reference';
+const IMPLS: readonly FlashAttentionImpl[] = ['auto', 'fused', 'reference'];
+/** 2^20 float32 scores = 4 MiB per block tensor. */
+const DEFAULT_BLOCK_ELEMENTS = 1 << 20;
+
+function environmentVariable(name: string): string|undefined {
+  // `process` is absent in browsers; bundlers may also stub it.
+  const env = typeof process !== 'undefined' ? process.env : undefined;
+  const value = env?.[name];
+  return value === '' ? undefined : value;
+}
+
+tf.env().registerFlag(
+    FLASH_ATTENTION_IMPL,
+    () => environmentVariable(FLASH_ATTENTION_IMPL) ?? 'auto');
+tf.env().registerFlag(FLASH_ATTENTION_REFERENCE_BLOCK_ELEMENTS, () => {
+  const value = environmentVariable(FLASH_ATTENTION_REFERENCE_BLOCK_ELEMENTS);
+  return value == null ? DEFAULT_BLOCK_ELEMENTS : Number(value);
+});
+
+/** The selected implementation, validated. */
+export function getImpl(): FlashAttentionImpl {
+  const value = tf.env().get(FLASH_ATTENTION_IMPL);
+  if (!IMPLS.includes(value as FlashAttentionImpl)) {
+    throw new Error(`${FLASH_ATTENTION_IMPL} must be one of ${
+        IMPLS.join(', ')}, got ${JSON.stringify(value)}`);
+  }
+  return value as FlashAttentionImpl;
+}
+
+export function getReferenceBlockElements(): number {
+  const value = Number(tf.env().get(FLASH_ATTENTION_REFERENCE_BLOCK_ELEMENTS));
+  if (!Number.isInteger(value) || value < 1) {
+    throw new Error(`${FLASH_ATTENTION_REFERENCE_BLOCK_ELEMENTS} must be a positive integer, got ${
+        JSON.stringify(tf.env().get(FLASH_ATTENTION_REFERENCE_BLOCK_ELEMENTS))}`);
+  }
+  return value;
+}

@@ -1,0 +1,25 @@
+/**
+ * tfjs-flash-attention: FlashAttention for TensorFlow.js.
+ *
+ * Importing this module registers the gradient of the FlashAttention kernel
+ * and the fused kernels of the backends this package has kernels for.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+
+import {flashAttentionGradConfig} from '../gradients/flash_attention_grad';
+
+export type {AttentionShapes} from './checks';
+export {MAX_HEAD_DIM} from './checks';
+export type {FusedSupportCheck} from './dispatch';
+export {hasFusedKernel, registerFusedKernel} from './dispatch';
+export {dropoutThreshold, philox4x32} from './dropout';
+export type {FlashAttentionImpl} from './flags';
+export {FLASH_ATTENTION_IMPL, FLASH_ATTENTION_REFERENCE_BLOCK_ELEMENTS} from './flags';
+export type {FlashAttentionAttrs, FlashAttentionGradInputs, FlashAttentionInputs} from './kernel_names';
+export {FlashAttention, FlashAttentionGrad} from './kernel_names';
+export type {FlashAttentionOptions} from './options';
+export type {FlashAttentionKVPackedOp, FlashAttentionOp, FlashAttentionQKVPackedOp, FlashAttentionResult} from './ops';
+export {flashAttention, flashAttentionKVPacked, flashAttentionQKVPacked} from './ops';
+export {version} from './version';
+
+tf.registerGradient(flashAttentionGradConfig);

@@ -1,0 +1,56 @@
+/**
+ * Kernel names, inputs and attributes of the FlashAttention kernels.
+ *
+ * Every backend kernel (WGSL, CUDA, the composed reference) sees the same
+ * normalized attributes: defaults resolved, `causal` folded into the window,
+ * so a kernel never re-derives the semantics of DESIGN.md §2.
+ */
+import type {NamedTensorInfoMap, TensorInfo} from '@tensorflow/tfjs-core';
+
+/** Forward kernel. Outputs: `[out [B, Sq, H, Dv], softmaxLse [B, H, Sq]]`. */
+export const FlashAttention = 'FlashAttention';
+/** Backward kernel. Outputs: `[dq, dk, dv]`, shaped like q, k, v. */
+export const FlashAttentionGrad = 'FlashAttentionGrad';
+
+export interface FlashAttentionInputs extends NamedTensorInfoMap {
+  q: TensorInfo;
+  k: TensorInfo;
+  v: TensorInfo;
+  /** `[H]` or `[B, H]`; absent when ALiBi is off. */
+  alibiSlopes?: TensorInfo;
+}
+
+export interface FlashAttentionGradInputs extends NamedTensorInfoMap {
+  /** Gradient of the loss with respect to `out`. */
+  dy: TensorInfo;
+  /** Gradient of the loss with respect to `softmaxLse`, `[B, H, Sq]`. */
+  dLse: TensorInfo;
+  q: TensorInfo;
+  k: TensorInfo;
+  v: TensorInfo;
+  out: TensorInfo;
+  softmaxLse: TensorInfo;
+  alibiSlopes?: TensorInfo;
+}
+
+/**
+ * Normalized attributes. A plain object of numbers and booleans so that it
+ * passes through `engine.runKernel` and the gradient tape unchanged.
+ */
+export interface FlashAttentionAttrs {
+  /** Multiplies q.k before softcap; default `1 / sqrt(D)` already applied. */
+  softmaxScale: number;
+  /** True when the caller asked for causal (informative: windowRight is 0). */
+  causal: boolean;
+  /** Keys before the diagonal a query sees; -1 = unbounded. */
+  windowLeft: number;
+  /** Keys after the diagonal a query sees; -1 = unbounded; 0 when causal. */
+  windowRight: number;
+  /** 0 = off; else scores become `softcap * tanh(s / softcap)`. */
+  softcap: number;
+  /** Probability of dropping an attention weight; 0 = off. */
+  dropoutRate: number;
+  /** Low and high 32 bits of the dropout seed (the Philox key). */
+  seedLo: number;
+  seedHi: number;
+}

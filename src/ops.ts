@@ -1,0 +1,151 @@
+/**
+ * The public ops: flashAttention and its packed variants (flash_attn 2.x's
+ * flash_attn_func, flash_attn_qkvpacked_func, flash_attn_kvpacked_func).
+ */
+import * as tf from '@tensorflow/tfjs-core';
+
+import {flashAttentionGradFunc, NamedGradientMap} from '../gradients/flash_attention_grad';
+
+import {AttentionShapes, checkAlibi, checkKVPacked, checkQKV, checkQKVPacked, checkTensor} from './checks';
+import {useFusedKernel} from './dispatch';
+import {getReferenceBlockElements} from './flags';
+import {FlashAttention, FlashAttentionAttrs} from './kernel_names';
+import {FlashAttentionOptions, normalizeOptions} from './options';
+import {referenceForward} from './reference/forward';
+
+/** `out`, or `[out, softmaxLse]` with `returnSoftmaxLse: true`. */
+export type FlashAttentionResult = tf.Tensor4D|[tf.Tensor4D, tf.Tensor3D];
+
+/** The private engine method that runs a forward with its own backward. */
+interface KernelFuncRunner {
+  runKernelFunc(params: {
+    forwardFunc: (backend: tf.KernelBackend, save: (t: tf.Tensor[]) => void) =>
+        tf.Tensor[],
+    backwardsFunc: (dys: tf.Tensor|tf.Tensor[], saved: tf.Tensor[]) =>
+        NamedGradientMap,
+    inputs: tf.NamedTensorMap,
+    attrs: tf.NamedAttrMap,
+  }): tf.Tensor[];
+}
+
+/** Runs FlashAttention (fused or reference) and returns `[out, lse]`. */
+function runFlashAttention(
+    q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D,
+    alibiSlopes: tf.Tensor|undefined, shapes: AttentionShapes,
+    attrs: FlashAttentionAttrs): [tf.Tensor4D, tf.Tensor3D] {
+  // Kernels always receive alibiSlopes; shape [0] means "no ALiBi", so the
+  // gradient can save it like any other input.
+  const slopes = alibiSlopes ?? tf.zeros([0]);
+  const inputs = {q, k, v, alibiSlopes: slopes};
+  const kernelAttrs = attrs as unknown as tf.NamedAttrMap;
+  if (useFusedKernel(FlashAttention, shapes, attrs)) {
+    return tf.engine().runKernel(
+               FlashAttention, inputs as unknown as tf.NamedTensorMap,
+               kernelAttrs) as [tf.Tensor4D, tf.Tensor3D];
+  }
+  const blockElements = getReferenceBlockElements();
+  const engine = tf.engine() as unknown as KernelFuncRunner;
+  return engine.runKernelFunc({
+    forwardFunc: (_backend, save) => {
+      const [out, lse] = referenceForward(
+          q, k, v, alibiSlopes ?? null, shapes, attrs, blockElements);
+      save([q, k, v, slopes, out, lse]);
+      return [out, lse];
+    },
+    backwardsFunc: (dys, saved) => flashAttentionGradFunc(dys, saved, kernelAttrs),
+    inputs,
+    attrs: kernelAttrs,
+  }) as [tf.Tensor4D, tf.Tensor3D];
+}
+
+function attention(
+    opName: string, q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D,
+    opts: FlashAttentionOptions, names?: {q: string, k: string, v: string}):
+    FlashAttentionResult {
+  const shapes = checkQKV(q, k, v, opName, names);
+  const alibiSlopes = checkAlibi(opts.alibiSlopes, shapes, opName);
+  const attrs = normalizeOptions(opts, shapes.headDim, opName);
+  const [out, lse] = runFlashAttention(q, k, v, alibiSlopes, shapes, attrs);
+  if (opts.returnSoftmaxLse) {
+    return [out, lse];
+  }
+  lse.dispose();
+  return out;
+}
+
+/**
+ * Scaled dot-product attention, computed without materialising the
+ * attention matrix where a fused kernel exists (flash_attn_func).
+ *
+ * @param q `[B, Sq, H, D]` float32
+ * @param k `[B, Sk, Hk, D]` float32, `H % Hk == 0` (MQA/GQA)
+ * @param v `[B, Sk, Hk, Dv]` float32
+ * @returns `[B, Sq, H, Dv]`, or `[out, softmaxLse [B, H, Sq]]` with
+ *     `returnSoftmaxLse`.
+ */
+function flashAttention_(
+    q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D,
+    opts: FlashAttentionOptions = {}): FlashAttentionResult {
+  const opName = 'flashAttention';
+  checkTensor(q, 'q', opName, 4, '[B, Sq, H, D]');
+  checkTensor(k, 'k', opName, 4, '[B, Sk, Hk, D]');
+  checkTensor(v, 'v', opName, 4, '[B, Sk, Hk, Dv]');
+  return attention(opName, q, k, v, opts);
+}
+
+/**
+ * Self-attention on packed q, k, v (flash_attn_qkvpacked_func).
+ *
+ * @param qkv `[B, S, 3, H, D]` float32
+ */
+function flashAttentionQKVPacked_(
+    qkv: tf.Tensor5D, opts: FlashAttentionOptions = {}): FlashAttentionResult {
+  const opName = 'flashAttentionQKVPacked';
+  checkQKVPacked(qkv, opName);
+  const [q, k, v] = tf.unstack(qkv, 2) as tf.Tensor4D[];
+  const names = {q: 'qkv[:, :, 0]', k: 'qkv[:, :, 1]', v: 'qkv[:, :, 2]'};
+  return attention(opName, q, k, v, opts, names);
+}
+
+/**
+ * Attention with packed keys and values (flash_attn_kvpacked_func).
+ *
+ * @param q `[B, Sq, H, D]` float32
+ * @param kv `[B, Sk, 2, Hk, D]` float32
+ */
+function flashAttentionKVPacked_(
+    q: tf.Tensor4D, kv: tf.Tensor5D,
+    opts: FlashAttentionOptions = {}): FlashAttentionResult {
+  const opName = 'flashAttentionKVPacked';
+  checkTensor(q, 'q', opName, 4, '[B, Sq, H, D]');
+  checkKVPacked(kv, opName);
+  const [k, v] = tf.unstack(kv, 2) as tf.Tensor4D[];
+  return attention(opName, q, k, v, opts, {q: 'q', k: 'kv[:, :, 0]', v: 'kv[:, :, 1]'});
+}
+
+type WithLse = FlashAttentionOptions&{returnSoftmaxLse: true};
+type WithoutLse = FlashAttentionOptions&{returnSoftmaxLse?: false};
+
+export interface FlashAttentionOp {
+  (q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D, opts: WithLse):
+      [tf.Tensor4D, tf.Tensor3D];
+  (q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D, opts?: WithoutLse): tf.Tensor4D;
+  (q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D,
+   opts?: FlashAttentionOptions): FlashAttentionResult;
+}
+export interface FlashAttentionQKVPackedOp {
+  (qkv: tf.Tensor5D, opts: WithLse): [tf.Tensor4D, tf.Tensor3D];
+  (qkv: tf.Tensor5D, opts?: WithoutLse): tf.Tensor4D;
+  (qkv: tf.Tensor5D, opts?: FlashAttentionOptions): FlashAttentionResult;
+}
+export interface FlashAttentionKVPackedOp {
+  (q: tf.Tensor4D, kv: tf.Tensor5D, opts: WithLse): [tf.Tensor4D, tf.Tensor3D];
+  (q: tf.Tensor4D, kv: tf.Tensor5D, opts?: WithoutLse): tf.Tensor4D;
+  (q: tf.Tensor4D, kv: tf.Tensor5D, opts?: FlashAttentionOptions): FlashAttentionResult;
+}
+
+export const flashAttention = tf.op({flashAttention_}) as FlashAttentionOp;
+export const flashAttentionQKVPacked =
+    tf.op({flashAttentionQKVPacked_}) as FlashAttentionQKVPackedOp;
+export const flashAttentionKVPacked =
+    tf.op({flashAttentionKVPacked_}) as FlashAttentionKVPackedOp;

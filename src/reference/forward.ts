@@ -1,0 +1,67 @@
+/**
+ * The composed-ops forward pass: tfjs ops only, so it runs on every backend.
+ * Memory-lean: see blocks.ts.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+
+import type {AttentionShapes} from '../checks';
+import type {FlashAttentionAttrs} from '../kernel_names';
+
+import {blockColumns, blockScores, consume, dropoutMask, groupedRows, headsFirst, keysGrouped, maskScores, planQueryBlocks, probabilitiesFromLse, rowsWithKeys, ungroup, maskBias} from './blocks';
+
+/** Returns `[out [B, Sq, H, Dv], lse [B, H, Sq]]`. */
+export function referenceForward(
+    q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D,
+    alibiSlopes: tf.Tensor|null, shapes: AttentionShapes,
+    attrs: FlashAttentionAttrs, blockElements: number): [tf.Tensor4D, tf.Tensor3D] {
+  return tf.tidy(() => {
+    const {batch, heads, seqQ, headDimV} = shapes;
+    const qHeadsFirst = headsFirst(q);
+    const kGrouped = keysGrouped(k);
+    const vGrouped = keysGrouped(v);
+    const outBlocks: tf.Tensor4D[] = [];
+    const lseBlocks: tf.Tensor4D[] = [];
+    for (const block of planQueryBlocks(shapes, attrs, blockElements)) {
+      if (block.cols === 0) {  // No row of the block sees a key.
+        outBlocks.push(tf.zeros([batch, heads, block.rows, headDimV]));
+        lseBlocks.push(tf.fill([batch, heads, block.rows, 1], -Infinity));
+        continue;
+      }
+      const [out, lse] = tf.tidy(() => {
+        const bias = maskBias(block, shapes, attrs);
+        const hasKeys = rowsWithKeys(block, shapes, attrs);
+        const qRows = groupedRows(qHeadsFirst, block, shapes);
+        const {scores} = blockScores(
+            qRows, blockColumns(kGrouped, block), alibiSlopes, block, shapes,
+            attrs, false);
+        const masked = maskScores(scores, bias);
+        const lse = tf.tidy(() => {
+          const rowMax = tf.max(masked, -1, true);
+          const sumExp = tf.sum(tf.exp(tf.sub(masked, rowMax)), -1, true);
+          const lse = tf.add(rowMax, tf.log(sumExp)) as tf.Tensor4D;
+          return hasKeys == null ? lse :
+                                   tf.where(hasKeys, lse, tf.fill(lse.shape, -Infinity));
+        });
+        let p = probabilitiesFromLse(masked, lse, hasKeys);
+        masked.dispose();
+        if (attrs.dropoutRate > 0) {
+          const keep = dropoutMask(block, shapes, attrs);
+          p = consume(p, x => tf.mul(x, keep));
+          keep.dispose();
+        }
+        const groups = shapes.heads / shapes.headsKV;
+        const pGrouped = tf.reshape(p, [batch * shapes.headsKV, groups * block.rows, block.cols]) as tf.Tensor3D;
+        const out = ungroup(tf.matMul(pGrouped, blockColumns(vGrouped, block)), block, shapes);
+        return [out, lse];
+      });
+      outBlocks.push(out);
+      lseBlocks.push(lse);
+    }
+    const out = (outBlocks.length === 1 ? outBlocks[0] : tf.concat(outBlocks, 2));
+    const lse = (lseBlocks.length === 1 ? lseBlocks[0] : tf.concat(lseBlocks, 2));
+    return [
+      tf.transpose(out, [0, 2, 1, 3]) as tf.Tensor4D,
+      tf.reshape(lse, [batch, heads, seqQ]) as tf.Tensor3D,
+    ];
+  });
+}

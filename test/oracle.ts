@@ -1,0 +1,214 @@
+/**
+ * The float64 oracle: DESIGN.md §2's formulas written out directly, one
+ * (batch, head, query row) at a time, in plain TypeScript with no tfjs.
+ * Every implementation of the package is compared with it.
+ *
+ * Layouts are the ops': q [B, Sq, H, D], k [B, Sk, Hk, D], v [B, Sk, Hk, Dv],
+ * out [B, Sq, H, Dv], lse [B, H, Sq], all row-major.
+ */
+import {philox4x32} from '../src/dropout';
+
+export interface OracleProblem {
+  batch: number;
+  seqQ: number;
+  seqK: number;
+  heads: number;
+  headsKV: number;
+  headDim: number;
+  headDimV: number;
+  q: Float64Array;
+  k: Float64Array;
+  v: Float64Array;
+  /** `[H]` or `[B, H]` slopes, or null. */
+  alibiSlopes: Float64Array|null;
+}
+
+/** The semantics, spelled as the user gives them (no normalization). */
+export interface OracleOptions {
+  causal?: boolean;
+  softmaxScale?: number;
+  windowSize?: [number, number];
+  softcap?: number;
+  dropoutRate?: number;
+  seed?: number;
+}
+
+export interface OracleForward {
+  out: Float64Array;
+  lse: Float64Array;
+}
+
+export interface OracleGradients {
+  dq: Float64Array;
+  dk: Float64Array;
+  dv: Float64Array;
+}
+
+/** Everything about one (b, h, i) row: the visible keys and their scores. */
+interface RowScores {
+  /** Visible key indices. */
+  keys: number[];
+  /** Final scores t_ij of the visible keys. */
+  scores: number[];
+  /** tanh(s / softcap) per visible key (for the softcap derivative). */
+  capTanh: number[];
+  /** Dropout multiplier per visible key (0 or 1 / (1 - rate)). */
+  keep: number[];
+}
+
+function isVisible(i: number, j: number, p: OracleProblem, o: OracleOptions): boolean {
+  const diagonal = i + p.seqK - p.seqQ;
+  const [left, right] = o.windowSize ?? [-1, -1];
+  const effectiveRight = o.causal ? 0 : right;
+  if (left >= 0 && j < diagonal - left) {
+    return false;
+  }
+  if (effectiveRight >= 0 && j > diagonal + effectiveRight) {
+    return false;
+  }
+  return true;
+}
+
+function dropoutKeep(
+    b: number, h: number, i: number, j: number, o: OracleOptions): number {
+  const rate = o.dropoutRate ?? 0;
+  if (rate === 0) {
+    return 1;
+  }
+  const seed = o.seed ?? 0;
+  const words = philox4x32(
+      Math.floor(j / 4), i, h, b, seed % 2 ** 32, Math.floor(seed / 2 ** 32),
+      new Uint32Array(4));
+  // The definition of src/dropout.ts, written out again.
+  const threshold = Math.min(Math.floor(rate * 2 ** 32), 2 ** 32 - 1);
+  return words[j % 4] >= threshold ? 1 / (1 - rate) : 0;
+}
+
+function rowScores(
+    p: OracleProblem, o: OracleOptions, b: number, h: number,
+    i: number): RowScores {
+  const {seqQ, seqK, heads, headsKV, headDim: d} = p;
+  const hk = Math.floor(h / (heads / headsKV));
+  const scale = o.softmaxScale ?? 1 / Math.sqrt(d);
+  const cap = o.softcap ?? 0;
+  const row: RowScores = {keys: [], scores: [], capTanh: [], keep: []};
+  for (let j = 0; j < seqK; j++) {
+    if (!isVisible(i, j, p, o)) {
+      continue;
+    }
+    let dot = 0;
+    for (let x = 0; x < d; x++) {
+      dot += p.q[((b * seqQ + i) * heads + h) * d + x] *
+          p.k[((b * seqK + j) * headsKV + hk) * d + x];
+    }
+    let s = scale * dot;
+    let capTanh = 0;
+    if (cap > 0) {
+      capTanh = Math.tanh(s / cap);
+      s = cap * capTanh;
+    }
+    if (p.alibiSlopes != null) {
+      const slope = p.alibiSlopes.length === heads ? p.alibiSlopes[h] :
+                                                     p.alibiSlopes[b * heads + h];
+      s -= slope * Math.abs(i + seqK - seqQ - j);
+    }
+    row.keys.push(j);
+    row.scores.push(s);
+    row.capTanh.push(capTanh);
+    row.keep.push(dropoutKeep(b, h, i, j, o));
+  }
+  return row;
+}
+
+function logSumExp(values: number[]): number {
+  if (values.length === 0) {
+    return -Infinity;
+  }
+  const max = Math.max(...values);
+  let sum = 0;
+  for (const x of values) {
+    sum += Math.exp(x - max);
+  }
+  return max + Math.log(sum);
+}
+
+export function oracleForward(p: OracleProblem, o: OracleOptions): OracleForward {
+  const {batch, seqQ, seqK, heads, headsKV, headDimV: dv} = p;
+  const out = new Float64Array(batch * seqQ * heads * dv);
+  const lse = new Float64Array(batch * heads * seqQ);
+  for (let b = 0; b < batch; b++) {
+    for (let h = 0; h < heads; h++) {
+      const hk = Math.floor(h / (heads / headsKV));
+      for (let i = 0; i < seqQ; i++) {
+        const row = rowScores(p, o, b, h, i);
+        const rowLse = logSumExp(row.scores);
+        lse[(b * heads + h) * seqQ + i] = rowLse;
+        const outBase = ((b * seqQ + i) * heads + h) * dv;
+        row.keys.forEach((j, n) => {
+          const weight = Math.exp(row.scores[n] - rowLse) * row.keep[n];
+          for (let x = 0; x < dv; x++) {
+            out[outBase + x] += weight * p.v[((b * seqK + j) * headsKV + hk) * dv + x];
+          }
+        });
+      }
+    }
+  }
+  return {out, lse};
+}
+
+/**
+ * Gradients of `sum(out * dOut) + sum(lse * dLse)` with respect to q, k and
+ * v (rows whose lse is -Infinity contribute nothing through dLse).
+ */
+export function oracleBackward(
+    p: OracleProblem, o: OracleOptions, dOut: Float64Array,
+    dLse: Float64Array): OracleGradients {
+  const {batch, seqQ, seqK, heads, headsKV, headDim: d, headDimV: dv} = p;
+  const scale = o.softmaxScale ?? 1 / Math.sqrt(d);
+  const cap = o.softcap ?? 0;
+  const dq = new Float64Array(p.q.length);
+  const dk = new Float64Array(p.k.length);
+  const dvOut = new Float64Array(p.v.length);
+  for (let b = 0; b < batch; b++) {
+    for (let h = 0; h < heads; h++) {
+      const hk = Math.floor(h / (heads / headsKV));
+      for (let i = 0; i < seqQ; i++) {
+        const row = rowScores(p, o, b, h, i);
+        if (row.keys.length === 0) {
+          continue;
+        }
+        const rowLse = logSumExp(row.scores);
+        const probs = row.scores.map(s => Math.exp(s - rowLse));
+        const outBase = ((b * seqQ + i) * heads + h) * dv;
+        // dL/dP_j (before dropout's multiplier is undone).
+        const dProbs = row.keys.map((j, n) => {
+          let dot = 0;
+          for (let x = 0; x < dv; x++) {
+            dot += dOut[outBase + x] * p.v[((b * seqK + j) * headsKV + hk) * dv + x];
+          }
+          return dot * row.keep[n];
+        });
+        // d/dt_j of the softmax: P_j (dP_j - sum_m P_m dP_m) + P_j dLse.
+        let weighted = 0;
+        probs.forEach((prob, n) => weighted += prob * dProbs[n]);
+        const rowDLse = dLse[(b * heads + h) * seqQ + i];
+        row.keys.forEach((j, n) => {
+          const dScore = probs[n] * (dProbs[n] - weighted + rowDLse);
+          const dRaw = (cap > 0 ? dScore * (1 - row.capTanh[n] ** 2) : dScore) * scale;
+          const qBase = ((b * seqQ + i) * heads + h) * d;
+          const kBase = ((b * seqK + j) * headsKV + hk) * d;
+          for (let x = 0; x < d; x++) {
+            dq[qBase + x] += dRaw * p.k[kBase + x];
+            dk[kBase + x] += dRaw * p.q[qBase + x];
+          }
+          const vBase = ((b * seqK + j) * headsKV + hk) * dv;
+          const weight = probs[n] * row.keep[n];
+          for (let x = 0; x < dv; x++) {
+            dvOut[vBase + x] += weight * dOut[outBase + x];
+          }
+        });
+      }
+    }
+  }
+  return {dq, dk, dv: dvOut};
+}
