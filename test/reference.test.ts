@@ -6,11 +6,13 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 
+import {composedAttention} from '../benchmarks/baselines';
 import {FLASH_ATTENTION_IMPL, FLASH_ATTENTION_REFERENCE_BLOCK_ELEMENTS} from '../src';
 
 import {describeBackends} from './harness/backends';
 import {checkForward, checkGradients, OPTION_CASES} from './harness/cases';
-import {freshRng} from './harness/problems';
+import {expectClose, FORWARD_BOUND, freshRng, makeProblem} from './harness/problems';
+import {oracleForward} from './oracle';
 
 const BLOCKINGS = [
   {name: 'one block', elements: 1 << 20},
@@ -32,4 +34,19 @@ describeBackends('composed reference', () => {
       }
     });
   }
+});
+
+describeBackends('composed baseline of the benchmarks', () => {
+  it('matches the oracle (causal and not)', async () => {
+    for (const causal of [false, true]) {
+      const rng = freshRng();
+      const p = makeProblem(
+          {batch: 2, seqQ: 9, seqK: 12, heads: 2, headsKV: 2, headDim: 8, headDimV: 8}, rng);
+      const out = composedAttention(p.q, p.k, p.v, {causal});
+      expectClose(await out.data(), oracleForward(p.oracle, {causal}).out, FORWARD_BOUND,
+                  `composed causal=${causal} (seed ${rng.seed})`);
+      out.dispose();
+      p.dispose();
+    }
+  });
 });
