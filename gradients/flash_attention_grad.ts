@@ -31,7 +31,8 @@ export interface FlashAttentionGradTensors {
 export function flashAttentionBackward(
     inputs: FlashAttentionGradTensors,
     attrs: FlashAttentionAttrs): [tf.Tensor4D, tf.Tensor4D, tf.Tensor4D] {
-  const shapes = checkQKV(inputs.q, inputs.k, inputs.v, 'flashAttention gradient');
+  const shapes = checkQKV(
+      inputs.q.shape, inputs.k.shape, inputs.v.shape, 'flashAttention gradient');
   if (useFusedKernel(FlashAttentionGrad, shapes, attrs)) {
     return tf.engine().runKernel(
                FlashAttentionGrad, inputs as unknown as tf.NamedTensorMap,

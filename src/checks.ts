@@ -44,13 +44,17 @@ export function checkTensor(
   return value;
 }
 
-/** Checks q [B,Sq,H,D], k [B,Sk,Hk,D], v [B,Sk,Hk,Dv] against each other. */
+/**
+ * Checks the shapes of q [B,Sq,H,D], k [B,Sk,Hk,D], v [B,Sk,Hk,Dv] against
+ * each other. Takes shapes, so packed inputs are checked before unpacking.
+ */
 export function checkQKV(
-    q: Tensor, k: Tensor, v: Tensor, opName: string,
+    qShape: readonly number[], kShape: readonly number[],
+    vShape: readonly number[], opName: string,
     names = {q: 'q', k: 'k', v: 'v'}): AttentionShapes {
-  const [batch, seqQ, heads, headDim] = q.shape;
-  const [batchK, seqK, headsKV, headDimK] = k.shape;
-  const [batchV, seqV, headsV, headDimV] = v.shape;
+  const [batch, seqQ, heads, headDim] = qShape;
+  const [batchK, seqK, headsKV, headDimK] = kShape;
+  const [batchV, seqV, headsV, headDimV] = vShape;
   const fail = (what: string) => {
     throw new Error(`${opName}: ${what}`);
   };
@@ -80,10 +84,10 @@ export function checkQKV(
       fail(`head dim of ${name} must be in [1, ${MAX_HEAD_DIM}], got ${dim}`);
     }
   }
-  for (const [name, t] of [[names.q, q], [names.k, k]] as
-       Array<[string, Tensor]>) {
-    if (t.shape.some(d => d === 0)) {
-      fail(`${name} must not be empty, got shape ${shapeString(t.shape)}`);
+  for (const [name, shape] of [[names.q, qShape], [names.k, kShape]] as
+       Array<[string, number[]]>) {
+    if (shape.some(d => d === 0)) {
+      fail(`${name} must not be empty, got shape ${shapeString(shape)}`);
     }
   }
   return {batch, seqQ, seqK, heads, headsKV, headDim, headDimV};

@@ -58,13 +58,13 @@ function runFlashAttention(
   }) as [tf.Tensor4D, tf.Tensor3D];
 }
 
+/** Checks the shapes and options, then unpacks (if packed) and runs. */
 function attention(
-    opName: string, q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D,
-    opts: FlashAttentionOptions, names?: {q: string, k: string, v: string}):
-    FlashAttentionResult {
-  const shapes = checkQKV(q, k, v, opName, names);
+    opName: string, shapes: AttentionShapes, opts: FlashAttentionOptions,
+    unpack: () => [tf.Tensor4D, tf.Tensor4D, tf.Tensor4D]): FlashAttentionResult {
   const alibiSlopes = checkAlibi(opts.alibiSlopes, shapes, opName);
   const attrs = normalizeOptions(opts, shapes.headDim, opName);
+  const [q, k, v] = unpack();
   const [out, lse] = runFlashAttention(q, k, v, alibiSlopes, shapes, attrs);
   if (opts.returnSoftmaxLse) {
     return [out, lse];
@@ -90,7 +90,8 @@ function flashAttention_(
   checkTensor(q, 'q', opName, 4, '[B, Sq, H, D]');
   checkTensor(k, 'k', opName, 4, '[B, Sk, Hk, D]');
   checkTensor(v, 'v', opName, 4, '[B, Sk, Hk, Dv]');
-  return attention(opName, q, k, v, opts);
+  const shapes = checkQKV(q.shape, k.shape, v.shape, opName);
+  return attention(opName, shapes, opts, () => [q, k, v]);
 }
 
 /**
@@ -102,9 +103,11 @@ function flashAttentionQKVPacked_(
     qkv: tf.Tensor5D, opts: FlashAttentionOptions = {}): FlashAttentionResult {
   const opName = 'flashAttentionQKVPacked';
   checkQKVPacked(qkv, opName);
-  const [q, k, v] = tf.unstack(qkv, 2) as tf.Tensor4D[];
-  const names = {q: 'qkv[:, :, 0]', k: 'qkv[:, :, 1]', v: 'qkv[:, :, 2]'};
-  return attention(opName, q, k, v, opts, names);
+  const [batch, seq, , heads, headDim] = qkv.shape;
+  const shape = [batch, seq, heads, headDim];
+  const shapes = checkQKV(shape, shape, shape, opName,
+                          {q: 'qkv[:, :, 0]', k: 'qkv[:, :, 1]', v: 'qkv[:, :, 2]'});
+  return attention(opName, shapes, opts, () => tf.unstack(qkv, 2) as [tf.Tensor4D, tf.Tensor4D, tf.Tensor4D]);
 }
 
 /**
@@ -119,8 +122,14 @@ function flashAttentionKVPacked_(
   const opName = 'flashAttentionKVPacked';
   checkTensor(q, 'q', opName, 4, '[B, Sq, H, D]');
   checkKVPacked(kv, opName);
-  const [k, v] = tf.unstack(kv, 2) as tf.Tensor4D[];
-  return attention(opName, q, k, v, opts, {q: 'q', k: 'kv[:, :, 0]', v: 'kv[:, :, 1]'});
+  const [batch, seqK, , headsKV, headDim] = kv.shape;
+  const kvShape = [batch, seqK, headsKV, headDim];
+  const shapes = checkQKV(q.shape, kvShape, kvShape, opName,
+                          {q: 'q', k: 'kv[:, :, 0]', v: 'kv[:, :, 1]'});
+  return attention(opName, shapes, opts, () => {
+    const [k, v] = tf.unstack(kv, 2) as tf.Tensor4D[];
+    return [q, k, v];
+  });
 }
 
 type WithLse = FlashAttentionOptions&{returnSoftmaxLse: true};

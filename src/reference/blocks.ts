@@ -99,8 +99,9 @@ export function rowsWithKeys(
  * Replaces `t` by `f(t)` (same rank) and frees `t` at once, to bound peak
  * memory.
  */
-export function consume<T extends tf.Tensor>(t: T, f: (t: T) => tf.Tensor): T {
-  const next = tf.tidy(() => f(t)) as T;
+export function consume<T extends tf.Tensor, R extends tf.Tensor = T>(
+    t: T, f: (t: T) => tf.Tensor): R {
+  const next = tf.tidy(() => f(t)) as R;
   t.dispose();
   return next;
 }
@@ -155,8 +156,12 @@ export function blockScores(
   const cap = attrs.softcap;
   // With softcap, fold 1/softcap into the scale: tanh(scale * qk / cap).
   const scale = cap > 0 ? attrs.softmaxScale / cap : attrs.softmaxScale;
-  let scores = tf.tidy(
-      () => tf.mul(ungroup(tf.matMul(qRows, kCols, false, true), block, shapes), scale)) as tf.Tensor4D;
+  // Scale the (small) query rows rather than the scores. tfjs counts the
+  // bytes of every tensor, reshaped aliases included, so each block-sized
+  // tensor is handed on with `consume` and freed as soon as it is used.
+  const grouped: tf.Tensor3D = tf.tidy(
+      () => tf.matMul(tf.mul(qRows, scale) as tf.Tensor3D, kCols, false, true));
+  let scores = consume<tf.Tensor3D, tf.Tensor4D>(grouped, g => ungroup(g, block, shapes));
   let capTanh: tf.Tensor4D|null = null;
   if (cap > 0) {
     scores = consume(scores, s => tf.tanh(s));

@@ -7,7 +7,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import type {AttentionShapes} from '../checks';
 import type {FlashAttentionAttrs} from '../kernel_names';
 
-import {blockColumns, blockScores, consume, dropoutMask, groupedRows, headsFirst, keysGrouped, maskScores, planQueryBlocks, probabilitiesFromLse, rowsWithKeys, ungroup, maskBias} from './blocks';
+import {blockColumns, blockScores, consume, dropoutMask, groupedRows, headsFirst, keysGrouped, maskBias, maskScores, planQueryBlocks, rowsWithKeys, ungroup} from './blocks';
 
 /** Returns `[out [B, Sq, H, Dv], lse [B, H, Sq]]`. */
 export function referenceForward(
@@ -35,22 +35,31 @@ export function referenceForward(
             qRows, blockColumns(kGrouped, block), alibiSlopes, block, shapes,
             attrs, false);
         const masked = maskScores(scores, bias);
+        // Row max over visible keys; 0 for rows that see none, so that their
+        // masked scores (-1e30) underflow to exp = 0 and their sum to 0.
+        const rowMax = tf.tidy(() => {
+          const max = tf.max(masked, -1, true);
+          return hasKeys == null ? max : tf.where(hasKeys, max, tf.zerosLike(max));
+        });
+        // One block-sized op per step, each freeing its input at once: at
+        // most two block-sized tensors are alive (three with dropout's mask).
+        let p = consume(masked, s => tf.sub(s, rowMax));
+        p = consume(p, tf.exp);
+        const sumExp = tf.sum(p, -1, true);
+        p = consume(p, e => tf.div(e, tf.maximum(sumExp, 1e-30)));
         const lse = tf.tidy(() => {
-          const rowMax = tf.max(masked, -1, true);
-          const sumExp = tf.sum(tf.exp(tf.sub(masked, rowMax)), -1, true);
           const lse = tf.add(rowMax, tf.log(sumExp)) as tf.Tensor4D;
           return hasKeys == null ? lse :
                                    tf.where(hasKeys, lse, tf.fill(lse.shape, -Infinity));
         });
-        let p = probabilitiesFromLse(masked, lse, hasKeys);
-        masked.dispose();
         if (attrs.dropoutRate > 0) {
           const keep = dropoutMask(block, shapes, attrs);
           p = consume(p, x => tf.mul(x, keep));
           keep.dispose();
         }
         const groups = shapes.heads / shapes.headsKV;
-        const pGrouped = tf.reshape(p, [batch * shapes.headsKV, groups * block.rows, block.cols]) as tf.Tensor3D;
+        const pGrouped = consume<tf.Tensor4D, tf.Tensor3D>(
+            p, x => tf.reshape(x, [batch * shapes.headsKV, groups * block.rows, block.cols]));
         const out = ungroup(tf.matMul(pGrouped, blockColumns(vGrouped, block)), block, shapes);
         return [out, lse];
       });

@@ -25,6 +25,9 @@ export function selectedBackends(): TestBackend[] {
   return ALL_BACKENDS.filter(b => wanted.split(',').includes(b));
 }
 
+// Silences tfjs's advice to install tfjs-node in every test file.
+tf.env().set('IS_TEST', true);
+
 let webgpuRegistered = false;
 
 /** Makes `name` the active backend, registering webgpu on first use. */
