@@ -7,6 +7,7 @@ module.exports = {
   // SwiftShader is slow: allow long numerical tests.
   testTimeout: 300000,
   globalSetup: '<rootDir>/test/harness/global_setup.ts',
+  reporters: ['default', '<rootDir>/test/harness/summary_reporter.js'],
   transform: {
     '^.+\\.ts$': ['ts-jest', {diagnostics: false}],
   },
