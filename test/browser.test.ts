@@ -274,6 +274,19 @@ describe(`in headless Chromium with WebGPU on SwiftShader [${PATH_NOTE}]`, () =>
            expect(errors).toEqual([]);
          });
     }
+
+    it('?tfjsflags=FLASH_ATTENTION_IMPL:reference sets the switch in a page', async () => {
+      const flagged = await openPage(`${server.url}script-tag.html?tfjsflags=FLASH_ATTENTION_IMPL:reference`);
+      try {
+        await flagged.page.waitForSelector('#output[data-state=done]', {timeout: 120000});
+        expect(await flagged.page.evaluate(
+                   () => (window as any).tf.env().get('FLASH_ATTENTION_IMPL')))
+            .toBe('reference');
+        expect(flagged.errors).toEqual([]);
+      } finally {
+        await flagged.page.close();
+      }
+    });
   });
 
   describe('ES module through esbuild: the demo page', () => {
