@@ -268,8 +268,9 @@ export function forwardWGSL(c: ForwardConfig): string {
         if (needsPos) {
           scoreLines.push(`${acc} = fa_score(${acc}, row${i}, ${j}, sp);`);
         }
-        scoreLines.push(
-            `if (!fa_visible(row${i}, ${j}, sp)) { ${acc} = NEG; }`);
+        if (e === 0) {
+          scoreLines.push(`if s${i}_${q} = select(vec4<f32>(NEG), s${i}_${q}, fa_visible4(row${i}, vec4<i32>(${j}) + vec4<i32>(0, 1, 2, 3), sp));`);
+        }
       }
     }
   }
@@ -381,7 +382,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
     ${plainScale ? rowsI.map(i => quads.map(q => `s${i}_${q} = s${i}_${q} * u.scale;`).join(' ')).join('\n    ') : ''}
     ${scoreLines.filter(l => !l.startsWith('if')).join('\n    ')}
     if (!fullTile) {
-      ${scoreLines.filter(l => l.startsWith('if')).join('\n      ')}
+      ${scoreLines.filter(l => l.startsWith('if')).map(l => l.slice(3)).join('\n      ')}
     }
     ${rowsI.map(i => `var mx${i} = ${maxAll(quads.flatMap(q => COMP.map(x => `s${i}_${q}.${x}`)))};`).join('\n    ')}
     ${rowReduce(rowsI.map(i => `mx${i}`), 'max')}
