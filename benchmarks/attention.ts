@@ -41,6 +41,8 @@ interface Args {
   check: boolean;
   batch: number;
   heads: number;
+  /** Flags for Dawn's create(), e.g. enable-dawn-features=... */
+  dawnFlags: string[];
 }
 
 function parseArgs(argv: string[]): Args {
@@ -64,6 +66,7 @@ function parseArgs(argv: string[]): Args {
     check: argv.includes('--check'),
     batch: Number(get('batch', '1')),
     heads: Number(get('heads', '16')),
+    dawnFlags: get('dawn-flags', '').split(' ').filter(x => x),
   };
 }
 
@@ -88,11 +91,11 @@ function flops(mode: string, b: number, h: number, s: number, d: number, causal:
   return mode === 'fwd' ? fwd : 3.5 * fwd;
 }
 
-async function setupDevice(): Promise<{gpu: GPU, adapter: GPUAdapter, device: GPUDevice}> {
+async function setupDevice(dawnFlags: string[]): Promise<{gpu: GPU, adapter: GPUAdapter, device: GPUDevice}> {
   const webgpu = await import('webgpu') as unknown as {create: (f: string[]) => GPU,
                                                         globals: Record<string, unknown>};
   Object.assign(globalThis, webgpu.globals);
-  const gpu = webgpu.create([]);
+  const gpu = webgpu.create(dawnFlags);
   const adapter = await gpu.requestAdapter({powerPreference: 'high-performance'});
   if (adapter == null) {
     throw new Error('no WebGPU adapter');
@@ -149,7 +152,9 @@ async function measure(
     b: Bench, run: () => unknown, budgetMs: number): Promise<{ms: number, peakMiB: number, reps: number}> {
   const {tf} = b;
   const once = () => tf.dispose(run() as import("@tensorflow/tfjs-core").Tensor[]);
-  // First call: compiles; measures peak memory from an empty pool.
+  // First call: compiles and uploads the inputs; the second measures peak
+  // memory from an empty pool.
+  once();
   await sync(b);
   emptyPool(b);
   const before = b.backend.bufferManager.numBytesAllocated;
@@ -177,7 +182,7 @@ async function measure(
 
 async function main(): Promise<void> {
   const args = parseArgs(process.argv.slice(2));
-  const {device, adapter} = await setupDevice();
+  const {device, adapter} = await setupDevice(args.dawnFlags);
   const tf = await import('@tensorflow/tfjs-core');
   // tfjs-core's CommonJS bundle registers no gradients; tfjs-layers' does.
   await import('@tensorflow/tfjs-layers');
@@ -191,7 +196,8 @@ async function main(): Promise<void> {
   await tf.setBackend('webgpu');
   const bench: Bench = {tf, backend: tf.backend() as unknown as Bench['backend']};
   const info = adapter.info;
-  const deviceName = `${info.vendor} ${info.architecture} ${info.description}`.trim();
+  const deviceName = `${info.vendor} ${info.architecture} ${info.description}`.trim() +
+      (args.dawnFlags.length > 0 ? ` (Dawn flags: ${args.dawnFlags.join(' ')})` : '');
   log(`device: ${deviceName}; workgroup storage ${device.limits.maxComputeWorkgroupStorageSize} B, invocations ${
       device.limits.maxComputeInvocationsPerWorkgroup}, subgroups ${device.features.has('subgroups' as GPUFeatureName)} (min ${
       (info as unknown as {subgroupMinSize?: number}).subgroupMinSize}), max binding ${
@@ -203,6 +209,7 @@ async function main(): Promise<void> {
   const rows: Row[] = [];
   const maxBinding = Math.min(device.limits.maxStorageBufferBindingSize, device.limits.maxBufferSize);
 
+  const checks: string[] = [];
   if (args.check) {
     // Numerical sanity on this device: fused vs composed, causal and not.
     for (const d of args.dims) {
@@ -217,7 +224,7 @@ async function main(): Promise<void> {
         tf.dispose([diff, ref]);
         await checkOwnPipelineErrors();
         log(`check D=${d} S=${s} causal=${causal}: max|fused - composed| / max|composed| = ${err.toExponential(2)}`);
-        console.log(`check D=${d} S=${s} causal=${causal} relerr=${err.toExponential(2)}`);
+        checks.push(`D=${d} S=${s} causal=${causal}: max|fused - composed| / max|composed| = ${err.toExponential(2)}`);
         tf.dispose([q, k, v, a, c]);
       }
     }
@@ -311,10 +318,13 @@ async function main(): Promise<void> {
       null;
   fs.mkdirSync(args.out, {recursive: true});
   const result = {date: new Date().toISOString(), device: deviceName, argv: process.argv.slice(2),
-                  batch: B, heads: H, rows, torch};
+                  batch: B, heads: H, checks, rows, torch};
   fs.writeFileSync(path.join(args.out, 'attention.json'), JSON.stringify(result, null, 1));
   fs.writeFileSync(path.join(args.out, 'attention.svg'), chart(rows, torch?.rows ?? []));
   console.log(table(rows, torch?.rows ?? [], B, H));
+  if (checks.length > 0) {
+    console.log(`\nChecks (fused vs composed on this device):\n${checks.map(c => `- ${c}`).join('\n')}`);
+  }
 }
 
 type TorchRow = {mode: string, dim: number, seq: number, causal: boolean, ms: number|null};
