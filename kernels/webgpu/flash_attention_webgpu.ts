@@ -89,6 +89,20 @@ export function workgroupBytes(
   return 16 * (s.br * s.dq4 + s.bc * (s.kvw + 1)) + 4 * s.br * s.bc + red;
 }
 
+/** Floats per thread that the register prefetch of K and V needs. */
+export function prefetchFloats(c: {headDim: number, headDimV: number, tiles: ForwardTiles}): number {
+  const s = tileSizes(c);
+  return 4 * (Math.ceil(s.bc * s.dq4 / s.threads) + Math.ceil(s.bc * s.dv4 / s.threads));
+}
+
+/**
+ * Global loads of K/V go through registers ahead of their use unless that
+ * takes too many registers (large head dims) or loops are not unrolled.
+ */
+export function usePrefetch(c: ForwardConfig): boolean {
+  return !c.runtimeLoops && prefetchFloats(c) <= 64;
+}
+
 export function forwardKey(c: ForwardConfig): string {
   const t = c.tiles;
   return `fa_fwd_d${c.headDim}_dv${c.headDimV}_tm${t.tm}tx${t.tx}nq${t.nq}ty${t.ty}_${
@@ -174,7 +188,7 @@ export function forwardWGSL(c: ForwardConfig): string {
       `${key} * KVW + ((${ch}) ^ ((${key} >> 2u) & ${swm}u))` : `${key} * KVW + ${ch}`;
   const colOf = (q: number, e: number) => quadCols ? `(4u * (tx + TX * ${q}u) + ${e}u)` :
                                                      `(tx + TX * ${4 * q + e}u)`;
-  const prefetch = !c.runtimeLoops;
+  const prefetch = usePrefetch(c);
   const prologueK = !prefetch ? '' : `// Prefetch of the first K tile into registers.
   ${range(nKLoads).map(n => `var kr${n} = vec4<f32>(0.0);`).join(' ')}
   ${range(nVLoads).map(n => `var vr${n} = vec4<f32>(0.0);`).join(' ')}
@@ -241,8 +255,10 @@ export function forwardWGSL(c: ForwardConfig): string {
 
   // S += Q K^T over head-dim chunks, as FMA chains (a dot() would round
   // differently and cost an extra multiply). Unrolled by UNROLL chunks so
-  // that offsets become constants.
-  const unroll = !c.runtimeLoops && dq4 % 4 === 0 ? 4 : 1;
+  // that offsets become constants (small head dims only).
+  // (Measured on an H100: x4 helps at D=64; at D=128 the hoisted loads of
+  // an unrolled loop cost far more than they save, so no unrolling there.)
+  const unroll = !c.runtimeLoops && dq4 % 4 === 0 && dq4 <= 16 ? 4 : 1;
   const qkBody = (ch: string) => `{
       ${rowsI.map(i => `let a${i} = qs[qBase${i} + ${ch}];`).join('\n      ')}
       ${quads.map(q => range(4).map(e => `{
