@@ -1,0 +1,158 @@
+/**
+ * The fused FlashAttentionGrad kernel of the webgpu backend: the
+ * FlashAttention-2 backward in three passes over tfjs's GPU buffers,
+ *   1. Delta = rowsum(dO * O) - dLse, stored next to lse    [B, H, Sq, 2]
+ *   2. dK, dV by key blocks (query heads of a group summed in the workgroup)
+ *   3. dQ by query blocks
+ * recomputing P from the saved lse: nothing of size [Sq, Sk] is stored.
+ * Deterministic: every sum has a fixed order and there are no atomics.
+ *
+ * tfjs-backend-webgpu is an optional peer: only its types are imported.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import type {WebGPUBackend} from '@tensorflow/tfjs-backend-webgpu';
+
+import type {AttentionShapes} from '../../src/checks';
+import {registerFusedKernel} from '../../src/dispatch';
+import {FlashAttentionAttrs, FlashAttentionGrad, FlashAttentionGradInputs} from '../../src/kernel_names';
+
+import {FlashAttentionGradDeltaProgram} from './flash_attention_grad_delta_webgpu';
+import {DkDvTiles, dkdvStorageBytes, dkdvTilesValid, FlashAttentionGradDkDvProgram} from './flash_attention_grad_dkdv_webgpu';
+import {DqTiles, dqStorageBytes, dqTilesValid, FlashAttentionGradDqProgram} from './flash_attention_grad_dq_webgpu';
+import {runGradDispatches} from './flash_attention_grad_pipeline';
+import {gradFeatures, gradUniforms} from './flash_attention_grad_wgsl';
+
+/** The device limits the tile choice depends on. */
+export interface GradDeviceLimits {
+  maxComputeWorkgroupStorageSize: number;
+  maxComputeInvocationsPerWorkgroup: number;
+  maxComputeWorkgroupSizeX: number;
+}
+
+export interface GradTiles {
+  dkdv: DkDvTiles;
+  dq: DqTiles;
+}
+
+// Largest first: bigger tiles reuse each loaded K/V (dK/dV pass) or Q/dO
+// (dQ pass) over more rows.
+const DKDV_SIZES: Array<[number, number]> =
+    [[64, 16], [32, 16], [32, 8], [16, 8], [16, 4], [8, 4], [4, 4], [4, 2], [4, 1]];
+const DQ_SIZES: Array<[number, number]> =
+    [[64, 16], [32, 16], [32, 8], [16, 8], [16, 4], [8, 4], [4, 4], [2, 4], [1, 4]];
+
+/**
+ * Tiles for head dims (d, dv) on a device, or null when even the smallest
+ * do not fit its workgroup storage.
+ */
+export function chooseGradTiles(
+    d: number, dv: number, limits: GradDeviceLimits): GradTiles|null {
+  const threads = Math.min(
+      256, limits.maxComputeInvocationsPerWorkgroup, limits.maxComputeWorkgroupSizeX);
+  const storage = limits.maxComputeWorkgroupStorageSize;
+  let dkdv: DkDvTiles|null = null;
+  for (const [bc, br] of DKDV_SIZES) {
+    const t = {bc, br, threads};
+    if (dkdvTilesValid(t) && dkdvStorageBytes(t, d, dv) <= storage) {
+      dkdv = t;
+      break;
+    }
+  }
+  let dq: DqTiles|null = null;
+  for (const [br, bc] of DQ_SIZES) {
+    const t = {br, bc, threads};
+    if (dqTilesValid(t) && dqStorageBytes(t, d, dv) <= storage) {
+      dq = t;
+      break;
+    }
+  }
+  return dkdv == null || dq == null ? null : {dkdv, dq};
+}
+
+function isWebGPUBackend(backend: tf.KernelBackend): backend is WebGPUBackend {
+  const b = backend as Partial<WebGPUBackend>;
+  return b.device != null && b.tensorMap != null && typeof b.uploadToGPU === 'function';
+}
+
+/** Why the fused backward cannot take a call, or null. */
+export function flashAttentionGradSupports(
+    shapes: AttentionShapes, _attrs: FlashAttentionAttrs,
+    backend: tf.KernelBackend): string|null {
+  if (!isWebGPUBackend(backend)) {
+    return 'the active backend is not a tfjs webgpu backend';
+  }
+  if (chooseGradTiles(shapes.headDim, shapes.headDimV, backend.device.limits) == null) {
+    return `head dims ${shapes.headDim}/${shapes.headDimV} need more workgroup storage than the device's ${
+        backend.device.limits.maxComputeWorkgroupStorageSize} bytes`;
+  }
+  return null;
+}
+
+let poisonForTesting = false;
+/** Tests: fill the outputs with NaN first, to prove every element is written. */
+export function setGradPoisonForTesting(on: boolean): void {
+  poisonForTesting = on;
+}
+
+let gradKernelRuns = 0;
+/** How many times the fused backward ran (tests assert it was used). */
+export function fusedGradRunCount(): number {
+  return gradKernelRuns;
+}
+
+function flashAttentionGradWebGPU(
+    {inputs, backend, attrs}:
+        {inputs: tf.NamedTensorInfoMap, backend: unknown, attrs?: tf.NamedAttrMap}):
+    tf.TensorInfo[] {
+  const webgpu = backend as WebGPUBackend;
+  const a = attrs as unknown as FlashAttentionAttrs;
+  const {dy, dLse, q, k, v, out, softmaxLse, alibiSlopes} =
+      inputs as unknown as FlashAttentionGradInputs;
+  const [batch, seqQ, heads, headDim] = q.shape;
+  const [, seqK, headsKV] = k.shape;
+  const headDimV = v.shape[3];
+  const shapes: AttentionShapes = {batch, seqQ, seqK, heads, headsKV, headDim, headDimV};
+  const tiles = chooseGradTiles(headDim, headDimV, webgpu.device.limits);
+  tf.util.assert(tiles != null, () => `FlashAttentionGrad: head dims ${headDim}/${
+      headDimV} do not fit the device's workgroup storage`);
+  const hasAlibi = alibiSlopes != null && tf.util.sizeFromShape(alibiSlopes.shape) > 0;
+  const features = gradFeatures(a, hasAlibi);
+  const slopes = hasAlibi ? [alibiSlopes!] : [];
+
+  const dq = webgpu.makeTensorInfo(q.shape, 'float32');
+  const dk = webgpu.makeTensorInfo(k.shape, 'float32');
+  const dv = webgpu.makeTensorInfo(v.shape, 'float32');
+  const stats = webgpu.makeTensorInfo([batch, heads, seqQ, 2], 'float32');
+  const deltaProgram = new FlashAttentionGradDeltaProgram(shapes);
+  runGradDispatches(
+      webgpu, gradUniforms(shapes, a, hasAlibi ? alibiSlopes!.shape : []),
+      [
+        {program: deltaProgram, tensors: [dy, out, dLse, softmaxLse, stats],
+         workgroups: deltaProgram.workgroups},
+        {
+          program: new FlashAttentionGradDkDvProgram(headDim, headDimV, tiles!.dkdv, features),
+          tensors: [q, k, v, dy, stats, dk, dv, ...slopes],
+          workgroups: [Math.ceil(seqK / tiles!.dkdv.bc), batch * headsKV, 1],
+        },
+        {
+          program: new FlashAttentionGradDqProgram(headDim, headDimV, tiles!.dq, features),
+          tensors: [q, k, v, dy, stats, dq, ...slopes],
+          workgroups: [Math.ceil(seqQ / tiles!.dq.br), batch * heads, 1],
+        },
+      ],
+      poisonForTesting ? [dq, dk, dv] : []);
+  webgpu.disposeData(stats.dataId);
+  gradKernelRuns++;
+  return [dq, dk, dv];
+}
+
+export const flashAttentionGradWebGPUConfig: tf.KernelConfig = {
+  kernelName: FlashAttentionGrad,
+  backendName: 'webgpu',
+  kernelFunc: flashAttentionGradWebGPU as unknown as tf.KernelFunc,
+};
+
+/** Registers the fused backward for the webgpu backend. */
+export function registerFlashAttentionGradWebGPU(): void {
+  registerFusedKernel(flashAttentionGradWebGPUConfig, flashAttentionGradSupports);
+}

@@ -1,0 +1,230 @@
+/**
+ * Backward pass over query blocks: one workgroup holds BR query rows of one
+ * (batch, head) and accumulates their dQ in registers over every key block
+ * they can see (WGSL has no float atomics, so dQ is not scattered from the
+ * key-block pass; S and dP are recomputed here instead).
+ *
+ * Per block of BC keys:
+ *   S  = Q K^T, dP = dO V^T        (thread: MR rows x 4 adjacent keys)
+ *   dS = P * (dP * keep - Delta) * score' * scale,  P = exp(score(S) - lse)
+ *   dQ += dS K                     (thread: NR rows x ND dims)
+ * Rows that see no key get dQ = 0.
+ */
+import type {GradProgram} from './flash_attention_grad_pipeline';
+import {featureKey, GradFeatures, PARAMS_WGSL, PHILOX_WGSL, scoreWGSL, VISIBLE_WGSL} from './flash_attention_grad_wgsl';
+
+export interface DqTiles {
+  /** Query rows per workgroup. */
+  br: number;
+  /** Keys per step (multiple of 4). */
+  bc: number;
+  threads: number;
+}
+
+export function dqStorageBytes(t: DqTiles, d: number, dv: number): number {
+  return 4 * ((t.br + t.bc) * (d + 1) + (t.br + t.bc) * (dv + 1) + t.br * t.bc + 2 * t.br);
+}
+
+/** Rows per thread in the dQ accumulation. */
+function rowsPerThread(t: DqTiles): number {
+  return Math.min(4, t.br);
+}
+
+export function dqTilesValid(t: DqTiles): boolean {
+  const sc = t.bc / 4;
+  if (t.bc % 4 !== 0 || t.threads % sc !== 0) {
+    return false;
+  }
+  const sr = Math.min(t.br, t.threads / sc);
+  const qt = t.br / rowsPerThread(t);
+  return t.br % sr === 0 && Number.isInteger(qt) && t.threads % qt === 0;
+}
+
+export class FlashAttentionGradDqProgram implements GradProgram {
+  readonly shaderKey: string;
+  readonly source: string;
+
+  constructor(d: number, dv: number, tiles: DqTiles, f: GradFeatures) {
+    const {bc, br, threads} = tiles;
+    const sc = bc / 4;
+    const sr = Math.min(br, threads / sc);
+    const mr = br / sr;
+    const nr = rowsPerThread(tiles);
+    const qt = br / nr;           // accumulation: row groups
+    const xt = threads / qt;      // accumulation: dim stride
+    const nd = Math.ceil(d / xt);
+    this.shaderKey = `flashAttentionGradDq_${d}_${dv}_${bc}_${br}_${threads}_${featureKey(f)}`;
+    this.source = `${PARAMS_WGSL}
+@group(0) @binding(1) var<storage, read> q: array<f32>;
+@group(0) @binding(2) var<storage, read> k: array<f32>;
+@group(0) @binding(3) var<storage, read> v: array<f32>;
+@group(0) @binding(4) var<storage, read> dy: array<f32>;
+@group(0) @binding(5) var<storage, read> stats: array<vec2<f32>>;  // (lse, Delta)
+@group(0) @binding(6) var<storage, read_write> dq: array<f32>;
+${f.alibi ? '@group(0) @binding(7) var<storage, read> slopes: array<f32>;' : ''}
+${f.dropout ? PHILOX_WGSL : ''}
+${VISIBLE_WGSL}
+${scoreWGSL(f)}
+const D = ${d};
+const DV = ${dv};
+const DP = ${d + 1};
+const DVP = ${dv + 1};
+const BC = ${bc};
+const BR = ${br};
+const T = ${threads};
+const SC = ${sc};
+const MR = ${mr};
+const NR = ${nr};
+const XT = ${xt};
+
+// Every tile row-major and padded by one, so that both reading along a row
+// (same row, consecutive dims) and down a column hit distinct banks.
+var<workgroup> qS: array<f32, ${br * (d + 1)}>;
+var<workgroup> doS: array<f32, ${br * (dv + 1)}>;
+var<workgroup> kS: array<f32, ${bc * (d + 1)}>;
+var<workgroup> vS: array<f32, ${bc * (dv + 1)}>;
+var<workgroup> pS: array<vec4<f32>, ${br * sc}>;
+var<workgroup> lseS: array<f32, BR>;
+var<workgroup> deltaS: array<f32, BR>;
+
+@compute @workgroup_size(T)
+fn main(@builtin(workgroup_id) wg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+  let t = i32(lid);
+  let i0 = i32(wg.x) * BR;
+  let b = i32(wg.y) / p.heads;
+  let h = i32(wg.y) % p.heads;
+  let hk = h / (p.heads / p.headsKV);
+
+  for (var e = t; e < BR * D; e += T) {
+    let r = e / D;
+    let x = e % D;
+    let i = i0 + r;
+    var val = 0.0;
+    if (i < p.seqQ) { val = q[((b * p.seqQ + i) * p.heads + h) * D + x]; }
+    qS[r * DP + x] = val;
+  }
+  for (var e = t; e < BR * DV; e += T) {
+    let r = e / DV;
+    let x = e % DV;
+    let i = i0 + r;
+    var val = 0.0;
+    if (i < p.seqQ) { val = dy[((b * p.seqQ + i) * p.heads + h) * DV + x]; }
+    doS[r * DVP + x] = val;
+  }
+  for (var r = t; r < BR; r += T) {
+    let i = i0 + r;
+    var st = vec2<f32>(0.0);
+    if (i < p.seqQ) { st = stats[(b * p.heads + h) * p.seqQ + i]; }
+    lseS[r] = st.x;
+    deltaS[r] = st.y;
+  }
+
+  var dqAcc: array<array<f32, ${nd}>, NR>;
+  for (var m = 0; m < NR; m++) {
+    for (var n = 0; n < ${nd}; n++) { dqAcc[m][n] = 0.0; }
+  }
+
+  // Keys some row of the block can see; the start aligned to BC (so key
+  // quads are aligned for the dropout words).
+  let off = p.seqK - p.seqQ;
+  let iLast = min(i0 + BR, p.seqQ) - 1;
+  var jLo = 0;
+  if (p.windowLeft >= 0) { jLo = max(0, i0 + off - p.windowLeft); }
+  var jHi = p.seqK - 1;
+  if (p.windowRight >= 0) { jHi = min(p.seqK - 1, iLast + off + p.windowRight); }
+  jLo = (jLo / BC) * BC;
+
+  let tc = t % SC;
+  let tr = t / SC;
+  let sActive = tr * MR < BR;
+  let qx = t % XT;
+  let qr = t / XT;
+
+  for (var j0 = jLo; j0 <= jHi; j0 += BC) {
+    workgroupBarrier();
+    for (var e = t; e < BC * D; e += T) {
+      let c = e / D;
+      let x = e % D;
+      let j = j0 + c;
+      var val = 0.0;
+      if (j < p.seqK) { val = k[((b * p.seqK + j) * p.headsKV + hk) * D + x]; }
+      kS[c * DP + x] = val;
+    }
+    for (var e = t; e < BC * DV; e += T) {
+      let c = e / DV;
+      let x = e % DV;
+      let j = j0 + c;
+      var val = 0.0;
+      if (j < p.seqK) { val = v[((b * p.seqK + j) * p.headsKV + hk) * DV + x]; }
+      vS[c * DVP + x] = val;
+    }
+    workgroupBarrier();
+
+    if (sActive) {
+      var s: array<vec4<f32>, MR>;
+      var dp: array<vec4<f32>, MR>;
+      for (var m = 0; m < MR; m++) {
+        s[m] = vec4<f32>(0.0);
+        dp[m] = vec4<f32>(0.0);
+      }
+      let c0 = tc * 4;
+      for (var x = 0; x < D; x++) {
+        let kv = vec4<f32>(kS[c0 * DP + x], kS[(c0 + 1) * DP + x],
+                           kS[(c0 + 2) * DP + x], kS[(c0 + 3) * DP + x]);
+        for (var m = 0; m < MR; m++) {
+          s[m] += qS[(tr * MR + m) * DP + x] * kv;
+        }
+      }
+      for (var x = 0; x < DV; x++) {
+        let vv = vec4<f32>(vS[c0 * DVP + x], vS[(c0 + 1) * DVP + x],
+                           vS[(c0 + 2) * DVP + x], vS[(c0 + 3) * DVP + x]);
+        for (var m = 0; m < MR; m++) {
+          dp[m] += doS[(tr * MR + m) * DVP + x] * vv;
+        }
+      }
+      for (var m = 0; m < MR; m++) {
+        let r = tr * MR + m;
+        let i = i0 + r;
+        let jq = j0 + c0;
+        ${f.dropout ? 'let keep = gradKeep4(b, h, i, jq);' : 'let keep = vec4<f32>(1.0);'}
+        var dsv = vec4<f32>(0.0);
+        for (var c = 0; c < 4; c++) {
+          let j = jq + c;
+          if (i < p.seqQ && j < p.seqK && gradVisible(i, j)) {
+            let sc = gradScore(s[m][c], i, j, b, h);
+            let prob = exp(sc.x - lseS[r]);
+            dsv[c] = prob * (dp[m][c] * keep[c] - deltaS[r]) * sc.y * p.scale;
+          }
+        }
+        pS[r * SC + tc] = dsv;
+      }
+    }
+    workgroupBarrier();
+    for (var quad = 0; quad < SC; quad++) {
+      for (var m = 0; m < NR; m++) {
+        let dsv = pS[(qr * NR + m) * SC + quad];
+        for (var n = 0; n < ${nd}; n++) {
+          let x = min(qx + n * XT, D - 1);
+          let kb = quad * 4 * DP + x;
+          dqAcc[m][n] += dsv.x * kS[kb] + dsv.y * kS[kb + DP] +
+                         dsv.z * kS[kb + 2 * DP] + dsv.w * kS[kb + 3 * DP];
+        }
+      }
+    }
+  }
+
+  for (var m = 0; m < NR; m++) {
+    let i = i0 + qr * NR + m;
+    if (i < p.seqQ) {
+      let base = ((b * p.seqQ + i) * p.heads + h) * D;
+      for (var n = 0; n < ${nd}; n++) {
+        let x = qx + n * XT;
+        if (x < D) { dq[base + x] = dqAcc[m][n]; }
+      }
+    }
+  }
+}
+`;
+  }
+}
