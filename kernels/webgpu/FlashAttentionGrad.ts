@@ -19,8 +19,8 @@ import {FlashAttentionAttrs, FlashAttentionGrad, FlashAttentionGradInputs} from 
 import {FlashAttentionGradDeltaProgram} from './flash_attention_grad_delta_webgpu';
 import {DkDvTiles, dkdvStorageBytes, dkdvTilesValid, FlashAttentionGradDkDvProgram} from './flash_attention_grad_dkdv_webgpu';
 import {DqTiles, dqStorageBytes, dqTilesValid, FlashAttentionGradDqProgram} from './flash_attention_grad_dq_webgpu';
-import {runGradDispatches} from './flash_attention_grad_pipeline';
 import {gradFeatures, gradUniforms} from './flash_attention_grad_wgsl';
+import {runOwnPipeline} from './own_pipeline';
 
 /** The device limits the tile choice depends on. */
 export interface GradDeviceLimits {
@@ -88,12 +88,6 @@ export function flashAttentionGradSupports(
   return null;
 }
 
-let poisonForTesting = false;
-/** Tests: fill the outputs with NaN first, to prove every element is written. */
-export function setGradPoisonForTesting(on: boolean): void {
-  poisonForTesting = on;
-}
-
 let gradKernelRuns = 0;
 /** How many times the fused backward ran (tests assert it was used). */
 export function fusedGradRunCount(): number {
@@ -119,33 +113,42 @@ function flashAttentionGradWebGPU(
   const features = gradFeatures(a, hasAlibi);
   const slopes = hasAlibi ? [alibiSlopes!] : [];
 
-  const dq = webgpu.makeTensorInfo(q.shape, 'float32');
-  const dk = webgpu.makeTensorInfo(k.shape, 'float32');
-  const dv = webgpu.makeTensorInfo(v.shape, 'float32');
-  const stats = webgpu.makeTensorInfo([batch, heads, seqQ, 2], 'float32');
+  const uniforms = gradUniforms(shapes, a, hasAlibi ? alibiSlopes!.shape : []);
   const deltaProgram = new FlashAttentionGradDeltaProgram(shapes);
-  runGradDispatches(
-      webgpu, gradUniforms(shapes, a, hasAlibi ? alibiSlopes!.shape : []),
-      [
-        {program: deltaProgram, tensors: [dy, out, dLse, softmaxLse, stats],
-         workgroups: deltaProgram.workgroups},
-        {
-          program: new FlashAttentionGradDkDvProgram(headDim, headDimV, tiles!.dkdv, features),
-          tensors: [q, k, v, dy, stats, dk, dv, ...slopes],
-          workgroups: [Math.ceil(seqK / tiles!.dkdv.bc), batch * headsKV, 1],
-        },
-        {
-          program: new FlashAttentionGradDqProgram(headDim, headDimV, tiles!.dq, features),
-          tensors: [q, k, v, dy, stats, dq, ...slopes],
-          workgroups: [Math.ceil(seqQ / tiles!.dq.br), batch * heads, 1],
-        },
-      ],
-      poisonForTesting ? [dq, dk, dv] : []);
-  webgpu.disposeData(stats.dataId);
-  gradKernelRuns++;
-  return [dq, dk, dv];
+  const [stats] = runOwnPipeline(webgpu, deltaProgram, {
+    inputs: [dy, out, dLse, softmaxLse],
+    outputs: [{shape: [batch, heads, seqQ, 2], dtype: 'float32'}],
+    uniforms,
+    dispatch: deltaProgram.workgroups,
+  });
+  try {
+    const [dk, dv] = runOwnPipeline(
+        webgpu, new FlashAttentionGradDkDvProgram(headDim, headDimV, tiles!.dkdv, features), {
+          inputs: [q, k, v, dy, stats, ...slopes],
+          outputs: [{shape: k.shape, dtype: 'float32'}, {shape: v.shape, dtype: 'float32'}],
+          uniforms,
+          dispatch: [Math.ceil(seqK / tiles!.dkdv.bc), batch * headsKV, 1],
+        });
+    let dq: tf.TensorInfo;
+    try {
+      [dq] = runOwnPipeline(
+          webgpu, new FlashAttentionGradDqProgram(headDim, headDimV, tiles!.dq, features), {
+            inputs: [q, k, v, dy, stats, ...slopes],
+            outputs: [{shape: q.shape, dtype: 'float32'}],
+            uniforms,
+            dispatch: [Math.ceil(seqQ / tiles!.dq.br), batch * heads, 1],
+          });
+    } catch (e) {
+      webgpu.disposeData(dk.dataId);
+      webgpu.disposeData(dv.dataId);
+      throw e;
+    }
+    gradKernelRuns++;
+    return [dq, dk, dv];
+  } finally {
+    webgpu.disposeData(stats.dataId);
+  }
 }
-
 export const flashAttentionGradWebGPUConfig: tf.KernelConfig = {
   kernelName: FlashAttentionGrad,
   backendName: 'webgpu',

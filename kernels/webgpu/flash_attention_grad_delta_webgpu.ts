@@ -7,27 +7,30 @@
  */
 import type {AttentionShapes} from '../../src/checks';
 
-import type {GradProgram} from './flash_attention_grad_pipeline';
-import {PARAMS_WGSL} from './flash_attention_grad_wgsl';
+import type {OwnPipelineSpec} from './own_pipeline';
+import {paramsWGSL} from './flash_attention_grad_wgsl';
 
 const WORKGROUP = 64;
 
-export class FlashAttentionGradDeltaProgram implements GradProgram {
-  readonly shaderKey: string;
-  readonly source: string;
+export class FlashAttentionGradDeltaProgram implements OwnPipelineSpec {
+  readonly key: string;
+  readonly numInputs = 4;
+  readonly numOutputs = 1;
+  readonly hasUniforms = true;
   readonly workgroups: [number, number, number];
+  private readonly source: string;
 
   constructor(shapes: AttentionShapes) {
     const dv = shapes.headDimV;
     const rows = shapes.batch * shapes.heads * shapes.seqQ;
-    this.shaderKey = `flashAttentionGradDelta_${dv}`;
+    this.key = `flashAttentionGradDelta_${dv}`;
     this.workgroups = [Math.ceil(rows / WORKGROUP), 1, 1];
-    this.source = `${PARAMS_WGSL}
-@group(0) @binding(1) var<storage, read> dy: array<f32>;
-@group(0) @binding(2) var<storage, read> outs: array<f32>;
-@group(0) @binding(3) var<storage, read> dLse: array<f32>;
-@group(0) @binding(4) var<storage, read> lse: array<f32>;
-@group(0) @binding(5) var<storage, read_write> stats: array<vec2<f32>>;
+    this.source = `${paramsWGSL(5)}
+@group(0) @binding(0) var<storage, read> dy: array<f32>;
+@group(0) @binding(1) var<storage, read> outs: array<f32>;
+@group(0) @binding(2) var<storage, read> dLse: array<f32>;
+@group(0) @binding(3) var<storage, read> lse: array<f32>;
+@group(0) @binding(4) var<storage, read_write> stats: array<vec2<f32>>;
 const DV = ${dv};
 
 @compute @workgroup_size(${WORKGROUP})
@@ -49,5 +52,9 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
   stats[row] = vec2<f32>(lse[row], sum - dLse[row]);
 }
 `;
+  }
+
+  code(): string {
+    return this.source;
   }
 }

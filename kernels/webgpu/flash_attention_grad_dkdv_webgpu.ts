@@ -12,8 +12,8 @@
  *   dS = P * (dP * keep - Delta) * score' * scale
  *   dK += dS^T Q
  */
-import type {GradProgram} from './flash_attention_grad_pipeline';
-import {featureKey, GradFeatures, PARAMS_WGSL, PHILOX_WGSL, scoreWGSL, VISIBLE_WGSL} from './flash_attention_grad_wgsl';
+import type {OwnPipelineSpec} from './own_pipeline';
+import {featureKey, GradFeatures, gradCommonWGSL, paramsWGSL} from './flash_attention_grad_wgsl';
 
 export interface DkDvTiles {
   /** Keys per workgroup (multiple of 4). */
@@ -39,9 +39,12 @@ export function dkdvTilesValid(t: DkDvTiles): boolean {
   return t.br % sr === 0;
 }
 
-export class FlashAttentionGradDkDvProgram implements GradProgram {
-  readonly shaderKey: string;
-  readonly source: string;
+export class FlashAttentionGradDkDvProgram implements OwnPipelineSpec {
+  readonly key: string;
+  readonly numInputs: number;
+  readonly numOutputs: number;
+  readonly hasUniforms = true;
+  private readonly source: string;
 
   constructor(d: number, dv: number, tiles: DkDvTiles, f: GradFeatures) {
     const {bc, br, threads} = tiles;
@@ -52,21 +55,22 @@ export class FlashAttentionGradDkDvProgram implements GradProgram {
     const xt = threads / kt;                 // accumulation: dim stride
     const nd = Math.ceil(d / xt);
     const ndv = Math.ceil(dv / xt);
-    this.shaderKey = `flashAttentionGradDkDv_${d}_${dv}_${bc}_${br}_${threads}_${featureKey(f)}`;
+    this.key = `flashAttentionGradDkDv_${d}_${dv}_${bc}_${br}_${threads}_${featureKey(f)}`;
     const guard = (n: number, width: string) =>
         n % xt === 0 ? 'true' : `x < ${width}`;
-    this.source = `${PARAMS_WGSL}
-@group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> k: array<f32>;
-@group(0) @binding(3) var<storage, read> v: array<f32>;
-@group(0) @binding(4) var<storage, read> dy: array<f32>;
-@group(0) @binding(5) var<storage, read> stats: array<vec2<f32>>;  // (lse, Delta)
-@group(0) @binding(6) var<storage, read_write> dk: array<f32>;
-@group(0) @binding(7) var<storage, read_write> dv: array<f32>;
-${f.alibi ? '@group(0) @binding(8) var<storage, read> slopes: array<f32>;' : ''}
-${f.dropout ? PHILOX_WGSL : ''}
-${VISIBLE_WGSL}
-${scoreWGSL(f)}
+    this.numInputs = f.alibi ? 6 : 5;
+    this.numOutputs = 2;
+    const out0 = this.numInputs;
+    this.source = `${paramsWGSL(out0 + 2)}
+@group(0) @binding(0) var<storage, read> q: array<f32>;
+@group(0) @binding(1) var<storage, read> k: array<f32>;
+@group(0) @binding(2) var<storage, read> v: array<f32>;
+@group(0) @binding(3) var<storage, read> dy: array<f32>;
+@group(0) @binding(4) var<storage, read> stats: array<vec2<f32>>;  // (lse, Delta)
+${f.alibi ? '@group(0) @binding(5) var<storage, read> slopes: array<f32>;' : ''}
+@group(0) @binding(${out0}) var<storage, read_write> dk: array<f32>;
+@group(0) @binding(${out0 + 1}) var<storage, read_write> dv: array<f32>;
+${gradCommonWGSL(f)}
 const D = ${d};
 const DV = ${dv};
 const DP = ${d + 1};
@@ -144,6 +148,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
 
   for (var g = 0; g < groups; g++) {
     let h = hk * groups + g;
+    let sp = gradScoreParams(b, h);
     for (var i0 = iLo; i0 <= iHi; i0 += BR) {
       workgroupBarrier();
       for (var e = t; e < BR * D; e += T) {
@@ -200,8 +205,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
           var dsv = vec4<f32>(0.0);
           for (var c = 0; c < 4; c++) {
             let j = jq + c;
-            if (i < p.seqQ && j < p.seqK && gradVisible(i, j)) {
-              let sc = gradScore(s[m][c], i, j, b, h);
+            if (i < p.seqQ && fa_visible(i, j, sp)) {
+              let sc = gradScore(s[m][c], i, j, sp);
               let prob = exp(sc.x - lseS[r]);
               pv[c] = prob * keep[c];
               dsv[c] = prob * (dp[m][c] * keep[c] - deltaS[r]) * sc.y * p.scale;
@@ -259,5 +264,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   }
 }
 `;
+  }
+
+  code(): string {
+    return this.source;
   }
 }

@@ -10,8 +10,8 @@
  *   dQ += dS K                     (thread: NR rows x ND dims)
  * Rows that see no key get dQ = 0.
  */
-import type {GradProgram} from './flash_attention_grad_pipeline';
-import {featureKey, GradFeatures, PARAMS_WGSL, PHILOX_WGSL, scoreWGSL, VISIBLE_WGSL} from './flash_attention_grad_wgsl';
+import type {OwnPipelineSpec} from './own_pipeline';
+import {featureKey, GradFeatures, gradCommonWGSL, paramsWGSL} from './flash_attention_grad_wgsl';
 
 export interface DqTiles {
   /** Query rows per workgroup. */
@@ -40,9 +40,12 @@ export function dqTilesValid(t: DqTiles): boolean {
   return t.br % sr === 0 && Number.isInteger(qt) && t.threads % qt === 0;
 }
 
-export class FlashAttentionGradDqProgram implements GradProgram {
-  readonly shaderKey: string;
-  readonly source: string;
+export class FlashAttentionGradDqProgram implements OwnPipelineSpec {
+  readonly key: string;
+  readonly numInputs: number;
+  readonly numOutputs: number;
+  readonly hasUniforms = true;
+  private readonly source: string;
 
   constructor(d: number, dv: number, tiles: DqTiles, f: GradFeatures) {
     const {bc, br, threads} = tiles;
@@ -53,18 +56,19 @@ export class FlashAttentionGradDqProgram implements GradProgram {
     const qt = br / nr;           // accumulation: row groups
     const xt = threads / qt;      // accumulation: dim stride
     const nd = Math.ceil(d / xt);
-    this.shaderKey = `flashAttentionGradDq_${d}_${dv}_${bc}_${br}_${threads}_${featureKey(f)}`;
-    this.source = `${PARAMS_WGSL}
-@group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> k: array<f32>;
-@group(0) @binding(3) var<storage, read> v: array<f32>;
-@group(0) @binding(4) var<storage, read> dy: array<f32>;
-@group(0) @binding(5) var<storage, read> stats: array<vec2<f32>>;  // (lse, Delta)
-@group(0) @binding(6) var<storage, read_write> dq: array<f32>;
-${f.alibi ? '@group(0) @binding(7) var<storage, read> slopes: array<f32>;' : ''}
-${f.dropout ? PHILOX_WGSL : ''}
-${VISIBLE_WGSL}
-${scoreWGSL(f)}
+    this.key = `flashAttentionGradDq_${d}_${dv}_${bc}_${br}_${threads}_${featureKey(f)}`;
+    this.numInputs = f.alibi ? 6 : 5;
+    this.numOutputs = 1;
+    const out0 = this.numInputs;
+    this.source = `${paramsWGSL(out0 + 1)}
+@group(0) @binding(0) var<storage, read> q: array<f32>;
+@group(0) @binding(1) var<storage, read> k: array<f32>;
+@group(0) @binding(2) var<storage, read> v: array<f32>;
+@group(0) @binding(3) var<storage, read> dy: array<f32>;
+@group(0) @binding(4) var<storage, read> stats: array<vec2<f32>>;  // (lse, Delta)
+${f.alibi ? '@group(0) @binding(5) var<storage, read> slopes: array<f32>;' : ''}
+@group(0) @binding(${out0}) var<storage, read_write> dq: array<f32>;
+${gradCommonWGSL(f)}
 const D = ${d};
 const DV = ${dv};
 const DP = ${d + 1};
@@ -95,6 +99,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   let b = i32(wg.y) / p.heads;
   let h = i32(wg.y) % p.heads;
   let hk = h / (p.heads / p.headsKV);
+  let sp = gradScoreParams(b, h);
 
   for (var e = t; e < BR * D; e += T) {
     let r = e / D;
@@ -191,8 +196,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
         var dsv = vec4<f32>(0.0);
         for (var c = 0; c < 4; c++) {
           let j = jq + c;
-          if (i < p.seqQ && j < p.seqK && gradVisible(i, j)) {
-            let sc = gradScore(s[m][c], i, j, b, h);
+          if (i < p.seqQ && fa_visible(i, j, sp)) {
+            let sc = gradScore(s[m][c], i, j, sp);
             let prob = exp(sc.x - lseS[r]);
             dsv[c] = prob * (dp[m][c] * keep[c] - deltaS[r]) * sc.y * p.scale;
           }
@@ -226,5 +231,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   }
 }
 `;
+  }
+
+  code(): string {
+    return this.source;
   }
 }
