@@ -8,7 +8,7 @@ import * as tf from '@tensorflow/tfjs-core';
 
 import {FLASH_ATTENTION_IMPL, FlashAttention, FlashAttentionGrad, hasFusedKernel} from '../src';
 import {normalizeOptions} from '../src/options';
-import {chooseGradTiles, fusedGradRunCount, registerFlashAttentionGradWebGPU} from '../kernels/webgpu/FlashAttentionGrad';
+import {chooseGradTiles, fusedGradRunCount, GradTiles, registerFlashAttentionGradWebGPU, setGradTilesOverride} from '../kernels/webgpu/FlashAttentionGrad';
 import {checkOwnPipelineErrors, setPoisonOutputs} from '../kernels/webgpu/own_pipeline';
 
 import {selectedBackends, useBackend} from './harness/backends';
@@ -127,6 +127,33 @@ describeWebGPU('fused WebGPU backward [webgpu]', () => {
       expectClose(got.dq, expected.dq, GRADIENT_BOUND, `${what}: dq`);
       expectClose(got.dk, expected.dk, GRADIENT_BOUND, `${what}: dk`);
       expectClose(got.dv, expected.dv, GRADIENT_BOUND, `${what}: dv`);
+    });
+  }
+
+  // The H100's tilings (and a 128-thread variant the benchmark tries), at a
+  // head dim small enough for SwiftShader's 32 KiB of workgroup storage.
+  const TILINGS: GradTiles[] = [
+    {dkdv: {bc: 64, br: 16, threads: 256}, dq: {br: 64, bc: 16, threads: 256}},
+    {dkdv: {bc: 64, br: 16, threads: 128}, dq: {br: 64, bc: 16, threads: 128}},
+    {dkdv: {bc: 16, br: 8, threads: 64}, dq: {br: 16, bc: 8, threads: 64}},
+  ];
+  for (const tiles of TILINGS) {
+    it(`kernel vs oracle with tiles ${JSON.stringify(tiles)}`, async () => {
+      setGradTilesOverride(tiles);
+      try {
+        const c: OptionCase = {
+          name: 'tiling', opts: {causal: true, dropoutRate: 0.2, seed: 5, softcap: 3},
+          shape: {batch: 1, seqQ: 150, seqK: 133, heads: 3, headsKV: 1, headDim: 16, headDimV: 12,
+                  alibi: 'head'}};
+        const rng = freshRng();
+        const {runs: [got], expected} = await runKernelCase(c, rng);
+        const what = `tiles ${JSON.stringify(tiles)} (seed ${rng.seed})`;
+        expectClose(got.dq, expected.dq, GRADIENT_BOUND, `${what}: dq`);
+        expectClose(got.dk, expected.dk, GRADIENT_BOUND, `${what}: dk`);
+        expectClose(got.dv, expected.dv, GRADIENT_BOUND, `${what}: dv`);
+      } finally {
+        setGradTilesOverride(null);
+      }
     });
   }
 

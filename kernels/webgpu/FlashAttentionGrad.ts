@@ -69,6 +69,29 @@ export function chooseGradTiles(
   return dkdv == null || dq == null ? null : {dkdv, dq};
 }
 
+let tilesOverride: GradTiles|null = null;
+/**
+ * Benchmarks and tests: force tiles (checked against the device limits
+ * like any choice); null restores the automatic choice.
+ */
+export function setGradTilesOverride(tiles: GradTiles|null): void {
+  tf.util.assert(
+      tiles == null || (dkdvTilesValid(tiles.dkdv) && dqTilesValid(tiles.dq)),
+      () => `setGradTilesOverride: inconsistent tiles ${JSON.stringify(tiles)}`);
+  tilesOverride = tiles;
+}
+
+function tilesFor(d: number, dv: number, limits: GradDeviceLimits): GradTiles|null {
+  if (tilesOverride != null) {
+    const fits = (tiles: GradTiles) =>
+        dkdvStorageBytes(tiles.dkdv, d, dv) <= limits.maxComputeWorkgroupStorageSize &&
+        dqStorageBytes(tiles.dq, d, dv) <= limits.maxComputeWorkgroupStorageSize &&
+        Math.max(tiles.dkdv.threads, tiles.dq.threads) <= limits.maxComputeInvocationsPerWorkgroup;
+    return fits(tilesOverride) ? tilesOverride : null;
+  }
+  return chooseGradTiles(d, dv, limits);
+}
+
 function isWebGPUBackend(backend: tf.KernelBackend): backend is WebGPUBackend {
   const b = backend as Partial<WebGPUBackend>;
   return b.device != null && b.tensorMap != null && typeof b.uploadToGPU === 'function';
@@ -81,7 +104,7 @@ export function flashAttentionGradSupports(
   if (!isWebGPUBackend(backend)) {
     return 'the active backend is not a tfjs webgpu backend';
   }
-  if (chooseGradTiles(shapes.headDim, shapes.headDimV, backend.device.limits) == null) {
+  if (tilesFor(shapes.headDim, shapes.headDimV, backend.device.limits) == null) {
     return `head dims ${shapes.headDim}/${shapes.headDimV} need more workgroup storage than the device's ${
         backend.device.limits.maxComputeWorkgroupStorageSize} bytes`;
   }
@@ -106,7 +129,7 @@ function flashAttentionGradWebGPU(
   const [, seqK, headsKV] = k.shape;
   const headDimV = v.shape[3];
   const shapes: AttentionShapes = {batch, seqQ, seqK, heads, headsKV, headDim, headDimV};
-  const tiles = chooseGradTiles(headDim, headDimV, webgpu.device.limits);
+  const tiles = tilesFor(headDim, headDimV, webgpu.device.limits);
   tf.util.assert(tiles != null, () => `FlashAttentionGrad: head dims ${headDim}/${
       headDimV} do not fit the device's workgroup storage`);
   const hasAlibi = alibiSlopes != null && tf.util.sizeFromShape(alibiSlopes.shape) > 0;

@@ -21,8 +21,18 @@ export interface DqTiles {
   threads: number;
 }
 
+/**
+ * Row stride (in vec4s) of the transposed K tile: odd, so that a quarter
+ * warp reading consecutive dims of one key quad hits distinct banks.
+ */
+function kStride(sc: number): number {
+  return sc % 2 === 1 ? sc : sc + 1;
+}
+
 export function dqStorageBytes(t: DqTiles, d: number, dv: number): number {
-  return 4 * ((t.br + t.bc) * (d + 1) + (t.br + t.bc) * (dv + 1) + t.br * t.bc + 2 * t.br);
+  const sc = t.bc / 4;
+  return 4 * (t.br * (d + 1) + t.br * (dv + 1) + 4 * d * kStride(sc) + 4 * dv * sc +
+              t.br * t.bc + 2 * t.br);
 }
 
 /** Rows per thread in the dQ accumulation. */
@@ -80,13 +90,15 @@ const SC = ${sc};
 const MR = ${mr};
 const NR = ${nr};
 const XT = ${xt};
+const KST = ${kStride(sc)};
 
-// Every tile row-major and padded by one, so that both reading along a row
-// (same row, consecutive dims) and down a column hit distinct banks.
+// Query-side rows, padded by one so that rows fall in different banks.
 var<workgroup> qS: array<f32, ${br * (d + 1)}>;
 var<workgroup> doS: array<f32, ${br * (dv + 1)}>;
-var<workgroup> kS: array<f32, ${bc * (d + 1)}>;
-var<workgroup> vS: array<f32, ${bc * (dv + 1)}>;
+// K and V transposed, four keys per vec4: kT[x * KST + quad]; K serves
+// both S = Q K^T (a key quad per load) and dQ += dS K (dot of 4 keys).
+var<workgroup> kT: array<vec4<f32>, ${d * kStride(sc)}>;
+var<workgroup> vT: array<vec4<f32>, ${dv * sc}>;
 var<workgroup> pS: array<vec4<f32>, ${br * sc}>;
 var<workgroup> lseS: array<f32, BR>;
 var<workgroup> deltaS: array<f32, BR>;
@@ -148,21 +160,25 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
 
   for (var j0 = jLo; j0 <= jHi; j0 += BC) {
     workgroupBarrier();
-    for (var e = t; e < BC * D; e += T) {
-      let c = e / D;
+    for (var e = t; e < SC * D; e += T) {
       let x = e % D;
-      let j = j0 + c;
-      var val = 0.0;
-      if (j < p.seqK) { val = k[((b * p.seqK + j) * p.headsKV + hk) * D + x]; }
-      kS[c * DP + x] = val;
+      let quad = e / D;
+      var kv = vec4<f32>(0.0);
+      for (var c = 0; c < 4; c++) {
+        let j = j0 + quad * 4 + c;
+        if (j < p.seqK) { kv[c] = k[((b * p.seqK + j) * p.headsKV + hk) * D + x]; }
+      }
+      kT[x * KST + quad] = kv;
     }
-    for (var e = t; e < BC * DV; e += T) {
-      let c = e / DV;
+    for (var e = t; e < SC * DV; e += T) {
       let x = e % DV;
-      let j = j0 + c;
-      var val = 0.0;
-      if (j < p.seqK) { val = v[((b * p.seqK + j) * p.headsKV + hk) * DV + x]; }
-      vS[c * DVP + x] = val;
+      let quad = e / DV;
+      var vv = vec4<f32>(0.0);
+      for (var c = 0; c < 4; c++) {
+        let j = j0 + quad * 4 + c;
+        if (j < p.seqK) { vv[c] = v[((b * p.seqK + j) * p.headsKV + hk) * DV + x]; }
+      }
+      vT[x * SC + quad] = vv;
     }
     workgroupBarrier();
 
@@ -175,15 +191,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
       }
       let c0 = tc * 4;
       for (var x = 0; x < D; x++) {
-        let kv = vec4<f32>(kS[c0 * DP + x], kS[(c0 + 1) * DP + x],
-                           kS[(c0 + 2) * DP + x], kS[(c0 + 3) * DP + x]);
+        let kv = kT[x * KST + tc];
         for (var m = 0; m < MR; m++) {
           s[m] += qS[(tr * MR + m) * DP + x] * kv;
         }
       }
       for (var x = 0; x < DV; x++) {
-        let vv = vec4<f32>(vS[c0 * DVP + x], vS[(c0 + 1) * DVP + x],
-                           vS[(c0 + 2) * DVP + x], vS[(c0 + 3) * DVP + x]);
+        let vv = vT[x * SC + tc];
         for (var m = 0; m < MR; m++) {
           dp[m] += doS[(tr * MR + m) * DVP + x] * vv;
         }
@@ -207,13 +221,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
     }
     workgroupBarrier();
     for (var quad = 0; quad < SC; quad++) {
+      var kq: array<vec4<f32>, ${nd}>;
+      for (var n = 0; n < ${nd}; n++) {
+        kq[n] = kT[min(qx + n * XT, D - 1) * KST + quad];
+      }
       for (var m = 0; m < NR; m++) {
         let dsv = pS[(qr * NR + m) * SC + quad];
         for (var n = 0; n < ${nd}; n++) {
-          let x = min(qx + n * XT, D - 1);
-          let kb = quad * 4 * DP + x;
-          dqAcc[m][n] += dsv.x * kS[kb] + dsv.y * kS[kb + DP] +
-                         dsv.z * kS[kb + 2 * DP] + dsv.w * kS[kb + 3 * DP];
+          dqAcc[m][n] += dot(dsv, kq[n]);
         }
       }
     }
