@@ -8,12 +8,14 @@
  * Per block of BR query rows:
  *   S  = Q K^T, dP = dO V^T        (thread: MR rows x 4 adjacent keys)
  *   P  = exp(score(S) - lse), Pd = P * keep
- *   dV += Pd^T dO                  (thread: 4 keys x ND dims)
+ *   dV += Pd^T dO                  (thread: 4 keys x 4 dims per vec4)
  *   dS = P * (dP * keep - Delta) * score' * scale
  *   dK += dS^T Q
+ * Head dims are padded to multiples of 4 with zeros in workgroup memory, so
+ * every load is a vec4.
  */
 import type {OwnPipelineSpec} from './own_pipeline';
-import {featureKey, GradFeatures, gradCommonWGSL, paramsWGSL} from './flash_attention_grad_wgsl';
+import {featureKey, GradFeatures, gradCommonWGSL, loadRowsWGSL, paramsWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
 
 export interface DkDvTiles {
   /** Keys per workgroup (multiple of 4). */
@@ -26,17 +28,14 @@ export interface DkDvTiles {
 
 /** Workgroup storage bytes of the program (must fit the device limit). */
 export function dkdvStorageBytes(t: DkDvTiles, d: number, dv: number): number {
-  return 4 * (t.bc * d + t.bc * dv + t.br * (d + 1) + t.br * (dv + 1) + t.br * t.bc + 2 * t.br);
+  const d4 = Math.ceil(d / 4);
+  const dv4 = Math.ceil(dv / 4);
+  return 16 * (t.bc * (d4 + dv4) + t.br * (d4 + 1 + dv4 + 1) + t.br * t.bc / 4) + 8 * t.br;
 }
 
 /** Are the tiles consistent (every thread mapping divides evenly)? */
 export function dkdvTilesValid(t: DkDvTiles): boolean {
-  const sc = t.bc / 4;
-  if (t.bc % 4 !== 0 || t.threads % sc !== 0) {
-    return false;
-  }
-  const sr = Math.min(t.br, t.threads / sc);
-  return t.br % sr === 0;
+  return sPhaseValid(t.bc, t.br, t.threads) && t.threads % (t.bc / 4) === 0;
 }
 
 export class FlashAttentionGradDkDvProgram implements OwnPipelineSpec {
@@ -48,16 +47,13 @@ export class FlashAttentionGradDkDvProgram implements OwnPipelineSpec {
 
   constructor(d: number, dv: number, tiles: DkDvTiles, f: GradFeatures) {
     const {bc, br, threads} = tiles;
-    const sc = bc / 4;                       // S phase: threads per row
-    const sr = Math.min(br, threads / sc);   // S phase: rows of threads
-    const mr = br / sr;                      // S phase: rows per thread
-    const kt = sc;                           // accumulation: key quads
-    const xt = threads / kt;                 // accumulation: dim stride
-    const nd = Math.ceil(d / xt);
-    const ndv = Math.ceil(dv / xt);
+    const s = sPhase(bc, br, threads);
+    const d4 = Math.ceil(d / 4);
+    const dv4 = Math.ceil(dv / 4);
+    const xt = threads / s.sc;       // accumulation: dim-quad stride
+    const nd = Math.ceil(d4 / xt);   // accumulation: dim quads per thread
+    const ndv = Math.ceil(dv4 / xt);
     this.key = `flashAttentionGradDkDv_${d}_${dv}_${bc}_${br}_${threads}_${featureKey(f)}`;
-    const guard = (n: number, width: string) =>
-        n % xt === 0 ? 'true' : `x < ${width}`;
     this.numInputs = f.alibi ? 6 : 5;
     this.numOutputs = 2;
     const out0 = this.numInputs;
@@ -73,23 +69,24 @@ ${f.alibi ? '@group(0) @binding(5) var<storage, read> slopes: array<f32>;' : ''}
 ${gradCommonWGSL(f)}
 const D = ${d};
 const DV = ${dv};
-const DP = ${d + 1};
-const DVP = ${dv + 1};
+const D4 = ${d4};
+const DV4 = ${dv4};
 const BC = ${bc};
 const BR = ${br};
 const T = ${threads};
-const SC = ${sc};
-const MR = ${mr};
+const SC = ${s.sc};
+const MR = ${s.mr};
 const XT = ${xt};
 
-// K and V transposed, four keys per vec4: kT[x * SC + quad].
-var<workgroup> kT: array<vec4<f32>, ${d * sc}>;
-var<workgroup> vT: array<vec4<f32>, ${dv * sc}>;
-// Query-side rows, padded by one so rows fall in different banks.
-var<workgroup> qS: array<f32, ${br * (d + 1)}>;
-var<workgroup> doS: array<f32, ${br * (dv + 1)}>;
+// K and V transposed, four keys per vec4: kT[x * SC + quad] (x < 4 * D4).
+var<workgroup> kT: array<vec4<f32>, ${4 * d4 * s.sc}>;
+var<workgroup> vT: array<vec4<f32>, ${4 * dv4 * s.sc}>;
+// Query-side rows as dim quads, one vec4 of padding per row so that the
+// rows a warp reads fall in different banks.
+var<workgroup> qS: array<vec4<f32>, ${br * (d4 + 1)}>;
+var<workgroup> doS: array<vec4<f32>, ${br * (dv4 + 1)}>;
 // P * keep, then dS: pS[r * SC + quad].
-var<workgroup> pS: array<vec4<f32>, ${br * sc}>;
+var<workgroup> pS: array<vec4<f32>, ${br * s.sc}>;
 var<workgroup> lseS: array<f32, BR>;
 var<workgroup> deltaS: array<f32, BR>;
 
@@ -102,35 +99,36 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   let hk = i32(wg.y) % p.headsKV;
   let groups = p.heads / p.headsKV;
 
-  for (var e = t; e < SC * D; e += T) {
-    let x = e % D;
-    let quad = e / D;
+  for (var e = t; e < SC * 4 * D4; e += T) {
+    let x = e % (4 * D4);
+    let quad = e / (4 * D4);
     var kv = vec4<f32>(0.0);
-    for (var c = 0; c < 4; c++) {
-      let j = j0 + quad * 4 + c;
-      if (j < p.seqK) {
-        kv[c] = k[((b * p.seqK + j) * p.headsKV + hk) * D + x];
+    if (x < D) {
+      for (var c = 0; c < 4; c++) {
+        let j = j0 + quad * 4 + c;
+        if (j < p.seqK) { kv[c] = k[((b * p.seqK + j) * p.headsKV + hk) * D + x]; }
       }
     }
     kT[x * SC + quad] = kv;
   }
-  for (var e = t; e < SC * DV; e += T) {
-    let x = e % DV;
-    let quad = e / DV;
+  for (var e = t; e < SC * 4 * DV4; e += T) {
+    let x = e % (4 * DV4);
+    let quad = e / (4 * DV4);
     var vv = vec4<f32>(0.0);
-    for (var c = 0; c < 4; c++) {
-      let j = j0 + quad * 4 + c;
-      if (j < p.seqK) {
-        vv[c] = v[((b * p.seqK + j) * p.headsKV + hk) * DV + x];
+    if (x < DV) {
+      for (var c = 0; c < 4; c++) {
+        let j = j0 + quad * 4 + c;
+        if (j < p.seqK) { vv[c] = v[((b * p.seqK + j) * p.headsKV + hk) * DV + x]; }
       }
     }
     vT[x * SC + quad] = vv;
   }
 
-  var dkAcc: array<vec4<f32>, ${nd}>;
-  var dvAcc: array<vec4<f32>, ${ndv}>;
-  for (var n = 0; n < ${nd}; n++) { dkAcc[n] = vec4<f32>(0.0); }
-  for (var n = 0; n < ${ndv}; n++) { dvAcc[n] = vec4<f32>(0.0); }
+  // dkAcc[c * ND + n]: key (4 * kq + c), dims 4 * (kx + n * XT) + 0..3.
+  var dkAcc: array<vec4<f32>, ${4 * nd}>;
+  var dvAcc: array<vec4<f32>, ${4 * ndv}>;
+  for (var n = 0; n < ${4 * nd}; n++) { dkAcc[n] = vec4<f32>(0.0); }
+  for (var n = 0; n < ${4 * ndv}; n++) { dvAcc[n] = vec4<f32>(0.0); }
 
   // Query rows that can see some key of this block.
   let off = p.seqK - p.seqQ;
@@ -139,11 +137,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   if (p.windowRight >= 0) { iLo = max(0, j0 - off - p.windowRight); }
   var iHi = p.seqQ - 1;
   if (p.windowLeft >= 0) { iHi = min(p.seqQ - 1, jLast - off + p.windowLeft); }
-
-  let tc = t % SC;           // S phase: key quad
-  let tr = t / SC;           // S phase: row group
-  let sActive = tr * MR < BR;
-  let kx = t % XT;           // accumulation: first dim
+${sPhaseWGSL(s)}
+  let kx = t % XT;           // accumulation: first dim quad
   let kq = t / XT;           // accumulation: key quad
 
   for (var g = 0; g < groups; g++) {
@@ -151,22 +146,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
     let sp = gradScoreParams(b, h);
     for (var i0 = iLo; i0 <= iHi; i0 += BR) {
       workgroupBarrier();
-      for (var e = t; e < BR * D; e += T) {
-        let r = e / D;
-        let x = e % D;
-        let i = i0 + r;
-        var val = 0.0;
-        if (i < p.seqQ) { val = q[((b * p.seqQ + i) * p.heads + h) * D + x]; }
-        qS[r * DP + x] = val;
-      }
-      for (var e = t; e < BR * DV; e += T) {
-        let r = e / DV;
-        let x = e % DV;
-        let i = i0 + r;
-        var val = 0.0;
-        if (i < p.seqQ) { val = dy[((b * p.seqQ + i) * p.heads + h) * DV + x]; }
-        doS[r * DVP + x] = val;
-      }
+      ${loadRowsWGSL('q', 'qS', d, d4, d4 + 1, 'BR', 'p.seqQ', 'p.heads', 'i0', 'h')}
+      ${loadRowsWGSL('dy', 'doS', dv, dv4, dv4 + 1, 'BR', 'p.seqQ', 'p.heads', 'i0', 'h')}
       for (var r = t; r < BR; r += T) {
         let i = i0 + r;
         var st = vec2<f32>(0.0);
@@ -184,22 +165,38 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
           s[m] = vec4<f32>(0.0);
           dp[m] = vec4<f32>(0.0);
         }
-        for (var x = 0; x < D; x++) {
-          let kv = kT[x * SC + tc];
+        for (var xq = 0; xq < D4; xq++) {
+          let k0 = kT[(xq * 4) * SC + sQuad];
+          let k1 = kT[(xq * 4 + 1) * SC + sQuad];
+          let k2 = kT[(xq * 4 + 2) * SC + sQuad];
+          let k3 = kT[(xq * 4 + 3) * SC + sQuad];
           for (var m = 0; m < MR; m++) {
-            s[m] += qS[(tr * MR + m) * DP + x] * kv;
+            let qv = qS[(sRow + m) * ${d4 + 1} + xq];
+            // Dims in order, as the forward sums them (so that the recomputed
+          // scores match the forward's bits as closely as possible).
+          s[m] += qv.x * k0;
+          s[m] += qv.y * k1;
+          s[m] += qv.z * k2;
+          s[m] += qv.w * k3;
           }
         }
-        for (var x = 0; x < DV; x++) {
-          let vv = vT[x * SC + tc];
+        for (var xq = 0; xq < DV4; xq++) {
+          let v0 = vT[(xq * 4) * SC + sQuad];
+          let v1 = vT[(xq * 4 + 1) * SC + sQuad];
+          let v2 = vT[(xq * 4 + 2) * SC + sQuad];
+          let v3 = vT[(xq * 4 + 3) * SC + sQuad];
           for (var m = 0; m < MR; m++) {
-            dp[m] += doS[(tr * MR + m) * DVP + x] * vv;
+            let ov = doS[(sRow + m) * ${dv4 + 1} + xq];
+            dp[m] += ov.x * v0;
+          dp[m] += ov.y * v1;
+          dp[m] += ov.z * v2;
+          dp[m] += ov.w * v3;
           }
         }
         for (var m = 0; m < MR; m++) {
-          let r = tr * MR + m;
+          let r = sRow + m;
           let i = i0 + r;
-          let jq = j0 + tc * 4;
+          let jq = j0 + sQuad * 4;
           ${f.dropout ? 'let keep = gradKeep4(b, h, i, jq);' : 'let keep = vec4<f32>(1.0);'}
           var pv = vec4<f32>(0.0);
           var dsv = vec4<f32>(0.0);
@@ -212,7 +209,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
               dsv[c] = prob * (dp[m][c] * keep[c] - deltaS[r]) * sc.y * p.scale;
             }
           }
-          pS[r * SC + tc] = pv;
+          pS[r * SC + sQuad] = pv;
           ds[m] = dsv;
         }
       }
@@ -220,44 +217,56 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
       for (var r = 0; r < BR; r++) {
         let pv = pS[r * SC + kq];
         for (var n = 0; n < ${ndv}; n++) {
-          let x = kx + n * XT;
-          if (${guard(dv, 'DV')}) {
-            dvAcc[n] += pv * doS[r * DVP + x];
+          let xq = kx + n * XT;
+          if (${dv4 % xt === 0 ? 'true' : 'xq < DV4'}) {
+            let ov = doS[r * ${dv4 + 1} + xq];
+            dvAcc[n] += pv.x * ov;
+            dvAcc[${ndv} + n] += pv.y * ov;
+            dvAcc[${2 * ndv} + n] += pv.z * ov;
+            dvAcc[${3 * ndv} + n] += pv.w * ov;
           }
         }
       }
       workgroupBarrier();
       if (sActive) {
         for (var m = 0; m < MR; m++) {
-          pS[(tr * MR + m) * SC + tc] = ds[m];
+          pS[(sRow + m) * SC + sQuad] = ds[m];
         }
       }
       workgroupBarrier();
       for (var r = 0; r < BR; r++) {
         let dsv = pS[r * SC + kq];
         for (var n = 0; n < ${nd}; n++) {
-          let x = kx + n * XT;
-          if (${guard(d, 'D')}) {
-            dkAcc[n] += dsv * qS[r * DP + x];
+          let xq = kx + n * XT;
+          if (${d4 % xt === 0 ? 'true' : 'xq < D4'}) {
+            let qv = qS[r * ${d4 + 1} + xq];
+            dkAcc[n] += dsv.x * qv;
+            dkAcc[${nd} + n] += dsv.y * qv;
+            dkAcc[${2 * nd} + n] += dsv.z * qv;
+            dkAcc[${3 * nd} + n] += dsv.w * qv;
           }
         }
       }
     }
   }
 
-  if (kq < SC) {
-    for (var c = 0; c < 4; c++) {
-      let j = j0 + kq * 4 + c;
-      if (j < p.seqK) {
-        let kBase = ((b * p.seqK + j) * p.headsKV + hk) * D;
-        for (var n = 0; n < ${nd}; n++) {
-          let x = kx + n * XT;
-          if (x < D) { dk[kBase + x] = dkAcc[n][c]; }
+  for (var c = 0; c < 4; c++) {
+    let j = j0 + kq * 4 + c;
+    if (j < p.seqK) {
+      let kBase = ((b * p.seqK + j) * p.headsKV + hk) * D;
+      for (var n = 0; n < ${nd}; n++) {
+        let acc = dkAcc[c * ${nd} + n];
+        for (var e = 0; e < 4; e++) {
+          let x = (kx + n * XT) * 4 + e;
+          if (x < D) { dk[kBase + x] = acc[e]; }
         }
-        let vBase = ((b * p.seqK + j) * p.headsKV + hk) * DV;
-        for (var n = 0; n < ${ndv}; n++) {
-          let x = kx + n * XT;
-          if (x < DV) { dv[vBase + x] = dvAcc[n][c]; }
+      }
+      let vBase = ((b * p.seqK + j) * p.headsKV + hk) * DV;
+      for (var n = 0; n < ${ndv}; n++) {
+        let acc = dvAcc[c * ${ndv} + n];
+        for (var e = 0; e < 4; e++) {
+          let x = (kx + n * XT) * 4 + e;
+          if (x < DV) { dv[vBase + x] = acc[e]; }
         }
       }
     }

@@ -11,7 +11,7 @@
  * Rows that see no key get dQ = 0.
  */
 import type {OwnPipelineSpec} from './own_pipeline';
-import {featureKey, GradFeatures, gradCommonWGSL, paramsWGSL} from './flash_attention_grad_wgsl';
+import {featureKey, GradFeatures, gradCommonWGSL, loadRowsWGSL, paramsWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
 
 export interface DqTiles {
   /** Query rows per workgroup. */
@@ -31,8 +31,10 @@ function kStride(sc: number): number {
 
 export function dqStorageBytes(t: DqTiles, d: number, dv: number): number {
   const sc = t.bc / 4;
-  return 4 * (t.br * (d + 1) + t.br * (dv + 1) + 4 * d * kStride(sc) + 4 * dv * sc +
-              t.br * t.bc + 2 * t.br);
+  const d4 = Math.ceil(d / 4);
+  const dv4 = Math.ceil(dv / 4);
+  return 16 * (t.br * (d4 + 1 + dv4 + 1) + 4 * d4 * kStride(sc) + 4 * dv4 * sc + t.br * sc) +
+      8 * t.br;
 }
 
 /** Rows per thread in the dQ accumulation. */
@@ -41,13 +43,8 @@ function rowsPerThread(t: DqTiles): number {
 }
 
 export function dqTilesValid(t: DqTiles): boolean {
-  const sc = t.bc / 4;
-  if (t.bc % 4 !== 0 || t.threads % sc !== 0) {
-    return false;
-  }
-  const sr = Math.min(t.br, t.threads / sc);
   const qt = t.br / rowsPerThread(t);
-  return t.br % sr === 0 && Number.isInteger(qt) && t.threads % qt === 0;
+  return sPhaseValid(t.bc, t.br, t.threads) && Number.isInteger(qt) && t.threads % qt === 0;
 }
 
 export class FlashAttentionGradDqProgram implements OwnPipelineSpec {
@@ -59,9 +56,10 @@ export class FlashAttentionGradDqProgram implements OwnPipelineSpec {
 
   constructor(d: number, dv: number, tiles: DqTiles, f: GradFeatures) {
     const {bc, br, threads} = tiles;
-    const sc = bc / 4;
-    const sr = Math.min(br, threads / sc);
-    const mr = br / sr;
+    const s = sPhase(bc, br, threads);
+    const d4 = Math.ceil(d / 4);
+    const dv4 = Math.ceil(dv / 4);
+    const kst = kStride(s.sc);
     const nr = rowsPerThread(tiles);
     const qt = br / nr;           // accumulation: row groups
     const xt = threads / qt;      // accumulation: dim stride
@@ -81,25 +79,26 @@ ${f.alibi ? '@group(0) @binding(5) var<storage, read> slopes: array<f32>;' : ''}
 ${gradCommonWGSL(f)}
 const D = ${d};
 const DV = ${dv};
-const DP = ${d + 1};
-const DVP = ${dv + 1};
+const D4 = ${d4};
+const DV4 = ${dv4};
 const BC = ${bc};
 const BR = ${br};
 const T = ${threads};
-const SC = ${sc};
-const MR = ${mr};
+const SC = ${s.sc};
+const MR = ${s.mr};
 const NR = ${nr};
 const XT = ${xt};
-const KST = ${kStride(sc)};
+const KST = ${kst};
 
-// Query-side rows, padded by one so that rows fall in different banks.
-var<workgroup> qS: array<f32, ${br * (d + 1)}>;
-var<workgroup> doS: array<f32, ${br * (dv + 1)}>;
+// Query-side rows as dim quads, one vec4 of padding per row so that the
+// rows a warp reads fall in different banks.
+var<workgroup> qS: array<vec4<f32>, ${br * (d4 + 1)}>;
+var<workgroup> doS: array<vec4<f32>, ${br * (dv4 + 1)}>;
 // K and V transposed, four keys per vec4: kT[x * KST + quad]; K serves
 // both S = Q K^T (a key quad per load) and dQ += dS K (dot of 4 keys).
-var<workgroup> kT: array<vec4<f32>, ${d * kStride(sc)}>;
-var<workgroup> vT: array<vec4<f32>, ${dv * sc}>;
-var<workgroup> pS: array<vec4<f32>, ${br * sc}>;
+var<workgroup> kT: array<vec4<f32>, ${4 * d4 * kst}>;
+var<workgroup> vT: array<vec4<f32>, ${4 * dv4 * s.sc}>;
+var<workgroup> pS: array<vec4<f32>, ${br * s.sc}>;
 var<workgroup> lseS: array<f32, BR>;
 var<workgroup> deltaS: array<f32, BR>;
 
@@ -112,23 +111,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   let h = i32(wg.y) % p.heads;
   let hk = h / (p.heads / p.headsKV);
   let sp = gradScoreParams(b, h);
-
-  for (var e = t; e < BR * D; e += T) {
-    let r = e / D;
-    let x = e % D;
-    let i = i0 + r;
-    var val = 0.0;
-    if (i < p.seqQ) { val = q[((b * p.seqQ + i) * p.heads + h) * D + x]; }
-    qS[r * DP + x] = val;
-  }
-  for (var e = t; e < BR * DV; e += T) {
-    let r = e / DV;
-    let x = e % DV;
-    let i = i0 + r;
-    var val = 0.0;
-    if (i < p.seqQ) { val = dy[((b * p.seqQ + i) * p.heads + h) * DV + x]; }
-    doS[r * DVP + x] = val;
-  }
+  ${loadRowsWGSL('q', 'qS', d, d4, d4 + 1, 'BR', 'p.seqQ', 'p.heads', 'i0', 'h')}
+  ${loadRowsWGSL('dy', 'doS', dv, dv4, dv4 + 1, 'BR', 'p.seqQ', 'p.heads', 'i0', 'h')}
   for (var r = t; r < BR; r += T) {
     let i = i0 + r;
     var st = vec2<f32>(0.0);
@@ -151,32 +135,33 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   var jHi = p.seqK - 1;
   if (p.windowRight >= 0) { jHi = min(p.seqK - 1, iLast + off + p.windowRight); }
   jLo = (jLo / BC) * BC;
-
-  let tc = t % SC;
-  let tr = t / SC;
-  let sActive = tr * MR < BR;
+${sPhaseWGSL(s)}
   let qx = t % XT;
   let qr = t / XT;
 
   for (var j0 = jLo; j0 <= jHi; j0 += BC) {
     workgroupBarrier();
-    for (var e = t; e < SC * D; e += T) {
-      let x = e % D;
-      let quad = e / D;
+    for (var e = t; e < SC * 4 * D4; e += T) {
+      let x = e % (4 * D4);
+      let quad = e / (4 * D4);
       var kv = vec4<f32>(0.0);
-      for (var c = 0; c < 4; c++) {
-        let j = j0 + quad * 4 + c;
-        if (j < p.seqK) { kv[c] = k[((b * p.seqK + j) * p.headsKV + hk) * D + x]; }
+      if (x < D) {
+        for (var c = 0; c < 4; c++) {
+          let j = j0 + quad * 4 + c;
+          if (j < p.seqK) { kv[c] = k[((b * p.seqK + j) * p.headsKV + hk) * D + x]; }
+        }
       }
       kT[x * KST + quad] = kv;
     }
-    for (var e = t; e < SC * DV; e += T) {
-      let x = e % DV;
-      let quad = e / DV;
+    for (var e = t; e < SC * 4 * DV4; e += T) {
+      let x = e % (4 * DV4);
+      let quad = e / (4 * DV4);
       var vv = vec4<f32>(0.0);
-      for (var c = 0; c < 4; c++) {
-        let j = j0 + quad * 4 + c;
-        if (j < p.seqK) { vv[c] = v[((b * p.seqK + j) * p.headsKV + hk) * DV + x]; }
+      if (x < DV) {
+        for (var c = 0; c < 4; c++) {
+          let j = j0 + quad * 4 + c;
+          if (j < p.seqK) { vv[c] = v[((b * p.seqK + j) * p.headsKV + hk) * DV + x]; }
+        }
       }
       vT[x * SC + quad] = vv;
     }
@@ -189,23 +174,38 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
         s[m] = vec4<f32>(0.0);
         dp[m] = vec4<f32>(0.0);
       }
-      let c0 = tc * 4;
-      for (var x = 0; x < D; x++) {
-        let kv = kT[x * KST + tc];
+      for (var xq = 0; xq < D4; xq++) {
+        let k0 = kT[(xq * 4) * KST + sQuad];
+        let k1 = kT[(xq * 4 + 1) * KST + sQuad];
+        let k2 = kT[(xq * 4 + 2) * KST + sQuad];
+        let k3 = kT[(xq * 4 + 3) * KST + sQuad];
         for (var m = 0; m < MR; m++) {
-          s[m] += qS[(tr * MR + m) * DP + x] * kv;
+          let qv = qS[(sRow + m) * ${d4 + 1} + xq];
+          // Dims in order, as the forward sums them (so that the recomputed
+          // scores match the forward's bits as closely as possible).
+          s[m] += qv.x * k0;
+          s[m] += qv.y * k1;
+          s[m] += qv.z * k2;
+          s[m] += qv.w * k3;
         }
       }
-      for (var x = 0; x < DV; x++) {
-        let vv = vT[x * SC + tc];
+      for (var xq = 0; xq < DV4; xq++) {
+        let v0 = vT[(xq * 4) * SC + sQuad];
+        let v1 = vT[(xq * 4 + 1) * SC + sQuad];
+        let v2 = vT[(xq * 4 + 2) * SC + sQuad];
+        let v3 = vT[(xq * 4 + 3) * SC + sQuad];
         for (var m = 0; m < MR; m++) {
-          dp[m] += doS[(tr * MR + m) * DVP + x] * vv;
+          let ov = doS[(sRow + m) * ${dv4 + 1} + xq];
+          dp[m] += ov.x * v0;
+          dp[m] += ov.y * v1;
+          dp[m] += ov.z * v2;
+          dp[m] += ov.w * v3;
         }
       }
       for (var m = 0; m < MR; m++) {
-        let r = tr * MR + m;
+        let r = sRow + m;
         let i = i0 + r;
-        let jq = j0 + c0;
+        let jq = j0 + sQuad * 4;
         ${f.dropout ? 'let keep = gradKeep4(b, h, i, jq);' : 'let keep = vec4<f32>(1.0);'}
         var dsv = vec4<f32>(0.0);
         for (var c = 0; c < 4; c++) {
@@ -216,7 +216,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
             dsv[c] = prob * (dp[m][c] * keep[c] - deltaS[r]) * sc.y * p.scale;
           }
         }
-        pS[r * SC + tc] = dsv;
+        pS[r * SC + sQuad] = dsv;
       }
     }
     workgroupBarrier();

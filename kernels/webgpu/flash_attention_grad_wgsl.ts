@@ -86,3 +86,70 @@ fn gradKeep4(b: i32, h: i32, i: i32, j0: i32) -> vec4<f32> {
 }` : ''}
 `;
 }
+
+/**
+ * The S = Q K^T / dP = dO V^T phase's thread layout, shared by both passes:
+ * BC/4 key quads (SC) times SR row groups of MR rows. A warp covers at most
+ * 8 quads and so several row groups: its K loads are at most 128 bytes
+ * wide (one shared-memory wavefront) and its Q loads touch a few rows.
+ */
+export interface SPhase {
+  sc: number;
+  sr: number;
+  mr: number;
+  /** Quads per group of adjacent threads. */
+  wq: number;
+}
+
+export function sPhase(bc: number, br: number, threads: number): SPhase {
+  const sc = bc / 4;
+  const sr = Math.min(br, Math.floor(threads / sc));
+  return {sc, sr, mr: br / sr, wq: Math.min(sc, 8)};
+}
+
+/** Do the S phase's divisions come out even? */
+export function sPhaseValid(bc: number, br: number, threads: number): boolean {
+  if (bc % 4 !== 0 || bc < 4) {
+    return false;
+  }
+  const s = sPhase(bc, br, threads);
+  return s.sr >= 1 && Number.isInteger(s.mr) && s.sc % s.wq === 0;
+}
+
+/**
+ * WGSL: `let sQuad`, `let sRow` (first of MR rows) and `let sActive` for
+ * invocation `t`.
+ */
+export function sPhaseWGSL(s: SPhase): string {
+  return `
+  let sLane = t % ${s.wq};
+  let sRest = t / ${s.wq};
+  let sQuad = (sRest / ${s.sr}) * ${s.wq} + sLane;
+  let sRow = (sRest % ${s.sr}) * ${s.mr};
+  let sActive = t < ${s.sc * s.sr};`;
+}
+
+/**
+ * WGSL loading rows [row0, row0 + rows) of head `head` of a [B, S, H, W]
+ * tensor into workgroup vec4 rows `dst[r * stride + xq]` (zero beyond S
+ * and W). Uses `t`, `T` and `b`.
+ */
+export function loadRowsWGSL(
+    src: string, dst: string, w: number, w4: number, stride: number, rows: string,
+    seq: string, heads: string, row0: string, head: string): string {
+  return `
+    for (var e = t; e < ${rows} * ${w4}; e += T) {
+      let r = e / ${w4};
+      let xq = e % ${w4};
+      let i = ${row0} + r;
+      var val = vec4<f32>(0.0);
+      if (i < ${seq}) {
+        let base = ((b * ${seq} + i) * ${heads} + ${head}) * ${w} + xq * 4;
+        ${w % 4 === 0 ? `val = vec4<f32>(${src}[base], ${src}[base + 1], ${src}[base + 2], ${src}[base + 3]);` : `
+        for (var c = 0; c < 4; c++) {
+          if (xq * 4 + c < ${w}) { val[c] = ${src}[base + c]; }
+        }`}
+      }
+      ${dst}[r * ${stride} + xq] = val;
+    }`;
+}
