@@ -102,6 +102,8 @@ export function scoreKey(o: ScoreOptions): string {
  *   fn fa_tanh(x: f32) -> f32                    // overflow-free tanh
  *   fn fa_visible(i: i32, j: i32, p: FaScore) -> bool
  *       key j < seqK and inside the window of query i
+ *   fn fa_visible4(i: i32, j: vec4<i32>, p: FaScore) -> vec4<bool>
+ *       the same for 4 keys, without branches
  *   fn fa_score(qk: f32, i: i32, j: i32, p: FaScore) -> f32
  *       the final score of a visible key (qk = q . k, unscaled)
  *   fn fa_capped(qk: f32, p: FaScore) -> f32
@@ -135,6 +137,16 @@ fn fa_visible(i: i32, j: i32, p: FaScore) -> bool {
   let d = i + p.diag;
   ${o.windowLeft ? 'ok = ok && j >= d - p.left;' : ''}
   ${o.windowRight ? 'ok = ok && j <= d + p.right;' : ''}
+  return ok;
+}
+
+// Four keys at once, branch-free (software rasterizers compile the
+// short-circuit form of many unrolled masks very slowly).
+fn fa_visible4(i: i32, j: vec4<i32>, p: FaScore) -> vec4<bool> {
+  var ok = (j >= vec4<i32>(0)) & (j < vec4<i32>(p.seqK));
+  let d = i + p.diag;
+  ${o.windowLeft ? 'ok = ok & (j >= vec4<i32>(d - p.left));' : ''}
+  ${o.windowRight ? 'ok = ok & (j <= vec4<i32>(d + p.right));' : ''}
   return ok;
 }
 
