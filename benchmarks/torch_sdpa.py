@@ -47,6 +47,7 @@ def main():
     p.add_argument('--batch', type=int, default=1)
     p.add_argument('--heads', type=int, default=16)
     p.add_argument('--out', default='torch.json')
+    p.add_argument('--budget-ms', type=float, default=400.0)
     a = p.parse_args()
     causals = [True, False] if a.causal == 'both' else [a.causal == 'true']
     dev = torch.device('cuda')
@@ -70,7 +71,7 @@ def main():
                                 def fn():
                                     out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
                                     torch.autograd.grad(out, (q, k, v), dy)
-                            ms, reps = median_ms(fn)
+                            ms, reps = median_ms(fn, a.budget_ms)
                         row['ms'] = ms
                         row['reps'] = reps
                         fl = 4 * a.batch * s * s * a.heads * d / (2 if causal else 1)
