@@ -102,7 +102,7 @@ describeWebGPU('fused WebGPU backward [webgpu]', () => {
     const h100 = {...swiftShader, maxComputeWorkgroupStorageSize: 49152, maxComputeInvocationsPerWorkgroup: 1024,
                   maxComputeWorkgroupSizeX: 1024};
     expect(chooseGradTiles(64, 64, h100)).toEqual(
-        {dkdv: {bc: 64, br: 16, threads: 256}, dq: {br: 64, bc: 16, threads: 256}});
+        {dkdv: {bc: 64, br: 16, threads: 128}, dq: {br: 64, bc: 16, threads: 128}});
     expect(chooseGradTiles(64, 64, swiftShader)!.dkdv.bc).toBe(32);
     expect(chooseGradTiles(256, 256, swiftShader)).not.toBeNull();
     expect(chooseGradTiles(256, 256, {...swiftShader, maxComputeWorkgroupStorageSize: 4096}))
