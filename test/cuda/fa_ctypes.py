@@ -121,65 +121,83 @@ def philox(c0, c1, c2, c3, k0, k1):
     return c
 
 
-def keep_mask(B, H, Sq, Sk, rate, seed):
-    """[B, H, Sq, Sk] float64 multipliers: 0 or 1 / (1 - rate)."""
-    b, h, i, j = np.meshgrid(np.arange(B), np.arange(H), np.arange(Sq), np.arange(Sk),
-                             indexing='ij')
-    words = philox(j >> 2, i, h, b, seed % 2**32, seed // 2**32)
-    word = np.choose(j & 3, words)
+def keep_mask(b, h, Sq, Sk, rate, seed):
+    """[Sq, Sk] float64 multipliers of (b, h): 0 or 1 / (1 - rate)."""
+    i, j = np.meshgrid(np.arange(Sq, dtype=np.uint64), np.arange(Sk, dtype=np.uint64),
+                       indexing='ij')
+    words = philox(j >> np.uint64(2), i, np.full_like(i, h), np.full_like(i, b),
+                   seed % 2**32, seed // 2**32)
+    word = np.choose((j & np.uint64(3)).astype(np.int64), words)
     threshold = min(math.floor(rate * 2**32), 2**32 - 1)
-    keep = np.where(word >= threshold, 1 / (1 - rate), 0.0)
-    return torch.from_numpy(keep)
+    return np.where(word >= np.uint64(threshold), 1 / (1 - rate), 0.0)
 
 
 def reference(q, k, v, opts, dout=None, dlse=None):
-    """float64 forward (out, lse) and, given dout/dlse, gradients (dq, dk, dv).
-
-    Written from DESIGN.md section 2: scale, softcap, ALiBi, mask, softmax,
-    dropout after the LSE; rows that see no key give 0 and lse -inf.
+    """float64 forward (out, lse) and, given dout/dlse, gradients (dq, dk, dv),
+    as numpy arrays. Written from DESIGN.md section 2 (the formulas of
+    test/oracle.ts, vectorised per (batch, head)): scale, softcap, ALiBi,
+    mask, softmax, dropout after the LSE; rows that see no key give 0 and
+    lse -inf, and take no gradient through dlse.
     """
-    dev = q.device
-    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    as_np = lambda t: None if t is None else (
+        t.detach().double().cpu().numpy() if hasattr(t, 'detach') else np.asarray(t, np.float64))
+    q, k, v, dout, dlse = (as_np(t) for t in (q, k, v, dout, dlse))
+    slopes = as_np(opts.get('alibi'))
     B, Sq, H, D = q.shape
     _, Sk, Hk, Dv = v.shape
     rep = H // Hk
-    qh = q64.permute(0, 2, 1, 3)
-    kh = k64.permute(0, 2, 1, 3).repeat_interleave(rep, dim=1)
-    vh = v64.permute(0, 2, 1, 3).repeat_interleave(rep, dim=1)
     scale = opts.get('scale', 1 / math.sqrt(D))
-    s = scale * (qh @ kh.transpose(-1, -2))
     cap = opts.get('softcap', 0.0)
-    if cap > 0:
-        s = cap * torch.tanh(s / cap)
-    i = torch.arange(Sq, device=dev).view(Sq, 1)
-    j = torch.arange(Sk, device=dev).view(1, Sk)
-    diag = i + Sk - Sq
-    slopes = opts.get('alibi')
-    if slopes is not None:
-        sl = slopes.double().view(1, H, 1, 1) if slopes.dim() == 1 else slopes.double().view(B, H, 1, 1)
-        s = s - sl * (diag - j).abs().double()
+    rate = opts.get('dropout', 0.0)
     left, right = opts.get('window', (-1, -1))
     if opts.get('causal'):
         right = 0
-    vis = torch.ones(Sq, Sk, dtype=torch.bool, device=dev)
+    i = np.arange(Sq).reshape(Sq, 1)
+    j = np.arange(Sk).reshape(1, Sk)
+    diag = i + Sk - Sq
+    vis = np.ones((Sq, Sk), dtype=bool)
     if left >= 0:
         vis &= j >= diag - left
     if right >= 0:
         vis &= j <= diag + right
-    empty = ~vis.any(dim=1)  # [Sq]
-    # Rows that see nothing: finite placeholder scores so autograd stays finite.
-    s_masked = torch.where(vis, s, torch.full_like(s, -math.inf))
-    s_masked = torch.where(empty.view(Sq, 1), torch.zeros_like(s), s_masked)
-    lse_all = torch.logsumexp(s_masked, dim=-1)
-    p = torch.exp(s_masked - lse_all.unsqueeze(-1)) * vis
-    rate = opts.get('dropout', 0.0)
-    if rate > 0:
-        p = p * keep_mask(B, H, Sq, Sk, rate, opts.get('seed', 0)).to(dev)
-    out = (p @ vh).permute(0, 2, 1, 3)
-    lse = torch.where(empty.view(1, 1, Sq), torch.full_like(lse_all, -math.inf), lse_all)
-    if dout is None:
-        return out.detach(), lse.detach()
-    dlse_masked = torch.where(empty.view(1, 1, Sq), torch.zeros_like(lse_all), dlse.double())
-    loss = (out * dout.double()).sum() + (lse_all * dlse_masked).sum()
-    dq, dk, dv = torch.autograd.grad(loss, (q64, k64, v64))
-    return out.detach(), lse.detach(), (dq, dk, dv)
+    empty = ~vis.any(axis=1)
+    out = np.zeros((B, Sq, H, Dv))
+    lse = np.zeros((B, H, Sq))
+    grads = (np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)) if dout is not None else None
+    for b in range(B):
+        for h in range(H):
+            hk = h // rep
+            qb, kb, vb = q[b, :, h], k[b, :, hk], v[b, :, hk]
+            s = scale * (qb @ kb.T)
+            th = None
+            if cap > 0:
+                th = np.tanh(s / cap)
+                s = cap * th
+            if slopes is not None:
+                slope = slopes[h] if slopes.ndim == 1 else slopes[b, h]
+                s = s - slope * np.abs(diag - j)
+            t = np.where(vis, s, -np.inf)
+            m = np.where(empty, 0.0, t.max(axis=1))
+            l = np.exp(t - m[:, None]).sum(axis=1)
+            with np.errstate(divide='ignore'):
+                row_lse = np.where(empty, -np.inf, m + np.log(np.where(empty, 1.0, l)))
+            lse[b, h] = row_lse
+            p = np.where(vis, np.exp(t - np.where(empty, 0.0, row_lse)[:, None]), 0.0)
+            keep = keep_mask(b, h, Sq, Sk, rate, opts.get('seed', 0)) if rate > 0 else 1.0
+            out[b, :, h] = (p * keep) @ vb
+            if grads is None:
+                continue
+            do = dout[b, :, h]
+            dp = (do @ vb.T) * keep
+            weighted = (p * dp).sum(axis=1, keepdims=True)
+            dl = np.where(empty, 0.0, dlse[b, h])[:, None]
+            dt = p * (dp - weighted + dl)
+            if th is not None:
+                dt = dt * (1 - th * th)
+            draw = dt * scale
+            grads[0][b, :, h] += draw @ kb
+            grads[1][b, :, hk] += draw.T @ qb
+            grads[2][b, :, hk] += (p * keep).T @ do
+    if grads is None:
+        return out, lse
+    return out, lse, grads
