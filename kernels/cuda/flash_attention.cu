@@ -917,4 +917,17 @@ fa_status fa_backward(const fa_params* p, const float* dout, const float* dlse, 
   }
 }
 
+fa_status fa_use_device_of(const void* device_ptr) {
+  cudaPointerAttributes attrs;
+  cudaError_t e = cudaPointerGetAttributes(&attrs, device_ptr);
+  if (e != cudaSuccess) return kCudaError + static_cast<int>(e);
+  if (attrs.type != cudaMemoryTypeDevice && attrs.type != cudaMemoryTypeManaged) {
+    return kCudaError + static_cast<int>(cudaErrorInvalidDevicePointer);
+  }
+  e = cudaSetDevice(attrs.device);
+  return e == cudaSuccess ? kOk : kCudaError + static_cast<int>(e);
+}
+
+void* fa_legacy_stream(void) { return static_cast<void*>(cudaStreamLegacy); }
+
 }  // extern "C"

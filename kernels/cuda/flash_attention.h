@@ -57,6 +57,15 @@ fa_status fa_backward(const fa_params* p, const float* dout,
                       const float* alibi, float* dq, float* dk, float* dv,
                       void* workspace, void* stream);
 
+/*
+ * Makes the device that holds `device_ptr` current on the calling thread
+ * (framework glue calls this before fa_forward / fa_backward).
+ */
+fa_status fa_use_device_of(const void* device_ptr);
+
+/* cudaStreamLegacy: the legacy default stream, as a `stream` argument. */
+void* fa_legacy_stream(void);
+
 #ifdef __cplusplus
 }
 #endif
