@@ -18,6 +18,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include <cmath>
 #include <map>
 #include <string>
 #include <vector>
@@ -306,6 +307,9 @@ static std::string shape_json(const TF_Tensor* t) {
   return s + "]";
 }
 
+// A JSON number; NaN (an element never written) as null.
+static std::string num(float x) { return std::isnan(x) ? "null" : std::to_string(x); }
+
 static std::string escape(const std::string& s) {
   std::string out;
   for (char c : s) {
@@ -340,8 +344,8 @@ static void scenario(const char* name, const std::string& op, std::map<std::stri
   for (size_t i = 0; i < ctx.outputs.size(); ++i) {
     const TF_Tensor* t = ctx.outputs[i];
     outs += (i ? "," : "");
-    outs += t ? "{\"shape\":" + shape_json(t) + ",\"first\":" + std::to_string(t->data[0]) +
-                    ",\"last\":" + std::to_string(t->data.back()) + "}"
+    outs += t ? "{\"shape\":" + shape_json(t) + ",\"first\":" + num(t->data[0]) +
+                    ",\"last\":" + num(t->data.back()) + "}"
               : "null";
   }
   outs += "]";
