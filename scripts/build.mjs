@@ -24,6 +24,9 @@ const dist = join(root, 'dist');
 const ENTRIES = [
   {name: 'index', source: 'src/index.ts', umdName: 'tfjs-flash-attention',
    umdGlobal: 'tfFlashAttention'},
+  // Node only (tfjs-node-gpu): no UMD; imports the core package by name
+  // (external) so it registers into the same kernel registry.
+  {name: 'tensorflow', source: 'kernels/tensorflow/index.ts', nodeOnly: true},
 ].filter(e => existsSync(join(root, e.source)));
 
 /** tfjs packages are peers: never bundled, and `tf` in a page. */
@@ -76,6 +79,14 @@ async function build() {
   mkdirSync(dist, {recursive: true});
   for (const entry of ENTRIES) {
     const entryPoints = [join(root, entry.source)];
+    if (entry.nodeOnly) {
+      const node = {...common, platform: 'node', external: [...EXTERNALS, 'tfjs-flash-attention']};
+      await esbuild.build({...node, entryPoints, format: 'esm',
+                           outfile: join(dist, `${entry.name}.mjs`)});
+      await esbuild.build({...node, entryPoints, format: 'cjs',
+                           outfile: join(dist, `${entry.name}.cjs`)});
+      continue;
+    }
     await esbuild.build({...common, entryPoints, format: 'esm',
                          outfile: join(dist, `${entry.name}.mjs`)});
     await esbuild.build({...common, entryPoints, format: 'cjs', platform: 'node',

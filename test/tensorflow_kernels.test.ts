@@ -30,6 +30,8 @@ import {oracleBackward, oracleForward, OracleOptions, OracleProblem} from './ora
 import {expectClose, FORWARD_BOUND, freshRng, GRADIENT_BOUND, makeProblem} from './harness/problems';
 
 const root = path.join(__dirname, '..');
+// Silences tfjs's advice to install tfjs-node.
+tf.env().set('IS_TEST', true);
 
 function hasCompiler(): boolean {
   try {
@@ -53,7 +55,8 @@ describeWithCompiler('custom-op library on a fake TensorFlow C API', () => {
     const fake = path.join(tmp, 'fake_tf');
     const lib = path.join(tmp, 'libops.so');
     execFileSync('g++', ['-std=c++17', '-O1', '-Wall', '-Werror', '-rdynamic',
-                         path.join(root, 'test/cuda/fake_tf.cc'), '-ldl', '-o', fake]);
+                         path.join(root, 'test/cuda/fake_tf.cc'),
+                         path.join(root, 'test/cuda/fake_fa.cc'), '-ldl', '-o', fake]);
     // As scripts/build-cuda.js builds it, minus the CUDA object and
     // libtensorflow: the TF_* and fa_* symbols come from the fake.
     execFileSync('g++', ['-std=c++17', '-O1', '-Wall', '-Wextra', '-Werror', '-fPIC', '-shared',

@@ -3,15 +3,19 @@
 // op library's registration and Compute code runs on a machine with neither
 // libtensorflow nor a GPU. Built by test/tensorflow_kernels.test.ts:
 //
-//   g++ -rdynamic fake_tf.cc -ldl -o fake_tf            (the "TensorFlow")
+//   g++ -rdynamic fake_tf.cc fake_fa.cc -ldl -o fake_tf  (the "TensorFlow")
 //   g++ -shared flash_attention_op.cc -o op.so          (undefined TF_*, fa_*)
 //   ./fake_tf op.so   -> JSON lines on stdout
 //
 // TF_LoadLibrary dlopens the library like TensorFlow's does; its static
 // initialiser then registers through the fake, which records everything.
 // Scenarios then build kernels and run Compute on host tensors; the fake
-// fa_forward / fa_backward record the fa_params they get and write a
-// recognisable pattern into the outputs.
+// fa_forward / fa_backward (fake_fa.cc) record the fa_params they get and
+// write a recognisable pattern into the outputs.
+//
+// With -DFAKE_TF_LIBRARY -shared it is instead a stand-in libtensorflow.so.2
+// (no scenarios), for building the real loader addon and op library with
+// scripts/build-cuda.js in test/build_cuda.test.ts.
 #include <dlfcn.h>
 #include <math.h>
 #include <stdint.h>
@@ -67,8 +71,11 @@ struct TF_ShapeInferenceContext {
 
 static std::vector<TF_OpDefinitionBuilder*> g_ops;
 static std::vector<TF_KernelBuilder*> g_kernels;
-static std::vector<std::string> g_calls;  // fa_* calls, as JSON
 static int g_live_tensors = 0;
+// Kept by the fake CUDA kernels (fake_fa.cc).
+extern std::vector<std::string> g_calls;
+extern int g_device_calls;
+extern const char* g_fail_with;
 
 extern "C" {
 
@@ -228,69 +235,9 @@ TF_Tensor* TF_AllocateTemp(TF_OpKernelContext* ctx, TF_DataType dtype, const int
   return ctx->temps.back();
 }
 
-// ------------------------------------------------ the fake CUDA kernels
-
-static std::string params_json(const fa_params* p) {
-  char buf[512];
-  snprintf(buf, sizeof(buf),
-           "{\"batch\":%d,\"seq_q\":%d,\"seq_k\":%d,\"heads\":%d,\"heads_kv\":%d,"
-           "\"head_dim\":%d,\"head_dim_v\":%d,\"softmax_scale\":%.9g,\"window_left\":%d,"
-           "\"window_right\":%d,\"softcap\":%.9g,\"dropout_rate\":%.9g,\"seed_lo\":%u,"
-           "\"seed_hi\":%u,\"alibi_kind\":%d}",
-           p->batch, p->seq_q, p->seq_k, p->heads, p->heads_kv, p->head_dim, p->head_dim_v,
-           p->softmax_scale, p->window_left, p->window_right, p->softcap, p->dropout_rate,
-           p->seed_lo, p->seed_hi, p->alibi_kind);
-  return buf;
-}
-
-static const char* g_fail_with = nullptr;  // make the next fa_* call fail
-
-const char* fa_error_string(fa_status status) {
-  return status == 0 ? "ok" : "fake kernel failure";
-}
-size_t fa_forward_workspace_size(const fa_params* p) { return 1000 + p->seq_q; }
-size_t fa_backward_workspace_size(const fa_params* p) { return 2000 + p->seq_q; }
-static int g_device_calls = 0;
-fa_status fa_use_device_of(const void* ptr) {
-  g_device_calls += ptr != nullptr;
-  return 0;
-}
-void* fa_legacy_stream(void) { return reinterpret_cast<void*>(0x1); }
-
-fa_status fa_forward(const fa_params* p, const float* q, const float* k, const float* v,
-                     const float* alibi, float* out, float* lse, void* ws, void* stream) {
-  g_calls.push_back("{\"fn\":\"fa_forward\",\"params\":" + params_json(p) +
-                    ",\"alibi\":" + (alibi ? "true" : "false") +
-                    ",\"workspace\":" + (ws ? "true" : "false") +
-                    ",\"legacy_stream\":" + (stream == reinterpret_cast<void*>(0x1) ? "true" : "false") +
-                    ",\"device_selected\":" + (g_device_calls > 0 ? "true" : "false") + "}");
-  if (g_fail_with) return 7;
-  const size_t no = static_cast<size_t>(p->batch) * p->seq_q * p->heads * p->head_dim_v;
-  for (size_t i = 0; i < no; ++i) out[i] = q[0] + k[0] + v[0];
-  for (int i = 0; i < p->batch * p->heads * p->seq_q; ++i) lse[i] = -1.5f;
-  return 0;
-}
-
-fa_status fa_backward(const fa_params* p, const float* dout, const float* dlse, const float* q,
-                      const float* k, const float* v, const float* out, const float* lse,
-                      const float* alibi, float* dq, float* dk, float* dv, void* ws,
-                      void* stream) {
-  (void)dout; (void)dlse; (void)out; (void)lse; (void)q; (void)k; (void)v;
-  g_calls.push_back("{\"fn\":\"fa_backward\",\"params\":" + params_json(p) +
-                    ",\"alibi\":" + (alibi ? "true" : "false") +
-                    ",\"workspace\":" + (ws ? "true" : "false") +
-                    ",\"legacy_stream\":" + (stream == reinterpret_cast<void*>(0x1) ? "true" : "false") + "}");
-  const size_t nq = static_cast<size_t>(p->batch) * p->seq_q * p->heads * p->head_dim;
-  const size_t nk = static_cast<size_t>(p->batch) * p->seq_k * p->heads_kv * p->head_dim;
-  const size_t nv = static_cast<size_t>(p->batch) * p->seq_k * p->heads_kv * p->head_dim_v;
-  for (size_t i = 0; i < nq; ++i) dq[i] = 1.f;
-  for (size_t i = 0; i < nk; ++i) dk[i] = 2.f;
-  for (size_t i = 0; i < nv; ++i) dv[i] = 3.f;
-  return 0;
-}
-
 }  // extern "C"
 
+#ifndef FAKE_TF_LIBRARY
 // ------------------------------------------------ scenarios
 
 static TF_Tensor* host(std::vector<int64_t> dims, float fill, TF_DataType dtype = TF_FLOAT) {
@@ -413,3 +360,4 @@ int main(int argc, char** argv) {
          g_kernels.size());
   return 0;
 }
+#endif  // FAKE_TF_LIBRARY
