@@ -298,6 +298,36 @@ describe('tensorflow-backend kernels on a stand-in of tfjs-node-gpu', () => {
     p.dispose();
   });
 
+  it('the example of docs/cuda.md runs the fused kernel', () => {
+    const doc = fs.readFileSync(path.join(root, 'docs', 'cuda.md'), 'utf8');
+    const code = /```js\n([\s\S]*?)```/.exec(doc)![1];
+    const modules: Record<string, () => unknown> = {
+      // tfjs-node-gpu's import registers its backend: here the stand-in is.
+      '@tensorflow/tfjs-node-gpu': () => tf,
+      'tfjs-flash-attention': () => require('../src'),
+      // The registration state is the one beforeAll made (library "loaded").
+      'tfjs-flash-attention/tensorflow': () => require('../kernels/tensorflow'),
+    };
+    const fakeRequire = (name: string) => {
+      if (!(name in modules)) {
+        throw new Error(`the example requires ${name}`);
+      }
+      return modules[name]();
+    };
+    const rng = freshRng();
+    const p = makeProblem({batch: 1, seqQ: 6, seqK: 6, heads: 2, headsKV: 1, headDim: 4,
+                           headDimV: 4}, rng);
+    backend.calls = [];
+    const out = new Function('require', 'q', 'k', 'v', `${code}\nreturn out;`)(
+        fakeRequire, p.q, p.k, p.v) as tf.Tensor;
+    expect(backend.calls.map(c => c.name)).toEqual([TF_FORWARD_OP]);
+    expect(require('../kernels/tensorflow').tensorflowKernels.registered).toBe(true);
+    expectClose(out.dataSync(), oracleForward(p.oracle, {causal: true}).out, FORWARD_BOUND,
+                `seed ${rng.seed}`);
+    tf.dispose(out);
+    p.dispose();
+  });
+
   it('op attrs are the normalized attrs, typed by the binding', () => {
     expect(tensorflowOpAttrs(backend, {softmaxScale: 0.5, causal: false, windowLeft: -1,
                                        windowRight: 3, softcap: 0, dropoutRate: 0, seedLo: 1,
