@@ -348,6 +348,16 @@ export class FlashMHA extends tfl.layers.Layer {
     };
     return {...super.getConfig(), ...config};
   }
+
+  /**
+   * Saved configs go through snake case and back, which turns numHeadsKV
+   * into numHeadsKv: accept that spelling when loading.
+   */
+  static override fromConfig<T extends tf.serialization.Serializable>(
+      cls: tf.serialization.SerializableConstructor<T>, config: tf.serialization.ConfigDict): T {
+    const {numHeadsKv, ...rest} = config;
+    return new cls({...rest, numHeadsKV: rest['numHeadsKV'] ?? numHeadsKv});
+  }
 }
 tf.serialization.registerClass(FlashMHA);
 

@@ -27,7 +27,8 @@ async function weightsOf(layer: FlashMHA): Promise<LayerWeights> {
 function randomizeBiases(layer: FlashMHA, rng: Rng) {
   for (const w of layer.weights) {
     if (w.originalName.endsWith('bias')) {
-      w.write(tf.tensor(Float32Array.from(randomArray(w.shape.reduce((a, b) => a * b, 1), rng, 0.5)), w.shape));
+      const shape = w.shape as number[];
+      w.write(tf.tensor(Float32Array.from(randomArray(shape.reduce((a, b) => a * b, 1), rng, 0.5)), shape));
     }
   }
 }
@@ -186,7 +187,7 @@ describeBackends('FlashMHA', () => {
     };
     const first = await lossValue();
     for (let i = 0; i < 10; i++) {
-      tf.dispose(optimizer.minimize(loss, true));
+      tf.dispose(optimizer.minimize(loss, true)!);
     }
     const last = await lossValue();
     expect(last).toBeLessThan(first);
@@ -221,7 +222,7 @@ describeBackends('FlashMHA', () => {
     const keep = tf.ones([2, 7], 'bool');
     const dy = tf.randomNormal([2, 7, E]);
     tf.dispose(layer.apply(x) as tf.Tensor);
-    const vars = layer.trainableWeights.map(w => w.read());
+    const vars = layer.trainableWeights.map(w => w.read() as tf.Variable);
     const grads = (kwargs: object) => {
       const {value, grads: g} = tf.variableGrads(() => tf.sum(tf.mul(layer.apply(x, kwargs) as tf.Tensor, dy)) as tf.Scalar,
                                           vars as tf.Variable[]);
