@@ -57,7 +57,10 @@ async function dawnGPU(): Promise<GPU|null> {
     return null;
   }
   Object.assign(globalThis, dawn.globals);
-  return dawn.create([]);
+  const gpu = dawn.create([]);
+  // tfjs-backend-webgpu checks navigator.gpu (Node's own navigator has none).
+  Object.defineProperty(globalThis, 'navigator', {value: {gpu}, configurable: true, writable: true});
+  return gpu;
 }
 
 function isSoftware(info: GPUAdapterInfo): boolean {
