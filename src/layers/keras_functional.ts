@@ -70,14 +70,14 @@ function rewriteNode(
         `tensorflowjs_converter writes it from tf.keras / tf_keras models)`);
   }
   const entries = nodeData as NodeEntry[];
+  if (entries.some(e => Array.isArray(e) && e[3]?.[KERAS_CALL_KEY] != null)) {
+    return nodeData;  // Already this package's form (a tfjs-saved model).
+  }
   if (entries.length !== 1 || !Array.isArray(entries[0])) {
     throw new Error(`${layerPrefix(layerName)}a call takes one query tensor, got ${
         describe(nodeData)}`);
   }
   const [queryLayer, queryNode, queryTensor, kwargs = {}] = entries[0];
-  if (kwargs[KERAS_CALL_KEY] != null) {
-    return nodeData;  // Already this package's form (a tfjs-saved model).
-  }
   for (const key of Object.keys(kwargs)) {
     if (!CALL_KEYS.has(key)) {
       throw new Error(`${layerPrefix(layerName)}call argument '${
