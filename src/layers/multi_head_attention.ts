@@ -152,9 +152,10 @@ export class MultiHeadAttention extends tfl.layers.Layer {
     this.biasRegularizer =
         resolveObject<Regularizer>(args.biasRegularizer, 'biasRegularizer', this.name);
     if (args.activityRegularizer != null) {
+      const given = args.activityRegularizer instanceof tf.serialization.Serializable ?
+          serializeObject(args.activityRegularizer) : args.activityRegularizer;
       throw new Error(`${layerPrefix(this.name)}activity_regularizer ${
-          describe(serializeObject(args.activityRegularizer as tf.serialization.Serializable) ??
-                   args.activityRegularizer)} is not supported (tfjs-layers cannot apply activity regularizers)`);
+          describe(given)} is not supported (tfjs-layers cannot apply activity regularizers)`);
     }
     this.kernelConstraint =
         resolveObject<Constraint>(args.kernelConstraint, 'kernelConstraint', this.name);
