@@ -420,7 +420,6 @@ export class MultiHeadAttention extends tfl.layers.Layer {
         throw new Error(`${layerPrefix(this.name)}expected ${call.inputs.length} inputs (${
             call.inputs.join(', ')}), got ${list.length}`);
       }
-      this.checkNoKerasMask(kwargs.mask);
       const get = (role: KerasCallRole) => {
         const i = call.inputs.indexOf(role);
         return i < 0 ? null : list[i];
@@ -430,23 +429,70 @@ export class MultiHeadAttention extends tfl.layers.Layer {
       if (mask == null && call.constantMask != null) {
         mask = tf.tensor(call.constantMask as number[]);
       }
+      const autoMask = this.implicitMask(kwargs.mask, list, call);
       const [out, scores] = this.attend(
-          get('query')!, get('value')!, get('key'), mask, call.useCausalMask,
-          call.returnAttentionScores, training);
+          get('query')!, get('value')!, get('key'), mask, autoMask,
+          call.useCausalMask, call.returnAttentionScores, training);
       return call.returnAttentionScores ? [out, scores!] : out;
     });
   }
 
   /**
-   * tfjs-layers passes Keras masks (Embedding's mask_zero, Masking) as
-   * `kwargs.mask`; Keras would fold the query's and value's masks into the
-   * attention mask, but tfjs-layers' executor passes only the first input's.
+   * Keras folds the masks its inputs carry (Embedding(mask_zero=True),
+   * Masking) into the attention mask: `query_mask[:, :, None] &
+   * value_mask[:, None, :]` (& the key's). tfjs-layers passes them as
+   * `kwargs.mask`: one per input from its graph runner (which computes a
+   * nested model's masks), but only the first input's from its executor
+   * (`predict`, `fit`, `apply`, `call`), which therefore serves when value
+   * (and key) are the query itself (self-attention); otherwise the call is
+   * refused.
    */
-  private checkNoKerasMask(mask: unknown): void {
-    const masks = Array.isArray(mask) ? mask : [mask];
-    if (masks.some(m => m != null)) {
-      throw new Error(`${layerPrefix(this.name)}inputs with a Keras mask (e.g. from Embedding(mask_zero=True)) are not supported: pass the padding as attention_mask`);
+  private implicitMask(
+      given: unknown, inputs: tf.Tensor[], call: KerasCall): tf.Tensor|null {
+    if (given == null) {
+      return null;
     }
+    let byInput: Array<tf.Tensor|null|undefined>;
+    if (Array.isArray(given)) {
+      byInput = inputs.map((_, i) => given[i] ?? null);
+    } else {
+      // The executor's mask is the first input's; an input that is the
+      // query itself has it too; the others' are unknown.
+      byInput = inputs.map((t, i) => (i === 0 || t === inputs[0]) ? given as tf.Tensor : undefined);
+    }
+    const maskOf = (role: KerasCallRole) => {
+      const i = call.inputs.indexOf(role);
+      return i < 0 ? null : byInput[i];
+    };
+    const roles: KerasCallRole[] = call.inputs.includes('key') ? ['query', 'value', 'key'] :
+                                                                 ['query', 'value'];
+    const masks = roles.map(maskOf);
+    if (masks.every(m => m == null)) {
+      return null;
+    }
+    if (masks.some(m => m === undefined)) {
+      throw new Error(`${layerPrefix(this.name)}inputs with a Keras mask (e.g. from Embedding(mask_zero=True)) are supported only for self-attention in predict/fit/apply (tfjs-layers' executor passes a layer only its first input's mask): pass the padding as attention_mask`);
+    }
+    const query = inputs[0];
+    const [queryMask, ...keyMasks] = masks as Array<tf.Tensor|null>;
+    const expectMask = (m: tf.Tensor, t: tf.Tensor, role: string) => {
+      if (query.rank !== 3 || m.rank !== 2 || m.shape[0] !== t.shape[0] ||
+          m.shape[1] !== t.shape[1]) {
+        throw new Error(`${layerPrefix(this.name)}the Keras mask of ${role} must have shape ${
+            describe(t.shape.slice(0, 2))} (inputs of rank 3), got ${describe(m.shape)}`);
+      }
+      return tf.cast(m, 'bool');
+    };
+    let auto: tf.Tensor|null = queryMask == null ? null :
+        tf.expandDims(expectMask(queryMask, query, 'query'), 2);
+    keyMasks.forEach((m, i) => {
+      if (m != null) {
+        const t = inputs[call.inputs.indexOf(roles[i + 1])];
+        const keys = tf.expandDims(expectMask(m, t, roles[i + 1]), 1);
+        auto = auto == null ? keys : tf.logicalAnd(auto, keys);
+      }
+    });
+    return auto;
   }
 
   /** Keras's EinsumDense projection `[..., in] x [in, ...out] + [...out]`. */
@@ -465,8 +511,9 @@ export class MultiHeadAttention extends tfl.layers.Layer {
 
   private attend(
       query: tf.Tensor, value: tf.Tensor, key: tf.Tensor|null,
-      attentionMask: tf.Tensor|null, useCausalMask: boolean,
-      returnScores: boolean, training: boolean): [tf.Tensor, tf.Tensor|null] {
+      attentionMask: tf.Tensor|null, autoMask: tf.Tensor|null,
+      useCausalMask: boolean, returnScores: boolean,
+      training: boolean): [tf.Tensor, tf.Tensor|null] {
     key = key ?? value;
     const rank = query.rank;
     if (value.rank !== rank || key.rank !== rank) {
@@ -500,7 +547,7 @@ export class MultiHeadAttention extends tfl.layers.Layer {
     // flashAttention's causal mask is bottom-right aligned; Keras's is
     // top-left: the same when Sq == Sk, a right window of Sq - Sk when
     // Sq > Sk, not expressible when Sq < Sk.
-    const fused = attentionMask == null && !returnScores &&
+    const fused = attentionMask == null && autoMask == null && !returnScores &&
         (!useCausalMask || sq >= sk);
     if (fused) {
       context = flashAttention(q, k, v, {
@@ -527,10 +574,15 @@ export class MultiHeadAttention extends tfl.layers.Layer {
         }
         mask = m;
       }
+      // Keras: the inputs' masks and the causal mask, and with them the
+      // given mask as booleans.
+      let auto = autoMask;
       if (useCausalMask) {
         const causal = kerasCausalMask(sq, sk);
-        // Keras: the given mask as booleans, and the causal mask.
-        mask = mask == null ? causal : tf.logicalAnd(tf.cast(mask, 'bool'), causal);
+        auto = auto == null ? causal : tf.logicalAnd(auto, causal);
+      }
+      if (auto != null) {
+        mask = mask == null ? auto : tf.logicalAnd(tf.cast(mask, 'bool'), auto);
       }
       [context, scores] = kerasMaskedAttention(q, k, v, mask, scale, dropoutRate);
       if (rank !== 3) {

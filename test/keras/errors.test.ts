@@ -98,19 +98,22 @@ describe('MultiHeadAttention: unsupported Keras configs fail at load', () => {
 describe('MultiHeadAttention: unsupported calls', () => {
   beforeAll(() => useBackend('cpu'));
 
-  it('inputs with a Keras mask (Embedding mask_zero) are refused at predict', () => {
+  it('Keras masks on a cross-attention value in predict (tfjs passes only the first input\'s)', () => {
     const tokens = tfl.input({shape: [5], dtype: 'int32'});
+    const context = tfl.input({shape: [6, 8]});
     const embedded = tfl.layers.embedding({inputDim: 10, outputDim: 8, maskZero: true})
                          .apply(tokens) as tfl.SymbolicTensor;
-    const attended = new MultiHeadAttention({numHeads: 2, keyDim: 4})
-                         .apply(embedded, {value: embedded}) as tfl.SymbolicTensor;
-    const model = tfl.model({inputs: tokens, outputs: attended});
+    const attended = new MultiHeadAttention({numHeads: 2, keyDim: 4, name: 'cross'})
+                         .apply(embedded, {value: context}) as tfl.SymbolicTensor;
+    const model = tfl.model({inputs: [tokens, context], outputs: attended});
     const x = tf.tensor2d([[1, 2, 0, 0, 0]], [1, 5], 'int32');
+    const c = tf.zeros([1, 6, 8]);
     const start = tf.memory().numTensors;
-    expect(() => model.predict(x)).toThrow(
-        /inputs with a Keras mask \(e.g. from Embedding\(mask_zero=True\)\) are not supported: pass the padding as attention_mask/);
+    expect(() => model.apply([x, c])).toThrow(/'cross': inputs with a Keras mask/);
+    expect(() => model.predict([x, c])).toThrow(
+        /'cross': inputs with a Keras mask \(e.g. from Embedding\(mask_zero=True\)\) are supported only for self-attention in predict\/fit/);
     expect(tf.memory().numTensors).toBe(start);
-    x.dispose();
+    tf.dispose([x, c]);
     model.dispose();
   });
 

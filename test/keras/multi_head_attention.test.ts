@@ -7,6 +7,7 @@
  * training works; no leaks.
  */
 import * as tf from '@tensorflow/tfjs-core';
+import * as tfl from '@tensorflow/tfjs-layers';
 
 import {FLASH_ATTENTION_IMPL} from '../../src';
 import {MultiHeadAttention, MultiHeadAttentionArgs} from '../../src/layers/multi_head_attention';
@@ -167,6 +168,56 @@ describeBackends('MultiHeadAttention vs tfjs-layers\' MultiHeadAttention', () =>
       await checkCase(c);
     });
   }
+});
+
+describeBackends('MultiHeadAttention: Keras masks of the inputs (Embedding mask_zero)', () => {
+  /**
+   * tokens -> Embedding(mask_zero) -> self-attention (cross-attention is
+   * refused: errors.test.ts). Compared with tfjs-layers' MHA given the
+   * same mask as `kerasMask`.
+   */
+  async function check(run: 'predict'|'apply'): Promise<void> {
+    const rng = freshRng();
+    const tokens = tfl.input({shape: [6], dtype: 'int32'});
+    const context = tfl.input({shape: [5, 8]});
+    const embedding = tfl.layers.embedding({inputDim: 10, outputDim: 8, maskZero: true});
+    const embedded = embedding.apply(tokens) as tfl.SymbolicTensor;
+    const layer = new MultiHeadAttention({numHeads: 2, keyDim: 4});
+    const model = tfl.model({
+      inputs: [tokens, context],
+      outputs: layer.apply(embedded, {value: embedded}) as tfl.SymbolicTensor,
+    });
+    const values: Record<string, tf.Tensor> = {};
+    layer.weights.forEach((w, i) => {
+      values[KERAS_MHA_WEIGHT_NAMES[i]] = normals(w.shape as number[], rng, 0.5);
+    });
+    layer.setWeights(Object.values(values));
+    // Padding (0) at the ends; the second example has a padded query row.
+    const ids = tf.tensor2d([[3, 1, 4, 1, 5, 9], [2, 6, 5, 0, 0, 0]], [2, 6], 'int32');
+    const ctx = normals([2, 5, 8], rng);
+    const start = tf.memory().numTensors;
+    const got = (run === 'predict' ? model.predict([ids, ctx]) : model.apply([ids, ctx])) as tf.Tensor;
+
+    const ref = kerasMultiHeadAttention({numHeads: 2, keyDim: 4});
+    // Embedding's eager apply sets q.kerasMask (ids != 0).
+    const q = embedding.apply(ids) as tf.Tensor;
+    expect(Array.from(await q.kerasMask!.data())).toEqual([1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]);
+    setKerasMHAWeights(ref, values, {query: [2, 6, 8], value: [2, 6, 8]});
+    const want = ref.call(q, {value: q}) as tf.Tensor;
+    expectClose(await got.data(), await want.data(), BOUND, `${run} (seed ${rng.seed})`);
+    tf.dispose([got, want, q, q.kerasMask]);
+    disposeKerasMHA(ref);
+    expect(tf.memory().numTensors).toBe(start);
+    tf.dispose([ids, ctx, ...Object.values(values)]);
+    model.dispose();
+  }
+
+  it('self-attention, predict (tfjs\'s executor passes the query\'s mask)', async () => {
+    await check('predict');
+  });
+  it('self-attention, apply', async () => {
+    await check('apply');
+  });
 });
 
 describe('MultiHeadAttention: flashAttention, training (cpu)', () => {
