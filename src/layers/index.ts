@@ -10,3 +10,7 @@ export {alibiSlopes} from './alibi';
 export type {MaskedAttentionOptions} from './masked_attention';
 export {maskedAttention, repeatKVHeads} from './masked_attention';
 export {applyRotary} from './rotary';
+// Keras's MultiHeadAttention, registered for deserialization at import
+// (where no class of that name is registered yet).
+export type {MultiHeadAttentionArgs, MultiHeadAttentionCallArgs} from './multi_head_attention';
+export {MultiHeadAttention, registerMultiHeadAttention} from './multi_head_attention';
