@@ -24,7 +24,7 @@ import type {Initializer} from '@tensorflow/tfjs-layers/dist/initializers';
 import type {Shape} from '@tensorflow/tfjs-layers/dist/keras_format/common';
 import type {Regularizer} from '@tensorflow/tfjs-layers/dist/regularizers';
 import type {Kwargs} from '@tensorflow/tfjs-layers/dist/types';
-import {flashAttention} from 'tfjs-flash-attention';
+import {flashAttention, MAX_HEAD_DIM} from 'tfjs-flash-attention';
 
 import {kerasCausalMask, kerasMaskedAttention} from './keras_attention';
 import {checkDType, checkKnownKeys, describe, intList, kerasName, layerPrefix, positiveInt, resolveObject, serializeObject} from './keras_config';
@@ -547,8 +547,11 @@ export class MultiHeadAttention extends tfl.layers.Layer {
     // flashAttention's causal mask is bottom-right aligned; Keras's is
     // top-left: the same when Sq == Sk, a right window of Sq - Sk when
     // Sq > Sk, not expressible when Sq < Sk.
+    // Head dims beyond flashAttention's kernels and empty inputs take the
+    // composed path too.
     const fused = attentionMask == null && autoMask == null && !returnScores &&
-        (!useCausalMask || sq >= sk);
+        (!useCausalMask || sq >= sk) && this.keyDim <= MAX_HEAD_DIM &&
+        this.valueDim <= MAX_HEAD_DIM && b * sq * sk > 0;
     if (fused) {
       context = flashAttention(q, k, v, {
         softmaxScale: scale,

@@ -63,6 +63,8 @@ const CASES: CallCase[] = [
   {title: 'rank-4 inputs (attention over both middle axes), scores returned',
    args: {numHeads: 2, keyDim: 4}, query: [2, 3, 4, 8], value: [2, 2, 3, 8], scores: true,
    referenceOnCpu: true},
+  {title: 'key_dim beyond flashAttention\'s 256 (composed path)',
+   args: {numHeads: 1, keyDim: 260, valueDim: 4}, query: [1, 3, 8], value: [1, 4, 8]},
   {title: 'output_shape [4, 2]', args: {numHeads: 2, keyDim: 4, outputShape: [4, 2]},
    query: [2, 5, 8], value: [2, 5, 8]},
 ];
