@@ -24,6 +24,16 @@ const dist = join(root, 'dist');
 const ENTRIES = [
   {name: 'index', source: 'src/index.ts', umdName: 'tfjs-flash-attention',
    umdGlobal: 'tfFlashAttention'},
+  // Node only (tfjs-node-gpu): no UMD; imports the core package by name
+  // (external) so it registers into the same kernel registry.
+  {name: 'tensorflow', source: 'kernels/tensorflow/index.ts', nodeOnly: true,
+   external: ['tfjs-flash-attention']},
+  // The layers import the core by package name and keep it external, so
+  // that a process holds one core (one fused-kernel registry); in a page the
+  // core is the main UMD bundle's global.
+  {name: 'layers', source: 'src/layers/index.ts', umdName: 'tfjs-flash-attention-layers',
+   umdGlobal: 'tfFlashAttentionLayers', external: ['tfjs-flash-attention'],
+   umdGlobals: {'tfjs-flash-attention': 'tfFlashAttention'}},
 ].filter(e => existsSync(join(root, e.source)));
 
 /** tfjs packages are peers: never bundled, and `tf` in a page. */
@@ -39,8 +49,8 @@ const common = {bundle: true, external: EXTERNALS, target: 'es2019', sourcemap: 
  * resolves to the loader's (CommonJS, AMD) or to the global `tf` (a script
  * tag after tfjs), where the ops are also added to `tf` itself.
  */
-function umdWrap(cjsCode, globalName) {
-  const deps = EXTERNALS.filter(d => cjsCode.includes(`require("${d}")`));
+function umdWrap(cjsCode, globalName, entryExternals = [], umdGlobals = {}) {
+  const deps = EXTERNALS.concat(entryExternals).filter(d => cjsCode.includes(`require("${d}")`));
   return `(function (global, factory) {
   if (typeof exports === 'object' && typeof module !== 'undefined') {
     factory(module, function (name) { return require(name); });
@@ -54,8 +64,17 @@ function umdWrap(cjsCode, globalName) {
     if (global.tf == null) {
       throw new Error('${globalName}: load TensorFlow.js (the global tf) before this script');
     }
+    var globals = ${JSON.stringify(umdGlobals)};
     var target = {exports: {}};
-    factory(target, function () { return global.tf; });
+    factory(target, function (name) {
+      if (globals[name] == null) {
+        return global.tf;
+      }
+      if (global[globals[name]] == null) {
+        throw new Error('${globalName}: load ' + name + ' (the global ' + globals[name] + ') before this script');
+      }
+      return global[globals[name]];
+    });
     global.${globalName} = target.exports;
     // tf.flashAttention etc. on the global tf (ops and layers only).
     Object.keys(target.exports).forEach(function (key) {
@@ -76,16 +95,26 @@ async function build() {
   mkdirSync(dist, {recursive: true});
   for (const entry of ENTRIES) {
     const entryPoints = [join(root, entry.source)];
-    await esbuild.build({...common, entryPoints, format: 'esm',
+    const entryCommon = {...common, external: EXTERNALS.concat(entry.external ?? [])};
+    if (entry.nodeOnly) {
+      const node = {...entryCommon, platform: 'node'};
+      await esbuild.build({...node, entryPoints, format: 'esm',
+                           outfile: join(dist, `${entry.name}.mjs`)});
+      await esbuild.build({...node, entryPoints, format: 'cjs',
+                           outfile: join(dist, `${entry.name}.cjs`)});
+      continue;
+    }
+    await esbuild.build({...entryCommon, entryPoints, format: 'esm',
                          outfile: join(dist, `${entry.name}.mjs`)});
-    await esbuild.build({...common, entryPoints, format: 'cjs', platform: 'node',
+    await esbuild.build({...entryCommon, entryPoints, format: 'cjs', platform: 'node',
                          outfile: join(dist, `${entry.name}.cjs`)});
     for (const minify of [false, true]) {
-      const result = await esbuild.build({...common, entryPoints, format: 'cjs', minify,
+      const result = await esbuild.build({...entryCommon, entryPoints, format: 'cjs', minify,
                                           sourcemap: false, write: false,
                                           define: {'process.env.NODE_ENV': '"production"'}});
       const file = join(dist, `${entry.umdName}.umd${minify ? '.min' : ''}.js`);
-      writeFileSync(file, umdWrap(result.outputFiles[0].text, entry.umdGlobal));
+      writeFileSync(file, umdWrap(result.outputFiles[0].text, entry.umdGlobal, entry.external,
+                                  entry.umdGlobals));
     }
   }
   execFileSync(process.execPath, [join(root, 'node_modules/typescript/bin/tsc'), '-p',

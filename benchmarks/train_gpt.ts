@@ -1,0 +1,302 @@
+/**
+ * Training a 6-layer, 512-wide GPT (8 heads of 64, RoPE, causal) on WebGPU
+ * (Dawn, the device created with the adapter's limits): the step time with
+ * FlashMHA vs the same model and weights with composed attention
+ * (ComposedMHA) at sequence length 1024, then the longest sequence length
+ * (powers of 2, batch 1) at which one training step of each still runs.
+ *
+ * Run (on a GPU machine, after tools/pack.sh bundled it):
+ *   node train_gpt.mjs [--batch=4] [--seq=1024] [--steps=5] [--deadline=200]
+ * Each measurement runs in a child process of this script, so that running
+ * out of memory (a WebGPU out-of-memory or validation error, a lost device,
+ * a crash) ends only that child. Results: a table on stdout and
+ * $OUT/train_gpt.json when OUT is set.
+ */
+import {spawn} from 'child_process';
+import * as fs from 'fs';
+import * as path from 'path';
+
+import * as tf from '@tensorflow/tfjs-core';
+import * as tfl from '@tensorflow/tfjs-layers';
+
+import {FlashAttention, FlashAttentionGrad, hasFusedKernel} from '../src';
+import {flashMHA} from '../src/layers';
+import {useBestBackend} from '../demo/backend';
+import {buildGPT, median, sampleBatch, seededRandom, trainableVariables, trainStep} from '../demo/gpt';
+
+import {composedMHA} from './composed_mha';
+
+type Impl = 'flash'|'composed';
+
+function option(name: string, fallback: string): string {
+  const prefix = `--${name}=`;
+  return process.argv.slice(2).find(a => a.startsWith(prefix))?.slice(prefix.length) ?? fallback;
+}
+
+const VOCAB = 256;
+// The model (smaller ones only to try the script on a machine without a GPU).
+const LAYERS = Number(option('layers', '6'));
+const WIDTH = Number(option('width', '512'));
+const HEADS = Number(option('heads', '8'));
+const MODEL_ARGS = [`--layers=${LAYERS}`, `--width=${WIDTH}`, `--heads=${HEADS}`];
+const MAX_SEQ = Number(option('max', '131072'));
+
+function report(kind: string, value: unknown) {
+  console.log(`RESULT ${JSON.stringify({kind, ...value as object})}`);
+}
+
+function buildModel(impl: Impl): tfl.LayersModel {
+  return buildGPT({vocabSize: VOCAB, numLayers: LAYERS, embedDim: WIDTH, numHeads: HEADS},
+                  impl === 'flash' ? flashMHA : composedMHA, 'gpt');
+}
+
+/** Runs fn with WebGPU error scopes; resolves to the errors seen (none = it ran). */
+async function withErrorScopes(device: GPUDevice, fn: () => Promise<number>): Promise<{loss: number, error: string|null}> {
+  device.pushErrorScope('out-of-memory');
+  device.pushErrorScope('validation');
+  device.pushErrorScope('internal');
+  let loss = NaN;
+  let thrown: string|null = null;
+  try {
+    loss = await fn();
+  } catch (e) {
+    thrown = `exception: ${(e as Error).message}`.slice(0, 300);
+  }
+  const scoped: string[] = [];
+  for (const kind of ['internal', 'validation', 'out-of-memory']) {
+    const error = await device.popErrorScope();
+    if (error != null) {
+      scoped.push(`${kind}: ${error.message}`.slice(0, 300));
+    }
+  }
+  const error = thrown ?? (scoped.length > 0 ? scoped.join(' | ') : null) ??
+      (Number.isFinite(loss) ? null : `loss is ${loss}`);
+  return {loss, error};
+}
+
+/** Child: median step times of both models (same weights, same batches, alternating). */
+async function stepChild() {
+  const batch = Number(option('batch', '4'));
+  const seq = Number(option('seq', '1024'));
+  const steps = Number(option('steps', '5'));
+  const warmup = 2;
+  const backend = await useBestBackend('webgpu');
+  report('backend', {description: backend.description, gpu: backend.gpu,
+                     fusedForward: hasFusedKernel(FlashAttention, 'webgpu'),
+                     fusedBackward: hasFusedKernel(FlashAttentionGrad, 'webgpu'),
+                     impl: tf.env().get('FLASH_ATTENTION_IMPL')});
+  const flash = buildModel('flash');
+  const composed = buildModel('composed');
+  composed.setWeights(flash.getWeights());
+  const random = seededRandom(7);
+  const data = Int32Array.from({length: 1 << 16}, () => Math.floor(random() * VOCAB));
+  const runs = ([['flash', flash], ['composed', composed]] as const).map(([name, model]) => ({
+    name, model, optimizer: tf.train.adam(1e-4), vars: trainableVariables(model), ms: [] as number[],
+    losses: [] as number[],
+  }));
+  // Which kernels the FlashMHA forward ran.
+  {
+    const {x} = sampleBatch(data, 1, 128, random);
+    const profile = await tf.profile(() => flash.apply(x) as tf.Tensor);
+    tf.dispose(x);
+    report('kernels', {flashForwardUsesFusedKernel: profile.kernelNames.includes(FlashAttention)});
+  }
+  for (let step = 0; step < warmup + steps; step++) {
+    const {x, y} = sampleBatch(data, batch, seq, random);
+    for (const run of runs) {
+      const t0 = performance.now();
+      const result = await withErrorScopes(backend.device!, () =>
+        trainStep(run.model, run.optimizer, x, y, VOCAB, run.vars));
+      const ms = performance.now() - t0;
+      if (result.error) {
+        report('step-error', {impl: run.name, step, error: result.error});
+        process.exit(2);
+      }
+      run.ms.push(ms);
+      run.losses.push(result.loss);
+    }
+    tf.dispose([x, y]);
+    console.log(`step ${step}${step < warmup ? ' (warm-up)' : ''}: ${runs.map(r => `${r.name} ${
+        r.ms[step].toFixed(1)} ms loss ${r.losses[step].toFixed(4)}`).join(', ')}`);
+  }
+  const [f, c] = runs.map(r => median(r.ms.slice(warmup)));
+  report('steps', {batch, seq, steps, flashMs: f, composedMs: c, speedup: c / f,
+                   flashMsAll: runs[0].ms, composedMsAll: runs[1].ms,
+                   lossesFlash: runs[0].losses, lossesComposed: runs[1].losses});
+  process.exit(0);
+}
+
+/** Child: one training step per length, doubling from --from, until one fails. */
+async function oomChild() {
+  const impl = option('impl', 'flash') as Impl;
+  let seq = Number(option('from', '1024'));
+  const backend = await useBestBackend('webgpu');
+  const model = buildModel(impl);
+  const optimizer = tf.train.adam(1e-4);
+  const vars = trainableVariables(model);
+  const random = seededRandom(11);
+  const seconds = Number(option('seconds', '100'));
+  const start = performance.now();
+  let lastMs = 0;
+  for (; seq <= MAX_SEQ; seq *= 2) {
+    // Attention time grows 4x per doubling: skip a step that cannot end in time.
+    const elapsed = (performance.now() - start) / 1000;
+    if (lastMs > 0 && elapsed + 3.5 * lastMs / 1000 > seconds) {
+      report('stop', {impl, seq, reason: `time: the step at ${seq} would need about ${
+          (3.5 * lastMs / 1000).toFixed(0)} s, ${(seconds - elapsed).toFixed(0)} s left`});
+      break;
+    }
+    const data = Int32Array.from({length: seq + 2}, () => Math.floor(random() * VOCAB));
+    const {x, y} = sampleBatch(data, 1, seq, random);
+    const t0 = performance.now();
+    const result = await withErrorScopes(backend.device!, () => trainStep(model, optimizer, x, y, VOCAB, vars));
+    const ms = performance.now() - t0;
+    lastMs = ms;
+    tf.dispose([x, y]);
+    // Bytes of GPU buffers tfjs holds (in use or pooled): about the peak.
+    const memory = tf.memory() as {numBytesInGPUAllocated?: number};
+    report('probe', {impl, seq, ok: result.error == null, ms, loss: result.loss, error: result.error,
+                     gpuBytesAllocated: memory.numBytesInGPUAllocated ?? null});
+    if (result.error != null) {
+      break;
+    }
+  }
+  process.exit(0);
+}
+
+interface ChildOutcome {
+  results: Array<Record<string, unknown>>;
+  code: number|null;
+  signal: string|null;
+  timedOut: boolean;
+  stderrTail: string;
+}
+
+/** Runs this script as a child; kills it after `seconds`. */
+function child(args: string[], seconds: number, log: (s: string) => void): Promise<ChildOutcome> {
+  return new Promise(resolve => {
+    const proc = spawn(process.execPath, [process.argv[1], ...args], {stdio: ['ignore', 'pipe', 'pipe']});
+    const results: Array<Record<string, unknown>> = [];
+    let stderr = '';
+    let timedOut = false;
+    let buffered = '';
+    proc.stdout.on('data', chunk => {
+      buffered += chunk;
+      let nl: number;
+      while ((nl = buffered.indexOf('\n')) >= 0) {
+        const line = buffered.slice(0, nl);
+        buffered = buffered.slice(nl + 1);
+        log(`  [${args.join(' ')}] ${line}`);
+        if (line.startsWith('RESULT ')) {
+          results.push(JSON.parse(line.slice(7)));
+        }
+      }
+    });
+    proc.stderr.on('data', chunk => {
+      stderr = (stderr + chunk).slice(-2000);
+    });
+    const timer = setTimeout(() => {
+      timedOut = true;
+      proc.kill('SIGKILL');
+    }, seconds * 1000);
+    proc.on('close', (code, signal) => {
+      clearTimeout(timer);
+      resolve({results, code, signal, timedOut, stderrTail: stderr.split('\n').slice(-6).join('\n')});
+    });
+  });
+}
+
+async function parent() {
+  const start = performance.now();
+  const deadline = Number(option('deadline', '200'));
+  const left = () => deadline - (performance.now() - start) / 1000;
+  const lines: string[] = [];
+  const log = (s: string) => {
+    console.log(s);
+    lines.push(s);
+  };
+  const summary: Record<string, unknown> = {date: new Date().toISOString(), layers: LAYERS, width: WIDTH,
+                                            heads: HEADS, vocab: VOCAB};
+  const stepArgs = ['--child=step', ...MODEL_ARGS, `--batch=${option('batch', '4')}`, `--seq=${option('seq', '1024')}`,
+                    `--steps=${option('steps', '5')}`];
+  const steps = await child(stepArgs, Math.min(120, left()), log);
+  summary.step = {results: steps.results, code: steps.code, timedOut: steps.timedOut,
+                  stderr: steps.code === 0 ? undefined : steps.stderrTail};
+  const probes: Record<Impl, Array<Record<string, unknown>>> = {flash: [], composed: []};
+  const stops: Record<Impl, string> = {flash: '', composed: ''};
+  for (const impl of ['composed', 'flash'] as Impl[]) {
+    let from = Number(option('from', '1024'));
+    // A crashed or killed child ends its series: note how, and continue from the next length.
+    while (left() > 15 && from <= MAX_SEQ) {
+      const seconds = Math.min(impl === 'composed' ? 80 : 110, left() - 5);
+      const outcome = await child([`--child=oom`, ...MODEL_ARGS, `--max=${MAX_SEQ}`, `--impl=${impl}`, `--from=${from}`,
+                                   `--seconds=${Math.floor(seconds - 8)}`], seconds, log);
+      const got = outcome.results.filter(r => r.kind === 'probe');
+      probes[impl].push(...got);
+      const stop = outcome.results.find(r => r.kind === 'stop');
+      if (stop != null) {
+        stops[impl] = String(stop.reason);
+        break;
+      }
+      const last = got[got.length - 1];
+      if (last != null && last.ok === false) {
+        stops[impl] = `error at ${last.seq}`;
+        break;
+      }
+      const next = last == null ? from : (last.seq as number) * 2;
+      if (outcome.timedOut) {
+        stops[impl] = `time limit during the step at ${next}`;
+        probes[impl].push({impl, seq: next, ok: false, error: 'time limit (not memory)', timeLimit: true});
+        break;
+      }
+      if (outcome.code !== 0) {
+        stops[impl] = `process ended (code ${outcome.code}, signal ${outcome.signal}) at ${next}`;
+        probes[impl].push({impl, seq: next, ok: false, error: `crash: ${outcome.stderrTail.slice(-300)}`});
+        break;
+      }
+      from = next;
+      if (got.length === 0) {
+        break;
+      }
+    }
+  }
+  summary.probes = probes;
+  const longest = (impl: Impl) => Math.max(0, ...probes[impl].filter(p => p.ok).map(p => p.seq as number));
+  summary.longest = {flash: longest('flash'), composed: longest('composed'), stops};
+
+  log('');
+  const backend = steps.results.find(r => r.kind === 'backend');
+  const kernels = steps.results.find(r => r.kind === 'kernels');
+  const timing = steps.results.find(r => r.kind === 'steps');
+  log(`device: ${backend?.description}; fused forward registered: ${backend?.fusedForward}, fused backward: ${
+      backend?.fusedBackward}; FlashMHA forward ran the fused kernel: ${kernels?.flashForwardUsesFusedKernel}`);
+  log(`| GPT ${LAYERS}x${WIDTH}, ${HEADS} heads | FlashMHA | composed | ratio |`);
+  log('| --- | --- | --- | --- |');
+  if (timing) {
+    log(`| training step, batch ${timing.batch} x seq ${timing.seq} (median of ${timing.steps}) | ${
+        (timing.flashMs as number).toFixed(1)} ms | ${(timing.composedMs as number).toFixed(1)} ms | ${
+        (timing.speedup as number).toFixed(2)}x faster |`);
+  } else {
+    log(`| training step | failed: ${JSON.stringify(steps.results.filter(r => r.kind === 'step-error'))} ${
+        steps.stderrTail} | | |`);
+  }
+  const fl = longest('flash');
+  const co = longest('composed');
+  log(`| longest seq, batch 1, one step runs | ${fl} (${stops.flash || 'not reached'}) | ${co} (${
+      stops.composed || 'not reached'}) | ${co > 0 ? (fl / co).toFixed(0) : '-'}x longer |`);
+  for (const impl of ['flash', 'composed'] as Impl[]) {
+    log(`${impl} probes: ${probes[impl].map(p => `${p.seq}:${p.ok ? `${(p.ms as number).toFixed(0)}ms` :
+                                                        String(p.error).slice(0, 120)}`).join('  ')}`);
+  }
+  if (process.env.OUT) {
+    fs.writeFileSync(path.join(process.env.OUT, 'train_gpt.json'), JSON.stringify(summary, null, 1));
+    fs.writeFileSync(path.join(process.env.OUT, 'train_gpt.log'), lines.join('\n') + '\n');
+  }
+  process.exit(0);
+}
+
+const role = option('child', '');
+(role === 'step' ? stepChild() : role === 'oom' ? oomChild() : parent()).catch(error => {
+  console.error(error);
+  process.exit(1);
+});

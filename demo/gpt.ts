@@ -1,0 +1,160 @@
+/**
+ * A small GPT built from tf.layers with FlashMHA (or any layer taking the
+ * same arguments, e.g. ComposedMHA): token embedding, pre-norm blocks of
+ * causal attention with rotary positions and a GELU MLP, a final norm and
+ * the logits. Plus what the demo and the benchmark do with it: character
+ * data, a training step, sampling.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import * as tfl from '@tensorflow/tfjs-layers';
+
+import {FlashMHAArgs, flashMHA} from '../src/layers';
+
+export interface GPTConfig {
+  vocabSize: number;
+  numLayers: number;
+  embedDim: number;
+  numHeads: number;
+  /** Attention dropout (FlashMHA's `dropout`). */
+  dropout?: number;
+}
+
+export type AttentionFactory = (args: FlashMHAArgs) => tfl.layers.Layer;
+
+/** Token ids `[B, S]` (any S) -> logits `[B, S, vocabSize]`. */
+export function buildGPT(config: GPTConfig, attention: AttentionFactory = flashMHA, name = 'gpt'): tfl.LayersModel {
+  const {vocabSize, numLayers, embedDim, numHeads} = config;
+  const headDim = embedDim / numHeads;
+  const tokens = tfl.input({shape: [null], dtype: 'int32', name: `${name}_tokens`});
+  let x = tfl.layers.embedding({inputDim: vocabSize, outputDim: embedDim, name: `${name}_embed`,
+                                embeddingsInitializer: tfl.initializers.randomNormal({stddev: 0.02})})
+              .apply(tokens) as tfl.SymbolicTensor;
+  for (let i = 0; i < numLayers; i++) {
+    const p = `${name}_block${i}`;
+    const norm1 = tfl.layers.layerNormalization({name: `${p}_norm1`}).apply(x);
+    const attended = attention({embedDim, numHeads, causal: true, rotaryEmbDim: headDim, dropout: config.dropout,
+                                name: `${p}_attention`}).apply(norm1);
+    x = tfl.layers.add({name: `${p}_residual1`}).apply([x, attended as tfl.SymbolicTensor]) as tfl.SymbolicTensor;
+    const norm2 = tfl.layers.layerNormalization({name: `${p}_norm2`}).apply(x);
+    const hidden = tfl.layers.dense({units: 4 * embedDim, activation: 'gelu_new', name: `${p}_mlp_in`}).apply(norm2);
+    const mlp = tfl.layers.dense({units: embedDim, name: `${p}_mlp_out`}).apply(hidden);
+    x = tfl.layers.add({name: `${p}_residual2`}).apply([x, mlp as tfl.SymbolicTensor]) as tfl.SymbolicTensor;
+  }
+  const normed = tfl.layers.layerNormalization({name: `${name}_norm`}).apply(x);
+  const logits = tfl.layers.dense({units: vocabSize, name: `${name}_logits`}).apply(normed) as tfl.SymbolicTensor;
+  return tfl.model({inputs: tokens, outputs: logits, name});
+}
+
+/** Character-level tokenizer of a text. */
+export class CharTokenizer {
+  readonly chars: string[];
+  private readonly index = new Map<string, number>();
+  constructor(text: string) {
+    this.chars = Array.from(new Set(text)).sort();
+    this.chars.forEach((c, i) => this.index.set(c, i));
+  }
+  get vocabSize(): number {
+    return this.chars.length;
+  }
+  encode(text: string): Int32Array {
+    return Int32Array.from(Array.from(text, c => {
+      const id = this.index.get(c);
+      if (id == null) {
+        throw new Error(`CharTokenizer: ${JSON.stringify(c)} is not in the vocabulary`);
+      }
+      return id;
+    }));
+  }
+  decode(ids: ArrayLike<number>): string {
+    return Array.from(ids, id => this.chars[id]).join('');
+  }
+}
+
+/** A seeded generator (mulberry32), so runs can be repeated. */
+export function seededRandom(seed: number): () => number {
+  let state = seed >>> 0;
+  return () => {
+    state = (state + 0x6D2B79F5) >>> 0;
+    let t = state;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/** Random windows of the corpus: inputs `[B, S]` and next-token targets `[B, S]`. */
+export function sampleBatch(data: Int32Array, batch: number, seq: number, random: () => number):
+    {x: tf.Tensor2D, y: tf.Tensor2D} {
+  if (data.length < seq + 2) {
+    throw new Error(`sampleBatch: the corpus (${data.length} tokens) is shorter than seq + 2 = ${seq + 2}`);
+  }
+  const xs = new Int32Array(batch * seq);
+  const ys = new Int32Array(batch * seq);
+  for (let b = 0; b < batch; b++) {
+    const start = Math.floor(random() * (data.length - seq - 1));
+    xs.set(data.subarray(start, start + seq), b * seq);
+    ys.set(data.subarray(start + 1, start + seq + 1), b * seq);
+  }
+  return {x: tf.tensor2d(xs, [batch, seq], 'int32'), y: tf.tensor2d(ys, [batch, seq], 'int32')};
+}
+
+/** Mean next-token cross-entropy of logits `[B, S, V]` against ids `[B, S]`. */
+export function lossOf(logits: tf.Tensor, targets: tf.Tensor2D, vocabSize: number): tf.Scalar {
+  return tf.tidy(() => {
+    const flatLogits = tf.reshape(logits, [-1, vocabSize]);
+    const labels = tf.oneHot(tf.reshape(targets, [-1]), vocabSize);
+    return tf.losses.softmaxCrossEntropy(labels, flatLogits) as tf.Scalar;
+  });
+}
+
+/** The model's trainable variables, for optimizer.minimize's varList. */
+export function trainableVariables(model: tfl.LayersModel): tf.Variable[] {
+  return model.trainableWeights.map(w => w.read() as tf.Variable);
+}
+
+/**
+ * One optimizer step; resolves to the loss once the backend has finished
+ * (reading the loss waits for the GPU), so timing it times the step.
+ */
+export async function trainStep(model: tfl.LayersModel, optimizer: tf.Optimizer, x: tf.Tensor2D, y: tf.Tensor2D,
+                                vocabSize: number, vars = trainableVariables(model)): Promise<number> {
+  const loss = optimizer.minimize(
+      () => lossOf(model.apply(x, {training: true}) as tf.Tensor, y, vocabSize), true, vars)!;
+  const value = (await loss.data())[0];
+  loss.dispose();
+  return value;
+}
+
+/** Samples `length` characters after `prompt` (temperature sampling, window of `context`). */
+export async function generate(model: tfl.LayersModel, tokenizer: CharTokenizer, prompt: string, length: number,
+                               context: number, random: () => number, temperature = 0.8): Promise<string> {
+  const ids = Array.from(tokenizer.encode(prompt));
+  for (let n = 0; n < length; n++) {
+    const window = ids.slice(-context);
+    const probs = tf.tidy(() => {
+      const logits = model.apply(tf.tensor2d([window], [1, window.length], 'int32')) as tf.Tensor;
+      const last = tf.slice(logits, [0, window.length - 1, 0], [1, 1, tokenizer.vocabSize]);
+      return tf.softmax(tf.div(tf.reshape(last, [-1]), temperature));
+    });
+    const p = await probs.data();
+    probs.dispose();
+    let r = random();
+    let next = p.length - 1;
+    for (let i = 0; i < p.length; i++) {
+      r -= p[i];
+      if (r <= 0) {
+        next = i;
+        break;
+      }
+    }
+    ids.push(next);
+  }
+  return tokenizer.decode(ids);
+}
+
+/** The median of some numbers. */
+export function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  const mid = Math.floor(sorted.length / 2);
+  return sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
+}

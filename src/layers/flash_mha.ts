@@ -1,0 +1,367 @@
+/**
+ * FlashMHA: multi-head attention as a tf.layers layer whose attention is
+ * the flashAttention op (fused kernel where the backend has one), with the
+ * arguments of flash_attn's `MHA` in tfjs naming.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import * as tfl from '@tensorflow/tfjs-layers';
+import type {Constraint, ConstraintIdentifier} from '@tensorflow/tfjs-layers/dist/constraints';
+import type {LayerArgs} from '@tensorflow/tfjs-layers/dist/engine/topology';
+import type {Initializer, InitializerIdentifier} from '@tensorflow/tfjs-layers/dist/initializers';
+import type {Shape} from '@tensorflow/tfjs-layers/dist/keras_format/common';
+import type {Regularizer, RegularizerIdentifier} from '@tensorflow/tfjs-layers/dist/regularizers';
+import type {Kwargs} from '@tensorflow/tfjs-layers/dist/types';
+import {flashAttention} from 'tfjs-flash-attention';
+
+import {alibiSlopes} from './alibi';
+import {maskedAttention} from './masked_attention';
+import {applyRotary} from './rotary';
+import {resolveSerializable, serializeObject} from './serialization';
+
+type InitializerArg = InitializerIdentifier|Initializer|{className: string, config: object};
+type RegularizerArg = RegularizerIdentifier|Regularizer|{className: string, config: object};
+type ConstraintArg = ConstraintIdentifier|Constraint|{className: string, config: object};
+
+export interface FlashMHAArgs extends LayerArgs {
+  /** Model width: input and output features (input `[B, S, embedDim]`). */
+  embedDim: number;
+  /** Query heads. */
+  numHeads: number;
+  /** Key/value heads (GQA/MQA); divides numHeads. Default numHeads. */
+  numHeadsKV?: number;
+  /** Features per head. Default embedDim / numHeads. */
+  headDim?: number;
+  /** Attention dropout rate, applied only when training. Default 0. */
+  dropout?: number;
+  /** Causal self-attention (bottom-right aligned when Sq != Sk). */
+  causal?: boolean;
+  /** Default 1 / sqrt(headDim). */
+  softmaxScale?: number;
+  /** `[left, right]` local attention; -1 = unbounded. Default [-1, -1]. */
+  windowSize?: [number, number];
+  /** Score soft-capping; 0 = off. */
+  softcap?: number;
+  /** ALiBi position biases with the standard per-head slopes. */
+  useAlibi?: boolean;
+  /** Biases of the q/k/v projections. Default true. */
+  qkvProjBias?: boolean;
+  /** Bias of the output projection. Default true. */
+  outProjBias?: boolean;
+  /** Features of each q/k head rotated by RoPE (even, <= headDim); 0 = off. */
+  rotaryEmbDim?: number;
+  /** RoPE base. Default 10000. */
+  rotaryEmbBase?: number;
+  /** RoPE on pairs (0,1),(2,3)... (GPT-J) instead of halves (GPT-NeoX). */
+  rotaryEmbInterleaved?: boolean;
+  /** Called with `[x, xKV]`: queries from x, keys and values from xKV. */
+  crossAttention?: boolean;
+  kernelInitializer?: InitializerArg;
+  biasInitializer?: InitializerArg;
+  kernelRegularizer?: RegularizerArg;
+  biasRegularizer?: RegularizerArg;
+  kernelConstraint?: ConstraintArg;
+  biasConstraint?: ConstraintArg;
+}
+
+/** What `call` takes besides `training` and tfjs's propagated `mask`. */
+export interface FlashMHACallKwargs {
+  /** `[B, Sk]` bool or 0/1, true = the key may be attended to. */
+  keyPaddingMask?: tf.Tensor;
+  training?: boolean;
+}
+
+function positiveInteger(value: unknown, argName: string): number {
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < 1) {
+    throw new Error(`FlashMHA: ${argName} must be a positive integer, got ${String(value)}`);
+  }
+  return value;
+}
+
+interface Projection {
+  kernel: tfl.LayerVariable;
+  bias: tfl.LayerVariable|null;
+}
+
+export class FlashMHA extends tfl.layers.Layer {
+  static className = 'FlashMHA';
+
+  readonly embedDim: number;
+  readonly numHeads: number;
+  readonly numHeadsKV: number;
+  readonly headDim: number;
+  readonly dropout: number;
+  readonly causal: boolean;
+  readonly softmaxScale: number|undefined;
+  readonly windowSize: [number, number];
+  readonly softcap: number;
+  readonly useAlibi: boolean;
+  readonly qkvProjBias: boolean;
+  readonly outProjBias: boolean;
+  readonly rotaryEmbDim: number;
+  readonly rotaryEmbBase: number;
+  readonly rotaryEmbInterleaved: boolean;
+  readonly crossAttention: boolean;
+  readonly kernelInitializer: Initializer;
+  readonly biasInitializer: Initializer;
+  readonly kernelRegularizer: Regularizer|null;
+  readonly biasRegularizer: Regularizer|null;
+  readonly kernelConstraint: Constraint|null;
+  readonly biasConstraint: Constraint|null;
+
+  /** Self-attention: packed [E, (H + 2 Hk) D]. Cross: q [E, H D] and kv [Ekv, 2 Hk D]. */
+  protected qkvProj: Projection|null = null;
+  protected qProj: Projection|null = null;
+  protected kvProj: Projection|null = null;
+  protected outProj: Projection|null = null;
+
+  constructor(args: FlashMHAArgs) {
+    super(args);
+    if (args == null || typeof args !== 'object') {
+      throw new Error('FlashMHA: args must be an object with embedDim and numHeads');
+    }
+    this.embedDim = positiveInteger(args.embedDim, 'embedDim');
+    this.numHeads = positiveInteger(args.numHeads, 'numHeads');
+    this.numHeadsKV = positiveInteger(args.numHeadsKV ?? this.numHeads, 'numHeadsKV');
+    if (this.numHeads % this.numHeadsKV !== 0) {
+      throw new Error(`FlashMHA: numHeads (${this.numHeads}) must be a multiple of numHeadsKV, got numHeadsKV = ${this.numHeadsKV}`);
+    }
+    if (args.headDim == null && this.embedDim % this.numHeads !== 0) {
+      throw new Error(`FlashMHA: embedDim must be a multiple of numHeads when headDim is not given, got embedDim = ${
+          this.embedDim}, numHeads = ${this.numHeads}`);
+    }
+    this.headDim = positiveInteger(args.headDim ?? this.embedDim / this.numHeads, 'headDim');
+    this.dropout = args.dropout ?? 0;
+    if (typeof this.dropout !== 'number' || !(this.dropout >= 0 && this.dropout < 1)) {
+      throw new Error(`FlashMHA: dropout must be a number in [0, 1), got ${String(args.dropout)}`);
+    }
+    this.causal = args.causal ?? false;
+    if (typeof this.causal !== 'boolean') {
+      throw new Error(`FlashMHA: causal must be a boolean, got ${String(args.causal)}`);
+    }
+    this.softmaxScale = args.softmaxScale ?? undefined;
+    if (this.softmaxScale != null && !(typeof this.softmaxScale === 'number' && Number.isFinite(this.softmaxScale))) {
+      throw new Error(`FlashMHA: softmaxScale must be a finite number, got ${String(args.softmaxScale)}`);
+    }
+    this.windowSize = args.windowSize ?? [-1, -1];
+    const window = this.windowSize;
+    if (!Array.isArray(window) || window.length !== 2 || !window.every(w => Number.isInteger(w) && w >= -1)) {
+      throw new Error(`FlashMHA: windowSize must be [left, right] with integers >= -1 (-1 = unbounded), got ${
+          JSON.stringify(args.windowSize)}`);
+    }
+    this.windowSize = [window[0], window[1]];
+    this.softcap = args.softcap ?? 0;
+    if (typeof this.softcap !== 'number' || !(this.softcap >= 0) || !Number.isFinite(this.softcap)) {
+      throw new Error(`FlashMHA: softcap must be a finite number >= 0 (0 = off), got ${String(args.softcap)}`);
+    }
+    this.useAlibi = args.useAlibi ?? false;
+    this.qkvProjBias = args.qkvProjBias ?? true;
+    this.outProjBias = args.outProjBias ?? true;
+    this.rotaryEmbDim = args.rotaryEmbDim ?? 0;
+    if (!Number.isInteger(this.rotaryEmbDim) || this.rotaryEmbDim < 0 || this.rotaryEmbDim % 2 !== 0 ||
+        this.rotaryEmbDim > this.headDim) {
+      throw new Error(`FlashMHA: rotaryEmbDim must be an even integer in [0, headDim = ${this.headDim}], got ${
+          String(args.rotaryEmbDim)}`);
+    }
+    this.rotaryEmbBase = args.rotaryEmbBase ?? 10000;
+    if (typeof this.rotaryEmbBase !== 'number' || !(this.rotaryEmbBase > 0)) {
+      throw new Error(`FlashMHA: rotaryEmbBase must be a number > 0, got ${String(args.rotaryEmbBase)}`);
+    }
+    this.rotaryEmbInterleaved = args.rotaryEmbInterleaved ?? false;
+    this.crossAttention = args.crossAttention ?? false;
+    const name = `FlashMHA '${this.name}'`;
+    this.kernelInitializer = resolveSerializable<Initializer>(args.kernelInitializer ?? 'glorotUniform',
+                                                              'kernelInitializer', name)!;
+    this.biasInitializer = resolveSerializable<Initializer>(args.biasInitializer ?? 'zeros', 'biasInitializer', name)!;
+    this.kernelRegularizer = resolveSerializable<Regularizer>(args.kernelRegularizer, 'kernelRegularizer', name);
+    this.biasRegularizer = resolveSerializable<Regularizer>(args.biasRegularizer, 'biasRegularizer', name);
+    this.kernelConstraint = resolveSerializable<Constraint>(args.kernelConstraint, 'kernelConstraint', name);
+    this.biasConstraint = resolveSerializable<Constraint>(args.biasConstraint, 'biasConstraint', name);
+    this.supportsMasking = true;
+  }
+
+  /** The input shapes: `[x]` or, with crossAttention, `[x, xKV]`. */
+  private inputShapes(inputShape: Shape|Shape[]): Shape[] {
+    const nested = Array.isArray(inputShape[0]);
+    const shapes = (nested ? inputShape : [inputShape]) as Shape[];
+    const expected = this.crossAttention ? 2 : 1;
+    if (shapes.length !== expected) {
+      throw new Error(`FlashMHA: expected ${this.crossAttention ? 'two inputs [x, xKV] (crossAttention)' : 'one input x'}, got ${
+          shapes.length} inputs`);
+    }
+    shapes.forEach((shape, i) => {
+      const what = i === 0 ? 'x' : 'xKV';
+      if (shape.length !== 3) {
+        throw new Error(`FlashMHA: ${what} must have rank 3 [batch, seq, features], got shape ${JSON.stringify(shape)}`);
+      }
+      if (i === 0 && shape[2] !== this.embedDim) {
+        throw new Error(`FlashMHA: the last dim of x must be embedDim = ${this.embedDim}, got shape ${JSON.stringify(shape)}`);
+      }
+      if (shape[2] == null) {
+        throw new Error(`FlashMHA: the last dim of ${what} must be known, got shape ${JSON.stringify(shape)}`);
+      }
+    });
+    return shapes;
+  }
+
+  private projection(name: string, inDim: number, outDim: number, bias: boolean): Projection {
+    const kernel = this.addWeight(`${name}/kernel`, [inDim, outDim], 'float32', this.kernelInitializer,
+                                  this.kernelRegularizer ?? undefined, true, this.kernelConstraint ?? undefined);
+    const biasVar = bias ? this.addWeight(`${name}/bias`, [outDim], 'float32', this.biasInitializer,
+                                          this.biasRegularizer ?? undefined, true, this.biasConstraint ?? undefined) :
+                           null;
+    return {kernel, bias: biasVar};
+  }
+
+  override build(inputShape: Shape|Shape[]): void {
+    const shapes = this.inputShapes(inputShape);
+    const {embedDim, numHeads, numHeadsKV, headDim} = this;
+    if (this.crossAttention) {
+      this.qProj = this.projection('q', embedDim, numHeads * headDim, this.qkvProjBias);
+      this.kvProj = this.projection('kv', shapes[1][2]!, 2 * numHeadsKV * headDim, this.qkvProjBias);
+    } else {
+      this.qkvProj = this.projection('qkv', embedDim, (numHeads + 2 * numHeadsKV) * headDim, this.qkvProjBias);
+    }
+    this.outProj = this.projection('out', numHeads * headDim, embedDim, this.outProjBias);
+    this.built = true;
+  }
+
+  override computeOutputShape(inputShape: Shape|Shape[]): Shape {
+    const [x] = this.inputShapes(inputShape);
+    return [x[0], x[1], this.embedDim];
+  }
+
+  override computeMask(inputs: tf.Tensor|tf.Tensor[], mask?: tf.Tensor|tf.Tensor[]): tf.Tensor|tf.Tensor[] {
+    // The output keeps the queries' positions, hence their mask.
+    return (Array.isArray(mask) ? mask[0] : mask) as tf.Tensor;
+  }
+
+  /** `x [B, S, In]` times a projection -> `[B, S, Out]`. */
+  private project(x: tf.Tensor, proj: Projection): tf.Tensor3D {
+    const [batch, seq, inDim] = x.shape as [number, number, number];
+    const kernel = proj.kernel.read();
+    let y = tf.matMul(tf.reshape(x, [batch * seq, inDim]), kernel);
+    if (proj.bias != null) {
+      y = tf.add(y, proj.bias.read());
+    }
+    return tf.reshape(y, [batch, seq, kernel.shape[1]!]);
+  }
+
+  /** The key padding mask of a call: kwargs.keyPaddingMask, else tfjs's propagated mask. */
+  private keyMaskOf(kwargs: Kwargs): tf.Tensor|null {
+    const explicit = kwargs['keyPaddingMask'] as tf.Tensor|undefined;
+    let mask = explicit ?? (kwargs['mask'] as tf.Tensor|tf.Tensor[]|undefined) ?? null;
+    if (Array.isArray(mask)) {
+      // tfjs propagates one mask per input: the keys come from the last.
+      mask = mask[mask.length - 1] ?? null;
+    }
+    return mask;
+  }
+
+  override call(inputs: tf.Tensor|tf.Tensor[], kwargs: Kwargs): tf.Tensor {
+    return tf.tidy(() => {
+      const list = Array.isArray(inputs) ? inputs : [inputs];
+      this.inputShapes(list.map(t => t.shape));
+      const x = list[0];
+      const [batch, seqQ] = x.shape;
+      const {numHeads: heads, numHeadsKV: headsKV, headDim} = this;
+      let q: tf.Tensor4D;
+      let k: tf.Tensor4D;
+      let v: tf.Tensor4D;
+      if (this.crossAttention) {
+        const xKV = list[1];
+        const seqK = xKV.shape[1]!;
+        q = tf.reshape(this.project(x, this.qProj!), [batch, seqQ, heads, headDim]);
+        const kv = tf.reshape(this.project(xKV, this.kvProj!), [batch, seqK, 2, headsKV, headDim]);
+        [k, v] = tf.unstack(kv, 2) as tf.Tensor4D[];
+      } else {
+        const qkv = this.project(x, this.qkvProj!);
+        const [qFlat, kFlat, vFlat] = tf.split(qkv, [heads * headDim, headsKV * headDim, headsKV * headDim], 2);
+        q = tf.reshape(qFlat, [batch, seqQ, heads, headDim]);
+        k = tf.reshape(kFlat, [batch, seqQ, headsKV, headDim]);
+        v = tf.reshape(vFlat, [batch, seqQ, headsKV, headDim]);
+      }
+      if (this.rotaryEmbDim > 0) {
+        q = applyRotary(q, this.rotaryEmbDim, this.rotaryEmbBase, this.rotaryEmbInterleaved);
+        k = applyRotary(k, this.rotaryEmbDim, this.rotaryEmbBase, this.rotaryEmbInterleaved);
+      }
+      const keyMask = this.keyMaskOf(kwargs);
+      if (keyMask != null && (keyMask.rank !== 2 || keyMask.shape[0] !== batch || keyMask.shape[1] !== k.shape[1])) {
+        throw new Error(`FlashMHA: keyPaddingMask must have shape [batch, seqK] = [${batch}, ${k.shape[1]}], got [${
+            keyMask.shape.join(', ')}]`);
+      }
+      const training = kwargs['training'] === true;
+      const out = this.attend(q, k, v, keyMask, training);
+      return this.project(tf.reshape(out, [batch, seqQ, heads * headDim]), this.outProj!);
+    });
+  }
+
+  /** ALiBi slopes `[H]` of this layer, or null. */
+  protected alibiSlopesTensor(): tf.Tensor1D|null {
+    return this.useAlibi ? tf.tensor1d(alibiSlopes(this.numHeads)) : null;
+  }
+
+  /**
+   * The attention itself: q `[B, Sq, H, D]`, k and v `[B, Sk, Hk, D]` ->
+   * `[B, Sq, H, D]`. flashAttention, or the masked composed path when the
+   * call has a key padding mask (the fused kernels take no mask).
+   */
+  protected attend(q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D, keyMask: tf.Tensor|null,
+                   training: boolean): tf.Tensor4D {
+    const common = {
+      causal: this.causal,
+      softmaxScale: this.softmaxScale,
+      windowSize: this.windowSize,
+      softcap: this.softcap,
+      dropoutRate: training ? this.dropout : 0,
+    };
+    const slopes = this.alibiSlopesTensor();
+    if (keyMask != null) {
+      return maskedAttention(q, k, v, {...common, alibiSlopes: slopes, keyMask});
+    }
+    return flashAttention(q, k, v, slopes == null ? common : {...common, alibiSlopes: slopes});
+  }
+
+  override getConfig(): tf.serialization.ConfigDict {
+    const config: tf.serialization.ConfigDict = {
+      embedDim: this.embedDim,
+      numHeads: this.numHeads,
+      numHeadsKV: this.numHeadsKV,
+      headDim: this.headDim,
+      dropout: this.dropout,
+      causal: this.causal,
+      softmaxScale: this.softmaxScale ?? null,
+      windowSize: this.windowSize,
+      softcap: this.softcap,
+      useAlibi: this.useAlibi,
+      qkvProjBias: this.qkvProjBias,
+      outProjBias: this.outProjBias,
+      rotaryEmbDim: this.rotaryEmbDim,
+      rotaryEmbBase: this.rotaryEmbBase,
+      rotaryEmbInterleaved: this.rotaryEmbInterleaved,
+      crossAttention: this.crossAttention,
+      kernelInitializer: serializeObject(this.kernelInitializer),
+      biasInitializer: serializeObject(this.biasInitializer),
+      kernelRegularizer: serializeObject(this.kernelRegularizer),
+      biasRegularizer: serializeObject(this.biasRegularizer),
+      kernelConstraint: serializeObject(this.kernelConstraint),
+      biasConstraint: serializeObject(this.biasConstraint),
+    };
+    return {...super.getConfig(), ...config};
+  }
+
+  /**
+   * Saved configs go through snake case and back, which turns numHeadsKV
+   * into numHeadsKv: accept that spelling when loading.
+   */
+  static override fromConfig<T extends tf.serialization.Serializable>(
+      cls: tf.serialization.SerializableConstructor<T>, config: tf.serialization.ConfigDict): T {
+    const {numHeadsKv, ...rest} = config;
+    return new cls({...rest, numHeadsKV: rest['numHeadsKV'] ?? numHeadsKv});
+  }
+}
+tf.serialization.registerClass(FlashMHA);
+
+/** Creates a FlashMHA layer (`tf.layers.dense`-style factory). */
+export function flashMHA(args: FlashMHAArgs): FlashMHA {
+  return new FlashMHA(args);
+}

@@ -1,0 +1,16 @@
+/**
+ * tfjs-flash-attention/layers: Keras-style layers over the flashAttention
+ * op. Needs @tensorflow/tfjs-layers (an optional peer dependency). Imports
+ * the core by package name, so that it shares the one fused-kernel registry
+ * of `tfjs-flash-attention`.
+ */
+export type {FlashMHAArgs, FlashMHACallKwargs} from './flash_mha';
+export {FlashMHA, flashMHA} from './flash_mha';
+export {alibiSlopes} from './alibi';
+export type {MaskedAttentionOptions} from './masked_attention';
+export {maskedAttention, repeatKVHeads} from './masked_attention';
+export {applyRotary} from './rotary';
+// Keras's MultiHeadAttention, registered for deserialization at import
+// (where no class of that name is registered yet).
+export type {MultiHeadAttentionArgs, MultiHeadAttentionCallArgs} from './multi_head_attention';
+export {MultiHeadAttention, registerMultiHeadAttention} from './multi_head_attention';
