@@ -255,8 +255,13 @@ async function main(): Promise<void> {
                 continue;
               }
               if (variant !== 'default' && variant !== '-') {
-                const [tm, tx, nq, ty] = variant.split(',').map(Number);
-                setForwardOverride({tiles: {tm, tx, nq, ty}});
+                // tm,tx,nq,ty[,p0|p1 (register prefetch)][,u1|u2|u4 (unroll)]
+                const [tm, tx, nq, ty] = variant.split(',').slice(0, 4).map(Number);
+                const flags = variant.split(',').slice(4);
+                const p = flags.find(f => f.startsWith('p'));
+                const u = flags.find(f => f.startsWith('u'));
+                setForwardOverride({tiles: {tm, tx, nq, ty}, prefetch: p == null ? undefined : p === 'p1',
+                                    unroll: u == null ? undefined : Number(u.slice(1))});
               }
               // fwdbwd: the forward is fused, the backward is whatever the
               // backend has (bwd's fused kernel, else the reference).

@@ -53,6 +53,11 @@ export interface ForwardOverride {
   subgroups?: boolean;
   /** Testing only: skip the device-limit check, so the GPU rejects it. */
   ignoreLimits?: boolean;
+  /** Tuning: force the register prefetch on/off, the head-dim unroll. */
+  prefetch?: boolean;
+  unroll?: number;
+  /** Testing: constant loop bounds (the GPU code path) on any device. */
+  constantLoops?: boolean;
 }
 let override: ForwardOverride|null = null;
 export function setForwardOverride(o: ForwardOverride|null): void {
@@ -185,7 +190,9 @@ export function flashAttentionWebGPU(
     headDim, headDimV, tiles: plan.tiles, score, alibiMode,
     dropout: attrs.dropoutRate > 0, subgroups: plan.subgroups,
     reverseRows: score.windowRight && !score.windowLeft,
-    runtimeLoops: isSoftwareDevice(backend.device),
+    runtimeLoops: !override?.constantLoops && isSoftwareDevice(backend.device),
+    prefetch: override?.prefetch,
+    unroll: override?.unroll,
   };
   const {br, bc, dq4} = tileSizes(config);
   const numQTiles = Math.ceil(seqQ / br);

@@ -59,6 +59,9 @@ export interface ForwardConfig {
    * pipeline creation take minutes.
    */
   runtimeLoops: boolean;
+  /** Tuning overrides (benchmarks): register prefetch, head-dim unroll. */
+  prefetch?: boolean;
+  unroll?: number;
 }
 
 export interface TileSizes {
@@ -100,13 +103,13 @@ export function prefetchFloats(c: {headDim: number, headDimV: number, tiles: For
  * takes too many registers (large head dims) or loops are not unrolled.
  */
 export function usePrefetch(c: ForwardConfig): boolean {
-  return !c.runtimeLoops && prefetchFloats(c) <= 64;
+  return !c.runtimeLoops && (c.prefetch ?? prefetchFloats(c) <= 64);
 }
 
 export function forwardKey(c: ForwardConfig): string {
   const t = c.tiles;
   return `fa_fwd_d${c.headDim}_dv${c.headDimV}_tm${t.tm}tx${t.tx}nq${t.nq}ty${t.ty}_${
-      scoreKey(c.score)}_al${c.alibiMode}_do${+c.dropout}_sg${+c.subgroups}_rv${+c.reverseRows}_rl${+c.runtimeLoops}`;
+      scoreKey(c.score)}_al${c.alibiMode}_do${+c.dropout}_sg${+c.subgroups}_rv${+c.reverseRows}_rl${+c.runtimeLoops}_pf${c.prefetch ?? '-'}_un${c.unroll ?? '-'}`;
 }
 
 /** Field order of the uniform struct (all 4-byte scalars). */
@@ -258,7 +261,8 @@ export function forwardWGSL(c: ForwardConfig): string {
   // that offsets become constants (small head dims only).
   // (Measured on an H100: x4 helps at D=64; at D=128 the hoisted loads of
   // an unrolled loop cost far more than they save, so no unrolling there.)
-  const unroll = !c.runtimeLoops && dq4 % 4 === 0 && dq4 <= 16 ? 4 : 1;
+  const unroll = c.runtimeLoops ? 1 :
+      c.unroll != null && dq4 % c.unroll === 0 ? c.unroll : dq4 % 4 === 0 && dq4 <= 16 ? 4 : 1;
   const qkBody = (ch: string) => `{
       ${rowsI.map(i => `let a${i} = qs[qBase${i} + ${ch}];`).join('\n      ')}
       ${quads.map(q => range(4).map(e => `{
