@@ -231,11 +231,12 @@ async function main(): Promise<void> {
   }
 
   const variants = args.variants.length > 0 ? args.variants : ['default'];
-  for (const mode of args.modes) {
-    for (const d of args.dims) {
-      for (const causal of args.causal) {
-        for (const s of args.seqs) {
-          const [q, k, v, dy] = [0, 1, 2, 3].map(() => tf.randomNormal([B, s, H, d]) as import('@tensorflow/tfjs-core').Tensor4D);
+  // Inputs are made once per (D, S) (random normals are drawn on the CPU).
+  for (const d of args.dims) {
+    for (const s of args.seqs) {
+      const [q, k, v, dy] = [0, 1, 2, 3].map(() => tf.randomNormal([B, s, H, d]) as import('@tensorflow/tfjs-core').Tensor4D);
+      for (const mode of args.modes) {
+        for (const causal of args.causal) {
           for (const impl of args.impls) {
             for (const variant of impl === 'fused' ? variants : ['-']) {
               const row: Row = {mode, impl, variant, dim: d, seq: s, causal, ms: null, tflops: null,
@@ -311,9 +312,9 @@ async function main(): Promise<void> {
                   row.tflops!.toFixed(2)} TFLOP/s, peak ${row.peakMiB!.toFixed(1)} MiB (${row.reps} reps)` : row.status}`);
             }
           }
-          tf.dispose([q, k, v, dy]);
         }
       }
+      tf.dispose([q, k, v, dy]);
     }
   }
   tf.env().set(fa.FLASH_ATTENTION_IMPL, 'auto');
@@ -341,7 +342,17 @@ function table(rows: Row[], torch: TorchRow[], B: number, H: number): string {
   lines.push('');
   lines.push('| mode | D | S | causal | fused ms | fused TFLOP/s | fused peak MiB | composed ms | composed TFLOP/s | composed peak MiB | fused speedup | torch ms | torch TFLOP/s | fused / torch |');
   lines.push('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |');
-  const keys = new Set(rows.map(r => `${r.mode}|${r.dim}|${r.causal}|${r.seq}`));
+  const order = (r: Row) => [r.mode === 'fwd' ? 0 : 1, r.dim, r.causal ? 0 : 1, r.seq];
+  const sorted = rows.slice().sort((a, b) => {
+    const x = order(a), y = order(b);
+    for (let i = 0; i < x.length; i++) {
+      if (x[i] !== y[i]) {
+        return x[i] - y[i];
+      }
+    }
+    return 0;
+  });
+  const keys = new Set(sorted.map(r => `${r.mode}|${r.dim}|${r.causal}|${r.seq}`));
   const notes: string[] = [];
   for (const key of keys) {
     const [mode, dim, causal, seq] = key.split('|');
