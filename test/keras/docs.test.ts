@@ -19,6 +19,11 @@ const root = path.join(__dirname, '..', '..');
 const doc = fs.readFileSync(path.join(root, 'docs', 'keras.md'), 'utf8');
 const examples = [...doc.matchAll(/```ts\n([\s\S]*?)```/g)].map(m => m[1]);
 const EXAMPLE_URL = 'https://example.com/encoder/model.json';
+/** The README's "Loading Keras transformer models" example (the same call). */
+const readmeExamples =
+    [...fs.readFileSync(path.join(root, 'README.md'), 'utf8').matchAll(/```ts\n([\s\S]*?)```/g)]
+        .map(m => m[1])
+        .filter(source => source.includes(EXAMPLE_URL));
 
 /** The layers entry: src/layers/index.ts once it exports the layer. */
 function layersEntry(): unknown {
@@ -106,6 +111,12 @@ describe('docs/keras.md examples', () => {
 
   it('loading a Keras encoder prints the output shape it claims', async () => {
     const printed = await runExample(examples[0], url);
+    expect(printed).toEqual([JSON.stringify([[1, 12, 16]])]);
+  });
+
+  it('the README\'s loading example prints the output shape it claims', async () => {
+    expect(readmeExamples.length).toBe(1);
+    const printed = await runExample(readmeExamples[0], url);
     expect(printed).toEqual([JSON.stringify([[1, 12, 16]])]);
   });
 
