@@ -1,0 +1,300 @@
+/**
+ * The MultiHeadAttention layer on its own, against tfjs-layers' own
+ * MultiHeadAttention (the harness) with the same weights: call
+ * conventions, masks (Keras's top-left causal mask for every Sq/Sk, masks
+ * with fully masked rows, broadcast masks), returned scores, inputs of
+ * rank 4, output_shape; that plain calls go through flashAttention; that
+ * training works; no leaks.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import * as tfl from '@tensorflow/tfjs-layers';
+
+import {FLASH_ATTENTION_IMPL} from '../../src';
+import {MultiHeadAttention, MultiHeadAttentionArgs} from '../../src/layers/multi_head_attention';
+import {describeBackends, useBackend} from '../harness/backends';
+import {disposeKerasMHA, KERAS_MHA_WEIGHT_NAMES, kerasMultiHeadAttention, setKerasMHAWeights} from '../harness/keras_mha';
+import {expectClose, freshRng, Rng} from '../harness/problems';
+
+import {loadModel, randomInputs, randomWeights, readFixture, weightSpecs} from './keras_models';
+
+const BOUND = 1e-5;
+
+function normals(shape: number[], rng: Rng, scale = 1): tf.Tensor {
+  const n = shape.reduce((a, b) => a * b, 1);
+  return tf.tensor(Float32Array.from({length: n}, () => rng.normal() * scale), shape);
+}
+
+function zeroOneMask(shape: number[], rng: Rng): tf.Tensor {
+  const n = shape.reduce((a, b) => a * b, 1);
+  const values = Float32Array.from({length: n}, () => (rng.uniform() < 0.6 ? 1 : 0));
+  values.fill(0, 0, shape[shape.length - 1]);  // A fully masked row.
+  return tf.tensor(values, shape);
+}
+
+interface CallCase {
+  title: string;
+  args: MultiHeadAttentionArgs;
+  query: number[];
+  value: number[];
+  key?: number[];
+  mask?: number[];
+  causal?: boolean;
+  scores?: boolean;
+  /** Run the reference on cpu (tfjs-webgpu's einsum stops at rank 6). */
+  referenceOnCpu?: boolean;
+}
+
+const CASES: CallCase[] = [
+  {title: 'self-attention', args: {numHeads: 2, keyDim: 8}, query: [2, 12, 16], value: [2, 12, 16]},
+  {title: 'cross-attention with a key, value_dim != key_dim, no bias',
+   args: {numHeads: 3, keyDim: 4, valueDim: 6, useBias: false},
+   query: [2, 7, 10], value: [2, 9, 12], key: [2, 9, 5]},
+  {title: 'causal, Sq == Sk', args: {numHeads: 2, keyDim: 8}, query: [2, 11, 16],
+   value: [2, 11, 16], causal: true},
+  {title: 'causal, Sq > Sk (top-left: a right window)', args: {numHeads: 2, keyDim: 8},
+   query: [2, 13, 16], value: [2, 6, 16], causal: true},
+  {title: 'causal, Sq < Sk (composed path)', args: {numHeads: 2, keyDim: 8},
+   query: [2, 5, 16], value: [2, 9, 16], causal: true},
+  {title: 'attention_mask [B, T, S] with a fully masked row, scores returned',
+   args: {numHeads: 2, keyDim: 4}, query: [2, 6, 8], value: [2, 7, 8], mask: [2, 6, 7],
+   scores: true},
+  {title: 'attention_mask [T, S] broadcast, and causal', args: {numHeads: 2, keyDim: 4},
+   query: [2, 6, 8], value: [2, 6, 8], mask: [6, 6], causal: true},
+  {title: 'rank-4 inputs (attention over both middle axes), scores returned',
+   args: {numHeads: 2, keyDim: 4}, query: [2, 3, 4, 8], value: [2, 2, 3, 8], scores: true,
+   referenceOnCpu: true},
+  {title: 'key_dim beyond flashAttention\'s 256 (composed path)',
+   args: {numHeads: 1, keyDim: 260, valueDim: 4}, query: [1, 3, 8], value: [1, 4, 8]},
+  {title: 'output_shape [4, 2]', args: {numHeads: 2, keyDim: 4, outputShape: [4, 2]},
+   query: [2, 5, 8], value: [2, 5, 8]},
+];
+
+interface Result {
+  shape: number[];
+  data: Float32Array;
+}
+
+/**
+ * tfjs-layers' MultiHeadAttention on the same inputs and weights, on the
+ * current backend or on cpu (inputs copied there asynchronously: webgpu
+ * in Node cannot read synchronously).
+ */
+async function reference(
+    c: CallCase, inputs: Record<string, tf.Tensor|undefined>,
+    weights: Record<string, tf.Tensor>): Promise<[Result, Result]> {
+  const backend = tf.getBackend();
+  const toCpu = async (t: tf.Tensor) => ({shape: t.shape, data: await t.data()});
+  const onCpu = async (ts: Record<string, tf.Tensor|undefined>) => {
+    const copies: Record<string, {shape: number[], data: tf.TypedArray}> = {};
+    for (const [name, t] of Object.entries(ts)) {
+      if (t != null) {
+        copies[name] = await toCpu(t);
+      }
+    }
+    return copies;
+  };
+  let x = inputs as Record<string, tf.Tensor>;
+  let w = weights;
+  if (c.referenceOnCpu) {
+    const [xc, wc] = [await onCpu(inputs), await onCpu(weights)];
+    await tf.setBackend('cpu');
+    const make = (copies: typeof xc) => Object.fromEntries(
+        Object.entries(copies).map(([n, v]) => [n, tf.tensor(v.data, v.shape)]));
+    [x, w] = [make(xc), make(wc)];
+  }
+  const ref = kerasMultiHeadAttention({
+    numHeads: c.args.numHeads, keyDim: c.args.keyDim, valueDim: c.args.valueDim ?? undefined,
+    useBias: c.args.useBias, outputShape: (c.args.outputShape ?? undefined) as number[]|undefined,
+  });
+  setKerasMHAWeights(ref, w, {query: c.query, value: c.value, key: c.key});
+  const [out, scores] = ref.callAndReturnAttentionScores(
+      x.query, {value: x.value, key: x.key, attentionMask: x.attentionMask, useCausalMask: c.causal});
+  const result: [Result, Result] = [
+    {shape: out.shape, data: await out.data() as Float32Array},
+    {shape: scores.shape, data: await scores.data() as Float32Array},
+  ];
+  tf.dispose([out, scores]);
+  disposeKerasMHA(ref);
+  if (c.referenceOnCpu) {
+    tf.dispose([...Object.values(x), ...Object.values(w)]);
+    await tf.setBackend(backend);
+  }
+  return result;
+}
+
+async function checkCase(c: CallCase): Promise<void> {
+  const rng = freshRng();
+  const what = `${c.title} (seed ${rng.seed})`;
+  const start = tf.memory().numTensors;
+  const query = normals(c.query, rng);
+  const value = normals(c.value, rng);
+  const key = c.key ? normals(c.key, rng) : undefined;
+  const attentionMask = c.mask ? zeroOneMask(c.mask, rng) : undefined;
+  const layer = new MultiHeadAttention(c.args);
+  const kwargs = {value, key, attentionMask, useCausalMask: c.causal, returnAttentionScores: c.scores};
+  // Builds (Keras's weight shapes), then gets random weights.
+  tf.dispose(layer.apply(query, kwargs) as tf.Tensor);
+  const values: Record<string, tf.Tensor> = {};
+  layer.weights.forEach((w, i) => {
+    const name = KERAS_MHA_WEIGHT_NAMES.filter(n => c.args.useBias !== false || n.endsWith('kernel'))[i];
+    expect(w.originalName).toBe(`${layer.name}/${name}`);
+    values[name] = normals(w.shape as number[], rng, 1 / Math.sqrt(w.shape[0]!));
+  });
+  layer.setWeights(Object.values(values));
+
+  const [want, wantScores] = await reference(c, {query, value, key, attentionMask}, values);
+  const got = layer.apply(query, kwargs) as tf.Tensor|tf.Tensor[];
+  const [out, scores] = Array.isArray(got) ? got : [got];
+  expect(out.shape).toEqual(want.shape);
+  expectClose(await out.data(), want.data, BOUND, `${what} output`);
+  if (c.scores) {
+    expect(scores.shape).toEqual(wantScores.shape);
+    expectClose(await scores.data(), wantScores.data, BOUND, `${what} scores`);
+  } else {
+    expect(Array.isArray(got)).toBe(false);
+  }
+  // tfjs-layers' own convention, layer.call(query, {value, ...}), too.
+  const called = layer.call(query, kwargs as unknown as Parameters<typeof layer.call>[1]) as tf.Tensor|tf.Tensor[];
+  const calledOut = Array.isArray(called) ? called[0] : called;
+  expectClose(await calledOut.data(), want.data, BOUND, `${what} call()`);
+
+  tf.dispose([query, value, ...(key ? [key] : []), ...(attentionMask ? [attentionMask] : []),
+              got, called, ...Object.values(values)] as tf.Tensor[]);
+  layer.dispose();
+  expect(tf.memory().numTensors).toBe(start);
+}
+
+describeBackends('MultiHeadAttention vs tfjs-layers\' MultiHeadAttention', () => {
+  for (const c of CASES) {
+    it(c.title, async () => {
+      await checkCase(c);
+    });
+  }
+});
+
+describeBackends('MultiHeadAttention: Keras masks of the inputs (Embedding mask_zero)', () => {
+  /**
+   * tokens -> Embedding(mask_zero) -> self-attention (cross-attention is
+   * refused: errors.test.ts). Compared with tfjs-layers' MHA given the
+   * same mask as `kerasMask`.
+   */
+  async function check(run: 'predict'|'apply'): Promise<void> {
+    const rng = freshRng();
+    const tokens = tfl.input({shape: [6], dtype: 'int32'});
+    const context = tfl.input({shape: [5, 8]});
+    const embedding = tfl.layers.embedding({inputDim: 10, outputDim: 8, maskZero: true});
+    const embedded = embedding.apply(tokens) as tfl.SymbolicTensor;
+    const layer = new MultiHeadAttention({numHeads: 2, keyDim: 4});
+    const model = tfl.model({
+      inputs: [tokens, context],
+      outputs: layer.apply(embedded, {value: embedded}) as tfl.SymbolicTensor,
+    });
+    const values: Record<string, tf.Tensor> = {};
+    layer.weights.forEach((w, i) => {
+      values[KERAS_MHA_WEIGHT_NAMES[i]] = normals(w.shape as number[], rng, 0.5);
+    });
+    layer.setWeights(Object.values(values));
+    // Padding (0) at the ends; the second example has a padded query row.
+    const ids = tf.tensor2d([[3, 1, 4, 1, 5, 9], [2, 6, 5, 0, 0, 0]], [2, 6], 'int32');
+    const ctx = normals([2, 5, 8], rng);
+    const start = tf.memory().numTensors;
+    const got = (run === 'predict' ? model.predict([ids, ctx]) : model.apply([ids, ctx])) as tf.Tensor;
+
+    const ref = kerasMultiHeadAttention({numHeads: 2, keyDim: 4});
+    // Embedding's eager apply sets q.kerasMask (ids != 0).
+    const q = embedding.apply(ids) as tf.Tensor;
+    expect(Array.from(await q.kerasMask!.data())).toEqual([1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]);
+    setKerasMHAWeights(ref, values, {query: [2, 6, 8], value: [2, 6, 8]});
+    const want = ref.call(q, {value: q}) as tf.Tensor;
+    expectClose(await got.data(), await want.data(), BOUND, `${run} (seed ${rng.seed})`);
+    tf.dispose([got, want, q, q.kerasMask]);
+    disposeKerasMHA(ref);
+    expect(tf.memory().numTensors).toBe(start);
+    tf.dispose([ids, ctx, ...Object.values(values)]);
+    model.dispose();
+  }
+
+  it('self-attention, predict (tfjs\'s executor passes the query\'s mask)', async () => {
+    await check('predict');
+  });
+  it('self-attention, apply', async () => {
+    await check('apply');
+  });
+});
+
+describe('MultiHeadAttention: flashAttention, training (cpu)', () => {
+  beforeAll(() => useBackend('cpu'));
+  afterEach(() => {
+    tf.env().set(FLASH_ATTENTION_IMPL, 'auto');
+  });
+
+  it('plain and causal calls run flashAttention; masked calls the composed path', () => {
+    // cpu has no fused kernel: under FLASH_ATTENTION_IMPL=fused,
+    // flashAttention refuses, which shows which calls go through it.
+    const layer = new MultiHeadAttention({numHeads: 2, keyDim: 4});
+    const x = tf.randomNormal([1, 6, 8]);
+    const y = tf.randomNormal([1, 4, 8]);
+    const mask = tf.ones([1, 6, 4]);
+    tf.dispose(layer.apply(x, {value: y}) as tf.Tensor);
+    tf.env().set(FLASH_ATTENTION_IMPL, 'fused');
+    expect(() => layer.apply(x, {value: y})).toThrow(/FLASH_ATTENTION_IMPL is 'fused'/);
+    expect(() => layer.apply(x, {value: y, useCausalMask: true}))
+        .toThrow(/FLASH_ATTENTION_IMPL is 'fused'/);
+    tf.dispose(layer.apply(x, {value: y, attentionMask: mask}) as tf.Tensor);
+    const [, scores] = layer.apply(x, {value: y, returnAttentionScores: true}) as tf.Tensor[];
+    expect(scores.shape).toEqual([1, 2, 6, 4]);
+    tf.dispose([x, y, mask, scores]);
+    layer.dispose();
+  });
+
+  it('model.fit trains the encoder block (dropout in training), weights of MHA change', async () => {
+    const rng = freshRng();
+    const json = readFixture('encoder_block');
+    const model = await loadModel(json, randomWeights(weightSpecs(json), rng).data);
+    const start = tf.memory().numTensors;
+    const [x] = randomInputs(model, 4, rng);
+    const target = tf.randomNormal(x.shape);
+    const mha = model.getLayer('multi_head_attention');
+    const before = mha.getWeights().map(w => w.dataSync().slice());
+    model.compile({optimizer: tf.train.sgd(0.1), loss: 'meanSquaredError'});
+    const history = await model.fit(x, target, {epochs: 2, batchSize: 4, verbose: 0});
+    expect(history.history.loss.every(l => Number.isFinite(l as number))).toBe(true);
+    const after = mha.getWeights().map(w => w.dataSync());
+    mha.weights.forEach((w, i) => {
+      // Softmax ignores a per-row constant: the key bias gets no gradient.
+      if (!w.originalName.endsWith('key/bias')) {
+        expect(Array.from(after[i])).not.toEqual(Array.from(before[i]));
+      }
+    });
+    // Inference (dropout off) is deterministic.
+    const a = model.predict(x) as tf.Tensor;
+    const b = model.predict(x) as tf.Tensor;
+    expect(Array.from(await a.data())).toEqual(Array.from(await b.data()));
+    tf.dispose([x, target, a, b]);
+    model.optimizer.dispose();
+    expect(tf.memory().numTensors).toBeLessThanOrEqual(start);
+    model.dispose();
+  });
+
+  it('gradients flow through the composed (masked) path', () => {
+    const rng = freshRng();
+    const layer = new MultiHeadAttention({numHeads: 2, keyDim: 4});
+    const q = normals([2, 5, 8], rng);
+    const v = normals([2, 6, 8], rng);
+    const mask = zeroOneMask([2, 5, 6], rng);
+    tf.dispose(layer.apply(q, {value: v}) as tf.Tensor);
+    const start = tf.memory().numTensors;
+    const {value, grads} = tf.variableGrads(() => tf.sum(tf.square(
+        layer.apply(q, {value: v, attentionMask: mask, useCausalMask: true}) as tf.Tensor)) as tf.Scalar);
+    expect(Object.keys(grads).sort()).toEqual(layer.weights.map(w => w.name).sort());
+    for (const g of Object.values(grads)) {
+      const data = g.dataSync();
+      expect(data.every(Number.isFinite)).toBe(true);
+      expect(data.some(d => d !== 0)).toBe(true);
+    }
+    tf.dispose([value, ...Object.values(grads)]);
+    expect(tf.memory().numTensors).toBe(start);
+    tf.dispose([q, v, mask]);
+    layer.dispose();
+  });
+});
