@@ -10,3 +10,5 @@ export {alibiSlopes} from './alibi';
 export type {MaskedAttentionOptions} from './masked_attention';
 export {maskedAttention, repeatKVHeads} from './masked_attention';
 export {applyRotary} from './rotary';
+export type {MultiHeadAttentionWeightName, MultiHeadAttentionWeightsSource} from './mha_weights';
+export {loadMultiHeadAttentionWeights, MULTI_HEAD_ATTENTION_WEIGHT_NAMES} from './mha_weights';
