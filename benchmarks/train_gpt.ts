@@ -64,9 +64,13 @@ async function withErrorScopes(device: GPUDevice, fn: () => Promise<number>): Pr
   }
   const scoped: string[] = [];
   for (const kind of ['internal', 'validation', 'out-of-memory']) {
-    const error = await device.popErrorScope();
-    if (error != null) {
-      scoped.push(`${kind}: ${error.message}`.slice(0, 300));
+    try {
+      const error = await device.popErrorScope();
+      if (error != null) {
+        scoped.push(`${kind}: ${error.message}`.slice(0, 300));
+      }
+    } catch (e) {  // A lost device rejects.
+      scoped.push(`${kind} scope: ${(e as Error).message}`.slice(0, 300));
     }
   }
   const error = thrown ?? (scoped.length > 0 ? scoped.join(' | ') : null) ??
