@@ -7,6 +7,8 @@
 import * as tf from '@tensorflow/tfjs-core';
 
 import {flashAttentionGradConfig} from '../gradients/flash_attention_grad';
+// Fused WebGPU kernels (registered for the backend named 'webgpu').
+import '../kernels/webgpu/register';
 
 export type {AttentionShapes} from './checks';
 export {MAX_HEAD_DIM} from './checks';

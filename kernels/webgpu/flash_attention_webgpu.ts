@@ -1,0 +1,436 @@
+/**
+ * The fused FlashAttention forward program in WGSL (FlashAttention-2's
+ * forward: one pass over K/V per query tile, online softmax in f32).
+ *
+ * One workgroup owns BR query rows of one (batch, head) and walks the key
+ * tiles of BC keys that any of its rows can see (tiles that the causal or
+ * window mask hides completely are never visited). Per key tile:
+ *   S = Q K^T        Q tile and K tile in workgroup memory, each thread a
+ *                    TM x (4*NQ) register tile of S
+ *   scores           scale -> softcap -> alibi -> mask (mask only on tiles
+ *                    that cross a boundary), then the running row max
+ *                    (reduced over the TX threads of a row by subgroup
+ *                    shuffles, or through workgroup memory without them)
+ *   P = exp(S - m)   rescales the running sum and output; dropout applied
+ *                    to P (not to the sum), bits from Philox as the reference
+ *   O += P V         P through workgroup memory; V replaces K in the same
+ *                    buffer; each thread a TM x (4*NJ) register tile of O
+ * Global loads of the next K tile (and of this tile's V) are issued into
+ * registers before the math that precedes their use, so their latency
+ * overlaps it.
+ *
+ * Threads: TX per row group x TY row groups; thread (ty, tx) owns rows
+ * ty + TY*i (i < TM), key columns 4*(tx + TX*q) + e (q < NQ, e < 4: whole
+ * quads, so one Philox call gives a thread's 4 dropout bits) and output
+ * columns 4*(tx + TX*jj) + e. K rows in workgroup memory are XOR-swizzled
+ * per quad so that the TX threads reading different keys hit different
+ * banks.
+ */
+import {ScoreOptions, dropoutWGSL, keyRangeWGSL, philoxWGSL, scoreKey, scoreWGSL, FA_NEG_INF_BITS} from './wgsl_snippets';
+
+/** The register/workgroup tiling of one pipeline. */
+export interface ForwardTiles {
+  /** Rows per thread. */
+  tm: number;
+  /** Threads sharing a row (a power of two). */
+  tx: number;
+  /** Key quads per thread: BC = 4 * TX * NQ. */
+  nq: number;
+  /** Row groups: BR = TM * TY; threads = TX * TY. */
+  ty: number;
+}
+
+/** Everything baked into one forward pipeline. */
+export interface ForwardConfig {
+  headDim: number;
+  headDimV: number;
+  tiles: ForwardTiles;
+  score: ScoreOptions;
+  /** 0 none, 1 slopes [H], 2 slopes [B, H]. */
+  alibiMode: 0|1|2;
+  dropout: boolean;
+  /** Row reductions by subgroupShuffleXor (needs TX <= subgroup size). */
+  subgroups: boolean;
+  /** Heaviest query tiles first (causal-like masks). */
+  reverseRows: boolean;
+  /**
+   * Inner loop bounds from uniforms instead of constants: software
+   * rasterizers (SwiftShader) unroll constant loops fully, which makes
+   * pipeline creation take minutes.
+   */
+  runtimeLoops: boolean;
+}
+
+export interface TileSizes {
+  br: number;
+  bc: number;
+  threads: number;
+  dq4: number;
+  dv4: number;
+  nj: number;
+  kvw: number;
+}
+
+export function tileSizes(c: {headDim: number, headDimV: number, tiles: ForwardTiles}): TileSizes {
+  const {tm, tx, nq, ty} = c.tiles;
+  const dq4 = Math.ceil(c.headDim / 4);
+  const dv4 = Math.ceil(c.headDimV / 4);
+  const nj = Math.ceil(dv4 / tx);
+  return {br: tm * ty, bc: 4 * tx * nq, threads: tx * ty, dq4, dv4, nj,
+          kvw: Math.max(dq4, tx * nj)};
+}
+
+/** Bytes of workgroup memory a configuration uses. */
+export function workgroupBytes(
+    c: {headDim: number, headDimV: number, tiles: ForwardTiles}, subgroups: boolean): number {
+  const s = tileSizes(c);
+  const red = subgroups ? 0 : s.br * c.tiles.tx * 4;
+  return 16 * (s.br * s.dq4 + s.bc * s.kvw) + 4 * s.br * s.bc + red;
+}
+
+export function forwardKey(c: ForwardConfig): string {
+  const t = c.tiles;
+  return `fa_fwd_d${c.headDim}_dv${c.headDimV}_tm${t.tm}tx${t.tx}nq${t.nq}ty${t.ty}_${
+      scoreKey(c.score)}_al${c.alibiMode}_do${+c.dropout}_sg${+c.subgroups}_rv${+c.reverseRows}_rl${+c.runtimeLoops}`;
+}
+
+/** Field order of the uniform struct (all 4-byte scalars). */
+export const FORWARD_UNIFORMS = [
+  ['seqQ', 'i32'], ['seqK', 'i32'], ['heads', 'i32'], ['groups', 'i32'],
+  ['headsKV', 'i32'], ['numQTiles', 'i32'], ['totalGroups', 'i32'], ['gridX', 'i32'],
+  ['scale', 'f32'], ['softcap', 'f32'], ['left', 'i32'], ['right', 'i32'],
+  ['seedLo', 'u32'], ['seedHi', 'u32'], ['threshold', 'u32'], ['keepScale', 'f32'],
+  ['loopDQ4', 'i32'], ['loopBC4', 'i32'],
+] as const;
+
+function range(n: number): number[] {
+  return Array.from({length: n}, (_, i) => i);
+}
+
+const COMP = ['x', 'y', 'z', 'w'];
+
+/** max() of all terms as a balanced tree. */
+function maxAll(terms: string[]): string {
+  if (terms.length === 1) {
+    return terms[0];
+  }
+  const half = Math.ceil(terms.length / 2);
+  return `max(${maxAll(terms.slice(0, half))}, ${maxAll(terms.slice(half))})`;
+}
+
+export function forwardWGSL(c: ForwardConfig): string {
+  const t = c.tiles;
+  const {br, bc, threads, dq4, dv4, nj, kvw} = tileSizes(c);
+  const vecQK = c.headDim % 4 === 0;
+  const vecV = c.headDimV % 4 === 0;
+  // Swizzle width: the largest power of two <= 8 that divides DQ4, so that
+  // chunk ^ key stays inside the row.
+  let swz = 1;
+  while (swz < 8 && dq4 % (swz * 2) === 0) {
+    swz *= 2;
+  }
+  const swm = swz - 1;
+  const rowsI = range(t.tm);
+  const quads = range(t.nq);
+  const outJ = range(nj);
+  const bindings: string[] = [];
+  let binding = 0;
+  const qkType = vecQK ? 'vec4<f32>' : 'f32';
+  bindings.push(`@group(0) @binding(${binding++}) var<storage, read> qb: array<${qkType}>;`);
+  bindings.push(`@group(0) @binding(${binding++}) var<storage, read> kb: array<${qkType}>;`);
+  bindings.push(`@group(0) @binding(${binding++}) var<storage, read> vb: array<${vecV ? 'vec4<f32>' : 'f32'}>;`);
+  if (c.alibiMode !== 0) {
+    bindings.push(`@group(0) @binding(${binding++}) var<storage, read> slopes: array<f32>;`);
+  }
+  bindings.push(`@group(0) @binding(${binding++}) var<storage, read_write> outb: array<${vecV ? 'vec4<f32>' : 'f32'}>;`);
+  bindings.push(`@group(0) @binding(${binding++}) var<storage, read_write> lseb: array<u32>;`);
+  bindings.push(`@group(0) @binding(${binding++}) var<uniform> u: Uniforms;`);
+
+  // Row bases are in vec4 units when the head dim is a multiple of 4, else
+  // in units of "rows": for the scalar path rowVec * 4 would be wrong, so
+  // scalar paths pass a float index divided by 4 only when exact. To keep
+  // one code path, scalar rows use base = row * D and index base + 4c + e.
+  const qkRowBase = (rowIndex: string) => vecQK ? `(${rowIndex}) * ${dq4}u` : `(${rowIndex})`;
+  const loadQKRow = (buf: string, rowIndex: string, chunk: string) => vecQK ?
+      `${buf}[${qkRowBase(rowIndex)} + ${chunk}]` :
+      `vec4<f32>(${range(4).map(e => `select(0.0, ${buf}[min((${rowIndex}) * ${c.headDim}u + ${chunk} * 4u + ${e}u, arrayLength(&${buf}) - 1u)], ${chunk} * 4u + ${e}u < ${c.headDim}u)`).join(', ')})`;
+  const loadVRow = (rowIndex: string, chunk: string) => vecV ?
+      `vb[(${rowIndex}) * ${dv4}u + ${chunk}]` :
+      `vec4<f32>(${range(4).map(e => `select(0.0, vb[min((${rowIndex}) * ${c.headDimV}u + ${chunk} * 4u + ${e}u, arrayLength(&vb) - 1u)], ${chunk} * 4u + ${e}u < ${c.headDimV}u)`).join(', ')})`;
+
+
+  const nKLoads = Math.ceil(bc * dq4 / threads);
+  const nVLoads = Math.ceil(bc * dv4 / threads);
+  const nQLoads = Math.ceil(br * dq4 / threads);
+
+  const kRow = (j: string) => `u32((b * u.seqK + ${j}) * u.headsKV + hk)`;
+  const kSwizzled = (key: string, ch: string) => `${key} * KVW + ((${ch}) ^ ((${key} >> 2u) & ${swm}u))`;
+  const prefetch = !c.runtimeLoops;
+  const prologueK = !prefetch ? '' : `// Prefetch of the first K tile into registers.
+  ${range(nKLoads).map(n => `var kr${n} = vec4<f32>(0.0);`).join(' ')}
+  ${range(nVLoads).map(n => `var vr${n} = vec4<f32>(0.0);`).join(' ')}
+  if (tBegin < tEnd) {
+    let j0 = tBegin * i32(BC);
+    ${range(nKLoads).map(n => `{
+      let idx = lid + THREADS * ${n}u;
+      let j = j0 + i32(idx / DQ4);
+      if (idx < BC * DQ4 && j < u.seqK) {
+        kr${n} = ${loadQKRow('kb', kRow('j'), '(idx % DQ4)')};
+      }
+    }`).join('\n    ')}
+  }`;
+  const storeK = prefetch ? `// K tile: registers -> workgroup memory, swizzled per key quad.
+    ${range(nKLoads).map(n => `{
+      let idx = lid + THREADS * ${n}u;
+      if (idx < BC * DQ4) {
+        kvs[${kSwizzled('(idx / DQ4)', 'idx % DQ4')}] = kr${n};
+      }
+    }`).join('\n    ')}` : `// K tile -> workgroup memory, swizzled per key quad.
+    for (var idx = lid; idx < BC * DQ4; idx += THREADS) {
+      let key = idx / DQ4;
+      let j = j0 + i32(key);
+      var val = vec4<f32>(0.0);
+      if (j < u.seqK) {
+        val = ${loadQKRow('kb', kRow('j'), '(idx % DQ4)')};
+      }
+      kvs[${kSwizzled('key', 'idx % DQ4')}] = val;
+    }`;
+  const loadV = !prefetch ? '' : `// This tile's V into registers (stored after S is done with K).
+    ${range(nVLoads).map(n => `{
+      let idx = lid + THREADS * ${n}u;
+      let j = j0 + i32(idx / DV4);
+      vr${n} = vec4<f32>(0.0);
+      if (idx < BC * DV4 && j < u.seqK) {
+        vr${n} = ${loadVRow(kRow('j'), '(idx % DV4)')};
+      }
+    }`).join('\n    ')}`;
+  const storeV = prefetch ? range(nVLoads).map(n => `{
+      let idx = lid + THREADS * ${n}u;
+      if (idx < BC * DV4) {
+        kvs[(idx / DV4) * KVW + idx % DV4] = vr${n};
+      }
+    }`).join('\n    ') : `for (var idx = lid; idx < BC * DV4; idx += THREADS) {
+      let j = j0 + i32(idx / DV4);
+      var val = vec4<f32>(0.0);
+      if (j < u.seqK) {
+        val = ${loadVRow(kRow('j'), '(idx % DV4)')};
+      }
+      kvs[(idx / DV4) * KVW + idx % DV4] = val;
+    }`;
+  const nextK = !prefetch ? '' : `// Next K tile into registers.
+    if (kt + 1 < tEnd) {
+      let jn = j0 + i32(BC);
+      ${range(nKLoads).map(n => `{
+        let idx = lid + THREADS * ${n}u;
+        let j = jn + i32(idx / DQ4);
+        kr${n} = vec4<f32>(0.0);
+        if (idx < BC * DQ4 && j < u.seqK) {
+          kr${n} = ${loadQKRow('kb', kRow('j'), '(idx % DQ4)')};
+        }
+      }`).join('\n      ')}
+    }`;
+  const reduce = (v: string, op: 'max'|'add') => {
+    const lines: string[] = [];
+    for (let o = 1; o < t.tx; o *= 2) {
+      lines.push(op === 'max' ? `${v} = max(${v}, subgroupShuffleXor(${v}, ${o}u));` :
+                                `${v} = ${v} + subgroupShuffleXor(${v}, ${o}u);`);
+    }
+    return lines.join('\n      ');
+  };
+  /** Reduce per-thread values `vals[i]` over the TX threads of each row. */
+  const rowReduce = (vals: string[], op: 'max'|'add') => {
+    if (t.tx === 1) {
+      return '';
+    }
+    if (c.subgroups) {
+      return vals.map(v => reduce(v, op)).join('\n      ');
+    }
+    const combine = (a: string, b: string) => op === 'max' ? `max(${a}, ${b})` : `(${a} + ${b})`;
+    return `${vals.map((v, i) => `red[(ty + ${t.ty}u * ${i}u) * ${t.tx}u + tx] = ${v};`).join('\n      ')}
+      workgroupBarrier();
+      ${vals.map((v, i) => {
+      const base = `(ty + ${t.ty}u * ${i}u) * ${t.tx}u`;
+      let expr = `red[${base}]`;
+      for (let x = 1; x < t.tx; x++) {
+        expr = combine(expr, `red[${base} + ${x}u]`);
+      }
+      return `${v} = ${expr};`;
+    }).join('\n      ')}`;
+  };
+
+  const scoreLines: string[] = [];
+  for (const i of rowsI) {
+    for (const q of quads) {
+      for (const e of range(4)) {
+        const acc = `s${i}_${q}.${COMP[e]}`;
+        const j = `(j0 + i32(4u * (tx + ${t.tx}u * ${q}u) + ${e}u))`;
+        const needsPos = c.score.alibi || c.score.softcap;
+        if (needsPos) {
+          scoreLines.push(`${acc} = fa_score(${acc}, row${i}, ${j}, sp);`);
+        }
+        if (e === 0) {
+          scoreLines.push(`if s${i}_${q} = select(vec4<f32>(NEG), s${i}_${q}, fa_visible4(row${i}, vec4<i32>(${j}) + vec4<i32>(0, 1, 2, 3), sp));`);
+        }
+      }
+    }
+  }
+  const plainScale = !(c.score.alibi || c.score.softcap);
+
+  return `${c.subgroups ? 'enable subgroups;' : ''}
+${scoreWGSL(c.score)}
+${keyRangeWGSL(c.score)}
+${c.dropout ? philoxWGSL() + dropoutWGSL() : ''}
+
+struct Uniforms {
+${FORWARD_UNIFORMS.map(([n, ty]) => `  ${n}: ${ty},`).join('\n')}
+}
+
+${bindings.join('\n')}
+
+const BR = ${br}u;
+const BC = ${bc}u;
+const TY = ${t.ty}u;
+const TX = ${t.tx}u;
+const THREADS = ${threads}u;
+const DQ4 = ${dq4}u;
+const DV4 = ${dv4}u;
+const KVW = ${kvw}u;
+const NEG = -1e30;
+
+var<workgroup> qs: array<vec4<f32>, ${br * dq4}>;
+var<workgroup> kvs: array<vec4<f32>, ${bc * kvw}>;
+var<workgroup> ps: array<vec4<f32>, ${br * bc / 4}>;
+${c.subgroups || t.tx === 1 ? '' : `var<workgroup> red: array<f32, ${br * t.tx}>;`}
+
+@compute @workgroup_size(${threads})
+fn main(@builtin(workgroup_id) wg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+  let groupId = i32(wg.x + wg.y * u32(u.gridX));
+  if (groupId >= u.totalGroups) {
+    return;
+  }
+  var qTile = groupId % u.numQTiles;
+  ${c.reverseRows ? 'qTile = u.numQTiles - 1 - qTile;' : ''}
+  let bh = groupId / u.numQTiles;
+  let h = bh % u.heads;
+  let b = bh / u.heads;
+  let hk = h / u.groups;
+  let tx = lid % TX;
+  let ty = lid / TX;
+  let r0 = qTile * i32(BR);
+  let rEnd = min(r0 + i32(BR), u.seqQ);
+
+  var sp: FaScore;
+  sp.scale = u.scale;
+  sp.softcap = u.softcap;
+  sp.slope = ${c.alibiMode === 0 ? '0.0' : c.alibiMode === 1 ? 'slopes[h]' : 'slopes[b * u.heads + h]'};
+  sp.diag = u.seqK - u.seqQ;
+  sp.left = u.left;
+  sp.right = u.right;
+  sp.seqK = u.seqK;
+
+  // Q tile -> workgroup memory (rows past seqQ are zeros).
+  for (var n = 0u; n < ${nQLoads}u; n++) {
+    let idx = lid + THREADS * n;
+    if (idx < BR * DQ4) {
+      let r = idx / DQ4;
+      let ch = idx % DQ4;
+      let row = r0 + i32(r);
+      var val = vec4<f32>(0.0);
+      if (row < u.seqQ) {
+        val = ${loadQKRow('qb', `u32((b * u.seqQ + row) * u.heads + h)`, 'ch')};
+      }
+      qs[r * DQ4 + ch] = val;
+    }
+  }
+
+  let keys = fa_key_range(r0, rEnd, sp);
+  let tBegin = keys.x / i32(BC);
+  let tEnd = select(tBegin, (keys.y + i32(BC) - 1) / i32(BC), keys.y > keys.x);
+
+  ${rowsI.map(i => `let row${i} = r0 + i32(ty + TY * ${i}u);`).join('\n  ')}
+  ${rowsI.map(i => `var m${i} = NEG;\n  var l${i} = 0.0;`).join('\n  ')}
+  ${rowsI.map(i => outJ.map(jj => `var o${i}_${jj} = vec4<f32>(0.0);`).join(' ')).join('\n  ')}
+  // Key offsets (swizzled) of this thread's columns in workgroup memory.
+  ${quads.map(q => range(4).map(e => `let kOff${q}_${e} = (4u * (tx + TX * ${q}u) + ${e}u) * KVW;`).join(' ')).join('\n  ')}
+  ${quads.map(q => `let kSw${q} = (tx + TX * ${q}u) & ${swm}u;`).join('\n  ')}
+
+  ${prologueK}
+
+  for (var kt = tBegin; kt < tEnd; kt++) {
+    let j0 = kt * i32(BC);
+    workgroupBarrier();
+    ${storeK}
+    ${loadV}
+    workgroupBarrier();
+
+    // S = Q K^T on this thread's TM x 4NQ tile.
+    ${rowsI.map(i => quads.map(q => `var s${i}_${q} = vec4<f32>(0.0);`).join(' ')).join('\n    ')}
+    for (var ch = 0u; ch < ${c.runtimeLoops ? 'u32(u.loopDQ4)' : 'DQ4'}; ch++) {
+      ${rowsI.map(i => `let a${i} = qs[(ty + TY * ${i}u) * DQ4 + ch];`).join('\n      ')}
+      ${quads.map(q => range(4).map(e => `{
+        let kv = kvs[kOff${q}_${e} + (ch ^ kSw${q})];
+        ${rowsI.map(i => `s${i}_${q}.${COMP[e]} += dot(a${i}, kv);`).join('\n        ')}
+      }`).join('\n      ')).join('\n      ')}
+    }
+
+    // Scores, then the online softmax. Only tiles that cross the edge of
+    // the keys or of the window need the mask.
+    let fullTile = j0 + i32(BC) <= u.seqK
+        ${c.score.windowRight ? '&& j0 + i32(BC) - 1 <= r0 + sp.diag + u.right' : ''}
+        ${c.score.windowLeft ? '&& j0 >= rEnd - 1 + sp.diag - u.left' : ''};
+    ${plainScale ? rowsI.map(i => quads.map(q => `s${i}_${q} = s${i}_${q} * u.scale;`).join(' ')).join('\n    ') : ''}
+    ${scoreLines.filter(l => !l.startsWith('if')).join('\n    ')}
+    if (!fullTile) {
+      ${scoreLines.filter(l => l.startsWith('if')).map(l => l.slice(3)).join('\n      ')}
+    }
+    ${rowsI.map(i => `var mx${i} = ${maxAll(quads.flatMap(q => COMP.map(x => `s${i}_${q}.${x}`)))};`).join('\n    ')}
+    ${rowReduce(rowsI.map(i => `mx${i}`), 'max')}
+    ${rowsI.map(i => `{
+      let mNew = max(m${i}, mx${i});
+      let alpha = exp(m${i} - mNew);
+      m${i} = mNew;
+      ${quads.map(q => `s${i}_${q} = select(vec4<f32>(0.0), exp(s${i}_${q} - vec4<f32>(mNew)), s${i}_${q} > vec4<f32>(-1e29));`).join('\n      ')}
+      l${i} = l${i} * alpha${quads.map(q => ` + dot(s${i}_${q}, vec4<f32>(1.0))`).join('')};
+      ${outJ.map(jj => `o${i}_${jj} = o${i}_${jj} * alpha;`).join(' ')}
+      ${c.dropout ? quads.map(q => `s${i}_${q} = s${i}_${q} * fa_dropout4(u32(b), u32(h), u32(row${i}), u32(j0 >> 2u) + tx + TX * ${q}u, vec2<u32>(u.seedLo, u.seedHi), u.threshold, u.keepScale);`).join('\n      ') : ''}
+    }`).join('\n    ')}
+    workgroupBarrier();
+    // V -> workgroup memory (over K), P -> workgroup memory.
+    ${storeV}
+    ${rowsI.map(i => quads.map(q => `ps[(ty + TY * ${i}u) * (BC / 4u) + tx + TX * ${q}u] = s${i}_${q};`).join(' ')).join('\n    ')}
+    ${nextK}
+    workgroupBarrier();
+
+    // O += P V on this thread's TM x 4NJ tile.
+    for (var cc = 0u; cc < ${c.runtimeLoops ? 'u32(u.loopBC4)' : 'BC / 4u'}; cc++) {
+      ${rowsI.map(i => `let p${i} = ps[(ty + TY * ${i}u) * (BC / 4u) + cc];`).join('\n      ')}
+      ${range(4).map(e => `{
+        let vo = (4u * cc + ${e}u) * KVW + tx;
+        ${outJ.map(jj => `let v${jj} = kvs[vo + ${jj * t.tx}u];`).join('\n        ')}
+        ${rowsI.map(i => outJ.map(jj => `o${i}_${jj} += p${i}.${COMP[e]} * v${jj};`).join(' ')).join('\n        ')}
+      }`).join('\n      ')}
+    }
+  }
+
+  // Row sums over the TX threads of each row, then the outputs.
+  ${rowReduce(rowsI.map(i => `l${i}`), 'add').replace(/workgroupBarrier\(\);/, 'workgroupBarrier();')}
+  ${rowsI.map(i => `if (row${i} < u.seqQ) {
+    let inv = select(0.0, 1.0 / l${i}, l${i} > 0.0);
+    let outRow = u32((b * u.seqQ + row${i}) * u.heads + h);
+    ${outJ.map(jj => `{
+      let ch = tx + TX * ${jj}u;
+      if (ch < DV4) {
+        let val = o${i}_${jj} * inv;
+        ${vecV ? 'outb[outRow * DV4 + ch] = val;' :
+                 range(4).map(e => `if (ch * 4u + ${e}u < ${c.headDimV}u) { outb[outRow * ${c.headDimV}u + ch * 4u + ${e}u] = val.${COMP[e]}; }`).join('\n        ')}
+      }
+    }`).join('\n    ')}
+    if (tx == 0u) {
+      lseb[u32((b * u.heads + h) * u.seqQ + row${i})] =
+          select(${FA_NEG_INF_BITS}u, bitcast<u32>(m${i} + log(l${i})), l${i} > 0.0);
+    }
+  }`).join('\n  ')}
+}
+`;
+}

@@ -1,0 +1,328 @@
+/**
+ * Runs a compute pipeline of our own on the tfjs webgpu backend's device,
+ * over tfjs tensors, with several outputs (tfjs's runWebGPUProgram has one).
+ *
+ * Ordering: tfjs records its work into a command encoder that it submits in
+ * batches. Before our dispatch we end tfjs's pass and submit its encoder, so
+ * everything tfjs recorded so far (e.g. the uploads or kernels that produced
+ * our inputs) is on the queue first; then our own encoder is submitted. Work
+ * tfjs records afterwards goes into a new encoder, submitted later. The
+ * queue runs submissions in order, so no barrier is needed, and buffers of
+ * tensors disposed after our submit can be reused by tfjs safely.
+ *
+ * Bindings, group 0: inputs (read-only storage) at 0..n-1, outputs
+ * (read_write storage) at n..n+m-1, then the uniform buffer (if any) at n+m.
+ * An explicit bind group layout is used, so a shader need not use every
+ * binding.
+ *
+ * Errors: WebGPU reports shader and validation errors asynchronously. Each
+ * pipeline creation and dispatch runs inside error scopes; an error found
+ * is kept on the pipeline, which then throws on every later use, and
+ * `checkOwnPipelineErrors` (awaitable) throws it as soon as it is known.
+ *
+ * Only type imports of @tensorflow/tfjs-backend-webgpu: the package is an
+ * optional peer and stays out of our bundles.
+ */
+/// <reference types="@webgpu/types" />
+import * as tf from '@tensorflow/tfjs-core';
+import type {WebGPUBackend} from '@tensorflow/tfjs-backend-webgpu';
+
+/** A pipeline: `key` names every constant baked into the code. */
+export interface OwnPipelineSpec {
+  key: string;
+  /** The WGSL source; only called on a cache miss. */
+  code: () => string;
+  /** Number of input and output storage bindings, and a uniform or not. */
+  numInputs: number;
+  numOutputs: number;
+  hasUniforms: boolean;
+  entryPoint?: string;
+  label?: string;
+}
+
+export interface OwnOutput {
+  shape: number[];
+  dtype: tf.DataType;
+}
+
+export interface OwnRun {
+  inputs: tf.TensorInfo[];
+  outputs: OwnOutput[];
+  /** Raw bytes of the uniform struct (std140-like layout is the caller's). */
+  uniforms?: ArrayBuffer;
+  /** Workgroup counts, each <= maxComputeWorkgroupsPerDimension. */
+  dispatch: [number, number, number];
+}
+
+interface PipelineEntry {
+  pipeline: GPUComputePipeline;
+  layout: GPUBindGroupLayout;
+  /** Set once an error of this pipeline is known. */
+  error: Error|null;
+}
+
+interface DeviceState {
+  pipelines: Map<string, PipelineEntry>;
+  /** Error scopes not yet resolved (creation and dispatches). */
+  pending: Array<Promise<void>>;
+  /** Errors found and not yet thrown by checkOwnPipelineErrors. */
+  found: Error[];
+}
+
+const states = new WeakMap<GPUDevice, DeviceState>();
+
+function stateOf(device: GPUDevice): DeviceState {
+  let s = states.get(device);
+  if (s == null) {
+    s = {pipelines: new Map(), pending: [], found: []};
+    states.set(device, s);
+  }
+  return s;
+}
+
+let poisonOutputs = false;
+
+/**
+ * Testing aid: fill every output with NaN before the dispatch, so that an
+ * element a kernel forgets to write is caught.
+ */
+export function setPoisonOutputs(on: boolean): void {
+  poisonOutputs = on;
+}
+
+/** The webgpu backend, or an error naming what is active. */
+export function webgpuBackendOf(backend?: tf.KernelBackend): WebGPUBackend {
+  const b = (backend ?? tf.backend()) as unknown as WebGPUBackend;
+  if (b == null || (b as unknown as {device?: GPUDevice}).device == null ||
+      typeof b.submitQueue !== 'function') {
+    throw new Error(`expected the tfjs webgpu backend, got ${tf.getBackend()}`);
+  }
+  return b;
+}
+
+/** Does the backend's device have the WGSL `subgroups` extension? */
+export function deviceHasSubgroups(device: GPUDevice): boolean {
+  return device.features.has('subgroups' as GPUFeatureName);
+}
+
+/** Splits `total` workgroups into an (x, y, 1) grid within `maxPerDim`. */
+export function dispatchGrid(total: number, maxPerDim = 65535): [number, number, number] {
+  const x = Math.max(1, Math.min(total, maxPerDim));
+  const y = Math.ceil(total / x);
+  if (y > maxPerDim) {
+    throw new Error(`too many workgroups: ${total} > ${maxPerDim}^2`);
+  }
+  return [x, y, 1];
+}
+
+function errorText(scopeError: GPUError|null): string|null {
+  return scopeError == null ? null : scopeError.message;
+}
+
+/** Watches the scopes pushed by `pushScopes`, recording what they catch. */
+function watchScopes(
+    device: GPUDevice, what: string, onError: (e: Error) => void): void {
+  const state = stateOf(device);
+  const internal = device.popErrorScope();
+  const validation = device.popErrorScope();
+  const oom = device.popErrorScope();
+  const done = Promise.all([validation, internal, oom]).then(errors => {
+    const messages = errors.map(errorText).filter(m => m != null);
+    if (messages.length > 0) {
+      const error = new Error(`${what} failed on the GPU: ${messages.join('; ')}`);
+      state.found.push(error);
+      onError(error);
+    }
+  }, (e: unknown) => {
+    const error = new Error(`${what}: could not read the GPU error scope: ${e}`);
+    state.found.push(error);
+    onError(error);
+  });
+  state.pending.push(done);
+}
+
+function pushScopes(device: GPUDevice): void {
+  device.pushErrorScope('out-of-memory');
+  device.pushErrorScope('validation');
+  device.pushErrorScope('internal');
+}
+
+function getPipeline(device: GPUDevice, spec: OwnPipelineSpec): PipelineEntry {
+  const state = stateOf(device);
+  const cached = state.pipelines.get(spec.key);
+  if (cached != null) {
+    return cached;
+  }
+  const label = spec.label ?? spec.key;
+  const entries: GPUBindGroupLayoutEntry[] = [];
+  for (let i = 0; i < spec.numInputs + spec.numOutputs; i++) {
+    entries.push({
+      binding: i,
+      visibility: GPUShaderStage.COMPUTE,
+      buffer: {type: i < spec.numInputs ? 'read-only-storage' : 'storage'},
+    });
+  }
+  if (spec.hasUniforms) {
+    entries.push({
+      binding: spec.numInputs + spec.numOutputs,
+      visibility: GPUShaderStage.COMPUTE,
+      buffer: {type: 'uniform'},
+    });
+  }
+  pushScopes(device);
+  const layout = device.createBindGroupLayout({entries, label});
+  const module = device.createShaderModule({code: spec.code(), label});
+  const pipeline = device.createComputePipeline({
+    label,
+    layout: device.createPipelineLayout({bindGroupLayouts: [layout]}),
+    compute: {module, entryPoint: spec.entryPoint ?? 'main'},
+  });
+  const entry: PipelineEntry = {pipeline, layout, error: null};
+  watchScopes(device, `WGSL pipeline '${label}'`, e => {
+    entry.error = e;
+  });
+  // Shader messages carry line numbers; add them to the error once known.
+  if (typeof module.getCompilationInfo === 'function') {
+    state.pending.push(module.getCompilationInfo().then(info => {
+      const errors = info.messages.filter(m => m.type === 'error')
+                         .map(m => `line ${m.lineNum}:${m.linePos}: ${m.message}`);
+      if (errors.length > 0) {
+        const error = new Error(`WGSL of pipeline '${label}' does not compile: ${
+            errors.join('; ')}`);
+        entry.error = entry.error ?? error;
+        state.found.push(error);
+      }
+    }, () => undefined));
+  }
+  state.pipelines.set(spec.key, entry);
+  return entry;
+}
+
+/** The GPUBuffer behind a tensor (uploading it first if needed). */
+export function gpuBufferOf(backend: WebGPUBackend, t: tf.TensorInfo): GPUBuffer {
+  backend.uploadToGPU(t.dataId);
+  const resource = backend.tensorMap.get(t.dataId).resource;
+  if (!(resource instanceof GPUBuffer)) {
+    throw new Error('expected a tensor stored in a GPUBuffer (not a texture)');
+  }
+  return resource;
+}
+
+/**
+ * Dispatches `spec` once and returns its outputs (new tensors owned by the
+ * backend). Throws, before any GPU work, if the pipeline is known broken.
+ */
+export function runOwnPipeline(
+    backend: WebGPUBackend, spec: OwnPipelineSpec, run: OwnRun): tf.TensorInfo[] {
+  tf.util.assert(run.inputs.length === spec.numInputs,
+                 () => `${spec.key}: expected ${spec.numInputs} inputs, got ${run.inputs.length}`);
+  tf.util.assert(run.outputs.length === spec.numOutputs,
+                 () => `${spec.key}: expected ${spec.numOutputs} outputs, got ${run.outputs.length}`);
+  tf.util.assert(spec.hasUniforms === (run.uniforms != null),
+                 () => `${spec.key}: uniforms ${spec.hasUniforms ? 'missing' : 'not expected'}`);
+  const device = backend.device;
+  const entry = getPipeline(device, spec);
+  if (entry.error != null) {
+    throw entry.error;
+  }
+  const maxDim = device.limits.maxComputeWorkgroupsPerDimension;
+  run.dispatch.forEach(n => tf.util.assert(
+      Number.isInteger(n) && n >= 1 && n <= maxDim,
+      () => `${spec.key}: dispatch ${run.dispatch} outside [1, ${maxDim}]`));
+  for (const t of run.inputs) {
+    tf.util.assert(tf.util.sizeFromShape(t.shape) > 0,
+                   () => `${spec.key}: empty input of shape [${t.shape}]`);
+  }
+  const outputs = run.outputs.map(o => backend.makeTensorInfo(o.shape, o.dtype));
+  try {
+    const buffers = [...run.inputs, ...outputs].map(t => gpuBufferOf(backend, t));
+    // Everything tfjs recorded so far goes to the queue before our work.
+    backend.ensureCommandEncoderReady();
+    backend.endComputePassEncoder();
+    backend.submitQueue();
+    if (poisonOutputs) {
+      for (const b of buffers.slice(run.inputs.length)) {
+        device.queue.writeBuffer(b, 0, new Float32Array(b.size / 4).fill(NaN));
+      }
+    }
+    let uniformBuffer: GPUBuffer|null = null;
+    const uniformUsage = GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST;
+    if (run.uniforms != null) {
+      const size = Math.max(16, Math.ceil(run.uniforms.byteLength / 16) * 16);
+      uniformBuffer = backend.bufferManager.acquireBuffer(size, uniformUsage);
+      device.queue.writeBuffer(uniformBuffer, 0, run.uniforms);
+    }
+    const entries: GPUBindGroupEntry[] =
+        buffers.map((buffer, binding) => ({binding, resource: {buffer}}));
+    if (uniformBuffer != null) {
+      entries.push({binding: buffers.length, resource: {buffer: uniformBuffer}});
+    }
+    pushScopes(device);
+    const bindGroup = device.createBindGroup({layout: entry.layout, entries});
+    const encoder = device.createCommandEncoder();
+    const pass = encoder.beginComputePass();
+    pass.setPipeline(entry.pipeline);
+    pass.setBindGroup(0, bindGroup);
+    pass.dispatchWorkgroups(...run.dispatch);
+    pass.end();
+    device.queue.submit([encoder.finish()]);
+    watchScopes(device, `dispatch of '${spec.label ?? spec.key}'`, e => {
+      entry.error = entry.error ?? e;
+    });
+    if (uniformBuffer != null) {
+      // Safe to reuse once submitted: later writes are queued after it.
+      backend.bufferManager.releaseBuffer(uniformBuffer);
+    }
+  } catch (e) {
+    outputs.forEach(o => backend.disposeData(o.dataId));
+    throw e;
+  }
+  return outputs;
+}
+
+/**
+ * Waits for the GPU's verdict on every pipeline created and dispatch made so
+ * far on this device, and throws the first error found (once).
+ */
+export async function checkOwnPipelineErrors(backend?: tf.KernelBackend): Promise<void> {
+  const device = webgpuBackendOf(backend).device;
+  const state = stateOf(device);
+  while (state.pending.length > 0) {
+    const pending = state.pending;
+    state.pending = [];
+    await Promise.all(pending);
+  }
+  const found = state.found;
+  state.found = [];
+  if (found.length > 0) {
+    throw found[0];
+  }
+}
+
+/** Helper to fill a uniform buffer: 4-byte fields in declaration order. */
+export class UniformWriter {
+  private readonly view: DataView;
+  private offset = 0;
+  constructor(readonly bytes = new ArrayBuffer(256)) {
+    this.view = new DataView(bytes);
+  }
+  f32(x: number): this {
+    this.view.setFloat32(this.offset, x, true);
+    this.offset += 4;
+    return this;
+  }
+  i32(x: number): this {
+    this.view.setInt32(this.offset, x, true);
+    this.offset += 4;
+    return this;
+  }
+  u32(x: number): this {
+    this.view.setUint32(this.offset, x >>> 0, true);
+    this.offset += 4;
+    return this;
+  }
+  /** The bytes written, padded to 16. */
+  finish(): ArrayBuffer {
+    return this.bytes.slice(0, Math.max(16, Math.ceil(this.offset / 16) * 16));
+  }
+}

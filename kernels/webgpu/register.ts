@@ -1,0 +1,10 @@
+/**
+ * Registers the fused WebGPU kernels with tfjs (for the backend named
+ * 'webgpu'). Needs no runtime import of @tensorflow/tfjs-backend-webgpu:
+ * the kernels reach the device through the backend they are given.
+ */
+import {registerFusedKernel} from '../../src/dispatch';
+
+import {flashAttentionWebGPUConfig, supportsFlashAttentionWebGPU} from './flash_attention';
+
+registerFusedKernel(flashAttentionWebGPUConfig, supportsFlashAttentionWebGPU);

@@ -1,0 +1,214 @@
+/**
+ * WGSL pieces shared by the fused WebGPU kernels (forward and backward), so
+ * that both compute exactly the same scores and dropout bits as the
+ * reference (src/dropout.ts, DESIGN.md §2).
+ *
+ * Every function here returns WGSL source text. Names start with `fa_` to
+ * stay clear of a kernel's own identifiers. Constants that change the code
+ * (which options are on) are arguments of the generators: a kernel must put
+ * them in its pipeline key (`scoreKey`).
+ */
+
+/** -inf and "no key seen yet": WGSL may assume no infinities, so a finite
+ * sentinel is used inside kernels, and -inf is written as raw bits. */
+export const FA_NEG_BIG = -1e30;
+/** Bits of float32 -Infinity (write through a u32 view of the buffer). */
+export const FA_NEG_INF_BITS = 0xff800000;
+
+/**
+ * Philox4x32-10 (src/dropout.ts) in WGSL:
+ *   fn fa_mulhilo(a: u32, b: u32) -> vec2<u32>      // (hi, lo) of a * b
+ *   fn fa_philox(ctr: vec4<u32>, key: vec2<u32>) -> vec4<u32>
+ * WGSL has no 32x32->64 multiply, so the high half is built from 16-bit
+ * halves (every partial product fits in 32 bits).
+ */
+export function philoxWGSL(): string {
+  return `
+fn fa_mulhilo(a: u32, b: u32) -> vec2<u32> {
+  let aLo = a & 0xffffu;
+  let aHi = a >> 16u;
+  let bLo = b & 0xffffu;
+  let bHi = b >> 16u;
+  let lolo = aLo * bLo;
+  let mid1 = aHi * bLo;
+  let mid2 = aLo * bHi;
+  let carry = ((lolo >> 16u) + (mid1 & 0xffffu) + (mid2 & 0xffffu)) >> 16u;
+  let hi = aHi * bHi + (mid1 >> 16u) + (mid2 >> 16u) + carry;
+  return vec2<u32>(hi, a * b);
+}
+
+fn fa_philox(ctr: vec4<u32>, key: vec2<u32>) -> vec4<u32> {
+  var c = ctr;
+  var k = key;
+  for (var round = 0u; round < 10u; round++) {
+    let p0 = fa_mulhilo(0xD2511F53u, c.x);
+    let p1 = fa_mulhilo(0xCD9E8D57u, c.z);
+    c = vec4<u32>(p1.x ^ c.y ^ k.x, p1.y, p0.x ^ c.w ^ k.y, p0.y);
+    k = k + vec2<u32>(0x9E3779B9u, 0xBB67AE85u);
+  }
+  return c;
+}
+`;
+}
+
+/**
+ * Dropout multipliers of the 4 keys `4 * quad .. 4 * quad + 3` of query row
+ * `i` of (batch b, head h): `keepScale` where kept, 0 where dropped.
+ *   fn fa_dropout4(b: u32, h: u32, i: u32, quad: u32, seed: vec2<u32>,
+ *                  threshold: u32, keepScale: f32) -> vec4<f32>
+ * Needs philoxWGSL().
+ */
+export function dropoutWGSL(): string {
+  return `
+fn fa_dropout4(b: u32, h: u32, i: u32, quad: u32, seed: vec2<u32>,
+               threshold: u32, keepScale: f32) -> vec4<f32> {
+  let w = fa_philox(vec4<u32>(quad, i, h, b), seed);
+  return select(vec4<f32>(0.0), vec4<f32>(keepScale), w >= vec4<u32>(threshold));
+}
+`;
+}
+
+/** Which score options are compiled in (all other values are uniforms). */
+export interface ScoreOptions {
+  softcap: boolean;
+  alibi: boolean;
+  /** A left window bound exists (windowLeft >= 0). */
+  windowLeft: boolean;
+  /** A right window bound exists (windowRight >= 0; causal gives 0). */
+  windowRight: boolean;
+}
+
+export function scoreOptionsFromAttrs(
+    attrs: {softcap: number, windowLeft: number, windowRight: number},
+    hasAlibi: boolean): ScoreOptions {
+  return {
+    softcap: attrs.softcap > 0,
+    alibi: hasAlibi,
+    windowLeft: attrs.windowLeft >= 0,
+    windowRight: attrs.windowRight >= 0,
+  };
+}
+
+/** The part of a pipeline key that scoreWGSL's options decide. */
+export function scoreKey(o: ScoreOptions): string {
+  return `sc${+o.softcap}al${+o.alibi}wl${+o.windowLeft}wr${+o.windowRight}`;
+}
+
+/**
+ * The score pipeline of DESIGN.md §2 (scale -> softcap -> alibi -> mask):
+ *
+ *   struct FaScore {scale, softcap, slope: f32, diag (= Sk - Sq),
+ *                   left, right, seqK: i32}
+ *   fn fa_tanh(x: f32) -> f32                    // overflow-free tanh
+ *   fn fa_visible(i: i32, j: i32, p: FaScore) -> bool
+ *       key j < seqK and inside the window of query i
+ *   fn fa_visible4(i: i32, j: vec4<i32>, p: FaScore) -> vec4<bool>
+ *       the same for 4 keys, without branches
+ *   fn fa_score(qk: f32, i: i32, j: i32, p: FaScore) -> f32
+ *       the final score of a visible key (qk = q . k, unscaled)
+ *   fn fa_capped(qk: f32, p: FaScore) -> f32
+ *       scale then softcap only (no alibi): what the softcap derivative
+ *       needs is 1 - (fa_capped / softcap)^2
+ *
+ * Unused option values in FaScore are ignored (e.g. `left` without a left
+ * bound), so a kernel can always fill every field.
+ */
+export function scoreWGSL(o: ScoreOptions): string {
+  return `
+struct FaScore {
+  scale: f32,
+  softcap: f32,
+  slope: f32,
+  diag: i32,
+  left: i32,
+  right: i32,
+  seqK: i32,
+}
+
+fn fa_tanh(x: f32) -> f32 {
+  // exp of a non-positive argument cannot overflow.
+  let t = exp(-2.0 * abs(x));
+  let r = (1.0 - t) / (1.0 + t);
+  return select(r, -r, x < 0.0);
+}
+
+fn fa_visible(i: i32, j: i32, p: FaScore) -> bool {
+  var ok = j >= 0 && j < p.seqK;
+  let d = i + p.diag;
+  ${o.windowLeft ? 'ok = ok && j >= d - p.left;' : ''}
+  ${o.windowRight ? 'ok = ok && j <= d + p.right;' : ''}
+  return ok;
+}
+
+// Four keys at once, branch-free (software rasterizers compile the
+// short-circuit form of many unrolled masks very slowly).
+fn fa_visible4(i: i32, j: vec4<i32>, p: FaScore) -> vec4<bool> {
+  var ok = (j >= vec4<i32>(0)) & (j < vec4<i32>(p.seqK));
+  let d = i + p.diag;
+  ${o.windowLeft ? 'ok = ok & (j >= vec4<i32>(d - p.left));' : ''}
+  ${o.windowRight ? 'ok = ok & (j <= vec4<i32>(d + p.right));' : ''}
+  return ok;
+}
+
+fn fa_capped(qk: f32, p: FaScore) -> f32 {
+  let s = qk * p.scale;
+  ${o.softcap ? 'return p.softcap * fa_tanh(s / p.softcap);' : 'return s;'}
+}
+
+fn fa_score(qk: f32, i: i32, j: i32, p: FaScore) -> f32 {
+  var s = fa_capped(qk, p);
+  ${o.alibi ? 's = s - p.slope * f32(abs(i + p.diag - j));' : ''}
+  return s;
+}
+`;
+}
+
+/**
+ * The range of key indices [lo, hi) that any query row in [row0, row1)
+ * can see (window and causal), clipped to [0, seqK). Host-side twin of
+ * fa_visible, used to skip key tiles; empty when lo >= hi.
+ */
+export function visibleKeyRange(
+    row0: number, row1: number, seqQ: number, seqK: number, windowLeft: number,
+    windowRight: number): [number, number] {
+  const diag = seqK - seqQ;
+  const lo = windowLeft >= 0 ? Math.max(0, row0 + diag - windowLeft) : 0;
+  const hi = windowRight >= 0 ? Math.min(seqK, row1 - 1 + diag + windowRight + 1) : seqK;
+  return [lo, hi];
+}
+
+/**
+ * WGSL twin of visibleKeyRange, for kernels that compute their key range
+ * on the GPU from uniforms:
+ *   fn fa_key_range(row0: i32, row1: i32, p: FaScore) -> vec2<i32>  // [lo, hi)
+ * Needs scoreWGSL() (for FaScore).
+ */
+export function keyRangeWGSL(o: ScoreOptions): string {
+  return `
+fn fa_key_range(row0: i32, row1: i32, p: FaScore) -> vec2<i32> {
+  var lo = 0;
+  var hi = p.seqK;
+  ${o.windowLeft ? 'lo = max(0, row0 + p.diag - p.left);' : ''}
+  ${o.windowRight ? 'hi = min(p.seqK, row1 - 1 + p.diag + p.right + 1);' : ''}
+  return vec2<i32>(lo, hi);
+}
+`;
+}
+
+/**
+ * The rows [lo, hi) of queries that can see any key in [col0, col1): the
+ * transpose of fa_key_range, for backward kernels that walk key tiles:
+ *   fn fa_query_range(col0: i32, col1: i32, seqQ: i32, p: FaScore) -> vec2<i32>
+ */
+export function queryRangeWGSL(o: ScoreOptions): string {
+  return `
+fn fa_query_range(col0: i32, col1: i32, seqQ: i32, p: FaScore) -> vec2<i32> {
+  var lo = 0;
+  var hi = seqQ;
+  // Query i sees key j iff i + diag - left <= j <= i + diag + right.
+  ${o.windowRight ? 'lo = max(0, col0 - p.diag - p.right);' : ''}
+  ${o.windowLeft ? 'hi = min(seqQ, col1 - 1 - p.diag + p.left + 1);' : ''}
+  return vec2<i32>(lo, hi);
+}
+`;
+}
