@@ -1,0 +1,216 @@
+/**
+ * Device run of the fused WebGPU backward (issue 4), in Node on Dawn:
+ *   1. correctness at realistic shapes: fused gradients vs the float64
+ *      oracle (5e-4, DESIGN.md §3), and bit-identical reruns;
+ *   2. timing, causal B=1 H=16 D=64: backward alone (each tiling tried),
+ *      forward alone and forward+backward at S=4096, and forward+backward
+ *      at S=16384 (does it fit in memory?).
+ * FLOPs (DESIGN.md §4): forward 4*B*S*S*H*D, halved for causal;
+ * backward 2.5x, forward+backward 3.5x.
+ *
+ *   node webgpu_backward.mjs [--quick]     (--quick: small shapes, for SwiftShader)
+ */
+import {create, globals} from 'webgpu';
+
+import * as tf from '@tensorflow/tfjs-core';
+
+import {FlashAttention, FlashAttentionGrad, flashAttention, hasFusedKernel} from '../src';
+import {normalizeOptions} from '../src/options';
+import {chooseGradTiles, GradTiles, registerFlashAttentionGradWebGPU, setGradTilesOverride} from '../kernels/webgpu/FlashAttentionGrad';
+import {checkOwnPipelineErrors} from '../kernels/webgpu/own_pipeline';
+import {discrepancy, randomOracleProblem, Rng} from '../test/harness/problems';
+import {OracleOptions, oracleBackward, oracleForward} from '../test/oracle';
+
+const quick = process.argv.includes('--quick');
+
+interface Shape {
+  batch: number;
+  seqQ: number;
+  seqK: number;
+  heads: number;
+  headsKV: number;
+  headDim: number;
+  headDimV: number;
+}
+
+function randomTensor(shape: number[], rng: Rng): tf.Tensor {
+  const n = shape.reduce((a, b) => a * b, 1);
+  const values = new Float32Array(n);
+  for (let i = 0; i < n; i++) {
+    values[i] = rng.normal();
+  }
+  return tf.tensor(values, shape);
+}
+
+/** The backward kernel on saved forward outputs. */
+function backward(
+    dy: tf.Tensor, dLse: tf.Tensor, q: tf.Tensor, k: tf.Tensor, v: tf.Tensor,
+    out: tf.Tensor, lse: tf.Tensor, opts: OracleOptions): tf.Tensor[] {
+  const attrs = normalizeOptions(opts, q.shape[3]!, 'benchmark');
+  return tf.engine().runKernel(
+      FlashAttentionGrad,
+      {dy, dLse, q, k, v, out, softmaxLse: lse, alibiSlopes: tf.zeros([0])} as unknown as
+          tf.NamedTensorMap,
+      attrs as unknown as tf.NamedAttrMap) as tf.Tensor[];
+}
+
+async function correctness(shape: Shape, opts: OracleOptions, label: string): Promise<string> {
+  const rng = new Rng(1234);
+  const problem = randomOracleProblem(shape, rng);
+  const {batch, seqQ, seqK, heads, headsKV, headDim, headDimV} = shape;
+  const q = tf.tensor(Float32Array.from(problem.q), [batch, seqQ, heads, headDim]);
+  const k = tf.tensor(Float32Array.from(problem.k), [batch, seqK, headsKV, headDim]);
+  const v = tf.tensor(Float32Array.from(problem.v), [batch, seqK, headsKV, headDimV]);
+  const [out, lse] = flashAttention(q as tf.Tensor4D, k as tf.Tensor4D, v as tf.Tensor4D,
+                                    {...opts, returnSoftmaxLse: true});
+  const dOut = new Float64Array(batch * seqQ * heads * headDimV).map(() => Math.fround(rng.normal()));
+  const dLse = new Float64Array(batch * heads * seqQ).map(() => Math.fround(rng.normal()));
+  const dy = tf.tensor(Float32Array.from(dOut), out.shape);
+  const dl = tf.tensor(Float32Array.from(dLse), lse.shape);
+  const runs: Float32Array[][] = [];
+  for (let n = 0; n < 2; n++) {
+    const grads = backward(dy, dl, q, k, v, out, lse, opts);
+    runs.push(await Promise.all(grads.map(g => g.data() as Promise<Float32Array>)));
+    tf.dispose(grads);
+  }
+  await checkOwnPipelineErrors();
+  // The oracle's gradients of this forward's lse: its own forward in float64.
+  void oracleForward;
+  const expected = oracleBackward(problem, opts, dOut, dLse);
+  const errors = (['dq', 'dk', 'dv'] as const).map((name, i) => {
+    const d = discrepancy(runs[0][i], expected[name]);
+    return `${name} ${d.relativeError.toExponential(2)}${d.firstBadElement ? ' BAD ' + d.firstBadElement : ''}`;
+  });
+  const identical = runs[0].every((a, i) =>
+      Buffer.from(a.buffer).equals(Buffer.from(runs[1][i].buffer)));
+  tf.dispose([q, k, v, out, lse, dy, dl]);
+  return `| ${label} | ${errors.join(', ')} | ${identical ? 'yes' : 'NO'} |`;
+}
+
+/** Median ms per call of `f` over batches of `reps`, read back once per batch. */
+async function timeIt(f: () => tf.Tensor[], reps: number, batches: number): Promise<number> {
+  const sync = async (ts: tf.Tensor[]) => {
+    const probe = tf.tidy(() => tf.slice(ts[0], new Array(ts[0].rank).fill(0),
+                                         new Array(ts[0].rank).fill(1)));
+    await probe.data();
+    probe.dispose();
+  };
+  let last = f();   // warm-up (compiles pipelines)
+  await sync(last);
+  tf.dispose(last);
+  const times: number[] = [];
+  for (let b = 0; b < batches; b++) {
+    const t0 = performance.now();
+    for (let r = 0; r < reps; r++) {
+      last = f();
+      if (r < reps - 1) {
+        tf.dispose(last);
+      }
+    }
+    await sync(last);
+    tf.dispose(last);
+    times.push((performance.now() - t0) / reps);
+  }
+  times.sort((a, b) => a - b);
+  return times[Math.floor(times.length / 2)];
+}
+
+function flops(s: number, heads: number, d: number, causal: boolean): number {
+  return 4 * s * s * heads * d / (causal ? 2 : 1);
+}
+
+async function timing(seq: number, heads: number, d: number, tilings: Array<GradTiles|null>,
+                      withForward: boolean, reps: number, batches: number): Promise<string[]> {
+  const rng = new Rng(7);
+  const q = randomTensor([1, seq, heads, d], rng) as tf.Tensor4D;
+  const k = randomTensor([1, seq, heads, d], rng) as tf.Tensor4D;
+  const v = randomTensor([1, seq, heads, d], rng) as tf.Tensor4D;
+  const opts = {causal: true};
+  const [out, lse] = flashAttention(q, k, v, {...opts, returnSoftmaxLse: true});
+  const dy = randomTensor(out.shape, rng);
+  const dl = tf.zeros(lse.shape);
+  const fwdFlops = flops(seq, heads, d, true);
+  const rows: string[] = [];
+  const row = (what: string, ms: number, f: number) =>
+      `| ${what} | ${seq} | ${ms.toFixed(3)} | ${(f / ms / 1e9).toFixed(2)} |`;
+  let bestBwd = Infinity;
+  let bestTiles: GradTiles|null = null;
+  for (const tiles of tilings) {
+    setGradTilesOverride(tiles);
+    const ms = await timeIt(() => backward(dy, dl, q, k, v, out, lse, opts), reps, batches);
+    await checkOwnPipelineErrors();
+    rows.push(row(`fused backward, tiles ${tiles == null ? 'auto' : JSON.stringify(tiles)}`,
+                  ms, 2.5 * fwdFlops));
+    if (ms < bestBwd) {
+      bestBwd = ms;
+      bestTiles = tiles;
+    }
+  }
+  setGradTilesOverride(bestTiles);
+  if (withForward) {
+    const fwdName = hasFusedKernel(FlashAttention, 'webgpu') ? 'fused' : 'reference';
+    const fwdMs = await timeIt(
+        () => flashAttention(q, k, v, {...opts, returnSoftmaxLse: true}) as tf.Tensor[], reps, batches);
+    rows.push(row(`${fwdName} forward`, fwdMs, fwdFlops));
+    const bothMs = await timeIt(() => {
+      const [o, l] = flashAttention(q, k, v, {...opts, returnSoftmaxLse: true});
+      const grads = backward(dy, dl, q, k, v, o, l, opts);
+      tf.dispose([o, l]);
+      return grads;
+    }, reps, batches);
+    rows.push(row(`${fwdName} forward + fused backward (best tiles)`, bothMs, 3.5 * fwdFlops));
+  }
+  setGradTilesOverride(null);
+  tf.dispose([q, k, v, out, lse, dy, dl]);
+  return rows;
+}
+
+async function main(): Promise<void> {
+  Object.assign(globalThis, globals);
+  (globalThis as unknown as {navigator: unknown}).navigator = {gpu: create([])};
+  // tfjs-backend-webgpu registers itself at import only if navigator.gpu exists.
+  require('@tensorflow/tfjs-backend-webgpu');
+  registerFlashAttentionGradWebGPU();
+  await tf.setBackend('webgpu');
+  const device = (tf.backend() as unknown as {device: GPUDevice}).device;
+  const limits = device.limits;
+  console.log(`adapter limits: storage ${limits.maxComputeWorkgroupStorageSize}, invocations ${
+      limits.maxComputeInvocationsPerWorkgroup}; auto tiles D=64: ${
+      JSON.stringify(chooseGradTiles(64, 64, limits))}; fused forward: ${
+      hasFusedKernel(FlashAttention, 'webgpu')}`);
+
+  const lines: string[] = ['| case | max error / max ref vs float64 oracle | rerun bit-identical |',
+                           '| --- | --- | --- |'];
+  const cases: Array<[Shape, OracleOptions, string]> = quick ?
+      [[{batch: 1, seqQ: 64, seqK: 64, heads: 2, headsKV: 1, headDim: 64, headDimV: 64},
+        {causal: true}, 'causal S=64 H=2 Hk=1 D=64']] :
+      [[{batch: 1, seqQ: 1024, seqK: 1024, heads: 2, headsKV: 2, headDim: 64, headDimV: 64},
+        {causal: true}, 'causal S=1024 H=2 D=64'],
+       [{batch: 2, seqQ: 384, seqK: 512, heads: 4, headsKV: 1, headDim: 128, headDimV: 64},
+        {windowSize: [100, 20], softcap: 20, dropoutRate: 0.1, seed: 3},
+        'B=2 Sq=384 Sk=512 H=4 Hk=1 D=128 Dv=64 window softcap dropout']];
+  for (const [shape, opts, label] of cases) {
+    lines.push(await correctness(shape, opts, label));
+    console.log(lines[lines.length - 1]);
+  }
+  const h100Tilings: Array<GradTiles|null> = [
+    null,
+    {dkdv: {bc: 64, br: 16, threads: 128}, dq: {br: 64, bc: 16, threads: 128}},
+    {dkdv: {bc: 32, br: 16, threads: 128}, dq: {br: 32, bc: 16, threads: 128}},
+  ];
+  lines.push('', '| what (causal, B=1, H=16, D=64) | S | ms (median) | TFLOP/s |',
+             '| --- | --- | --- | --- |');
+  const timingRuns: Array<[number, Array<GradTiles|null>, number, number]> = quick ?
+      [[128, [null], 2, 3]] : [[4096, h100Tilings, 10, 5], [16384, [null], 2, 3]];
+  for (const [seq, tilings, reps, batches] of timingRuns) {
+    const rows = await timing(seq, quick ? 2 : 16, 64, tilings, true, reps, batches);
+    rows.forEach(r => console.log(r));
+    lines.push(...rows);
+  }
+  console.log('\n' + lines.join('\n'));
+}
+
+main().catch(e => {
+  console.error(e);
+  process.exit(1);
+});

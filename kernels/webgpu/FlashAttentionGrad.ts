@@ -1,0 +1,184 @@
+/**
+ * The fused FlashAttentionGrad kernel of the webgpu backend: the
+ * FlashAttention-2 backward in three passes over tfjs's GPU buffers,
+ *   1. Delta = rowsum(dO * O) - dLse, stored next to lse    [B, H, Sq, 2]
+ *   2. dK, dV by key blocks (query heads of a group summed in the workgroup)
+ *   3. dQ by query blocks
+ * recomputing P from the saved lse: nothing of size [Sq, Sk] is stored.
+ * Deterministic: every sum has a fixed order and there are no atomics.
+ *
+ * tfjs-backend-webgpu is an optional peer: only its types are imported.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import type {WebGPUBackend} from '@tensorflow/tfjs-backend-webgpu';
+
+import type {AttentionShapes} from '../../src/checks';
+import {registerFusedKernel} from '../../src/dispatch';
+import {FlashAttentionAttrs, FlashAttentionGrad, FlashAttentionGradInputs} from '../../src/kernel_names';
+
+import {FlashAttentionGradDeltaProgram} from './flash_attention_grad_delta_webgpu';
+import {DkDvTiles, dkdvStorageBytes, dkdvTilesValid, FlashAttentionGradDkDvProgram} from './flash_attention_grad_dkdv_webgpu';
+import {DqTiles, dqStorageBytes, dqTilesValid, FlashAttentionGradDqProgram} from './flash_attention_grad_dq_webgpu';
+import {gradFeatures, gradUniforms} from './flash_attention_grad_wgsl';
+import {runOwnPipeline} from './own_pipeline';
+
+/** The device limits the tile choice depends on. */
+export interface GradDeviceLimits {
+  maxComputeWorkgroupStorageSize: number;
+  maxComputeInvocationsPerWorkgroup: number;
+  maxComputeWorkgroupSizeX: number;
+}
+
+export interface GradTiles {
+  dkdv: DkDvTiles;
+  dq: DqTiles;
+}
+
+// Largest first: bigger tiles reuse each loaded K/V (dK/dV pass) or Q/dO
+// (dQ pass) over more rows.
+const DKDV_SIZES: Array<[number, number]> =
+    [[64, 16], [32, 16], [32, 8], [16, 8], [16, 4], [8, 4], [4, 4], [4, 2], [4, 1]];
+const DQ_SIZES: Array<[number, number]> =
+    [[64, 16], [32, 16], [32, 8], [16, 8], [16, 4], [8, 4], [4, 4], [2, 4], [1, 4]];
+
+/**
+ * Tiles for head dims (d, dv) on a device, or null when even the smallest
+ * do not fit its workgroup storage.
+ */
+export function chooseGradTiles(
+    d: number, dv: number, limits: GradDeviceLimits): GradTiles|null {
+  const threads = Math.min(
+      256, limits.maxComputeInvocationsPerWorkgroup, limits.maxComputeWorkgroupSizeX);
+  const storage = limits.maxComputeWorkgroupStorageSize;
+  let dkdv: DkDvTiles|null = null;
+  for (const [bc, br] of DKDV_SIZES) {
+    const t = {bc, br, threads};
+    if (dkdvTilesValid(t) && dkdvStorageBytes(t, d, dv) <= storage) {
+      dkdv = t;
+      break;
+    }
+  }
+  let dq: DqTiles|null = null;
+  for (const [br, bc] of DQ_SIZES) {
+    const t = {br, bc, threads};
+    if (dqTilesValid(t) && dqStorageBytes(t, d, dv) <= storage) {
+      dq = t;
+      break;
+    }
+  }
+  return dkdv == null || dq == null ? null : {dkdv, dq};
+}
+
+let tilesOverride: GradTiles|null = null;
+/**
+ * Benchmarks and tests: force tiles (checked against the device limits
+ * like any choice); null restores the automatic choice.
+ */
+export function setGradTilesOverride(tiles: GradTiles|null): void {
+  tf.util.assert(
+      tiles == null || (dkdvTilesValid(tiles.dkdv) && dqTilesValid(tiles.dq)),
+      () => `setGradTilesOverride: inconsistent tiles ${JSON.stringify(tiles)}`);
+  tilesOverride = tiles;
+}
+
+function tilesFor(d: number, dv: number, limits: GradDeviceLimits): GradTiles|null {
+  if (tilesOverride != null) {
+    const fits = (tiles: GradTiles) =>
+        dkdvStorageBytes(tiles.dkdv, d, dv) <= limits.maxComputeWorkgroupStorageSize &&
+        dqStorageBytes(tiles.dq, d, dv) <= limits.maxComputeWorkgroupStorageSize &&
+        Math.max(tiles.dkdv.threads, tiles.dq.threads) <= limits.maxComputeInvocationsPerWorkgroup;
+    return fits(tilesOverride) ? tilesOverride : null;
+  }
+  return chooseGradTiles(d, dv, limits);
+}
+
+function isWebGPUBackend(backend: tf.KernelBackend): backend is WebGPUBackend {
+  const b = backend as Partial<WebGPUBackend>;
+  return b.device != null && b.tensorMap != null && typeof b.uploadToGPU === 'function';
+}
+
+/** Why the fused backward cannot take a call, or null. */
+export function flashAttentionGradSupports(
+    shapes: AttentionShapes, _attrs: FlashAttentionAttrs,
+    backend: tf.KernelBackend): string|null {
+  if (!isWebGPUBackend(backend)) {
+    return 'the active backend is not a tfjs webgpu backend';
+  }
+  if (tilesFor(shapes.headDim, shapes.headDimV, backend.device.limits) == null) {
+    return `head dims ${shapes.headDim}/${shapes.headDimV} need more workgroup storage than the device's ${
+        backend.device.limits.maxComputeWorkgroupStorageSize} bytes`;
+  }
+  return null;
+}
+
+let gradKernelRuns = 0;
+/** How many times the fused backward ran (tests assert it was used). */
+export function fusedGradRunCount(): number {
+  return gradKernelRuns;
+}
+
+function flashAttentionGradWebGPU(
+    {inputs, backend, attrs}:
+        {inputs: tf.NamedTensorInfoMap, backend: unknown, attrs?: tf.NamedAttrMap}):
+    tf.TensorInfo[] {
+  const webgpu = backend as WebGPUBackend;
+  const a = attrs as unknown as FlashAttentionAttrs;
+  const {dy, dLse, q, k, v, out, softmaxLse, alibiSlopes} =
+      inputs as unknown as FlashAttentionGradInputs;
+  const [batch, seqQ, heads, headDim] = q.shape;
+  const [, seqK, headsKV] = k.shape;
+  const headDimV = v.shape[3];
+  const shapes: AttentionShapes = {batch, seqQ, seqK, heads, headsKV, headDim, headDimV};
+  const tiles = tilesFor(headDim, headDimV, webgpu.device.limits);
+  tf.util.assert(tiles != null, () => `FlashAttentionGrad: head dims ${headDim}/${
+      headDimV} do not fit the device's workgroup storage`);
+  const hasAlibi = alibiSlopes != null && tf.util.sizeFromShape(alibiSlopes.shape) > 0;
+  const features = gradFeatures(a, hasAlibi);
+  const slopes = hasAlibi ? [alibiSlopes!] : [];
+
+  const uniforms = gradUniforms(shapes, a, hasAlibi ? alibiSlopes!.shape : []);
+  const deltaProgram = new FlashAttentionGradDeltaProgram(shapes);
+  const [stats] = runOwnPipeline(webgpu, deltaProgram, {
+    inputs: [dy, out, dLse, softmaxLse],
+    outputs: [{shape: [batch, heads, seqQ, 2], dtype: 'float32'}],
+    uniforms,
+    dispatch: deltaProgram.workgroups,
+  });
+  try {
+    const [dk, dv] = runOwnPipeline(
+        webgpu, new FlashAttentionGradDkDvProgram(headDim, headDimV, tiles!.dkdv, features), {
+          inputs: [q, k, v, dy, stats, ...slopes],
+          outputs: [{shape: k.shape, dtype: 'float32'}, {shape: v.shape, dtype: 'float32'}],
+          uniforms,
+          dispatch: [Math.ceil(seqK / tiles!.dkdv.bc), batch * headsKV, 1],
+        });
+    let dq: tf.TensorInfo;
+    try {
+      [dq] = runOwnPipeline(
+          webgpu, new FlashAttentionGradDqProgram(headDim, headDimV, tiles!.dq, features), {
+            inputs: [q, k, v, dy, stats, ...slopes],
+            outputs: [{shape: q.shape, dtype: 'float32'}],
+            uniforms,
+            dispatch: [Math.ceil(seqQ / tiles!.dq.br), batch * heads, 1],
+          });
+    } catch (e) {
+      webgpu.disposeData(dk.dataId);
+      webgpu.disposeData(dv.dataId);
+      throw e;
+    }
+    gradKernelRuns++;
+    return [dq, dk, dv];
+  } finally {
+    webgpu.disposeData(stats.dataId);
+  }
+}
+export const flashAttentionGradWebGPUConfig: tf.KernelConfig = {
+  kernelName: FlashAttentionGrad,
+  backendName: 'webgpu',
+  kernelFunc: flashAttentionGradWebGPU as unknown as tf.KernelFunc,
+};
+
+/** Registers the fused backward for the webgpu backend. */
+export function registerFlashAttentionGradWebGPU(): void {
+  registerFusedKernel(flashAttentionGradWebGPUConfig, flashAttentionGradSupports);
+}

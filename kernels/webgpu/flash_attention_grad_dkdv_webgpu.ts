@@ -1,0 +1,281 @@
+/**
+ * Backward pass over key blocks: one workgroup holds BC keys of one
+ * (batch, kv head) and accumulates their dK and dV in registers while it
+ * walks every query row that can see them, for every query head of the
+ * group (GQA/MQA: the group's gradients are summed here, in a fixed order,
+ * with no atomics and no repeated K/V). P is recomputed from lse.
+ *
+ * Per block of BR query rows:
+ *   S  = Q K^T, dP = dO V^T        (thread: MR rows x 4 adjacent keys)
+ *   P  = exp(score(S) - lse), Pd = P * keep
+ *   dV += Pd^T dO                  (thread: 4 keys x 4 dims per vec4)
+ *   dS = P * (dP * keep - Delta) * score' * scale
+ *   dK += dS^T Q
+ * Head dims are padded to multiples of 4 with zeros in workgroup memory, so
+ * every load is a vec4.
+ */
+import type {OwnPipelineSpec} from './own_pipeline';
+import {featureKey, GradFeatures, gradCommonWGSL, loadRowsWGSL, paramsWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
+
+export interface DkDvTiles {
+  /** Keys per workgroup (multiple of 4). */
+  bc: number;
+  /** Query rows per step. */
+  br: number;
+  /** Invocations per workgroup. */
+  threads: number;
+}
+
+/** Workgroup storage bytes of the program (must fit the device limit). */
+export function dkdvStorageBytes(t: DkDvTiles, d: number, dv: number): number {
+  const d4 = Math.ceil(d / 4);
+  const dv4 = Math.ceil(dv / 4);
+  return 16 * (t.bc * (d4 + dv4) + t.br * (d4 + 1 + dv4 + 1) + t.br * t.bc / 4) + 8 * t.br;
+}
+
+/** Are the tiles consistent (every thread mapping divides evenly)? */
+export function dkdvTilesValid(t: DkDvTiles): boolean {
+  return sPhaseValid(t.bc, t.br, t.threads) && t.threads % (t.bc / 4) === 0;
+}
+
+export class FlashAttentionGradDkDvProgram implements OwnPipelineSpec {
+  readonly key: string;
+  readonly numInputs: number;
+  readonly numOutputs: number;
+  readonly hasUniforms = true;
+  private readonly source: string;
+
+  constructor(d: number, dv: number, tiles: DkDvTiles, f: GradFeatures) {
+    const {bc, br, threads} = tiles;
+    const s = sPhase(bc, br, threads);
+    const d4 = Math.ceil(d / 4);
+    const dv4 = Math.ceil(dv / 4);
+    const xt = threads / s.sc;       // accumulation: dim-quad stride
+    const nd = Math.ceil(d4 / xt);   // accumulation: dim quads per thread
+    const ndv = Math.ceil(dv4 / xt);
+    this.key = `flashAttentionGradDkDv_${d}_${dv}_${bc}_${br}_${threads}_${featureKey(f)}`;
+    this.numInputs = f.alibi ? 6 : 5;
+    this.numOutputs = 2;
+    const out0 = this.numInputs;
+    this.source = `${paramsWGSL(out0 + 2)}
+@group(0) @binding(0) var<storage, read> q: array<f32>;
+@group(0) @binding(1) var<storage, read> k: array<f32>;
+@group(0) @binding(2) var<storage, read> v: array<f32>;
+@group(0) @binding(3) var<storage, read> dy: array<f32>;
+@group(0) @binding(4) var<storage, read> stats: array<vec2<f32>>;  // (lse, Delta)
+${f.alibi ? '@group(0) @binding(5) var<storage, read> slopes: array<f32>;' : ''}
+@group(0) @binding(${out0}) var<storage, read_write> dk: array<f32>;
+@group(0) @binding(${out0 + 1}) var<storage, read_write> dv: array<f32>;
+${gradCommonWGSL(f)}
+const D = ${d};
+const DV = ${dv};
+const D4 = ${d4};
+const DV4 = ${dv4};
+const BC = ${bc};
+const BR = ${br};
+const T = ${threads};
+const SC = ${s.sc};
+const MR = ${s.mr};
+const XT = ${xt};
+
+// K and V transposed, four keys per vec4: kT[x * SC + quad] (x < 4 * D4).
+var<workgroup> kT: array<vec4<f32>, ${4 * d4 * s.sc}>;
+var<workgroup> vT: array<vec4<f32>, ${4 * dv4 * s.sc}>;
+// Query-side rows as dim quads, one vec4 of padding per row so that the
+// rows a warp reads fall in different banks.
+var<workgroup> qS: array<vec4<f32>, ${br * (d4 + 1)}>;
+var<workgroup> doS: array<vec4<f32>, ${br * (dv4 + 1)}>;
+// P * keep, then dS: pS[r * SC + quad].
+var<workgroup> pS: array<vec4<f32>, ${br * s.sc}>;
+var<workgroup> lseS: array<f32, BR>;
+var<workgroup> deltaS: array<f32, BR>;
+
+@compute @workgroup_size(T)
+fn main(@builtin(workgroup_id) wg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+  let t = i32(lid);
+  let j0 = i32(wg.x) * BC;
+  let b = i32(wg.y) / p.headsKV;
+  let hk = i32(wg.y) % p.headsKV;
+  let groups = p.heads / p.headsKV;
+
+  for (var e = t; e < SC * 4 * D4; e += T) {
+    let x = e % (4 * D4);
+    let quad = e / (4 * D4);
+    var kv = vec4<f32>(0.0);
+    if (x < D) {
+      for (var c = 0; c < 4; c++) {
+        let j = j0 + quad * 4 + c;
+        if (j < p.seqK) { kv[c] = k[((b * p.seqK + j) * p.headsKV + hk) * D + x]; }
+      }
+    }
+    kT[x * SC + quad] = kv;
+  }
+  for (var e = t; e < SC * 4 * DV4; e += T) {
+    let x = e % (4 * DV4);
+    let quad = e / (4 * DV4);
+    var vv = vec4<f32>(0.0);
+    if (x < DV) {
+      for (var c = 0; c < 4; c++) {
+        let j = j0 + quad * 4 + c;
+        if (j < p.seqK) { vv[c] = v[((b * p.seqK + j) * p.headsKV + hk) * DV + x]; }
+      }
+    }
+    vT[x * SC + quad] = vv;
+  }
+
+  // dkAcc[c * ND + n]: key (4 * kq + c), dims 4 * (kx + n * XT) + 0..3.
+  var dkAcc: array<vec4<f32>, ${4 * nd}>;
+  var dvAcc: array<vec4<f32>, ${4 * ndv}>;
+  for (var n = 0; n < ${4 * nd}; n++) { dkAcc[n] = vec4<f32>(0.0); }
+  for (var n = 0; n < ${4 * ndv}; n++) { dvAcc[n] = vec4<f32>(0.0); }
+
+  // Query rows that can see some key of this block.
+  let off = p.seqK - p.seqQ;
+  let jLast = min(j0 + BC, p.seqK) - 1;
+  var iLo = 0;
+  if (p.windowRight >= 0) { iLo = max(0, j0 - off - p.windowRight); }
+  var iHi = p.seqQ - 1;
+  if (p.windowLeft >= 0) { iHi = min(p.seqQ - 1, jLast - off + p.windowLeft); }
+${sPhaseWGSL(s)}
+  let kx = t % XT;           // accumulation: first dim quad
+  let kq = t / XT;           // accumulation: key quad
+
+  for (var g = 0; g < groups; g++) {
+    let h = hk * groups + g;
+    let sp = gradScoreParams(b, h);
+    for (var i0 = iLo; i0 <= iHi; i0 += BR) {
+      workgroupBarrier();
+      ${loadRowsWGSL('q', 'qS', d, d4, d4 + 1, 'BR', 'p.seqQ', 'p.heads', 'i0', 'h')}
+      ${loadRowsWGSL('dy', 'doS', dv, dv4, dv4 + 1, 'BR', 'p.seqQ', 'p.heads', 'i0', 'h')}
+      for (var r = t; r < BR; r += T) {
+        let i = i0 + r;
+        var st = vec2<f32>(0.0);
+        if (i < p.seqQ) { st = stats[(b * p.heads + h) * p.seqQ + i]; }
+        lseS[r] = st.x;
+        deltaS[r] = st.y;
+      }
+      workgroupBarrier();
+
+      var ds: array<vec4<f32>, MR>;
+      if (sActive) {
+        var s: array<vec4<f32>, MR>;
+        var dp: array<vec4<f32>, MR>;
+        for (var m = 0; m < MR; m++) {
+          s[m] = vec4<f32>(0.0);
+          dp[m] = vec4<f32>(0.0);
+        }
+        for (var xq = 0; xq < D4; xq++) {
+          let k0 = kT[(xq * 4) * SC + sQuad];
+          let k1 = kT[(xq * 4 + 1) * SC + sQuad];
+          let k2 = kT[(xq * 4 + 2) * SC + sQuad];
+          let k3 = kT[(xq * 4 + 3) * SC + sQuad];
+          for (var m = 0; m < MR; m++) {
+            let qv = qS[(sRow + m) * ${d4 + 1} + xq];
+            // Dims in order, as the forward sums them (so that the recomputed
+          // scores match the forward's bits as closely as possible).
+          s[m] += qv.x * k0;
+          s[m] += qv.y * k1;
+          s[m] += qv.z * k2;
+          s[m] += qv.w * k3;
+          }
+        }
+        for (var xq = 0; xq < DV4; xq++) {
+          let v0 = vT[(xq * 4) * SC + sQuad];
+          let v1 = vT[(xq * 4 + 1) * SC + sQuad];
+          let v2 = vT[(xq * 4 + 2) * SC + sQuad];
+          let v3 = vT[(xq * 4 + 3) * SC + sQuad];
+          for (var m = 0; m < MR; m++) {
+            let ov = doS[(sRow + m) * ${dv4 + 1} + xq];
+            dp[m] += ov.x * v0;
+          dp[m] += ov.y * v1;
+          dp[m] += ov.z * v2;
+          dp[m] += ov.w * v3;
+          }
+        }
+        for (var m = 0; m < MR; m++) {
+          let r = sRow + m;
+          let i = i0 + r;
+          let jq = j0 + sQuad * 4;
+          ${f.dropout ? 'let keep = gradKeep4(b, h, i, jq);' : 'let keep = vec4<f32>(1.0);'}
+          var pv = vec4<f32>(0.0);
+          var dsv = vec4<f32>(0.0);
+          for (var c = 0; c < 4; c++) {
+            let j = jq + c;
+            if (i < p.seqQ && fa_visible(i, j, sp)) {
+              let sc = gradScore(s[m][c], i, j, sp);
+              let prob = exp(sc.x - lseS[r]);
+              pv[c] = prob * keep[c];
+              dsv[c] = prob * (dp[m][c] * keep[c] - deltaS[r]) * sc.y * p.scale;
+            }
+          }
+          pS[r * SC + sQuad] = pv;
+          ds[m] = dsv;
+        }
+      }
+      workgroupBarrier();
+      for (var r = 0; r < BR; r++) {
+        let pv = pS[r * SC + kq];
+        for (var n = 0; n < ${ndv}; n++) {
+          let xq = kx + n * XT;
+          if (${dv4 % xt === 0 ? 'true' : 'xq < DV4'}) {
+            let ov = doS[r * ${dv4 + 1} + xq];
+            dvAcc[n] += pv.x * ov;
+            dvAcc[${ndv} + n] += pv.y * ov;
+            dvAcc[${2 * ndv} + n] += pv.z * ov;
+            dvAcc[${3 * ndv} + n] += pv.w * ov;
+          }
+        }
+      }
+      workgroupBarrier();
+      if (sActive) {
+        for (var m = 0; m < MR; m++) {
+          pS[(sRow + m) * SC + sQuad] = ds[m];
+        }
+      }
+      workgroupBarrier();
+      for (var r = 0; r < BR; r++) {
+        let dsv = pS[r * SC + kq];
+        for (var n = 0; n < ${nd}; n++) {
+          let xq = kx + n * XT;
+          if (${d4 % xt === 0 ? 'true' : 'xq < D4'}) {
+            let qv = qS[r * ${d4 + 1} + xq];
+            dkAcc[n] += dsv.x * qv;
+            dkAcc[${nd} + n] += dsv.y * qv;
+            dkAcc[${2 * nd} + n] += dsv.z * qv;
+            dkAcc[${3 * nd} + n] += dsv.w * qv;
+          }
+        }
+      }
+    }
+  }
+
+  for (var c = 0; c < 4; c++) {
+    let j = j0 + kq * 4 + c;
+    if (j < p.seqK) {
+      let kBase = ((b * p.seqK + j) * p.headsKV + hk) * D;
+      for (var n = 0; n < ${nd}; n++) {
+        let acc = dkAcc[c * ${nd} + n];
+        for (var e = 0; e < 4; e++) {
+          let x = (kx + n * XT) * 4 + e;
+          if (x < D) { dk[kBase + x] = acc[e]; }
+        }
+      }
+      let vBase = ((b * p.seqK + j) * p.headsKV + hk) * DV;
+      for (var n = 0; n < ${ndv}; n++) {
+        let acc = dvAcc[c * ${ndv} + n];
+        for (var e = 0; e < 4; e++) {
+          let x = (kx + n * XT) * 4 + e;
+          if (x < DV) { dv[vBase + x] = acc[e]; }
+        }
+      }
+    }
+  }
+}
+`;
+  }
+
+  code(): string {
+    return this.source;
+  }
+}

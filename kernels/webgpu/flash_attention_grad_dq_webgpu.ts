@@ -1,0 +1,254 @@
+/**
+ * Backward pass over query blocks: one workgroup holds BR query rows of one
+ * (batch, head) and accumulates their dQ in registers over every key block
+ * they can see (WGSL has no float atomics, so dQ is not scattered from the
+ * key-block pass; S and dP are recomputed here instead).
+ *
+ * Per block of BC keys:
+ *   S  = Q K^T, dP = dO V^T        (thread: MR rows x 4 adjacent keys)
+ *   dS = P * (dP * keep - Delta) * score' * scale,  P = exp(score(S) - lse)
+ *   dQ += dS K                     (thread: NR rows x ND dims)
+ * Rows that see no key get dQ = 0.
+ */
+import type {OwnPipelineSpec} from './own_pipeline';
+import {featureKey, GradFeatures, gradCommonWGSL, loadRowsWGSL, paramsWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
+
+export interface DqTiles {
+  /** Query rows per workgroup. */
+  br: number;
+  /** Keys per step (multiple of 4). */
+  bc: number;
+  threads: number;
+}
+
+/**
+ * Row stride (in vec4s) of the transposed K tile: odd, so that a quarter
+ * warp reading consecutive dims of one key quad hits distinct banks.
+ */
+function kStride(sc: number): number {
+  return sc % 2 === 1 ? sc : sc + 1;
+}
+
+export function dqStorageBytes(t: DqTiles, d: number, dv: number): number {
+  const sc = t.bc / 4;
+  const d4 = Math.ceil(d / 4);
+  const dv4 = Math.ceil(dv / 4);
+  return 16 * (t.br * (d4 + 1 + dv4 + 1) + 4 * d4 * kStride(sc) + 4 * dv4 * sc + t.br * sc) +
+      8 * t.br;
+}
+
+/** Rows per thread in the dQ accumulation. */
+function rowsPerThread(t: DqTiles): number {
+  return Math.min(4, t.br);
+}
+
+export function dqTilesValid(t: DqTiles): boolean {
+  const qt = t.br / rowsPerThread(t);
+  return sPhaseValid(t.bc, t.br, t.threads) && Number.isInteger(qt) && t.threads % qt === 0;
+}
+
+export class FlashAttentionGradDqProgram implements OwnPipelineSpec {
+  readonly key: string;
+  readonly numInputs: number;
+  readonly numOutputs: number;
+  readonly hasUniforms = true;
+  private readonly source: string;
+
+  constructor(d: number, dv: number, tiles: DqTiles, f: GradFeatures) {
+    const {bc, br, threads} = tiles;
+    const s = sPhase(bc, br, threads);
+    const d4 = Math.ceil(d / 4);
+    const dv4 = Math.ceil(dv / 4);
+    const kst = kStride(s.sc);
+    const nr = rowsPerThread(tiles);
+    const qt = br / nr;           // accumulation: row groups
+    const xt = threads / qt;      // accumulation: dim stride
+    const nd = Math.ceil(d / xt);
+    this.key = `flashAttentionGradDq_${d}_${dv}_${bc}_${br}_${threads}_${featureKey(f)}`;
+    this.numInputs = f.alibi ? 6 : 5;
+    this.numOutputs = 1;
+    const out0 = this.numInputs;
+    this.source = `${paramsWGSL(out0 + 1)}
+@group(0) @binding(0) var<storage, read> q: array<f32>;
+@group(0) @binding(1) var<storage, read> k: array<f32>;
+@group(0) @binding(2) var<storage, read> v: array<f32>;
+@group(0) @binding(3) var<storage, read> dy: array<f32>;
+@group(0) @binding(4) var<storage, read> stats: array<vec2<f32>>;  // (lse, Delta)
+${f.alibi ? '@group(0) @binding(5) var<storage, read> slopes: array<f32>;' : ''}
+@group(0) @binding(${out0}) var<storage, read_write> dq: array<f32>;
+${gradCommonWGSL(f)}
+const D = ${d};
+const DV = ${dv};
+const D4 = ${d4};
+const DV4 = ${dv4};
+const BC = ${bc};
+const BR = ${br};
+const T = ${threads};
+const SC = ${s.sc};
+const MR = ${s.mr};
+const NR = ${nr};
+const XT = ${xt};
+const KST = ${kst};
+
+// Query-side rows as dim quads, one vec4 of padding per row so that the
+// rows a warp reads fall in different banks.
+var<workgroup> qS: array<vec4<f32>, ${br * (d4 + 1)}>;
+var<workgroup> doS: array<vec4<f32>, ${br * (dv4 + 1)}>;
+// K and V transposed, four keys per vec4: kT[x * KST + quad]; K serves
+// both S = Q K^T (a key quad per load) and dQ += dS K (dot of 4 keys).
+var<workgroup> kT: array<vec4<f32>, ${4 * d4 * kst}>;
+var<workgroup> vT: array<vec4<f32>, ${4 * dv4 * s.sc}>;
+var<workgroup> pS: array<vec4<f32>, ${br * s.sc}>;
+var<workgroup> lseS: array<f32, BR>;
+var<workgroup> deltaS: array<f32, BR>;
+
+@compute @workgroup_size(T)
+fn main(@builtin(workgroup_id) wg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+  let t = i32(lid);
+  let i0 = i32(wg.x) * BR;
+  let b = i32(wg.y) / p.heads;
+  let h = i32(wg.y) % p.heads;
+  let hk = h / (p.heads / p.headsKV);
+  let sp = gradScoreParams(b, h);
+  ${loadRowsWGSL('q', 'qS', d, d4, d4 + 1, 'BR', 'p.seqQ', 'p.heads', 'i0', 'h')}
+  ${loadRowsWGSL('dy', 'doS', dv, dv4, dv4 + 1, 'BR', 'p.seqQ', 'p.heads', 'i0', 'h')}
+  for (var r = t; r < BR; r += T) {
+    let i = i0 + r;
+    var st = vec2<f32>(0.0);
+    if (i < p.seqQ) { st = stats[(b * p.heads + h) * p.seqQ + i]; }
+    lseS[r] = st.x;
+    deltaS[r] = st.y;
+  }
+
+  var dqAcc: array<array<f32, ${nd}>, NR>;
+  for (var m = 0; m < NR; m++) {
+    for (var n = 0; n < ${nd}; n++) { dqAcc[m][n] = 0.0; }
+  }
+
+  // Keys some row of the block can see; the start aligned to BC (so key
+  // quads are aligned for the dropout words).
+  let off = p.seqK - p.seqQ;
+  let iLast = min(i0 + BR, p.seqQ) - 1;
+  var jLo = 0;
+  if (p.windowLeft >= 0) { jLo = max(0, i0 + off - p.windowLeft); }
+  var jHi = p.seqK - 1;
+  if (p.windowRight >= 0) { jHi = min(p.seqK - 1, iLast + off + p.windowRight); }
+  jLo = (jLo / BC) * BC;
+${sPhaseWGSL(s)}
+  let qx = t % XT;
+  let qr = t / XT;
+
+  for (var j0 = jLo; j0 <= jHi; j0 += BC) {
+    workgroupBarrier();
+    for (var e = t; e < SC * 4 * D4; e += T) {
+      let x = e % (4 * D4);
+      let quad = e / (4 * D4);
+      var kv = vec4<f32>(0.0);
+      if (x < D) {
+        for (var c = 0; c < 4; c++) {
+          let j = j0 + quad * 4 + c;
+          if (j < p.seqK) { kv[c] = k[((b * p.seqK + j) * p.headsKV + hk) * D + x]; }
+        }
+      }
+      kT[x * KST + quad] = kv;
+    }
+    for (var e = t; e < SC * 4 * DV4; e += T) {
+      let x = e % (4 * DV4);
+      let quad = e / (4 * DV4);
+      var vv = vec4<f32>(0.0);
+      if (x < DV) {
+        for (var c = 0; c < 4; c++) {
+          let j = j0 + quad * 4 + c;
+          if (j < p.seqK) { vv[c] = v[((b * p.seqK + j) * p.headsKV + hk) * DV + x]; }
+        }
+      }
+      vT[x * SC + quad] = vv;
+    }
+    workgroupBarrier();
+
+    if (sActive) {
+      var s: array<vec4<f32>, MR>;
+      var dp: array<vec4<f32>, MR>;
+      for (var m = 0; m < MR; m++) {
+        s[m] = vec4<f32>(0.0);
+        dp[m] = vec4<f32>(0.0);
+      }
+      for (var xq = 0; xq < D4; xq++) {
+        let k0 = kT[(xq * 4) * KST + sQuad];
+        let k1 = kT[(xq * 4 + 1) * KST + sQuad];
+        let k2 = kT[(xq * 4 + 2) * KST + sQuad];
+        let k3 = kT[(xq * 4 + 3) * KST + sQuad];
+        for (var m = 0; m < MR; m++) {
+          let qv = qS[(sRow + m) * ${d4 + 1} + xq];
+          // Dims in order, as the forward sums them (so that the recomputed
+          // scores match the forward's bits as closely as possible).
+          s[m] += qv.x * k0;
+          s[m] += qv.y * k1;
+          s[m] += qv.z * k2;
+          s[m] += qv.w * k3;
+        }
+      }
+      for (var xq = 0; xq < DV4; xq++) {
+        let v0 = vT[(xq * 4) * SC + sQuad];
+        let v1 = vT[(xq * 4 + 1) * SC + sQuad];
+        let v2 = vT[(xq * 4 + 2) * SC + sQuad];
+        let v3 = vT[(xq * 4 + 3) * SC + sQuad];
+        for (var m = 0; m < MR; m++) {
+          let ov = doS[(sRow + m) * ${dv4 + 1} + xq];
+          dp[m] += ov.x * v0;
+          dp[m] += ov.y * v1;
+          dp[m] += ov.z * v2;
+          dp[m] += ov.w * v3;
+        }
+      }
+      for (var m = 0; m < MR; m++) {
+        let r = sRow + m;
+        let i = i0 + r;
+        let jq = j0 + sQuad * 4;
+        ${f.dropout ? 'let keep = gradKeep4(b, h, i, jq);' : 'let keep = vec4<f32>(1.0);'}
+        var dsv = vec4<f32>(0.0);
+        for (var c = 0; c < 4; c++) {
+          let j = jq + c;
+          if (i < p.seqQ && fa_visible(i, j, sp)) {
+            let sc = gradScore(s[m][c], i, j, sp);
+            let prob = exp(sc.x - lseS[r]);
+            dsv[c] = prob * (dp[m][c] * keep[c] - deltaS[r]) * sc.y * p.scale;
+          }
+        }
+        pS[r * SC + sQuad] = dsv;
+      }
+    }
+    workgroupBarrier();
+    for (var quad = 0; quad < SC; quad++) {
+      var kq: array<vec4<f32>, ${nd}>;
+      for (var n = 0; n < ${nd}; n++) {
+        kq[n] = kT[min(qx + n * XT, D - 1) * KST + quad];
+      }
+      for (var m = 0; m < NR; m++) {
+        let dsv = pS[(qr * NR + m) * SC + quad];
+        for (var n = 0; n < ${nd}; n++) {
+          dqAcc[m][n] += dot(dsv, kq[n]);
+        }
+      }
+    }
+  }
+
+  for (var m = 0; m < NR; m++) {
+    let i = i0 + qr * NR + m;
+    if (i < p.seqQ) {
+      let base = ((b * p.seqQ + i) * p.heads + h) * D;
+      for (var n = 0; n < ${nd}; n++) {
+        let x = qx + n * XT;
+        if (x < D) { dq[base + x] = dqAcc[m][n]; }
+      }
+    }
+  }
+}
+`;
+  }
+
+  code(): string {
+    return this.source;
+  }
+}

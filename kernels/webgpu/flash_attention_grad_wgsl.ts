@@ -1,0 +1,155 @@
+/**
+ * WGSL shared by the backward's programs: the uniform block, and the score
+ * and dropout functions of wgsl_snippets.ts (the forward's, so both passes
+ * compute the same scores and dropout bits), with what the backward adds:
+ * the derivative of the score with respect to scale * q.k.
+ */
+import type {FlashAttentionAttrs} from '../../src/kernel_names';
+import type {AttentionShapes} from '../../src/checks';
+import {dropoutThreshold} from '../../src/dropout';
+
+import {UniformWriter} from './own_pipeline';
+import {dropoutWGSL, philoxWGSL, ScoreOptions, scoreKey, scoreOptionsFromAttrs, scoreWGSL} from './wgsl_snippets';
+
+/** What is baked into a program (and so into its pipeline key). */
+export interface GradFeatures extends ScoreOptions {
+  dropout: boolean;
+}
+
+export function gradFeatures(attrs: FlashAttentionAttrs, hasAlibi: boolean): GradFeatures {
+  return {...scoreOptionsFromAttrs(attrs, hasAlibi), dropout: attrs.dropoutRate > 0};
+}
+
+export function featureKey(f: GradFeatures): string {
+  return `${scoreKey(f)}dp${+f.dropout}`;
+}
+
+/** The uniform block (at `binding`); runtime values only. */
+export function paramsWGSL(binding: number): string {
+  return `
+struct Params {
+  batch: i32, seqQ: i32, seqK: i32, heads: i32,
+  headsKV: i32, windowLeft: i32, windowRight: i32, alibiPerBatch: i32,
+  seedLo: u32, seedHi: u32, threshold: u32, unused0: u32,
+  scale: f32, softcap: f32, keepScale: f32, unused1: f32,
+};
+@group(0) @binding(${binding}) var<uniform> p: Params;
+`;
+}
+
+/** The uniform block's bytes for one call. */
+export function gradUniforms(
+    shapes: AttentionShapes, attrs: FlashAttentionAttrs,
+    alibiShape: readonly number[]): ArrayBuffer {
+  const dropout = attrs.dropoutRate > 0;
+  return new UniformWriter()
+      .i32(shapes.batch).i32(shapes.seqQ).i32(shapes.seqK).i32(shapes.heads)
+      .i32(shapes.headsKV).i32(attrs.windowLeft).i32(attrs.windowRight)
+      .i32(alibiShape.length === 2 ? 1 : 0)
+      .u32(attrs.seedLo).u32(attrs.seedHi)
+      .u32(dropout ? dropoutThreshold(attrs.dropoutRate) : 0).u32(0)
+      .f32(attrs.softmaxScale).f32(attrs.softcap)
+      .f32(dropout ? 1 / (1 - attrs.dropoutRate) : 1).f32(0)
+      .finish();
+}
+
+/**
+ * Functions every backward program uses (needs `p` and, with ALiBi, a
+ * `slopes` binding):
+ *   fn gradScoreParams(b: i32, h: i32) -> FaScore
+ *   fn gradScore(qk: f32, i: i32, j: i32, sp: FaScore) -> vec2<f32>
+ *       (final score, d score / d (scale * qk)); the softcap derivative is
+ *       1 - tanh^2 = 1 - (capped / softcap)^2
+ *   fn gradKeep4(b, h, i, j0: i32) -> vec4<f32>   (dropout, j0 % 4 == 0)
+ */
+export function gradCommonWGSL(f: GradFeatures): string {
+  return `
+${scoreWGSL(f)}
+${f.dropout ? philoxWGSL() + dropoutWGSL() : ''}
+fn gradScoreParams(b: i32, h: i32) -> FaScore {
+  var slope = 0.0;
+  ${f.alibi ? 'slope = slopes[select(h, b * p.heads + h, p.alibiPerBatch != 0)];' : ''}
+  return FaScore(p.scale, p.softcap, slope, p.seqK - p.seqQ, p.windowLeft,
+                 p.windowRight, p.seqK);
+}
+fn gradScore(qk: f32, i: i32, j: i32, sp: FaScore) -> vec2<f32> {
+  var ds = 1.0;
+  ${f.softcap ? `
+  let th = fa_capped(qk, sp) / p.softcap;
+  ds = 1.0 - th * th;` : ''}
+  return vec2<f32>(fa_score(qk, i, j, sp), ds);
+}
+${f.dropout ? `
+fn gradKeep4(b: i32, h: i32, i: i32, j0: i32) -> vec4<f32> {
+  return fa_dropout4(u32(b), u32(h), u32(i), u32(j0) >> 2u,
+                     vec2<u32>(p.seedLo, p.seedHi), p.threshold, p.keepScale);
+}` : ''}
+`;
+}
+
+/**
+ * The S = Q K^T / dP = dO V^T phase's thread layout, shared by both passes:
+ * BC/4 key quads (SC) times SR row groups of MR rows. A warp covers at most
+ * 8 quads and so several row groups: its K loads are at most 128 bytes
+ * wide (one shared-memory wavefront) and its Q loads touch a few rows.
+ */
+export interface SPhase {
+  sc: number;
+  sr: number;
+  mr: number;
+  /** Quads per group of adjacent threads. */
+  wq: number;
+}
+
+export function sPhase(bc: number, br: number, threads: number): SPhase {
+  const sc = bc / 4;
+  const sr = Math.min(br, Math.floor(threads / sc));
+  return {sc, sr, mr: br / sr, wq: Math.min(sc, 8)};
+}
+
+/** Do the S phase's divisions come out even? */
+export function sPhaseValid(bc: number, br: number, threads: number): boolean {
+  if (bc % 4 !== 0 || bc < 4) {
+    return false;
+  }
+  const s = sPhase(bc, br, threads);
+  return s.sr >= 1 && Number.isInteger(s.mr) && s.sc % s.wq === 0;
+}
+
+/**
+ * WGSL: `let sQuad`, `let sRow` (first of MR rows) and `let sActive` for
+ * invocation `t`.
+ */
+export function sPhaseWGSL(s: SPhase): string {
+  return `
+  let sLane = t % ${s.wq};
+  let sRest = t / ${s.wq};
+  let sQuad = (sRest / ${s.sr}) * ${s.wq} + sLane;
+  let sRow = (sRest % ${s.sr}) * ${s.mr};
+  let sActive = t < ${s.sc * s.sr};`;
+}
+
+/**
+ * WGSL loading rows [row0, row0 + rows) of head `head` of a [B, S, H, W]
+ * tensor into workgroup vec4 rows `dst[r * stride + xq]` (zero beyond S
+ * and W). Uses `t`, `T` and `b`.
+ */
+export function loadRowsWGSL(
+    src: string, dst: string, w: number, w4: number, stride: number, rows: string,
+    seq: string, heads: string, row0: string, head: string): string {
+  return `
+    for (var e = t; e < ${rows} * ${w4}; e += T) {
+      let r = e / ${w4};
+      let xq = e % ${w4};
+      let i = ${row0} + r;
+      var val = vec4<f32>(0.0);
+      if (i < ${seq}) {
+        let base = ((b * ${seq} + i) * ${heads} + ${head}) * ${w} + xq * 4;
+        ${w % 4 === 0 ? `val = vec4<f32>(${src}[base], ${src}[base + 1], ${src}[base + 2], ${src}[base + 3]);` : `
+        for (var c = 0; c < 4; c++) {
+          if (xq * 4 + c < ${w}) { val[c] = ${src}[base + c]; }
+        }`}
+      }
+      ${dst}[r * ${stride} + xq] = val;
+    }`;
+}
