@@ -8,8 +8,8 @@ module.exports = {
   testTimeout: 300000,
   globalSetup: '<rootDir>/test/harness/global_setup.ts',
   reporters: ['default', '<rootDir>/test/harness/summary_reporter.js'],
-  // The layers import the core by package name (as users do), which must be
-  // the same module instance as the tests' `../src`.
+  // kernels/ and the layers import the core by package name (as users do),
+  // which must be the same module instance as the tests' `../src`.
   moduleNameMapper: {'^tfjs-flash-attention$': '<rootDir>/src/index.ts'},
   transform: {
     '^.+\\.ts$': ['ts-jest', {diagnostics: false}],

@@ -41,6 +41,8 @@ interface Args {
   check: boolean;
   batch: number;
   heads: number;
+  /** Flags for Dawn's create(), e.g. enable-dawn-features=... */
+  dawnFlags: string[];
 }
 
 function parseArgs(argv: string[]): Args {
@@ -64,6 +66,7 @@ function parseArgs(argv: string[]): Args {
     check: argv.includes('--check'),
     batch: Number(get('batch', '1')),
     heads: Number(get('heads', '16')),
+    dawnFlags: get('dawn-flags', '').split(' ').filter(x => x),
   };
 }
 
@@ -88,11 +91,11 @@ function flops(mode: string, b: number, h: number, s: number, d: number, causal:
   return mode === 'fwd' ? fwd : 3.5 * fwd;
 }
 
-async function setupDevice(): Promise<{gpu: GPU, adapter: GPUAdapter, device: GPUDevice}> {
+async function setupDevice(dawnFlags: string[]): Promise<{gpu: GPU, adapter: GPUAdapter, device: GPUDevice}> {
   const webgpu = await import('webgpu') as unknown as {create: (f: string[]) => GPU,
                                                         globals: Record<string, unknown>};
   Object.assign(globalThis, webgpu.globals);
-  const gpu = webgpu.create([]);
+  const gpu = webgpu.create(dawnFlags);
   const adapter = await gpu.requestAdapter({powerPreference: 'high-performance'});
   if (adapter == null) {
     throw new Error('no WebGPU adapter');
@@ -149,7 +152,9 @@ async function measure(
     b: Bench, run: () => unknown, budgetMs: number): Promise<{ms: number, peakMiB: number, reps: number}> {
   const {tf} = b;
   const once = () => tf.dispose(run() as import("@tensorflow/tfjs-core").Tensor[]);
-  // First call: compiles; measures peak memory from an empty pool.
+  // First call: compiles and uploads the inputs; the second measures peak
+  // memory from an empty pool.
+  once();
   await sync(b);
   emptyPool(b);
   const before = b.backend.bufferManager.numBytesAllocated;
@@ -177,7 +182,7 @@ async function measure(
 
 async function main(): Promise<void> {
   const args = parseArgs(process.argv.slice(2));
-  const {device, adapter} = await setupDevice();
+  const {device, adapter} = await setupDevice(args.dawnFlags);
   const tf = await import('@tensorflow/tfjs-core');
   // tfjs-core's CommonJS bundle registers no gradients; tfjs-layers' does.
   await import('@tensorflow/tfjs-layers');
@@ -191,7 +196,8 @@ async function main(): Promise<void> {
   await tf.setBackend('webgpu');
   const bench: Bench = {tf, backend: tf.backend() as unknown as Bench['backend']};
   const info = adapter.info;
-  const deviceName = `${info.vendor} ${info.architecture} ${info.description}`.trim();
+  const deviceName = `${info.vendor} ${info.architecture} ${info.description}`.trim() +
+      (args.dawnFlags.length > 0 ? ` (Dawn flags: ${args.dawnFlags.join(' ')})` : '');
   log(`device: ${deviceName}; workgroup storage ${device.limits.maxComputeWorkgroupStorageSize} B, invocations ${
       device.limits.maxComputeInvocationsPerWorkgroup}, subgroups ${device.features.has('subgroups' as GPUFeatureName)} (min ${
       (info as unknown as {subgroupMinSize?: number}).subgroupMinSize}), max binding ${
@@ -203,6 +209,7 @@ async function main(): Promise<void> {
   const rows: Row[] = [];
   const maxBinding = Math.min(device.limits.maxStorageBufferBindingSize, device.limits.maxBufferSize);
 
+  const checks: string[] = [];
   if (args.check) {
     // Numerical sanity on this device: fused vs composed, causal and not.
     for (const d of args.dims) {
@@ -217,18 +224,19 @@ async function main(): Promise<void> {
         tf.dispose([diff, ref]);
         await checkOwnPipelineErrors();
         log(`check D=${d} S=${s} causal=${causal}: max|fused - composed| / max|composed| = ${err.toExponential(2)}`);
-        console.log(`check D=${d} S=${s} causal=${causal} relerr=${err.toExponential(2)}`);
+        checks.push(`D=${d} S=${s} causal=${causal}: max|fused - composed| / max|composed| = ${err.toExponential(2)}`);
         tf.dispose([q, k, v, a, c]);
       }
     }
   }
 
   const variants = args.variants.length > 0 ? args.variants : ['default'];
-  for (const mode of args.modes) {
-    for (const d of args.dims) {
-      for (const causal of args.causal) {
-        for (const s of args.seqs) {
-          const [q, k, v, dy] = [0, 1, 2, 3].map(() => tf.randomNormal([B, s, H, d]) as import('@tensorflow/tfjs-core').Tensor4D);
+  // Inputs are made once per (D, S) (random normals are drawn on the CPU).
+  for (const d of args.dims) {
+    for (const s of args.seqs) {
+      const [q, k, v, dy] = [0, 1, 2, 3].map(() => tf.randomNormal([B, s, H, d]) as import('@tensorflow/tfjs-core').Tensor4D);
+      for (const mode of args.modes) {
+        for (const causal of args.causal) {
           for (const impl of args.impls) {
             for (const variant of impl === 'fused' ? variants : ['-']) {
               const row: Row = {mode, impl, variant, dim: d, seq: s, causal, ms: null, tflops: null,
@@ -248,8 +256,13 @@ async function main(): Promise<void> {
                 continue;
               }
               if (variant !== 'default' && variant !== '-') {
-                const [tm, tx, nq, ty] = variant.split(',').map(Number);
-                setForwardOverride({tiles: {tm, tx, nq, ty}});
+                // tm,tx,nq,ty[,p0|p1 (register prefetch)][,u1|u2|u4 (unroll)]
+                const [tm, tx, nq, ty] = variant.split(',').slice(0, 4).map(Number);
+                const flags = variant.split(',').slice(4);
+                const p = flags.find(f => f.startsWith('p'));
+                const u = flags.find(f => f.startsWith('u'));
+                setForwardOverride({tiles: {tm, tx, nq, ty}, prefetch: p == null ? undefined : p === 'p1',
+                                    unroll: u == null ? undefined : Number(u.slice(1))});
               }
               // fwdbwd: the forward is fused, the backward is whatever the
               // backend has (bwd's fused kernel, else the reference).
@@ -299,9 +312,9 @@ async function main(): Promise<void> {
                   row.tflops!.toFixed(2)} TFLOP/s, peak ${row.peakMiB!.toFixed(1)} MiB (${row.reps} reps)` : row.status}`);
             }
           }
-          tf.dispose([q, k, v, dy]);
         }
       }
+      tf.dispose([q, k, v, dy]);
     }
   }
   tf.env().set(fa.FLASH_ATTENTION_IMPL, 'auto');
@@ -311,10 +324,13 @@ async function main(): Promise<void> {
       null;
   fs.mkdirSync(args.out, {recursive: true});
   const result = {date: new Date().toISOString(), device: deviceName, argv: process.argv.slice(2),
-                  batch: B, heads: H, rows, torch};
+                  batch: B, heads: H, checks, rows, torch};
   fs.writeFileSync(path.join(args.out, 'attention.json'), JSON.stringify(result, null, 1));
   fs.writeFileSync(path.join(args.out, 'attention.svg'), chart(rows, torch?.rows ?? []));
   console.log(table(rows, torch?.rows ?? [], B, H));
+  if (checks.length > 0) {
+    console.log(`\nChecks (fused vs composed on this device):\n${checks.map(c => `- ${c}`).join('\n')}`);
+  }
 }
 
 type TorchRow = {mode: string, dim: number, seq: number, causal: boolean, ms: number|null};
@@ -326,7 +342,17 @@ function table(rows: Row[], torch: TorchRow[], B: number, H: number): string {
   lines.push('');
   lines.push('| mode | D | S | causal | fused ms | fused TFLOP/s | fused peak MiB | composed ms | composed TFLOP/s | composed peak MiB | fused speedup | torch ms | torch TFLOP/s | fused / torch |');
   lines.push('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |');
-  const keys = new Set(rows.map(r => `${r.mode}|${r.dim}|${r.causal}|${r.seq}`));
+  const order = (r: Row) => [r.mode === 'fwd' ? 0 : 1, r.dim, r.causal ? 0 : 1, r.seq];
+  const sorted = rows.slice().sort((a, b) => {
+    const x = order(a), y = order(b);
+    for (let i = 0; i < x.length; i++) {
+      if (x[i] !== y[i]) {
+        return x[i] - y[i];
+      }
+    }
+    return 0;
+  });
+  const keys = new Set(sorted.map(r => `${r.mode}|${r.dim}|${r.causal}|${r.seq}`));
   const notes: string[] = [];
   for (const key of keys) {
     const [mode, dim, causal, seq] = key.split('|');

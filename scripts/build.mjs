@@ -24,6 +24,10 @@ const dist = join(root, 'dist');
 const ENTRIES = [
   {name: 'index', source: 'src/index.ts', umdName: 'tfjs-flash-attention',
    umdGlobal: 'tfFlashAttention'},
+  // Node only (tfjs-node-gpu): no UMD; imports the core package by name
+  // (external) so it registers into the same kernel registry.
+  {name: 'tensorflow', source: 'kernels/tensorflow/index.ts', nodeOnly: true,
+   external: ['tfjs-flash-attention']},
   // The layers import the core by package name and keep it external, so
   // that a process holds one core (one fused-kernel registry); in a page the
   // core is the main UMD bundle's global.
@@ -92,6 +96,14 @@ async function build() {
   for (const entry of ENTRIES) {
     const entryPoints = [join(root, entry.source)];
     const entryCommon = {...common, external: EXTERNALS.concat(entry.external ?? [])};
+    if (entry.nodeOnly) {
+      const node = {...entryCommon, platform: 'node'};
+      await esbuild.build({...node, entryPoints, format: 'esm',
+                           outfile: join(dist, `${entry.name}.mjs`)});
+      await esbuild.build({...node, entryPoints, format: 'cjs',
+                           outfile: join(dist, `${entry.name}.cjs`)});
+      continue;
+    }
     await esbuild.build({...entryCommon, entryPoints, format: 'esm',
                          outfile: join(dist, `${entry.name}.mjs`)});
     await esbuild.build({...entryCommon, entryPoints, format: 'cjs', platform: 'node',

@@ -102,21 +102,18 @@ describeWebGPU('fused WebGPU backward [webgpu]', () => {
     const h100 = {...swiftShader, maxComputeWorkgroupStorageSize: 49152, maxComputeInvocationsPerWorkgroup: 1024,
                   maxComputeWorkgroupSizeX: 1024};
     expect(chooseGradTiles(64, 64, h100)).toEqual(
-        {dkdv: {bc: 64, br: 16, threads: 256}, dq: {br: 64, bc: 16, threads: 256}});
+        {dkdv: {bc: 64, br: 16, threads: 128}, dq: {br: 64, bc: 16, threads: 128}});
     expect(chooseGradTiles(64, 64, swiftShader)!.dkdv.bc).toBe(32);
     expect(chooseGradTiles(256, 256, swiftShader)).not.toBeNull();
     expect(chooseGradTiles(256, 256, {...swiftShader, maxComputeWorkgroupStorageSize: 4096}))
         .toBeNull();
   });
 
-  // With |s| ~ 1e4, rounding the oracle's lse to float32 alone moves P by
-  // ~5e-4 (relative): that case is checked through tf.grads below, where
-  // the lse comes from the same float32 scores.
-  const direct = [...OPTION_CASES, ...EXTRA_CASES].filter(c => c.inputScale == null);
+  // Large logits (|s| ~ 1e4) carry their case's looser bound (see
+  // test/harness/cases.ts): rounding the oracle's lse to float32 alone moves
+  // P by ~5e-4. They are also run through tf.grads below.
+  const direct = [...OPTION_CASES, ...EXTRA_CASES];
   const large = OPTION_CASES.filter(c => c.inputScale != null);
-  if (large.length !== 1) {
-    throw new Error(`expected one large-logits case, found ${large.length}`);
-  }
   for (const c of direct) {
     it(`kernel vs oracle: ${c.name}`, async () => {
       const rng = freshRng();
@@ -124,9 +121,10 @@ describeWebGPU('fused WebGPU backward [webgpu]', () => {
       const {runs: [got], expected} = await runKernelCase(c, rng);
       expect(tf.memory().numTensors).toBe(tensorsBefore);
       const what = `${c.name} (seed ${rng.seed})`;
-      expectClose(got.dq, expected.dq, GRADIENT_BOUND, `${what}: dq`);
-      expectClose(got.dk, expected.dk, GRADIENT_BOUND, `${what}: dk`);
-      expectClose(got.dv, expected.dv, GRADIENT_BOUND, `${what}: dv`);
+      const bound = c.bounds?.gradient ?? GRADIENT_BOUND;
+      expectClose(got.dq, expected.dq, bound, `${what}: dq`);
+      expectClose(got.dk, expected.dk, bound, `${what}: dk`);
+      expectClose(got.dv, expected.dv, bound, `${what}: dv`);
     });
   }
 

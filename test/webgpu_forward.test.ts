@@ -63,6 +63,9 @@ describeWebGPU('fused WebGPU forward [webgpu]', () => {
       ['default tiling', null],
       ['TM=4, TX=4 (shared-memory reductions)', {tiles: {tm: 4, tx: 4, nq: 1, ty: 8}}],
       ['TM=1, TX=2, NQ=2', {tiles: {tm: 1, tx: 2, nq: 2, ty: 16}}],
+      // What GPUs run: constant loop bounds, K/V prefetched through registers.
+      ['GPU code path (prefetch, constant loops)',
+       {tiles: {tm: 2, tx: 4, nq: 1, ty: 8}, constantLoops: true, prefetch: true, unroll: 4}],
     ];
     for (const [tilingName, o] of tilings) {
       for (const c of cases) {

@@ -47,8 +47,10 @@ const DQ_SIZES: Array<[number, number]> =
  */
 export function chooseGradTiles(
     d: number, dv: number, limits: GradDeviceLimits): GradTiles|null {
+  // 128 invocations: 8% faster than 256 on an H200 at S=4096 (each thread
+  // has twice the rows in S = Q K^T; benchmarks/RESULTS.md).
   const threads = Math.min(
-      256, limits.maxComputeInvocationsPerWorkgroup, limits.maxComputeWorkgroupSizeX);
+      128, limits.maxComputeInvocationsPerWorkgroup, limits.maxComputeWorkgroupSizeX);
   const storage = limits.maxComputeWorkgroupStorageSize;
   let dkdv: DkDvTiles|null = null;
   for (const [bc, br] of DKDV_SIZES) {

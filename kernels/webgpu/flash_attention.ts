@@ -12,7 +12,7 @@ import {MAX_HEAD_DIM} from '../../src/checks';
 import {dropoutThreshold} from '../../src/dropout';
 import {FlashAttention, FlashAttentionAttrs} from '../../src/kernel_names';
 
-import {ForwardConfig, ForwardTiles, forwardKey, forwardWGSL, FORWARD_UNIFORMS, tileSizes, workgroupBytes} from './flash_attention_webgpu';
+import {ForwardConfig, ForwardTiles, forwardKey, forwardWGSL, FORWARD_UNIFORMS, prefetchFloats, tileSizes, workgroupBytes} from './flash_attention_webgpu';
 import {deviceHasSubgroups, dispatchGrid, runOwnPipeline, UniformWriter} from './own_pipeline';
 import {scoreOptionsFromAttrs} from './wgsl_snippets';
 
@@ -21,13 +21,14 @@ import {scoreOptionsFromAttrs} from './wgsl_snippets';
  * register budget) is used. Br x Bc and threads in the comments.
  */
 export const FORWARD_TILINGS: ForwardTiles[] = [
-  {tm: 4, tx: 16, nq: 1, ty: 16},  // 64 x 64, 256
-  {tm: 4, tx: 8, nq: 2, ty: 16},   // 64 x 64, 128
-  {tm: 8, tx: 8, nq: 1, ty: 8},    // 64 x 32, 64
+  // Fastest first, as measured on an H100 through Dawn/Vulkan (D=64, causal,
+  // S=4096: 1.96, 2.00, 2.15, 2.17 ms; benchmarks/RESULTS.md).
+  {tm: 4, tx: 16, nq: 1, ty: 8},   // 32 x 64, 128
   {tm: 4, tx: 8, nq: 1, ty: 16},   // 64 x 32, 128
-  {tm: 4, tx: 8, nq: 1, ty: 8},    // 32 x 32, 64
-  {tm: 2, tx: 8, nq: 1, ty: 16},   // 32 x 32, 128
   {tm: 2, tx: 16, nq: 1, ty: 16},  // 32 x 64, 256
+  {tm: 2, tx: 8, nq: 1, ty: 16},   // 32 x 32, 128
+  {tm: 4, tx: 8, nq: 1, ty: 8},    // 32 x 32, 64
+  {tm: 2, tx: 16, nq: 1, ty: 8},   // 16 x 64, 128
   {tm: 4, tx: 4, nq: 1, ty: 8},    // 32 x 16, 32
   {tm: 2, tx: 4, nq: 1, ty: 8},    // 16 x 16, 32
   {tm: 1, tx: 4, nq: 1, ty: 16},   // 16 x 16, 64
@@ -38,9 +39,11 @@ export const FORWARD_TILINGS: ForwardTiles[] = [
 
 /** Floats a thread keeps in registers for its tiles (S, O, prefetch). */
 function registerFloats(d: number, dv: number, t: ForwardTiles): number {
-  const s = tileSizes({headDim: d, headDimV: dv, tiles: t});
-  const prefetch = Math.ceil(s.bc * s.dq4 / s.threads) + Math.ceil(s.bc * s.dv4 / s.threads);
-  return 4 * (t.tm * t.nq + t.tm * s.nj + prefetch);
+  const c = {headDim: d, headDimV: dv, tiles: t};
+  const s = tileSizes(c);
+  const prefetch = prefetchFloats(c);
+  // Without room for the prefetch, the kernel loads K/V directly.
+  return 4 * (t.tm * t.nq + t.tm * s.nj) + (prefetch <= 64 ? prefetch : 0);
 }
 const REGISTER_BUDGET = 160;
 
@@ -50,6 +53,11 @@ export interface ForwardOverride {
   subgroups?: boolean;
   /** Testing only: skip the device-limit check, so the GPU rejects it. */
   ignoreLimits?: boolean;
+  /** Tuning: force the register prefetch on/off, the head-dim unroll. */
+  prefetch?: boolean;
+  unroll?: number;
+  /** Testing: constant loop bounds (the GPU code path) on any device. */
+  constantLoops?: boolean;
 }
 let override: ForwardOverride|null = null;
 export function setForwardOverride(o: ForwardOverride|null): void {
@@ -182,7 +190,9 @@ export function flashAttentionWebGPU(
     headDim, headDimV, tiles: plan.tiles, score, alibiMode,
     dropout: attrs.dropoutRate > 0, subgroups: plan.subgroups,
     reverseRows: score.windowRight && !score.windowLeft,
-    runtimeLoops: isSoftwareDevice(backend.device),
+    runtimeLoops: !override?.constantLoops && isSoftwareDevice(backend.device),
+    prefetch: override?.prefetch,
+    unroll: override?.unroll,
   };
   const {br, bc, dq4} = tileSizes(config);
   const numQTiles = Math.ceil(seqQ / br);

@@ -59,6 +59,9 @@ export interface ForwardConfig {
    * pipeline creation take minutes.
    */
   runtimeLoops: boolean;
+  /** Tuning overrides (benchmarks): register prefetch, head-dim unroll. */
+  prefetch?: boolean;
+  unroll?: number;
 }
 
 export interface TileSizes {
@@ -85,13 +88,28 @@ export function workgroupBytes(
     c: {headDim: number, headDimV: number, tiles: ForwardTiles}, subgroups: boolean): number {
   const s = tileSizes(c);
   const red = subgroups ? 0 : s.br * c.tiles.tx * 4;
-  return 16 * (s.br * s.dq4 + s.bc * s.kvw) + 4 * s.br * s.bc + red;
+  // K/V rows padded by one vec4 (the non-dropout layout, see forwardWGSL).
+  return 16 * (s.br * s.dq4 + s.bc * (s.kvw + 1)) + 4 * s.br * s.bc + red;
+}
+
+/** Floats per thread that the register prefetch of K and V needs. */
+export function prefetchFloats(c: {headDim: number, headDimV: number, tiles: ForwardTiles}): number {
+  const s = tileSizes(c);
+  return 4 * (Math.ceil(s.bc * s.dq4 / s.threads) + Math.ceil(s.bc * s.dv4 / s.threads));
+}
+
+/**
+ * Global loads of K/V go through registers ahead of their use unless that
+ * takes too many registers (large head dims) or loops are not unrolled.
+ */
+export function usePrefetch(c: ForwardConfig): boolean {
+  return !c.runtimeLoops && (c.prefetch ?? prefetchFloats(c) <= 64);
 }
 
 export function forwardKey(c: ForwardConfig): string {
   const t = c.tiles;
   return `fa_fwd_d${c.headDim}_dv${c.headDimV}_tm${t.tm}tx${t.tx}nq${t.nq}ty${t.ty}_${
-      scoreKey(c.score)}_al${c.alibiMode}_do${+c.dropout}_sg${+c.subgroups}_rv${+c.reverseRows}_rl${+c.runtimeLoops}`;
+      scoreKey(c.score)}_al${c.alibiMode}_do${+c.dropout}_sg${+c.subgroups}_rv${+c.reverseRows}_rl${+c.runtimeLoops}_pf${c.prefetch ?? '-'}_un${c.unroll ?? '-'}`;
 }
 
 /** Field order of the uniform struct (all 4-byte scalars). */
@@ -164,8 +182,16 @@ export function forwardWGSL(c: ForwardConfig): string {
   const nQLoads = Math.ceil(br * dq4 / threads);
 
   const kRow = (j: string) => `u32((b * u.seqK + ${j}) * u.headsKV + hk)`;
-  const kSwizzled = (key: string, ch: string) => `${key} * KVW + ((${ch}) ^ ((${key} >> 2u) & ${swm}u))`;
-  const prefetch = !c.runtimeLoops;
+  // Key columns of a thread: with dropout, whole quads 4*(tx + TX*q) + e
+  // (one Philox call per quad), K rows XOR-swizzled per quad against bank
+  // conflicts; without, columns tx + TX*(4q + e), K rows padded by a vec4.
+  const quadCols = c.dropout;
+  const kvs = quadCols ? kvw : kvw + 1;
+  const kSwizzled = (key: string, ch: string) => quadCols ?
+      `${key} * KVW + ((${ch}) ^ ((${key} >> 2u) & ${swm}u))` : `${key} * KVW + ${ch}`;
+  const colOf = (q: number, e: number) => quadCols ? `(4u * (tx + TX * ${q}u) + ${e}u)` :
+                                                     `(tx + TX * ${4 * q + e}u)`;
+  const prefetch = usePrefetch(c);
   const prologueK = !prefetch ? '' : `// Prefetch of the first K tile into registers.
   ${range(nKLoads).map(n => `var kr${n} = vec4<f32>(0.0);`).join(' ')}
   ${range(nVLoads).map(n => `var vr${n} = vec4<f32>(0.0);`).join(' ')}
@@ -229,6 +255,25 @@ export function forwardWGSL(c: ForwardConfig): string {
         }
       }`).join('\n      ')}
     }`;
+
+  // S += Q K^T over head-dim chunks, as FMA chains (a dot() would round
+  // differently and cost an extra multiply). Unrolled by UNROLL chunks so
+  // that offsets become constants (small head dims only).
+  // (Measured on an H100: x4 helps at D=64; at D=128 the hoisted loads of
+  // an unrolled loop cost far more than they save, so no unrolling there.)
+  const unroll = c.runtimeLoops ? 1 :
+      c.unroll != null && dq4 % c.unroll === 0 ? c.unroll : dq4 % 4 === 0 && dq4 <= 16 ? 4 : 1;
+  const qkBody = (ch: string) => `{
+      ${rowsI.map(i => `let a${i} = qs[qBase${i} + ${ch}];`).join('\n      ')}
+      ${quads.map(q => range(4).map(e => `{
+        let kv = kvs[kOff${q}_${e} + ${quadCols ? `((${ch}) ^ kSw${q})` : ch}];
+        ${rowsI.map(i => `s${i}_${q}.${COMP[e]} = fma(a${i}.w, kv.w, fma(a${i}.z, kv.z, fma(a${i}.y, kv.y, fma(a${i}.x, kv.x, s${i}_${q}.${COMP[e]}))));`).join('\n        ')}
+      }`).join('\n      ')).join('\n      ')}
+    }`;
+  const qkLoop = `${rowsI.map(i => `let qBase${i} = (ty + TY * ${i}u) * DQ4;`).join(' ')}
+    for (var ch = 0u; ch < ${c.runtimeLoops ? 'u32(u.loopDQ4)' : 'DQ4'}; ch += ${unroll}u) {
+      ${range(unroll).map(x => qkBody(x === 0 ? 'ch' : `ch + ${x}u`)).join('\n      ')}
+    }`;
   const reduce = (v: string, op: 'max'|'add') => {
     const lines: string[] = [];
     for (let o = 1; o < t.tx; o *= 2) {
@@ -263,13 +308,13 @@ export function forwardWGSL(c: ForwardConfig): string {
     for (const q of quads) {
       for (const e of range(4)) {
         const acc = `s${i}_${q}.${COMP[e]}`;
-        const j = `(j0 + i32(4u * (tx + ${t.tx}u * ${q}u) + ${e}u))`;
+        const j = `(j0 + i32(${colOf(q, e)}))`;
         const needsPos = c.score.alibi || c.score.softcap;
         if (needsPos) {
           scoreLines.push(`${acc} = fa_score(${acc}, row${i}, ${j}, sp);`);
         }
         if (e === 0) {
-          scoreLines.push(`if s${i}_${q} = select(vec4<f32>(NEG), s${i}_${q}, fa_visible4(row${i}, vec4<i32>(${j}) + vec4<i32>(0, 1, 2, 3), sp));`);
+          scoreLines.push(`if s${i}_${q} = select(vec4<f32>(NEG), s${i}_${q}, fa_visible4(row${i}, vec4<i32>(${j}) + vec4<i32>(${quadCols ? '0, 1, 2, 3' : `0, ${t.tx}, ${2 * t.tx}, ${3 * t.tx}`}), sp));`);
         }
       }
     }
@@ -294,11 +339,11 @@ const TX = ${t.tx}u;
 const THREADS = ${threads}u;
 const DQ4 = ${dq4}u;
 const DV4 = ${dv4}u;
-const KVW = ${kvw}u;
+const KVW = ${kvs}u;
 const NEG = -1e30;
 
 var<workgroup> qs: array<vec4<f32>, ${br * dq4}>;
-var<workgroup> kvs: array<vec4<f32>, ${bc * kvw}>;
+var<workgroup> kvs: array<vec4<f32>, ${bc * kvs}>;
 var<workgroup> ps: array<vec4<f32>, ${br * bc / 4}>;
 ${c.subgroups || t.tx === 1 ? '' : `var<workgroup> red: array<f32, ${br * t.tx}>;`}
 
@@ -352,8 +397,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   ${rowsI.map(i => `var m${i} = NEG;\n  var l${i} = 0.0;`).join('\n  ')}
   ${rowsI.map(i => outJ.map(jj => `var o${i}_${jj} = vec4<f32>(0.0);`).join(' ')).join('\n  ')}
   // Key offsets (swizzled) of this thread's columns in workgroup memory.
-  ${quads.map(q => range(4).map(e => `let kOff${q}_${e} = (4u * (tx + TX * ${q}u) + ${e}u) * KVW;`).join(' ')).join('\n  ')}
-  ${quads.map(q => `let kSw${q} = (tx + TX * ${q}u) & ${swm}u;`).join('\n  ')}
+  ${quads.map(q => range(4).map(e => `let kOff${q}_${e} = ${colOf(q, e)} * KVW;`).join(' ')).join('\n  ')}
+  ${quadCols ? quads.map(q => `let kSw${q} = (tx + TX * ${q}u) & ${swm}u;`).join('\n  ') : ''}
 
   ${prologueK}
 
@@ -366,13 +411,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
 
     // S = Q K^T on this thread's TM x 4NQ tile.
     ${rowsI.map(i => quads.map(q => `var s${i}_${q} = vec4<f32>(0.0);`).join(' ')).join('\n    ')}
-    for (var ch = 0u; ch < ${c.runtimeLoops ? 'u32(u.loopDQ4)' : 'DQ4'}; ch++) {
-      ${rowsI.map(i => `let a${i} = qs[(ty + TY * ${i}u) * DQ4 + ch];`).join('\n      ')}
-      ${quads.map(q => range(4).map(e => `{
-        let kv = kvs[kOff${q}_${e} + (ch ^ kSw${q})];
-        ${rowsI.map(i => `s${i}_${q}.${COMP[e]} += dot(a${i}, kv);`).join('\n        ')}
-      }`).join('\n      ')).join('\n      ')}
-    }
+    ${qkLoop}
 
     // Scores, then the online softmax. Only tiles that cross the edge of
     // the keys or of the window need the mask.
@@ -388,9 +427,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
     ${rowReduce(rowsI.map(i => `mx${i}`), 'max')}
     ${rowsI.map(i => `{
       let mNew = max(m${i}, mx${i});
-      let alpha = exp(m${i} - mNew);
+      // A row that has seen no visible key keeps m = NEG; subtracting 0
+      // instead sends its masked scores (and alpha) to exp(NEG) = 0.
+      let mUse = select(mNew, 0.0, mNew < -1e29);
+      let alpha = exp(m${i} - mUse);
       m${i} = mNew;
-      ${quads.map(q => `s${i}_${q} = select(vec4<f32>(0.0), exp(s${i}_${q} - vec4<f32>(mNew)), s${i}_${q} > vec4<f32>(-1e29));`).join('\n      ')}
+      ${quads.map(q => `s${i}_${q} = exp(s${i}_${q} - vec4<f32>(mUse));`).join('\n      ')}
       l${i} = l${i} * alpha${quads.map(q => ` + dot(s${i}_${q}, vec4<f32>(1.0))`).join('')};
       ${outJ.map(jj => `o${i}_${jj} = o${i}_${jj} * alpha;`).join(' ')}
       ${c.dropout ? quads.map(q => `s${i}_${q} = s${i}_${q} * fa_dropout4(u32(b), u32(h), u32(row${i}), u32(j0 >> 2u) + tx + TX * ${q}u, vec2<u32>(u.seedLo, u.seedHi), u.threshold, u.keepScale);`).join('\n      ') : ''}
@@ -398,7 +440,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
     workgroupBarrier();
     // V -> workgroup memory (over K), P -> workgroup memory.
     ${storeV}
-    ${rowsI.map(i => quads.map(q => `ps[(ty + TY * ${i}u) * (BC / 4u) + tx + TX * ${q}u] = s${i}_${q};`).join(' ')).join('\n    ')}
+    ${rowsI.map(i => quads.map(q => quadCols ?
+        `ps[(ty + TY * ${i}u) * (BC / 4u) + tx + TX * ${q}u] = s${i}_${q};` :
+        range(4).map(e => `{ let f = (ty + TY * ${i}u) * BC + ${colOf(q, e)}; ps[f / 4u][f % 4u] = s${i}_${q}.${COMP[e]}; }`).join(' ')).join('\n    ')).join('\n    ')}
     ${nextK}
     workgroupBarrier();
 

@@ -6,5 +6,9 @@
 import {registerFusedKernel} from '../../src/dispatch';
 
 import {flashAttentionWebGPUConfig, supportsFlashAttentionWebGPU} from './flash_attention';
+import {registerFlashAttentionGradWebGPU} from './FlashAttentionGrad';
 
 registerFusedKernel(flashAttentionWebGPUConfig, supportsFlashAttentionWebGPU);
+// The fused backward (FlashAttentionGrad): used by the registered gradient
+// of FlashAttention, whichever forward ran.
+registerFlashAttentionGradWebGPU();

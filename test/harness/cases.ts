@@ -15,6 +15,13 @@ export interface OptionCase {
   opts: OracleOptions;
   /** Multiplies q and k (large logits). */
   inputScale?: number;
+  /**
+   * Looser bounds for an ill-conditioned case. With |s| ~ 1e4 a float32
+   * score is itself only known to its ulp (~1e-3), so between two near-tied
+   * keys about that much weight can move whatever the implementation does;
+   * such a case checks that rows stay finite and close, not the 1e-4 bound.
+   */
+  bounds?: {forward: number, gradient: number};
 }
 
 const base: ProblemShape =
@@ -42,7 +49,8 @@ export const OPTION_CASES: OptionCase[] = [
   {name: 'Dv != D (8 vs 24)', shape: {...base, headDim: 8, headDimV: 24}, opts: {}},
   {name: 'head dim 256', shape: {...base, batch: 1, heads: 1, headsKV: 1, seqQ: 6,
    seqK: 9, headDim: 256, headDimV: 256}, opts: {causal: true}},
-  {name: 'large logits (|s| ~ 1e4)', shape: base, opts: {}, inputScale: 40},
+  {name: 'large logits (|s| ~ 1e4)', shape: base, opts: {}, inputScale: 40,
+   bounds: {forward: 1e-3, gradient: 2e-3}},
   {name: 'dropout 0.25', shape: base, opts: {dropoutRate: 0.25, seed: 2024}},
   {name: 'dropout with GQA, window and seed >= 2^32',
    shape: {...base, heads: 4, headsKV: 1},
@@ -63,8 +71,9 @@ export async function checkForward(c: OptionCase, rng: Rng): Promise<void> {
                        {...opOptions(c, problem), returnSoftmaxLse: true});
     const expected = oracleForward(problem.oracle, c.opts);
     const what = `${c.name} (seed ${rng.seed})`;
-    expectClose(await out.data(), expected.out, FORWARD_BOUND, `${what}: out`);
-    expectClose(await lse.data(), expected.lse, FORWARD_BOUND, `${what}: lse`);
+    const bound = c.bounds?.forward ?? FORWARD_BOUND;
+    expectClose(await out.data(), expected.out, bound, `${what}: out`);
+    expectClose(await lse.data(), expected.lse, bound, `${what}: lse`);
     tf.dispose([out, lse]);
   } finally {
     problem.dispose();
@@ -96,9 +105,10 @@ export async function checkGradients(c: OptionCase, rng: Rng): Promise<void> {
     const grads = tf.grads(lossOf)([problem.q, problem.k, problem.v]);
     const expected = oracleBackward(problem.oracle, c.opts, dOutValues, dLseValues);
     const what = `${c.name} (seed ${rng.seed})`;
-    expectClose(await grads[0].data(), expected.dq, GRADIENT_BOUND, `${what}: dq`);
-    expectClose(await grads[1].data(), expected.dk, GRADIENT_BOUND, `${what}: dk`);
-    expectClose(await grads[2].data(), expected.dv, GRADIENT_BOUND, `${what}: dv`);
+    const bound = c.bounds?.gradient ?? GRADIENT_BOUND;
+    expectClose(await grads[0].data(), expected.dq, bound, `${what}: dq`);
+    expectClose(await grads[1].data(), expected.dk, bound, `${what}: dk`);
+    expectClose(await grads[2].data(), expected.dv, bound, `${what}: dv`);
     tf.dispose(grads);
   } finally {
     problem.dispose();
