@@ -19,7 +19,7 @@ import {normalizeOptions} from '../src/options';
 import {chooseGradTiles, GradTiles, registerFlashAttentionGradWebGPU, setGradTilesOverride} from '../kernels/webgpu/FlashAttentionGrad';
 import {checkOwnPipelineErrors} from '../kernels/webgpu/own_pipeline';
 import {discrepancy, randomOracleProblem, Rng} from '../test/harness/problems';
-import {OracleOptions, oracleBackward, oracleForward} from '../test/oracle';
+import {OracleOptions, oracleBackward} from '../test/oracle';
 
 const quick = process.argv.includes('--quick');
 
@@ -74,8 +74,6 @@ async function correctness(shape: Shape, opts: OracleOptions, label: string): Pr
     tf.dispose(grads);
   }
   await checkOwnPipelineErrors();
-  // The oracle's gradients of this forward's lse: its own forward in float64.
-  void oracleForward;
   const expected = oracleBackward(problem, opts, dOut, dLse);
   const errors = (['dq', 'dk', 'dv'] as const).map((name, i) => {
     const d = discrepancy(runs[0][i], expected[name]);
@@ -170,7 +168,7 @@ async function main(): Promise<void> {
   (globalThis as unknown as {navigator: unknown}).navigator = {gpu: create([])};
   // tfjs-backend-webgpu registers itself at import only if navigator.gpu exists.
   require('@tensorflow/tfjs-backend-webgpu');
-  registerFlashAttentionGradWebGPU();
+  registerFlashAttentionGradWebGPU();  // (also done by importing ../src)
   await tf.setBackend('webgpu');
   const device = (tf.backend() as unknown as {device: GPUDevice}).device;
   const limits = device.limits;

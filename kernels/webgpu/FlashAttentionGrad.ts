@@ -106,9 +106,18 @@ export function flashAttentionGradSupports(
   if (!isWebGPUBackend(backend)) {
     return 'the active backend is not a tfjs webgpu backend';
   }
-  if (tilesFor(shapes.headDim, shapes.headDimV, backend.device.limits) == null) {
+  const limits = backend.device.limits;
+  const tiles = tilesFor(shapes.headDim, shapes.headDimV, limits);
+  if (tiles == null) {
     return `head dims ${shapes.headDim}/${shapes.headDimV} need more workgroup storage than the device's ${
-        backend.device.limits.maxComputeWorkgroupStorageSize} bytes`;
+        limits.maxComputeWorkgroupStorageSize} bytes`;
+  }
+  const grid = Math.max(
+      Math.ceil(shapes.seqK / tiles.dkdv.bc), Math.ceil(shapes.seqQ / tiles.dq.br),
+      shapes.batch * shapes.heads);
+  if (grid > limits.maxComputeWorkgroupsPerDimension) {
+    return `the backward's grid (${grid} workgroups along one dimension) exceeds the device's ${
+        limits.maxComputeWorkgroupsPerDimension}`;
   }
   return null;
 }

@@ -104,9 +104,13 @@ var<workgroup> deltaS: array<f32, BR>;
 
 @compute @workgroup_size(T)
 fn main(@builtin(workgroup_id) wg: vec3<u32>,
+        @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
   let t = i32(lid);
-  let i0 = i32(wg.x) * BR;
+  // Causal-like masks (right bound only): later rows see more keys, so the
+  // heaviest query blocks are dispatched first.
+  let heavyLast = p.windowLeft < 0 && p.windowRight >= 0;
+  let i0 = select(i32(wg.x), i32(nwg.x) - 1 - i32(wg.x), heavyLast) * BR;
   let b = i32(wg.y) / p.heads;
   let h = i32(wg.y) % p.heads;
   let hk = h / (p.heads / p.headsKV);
