@@ -19,7 +19,6 @@ import * as path from 'path';
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 
-import {registerFlashAttentionGradWebGPU} from '../kernels/webgpu/FlashAttentionGrad';
 import {FlashAttention, FlashAttentionGrad, hasFusedKernel} from '../src';
 import {flashMHA} from '../src/layers';
 import {useBestBackend} from '../demo/backend';
@@ -28,11 +27,6 @@ import {buildGPT, median, sampleBatch, seededRandom, trainableVariables, trainSt
 import {composedMHA} from './composed_mha';
 
 type Impl = 'flash'|'composed';
-
-// The fused backward, where importing the package does not register it yet.
-if (!hasFusedKernel(FlashAttentionGrad, 'webgpu')) {
-  registerFlashAttentionGradWebGPU();
-}
 
 function option(name: string, fallback: string): string {
   const prefix = `--${name}=`;
