@@ -64,9 +64,13 @@ async function withErrorScopes(device: GPUDevice, fn: () => Promise<number>): Pr
   }
   const scoped: string[] = [];
   for (const kind of ['internal', 'validation', 'out-of-memory']) {
-    const error = await device.popErrorScope();
-    if (error != null) {
-      scoped.push(`${kind}: ${error.message}`.slice(0, 300));
+    try {
+      const error = await device.popErrorScope();
+      if (error != null) {
+        scoped.push(`${kind}: ${error.message}`.slice(0, 300));
+      }
+    } catch (e) {  // A lost device rejects.
+      scoped.push(`${kind} scope: ${(e as Error).message}`.slice(0, 300));
     }
   }
   const error = thrown ?? (scoped.length > 0 ? scoped.join(' | ') : null) ??
@@ -139,11 +143,11 @@ async function oomChild() {
   const start = performance.now();
   let lastMs = 0;
   for (; seq <= MAX_SEQ; seq *= 2) {
-    // Attention time grows 4x per doubling: skip a step that cannot end in time.
+    // Step time grows 2-4x per doubling: skip a step that cannot end in time.
     const elapsed = (performance.now() - start) / 1000;
-    if (lastMs > 0 && elapsed + 3.5 * lastMs / 1000 > seconds) {
+    if (lastMs > 0 && elapsed + 2.5 * lastMs / 1000 > seconds) {
       report('stop', {impl, seq, reason: `time: the step at ${seq} would need about ${
-          (3.5 * lastMs / 1000).toFixed(0)} s, ${(seconds - elapsed).toFixed(0)} s left`});
+          (2.5 * lastMs / 1000).toFixed(0)} s, ${(seconds - elapsed).toFixed(0)} s left`});
       break;
     }
     const data = Int32Array.from({length: seq + 2}, () => Math.floor(random() * VOCAB));
@@ -219,7 +223,7 @@ async function parent() {
                                             heads: HEADS, vocab: VOCAB};
   const stepArgs = ['--child=step', ...MODEL_ARGS, `--batch=${option('batch', '4')}`, `--seq=${option('seq', '1024')}`,
                     `--steps=${option('steps', '5')}`];
-  const steps = await child(stepArgs, Math.min(120, left()), log);
+  const steps = await child(stepArgs, Math.min(70, left()), log);
   summary.step = {results: steps.results, code: steps.code, timedOut: steps.timedOut,
                   stderr: steps.code === 0 ? undefined : steps.stderrTail};
   const probes: Record<Impl, Array<Record<string, unknown>>> = {flash: [], composed: []};
@@ -228,7 +232,7 @@ async function parent() {
     let from = Number(option('from', '1024'));
     // A crashed or killed child ends its series: note how, and continue from the next length.
     while (left() > 15 && from <= MAX_SEQ) {
-      const seconds = Math.min(impl === 'composed' ? 80 : 110, left() - 5);
+      const seconds = Math.min(impl === 'composed' ? 45 : 110, left() - 5);
       const outcome = await child([`--child=oom`, ...MODEL_ARGS, `--max=${MAX_SEQ}`, `--impl=${impl}`, `--from=${from}`,
                                    `--seconds=${Math.floor(seconds - 8)}`], seconds, log);
       const got = outcome.results.filter(r => r.kind === 'probe');

@@ -249,12 +249,17 @@ export class FlashMHA extends tfl.layers.Layer {
   /** The key padding mask of a call: kwargs.keyPaddingMask, else tfjs's propagated mask. */
   private keyMaskOf(kwargs: Kwargs): tf.Tensor|null {
     const explicit = kwargs['keyPaddingMask'] as tf.Tensor|undefined;
-    let mask = explicit ?? (kwargs['mask'] as tf.Tensor|tf.Tensor[]|undefined) ?? null;
-    if (Array.isArray(mask)) {
-      // tfjs propagates one mask per input: the keys come from the last.
-      mask = mask[mask.length - 1] ?? null;
+    if (explicit != null) {
+      return explicit;
     }
-    return mask;
+    const propagated = (kwargs['mask'] as tf.Tensor|tf.Tensor[]|undefined) ?? null;
+    if (Array.isArray(propagated)) {
+      // One mask per input: the keys come from the last.
+      return propagated[propagated.length - 1] ?? null;
+    }
+    // A single propagated mask belongs to x: the keys' only with self-attention
+    // (tfjs's executor may pass just the first input's mask to a cross-attention).
+    return this.crossAttention ? null : propagated;
   }
 
   override call(inputs: tf.Tensor|tf.Tensor[], kwargs: Kwargs): tf.Tensor {

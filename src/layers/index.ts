@@ -10,6 +10,8 @@ export {alibiSlopes} from './alibi';
 export type {MaskedAttentionOptions} from './masked_attention';
 export {maskedAttention, repeatKVHeads} from './masked_attention';
 export {applyRotary} from './rotary';
+export type {MultiHeadAttentionWeightName, MultiHeadAttentionWeightsSource} from './mha_weights';
+export {loadMultiHeadAttentionWeights, MULTI_HEAD_ATTENTION_WEIGHT_NAMES} from './mha_weights';
 // Keras's MultiHeadAttention, registered for deserialization at import
 // (where no class of that name is registered yet).
 export type {MultiHeadAttentionArgs, MultiHeadAttentionCallArgs} from './multi_head_attention';

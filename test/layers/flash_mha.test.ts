@@ -6,6 +6,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 
+import {FlashAttention, hasFusedKernel} from '../../src';
 import {alibiSlopes, FlashMHA, flashMHA, FlashMHAArgs} from '../../src/layers';
 import {describeBackends} from '../harness/backends';
 import {expectClose, FORWARD_BOUND, freshRng, randomArray, Rng} from '../harness/problems';
@@ -65,7 +66,7 @@ const CASES: Case[] = [
    args: {embedDim: E, numHeads: 4, numHeadsKV: 2, crossAttention: true, causal: true}, seqQ: 5, seqK: 13, kvDim: 24},
 ];
 
-describeBackends('FlashMHA', () => {
+describeBackends('FlashMHA', backend => {
   let rng: Rng;
   beforeEach(() => {
     rng = freshRng();
@@ -239,6 +240,20 @@ describeBackends('FlashMHA', () => {
     tf.dispose([...flash, ...masked]);
     expect(tf.memory().numTensors).toBe(before);
     tf.dispose([x, keep, dy]);
+  });
+
+  it('runs the backend\'s fused kernel when it has one, and the masked path with a mask', async () => {
+    const layer = flashMHA({embedDim: E, numHeads: 4, causal: true});
+    const x = randomInput(1, 8, E).tensor;
+    const keep = tf.ones([1, 8], 'bool');
+    const kernelsOf = async (kwargs?: object) =>
+        (await tf.profile(() => layer.apply(x, kwargs) as tf.Tensor)).kernelNames;
+    const fused = hasFusedKernel(FlashAttention, tf.getBackend());
+    expect(fused).toBe(backend === 'webgpu');  // The package's kernels are WebGPU's.
+    const used = fused && tf.env().get('FLASH_ATTENTION_IMPL') !== 'reference';
+    expect((await kernelsOf()).includes(FlashAttention)).toBe(used);
+    expect((await kernelsOf({keyPaddingMask: keep})).includes(FlashAttention)).toBe(false);
+    tf.dispose([x, keep]);
   });
 
   it('refuses bad arguments with errors naming them', () => {

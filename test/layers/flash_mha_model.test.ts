@@ -96,6 +96,26 @@ describe('FlashMHA in tf.layers models [cpu]', () => {
     loaded.dispose();
   });
 
+  it('cross-attention uses keyPaddingMask or the last of per-input masks, never a lone (query) mask', async () => {
+    const layer = flashMHA({embedDim: E, numHeads: 2, crossAttention: true});
+    const x = tf.randomNormal([1, 4, E]);
+    const y = tf.randomNormal([1, 6, E]);
+    const queryMask = tf.tensor2d([[1, 1, 0, 0]], [1, 4], 'bool');
+    const keyMask = tf.tensor2d([[1, 1, 1, 0, 0, 0]], [1, 6], 'bool');
+    const values = async (kwargs?: object) => {
+      const out = layer.apply([x, y], kwargs) as tf.Tensor;
+      const data = Array.from(await out.data());
+      out.dispose();
+      return data;
+    };
+    const plain = await values();
+    expect(await values({mask: queryMask})).toEqual(plain);
+    const keyed = await values({keyPaddingMask: keyMask});
+    expect(keyed).not.toEqual(plain);
+    expect(await values({mask: [queryMask, keyMask]})).toEqual(keyed);
+    tf.dispose([x, y, queryMask, keyMask]);
+  });
+
   it('constraints survive getConfig/fromConfig', () => {
     // (tfjs re-applies a constraint to weights it loads, so the save/load
     // round trip above, whose outputs must be identical, has none.)

@@ -1,0 +1,126 @@
+/**
+ * The demo's pieces (demo/gpt.ts, demo/plot.ts, demo/run.ts) and the
+ * composed-attention twin of FlashMHA (benchmarks/composed_mha.ts), with
+ * tiny configs on the cpu backend.
+ */
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+
+import * as tf from '@tensorflow/tfjs-core';
+
+import {composedMHA} from '../../benchmarks/composed_mha';
+import {buildGPT, CharTokenizer, generate, median, sampleBatch, seededRandom, trainStep} from '../../demo/gpt';
+import {lineChartSvg} from '../../demo/plot';
+import {runDemo} from '../../demo/run';
+import {flashMHA} from '../../src/layers';
+import {useBackend} from '../harness/backends';
+import {expectClose, FORWARD_BOUND} from '../harness/problems';
+
+describe('demo pieces [cpu]', () => {
+  beforeAll(() => useBackend('cpu'));
+
+  it('CharTokenizer round-trips and sampleBatch gives next-character targets', async () => {
+    const text = 'hello, world: a tiny corpus of characters';
+    const tokenizer = new CharTokenizer(text);
+    expect(tokenizer.decode(tokenizer.encode(text))).toBe(text);
+    expect(() => tokenizer.encode('Z')).toThrow(/"Z" is not in the vocabulary/);
+    const data = tokenizer.encode(text);
+    const {x, y} = sampleBatch(data, 3, 8, seededRandom(5));
+    const [xs, ys] = [await x.array(), await y.array()];
+    for (let b = 0; b < 3; b++) {
+      const window = tokenizer.decode(xs[b]);
+      const next = tokenizer.decode(ys[b]);
+      expect(text).toContain(window + next.slice(-1));
+      expect(next.slice(0, -1)).toBe(window.slice(1));
+    }
+    tf.dispose([x, y]);
+    expect(median([3, 1, 2, 10])).toBe(2.5);
+  });
+
+  it('ComposedMHA with the same weights computes what FlashMHA does (also with GQA and a mask)', async () => {
+    for (const args of [{embedDim: 16, numHeads: 4, causal: true, rotaryEmbDim: 4},
+                        {embedDim: 16, numHeads: 4, numHeadsKV: 1, causal: true}]) {
+      const flash = flashMHA(args);
+      const composed = composedMHA(args);
+      const x = tf.randomNormal([2, 6, 16]);
+      const mask = tf.tensor2d([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], [2, 6], 'bool');
+      tf.dispose([flash.apply(x) as tf.Tensor, composed.apply(x) as tf.Tensor]);
+      composed.setWeights(flash.getWeights());
+      for (const kwargs of [{}, {keyPaddingMask: mask}]) {
+        const [a, b] = [flash, composed].map(l => l.apply(x, kwargs) as tf.Tensor);
+        expectClose(await b.data(), await a.data(), FORWARD_BOUND, `composed vs flash ${JSON.stringify(args)}`);
+        tf.dispose([a, b]);
+      }
+      tf.dispose([x, mask]);
+    }
+  });
+
+  it('the GPT trains with either attention, same weights giving the same loss, leak-free per step', async () => {
+    const config = {vocabSize: 11, numLayers: 2, embedDim: 16, numHeads: 2};
+    const flash = buildGPT(config, flashMHA, 'gpt');
+    const composed = buildGPT(config, composedMHA, 'gpt');
+    composed.setWeights(flash.getWeights());
+    const random = seededRandom(3);
+    const data = Int32Array.from({length: 200}, (_, i) => (i * 7 + Math.floor(random() * 2)) % 11);
+    const optimizers = [tf.train.adam(0.01), tf.train.adam(0.01)];
+    const losses: number[][] = [[], []];
+    let tensorsAfterFirst = 0;
+    for (let step = 0; step < 3; step++) {
+      const {x, y} = sampleBatch(data, 2, 12, random);
+      for (const [i, model] of [flash, composed].entries()) {
+        losses[i].push(await trainStep(model, optimizers[i], x, y, config.vocabSize));
+      }
+      tf.dispose([x, y]);
+      if (step === 0) {
+        tensorsAfterFirst = tf.memory().numTensors;
+      }
+    }
+    expect(tf.memory().numTensors).toBe(tensorsAfterFirst);
+    losses.flat().forEach(l => expect(Number.isFinite(l)).toBe(true));
+    losses[0].forEach((l, i) => expect(Math.abs(l - losses[1][i])).toBeLessThan(1e-4));
+    const tokenizer = new CharTokenizer('abcdefghijk');
+    const sample = await generate(flash, tokenizer, 'abc', 5, 12, random);
+    expect(sample).toHaveLength(8);
+    expect(sample.startsWith('abc')).toBe(true);
+    optimizers.forEach(o => o.dispose());
+    flash.dispose();
+    composed.dispose();
+  });
+
+  it('lineChartSvg draws every series', () => {
+    const svg = lineChartSvg('t <1>', 'x', 'y', [
+      {name: 'a', points: [[1, 3], [2, 2], [3, 1]], color: 'red'},
+      {name: 'b & c', points: [[2, 2.5], [3, NaN], [4, 2]], color: 'blue'},
+    ]);
+    expect(svg.startsWith('<svg')).toBe(true);
+    expect(svg).toContain('t &lt;1&gt;');
+    expect(svg).toContain('b &amp; c');
+    const paths = [...svg.matchAll(/<path d="([^"]*)"/g)].map(m => m[1].split(' ').length);
+    expect(paths).toEqual([3, 2]);
+    expect(() => lineChartSvg('t', 'x', 'y', [{name: 'a', points: [], color: 'red'}])).toThrow(/no finite points/);
+  });
+
+  it('runDemo runs end to end with a tiny config and writes the plot and the sample', async () => {
+    const outDir = fs.mkdtempSync(path.join(os.tmpdir(), 'demo-'));
+    const printed: string[] = [];
+    const before = tf.memory().numTensors;
+    const result = await runDemo({
+      backend: 'cpu', outDir, tty: false, write: s => printed.push(s),
+      config: {numLayers: 1, embedDim: 16, numHeads: 2, seqLen: 16, batch: 2, steps: 6, compareSteps: 2,
+               sampleLength: 12},
+    });
+    expect(tf.memory().numTensors).toBe(before);
+    expect(result.backend.name).toBe('cpu');
+    expect(result.losses).toHaveLength(6);
+    expect(Number.isFinite(result.speedup) && result.speedup > 0).toBe(true);
+    expect(Math.abs(result.compareLoss.flash - result.compareLoss.composed)).toBeLessThan(1e-3);
+    expect(result.sample).toHaveLength('Alice '.length + 12);
+    expect(fs.readFileSync(result.files.svg, 'utf8')).toContain('<svg');
+    expect(fs.readFileSync(result.files.sample, 'utf8')).toBe(result.sample + '\n');
+    const log = printed.join('');
+    expect(log).toMatch(/step 6\/6 +loss \d+\.\d+ +\d+ tokens\/s/);
+    expect(log).toMatch(/speed-up \d+\.\d+x on cpu/);
+    fs.rmSync(outDir, {recursive: true, force: true});
+  });
+});
