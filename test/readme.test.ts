@@ -6,40 +6,22 @@
 import * as fs from 'fs';
 import * as path from 'path';
 
-import * as esbuild from 'esbuild';
-
 import {useBackend} from './harness/backends';
+import {runTsExample, tsBlocks} from './harness/examples';
 
 const root = path.join(__dirname, '..');
 const readme = fs.readFileSync(path.join(root, 'README.md'), 'utf8');
-const examples = [...readme.matchAll(/```ts\n([\s\S]*?)```/g)]
-                     .map(m => m[1])
-                     .filter(source => !source.includes('https://example.com/'));
+const examples = tsBlocks(readme).filter(source => !source.includes('https://example.com/'));
 
 const BUILT: Record<string, string> = {
   'tfjs-flash-attention': 'dist/index.cjs',
   'tfjs-flash-attention/layers': 'dist/layers.cjs',
 };
 
-/** Runs one example (imports hoisted, the rest awaited); returns what it printed. */
-async function runExample(source: string): Promise<string[]> {
-  const lines = source.split('\n');
-  const imports = lines.filter(l => l.startsWith('import '));
-  const body = lines.filter(l => !l.startsWith('import '));
-  const wrapped = `${imports.join('\n')}\nexport async function main() {\n${body.join('\n')}\n}\n`;
-  const {code} = esbuild.transformSync(wrapped, {loader: 'ts', format: 'cjs'});
-  const printed: string[] = [];
-  const exampleRequire = (name: string) =>
-      require(BUILT[name] != null ? path.join(root, BUILT[name]) : name);
-  const exampleConsole = {
-    log: (...args: unknown[]) => printed.push(args.map(a => JSON.stringify(a)).join(' ')),
-    warn: (...args: unknown[]) => printed.push(`warn: ${args.join(' ')}`),
-  };
-  const module = {exports: {} as {main?: () => Promise<void>}};
-  new Function('require', 'console', 'module', 'exports', code)(
-      exampleRequire, exampleConsole, module, module.exports);
-  await module.exports.main!();
-  return printed;
+/** Runs one example against the built package; returns what it printed. */
+function runExample(source: string): Promise<string[]> {
+  return runTsExample(
+      source, name => require(BUILT[name] != null ? path.join(root, BUILT[name]) : name));
 }
 
 describe('README examples', () => {

@@ -8,6 +8,8 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 
+import {lookupSerializable} from './serialization';
+
 /** The Keras spelling of a config key, for error messages. */
 export function kerasName(key: string): string {
   return key.replace(/[A-Z]/g, c => `_${c.toLowerCase()}`);
@@ -103,20 +105,6 @@ export function intList(
   return list as number[];
 }
 
-type Entry = [tf.serialization.SerializableConstructor<tf.serialization.Serializable>,
-              tf.serialization.FromConfigMethod<tf.serialization.Serializable>];
-
-/** A registered class by name, or by name in any case ('glorotUniform'). */
-function lookup(className: string): Entry|undefined {
-  const map = tf.serialization.SerializationMap.getMap().classNameMap;
-  if (map[className] != null) {
-    return map[className] as Entry;
-  }
-  const wanted = className.toLowerCase();
-  const name = Object.keys(map).find(n => n.toLowerCase() === wanted);
-  return name == null ? undefined : map[name] as Entry;
-}
-
 /**
  * An initializer, regularizer or constraint from an instance, a name
  * ('glorotUniform') or `{className, config}`, built by the class that
@@ -144,7 +132,7 @@ export function resolveObject<T>(
     throw new Error(`${layerPrefix(layerName)}${
         kerasName(key)} must be a name or {class_name, config}, got ${describe(value)}`);
   }
-  const entry = lookup(className);
+  const entry = lookupSerializable(className);
   if (entry == null) {
     throw new Error(`${layerPrefix(layerName)}${kerasName(key)} '${
         className}' is not a class tfjs-layers knows`);
@@ -155,11 +143,4 @@ export function resolveObject<T>(
         className}' is not of the expected kind`);
   }
   return instance as unknown as T;
-}
-
-/** `{className, config}` of an instance, or null (Keras's serialize). */
-export function serializeObject(value: tf.serialization.Serializable|null|undefined):
-    tf.serialization.ConfigDict|null {
-  return value == null ? null :
-                         {className: value.getClassName(), config: value.getConfig()};
 }

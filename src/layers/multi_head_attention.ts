@@ -27,7 +27,8 @@ import type {Kwargs} from '@tensorflow/tfjs-layers/dist/types';
 import {flashAttention, MAX_HEAD_DIM} from 'tfjs-flash-attention';
 
 import {kerasCausalMask, kerasMaskedAttention} from './keras_attention';
-import {checkDType, checkKnownKeys, describe, intList, kerasName, layerPrefix, positiveInt, resolveObject, serializeObject} from './keras_config';
+import {checkDType, checkKnownKeys, describe, intList, kerasName, layerPrefix, positiveInt, resolveObject} from './keras_config';
+import {serializeObject} from './serialization';
 import {installFunctionalRewrite, KERAS_CALL_KEY, KerasCall, KerasCallRole} from './keras_functional';
 
 type AnyTensor = tf.Tensor|tfl.SymbolicTensor;

@@ -14,7 +14,8 @@ export type SerializedObject = {
   config: tf.serialization.ConfigDict,
 };
 
-function lookup(className: string): Entry|undefined {
+/** A registered class by name, or by name in any case ('glorotUniform'). */
+export function lookupSerializable(className: string): Entry|undefined {
   const map = tf.serialization.SerializationMap.getMap().classNameMap;
   if (map[className] != null) {
     return map[className] as Entry;
@@ -47,7 +48,7 @@ export function resolveSerializable<T>(
   } else {
     throw new Error(`${layerName}: ${argName} must be a name, a {className, config} object or an instance, got ${typeof value}`);
   }
-  const entry = lookup(className);
+  const entry = lookupSerializable(className);
   if (entry == null) {
     throw new Error(`${layerName}: ${argName} '${className}' is not a known class (is @tensorflow/tfjs-layers loaded?)`);
   }
@@ -55,6 +56,7 @@ export function resolveSerializable<T>(
 }
 
 /** `{className, config}` of an instance, or null. */
-export function serializeObject(value: tf.serialization.Serializable|null): SerializedObject|null {
+export function serializeObject(value: tf.serialization.Serializable|null|undefined):
+    SerializedObject|null {
   return value == null ? null : {className: value.getClassName(), config: value.getConfig()};
 }

@@ -8,22 +8,19 @@ import * as http from 'http';
 import {AddressInfo} from 'net';
 import * as path from 'path';
 
-import * as esbuild from 'esbuild';
-
 import {useBackend} from '../harness/backends';
+import {runTsExample, tsBlocks} from '../harness/examples';
 import {freshRng} from '../harness/problems';
 
 import {randomWeights, readFixture, weightSpecs} from './keras_models';
 
 const root = path.join(__dirname, '..', '..');
 const doc = fs.readFileSync(path.join(root, 'docs', 'keras.md'), 'utf8');
-const examples = [...doc.matchAll(/```ts\n([\s\S]*?)```/g)].map(m => m[1]);
+const examples = tsBlocks(doc);
 const EXAMPLE_URL = 'https://example.com/encoder/model.json';
 /** The README's "Loading Keras transformer models" example (the same call). */
 const readmeExamples =
-    [...fs.readFileSync(path.join(root, 'README.md'), 'utf8').matchAll(/```ts\n([\s\S]*?)```/g)]
-        .map(m => m[1])
-        .filter(source => source.includes(EXAMPLE_URL));
+    tsBlocks(fs.readFileSync(path.join(root, 'README.md'), 'utf8')).filter(source => source.includes(EXAMPLE_URL));
 
 /** The layers entry: src/layers/index.ts once it exports the layer. */
 function layersEntry(): unknown {
@@ -37,22 +34,11 @@ function layersEntry(): unknown {
   return require('../../src/layers/multi_head_attention');
 }
 
-/** Runs an example (imports hoisted, the rest in an async function). */
-async function runExample(source: string, url: string): Promise<string[]> {
-  const lines = source.replace(EXAMPLE_URL, url).split('\n');
-  const imports = lines.filter(l => l.startsWith('import '));
-  const body = lines.filter(l => !l.startsWith('import '));
-  const wrapped = `${imports.join('\n')}\nexport async function main() {\n${body.join('\n')}\n}\n`;
-  const {code} = esbuild.transformSync(wrapped, {loader: 'ts', format: 'cjs'});
-  const printed: string[] = [];
-  const exampleRequire = (name: string) =>
-      name === 'tfjs-flash-attention/layers' ? layersEntry() : require(name);
-  const exampleConsole = {log: (...args: unknown[]) => printed.push(JSON.stringify(args))};
-  const module = {exports: {} as {main?: () => Promise<void>}};
-  new Function('require', 'console', 'module', 'exports', code)(
-      exampleRequire, exampleConsole, module, module.exports);
-  await module.exports.main!();
-  return printed;
+/** Runs an example with the model URL replaced by the local server's. */
+function runExample(source: string, url: string): Promise<string[]> {
+  return runTsExample(
+      source.replace(EXAMPLE_URL, url),
+      name => name === 'tfjs-flash-attention/layers' ? layersEntry() : require(name));
 }
 
 /**
@@ -111,13 +97,13 @@ describe('docs/keras.md examples', () => {
 
   it('loading a Keras encoder prints the output shape it claims', async () => {
     const printed = await runExample(examples[0], url);
-    expect(printed).toEqual([JSON.stringify([[1, 12, 16]])]);
+    expect(printed).toEqual([JSON.stringify([1, 12, 16])]);
   });
 
   it('the README\'s loading example prints the output shape it claims', async () => {
     expect(readmeExamples.length).toBe(1);
     const printed = await runExample(readmeExamples[0], url);
-    expect(printed).toEqual([JSON.stringify([[1, 12, 16]])]);
+    expect(printed).toEqual([JSON.stringify([1, 12, 16])]);
   });
 
   it('registerMultiHeadAttention({replace: true}) runs', async () => {

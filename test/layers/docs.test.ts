@@ -6,37 +6,15 @@
 import * as fs from 'fs';
 import * as path from 'path';
 
-import * as esbuild from 'esbuild';
-
 import {useBackend} from '../harness/backends';
+import {runTsExample, tsBlocks} from '../harness/examples';
 
 const root = path.join(__dirname, '..', '..');
 const doc = fs.readFileSync(path.join(root, 'docs', 'layers.md'), 'utf8');
-const examples = [...doc.matchAll(/```ts\n([\s\S]*?)```/g)].map(m => m[1]);
+const examples = tsBlocks(doc);
 
-/** `import ... from 'x'` lines as requires, the rest inside an async function (top-level await). */
-function toAsyncModule(source: string): string {
-  const lines = source.split('\n').map(line => {
-    const star = line.match(/^import \* as (\w+) from '([^']+)';$/);
-    if (star) {
-      return `const ${star[1]} = require('${star[2]}');`;
-    }
-    const named = line.match(/^import \{([^}]+)\} from '([^']+)';$/);
-    if (named) {
-      return `const {${named[1]}} = require('${named[2]}');`;
-    }
-    if (line.startsWith('import ')) {
-      throw new Error(`docs test: unsupported import: ${line}`);
-    }
-    return line;
-  });
-  return `module.exports = (async () => {\n${lines.join('\n')}\n})();`;
-}
-
-async function runExample(source: string): Promise<string[]> {
-  const {code} = esbuild.transformSync(toAsyncModule(source), {loader: 'ts'});
-  const printed: string[] = [];
-  const exampleRequire = (name: string) => {
+function runExample(source: string): Promise<string[]> {
+  return runTsExample(source, name => {
     if (name === 'tfjs-flash-attention/layers') {
       return require(path.join(root, 'dist/layers.cjs'));
     }
@@ -44,12 +22,7 @@ async function runExample(source: string): Promise<string[]> {
       return require('../../src');
     }
     return require(name);
-  };
-  const exampleConsole = {log: (...args: unknown[]) => printed.push(args.map(a => JSON.stringify(a)).join(' '))};
-  const module = {exports: undefined as unknown};
-  new Function('require', 'console', 'module', code)(exampleRequire, exampleConsole, module);
-  await module.exports;
-  return printed;
+  });
 }
 
 describe('docs/layers.md examples', () => {
