@@ -11,7 +11,7 @@
  * Rows that see no key get dQ = 0.
  */
 import type {OwnPipelineSpec} from './own_pipeline';
-import {featureKey, GradFeatures, gradCommonWGSL, loadRowsWGSL, paramsWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
+import {featureKey, GradFeatures, gradCommonWGSL, loadRowsWGSL, paramsWGSL, scoresAndDpWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
 
 export interface DqTiles {
   /** Query rows per workgroup. */
@@ -172,40 +172,7 @@ ${sPhaseWGSL(s)}
     workgroupBarrier();
 
     if (sActive) {
-      var s: array<vec4<f32>, MR>;
-      var dp: array<vec4<f32>, MR>;
-      for (var m = 0; m < MR; m++) {
-        s[m] = vec4<f32>(0.0);
-        dp[m] = vec4<f32>(0.0);
-      }
-      for (var xq = 0; xq < D4; xq++) {
-        let k0 = kT[(xq * 4) * KST + sQuad];
-        let k1 = kT[(xq * 4 + 1) * KST + sQuad];
-        let k2 = kT[(xq * 4 + 2) * KST + sQuad];
-        let k3 = kT[(xq * 4 + 3) * KST + sQuad];
-        for (var m = 0; m < MR; m++) {
-          let qv = qS[(sRow + m) * ${d4 + 1} + xq];
-          // Dims in order, as the forward sums them (so that the recomputed
-          // scores match the forward's bits as closely as possible).
-          s[m] += qv.x * k0;
-          s[m] += qv.y * k1;
-          s[m] += qv.z * k2;
-          s[m] += qv.w * k3;
-        }
-      }
-      for (var xq = 0; xq < DV4; xq++) {
-        let v0 = vT[(xq * 4) * SC + sQuad];
-        let v1 = vT[(xq * 4 + 1) * SC + sQuad];
-        let v2 = vT[(xq * 4 + 2) * SC + sQuad];
-        let v3 = vT[(xq * 4 + 3) * SC + sQuad];
-        for (var m = 0; m < MR; m++) {
-          let ov = doS[(sRow + m) * ${dv4 + 1} + xq];
-          dp[m] += ov.x * v0;
-          dp[m] += ov.y * v1;
-          dp[m] += ov.z * v2;
-          dp[m] += ov.w * v3;
-        }
-      }
+      ${scoresAndDpWGSL('KST', d4, dv4)}
       for (var m = 0; m < MR; m++) {
         let r = sRow + m;
         let i = i0 + r;
