@@ -5,7 +5,8 @@
  * (ComposedMHA) at sequence length 1024, then the longest sequence length
  * (powers of 2, batch 1) at which one training step of each still runs.
  *
- * Run (on a GPU machine, after tools/pack.sh bundled it):
+ * Run (on a GPU machine, bundled with esbuild as `npm run bench` bundles
+ * benchmarks/attention.ts):
  *   node train_gpt.mjs [--batch=4] [--seq=1024] [--steps=5] [--deadline=200]
  * Each measurement runs in a child process of this script, so that running
  * out of memory (a WebGPU out-of-memory or validation error, a lost device,
