@@ -15,7 +15,7 @@
  * every load is a vec4.
  */
 import type {OwnPipelineSpec} from './own_pipeline';
-import {featureKey, GradFeatures, gradCommonWGSL, loadRowsWGSL, paramsWGSL, scoresAndDpWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
+import {featureKey, GradFeatures, gradCommonWGSL, loadKeyTileWGSL, loadRowsWGSL, paramsWGSL, scoresAndDpWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
 
 export interface DkDvTiles {
   /** Keys per workgroup (multiple of 4). */
@@ -99,30 +99,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   let hk = i32(wg.y) % p.headsKV;
   let groups = p.heads / p.headsKV;
 
-  for (var e = t; e < SC * 4 * D4; e += T) {
-    let x = e % (4 * D4);
-    let quad = e / (4 * D4);
-    var kv = vec4<f32>(0.0);
-    if (x < D) {
-      for (var c = 0; c < 4; c++) {
-        let j = j0 + quad * 4 + c;
-        if (j < p.seqK) { kv[c] = k[((b * p.seqK + j) * p.headsKV + hk) * D + x]; }
-      }
-    }
-    kT[x * SC + quad] = kv;
-  }
-  for (var e = t; e < SC * 4 * DV4; e += T) {
-    let x = e % (4 * DV4);
-    let quad = e / (4 * DV4);
-    var vv = vec4<f32>(0.0);
-    if (x < DV) {
-      for (var c = 0; c < 4; c++) {
-        let j = j0 + quad * 4 + c;
-        if (j < p.seqK) { vv[c] = v[((b * p.seqK + j) * p.headsKV + hk) * DV + x]; }
-      }
-    }
-    vT[x * SC + quad] = vv;
-  }
+  ${loadKeyTileWGSL('SC')}
 
   // dkAcc[c * ND + n]: key (4 * kq + c), dims 4 * (kx + n * XT) + 0..3.
   var dkAcc: array<vec4<f32>, ${4 * nd}>;

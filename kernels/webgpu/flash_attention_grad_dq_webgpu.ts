@@ -11,7 +11,7 @@
  * Rows that see no key get dQ = 0.
  */
 import type {OwnPipelineSpec} from './own_pipeline';
-import {featureKey, GradFeatures, gradCommonWGSL, loadRowsWGSL, paramsWGSL, scoresAndDpWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
+import {featureKey, GradFeatures, gradCommonWGSL, loadKeyTileWGSL, loadRowsWGSL, paramsWGSL, scoresAndDpWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
 
 export interface DqTiles {
   /** Query rows per workgroup. */
@@ -145,30 +145,7 @@ ${sPhaseWGSL(s)}
 
   for (var j0 = jLo; j0 <= jHi; j0 += BC) {
     workgroupBarrier();
-    for (var e = t; e < SC * 4 * D4; e += T) {
-      let x = e % (4 * D4);
-      let quad = e / (4 * D4);
-      var kv = vec4<f32>(0.0);
-      if (x < D) {
-        for (var c = 0; c < 4; c++) {
-          let j = j0 + quad * 4 + c;
-          if (j < p.seqK) { kv[c] = k[((b * p.seqK + j) * p.headsKV + hk) * D + x]; }
-        }
-      }
-      kT[x * KST + quad] = kv;
-    }
-    for (var e = t; e < SC * 4 * DV4; e += T) {
-      let x = e % (4 * DV4);
-      let quad = e / (4 * DV4);
-      var vv = vec4<f32>(0.0);
-      if (x < DV) {
-        for (var c = 0; c < 4; c++) {
-          let j = j0 + quad * 4 + c;
-          if (j < p.seqK) { vv[c] = v[((b * p.seqK + j) * p.headsKV + hk) * DV + x]; }
-        }
-      }
-      vT[x * SC + quad] = vv;
-    }
+    ${loadKeyTileWGSL('KST')}
     workgroupBarrier();
 
     if (sActive) {

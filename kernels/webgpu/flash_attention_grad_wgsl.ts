@@ -196,3 +196,35 @@ export function scoresAndDpWGSL(kStride: string, d4: number, dv4: number): strin
         }
       }`;
 }
+
+/**
+ * Loads the key tile starting at `j0` into workgroup memory, transposed as
+ * quads of keys: `kT[x * kStride + quad]` holds dim x of keys
+ * 4 quad .. 4 quad + 3 (zero past Sk or D), `vT` likewise with stride SC.
+ */
+export function loadKeyTileWGSL(kStride: string): string {
+  return `for (var e = t; e < SC * 4 * D4; e += T) {
+      let x = e % (4 * D4);
+      let quad = e / (4 * D4);
+      var kv = vec4<f32>(0.0);
+      if (x < D) {
+        for (var c = 0; c < 4; c++) {
+          let j = j0 + quad * 4 + c;
+          if (j < p.seqK) { kv[c] = k[((b * p.seqK + j) * p.headsKV + hk) * D + x]; }
+        }
+      }
+      kT[x * ${kStride} + quad] = kv;
+    }
+    for (var e = t; e < SC * 4 * DV4; e += T) {
+      let x = e % (4 * DV4);
+      let quad = e / (4 * DV4);
+      var vv = vec4<f32>(0.0);
+      if (x < DV) {
+        for (var c = 0; c < 4; c++) {
+          let j = j0 + quad * 4 + c;
+          if (j < p.seqK) { vv[c] = v[((b * p.seqK + j) * p.headsKV + hk) * DV + x]; }
+        }
+      }
+      vT[x * SC + quad] = vv;
+    }`;
+}
