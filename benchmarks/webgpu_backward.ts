@@ -18,20 +18,13 @@ import {FlashAttention, FlashAttentionGrad, flashAttention, hasFusedKernel} from
 import {normalizeOptions} from '../src/options';
 import {chooseGradTiles, GradTiles, registerFlashAttentionGradWebGPU, setGradTilesOverride} from '../kernels/webgpu/FlashAttentionGrad';
 import {checkOwnPipelineErrors} from '../kernels/webgpu/own_pipeline';
+import type {AttentionShapes} from '../src/checks';
 import {discrepancy, randomOracleProblem, Rng} from '../test/harness/problems';
 import {OracleOptions, oracleBackward} from '../test/oracle';
 
 const quick = process.argv.includes('--quick');
 
-interface Shape {
-  batch: number;
-  seqQ: number;
-  seqK: number;
-  heads: number;
-  headsKV: number;
-  headDim: number;
-  headDimV: number;
-}
+type Shape = AttentionShapes;
 
 function randomTensor(shape: number[], rng: Rng): tf.Tensor {
   const n = shape.reduce((a, b) => a * b, 1);
