@@ -22,11 +22,13 @@ export interface GPTConfig {
 export type AttentionFactory = (args: FlashMHAArgs) => tfl.layers.Layer;
 
 /**
- * Layer normalization over the last axis by broadcasting. tfjs-layers'
- * layerNormalization tiles its mean, variance, gamma and beta to the input's
- * shape, and tfjs's Tile gradient is one slice + add per repeat: thousands
- * of kernels per norm in a training step (it dominated a 6-layer GPT's step
- * time on an H200). This one's gradient is a few reductions.
+ * Layer normalization over the last axis by broadcasting, with its gradient
+ * written out. tfjs-layers' layerNormalization tiles its mean, variance,
+ * gamma and beta to the input's shape, and tfjs's Tile gradient is one
+ * slice + add per repeat: thousands of kernels per norm in a training step
+ * (it dominated a 6-layer GPT's step time on an H200). Autodiff of
+ * tf.moments is no good either: the gradient of a mean or sum builds
+ * ones(x.shape) on the host and uploads it (megabytes per norm per step).
  */
 export class LayerNorm extends tfl.layers.Layer {
   static className = 'GPTLayerNorm';
@@ -52,12 +54,8 @@ export class LayerNorm extends tfl.layers.Layer {
   }
 
   override call(inputs: tf.Tensor|tf.Tensor[]): tf.Tensor {
-    return tf.tidy(() => {
-      const x = Array.isArray(inputs) ? inputs[0] : inputs;
-      const {mean, variance} = tf.moments(x, -1, true);
-      const normed = tf.mul(tf.sub(x, mean), tf.rsqrt(tf.add(variance, this.epsilon)));
-      return tf.add(tf.mul(normed, this.gamma!.read()), this.beta!.read());
-    });
+    const x = Array.isArray(inputs) ? inputs[0] : inputs;
+    return layerNorm(x, this.gamma!.read(), this.beta!.read(), this.epsilon);
   }
 
   override getConfig(): tf.serialization.ConfigDict {
@@ -65,6 +63,37 @@ export class LayerNorm extends tfl.layers.Layer {
   }
 }
 tf.serialization.registerClass(LayerNorm);
+
+/**
+ * (x - mean) / sqrt(var + epsilon) * gamma + beta over the last axis, with
+ * the analytic gradient: for g = dy * gamma and xhat the normalized input,
+ * dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(var + epsilon),
+ * dgamma = sum(dy * xhat), dbeta = sum(dy) over the leading axes.
+ */
+export function layerNorm(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsilon: number): tf.Tensor {
+  const leading = Array.from({length: x.rank - 1}, (_, i) => i);
+  const normalize = (input: tf.Tensor) => {
+    const {mean, variance} = tf.moments(input, -1, true);
+    const inv = tf.rsqrt(tf.add(variance, epsilon));
+    return [tf.mul(tf.sub(input, mean), inv), inv];
+  };
+  const norm = tf.customGrad((...args: Array<tf.Tensor|tf.GradSaveFunc>) => {
+    const [input, scale, shift] = args as tf.Tensor[];
+    // Only inputs are saved, and the statistics are recomputed in the
+    // gradient: tfjs counts any other tensor a custom gradient keeps as a leak.
+    (args[3] as tf.GradSaveFunc)([input, scale]);
+    return {
+      value: tf.tidy(() => tf.add(tf.mul(normalize(input)[0], scale), shift)),
+      gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => {
+        const [xhat, inv] = normalize(saved[0]);
+        const g = tf.mul(dy, saved[1]);
+        const centered = tf.sub(tf.sub(g, tf.mean(g, -1, true)), tf.mul(xhat, tf.mean(tf.mul(g, xhat), -1, true)));
+        return [tf.mul(centered, inv), tf.sum(tf.mul(dy, xhat), leading), tf.sum(dy, leading)];
+      },
+    };
+  });
+  return norm(x, gamma, beta);
+}
 
 /** Token ids `[B, S]` (any S) -> logits `[B, S, vocabSize]`. */
 export function buildGPT(config: GPTConfig, attention: AttentionFactory = flashMHA, name = 'gpt'): tfl.LayersModel {

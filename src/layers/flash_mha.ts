@@ -15,7 +15,7 @@ import {flashAttention} from 'tfjs-flash-attention';
 
 import {alibiSlopes} from './alibi';
 import {maskedAttention} from './masked_attention';
-import {applyRotary} from './rotary';
+import {applyRotary, RotaryTables} from './rotary';
 import {resolveSerializable, serializeObject} from './serialization';
 
 type InitializerArg = InitializerIdentifier|Initializer|{className: string, config: object};
@@ -98,6 +98,8 @@ export class FlashMHA extends tfl.layers.Layer {
   readonly qkvProjBias: boolean;
   readonly outProjBias: boolean;
   readonly rotaryEmbDim: number;
+  /** RoPE's cos/sin tables, kept between calls; released by dispose(). */
+  private rotaryTables: RotaryTables|null = null;
   readonly rotaryEmbBase: number;
   readonly rotaryEmbInterleaved: boolean;
   readonly crossAttention: boolean;
@@ -286,8 +288,9 @@ export class FlashMHA extends tfl.layers.Layer {
         v = tf.reshape(vFlat, [batch, seqQ, headsKV, headDim]);
       }
       if (this.rotaryEmbDim > 0) {
-        q = applyRotary(q, this.rotaryEmbDim, this.rotaryEmbBase, this.rotaryEmbInterleaved);
-        k = applyRotary(k, this.rotaryEmbDim, this.rotaryEmbBase, this.rotaryEmbInterleaved);
+        this.rotaryTables ??= new RotaryTables(this.rotaryEmbDim, this.rotaryEmbBase);
+        q = applyRotary(q, this.rotaryEmbDim, this.rotaryEmbBase, this.rotaryEmbInterleaved, this.rotaryTables);
+        k = applyRotary(k, this.rotaryEmbDim, this.rotaryEmbBase, this.rotaryEmbInterleaved, this.rotaryTables);
       }
       const keyMask = this.keyMaskOf(kwargs);
       if (keyMask != null && (keyMask.rank !== 2 || keyMask.shape[0] !== batch || keyMask.shape[1] !== k.shape[1])) {
@@ -298,6 +301,15 @@ export class FlashMHA extends tfl.layers.Layer {
       const out = this.attend(q, k, v, keyMask, training);
       return this.project(tf.reshape(out, [batch, seqQ, heads * headDim]), this.outProj!);
     });
+  }
+
+  override dispose(): ReturnType<tfl.layers.Layer['dispose']> {
+    const result = super.dispose();
+    if (result.refCountAfterDispose === 0) {
+      this.rotaryTables?.dispose();
+      this.rotaryTables = null;
+    }
+    return result;
   }
 
   /** ALiBi slopes `[H]` of this layer, or null. */

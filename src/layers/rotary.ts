@@ -24,16 +24,54 @@ function rotaryTables(seq: number, rotaryDim: number, base: number): [tf.Tensor2
 }
 
 /**
+ * The cos/sin tables of one layer, kept between calls: building them on the
+ * host and uploading them every call took ~2 ms per call at S=1024 (a tenth
+ * of a GPT training step's JavaScript time on an H100, benchmarks/RESULTS.md).
+ * Holds the tables of the longest sequence seen; shorter ones are slices.
+ * The owner calls dispose().
+ */
+export class RotaryTables {
+  private seq = 0;
+  private tables: [tf.Tensor2D, tf.Tensor2D]|null = null;
+
+  constructor(readonly rotaryDim: number, readonly base: number) {}
+
+  /** Tables for positions 0..seq-1 (slices are the caller's to dispose). */
+  get(seq: number): [tf.Tensor2D, tf.Tensor2D] {
+    if (this.tables == null || seq > this.seq || this.tables[0].isDisposed) {
+      this.dispose();
+      this.tables = rotaryTables(seq, this.rotaryDim, this.base).map(t => tf.keep(t)) as [tf.Tensor2D, tf.Tensor2D];
+      this.seq = seq;
+    }
+    if (seq === this.seq) {
+      return this.tables;
+    }
+    const half = this.rotaryDim / 2;
+    return this.tables.map(t => tf.slice(t, [0, 0], [seq, half])) as [tf.Tensor2D, tf.Tensor2D];
+  }
+
+  dispose(): void {
+    if (this.tables != null) {
+      tf.dispose(this.tables);
+      this.tables = null;
+      this.seq = 0;
+    }
+  }
+}
+
+/**
  * Rotates `x [B, S, H, D]` at positions 0..S-1. `interleaved`: pairs are
  * (0,1), (2,3)... (GPT-J); otherwise (i, i + rotaryDim/2) (GPT-NeoX).
- * Differentiable (slices, products and concats only).
+ * Differentiable (slices, products and concats only). `cache`: the
+ * caller's tables, else they are built for this call.
  */
 export function applyRotary(
-    x: tf.Tensor4D, rotaryDim: number, base: number, interleaved: boolean): tf.Tensor4D {
+    x: tf.Tensor4D, rotaryDim: number, base: number, interleaved: boolean, cache?: RotaryTables): tf.Tensor4D {
   return tf.tidy(() => {
     const [batch, seq, heads, headDim] = x.shape;
     const half = rotaryDim / 2;
-    const [cosTable, sinTable] = rotaryTables(seq, rotaryDim, base);
+    const [cosTable, sinTable] = cache != null && cache.rotaryDim === rotaryDim && cache.base === base ?
+        cache.get(seq) : rotaryTables(seq, rotaryDim, base);
     // [S, 1, half] broadcasts over batch and heads.
     const cos = tf.reshape(cosTable, [seq, 1, half]);
     const sin = tf.reshape(sinTable, [seq, 1, half]);

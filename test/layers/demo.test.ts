@@ -10,7 +10,7 @@ import * as path from 'path';
 import * as tf from '@tensorflow/tfjs-core';
 
 import {composedMHA} from '../../benchmarks/composed_mha';
-import {buildGPT, CharTokenizer, generate, median, sampleBatch, seededRandom, trainStep} from '../../demo/gpt';
+import {buildGPT, CharTokenizer, generate, layerNorm, median, sampleBatch, seededRandom, trainStep} from '../../demo/gpt';
 import {lineChartSvg} from '../../demo/plot';
 import {runDemo} from '../../demo/run';
 import {flashMHA} from '../../src/layers';
@@ -36,6 +36,55 @@ describe('demo pieces [cpu]', () => {
     }
     tf.dispose([x, y]);
     expect(median([3, 1, 2, 10])).toBe(2.5);
+  });
+
+  it('layerNorm and its written-out gradient match a float64 oracle (central differences)', async () => {
+    const [rows, dim, eps] = [6, 8, 1e-5];
+    const random = seededRandom(Date.now() % 100000);
+    const normal = () => Math.sqrt(-2 * Math.log(random() + 1e-12)) * Math.cos(2 * Math.PI * random());
+    const fresh = (n: number, scale = 1, offset = 0) => Array.from({length: n}, () => offset + scale * normal());
+    const xs = fresh(rows * dim, 2, 0.5);
+    const gs = fresh(dim, 0.5, 1);
+    const bs = fresh(dim);
+    const dys = fresh(rows * dim);
+    // Float64 forward, and the loss sum(dy * y) whose gradients are checked.
+    const forward = (x: number[], g: number[], b: number[]) => {
+      const y: number[] = [];
+      for (let r = 0; r < rows; r++) {
+        const row = x.slice(r * dim, (r + 1) * dim);
+        const mean = row.reduce((a, v) => a + v, 0) / dim;
+        const variance = row.reduce((a, v) => a + (v - mean) ** 2, 0) / dim;
+        row.forEach((v, i) => y.push((v - mean) / Math.sqrt(variance + eps) * g[i] + b[i]));
+      }
+      return y;
+    };
+    const loss = (x: number[], g: number[], b: number[]) => forward(x, g, b).reduce((a, v, i) => a + v * dys[i], 0);
+    const numeric = (which: 0|1|2) => {
+      const args = [xs, gs, bs];
+      return args[which].map((_, i) => {
+        const h = 1e-6;
+        const plus = args.map(a => a.slice());
+        const minus = args.map(a => a.slice());
+        plus[which][i] += h;
+        minus[which][i] -= h;
+        return (loss(plus[0], plus[1], plus[2]) - loss(minus[0], minus[1], minus[2])) / (2 * h);
+      });
+    };
+    const x = tf.tensor3d(xs, [2, rows / 2, dim]);
+    const g = tf.tensor1d(gs);
+    const b = tf.tensor1d(bs);
+    const dy = tf.tensor3d(dys, [2, rows / 2, dim]);
+    const before = tf.memory().numTensors;
+    const y = layerNorm(x, g, b, eps);
+    const grads = tf.grads((a: tf.Tensor, c: tf.Tensor, d: tf.Tensor) => tf.sum(tf.mul(layerNorm(a, c, d, eps), dy)))(
+        [x, g, b]);
+    expectClose(await y.data(), forward(xs, gs, bs), FORWARD_BOUND, 'layerNorm forward');
+    for (const which of [0, 1, 2] as const) {
+      expectClose(await grads[which].data(), numeric(which), 5e-4, `layerNorm gradient ${['x', 'gamma', 'beta'][which]}`);
+    }
+    tf.dispose([y, ...grads]);
+    expect(tf.memory().numTensors).toBe(before);
+    tf.dispose([x, g, b, dy]);
   });
 
   it('ComposedMHA with the same weights computes what FlashMHA does (also with GQA and a mask)', async () => {

@@ -99,6 +99,22 @@ describeBackends('FlashMHA', backend => {
     });
   }
 
+  it('keeps its RoPE tables between calls: longer and shorter sequences match the oracle; dispose frees them',
+     async () => {
+    const start = tf.memory().numTensors;
+    const layer = flashMHA({embedDim: E, numHeads: 4, numHeadsKV: 2, causal: true, rotaryEmbDim: 8,
+                            rotaryEmbInterleaved: true});
+    for (const seq of [12, 5, 12, 17, 3]) {
+      const x = randomInput(2, seq, E);
+      const out = layer.apply(x.tensor) as tf.Tensor;
+      const expected = layerOracle(configOf(layer), await weightsOf(layer), 2, x.values, seq);
+      expectClose(await out.data(), expected, FORWARD_BOUND, `RoPE tables at seq ${seq} (seed ${rng.seed})`);
+      tf.dispose([out, x.tensor]);
+    }
+    layer.dispose();
+    expect(tf.memory().numTensors).toBe(start);
+  });
+
   it('the masked oracle agrees with oracleForward when nothing is masked', () => {
     const shape = {batch: 2, seqQ: 6, seqK: 7, heads: 4, headsKV: 2, headDim: 8, headDimV: 8};
     const p = {...shape, q: randomArray(2 * 6 * 4 * 8, rng), k: randomArray(2 * 7 * 2 * 8, rng),
