@@ -11,7 +11,7 @@
  * Rows that see no key get dQ = 0.
  */
 import type {OwnPipelineSpec} from './own_pipeline';
-import {featureKey, GradFeatures, gradCommonWGSL, loadKeyTileWGSL, loadRowsWGSL, paramsWGSL, scoresAndDpWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
+import {featureKey, fetchKeyTileWGSL, GradFeatures, gradCommonWGSL, loadKeyTileWGSL, loadRowsWGSL, prefetchSlots, storeKeyTileWGSL, paramsWGSL, scoresAndDpWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
 
 export interface DqTiles {
   /** Query rows per workgroup. */
@@ -19,6 +19,11 @@ export interface DqTiles {
   /** Keys per step (multiple of 4). */
   bc: number;
   threads: number;
+  /**
+   * Register prefetch of the next K/V tile during the current one's
+   * products (default true).
+   */
+  prefetch?: boolean;
 }
 
 /**
@@ -64,7 +69,26 @@ export class FlashAttentionGradDqProgram implements OwnPipelineSpec {
     const qt = br / nr;           // accumulation: row groups
     const xt = threads / qt;      // accumulation: dim stride
     const nd = Math.ceil(d / xt);
-    this.key = `flashAttentionGradDq_${d}_${dv}_${bc}_${br}_${threads}_${featureKey(f)}`;
+    const prefetch = tiles.prefetch !== false;
+    this.key = `flashAttentionGradDq_${d}_${dv}_${bc}_${br}_${threads}_${+prefetch}_${featureKey(f)}`;
+    const keyTile = prefetch ? `
+  var kReg: array<vec4<f32>, ${prefetchSlots(s.sc * 4 * d4, threads)}>;
+  var vReg: array<vec4<f32>, ${prefetchSlots(s.sc * 4 * dv4, threads)}>;
+  if (jLo <= jHi) {
+    let j0 = jLo;
+    ${fetchKeyTileWGSL('j0', s.sc, d4, dv4, threads)}
+  }
+  for (var j0 = jLo; j0 <= jHi; j0 += BC) {
+    workgroupBarrier();
+    ${storeKeyTileWGSL('KST', s.sc, d4, dv4, threads)}
+    workgroupBarrier();
+    if (j0 + BC <= jHi) {
+      ${fetchKeyTileWGSL('j0 + BC', s.sc, d4, dv4, threads)}
+    }` : `
+  for (var j0 = jLo; j0 <= jHi; j0 += BC) {
+    workgroupBarrier();
+    ${loadKeyTileWGSL('KST')}
+    workgroupBarrier();`;
     this.numInputs = f.alibi ? 6 : 5;
     this.numOutputs = 1;
     const out0 = this.numInputs;
@@ -142,11 +166,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
 ${sPhaseWGSL(s)}
   let qx = t % XT;
   let qr = t / XT;
-
-  for (var j0 = jLo; j0 <= jHi; j0 += BC) {
-    workgroupBarrier();
-    ${loadKeyTileWGSL('KST')}
-    workgroupBarrier();
+${keyTile}
 
     if (sActive) {
       ${scoresAndDpWGSL('KST', d4, dv4)}
