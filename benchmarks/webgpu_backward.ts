@@ -285,27 +285,28 @@ async function main(): Promise<void> {
                '| --- | --- | --- | --- | --- |');
     const seqP = quick ? 128 : 4096;
     const headsP = quick ? 2 : 16;
-    const dk = (bc: number, br: number, threads: number, prefetch = true): DkDvTiles =>
-        ({bc, br, threads, prefetch});
-    const dq = (br: number, bc: number, threads: number, prefetch = true): DqTiles =>
-        ({br, bc, threads, prefetch});
-    const p64 = await passTiming(seqP, headsP, quick ? 16 : 64, [
-      dk(64, 16, 128, false), dk(64, 16, 128), dk(64, 16, 256), dk(64, 16, 64), dk(64, 8, 128),
-      dk(64, 8, 64), dk(32, 16, 128), dk(32, 16, 64), dk(32, 32, 128), dk(32, 32, 256),
-    ], [
-      dq(64, 16, 128, false), dq(64, 16, 128), dq(64, 16, 256), dq(64, 16, 64), dq(64, 8, 128),
-      dq(64, 8, 64), dq(32, 16, 128), dq(32, 32, 128), dq(32, 32, 64), dq(32, 16, 64),
-    ], quick ? 2 : 10, 3);
+    // Tilings as "bc,br,threads[,flags]" (dK/dV) and "br,bc,threads[,flags]"
+    // (dQ); flags: n = no prefetch, s = P and dS in separate arrays.
+    const dk = (spec: string): DkDvTiles => {
+      const [bc, br, threads] = spec.split(',').slice(0, 3).map(Number);
+      const flags = spec.split(',')[3] ?? '';
+      return {bc, br, threads, prefetch: !flags.includes('n'), splitDs: flags.includes('s')};
+    };
+    const dq = (spec: string): DqTiles => {
+      const [br, bc, threads] = spec.split(',').slice(0, 3).map(Number);
+      return {br, bc, threads, prefetch: !(spec.split(',')[3] ?? '').includes('n')};
+    };
+    const p64 = await passTiming(
+        seqP, headsP, quick ? 16 : 64,
+        ['64,16,128', '32,32,128', '32,32,128,s', '32,16,128,s', '64,8,128,s', '32,32,64,s',
+         '32,16,128', '64,16,128,n'].map(dk),
+        ['64,16,128', '64,8,128', '32,32,128', '64,16,128,n'].map(dq), quick ? 2 : 10, 3);
     lines.push(...p64.rows);
     h100Tilings.push({dkdv: p64.dkdv, dq: p64.dq});
     if (!quick) {
-      const p128 = await passTiming(seqP, headsP, 128, [
-        dk(32, 8, 128, false), dk(32, 8, 128), dk(32, 8, 256), dk(32, 8, 64), dk(16, 16, 128),
-        dk(32, 4, 128),
-      ], [
-        dq(32, 8, 128, false), dq(32, 8, 128), dq(32, 8, 256), dq(32, 8, 64), dq(16, 16, 128),
-        dq(16, 16, 64),
-      ], 5, 3);
+      const p128 = await passTiming(
+          seqP, headsP, 128, ['32,8,128', '32,8,128,s', '16,16,128,s', '32,8,256,s'].map(dk),
+          ['32,8,128', '32,8,256'].map(dq), 5, 3);
       lines.push(...p128.rows);
     }
   }

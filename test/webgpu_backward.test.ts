@@ -139,6 +139,11 @@ describeWebGPU('fused WebGPU backward [webgpu]', () => {
     {dkdv: {bc: 64, br: 16, threads: 128, prefetch: false},
      dq: {br: 64, bc: 16, threads: 128, prefetch: false}},
     {dkdv: {bc: 16, br: 32, threads: 16}, dq: {br: 32, bc: 8, threads: 16}},
+    // P and dS in separate arrays (one barrier less), with and without the
+    // prefetch.
+    {dkdv: {bc: 32, br: 32, threads: 128, splitDs: true}, dq: {br: 64, bc: 16, threads: 128}},
+    {dkdv: {bc: 32, br: 16, threads: 64, splitDs: true, prefetch: false},
+     dq: {br: 32, bc: 32, threads: 128}},
   ];
   for (const tiles of TILINGS) {
     it(`kernel vs oracle with tiles ${JSON.stringify(tiles)}`, async () => {

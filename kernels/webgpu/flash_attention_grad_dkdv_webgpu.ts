@@ -29,13 +29,21 @@ export interface DkDvTiles {
    * products (default true).
    */
   prefetch?: boolean;
+  /**
+   * P and dS in separate workgroup arrays (default false): dV and dK then
+   * accumulate in one loop after one barrier, 3 barriers per row block
+   * instead of 4, for BR * BC * 4 more bytes.
+   */
+  splitDs?: boolean;
 }
 
 /** Workgroup storage bytes of the program (must fit the device limit). */
 export function dkdvStorageBytes(t: DkDvTiles, d: number, dv: number): number {
   const d4 = Math.ceil(d / 4);
   const dv4 = Math.ceil(dv / 4);
-  return 16 * (t.bc * (d4 + dv4) + t.br * (d4 + 1 + dv4 + 1) + t.br * t.bc / 4) + 8 * t.br;
+  return 16 * (t.bc * (d4 + dv4) + t.br * (d4 + 1 + dv4 + 1) +
+                (t.splitDs ? 2 : 1) * t.br * t.bc / 4) +
+      8 * t.br;
 }
 
 /** Are the tiles consistent (every thread mapping divides evenly)? */
@@ -59,13 +67,38 @@ export class FlashAttentionGradDkDvProgram implements OwnPipelineSpec {
     const nd = Math.ceil(d4 / xt);   // accumulation: dim quads per thread
     const ndv = Math.ceil(dv4 / xt);
     const prefetch = tiles.prefetch !== false;
-    this.key = `flashAttentionGradDkDv_${d}_${dv}_${bc}_${br}_${threads}_${+prefetch}_${featureKey(f)}`;
+    const split = tiles.splitDs === true;
+    this.key = `flashAttentionGradDkDv_${d}_${dv}_${bc}_${br}_${threads}_${+prefetch}${+split}_${
+        featureKey(f)}`;
     const fetchStats = (i0: string, h: string) => `
     for (var u = 0; u < ${prefetchSlots(br, threads)}; u++) {
       let i = ${i0} + t + u * T;
       stReg[u] = vec2<f32>(0.0);
       if (t + u * T < BR && i < p.seqQ) { stReg[u] = stats[(b * p.heads + ${h}) * p.seqQ + i]; }
     }`;
+    const accumulateDv = `
+        let pv = pS[r * SC + kq];
+        for (var n = 0; n < ${ndv}; n++) {
+          let xq = kx + n * XT;
+          if (${dv4 % xt === 0 ? 'true' : 'xq < DV4'}) {
+            let ov = doS[r * ${dv4 + 1} + xq];
+            dvAcc[n] += pv.x * ov;
+            dvAcc[${ndv} + n] += pv.y * ov;
+            dvAcc[${2 * ndv} + n] += pv.z * ov;
+            dvAcc[${3 * ndv} + n] += pv.w * ov;
+          }
+        }`;
+    const accumulateDk = `
+        for (var n = 0; n < ${nd}; n++) {
+          let xq = kx + n * XT;
+          if (${d4 % xt === 0 ? 'true' : 'xq < D4'}) {
+            let qv = qS[r * ${d4 + 1} + xq];
+            dkAcc[n] += dsv.x * qv;
+            dkAcc[${nd} + n] += dsv.y * qv;
+            dkAcc[${2 * nd} + n] += dsv.z * qv;
+            dkAcc[${3 * nd} + n] += dsv.w * qv;
+          }
+        }`;
     // One step per (query head of the group, block of BR rows).
     const rowLoop = prefetch ? `
   let nBlocks = select(0, (iHi - iLo) / BR + 1, iHi >= iLo);
@@ -151,6 +184,7 @@ var<workgroup> qS: array<vec4<f32>, ${br * (d4 + 1)}>;
 var<workgroup> doS: array<vec4<f32>, ${br * (dv4 + 1)}>;
 // P * keep, then dS: pS[r * SC + quad].
 var<workgroup> pS: array<vec4<f32>, ${br * s.sc}>;
+${split ? `var<workgroup> dsS: array<vec4<f32>, ${br * s.sc}>;` : ''}
 var<workgroup> lseS: array<f32, BR>;
 var<workgroup> deltaS: array<f32, BR>;
 
@@ -184,7 +218,7 @@ ${sPhaseWGSL(s)}
 
 ${rowLoop}
 
-      var ds: array<vec4<f32>, MR>;
+      ${split ? '' : 'var ds: array<vec4<f32>, MR>;'}
       if (sActive) {
         ${scoresAndDpWGSL('SC', d4, dv4)}
         for (var m = 0; m < MR; m++) {
@@ -204,22 +238,18 @@ ${rowLoop}
             }
           }
           pS[r * SC + sQuad] = pv;
-          ds[m] = dsv;
+          ${split ? 'dsS[r * SC + sQuad] = dsv;' : 'ds[m] = dsv;'}
         }
       }
       workgroupBarrier();
+${split ? `
       for (var r = 0; r < BR; r++) {
-        let pv = pS[r * SC + kq];
-        for (var n = 0; n < ${ndv}; n++) {
-          let xq = kx + n * XT;
-          if (${dv4 % xt === 0 ? 'true' : 'xq < DV4'}) {
-            let ov = doS[r * ${dv4 + 1} + xq];
-            dvAcc[n] += pv.x * ov;
-            dvAcc[${ndv} + n] += pv.y * ov;
-            dvAcc[${2 * ndv} + n] += pv.z * ov;
-            dvAcc[${3 * ndv} + n] += pv.w * ov;
-          }
-        }
+        ${accumulateDv}
+        let dsv = dsS[r * SC + kq];
+        ${accumulateDk}
+      }` : `
+      for (var r = 0; r < BR; r++) {
+        ${accumulateDv}
       }
       workgroupBarrier();
       if (sActive) {
@@ -230,17 +260,8 @@ ${rowLoop}
       workgroupBarrier();
       for (var r = 0; r < BR; r++) {
         let dsv = pS[r * SC + kq];
-        for (var n = 0; n < ${nd}; n++) {
-          let xq = kx + n * XT;
-          if (${d4 % xt === 0 ? 'true' : 'xq < D4'}) {
-            let qv = qS[r * ${d4 + 1} + xq];
-            dkAcc[n] += dsv.x * qv;
-            dkAcc[${nd} + n] += dsv.y * qv;
-            dkAcc[${2 * nd} + n] += dsv.z * qv;
-            dkAcc[${3 * nd} + n] += dsv.w * qv;
-          }
-        }
-      }
+        ${accumulateDk}
+      }`}
     }
   ${prefetch ? '' : '}'}
 
