@@ -167,6 +167,32 @@ async function timing(seq: number, heads: number, d: number, tilings: Array<Grad
   return rows;
 }
 
+/** Median ms of the fused forward + fused backward, causal, with `tiles`. */
+async function fwdBwd(seq: number, heads: number, d: number, tiles: GradTiles|null, reps: number,
+                      batches: number): Promise<[number]> {
+  const rng = new Rng(5);
+  const q = randomTensor([1, seq, heads, d], rng) as tf.Tensor4D;
+  const k = randomTensor([1, seq, heads, d], rng) as tf.Tensor4D;
+  const v = randomTensor([1, seq, heads, d], rng) as tf.Tensor4D;
+  const dy = randomTensor([1, seq, heads, d], rng);
+  const dl = tf.zeros([1, heads, seq]);
+  const opts = {causal: true};
+  setGradTilesOverride(tiles);
+  try {
+    const ms = await timeIt(() => {
+      const [o, l] = flashAttention(q, k, v, {...opts, returnSoftmaxLse: true});
+      const grads = backward(dy, dl, q, k, v, o, l, opts);
+      tf.dispose([o, l]);
+      return grads;
+    }, reps, batches);
+    await checkOwnPipelineErrors();
+    return [ms];
+  } finally {
+    setGradTilesOverride(null);
+    tf.dispose([q, k, v, dy, dl]);
+  }
+}
+
 /**
  * Each pass alone, dispatched directly (no tfjs kernel around it): median
  * wall-clock ms per dispatch over `batches` batches of `reps`, the queue
@@ -286,34 +312,57 @@ async function main(): Promise<void> {
     const seqP = quick ? 128 : 4096;
     const headsP = quick ? 2 : 16;
     // Tilings as "bc,br,threads[,flags]" (dK/dV) and "br,bc,threads[,flags]"
-    // (dQ); flags: n = no prefetch, s = P and dS in separate arrays.
+    // (dQ); flags: n = no prefetch, s = P and dS in separate arrays,
+    // i = S and dP in one loop, r = dS rows in registers for dQ += dS K.
     const dk = (spec: string): DkDvTiles => {
       const [bc, br, threads] = spec.split(',').slice(0, 3).map(Number);
       const flags = spec.split(',')[3] ?? '';
-      return {bc, br, threads, prefetch: !flags.includes('n'), splitDs: flags.includes('s')};
+      return {bc, br, threads, prefetch: !flags.includes('n'), splitDs: flags.includes('s'),
+              interleave: flags.includes('i')};
     };
     const dq = (spec: string): DqTiles => {
       const [br, bc, threads] = spec.split(',').slice(0, 3).map(Number);
-      return {br, bc, threads, prefetch: !(spec.split(',')[3] ?? '').includes('n')};
+      const flags = spec.split(',')[3] ?? '';
+      return {br, bc, threads, prefetch: !flags.includes('n'), interleave: flags.includes('i'),
+              dsRegs: flags.includes('r')};
     };
     const p64 = await passTiming(
         seqP, headsP, quick ? 16 : 64,
-        ['64,16,128', '32,32,128', '32,32,128,s', '32,16,128,s', '64,8,128,s', '32,32,64,s',
-         '32,16,128', '64,16,128,n'].map(dk),
-        ['64,16,128', '64,8,128', '32,32,128', '64,16,128,n'].map(dq), quick ? 2 : 10, 3);
+        ['64,16,128', '32,32,128', '64,16,128,i', '32,32,128,i'].map(dk),
+        ['64,16,128', '64,16,128,i', '64,16,128,r', '64,16,128,ir', '64,8,128,ir'].map(dq),
+        quick ? 2 : 10, quick ? 3 : 5);
     lines.push(...p64.rows);
-    h100Tilings.push({dkdv: p64.dkdv, dq: p64.dq});
+    if (!quick) {
+      h100Tilings.push({dkdv: p64.dkdv, dq: p64.dq});
+    }
+    const best: Array<[number, GradTiles]> = [[quick ? 16 : 64, {dkdv: p64.dkdv, dq: p64.dq}]];
     if (!quick) {
       const p128 = await passTiming(
-          seqP, headsP, 128, ['32,8,128', '32,8,128,s', '16,16,128,s', '32,8,256,s'].map(dk),
-          ['32,8,128', '32,8,256'].map(dq), 5, 3);
+          seqP, headsP, 128, ['32,8,128', '32,8,128,i'].map(dk),
+          ['32,8,256', '32,8,128', '32,8,256,i', '32,8,256,r', '32,8,128,r'].map(dq), 5, 5);
       lines.push(...p128.rows);
+      best.push([128, {dkdv: p128.dkdv, dq: p128.dq}]);
+    }
+    // Forward + backward, causal, over S: the automatic tiles against the
+    // fastest of each pass above.
+    lines.push('', '| D | S | fwd+bwd ms, auto tiles | TFLOP/s | fwd+bwd ms, fastest passes | TFLOP/s | fastest tiles |',
+               '| --- | --- | --- | --- | --- | --- | --- |');
+    for (const [d, tiles] of best) {
+      for (const seq of quick ? [128] : [1024, 2048, 4096, 8192, 16384]) {
+        const reps = quick ? 2 : seq <= 4096 ? 10 : seq === 8192 ? 4 : 2;
+        const [auto] = await fwdBwd(seq, quick ? 2 : 16, d, null, reps, quick ? 2 : 5);
+        const [fast] = await fwdBwd(seq, quick ? 2 : 16, d, tiles, reps, quick ? 2 : 5);
+        const f = 3.5 * flops(seq, quick ? 2 : 16, d, true);
+        lines.push(`| ${d} | ${seq} | ${auto.toFixed(3)} | ${(f / auto / 1e9).toFixed(2)} | ${
+            fast.toFixed(3)} | ${(f / fast / 1e9).toFixed(2)} | ${JSON.stringify(tiles)} |`);
+        console.log(lines[lines.length - 1]);
+      }
     }
   }
   lines.push('', '| what (causal, B=1, H=16, D=64) | S | ms (median) | TFLOP/s |',
              '| --- | --- | --- | --- |');
   const timingRuns: Array<[number, Array<GradTiles|null>, number, number]> = quick ?
-      [[128, [null], 2, 3]] : [[4096, h100Tilings, 10, 5], [16384, [null], 2, 3]];
+      [[128, [null], 2, 3]] : [[4096, h100Tilings, 10, 5]];
   for (const [seq, tilings, reps, batches] of timingRuns) {
     const rows = await timing(seq, quick ? 2 : 16, 64, tilings, true, reps, batches);
     rows.forEach(r => console.log(r));

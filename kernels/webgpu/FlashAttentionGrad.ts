@@ -35,9 +35,12 @@ export interface GradTiles {
 }
 
 // Largest first: bigger tiles reuse each loaded K/V (dK/dV pass) or Q/dO
-// (dQ pass) over more rows.
+// (dQ pass) over more rows. dK/dV 32x32 before 64x16: 38 KiB of workgroup
+// storage instead of 46 (5 workgroups per H100 SM instead of 4) and half the
+// accumulators; the backward 6.83 / 6.86 ms against 6.91 / 6.95 ms at D=64,
+// S=4096 causal in two calls (RESULTS.md, backward tuning session 3).
 const DKDV_SIZES: Array<[number, number]> =
-    [[64, 16], [32, 16], [32, 8], [16, 8], [16, 4], [8, 4], [4, 4], [4, 2], [4, 1]];
+    [[32, 32], [64, 16], [32, 16], [32, 8], [16, 8], [16, 4], [8, 4], [4, 4], [4, 2], [4, 1]];
 const DQ_SIZES: Array<[number, number]> =
     [[64, 16], [32, 16], [32, 8], [16, 8], [16, 4], [8, 4], [4, 4], [2, 4], [1, 4]];
 
@@ -51,9 +54,9 @@ export function chooseGradTiles(
   // has twice the rows in S = Q K^T; benchmarks/RESULTS.md).
   const cap = Math.min(limits.maxComputeInvocationsPerWorkgroup, limits.maxComputeWorkgroupSizeX);
   const threads = Math.min(128, cap);
-  // dQ at head dims 65..128 (tiles 32x8): 256 invocations, 8.80 ms against
-  // 9.39 ms with 128 at D=128, S=4096 causal on the H100 (RESULTS.md,
-  // backward tuning session 3).
+  // dQ at head dims 65..128 (tiles 32x8): 256 invocations, 8.80 / 8.83 ms
+  // against 9.39 / 8.80 ms with 128 at D=128, S=4096 causal on the H100 in
+  // two calls (RESULTS.md, backward tuning session 3).
   const dqThreads = d > 64 && d <= 128 ? Math.min(256, cap) : threads;
   const storage = limits.maxComputeWorkgroupStorageSize;
   let dkdv: DkDvTiles|null = null;

@@ -35,6 +35,8 @@ export interface DkDvTiles {
    * instead of 4, for BR * BC * 4 more bytes.
    */
   splitDs?: boolean;
+  /** S and dP in one loop over the head dim when D == Dv (default false). */
+  interleave?: boolean;
 }
 
 /** Workgroup storage bytes of the program (must fit the device limit). */
@@ -68,7 +70,8 @@ export class FlashAttentionGradDkDvProgram implements OwnPipelineSpec {
     const ndv = Math.ceil(dv4 / xt);
     const prefetch = tiles.prefetch !== false;
     const split = tiles.splitDs === true;
-    this.key = `flashAttentionGradDkDv_${d}_${dv}_${bc}_${br}_${threads}_${+prefetch}${+split}_${
+    const interleave = tiles.interleave === true && d4 === dv4;
+    this.key = `flashAttentionGradDkDv_${d}_${dv}_${bc}_${br}_${threads}_${+prefetch}${+split}${+interleave}_${
         featureKey(f)}`;
     const fetchStats = (i0: string, h: string) => `
     for (var u = 0; u < ${prefetchSlots(br, threads)}; u++) {
@@ -220,7 +223,7 @@ ${rowLoop}
 
       ${split ? '' : 'var ds: array<vec4<f32>, MR>;'}
       if (sActive) {
-        ${scoresAndDpWGSL('SC', d4, dv4)}
+        ${scoresAndDpWGSL('SC', d4, dv4, interleave)}
         for (var m = 0; m < MR; m++) {
           let r = sRow + m;
           let i = i0 + r;

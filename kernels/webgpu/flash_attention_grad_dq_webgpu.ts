@@ -24,6 +24,13 @@ export interface DqTiles {
    * products (default true).
    */
   prefetch?: boolean;
+  /** S and dP in one loop over the head dim when D == Dv (default false). */
+  interleave?: boolean;
+  /**
+   * dQ += dS K with the thread's dS rows held in registers and K loaded one
+   * vec4 at a time (default false: K's dims held, dS loaded per row).
+   */
+  dsRegs?: boolean;
 }
 
 /**
@@ -70,7 +77,35 @@ export class FlashAttentionGradDqProgram implements OwnPipelineSpec {
     const xt = threads / qt;      // accumulation: dim stride
     const nd = Math.ceil(d / xt);
     const prefetch = tiles.prefetch !== false;
-    this.key = `flashAttentionGradDq_${d}_${dv}_${bc}_${br}_${threads}_${+prefetch}_${featureKey(f)}`;
+    const interleave = tiles.interleave === true && d4 === dv4;
+    const dsRegs = tiles.dsRegs === true;
+    this.key = `flashAttentionGradDq_${d}_${dv}_${bc}_${br}_${threads}_${+prefetch}${+interleave}${
+        +dsRegs}_${featureKey(f)}`;
+    const accumulate = dsRegs ? `
+    for (var quad = 0; quad < SC; quad++) {
+      var dsr: array<vec4<f32>, NR>;
+      for (var m = 0; m < NR; m++) {
+        dsr[m] = pS[(qr * NR + m) * SC + quad];
+      }
+      for (var n = 0; n < ${nd}; n++) {
+        let kv = kT[min(qx + n * XT, D - 1) * KST + quad];
+        for (var m = 0; m < NR; m++) {
+          dqAcc[m][n] += dot(dsr[m], kv);
+        }
+      }
+    }` : `
+    for (var quad = 0; quad < SC; quad++) {
+      var kq: array<vec4<f32>, ${nd}>;
+      for (var n = 0; n < ${nd}; n++) {
+        kq[n] = kT[min(qx + n * XT, D - 1) * KST + quad];
+      }
+      for (var m = 0; m < NR; m++) {
+        let dsv = pS[(qr * NR + m) * SC + quad];
+        for (var n = 0; n < ${nd}; n++) {
+          dqAcc[m][n] += dot(dsv, kq[n]);
+        }
+      }
+    }`;
     const keyTile = prefetch ? `
   var kReg: array<vec4<f32>, ${prefetchSlots(s.sc * 4 * d4, threads)}>;
   var vReg: array<vec4<f32>, ${prefetchSlots(s.sc * 4 * dv4, threads)}>;
@@ -169,7 +204,7 @@ ${sPhaseWGSL(s)}
 ${keyTile}
 
     if (sActive) {
-      ${scoresAndDpWGSL('KST', d4, dv4)}
+      ${scoresAndDpWGSL('KST', d4, dv4, interleave)}
       for (var m = 0; m < MR; m++) {
         let r = sRow + m;
         let i = i0 + r;
@@ -188,18 +223,7 @@ ${keyTile}
       }
     }
     workgroupBarrier();
-    for (var quad = 0; quad < SC; quad++) {
-      var kq: array<vec4<f32>, ${nd}>;
-      for (var n = 0; n < ${nd}; n++) {
-        kq[n] = kT[min(qx + n * XT, D - 1) * KST + quad];
-      }
-      for (var m = 0; m < NR; m++) {
-        let dsv = pS[(qr * NR + m) * SC + quad];
-        for (var n = 0; n < ${nd}; n++) {
-          dqAcc[m][n] += dot(dsv, kq[n]);
-        }
-      }
-    }
+${accumulate}
   }
 
   for (var m = 0; m < NR; m++) {
