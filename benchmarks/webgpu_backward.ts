@@ -312,24 +312,22 @@ async function main(): Promise<void> {
     const seqP = quick ? 128 : 4096;
     const headsP = quick ? 2 : 16;
     // Tilings as "bc,br,threads[,flags]" (dK/dV) and "br,bc,threads[,flags]"
-    // (dQ); flags: n = no prefetch, s = P and dS in separate arrays,
-    // i = S and dP in one loop, r = dS rows in registers for dQ += dS K.
+    // (dQ); flags: n = no prefetch, k = dQ += dS K with K's dims held
+    // (dsRegs false).
     const dk = (spec: string): DkDvTiles => {
       const [bc, br, threads] = spec.split(',').slice(0, 3).map(Number);
       const flags = spec.split(',')[3] ?? '';
-      return {bc, br, threads, prefetch: !flags.includes('n'), splitDs: flags.includes('s'),
-              interleave: flags.includes('i')};
+      return {bc, br, threads, prefetch: !flags.includes('n')};
     };
     const dq = (spec: string): DqTiles => {
       const [br, bc, threads] = spec.split(',').slice(0, 3).map(Number);
       const flags = spec.split(',')[3] ?? '';
-      return {br, bc, threads, prefetch: !flags.includes('n'), interleave: flags.includes('i'),
-              dsRegs: flags.includes('r')};
+      return {br, bc, threads, prefetch: !flags.includes('n'), dsRegs: !flags.includes('k')};
     };
     const p64 = await passTiming(
         seqP, headsP, quick ? 16 : 64,
-        ['64,16,128', '32,32,128', '64,16,128,i', '32,32,128,i'].map(dk),
-        ['64,16,128', '64,16,128,i', '64,16,128,r', '64,16,128,ir', '64,8,128,ir'].map(dq),
+        ['32,32,128', '64,16,128', '32,16,128', '32,32,128,n'].map(dk),
+        ['64,16,128', '64,16,128,k', '64,8,128', '32,32,128', '64,16,128,n'].map(dq),
         quick ? 2 : 10, quick ? 3 : 5);
     lines.push(...p64.rows);
     if (!quick) {
@@ -338,8 +336,8 @@ async function main(): Promise<void> {
     const best: Array<[number, GradTiles]> = [[quick ? 16 : 64, {dkdv: p64.dkdv, dq: p64.dq}]];
     if (!quick) {
       const p128 = await passTiming(
-          seqP, headsP, 128, ['32,8,128', '32,8,128,i'].map(dk),
-          ['32,8,256', '32,8,128', '32,8,256,i', '32,8,256,r', '32,8,128,r'].map(dq), 5, 5);
+          seqP, headsP, 128, ['32,8,128', '32,8,256', '32,8,128,n'].map(dk),
+          ['32,8,128', '32,8,256', '32,8,128,k', '32,8,128,n'].map(dq), 5, 5);
       lines.push(...p128.rows);
       best.push([128, {dkdv: p128.dkdv, dq: p128.dq}]);
     }

@@ -52,12 +52,8 @@ export function chooseGradTiles(
     d: number, dv: number, limits: GradDeviceLimits): GradTiles|null {
   // 128 invocations: 8% faster than 256 on an H200 at S=4096 (each thread
   // has twice the rows in S = Q K^T; benchmarks/RESULTS.md).
-  const cap = Math.min(limits.maxComputeInvocationsPerWorkgroup, limits.maxComputeWorkgroupSizeX);
-  const threads = Math.min(128, cap);
-  // dQ at head dims 65..128 (tiles 32x8): 256 invocations, 8.80 / 8.83 ms
-  // against 9.39 / 8.80 ms with 128 at D=128, S=4096 causal on the H100 in
-  // two calls (RESULTS.md, backward tuning session 3).
-  const dqThreads = d > 64 && d <= 128 ? Math.min(256, cap) : threads;
+  const threads = Math.min(
+      128, limits.maxComputeInvocationsPerWorkgroup, limits.maxComputeWorkgroupSizeX);
   const storage = limits.maxComputeWorkgroupStorageSize;
   let dkdv: DkDvTiles|null = null;
   for (const [bc, br] of DKDV_SIZES) {
@@ -69,7 +65,7 @@ export function chooseGradTiles(
   }
   let dq: DqTiles|null = null;
   for (const [br, bc] of DQ_SIZES) {
-    const t = {br, bc, threads: dqThreads};
+    const t = {br, bc, threads};
     if (dqTilesValid(t) && dqStorageBytes(t, d, dv) <= storage) {
       dq = t;
       break;

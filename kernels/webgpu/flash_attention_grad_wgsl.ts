@@ -162,40 +162,7 @@ export function loadRowsWGSL(
  * as the forward sums them, so the recomputed scores match the forward's
  * bits as closely as possible.
  */
-export function scoresAndDpWGSL(
-    kStride: string, d4: number, dv4: number, interleave = false): string {
-  if (interleave && d4 === dv4) {
-    // One loop for both products: twice the independent FMA chains per
-    // step (same order per sum, so the same bits).
-    return `var s: array<vec4<f32>, MR>;
-      var dp: array<vec4<f32>, MR>;
-      for (var m = 0; m < MR; m++) {
-        s[m] = vec4<f32>(0.0);
-        dp[m] = vec4<f32>(0.0);
-      }
-      for (var xq = 0; xq < D4; xq++) {
-        let k0 = kT[(xq * 4) * ${kStride} + sQuad];
-        let k1 = kT[(xq * 4 + 1) * ${kStride} + sQuad];
-        let k2 = kT[(xq * 4 + 2) * ${kStride} + sQuad];
-        let k3 = kT[(xq * 4 + 3) * ${kStride} + sQuad];
-        let v0 = vT[(xq * 4) * SC + sQuad];
-        let v1 = vT[(xq * 4 + 1) * SC + sQuad];
-        let v2 = vT[(xq * 4 + 2) * SC + sQuad];
-        let v3 = vT[(xq * 4 + 3) * SC + sQuad];
-        for (var m = 0; m < MR; m++) {
-          let qv = qS[(sRow + m) * ${d4 + 1} + xq];
-          let ov = doS[(sRow + m) * ${dv4 + 1} + xq];
-          s[m] += qv.x * k0;
-          dp[m] += ov.x * v0;
-          s[m] += qv.y * k1;
-          dp[m] += ov.y * v1;
-          s[m] += qv.z * k2;
-          dp[m] += ov.z * v2;
-          s[m] += qv.w * k3;
-          dp[m] += ov.w * v3;
-        }
-      }`;
-  }
+export function scoresAndDpWGSL(kStride: string, d4: number, dv4: number): string {
   return `var s: array<vec4<f32>, MR>;
       var dp: array<vec4<f32>, MR>;
       for (var m = 0; m < MR; m++) {
