@@ -8,7 +8,12 @@
  * FLOPs (DESIGN.md §4): forward 4*B*S*S*H*D, halved for causal;
  * backward 2.5x, forward+backward 3.5x.
  *
- *   node webgpu_backward.mjs [--quick]     (--quick: small shapes, for SwiftShader)
+ *   3. with --passes: each of the three passes alone (Delta, dK/dV, dQ),
+ *      dispatched directly, for a sweep of tilings at D=64 and D=128,
+ *      S=4096; the fastest of each pass then joins the tilings of step 2.
+ *
+ *   node webgpu_backward.mjs [--quick] [--passes]
+ *     (--quick: small shapes, for SwiftShader)
  */
 import {create, globals} from 'webgpu';
 
@@ -17,12 +22,18 @@ import * as tf from '@tensorflow/tfjs-core';
 import {FlashAttention, FlashAttentionGrad, flashAttention, hasFusedKernel} from '../src';
 import {normalizeOptions} from '../src/options';
 import {chooseGradTiles, GradTiles, registerFlashAttentionGradWebGPU, setGradTilesOverride} from '../kernels/webgpu/FlashAttentionGrad';
-import {checkOwnPipelineErrors} from '../kernels/webgpu/own_pipeline';
+import {checkOwnPipelineErrors, runOwnPipeline} from '../kernels/webgpu/own_pipeline';
+import {FlashAttentionGradDeltaProgram} from '../kernels/webgpu/flash_attention_grad_delta_webgpu';
+import {DkDvTiles, FlashAttentionGradDkDvProgram} from '../kernels/webgpu/flash_attention_grad_dkdv_webgpu';
+import {DqTiles, FlashAttentionGradDqProgram} from '../kernels/webgpu/flash_attention_grad_dq_webgpu';
+import {gradFeatures, gradUniforms} from '../kernels/webgpu/flash_attention_grad_wgsl';
+import type {WebGPUBackend} from '@tensorflow/tfjs-backend-webgpu';
 import type {AttentionShapes} from '../src/checks';
 import {discrepancy, randomOracleProblem, Rng} from '../test/harness/problems';
 import {OracleOptions, oracleBackward} from '../test/oracle';
 
 const quick = process.argv.includes('--quick');
+const passes = process.argv.includes('--passes');
 
 type Shape = AttentionShapes;
 
@@ -156,6 +167,112 @@ async function timing(seq: number, heads: number, d: number, tilings: Array<Grad
   return rows;
 }
 
+/** Median ms of the fused forward + fused backward, causal, with `tiles`. */
+async function fwdBwd(seq: number, heads: number, d: number, tiles: GradTiles|null, reps: number,
+                      batches: number): Promise<[number]> {
+  const rng = new Rng(5);
+  const q = randomTensor([1, seq, heads, d], rng) as tf.Tensor4D;
+  const k = randomTensor([1, seq, heads, d], rng) as tf.Tensor4D;
+  const v = randomTensor([1, seq, heads, d], rng) as tf.Tensor4D;
+  const dy = randomTensor([1, seq, heads, d], rng);
+  const dl = tf.zeros([1, heads, seq]);
+  const opts = {causal: true};
+  setGradTilesOverride(tiles);
+  try {
+    const ms = await timeIt(() => {
+      const [o, l] = flashAttention(q, k, v, {...opts, returnSoftmaxLse: true});
+      const grads = backward(dy, dl, q, k, v, o, l, opts);
+      tf.dispose([o, l]);
+      return grads;
+    }, reps, batches);
+    await checkOwnPipelineErrors();
+    return [ms];
+  } finally {
+    setGradTilesOverride(null);
+    tf.dispose([q, k, v, dy, dl]);
+  }
+}
+
+/**
+ * Each pass alone, dispatched directly (no tfjs kernel around it): median
+ * wall-clock ms per dispatch over `batches` batches of `reps`, the queue
+ * drained after each batch. Returns the table rows and the fastest tiles.
+ */
+async function passTiming(
+    seq: number, heads: number, d: number, dkdvs: DkDvTiles[], dqs: DqTiles[], reps: number,
+    batches: number): Promise<{rows: string[], dkdv: DkDvTiles, dq: DqTiles}> {
+  const webgpu = tf.backend() as unknown as WebGPUBackend;
+  const rng = new Rng(11);
+  const q = randomTensor([1, seq, heads, d], rng) as tf.Tensor4D;
+  const k = randomTensor([1, seq, heads, d], rng) as tf.Tensor4D;
+  const v = randomTensor([1, seq, heads, d], rng) as tf.Tensor4D;
+  const opts = {causal: true};
+  const [out, lse] = flashAttention(q, k, v, {...opts, returnSoftmaxLse: true});
+  const dy = randomTensor(out.shape, rng);
+  const dl = tf.zeros(lse.shape);
+  const attrs = normalizeOptions(opts, d, 'benchmark');
+  const shapes = {batch: 1, seqQ: seq, seqK: seq, heads, headsKV: heads, headDim: d, headDimV: d};
+  const uniforms = gradUniforms(shapes, attrs, []);
+  const features = gradFeatures(attrs, false);
+  const delta = new FlashAttentionGradDeltaProgram(shapes);
+  const [stats] = runOwnPipeline(webgpu, delta, {
+    inputs: [dy, out, dl, lse], outputs: [{shape: [1, heads, seq, 2], dtype: 'float32'}],
+    uniforms, dispatch: delta.workgroups});
+  const time = async (run: () => tf.TensorInfo[]) => {
+    const drain = () => webgpu.device.queue.onSubmittedWorkDone();
+    run().forEach(o => webgpu.disposeData(o.dataId));
+    await drain();
+    await checkOwnPipelineErrors();
+    const times: number[] = [];
+    for (let n = 0; n < batches; n++) {
+      const t0 = performance.now();
+      for (let r = 0; r < reps; r++) {
+        run().forEach(o => webgpu.disposeData(o.dataId));
+      }
+      await drain();
+      times.push((performance.now() - t0) / reps);
+    }
+    times.sort((a, b) => a - b);
+    return times[Math.floor(times.length / 2)];
+  };
+  // Products' FLOPs (causal): dK/dV 4 (S, dP, dV, dK), dQ 3 (S, dP, dQ).
+  const product = 2 * seq * seq / 2 * heads * d;
+  const rows: string[] = [];
+  const row = (pass: string, tiles: string, ms: number, f: number) =>
+      `| ${d} | ${pass} | ${tiles} | ${ms.toFixed(3)} | ${f > 0 ? (f / ms / 1e9).toFixed(2) : '-'} |`;
+  rows.push(row('Delta', '-', await time(() => runOwnPipeline(webgpu, delta, {
+    inputs: [dy, out, dl, lse], outputs: [{shape: [1, heads, seq, 2], dtype: 'float32'}],
+    uniforms, dispatch: delta.workgroups})), 0));
+  console.log(rows[rows.length - 1]);
+  let best = {dkdv: dkdvs[0], dq: dqs[0], dkdvMs: Infinity, dqMs: Infinity};
+  for (const t of dkdvs) {
+    const prog = new FlashAttentionGradDkDvProgram(d, d, t, features);
+    const ms = await time(() => runOwnPipeline(webgpu, prog, {
+      inputs: [q, k, v, dy, stats], outputs: [{shape: k.shape, dtype: 'float32'},
+                                              {shape: v.shape, dtype: 'float32'}],
+      uniforms, dispatch: [Math.ceil(seq / t.bc), heads, 1]}));
+    rows.push(row('dK/dV', JSON.stringify(t), ms, 4 * product));
+    console.log(rows[rows.length - 1]);
+    if (ms < best.dkdvMs) {
+      best = {...best, dkdv: t, dkdvMs: ms};
+    }
+  }
+  for (const t of dqs) {
+    const prog = new FlashAttentionGradDqProgram(d, d, t, features);
+    const ms = await time(() => runOwnPipeline(webgpu, prog, {
+      inputs: [q, k, v, dy, stats], outputs: [{shape: q.shape, dtype: 'float32'}],
+      uniforms, dispatch: [Math.ceil(seq / t.br), heads, 1]}));
+    rows.push(row('dQ', JSON.stringify(t), ms, 3 * product));
+    console.log(rows[rows.length - 1]);
+    if (ms < best.dqMs) {
+      best = {...best, dq: t, dqMs: ms};
+    }
+  }
+  webgpu.disposeData(stats.dataId);
+  tf.dispose([q, k, v, out, lse, dy, dl]);
+  return {rows, dkdv: best.dkdv, dq: best.dq};
+}
+
 async function main(): Promise<void> {
   Object.assign(globalThis, globals);
   (globalThis as unknown as {navigator: unknown}).navigator = {gpu: create([])};
@@ -186,13 +303,64 @@ async function main(): Promise<void> {
   }
   const h100Tilings: Array<GradTiles|null> = [
     null,
-    {dkdv: {bc: 64, br: 16, threads: 128}, dq: {br: 64, bc: 16, threads: 128}},
-    {dkdv: {bc: 32, br: 16, threads: 128}, dq: {br: 32, bc: 16, threads: 128}},
+    {dkdv: {bc: 64, br: 16, threads: 128, prefetch: false},
+     dq: {br: 64, bc: 16, threads: 128, prefetch: false}},
   ];
+  if (passes) {
+    lines.push('', '| D | pass (causal, B=1, H=16, S=4096) | tiles | ms (median) | TFLOP/s of its products |',
+               '| --- | --- | --- | --- | --- |');
+    const seqP = quick ? 128 : 4096;
+    const headsP = quick ? 2 : 16;
+    // Tilings as "bc,br,threads[,flags]" (dK/dV) and "br,bc,threads[,flags]"
+    // (dQ); flags: n = no prefetch, k = dQ += dS K with K's dims held
+    // (dsRegs false).
+    const dk = (spec: string): DkDvTiles => {
+      const [bc, br, threads] = spec.split(',').slice(0, 3).map(Number);
+      const flags = spec.split(',')[3] ?? '';
+      return {bc, br, threads, prefetch: !flags.includes('n')};
+    };
+    const dq = (spec: string): DqTiles => {
+      const [br, bc, threads] = spec.split(',').slice(0, 3).map(Number);
+      const flags = spec.split(',')[3] ?? '';
+      return {br, bc, threads, prefetch: !flags.includes('n'), dsRegs: !flags.includes('k')};
+    };
+    const p64 = await passTiming(
+        seqP, headsP, quick ? 16 : 64,
+        ['32,32,128', '64,16,128', '32,16,128', '32,32,128,n'].map(dk),
+        ['64,16,128', '64,16,128,k', '64,8,128', '32,32,128', '64,16,128,n'].map(dq),
+        quick ? 2 : 10, quick ? 3 : 5);
+    lines.push(...p64.rows);
+    if (!quick) {
+      h100Tilings.push({dkdv: p64.dkdv, dq: p64.dq});
+    }
+    const best: Array<[number, GradTiles]> = [[quick ? 16 : 64, {dkdv: p64.dkdv, dq: p64.dq}]];
+    if (!quick) {
+      const p128 = await passTiming(
+          seqP, headsP, 128, ['32,8,128', '32,8,256', '32,8,128,n'].map(dk),
+          ['32,8,128', '32,8,256', '32,8,128,k', '32,8,128,n'].map(dq), 5, 5);
+      lines.push(...p128.rows);
+      best.push([128, {dkdv: p128.dkdv, dq: p128.dq}]);
+    }
+    // Forward + backward, causal, over S: the automatic tiles against the
+    // fastest of each pass above.
+    lines.push('', '| D | S | fwd+bwd ms, auto tiles | TFLOP/s | fwd+bwd ms, fastest passes | TFLOP/s | fastest tiles |',
+               '| --- | --- | --- | --- | --- | --- | --- |');
+    for (const [d, tiles] of best) {
+      for (const seq of quick ? [128] : [1024, 2048, 4096, 8192, 16384]) {
+        const reps = quick ? 2 : seq <= 4096 ? 10 : seq === 8192 ? 4 : 2;
+        const [auto] = await fwdBwd(seq, quick ? 2 : 16, d, null, reps, quick ? 2 : 5);
+        const [fast] = await fwdBwd(seq, quick ? 2 : 16, d, tiles, reps, quick ? 2 : 5);
+        const f = 3.5 * flops(seq, quick ? 2 : 16, d, true);
+        lines.push(`| ${d} | ${seq} | ${auto.toFixed(3)} | ${(f / auto / 1e9).toFixed(2)} | ${
+            fast.toFixed(3)} | ${(f / fast / 1e9).toFixed(2)} | ${JSON.stringify(tiles)} |`);
+        console.log(lines[lines.length - 1]);
+      }
+    }
+  }
   lines.push('', '| what (causal, B=1, H=16, D=64) | S | ms (median) | TFLOP/s |',
              '| --- | --- | --- | --- |');
   const timingRuns: Array<[number, Array<GradTiles|null>, number, number]> = quick ?
-      [[128, [null], 2, 3]] : [[4096, h100Tilings, 10, 5], [16384, [null], 2, 3]];
+      [[128, [null], 2, 3]] : [[4096, h100Tilings, 10, 5]];
   for (const [seq, tilings, reps, batches] of timingRuns) {
     const rows = await timing(seq, quick ? 2 : 16, 64, tilings, true, reps, batches);
     rows.forEach(r => console.log(r));

@@ -102,7 +102,9 @@ describeWebGPU('fused WebGPU backward [webgpu]', () => {
     const h100 = {...swiftShader, maxComputeWorkgroupStorageSize: 49152, maxComputeInvocationsPerWorkgroup: 1024,
                   maxComputeWorkgroupSizeX: 1024};
     expect(chooseGradTiles(64, 64, h100)).toEqual(
-        {dkdv: {bc: 64, br: 16, threads: 128}, dq: {br: 64, bc: 16, threads: 128}});
+        {dkdv: {bc: 32, br: 32, threads: 128}, dq: {br: 64, bc: 16, threads: 128}});
+    expect(chooseGradTiles(128, 128, h100)).toEqual(
+        {dkdv: {bc: 32, br: 8, threads: 128}, dq: {br: 32, bc: 8, threads: 128}});
     expect(chooseGradTiles(64, 64, swiftShader)!.dkdv.bc).toBe(32);
     expect(chooseGradTiles(256, 256, swiftShader)).not.toBeNull();
     expect(chooseGradTiles(256, 256, {...swiftShader, maxComputeWorkgroupStorageSize: 4096}))
@@ -134,6 +136,13 @@ describeWebGPU('fused WebGPU backward [webgpu]', () => {
     {dkdv: {bc: 64, br: 16, threads: 256}, dq: {br: 64, bc: 16, threads: 256}},
     {dkdv: {bc: 64, br: 16, threads: 128}, dq: {br: 64, bc: 16, threads: 128}},
     {dkdv: {bc: 16, br: 8, threads: 64}, dq: {br: 16, bc: 8, threads: 64}},
+    // Without the register prefetch; and fewer threads than rows, so each
+    // thread prefetches several vec4s of a tile.
+    {dkdv: {bc: 64, br: 16, threads: 128, prefetch: false},
+     dq: {br: 64, bc: 16, threads: 128, prefetch: false}},
+    {dkdv: {bc: 16, br: 32, threads: 16}, dq: {br: 32, bc: 8, threads: 16}},
+    // dQ += dS K with the thread's K dims held instead of its dS rows.
+    {dkdv: {bc: 32, br: 32, threads: 128}, dq: {br: 64, bc: 16, threads: 128, dsRegs: false}},
   ];
   for (const tiles of TILINGS) {
     it(`kernel vs oracle with tiles ${JSON.stringify(tiles)}`, async () => {

@@ -7,10 +7,16 @@
  */
 import type {AttentionShapes} from '../../src/checks';
 
-import type {OwnPipelineSpec} from './own_pipeline';
+import {dispatchGrid, OwnPipelineSpec} from './own_pipeline';
 import {paramsWGSL} from './flash_attention_grad_wgsl';
 
-const WORKGROUP = 64;
+// LANES invocations share a row (reading its dims side by side, then a
+// fixed-order tree sum in workgroup memory), ROWS rows per workgroup, taken
+// in [B, Sq, H] order so that a workgroup reads one contiguous span of dO
+// and O. One invocation per row read 256-byte strided rows: 0.30 ms at
+// S=4096, H=16, D=64 on the H100 (benchmarks/RESULTS.md, session 3).
+const LANES = 16;
+const ROWS = 16;
 
 export class FlashAttentionGradDeltaProgram implements OwnPipelineSpec {
   readonly key: string;
@@ -24,7 +30,7 @@ export class FlashAttentionGradDeltaProgram implements OwnPipelineSpec {
     const dv = shapes.headDimV;
     const rows = shapes.batch * shapes.heads * shapes.seqQ;
     this.key = `flashAttentionGradDelta_${dv}`;
-    this.workgroups = [Math.ceil(rows / WORKGROUP), 1, 1];
+    this.workgroups = dispatchGrid(Math.ceil(rows / ROWS));
     this.source = `${paramsWGSL(5)}
 @group(0) @binding(0) var<storage, read> dy: array<f32>;
 @group(0) @binding(1) var<storage, read> outs: array<f32>;
@@ -32,24 +38,39 @@ export class FlashAttentionGradDeltaProgram implements OwnPipelineSpec {
 @group(0) @binding(3) var<storage, read> lse: array<f32>;
 @group(0) @binding(4) var<storage, read_write> stats: array<vec2<f32>>;
 const DV = ${dv};
+const LANES = ${LANES};
 
-@compute @workgroup_size(${WORKGROUP})
-fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
-  // Row index in the [B, H, Sq] layout of lse.
-  let row = i32(gid.x);
-  if (row >= p.batch * p.heads * p.seqQ) {
-    return;
-  }
-  let i = row % p.seqQ;
-  let bh = row / p.seqQ;
-  let h = bh % p.heads;
-  let b = bh / p.heads;
-  let base = ((b * p.seqQ + i) * p.heads + h) * DV;
+var<workgroup> partial: array<f32, ${LANES * ROWS}>;
+
+@compute @workgroup_size(${LANES * ROWS})
+fn main(@builtin(workgroup_id) wg: vec3<u32>,
+        @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+  let t = i32(lid);
+  let lane = t % LANES;
+  // Row index in the [B, Sq, H] layout of dO and O.
+  let row = i32(wg.y * nwg.x + wg.x) * ${ROWS} + t / LANES;
+  let valid = row < p.batch * p.heads * p.seqQ;
   var sum = 0.0;
-  for (var x = 0; x < DV; x++) {
-    sum += dy[base + x] * outs[base + x];
+  if (valid) {
+    for (var x = lane; x < DV; x += LANES) {
+      sum += dy[row * DV + x] * outs[row * DV + x];
+    }
   }
-  stats[row] = vec2<f32>(lse[row], sum - dLse[row]);
+  partial[t] = sum;
+  for (var stride = LANES / 2; stride > 0; stride /= 2) {
+    workgroupBarrier();
+    if (lane < stride) {
+      partial[t] += partial[t + stride];
+    }
+  }
+  if (valid && lane == 0) {
+    let h = row % p.heads;
+    let i = (row / p.heads) % p.seqQ;
+    let b = row / (p.heads * p.seqQ);
+    let out = (b * p.heads + h) * p.seqQ + i;   // [B, H, Sq] of lse
+    stats[out] = vec2<f32>(lse[out], partial[t] - dLse[out]);
+  }
 }
 `;
   }

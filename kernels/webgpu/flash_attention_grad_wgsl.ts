@@ -228,3 +228,82 @@ export function loadKeyTileWGSL(kStride: string): string {
       vT[x * SC + quad] = vv;
     }`;
 }
+
+/**
+ * Register prefetch of a row tile (the WGSL of loadRowsWGSL in two halves):
+ * `fetchRowsWGSL` reads rows [row0, row0 + rows) of head `head` into the
+ * thread's `reg` (an array of `prefetchSlots(rows * w4, threads)` vec4s),
+ * `storeRowsWGSL` writes them to workgroup memory after the next barrier.
+ * Issued before a tile's products, the global loads are in flight while it
+ * computes. Uses `t`, `T` and `b`.
+ */
+export function prefetchSlots(items: number, threads: number): number {
+  return Math.ceil(items / threads);
+}
+
+export function fetchRowsWGSL(
+    src: string, reg: string, w: number, w4: number, rows: number, threads: number,
+    seq: string, heads: string, row0: string, head: string): string {
+  const items = rows * w4;
+  return `
+    for (var u = 0; u < ${prefetchSlots(items, threads)}; u++) {
+      let e = t + u * T;
+      let r = e / ${w4};
+      let xq = e % ${w4};
+      let i = ${row0} + r;
+      var val = vec4<f32>(0.0);
+      if (e < ${items} && i < ${seq}) {
+        let base = ((b * ${seq} + i) * ${heads} + ${head}) * ${w} + xq * 4;
+        ${w % 4 === 0 ? `val = vec4<f32>(${src}[base], ${src}[base + 1], ${src}[base + 2], ${src}[base + 3]);` : `
+        for (var c = 0; c < 4; c++) {
+          if (xq * 4 + c < ${w}) { val[c] = ${src}[base + c]; }
+        }`}
+      }
+      ${reg}[u] = val;
+    }`;
+}
+
+export function storeRowsWGSL(
+    reg: string, dst: string, w4: number, stride: number, rows: number, threads: number): string {
+  const items = rows * w4;
+  return `
+    for (var u = 0; u < ${prefetchSlots(items, threads)}; u++) {
+      let e = t + u * T;
+      if (e < ${items}) { ${dst}[(e / ${w4}) * ${stride} + e % ${w4}] = ${reg}[u]; }
+    }`;
+}
+
+/**
+ * Register prefetch of the key tile starting at `j0` (loadKeyTileWGSL in
+ * two halves): `fetchKeyTileWGSL` into `kReg`/`vReg` (arrays of
+ * `prefetchSlots(SC * 4 * D4, T)` and `prefetchSlots(SC * 4 * DV4, T)`
+ * vec4s), `storeKeyTileWGSL` into `kT` (row stride `kStride`) and `vT`.
+ */
+export function fetchKeyTileWGSL(
+    j0: string, sc: number, d4: number, dv4: number, threads: number): string {
+  const one = (src: string, reg: string, w: string, w4: number) => `
+    for (var u = 0; u < ${prefetchSlots(sc * 4 * w4, threads)}; u++) {
+      let e = t + u * T;
+      let x = e % ${4 * w4};
+      let quad = e / ${4 * w4};
+      var kv = vec4<f32>(0.0);
+      if (e < ${sc * 4 * w4} && x < ${w}) {
+        for (var c = 0; c < 4; c++) {
+          let j = ${j0} + quad * 4 + c;
+          if (j < p.seqK) { kv[c] = ${src}[((b * p.seqK + j) * p.headsKV + hk) * ${w} + x]; }
+        }
+      }
+      ${reg}[u] = kv;
+    }`;
+  return one('k', 'kReg', 'D', d4) + one('v', 'vReg', 'DV', dv4);
+}
+
+export function storeKeyTileWGSL(
+    kStride: string, sc: number, d4: number, dv4: number, threads: number): string {
+  const one = (reg: string, dst: string, stride: string, w4: number) => `
+    for (var u = 0; u < ${prefetchSlots(sc * 4 * w4, threads)}; u++) {
+      let e = t + u * T;
+      if (e < ${sc * 4 * w4}) { ${dst}[(e % ${4 * w4}) * ${stride} + e / ${4 * w4}] = ${reg}[u]; }
+    }`;
+  return one('kReg', 'kT', kStride, d4) + one('vReg', 'vT', 'SC', dv4);
+}
