@@ -231,6 +231,36 @@ async function main(): Promise<void> {
   }
 
   const variants = args.variants.length > 0 ? args.variants : ['default'];
+  // tm,tx,nq,ty[,p0|p1 (register prefetch)][,uN (unroll)][,o (outer-product mode)]
+  const variantOverride = (variant: string) => {
+    const [tm, tx, nq, ty] = variant.split(',').slice(0, 4).map(Number);
+    const flags = variant.split(',').slice(4);
+    const p = flags.find(f => f.startsWith('p'));
+    const u = flags.find(f => f.startsWith('u'));
+    return {tiles: {tm, tx, nq, ty, outer: flags.includes('o')},
+            prefetch: p == null ? undefined : p === 'p1',
+            unroll: u == null ? undefined : Number(u.slice(1))};
+  };
+  const checked = new Set<string>();
+  const checkVariant = async (d: number, causal: boolean) => {
+    const s = 512;
+    const [q, k, v] = [0, 1, 2].map(() => tf.randomNormal([B, s, H, d]) as import('@tensorflow/tfjs-core').Tensor4D);
+    tf.env().set(fa.FLASH_ATTENTION_IMPL, 'fused');
+    try {
+      const a = fa.flashAttention(q, k, v, {causal});
+      const c = composedAttention(q, k, v, {causal});
+      const diff = tf.tidy(() => tf.max(tf.abs(tf.sub(a, c))));
+      const ref = tf.tidy(() => tf.max(tf.abs(c)));
+      const err = (await diff.data())[0] / (await ref.data())[0];
+      tf.dispose([diff, ref, a, c]);
+      await checkOwnPipelineErrors();
+      return `max|fused - composed| / max|composed| = ${err.toExponential(2)}${err < 1e-4 ? '' : ' FAILED'}`;
+    } catch (e) {
+      return `error: ${(e as Error).message.slice(0, 160)}`;
+    } finally {
+      tf.dispose([q, k, v]);
+    }
+  };
   // Inputs are made once per (D, S) (random normals are drawn on the CPU).
   for (const d of args.dims) {
     for (const s of args.seqs) {
@@ -256,13 +286,14 @@ async function main(): Promise<void> {
                 continue;
               }
               if (variant !== 'default' && variant !== '-') {
-                // tm,tx,nq,ty[,p0|p1 (register prefetch)][,u1|u2|u4 (unroll)]
-                const [tm, tx, nq, ty] = variant.split(',').slice(0, 4).map(Number);
-                const flags = variant.split(',').slice(4);
-                const p = flags.find(f => f.startsWith('p'));
-                const u = flags.find(f => f.startsWith('u'));
-                setForwardOverride({tiles: {tm, tx, nq, ty}, prefetch: p == null ? undefined : p === 'p1',
-                                    unroll: u == null ? undefined : Number(u.slice(1))});
+                setForwardOverride(variantOverride(variant));
+                if (args.check && !checked.has(`${d} ${variant}`)) {
+                  // This tiling against the composed baseline at S=512.
+                  checked.add(`${d} ${variant}`);
+                  const msg = await checkVariant(d, causal);
+                  log(`check [${variant}] D=${d}: ${msg}`);
+                  checks.push(`[${variant}] D=${d} S=512 causal=${causal}: ${msg}`);
+                }
               }
               // fwdbwd: the forward is fused, the backward is whatever the
               // backend has (bwd's fused kernel, else the reference).

@@ -66,6 +66,12 @@ describeWebGPU('fused WebGPU forward [webgpu]', () => {
       // What GPUs run: constant loop bounds, K/V prefetched through registers.
       ['GPU code path (prefetch, constant loops)',
        {tiles: {tm: 2, tx: 4, nq: 1, ty: 8}, constantLoops: true, prefetch: true, unroll: 4}],
+      // The outer-product mode (Q^T, K^T, P^T in workgroup memory).
+      ['outer product TM=4, TX=4, NQ=2', {tiles: {tm: 4, tx: 4, nq: 2, ty: 4, outer: true}}],
+      ['outer product TM=8, TX=2, GPU code path (prefetch, constant loops)',
+       {tiles: {tm: 8, tx: 2, nq: 1, ty: 2, outer: true}, constantLoops: true, prefetch: true, unroll: 8}],
+      ['outer product TM=4, TX=8, no prefetch, constant loops',
+       {tiles: {tm: 4, tx: 8, nq: 1, ty: 2, outer: true}, constantLoops: true, prefetch: false}],
     ];
     for (const [tilingName, o] of tilings) {
       for (const c of cases) {
@@ -203,6 +209,14 @@ describeWebGPU('fused WebGPU forward with subgroups [webgpu, device with subgrou
                                           'alibi [B, H], causal, softcap',
                                           'dropout with GQA, window and seed >= 2^32'].includes(c.name));
   for (const c of cases) {
+    it(`subgroup row reductions, outer product (TM=4, TX=4, NQ=2): ${c.name}`, async () => {
+      setForwardOverride({tiles: {tm: 4, tx: 4, nq: 2, ty: 4, outer: true}});
+      try {
+        await checkFused(c);
+      } finally {
+        setForwardOverride(null);
+      }
+    });
     it(`subgroup row reductions (TX=4): ${c.name}`, async () => {
       setForwardOverride({tiles: {tm: 2, tx: 4, nq: 1, ty: 8}});
       try {
