@@ -46,6 +46,11 @@ export interface ForwardTiles {
    * barriers per key tile. Rows of a thread: 4 * (ty + TY * a) + b.
    */
   outer?: boolean;
+  /**
+   * Outer mode only: K^T and V share one buffer (less workgroup memory,
+   * more workgroups per SM) at the price of a third barrier per key tile.
+   */
+  sharedKV?: boolean;
 }
 
 /** Everything baked into one forward pipeline. */
@@ -99,8 +104,9 @@ export function workgroupBytes(
   const s = tileSizes(c);
   const red = subgroups ? 0 : s.br * c.tiles.tx * 4;
   if (c.tiles.outer) {
-    // Q^T, K^T, V and P^T.
-    return 16 * (s.br * s.dq4 + s.bc * s.dq4 + s.bc * s.vw) + 4 * s.br * s.bc + red;
+    // Q^T, K^T, V (or one buffer for both) and P^T.
+    const kv = c.tiles.sharedKV ? Math.max(s.bc * s.dq4, s.bc * s.vw) : s.bc * s.dq4 + s.bc * s.vw;
+    return 16 * (s.br * s.dq4 + kv) + 4 * s.br * s.bc + red;
   }
   // K/V rows padded by one vec4 (the non-dropout layout, see forwardWGSL).
   return 16 * (s.br * s.dq4 + s.bc * (s.kvw + 1)) + 4 * s.br * s.bc + red;
@@ -122,7 +128,7 @@ export function usePrefetch(c: ForwardConfig): boolean {
 
 export function forwardKey(c: ForwardConfig): string {
   const t = c.tiles;
-  return `fa_fwd_d${c.headDim}_dv${c.headDimV}_tm${t.tm}tx${t.tx}nq${t.nq}ty${t.ty}${t.outer ? 'o' : ''}_${
+  return `fa_fwd_d${c.headDim}_dv${c.headDimV}_tm${t.tm}tx${t.tx}nq${t.nq}ty${t.ty}${t.outer ? 'o' : ''}${t.sharedKV ? 's' : ''}_${
       scoreKey(c.score)}_al${c.alibiMode}_do${+c.dropout}_sg${+c.subgroups}_rv${+c.reverseRows}_rl${+c.runtimeLoops}_pf${c.prefetch ?? '-'}_un${c.unroll ?? '-'}`;
 }
 
@@ -352,9 +358,13 @@ export function forwardWGSL(c: ForwardConfig): string {
    */
   function outerParts(): {outerDecls: string, outerQLoad: string, outerLoop: string} {
     const rq = range(t.tm / 4);
+    const shared = t.sharedKV === true;
+    const ksName = shared ? 'kvs' : 'ks';
+    const vsName = shared ? 'kvs' : 'vs';
     const outerDecls = `var<workgroup> qs: array<vec4<f32>, ${br * dq4}>;  // Q^T [4 DQ4][BR]
-var<workgroup> ks: array<vec4<f32>, ${bc * dq4}>;  // K^T [4 DQ4][BC]
-var<workgroup> vs: array<vec4<f32>, ${bc * vw}>;  // V [BC][VW]
+${shared ? `var<workgroup> kvs: array<vec4<f32>, ${Math.max(bc * dq4, bc * vw)}>;  // K^T, then V` :
+           `var<workgroup> ks: array<vec4<f32>, ${bc * dq4}>;  // K^T [4 DQ4][BC]
+var<workgroup> vs: array<vec4<f32>, ${bc * vw}>;  // V [BC][VW]`}
 var<workgroup> ps: array<vec4<f32>, ${br * bc / 4}>;  // P^T [BC][BR]
 const VW = ${vw}u;`;
     const scatter = (arr: string, width: string, ch: string, pos: string, val: string) =>
@@ -387,9 +397,9 @@ const VW = ${vw}u;`;
         }
       }`;
     const kStore = (idx: string, val: string) =>
-        `if (${idx} < BC * DQ4) { ${scatter('ks', 'BC', `(${idx} / BC)`, `(${idx} % BC)`, val)} }`;
+        `if (${idx} < BC * DQ4) { ${scatter(ksName, 'BC', `(${idx} / BC)`, `(${idx} % BC)`, val)} }`;
     const vStore = (idx: string, val: string) =>
-        `if (${idx} < BC * DV4) { vs[(${idx} / DV4) * VW + ${idx} % DV4] = ${val}; }`;
+        `if (${idx} < BC * DV4) { ${vsName}[(${idx} / DV4) * VW + ${idx} % DV4] = ${val}; }`;
     // Direct (no prefetch): global -> workgroup memory for tile jBase.
     const kDirect = (jBase: string) => `for (var idx = lid; idx < BC * DQ4; idx += THREADS) {
       var val = vec4<f32>(0.0);
@@ -427,20 +437,63 @@ const VW = ${vw}u;`;
     const uq = c.unroll != null && hd % c.unroll === 0 ? c.unroll : 4;
     const qkStep = (d: string) => `{
         ${rq.map(a => `let a${a} = qs[(${d}) * (BR / 4u) + ty + TY * ${a}u];`).join('\n        ')}
-        ${quads.map(q => `let k${q} = ks[(${d}) * (BC / 4u) + tx + TX * ${q}u];`).join('\n        ')}
+        ${quads.map(q => `let k${q} = ${ksName}[(${d}) * (BC / 4u) + tx + TX * ${q}u];`).join('\n        ')}
         ${rowsI.map(i => quads.map(q => `s${i}_${q} = fma(vec4<f32>(a${i >> 2}.${COMP[i & 3]}), k${q}, s${i}_${q});`).join(' ')).join('\n        ')}
       }`;
     const pvStep = (key: string) => `{
         ${rq.map(a => `let p${a} = ps[(${key}) * (BR / 4u) + ty + TY * ${a}u];`).join('\n        ')}
-        ${outJ.map(jj => `let v${jj} = vs[(${key}) * VW + tx + TX * ${jj}u];`).join('\n        ')}
+        ${outJ.map(jj => `let v${jj} = ${vsName}[(${key}) * VW + tx + TX * ${jj}u];`).join('\n        ')}
         ${rowsI.map(i => outJ.map(jj => `o${i}_${jj} = fma(vec4<f32>(p${i >> 2}.${COMP[i & 3]}), v${jj}, o${i}_${jj});`).join(' ')).join('\n        ')}
       }`;
     const pStore = rq.map(a => quads.map(q => range(4).map(e =>
         `ps[(4u * (tx + TX * ${q}u) + ${e}u) * (BR / 4u) + ty + TY * ${a}u] = vec4<f32>(${
             range(4).map(b => `s${4 * a + b}_${q}.${COMP[e]}`).join(', ')});`).join('\n    ')).join('\n    ')).join('\n    ');
 
-    const outerLoop = `${prefetch ? `${range(nKLoads).map(n => `var kr${n} = vec4<f32>(0.0);`).join(' ')}
-  ${range(nVLoads).map(n => `var vr${n} = vec4<f32>(0.0);`).join(' ')}` : ''}
+    const qkLoopOuter = `// S = Q K^T: per head-dim step, outer products of 4 rows x 4 keys.
+    ${sInit}
+    for (var d = 0u; d < ${c.runtimeLoops ? 'u32(u.loopDQ4) * 4u' : `${hd}u`}; d += ${uq}u) {
+      ${range(uq).map(x => qkStep(x === 0 ? 'd' : `d + ${x}u`)).join('\n      ')}
+    }`;
+    const pvLoopOuter = `// O += P V: per key, outer products of 4 rows x 4 output columns.
+    for (var key = 0u; key < ${c.runtimeLoops ? 'u32(u.loopBC4) * 4u' : 'BC'}; key += 4u) {
+      ${range(4).map(x => pvStep(x === 0 ? 'key' : `key + ${x}u`)).join('\n      ')}
+    }`;
+    const regDecls = prefetch ? `${range(nKLoads).map(n => `var kr${n} = vec4<f32>(0.0);`).join(' ')}
+  ${range(nVLoads).map(n => `var vr${n} = vec4<f32>(0.0);`).join(' ')}` : '';
+    if (shared) {
+      // Like the classic loop: K^T and V take turns in one buffer.
+      const sharedLoop = `${regDecls}
+  ${prefetch ? `if (tBegin < tEnd) {
+    let jb = tBegin * i32(BC);
+    ${kRegs('jb')}
+  }` : ''}
+
+  for (var kt = tBegin; kt < tEnd; kt++) {
+    let j0 = kt * i32(BC);
+    let more = kt + 1 < tEnd;
+    workgroupBarrier();
+    ${prefetch ? kFromRegs : kDirect('j0')}
+    ${prefetch ? vRegs('j0') : ''}
+    workgroupBarrier();
+
+    ${qkLoopOuter}
+
+    ${softmaxCode}
+    workgroupBarrier();
+    // V over K^T, P^T -> workgroup memory; the next K tile into registers.
+    ${prefetch ? vFromRegs : vDirect('j0')}
+    ${pStore}
+    ${prefetch ? `if (more) {
+      ${kRegs('j0 + i32(BC)')}
+    }` : ''}
+    workgroupBarrier();
+
+    ${pvLoopOuter}
+  }
+`;
+      return {outerDecls, outerQLoad, outerLoop: sharedLoop};
+    }
+    const outerLoop = `${regDecls}
   if (tBegin < tEnd) {
     let jb = tBegin * i32(BC);
     ${kDirect('jb')}
@@ -457,11 +510,7 @@ const VW = ${vw}u;`;
       ${kRegs('j0 + i32(BC)')}
     }` : ''}
 
-    // S = Q K^T: per head-dim step, outer products of 4 rows x 4 keys.
-    ${sInit}
-    for (var d = 0u; d < ${c.runtimeLoops ? 'u32(u.loopDQ4) * 4u' : `${hd}u`}; d += ${uq}u) {
-      ${range(uq).map(x => qkStep(x === 0 ? 'd' : `d + ${x}u`)).join('\n      ')}
-    }
+    ${qkLoopOuter}
 
     ${softmaxCode}
     // P^T -> workgroup memory.
@@ -473,10 +522,7 @@ const VW = ${vw}u;`;
       ${prefetch ? vRegs('j0 + i32(BC)') : ''}
     }
 
-    // O += P V: per key, outer products of 4 rows x 4 output columns.
-    for (var key = 0u; key < ${c.runtimeLoops ? 'u32(u.loopBC4) * 4u' : 'BC'}; key += 4u) {
-      ${range(4).map(x => pvStep(x === 0 ? 'key' : `key + ${x}u`)).join('\n      ')}
-    }
+    ${pvLoopOuter}
   }
 `;
     return {outerDecls, outerQLoad, outerLoop};
