@@ -51,12 +51,6 @@ export interface ForwardTiles {
    * more workgroups per SM) at the price of a third barrier per key tile.
    */
   sharedKV?: boolean;
-  /**
-   * Outer mode only: P V reads V straight from the storage buffer (through
-   * the L1 cache) instead of workgroup memory: no V buffer, no V stores, and
-   * two barriers per key tile with Q^T, K^T and P^T in workgroup memory.
-   */
-  vGlobal?: boolean;
 }
 
 /** Everything baked into one forward pipeline. */
@@ -111,8 +105,7 @@ export function workgroupBytes(
   const red = subgroups ? 0 : s.br * c.tiles.tx * 4;
   if (c.tiles.outer) {
     // Q^T, K^T, V (or one buffer for both) and P^T.
-    const kv = c.tiles.vGlobal ? s.bc * s.dq4 :
-        c.tiles.sharedKV ? Math.max(s.bc * s.dq4, s.bc * s.vw) : s.bc * s.dq4 + s.bc * s.vw;
+    const kv = c.tiles.sharedKV ? Math.max(s.bc * s.dq4, s.bc * s.vw) : s.bc * s.dq4 + s.bc * s.vw;
     return 16 * (s.br * s.dq4 + kv) + 4 * s.br * s.bc + red;
   }
   // K/V rows padded by one vec4 (the non-dropout layout, see forwardWGSL).
@@ -122,8 +115,7 @@ export function workgroupBytes(
 /** Floats per thread that the register prefetch of K and V needs. */
 export function prefetchFloats(c: {headDim: number, headDimV: number, tiles: ForwardTiles}): number {
   const s = tileSizes(c);
-  const v = c.tiles.vGlobal ? 0 : Math.ceil(s.bc * s.dv4 / s.threads);
-  return 4 * (Math.ceil(s.bc * s.dq4 / s.threads) + v);
+  return 4 * (Math.ceil(s.bc * s.dq4 / s.threads) + Math.ceil(s.bc * s.dv4 / s.threads));
 }
 
 /**
@@ -136,7 +128,7 @@ export function usePrefetch(c: ForwardConfig): boolean {
 
 export function forwardKey(c: ForwardConfig): string {
   const t = c.tiles;
-  return `fa_fwd_d${c.headDim}_dv${c.headDimV}_tm${t.tm}tx${t.tx}nq${t.nq}ty${t.ty}${t.outer ? 'o' : ''}${t.sharedKV ? 's' : ''}${t.vGlobal ? 'g' : ''}_${
+  return `fa_fwd_d${c.headDim}_dv${c.headDimV}_tm${t.tm}tx${t.tx}nq${t.nq}ty${t.ty}${t.outer ? 'o' : ''}${t.sharedKV ? 's' : ''}_${
       scoreKey(c.score)}_al${c.alibiMode}_do${+c.dropout}_sg${+c.subgroups}_rv${+c.reverseRows}_rl${+c.runtimeLoops}_pf${c.prefetch ?? '-'}_un${c.unroll ?? '-'}`;
 }
 
@@ -366,12 +358,11 @@ export function forwardWGSL(c: ForwardConfig): string {
    */
   function outerParts(): {outerDecls: string, outerQLoad: string, outerLoop: string} {
     const rq = range(t.tm / 4);
-    const vGlobal = t.vGlobal === true;
-    const shared = t.sharedKV === true && !vGlobal;
+    const shared = t.sharedKV === true;
     const ksName = shared ? 'kvs' : 'ks';
     const vsName = shared ? 'kvs' : 'vs';
     const outerDecls = `var<workgroup> qs: array<vec4<f32>, ${br * dq4}>;  // Q^T [4 DQ4][BR]
-${vGlobal ? `var<workgroup> ks: array<vec4<f32>, ${bc * dq4}>;  // K^T [4 DQ4][BC]` : shared ? `var<workgroup> kvs: array<vec4<f32>, ${Math.max(bc * dq4, bc * vw)}>;  // K^T, then V` :
+${shared ? `var<workgroup> kvs: array<vec4<f32>, ${Math.max(bc * dq4, bc * vw)}>;  // K^T, then V` :
            `var<workgroup> ks: array<vec4<f32>, ${bc * dq4}>;  // K^T [4 DQ4][BC]
 var<workgroup> vs: array<vec4<f32>, ${bc * vw}>;  // V [BC][VW]`}
 var<workgroup> ps: array<vec4<f32>, ${br * bc / 4}>;  // P^T [BC][BR]
@@ -449,14 +440,9 @@ const VW = ${vw}u;`;
         ${quads.map(q => `let k${q} = ${ksName}[(${d}) * (BC / 4u) + tx + TX * ${q}u];`).join('\n        ')}
         ${rowsI.map(i => quads.map(q => `s${i}_${q} = fma(vec4<f32>(a${i >> 2}.${COMP[i & 3]}), k${q}, s${i}_${q});`).join(' ')).join('\n        ')}
       }`;
-    // V from the storage buffer: rows past seqK clamped (their P is 0, and
-    // the clamped row is finite input), columns past Dv clamped (not stored).
-    const vRead = (key: string, jj: number) => vGlobal ?
-        loadVRow('vRow', `min(tx + TX * ${jj}u, DV4 - 1u)`) : `${vsName}[(${key}) * VW + tx + TX * ${jj}u]`;
     const pvStep = (key: string) => `{
         ${rq.map(a => `let p${a} = ps[(${key}) * (BR / 4u) + ty + TY * ${a}u];`).join('\n        ')}
-        ${vGlobal ? `let vRow = ${kRow(`min(j0 + i32(${key}), u.seqK - 1)`)};` : ''}
-        ${outJ.map(jj => `let v${jj} = ${vRead(key, jj)};`).join('\n        ')}
+        ${outJ.map(jj => `let v${jj} = ${vsName}[(${key}) * VW + tx + TX * ${jj}u];`).join('\n        ')}
         ${rowsI.map(i => outJ.map(jj => `o${i}_${jj} = fma(vec4<f32>(p${i >> 2}.${COMP[i & 3]}), v${jj}, o${i}_${jj});`).join(' ')).join('\n        ')}
       }`;
     const pStore = rq.map(a => quads.map(q => range(4).map(e =>
@@ -474,37 +460,6 @@ const VW = ${vw}u;`;
     }`;
     const regDecls = prefetch ? `${range(nKLoads).map(n => `var kr${n} = vec4<f32>(0.0);`).join(' ')}
   ${range(nVLoads).map(n => `var vr${n} = vec4<f32>(0.0);`).join(' ')}` : '';
-    if (vGlobal) {
-      const globalLoop = `${prefetch ? range(nKLoads).map(n => `var kr${n} = vec4<f32>(0.0);`).join(' ') : ''}
-  if (tBegin < tEnd) {
-    let jb = tBegin * i32(BC);
-    ${kDirect('jb')}
-  }
-
-  for (var kt = tBegin; kt < tEnd; kt++) {
-    let j0 = kt * i32(BC);
-    let more = kt + 1 < tEnd;
-    workgroupBarrier();
-    ${prefetch ? `if (more) {
-      ${kRegs('j0 + i32(BC)')}
-    }` : ''}
-
-    ${qkLoopOuter}
-
-    ${softmaxCode}
-    // P^T -> workgroup memory.
-    ${pStore}
-    workgroupBarrier();
-    // Every S is done: the next K tile -> workgroup memory.
-    if (more) {
-      ${prefetch ? kFromRegs : kDirect('j0 + i32(BC)')}
-    }
-
-    ${pvLoopOuter}
-  }
-`;
-      return {outerDecls, outerQLoad, outerLoop: globalLoop};
-    }
     if (shared) {
       // Like the classic loop: K^T and V take turns in one buffer.
       const sharedLoop = `${regDecls}
