@@ -203,7 +203,9 @@ async function main(): Promise<void> {
       (info as unknown as {subgroupMinSize?: number}).subgroupMinSize}), max binding ${
       device.limits.maxStorageBufferBindingSize}`);
   for (const d of args.dims) {
-    log(`D=${d}: fused tiling ${JSON.stringify(planForward(device, d, d))}`);
+    for (const s of args.seqs) {
+      log(`D=${d} S=${s}: fused tiling ${JSON.stringify(planForward(device, d, d, args.batch * args.heads * s))}`);
+    }
   }
   const {batch: B, heads: H} = args;
   const rows: Row[] = [];

@@ -7,7 +7,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 
-import {flashAttentionWebGPUConfig, forwardStats, setForwardOverride, supportsFlashAttentionWebGPU} from '../kernels/webgpu/flash_attention';
+import {flashAttentionWebGPUConfig, forwardStats, planForward, setForwardOverride, supportsFlashAttentionWebGPU} from '../kernels/webgpu/flash_attention';
 import {checkOwnPipelineErrors, setPoisonOutputs} from '../kernels/webgpu/own_pipeline';
 import {FLASH_ATTENTION_IMPL, FlashAttention, flashAttention, FlashAttentionGrad, registerFusedKernel} from '../src';
 import {dropoutThreshold} from '../src/dropout';
@@ -89,6 +89,27 @@ describeWebGPU('fused WebGPU forward [webgpu]', () => {
         });
       }
     }
+  });
+
+  it('plans the outer-product tiling only for D=64-class heads on large grids of a hardware GPU', () => {
+    // A stand-in for an H100 as Dawn reports it (planForward reads only these).
+    const gpu = {
+      limits: {maxComputeInvocationsPerWorkgroup: 1024, maxComputeWorkgroupSizeX: 1024,
+               maxComputeWorkgroupStorageSize: 49152},
+      features: new Set(['subgroups']),
+      adapterInfo: {vendor: 'nvidia', architecture: '', description: 'NVIDIA H100', subgroupMinSize: 32},
+    } as unknown as GPUDevice;
+    const large = 16 * 4096;
+    expect(planForward(gpu, 64, 64, large)!.tiles).toMatchObject({tm: 4, tx: 8, nq: 2, ty: 16, outer: true, sharedKV: true});
+    expect(planForward(gpu, 64, 64, 16 * 1024)!.tiles).toEqual({tm: 4, tx: 16, nq: 1, ty: 8});
+    expect(planForward(gpu, 32, 32, large)!.tiles.outer).toBeUndefined();
+    expect(planForward(gpu, 128, 128, large)!.tiles).toEqual({tm: 2, tx: 8, nq: 1, ty: 16});
+    // Too little workgroup memory for it: the classic tilings.
+    const small = {...gpu, limits: {...gpu.limits, maxComputeWorkgroupStorageSize: 32768}} as unknown as GPUDevice;
+    expect(planForward(small, 64, 64, large)!.tiles.outer).toBeUndefined();
+    // A software device never gets it (slow compiles).
+    const sw = {...gpu, adapterInfo: {...(gpu as unknown as {adapterInfo: object}).adapterInfo, description: 'SwiftShader'}} as unknown as GPUDevice;
+    expect(planForward(sw, 64, 64, large)!.tiles.outer).toBeUndefined();
   });
 
   it('gives the reference path\'s result with the same dropout seed (same bits)', async () => {

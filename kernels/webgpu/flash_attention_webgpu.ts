@@ -434,7 +434,8 @@ const VW = ${vw}u;`;
 
     // Head-dim steps per loop iteration (must divide 4 * DQ4).
     const hd = 4 * dq4;
-    const uq = c.unroll != null && hd % c.unroll === 0 ? c.unroll : 4;
+    // (8 measured faster than 4 on an H100 at D=64: 1.81 vs 1.87 ms.)
+    const uq = c.unroll != null && hd % c.unroll === 0 ? c.unroll : hd % 8 === 0 ? 8 : 4;
     const qkStep = (d: string) => `{
         ${rq.map(a => `let a${a} = qs[(${d}) * (BR / 4u) + ty + TY * ${a}u];`).join('\n        ')}
         ${quads.map(q => `let k${q} = ${ksName}[(${d}) * (BC / 4u) + tx + TX * ${q}u];`).join('\n        ')}
