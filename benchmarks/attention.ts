@@ -233,15 +233,17 @@ async function main(): Promise<void> {
   }
 
   const variants = args.variants.length > 0 ? args.variants : ['default'];
-  // tm,tx,nq,ty[,p0|p1 (register prefetch)][,uN (unroll)][,o (outer-product mode)][,s (K/V share a buffer)]
+  // tm,tx,nq,ty[,p0|p1 (register prefetch)][,uN (unroll)][,o (outer-product mode)][,s (K/V share a buffer)][,vN (P V unroll, outer mode)]
   const variantOverride = (variant: string) => {
     const [tm, tx, nq, ty] = variant.split(',').slice(0, 4).map(Number);
     const flags = variant.split(',').slice(4);
     const p = flags.find(f => f.startsWith('p'));
     const u = flags.find(f => f.startsWith('u'));
+    const v = flags.find(f => f.startsWith('v'));
     return {tiles: {tm, tx, nq, ty, outer: flags.includes('o'), sharedKV: flags.includes('s')},
             prefetch: p == null ? undefined : p === 'p1',
-            unroll: u == null ? undefined : Number(u.slice(1))};
+            unroll: u == null ? undefined : Number(u.slice(1)),
+            unrollPV: v == null ? undefined : Number(v.slice(1))};
   };
   const checked = new Set<string>();
   const checkVariant = async (d: number, causal: boolean) => {

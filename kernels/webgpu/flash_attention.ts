@@ -71,6 +71,8 @@ export interface ForwardOverride {
   /** Tuning: force the register prefetch on/off, the head-dim unroll. */
   prefetch?: boolean;
   unroll?: number;
+  /** Tuning: keys per iteration of the outer mode's P V loop. */
+  unrollPV?: number;
   /** Testing: constant loop bounds (the GPU code path) on any device. */
   constantLoops?: boolean;
 }
@@ -216,6 +218,7 @@ export function flashAttentionWebGPU(
     runtimeLoops: !override?.constantLoops && isSoftwareDevice(backend.device),
     prefetch: override?.prefetch,
     unroll: override?.unroll,
+    unrollPV: override?.unrollPV,
   };
   const {br, bc, dq4} = tileSizes(config);
   const numQTiles = Math.ceil(seqQ / br);

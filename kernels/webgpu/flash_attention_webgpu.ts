@@ -75,6 +75,8 @@ export interface ForwardConfig {
   /** Tuning overrides (benchmarks): register prefetch, head-dim unroll. */
   prefetch?: boolean;
   unroll?: number;
+  /** Outer mode: keys per iteration of the P V loop (divides BC; default 4). */
+  unrollPV?: number;
 }
 
 export interface TileSizes {
@@ -129,7 +131,7 @@ export function usePrefetch(c: ForwardConfig): boolean {
 export function forwardKey(c: ForwardConfig): string {
   const t = c.tiles;
   return `fa_fwd_d${c.headDim}_dv${c.headDimV}_tm${t.tm}tx${t.tx}nq${t.nq}ty${t.ty}${t.outer ? 'o' : ''}${t.sharedKV ? 's' : ''}_${
-      scoreKey(c.score)}_al${c.alibiMode}_do${+c.dropout}_sg${+c.subgroups}_rv${+c.reverseRows}_rl${+c.runtimeLoops}_pf${c.prefetch ?? '-'}_un${c.unroll ?? '-'}`;
+      scoreKey(c.score)}_al${c.alibiMode}_do${+c.dropout}_sg${+c.subgroups}_rv${+c.reverseRows}_rl${+c.runtimeLoops}_pf${c.prefetch ?? '-'}_un${c.unroll ?? '-'}_uv${c.unrollPV ?? '-'}`;
 }
 
 /** Field order of the uniform struct (all 4-byte scalars). */
@@ -435,6 +437,7 @@ const VW = ${vw}u;`;
     // Head-dim steps per loop iteration (must divide 4 * DQ4).
     const hd = 4 * dq4;
     // (8 measured faster than 4 on an H100 at D=64: 1.81 vs 1.87 ms.)
+    const up = c.unrollPV != null && bc % c.unrollPV === 0 ? c.unrollPV : 4;
     const uq = c.unroll != null && hd % c.unroll === 0 ? c.unroll : hd % 8 === 0 ? 8 : 4;
     const qkStep = (d: string) => `{
         ${rq.map(a => `let a${a} = qs[(${d}) * (BR / 4u) + ty + TY * ${a}u];`).join('\n        ')}
@@ -456,8 +459,8 @@ const VW = ${vw}u;`;
       ${range(uq).map(x => qkStep(x === 0 ? 'd' : `d + ${x}u`)).join('\n      ')}
     }`;
     const pvLoopOuter = `// O += P V: per key, outer products of 4 rows x 4 output columns.
-    for (var key = 0u; key < ${c.runtimeLoops ? 'u32(u.loopBC4) * 4u' : 'BC'}; key += 4u) {
-      ${range(4).map(x => pvStep(x === 0 ? 'key' : `key + ${x}u`)).join('\n      ')}
+    for (var key = 0u; key < ${c.runtimeLoops ? 'u32(u.loopBC4) * 4u' : 'BC'}; key += ${up}u) {
+      ${range(up).map(x => pvStep(x === 0 ? 'key' : `key + ${x}u`)).join('\n      ')}
     }`;
     const regDecls = prefetch ? `${range(nKLoads).map(n => `var kr${n} = vec4<f32>(0.0);`).join(' ')}
   ${range(nVLoads).map(n => `var vr${n} = vec4<f32>(0.0);`).join(' ')}` : '';
