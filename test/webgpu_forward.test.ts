@@ -101,7 +101,8 @@ describeWebGPU('fused WebGPU forward [webgpu]', () => {
       adapterInfo: {vendor: 'nvidia', architecture: '', description: 'NVIDIA H100', subgroupMinSize: 32},
     } as unknown as GPUDevice;
     const large = 16 * 4096;
-    expect(planForward(gpu, 64, 64, large)!.tiles).toMatchObject({tm: 4, tx: 8, nq: 2, ty: 16, outer: true, sharedKV: true});
+    expect(planForward(gpu, 64, 64, large)!.tiles).toMatchObject({tm: 8, tx: 16, nq: 1, ty: 8, outer: true, sharedKV: true});
+    expect(planForward(gpu, 64, 64, 16 * 2048)!.tiles.outer).toBe(true);
     expect(planForward(gpu, 64, 64, 16 * 1024)!.tiles).toEqual({tm: 4, tx: 16, nq: 1, ty: 8});
     expect(planForward(gpu, 32, 32, large)!.tiles.outer).toBeUndefined();
     expect(planForward(gpu, 128, 128, large)!.tiles).toEqual({tm: 2, tx: 8, nq: 1, ty: 16});

@@ -30,12 +30,14 @@ export interface ForwardTilingChoice extends ForwardTiles {
  * comments.
  */
 export const FORWARD_TILINGS: ForwardTilingChoice[] = [
-  // Outer-product mode, K^T/V sharing a buffer, head-dim loop unrolled x8:
-  // on an H100 (benchmarks/RESULTS.md, forward tuning session 3) D=64
-  // causal S=4096 1.81 ms vs 1.94-1.96 ms for the classic 4,16,1,8, S=16384
-  // 25.8 vs 29.2 ms; but with few workgroups (S=1024: 256 of 64 rows) it
-  // is slower (0.350 vs 0.262 ms), hence minGroups.
-  {tm: 4, tx: 8, nq: 2, ty: 16, outer: true, sharedKV: true, minHeadDim: 32, minGroups: 1024},  // 64 x 64, 128
+  // Outer-product mode, K^T/V sharing a buffer, head-dim loop unrolled x8,
+  // P V loop x8. H100 (benchmarks/RESULTS.md, forward tuning session 3,
+  // call 3, same call): D=64 causal S=4096 1.770 ms vs 1.850 ms for
+  // 4,8,2,16 outer (the default of that call's table, v4) and 2.44 ms for
+  // the classic 4,16,1,8; S=2048 0.549 vs 0.574 ms (classic). Few
+  // workgroups (S=1024, 256 of 64 rows) favoured the classic tiling in
+  // call 2 (0.26 vs 0.35 ms), hence minGroups.
+  {tm: 8, tx: 16, nq: 1, ty: 8, outer: true, sharedKV: true, minHeadDim: 32, minGroups: 512},  // 64 x 64, 128
   // Classic mode, fastest first, as measured on an H100 through Dawn/Vulkan
   // (D=64, causal, S=4096: 1.96, 2.00, 2.15, 2.17 ms; benchmarks/RESULTS.md).
   {tm: 4, tx: 16, nq: 1, ty: 8},   // 32 x 64, 128
