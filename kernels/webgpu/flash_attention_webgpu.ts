@@ -25,6 +25,12 @@
  * columns 4*(tx + TX*jj) + e. K rows in workgroup memory are XOR-swizzled
  * per quad so that the TX threads reading different keys hit different
  * banks.
+ *
+ * Outer-product mode (ForwardTiles.outer): Q^T, K^T and P^T live in
+ * workgroup memory instead, thread rows are 4 * (ty + TY * a) + b, keys
+ * whole quads; each head-dim step (and each key of P V) is one vec4 load
+ * per 4 rows and per 4 keys (columns) and their outer product, which cuts
+ * the workgroup-memory loads per FMA (see outerParts in forwardWGSL).
  */
 import {ScoreOptions, dropoutWGSL, keyRangeWGSL, philoxWGSL, scoreKey, scoreWGSL, FA_NEG_INF_BITS} from './wgsl_snippets';
 
