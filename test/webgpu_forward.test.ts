@@ -7,7 +7,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 
-import {flashAttentionWebGPUConfig, forwardStats, setForwardOverride, supportsFlashAttentionWebGPU} from '../kernels/webgpu/flash_attention';
+import {flashAttentionWebGPUConfig, forwardStats, planForward, setForwardOverride, supportsFlashAttentionWebGPU} from '../kernels/webgpu/flash_attention';
 import {checkOwnPipelineErrors, setPoisonOutputs} from '../kernels/webgpu/own_pipeline';
 import {FLASH_ATTENTION_IMPL, FlashAttention, flashAttention, FlashAttentionGrad, registerFusedKernel} from '../src';
 import {dropoutThreshold} from '../src/dropout';
@@ -66,6 +66,17 @@ describeWebGPU('fused WebGPU forward [webgpu]', () => {
       // What GPUs run: constant loop bounds, K/V prefetched through registers.
       ['GPU code path (prefetch, constant loops)',
        {tiles: {tm: 2, tx: 4, nq: 1, ty: 8}, constantLoops: true, prefetch: true, unroll: 4}],
+      // The outer-product mode (Q^T, K^T, P^T in workgroup memory).
+      ['outer product TM=4, TX=4, NQ=2', {tiles: {tm: 4, tx: 4, nq: 2, ty: 4, outer: true}}],
+      ['outer product TM=8, TX=2, GPU code path (prefetch, constant loops)',
+       {tiles: {tm: 8, tx: 2, nq: 1, ty: 2, outer: true}, constantLoops: true, prefetch: true, unroll: 8}],
+      ['outer product, K/V sharing a buffer, TM=4, TX=4',
+       {tiles: {tm: 4, tx: 4, nq: 1, ty: 4, outer: true, sharedKV: true}}],
+      ['outer product, K/V sharing a buffer, GPU code path (prefetch, constant loops)',
+       {tiles: {tm: 4, tx: 4, nq: 1, ty: 4, outer: true, sharedKV: true}, constantLoops: true, prefetch: true,
+        unrollPV: 8}],
+      ['outer product TM=4, TX=8, no prefetch, constant loops',
+       {tiles: {tm: 4, tx: 8, nq: 1, ty: 2, outer: true}, constantLoops: true, prefetch: false}],
     ];
     for (const [tilingName, o] of tilings) {
       for (const c of cases) {
@@ -79,6 +90,28 @@ describeWebGPU('fused WebGPU forward [webgpu]', () => {
         });
       }
     }
+  });
+
+  it('plans the outer-product tiling only for D=64-class heads on large grids of a hardware GPU', () => {
+    // A stand-in for an H100 as Dawn reports it (planForward reads only these).
+    const gpu = {
+      limits: {maxComputeInvocationsPerWorkgroup: 1024, maxComputeWorkgroupSizeX: 1024,
+               maxComputeWorkgroupStorageSize: 49152},
+      features: new Set(['subgroups']),
+      adapterInfo: {vendor: 'nvidia', architecture: '', description: 'NVIDIA H100', subgroupMinSize: 32},
+    } as unknown as GPUDevice;
+    const large = 16 * 4096;
+    expect(planForward(gpu, 64, 64, large)!.tiles).toMatchObject({tm: 8, tx: 16, nq: 1, ty: 8, outer: true, sharedKV: true});
+    expect(planForward(gpu, 64, 64, 16 * 2048)!.tiles.outer).toBe(true);
+    expect(planForward(gpu, 64, 64, 16 * 1024)!.tiles).toEqual({tm: 4, tx: 16, nq: 1, ty: 8});
+    expect(planForward(gpu, 32, 32, large)!.tiles.outer).toBeUndefined();
+    expect(planForward(gpu, 128, 128, large)!.tiles).toEqual({tm: 2, tx: 8, nq: 1, ty: 16});
+    // Too little workgroup memory for it: the classic tilings.
+    const small = {...gpu, limits: {...gpu.limits, maxComputeWorkgroupStorageSize: 32768}} as unknown as GPUDevice;
+    expect(planForward(small, 64, 64, large)!.tiles.outer).toBeUndefined();
+    // A software device never gets it (slow compiles).
+    const sw = {...gpu, adapterInfo: {...(gpu as unknown as {adapterInfo: object}).adapterInfo, description: 'SwiftShader'}} as unknown as GPUDevice;
+    expect(planForward(sw, 64, 64, large)!.tiles.outer).toBeUndefined();
   });
 
   it('gives the reference path\'s result with the same dropout seed (same bits)', async () => {
@@ -203,6 +236,14 @@ describeWebGPU('fused WebGPU forward with subgroups [webgpu, device with subgrou
                                           'alibi [B, H], causal, softcap',
                                           'dropout with GQA, window and seed >= 2^32'].includes(c.name));
   for (const c of cases) {
+    it(`subgroup row reductions, outer product (TM=4, TX=4, NQ=2): ${c.name}`, async () => {
+      setForwardOverride({tiles: {tm: 4, tx: 4, nq: 2, ty: 4, outer: true}});
+      try {
+        await checkFused(c);
+      } finally {
+        setForwardOverride(null);
+      }
+    });
     it(`subgroup row reductions (TX=4): ${c.name}`, async () => {
       setForwardOverride({tiles: {tm: 2, tx: 4, nq: 1, ty: 8}});
       try {

@@ -16,13 +16,30 @@ import {ForwardConfig, ForwardTiles, forwardKey, forwardWGSL, FORWARD_UNIFORMS, 
 import {deviceHasSubgroups, dispatchGrid, runOwnPipeline, UniformWriter} from './own_pipeline';
 import {scoreOptionsFromAttrs} from './wgsl_snippets';
 
+/** A tiling and the problems it is meant for. */
+export interface ForwardTilingChoice extends ForwardTiles {
+  /** Only for head dims above this (where it was measured to win). */
+  minHeadDim?: number;
+  /** Only when the grid has at least this many workgroups (a full GPU). */
+  minGroups?: number;
+}
+
 /**
  * Tilings tried in order; the first that fits the device's limits (and a
- * register budget) is used. Br x Bc and threads in the comments.
+ * register budget) and the problem is used. Br x Bc and threads in the
+ * comments.
  */
-export const FORWARD_TILINGS: ForwardTiles[] = [
-  // Fastest first, as measured on an H100 through Dawn/Vulkan (D=64, causal,
-  // S=4096: 1.96, 2.00, 2.15, 2.17 ms; benchmarks/RESULTS.md).
+export const FORWARD_TILINGS: ForwardTilingChoice[] = [
+  // Outer-product mode, K^T/V sharing a buffer, head-dim loop unrolled x8,
+  // P V loop x8. H100 (benchmarks/RESULTS.md, forward tuning session 3,
+  // call 3, same call): D=64 causal S=4096 1.770 ms vs 1.850 ms for
+  // 4,8,2,16 outer (the default of that call's table, v4) and 2.44 ms for
+  // the classic 4,16,1,8; S=2048 0.549 vs 0.574 ms (classic). Few
+  // workgroups (S=1024, 256 of 64 rows) favoured the classic tiling in
+  // call 2 (0.26 vs 0.35 ms), hence minGroups.
+  {tm: 8, tx: 16, nq: 1, ty: 8, outer: true, sharedKV: true, minHeadDim: 32, minGroups: 512},  // 64 x 64, 128
+  // Classic mode, fastest first, as measured on an H100 through Dawn/Vulkan
+  // (D=64, causal, S=4096: 1.96, 2.00, 2.15, 2.17 ms; benchmarks/RESULTS.md).
   {tm: 4, tx: 16, nq: 1, ty: 8},   // 32 x 64, 128
   {tm: 4, tx: 8, nq: 1, ty: 16},   // 64 x 32, 128
   {tm: 2, tx: 16, nq: 1, ty: 16},  // 32 x 64, 256
@@ -56,6 +73,8 @@ export interface ForwardOverride {
   /** Tuning: force the register prefetch on/off, the head-dim unroll. */
   prefetch?: boolean;
   unroll?: number;
+  /** Tuning: keys per iteration of the outer mode's P V loop. */
+  unrollPV?: number;
   /** Testing: constant loop bounds (the GPU code path) on any device. */
   constantLoops?: boolean;
 }
@@ -81,8 +100,13 @@ export interface ForwardPlan {
   subgroups: boolean;
 }
 
-/** The tiling for these head dims on this device, or null if none fits. */
-export function planForward(device: GPUDevice, headDim: number, headDimV: number): ForwardPlan|null {
+/**
+ * The tiling for these head dims on this device, or null if none fits.
+ * `rows` (batch * heads * seqQ) decides whether tilings meant for large
+ * grids apply; the kernel's callers always pass it.
+ */
+export function planForward(device: GPUDevice, headDim: number, headDimV: number,
+                            rows = Infinity): ForwardPlan|null {
   const limits = device.limits;
   const hasSubgroups = deviceHasSubgroups(device);
   const sgMin = deviceSubgroupMinSize(device);
@@ -102,15 +126,18 @@ export function planForward(device: GPUDevice, headDim: number, headDimV: number
   }
   // Software devices compile large unrolled tiles very slowly (minutes).
   const software = isSoftwareDevice(device);
-  const candidates = FORWARD_TILINGS.filter(t => !software || (t.tm <= 2 && t.nq === 1));
-  for (const tiles of candidates) {
+  const suits = (t: ForwardTilingChoice) => headDim > (t.minHeadDim ?? 0) &&
+      Math.ceil(rows / (t.tm * t.ty)) >= (t.minGroups ?? 0);
+  const candidates = FORWARD_TILINGS.filter(t => !software || (t.tm <= 2 && t.nq === 1))
+                         .map(({minHeadDim, minGroups, ...tiles}) => ({tiles, ok: suits({...tiles, minHeadDim, minGroups})}));
+  for (const {tiles, ok} of candidates) {
     const subgroups = useSubgroups(tiles);
-    if (fits(tiles, subgroups) && registerFloats(headDim, headDimV, tiles) <= REGISTER_BUDGET) {
+    if (ok && fits(tiles, subgroups) && registerFloats(headDim, headDimV, tiles) <= REGISTER_BUDGET) {
       return {tiles, subgroups};
     }
   }
   // Nothing within the register budget: the smallest tiling that fits.
-  for (const tiles of candidates.slice().reverse()) {
+  for (const {tiles} of candidates.slice().reverse()) {
     const subgroups = useSubgroups(tiles);
     if (fits(tiles, subgroups)) {
       return {tiles, subgroups};
@@ -138,7 +165,7 @@ export function supportsFlashAttentionWebGPU(
         headDim}, Dv=${headDimV}`;
   }
   const device = backend.device;
-  const plan = planForward(device, headDim, headDimV);
+  const plan = planForward(device, headDim, headDimV, batch * heads * seqQ);
   if (plan == null) {
     return `no WebGPU tiling for head dims D=${headDim}, Dv=${headDimV} fits the device (${
         device.limits.maxComputeWorkgroupStorageSize} bytes of workgroup memory, ${
@@ -182,7 +209,7 @@ export function flashAttentionWebGPU(
   if (reason != null) {
     throw new Error(`FlashAttention (webgpu): ${reason}`);
   }
-  const plan = planForward(backend.device, headDim, headDimV)!;
+  const plan = planForward(backend.device, headDim, headDimV, batch * heads * seqQ)!;
   const hasAlibi = alibiSlopes != null && tf.util.sizeFromShape(alibiSlopes.shape) > 0;
   const alibiMode = !hasAlibi ? 0 : alibiSlopes.shape.length === 1 ? 1 : 2;
   const score = scoreOptionsFromAttrs(attrs, hasAlibi);
@@ -193,6 +220,7 @@ export function flashAttentionWebGPU(
     runtimeLoops: !override?.constantLoops && isSoftwareDevice(backend.device),
     prefetch: override?.prefetch,
     unroll: override?.unroll,
+    unrollPV: override?.unrollPV,
   };
   const {br, bc, dq4} = tileSizes(config);
   const numQTiles = Math.ceil(seqQ / br);
