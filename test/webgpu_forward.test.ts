@@ -75,6 +75,8 @@ describeWebGPU('fused WebGPU forward [webgpu]', () => {
       ['outer product, K/V sharing a buffer, GPU code path (prefetch, constant loops)',
        {tiles: {tm: 4, tx: 4, nq: 1, ty: 4, outer: true, sharedKV: true}, constantLoops: true, prefetch: true,
         unrollPV: 8}],
+      ['outer product, K/V sharing a buffer, GPU code path, default P V unroll (x16)',
+       {tiles: {tm: 4, tx: 4, nq: 1, ty: 4, outer: true, sharedKV: true}, constantLoops: true, prefetch: true}],
       ['outer product TM=4, TX=8, no prefetch, constant loops',
        {tiles: {tm: 4, tx: 8, nq: 1, ty: 2, outer: true}, constantLoops: true, prefetch: false}],
     ];

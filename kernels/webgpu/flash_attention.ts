@@ -31,7 +31,7 @@ export interface ForwardTilingChoice extends ForwardTiles {
  */
 export const FORWARD_TILINGS: ForwardTilingChoice[] = [
   // Outer-product mode, K^T/V sharing a buffer, head-dim loop unrolled x8,
-  // P V loop x8. H100 (benchmarks/RESULTS.md, forward tuning session 3,
+  // P V loop x16 (x8 in the measurements quoted here). H100 (benchmarks/RESULTS.md, forward tuning session 3,
   // call 3, same call): D=64 causal S=4096 1.770 ms vs 1.850 ms for
   // 4,8,2,16 outer (the default of that call's table, v4) and 2.44 ms for
   // the classic 4,16,1,8; S=2048 0.549 vs 0.574 ms (classic). Few
