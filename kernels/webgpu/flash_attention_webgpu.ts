@@ -443,9 +443,10 @@ const VW = ${vw}u;`;
     // Head-dim steps per loop iteration (must divide 4 * DQ4).
     const hd = 4 * dq4;
     // P V keys per loop iteration: on an H100 at D=64, causal S=4096, x8
-    // beat x4 (1.80 vs 1.85 ms) and x16 beat x8 (1.724 vs 1.782 ms, same
-    // call; benchmarks/RESULTS.md, final run of session 3). Software
-    // devices keep x8 at most: big unrolled bodies compile slowly there.
+    // beat x4 (1.80 vs 1.85 ms); x16 beat x8 in one call (1.724 vs 1.782
+    // ms) and tied in the next (1.80-1.82 vs 1.813 ms; benchmarks/
+    // RESULTS.md, final runs of session 3). Software devices keep x8 at
+    // most: big unrolled bodies compile slowly there.
     const up = c.unrollPV != null && bc % c.unrollPV === 0 ? c.unrollPV :
         !c.runtimeLoops && bc % 16 === 0 ? 16 : bc % 8 === 0 ? 8 : 4;
     const uq = c.unroll != null && hd % c.unroll === 0 ? c.unroll : hd % 8 === 0 ? 8 : 4;
