@@ -26,16 +26,9 @@ import {useBestBackend} from '../demo/backend';
 import {buildGPT, lossOf, median, sampleBatch, seededRandom, trainableVariables} from '../demo/gpt';
 
 import {composedMHA} from './composed_mha';
+import {gptSize, option, VOCAB} from './gpt_options';
 
-function option(name: string, fallback: string): string {
-  const prefix = `--${name}=`;
-  return process.argv.slice(2).find(a => a.startsWith(prefix))?.slice(prefix.length) ?? fallback;
-}
-
-const VOCAB = 256;
-const LAYERS = Number(option('layers', '6'));
-const WIDTH = Number(option('width', '512'));
-const HEADS = Number(option('heads', '8'));
+const {layers: LAYERS, width: WIDTH, heads: HEADS} = gptSize();
 
 interface CpuProfileNode {
   id: number;

@@ -26,19 +26,11 @@ import {useBestBackend} from '../demo/backend';
 import {buildGPT, median, sampleBatch, seededRandom, trainableVariables, trainStep} from '../demo/gpt';
 
 import {composedMHA} from './composed_mha';
+import {gptSize, option, VOCAB} from './gpt_options';
 
 type Impl = 'flash'|'composed';
 
-function option(name: string, fallback: string): string {
-  const prefix = `--${name}=`;
-  return process.argv.slice(2).find(a => a.startsWith(prefix))?.slice(prefix.length) ?? fallback;
-}
-
-const VOCAB = 256;
-// The model (smaller ones only to try the script on a machine without a GPU).
-const LAYERS = Number(option('layers', '6'));
-const WIDTH = Number(option('width', '512'));
-const HEADS = Number(option('heads', '8'));
+const {layers: LAYERS, width: WIDTH, heads: HEADS} = gptSize();
 const MODEL_ARGS = [`--layers=${LAYERS}`, `--width=${WIDTH}`, `--heads=${HEADS}`];
 const MAX_SEQ = Number(option('max', '131072'));
 

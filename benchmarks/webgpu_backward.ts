@@ -121,9 +121,9 @@ function flops(s: number, heads: number, d: number, causal: boolean): number {
   return 4 * s * s * heads * d / (causal ? 2 : 1);
 }
 
-async function timing(seq: number, heads: number, d: number, tilings: Array<GradTiles|null>,
-                      withForward: boolean, reps: number, batches: number): Promise<string[]> {
-  const rng = new Rng(7);
+/** Random causal inputs `[1, S, H, D]`, the fused forward's out and lse, dO, and a zero dLse. */
+function causalProblem(seq: number, heads: number, d: number, seed: number) {
+  const rng = new Rng(seed);
   const q = randomTensor([1, seq, heads, d], rng) as tf.Tensor4D;
   const k = randomTensor([1, seq, heads, d], rng) as tf.Tensor4D;
   const v = randomTensor([1, seq, heads, d], rng) as tf.Tensor4D;
@@ -131,6 +131,12 @@ async function timing(seq: number, heads: number, d: number, tilings: Array<Grad
   const [out, lse] = flashAttention(q, k, v, {...opts, returnSoftmaxLse: true});
   const dy = randomTensor(out.shape, rng);
   const dl = tf.zeros(lse.shape);
+  return {q, k, v, opts, out, lse, dy, dl};
+}
+
+async function timing(seq: number, heads: number, d: number, tilings: Array<GradTiles|null>,
+                      withForward: boolean, reps: number, batches: number): Promise<string[]> {
+  const {q, k, v, opts, out, lse, dy, dl} = causalProblem(seq, heads, d, 7);
   const fwdFlops = flops(seq, heads, d, true);
   const rows: string[] = [];
   const row = (what: string, ms: number, f: number) =>
@@ -202,14 +208,7 @@ async function passTiming(
     seq: number, heads: number, d: number, dkdvs: DkDvTiles[], dqs: DqTiles[], reps: number,
     batches: number): Promise<{rows: string[], dkdv: DkDvTiles, dq: DqTiles}> {
   const webgpu = tf.backend() as unknown as WebGPUBackend;
-  const rng = new Rng(11);
-  const q = randomTensor([1, seq, heads, d], rng) as tf.Tensor4D;
-  const k = randomTensor([1, seq, heads, d], rng) as tf.Tensor4D;
-  const v = randomTensor([1, seq, heads, d], rng) as tf.Tensor4D;
-  const opts = {causal: true};
-  const [out, lse] = flashAttention(q, k, v, {...opts, returnSoftmaxLse: true});
-  const dy = randomTensor(out.shape, rng);
-  const dl = tf.zeros(lse.shape);
+  const {q, k, v, opts, out, lse, dy, dl} = causalProblem(seq, heads, d, 11);
   const attrs = normalizeOptions(opts, d, 'benchmark');
   const shapes = {batch: 1, seqQ: seq, seqK: seq, heads, headsKV: heads, headDim: d, headDimV: d};
   const uniforms = gradUniforms(shapes, attrs, []);

@@ -17,7 +17,7 @@
  * against 3.59 ms at D=64, S=4096 causal on the H100).
  */
 import type {OwnPipelineSpec} from './own_pipeline';
-import {featureKey, fetchRowsWGSL, GradFeatures, gradCommonWGSL, loadKeyTileWGSL, loadRowsWGSL, prefetchSlots, storeRowsWGSL, paramsWGSL, scoresAndDpWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
+import {featureKey, fetchRowsWGSL, GradFeatures, gradCommonWGSL, loadKeyTileWGSL, loadQueryBlockWGSL, prefetchSlots, storeRowsWGSL, paramsWGSL, scoresAndDpWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
 
 export interface DkDvTiles {
   /** Keys per workgroup (multiple of 4). */
@@ -132,15 +132,7 @@ export class FlashAttentionGradDkDvProgram implements OwnPipelineSpec {
     let sp = gradScoreParams(b, h);
     for (var i0 = iLo; i0 <= iHi; i0 += BR) {
       workgroupBarrier();
-      ${loadRowsWGSL('q', 'qS', d, d4, d4 + 1, 'BR', 'p.seqQ', 'p.heads', 'i0', 'h')}
-      ${loadRowsWGSL('dy', 'doS', dv, dv4, dv4 + 1, 'BR', 'p.seqQ', 'p.heads', 'i0', 'h')}
-      for (var r = t; r < BR; r += T) {
-        let i = i0 + r;
-        var st = vec2<f32>(0.0);
-        if (i < p.seqQ) { st = stats[(b * p.heads + h) * p.seqQ + i]; }
-        lseS[r] = st.x;
-        deltaS[r] = st.y;
-      }
+      ${loadQueryBlockWGSL(d, d4, dv, dv4)}
       workgroupBarrier();
 `;
     this.numInputs = f.alibi ? 6 : 5;

@@ -13,7 +13,7 @@
  * causal on the H100).
  */
 import type {OwnPipelineSpec} from './own_pipeline';
-import {featureKey, fetchKeyTileWGSL, GradFeatures, gradCommonWGSL, loadKeyTileWGSL, loadRowsWGSL, prefetchSlots, storeKeyTileWGSL, paramsWGSL, scoresAndDpWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
+import {featureKey, fetchKeyTileWGSL, GradFeatures, gradCommonWGSL, loadKeyTileWGSL, loadQueryBlockWGSL, prefetchSlots, storeKeyTileWGSL, paramsWGSL, scoresAndDpWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
 
 export interface DqTiles {
   /** Query rows per workgroup. */
@@ -176,15 +176,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   let h = i32(wg.y) % p.heads;
   let hk = h / (p.heads / p.headsKV);
   let sp = gradScoreParams(b, h);
-  ${loadRowsWGSL('q', 'qS', d, d4, d4 + 1, 'BR', 'p.seqQ', 'p.heads', 'i0', 'h')}
-  ${loadRowsWGSL('dy', 'doS', dv, dv4, dv4 + 1, 'BR', 'p.seqQ', 'p.heads', 'i0', 'h')}
-  for (var r = t; r < BR; r += T) {
-    let i = i0 + r;
-    var st = vec2<f32>(0.0);
-    if (i < p.seqQ) { st = stats[(b * p.heads + h) * p.seqQ + i]; }
-    lseS[r] = st.x;
-    deltaS[r] = st.y;
-  }
+  ${loadQueryBlockWGSL(d, d4, dv, dv4)}
 
   var dqAcc: array<array<f32, ${nd}>, NR>;
   for (var m = 0; m < NR; m++) {

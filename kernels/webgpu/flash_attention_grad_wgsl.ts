@@ -155,6 +155,23 @@ export function loadRowsWGSL(
 }
 
 /**
+ * WGSL loading a query block for both passes: rows [i0, i0 + BR) of head
+ * `h` of q and dO into `qS`/`doS` (rows padded by one vec4) and their
+ * (lse, Delta) into `lseS`/`deltaS`. Uses `t`, `T`, `b`, `i0`, `h`.
+ */
+export function loadQueryBlockWGSL(d: number, d4: number, dv: number, dv4: number): string {
+  return `${loadRowsWGSL('q', 'qS', d, d4, d4 + 1, 'BR', 'p.seqQ', 'p.heads', 'i0', 'h')}
+    ${loadRowsWGSL('dy', 'doS', dv, dv4, dv4 + 1, 'BR', 'p.seqQ', 'p.heads', 'i0', 'h')}
+    for (var r = t; r < BR; r += T) {
+      let i = i0 + r;
+      var st = vec2<f32>(0.0);
+      if (i < p.seqQ) { st = stats[(b * p.heads + h) * p.seqQ + i]; }
+      lseS[r] = st.x;
+      deltaS[r] = st.y;
+    }`;
+}
+
+/**
  * The S phase's products, shared by the dK/dV and dQ passes: each thread's
  * `s[m] = q . k` and `dp[m] = dO . v` for its MR rows and one quad of keys,
  * from `qS`/`doS` (rows padded by one vec4) and the transposed `kT`
