@@ -77,6 +77,10 @@ export interface ForwardOverride {
   unrollPV?: number;
   /** Testing: constant loop bounds (the GPU code path) on any device. */
   constantLoops?: boolean;
+  /** Tuning: outer mode's P^T swizzle (ForwardConfig.swizzleP). */
+  swizzleP?: boolean;
+  /** Tuning: exp2 with the scale folded in, where allowed (ForwardConfig.foldScale). */
+  foldScale?: boolean;
 }
 let override: ForwardOverride|null = null;
 export function setForwardOverride(o: ForwardOverride|null): void {
@@ -221,6 +225,9 @@ export function flashAttentionWebGPU(
     prefetch: override?.prefetch,
     unroll: override?.unroll,
     unrollPV: override?.unrollPV,
+    swizzleP: override?.swizzleP ?? false,
+    foldScale: (override?.foldScale ?? false) && !score.alibi && !score.softcap &&
+        attrs.softmaxScale >= 1e-6,
   };
   const {br, bc, dq4} = tileSizes(config);
   const numQTiles = Math.ceil(seqQ / br);

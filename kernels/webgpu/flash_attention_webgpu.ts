@@ -83,6 +83,19 @@ export interface ForwardConfig {
   unroll?: number;
   /** Outer mode: keys per iteration of the P V loop (divides BC; default 8). */
   unrollPV?: number;
+  /**
+   * Outer mode: P^T rows XOR-swizzled per key quad, so that the P^T stores
+   * of the TX threads of a row group (keys 4 apart) hit different banks.
+   */
+  swizzleP?: boolean;
+  /**
+   * exp2 with the scale folded in: the row max is taken over the raw
+   * scores and P = exp2(fma(s, scale * log2(e), -m * scale * log2(e))).
+   * Only for plain scores (no softcap, no alibi) and a scale of at least
+   * 1e-6 (so that masked raw scores, -1e30, still scale to far below any
+   * visible one); the caller decides.
+   */
+  foldScale?: boolean;
 }
 
 export interface TileSizes {
@@ -137,7 +150,7 @@ export function usePrefetch(c: ForwardConfig): boolean {
 export function forwardKey(c: ForwardConfig): string {
   const t = c.tiles;
   return `fa_fwd_d${c.headDim}_dv${c.headDimV}_tm${t.tm}tx${t.tx}nq${t.nq}ty${t.ty}${t.outer ? 'o' : ''}${t.sharedKV ? 's' : ''}_${
-      scoreKey(c.score)}_al${c.alibiMode}_do${+c.dropout}_sg${+c.subgroups}_rv${+c.reverseRows}_rl${+c.runtimeLoops}_pf${c.prefetch ?? '-'}_un${c.unroll ?? '-'}_uv${c.unrollPV ?? '-'}`;
+      scoreKey(c.score)}_al${c.alibiMode}_do${+c.dropout}_sg${+c.subgroups}_rv${+c.reverseRows}_rl${+c.runtimeLoops}_pf${c.prefetch ?? '-'}_un${c.unroll ?? '-'}_uv${c.unrollPV ?? '-'}_zp${+!!c.swizzleP}_fs${+!!c.foldScale}`;
 }
 
 /** Field order of the uniform struct (all 4-byte scalars). */
@@ -354,6 +367,10 @@ export function forwardWGSL(c: ForwardConfig): string {
     }
   }
   const plainScale = !(c.score.alibi || c.score.softcap);
+  if (c.foldScale && !plainScale) {
+    throw new Error('FlashAttention forward: foldScale needs plain scores (no softcap, no alibi)');
+  }
+  const fold = c.foldScale === true;
 
 
   /**
@@ -367,6 +384,16 @@ export function forwardWGSL(c: ForwardConfig): string {
   function outerParts(): {outerDecls: string, outerQLoad: string, outerLoop: string} {
     const rq = range(t.tm / 4);
     const shared = t.sharedKV === true;
+    // P^T swizzle: row quad ^ ((key >> 2) & PSW) stays inside the BR / 4
+    // quads of a key (PSW + 1 is a power of two <= 8 dividing BR / 4).
+    let psw = 0;
+    if (c.swizzleP) {
+      psw = 1;
+      while (psw < 8 && (br / 4) % (psw * 2) === 0) {
+        psw *= 2;
+      }
+      psw -= 1;
+    }
     const ksName = shared ? 'kvs' : 'ks';
     const vsName = shared ? 'kvs' : 'vs';
     const outerDecls = `var<workgroup> qs: array<vec4<f32>, ${br * dq4}>;  // Q^T [4 DQ4][BR]
@@ -454,13 +481,17 @@ const VW = ${vw}u;`;
         ${quads.map(q => `let k${q} = ${ksName}[(${d}) * (BC / 4u) + tx + TX * ${q}u];`).join('\n        ')}
         ${rowsI.map(i => quads.map(q => `s${i}_${q} = fma(vec4<f32>(a${i >> 2}.${COMP[i & 3]}), k${q}, s${i}_${q});`).join(' ')).join('\n        ')}
       }`;
-    const pvStep = (key: string) => `{
-        ${rq.map(a => `let p${a} = ps[(${key}) * (BR / 4u) + ty + TY * ${a}u];`).join('\n        ')}
+    // Keys of one P V iteration: key0 (a multiple of UP) + x, x < UP, so
+    // ((key0 + x) >> 2) & PSW = ((key0 >> 2) & PSW & ~(UP / 4 - 1)) | ((x >> 2) & PSW):
+    // per iteration one XOR per row quad, per key a constant one.
+    const pvStep = (key: string, x: number) => `{
+        ${rq.map(a => `let p${a} = ps[(${key}) * (BR / 4u) + ${psw === 0 ? `ty + TY * ${a}u` : up % 4 === 0 ?
+            `(pr${a} ^ ${(x >> 2) & psw}u)` : `((ty + TY * ${a}u) ^ (((${key}) >> 2u) & ${psw}u))`}];`).join('\n        ')}
         ${outJ.map(jj => `let v${jj} = ${vsName}[(${key}) * VW + tx + TX * ${jj}u];`).join('\n        ')}
         ${rowsI.map(i => outJ.map(jj => `o${i}_${jj} = fma(vec4<f32>(p${i >> 2}.${COMP[i & 3]}), v${jj}, o${i}_${jj});`).join(' ')).join('\n        ')}
       }`;
     const pStore = rq.map(a => quads.map(q => range(4).map(e =>
-        `ps[(4u * (tx + TX * ${q}u) + ${e}u) * (BR / 4u) + ty + TY * ${a}u] = vec4<f32>(${
+        `ps[(4u * (tx + TX * ${q}u) + ${e}u) * (BR / 4u) + ${psw === 0 ? `ty + TY * ${a}u` : `((ty + TY * ${a}u) ^ ((tx + TX * ${q}u) & ${psw}u))`}] = vec4<f32>(${
             range(4).map(b => `s${4 * a + b}_${q}.${COMP[e]}`).join(', ')});`).join('\n    ')).join('\n    ')).join('\n    ');
 
     const qkLoopOuter = `// S = Q K^T: per head-dim step, outer products of 4 rows x 4 keys.
@@ -470,7 +501,8 @@ const VW = ${vw}u;`;
     }`;
     const pvLoopOuter = `// O += P V: per key, outer products of 4 rows x 4 output columns.
     for (var key = 0u; key < ${c.runtimeLoops ? 'u32(u.loopBC4) * 4u' : 'BC'}; key += ${up}u) {
-      ${range(up).map(x => pvStep(x === 0 ? 'key' : `key + ${x}u`)).join('\n      ')}
+      ${psw === 0 || up % 4 !== 0 ? '' : rq.map(a => `let pr${a} = (ty + TY * ${a}u) ^ ((key >> 2u) & ${psw & ~(up / 4 - 1)}u);`).join(' ')}
+      ${range(up).map(x => pvStep(x === 0 ? 'key' : `key + ${x}u`, x)).join('\n      ')}
     }`;
     const regDecls = prefetch ? `${range(nKLoads).map(n => `var kr${n} = vec4<f32>(0.0);`).join(' ')}
   ${range(nVLoads).map(n => `var vr${n} = vec4<f32>(0.0);`).join(' ')}` : '';
@@ -548,7 +580,7 @@ const VW = ${vw}u;`;
     let fullTile = j0 + i32(BC) <= u.seqK
         ${c.score.windowRight ? '&& j0 + i32(BC) - 1 <= r0 + sp.diag + u.right' : ''}
         ${c.score.windowLeft ? '&& j0 >= rEnd - 1 + sp.diag - u.left' : ''};
-    ${plainScale ? rowsI.map(i => quads.map(q => `s${i}_${q} = s${i}_${q} * u.scale;`).join(' ')).join('\n    ') : ''}
+    ${plainScale && !fold ? rowsI.map(i => quads.map(q => `s${i}_${q} = s${i}_${q} * u.scale;`).join(' ')).join('\n    ') : ''}
     ${scoreLines.filter(l => !l.startsWith('if')).join('\n    ')}
     if (!fullTile) {
       ${scoreLines.filter(l => l.startsWith('if')).map(l => l.slice(3)).join('\n      ')}
@@ -560,9 +592,14 @@ const VW = ${vw}u;`;
       // A row that has seen no visible key keeps m = NEG; subtracting 0
       // instead sends its masked scores (and alpha) to exp(NEG) = 0.
       let mUse = select(mNew, 0.0, mNew < -1e29);
-      let alpha = exp(m${i} - mUse);
+      ${fold ? `// Raw scores: exp(scale * (s - m)) = exp2(s * c - m * c).
+      let mc = mUse * c2;
+      let alpha = exp2(fma(m${i}, c2, -mc));
       m${i} = mNew;
-      ${quads.map(q => `s${i}_${q} = exp(s${i}_${q} - vec4<f32>(mUse));`).join('\n      ')}
+      ${quads.map(q => `s${i}_${q} = exp2(fma(s${i}_${q}, vec4<f32>(c2), vec4<f32>(-mc)));`).join('\n      ')}` :
+      `let alpha = exp(m${i} - mUse);
+      m${i} = mNew;
+      ${quads.map(q => `s${i}_${q} = exp(s${i}_${q} - vec4<f32>(mUse));`).join('\n      ')}`}
       l${i} = l${i} * alpha${quads.map(q => ` + dot(s${i}_${q}, vec4<f32>(1.0))`).join('')};
       ${outJ.map(jj => `o${i}_${jj} = o${i}_${jj} * alpha;`).join(' ')}
       ${c.dropout ? quads.map(q => `s${i}_${q} = s${i}_${q} * fa_dropout4(u32(b), u32(h), u32(row${i}), u32(j0 >> 2u) + tx + TX * ${q}u, vec2<u32>(u.seedLo, u.seedHi), u.threshold, u.keepScale);`).join('\n      ') : ''}
@@ -673,6 +710,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   sp.left = u.left;
   sp.right = u.right;
   sp.seqK = u.seqK;
+  ${fold ? 'let c2 = u.scale * 1.4426950408889634;  // scale * log2(e)' : ''}
 
   ${outer ? outerQLoad : classicQLoad}
   let keys = fa_key_range(r0, rEnd, sp);
@@ -700,7 +738,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
     }`).join('\n    ')}
     if (tx == 0u) {
       lseb[u32((b * u.heads + h) * u.seqQ + row${i})] =
-          select(${FA_NEG_INF_BITS}u, bitcast<u32>(m${i} + log(l${i})), l${i} > 0.0);
+          select(${FA_NEG_INF_BITS}u, bitcast<u32>(${fold ? `m${i} * u.scale` : `m${i}`} + log(l${i})), l${i} > 0.0);
     }
   }`).join('\n  ')}
 }
