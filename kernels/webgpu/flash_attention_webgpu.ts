@@ -31,6 +31,8 @@
  * whole quads; each head-dim step (and each key of P V) is one vec4 load
  * per 4 rows and per 4 keys (columns) and their outer product, which cuts
  * the workgroup-memory loads per FMA (see outerParts in forwardWGSL).
+ * P^T's row quads are XOR-swizzled by key quad (swizzleP), so that its
+ * stores do not all land in one bank.
  */
 import {ScoreOptions, dropoutWGSL, keyRangeWGSL, philoxWGSL, scoreKey, scoreWGSL, FA_NEG_INF_BITS} from './wgsl_snippets';
 
@@ -85,17 +87,11 @@ export interface ForwardConfig {
   unrollPV?: number;
   /**
    * Outer mode: P^T rows XOR-swizzled per key quad, so that the P^T stores
-   * of the TX threads of a row group (keys 4 apart) hit different banks.
+   * of the TX threads of a row group (keys 4 apart, 4 * BR bytes apart
+   * unswizzled: one bank) hit different banks. The kernel turns it on
+   * unless overridden.
    */
   swizzleP?: boolean;
-  /**
-   * exp2 with the scale folded in: the row max is taken over the raw
-   * scores and P = exp2(fma(s, scale * log2(e), -m * scale * log2(e))).
-   * Only for plain scores (no softcap, no alibi) and a scale of at least
-   * 1e-6 (so that masked raw scores, -1e30, still scale to far below any
-   * visible one); the caller decides.
-   */
-  foldScale?: boolean;
 }
 
 export interface TileSizes {
@@ -150,7 +146,7 @@ export function usePrefetch(c: ForwardConfig): boolean {
 export function forwardKey(c: ForwardConfig): string {
   const t = c.tiles;
   return `fa_fwd_d${c.headDim}_dv${c.headDimV}_tm${t.tm}tx${t.tx}nq${t.nq}ty${t.ty}${t.outer ? 'o' : ''}${t.sharedKV ? 's' : ''}_${
-      scoreKey(c.score)}_al${c.alibiMode}_do${+c.dropout}_sg${+c.subgroups}_rv${+c.reverseRows}_rl${+c.runtimeLoops}_pf${c.prefetch ?? '-'}_un${c.unroll ?? '-'}_uv${c.unrollPV ?? '-'}_zp${+!!c.swizzleP}_fs${+!!c.foldScale}`;
+      scoreKey(c.score)}_al${c.alibiMode}_do${+c.dropout}_sg${+c.subgroups}_rv${+c.reverseRows}_rl${+c.runtimeLoops}_pf${c.prefetch ?? '-'}_un${c.unroll ?? '-'}_uv${c.unrollPV ?? '-'}_zp${+!!c.swizzleP}`;
 }
 
 /** Field order of the uniform struct (all 4-byte scalars). */
@@ -367,10 +363,6 @@ export function forwardWGSL(c: ForwardConfig): string {
     }
   }
   const plainScale = !(c.score.alibi || c.score.softcap);
-  if (c.foldScale && !plainScale) {
-    throw new Error('FlashAttention forward: foldScale needs plain scores (no softcap, no alibi)');
-  }
-  const fold = c.foldScale === true;
 
 
   /**
@@ -580,7 +572,7 @@ const VW = ${vw}u;`;
     let fullTile = j0 + i32(BC) <= u.seqK
         ${c.score.windowRight ? '&& j0 + i32(BC) - 1 <= r0 + sp.diag + u.right' : ''}
         ${c.score.windowLeft ? '&& j0 >= rEnd - 1 + sp.diag - u.left' : ''};
-    ${plainScale && !fold ? rowsI.map(i => quads.map(q => `s${i}_${q} = s${i}_${q} * u.scale;`).join(' ')).join('\n    ') : ''}
+    ${plainScale ? rowsI.map(i => quads.map(q => `s${i}_${q} = s${i}_${q} * u.scale;`).join(' ')).join('\n    ') : ''}
     ${scoreLines.filter(l => !l.startsWith('if')).join('\n    ')}
     if (!fullTile) {
       ${scoreLines.filter(l => l.startsWith('if')).map(l => l.slice(3)).join('\n      ')}
@@ -592,14 +584,9 @@ const VW = ${vw}u;`;
       // A row that has seen no visible key keeps m = NEG; subtracting 0
       // instead sends its masked scores (and alpha) to exp(NEG) = 0.
       let mUse = select(mNew, 0.0, mNew < -1e29);
-      ${fold ? `// Raw scores: exp(scale * (s - m)) = exp2(s * c - m * c).
-      let mc = mUse * c2;
-      let alpha = exp2(fma(m${i}, c2, -mc));
+      let alpha = exp(m${i} - mUse);
       m${i} = mNew;
-      ${quads.map(q => `s${i}_${q} = exp2(fma(s${i}_${q}, vec4<f32>(c2), vec4<f32>(-mc)));`).join('\n      ')}` :
-      `let alpha = exp(m${i} - mUse);
-      m${i} = mNew;
-      ${quads.map(q => `s${i}_${q} = exp(s${i}_${q} - vec4<f32>(mUse));`).join('\n      ')}`}
+      ${quads.map(q => `s${i}_${q} = exp(s${i}_${q} - vec4<f32>(mUse));`).join('\n      ')}
       l${i} = l${i} * alpha${quads.map(q => ` + dot(s${i}_${q}, vec4<f32>(1.0))`).join('')};
       ${outJ.map(jj => `o${i}_${jj} = o${i}_${jj} * alpha;`).join(' ')}
       ${c.dropout ? quads.map(q => `s${i}_${q} = s${i}_${q} * fa_dropout4(u32(b), u32(h), u32(row${i}), u32(j0 >> 2u) + tx + TX * ${q}u, vec2<u32>(u.seedLo, u.seedHi), u.threshold, u.keepScale);`).join('\n      ') : ''}
@@ -710,7 +697,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   sp.left = u.left;
   sp.right = u.right;
   sp.seqK = u.seqK;
-  ${fold ? 'let c2 = u.scale * 1.4426950408889634;  // scale * log2(e)' : ''}
 
   ${outer ? outerQLoad : classicQLoad}
   let keys = fa_key_range(r0, rEnd, sp);
@@ -738,7 +724,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
     }`).join('\n    ')}
     if (tx == 0u) {
       lseb[u32((b * u.heads + h) * u.seqQ + row${i})] =
-          select(${FA_NEG_INF_BITS}u, bitcast<u32>(${fold ? `m${i} * u.scale` : `m${i}`} + log(l${i})), l${i} > 0.0);
+          select(${FA_NEG_INF_BITS}u, bitcast<u32>(m${i} + log(l${i})), l${i} > 0.0);
     }
   }`).join('\n  ')}
 }
