@@ -475,9 +475,11 @@ const VW = ${vw}u;`;
       }`;
     // Keys of one P V iteration: key0 (a multiple of UP) + x, x < UP, so
     // ((key0 + x) >> 2) & PSW = ((key0 >> 2) & PSW & ~(UP / 4 - 1)) | ((x >> 2) & PSW):
-    // per iteration one XOR per row quad, per key a constant one.
+    // per iteration one XOR per row quad, per key a constant one (UP a
+    // power of two >= 4; otherwise the XOR is computed per key).
+    const prHoist = psw !== 0 && up >= 4 && (up & (up - 1)) === 0;
     const pvStep = (key: string, x: number) => `{
-        ${rq.map(a => `let p${a} = ps[(${key}) * (BR / 4u) + ${psw === 0 ? `ty + TY * ${a}u` : up % 4 === 0 ?
+        ${rq.map(a => `let p${a} = ps[(${key}) * (BR / 4u) + ${psw === 0 ? `ty + TY * ${a}u` : prHoist ?
             `(pr${a} ^ ${(x >> 2) & psw}u)` : `((ty + TY * ${a}u) ^ (((${key}) >> 2u) & ${psw}u))`}];`).join('\n        ')}
         ${outJ.map(jj => `let v${jj} = ${vsName}[(${key}) * VW + tx + TX * ${jj}u];`).join('\n        ')}
         ${rowsI.map(i => outJ.map(jj => `o${i}_${jj} = fma(vec4<f32>(p${i >> 2}.${COMP[i & 3]}), v${jj}, o${i}_${jj});`).join(' ')).join('\n        ')}
@@ -493,7 +495,7 @@ const VW = ${vw}u;`;
     }`;
     const pvLoopOuter = `// O += P V: per key, outer products of 4 rows x 4 output columns.
     for (var key = 0u; key < ${c.runtimeLoops ? 'u32(u.loopBC4) * 4u' : 'BC'}; key += ${up}u) {
-      ${psw === 0 || up % 4 !== 0 ? '' : rq.map(a => `let pr${a} = (ty + TY * ${a}u) ^ ((key >> 2u) & ${psw & ~(up / 4 - 1)}u);`).join(' ')}
+      ${!prHoist ? '' : rq.map(a => `let pr${a} = (ty + TY * ${a}u) ^ ((key >> 2u) & ${psw & ~(up / 4 - 1)}u);`).join(' ')}
       ${range(up).map(x => pvStep(x === 0 ? 'key' : `key + ${x}u`, x)).join('\n      ')}
     }`;
     const regDecls = prefetch ? `${range(nKLoads).map(n => `var kr${n} = vec4<f32>(0.0);`).join(' ')}
