@@ -248,6 +248,7 @@ async function main(): Promise<void> {
 
   const variants = args.variants.length > 0 ? args.variants : ['default'];
   // tm,tx,nq,ty[,p0|p1 (register prefetch)][,uN (unroll)][,o (outer-product mode)][,s (K/V share a buffer)][,vN (P V unroll, outer mode)]
+  // [,w|w0 (P^T swizzle on/off, outer mode; default on)]
   const variantOverride = (variant: string) => {
     const [tm, tx, nq, ty] = variant.split(',').slice(0, 4).map(Number);
     const flags = variant.split(',').slice(4);
@@ -257,7 +258,8 @@ async function main(): Promise<void> {
     return {tiles: {tm, tx, nq, ty, outer: flags.includes('o'), sharedKV: flags.includes('s')},
             prefetch: p == null ? undefined : p === 'p1',
             unroll: u == null ? undefined : Number(u.slice(1)),
-            unrollPV: v == null ? undefined : Number(v.slice(1))};
+            unrollPV: v == null ? undefined : Number(v.slice(1)),
+            swizzleP: flags.includes('w') ? true : flags.includes('w0') ? false : undefined};
   };
   const checked = new Set<string>();
   const checkVariant = async (d: number, causal: boolean) => {

@@ -79,6 +79,14 @@ describeWebGPU('fused WebGPU forward [webgpu]', () => {
        {tiles: {tm: 4, tx: 4, nq: 1, ty: 4, outer: true, sharedKV: true}, constantLoops: true, prefetch: true}],
       ['outer product TM=4, TX=8, no prefetch, constant loops',
        {tiles: {tm: 4, tx: 8, nq: 1, ty: 2, outer: true}, constantLoops: true, prefetch: false}],
+      // The P^T swizzle is on by default in the outer mode (the tilings
+      // above); its P V loop with an unroll that is not a multiple of 4
+      // computes the swizzle per key; the unswizzled layout stays selectable.
+      ['outer product, P^T swizzle with a P V unroll of 2, constant loops',
+       {tiles: {tm: 4, tx: 4, nq: 2, ty: 4, outer: true}, constantLoops: true, unrollPV: 2}],
+      ['outer product, K/V sharing a buffer, P^T not swizzled, GPU code path',
+       {tiles: {tm: 4, tx: 4, nq: 1, ty: 4, outer: true, sharedKV: true}, constantLoops: true, prefetch: true,
+        swizzleP: false}],
     ];
     for (const [tilingName, o] of tilings) {
       for (const c of cases) {

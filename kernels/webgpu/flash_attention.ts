@@ -37,6 +37,8 @@ export const FORWARD_TILINGS: ForwardTilingChoice[] = [
   // the classic 4,16,1,8; S=2048 0.549 vs 0.574 ms (classic). Few
   // workgroups (S=1024, 256 of 64 rows) favoured the classic tiling in
   // call 2 (0.26 vs 0.35 ms), hence minGroups.
+  // With P^T swizzled (ForwardConfig.swizzleP, on by default), second pass:
+  // 1.673 / 1.649 ms against 1.816-1.758 unswizzled (two calls).
   {tm: 8, tx: 16, nq: 1, ty: 8, outer: true, sharedKV: true, minHeadDim: 32, minGroups: 512},  // 64 x 64, 128
   // Classic mode, fastest first, as measured on an H100 through Dawn/Vulkan
   // (D=64, causal, S=4096: 1.96, 2.00, 2.15, 2.17 ms; benchmarks/RESULTS.md).
@@ -77,6 +79,8 @@ export interface ForwardOverride {
   unrollPV?: number;
   /** Testing: constant loop bounds (the GPU code path) on any device. */
   constantLoops?: boolean;
+  /** Tuning: outer mode's P^T swizzle (ForwardConfig.swizzleP; default on). */
+  swizzleP?: boolean;
 }
 let override: ForwardOverride|null = null;
 export function setForwardOverride(o: ForwardOverride|null): void {
@@ -221,6 +225,9 @@ export function flashAttentionWebGPU(
     prefetch: override?.prefetch,
     unroll: override?.unroll,
     unrollPV: override?.unrollPV,
+    // H100, D=64 causal S=4096, same calls: 1.673 / 1.649 ms against 1.816-1.758
+    // unswizzled (benchmarks/RESULTS.md, forward tuning session 3, second pass).
+    swizzleP: override?.swizzleP ?? true,
   };
   const {br, bc, dq4} = tileSizes(config);
   const numQTiles = Math.ceil(seqQ / br);

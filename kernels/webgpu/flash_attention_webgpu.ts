@@ -31,6 +31,8 @@
  * whole quads; each head-dim step (and each key of P V) is one vec4 load
  * per 4 rows and per 4 keys (columns) and their outer product, which cuts
  * the workgroup-memory loads per FMA (see outerParts in forwardWGSL).
+ * P^T's row quads are XOR-swizzled by key quad (swizzleP), so that its
+ * stores do not all land in one bank.
  */
 import {ScoreOptions, dropoutWGSL, keyRangeWGSL, philoxWGSL, scoreKey, scoreWGSL, FA_NEG_INF_BITS} from './wgsl_snippets';
 
@@ -83,6 +85,13 @@ export interface ForwardConfig {
   unroll?: number;
   /** Outer mode: keys per iteration of the P V loop (divides BC; default 8). */
   unrollPV?: number;
+  /**
+   * Outer mode: P^T rows XOR-swizzled per key quad, so that the P^T stores
+   * of the TX threads of a row group (keys 4 apart, 4 * BR bytes apart
+   * unswizzled: one bank) hit different banks. The kernel turns it on
+   * unless overridden.
+   */
+  swizzleP?: boolean;
 }
 
 export interface TileSizes {
@@ -137,7 +146,7 @@ export function usePrefetch(c: ForwardConfig): boolean {
 export function forwardKey(c: ForwardConfig): string {
   const t = c.tiles;
   return `fa_fwd_d${c.headDim}_dv${c.headDimV}_tm${t.tm}tx${t.tx}nq${t.nq}ty${t.ty}${t.outer ? 'o' : ''}${t.sharedKV ? 's' : ''}_${
-      scoreKey(c.score)}_al${c.alibiMode}_do${+c.dropout}_sg${+c.subgroups}_rv${+c.reverseRows}_rl${+c.runtimeLoops}_pf${c.prefetch ?? '-'}_un${c.unroll ?? '-'}_uv${c.unrollPV ?? '-'}`;
+      scoreKey(c.score)}_al${c.alibiMode}_do${+c.dropout}_sg${+c.subgroups}_rv${+c.reverseRows}_rl${+c.runtimeLoops}_pf${c.prefetch ?? '-'}_un${c.unroll ?? '-'}_uv${c.unrollPV ?? '-'}_zp${+!!c.swizzleP}`;
 }
 
 /** Field order of the uniform struct (all 4-byte scalars). */
@@ -367,6 +376,16 @@ export function forwardWGSL(c: ForwardConfig): string {
   function outerParts(): {outerDecls: string, outerQLoad: string, outerLoop: string} {
     const rq = range(t.tm / 4);
     const shared = t.sharedKV === true;
+    // P^T swizzle: row quad ^ ((key >> 2) & PSW) stays inside the BR / 4
+    // quads of a key (PSW + 1 is a power of two <= 8 dividing BR / 4).
+    let psw = 0;
+    if (c.swizzleP) {
+      psw = 1;
+      while (psw < 8 && (br / 4) % (psw * 2) === 0) {
+        psw *= 2;
+      }
+      psw -= 1;
+    }
     const ksName = shared ? 'kvs' : 'ks';
     const vsName = shared ? 'kvs' : 'vs';
     const outerDecls = `var<workgroup> qs: array<vec4<f32>, ${br * dq4}>;  // Q^T [4 DQ4][BR]
@@ -455,13 +474,19 @@ const VW = ${vw}u;`;
         ${quads.map(q => `let k${q} = ${ksName}[(${d}) * (BC / 4u) + tx + TX * ${q}u];`).join('\n        ')}
         ${rowsI.map(i => quads.map(q => `s${i}_${q} = fma(vec4<f32>(a${i >> 2}.${COMP[i & 3]}), k${q}, s${i}_${q});`).join(' ')).join('\n        ')}
       }`;
-    const pvStep = (key: string) => `{
-        ${rq.map(a => `let p${a} = ps[(${key}) * (BR / 4u) + ty + TY * ${a}u];`).join('\n        ')}
+    // Keys of one P V iteration: key0 (a multiple of UP) + x, x < UP, so
+    // ((key0 + x) >> 2) & PSW = ((key0 >> 2) & PSW & ~(UP / 4 - 1)) | ((x >> 2) & PSW):
+    // per iteration one XOR per row quad, per key a constant one (UP a
+    // power of two >= 4; otherwise the XOR is computed per key).
+    const prHoist = psw !== 0 && up >= 4 && (up & (up - 1)) === 0;
+    const pvStep = (key: string, x: number) => `{
+        ${rq.map(a => `let p${a} = ps[(${key}) * (BR / 4u) + ${psw === 0 ? `ty + TY * ${a}u` : prHoist ?
+            `(pr${a} ^ ${(x >> 2) & psw}u)` : `((ty + TY * ${a}u) ^ (((${key}) >> 2u) & ${psw}u))`}];`).join('\n        ')}
         ${outJ.map(jj => `let v${jj} = ${vsName}[(${key}) * VW + tx + TX * ${jj}u];`).join('\n        ')}
         ${rowsI.map(i => outJ.map(jj => `o${i}_${jj} = fma(vec4<f32>(p${i >> 2}.${COMP[i & 3]}), v${jj}, o${i}_${jj});`).join(' ')).join('\n        ')}
       }`;
     const pStore = rq.map(a => quads.map(q => range(4).map(e =>
-        `ps[(4u * (tx + TX * ${q}u) + ${e}u) * (BR / 4u) + ty + TY * ${a}u] = vec4<f32>(${
+        `ps[(4u * (tx + TX * ${q}u) + ${e}u) * (BR / 4u) + ${psw === 0 ? `ty + TY * ${a}u` : `((ty + TY * ${a}u) ^ ((tx + TX * ${q}u) & ${psw}u))`}] = vec4<f32>(${
             range(4).map(b => `s${4 * a + b}_${q}.${COMP[e]}`).join(', ')});`).join('\n    ')).join('\n    ')).join('\n    ');
 
     const qkLoopOuter = `// S = Q K^T: per head-dim step, outer products of 4 rows x 4 keys.
@@ -471,7 +496,8 @@ const VW = ${vw}u;`;
     }`;
     const pvLoopOuter = `// O += P V: per key, outer products of 4 rows x 4 output columns.
     for (var key = 0u; key < ${c.runtimeLoops ? 'u32(u.loopBC4) * 4u' : 'BC'}; key += ${up}u) {
-      ${range(up).map(x => pvStep(x === 0 ? 'key' : `key + ${x}u`)).join('\n      ')}
+      ${!prHoist ? '' : rq.map(a => `let pr${a} = (ty + TY * ${a}u) ^ ((key >> 2u) & ${psw & ~(up / 4 - 1)}u);`).join(' ')}
+      ${range(up).map(x => pvStep(x === 0 ? 'key' : `key + ${x}u`, x)).join('\n      ')}
     }`;
     const regDecls = prefetch ? `${range(nKLoads).map(n => `var kr${n} = vec4<f32>(0.0);`).join(' ')}
   ${range(nVLoads).map(n => `var vr${n} = vec4<f32>(0.0);`).join(' ')}` : '';
