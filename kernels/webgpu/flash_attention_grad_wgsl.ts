@@ -144,14 +144,33 @@ export function loadRowsWGSL(
       let i = ${row0} + r;
       var val = vec4<f32>(0.0);
       if (i < ${seq}) {
-        let base = ((b * ${seq} + i) * ${heads} + ${head}) * ${w} + xq * 4;
-        ${w % 4 === 0 ? `val = vec4<f32>(${src}[base], ${src}[base + 1], ${src}[base + 2], ${src}[base + 3]);` : `
-        for (var c = 0; c < 4; c++) {
-          if (xq * 4 + c < ${w}) { val[c] = ${src}[base + c]; }
-        }`}
+        ${rowQuadWGSL(src, w, seq, heads, head)}
       }
       ${dst}[r * ${stride} + xq] = val;
     }`;
+}
+
+/**
+ * WGSL setting `val` to dims 4 xq .. 4 xq + 3 of row `i` of head `head` of a
+ * [B, S, H, W] tensor (zero beyond W). Uses `b`.
+ */
+function rowQuadWGSL(src: string, w: number, seq: string, heads: string, head: string): string {
+  return `let base = ((b * ${seq} + i) * ${heads} + ${head}) * ${w} + xq * 4;
+        ${w % 4 === 0 ? `val = vec4<f32>(${src}[base], ${src}[base + 1], ${src}[base + 2], ${src}[base + 3]);` : `
+        for (var c = 0; c < 4; c++) {
+          if (xq * 4 + c < ${w}) { val[c] = ${src}[base + c]; }
+        }`}`;
+}
+
+/**
+ * WGSL setting `val` to dim `x` of keys j0 + 4 quad .. j0 + 4 quad + 3 of
+ * `src` ([B, Sk, Hk, W]; zero past Sk). Uses `b`, `hk`.
+ */
+function keyQuadWGSL(src: string, w: string, j0: string): string {
+  return `for (var c = 0; c < 4; c++) {
+          let j = ${j0} + quad * 4 + c;
+          if (j < p.seqK) { val[c] = ${src}[((b * p.seqK + j) * p.headsKV + hk) * ${w} + x]; }
+        }`;
 }
 
 /**
@@ -220,30 +239,17 @@ export function scoresAndDpWGSL(kStride: string, d4: number, dv4: number): strin
  * 4 quad .. 4 quad + 3 (zero past Sk or D), `vT` likewise with stride SC.
  */
 export function loadKeyTileWGSL(kStride: string): string {
-  return `for (var e = t; e < SC * 4 * D4; e += T) {
-      let x = e % (4 * D4);
-      let quad = e / (4 * D4);
-      var kv = vec4<f32>(0.0);
-      if (x < D) {
-        for (var c = 0; c < 4; c++) {
-          let j = j0 + quad * 4 + c;
-          if (j < p.seqK) { kv[c] = k[((b * p.seqK + j) * p.headsKV + hk) * D + x]; }
-        }
+  const one = (src: string, dst: string, w: string, w4: string, stride: string) => `
+    for (var e = t; e < SC * 4 * ${w4}; e += T) {
+      let x = e % (4 * ${w4});
+      let quad = e / (4 * ${w4});
+      var val = vec4<f32>(0.0);
+      if (x < ${w}) {
+        ${keyQuadWGSL(src, w, 'j0')}
       }
-      kT[x * ${kStride} + quad] = kv;
-    }
-    for (var e = t; e < SC * 4 * DV4; e += T) {
-      let x = e % (4 * DV4);
-      let quad = e / (4 * DV4);
-      var vv = vec4<f32>(0.0);
-      if (x < DV) {
-        for (var c = 0; c < 4; c++) {
-          let j = j0 + quad * 4 + c;
-          if (j < p.seqK) { vv[c] = v[((b * p.seqK + j) * p.headsKV + hk) * DV + x]; }
-        }
-      }
-      vT[x * SC + quad] = vv;
+      ${dst}[x * ${stride} + quad] = val;
     }`;
+  return one('k', 'kT', 'D', 'D4', kStride) + one('v', 'vT', 'DV', 'DV4', 'SC');
 }
 
 /**
@@ -270,11 +276,7 @@ export function fetchRowsWGSL(
       let i = ${row0} + r;
       var val = vec4<f32>(0.0);
       if (e < ${items} && i < ${seq}) {
-        let base = ((b * ${seq} + i) * ${heads} + ${head}) * ${w} + xq * 4;
-        ${w % 4 === 0 ? `val = vec4<f32>(${src}[base], ${src}[base + 1], ${src}[base + 2], ${src}[base + 3]);` : `
-        for (var c = 0; c < 4; c++) {
-          if (xq * 4 + c < ${w}) { val[c] = ${src}[base + c]; }
-        }`}
+        ${rowQuadWGSL(src, w, seq, heads, head)}
       }
       ${reg}[u] = val;
     }`;
@@ -303,14 +305,11 @@ export function fetchKeyTileWGSL(
       let e = t + u * T;
       let x = e % ${4 * w4};
       let quad = e / ${4 * w4};
-      var kv = vec4<f32>(0.0);
+      var val = vec4<f32>(0.0);
       if (e < ${sc * 4 * w4} && x < ${w}) {
-        for (var c = 0; c < 4; c++) {
-          let j = ${j0} + quad * 4 + c;
-          if (j < p.seqK) { kv[c] = ${src}[((b * p.seqK + j) * p.headsKV + hk) * ${w} + x]; }
-        }
+        ${keyQuadWGSL(src, w, j0)}
       }
-      ${reg}[u] = kv;
+      ${reg}[u] = val;
     }`;
   return one('k', 'kReg', 'D', d4) + one('v', 'vReg', 'DV', dv4);
 }

@@ -427,37 +427,32 @@ const VW = ${vw}u;`;
         `if (${idx} < BC * DQ4) { ${scatter(ksName, 'BC', `(${idx} / BC)`, `(${idx} % BC)`, val)} }`;
     const vStore = (idx: string, val: string) =>
         `if (${idx} < BC * DV4) { ${vsName}[(${idx} / DV4) * VW + ${idx} % DV4] = ${val}; }`;
+    type Load = (jBase: string, idx: string) => string;
+    type Store = (idx: string, val: string) => string;
     // Direct (no prefetch): global -> workgroup memory for tile jBase.
-    const kDirect = (jBase: string) => `for (var idx = lid; idx < BC * DQ4; idx += THREADS) {
+    const direct = (load: Load, store: Store, items: string) => (jBase: string) =>
+      `for (var idx = lid; idx < ${items}; idx += THREADS) {
       var val = vec4<f32>(0.0);
-      ${kLoad(jBase, 'idx')}
-      ${kStore('idx', 'val')}
+      ${load(jBase, 'idx')}
+      ${store('idx', 'val')}
     }`;
-    const vDirect = (jBase: string) => `for (var idx = lid; idx < BC * DV4; idx += THREADS) {
+    // Prefetch: global -> registers `${reg}N`, later registers -> workgroup memory.
+    const toRegs = (load: Load, reg: string, n: number) => (jBase: string) => range(n).map(i => `{
+      let idx = lid + THREADS * ${i}u;
       var val = vec4<f32>(0.0);
-      ${vLoad(jBase, 'idx')}
-      ${vStore('idx', 'val')}
-    }`;
-    const kRegs = (jBase: string) => range(nKLoads).map(n => `{
-      let idx = lid + THREADS * ${n}u;
-      var val = vec4<f32>(0.0);
-      ${kLoad(jBase, 'idx')}
-      kr${n} = val;
+      ${load(jBase, 'idx')}
+      ${reg}${i} = val;
     }`).join('\n    ');
-    const vRegs = (jBase: string) => range(nVLoads).map(n => `{
-      let idx = lid + THREADS * ${n}u;
-      var val = vec4<f32>(0.0);
-      ${vLoad(jBase, 'idx')}
-      vr${n} = val;
-    }`).join('\n    ');
-    const kFromRegs = range(nKLoads).map(n => `{
-      let idx = lid + THREADS * ${n}u;
-      ${kStore('idx', `kr${n}`)}
-    }`).join('\n      ');
-    const vFromRegs = range(nVLoads).map(n => `{
-      let idx = lid + THREADS * ${n}u;
-      ${vStore('idx', `vr${n}`)}
-    }`).join('\n    ');
+    const fromRegs = (store: Store, reg: string, n: number, sep: string) => range(n).map(i => `{
+      let idx = lid + THREADS * ${i}u;
+      ${store('idx', `${reg}${i}`)}
+    }`).join(sep);
+    const kDirect = direct(kLoad, kStore, 'BC * DQ4');
+    const vDirect = direct(vLoad, vStore, 'BC * DV4');
+    const kRegs = toRegs(kLoad, 'kr', nKLoads);
+    const vRegs = toRegs(vLoad, 'vr', nVLoads);
+    const kFromRegs = fromRegs(kStore, 'kr', nKLoads, '\n      ');
+    const vFromRegs = fromRegs(vStore, 'vr', nVLoads, '\n    ');
 
     // Head-dim steps per loop iteration (must divide 4 * DQ4).
     const hd = 4 * dq4;
