@@ -33,8 +33,12 @@ async function main(): Promise<void> {
   for (const name of limitNames) {
     limits[name] = (adapter.limits as unknown as Record<string, number>)[name];
   }
-  const subgroupMatrix = (info as unknown as {subgroupMatrixConfigs?: unknown[]})
+  // Dawn's config objects keep their fields on the prototype: read them out.
+  const configs = (info as unknown as {subgroupMatrixConfigs?: Array<Record<string, unknown>>})
       .subgroupMatrixConfigs ?? [];
+  const subgroupMatrix = configs.map(c => ({
+    M: c.M, N: c.N, K: c.K, componentType: c.componentType, resultType: c.resultType,
+  }));
   const report = {
     vendor: info.vendor, architecture: info.architecture, device: info.device,
     description: info.description,
