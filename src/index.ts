@@ -25,3 +25,5 @@ export {flashAttention, flashAttentionKVPacked, flashAttentionQKVPacked} from '.
 export {version} from './version';
 
 tf.registerGradient(flashAttentionGradConfig);
+export type {FusedAdamWArgs, FusedAdamWImpl} from './train';
+export {FUSED_ADAMW_IMPL, FusedAdamW, fusedAdam, fusedAdamW} from './train';
