@@ -109,6 +109,20 @@ describeBackends('fused AdamW', backend => {
           await withImpl(impl, () => checkAgainstOracle(c, freshRng(), 5));
         });
       }
+      if (impl === 'fused') {
+        // All steps in one of tfjs's command encoders (no submit between
+        // them), with a learning-rate change that must not overtake them.
+        it('matches the oracle with WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE=100000', async () => {
+          const saved = tf.env().get('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE');
+          tf.env().set('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE', 100000);
+          try {
+            await withImpl(impl, () => checkAgainstOracle(CASES[1], freshRng(), 5));
+            await withImpl(impl, () => checkAgainstOracle(CASES[2], freshRng(), 5));
+          } finally {
+            tf.env().set('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE', saved);
+          }
+        });
+      }
     });
   }
 
