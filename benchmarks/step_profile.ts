@@ -12,7 +12,7 @@
  *
  *   node step_profile.mjs [--batches=1,4,16] [--seq=1024] [--steps=4] [--impls=flash,composed]
  *       [--optimizers=adam,fused-adamw] [--submit-batches=15,200] [--trace-dawn]
- *       [--no-cpu-profile] [--submit-cost] [--tfjs-flags=NAME:value,...] [--tiny]
+ *       [--no-cpu-profile] [--submit-cost] [--tfjs-flags=NAME:value,...] [--leak-steps=N] [--tiny]
  *
  * --optimizers: `adam` (tf.train.adam), `fused-adamw` (fusedAdamW, weight
  * decay 0, so the same math as adam), `reference-adamw` (fusedAdamW's
@@ -21,6 +21,9 @@
  * its command buffer (0 to 1000 dispatches, each with its own bind group).
  * --tfjs-flags: tfjs flags to set first, e.g.
  * WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE:1000 (kernels recorded per queue submit).
+ * --leak-steps=N: after the profile of each model and optimizer, N more
+ * steps, and tf.memory()'s tensors and GPU bytes and the JS heap before and
+ * after them (run node with --expose-gc for a heap measured after a collection).
  * --tiny: a 1 x 32 GPT (2 heads), seq 32, batch 1, 2 steps: to try the
  * script on SwiftShader.
  *
@@ -400,6 +403,33 @@ async function main() {
             console.log(dline);
             rows.push(dline);
           }
+          tf.dispose([x, y]);
+        }
+        const leakSteps = Number(option('leak-steps', '0'));
+        if (leakSteps > 0) {
+          const memory = () => {
+            // With `node --expose-gc`, the heap is measured after a collection.
+            (globalThis as {gc?: () => void}).gc?.();
+            const m = tf.memory() as tf.MemoryInfo&{numBytesInGPU?: number};
+            return {tensors: m.numTensors, gpuBytes: m.numBytesInGPU ?? 0,
+                    heapMB: process.memoryUsage().heapUsed / 2 ** 20};
+          };
+          const {x, y} = sampleBatch(data, batches[0], seq, random);
+          const before = memory();
+          const t0 = performance.now();
+          for (let s = 0; s < leakSteps; s++) {
+            const loss = enqueueStep(x, y);
+            if (s % 10 === 9 || s === leakSteps - 1) {
+              await loss.data();
+            }
+            loss.dispose();
+          }
+          const after = memory();
+          const line = `${label} over ${leakSteps} more steps (${((performance.now() - t0) / leakSteps).toFixed(1)} ms each): tensors ${
+              before.tensors} -> ${after.tensors}, GPU bytes ${before.gpuBytes} -> ${after.gpuBytes}, JS heap ${
+              before.heapMB.toFixed(1)} -> ${after.heapMB.toFixed(1)} MB`;
+          console.log(line);
+          rows.push(line);
           tf.dispose([x, y]);
         }
         optimizer.dispose();

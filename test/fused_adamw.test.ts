@@ -161,17 +161,13 @@ describeBackends('fused AdamW', backend => {
   it('model.fit trains a tfjs-layers model like the reference', async () => {
     const rng = freshRng();
     const x = tf.tensor2d(Float32Array.from(randomArray(32 * 4, rng)), [32, 4]);
-    const y = tf.tensor2d(Float32Array.from(randomArray(32 * 2, rng)), [32, 2]);
+    const y = tf.tensor2d(Float32Array.from(randomArray(32 * 8, rng)), [32, 8]);
     const kernel0 = Float32Array.from(randomArray(8 * 4, rng, 0.5));
     const fit = (impl: string) => withImpl(impl, async () => {
-      const model = tfl.sequential({layers: [
-        tfl.layers.dense({units: 8, inputShape: [4], activation: 'tanh'}),
-        tfl.layers.dense({units: 2}),
-      ]});
+      const model = tfl.sequential({layers: [tfl.layers.dense({units: 8, inputShape: [4]})]});
       model.layers[0].setWeights([tf.tensor2d(kernel0, [4, 8]), tf.zeros([8])]);
-      model.layers[1].setWeights([tf.ones([8, 2]), tf.zeros([2])]);
       model.compile({optimizer: fusedAdamW({learningRate: 0.01}), loss: 'meanSquaredError'});
-      const history = await model.fit(x, y, {epochs: 3, batchSize: 16, shuffle: false,
+      const history = await model.fit(x, y, {epochs: 2, batchSize: 16, shuffle: false,
                                              verbose: 0});
       const weights = await Promise.all(model.getWeights().map(t => t.data()));
       const losses = history.history.loss as number[];
@@ -180,7 +176,7 @@ describeBackends('fused AdamW', backend => {
       return {losses, weights};
     });
     const reference = await fit('reference');
-    expect(reference.losses[2]).toBeLessThan(reference.losses[0]);
+    expect(reference.losses[1]).toBeLessThan(reference.losses[0]);
     if (backend === 'webgpu') {
       const fused = await fit('fused');
       expectClose(fused.losses, reference.losses, 1e-5, `fit losses (seed ${rng.seed})`);
@@ -265,7 +261,7 @@ describeBackends('fused AdamW', backend => {
     await stepOnce();
     await stepOnce();
     const before = tf.memory() as tf.MemoryInfo&{numBytesInGPU?: number};
-    for (let s = 0; s < 25; s++) {
+    for (let s = 0; s < 12; s++) {
       await stepOnce();
     }
     const after = tf.memory() as tf.MemoryInfo&{numBytesInGPU?: number};
