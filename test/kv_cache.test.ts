@@ -69,8 +69,8 @@ function rotaryTables(rows: number, half: number, rng: Rng): [Float64Array, Floa
 const f32 = (x: Float64Array) => Float32Array.from(x);
 
 /** A variable that alone owns its data (the initial tensor is freed). */
-function ownedVariable(values: Float32Array, shape: number[]): tf.Variable {
-  const init = tf.tensor(values, shape);
+function ownedVariable(values: Float32Array, shape: number[]): tf.Variable<tf.Rank.R4> {
+  const init = tf.tensor4d(values, shape as [number, number, number, number]);
   const variable = tf.variable(init, false);
   init.dispose();
   return variable;
