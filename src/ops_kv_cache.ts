@@ -186,17 +186,29 @@ function checkKVCacheCall(
   return {shapes, seqMax, seqNew, cacheSeqlens, alibiSlopes, attrs, rotary};
 }
 
-/** Rotates `x [B, S, H, D]` at per-row positions `[B * S]`. */
+/**
+ * Rotates `x [B, S, H, D]`: batch row b at table rows `starts[b]` ..
+ * `starts[b] + S - 1`, or all at `starts[b]` when `sameRow` (flash_attn's
+ * non-causal q). Slices of the tables, no index upload per call.
+ */
 export function rotateAt(
-    x: tf.Tensor4D, cos: tf.Tensor2D, sin: tf.Tensor2D, positions: number[],
+    x: tf.Tensor4D, cos: tf.Tensor2D, sin: tf.Tensor2D, starts: number[], sameRow: boolean,
     interleaved: boolean): tf.Tensor4D {
   return tf.tidy(() => {
     const [batch, seq, heads, headDim] = x.shape;
     const half = cos.shape[1];
     const rotaryDim = 2 * half;
-    const index = tf.tensor1d(positions, 'int32');
-    const c = tf.reshape(tf.gather(cos, index), [batch, seq, 1, half]);
-    const s = tf.reshape(tf.gather(sin, index), [batch, seq, 1, half]);
+    // [B or 1, S or 1, 1, half]: broadcasts over heads (and rows).
+    const rows = sameRow ? 1 : seq;
+    const rowsOf = (table: tf.Tensor2D) => {
+      if (starts.every(n => n === starts[0])) {
+        return tf.reshape(tf.slice(table, [starts[0], 0], [rows, half]), [1, rows, 1, half]);
+      }
+      const perBatch = starts.map(start => tf.slice(table, [start, 0], [rows, half]));
+      return tf.reshape(tf.stack(perBatch), [batch, rows, 1, half]);
+    };
+    const c = rowsOf(cos);
+    const s = rowsOf(sin);
     const rotated = tf.slice(x, [0, 0, 0, 0], [batch, seq, heads, rotaryDim]);
     let x1: tf.Tensor;
     let x2: tf.Tensor;
@@ -283,25 +295,14 @@ function flashAttentionWithKVCache_(
     opts: FlashAttentionWithKVCacheOptions = {}): tf.Tensor4D|[tf.Tensor4D, tf.Tensor3D] {
   const c = checkKVCacheCall(q, kCache, vCache, opts);
   const {shapes, seqNew, cacheSeqlens, alibiSlopes, attrs, rotary} = c;
-  const {batch, seqQ} = shapes;
   let qIn = q;
   let kNew = opts.k;
   if (rotary != null) {
     // flash_attn: q moves with the new keys only when causal or local.
     const local = attrs.windowLeft >= 0 || attrs.windowRight >= 0;
-    const qPositions: number[] = [];
-    const kPositions: number[] = [];
-    for (let b = 0; b < batch; b++) {
-      for (let i = 0; i < seqQ; i++) {
-        qPositions.push(cacheSeqlens[b] + (local ? i : 0));
-      }
-      for (let i = 0; i < seqNew; i++) {
-        kPositions.push(cacheSeqlens[b] + i);
-      }
-    }
-    qIn = rotateAt(q, rotary.cos, rotary.sin, qPositions, rotary.interleaved);
+    qIn = rotateAt(q, rotary.cos, rotary.sin, cacheSeqlens, !local, rotary.interleaved);
     if (kNew != null) {
-      kNew = rotateAt(kNew, rotary.cos, rotary.sin, kPositions, rotary.interleaved);
+      kNew = rotateAt(kNew, rotary.cos, rotary.sin, cacheSeqlens, false, rotary.interleaved);
     }
   }
   const seqlensK = cacheSeqlens.map(n => n + seqNew);

@@ -98,12 +98,13 @@ export function flashDecodeWebGPU(args: {
   const {numSplits, splitKeys} =
       planSplits(Math.max(1, ...seqlensK), rowGroups, targetOverride ?? TARGET_WORKGROUPS);
   const score = scoreOptionsFromAttrs(attrs, alibiSlopes != null);
-  const split = new DecodeSplitProgram({headDim, headDimV, groups, seqQ, rows, score});
+  const batchVec4 = Math.ceil(batch / 4);
+  const split = new DecodeSplitProgram({headDim, headDimV, groups, seqQ, rows, batchVec4, score});
   const splitSpec: OwnPipelineSpec = {
-    key: split.key, code: () => split.getUserCode(), numInputs: 5, numOutputs: 2,
+    key: split.key, code: () => split.getUserCode(), numInputs: 4, numOutputs: 2,
     hasUniforms: true, label: 'flash-decode-split',
   };
-  const writer = new UniformWriter();
+  const writer = new UniformWriter(new ArrayBuffer(4 * DECODE_SPLIT_UNIFORMS.length + 16 * batchVec4));
   const alibiPerBatch = alibiSlopes != null && alibiSlopes.shape.length === 2 ? 1 : 0;
   const groupsTotal = rowGroups * numSplits;
   const uniformValues: Record<typeof DECODE_SPLIT_UNIFORMS[number], number> = {
@@ -118,12 +119,14 @@ export function flashDecodeWebGPU(args: {
       writer.i32(uniformValues[name]);
     }
   }
-  const seqlensTensor = backend.makeTensorInfo([batch], 'int32', new Int32Array(seqlensK));
+  for (let b = 0; b < 4 * batchVec4; b++) {
+    writer.i32(b < batch ? seqlensK[b] : 0);
+  }
   const rowsTotal = batch * seqQ * heads;
   let parts: tf.TensorInfo[] = [];
   try {
     parts = recordOwnPipeline(backend, splitSpec, {
-      inputs: [q, kCache, vCache, seqlensTensor, alibiSlopes ?? q],
+      inputs: [q, kCache, vCache, alibiSlopes ?? q],
       outputs: [
         {shape: [rowsTotal, numSplits, headDimV], dtype: 'float32'},
         {shape: [rowsTotal, numSplits, 2], dtype: 'float32'},
@@ -149,7 +152,6 @@ export function flashDecodeWebGPU(args: {
     });
   } finally {
     // Owned by the pending command queue: tfjs frees them after its submit.
-    backend.disposeData(seqlensTensor.dataId);
     parts.forEach(p => backend.disposeData(p.dataId));
   }
 }

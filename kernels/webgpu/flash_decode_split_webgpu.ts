@@ -18,9 +18,10 @@
  *   3. thread t accumulates dims t, t + TILE, ... of P V for every row
  *      (consecutive threads read consecutive values: coalesced).
  *
- * Bindings: q, kCache, vCache, seqlensK (i32 [B]: valid keys per batch
- * row), slopes; outputs partAcc [B*Sq*H, numSplits, Dv] and partMaxSum
- * [B*Sq*H, numSplits, 2]; uniforms.
+ * Bindings: q, kCache, vCache, slopes; outputs partAcc
+ * [B*Sq*H, numSplits, Dv] and partMaxSum [B*Sq*H, numSplits, 2]; uniforms,
+ * which end with the valid keys of each batch row (`seqlensK`, packed in
+ * vec4s: a uniform write costs no buffer upload per step).
  */
 import type {ScoreOptions} from './wgsl_snippets';
 import {FA_NEG_BIG, keyRangeWGSL, scoreKey, scoreWGSL} from './wgsl_snippets';
@@ -38,6 +39,8 @@ export interface DecodeSplitConfig {
   seqQ: number;
   /** Query rows per workgroup (<= DECODE_MAX_ROWS). */
   rows: number;
+  /** Batch size rounded up to 4, over 4 (vec4s of seqlensK). */
+  batchVec4: number;
   score: ScoreOptions;
 }
 
@@ -46,18 +49,19 @@ export const DECODE_SPLIT_UNIFORMS = [
   'heads', 'headsKV', 'seqMax', 'numSplits', 'splitKeys', 'rowChunks', 'alibiPerBatch',
   'groupsTotal', 'scale', 'softcap', 'left', 'right',
 ] as const;
+// 12 fields of 4 bytes: the seqlensK vec4s that follow start 16-aligned.
 
 export class DecodeSplitProgram {
   readonly key: string;
 
   constructor(readonly config: DecodeSplitConfig) {
     const c = config;
-    this.key = `decode-split-d${c.headDim}v${c.headDimV}g${c.groups}q${c.seqQ}r${c.rows}${
+    this.key = `decode-split-d${c.headDim}v${c.headDimV}g${c.groups}q${c.seqQ}r${c.rows}b${c.batchVec4}${
         scoreKey(c.score)}`;
   }
 
   getUserCode(): string {
-    const {headDim, headDimV, groups, seqQ, rows, score} = this.config;
+    const {headDim, headDimV, groups, seqQ, rows, batchVec4, score} = this.config;
     const T = DECODE_TILE;
     const d4 = headDim / 4;
     const dimsPerThread = Math.ceil(headDimV / T);
@@ -66,15 +70,15 @@ struct Uniforms {
   heads: i32, headsKV: i32, seqMax: i32, numSplits: i32, splitKeys: i32,
   rowChunks: i32, alibiPerBatch: i32, groupsTotal: i32,
   scale: f32, softcap: f32, left: i32, right: i32,
+  seqlensK: array<vec4<i32>, ${batchVec4}>,
 }
 @group(0) @binding(0) var<storage, read> q: array<vec4<f32>>;
 @group(0) @binding(1) var<storage, read> kCache: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> vCache: array<f32>;
-@group(0) @binding(3) var<storage, read> seqlensK: array<i32>;
-@group(0) @binding(4) var<storage, read> slopes: array<f32>;
-@group(0) @binding(5) var<storage, read_write> partAcc: array<f32>;
-@group(0) @binding(6) var<storage, read_write> partMaxSum: array<f32>;
-@group(0) @binding(7) var<uniform> u: Uniforms;
+@group(0) @binding(3) var<storage, read> slopes: array<f32>;
+@group(0) @binding(4) var<storage, read_write> partAcc: array<f32>;
+@group(0) @binding(5) var<storage, read_write> partMaxSum: array<f32>;
+@group(0) @binding(6) var<uniform> u: Uniforms;
 
 const T = ${T};
 const ROWS = ${rows};
@@ -101,7 +105,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let bk = flat / (u.numSplits * u.rowChunks);  // b * Hk + hk
   let hk = bk % u.headsKV;
   let b = bk / u.headsKV;
-  let seqK = seqlensK[b];
+  let seqK = u.seqlensK[b / 4][b % 4];
   // Group row n = i * G + g: query row i of head hk * G + g.
   let n0 = chunk * ROWS;
   let nRows = min(ROWS, GROUP_ROWS - n0);
