@@ -7,7 +7,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 
 import {FLASH_ATTENTION_IMPL} from '../../src';
-import {FlashMHA, flashMHA, FlashMHAArgs, IncrementalDecoder} from '../../src/layers';
+import {FlashMHA, flashMHA, FlashMHAArgs, IncrementalDecoder, MultiHeadAttention} from '../../src/layers';
 import {describeBackends} from '../harness/backends';
 import {expectClose, FORWARD_BOUND, freshRng, randomArray} from '../harness/problems';
 
@@ -97,6 +97,30 @@ describeBackends('FlashMHA.decode', backend => {
     expect(tf.memory().numTensors).toBeLessThanOrEqual(before + 1);
     tf.dispose([input, full]);
     model.dispose();
+  });
+
+  it('the Keras MultiHeadAttention loader decodes like its causal self-attention call', async () => {
+    const rng = freshRng();
+    const [batch, seq, features] = [2, 5, 12];
+    const layer = new MultiHeadAttention({numHeads: 2, keyDim: 8, valueDim: 4});
+    const x = tf.tensor3d(Float32Array.from(randomArray(batch * seq * features, rng)), [batch, seq, features]);
+    tf.env().set(FLASH_ATTENTION_IMPL, fullImpl);
+    const full = layer.apply(x, {value: x, useCausalMask: true}) as tf.Tensor;
+    tf.env().set(FLASH_ATTENTION_IMPL, 'auto');
+    const before = tf.memory().numTensors;
+    const cache = layer.createCache(batch, seq);
+    const outs = [2, 1, 2].reduce<{at: number, outs: tf.Tensor[]}>((acc, n) => {
+      acc.outs.push(tf.tidy(() => layer.decode(rows(x, acc.at, n), cache)));
+      return {at: acc.at + n, outs: acc.outs};
+    }, {at: 0, outs: []}).outs;
+    const decoded = tf.concat(outs, 1);
+    expectClose(await decoded.data(), await full.data(), FORWARD_BOUND,
+                `MultiHeadAttention decode on ${backend}, seed ${rng.seed}`);
+    tf.dispose([decoded, ...outs]);
+    cache.dispose();
+    expect(tf.memory().numTensors).toBe(before);
+    tf.dispose([x, full]);
+    layer.dispose();
   });
 
   it('refuses a non-causal layer and a mismatched cache', () => {
