@@ -15,7 +15,7 @@
  *    model per token), at each of --gen-contexts.
  *
  *   node decode.mjs [--contexts 512,...,32768] [--heads 32] [--heads-kv 8]
- *       [--dim 128] [--gen-contexts 256,1024] [--gen-tokens 16]
+ *       [--dim 128] [--gen-contexts 256,1024,4096] [--gen-tokens 16]
  *       [--bandwidth-gbs N] [--torch torch_decode.json] [--smoke]
  *       [--budget-ms 300]
  *
@@ -61,7 +61,7 @@ function parseArgs(argv: string[]): Args {
     heads: Number(get('heads', smoke ? '4' : '32')),
     headsKV: Number(get('heads-kv', smoke ? '2' : '8')),
     dim: Number(get('dim', smoke ? '16' : '128')),
-    genContexts: nums(get('gen-contexts', smoke ? '16,48' : '256,1024')),
+    genContexts: nums(get('gen-contexts', smoke ? '16,48' : '256,1024,4096')),
     genTokens: Number(get('gen-tokens', smoke ? '3' : '16')),
     gpt: smoke ? {numLayers: 2, embedDim: 32, numHeads: 2, vocabSize: 64} :
                  {numLayers: 4, embedDim: 256, numHeads: 4, vocabSize: 64},
@@ -337,7 +337,7 @@ async function main(): Promise<void> {
   lines.push(`| decode attention @${a4096.context}: concat / fused | >= 10x | ${
       a4096.concatMs == null ? '-' : (a4096.concatMs / a4096.fusedMs).toFixed(1) + 'x'} |`);
   lines.push(`| K/V bytes read @${a4096.context} vs bandwidth (${bandwidth ?? '?'} GB/s) | >= 30% | ${
-      bandwidth == null ? `${a4096.gbs.toFixed(0)} GB/s` : (100 * a4096.gbs / bandwidth).toFixed(1) + '%'} |`);
+      bandwidth == null ? `${a4096.gbs.toPrecision(3)} GB/s` : (100 * a4096.gbs / bandwidth).toFixed(1) + '%'} |`);
   lines.push(`| generation @${g1024.context}: with / without cache tokens/s | >= 3x | ${
       (g1024.uncachedMs / g1024.cachedMs).toFixed(1)}x |`);
   lines.push(`| per-token time flat in context (with cache) | flat | ${flat} |`);

@@ -397,6 +397,7 @@ async function runGeneration(): Promise<void> {
     const tokens = Number($<HTMLInputElement>('gen-tokens').value);
     const random = seededRandom(5);
     const prompt = Array.from({length: context}, () => ALPHABET[Math.floor(random() * ALPHABET.length)]).join('');
+    status.dataset.state = 'running';
     status.textContent = 'compiling\u2026';
     await generateWithCache(model, tokenizer, prompt, 1, seededRandom(1));
     await generate(model, tokenizer, prompt, 1, context + tokens, seededRandom(1));
@@ -413,8 +414,10 @@ async function runGeneration(): Promise<void> {
         `same text both ways: ${text === plain ? 'yes' : 'no'}.`;
     $('gen-text').textContent = text.slice(context);
     status.textContent = 'done';
+    status.dataset.state = 'done';
   } catch (error) {
     status.textContent = `error: ${(error as Error).message}`;
+    status.dataset.state = 'error';
   } finally {
     model.dispose();
     const leaked = tf.memory().numTensors - tensorsBefore;
