@@ -96,6 +96,10 @@ export class KVCache {
       tf.Tensor4D {
     const [kCache, vCache] = this.live();
     const seqNew = k.shape[1];
+    if (this.length + seqNew > this.maxSeqLen) {
+      throw new Error(`KVCache: ${seqNew} new tokens do not fit: ${this.length} of maxSeqLen = ${
+          this.maxSeqLen} are used`);
+    }
     const out = flashAttentionWithKVCache(
         q, kCache, vCache,
         {...opts, k, v, cacheSeqlens: this.lengths, returnSoftmaxLse: false}) as tf.Tensor4D;

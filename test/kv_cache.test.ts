@@ -219,6 +219,9 @@ describeBackends('flashAttentionWithKVCache', backend => {
           tf.slice(vT, [0, t, 0, 0], [batch, 1, headsKV, d]), {causal: true})));
     }
     expect(cache.seqlens).toEqual([seq, seq]);
+    const extra = tf.slice(kT, [0, 0, 0, 0], [batch, 5, headsKV, d]);
+    expect(() => cache.attend(qT, extra, extra)).toThrow(/5 new tokens do not fit: 6 of maxSeqLen = 10/);
+    extra.dispose();
     const got = tf.concat(steps, 1);
     const want = oracleKVCache(
         {batch, seqQ: seq, seqMax: seq, seqNew: 0, heads, headsKV, headDim: d, headDimV: d},
