@@ -15,7 +15,7 @@ import {AttentionShapes, checkAlibi, checkQKV, checkTensor} from './checks';
 import {useFusedKernel} from './dispatch';
 import {getReferenceBlockElements} from './flags';
 import {FlashAttentionAttrs, FlashAttentionKVCache, FlashAttentionKVCacheAttrs} from './kernel_names';
-import {describeValue, FlashAttentionOptions, normalizeOptions} from './options';
+import {describeValue, FlashAttentionError, FlashAttentionOptions, normalizeOptions, OptionSpec, parseAttentionOptions} from './options';
 import {referenceForward} from './reference/forward';
 
 export interface FlashAttentionWithKVCacheOptions extends
@@ -64,39 +64,61 @@ export const flashAttentionKVCacheGradConfig: tf.GradConfig = {
   gradFunc: () => kvCacheGradientError(),
 };
 
-function fail(message: string): never {
-  throw new Error(`${OP}: ${message}`);
+/** A FlashAttentionError about `argument`, with its full message. */
+function fail(argument: string, expected: string, actual: unknown, message: string): never {
+  throw new FlashAttentionError(OP, argument, expected, describeValue(actual), `${OP}: ${message}`);
 }
+
+const isTensor = (v: unknown) => v instanceof tf.Tensor;
+
+/** The options of this op besides the attention options (src/options.ts). */
+export const KV_CACHE_OPTION_SPECS: readonly OptionSpec[] = [
+  {name: 'k', expected: 'a tf.Tensor of shape [B, Snew, Hk, D]', valid: isTensor,
+   aliases: ['k_new', 'new_k', 'key']},
+  {name: 'v', expected: 'a tf.Tensor of shape [B, Snew, Hk, Dv]', valid: isTensor,
+   aliases: ['v_new', 'new_v', 'value']},
+  {name: 'cacheSeqlens', expected: 'a number[], Int32Array or int32 tf.Tensor of shape [B]',
+   valid: v => Array.isArray(v) || v instanceof Int32Array || isTensor(v),
+   aliases: ['cache_seqlens', 'seqlens', 'seqlens_k', 'cache_lengths']},
+  {name: 'rotaryCos', expected: 'a tf.Tensor of shape [Sro, rotaryDim / 2]', valid: isTensor,
+   aliases: ['rotary_cos', 'cos']},
+  {name: 'rotarySin', expected: 'a tf.Tensor of shape [Sro, rotaryDim / 2]', valid: isTensor,
+   aliases: ['rotary_sin', 'sin']},
+  {name: 'rotaryInterleaved', expected: 'a boolean', valid: v => typeof v === 'boolean',
+   aliases: ['rotary_interleaved', 'interleaved']},
+];
 
 function readSeqlens(
     value: FlashAttentionWithKVCacheOptions['cacheSeqlens'], batch: number, seqMax: number,
     seqNew: number): number[] {
   if (value == null) {
     if (seqNew > 0) {
-      fail('cacheSeqlens is required when new keys (k, v) are given');
+      fail('cacheSeqlens', `given with new keys (k, v)`, value,
+           'cacheSeqlens is required when new keys (k, v) are given');
     }
     return new Array(batch).fill(seqMax);
   }
   let values: number[];
   if (value instanceof tf.Tensor) {
     if (value.rank !== 1 || value.dtype !== 'int32') {
-      fail(`cacheSeqlens must be an int32 tensor of shape [${batch}], got ${value.dtype} [${
-          value.shape}]`);
+      fail('cacheSeqlens', `an int32 tensor of shape [${batch}]`, value,
+           `cacheSeqlens must be an int32 tensor of shape [${batch}], got ${value.dtype} [${
+               value.shape}]`);
     }
     values = Array.from(value.dataSync());
-  } else if (Array.isArray(value) || value instanceof Int32Array) {
-    values = Array.from(value);
   } else {
-    fail(`cacheSeqlens must be a number[], Int32Array or int32 tensor, got ${typeof value}`);
+    values = Array.from(value);  // An array or Int32Array (the option specs checked).
   }
   if (values.length !== batch) {
-    fail(`cacheSeqlens must have length B = ${batch}, got ${values.length}`);
+    fail('cacheSeqlens', `length B = ${batch}`, values,
+         `cacheSeqlens must have length B = ${batch}, got ${values.length}`);
   }
   const limit = seqMax - seqNew;
   values.forEach((n, b) => {
     if (!Number.isInteger(n) || n < 0 || n > limit) {
-      fail(`cacheSeqlens[${b}] must be an integer in [0, ${limit}] (Smax - Snew = ${seqMax} - ${
-          seqNew}), got ${describeValue(n)}`);
+      fail('cacheSeqlens', `integers in [0, ${limit}]`, values,
+           `cacheSeqlens[${b}] must be an integer in [0, ${limit}] (Smax - Snew = ${seqMax} - ${
+               seqNew}), got ${describeValue(n)}`);
     }
   });
   return values;
@@ -119,12 +141,11 @@ function checkKVCacheCall(
   checkTensor(q, 'q', OP, 4, '[B, Sq, H, D]');
   checkTensor(kCache, 'kCache', OP, 4, '[B, Smax, Hk, D]');
   checkTensor(vCache, 'vCache', OP, 4, '[B, Smax, Hk, Dv]');
-  if (opts == null || typeof opts !== 'object') {
-    fail(`opts must be an object, got ${describeValue(opts)}`);
-  }
+  opts = parseAttentionOptions<FlashAttentionWithKVCacheOptions>(opts, OP, KV_CACHE_OPTION_SPECS);
   const loose = opts as FlashAttentionOptions;
   if (loose.dropoutRate != null && loose.dropoutRate !== 0) {
-    fail(`dropoutRate is not supported (inference only), got ${describeValue(loose.dropoutRate)}`);
+    fail('dropoutRate', '0 (inference only)', loose.dropoutRate,
+         `dropoutRate is not supported (inference only), got ${describeValue(loose.dropoutRate)}`);
   }
   const shapes = checkQKV(q.shape, kCache.shape, vCache.shape, OP,
                           {q: 'q', k: 'kCache', v: 'vCache'});
@@ -132,7 +153,8 @@ function checkKVCacheCall(
   const {k, v} = opts;
   let seqNew = 0;
   if ((k == null) !== (v == null)) {
-    fail(`k and v must be given together, got ${k == null ? 'v only' : 'k only'}`);
+    fail(k == null ? 'k' : 'v', 'given with the other', undefined,
+         `k and v must be given together, got ${k == null ? 'v only' : 'k only'}`);
   }
   if (k != null && v != null) {
     checkTensor(k, 'k', OP, 4, '[B, Snew, Hk, D]');
@@ -141,15 +163,18 @@ function checkKVCacheCall(
     const kWant = [batch, seqNew, headsKV, headDim];
     const vWant = [batch, seqNew, headsKV, shapes.headDimV];
     if (k.shape.some((d, i) => d !== kWant[i])) {
-      fail(`k must have shape [B, Snew, Hk, D] = [${kWant}], got [${k.shape}]`);
+      fail('k', `shape [${kWant}]`, k.shape,
+           `k must have shape [B, Snew, Hk, D] = [${kWant}], got [${k.shape}]`);
     }
     if (v.shape.some((d, i) => d !== vWant[i])) {
-      fail(`v must have shape [B, Snew, Hk, Dv] = [${vWant}], got [${v.shape}]`);
+      fail('v', `shape [${vWant}]`, v.shape,
+           `v must have shape [B, Snew, Hk, Dv] = [${vWant}], got [${v.shape}]`);
     }
     for (const [name, cache] of [['kCache', kCache], ['vCache', vCache]] as const) {
       if (!(cache instanceof tf.Variable)) {
-        fail(`${name} must be a tf.Variable when new keys are given (it is updated in place), got a ${
-            cache.constructor.name}`);
+        fail(name, 'a tf.Variable', cache,
+             `${name} must be a tf.Variable when new keys are given (it is updated in place), got a ${
+                 cache.constructor.name}`);
       }
     }
   }
@@ -161,26 +186,27 @@ function checkKVCacheCall(
       headDim, OP);
   let rotary: Checked['rotary'] = null;
   if ((opts.rotaryCos == null) !== (opts.rotarySin == null)) {
-    fail('rotaryCos and rotarySin must be given together');
+    fail(opts.rotaryCos == null ? 'rotaryCos' : 'rotarySin', 'given with the other', undefined,
+         'rotaryCos and rotarySin must be given together');
   }
   if (opts.rotaryCos != null && opts.rotarySin != null) {
     const cos = checkTensor(opts.rotaryCos, 'rotaryCos', OP, 2, '[Sro, rotaryDim / 2]') as tf.Tensor2D;
     const sin = checkTensor(opts.rotarySin, 'rotarySin', OP, 2, '[Sro, rotaryDim / 2]') as tf.Tensor2D;
     if (sin.shape[0] !== cos.shape[0] || sin.shape[1] !== cos.shape[1]) {
-      fail(`rotarySin must have the shape of rotaryCos [${cos.shape}], got [${sin.shape}]`);
+      fail('rotarySin', `shape [${cos.shape}]`, sin.shape,
+           `rotarySin must have the shape of rotaryCos [${cos.shape}], got [${sin.shape}]`);
     }
     if (2 * cos.shape[1] > headDim) {
-      fail(`rotaryCos must have at most D / 2 = ${headDim / 2} columns, got ${cos.shape[1]}`);
+      fail('rotaryCos', `at most D / 2 = ${headDim / 2} columns`, cos.shape,
+           `rotaryCos must have at most D / 2 = ${headDim / 2} columns, got ${cos.shape[1]}`);
     }
     const needed = Math.max(...cacheSeqlens) + Math.max(shapes.seqQ, seqNew);
     if (cos.shape[0] < needed) {
-      fail(`rotaryCos must have at least max(cacheSeqlens) + max(Sq, Snew) = ${needed} rows, got ${
-          cos.shape[0]}`);
+      fail('rotaryCos', `at least ${needed} rows`, cos.shape,
+           `rotaryCos must have at least max(cacheSeqlens) + max(Sq, Snew) = ${needed} rows, got ${
+               cos.shape[0]}`);
     }
     const interleaved = opts.rotaryInterleaved ?? false;
-    if (typeof interleaved !== 'boolean') {
-      fail(`rotaryInterleaved must be a boolean, got ${describeValue(interleaved)}`);
-    }
     rotary = {cos, sin, interleaved};
   }
   return {shapes, seqMax, seqNew, cacheSeqlens, alibiSlopes, attrs, rotary};

@@ -8,7 +8,7 @@ import * as tf from '@tensorflow/tfjs-core';
 
 import {setDecodeTargetWorkgroups} from '../kernels/webgpu/flash_decode';
 import {checkOwnPipelineErrors, setPoisonOutputs} from '../kernels/webgpu/own_pipeline';
-import {FLASH_ATTENTION_IMPL, flashAttentionWithKVCache, KVCache} from '../src';
+import {FLASH_ATTENTION_IMPL, FlashAttentionError, flashAttentionWithKVCache, KVCache} from '../src';
 
 import {describeBackends, TestBackend} from './harness/backends';
 import {expectClose, FORWARD_BOUND, freshRng, randomArray, Rng} from './harness/problems';
@@ -264,6 +264,10 @@ describeBackends('flashAttentionWithKVCache', backend => {
     expect(call({dropoutRate: 0.1})).toThrow(/dropoutRate is not supported \(inference only\)/);
     expect(call({rotaryCos: cos})).toThrow(/rotaryCos and rotarySin must be given together/);
     expect(call({windowSize: [-2, 0]})).toThrow(/windowSize/);
+    // The table-driven option checks of src/options.ts, with this op's options.
+    expect(call({cache_seqlens: [0, 0]})).toThrow(/unknown option 'cache_seqlens'; did you mean 'cacheSeqlens'\?/);
+    expect(call({rotaryInterleaved: 1})).toThrow(/rotaryInterleaved must be a boolean, got 1/);
+    expect(call({k, v: k, cacheSeqlens: [0, 9]})).toThrow(FlashAttentionError);
     expect(tf.memory().numTensors).toBe(tensorsBefore);
     tf.dispose([q, k, plain, cos]);
     cache.dispose();
