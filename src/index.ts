@@ -29,7 +29,7 @@ export type {FlashAttentionKVPackedOp, FlashAttentionOp, FlashAttentionQKVPacked
 export {flashAttention, flashAttentionKVPacked, flashAttentionQKVPacked} from './ops';
 export {version} from './version';
 export type {FlashAttentionWithKVCacheOp, FlashAttentionWithKVCacheOptions} from './ops_kv_cache';
-export {flashAttentionWithKVCache} from './ops_kv_cache';
+export {flashAttentionWithKVCache, KV_CACHE_OPTION_SPECS} from './ops_kv_cache';
 export type {KVCacheArgs, KVCacheAttendOptions} from './kv_cache';
 export {KVCache} from './kv_cache';
 export type {FlashAttentionKVCacheAttrs} from './kernel_names';
