@@ -14,8 +14,11 @@ import * as tf from '@tensorflow/tfjs-core';
 import {AttentionShapes, checkAlibi, checkQKV, checkTensor} from './checks';
 import {useFusedKernel} from './dispatch';
 import {getReferenceBlockElements} from './flags';
-import {FlashAttentionAttrs, FlashAttentionKVCache, FlashAttentionKVCacheAttrs} from './kernel_names';
-import {describeValue, FlashAttentionError, FlashAttentionOptions, normalizeOptions, OptionSpec, parseAttentionOptions} from './options';
+import type {FlashAttentionAttrs, FlashAttentionKVCacheAttrs} from './kernel_names';
+import {FlashAttentionKVCache} from './kernel_names';
+import type {FlashAttentionOptions, OptionSpec} from './options';
+import {describeValue, FlashAttentionError, normalizeOptions, parseAttentionOptions} from
+    './options';
 import {referenceForward} from './reference/forward';
 
 export interface FlashAttentionWithKVCacheOptions extends
@@ -173,8 +176,8 @@ function checkKVCacheCall(
     for (const [name, cache] of [['kCache', kCache], ['vCache', vCache]] as const) {
       if (!(cache instanceof tf.Variable)) {
         fail(name, 'a tf.Variable', cache,
-             `${name} must be a tf.Variable when new keys are given (it is updated in place), got a ${
-                 cache.constructor.name}`);
+             `${name} must be a tf.Variable when new keys are given (it is updated in place), ` +
+             `got a ${cache.constructor.name}`);
       }
     }
   }
@@ -190,8 +193,9 @@ function checkKVCacheCall(
          'rotaryCos and rotarySin must be given together');
   }
   if (opts.rotaryCos != null && opts.rotarySin != null) {
-    const cos = checkTensor(opts.rotaryCos, 'rotaryCos', OP, 2, '[Sro, rotaryDim / 2]') as tf.Tensor2D;
-    const sin = checkTensor(opts.rotarySin, 'rotarySin', OP, 2, '[Sro, rotaryDim / 2]') as tf.Tensor2D;
+    const layout = '[Sro, rotaryDim / 2]';
+    const cos = checkTensor(opts.rotaryCos, 'rotaryCos', OP, 2, layout) as tf.Tensor2D;
+    const sin = checkTensor(opts.rotarySin, 'rotarySin', OP, 2, layout) as tf.Tensor2D;
     if (sin.shape[0] !== cos.shape[0] || sin.shape[1] !== cos.shape[1]) {
       fail('rotarySin', `shape [${cos.shape}]`, sin.shape,
            `rotarySin must have the shape of rotaryCos [${cos.shape}], got [${sin.shape}]`);
@@ -326,9 +330,17 @@ function flashAttentionWithKVCache_(
   if (rotary != null) {
     // flash_attn: q moves with the new keys only when causal or local.
     const local = attrs.windowLeft >= 0 || attrs.windowRight >= 0;
-    qIn = rotateAt(q, rotary.cos, rotary.sin, cacheSeqlens, !local, rotary.interleaved);
-    if (kNew != null) {
-      kNew = rotateAt(kNew, rotary.cos, rotary.sin, cacheSeqlens, false, rotary.interleaved);
+    if (kNew != null && local && seqNew === shapes.seqQ) {
+      // Same positions: one rotation of q and k side by side (a decode
+      // step is many small dispatches; this halves the rotary's).
+      const both = rotateAt(tf.concat([q, kNew], 2), rotary.cos, rotary.sin, cacheSeqlens, false,
+                            rotary.interleaved);
+      [qIn, kNew] = tf.split(both, [shapes.heads, shapes.headsKV], 2) as [tf.Tensor4D, tf.Tensor4D];
+    } else {
+      qIn = rotateAt(q, rotary.cos, rotary.sin, cacheSeqlens, !local, rotary.interleaved);
+      if (kNew != null) {
+        kNew = rotateAt(kNew, rotary.cos, rotary.sin, cacheSeqlens, false, rotary.interleaved);
+      }
     }
   }
   const seqlensK = cacheSeqlens.map(n => n + seqNew);

@@ -9,11 +9,14 @@ import * as tf from '@tensorflow/tfjs-core';
 import type {WebGPUBackend} from '@tensorflow/tfjs-backend-webgpu';
 
 import type {AttentionShapes} from '../../src/checks';
-import {FlashAttentionAttrs, FlashAttentionKVCache, FlashAttentionKVCacheAttrs} from '../../src/kernel_names';
+import type {FlashAttentionAttrs, FlashAttentionKVCacheAttrs} from '../../src/kernel_names';
+import {FlashAttentionKVCache} from '../../src/kernel_names';
 
 import {DecodeCombineProgram, DECODE_COMBINE_UNIFORMS} from './flash_decode_combine_webgpu';
-import {DECODE_MAX_ROWS, DECODE_SPLIT_UNIFORMS, DECODE_TILE, DecodeSplitProgram} from './flash_decode_split_webgpu';
-import {dispatchGrid, OwnCopy, OwnPipelineSpec, recordOwnPipeline, UniformWriter} from './own_pipeline';
+import {DECODE_MAX_ROWS, DECODE_SPLIT_UNIFORMS, DECODE_TILE} from './flash_decode_split_webgpu';
+import {DecodeSplitProgram} from './flash_decode_split_webgpu';
+import type {OwnCopy, OwnPipelineSpec} from './own_pipeline';
+import {dispatchGrid, recordOwnPipeline, UniformWriter} from './own_pipeline';
 import {scoreOptionsFromAttrs} from './wgsl_snippets';
 
 /** Workgroups that keep a large GPU busy (an H100 has 132 SMs). */
@@ -104,7 +107,8 @@ export function flashDecodeWebGPU(args: {
     key: split.key, code: () => split.getUserCode(), numInputs: 4, numOutputs: 2,
     hasUniforms: true, label: 'flash-decode-split',
   };
-  const writer = new UniformWriter(new ArrayBuffer(4 * DECODE_SPLIT_UNIFORMS.length + 16 * batchVec4));
+  const writer =
+      new UniformWriter(new ArrayBuffer(4 * DECODE_SPLIT_UNIFORMS.length + 16 * batchVec4));
   const alibiPerBatch = alibiSlopes != null && alibiSlopes.shape.length === 2 ? 1 : 0;
   const groupsTotal = rowGroups * numSplits;
   const uniformValues: Record<typeof DECODE_SPLIT_UNIFORMS[number], number> = {

@@ -56,8 +56,8 @@ export class DecodeSplitProgram {
 
   constructor(readonly config: DecodeSplitConfig) {
     const c = config;
-    this.key = `decode-split-d${c.headDim}v${c.headDimV}g${c.groups}q${c.seqQ}r${c.rows}b${c.batchVec4}${
-        scoreKey(c.score)}`;
+    this.key = `decode-split-d${c.headDim}v${c.headDimV}g${c.groups}q${c.seqQ}r${c.rows}` +
+        `b${c.batchVec4}${scoreKey(c.score)}`;
   }
 
   getUserCode(): string {
@@ -145,7 +145,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
       var s = NEG_BIG;
       if (r < nRows && j < hi && fa_visible(i, j, p)) {
         let h = hk * G + n % G;
-        p.slope = ${score.alibi ? 'slopes[select(h, b * u.heads + h, u.alibiPerBatch != 0)]' : '0.0'};
+        p.slope = ${score.alibi ? 'slopes[select(h, b * u.heads + h, u.alibiPerBatch != 0)]' :
+                                  '0.0'};
         s = fa_score(dots[r], i, j, p);
       }
       probs[r * T + t] = s;

@@ -47,7 +47,8 @@ export class IncrementalDecoder {
       }
     }
     if (this.caches.size === 0) {
-      throw new Error(`IncrementalDecoder: model ${model.name} has no layer that can decode (e.g. FlashMHA)`);
+      throw new Error(`IncrementalDecoder: model ${
+          model.name} has no layer that can decode (e.g. FlashMHA)`);
     }
   }
 
@@ -83,14 +84,16 @@ export class IncrementalDecoder {
         }
         const inputs = node.inputTensors.map((t: SymbolicTensor) => values.get(t.id)!);
         const cache = this.caches.get(layer);
-        const output = cache != null ? (layer as unknown as DecodingLayer).decode(inputs[0], cache) :
-                                       layer.apply(inputs.length === 1 ? inputs[0] : inputs, node.callArgs);
+        const output = cache != null ?
+            (layer as unknown as DecodingLayer).decode(inputs[0], cache) :
+            layer.apply(inputs.length === 1 ? inputs[0] : inputs, node.callArgs);
         const outputs = Array.isArray(output) ? output : [output];
         node.outputTensors.forEach((t, i) => values.set(t.id, outputs[i] as tf.Tensor));
       }
       const result = values.get(this.model.outputs[0].id);
       if (result == null) {
-        throw new Error(`IncrementalDecoder: could not reach the output of model ${this.model.name}`);
+        throw new Error(`IncrementalDecoder: could not reach the output of model ${
+            this.model.name}`);
       }
       return result;
     });
