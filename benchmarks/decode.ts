@@ -19,7 +19,8 @@
  *       [--bandwidth-gbs N] [--torch torch_decode.json] [--smoke]
  *       [--budget-ms 300]
  *
- * --smoke: tiny sizes for a software adapter (SwiftShader). Time: median of
+ * --smoke: tiny sizes for a software adapter (SwiftShader); DECODE_PROFILE=1
+ * lists the kernels of one cached generation step. Time: median of
  * repetitions, each running K steps back to back and waiting for the GPU
  * queue once. Progress on stderr; the table on stdout, the goal table last.
  */
