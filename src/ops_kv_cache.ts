@@ -292,7 +292,7 @@ function referenceKVCache(
     const outs: tf.Tensor4D[] = [];
     const lses: tf.Tensor3D[] = [];
     seqlensK.forEach((seqK, b) => {
-      if (seqK === 0) {  // No key: out 0, lse -inf (DESIGN.md §2).
+      if (seqK === 0) {  // No key: out 0, lse -inf (docs/design.md, "Semantics").
         outs.push(tf.zeros([1, seqQ, heads, headDimV]));
         lses.push(tf.fill([1, heads, seqQ], -Infinity) as tf.Tensor3D);
         return;
