@@ -64,7 +64,7 @@ function attention(
     unpack: () => [tf.Tensor4D, tf.Tensor4D, tf.Tensor4D]): FlashAttentionResult {
   // Options first: an unknown key or a non-object opts is named before its
   // values are used.
-  const attrs = normalizeOptions(opts, shapes.headDim, opName, shapes.seqK);
+  const attrs = normalizeOptions(opts, shapes.headDim, opName, shapes.seqK, shapes.seqQ);
   const alibiSlopes = checkAlibi(opts?.alibiSlopes, shapes, opName);
   const [q, k, v] = unpack();
   const [out, lse] = runFlashAttention(q, k, v, alibiSlopes, shapes, attrs);

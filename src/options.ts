@@ -227,13 +227,16 @@ export function checkOptions<T extends object>(
 }
 
 /**
- * Validates the options and resolves defaults into kernel attrs. With
- * `seqK`, a window side >= seqK becomes -1 (unbounded), as flash_attn does;
- * without it, only sides past int32 do (the kernels keep windows in i32).
+ * Validates the options and resolves defaults into kernel attrs. A window
+ * side that cannot hide any key becomes -1 (unbounded): the left side once
+ * it is >= seqK, the right side once it is >= seqQ (query 0 then already
+ * sees key Sk - 1; flash_attn's threshold of Sk would, when Sq > Sk, drop a
+ * right window that still hides keys). Without lengths only sides past
+ * int32 are clamped (the kernels keep windows in i32).
  */
 export function normalizeOptions(
     opts: FlashAttentionOptions|null|undefined, headDim: number, opName: string,
-    seqK?: number): FlashAttentionAttrs {
+    seqK?: number, seqQ?: number): FlashAttentionAttrs {
   const o = parseAttentionOptions<FlashAttentionOptions>(opts, opName);
   const causal = o.causal ?? false;
   const softmaxScale = Math.fround(o.softmaxScale ?? 1 / Math.sqrt(headDim));
@@ -248,9 +251,11 @@ export function normalizeOptions(
   }
   const dropoutRate = o.dropoutRate ?? 0;
   const seed = o.seed ?? randomSeed();
-  const bound = seqK ?? 2 ** 31 - 1;
-  const clamp = (w: number) => (w >= bound ? -1 : w);
-  let [windowLeft, windowRight] = (o.windowSize ?? [-1, -1]).map(clamp);
+  const int32Bound = 2 ** 31 - 1;
+  const clamp = (w: number, bound = int32Bound) => (w >= Math.min(bound, int32Bound) ? -1 : w);
+  const [left, right] = o.windowSize ?? [-1, -1];
+  const windowLeft = clamp(left, seqK);
+  let windowRight = clamp(right, seqQ);
   if (causal) {
     windowRight = 0;  // flash_attn: causal is a window whose right edge is 0.
   }

@@ -121,6 +121,25 @@ describeBackends('huge windows are unbounded on every path', backend => {
       }
     }
   }
+  // Sq > Sk: a right side >= Sk still hides keys from the first rows, so
+  // only a right side >= Sq may become unbounded.
+  for (const impl of implsOf(backend)) {
+    for (const windowSize of [[-1, 8], [3, 12], [-1, 19], [20, 20]] as Array<[number, number]>) {
+      it(`${impl}: Sq > Sk keeps windowSize [${windowSize}] exact`, async () => {
+        const rng = freshRng();
+        const p = makeProblem({...SHAPE, seqQ: 20, seqK: 6}, rng);
+        try {
+          const opts: OracleOptions = {windowSize};
+          const [out, lse] = await withImpl(impl, () => run(p, opts));
+          const expected = oracleForward(p.oracle, opts);
+          expectClose(out, expected.out, FORWARD_BOUND, `out (seed ${rng.seed})`);
+          expectClose(lse, expected.lse, FORWARD_BOUND, `lse (seed ${rng.seed})`);
+        } finally {
+          p.dispose();
+        }
+      });
+    }
+  }
   it('keeps non-integer and non-finite window sides errors', () => {
     const p = makeProblem(SHAPE, freshRng());
     for (const w of [[Infinity, 0], [0, NaN], [1.5, 2], [-2, 0], [0], [0, 0, 0]]) {
