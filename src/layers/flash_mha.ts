@@ -470,7 +470,9 @@ export class FlashMHA extends tfl.layers.Layer {
    */
   static override fromConfig<T extends tf.serialization.Serializable>(
       cls: tf.serialization.SerializableConstructor<T>, config: tf.serialization.ConfigDict): T {
-    const {numHeadsKv, ...rest} = config;
+    // tfjs-layers' deserializer adds `customObjects` to every nested
+    // config it builds from a {className, config}: not a layer argument.
+    const {numHeadsKv, customObjects: _customObjects, ...rest} = config;
     return new cls({...rest, numHeadsKV: rest['numHeadsKV'] ?? numHeadsKv});
   }
 }
