@@ -23,5 +23,9 @@ export type {FlashAttentionOptions} from './options';
 export type {FlashAttentionKVPackedOp, FlashAttentionOp, FlashAttentionQKVPackedOp, FlashAttentionResult} from './ops';
 export {flashAttention, flashAttentionKVPacked, flashAttentionQKVPacked} from './ops';
 export {version} from './version';
+export type {FlashAttentionVarlenOp, FlashAttentionVarlenOptions, FlashAttentionVarlenResult, UnpaddedInput} from './varlen';
+export {flashAttentionVarlen, padInput, unpadInput} from './varlen';
+export type {FusedKernelFeatures} from './dispatch';
+export {paddingMaskLengths} from './seqlens';
 
 tf.registerGradient(flashAttentionGradConfig);

@@ -8,7 +8,7 @@ import {registerFusedKernel} from '../../src/dispatch';
 import {flashAttentionWebGPUConfig, supportsFlashAttentionWebGPU} from './flash_attention';
 import {registerFlashAttentionGradWebGPU} from './FlashAttentionGrad';
 
-registerFusedKernel(flashAttentionWebGPUConfig, supportsFlashAttentionWebGPU);
+registerFusedKernel(flashAttentionWebGPUConfig, supportsFlashAttentionWebGPU, {seqlens: true});
 // The fused backward (FlashAttentionGrad): used by the registered gradient
 // of FlashAttention, whichever forward ran.
 registerFlashAttentionGradWebGPU();

@@ -21,6 +21,16 @@ import type {FlashAttentionAttrs} from '../kernel_names';
 /** Scores of masked positions before the row max (never reaches exp). */
 const MASKED_SCORE = -1e30;
 
+/**
+ * The shapes plus, when the call has per-batch lengths, the kernels'
+ * `[B, 2]` int32 seqlens tensor (on the device: its masks are built with
+ * tfjs ops, never read back). Batch row b then has only seqlenQ_b query rows
+ * and seqlenK_b keys, and its diagonal is `i + seqlenK_b - seqlenQ_b`.
+ */
+export interface ReferenceShapes extends AttentionShapes {
+  seqlens?: tf.Tensor|null;
+}
+
 export interface QueryBlock {
   row0: number;
   rows: number;
@@ -40,9 +50,49 @@ export function visibleKeys(
   return [lo, hi];
 }
 
+/**
+ * `[B, 1, rows, cols]` bool: which keys of a block each row of each batch
+ * row sees, from the per-batch lengths (ReferenceShapes.seqlens).
+ */
+function visibleWithLengths(
+    block: QueryBlock, shapes: ReferenceShapes, attrs: FlashAttentionAttrs): tf.Tensor4D {
+  return tf.tidy(() => {
+    const lengthOf = (column: number) => tf.reshape(
+        tf.slice(shapes.seqlens!, [0, column], [-1, 1]), [shapes.batch, 1, 1, 1]);
+    const [seqQ, seqK] = [lengthOf(0), lengthOf(1)];
+    const i = tf.reshape(
+        tf.range(block.row0, block.row0 + block.rows, 1, 'int32'), [1, 1, block.rows, 1]);
+    const j = tf.reshape(
+        tf.range(block.col0, block.col0 + block.cols, 1, 'int32'), [1, 1, 1, block.cols]);
+    const diagonal = tf.sub(tf.add(i, seqK), seqQ);
+    let ok = tf.logicalAnd(tf.less(i, seqQ), tf.less(j, seqK));
+    if (attrs.windowLeft >= 0) {
+      ok = tf.logicalAnd(ok, tf.greaterEqual(j, tf.sub(diagonal, attrs.windowLeft)));
+    }
+    if (attrs.windowRight >= 0) {
+      ok = tf.logicalAnd(ok, tf.lessEqual(j, tf.add(diagonal, attrs.windowRight)));
+    }
+    return ok as tf.Tensor4D;
+  });
+}
+
+/** `[B, 1, rows, cols]` float: `|i + seqlenK_b - seqlenQ_b - j|`. */
+function distanceWithLengths(block: QueryBlock, shapes: ReferenceShapes): tf.Tensor4D {
+  return tf.tidy(() => {
+    const lengthOf = (column: number) => tf.reshape(
+        tf.slice(shapes.seqlens!, [0, column], [-1, 1]), [shapes.batch, 1, 1, 1]);
+    const i = tf.reshape(
+        tf.range(block.row0, block.row0 + block.rows, 1, 'int32'), [1, 1, block.rows, 1]);
+    const j = tf.reshape(
+        tf.range(block.col0, block.col0 + block.cols, 1, 'int32'), [1, 1, 1, block.cols]);
+    return tf.cast(tf.abs(tf.sub(tf.sub(tf.add(i, lengthOf(1)), lengthOf(0)), j)), 'float32') as
+        tf.Tensor4D;
+  });
+}
+
 /** Splits the queries into blocks of at most `blockElements` scores. */
 export function planQueryBlocks(
-    shapes: AttentionShapes, attrs: FlashAttentionAttrs,
+    shapes: ReferenceShapes, attrs: FlashAttentionAttrs,
     blockElements: number): QueryBlock[] {
   const scoresPerRow = shapes.batch * shapes.heads * shapes.seqK;
   const rowsPerBlock =
@@ -50,6 +100,12 @@ export function planQueryBlocks(
   const blocks: QueryBlock[] = [];
   for (let row0 = 0; row0 < shapes.seqQ; row0 += rowsPerBlock) {
     const rows = Math.min(rowsPerBlock, shapes.seqQ - row0);
+    if (shapes.seqlens != null) {
+      // Each batch row has its own diagonal: every block spans every key
+      // (the masks come from the lengths on the device).
+      blocks.push({row0, rows, col0: 0, cols: shapes.seqK});
+      continue;
+    }
     // Visible ranges move monotonically with i, so the first and last rows
     // bound the block's columns.
     const [lo] = visibleKeys(row0, shapes, attrs);
@@ -60,13 +116,19 @@ export function planQueryBlocks(
 }
 
 /**
- * `[rows, cols]` additive mask of a block: 0 where the key is visible,
- * -1e30 where not; null when the whole block is visible. (An add
- * broadcasts without materialising the mask at the scores' size.)
+ * `[1 or B, 1, rows, cols]` additive mask of a block (B with per-batch
+ * lengths): 0 where the key is visible, -1e30 where not; null when the
+ * whole block is visible. (An add broadcasts without materialising the
+ * mask at the scores' size.)
  */
 export function maskBias(
-    block: QueryBlock, shapes: AttentionShapes,
-    attrs: FlashAttentionAttrs): tf.Tensor2D|null {
+    block: QueryBlock, shapes: ReferenceShapes,
+    attrs: FlashAttentionAttrs): tf.Tensor4D|null {
+  if (shapes.seqlens != null) {
+    return tf.tidy(() => tf.where(
+        visibleWithLengths(block, shapes, attrs), tf.scalar(0),
+        tf.scalar(MASKED_SCORE)) as unknown as tf.Tensor4D);
+  }
   const values = new Float32Array(block.rows * block.cols);
   let all = true;
   for (let r = 0; r < block.rows; r++) {
@@ -78,13 +140,16 @@ export function maskBias(
       all = all && visible;
     }
   }
-  return all ? null : tf.tensor2d(values, [block.rows, block.cols]);
+  return all ? null : tf.tensor4d(values, [1, 1, block.rows, block.cols]);
 }
 
-/** `[B, H, rows, 1]` bool: does the row see at least one key? */
+/** `[1 or B, 1, rows, 1]` bool: does the row see at least one key? */
 export function rowsWithKeys(
-    block: QueryBlock, shapes: AttentionShapes,
+    block: QueryBlock, shapes: ReferenceShapes,
     attrs: FlashAttentionAttrs): tf.Tensor4D|null {
+  if (shapes.seqlens != null) {
+    return tf.tidy(() => tf.any(visibleWithLengths(block, shapes, attrs), 3, true) as tf.Tensor4D);
+  }
   const values = new Uint8Array(block.rows);
   let all = true;
   for (let r = 0; r < block.rows; r++) {
@@ -178,29 +243,37 @@ export function blockScores(
   return {scores, capTanh};
 }
 
-/** `-slope * |i + Sk - Sq - j|` of a block, `[B or 1, H, rows, cols]`. */
+/**
+ * `-slope * |i + Sk - Sq - j|` of a block, `[B or 1, H, rows, cols]` (with
+ * per-batch lengths, each batch row's own diagonal).
+ */
 function alibiBias(
     alibiSlopes: tf.Tensor, block: QueryBlock,
-    shapes: AttentionShapes): tf.Tensor4D {
-  const distance = new Float32Array(block.rows * block.cols);
-  for (let r = 0; r < block.rows; r++) {
-    const diagonal = block.row0 + r + shapes.seqK - shapes.seqQ;
-    for (let c = 0; c < block.cols; c++) {
-      distance[r * block.cols + c] = Math.abs(diagonal - (block.col0 + c));
-    }
-  }
+    shapes: ReferenceShapes): tf.Tensor4D {
   return tf.tidy(() => {
+    let distance: tf.Tensor;
+    if (shapes.seqlens != null) {
+      distance = distanceWithLengths(block, shapes);
+    } else {
+      const values = new Float32Array(block.rows * block.cols);
+      for (let r = 0; r < block.rows; r++) {
+        const diagonal = block.row0 + r + shapes.seqK - shapes.seqQ;
+        for (let c = 0; c < block.cols; c++) {
+          values[r * block.cols + c] = Math.abs(diagonal - (block.col0 + c));
+        }
+      }
+      distance = tf.tensor2d(values, [block.rows, block.cols]);
+    }
     const slopes = alibiSlopes.rank === 1 ?
         tf.reshape(alibiSlopes, [1, shapes.heads, 1, 1]) :
         tf.reshape(alibiSlopes, [shapes.batch, shapes.heads, 1, 1]);
-    return tf.mul(tf.neg(slopes), tf.tensor2d(distance, [block.rows, block.cols])) as
-        tf.Tensor4D;
+    return tf.mul(tf.neg(slopes), distance) as tf.Tensor4D;
   });
 }
 
 /** Sets masked scores to -1e30 (before the row max). */
 export function maskScores(
-    scores: tf.Tensor4D, bias: tf.Tensor2D|null): tf.Tensor4D {
+    scores: tf.Tensor4D, bias: tf.Tensor4D|null): tf.Tensor4D {
   return bias == null ? scores : consume(scores, s => tf.add(s, bias));
 }
 
