@@ -8,8 +8,8 @@
 import * as tf from '@tensorflow/tfjs-core';
 
 import {FLASH_ATTENTION_IMPL, flashAttention, flashAttentionVarlen, padInput, unpadInput} from '../src';
-import {forwardStats} from '../kernels/webgpu/flash_attention';
-import {fusedGradRunCount} from '../kernels/webgpu/FlashAttentionGrad';
+import {forwardStats, setForwardOverride} from '../kernels/webgpu/flash_attention';
+import {fusedGradRunCount, setGradTilesOverride} from '../kernels/webgpu/FlashAttentionGrad';
 import {checkOwnPipelineErrors, setPoisonOutputs} from '../kernels/webgpu/own_pipeline';
 
 import {describeBackends} from './harness/backends';
@@ -24,12 +24,22 @@ interface VarlenCase {
   headDimV: number;
   opts: OracleOptions;
   alibi?: 'head'|'batch';
-  /** Keys of sequence b: the query length plus this (>= 0 or random). */
+  /** Keys of sequence b as long as its queries (self-attention). */
   sameLengths?: boolean;
+  /**
+   * Also on webgpu. SwiftShader compiles each new pipeline variant in
+   * seconds, so webgpu runs the cases that combine the options.
+   */
+  webgpu?: boolean;
 }
 
 const CASES: VarlenCase[] = [
-  {name: 'plain', heads: 2, headsKV: 2, headDim: 16, headDimV: 16, opts: {}},
+  {name: 'plain', heads: 2, headsKV: 2, headDim: 16, headDimV: 16, opts: {}, webgpu: true},
+  {name: 'causal, softcap, alibi [B, H], GQA, Dv != D', heads: 4, headsKV: 2, headDim: 8,
+   headDimV: 12, opts: {causal: true, softcap: 2}, alibi: 'batch', webgpu: true},
+  {name: 'dropout, window [4, 1], alibi [H], MQA', heads: 2, headsKV: 1, headDim: 8,
+   headDimV: 8, opts: {dropoutRate: 0.3, seed: 2 ** 33 + 5, windowSize: [4, 1]},
+   alibi: 'head', webgpu: true},
   {name: 'causal (bottom-right per sequence)', heads: 2, headsKV: 2, headDim: 16,
    headDimV: 16, opts: {causal: true}},
   {name: 'causal, self-attention lengths', heads: 2, headsKV: 2, headDim: 8, headDimV: 8,
@@ -216,20 +226,39 @@ describeBackends('flashAttentionVarlen against each sequence alone', backend => 
         tf.env().set(FLASH_ATTENTION_IMPL, impl === 'fused' ? 'fused' : 'reference');
         if (backend === 'webgpu') {
           setPoisonOutputs(true);
+          // Small tiles: several query and key tiles per sequence (the
+          // skipped ones included), and pipelines SwiftShader compiles in
+          // about a second instead of half a minute.
+          setForwardOverride({tiles: {tm: 1, tx: 2, nq: 1, ty: 8}});
+          setGradTilesOverride({dkdv: {bc: 4, br: 4, threads: 16}, dq: {br: 4, bc: 4, threads: 16}});
         }
       });
       afterAll(() => {
         tf.env().set(FLASH_ATTENTION_IMPL, 'auto');
         setPoisonOutputs(false);
+        setForwardOverride(null);
+        setGradTilesOverride(null);
       });
-      for (const c of CASES) {
+      const cases = backend === 'cpu' ? CASES :
+          impl === 'fused' ? CASES.filter(c => c.webgpu) : CASES.filter(c => c.webgpu).slice(1, 2);
+      for (const c of cases) {
         it(c.name, () => checkVarlen(c, freshRng(), impl === 'fused'));
       }
     });
   }
 });
 
-describeBackends('per-batch key lengths on the padded op', () => {
+describeBackends('per-batch key lengths on the padded op', backend => {
+  beforeAll(() => {
+    if (backend === 'webgpu') {
+      setForwardOverride({tiles: {tm: 1, tx: 2, nq: 1, ty: 8}});
+      setGradTilesOverride({dkdv: {bc: 4, br: 4, threads: 16}, dq: {br: 4, bc: 4, threads: 16}});
+    }
+  });
+  afterAll(() => {
+    setForwardOverride(null);
+    setGradTilesOverride(null);
+  });
   it('keyPaddingMask equals seqlensK, and both equal the cut sequences', async () => {
     const rng = freshRng();
     const [batch, seq, heads, dim] = [3, 10, 2, 8];
