@@ -65,17 +65,19 @@ export function runFlashAttention(
 
 /** Checks the shapes and options, then unpacks (if packed) and runs. */
 function attention(
-    opName: string, shapes: AttentionShapes, opts: FlashAttentionOptions,
+    opName: string, shapes: AttentionShapes, opts: FlashAttentionOptions|null|undefined,
     unpack: () => [tf.Tensor4D, tf.Tensor4D, tf.Tensor4D]): FlashAttentionResult {
-  const alibiSlopes = checkAlibi(opts.alibiSlopes, shapes, opName);
-  const attrs = normalizeOptions(opts, shapes.headDim, opName);
-  const {seqlensQ, seqlensK} = lengthOptions(opts, shapes, opName);
+  // Options first: an unknown key or a non-object opts is named before its
+  // values are used.
+  const attrs = normalizeOptions(opts, shapes.headDim, opName, shapes.seqK);
+  const alibiSlopes = checkAlibi(opts?.alibiSlopes, shapes, opName);
+  const {seqlensQ, seqlensK} = lengthOptions(opts ?? {}, shapes, opName);
   const hasSeqlens = seqlensQ != null || seqlensK != null;
   const [q, k, v] = unpack();
   const [out, lse] = runFlashAttention(
       q, k, v, alibiSlopes, shapes, {...attrs, hasSeqlens},
       hasSeqlens ? seqlensInput(shapes, seqlensQ, seqlensK) : undefined);
-  if (opts.returnSoftmaxLse) {
+  if (opts?.returnSoftmaxLse === true) {
     return [out, lse];
   }
   lse.dispose();

@@ -14,8 +14,8 @@
 import * as tf from '@tensorflow/tfjs-core';
 
 import {checkAlibi, checkQKV} from './checks';
-import {normalizeOptions} from './options';
-import type {FlashAttentionOptions} from './options';
+import {normalizeOptions, parseAttentionOptions} from './options';
+import type {FlashAttentionOptions, OptionSpec} from './options';
 import {runFlashAttention} from './ops';
 import {seqlensInput} from './seqlens';
 
@@ -72,6 +72,14 @@ function checkCuSeqlens(value: unknown, argName: string, opName: string): tf.Ten
   }
   return value as tf.Tensor1D;
 }
+
+/** The varlen op's options beyond flashAttention's (src/options.ts). */
+const VARLEN_OPTION_SPECS: readonly OptionSpec[] = [
+  {name: 'maxSeqlenQ', expected: 'an integer >= 1', valid: v => Number.isInteger(v) && (v as number) >= 1,
+   aliases: ['max_seqlen_q', 'maxSeqlen']},
+  {name: 'maxSeqlenK', expected: 'an integer >= 1', valid: v => Number.isInteger(v) && (v as number) >= 1,
+   aliases: ['max_seqlen_k']},
+];
 
 function checkMaxSeqlen(value: unknown, argName: string, opName: string): number {
   if (typeof value !== 'number' || !Number.isInteger(value) || value < 1) {
@@ -216,6 +224,7 @@ function flashAttentionVarlen_(
   if (opts == null || typeof opts !== 'object') {
     throw new Error(`${opName}: opts with maxSeqlenQ and maxSeqlenK is required, got ${String(opts)}`);
   }
+  parseAttentionOptions(opts, opName, VARLEN_OPTION_SPECS);
   for (const name of ['seqlensQ', 'seqlensK', 'keyPaddingMask']) {
     if ((opts as unknown as Record<string, unknown>)[name] != null) {
       throw new Error(`${opName}: ${name} is not an option of the varlen op (cuSeqlensQ/cuSeqlensK give the lengths)`);
@@ -235,7 +244,8 @@ function flashAttentionVarlen_(
       [batch, maxQ, heads, headDim], [batch, maxK, headsKV, headDim],
       [batch, maxK, v.shape[1], headDimV], opName);
   const alibiSlopes = checkAlibi(opts.alibiSlopes, shapes, opName);
-  const attrs = normalizeOptions(opts, headDim, opName);
+  const {maxSeqlenQ: _q, maxSeqlenK: _k, ...attentionOpts} = opts;
+  const attrs = normalizeOptions(attentionOpts, headDim, opName, maxK);
 
   const qPad = paddedFromPacked(q, cuSeqlensQ, maxQ) as tf.Tensor4D;
   const kPad = paddedFromPacked(k, cuSeqlensK, maxK) as tf.Tensor4D;

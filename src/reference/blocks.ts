@@ -18,9 +18,6 @@ import type {AttentionShapes} from '../checks';
 import {fillDropoutMask} from '../dropout';
 import type {FlashAttentionAttrs} from '../kernel_names';
 
-/** Scores of masked positions before the row max (never reaches exp). */
-const MASKED_SCORE = -1e30;
-
 /**
  * The shapes plus, when the call has per-batch lengths, the kernels'
  * `[B, 2]` int32 seqlens tensor (on the device: its masks are built with
@@ -50,6 +47,19 @@ export function visibleKeys(
   return [lo, hi];
 }
 
+/** `[B, 1, 1, 1]` int32: column `column` (0: seqlenQ, 1: seqlenK) of seqlens. */
+function lengthOf(shapes: ReferenceShapes, column: number): tf.Tensor {
+  return tf.reshape(tf.slice(shapes.seqlens!, [0, column], [-1, 1]), [shapes.batch, 1, 1, 1]);
+}
+
+/** `[1, 1, rows, 1]` and `[1, 1, 1, cols]` int32: a block's row and key indices. */
+function blockIndices(block: QueryBlock): [tf.Tensor, tf.Tensor] {
+  return [
+    tf.reshape(tf.range(block.row0, block.row0 + block.rows, 1, 'int32'), [1, 1, block.rows, 1]),
+    tf.reshape(tf.range(block.col0, block.col0 + block.cols, 1, 'int32'), [1, 1, 1, block.cols]),
+  ];
+}
+
 /**
  * `[B, 1, rows, cols]` bool: which keys of a block each row of each batch
  * row sees, from the per-batch lengths (ReferenceShapes.seqlens).
@@ -57,13 +67,8 @@ export function visibleKeys(
 function visibleWithLengths(
     block: QueryBlock, shapes: ReferenceShapes, attrs: FlashAttentionAttrs): tf.Tensor4D {
   return tf.tidy(() => {
-    const lengthOf = (column: number) => tf.reshape(
-        tf.slice(shapes.seqlens!, [0, column], [-1, 1]), [shapes.batch, 1, 1, 1]);
-    const [seqQ, seqK] = [lengthOf(0), lengthOf(1)];
-    const i = tf.reshape(
-        tf.range(block.row0, block.row0 + block.rows, 1, 'int32'), [1, 1, block.rows, 1]);
-    const j = tf.reshape(
-        tf.range(block.col0, block.col0 + block.cols, 1, 'int32'), [1, 1, 1, block.cols]);
+    const [seqQ, seqK] = [lengthOf(shapes, 0), lengthOf(shapes, 1)];
+    const [i, j] = blockIndices(block);
     const diagonal = tf.sub(tf.add(i, seqK), seqQ);
     let ok = tf.logicalAnd(tf.less(i, seqQ), tf.less(j, seqK));
     if (attrs.windowLeft >= 0) {
@@ -73,20 +78,6 @@ function visibleWithLengths(
       ok = tf.logicalAnd(ok, tf.lessEqual(j, tf.add(diagonal, attrs.windowRight)));
     }
     return ok as tf.Tensor4D;
-  });
-}
-
-/** `[B, 1, rows, cols]` float: `|i + seqlenK_b - seqlenQ_b - j|`. */
-function distanceWithLengths(block: QueryBlock, shapes: ReferenceShapes): tf.Tensor4D {
-  return tf.tidy(() => {
-    const lengthOf = (column: number) => tf.reshape(
-        tf.slice(shapes.seqlens!, [0, column], [-1, 1]), [shapes.batch, 1, 1, 1]);
-    const i = tf.reshape(
-        tf.range(block.row0, block.row0 + block.rows, 1, 'int32'), [1, 1, block.rows, 1]);
-    const j = tf.reshape(
-        tf.range(block.col0, block.col0 + block.cols, 1, 'int32'), [1, 1, 1, block.cols]);
-    return tf.cast(tf.abs(tf.sub(tf.sub(tf.add(i, lengthOf(1)), lengthOf(0)), j)), 'float32') as
-        tf.Tensor4D;
   });
 }
 
@@ -102,7 +93,7 @@ export function planQueryBlocks(
     const rows = Math.min(rowsPerBlock, shapes.seqQ - row0);
     if (shapes.seqlens != null) {
       // Each batch row has its own diagonal: every block spans every key
-      // (the masks come from the lengths on the device).
+      // (the masks come from the lengths, on the device).
       blocks.push({row0, rows, col0: 0, cols: shapes.seqK});
       continue;
     }
@@ -116,31 +107,29 @@ export function planQueryBlocks(
 }
 
 /**
- * `[1 or B, 1, rows, cols]` additive mask of a block (B with per-batch
- * lengths): 0 where the key is visible, -1e30 where not; null when the
- * whole block is visible. (An add broadcasts without materialising the
- * mask at the scores' size.)
+ * `[rows, cols]` bool mask of a block: true where the key is visible; null
+ * when the whole block is visible. Masking selects (never adds), so a
+ * masked score, whatever its value (1e38, Inf, NaN), never reaches the
+ * softmax.
  */
-export function maskBias(
+export function visibleMask(
     block: QueryBlock, shapes: ReferenceShapes,
-    attrs: FlashAttentionAttrs): tf.Tensor4D|null {
-  if (shapes.seqlens != null) {
-    return tf.tidy(() => tf.where(
-        visibleWithLengths(block, shapes, attrs), tf.scalar(0),
-        tf.scalar(MASKED_SCORE)) as unknown as tf.Tensor4D);
+    attrs: FlashAttentionAttrs): tf.Tensor|null {
+  if (shapes.seqlens != null) {  // [B, 1, rows, cols]
+    return visibleWithLengths(block, shapes, attrs);
   }
-  const values = new Float32Array(block.rows * block.cols);
+  const values = new Uint8Array(block.rows * block.cols);
   let all = true;
   for (let r = 0; r < block.rows; r++) {
     const [lo, hi] = visibleKeys(block.row0 + r, shapes, attrs);
     for (let c = 0; c < block.cols; c++) {
       const j = block.col0 + c;
       const visible = j >= lo && j <= hi;
-      values[r * block.cols + c] = visible ? 0 : MASKED_SCORE;
+      values[r * block.cols + c] = visible ? 1 : 0;
       all = all && visible;
     }
   }
-  return all ? null : tf.tensor4d(values, [1, 1, block.rows, block.cols]);
+  return all ? null : tf.tensor2d(values, [block.rows, block.cols], 'bool');
 }
 
 /** `[1 or B, 1, rows, 1]` bool: does the row see at least one key? */
@@ -253,7 +242,9 @@ function alibiBias(
   return tf.tidy(() => {
     let distance: tf.Tensor;
     if (shapes.seqlens != null) {
-      distance = distanceWithLengths(block, shapes);
+      const [i, j] = blockIndices(block);
+      distance = tf.cast(tf.abs(tf.sub(
+          tf.sub(tf.add(i, lengthOf(shapes, 1)), lengthOf(shapes, 0)), j)), 'float32');
     } else {
       const values = new Float32Array(block.rows * block.cols);
       for (let r = 0; r < block.rows; r++) {
@@ -271,16 +262,18 @@ function alibiBias(
   });
 }
 
-/** Sets masked scores to -1e30 (before the row max). */
+/** Replaces masked entries of `x` by `fill` (-Infinity for scores). */
 export function maskScores(
-    scores: tf.Tensor4D, bias: tf.Tensor4D|null): tf.Tensor4D {
-  return bias == null ? scores : consume(scores, s => tf.add(s, bias));
+    x: tf.Tensor4D, visible: tf.Tensor|null, fill = -Infinity): tf.Tensor4D {
+  return visible == null ?
+      x :
+      consume(x, s => tf.where(visible, s, tf.scalar(fill) as tf.Tensor as tf.Tensor4D));
 }
 
 /**
  * Probabilities `exp(scores - lse)` of a block. `lse` is `[B, H, rows, 1]`
- * and -Infinity for rows that see no key. Masked scores are -1e30, so their
- * exp underflows to exactly 0 without another select.
+ * and -Infinity for rows that see no key. Masked scores are -Infinity, so
+ * their exp is exactly 0 without another select.
  */
 export function probabilitiesFromLse(
     maskedScores: tf.Tensor4D, lse: tf.Tensor4D,
