@@ -10,9 +10,9 @@ import {AttentionShapes, checkAlibi, checkKVPacked, checkQKV, checkQKVPacked, ch
 import {useFusedKernel} from './dispatch';
 import {getReferenceBlockElements} from './flags';
 import {FlashAttention, FlashAttentionAttrs} from './kernel_names';
-import {FlashAttentionOptions, normalizeOptions} from './options';
+import {FlashAttentionOptions, normalizeOptions, parseAttentionOptions} from './options';
 import {referenceForward} from './reference/forward';
-import {checkLengths, keyPaddingMaskLengths, seqlensInput} from './seqlens';
+import {checkLengths, keyPaddingMaskLengths, LENGTH_OPTION_SPECS, seqlensInput} from './seqlens';
 
 /** `out`, or `[out, softmaxLse]` with `returnSoftmaxLse: true`. */
 export type FlashAttentionResult = tf.Tensor4D|[tf.Tensor4D, tf.Tensor3D];
@@ -69,9 +69,12 @@ function attention(
     unpack: () => [tf.Tensor4D, tf.Tensor4D, tf.Tensor4D]): FlashAttentionResult {
   // Options first: an unknown key or a non-object opts is named before its
   // values are used.
-  const attrs = normalizeOptions(opts, shapes.headDim, opName, shapes.seqK);
+  const {seqlensQ: q0, seqlensK: k0, keyPaddingMask: m0, ...attentionOpts} =
+      parseAttentionOptions<FlashAttentionOptions>(opts, opName, LENGTH_OPTION_SPECS);
+  const attrs = normalizeOptions(attentionOpts, shapes.headDim, opName, shapes.seqK);
   const alibiSlopes = checkAlibi(opts?.alibiSlopes, shapes, opName);
-  const {seqlensQ, seqlensK} = lengthOptions(opts ?? {}, shapes, opName);
+  const {seqlensQ, seqlensK} =
+      lengthOptions({seqlensQ: q0, seqlensK: k0, keyPaddingMask: m0}, shapes, opName);
   const hasSeqlens = seqlensQ != null || seqlensK != null;
   const [q, k, v] = unpack();
   const [out, lse] = runFlashAttention(

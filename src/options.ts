@@ -140,26 +140,6 @@ export const ATTENTION_OPTION_SPECS: readonly OptionSpec[] = [
     aliases: ['return_softmax_lse', 'return_lse', 'return_attn_probs',
               'return_softmax', 'returnLse'],
   },
-  // Per-batch lengths (docs/varlen.md); shapes and dtypes are checked
-  // against the call in src/seqlens.ts.
-  {
-    name: 'seqlensQ',
-    expected: 'a tf.Tensor of shape [B] and dtype int32',
-    valid: v => v instanceof Tensor,
-    aliases: ['seqlens_q', 'query_lengths', 'seqlen_q'],
-  },
-  {
-    name: 'seqlensK',
-    expected: 'a tf.Tensor of shape [B] and dtype int32',
-    valid: v => v instanceof Tensor,
-    aliases: ['seqlens_k', 'key_lengths', 'seqlen_k', 'cache_seqlens'],
-  },
-  {
-    name: 'keyPaddingMask',
-    expected: 'a tf.Tensor of shape [B, Sk] and dtype bool',
-    valid: v => v instanceof Tensor,
-    aliases: ['key_padding_mask', 'padding_mask', 'attention_mask', 'attentionMask', 'mask'],
-  },
 ];
 
 /** Keys of flash_attn and PyTorch with no counterpart: why, not a typo. */

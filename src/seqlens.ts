@@ -6,6 +6,32 @@
 import * as tf from '@tensorflow/tfjs-core';
 
 import type {AttentionShapes} from './checks';
+import type {OptionSpec} from './options';
+
+/**
+ * The padded ops' length options (flashAttention and its packed variants
+ * only: the varlen and KV-cache ops take lengths their own way).
+ */
+export const LENGTH_OPTION_SPECS: readonly OptionSpec[] = [
+  {
+    name: 'seqlensQ',
+    expected: 'a tf.Tensor of shape [B] and dtype int32',
+    valid: v => v instanceof tf.Tensor,
+    aliases: ['seqlens_q', 'query_lengths', 'seqlen_q'],
+  },
+  {
+    name: 'seqlensK',
+    expected: 'a tf.Tensor of shape [B] and dtype int32',
+    valid: v => v instanceof tf.Tensor,
+    aliases: ['seqlens_k', 'key_lengths', 'seqlen_k'],
+  },
+  {
+    name: 'keyPaddingMask',
+    expected: 'a tf.Tensor of shape [B, Sk] and dtype bool',
+    valid: v => v instanceof tf.Tensor,
+    aliases: ['key_padding_mask', 'padding_mask', 'attention_mask', 'attentionMask', 'mask'],
+  },
+];
 
 function shapeString(shape: readonly number[]): string {
   return `[${shape.join(', ')}]`;

@@ -225,11 +225,6 @@ function flashAttentionVarlen_(
     throw new Error(`${opName}: opts with maxSeqlenQ and maxSeqlenK is required, got ${String(opts)}`);
   }
   parseAttentionOptions(opts, opName, VARLEN_OPTION_SPECS);
-  for (const name of ['seqlensQ', 'seqlensK', 'keyPaddingMask']) {
-    if ((opts as unknown as Record<string, unknown>)[name] != null) {
-      throw new Error(`${opName}: ${name} is not an option of the varlen op (cuSeqlensQ/cuSeqlensK give the lengths)`);
-    }
-  }
   const maxQ = checkMaxSeqlen(opts.maxSeqlenQ, 'maxSeqlenQ', opName);
   const maxK = checkMaxSeqlen(opts.maxSeqlenK, 'maxSeqlenK', opName);
   const batch = cuSeqlensQ.shape[0] - 1;
