@@ -19,18 +19,30 @@ export type FusedSupportCheck =
 
 const supportChecks = new Map<string, FusedSupportCheck>();
 
+/** Inputs a fused kernel understands beyond q, k, v and alibiSlopes. */
+export interface FusedKernelFeatures {
+  /**
+   * Per-batch sequence lengths (the `seqlens` input). A kernel without it
+   * never gets a call that has lengths: those take the reference.
+   */
+  seqlens?: boolean;
+}
+const kernelFeatures = new Map<string, FusedKernelFeatures>();
+
 function key(kernelName: string, backendName: string): string {
   return `${kernelName}@${backendName}`;
 }
 
 /** Registers a fused kernel with tfjs and records which calls it takes. */
 export function registerFusedKernel(
-    config: tf.KernelConfig, supports: FusedSupportCheck = () => null): void {
+    config: tf.KernelConfig, supports: FusedSupportCheck = () => null,
+    features: FusedKernelFeatures = {}): void {
   if (tf.getKernel(config.kernelName, config.backendName) != null) {
     tf.unregisterKernel(config.kernelName, config.backendName);
   }
   tf.registerKernel(config);
   supportChecks.set(key(config.kernelName, config.backendName), supports);
+  kernelFeatures.set(key(config.kernelName, config.backendName), features);
 }
 
 /** Is a fused kernel registered for this backend (whatever the call)? */
@@ -54,6 +66,10 @@ export function useFusedKernel(
   let reason: string|null;
   if (!hasFusedKernel(kernelName, backendName)) {
     reason = `backend '${backendName}' has no fused ${kernelName} kernel`;
+  } else if (attrs.hasSeqlens &&
+             !kernelFeatures.get(key(kernelName, backendName))?.seqlens) {
+    reason = `the fused ${kernelName} kernel of backend '${
+        backendName}' does not take per-batch sequence lengths`;
   } else {
     reason = supportChecks.get(key(kernelName, backendName))!(
         shapes, attrs, tf.engine().findBackend(backendName));

@@ -18,6 +18,12 @@ export interface FlashAttentionInputs extends NamedTensorInfoMap {
   v: TensorInfo;
   /** `[H]` or `[B, H]`; absent when ALiBi is off. */
   alibiSlopes?: TensorInfo;
+  /**
+   * `[B, 2]` int32 (seqlenQ_b, seqlenK_b); shape `[0]` or absent when every
+   * batch row uses the whole Sq and Sk. Only kernels registered with
+   * `{seqlens: true}` (registerFusedKernel) receive a non-empty one.
+   */
+  seqlens?: TensorInfo;
 }
 
 export interface FlashAttentionGradInputs extends NamedTensorInfoMap {
@@ -31,6 +37,7 @@ export interface FlashAttentionGradInputs extends NamedTensorInfoMap {
   out: TensorInfo;
   softmaxLse: TensorInfo;
   alibiSlopes?: TensorInfo;
+  seqlens?: TensorInfo;
 }
 
 /**
@@ -53,6 +60,11 @@ export interface FlashAttentionAttrs {
   /** Low and high 32 bits of the dropout seed (the Philox key). */
   seedLo: number;
   seedHi: number;
+  /**
+   * True when the call has per-batch lengths (the `seqlens` input). Lets
+   * dispatch keep such calls away from fused kernels that ignore them.
+   */
+  hasSeqlens?: boolean;
 }
 
 /**

@@ -10,8 +10,9 @@ import {AttentionShapes, checkAlibi, checkKVPacked, checkQKV, checkQKVPacked, ch
 import {useFusedKernel} from './dispatch';
 import {getReferenceBlockElements} from './flags';
 import {FlashAttention, FlashAttentionAttrs} from './kernel_names';
-import {FlashAttentionOptions, normalizeOptions} from './options';
+import {FlashAttentionOptions, normalizeOptions, parseAttentionOptions} from './options';
 import {referenceForward} from './reference/forward';
+import {checkLengths, keyPaddingMaskLengths, LENGTH_OPTION_SPECS, seqlensInput} from './seqlens';
 
 /** `out`, or `[out, softmaxLse]` with `returnSoftmaxLse: true`. */
 export type FlashAttentionResult = tf.Tensor4D|[tf.Tensor4D, tf.Tensor3D];
@@ -29,14 +30,17 @@ interface KernelFuncRunner {
 }
 
 /** Runs FlashAttention (fused or reference) and returns `[out, lse]`. */
-function runFlashAttention(
+export function runFlashAttention(
     q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D,
     alibiSlopes: tf.Tensor|undefined, shapes: AttentionShapes,
-    attrs: FlashAttentionAttrs): [tf.Tensor4D, tf.Tensor3D] {
-  // Kernels always receive alibiSlopes; shape [0] means "no ALiBi", so the
-  // gradient can save it like any other input.
+    attrs: FlashAttentionAttrs,
+    seqlensArg?: tf.Tensor2D): [tf.Tensor4D, tf.Tensor3D] {
+  // Kernels always receive alibiSlopes and seqlens; shape [0] means "no
+  // ALiBi" / "whole sequences", so the gradient can save them like any
+  // other input.
   const slopes = alibiSlopes ?? tf.zeros([0]);
-  const inputs = {q, k, v, alibiSlopes: slopes};
+  const seqlens: tf.Tensor = seqlensArg ?? tf.zeros([0], 'int32');
+  const inputs = {q, k, v, alibiSlopes: slopes, seqlens};
   const kernelAttrs = attrs as unknown as tf.NamedAttrMap;
   if (useFusedKernel(FlashAttention, shapes, attrs)) {
     return tf.engine().runKernel(
@@ -48,8 +52,9 @@ function runFlashAttention(
   return engine.runKernelFunc({
     forwardFunc: (_backend, save) => {
       const [out, lse] = referenceForward(
-          q, k, v, alibiSlopes ?? null, shapes, attrs, blockElements);
-      save([q, k, v, slopes, out, lse]);
+          q, k, v, alibiSlopes ?? null,
+          {...shapes, seqlens: seqlens.size === 0 ? null : seqlens}, attrs, blockElements);
+      save([q, k, v, slopes, seqlens, out, lse]);
       return [out, lse];
     },
     backwardsFunc: (dys, saved) => flashAttentionGradFunc(dys, saved, kernelAttrs),
@@ -64,15 +69,40 @@ function attention(
     unpack: () => [tf.Tensor4D, tf.Tensor4D, tf.Tensor4D]): FlashAttentionResult {
   // Options first: an unknown key or a non-object opts is named before its
   // values are used.
-  const attrs = normalizeOptions(opts, shapes.headDim, opName, shapes.seqK, shapes.seqQ);
+  const {seqlensQ: q0, seqlensK: k0, keyPaddingMask: m0, ...attentionOpts} =
+      parseAttentionOptions<FlashAttentionOptions>(opts, opName, LENGTH_OPTION_SPECS);
+  const attrs =
+      normalizeOptions(attentionOpts, shapes.headDim, opName, shapes.seqK, shapes.seqQ);
   const alibiSlopes = checkAlibi(opts?.alibiSlopes, shapes, opName);
+  const {seqlensQ, seqlensK} =
+      lengthOptions({seqlensQ: q0, seqlensK: k0, keyPaddingMask: m0}, shapes, opName);
+  const hasSeqlens = seqlensQ != null || seqlensK != null;
   const [q, k, v] = unpack();
-  const [out, lse] = runFlashAttention(q, k, v, alibiSlopes, shapes, attrs);
+  const [out, lse] = runFlashAttention(
+      q, k, v, alibiSlopes, shapes, {...attrs, hasSeqlens},
+      hasSeqlens ? seqlensInput(shapes, seqlensQ, seqlensK) : undefined);
   if (opts?.returnSoftmaxLse === true) {
     return [out, lse];
   }
   lse.dispose();
   return out;
+}
+
+/** seqlensQ, seqlensK and keyPaddingMask, checked (docs/varlen.md). */
+function lengthOptions(
+    opts: FlashAttentionOptions, shapes: AttentionShapes,
+    opName: string): {seqlensQ?: tf.Tensor1D, seqlensK?: tf.Tensor1D} {
+  const seqlensQ = opts.seqlensQ == null ? undefined :
+                                           checkLengths(opts.seqlensQ, 'seqlensQ', shapes.batch, opName);
+  let seqlensK = opts.seqlensK == null ? undefined :
+                                         checkLengths(opts.seqlensK, 'seqlensK', shapes.batch, opName);
+  if (opts.keyPaddingMask != null) {
+    if (seqlensK != null) {
+      throw new Error(`${opName}: give seqlensK or keyPaddingMask, not both`);
+    }
+    seqlensK = keyPaddingMaskLengths(opts.keyPaddingMask, shapes, opName);
+  }
+  return {seqlensQ, seqlensK};
 }
 
 /**

@@ -44,6 +44,24 @@ export interface FlashAttentionOptions {
   seed?: number;
   /** Also return the softmax log-sum-exp, `[B, H, Sq]`. */
   returnSoftmaxLse?: boolean;
+  /**
+   * `[B]` int32: batch row b has only its first `seqlensQ[b]` query rows
+   * (clamped to [0, Sq]); later rows output 0 (lse -Infinity) and get no
+   * gradient. The causal/window/ALiBi diagonal becomes
+   * `i + seqlenK_b - seqlenQ_b` (docs/varlen.md).
+   */
+  seqlensQ?: Tensor;
+  /**
+   * `[B]` int32: batch row b attends to its first `seqlensK[b]` keys only
+   * (clamped to [0, Sk]); the fused kernels skip the rest by tile.
+   */
+  seqlensK?: Tensor;
+  /**
+   * `[B, Sk]` bool key padding mask (true = a real key), each row real keys
+   * then padding: the same as `seqlensK` = the count of trues. A mask that
+   * is not a padding mask is an error (read back once per tensor).
+   */
+  keyPaddingMask?: Tensor;
 }
 
 /** One option: its name, what it must be, and the names users mistype. */

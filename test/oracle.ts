@@ -31,6 +31,11 @@ export interface OracleOptions {
   softcap?: number;
   dropoutRate?: number;
   seed?: number;
+  /**
+   * Added to b in the dropout keys: one sequence of a batch run alone
+   * (batch 0 here) draws the bits of batch row `dropoutBatchOffset`.
+   */
+  dropoutBatchOffset?: number;
 }
 
 export interface OracleForward {
@@ -77,7 +82,7 @@ function dropoutKeep(
   }
   const seed = o.seed ?? 0;
   const words = philox4x32(
-      Math.floor(j / 4), i, h, b, seed % 2 ** 32, Math.floor(seed / 2 ** 32),
+      Math.floor(j / 4), i, h, b + (o.dropoutBatchOffset ?? 0), seed % 2 ** 32, Math.floor(seed / 2 ** 32),
       new Uint32Array(4));
   // The definition of src/dropout.ts, written out again.
   const threshold = Math.min(Math.floor(rate * 2 ** 32), 2 ** 32 - 1);

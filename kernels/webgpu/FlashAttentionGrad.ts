@@ -137,7 +137,7 @@ function flashAttentionGradWebGPU(
     tf.TensorInfo[] {
   const webgpu = backend as WebGPUBackend;
   const a = attrs as unknown as FlashAttentionAttrs;
-  const {dy, dLse, q, k, v, out, softmaxLse, alibiSlopes} =
+  const {dy, dLse, q, k, v, out, softmaxLse, alibiSlopes, seqlens} =
       inputs as unknown as FlashAttentionGradInputs;
   const [batch, seqQ, heads, headDim] = q.shape;
   const [, seqK, headsKV] = k.shape;
@@ -147,14 +147,17 @@ function flashAttentionGradWebGPU(
   tf.util.assert(tiles != null, () => `FlashAttentionGrad: head dims ${headDim}/${
       headDimV} do not fit the device's workgroup storage`);
   const hasAlibi = alibiSlopes != null && tf.util.sizeFromShape(alibiSlopes.shape) > 0;
-  const features = gradFeatures(a, hasAlibi);
+  const hasSeqlens = seqlens != null && tf.util.sizeFromShape(seqlens.shape) > 0;
+  const features = gradFeatures(a, hasAlibi, hasSeqlens);
   const slopes = hasAlibi ? [alibiSlopes!] : [];
 
   const uniforms = gradUniforms(shapes, a, hasAlibi ? alibiSlopes!.shape : []);
-  const deltaProgram = new FlashAttentionGradDeltaProgram(shapes);
+  const deltaProgram = new FlashAttentionGradDeltaProgram(shapes, hasSeqlens);
+  // (lse, Delta) per row, then (seqlenQ, seqlenK) per batch row if any.
+  const statsRows = batch * heads * seqQ + (hasSeqlens ? batch : 0);
   const [stats] = runOwnPipeline(webgpu, deltaProgram, {
-    inputs: [dy, out, dLse, softmaxLse],
-    outputs: [{shape: [batch, heads, seqQ, 2], dtype: 'float32'}],
+    inputs: [dy, out, dLse, softmaxLse, ...(hasSeqlens ? [seqlens!] : [])],
+    outputs: [{shape: [statsRows, 2], dtype: 'float32'}],
     uniforms,
     dispatch: deltaProgram.workgroups,
   });
@@ -194,5 +197,5 @@ export const flashAttentionGradWebGPUConfig: tf.KernelConfig = {
 
 /** Registers the fused backward for the webgpu backend. */
 export function registerFlashAttentionGradWebGPU(): void {
-  registerFusedKernel(flashAttentionGradWebGPUConfig, flashAttentionGradSupports);
+  registerFusedKernel(flashAttentionGradWebGPUConfig, flashAttentionGradSupports, {seqlens: true});
 }

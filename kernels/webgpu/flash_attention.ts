@@ -203,7 +203,7 @@ export function flashAttentionWebGPU(
     args: {inputs: tf.NamedTensorInfoMap, backend: tf.KernelBackend,
            attrs?: tf.NamedAttrMap}): tf.TensorInfo[] {
   const backend = args.backend as unknown as WebGPUBackend;
-  const {q, k, v, alibiSlopes} = args.inputs as Record<string, tf.TensorInfo>;
+  const {q, k, v, alibiSlopes, seqlens} = args.inputs as Record<string, tf.TensorInfo>;
   const attrs = args.attrs as unknown as FlashAttentionAttrs;
   const [batch, seqQ, heads, headDim] = q.shape;
   const [, seqK, headsKV] = k.shape;
@@ -216,7 +216,8 @@ export function flashAttentionWebGPU(
   const plan = planForward(backend.device, headDim, headDimV, batch * heads * seqQ)!;
   const hasAlibi = alibiSlopes != null && tf.util.sizeFromShape(alibiSlopes.shape) > 0;
   const alibiMode = !hasAlibi ? 0 : alibiSlopes.shape.length === 1 ? 1 : 2;
-  const score = scoreOptionsFromAttrs(attrs, hasAlibi);
+  const hasSeqlens = seqlens != null && tf.util.sizeFromShape(seqlens.shape) > 0;
+  const score = scoreOptionsFromAttrs(attrs, hasAlibi, hasSeqlens);
   const config: ForwardConfig = {
     headDim, headDimV, tiles: plan.tiles, score, alibiMode,
     dropout: attrs.dropoutRate > 0, subgroups: plan.subgroups,
@@ -246,7 +247,7 @@ export function flashAttentionWebGPU(
   for (const [name, type] of FORWARD_UNIFORMS) {
     w[type](values[name]);
   }
-  const inputs = hasAlibi ? [q, k, v, alibiSlopes] : [q, k, v];
+  const inputs = [q, k, v, ...(hasAlibi ? [alibiSlopes] : []), ...(hasSeqlens ? [seqlens] : [])];
   forwardStats.dispatches++;
   return runOwnPipeline(backend, {
     key: forwardKey(config),

@@ -20,23 +20,31 @@ const ROWS = 16;
 
 export class FlashAttentionGradDeltaProgram implements OwnPipelineSpec {
   readonly key: string;
-  readonly numInputs = 4;
+  readonly numInputs: number;
   readonly numOutputs = 1;
   readonly hasUniforms = true;
   readonly workgroups: [number, number, number];
   private readonly source: string;
 
-  constructor(shapes: AttentionShapes) {
+  /**
+   * With `seqlens` (a fifth input, [B, 2] int32), the pass also copies the
+   * per-batch lengths to the end of `stats` (B more entries, bit-cast), where
+   * the dK/dV and dQ passes read them: a binding of their own would take the
+   * key-block pass with ALiBi past the 8 storage buffers.
+   */
+  constructor(shapes: AttentionShapes, seqlens = false) {
     const dv = shapes.headDimV;
     const rows = shapes.batch * shapes.heads * shapes.seqQ;
-    this.key = `flashAttentionGradDelta_${dv}`;
+    this.numInputs = seqlens ? 5 : 4;
+    this.key = `flashAttentionGradDelta_${dv}_${+seqlens}`;
     this.workgroups = dispatchGrid(Math.ceil(rows / ROWS));
-    this.source = `${paramsWGSL(5)}
+    this.source = `${paramsWGSL(this.numInputs + 1)}
 @group(0) @binding(0) var<storage, read> dy: array<f32>;
 @group(0) @binding(1) var<storage, read> outs: array<f32>;
 @group(0) @binding(2) var<storage, read> dLse: array<f32>;
 @group(0) @binding(3) var<storage, read> lse: array<f32>;
-@group(0) @binding(4) var<storage, read_write> stats: array<vec2<f32>>;
+${seqlens ? '@group(0) @binding(4) var<storage, read> seqlens: array<i32>;' : ''}
+@group(0) @binding(${this.numInputs}) var<storage, read_write> stats: array<vec2<f32>>;
 const DV = ${dv};
 const LANES = ${LANES};
 
@@ -64,6 +72,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
       partial[t] += partial[t + stride];
     }
   }
+  ${seqlens ? `if (row < p.batch && lane == 0) {
+    stats[p.batch * p.heads * p.seqQ + row] =
+        bitcast<vec2<f32>>(vec2<i32>(seqlens[2 * row], seqlens[2 * row + 1]));
+  }` : ''}
   if (valid && lane == 0) {
     let h = row % p.heads;
     let i = (row / p.heads) % p.seqQ;

@@ -17,7 +17,7 @@
  * against 3.59 ms at D=64, S=4096 causal on the H100).
  */
 import type {OwnPipelineSpec} from './own_pipeline';
-import {featureKey, fetchRowsWGSL, GradFeatures, gradCommonWGSL, loadKeyTileWGSL, loadQueryBlockWGSL, prefetchSlots, storeRowsWGSL, paramsWGSL, scoresAndDpWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
+import {optionalInputsWGSL, featureKey, fetchRowsWGSL, GradFeatures, gradCommonWGSL, loadKeyTileWGSL, loadQueryBlockWGSL, prefetchSlots, storeRowsWGSL, paramsWGSL, scoresAndDpWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
 
 export interface DkDvTiles {
   /** Keys per workgroup (multiple of 4). */
@@ -135,7 +135,8 @@ export class FlashAttentionGradDkDvProgram implements OwnPipelineSpec {
       ${loadQueryBlockWGSL(d, d4, dv, dv4)}
       workgroupBarrier();
 `;
-    this.numInputs = f.alibi ? 6 : 5;
+    const optional = optionalInputsWGSL(f);
+    this.numInputs = optional.numInputs;
     this.numOutputs = 2;
     const out0 = this.numInputs;
     this.source = `${paramsWGSL(out0 + 2)}
@@ -144,7 +145,7 @@ export class FlashAttentionGradDkDvProgram implements OwnPipelineSpec {
 @group(0) @binding(2) var<storage, read> v: array<f32>;
 @group(0) @binding(3) var<storage, read> dy: array<f32>;
 @group(0) @binding(4) var<storage, read> stats: array<vec2<f32>>;  // (lse, Delta)
-${f.alibi ? '@group(0) @binding(5) var<storage, read> slopes: array<f32>;' : ''}
+${optional.wgsl}
 @group(0) @binding(${out0}) var<storage, read_write> dk: array<f32>;
 @group(0) @binding(${out0 + 1}) var<storage, read_write> dv: array<f32>;
 ${gradCommonWGSL(f)}
@@ -188,13 +189,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   for (var n = 0; n < ${4 * nd}; n++) { dkAcc[n] = vec4<f32>(0.0); }
   for (var n = 0; n < ${4 * ndv}; n++) { dvAcc[n] = vec4<f32>(0.0); }
 
-  // Query rows that can see some key of this block.
-  let off = p.seqK - p.seqQ;
-  let jLast = min(j0 + BC, p.seqK) - 1;
-  var iLo = 0;
-  if (p.windowRight >= 0) { iLo = max(0, j0 - off - p.windowRight); }
-  var iHi = p.seqQ - 1;
-  if (p.windowLeft >= 0) { iHi = min(p.seqQ - 1, jLast - off + p.windowLeft); }
+  // Query rows that can see some key of this block (none past the batch
+  // row's keys: such a block writes zeros at once).
+  let rows = fa_query_range(j0, j0 + BC, gradScoreParams(b, hk * groups));
+  let iLo = rows.x;
+  let iHi = rows.y - 1;
 ${sPhaseWGSL(s)}
   let kx = t % XT;           // accumulation: first dim quad
   let kq = t / XT;           // accumulation: key quad

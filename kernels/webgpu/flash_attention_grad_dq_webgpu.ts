@@ -13,7 +13,7 @@
  * causal on the H100).
  */
 import type {OwnPipelineSpec} from './own_pipeline';
-import {featureKey, fetchKeyTileWGSL, GradFeatures, gradCommonWGSL, loadKeyTileWGSL, loadQueryBlockWGSL, prefetchSlots, storeKeyTileWGSL, paramsWGSL, scoresAndDpWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
+import {optionalInputsWGSL, featureKey, fetchKeyTileWGSL, GradFeatures, gradCommonWGSL, loadKeyTileWGSL, loadQueryBlockWGSL, prefetchSlots, storeKeyTileWGSL, paramsWGSL, scoresAndDpWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
 
 export interface DqTiles {
   /** Query rows per workgroup. */
@@ -126,7 +126,8 @@ export class FlashAttentionGradDqProgram implements OwnPipelineSpec {
     workgroupBarrier();
     ${loadKeyTileWGSL('KST')}
     workgroupBarrier();`;
-    this.numInputs = f.alibi ? 6 : 5;
+    const optional = optionalInputsWGSL(f);
+    this.numInputs = optional.numInputs;
     this.numOutputs = 1;
     const out0 = this.numInputs;
     this.source = `${paramsWGSL(out0 + 1)}
@@ -135,7 +136,7 @@ export class FlashAttentionGradDqProgram implements OwnPipelineSpec {
 @group(0) @binding(2) var<storage, read> v: array<f32>;
 @group(0) @binding(3) var<storage, read> dy: array<f32>;
 @group(0) @binding(4) var<storage, read> stats: array<vec2<f32>>;  // (lse, Delta)
-${f.alibi ? '@group(0) @binding(5) var<storage, read> slopes: array<f32>;' : ''}
+${optional.wgsl}
 @group(0) @binding(${out0}) var<storage, read_write> dq: array<f32>;
 ${gradCommonWGSL(f)}
 const D = ${d};
@@ -185,13 +186,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
 
   // Keys some row of the block can see; the start aligned to BC (so key
   // quads are aligned for the dropout words).
-  let off = p.seqK - p.seqQ;
-  let iLast = min(i0 + BR, p.seqQ) - 1;
-  var jLo = 0;
-  if (p.windowLeft >= 0) { jLo = max(0, i0 + off - p.windowLeft); }
-  var jHi = p.seqK - 1;
-  if (p.windowRight >= 0) { jHi = min(p.seqK - 1, iLast + off + p.windowRight); }
-  jLo = (jLo / BC) * BC;
+  // (None for a block past the batch row's queries: it writes zeros.)
+  let keys = fa_key_range(i0, min(i0 + BR, p.seqQ), sp);
+  let jLo = (keys.x / BC) * BC;
+  let jHi = keys.y - 1;
 ${sPhaseWGSL(s)}
   let qx = t % XT;
   let qr = t / XT;

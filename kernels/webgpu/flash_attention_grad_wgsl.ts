@@ -9,15 +9,28 @@ import type {AttentionShapes} from '../../src/checks';
 import {dropoutThreshold} from '../../src/dropout';
 
 import {UniformWriter} from './own_pipeline';
-import {dropoutWGSL, philoxWGSL, ScoreOptions, scoreKey, scoreOptionsFromAttrs, scoreWGSL} from './wgsl_snippets';
+import {dropoutWGSL, keyRangeWGSL, philoxWGSL, queryRangeWGSL, ScoreOptions, scoreKey, scoreOptionsFromAttrs, scoreWGSL} from './wgsl_snippets';
 
 /** What is baked into a program (and so into its pipeline key). */
 export interface GradFeatures extends ScoreOptions {
   dropout: boolean;
 }
 
-export function gradFeatures(attrs: FlashAttentionAttrs, hasAlibi: boolean): GradFeatures {
-  return {...scoreOptionsFromAttrs(attrs, hasAlibi), dropout: attrs.dropoutRate > 0};
+export function gradFeatures(
+    attrs: FlashAttentionAttrs, hasAlibi: boolean, hasSeqlens = false): GradFeatures {
+  return {...scoreOptionsFromAttrs(attrs, hasAlibi, hasSeqlens), dropout: attrs.dropoutRate > 0};
+}
+
+/**
+ * The optional read-only binding after the five common inputs (q, k, v,
+ * dy, stats): ALiBi slopes. (Per-batch lengths come at the end of `stats`:
+ * see FlashAttentionGradDeltaProgram.) Returns the WGSL and the number of
+ * inputs in all.
+ */
+export function optionalInputsWGSL(f: GradFeatures): {wgsl: string, numInputs: number} {
+  return f.alibi ?
+      {wgsl: '@group(0) @binding(5) var<storage, read> slopes: array<f32>;', numInputs: 6} :
+      {wgsl: '', numInputs: 5};
 }
 
 export function featureKey(f: GradFeatures): string {
@@ -56,7 +69,8 @@ export function gradUniforms(
 /**
  * Functions every backward program uses (needs `p` and, with ALiBi, a
  * `slopes` binding):
- *   fn gradScoreParams(b: i32, h: i32) -> FaScore
+ *   fn gradScoreParams(b: i32, h: i32) -> FaScore   (batch row b's lengths)
+ *   fa_key_range / fa_query_range (wgsl_snippets.ts)
  *   fn gradScore(qk: f32, i: i32, j: i32, sp: FaScore) -> vec2<f32>
  *       (final score, d score / d (scale * qk)); the softcap derivative is
  *       1 - tanh^2 = 1 - (capped / softcap)^2
@@ -65,12 +79,16 @@ export function gradUniforms(
 export function gradCommonWGSL(f: GradFeatures): string {
   return `
 ${scoreWGSL(f)}
+${keyRangeWGSL(f)}
+${queryRangeWGSL(f)}
 ${f.dropout ? philoxWGSL() + dropoutWGSL() : ''}
 fn gradScoreParams(b: i32, h: i32) -> FaScore {
   var slope = 0.0;
   ${f.alibi ? 'slope = slopes[select(h, b * p.heads + h, p.alibiPerBatch != 0)];' : ''}
-  return FaScore(p.scale, p.softcap, slope, p.seqK - p.seqQ, p.windowLeft,
-                 p.windowRight, p.seqK);
+  let sp = FaScore(p.scale, p.softcap, slope, p.seqK - p.seqQ, p.windowLeft,
+                   p.windowRight, p.seqK, p.seqQ);
+  ${f.seqlens ? `let lens = bitcast<vec2<i32>>(stats[p.batch * p.heads * p.seqQ + b]);
+  return fa_with_lengths(sp, lens.x, lens.y);` : 'return sp;'}
 }
 fn gradScore(qk: f32, i: i32, j: i32, sp: FaScore) -> vec2<f32> {
   var ds = 1.0;

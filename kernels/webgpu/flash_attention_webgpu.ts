@@ -203,6 +203,10 @@ export function forwardWGSL(c: ForwardConfig): string {
   if (c.alibiMode !== 0) {
     bindings.push(`@group(0) @binding(${binding++}) var<storage, read> slopes: array<f32>;`);
   }
+  if (c.score.seqlens) {
+    // (seqlenQ_b, seqlenK_b) per batch row.
+    bindings.push(`@group(0) @binding(${binding++}) var<storage, read> seqlens: array<i32>;`);
+  }
   bindings.push(`@group(0) @binding(${binding++}) var<storage, read_write> outb: array<${vecV ? 'vec4<f32>' : 'f32'}>;`);
   bindings.push(`@group(0) @binding(${binding++}) var<storage, read_write> lseb: array<u32>;`);
   bindings.push(`@group(0) @binding(${binding++}) var<uniform> u: Uniforms;`);
@@ -567,9 +571,7 @@ const VW = ${vw}u;`;
   const sInit = `${rowsI.map(i => quads.map(q => `var s${i}_${q} = vec4<f32>(0.0);`).join(' ')).join('\n    ')}`;
   const softmaxCode = `// Scores, then the online softmax. Only tiles that cross the edge of
     // the keys or of the window need the mask.
-    let fullTile = j0 + i32(BC) <= u.seqK
-        ${c.score.windowRight ? '&& j0 + i32(BC) - 1 <= r0 + sp.diag + u.right' : ''}
-        ${c.score.windowLeft ? '&& j0 >= rEnd - 1 + sp.diag - u.left' : ''};
+    let fullTile = fa_tile_unmasked(r0, rEnd, j0, j0 + i32(BC), sp);
     ${plainScale ? rowsI.map(i => quads.map(q => `s${i}_${q} = s${i}_${q} * u.scale;`).join(' ')).join('\n    ') : ''}
     ${scoreLines.filter(l => !l.startsWith('if')).join('\n    ')}
     if (!fullTile) {
@@ -695,6 +697,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   sp.left = u.left;
   sp.right = u.right;
   sp.seqK = u.seqK;
+  sp.seqQ = u.seqQ;
+  ${c.score.seqlens ? 'sp = fa_with_lengths(sp, seqlens[2 * b], seqlens[2 * b + 1]);' : ''}
 
   ${outer ? outerQLoad : classicQLoad}
   let keys = fa_key_range(r0, rEnd, sp);

@@ -117,7 +117,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
       qTile[x] = q[((b * SQ + n / G) * u.heads + h) * D4 + x % D4];
     }
   }
-  var p = FaScore(u.scale, u.softcap, 0.0, seqK - SQ, u.left, u.right, seqK);
+  var p = FaScore(u.scale, u.softcap, 0.0, seqK - SQ, u.left, u.right, seqK, SQ);
   let i0 = n0 / G;
   let i1 = (n0 + nRows - 1) / G + 1;
   let range = fa_key_range(i0, i1, p);

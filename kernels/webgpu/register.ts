@@ -9,7 +9,7 @@ import {flashDecodeWebGPUConfig, supportsFlashDecodeWebGPU} from './flash_decode
 import {flashAttentionWebGPUConfig, supportsFlashAttentionWebGPU} from './flash_attention';
 import {registerFlashAttentionGradWebGPU} from './FlashAttentionGrad';
 
-registerFusedKernel(flashAttentionWebGPUConfig, supportsFlashAttentionWebGPU);
+registerFusedKernel(flashAttentionWebGPUConfig, supportsFlashAttentionWebGPU, {seqlens: true});
 // The fused backward (FlashAttentionGrad): used by the registered gradient
 // of FlashAttention, whichever forward ran.
 registerFlashAttentionGradWebGPU();

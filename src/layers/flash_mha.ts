@@ -11,11 +11,11 @@ import type {Initializer, InitializerIdentifier} from '@tensorflow/tfjs-layers/d
 import type {Shape} from '@tensorflow/tfjs-layers/dist/keras_format/common';
 import type {Regularizer, RegularizerIdentifier} from '@tensorflow/tfjs-layers/dist/regularizers';
 import type {Kwargs} from '@tensorflow/tfjs-layers/dist/types';
-import {attentionOptionSpec, checkOptions, FlashAttentionError, flashAttention, KVCache, MAX_HEAD_DIM} from 'tfjs-flash-attention';
+import {attentionOptionSpec, checkOptions, FlashAttentionError, flashAttention, KVCache, MAX_HEAD_DIM, paddingMaskLengths} from 'tfjs-flash-attention';
 import type {OptionSpec} from 'tfjs-flash-attention';
 
 import {alibiSlopes} from './alibi';
-import {maskedAttention} from './masked_attention';
+import {keyPaddingLengths, maskedAttention} from './masked_attention';
 import {applyRotary, RotaryTables} from './rotary';
 import {resolveSerializable, serializeObject} from './serialization';
 
@@ -417,8 +417,10 @@ export class FlashMHA extends tfl.layers.Layer {
 
   /**
    * The attention itself: q `[B, Sq, H, D]`, k and v `[B, Sk, Hk, D]` ->
-   * `[B, Sq, H, D]`. flashAttention, or the masked composed path when the
-   * call has a key padding mask (the fused kernels take no mask).
+   * `[B, Sq, H, D]`. flashAttention; a key padding mask (each row real
+   * keys, then padding) becomes its per-batch key lengths, which the fused
+   * kernels skip by tile; any other key mask takes the masked composed
+   * path (docs/varlen.md).
    */
   protected attend(q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D, keyMask: tf.Tensor|null,
                    training: boolean): tf.Tensor4D {
@@ -431,7 +433,12 @@ export class FlashMHA extends tfl.layers.Layer {
     };
     const slopes = this.alibiSlopesTensor();
     if (keyMask != null) {
-      return maskedAttention(q, k, v, {...common, alibiSlopes: slopes, keyMask});
+      const seqlensK = keyPaddingLengths(keyMask, paddingMaskLengths);
+      if (seqlensK == null) {
+        return maskedAttention(q, k, v, {...common, alibiSlopes: slopes, keyMask});
+      }
+      return flashAttention(
+          q, k, v, slopes == null ? {...common, seqlensK} : {...common, seqlensK, alibiSlopes: slopes});
     }
     return flashAttention(q, k, v, slopes == null ? common : {...common, alibiSlopes: slopes});
   }

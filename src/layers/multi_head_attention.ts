@@ -24,9 +24,10 @@ import type {Initializer} from '@tensorflow/tfjs-layers/dist/initializers';
 import type {Shape} from '@tensorflow/tfjs-layers/dist/keras_format/common';
 import type {Regularizer} from '@tensorflow/tfjs-layers/dist/regularizers';
 import type {Kwargs} from '@tensorflow/tfjs-layers/dist/types';
-import {flashAttention, KVCache, MAX_HEAD_DIM} from 'tfjs-flash-attention';
+import {flashAttention, KVCache, MAX_HEAD_DIM, paddingMaskLengths} from 'tfjs-flash-attention';
 
 import {kerasCausalMask, kerasMaskedAttention} from './keras_attention';
+import {keyPaddingLengths} from './masked_attention';
 import {checkDType, checkKnownKeys, describe, intList, kerasName, layerPrefix, positiveInt, resolveObject} from './keras_config';
 import {serializeObject} from './serialization';
 import {installFunctionalRewrite, KERAS_CALL_KEY, KerasCall, KerasCallRole} from './keras_functional';
@@ -117,6 +118,8 @@ export class MultiHeadAttention extends tfl.layers.Layer {
   private nodeCall: KerasCall|null = null;
   /** The call being applied (read by build and computeOutputShape). */
   private pendingCall: KerasCall|null = null;
+  /** The current call's Keras masks, split (set by implicitMask). */
+  private maskParts: {query: tf.Tensor|null, key: tf.Tensor|null}|null = null;
   private kernels: Record<string, tfl.LayerVariable> = {};
   private biases: Record<string, tfl.LayerVariable> = {};
 
@@ -450,6 +453,7 @@ export class MultiHeadAttention extends tfl.layers.Layer {
    */
   private implicitMask(
       given: unknown, inputs: tf.Tensor[], call: KerasCall): tf.Tensor|null {
+    this.maskParts = null;
     if (given == null) {
       return null;
     }
@@ -484,16 +488,68 @@ export class MultiHeadAttention extends tfl.layers.Layer {
       }
       return tf.cast(m, 'bool');
     };
-    let auto: tf.Tensor|null = queryMask == null ? null :
-        tf.expandDims(expectMask(queryMask, query, 'query'), 2);
+    const queryBool = queryMask == null ? null : expectMask(queryMask, query, 'query');
+    let auto: tf.Tensor|null = queryBool == null ? null : tf.expandDims(queryBool, 2);
+    let keyBool: tf.Tensor|null = null;
     keyMasks.forEach((m, i) => {
       if (m != null) {
         const t = inputs[call.inputs.indexOf(roles[i + 1])];
-        const keys = tf.expandDims(expectMask(m, t, roles[i + 1]), 1);
+        const mb = expectMask(m, t, roles[i + 1]);
+        keyBool = keyBool == null ? mb : tf.logicalAnd(keyBool, mb);
+        const keys = tf.expandDims(mb, 1);
         auto = auto == null ? keys : tf.logicalAnd(auto, keys);
       }
     });
+    this.maskParts = {query: queryBool, key: keyBool};
     return auto;
+  }
+
+  /**
+   * The key lengths (and the queries' mask) when the call's masks are
+   * padding masks the fused path can take, else null (docs/varlen.md).
+   */
+  private paddingOf(
+      attentionMask: tf.Tensor|null, autoMask: tf.Tensor|null, b: number, sq: number,
+      sk: number): {seqlensK: tf.Tensor1D|null, query: tf.Tensor|null}|null {
+    if (attentionMask != null) {
+      if (autoMask != null || attentionMask.rank !== 3 || attentionMask.shape[0] !== b ||
+          attentionMask.shape[2] !== sk || (attentionMask.shape[1] !== 1 &&
+                                            attentionMask.shape[1] !== sq)) {
+        return null;
+      }
+      // Every query row must carry the same key padding mask: read it back
+      // (no check possible without a synchronous read: the composed path).
+      let values: ArrayLike<number>;
+      try {
+        values = attentionMask.dataSync() as ArrayLike<number>;
+      } catch (e) {
+        return null;
+      }
+      const rows = attentionMask.shape[1];
+      for (let bi = 0; bi < b; bi++) {
+        for (let i = 1; i < rows; i++) {
+          for (let j = 0; j < sk; j++) {
+            if (values[(bi * rows + i) * sk + j] !== values[bi * rows * sk + j]) {
+              return null;
+            }
+          }
+        }
+      }
+      const first = tf.tidy(() => tf.reshape(
+          tf.slice(tf.cast(attentionMask, 'bool'), [0, 0, 0], [b, 1, sk]), [b, sk]));
+      const seqlensK = keyPaddingLengths(first, paddingMaskLengths);
+      first.dispose();
+      return seqlensK == null ? null : {seqlensK, query: null};
+    }
+    const parts = this.maskParts;
+    if (autoMask == null || parts == null) {
+      return null;
+    }
+    const seqlensK = parts.key == null ? null : keyPaddingLengths(parts.key, paddingMaskLengths);
+    if (parts.key != null && seqlensK == null) {
+      return null;
+    }
+    return {seqlensK, query: parts.query};
   }
 
   /**
@@ -595,10 +651,27 @@ export class MultiHeadAttention extends tfl.layers.Layer {
     // Sq > Sk, not expressible when Sq < Sk.
     // Head dims beyond flashAttention's kernels and empty inputs take the
     // composed path too.
-    const fused = attentionMask == null && autoMask == null && !returnScores &&
-        (!useCausalMask || sq >= sk) && this.keyDim <= MAX_HEAD_DIM &&
+    const fusable = !returnScores && this.keyDim <= MAX_HEAD_DIM &&
         this.valueDim <= MAX_HEAD_DIM && b * sq * sk > 0;
-    if (fused) {
+    const fused = fusable && attentionMask == null && autoMask == null &&
+        (!useCausalMask || sq >= sk);
+    // Padding masks (the inputs' Keras masks, or an attention_mask whose
+    // rows are one key padding mask) run fused with per-batch key lengths.
+    const padding = fusable && !fused && !useCausalMask && rank === 3 ?
+        this.paddingOf(attentionMask, autoMask, b, sq, sk) : null;
+    if (padding != null) {
+      context = flashAttention(q, k, v, {
+        softmaxScale: scale, dropoutRate,
+        ...(padding.seqlensK == null ? {} : {seqlensK: padding.seqlensK}),
+      }) as tf.Tensor4D;
+      if (padding.query != null) {
+        // Keras: a masked query row has every score at -1e9, a uniform
+        // softmax: the mean of the values.
+        const meanV = tf.mean(v, 1, true);
+        context = tf.where(
+            tf.reshape(padding.query, [b, sq, 1, 1]), context, meanV) as tf.Tensor4D;
+      }
+    } else if (fused) {
       context = flashAttention(q, k, v, {
         softmaxScale: scale,
         causal: useCausalMask && sq === sk,

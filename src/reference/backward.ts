@@ -13,10 +13,9 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 
-import type {AttentionShapes} from '../checks';
 import type {FlashAttentionAttrs} from '../kernel_names';
 
-import {blockColumns, blockScores, consume, dropoutMask, groupedRows, headsFirst, keysGrouped, maskScores, planQueryBlocks, probabilitiesFromLse, regroup, rowsWithKeys, ungroup, visibleMask} from './blocks';
+import {ReferenceShapes, blockColumns, blockScores, consume, dropoutMask, groupedRows, headsFirst, keysGrouped, maskScores, planQueryBlocks, probabilitiesFromLse, regroup, rowsWithKeys, ungroup, visibleMask} from './blocks';
 
 export interface ReferenceBackwardInputs {
   dy: tf.Tensor4D;
@@ -31,7 +30,7 @@ export interface ReferenceBackwardInputs {
 
 /** Returns `[dq, dk, dv]`, shaped like q, k, v. */
 export function referenceBackward(
-    inputs: ReferenceBackwardInputs, shapes: AttentionShapes,
+    inputs: ReferenceBackwardInputs, shapes: ReferenceShapes,
     attrs: FlashAttentionAttrs, blockElements: number): [tf.Tensor4D, tf.Tensor4D, tf.Tensor4D] {
   return tf.tidy(() => {
     const {batch, heads, headsKV, seqK, headDim, headDimV} = shapes;

@@ -18,6 +18,16 @@ import type {AttentionShapes} from '../checks';
 import {fillDropoutMask} from '../dropout';
 import type {FlashAttentionAttrs} from '../kernel_names';
 
+/**
+ * The shapes plus, when the call has per-batch lengths, the kernels'
+ * `[B, 2]` int32 seqlens tensor (on the device: its masks are built with
+ * tfjs ops, never read back). Batch row b then has only seqlenQ_b query rows
+ * and seqlenK_b keys, and its diagonal is `i + seqlenK_b - seqlenQ_b`.
+ */
+export interface ReferenceShapes extends AttentionShapes {
+  seqlens?: tf.Tensor|null;
+}
+
 export interface QueryBlock {
   row0: number;
   rows: number;
@@ -37,9 +47,43 @@ export function visibleKeys(
   return [lo, hi];
 }
 
+/** `[B, 1, 1, 1]` int32: column `column` (0: seqlenQ, 1: seqlenK) of seqlens. */
+function lengthOf(shapes: ReferenceShapes, column: number): tf.Tensor {
+  return tf.reshape(tf.slice(shapes.seqlens!, [0, column], [-1, 1]), [shapes.batch, 1, 1, 1]);
+}
+
+/** `[1, 1, rows, 1]` and `[1, 1, 1, cols]` int32: a block's row and key indices. */
+function blockIndices(block: QueryBlock): [tf.Tensor, tf.Tensor] {
+  return [
+    tf.reshape(tf.range(block.row0, block.row0 + block.rows, 1, 'int32'), [1, 1, block.rows, 1]),
+    tf.reshape(tf.range(block.col0, block.col0 + block.cols, 1, 'int32'), [1, 1, 1, block.cols]),
+  ];
+}
+
+/**
+ * `[B, 1, rows, cols]` bool: which keys of a block each row of each batch
+ * row sees, from the per-batch lengths (ReferenceShapes.seqlens).
+ */
+function visibleWithLengths(
+    block: QueryBlock, shapes: ReferenceShapes, attrs: FlashAttentionAttrs): tf.Tensor4D {
+  return tf.tidy(() => {
+    const [seqQ, seqK] = [lengthOf(shapes, 0), lengthOf(shapes, 1)];
+    const [i, j] = blockIndices(block);
+    const diagonal = tf.sub(tf.add(i, seqK), seqQ);
+    let ok = tf.logicalAnd(tf.less(i, seqQ), tf.less(j, seqK));
+    if (attrs.windowLeft >= 0) {
+      ok = tf.logicalAnd(ok, tf.greaterEqual(j, tf.sub(diagonal, attrs.windowLeft)));
+    }
+    if (attrs.windowRight >= 0) {
+      ok = tf.logicalAnd(ok, tf.lessEqual(j, tf.add(diagonal, attrs.windowRight)));
+    }
+    return ok as tf.Tensor4D;
+  });
+}
+
 /** Splits the queries into blocks of at most `blockElements` scores. */
 export function planQueryBlocks(
-    shapes: AttentionShapes, attrs: FlashAttentionAttrs,
+    shapes: ReferenceShapes, attrs: FlashAttentionAttrs,
     blockElements: number): QueryBlock[] {
   const scoresPerRow = shapes.batch * shapes.heads * shapes.seqK;
   const rowsPerBlock =
@@ -47,6 +91,12 @@ export function planQueryBlocks(
   const blocks: QueryBlock[] = [];
   for (let row0 = 0; row0 < shapes.seqQ; row0 += rowsPerBlock) {
     const rows = Math.min(rowsPerBlock, shapes.seqQ - row0);
+    if (shapes.seqlens != null) {
+      // Each batch row has its own diagonal: every block spans every key
+      // (the masks come from the lengths, on the device).
+      blocks.push({row0, rows, col0: 0, cols: shapes.seqK});
+      continue;
+    }
     // Visible ranges move monotonically with i, so the first and last rows
     // bound the block's columns.
     const [lo] = visibleKeys(row0, shapes, attrs);
@@ -63,8 +113,11 @@ export function planQueryBlocks(
  * softmax.
  */
 export function visibleMask(
-    block: QueryBlock, shapes: AttentionShapes,
-    attrs: FlashAttentionAttrs): tf.Tensor2D|null {
+    block: QueryBlock, shapes: ReferenceShapes,
+    attrs: FlashAttentionAttrs): tf.Tensor|null {
+  if (shapes.seqlens != null) {  // [B, 1, rows, cols]
+    return visibleWithLengths(block, shapes, attrs);
+  }
   const values = new Uint8Array(block.rows * block.cols);
   let all = true;
   for (let r = 0; r < block.rows; r++) {
@@ -79,10 +132,13 @@ export function visibleMask(
   return all ? null : tf.tensor2d(values, [block.rows, block.cols], 'bool');
 }
 
-/** `[B, H, rows, 1]` bool: does the row see at least one key? */
+/** `[1 or B, 1, rows, 1]` bool: does the row see at least one key? */
 export function rowsWithKeys(
-    block: QueryBlock, shapes: AttentionShapes,
+    block: QueryBlock, shapes: ReferenceShapes,
     attrs: FlashAttentionAttrs): tf.Tensor4D|null {
+  if (shapes.seqlens != null) {
+    return tf.tidy(() => tf.any(visibleWithLengths(block, shapes, attrs), 3, true) as tf.Tensor4D);
+  }
   const values = new Uint8Array(block.rows);
   let all = true;
   for (let r = 0; r < block.rows; r++) {
@@ -176,29 +232,39 @@ export function blockScores(
   return {scores, capTanh};
 }
 
-/** `-slope * |i + Sk - Sq - j|` of a block, `[B or 1, H, rows, cols]`. */
+/**
+ * `-slope * |i + Sk - Sq - j|` of a block, `[B or 1, H, rows, cols]` (with
+ * per-batch lengths, each batch row's own diagonal).
+ */
 function alibiBias(
     alibiSlopes: tf.Tensor, block: QueryBlock,
-    shapes: AttentionShapes): tf.Tensor4D {
-  const distance = new Float32Array(block.rows * block.cols);
-  for (let r = 0; r < block.rows; r++) {
-    const diagonal = block.row0 + r + shapes.seqK - shapes.seqQ;
-    for (let c = 0; c < block.cols; c++) {
-      distance[r * block.cols + c] = Math.abs(diagonal - (block.col0 + c));
-    }
-  }
+    shapes: ReferenceShapes): tf.Tensor4D {
   return tf.tidy(() => {
+    let distance: tf.Tensor;
+    if (shapes.seqlens != null) {
+      const [i, j] = blockIndices(block);
+      distance = tf.cast(tf.abs(tf.sub(
+          tf.sub(tf.add(i, lengthOf(shapes, 1)), lengthOf(shapes, 0)), j)), 'float32');
+    } else {
+      const values = new Float32Array(block.rows * block.cols);
+      for (let r = 0; r < block.rows; r++) {
+        const diagonal = block.row0 + r + shapes.seqK - shapes.seqQ;
+        for (let c = 0; c < block.cols; c++) {
+          values[r * block.cols + c] = Math.abs(diagonal - (block.col0 + c));
+        }
+      }
+      distance = tf.tensor2d(values, [block.rows, block.cols]);
+    }
     const slopes = alibiSlopes.rank === 1 ?
         tf.reshape(alibiSlopes, [1, shapes.heads, 1, 1]) :
         tf.reshape(alibiSlopes, [shapes.batch, shapes.heads, 1, 1]);
-    return tf.mul(tf.neg(slopes), tf.tensor2d(distance, [block.rows, block.cols])) as
-        tf.Tensor4D;
+    return tf.mul(tf.neg(slopes), distance) as tf.Tensor4D;
   });
 }
 
 /** Replaces masked entries of `x` by `fill` (-Infinity for scores). */
 export function maskScores(
-    x: tf.Tensor4D, visible: tf.Tensor2D|null, fill = -Infinity): tf.Tensor4D {
+    x: tf.Tensor4D, visible: tf.Tensor|null, fill = -Infinity): tf.Tensor4D {
   return visible == null ?
       x :
       consume(x, s => tf.where(visible, s, tf.scalar(fill) as tf.Tensor as tf.Tensor4D));

@@ -4,15 +4,14 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 
-import type {AttentionShapes} from '../checks';
 import type {FlashAttentionAttrs} from '../kernel_names';
 
-import {blockColumns, blockScores, consume, dropoutMask, groupedRows, headsFirst, keysGrouped, maskScores, planQueryBlocks, rowsWithKeys, ungroup, visibleMask} from './blocks';
+import {ReferenceShapes, blockColumns, blockScores, consume, dropoutMask, groupedRows, headsFirst, keysGrouped, maskScores, planQueryBlocks, rowsWithKeys, ungroup, visibleMask} from './blocks';
 
 /** Returns `[out [B, Sq, H, Dv], lse [B, H, Sq]]`. */
 export function referenceForward(
     q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D,
-    alibiSlopes: tf.Tensor|null, shapes: AttentionShapes,
+    alibiSlopes: tf.Tensor|null, shapes: ReferenceShapes,
     attrs: FlashAttentionAttrs, blockElements: number): [tf.Tensor4D, tf.Tensor3D] {
   return tf.tidy(() => {
     const {batch, heads, seqQ, headDimV} = shapes;

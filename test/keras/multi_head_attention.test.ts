@@ -228,7 +228,7 @@ describe('MultiHeadAttention: flashAttention, training (cpu)', () => {
     tf.env().set(FLASH_ATTENTION_IMPL, 'auto');
   });
 
-  it('plain and causal calls run flashAttention; masked calls the composed path', () => {
+  it('plain, causal and padding-masked calls run flashAttention; other masks the composed path', () => {
     // cpu has no fused kernel: under FLASH_ATTENTION_IMPL=fused,
     // flashAttention refuses, which shows which calls go through it.
     const layer = new MultiHeadAttention({numHeads: 2, keyDim: 4});
@@ -240,7 +240,13 @@ describe('MultiHeadAttention: flashAttention, training (cpu)', () => {
     expect(() => layer.apply(x, {value: y})).toThrow(/FLASH_ATTENTION_IMPL is 'fused'/);
     expect(() => layer.apply(x, {value: y, useCausalMask: true}))
         .toThrow(/FLASH_ATTENTION_IMPL is 'fused'/);
-    tf.dispose(layer.apply(x, {value: y, attentionMask: mask}) as tf.Tensor);
+    // An attention_mask whose rows are one key padding mask runs fused
+    // (per-batch key lengths); any other mask, the composed path.
+    expect(() => layer.apply(x, {value: y, attentionMask: mask}))
+        .toThrow(/FLASH_ATTENTION_IMPL is 'fused'/);
+    const holes = tf.tile(tf.tensor3d([[[1, 0, 1, 1]]]), [1, 6, 1]);
+    tf.dispose(layer.apply(x, {value: y, attentionMask: holes}) as tf.Tensor);
+    holes.dispose();
     const [, scores] = layer.apply(x, {value: y, returnAttentionScores: true}) as tf.Tensor[];
     expect(scores.shape).toEqual([1, 2, 6, 4]);
     tf.dispose([x, y, mask, scores]);

@@ -258,7 +258,7 @@ describeBackends('FlashMHA', backend => {
     tf.dispose([x, keep, dy]);
   });
 
-  it('runs the backend\'s fused kernel when it has one, and the masked path with a mask', async () => {
+  it('runs the backend\'s fused kernel when it has one (padding masks too), the masked path for other masks', async () => {
     const layer = flashMHA({embedDim: E, numHeads: 4, causal: true});
     const x = randomInput(1, 8, E).tensor;
     const keep = tf.ones([1, 8], 'bool');
@@ -268,8 +268,12 @@ describeBackends('FlashMHA', backend => {
     expect(fused).toBe(backend === 'webgpu');  // The package's kernels are WebGPU's.
     const used = fused && tf.env().get('FLASH_ATTENTION_IMPL') !== 'reference';
     expect((await kernelsOf()).includes(FlashAttention)).toBe(used);
-    expect((await kernelsOf({keyPaddingMask: keep})).includes(FlashAttention)).toBe(false);
-    tf.dispose([x, keep]);
+    // A padding mask runs fused (per-batch key lengths); a mask with a
+    // hole, the masked composed path.
+    expect((await kernelsOf({keyPaddingMask: keep})).includes(FlashAttention)).toBe(used);
+    const holes = tf.tensor2d([[true, false, true, true, true, true, true, true]], [1, 8], 'bool');
+    expect((await kernelsOf({keyPaddingMask: holes})).includes(FlashAttention)).toBe(false);
+    tf.dispose([x, keep, holes]);
   });
 
   it('refuses bad arguments with errors naming them', () => {
