@@ -7,8 +7,11 @@ import {registerFusedKernel} from '../../src/dispatch';
 
 import {flashAttentionWebGPUConfig, supportsFlashAttentionWebGPU} from './flash_attention';
 import {registerFlashAttentionGradWebGPU} from './FlashAttentionGrad';
+import {registerTrainingKernelsWebGPU} from './training_kernels';
 
 registerFusedKernel(flashAttentionWebGPUConfig, supportsFlashAttentionWebGPU);
 // The fused backward (FlashAttentionGrad): used by the registered gradient
 // of FlashAttention, whichever forward ran.
 registerFlashAttentionGradWebGPU();
+// The training kernels: fused norms and softmax cross-entropy.
+registerTrainingKernelsWebGPU();
