@@ -29,6 +29,9 @@ export {FusedNorm, FusedNormGrad, SoftmaxCrossEntropy, SoftmaxCrossEntropyGrad} 
 export type {CrossEntropyOptions, NormOp, NormOptions} from './train/ops';
 export {layerNorm, rmsNorm, softmaxCrossEntropy, softmaxCrossEntropyLoss} from './train/ops';
 
+export type {FusedAdamWArgs, FusedAdamWImpl} from './train';
+export {FUSED_ADAMW_IMPL, FusedAdamW, fusedAdam, fusedAdamW} from './train';
+
 tf.registerGradient(flashAttentionGradConfig);
 tf.registerGradient(fusedNormGradConfig);
 tf.registerGradient(softmaxCrossEntropyGradConfig);
