@@ -8,7 +8,8 @@
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 
-import {FlashMHAArgs, flashMHA} from '../src/layers';
+import {softmaxCrossEntropyLoss} from '../src';
+import {FlashMHAArgs, flashMHA, FusedLayerNormalization} from '../src/layers';
 
 export interface GPTConfig {
   vocabSize: number;
@@ -20,6 +21,13 @@ export interface GPTConfig {
 }
 
 export type AttentionFactory = (args: FlashMHAArgs) => tfl.layers.Layer;
+
+/**
+ * The norms of a GPT: 'gpt' this file's LayerNorm (composed, hand-written
+ * gradient), 'tfjs' tf.layers.layerNormalization (stock tfjs), 'fused'
+ * FusedLayerNormalization with each residual add fused into the next norm.
+ */
+export type NormKind = 'gpt'|'tfjs'|'fused';
 
 /**
  * Layer normalization over the last axis by broadcasting, with its gradient
@@ -95,26 +103,53 @@ export function layerNorm(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsil
   return norm(x, gamma, beta);
 }
 
-/** Token ids `[B, S]` (any S) -> logits `[B, S, vocabSize]`. */
-export function buildGPT(config: GPTConfig, attention: AttentionFactory = flashMHA, name = 'gpt'): tfl.LayersModel {
+/**
+ * Token ids `[B, S]` (any S) -> logits `[B, S, vocabSize]`. Every norm kind
+ * creates its weights in the same order, so models of different kinds take
+ * each other's weights (setWeights).
+ */
+export function buildGPT(config: GPTConfig, attention: AttentionFactory = flashMHA, name = 'gpt',
+                         norm: NormKind = 'gpt'): tfl.LayersModel {
   const {vocabSize, numLayers, embedDim, numHeads} = config;
   const headDim = embedDim / numHeads;
+  const makeNorm = (layerName: string, returnResidual = false): tfl.layers.Layer =>
+      norm === 'fused' ? new FusedLayerNormalization({name: layerName, epsilon: 1e-5, returnResidual}) :
+      norm === 'tfjs' ? tfl.layers.layerNormalization({name: layerName, epsilon: 1e-5}) :
+                        new LayerNorm({name: layerName});
   const tokens = tfl.input({shape: [null], dtype: 'int32', name: `${name}_tokens`});
   let x = tfl.layers.embedding({inputDim: vocabSize, outputDim: embedDim, name: `${name}_embed`,
                                 embeddingsInitializer: tfl.initializers.randomNormal({stddev: 0.02})})
               .apply(tokens) as tfl.SymbolicTensor;
+  // Fused: a branch's output waits here to be added to x inside the next norm.
+  let pending: tfl.SymbolicTensor|null = null;
+  const normOf = (layerName: string): tfl.SymbolicTensor => {
+    if (norm !== 'fused' || pending == null) {
+      return makeNorm(layerName).apply(x) as tfl.SymbolicTensor;
+    }
+    const [normed, sum] = makeNorm(layerName, true).apply([pending, x]) as tfl.SymbolicTensor[];
+    x = sum;
+    pending = null;
+    return normed;
+  };
+  const addResidual = (branch: tfl.SymbolicTensor, layerName: string) => {
+    if (norm === 'fused') {
+      pending = branch;
+    } else {
+      x = tfl.layers.add({name: layerName}).apply([x, branch]) as tfl.SymbolicTensor;
+    }
+  };
   for (let i = 0; i < numLayers; i++) {
     const p = `${name}_block${i}`;
-    const norm1 = new LayerNorm({name: `${p}_norm1`}).apply(x);
+    const norm1 = normOf(`${p}_norm1`);
     const attended = attention({embedDim, numHeads, causal: true, rotaryEmbDim: headDim, dropout: config.dropout,
-                                name: `${p}_attention`}).apply(norm1);
-    x = tfl.layers.add({name: `${p}_residual1`}).apply([x, attended as tfl.SymbolicTensor]) as tfl.SymbolicTensor;
-    const norm2 = new LayerNorm({name: `${p}_norm2`}).apply(x);
+                                name: `${p}_attention`}).apply(norm1) as tfl.SymbolicTensor;
+    addResidual(attended, `${p}_residual1`);
+    const norm2 = normOf(`${p}_norm2`);
     const hidden = tfl.layers.dense({units: 4 * embedDim, activation: 'gelu_new', name: `${p}_mlp_in`}).apply(norm2);
-    const mlp = tfl.layers.dense({units: embedDim, name: `${p}_mlp_out`}).apply(hidden);
-    x = tfl.layers.add({name: `${p}_residual2`}).apply([x, mlp as tfl.SymbolicTensor]) as tfl.SymbolicTensor;
+    const mlp = tfl.layers.dense({units: embedDim, name: `${p}_mlp_out`}).apply(hidden) as tfl.SymbolicTensor;
+    addResidual(mlp, `${p}_residual2`);
   }
-  const normed = new LayerNorm({name: `${name}_norm`}).apply(x);
+  const normed = normOf(`${name}_norm`);
   const logits = tfl.layers.dense({units: vocabSize, name: `${name}_logits`}).apply(normed) as tfl.SymbolicTensor;
   return tfl.model({inputs: tokens, outputs: logits, name});
 }
@@ -172,8 +207,15 @@ export function sampleBatch(data: Int32Array, batch: number, seq: number, random
   return {x: tf.tensor2d(xs, [batch, seq], 'int32'), y: tf.tensor2d(ys, [batch, seq], 'int32')};
 }
 
+/** 'composed' tf ops, or 'fused' (softmaxCrossEntropyLoss: one kernel each way). */
+export type LossKind = 'composed'|'fused';
+
 /** Mean next-token cross-entropy of logits `[B, S, V]` against ids `[B, S]`. */
-export function lossOf(logits: tf.Tensor, targets: tf.Tensor2D, vocabSize: number): tf.Scalar {
+export function lossOf(logits: tf.Tensor, targets: tf.Tensor2D, vocabSize: number,
+                       kind: LossKind = 'composed'): tf.Scalar {
+  if (kind === 'fused') {
+    return softmaxCrossEntropyLoss(targets, logits);
+  }
   return tf.tidy(() => {
     const flatLogits = tf.reshape(logits, [-1, vocabSize]);
     const labels = tf.oneHot(tf.reshape(targets, [-1]), vocabSize);
@@ -193,11 +235,12 @@ export function trainableVariables(model: tfl.LayersModel): tf.Variable[] {
  * (reading the loss waits for the GPU), so timing it times the step.
  */
 export async function trainStep(model: tfl.LayersModel, optimizer: tf.Optimizer, x: tf.Tensor2D, y: tf.Tensor2D,
-                                vocabSize: number, vars = trainableVariables(model)): Promise<number> {
-  const loss = optimizer.minimize(
-      () => lossOf(model.apply(x, {training: true}) as tf.Tensor, y, vocabSize), true, vars)!;
-  const value = (await loss.data())[0];
-  loss.dispose();
+                                vocabSize: number, vars = trainableVariables(model),
+                                loss: LossKind = 'composed'): Promise<number> {
+  const lossValue = optimizer.minimize(
+      () => lossOf(model.apply(x, {training: true}) as tf.Tensor, y, vocabSize, loss), true, vars)!;
+  const value = (await lossValue.data())[0];
+  lossValue.dispose();
   return value;
 }
 
