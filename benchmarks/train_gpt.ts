@@ -17,6 +17,8 @@
  * Run (on a GPU machine, bundled by scripts/device-bundle.sh):
  *   node train_gpt.mjs [--batch=4] [--seq=1024] [--steps=5] [--warmup=2]
  *       [--models=stock,flash,fused] [--step-seconds=100] [--deadline=200]
+ *   node train_gpt.mjs --child=curve [--curve-steps=50] [--layers=2 --width=64 --seq=64]
+ *       (the loss curves of the fused model, fused vs composed reference)
  * Each measurement runs in a child process of this script, so that running
  * out of memory (a WebGPU out-of-memory or validation error, a lost device,
  * a crash) ends only that child. Results: a table on stdout and
@@ -29,7 +31,7 @@ import * as path from 'path';
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 
-import {FlashAttention, FlashAttentionGrad, fusedAdam, FusedNorm, hasFusedKernel} from '../src';
+import {FlashAttention, FlashAttentionGrad, FUSED_ADAMW_IMPL, fusedAdam, FusedNorm, hasFusedKernel} from '../src';
 import {flashMHA} from '../src/layers';
 import {useBestBackend} from '../demo/backend';
 import {buildGPT, LossKind, median, NormKind, sampleBatch, seededRandom, trainableVariables, trainStep} from '../demo/gpt';
@@ -199,6 +201,46 @@ async function stepChild() {
     name: r.name, medianMs: median(r.ms.slice(warmup)), ms: r.ms, losses: r.losses, ...last(r),
   }))});
   process.exit(0);
+}
+
+/**
+ * --child=curve: the fused model trained --curve-steps steps (default 50)
+ * with the fused kernels, then from the same weights on the same batches
+ * with every op's composed reference (FLASH_ATTENTION_IMPL and
+ * FUSED_ADAMW_IMPL = reference); prints both loss curves and the largest
+ * relative difference. Use a small model (--layers, --width, --seq).
+ */
+async function curveChild() {
+  const batch = Number(option('batch', '2'));
+  const seq = Number(option('seq', '64'));
+  const steps = Number(option('curve-steps', '50'));
+  const backend = await useBestBackend('webgpu');
+  const random = seededRandom(13);
+  const data = Int32Array.from({length: 1 << 14}, () => Math.floor(random() * VOCAB));
+  const batches = Array.from({length: steps}, () => sampleBatch(data, batch, seq, random));
+  const initial = buildFlavor('fused', 1e-3).model;
+  const curves: Record<string, number[]> = {};
+  for (const impl of ['auto', 'reference']) {
+    tf.env().set('FLASH_ATTENTION_IMPL', impl);
+    tf.env().set(FUSED_ADAMW_IMPL, impl);
+    const {model, optimizer, loss} = buildFlavor('fused', 1e-3);
+    model.setWeights(initial.getWeights());
+    const vars = trainableVariables(model);
+    curves[impl] = [];
+    for (const {x, y} of batches) {
+      curves[impl].push(await trainStep(model, optimizer, x, y, VOCAB, vars, loss));
+    }
+    optimizer.dispose();
+    model.dispose();
+  }
+  const diffs = curves.auto.map((l, i) => Math.abs(l - curves.reference[i]) / Math.abs(curves.reference[i]));
+  const maxRelativeDifference = Math.max(...diffs);
+  report('curve', {backend: backend.description, steps, batch, seq, fused: curves.auto,
+                   reference: curves.reference, maxRelativeDifference});
+  console.log(`loss curves over ${steps} steps, fused vs composed reference: largest relative difference ${
+      maxRelativeDifference.toExponential(2)} (first ${curves.auto[0].toFixed(4)}, last fused ${
+      curves.auto[steps - 1].toFixed(4)} / reference ${curves.reference[steps - 1].toFixed(4)})`);
+  process.exit(maxRelativeDifference < 1e-3 ? 0 : 3);
 }
 
 /** Child: one training step per length, doubling from --from, until one fails. */
@@ -382,7 +424,7 @@ async function parent() {
 }
 
 const role = option('child', '');
-(role === 'step' ? stepChild() : role === 'oom' ? oomChild() : parent()).catch(error => {
+(role === 'step' ? stepChild() : role === 'oom' ? oomChild() : role === 'curve' ? curveChild() : parent()).catch(error => {
   console.error(error);
   process.exit(1);
 });

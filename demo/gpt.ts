@@ -104,6 +104,30 @@ export function layerNorm(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsil
 }
 
 /**
+ * gelu_new (the tanh approximation) whose constants are made on the device
+ * (tf.fill is a kernel): tfjs-layers' 'gelu_new' activation turns each of
+ * its numbers into a scalar uploaded from the host, on every call and in
+ * the gradient, which adds host uploads to every training step.
+ */
+export function geluNew(x: tf.Tensor): tf.Tensor {
+  return tf.tidy(() => {
+    const c = (value: number) => tf.fill([], value);
+    const cube = tf.mul(x, tf.mul(x, x));
+    const inner = tf.mul(c(Math.sqrt(2 / Math.PI)), tf.add(x, tf.mul(c(0.044715), cube)));
+    return tf.mul(x, tf.mul(c(0.5), tf.add(c(1), tf.tanh(inner))));
+  });
+}
+
+/** The layer of geluNew (no weights). */
+export class GeluNew extends tfl.layers.Layer {
+  static className = 'GPTGeluNew';
+  override call(inputs: tf.Tensor|tf.Tensor[]): tf.Tensor {
+    return geluNew(Array.isArray(inputs) ? inputs[0] : inputs);
+  }
+}
+tf.serialization.registerClass(GeluNew);
+
+/**
  * Token ids `[B, S]` (any S) -> logits `[B, S, vocabSize]`. Every norm kind
  * creates its weights in the same order, so models of different kinds take
  * each other's weights (setWeights).
@@ -145,7 +169,10 @@ export function buildGPT(config: GPTConfig, attention: AttentionFactory = flashM
                                 name: `${p}_attention`}).apply(norm1) as tfl.SymbolicTensor;
     addResidual(attended, `${p}_residual1`);
     const norm2 = normOf(`${p}_norm2`);
-    const hidden = tfl.layers.dense({units: 4 * embedDim, activation: 'gelu_new', name: `${p}_mlp_in`}).apply(norm2);
+    const fused = norm === 'fused';
+    const projected = tfl.layers.dense({units: 4 * embedDim, activation: fused ? 'linear' : 'gelu_new',
+                                        name: `${p}_mlp_in`}).apply(norm2);
+    const hidden = fused ? new GeluNew({name: `${p}_gelu`}).apply(projected) : projected;
     const mlp = tfl.layers.dense({units: embedDim, name: `${p}_mlp_out`}).apply(hidden) as tfl.SymbolicTensor;
     addResidual(mlp, `${p}_residual2`);
   }
