@@ -7,7 +7,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 
 import {flashAttentionGradConfig} from '../gradients/flash_attention_grad';
-import {fusedNormGradConfig, softmaxCrossEntropyGradConfig} from './train/ops';
+import {fusedNormGradConfig, fusedRotaryGradConfig, softmaxCrossEntropyGradConfig} from './train/ops';
 // Fused WebGPU kernels (registered for the backend named 'webgpu').
 import '../kernels/webgpu/register';
 
@@ -24,10 +24,10 @@ export type {FlashAttentionOptions} from './options';
 export type {FlashAttentionKVPackedOp, FlashAttentionOp, FlashAttentionQKVPackedOp, FlashAttentionResult} from './ops';
 export {flashAttention, flashAttentionKVPacked, flashAttentionQKVPacked} from './ops';
 export {version} from './version';
-export type {FusedNormAttrs, SoftmaxCrossEntropyAttrs} from './train/kernel_names';
-export {FusedNorm, FusedNormGrad, SoftmaxCrossEntropy, SoftmaxCrossEntropyGrad} from './train/kernel_names';
+export type {FusedNormAttrs, FusedRotaryAttrs, SoftmaxCrossEntropyAttrs} from './train/kernel_names';
+export {FusedNorm, FusedNormGrad, FusedRotary, SoftmaxCrossEntropy, SoftmaxCrossEntropyGrad} from './train/kernel_names';
 export type {CrossEntropyOptions, NormOp, NormOptions} from './train/ops';
-export {layerNorm, rmsNorm, softmaxCrossEntropy, softmaxCrossEntropyLoss} from './train/ops';
+export {fusedRotaryOrNull, layerNorm, rmsNorm, softmaxCrossEntropy, softmaxCrossEntropyLoss} from './train/ops';
 
 export type {FusedAdamWArgs, FusedAdamWImpl} from './train';
 export {FUSED_ADAMW_IMPL, FusedAdamW, fusedAdam, fusedAdamW} from './train';
@@ -35,3 +35,4 @@ export {FUSED_ADAMW_IMPL, FusedAdamW, fusedAdam, fusedAdamW} from './train';
 tf.registerGradient(flashAttentionGradConfig);
 tf.registerGradient(fusedNormGradConfig);
 tf.registerGradient(softmaxCrossEntropyGradConfig);
+tf.registerGradient(fusedRotaryGradConfig);

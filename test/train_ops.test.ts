@@ -5,11 +5,14 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 
-import {FLASH_ATTENTION_IMPL, FusedNorm, FusedNormGrad, layerNorm, rmsNorm, softmaxCrossEntropy, softmaxCrossEntropyLoss, SoftmaxCrossEntropy, SoftmaxCrossEntropyGrad} from '../src';
+import {FLASH_ATTENTION_IMPL, FusedNorm, FusedNormGrad, FusedRotary, layerNorm, rmsNorm, softmaxCrossEntropy, softmaxCrossEntropyLoss, SoftmaxCrossEntropy, SoftmaxCrossEntropyGrad} from '../src';
+
+import {applyRotary} from '../src/layers';
+import {RotaryTables} from '../src/layers/rotary';
 
 import {describeBackends} from './harness/backends';
 import {expectClose, FORWARD_BOUND, freshRng, GRADIENT_BOUND, randomArray, Rng} from './harness/problems';
-import {CrossEntropyProblem, NormProblem, oracleCrossEntropy, oracleCrossEntropyBackward, oracleNormBackward, oracleNormForward} from './train_oracle';
+import {CrossEntropyProblem, NormProblem, oracleCrossEntropy, oracleCrossEntropyBackward, oracleNormBackward, oracleNormForward, oracleRotary} from './train_oracle';
 
 interface NormCase {
   name: string;
@@ -210,4 +213,39 @@ describeBackends('softmax cross-entropy vs the float64 oracle', backend => {
         .toThrow(/zLoss must be a finite number >= 0, got -1/);
     tf.dispose([logits, labels]);
   });
+});
+
+describeBackends('rotary embedding vs the float64 oracle', backend => {
+  const cases = [
+    {shape: [2, 9, 3, 8], rotaryDim: 8, interleaved: false},
+    {shape: [1, 12, 2, 16], rotaryDim: 12, interleaved: true},
+    {shape: [2, 5, 2, 10], rotaryDim: 6, interleaved: false},
+  ];
+  for (const c of cases) {
+    test(`${JSON.stringify(c)}: forward and gradient`, async () => {
+      const rng = freshRng();
+      const what = `rotary ${JSON.stringify(c)} (FLASH_ATTENTION_TEST_SEED=${rng.seed})`;
+      const n = c.shape.reduce((a, b) => a * b, 1);
+      const xValues = randomArray(n, rng);
+      const dyValues = randomArray(n, rng);
+      const before = tf.memory().numTensors;
+      const x = tf.tensor4d(f32(xValues), c.shape as [number, number, number, number]);
+      const dy = tf.tensor4d(f32(dyValues), c.shape as [number, number, number, number]);
+      const tables = new RotaryTables(c.rotaryDim, 10000);
+      const profile = await tf.profile(() => applyRotary(x, c.rotaryDim, 10000, c.interleaved, tables));
+      const y = profile.result as tf.Tensor;
+      expectClose(await y.data(), oracleRotary(xValues, c.shape, c.rotaryDim, 10000, c.interleaved),
+                  FORWARD_BOUND, `${what}: y`);
+      const dx = tf.grad((t: tf.Tensor) => tf.sum(tf.mul(
+          applyRotary(t as tf.Tensor4D, c.rotaryDim, 10000, c.interleaved, tables), dy)))(x);
+      expectClose(await dx.data(), oracleRotary(dyValues, c.shape, c.rotaryDim, 10000, c.interleaved, true),
+                  GRADIENT_BOUND, `${what}: dx`);
+      if (backend === 'webgpu') {
+        expect(profile.kernelNames).toEqual([FusedRotary]);
+      }
+      tables.dispose();
+      tf.dispose([x, dy, y, dx]);
+      expect(tf.memory().numTensors).toBe(before);
+    });
+  }
 });

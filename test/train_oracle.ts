@@ -174,3 +174,30 @@ export function oracleCrossEntropyBackward(p: CrossEntropyProblem, dLoss: Float6
   }
   return grad;
 }
+
+/**
+ * Rotary embedding of x `[B, S, H, D]` at positions 0..S-1 with
+ * theta_j = s * base^(-2j / rotaryDim); `inverse` rotates by -theta (which
+ * is also the gradient: the rotation's transpose applied to dy).
+ */
+export function oracleRotary(
+    x: Float64Array, shape: number[], rotaryDim: number, base: number, interleaved: boolean,
+    inverse = false): Float64Array {
+  const [batch, seq, heads, dim] = shape;
+  const half = rotaryDim / 2;
+  const y = Float64Array.from(x);
+  for (let b = 0; b < batch; b++) {
+    for (let s = 0; s < seq; s++) {
+      for (let h = 0; h < heads; h++) {
+        const o = ((b * seq + s) * heads + h) * dim;
+        for (let j = 0; j < half; j++) {
+          const theta = (inverse ? -s : s) * Math.pow(base, -2 * j / rotaryDim);
+          const [i1, i2] = interleaved ? [o + 2 * j, o + 2 * j + 1] : [o + j, o + j + half];
+          y[i1] = x[i1] * Math.cos(theta) - x[i2] * Math.sin(theta);
+          y[i2] = x[i2] * Math.cos(theta) + x[i1] * Math.sin(theta);
+        }
+      }
+    }
+  }
+  return y;
+}

@@ -1,6 +1,6 @@
 /**
  * The fused training kernels of the webgpu backend: FusedNorm(Grad) and
- * SoftmaxCrossEntropy(Grad), each a few tfjs programs recorded into tfjs's
+ * SoftmaxCrossEntropy(Grad) and FusedRotary, each a few tfjs programs recorded into tfjs's
  * command encoder (no extra queue submits, no host uploads).
  *
  * tfjs-backend-webgpu is an optional peer: only its types are imported.
@@ -10,10 +10,11 @@ import type {WebGPUBackend} from '@tensorflow/tfjs-backend-webgpu';
 
 import {registerFusedKernel} from '../../src/dispatch';
 import {dropoutThreshold} from '../../src/dropout';
-import {FusedNorm, FusedNormAttrs, FusedNormGrad, SoftmaxCrossEntropy, SoftmaxCrossEntropyAttrs, SoftmaxCrossEntropyGrad} from '../../src/train/kernel_names';
+import {FusedNorm, FusedNormAttrs, FusedNormGrad, FusedRotary, FusedRotaryAttrs, SoftmaxCrossEntropy, SoftmaxCrossEntropyAttrs, SoftmaxCrossEntropyGrad} from '../../src/train/kernel_names';
 
 import {CrossEntropyGradProgram, CrossEntropyLossProgram, CrossEntropyLseProgram} from './cross_entropy_webgpu';
 import {NormBackwardProgram, NormColumnSumProgram, NormForwardProgram, NormResidualProgram, NormStatsProgram} from './fused_norm_webgpu';
+import {RotaryProgram} from './rotary_webgpu';
 import {ProgramUniform, TfjsWebGPUProgram} from './tfjs_program';
 
 interface KernelArgs {
@@ -97,7 +98,15 @@ function crossEntropyGradWebGPU({inputs, backend, attrs}: KernelArgs): tf.Tensor
              [{type: 'float32', data: [a.labelSmoothing]}, {type: 'float32', data: [a.zLoss]}]);
 }
 
+function rotaryWebGPU({inputs, backend, attrs}: KernelArgs): tf.TensorInfo {
+  const a = attrs as unknown as FusedRotaryAttrs;
+  const {x, cos, sin} = inputs;
+  return run(backend as WebGPUBackend, new RotaryProgram(x.shape, a.rotaryDim, a.interleaved, a.inverse),
+             [x, cos, sin]);
+}
+
 const configs: Array<[string, unknown]> = [
+  [FusedRotary, rotaryWebGPU],
   [FusedNorm, fusedNormWebGPU], [FusedNormGrad, fusedNormGradWebGPU],
   [SoftmaxCrossEntropy, crossEntropyWebGPU], [SoftmaxCrossEntropyGrad, crossEntropyGradWebGPU],
 ];

@@ -57,3 +57,16 @@ export interface SoftmaxCrossEntropyAttrs {
  * 0), seed).
  */
 export const NORM_DROPOUT_STREAM = 0x4e4f524d;
+
+/**
+ * Rotary embedding of `x [B, S, H, D]` by tables `cos, sin [S, rotaryDim/2]`
+ * in one pass. Output `[y]`, x's shape. `inverse` rotates by -theta (the
+ * gradient: the rotation's transpose).
+ */
+export const FusedRotary = 'FusedRotary';
+
+export interface FusedRotaryAttrs {
+  rotaryDim: number;
+  interleaved: boolean;
+  inverse: boolean;
+}

@@ -10,7 +10,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import {randomSeed, splitSeed} from '../dropout';
 
 import {useFusedTrainingKernel} from './dispatch';
-import {FusedNorm, FusedNormAttrs, FusedNormGrad, SoftmaxCrossEntropy, SoftmaxCrossEntropyAttrs, SoftmaxCrossEntropyGrad} from './kernel_names';
+import {FusedNorm, FusedNormAttrs, FusedNormGrad, FusedRotary, FusedRotaryAttrs, SoftmaxCrossEntropy, SoftmaxCrossEntropyAttrs, SoftmaxCrossEntropyGrad} from './kernel_names';
 import {referenceCrossEntropyBackward, referenceCrossEntropyForward, referenceNormBackward, referenceNormForward} from './reference';
 
 type GradMap = Record<string, () => tf.Tensor>;
@@ -280,4 +280,36 @@ export function softmaxCrossEntropyLoss(
     const rows = tf.reshape(logits, [-1, vocab]) as tf.Tensor2D;
     return tf.mean(softmaxCrossEntropy(rows, tf.reshape(ids, [-1]) as tf.Tensor1D, opts)) as tf.Scalar;
   });
+}
+
+/** FusedRotary's gradient: the inverse rotation of dy (tables are constants). */
+export const fusedRotaryGradConfig: tf.GradConfig = {
+  kernelName: FusedRotary,
+  inputsToSave: ['cos', 'sin'],
+  gradFunc: (dy: tf.Tensor|tf.Tensor[], saved: tf.Tensor[], attrs: tf.NamedAttrMap): GradMap => {
+    const [cos, sin] = saved;
+    const a = attrs as unknown as FusedRotaryAttrs;
+    return {
+      x: () => tf.engine().runKernel(FusedRotary, {x: dy as tf.Tensor, cos, sin},
+                                     {...a, inverse: !a.inverse} as unknown as tf.NamedAttrMap) as tf.Tensor,
+      cos: () => tf.zerosLike(cos),
+      sin: () => tf.zerosLike(sin),
+    };
+  },
+};
+
+/**
+ * The rotary embedding of `x [B, S, H, D]` (positions 0..S-1) in one fused
+ * kernel, or null when the active backend has none (or
+ * FLASH_ATTENTION_IMPL is 'reference'): the caller then composes it.
+ * `cos`, `sin`: `[S, rotaryDim / 2]` tables.
+ */
+export function fusedRotaryOrNull(
+    x: tf.Tensor4D, cos: tf.Tensor2D, sin: tf.Tensor2D, rotaryDim: number,
+    interleaved: boolean): tf.Tensor4D|null {
+  if (!useFusedTrainingKernel(FusedRotary)) {
+    return null;
+  }
+  const attrs: FusedRotaryAttrs = {rotaryDim, interleaved, inverse: false};
+  return tf.engine().runKernel(FusedRotary, {x, cos, sin}, attrs as unknown as tf.NamedAttrMap) as tf.Tensor4D;
 }
