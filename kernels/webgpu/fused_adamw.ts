@@ -266,7 +266,11 @@ export class AdamWWebGPUState {
     }
     this.disposed = true;
     // Destroying is safe once the work using the buffers is submitted.
-    this.flushRecorded();
+    try {
+      this.flushRecorded();
+    } catch {
+      // The backend is gone (tf.removeBackend): nothing of ours is pending.
+    }
     this.state.destroy();
     for (const plan of this.plans.values()) {
       [...plan.update, ...plan.gradNorm, plan.step, plan.partials].forEach(b => b.destroy());
