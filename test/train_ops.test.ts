@@ -5,7 +5,8 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 
-import {FLASH_ATTENTION_IMPL, FusedNorm, FusedNormGrad, FusedRotary, layerNorm, rmsNorm, softmaxCrossEntropy, softmaxCrossEntropyLoss, SoftmaxCrossEntropy, SoftmaxCrossEntropyGrad} from '../src';
+import {FLASH_ATTENTION_IMPL, FlashAttentionError, FusedNorm, FusedNormGrad, FusedRotary, layerNorm, rmsNorm, softmaxCrossEntropy, softmaxCrossEntropyLoss, SoftmaxCrossEntropy, SoftmaxCrossEntropyGrad} from '../src';
+import type {NormOptions} from '../src';
 
 import {applyRotary} from '../src/layers';
 import {RotaryTables} from '../src/layers/rotary';
@@ -128,12 +129,15 @@ describeBackends('fused norms vs the float64 oracle', backend => {
     const x = tf.zeros([4, 8]);
     const gamma = tf.ones([8]);
     const before = tf.memory().numTensors;
-    expect(() => layerNorm(x, tf.ones([7]), gamma)).toThrow(/layerNorm: gamma must have shape \[8\].*got \[7\]/);
-    expect(() => rmsNorm(x, gamma, {residual: tf.zeros([4, 9])})).toThrow(/rmsNorm: residual must have x's shape/);
+    expect(() => layerNorm(x, tf.ones([7]), gamma)).toThrow(/layerNorm: gamma must be of shape \[8\].*got \[7\]/);
+    expect(() => rmsNorm(x, gamma, {residual: tf.zeros([4, 9])})).toThrow(/rmsNorm: residual must be of x's shape \[4,8\], got \[4,9\]/);
     expect(() => rmsNorm(x, gamma, {dropoutRate: 1})).toThrow(/dropoutRate must be a number in \[0, 1\), got 1/);
     expect(() => rmsNorm(x, gamma, {epsilon: 0})).toThrow(/epsilon must be a finite number > 0, got 0/);
-    expect(() => rmsNorm(tf.zeros([4, 8], 'int32'), gamma)).toThrow(/x must have dtype float32, got int32/);
+    expect(() => rmsNorm(tf.zeros([4, 8], 'int32'), gamma)).toThrow(/x must be of dtype float32, got int32/);
     expect(() => rmsNorm(x, gamma, {dropoutRate: 0.1, seed: -1})).toThrow(/seed must be an integer/);
+    expect(() => rmsNorm(x, gamma, {dropout_p: 0.1} as unknown as NormOptions))
+        .toThrow(/rmsNorm: unknown option 'dropout_p'; did you mean 'dropoutRate'\?/);
+    expect(() => layerNorm(x, gamma, gamma, {epsilon: -1})).toThrow(FlashAttentionError);
     // The wrong-shaped tensors made inline above are the only new ones.
     expect(tf.memory().numTensors).toBe(before + 3);
   });
@@ -204,9 +208,9 @@ describeBackends('softmax cross-entropy vs the float64 oracle', backend => {
     const logits = tf.zeros([4, 8]);
     const labels = tf.zeros([4], 'int32');
     expect(() => softmaxCrossEntropy(logits as tf.Tensor2D, tf.zeros([4]) as tf.Tensor1D))
-        .toThrow(/softmaxCrossEntropy: labels must have dtype int32, got float32/);
+        .toThrow(/softmaxCrossEntropy: labels must be of dtype int32, got float32/);
     expect(() => softmaxCrossEntropy(logits as tf.Tensor2D, tf.zeros([3], 'int32') as tf.Tensor1D))
-        .toThrow(/labels must have shape \[4\].*got \[3\]/);
+        .toThrow(/labels must be of shape \[4\].*got \[3\]/);
     expect(() => softmaxCrossEntropy(logits as tf.Tensor2D, labels as tf.Tensor1D, {labelSmoothing: 1}))
         .toThrow(/labelSmoothing must be a number in \[0, 1\), got 1/);
     expect(() => softmaxCrossEntropy(logits as tf.Tensor2D, labels as tf.Tensor1D, {zLoss: -1}))

@@ -8,6 +8,8 @@
 import * as tf from '@tensorflow/tfjs-core';
 
 import {randomSeed, splitSeed} from '../dropout';
+import {describeValue, FlashAttentionError} from '../errors';
+import {checkOptions, OptionSpec} from '../options';
 
 import {useFusedTrainingKernel} from './dispatch';
 import {FusedNorm, FusedNormAttrs, FusedNormGrad, FusedRotary, FusedRotaryAttrs, SoftmaxCrossEntropy, SoftmaxCrossEntropyAttrs, SoftmaxCrossEntropyGrad} from './kernel_names';
@@ -37,39 +39,42 @@ export interface NormOptions {
   returnResidual?: boolean;
 }
 
-function fail(opName: string, what: string): never {
-  throw new Error(`${opName}: ${what}`);
+/** A bad argument: a FlashAttentionError naming it, like the attention ops'. */
+function fail(opName: string, argument: string, expected: string, actual: unknown): never {
+  throw new FlashAttentionError(opName, argument, expected,
+                                typeof actual === 'string' ? actual : describeValue(actual));
 }
 
 function checkFloat(t: unknown, name: string, opName: string): tf.Tensor {
-  if (!(t instanceof tf.Tensor)) {
-    fail(opName, `${name} must be a tf.Tensor, got ${t === null ? 'null' : typeof t}`);
-  }
-  if (t.isDisposed) {
-    fail(opName, `${name} has been disposed`);
+  if (!(t instanceof tf.Tensor) || t.isDisposed) {
+    fail(opName, name, 'a live float32 tf.Tensor', t instanceof tf.Tensor ? 'a disposed tensor' : t);
   }
   if (t.dtype !== 'float32') {
-    fail(opName, `${name} must have dtype float32, got ${t.dtype}`);
+    fail(opName, name, 'of dtype float32', t.dtype);
   }
   return t;
 }
 
-function checkRate(rate: unknown, name: string, opName: string): number {
-  if (typeof rate !== 'number' || !(rate >= 0 && rate < 1)) {
-    fail(opName, `${name} must be a number in [0, 1), got ${String(rate)}`);
-  }
-  return rate;
-}
+const isRate = (v: unknown) => typeof v === 'number' && v >= 0 && v < 1;
+const isSeed = (v: unknown) => Number.isInteger(v) && (v as number) >= 0 && (v as number) < 2 ** 53;
+const isBoolean = (v: unknown) => typeof v === 'boolean';
 
-function checkSeed(seed: unknown, opName: string): number {
-  if (seed == null) {
-    return randomSeed();
-  }
-  if (typeof seed !== 'number' || !Number.isInteger(seed) || seed < 0 || seed >= 2 ** 53) {
-    fail(opName, `seed must be an integer in [0, 2^53), got ${String(seed)}`);
-  }
-  return seed;
-}
+/** The options of layerNorm and rmsNorm (strict: unknown keys are errors). */
+const NORM_OPTION_SPECS: readonly OptionSpec[] = [
+  {name: 'residual', expected: 'a float32 tf.Tensor of x\'s shape', valid: v => v instanceof tf.Tensor},
+  {name: 'dropoutRate', expected: 'a number in [0, 1)', valid: isRate, aliases: ['dropout_p', 'dropout']},
+  {name: 'seed', expected: 'an integer in [0, 2^53)', valid: isSeed},
+  {name: 'epsilon', expected: 'a finite number > 0',
+   valid: v => typeof v === 'number' && v > 0 && Number.isFinite(v), aliases: ['eps']},
+  {name: 'returnResidual', expected: 'a boolean', valid: isBoolean, aliases: ['prenorm']},
+];
+
+/** The options of softmaxCrossEntropy. */
+const CROSS_ENTROPY_OPTION_SPECS: readonly OptionSpec[] = [
+  {name: 'labelSmoothing', expected: 'a number in [0, 1)', valid: isRate, aliases: ['label_smoothing']},
+  {name: 'zLoss', expected: 'a finite number >= 0',
+   valid: v => typeof v === 'number' && v >= 0 && Number.isFinite(v), aliases: ['z_loss', 'lse_square_scale']},
+];
 
 /** FusedNorm's gradient (fused kernel or reference); saved: x, residual, gamma, beta, z. */
 function normGradFunc(dys: tf.Tensor|tf.Tensor[], saved: tf.Tensor[], attrs: tf.NamedAttrMap): GradMap {
@@ -101,33 +106,32 @@ export const fusedNormGradConfig: tf.GradConfig = {
 function runNorm(
     opName: string, rms: boolean, x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor|null,
     opts: NormOptions): tf.Tensor|[tf.Tensor, tf.Tensor] {
+  opts = checkOptions<NormOptions>(opts ?? {}, opName, NORM_OPTION_SPECS, 'opts',
+                                   'an options object ({residual, dropoutRate, ...}) or undefined');
   checkFloat(x, 'x', opName);
   if (x.rank < 1 || x.shape[x.rank - 1] === 0) {
-    fail(opName, `x must have rank >= 1 and a non-empty last axis, got shape [${x.shape}]`);
+    fail(opName, 'x', 'of rank >= 1 with a non-empty last axis', `shape [${x.shape}]`);
   }
   const cols = x.shape[x.rank - 1];
   checkFloat(gamma, 'gamma', opName);
   if (gamma.rank !== 1 || gamma.shape[0] !== cols) {
-    fail(opName, `gamma must have shape [${cols}] (x's last axis), got [${gamma.shape}]`);
+    fail(opName, 'gamma', `of shape [${cols}] (x's last axis)`, `[${gamma.shape}]`);
   }
   if (beta != null) {
     checkFloat(beta, 'beta', opName);
     if (beta.rank !== 1 || beta.shape[0] !== cols) {
-      fail(opName, `beta must have shape [${cols}] (x's last axis), got [${beta.shape}]`);
+      fail(opName, 'beta', `of shape [${cols}] (x's last axis)`, `[${beta.shape}]`);
     }
   }
   if (opts.residual != null) {
     checkFloat(opts.residual, 'residual', opName);
     if (!tf.util.arraysEqual(opts.residual.shape, x.shape)) {
-      fail(opName, `residual must have x's shape [${x.shape}], got [${opts.residual.shape}]`);
+      fail(opName, 'residual', `of x's shape [${x.shape}]`, `[${opts.residual.shape}]`);
     }
   }
   const epsilon = opts.epsilon ?? (rms ? 1e-6 : 1e-5);
-  if (typeof epsilon !== 'number' || !(epsilon > 0) || !Number.isFinite(epsilon)) {
-    fail(opName, `epsilon must be a finite number > 0, got ${String(epsilon)}`);
-  }
-  const dropoutRate = checkRate(opts.dropoutRate ?? 0, 'dropoutRate', opName);
-  const seed = dropoutRate > 0 ? checkSeed(opts.seed, opName) : 0;
+  const dropoutRate = opts.dropoutRate ?? 0;
+  const seed = dropoutRate > 0 ? opts.seed ?? randomSeed() : 0;
   const attrs: FusedNormAttrs = {rms, epsilon, dropoutRate, ...splitSeed(seed)};
   const kernelAttrs = attrs as unknown as tf.NamedAttrMap;
 
@@ -224,23 +228,22 @@ function softmaxCrossEntropy_(
     logits: tf.Tensor2D, labels: tf.Tensor1D, opts: CrossEntropyOptions = {}): tf.Tensor1D {
   const opName = 'softmaxCrossEntropy';
   checkFloat(logits, 'logits', opName);
+  opts = checkOptions<CrossEntropyOptions>(opts ?? {}, opName, CROSS_ENTROPY_OPTION_SPECS, 'opts',
+                                           'an options object ({labelSmoothing, zLoss}) or undefined');
   if (logits.rank !== 2 || logits.shape[1] === 0) {
-    fail(opName, `logits must have shape [N, V] with V > 0, got [${logits.shape}]`);
+    fail(opName, 'logits', 'of shape [N, V] with V > 0', `[${logits.shape}]`);
   }
   if (!(labels instanceof tf.Tensor) || labels.isDisposed) {
-    fail(opName, 'labels must be a live tf.Tensor of int32 class ids [N]');
+    fail(opName, 'labels', 'a live int32 tf.Tensor of class ids [N]', labels);
   }
   if (labels.dtype !== 'int32') {
-    fail(opName, `labels must have dtype int32, got ${labels.dtype}`);
+    fail(opName, 'labels', 'of dtype int32', labels.dtype);
   }
   if (labels.rank !== 1 || labels.shape[0] !== logits.shape[0]) {
-    fail(opName, `labels must have shape [${logits.shape[0]}] (logits' rows), got [${labels.shape}]`);
+    fail(opName, 'labels', `of shape [${logits.shape[0]}] (logits' rows)`, `[${labels.shape}]`);
   }
-  const labelSmoothing = checkRate(opts.labelSmoothing ?? 0, 'labelSmoothing', opName);
+  const labelSmoothing = opts.labelSmoothing ?? 0;
   const zLoss = opts.zLoss ?? 0;
-  if (typeof zLoss !== 'number' || !(zLoss >= 0) || !Number.isFinite(zLoss)) {
-    fail(opName, `zLoss must be a finite number >= 0, got ${String(zLoss)}`);
-  }
   const attrs: SoftmaxCrossEntropyAttrs = {labelSmoothing, zLoss};
   const kernelAttrs = attrs as unknown as tf.NamedAttrMap;
   const inputs = {logits, labels};
