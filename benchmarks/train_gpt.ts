@@ -37,6 +37,7 @@ import {useBestBackend} from '../demo/backend';
 import {buildGPT, LossKind, median, NormKind, sampleBatch, seededRandom, trainableVariables, trainStep} from '../demo/gpt';
 
 import {composedMHA} from './composed_mha';
+import {webgpuCounters} from './webgpu_counters';
 import {gptSize, option, VOCAB} from './gpt_options';
 
 type Impl = 'flash'|'composed';
@@ -115,40 +116,8 @@ interface StepCounts {
   dispatches: number;
   submits: number;
   uploads: number;
-}
-
-/**
- * Counts GPU dispatches (tfjs's and the package's own pipelines), queue
- * submits and host-to-GPU tensor uploads, by wrapping the WebGPU methods.
- */
-function installCounters(backend: tf.KernelBackend, device: GPUDevice): StepCounts {
-  const counts: StepCounts = {dispatches: 0, submits: 0, uploads: 0};
-  const pass = device.createCommandEncoder().beginComputePass();
-  const passProto = Object.getPrototypeOf(pass) as {dispatchWorkgroups: (...a: unknown[]) => void};
-  pass.end();
-  const dispatch = passProto.dispatchWorkgroups;
-  passProto.dispatchWorkgroups = function(this: unknown, ...args: unknown[]) {
-    counts.dispatches++;
-    return dispatch.apply(this, args);
-  };
-  const queue = device.queue as unknown as {submit: (...a: unknown[]) => void};
-  const submit = queue.submit.bind(queue);
-  queue.submit = (...args: unknown[]) => {
-    counts.submits++;
-    return submit(...args);
-  };
-  const webgpu = backend as unknown as {
-    uploadToGPU: (dataId: object) => void, tensorMap: {get: (d: object) => {values?: unknown, resource?: unknown}},
-  };
-  const upload = webgpu.uploadToGPU.bind(webgpu);
-  webgpu.uploadToGPU = (dataId: object) => {
-    const data = webgpu.tensorMap.get(dataId);
-    if (data != null && data.values != null && data.resource == null) {
-      counts.uploads++;
-    }
-    return upload(dataId);
-  };
-  return counts;
+  /** Host uploads by dtype and shape (where they come from). */
+  uploadShapes: Record<string, number>;
 }
 
 /** Child: median step times of the three models (same weights, same batches, alternating). */
@@ -164,7 +133,7 @@ async function stepChild() {
                      fusedBackward: hasFusedKernel(FlashAttentionGrad, 'webgpu'),
                      fusedNorm: hasFusedKernel(FusedNorm, 'webgpu'),
                      impl: tf.env().get('FLASH_ATTENTION_IMPL')});
-  const counts = installCounters(tf.backend(), backend.device!);
+  const counters = webgpuCounters();
   const random = seededRandom(7);
   const data = Int32Array.from({length: 1 << 16}, () => Math.floor(random() * VOCAB));
   const runs = flavors.map(flavor => ({
@@ -176,9 +145,14 @@ async function stepChild() {
   }
   runs.forEach(run => run.vars = trainableVariables(run.model));
   for (let step = 0; step < warmup + steps; step++) {
-    const {x, y} = sampleBatch(data, batch, seq, random);
+    const batchData = sampleBatch(data, batch, seq, random);
+    // Each model uploads its own copy of the batch (counted in its step).
+    const [xs, ys] = [batchData.x.dataSync(), batchData.y.dataSync()];
+    tf.dispose([batchData.x, batchData.y]);
     for (const run of runs) {
-      const before = {...counts};
+      const x = tf.tensor2d(xs, [batch, seq], 'int32');
+      const y = tf.tensor2d(ys, [batch, seq], 'int32');
+      counters.reset();
       const t0 = performance.now();
       const result = await withErrorScopes(backend.device!, () =>
         trainStep(run.model, run.optimizer, x, y, VOCAB, run.vars, run.loss));
@@ -189,10 +163,11 @@ async function stepChild() {
       }
       run.ms.push(ms);
       run.losses.push(result.loss);
-      run.counts.push({dispatches: counts.dispatches - before.dispatches, submits: counts.submits - before.submits,
-                       uploads: counts.uploads - before.uploads});
+      const c = counters.snapshot();
+      run.counts.push({dispatches: c.dispatches, submits: c.submits, uploads: c.hostUploads,
+                       uploadShapes: Object.fromEntries(c.uploadShapes)});
+      tf.dispose([x, y]);
     }
-    tf.dispose([x, y]);
     console.log(`step ${step}${step < warmup ? ' (warm-up)' : ''}: ${runs.map(r => `${r.name} ${
         r.ms[step].toFixed(1)} ms loss ${r.losses[step].toFixed(4)}`).join(', ')}`);
   }
@@ -401,6 +376,9 @@ async function parent() {
           stock ? (stock.medianMs / m.medianMs).toFixed(2) + 'x' : '-'} | ${
           flash ? (flash.medianMs / m.medianMs).toFixed(2) + 'x' : '-'} | ${m.dispatches} | ${m.submits} | ${
           m.uploads} | ${m.losses[m.losses.length - 1].toFixed(4)} |`);
+    }
+    for (const m of models) {
+      log(`${FLAVOR_LABEL[m.name]}: uploads by shape ${JSON.stringify((m as {uploadShapes?: object}).uploadShapes)}`);
     }
   } else {
     log(`step comparison failed: ${JSON.stringify(steps.results.filter(r => r.kind === 'step-error'))} ${
