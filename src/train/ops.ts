@@ -281,7 +281,11 @@ export function softmaxCrossEntropyLoss(
     const vocab = logits.shape[logits.rank - 1];
     const ids = labels.dtype === 'int32' ? labels : tf.cast(labels, 'int32');
     const rows = tf.reshape(logits, [-1, vocab]) as tf.Tensor2D;
-    return tf.mean(softmaxCrossEntropy(rows, tf.reshape(ids, [-1]) as tf.Tensor1D, opts)) as tf.Scalar;
+    const losses = softmaxCrossEntropy(rows, tf.reshape(ids, [-1]) as tf.Tensor1D, opts);
+    // The mean as a product with a vector made on the device: the gradient
+    // of tf.mean builds its ones on the host (an upload every step).
+    const n = losses.shape[0];
+    return tf.reshape(tf.matMul(tf.reshape(losses, [1, n]), tf.fill([n, 1], 1 / n)), []) as tf.Scalar;
   });
 }
 
