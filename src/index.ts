@@ -7,6 +7,8 @@
 import * as tf from '@tensorflow/tfjs-core';
 
 import {flashAttentionGradConfig} from '../gradients/flash_attention_grad';
+
+import {flashAttentionKVCacheGradConfig} from './ops_kv_cache';
 import {fusedNormGradConfig, fusedRotaryGradConfig, softmaxCrossEntropyGradConfig} from './train/ops';
 // Fused WebGPU kernels (registered for the backend named 'webgpu').
 import '../kernels/webgpu/register';
@@ -35,7 +37,15 @@ export {fusedRotaryOrNull, layerNorm, rmsNorm, softmaxCrossEntropy, softmaxCross
 export type {FusedAdamWArgs, FusedAdamWImpl} from './train';
 export {FUSED_ADAMW_IMPL, FusedAdamW, fusedAdam, fusedAdamW} from './train';
 
+export type {FlashAttentionWithKVCacheOp, FlashAttentionWithKVCacheOptions} from './ops_kv_cache';
+export {flashAttentionWithKVCache, KV_CACHE_OPTION_SPECS} from './ops_kv_cache';
+export type {KVCacheArgs, KVCacheAttendOptions} from './kv_cache';
+export {KVCache} from './kv_cache';
+export type {FlashAttentionKVCacheAttrs} from './kernel_names';
+export {FlashAttentionKVCache} from './kernel_names';
+
 tf.registerGradient(flashAttentionGradConfig);
+tf.registerGradient(flashAttentionKVCacheGradConfig);
 tf.registerGradient(fusedNormGradConfig);
 tf.registerGradient(softmaxCrossEntropyGradConfig);
 tf.registerGradient(fusedRotaryGradConfig);

@@ -5,6 +5,7 @@
  */
 import {registerFusedKernel} from '../../src/dispatch';
 
+import {flashDecodeWebGPUConfig, supportsFlashDecodeWebGPU} from './flash_decode';
 import {flashAttentionWebGPUConfig, supportsFlashAttentionWebGPU} from './flash_attention';
 import {registerFlashAttentionGradWebGPU} from './FlashAttentionGrad';
 import {registerTrainingKernelsWebGPU} from './training_kernels';
@@ -13,5 +14,7 @@ registerFusedKernel(flashAttentionWebGPUConfig, supportsFlashAttentionWebGPU);
 // The fused backward (FlashAttentionGrad): used by the registered gradient
 // of FlashAttention, whichever forward ran.
 registerFlashAttentionGradWebGPU();
-// The training kernels: fused norms and softmax cross-entropy.
+// Decoding over a KV cache (flashAttentionWithKVCache), inference only.
+registerFusedKernel(flashDecodeWebGPUConfig, supportsFlashDecodeWebGPU);
+// The training kernels: fused norms, softmax cross-entropy, rotary.
 registerTrainingKernelsWebGPU();

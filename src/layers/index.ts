@@ -18,3 +18,6 @@ export type {MultiHeadAttentionArgs, MultiHeadAttentionCallArgs} from './multi_h
 export {MultiHeadAttention, registerMultiHeadAttention} from './multi_head_attention';
 export type {FusedNormArgs} from './norm_layers';
 export {FusedLayerNormalization, fusedLayerNormalization, RMSNormalization, rmsNormalization} from './norm_layers';
+// Incremental decoding (generation) of models built with FlashMHA.
+export type {DecodingLayer, IncrementalDecoderArgs} from './decoding';
+export {IncrementalDecoder, isDecodingLayer} from './decoding';
