@@ -1,8 +1,10 @@
 /**
- * The demo: trains a small character-level GPT whose attention is FlashMHA
- * on the best backend found, then times the same model with composed
- * attention (same weights, same batches) and reports the speed-up; writes
- * the loss curves (SVG) and a generated sample.
+ * The demo: trains a small character-level GPT with the fused training ops
+ * (FlashMHA, fused LayerNorm with the residual adds, fused cross-entropy,
+ * fusedAdam) on the best backend found, then times it against the same
+ * model in stock tfjs (tf.layers.layerNormalization, composed attention,
+ * tf.train.adam; same weights, same batches) and reports the speed-up;
+ * writes the loss curves (SVG) and a generated sample.
  */
 import * as fs from 'fs';
 import * as path from 'path';
@@ -11,6 +13,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import type * as tfl from '@tensorflow/tfjs-layers';
 
 import {composedMHA} from '../benchmarks/composed_mha';
+import {fusedAdam} from '../src';
 import {flashMHA} from '../src/layers';
 
 import {BackendChoice, useBestBackend} from './backend';
@@ -61,8 +64,11 @@ export interface DemoResult {
   backend: BackendChoice;
   config: DemoConfig;
   losses: number[];
+  /** Median step of the fused model (FlashMHA and the fused training ops). */
   flashStepMs: number;
+  /** Median step of the stock-tfjs model. */
   composedStepMs: number;
+  /** composedStepMs / flashStepMs: the speed-up over stock tfjs. */
   speedup: number;
   tokensPerSecond: number;
   /** Final losses of the comparison: the same start and batches, so close. */
@@ -89,12 +95,12 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
   const gptConfig: GPTConfig = {vocabSize: tokenizer.vocabSize, numLayers: config.numLayers,
                                 embedDim: config.embedDim, numHeads: config.numHeads};
   write(`backend: ${backend.description}\n`);
-  write(`model: ${config.numLayers} layers of FlashMHA, width ${config.embedDim}, ${config.numHeads} heads, ` +
+  write(`model: ${config.numLayers} layers of FlashMHA with fused norms, loss and Adam, width ${config.embedDim}, ${config.numHeads} heads, ` +
         `context ${config.seqLen}, batch ${config.batch}, vocabulary ${tokenizer.vocabSize} characters ` +
         `(${data.length} in the text)\n`);
 
-  const model = buildGPT(gptConfig, flashMHA, 'gpt');
-  const optimizer = tf.train.adam(config.learningRate);
+  const model = buildGPT(gptConfig, flashMHA, 'gpt', 'fused');
+  const optimizer = fusedAdam({learningRate: config.learningRate});
   const vars = trainableVariables(model);
   const tokensPerStep = config.batch * config.seqLen;
   const losses: number[] = [];
@@ -103,7 +109,7 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
   for (let step = 1; step <= config.steps; step++) {
     const {x, y} = sampleBatch(data, config.batch, config.seqLen, random);
     const t0 = performance.now();
-    const loss = await trainStep(model, optimizer, x, y, tokenizer.vocabSize, vars);
+    const loss = await trainStep(model, optimizer, x, y, tokenizer.vocabSize, vars, 'fused');
     const ms = performance.now() - t0;
     tf.dispose([x, y]);
     losses.push(loss);
@@ -129,24 +135,26 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
   }
   optimizer.dispose();
 
-  // The same weights with composed attention; both models then take the
-  // same steps on the same batches, timed alternately.
-  write(`comparing with composed attention (matMul + softmax), same weights, ${config.compareSteps} steps each\n`);
-  const composed = buildGPT(gptConfig, composedMHA, 'gpt');
+  // The same weights in stock tfjs (tfjs-layers' layerNormalization,
+  // composed attention, tf.train.adam); both models then take the same
+  // steps on the same batches, timed alternately.
+  write(`comparing with stock tfjs (layerNormalization, composed attention, tf.train.adam), same weights, ${
+      config.compareSteps} steps each\n`);
+  const composed = buildGPT(gptConfig, composedMHA, 'gpt', 'tfjs');
   // getWeights gives the variables themselves (not copies): never dispose them.
   composed.setWeights(model.getWeights());
   const runs = [
-    {name: 'FlashMHA', model, optimizer: tf.train.adam(config.learningRate), vars, ms: [] as number[],
-     losses: [] as number[]},
-    {name: 'composed', model: composed, optimizer: tf.train.adam(config.learningRate),
-     vars: trainableVariables(composed), ms: [] as number[], losses: [] as number[]},
+    {name: 'fused', model, optimizer: fusedAdam({learningRate: config.learningRate}) as tf.Optimizer, vars,
+     loss: 'fused' as const, ms: [] as number[], losses: [] as number[]},
+    {name: 'stock tfjs', model: composed, optimizer: tf.train.adam(config.learningRate) as tf.Optimizer,
+     vars: trainableVariables(composed), loss: 'composed' as const, ms: [] as number[], losses: [] as number[]},
   ];
   const base = losses.length;
   for (let step = 0; step < config.compareSteps; step++) {
     const {x, y} = sampleBatch(data, config.batch, config.seqLen, random);
     for (const run of runs) {
       const t0 = performance.now();
-      run.losses.push(await trainStep(run.model, run.optimizer, x, y, tokenizer.vocabSize, run.vars));
+      run.losses.push(await trainStep(run.model, run.optimizer, x, y, tokenizer.vocabSize, run.vars, run.loss));
       run.ms.push(performance.now() - t0);
     }
     tf.dispose([x, y]);
@@ -159,9 +167,9 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
   const composedStepMs = timed(runs[1].ms);
   const speedup = composedStepMs / flashStepMs;
   const tokensPerSecond = tokensPerStep / (flashStepMs / 1000);
-  write(`median step: FlashMHA ${flashStepMs.toFixed(1)} ms (${Math.round(tokensPerSecond)} tokens/s), composed ${
+  write(`median step: fused ${flashStepMs.toFixed(1)} ms (${Math.round(tokensPerSecond)} tokens/s), stock tfjs ${
       composedStepMs.toFixed(1)} ms (${Math.round(tokensPerStep / (composedStepMs / 1000))} tokens/s): ` +
-        `speed-up ${speedup.toFixed(2)}x on ${backend.name}${backend.gpu ? '' :
+        `speed-up over stock tfjs ${speedup.toFixed(2)}x on ${backend.name}${backend.gpu ? '' :
         ' (no fused kernel on this backend: both run composed ops, so expect about 1x here; the fused kernels run on WebGPU)'}\n`);
 
   const sample = await generate(model, tokenizer, 'Alice ', config.sampleLength, config.seqLen, random);
@@ -170,9 +178,9 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
   const svgPath = path.join(outDir, 'loss.svg');
   fs.writeFileSync(svgPath, lineChartSvg(
       `char-level GPT on ${backend.name}: training loss`, 'step', 'cross-entropy (nats)', [
-        {name: 'FlashMHA training', points: losses.map((l, i) => [i + 1, l]), color: '#1f77b4'},
-        {name: 'FlashMHA (comparison)', points: runs[0].losses.map((l, i) => [base + i + 1, l]), color: '#2ca02c'},
-        {name: 'composed (comparison)', points: runs[1].losses.map((l, i) => [base + i + 1, l]), color: '#d62728'},
+        {name: 'fused training', points: losses.map((l, i) => [i + 1, l]), color: '#1f77b4'},
+        {name: 'fused (comparison)', points: runs[0].losses.map((l, i) => [base + i + 1, l]), color: '#2ca02c'},
+        {name: 'stock tfjs (comparison)', points: runs[1].losses.map((l, i) => [base + i + 1, l]), color: '#d62728'},
       ]));
   const samplePath = path.join(outDir, 'sample.txt');
   fs.writeFileSync(samplePath, sample + '\n');

@@ -9,6 +9,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import {flashAttentionGradConfig} from '../gradients/flash_attention_grad';
 
 import {flashAttentionKVCacheGradConfig} from './ops_kv_cache';
+import {fusedNormGradConfig, fusedRotaryGradConfig, softmaxCrossEntropyGradConfig} from './train/ops';
 // Fused WebGPU kernels (registered for the backend named 'webgpu').
 import '../kernels/webgpu/register';
 
@@ -32,6 +33,14 @@ export type {FlashAttentionVarlenOp, FlashAttentionVarlenOptions, FlashAttention
 export {flashAttentionVarlen, padInput, unpadInput} from './varlen';
 export type {FusedKernelFeatures} from './dispatch';
 export {paddingMaskLengths} from './seqlens';
+export type {FusedNormAttrs, FusedRotaryAttrs, SoftmaxCrossEntropyAttrs} from './train/kernel_names';
+export {FusedNorm, FusedNormGrad, FusedRotary, SoftmaxCrossEntropy, SoftmaxCrossEntropyGrad} from './train/kernel_names';
+export type {CrossEntropyOptions, NormOp, NormOptions} from './train/ops';
+export {fusedRotaryOrNull, layerNorm, rmsNorm, softmaxCrossEntropy, softmaxCrossEntropyLoss} from './train/ops';
+
+export type {FusedAdamWArgs, FusedAdamWImpl} from './train';
+export {FUSED_ADAMW_IMPL, FusedAdamW, fusedAdam, fusedAdamW} from './train';
+
 export type {FlashAttentionWithKVCacheOp, FlashAttentionWithKVCacheOptions} from './ops_kv_cache';
 export {flashAttentionWithKVCache, KV_CACHE_OPTION_SPECS} from './ops_kv_cache';
 export type {KVCacheArgs, KVCacheAttendOptions} from './kv_cache';
@@ -41,3 +50,6 @@ export {FlashAttentionKVCache} from './kernel_names';
 
 tf.registerGradient(flashAttentionGradConfig);
 tf.registerGradient(flashAttentionKVCacheGradConfig);
+tf.registerGradient(fusedNormGradConfig);
+tf.registerGradient(softmaxCrossEntropyGradConfig);
+tf.registerGradient(fusedRotaryGradConfig);

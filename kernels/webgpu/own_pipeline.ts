@@ -54,7 +54,7 @@ export interface OwnRun {
   dispatch: [number, number, number];
 }
 
-interface PipelineEntry {
+export interface PipelineEntry {
   pipeline: GPUComputePipeline;
   layout: GPUBindGroupLayout;
   /** Set once an error of this pipeline is known. */
@@ -126,7 +126,7 @@ function errorText(scopeError: GPUError|null): string|null {
 }
 
 /** Watches the scopes pushed by `pushScopes`, recording what they catch. */
-function watchScopes(
+export function watchScopes(
     device: GPUDevice, what: string, onError: (e: Error) => void): void {
   const state = stateOf(device);
   const internal = device.popErrorScope();
@@ -163,13 +163,15 @@ export function pendingErrorScopes(backend?: tf.KernelBackend): number {
   return stateOf(webgpuBackendOf(backend).device).pending.size;
 }
 
-function pushScopes(device: GPUDevice): void {
+/** Opens the error scopes that `watchScopes` closes. */
+export function pushScopes(device: GPUDevice): void {
   device.pushErrorScope('out-of-memory');
   device.pushErrorScope('validation');
   device.pushErrorScope('internal');
 }
 
-function getPipeline(device: GPUDevice, spec: OwnPipelineSpec): PipelineEntry {
+/** The compiled pipeline of `spec` (cached per device); check its `error`. */
+export function getPipeline(device: GPUDevice, spec: OwnPipelineSpec): PipelineEntry {
   const state = stateOf(device);
   const cached = state.pipelines.get(spec.key);
   if (cached != null) {

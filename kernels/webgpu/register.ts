@@ -8,6 +8,7 @@ import {registerFusedKernel} from '../../src/dispatch';
 import {flashDecodeWebGPUConfig, supportsFlashDecodeWebGPU} from './flash_decode';
 import {flashAttentionWebGPUConfig, supportsFlashAttentionWebGPU} from './flash_attention';
 import {registerFlashAttentionGradWebGPU} from './FlashAttentionGrad';
+import {registerTrainingKernelsWebGPU} from './training_kernels';
 
 registerFusedKernel(flashAttentionWebGPUConfig, supportsFlashAttentionWebGPU, {seqlens: true});
 // The fused backward (FlashAttentionGrad): used by the registered gradient
@@ -15,3 +16,5 @@ registerFusedKernel(flashAttentionWebGPUConfig, supportsFlashAttentionWebGPU, {s
 registerFlashAttentionGradWebGPU();
 // Decoding over a KV cache (flashAttentionWithKVCache), inference only.
 registerFusedKernel(flashDecodeWebGPUConfig, supportsFlashDecodeWebGPU);
+// The training kernels: fused norms, softmax cross-entropy, rotary.
+registerTrainingKernelsWebGPU();

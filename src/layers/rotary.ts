@@ -4,6 +4,7 @@
  * are rotated by position-dependent angles, the rest pass through.
  */
 import * as tf from '@tensorflow/tfjs-core';
+import {fusedRotaryOrNull} from 'tfjs-flash-attention';
 
 /**
  * cos and sin tables `[S, rotaryDim / 2]`: angle(p, i) = p * base^(-2i/rotaryDim).
@@ -62,7 +63,8 @@ export class RotaryTables {
 /**
  * Rotates `x [B, S, H, D]` at positions 0..S-1. `interleaved`: pairs are
  * (0,1), (2,3)... (GPT-J); otherwise (i, i + rotaryDim/2) (GPT-NeoX).
- * Differentiable (slices, products and concats only). `cache`: the
+ * Differentiable: the fused FusedRotary kernel where the backend has one,
+ * else slices, products and concats. `cache`: the
  * caller's tables, else they are built for this call.
  */
 export function applyRotary(
@@ -72,6 +74,11 @@ export function applyRotary(
     const half = rotaryDim / 2;
     const [cosTable, sinTable] = cache != null && cache.rotaryDim === rotaryDim && cache.base === base ?
         cache.get(seq) : rotaryTables(seq, rotaryDim, base);
+    // One kernel forward and one backward where the backend has it.
+    const fused = fusedRotaryOrNull(x, cosTable, sinTable, rotaryDim, interleaved);
+    if (fused != null) {
+      return fused;
+    }
     // [S, 1, half] broadcasts over batch and heads.
     const cos = tf.reshape(cosTable, [seq, 1, half]);
     const sin = tf.reshape(sinTable, [seq, 1, half]);
