@@ -1,7 +1,7 @@
 /**
  * What tfjs users write today: attention composed from matMul and softmax,
  * holding the whole `[B, H, Sq, Sk]` score tensor. It is the "composed"
- * baseline of the benchmarks and of the demo (DESIGN.md §4's anchor
+ * baseline of the benchmarks and of the demo (the anchor of docs/design.md, "Performance method":
  * "tfjs-webgpu composed ops" was measured on this formulation).
  */
 import * as tf from '@tensorflow/tfjs-core';

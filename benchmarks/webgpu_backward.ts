@@ -1,11 +1,11 @@
 /**
  * Device run of the fused WebGPU backward (issue 4), in Node on Dawn:
  *   1. correctness at realistic shapes: fused gradients vs the float64
- *      oracle (5e-4, DESIGN.md §3), and bit-identical reruns;
+ *      oracle (5e-4, docs/design.md, "Accuracy bounds"), and bit-identical reruns;
  *   2. timing, causal B=1 H=16 D=64: backward alone (each tiling tried),
  *      forward alone and forward+backward at S=4096, and forward+backward
  *      at S=16384 (does it fit in memory?).
- * FLOPs (DESIGN.md §4): forward 4*B*S*S*H*D, halved for causal;
+ * FLOPs (docs/design.md, "Performance method"): forward 4*B*S*S*H*D, halved for causal;
  * backward 2.5x, forward+backward 3.5x.
  *
  *   3. with --passes: each of the three passes alone (Delta, dK/dV, dQ),

@@ -1,6 +1,6 @@
 /**
  * The public options of the flashAttention ops and their normalization into
- * kernel attributes (DESIGN.md §2).
+ * kernel attributes (docs/design.md, "Semantics").
  */
 import type {Tensor} from '@tensorflow/tfjs-core';
 

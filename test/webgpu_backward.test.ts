@@ -1,7 +1,7 @@
 /**
  * The fused WebGPU backward (kernels/webgpu/FlashAttentionGrad.ts) on Dawn
  * (SwiftShader without a GPU), against the float64 oracle's gradients for
- * every option (DESIGN.md §3: 5e-4), with NaN-poisoned outputs, no leaks,
+ * every option (docs/design.md, "Accuracy bounds": 5e-4), with NaN-poisoned outputs, no leaks,
  * bit-identical reruns, and through tf.grads with the fused path forced.
  */
 import * as tf from '@tensorflow/tfjs-core';

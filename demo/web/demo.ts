@@ -9,7 +9,7 @@ import '@tensorflow/tfjs-backend-webgpu';
 import {FLASH_ATTENTION_IMPL, FlashAttention, flashAttention, FlashAttentionGrad, hasFusedKernel, MAX_HEAD_DIM, version} from 'tfjs-flash-attention';
 
 import {composedAttention} from '../../benchmarks/baselines';
-// The comparison rule of the tests (DESIGN.md §3), so the page's readout
+// The comparison rule of the tests (docs/design.md, "Accuracy bounds"), so the page's readout
 // means what the test suite's bounds mean.
 import {discrepancy, FORWARD_BOUND, GRADIENT_BOUND, Rng} from '../../test/harness/problems';
 

@@ -1,7 +1,7 @@
 /**
  * WGSL pieces shared by the fused WebGPU kernels (forward and backward), so
  * that both compute exactly the same scores and dropout bits as the
- * reference (src/dropout.ts, DESIGN.md §2).
+ * reference (src/dropout.ts, docs/design.md, "Semantics").
  *
  * Every function here returns WGSL source text. Names start with `fa_` to
  * stay clear of a kernel's own identifiers. Constants that change the code
@@ -95,7 +95,7 @@ export function scoreKey(o: ScoreOptions): string {
 }
 
 /**
- * The score pipeline of DESIGN.md §2 (scale -> softcap -> alibi -> mask):
+ * The score pipeline of docs/design.md, "Semantics" (scale -> softcap -> alibi -> mask):
  *
  *   struct FaScore {scale, softcap, slope: f32, diag (= Sk - Sq),
  *                   left, right, seqK: i32}

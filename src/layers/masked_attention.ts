@@ -3,7 +3,7 @@
  * fused FlashAttention kernels have no mask input, so FlashMHA runs this
  * path when a call carries a mask. It holds the `[B, H, Sq, Sk]` scores,
  * like the attention users compose today; semantics otherwise match
- * flashAttention (DESIGN.md §2): scale, softcap, ALiBi, window/causal
+ * flashAttention (docs/design.md, "Semantics"): scale, softcap, ALiBi, window/causal
  * (bottom-right aligned), GQA; a query row that sees no key gives zeros.
  * Its dropout draws a fresh random mask with tf.randomUniform (not the
  * op's seeded Philox mask).
