@@ -171,8 +171,8 @@ async function measure(
   const est = Math.max(performance.now() - t0, 0.005);
   const k = Math.max(1, Math.min(200, Math.ceil(20 / est)));
   // Keep the GPU busy for a while first: after the CPU-side input setup
-  // the GPU has idled and its clocks come back slowly (the first row of
-  // each shape measured 1.5-7x slow in session 3 without this).
+  // the GPU has idled and its clocks come back slowly (without this the
+  // first row of each shape measured slow; benchmarks/RESULTS.md).
   const w0 = performance.now();
   while (performance.now() - w0 < warmupMs) {
     for (let i = 0; i < k; i++) {

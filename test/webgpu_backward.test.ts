@@ -136,13 +136,9 @@ describeWebGPU('fused WebGPU backward [webgpu]', () => {
     {dkdv: {bc: 64, br: 16, threads: 256}, dq: {br: 64, bc: 16, threads: 256}},
     {dkdv: {bc: 64, br: 16, threads: 128}, dq: {br: 64, bc: 16, threads: 128}},
     {dkdv: {bc: 16, br: 8, threads: 64}, dq: {br: 16, bc: 8, threads: 64}},
-    // Without the register prefetch; and fewer threads than rows, so each
-    // thread prefetches several vec4s of a tile.
-    {dkdv: {bc: 64, br: 16, threads: 128, prefetch: false},
-     dq: {br: 64, bc: 16, threads: 128, prefetch: false}},
+    // Fewer threads than rows, so each thread prefetches several vec4s of a
+    // tile.
     {dkdv: {bc: 16, br: 32, threads: 16}, dq: {br: 32, bc: 8, threads: 16}},
-    // dQ += dS K with the thread's K dims held instead of its dS rows.
-    {dkdv: {bc: 32, br: 32, threads: 128}, dq: {br: 64, bc: 16, threads: 128, dsRegs: false}},
   ];
   for (const tiles of TILINGS) {
     it(`kernel vs oracle with tiles ${JSON.stringify(tiles)}`, async () => {

@@ -37,8 +37,8 @@ export interface GradTiles {
 // Largest first: bigger tiles reuse each loaded K/V (dK/dV pass) or Q/dO
 // (dQ pass) over more rows. dK/dV 32x32 before 64x16: 38 KiB of workgroup
 // storage instead of 46 (room for 5 workgroups per H100 SM instead of 4)
-// and half the accumulators; the backward 6.83 / 6.86 ms against 6.91 / 6.95 ms at D=64,
-// S=4096 causal in two calls (RESULTS.md, backward tuning session 3).
+// and half the accumulators, which measured faster (benchmarks/RESULTS.md,
+// backward tuning).
 const DKDV_SIZES: Array<[number, number]> =
     [[32, 32], [64, 16], [32, 16], [32, 8], [16, 8], [16, 4], [8, 4], [4, 4], [4, 2], [4, 1]];
 const DQ_SIZES: Array<[number, number]> =
@@ -50,8 +50,8 @@ const DQ_SIZES: Array<[number, number]> =
  */
 export function chooseGradTiles(
     d: number, dv: number, limits: GradDeviceLimits): GradTiles|null {
-  // 128 invocations: 8% faster than 256 on an H200 at S=4096 (each thread
-  // has twice the rows in S = Q K^T; benchmarks/RESULTS.md).
+  // 128 invocations rather than 256: each thread has twice the rows in
+  // S = Q K^T, which measured faster (benchmarks/RESULTS.md).
   const threads = Math.min(
       128, limits.maxComputeInvocationsPerWorkgroup, limits.maxComputeWorkgroupSizeX);
   const storage = limits.maxComputeWorkgroupStorageSize;

@@ -13,8 +13,8 @@ import {paramsWGSL} from './flash_attention_grad_wgsl';
 // LANES invocations share a row (reading its dims side by side, then a
 // fixed-order tree sum in workgroup memory), ROWS rows per workgroup, taken
 // in [B, Sq, H] order so that a workgroup reads one contiguous span of dO
-// and O. One invocation per row read 256-byte strided rows: 0.30 ms at
-// S=4096, H=16, D=64 on the H100 (benchmarks/RESULTS.md, session 3).
+// and O. One invocation per row would read 256-byte strided rows, which
+// measured slower (benchmarks/RESULTS.md, backward tuning).
 const LANES = 16;
 const ROWS = 16;
 

@@ -13,11 +13,11 @@
  *   dK += dS^T Q
  * Head dims are padded to multiples of 4 with zeros in workgroup memory, so
  * every load is a vec4. The next block's Q/dO rows are read into registers
- * while the current block computes (the pass waited on those loads: 4.94
- * against 3.59 ms at D=64, S=4096 causal on the H100).
+ * while the current block computes: without that the pass waits on those
+ * loads (benchmarks/RESULTS.md, backward tuning).
  */
 import type {OwnPipelineSpec} from './own_pipeline';
-import {featureKey, fetchRowsWGSL, GradFeatures, gradCommonWGSL, loadKeyTileWGSL, loadQueryBlockWGSL, prefetchSlots, storeRowsWGSL, paramsWGSL, scoresAndDpWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
+import {featureKey, fetchRowsWGSL, GradFeatures, gradCommonWGSL, loadKeyTileWGSL, prefetchSlots, storeRowsWGSL, paramsWGSL, scoresAndDpWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
 
 export interface DkDvTiles {
   /** Keys per workgroup (multiple of 4). */
@@ -26,11 +26,6 @@ export interface DkDvTiles {
   br: number;
   /** Invocations per workgroup. */
   threads: number;
-  /**
-   * Register prefetch of the next Q/dO rows during the current block's
-   * products (default true).
-   */
-  prefetch?: boolean;
 }
 
 /** Workgroup storage bytes of the program (must fit the device limit). */
@@ -60,8 +55,7 @@ export class FlashAttentionGradDkDvProgram implements OwnPipelineSpec {
     const xt = threads / s.sc;       // accumulation: dim-quad stride
     const nd = Math.ceil(d4 / xt);   // accumulation: dim quads per thread
     const ndv = Math.ceil(dv4 / xt);
-    const prefetch = tiles.prefetch !== false;
-    this.key = `flashAttentionGradDkDv_${d}_${dv}_${bc}_${br}_${threads}_${+prefetch}_${featureKey(f)}`;
+    this.key = `flashAttentionGradDkDv_${d}_${dv}_${bc}_${br}_${threads}_${featureKey(f)}`;
     const fetchStats = (i0: string, h: string) => `
     for (var u = 0; u < ${prefetchSlots(br, threads)}; u++) {
       let i = ${i0} + t + u * T;
@@ -92,7 +86,7 @@ export class FlashAttentionGradDkDvProgram implements OwnPipelineSpec {
           }
         }`;
     // One step per (query head of the group, block of BR rows).
-    const rowLoop = prefetch ? `
+    const rowLoop = `
   let nBlocks = select(0, (iHi - iLo) / BR + 1, iHi >= iLo);
   let steps = groups * nBlocks;
   var qReg: array<vec4<f32>, ${prefetchSlots(br * d4, threads)}>;
@@ -126,14 +120,6 @@ export class FlashAttentionGradDkDvProgram implements OwnPipelineSpec {
       ${fetchRowsWGSL('dy', 'oReg', dv, dv4, br, threads, 'p.seqQ', 'p.heads', 'iN', 'hn')}
       ${fetchStats('iN', 'hn')}
     }
-` : `
-  for (var g = 0; g < groups; g++) {
-    let h = hk * groups + g;
-    let sp = gradScoreParams(b, h);
-    for (var i0 = iLo; i0 <= iHi; i0 += BR) {
-      workgroupBarrier();
-      ${loadQueryBlockWGSL(d, d4, dv, dv4)}
-      workgroupBarrier();
 `;
     this.numInputs = f.alibi ? 6 : 5;
     this.numOutputs = 2;
@@ -240,7 +226,6 @@ ${rowLoop}
         ${accumulateDk}
       }
     }
-  ${prefetch ? '' : '}'}
 
   for (var c = 0; c < 4; c++) {
     let j = j0 + kq * 4 + c;

@@ -9,11 +9,11 @@
  *   dS = P * (dP * keep - Delta) * score' * scale,  P = exp(score(S) - lse)
  *   dQ += dS K                     (thread: NR rows x ND dims)
  * Rows that see no key get dQ = 0. The next K/V tile is read into registers
- * while the current one computes (4.68 against 3.21 ms at D=64, S=4096
- * causal on the H100).
+ * while the current one computes: without that the pass waits on those
+ * loads (benchmarks/RESULTS.md, backward tuning).
  */
 import type {OwnPipelineSpec} from './own_pipeline';
-import {featureKey, fetchKeyTileWGSL, GradFeatures, gradCommonWGSL, loadKeyTileWGSL, loadQueryBlockWGSL, prefetchSlots, storeKeyTileWGSL, paramsWGSL, scoresAndDpWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
+import {featureKey, fetchKeyTileWGSL, GradFeatures, gradCommonWGSL, loadQueryBlockWGSL, prefetchSlots, storeKeyTileWGSL, paramsWGSL, scoresAndDpWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
 
 export interface DqTiles {
   /** Query rows per workgroup. */
@@ -21,19 +21,6 @@ export interface DqTiles {
   /** Keys per step (multiple of 4). */
   bc: number;
   threads: number;
-  /**
-   * Register prefetch of the next K/V tile during the current one's
-   * products (default true).
-   */
-  prefetch?: boolean;
-  /**
-   * dQ += dS K with the thread's NR dS rows held in registers and K loaded
-   * one vec4 at a time (default true; false: the thread's K dims held, dS
-   * loaded per row). Same sums in the same order either way. The dQ pass
-   * 3.11 against 3.21 ms at D=64, 8.60 against 8.73 ms at D=128, S=4096
-   * causal on the H100 (RESULTS.md, backward tuning session 3).
-   */
-  dsRegs?: boolean;
 }
 
 /**
@@ -79,11 +66,11 @@ export class FlashAttentionGradDqProgram implements OwnPipelineSpec {
     const qt = br / nr;           // accumulation: row groups
     const xt = threads / qt;      // accumulation: dim stride
     const nd = Math.ceil(d / xt);
-    const prefetch = tiles.prefetch !== false;
-    const dsRegs = tiles.dsRegs !== false;
-    this.key = `flashAttentionGradDq_${d}_${dv}_${bc}_${br}_${threads}_${+prefetch}${+dsRegs}_${
-        featureKey(f)}`;
-    const accumulate = dsRegs ? `
+    this.key = `flashAttentionGradDq_${d}_${dv}_${bc}_${br}_${threads}_${featureKey(f)}`;
+    // dQ += dS K with the thread's NR dS rows held in registers and K read
+    // one vec4 at a time: faster than holding K's dims and reading dS per row
+    // (benchmarks/RESULTS.md, backward tuning).
+    const accumulate = `
     for (var quad = 0; quad < SC; quad++) {
       var dsr: array<vec4<f32>, NR>;
       for (var m = 0; m < NR; m++) {
@@ -95,20 +82,8 @@ export class FlashAttentionGradDqProgram implements OwnPipelineSpec {
           dqAcc[m][n] += dot(dsr[m], kv);
         }
       }
-    }` : `
-    for (var quad = 0; quad < SC; quad++) {
-      var kq: array<vec4<f32>, ${nd}>;
-      for (var n = 0; n < ${nd}; n++) {
-        kq[n] = kT[min(qx + n * XT, D - 1) * KST + quad];
-      }
-      for (var m = 0; m < NR; m++) {
-        let dsv = pS[(qr * NR + m) * SC + quad];
-        for (var n = 0; n < ${nd}; n++) {
-          dqAcc[m][n] += dot(dsv, kq[n]);
-        }
-      }
     }`;
-    const keyTile = prefetch ? `
+    const keyTile = `
   var kReg: array<vec4<f32>, ${prefetchSlots(s.sc * 4 * d4, threads)}>;
   var vReg: array<vec4<f32>, ${prefetchSlots(s.sc * 4 * dv4, threads)}>;
   if (jLo <= jHi) {
@@ -121,11 +96,7 @@ export class FlashAttentionGradDqProgram implements OwnPipelineSpec {
     workgroupBarrier();
     if (j0 + BC <= jHi) {
       ${fetchKeyTileWGSL('j0 + BC', s.sc, d4, dv4, threads)}
-    }` : `
-  for (var j0 = jLo; j0 <= jHi; j0 += BC) {
-    workgroupBarrier();
-    ${loadKeyTileWGSL('KST')}
-    workgroupBarrier();`;
+    }`;
     this.numInputs = f.alibi ? 6 : 5;
     this.numOutputs = 1;
     const out0 = this.numInputs;

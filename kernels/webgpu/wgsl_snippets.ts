@@ -9,9 +9,6 @@
  * them in its pipeline key (`scoreKey`).
  */
 
-/** -inf and "no key seen yet": WGSL may assume no infinities, so a finite
- * sentinel is used inside kernels, and -inf is written as raw bits. */
-export const FA_NEG_BIG = -1e30;
 /** Bits of float32 -Infinity (write through a u32 view of the buffer). */
 export const FA_NEG_INF_BITS = 0xff800000;
 
@@ -164,22 +161,9 @@ fn fa_score(qk: f32, i: i32, j: i32, p: FaScore) -> f32 {
 }
 
 /**
- * The range of key indices [lo, hi) that any query row in [row0, row1)
- * can see (window and causal), clipped to [0, seqK). Host-side twin of
- * fa_visible, used to skip key tiles; empty when lo >= hi.
- */
-export function visibleKeyRange(
-    row0: number, row1: number, seqQ: number, seqK: number, windowLeft: number,
-    windowRight: number): [number, number] {
-  const diag = seqK - seqQ;
-  const lo = windowLeft >= 0 ? Math.max(0, row0 + diag - windowLeft) : 0;
-  const hi = windowRight >= 0 ? Math.min(seqK, row1 - 1 + diag + windowRight + 1) : seqK;
-  return [lo, hi];
-}
-
-/**
- * WGSL twin of visibleKeyRange, for kernels that compute their key range
- * on the GPU from uniforms:
+ * The range of key indices [lo, hi) that any query row in [row0, row1) can
+ * see (window and causal), clipped to [0, seqK); empty when lo >= hi. For
+ * kernels that compute their key range on the GPU from uniforms:
  *   fn fa_key_range(row0: i32, row1: i32, p: FaScore) -> vec2<i32>  // [lo, hi)
  * Needs scoreWGSL() (for FaScore).
  */
@@ -190,24 +174,6 @@ fn fa_key_range(row0: i32, row1: i32, p: FaScore) -> vec2<i32> {
   var hi = p.seqK;
   ${o.windowLeft ? 'lo = max(0, row0 + p.diag - p.left);' : ''}
   ${o.windowRight ? 'hi = min(p.seqK, row1 - 1 + p.diag + p.right + 1);' : ''}
-  return vec2<i32>(lo, hi);
-}
-`;
-}
-
-/**
- * The rows [lo, hi) of queries that can see any key in [col0, col1): the
- * transpose of fa_key_range, for backward kernels that walk key tiles:
- *   fn fa_query_range(col0: i32, col1: i32, seqQ: i32, p: FaScore) -> vec2<i32>
- */
-export function queryRangeWGSL(o: ScoreOptions): string {
-  return `
-fn fa_query_range(col0: i32, col1: i32, seqQ: i32, p: FaScore) -> vec2<i32> {
-  var lo = 0;
-  var hi = seqQ;
-  // Query i sees key j iff i + diag - left <= j <= i + diag + right.
-  ${o.windowRight ? 'lo = max(0, col0 - p.diag - p.right);' : ''}
-  ${o.windowLeft ? 'hi = min(seqQ, col1 - 1 - p.diag + p.left + 1);' : ''}
   return vec2<i32>(lo, hi);
 }
 `;
