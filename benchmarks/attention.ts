@@ -203,7 +203,7 @@ async function main(): Promise<void> {
   const webgpu = await import('@tensorflow/tfjs-backend-webgpu');
   const fa = await import('../src/index');
   const {composedAttention} = await import('./baselines');
-  const {setForwardOverride, planForward, forwardStats} = await import('../kernels/webgpu/flash_attention');
+  const {setForwardOverride, planForward, forwardStats} = await import('../kernels/webgpu/FlashAttention');
   const {checkOwnPipelineErrors} = await import('../kernels/webgpu/own_pipeline');
   tf.removeBackend('webgpu');
   tf.registerBackend('webgpu', () => new webgpu.WebGPUBackend(device, adapter.info));

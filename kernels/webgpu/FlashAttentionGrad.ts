@@ -20,7 +20,7 @@ import {FlashAttentionGradDeltaProgram} from './flash_attention_grad_delta_webgp
 import {DkDvTiles, dkdvStorageBytes, dkdvTilesValid, FlashAttentionGradDkDvProgram} from './flash_attention_grad_dkdv_webgpu';
 import {DqTiles, dqStorageBytes, dqTilesValid, FlashAttentionGradDqProgram} from './flash_attention_grad_dq_webgpu';
 import {gradFeatures, gradUniforms} from './flash_attention_grad_wgsl';
-import {runOwnPipeline} from './own_pipeline';
+import {isWebGPUBackend, runOwnPipeline} from './own_pipeline';
 
 /** The device limits the tile choice depends on. */
 export interface GradDeviceLimits {
@@ -55,22 +55,15 @@ export function chooseGradTiles(
   const threads = Math.min(
       128, limits.maxComputeInvocationsPerWorkgroup, limits.maxComputeWorkgroupSizeX);
   const storage = limits.maxComputeWorkgroupStorageSize;
-  let dkdv: DkDvTiles|null = null;
-  for (const [bc, br] of DKDV_SIZES) {
-    const t = {bc, br, threads};
-    if (dkdvTilesValid(t) && dkdvStorageBytes(t, d, dv) <= storage) {
-      dkdv = t;
-      break;
-    }
-  }
-  let dq: DqTiles|null = null;
-  for (const [br, bc] of DQ_SIZES) {
-    const t = {br, bc, threads};
-    if (dqTilesValid(t) && dqStorageBytes(t, d, dv) <= storage) {
-      dq = t;
-      break;
-    }
-  }
+  // The first valid tiles, in list order, whose workgroup storage fits.
+  const first = <T>(tiles: T[], valid: (t: T) => boolean, bytes: (t: T) => number) =>
+      tiles.find(t => valid(t) && bytes(t) <= storage) ?? null;
+  const dkdv = first(
+      DKDV_SIZES.map(([bc, br]) => ({bc, br, threads})), dkdvTilesValid,
+      t => dkdvStorageBytes(t, d, dv));
+  const dq = first(
+      DQ_SIZES.map(([br, bc]) => ({br, bc, threads})), dqTilesValid,
+      t => dqStorageBytes(t, d, dv));
   return dkdv == null || dq == null ? null : {dkdv, dq};
 }
 
@@ -95,11 +88,6 @@ function tilesFor(d: number, dv: number, limits: GradDeviceLimits): GradTiles|nu
     return fits(tilesOverride) ? tilesOverride : null;
   }
   return chooseGradTiles(d, dv, limits);
-}
-
-function isWebGPUBackend(backend: tf.KernelBackend): backend is WebGPUBackend {
-  const b = backend as Partial<WebGPUBackend>;
-  return b.device != null && b.tensorMap != null && typeof b.uploadToGPU === 'function';
 }
 
 /** Why the fused backward cannot take a call, or null. */

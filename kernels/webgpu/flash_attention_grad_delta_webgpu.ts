@@ -7,8 +7,8 @@
  */
 import type {AttentionShapes} from '../../src/checks';
 
-import {dispatchGrid, OwnPipelineSpec} from './own_pipeline';
-import {paramsWGSL} from './flash_attention_grad_wgsl';
+import {dispatchGrid, OwnPipelineSpec, StorageBinding} from './own_pipeline';
+import {gradBindingsWGSL} from './flash_attention_grad_wgsl';
 
 // LANES invocations share a row (reading its dims side by side, then a
 // fixed-order tree sum in workgroup memory), ROWS rows per workgroup, taken
@@ -18,10 +18,17 @@ import {paramsWGSL} from './flash_attention_grad_wgsl';
 const LANES = 16;
 const ROWS = 16;
 
+const INPUTS: StorageBinding[] = [
+  {name: 'dy', type: 'f32'}, {name: 'outs', type: 'f32'}, {name: 'dLse', type: 'f32'},
+  {name: 'lse', type: 'f32'},
+];
+// (lse, Delta) per row.
+const OUTPUTS: StorageBinding[] = [{name: 'stats', type: 'vec2<f32>'}];
+
 export class FlashAttentionGradDeltaProgram implements OwnPipelineSpec {
   readonly key: string;
-  readonly numInputs = 4;
-  readonly numOutputs = 1;
+  readonly numInputs = INPUTS.length;
+  readonly numOutputs = OUTPUTS.length;
   readonly hasUniforms = true;
   readonly workgroups: [number, number, number];
   private readonly source: string;
@@ -31,12 +38,7 @@ export class FlashAttentionGradDeltaProgram implements OwnPipelineSpec {
     const rows = shapes.batch * shapes.heads * shapes.seqQ;
     this.key = `flashAttentionGradDelta_${dv}`;
     this.workgroups = dispatchGrid(Math.ceil(rows / ROWS));
-    this.source = `${paramsWGSL(5)}
-@group(0) @binding(0) var<storage, read> dy: array<f32>;
-@group(0) @binding(1) var<storage, read> outs: array<f32>;
-@group(0) @binding(2) var<storage, read> dLse: array<f32>;
-@group(0) @binding(3) var<storage, read> lse: array<f32>;
-@group(0) @binding(4) var<storage, read_write> stats: array<vec2<f32>>;
+    this.source = `${gradBindingsWGSL(INPUTS, OUTPUTS)}
 const DV = ${dv};
 const LANES = ${LANES};
 

@@ -13,7 +13,7 @@
  * loads (benchmarks/RESULTS.md, backward tuning).
  */
 import type {OwnPipelineSpec} from './own_pipeline';
-import {featureKey, fetchKeyTileWGSL, GradFeatures, gradCommonWGSL, loadQueryBlockWGSL, prefetchSlots, storeKeyTileWGSL, paramsWGSL, scoresAndDpWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
+import {constsWGSL, featureKey, fetchKeyTileWGSL, GradFeatures, gradBindingsWGSL, gradCommonWGSL, gradInputs, loadQueryBlockWGSL, prefetchSlots, probsAndDsWGSL, queryBlockStorageWGSL, storeKeyTileWGSL, scoresAndDpWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
 
 export interface DqTiles {
   /** Query rows per workgroup. */
@@ -97,42 +97,23 @@ export class FlashAttentionGradDqProgram implements OwnPipelineSpec {
     if (j0 + BC <= jHi) {
       ${fetchKeyTileWGSL('j0 + BC', s.sc, d4, dv4, threads)}
     }`;
-    this.numInputs = f.alibi ? 6 : 5;
-    this.numOutputs = 1;
-    const out0 = this.numInputs;
-    this.source = `${paramsWGSL(out0 + 1)}
-@group(0) @binding(0) var<storage, read> q: array<f32>;
-@group(0) @binding(1) var<storage, read> k: array<f32>;
-@group(0) @binding(2) var<storage, read> v: array<f32>;
-@group(0) @binding(3) var<storage, read> dy: array<f32>;
-@group(0) @binding(4) var<storage, read> stats: array<vec2<f32>>;  // (lse, Delta)
-${f.alibi ? '@group(0) @binding(5) var<storage, read> slopes: array<f32>;' : ''}
-@group(0) @binding(${out0}) var<storage, read_write> dq: array<f32>;
+    const inputs = gradInputs(f);
+    const outputs = [{name: 'dq', type: 'f32'}];
+    this.numInputs = inputs.length;
+    this.numOutputs = outputs.length;
+    this.source = `${gradBindingsWGSL(inputs, outputs)}
 ${gradCommonWGSL(f)}
-const D = ${d};
-const DV = ${dv};
-const D4 = ${d4};
-const DV4 = ${dv4};
-const BC = ${bc};
-const BR = ${br};
-const T = ${threads};
-const SC = ${s.sc};
-const MR = ${s.mr};
-const NR = ${nr};
-const XT = ${xt};
-const KST = ${kst};
+${constsWGSL({
+  D: d, DV: dv, D4: d4, DV4: dv4, BC: bc, BR: br, T: threads, SC: s.sc, MR: s.mr, NR: nr,
+  XT: xt, KST: kst,
+})}
 
-// Query-side rows as dim quads, one vec4 of padding per row so that the
-// rows a warp reads fall in different banks.
-var<workgroup> qS: array<vec4<f32>, ${br * (d4 + 1)}>;
-var<workgroup> doS: array<vec4<f32>, ${br * (dv4 + 1)}>;
 // K and V transposed, four keys per vec4: kT[x * KST + quad]; K serves
 // both S = Q K^T (a key quad per load) and dQ += dS K (dot of 4 keys).
 var<workgroup> kT: array<vec4<f32>, ${4 * d4 * kst}>;
 var<workgroup> vT: array<vec4<f32>, ${4 * dv4 * s.sc}>;
-var<workgroup> pS: array<vec4<f32>, ${br * s.sc}>;
-var<workgroup> lseS: array<f32, BR>;
-var<workgroup> deltaS: array<f32, BR>;
+// pS holds dS.
+${queryBlockStorageWGSL(br, d4, dv4, s.sc)}
 
 @compute @workgroup_size(T)
 fn main(@builtin(workgroup_id) wg: vec3<u32>,
@@ -170,22 +151,7 @@ ${keyTile}
 
     if (sActive) {
       ${scoresAndDpWGSL('KST', d4, dv4)}
-      for (var m = 0; m < MR; m++) {
-        let r = sRow + m;
-        let i = i0 + r;
-        let jq = j0 + sQuad * 4;
-        ${f.dropout ? 'let keep = gradKeep4(b, h, i, jq);' : 'let keep = vec4<f32>(1.0);'}
-        var dsv = vec4<f32>(0.0);
-        for (var c = 0; c < 4; c++) {
-          let j = jq + c;
-          if (i < p.seqQ && fa_visible(i, j, sp)) {
-            let sc = gradScore(s[m][c], i, j, sp);
-            let prob = exp(sc.x - lseS[r]);
-            dsv[c] = prob * (dp[m][c] * keep[c] - deltaS[r]) * sc.y * p.scale;
-          }
-        }
-        pS[r * SC + sQuad] = dsv;
-      }
+      ${probsAndDsWGSL(f, false, 'pS[r * SC + sQuad] = dsv;')}
     }
     workgroupBarrier();
 ${accumulate}

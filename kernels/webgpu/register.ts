@@ -5,7 +5,7 @@
  */
 import {registerFusedKernel} from '../../src/dispatch';
 
-import {flashAttentionWebGPUConfig, supportsFlashAttentionWebGPU} from './flash_attention';
+import {flashAttentionWebGPUConfig, supportsFlashAttentionWebGPU} from './FlashAttention';
 import {registerFlashAttentionGradWebGPU} from './FlashAttentionGrad';
 
 registerFusedKernel(flashAttentionWebGPUConfig, supportsFlashAttentionWebGPU);
