@@ -55,8 +55,8 @@ export function useFusedKernel(
   if (!hasFusedKernel(kernelName, backendName)) {
     reason = `backend '${backendName}' has no fused ${kernelName} kernel`;
   } else {
-    reason = supportChecks.get(key(kernelName, backendName))!(
-        shapes, attrs, tf.engine().findBackend(backendName));
+    const supports = supportChecks.get(key(kernelName, backendName))!;
+    reason = supports(shapes, attrs, tf.engine().findBackend(backendName));
   }
   if (reason == null) {
     return true;
