@@ -63,10 +63,16 @@ interface PipelineEntry {
 
 interface DeviceState {
   pipelines: Map<string, PipelineEntry>;
-  /** Error scopes not yet resolved (creation and dispatches). */
-  pending: Array<Promise<void>>;
-  /** Errors found and not yet thrown by checkOwnPipelineErrors. */
-  found: Error[];
+  /**
+   * Error scopes not yet resolved (creation and dispatches); each removes
+   * itself once resolved, so the set holds only work still in flight and a
+   * long run without checkOwnPipelineErrors keeps no per-dispatch state.
+   */
+  pending: Set<Promise<void>>;
+  /** The first error found and not yet thrown by checkOwnPipelineErrors. */
+  firstError: Error|null;
+  /** How many errors were found since the last check (messages dropped). */
+  errorCount: number;
 }
 
 const states = new WeakMap<GPUDevice, DeviceState>();
@@ -74,7 +80,7 @@ const states = new WeakMap<GPUDevice, DeviceState>();
 function stateOf(device: GPUDevice): DeviceState {
   let s = states.get(device);
   if (s == null) {
-    s = {pipelines: new Map(), pending: [], found: []};
+    s = {pipelines: new Map(), pending: new Set(), firstError: null, errorCount: 0};
     states.set(device, s);
   }
   return s;
@@ -140,15 +146,31 @@ function watchScopes(
     const messages = errors.map(errorText).filter(m => m != null);
     if (messages.length > 0) {
       const error = new Error(`${what} failed on the GPU: ${messages.join('; ')}`);
-      state.found.push(error);
+      recordError(state, error);
       onError(error);
     }
   }, (e: unknown) => {
     const error = new Error(`${what}: could not read the GPU error scope: ${e}`);
-    state.found.push(error);
+    recordError(state, error);
     onError(error);
   });
-  state.pending.push(done);
+  track(state, done);
+}
+
+function recordError(state: DeviceState, error: Error): void {
+  state.firstError = state.firstError ?? error;
+  state.errorCount++;
+}
+
+/** Keeps `p` in the pending set until it settles. */
+function track(state: DeviceState, p: Promise<void>): void {
+  state.pending.add(p);
+  void p.then(() => state.pending.delete(p));
+}
+
+/** Unresolved error scopes of the current backend's device (for tests). */
+export function pendingErrorScopes(backend?: tf.KernelBackend): number {
+  return stateOf(webgpuBackendOf(backend).device).pending.size;
 }
 
 function pushScopes(device: GPUDevice): void {
@@ -193,14 +215,14 @@ function getPipeline(device: GPUDevice, spec: OwnPipelineSpec): PipelineEntry {
   });
   // Shader messages carry line numbers; add them to the error once known.
   if (typeof module.getCompilationInfo === 'function') {
-    state.pending.push(module.getCompilationInfo().then(info => {
+    track(state, module.getCompilationInfo().then(info => {
       const errors = info.messages.filter(m => m.type === 'error')
                          .map(m => `line ${m.lineNum}:${m.linePos}: ${m.message}`);
       if (errors.length > 0) {
         const error = new Error(`WGSL of pipeline '${label}' does not compile: ${
             errors.join('; ')}`);
         entry.error = entry.error ?? error;
-        state.found.push(error);
+        recordError(state, error);
       }
     }, () => undefined));
   }
@@ -297,15 +319,14 @@ export function runOwnPipeline(
 export async function checkOwnPipelineErrors(backend?: tf.KernelBackend): Promise<void> {
   const device = webgpuBackendOf(backend).device;
   const state = stateOf(device);
-  while (state.pending.length > 0) {
-    const pending = state.pending;
-    state.pending = [];
-    await Promise.all(pending);
+  while (state.pending.size > 0) {
+    await Promise.all([...state.pending]);
   }
-  const found = state.found;
-  state.found = [];
-  if (found.length > 0) {
-    throw found[0];
+  const first = state.firstError;
+  state.firstError = null;
+  state.errorCount = 0;
+  if (first != null) {
+    throw first;
   }
 }
 
@@ -381,4 +402,98 @@ export class UniformWriter {
   finish(): ArrayBuffer {
     return this.bytes.slice(0, Math.max(16, Math.ceil(this.offset / 16) * 16));
   }
+}
+
+/** A buffer-to-buffer copy between tensors, in bytes (multiples of 4). */
+export interface OwnCopy {
+  src: tf.TensorInfo;
+  srcOffset: number;
+  dst: tf.TensorInfo;
+  dstOffset: number;
+  size: number;
+}
+
+/** Private fields of tfjs-backend-webgpu 4.x that recordOwnPipeline uses. */
+interface BackendEncoderState {
+  commandEncoder: GPUCommandEncoder;
+  commandQueueOwnedIds: WeakSet<object>;
+  uniformPendingDisposal: GPUBuffer[];
+}
+
+/**
+ * Like runOwnPipeline, but records into tfjs's own command encoder instead
+ * of submitting: no queue submit of our own (a submit costs milliseconds
+ * on some drivers, too much for a decode step made of small dispatches).
+ * `copies` are recorded first, so a step can write into an existing
+ * tensor (e.g. append to a cache variable) and read it in the same
+ * encoder. Every tensor touched is marked as owned by the pending command
+ * queue, so tfjs defers the reuse of its buffer until tfjs submits.
+ */
+export function recordOwnPipeline(
+    backend: WebGPUBackend, spec: OwnPipelineSpec, run: OwnRun,
+    copies: OwnCopy[] = []): tf.TensorInfo[] {
+  tf.util.assert(run.inputs.length === spec.numInputs,
+                 () => `${spec.key}: expected ${spec.numInputs} inputs, got ${run.inputs.length}`);
+  tf.util.assert(run.outputs.length === spec.numOutputs,
+                 () => `${spec.key}: expected ${spec.numOutputs} outputs, got ${run.outputs.length}`);
+  tf.util.assert(spec.hasUniforms === (run.uniforms != null),
+                 () => `${spec.key}: uniforms ${spec.hasUniforms ? 'missing' : 'not expected'}`);
+  const device = backend.device;
+  const entry = getPipeline(device, spec);
+  if (entry.error != null) {
+    throw entry.error;
+  }
+  const maxDim = device.limits.maxComputeWorkgroupsPerDimension;
+  run.dispatch.forEach(n => tf.util.assert(
+      Number.isInteger(n) && n >= 1 && n <= maxDim,
+      () => `${spec.key}: dispatch ${run.dispatch} outside [1, ${maxDim}]`));
+  const outputs = run.outputs.map(o => backend.makeTensorInfo(o.shape, o.dtype));
+  const state = backend as unknown as BackendEncoderState;
+  try {
+    const tensors = [...run.inputs, ...outputs];
+    const buffers = tensors.map(t => gpuBufferOf(backend, t));
+    const copyBuffers =
+        copies.map(c => [gpuBufferOf(backend, c.src), gpuBufferOf(backend, c.dst)]);
+    backend.ensureCommandEncoderReady();
+    backend.endComputePassEncoder();
+    const encoder = state.commandEncoder;
+    copies.forEach((c, n) => {
+      encoder.copyBufferToBuffer(
+          copyBuffers[n][0], c.srcOffset, copyBuffers[n][1], c.dstOffset, c.size);
+      state.commandQueueOwnedIds.add(c.src.dataId);
+      state.commandQueueOwnedIds.add(c.dst.dataId);
+    });
+    if (poisonOutputs) {
+      // Fresh buffers: no pending work uses them, so writing now is safe.
+      for (const b of buffers.slice(run.inputs.length)) {
+        device.queue.writeBuffer(b, 0, new Float32Array(b.size / 4).fill(NaN));
+      }
+    }
+    const entries: GPUBindGroupEntry[] =
+        buffers.map((buffer, binding) => ({binding, resource: {buffer}}));
+    if (run.uniforms != null) {
+      const size = Math.max(16, Math.ceil(run.uniforms.byteLength / 16) * 16);
+      const uniformBuffer = backend.bufferManager.acquireBuffer(
+          size, GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST);
+      device.queue.writeBuffer(uniformBuffer, 0, run.uniforms);
+      // tfjs releases it after its next submit, as it does its own uniforms.
+      state.uniformPendingDisposal.push(uniformBuffer);
+      entries.push({binding: buffers.length, resource: {buffer: uniformBuffer}});
+    }
+    pushScopes(device);
+    const bindGroup = device.createBindGroup({layout: entry.layout, entries});
+    const pass = encoder.beginComputePass();
+    pass.setPipeline(entry.pipeline);
+    pass.setBindGroup(0, bindGroup);
+    pass.dispatchWorkgroups(...run.dispatch);
+    pass.end();
+    watchScopes(device, `dispatch of '${spec.label ?? spec.key}'`, e => {
+      entry.error = entry.error ?? e;
+    });
+    tensors.forEach(t => state.commandQueueOwnedIds.add(t.dataId));
+  } catch (e) {
+    outputs.forEach(o => backend.disposeData(o.dataId));
+    throw e;
+  }
+  return outputs;
 }
