@@ -241,18 +241,17 @@ export function gpuBufferOf(backend: WebGPUBackend, t: tf.TensorInfo): GPUBuffer
 }
 
 /**
- * Dispatches `spec` once and returns its outputs (new tensors owned by the
- * backend). Throws, before any GPU work, if the pipeline is known broken.
+ * The pipeline of `spec` after checking `run` against it (inputs, outputs,
+ * uniforms, dispatch within the device's limits); throws, before any GPU
+ * work, if the pipeline is known broken.
  */
-export function runOwnPipeline(
-    backend: WebGPUBackend, spec: OwnPipelineSpec, run: OwnRun): tf.TensorInfo[] {
+function checkedPipeline(device: GPUDevice, spec: OwnPipelineSpec, run: OwnRun): PipelineEntry {
   tf.util.assert(run.inputs.length === spec.numInputs,
                  () => `${spec.key}: expected ${spec.numInputs} inputs, got ${run.inputs.length}`);
   tf.util.assert(run.outputs.length === spec.numOutputs,
                  () => `${spec.key}: expected ${spec.numOutputs} outputs, got ${run.outputs.length}`);
   tf.util.assert(spec.hasUniforms === (run.uniforms != null),
                  () => `${spec.key}: uniforms ${spec.hasUniforms ? 'missing' : 'not expected'}`);
-  const device = backend.device;
   const entry = getPipeline(device, spec);
   if (entry.error != null) {
     throw entry.error;
@@ -261,6 +260,17 @@ export function runOwnPipeline(
   run.dispatch.forEach(n => tf.util.assert(
       Number.isInteger(n) && n >= 1 && n <= maxDim,
       () => `${spec.key}: dispatch ${run.dispatch} outside [1, ${maxDim}]`));
+  return entry;
+}
+
+/**
+ * Dispatches `spec` once and returns its outputs (new tensors owned by the
+ * backend). Throws, before any GPU work, if the pipeline is known broken.
+ */
+export function runOwnPipeline(
+    backend: WebGPUBackend, spec: OwnPipelineSpec, run: OwnRun): tf.TensorInfo[] {
+  const device = backend.device;
+  const entry = checkedPipeline(device, spec, run);
   for (const t of run.inputs) {
     tf.util.assert(tf.util.sizeFromShape(t.shape) > 0,
                    () => `${spec.key}: empty input of shape [${t.shape}]`);
@@ -432,21 +442,8 @@ interface BackendEncoderState {
 export function recordOwnPipeline(
     backend: WebGPUBackend, spec: OwnPipelineSpec, run: OwnRun,
     copies: OwnCopy[] = []): tf.TensorInfo[] {
-  tf.util.assert(run.inputs.length === spec.numInputs,
-                 () => `${spec.key}: expected ${spec.numInputs} inputs, got ${run.inputs.length}`);
-  tf.util.assert(run.outputs.length === spec.numOutputs,
-                 () => `${spec.key}: expected ${spec.numOutputs} outputs, got ${run.outputs.length}`);
-  tf.util.assert(spec.hasUniforms === (run.uniforms != null),
-                 () => `${spec.key}: uniforms ${spec.hasUniforms ? 'missing' : 'not expected'}`);
   const device = backend.device;
-  const entry = getPipeline(device, spec);
-  if (entry.error != null) {
-    throw entry.error;
-  }
-  const maxDim = device.limits.maxComputeWorkgroupsPerDimension;
-  run.dispatch.forEach(n => tf.util.assert(
-      Number.isInteger(n) && n >= 1 && n <= maxDim,
-      () => `${spec.key}: dispatch ${run.dispatch} outside [1, ${maxDim}]`));
+  const entry = checkedPipeline(device, spec, run);
   const outputs = run.outputs.map(o => backend.makeTensorInfo(o.shape, o.dtype));
   const state = backend as unknown as BackendEncoderState;
   try {
