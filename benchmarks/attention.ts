@@ -12,14 +12,14 @@
  *
  * Time: median over repetitions after warm-up; a repetition runs the op K
  * times (K so that it lasts >= ~20 ms) and waits for the GPU queue to drain
- * (no read-back). TFLOP/s by DESIGN.md §4: forward 4*B*S*S*H*D, halved for
+ * (no read-back). TFLOP/s by docs/design.md, "Performance method": forward 4*B*S*S*H*D, halved for
  * causal; forward+backward 3.5x that. Peak memory: GPU bytes allocated by one
  * call starting from an empty buffer pool (inputs excluded, outputs
  * included). Progress on stderr, the table on stdout, JSON + SVG in --out.
  *
  * The device is built here with the adapter's limits (large buffers, 48 KiB
  * of workgroup memory on an H100) and subgroups, and registered as tfjs's
- * 'webgpu' backend (DESIGN.md §5).
+ * 'webgpu' backend (docs/design.md, "Platform facts").
  */
 /// <reference types="@webgpu/types" />
 import * as fs from 'fs';
@@ -171,8 +171,8 @@ async function measure(
   const est = Math.max(performance.now() - t0, 0.005);
   const k = Math.max(1, Math.min(200, Math.ceil(20 / est)));
   // Keep the GPU busy for a while first: after the CPU-side input setup
-  // the GPU has idled and its clocks come back slowly (the first row of
-  // each shape measured 1.5-7x slow in session 3 without this).
+  // the GPU has idled and its clocks come back slowly (without this the
+  // first row of each shape measured slow; benchmarks/RESULTS.md).
   const w0 = performance.now();
   while (performance.now() - w0 < warmupMs) {
     for (let i = 0; i < k; i++) {
@@ -203,7 +203,7 @@ async function main(): Promise<void> {
   const webgpu = await import('@tensorflow/tfjs-backend-webgpu');
   const fa = await import('../src/index');
   const {composedAttention} = await import('./baselines');
-  const {setForwardOverride, planForward, forwardStats} = await import('../kernels/webgpu/flash_attention');
+  const {setForwardOverride, planForward, forwardStats} = await import('../kernels/webgpu/FlashAttention');
   const {checkOwnPipelineErrors} = await import('../kernels/webgpu/own_pipeline');
   tf.removeBackend('webgpu');
   tf.registerBackend('webgpu', () => new webgpu.WebGPUBackend(device, adapter.info));
@@ -389,7 +389,7 @@ type TorchRow = {mode: string, dim: number, seq: number, causal: boolean, ms: nu
 function table(rows: Row[], torch: TorchRow[], B: number, H: number): string {
   const lines: string[] = [];
   const f = (x: number|null, digits = 2) => x == null ? '-' : x.toFixed(digits);
-  lines.push(`B=${B}, H=${H}, float32; ms = median time per call; TFLOP/s by DESIGN.md §4; peak = GPU MiB allocated by one call`);
+  lines.push(`B=${B}, H=${H}, float32; ms = median time per call; TFLOP/s by docs/design.md, "Performance method"; peak = GPU MiB allocated by one call`);
   lines.push('');
   lines.push('| mode | D | S | causal | fused ms | fused TFLOP/s | fused peak MiB | composed ms | composed TFLOP/s | composed peak MiB | fused speedup | torch ms | torch TFLOP/s | fused / torch |');
   lines.push('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |');

@@ -1,4 +1,4 @@
-"""PyTorch SDPA float32 anchor (DESIGN.md §4) on the benchmark's shapes.
+"""PyTorch SDPA float32 anchor (docs/design.md, "Performance method") on the benchmark's shapes.
 
 Memory-efficient CUDA backend (the fp32 one), forward and forward+backward,
 median of CUDA-event timings after warm-up. Writes JSON that

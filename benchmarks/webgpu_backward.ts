@@ -1,11 +1,11 @@
 /**
  * Device run of the fused WebGPU backward (issue 4), in Node on Dawn:
  *   1. correctness at realistic shapes: fused gradients vs the float64
- *      oracle (5e-4, DESIGN.md §3), and bit-identical reruns;
+ *      oracle (5e-4, docs/design.md, "Accuracy bounds"), and bit-identical reruns;
  *   2. timing, causal B=1 H=16 D=64: backward alone (each tiling tried),
  *      forward alone and forward+backward at S=4096, and forward+backward
  *      at S=16384 (does it fit in memory?).
- * FLOPs (DESIGN.md §4): forward 4*B*S*S*H*D, halved for causal;
+ * FLOPs (docs/design.md, "Performance method"): forward 4*B*S*S*H*D, halved for causal;
  * backward 2.5x, forward+backward 3.5x.
  *
  *   3. with --passes: each of the three passes alone (Delta, dK/dV, dQ),
@@ -300,33 +300,25 @@ async function main(): Promise<void> {
     lines.push(await correctness(shape, opts, label));
     console.log(lines[lines.length - 1]);
   }
-  const h100Tilings: Array<GradTiles|null> = [
-    null,
-    {dkdv: {bc: 64, br: 16, threads: 128, prefetch: false},
-     dq: {br: 64, bc: 16, threads: 128, prefetch: false}},
-  ];
+  const h100Tilings: Array<GradTiles|null> = [null];
   if (passes) {
     lines.push('', '| D | pass (causal, B=1, H=16, S=4096) | tiles | ms (median) | TFLOP/s of its products |',
                '| --- | --- | --- | --- | --- |');
     const seqP = quick ? 128 : 4096;
     const headsP = quick ? 2 : 16;
-    // Tilings as "bc,br,threads[,flags]" (dK/dV) and "br,bc,threads[,flags]"
-    // (dQ); flags: n = no prefetch, k = dQ += dS K with K's dims held
-    // (dsRegs false).
+    // Tilings as "bc,br,threads" (dK/dV) and "br,bc,threads" (dQ).
     const dk = (spec: string): DkDvTiles => {
-      const [bc, br, threads] = spec.split(',').slice(0, 3).map(Number);
-      const flags = spec.split(',')[3] ?? '';
-      return {bc, br, threads, prefetch: !flags.includes('n')};
+      const [bc, br, threads] = spec.split(',').map(Number);
+      return {bc, br, threads};
     };
     const dq = (spec: string): DqTiles => {
-      const [br, bc, threads] = spec.split(',').slice(0, 3).map(Number);
-      const flags = spec.split(',')[3] ?? '';
-      return {br, bc, threads, prefetch: !flags.includes('n'), dsRegs: !flags.includes('k')};
+      const [br, bc, threads] = spec.split(',').map(Number);
+      return {br, bc, threads};
     };
     const p64 = await passTiming(
         seqP, headsP, quick ? 16 : 64,
-        ['32,32,128', '64,16,128', '32,16,128', '32,32,128,n'].map(dk),
-        ['64,16,128', '64,16,128,k', '64,8,128', '32,32,128', '64,16,128,n'].map(dq),
+        ['32,32,128', '64,16,128', '32,16,128'].map(dk),
+        ['64,16,128', '64,8,128', '32,32,128'].map(dq),
         quick ? 2 : 10, quick ? 3 : 5);
     lines.push(...p64.rows);
     if (!quick) {
@@ -335,8 +327,8 @@ async function main(): Promise<void> {
     const best: Array<[number, GradTiles]> = [[quick ? 16 : 64, {dkdv: p64.dkdv, dq: p64.dq}]];
     if (!quick) {
       const p128 = await passTiming(
-          seqP, headsP, 128, ['32,8,128', '32,8,256', '32,8,128,n'].map(dk),
-          ['32,8,128', '32,8,256', '32,8,128,k', '32,8,128,n'].map(dq), 5, 5);
+          seqP, headsP, 128, ['32,8,128', '32,8,256'].map(dk),
+          ['32,8,128', '32,8,256'].map(dq), 5, 5);
       lines.push(...p128.rows);
       best.push([128, {dkdv: p128.dkdv, dq: p128.dq}]);
     }

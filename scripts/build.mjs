@@ -82,6 +82,13 @@ function umdWrap(cjsCode, globalName, entryExternals = [], umdGlobals = {}) {
         global.tf[key] = target.exports[key];
       }
     });
+    // tf.layers.flashMHA(...) beside tfjs's own layer factories (its
+    // tf.layers is a plain object in the tfjs and tfjs-layers bundles).
+    var layers = global.tf.layers;
+    if (typeof target.exports.flashMHA === 'function' && layers != null &&
+        Object.isExtensible(layers) && !('flashMHA' in layers)) {
+      layers.flashMHA = target.exports.flashMHA;
+    }
   }
 })(this, function (module, require) {
   var exports = module.exports;

@@ -1,5 +1,5 @@
 /**
- * Input checks of the flashAttention ops (DESIGN.md §2, last point). They
+ * Input checks of the flashAttention ops (docs/design.md, "API contract", on bad input). They
  * run before any kernel: a bad call throws an error naming the argument,
  * the expected and the actual value, and allocates nothing.
  */

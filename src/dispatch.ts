@@ -71,8 +71,8 @@ export function useFusedKernel(
     reason = `the fused ${kernelName} kernel of backend '${
         backendName}' does not take per-batch sequence lengths`;
   } else {
-    reason = supportChecks.get(key(kernelName, backendName))!(
-        shapes, attrs, tf.engine().findBackend(backendName));
+    const supports = supportChecks.get(key(kernelName, backendName))!;
+    reason = supports(shapes, attrs, tf.engine().findBackend(backendName));
   }
   if (reason == null) {
     return true;

@@ -3,7 +3,7 @@
  *
  * Every backend kernel (WGSL, CUDA, the composed reference) sees the same
  * normalized attributes: defaults resolved, `causal` folded into the window,
- * so a kernel never re-derives the semantics of DESIGN.md §2.
+ * so a kernel never re-derives the semantics of docs/design.md, "Semantics".
  */
 import type {NamedTensorInfoMap, TensorInfo} from '@tensorflow/tfjs-core';
 

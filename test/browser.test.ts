@@ -1,6 +1,6 @@
 /**
  * End to end in a browser: Debian's Chromium, headless, with WebGPU on
- * SwiftShader (DESIGN.md §5), driven by playwright-core; never a
+ * SwiftShader (docs/design.md, "Platform facts"), driven by playwright-core; never a
  * downloaded browser. The pages are the demo's (demo/web, served by
  * demo/web/serve.cjs as `npm run serve` serves them), over the built
  * package (dist/, which `npm test` builds first):

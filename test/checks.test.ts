@@ -1,5 +1,5 @@
 /**
- * Input checks (DESIGN.md §2, last point): each bad call throws an error
+ * Input checks (docs/design.md, "API contract", on bad input): each bad call throws an error
  * that names the argument, the expected and the actual value, and leaves no
  * tensor behind. These run on the cpu backend: the checks come before any
  * backend work.

@@ -1,5 +1,5 @@
 /**
- * The float64 oracle: DESIGN.md §2's formulas written out directly, one
+ * The float64 oracle: the formulas of docs/design.md, "Semantics", written out directly, one
  * (batch, head, query row) at a time, in plain TypeScript with no tfjs.
  * Every implementation of the package is compared with it.
  *

@@ -8,7 +8,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 
 import {FLASH_ATTENTION_IMPL, flashAttention, flashAttentionVarlen, padInput, unpadInput} from '../src';
-import {forwardStats, setForwardOverride} from '../kernels/webgpu/flash_attention';
+import {forwardStats, setForwardOverride} from '../kernels/webgpu/FlashAttention';
 import {fusedGradRunCount, setGradTilesOverride} from '../kernels/webgpu/FlashAttentionGrad';
 import {checkOwnPipelineErrors, setPoisonOutputs} from '../kernels/webgpu/own_pipeline';
 

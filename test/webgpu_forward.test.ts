@@ -7,7 +7,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 
-import {flashAttentionWebGPUConfig, forwardStats, planForward, setForwardOverride, supportsFlashAttentionWebGPU} from '../kernels/webgpu/flash_attention';
+import {flashAttentionWebGPUConfig, forwardStats, planForward, setForwardOverride, supportsFlashAttentionWebGPU} from '../kernels/webgpu/FlashAttention';
 import {checkOwnPipelineErrors, setPoisonOutputs} from '../kernels/webgpu/own_pipeline';
 import {FLASH_ATTENTION_IMPL, FlashAttention, flashAttention, FlashAttentionGrad, registerFusedKernel} from '../src';
 import {dropoutThreshold} from '../src/dropout';

@@ -10,7 +10,7 @@ import {FLASH_ATTENTION_IMPL, FlashAttention, flashAttention, FlashAttentionGrad
 
 import {composedAttention} from '../../benchmarks/baselines';
 import {buildGPT, CharTokenizer, generate, generateWithCache, seededRandom} from '../gpt';
-// The comparison rule of the tests (DESIGN.md §3), so the page's readout
+// The comparison rule of the tests (docs/design.md, "Accuracy bounds"), so the page's readout
 // means what the test suite's bounds mean.
 import {discrepancy, FORWARD_BOUND, GRADIENT_BOUND, Rng} from '../../test/harness/problems';
 

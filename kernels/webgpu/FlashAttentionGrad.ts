@@ -20,7 +20,7 @@ import {FlashAttentionGradDeltaProgram} from './flash_attention_grad_delta_webgp
 import {DkDvTiles, dkdvStorageBytes, dkdvTilesValid, FlashAttentionGradDkDvProgram} from './flash_attention_grad_dkdv_webgpu';
 import {DqTiles, dqStorageBytes, dqTilesValid, FlashAttentionGradDqProgram} from './flash_attention_grad_dq_webgpu';
 import {gradFeatures, gradUniforms} from './flash_attention_grad_wgsl';
-import {runOwnPipeline} from './own_pipeline';
+import {isWebGPUBackend, runOwnPipeline} from './own_pipeline';
 
 /** The device limits the tile choice depends on. */
 export interface GradDeviceLimits {
@@ -37,8 +37,8 @@ export interface GradTiles {
 // Largest first: bigger tiles reuse each loaded K/V (dK/dV pass) or Q/dO
 // (dQ pass) over more rows. dK/dV 32x32 before 64x16: 38 KiB of workgroup
 // storage instead of 46 (room for 5 workgroups per H100 SM instead of 4)
-// and half the accumulators; the backward 6.83 / 6.86 ms against 6.91 / 6.95 ms at D=64,
-// S=4096 causal in two calls (RESULTS.md, backward tuning session 3).
+// and half the accumulators, which measured faster (benchmarks/RESULTS.md,
+// backward tuning).
 const DKDV_SIZES: Array<[number, number]> =
     [[32, 32], [64, 16], [32, 16], [32, 8], [16, 8], [16, 4], [8, 4], [4, 4], [4, 2], [4, 1]];
 const DQ_SIZES: Array<[number, number]> =
@@ -50,27 +50,20 @@ const DQ_SIZES: Array<[number, number]> =
  */
 export function chooseGradTiles(
     d: number, dv: number, limits: GradDeviceLimits): GradTiles|null {
-  // 128 invocations: 8% faster than 256 on an H200 at S=4096 (each thread
-  // has twice the rows in S = Q K^T; benchmarks/RESULTS.md).
+  // 128 invocations rather than 256: each thread has twice the rows in
+  // S = Q K^T, which measured faster (benchmarks/RESULTS.md).
   const threads = Math.min(
       128, limits.maxComputeInvocationsPerWorkgroup, limits.maxComputeWorkgroupSizeX);
   const storage = limits.maxComputeWorkgroupStorageSize;
-  let dkdv: DkDvTiles|null = null;
-  for (const [bc, br] of DKDV_SIZES) {
-    const t = {bc, br, threads};
-    if (dkdvTilesValid(t) && dkdvStorageBytes(t, d, dv) <= storage) {
-      dkdv = t;
-      break;
-    }
-  }
-  let dq: DqTiles|null = null;
-  for (const [br, bc] of DQ_SIZES) {
-    const t = {br, bc, threads};
-    if (dqTilesValid(t) && dqStorageBytes(t, d, dv) <= storage) {
-      dq = t;
-      break;
-    }
-  }
+  // The first valid tiles, in list order, whose workgroup storage fits.
+  const first = <T>(tiles: T[], valid: (t: T) => boolean, bytes: (t: T) => number) =>
+      tiles.find(t => valid(t) && bytes(t) <= storage) ?? null;
+  const dkdv = first(
+      DKDV_SIZES.map(([bc, br]) => ({bc, br, threads})), dkdvTilesValid,
+      t => dkdvStorageBytes(t, d, dv));
+  const dq = first(
+      DQ_SIZES.map(([br, bc]) => ({br, bc, threads})), dqTilesValid,
+      t => dqStorageBytes(t, d, dv));
   return dkdv == null || dq == null ? null : {dkdv, dq};
 }
 
@@ -95,11 +88,6 @@ function tilesFor(d: number, dv: number, limits: GradDeviceLimits): GradTiles|nu
     return fits(tilesOverride) ? tilesOverride : null;
   }
   return chooseGradTiles(d, dv, limits);
-}
-
-function isWebGPUBackend(backend: tf.KernelBackend): backend is WebGPUBackend {
-  const b = backend as Partial<WebGPUBackend>;
-  return b.device != null && b.tensorMap != null && typeof b.uploadToGPU === 'function';
 }
 
 /** Why the fused backward cannot take a call, or null. */

@@ -7,21 +7,28 @@
  */
 import type {AttentionShapes} from '../../src/checks';
 
-import {dispatchGrid, OwnPipelineSpec} from './own_pipeline';
-import {paramsWGSL} from './flash_attention_grad_wgsl';
+import {dispatchGrid, OwnPipelineSpec, StorageBinding} from './own_pipeline';
+import {gradBindingsWGSL} from './flash_attention_grad_wgsl';
 
 // LANES invocations share a row (reading its dims side by side, then a
 // fixed-order tree sum in workgroup memory), ROWS rows per workgroup, taken
 // in [B, Sq, H] order so that a workgroup reads one contiguous span of dO
-// and O. One invocation per row read 256-byte strided rows: 0.30 ms at
-// S=4096, H=16, D=64 on the H100 (benchmarks/RESULTS.md, session 3).
+// and O. One invocation per row would read 256-byte strided rows, which
+// measured slower (benchmarks/RESULTS.md, backward tuning).
 const LANES = 16;
 const ROWS = 16;
+
+const INPUTS: StorageBinding[] = [
+  {name: 'dy', type: 'f32'}, {name: 'outs', type: 'f32'}, {name: 'dLse', type: 'f32'},
+  {name: 'lse', type: 'f32'},
+];
+// (lse, Delta) per row.
+const OUTPUTS: StorageBinding[] = [{name: 'stats', type: 'vec2<f32>'}];
 
 export class FlashAttentionGradDeltaProgram implements OwnPipelineSpec {
   readonly key: string;
   readonly numInputs: number;
-  readonly numOutputs = 1;
+  readonly numOutputs = OUTPUTS.length;
   readonly hasUniforms = true;
   readonly workgroups: [number, number, number];
   private readonly source: string;
@@ -35,16 +42,11 @@ export class FlashAttentionGradDeltaProgram implements OwnPipelineSpec {
   constructor(shapes: AttentionShapes, seqlens = false) {
     const dv = shapes.headDimV;
     const rows = shapes.batch * shapes.heads * shapes.seqQ;
-    this.numInputs = seqlens ? 5 : 4;
+    const inputs = seqlens ? [...INPUTS, {name: 'seqlens', type: 'i32'}] : INPUTS;
+    this.numInputs = inputs.length;
     this.key = `flashAttentionGradDelta_${dv}_${+seqlens}`;
     this.workgroups = dispatchGrid(Math.ceil(rows / ROWS));
-    this.source = `${paramsWGSL(this.numInputs + 1)}
-@group(0) @binding(0) var<storage, read> dy: array<f32>;
-@group(0) @binding(1) var<storage, read> outs: array<f32>;
-@group(0) @binding(2) var<storage, read> dLse: array<f32>;
-@group(0) @binding(3) var<storage, read> lse: array<f32>;
-${seqlens ? '@group(0) @binding(4) var<storage, read> seqlens: array<i32>;' : ''}
-@group(0) @binding(${this.numInputs}) var<storage, read_write> stats: array<vec2<f32>>;
+    this.source = `${gradBindingsWGSL(inputs, OUTPUTS)}
 const DV = ${dv};
 const LANES = ${LANES};
 

@@ -8,7 +8,7 @@ import type {FlashAttentionAttrs} from '../../src/kernel_names';
 import type {AttentionShapes} from '../../src/checks';
 import {dropoutThreshold} from '../../src/dropout';
 
-import {UniformWriter} from './own_pipeline';
+import {bindingsWGSL, packUniforms, StorageBinding, UniformField, uniformStructWGSL} from './own_pipeline';
 import {dropoutWGSL, keyRangeWGSL, philoxWGSL, queryRangeWGSL, ScoreOptions, scoreKey, scoreOptionsFromAttrs, scoreWGSL} from './wgsl_snippets';
 
 /** What is baked into a program (and so into its pipeline key). */
@@ -21,33 +21,51 @@ export function gradFeatures(
   return {...scoreOptionsFromAttrs(attrs, hasAlibi, hasSeqlens), dropout: attrs.dropoutRate > 0};
 }
 
-/**
- * The optional read-only binding after the five common inputs (q, k, v,
- * dy, stats): ALiBi slopes. (Per-batch lengths come at the end of `stats`:
- * see FlashAttentionGradDeltaProgram.) Returns the WGSL and the number of
- * inputs in all.
- */
-export function optionalInputsWGSL(f: GradFeatures): {wgsl: string, numInputs: number} {
-  return f.alibi ?
-      {wgsl: '@group(0) @binding(5) var<storage, read> slopes: array<f32>;', numInputs: 6} :
-      {wgsl: '', numInputs: 5};
-}
-
 export function featureKey(f: GradFeatures): string {
   return `${scoreKey(f)}dp${+f.dropout}`;
 }
 
-/** The uniform block (at `binding`); runtime values only. */
-export function paramsWGSL(binding: number): string {
+/**
+ * The uniform block `p` every backward program declares: runtime values
+ * only (what changes the code is in the pipeline key instead). The WGSL
+ * struct and the bytes are both generated from this list.
+ */
+export const GRAD_UNIFORMS: readonly UniformField[] = [
+  ['batch', 'i32'], ['seqQ', 'i32'], ['seqK', 'i32'], ['heads', 'i32'], ['headsKV', 'i32'],
+  ['windowLeft', 'i32'], ['windowRight', 'i32'], ['alibiPerBatch', 'i32'],
+  ['seedLo', 'u32'], ['seedHi', 'u32'], ['threshold', 'u32'],
+  ['scale', 'f32'], ['softcap', 'f32'], ['keepScale', 'f32'],
+];
+
+/**
+ * WGSL of a backward program's bindings (in runOwnPipeline's order, then
+ * the uniform block `p`) and of the uniform struct.
+ */
+export function gradBindingsWGSL(
+    inputs: readonly StorageBinding[], outputs: readonly StorageBinding[]): string {
   return `
-struct Params {
-  batch: i32, seqQ: i32, seqK: i32, heads: i32,
-  headsKV: i32, windowLeft: i32, windowRight: i32, alibiPerBatch: i32,
-  seedLo: u32, seedHi: u32, threshold: u32, unused0: u32,
-  scale: f32, softcap: f32, keepScale: f32, unused1: f32,
-};
-@group(0) @binding(${binding}) var<uniform> p: Params;
+${uniformStructWGSL('Params', GRAD_UNIFORMS)}
+${bindingsWGSL(inputs, outputs, {name: 'p', type: 'Params'})}
 `;
+}
+
+/** WGSL `const NAME = value;` lines, one per entry. */
+export function constsWGSL(values: Readonly<Record<string, number>>): string {
+  return Object.entries(values).map(([name, value]) => `const ${name} = ${value};`).join('\n');
+}
+
+/**
+ * The inputs of the dK/dV and dQ passes: q, k, v, dO, the (lse, Delta)
+ * pairs of the delta pass, and the ALiBi slopes when compiled in.
+ * (Per-batch lengths come at the end of `stats`: see
+ * FlashAttentionGradDeltaProgram.)
+ */
+export function gradInputs(f: GradFeatures): StorageBinding[] {
+  return [
+    {name: 'q', type: 'f32'}, {name: 'k', type: 'f32'}, {name: 'v', type: 'f32'},
+    {name: 'dy', type: 'f32'}, {name: 'stats', type: 'vec2<f32>'},
+    ...(f.alibi ? [{name: 'slopes', type: 'f32'}] : []),
+  ];
 }
 
 /** The uniform block's bytes for one call. */
@@ -55,15 +73,15 @@ export function gradUniforms(
     shapes: AttentionShapes, attrs: FlashAttentionAttrs,
     alibiShape: readonly number[]): ArrayBuffer {
   const dropout = attrs.dropoutRate > 0;
-  return new UniformWriter()
-      .i32(shapes.batch).i32(shapes.seqQ).i32(shapes.seqK).i32(shapes.heads)
-      .i32(shapes.headsKV).i32(attrs.windowLeft).i32(attrs.windowRight)
-      .i32(alibiShape.length === 2 ? 1 : 0)
-      .u32(attrs.seedLo).u32(attrs.seedHi)
-      .u32(dropout ? dropoutThreshold(attrs.dropoutRate) : 0).u32(0)
-      .f32(attrs.softmaxScale).f32(attrs.softcap)
-      .f32(dropout ? 1 / (1 - attrs.dropoutRate) : 1).f32(0)
-      .finish();
+  return packUniforms(GRAD_UNIFORMS, {
+    batch: shapes.batch, seqQ: shapes.seqQ, seqK: shapes.seqK, heads: shapes.heads,
+    headsKV: shapes.headsKV, windowLeft: attrs.windowLeft, windowRight: attrs.windowRight,
+    alibiPerBatch: alibiShape.length === 2 ? 1 : 0,
+    seedLo: attrs.seedLo, seedHi: attrs.seedHi,
+    threshold: dropout ? dropoutThreshold(attrs.dropoutRate) : 0,
+    scale: attrs.softmaxScale, softcap: attrs.softcap,
+    keepScale: dropout ? 1 / (1 - attrs.dropoutRate) : 1,
+  });
 }
 
 /**
@@ -217,38 +235,75 @@ export function loadQueryBlockWGSL(d: number, d4: number, dv: number, dv4: numbe
  * bits as closely as possible.
  */
 export function scoresAndDpWGSL(kStride: string, d4: number, dv4: number): string {
+  // acc[m] += rows[sRow + m] . (dims of the thread's key quad), dims in order.
+  const products = (acc: string, rows: string, rowStride: number, tile: string,
+                    stride: string, w4: string) => `
+      for (var xq = 0; xq < ${w4}; xq++) {
+        let col0 = ${tile}[(xq * 4) * ${stride} + sQuad];
+        let col1 = ${tile}[(xq * 4 + 1) * ${stride} + sQuad];
+        let col2 = ${tile}[(xq * 4 + 2) * ${stride} + sQuad];
+        let col3 = ${tile}[(xq * 4 + 3) * ${stride} + sQuad];
+        for (var m = 0; m < MR; m++) {
+          let row = ${rows}[(sRow + m) * ${rowStride} + xq];
+          ${acc}[m] += row.x * col0;
+          ${acc}[m] += row.y * col1;
+          ${acc}[m] += row.z * col2;
+          ${acc}[m] += row.w * col3;
+        }
+      }`;
   return `var s: array<vec4<f32>, MR>;
       var dp: array<vec4<f32>, MR>;
       for (var m = 0; m < MR; m++) {
         s[m] = vec4<f32>(0.0);
         dp[m] = vec4<f32>(0.0);
       }
-      for (var xq = 0; xq < D4; xq++) {
-        let k0 = kT[(xq * 4) * ${kStride} + sQuad];
-        let k1 = kT[(xq * 4 + 1) * ${kStride} + sQuad];
-        let k2 = kT[(xq * 4 + 2) * ${kStride} + sQuad];
-        let k3 = kT[(xq * 4 + 3) * ${kStride} + sQuad];
-        for (var m = 0; m < MR; m++) {
-          let qv = qS[(sRow + m) * ${d4 + 1} + xq];
-          s[m] += qv.x * k0;
-          s[m] += qv.y * k1;
-          s[m] += qv.z * k2;
-          s[m] += qv.w * k3;
+      ${products('s', 'qS', d4 + 1, 'kT', kStride, 'D4')}
+      ${products('dp', 'doS', dv4 + 1, 'vT', 'SC', 'DV4')}`;
+}
+
+/**
+ * The step after scoresAndDpWGSL, shared by both passes: for each of the
+ * thread's MR rows and its key quad `jq`, `dsv` = dS = P * (dP * keep -
+ * Delta) * score' * scale, with P = exp(score(S) - lse) recomputed, and with
+ * `withP` also `pv` = P * keep (both zero where masked); then `rowEnd`, WGSL
+ * that stores them (it may use r, m, dsv and pv). Uses `b`, `h`, `i0`, `j0`
+ * and `sp`.
+ */
+export function probsAndDsWGSL(f: GradFeatures, withP: boolean, rowEnd: string): string {
+  return `for (var m = 0; m < MR; m++) {
+        let r = sRow + m;
+        let i = i0 + r;
+        let jq = j0 + sQuad * 4;
+        ${f.dropout ? 'let keep = gradKeep4(b, h, i, jq);' : 'let keep = vec4<f32>(1.0);'}
+        ${withP ? 'var pv = vec4<f32>(0.0);' : ''}
+        var dsv = vec4<f32>(0.0);
+        for (var c = 0; c < 4; c++) {
+          let j = jq + c;
+          if (i < p.seqQ && fa_visible(i, j, sp)) {
+            let sc = gradScore(s[m][c], i, j, sp);
+            let prob = exp(sc.x - lseS[r]);
+            ${withP ? 'pv[c] = prob * keep[c];' : ''}
+            dsv[c] = prob * (dp[m][c] * keep[c] - deltaS[r]) * sc.y * p.scale;
+          }
         }
-      }
-      for (var xq = 0; xq < DV4; xq++) {
-        let v0 = vT[(xq * 4) * SC + sQuad];
-        let v1 = vT[(xq * 4 + 1) * SC + sQuad];
-        let v2 = vT[(xq * 4 + 2) * SC + sQuad];
-        let v3 = vT[(xq * 4 + 3) * SC + sQuad];
-        for (var m = 0; m < MR; m++) {
-          let ov = doS[(sRow + m) * ${dv4 + 1} + xq];
-          dp[m] += ov.x * v0;
-          dp[m] += ov.y * v1;
-          dp[m] += ov.z * v2;
-          dp[m] += ov.w * v3;
-        }
+        ${rowEnd}
       }`;
+}
+
+/**
+ * Workgroup storage of a query block, shared by both passes: q and dO rows
+ * (`qS`, `doS`), the S phase's output `pS[r * SC + quad]`, and the rows'
+ * (lse, Delta) as `lseS`, `deltaS`.
+ */
+export function queryBlockStorageWGSL(br: number, d4: number, dv4: number, sc: number): string {
+  return `
+// Query-side rows as dim quads, one vec4 of padding per row so that the
+// rows a warp reads fall in different banks.
+var<workgroup> qS: array<vec4<f32>, ${br * (d4 + 1)}>;
+var<workgroup> doS: array<vec4<f32>, ${br * (dv4 + 1)}>;
+var<workgroup> pS: array<vec4<f32>, ${br * sc}>;
+var<workgroup> lseS: array<f32, BR>;
+var<workgroup> deltaS: array<f32, BR>;`;
 }
 
 /**

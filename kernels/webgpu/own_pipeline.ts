@@ -96,11 +96,21 @@ export function setPoisonOutputs(on: boolean): void {
   poisonOutputs = on;
 }
 
+/**
+ * Is this the tfjs webgpu backend (by what the kernels use of it: its
+ * device, tensor map, uploads and queue)? Checked by shape, so the package
+ * never imports @tensorflow/tfjs-backend-webgpu at run time.
+ */
+export function isWebGPUBackend(backend: unknown): backend is WebGPUBackend {
+  const b = backend as Partial<WebGPUBackend>|null|undefined;
+  return b != null && b.device != null && b.tensorMap != null &&
+      typeof b.uploadToGPU === 'function' && typeof b.submitQueue === 'function';
+}
+
 /** The webgpu backend, or an error naming what is active. */
 export function webgpuBackendOf(backend?: tf.KernelBackend): WebGPUBackend {
-  const b = (backend ?? tf.backend()) as unknown as WebGPUBackend;
-  if (b == null || (b as unknown as {device?: GPUDevice}).device == null ||
-      typeof b.submitQueue !== 'function') {
+  const b = backend ?? tf.backend();
+  if (!isWebGPUBackend(b)) {
     throw new Error(`expected the tfjs webgpu backend, got ${tf.getBackend()}`);
   }
   return b;
@@ -233,18 +243,17 @@ export function gpuBufferOf(backend: WebGPUBackend, t: tf.TensorInfo): GPUBuffer
 }
 
 /**
- * Dispatches `spec` once and returns its outputs (new tensors owned by the
- * backend). Throws, before any GPU work, if the pipeline is known broken.
+ * The pipeline of `spec` after checking `run` against it (inputs, outputs,
+ * uniforms, dispatch within the device's limits); throws, before any GPU
+ * work, if the pipeline is known broken.
  */
-export function runOwnPipeline(
-    backend: WebGPUBackend, spec: OwnPipelineSpec, run: OwnRun): tf.TensorInfo[] {
+function checkedPipeline(device: GPUDevice, spec: OwnPipelineSpec, run: OwnRun): PipelineEntry {
   tf.util.assert(run.inputs.length === spec.numInputs,
                  () => `${spec.key}: expected ${spec.numInputs} inputs, got ${run.inputs.length}`);
   tf.util.assert(run.outputs.length === spec.numOutputs,
                  () => `${spec.key}: expected ${spec.numOutputs} outputs, got ${run.outputs.length}`);
   tf.util.assert(spec.hasUniforms === (run.uniforms != null),
                  () => `${spec.key}: uniforms ${spec.hasUniforms ? 'missing' : 'not expected'}`);
-  const device = backend.device;
   const entry = getPipeline(device, spec);
   if (entry.error != null) {
     throw entry.error;
@@ -253,6 +262,17 @@ export function runOwnPipeline(
   run.dispatch.forEach(n => tf.util.assert(
       Number.isInteger(n) && n >= 1 && n <= maxDim,
       () => `${spec.key}: dispatch ${run.dispatch} outside [1, ${maxDim}]`));
+  return entry;
+}
+
+/**
+ * Dispatches `spec` once and returns its outputs (new tensors owned by the
+ * backend). Throws, before any GPU work, if the pipeline is known broken.
+ */
+export function runOwnPipeline(
+    backend: WebGPUBackend, spec: OwnPipelineSpec, run: OwnRun): tf.TensorInfo[] {
+  const device = backend.device;
+  const entry = checkedPipeline(device, spec, run);
   for (const t of run.inputs) {
     tf.util.assert(tf.util.sizeFromShape(t.shape) > 0,
                    () => `${spec.key}: empty input of shape [${t.shape}]`);
@@ -322,6 +342,52 @@ export async function checkOwnPipelineErrors(backend?: tf.KernelBackend): Promis
   }
 }
 
+/** A storage binding of an own pipeline: its WGSL name and array element type. */
+export interface StorageBinding {
+  name: string;
+  type: string;
+}
+
+/**
+ * WGSL declarations of a pipeline's bindings in the order runOwnPipeline
+ * binds them: inputs (read-only storage arrays), outputs (read_write), then
+ * the uniform block `uniform` of type `uniformType`, if given.
+ */
+export function bindingsWGSL(
+    inputs: readonly StorageBinding[], outputs: readonly StorageBinding[],
+    uniform?: {name: string, type: string}): string {
+  const storage = (b: StorageBinding, i: number, access: string) =>
+      `@group(0) @binding(${i}) var<storage, ${access}> ${b.name}: array<${b.type}>;`;
+  const lines = [
+    ...inputs.map((b, i) => storage(b, i, 'read')),
+    ...outputs.map((b, i) => storage(b, inputs.length + i, 'read_write')),
+  ];
+  if (uniform != null) {
+    lines.push(`@group(0) @binding(${inputs.length + outputs.length}) var<uniform> ${
+        uniform.name}: ${uniform.type};`);
+  }
+  return lines.join('\n');
+}
+
+/** A uniform field: its name and 4-byte type. */
+export type UniformField = readonly [string, 'i32'|'u32'|'f32'];
+
+/** The WGSL struct of a uniform block, fields in list order. */
+export function uniformStructWGSL(name: string, fields: readonly UniformField[]): string {
+  return `struct ${name} {\n${fields.map(([f, type]) => `  ${f}: ${type},`).join('\n')}\n};`;
+}
+
+/** The bytes of a uniform block for `values` (one per field, by name). */
+export function packUniforms(
+    fields: readonly UniformField[], values: Readonly<Record<string, number>>): ArrayBuffer {
+  const w = new UniformWriter();
+  for (const [name, type] of fields) {
+    tf.util.assert(values[name] != null, () => `uniform '${name}' has no value`);
+    w[type](values[name]);
+  }
+  return w.finish();
+}
+
 /** Helper to fill a uniform buffer: 4-byte fields in declaration order. */
 export class UniformWriter {
   private readonly view: DataView;
@@ -378,21 +444,8 @@ interface BackendEncoderState {
 export function recordOwnPipeline(
     backend: WebGPUBackend, spec: OwnPipelineSpec, run: OwnRun,
     copies: OwnCopy[] = []): tf.TensorInfo[] {
-  tf.util.assert(run.inputs.length === spec.numInputs,
-                 () => `${spec.key}: expected ${spec.numInputs} inputs, got ${run.inputs.length}`);
-  tf.util.assert(run.outputs.length === spec.numOutputs,
-                 () => `${spec.key}: expected ${spec.numOutputs} outputs, got ${run.outputs.length}`);
-  tf.util.assert(spec.hasUniforms === (run.uniforms != null),
-                 () => `${spec.key}: uniforms ${spec.hasUniforms ? 'missing' : 'not expected'}`);
   const device = backend.device;
-  const entry = getPipeline(device, spec);
-  if (entry.error != null) {
-    throw entry.error;
-  }
-  const maxDim = device.limits.maxComputeWorkgroupsPerDimension;
-  run.dispatch.forEach(n => tf.util.assert(
-      Number.isInteger(n) && n >= 1 && n <= maxDim,
-      () => `${spec.key}: dispatch ${run.dispatch} outside [1, ${maxDim}]`));
+  const entry = checkedPipeline(device, spec, run);
   const outputs = run.outputs.map(o => backend.makeTensorInfo(o.shape, o.dtype));
   const state = backend as unknown as BackendEncoderState;
   try {

@@ -6,7 +6,7 @@
 import {registerFusedKernel} from '../../src/dispatch';
 
 import {flashDecodeWebGPUConfig, supportsFlashDecodeWebGPU} from './flash_decode';
-import {flashAttentionWebGPUConfig, supportsFlashAttentionWebGPU} from './flash_attention';
+import {flashAttentionWebGPUConfig, supportsFlashAttentionWebGPU} from './FlashAttention';
 import {registerFlashAttentionGradWebGPU} from './FlashAttentionGrad';
 import {registerTrainingKernelsWebGPU} from './training_kernels';
 

@@ -1,7 +1,7 @@
 /**
  * WGSL pieces shared by the fused WebGPU kernels (forward and backward), so
  * that both compute exactly the same scores and dropout bits as the
- * reference (src/dropout.ts, DESIGN.md §2).
+ * reference (src/dropout.ts, docs/design.md, "Semantics").
  *
  * Every function here returns WGSL source text. Names start with `fa_` to
  * stay clear of a kernel's own identifiers. Constants that change the code
@@ -107,7 +107,7 @@ export function scoreKey(o: ScoreOptions): string {
 }
 
 /**
- * The score pipeline of DESIGN.md §2 (scale -> softcap -> alibi -> mask):
+ * The score pipeline of docs/design.md, "Semantics" (scale -> softcap -> alibi -> mask):
  *
  *   struct FaScore {scale, softcap, slope: f32, diag (= Sk - Sq),
  *                   left, right, seqK, seqQ: i32}
@@ -192,22 +192,9 @@ fn fa_score(qk: f32, i: i32, j: i32, p: FaScore) -> f32 {
 }
 
 /**
- * The range of key indices [lo, hi) that any query row in [row0, row1)
- * can see (window and causal), clipped to [0, seqK). Host-side twin of
- * fa_visible, used to skip key tiles; empty when lo >= hi.
- */
-export function visibleKeyRange(
-    row0: number, row1: number, seqQ: number, seqK: number, windowLeft: number,
-    windowRight: number): [number, number] {
-  const diag = seqK - seqQ;
-  const lo = windowLeft >= 0 ? Math.max(0, row0 + diag - windowLeft) : 0;
-  const hi = windowRight >= 0 ? Math.min(seqK, row1 - 1 + diag + windowRight + 1) : seqK;
-  return [lo, hi];
-}
-
-/**
- * WGSL twin of visibleKeyRange, for kernels that compute their key range
- * on the GPU from uniforms:
+ * The range of key indices [lo, hi) that any query row in [row0, row1) can
+ * see (window and causal), clipped to [0, seqK); empty when lo >= hi. For
+ * kernels that compute their key range on the GPU from uniforms:
  *   fn fa_key_range(row0: i32, row1: i32, p: FaScore) -> vec2<i32>  // [lo, hi)
  *   fn fa_tile_unmasked(row0, row1, col0, col1: i32, p: FaScore) -> bool
  *       every row of [row0, row1) sees every key of [col0, col1)

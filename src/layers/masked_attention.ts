@@ -4,7 +4,7 @@
  * lengths), so FlashMHA runs this path for a key mask that is not a
  * padding mask (a false followed by a true in some row). It holds the `[B, H, Sq, Sk]` scores,
  * like the attention users compose today; semantics otherwise match
- * flashAttention (DESIGN.md §2): scale, softcap, ALiBi, window/causal
+ * flashAttention (docs/design.md, "Semantics"): scale, softcap, ALiBi, window/causal
  * (bottom-right aligned), GQA; a query row that sees no key gives zeros.
  * Its dropout draws a fresh random mask with tf.randomUniform (not the
  * op's seeded Philox mask).

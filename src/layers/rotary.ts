@@ -26,8 +26,8 @@ function rotaryTables(seq: number, rotaryDim: number, base: number): [tf.Tensor2
 
 /**
  * The cos/sin tables of one layer, kept between calls: building them on the
- * host and uploading them every call took ~2 ms per call at S=1024 (a tenth
- * of a GPT training step's JavaScript time on an H100, benchmarks/RESULTS.md).
+ * host and uploading them on every call was a visible part of a GPT training
+ * step's JavaScript time (benchmarks/RESULTS.md, FlashMHA training).
  * Holds the tables of the longest sequence seen; shorter ones are slices.
  * The owner calls dispose().
  */

@@ -200,7 +200,7 @@ export interface BlockScores {
 }
 
 /**
- * Scores of a block in the order of DESIGN.md §2: scale, softcap, ALiBi.
+ * Scores of a block in the order of docs/design.md, "Semantics": scale, softcap, ALiBi.
  * `qRows` is `[B*Hk, G*rows, D]`, `kCols` is `[B*Hk, cols, D]`.
  */
 export function blockScores(

@@ -1,5 +1,5 @@
 /**
- * The option cases every implementation is checked on (DESIGN.md §2), with
+ * The option cases every implementation is checked on (docs/design.md, "Semantics"), with
  * shapes small enough for SwiftShader.
  */
 import * as tf from '@tensorflow/tfjs-core';

@@ -1,6 +1,6 @@
 /**
  * Random problems for the numerical tests, and the comparison that checks
- * every element against the float64 oracle (DESIGN.md §3).
+ * every element against the float64 oracle (docs/design.md, "Accuracy bounds").
  */
 import * as tf from '@tensorflow/tfjs-core';
 
@@ -167,6 +167,6 @@ export function expectClose(
   }
 }
 
-/** DESIGN.md §3 bounds. */
+/** The bounds of docs/design.md, "Accuracy bounds". */
 export const FORWARD_BOUND = 1e-4;
 export const GRADIENT_BOUND = 5e-4;

@@ -1,6 +1,6 @@
 /**
  * WebGPU in Node for the tests: Dawn from the `webgpu` package, on the
- * machine's GPU where there is one, else on SwiftShader (DESIGN.md §5).
+ * machine's GPU where there is one, else on SwiftShader (docs/design.md, "Platform facts").
  *
  * Dawn's native module is loaded once per process and kept on `process`,
  * which all of jest's per-file module registries of a worker share.

@@ -153,6 +153,26 @@ describe('built layers entry', () => {
     expect(result[2]).toBe('function');
   });
 
+  it('UMD: puts the flashMHA factory on tf.layers too, as tfjs does its layers', () => {
+    const context = pageContext();
+    for (const file of [...tfjsScripts, dist('tfjs-flash-attention.umd.min.js'),
+                        dist('tfjs-flash-attention-layers.umd.min.js')]) {
+      load(context, file);
+    }
+    const result = vm.runInContext(`
+      tf.setBackend('cpu');
+      const layer = tf.layers.flashMHA(${JSON.stringify(ARGS)});
+      const x = tf.tensor(${JSON.stringify(X)}, ${JSON.stringify(X_SHAPE)});
+      layer.apply(x);
+      layer.setWeights(${JSON.stringify(WEIGHTS)}.map((w, i) => tf.tensor(w, ${JSON.stringify(WEIGHT_SHAPES)}[i])));
+      [Array.from(layer.apply(x).dataSync()), layer instanceof tfFlashAttentionLayers.FlashMHA,
+       tf.layers.flashMHA === tf.flashMHA, typeof tf.layers.dense];`, context);
+    expect(result[0]).toEqual(expected);
+    expect(result[1]).toBe(true);
+    expect(result[2]).toBe(true);
+    expect(result[3]).toBe('function');
+  });
+
   it('UMD: without the core bundle, says to load it first', () => {
     const context = pageContext();
     tfjsScripts.forEach(file => load(context, file));
