@@ -12,7 +12,7 @@ import {MAX_HEAD_DIM} from '../../src/checks';
 import {dropoutThreshold} from '../../src/dropout';
 import {FlashAttention, FlashAttentionAttrs} from '../../src/kernel_names';
 
-import {ForwardConfig, ForwardTiles, forwardKey, forwardWGSL, FORWARD_UNIFORMS, prefetchFloats, tileSizes, workgroupBytes} from './flash_attention_webgpu';
+import {COMBINE_THREADS, COMBINE_UNIFORMS, ForwardConfig, ForwardTiles, forwardKey, forwardWGSL, FORWARD_UNIFORMS, prefetchFloats, splitCombineWGSL, tileSizes, workgroupBytes} from './flash_attention_webgpu';
 import {deviceHasSubgroups, dispatchGrid, runOwnPipeline, UniformWriter} from './own_pipeline';
 import {scoreOptionsFromAttrs} from './wgsl_snippets';
 
@@ -81,6 +81,8 @@ export interface ForwardOverride {
   constantLoops?: boolean;
   /** Tuning: outer mode's P^T swizzle (ForwardConfig.swizzleP; default on). */
   swizzleP?: boolean;
+  /** Split-KV: key-range splits per query tile (1: none), instead of planSplits. */
+  splits?: number;
 }
 let override: ForwardOverride|null = null;
 export function setForwardOverride(o: ForwardOverride|null): void {
@@ -148,6 +150,30 @@ export function planForward(device: GPUDevice, headDim: number, headDimV: number
     }
   }
   return null;
+}
+
+/**
+ * Workgroups that fill a large GPU several times over (an H100 has 132
+ * SMs, each running several forward workgroups at once): below this,
+ * split-KV divides the key range.
+ */
+export const SPLIT_TARGET_GROUPS = 1024;
+/** Key tiles per split at least: each split pays a Q load and a combine. */
+export const MIN_TILES_PER_SPLIT = 2;
+export const MAX_SPLITS = 16;
+
+/**
+ * Split-KV factor for a grid of `groups` query-tile workgroups over `seqK`
+ * keys in tiles of `bc`: enough splits to reach SPLIT_TARGET_GROUPS, none
+ * shorter than MIN_TILES_PER_SPLIT tiles.
+ */
+export function planSplits(groups: number, seqK: number, bc: number): number {
+  if (override?.splits != null) {
+    return override.splits;
+  }
+  const keyTiles = Math.ceil(seqK / bc);
+  const wanted = Math.ceil(SPLIT_TARGET_GROUPS / Math.max(1, groups));
+  return Math.max(1, Math.min(wanted, Math.floor(keyTiles / MIN_TILES_PER_SPLIT), MAX_SPLITS));
 }
 
 function isWebGPU(backend: tf.KernelBackend): backend is tf.KernelBackend&WebGPUBackend {
@@ -231,8 +257,11 @@ export function flashAttentionWebGPU(
   };
   const {br, bc, dq4} = tileSizes(config);
   const numQTiles = Math.ceil(seqQ / br);
-  const totalGroups = numQTiles * heads * batch;
-  const grid = dispatchGrid(totalGroups, backend.device.limits.maxComputeWorkgroupsPerDimension);
+  const splits = planSplits(numQTiles * heads * batch, seqK, bc);
+  config.splitKeys = splits > 1;
+  const totalGroups = numQTiles * heads * batch * splits;
+  const maxPerDim = backend.device.limits.maxComputeWorkgroupsPerDimension;
+  const grid = dispatchGrid(totalGroups, maxPerDim);
   const values: Record<string, number> = {
     seqQ, seqK, heads, groups: heads / headsKV, headsKV, numQTiles, totalGroups,
     gridX: grid[0], scale: attrs.softmaxScale, softcap: attrs.softcap,
@@ -240,7 +269,8 @@ export function flashAttentionWebGPU(
     seedHi: attrs.seedHi,
     threshold: attrs.dropoutRate > 0 ? dropoutThreshold(attrs.dropoutRate) : 0,
     keepScale: attrs.dropoutRate > 0 ? 1 / (1 - attrs.dropoutRate) : 1,
-    loopDQ4: dq4, loopBC4: bc / 4,
+    loopDQ4: dq4, loopBC4: bc / 4, numSplits: splits, splitRows: batch * seqQ * heads,
+    splitLse: batch * heads * seqQ,
   };
   const w = new UniformWriter();
   for (const [name, type] of FORWARD_UNIFORMS) {
@@ -248,7 +278,8 @@ export function flashAttentionWebGPU(
   }
   const inputs = hasAlibi ? [q, k, v, alibiSlopes] : [q, k, v];
   forwardStats.dispatches++;
-  return runOwnPipeline(backend, {
+  // With splits, the partial results of split n sit at leading index n.
+  const outputs = runOwnPipeline(backend, {
     key: forwardKey(config),
     label: 'FlashAttention forward',
     code: () => forwardWGSL(config),
@@ -258,12 +289,45 @@ export function flashAttentionWebGPU(
   }, {
     inputs,
     outputs: [
-      {shape: [batch, seqQ, heads, headDimV], dtype: 'float32'},
-      {shape: [batch, heads, seqQ], dtype: 'float32'},
+      {shape: [splits * batch, seqQ, heads, headDimV], dtype: 'float32'},
+      {shape: [splits * batch, heads, seqQ], dtype: 'float32'},
     ],
     uniforms: w.finish(),
     dispatch: grid,
   });
+  if (splits === 1) {
+    return outputs;
+  }
+  try {
+    const elements = batch * seqQ * heads * headDimV;
+    const combineGrid = dispatchGrid(Math.ceil(elements / COMBINE_THREADS), maxPerDim);
+    const cw = new UniformWriter();
+    const combineValues: Record<string, number> = {
+      elements, headDimV, heads, seqQ, numSplits: splits, splitRows: batch * seqQ * heads,
+      splitLse: batch * heads * seqQ, gridX: combineGrid[0],
+    };
+    for (const [name, type] of COMBINE_UNIFORMS) {
+      cw[type](combineValues[name]);
+    }
+    return runOwnPipeline(backend, {
+      key: 'fa_fwd_split_combine',
+      label: 'FlashAttention forward split-KV combine',
+      code: splitCombineWGSL,
+      numInputs: 2,
+      numOutputs: 2,
+      hasUniforms: true,
+    }, {
+      inputs: outputs,
+      outputs: [
+        {shape: [batch, seqQ, heads, headDimV], dtype: 'float32'},
+        {shape: [batch, heads, seqQ], dtype: 'float32'},
+      ],
+      uniforms: cw.finish(),
+      dispatch: combineGrid,
+    });
+  } finally {
+    outputs.forEach(o => backend.disposeData(o.dataId));
+  }
 }
 
 export const flashAttentionWebGPUConfig: tf.KernelConfig = {

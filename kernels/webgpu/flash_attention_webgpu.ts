@@ -75,6 +75,14 @@ export interface ForwardConfig {
   /** Heaviest query tiles first (causal-like masks). */
   reverseRows: boolean;
   /**
+   * Split-KV (flash-decoding): the key tiles of a query tile are divided
+   * among `u.numSplits` workgroups, each writing its normalized partial
+   * output and log-sum-exp at `split * u.splitRows` / `split * u.splitLse`;
+   * splitCombineWGSL merges them. Gives short sequences and small
+   * batch x heads enough workgroups to fill the GPU.
+   */
+  splitKeys?: boolean;
+  /**
    * Inner loop bounds from uniforms instead of constants: software
    * rasterizers (SwiftShader) unroll constant loops fully, which makes
    * pipeline creation take minutes.
@@ -146,7 +154,7 @@ export function usePrefetch(c: ForwardConfig): boolean {
 export function forwardKey(c: ForwardConfig): string {
   const t = c.tiles;
   return `fa_fwd_d${c.headDim}_dv${c.headDimV}_tm${t.tm}tx${t.tx}nq${t.nq}ty${t.ty}${t.outer ? 'o' : ''}${t.sharedKV ? 's' : ''}_${
-      scoreKey(c.score)}_al${c.alibiMode}_do${+c.dropout}_sg${+c.subgroups}_rv${+c.reverseRows}_rl${+c.runtimeLoops}_pf${c.prefetch ?? '-'}_un${c.unroll ?? '-'}_uv${c.unrollPV ?? '-'}_zp${+!!c.swizzleP}`;
+      scoreKey(c.score)}_al${c.alibiMode}_do${+c.dropout}_sg${+c.subgroups}_rv${+c.reverseRows}_rl${+c.runtimeLoops}_pf${c.prefetch ?? '-'}_un${c.unroll ?? '-'}_uv${c.unrollPV ?? '-'}_zp${+!!c.swizzleP}_sk${+!!c.splitKeys}`;
 }
 
 /** Field order of the uniform struct (all 4-byte scalars). */
@@ -155,7 +163,8 @@ export const FORWARD_UNIFORMS = [
   ['headsKV', 'i32'], ['numQTiles', 'i32'], ['totalGroups', 'i32'], ['gridX', 'i32'],
   ['scale', 'f32'], ['softcap', 'f32'], ['left', 'i32'], ['right', 'i32'],
   ['seedLo', 'u32'], ['seedHi', 'u32'], ['threshold', 'u32'], ['keepScale', 'f32'],
-  ['loopDQ4', 'i32'], ['loopBC4', 'i32'],
+  ['loopDQ4', 'i32'], ['loopBC4', 'i32'], ['numSplits', 'i32'], ['splitRows', 'i32'],
+  ['splitLse', 'i32'],
 ] as const;
 
 function range(n: number): number[] {
@@ -676,9 +685,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   if (groupId >= u.totalGroups) {
     return;
   }
-  var qTile = groupId % u.numQTiles;
+  // Split-KV: the splits of one query tile are neighbours (Q shared in cache).
+  let split = ${c.splitKeys ? 'groupId % u.numSplits' : '0'};
+  let tileId = ${c.splitKeys ? 'groupId / u.numSplits' : 'groupId'};
+  var qTile = tileId % u.numQTiles;
   ${c.reverseRows ? 'qTile = u.numQTiles - 1 - qTile;' : ''}
-  let bh = groupId / u.numQTiles;
+  let bh = tileId / u.numQTiles;
   let h = bh % u.heads;
   let b = bh / u.heads;
   let hk = h / u.groups;
@@ -698,8 +710,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
 
   ${outer ? outerQLoad : classicQLoad}
   let keys = fa_key_range(r0, rEnd, sp);
-  let tBegin = keys.x / i32(BC);
-  let tEnd = select(tBegin, (keys.y + i32(BC) - 1) / i32(BC), keys.y > keys.x);
+  let tFirst = keys.x / i32(BC);
+  let tLast = select(tFirst, (keys.y + i32(BC) - 1) / i32(BC), keys.y > keys.x);
+  ${c.splitKeys ? `// This split's share of the visible key tiles (possibly none).
+  let perSplit = (tLast - tFirst + u.numSplits - 1) / u.numSplits;
+  let tBegin = min(tLast, tFirst + split * perSplit);
+  let tEnd = min(tLast, tBegin + perSplit);` : `let tBegin = tFirst;
+  let tEnd = tLast;`}
 
   ${rowsI.map(i => `let row${i} = r0 + i32(${rowOf(i)});`).join('\n  ')}
   ${rowsI.map(i => `var m${i} = NEG;\n  var l${i} = 0.0;`).join('\n  ')}
@@ -711,7 +728,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   ${rowReduce(rowsI.map(i => `l${i}`), 'add').replace(/workgroupBarrier\(\);/, 'workgroupBarrier();')}
   ${rowsI.map(i => `if (row${i} < u.seqQ) {
     let inv = select(0.0, 1.0 / l${i}, l${i} > 0.0);
-    let outRow = u32((b * u.seqQ + row${i}) * u.heads + h);
+    let outRow = u32(split * u.splitRows + (b * u.seqQ + row${i}) * u.heads + h);
     ${outJ.map(jj => `{
       let ch = tx + TX * ${jj}u;
       if (ch < DV4) {
@@ -721,10 +738,79 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
       }
     }`).join('\n    ')}
     if (tx == 0u) {
-      lseb[u32((b * u.heads + h) * u.seqQ + row${i})] =
+      lseb[u32(split * u.splitLse + (b * u.heads + h) * u.seqQ + row${i})] =
           select(${FA_NEG_INF_BITS}u, bitcast<u32>(m${i} + log(l${i})), l${i} > 0.0);
     }
   }`).join('\n  ')}
 }
 `;
 }
+
+/**
+ * Merges the partial results of split-KV: per output element, the splits'
+ * outputs weighted by exp(lse_s - max lse), in split order (deterministic).
+ * Splits that saw no key (lse = -inf) weigh 0; a row no split saw gets
+ * out = 0 and lse = -inf, as without splits. Bindings: partial out
+ * [n, B, Sq, H, Dv], partial lse bits [n, B, H, Sq]; out, lse bits;
+ * uniforms (COMBINE_UNIFORMS).
+ */
+export function splitCombineWGSL(): string {
+  return `struct Uniforms {
+${COMBINE_UNIFORMS.map(([n, ty]) => `  ${n}: ${ty},`).join('\n')}
+}
+@group(0) @binding(0) var<storage, read> partOut: array<f32>;
+@group(0) @binding(1) var<storage, read> partLse: array<u32>;
+@group(0) @binding(2) var<storage, read_write> outb: array<f32>;
+@group(0) @binding(3) var<storage, read_write> lseb: array<u32>;
+@group(0) @binding(4) var<uniform> u: Uniforms;
+
+@compute @workgroup_size(${COMBINE_THREADS})
+fn main(@builtin(workgroup_id) wg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+  let idx = (wg.x + wg.y * u.gridX) * ${COMBINE_THREADS}u + lid;
+  if (idx >= u.elements) {
+    return;
+  }
+  // out is [B, Sq, H, Dv]; lse is [B, H, Sq].
+  let e = idx % u.headDimV;
+  let row = idx / u.headDimV;
+  let h = row % u.heads;
+  let bs = row / u.heads;
+  let s = bs % u.seqQ;
+  let b = bs / u.seqQ;
+  let li = (b * u.heads + h) * u.seqQ + s;
+  var mx = 0.0;
+  var seen = false;
+  for (var n = 0u; n < u.numSplits; n++) {
+    let bits = partLse[n * u.splitLse + li];
+    if (bits != ${FA_NEG_INF_BITS}u) {
+      let x = bitcast<f32>(bits);
+      mx = select(x, max(mx, x), seen);
+      seen = true;
+    }
+  }
+  var den = 0.0;
+  var acc = 0.0;
+  for (var n = 0u; n < u.numSplits; n++) {
+    let bits = partLse[n * u.splitLse + li];
+    if (bits != ${FA_NEG_INF_BITS}u) {
+      let w = exp(bitcast<f32>(bits) - mx);
+      den += w;
+      acc += w * partOut[n * u.splitRows * u.headDimV + idx];
+    }
+  }
+  outb[idx] = select(0.0, acc / den, seen);
+  if (e == 0u) {
+    lseb[li] = select(${FA_NEG_INF_BITS}u, bitcast<u32>(mx + log(den)), seen);
+  }
+}
+`;
+}
+
+export const COMBINE_THREADS = 64;
+
+/** Field order of the combine pass's uniforms (all u32). */
+export const COMBINE_UNIFORMS = [
+  ['elements', 'u32'], ['headDimV', 'u32'], ['heads', 'u32'], ['seqQ', 'u32'],
+  ['numSplits', 'u32'], ['splitRows', 'u32'], ['splitLse', 'u32'], ['gridX', 'u32'],
+] as const;
