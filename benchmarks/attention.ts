@@ -293,9 +293,8 @@ async function main(): Promise<void> {
   }
 
   const variants = args.variants.length > 0 ? args.variants : ['default'];
-  // tm,tx,nq,ty[,p0|p1 (register prefetch)][,uN (unroll)][,o (outer-product mode)][,s (K/V share a buffer)][,vN (P V unroll, outer mode)]
-  // [,w|w0 (P^T swizzle on/off, outer mode; default on)][,kN (N key-range splits)]; kN alone:
-  // the planned tiling with N splits
+  // tm,tx,nq,ty[,p0|p1 (register prefetch)][,o (outer-product mode)][,kN (N key-range splits)];
+  // kN alone: the planned tiling with N splits
   const variantOverride = (variant: string) => {
     if (/^k\d+$/.test(variant)) {
       // kN alone: the planner's tiling with N key-range splits (k1: none).
@@ -304,14 +303,9 @@ async function main(): Promise<void> {
     const [tm, tx, nq, ty] = variant.split(',').slice(0, 4).map(Number);
     const flags = variant.split(',').slice(4);
     const p = flags.find(f => f.startsWith('p'));
-    const u = flags.find(f => f.startsWith('u'));
-    const v = flags.find(f => f.startsWith('v'));
     const k = flags.find(f => f.startsWith('k'));
-    return {tiles: {tm, tx, nq, ty, outer: flags.includes('o'), sharedKV: flags.includes('s')},
+    return {tiles: {tm, tx, nq, ty, outer: flags.includes('o')},
             prefetch: p == null ? undefined : p === 'p1',
-            unroll: u == null ? undefined : Number(u.slice(1)),
-            unrollPV: v == null ? undefined : Number(v.slice(1)),
-            swizzleP: flags.includes('w') ? true : flags.includes('w0') ? false : undefined,
             splits: k == null ? undefined : Number(k.slice(1))};
   };
   const checked = new Set<string>();

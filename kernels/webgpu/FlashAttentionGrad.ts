@@ -21,6 +21,7 @@ import {DkDvTiles, dkdvStorageBytes, dkdvTilesValid, FlashAttentionGradDkDvProgr
 import {DqTiles, dqStorageBytes, dqTilesValid, FlashAttentionGradDqProgram} from './flash_attention_grad_dq_webgpu';
 import {gradFeatures, gradUniforms} from './flash_attention_grad_wgsl';
 import {runOwnPipeline} from './own_pipeline';
+import {DKDV_SIZES, DQ_SIZES, GRAD_THREADS} from './tuning';
 
 /** The device limits the tile choice depends on. */
 export interface GradDeviceLimits {
@@ -34,26 +35,14 @@ export interface GradTiles {
   dq: DqTiles;
 }
 
-// Largest first: bigger tiles reuse each loaded K/V (dK/dV pass) or Q/dO
-// (dQ pass) over more rows. dK/dV 32x32 before 64x16: 38 KiB of workgroup
-// storage instead of 46 (room for 5 workgroups per H100 SM instead of 4)
-// and half the accumulators; the backward 6.83 / 6.86 ms against 6.91 / 6.95 ms at D=64,
-// S=4096 causal in two calls (RESULTS.md, backward tuning session 3).
-const DKDV_SIZES: Array<[number, number]> =
-    [[32, 32], [64, 16], [32, 16], [32, 8], [16, 8], [16, 4], [8, 4], [4, 4], [4, 2], [4, 1]];
-const DQ_SIZES: Array<[number, number]> =
-    [[64, 16], [32, 16], [32, 8], [16, 8], [16, 4], [8, 4], [4, 4], [2, 4], [1, 4]];
-
 /**
  * Tiles for head dims (d, dv) on a device, or null when even the smallest
  * do not fit its workgroup storage.
  */
 export function chooseGradTiles(
     d: number, dv: number, limits: GradDeviceLimits): GradTiles|null {
-  // 128 invocations: 8% faster than 256 on an H200 at S=4096 (each thread
-  // has twice the rows in S = Q K^T; benchmarks/RESULTS.md).
   const threads = Math.min(
-      128, limits.maxComputeInvocationsPerWorkgroup, limits.maxComputeWorkgroupSizeX);
+      GRAD_THREADS, limits.maxComputeInvocationsPerWorkgroup, limits.maxComputeWorkgroupSizeX);
   const storage = limits.maxComputeWorkgroupStorageSize;
   let dkdv: DkDvTiles|null = null;
   for (const [bc, br] of DKDV_SIZES) {

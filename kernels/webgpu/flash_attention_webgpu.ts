@@ -50,15 +50,11 @@ export interface ForwardTiles {
    * Outer-product mode (TM a multiple of 4): Q^T, K^T and P^T in workgroup
    * memory, so that per head-dim step (and per key in P V) a thread loads
    * one vec4 per 4 rows and one per 4 keys (or 4 output columns) and does
-   * their outer product; K and V have separate buffers, which leaves two
-   * barriers per key tile. Rows of a thread: 4 * (ty + TY * a) + b.
+   * their outer product. K^T and V take turns in one buffer (less
+   * workgroup memory, more workgroups per SM, for a third barrier per key
+   * tile). Rows of a thread: 4 * (ty + TY * a) + b.
    */
   outer?: boolean;
-  /**
-   * Outer mode only: K^T and V share one buffer (less workgroup memory,
-   * more workgroups per SM) at the price of a third barrier per key tile.
-   */
-  sharedKV?: boolean;
 }
 
 /** Everything baked into one forward pipeline. */
@@ -88,18 +84,8 @@ export interface ForwardConfig {
    * pipeline creation take minutes.
    */
   runtimeLoops: boolean;
-  /** Tuning overrides (benchmarks): register prefetch, head-dim unroll. */
+  /** Register prefetch of K/V forced on/off (tests; default usePrefetch). */
   prefetch?: boolean;
-  unroll?: number;
-  /** Outer mode: keys per iteration of the P V loop (divides BC; default 8). */
-  unrollPV?: number;
-  /**
-   * Outer mode: P^T rows XOR-swizzled per key quad, so that the P^T stores
-   * of the TX threads of a row group (keys 4 apart, 4 * BR bytes apart
-   * unswizzled: one bank) hit different banks. The kernel turns it on
-   * unless overridden.
-   */
-  swizzleP?: boolean;
 }
 
 export interface TileSizes {
@@ -129,8 +115,8 @@ export function workgroupBytes(
   const s = tileSizes(c);
   const red = subgroups ? 0 : s.br * c.tiles.tx * 4;
   if (c.tiles.outer) {
-    // Q^T, K^T, V (or one buffer for both) and P^T.
-    const kv = c.tiles.sharedKV ? Math.max(s.bc * s.dq4, s.bc * s.vw) : s.bc * s.dq4 + s.bc * s.vw;
+    // Q^T, K^T and V (one buffer for both) and P^T.
+    const kv = Math.max(s.bc * s.dq4, s.bc * s.vw);
     return 16 * (s.br * s.dq4 + kv) + 4 * s.br * s.bc + red;
   }
   // K/V rows padded by one vec4 (the non-dropout layout, see forwardWGSL).
@@ -153,8 +139,8 @@ export function usePrefetch(c: ForwardConfig): boolean {
 
 export function forwardKey(c: ForwardConfig): string {
   const t = c.tiles;
-  return `fa_fwd_d${c.headDim}_dv${c.headDimV}_tm${t.tm}tx${t.tx}nq${t.nq}ty${t.ty}${t.outer ? 'o' : ''}${t.sharedKV ? 's' : ''}_${
-      scoreKey(c.score)}_al${c.alibiMode}_do${+c.dropout}_sg${+c.subgroups}_rv${+c.reverseRows}_rl${+c.runtimeLoops}_pf${c.prefetch ?? '-'}_un${c.unroll ?? '-'}_uv${c.unrollPV ?? '-'}_zp${+!!c.swizzleP}_sk${+!!c.splitKeys}`;
+  return `fa_fwd_d${c.headDim}_dv${c.headDimV}_tm${t.tm}tx${t.tx}nq${t.nq}ty${t.ty}${t.outer ? 'o' : ''}_${
+      scoreKey(c.score)}_al${c.alibiMode}_do${+c.dropout}_sg${+c.subgroups}_rv${+c.reverseRows}_rl${+c.runtimeLoops}_pf${c.prefetch ?? '-'}_sk${+!!c.splitKeys}`;
 }
 
 /** Field order of the uniform struct (all 4-byte scalars). */
@@ -309,12 +295,10 @@ export function forwardWGSL(c: ForwardConfig): string {
     }`;
 
   // S += Q K^T over head-dim chunks, as FMA chains (a dot() would round
-  // differently and cost an extra multiply). Unrolled by UNROLL chunks so
-  // that offsets become constants (small head dims only).
-  // (Measured on an H100: x4 helps at D=64; at D=128 the hoisted loads of
-  // an unrolled loop cost far more than they save, so no unrolling there.)
-  const unroll = c.runtimeLoops ? 1 :
-      c.unroll != null && dq4 % c.unroll === 0 ? c.unroll : dq4 % 4 === 0 && dq4 <= 16 ? 4 : 1;
+  // differently and cost an extra multiply). Unrolled x4 at small head dims,
+  // so that offsets become constants; at larger ones the hoisted loads of an
+  // unrolled loop cost more than they save (benchmarks/RESULTS.md).
+  const qkUnroll = !c.runtimeLoops && dq4 % 4 === 0 && dq4 <= 16 ? 4 : 1;
   const qkBody = (ch: string) => `{
       ${rowsI.map(i => `let a${i} = qs[qBase${i} + ${ch}];`).join('\n      ')}
       ${quads.map(q => range(4).map(e => `{
@@ -323,8 +307,8 @@ export function forwardWGSL(c: ForwardConfig): string {
       }`).join('\n      ')).join('\n      ')}
     }`;
   const qkLoop = `${rowsI.map(i => `let qBase${i} = (ty + TY * ${i}u) * DQ4;`).join(' ')}
-    for (var ch = 0u; ch < ${c.runtimeLoops ? 'u32(u.loopDQ4)' : 'DQ4'}; ch += ${unroll}u) {
-      ${range(unroll).map(x => qkBody(x === 0 ? 'ch' : `ch + ${x}u`)).join('\n      ')}
+    for (var ch = 0u; ch < ${c.runtimeLoops ? 'u32(u.loopDQ4)' : 'DQ4'}; ch += ${qkUnroll}u) {
+      ${range(qkUnroll).map(x => qkBody(x === 0 ? 'ch' : `ch + ${x}u`)).join('\n      ')}
     }`;
   const reduce = (v: string, op: 'max'|'add') => {
     const lines: string[] = [];
@@ -384,23 +368,19 @@ export function forwardWGSL(c: ForwardConfig): string {
    */
   function outerParts(): {outerDecls: string, outerQLoad: string, outerLoop: string} {
     const rq = range(t.tm / 4);
-    const shared = t.sharedKV === true;
-    // P^T swizzle: row quad ^ ((key >> 2) & PSW) stays inside the BR / 4
-    // quads of a key (PSW + 1 is a power of two <= 8 dividing BR / 4).
-    let psw = 0;
-    if (c.swizzleP) {
-      psw = 1;
-      while (psw < 8 && (br / 4) % (psw * 2) === 0) {
-        psw *= 2;
-      }
-      psw -= 1;
+    // P^T rows XOR-swizzled per key quad, so that the P^T stores of the TX
+    // threads of a row group (keys 4 apart: one bank unswizzled) hit
+    // different banks: row quad ^ ((key >> 2) & mask) stays inside the
+    // BR / 4 quads of a key (mask + 1 a power of two <= 8 dividing BR / 4).
+    let pSwizzle = 1;
+    while (pSwizzle < 8 && (br / 4) % (pSwizzle * 2) === 0) {
+      pSwizzle *= 2;
     }
-    const ksName = shared ? 'kvs' : 'ks';
-    const vsName = shared ? 'kvs' : 'vs';
+    const psw = pSwizzle - 1;
+    const ksName = 'kvs';
+    const vsName = 'kvs';
     const outerDecls = `var<workgroup> qs: array<vec4<f32>, ${br * dq4}>;  // Q^T [4 DQ4][BR]
-${shared ? `var<workgroup> kvs: array<vec4<f32>, ${Math.max(bc * dq4, bc * vw)}>;  // K^T, then V` :
-           `var<workgroup> ks: array<vec4<f32>, ${bc * dq4}>;  // K^T [4 DQ4][BC]
-var<workgroup> vs: array<vec4<f32>, ${bc * vw}>;  // V [BC][VW]`}
+var<workgroup> kvs: array<vec4<f32>, ${Math.max(bc * dq4, bc * vw)}>;  // K^T, then V [BC][VW]
 var<workgroup> ps: array<vec4<f32>, ${br * bc / 4}>;  // P^T [BC][BR]
 const VW = ${vw}u;`;
     const scatter = (arr: string, width: string, ch: string, pos: string, val: string) =>
@@ -465,14 +445,11 @@ const VW = ${vw}u;`;
 
     // Head-dim steps per loop iteration (must divide 4 * DQ4).
     const hd = 4 * dq4;
-    // P V keys per loop iteration: on an H100 at D=64, causal S=4096, x8
-    // beat x4 (1.80 vs 1.85 ms); x16 beat x8 in one call (1.724 vs 1.782
-    // ms) and tied in the next (1.80-1.82 vs 1.813 ms; benchmarks/
-    // RESULTS.md, final runs of session 3). Software devices keep x8 at
-    // most: big unrolled bodies compile slowly there.
-    const up = c.unrollPV != null && bc % c.unrollPV === 0 ? c.unrollPV :
-        !c.runtimeLoops && bc % 16 === 0 ? 16 : bc % 8 === 0 ? 8 : 4;
-    const uq = c.unroll != null && hd % c.unroll === 0 ? c.unroll : hd % 8 === 0 ? 8 : 4;
+    // P V keys per loop iteration (power of two >= 4, so that the P^T
+    // swizzle XOR is hoisted); software devices keep x8 at most: big
+    // unrolled bodies compile slowly there.
+    const up = !c.runtimeLoops && bc % 16 === 0 ? 16 : bc % 8 === 0 ? 8 : 4;
+    const uq = hd % 8 === 0 ? 8 : 4;
     const qkStep = (d: string) => `{
         ${rq.map(a => `let a${a} = qs[(${d}) * (BR / 4u) + ty + TY * ${a}u];`).join('\n        ')}
         ${quads.map(q => `let k${q} = ${ksName}[(${d}) * (BC / 4u) + tx + TX * ${q}u];`).join('\n        ')}
@@ -505,9 +482,8 @@ const VW = ${vw}u;`;
     }`;
     const regDecls = prefetch ? `${range(nKLoads).map(n => `var kr${n} = vec4<f32>(0.0);`).join(' ')}
   ${range(nVLoads).map(n => `var vr${n} = vec4<f32>(0.0);`).join(' ')}` : '';
-    if (shared) {
-      // Like the classic loop: K^T and V take turns in one buffer.
-      const sharedLoop = `${regDecls}
+    // Like the classic loop: K^T and V take turns in one buffer.
+    const outerLoop = `${regDecls}
   ${prefetch ? `if (tBegin < tEnd) {
     let jb = tBegin * i32(BC);
     ${kRegs('jb')}
@@ -532,40 +508,6 @@ const VW = ${vw}u;`;
       ${kRegs('j0 + i32(BC)')}
     }` : ''}
     workgroupBarrier();
-
-    ${pvLoopOuter}
-  }
-`;
-      return {outerDecls, outerQLoad, outerLoop: sharedLoop};
-    }
-    const outerLoop = `${regDecls}
-  if (tBegin < tEnd) {
-    let jb = tBegin * i32(BC);
-    ${kDirect('jb')}
-    ${prefetch ? vRegs('jb') : ''}
-  }
-
-  for (var kt = tBegin; kt < tEnd; kt++) {
-    let j0 = kt * i32(BC);
-    let more = kt + 1 < tEnd;
-    workgroupBarrier();
-    // V of this tile -> workgroup memory; the next K tile into registers.
-    ${prefetch ? vFromRegs : vDirect('j0')}
-    ${prefetch ? `if (more) {
-      ${kRegs('j0 + i32(BC)')}
-    }` : ''}
-
-    ${qkLoopOuter}
-
-    ${softmaxCode}
-    // P^T -> workgroup memory.
-    ${pStore}
-    workgroupBarrier();
-    // Every S is done: the next K tile -> workgroup memory, next V -> registers.
-    if (more) {
-      ${prefetch ? kFromRegs : kDirect('j0 + i32(BC)')}
-      ${prefetch ? vRegs('j0 + i32(BC)') : ''}
-    }
 
     ${pvLoopOuter}
   }
