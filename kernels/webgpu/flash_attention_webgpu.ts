@@ -34,7 +34,8 @@
  * P^T's row quads are XOR-swizzled by key quad (swizzleP), so that its
  * stores do not all land in one bank.
  */
-import {ScoreOptions, dropoutWGSL, keyRangeWGSL, philoxWGSL, scoreKey, scoreWGSL, FA_NEG_INF_BITS} from './wgsl_snippets';
+import {dropoutWGSL, FA_NEG_INF_BITS, keyRangeWGSL, philoxWGSL, scoreKey, ScoreOptions, scoreWGSL}
+    from './wgsl_snippets';
 
 /** The register/workgroup tiling of one pipeline. */
 export interface ForwardTiles {
@@ -124,7 +125,8 @@ export function workgroupBytes(
 }
 
 /** Floats per thread that the register prefetch of K and V needs. */
-export function prefetchFloats(c: {headDim: number, headDimV: number, tiles: ForwardTiles}): number {
+export function prefetchFloats(
+    c: {headDim: number, headDimV: number, tiles: ForwardTiles}): number {
   const s = tileSizes(c);
   return 4 * (Math.ceil(s.bc * s.dq4 / s.threads) + Math.ceil(s.bc * s.dv4 / s.threads));
 }
@@ -139,8 +141,10 @@ export function usePrefetch(c: ForwardConfig): boolean {
 
 export function forwardKey(c: ForwardConfig): string {
   const t = c.tiles;
-  return `fa_fwd_d${c.headDim}_dv${c.headDimV}_tm${t.tm}tx${t.tx}nq${t.nq}ty${t.ty}${t.outer ? 'o' : ''}_${
-      scoreKey(c.score)}_al${c.alibiMode}_do${+c.dropout}_sg${+c.subgroups}_rv${+c.reverseRows}_rl${+c.runtimeLoops}_pf${c.prefetch ?? '-'}_sk${+!!c.splitKeys}`;
+  const tiling = `tm${t.tm}tx${t.tx}nq${t.nq}ty${t.ty}${t.outer ? 'o' : ''}`;
+  const flags = `al${c.alibiMode}_do${+c.dropout}_sg${+c.subgroups}_rv${+c.reverseRows}_rl${
+      +c.runtimeLoops}_pf${c.prefetch ?? '-'}_sk${+!!c.splitKeys}`;
+  return `fa_fwd_d${c.headDim}_dv${c.headDimV}_${tiling}_${scoreKey(c.score)}_${flags}`;
 }
 
 /** Field order of the uniform struct (all 4-byte scalars). */
@@ -168,15 +172,28 @@ function maxAll(terms: string[]): string {
   return `max(${maxAll(terms.slice(0, half))}, ${maxAll(terms.slice(half))})`;
 }
 
+/**
+ * WGSL of 4 consecutive elements (chunk `chunk`) of row `rowIndex` of a
+ * scalar array of row width `width`, zeros past the row's end (head dims
+ * that are not a multiple of 4).
+ */
+function scalarQuad(buf: string, rowIndex: string, chunk: string, width: number): string {
+  const element = (e: number) => `select(0.0, ${buf}[min((${rowIndex}) * ${width}u + ${chunk} * 4u + ${
+      e}u, arrayLength(&${buf}) - 1u)], ${chunk} * 4u + ${e}u < ${width}u)`;
+  return `vec4<f32>(${range(4).map(element).join(', ')})`;
+}
+
 export function forwardWGSL(c: ForwardConfig): string {
   const t = c.tiles;
   const {br, bc, threads, dq4, dv4, nj, kvw, vw} = tileSizes(c);
   const outer = t.outer === true;
   if (outer && t.tm % 4 !== 0) {
-    throw new Error(`FlashAttention forward: the outer-product tiling needs TM % 4 == 0, got ${t.tm}`);
+    throw new Error(
+        `FlashAttention forward: the outer-product tiling needs TM % 4 == 0, got ${t.tm}`);
   }
   // Workgroup-tile row of a thread's i-th row.
-  const rowOf = (i: number) => outer ? `(4u * (ty + TY * ${i >> 2}u) + ${i & 3}u)` : `(ty + TY * ${i}u)`;
+  const rowOf = (i: number) =>
+      outer ? `(4u * (ty + TY * ${i >> 2}u) + ${i & 3}u)` : `(ty + TY * ${i}u)`;
   const vecQK = c.headDim % 4 === 0;
   const vecV = c.headDimV % 4 === 0;
   // Swizzle width: the largest power of two <= 8 that divides DQ4, so that
@@ -194,11 +211,13 @@ export function forwardWGSL(c: ForwardConfig): string {
   const qkType = vecQK ? 'vec4<f32>' : 'f32';
   bindings.push(`@group(0) @binding(${binding++}) var<storage, read> qb: array<${qkType}>;`);
   bindings.push(`@group(0) @binding(${binding++}) var<storage, read> kb: array<${qkType}>;`);
-  bindings.push(`@group(0) @binding(${binding++}) var<storage, read> vb: array<${vecV ? 'vec4<f32>' : 'f32'}>;`);
+  const vType = vecV ? 'vec4<f32>' : 'f32';
+  bindings.push(`@group(0) @binding(${binding++}) var<storage, read> vb: array<${vType}>;`);
   if (c.alibiMode !== 0) {
     bindings.push(`@group(0) @binding(${binding++}) var<storage, read> slopes: array<f32>;`);
   }
-  bindings.push(`@group(0) @binding(${binding++}) var<storage, read_write> outb: array<${vecV ? 'vec4<f32>' : 'f32'}>;`);
+  bindings.push(
+      `@group(0) @binding(${binding++}) var<storage, read_write> outb: array<${vType}>;`);
   bindings.push(`@group(0) @binding(${binding++}) var<storage, read_write> lseb: array<u32>;`);
   bindings.push(`@group(0) @binding(${binding++}) var<uniform> u: Uniforms;`);
 
@@ -209,10 +228,10 @@ export function forwardWGSL(c: ForwardConfig): string {
   const qkRowBase = (rowIndex: string) => vecQK ? `(${rowIndex}) * ${dq4}u` : `(${rowIndex})`;
   const loadQKRow = (buf: string, rowIndex: string, chunk: string) => vecQK ?
       `${buf}[${qkRowBase(rowIndex)} + ${chunk}]` :
-      `vec4<f32>(${range(4).map(e => `select(0.0, ${buf}[min((${rowIndex}) * ${c.headDim}u + ${chunk} * 4u + ${e}u, arrayLength(&${buf}) - 1u)], ${chunk} * 4u + ${e}u < ${c.headDim}u)`).join(', ')})`;
+      scalarQuad(buf, rowIndex, chunk, c.headDim);
   const loadVRow = (rowIndex: string, chunk: string) => vecV ?
       `vb[(${rowIndex}) * ${dv4}u + ${chunk}]` :
-      `vec4<f32>(${range(4).map(e => `select(0.0, vb[min((${rowIndex}) * ${c.headDimV}u + ${chunk} * 4u + ${e}u, arrayLength(&vb) - 1u)], ${chunk} * 4u + ${e}u < ${c.headDimV}u)`).join(', ')})`;
+      scalarQuad('vb', rowIndex, chunk, c.headDimV);
 
 
   const nKLoads = Math.ceil(bc * dq4 / threads);
@@ -224,7 +243,7 @@ export function forwardWGSL(c: ForwardConfig): string {
   // (one Philox call per quad), K rows XOR-swizzled per quad against bank
   // conflicts; without, columns tx + TX*(4q + e), K rows padded by a vec4.
   const quadCols = c.dropout || outer;
-  const kvs = quadCols ? kvw : kvw + 1;
+  const kvStride = quadCols ? kvw : kvw + 1;
   const kSwizzled = (key: string, ch: string) => quadCols ?
       `${key} * KVW + ((${ch}) ^ ((${key} >> 2u) & ${swm}u))` : `${key} * KVW + ${ch}`;
   const colOf = (q: number, e: number) => quadCols ? `(4u * (tx + TX * ${q}u) + ${e}u)` :
@@ -303,7 +322,8 @@ export function forwardWGSL(c: ForwardConfig): string {
       ${rowsI.map(i => `let a${i} = qs[qBase${i} + ${ch}];`).join('\n      ')}
       ${quads.map(q => range(4).map(e => `{
         let kv = kvs[kOff${q}_${e} + ${quadCols ? `((${ch}) ^ kSw${q})` : ch}];
-        ${rowsI.map(i => `s${i}_${q}.${COMP[e]} = fma(a${i}.w, kv.w, fma(a${i}.z, kv.z, fma(a${i}.y, kv.y, fma(a${i}.x, kv.x, s${i}_${q}.${COMP[e]}))));`).join('\n        ')}
+        ${rowsI.map(i => `s${i}_${q}.${COMP[e]} = fma(a${i}.w, kv.w, fma(a${i}.z, kv.z, fma(a${
+            i}.y, kv.y, fma(a${i}.x, kv.x, s${i}_${q}.${COMP[e]}))));`).join('\n        ')}
       }`).join('\n      ')).join('\n      ')}
     }`;
   const qkLoop = `${rowsI.map(i => `let qBase${i} = (ty + TY * ${i}u) * DQ4;`).join(' ')}
@@ -327,7 +347,8 @@ export function forwardWGSL(c: ForwardConfig): string {
       return vals.map(v => reduce(v, op)).join('\n      ');
     }
     const combine = (a: string, b: string) => op === 'max' ? `max(${a}, ${b})` : `(${a} + ${b})`;
-    return `${vals.map((v, i) => `red[(ty + ${t.ty}u * ${i}u) * ${t.tx}u + tx] = ${v};`).join('\n      ')}
+    return `${vals.map((v, i) => `red[(ty + ${t.ty}u * ${i}u) * ${t.tx}u + tx] = ${v};`)
+                  .join('\n      ')}
       workgroupBarrier();
       ${vals.map((v, i) => {
       const base = `(ty + ${t.ty}u * ${i}u) * ${t.tx}u`;
@@ -350,7 +371,9 @@ export function forwardWGSL(c: ForwardConfig): string {
           scoreLines.push(`${acc} = fa_score(${acc}, row${i}, ${j}, sp);`);
         }
         if (e === 0) {
-          scoreLines.push(`if s${i}_${q} = select(vec4<f32>(NEG), s${i}_${q}, fa_visible4(row${i}, vec4<i32>(${j}) + vec4<i32>(${quadCols ? '0, 1, 2, 3' : `0, ${t.tx}, ${2 * t.tx}, ${3 * t.tx}`}), sp));`);
+          const offsets = quadCols ? '0, 1, 2, 3' : `0, ${t.tx}, ${2 * t.tx}, ${3 * t.tx}`;
+          scoreLines.push(`if s${i}_${q} = select(vec4<f32>(NEG), s${i}_${q}, fa_visible4(row${
+              i}, vec4<i32>(${j}) + vec4<i32>(${offsets}), sp));`);
         }
       }
     }
@@ -376,7 +399,7 @@ export function forwardWGSL(c: ForwardConfig): string {
     while (pSwizzle < 8 && (br / 4) % (pSwizzle * 2) === 0) {
       pSwizzle *= 2;
     }
-    const psw = pSwizzle - 1;
+    const pSwizzleMask = pSwizzle - 1;
     const ksName = 'kvs';
     const vsName = 'kvs';
     const outerDecls = `var<workgroup> qs: array<vec4<f32>, ${br * dq4}>;  // Q^T [4 DQ4][BR]
@@ -384,7 +407,8 @@ var<workgroup> kvs: array<vec4<f32>, ${Math.max(bc * dq4, bc * vw)}>;  // K^T, t
 var<workgroup> ps: array<vec4<f32>, ${br * bc / 4}>;  // P^T [BC][BR]
 const VW = ${vw}u;`;
     const scatter = (arr: string, width: string, ch: string, pos: string, val: string) =>
-        range(4).map(e => `${arr}[(4u * ${ch} + ${e}u) * (${width} / 4u) + ${pos} / 4u][${pos} % 4u] = ${val}.${COMP[e]};`).join(' ');
+        range(4).map(e => `${arr}[(4u * ${ch} + ${e}u) * (${width} / 4u) + ${pos} / 4u][${
+            pos} % 4u] = ${val}.${COMP[e]};`).join(' ');
     const outerQLoad = `// Q^T tile -> workgroup memory (rows past seqQ are zeros).
   for (var n = 0u; n < ${nQLoads}u; n++) {
     let idx = lid + THREADS * n;
@@ -413,7 +437,8 @@ const VW = ${vw}u;`;
         }
       }`;
     const kStore = (idx: string, val: string) =>
-        `if (${idx} < BC * DQ4) { ${scatter(ksName, 'BC', `(${idx} / BC)`, `(${idx} % BC)`, val)} }`;
+        `if (${idx} < BC * DQ4) { ${
+            scatter(ksName, 'BC', `(${idx} / BC)`, `(${idx} % BC)`, val)} }`;
     const vStore = (idx: string, val: string) =>
         `if (${idx} < BC * DV4) { ${vsName}[(${idx} / DV4) * VW + ${idx} % DV4] = ${val}; }`;
     type Load = (jBase: string, idx: string) => string;
@@ -444,41 +469,55 @@ const VW = ${vw}u;`;
     const vFromRegs = fromRegs(vStore, 'vr', nVLoads, '\n    ');
 
     // Head-dim steps per loop iteration (must divide 4 * DQ4).
-    const hd = 4 * dq4;
+    const headSteps = 4 * dq4;
     // P V keys per loop iteration (power of two >= 4, so that the P^T
     // swizzle XOR is hoisted); software devices keep x8 at most: big
     // unrolled bodies compile slowly there.
-    const up = !c.runtimeLoops && bc % 16 === 0 ? 16 : bc % 8 === 0 ? 8 : 4;
-    const uq = hd % 8 === 0 ? 8 : 4;
+    const pvUnroll = !c.runtimeLoops && bc % 16 === 0 ? 16 : bc % 8 === 0 ? 8 : 4;
+    const qkSteps = headSteps % 8 === 0 ? 8 : 4;
     const qkStep = (d: string) => `{
         ${rq.map(a => `let a${a} = qs[(${d}) * (BR / 4u) + ty + TY * ${a}u];`).join('\n        ')}
-        ${quads.map(q => `let k${q} = ${ksName}[(${d}) * (BC / 4u) + tx + TX * ${q}u];`).join('\n        ')}
-        ${rowsI.map(i => quads.map(q => `s${i}_${q} = fma(vec4<f32>(a${i >> 2}.${COMP[i & 3]}), k${q}, s${i}_${q});`).join(' ')).join('\n        ')}
+        ${quads.map(q => `let k${q} = ${ksName}[(${d}) * (BC / 4u) + tx + TX * ${q}u];`)
+              .join('\n        ')}
+        ${rowsI.map(i => quads.map(q => `s${i}_${q} = fma(vec4<f32>(a${i >> 2}.${
+            COMP[i & 3]}), k${q}, s${i}_${q});`).join(' ')).join('\n        ')}
       }`;
     // Keys of one P V iteration: key0 (a multiple of UP) + x, x < UP, so
-    // ((key0 + x) >> 2) & PSW = ((key0 >> 2) & PSW & ~(UP / 4 - 1)) | ((x >> 2) & PSW):
+    // ((key0 + x) >> 2) & MASK
+    //     = ((key0 >> 2) & MASK & ~(UP / 4 - 1)) | ((x >> 2) & MASK):
     // per iteration one XOR per row quad, per key a constant one (UP a
     // power of two >= 4; otherwise the XOR is computed per key).
-    const prHoist = psw !== 0 && up >= 4 && (up & (up - 1)) === 0;
+    const hoistSwizzle =
+        pSwizzleMask !== 0 && pvUnroll >= 4 && (pvUnroll & (pvUnroll - 1)) === 0;
+    const plainRow = (a: number) => `ty + TY * ${a}u`;
+    // P^T row quad `a` of key `key` (the x-th of its iteration).
+    const pRow = (a: number, key: string, x: number) => pSwizzleMask === 0 ? plainRow(a) :
+        hoistSwizzle ? `(pr${a} ^ ${(x >> 2) & pSwizzleMask}u)` :
+                       `((${plainRow(a)}) ^ (((${key}) >> 2u) & ${pSwizzleMask}u))`;
+    // P^T row quad `a` for the keys of this thread's key quad `q`.
+    const pStoreRow = (a: number, q: number) => pSwizzleMask === 0 ? plainRow(a) :
+        `((${plainRow(a)}) ^ ((tx + TX * ${q}u) & ${pSwizzleMask}u))`;
     const pvStep = (key: string, x: number) => `{
-        ${rq.map(a => `let p${a} = ps[(${key}) * (BR / 4u) + ${psw === 0 ? `ty + TY * ${a}u` : prHoist ?
-            `(pr${a} ^ ${(x >> 2) & psw}u)` : `((ty + TY * ${a}u) ^ (((${key}) >> 2u) & ${psw}u))`}];`).join('\n        ')}
-        ${outJ.map(jj => `let v${jj} = ${vsName}[(${key}) * VW + tx + TX * ${jj}u];`).join('\n        ')}
-        ${rowsI.map(i => outJ.map(jj => `o${i}_${jj} = fma(vec4<f32>(p${i >> 2}.${COMP[i & 3]}), v${jj}, o${i}_${jj});`).join(' ')).join('\n        ')}
+        ${rq.map(a => `let p${a} = ps[(${key}) * (BR / 4u) + ${pRow(a, key, x)}];`)
+              .join('\n        ')}
+        ${outJ.map(jj => `let v${jj} = ${vsName}[(${key}) * VW + tx + TX * ${jj}u];`)
+              .join('\n        ')}
+        ${rowsI.map(i => outJ.map(jj => `o${i}_${jj} = fma(vec4<f32>(p${i >> 2}.${
+            COMP[i & 3]}), v${jj}, o${i}_${jj});`).join(' ')).join('\n        ')}
       }`;
     const pStore = rq.map(a => quads.map(q => range(4).map(e =>
-        `ps[(4u * (tx + TX * ${q}u) + ${e}u) * (BR / 4u) + ${psw === 0 ? `ty + TY * ${a}u` : `((ty + TY * ${a}u) ^ ((tx + TX * ${q}u) & ${psw}u))`}] = vec4<f32>(${
+        `ps[(4u * (tx + TX * ${q}u) + ${e}u) * (BR / 4u) + ${pStoreRow(a, q)}] = vec4<f32>(${
             range(4).map(b => `s${4 * a + b}_${q}.${COMP[e]}`).join(', ')});`).join('\n    ')).join('\n    ')).join('\n    ');
 
     const qkLoopOuter = `// S = Q K^T: per head-dim step, outer products of 4 rows x 4 keys.
     ${sInit}
-    for (var d = 0u; d < ${c.runtimeLoops ? 'u32(u.loopDQ4) * 4u' : `${hd}u`}; d += ${uq}u) {
-      ${range(uq).map(x => qkStep(x === 0 ? 'd' : `d + ${x}u`)).join('\n      ')}
+    for (var d = 0u; d < ${c.runtimeLoops ? 'u32(u.loopDQ4) * 4u' : `${headSteps}u`}; d += ${qkSteps}u) {
+      ${range(qkSteps).map(x => qkStep(x === 0 ? 'd' : `d + ${x}u`)).join('\n      ')}
     }`;
     const pvLoopOuter = `// O += P V: per key, outer products of 4 rows x 4 output columns.
-    for (var key = 0u; key < ${c.runtimeLoops ? 'u32(u.loopBC4) * 4u' : 'BC'}; key += ${up}u) {
-      ${!prHoist ? '' : rq.map(a => `let pr${a} = (ty + TY * ${a}u) ^ ((key >> 2u) & ${psw & ~(up / 4 - 1)}u);`).join(' ')}
-      ${range(up).map(x => pvStep(x === 0 ? 'key' : `key + ${x}u`, x)).join('\n      ')}
+    for (var key = 0u; key < ${c.runtimeLoops ? 'u32(u.loopBC4) * 4u' : 'BC'}; key += ${pvUnroll}u) {
+      ${!hoistSwizzle ? '' : rq.map(a => `let pr${a} = (ty + TY * ${a}u) ^ ((key >> 2u) & ${pSwizzleMask & ~(pvUnroll / 4 - 1)}u);`).join(' ')}
+      ${range(pvUnroll).map(x => pvStep(x === 0 ? 'key' : `key + ${x}u`, x)).join('\n      ')}
     }`;
     const regDecls = prefetch ? `${range(nKLoads).map(n => `var kr${n} = vec4<f32>(0.0);`).join(' ')}
   ${range(nVLoads).map(n => `var vr${n} = vec4<f32>(0.0);`).join(' ')}` : '';
@@ -541,7 +580,7 @@ const VW = ${vw}u;`;
       ${c.dropout ? quads.map(q => `s${i}_${q} = s${i}_${q} * fa_dropout4(u32(b), u32(h), u32(row${i}), u32(j0 >> 2u) + tx + TX * ${q}u, vec2<u32>(u.seedLo, u.seedHi), u.threshold, u.keepScale);`).join('\n      ') : ''}
     }`).join('\n    ')}`;
   const classicDecls = `var<workgroup> qs: array<vec4<f32>, ${br * dq4}>;
-var<workgroup> kvs: array<vec4<f32>, ${bc * kvs}>;
+var<workgroup> kvs: array<vec4<f32>, ${bc * kvStride}>;
 var<workgroup> ps: array<vec4<f32>, ${br * bc / 4}>;
 `;
   const classicQLoad = `// Q tile -> workgroup memory (rows past seqQ are zeros).
@@ -614,7 +653,7 @@ const TX = ${t.tx}u;
 const THREADS = ${threads}u;
 const DQ4 = ${dq4}u;
 const DV4 = ${dv4}u;
-const KVW = ${kvs}u;
+const KVW = ${kvStride}u;
 const NEG = -1e30;
 
 ${outer ? outerDecls : classicDecls}
