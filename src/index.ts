@@ -20,6 +20,9 @@ export {FLASH_ATTENTION_IMPL, FLASH_ATTENTION_REFERENCE_BLOCK_ELEMENTS} from './
 export type {FlashAttentionAttrs, FlashAttentionGradInputs, FlashAttentionInputs} from './kernel_names';
 export {FlashAttention, FlashAttentionGrad} from './kernel_names';
 export type {FlashAttentionOptions} from './options';
+export type {OptionSpec} from './options';
+export {ATTENTION_OPTION_SPECS, attentionOptionSpec, checkOptions, parseAttentionOptions, suggestOption} from './options';
+export {FlashAttentionError} from './errors';
 export type {FlashAttentionKVPackedOp, FlashAttentionOp, FlashAttentionQKVPackedOp, FlashAttentionResult} from './ops';
 export {flashAttention, flashAttentionKVPacked, flashAttentionQKVPacked} from './ops';
 export {version} from './version';

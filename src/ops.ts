@@ -60,13 +60,15 @@ function runFlashAttention(
 
 /** Checks the shapes and options, then unpacks (if packed) and runs. */
 function attention(
-    opName: string, shapes: AttentionShapes, opts: FlashAttentionOptions,
+    opName: string, shapes: AttentionShapes, opts: FlashAttentionOptions|null|undefined,
     unpack: () => [tf.Tensor4D, tf.Tensor4D, tf.Tensor4D]): FlashAttentionResult {
-  const alibiSlopes = checkAlibi(opts.alibiSlopes, shapes, opName);
-  const attrs = normalizeOptions(opts, shapes.headDim, opName);
+  // Options first: an unknown key or a non-object opts is named before its
+  // values are used.
+  const attrs = normalizeOptions(opts, shapes.headDim, opName, shapes.seqK);
+  const alibiSlopes = checkAlibi(opts?.alibiSlopes, shapes, opName);
   const [q, k, v] = unpack();
   const [out, lse] = runFlashAttention(q, k, v, alibiSlopes, shapes, attrs);
-  if (opts.returnSoftmaxLse) {
+  if (opts?.returnSoftmaxLse === true) {
     return [out, lse];
   }
   lse.dispose();

@@ -34,8 +34,8 @@
  * P^T's row quads are XOR-swizzled by key quad (swizzleP), so that its
  * stores do not all land in one bank.
  */
-import {dropoutWGSL, FA_NEG_INF_BITS, keyRangeWGSL, philoxWGSL, scoreKey, ScoreOptions, scoreWGSL}
-    from './wgsl_snippets';
+import {dropoutWGSL, FA_NEG_BIG, FA_NEG_INF_BITS, keyRangeWGSL, philoxWGSL, scoreKey, ScoreOptions,
+        scoreWGSL} from './wgsl_snippets';
 
 /** The register/workgroup tiling of one pipeline. */
 export interface ForwardTiles {
@@ -569,10 +569,10 @@ const VW = ${vw}u;`;
     ${rowReduce(rowsI.map(i => `mx${i}`), 'max')}
     ${rowsI.map(i => `{
       let mNew = max(m${i}, mx${i});
-      // A row that has seen no visible key keeps m = NEG; subtracting 0
-      // instead sends its masked scores (and alpha) to exp(NEG) = 0.
-      let mUse = select(mNew, 0.0, mNew < -1e29);
-      let alpha = exp(m${i} - mUse);
+      // A row that has seen no visible key keeps m = NEG exactly;
+      // subtracting 0 instead sends its masked scores to exp(NEG) = 0.
+      let mUse = select(mNew, 0.0, mNew == NEG);
+      let alpha = select(exp(m${i} - mUse), 0.0, m${i} == NEG);
       m${i} = mNew;
       ${quads.map(q => `s${i}_${q} = exp(s${i}_${q} - vec4<f32>(mUse));`).join('\n      ')}
       l${i} = l${i} * alpha${quads.map(q => ` + dot(s${i}_${q}, vec4<f32>(1.0))`).join('')};
@@ -654,7 +654,7 @@ const THREADS = ${threads}u;
 const DQ4 = ${dq4}u;
 const DV4 = ${dv4}u;
 const KVW = ${kvStride}u;
-const NEG = -1e30;
+const NEG = ${FA_NEG_BIG};
 
 ${outer ? outerDecls : classicDecls}
 ${c.subgroups || t.tx === 1 ? '' : `var<workgroup> red: array<f32, ${br * t.tx}>;`}

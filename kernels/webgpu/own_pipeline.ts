@@ -63,10 +63,16 @@ interface PipelineEntry {
 
 interface DeviceState {
   pipelines: Map<string, PipelineEntry>;
-  /** Error scopes not yet resolved (creation and dispatches). */
-  pending: Array<Promise<void>>;
-  /** Errors found and not yet thrown by checkOwnPipelineErrors. */
-  found: Error[];
+  /**
+   * Error scopes not yet resolved (creation and dispatches); each removes
+   * itself once resolved, so the set holds only work still in flight and a
+   * long run without checkOwnPipelineErrors keeps no per-dispatch state.
+   */
+  pending: Set<Promise<void>>;
+  /** The first error found and not yet thrown by checkOwnPipelineErrors. */
+  firstError: Error|null;
+  /** How many errors were found since the last check (messages dropped). */
+  errorCount: number;
 }
 
 const states = new WeakMap<GPUDevice, DeviceState>();
@@ -74,7 +80,7 @@ const states = new WeakMap<GPUDevice, DeviceState>();
 function stateOf(device: GPUDevice): DeviceState {
   let s = states.get(device);
   if (s == null) {
-    s = {pipelines: new Map(), pending: [], found: []};
+    s = {pipelines: new Map(), pending: new Set(), firstError: null, errorCount: 0};
     states.set(device, s);
   }
   return s;
@@ -130,15 +136,31 @@ function watchScopes(
     const messages = errors.map(errorText).filter(m => m != null);
     if (messages.length > 0) {
       const error = new Error(`${what} failed on the GPU: ${messages.join('; ')}`);
-      state.found.push(error);
+      recordError(state, error);
       onError(error);
     }
   }, (e: unknown) => {
     const error = new Error(`${what}: could not read the GPU error scope: ${e}`);
-    state.found.push(error);
+    recordError(state, error);
     onError(error);
   });
-  state.pending.push(done);
+  track(state, done);
+}
+
+function recordError(state: DeviceState, error: Error): void {
+  state.firstError = state.firstError ?? error;
+  state.errorCount++;
+}
+
+/** Keeps `p` in the pending set until it settles. */
+function track(state: DeviceState, p: Promise<void>): void {
+  state.pending.add(p);
+  void p.then(() => state.pending.delete(p));
+}
+
+/** Unresolved error scopes of the current backend's device (for tests). */
+export function pendingErrorScopes(backend?: tf.KernelBackend): number {
+  return stateOf(webgpuBackendOf(backend).device).pending.size;
 }
 
 function pushScopes(device: GPUDevice): void {
@@ -183,14 +205,14 @@ function getPipeline(device: GPUDevice, spec: OwnPipelineSpec): PipelineEntry {
   });
   // Shader messages carry line numbers; add them to the error once known.
   if (typeof module.getCompilationInfo === 'function') {
-    state.pending.push(module.getCompilationInfo().then(info => {
+    track(state, module.getCompilationInfo().then(info => {
       const errors = info.messages.filter(m => m.type === 'error')
                          .map(m => `line ${m.lineNum}:${m.linePos}: ${m.message}`);
       if (errors.length > 0) {
         const error = new Error(`WGSL of pipeline '${label}' does not compile: ${
             errors.join('; ')}`);
         entry.error = entry.error ?? error;
-        state.found.push(error);
+        recordError(state, error);
       }
     }, () => undefined));
   }
@@ -287,15 +309,14 @@ export function runOwnPipeline(
 export async function checkOwnPipelineErrors(backend?: tf.KernelBackend): Promise<void> {
   const device = webgpuBackendOf(backend).device;
   const state = stateOf(device);
-  while (state.pending.length > 0) {
-    const pending = state.pending;
-    state.pending = [];
-    await Promise.all(pending);
+  while (state.pending.size > 0) {
+    await Promise.all([...state.pending]);
   }
-  const found = state.found;
-  state.found = [];
-  if (found.length > 0) {
-    throw found[0];
+  const first = state.firstError;
+  state.firstError = null;
+  state.errorCount = 0;
+  if (first != null) {
+    throw first;
   }
 }
 

@@ -9,9 +9,14 @@
  * them in its pipeline key (`scoreKey`).
  */
 
-/** -inf and "no key seen yet": WGSL may assume no infinities, so a finite
- * sentinel is used inside kernels, and -inf is written as raw bits. */
-export const FA_NEG_BIG = -1e30;
+/**
+ * "Masked" and "no key seen yet" inside kernels: the lowest finite float32,
+ * below every finite score, so rows whose scores are all tiny (e.g. -1e33)
+ * still get their softmax. WGSL constants cannot be infinite and
+ * implementations may assume no infinities, hence a finite sentinel that
+ * kernels compare against explicitly; -inf is written as raw bits.
+ */
+export const FA_NEG_BIG = '-0x1.fffffep+127f';
 /** Bits of float32 -Infinity (write through a u32 view of the buffer). */
 export const FA_NEG_INF_BITS = 0xff800000;
 

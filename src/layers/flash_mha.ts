@@ -11,7 +11,8 @@ import type {Initializer, InitializerIdentifier} from '@tensorflow/tfjs-layers/d
 import type {Shape} from '@tensorflow/tfjs-layers/dist/keras_format/common';
 import type {Regularizer, RegularizerIdentifier} from '@tensorflow/tfjs-layers/dist/regularizers';
 import type {Kwargs} from '@tensorflow/tfjs-layers/dist/types';
-import {flashAttention} from 'tfjs-flash-attention';
+import {attentionOptionSpec, checkOptions, FlashAttentionError, flashAttention, MAX_HEAD_DIM} from 'tfjs-flash-attention';
+import type {OptionSpec} from 'tfjs-flash-attention';
 
 import {alibiSlopes} from './alibi';
 import {maskedAttention} from './masked_attention';
@@ -70,11 +71,70 @@ export interface FlashMHACallKwargs {
   training?: boolean;
 }
 
-function positiveInteger(value: unknown, argName: string): number {
-  if (typeof value !== 'number' || !Number.isInteger(value) || value < 1) {
-    throw new Error(`FlashMHA: ${argName} must be a positive integer, got ${String(value)}`);
+function positiveInteger(value: unknown, argName: string, max = Infinity): number {
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < 1 || value > max) {
+    throw new FlashAttentionError(
+        'FlashMHA', argName, max === Infinity ? 'a positive integer' : `an integer in [1, ${max}]`,
+        String(value));
   }
   return value;
+}
+
+const anyValue = () => true;
+const isBoolean = (v: unknown) => typeof v === 'boolean';
+const integerAtLeast = (min: number) => (v: unknown) => Number.isInteger(v) && (v as number) >= min;
+const serializable = (v: unknown) => typeof v === 'string' || (v != null && typeof v === 'object');
+
+/**
+ * Every key FlashMHA's args (and saved config) may hold. The attention
+ * settings use the op's own specs, so the layer accepts and rejects exactly
+ * what flashAttention does; tfjs-layers checks its own LayerArgs.
+ */
+const FLASH_MHA_ARG_SPECS: OptionSpec[] = [
+  {name: 'embedDim', expected: 'a positive integer', valid: integerAtLeast(1),
+   aliases: ['embed_dim', 'dModel', 'hiddenSize', 'units']},
+  {name: 'numHeads', expected: 'a positive integer', valid: integerAtLeast(1),
+   aliases: ['num_heads', 'nHeads', 'heads']},
+  {name: 'numHeadsKV', expected: 'a positive integer', valid: integerAtLeast(1),
+   aliases: ['num_heads_kv', 'numKVHeads', 'num_key_value_heads']},
+  {name: 'headDim', expected: `an integer in [1, ${MAX_HEAD_DIM}]`,
+   valid: v => integerAtLeast(1)(v) && (v as number) <= MAX_HEAD_DIM,
+   aliases: ['head_dim', 'keyDim', 'key_dim']},
+  attentionOptionSpec('dropoutRate', 'dropout'),
+  attentionOptionSpec('causal'),
+  // null: a saved config of a layer with the default scale.
+  {...attentionOptionSpec('softmaxScale'), valid: v => v === null ||
+       attentionOptionSpec('softmaxScale').valid(v)},
+  attentionOptionSpec('windowSize'),
+  attentionOptionSpec('softcap'),
+  {name: 'useAlibi', expected: 'a boolean', valid: isBoolean,
+   aliases: ['use_alibi', 'alibi', 'alibiSlopes', 'alibi_slopes']},
+  {name: 'qkvProjBias', expected: 'a boolean', valid: isBoolean,
+   aliases: ['qkv_proj_bias', 'useBias', 'use_bias', 'bias']},
+  {name: 'outProjBias', expected: 'a boolean', valid: isBoolean, aliases: ['out_proj_bias']},
+  {name: 'rotaryEmbDim', expected: 'an even integer in [0, headDim]', valid: integerAtLeast(0),
+   aliases: ['rotary_emb_dim', 'rotaryDim']},
+  {name: 'rotaryEmbBase', expected: 'a finite number > 0',
+   valid: v => typeof v === 'number' && v > 0 && Number.isFinite(Math.fround(v)),
+   aliases: ['rotary_emb_base', 'ropeTheta', 'rope_theta']},
+  {name: 'rotaryEmbInterleaved', expected: 'a boolean', valid: isBoolean,
+   aliases: ['rotary_emb_interleaved']},
+  {name: 'crossAttention', expected: 'a boolean', valid: isBoolean,
+   aliases: ['cross_attn', 'cross_attention', 'crossAttn']},
+  ...['kernelInitializer', 'biasInitializer', 'kernelRegularizer', 'biasRegularizer',
+      'kernelConstraint', 'biasConstraint'].map(name => ({
+    name, expected: 'an identifier, an instance or a {className, config}',
+    valid: (v: unknown) => v === null || serializable(v),
+  })),
+  // tfjs-layers' LayerArgs, checked by tfjs-layers.
+  ...['inputShape', 'batchInputShape', 'batchSize', 'dtype', 'name', 'trainable', 'weights',
+      'inputDType'].map(name => ({name, expected: 'a LayerArgs value', valid: anyValue})),
+];
+
+/** Checks every key and value of FlashMHA's args before anything is built. */
+function checkArgs(args: FlashMHAArgs): FlashMHAArgs {
+  return checkOptions<FlashMHAArgs>(args, 'FlashMHA', FLASH_MHA_ARG_SPECS, 'args',
+                                    'an object with embedDim and numHeads');
 }
 
 interface Projection {
@@ -117,57 +177,39 @@ export class FlashMHA extends tfl.layers.Layer {
   protected outProj: Projection|null = null;
 
   constructor(args: FlashMHAArgs) {
-    super(args);
-    if (args == null || typeof args !== 'object') {
-      throw new Error('FlashMHA: args must be an object with embedDim and numHeads');
-    }
+    super(checkArgs(args));
     this.embedDim = positiveInteger(args.embedDim, 'embedDim');
     this.numHeads = positiveInteger(args.numHeads, 'numHeads');
     this.numHeadsKV = positiveInteger(args.numHeadsKV ?? this.numHeads, 'numHeadsKV');
     if (this.numHeads % this.numHeadsKV !== 0) {
-      throw new Error(`FlashMHA: numHeads (${this.numHeads}) must be a multiple of numHeadsKV, got numHeadsKV = ${this.numHeadsKV}`);
+      throw new FlashAttentionError(
+          'FlashMHA', 'numHeadsKV', `a divisor of numHeads = ${this.numHeads}`,
+          String(this.numHeadsKV));
     }
     if (args.headDim == null && this.embedDim % this.numHeads !== 0) {
-      throw new Error(`FlashMHA: embedDim must be a multiple of numHeads when headDim is not given, got embedDim = ${
-          this.embedDim}, numHeads = ${this.numHeads}`);
+      throw new FlashAttentionError(
+          'FlashMHA', 'embedDim', `a multiple of numHeads = ${this.numHeads} when headDim is not given`,
+          String(this.embedDim));
     }
-    this.headDim = positiveInteger(args.headDim ?? this.embedDim / this.numHeads, 'headDim');
+    this.headDim = positiveInteger(args.headDim ?? this.embedDim / this.numHeads, 'headDim', MAX_HEAD_DIM);
+    // Values checked by checkArgs with the op's own specs.
     this.dropout = args.dropout ?? 0;
-    if (typeof this.dropout !== 'number' || !(this.dropout >= 0 && this.dropout < 1)) {
-      throw new Error(`FlashMHA: dropout must be a number in [0, 1), got ${String(args.dropout)}`);
-    }
     this.causal = args.causal ?? false;
-    if (typeof this.causal !== 'boolean') {
-      throw new Error(`FlashMHA: causal must be a boolean, got ${String(args.causal)}`);
-    }
     this.softmaxScale = args.softmaxScale ?? undefined;
-    if (this.softmaxScale != null && !(typeof this.softmaxScale === 'number' && Number.isFinite(this.softmaxScale))) {
-      throw new Error(`FlashMHA: softmaxScale must be a finite number, got ${String(args.softmaxScale)}`);
-    }
-    this.windowSize = args.windowSize ?? [-1, -1];
-    const window = this.windowSize;
-    if (!Array.isArray(window) || window.length !== 2 || !window.every(w => Number.isInteger(w) && w >= -1)) {
-      throw new Error(`FlashMHA: windowSize must be [left, right] with integers >= -1 (-1 = unbounded), got ${
-          JSON.stringify(args.windowSize)}`);
-    }
+    const window = args.windowSize ?? [-1, -1];
     this.windowSize = [window[0], window[1]];
     this.softcap = args.softcap ?? 0;
-    if (typeof this.softcap !== 'number' || !(this.softcap >= 0) || !Number.isFinite(this.softcap)) {
-      throw new Error(`FlashMHA: softcap must be a finite number >= 0 (0 = off), got ${String(args.softcap)}`);
-    }
     this.useAlibi = args.useAlibi ?? false;
     this.qkvProjBias = args.qkvProjBias ?? true;
     this.outProjBias = args.outProjBias ?? true;
     this.rotaryEmbDim = args.rotaryEmbDim ?? 0;
     if (!Number.isInteger(this.rotaryEmbDim) || this.rotaryEmbDim < 0 || this.rotaryEmbDim % 2 !== 0 ||
         this.rotaryEmbDim > this.headDim) {
-      throw new Error(`FlashMHA: rotaryEmbDim must be an even integer in [0, headDim = ${this.headDim}], got ${
-          String(args.rotaryEmbDim)}`);
+      throw new FlashAttentionError(
+          'FlashMHA', 'rotaryEmbDim', `an even integer in [0, headDim = ${this.headDim}]`,
+          String(args.rotaryEmbDim));
     }
     this.rotaryEmbBase = args.rotaryEmbBase ?? 10000;
-    if (typeof this.rotaryEmbBase !== 'number' || !(this.rotaryEmbBase > 0)) {
-      throw new Error(`FlashMHA: rotaryEmbBase must be a number > 0, got ${String(args.rotaryEmbBase)}`);
-    }
     this.rotaryEmbInterleaved = args.rotaryEmbInterleaved ?? false;
     this.crossAttention = args.crossAttention ?? false;
     const name = `FlashMHA '${this.name}'`;

@@ -16,7 +16,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import type {AttentionShapes} from '../checks';
 import type {FlashAttentionAttrs} from '../kernel_names';
 
-import {blockColumns, blockScores, consume, dropoutMask, groupedRows, headsFirst, keysGrouped, maskScores, planQueryBlocks, probabilitiesFromLse, regroup, rowsWithKeys, ungroup, maskBias} from './blocks';
+import {blockColumns, blockScores, consume, dropoutMask, groupedRows, headsFirst, keysGrouped, maskScores, planQueryBlocks, probabilitiesFromLse, regroup, rowsWithKeys, ungroup, visibleMask} from './blocks';
 
 export interface ReferenceBackwardInputs {
   dy: tf.Tensor4D;
@@ -57,7 +57,7 @@ export function referenceBackward(
         continue;
       }
       const [dqBlock, dkBlock, dvBlock] = tf.tidy(() => {
-        const bias = maskBias(block, shapes, attrs);
+        const visible = visibleMask(block, shapes, attrs);
         const hasKeys = rowsWithKeys(block, shapes, attrs);
         const qRows = groupedRows(qHeadsFirst, block, shapes);
         const dyRows = groupedRows(dyHeadsFirst, block, shapes);
@@ -65,7 +65,7 @@ export function referenceBackward(
         const vCols = blockColumns(vGrouped, block);
         const {scores, capTanh} =
             blockScores(qRows, kCols, alibiSlopes, block, shapes, attrs, true);
-        const masked = maskScores(scores, bias);
+        const masked = maskScores(scores, visible);
         const p = probabilitiesFromLse(
             masked, sliceRows(lse, block.row0, block.rows), hasKeys);
         masked.dispose();
@@ -82,6 +82,9 @@ export function referenceBackward(
           dScores = consume(
               dScores, dT => tf.mul(dT, tf.sub(1, tf.square(capTanh))));
         }
+        // p is 0 at masked keys, but tanh' of a NaN/Inf score is not: zero
+        // them by selecting, so that they cannot reach dq and dk.
+        dScores = maskScores(dScores, visible, 0);
         const dsGrouped = regroup(dScores, block, shapes);
         const dqBlock = tf.mul(
             ungroup(tf.matMul(dsGrouped, kCols), block, shapes),

@@ -18,9 +18,6 @@ import type {AttentionShapes} from '../checks';
 import {fillDropoutMask} from '../dropout';
 import type {FlashAttentionAttrs} from '../kernel_names';
 
-/** Scores of masked positions before the row max (never reaches exp). */
-const MASKED_SCORE = -1e30;
-
 export interface QueryBlock {
   row0: number;
   rows: number;
@@ -60,25 +57,26 @@ export function planQueryBlocks(
 }
 
 /**
- * `[rows, cols]` additive mask of a block: 0 where the key is visible,
- * -1e30 where not; null when the whole block is visible. (An add
- * broadcasts without materialising the mask at the scores' size.)
+ * `[rows, cols]` bool mask of a block: true where the key is visible; null
+ * when the whole block is visible. Masking selects (never adds), so a
+ * masked score, whatever its value (1e38, Inf, NaN), never reaches the
+ * softmax.
  */
-export function maskBias(
+export function visibleMask(
     block: QueryBlock, shapes: AttentionShapes,
     attrs: FlashAttentionAttrs): tf.Tensor2D|null {
-  const values = new Float32Array(block.rows * block.cols);
+  const values = new Uint8Array(block.rows * block.cols);
   let all = true;
   for (let r = 0; r < block.rows; r++) {
     const [lo, hi] = visibleKeys(block.row0 + r, shapes, attrs);
     for (let c = 0; c < block.cols; c++) {
       const j = block.col0 + c;
       const visible = j >= lo && j <= hi;
-      values[r * block.cols + c] = visible ? 0 : MASKED_SCORE;
+      values[r * block.cols + c] = visible ? 1 : 0;
       all = all && visible;
     }
   }
-  return all ? null : tf.tensor2d(values, [block.rows, block.cols]);
+  return all ? null : tf.tensor2d(values, [block.rows, block.cols], 'bool');
 }
 
 /** `[B, H, rows, 1]` bool: does the row see at least one key? */
@@ -198,16 +196,18 @@ function alibiBias(
   });
 }
 
-/** Sets masked scores to -1e30 (before the row max). */
+/** Replaces masked entries of `x` by `fill` (-Infinity for scores). */
 export function maskScores(
-    scores: tf.Tensor4D, bias: tf.Tensor2D|null): tf.Tensor4D {
-  return bias == null ? scores : consume(scores, s => tf.add(s, bias));
+    x: tf.Tensor4D, visible: tf.Tensor2D|null, fill = -Infinity): tf.Tensor4D {
+  return visible == null ?
+      x :
+      consume(x, s => tf.where(visible, s, tf.scalar(fill) as tf.Tensor as tf.Tensor4D));
 }
 
 /**
  * Probabilities `exp(scores - lse)` of a block. `lse` is `[B, H, rows, 1]`
- * and -Infinity for rows that see no key. Masked scores are -1e30, so their
- * exp underflows to exactly 0 without another select.
+ * and -Infinity for rows that see no key. Masked scores are -Infinity, so
+ * their exp is exactly 0 without another select.
  */
 export function probabilitiesFromLse(
     maskedScores: tf.Tensor4D, lse: tf.Tensor4D,

@@ -7,7 +7,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import type {AttentionShapes} from '../checks';
 import type {FlashAttentionAttrs} from '../kernel_names';
 
-import {blockColumns, blockScores, consume, dropoutMask, groupedRows, headsFirst, keysGrouped, maskBias, maskScores, planQueryBlocks, rowsWithKeys, ungroup} from './blocks';
+import {blockColumns, blockScores, consume, dropoutMask, groupedRows, headsFirst, keysGrouped, maskScores, planQueryBlocks, rowsWithKeys, ungroup, visibleMask} from './blocks';
 
 /** Returns `[out [B, Sq, H, Dv], lse [B, H, Sq]]`. */
 export function referenceForward(
@@ -28,15 +28,15 @@ export function referenceForward(
         continue;
       }
       const [out, lse] = tf.tidy(() => {
-        const bias = maskBias(block, shapes, attrs);
+        const visible = visibleMask(block, shapes, attrs);
         const hasKeys = rowsWithKeys(block, shapes, attrs);
         const qRows = groupedRows(qHeadsFirst, block, shapes);
         const {scores} = blockScores(
             qRows, blockColumns(kGrouped, block), alibiSlopes, block, shapes,
             attrs, false);
-        const masked = maskScores(scores, bias);
+        const masked = maskScores(scores, visible);
         // Row max over visible keys; 0 for rows that see none, so that their
-        // masked scores (-1e30) underflow to exp = 0 and their sum to 0.
+        // masked scores (-Infinity) give exp = 0 and their sum 0.
         const rowMax = tf.tidy(() => {
           const max = tf.max(masked, -1, true);
           return hasKeys == null ? max : tf.where(hasKeys, max, tf.zerosLike(max));

@@ -278,7 +278,7 @@ describeBackends('FlashMHA', backend => {
     expect(() => flashMHA({embedDim: 32, numHeads: 0})).toThrow(/numHeads must be a positive integer, got 0/);
     expect(() => flashMHA({embedDim: 32, numHeads: 4, rotaryEmbDim: 5})).toThrow(/rotaryEmbDim.*got 5/);
     expect(() => flashMHA({embedDim: 32, numHeads: 4, dropout: 1})).toThrow(/dropout.*got 1/);
-    expect(() => flashMHA({embedDim: 32, numHeads: 4, windowSize: [-2, 0]})).toThrow(/windowSize.*\[-2,0\]/);
+    expect(() => flashMHA({embedDim: 32, numHeads: 4, windowSize: [-2, 0]})).toThrow(/windowSize.*\[-2, 0\]/);
     expect(() => flashMHA({embedDim: 32, numHeads: 4, kernelInitializer: 'noSuchInit' as never}))
         .toThrow(/kernelInitializer 'noSuchInit'/);
     const layer = flashMHA({embedDim: 32, numHeads: 4});
