@@ -178,8 +178,8 @@ function maxAll(terms: string[]): string {
  * that are not a multiple of 4).
  */
 function scalarQuad(buf: string, rowIndex: string, chunk: string, width: number): string {
-  const element = (e: number) => `select(0.0, ${buf}[min((${rowIndex}) * ${width}u + ${chunk} * 4u + ${
-      e}u, arrayLength(&${buf}) - 1u)], ${chunk} * 4u + ${e}u < ${width}u)`;
+  const element = (e: number) => `select(0.0, ${buf}[min((${rowIndex}) * ${width}u + ${
+      chunk} * 4u + ${e}u, arrayLength(&${buf}) - 1u)], ${chunk} * 4u + ${e}u < ${width}u)`;
   return `vec4<f32>(${range(4).map(element).join(', ')})`;
 }
 
@@ -507,19 +507,24 @@ const VW = ${vw}u;`;
       }`;
     const pStore = rq.map(a => quads.map(q => range(4).map(e =>
         `ps[(4u * (tx + TX * ${q}u) + ${e}u) * (BR / 4u) + ${pStoreRow(a, q)}] = vec4<f32>(${
-            range(4).map(b => `s${4 * a + b}_${q}.${COMP[e]}`).join(', ')});`).join('\n    ')).join('\n    ')).join('\n    ');
+            range(4).map(b => `s${4 * a + b}_${q}.${COMP[e]}`).join(', ')});`)
+        .join('\n    ')).join('\n    ')).join('\n    ');
 
     const qkLoopOuter = `// S = Q K^T: per head-dim step, outer products of 4 rows x 4 keys.
     ${sInit}
-    for (var d = 0u; d < ${c.runtimeLoops ? 'u32(u.loopDQ4) * 4u' : `${headSteps}u`}; d += ${qkSteps}u) {
+    for (var d = 0u; d < ${c.runtimeLoops ? 'u32(u.loopDQ4) * 4u' : `${headSteps}u`};
+         d += ${qkSteps}u) {
       ${range(qkSteps).map(x => qkStep(x === 0 ? 'd' : `d + ${x}u`)).join('\n      ')}
     }`;
     const pvLoopOuter = `// O += P V: per key, outer products of 4 rows x 4 output columns.
-    for (var key = 0u; key < ${c.runtimeLoops ? 'u32(u.loopBC4) * 4u' : 'BC'}; key += ${pvUnroll}u) {
-      ${!hoistSwizzle ? '' : rq.map(a => `let pr${a} = (ty + TY * ${a}u) ^ ((key >> 2u) & ${pSwizzleMask & ~(pvUnroll / 4 - 1)}u);`).join(' ')}
+    for (var key = 0u; key < ${c.runtimeLoops ? 'u32(u.loopBC4) * 4u' : 'BC'};
+         key += ${pvUnroll}u) {
+      ${!hoistSwizzle ? '' : rq.map(a => `let pr${a} = (ty + TY * ${a}u) ^ ((key >> 2u) & ${
+          pSwizzleMask & ~(pvUnroll / 4 - 1)}u);`).join(' ')}
       ${range(pvUnroll).map(x => pvStep(x === 0 ? 'key' : `key + ${x}u`, x)).join('\n      ')}
     }`;
-    const regDecls = prefetch ? `${range(nKLoads).map(n => `var kr${n} = vec4<f32>(0.0);`).join(' ')}
+    const regDecls = prefetch ? `${
+        range(nKLoads).map(n => `var kr${n} = vec4<f32>(0.0);`).join(' ')}
   ${range(nVLoads).map(n => `var vr${n} = vec4<f32>(0.0);`).join(' ')}` : '';
     // Like the classic loop: K^T and V take turns in one buffer.
     const outerLoop = `${regDecls}
@@ -554,18 +559,21 @@ const VW = ${vw}u;`;
     return {outerDecls, outerQLoad, outerLoop};
   }
 
-  const sInit = `${rowsI.map(i => quads.map(q => `var s${i}_${q} = vec4<f32>(0.0);`).join(' ')).join('\n    ')}`;
+  const sInit = rowsI.map(i => quads.map(q => `var s${i}_${q} = vec4<f32>(0.0);`).join(' '))
+                    .join('\n    ');
   const softmaxCode = `// Scores, then the online softmax. Only tiles that cross the edge of
     // the keys or of the window need the mask.
     let fullTile = j0 + i32(BC) <= u.seqK
         ${c.score.windowRight ? '&& j0 + i32(BC) - 1 <= r0 + sp.diag + u.right' : ''}
         ${c.score.windowLeft ? '&& j0 >= rEnd - 1 + sp.diag - u.left' : ''};
-    ${plainScale ? rowsI.map(i => quads.map(q => `s${i}_${q} = s${i}_${q} * u.scale;`).join(' ')).join('\n    ') : ''}
+    ${!plainScale ? '' : rowsI.map(i => quads.map(q => `s${i}_${q} = s${i}_${q} * u.scale;`)
+                                            .join(' ')).join('\n    ')}
     ${scoreLines.filter(l => !l.startsWith('if')).join('\n    ')}
     if (!fullTile) {
       ${scoreLines.filter(l => l.startsWith('if')).map(l => l.slice(3)).join('\n      ')}
     }
-    ${rowsI.map(i => `var mx${i} = ${maxAll(quads.flatMap(q => COMP.map(x => `s${i}_${q}.${x}`)))};`).join('\n    ')}
+    ${rowsI.map(i => `var mx${i} = ${
+        maxAll(quads.flatMap(q => COMP.map(x => `s${i}_${q}.${x}`)))};`).join('\n    ')}
     ${rowReduce(rowsI.map(i => `mx${i}`), 'max')}
     ${rowsI.map(i => `{
       let mNew = max(m${i}, mx${i});
@@ -577,7 +585,9 @@ const VW = ${vw}u;`;
       ${quads.map(q => `s${i}_${q} = exp(s${i}_${q} - vec4<f32>(mUse));`).join('\n      ')}
       l${i} = l${i} * alpha${quads.map(q => ` + dot(s${i}_${q}, vec4<f32>(1.0))`).join('')};
       ${outJ.map(jj => `o${i}_${jj} = o${i}_${jj} * alpha;`).join(' ')}
-      ${c.dropout ? quads.map(q => `s${i}_${q} = s${i}_${q} * fa_dropout4(u32(b), u32(h), u32(row${i}), u32(j0 >> 2u) + tx + TX * ${q}u, vec2<u32>(u.seedLo, u.seedHi), u.threshold, u.keepScale);`).join('\n      ') : ''}
+      ${!c.dropout ? '' : quads.map(q => `s${i}_${q} = s${i}_${q} * fa_dropout4(u32(b), u32(h), u32(row${
+          i}), u32(j0 >> 2u) + tx + TX * ${q}u, vec2<u32>(u.seedLo, u.seedHi), u.threshold, ${
+          ''}u.keepScale);`).join('\n      ')}
     }`).join('\n    ')}`;
   const classicDecls = `var<workgroup> qs: array<vec4<f32>, ${br * dq4}>;
 var<workgroup> kvs: array<vec4<f32>, ${bc * kvStride}>;
@@ -598,7 +608,8 @@ var<workgroup> ps: array<vec4<f32>, ${br * bc / 4}>;
     }
   }`;
   const classicKeyOffsets = `// Key offsets (swizzled) of this thread's columns in workgroup memory.
-  ${quads.map(q => range(4).map(e => `let kOff${q}_${e} = ${colOf(q, e)} * KVW;`).join(' ')).join('\n  ')}
+  ${quads.map(q => range(4).map(e => `let kOff${q}_${e} = ${colOf(q, e)} * KVW;`).join(' '))
+        .join('\n  ')}
   ${quadCols ? quads.map(q => `let kSw${q} = (tx + TX * ${q}u) & ${swm}u;`).join('\n  ') : ''}`;
   const classicLoop = `${prologueK}
 
@@ -619,7 +630,8 @@ var<workgroup> ps: array<vec4<f32>, ${br * bc / 4}>;
     ${storeV}
     ${rowsI.map(i => quads.map(q => quadCols ?
         `ps[(ty + TY * ${i}u) * (BC / 4u) + tx + TX * ${q}u] = s${i}_${q};` :
-        range(4).map(e => `{ let f = (ty + TY * ${i}u) * BC + ${colOf(q, e)}; ps[f / 4u][f % 4u] = s${i}_${q}.${COMP[e]}; }`).join(' ')).join('\n    ')).join('\n    ')}
+        range(4).map(e => `{ let f = (ty + TY * ${i}u) * BC + ${colOf(q, e)}; ps[f / 4u][f % 4u] = s${
+            i}_${q}.${COMP[e]}; }`).join(' ')).join('\n    ')).join('\n    ')}
     ${nextK}
     workgroupBarrier();
 
@@ -629,11 +641,13 @@ var<workgroup> ps: array<vec4<f32>, ${br * bc / 4}>;
       ${range(4).map(e => `{
         let vo = (4u * cc + ${e}u) * KVW + tx;
         ${outJ.map(jj => `let v${jj} = kvs[vo + ${jj * t.tx}u];`).join('\n        ')}
-        ${rowsI.map(i => outJ.map(jj => `o${i}_${jj} += p${i}.${COMP[e]} * v${jj};`).join(' ')).join('\n        ')}
+        ${rowsI.map(i => outJ.map(jj => `o${i}_${jj} += p${i}.${COMP[e]} * v${jj};`).join(' '))
+              .join('\n        ')}
       }`).join('\n      ')}
     }
   }`;
-  const {outerDecls, outerQLoad, outerLoop} = outer ? outerParts() : {outerDecls: '', outerQLoad: '', outerLoop: ''};
+  const {outerDecls, outerQLoad, outerLoop} =
+      outer ? outerParts() : {outerDecls: '', outerQLoad: '', outerLoop: ''};
 
   return `${c.subgroups ? 'enable subgroups;' : ''}
 ${scoreWGSL(c.score)}
@@ -683,7 +697,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   var sp: FaScore;
   sp.scale = u.scale;
   sp.softcap = u.softcap;
-  sp.slope = ${c.alibiMode === 0 ? '0.0' : c.alibiMode === 1 ? 'slopes[h]' : 'slopes[b * u.heads + h]'};
+  sp.slope = ${['0.0', 'slopes[h]', 'slopes[b * u.heads + h]'][c.alibiMode]};
   sp.diag = u.seqK - u.seqQ;
   sp.left = u.left;
   sp.right = u.right;
@@ -706,7 +720,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
 
   ${outer ? outerLoop : classicLoop}
   // Row sums over the TX threads of each row, then the outputs.
-  ${rowReduce(rowsI.map(i => `l${i}`), 'add').replace(/workgroupBarrier\(\);/, 'workgroupBarrier();')}
+  ${rowReduce(rowsI.map(i => `l${i}`), 'add')}
   ${rowsI.map(i => `if (row${i} < u.seqQ) {
     let inv = select(0.0, 1.0 / l${i}, l${i} > 0.0);
     let outRow = u32(split * u.splitRows + (b * u.seqQ + row${i}) * u.heads + h);
@@ -715,7 +729,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
       if (ch < DV4) {
         let val = o${i}_${jj} * inv;
         ${vecV ? 'outb[outRow * DV4 + ch] = val;' :
-                 range(4).map(e => `if (ch * 4u + ${e}u < ${c.headDimV}u) { outb[outRow * ${c.headDimV}u + ch * 4u + ${e}u] = val.${COMP[e]}; }`).join('\n        ')}
+                 range(4).map(e => `if (ch * 4u + ${e}u < ${c.headDimV}u) { outb[outRow * ${
+                     c.headDimV}u + ch * 4u + ${e}u] = val.${COMP[e]}; }`).join('\n        ')}
       }
     }`).join('\n    ')}
     if (tx == 0u) {
