@@ -96,16 +96,17 @@ export function planForward(device: GPUDevice, headDim: number, headDimV: number
 
 /**
  * Split-KV factor for a grid of `groups` query-tile workgroups over `seqK`
- * keys in tiles of `bc`: enough splits to reach SPLIT_TARGET_GROUPS, none
- * shorter than MIN_TILES_PER_SPLIT tiles.
+ * keys in tiles of `bc`: enough splits to reach `target` workgroups, none
+ * shorter than MIN_TILES_PER_SPLIT tiles; 1 (no split) when `target` is 0.
  */
-export function planSplits(groups: number, seqK: number, bc: number): number {
+export function planSplits(groups: number, seqK: number, bc: number,
+                           target = SPLIT_TARGET_GROUPS): number {
   const override = getForwardOverride();
   if (override?.splits != null) {
     return override.splits;
   }
   const keyTiles = Math.ceil(seqK / bc);
-  const wanted = Math.ceil(SPLIT_TARGET_GROUPS / Math.max(1, groups));
+  const wanted = Math.ceil(target / Math.max(1, groups));
   return Math.max(1, Math.min(wanted, Math.floor(keyTiles / MIN_TILES_PER_SPLIT), MAX_SPLITS));
 }
 

@@ -50,10 +50,13 @@ export const REGISTER_BUDGET = 160;
 
 /**
  * Split-KV: below this many query-tile workgroups, the key range of each
- * query tile is divided among several workgroups (an H100 has 132 SMs,
- * each running several forward workgroups at once).
+ * query tile would be divided among several workgroups. 0: never. On the
+ * H100 every short-sequence row measured slower with splits than without
+ * (benchmarks/RESULTS.md, issue 14): those rows are bound by the
+ * JavaScript and Dawn cost of each dispatch, which the combine pass adds
+ * to, not by idle SMs. Tests and benchmarks force splits (splits below).
  */
-export const SPLIT_TARGET_GROUPS = 1024;
+export const SPLIT_TARGET_GROUPS = 0;
 /** Key tiles per split at least: each split pays a Q load and a combine. */
 export const MIN_TILES_PER_SPLIT = 2;
 export const MAX_SPLITS = 16;
