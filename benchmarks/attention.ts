@@ -8,7 +8,7 @@
  *       [--seqs 512,1024,...,16384] [--causal both|true|false]
  *       [--impls fused,composed] [--composed-max-seq 8192]
  *       [--variants "tm,tx,nq,ty;..."] [--torch torch.json] [--out DIR]
- *       [--budget-ms 600] [--warmup-ms 300] [--check]
+ *       [--budget-ms 600] [--warmup-ms 300] [--max-warmup-ms 300] [--check]
  *       [--shapes "B,H,Hk,S;..."] [--grad-variants "bc,br,qbr,qbc;..."]
  *   node attention.mjs --sweep [--torch torch.json] [--out DIR]
  *
@@ -18,6 +18,9 @@
  * of larger S does not fit). It prints the issue's ratio table (fused /
  * composed / PyTorch SDPA) last. `python3 torch_sdpa.py --sweep` measures
  * the same rows for --torch.
+ *
+ * Warm-up: --warmup-ms of GPU work before each row, then on until two
+ * repetitions agree within 5%, up to --max-warmup-ms (1500 under --sweep).
  *
  * --shapes adds problems beyond the B x H x S grid (GQA when Hk < H);
  * --grad-variants forces the backward's tiles (dK/dV keys, rows per step;
@@ -53,6 +56,8 @@ interface Args {
   budgetMs: number;
   /** GPU busy time before each row's timing (clocks ramp up). */
   warmupMs: number;
+  /** Warm-up continues past warmupMs until timings settle, up to this. */
+  maxWarmupMs: number;
   check: boolean;
   batch: number;
   heads: number;
@@ -105,6 +110,7 @@ function parseArgs(argv: string[]): Args {
     out: get('out', 'benchmarks/out'),
     budgetMs: Number(get('budget-ms', sweep ? '120' : '600')),
     warmupMs: Number(get('warmup-ms', '300')),
+    maxWarmupMs: Number(get('max-warmup-ms', sweep ? '1500' : get('warmup-ms', '300'))),
     check: argv.includes('--check'),
     batch: Number(get('batch', '1')),
     heads: Number(get('heads', '16')),
@@ -197,7 +203,8 @@ function emptyPool(b: Bench): void {
 
 async function measure(
     b: Bench, run: () => unknown, budgetMs: number,
-    warmupMs = 0): Promise<{ms: number, peakMiB: number, reps: number, cpuMs: number}> {
+    warmupMs = 0,
+    maxWarmupMs = warmupMs): Promise<{ms: number, peakMiB: number, reps: number, cpuMs: number}> {
   const {tf} = b;
   const once = () => tf.dispose(run() as import("@tensorflow/tfjs-core").Tensor[]);
   // First call: compiles and uploads the inputs; the second measures peak
@@ -214,15 +221,24 @@ async function measure(
   await sync(b);
   const est = Math.max(performance.now() - t0, 0.005);
   const k = Math.max(1, Math.min(200, Math.ceil(20 / est)));
-  // Keep the GPU busy for a while first: after the CPU-side input setup
-  // the GPU has idled and its clocks come back slowly (the first row of
-  // each shape measured 1.5-7x slow in session 3 without this).
+  // Keep the GPU busy first: after the CPU-side input setup the GPU has
+  // idled and its clocks come back slowly (in the issue 14 sweep one plan
+  // measured 2x apart in one process after a short fixed warm-up). Warm up
+  // for warmupMs, then on until two consecutive repetitions agree within
+  // 5% (at most maxWarmupMs).
   const w0 = performance.now();
-  while (performance.now() - w0 < warmupMs) {
+  let last = Infinity;
+  while (performance.now() - w0 < maxWarmupMs) {
+    const r0 = performance.now();
     for (let i = 0; i < k; i++) {
       once();
     }
     await sync(b);
+    const perCall = (performance.now() - r0) / k;
+    if (performance.now() - w0 >= warmupMs && Math.abs(perCall - last) <= 0.05 * last) {
+      break;
+    }
+    last = perCall;
   }
   const reps = Math.max(3, Math.min(30, Math.floor(budgetMs / (k * est))));
   const times: number[] = [];
@@ -414,7 +430,7 @@ async function main(): Promise<void> {
                 device.pushErrorScope('out-of-memory');
                 device.pushErrorScope('validation');
                 const dispatches = forwardStats.dispatches;
-                const m = await measure(bench, run, args.budgetMs, args.warmupMs);
+                const m = await measure(bench, run, args.budgetMs, args.warmupMs, args.maxWarmupMs);
                 if (impl === 'fused' && forwardStats.dispatches === dispatches) {
                   throw new Error('the fused forward did not run');
                 }
