@@ -8,7 +8,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 
-import {FlashMHAArgs, flashMHA} from '../src/layers';
+import {FlashMHAArgs, flashMHA, IncrementalDecoder} from '../src/layers';
 
 export interface GPTConfig {
   vocabSize: number;
@@ -214,16 +214,54 @@ export async function generate(model: tfl.LayersModel, tokenizer: CharTokenizer,
     });
     const p = await probs.data();
     probs.dispose();
-    let r = random();
-    let next = p.length - 1;
-    for (let i = 0; i < p.length; i++) {
-      r -= p[i];
-      if (r <= 0) {
-        next = i;
-        break;
-      }
+    ids.push(sampleIndex(p, random));
+  }
+  return tokenizer.decode(ids);
+}
+
+/** An index drawn from probabilities `p`. */
+function sampleIndex(p: ArrayLike<number>, random: () => number): number {
+  let r = random();
+  for (let i = 0; i < p.length; i++) {
+    r -= p[i];
+    if (r <= 0) {
+      return i;
     }
-    ids.push(next);
+  }
+  return p.length - 1;
+}
+
+/**
+ * `generate` with KV caches: the prompt goes through the model once, then
+ * each new character alone (IncrementalDecoder), its attention reading the
+ * earlier characters' keys and values from the caches. The model must be
+ * built from causal FlashMHA layers (buildGPT). Same sampling as
+ * `generate`; `prompt.length + length` characters at most are attended.
+ */
+export async function generateWithCache(model: tfl.LayersModel, tokenizer: CharTokenizer, prompt: string,
+                                        length: number, random: () => number, temperature = 0.8): Promise<string> {
+  const ids = Array.from(tokenizer.encode(prompt));
+  const decoder = new IncrementalDecoder(model, {batch: 1, maxSeqLen: ids.length + length});
+  try {
+    let input = tf.tensor2d([ids], [1, ids.length], 'int32');
+    for (let n = 0; n < length; n++) {
+      const feed = input;
+      const probs = tf.tidy(() => {
+        const logits = decoder.step(feed);
+        const steps = logits.shape[1]!;
+        const last = tf.slice(logits, [0, steps - 1, 0], [1, 1, tokenizer.vocabSize]);
+        return tf.softmax(tf.div(tf.reshape(last, [-1]), temperature));
+      });
+      feed.dispose();
+      const p = await probs.data();
+      probs.dispose();
+      const next = sampleIndex(p, random);
+      ids.push(next);
+      input = tf.tensor2d([[next]], [1, 1], 'int32');
+    }
+    input.dispose();
+  } finally {
+    decoder.dispose();
   }
   return tokenizer.decode(ids);
 }

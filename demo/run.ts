@@ -8,12 +8,13 @@ import * as fs from 'fs';
 import * as path from 'path';
 
 import * as tf from '@tensorflow/tfjs-core';
+import type * as tfl from '@tensorflow/tfjs-layers';
 
 import {composedMHA} from '../benchmarks/composed_mha';
 import {flashMHA} from '../src/layers';
 
 import {BackendChoice, useBestBackend} from './backend';
-import {buildGPT, CharTokenizer, generate, GPTConfig, median, sampleBatch, seededRandom, trainableVariables, trainStep} from './gpt';
+import {buildGPT, CharTokenizer, generate, generateWithCache, GPTConfig, median, sampleBatch, seededRandom, trainableVariables, trainStep} from './gpt';
 import {lineChartSvg} from './plot';
 
 export interface DemoConfig extends Omit<GPTConfig, 'vocabSize'> {
@@ -68,6 +69,7 @@ export interface DemoResult {
   compareLoss: {flash: number, composed: number};
   sample: string;
   files: {svg: string, sample: string};
+  generation: GenerationComparison;
 }
 
 function progressBar(fraction: number, width = 24): string {
@@ -177,12 +179,55 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
   write(`sample:\n${sample}\n`);
   write(`wrote ${svgPath} and ${samplePath}\n`);
 
+  const generation = await compareGeneration(model, tokenizer, config.seqLen, write);
+
   runs.forEach(r => r.optimizer.dispose());
   model.dispose();
   composed.dispose();
   return {
     backend, config, losses, flashStepMs, composedStepMs, speedup, tokensPerSecond,
     compareLoss: {flash: runs[0].losses[runs[0].losses.length - 1], composed: runs[1].losses[runs[1].losses.length - 1]},
-    sample, files: {svg: svgPath, sample: samplePath},
+    sample, files: {svg: svgPath, sample: samplePath}, generation,
   };
+}
+
+export interface GenerationComparison {
+  tokens: number;
+  cachedTokensPerSecond: number;
+  uncachedTokensPerSecond: number;
+  /** Did both draw the same characters (same seed)? */
+  sameText: boolean;
+  text: string;
+}
+
+/**
+ * The demo's last part: generates a context's worth of characters with the
+ * KV caches (flashAttentionWithKVCache through FlashMHA.decode) and without
+ * (the whole prefix through the model per character), same seed, and
+ * prints tokens/s of both.
+ */
+async function compareGeneration(model: tfl.LayersModel, tokenizer: CharTokenizer, context: number,
+                                 write: (text: string) => void): Promise<GenerationComparison> {
+  const prompt = 'Alice ';
+  const tokens = Math.max(1, context - prompt.length);
+  write(`generating ${tokens} characters with and without the KV cache\n`);
+  // Compile and warm both paths on a few characters first.
+  await generateWithCache(model, tokenizer, prompt, 2, seededRandom(7));
+  await generate(model, tokenizer, prompt, 2, context, seededRandom(7));
+  let t0 = performance.now();
+  const text = await generateWithCache(model, tokenizer, prompt, tokens, seededRandom(99));
+  const cachedSeconds = (performance.now() - t0) / 1000;
+  t0 = performance.now();
+  const uncachedText = await generate(model, tokenizer, prompt, tokens, context, seededRandom(99));
+  const uncachedSeconds = (performance.now() - t0) / 1000;
+  const result = {
+    tokens, cachedTokensPerSecond: tokens / cachedSeconds, uncachedTokensPerSecond: tokens / uncachedSeconds,
+    sameText: text === uncachedText, text,
+  };
+  write(`generation: ${result.cachedTokensPerSecond.toFixed(1)} tokens/s with the KV cache, ${
+      result.uncachedTokensPerSecond.toFixed(1)} tokens/s without (${
+      (result.cachedTokensPerSecond / result.uncachedTokensPerSecond).toFixed(2)}x); same text: ${
+      result.sameText ? 'yes' : 'no (float rounding changed a draw)'}\n`);
+  write(`generated with the cache:\n${text}\n`);
+  return result;
 }

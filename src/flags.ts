@@ -12,8 +12,12 @@ export const FLASH_ATTENTION_REFERENCE_BLOCK_ELEMENTS =
 
 export type FlashAttentionImpl = 'auto'|'fused'|'reference';
 const IMPLS: readonly FlashAttentionImpl[] = ['auto', 'fused', 'reference'];
-/** 2^20 float32 scores = 4 MiB per block tensor. */
-const DEFAULT_BLOCK_ELEMENTS = 1 << 20;
+/**
+ * 2^19 float32 scores = 2 MiB per block tensor. A masked block holds about
+ * three such tensors at once (scores, the broadcast mask and fill of
+ * tf.where, its result), so the peak stays well under a score tensor.
+ */
+const DEFAULT_BLOCK_ELEMENTS = 1 << 19;
 
 function environmentVariable(name: string): string|undefined {
   // `process` is absent in browsers; bundlers may also stub it.

@@ -7,6 +7,8 @@
 import * as tf from '@tensorflow/tfjs-core';
 
 import {flashAttentionGradConfig} from '../gradients/flash_attention_grad';
+
+import {flashAttentionKVCacheGradConfig} from './ops_kv_cache';
 // Fused WebGPU kernels (registered for the backend named 'webgpu').
 import '../kernels/webgpu/register';
 
@@ -26,5 +28,12 @@ export {FlashAttentionError} from './errors';
 export type {FlashAttentionKVPackedOp, FlashAttentionOp, FlashAttentionQKVPackedOp, FlashAttentionResult} from './ops';
 export {flashAttention, flashAttentionKVPacked, flashAttentionQKVPacked} from './ops';
 export {version} from './version';
+export type {FlashAttentionWithKVCacheOp, FlashAttentionWithKVCacheOptions} from './ops_kv_cache';
+export {flashAttentionWithKVCache, KV_CACHE_OPTION_SPECS} from './ops_kv_cache';
+export type {KVCacheArgs, KVCacheAttendOptions} from './kv_cache';
+export {KVCache} from './kv_cache';
+export type {FlashAttentionKVCacheAttrs} from './kernel_names';
+export {FlashAttentionKVCache} from './kernel_names';
 
 tf.registerGradient(flashAttentionGradConfig);
+tf.registerGradient(flashAttentionKVCacheGradConfig);

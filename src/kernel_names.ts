@@ -54,3 +54,15 @@ export interface FlashAttentionAttrs {
   seedLo: number;
   seedHi: number;
 }
+
+/**
+ * Inference-only attention over a KV cache (flash_attn_with_kvcache).
+ * Inputs: q, kCache, vCache, optional k, v (new rows, appended in place at
+ * `cacheSeqlens`) and alibiSlopes. Outputs: `[out, softmaxLse]`.
+ */
+export const FlashAttentionKVCache = 'FlashAttentionKVCache';
+
+export interface FlashAttentionKVCacheAttrs extends FlashAttentionAttrs {
+  /** Valid cache rows per batch row before this call's new keys. */
+  cacheSeqlens: number[];
+}

@@ -404,6 +404,25 @@ describeBrowser(`in headless Chromium with WebGPU on SwiftShader [${PATH_NOTE}]`
        });
   });
 
+  it('the demo page generates text with the KV cache, the same as without', async () => {
+    const {page, errors} = await openPage(server.url);
+    try {
+      expect(await page.evaluate(() => (window as any).flashAttentionDemo.ready)).toBe(true);
+      await page.fill('#gen-context', '6');
+      await page.fill('#gen-tokens', '2');
+      await page.click('#generate');
+      await page.waitForSelector('#gen-status[data-state=done], #gen-status[data-state=error]',
+                                 {timeout: 240000});
+      expect(await page.textContent('#gen-status')).toBe('done');
+      expect(await page.textContent('#gen-result'))
+          .toMatch(/tokens\/s with the KV cache, [\d.]+ tokens\/s without .*same text both ways: yes/);
+      expect(await page.textContent('#gen-text')).toHaveLength(2);
+      expect(errors).toEqual([]);
+    } finally {
+      await page.close();
+    }
+  });
+
   it('the demo says clearly that WebGPU is missing where it is', async () => {
     const {page, errors} = await openPage(server.url, () => {
       delete (Navigator.prototype as {gpu?: unknown}).gpu;

@@ -212,3 +212,76 @@ export function oracleBackward(
   }
   return {dq, dk, dv: dvOut};
 }
+
+/**
+ * Rotary embedding of `x [B, S, H, D]` in float64: row (b, s) is rotated
+ * by the angles of table row `positions[b * S + s]` (`cos`, `sin`:
+ * `[Sro, half]`), the first `2 * half` features only; `interleaved` pairs
+ * (2i, 2i+1), else (i, i + half).
+ */
+export function oracleRotary(
+    x: Float64Array, shape: readonly number[], cos: Float64Array, sin: Float64Array,
+    half: number, positions: readonly number[], interleaved: boolean): Float64Array {
+  const [batch, seq, heads, d] = shape;
+  const y = Float64Array.from(x);
+  for (let b = 0; b < batch; b++) {
+    for (let s = 0; s < seq; s++) {
+      const pos = positions[b * seq + s];
+      for (let h = 0; h < heads; h++) {
+        const base = ((b * seq + s) * heads + h) * d;
+        for (let i = 0; i < half; i++) {
+          const [i1, i2] = interleaved ? [2 * i, 2 * i + 1] : [i, i + half];
+          const c = cos[pos * half + i];
+          const sn = sin[pos * half + i];
+          y[base + i1] = x[base + i1] * c - x[base + i2] * sn;
+          y[base + i2] = x[base + i2] * c + x[base + i1] * sn;
+        }
+      }
+    }
+  }
+  return y;
+}
+
+/**
+ * flash_attn_with_kvcache in float64: batch row b attends over its first
+ * `cacheSeqlens[b]` cache rows followed by its new rows. Caches are
+ * `[B, Smax, Hk, D|Dv]`, new rows `[B, Snew, Hk, D|Dv]` (already rotated),
+ * q already rotated. `alibiSlopes` as in OracleProblem.
+ */
+export function oracleKVCache(
+    dims: {batch: number, seqQ: number, seqMax: number, seqNew: number, heads: number,
+           headsKV: number, headDim: number, headDimV: number},
+    q: Float64Array, kCache: Float64Array, vCache: Float64Array, kNew: Float64Array|null,
+    vNew: Float64Array|null, cacheSeqlens: readonly number[],
+    alibiSlopes: Float64Array|null, o: OracleOptions): OracleForward {
+  const {batch, seqQ, seqMax, seqNew, heads, headsKV, headDim: d, headDimV: dv} = dims;
+  const out = new Float64Array(batch * seqQ * heads * dv);
+  const lse = new Float64Array(batch * heads * seqQ);
+  for (let b = 0; b < batch; b++) {
+    const len = cacheSeqlens[b];
+    const seqK = len + seqNew;
+    const rows = (cache: Float64Array, fresh: Float64Array|null, width: number) => {
+      const r = new Float64Array(seqK * headsKV * width);
+      const rowSize = headsKV * width;
+      r.set(cache.subarray(b * seqMax * rowSize, (b * seqMax + len) * rowSize));
+      if (fresh != null) {
+        r.set(fresh.subarray(b * seqNew * rowSize, (b + 1) * seqNew * rowSize), len * rowSize);
+      }
+      return r;
+    };
+    const slopes = alibiSlopes == null ? null :
+        alibiSlopes.length === heads ? alibiSlopes :
+                                       alibiSlopes.subarray(b * heads, (b + 1) * heads);
+    const qRow = q.subarray(b * seqQ * heads * d, (b + 1) * seqQ * heads * d);
+    const result = seqK === 0 ?
+        {out: new Float64Array(seqQ * heads * dv),
+         lse: new Float64Array(heads * seqQ).fill(-Infinity)} :
+        oracleForward({
+          batch: 1, seqQ, seqK, heads, headsKV, headDim: d, headDimV: dv, q: qRow,
+          k: rows(kCache, kNew, d), v: rows(vCache, vNew, dv), alibiSlopes: slopes,
+        }, o);
+    out.set(result.out, b * seqQ * heads * dv);
+    lse.set(result.lse, b * heads * seqQ);
+  }
+  return {out, lse};
+}

@@ -347,3 +347,97 @@ export class UniformWriter {
     return this.bytes.slice(0, Math.max(16, Math.ceil(this.offset / 16) * 16));
   }
 }
+
+/** A buffer-to-buffer copy between tensors, in bytes (multiples of 4). */
+export interface OwnCopy {
+  src: tf.TensorInfo;
+  srcOffset: number;
+  dst: tf.TensorInfo;
+  dstOffset: number;
+  size: number;
+}
+
+/** Private fields of tfjs-backend-webgpu 4.x that recordOwnPipeline uses. */
+interface BackendEncoderState {
+  commandEncoder: GPUCommandEncoder;
+  commandQueueOwnedIds: WeakSet<object>;
+  uniformPendingDisposal: GPUBuffer[];
+}
+
+/**
+ * Like runOwnPipeline, but records into tfjs's own command encoder instead
+ * of submitting: no queue submit of our own (a submit costs milliseconds
+ * on some drivers, too much for a decode step made of small dispatches).
+ * `copies` are recorded first, so a step can write into an existing
+ * tensor (e.g. append to a cache variable) and read it in the same
+ * encoder. Every tensor touched is marked as owned by the pending command
+ * queue, so tfjs defers the reuse of its buffer until tfjs submits.
+ */
+export function recordOwnPipeline(
+    backend: WebGPUBackend, spec: OwnPipelineSpec, run: OwnRun,
+    copies: OwnCopy[] = []): tf.TensorInfo[] {
+  tf.util.assert(run.inputs.length === spec.numInputs,
+                 () => `${spec.key}: expected ${spec.numInputs} inputs, got ${run.inputs.length}`);
+  tf.util.assert(run.outputs.length === spec.numOutputs,
+                 () => `${spec.key}: expected ${spec.numOutputs} outputs, got ${run.outputs.length}`);
+  tf.util.assert(spec.hasUniforms === (run.uniforms != null),
+                 () => `${spec.key}: uniforms ${spec.hasUniforms ? 'missing' : 'not expected'}`);
+  const device = backend.device;
+  const entry = getPipeline(device, spec);
+  if (entry.error != null) {
+    throw entry.error;
+  }
+  const maxDim = device.limits.maxComputeWorkgroupsPerDimension;
+  run.dispatch.forEach(n => tf.util.assert(
+      Number.isInteger(n) && n >= 1 && n <= maxDim,
+      () => `${spec.key}: dispatch ${run.dispatch} outside [1, ${maxDim}]`));
+  const outputs = run.outputs.map(o => backend.makeTensorInfo(o.shape, o.dtype));
+  const state = backend as unknown as BackendEncoderState;
+  try {
+    const tensors = [...run.inputs, ...outputs];
+    const buffers = tensors.map(t => gpuBufferOf(backend, t));
+    const copyBuffers =
+        copies.map(c => [gpuBufferOf(backend, c.src), gpuBufferOf(backend, c.dst)]);
+    backend.ensureCommandEncoderReady();
+    backend.endComputePassEncoder();
+    const encoder = state.commandEncoder;
+    copies.forEach((c, n) => {
+      encoder.copyBufferToBuffer(
+          copyBuffers[n][0], c.srcOffset, copyBuffers[n][1], c.dstOffset, c.size);
+      state.commandQueueOwnedIds.add(c.src.dataId);
+      state.commandQueueOwnedIds.add(c.dst.dataId);
+    });
+    if (poisonOutputs) {
+      // Fresh buffers: no pending work uses them, so writing now is safe.
+      for (const b of buffers.slice(run.inputs.length)) {
+        device.queue.writeBuffer(b, 0, new Float32Array(b.size / 4).fill(NaN));
+      }
+    }
+    const entries: GPUBindGroupEntry[] =
+        buffers.map((buffer, binding) => ({binding, resource: {buffer}}));
+    if (run.uniforms != null) {
+      const size = Math.max(16, Math.ceil(run.uniforms.byteLength / 16) * 16);
+      const uniformBuffer = backend.bufferManager.acquireBuffer(
+          size, GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST);
+      device.queue.writeBuffer(uniformBuffer, 0, run.uniforms);
+      // tfjs releases it after its next submit, as it does its own uniforms.
+      state.uniformPendingDisposal.push(uniformBuffer);
+      entries.push({binding: buffers.length, resource: {buffer: uniformBuffer}});
+    }
+    pushScopes(device);
+    const bindGroup = device.createBindGroup({layout: entry.layout, entries});
+    const pass = encoder.beginComputePass();
+    pass.setPipeline(entry.pipeline);
+    pass.setBindGroup(0, bindGroup);
+    pass.dispatchWorkgroups(...run.dispatch);
+    pass.end();
+    watchScopes(device, `dispatch of '${spec.label ?? spec.key}'`, e => {
+      entry.error = entry.error ?? e;
+    });
+    tensors.forEach(t => state.commandQueueOwnedIds.add(t.dataId));
+  } catch (e) {
+    outputs.forEach(o => backend.disposeData(o.dataId));
+    throw e;
+  }
+  return outputs;
+}

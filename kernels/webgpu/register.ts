@@ -5,6 +5,7 @@
  */
 import {registerFusedKernel} from '../../src/dispatch';
 
+import {flashDecodeWebGPUConfig, supportsFlashDecodeWebGPU} from './flash_decode';
 import {flashAttentionWebGPUConfig, supportsFlashAttentionWebGPU} from './flash_attention';
 import {registerFlashAttentionGradWebGPU} from './FlashAttentionGrad';
 
@@ -12,3 +13,5 @@ registerFusedKernel(flashAttentionWebGPUConfig, supportsFlashAttentionWebGPU);
 // The fused backward (FlashAttentionGrad): used by the registered gradient
 // of FlashAttention, whichever forward ran.
 registerFlashAttentionGradWebGPU();
+// Decoding over a KV cache (flashAttentionWithKVCache), inference only.
+registerFusedKernel(flashDecodeWebGPUConfig, supportsFlashDecodeWebGPU);

@@ -11,7 +11,7 @@ import type {Initializer, InitializerIdentifier} from '@tensorflow/tfjs-layers/d
 import type {Shape} from '@tensorflow/tfjs-layers/dist/keras_format/common';
 import type {Regularizer, RegularizerIdentifier} from '@tensorflow/tfjs-layers/dist/regularizers';
 import type {Kwargs} from '@tensorflow/tfjs-layers/dist/types';
-import {attentionOptionSpec, checkOptions, FlashAttentionError, flashAttention, MAX_HEAD_DIM} from 'tfjs-flash-attention';
+import {attentionOptionSpec, checkOptions, FlashAttentionError, flashAttention, KVCache, MAX_HEAD_DIM} from 'tfjs-flash-attention';
 import type {OptionSpec} from 'tfjs-flash-attention';
 
 import {alibiSlopes} from './alibi';
@@ -342,6 +342,62 @@ export class FlashMHA extends tfl.layers.Layer {
       const training = kwargs['training'] === true;
       const out = this.attend(q, k, v, keyMask, training);
       return this.project(tf.reshape(out, [batch, seqQ, heads * headDim]), this.outProj!);
+    });
+  }
+
+  /**
+   * A KV cache for `decode` with this layer: `maxSeqLen` tokens of `batch`
+   * sequences. The caller owns it (dispose() it when generation ends).
+   */
+  createCache(batch: number, maxSeqLen: number): KVCache {
+    return new KVCache({batch, maxSeqLen, headsKV: this.numHeadsKV, headDim: this.headDim});
+  }
+
+  /**
+   * Incremental decoding: `x [B, Snew, embedDim]` holds the next tokens of
+   * each sequence; their keys and values are appended to `cache` (made by
+   * createCache) and the result equals rows `L .. L + Snew - 1` of `call`
+   * on the whole sequence so far (L = tokens cached before). Causal
+   * self-attention only (a non-causal layer's earlier outputs depend on
+   * later tokens); inference only (no dropout, no key padding mask).
+   */
+  decode(x: tf.Tensor, cache: KVCache): tf.Tensor3D {
+    if (!this.built) {
+      throw new Error('FlashMHA.decode: the layer is not built (apply it to an input or a model first)');
+    }
+    if (this.crossAttention || !this.causal) {
+      throw new Error(`FlashMHA.decode: needs causal self-attention, got causal=${this.causal}, crossAttention=${
+          this.crossAttention}`);
+    }
+    if (!(cache instanceof KVCache) || cache.headsKV !== this.numHeadsKV || cache.headDim !== this.headDim) {
+      throw new Error(`FlashMHA.decode: cache must be a KVCache from createCache (Hk = ${this.numHeadsKV}, D = ${
+          this.headDim})`);
+    }
+    if (x.rank !== 3 || x.shape[0] !== cache.batch || x.shape[2] !== this.embedDim) {
+      throw new Error(`FlashMHA.decode: x must have shape [batch = ${cache.batch}, Snew, embedDim = ${
+          this.embedDim}], got [${x.shape.join(', ')}]`);
+    }
+    return tf.tidy(() => {
+      const [batch, seqNew] = x.shape;
+      const {numHeads: heads, numHeadsKV: headsKV, headDim} = this;
+      const qkv = this.project(x, this.qkvProj!);
+      const [qFlat, kFlat, vFlat] = tf.split(qkv, [heads * headDim, headsKV * headDim, headsKV * headDim], 2);
+      const q = tf.reshape(qFlat, [batch, seqNew, heads, headDim]) as tf.Tensor4D;
+      const k = tf.reshape(kFlat, [batch, seqNew, headsKV, headDim]) as tf.Tensor4D;
+      const v = tf.reshape(vFlat, [batch, seqNew, headsKV, headDim]) as tf.Tensor4D;
+      let rotary = {};
+      if (this.rotaryEmbDim > 0) {
+        // The same tables as `call`, read at each token's position.
+        this.rotaryTables ??= new RotaryTables(this.rotaryEmbDim, this.rotaryEmbBase);
+        const [rotaryCos, rotarySin] = this.rotaryTables.get(cache.maxSeqLen);
+        rotary = {rotaryCos, rotarySin, rotaryInterleaved: this.rotaryEmbInterleaved};
+      }
+      const slopes = this.alibiSlopesTensor();
+      const out = cache.attend(q, k, v, {
+        causal: true, softmaxScale: this.softmaxScale, windowSize: this.windowSize, softcap: this.softcap,
+        ...(slopes == null ? {} : {alibiSlopes: slopes}), ...rotary,
+      });
+      return this.project(tf.reshape(out, [batch, seqNew, heads * headDim]), this.outProj!);
     });
   }
 

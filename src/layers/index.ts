@@ -16,3 +16,6 @@ export {loadMultiHeadAttentionWeights, MULTI_HEAD_ATTENTION_WEIGHT_NAMES} from '
 // (where no class of that name is registered yet).
 export type {MultiHeadAttentionArgs, MultiHeadAttentionCallArgs} from './multi_head_attention';
 export {MultiHeadAttention, registerMultiHeadAttention} from './multi_head_attention';
+// Incremental decoding (generation) of models built with FlashMHA.
+export type {DecodingLayer, IncrementalDecoderArgs} from './decoding';
+export {IncrementalDecoder, isDecodingLayer} from './decoding';

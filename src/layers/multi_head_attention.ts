@@ -24,7 +24,7 @@ import type {Initializer} from '@tensorflow/tfjs-layers/dist/initializers';
 import type {Shape} from '@tensorflow/tfjs-layers/dist/keras_format/common';
 import type {Regularizer} from '@tensorflow/tfjs-layers/dist/regularizers';
 import type {Kwargs} from '@tensorflow/tfjs-layers/dist/types';
-import {flashAttention, MAX_HEAD_DIM} from 'tfjs-flash-attention';
+import {flashAttention, KVCache, MAX_HEAD_DIM} from 'tfjs-flash-attention';
 
 import {kerasCausalMask, kerasMaskedAttention} from './keras_attention';
 import {checkDType, checkKnownKeys, describe, intList, kerasName, layerPrefix, positiveInt, resolveObject} from './keras_config';
@@ -494,6 +494,51 @@ export class MultiHeadAttention extends tfl.layers.Layer {
       }
     });
     return auto;
+  }
+
+  /**
+   * A KV cache for `decode` (`numHeads` kv heads of `keyDim` and
+   * `valueDim`). The caller owns it: dispose() it when generation ends.
+   */
+  createCache(batch: number, maxSeqLen: number): KVCache {
+    return new KVCache({batch, maxSeqLen, headsKV: this.numHeads, headDim: this.keyDim,
+                        headDimV: this.valueDim});
+  }
+
+  /**
+   * Incremental decoding of causal self-attention (query = value = key,
+   * `use_causal_mask=True`): `x [B, Snew, features]` are the next tokens;
+   * their keys and values are appended to `cache` and the result equals
+   * the last Snew rows of the call on the whole sequence. Inference only
+   * (no dropout, no masks); inputs of rank 3.
+   */
+  decode(x: tf.Tensor, cache: KVCache): tf.Tensor {
+    if (!this.built) {
+      throw new Error(`${layerPrefix(this.name)}decode: the layer is not built (apply it first)`);
+    }
+    if (!(cache instanceof KVCache) || cache.headsKV !== this.numHeads ||
+        cache.headDim !== this.keyDim || cache.headDimV !== this.valueDim) {
+      throw new Error(`${layerPrefix(this.name)}decode: cache must be a KVCache from createCache`);
+    }
+    if (x.rank !== 3 || x.shape[0] !== cache.batch) {
+      throw new Error(`${layerPrefix(this.name)}decode: x must have shape [batch = ${
+          cache.batch}, Snew, features], got ${describe(x.shape)}`);
+    }
+    return tf.tidy(() => {
+      const [b, seqNew, features] = x.shape;
+      const h = this.numHeads;
+      const q = tf.reshape(this.project(x, 'query', [h, this.keyDim]),
+                           [b, seqNew, h, this.keyDim]) as tf.Tensor4D;
+      const k = tf.reshape(this.project(x, 'key', [h, this.keyDim]),
+                           [b, seqNew, h, this.keyDim]) as tf.Tensor4D;
+      const v = tf.reshape(this.project(x, 'value', [h, this.valueDim]),
+                           [b, seqNew, h, this.valueDim]) as tf.Tensor4D;
+      // Keras's causal mask is top-left aligned on the whole sequence,
+      // which is the cache's bottom-right alignment.
+      const context = cache.attend(q, k, v, {softmaxScale: 1 / Math.sqrt(this.keyDim), causal: true});
+      return this.project(tf.reshape(context, [b, seqNew, h * this.valueDim]), 'attention_output',
+                          this.outputDims ?? [features]);
+    });
   }
 
   /** Keras's EinsumDense projection `[..., in] x [in, ...out] + [...out]`. */

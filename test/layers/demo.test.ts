@@ -170,6 +170,10 @@ describe('demo pieces [cpu]', () => {
     const log = printed.join('');
     expect(log).toMatch(/step 6\/6 +loss \d+\.\d+ +\d+ tokens\/s/);
     expect(log).toMatch(/speed-up \d+\.\d+x on cpu/);
+    // Generation with the KV caches ends the demo; same seed, same text.
+    expect(log).toMatch(/generation: [\d.]+ tokens\/s with the KV cache, [\d.]+ tokens\/s without/);
+    expect(result.generation.text).toHaveLength(16);
+    expect(result.generation.sameText).toBe(true);
     fs.rmSync(outDir, {recursive: true, force: true});
   });
 });
