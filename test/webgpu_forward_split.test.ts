@@ -8,7 +8,8 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 
-import {forwardStats, planSplits, setForwardOverride, SPLIT_TARGET_GROUPS} from '../kernels/webgpu/flash_attention';
+import {forwardStats, planSplits, setForwardOverride, SPLIT_TARGET_GROUPS}
+    from '../kernels/webgpu/flash_attention';
 import {checkOwnPipelineErrors, setPoisonOutputs} from '../kernels/webgpu/own_pipeline';
 import {FLASH_ATTENTION_IMPL} from '../src';
 

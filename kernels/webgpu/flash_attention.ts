@@ -12,9 +12,13 @@ import {MAX_HEAD_DIM} from '../../src/checks';
 import {dropoutThreshold} from '../../src/dropout';
 import {FlashAttention, FlashAttentionAttrs} from '../../src/kernel_names';
 
-import {COMBINE_THREADS, COMBINE_UNIFORMS, ForwardConfig, ForwardTiles, forwardKey, forwardWGSL, FORWARD_UNIFORMS, prefetchFloats, splitCombineWGSL, tileSizes, workgroupBytes} from './flash_attention_webgpu';
+import {COMBINE_THREADS, COMBINE_UNIFORMS, ForwardConfig, forwardKey, ForwardTiles,
+        FORWARD_UNIFORMS,
+        forwardWGSL, prefetchFloats, splitCombineWGSL, tileSizes, workgroupBytes}
+    from './flash_attention_webgpu';
 import {deviceHasSubgroups, dispatchGrid, runOwnPipeline, UniformWriter} from './own_pipeline';
-import {FORWARD_TILINGS, ForwardTilingChoice, getForwardOverride, MAX_SPLITS, MIN_TILES_PER_SPLIT, REGISTER_BUDGET, SPLIT_TARGET_GROUPS} from './tuning';
+import {FORWARD_TILINGS, ForwardTilingChoice, getForwardOverride, MAX_SPLITS, MIN_TILES_PER_SPLIT,
+        REGISTER_BUDGET, SPLIT_TARGET_GROUPS} from './tuning';
 import {scoreOptionsFromAttrs} from './wgsl_snippets';
 
 /** Floats a thread keeps in registers for its tiles (S, O, prefetch). */
@@ -77,10 +81,12 @@ export function planForward(device: GPUDevice, headDim: number, headDimV: number
   const suits = (t: ForwardTilingChoice) => headDim > (t.minHeadDim ?? 0) &&
       Math.ceil(rows / (t.tm * t.ty)) >= (t.minGroups ?? 0);
   const candidates = FORWARD_TILINGS.filter(t => !software || (t.tm <= 2 && t.nq === 1))
-                         .map(({minHeadDim, minGroups, ...tiles}) => ({tiles, ok: suits({...tiles, minHeadDim, minGroups})}));
+      .map(({minHeadDim, minGroups, ...tiles}) =>
+               ({tiles, ok: suits({...tiles, minHeadDim, minGroups})}));
   for (const {tiles, ok} of candidates) {
     const subgroups = useSubgroups(tiles);
-    if (ok && fits(tiles, subgroups) && registerFloats(headDim, headDimV, tiles) <= REGISTER_BUDGET) {
+    const inBudget = registerFloats(headDim, headDimV, tiles) <= REGISTER_BUDGET;
+    if (ok && fits(tiles, subgroups) && inBudget) {
       return {tiles, subgroups};
     }
   }

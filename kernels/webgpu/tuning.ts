@@ -14,8 +14,6 @@ import type {ForwardTiles} from './flash_attention_webgpu';
 export interface ForwardTilingChoice extends ForwardTiles {
   /** Only for head dims above this (where it was measured to win). */
   minHeadDim?: number;
-  /** Only for head dims up to this. */
-  maxHeadDim?: number;
   /** Only when the grid has at least this many workgroups (a full GPU). */
   minGroups?: number;
 }
