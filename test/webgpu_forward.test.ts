@@ -65,28 +65,15 @@ describeWebGPU('fused WebGPU forward [webgpu]', () => {
       ['TM=1, TX=2, NQ=2', {tiles: {tm: 1, tx: 2, nq: 2, ty: 16}}],
       // What GPUs run: constant loop bounds, K/V prefetched through registers.
       ['GPU code path (prefetch, constant loops)',
-       {tiles: {tm: 2, tx: 4, nq: 1, ty: 8}, constantLoops: true, prefetch: true, unroll: 4}],
-      // The outer-product mode (Q^T, K^T, P^T in workgroup memory).
+       {tiles: {tm: 2, tx: 4, nq: 1, ty: 8}, constantLoops: true, prefetch: true}],
+      // The outer-product mode (Q^T, K^T/V, P^T in workgroup memory).
       ['outer product TM=4, TX=4, NQ=2', {tiles: {tm: 4, tx: 4, nq: 2, ty: 4, outer: true}}],
       ['outer product TM=8, TX=2, GPU code path (prefetch, constant loops)',
-       {tiles: {tm: 8, tx: 2, nq: 1, ty: 2, outer: true}, constantLoops: true, prefetch: true, unroll: 8}],
-      ['outer product, K/V sharing a buffer, TM=4, TX=4',
-       {tiles: {tm: 4, tx: 4, nq: 1, ty: 4, outer: true, sharedKV: true}}],
-      ['outer product, K/V sharing a buffer, GPU code path (prefetch, constant loops)',
-       {tiles: {tm: 4, tx: 4, nq: 1, ty: 4, outer: true, sharedKV: true}, constantLoops: true, prefetch: true,
-        unrollPV: 8}],
-      ['outer product, K/V sharing a buffer, GPU code path, default P V unroll (x16)',
-       {tiles: {tm: 4, tx: 4, nq: 1, ty: 4, outer: true, sharedKV: true}, constantLoops: true, prefetch: true}],
+       {tiles: {tm: 8, tx: 2, nq: 1, ty: 2, outer: true}, constantLoops: true, prefetch: true}],
+      ['outer product TM=4, TX=4, GPU code path, P V unrolled x16',
+       {tiles: {tm: 4, tx: 4, nq: 1, ty: 4, outer: true}, constantLoops: true, prefetch: true}],
       ['outer product TM=4, TX=8, no prefetch, constant loops',
        {tiles: {tm: 4, tx: 8, nq: 1, ty: 2, outer: true}, constantLoops: true, prefetch: false}],
-      // The P^T swizzle is on by default in the outer mode (the tilings
-      // above); its P V loop with an unroll that is not a multiple of 4
-      // computes the swizzle per key; the unswizzled layout stays selectable.
-      ['outer product, P^T swizzle with a P V unroll of 2, constant loops',
-       {tiles: {tm: 4, tx: 4, nq: 2, ty: 4, outer: true}, constantLoops: true, unrollPV: 2}],
-      ['outer product, K/V sharing a buffer, P^T not swizzled, GPU code path',
-       {tiles: {tm: 4, tx: 4, nq: 1, ty: 4, outer: true, sharedKV: true}, constantLoops: true, prefetch: true,
-        swizzleP: false}],
     ];
     for (const [tilingName, o] of tilings) {
       for (const c of cases) {
@@ -111,7 +98,7 @@ describeWebGPU('fused WebGPU forward [webgpu]', () => {
       adapterInfo: {vendor: 'nvidia', architecture: '', description: 'NVIDIA H100', subgroupMinSize: 32},
     } as unknown as GPUDevice;
     const large = 16 * 4096;
-    expect(planForward(gpu, 64, 64, large)!.tiles).toMatchObject({tm: 8, tx: 16, nq: 1, ty: 8, outer: true, sharedKV: true});
+    expect(planForward(gpu, 64, 64, large)!.tiles).toMatchObject({tm: 8, tx: 16, nq: 1, ty: 8, outer: true});
     expect(planForward(gpu, 64, 64, 16 * 2048)!.tiles.outer).toBe(true);
     expect(planForward(gpu, 64, 64, 16 * 1024)!.tiles).toEqual({tm: 4, tx: 16, nq: 1, ty: 8});
     expect(planForward(gpu, 32, 32, large)!.tiles.outer).toBeUndefined();

@@ -21,6 +21,7 @@ import {DkDvTiles, dkdvStorageBytes, dkdvTilesValid, FlashAttentionGradDkDvProgr
 import {DqTiles, dqStorageBytes, dqTilesValid, FlashAttentionGradDqProgram} from './flash_attention_grad_dq_webgpu';
 import {gradFeatures, gradUniforms} from './flash_attention_grad_wgsl';
 import {isWebGPUBackend, runOwnPipeline} from './own_pipeline';
+import {DKDV_SIZES, DQ_SIZES, GRAD_THREADS} from './tuning';
 
 /** The device limits the tile choice depends on. */
 export interface GradDeviceLimits {
@@ -34,26 +35,14 @@ export interface GradTiles {
   dq: DqTiles;
 }
 
-// Largest first: bigger tiles reuse each loaded K/V (dK/dV pass) or Q/dO
-// (dQ pass) over more rows. dK/dV 32x32 before 64x16: 38 KiB of workgroup
-// storage instead of 46 (room for 5 workgroups per H100 SM instead of 4)
-// and half the accumulators, which measured faster (benchmarks/RESULTS.md,
-// backward tuning).
-const DKDV_SIZES: Array<[number, number]> =
-    [[32, 32], [64, 16], [32, 16], [32, 8], [16, 8], [16, 4], [8, 4], [4, 4], [4, 2], [4, 1]];
-const DQ_SIZES: Array<[number, number]> =
-    [[64, 16], [32, 16], [32, 8], [16, 8], [16, 4], [8, 4], [4, 4], [2, 4], [1, 4]];
-
 /**
  * Tiles for head dims (d, dv) on a device, or null when even the smallest
  * do not fit its workgroup storage.
  */
 export function chooseGradTiles(
     d: number, dv: number, limits: GradDeviceLimits): GradTiles|null {
-  // 128 invocations rather than 256: each thread has twice the rows in
-  // S = Q K^T, which measured faster (benchmarks/RESULTS.md).
   const threads = Math.min(
-      128, limits.maxComputeInvocationsPerWorkgroup, limits.maxComputeWorkgroupSizeX);
+      GRAD_THREADS, limits.maxComputeInvocationsPerWorkgroup, limits.maxComputeWorkgroupSizeX);
   const storage = limits.maxComputeWorkgroupStorageSize;
   // The first valid tiles, in list order, whose workgroup storage fits.
   const first = <T>(tiles: T[], valid: (t: T) => boolean, bytes: (t: T) => number) =>
