@@ -174,7 +174,7 @@ var<workgroup> tile: array<f32, ${limit / 4 + 1024}>;
 @group(0) @binding(0) var<storage, read> x: array<f32>;
 @group(0) @binding(1) var<storage, read_write> y: array<f32>;
 @compute @workgroup_size(8) fn main(@builtin(local_invocation_index) l: u32) {
-  let p = FaScore(0.5, 2.0, 0.25, 3, 2, 0, 8);
+  let p = FaScore(0.5, 2.0, 0.25, 3, 2, 0, 8, 5);
   let i = i32(l);
   y[l] = select(-1e30, fa_score(x[l], i, 5, p), fa_visible(i, 5, p));
 }`,
