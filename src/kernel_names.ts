@@ -53,4 +53,10 @@ export interface FlashAttentionAttrs {
   /** Low and high 32 bits of the dropout seed (the Philox key). */
   seedLo: number;
   seedHi: number;
+  /**
+   * 'float32' (default) or 'float16': the matrix products of kernels that
+   * use f16 hardware (WebGPU subgroup matrices) with one f16 product
+   * instead of the float32-accurate split; ignored elsewhere.
+   */
+  precision?: 'float32'|'float16';
 }

@@ -34,6 +34,14 @@ export interface FlashAttentionOptions {
   seed?: number;
   /** Also return the softmax log-sum-exp, `[B, H, Sq]`. */
   returnSoftmaxLse?: boolean;
+  /**
+   * 'float32' (the default): results within float32 accuracy bounds on
+   * every backend. 'float16': where the WebGPU tensor-core path runs
+   * (docs/tensor_cores.md), one float16 matrix product with float32
+   * accumulation, faster, with the error bound documented there; other
+   * kernels ignore it and stay float32.
+   */
+  precision?: 'float32'|'float16';
 }
 
 /** Validates the scalar options and resolves defaults into kernel attrs. */
@@ -72,6 +80,11 @@ export function normalizeOptions(
   if (causal) {
     windowRight = 0;  // flash_attn: causal is a window whose right edge is 0.
   }
+  const precision = opts.precision ?? 'float32';
+  if (precision !== 'float32' && precision !== 'float16') {
+    throw new Error(`${opName}: precision must be 'float32' or 'float16', got ${
+        describeValue(opts.precision)}`);
+  }
   const {seedLo, seedHi} = splitSeed(seed);
   return {
     softmaxScale,
@@ -82,6 +95,7 @@ export function normalizeOptions(
     dropoutRate,
     seedLo,
     seedHi,
+    precision,
   };
 }
 

@@ -13,6 +13,7 @@ import {dropoutThreshold} from '../../src/dropout';
 import {FlashAttention, FlashAttentionAttrs} from '../../src/kernel_names';
 
 import {ForwardConfig, ForwardTiles, forwardKey, forwardWGSL, FORWARD_UNIFORMS, prefetchFloats, tileSizes, workgroupBytes} from './flash_attention_webgpu';
+import {matrixForwardWebGPU, planMatrixForward} from './flash_attention_subgroup_matrix';
 import {deviceHasSubgroups, dispatchGrid, runOwnPipeline, UniformWriter} from './own_pipeline';
 import {scoreOptionsFromAttrs} from './wgsl_snippets';
 
@@ -212,6 +213,13 @@ export function flashAttentionWebGPU(
   const reason = supportsFlashAttentionWebGPU(shapes, attrs, args.backend);
   if (reason != null) {
     throw new Error(`FlashAttention (webgpu): ${reason}`);
+  }
+  // Tensor cores (subgroup matrices) where the device has them.
+  const matrixPlan = planMatrixForward(backend.device, headDim, headDimV,
+                                       attrs.precision ?? 'float32');
+  if (matrixPlan != null) {
+    return matrixForwardWebGPU(backend, args.inputs as Record<string, tf.TensorInfo>, attrs,
+                               matrixPlan);
   }
   const plan = planForward(backend.device, headDim, headDimV, batch * heads * seqQ)!;
   const hasAlibi = alibiSlopes != null && tf.util.sizeFromShape(alibiSlopes.shape) > 0;
