@@ -61,6 +61,12 @@ export interface FlashAttentionAttrs {
   seedLo: number;
   seedHi: number;
   /**
+   * 'float32' (default) or 'float16': the matrix products of kernels that
+   * use f16 hardware (WebGPU subgroup matrices) with one f16 product
+   * instead of the float32-accurate split; ignored elsewhere.
+   */
+  precision?: 'float32'|'float16';
+  /**
    * True when the call has per-batch lengths (the `seqlens` input). Lets
    * dispatch keep such calls away from fused kernels that ignore them.
    */

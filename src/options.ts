@@ -62,6 +62,14 @@ export interface FlashAttentionOptions {
    * is not a padding mask is an error (read back once per tensor).
    */
   keyPaddingMask?: Tensor;
+  /**
+   * 'float32' (the default): results within float32 accuracy bounds on
+   * every backend. 'float16': where the WebGPU tensor-core path runs
+   * (docs/tensor_cores.md), one float16 matrix product with float32
+   * accumulation, faster, with the error bound documented there; other
+   * kernels ignore it and stay float32.
+   */
+  precision?: 'float32'|'float16';
 }
 
 /** One option: its name, what it must be, and the names users mistype. */
@@ -139,6 +147,12 @@ export const ATTENTION_OPTION_SPECS: readonly OptionSpec[] = [
     valid: isBoolean,
     aliases: ['return_softmax_lse', 'return_lse', 'return_attn_probs',
               'return_softmax', 'returnLse'],
+  },
+  {
+    name: 'precision',
+    expected: "'float32' or 'float16'",
+    valid: v => v === 'float32' || v === 'float16',
+    aliases: ['dtype', 'compute_dtype', 'matmul_precision'],
   },
 ];
 
@@ -287,5 +301,6 @@ export function normalizeOptions(
     dropoutRate,
     seedLo,
     seedHi,
+    precision: o.precision ?? 'float32',
   };
 }

@@ -18,6 +18,7 @@ import {COMBINE_THREADS, COMBINE_UNIFORMS, ForwardConfig, forwardKey, ForwardTil
 import {deviceHasSubgroups, dispatchGrid, isWebGPUBackend, runOwnPipeline, UniformWriter} from './own_pipeline';
 import {FORWARD_TILINGS, ForwardTilingChoice, getForwardOverride, MAX_SPLITS, MIN_TILES_PER_SPLIT,
         REGISTER_BUDGET, SPLIT_TARGET_GROUPS} from './tuning';
+import {matrixForwardWebGPU, planMatrixForward} from './flash_attention_subgroup_matrix';
 import {scoreOptionsFromAttrs} from './wgsl_snippets';
 
 /** Floats a thread keeps in registers for its tiles (S, O, prefetch). */
@@ -171,6 +172,14 @@ export function flashAttentionWebGPU(
   const reason = supportsFlashAttentionWebGPU(shapes, attrs, args.backend);
   if (reason != null) {
     throw new Error(`FlashAttention (webgpu): ${reason}`);
+  }
+  // Tensor cores (subgroup matrices) where the device has them.
+  // (Not with per-batch lengths: that kernel does not read them.)
+  const matrixPlan = attrs.hasSeqlens ? null :
+      planMatrixForward(backend.device, headDim, headDimV, attrs.precision ?? 'float32');
+  if (matrixPlan != null) {
+    return matrixForwardWebGPU(backend, args.inputs as Record<string, tf.TensorInfo>, attrs,
+                               matrixPlan);
   }
   const plan = planForward(backend.device, headDim, headDimV, batch * heads * seqQ)!;
   const override = getForwardOverride();
