@@ -170,7 +170,9 @@ async function main(): Promise<void> {
     console.error(`GPU error: ${(e as GPUUncapturedErrorEvent).error.message}`);
   });
   Object.defineProperty(globalThis, 'navigator', {value: {gpu}, configurable: true, writable: true});
-  tf.removeBackend('webgpu');
+  if (tf.findBackendFactory('webgpu') != null) {
+    tf.removeBackend('webgpu');
+  }
   tf.registerBackend('webgpu', () => new WebGPUBackend(device, adapter.info));
   await tf.setBackend('webgpu');
   tf.env().set(FLASH_ATTENTION_IMPL, 'fused');
