@@ -7,8 +7,14 @@ import tseslint from 'typescript-eslint';
 export default tseslint.config(
     {
       ignores: [
-        'node_modules/', 'dist/', 'coverage/', 'build/', 'benchmarks/out/', 'demo/out/',
-        'test-results/', '.device*/',
+        'node_modules/',
+        'dist/',
+        'coverage/',
+        'build/',
+        'benchmarks/out/',
+        'demo/out/',
+        'test-results/',
+        '.device*/',
       ],
     },
     js.configs.recommended,
@@ -18,20 +24,35 @@ export default tseslint.config(
         ecmaVersion: 2022,
         sourceType: 'module',
         globals: {
-          console: 'readonly', process: 'readonly', require: 'readonly', module: 'writable',
-          __dirname: 'readonly', globalThis: 'readonly', navigator: 'readonly',
-          document: 'readonly', window: 'readonly', performance: 'readonly',
-          setTimeout: 'readonly', clearTimeout: 'readonly', Buffer: 'readonly',
-          URL: 'readonly', fetch: 'readonly',
+          console: 'readonly',
+          process: 'readonly',
+          require: 'readonly',
+          module: 'writable',
+          __dirname: 'readonly',
+          globalThis: 'readonly',
+          navigator: 'readonly',
+          document: 'readonly',
+          window: 'readonly',
+          performance: 'readonly',
+          setTimeout: 'readonly',
+          clearTimeout: 'readonly',
+          Buffer: 'readonly',
+          URL: 'readonly',
+          fetch: 'readonly',
         },
       },
       rules: {
         // Lines of code within 100 columns; long strings and template
         // literals (WGSL, messages) may run past.
-        'max-len': ['error', {
-          code: 100, ignoreStrings: true, ignoreTemplateLiterals: true, ignoreUrls: true,
-          ignoreRegExpLiterals: true,
-        }],
+        'max-len': [
+          'error', {
+            code: 100,
+            ignoreStrings: true,
+            ignoreTemplateLiterals: true,
+            ignoreUrls: true,
+            ignoreRegExpLiterals: true,
+          }
+        ],
         '@typescript-eslint/no-unused-vars':
             ['error', {argsIgnorePattern: '^_', varsIgnorePattern: '^_', caughtErrors: 'none'}],
         // `let [a, b] = ...` where only one is reassigned stays one statement.

@@ -144,9 +144,10 @@ function flops(mode: string, b: number, h: number, s: number, d: number, causal:
   return mode === 'fwd' ? fwd : 3.5 * fwd;
 }
 
-async function setupDevice(dawnFlags: string[]): Promise<{gpu: GPU, adapter: GPUAdapter, device: GPUDevice}> {
-  const webgpu = await import('webgpu') as unknown as {create: (f: string[]) => GPU,
-                                                        globals: Record<string, unknown>};
+async function setupDevice(dawnFlags: string[]):
+    Promise<{gpu: GPU, adapter: GPUAdapter, device: GPUDevice}> {
+  const webgpu = await import('webgpu') as unknown as
+      {create: (f: string[]) => GPU, globals: Record<string, unknown>};
   Object.assign(globalThis, webgpu.globals);
   const gpu = webgpu.create(dawnFlags);
   const adapter = await gpu.requestAdapter({powerPreference: 'high-performance'});
@@ -155,7 +156,7 @@ async function setupDevice(dawnFlags: string[]): Promise<{gpu: GPU, adapter: GPU
   }
   const l = adapter.limits;
   const features = ['subgroups', 'timestamp-query'].filter(
-      f => adapter.features.has(f as GPUFeatureName)) as GPUFeatureName[];
+                       f => adapter.features.has(f as GPUFeatureName)) as GPUFeatureName[];
   const device = await adapter.requestDevice({
     requiredFeatures: features,
     requiredLimits: {
@@ -171,14 +172,21 @@ async function setupDevice(dawnFlags: string[]): Promise<{gpu: GPU, adapter: GPU
   device.addEventListener('uncapturederror', (e: Event) => {
     log(`GPU error: ${(e as GPUUncapturedErrorEvent).error.message}`);
   });
-  Object.defineProperty(globalThis, 'navigator', {value: {gpu}, configurable: true, writable: true});
+  Object.defineProperty(
+      globalThis, 'navigator', {value: {gpu}, configurable: true, writable: true});
   return {gpu, adapter, device};
 }
 
 interface Bench {
   tf: TF;
-  backend: {device: GPUDevice, bufferManager: {numBytesAllocated: number, freeBuffers: Map<string, GPUBuffer[]>, numFreeBuffers: number},
-            ensureCommandEncoderReady(): void, endComputePassEncoder(): void, submitQueue(): void};
+  backend: {
+    device: GPUDevice,
+    bufferManager:
+        {numBytesAllocated: number, freeBuffers: Map<string, GPUBuffer[]>, numFreeBuffers: number},
+    ensureCommandEncoderReady(): void,
+    endComputePassEncoder(): void,
+    submitQueue(): void
+  };
 }
 
 async function sync(b: Bench): Promise<void> {
@@ -202,8 +210,7 @@ function emptyPool(b: Bench): void {
 }
 
 async function measure(
-    b: Bench, run: () => unknown, budgetMs: number,
-    warmupMs = 0,
+    b: Bench, run: () => unknown, budgetMs: number, warmupMs = 0,
     maxWarmupMs = warmupMs): Promise<{ms: number, peakMiB: number, reps: number, cpuMs: number}> {
   const {tf} = b;
   const once = () => tf.dispose(run() as import("@tensorflow/tfjs-core").Tensor[]);
@@ -265,7 +272,8 @@ async function main(): Promise<void> {
   const webgpu = await import('@tensorflow/tfjs-backend-webgpu');
   const fa = await import('../src/index');
   const {composedAttention} = await import('./baselines');
-  const {setForwardOverride, planForward, forwardStats} = await import('../kernels/webgpu/FlashAttention');
+  const {setForwardOverride, planForward, forwardStats} =
+      await import('../kernels/webgpu/FlashAttention');
   const {checkOwnPipelineErrors} = await import('../kernels/webgpu/own_pipeline');
   tf.removeBackend('webgpu');
   tf.registerBackend('webgpu', () => new webgpu.WebGPUBackend(device, adapter.info));
@@ -274,18 +282,22 @@ async function main(): Promise<void> {
   const info = adapter.info;
   const deviceName = `${info.vendor} ${info.architecture} ${info.description}`.trim() +
       (args.dawnFlags.length > 0 ? ` (Dawn flags: ${args.dawnFlags.join(' ')})` : '');
-  log(`device: ${deviceName}; workgroup storage ${device.limits.maxComputeWorkgroupStorageSize} B, invocations ${
-      device.limits.maxComputeInvocationsPerWorkgroup}, subgroups ${device.features.has('subgroups' as GPUFeatureName)} (min ${
+  log(`device: ${deviceName}; workgroup storage ${
+      device.limits.maxComputeWorkgroupStorageSize} B, invocations ${
+      device.limits.maxComputeInvocationsPerWorkgroup}, subgroups ${
+      device.features.has('subgroups' as GPUFeatureName)} (min ${
       (info as unknown as {subgroupMinSize?: number}).subgroupMinSize}), max binding ${
       device.limits.maxStorageBufferBindingSize}`);
   for (const d of args.dims) {
     for (const s of args.seqs) {
-      log(`D=${d} S=${s}: fused tiling ${JSON.stringify(planForward(device, d, d, args.batch * args.heads * s))}`);
+      log(`D=${d} S=${s}: fused tiling ${
+          JSON.stringify(planForward(device, d, d, args.batch * args.heads * s))}`);
     }
   }
   const {batch: B, heads: H} = args;
   const rows: Row[] = [];
-  const maxBinding = Math.min(device.limits.maxStorageBufferBindingSize, device.limits.maxBufferSize);
+  const maxBinding =
+      Math.min(device.limits.maxStorageBufferBindingSize, device.limits.maxBufferSize);
 
   const checks: string[] = [];
   if (args.check) {
@@ -293,7 +305,8 @@ async function main(): Promise<void> {
     for (const d of args.dims) {
       for (const causal of args.causal) {
         const s = 1024;
-        const [q, k, v] = [0, 1, 2].map(() => tf.randomNormal([B, s, H, d]) as import('@tensorflow/tfjs-core').Tensor4D);
+        const [q, k, v] = [0, 1, 2].map(
+            () => tf.randomNormal([B, s, H, d]) as import('@tensorflow/tfjs-core').Tensor4D);
         const a = fa.flashAttention(q, k, v, {causal});
         const c = composedAttention(q, k, v, {causal});
         const diff = tf.tidy(() => tf.max(tf.abs(tf.sub(a, c))));
@@ -301,8 +314,10 @@ async function main(): Promise<void> {
         const err = (await diff.data())[0] / (await ref.data())[0];
         tf.dispose([diff, ref]);
         await checkOwnPipelineErrors();
-        log(`check D=${d} S=${s} causal=${causal}: max|fused - composed| / max|composed| = ${err.toExponential(2)}`);
-        checks.push(`D=${d} S=${s} causal=${causal}: max|fused - composed| / max|composed| = ${err.toExponential(2)}`);
+        log(`check D=${d} S=${s} causal=${causal}: max|fused - composed| / max|composed| = ${
+            err.toExponential(2)}`);
+        checks.push(`D=${d} S=${s} causal=${causal}: max|fused - composed| / max|composed| = ${
+            err.toExponential(2)}`);
         tf.dispose([q, k, v, a, c]);
       }
     }
@@ -320,14 +335,17 @@ async function main(): Promise<void> {
     const flags = variant.split(',').slice(4);
     const p = flags.find(f => f.startsWith('p'));
     const k = flags.find(f => f.startsWith('k'));
-    return {tiles: {tm, tx, nq, ty, outer: flags.includes('o')},
-            prefetch: p == null ? undefined : p === 'p1',
-            splits: k == null ? undefined : Number(k.slice(1))};
+    return {
+      tiles: {tm, tx, nq, ty, outer: flags.includes('o')},
+      prefetch: p == null ? undefined : p === 'p1',
+      splits: k == null ? undefined : Number(k.slice(1))
+    };
   };
   const checked = new Set<string>();
   const checkVariant = async (d: number, causal: boolean) => {
     const s = 512;
-    const [q, k, v] = [0, 1, 2].map(() => tf.randomNormal([B, s, H, d]) as import('@tensorflow/tfjs-core').Tensor4D);
+    const [q, k, v] = [0, 1, 2].map(
+        () => tf.randomNormal([B, s, H, d]) as import('@tensorflow/tfjs-core').Tensor4D);
     tf.env().set(fa.FLASH_ATTENTION_IMPL, 'fused');
     try {
       const a = fa.flashAttention(q, k, v, {causal});
@@ -337,7 +355,8 @@ async function main(): Promise<void> {
       const err = (await diff.data())[0] / (await ref.data())[0];
       tf.dispose([diff, ref, a, c]);
       await checkOwnPipelineErrors();
-      return `max|fused - composed| / max|composed| = ${err.toExponential(2)}${err < 1e-4 ? '' : ' FAILED'}`;
+      return `max|fused - composed| / max|composed| = ${err.toExponential(2)}${
+          err < 1e-4 ? '' : ' FAILED'}`;
     } catch (e) {
       return `error: ${(e as Error).message.slice(0, 160)}`;
     } finally {
@@ -363,22 +382,39 @@ async function main(): Promise<void> {
       const [q, dy] = [0, 1].map(() => tf.randomNormal([p.b, s, p.h, d]) as Tensor4D);
       const [k, v] = [0, 1].map(() => tf.randomNormal([p.b, s, p.hk, d]) as Tensor4D);
       // The composed baseline repeats K/V heads for GQA, as users do.
-      const heads = p.hk === p.h ? null :
+      const heads = p.hk === p.h ?
+          null :
           tf.tensor1d(Array.from({length: p.h}, (_, i) => Math.floor(i * p.hk / p.h)), 'int32');
-      const composed = (a: Tensor4D, kk: Tensor4D, vv: Tensor4D, causal: boolean) =>
-          heads == null ? composedAttention(a, kk, vv, {causal}) : tf.tidy(() => composedAttention(
-              a, tf.gather(kk, heads, 2) as Tensor4D, tf.gather(vv, heads, 2) as Tensor4D,
-              {causal}));
+      const composed = (a: Tensor4D, kk: Tensor4D, vv: Tensor4D, causal: boolean) => heads == null ?
+          composedAttention(a, kk, vv, {causal}) :
+          tf.tidy(
+              () => composedAttention(
+                  a, tf.gather(kk, heads, 2) as Tensor4D, tf.gather(vv, heads, 2) as Tensor4D,
+                  {causal}));
       const label = `B=${p.b} H=${p.h}${p.hk !== p.h ? `/${p.hk}` : ''} D=${d} S=${s}`;
       for (const mode of args.modes) {
         for (const causal of args.causal) {
           for (const impl of args.impls) {
-            const fusedVariants = [...variants,
-                                   ...(mode === 'fwd' ? [] : args.gradVariants.map(g => `g:${g}`))];
+            const fusedVariants =
+                [...variants, ...(mode === 'fwd' ? [] : args.gradVariants.map(g => `g:${g}`))];
             for (const variant of impl === 'fused' ? fusedVariants : ['-']) {
-              const row: Row = {mode, batch: p.b, heads: p.h, headsKV: p.hk, impl, variant, dim: d,
-                                seq: s, causal, ms: null, tflops: null, peakMiB: null, reps: 0,
-                                cpuMs: null, status: 'ok'};
+              const row: Row = {
+                mode,
+                batch: p.b,
+                heads: p.h,
+                headsKV: p.hk,
+                impl,
+                variant,
+                dim: d,
+                seq: s,
+                causal,
+                ms: null,
+                tflops: null,
+                peakMiB: null,
+                reps: 0,
+                cpuMs: null,
+                status: 'ok'
+              };
               rows.push(row);
               const scoreBytes = p.b * p.h * s * s * 4;
               if (impl === 'composed' && scoreBytes > maxBinding) {
@@ -412,20 +448,25 @@ async function main(): Promise<void> {
               }
               // fwdbwd: the forward is fused, the backward is whatever the
               // backend has (bwd's fused kernel, else the reference).
-              tf.env().set(fa.FLASH_ATTENTION_IMPL, impl === 'reference' ? 'reference' :
-                               mode === 'fwd' ? 'fused' : 'auto');
+              tf.env().set(
+                  fa.FLASH_ATTENTION_IMPL,
+                  impl === 'reference' ? 'reference' :
+                      mode === 'fwd'   ? 'fused' :
+                                         'auto');
               if (impl === 'fused' && mode !== 'fwd' &&
                   !fa.hasFusedKernel(fa.FlashAttentionGrad, 'webgpu')) {
                 row.status = 'ok (backward: composed reference, no fused FlashAttentionGrad)';
               }
               const attend = (a: Tensor4D, kk: Tensor4D, vv: Tensor4D) => impl === 'composed' ?
-                  composed(a, kk, vv, causal) : fa.flashAttention(a, kk, vv, {causal});
-              const run = mode === 'fwd' ? () => attend(q, k, v) :
-                  () => tf.grads((a: import('@tensorflow/tfjs-core').Tensor,
-                                  kk: import('@tensorflow/tfjs-core').Tensor,
-                                  vv: import('@tensorflow/tfjs-core').Tensor) =>
-                                     attend(a as Tensor4D, kk as Tensor4D, vv as Tensor4D))(
-                                     [q, k, v], dy);
+                  composed(a, kk, vv, causal) :
+                  fa.flashAttention(a, kk, vv, {causal});
+              const run = mode === 'fwd' ?
+                  () => attend(q, k, v) :
+                  () => tf.grads(
+                      (a: import('@tensorflow/tfjs-core').Tensor,
+                       kk: import('@tensorflow/tfjs-core').Tensor,
+                       vv: import('@tensorflow/tfjs-core').Tensor) =>
+                          attend(a as Tensor4D, kk as Tensor4D, vv as Tensor4D))([q, k, v], dy);
               try {
                 device.pushErrorScope('out-of-memory');
                 device.pushErrorScope('validation');
@@ -452,10 +493,14 @@ async function main(): Promise<void> {
                 setForwardOverride(null);
                 setGradTilesOverride(null);
               }
-              log(`${mode} ${impl}${variant !== 'default' && variant !== '-' ? ` [${variant}]` : ''} ${
-                  label} causal=${causal}: ${row.ms != null ? `${row.ms.toFixed(3)} ms, ${
-                  row.tflops!.toFixed(2)} TFLOP/s, peak ${row.peakMiB!.toFixed(1)} MiB, JS ${
-                  row.cpuMs!.toFixed(3)} ms/call (${row.reps} reps)` : row.status}`);
+              log(`${mode} ${impl}${
+                  variant !== 'default' && variant !== '-' ? ` [${variant}]` :
+                                                             ''} ${label} causal=${causal}: ${
+                  row.ms != null ?
+                      `${row.ms.toFixed(3)} ms, ${row.tflops!.toFixed(2)} TFLOP/s, peak ${
+                          row.peakMiB!.toFixed(
+                              1)} MiB, JS ${row.cpuMs!.toFixed(3)} ms/call (${row.reps} reps)` :
+                      row.status}`);
             }
           }
         }
@@ -472,26 +517,54 @@ async function main(): Promise<void> {
       JSON.parse(fs.readFileSync(args.torch, "utf8")) as {device: string, rows: TorchRow[]} :
       null;
   fs.mkdirSync(args.out, {recursive: true});
-  const result = {date: new Date().toISOString(), device: deviceName, argv: process.argv.slice(2),
-                  batch: B, heads: H, checks, rows, torch};
+  const result = {
+    date: new Date().toISOString(),
+    device: deviceName,
+    argv: process.argv.slice(2),
+    batch: B,
+    heads: H,
+    checks,
+    rows,
+    torch
+  };
   fs.writeFileSync(path.join(args.out, 'attention.json'), JSON.stringify(result, null, 1));
-  fs.writeFileSync(path.join(args.out, 'attention.svg'), chart(
-      rows.filter(r => r.batch === B && r.heads === H && r.headsKV === H),
-      (torch?.rows ?? []).filter(t => (t.batch ?? B) === B && (t.heads ?? H) === H &&
-                                      (t.headsKV ?? H) === H)));
+  fs.writeFileSync(
+      path.join(args.out, 'attention.svg'),
+      chart(
+          rows.filter(r => r.batch === B && r.heads === H && r.headsKV === H),
+          (torch?.rows ?? [
+          ]).filter(t => (t.batch ?? B) === B && (t.heads ?? H) === H && (t.headsKV ?? H) === H)));
   console.log(table(rows, torch?.rows ?? [], B, H));
   if (checks.length > 0) {
-    console.log(`\nChecks (fused vs composed on this device):\n${checks.map(c => `- ${c}`).join('\n')}`);
+    console.log(
+        `\nChecks (fused vs composed on this device):\n${checks.map(c => `- ${c}`).join('\n')}`);
   }
   console.log(`\n${ratioTable(rows, torch?.rows ?? [], B, H)}`);
 }
 
-type TorchRow = {mode: string, dim: number, seq: number, causal: boolean, ms: number|null,
-                 batch?: number, heads?: number, headsKV?: number};
+type TorchRow = {
+  mode: string,
+  dim: number,
+  seq: number,
+  causal: boolean,
+  ms: number|null,
+  batch?: number,
+  heads?: number,
+  headsKV?: number
+};
 
 /** The problem a row measures, as one string (torch rows default to B, H). */
-function problemKey(r: {mode: string, dim: number, seq: number, causal: boolean, batch?: number,
-                        heads?: number, headsKV?: number}, B: number, H: number): string {
+function problemKey(
+    r: {
+      mode: string,
+      dim: number,
+      seq: number,
+      causal: boolean,
+      batch?: number,
+      heads?: number,
+      headsKV?: number
+    },
+    B: number, H: number): string {
   const h = r.heads ?? H;
   return `${r.mode}|${r.batch ?? B}|${h}|${r.headsKV ?? h}|${r.dim}|${r.causal}|${r.seq}`;
 }
@@ -512,16 +585,28 @@ interface Line {
 
 /** One line per problem: the fastest fused variant, composed and PyTorch. */
 function lines(rows: Row[], torch: TorchRow[], B: number, H: number): Line[] {
-  const order = (l: Line) => [l.mode === 'fwd' ? 0 : 1, l.b * l.h === B * H && l.hk === l.h ? 0 : 1,
-                              l.b, l.h, l.hk, l.dim, l.causal ? 0 : 1, l.seq];
+  const order = (l: Line) =>
+      [l.mode === 'fwd' ? 0 : 1, l.b * l.h === B * H && l.hk === l.h ? 0 : 1, l.b, l.h, l.hk, l.dim,
+       l.causal ? 0 : 1, l.seq];
   const byKey = new Map<string, Line>();
   for (const r of rows) {
     const key = problemKey(r, B, H);
     let l = byKey.get(key);
     if (l == null) {
       const t = torch.find(t => problemKey(t, B, H) === key);
-      l = {mode: r.mode, b: r.batch, h: r.heads, hk: r.headsKV, dim: r.dim, causal: r.causal,
-           seq: r.seq, fused: undefined, composed: undefined, torchMs: t?.ms ?? null, variants: 0};
+      l = {
+        mode: r.mode,
+        b: r.batch,
+        h: r.heads,
+        hk: r.headsKV,
+        dim: r.dim,
+        causal: r.causal,
+        seq: r.seq,
+        fused: undefined,
+        composed: undefined,
+        torchMs: t?.ms ?? null,
+        variants: 0
+      };
       byKey.set(key, l);
     }
     if (r.impl === 'composed') {
@@ -545,12 +630,14 @@ function table(rows: Row[], torch: TorchRow[], B: number, H: number): string {
   const f = (x: number|null|undefined, digits = 2) => x == null ? '-' : x.toFixed(digits);
   const ratio = (num: number|null|undefined, den: number|null|undefined) =>
       num != null && den != null ? `${(num / den).toFixed(2)}x` : '-';
-  out.push('float32; ms = median time per call; TFLOP/s by docs/design.md, "Performance method"; peak = GPU MiB ' +
-           'allocated by one call; JS = enqueue time per call; x = speed ratio (higher: fused faster)');
+  out.push(
+      'float32; ms = median time per call; TFLOP/s by docs/design.md, "Performance method"; peak = GPU MiB ' +
+      'allocated by one call; JS = enqueue time per call; x = speed ratio (higher: fused faster)');
   out.push('');
-  out.push('| mode | B x H/Hk | D | S | causal | fused ms | fused TFLOP/s | fused peak MiB | JS ms | ' +
-           'composed ms | composed peak MiB | torch ms | fused / composed | fused / torch | ' +
-           'composed / torch |');
+  out.push(
+      '| mode | B x H/Hk | D | S | causal | fused ms | fused TFLOP/s | fused peak MiB | JS ms | ' +
+      'composed ms | composed peak MiB | torch ms | fused / composed | fused / torch | ' +
+      'composed / torch |');
   out.push(`|${' --- |'.repeat(15)}`);
   const notes: string[] = [];
   for (const l of lines(rows, torch, B, H)) {
@@ -562,8 +649,9 @@ function table(rows: Row[], torch: TorchRow[], B: number, H: number): string {
     if (fused != null && fused.ms == null) {
       notes.push(`fused ${what}: ${fused.status}`);
     }
-    const compMs = composed == null ? '-' : composed.ms == null ? composed.status.split(':')[0] :
-                                                                 f(composed.ms);
+    const compMs = composed == null ? '-' :
+        composed.ms == null         ? composed.status.split(':')[0] :
+                                      f(composed.ms);
     out.push(`| ${l.mode} | ${l.b} x ${l.h}/${l.hk} | ${l.dim} | ${l.seq} | ${l.causal} | ${
         f(fused?.ms, 3)}${l.variants > 1 && fused ? ` [${fused.variant}]` : ''} | ${
         f(fused?.tflops)} | ${f(fused?.peakMiB, 1)} | ${f(fused?.cpuMs, 3)} | ${compMs} | ${
@@ -604,8 +692,11 @@ function ratioTable(rows: Row[], torch: TorchRow[], B: number, H: number): strin
     const c = l.composed?.ms != null ? ` (${(l.composed.ms / l.fused.ms).toFixed(2)}x)` : '';
     return `${t}${c}`;
   };
-  const out = [`fused / PyTorch SDPA f32 (fused / composed), B=${B}, H=${H}; ` +
-               'higher is faster, below 1 in brackets: fused slower than composed', ''];
+  const out = [
+    `fused / PyTorch SDPA f32 (fused / composed), B=${B}, H=${H}; ` +
+        'higher is faster, below 1 in brackets: fused slower than composed',
+    ''
+  ];
   out.push(`| | ${seqs.map(s => `S=${s}`).join(' | ')} |`);
   out.push(`|${' --- |'.repeat(seqs.length + 1)}`);
   const groups = [...new Set(grid.map(l => `${l.mode}|${l.dim}|${l.causal}`))];
@@ -632,18 +723,23 @@ function ratioTable(rows: Row[], torch: TorchRow[], B: number, H: number): strin
 function chart(rows: Row[], torch: TorchRow[]): string {
   const modes = [...new Set(rows.map(r => r.mode))];
   const W = 560, Hh = 360, pad = 50;
-  const colors = ['#1f77b4', '#d62728', '#2ca02c', '#9467bd', '#ff7f0e', '#8c564b', '#e377c2', '#17becf'];
+  const colors =
+      ['#1f77b4', '#d62728', '#2ca02c', '#9467bd', '#ff7f0e', '#8c564b', '#e377c2', '#17becf'];
   const parts: string[] = [];
   const seqs = [...new Set(rows.map(r => r.seq))].sort((a, b) => a - b);
-  const lx = (s: number) => pad + (Math.log2(s) - Math.log2(seqs[0])) /
-      Math.max(1, Math.log2(seqs[seqs.length - 1]) - Math.log2(seqs[0])) * (W - 2 * pad);
+  const lx = (s: number) => pad +
+      (Math.log2(s) - Math.log2(seqs[0])) /
+          Math.max(1, Math.log2(seqs[seqs.length - 1]) - Math.log2(seqs[0])) * (W - 2 * pad);
   modes.forEach((mode, mi) => {
     const ox = mi * W;
     type Series = {name: string, points: Array<[number, number]>};
     const series: Series[] = [];
-    const keyOf = (impl: string, dim: number, causal: boolean) => `${impl} D=${dim}${causal ? ' causal' : ''}`;
+    const keyOf = (impl: string, dim: number, causal: boolean) =>
+        `${impl} D=${dim}${causal ? ' causal' : ''}`;
     const groups = new Map<string, Array<[number, number]>>();
-    for (const r of rows.filter(r => r.mode === mode && r.tflops != null && (r.variant === 'default' || r.variant === '-'))) {
+    for (const r of rows.filter(
+             r => r.mode === mode && r.tflops != null &&
+                 (r.variant === 'default' || r.variant === '-'))) {
       const key = keyOf(r.impl, r.dim, r.causal);
       groups.set(key, [...(groups.get(key) ?? []), [r.seq, r.tflops!]]);
     }
@@ -652,27 +748,37 @@ function chart(rows: Row[], torch: TorchRow[]): string {
       const tfl = flops(mode, 1, 16, t.seq, t.dim, t.causal) / (t.ms! * 1e-3) / 1e12;
       groups.set(key, [...(groups.get(key) ?? []), [t.seq, tfl]]);
     }
-    groups.forEach((points, name) => series.push({name, points: points.sort((a, b) => a[0] - b[0])}));
+    groups.forEach(
+        (points, name) => series.push({name, points: points.sort((a, b) => a[0] - b[0])}));
     const ymax = Math.max(1, ...series.flatMap(s => s.points.map(p => p[1])));
     const ly = (y: number) => Hh - pad - y / ymax * (Hh - 2 * pad);
-    parts.push(`<g transform="translate(${ox},0)"><text x="${W / 2}" y="20" text-anchor="middle" font-size="14">${mode}: TFLOP/s vs S (B=1, H=16, f32)</text>`);
-    parts.push(`<line x1="${pad}" y1="${Hh - pad}" x2="${W - pad}" y2="${Hh - pad}" stroke="#000"/><line x1="${pad}" y1="${pad}" x2="${pad}" y2="${Hh - pad}" stroke="#000"/>`);
+    parts.push(`<g transform="translate(${ox},0)"><text x="${
+        W / 2}" y="20" text-anchor="middle" font-size="14">${
+        mode}: TFLOP/s vs S (B=1, H=16, f32)</text>`);
+    parts.push(`<line x1="${pad}" y1="${Hh - pad}" x2="${W - pad}" y2="${
+        Hh - pad}" stroke="#000"/><line x1="${pad}" y1="${pad}" x2="${pad}" y2="${
+        Hh - pad}" stroke="#000"/>`);
     for (const s of seqs) {
-      parts.push(`<text x="${lx(s)}" y="${Hh - pad + 15}" text-anchor="middle" font-size="10">${s}</text>`);
+      parts.push(`<text x="${lx(s)}" y="${Hh - pad + 15}" text-anchor="middle" font-size="10">${
+          s}</text>`);
     }
     for (let i = 0; i <= 4; i++) {
       const y = ymax * i / 4;
-      parts.push(`<text x="${pad - 5}" y="${ly(y) + 3}" text-anchor="end" font-size="10">${y.toFixed(1)}</text>`);
+      parts.push(`<text x="${pad - 5}" y="${ly(y) + 3}" text-anchor="end" font-size="10">${
+          y.toFixed(1)}</text>`);
     }
     series.forEach((s, i) => {
       const c = colors[i % colors.length];
       const dash = s.name.includes('causal') ? '' : ' stroke-dasharray="4 3"';
-      parts.push(`<polyline fill="none" stroke="${c}" stroke-width="2"${dash} points="${s.points.map(p => `${lx(p[0]).toFixed(1)},${ly(p[1]).toFixed(1)}`).join(' ')}"/>`);
-      parts.push(`<text x="${pad + 8}" y="${pad + 12 * i}" font-size="10" fill="${c}">${s.name}</text>`);
+      parts.push(`<polyline fill="none" stroke="${c}" stroke-width="2"${dash} points="${
+          s.points.map(p => `${lx(p[0]).toFixed(1)},${ly(p[1]).toFixed(1)}`).join(' ')}"/>`);
+      parts.push(
+          `<text x="${pad + 8}" y="${pad + 12 * i}" font-size="10" fill="${c}">${s.name}</text>`);
     });
     parts.push('</g>');
   });
-  return `<svg xmlns="http://www.w3.org/2000/svg" width="${W * modes.length}" height="${Hh}" font-family="sans-serif">\n${parts.join('\n')}\n</svg>\n`;
+  return `<svg xmlns="http://www.w3.org/2000/svg" width="${W * modes.length}" height="${
+      Hh}" font-family="sans-serif">\n${parts.join('\n')}\n</svg>\n`;
 }
 
 main().then(() => process.exit(0), e => {

@@ -156,8 +156,9 @@ async function attentionRows(args: Args): Promise<AttentionRow[]> {
     const k = tf.randomNormal([1, 1, Hk, D]) as tf.Tensor4D;
     const v = tf.randomNormal([1, 1, Hk, D]) as tf.Tensor4D;
     // The step of a sequence at `context` tokens: the last slot is (re)written.
-    const fused = () => flashAttentionWithKVCache(
-        q, kCache, vCache, {k, v, cacheSeqlens: [context - 1], causal: true}) as tf.Tensor4D;
+    const fused = () =>
+        flashAttentionWithKVCache(
+            q, kCache, vCache, {k, v, cacheSeqlens: [context - 1], causal: true}) as tf.Tensor4D;
     const fusedMs = await timeSteps(() => fused().dispose(), args.budgetMs);
     await checkOwnPipelineErrors();
     // Concat baseline on the same prefix.
@@ -165,8 +166,10 @@ async function attentionRows(args: Args): Promise<AttentionRow[]> {
     const vPrev = tf.slice(vCache, [0, 0, 0, 0], [1, context - 1, Hk, D]);
     // GQA: each kv head repeated H / Hk times (rank 3: tfjs-webgpu tiles
     // rank-5 tensors on the CPU).
-    const repeat = (x: tf.Tensor4D) => tf.reshape(
-        tf.tile(tf.reshape(x, [context * Hk, 1, D]), [1, H / Hk, 1]), [1, context, H, D]) as tf.Tensor4D;
+    const repeat = (x: tf.Tensor4D) =>
+        tf.reshape(
+            tf.tile(tf.reshape(x, [context * Hk, 1, D]), [1, H / Hk, 1]), [1, context, H, D]) as
+        tf.Tensor4D;
     const concat = () => tf.tidy(() => {
       const kAll = tf.concat([kPrev, k], 1) as tf.Tensor4D;
       const vAll = tf.concat([vPrev, v], 1) as tf.Tensor4D;
@@ -187,8 +190,10 @@ async function attentionRows(args: Args): Promise<AttentionRow[]> {
     }
     const bytes = 2 * context * Hk * D * 4;
     const row = {context, fusedMs, concatMs, gbs: bytes / fusedMs / 1e6, check};
-    log(`context ${context}: fused ${fusedMs.toFixed(3)} ms, concat ${concatMs?.toFixed(3) ?? '-'} ms, ${
-        row.gbs.toFixed(0)} GB/s of K/V, max|fused - concat| / max|concat| = ${check.toExponential(2)}`);
+    log(`context ${context}: fused ${fusedMs.toFixed(3)} ms, concat ${
+        concatMs?.toFixed(3) ??
+        '-'} ms, ${row.gbs.toFixed(0)} GB/s of K/V, max|fused - concat| / max|concat| = ${
+        check.toExponential(2)}`);
     rows.push(row);
     tf.dispose([kCache, vCache, q, k, v, kPrev, vPrev]);
   }
@@ -214,8 +219,9 @@ async function generationRows(args: Args): Promise<GenerationRow[]> {
   const model = buildGPT(args.gpt, flashMHA, 'gen');
   const rows: GenerationRow[] = [];
   const maxContext = Math.max(...args.genContexts);
-  const prompt = tf.tensor2d(Array.from({length: maxContext}, (_, i) => (i * 7) % args.gpt.vocabSize),
-                             [1, maxContext], 'int32');
+  const prompt = tf.tensor2d(
+      Array.from({length: maxContext}, (_, i) => (i * 7) % args.gpt.vocabSize), [1, maxContext],
+      'int32');
   for (const context of args.genContexts) {
     const tokens = args.genTokens;
     // With caches: prefill `context` tokens, then time single-token steps
@@ -234,13 +240,21 @@ async function generationRows(args: Args): Promise<GenerationRow[]> {
     if (process.env.DECODE_PROFILE) {
       const info = await tf.profile(stepOnce);
       log(`one cached step: ${info.kernels.length} kernels, ${info.newTensors} new tensors: ${
-          Object.entries(info.kernels.reduce((m: Record<string, number>, k) => {
-            m[k.name] = (m[k.name] ?? 0) + 1;
-            return m;
-          }, {})).map(([n, c]) => `${n} x${c}`).join(', ')}`);
+          Object
+              .entries(info.kernels.reduce(
+                  (m: Record<string, number>, k) => {
+                    m[k.name] = (m[k.name] ?? 0) + 1;
+                    return m;
+                  },
+                  {}))
+              .map(([n, c]) => `${n} x${c}`)
+              .join(', ')}`);
       const timed = await Promise.all(info.kernels.map(async k => [k.name, await k.kernelTimeMs]));
-      log(`slowest: ${timed.sort((x, y) => Number(y[1]) - Number(x[1])).slice(0, 8).map(([n, t]) =>
-          `${n} ${JSON.stringify(t)}`).join(', ')}`);
+      log(`slowest: ${
+          timed.sort((x, y) => Number(y[1]) - Number(x[1]))
+              .slice(0, 8)
+              .map(([n, t]) => `${n} ${JSON.stringify(t)}`)
+              .join(', ')}`);
     }
     let t0 = performance.now();
     for (let n = 0; n < tokens; n++) {
@@ -303,26 +317,31 @@ async function main(): Promise<void> {
   const generation = await generationRows(args);
 
   const lines: string[] = [];
-  lines.push(`decode attention, B=1 H=${args.heads} Hk=${args.headsKV} D=${args.dim}, one new token, fp32; ${
-      backend.description}${torch ? `; torch: ${torch.device}` : ''}`);
-  lines.push('| context | fused+cache ms | concat ms | concat / fused | K/V GB/s (fused) | % of bandwidth |' +
-             ' torch SDPA ms | fused / torch |');
+  lines.push(`decode attention, B=1 H=${args.heads} Hk=${args.headsKV} D=${
+      args.dim}, one new token, fp32; ${backend.description}${
+      torch ? `; torch: ${torch.device}` : ''}`);
+  lines.push(
+      '| context | fused+cache ms | concat ms | concat / fused | K/V GB/s (fused) | % of bandwidth |' +
+      ' torch SDPA ms | fused / torch |');
   lines.push('| --- | --- | --- | --- | --- | --- | --- | --- |');
   for (const r of attention) {
     const t = torch?.rows.find(x => x.context === r.context)?.ms ?? null;
     lines.push(`| ${r.context} | ${r.fusedMs.toFixed(3)} | ${r.concatMs?.toFixed(3) ?? '-'} | ${
-        r.concatMs == null ? '-' : (r.concatMs / r.fusedMs).toFixed(1) + 'x'} | ${r.gbs.toPrecision(3)} | ${
-        bandwidth == null ? '-' : (100 * r.gbs / bandwidth).toFixed(1) + '%'} | ${t?.toFixed(3) ?? '-'} | ${
-        t == null ? '-' : (r.fusedMs / t).toFixed(1) + 'x'} |`);
+        r.concatMs == null ? '-' : (r.concatMs / r.fusedMs).toFixed(1) + 'x'} | ${
+        r.gbs.toPrecision(
+            3)} | ${bandwidth == null ? '-' : (100 * r.gbs / bandwidth).toFixed(1) + '%'} | ${
+        t?.toFixed(3) ?? '-'} | ${t == null ? '-' : (r.fusedMs / t).toFixed(1) + 'x'} |`);
   }
   lines.push('');
   lines.push(`generation, GPT ${args.gpt.numLayers} layers x FlashMHA width ${args.gpt.embedDim} (${
       args.gpt.numHeads} heads), greedy, one token per step`);
-  lines.push('| context | with cache ms/token | tokens/s | without cache ms/token | tokens/s | speed-up |');
+  lines.push(
+      '| context | with cache ms/token | tokens/s | without cache ms/token | tokens/s | speed-up |');
   lines.push('| --- | --- | --- | --- | --- | --- |');
   for (const g of generation) {
     lines.push(`| ${g.context} | ${g.cachedMs.toFixed(2)} | ${(1000 / g.cachedMs).toFixed(0)} | ${
-        g.uncachedMs.toFixed(2)} | ${(1000 / g.uncachedMs).toFixed(0)} | ${(g.uncachedMs / g.cachedMs).toFixed(1)}x |`);
+        g.uncachedMs.toFixed(2)} | ${(1000 / g.uncachedMs).toFixed(0)} | ${
+        (g.uncachedMs / g.cachedMs).toFixed(1)}x |`);
   }
   // The goal table of the decode issue: context 4096 (or the nearest run),
   // generation at 1024 (or the nearest).
@@ -331,14 +350,17 @@ async function main(): Promise<void> {
   const a4096 = nearest(attention, 4096);
   const g1024 = nearest(generation, 1024);
   const flat = generation.length > 1 ?
-      `${generation.map(g => `${g.cachedMs.toFixed(2)} ms @${g.context}`).join(', ')}` : '-';
+      `${generation.map(g => `${g.cachedMs.toFixed(2)} ms @${g.context}`).join(', ')}` :
+      '-';
   lines.push('');
   lines.push('| goal | target | measured |');
   lines.push('| --- | --- | --- |');
   lines.push(`| decode attention @${a4096.context}: concat / fused | >= 10x | ${
       a4096.concatMs == null ? '-' : (a4096.concatMs / a4096.fusedMs).toFixed(1) + 'x'} |`);
-  lines.push(`| K/V bytes read @${a4096.context} vs bandwidth (${bandwidth ?? '?'} GB/s) | >= 30% | ${
-      bandwidth == null ? `${a4096.gbs.toPrecision(3)} GB/s` : (100 * a4096.gbs / bandwidth).toFixed(1) + '%'} |`);
+  lines.push(
+      `| K/V bytes read @${a4096.context} vs bandwidth (${bandwidth ?? '?'} GB/s) | >= 30% | ${
+          bandwidth == null ? `${a4096.gbs.toPrecision(3)} GB/s` :
+                              (100 * a4096.gbs / bandwidth).toFixed(1) + '%'} |`);
   lines.push(`| generation @${g1024.context}: with / without cache tokens/s | >= 3x | ${
       (g1024.uncachedMs / g1024.cachedMs).toFixed(1)}x |`);
   lines.push(`| per-token time flat in context (with cache) | flat | ${flat} |`);

@@ -36,7 +36,11 @@ const nums = (s: string) => s.split(',').filter(x => x).map(Number);
 function normals(n: number, seed: number): Float64Array {
   let x = seed >>> 0 || 1;
   const uni = () => {
-    x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0;
+    x ^= x << 13;
+    x >>>= 0;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    x >>>= 0;
     return (x + 0.5) / 4294967296;
   };
   const out = new Float64Array(n);
@@ -47,8 +51,14 @@ function normals(n: number, seed: number): Float64Array {
 }
 
 interface Shape {
-  batch: number; seqQ: number; seqK: number; heads: number; headsKV: number;
-  headDim: number; headDimV: number; alibi?: boolean;
+  batch: number;
+  seqQ: number;
+  seqK: number;
+  heads: number;
+  headsKV: number;
+  headDim: number;
+  headDimV: number;
+  alibi?: boolean;
 }
 
 function relError(a: ArrayLike<number>, e: ArrayLike<number>): number {
@@ -67,13 +77,38 @@ function relError(a: ArrayLike<number>, e: ArrayLike<number>): number {
 
 async function accuracy(): Promise<string[]> {
   const cases: Array<[string, Shape, OracleOptions]> = [
-    ['plain S=256 D=64', {batch: 1, seqQ: 256, seqK: 256, heads: 2, headsKV: 2, headDim: 64, headDimV: 64}, {}],
-    ['causal S=300 D=64 GQA 4/2', {batch: 1, seqQ: 300, seqK: 300, heads: 4, headsKV: 2, headDim: 64, headDimV: 64}, {causal: true}],
-    ['causal S=200 D=128', {batch: 1, seqQ: 200, seqK: 200, heads: 2, headsKV: 2, headDim: 128, headDimV: 128}, {causal: true}],
-    ['window+softcap+alibi Sq<Sk D=64', {batch: 2, seqQ: 130, seqK: 260, heads: 2, headsKV: 1, headDim: 64, headDimV: 64, alibi: true},
-     {windowSize: [40, 7], softcap: 5}],
-    ['dropout 0.2 D=32 Dv=64', {batch: 1, seqQ: 160, seqK: 150, heads: 2, headsKV: 2, headDim: 32, headDimV: 64},
-     {dropoutRate: 0.2, seed: 99}],
+    [
+      'plain S=256 D=64',
+      {batch: 1, seqQ: 256, seqK: 256, heads: 2, headsKV: 2, headDim: 64, headDimV: 64}, {}
+    ],
+    [
+      'causal S=300 D=64 GQA 4/2',
+      {batch: 1, seqQ: 300, seqK: 300, heads: 4, headsKV: 2, headDim: 64, headDimV: 64},
+      {causal: true}
+    ],
+    [
+      'causal S=200 D=128',
+      {batch: 1, seqQ: 200, seqK: 200, heads: 2, headsKV: 2, headDim: 128, headDimV: 128},
+      {causal: true}
+    ],
+    [
+      'window+softcap+alibi Sq<Sk D=64', {
+        batch: 2,
+        seqQ: 130,
+        seqK: 260,
+        heads: 2,
+        headsKV: 1,
+        headDim: 64,
+        headDimV: 64,
+        alibi: true
+      },
+      {windowSize: [40, 7], softcap: 5}
+    ],
+    [
+      'dropout 0.2 D=32 Dv=64',
+      {batch: 1, seqQ: 160, seqK: 150, heads: 2, headsKV: 2, headDim: 32, headDimV: 64},
+      {dropoutRate: 0.2, seed: 99}
+    ],
   ];
   const lines: string[] = [];
   let seed = 12345;
@@ -83,26 +118,34 @@ async function accuracy(): Promise<string[]> {
       q: normals(s.batch * s.seqQ * s.heads * s.headDim, seed++),
       k: normals(s.batch * s.seqK * s.headsKV * s.headDim, seed++),
       v: normals(s.batch * s.seqK * s.headsKV * s.headDimV, seed++),
-      alibiSlopes: s.alibi ? Float64Array.from({length: s.heads}, (_, i) => Math.fround(0.05 + 0.1 * i)) : null,
+      alibiSlopes: s.alibi ?
+          Float64Array.from({length: s.heads}, (_, i) => Math.fround(0.05 + 0.1 * i)) :
+          null,
     };
     const expected = oracleForward(p, opts);
     const q = tf.tensor4d(Float32Array.from(p.q), [s.batch, s.seqQ, s.heads, s.headDim]);
     const k = tf.tensor4d(Float32Array.from(p.k), [s.batch, s.seqK, s.headsKV, s.headDim]);
     const v = tf.tensor4d(Float32Array.from(p.v), [s.batch, s.seqK, s.headsKV, s.headDimV]);
-    const slopes = p.alibiSlopes == null ? undefined : tf.tensor1d(Float32Array.from(p.alibiSlopes));
+    const slopes =
+        p.alibiSlopes == null ? undefined : tf.tensor1d(Float32Array.from(p.alibiSlopes));
     const row: string[] = [name];
     for (const mode of ['simt', 'float32', 'float16'] as const) {
       setMatrixForwardOverride(mode === 'simt' ? {off: true} : null);
       const before = matrixForwardStats.dispatches;
-      const o: FlashAttentionOptions = {...opts, alibiSlopes: slopes, returnSoftmaxLse: true,
-                                        precision: mode === 'float16' ? 'float16' : 'float32'};
+      const o: FlashAttentionOptions = {
+        ...opts,
+        alibiSlopes: slopes,
+        returnSoftmaxLse: true,
+        precision: mode === 'float16' ? 'float16' : 'float32'
+      };
       const [out, lse] = flashAttention(q, k, v, o) as tf.Tensor[];
       const [od, ld] = [await out.data(), await lse.data()];
       tf.dispose([out, lse]);
       await checkOwnPipelineErrors();
       const used = matrixForwardStats.dispatches - before;
       row.push(`${mode}${mode !== 'simt' && used !== 1 ? '(NOT TC)' : ''} out ${
-          relError(od, expected.out).toExponential(2)} lse ${relError(ld, expected.lse).toExponential(2)}`);
+          relError(od, expected.out).toExponential(2)} lse ${
+          relError(ld, expected.lse).toExponential(2)}`);
     }
     setMatrixForwardOverride(null);
     tf.dispose([q, k, v]);
@@ -144,8 +187,8 @@ async function timeMs(device: GPUDevice, run: () => void): Promise<number> {
 }
 
 async function main(): Promise<void> {
-  const webgpu = await import('webgpu') as unknown as {create: (f: string[]) => GPU,
-                                                        globals: Record<string, unknown>};
+  const webgpu = await import('webgpu') as unknown as
+      {create: (f: string[]) => GPU, globals: Record<string, unknown>};
   Object.assign(globalThis, webgpu.globals);
   const gpu = webgpu.create(['enable-dawn-features=allow_unsafe_apis,vulkan_enable_f16_on_nvidia']);
   const adapter = await gpu.requestAdapter({powerPreference: 'high-performance'});
@@ -169,7 +212,8 @@ async function main(): Promise<void> {
   device.addEventListener('uncapturederror', (e: Event) => {
     console.error(`GPU error: ${(e as GPUUncapturedErrorEvent).error.message}`);
   });
-  Object.defineProperty(globalThis, 'navigator', {value: {gpu}, configurable: true, writable: true});
+  Object.defineProperty(
+      globalThis, 'navigator', {value: {gpu}, configurable: true, writable: true});
   if (tf.findBackendFactory('webgpu') != null) {
     tf.removeBackend('webgpu');
   }
@@ -177,9 +221,12 @@ async function main(): Promise<void> {
   await tf.setBackend('webgpu');
   tf.env().set(FLASH_ATTENTION_IMPL, 'fused');
   const info = adapter.info as unknown as Record<string, unknown>;
-  console.log(`device: ${info.vendor} ${info.architecture} ${info.description}; features: ${features.join(', ')}`);
-  console.log(`matrix configs: ${subgroupMatrixConfigs(device).map(c =>
-      `${c.M}x${c.N}x${c.K} ${c.componentType}->${c.resultType}`).join('; ')}`);
+  console.log(`device: ${info.vendor} ${info.architecture} ${info.description}; features: ${
+      features.join(', ')}`);
+  console.log(`matrix configs: ${
+      subgroupMatrixConfigs(device)
+          .map(c => `${c.M}x${c.N}x${c.K} ${c.componentType}->${c.resultType}`)
+          .join('; ')}`);
   const shape = pickSubgroupMatrixShape(device);
   console.log(`chosen: ${JSON.stringify(shape)}`);
   for (const d of [64, 128]) {
@@ -201,10 +248,13 @@ async function main(): Promise<void> {
         const cells: string[] = [`D=${d} S=${s} causal`];
         for (const mode of ['simt', 'float32', 'float16'] as const) {
           setMatrixForwardOverride(mode === 'simt' ? {off: true} : null);
-          const opts: FlashAttentionOptions = {causal: true,
-                                               precision: mode === 'float16' ? 'float16' : 'float32'};
+          const opts: FlashAttentionOptions = {
+            causal: true,
+            precision: mode === 'float16' ? 'float16' : 'float32'
+          };
           try {
-            const ms = await timeMs(device, () => tf.dispose(flashAttention(q, k, v, opts) as tf.Tensor));
+            const ms =
+                await timeMs(device, () => tf.dispose(flashAttention(q, k, v, opts) as tf.Tensor));
             cells.push(`${mode} ${ms.toFixed(3)} ms ${(flops / ms / 1e9).toFixed(1)} TF/s`);
           } catch (e) {
             cells.push(`${mode} error ${(e as Error).message.slice(0, 200)}`);

@@ -78,8 +78,8 @@ async function setup(): Promise<string> {
     throw new Error('no WebGPU adapter');
   }
   const l = adapter.limits;
-  const features = ['subgroups'].filter(f => adapter.features.has(f as GPUFeatureName)) as
-      GPUFeatureName[];
+  const features =
+      ['subgroups'].filter(f => adapter.features.has(f as GPUFeatureName)) as GPUFeatureName[];
   const device = await adapter.requestDevice({
     requiredFeatures: features,
     requiredLimits: {
@@ -91,7 +91,8 @@ async function setup(): Promise<string> {
       maxComputeWorkgroupsPerDimension: l.maxComputeWorkgroupsPerDimension,
     },
   });
-  Object.defineProperty(globalThis, 'navigator', {value: {gpu}, configurable: true, writable: true});
+  Object.defineProperty(
+      globalThis, 'navigator', {value: {gpu}, configurable: true, writable: true});
   await import('@tensorflow/tfjs-layers');  // the core ops' gradients
   const webgpu = await import('@tensorflow/tfjs-backend-webgpu');
   tf.removeBackend('webgpu');
@@ -113,16 +114,19 @@ async function main(): Promise<void> {
   const heads = smoke ? 2 : 16;
   const dim = smoke ? 16 : 64;
   const random = rng(18);
-  const lengths = Array.from({length: batch}, () => minLen + Math.floor(random() * (maxLen - minLen + 1)));
+  const lengths =
+      Array.from({length: batch}, () => minLen + Math.floor(random() * (maxLen - minLen + 1)));
   const total = lengths.reduce((a, b) => a + b, 0);
   const cu = [0];
   lengths.forEach(l => cu.push(cu[cu.length - 1] + l));
   const rows: string[] = [];
   const row = (what: string, ms: number, base?: number) => rows.push(
       `| ${what} | ${ms.toFixed(3)} | ${base == null ? '' : `${(base / ms).toFixed(2)}x`} |`);
-  console.log(`device: ${deviceName}; ${batch} sequences, lengths in [${minLen}, ${maxLen}] ` +
-              `(total ${total} of ${batch * maxLen} padded: ${(100 * total / (batch * maxLen)).toFixed(1)}%), ` +
-              `H=${heads} D=${dim}`);
+  console.log(
+      `device: ${deviceName}; ${batch} sequences, lengths in [${minLen}, ${maxLen}] ` +
+      `(total ${total} of ${batch * maxLen} padded: ${
+          (100 * total / (batch * maxLen)).toFixed(1)}%), ` +
+      `H=${heads} D=${dim}`);
 
   // 1. Attention alone, fwd+bwd (loss = sum(out * dy)).
   const q = tf.randomNormal([total, heads, dim]) as tf.Tensor3D;
@@ -135,26 +139,30 @@ async function main(): Promise<void> {
   const kp = tf.randomNormal([batch, maxLen, heads, dim]) as tf.Tensor4D;
   const vp = tf.randomNormal([batch, maxLen, heads, dim]) as tf.Tensor4D;
   const dyPadded = tf.randomNormal([batch, maxLen, heads, dim]);
-  const keyMask = tf.tidy(() => tf.less(
-      tf.reshape(tf.range(0, maxLen, 1, 'int32'), [1, maxLen]), tf.reshape(seqlens, [batch, 1])));
-  const gradsOf = (f: (a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) => tf.Tensor, dy: tf.Tensor,
-                   x: tf.Tensor[]) => () =>
-      tf.grads((a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) => tf.sum(tf.mul(f(a, b, c), dy)))(x);
+  const keyMask = tf.tidy(
+      () => tf.less(
+          tf.reshape(tf.range(0, maxLen, 1, 'int32'), [1, maxLen]),
+          tf.reshape(seqlens, [batch, 1])));
+  const gradsOf =
+      (f: (a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) => tf.Tensor, dy: tf.Tensor,
+       x: tf.Tensor[]) => () =>
+          tf.grads((a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) => tf.sum(tf.mul(f(a, b, c), dy)))(x);
   const opts = {maxSeqlenQ: maxLen, maxSeqlenK: maxLen};
   const varlen = await timeIt(gradsOf(
-      (a, b, c) => fa.flashAttentionVarlen(a as tf.Tensor3D, b as tf.Tensor3D, c as tf.Tensor3D,
-                                           cuSeqlens, cuSeqlens, opts),
+      (a, b, c) => fa.flashAttentionVarlen(
+          a as tf.Tensor3D, b as tf.Tensor3D, c as tf.Tensor3D, cuSeqlens, cuSeqlens, opts),
       dyPacked, [q, k, v]));
   const withLengths = await timeIt(gradsOf(
-      (a, b, c) => fa.flashAttention(a as tf.Tensor4D, b as tf.Tensor4D, c as tf.Tensor4D,
-                                     {seqlensQ: seqlens, seqlensK: seqlens}),
+      (a, b, c) => fa.flashAttention(
+          a as tf.Tensor4D, b as tf.Tensor4D, c as tf.Tensor4D,
+          {seqlensQ: seqlens, seqlensK: seqlens}),
       dyPadded, [qp, kp, vp]));
   const padded = await timeIt(gradsOf(
       (a, b, c) => fa.flashAttention(a as tf.Tensor4D, b as tf.Tensor4D, c as tf.Tensor4D),
       dyPadded, [qp, kp, vp]));
   const composed = await timeIt(gradsOf(
-      (a, b, c) => layers.maskedAttention(a as tf.Tensor4D, b as tf.Tensor4D, c as tf.Tensor4D,
-                                          {keyMask}),
+      (a, b, c) =>
+          layers.maskedAttention(a as tf.Tensor4D, b as tf.Tensor4D, c as tf.Tensor4D, {keyMask}),
       dyPadded, [qp, kp, vp]));
   await checkOwnPipelineErrors();
   const realShare = lengths.reduce((a, l) => a + l * l, 0) / (batch * maxLen * maxLen);
@@ -163,8 +171,9 @@ async function main(): Promise<void> {
   row('padded op + seqlensQ/seqlensK', withLengths, varlen);
   row(`padded op, S=${maxLen}, no lengths`, padded, varlen);
   row('composed masked path (before)', composed, varlen);
-  rows.push(`| real tokens' share of the padded work (sum l^2 / B S^2) | ${realShare.toFixed(3)} | ` +
-            `ideal ${(1 / realShare).toFixed(2)}x |`);
+  rows.push(
+      `| real tokens' share of the padded work (sum l^2 / B S^2) | ${realShare.toFixed(3)} | ` +
+      `ideal ${(1 / realShare).toFixed(2)}x |`);
   tf.dispose([q, k, v, dyPacked, qp, kp, vp, dyPadded]);
 
   // 2. Keras-style encoder block with a key padding mask, fwd+bwd.
@@ -172,7 +181,8 @@ async function main(): Promise<void> {
   const x = tf.randomNormal([batch, maxLen, embed]);
   const dy = tf.randomNormal([batch, maxLen, embed]);
   const mha = layers.flashMHA({embedDim: embed, numHeads: heads});
-  const composedLayer = (await import('./composed_mha')).composedMHA({embedDim: embed, numHeads: heads});
+  const composedLayer =
+      (await import('./composed_mha')).composedMHA({embedDim: embed, numHeads: heads});
   const norm1 = tfl.layers.layerNormalization({axis: -1});
   const norm2 = tfl.layers.layerNormalization({axis: -1});
   const up = tfl.layers.dense({units: 4 * embed, activation: 'relu'});
@@ -186,16 +196,18 @@ async function main(): Promise<void> {
   tf.dispose(block(composedLayer, x));
   composedLayer.setWeights(mha.getWeights());
   const encoderOf = (attention: tflLayers.Layer) => () => {
-    const vars = [...attention.trainableWeights, ...up.trainableWeights].map(w => w.read() as tf.Variable);
-    const {value, grads} = tf.variableGrads(
-        () => tf.sum(tf.mul(block(attention, x), dy)) as tf.Scalar, vars);
+    const vars =
+        [...attention.trainableWeights, ...up.trainableWeights].map(w => w.read() as tf.Variable);
+    const {value, grads} =
+        tf.variableGrads(() => tf.sum(tf.mul(block(attention, x), dy)) as tf.Scalar, vars);
     return [value, ...Object.values(grads)];
   };
   const encoderFused = await timeIt(encoderOf(mha));
   const encoderComposed = await timeIt(encoderOf(composedLayer));
   await checkOwnPipelineErrors();
-  rows.push('', `| encoder block (E=${embed}, key padding mask) fwd+bwd | ms | speed-up |`,
-            '| --- | --- | --- |');
+  rows.push(
+      '', `| encoder block (E=${embed}, key padding mask) fwd+bwd | ms | speed-up |`,
+      '| --- | --- | --- |');
   row('FlashMHA, padding mask fused (after)', encoderFused, encoderComposed);
   row('composed masked path (before)', encoderComposed);
   tf.dispose([x, dy, keyMask, cuSeqlens, seqlens]);

@@ -78,7 +78,8 @@ tf.serialization.registerClass(LayerNorm);
  * dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(var + epsilon),
  * dgamma = sum(dy * xhat), dbeta = sum(dy) over the leading axes.
  */
-export function layerNorm(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsilon: number): tf.Tensor {
+export function layerNorm(
+    x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsilon: number): tf.Tensor {
   const leading = Array.from({length: x.rank - 1}, (_, i) => i);
   const normalize = (input: tf.Tensor) => {
     const {mean, variance} = tf.moments(input, -1, true);
@@ -95,7 +96,8 @@ export function layerNorm(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsil
       gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => {
         const [xhat, inv] = normalize(saved[0]);
         const g = tf.mul(dy, saved[1]);
-        const centered = tf.sub(tf.sub(g, tf.mean(g, -1, true)), tf.mul(xhat, tf.mean(tf.mul(g, xhat), -1, true)));
+        const centered = tf.sub(
+            tf.sub(g, tf.mean(g, -1, true)), tf.mul(xhat, tf.mean(tf.mul(g, xhat), -1, true)));
         return [tf.mul(centered, inv), tf.sum(tf.mul(dy, xhat), leading), tf.sum(dy, leading)];
       },
     };
@@ -132,17 +134,24 @@ tf.serialization.registerClass(GeluNew);
  * creates its weights in the same order, so models of different kinds take
  * each other's weights (setWeights).
  */
-export function buildGPT(config: GPTConfig, attention: AttentionFactory = flashMHA, name = 'gpt',
-                         norm: NormKind = 'gpt'): tfl.LayersModel {
+export function buildGPT(
+    config: GPTConfig, attention: AttentionFactory = flashMHA, name = 'gpt',
+    norm: NormKind = 'gpt'): tfl.LayersModel {
   const {vocabSize, numLayers, embedDim, numHeads} = config;
   const headDim = embedDim / numHeads;
   const makeNorm = (layerName: string, returnResidual = false): tfl.layers.Layer =>
-      norm === 'fused' ? new FusedLayerNormalization({name: layerName, epsilon: 1e-5, returnResidual}) :
+      norm === 'fused' ?
+      new FusedLayerNormalization({name: layerName, epsilon: 1e-5, returnResidual}) :
       norm === 'tfjs' ? tfl.layers.layerNormalization({name: layerName, epsilon: 1e-5}) :
                         new LayerNorm({name: layerName});
   const tokens = tfl.input({shape: [null], dtype: 'int32', name: `${name}_tokens`});
-  let x = tfl.layers.embedding({inputDim: vocabSize, outputDim: embedDim, name: `${name}_embed`,
-                                embeddingsInitializer: tfl.initializers.randomNormal({stddev: 0.02})})
+  let x = tfl.layers
+              .embedding({
+                inputDim: vocabSize,
+                outputDim: embedDim,
+                name: `${name}_embed`,
+                embeddingsInitializer: tfl.initializers.randomNormal({stddev: 0.02})
+              })
               .apply(tokens) as tfl.SymbolicTensor;
   // Fused: a branch's output waits here to be added to x inside the next norm.
   let pending: tfl.SymbolicTensor|null = null;
@@ -165,19 +174,32 @@ export function buildGPT(config: GPTConfig, attention: AttentionFactory = flashM
   for (let i = 0; i < numLayers; i++) {
     const p = `${name}_block${i}`;
     const norm1 = normOf(`${p}_norm1`);
-    const attended = attention({embedDim, numHeads, causal: true, rotaryEmbDim: headDim, dropout: config.dropout,
-                                name: `${p}_attention`}).apply(norm1) as tfl.SymbolicTensor;
+    const attended = attention({
+                       embedDim,
+                       numHeads,
+                       causal: true,
+                       rotaryEmbDim: headDim,
+                       dropout: config.dropout,
+                       name: `${p}_attention`
+                     }).apply(norm1) as tfl.SymbolicTensor;
     addResidual(attended, `${p}_residual1`);
     const norm2 = normOf(`${p}_norm2`);
     const fused = norm === 'fused';
-    const projected = tfl.layers.dense({units: 4 * embedDim, activation: fused ? 'linear' : 'gelu_new',
-                                        name: `${p}_mlp_in`}).apply(norm2);
+    const projected = tfl.layers
+                          .dense({
+                            units: 4 * embedDim,
+                            activation: fused ? 'linear' : 'gelu_new',
+                            name: `${p}_mlp_in`
+                          })
+                          .apply(norm2);
     const hidden = fused ? new GeluNew({name: `${p}_gelu`}).apply(projected) : projected;
-    const mlp = tfl.layers.dense({units: embedDim, name: `${p}_mlp_out`}).apply(hidden) as tfl.SymbolicTensor;
+    const mlp = tfl.layers.dense({units: embedDim, name: `${p}_mlp_out`}).apply(hidden) as
+        tfl.SymbolicTensor;
     addResidual(mlp, `${p}_residual2`);
   }
   const normed = normOf(`${name}_norm`);
-  const logits = tfl.layers.dense({units: vocabSize, name: `${name}_logits`}).apply(normed) as tfl.SymbolicTensor;
+  const logits = tfl.layers.dense({units: vocabSize, name: `${name}_logits`}).apply(normed) as
+      tfl.SymbolicTensor;
   return tfl.model({inputs: tokens, outputs: logits, name});
 }
 
@@ -222,7 +244,8 @@ export function seededRandom(seed: number): () => number {
 export function sampleBatch(data: Int32Array, batch: number, seq: number, random: () => number):
     {x: tf.Tensor2D, y: tf.Tensor2D} {
   if (data.length < seq + 2) {
-    throw new Error(`sampleBatch: the corpus (${data.length} tokens) is shorter than seq + 2 = ${seq + 2}`);
+    throw new Error(
+        `sampleBatch: the corpus (${data.length} tokens) is shorter than seq + 2 = ${seq + 2}`);
   }
   const xs = new Int32Array(batch * seq);
   const ys = new Int32Array(batch * seq);
@@ -238,8 +261,9 @@ export function sampleBatch(data: Int32Array, batch: number, seq: number, random
 export type LossKind = 'composed'|'fused';
 
 /** Mean next-token cross-entropy of logits `[B, S, V]` against ids `[B, S]`. */
-export function lossOf(logits: tf.Tensor, targets: tf.Tensor2D, vocabSize: number,
-                       kind: LossKind = 'composed'): tf.Scalar {
+export function lossOf(
+    logits: tf.Tensor, targets: tf.Tensor2D, vocabSize: number,
+    kind: LossKind = 'composed'): tf.Scalar {
   if (kind === 'fused') {
     return softmaxCrossEntropyLoss(targets, logits);
   }
@@ -248,7 +272,8 @@ export function lossOf(logits: tf.Tensor, targets: tf.Tensor2D, vocabSize: numbe
     const labels = tf.oneHot(tf.reshape(targets, [-1]), vocabSize);
     // log-sum-exp minus the target's logit (tf.losses.softmaxCrossEntropy's
     // custom gradient trips tfjs's kernel leak check in test mode).
-    return tf.mean(tf.sub(tf.logSumExp(flatLogits, -1), tf.sum(tf.mul(labels, flatLogits), -1))) as tf.Scalar;
+    return tf.mean(tf.sub(tf.logSumExp(flatLogits, -1), tf.sum(tf.mul(labels, flatLogits), -1))) as
+        tf.Scalar;
   });
 }
 
@@ -261,9 +286,10 @@ export function trainableVariables(model: tfl.LayersModel): tf.Variable[] {
  * One optimizer step; resolves to the loss once the backend has finished
  * (reading the loss waits for the GPU), so timing it times the step.
  */
-export async function trainStep(model: tfl.LayersModel, optimizer: tf.Optimizer, x: tf.Tensor2D, y: tf.Tensor2D,
-                                vocabSize: number, vars = trainableVariables(model),
-                                loss: LossKind = 'composed'): Promise<number> {
+export async function trainStep(
+    model: tfl.LayersModel, optimizer: tf.Optimizer, x: tf.Tensor2D, y: tf.Tensor2D,
+    vocabSize: number, vars = trainableVariables(model),
+    loss: LossKind = 'composed'): Promise<number> {
   const lossValue = optimizer.minimize(
       () => lossOf(model.apply(x, {training: true}) as tf.Tensor, y, vocabSize, loss), true, vars)!;
   const value = (await lossValue.data())[0];
@@ -272,8 +298,9 @@ export async function trainStep(model: tfl.LayersModel, optimizer: tf.Optimizer,
 }
 
 /** Samples `length` characters after `prompt` (temperature sampling, window of `context`). */
-export async function generate(model: tfl.LayersModel, tokenizer: CharTokenizer, prompt: string, length: number,
-                               context: number, random: () => number, temperature = 0.8): Promise<string> {
+export async function generate(
+    model: tfl.LayersModel, tokenizer: CharTokenizer, prompt: string, length: number,
+    context: number, random: () => number, temperature = 0.8): Promise<string> {
   const ids = Array.from(tokenizer.encode(prompt));
   for (let n = 0; n < length; n++) {
     const window = ids.slice(-context);
@@ -308,8 +335,9 @@ function sampleIndex(p: ArrayLike<number>, random: () => number): number {
  * built from causal FlashMHA layers (buildGPT). Same sampling as
  * `generate`; `prompt.length + length` characters at most are attended.
  */
-export async function generateWithCache(model: tfl.LayersModel, tokenizer: CharTokenizer, prompt: string,
-                                        length: number, random: () => number, temperature = 0.8): Promise<string> {
+export async function generateWithCache(
+    model: tfl.LayersModel, tokenizer: CharTokenizer, prompt: string, length: number,
+    random: () => number, temperature = 0.8): Promise<string> {
   const ids = Array.from(tokenizer.encode(prompt));
   const decoder = new IncrementalDecoder(model, {batch: 1, maxSeqLen: ids.length + length});
   try {

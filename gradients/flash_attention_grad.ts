@@ -33,13 +33,12 @@ export interface FlashAttentionGradTensors {
 export function flashAttentionBackward(
     inputs: FlashAttentionGradTensors,
     attrs: FlashAttentionAttrs): [tf.Tensor4D, tf.Tensor4D, tf.Tensor4D] {
-  const shapes = checkQKV(
-      inputs.q.shape, inputs.k.shape, inputs.v.shape, 'flashAttention gradient');
+  const shapes =
+      checkQKV(inputs.q.shape, inputs.k.shape, inputs.v.shape, 'flashAttention gradient');
   if (useFusedKernel(FlashAttentionGrad, shapes, attrs)) {
     return tf.engine().runKernel(
                FlashAttentionGrad, inputs as unknown as tf.NamedTensorMap,
-               attrs as unknown as tf.NamedAttrMap) as
-        [tf.Tensor4D, tf.Tensor4D, tf.Tensor4D];
+               attrs as unknown as tf.NamedAttrMap) as [tf.Tensor4D, tf.Tensor4D, tf.Tensor4D];
   }
   const alibiSlopes = inputs.alibiSlopes.size === 0 ? null : inputs.alibiSlopes;
   const seqlens = inputs.seqlens.size === 0 ? null : inputs.seqlens;
@@ -52,8 +51,7 @@ export function flashAttentionBackward(
  * seqlens, out, softmaxLse (the order the registered gradient saves them in).
  */
 export function flashAttentionGradFunc(
-    dys: tf.Tensor|tf.Tensor[], saved: tf.Tensor[],
-    attrs: tf.NamedAttrMap): NamedGradientMap {
+    dys: tf.Tensor|tf.Tensor[], saved: tf.Tensor[], attrs: tf.NamedAttrMap): NamedGradientMap {
   const [dy, dLse] = dys as tf.Tensor[];
   const [q, k, v, alibiSlopes, seqlens, out, softmaxLse] = saved;
   const [dq, dk, dv] = flashAttentionBackward(

@@ -19,11 +19,15 @@ const clangFormat = require('clang-format').getNativeBinary();
 const check = process.argv.includes('--check');
 
 // Tracked files and new ones git does not ignore.
-const files = execFileSync('git', ['ls-files', '--cached', '--others', '--exclude-standard',
-                                   '*.ts', '*.js', '*.mjs', '*.cjs'],
-                          {cwd: root, encoding: 'utf8'})
-                  .split('\n')
-                  .filter(f => f !== '');
+const files =
+    execFileSync(
+        'git',
+        [
+          'ls-files', '--cached', '--others', '--exclude-standard', '*.ts', '*.js', '*.mjs', '*.cjs'
+        ],
+        {cwd: root, encoding: 'utf8'})
+        .split('\n')
+        .filter(f => f !== '');
 // clang-format knows .ts and .js by their ending; .mjs and .cjs go through
 // stdin, named as .js.
 const asJs = f => /\.[mc]js$/.test(f);
@@ -50,8 +54,9 @@ function pass(checkOnly, report = checkOnly) {
   for (const f of files.filter(asJs)) {
     const file = path.join(root, f);
     const text = readFileSync(file, 'utf8');
-    const r = spawnSync(clangFormat, [...style, `--assume-filename=${file.replace(/[mc]js$/, 'js')}`],
-                        {cwd: root, encoding: 'utf8', input: text});
+    const r = spawnSync(
+        clangFormat, [...style, `--assume-filename=${file.replace(/[mc]js$/, 'js')}`],
+        {cwd: root, encoding: 'utf8', input: text});
     if (r.status !== 0 || r.stdout !== text) {
       bad.push(f);
       if (!checkOnly && r.status === 0) {
@@ -75,7 +80,8 @@ for (let round = 0; !check && round < 3; round++) {
   pass(false);
 }
 if (bad.length > 0) {
-  console.error(check ? 'format: files above are not formatted; run `npm run format`' :
-                        `format: clang-format's output is not stable for ${bad.join(', ')}`);
+  console.error(
+      check ? 'format: files above are not formatted; run `npm run format`' :
+              `format: clang-format's output is not stable for ${bad.join(', ')}`);
   process.exit(1);
 }

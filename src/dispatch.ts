@@ -14,8 +14,7 @@ import type {FlashAttentionAttrs} from './kernel_names';
 
 /** Why a fused kernel cannot take a call, or null when it can. */
 export type FusedSupportCheck =
-    (shapes: AttentionShapes, attrs: FlashAttentionAttrs,
-     backend: tf.KernelBackend) => string | null;
+    (shapes: AttentionShapes, attrs: FlashAttentionAttrs, backend: tf.KernelBackend) => string|null;
 
 const supportChecks = new Map<string, FusedSupportCheck>();
 
@@ -56,8 +55,7 @@ export function hasFusedKernel(kernelName: string, backendName: string): boolean
  * under FLASH_ATTENTION_IMPL=fused when the fused kernel cannot run.
  */
 export function useFusedKernel(
-    kernelName: string, shapes: AttentionShapes,
-    attrs: FlashAttentionAttrs): boolean {
+    kernelName: string, shapes: AttentionShapes, attrs: FlashAttentionAttrs): boolean {
   const impl = getImpl();
   if (impl === 'reference') {
     return false;
@@ -66,8 +64,7 @@ export function useFusedKernel(
   let reason: string|null;
   if (!hasFusedKernel(kernelName, backendName)) {
     reason = `backend '${backendName}' has no fused ${kernelName} kernel`;
-  } else if (attrs.hasSeqlens &&
-             !kernelFeatures.get(key(kernelName, backendName))?.seqlens) {
+  } else if (attrs.hasSeqlens && !kernelFeatures.get(key(kernelName, backendName))?.seqlens) {
     reason = `the fused ${kernelName} kernel of backend '${
         backendName}' does not take per-batch sequence lengths`;
   } else {

@@ -7,8 +7,7 @@ import * as tf from '@tensorflow/tfjs-core';
 /** `auto` (fused kernel when the backend has one), `fused` or `reference`. */
 export const FLASH_ATTENTION_IMPL = 'FLASH_ATTENTION_IMPL';
 /** Most scores one block of the composed reference holds (memory bound). */
-export const FLASH_ATTENTION_REFERENCE_BLOCK_ELEMENTS =
-    'FLASH_ATTENTION_REFERENCE_BLOCK_ELEMENTS';
+export const FLASH_ATTENTION_REFERENCE_BLOCK_ELEMENTS = 'FLASH_ATTENTION_REFERENCE_BLOCK_ELEMENTS';
 
 export type FlashAttentionImpl = 'auto'|'fused'|'reference';
 const IMPLS: readonly FlashAttentionImpl[] = ['auto', 'fused', 'reference'];
@@ -27,8 +26,7 @@ function environmentVariable(name: string): string|undefined {
 }
 
 tf.env().registerFlag(
-    FLASH_ATTENTION_IMPL,
-    () => environmentVariable(FLASH_ATTENTION_IMPL) ?? 'auto');
+    FLASH_ATTENTION_IMPL, () => environmentVariable(FLASH_ATTENTION_IMPL) ?? 'auto');
 tf.env().registerFlag(FLASH_ATTENTION_REFERENCE_BLOCK_ELEMENTS, () => {
   const value = environmentVariable(FLASH_ATTENTION_REFERENCE_BLOCK_ELEMENTS);
   return value == null ? DEFAULT_BLOCK_ELEMENTS : Number(value);
@@ -38,8 +36,8 @@ tf.env().registerFlag(FLASH_ATTENTION_REFERENCE_BLOCK_ELEMENTS, () => {
 export function getImpl(): FlashAttentionImpl {
   const value = tf.env().get(FLASH_ATTENTION_IMPL);
   if (!IMPLS.includes(value as FlashAttentionImpl)) {
-    throw new Error(`${FLASH_ATTENTION_IMPL} must be one of ${
-        IMPLS.join(', ')}, got ${JSON.stringify(value)}`);
+    throw new Error(
+        `${FLASH_ATTENTION_IMPL} must be one of ${IMPLS.join(', ')}, got ${JSON.stringify(value)}`);
   }
   return value as FlashAttentionImpl;
 }

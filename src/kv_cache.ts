@@ -21,8 +21,7 @@ export interface KVCacheArgs {
   headDimV?: number;
 }
 
-export type KVCacheAttendOptions =
-    Omit<FlashAttentionWithKVCacheOptions, 'k'|'v'|'cacheSeqlens'>;
+export type KVCacheAttendOptions = Omit<FlashAttentionWithKVCacheOptions, 'k'|'v'|'cacheSeqlens'>;
 
 export class KVCache {
   readonly batch: number;
@@ -100,9 +99,10 @@ export class KVCache {
       throw new Error(`KVCache: ${seqNew} new tokens do not fit: ${this.length} of maxSeqLen = ${
           this.maxSeqLen} are used`);
     }
-    const out = flashAttentionWithKVCache(
-        q, kCache, vCache,
-        {...opts, k, v, cacheSeqlens: this.lengths, returnSoftmaxLse: false}) as tf.Tensor4D;
+    const out =
+        flashAttentionWithKVCache(
+            q, kCache, vCache,
+            {...opts, k, v, cacheSeqlens: this.lengths, returnSoftmaxLse: false}) as tf.Tensor4D;
     this.lengths = this.lengths.map(n => n + seqNew);
     return out;
   }

@@ -20,10 +20,8 @@ export type FlashAttentionResult = tf.Tensor4D|[tf.Tensor4D, tf.Tensor3D];
 /** The private engine method that runs a forward with its own backward. */
 interface KernelFuncRunner {
   runKernelFunc(params: {
-    forwardFunc: (backend: tf.KernelBackend, save: (t: tf.Tensor[]) => void) =>
-        tf.Tensor[],
-    backwardsFunc: (dys: tf.Tensor|tf.Tensor[], saved: tf.Tensor[]) =>
-        NamedGradientMap,
+    forwardFunc: (backend: tf.KernelBackend, save: (t: tf.Tensor[]) => void) => tf.Tensor[],
+    backwardsFunc: (dys: tf.Tensor|tf.Tensor[], saved: tf.Tensor[]) => NamedGradientMap,
     inputs: tf.NamedTensorMap,
     attrs: tf.NamedAttrMap,
   }): tf.Tensor[];
@@ -31,9 +29,8 @@ interface KernelFuncRunner {
 
 /** Runs FlashAttention (fused or reference) and returns `[out, lse]`. */
 export function runFlashAttention(
-    q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D,
-    alibiSlopes: tf.Tensor|undefined, shapes: AttentionShapes,
-    attrs: FlashAttentionAttrs,
+    q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D, alibiSlopes: tf.Tensor|undefined,
+    shapes: AttentionShapes, attrs: FlashAttentionAttrs,
     seqlensArg?: tf.Tensor2D): [tf.Tensor4D, tf.Tensor3D] {
   // Kernels always receive alibiSlopes and seqlens; shape [0] means "no
   // ALiBi" / "whole sequences", so the gradient can save them like any
@@ -52,8 +49,8 @@ export function runFlashAttention(
   return engine.runKernelFunc({
     forwardFunc: (_backend, save) => {
       const [out, lse] = referenceForward(
-          q, k, v, alibiSlopes ?? null,
-          {...shapes, seqlens: seqlens.size === 0 ? null : seqlens}, attrs, blockElements);
+          q, k, v, alibiSlopes ?? null, {...shapes, seqlens: seqlens.size === 0 ? null : seqlens},
+          attrs, blockElements);
       save([q, k, v, slopes, seqlens, out, lse]);
       return [out, lse];
     },
@@ -71,8 +68,7 @@ function attention(
   // values are used.
   const {seqlensQ: q0, seqlensK: k0, keyPaddingMask: m0, ...attentionOpts} =
       parseAttentionOptions<FlashAttentionOptions>(opts, opName, LENGTH_OPTION_SPECS);
-  const attrs =
-      normalizeOptions(attentionOpts, shapes.headDim, opName, shapes.seqK, shapes.seqQ);
+  const attrs = normalizeOptions(attentionOpts, shapes.headDim, opName, shapes.seqK, shapes.seqQ);
   const alibiSlopes = checkAlibi(opts?.alibiSlopes, shapes, opName);
   const {seqlensQ, seqlensK} =
       lengthOptions({seqlensQ: q0, seqlensK: k0, keyPaddingMask: m0}, shapes, opName);
@@ -89,13 +85,14 @@ function attention(
 }
 
 /** seqlensQ, seqlensK and keyPaddingMask, checked (docs/varlen.md). */
-function lengthOptions(
-    opts: FlashAttentionOptions, shapes: AttentionShapes,
-    opName: string): {seqlensQ?: tf.Tensor1D, seqlensK?: tf.Tensor1D} {
-  const seqlensQ = opts.seqlensQ == null ? undefined :
-                                           checkLengths(opts.seqlensQ, 'seqlensQ', shapes.batch, opName);
-  let seqlensK = opts.seqlensK == null ? undefined :
-                                         checkLengths(opts.seqlensK, 'seqlensK', shapes.batch, opName);
+function lengthOptions(opts: FlashAttentionOptions, shapes: AttentionShapes, opName: string):
+    {seqlensQ?: tf.Tensor1D, seqlensK?: tf.Tensor1D} {
+  const seqlensQ = opts.seqlensQ == null ?
+      undefined :
+      checkLengths(opts.seqlensQ, 'seqlensQ', shapes.batch, opName);
+  let seqlensK = opts.seqlensK == null ?
+      undefined :
+      checkLengths(opts.seqlensK, 'seqlensK', shapes.batch, opName);
   if (opts.keyPaddingMask != null) {
     if (seqlensK != null) {
       throw new Error(`${opName}: give seqlensK or keyPaddingMask, not both`);
@@ -137,9 +134,10 @@ function flashAttentionQKVPacked_(
   checkQKVPacked(qkv, opName);
   const [batch, seq, , heads, headDim] = qkv.shape;
   const shape = [batch, seq, heads, headDim];
-  const shapes = checkQKV(shape, shape, shape, opName,
-                          {q: 'qkv[:, :, 0]', k: 'qkv[:, :, 1]', v: 'qkv[:, :, 2]'});
-  return attention(opName, shapes, opts, () => tf.unstack(qkv, 2) as [tf.Tensor4D, tf.Tensor4D, tf.Tensor4D]);
+  const shapes = checkQKV(
+      shape, shape, shape, opName, {q: 'qkv[:, :, 0]', k: 'qkv[:, :, 1]', v: 'qkv[:, :, 2]'});
+  return attention(
+      opName, shapes, opts, () => tf.unstack(qkv, 2) as [tf.Tensor4D, tf.Tensor4D, tf.Tensor4D]);
 }
 
 /**
@@ -149,15 +147,14 @@ function flashAttentionQKVPacked_(
  * @param kv `[B, Sk, 2, Hk, D]` float32
  */
 function flashAttentionKVPacked_(
-    q: tf.Tensor4D, kv: tf.Tensor5D,
-    opts: FlashAttentionOptions = {}): FlashAttentionResult {
+    q: tf.Tensor4D, kv: tf.Tensor5D, opts: FlashAttentionOptions = {}): FlashAttentionResult {
   const opName = 'flashAttentionKVPacked';
   checkTensor(q, 'q', opName, 4, '[B, Sq, H, D]');
   checkKVPacked(kv, opName);
   const [batch, seqK, , headsKV, headDim] = kv.shape;
   const kvShape = [batch, seqK, headsKV, headDim];
-  const shapes = checkQKV(q.shape, kvShape, kvShape, opName,
-                          {q: 'q', k: 'kv[:, :, 0]', v: 'kv[:, :, 1]'});
+  const shapes =
+      checkQKV(q.shape, kvShape, kvShape, opName, {q: 'q', k: 'kv[:, :, 0]', v: 'kv[:, :, 1]'});
   return attention(opName, shapes, opts, () => {
     const [k, v] = tf.unstack(kv, 2) as tf.Tensor4D[];
     return [q, k, v];
@@ -168,8 +165,7 @@ type WithLse = FlashAttentionOptions&{returnSoftmaxLse: true};
 type WithoutLse = FlashAttentionOptions&{returnSoftmaxLse?: false};
 
 export interface FlashAttentionOp {
-  (q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D, opts: WithLse):
-      [tf.Tensor4D, tf.Tensor3D];
+  (q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D, opts: WithLse): [tf.Tensor4D, tf.Tensor3D];
   (q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D, opts?: WithoutLse): tf.Tensor4D;
   (q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D,
    opts?: FlashAttentionOptions): FlashAttentionResult;
@@ -188,5 +184,4 @@ export interface FlashAttentionKVPackedOp {
 export const flashAttention = tf.op({flashAttention_}) as FlashAttentionOp;
 export const flashAttentionQKVPacked =
     tf.op({flashAttentionQKVPacked_}) as FlashAttentionQKVPackedOp;
-export const flashAttentionKVPacked =
-    tf.op({flashAttentionKVPacked_}) as FlashAttentionKVPackedOp;
+export const flashAttentionKVPacked = tf.op({flashAttentionKVPacked_}) as FlashAttentionKVPackedOp;

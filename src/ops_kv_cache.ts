@@ -17,8 +17,7 @@ import {getReferenceBlockElements} from './flags';
 import type {FlashAttentionAttrs, FlashAttentionKVCacheAttrs} from './kernel_names';
 import {FlashAttentionKVCache} from './kernel_names';
 import type {FlashAttentionOptions, OptionSpec} from './options';
-import {describeValue, FlashAttentionError, normalizeOptions, parseAttentionOptions} from
-    './options';
+import {describeValue, FlashAttentionError, normalizeOptions, parseAttentionOptions} from './options';
 import {referenceForward} from './reference/forward';
 
 export interface FlashAttentionWithKVCacheOptions extends
@@ -76,19 +75,42 @@ const isTensor = (v: unknown) => v instanceof tf.Tensor;
 
 /** The options of this op besides the attention options (src/options.ts). */
 export const KV_CACHE_OPTION_SPECS: readonly OptionSpec[] = [
-  {name: 'k', expected: 'a tf.Tensor of shape [B, Snew, Hk, D]', valid: isTensor,
-   aliases: ['k_new', 'new_k', 'key']},
-  {name: 'v', expected: 'a tf.Tensor of shape [B, Snew, Hk, Dv]', valid: isTensor,
-   aliases: ['v_new', 'new_v', 'value']},
-  {name: 'cacheSeqlens', expected: 'a number[], Int32Array or int32 tf.Tensor of shape [B]',
-   valid: v => Array.isArray(v) || v instanceof Int32Array || isTensor(v),
-   aliases: ['cache_seqlens', 'seqlens', 'seqlens_k', 'cache_lengths']},
-  {name: 'rotaryCos', expected: 'a tf.Tensor of shape [Sro, rotaryDim / 2]', valid: isTensor,
-   aliases: ['rotary_cos', 'cos']},
-  {name: 'rotarySin', expected: 'a tf.Tensor of shape [Sro, rotaryDim / 2]', valid: isTensor,
-   aliases: ['rotary_sin', 'sin']},
-  {name: 'rotaryInterleaved', expected: 'a boolean', valid: v => typeof v === 'boolean',
-   aliases: ['rotary_interleaved', 'interleaved']},
+  {
+    name: 'k',
+    expected: 'a tf.Tensor of shape [B, Snew, Hk, D]',
+    valid: isTensor,
+    aliases: ['k_new', 'new_k', 'key']
+  },
+  {
+    name: 'v',
+    expected: 'a tf.Tensor of shape [B, Snew, Hk, Dv]',
+    valid: isTensor,
+    aliases: ['v_new', 'new_v', 'value']
+  },
+  {
+    name: 'cacheSeqlens',
+    expected: 'a number[], Int32Array or int32 tf.Tensor of shape [B]',
+    valid: v => Array.isArray(v) || v instanceof Int32Array || isTensor(v),
+    aliases: ['cache_seqlens', 'seqlens', 'seqlens_k', 'cache_lengths']
+  },
+  {
+    name: 'rotaryCos',
+    expected: 'a tf.Tensor of shape [Sro, rotaryDim / 2]',
+    valid: isTensor,
+    aliases: ['rotary_cos', 'cos']
+  },
+  {
+    name: 'rotarySin',
+    expected: 'a tf.Tensor of shape [Sro, rotaryDim / 2]',
+    valid: isTensor,
+    aliases: ['rotary_sin', 'sin']
+  },
+  {
+    name: 'rotaryInterleaved',
+    expected: 'a boolean',
+    valid: v => typeof v === 'boolean',
+    aliases: ['rotary_interleaved', 'interleaved']
+  },
 ];
 
 function readSeqlens(
@@ -96,32 +118,36 @@ function readSeqlens(
     seqNew: number): number[] {
   if (value == null) {
     if (seqNew > 0) {
-      fail('cacheSeqlens', `given with new keys (k, v)`, value,
-           'cacheSeqlens is required when new keys (k, v) are given');
+      fail(
+          'cacheSeqlens', `given with new keys (k, v)`, value,
+          'cacheSeqlens is required when new keys (k, v) are given');
     }
     return new Array(batch).fill(seqMax);
   }
   let values: number[];
   if (value instanceof tf.Tensor) {
     if (value.rank !== 1 || value.dtype !== 'int32') {
-      fail('cacheSeqlens', `an int32 tensor of shape [${batch}]`, value,
-           `cacheSeqlens must be an int32 tensor of shape [${batch}], got ${value.dtype} [${
-               value.shape}]`);
+      fail(
+          'cacheSeqlens', `an int32 tensor of shape [${batch}]`, value,
+          `cacheSeqlens must be an int32 tensor of shape [${batch}], got ${value.dtype} [${
+              value.shape}]`);
     }
     values = Array.from(value.dataSync());
   } else {
     values = Array.from(value);  // An array or Int32Array (the option specs checked).
   }
   if (values.length !== batch) {
-    fail('cacheSeqlens', `length B = ${batch}`, values,
-         `cacheSeqlens must have length B = ${batch}, got ${values.length}`);
+    fail(
+        'cacheSeqlens', `length B = ${batch}`, values,
+        `cacheSeqlens must have length B = ${batch}, got ${values.length}`);
   }
   const limit = seqMax - seqNew;
   values.forEach((n, b) => {
     if (!Number.isInteger(n) || n < 0 || n > limit) {
-      fail('cacheSeqlens', `integers in [0, ${limit}]`, values,
-           `cacheSeqlens[${b}] must be an integer in [0, ${limit}] (Smax - Snew = ${seqMax} - ${
-               seqNew}), got ${describeValue(n)}`);
+      fail(
+          'cacheSeqlens', `integers in [0, ${limit}]`, values,
+          `cacheSeqlens[${b}] must be an integer in [0, ${limit}] (Smax - Snew = ${seqMax} - ${
+              seqNew}), got ${describeValue(n)}`);
     }
   });
   return values;
@@ -147,17 +173,19 @@ function checkKVCacheCall(
   opts = parseAttentionOptions<FlashAttentionWithKVCacheOptions>(opts, OP, KV_CACHE_OPTION_SPECS);
   const loose = opts as FlashAttentionOptions;
   if (loose.dropoutRate != null && loose.dropoutRate !== 0) {
-    fail('dropoutRate', '0 (inference only)', loose.dropoutRate,
-         `dropoutRate is not supported (inference only), got ${describeValue(loose.dropoutRate)}`);
+    fail(
+        'dropoutRate', '0 (inference only)', loose.dropoutRate,
+        `dropoutRate is not supported (inference only), got ${describeValue(loose.dropoutRate)}`);
   }
-  const shapes = checkQKV(q.shape, kCache.shape, vCache.shape, OP,
-                          {q: 'q', k: 'kCache', v: 'vCache'});
+  const shapes =
+      checkQKV(q.shape, kCache.shape, vCache.shape, OP, {q: 'q', k: 'kCache', v: 'vCache'});
   const [batch, seqMax, headsKV, headDim] = kCache.shape;
   const {k, v} = opts;
   let seqNew = 0;
   if ((k == null) !== (v == null)) {
-    fail(k == null ? 'k' : 'v', 'given with the other', undefined,
-         `k and v must be given together, got ${k == null ? 'v only' : 'k only'}`);
+    fail(
+        k == null ? 'k' : 'v', 'given with the other', undefined,
+        `k and v must be given together, got ${k == null ? 'v only' : 'k only'}`);
   }
   if (k != null && v != null) {
     checkTensor(k, 'k', OP, 4, '[B, Snew, Hk, D]');
@@ -166,49 +194,60 @@ function checkKVCacheCall(
     const kWant = [batch, seqNew, headsKV, headDim];
     const vWant = [batch, seqNew, headsKV, shapes.headDimV];
     if (k.shape.some((d, i) => d !== kWant[i])) {
-      fail('k', `shape [${kWant}]`, k.shape,
-           `k must have shape [B, Snew, Hk, D] = [${kWant}], got [${k.shape}]`);
+      fail(
+          'k', `shape [${kWant}]`, k.shape,
+          `k must have shape [B, Snew, Hk, D] = [${kWant}], got [${k.shape}]`);
     }
     if (v.shape.some((d, i) => d !== vWant[i])) {
-      fail('v', `shape [${vWant}]`, v.shape,
-           `v must have shape [B, Snew, Hk, Dv] = [${vWant}], got [${v.shape}]`);
+      fail(
+          'v', `shape [${vWant}]`, v.shape,
+          `v must have shape [B, Snew, Hk, Dv] = [${vWant}], got [${v.shape}]`);
     }
     for (const [name, cache] of [['kCache', kCache], ['vCache', vCache]] as const) {
       if (!(cache instanceof tf.Variable)) {
-        fail(name, 'a tf.Variable', cache,
-             `${name} must be a tf.Variable when new keys are given (it is updated in place), ` +
-             `got a ${cache.constructor.name}`);
+        fail(
+            name, 'a tf.Variable', cache,
+            `${name} must be a tf.Variable when new keys are given (it is updated in place), ` +
+                `got a ${cache.constructor.name}`);
       }
     }
   }
   const cacheSeqlens = readSeqlens(opts.cacheSeqlens, batch, seqMax, seqNew);
   const alibiSlopes = checkAlibi(opts.alibiSlopes, shapes, OP);
   const attrs = normalizeOptions(
-      {causal: opts.causal, softmaxScale: opts.softmaxScale, windowSize: opts.windowSize,
-       softcap: opts.softcap},
+      {
+        causal: opts.causal,
+        softmaxScale: opts.softmaxScale,
+        windowSize: opts.windowSize,
+        softcap: opts.softcap
+      },
       headDim, OP);
   let rotary: Checked['rotary'] = null;
   if ((opts.rotaryCos == null) !== (opts.rotarySin == null)) {
-    fail(opts.rotaryCos == null ? 'rotaryCos' : 'rotarySin', 'given with the other', undefined,
-         'rotaryCos and rotarySin must be given together');
+    fail(
+        opts.rotaryCos == null ? 'rotaryCos' : 'rotarySin', 'given with the other', undefined,
+        'rotaryCos and rotarySin must be given together');
   }
   if (opts.rotaryCos != null && opts.rotarySin != null) {
     const layout = '[Sro, rotaryDim / 2]';
     const cos = checkTensor(opts.rotaryCos, 'rotaryCos', OP, 2, layout) as tf.Tensor2D;
     const sin = checkTensor(opts.rotarySin, 'rotarySin', OP, 2, layout) as tf.Tensor2D;
     if (sin.shape[0] !== cos.shape[0] || sin.shape[1] !== cos.shape[1]) {
-      fail('rotarySin', `shape [${cos.shape}]`, sin.shape,
-           `rotarySin must have the shape of rotaryCos [${cos.shape}], got [${sin.shape}]`);
+      fail(
+          'rotarySin', `shape [${cos.shape}]`, sin.shape,
+          `rotarySin must have the shape of rotaryCos [${cos.shape}], got [${sin.shape}]`);
     }
     if (2 * cos.shape[1] > headDim) {
-      fail('rotaryCos', `at most D / 2 = ${headDim / 2} columns`, cos.shape,
-           `rotaryCos must have at most D / 2 = ${headDim / 2} columns, got ${cos.shape[1]}`);
+      fail(
+          'rotaryCos', `at most D / 2 = ${headDim / 2} columns`, cos.shape,
+          `rotaryCos must have at most D / 2 = ${headDim / 2} columns, got ${cos.shape[1]}`);
     }
     const needed = Math.max(...cacheSeqlens) + Math.max(shapes.seqQ, seqNew);
     if (cos.shape[0] < needed) {
-      fail('rotaryCos', `at least ${needed} rows`, cos.shape,
-           `rotaryCos must have at least max(cacheSeqlens) + max(Sq, Snew) = ${needed} rows, got ${
-               cos.shape[0]}`);
+      fail(
+          'rotaryCos', `at least ${needed} rows`, cos.shape,
+          `rotaryCos must have at least max(cacheSeqlens) + max(Sq, Snew) = ${needed} rows, got ${
+              cos.shape[0]}`);
     }
     const interleaved = opts.rotaryInterleaved ?? false;
     rotary = {cos, sin, interleaved};
@@ -301,9 +340,10 @@ function referenceKVCache(
       const kb = tf.slice(kCache, [b, 0, 0, 0], [1, seqK, headsKV, headDim]);
       const vb = tf.slice(vCache, [b, 0, 0, 0], [1, seqK, headsKV, headDimV]);
       const slopes = alibiSlopes == null ? null :
-          alibiSlopes.rank === 2 ? tf.slice(alibiSlopes, [b, 0], [1, heads]) : alibiSlopes;
-      const [out, lse] = referenceForward(
-          qb, kb, vb, slopes, {...shapes, batch: 1, seqK}, attrs, blockElements);
+          alibiSlopes.rank === 2         ? tf.slice(alibiSlopes, [b, 0], [1, heads]) :
+                                           alibiSlopes;
+      const [out, lse] =
+          referenceForward(qb, kb, vb, slopes, {...shapes, batch: 1, seqK}, attrs, blockElements);
       outs.push(out);
       lses.push(lse);
     });
@@ -333,8 +373,8 @@ function flashAttentionWithKVCache_(
     if (kNew != null && local && seqNew === shapes.seqQ) {
       // Same positions: one rotation of q and k side by side (a decode
       // step is many small dispatches; this halves the rotary's).
-      const both = rotateAt(tf.concat([q, kNew], 2), rotary.cos, rotary.sin, cacheSeqlens, false,
-                            rotary.interleaved);
+      const both = rotateAt(
+          tf.concat([q, kNew], 2), rotary.cos, rotary.sin, cacheSeqlens, false, rotary.interleaved);
       [qIn, kNew] = tf.split(both, [shapes.heads, shapes.headsKV], 2) as [tf.Tensor4D, tf.Tensor4D];
     } else {
       qIn = rotateAt(q, rotary.cos, rotary.sin, cacheSeqlens, !local, rotary.interleaved);
@@ -364,8 +404,8 @@ function flashAttentionWithKVCache_(
       inputs.alibiSlopes = alibiSlopes;
     }
     [out, lse] = tf.engine().runKernel(
-        FlashAttentionKVCache, inputs, kernelAttrs as unknown as tf.NamedAttrMap) as
-        [tf.Tensor4D, tf.Tensor3D];
+                     FlashAttentionKVCache, inputs,
+                     kernelAttrs as unknown as tf.NamedAttrMap) as [tf.Tensor4D, tf.Tensor3D];
   } else {
     if (kNew != null && opts.v != null) {
       (kCache as tf.Variable).assign(composedAppend(kCache, kNew, cacheSeqlens));
@@ -373,8 +413,8 @@ function flashAttentionWithKVCache_(
     }
     const engine = tf.engine() as unknown as KernelFuncRunner;
     [out, lse] = engine.runKernelFunc({
-      forwardFunc: () => referenceKVCache(
-          qIn, kCache, vCache, seqlensK, alibiSlopes, shapes, attrs),
+      forwardFunc: () =>
+          referenceKVCache(qIn, kCache, vCache, seqlensK, alibiSlopes, shapes, attrs),
       backwardsFunc: () => kvCacheGradientError(),
       inputs: {q: qIn, kCache, vCache},
       attrs: kernelAttrs as unknown as tf.NamedAttrMap,
@@ -391,8 +431,8 @@ type WithLse = FlashAttentionWithKVCacheOptions&{returnSoftmaxLse: true};
 type WithoutLse = FlashAttentionWithKVCacheOptions&{returnSoftmaxLse?: false};
 
 export interface FlashAttentionWithKVCacheOp {
-  (q: tf.Tensor4D, kCache: tf.Tensor4D, vCache: tf.Tensor4D, opts: WithLse):
-      [tf.Tensor4D, tf.Tensor3D];
+  (q: tf.Tensor4D, kCache: tf.Tensor4D, vCache: tf.Tensor4D,
+   opts: WithLse): [tf.Tensor4D, tf.Tensor3D];
   (q: tf.Tensor4D, kCache: tf.Tensor4D, vCache: tf.Tensor4D, opts?: WithoutLse): tf.Tensor4D;
   (q: tf.Tensor4D, kCache: tf.Tensor4D, vCache: tf.Tensor4D,
    opts?: FlashAttentionWithKVCacheOptions): tf.Tensor4D|[tf.Tensor4D, tf.Tensor3D];

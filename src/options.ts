@@ -118,10 +118,9 @@ export const ATTENTION_OPTION_SPECS: readonly OptionSpec[] = [
   {
     name: 'softcap',
     expected: 'a number >= 0 (0 = off; else a normal float32: >= 1.18e-38, < 3.4e38)',
-    valid: v => v === 0 ||
-        (finiteF32(v) && Math.fround(v as number) >= MIN_NORMAL_F32),
-    aliases: ['soft_cap', 'logit_softcap', 'logits_soft_cap', 'softcapping',
-              'attn_logit_softcapping'],
+    valid: v => v === 0 || (finiteF32(v) && Math.fround(v as number) >= MIN_NORMAL_F32),
+    aliases:
+        ['soft_cap', 'logit_softcap', 'logits_soft_cap', 'softcapping', 'attn_logit_softcapping'],
   },
   {
     name: 'alibiSlopes',
@@ -145,8 +144,8 @@ export const ATTENTION_OPTION_SPECS: readonly OptionSpec[] = [
     name: 'returnSoftmaxLse',
     expected: 'a boolean',
     valid: isBoolean,
-    aliases: ['return_softmax_lse', 'return_lse', 'return_attn_probs',
-              'return_softmax', 'returnLse'],
+    aliases:
+        ['return_softmax_lse', 'return_lse', 'return_attn_probs', 'return_softmax', 'returnLse'],
   },
   {
     name: 'precision',
@@ -171,8 +170,7 @@ function editDistance(a: string, b: string): number {
   for (let i = 1; i <= a.length; i++) {
     const row = [i];
     for (let j = 1; j <= b.length; j++) {
-      row[j] = Math.min(prev[j] + 1, row[j - 1] + 1,
-                        prev[j - 1] + (a[i - 1] === b[j - 1] ? 0 : 1));
+      row[j] = Math.min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + (a[i - 1] === b[j - 1] ? 0 : 1));
     }
     prev = row;
   }
@@ -211,8 +209,9 @@ export function parseAttentionOptions<T extends object = FlashAttentionOptions>(
   if (opts == null) {
     return {} as T;
   }
-  return checkOptions<T>(opts, opName, [...ATTENTION_OPTION_SPECS, ...extraSpecs], 'opts',
-                         'an options object ({causal: true, ...}) or undefined');
+  return checkOptions<T>(
+      opts, opName, [...ATTENTION_OPTION_SPECS, ...extraSpecs], 'opts',
+      'an options object ({causal: true, ...}) or undefined');
 }
 
 /** An attention option's spec, for APIs that take the same value. */
@@ -230,8 +229,7 @@ export function attentionOptionSpec(
 export function checkOptions<T extends object>(
     opts: unknown, opName: string, specs: readonly OptionSpec[], objectName: string,
     objectExpected: string): T {
-  if (opts == null || typeof opts !== 'object' || Array.isArray(opts) ||
-      opts instanceof Tensor) {
+  if (opts == null || typeof opts !== 'object' || Array.isArray(opts) || opts instanceof Tensor) {
     invalidArgument(opName, objectName, objectExpected, opts);
   }
   const byName = new Map(specs.map(s => [s.name, s]));
@@ -242,9 +240,7 @@ export function checkOptions<T extends object>(
       const known = specs.map(s => s.name).join(', ');
       const meant = suggestOption(key, specs);
       const why = UNSUPPORTED[canonical(key)];
-      const hint = meant != null ? `; did you mean '${meant}'?` :
-          why != null           ? ` (${why})` :
-                                  '';
+      const hint = meant != null ? `; did you mean '${meant}'?` : why != null ? ` (${why})` : '';
       throw new FlashAttentionError(
           opName, key, `one of ${known}`, key,
           `${opName}: unknown ${objectName === 'opts' ? 'option' : 'argument'} '${key}'${
@@ -267,8 +263,8 @@ export function checkOptions<T extends object>(
  * int32 are clamped (the kernels keep windows in i32).
  */
 export function normalizeOptions(
-    opts: FlashAttentionOptions|null|undefined, headDim: number, opName: string,
-    seqK?: number, seqQ?: number): FlashAttentionAttrs {
+    opts: FlashAttentionOptions|null|undefined, headDim: number, opName: string, seqK?: number,
+    seqQ?: number): FlashAttentionAttrs {
   const o = parseAttentionOptions<FlashAttentionOptions>(opts, opName);
   const causal = o.causal ?? false;
   const softmaxScale = Math.fround(o.softmaxScale ?? 1 / Math.sqrt(headDim));
@@ -278,8 +274,8 @@ export function normalizeOptions(
     throw new FlashAttentionError(
         opName, 'softcap', 'such that softmaxScale / softcap is finite as a float32',
         describeValue(o.softcap),
-        `${opName}: softmaxScale / softcap must be finite as a float32, got ${
-            softmaxScale} / ${softcap}`);
+        `${opName}: softmaxScale / softcap must be finite as a float32, got ${softmaxScale} / ${
+            softcap}`);
   }
   const dropoutRate = o.dropoutRate ?? 0;
   const seed = o.seed ?? randomSeed();

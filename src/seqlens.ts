@@ -41,15 +41,15 @@ function shapeString(shape: readonly number[]): string {
 export function checkLengths(
     value: unknown, argName: string, batch: number, opName: string): tf.Tensor1D {
   if (!(value instanceof tf.Tensor)) {
-    throw new Error(`${opName}: ${argName} must be a tf.Tensor of shape [${batch}] ([B]) and dtype int32, got ${
-        value === null ? 'null' : typeof value}`);
+    throw new Error(`${opName}: ${argName} must be a tf.Tensor of shape [${
+        batch}] ([B]) and dtype int32, got ${value === null ? 'null' : typeof value}`);
   }
   if (value.isDisposed) {
     throw new Error(`${opName}: ${argName} has been disposed`);
   }
   if (value.rank !== 1 || value.shape[0] !== batch) {
-    throw new Error(`${opName}: ${argName} must have shape [${batch}] ([B]), got ${
-        shapeString(value.shape)}`);
+    throw new Error(
+        `${opName}: ${argName} must have shape [${batch}] ([B]), got ${shapeString(value.shape)}`);
   }
   if (value.dtype !== 'int32') {
     throw new Error(`${opName}: ${argName} must have dtype int32, got ${value.dtype}`);
@@ -109,7 +109,8 @@ export function leadingTrueCount(mask: tf.Tensor): tf.Tensor1D {
     const flat = tf.reshape(mask, [mask.shape[0], seq]);
     const index = tf.reshape(tf.range(0, seq, 1, 'int32'), [1, seq]);
     const firstFalse = tf.where(
-        tf.cast(flat, 'bool'), tf.fill(flat.shape, seq, 'int32'), tf.broadcastTo(index, flat.shape));
+        tf.cast(flat, 'bool'), tf.fill(flat.shape, seq, 'int32'),
+        tf.broadcastTo(index, flat.shape));
     return tf.min(firstFalse, 1) as tf.Tensor1D;
   });
 }
@@ -134,7 +135,8 @@ export function keyPaddingMaskLengths(
     return leadingTrueCount(mask);
   }
   if (lengths == null) {
-    throw new Error(`${opName}: keyPaddingMask must be a padding mask (each row: true for the real keys, then false to the end), got a row with true after false; use a general mask through the composed path instead`);
+    throw new Error(`${
+        opName}: keyPaddingMask must be a padding mask (each row: true for the real keys, then false to the end), got a row with true after false; use a general mask through the composed path instead`);
   }
   return tf.tensor1d(lengths, 'int32');
 }
@@ -150,8 +152,6 @@ export function seqlensInput(
     const clamp = (x: tf.Tensor1D|undefined, max: number) => x == null ?
         tf.fill([shapes.batch], max, 'int32') :
         tf.minimum(tf.maximum(x, tf.scalar(0, 'int32')), tf.scalar(max, 'int32'));
-    return tf.stack([clamp(seqlensQ, shapes.seqQ), clamp(seqlensK, shapes.seqK)], 1) as
-        tf.Tensor2D;
+    return tf.stack([clamp(seqlensQ, shapes.seqQ), clamp(seqlensK, shapes.seqK)], 1) as tf.Tensor2D;
   });
 }
-

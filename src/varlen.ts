@@ -36,8 +36,7 @@ function shapeString(shape: readonly number[]): string {
   return `[${shape.join(', ')}]`;
 }
 
-function checkPacked(
-    value: unknown, argName: string, opName: string, layout: string): tf.Tensor3D {
+function checkPacked(value: unknown, argName: string, opName: string, layout: string): tf.Tensor3D {
   if (!(value instanceof tf.Tensor)) {
     throw new Error(`${opName}: ${argName} must be a tf.Tensor of shape ${layout}, got ${
         value === null ? 'null' : typeof value}`);
@@ -57,8 +56,9 @@ function checkPacked(
 
 function checkCuSeqlens(value: unknown, argName: string, opName: string): tf.Tensor1D {
   if (!(value instanceof tf.Tensor)) {
-    throw new Error(`${opName}: ${argName} must be a tf.Tensor of shape [B + 1] and dtype int32, got ${
-        value === null ? 'null' : typeof value}`);
+    throw new Error(
+        `${opName}: ${argName} must be a tf.Tensor of shape [B + 1] and dtype int32, got ${
+            value === null ? 'null' : typeof value}`);
   }
   if (value.isDisposed) {
     throw new Error(`${opName}: ${argName} has been disposed`);
@@ -75,10 +75,18 @@ function checkCuSeqlens(value: unknown, argName: string, opName: string): tf.Ten
 
 /** The varlen op's options beyond flashAttention's (src/options.ts). */
 const VARLEN_OPTION_SPECS: readonly OptionSpec[] = [
-  {name: 'maxSeqlenQ', expected: 'an integer >= 1', valid: v => Number.isInteger(v) && (v as number) >= 1,
-   aliases: ['max_seqlen_q', 'maxSeqlen']},
-  {name: 'maxSeqlenK', expected: 'an integer >= 1', valid: v => Number.isInteger(v) && (v as number) >= 1,
-   aliases: ['max_seqlen_k']},
+  {
+    name: 'maxSeqlenQ',
+    expected: 'an integer >= 1',
+    valid: v => Number.isInteger(v) && (v as number) >= 1,
+    aliases: ['max_seqlen_q', 'maxSeqlen']
+  },
+  {
+    name: 'maxSeqlenK',
+    expected: 'an integer >= 1',
+    valid: v => Number.isInteger(v) && (v as number) >= 1,
+    aliases: ['max_seqlen_k']
+  },
 ];
 
 function checkMaxSeqlen(value: unknown, argName: string, opName: string): number {
@@ -88,13 +96,14 @@ function checkMaxSeqlen(value: unknown, argName: string, opName: string): number
   return value;
 }
 
-type TwoInputGrad = (a: tf.Tensor, b: tf.Tensor, save: tf.GradSaveFunc) =>
-    {value: tf.Tensor, gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => tf.Tensor[]};
+type TwoInputGrad = (a: tf.Tensor, b: tf.Tensor, save: tf.GradSaveFunc) => {
+  value: tf.Tensor, gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => tf.Tensor[]
+};
 
 /** tf.customGrad of a function of two tensors (its typing wants varargs). */
 function customGrad2(f: TwoInputGrad): (a: tf.Tensor, b: tf.Tensor) => tf.Tensor {
-  return tf.customGrad(f as unknown as Parameters<typeof tf.customGrad>[0]) as unknown as
-      (a: tf.Tensor, b: tf.Tensor) => tf.Tensor;
+  return tf.customGrad(f as unknown as Parameters<typeof tf.customGrad>[0]) as
+      unknown as (a: tf.Tensor, b: tf.Tensor) => tf.Tensor;
 }
 
 /** `cu[1:] - cu[:-1]`, `[B]` int32. */
@@ -113,7 +122,8 @@ function paddedIndex(cu: tf.Tensor1D, seqlen: number, total: number): tf.Tensor1
     const s = tf.reshape(tf.range(0, seqlen, 1, 'int32'), [1, seqlen]);
     const start = tf.reshape(tf.slice(cu, 0, batch), [batch, 1]);
     const len = tf.reshape(lengthsFromCu(cu), [batch, 1]);
-    const idx = tf.where(tf.less(s, len), tf.add(start, s), tf.fill([batch, seqlen], total, 'int32'));
+    const idx =
+        tf.where(tf.less(s, len), tf.add(start, s), tf.fill([batch, seqlen], total, 'int32'));
     return tf.reshape(idx, [batch * seqlen]);
   });
 }
@@ -130,9 +140,11 @@ function packedIndex(cu: tf.Tensor1D, seqlen: number, total: number): tf.Tensor1
     const seq = tf.reshape(tf.upperBound(tf.slice(cu, 1, batch), t), [total]);
     const seqClamped = tf.minimum(seq, tf.scalar(batch - 1, 'int32'));
     const s = tf.sub(t, tf.gather(cu, seqClamped));
-    const valid = tf.logicalAnd(tf.less(seq, tf.scalar(batch, 'int32')), tf.less(s, tf.scalar(seqlen, 'int32')));
-    return tf.where(valid, tf.add(tf.mul(seqClamped, tf.scalar(seqlen, 'int32')), s),
-                    tf.fill([total], batch * seqlen, 'int32')) as tf.Tensor1D;
+    const valid = tf.logicalAnd(
+        tf.less(seq, tf.scalar(batch, 'int32')), tf.less(s, tf.scalar(seqlen, 'int32')));
+    return tf.where(
+               valid, tf.add(tf.mul(seqClamped, tf.scalar(seqlen, 'int32')), s),
+               tf.fill([total], batch * seqlen, 'int32')) as tf.Tensor1D;
   });
 }
 
@@ -148,8 +160,7 @@ function gatherWithZeroRow(x: tf.Tensor, idx: tf.Tensor1D): tf.Tensor {
  * Packed `[T, ...]` -> padded `[B, S, ...]` (zeros past each length); its
  * gradient is packedFromPadded of the incoming gradient.
  */
-function paddedFromPacked(
-    packed: tf.Tensor, cu: tf.Tensor1D, seqlen: number): tf.Tensor {
+function paddedFromPacked(packed: tf.Tensor, cu: tf.Tensor1D, seqlen: number): tf.Tensor {
   const batch = cu.shape[0] - 1;
   const total = packed.shape[0];
   const rest = packed.shape.slice(1);
@@ -171,8 +182,7 @@ function paddedFromPacked(
  * Padded `[B, S, ...]` -> packed `[T, ...]`; its gradient is
  * paddedFromPacked of the incoming gradient (zeros at padding).
  */
-function packedFromPadded(
-    padded: tf.Tensor, cu: tf.Tensor1D, total: number): tf.Tensor {
+function packedFromPadded(padded: tf.Tensor, cu: tf.Tensor1D, total: number): tf.Tensor {
   const [batch, seqlen, ...rest] = padded.shape;
   const f = customGrad2((x: tf.Tensor, c: tf.Tensor, save: tf.GradSaveFunc) => {
     save([c]);
@@ -222,7 +232,8 @@ function flashAttentionVarlen_(
         shapeString(cuSeqlensQ.shape)} and ${shapeString(cuSeqlensK.shape)}`);
   }
   if (opts == null || typeof opts !== 'object') {
-    throw new Error(`${opName}: opts with maxSeqlenQ and maxSeqlenK is required, got ${String(opts)}`);
+    throw new Error(
+        `${opName}: opts with maxSeqlenQ and maxSeqlenK is required, got ${String(opts)}`);
   }
   parseAttentionOptions(opts, opName, VARLEN_OPTION_SPECS);
   const maxQ = checkMaxSeqlen(opts.maxSeqlenQ, 'maxSeqlenQ', opName);
@@ -258,14 +269,12 @@ function flashAttentionVarlen_(
 }
 
 export interface FlashAttentionVarlenOp {
-  (q: tf.Tensor3D, k: tf.Tensor3D, v: tf.Tensor3D, cuSeqlensQ: tf.Tensor1D,
-   cuSeqlensK: tf.Tensor1D,
+  (q: tf.Tensor3D, k: tf.Tensor3D, v: tf.Tensor3D, cuSeqlensQ: tf.Tensor1D, cuSeqlensK: tf.Tensor1D,
    opts: FlashAttentionVarlenOptions&{returnSoftmaxLse: true}): [tf.Tensor3D, tf.Tensor2D];
-  (q: tf.Tensor3D, k: tf.Tensor3D, v: tf.Tensor3D, cuSeqlensQ: tf.Tensor1D,
-   cuSeqlensK: tf.Tensor1D,
+  (q: tf.Tensor3D, k: tf.Tensor3D, v: tf.Tensor3D, cuSeqlensQ: tf.Tensor1D, cuSeqlensK: tf.Tensor1D,
    opts: FlashAttentionVarlenOptions&{returnSoftmaxLse?: false}): tf.Tensor3D;
-  (q: tf.Tensor3D, k: tf.Tensor3D, v: tf.Tensor3D, cuSeqlensQ: tf.Tensor1D,
-   cuSeqlensK: tf.Tensor1D, opts: FlashAttentionVarlenOptions): FlashAttentionVarlenResult;
+  (q: tf.Tensor3D, k: tf.Tensor3D, v: tf.Tensor3D, cuSeqlensQ: tf.Tensor1D, cuSeqlensK: tf.Tensor1D,
+   opts: FlashAttentionVarlenOptions): FlashAttentionVarlenResult;
 }
 
 export const flashAttentionVarlen = tf.op({flashAttentionVarlen_}) as FlashAttentionVarlenOp;
@@ -302,12 +311,14 @@ function gatherRows(x: tf.Tensor, indices: tf.Tensor1D): tf.Tensor {
 function scatterRows(x: tf.Tensor, indices: tf.Tensor1D, rows: number): tf.Tensor {
   const f = customGrad2((xs: tf.Tensor, idx: tf.Tensor, save: tf.GradSaveFunc) => {
     save([idx]);
-    const value = tf.tidy(() => tf.scatterND(
-        tf.reshape(idx, [idx.shape[0], 1]), xs, [rows, ...xs.shape.slice(1)]));
+    const value = tf.tidy(
+        () => tf.scatterND(tf.reshape(idx, [idx.shape[0], 1]), xs, [rows, ...xs.shape.slice(1)]));
     return {
       value,
-      gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) =>
-          [gatherRows(dy, saved[0] as tf.Tensor1D), tf.zeros(saved[0].shape)],
+      gradFunc:
+          (dy: tf.Tensor,
+           saved:
+               tf.Tensor[]) => [gatherRows(dy, saved[0] as tf.Tensor1D), tf.zeros(saved[0].shape)],
     };
   });
   return f(x, indices);
@@ -330,7 +341,8 @@ export function unpadInput(x: tf.Tensor, attentionMask: tf.Tensor): UnpaddedInpu
       attentionMask.shape[0] !== batch || attentionMask.shape[1] !== seqlen) {
     throw new Error(`${opName}: attentionMask must be a tf.Tensor of shape [${batch}, ${
         seqlen}] ([B, S]), got ${
-        attentionMask instanceof tf.Tensor ? shapeString(attentionMask.shape) : typeof attentionMask}`);
+        attentionMask instanceof tf.Tensor ? shapeString(attentionMask.shape) :
+                                             typeof attentionMask}`);
   }
   const values = attentionMask.dataSync();
   const kept: number[] = [];
@@ -364,19 +376,22 @@ export function padInput(
     x: tf.Tensor, indices: tf.Tensor1D, batch: number, seqlen: number): tf.Tensor {
   const opName = 'padInput';
   if (!(x instanceof tf.Tensor) || x.rank < 1) {
-    throw new Error(`${opName}: x must be a tf.Tensor of shape [totalTokens, ...], got ${typeof x}`);
+    throw new Error(
+        `${opName}: x must be a tf.Tensor of shape [totalTokens, ...], got ${typeof x}`);
   }
-  if (!(indices instanceof tf.Tensor) || indices.rank !== 1 ||
-      indices.shape[0] !== x.shape[0] || indices.dtype !== 'int32') {
+  if (!(indices instanceof tf.Tensor) || indices.rank !== 1 || indices.shape[0] !== x.shape[0] ||
+      indices.dtype !== 'int32') {
     throw new Error(`${opName}: indices must be an int32 tf.Tensor of shape [${
         x.shape[0]}] ([totalTokens]), got ${
-        indices instanceof tf.Tensor ? `${shapeString(indices.shape)} ${indices.dtype}` : typeof indices}`);
+        indices instanceof tf.Tensor ? `${shapeString(indices.shape)} ${indices.dtype}` :
+                                       typeof indices}`);
   }
   for (const [name, n] of [['batch', batch], ['seqlen', seqlen]] as Array<[string, number]>) {
     if (!Number.isInteger(n) || n < 1) {
       throw new Error(`${opName}: ${name} must be an integer >= 1, got ${String(n)}`);
     }
   }
-  return tf.tidy(() => tf.reshape(
-      scatterRows(x, indices, batch * seqlen), [batch, seqlen, ...x.shape.slice(1)]));
+  return tf.tidy(
+      () => tf.reshape(
+          scatterRows(x, indices, batch * seqlen), [batch, seqlen, ...x.shape.slice(1)]));
 }

@@ -32,25 +32,74 @@ interface DecodeCase {
 }
 
 const CASES: DecodeCase[] = [
-  {name: 'plain, GQA, one token', batch: 3, seqQ: 1, seqNew: 1, seqMax: 40, heads: 4, headsKV: 2,
-   headDim: 16, opts: {}},
-  {name: 'causal, 2 new tokens, softcap, ALiBi [B, H]', batch: 2, seqQ: 2, seqNew: 2, seqMax: 33,
-   heads: 4, headsKV: 1, headDim: 16, opts: {causal: true, softcap: 3}, alibi: 'batch'},
-  {name: 'window, rotary (rotate-half, partial), ALiBi [H]', batch: 2, seqQ: 1, seqNew: 1,
-   seqMax: 37, heads: 2, headsKV: 2, headDim: 16, opts: {windowSize: [7, 0], softmaxScale: 0.3},
-   alibi: 'head', rotary: {half: 4, interleaved: false}},
-  {name: 'causal rotary (interleaved), Sq 3 > Snew 1', batch: 2, seqQ: 3, seqNew: 1, seqMax: 30,
-   heads: 4, headsKV: 2, headDim: 8, opts: {causal: true}, rotary: {half: 4, interleaved: true}},
-  {name: 'no new keys (read-only cache), one row empty', batch: 2, seqQ: 1, seqNew: 0,
-   seqMax: 20, heads: 2, headsKV: 1, headDim: 8, opts: {causal: true}, seqlens: [0, 13]},
+  {
+    name: 'plain, GQA, one token',
+    batch: 3,
+    seqQ: 1,
+    seqNew: 1,
+    seqMax: 40,
+    heads: 4,
+    headsKV: 2,
+    headDim: 16,
+    opts: {}
+  },
+  {
+    name: 'causal, 2 new tokens, softcap, ALiBi [B, H]',
+    batch: 2,
+    seqQ: 2,
+    seqNew: 2,
+    seqMax: 33,
+    heads: 4,
+    headsKV: 1,
+    headDim: 16,
+    opts: {causal: true, softcap: 3},
+    alibi: 'batch'
+  },
+  {
+    name: 'window, rotary (rotate-half, partial), ALiBi [H]',
+    batch: 2,
+    seqQ: 1,
+    seqNew: 1,
+    seqMax: 37,
+    heads: 2,
+    headsKV: 2,
+    headDim: 16,
+    opts: {windowSize: [7, 0], softmaxScale: 0.3},
+    alibi: 'head',
+    rotary: {half: 4, interleaved: false}
+  },
+  {
+    name: 'causal rotary (interleaved), Sq 3 > Snew 1',
+    batch: 2,
+    seqQ: 3,
+    seqNew: 1,
+    seqMax: 30,
+    heads: 4,
+    headsKV: 2,
+    headDim: 8,
+    opts: {causal: true},
+    rotary: {half: 4, interleaved: true}
+  },
+  {
+    name: 'no new keys (read-only cache), one row empty',
+    batch: 2,
+    seqQ: 1,
+    seqNew: 0,
+    seqMax: 20,
+    heads: 2,
+    headsKV: 1,
+    headDim: 8,
+    opts: {causal: true},
+    seqlens: [0, 13]
+  },
 ];
 
 function randomSeqlens(c: DecodeCase, rng: Rng): number[] {
   if (c.seqlens != null) {
     return c.seqlens;
   }
-  const lens = Array.from({length: c.batch},
-                          () => Math.floor(rng.uniform() * (c.seqMax - c.seqNew + 1)));
+  const lens =
+      Array.from({length: c.batch}, () => Math.floor(rng.uniform() * (c.seqMax - c.seqNew + 1)));
   lens[Math.floor(rng.uniform() * c.batch)] = 0;
   return lens;
 }
@@ -85,7 +134,8 @@ async function runCase(c: DecodeCase, backend: string, rng: Rng, seed: string): 
   const kNew = seqNew > 0 ? randomArray(batch * seqNew * headsKV * d, rng) : null;
   const vNew = seqNew > 0 ? randomArray(batch * seqNew * headsKV * d, rng) : null;
   const slopes = c.alibi == null ? null :
-      randomArray(c.alibi === 'head' ? heads : batch * heads, rng).map(x => Math.fround(Math.abs(x)));
+                                   randomArray(c.alibi === 'head' ? heads : batch * heads, rng)
+                                       .map(x => Math.fround(Math.abs(x)));
   const tables = c.rotary == null ? null : rotaryTables(seqMax + seqQ, c.rotary.half, rng);
 
   // The oracle: rotate q and the new keys at their positions, then attend.
@@ -95,11 +145,13 @@ async function runCase(c: DecodeCase, backend: string, rng: Rng, seed: string): 
     const local = c.opts.causal || c.opts.windowSize != null;
     const qPos = seqlens.flatMap(n => Array.from({length: seqQ}, (_, i) => n + (local ? i : 0)));
     const kPos = seqlens.flatMap(n => Array.from({length: seqNew}, (_, i) => n + i));
-    qRef = oracleRotary(q, [batch, seqQ, heads, d], tables[0], tables[1], c.rotary.half, qPos,
-                        c.rotary.interleaved);
+    qRef = oracleRotary(
+        q, [batch, seqQ, heads, d], tables[0], tables[1], c.rotary.half, qPos,
+        c.rotary.interleaved);
     if (kNew != null) {
-      kNewRef = oracleRotary(kNew, [batch, seqNew, headsKV, d], tables[0], tables[1],
-                             c.rotary.half, kPos, c.rotary.interleaved);
+      kNewRef = oracleRotary(
+          kNew, [batch, seqNew, headsKV, d], tables[0], tables[1], c.rotary.half, kPos,
+          c.rotary.interleaved);
     }
   }
   const dims = {batch, seqQ, seqMax, seqNew, heads, headsKV, headDim: d, headDimV: d};
@@ -110,22 +162,32 @@ async function runCase(c: DecodeCase, backend: string, rng: Rng, seed: string): 
   const vVar = ownedVariable(f32(vCache), cacheShape);
   const kDataId = kVar.dataId;
   const tensorsBefore = tf.memory().numTensors;
-  const inputs = tf.tidy(() => ({
-    q: tf.keep(tf.tensor4d(f32(q), [batch, seqQ, heads, d])),
-    k: kNew == null ? undefined : tf.keep(tf.tensor4d(f32(kNew), [batch, seqNew, headsKV, d])),
-    v: vNew == null ? undefined : tf.keep(tf.tensor4d(f32(vNew), [batch, seqNew, headsKV, d])),
-    alibiSlopes: slopes == null ? undefined :
-        tf.keep(tf.tensor(f32(slopes), c.alibi === 'head' ? [heads] : [batch, heads])),
-    rotaryCos: tables == null ? undefined :
-        tf.keep(tf.tensor2d(f32(tables[0]), [seqMax + seqQ, c.rotary!.half])),
-    rotarySin: tables == null ? undefined :
-        tf.keep(tf.tensor2d(f32(tables[1]), [seqMax + seqQ, c.rotary!.half])),
-  }));
+  const inputs = tf.tidy(
+      () => ({
+        q: tf.keep(tf.tensor4d(f32(q), [batch, seqQ, heads, d])),
+        k: kNew == null ? undefined : tf.keep(tf.tensor4d(f32(kNew), [batch, seqNew, headsKV, d])),
+        v: vNew == null ? undefined : tf.keep(tf.tensor4d(f32(vNew), [batch, seqNew, headsKV, d])),
+        alibiSlopes: slopes == null ?
+            undefined :
+            tf.keep(tf.tensor(f32(slopes), c.alibi === 'head' ? [heads] : [batch, heads])),
+        rotaryCos: tables == null ?
+            undefined :
+            tf.keep(tf.tensor2d(f32(tables[0]), [seqMax + seqQ, c.rotary!.half])),
+        rotarySin: tables == null ?
+            undefined :
+            tf.keep(tf.tensor2d(f32(tables[1]), [seqMax + seqQ, c.rotary!.half])),
+      }));
   const inputCount = tf.memory().numTensors;
   const [out, lse] = flashAttentionWithKVCache(inputs.q, kVar, vVar, {
-    ...c.opts, k: inputs.k, v: inputs.v, cacheSeqlens: seqlens, alibiSlopes: inputs.alibiSlopes,
-    rotaryCos: inputs.rotaryCos, rotarySin: inputs.rotarySin,
-    rotaryInterleaved: c.rotary?.interleaved, returnSoftmaxLse: true,
+    ...c.opts,
+    k: inputs.k,
+    v: inputs.v,
+    cacheSeqlens: seqlens,
+    alibiSlopes: inputs.alibiSlopes,
+    rotaryCos: inputs.rotaryCos,
+    rotarySin: inputs.rotarySin,
+    rotaryInterleaved: c.rotary?.interleaved,
+    returnSoftmaxLse: true,
   });
   const what = `${c.name} on ${backend}, cacheSeqlens [${seqlens}] (${seed})`;
   expect(out.shape).toEqual([batch, seqQ, heads, d]);
@@ -189,9 +251,20 @@ describeBackends('flashAttentionWithKVCache', backend => {
       setDecodeTargetWorkgroups(4096);
       try {
         const rng = freshRng();
-        await runCase({name: 'long cache, many splits', batch: 1, seqQ: 1, seqNew: 1, seqMax: 700,
-                       heads: 4, headsKV: 1, headDim: 16, opts: {causal: true}, seqlens: [650]},
-                      'webgpu (fused)', rng, `seed ${rng.seed}`);
+        await runCase(
+            {
+              name: 'long cache, many splits',
+              batch: 1,
+              seqQ: 1,
+              seqNew: 1,
+              seqMax: 700,
+              heads: 4,
+              headsKV: 1,
+              headDim: 16,
+              opts: {causal: true},
+              seqlens: [650]
+            },
+            'webgpu (fused)', rng, `seed ${rng.seed}`);
         await checkOwnPipelineErrors();
       } finally {
         setDecodeTargetWorkgroups(null);
@@ -213,21 +286,23 @@ describeBackends('flashAttentionWithKVCache', backend => {
     const vT = tf.tensor4d(f32(v), [batch, seq, headsKV, d]);
     const steps: tf.Tensor4D[] = [];
     for (let t = 0; t < seq; t++) {
-      steps.push(tf.tidy(() => cache.attend(
-          tf.slice(qT, [0, t, 0, 0], [batch, 1, heads, d]),
-          tf.slice(kT, [0, t, 0, 0], [batch, 1, headsKV, d]),
-          tf.slice(vT, [0, t, 0, 0], [batch, 1, headsKV, d]), {causal: true})));
+      steps.push(tf.tidy(
+          () => cache.attend(
+              tf.slice(qT, [0, t, 0, 0], [batch, 1, heads, d]),
+              tf.slice(kT, [0, t, 0, 0], [batch, 1, headsKV, d]),
+              tf.slice(vT, [0, t, 0, 0], [batch, 1, headsKV, d]), {causal: true})));
     }
     expect(cache.seqlens).toEqual([seq, seq]);
     const extra = tf.slice(kT, [0, 0, 0, 0], [batch, 5, headsKV, d]);
-    expect(() => cache.attend(qT, extra, extra)).toThrow(/5 new tokens do not fit: 6 of maxSeqLen = 10/);
+    expect(() => cache.attend(qT, extra, extra))
+        .toThrow(/5 new tokens do not fit: 6 of maxSeqLen = 10/);
     extra.dispose();
     const got = tf.concat(steps, 1);
     const want = oracleKVCache(
-        {batch, seqQ: seq, seqMax: seq, seqNew: 0, heads, headsKV, headDim: d, headDimV: d},
-        q, k, v, null, null, [seq, seq], null, {causal: true});
-    expectClose(await got.data(), want.out, FORWARD_BOUND, `KVCache on ${backend} (seed ${
-        rng.seed})`);
+        {batch, seqQ: seq, seqMax: seq, seqNew: 0, heads, headsKV, headDim: d, headDimV: d}, q, k,
+        v, null, null, [seq, seq], null, {causal: true});
+    expectClose(
+        await got.data(), want.out, FORWARD_BOUND, `KVCache on ${backend} (seed ${rng.seed})`);
     tf.dispose([got, qT, kT, vT, ...steps]);
     cache.dispose();
     expect(cache.isDisposed).toBe(true);
@@ -238,8 +313,12 @@ describeBackends('flashAttentionWithKVCache', backend => {
     const cache = new KVCache({batch: 1, maxSeqLen: 4, headsKV: 1, headDim: 4});
     const q = tf.ones([1, 1, 1, 4]) as tf.Tensor4D;
     const k = tf.ones([1, 1, 1, 4]) as tf.Tensor4D;
-    expect(() => tf.grad((x: tf.Tensor) => tf.sum(flashAttentionWithKVCache(
-        x as tf.Tensor4D, cache.kCache, cache.vCache, {k, v: k, cacheSeqlens: [0]}) as tf.Tensor))(q))
+    expect(
+        () => tf.grad(
+            (x: tf.Tensor) => tf.sum(
+                flashAttentionWithKVCache(
+                    x as tf.Tensor4D, cache.kCache, cache.vCache, {k, v: k, cacheSeqlens: [0]}) as
+                tf.Tensor))(q))
         .toThrow(/inference only/);
     tf.dispose([q, k]);
     cache.dispose();
@@ -253,19 +332,24 @@ describeBackends('flashAttentionWithKVCache', backend => {
     const plain = tf.zeros([2, 4, 1, 4]) as tf.Tensor4D;
     const cos = tf.ones([2, 2]) as tf.Tensor2D;
     const tensorsBefore = tf.memory().numTensors;
-    const call = (opts: object, kc: tf.Tensor4D = cache.kCache) =>
-        () => flashAttentionWithKVCache(q, kc, cache.vCache, opts);
-    expect(call({k, v: k, cacheSeqlens: [0, 4]})).toThrow(/cacheSeqlens\[1\] must be an integer in \[0, 3\].*got 4/);
-    expect(call({k, v: k, cacheSeqlens: [0]})).toThrow(/cacheSeqlens must have length B = 2, got 1/);
+    const call = (opts: object, kc: tf.Tensor4D = cache.kCache) => () =>
+        flashAttentionWithKVCache(q, kc, cache.vCache, opts);
+    expect(call({k, v: k, cacheSeqlens: [0, 4]}))
+        .toThrow(/cacheSeqlens\[1\] must be an integer in \[0, 3\].*got 4/);
+    expect(call({k, v: k, cacheSeqlens: [0]}))
+        .toThrow(/cacheSeqlens must have length B = 2, got 1/);
     expect(call({k, v: k})).toThrow(/cacheSeqlens is required/);
     expect(call({k, cacheSeqlens: [0, 0]})).toThrow(/k and v must be given together/);
     expect(call({k, v: k, cacheSeqlens: [0, 0]}, plain)).toThrow(/kCache must be a tf.Variable/);
-    expect(call({k: q, v: k, cacheSeqlens: [0, 0]})).toThrow(/k must have shape \[B, Snew, Hk, D\] = \[2,1,1,4\], got \[2,1,2,4\]/);
+    expect(call({k: q, v: k, cacheSeqlens: [0, 0]}))
+        .toThrow(/k must have shape \[B, Snew, Hk, D\] = \[2,1,1,4\], got \[2,1,2,4\]/);
     expect(call({dropoutRate: 0.1})).toThrow(/dropoutRate is not supported \(inference only\)/);
     expect(call({rotaryCos: cos})).toThrow(/rotaryCos and rotarySin must be given together/);
     expect(call({windowSize: [-2, 0]})).toThrow(/windowSize/);
     // The table-driven option checks of src/options.ts, with this op's options.
-    expect(call({cache_seqlens: [0, 0]})).toThrow(/unknown option 'cache_seqlens'; did you mean 'cacheSeqlens'\?/);
+    expect(call({
+      cache_seqlens: [0, 0]
+    })).toThrow(/unknown option 'cache_seqlens'; did you mean 'cacheSeqlens'\?/);
     expect(call({rotaryInterleaved: 1})).toThrow(/rotaryInterleaved must be a boolean, got 1/);
     expect(call({k, v: k, cacheSeqlens: [0, 9]})).toThrow(FlashAttentionError);
     expect(tf.memory().numTensors).toBe(tensorsBefore);

@@ -22,14 +22,20 @@ describeWebGPU('long runs of fused calls [webgpu]', () => {
     const bundle = path.join(dir, 'heap_child.cjs');
     try {
       execFileSync(path.join(root, 'node_modules', '.bin', 'esbuild'), [
-        path.join(__dirname, 'harness', 'heap_child.ts'), '--bundle', '--platform=node',
-        `--outfile=${bundle}`, '--log-level=error', '--external:webgpu',
+        path.join(__dirname, 'harness', 'heap_child.ts'),
+        '--bundle',
+        '--platform=node',
+        `--outfile=${bundle}`,
+        '--log-level=error',
+        '--external:webgpu',
         `--alias:tfjs-flash-attention=${path.join(root, 'src', 'index.ts')}`,
       ]);
       const output = execFileSync(
-          process.execPath,
-          ['--expose-gc', bundle, String(ROUNDS), String(CALLS_PER_ROUND)],
-          {cwd: root, encoding: 'utf8', env: {...process.env, NODE_PATH: path.join(root, 'node_modules')}});
+          process.execPath, ['--expose-gc', bundle, String(ROUNDS), String(CALLS_PER_ROUND)], {
+            cwd: root,
+            encoding: 'utf8',
+            env: {...process.env, NODE_PATH: path.join(root, 'node_modules')}
+          });
       const samples = JSON.parse(output.trim().split('\n').pop()!) as
           Array<{heap: number, tensors: number, bytes: number, pending: number}>;
       process.stdout.write(`${JSON.stringify(samples)}\n`);

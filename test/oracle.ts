@@ -74,24 +74,21 @@ function isVisible(i: number, j: number, p: OracleProblem, o: OracleOptions): bo
   return true;
 }
 
-function dropoutKeep(
-    b: number, h: number, i: number, j: number, o: OracleOptions): number {
+function dropoutKeep(b: number, h: number, i: number, j: number, o: OracleOptions): number {
   const rate = o.dropoutRate ?? 0;
   if (rate === 0) {
     return 1;
   }
   const seed = o.seed ?? 0;
   const words = philox4x32(
-      Math.floor(j / 4), i, h, b + (o.dropoutBatchOffset ?? 0), seed % 2 ** 32, Math.floor(seed / 2 ** 32),
-      new Uint32Array(4));
+      Math.floor(j / 4), i, h, b + (o.dropoutBatchOffset ?? 0), seed % 2 ** 32,
+      Math.floor(seed / 2 ** 32), new Uint32Array(4));
   // The definition of src/dropout.ts, written out again.
   const threshold = Math.min(Math.floor(rate * 2 ** 32), 2 ** 32 - 1);
   return words[j % 4] >= threshold ? 1 / (1 - rate) : 0;
 }
 
-function rowScores(
-    p: OracleProblem, o: OracleOptions, b: number, h: number,
-    i: number): RowScores {
+function rowScores(p: OracleProblem, o: OracleOptions, b: number, h: number, i: number): RowScores {
   const {seqQ, seqK, heads, headsKV, headDim: d} = p;
   const hk = Math.floor(h / (heads / headsKV));
   const scale = o.softmaxScale ?? 1 / Math.sqrt(d);
@@ -103,8 +100,8 @@ function rowScores(
     }
     let dot = 0;
     for (let x = 0; x < d; x++) {
-      dot += p.q[((b * seqQ + i) * heads + h) * d + x] *
-          p.k[((b * seqK + j) * headsKV + hk) * d + x];
+      dot +=
+          p.q[((b * seqQ + i) * heads + h) * d + x] * p.k[((b * seqK + j) * headsKV + hk) * d + x];
     }
     let s = scale * dot;
     let capTanh = 0;
@@ -113,8 +110,8 @@ function rowScores(
       s = cap * capTanh;
     }
     if (p.alibiSlopes != null) {
-      const slope = p.alibiSlopes.length === heads ? p.alibiSlopes[h] :
-                                                     p.alibiSlopes[b * heads + h];
+      const slope =
+          p.alibiSlopes.length === heads ? p.alibiSlopes[h] : p.alibiSlopes[b * heads + h];
       s -= slope * Math.abs(i + seqK - seqQ - j);
     }
     row.keys.push(j);
@@ -166,8 +163,7 @@ export function oracleForward(p: OracleProblem, o: OracleOptions): OracleForward
  * v (rows whose lse is -Infinity contribute nothing through dLse).
  */
 export function oracleBackward(
-    p: OracleProblem, o: OracleOptions, dOut: Float64Array,
-    dLse: Float64Array): OracleGradients {
+    p: OracleProblem, o: OracleOptions, dOut: Float64Array, dLse: Float64Array): OracleGradients {
   const {batch, seqQ, seqK, heads, headsKV, headDim: d, headDimV: dv} = p;
   const scale = o.softmaxScale ?? 1 / Math.sqrt(d);
   const cap = o.softcap ?? 0;
@@ -225,8 +221,8 @@ export function oracleBackward(
  * (2i, 2i+1), else (i, i + half).
  */
 export function oracleRotary(
-    x: Float64Array, shape: readonly number[], cos: Float64Array, sin: Float64Array,
-    half: number, positions: readonly number[], interleaved: boolean): Float64Array {
+    x: Float64Array, shape: readonly number[], cos: Float64Array, sin: Float64Array, half: number,
+    positions: readonly number[], interleaved: boolean): Float64Array {
   const [batch, seq, heads, d] = shape;
   const y = Float64Array.from(x);
   for (let b = 0; b < batch; b++) {
@@ -254,11 +250,19 @@ export function oracleRotary(
  * q already rotated. `alibiSlopes` as in OracleProblem.
  */
 export function oracleKVCache(
-    dims: {batch: number, seqQ: number, seqMax: number, seqNew: number, heads: number,
-           headsKV: number, headDim: number, headDimV: number},
+    dims: {
+      batch: number,
+      seqQ: number,
+      seqMax: number,
+      seqNew: number,
+      heads: number,
+      headsKV: number,
+      headDim: number,
+      headDimV: number
+    },
     q: Float64Array, kCache: Float64Array, vCache: Float64Array, kNew: Float64Array|null,
-    vNew: Float64Array|null, cacheSeqlens: readonly number[],
-    alibiSlopes: Float64Array|null, o: OracleOptions): OracleForward {
+    vNew: Float64Array|null, cacheSeqlens: readonly number[], alibiSlopes: Float64Array|null,
+    o: OracleOptions): OracleForward {
   const {batch, seqQ, seqMax, seqNew, heads, headsKV, headDim: d, headDimV: dv} = dims;
   const out = new Float64Array(batch * seqQ * heads * dv);
   const lse = new Float64Array(batch * heads * seqQ);
@@ -275,16 +279,28 @@ export function oracleKVCache(
       return r;
     };
     const slopes = alibiSlopes == null ? null :
-        alibiSlopes.length === heads ? alibiSlopes :
-                                       alibiSlopes.subarray(b * heads, (b + 1) * heads);
+        alibiSlopes.length === heads   ? alibiSlopes :
+                                         alibiSlopes.subarray(b * heads, (b + 1) * heads);
     const qRow = q.subarray(b * seqQ * heads * d, (b + 1) * seqQ * heads * d);
-    const result = seqK === 0 ?
-        {out: new Float64Array(seqQ * heads * dv),
-         lse: new Float64Array(heads * seqQ).fill(-Infinity)} :
-        oracleForward({
-          batch: 1, seqQ, seqK, heads, headsKV, headDim: d, headDimV: dv, q: qRow,
-          k: rows(kCache, kNew, d), v: rows(vCache, vNew, dv), alibiSlopes: slopes,
-        }, o);
+    const result = seqK === 0 ? {
+      out: new Float64Array(seqQ * heads * dv),
+      lse: new Float64Array(heads * seqQ).fill(-Infinity)
+    } :
+                                oracleForward(
+                                    {
+                                      batch: 1,
+                                      seqQ,
+                                      seqK,
+                                      heads,
+                                      headsKV,
+                                      headDim: d,
+                                      headDimV: dv,
+                                      q: qRow,
+                                      k: rows(kCache, kNew, d),
+                                      v: rows(vCache, vNew, dv),
+                                      alibiSlopes: slopes,
+                                    },
+                                    o);
     out.set(result.out, b * seqQ * heads * dv);
     lse.set(result.lse, b * heads * seqQ);
   }

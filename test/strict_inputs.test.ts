@@ -15,7 +15,13 @@ import {discrepancy, expectClose, FORWARD_BOUND, freshRng, GRADIENT_BOUND, makeP
 import {OracleOptions, oracleBackward, oracleForward} from './oracle';
 
 const SHAPE: ProblemShape = {
-  batch: 1, seqQ: 10, seqK: 12, heads: 2, headsKV: 1, headDim: 8, headDimV: 8,
+  batch: 1,
+  seqQ: 10,
+  seqK: 12,
+  heads: 2,
+  headsKV: 1,
+  headDim: 8,
+  headDimV: 8,
 };
 
 /** The implementations a backend can run: webgpu has both. */
@@ -63,8 +69,7 @@ function expectRejected(f: () => unknown, argument: string, ...patterns: RegExp[
 }
 
 /** Out and lse rows `[b, i, h]` of query rows i in `rows` only. */
-function pickRows(
-    out: Float64Array, lse: Float64Array, rows: number[], s = SHAPE): number[] {
+function pickRows(out: Float64Array, lse: Float64Array, rows: number[], s = SHAPE): number[] {
   const picked: number[] = [];
   for (let b = 0; b < s.batch; b++) {
     for (const i of rows) {
@@ -95,8 +100,13 @@ function withKeys(p: TestProblem, k: Float64Array): TestProblem {
 
 describeBackends('huge windows are unbounded on every path', backend => {
   const windows: Array<[number, number]> = [
-    [-1, 2 ** 31 - 1], [2 ** 32, 0], [1e300, 1e300], [12, 12], [2 ** 31, 3],
-    [3, 2 ** 53], [Number.MAX_SAFE_INTEGER, -1],
+    [-1, 2 ** 31 - 1],
+    [2 ** 32, 0],
+    [1e300, 1e300],
+    [12, 12],
+    [2 ** 31, 3],
+    [3, 2 ** 53],
+    [Number.MAX_SAFE_INTEGER, -1],
   ];
   for (const impl of implsOf(backend)) {
     for (const windowSize of windows) {
@@ -143,8 +153,9 @@ describeBackends('huge windows are unbounded on every path', backend => {
   it('keeps non-integer and non-finite window sides errors', () => {
     const p = makeProblem(SHAPE, freshRng());
     for (const w of [[Infinity, 0], [0, NaN], [1.5, 2], [-2, 0], [0], [0, 0, 0]]) {
-      expectRejected(() => flashAttention(p.q, p.k, p.v, {windowSize: w as [number, number]}),
-                     'windowSize', /integers >= -1/);
+      expectRejected(
+          () => flashAttention(p.q, p.k, p.v, {windowSize: w as [number, number]}), 'windowSize',
+          /integers >= -1/);
     }
     p.dispose();
   });
@@ -158,42 +169,55 @@ describeBackends('unknown and ill-typed options throw', () => {
   afterAll(() => p.dispose());
 
   const misspelt: Array<[string, unknown, string]> = [
-    ['casual', true, 'causal'], ['is_causal', true, 'causal'], ['isCausal', true, 'causal'],
-    ['dropout_p', 0.1, 'dropoutRate'], ['dropout', 0.1, 'dropoutRate'],
-    ['window_size', [2, 2], 'windowSize'], ['scale', 0.5, 'softmaxScale'],
-    ['softmax_scale', 0.5, 'softmaxScale'], ['return_softmax_lse', true, 'returnSoftmaxLse'],
-    ['return_attn_probs', true, 'returnSoftmaxLse'], ['alibi_slopes', null, 'alibiSlopes'],
-    ['softcapp', 2, 'softcap'], ['Causal', true, 'causal'], ['seeed', 1, 'seed'],
+    ['casual', true, 'causal'],
+    ['is_causal', true, 'causal'],
+    ['isCausal', true, 'causal'],
+    ['dropout_p', 0.1, 'dropoutRate'],
+    ['dropout', 0.1, 'dropoutRate'],
+    ['window_size', [2, 2], 'windowSize'],
+    ['scale', 0.5, 'softmaxScale'],
+    ['softmax_scale', 0.5, 'softmaxScale'],
+    ['return_softmax_lse', true, 'returnSoftmaxLse'],
+    ['return_attn_probs', true, 'returnSoftmaxLse'],
+    ['alibi_slopes', null, 'alibiSlopes'],
+    ['softcapp', 2, 'softcap'],
+    ['Causal', true, 'causal'],
+    ['seeed', 1, 'seed'],
   ];
   for (const [key, value, meant] of misspelt) {
     it(`rejects '${key}', suggesting '${meant}'`, () => {
-      expectRejected(() => flashAttention(p.q, p.k, p.v, {[key]: value} as FlashAttentionOptions),
-                     key, new RegExp(`did you mean '${meant}'`));
+      expectRejected(
+          () => flashAttention(p.q, p.k, p.v, {[key]: value} as FlashAttentionOptions), key,
+          new RegExp(`did you mean '${meant}'`));
     });
   }
   it('rejects unknown keys without a near miss, listing the known options', () => {
-    expectRejected(() => flashAttention(p.q, p.k, p.v, {banana: 1} as FlashAttentionOptions),
-                   'banana', /unknown option 'banana'/, /causal, softmaxScale/);
+    expectRejected(
+        () => flashAttention(p.q, p.k, p.v, {banana: 1} as FlashAttentionOptions), 'banana',
+        /unknown option 'banana'/, /causal, softmaxScale/);
     expectRejected(
         () => flashAttention(p.q, p.k, p.v, {deterministic: true} as FlashAttentionOptions),
         'deterministic', /deterministic already/);
     const qkv = tf.zeros([1, 4, 3, 2, 8]) as tf.Tensor5D;
     expectRejected(
-        () => flashAttentionQKVPacked(qkv, {is_causal: true} as FlashAttentionOptions),
-        'is_causal', /flashAttentionQKVPacked/);
+        () => flashAttentionQKVPacked(qkv, {is_causal: true} as FlashAttentionOptions), 'is_causal',
+        /flashAttentionQKVPacked/);
     qkv.dispose();
   });
   it('rejects non-boolean flags instead of reading them as truthy', () => {
-    for (const [key, value] of [['returnSoftmaxLse', 'false'], ['returnSoftmaxLse', 0],
-                                ['causal', 'true'], ['causal', 1], ['causal', null]]) {
-      expectRejected(() => flashAttention(p.q, p.k, p.v, {[key as string]: value} as FlashAttentionOptions),
-                     key as string, /a boolean/);
+    for (const [key, value] of [
+             ['returnSoftmaxLse', 'false'], ['returnSoftmaxLse', 0], ['causal', 'true'],
+             ['causal', 1], ['causal', null]]) {
+      expectRejected(
+          () => flashAttention(p.q, p.k, p.v, {[key as string]: value} as FlashAttentionOptions),
+          key as string, /a boolean/);
     }
   });
   it('rejects options objects that are not objects', () => {
     for (const opts of ['causal', 1, true, [true], tf.scalar(1)]) {
-      expectRejected(() => flashAttention(p.q, p.k, p.v, opts as FlashAttentionOptions),
-                     'opts', /options object/);
+      expectRejected(
+          () => flashAttention(p.q, p.k, p.v, opts as FlashAttentionOptions), 'opts',
+          /options object/);
     }
   });
   it('treats null and undefined options as none, and undefined values as absent', async () => {
@@ -210,11 +234,13 @@ describeBackends('unknown and ill-typed options throw', () => {
   it('throws FlashAttentionError for bad tensors, with the disposed alibiSlopes named', () => {
     const slopes = tf.tensor1d([0.1, 0.2]);
     slopes.dispose();
-    expectRejected(() => flashAttention(p.q, p.k, p.v, {alibiSlopes: slopes}), 'alibiSlopes',
-                   /has been disposed/);
-    expectRejected(() => flashAttention(p.q, p.k, p.v, {alibiSlopes: [0.1, 0.2]} as unknown as
-                                        FlashAttentionOptions),
-                   'alibiSlopes', /tf.Tensor/);
+    expectRejected(
+        () => flashAttention(p.q, p.k, p.v, {alibiSlopes: slopes}), 'alibiSlopes',
+        /has been disposed/);
+    expectRejected(
+        () => flashAttention(
+            p.q, p.k, p.v, {alibiSlopes: [0.1, 0.2]} as unknown as FlashAttentionOptions),
+        'alibiSlopes', /tf.Tensor/);
     const kInt = tf.cast(p.k, 'int32') as tf.Tensor4D;
     const kShort = tf.zeros([1, 5, 1, 8]) as tf.Tensor4D;
     expectRejected(() => flashAttention(p.q, kInt, p.v), 'k', /float32/);
@@ -231,10 +257,14 @@ describeBackends('float32 range of scalar options', backend => {
   afterAll(() => p.dispose());
 
   const bad: Array<[string, number, RegExp]> = [
-    ['softcap', 1e-45, /normal float32/], ['softcap', 1e-39, /normal float32/],
-    ['softcap', 3.5e38, /normal float32/], ['softcap', -1, />= 0/],
-    ['softmaxScale', 1e39, /finite as a float32/], ['softmaxScale', -4e38, /finite as a float32/],
-    ['softmaxScale', Infinity, /finite/], ['dropoutRate', 1 - 1e-12, /\[0, 1\)/],
+    ['softcap', 1e-45, /normal float32/],
+    ['softcap', 1e-39, /normal float32/],
+    ['softcap', 3.5e38, /normal float32/],
+    ['softcap', -1, />= 0/],
+    ['softmaxScale', 1e39, /finite as a float32/],
+    ['softmaxScale', -4e38, /finite as a float32/],
+    ['softmaxScale', Infinity, /finite/],
+    ['dropoutRate', 1 - 1e-12, /\[0, 1\)/],
   ];
   for (const [key, value, pattern] of bad) {
     it(`rejects ${key}: ${value}`, () => {
@@ -242,16 +272,21 @@ describeBackends('float32 range of scalar options', backend => {
     });
   }
   it('rejects softmaxScale / softcap overflowing float32', () => {
-    expectRejected(() => flashAttention(p.q, p.k, p.v, {softmaxScale: 1e30, softcap: 1e-20}),
-                   'softcap', /softmaxScale \/ softcap/);
+    expectRejected(
+        () => flashAttention(p.q, p.k, p.v, {softmaxScale: 1e30, softcap: 1e-20}), 'softcap',
+        /softmaxScale \/ softcap/);
   });
   for (const impl of implsOf(backend)) {
-    for (const opts of [{softcap: 1e-30}, {softcap: 2 ** -126}, {softmaxScale: 1e30},
-                        {softmaxScale: 1e-40}]) {
+    for (const opts
+             of [{softcap: 1e-30}, {softcap: 2 ** -126}, {softmaxScale: 1e30},
+                 {softmaxScale: 1e-40}]) {
       it(`${impl}: accepts ${JSON.stringify(opts)} and matches the oracle`, async () => {
         const [out, lse] = await withImpl(impl, () => run(p, opts));
-        const expected = oracleForward(p.oracle, {softmaxScale: Math.fround(
-            (opts as {softmaxScale?: number}).softmaxScale ?? 1 / Math.sqrt(8)), ...opts});
+        const expected = oracleForward(p.oracle, {
+          softmaxScale:
+              Math.fround((opts as {softmaxScale?: number}).softmaxScale ?? 1 / Math.sqrt(8)),
+          ...opts
+        });
         expectClose(out, expected.out, FORWARD_BOUND, 'out');
         expectClose(lse, expected.lse, FORWARD_BOUND, 'lse');
       });
@@ -275,11 +310,25 @@ function poisonKeys(p: TestProblem, keys: number[], value: number): Float64Array
 describeBackends('masking is exact: masked scores never reach the softmax', backend => {
   // Key j is masked for the listed rows (Sq = 10, Sk = 12, diagonal i + 2).
   const cases: Array<{name: string, opts: OracleOptions, keys: number[], rows: number[]}> = [
-    {name: 'causal, last keys', opts: {causal: true}, keys: [10, 11], rows: [0, 1, 2, 3, 4, 5, 6, 7]},
+    {
+      name: 'causal, last keys',
+      opts: {causal: true},
+      keys: [10, 11],
+      rows: [0, 1, 2, 3, 4, 5, 6, 7]
+    },
     {name: 'causal, key 5', opts: {causal: true}, keys: [5], rows: [0, 1, 2]},
-    {name: 'window [1, 1], key 0', opts: {windowSize: [1, 1]}, keys: [0], rows: [2, 3, 4, 5, 6, 7, 8, 9]},
-    {name: 'window [2, 0], keys 0 and 11', opts: {windowSize: [2, 0]}, keys: [0, 11],
-     rows: [1, 2, 3, 4, 5, 6, 7, 8]},
+    {
+      name: 'window [1, 1], key 0',
+      opts: {windowSize: [1, 1]},
+      keys: [0],
+      rows: [2, 3, 4, 5, 6, 7, 8, 9]
+    },
+    {
+      name: 'window [2, 0], keys 0 and 11',
+      opts: {windowSize: [2, 0]},
+      keys: [0, 11],
+      rows: [1, 2, 3, 4, 5, 6, 7, 8]
+    },
   ];
   for (const impl of implsOf(backend)) {
     for (const c of cases) {
@@ -298,8 +347,9 @@ describeBackends('masking is exact: masked scores never reach the softmax', back
             const [out, lse] = await withImpl(impl, () => run(p, c.opts));
             const expected = oracleForward(clean.oracle, c.opts);
             const what = `seed ${rng.seed}`;
-            expectClose(pickRows(out, lse, c.rows), pickRows(expected.out, expected.lse, c.rows),
-                        FORWARD_BOUND, `visible rows (${what})`);
+            expectClose(
+                pickRows(out, lse, c.rows), pickRows(expected.out, expected.lse, c.rows),
+                FORWARD_BOUND, `visible rows (${what})`);
           } finally {
             p.dispose();
           }
@@ -323,15 +373,16 @@ describeBackends('masking is exact: masked scores never reach the softmax', back
       const dy = tf.tensor4d(Float32Array.from(dOut), [1, SHAPE.seqQ, SHAPE.heads, SHAPE.headDimV]);
       try {
         const grads = await withImpl(impl, async () => {
-          const g = tf.grads((q: tf.Tensor, k: tf.Tensor, v: tf.Tensor) => flashAttention(
-              q as tf.Tensor4D, k as tf.Tensor4D, v as tf.Tensor4D, c.opts));
+          const g = tf.grads(
+              (q: tf.Tensor, k: tf.Tensor, v: tf.Tensor) =>
+                  flashAttention(q as tf.Tensor4D, k as tf.Tensor4D, v as tf.Tensor4D, c.opts));
           const [dq, dk, dv] = g([p.q, p.k, p.v], dy);
           const data = [await dq.data(), await dk.data(), await dv.data()];
           tf.dispose([dq, dk, dv]);
           return data;
         });
-        const expected = oracleBackward(clean.oracle, c.opts, dOut,
-                                        new Float64Array(SHAPE.heads * SHAPE.seqQ));
+        const expected =
+            oracleBackward(clean.oracle, c.opts, dOut, new Float64Array(SHAPE.heads * SHAPE.seqQ));
         expectClose(grads[0], expected.dq, GRADIENT_BOUND, `dq (seed ${rng.seed})`);
         expectClose(grads[1], expected.dk, GRADIENT_BOUND, `dk (seed ${rng.seed})`);
         expectClose(grads[2], expected.dv, GRADIENT_BOUND, `dv (seed ${rng.seed})`);
@@ -349,10 +400,15 @@ function negativeScoresProblem(rng: Rng): TestProblem {
   const q = p.oracle.q.map(x => Math.fround(0.5 + Math.abs(x) / 4));
   const k = p.oracle.k.map(x => Math.fround(-0.5 - Math.abs(x) / 4));
   const qTensor = tf.tensor4d(Float32Array.from(q), p.q.shape);
-  const withQ: TestProblem = {...p, oracle: {...p.oracle, q}, q: qTensor, dispose() {
-    p.dispose();
-    qTensor.dispose();
-  }};
+  const withQ: TestProblem = {
+    ...p,
+    oracle: {...p.oracle, q},
+    q: qTensor,
+    dispose() {
+      p.dispose();
+      qTensor.dispose();
+    }
+  };
   return withKeys(withQ, k);
 }
 

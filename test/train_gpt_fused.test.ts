@@ -15,7 +15,12 @@ import {selectedBackends, useBackend} from './harness/backends';
 
 const describeWebGPU = selectedBackends().includes('webgpu') ? describe : describe.skip;
 
-const CONFIG: GPTConfig = {vocabSize: 13, numLayers: 1, embedDim: 16, numHeads: 2};
+const CONFIG: GPTConfig = {
+  vocabSize: 13,
+  numLayers: 1,
+  embedDim: 16,
+  numHeads: 2
+};
 // 50 steps take minutes on SwiftShader: the test runs 12; the 50-step
 // comparison is `node train_gpt.mjs --child=curve` (benchmarks/train_gpt.ts).
 const STEPS = 8;
@@ -46,7 +51,8 @@ describeWebGPU('a tiny GPT, all fused vs the composed reference [webgpu]', () =>
       const vars = trainableVariables(model);
       const losses: number[] = [];
       for (const {x, y} of batches.slice(0, steps)) {
-        losses.push(await trainStep(model, optimizer, x, y, CONFIG.vocabSize, vars, fused ? 'fused' : 'composed'));
+        losses.push(await trainStep(
+            model, optimizer, x, y, CONFIG.vocabSize, vars, fused ? 'fused' : 'composed'));
       }
       optimizer.dispose();
       model.dispose();
@@ -60,7 +66,8 @@ describeWebGPU('a tiny GPT, all fused vs the composed reference [webgpu]', () =>
     // It learns (fits the repeated batch).
     expect(fusedLosses[STEPS - 1]).toBeLessThan(fusedLosses[0]);
     for (let i = 0; i < STEPS; i++) {
-      expect(Math.abs(fusedLosses[i] - referenceLosses[i])).toBeLessThan(1e-3 * Math.max(1, referenceLosses[i]));
+      expect(Math.abs(fusedLosses[i] - referenceLosses[i]))
+          .toBeLessThan(1e-3 * Math.max(1, referenceLosses[i]));
     }
   });
 });

@@ -25,17 +25,40 @@ interface NormCase {
 
 const NORM_CASES: NormCase[] = [
   {name: 'layerNorm', rms: false, shape: [6, 40], residual: false, dropoutRate: 0},
-  {name: 'layerNorm + residual + dropout, rank 3', rms: false, shape: [2, 5, 37], residual: true, dropoutRate: 0.25},
-  {name: 'layerNorm + residual, wide rows', rms: false, shape: [3, 300], residual: true, dropoutRate: 0},
+  {
+    name: 'layerNorm + residual + dropout, rank 3',
+    rms: false,
+    shape: [2, 5, 37],
+    residual: true,
+    dropoutRate: 0.25
+  },
+  {
+    name: 'layerNorm + residual, wide rows',
+    rms: false,
+    shape: [3, 300],
+    residual: true,
+    dropoutRate: 0
+  },
   {name: 'rmsNorm', rms: true, shape: [7, 33], residual: false, dropoutRate: 0},
-  {name: 'rmsNorm + residual + dropout', rms: true, shape: [4, 130], residual: true, dropoutRate: 0.1},
+  {
+    name: 'rmsNorm + residual + dropout',
+    rms: true,
+    shape: [4, 130],
+    residual: true,
+    dropoutRate: 0.1
+  },
 ];
 
 function normProblem(c: NormCase, rng: Rng): NormProblem {
   const cols = c.shape[c.shape.length - 1];
   const rows = c.shape.reduce((a, b) => a * b, 1) / cols;
   return {
-    rows, cols, rms: c.rms, epsilon: 1e-5, dropoutRate: c.dropoutRate, seed: rng.int(0, 2 ** 40),
+    rows,
+    cols,
+    rms: c.rms,
+    epsilon: 1e-5,
+    dropoutRate: c.dropoutRate,
+    seed: rng.int(0, 2 ** 40),
     x: randomArray(rows * cols, rng, 2),
     residual: c.residual ? randomArray(rows * cols, rng) : null,
     gamma: randomArray(cols, rng),
@@ -62,10 +85,16 @@ describeBackends('fused norms vs the float64 oracle', backend => {
       const beta = p.beta ? tf.tensor1d(f32(p.beta)) : tf.zeros([p.cols]);
       const dy = tf.tensor(f32(dyValues), c.shape);
       const dz = tf.tensor(f32(dzValues), c.shape);
-      const opts = {residual, dropoutRate: c.dropoutRate, seed: p.seed, epsilon: p.epsilon,
-                    returnResidual: true as const};
-      const norm = (xs: tf.Tensor, rs: tf.Tensor|undefined, g: tf.Tensor, b: tf.Tensor) =>
-          c.rms ? rmsNorm(xs, g, {...opts, residual: rs}) : layerNorm(xs, g, b, {...opts, residual: rs});
+      const opts = {
+        residual,
+        dropoutRate: c.dropoutRate,
+        seed: p.seed,
+        epsilon: p.epsilon,
+        returnResidual: true as const
+      };
+      const norm = (xs: tf.Tensor, rs: tf.Tensor|undefined, g: tf.Tensor, b: tf.Tensor) => c.rms ?
+          rmsNorm(xs, g, {...opts, residual: rs}) :
+          layerNorm(xs, g, b, {...opts, residual: rs});
       const profile = await tf.profile(() => {
         const [y, z] = norm(x, residual, gamma, beta);
         return [y, z];
@@ -96,8 +125,9 @@ describeBackends('fused norms vs the float64 oracle', backend => {
         expectClose(await grads[2].data(), og.dbeta, GRADIENT_BOUND, `${what}: dbeta`);
       }
       if (residual) {
-        expectClose(await grads[grads.length - 1].data(), og.dresidual, GRADIENT_BOUND,
-                    `${what}: dresidual`);
+        expectClose(
+            await grads[grads.length - 1].data(), og.dresidual, GRADIENT_BOUND,
+            `${what}: dresidual`);
       }
       if (backend === 'webgpu') {
         expect(gradProfile.kernelNames).toContain(FusedNormGrad);
@@ -129,12 +159,18 @@ describeBackends('fused norms vs the float64 oracle', backend => {
     const x = tf.zeros([4, 8]);
     const gamma = tf.ones([8]);
     const before = tf.memory().numTensors;
-    expect(() => layerNorm(x, tf.ones([7]), gamma)).toThrow(/layerNorm: gamma must be of shape \[8\].*got \[7\]/);
-    expect(() => rmsNorm(x, gamma, {residual: tf.zeros([4, 9])})).toThrow(/rmsNorm: residual must be of x's shape \[4,8\], got \[4,9\]/);
-    expect(() => rmsNorm(x, gamma, {dropoutRate: 1})).toThrow(/dropoutRate must be a number in \[0, 1\), got 1/);
-    expect(() => rmsNorm(x, gamma, {epsilon: 0})).toThrow(/epsilon must be a finite number > 0, got 0/);
-    expect(() => rmsNorm(tf.zeros([4, 8], 'int32'), gamma)).toThrow(/x must be of dtype float32, got int32/);
-    expect(() => rmsNorm(x, gamma, {dropoutRate: 0.1, seed: -1})).toThrow(/seed must be an integer/);
+    expect(() => layerNorm(x, tf.ones([7]), gamma))
+        .toThrow(/layerNorm: gamma must be of shape \[8\].*got \[7\]/);
+    expect(() => rmsNorm(x, gamma, {residual: tf.zeros([4, 9])}))
+        .toThrow(/rmsNorm: residual must be of x's shape \[4,8\], got \[4,9\]/);
+    expect(() => rmsNorm(x, gamma, {dropoutRate: 1}))
+        .toThrow(/dropoutRate must be a number in \[0, 1\), got 1/);
+    expect(() => rmsNorm(x, gamma, {epsilon: 0}))
+        .toThrow(/epsilon must be a finite number > 0, got 0/);
+    expect(() => rmsNorm(tf.zeros([4, 8], 'int32'), gamma))
+        .toThrow(/x must be of dtype float32, got int32/);
+    expect(() => rmsNorm(x, gamma, {dropoutRate: 0.1, seed: -1}))
+        .toThrow(/seed must be an integer/);
     expect(() => rmsNorm(x, gamma, {dropout_p: 0.1} as unknown as NormOptions))
         .toThrow(/rmsNorm: unknown option 'dropout_p'; did you mean 'dropoutRate'\?/);
     expect(() => layerNorm(x, gamma, gamma, {epsilon: -1})).toThrow(FlashAttentionError);
@@ -153,7 +189,13 @@ interface CrossEntropyCase {
 
 const CE_CASES: CrossEntropyCase[] = [
   {name: 'plain', rows: 9, vocab: 70, labelSmoothing: 0, zLoss: 0},
-  {name: 'label smoothing + z-loss, wide vocabulary', rows: 5, vocab: 700, labelSmoothing: 0.1, zLoss: 1e-3},
+  {
+    name: 'label smoothing + z-loss, wide vocabulary',
+    rows: 5,
+    vocab: 700,
+    labelSmoothing: 0.1,
+    zLoss: 1e-3
+  },
   {name: 'z-loss only', rows: 6, vocab: 33, labelSmoothing: 0, zLoss: 0.01},
 ];
 
@@ -163,7 +205,10 @@ describeBackends('softmax cross-entropy vs the float64 oracle', backend => {
       const rng = freshRng();
       const what = `${c.name} (FLASH_ATTENTION_TEST_SEED=${rng.seed})`;
       const p: CrossEntropyProblem = {
-        rows: c.rows, vocab: c.vocab, labelSmoothing: c.labelSmoothing, zLoss: c.zLoss,
+        rows: c.rows,
+        vocab: c.vocab,
+        labelSmoothing: c.labelSmoothing,
+        zLoss: c.zLoss,
         logits: randomArray(c.rows * c.vocab, rng, 4),
         labels: Int32Array.from({length: c.rows}, () => rng.int(0, c.vocab - 1)),
       };
@@ -176,11 +221,14 @@ describeBackends('softmax cross-entropy vs the float64 oracle', backend => {
       const profile = await tf.profile(() => softmaxCrossEntropy(logits, labels, opts));
       const loss = profile.result as tf.Tensor;
       expectClose(await loss.data(), oracleCrossEntropy(p), FORWARD_BOUND, `${what}: loss`);
-      const gradProfile = await tf.profile(() => tf.grad(
-          (l: tf.Tensor) => tf.sum(tf.mul(softmaxCrossEntropy(l as tf.Tensor2D, labels, opts), dLoss)))(logits));
+      const gradProfile = await tf.profile(
+          () => tf.grad(
+              (l: tf.Tensor) => tf.sum(
+                  tf.mul(softmaxCrossEntropy(l as tf.Tensor2D, labels, opts), dLoss)))(logits));
       const grad = gradProfile.result as tf.Tensor;
-      expectClose(await grad.data(), oracleCrossEntropyBackward(p, dLossValues), GRADIENT_BOUND,
-                  `${what}: dLogits`);
+      expectClose(
+          await grad.data(), oracleCrossEntropyBackward(p, dLossValues), GRADIENT_BOUND,
+          `${what}: dLogits`);
       if (backend === 'webgpu') {
         expect(profile.kernelNames).toContain(SoftmaxCrossEntropy);
         expect(gradProfile.kernelNames).toContain(SoftmaxCrossEntropyGrad);
@@ -193,7 +241,11 @@ describeBackends('softmax cross-entropy vs the float64 oracle', backend => {
   test('the tf.losses-style mean over any leading shape, float labels', async () => {
     const rng = freshRng();
     const p: CrossEntropyProblem = {
-      rows: 6, vocab: 11, labelSmoothing: 0, zLoss: 0, logits: randomArray(66, rng, 2),
+      rows: 6,
+      vocab: 11,
+      labelSmoothing: 0,
+      zLoss: 0,
+      logits: randomArray(66, rng, 2),
       labels: Int32Array.from({length: 6}, () => rng.int(0, 10)),
     };
     const logits = tf.tensor3d(f32(p.logits), [2, 3, 11]);
@@ -211,7 +263,9 @@ describeBackends('softmax cross-entropy vs the float64 oracle', backend => {
         .toThrow(/softmaxCrossEntropy: labels must be of dtype int32, got float32/);
     expect(() => softmaxCrossEntropy(logits as tf.Tensor2D, tf.zeros([3], 'int32') as tf.Tensor1D))
         .toThrow(/labels must be of shape \[4\].*got \[3\]/);
-    expect(() => softmaxCrossEntropy(logits as tf.Tensor2D, labels as tf.Tensor1D, {labelSmoothing: 1}))
+    expect(
+        () =>
+            softmaxCrossEntropy(logits as tf.Tensor2D, labels as tf.Tensor1D, {labelSmoothing: 1}))
         .toThrow(/labelSmoothing must be a number in \[0, 1\), got 1/);
     expect(() => softmaxCrossEntropy(logits as tf.Tensor2D, labels as tf.Tensor1D, {zLoss: -1}))
         .toThrow(/zLoss must be a finite number >= 0, got -1/);
@@ -236,14 +290,18 @@ describeBackends('rotary embedding vs the float64 oracle', backend => {
       const x = tf.tensor4d(f32(xValues), c.shape as [number, number, number, number]);
       const dy = tf.tensor4d(f32(dyValues), c.shape as [number, number, number, number]);
       const tables = new RotaryTables(c.rotaryDim, 10000);
-      const profile = await tf.profile(() => applyRotary(x, c.rotaryDim, 10000, c.interleaved, tables));
+      const profile =
+          await tf.profile(() => applyRotary(x, c.rotaryDim, 10000, c.interleaved, tables));
       const y = profile.result as tf.Tensor;
-      expectClose(await y.data(), oracleRotary(xValues, c.shape, c.rotaryDim, 10000, c.interleaved),
-                  FORWARD_BOUND, `${what}: y`);
-      const dx = tf.grad((t: tf.Tensor) => tf.sum(tf.mul(
-          applyRotary(t as tf.Tensor4D, c.rotaryDim, 10000, c.interleaved, tables), dy)))(x);
-      expectClose(await dx.data(), oracleRotary(dyValues, c.shape, c.rotaryDim, 10000, c.interleaved, true),
-                  GRADIENT_BOUND, `${what}: dx`);
+      expectClose(
+          await y.data(), oracleRotary(xValues, c.shape, c.rotaryDim, 10000, c.interleaved),
+          FORWARD_BOUND, `${what}: y`);
+      const dx = tf.grad(
+          (t: tf.Tensor) => tf.sum(tf.mul(
+              applyRotary(t as tf.Tensor4D, c.rotaryDim, 10000, c.interleaved, tables), dy)))(x);
+      expectClose(
+          await dx.data(), oracleRotary(dyValues, c.shape, c.rotaryDim, 10000, c.interleaved, true),
+          GRADIENT_BOUND, `${what}: dx`);
       if (backend === 'webgpu') {
         expect(profile.kernelNames).toEqual([FusedRotary]);
       }

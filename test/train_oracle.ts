@@ -91,7 +91,8 @@ export interface NormGradients {
 }
 
 /** Gradients of sum(y * dy) + sum(z * dz) with respect to the inputs. */
-export function oracleNormBackward(p: NormProblem, dy: Float64Array, dzOut: Float64Array): NormGradients {
+export function oracleNormBackward(
+    p: NormProblem, dy: Float64Array, dzOut: Float64Array): NormGradients {
   const {rows, cols} = p;
   const mask = oracleNormMask(p);
   const {xhat, rstd} = normStats(p, mask);
@@ -161,7 +162,8 @@ export function oracleCrossEntropy(p: CrossEntropyProblem): Float64Array {
 }
 
 /** Gradient of sum(loss * dLoss) with respect to the logits. */
-export function oracleCrossEntropyBackward(p: CrossEntropyProblem, dLoss: Float64Array): Float64Array {
+export function oracleCrossEntropyBackward(
+    p: CrossEntropyProblem, dLoss: Float64Array): Float64Array {
   const grad = new Float64Array(p.rows * p.vocab);
   const eps = p.labelSmoothing;
   for (let i = 0; i < p.rows; i++) {

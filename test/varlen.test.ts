@@ -35,25 +35,85 @@ interface VarlenCase {
 
 const CASES: VarlenCase[] = [
   {name: 'plain', heads: 2, headsKV: 2, headDim: 16, headDimV: 16, opts: {}, webgpu: true},
-  {name: 'causal, softcap, alibi [B, H], GQA, Dv != D', heads: 4, headsKV: 2, headDim: 8,
-   headDimV: 12, opts: {causal: true, softcap: 2}, alibi: 'batch', webgpu: true},
-  {name: 'dropout, window [4, 1], alibi [H], MQA', heads: 2, headsKV: 1, headDim: 8,
-   headDimV: 8, opts: {dropoutRate: 0.3, seed: 2 ** 33 + 5, windowSize: [4, 1]},
-   alibi: 'head', webgpu: true},
-  {name: 'causal (bottom-right per sequence)', heads: 2, headsKV: 2, headDim: 16,
-   headDimV: 16, opts: {causal: true}},
-  {name: 'causal, self-attention lengths', heads: 2, headsKV: 2, headDim: 8, headDimV: 8,
-   opts: {causal: true}, sameLengths: true},
-  {name: 'window [3, 2]', heads: 2, headsKV: 2, headDim: 16, headDimV: 16,
-   opts: {windowSize: [3, 2]}},
-  {name: 'softcap, alibi [B, H], causal', heads: 2, headsKV: 2, headDim: 16, headDimV: 16,
-   opts: {causal: true, softcap: 2}, alibi: 'batch'},
-  {name: 'alibi [H], custom scale', heads: 2, headsKV: 1, headDim: 8, headDimV: 8,
-   opts: {softmaxScale: 0.7}, alibi: 'head'},
-  {name: 'GQA (H=4, Hk=2), Dv != D', heads: 4, headsKV: 2, headDim: 8, headDimV: 12,
-   opts: {causal: true}},
-  {name: 'dropout 0.3 with window', heads: 2, headsKV: 1, headDim: 8, headDimV: 8,
-   opts: {dropoutRate: 0.3, seed: 2 ** 33 + 5, windowSize: [4, 1]}},
+  {
+    name: 'causal, softcap, alibi [B, H], GQA, Dv != D',
+    heads: 4,
+    headsKV: 2,
+    headDim: 8,
+    headDimV: 12,
+    opts: {causal: true, softcap: 2},
+    alibi: 'batch',
+    webgpu: true
+  },
+  {
+    name: 'dropout, window [4, 1], alibi [H], MQA',
+    heads: 2,
+    headsKV: 1,
+    headDim: 8,
+    headDimV: 8,
+    opts: {dropoutRate: 0.3, seed: 2 ** 33 + 5, windowSize: [4, 1]},
+    alibi: 'head',
+    webgpu: true
+  },
+  {
+    name: 'causal (bottom-right per sequence)',
+    heads: 2,
+    headsKV: 2,
+    headDim: 16,
+    headDimV: 16,
+    opts: {causal: true}
+  },
+  {
+    name: 'causal, self-attention lengths',
+    heads: 2,
+    headsKV: 2,
+    headDim: 8,
+    headDimV: 8,
+    opts: {causal: true},
+    sameLengths: true
+  },
+  {
+    name: 'window [3, 2]',
+    heads: 2,
+    headsKV: 2,
+    headDim: 16,
+    headDimV: 16,
+    opts: {windowSize: [3, 2]}
+  },
+  {
+    name: 'softcap, alibi [B, H], causal',
+    heads: 2,
+    headsKV: 2,
+    headDim: 16,
+    headDimV: 16,
+    opts: {causal: true, softcap: 2},
+    alibi: 'batch'
+  },
+  {
+    name: 'alibi [H], custom scale',
+    heads: 2,
+    headsKV: 1,
+    headDim: 8,
+    headDimV: 8,
+    opts: {softmaxScale: 0.7},
+    alibi: 'head'
+  },
+  {
+    name: 'GQA (H=4, Hk=2), Dv != D',
+    heads: 4,
+    headsKV: 2,
+    headDim: 8,
+    headDimV: 12,
+    opts: {causal: true}
+  },
+  {
+    name: 'dropout 0.3 with window',
+    heads: 2,
+    headsKV: 1,
+    headDim: 8,
+    headDimV: 8,
+    opts: {dropoutRate: 0.3, seed: 2 ** 33 + 5, windowSize: [4, 1]}
+  },
 ];
 
 /** Random lengths in [0, max], with 0 and 1 always among them. */
@@ -106,14 +166,26 @@ function makeVarlenProblem(c: VarlenCase, batch: number, rng: Rng): VarlenProble
   }
   const sequences = lenQ.map((sq, b) => {
     const p = randomOracleProblem(
-        {batch: 1, seqQ: sq, seqK: lenK[b], heads: c.heads, headsKV: c.headsKV,
-         headDim: c.headDim, headDimV: c.headDimV}, rng);
-    p.alibiSlopes = slopes == null ? null : c.alibi === 'head' ?
-        slopes : slopes.slice(b * c.heads, (b + 1) * c.heads);
+        {
+          batch: 1,
+          seqQ: sq,
+          seqK: lenK[b],
+          heads: c.heads,
+          headsKV: c.headsKV,
+          headDim: c.headDim,
+          headDimV: c.headDimV
+        },
+        rng);
+    p.alibiSlopes = slopes == null ? null :
+        c.alibi === 'head'         ? slopes :
+                                     slopes.slice(b * c.heads, (b + 1) * c.heads);
     return p;
   });
   return {
-    lenQ, lenK, sequences, slopes,
+    lenQ,
+    lenK,
+    sequences,
+    slopes,
     packed: {
       q: concat(sequences.map(s => s.q)),
       k: concat(sequences.map(s => s.k)),
@@ -149,7 +221,8 @@ function tensors(c: VarlenCase, p: VarlenProblem) {
     v: tf.tensor3d(Float32Array.from(p.packed.v), [totalK, c.headsKV, c.headDimV]),
     cuQ: tf.tensor1d(cumulative(p.lenQ), 'int32'),
     cuK: tf.tensor1d(cumulative(p.lenK), 'int32'),
-    slopes: p.slopes == null ? undefined :
+    slopes: p.slopes == null ?
+        undefined :
         tf.tensor(Float32Array.from(p.slopes), c.alibi === 'head' ? [c.heads] : [batch, c.heads]),
   };
 }
@@ -167,13 +240,15 @@ async function checkVarlen(c: VarlenCase, rng: Rng, expectFused: boolean): Promi
   const gradBefore = fusedGradRunCount();
   // Padding beyond the longest sequence exercises skipped tiles and rows.
   const opts = {
-    ...c.opts, alibiSlopes: t.slopes, maxSeqlenQ: Math.max(...p.lenQ) + 3,
+    ...c.opts,
+    alibiSlopes: t.slopes,
+    maxSeqlenQ: Math.max(...p.lenQ) + 3,
     maxSeqlenK: Math.max(...p.lenK) + 2,
   };
   const dOutT = tf.tensor(Float32Array.from(dOut), t.q.shape.slice(0, 2).concat([c.headDimV]));
   const dLseT = tf.tensor(Float32Array.from(dLse), [c.heads, t.q.shape[0]]);
-  const [out, lse] = flashAttentionVarlen(
-      t.q, t.k, t.v, t.cuQ, t.cuK, {...opts, returnSoftmaxLse: true});
+  const [out, lse] =
+      flashAttentionVarlen(t.q, t.k, t.v, t.cuQ, t.cuK, {...opts, returnSoftmaxLse: true});
   expectClose(await out.data(), expected.out, FORWARD_BOUND, `${what}: out`);
   expectClose(await lse.data(), expected.lse, FORWARD_BOUND, `${what}: lse`);
   tf.dispose([out, lse]);
@@ -230,7 +305,8 @@ describeBackends('flashAttentionVarlen against each sequence alone', backend => 
           // skipped ones included), and pipelines SwiftShader compiles in
           // about a second instead of half a minute.
           setForwardOverride({tiles: {tm: 1, tx: 2, nq: 1, ty: 8}});
-          setGradTilesOverride({dkdv: {bc: 4, br: 4, threads: 16}, dq: {br: 4, bc: 4, threads: 16}});
+          setGradTilesOverride(
+              {dkdv: {bc: 4, br: 4, threads: 16}, dq: {br: 4, bc: 4, threads: 16}});
         }
       });
       afterAll(() => {
@@ -240,7 +316,8 @@ describeBackends('flashAttentionVarlen against each sequence alone', backend => 
         setGradTilesOverride(null);
       });
       const cases = backend === 'cpu' ? CASES :
-          impl === 'fused' ? CASES.filter(c => c.webgpu) : CASES.filter(c => c.webgpu).slice(1, 2);
+          impl === 'fused'            ? CASES.filter(c => c.webgpu) :
+                                        CASES.filter(c => c.webgpu).slice(1, 2);
       for (const c of cases) {
         it(c.name, () => checkVarlen(c, freshRng(), impl === 'fused'));
       }
@@ -263,15 +340,16 @@ describeBackends('per-batch key lengths on the padded op', backend => {
     const rng = freshRng();
     const [batch, seq, heads, dim] = [3, 10, 2, 8];
     const lengths = [10, 0, 4];
-    const q = tf.tensor4d(Float32Array.from(randomArray(batch * seq * heads * dim, rng)),
-                          [batch, seq, heads, dim]);
-    const k = tf.tensor4d(Float32Array.from(randomArray(batch * seq * heads * dim, rng)),
-                          [batch, seq, heads, dim]);
-    const v = tf.tensor4d(Float32Array.from(randomArray(batch * seq * heads * dim, rng)),
-                          [batch, seq, heads, dim]);
+    const q = tf.tensor4d(
+        Float32Array.from(randomArray(batch * seq * heads * dim, rng)), [batch, seq, heads, dim]);
+    const k = tf.tensor4d(
+        Float32Array.from(randomArray(batch * seq * heads * dim, rng)), [batch, seq, heads, dim]);
+    const v = tf.tensor4d(
+        Float32Array.from(randomArray(batch * seq * heads * dim, rng)), [batch, seq, heads, dim]);
     const seqlensK = tf.tensor1d(lengths, 'int32');
-    const mask = tf.tidy(() => tf.less(
-        tf.reshape(tf.range(0, seq, 1, 'int32'), [1, seq]), tf.reshape(seqlensK, [batch, 1])));
+    const mask = tf.tidy(
+        () => tf.less(
+            tf.reshape(tf.range(0, seq, 1, 'int32'), [1, seq]), tf.reshape(seqlensK, [batch, 1])));
     const before = tf.memory().numTensors;
     const a = flashAttention(q, k, v, {seqlensK, causal: true});
     const b = flashAttention(q, k, v, {keyPaddingMask: mask, causal: true});
@@ -289,22 +367,36 @@ describeBackends('per-batch key lengths on the padded op', backend => {
           return values;
         };
         const [qa, ka, va] = [await read(q, seq), await read(k, len), await read(v, len)];
-        const f = oracleForward({
-          batch: 1, seqQ: seq, seqK: len, heads, headsKV: heads, headDim: dim, headDimV: dim,
-          q: Float64Array.from(qa), k: Float64Array.from(ka), v: Float64Array.from(va),
-          alibiSlopes: null,
-        }, {causal: true});
+        const f = oracleForward(
+            {
+              batch: 1,
+              seqQ: seq,
+              seqK: len,
+              heads,
+              headsKV: heads,
+              headDim: dim,
+              headDimV: dim,
+              q: Float64Array.from(qa),
+              k: Float64Array.from(ka),
+              v: Float64Array.from(va),
+              alibiSlopes: null,
+            },
+            {causal: true});
         expected.set(f.out);
       }
-      expectClose(av.slice(bi * seq * heads * dim, (bi + 1) * seq * heads * dim), expected,
-                  FORWARD_BOUND, `batch row ${bi} (length ${len}, seed ${rng.seed})`);
+      expectClose(
+          av.slice(bi * seq * heads * dim, (bi + 1) * seq * heads * dim), expected, FORWARD_BOUND,
+          `batch row ${bi} (length ${len}, seed ${rng.seed})`);
     }
     tf.dispose([a, b]);
     expect(tf.memory().numTensors).toBe(before);
-    const notPadding = tf.tensor2d([[true, false, true, false, false, false, false, false, false, false],
-                                    [true, true, false, false, false, false, false, false, false, false],
-                                    [true, false, false, false, false, false, false, false, false, false]],
-                                   undefined, 'bool');
+    const notPadding = tf.tensor2d(
+        [
+          [true, false, true, false, false, false, false, false, false, false],
+          [true, true, false, false, false, false, false, false, false, false],
+          [true, false, false, false, false, false, false, false, false, false]
+        ],
+        undefined, 'bool');
     const badLengths = tf.tensor1d([1, 2], 'int32');
     const n = tf.memory().numTensors;
     expect(() => flashAttention(q, k, v, {keyPaddingMask: notPadding}))
@@ -320,13 +412,14 @@ describeBackends('per-batch key lengths on the padded op', backend => {
     const cu = tf.tensor1d([0, 2, 5], 'int32');
     const cuF = tf.tensor1d([0, 2, 5]);
     const n = tf.memory().numTensors;
-    expect(() => flashAttentionVarlen(q, q, q, cuF as tf.Tensor1D, cu,
-                                      {maxSeqlenQ: 3, maxSeqlenK: 3}))
+    expect(
+        () => flashAttentionVarlen(q, q, q, cuF as tf.Tensor1D, cu, {maxSeqlenQ: 3, maxSeqlenK: 3}))
         .toThrow(/cuSeqlensQ must have dtype int32, got float32/);
     expect(() => flashAttentionVarlen(q, q, q, cu, cu, {maxSeqlenQ: 0, maxSeqlenK: 3}))
         .toThrow(/maxSeqlenQ must be an integer >= 1, got 0/);
-    expect(() => flashAttentionVarlen(q, q, q, cu, cu,
-                                      {maxSeqlenQ: 3, maxSeqlenK: 3, windowSize: [-2, 0]}))
+    expect(
+        () => flashAttentionVarlen(
+            q, q, q, cu, cu, {maxSeqlenQ: 3, maxSeqlenK: 3, windowSize: [-2, 0]}))
         .toThrow(/windowSize/);
     expect(tf.memory().numTensors).toBe(n);
     tf.dispose([q, cu, cuF]);
@@ -346,8 +439,8 @@ describeBackends('per-batch key lengths on the padded op', backend => {
     const expected = tf.tidy(() => tf.mul(x, tf.expandDims(tf.cast(mask, 'float32'), 2)));
     expectClose(await back.data(), await expected.data(), 0, 'pad(unpad(x))');
     const w = tf.tensor3d(Float32Array.from(randomArray(24, rng)), [3, 4, 2]);
-    const g = tf.grad((t: tf.Tensor) => tf.sum(tf.mul(
-        padInput(unpadInput(t, mask).x, u.indices, 3, 4), w)))(x);
+    const g = tf.grad(
+        (t: tf.Tensor) => tf.sum(tf.mul(padInput(unpadInput(t, mask).x, u.indices, 3, 4), w)))(x);
     const gExpected = tf.tidy(() => tf.mul(w, tf.expandDims(tf.cast(mask, 'float32'), 2)));
     expectClose(await g.data(), await gExpected.data(), 0, 'gradient of pad(unpad(x))');
     tf.dispose([u.x, u.indices, u.cuSeqlens, u.seqlens, back, expected, w, g, gExpected]);

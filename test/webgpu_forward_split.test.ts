@@ -8,8 +8,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 
-import {forwardStats, planSplits, setForwardOverride, SPLIT_TARGET_GROUPS}
-    from '../kernels/webgpu/FlashAttention';
+import {forwardStats, planSplits, setForwardOverride, SPLIT_TARGET_GROUPS} from '../kernels/webgpu/FlashAttention';
 import {checkOwnPipelineErrors, setPoisonOutputs} from '../kernels/webgpu/own_pipeline';
 import {FLASH_ATTENTION_IMPL} from '../src';
 
@@ -64,10 +63,11 @@ describeWebGPU('fused WebGPU forward, split-KV [webgpu]', () => {
 
   // Cases sharing a few pipelines (SwiftShader compiles each in ~20 s):
   // masks, rows without keys, GQA, alibi, softcap, dropout and windows.
-  const optionCases = OPTION_CASES.filter(c => [
-    'causal', 'causal, Sq < Sk', 'causal, Sq > Sk (rows without keys)', 'GQA (H=4, Hk=2)',
-    'window [-1, 0] (= causal)', 'alibi [B, H], causal, softcap',
-    'dropout with GQA, window and seed >= 2^32'].includes(c.name));
+  const optionCases = OPTION_CASES.filter(
+      c => ['causal', 'causal, Sq < Sk', 'causal, Sq > Sk (rows without keys)', 'GQA (H=4, Hk=2)',
+            'window [-1, 0] (= causal)', 'alibi [B, H], causal, softcap',
+            'dropout with GQA, window and seed >= 2^32']
+               .includes(c.name));
   describe('option cases, 3 splits (some see no key tile)', () => {
     it('covers the cases it names', () => expect(optionCases.length).toBe(7));
     for (const c of optionCases) {
@@ -77,14 +77,18 @@ describeWebGPU('fused WebGPU forward, split-KV [webgpu]', () => {
 
   describe('multi-tile problems', () => {
     const cases: OptionCase[] = [
-      {name: 'causal, Sq < Sk, GQA, Dv != D',
-       shape: {batch: 1, seqQ: 37, seqK: 70, heads: 4, headsKV: 2, headDim: 32, headDimV: 20},
-       opts: {causal: true}},
+      {
+        name: 'causal, Sq < Sk, GQA, Dv != D',
+        shape: {batch: 1, seqQ: 37, seqK: 70, heads: 4, headsKV: 2, headDim: 32, headDimV: 20},
+        opts: {causal: true}
+      },
     ];
     const plans: Array<[string, Parameters<typeof setForwardOverride>[0]]> = [
       ['5 splits, default tiling', {splits: 5}],
-      ['4 splits, GPU code path (prefetch, constant loops)',
-       {tiles: {tm: 2, tx: 4, nq: 1, ty: 8}, constantLoops: true, prefetch: true, splits: 4}],
+      [
+        '4 splits, GPU code path (prefetch, constant loops)',
+        {tiles: {tm: 2, tx: 4, nq: 1, ty: 8}, constantLoops: true, prefetch: true, splits: 4}
+      ],
     ];
     for (const [planName, o] of plans) {
       for (const c of cases) {

@@ -12,12 +12,9 @@ import {MAX_HEAD_DIM} from '../../src/checks';
 import {dropoutThreshold} from '../../src/dropout';
 import {FlashAttention, FlashAttentionAttrs} from '../../src/kernel_names';
 
-import {COMBINE_THREADS, COMBINE_UNIFORMS, ForwardConfig, forwardKey, ForwardTiles,
-        FORWARD_UNIFORMS, forwardWGSL, prefetchFloats, splitCombineWGSL, tileSizes, workgroupBytes}
-    from './flash_attention_webgpu';
+import {COMBINE_THREADS, COMBINE_UNIFORMS, ForwardConfig, forwardKey, ForwardTiles, FORWARD_UNIFORMS, forwardWGSL, prefetchFloats, splitCombineWGSL, tileSizes, workgroupBytes} from './flash_attention_webgpu';
 import {deviceHasSubgroups, dispatchGrid, isWebGPUBackend, runOwnPipeline, UniformWriter} from './own_pipeline';
-import {FORWARD_TILINGS, ForwardTilingChoice, getForwardOverride, MAX_SPLITS, MIN_TILES_PER_SPLIT,
-        REGISTER_BUDGET, SPLIT_TARGET_GROUPS} from './tuning';
+import {FORWARD_TILINGS, ForwardTilingChoice, getForwardOverride, MAX_SPLITS, MIN_TILES_PER_SPLIT, REGISTER_BUDGET, SPLIT_TARGET_GROUPS} from './tuning';
 import {matrixForwardWebGPU, planMatrixForward} from './flash_attention_subgroup_matrix';
 import {scoreOptionsFromAttrs} from './wgsl_snippets';
 
@@ -31,7 +28,7 @@ function registerFloats(d: number, dv: number, t: ForwardTiles): number {
 }
 
 export {setForwardOverride} from './tuning';
-export type {ForwardOverride} from './tuning';
+export type{ForwardOverride} from './tuning';
 export {SPLIT_TARGET_GROUPS} from './tuning';
 
 /** A CPU implementation of WebGPU (SwiftShader): slow compiles, small tiles. */
@@ -56,8 +53,8 @@ export interface ForwardPlan {
  * `rows` (batch * heads * seqQ) decides whether tilings meant for large
  * grids apply; the kernel's callers always pass it.
  */
-export function planForward(device: GPUDevice, headDim: number, headDimV: number,
-                            rows = Infinity): ForwardPlan|null {
+export function planForward(
+    device: GPUDevice, headDim: number, headDimV: number, rows = Infinity): ForwardPlan|null {
   const limits = device.limits;
   const hasSubgroups = deviceHasSubgroups(device);
   const override = getForwardOverride();
@@ -74,15 +71,17 @@ export function planForward(device: GPUDevice, headDim: number, headDimV: number
   if (override?.tiles != null) {
     const subgroups = useSubgroups(override.tiles);
     return override.ignoreLimits || fits(override.tiles, subgroups) ?
-        {tiles: override.tiles, subgroups} : null;
+        {tiles: override.tiles, subgroups} :
+        null;
   }
   // Software devices compile large unrolled tiles very slowly (minutes).
   const software = isSoftwareDevice(device);
-  const suits = (t: ForwardTilingChoice) => headDim > (t.minHeadDim ?? 0) &&
-      Math.ceil(rows / (t.tm * t.ty)) >= (t.minGroups ?? 0);
+  const suits = (t: ForwardTilingChoice) =>
+      headDim > (t.minHeadDim ?? 0) && Math.ceil(rows / (t.tm * t.ty)) >= (t.minGroups ?? 0);
   const candidates = FORWARD_TILINGS.filter(t => !software || (t.tm <= 2 && t.nq === 1))
-      .map(({minHeadDim, minGroups, ...tiles}) =>
-               ({tiles, ok: suits({...tiles, minHeadDim, minGroups})}));
+                         .map(
+                             ({minHeadDim, minGroups, ...tiles}) =>
+                                 ({tiles, ok: suits({...tiles, minHeadDim, minGroups})}));
   for (const {tiles, ok} of candidates) {
     const subgroups = useSubgroups(tiles);
     const inBudget = registerFloats(headDim, headDimV, tiles) <= REGISTER_BUDGET;
@@ -105,8 +104,8 @@ export function planForward(device: GPUDevice, headDim: number, headDimV: number
  * keys in tiles of `bc`: enough splits to reach `target` workgroups, none
  * shorter than MIN_TILES_PER_SPLIT tiles; 1 (no split) when `target` is 0.
  */
-export function planSplits(groups: number, seqK: number, bc: number,
-                           target = SPLIT_TARGET_GROUPS): number {
+export function planSplits(
+    groups: number, seqK: number, bc: number, target = SPLIT_TARGET_GROUPS): number {
   const override = getForwardOverride();
   if (override?.splits != null) {
     return override.splits;
@@ -118,15 +117,14 @@ export function planSplits(groups: number, seqK: number, bc: number,
 
 /** Why the fused kernel cannot take a call, or null (registerFusedKernel). */
 export function supportsFlashAttentionWebGPU(
-    shapes: AttentionShapes, attrs: FlashAttentionAttrs,
-    backend: tf.KernelBackend): string|null {
+    shapes: AttentionShapes, attrs: FlashAttentionAttrs, backend: tf.KernelBackend): string|null {
   if (!isWebGPUBackend(backend)) {
     return 'the active backend is not tfjs-backend-webgpu';
   }
   const {batch, seqQ, seqK, heads, headsKV, headDim, headDimV} = shapes;
   if (headDim > MAX_HEAD_DIM || headDimV > MAX_HEAD_DIM) {
-    return `the WebGPU kernel supports head dims up to ${MAX_HEAD_DIM}, got D=${
-        headDim}, Dv=${headDimV}`;
+    return `the WebGPU kernel supports head dims up to ${MAX_HEAD_DIM}, got D=${headDim}, Dv=${
+        headDimV}`;
   }
   const device = backend.device;
   const plan = planForward(device, headDim, headDimV, batch * heads * seqQ);
@@ -137,8 +135,10 @@ export function supportsFlashAttentionWebGPU(
   }
   const maxBinding = device.limits.maxStorageBufferBindingSize;
   const sizes: Array<[string, number]> = [
-    ['q', batch * seqQ * heads * headDim], ['k', batch * seqK * headsKV * headDim],
-    ['v', batch * seqK * headsKV * headDimV], ['out', batch * seqQ * heads * headDimV],
+    ['q', batch * seqQ * heads * headDim],
+    ['k', batch * seqK * headsKV * headDim],
+    ['v', batch * seqK * headsKV * headDimV],
+    ['out', batch * seqQ * heads * headDimV],
   ];
   for (const [name, n] of sizes) {
     if (n * 4 > maxBinding) {
@@ -156,12 +156,14 @@ export function supportsFlashAttentionWebGPU(
 }
 
 /** Dispatches made by the fused forward (lets tests check it ran). */
-export const forwardStats = {dispatches: 0};
+export const forwardStats = {
+  dispatches: 0
+};
 
 /** Runs the forward program: returns [out, lse]. */
 export function flashAttentionWebGPU(
-    args: {inputs: tf.NamedTensorInfoMap, backend: tf.KernelBackend,
-           attrs?: tf.NamedAttrMap}): tf.TensorInfo[] {
+    args: {inputs: tf.NamedTensorInfoMap, backend: tf.KernelBackend, attrs?: tf.NamedAttrMap}):
+    tf.TensorInfo[] {
   const backend = args.backend as unknown as WebGPUBackend;
   const {q, k, v, alibiSlopes, seqlens} = args.inputs as Record<string, tf.TensorInfo>;
   const attrs = args.attrs as unknown as FlashAttentionAttrs;
@@ -175,11 +177,12 @@ export function flashAttentionWebGPU(
   }
   // Tensor cores (subgroup matrices) where the device has them.
   // (Not with per-batch lengths: that kernel does not read them.)
-  const matrixPlan = attrs.hasSeqlens ? null :
+  const matrixPlan = attrs.hasSeqlens ?
+      null :
       planMatrixForward(backend.device, headDim, headDimV, attrs.precision ?? 'float32');
   if (matrixPlan != null) {
-    return matrixForwardWebGPU(backend, args.inputs as Record<string, tf.TensorInfo>, attrs,
-                               matrixPlan);
+    return matrixForwardWebGPU(
+        backend, args.inputs as Record<string, tf.TensorInfo>, attrs, matrixPlan);
   }
   const plan = planForward(backend.device, headDim, headDimV, batch * heads * seqQ)!;
   const override = getForwardOverride();
@@ -188,8 +191,13 @@ export function flashAttentionWebGPU(
   const hasSeqlens = seqlens != null && tf.util.sizeFromShape(seqlens.shape) > 0;
   const score = scoreOptionsFromAttrs(attrs, hasAlibi, hasSeqlens);
   const config: ForwardConfig = {
-    headDim, headDimV, tiles: plan.tiles, score, alibiMode,
-    dropout: attrs.dropoutRate > 0, subgroups: plan.subgroups,
+    headDim,
+    headDimV,
+    tiles: plan.tiles,
+    score,
+    alibiMode,
+    dropout: attrs.dropoutRate > 0,
+    subgroups: plan.subgroups,
     reverseRows: score.windowRight && !score.windowLeft,
     runtimeLoops: !override?.constantLoops && isSoftwareDevice(backend.device),
     prefetch: override?.prefetch,
@@ -202,13 +210,26 @@ export function flashAttentionWebGPU(
   const maxPerDim = backend.device.limits.maxComputeWorkgroupsPerDimension;
   const grid = dispatchGrid(totalGroups, maxPerDim);
   const values: Record<string, number> = {
-    seqQ, seqK, heads, groups: heads / headsKV, headsKV, numQTiles, totalGroups,
-    gridX: grid[0], scale: attrs.softmaxScale, softcap: attrs.softcap,
-    left: attrs.windowLeft, right: attrs.windowRight, seedLo: attrs.seedLo,
+    seqQ,
+    seqK,
+    heads,
+    groups: heads / headsKV,
+    headsKV,
+    numQTiles,
+    totalGroups,
+    gridX: grid[0],
+    scale: attrs.softmaxScale,
+    softcap: attrs.softcap,
+    left: attrs.windowLeft,
+    right: attrs.windowRight,
+    seedLo: attrs.seedLo,
     seedHi: attrs.seedHi,
     threshold: attrs.dropoutRate > 0 ? dropoutThreshold(attrs.dropoutRate) : 0,
     keepScale: attrs.dropoutRate > 0 ? 1 / (1 - attrs.dropoutRate) : 1,
-    loopDQ4: dq4, loopBC4: bc / 4, numSplits: splits, splitRows: batch * seqQ * heads,
+    loopDQ4: dq4,
+    loopBC4: bc / 4,
+    numSplits: splits,
+    splitRows: batch * seqQ * heads,
     splitLse: batch * heads * seqQ,
   };
   const w = new UniformWriter();
@@ -218,22 +239,24 @@ export function flashAttentionWebGPU(
   const inputs = [q, k, v, ...(hasAlibi ? [alibiSlopes] : []), ...(hasSeqlens ? [seqlens] : [])];
   forwardStats.dispatches++;
   // With splits, the partial results of split n sit at leading index n.
-  const outputs = runOwnPipeline(backend, {
-    key: forwardKey(config),
-    label: 'FlashAttention forward',
-    code: () => forwardWGSL(config),
-    numInputs: inputs.length,
-    numOutputs: 2,
-    hasUniforms: true,
-  }, {
-    inputs,
-    outputs: [
-      {shape: [splits * batch, seqQ, heads, headDimV], dtype: 'float32'},
-      {shape: [splits * batch, heads, seqQ], dtype: 'float32'},
-    ],
-    uniforms: w.finish(),
-    dispatch: grid,
-  });
+  const outputs = runOwnPipeline(
+      backend, {
+        key: forwardKey(config),
+        label: 'FlashAttention forward',
+        code: () => forwardWGSL(config),
+        numInputs: inputs.length,
+        numOutputs: 2,
+        hasUniforms: true,
+      },
+      {
+        inputs,
+        outputs: [
+          {shape: [splits * batch, seqQ, heads, headDimV], dtype: 'float32'},
+          {shape: [splits * batch, heads, seqQ], dtype: 'float32'},
+        ],
+        uniforms: w.finish(),
+        dispatch: grid,
+      });
   if (splits === 1) {
     return outputs;
   }
@@ -242,28 +265,36 @@ export function flashAttentionWebGPU(
     const combineGrid = dispatchGrid(Math.ceil(elements / COMBINE_THREADS), maxPerDim);
     const cw = new UniformWriter();
     const combineValues: Record<string, number> = {
-      elements, headDimV, heads, seqQ, numSplits: splits, splitRows: batch * seqQ * heads,
-      splitLse: batch * heads * seqQ, gridX: combineGrid[0],
+      elements,
+      headDimV,
+      heads,
+      seqQ,
+      numSplits: splits,
+      splitRows: batch * seqQ * heads,
+      splitLse: batch * heads * seqQ,
+      gridX: combineGrid[0],
     };
     for (const [name, type] of COMBINE_UNIFORMS) {
       cw[type](combineValues[name]);
     }
-    return runOwnPipeline(backend, {
-      key: 'fa_fwd_split_combine',
-      label: 'FlashAttention forward split-KV combine',
-      code: splitCombineWGSL,
-      numInputs: 2,
-      numOutputs: 2,
-      hasUniforms: true,
-    }, {
-      inputs: outputs,
-      outputs: [
-        {shape: [batch, seqQ, heads, headDimV], dtype: 'float32'},
-        {shape: [batch, heads, seqQ], dtype: 'float32'},
-      ],
-      uniforms: cw.finish(),
-      dispatch: combineGrid,
-    });
+    return runOwnPipeline(
+        backend, {
+          key: 'fa_fwd_split_combine',
+          label: 'FlashAttention forward split-KV combine',
+          code: splitCombineWGSL,
+          numInputs: 2,
+          numOutputs: 2,
+          hasUniforms: true,
+        },
+        {
+          inputs: outputs,
+          outputs: [
+            {shape: [batch, seqQ, heads, headDimV], dtype: 'float32'},
+            {shape: [batch, heads, seqQ], dtype: 'float32'},
+          ],
+          uniforms: cw.finish(),
+          dispatch: combineGrid,
+        });
   } finally {
     outputs.forEach(o => backend.disposeData(o.dataId));
   }

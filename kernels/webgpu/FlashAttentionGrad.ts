@@ -39,8 +39,7 @@ export interface GradTiles {
  * Tiles for head dims (d, dv) on a device, or null when even the smallest
  * do not fit its workgroup storage.
  */
-export function chooseGradTiles(
-    d: number, dv: number, limits: GradDeviceLimits): GradTiles|null {
+export function chooseGradTiles(d: number, dv: number, limits: GradDeviceLimits): GradTiles|null {
   const threads = Math.min(
       GRAD_THREADS, limits.maxComputeInvocationsPerWorkgroup, limits.maxComputeWorkgroupSizeX);
   const storage = limits.maxComputeWorkgroupStorageSize;
@@ -51,8 +50,7 @@ export function chooseGradTiles(
       DKDV_SIZES.map(([bc, br]) => ({bc, br, threads})), dkdvTilesValid,
       t => dkdvStorageBytes(t, d, dv));
   const dq = first(
-      DQ_SIZES.map(([br, bc]) => ({br, bc, threads})), dqTilesValid,
-      t => dqStorageBytes(t, d, dv));
+      DQ_SIZES.map(([br, bc]) => ({br, bc, threads})), dqTilesValid, t => dqStorageBytes(t, d, dv));
   return dkdv == null || dq == null ? null : {dkdv, dq};
 }
 
@@ -81,15 +79,15 @@ function tilesFor(d: number, dv: number, limits: GradDeviceLimits): GradTiles|nu
 
 /** Why the fused backward cannot take a call, or null. */
 export function flashAttentionGradSupports(
-    shapes: AttentionShapes, _attrs: FlashAttentionAttrs,
-    backend: tf.KernelBackend): string|null {
+    shapes: AttentionShapes, _attrs: FlashAttentionAttrs, backend: tf.KernelBackend): string|null {
   if (!isWebGPUBackend(backend)) {
     return 'the active backend is not a tfjs webgpu backend';
   }
   const limits = backend.device.limits;
   const tiles = tilesFor(shapes.headDim, shapes.headDimV, limits);
   if (tiles == null) {
-    return `head dims ${shapes.headDim}/${shapes.headDimV} need more workgroup storage than the device's ${
+    return `head dims ${shapes.headDim}/${
+        shapes.headDimV} need more workgroup storage than the device's ${
         limits.maxComputeWorkgroupStorageSize} bytes`;
   }
   const grid = Math.max(
@@ -121,8 +119,10 @@ function flashAttentionGradWebGPU(
   const headDimV = v.shape[3];
   const shapes: AttentionShapes = {batch, seqQ, seqK, heads, headsKV, headDim, headDimV};
   const tiles = tilesFor(headDim, headDimV, webgpu.device.limits);
-  tf.util.assert(tiles != null, () => `FlashAttentionGrad: head dims ${headDim}/${
-      headDimV} do not fit the device's workgroup storage`);
+  tf.util.assert(
+      tiles != null,
+      () => `FlashAttentionGrad: head dims ${headDim}/${
+          headDimV} do not fit the device's workgroup storage`);
   const hasAlibi = alibiSlopes != null && tf.util.sizeFromShape(alibiSlopes.shape) > 0;
   const hasSeqlens = seqlens != null && tf.util.sizeFromShape(seqlens.shape) > 0;
   const features = gradFeatures(a, hasAlibi, hasSeqlens);

@@ -71,7 +71,7 @@ export class CrossEntropyLossProgram implements TfjsWebGPUProgram {
     this.outputShape = [shape[0]];
     this.workgroupSize = [threads, 1, 1];
     this.dispatch = [smoothing ? shape[0] : Math.ceil(shape[0] / 64), 1, 1];
-    this.shaderKey = `crossEntropyLoss_${+smoothing}_${threads}`;
+    this.shaderKey = `crossEntropyLoss_${+ smoothing}_${threads}`;
   }
 
   getUserCode(): string {

@@ -19,7 +19,9 @@ const LANES = 16;
 const ROWS = 16;
 
 const INPUTS: StorageBinding[] = [
-  {name: 'dy', type: 'f32'}, {name: 'outs', type: 'f32'}, {name: 'dLse', type: 'f32'},
+  {name: 'dy', type: 'f32'},
+  {name: 'outs', type: 'f32'},
+  {name: 'dLse', type: 'f32'},
   {name: 'lse', type: 'f32'},
 ];
 // (lse, Delta) per row.
@@ -44,7 +46,7 @@ export class FlashAttentionGradDeltaProgram implements OwnPipelineSpec {
     const rows = shapes.batch * shapes.heads * shapes.seqQ;
     const inputs = seqlens ? [...INPUTS, {name: 'seqlens', type: 'i32'}] : INPUTS;
     this.numInputs = inputs.length;
-    this.key = `flashAttentionGradDelta_${dv}_${+seqlens}`;
+    this.key = `flashAttentionGradDelta_${dv}_${+ seqlens}`;
     this.workgroups = dispatchGrid(Math.ceil(rows / ROWS));
     this.source = `${gradBindingsWGSL(inputs, OUTPUTS)}
 const DV = ${dv};
@@ -74,10 +76,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
       partial[t] += partial[t + stride];
     }
   }
-  ${seqlens ? `if (row < p.batch && lane == 0) {
+  ${
+        seqlens ? `if (row < p.batch && lane == 0) {
     stats[p.batch * p.heads * p.seqQ + row] =
         bitcast<vec2<f32>>(vec2<i32>(seqlens[2 * row], seqlens[2 * row + 1]));
-  }` : ''}
+  }` :
+                  ''}
   if (valid && lane == 0) {
     let h = row % p.heads;
     let i = (row / p.heads) % p.seqQ;

@@ -52,8 +52,8 @@ export class FlashAttentionGradDkDvProgram implements OwnPipelineSpec {
     const s = sPhase(bc, br, threads);
     const d4 = Math.ceil(d / 4);
     const dv4 = Math.ceil(dv / 4);
-    const xt = threads / s.sc;       // accumulation: dim-quad stride
-    const nd = Math.ceil(d4 / xt);   // accumulation: dim quads per thread
+    const xt = threads / s.sc;      // accumulation: dim-quad stride
+    const nd = Math.ceil(d4 / xt);  // accumulation: dim quads per thread
     const ndv = Math.ceil(dv4 / xt);
     this.key = `flashAttentionGradDkDv_${d}_${dv}_${bc}_${br}_${threads}_${featureKey(f)}`;
     const fetchStats = (i0: string, h: string) => `
@@ -127,7 +127,18 @@ export class FlashAttentionGradDkDvProgram implements OwnPipelineSpec {
     this.numOutputs = outputs.length;
     this.source = `${gradBindingsWGSL(inputs, outputs)}
 ${gradCommonWGSL(f)}
-${constsWGSL({D: d, DV: dv, D4: d4, DV4: dv4, BC: bc, BR: br, T: threads, SC: s.sc, MR: s.mr, XT: xt})}
+${constsWGSL({
+      D: d,
+      DV: dv,
+      D4: d4,
+      DV4: dv4,
+      BC: bc,
+      BR: br,
+      T: threads,
+      SC: s.sc,
+      MR: s.mr,
+      XT: xt
+    })}
 
 // K and V transposed, four keys per vec4: kT[x * SC + quad] (x < 4 * D4).
 var<workgroup> kT: array<vec4<f32>, ${4 * d4 * s.sc}>;

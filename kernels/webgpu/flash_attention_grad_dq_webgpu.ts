@@ -63,8 +63,8 @@ export class FlashAttentionGradDqProgram implements OwnPipelineSpec {
     const dv4 = Math.ceil(dv / 4);
     const kst = kStride(s.sc);
     const nr = rowsPerThread(tiles);
-    const qt = br / nr;           // accumulation: row groups
-    const xt = threads / qt;      // accumulation: dim stride
+    const qt = br / nr;       // accumulation: row groups
+    const xt = threads / qt;  // accumulation: dim stride
     const nd = Math.ceil(d / xt);
     this.key = `flashAttentionGradDq_${d}_${dv}_${bc}_${br}_${threads}_${featureKey(f)}`;
     // dQ += dS K with the thread's NR dS rows held in registers and K read
@@ -104,9 +104,19 @@ export class FlashAttentionGradDqProgram implements OwnPipelineSpec {
     this.source = `${gradBindingsWGSL(inputs, outputs)}
 ${gradCommonWGSL(f)}
 ${constsWGSL({
-  D: d, DV: dv, D4: d4, DV4: dv4, BC: bc, BR: br, T: threads, SC: s.sc, MR: s.mr, NR: nr,
-  XT: xt, KST: kst,
-})}
+      D: d,
+      DV: dv,
+      D4: d4,
+      DV4: dv4,
+      BC: bc,
+      BR: br,
+      T: threads,
+      SC: s.sc,
+      MR: s.mr,
+      NR: nr,
+      XT: xt,
+      KST: kst,
+    })}
 
 // K and V transposed, four keys per vec4: kT[x * KST + quad]; K serves
 // both S = Q K^T (a key quad per load) and dQ += dS K (dot of 4 keys).

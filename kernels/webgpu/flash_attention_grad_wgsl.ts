@@ -22,7 +22,7 @@ export function gradFeatures(
 }
 
 export function featureKey(f: GradFeatures): string {
-  return `${scoreKey(f)}dp${+f.dropout}`;
+  return `${scoreKey(f)}dp${+ f.dropout}`;
 }
 
 /**
@@ -31,10 +31,20 @@ export function featureKey(f: GradFeatures): string {
  * struct and the bytes are both generated from this list.
  */
 export const GRAD_UNIFORMS: readonly UniformField[] = [
-  ['batch', 'i32'], ['seqQ', 'i32'], ['seqK', 'i32'], ['heads', 'i32'], ['headsKV', 'i32'],
-  ['windowLeft', 'i32'], ['windowRight', 'i32'], ['alibiPerBatch', 'i32'],
-  ['seedLo', 'u32'], ['seedHi', 'u32'], ['threshold', 'u32'],
-  ['scale', 'f32'], ['softcap', 'f32'], ['keepScale', 'f32'],
+  ['batch', 'i32'],
+  ['seqQ', 'i32'],
+  ['seqK', 'i32'],
+  ['heads', 'i32'],
+  ['headsKV', 'i32'],
+  ['windowLeft', 'i32'],
+  ['windowRight', 'i32'],
+  ['alibiPerBatch', 'i32'],
+  ['seedLo', 'u32'],
+  ['seedHi', 'u32'],
+  ['threshold', 'u32'],
+  ['scale', 'f32'],
+  ['softcap', 'f32'],
+  ['keepScale', 'f32'],
 ];
 
 /**
@@ -45,7 +55,10 @@ export function gradBindingsWGSL(
     inputs: readonly StorageBinding[], outputs: readonly StorageBinding[]): string {
   return `
 ${uniformStructWGSL('Params', GRAD_UNIFORMS)}
-${bindingsWGSL(inputs, outputs, {name: 'p', type: 'Params'})}
+${bindingsWGSL(inputs, outputs, {
+    name: 'p',
+    type: 'Params'
+  })}
 `;
 }
 
@@ -62,8 +75,11 @@ export function constsWGSL(values: Readonly<Record<string, number>>): string {
  */
 export function gradInputs(f: GradFeatures): StorageBinding[] {
   return [
-    {name: 'q', type: 'f32'}, {name: 'k', type: 'f32'}, {name: 'v', type: 'f32'},
-    {name: 'dy', type: 'f32'}, {name: 'stats', type: 'vec2<f32>'},
+    {name: 'q', type: 'f32'},
+    {name: 'k', type: 'f32'},
+    {name: 'v', type: 'f32'},
+    {name: 'dy', type: 'f32'},
+    {name: 'stats', type: 'vec2<f32>'},
     ...(f.alibi ? [{name: 'slopes', type: 'f32'}] : []),
   ];
 }
@@ -74,12 +90,19 @@ export function gradUniforms(
     alibiShape: readonly number[]): ArrayBuffer {
   const dropout = attrs.dropoutRate > 0;
   return packUniforms(GRAD_UNIFORMS, {
-    batch: shapes.batch, seqQ: shapes.seqQ, seqK: shapes.seqK, heads: shapes.heads,
-    headsKV: shapes.headsKV, windowLeft: attrs.windowLeft, windowRight: attrs.windowRight,
+    batch: shapes.batch,
+    seqQ: shapes.seqQ,
+    seqK: shapes.seqK,
+    heads: shapes.heads,
+    headsKV: shapes.headsKV,
+    windowLeft: attrs.windowLeft,
+    windowRight: attrs.windowRight,
     alibiPerBatch: alibiShape.length === 2 ? 1 : 0,
-    seedLo: attrs.seedLo, seedHi: attrs.seedHi,
+    seedLo: attrs.seedLo,
+    seedHi: attrs.seedHi,
     threshold: dropout ? dropoutThreshold(attrs.dropoutRate) : 0,
-    scale: attrs.softmaxScale, softcap: attrs.softcap,
+    scale: attrs.softmaxScale,
+    softcap: attrs.softcap,
     keepScale: dropout ? 1 / (1 - attrs.dropoutRate) : 1,
   });
 }
@@ -105,21 +128,27 @@ fn gradScoreParams(b: i32, h: i32) -> FaScore {
   ${f.alibi ? 'slope = slopes[select(h, b * p.heads + h, p.alibiPerBatch != 0)];' : ''}
   let sp = FaScore(p.scale, p.softcap, slope, p.seqK - p.seqQ, p.windowLeft,
                    p.windowRight, p.seqK, p.seqQ);
-  ${f.seqlens ? `let lens = bitcast<vec2<i32>>(stats[p.batch * p.heads * p.seqQ + b]);
-  return fa_with_lengths(sp, lens.x, lens.y);` : 'return sp;'}
+  ${
+      f.seqlens ? `let lens = bitcast<vec2<i32>>(stats[p.batch * p.heads * p.seqQ + b]);
+  return fa_with_lengths(sp, lens.x, lens.y);` :
+                  'return sp;'}
 }
 fn gradScore(qk: f32, i: i32, j: i32, sp: FaScore) -> vec2<f32> {
   var ds = 1.0;
-  ${f.softcap ? `
+  ${
+      f.softcap ? `
   let th = fa_capped(qk, sp) / p.softcap;
-  ds = 1.0 - th * th;` : ''}
+  ds = 1.0 - th * th;` :
+                  ''}
   return vec2<f32>(fa_score(qk, i, j, sp), ds);
 }
-${f.dropout ? `
+${
+      f.dropout ? `
 fn gradKeep4(b: i32, h: i32, i: i32, j0: i32) -> vec4<f32> {
   return fa_dropout4(u32(b), u32(h), u32(i), u32(j0) >> 2u,
                      vec2<u32>(p.seedLo, p.seedHi), p.threshold, p.keepScale);
-}` : ''}
+}` :
+                  ''}
 `;
 }
 
@@ -171,8 +200,8 @@ export function sPhaseWGSL(s: SPhase): string {
  * and W). Uses `t`, `T` and `b`.
  */
 export function loadRowsWGSL(
-    src: string, dst: string, w: number, w4: number, stride: number, rows: string,
-    seq: string, heads: string, row0: string, head: string): string {
+    src: string, dst: string, w: number, w4: number, stride: number, rows: string, seq: string,
+    heads: string, row0: string, head: string): string {
   return `
     for (var e = t; e < ${rows} * ${w4}; e += T) {
       let r = e / ${w4};
@@ -192,7 +221,10 @@ export function loadRowsWGSL(
  */
 function rowQuadWGSL(src: string, w: number, seq: string, heads: string, head: string): string {
   return `let base = ((b * ${seq} + i) * ${heads} + ${head}) * ${w} + xq * 4;
-        ${w % 4 === 0 ? `val = vec4<f32>(${src}[base], ${src}[base + 1], ${src}[base + 2], ${src}[base + 3]);` : `
+        ${
+      w % 4 === 0 ?
+          `val = vec4<f32>(${src}[base], ${src}[base + 1], ${src}[base + 2], ${src}[base + 3]);` :
+          `
         for (var c = 0; c < 4; c++) {
           if (xq * 4 + c < ${w}) { val[c] = ${src}[base + c]; }
         }`}`;
@@ -236,8 +268,8 @@ export function loadQueryBlockWGSL(d: number, d4: number, dv: number, dv4: numbe
  */
 export function scoresAndDpWGSL(kStride: string, d4: number, dv4: number): string {
   // acc[m] += rows[sRow + m] . (dims of the thread's key quad), dims in order.
-  const products = (acc: string, rows: string, rowStride: number, tile: string,
-                    stride: string, w4: string) => `
+  const products =
+      (acc: string, rows: string, rowStride: number, tile: string, stride: string, w4: string) => `
       for (var xq = 0; xq < ${w4}; xq++) {
         let col0 = ${tile}[(xq * 4) * ${stride} + sQuad];
         let col1 = ${tile}[(xq * 4 + 1) * ${stride} + sQuad];
@@ -338,8 +370,8 @@ export function prefetchSlots(items: number, threads: number): number {
 }
 
 export function fetchRowsWGSL(
-    src: string, reg: string, w: number, w4: number, rows: number, threads: number,
-    seq: string, heads: string, row0: string, head: string): string {
+    src: string, reg: string, w: number, w4: number, rows: number, threads: number, seq: string,
+    heads: string, row0: string, head: string): string {
   const items = rows * w4;
   return `
     for (var u = 0; u < ${prefetchSlots(items, threads)}; u++) {

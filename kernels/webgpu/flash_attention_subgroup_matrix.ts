@@ -42,11 +42,20 @@ export interface MatrixForwardPlan {
 
 /** Workgroup shapes tried in order: (subgroups, keys per tile). */
 const MATRIX_TILINGS: Array<[number, number]> = [
-  [4, 64], [4, 32], [2, 64], [2, 32], [4, 16], [2, 16], [1, 32], [1, 16],
+  [4, 64],
+  [4, 32],
+  [2, 64],
+  [2, 32],
+  [4, 16],
+  [2, 16],
+  [1, 32],
+  [1, 16],
 ];
 
 /** Dispatches of the matrix forward (lets tests check that it ran). */
-export const matrixForwardStats = {dispatches: 0};
+export const matrixForwardStats = {
+  dispatches: 0
+};
 
 /**
  * The tiling for this device and call, or null (no feature, no f16 x f16
@@ -54,8 +63,8 @@ export const matrixForwardStats = {dispatches: 0};
  * tiling within the device's workgroup memory).
  */
 export function planMatrixForward(
-    device: GPUDevice, headDim: number, headDimV: number,
-    precision: string): MatrixForwardPlan|null {
+    device: GPUDevice, headDim: number, headDimV: number, precision: string): MatrixForwardPlan|
+    null {
   if (override?.off) {
     return null;
   }
@@ -65,7 +74,8 @@ export function planMatrixForward(
   }
   const split = precision !== 'float16';
   const tilings = override?.subgroups != null || override?.bc != null ?
-      [[override.subgroups ?? 2, override.bc ?? 32] as [number, number]] : MATRIX_TILINGS;
+      [[override.subgroups ?? 2, override.bc ?? 32] as [number, number]] :
+      MATRIX_TILINGS;
   const limits = device.limits;
   for (const [subgroups, bc] of tilings) {
     const c = {headDim, headDimV, shape, subgroups, bc, split};
@@ -74,9 +84,13 @@ export function planMatrixForward(
         sizes.threads > limits.maxComputeWorkgroupSizeX) {
       continue;
     }
-    const bytes = matrixWorkgroupBytes({...c, score: scoreOptionsFromAttrs(
-        {softcap: 0, windowLeft: -1, windowRight: -1}, false), alibiMode: 0, dropout: false,
-        reverseRows: false});
+    const bytes = matrixWorkgroupBytes({
+      ...c,
+      score: scoreOptionsFromAttrs({softcap: 0, windowLeft: -1, windowRight: -1}, false),
+      alibiMode: 0,
+      dropout: false,
+      reverseRows: false
+    });
     if (bytes <= limits.maxComputeWorkgroupStorageSize) {
       return {shape, subgroups, bc, split};
     }
@@ -86,8 +100,8 @@ export function planMatrixForward(
 
 /** Runs the matrix forward: returns [out, lse]. */
 export function matrixForwardWebGPU(
-    backend: WebGPUBackend, inputs: Record<string, tf.TensorInfo>,
-    attrs: FlashAttentionAttrs, plan: MatrixForwardPlan): tf.TensorInfo[] {
+    backend: WebGPUBackend, inputs: Record<string, tf.TensorInfo>, attrs: FlashAttentionAttrs,
+    plan: MatrixForwardPlan): tf.TensorInfo[] {
   const {q, k, v, alibiSlopes} = inputs;
   const [batch, seqQ, heads, headDim] = q.shape;
   const [, seqK, headsKV] = k.shape;
@@ -95,8 +109,16 @@ export function matrixForwardWebGPU(
   const hasAlibi = alibiSlopes != null && tf.util.sizeFromShape(alibiSlopes.shape) > 0;
   const score = scoreOptionsFromAttrs(attrs, hasAlibi);
   const config: MatrixForwardConfig = {
-    headDim, headDimV, shape: plan.shape, subgroups: plan.subgroups, bc: plan.bc,
-    split: plan.split, score, alibiMode: !hasAlibi ? 0 : alibiSlopes.shape.length === 1 ? 1 : 2,
+    headDim,
+    headDimV,
+    shape: plan.shape,
+    subgroups: plan.subgroups,
+    bc: plan.bc,
+    split: plan.split,
+    score,
+    alibiMode: !hasAlibi               ? 0 :
+        alibiSlopes.shape.length === 1 ? 1 :
+                                         2,
     dropout: attrs.dropoutRate > 0,
     reverseRows: score.windowRight && !score.windowLeft,
   };
@@ -105,9 +127,19 @@ export function matrixForwardWebGPU(
   const totalGroups = numQTiles * heads * batch;
   const grid = dispatchGrid(totalGroups, backend.device.limits.maxComputeWorkgroupsPerDimension);
   const values: Record<string, number> = {
-    seqQ, seqK, heads, groups: heads / headsKV, headsKV, numQTiles, totalGroups,
-    gridX: grid[0], scale: attrs.softmaxScale, softcap: attrs.softcap,
-    left: attrs.windowLeft, right: attrs.windowRight, seedLo: attrs.seedLo,
+    seqQ,
+    seqK,
+    heads,
+    groups: heads / headsKV,
+    headsKV,
+    numQTiles,
+    totalGroups,
+    gridX: grid[0],
+    scale: attrs.softmaxScale,
+    softcap: attrs.softcap,
+    left: attrs.windowLeft,
+    right: attrs.windowRight,
+    seedLo: attrs.seedLo,
     seedHi: attrs.seedHi,
     threshold: attrs.dropoutRate > 0 ? dropoutThreshold(attrs.dropoutRate) : 0,
     keepScale: attrs.dropoutRate > 0 ? 1 / (1 - attrs.dropoutRate) : 1,
@@ -119,20 +151,22 @@ export function matrixForwardWebGPU(
   }
   const bound = hasAlibi ? [q, k, v, alibiSlopes] : [q, k, v];
   matrixForwardStats.dispatches++;
-  return runOwnPipeline(backend, {
-    key: matrixForwardKey(config),
-    label: 'FlashAttention forward (subgroup matrices)',
-    code: () => matrixForwardWGSL(config),
-    numInputs: bound.length,
-    numOutputs: 2,
-    hasUniforms: true,
-  }, {
-    inputs: bound,
-    outputs: [
-      {shape: [batch, seqQ, heads, headDimV], dtype: 'float32'},
-      {shape: [batch, heads, seqQ], dtype: 'float32'},
-    ],
-    uniforms: w.finish(),
-    dispatch: grid,
-  });
+  return runOwnPipeline(
+      backend, {
+        key: matrixForwardKey(config),
+        label: 'FlashAttention forward (subgroup matrices)',
+        code: () => matrixForwardWGSL(config),
+        numInputs: bound.length,
+        numOutputs: 2,
+        hasUniforms: true,
+      },
+      {
+        inputs: bound,
+        outputs: [
+          {shape: [batch, seqQ, heads, headDimV], dtype: 'float32'},
+          {shape: [batch, heads, seqQ], dtype: 'float32'},
+        ],
+        uniforms: w.finish(),
+        dispatch: grid,
+      });
 }

@@ -64,14 +64,14 @@ export interface MatrixTileSizes {
 }
 
 /** Tile sizes, or null when the head dims do not suit the matrix shape. */
-export function matrixTileSizes(c: {headDim: number, headDimV: number, shape: MatrixShape,
-                                    subgroups: number, bc: number}): MatrixTileSizes|null {
+export function matrixTileSizes(
+    c: {headDim: number, headDimV: number, shape: MatrixShape, subgroups: number, bc: number}):
+    MatrixTileSizes|null {
   const {M, N, K, lanes} = c.shape;
   const lpr = lanes / M;
   const quad = 4 * lpr;
-  if (!Number.isInteger(lpr) || c.headDim % K !== 0 || c.headDimV % N !== 0 ||
-      c.bc % N !== 0 || c.bc % K !== 0 || c.bc % quad !== 0 || c.headDimV % quad !== 0 ||
-      (M * N) % lanes !== 0) {
+  if (!Number.isInteger(lpr) || c.headDim % K !== 0 || c.headDimV % N !== 0 || c.bc % N !== 0 ||
+      c.bc % K !== 0 || c.bc % quad !== 0 || c.headDimV % quad !== 0 || (M * N) % lanes !== 0) {
     return null;
   }
   let cv = 0;
@@ -102,16 +102,28 @@ export function matrixWorkgroupBytes(c: MatrixForwardConfig): number {
 export function matrixForwardKey(c: MatrixForwardConfig): string {
   const m = c.shape;
   return `fa_fwd_sm_d${c.headDim}_dv${c.headDimV}_m${m.M}n${m.N}k${m.K}l${m.lanes}${
-      m.standIn ? 's' : 'r'}_g${c.subgroups}_bc${c.bc}_sp${+c.split}_${scoreKey(c.score)}_al${
-      c.alibiMode}_do${+c.dropout}_rv${+c.reverseRows}`;
+      m.standIn ? 's' : 'r'}_g${c.subgroups}_bc${c.bc}_sp${+ c.split}_${scoreKey(c.score)}_al${
+      c.alibiMode}_do${+ c.dropout}_rv${+ c.reverseRows}`;
 }
 
 /** Field order of the uniform struct (all 4-byte scalars). */
 export const MATRIX_FORWARD_UNIFORMS = [
-  ['seqQ', 'i32'], ['seqK', 'i32'], ['heads', 'i32'], ['groups', 'i32'],
-  ['headsKV', 'i32'], ['numQTiles', 'i32'], ['totalGroups', 'i32'], ['gridX', 'i32'],
-  ['scale', 'f32'], ['softcap', 'f32'], ['left', 'i32'], ['right', 'i32'],
-  ['seedLo', 'u32'], ['seedHi', 'u32'], ['threshold', 'u32'], ['keepScale', 'f32'],
+  ['seqQ', 'i32'],
+  ['seqK', 'i32'],
+  ['heads', 'i32'],
+  ['groups', 'i32'],
+  ['headsKV', 'i32'],
+  ['numQTiles', 'i32'],
+  ['totalGroups', 'i32'],
+  ['gridX', 'i32'],
+  ['scale', 'f32'],
+  ['softcap', 'f32'],
+  ['left', 'i32'],
+  ['right', 'i32'],
+  ['seedLo', 'u32'],
+  ['seedHi', 'u32'],
+  ['threshold', 'u32'],
+  ['keepScale', 'f32'],
   ['one', 'i32'],
 ] as const;
 
@@ -163,13 +175,15 @@ export function matrixForwardWGSL(c: MatrixForwardConfig): string {
   const lim = (n: string) => standIn ? `(${n}) * u32(u.one)` : n;
   // Matrix built-ins or their stand-ins.
   const standInFns = new Map<string, string>();
-  const resultDecl = (name: string) => standIn ? `var ${name} = array<f32, ${epl}>();` :
-                                                 `var ${name} = subgroup_matrix_result<f32, ${N}, ${M}>();`;
+  const resultDecl = (name: string) => standIn ?
+      `var ${name} = array<f32, ${epl}>();` :
+      `var ${name} = subgroup_matrix_result<f32, ${N}, ${M}>();`;
   const mma = (acc: string, l: View, r: View) => {
     if (!standIn) {
       const load = (v: View, type: string) =>
           `subgroupMatrixLoad<${type}>(&${v.arr}, ${v.off}, ${v.colMajor}, ${v.stride})`;
-      return `${acc} = subgroupMatrixMultiplyAccumulate(${load(l, `subgroup_matrix_left<f16, ${K}, ${M}>`)}, ${
+      return `${acc} = subgroupMatrixMultiplyAccumulate(${
+          load(l, `subgroup_matrix_left<f16, ${K}, ${M}>`)}, ${
           load(r, `subgroup_matrix_right<f16, ${N}, ${K}>`)}, ${acc});`;
     }
     const fn = `sm_mma_${l.arr}_${r.arr}`;
@@ -193,17 +207,23 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) 
     }
     return `${fn}(&${acc}, ln, ${l.off}, ${r.off});`;
   };
-  const store = (acc: string, off: string) => standIn ? `sm_store_scr(&${acc}, ln, ${off});` :
+  const store = (acc: string, off: string) => standIn ?
+      `sm_store_scr(&${acc}, ln, ${off});` :
       `subgroupMatrixStore(&scr, ${off}, ${acc}, false, BC);`;
   // Split products: the small terms first, then hi x hi.
   const products = (acc: string, l: (p: string) => View, r: (p: string) => View) =>
       (c.split ? [['l', 'h'], ['h', 'l'], ['h', 'h']] : [['h', 'h']])
-          .map(([a, b]) => mma(acc, l(a), r(b))).join('\n        ');
+          .map(([a, b]) => mma(acc, l(a), r(b)))
+          .join('\n        ');
 
-  const qView = (p: string): View => ({arr: `q${p}`, off: 'qOff + ks * K', stride: 'D', colMajor: false});
-  const kView = (p: string): View => ({arr: `kv${p}`, off: 'cb * N * D + ks * K', stride: 'D', colMajor: true});
-  const pView = (p: string): View => ({arr: `p${p}`, off: 'pOff + ks * K', stride: 'BC', colMajor: false});
-  const vView = (p: string): View => ({arr: `kv${p}`, off: 'ks * K * DV + cb * N', stride: 'DV', colMajor: false});
+  const qView = (p: string): View =>
+      ({arr: `q${p}`, off: 'qOff + ks * K', stride: 'D', colMajor: false});
+  const kView = (p: string): View =>
+      ({arr: `kv${p}`, off: 'cb * N * D + ks * K', stride: 'D', colMajor: true});
+  const pView = (p: string): View =>
+      ({arr: `p${p}`, off: 'pOff + ks * K', stride: 'BC', colMajor: false});
+  const vView = (p: string): View =>
+      ({arr: `kv${p}`, off: 'ks * K * DV + cb * N', stride: 'DV', colMajor: false});
 
   const sBlocks = `for (var cb = 0u; cb < ${lim('BC / N')}; cb++) {
       ${resultDecl('acc')}
@@ -222,13 +242,17 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) 
       ${store('acc', 'sOff + cbl * N')}
     }
     workgroupBarrier();
-    ${range(cv / (4 * lpr)).map(x => {
-      const jj = ch * cv / (4 * lpr) + x;
-      return `{
+    ${
+      range(cv / (4 * lpr))
+          .map(x => {
+            const jj = ch * cv / (4 * lpr) + x;
+            return `{
       let base = rr * BC + 4u * (lc + LPR * ${jj}u) - ${ch * cv}u;
-      o${jj} = fma(vec4<f32>(scr[base], scr[base + 1u], scr[base + 2u], scr[base + 3u]), vec4<f32>(vinv), o${jj});
+      o${jj} = fma(vec4<f32>(scr[base], scr[base + 1u], scr[base + 2u], scr[base + 3u]), vec4<f32>(vinv), o${
+                jj});
     }`;
-    }).join('\n    ')}`;
+          })
+          .join('\n    ')}`;
 
   const nKL = Math.ceil(bc * dq4 / threads);
   const nVL = Math.ceil(bc * dv4 / threads);
@@ -236,19 +260,25 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) 
   const absMax = (v: string) => `max(max(abs(${v}.x), abs(${v}.y)), max(abs(${v}.z), abs(${v}.w)))`;
   const kvRow = (j: string) => `u32((b * u.seqK + ${j}) * u.headsKV + hk)`;
   // Split a vec4 into the hi (and lo) arrays at element offset `at`.
-  const splitStore = (prefix: string, at: string, v: string, scale: string) => range(4).map(e => {
-    const x = `${v}.${COMP[e]} * ${scale}`;
-    return c.split ? `{ let x = ${x}; let hi = sm_h(x); ${prefix}h[${at} + ${e}u] = hi; ${prefix}l[${at} + ${e}u] = sm_h(x - f32(hi)); }` :
-                     `${prefix}h[${at} + ${e}u] = sm_h(${x});`;
-  }).join('\n      ');
+  const splitStore = (prefix: string, at: string, v: string, scale: string) =>
+      range(4)
+          .map(e => {
+            const x = `${v}.${COMP[e]} * ${scale}`;
+            return c.split ? `{ let x = ${x}; let hi = sm_h(x); ${prefix}h[${at} + ${e}u] = hi; ${
+                                 prefix}l[${at} + ${e}u] = sm_h(x - f32(hi)); }` :
+                             `${prefix}h[${at} + ${e}u] = sm_h(${x});`;
+          })
+          .join('\n      ');
   // Row reductions over a row's LPR lanes, and tile maxima: subgroup
   // operations on the real path; workgroup memory and one atomic per
   // invocation in the stand-in (portable: no subgroups needed).
   const reduceLanes = (v: string, op: 'max'|'add') => {
     if (!standIn) {
-      return range(Math.log2(lpr)).map(i =>
-          op === 'max' ? `${v} = max(${v}, subgroupShuffleXor(${v}, ${1 << i}u));` :
-                         `${v} = ${v} + subgroupShuffleXor(${v}, ${1 << i}u);`).join(' ');
+      return range(Math.log2(lpr))
+          .map(
+              i => op === 'max' ? `${v} = max(${v}, subgroupShuffleXor(${v}, ${1 << i}u));` :
+                                  `${v} = ${v} + subgroupShuffleXor(${v}, ${1 << i}u);`)
+          .join(' ');
     }
     if (lpr === 1) {
       return '';
@@ -259,12 +289,13 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) 
     workgroupBarrier();
     ${v} = ${op === 'max' ? maxAll(terms) : terms.join(' + ')};`;
   };
-  const atomicMaxOf = (v: string, slot: number) => standIn ?
-      `atomicMax(&wmax[${slot}], bitcast<u32>(${v}));` : `{
+  const atomicMaxOf = (v: string, slot: number) =>
+      standIn ? `atomicMax(&wmax[${slot}], bitcast<u32>(${v}));` : `{
     let m = subgroupMax(${v});
     if (sgLane == 0u) { atomicMax(&wmax[${slot}], bitcast<u32>(m)); }
   }`;
-  const expOf = (slot: number) => `clamp(frexp(bitcast<f32>(atomicLoad(&wmax[${slot}]))).exp, -100, 100)`;
+  const expOf = (slot: number) =>
+      `clamp(frexp(bitcast<f32>(atomicLoad(&wmax[${slot}]))).exp, -100, 100)`;
 
   return `${standIn ? '' : `enable f16;
 enable chromium_experimental_subgroup_matrix;
@@ -302,13 +333,19 @@ const THREADS = ${threads}u;
 const NEG = -1e30;
 
 ${parts.map(p => `var<workgroup> q${p}: array<${elem}, ${br * d}>;`).join('\n')}
-${parts.map(p => `var<workgroup> kv${p}: array<${elem}, ${bc * kvw}>;  // K [BC][D], then V [BC][DV]`).join('\n')}
+${
+             parts
+                 .map(
+                     p => `var<workgroup> kv${p}: array<${elem}, ${
+                         bc * kvw}>;  // K [BC][D], then V [BC][DV]`)
+                 .join('\n')}
 ${parts.map(p => `var<workgroup> p${p}: array<${elem}, ${br * bc}>;`).join('\n')}
 var<workgroup> scr: array<f32, ${br * bc}>;  // S, then chunks of P V
 var<workgroup> wmax: array<atomic<u32>, 2>;  // max |x| of a tile (bits of a float >= 0)
 ${standIn && lpr > 1 ? `var<workgroup> red: array<f32, ${threads}>;` : ''}
 
-${standIn ? `fn sm_h(x: f32) -> f32 {
+${
+             standIn ? `fn sm_h(x: f32) -> f32 {
   return unpack2x16float(pack2x16float(vec2<f32>(x, 0.0))).x;
 }
 
@@ -318,7 +355,8 @@ fn sm_store_scr(acc: ptr<function, array<f32, ${epl}>>, ln: u32, off: u32) {
     let idx = e * LANES + ln;
     scr[off + (idx / N) * BC + idx % N] = (*acc)[e];
   }
-}` : `fn sm_h(x: f32) -> f16 {
+}` :
+                       `fn sm_h(x: f32) -> f16 {
   return f16(x);
 }`}
 __STANDIN_FNS__
@@ -352,7 +390,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   var sp: FaScore;
   sp.scale = u.scale;
   sp.softcap = u.softcap;
-  sp.slope = ${c.alibiMode === 0 ? '0.0' : c.alibiMode === 1 ? 'slopes[h]' : 'slopes[b * u.heads + h]'};
+  sp.slope = ${
+             c.alibiMode === 0     ? '0.0' :
+                 c.alibiMode === 1 ? 'slopes[h]' :
+                                     'slopes[b * u.heads + h]'};
   sp.diag = u.seqK - u.seqQ;
   sp.left = u.left;
   sp.right = u.right;
@@ -360,7 +401,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
 
   // Q tile: registers, its max |q|, then scaled and split into workgroup memory.
   var qmax = 0.0;
-  ${range(nQL).map(n => `var qr${n} = vec4<f32>(0.0);
+  ${
+             range(nQL)
+                 .map(n => `var qr${n} = vec4<f32>(0.0);
   {
     let idx = lid + THREADS * ${n}u;
     let r = r0 + i32(idx / DQ4);
@@ -373,7 +416,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   workgroupBarrier();
   let qe = ${expOf(0)};
   let qScale = ldexp(1.0, -qe);
-  ${range(nQL).map(n => `{
+  ${
+             range(nQL)
+                 .map(n => `{
     let idx = lid + THREADS * ${n}u;
     if (idx < BR * DQ4) {
       let at = (idx / DQ4) * D + 4u * (idx % DQ4);
@@ -400,7 +445,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
     // K and V tiles -> registers, their max |x| -> wmax.
     var kmax = 0.0;
     var vmax = 0.0;
-    ${range(nKL).map(n => `{
+    ${
+             range(nKL)
+                 .map(n => `{
       let idx = lid + THREADS * ${n}u;
       let j = j0 + i32(idx / DQ4);
       kr${n} = vec4<f32>(0.0);
@@ -409,7 +456,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
       }
       kmax = max(kmax, ${absMax(`kr${n}`)});
     }`).join('\n    ')}
-    ${range(nVL).map(n => `{
+    ${
+             range(nVL)
+                 .map(n => `{
       let idx = lid + THREADS * ${n}u;
       let j = j0 + i32(idx / DV4);
       vr${n} = vec4<f32>(0.0);
@@ -424,7 +473,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
     let ke = ${expOf(0)};
     let ve = ${expOf(1)};
     let kScale = ldexp(1.0, -ke);
-    ${range(nKL).map(n => `{
+    ${
+             range(nKL)
+                 .map(n => `{
       let idx = lid + THREADS * ${n}u;
       if (idx < BC * DQ4) {
         let at = (idx / DQ4) * D + 4u * (idx % DQ4);
@@ -443,7 +494,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
 
     // V over K (every subgroup is done with K).
     let vScale = ldexp(1.0, -ve);
-    ${range(nVL).map(n => `{
+    ${
+             range(nVL)
+                 .map(n => `{
       let idx = lid + THREADS * ${n}u;
       if (idx < BC * DV4) {
         let at = (idx / DV4) * DV + 4u * (idx % DV4);
@@ -453,12 +506,21 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
 
     // Scores of this thread's key quads, then the online softmax.
     let unscale = ldexp(1.0, qe + ke);
-    ${range(nq).map(q => `let kk${q} = 4u * (lc + LPR * ${q}u);
-    var s${q} = vec4<f32>(scr[rr * BC + kk${q}], scr[rr * BC + kk${q} + 1u], scr[rr * BC + kk${q} + 2u], scr[rr * BC + kk${q} + 3u]) * unscale;
+    ${
+             range(nq)
+                 .map(
+                     q => `let kk${q} = 4u * (lc + LPR * ${q}u);
+    var s${q} = vec4<f32>(scr[rr * BC + kk${q}], scr[rr * BC + kk${q} + 1u], scr[rr * BC + kk${
+                         q} + 2u], scr[rr * BC + kk${q} + 3u]) * unscale;
     {
       let jv = vec4<i32>(j0 + i32(kk${q})) + vec4<i32>(0, 1, 2, 3);
       let vis = fa_visible4(row, jv, sp);
-      ${range(4).map(e => `s${q}.${COMP[e]} = select(NEG, fa_score(s${q}.${COMP[e]}, row, jv.${COMP[e]}, sp), vis.${COMP[e]});`).join('\n      ')}
+      ${
+                         range(4)
+                             .map(
+                                 e => `s${q}.${COMP[e]} = select(NEG, fa_score(s${q}.${
+                                     COMP[e]}, row, jv.${COMP[e]}, sp), vis.${COMP[e]});`)
+                             .join('\n      ')}
     }`).join('\n    ')}
     var mx = ${maxAll(range(nq).map(q => `max(max(s${q}.x, s${q}.y), max(s${q}.z, s${q}.w))`))};
     ${reduceLanes('mx', 'max')}
@@ -471,8 +533,18 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
     ${range(nq).map(q => `s${q} = exp(s${q} - vec4<f32>(mUse));`).join('\n    ')}
     l = l * alpha${range(nq).map(q => ` + dot(s${q}, vec4<f32>(1.0))`).join('')};
     ${range(nj).map(jj => `o${jj} = o${jj} * alpha;`).join(' ')}
-    ${c.dropout ? range(nq).map(q => `s${q} = s${q} * fa_dropout4(u32(b), u32(h), u32(row), u32(j0 >> 2u) + lc + LPR * ${q}u, vec2<u32>(u.seedLo, u.seedHi), u.threshold, u.keepScale);`).join('\n    ') : ''}
-    ${range(nq).map(q => `{
+    ${
+             c.dropout ?
+                 range(nq)
+                     .map(
+                         q => `s${q} = s${
+                             q} * fa_dropout4(u32(b), u32(h), u32(row), u32(j0 >> 2u) + lc + LPR * ${
+                             q}u, vec2<u32>(u.seedLo, u.seedHi), u.threshold, u.keepScale);`)
+                     .join('\n    ') :
+                 ''}
+    ${
+             range(nq)
+                 .map(q => `{
       let at = rr * BC + kk${q};
       ${splitStore('p', 'at', `s${q}`, '1.0')}
     }`).join('\n    ')}

@@ -34,8 +34,7 @@
  * P^T's row quads are XOR-swizzled by key quad (swizzleP), so that its
  * stores do not all land in one bank.
  */
-import {dropoutWGSL, FA_NEG_BIG, FA_NEG_INF_BITS, keyRangeWGSL, philoxWGSL, scoreKey, ScoreOptions,
-        scoreWGSL} from './wgsl_snippets';
+import {dropoutWGSL, FA_NEG_BIG, FA_NEG_INF_BITS, keyRangeWGSL, philoxWGSL, scoreKey, ScoreOptions, scoreWGSL} from './wgsl_snippets';
 
 /** The register/workgroup tiling of one pipeline. */
 export interface ForwardTiles {
@@ -106,8 +105,16 @@ export function tileSizes(c: {headDim: number, headDimV: number, tiles: ForwardT
   const dq4 = Math.ceil(c.headDim / 4);
   const dv4 = Math.ceil(c.headDimV / 4);
   const nj = Math.ceil(dv4 / tx);
-  return {br: tm * ty, bc: 4 * tx * nq, threads: tx * ty, dq4, dv4, nj,
-          kvw: Math.max(dq4, tx * nj), vw: tx * nj};
+  return {
+    br: tm * ty,
+    bc: 4 * tx * nq,
+    threads: tx * ty,
+    dq4,
+    dv4,
+    nj,
+    kvw: Math.max(dq4, tx * nj),
+    vw: tx * nj
+  };
 }
 
 /** Bytes of workgroup memory a configuration uses. */
@@ -125,8 +132,8 @@ export function workgroupBytes(
 }
 
 /** Floats per thread that the register prefetch of K and V needs. */
-export function prefetchFloats(
-    c: {headDim: number, headDimV: number, tiles: ForwardTiles}): number {
+export function prefetchFloats(c: {headDim: number, headDimV: number, tiles: ForwardTiles}):
+    number {
   const s = tileSizes(c);
   return 4 * (Math.ceil(s.bc * s.dq4 / s.threads) + Math.ceil(s.bc * s.dv4 / s.threads));
 }
@@ -142,18 +149,18 @@ export function usePrefetch(c: ForwardConfig): boolean {
 export function forwardKey(c: ForwardConfig): string {
   const t = c.tiles;
   const tiling = `tm${t.tm}tx${t.tx}nq${t.nq}ty${t.ty}${t.outer ? 'o' : ''}`;
-  const flags = `al${c.alibiMode}_do${+c.dropout}_sg${+c.subgroups}_rv${+c.reverseRows}_rl${
-      +c.runtimeLoops}_pf${c.prefetch ?? '-'}_sk${+!!c.splitKeys}`;
+  const flags = `al${c.alibiMode}_do${+ c.dropout}_sg${+ c.subgroups}_rv${+ c.reverseRows}_rl${
+      + c.runtimeLoops}_pf${c.prefetch ?? '-'}_sk${+ !!c.splitKeys}`;
   return `fa_fwd_d${c.headDim}_dv${c.headDimV}_${tiling}_${scoreKey(c.score)}_${flags}`;
 }
 
 /** Field order of the uniform struct (all 4-byte scalars). */
 export const FORWARD_UNIFORMS = [
-  ['seqQ', 'i32'], ['seqK', 'i32'], ['heads', 'i32'], ['groups', 'i32'],
-  ['headsKV', 'i32'], ['numQTiles', 'i32'], ['totalGroups', 'i32'], ['gridX', 'i32'],
-  ['scale', 'f32'], ['softcap', 'f32'], ['left', 'i32'], ['right', 'i32'],
-  ['seedLo', 'u32'], ['seedHi', 'u32'], ['threshold', 'u32'], ['keepScale', 'f32'],
-  ['loopDQ4', 'i32'], ['loopBC4', 'i32'], ['numSplits', 'i32'], ['splitRows', 'i32'],
+  ['seqQ', 'i32'],     ['seqK', 'i32'],      ['heads', 'i32'],       ['groups', 'i32'],
+  ['headsKV', 'i32'],  ['numQTiles', 'i32'], ['totalGroups', 'i32'], ['gridX', 'i32'],
+  ['scale', 'f32'],    ['softcap', 'f32'],   ['left', 'i32'],        ['right', 'i32'],
+  ['seedLo', 'u32'],   ['seedHi', 'u32'],    ['threshold', 'u32'],   ['keepScale', 'f32'],
+  ['loopDQ4', 'i32'],  ['loopBC4', 'i32'],   ['numSplits', 'i32'],   ['splitRows', 'i32'],
   ['splitLse', 'i32'],
 ] as const;
 
@@ -220,8 +227,7 @@ export function forwardWGSL(c: ForwardConfig): string {
     // (seqlenQ_b, seqlenK_b) per batch row.
     bindings.push(`@group(0) @binding(${binding++}) var<storage, read> seqlens: array<i32>;`);
   }
-  bindings.push(
-      `@group(0) @binding(${binding++}) var<storage, read_write> outb: array<${vType}>;`);
+  bindings.push(`@group(0) @binding(${binding++}) var<storage, read_write> outb: array<${vType}>;`);
   bindings.push(`@group(0) @binding(${binding++}) var<storage, read_write> lseb: array<u32>;`);
   bindings.push(`@group(0) @binding(${binding++}) var<uniform> u: Uniforms;`);
 
@@ -248,10 +254,10 @@ export function forwardWGSL(c: ForwardConfig): string {
   // conflicts; without, columns tx + TX*(4q + e), K rows padded by a vec4.
   const quadCols = c.dropout || outer;
   const kvStride = quadCols ? kvw : kvw + 1;
-  const kSwizzled = (key: string, ch: string) => quadCols ?
-      `${key} * KVW + ((${ch}) ^ ((${key} >> 2u) & ${swm}u))` : `${key} * KVW + ${ch}`;
-  const colOf = (q: number, e: number) => quadCols ? `(4u * (tx + TX * ${q}u) + ${e}u)` :
-                                                     `(tx + TX * ${4 * q + e}u)`;
+  const kSwizzled = (key: string, ch: string) =>
+      quadCols ? `${key} * KVW + ((${ch}) ^ ((${key} >> 2u) & ${swm}u))` : `${key} * KVW + ${ch}`;
+  const colOf = (q: number, e: number) =>
+      quadCols ? `(4u * (tx + TX * ${q}u) + ${e}u)` : `(tx + TX * ${4 * q + e}u)`;
   const prefetch = usePrefetch(c);
   const prologueK = !prefetch ? '' : `// Prefetch of the first K tile into registers.
   ${range(nKLoads).map(n => `var kr${n} = vec4<f32>(0.0);`).join(' ')}
@@ -272,7 +278,8 @@ export function forwardWGSL(c: ForwardConfig): string {
       if (idx < BC * DQ4) {
         kvs[${kSwizzled('(idx / DQ4)', 'idx % DQ4')}] = kr${n};
       }
-    }`).join('\n    ')}` : `// K tile -> workgroup memory, swizzled per key quad.
+    }`).join('\n    ')}` :
+                            `// K tile -> workgroup memory, swizzled per key quad.
     for (var idx = lid; idx < BC * DQ4; idx += THREADS) {
       let key = idx / DQ4;
       let j = j0 + i32(key);
@@ -291,12 +298,14 @@ export function forwardWGSL(c: ForwardConfig): string {
         vr${n} = ${loadVRow(kRow('j'), '(idx % DV4)')};
       }
     }`).join('\n    ')}`;
-  const storeV = prefetch ? range(nVLoads).map(n => `{
+  const storeV = prefetch ? range(nVLoads)
+                                .map(n => `{
       let idx = lid + THREADS * ${n}u;
       if (idx < BC * DV4) {
         kvs[(idx / DV4) * KVW + idx % DV4] = vr${n};
       }
-    }`).join('\n    ') : `for (var idx = lid; idx < BC * DV4; idx += THREADS) {
+    }`).join('\n    ') :
+                            `for (var idx = lid; idx < BC * DV4; idx += THREADS) {
       let j = j0 + i32(idx / DV4);
       var val = vec4<f32>(0.0);
       if (j < u.seqK) {
@@ -324,11 +333,22 @@ export function forwardWGSL(c: ForwardConfig): string {
   const qkUnroll = !c.runtimeLoops && dq4 % 4 === 0 && dq4 <= 16 ? 4 : 1;
   const qkBody = (ch: string) => `{
       ${rowsI.map(i => `let a${i} = qs[qBase${i} + ${ch}];`).join('\n      ')}
-      ${quads.map(q => range(4).map(e => `{
+      ${
+      quads
+          .map(
+              q => range(4)
+                       .map(
+                           e => `{
         let kv = kvs[kOff${q}_${e} + ${quadCols ? `((${ch}) ^ kSw${q})` : ch}];
-        ${rowsI.map(i => `s${i}_${q}.${COMP[e]} = fma(a${i}.w, kv.w, fma(a${i}.z, kv.z, fma(a${
-            i}.y, kv.y, fma(a${i}.x, kv.x, s${i}_${q}.${COMP[e]}))));`).join('\n        ')}
-      }`).join('\n      ')).join('\n      ')}
+        ${
+                               rowsI
+                                   .map(
+                                       i => `s${i}_${q}.${COMP[e]} = fma(a${i}.w, kv.w, fma(a${
+                                           i}.z, kv.z, fma(a${i}.y, kv.y, fma(a${i}.x, kv.x, s${
+                                           i}_${q}.${COMP[e]}))));`)
+                                   .join('\n        ')}
+      }`).join('\n      '))
+          .join('\n      ')}
     }`;
   const qkLoop = `${rowsI.map(i => `let qBase${i} = (ty + TY * ${i}u) * DQ4;`).join(' ')}
     for (var ch = 0u; ch < ${c.runtimeLoops ? 'u32(u.loopDQ4)' : 'DQ4'}; ch += ${qkUnroll}u) {
@@ -337,8 +357,9 @@ export function forwardWGSL(c: ForwardConfig): string {
   const reduce = (v: string, op: 'max'|'add') => {
     const lines: string[] = [];
     for (let o = 1; o < t.tx; o *= 2) {
-      lines.push(op === 'max' ? `${v} = max(${v}, subgroupShuffleXor(${v}, ${o}u));` :
-                                `${v} = ${v} + subgroupShuffleXor(${v}, ${o}u);`);
+      lines.push(
+          op === 'max' ? `${v} = max(${v}, subgroupShuffleXor(${v}, ${o}u));` :
+                         `${v} = ${v} + subgroupShuffleXor(${v}, ${o}u);`);
     }
     return lines.join('\n      ');
   };
@@ -351,17 +372,19 @@ export function forwardWGSL(c: ForwardConfig): string {
       return vals.map(v => reduce(v, op)).join('\n      ');
     }
     const combine = (a: string, b: string) => op === 'max' ? `max(${a}, ${b})` : `(${a} + ${b})`;
-    return `${vals.map((v, i) => `red[(ty + ${t.ty}u * ${i}u) * ${t.tx}u + tx] = ${v};`)
-                  .join('\n      ')}
+    return `${
+        vals.map((v, i) => `red[(ty + ${t.ty}u * ${i}u) * ${t.tx}u + tx] = ${v};`).join('\n      ')}
       workgroupBarrier();
-      ${vals.map((v, i) => {
-      const base = `(ty + ${t.ty}u * ${i}u) * ${t.tx}u`;
-      let expr = `red[${base}]`;
-      for (let x = 1; x < t.tx; x++) {
-        expr = combine(expr, `red[${base} + ${x}u]`);
-      }
-      return `${v} = ${expr};`;
-    }).join('\n      ')}`;
+      ${
+        vals.map((v, i) => {
+              const base = `(ty + ${t.ty}u * ${i}u) * ${t.tx}u`;
+              let expr = `red[${base}]`;
+              for (let x = 1; x < t.tx; x++) {
+                expr = combine(expr, `red[${base} + ${x}u]`);
+              }
+              return `${v} = ${expr};`;
+            })
+            .join('\n      ')}`;
   };
 
   const scoreLines: string[] = [];
@@ -411,8 +434,11 @@ var<workgroup> kvs: array<vec4<f32>, ${Math.max(bc * dq4, bc * vw)}>;  // K^T, t
 var<workgroup> ps: array<vec4<f32>, ${br * bc / 4}>;  // P^T [BC][BR]
 const VW = ${vw}u;`;
     const scatter = (arr: string, width: string, ch: string, pos: string, val: string) =>
-        range(4).map(e => `${arr}[(4u * ${ch} + ${e}u) * (${width} / 4u) + ${pos} / 4u][${
-            pos} % 4u] = ${val}.${COMP[e]};`).join(' ');
+        range(4)
+            .map(
+                e => `${arr}[(4u * ${ch} + ${e}u) * (${width} / 4u) + ${pos} / 4u][${pos} % 4u] = ${
+                    val}.${COMP[e]};`)
+            .join(' ');
     const outerQLoad = `// Q^T tile -> workgroup memory (rows past seqQ are zeros).
   for (var n = 0u; n < ${nQLoads}u; n++) {
     let idx = lid + THREADS * n;
@@ -440,28 +466,29 @@ const VW = ${vw}u;`;
           val = ${loadVRow(kRow('j'), `(${idx} % DV4)`)};
         }
       }`;
-    const kStore = (idx: string, val: string) =>
-        `if (${idx} < BC * DQ4) { ${
-            scatter(ksName, 'BC', `(${idx} / BC)`, `(${idx} % BC)`, val)} }`;
+    const kStore = (idx: string, val: string) => `if (${idx} < BC * DQ4) { ${
+        scatter(ksName, 'BC', `(${idx} / BC)`, `(${idx} % BC)`, val)} }`;
     const vStore = (idx: string, val: string) =>
         `if (${idx} < BC * DV4) { ${vsName}[(${idx} / DV4) * VW + ${idx} % DV4] = ${val}; }`;
     type Load = (jBase: string, idx: string) => string;
     type Store = (idx: string, val: string) => string;
     // Direct (no prefetch): global -> workgroup memory for tile jBase.
     const direct = (load: Load, store: Store, items: string) => (jBase: string) =>
-      `for (var idx = lid; idx < ${items}; idx += THREADS) {
+        `for (var idx = lid; idx < ${items}; idx += THREADS) {
       var val = vec4<f32>(0.0);
       ${load(jBase, 'idx')}
       ${store('idx', 'val')}
     }`;
     // Prefetch: global -> registers `${reg}N`, later registers -> workgroup memory.
-    const toRegs = (load: Load, reg: string, n: number) => (jBase: string) => range(n).map(i => `{
+    const toRegs = (load: Load, reg: string, n: number) => (jBase: string) => range(n)
+                                                                                  .map(i => `{
       let idx = lid + THREADS * ${i}u;
       var val = vec4<f32>(0.0);
       ${load(jBase, 'idx')}
       ${reg}${i} = val;
     }`).join('\n    ');
-    const fromRegs = (store: Store, reg: string, n: number, sep: string) => range(n).map(i => `{
+    const fromRegs = (store: Store, reg: string, n: number, sep: string) => range(n)
+                                                                                .map(i => `{
       let idx = lid + THREADS * ${i}u;
       ${store('idx', `${reg}${i}`)}
     }`).join(sep);
@@ -481,38 +508,64 @@ const VW = ${vw}u;`;
     const qkSteps = headSteps % 8 === 0 ? 8 : 4;
     const qkStep = (d: string) => `{
         ${rq.map(a => `let a${a} = qs[(${d}) * (BR / 4u) + ty + TY * ${a}u];`).join('\n        ')}
-        ${quads.map(q => `let k${q} = ${ksName}[(${d}) * (BC / 4u) + tx + TX * ${q}u];`)
-              .join('\n        ')}
-        ${rowsI.map(i => quads.map(q => `s${i}_${q} = fma(vec4<f32>(a${i >> 2}.${
-            COMP[i & 3]}), k${q}, s${i}_${q});`).join(' ')).join('\n        ')}
+        ${
+        quads.map(q => `let k${q} = ${ksName}[(${d}) * (BC / 4u) + tx + TX * ${q}u];`)
+            .join('\n        ')}
+        ${
+        rowsI
+            .map(
+                i => quads
+                         .map(
+                             q => `s${i}_${q} = fma(vec4<f32>(a${i >> 2}.${COMP[i & 3]}), k${q}, s${
+                                 i}_${q});`)
+                         .join(' '))
+            .join('\n        ')}
       }`;
     // Keys of one P V iteration: key0 (a multiple of UP) + x, x < UP, so
     // ((key0 + x) >> 2) & MASK
     //     = ((key0 >> 2) & MASK & ~(UP / 4 - 1)) | ((x >> 2) & MASK):
     // per iteration one XOR per row quad, per key a constant one (UP a
     // power of two >= 4; otherwise the XOR is computed per key).
-    const hoistSwizzle =
-        pSwizzleMask !== 0 && pvUnroll >= 4 && (pvUnroll & (pvUnroll - 1)) === 0;
+    const hoistSwizzle = pSwizzleMask !== 0 && pvUnroll >= 4 && (pvUnroll & (pvUnroll - 1)) === 0;
     const plainRow = (a: number) => `ty + TY * ${a}u`;
     // P^T row quad `a` of key `key` (the x-th of its iteration).
     const pRow = (a: number, key: string, x: number) => pSwizzleMask === 0 ? plainRow(a) :
         hoistSwizzle ? `(pr${a} ^ ${(x >> 2) & pSwizzleMask}u)` :
                        `((${plainRow(a)}) ^ (((${key}) >> 2u) & ${pSwizzleMask}u))`;
     // P^T row quad `a` for the keys of this thread's key quad `q`.
-    const pStoreRow = (a: number, q: number) => pSwizzleMask === 0 ? plainRow(a) :
+    const pStoreRow = (a: number, q: number) => pSwizzleMask === 0 ?
+        plainRow(a) :
         `((${plainRow(a)}) ^ ((tx + TX * ${q}u) & ${pSwizzleMask}u))`;
     const pvStep = (key: string, x: number) => `{
-        ${rq.map(a => `let p${a} = ps[(${key}) * (BR / 4u) + ${pRow(a, key, x)}];`)
-              .join('\n        ')}
-        ${outJ.map(jj => `let v${jj} = ${vsName}[(${key}) * VW + tx + TX * ${jj}u];`)
-              .join('\n        ')}
-        ${rowsI.map(i => outJ.map(jj => `o${i}_${jj} = fma(vec4<f32>(p${i >> 2}.${
-            COMP[i & 3]}), v${jj}, o${i}_${jj});`).join(' ')).join('\n        ')}
+        ${
+        rq.map(a => `let p${a} = ps[(${key}) * (BR / 4u) + ${pRow(a, key, x)}];`)
+            .join('\n        ')}
+        ${
+        outJ.map(jj => `let v${jj} = ${vsName}[(${key}) * VW + tx + TX * ${jj}u];`)
+            .join('\n        ')}
+        ${
+        rowsI
+            .map(
+                i => outJ.map(
+                             jj => `o${i}_${jj} = fma(vec4<f32>(p${i >> 2}.${COMP[i & 3]}), v${
+                                 jj}, o${i}_${jj});`)
+                         .join(' '))
+            .join('\n        ')}
       }`;
-    const pStore = rq.map(a => quads.map(q => range(4).map(e =>
-        `ps[(4u * (tx + TX * ${q}u) + ${e}u) * (BR / 4u) + ${pStoreRow(a, q)}] = vec4<f32>(${
-            range(4).map(b => `s${4 * a + b}_${q}.${COMP[e]}`).join(', ')});`)
-        .join('\n    ')).join('\n    ')).join('\n    ');
+    const pStore =
+        rq.map(
+              a => quads
+                       .map(
+                           q => range(4)
+                                    .map(
+                                        e => `ps[(4u * (tx + TX * ${q}u) + ${e}u) * (BR / 4u) + ${
+                                            pStoreRow(a, q)}] = vec4<f32>(${
+                                            range(4)
+                                                .map(b => `s${4 * a + b}_${q}.${COMP[e]}`)
+                                                .join(', ')});`)
+                                    .join('\n    '))
+                       .join('\n    '))
+            .join('\n    ');
 
     const qkLoopOuter = `// S = Q K^T: per head-dim step, outer products of 4 rows x 4 keys.
     ${sInit}
@@ -523,19 +576,29 @@ const VW = ${vw}u;`;
     const pvLoopOuter = `// O += P V: per key, outer products of 4 rows x 4 output columns.
     for (var key = 0u; key < ${c.runtimeLoops ? 'u32(u.loopBC4) * 4u' : 'BC'};
          key += ${pvUnroll}u) {
-      ${!hoistSwizzle ? '' : rq.map(a => `let pr${a} = (ty + TY * ${a}u) ^ ((key >> 2u) & ${
-          pSwizzleMask & ~(pvUnroll / 4 - 1)}u);`).join(' ')}
-      ${range(pvUnroll).map(x => pvStep(x === 0 ? 'key' : `key + ${x}u`, x)).join('\n      ')}
+      ${
+    !hoistSwizzle ? '' :
+                    rq.map(
+                          a => `let pr${a} = (ty + TY * ${a}u) ^ ((key >> 2u) & ${
+                              pSwizzleMask & ~(pvUnroll / 4 - 1)}u);`)
+                        .join(' ')}
+      ${
+        range(pvUnroll)
+            .map(x => pvStep(x === 0 ? 'key' : `key + ${x}u`, x))
+            .join('\n      ')}
     }`;
-    const regDecls = prefetch ? `${
-        range(nKLoads).map(n => `var kr${n} = vec4<f32>(0.0);`).join(' ')}
-  ${range(nVLoads).map(n => `var vr${n} = vec4<f32>(0.0);`).join(' ')}` : '';
+    const regDecls = prefetch ?
+        `${range(nKLoads).map(n => `var kr${n} = vec4<f32>(0.0);`).join(' ')}
+  ${range(nVLoads).map(n => `var vr${n} = vec4<f32>(0.0);`).join(' ')}` :
+        '';
     // Like the classic loop: K^T and V take turns in one buffer.
     const outerLoop = `${regDecls}
-  ${prefetch ? `if (tBegin < tEnd) {
+  ${
+        prefetch ? `if (tBegin < tEnd) {
     let jb = tBegin * i32(BC);
     ${kRegs('jb')}
-  }` : ''}
+  }` :
+                   ''}
 
   for (var kt = tBegin; kt < tEnd; kt++) {
     let j0 = kt * i32(BC);
@@ -552,9 +615,11 @@ const VW = ${vw}u;`;
     // V over K^T, P^T -> workgroup memory; the next K tile into registers.
     ${prefetch ? vFromRegs : vDirect('j0')}
     ${pStore}
-    ${prefetch ? `if (more) {
+    ${
+        prefetch ? `if (more) {
       ${kRegs('j0 + i32(BC)')}
-    }` : ''}
+    }` :
+                   ''}
     workgroupBarrier();
 
     ${pvLoopOuter}
@@ -563,21 +628,28 @@ const VW = ${vw}u;`;
     return {outerDecls, outerQLoad, outerLoop};
   }
 
-  const sInit = rowsI.map(i => quads.map(q => `var s${i}_${q} = vec4<f32>(0.0);`).join(' '))
-                    .join('\n    ');
+  const sInit =
+      rowsI.map(i => quads.map(q => `var s${i}_${q} = vec4<f32>(0.0);`).join(' ')).join('\n    ');
   const softmaxCode = `// Scores, then the online softmax. Only tiles that cross the edge of
     // the keys or of the window need the mask.
     let fullTile = fa_tile_unmasked(r0, rEnd, j0, j0 + i32(BC), sp);
-    ${!plainScale ? '' : rowsI.map(i => quads.map(q => `s${i}_${q} = s${i}_${q} * u.scale;`)
-                                            .join(' ')).join('\n    ')}
+    ${
+      !plainScale ? '' :
+                    rowsI.map(i => quads.map(q => `s${i}_${q} = s${i}_${q} * u.scale;`).join(' '))
+                        .join('\n    ')}
     ${scoreLines.filter(l => !l.startsWith('if')).join('\n    ')}
     if (!fullTile) {
       ${scoreLines.filter(l => l.startsWith('if')).map(l => l.slice(3)).join('\n      ')}
     }
-    ${rowsI.map(i => `var mx${i} = ${
-        maxAll(quads.flatMap(q => COMP.map(x => `s${i}_${q}.${x}`)))};`).join('\n    ')}
+    ${
+      rowsI
+          .map(i => `var mx${i} = ${maxAll(quads.flatMap(q => COMP.map(x => `s${i}_${q}.${x}`)))};`)
+          .join('\n    ')}
     ${rowReduce(rowsI.map(i => `mx${i}`), 'max')}
-    ${rowsI.map(i => `{
+    ${
+      rowsI
+          .map(
+              i => `{
       let mNew = max(m${i}, mx${i});
       // A row that has seen no visible key keeps m = NEG exactly;
       // subtracting 0 instead sends its masked scores to exp(NEG) = 0.
@@ -587,15 +659,22 @@ const VW = ${vw}u;`;
       ${quads.map(q => `s${i}_${q} = exp(s${i}_${q} - vec4<f32>(mUse));`).join('\n      ')}
       l${i} = l${i} * alpha${quads.map(q => ` + dot(s${i}_${q}, vec4<f32>(1.0))`).join('')};
       ${outJ.map(jj => `o${i}_${jj} = o${i}_${jj} * alpha;`).join(' ')}
-      ${!c.dropout ? '' : quads.map(q => `s${i}_${q} = s${i}_${q} * fa_dropout4(u32(b), u32(h), u32(row${
-          i}), u32(j0 >> 2u) + tx + TX * ${q}u, vec2<u32>(u.seedLo, u.seedHi), u.threshold, ${
-          ''}u.keepScale);`).join('\n      ')}
+      ${
+                  !c.dropout ?
+                      '' :
+                      quads
+                          .map(
+                              q => `s${i}_${q} = s${i}_${q} * fa_dropout4(u32(b), u32(h), u32(row${
+                                  i}), u32(j0 >> 2u) + tx + TX * ${
+                                  q}u, vec2<u32>(u.seedLo, u.seedHi), u.threshold, ${
+                                   ''}u.keepScale);`)
+                          .join('\n      ')}
     }`).join('\n    ')}`;
-  const classicDecls = `var<workgroup> qs: array<vec4<f32>, ${br * dq4}>;
+                  const classicDecls = `var<workgroup> qs: array<vec4<f32>, ${br * dq4}>;
 var<workgroup> kvs: array<vec4<f32>, ${bc * kvStride}>;
 var<workgroup> ps: array<vec4<f32>, ${br * bc / 4}>;
 `;
-  const classicQLoad = `// Q tile -> workgroup memory (rows past seqQ are zeros).
+                  const classicQLoad = `// Q tile -> workgroup memory (rows past seqQ are zeros).
   for (var n = 0u; n < ${nQLoads}u; n++) {
     let idx = lid + THREADS * n;
     if (idx < BR * DQ4) {
@@ -609,11 +688,17 @@ var<workgroup> ps: array<vec4<f32>, ${br * bc / 4}>;
       qs[r * DQ4 + ch] = val;
     }
   }`;
-  const classicKeyOffsets = `// Key offsets (swizzled) of this thread's columns in workgroup memory.
-  ${quads.map(q => range(4).map(e => `let kOff${q}_${e} = ${colOf(q, e)} * KVW;`).join(' '))
-        .join('\n  ')}
+                  const classicKeyOffsets =
+                      `// Key offsets (swizzled) of this thread's columns in workgroup memory.
+  ${
+                          quads
+                              .map(
+                                  q => range(4)
+                                           .map(e => `let kOff${q}_${e} = ${colOf(q, e)} * KVW;`)
+                                           .join(' '))
+                              .join('\n  ')}
   ${quadCols ? quads.map(q => `let kSw${q} = (tx + TX * ${q}u) & ${swm}u;`).join('\n  ') : ''}`;
-  const classicLoop = `${prologueK}
+                  const classicLoop = `${prologueK}
 
   for (var kt = tBegin; kt < tEnd; kt++) {
     let j0 = kt * i32(BC);
@@ -630,28 +715,49 @@ var<workgroup> ps: array<vec4<f32>, ${br * bc / 4}>;
     workgroupBarrier();
     // V -> workgroup memory (over K), P -> workgroup memory.
     ${storeV}
-    ${rowsI.map(i => quads.map(q => quadCols ?
-        `ps[(ty + TY * ${i}u) * (BC / 4u) + tx + TX * ${q}u] = s${i}_${q};` :
-        range(4).map(e => `{ let f = (ty + TY * ${i}u) * BC + ${colOf(q, e)}; ps[f / 4u][f % 4u] = s${
-            i}_${q}.${COMP[e]}; }`).join(' ')).join('\n    ')).join('\n    ')}
+    ${
+                      rowsI
+                          .map(
+                              i => quads
+                                       .map(
+                                           q => quadCols ?
+                                               `ps[(ty + TY * ${i}u) * (BC / 4u) + tx + TX * ${
+                                                   q}u] = s${i}_${q};` :
+                                               range(4)
+                                                   .map(
+                                                       e => `{ let f = (ty + TY * ${i}u) * BC + ${
+                                                           colOf(q, e)}; ps[f / 4u][f % 4u] = s${
+                                                           i}_${q}.${COMP[e]}; }`)
+                                                   .join(' '))
+                                       .join('\n    '))
+                          .join('\n    ')}
     ${nextK}
     workgroupBarrier();
 
     // O += P V on this thread's TM x 4NJ tile.
     for (var cc = 0u; cc < ${c.runtimeLoops ? 'u32(u.loopBC4)' : 'BC / 4u'}; cc++) {
       ${rowsI.map(i => `let p${i} = ps[(ty + TY * ${i}u) * (BC / 4u) + cc];`).join('\n      ')}
-      ${range(4).map(e => `{
+      ${
+                      range(4)
+                          .map(
+                              e => `{
         let vo = (4u * cc + ${e}u) * KVW + tx;
         ${outJ.map(jj => `let v${jj} = kvs[vo + ${jj * t.tx}u];`).join('\n        ')}
-        ${rowsI.map(i => outJ.map(jj => `o${i}_${jj} += p${i}.${COMP[e]} * v${jj};`).join(' '))
-              .join('\n        ')}
+        ${
+                                  rowsI
+                                      .map(
+                                          i => outJ.map(
+                                                       jj => `o${i}_${jj} += p${i}.${COMP[e]} * v${
+                                                           jj};`)
+                                                   .join(' '))
+                                      .join('\n        ')}
       }`).join('\n      ')}
     }
   }`;
-  const {outerDecls, outerQLoad, outerLoop} =
-      outer ? outerParts() : {outerDecls: '', outerQLoad: '', outerLoop: ''};
+                  const {outerDecls, outerQLoad, outerLoop} =
+                      outer ? outerParts() : {outerDecls: '', outerQLoad: '', outerLoop: ''};
 
-  return `${c.subgroups ? 'enable subgroups;' : ''}
+                  return `${c.subgroups ? 'enable subgroups;' : ''}
 ${scoreWGSL(c.score)}
 ${keyRangeWGSL(c.score)}
 ${c.dropout ? philoxWGSL() + dropoutWGSL() : ''}
@@ -711,10 +817,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   let keys = fa_key_range(r0, rEnd, sp);
   let tFirst = keys.x / i32(BC);
   let tLast = select(tFirst, (keys.y + i32(BC) - 1) / i32(BC), keys.y > keys.x);
-  ${c.splitKeys ? `// This split's share of the visible key tiles (possibly none).
+  ${
+                      c.splitKeys ? `// This split's share of the visible key tiles (possibly none).
   let perSplit = (tLast - tFirst + u.numSplits - 1) / u.numSplits;
   let tBegin = min(tLast, tFirst + split * perSplit);
-  let tEnd = min(tLast, tBegin + perSplit);` : `let tBegin = tFirst;
+  let tEnd = min(tLast, tBegin + perSplit);` :
+                                    `let tBegin = tFirst;
   let tEnd = tLast;`}
 
   ${rowsI.map(i => `let row${i} = r0 + i32(${rowOf(i)});`).join('\n  ')}
@@ -725,16 +833,27 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   ${outer ? outerLoop : classicLoop}
   // Row sums over the TX threads of each row, then the outputs.
   ${rowReduce(rowsI.map(i => `l${i}`), 'add')}
-  ${rowsI.map(i => `if (row${i} < u.seqQ) {
+  ${
+                      rowsI
+                          .map(
+                              i => `if (row${i} < u.seqQ) {
     let inv = select(0.0, 1.0 / l${i}, l${i} > 0.0);
     let outRow = u32(split * u.splitRows + (b * u.seqQ + row${i}) * u.heads + h);
-    ${outJ.map(jj => `{
+    ${
+                                  outJ.map(
+                                          jj => `{
       let ch = tx + TX * ${jj}u;
       if (ch < DV4) {
         let val = o${i}_${jj} * inv;
-        ${vecV ? 'outb[outRow * DV4 + ch] = val;' :
-                 range(4).map(e => `if (ch * 4u + ${e}u < ${c.headDimV}u) { outb[outRow * ${
-                     c.headDimV}u + ch * 4u + ${e}u] = val.${COMP[e]}; }`).join('\n        ')}
+        ${
+                                              vecV ? 'outb[outRow * DV4 + ch] = val;' :
+                                                     range(4)
+                                                         .map(
+                                                             e => `if (ch * 4u + ${e}u < ${
+                                                                 c.headDimV}u) { outb[outRow * ${
+                                                                 c.headDimV}u + ch * 4u + ${
+                                                                 e}u] = val.${COMP[e]}; }`)
+                                                         .join('\n        ')}
       }
     }`).join('\n    ')}
     if (tx == 0u) {
@@ -811,6 +930,12 @@ export const COMBINE_THREADS = 64;
 
 /** Field order of the combine pass's uniforms (all u32). */
 export const COMBINE_UNIFORMS = [
-  ['elements', 'u32'], ['headDimV', 'u32'], ['heads', 'u32'], ['seqQ', 'u32'],
-  ['numSplits', 'u32'], ['splitRows', 'u32'], ['splitLse', 'u32'], ['gridX', 'u32'],
+  ['elements', 'u32'],
+  ['headDimV', 'u32'],
+  ['heads', 'u32'],
+  ['seqQ', 'u32'],
+  ['numSplits', 'u32'],
+  ['splitRows', 'u32'],
+  ['splitLse', 'u32'],
+  ['gridX', 'u32'],
 ] as const;

@@ -35,9 +35,8 @@ export function supportsFlashDecodeWebGPU(
 }
 
 /** How the key range is split, from the longest row. */
-export function planSplits(
-    maxSeqK: number, rowGroups: number,
-    target = TARGET_WORKGROUPS): {numSplits: number, splitKeys: number} {
+export function planSplits(maxSeqK: number, rowGroups: number, target = TARGET_WORKGROUPS):
+    {numSplits: number, splitKeys: number} {
   const tiles = Math.max(1, Math.ceil(maxSeqK / DECODE_TILE));
   const wanted = Math.max(1, Math.min(tiles, Math.ceil(target / rowGroups)));
   const splitKeys = Math.ceil(tiles / wanted) * DECODE_TILE;
@@ -69,12 +68,12 @@ function appendCopies(
     return [];
   }
   return cacheSeqlens.map((start, b) => ({
-    src: update,
-    srcOffset: b * seqNew * rowBytes,
-    dst: cache,
-    dstOffset: (b * seqMax + start) * rowBytes,
-    size: seqNew * rowBytes,
-  }));
+                            src: update,
+                            srcOffset: b * seqNew * rowBytes,
+                            dst: cache,
+                            dstOffset: (b * seqMax + start) * rowBytes,
+                            size: seqNew * rowBytes,
+                          }));
 }
 
 export function flashDecodeWebGPU(args: {
@@ -94,7 +93,8 @@ export function flashDecodeWebGPU(args: {
   const seqlensK = cacheSeqlens.map(n => n + seqNew);
 
   const copies = k == null || v == null ?
-      [] : [...appendCopies(k, kCache, cacheSeqlens), ...appendCopies(v, vCache, cacheSeqlens)];
+      [] :
+      [...appendCopies(k, kCache, cacheSeqlens), ...appendCopies(v, vCache, cacheSeqlens)];
   const rows = Math.min(DECODE_MAX_ROWS, groups * seqQ);
   const rowChunks = Math.ceil(groups * seqQ / rows);
   const rowGroups = batch * headsKV * rowChunks;
@@ -104,16 +104,29 @@ export function flashDecodeWebGPU(args: {
   const batchVec4 = Math.ceil(batch / 4);
   const split = new DecodeSplitProgram({headDim, headDimV, groups, seqQ, rows, batchVec4, score});
   const splitSpec: OwnPipelineSpec = {
-    key: split.key, code: () => split.getUserCode(), numInputs: 4, numOutputs: 2,
-    hasUniforms: true, label: 'flash-decode-split',
+    key: split.key,
+    code: () => split.getUserCode(),
+    numInputs: 4,
+    numOutputs: 2,
+    hasUniforms: true,
+    label: 'flash-decode-split',
   };
   const writer =
       new UniformWriter(new ArrayBuffer(4 * DECODE_SPLIT_UNIFORMS.length + 16 * batchVec4));
   const alibiPerBatch = alibiSlopes != null && alibiSlopes.shape.length === 2 ? 1 : 0;
   const groupsTotal = rowGroups * numSplits;
   const uniformValues: Record<typeof DECODE_SPLIT_UNIFORMS[number], number> = {
-    heads, headsKV, seqMax, numSplits, splitKeys, rowChunks, alibiPerBatch, groupsTotal,
-    scale: attrs.softmaxScale, softcap: attrs.softcap, left: attrs.windowLeft,
+    heads,
+    headsKV,
+    seqMax,
+    numSplits,
+    splitKeys,
+    rowChunks,
+    alibiPerBatch,
+    groupsTotal,
+    scale: attrs.softmaxScale,
+    softcap: attrs.softcap,
+    left: attrs.windowLeft,
     right: attrs.windowRight,
   };
   for (const name of DECODE_SPLIT_UNIFORMS) {
@@ -129,31 +142,40 @@ export function flashDecodeWebGPU(args: {
   const rowsTotal = batch * seqQ * heads;
   let parts: tf.TensorInfo[] = [];
   try {
-    parts = recordOwnPipeline(backend, splitSpec, {
-      inputs: [q, kCache, vCache, alibiSlopes ?? q],
-      outputs: [
-        {shape: [rowsTotal, numSplits, headDimV], dtype: 'float32'},
-        {shape: [rowsTotal, numSplits, 2], dtype: 'float32'},
-      ],
-      uniforms: writer.finish(),
-      dispatch: dispatchGrid(groupsTotal, backend.device.limits.maxComputeWorkgroupsPerDimension),
-    }, copies);
+    parts = recordOwnPipeline(
+        backend, splitSpec, {
+          inputs: [q, kCache, vCache, alibiSlopes ?? q],
+          outputs: [
+            {shape: [rowsTotal, numSplits, headDimV], dtype: 'float32'},
+            {shape: [rowsTotal, numSplits, 2], dtype: 'float32'},
+          ],
+          uniforms: writer.finish(),
+          dispatch:
+              dispatchGrid(groupsTotal, backend.device.limits.maxComputeWorkgroupsPerDimension),
+        },
+        copies);
     const combine = new DecodeCombineProgram(headDimV);
     const combineUniforms = new UniformWriter();
     const values = {heads, seqQ, numSplits, rowsTotal};
     DECODE_COMBINE_UNIFORMS.forEach(name => combineUniforms.i32(values[name]));
-    return recordOwnPipeline(backend, {
-      key: combine.key, code: () => combine.getUserCode(), numInputs: 2, numOutputs: 2,
-      hasUniforms: true, label: 'flash-decode-combine',
-    }, {
-      inputs: parts,
-      outputs: [
-        {shape: [batch, seqQ, heads, headDimV], dtype: 'float32'},
-        {shape: [batch, heads, seqQ], dtype: 'float32'},
-      ],
-      uniforms: combineUniforms.finish(),
-      dispatch: dispatchGrid(rowsTotal, backend.device.limits.maxComputeWorkgroupsPerDimension),
-    });
+    return recordOwnPipeline(
+        backend, {
+          key: combine.key,
+          code: () => combine.getUserCode(),
+          numInputs: 2,
+          numOutputs: 2,
+          hasUniforms: true,
+          label: 'flash-decode-combine',
+        },
+        {
+          inputs: parts,
+          outputs: [
+            {shape: [batch, seqQ, heads, headDimV], dtype: 'float32'},
+            {shape: [batch, heads, seqQ], dtype: 'float32'},
+          ],
+          uniforms: combineUniforms.finish(),
+          dispatch: dispatchGrid(rowsTotal, backend.device.limits.maxComputeWorkgroupsPerDimension),
+        });
   } finally {
     // Owned by the pending command queue: tfjs frees them after its submit.
     parts.forEach(p => backend.disposeData(p.dataId));

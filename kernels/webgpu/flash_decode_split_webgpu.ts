@@ -46,8 +46,18 @@ export interface DecodeSplitConfig {
 
 /** Uniform fields in order (all 4 bytes). */
 export const DECODE_SPLIT_UNIFORMS = [
-  'heads', 'headsKV', 'seqMax', 'numSplits', 'splitKeys', 'rowChunks', 'alibiPerBatch',
-  'groupsTotal', 'scale', 'softcap', 'left', 'right',
+  'heads',
+  'headsKV',
+  'seqMax',
+  'numSplits',
+  'splitKeys',
+  'rowChunks',
+  'alibiPerBatch',
+  'groupsTotal',
+  'scale',
+  'softcap',
+  'left',
+  'right',
 ] as const;
 // 12 fields of 4 bytes: the seqlensK vec4s that follow start 16-aligned.
 
@@ -145,8 +155,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
       var s = NEG_BIG;
       if (r < nRows && j < hi && fa_visible(i, j, p)) {
         let h = hk * G + n % G;
-        p.slope = ${score.alibi ? 'slopes[select(h, b * u.heads + h, u.alibiPerBatch != 0)]' :
-                                  '0.0'};
+        p.slope = ${
+        score.alibi ? 'slopes[select(h, b * u.heads + h, u.alibiPerBatch != 0)]' : '0.0'};
         s = fa_score(dots[r], i, j, p);
       }
       probs[r * T + t] = s;

@@ -14,7 +14,8 @@ function rowStatsWGSL(rms: boolean): string {
   var sq = 0.0;
   for (var c = tid; c < C; c += WG) { let v = z[base + c]; sq += v * v; }
   let mean = 0.0;
-  let rstd = inverseSqrt(rowSum(sq, tid) / f32(C) + uniforms.eps);` : `
+  let rstd = inverseSqrt(rowSum(sq, tid) / f32(C) + uniforms.eps);` :
+               `
   var s = 0.0;
   for (var c = tid; c < C; c += WG) { s += z[base + c]; }
   let mean = rowSum(s, tid) / f32(C);
@@ -45,12 +46,13 @@ export class NormResidualProgram implements TfjsWebGPUProgram {
   size = true;
   uniforms: string;
 
-  constructor(shape: [number, number], private readonly dropout: boolean,
-              private readonly residual: boolean) {
+  constructor(
+      shape: [number, number], private readonly dropout: boolean,
+      private readonly residual: boolean) {
     this.outputShape = shape;
     this.variableNames = residual ? ['x', 'residual'] : ['x'];
     this.uniforms = dropout ? 'threshold : u32, keepScale : f32, seedLo : u32, seedHi : u32,' : '';
-    this.shaderKey = `normResidual_${+dropout}${+residual}`;
+    this.shaderKey = `normResidual_${+ dropout}${+ residual}`;
     this.dispatchLayout = {x: [0, 1]};
     this.dispatch = [Math.ceil(shape[0] * shape[1] / 64), 1, 1];
   }
@@ -61,13 +63,15 @@ ${this.dropout ? philoxWGSL() + dropoutWGSL() : ''}
 fn main(index: i32) {
   if (index < uniforms.size) {
     var v = x[index];
-    ${this.dropout ? `
+    ${
+        this.dropout ? `
     let C = uniforms.outShape[1];
     let row = u32(index / C);
     let col = u32(index % C);
     let keep = fa_dropout4(0u, ${NORM_DROPOUT_STREAM}u, row, col >> 2u,
         vec2<u32>(uniforms.seedLo, uniforms.seedHi), uniforms.threshold, uniforms.keepScale);
-    v = v * keep[col & 3u];` : ''}
+    v = v * keep[col & 3u];` :
+                       ''}
     ${this.residual ? 'v = v + residual[index];' : ''}
     result[index] = v;
   }
@@ -92,7 +96,7 @@ export class NormForwardProgram implements TfjsWebGPUProgram {
     this.variableNames = rms ? ['z', 'gamma'] : ['z', 'gamma', 'beta'];
     this.workgroupSize = [threads, 1, 1];
     this.dispatch = [shape[0], 1, 1];
-    this.shaderKey = `normForward_${+rms}_${threads}`;
+    this.shaderKey = `normForward_${+ rms}_${threads}`;
   }
 
   getUserCode(): string {
@@ -130,7 +134,7 @@ export class NormBackwardProgram implements TfjsWebGPUProgram {
     this.outputShape = shape;
     this.workgroupSize = [threads, 1, 1];
     this.dispatch = [shape[0], 1, 1];
-    this.shaderKey = `normBackward_${+rms}_${threads}`;
+    this.shaderKey = `normBackward_${+ rms}_${threads}`;
   }
 
   getUserCode(): string {
@@ -176,7 +180,7 @@ export class NormStatsProgram implements TfjsWebGPUProgram {
     this.outputShape = [shape[0], 2];
     this.workgroupSize = [threads, 1, 1];
     this.dispatch = [shape[0], 1, 1];
-    this.shaderKey = `normStats_${+rms}_${threads}`;
+    this.shaderKey = `normStats_${+ rms}_${threads}`;
   }
 
   getUserCode(): string {
@@ -216,7 +220,7 @@ export class NormColumnSumProgram implements TfjsWebGPUProgram {
     this.variableNames = timesXhat ? ['dy', 'z', 'stats'] : ['dy'];
     this.outputShape = [shape[1]];
     this.dispatch = [Math.ceil(shape[1] / COLS), 1, 1];
-    this.shaderKey = `normColumnSum_${+timesXhat}`;
+    this.shaderKey = `normColumnSum_${+ timesXhat}`;
   }
 
   getUserCode(): string {

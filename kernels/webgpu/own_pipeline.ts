@@ -102,7 +102,7 @@ export function setPoisonOutputs(on: boolean): void {
  * never imports @tensorflow/tfjs-backend-webgpu at run time.
  */
 export function isWebGPUBackend(backend: unknown): backend is WebGPUBackend {
-  const b = backend as Partial<WebGPUBackend>|null|undefined;
+  const b = backend as Partial<WebGPUBackend>| null | undefined;
   return b != null && b.device != null && b.tensorMap != null &&
       typeof b.uploadToGPU === 'function' && typeof b.submitQueue === 'function';
 }
@@ -136,24 +136,27 @@ function errorText(scopeError: GPUError|null): string|null {
 }
 
 /** Watches the scopes pushed by `pushScopes`, recording what they catch. */
-export function watchScopes(
-    device: GPUDevice, what: string, onError: (e: Error) => void): void {
+export function watchScopes(device: GPUDevice, what: string, onError: (e: Error) => void): void {
   const state = stateOf(device);
   const internal = device.popErrorScope();
   const validation = device.popErrorScope();
   const oom = device.popErrorScope();
-  const done = Promise.all([validation, internal, oom]).then(errors => {
-    const messages = errors.map(errorText).filter(m => m != null);
-    if (messages.length > 0) {
-      const error = new Error(`${what} failed on the GPU: ${messages.join('; ')}`);
-      recordError(state, error);
-      onError(error);
-    }
-  }, (e: unknown) => {
-    const error = new Error(`${what}: could not read the GPU error scope: ${e}`);
-    recordError(state, error);
-    onError(error);
-  });
+  const done =
+      Promise.all([validation, internal, oom])
+          .then(
+              errors => {
+                const messages = errors.map(errorText).filter(m => m != null);
+                if (messages.length > 0) {
+                  const error = new Error(`${what} failed on the GPU: ${messages.join('; ')}`);
+                  recordError(state, error);
+                  onError(error);
+                }
+              },
+              (e: unknown) => {
+                const error = new Error(`${what}: could not read the GPU error scope: ${e}`);
+                recordError(state, error);
+                onError(error);
+              });
   track(state, done);
 }
 
@@ -221,8 +224,8 @@ export function getPipeline(device: GPUDevice, spec: OwnPipelineSpec): PipelineE
       const errors = info.messages.filter(m => m.type === 'error')
                          .map(m => `line ${m.lineNum}:${m.linePos}: ${m.message}`);
       if (errors.length > 0) {
-        const error = new Error(`WGSL of pipeline '${label}' does not compile: ${
-            errors.join('; ')}`);
+        const error =
+            new Error(`WGSL of pipeline '${label}' does not compile: ${errors.join('; ')}`);
         entry.error = entry.error ?? error;
         recordError(state, error);
       }
@@ -248,20 +251,24 @@ export function gpuBufferOf(backend: WebGPUBackend, t: tf.TensorInfo): GPUBuffer
  * work, if the pipeline is known broken.
  */
 function checkedPipeline(device: GPUDevice, spec: OwnPipelineSpec, run: OwnRun): PipelineEntry {
-  tf.util.assert(run.inputs.length === spec.numInputs,
-                 () => `${spec.key}: expected ${spec.numInputs} inputs, got ${run.inputs.length}`);
-  tf.util.assert(run.outputs.length === spec.numOutputs,
-                 () => `${spec.key}: expected ${spec.numOutputs} outputs, got ${run.outputs.length}`);
-  tf.util.assert(spec.hasUniforms === (run.uniforms != null),
-                 () => `${spec.key}: uniforms ${spec.hasUniforms ? 'missing' : 'not expected'}`);
+  tf.util.assert(
+      run.inputs.length === spec.numInputs,
+      () => `${spec.key}: expected ${spec.numInputs} inputs, got ${run.inputs.length}`);
+  tf.util.assert(
+      run.outputs.length === spec.numOutputs,
+      () => `${spec.key}: expected ${spec.numOutputs} outputs, got ${run.outputs.length}`);
+  tf.util.assert(
+      spec.hasUniforms === (run.uniforms != null),
+      () => `${spec.key}: uniforms ${spec.hasUniforms ? 'missing' : 'not expected'}`);
   const entry = getPipeline(device, spec);
   if (entry.error != null) {
     throw entry.error;
   }
   const maxDim = device.limits.maxComputeWorkgroupsPerDimension;
-  run.dispatch.forEach(n => tf.util.assert(
-      Number.isInteger(n) && n >= 1 && n <= maxDim,
-      () => `${spec.key}: dispatch ${run.dispatch} outside [1, ${maxDim}]`));
+  run.dispatch.forEach(
+      n => tf.util.assert(
+          Number.isInteger(n) && n >= 1 && n <= maxDim,
+          () => `${spec.key}: dispatch ${run.dispatch} outside [1, ${maxDim}]`));
   return entry;
 }
 
@@ -274,8 +281,8 @@ export function runOwnPipeline(
   const device = backend.device;
   const entry = checkedPipeline(device, spec, run);
   for (const t of run.inputs) {
-    tf.util.assert(tf.util.sizeFromShape(t.shape) > 0,
-                   () => `${spec.key}: empty input of shape [${t.shape}]`);
+    tf.util.assert(
+        tf.util.sizeFromShape(t.shape) > 0, () => `${spec.key}: empty input of shape [${t.shape}]`);
   }
   const outputs = run.outputs.map(o => backend.makeTensorInfo(o.shape, o.dtype));
   try {
@@ -370,7 +377,7 @@ export function bindingsWGSL(
 }
 
 /** A uniform field: its name and 4-byte type. */
-export type UniformField = readonly [string, 'i32'|'u32'|'f32'];
+export type UniformField = readonly[string, 'i32' | 'u32' | 'f32'];
 
 /** The WGSL struct of a uniform block, fields in list order. */
 export function uniformStructWGSL(name: string, fields: readonly UniformField[]): string {
@@ -451,8 +458,7 @@ export function recordOwnPipeline(
   try {
     const tensors = [...run.inputs, ...outputs];
     const buffers = tensors.map(t => gpuBufferOf(backend, t));
-    const copyBuffers =
-        copies.map(c => [gpuBufferOf(backend, c.src), gpuBufferOf(backend, c.dst)]);
+    const copyBuffers = copies.map(c => [gpuBufferOf(backend, c.src), gpuBufferOf(backend, c.dst)]);
     backend.ensureCommandEncoderReady();
     backend.endComputePassEncoder();
     const encoder = state.commandEncoder;

@@ -15,21 +15,21 @@ export class RotaryProgram implements TfjsWebGPUProgram {
   workgroupSize: [number, number, number] = [64, 1, 1];
   size = true;
 
-  constructor(shape: number[], private readonly rotaryDim: number, private readonly interleaved: boolean,
-              private readonly inverse: boolean) {
+  constructor(
+      shape: number[], private readonly rotaryDim: number, private readonly interleaved: boolean,
+      private readonly inverse: boolean) {
     this.outputShape = shape;
     this.dispatchLayout = {x: [0, 1, 2, 3]};
     this.dispatch = [Math.ceil(shape.reduce((a, b) => a * b, 1) / 64), 1, 1];
-    this.shaderKey = `rotary_${rotaryDim}_${+interleaved}_${+inverse}`;
+    this.shaderKey = `rotary_${rotaryDim}_${+ interleaved}_${+ inverse}`;
   }
 
   getUserCode(): string {
     const half = this.rotaryDim / 2;
-    const pair = this.interleaved ?
-        `let first = (d & 1) == 0;
+    const pair = this.interleaved ? `let first = (d & 1) == 0;
     let j = d / 2;
     let partner = select(index - 1, index + 1, first);` :
-        `let first = d < ${half};
+                                    `let first = d < ${half};
     let j = select(d - ${half}, d, first);
     let partner = select(index - ${half}, index + ${half}, first);`;
     return `
@@ -45,7 +45,8 @@ fn main(index: i32) {
     ${pair}
     // y = x cos -/+ partner sin: minus for the first of a pair (forward).
     let sign = select(1.0, -1.0, first) * ${this.inverse ? '-1.0' : '1.0'};
-    result[index] = x[index] * cosTable[s * ${half} + j] + sign * x[partner] * sinTable[s * ${half} + j];
+    result[index] = x[index] * cosTable[s * ${half} + j] + sign * x[partner] * sinTable[s * ${
+        half} + j];
   }
 }
 `;

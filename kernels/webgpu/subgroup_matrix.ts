@@ -56,10 +56,12 @@ export function subgroupMatrixConfigs(device: GPUDevice): SubgroupMatrixConfig[]
     return [];
   }
   return Array.from(list, c => ({
-    M: Number(c.M), N: Number(c.N), K: Number(c.K),
-    componentType: String(c.componentType),
-    resultType: String(c.resultType ?? c.resultComponentType),
-  }));
+                            M: Number(c.M),
+                            N: Number(c.N),
+                            K: Number(c.K),
+                            componentType: String(c.componentType),
+                            resultType: String(c.resultType ?? c.resultComponentType),
+                          }));
 }
 
 /**
@@ -79,9 +81,9 @@ export function pickSubgroupMatrixShape(device: GPUDevice): MatrixShape|null {
   if (lanes === 0 || info?.subgroupMinSize !== lanes) {
     return null;
   }
-  const usable = subgroupMatrixConfigs(device).filter(c =>
-      c.componentType === 'f16' && c.resultType === 'f32' && lanes % c.M === 0 &&
-      c.K % 4 === 0 && c.N % 4 === 0 && (lanes / c.M & (lanes / c.M - 1)) === 0);
+  const usable = subgroupMatrixConfigs(device).filter(
+      c => c.componentType === 'f16' && c.resultType === 'f32' && lanes % c.M === 0 &&
+          c.K % 4 === 0 && c.N % 4 === 0 && (lanes / c.M & (lanes / c.M - 1)) === 0);
   // Larger K first (fewer MMAs per head-dim), then square tiles.
   usable.sort((a, b) => b.K - a.K || b.M * b.N - a.M * a.N);
   const c = usable[0];

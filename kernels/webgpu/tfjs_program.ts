@@ -23,7 +23,7 @@ export interface TfjsWebGPUProgram {
   getUserCode(): string;
 }
 
-export type ProgramUniform = Array<{type: 'float32'|'int32'|'uint32', data: number[]}>;
+export type ProgramUniform = Array<{type: 'float32' | 'int32' | 'uint32', data: number[]}>;
 
 /** Threads that share one row of a row-wise program. */
 export function rowThreads(cols: number): number {

@@ -24,13 +24,16 @@ interface KernelArgs {
 }
 
 interface ProgramRunner {
-  runWebGPUProgram(program: TfjsWebGPUProgram, inputs: tf.TensorInfo[], dtype: tf.DataType,
-                   uniforms?: ProgramUniform): tf.TensorInfo;
+  runWebGPUProgram(
+      program: TfjsWebGPUProgram, inputs: tf.TensorInfo[], dtype: tf.DataType,
+      uniforms?: ProgramUniform): tf.TensorInfo;
 }
 
-function run(backend: WebGPUBackend, program: TfjsWebGPUProgram, inputs: tf.TensorInfo[],
-             uniforms?: ProgramUniform): tf.TensorInfo {
-  return (backend as unknown as ProgramRunner).runWebGPUProgram(program, inputs, 'float32', uniforms);
+function run(
+    backend: WebGPUBackend, program: TfjsWebGPUProgram, inputs: tf.TensorInfo[],
+    uniforms?: ProgramUniform): tf.TensorInfo {
+  return (backend as unknown as ProgramRunner)
+      .runWebGPUProgram(program, inputs, 'float32', uniforms);
 }
 
 /** A second reference to t's data (what tfjs's Identity kernel returns). */
@@ -40,9 +43,11 @@ function share(backend: WebGPUBackend, t: tf.TensorInfo): tf.TensorInfo {
 }
 
 function dropoutUniforms(a: FusedNormAttrs): ProgramUniform {
-  return [{type: 'uint32', data: [dropoutThreshold(a.dropoutRate)]},
-          {type: 'float32', data: [1 / (1 - a.dropoutRate)]},
-          {type: 'uint32', data: [a.seedLo]}, {type: 'uint32', data: [a.seedHi]}];
+  return [
+    {type: 'uint32', data: [dropoutThreshold(a.dropoutRate)]},
+    {type: 'float32', data: [1 / (1 - a.dropoutRate)]}, {type: 'uint32', data: [a.seedLo]},
+    {type: 'uint32', data: [a.seedHi]}
+  ];
 }
 
 function fusedNormWebGPU({inputs, backend, attrs}: KernelArgs): tf.TensorInfo[] {
@@ -53,11 +58,12 @@ function fusedNormWebGPU({inputs, backend, attrs}: KernelArgs): tf.TensorInfo[] 
   const hasResidual = tf.util.sizeFromShape(residual.shape) > 0;
   const dropout = a.dropoutRate > 0;
   const z = hasResidual || dropout ?
-      run(webgpu, new NormResidualProgram(shape, dropout, hasResidual), hasResidual ? [x, residual] : [x],
-          dropout ? dropoutUniforms(a) : undefined) :
+      run(webgpu, new NormResidualProgram(shape, dropout, hasResidual),
+          hasResidual ? [x, residual] : [x], dropout ? dropoutUniforms(a) : undefined) :
       share(webgpu, x);
-  const y = run(webgpu, new NormForwardProgram(shape, a.rms), a.rms ? [z, gamma] : [z, gamma, beta],
-                [{type: 'float32', data: [a.epsilon]}]);
+  const y =
+      run(webgpu, new NormForwardProgram(shape, a.rms), a.rms ? [z, gamma] : [z, gamma, beta],
+          [{type: 'float32', data: [a.epsilon]}]);
   return [y, z];
 }
 
@@ -69,7 +75,8 @@ function fusedNormGradWebGPU({inputs, backend, attrs}: KernelArgs): tf.TensorInf
   const eps: ProgramUniform = [{type: 'float32', data: [a.epsilon]}];
   const dz = run(webgpu, new NormBackwardProgram(shape, a.rms), [dy, z, gamma, dzOut], eps);
   const dx = a.dropoutRate > 0 ?
-      run(webgpu, new NormResidualProgram(shape, true, false), [dz], dropoutUniforms(a)) : share(webgpu, dz);
+      run(webgpu, new NormResidualProgram(shape, true, false), [dz], dropoutUniforms(a)) :
+      share(webgpu, dz);
   const stats = run(webgpu, new NormStatsProgram(shape, a.rms), [z], eps);
   const dgamma = run(webgpu, new NormColumnSumProgram(shape, true), [dy, z, stats]);
   webgpu.disposeData(stats.dataId);
@@ -84,8 +91,9 @@ function crossEntropyWebGPU({inputs, backend, attrs}: KernelArgs): tf.TensorInfo
   const {logits, labels} = inputs;
   const shape = logits.shape as [number, number];
   const lse = run(webgpu, new CrossEntropyLseProgram(shape), [logits]);
-  const loss = run(webgpu, new CrossEntropyLossProgram(shape, a.labelSmoothing > 0), [logits, labels, lse],
-                   [{type: 'float32', data: [a.labelSmoothing]}, {type: 'float32', data: [a.zLoss]}]);
+  const loss =
+      run(webgpu, new CrossEntropyLossProgram(shape, a.labelSmoothing > 0), [logits, labels, lse],
+          [{type: 'float32', data: [a.labelSmoothing]}, {type: 'float32', data: [a.zLoss]}]);
   return [loss, lse];
 }
 
@@ -93,27 +101,32 @@ function crossEntropyGradWebGPU({inputs, backend, attrs}: KernelArgs): tf.Tensor
   const webgpu = backend as WebGPUBackend;
   const a = attrs as unknown as SoftmaxCrossEntropyAttrs;
   const {dLoss, logits, labels, lse} = inputs;
-  return run(webgpu, new CrossEntropyGradProgram(logits.shape as [number, number]),
-             [dLoss, logits, labels, lse],
-             [{type: 'float32', data: [a.labelSmoothing]}, {type: 'float32', data: [a.zLoss]}]);
+  return run(
+      webgpu, new CrossEntropyGradProgram(logits.shape as [number, number]),
+      [dLoss, logits, labels, lse],
+      [{type: 'float32', data: [a.labelSmoothing]}, {type: 'float32', data: [a.zLoss]}]);
 }
 
 function rotaryWebGPU({inputs, backend, attrs}: KernelArgs): tf.TensorInfo {
   const a = attrs as unknown as FusedRotaryAttrs;
   const {x, cos, sin} = inputs;
-  return run(backend as WebGPUBackend, new RotaryProgram(x.shape, a.rotaryDim, a.interleaved, a.inverse),
-             [x, cos, sin]);
+  return run(
+      backend as WebGPUBackend, new RotaryProgram(x.shape, a.rotaryDim, a.interleaved, a.inverse),
+      [x, cos, sin]);
 }
 
 const configs: Array<[string, unknown]> = [
   [FusedRotary, rotaryWebGPU],
-  [FusedNorm, fusedNormWebGPU], [FusedNormGrad, fusedNormGradWebGPU],
-  [SoftmaxCrossEntropy, crossEntropyWebGPU], [SoftmaxCrossEntropyGrad, crossEntropyGradWebGPU],
+  [FusedNorm, fusedNormWebGPU],
+  [FusedNormGrad, fusedNormGradWebGPU],
+  [SoftmaxCrossEntropy, crossEntropyWebGPU],
+  [SoftmaxCrossEntropyGrad, crossEntropyGradWebGPU],
 ];
 
 /** Registers the fused training kernels for the webgpu backend. */
 export function registerTrainingKernelsWebGPU(): void {
   for (const [kernelName, kernelFunc] of configs) {
-    registerFusedKernel({kernelName, backendName: 'webgpu', kernelFunc: kernelFunc as tf.KernelFunc});
+    registerFusedKernel(
+        {kernelName, backendName: 'webgpu', kernelFunc: kernelFunc as tf.KernelFunc});
   }
 }

@@ -90,8 +90,8 @@ export interface ScoreOptions {
 }
 
 export function scoreOptionsFromAttrs(
-    attrs: {softcap: number, windowLeft: number, windowRight: number},
-    hasAlibi: boolean, hasSeqlens = false): ScoreOptions {
+    attrs: {softcap: number, windowLeft: number, windowRight: number}, hasAlibi: boolean,
+    hasSeqlens = false): ScoreOptions {
   return {
     softcap: attrs.softcap > 0,
     alibi: hasAlibi,
@@ -103,7 +103,7 @@ export function scoreOptionsFromAttrs(
 
 /** The part of a pipeline key that scoreWGSL's options decide. */
 export function scoreKey(o: ScoreOptions): string {
-  return `sc${+o.softcap}al${+o.alibi}wl${+o.windowLeft}wr${+o.windowRight}sl${+!!o.seqlens}`;
+  return `sc${+ o.softcap}al${+ o.alibi}wl${+ o.windowLeft}wr${+ o.windowRight}sl${+ !!o.seqlens}`;
 }
 
 /**
@@ -206,10 +206,12 @@ export function keyRangeWGSL(o: ScoreOptions): string {
   return `
 fn fa_key_range(row0: i32, row1In: i32, p: FaScore) -> vec2<i32> {
   var row1 = row1In;
-  ${o.seqlens ? `row1 = min(row1, p.seqQ);
+  ${
+      o.seqlens ? `row1 = min(row1, p.seqQ);
   if (row1 <= row0) {
     return vec2<i32>(0, 0);
-  }` : ''}
+  }` :
+                  ''}
   var lo = 0;
   var hi = p.seqK;
   ${o.windowLeft ? 'lo = max(0, row0 + p.diag - p.left);' : ''}

@@ -47,8 +47,8 @@ export class IncrementalDecoder {
       }
     }
     if (this.caches.size === 0) {
-      throw new Error(`IncrementalDecoder: model ${
-          model.name} has no layer that can decode (e.g. FlashMHA)`);
+      throw new Error(
+          `IncrementalDecoder: model ${model.name} has no layer that can decode (e.g. FlashMHA)`);
     }
   }
 
@@ -92,8 +92,8 @@ export class IncrementalDecoder {
       }
       const result = values.get(this.model.outputs[0].id);
       if (result == null) {
-        throw new Error(`IncrementalDecoder: could not reach the output of model ${
-            this.model.name}`);
+        throw new Error(
+            `IncrementalDecoder: could not reach the output of model ${this.model.name}`);
       }
       return result;
     });

@@ -32,7 +32,7 @@ export interface MaskedAttentionOptions {
  */
 export function keyPaddingLengths(
     keyMask: tf.Tensor,
-    lengthsOf: (mask: tf.Tensor) => Int32Array|null|'unchecked'): tf.Tensor1D|null {
+    lengthsOf: (mask: tf.Tensor) => Int32Array | null | 'unchecked'): tf.Tensor1D|null {
   if (keyMask.rank !== 2) {
     return null;
   }
@@ -46,8 +46,8 @@ export function keyPaddingLengths(
   return tf.tidy(() => {
     const [batch, seq] = keyMask.shape as [number, number];
     const index = tf.broadcastTo(tf.reshape(tf.range(0, seq, 1, 'int32'), [1, seq]), [batch, seq]);
-    const firstFalse = tf.where(
-        tf.cast(keyMask, 'bool'), tf.fill([batch, seq], seq, 'int32'), index);
+    const firstFalse =
+        tf.where(tf.cast(keyMask, 'bool'), tf.fill([batch, seq], seq, 'int32'), index);
     return tf.min(firstFalse, 1) as tf.Tensor1D;
   });
 }
@@ -109,8 +109,9 @@ export function maskedAttention(
       scores = tf.mul(tf.tanh(tf.div(scores, opts.softcap)), opts.softcap);
     }
     if (opts.alibiSlopes != null) {
-      const slopes = opts.alibiSlopes.rank === 1 ? tf.reshape(opts.alibiSlopes, [1, heads, 1, 1]) :
-                                                   tf.reshape(opts.alibiSlopes, [batch, heads, 1, 1]);
+      const slopes = opts.alibiSlopes.rank === 1 ?
+          tf.reshape(opts.alibiSlopes, [1, heads, 1, 1]) :
+          tf.reshape(opts.alibiSlopes, [batch, heads, 1, 1]);
       scores = tf.sub(scores, tf.mul(slopes, distanceTable(seqQ, seqK)));
     }
     let [left, right] = opts.windowSize ?? [-1, -1];
@@ -123,7 +124,8 @@ export function maskedAttention(
       allowed = tf.reshape(windowTable(seqQ, seqK, left, right), [1, 1, seqQ, seqK]);
     }
     if (opts.keyMask != null) {
-      const keys = tf.reshape(tf.cast(tf.cast(opts.keyMask, 'bool'), 'float32'), [batch, 1, 1, seqK]);
+      const keys =
+          tf.reshape(tf.cast(tf.cast(opts.keyMask, 'bool'), 'float32'), [batch, 1, 1, seqK]);
       allowed = allowed == null ? keys : tf.mul(allowed, keys);
     }
     let probs: tf.Tensor;

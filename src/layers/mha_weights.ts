@@ -13,8 +13,14 @@ import type {FlashMHA} from './flash_mha';
 
 /** Keras's weight names, in the order of Keras's `get_weights()`. */
 export const MULTI_HEAD_ATTENTION_WEIGHT_NAMES = [
-  'query/kernel', 'query/bias', 'key/kernel', 'key/bias', 'value/kernel', 'value/bias',
-  'attention_output/kernel', 'attention_output/bias',
+  'query/kernel',
+  'query/bias',
+  'key/kernel',
+  'key/bias',
+  'value/kernel',
+  'value/bias',
+  'attention_output/kernel',
+  'attention_output/bias',
 ] as const;
 
 export type MultiHeadAttentionWeightName = typeof MULTI_HEAD_ATTENTION_WEIGHT_NAMES[number];
@@ -39,7 +45,8 @@ interface MultiHeadAttentionLike {
 export type MultiHeadAttentionWeightsSource =
     MultiHeadAttentionLike|Partial<Record<MultiHeadAttentionWeightName, tf.Tensor>>|tf.Tensor[];
 
-function byName(source: MultiHeadAttentionWeightsSource): Partial<Record<MultiHeadAttentionWeightName, tf.Tensor>> {
+function byName(source: MultiHeadAttentionWeightsSource):
+    Partial<Record<MultiHeadAttentionWeightName, tf.Tensor>> {
   if (Array.isArray(source)) {
     if (source.length === 8) {
       return Object.fromEntries(MULTI_HEAD_ATTENTION_WEIGHT_NAMES.map((n, i) => [n, source[i]]));
@@ -49,15 +56,20 @@ function byName(source: MultiHeadAttentionWeightsSource): Partial<Record<MultiHe
       return Object.fromEntries(kernels.map((n, i) => [n, source[i]]));
     }
     throw new FlashAttentionError(
-        LOADER, 'source', `8 tensors (4 without biases) in Keras's order ${
+        LOADER, 'source',
+        `8 tensors (4 without biases) in Keras's order ${
             MULTI_HEAD_ATTENTION_WEIGHT_NAMES.join(', ')}`,
         `${source.length} tensors`);
   }
   const layer = source as MultiHeadAttentionLike;
   if (layer.queryDense !== undefined || layer.outputDense !== undefined) {
     const result: Partial<Record<MultiHeadAttentionWeightName, tf.Tensor>> = {};
-    const sublayers = {query: layer.queryDense, key: layer.keyDense, value: layer.valueDense,
-                       attention_output: layer.outputDense};
+    const sublayers = {
+      query: layer.queryDense,
+      key: layer.keyDense,
+      value: layer.valueDense,
+      attention_output: layer.outputDense
+    };
     for (const [prefix, dense] of Object.entries(sublayers)) {
       if (dense == null || dense.kernel == null) {
         throw new FlashAttentionError(
@@ -85,7 +97,8 @@ function byName(source: MultiHeadAttentionWeightsSource): Partial<Record<MultiHe
       const meant = suggestOption(key, specs);
       throw new FlashAttentionError(
           LOADER, key, `one of ${known.join(', ')}`, key,
-          `${LOADER}: unknown weight '${key}'${meant != null ? `; did you mean '${meant}'?` : ''} ` +
+          `${LOADER}: unknown weight '${key}'${
+              meant != null ? `; did you mean '${meant}'?` : ''} ` +
               `Known: ${known.join(', ')}`);
     }
   }
@@ -97,7 +110,8 @@ const LOADER = 'loadMultiHeadAttentionWeights';
 function expectShape(t: tf.Tensor|undefined, name: string, shape: number[]): tf.Tensor {
   const expected = `a float32 tf.Tensor of shape [${shape.join(', ')}]`;
   if (t == null) {
-    throw new FlashAttentionError(LOADER, name, expected, 'nothing', `${LOADER}: ${name} is missing`);
+    throw new FlashAttentionError(
+        LOADER, name, expected, 'nothing', `${LOADER}: ${name} is missing`);
   }
   if (!(t instanceof tf.Tensor) || t.isDisposed) {
     throw new FlashAttentionError(
@@ -126,7 +140,8 @@ function expectShape(t: tf.Tensor|undefined, name: string, shape: number[]): tf.
  * they are the caller's choice to keep). A missing bias loads as zeros; a
  * bias the target has no place for is an error.
  */
-export function loadMultiHeadAttentionWeights(target: FlashMHA, source: MultiHeadAttentionWeightsSource): void {
+export function loadMultiHeadAttentionWeights(
+    target: FlashMHA, source: MultiHeadAttentionWeightsSource): void {
   const w = byName(source);
   const {embedDim: e, numHeads: h, headDim: d} = target;
   if (target.numHeadsKV !== h) {
@@ -142,10 +157,12 @@ export function loadMultiHeadAttentionWeights(target: FlashMHA, source: MultiHea
   if (!target.crossAttention && kvDim !== e) {
     throw new FlashAttentionError(
         LOADER, 'key/kernel', `input width embedDim = ${e} (else use crossAttention)`,
-        String(kvDim), `${LOADER}: key/kernel's input width ${kvDim} differs from embedDim ${
+        String(kvDim),
+        `${LOADER}: key/kernel's input width ${kvDim} differs from embedDim ${
             e}: use a FlashMHA with crossAttention`);
   }
-  const hasQKVBias = ['query/bias', 'key/bias', 'value/bias'].some(n => w[n as MultiHeadAttentionWeightName] != null);
+  const hasQKVBias = ['query/bias', 'key/bias', 'value/bias'].some(
+      n => w[n as MultiHeadAttentionWeightName] != null);
   if (hasQKVBias && !target.qkvProjBias) {
     throw new FlashAttentionError(
         LOADER, 'target', 'a FlashMHA with qkvProjBias: true', 'qkvProjBias: false',
@@ -175,8 +192,9 @@ export function loadMultiHeadAttentionWeights(target: FlashMHA, source: MultiHea
     });
   }
   const values = tf.tidy(() => {
-    const bias = (name: MultiHeadAttentionWeightName) =>
-        w[name] == null ? tf.zeros([h * d]) : tf.reshape(expectShape(w[name], name, [h, d]), [h * d]);
+    const bias = (name: MultiHeadAttentionWeightName) => w[name] == null ?
+        tf.zeros([h * d]) :
+        tf.reshape(expectShape(w[name], name, [h, d]), [h * d]);
     const flat = (t: tf.Tensor, rows: number) => tf.reshape(t, [rows, h * d]);
     const result: Record<string, tf.Tensor> = {};
     if (target.crossAttention) {
@@ -190,7 +208,8 @@ export function loadMultiHeadAttentionWeights(target: FlashMHA, source: MultiHea
     }
     result['out/kernel'] = tf.reshape(out, [h * d, e]);
     result['out/bias'] = w['attention_output/bias'] == null ?
-        tf.zeros([e]) : tf.clone(expectShape(w['attention_output/bias'], 'attention_output/bias', [e]));
+        tf.zeros([e]) :
+        tf.clone(expectShape(w['attention_output/bias'], 'attention_output/bias', [e]));
     return result;
   });
   try {

@@ -56,8 +56,10 @@ abstract class FusedNormLayer extends tfl.layers.Layer {
       throw new Error(`${name}: dropout must be in [0, 1), got ${args.dropout}`);
     }
     this.returnResidual = args.returnResidual ?? false;
-    this.gammaInitializer = resolveSerializable<Initializer>(args.gammaInitializer ?? 'ones', 'gammaInitializer', name)!;
-    this.betaInitializer = resolveSerializable<Initializer>(args.betaInitializer ?? 'zeros', 'betaInitializer', name)!;
+    this.gammaInitializer = resolveSerializable<Initializer>(
+        args.gammaInitializer ?? 'ones', 'gammaInitializer', name)!;
+    this.betaInitializer =
+        resolveSerializable<Initializer>(args.betaInitializer ?? 'zeros', 'betaInitializer', name)!;
   }
 
   override build(inputShape: tfl.Shape|tfl.Shape[]): void {
@@ -86,8 +88,12 @@ abstract class FusedNormLayer extends tfl.layers.Layer {
       const dim = x.shape[x.rank - 1];
       const gamma = this.gamma?.read() ?? tf.ones([dim]);
       const training = kwargs['training'] === true;
-      const opts = {residual, epsilon: this.epsilon, dropoutRate: training ? this.dropout : 0,
-                    returnResidual: true as const};
+      const opts = {
+        residual,
+        epsilon: this.epsilon,
+        dropoutRate: training ? this.dropout : 0,
+        returnResidual: true as const
+      };
       const [y, z] = this.rms ? rmsNorm(x, gamma, opts) :
                                 layerNorm(x, gamma, this.beta?.read() ?? tf.zeros([dim]), opts);
       return this.returnResidual ? [y, z] : y;
@@ -96,13 +102,19 @@ abstract class FusedNormLayer extends tfl.layers.Layer {
 
   override getConfig(): tf.serialization.ConfigDict {
     const config: tf.serialization.ConfigDict = {
-      ...super.getConfig(), axis: -1, epsilon: this.epsilon, scale: this.scale, dropout: this.dropout,
+      ...super.getConfig(),
+      axis: -1,
+      epsilon: this.epsilon,
+      scale: this.scale,
+      dropout: this.dropout,
       returnResidual: this.returnResidual,
-      gammaInitializer: serializeObject(this.gammaInitializer) as unknown as tf.serialization.ConfigDict,
+      gammaInitializer: serializeObject(this.gammaInitializer) as unknown as
+          tf.serialization.ConfigDict,
     };
     if (!this.rms) {
       config.center = this.center;
-      config.betaInitializer = serializeObject(this.betaInitializer) as unknown as tf.serialization.ConfigDict;
+      config.betaInitializer =
+          serializeObject(this.betaInitializer) as unknown as tf.serialization.ConfigDict;
     }
     return config;
   }

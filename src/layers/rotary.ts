@@ -41,7 +41,8 @@ export class RotaryTables {
   get(seq: number): [tf.Tensor2D, tf.Tensor2D] {
     if (this.tables == null || seq > this.seq || this.tables[0].isDisposed) {
       this.dispose();
-      this.tables = rotaryTables(seq, this.rotaryDim, this.base).map(t => tf.keep(t)) as [tf.Tensor2D, tf.Tensor2D];
+      this.tables = rotaryTables(seq, this.rotaryDim, this.base)
+                        .map(t => tf.keep(t)) as [tf.Tensor2D, tf.Tensor2D];
       this.seq = seq;
     }
     if (seq === this.seq) {
@@ -68,12 +69,15 @@ export class RotaryTables {
  * caller's tables, else they are built for this call.
  */
 export function applyRotary(
-    x: tf.Tensor4D, rotaryDim: number, base: number, interleaved: boolean, cache?: RotaryTables): tf.Tensor4D {
+    x: tf.Tensor4D, rotaryDim: number, base: number, interleaved: boolean,
+    cache?: RotaryTables): tf.Tensor4D {
   return tf.tidy(() => {
     const [batch, seq, heads, headDim] = x.shape;
     const half = rotaryDim / 2;
-    const [cosTable, sinTable] = cache != null && cache.rotaryDim === rotaryDim && cache.base === base ?
-        cache.get(seq) : rotaryTables(seq, rotaryDim, base);
+    const [cosTable, sinTable] =
+        cache != null && cache.rotaryDim === rotaryDim && cache.base === base ?
+        cache.get(seq) :
+        rotaryTables(seq, rotaryDim, base);
     // One kernel forward and one backward where the backend has it.
     const fused = fusedRotaryOrNull(x, cosTable, sinTable, rotaryDim, interleaved);
     if (fused != null) {

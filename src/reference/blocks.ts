@@ -38,8 +38,7 @@ export interface QueryBlock {
 
 /** The keys query row i may see: [lo, hi], clamped to [0, Sk - 1]. */
 export function visibleKeys(
-    i: number, shapes: AttentionShapes,
-    attrs: FlashAttentionAttrs): [number, number] {
+    i: number, shapes: AttentionShapes, attrs: FlashAttentionAttrs): [number, number] {
   const diagonal = i + shapes.seqK - shapes.seqQ;
   const lo = attrs.windowLeft < 0 ? 0 : Math.max(0, diagonal - attrs.windowLeft);
   const hi = attrs.windowRight < 0 ? shapes.seqK - 1 :
@@ -83,11 +82,9 @@ function visibleWithLengths(
 
 /** Splits the queries into blocks of at most `blockElements` scores. */
 export function planQueryBlocks(
-    shapes: ReferenceShapes, attrs: FlashAttentionAttrs,
-    blockElements: number): QueryBlock[] {
+    shapes: ReferenceShapes, attrs: FlashAttentionAttrs, blockElements: number): QueryBlock[] {
   const scoresPerRow = shapes.batch * shapes.heads * shapes.seqK;
-  const rowsPerBlock =
-      Math.max(1, Math.min(shapes.seqQ, Math.floor(blockElements / scoresPerRow)));
+  const rowsPerBlock = Math.max(1, Math.min(shapes.seqQ, Math.floor(blockElements / scoresPerRow)));
   const blocks: QueryBlock[] = [];
   for (let row0 = 0; row0 < shapes.seqQ; row0 += rowsPerBlock) {
     const rows = Math.min(rowsPerBlock, shapes.seqQ - row0);
@@ -113,8 +110,7 @@ export function planQueryBlocks(
  * softmax.
  */
 export function visibleMask(
-    block: QueryBlock, shapes: ReferenceShapes,
-    attrs: FlashAttentionAttrs): tf.Tensor|null {
+    block: QueryBlock, shapes: ReferenceShapes, attrs: FlashAttentionAttrs): tf.Tensor|null {
   if (shapes.seqlens != null) {  // [B, 1, rows, cols]
     return visibleWithLengths(block, shapes, attrs);
   }
@@ -134,8 +130,7 @@ export function visibleMask(
 
 /** `[1 or B, 1, rows, 1]` bool: does the row see at least one key? */
 export function rowsWithKeys(
-    block: QueryBlock, shapes: ReferenceShapes,
-    attrs: FlashAttentionAttrs): tf.Tensor4D|null {
+    block: QueryBlock, shapes: ReferenceShapes, attrs: FlashAttentionAttrs): tf.Tensor4D|null {
   if (shapes.seqlens != null) {
     return tf.tidy(() => tf.any(visibleWithLengths(block, shapes, attrs), 3, true) as tf.Tensor4D);
   }
@@ -180,14 +175,12 @@ export function blockColumns(x: tf.Tensor3D, block: QueryBlock): tf.Tensor3D {
 }
 
 /** `[B*Hk, G*rows, X]` -> `[B, H, rows, X]`. */
-export function ungroup(
-    x: tf.Tensor3D, block: QueryBlock, shapes: AttentionShapes): tf.Tensor4D {
+export function ungroup(x: tf.Tensor3D, block: QueryBlock, shapes: AttentionShapes): tf.Tensor4D {
   return tf.reshape(x, [shapes.batch, shapes.heads, block.rows, x.shape[2]]);
 }
 
 /** `[B, H, rows, X]` -> `[B*Hk, G*rows, X]`. */
-export function regroup(
-    x: tf.Tensor4D, block: QueryBlock, shapes: AttentionShapes): tf.Tensor3D {
+export function regroup(x: tf.Tensor4D, block: QueryBlock, shapes: AttentionShapes): tf.Tensor3D {
   const groups = shapes.heads / shapes.headsKV;
   return tf.reshape(x, [shapes.batch * shapes.headsKV, groups * block.rows, x.shape[3]]);
 }
@@ -204,17 +197,16 @@ export interface BlockScores {
  * `qRows` is `[B*Hk, G*rows, D]`, `kCols` is `[B*Hk, cols, D]`.
  */
 export function blockScores(
-    qRows: tf.Tensor3D, kCols: tf.Tensor3D, alibiSlopes: tf.Tensor|null,
-    block: QueryBlock, shapes: AttentionShapes, attrs: FlashAttentionAttrs,
-    keepCapTanh: boolean): BlockScores {
+    qRows: tf.Tensor3D, kCols: tf.Tensor3D, alibiSlopes: tf.Tensor|null, block: QueryBlock,
+    shapes: AttentionShapes, attrs: FlashAttentionAttrs, keepCapTanh: boolean): BlockScores {
   const cap = attrs.softcap;
   // With softcap, fold 1/softcap into the scale: tanh(scale * qk / cap).
   const scale = cap > 0 ? attrs.softmaxScale / cap : attrs.softmaxScale;
   // Scale the (small) query rows rather than the scores. tfjs counts the
   // bytes of every tensor, reshaped aliases included, so each block-sized
   // tensor is handed on with `consume` and freed as soon as it is used.
-  const grouped: tf.Tensor3D = tf.tidy(
-      () => tf.matMul(tf.mul(qRows, scale) as tf.Tensor3D, kCols, false, true));
+  const grouped: tf.Tensor3D =
+      tf.tidy(() => tf.matMul(tf.mul(qRows, scale) as tf.Tensor3D, kCols, false, true));
   let scores = consume<tf.Tensor3D, tf.Tensor4D>(grouped, g => ungroup(g, block, shapes));
   let capTanh: tf.Tensor4D|null = null;
   if (cap > 0) {
@@ -237,14 +229,14 @@ export function blockScores(
  * per-batch lengths, each batch row's own diagonal).
  */
 function alibiBias(
-    alibiSlopes: tf.Tensor, block: QueryBlock,
-    shapes: ReferenceShapes): tf.Tensor4D {
+    alibiSlopes: tf.Tensor, block: QueryBlock, shapes: ReferenceShapes): tf.Tensor4D {
   return tf.tidy(() => {
     let distance: tf.Tensor;
     if (shapes.seqlens != null) {
       const [i, j] = blockIndices(block);
-      distance = tf.cast(tf.abs(tf.sub(
-          tf.sub(tf.add(i, lengthOf(shapes, 1)), lengthOf(shapes, 0)), j)), 'float32');
+      distance = tf.cast(
+          tf.abs(tf.sub(tf.sub(tf.add(i, lengthOf(shapes, 1)), lengthOf(shapes, 0)), j)),
+          'float32');
     } else {
       const values = new Float32Array(block.rows * block.cols);
       for (let r = 0; r < block.rows; r++) {
@@ -263,8 +255,7 @@ function alibiBias(
 }
 
 /** Replaces masked entries of `x` by `fill` (-Infinity for scores). */
-export function maskScores(
-    x: tf.Tensor4D, visible: tf.Tensor|null, fill = -Infinity): tf.Tensor4D {
+export function maskScores(x: tf.Tensor4D, visible: tf.Tensor|null, fill = -Infinity): tf.Tensor4D {
   return visible == null ?
       x :
       consume(x, s => tf.where(visible, s, tf.scalar(fill) as tf.Tensor as tf.Tensor4D));
@@ -276,8 +267,7 @@ export function maskScores(
  * their exp is exactly 0 without another select.
  */
 export function probabilitiesFromLse(
-    maskedScores: tf.Tensor4D, lse: tf.Tensor4D,
-    hasKeys: tf.Tensor4D|null): tf.Tensor4D {
+    maskedScores: tf.Tensor4D, lse: tf.Tensor4D, hasKeys: tf.Tensor4D|null): tf.Tensor4D {
   return tf.tidy(() => {
     const finiteLse = hasKeys == null ? lse : tf.where(hasKeys, lse, tf.zerosLike(lse));
     return tf.exp(tf.sub(maskedScores, finiteLse)) as tf.Tensor4D;
@@ -286,17 +276,15 @@ export function probabilitiesFromLse(
 
 /** The scaled keep-mask of dropout for a block, `[B, H, rows, cols]`. */
 export function dropoutMask(
-    block: QueryBlock, shapes: AttentionShapes,
-    attrs: FlashAttentionAttrs): tf.Tensor4D {
+    block: QueryBlock, shapes: AttentionShapes, attrs: FlashAttentionAttrs): tf.Tensor4D {
   const {batch, heads} = shapes;
   const perHead = block.rows * block.cols;
   const values = new Float32Array(batch * heads * perHead);
   for (let b = 0; b < batch; b++) {
     for (let h = 0; h < heads; h++) {
       fillDropoutMask(
-          values, (b * heads + h) * perHead, attrs.seedLo, attrs.seedHi,
-          attrs.dropoutRate, b, h, block.row0, block.rows, block.col0,
-          block.cols);
+          values, (b * heads + h) * perHead, attrs.seedLo, attrs.seedHi, attrs.dropoutRate, b, h,
+          block.row0, block.rows, block.col0, block.cols);
     }
   }
   return tf.tensor4d(values, [batch, heads, block.rows, block.cols]);
@@ -305,8 +293,7 @@ export function dropoutMask(
 /** q/k/v from `[B, S, H, X]` to the grouped `[B*Hk, S, X]` (k, v) layout. */
 export function keysGrouped(x: tf.Tensor4D): tf.Tensor3D {
   const [batch, seq, heads, width] = x.shape;
-  return tf.tidy(
-      () => tf.reshape(tf.transpose(x, [0, 2, 1, 3]), [batch * heads, seq, width]));
+  return tf.tidy(() => tf.reshape(tf.transpose(x, [0, 2, 1, 3]), [batch * heads, seq, width]));
 }
 
 /** `[B, S, H, X]` -> `[B, H, S, X]`. */

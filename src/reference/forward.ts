@@ -10,9 +10,9 @@ import {ReferenceShapes, blockColumns, blockScores, consume, dropoutMask, groupe
 
 /** Returns `[out [B, Sq, H, Dv], lse [B, H, Sq]]`. */
 export function referenceForward(
-    q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D,
-    alibiSlopes: tf.Tensor|null, shapes: ReferenceShapes,
-    attrs: FlashAttentionAttrs, blockElements: number): [tf.Tensor4D, tf.Tensor3D] {
+    q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D, alibiSlopes: tf.Tensor|null,
+    shapes: ReferenceShapes, attrs: FlashAttentionAttrs,
+    blockElements: number): [tf.Tensor4D, tf.Tensor3D] {
   return tf.tidy(() => {
     const {batch, heads, seqQ, headDimV} = shapes;
     const qHeadsFirst = headsFirst(q);
@@ -31,8 +31,7 @@ export function referenceForward(
         const hasKeys = rowsWithKeys(block, shapes, attrs);
         const qRows = groupedRows(qHeadsFirst, block, shapes);
         const {scores} = blockScores(
-            qRows, blockColumns(kGrouped, block), alibiSlopes, block, shapes,
-            attrs, false);
+            qRows, blockColumns(kGrouped, block), alibiSlopes, block, shapes, attrs, false);
         const masked = maskScores(scores, visible);
         // Row max over visible keys; 0 for rows that see none, so that their
         // masked scores (-Infinity) give exp = 0 and their sum 0.
@@ -48,8 +47,7 @@ export function referenceForward(
         p = consume(p, e => tf.div(e, tf.maximum(sumExp, 1e-30)));
         const lse = tf.tidy(() => {
           const lse = tf.add(rowMax, tf.log(sumExp)) as tf.Tensor4D;
-          return hasKeys == null ? lse :
-                                   tf.where(hasKeys, lse, tf.fill(lse.shape, -Infinity));
+          return hasKeys == null ? lse : tf.where(hasKeys, lse, tf.fill(lse.shape, -Infinity));
         });
         if (attrs.dropoutRate > 0) {
           const keep = dropoutMask(block, shapes, attrs);

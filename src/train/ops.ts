@@ -41,13 +41,14 @@ export interface NormOptions {
 
 /** A bad argument: a FlashAttentionError naming it, like the attention ops'. */
 function fail(opName: string, argument: string, expected: string, actual: unknown): never {
-  throw new FlashAttentionError(opName, argument, expected,
-                                typeof actual === 'string' ? actual : describeValue(actual));
+  throw new FlashAttentionError(
+      opName, argument, expected, typeof actual === 'string' ? actual : describeValue(actual));
 }
 
 function checkFloat(t: unknown, name: string, opName: string): tf.Tensor {
   if (!(t instanceof tf.Tensor) || t.isDisposed) {
-    fail(opName, name, 'a live float32 tf.Tensor', t instanceof tf.Tensor ? 'a disposed tensor' : t);
+    fail(
+        opName, name, 'a live float32 tf.Tensor', t instanceof tf.Tensor ? 'a disposed tensor' : t);
   }
   if (t.dtype !== 'float32') {
     fail(opName, name, 'of dtype float32', t.dtype);
@@ -61,23 +62,46 @@ const isBoolean = (v: unknown) => typeof v === 'boolean';
 
 /** The options of layerNorm and rmsNorm (strict: unknown keys are errors). */
 const NORM_OPTION_SPECS: readonly OptionSpec[] = [
-  {name: 'residual', expected: 'a float32 tf.Tensor of x\'s shape', valid: v => v instanceof tf.Tensor},
-  {name: 'dropoutRate', expected: 'a number in [0, 1)', valid: isRate, aliases: ['dropout_p', 'dropout']},
+  {
+    name: 'residual',
+    expected: 'a float32 tf.Tensor of x\'s shape',
+    valid: v => v instanceof tf.Tensor
+  },
+  {
+    name: 'dropoutRate',
+    expected: 'a number in [0, 1)',
+    valid: isRate,
+    aliases: ['dropout_p', 'dropout']
+  },
   {name: 'seed', expected: 'an integer in [0, 2^53)', valid: isSeed},
-  {name: 'epsilon', expected: 'a finite number > 0',
-   valid: v => typeof v === 'number' && v > 0 && Number.isFinite(v), aliases: ['eps']},
+  {
+    name: 'epsilon',
+    expected: 'a finite number > 0',
+    valid: v => typeof v === 'number' && v > 0 && Number.isFinite(v),
+    aliases: ['eps']
+  },
   {name: 'returnResidual', expected: 'a boolean', valid: isBoolean, aliases: ['prenorm']},
 ];
 
 /** The options of softmaxCrossEntropy. */
 const CROSS_ENTROPY_OPTION_SPECS: readonly OptionSpec[] = [
-  {name: 'labelSmoothing', expected: 'a number in [0, 1)', valid: isRate, aliases: ['label_smoothing']},
-  {name: 'zLoss', expected: 'a finite number >= 0',
-   valid: v => typeof v === 'number' && v >= 0 && Number.isFinite(v), aliases: ['z_loss', 'lse_square_scale']},
+  {
+    name: 'labelSmoothing',
+    expected: 'a number in [0, 1)',
+    valid: isRate,
+    aliases: ['label_smoothing']
+  },
+  {
+    name: 'zLoss',
+    expected: 'a finite number >= 0',
+    valid: v => typeof v === 'number' && v >= 0 && Number.isFinite(v),
+    aliases: ['z_loss', 'lse_square_scale']
+  },
 ];
 
 /** FusedNorm's gradient (fused kernel or reference); saved: x, residual, gamma, beta, z. */
-function normGradFunc(dys: tf.Tensor|tf.Tensor[], saved: tf.Tensor[], attrs: tf.NamedAttrMap): GradMap {
+function normGradFunc(
+    dys: tf.Tensor|tf.Tensor[], saved: tf.Tensor[], attrs: tf.NamedAttrMap): GradMap {
   const [dy, dzOut] = dys as tf.Tensor2D[];
   const [, residual, gamma, beta, z] = saved;
   const a = attrs as unknown as FusedNormAttrs;
@@ -106,8 +130,9 @@ export const fusedNormGradConfig: tf.GradConfig = {
 function runNorm(
     opName: string, rms: boolean, x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor|null,
     opts: NormOptions): tf.Tensor|[tf.Tensor, tf.Tensor] {
-  opts = checkOptions<NormOptions>(opts ?? {}, opName, NORM_OPTION_SPECS, 'opts',
-                                   'an options object ({residual, dropoutRate, ...}) or undefined');
+  opts = checkOptions<NormOptions>(
+      opts ?? {}, opName, NORM_OPTION_SPECS, 'opts',
+      'an options object ({residual, dropoutRate, ...}) or undefined');
   checkFloat(x, 'x', opName);
   if (x.rank < 1 || x.shape[x.rank - 1] === 0) {
     fail(opName, 'x', 'of rank >= 1 with a non-empty last axis', `shape [${x.shape}]`);
@@ -172,7 +197,8 @@ type NormResult = tf.Tensor|[tf.Tensor, tf.Tensor];
  * @returns y (x's shape), or `[y, z]` with `returnResidual` (z = the sum
  *     that was normalized, the next residual stream of a pre-norm block).
  */
-function layerNorm_(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, opts: NormOptions = {}): NormResult {
+function layerNorm_(
+    x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, opts: NormOptions = {}): NormResult {
   return tf.tidy(() => runNorm('layerNorm', false, x, gamma, beta, opts));
 }
 
@@ -183,7 +209,7 @@ function rmsNorm_(x: tf.Tensor, gamma: tf.Tensor, opts: NormOptions = {}): NormR
 
 export interface NormOp<A extends unknown[]> {
   (...args: [...A, NormOptions&{returnResidual: true}]): [tf.Tensor, tf.Tensor];
-  (...args: [...A, (NormOptions&{returnResidual?: false})?]): tf.Tensor;
+  (...args: [...A, (NormOptions & {returnResidual?: false})?]): tf.Tensor;
   (...args: [...A, NormOptions?]): NormResult;
 }
 
@@ -203,9 +229,11 @@ function crossEntropyGradFunc(
   const [dLoss] = dys as tf.Tensor1D[];
   const [logits, labels, lse] = saved;
   const dLogits = useFusedTrainingKernel(SoftmaxCrossEntropyGrad) ?
-      tf.engine().runKernel(SoftmaxCrossEntropyGrad, {dLoss, logits, labels, lse}, attrs) as tf.Tensor :
-      referenceCrossEntropyBackward(dLoss, logits as tf.Tensor2D, labels as tf.Tensor1D, lse as tf.Tensor1D,
-                                    attrs as unknown as SoftmaxCrossEntropyAttrs);
+      tf.engine().runKernel(SoftmaxCrossEntropyGrad, {dLoss, logits, labels, lse}, attrs) as
+          tf.Tensor :
+      referenceCrossEntropyBackward(
+          dLoss, logits as tf.Tensor2D, labels as tf.Tensor1D, lse as tf.Tensor1D,
+          attrs as unknown as SoftmaxCrossEntropyAttrs);
   return {logits: () => dLogits, labels: () => tf.zerosLike(labels)};
 }
 
@@ -228,8 +256,9 @@ function softmaxCrossEntropy_(
     logits: tf.Tensor2D, labels: tf.Tensor1D, opts: CrossEntropyOptions = {}): tf.Tensor1D {
   const opName = 'softmaxCrossEntropy';
   checkFloat(logits, 'logits', opName);
-  opts = checkOptions<CrossEntropyOptions>(opts ?? {}, opName, CROSS_ENTROPY_OPTION_SPECS, 'opts',
-                                           'an options object ({labelSmoothing, zLoss}) or undefined');
+  opts = checkOptions<CrossEntropyOptions>(
+      opts ?? {}, opName, CROSS_ENTROPY_OPTION_SPECS, 'opts',
+      'an options object ({labelSmoothing, zLoss}) or undefined');
   if (logits.rank !== 2 || logits.shape[1] === 0) {
     fail(opName, 'logits', 'of shape [N, V] with V > 0', `[${logits.shape}]`);
   }
@@ -285,7 +314,8 @@ export function softmaxCrossEntropyLoss(
     // The mean as a product with a vector made on the device: the gradient
     // of tf.mean builds its ones on the host (an upload every step).
     const n = losses.shape[0];
-    return tf.reshape(tf.matMul(tf.reshape(losses, [1, n]), tf.fill([n, 1], 1 / n)), []) as tf.Scalar;
+    return tf.reshape(tf.matMul(tf.reshape(losses, [1, n]), tf.fill([n, 1], 1 / n)), []) as
+        tf.Scalar;
   });
 }
 
@@ -297,8 +327,9 @@ export const fusedRotaryGradConfig: tf.GradConfig = {
     const [cos, sin] = saved;
     const a = attrs as unknown as FusedRotaryAttrs;
     return {
-      x: () => tf.engine().runKernel(FusedRotary, {x: dy as tf.Tensor, cos, sin},
-                                     {...a, inverse: !a.inverse} as unknown as tf.NamedAttrMap) as tf.Tensor,
+      x: () => tf.engine().runKernel(
+                   FusedRotary, {x: dy as tf.Tensor, cos, sin},
+                   {...a, inverse: !a.inverse} as unknown as tf.NamedAttrMap) as tf.Tensor,
       cos: () => tf.zerosLike(cos),
       sin: () => tf.zerosLike(sin),
     };
@@ -318,5 +349,6 @@ export function fusedRotaryOrNull(
     return null;
   }
   const attrs: FusedRotaryAttrs = {rotaryDim, interleaved, inverse: false};
-  return tf.engine().runKernel(FusedRotary, {x, cos, sin}, attrs as unknown as tf.NamedAttrMap) as tf.Tensor4D;
+  return tf.engine().runKernel(FusedRotary, {x, cos, sin}, attrs as unknown as tf.NamedAttrMap) as
+      tf.Tensor4D;
 }

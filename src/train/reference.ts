@@ -13,15 +13,17 @@ import {FusedNormAttrs, NORM_DROPOUT_STREAM, SoftmaxCrossEntropyAttrs} from './k
 /** The scaled keep-mask of a norm's dropout, `[N, C]` (1/(1-rate) or 0). */
 export function normDropoutMask(rows: number, cols: number, attrs: FusedNormAttrs): tf.Tensor2D {
   const mask = new Float32Array(rows * cols);
-  fillDropoutMask(mask, 0, attrs.seedLo, attrs.seedHi, attrs.dropoutRate, 0,
-                  NORM_DROPOUT_STREAM, 0, rows, 0, cols);
+  fillDropoutMask(
+      mask, 0, attrs.seedLo, attrs.seedHi, attrs.dropoutRate, 0, NORM_DROPOUT_STREAM, 0, rows, 0,
+      cols);
   return tf.tensor2d(mask, [rows, cols]);
 }
 
 /** `[xhat, rstd]` of z `[N, C]`: the normalized rows and 1/sqrt(var + eps). */
 function normalize(z: tf.Tensor2D, attrs: FusedNormAttrs): [tf.Tensor2D, tf.Tensor2D] {
   const centered = attrs.rms ? z : tf.sub(z, tf.mean(z, -1, true));
-  const rstd = tf.rsqrt(tf.add(tf.mean(tf.square(centered), -1, true), attrs.epsilon)) as tf.Tensor2D;
+  const rstd =
+      tf.rsqrt(tf.add(tf.mean(tf.square(centered), -1, true), attrs.epsilon)) as tf.Tensor2D;
   return [tf.mul(centered, rstd), rstd];
 }
 
@@ -61,7 +63,8 @@ export function referenceNormBackward(
     }
     const dz = tf.add(tf.mul(inner, rstd), dzOut) as tf.Tensor2D;
     const dx = attrs.dropoutRate > 0 ?
-        tf.mul(dz, normDropoutMask(z.shape[0], z.shape[1], attrs)) as tf.Tensor2D : tf.clone(dz);
+        tf.mul(dz, normDropoutMask(z.shape[0], z.shape[1], attrs)) as tf.Tensor2D :
+        tf.clone(dz);
     const dgamma = tf.sum(tf.mul(dy, xhat), 0) as tf.Tensor1D;
     const dbeta = attrs.rms ? tf.zeros([0]) as tf.Tensor1D : tf.sum(dy, 0) as tf.Tensor1D;
     return [dz, dx, dgamma, dbeta];

@@ -13,11 +13,25 @@ import {expectClose, FORWARD_BOUND, freshRng, randomArray} from '../harness/prob
 
 const E = 32;
 const CASES: Array<{name: string, args: FlashMHAArgs, chunks: number[]}> = [
-  {name: 'GQA, RoPE (halves), one token per step',
-   args: {embedDim: E, numHeads: 4, numHeadsKV: 2, causal: true, rotaryEmbDim: 8}, chunks: [1, 1, 1, 1]},
-  {name: 'interleaved partial RoPE, ALiBi, softcap, window; a 3-token prompt then tokens',
-   args: {embedDim: E, numHeads: 2, causal: true, rotaryEmbDim: 4, rotaryEmbInterleaved: true, useAlibi: true,
-          softcap: 4, windowSize: [3, 0]}, chunks: [3, 1, 2]},
+  {
+    name: 'GQA, RoPE (halves), one token per step',
+    args: {embedDim: E, numHeads: 4, numHeadsKV: 2, causal: true, rotaryEmbDim: 8},
+    chunks: [1, 1, 1, 1]
+  },
+  {
+    name: 'interleaved partial RoPE, ALiBi, softcap, window; a 3-token prompt then tokens',
+    args: {
+      embedDim: E,
+      numHeads: 2,
+      causal: true,
+      rotaryEmbDim: 4,
+      rotaryEmbInterleaved: true,
+      useAlibi: true,
+      softcap: 4,
+      windowSize: [3, 0]
+    },
+    chunks: [3, 1, 2]
+  },
 ];
 
 /** Rows [from, from + n) of x [B, S, E]. */
@@ -38,7 +52,8 @@ describeBackends('FlashMHA.decode', backend => {
         const seq = c.chunks.reduce((a, b) => a + b, 0);
         const batch = 2;
         const layer = flashMHA(c.args);
-        const x = tf.tensor3d(Float32Array.from(randomArray(batch * seq * E, rng)), [batch, seq, E]);
+        const x =
+            tf.tensor3d(Float32Array.from(randomArray(batch * seq * E, rng)), [batch, seq, E]);
         tf.env().set(FLASH_ATTENTION_IMPL, fullImpl);
         const full = layer.apply(x) as tf.Tensor3D;
         tf.env().set(FLASH_ATTENTION_IMPL, impl);
@@ -52,8 +67,9 @@ describeBackends('FlashMHA.decode', backend => {
         }
         expect(cache.length).toBe(seq);
         const decoded = tf.concat(outs, 1);
-        expectClose(await decoded.data(), await full.data(), FORWARD_BOUND,
-                    `${c.name} on ${backend} (${impl}), seed ${rng.seed}`);
+        expectClose(
+            await decoded.data(), await full.data(), FORWARD_BOUND,
+            `${c.name} on ${backend} (${impl}), seed ${rng.seed}`);
         tf.dispose([decoded, ...outs]);
         cache.dispose();
         expect(tf.memory().numTensors).toBe(before);
@@ -68,11 +84,14 @@ describeBackends('FlashMHA.decode', backend => {
     const rng = freshRng();
     const vocab = 11;
     const tokens = tfl.input({shape: [null], dtype: 'int32'});
-    const embedded = tfl.layers.embedding({inputDim: vocab, outputDim: E}).apply(tokens) as tfl.SymbolicTensor;
-    const attended = flashMHA({embedDim: E, numHeads: 4, numHeadsKV: 1, causal: true, rotaryEmbDim: 8})
-                         .apply(embedded) as tfl.SymbolicTensor;
+    const embedded =
+        tfl.layers.embedding({inputDim: vocab, outputDim: E}).apply(tokens) as tfl.SymbolicTensor;
+    const attended =
+        flashMHA({embedDim: E, numHeads: 4, numHeadsKV: 1, causal: true, rotaryEmbDim: 8})
+            .apply(embedded) as tfl.SymbolicTensor;
     const summed = tfl.layers.add().apply([embedded, attended]) as tfl.SymbolicTensor;
-    const second = flashMHA({embedDim: E, numHeads: 2, causal: true}).apply(summed) as tfl.SymbolicTensor;
+    const second =
+        flashMHA({embedDim: E, numHeads: 2, causal: true}).apply(summed) as tfl.SymbolicTensor;
     const logits = tfl.layers.dense({units: vocab}).apply(second) as tfl.SymbolicTensor;
     const model = tfl.model({inputs: tokens, outputs: logits});
     const seq = 4;
@@ -88,9 +107,12 @@ describeBackends('FlashMHA.decode', backend => {
       steps.push(tf.tidy(() => decoder.step(tf.slice(input, [0, t], [2, 1]))));
     }
     expect(decoder.length).toBe(seq);
-    expect(() => tf.tidy(() => decoder.step(tf.slice(input, [0, 0], [2, 1])))).toThrow(/exceed maxSeqLen/);
+    expect(() => tf.tidy(() => decoder.step(tf.slice(input, [0, 0], [2, 1]))))
+        .toThrow(/exceed maxSeqLen/);
     const got = tf.concat(steps, 1);
-    expectClose(await got.data(), await full.data(), FORWARD_BOUND, `GPT decode on ${backend}, seed ${rng.seed}`);
+    expectClose(
+        await got.data(), await full.data(), FORWARD_BOUND,
+        `GPT decode on ${backend}, seed ${rng.seed}`);
     tf.dispose([got, ...steps]);
     decoder.dispose();
     // The slice of the first step was made outside a tidy.
@@ -99,29 +121,36 @@ describeBackends('FlashMHA.decode', backend => {
     model.dispose();
   });
 
-  it('the Keras MultiHeadAttention loader decodes like its causal self-attention call', async () => {
-    const rng = freshRng();
-    const [batch, seq, features] = [2, 5, 12];
-    const layer = new MultiHeadAttention({numHeads: 2, keyDim: 8, valueDim: 4});
-    const x = tf.tensor3d(Float32Array.from(randomArray(batch * seq * features, rng)), [batch, seq, features]);
-    tf.env().set(FLASH_ATTENTION_IMPL, fullImpl);
-    const full = layer.apply(x, {value: x, useCausalMask: true}) as tf.Tensor;
-    tf.env().set(FLASH_ATTENTION_IMPL, 'auto');
-    const before = tf.memory().numTensors;
-    const cache = layer.createCache(batch, seq);
-    const outs = [2, 1, 2].reduce<{at: number, outs: tf.Tensor[]}>((acc, n) => {
-      acc.outs.push(tf.tidy(() => layer.decode(rows(x, acc.at, n), cache)));
-      return {at: acc.at + n, outs: acc.outs};
-    }, {at: 0, outs: []}).outs;
-    const decoded = tf.concat(outs, 1);
-    expectClose(await decoded.data(), await full.data(), FORWARD_BOUND,
-                `MultiHeadAttention decode on ${backend}, seed ${rng.seed}`);
-    tf.dispose([decoded, ...outs]);
-    cache.dispose();
-    expect(tf.memory().numTensors).toBe(before);
-    tf.dispose([x, full]);
-    layer.dispose();
-  });
+  it('the Keras MultiHeadAttention loader decodes like its causal self-attention call',
+     async () => {
+       const rng = freshRng();
+       const [batch, seq, features] = [2, 5, 12];
+       const layer = new MultiHeadAttention({numHeads: 2, keyDim: 8, valueDim: 4});
+       const x = tf.tensor3d(
+           Float32Array.from(randomArray(batch * seq * features, rng)), [batch, seq, features]);
+       tf.env().set(FLASH_ATTENTION_IMPL, fullImpl);
+       const full = layer.apply(x, {value: x, useCausalMask: true}) as tf.Tensor;
+       tf.env().set(FLASH_ATTENTION_IMPL, 'auto');
+       const before = tf.memory().numTensors;
+       const cache = layer.createCache(batch, seq);
+       const outs = [2, 1, 2]
+                        .reduce<{at: number, outs: tf.Tensor[]}>(
+                            (acc, n) => {
+                              acc.outs.push(tf.tidy(() => layer.decode(rows(x, acc.at, n), cache)));
+                              return {at: acc.at + n, outs: acc.outs};
+                            },
+                            {at: 0, outs: []})
+                        .outs;
+       const decoded = tf.concat(outs, 1);
+       expectClose(
+           await decoded.data(), await full.data(), FORWARD_BOUND,
+           `MultiHeadAttention decode on ${backend}, seed ${rng.seed}`);
+       tf.dispose([decoded, ...outs]);
+       cache.dispose();
+       expect(tf.memory().numTensors).toBe(before);
+       tf.dispose([x, full]);
+       layer.dispose();
+     });
 
   it('refuses a non-causal layer and a mismatched cache', () => {
     const layer = flashMHA({embedDim: E, numHeads: 4});
@@ -130,7 +159,8 @@ describeBackends('FlashMHA.decode', backend => {
     expect(() => layer.decode(tf.zeros([1, 1, E]), cache)).toThrow(/needs causal self-attention/);
     const causal = new FlashMHA({embedDim: E, numHeads: 2, causal: true});
     causal.apply(tfl.input({shape: [null, E]}));
-    expect(() => causal.decode(tf.zeros([1, 1, E]), cache)).toThrow(/cache must be a KVCache from createCache/);
+    expect(() => causal.decode(tf.zeros([1, 1, E]), cache))
+        .toThrow(/cache must be a KVCache from createCache/);
     cache.dispose();
   });
 });

@@ -13,30 +13,35 @@ import {expectClose, FORWARD_BOUND, freshRng, GRADIENT_BOUND, randomArray} from 
 describe('fused norm layers [cpu]', () => {
   beforeAll(() => useBackend('cpu'));
 
-  it('FusedLayerNormalization computes what tf.layers.layerNormalization does, with its gradients', async () => {
-    const rng = freshRng();
-    const what = `FLASH_ATTENTION_TEST_SEED=${rng.seed}`;
-    const x = tf.tensor3d(Float32Array.from(randomArray(2 * 5 * 12, rng, 3)), [2, 5, 12]);
-    const stock = tfl.layers.layerNormalization({epsilon: 1e-4});
-    const fused = new FusedLayerNormalization({epsilon: 1e-4});
-    stock.apply(x);
-    fused.apply(x);
-    const weights = [Float32Array.from(randomArray(12, rng)), Float32Array.from(randomArray(12, rng))];
-    stock.setWeights(weights.map(w => tf.tensor1d(w)));
-    fused.setWeights(weights.map(w => tf.tensor1d(w)));
-    const dy = tf.tensor3d(Float32Array.from(randomArray(2 * 5 * 12, rng)), [2, 5, 12]);
-    const [a, b] = [stock, fused].map(l => l.apply(x) as tf.Tensor);
-    expectClose(await b.data(), await a.data(), FORWARD_BOUND, `${what}: y`);
-    const grads = [stock, fused].map(l => tf.variableGrads(
-        () => tf.sum(tf.mul(l.apply(x) as tf.Tensor, dy)) as tf.Scalar, l.trainableWeights.map(w => w.read() as tf.Variable)));
-    const [gs, gf] = grads.map(g => Object.values(g.grads));
-    for (let i = 0; i < 2; i++) {
-      expectClose(await gf[i].data(), await gs[i].data(), GRADIENT_BOUND, `${what}: weight ${i}`);
-    }
-    tf.dispose([x, dy, a, b, ...grads.flatMap(g => [g.value, ...Object.values(g.grads)])]);
-    stock.dispose();
-    fused.dispose();
-  });
+  it('FusedLayerNormalization computes what tf.layers.layerNormalization does, with its gradients',
+     async () => {
+       const rng = freshRng();
+       const what = `FLASH_ATTENTION_TEST_SEED=${rng.seed}`;
+       const x = tf.tensor3d(Float32Array.from(randomArray(2 * 5 * 12, rng, 3)), [2, 5, 12]);
+       const stock = tfl.layers.layerNormalization({epsilon: 1e-4});
+       const fused = new FusedLayerNormalization({epsilon: 1e-4});
+       stock.apply(x);
+       fused.apply(x);
+       const weights =
+           [Float32Array.from(randomArray(12, rng)), Float32Array.from(randomArray(12, rng))];
+       stock.setWeights(weights.map(w => tf.tensor1d(w)));
+       fused.setWeights(weights.map(w => tf.tensor1d(w)));
+       const dy = tf.tensor3d(Float32Array.from(randomArray(2 * 5 * 12, rng)), [2, 5, 12]);
+       const [a, b] = [stock, fused].map(l => l.apply(x) as tf.Tensor);
+       expectClose(await b.data(), await a.data(), FORWARD_BOUND, `${what}: y`);
+       const grads = [stock, fused].map(
+           l => tf.variableGrads(
+               () => tf.sum(tf.mul(l.apply(x) as tf.Tensor, dy)) as tf.Scalar,
+               l.trainableWeights.map(w => w.read() as tf.Variable)));
+       const [gs, gf] = grads.map(g => Object.values(g.grads));
+       for (let i = 0; i < 2; i++) {
+         expectClose(
+             await gf[i].data(), await gs[i].data(), GRADIENT_BOUND, `${what}: weight ${i}`);
+       }
+       tf.dispose([x, dy, a, b, ...grads.flatMap(g => [g.value, ...Object.values(g.grads)])]);
+       stock.dispose();
+       fused.dispose();
+     });
 
   it('[x, residual] with returnResidual outputs [norm(x + residual), x + residual]', async () => {
     const rng = freshRng();
@@ -55,7 +60,8 @@ describe('fused norm layers [cpu]', () => {
 
   it('serializes in a model and loads back', async () => {
     const input = tfl.input({shape: [4, 6]});
-    const normed = new FusedLayerNormalization({epsilon: 1e-5, dropout: 0.1, name: 'ln'}).apply(input);
+    const normed =
+        new FusedLayerNormalization({epsilon: 1e-5, dropout: 0.1, name: 'ln'}).apply(input);
     const out = new RMSNormalization({name: 'rms'}).apply(normed) as tfl.SymbolicTensor;
     const model = tfl.model({inputs: input, outputs: out});
     const json = JSON.parse(JSON.stringify(model.toJSON(null, false)));
@@ -73,7 +79,9 @@ describe('fused norm layers [cpu]', () => {
   });
 
   it('refuses other axes and bad dropout, naming them', () => {
-    expect(() => new FusedLayerNormalization({axis: 1})).toThrow(/FusedLayerNormalization: axis must be -1/);
-    expect(() => new RMSNormalization({dropout: 1})).toThrow(/RMSNormalization: dropout must be in \[0, 1\), got 1/);
+    expect(() => new FusedLayerNormalization({axis: 1}))
+        .toThrow(/FusedLayerNormalization: axis must be -1/);
+    expect(() => new RMSNormalization({dropout: 1}))
+        .toThrow(/RMSNormalization: dropout must be in \[0, 1\), got 1/);
   });
 });

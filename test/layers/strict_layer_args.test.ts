@@ -24,7 +24,10 @@ function expectRejected(f: () => unknown, argument: string, pattern?: RegExp): v
   }
 }
 
-const BASE: FlashMHAArgs = {embedDim: 16, numHeads: 2};
+const BASE: FlashMHAArgs = {
+  embedDim: 16,
+  numHeads: 2
+};
 
 describeBackends('FlashMHA arguments', () => {
   const bad: Array<[Record<string, unknown>, string, RegExp]> = [
@@ -62,7 +65,8 @@ describeBackends('FlashMHA arguments', () => {
     const layer = flashMHA({...BASE, numHeadsKV: 1, windowSize: [3, 0], causal: true});
     const config = layer.getConfig();
     const {numHeadsKV, ...rest} = config;
-    const copy = FlashMHA.fromConfig(FlashMHA as never, {...rest, numHeadsKv: numHeadsKV}) as FlashMHA;
+    const copy =
+        FlashMHA.fromConfig(FlashMHA as never, {...rest, numHeadsKv: numHeadsKV}) as FlashMHA;
     expect(copy.numHeadsKV).toBe(1);
     expect(copy.windowSize).toEqual([3, 0]);
   });
@@ -103,10 +107,14 @@ describeBackends('loadMultiHeadAttentionWeights: all or nothing', () => {
     const t = (shape: number[]) =>
         tf.tensor(Float32Array.from(randomArray(shape.reduce((a, b) => a * b), rng)), shape);
     return {
-      'query/kernel': t([e, h, d]), 'query/bias': t([h, d]),
-      'key/kernel': t([e, h, d]), 'key/bias': t([h, d]),
-      'value/kernel': t([e, h, d]), 'value/bias': t([h, d]),
-      'attention_output/kernel': t([h, d, e]), 'attention_output/bias': t([e]),
+      'query/kernel': t([e, h, d]),
+      'query/bias': t([h, d]),
+      'key/kernel': t([e, h, d]),
+      'key/bias': t([h, d]),
+      'value/kernel': t([e, h, d]),
+      'value/bias': t([h, d]),
+      'attention_output/kernel': t([h, d, e]),
+      'attention_output/bias': t([e]),
     };
   }
   async function weightsOf(layer: FlashMHA): Promise<Float32Array[]> {
@@ -114,29 +122,57 @@ describeBackends('loadMultiHeadAttentionWeights: all or nothing', () => {
   }
 
   const breakages: Array<[string, (w: Record<string, tf.Tensor>) => void, string, RegExp]> = [
-    ['a misspelt key', w => {
-      w['key/bais'] = w['key/bias'];
-      delete w['key/bias'];
-    }, 'key/bais', /did you mean 'key\/bias'/],
-    ['an unknown key', w => {
-      w['rotary/kernel'] = w['key/bias'];
-    }, 'rotary/kernel', /unknown weight/],
-    ['a later bias of the wrong shape', w => {
-      w['attention_output/bias'] = tf.zeros([e + 1]);
-    }, 'attention_output/bias', /shape \[8\]/],
-    ['a bias of the wrong shape', w => {
-      w['value/bias'] = tf.zeros([h, d + 1]);
-    }, 'value/bias', /shape/],
-    ['a missing kernel', w => {
-      delete w['attention_output/kernel'];
-    }, 'attention_output/kernel', /missing/],
-    ['an int32 bias', w => {
-      w['attention_output/bias'] = tf.zeros([e], 'int32');
-    }, 'attention_output/bias', /float32/],
-    ['a disposed bias', w => {
-      w['attention_output/bias'] = tf.zeros([e]);
-      w['attention_output/bias'].dispose();
-    }, 'attention_output/bias', /disposed/],
+    [
+      'a misspelt key',
+      w => {
+        w['key/bais'] = w['key/bias'];
+        delete w['key/bias'];
+      },
+      'key/bais', /did you mean 'key\/bias'/
+    ],
+    [
+      'an unknown key',
+      w => {
+        w['rotary/kernel'] = w['key/bias'];
+      },
+      'rotary/kernel', /unknown weight/
+    ],
+    [
+      'a later bias of the wrong shape',
+      w => {
+        w['attention_output/bias'] = tf.zeros([e + 1]);
+      },
+      'attention_output/bias', /shape \[8\]/
+    ],
+    [
+      'a bias of the wrong shape',
+      w => {
+        w['value/bias'] = tf.zeros([h, d + 1]);
+      },
+      'value/bias', /shape/
+    ],
+    [
+      'a missing kernel',
+      w => {
+        delete w['attention_output/kernel'];
+      },
+      'attention_output/kernel', /missing/
+    ],
+    [
+      'an int32 bias',
+      w => {
+        w['attention_output/bias'] = tf.zeros([e], 'int32');
+      },
+      'attention_output/bias', /float32/
+    ],
+    [
+      'a disposed bias',
+      w => {
+        w['attention_output/bias'] = tf.zeros([e]);
+        w['attention_output/bias'].dispose();
+      },
+      'attention_output/bias', /disposed/
+    ],
   ];
   for (const [what, breakIt, argument, pattern] of breakages) {
     it(`rejects ${what} and leaves every weight as it was`, async () => {
