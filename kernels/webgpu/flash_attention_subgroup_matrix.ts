@@ -10,6 +10,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import type {WebGPUBackend} from '@tensorflow/tfjs-backend-webgpu';
 
 import {dropoutThreshold} from '../../src/dropout';
+import {FLASH_ATTENTION_TENSOR_CORES} from '../../src/flags';
 import type {FlashAttentionAttrs} from '../../src/kernel_names';
 
 import {MatrixForwardConfig, matrixForwardKey, matrixForwardWGSL, MATRIX_FORWARD_UNIFORMS, matrixTileSizes, matrixWorkgroupBytes} from './flash_attention_subgroup_matrix_webgpu';
@@ -68,7 +69,10 @@ export function planMatrixForward(
   if (override?.off) {
     return null;
   }
-  const shape = override?.shape ?? pickSubgroupMatrixShape(device);
+  // The real matrix built-ins only when the user opts in; tests force a
+  // stand-in shape through the override.
+  const shape = override?.shape ??
+      (tf.env().getBool(FLASH_ATTENTION_TENSOR_CORES) ? pickSubgroupMatrixShape(device) : null);
   if (shape == null) {
     return null;
   }
