@@ -337,7 +337,8 @@ describe('tensorflow-backend kernels on a stand-in of tfjs-node-gpu', () => {
     expect(backend.calls.map(c => c.name)).toEqual([TF_FORWARD_OP, TF_FORWARD_OP, TF_BACKWARD_OP]);
     const attrs = Object.fromEntries(backend.calls[2].attrs.map(a => [a.name, [a.type, a.value]]));
     expect(attrs).toEqual({
-      softmax_scale: [ATTR_FLOAT, 0.6],
+      // The op passes the float32 the kernels compute with (Math.fround).
+      softmax_scale: [ATTR_FLOAT, Math.fround(0.6)],
       window_left: [ATTR_INT, 4],
       window_right: [ATTR_INT, 0],
       softcap: [ATTR_FLOAT, 2.5],
