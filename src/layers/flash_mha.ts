@@ -505,7 +505,12 @@ export class FlashMHA extends tfl.layers.Layer {
     };
     const slopes = this.alibiSlopesTensor();
     if (keyMask != null) {
-      const seqlensK = keyPaddingLengths(keyMask, paddingMaskLengths);
+      // Per-batch key lengths move each row's causal/window/ALiBi diagonal
+      // to its own length (flash_attn's varlen semantics), while a padding
+      // mask keeps it at Sk - Sq: only diagonal-free calls may use them.
+      const usesDiagonal = this.causal || slopes != null ||
+          (this.windowSize != null && this.windowSize.some(w => w >= 0));
+      const seqlensK = usesDiagonal ? null : keyPaddingLengths(keyMask, paddingMaskLengths);
       if (seqlensK == null) {
         return maskedAttention(q, k, v, {...common, alibiSlopes: slopes, keyMask});
       }
