@@ -1,17 +1,17 @@
 /** @type {import('jest').Config} */
 module.exports = {
-  preset: 'ts-jest',
-  testEnvironment: 'node',
-  roots: ['<rootDir>/test'],
-  testMatch: ['**/*.test.ts'],
+  preset : 'ts-jest',
+  testEnvironment : 'node',
+  roots : ['<rootDir>/test'],
+  testMatch : ['**/*.test.ts'],
   // SwiftShader is slow: allow long numerical tests.
-  testTimeout: 300000,
-  globalSetup: '<rootDir>/test/harness/global_setup.ts',
-  reporters: ['default', '<rootDir>/test/harness/summary_reporter.js'],
+  testTimeout : 300000,
+  globalSetup : '<rootDir>/test/harness/global_setup.ts',
+  reporters : ['default', '<rootDir>/test/harness/summary_reporter.js'],
   // kernels/ and the layers import the core by package name (as users do),
   // which must be the same module instance as the tests' `../src`.
-  moduleNameMapper: {'^tfjs-flash-attention$': '<rootDir>/src/index.ts'},
-  transform: {
-    '^.+\\.ts$': ['ts-jest', {diagnostics: false}],
+  moduleNameMapper : {'^tfjs-flash-attention$' : '<rootDir>/src/index.ts'},
+  transform : {
+    '^.+\\.ts$' : ['ts-jest', {diagnostics : false}],
   },
 };

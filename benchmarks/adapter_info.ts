@@ -26,25 +26,38 @@ async function main(): Promise<void> {
   const info = adapter.info;
   const features = [...adapter.features].sort();
   const limitNames = [
-    'maxComputeWorkgroupStorageSize', 'maxComputeInvocationsPerWorkgroup',
-    'maxStorageBufferBindingSize', 'maxBufferSize', 'maxStorageBuffersPerShaderStage',
+    'maxComputeWorkgroupStorageSize',
+    'maxComputeInvocationsPerWorkgroup',
+    'maxStorageBufferBindingSize',
+    'maxBufferSize',
+    'maxStorageBuffersPerShaderStage',
   ];
   const limits: Record<string, number> = {};
   for (const name of limitNames) {
     limits[name] = (adapter.limits as unknown as Record<string, number>)[name];
   }
   // Dawn's config objects keep their fields on the prototype: read them out.
-  const configs = (info as unknown as {subgroupMatrixConfigs?: Array<Record<string, unknown>>})
-      .subgroupMatrixConfigs ?? [];
+  const configs = (info as unknown as {
+                    subgroupMatrixConfigs?: Array<Record<string, unknown>>
+                  }).subgroupMatrixConfigs ??
+      [];
   const subgroupMatrix = configs.map(c => ({
-    M: c.M, N: c.N, K: c.K, componentType: c.componentType, resultType: c.resultType,
-  }));
+                                       M: c.M,
+                                       N: c.N,
+                                       K: c.K,
+                                       componentType: c.componentType,
+                                       resultType: c.resultType,
+                                     }));
   const report = {
-    vendor: info.vendor, architecture: info.architecture, device: info.device,
+    vendor: info.vendor,
+    architecture: info.architecture,
+    device: info.device,
     description: info.description,
     subgroupMinSize: (info as unknown as {subgroupMinSize?: number}).subgroupMinSize,
     subgroupMaxSize: (info as unknown as {subgroupMaxSize?: number}).subgroupMaxSize,
-    features, limits, subgroupMatrixConfigs: subgroupMatrix,
+    features,
+    limits,
+    subgroupMatrixConfigs: subgroupMatrix,
   };
   const text = JSON.stringify(report, null, 2);
   console.log(text);

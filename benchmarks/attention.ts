@@ -8,18 +8,34 @@
  *       [--seqs 512,1024,...,16384] [--causal both|true|false]
  *       [--impls fused,composed] [--composed-max-seq 8192]
  *       [--variants "tm,tx,nq,ty;..."] [--torch torch.json] [--out DIR]
- *       [--budget-ms 600] [--warmup-ms 300] [--check]
+ *       [--budget-ms 600] [--warmup-ms 300] [--max-warmup-ms 300] [--check]
+ *       [--shapes "B,H,Hk,S;..."] [--grad-variants "bc,br,qbr,qbc;..."]
+ *   node attention.mjs --sweep [--torch torch.json] [--out DIR]
+ *
+ * --sweep is the issue grid in one run: D 64 and 128, S 512 .. 16384, causal
+ * and not, fwd and fwdbwd at B=1 x H=16, plus each D at B=4 x H=32 x S=1024
+ * and at GQA H=32 / Hk=8 (S=4096); composed up to S=4096 (the score tensor
+ * of larger S does not fit). It prints the issue's ratio table (fused /
+ * composed / PyTorch SDPA) last. `python3 torch_sdpa.py --sweep` measures
+ * the same rows for --torch.
+ *
+ * Warm-up: --warmup-ms of GPU work before each row, then on until two
+ * repetitions agree within 5%, up to --max-warmup-ms (1500 under --sweep).
+ *
+ * --shapes adds problems beyond the B x H x S grid (GQA when Hk < H);
+ * --grad-variants forces the backward's tiles (dK/dV keys, rows per step;
+ * dQ rows, keys per step) on the fwdbwd rows.
  *
  * Time: median over repetitions after warm-up; a repetition runs the op K
  * times (K so that it lasts >= ~20 ms) and waits for the GPU queue to drain
- * (no read-back). TFLOP/s by DESIGN.md §4: forward 4*B*S*S*H*D, halved for
+ * (no read-back). TFLOP/s by docs/design.md, "Performance method": forward 4*B*S*S*H*D, halved for
  * causal; forward+backward 3.5x that. Peak memory: GPU bytes allocated by one
  * call starting from an empty buffer pool (inputs excluded, outputs
  * included). Progress on stderr, the table on stdout, JSON + SVG in --out.
  *
  * The device is built here with the adapter's limits (large buffers, 48 KiB
  * of workgroup memory on an H100) and subgroups, and registered as tfjs's
- * 'webgpu' backend (DESIGN.md §5).
+ * 'webgpu' backend (docs/design.md, "Platform facts").
  */
 /// <reference types="@webgpu/types" />
 import * as fs from 'fs';
@@ -40,11 +56,35 @@ interface Args {
   budgetMs: number;
   /** GPU busy time before each row's timing (clocks ramp up). */
   warmupMs: number;
+  /** Warm-up continues past warmupMs until timings settle, up to this. */
+  maxWarmupMs: number;
   check: boolean;
   batch: number;
   heads: number;
   /** Flags for Dawn's create(), e.g. enable-dawn-features=... */
   dawnFlags: string[];
+  /** Extra problems [B, H, Hk, S] run at every D. */
+  shapes: Shape[];
+  gradVariants: string[];
+  sweep: boolean;
+}
+
+/** One problem: batch, query heads, K/V heads, sequence length, head dim. */
+export interface Shape {
+  b: number;
+  h: number;
+  hk: number;
+  s: number;
+}
+
+/** The issue's extra rows: a batch of 4 x 32 heads, and GQA 32 / 8. */
+export const SWEEP_SHAPES = '4,32,32,1024;1,32,8,4096';
+
+function parseShapes(text: string): Shape[] {
+  return text.split(';').filter(x => x).map(x => {
+    const [b, h, hk, s] = x.split(',').map(Number);
+    return {b, h, hk, s};
+  });
 }
 
 function parseArgs(argv: string[]): Args {
@@ -53,19 +93,24 @@ function parseArgs(argv: string[]): Args {
     return i >= 0 && i + 1 < argv.length ? argv[i + 1] : dflt;
   };
   const nums = (s: string) => s.split(',').filter(x => x).map(Number);
+  const sweep = argv.includes('--sweep');
   const causal = get('causal', 'both');
   return {
+    sweep,
+    shapes: parseShapes(get('shapes', sweep ? SWEEP_SHAPES : '')),
+    gradVariants: get('grad-variants', '').split(';').filter(x => x),
     modes: get('modes', 'fwd,fwdbwd').split(','),
     dims: nums(get('dims', '64,128')),
     seqs: nums(get('seqs', '512,1024,2048,4096,8192,16384')),
     causal: causal === 'both' ? [true, false] : [causal === 'true'],
     impls: get('impls', 'fused,composed').split(','),
-    composedMaxSeq: Number(get('composed-max-seq', '8192')),
+    composedMaxSeq: Number(get('composed-max-seq', sweep ? '4096' : '8192')),
     variants: get('variants', '').split(';').filter(x => x),
     torch: argv.includes('--torch') ? get('torch', '') : null,
     out: get('out', 'benchmarks/out'),
-    budgetMs: Number(get('budget-ms', '600')),
+    budgetMs: Number(get('budget-ms', sweep ? '120' : '600')),
     warmupMs: Number(get('warmup-ms', '300')),
+    maxWarmupMs: Number(get('max-warmup-ms', sweep ? '1500' : get('warmup-ms', '300'))),
     check: argv.includes('--check'),
     batch: Number(get('batch', '1')),
     heads: Number(get('heads', '16')),
@@ -77,6 +122,9 @@ const log = (msg: string) => process.stderr.write(`${msg}\n`);
 
 export interface Row {
   mode: string;
+  batch: number;
+  heads: number;
+  headsKV: number;
   impl: string;
   variant: string;
   dim: number;
@@ -86,6 +134,8 @@ export interface Row {
   tflops: number|null;
   peakMiB: number|null;
   reps: number;
+  /** JavaScript time per call (enqueueing, no GPU wait). */
+  cpuMs: number|null;
   status: string;
 }
 
@@ -94,9 +144,10 @@ function flops(mode: string, b: number, h: number, s: number, d: number, causal:
   return mode === 'fwd' ? fwd : 3.5 * fwd;
 }
 
-async function setupDevice(dawnFlags: string[]): Promise<{gpu: GPU, adapter: GPUAdapter, device: GPUDevice}> {
-  const webgpu = await import('webgpu') as unknown as {create: (f: string[]) => GPU,
-                                                        globals: Record<string, unknown>};
+async function setupDevice(dawnFlags: string[]):
+    Promise<{gpu: GPU, adapter: GPUAdapter, device: GPUDevice}> {
+  const webgpu = await import('webgpu') as unknown as
+      {create: (f: string[]) => GPU, globals: Record<string, unknown>};
   Object.assign(globalThis, webgpu.globals);
   const gpu = webgpu.create(dawnFlags);
   const adapter = await gpu.requestAdapter({powerPreference: 'high-performance'});
@@ -105,7 +156,7 @@ async function setupDevice(dawnFlags: string[]): Promise<{gpu: GPU, adapter: GPU
   }
   const l = adapter.limits;
   const features = ['subgroups', 'timestamp-query'].filter(
-      f => adapter.features.has(f as GPUFeatureName)) as GPUFeatureName[];
+                       f => adapter.features.has(f as GPUFeatureName)) as GPUFeatureName[];
   const device = await adapter.requestDevice({
     requiredFeatures: features,
     requiredLimits: {
@@ -121,14 +172,21 @@ async function setupDevice(dawnFlags: string[]): Promise<{gpu: GPU, adapter: GPU
   device.addEventListener('uncapturederror', (e: Event) => {
     log(`GPU error: ${(e as GPUUncapturedErrorEvent).error.message}`);
   });
-  Object.defineProperty(globalThis, 'navigator', {value: {gpu}, configurable: true, writable: true});
+  Object.defineProperty(
+      globalThis, 'navigator', {value: {gpu}, configurable: true, writable: true});
   return {gpu, adapter, device};
 }
 
 interface Bench {
   tf: TF;
-  backend: {device: GPUDevice, bufferManager: {numBytesAllocated: number, freeBuffers: Map<string, GPUBuffer[]>, numFreeBuffers: number},
-            ensureCommandEncoderReady(): void, endComputePassEncoder(): void, submitQueue(): void};
+  backend: {
+    device: GPUDevice,
+    bufferManager:
+        {numBytesAllocated: number, freeBuffers: Map<string, GPUBuffer[]>, numFreeBuffers: number},
+    ensureCommandEncoderReady(): void,
+    endComputePassEncoder(): void,
+    submitQueue(): void
+  };
 }
 
 async function sync(b: Bench): Promise<void> {
@@ -152,8 +210,8 @@ function emptyPool(b: Bench): void {
 }
 
 async function measure(
-    b: Bench, run: () => unknown, budgetMs: number,
-    warmupMs = 0): Promise<{ms: number, peakMiB: number, reps: number}> {
+    b: Bench, run: () => unknown, budgetMs: number, warmupMs = 0,
+    maxWarmupMs = warmupMs): Promise<{ms: number, peakMiB: number, reps: number, cpuMs: number}> {
   const {tf} = b;
   const once = () => tf.dispose(run() as import("@tensorflow/tfjs-core").Tensor[]);
   // First call: compiles and uploads the inputs; the second measures peak
@@ -170,28 +228,39 @@ async function measure(
   await sync(b);
   const est = Math.max(performance.now() - t0, 0.005);
   const k = Math.max(1, Math.min(200, Math.ceil(20 / est)));
-  // Keep the GPU busy for a while first: after the CPU-side input setup
-  // the GPU has idled and its clocks come back slowly (the first row of
-  // each shape measured 1.5-7x slow in session 3 without this).
+  // Keep the GPU busy first: after the CPU-side input setup the GPU has
+  // idled and its clocks come back slowly (in the issue 14 sweep one plan
+  // measured 2x apart in one process after a short fixed warm-up). Warm up
+  // for warmupMs, then on until two consecutive repetitions agree within
+  // 5% (at most maxWarmupMs).
   const w0 = performance.now();
-  while (performance.now() - w0 < warmupMs) {
+  let last = Infinity;
+  while (performance.now() - w0 < maxWarmupMs) {
+    const r0 = performance.now();
     for (let i = 0; i < k; i++) {
       once();
     }
     await sync(b);
+    const perCall = (performance.now() - r0) / k;
+    if (performance.now() - w0 >= warmupMs && Math.abs(perCall - last) <= 0.05 * last) {
+      break;
+    }
+    last = perCall;
   }
   const reps = Math.max(3, Math.min(30, Math.floor(budgetMs / (k * est))));
   const times: number[] = [];
+  const cpu: number[] = [];
   for (let r = 0; r < reps; r++) {
     t0 = performance.now();
     for (let i = 0; i < k; i++) {
       once();
     }
+    cpu.push((performance.now() - t0) / k);
     await sync(b);
     times.push((performance.now() - t0) / k);
   }
-  times.sort((x, y) => x - y);
-  return {ms: times[Math.floor(times.length / 2)], peakMiB, reps};
+  const median = (xs: number[]) => xs.sort((x, y) => x - y)[Math.floor(xs.length / 2)];
+  return {ms: median(times), peakMiB, reps, cpuMs: median(cpu)};
 }
 
 async function main(): Promise<void> {
@@ -203,7 +272,8 @@ async function main(): Promise<void> {
   const webgpu = await import('@tensorflow/tfjs-backend-webgpu');
   const fa = await import('../src/index');
   const {composedAttention} = await import('./baselines');
-  const {setForwardOverride, planForward, forwardStats} = await import('../kernels/webgpu/flash_attention');
+  const {setForwardOverride, planForward, forwardStats} =
+      await import('../kernels/webgpu/FlashAttention');
   const {checkOwnPipelineErrors} = await import('../kernels/webgpu/own_pipeline');
   tf.removeBackend('webgpu');
   tf.registerBackend('webgpu', () => new webgpu.WebGPUBackend(device, adapter.info));
@@ -212,18 +282,22 @@ async function main(): Promise<void> {
   const info = adapter.info;
   const deviceName = `${info.vendor} ${info.architecture} ${info.description}`.trim() +
       (args.dawnFlags.length > 0 ? ` (Dawn flags: ${args.dawnFlags.join(' ')})` : '');
-  log(`device: ${deviceName}; workgroup storage ${device.limits.maxComputeWorkgroupStorageSize} B, invocations ${
-      device.limits.maxComputeInvocationsPerWorkgroup}, subgroups ${device.features.has('subgroups' as GPUFeatureName)} (min ${
+  log(`device: ${deviceName}; workgroup storage ${
+      device.limits.maxComputeWorkgroupStorageSize} B, invocations ${
+      device.limits.maxComputeInvocationsPerWorkgroup}, subgroups ${
+      device.features.has('subgroups' as GPUFeatureName)} (min ${
       (info as unknown as {subgroupMinSize?: number}).subgroupMinSize}), max binding ${
       device.limits.maxStorageBufferBindingSize}`);
   for (const d of args.dims) {
     for (const s of args.seqs) {
-      log(`D=${d} S=${s}: fused tiling ${JSON.stringify(planForward(device, d, d, args.batch * args.heads * s))}`);
+      log(`D=${d} S=${s}: fused tiling ${
+          JSON.stringify(planForward(device, d, d, args.batch * args.heads * s))}`);
     }
   }
   const {batch: B, heads: H} = args;
   const rows: Row[] = [];
-  const maxBinding = Math.min(device.limits.maxStorageBufferBindingSize, device.limits.maxBufferSize);
+  const maxBinding =
+      Math.min(device.limits.maxStorageBufferBindingSize, device.limits.maxBufferSize);
 
   const checks: string[] = [];
   if (args.check) {
@@ -231,7 +305,8 @@ async function main(): Promise<void> {
     for (const d of args.dims) {
       for (const causal of args.causal) {
         const s = 1024;
-        const [q, k, v] = [0, 1, 2].map(() => tf.randomNormal([B, s, H, d]) as import('@tensorflow/tfjs-core').Tensor4D);
+        const [q, k, v] = [0, 1, 2].map(
+            () => tf.randomNormal([B, s, H, d]) as import('@tensorflow/tfjs-core').Tensor4D);
         const a = fa.flashAttention(q, k, v, {causal});
         const c = composedAttention(q, k, v, {causal});
         const diff = tf.tidy(() => tf.max(tf.abs(tf.sub(a, c))));
@@ -239,32 +314,38 @@ async function main(): Promise<void> {
         const err = (await diff.data())[0] / (await ref.data())[0];
         tf.dispose([diff, ref]);
         await checkOwnPipelineErrors();
-        log(`check D=${d} S=${s} causal=${causal}: max|fused - composed| / max|composed| = ${err.toExponential(2)}`);
-        checks.push(`D=${d} S=${s} causal=${causal}: max|fused - composed| / max|composed| = ${err.toExponential(2)}`);
+        log(`check D=${d} S=${s} causal=${causal}: max|fused - composed| / max|composed| = ${
+            err.toExponential(2)}`);
+        checks.push(`D=${d} S=${s} causal=${causal}: max|fused - composed| / max|composed| = ${
+            err.toExponential(2)}`);
         tf.dispose([q, k, v, a, c]);
       }
     }
   }
 
   const variants = args.variants.length > 0 ? args.variants : ['default'];
-  // tm,tx,nq,ty[,p0|p1 (register prefetch)][,uN (unroll)][,o (outer-product mode)][,s (K/V share a buffer)][,vN (P V unroll, outer mode)]
-  // [,w|w0 (P^T swizzle on/off, outer mode; default on)]
+  // tm,tx,nq,ty[,p0|p1 (register prefetch)][,o (outer-product mode)][,kN (N key-range splits)];
+  // kN alone: the planned tiling with N splits
   const variantOverride = (variant: string) => {
+    if (/^k\d+$/.test(variant)) {
+      // kN alone: the planner's tiling with N key-range splits (k1: none).
+      return {splits: Number(variant.slice(1))};
+    }
     const [tm, tx, nq, ty] = variant.split(',').slice(0, 4).map(Number);
     const flags = variant.split(',').slice(4);
     const p = flags.find(f => f.startsWith('p'));
-    const u = flags.find(f => f.startsWith('u'));
-    const v = flags.find(f => f.startsWith('v'));
-    return {tiles: {tm, tx, nq, ty, outer: flags.includes('o'), sharedKV: flags.includes('s')},
-            prefetch: p == null ? undefined : p === 'p1',
-            unroll: u == null ? undefined : Number(u.slice(1)),
-            unrollPV: v == null ? undefined : Number(v.slice(1)),
-            swizzleP: flags.includes('w') ? true : flags.includes('w0') ? false : undefined};
+    const k = flags.find(f => f.startsWith('k'));
+    return {
+      tiles: {tm, tx, nq, ty, outer: flags.includes('o')},
+      prefetch: p == null ? undefined : p === 'p1',
+      splits: k == null ? undefined : Number(k.slice(1))
+    };
   };
   const checked = new Set<string>();
   const checkVariant = async (d: number, causal: boolean) => {
     const s = 512;
-    const [q, k, v] = [0, 1, 2].map(() => tf.randomNormal([B, s, H, d]) as import('@tensorflow/tfjs-core').Tensor4D);
+    const [q, k, v] = [0, 1, 2].map(
+        () => tf.randomNormal([B, s, H, d]) as import('@tensorflow/tfjs-core').Tensor4D);
     tf.env().set(fa.FLASH_ATTENTION_IMPL, 'fused');
     try {
       const a = fa.flashAttention(q, k, v, {causal});
@@ -274,38 +355,88 @@ async function main(): Promise<void> {
       const err = (await diff.data())[0] / (await ref.data())[0];
       tf.dispose([diff, ref, a, c]);
       await checkOwnPipelineErrors();
-      return `max|fused - composed| / max|composed| = ${err.toExponential(2)}${err < 1e-4 ? '' : ' FAILED'}`;
+      return `max|fused - composed| / max|composed| = ${err.toExponential(2)}${
+          err < 1e-4 ? '' : ' FAILED'}`;
     } catch (e) {
       return `error: ${(e as Error).message.slice(0, 160)}`;
     } finally {
       tf.dispose([q, k, v]);
     }
   };
-  // Inputs are made once per (D, S) (random normals are drawn on the CPU).
+  const {setGradTilesOverride} = await import('../kernels/webgpu/FlashAttentionGrad');
+  // "bc,br,qbr,qbc": dK/dV keys per workgroup and rows per step, dQ rows
+  // per workgroup and keys per step; 128 invocations each.
+  const gradOverride = (variant: string) => {
+    const [bc, br, qbr, qbc] = variant.split(',').map(Number);
+    return {dkdv: {bc, br, threads: 128}, dq: {br: qbr, bc: qbc, threads: 128}};
+  };
+  type Tensor4D = import('@tensorflow/tfjs-core').Tensor4D;
+  const problems: Shape[] = [
+    ...args.seqs.map(s => ({b: B, h: H, hk: H, s})),
+    ...args.shapes,
+  ];
+  // Inputs are made once per problem (random normals are drawn on the CPU).
   for (const d of args.dims) {
-    for (const s of args.seqs) {
-      const [q, k, v, dy] = [0, 1, 2, 3].map(() => tf.randomNormal([B, s, H, d]) as import('@tensorflow/tfjs-core').Tensor4D);
+    for (const p of problems) {
+      const s = p.s;
+      const [q, dy] = [0, 1].map(() => tf.randomNormal([p.b, s, p.h, d]) as Tensor4D);
+      const [k, v] = [0, 1].map(() => tf.randomNormal([p.b, s, p.hk, d]) as Tensor4D);
+      // The composed baseline repeats K/V heads for GQA, as users do.
+      const heads = p.hk === p.h ?
+          null :
+          tf.tensor1d(Array.from({length: p.h}, (_, i) => Math.floor(i * p.hk / p.h)), 'int32');
+      const composed = (a: Tensor4D, kk: Tensor4D, vv: Tensor4D, causal: boolean) => heads == null ?
+          composedAttention(a, kk, vv, {causal}) :
+          tf.tidy(
+              () => composedAttention(
+                  a, tf.gather(kk, heads, 2) as Tensor4D, tf.gather(vv, heads, 2) as Tensor4D,
+                  {causal}));
+      const label = `B=${p.b} H=${p.h}${p.hk !== p.h ? `/${p.hk}` : ''} D=${d} S=${s}`;
       for (const mode of args.modes) {
         for (const causal of args.causal) {
           for (const impl of args.impls) {
-            for (const variant of impl === 'fused' ? variants : ['-']) {
-              const row: Row = {mode, impl, variant, dim: d, seq: s, causal, ms: null, tflops: null,
-                                peakMiB: null, reps: 0, status: 'ok'};
+            const fusedVariants =
+                [...variants, ...(mode === 'fwd' ? [] : args.gradVariants.map(g => `g:${g}`))];
+            for (const variant of impl === 'fused' ? fusedVariants : ['-']) {
+              const row: Row = {
+                mode,
+                batch: p.b,
+                heads: p.h,
+                headsKV: p.hk,
+                impl,
+                variant,
+                dim: d,
+                seq: s,
+                causal,
+                ms: null,
+                tflops: null,
+                peakMiB: null,
+                reps: 0,
+                cpuMs: null,
+                status: 'ok'
+              };
               rows.push(row);
-              const scoreBytes = B * H * s * s * 4;
+              const scoreBytes = p.b * p.h * s * s * 4;
               if (impl === 'composed' && scoreBytes > maxBinding) {
-                row.status = `OOM: a [${B},${H},${s},${s}] f32 score tensor (${
+                row.status = `OOM: a [${p.b},${p.h},${s},${s}] f32 score tensor (${
                     (scoreBytes / 2 ** 30).toFixed(1)} GiB) exceeds the device's ${
                     (maxBinding / 2 ** 30).toFixed(1)} GiB buffer limit`;
-                log(`${mode} ${impl} D=${d} S=${s} causal=${causal}: ${row.status}`);
+                log(`${mode} ${impl} ${label} causal=${causal}: ${row.status}`);
                 continue;
               }
               if (impl === 'composed' && s > args.composedMaxSeq) {
                 row.status = `skipped: S > --composed-max-seq ${args.composedMaxSeq} (time budget)`;
-                log(`${mode} ${impl} D=${d} S=${s} causal=${causal}: ${row.status}`);
+                log(`${mode} ${impl} ${label} causal=${causal}: ${row.status}`);
                 continue;
               }
-              if (variant !== 'default' && variant !== '-') {
+              if (variant.startsWith('g:')) {
+                try {
+                  setGradTilesOverride(gradOverride(variant.slice(2)));
+                } catch (e) {
+                  row.status = `error: ${(e as Error).message.slice(0, 160)}`;
+                  continue;
+                }
+              } else if (variant !== 'default' && variant !== '-') {
                 setForwardOverride(variantOverride(variant));
                 if (args.check && !checked.has(`${d} ${variant}`)) {
                   // This tiling against the composed baseline at S=512.
@@ -317,28 +448,30 @@ async function main(): Promise<void> {
               }
               // fwdbwd: the forward is fused, the backward is whatever the
               // backend has (bwd's fused kernel, else the reference).
-              tf.env().set(fa.FLASH_ATTENTION_IMPL, impl === 'reference' ? 'reference' :
-                               mode === 'fwd' ? 'fused' : 'auto');
+              tf.env().set(
+                  fa.FLASH_ATTENTION_IMPL,
+                  impl === 'reference' ? 'reference' :
+                      mode === 'fwd'   ? 'fused' :
+                                         'auto');
               if (impl === 'fused' && mode !== 'fwd' &&
                   !fa.hasFusedKernel(fa.FlashAttentionGrad, 'webgpu')) {
                 row.status = 'ok (backward: composed reference, no fused FlashAttentionGrad)';
               }
-              const fwd = impl === 'composed' ?
-                  () => composedAttention(q, k, v, {causal}) :
-                  () => fa.flashAttention(q, k, v, {causal});
-              const run = mode === 'fwd' ? fwd :
-                  () => tf.grads((a: import('@tensorflow/tfjs-core').Tensor, b: import('@tensorflow/tfjs-core').Tensor,
-                                  c: import('@tensorflow/tfjs-core').Tensor) =>
-                                     impl === 'composed' ?
-                                     composedAttention(a as import('@tensorflow/tfjs-core').Tensor4D, b as import('@tensorflow/tfjs-core').Tensor4D,
-                                                       c as import('@tensorflow/tfjs-core').Tensor4D, {causal}) :
-                                     fa.flashAttention(a as import('@tensorflow/tfjs-core').Tensor4D, b as import('@tensorflow/tfjs-core').Tensor4D,
-                                                       c as import('@tensorflow/tfjs-core').Tensor4D, {causal}))([q, k, v], dy);
+              const attend = (a: Tensor4D, kk: Tensor4D, vv: Tensor4D) => impl === 'composed' ?
+                  composed(a, kk, vv, causal) :
+                  fa.flashAttention(a, kk, vv, {causal});
+              const run = mode === 'fwd' ?
+                  () => attend(q, k, v) :
+                  () => tf.grads(
+                      (a: import('@tensorflow/tfjs-core').Tensor,
+                       kk: import('@tensorflow/tfjs-core').Tensor,
+                       vv: import('@tensorflow/tfjs-core').Tensor) =>
+                          attend(a as Tensor4D, kk as Tensor4D, vv as Tensor4D))([q, k, v], dy);
               try {
                 device.pushErrorScope('out-of-memory');
                 device.pushErrorScope('validation');
                 const dispatches = forwardStats.dispatches;
-                const m = await measure(bench, run, args.budgetMs, args.warmupMs);
+                const m = await measure(bench, run, args.budgetMs, args.warmupMs, args.maxWarmupMs);
                 if (impl === 'fused' && forwardStats.dispatches === dispatches) {
                   throw new Error('the fused forward did not run');
                 }
@@ -351,115 +484,262 @@ async function main(): Promise<void> {
                   row.ms = m.ms;
                   row.peakMiB = m.peakMiB;
                   row.reps = m.reps;
-                  row.tflops = flops(mode, B, H, s, d, causal) / (m.ms * 1e-3) / 1e12;
+                  row.cpuMs = m.cpuMs;
+                  row.tflops = flops(mode, p.b, p.h, s, d, causal) / (m.ms * 1e-3) / 1e12;
                 }
               } catch (e) {
                 row.status = `error: ${(e as Error).message.slice(0, 160)}`;
               } finally {
                 setForwardOverride(null);
+                setGradTilesOverride(null);
               }
-              log(`${mode} ${impl}${variant !== 'default' && variant !== '-' ? ` [${variant}]` : ''} D=${d} S=${
-                  s} causal=${causal}: ${row.ms != null ? `${row.ms.toFixed(3)} ms, ${
-                  row.tflops!.toFixed(2)} TFLOP/s, peak ${row.peakMiB!.toFixed(1)} MiB (${row.reps} reps)` : row.status}`);
+              log(`${mode} ${impl}${
+                  variant !== 'default' && variant !== '-' ? ` [${variant}]` :
+                                                             ''} ${label} causal=${causal}: ${
+                  row.ms != null ?
+                      `${row.ms.toFixed(3)} ms, ${row.tflops!.toFixed(2)} TFLOP/s, peak ${
+                          row.peakMiB!.toFixed(
+                              1)} MiB, JS ${row.cpuMs!.toFixed(3)} ms/call (${row.reps} reps)` :
+                      row.status}`);
             }
           }
         }
       }
       tf.dispose([q, k, v, dy]);
+      if (heads != null) {
+        heads.dispose();
+      }
     }
   }
   tf.env().set(fa.FLASH_ATTENTION_IMPL, 'auto');
 
   const torch = args.torch != null && fs.existsSync(args.torch) ?
-      JSON.parse(fs.readFileSync(args.torch, 'utf8')) as {device: string, rows: Array<{mode: string, dim: number, seq: number, causal: boolean, ms: number|null}>} :
+      JSON.parse(fs.readFileSync(args.torch, "utf8")) as {device: string, rows: TorchRow[]} :
       null;
   fs.mkdirSync(args.out, {recursive: true});
-  const result = {date: new Date().toISOString(), device: deviceName, argv: process.argv.slice(2),
-                  batch: B, heads: H, checks, rows, torch};
+  const result = {
+    date: new Date().toISOString(),
+    device: deviceName,
+    argv: process.argv.slice(2),
+    batch: B,
+    heads: H,
+    checks,
+    rows,
+    torch
+  };
   fs.writeFileSync(path.join(args.out, 'attention.json'), JSON.stringify(result, null, 1));
-  fs.writeFileSync(path.join(args.out, 'attention.svg'), chart(rows, torch?.rows ?? []));
+  fs.writeFileSync(
+      path.join(args.out, 'attention.svg'),
+      chart(
+          rows.filter(r => r.batch === B && r.heads === H && r.headsKV === H),
+          (torch?.rows ?? [
+          ]).filter(t => (t.batch ?? B) === B && (t.heads ?? H) === H && (t.headsKV ?? H) === H)));
   console.log(table(rows, torch?.rows ?? [], B, H));
   if (checks.length > 0) {
-    console.log(`\nChecks (fused vs composed on this device):\n${checks.map(c => `- ${c}`).join('\n')}`);
+    console.log(
+        `\nChecks (fused vs composed on this device):\n${checks.map(c => `- ${c}`).join('\n')}`);
   }
+  console.log(`\n${ratioTable(rows, torch?.rows ?? [], B, H)}`);
 }
 
-type TorchRow = {mode: string, dim: number, seq: number, causal: boolean, ms: number|null};
+type TorchRow = {
+  mode: string,
+  dim: number,
+  seq: number,
+  causal: boolean,
+  ms: number|null,
+  batch?: number,
+  heads?: number,
+  headsKV?: number
+};
 
-function table(rows: Row[], torch: TorchRow[], B: number, H: number): string {
-  const lines: string[] = [];
-  const f = (x: number|null, digits = 2) => x == null ? '-' : x.toFixed(digits);
-  lines.push(`B=${B}, H=${H}, float32; ms = median time per call; TFLOP/s by DESIGN.md §4; peak = GPU MiB allocated by one call`);
-  lines.push('');
-  lines.push('| mode | D | S | causal | fused ms | fused TFLOP/s | fused peak MiB | composed ms | composed TFLOP/s | composed peak MiB | fused speedup | torch ms | torch TFLOP/s | fused / torch |');
-  lines.push('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |');
-  const order = (r: Row) => [r.mode === 'fwd' ? 0 : 1, r.dim, r.causal ? 0 : 1, r.seq];
-  const sorted = rows.slice().sort((a, b) => {
-    const x = order(a), y = order(b);
-    for (let i = 0; i < x.length; i++) {
-      if (x[i] !== y[i]) {
-        return x[i] - y[i];
+/** The problem a row measures, as one string (torch rows default to B, H). */
+function problemKey(
+    r: {
+      mode: string,
+      dim: number,
+      seq: number,
+      causal: boolean,
+      batch?: number,
+      heads?: number,
+      headsKV?: number
+    },
+    B: number, H: number): string {
+  const h = r.heads ?? H;
+  return `${r.mode}|${r.batch ?? B}|${h}|${r.headsKV ?? h}|${r.dim}|${r.causal}|${r.seq}`;
+}
+
+interface Line {
+  mode: string;
+  b: number;
+  h: number;
+  hk: number;
+  dim: number;
+  causal: boolean;
+  seq: number;
+  fused: Row|undefined;
+  composed: Row|undefined;
+  torchMs: number|null;
+  variants: number;
+}
+
+/** One line per problem: the fastest fused variant, composed and PyTorch. */
+function lines(rows: Row[], torch: TorchRow[], B: number, H: number): Line[] {
+  const order = (l: Line) =>
+      [l.mode === 'fwd' ? 0 : 1, l.b * l.h === B * H && l.hk === l.h ? 0 : 1, l.b, l.h, l.hk, l.dim,
+       l.causal ? 0 : 1, l.seq];
+  const byKey = new Map<string, Line>();
+  for (const r of rows) {
+    const key = problemKey(r, B, H);
+    let l = byKey.get(key);
+    if (l == null) {
+      const t = torch.find(t => problemKey(t, B, H) === key);
+      l = {
+        mode: r.mode,
+        b: r.batch,
+        h: r.heads,
+        hk: r.headsKV,
+        dim: r.dim,
+        causal: r.causal,
+        seq: r.seq,
+        fused: undefined,
+        composed: undefined,
+        torchMs: t?.ms ?? null,
+        variants: 0
+      };
+      byKey.set(key, l);
+    }
+    if (r.impl === 'composed') {
+      l.composed = r;
+    } else if (r.impl === 'fused') {
+      l.variants++;
+      if (l.fused == null || l.fused.ms == null || (r.ms != null && r.ms < l.fused.ms)) {
+        l.fused = r;
       }
     }
-    return 0;
+  }
+  return [...byKey.values()].sort((x, y) => {
+    const a = order(x), b = order(y);
+    const i = a.findIndex((v, n) => v !== b[n]);
+    return i < 0 ? 0 : a[i] - b[i];
   });
-  const keys = new Set(sorted.map(r => `${r.mode}|${r.dim}|${r.causal}|${r.seq}`));
+}
+
+function table(rows: Row[], torch: TorchRow[], B: number, H: number): string {
+  const out: string[] = [];
+  const f = (x: number|null|undefined, digits = 2) => x == null ? '-' : x.toFixed(digits);
+  const ratio = (num: number|null|undefined, den: number|null|undefined) =>
+      num != null && den != null ? `${(num / den).toFixed(2)}x` : '-';
+  out.push(
+      'float32; ms = median time per call; TFLOP/s by docs/design.md, "Performance method"; peak = GPU MiB ' +
+      'allocated by one call; JS = enqueue time per call; x = speed ratio (higher: fused faster)');
+  out.push('');
+  out.push(
+      '| mode | B x H/Hk | D | S | causal | fused ms | fused TFLOP/s | fused peak MiB | JS ms | ' +
+      'composed ms | composed peak MiB | torch ms | fused / composed | fused / torch | ' +
+      'composed / torch |');
+  out.push(`|${' --- |'.repeat(15)}`);
   const notes: string[] = [];
-  for (const key of keys) {
-    const [mode, dim, causal, seq] = key.split('|');
-    const match = (r: Row) => r.mode === mode && `${r.dim}` === dim && `${r.causal}` === causal && `${r.seq}` === seq;
-    const fused = rows.filter(r => match(r) && r.impl === 'fused');
-    const best = fused.filter(r => r.ms != null).sort((a, b) => a.ms! - b.ms!)[0] ?? fused[0];
-    const comp = rows.find(r => match(r) && r.impl === 'composed');
-    const t = torch.find(r => r.mode === mode && `${r.dim}` === dim && `${r.causal}` === causal && `${r.seq}` === seq);
-    const fl = flops(mode, B, H, Number(seq), Number(dim), causal === 'true');
-    const compCell = (x: string) => comp == null ? '-' : comp.ms == null ? `${x === 'ms' ? comp.status.split(':')[0] : '-'}` : x;
-    if (comp != null && comp.ms == null) {
-      notes.push(`composed ${mode} D=${dim} S=${seq} causal=${causal}: ${comp.status}`);
+  for (const l of lines(rows, torch, B, H)) {
+    const {fused, composed} = l;
+    const what = `${l.mode} B=${l.b} H=${l.h}/${l.hk} D=${l.dim} S=${l.seq} causal=${l.causal}`;
+    if (composed != null && composed.ms == null) {
+      notes.push(`composed ${what}: ${composed.status}`);
     }
-    if (best != null && best.ms == null) {
-      notes.push(`fused ${mode} D=${dim} S=${seq} causal=${causal}: ${best.status}`);
+    if (fused != null && fused.ms == null) {
+      notes.push(`fused ${what}: ${fused.status}`);
     }
-    const torchMs = t?.ms ?? null;
-    lines.push(`| ${mode} | ${dim} | ${seq} | ${causal} | ${f(best?.ms ?? null, 3)}${fused.length > 1 && best ? ` [${best.variant}]` : ''} | ${
-        f(best?.tflops ?? null)} | ${f(best?.peakMiB ?? null, 1)} | ${compCell(f(comp?.ms ?? null, 2)).replace(/^-$/, comp && comp.ms == null ? comp.status.split(':')[0] : '-')} | ${
-        comp?.tflops != null ? f(comp.tflops) : '-'} | ${comp?.peakMiB != null ? f(comp.peakMiB, 1) : '-'} | ${
-        best?.ms != null && comp?.ms != null ? `${(comp.ms / best.ms).toFixed(1)}x` : '-'} | ${f(torchMs, 3)} | ${
-        torchMs != null ? f(fl / (torchMs * 1e-3) / 1e12) : '-'} | ${
-        best?.ms != null && torchMs != null ? `${(torchMs / best.ms).toFixed(2)}x` : '-'} |`);
+    const compMs = composed == null ? '-' :
+        composed.ms == null         ? composed.status.split(':')[0] :
+                                      f(composed.ms);
+    out.push(`| ${l.mode} | ${l.b} x ${l.h}/${l.hk} | ${l.dim} | ${l.seq} | ${l.causal} | ${
+        f(fused?.ms, 3)}${l.variants > 1 && fused ? ` [${fused.variant}]` : ''} | ${
+        f(fused?.tflops)} | ${f(fused?.peakMiB, 1)} | ${f(fused?.cpuMs, 3)} | ${compMs} | ${
+        f(composed?.peakMiB, 1)} | ${f(l.torchMs, 3)} | ${ratio(composed?.ms, fused?.ms)} | ${
+        ratio(l.torchMs, fused?.ms)} | ${ratio(l.torchMs, composed?.ms)} |`);
   }
   if (notes.length > 0) {
-    lines.push('');
-    lines.push(...notes.map(n => `- ${n}`));
+    out.push('');
+    out.push(...notes.map(n => `- ${n}`));
   }
   const variants = rows.filter(r => r.impl === 'fused' && r.variant !== 'default');
   if (variants.length > 0) {
-    lines.push('');
-    lines.push('Fused tilings (tm,tx,nq,ty):');
+    out.push('');
+    out.push('Fused variants (forward tm,tx,nq,ty[,flags]; g: backward tiles bc,br,qbr,qbc):');
     for (const r of variants) {
-      lines.push(`- ${r.mode} D=${r.dim} S=${r.seq} causal=${r.causal} [${r.variant}]: ${
+      out.push(`- ${r.mode} B=${r.batch} H=${r.heads}/${r.headsKV} D=${r.dim} S=${r.seq} causal=${
+          r.causal} [${r.variant}]: ${
           r.ms != null ? `${r.ms.toFixed(3)} ms, ${r.tflops!.toFixed(2)} TFLOP/s` : r.status}`);
     }
   }
-  return lines.join('\n');
+  return out.join('\n');
+}
+
+/**
+ * The issue's table: per (mode, D, causal), fused / PyTorch at each S of
+ * the B x H grid (fused / composed in brackets where composed ran), and
+ * the extra problems after it.
+ */
+function ratioTable(rows: Row[], torch: TorchRow[], B: number, H: number): string {
+  const all = lines(rows, torch, B, H);
+  const grid = all.filter(l => l.b === B && l.h === H && l.hk === H);
+  const seqs = [...new Set(grid.map(l => l.seq))].sort((a, b) => a - b);
+  const cell = (l: Line|undefined) => {
+    if (l?.fused?.ms == null) {
+      return '-';
+    }
+    const t = l.torchMs != null ? `${(l.torchMs / l.fused.ms).toFixed(2)}x` : '-';
+    const c = l.composed?.ms != null ? ` (${(l.composed.ms / l.fused.ms).toFixed(2)}x)` : '';
+    return `${t}${c}`;
+  };
+  const out = [
+    `fused / PyTorch SDPA f32 (fused / composed), B=${B}, H=${H}; ` +
+        'higher is faster, below 1 in brackets: fused slower than composed',
+    ''
+  ];
+  out.push(`| | ${seqs.map(s => `S=${s}`).join(' | ')} |`);
+  out.push(`|${' --- |'.repeat(seqs.length + 1)}`);
+  const groups = [...new Set(grid.map(l => `${l.mode}|${l.dim}|${l.causal}`))];
+  for (const g of groups) {
+    const [mode, dim, causal] = g.split('|');
+    const at = (s: number) => grid.find(l => `${l.mode}|${l.dim}|${l.causal}` === g && l.seq === s);
+    out.push(`| ${mode} D=${dim} ${causal === 'true' ? 'causal' : 'non-causal'} | ${
+        seqs.map(s => cell(at(s))).join(' | ')} |`);
+  }
+  const extra = all.filter(l => !grid.includes(l));
+  if (extra.length > 0) {
+    out.push('');
+    out.push('| problem | fused / torch (fused / composed) |');
+    out.push('| --- | --- |');
+    for (const l of extra) {
+      out.push(`| ${l.mode} B=${l.b} H=${l.h}/${l.hk} D=${l.dim} S=${l.seq} ${
+          l.causal ? 'causal' : 'non-causal'} | ${cell(l)} |`);
+    }
+  }
+  return out.join('\n');
 }
 
 /** TFLOP/s against S (log scale), one panel per mode. */
 function chart(rows: Row[], torch: TorchRow[]): string {
   const modes = [...new Set(rows.map(r => r.mode))];
   const W = 560, Hh = 360, pad = 50;
-  const colors = ['#1f77b4', '#d62728', '#2ca02c', '#9467bd', '#ff7f0e', '#8c564b', '#e377c2', '#17becf'];
+  const colors =
+      ['#1f77b4', '#d62728', '#2ca02c', '#9467bd', '#ff7f0e', '#8c564b', '#e377c2', '#17becf'];
   const parts: string[] = [];
   const seqs = [...new Set(rows.map(r => r.seq))].sort((a, b) => a - b);
-  const lx = (s: number) => pad + (Math.log2(s) - Math.log2(seqs[0])) /
-      Math.max(1, Math.log2(seqs[seqs.length - 1]) - Math.log2(seqs[0])) * (W - 2 * pad);
+  const lx = (s: number) => pad +
+      (Math.log2(s) - Math.log2(seqs[0])) /
+          Math.max(1, Math.log2(seqs[seqs.length - 1]) - Math.log2(seqs[0])) * (W - 2 * pad);
   modes.forEach((mode, mi) => {
     const ox = mi * W;
     type Series = {name: string, points: Array<[number, number]>};
     const series: Series[] = [];
-    const keyOf = (impl: string, dim: number, causal: boolean) => `${impl} D=${dim}${causal ? ' causal' : ''}`;
+    const keyOf = (impl: string, dim: number, causal: boolean) =>
+        `${impl} D=${dim}${causal ? ' causal' : ''}`;
     const groups = new Map<string, Array<[number, number]>>();
-    for (const r of rows.filter(r => r.mode === mode && r.tflops != null && (r.variant === 'default' || r.variant === '-'))) {
+    for (const r of rows.filter(
+             r => r.mode === mode && r.tflops != null &&
+                 (r.variant === 'default' || r.variant === '-'))) {
       const key = keyOf(r.impl, r.dim, r.causal);
       groups.set(key, [...(groups.get(key) ?? []), [r.seq, r.tflops!]]);
     }
@@ -468,27 +748,37 @@ function chart(rows: Row[], torch: TorchRow[]): string {
       const tfl = flops(mode, 1, 16, t.seq, t.dim, t.causal) / (t.ms! * 1e-3) / 1e12;
       groups.set(key, [...(groups.get(key) ?? []), [t.seq, tfl]]);
     }
-    groups.forEach((points, name) => series.push({name, points: points.sort((a, b) => a[0] - b[0])}));
+    groups.forEach(
+        (points, name) => series.push({name, points: points.sort((a, b) => a[0] - b[0])}));
     const ymax = Math.max(1, ...series.flatMap(s => s.points.map(p => p[1])));
     const ly = (y: number) => Hh - pad - y / ymax * (Hh - 2 * pad);
-    parts.push(`<g transform="translate(${ox},0)"><text x="${W / 2}" y="20" text-anchor="middle" font-size="14">${mode}: TFLOP/s vs S (B=1, H=16, f32)</text>`);
-    parts.push(`<line x1="${pad}" y1="${Hh - pad}" x2="${W - pad}" y2="${Hh - pad}" stroke="#000"/><line x1="${pad}" y1="${pad}" x2="${pad}" y2="${Hh - pad}" stroke="#000"/>`);
+    parts.push(`<g transform="translate(${ox},0)"><text x="${
+        W / 2}" y="20" text-anchor="middle" font-size="14">${
+        mode}: TFLOP/s vs S (B=1, H=16, f32)</text>`);
+    parts.push(`<line x1="${pad}" y1="${Hh - pad}" x2="${W - pad}" y2="${
+        Hh - pad}" stroke="#000"/><line x1="${pad}" y1="${pad}" x2="${pad}" y2="${
+        Hh - pad}" stroke="#000"/>`);
     for (const s of seqs) {
-      parts.push(`<text x="${lx(s)}" y="${Hh - pad + 15}" text-anchor="middle" font-size="10">${s}</text>`);
+      parts.push(`<text x="${lx(s)}" y="${Hh - pad + 15}" text-anchor="middle" font-size="10">${
+          s}</text>`);
     }
     for (let i = 0; i <= 4; i++) {
       const y = ymax * i / 4;
-      parts.push(`<text x="${pad - 5}" y="${ly(y) + 3}" text-anchor="end" font-size="10">${y.toFixed(1)}</text>`);
+      parts.push(`<text x="${pad - 5}" y="${ly(y) + 3}" text-anchor="end" font-size="10">${
+          y.toFixed(1)}</text>`);
     }
     series.forEach((s, i) => {
       const c = colors[i % colors.length];
       const dash = s.name.includes('causal') ? '' : ' stroke-dasharray="4 3"';
-      parts.push(`<polyline fill="none" stroke="${c}" stroke-width="2"${dash} points="${s.points.map(p => `${lx(p[0]).toFixed(1)},${ly(p[1]).toFixed(1)}`).join(' ')}"/>`);
-      parts.push(`<text x="${pad + 8}" y="${pad + 12 * i}" font-size="10" fill="${c}">${s.name}</text>`);
+      parts.push(`<polyline fill="none" stroke="${c}" stroke-width="2"${dash} points="${
+          s.points.map(p => `${lx(p[0]).toFixed(1)},${ly(p[1]).toFixed(1)}`).join(' ')}"/>`);
+      parts.push(
+          `<text x="${pad + 8}" y="${pad + 12 * i}" font-size="10" fill="${c}">${s.name}</text>`);
     });
     parts.push('</g>');
   });
-  return `<svg xmlns="http://www.w3.org/2000/svg" width="${W * modes.length}" height="${Hh}" font-family="sans-serif">\n${parts.join('\n')}\n</svg>\n`;
+  return `<svg xmlns="http://www.w3.org/2000/svg" width="${W * modes.length}" height="${
+      Hh}" font-family="sans-serif">\n${parts.join('\n')}\n</svg>\n`;
 }
 
 main().then(() => process.exit(0), e => {

@@ -1,7 +1,7 @@
 /**
  * What tfjs users write today: attention composed from matMul and softmax,
  * holding the whole `[B, H, Sq, Sk]` score tensor. It is the "composed"
- * baseline of the benchmarks and of the demo (DESIGN.md §4's anchor
+ * baseline of the benchmarks and of the demo (the anchor of docs/design.md, "Performance method":
  * "tfjs-webgpu composed ops" was measured on this formulation).
  */
 import * as tf from '@tensorflow/tfjs-core';
@@ -40,8 +40,8 @@ const NEG = -1e9;
 /**
  * `[Sq, Sk]`: 0 where key j <= i + Sk - Sq, else -1e9. Built by GPU ops
  * from two index ranges, as users do (bandPart-style), not filled on the
- * host and uploaded: that took ~6 ms per call at S=1024, which the baseline
- * should not pay.
+ * host and uploaded: a per-call host cost that users do not pay and the
+ * baseline should not either.
  */
 export function causalBias(seqQ: number, seqK: number): tf.Tensor2D {
   return tf.tidy(() => {

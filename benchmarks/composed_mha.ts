@@ -14,21 +14,28 @@ import {composedAttention} from './baselines';
 export class ComposedMHA extends FlashMHA {
   static override className = 'ComposedMHA';
 
-  protected override attend(q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D, keyMask: tf.Tensor|null,
-                            training: boolean): tf.Tensor4D {
+  protected override attend(
+      q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D, keyMask: tf.Tensor|null,
+      training: boolean): tf.Tensor4D {
     const dropoutRate = training ? this.dropout : 0;
     const plain = keyMask == null && dropoutRate === 0 && this.softcap === 0 && !this.useAlibi &&
         this.windowSize[0] < 0 && this.windowSize[1] < 0;
     if (!plain) {
       // The baseline has no such options: the masked path is composed too.
       return maskedAttention(q, k, v, {
-        causal: this.causal, softmaxScale: this.softmaxScale, windowSize: this.windowSize, softcap: this.softcap,
-        alibiSlopes: this.alibiSlopesTensor(), dropoutRate, keyMask,
+        causal: this.causal,
+        softmaxScale: this.softmaxScale,
+        windowSize: this.windowSize,
+        softcap: this.softcap,
+        alibiSlopes: this.alibiSlopesTensor(),
+        dropoutRate,
+        keyMask,
       });
     }
     const groups = this.numHeads / this.numHeadsKV;
-    return composedAttention(q, repeatKVHeads(k, groups), repeatKVHeads(v, groups),
-                             {causal: this.causal, softmaxScale: this.softmaxScale});
+    return composedAttention(
+        q, repeatKVHeads(k, groups), repeatKVHeads(v, groups),
+        {causal: this.causal, softmaxScale: this.softmaxScale});
   }
 }
 tf.serialization.registerClass(ComposedMHA);

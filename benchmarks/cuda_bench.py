@@ -3,7 +3,7 @@
   python3 benchmarks/cuda_bench.py [--quick] [--out results.md]
 
 CUDA events around each call, warm-up first, median of repeats; inputs
-rotate over 3 sets. FLOPs as DESIGN.md section 4: fwd 4*B*S*S*H*D (halved
+rotate over 3 sets. FLOPs as docs/design.md, "Performance method": fwd 4*B*S*S*H*D (halved
 when causal), fwd+bwd 3.5x that. Ratio > 1 means ours is faster.
 """
 import math

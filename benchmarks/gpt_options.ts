@@ -17,6 +17,9 @@ export const VOCAB = 256;
  * the scripts on a machine without a GPU: --layers, --width, --heads).
  */
 export function gptSize(): {layers: number, width: number, heads: number} {
-  return {layers: Number(option('layers', '6')), width: Number(option('width', '512')),
-          heads: Number(option('heads', '8'))};
+  return {
+    layers: Number(option('layers', '6')),
+    width: Number(option('width', '512')),
+    heads: Number(option('heads', '8'))
+  };
 }

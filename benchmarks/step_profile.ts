@@ -48,10 +48,12 @@ import {gptSize, option, VOCAB} from './gpt_options';
 import {WebGPUCounts, webgpuCounters} from './webgpu_counters';
 
 const TINY = process.argv.includes('--tiny');
-const {layers: LAYERS, width: WIDTH, heads: HEADS} = TINY ?
-    {layers: Number(option('layers', '1')), width: Number(option('width', '32')),
-     heads: Number(option('heads', '2'))} :
-    gptSize();
+const {layers: LAYERS, width: WIDTH, heads: HEADS} = TINY ? {
+  layers: Number(option('layers', '1')),
+  width: Number(option('width', '32')),
+  heads: Number(option('heads', '2'))
+} :
+                                                            gptSize();
 
 interface CpuProfileNode {
   id: number;
@@ -64,16 +66,18 @@ interface CpuProfileNode {
 async function cpuProfile(fn: () => Promise<void>, top: number): Promise<Array<[string, number]>> {
   const session = new inspector.Session();
   session.connect();
-  const post = (method: string, params?: object) => new Promise<unknown>((resolve, reject) =>
-    session.post(method, params ?? {}, (err, result) => err ? reject(err) : resolve(result)));
+  const post = (method: string, params?: object) => new Promise<unknown>(
+      (resolve, reject) =>
+          session.post(method, params ?? {}, (err, result) => err ? reject(err) : resolve(result)));
   await post('Profiler.enable');
   await post('Profiler.setSamplingInterval', {interval: 100});
   await post('Profiler.start');
   await fn();
-  const {profile} = await post('Profiler.stop') as {profile: {nodes: CpuProfileNode[], startTime: number,
-                                                               endTime: number, samples: number[]}};
+  const {profile} = await post('Profiler.stop') as
+      {profile: {nodes: CpuProfileNode[], startTime: number, endTime: number, samples: number[]}};
   session.disconnect();
-  const msPerSample = (profile.endTime - profile.startTime) / 1000 / Math.max(1, profile.samples.length);
+  const msPerSample =
+      (profile.endTime - profile.startTime) / 1000 / Math.max(1, profile.samples.length);
   const byName = new Map<string, number>();
   for (const node of profile.nodes) {
     const f = node.callFrame;
@@ -119,7 +123,8 @@ function makeOptimizer(name: string): tf.Optimizer {
     case 'reference-adamw':
       return fusedAdamW({learningRate: 1e-4, weightDecay: 0});
     default:
-      throw new Error(`--optimizers: unknown optimizer '${name}' (adam, fused-adamw, reference-adamw)`);
+      throw new Error(
+          `--optimizers: unknown optimizer '${name}' (adam, fused-adamw, reference-adamw)`);
   }
 }
 
@@ -138,7 +143,8 @@ type NumericCounts = Omit<WebGPUCounts, 'uploadShapes'>;
 
 function medianCounts(all: WebGPUCounts[]): NumericCounts {
   const keys = Object.keys(all[0]).filter(k => k !== 'uploadShapes') as Array<keyof NumericCounts>;
-  return Object.fromEntries(keys.map(k => [k, median(all.map(c => c[k]))])) as unknown as NumericCounts;
+  return Object.fromEntries(keys.map(k => [k, median(all.map(c => c[k]))])) as unknown as
+      NumericCounts;
 }
 
 /** `--tfjs-flags=NAME:value,NAME:value`: tfjs flags set before anything runs. */
@@ -146,8 +152,10 @@ function setTfjsFlags(): string[] {
   const set: string[] = [];
   for (const pair of option('tfjs-flags', '').split(',').filter(Boolean)) {
     const [name, value] = pair.split(':');
-    const parsed = value === 'true' ? true : value === 'false' ? false :
-        Number.isNaN(Number(value)) ? value : Number(value);
+    const parsed = value === 'true' ? true :
+        value === 'false'           ? false :
+        Number.isNaN(Number(value)) ? value :
+                                      Number(value);
     tf.env().set(name, parsed);
     set.push(`${name}=${parsed}`);
   }
@@ -161,12 +169,17 @@ function setTfjsFlags(): string[] {
  * once), median of `reps` submits.
  */
 async function submitCost(device: GPUDevice, reps: number): Promise<string[]> {
-  const module = device.createShaderModule({code: `
+  const module = device.createShaderModule({
+    code: `
 @group(0) @binding(0) var<storage, read_write> data: array<f32>;
-@compute @workgroup_size(1) fn main() { data[0] = data[0] + 1.0; }`});
-  const pipeline = device.createComputePipeline({layout: 'auto', compute: {module, entryPoint: 'main'}});
-  const buffers = Array.from({length: 8}, () => device.createBuffer(
-      {size: 256, usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC}));
+@compute @workgroup_size(1) fn main() { data[0] = data[0] + 1.0; }`
+  });
+  const pipeline =
+      device.createComputePipeline({layout: 'auto', compute: {module, entryPoint: 'main'}});
+  const buffers = Array.from(
+      {length: 8},
+      () => device.createBuffer(
+          {size: 256, usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC}));
   const lines: string[] = [];
   for (const n of [0, 1, 15, 100, 400, 1000]) {
     const submitMs: number[] = [];
@@ -178,8 +191,10 @@ async function submitCost(device: GPUDevice, reps: number): Promise<string[]> {
         const pass = encoder.beginComputePass();
         pass.setPipeline(pipeline);
         for (let i = 0; i < n; i++) {
-          pass.setBindGroup(0, device.createBindGroup({layout: pipeline.getBindGroupLayout(0),
-                                                       entries: [{binding: 0, resource: {buffer: buffers[i % 8]}}]}));
+          pass.setBindGroup(0, device.createBindGroup({
+            layout: pipeline.getBindGroupLayout(0),
+            entries: [{binding: 0, resource: {buffer: buffers[i % 8]}}]
+          }));
           pass.dispatchWorkgroups(1);
         }
         pass.end();
@@ -192,7 +207,8 @@ async function submitCost(device: GPUDevice, reps: number): Promise<string[]> {
       submitMs.push(t2 - t1);
     }
     await device.queue.onSubmittedWorkDone();
-    lines.push(`submit cost, ${n} dispatches per command buffer: submit ${median(submitMs).toFixed(3)} ms (${
+    lines.push(`submit cost, ${n} dispatches per command buffer: submit ${
+        median(submitMs).toFixed(3)} ms (${
         (n > 0 ? median(submitMs) / n * 1000 : 0).toFixed(1)} us per dispatch), encode ${
         median(encodeMs).toFixed(3)} ms`);
   }
@@ -201,14 +217,18 @@ async function submitCost(device: GPUDevice, reps: number): Promise<string[]> {
   for (const n of [15, 100]) {
     const submitMs: number[] = [];
     for (let r = 0; r < reps; r++) {
-      const fresh = Array.from({length: n}, () => device.createBuffer(
-          {size: 1 << 16, usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC}));
+      const fresh = Array.from(
+          {length: n},
+          () => device.createBuffer(
+              {size: 1 << 16, usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC}));
       const encoder = device.createCommandEncoder();
       const pass = encoder.beginComputePass();
       pass.setPipeline(pipeline);
       for (const buffer of fresh) {
-        pass.setBindGroup(0, device.createBindGroup({layout: pipeline.getBindGroupLayout(0),
-                                                     entries: [{binding: 0, resource: {buffer}}]}));
+        pass.setBindGroup(0, device.createBindGroup({
+          layout: pipeline.getBindGroupLayout(0),
+          entries: [{binding: 0, resource: {buffer}}]
+        }));
         pass.dispatchWorkgroups(1);
       }
       pass.end();
@@ -218,23 +238,30 @@ async function submitCost(device: GPUDevice, reps: number): Promise<string[]> {
       submitMs.push(performance.now() - t0);
       fresh.forEach(b => b.destroy());
     }
-    lines.push(`submit cost, ${n} dispatches on new 64 KiB buffers: submit ${median(submitMs).toFixed(3)} ms`);
+    lines.push(`submit cost, ${n} dispatches on new 64 KiB buffers: submit ${
+        median(submitMs).toFixed(3)} ms`);
   }
   // Many empty submits back to back: the fixed cost alone.
   const t0 = performance.now();
   for (let r = 0; r < 50; r++) {
     device.queue.submit([device.createCommandEncoder().finish()]);
   }
-  lines.push(`submit cost, empty command buffer: ${((performance.now() - t0) / 50).toFixed(3)} ms per submit`);
+  lines.push(`submit cost, empty command buffer: ${
+      ((performance.now() - t0) / 50).toFixed(3)} ms per submit`);
   await device.queue.onSubmittedWorkDone();
   buffers.forEach(b => b.destroy());
   return lines;
 }
 
 const COUNT_COLUMNS: Array<[keyof NumericCounts, string]> = [
-  ['dispatches', 'GPU dispatches'], ['submits', 'submits'], ['submitMs', 'submit ms'],
-  ['hostUploads', 'host uploads'], ['writeBuffers', 'writeBuffer'], ['buffersCreated', 'buffers created'],
-  ['createBufferMs', 'createBuffer ms'], ['readBacks', 'read-backs'],
+  ['dispatches', 'GPU dispatches'],
+  ['submits', 'submits'],
+  ['submitMs', 'submit ms'],
+  ['hostUploads', 'host uploads'],
+  ['writeBuffers', 'writeBuffer'],
+  ['buffersCreated', 'buffers created'],
+  ['createBufferMs', 'createBuffer ms'],
+  ['readBacks', 'read-backs'],
 ];
 
 async function main() {
@@ -272,8 +299,12 @@ async function main() {
     const encoder = device.createCommandEncoder();
     const pass = encoder.beginComputePass();
     const buffer = device.createBuffer({size: 16, usage: GPUBufferUsage.STORAGE});
-    traceWebGPU([['device', device], ['queue', device.queue], ['encoder', encoder], ['pass', pass],
-                 ['buffer', buffer]], stats);
+    traceWebGPU(
+        [
+          ['device', device], ['queue', device.queue], ['encoder', encoder], ['pass', pass],
+          ['buffer', buffer]
+        ],
+        stats);
     pass.end();
     encoder.finish();
     buffer.destroy();
@@ -283,12 +314,13 @@ async function main() {
     for (const optimizerName of optimizers) {
       await withOptimizerImpl(optimizerName, async () => {
         const label = `${impl} ${optimizerName}`;
-        const model = buildGPT({vocabSize: VOCAB, numLayers: LAYERS, embedDim: WIDTH, numHeads: HEADS},
-                               impl === 'flash' ? flashMHA : composedMHA, 'gpt');
+        const model = buildGPT(
+            {vocabSize: VOCAB, numLayers: LAYERS, embedDim: WIDTH, numHeads: HEADS},
+            impl === 'flash' ? flashMHA : composedMHA, 'gpt');
         const optimizer = makeOptimizer(optimizerName);
         const vars = trainableVariables(model);
-        const enqueueStep = (x: tf.Tensor2D, y: tf.Tensor2D) =>
-          optimizer.minimize(() => lossOf(model.apply(x, {training: true}) as tf.Tensor, y, VOCAB), true, vars)!;
+        const enqueueStep = (x: tf.Tensor2D, y: tf.Tensor2D) => optimizer.minimize(
+            () => lossOf(model.apply(x, {training: true}) as tf.Tensor, y, VOCAB), true, vars)!;
         for (const batch of batches) {
           const wall: number[] = [];
           const enqueue: number[] = [];
@@ -329,22 +361,29 @@ async function main() {
           tf.dispose([x, y]);
           const c = medianCounts(counts);
           const gpuMs = gpu.length ? median(gpu).toFixed(1) : '-';
-          const line = `${label} batch ${batch} x ${seq}: step ${median(wall).toFixed(1)} ms (enqueue ${
-              median(enqueue).toFixed(1)} ms, then waiting ${median(wall.map((w, i) => w - enqueue[i])).toFixed(1)} ms), GPU busy (tfjs programs) ${
-              gpuMs} ms; per step: ${profile.kernels.length} tfjs kernels, ${COUNT_COLUMNS.map(([k, n]) =>
-                `${n} ${Number.isInteger(c[k]) ? c[k] : c[k].toFixed(1)}`).join(', ')}; steps ${
-              wall.map(w => w.toFixed(0)).join(' ')}; losses ${losses.map(l => l.toFixed(4)).join(' ')}`;
+          const line = `${label} batch ${batch} x ${seq}: step ${
+              median(wall).toFixed(1)} ms (enqueue ${median(enqueue).toFixed(1)} ms, then waiting ${
+              median(wall.map((w, i) => w - enqueue[i]))
+                  .toFixed(1)} ms), GPU busy (tfjs programs) ${gpuMs} ms; per step: ${
+              profile.kernels.length} tfjs kernels, ${
+              COUNT_COLUMNS
+                  .map(([k, n]) => `${n} ${Number.isInteger(c[k]) ? c[k] : c[k].toFixed(1)}`)
+                  .join(', ')}; steps ${wall.map(w => w.toFixed(0)).join(' ')}; losses ${
+              losses.map(l => l.toFixed(4)).join(' ')}`;
           console.log(line);
           rows.push(line);
-          const shapes = [...counts[counts.length - 1].uploadShapes.entries()].sort((a, b) => b[1] - a[1]);
+          const shapes =
+              [...counts[counts.length - 1].uploadShapes.entries()].sort((a, b) => b[1] - a[1]);
           const uline = `${label} batch ${batch}: host uploads of the last step by shape: ${
               shapes.map(([k, n]) => `${k} ${n}`).join(', ') || 'none'}`;
           console.log(uline);
           rows.push(uline);
-          table.push(`| ${impl} | ${optimizerName} | ${batch} x ${seq} | ${median(wall).toFixed(1)} | ${
-              median(enqueue).toFixed(1)} | ${median(wall.map((w, i) => w - enqueue[i])).toFixed(1)} | ${gpuMs} | ${
-              profile.kernels.length} | ${COUNT_COLUMNS.map(([k]) => Number.isInteger(c[k]) ? c[k] : c[k].toFixed(1))
-                .join(' | ')} |`);
+          table.push(`| ${impl} | ${optimizerName} | ${batch} x ${seq} | ${
+              median(wall).toFixed(1)} | ${median(enqueue).toFixed(1)} | ${
+              median(wall.map((w, i) => w - enqueue[i])).toFixed(1)} | ${gpuMs} | ${
+              profile.kernels.length} | ${
+              COUNT_COLUMNS.map(([k]) => Number.isInteger(c[k]) ? c[k] : c[k].toFixed(1))
+                  .join(' | ')} |`);
         }
         for (const size of submitBatches) {
           const saved = tf.env().getNumber('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE');
@@ -365,12 +404,14 @@ async function main() {
           }
           tf.env().set('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE', saved);
           const c = medianCounts(counts);
-          const line = `${label} batch ${batches[0]} x ${seq}, WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE=${size}: step ${
-              median(wall).toFixed(1)} ms, ${c.submits} submits (${c.submitMs.toFixed(1)} ms)`;
+          const line = `${label} batch ${batches[0]} x ${seq}, WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE=${
+              size}: step ${median(wall).toFixed(1)} ms, ${c.submits} submits (${
+              c.submitMs.toFixed(1)} ms)`;
           console.log(line);
           rows.push(line);
         }
-        // The most frequent kernels of one step, and a CPU profile of two steps, at the first batch size.
+        // The most frequent kernels of one step, and a CPU profile of two steps, at the first batch
+        // size.
         {
           const {x, y} = sampleBatch(data, batches[0], seq, random);
           const info = await tf.profile(() => enqueueStep(x, y));
@@ -380,7 +421,8 @@ async function main() {
             kernelCounts.set(k.name, (kernelCounts.get(k.name) ?? 0) + 1);
           }
           const top = [...kernelCounts.entries()].sort((a, b) => b[1] - a[1]).slice(0, 25);
-          const line = `${label}: ${info.kernels.length} kernels per step; ${top.map(([n, k]) => `${n} ${k}`).join(', ')}`;
+          const line = `${label}: ${info.kernels.length} kernels per step; ${
+              top.map(([n, k]) => `${n} ${k}`).join(', ')}`;
           console.log(line);
           rows.push(line);
           stats.clear();
@@ -392,14 +434,15 @@ async function main() {
                 loss.dispose();
               }
             }, 40);
-            const pline = `${label} CPU self time over 2 steps (ms): ${profileTop.map(([n, ms]) => `${n} ${ms.toFixed(1)}`).join('; ')}`;
+            const pline = `${label} CPU self time over 2 steps (ms): ${
+                profileTop.map(([n, ms]) => `${n} ${ms.toFixed(1)}`).join('; ')}`;
             console.log(pline);
             rows.push(pline);
           }
           if (stats.size > 0) {
             const topCalls = [...stats.entries()].sort((a, b) => b[1].ms - a[1].ms).slice(0, 20);
-            const dline = `${label} WebGPU calls over 2 steps (ms, calls): ${topCalls.map(([n, e]) => `${n} ${e.ms.toFixed(1)} (${
-                e.calls})`).join('; ')}`;
+            const dline = `${label} WebGPU calls over 2 steps (ms, calls): ${
+                topCalls.map(([n, e]) => `${n} ${e.ms.toFixed(1)} (${e.calls})`).join('; ')}`;
             console.log(dline);
             rows.push(dline);
           }
@@ -410,9 +453,12 @@ async function main() {
           const memory = () => {
             // With `node --expose-gc`, the heap is measured after a collection.
             (globalThis as {gc?: () => void}).gc?.();
-            const m = tf.memory() as tf.MemoryInfo&{numBytesInGPU?: number};
-            return {tensors: m.numTensors, gpuBytes: m.numBytesInGPU ?? 0,
-                    heapMB: process.memoryUsage().heapUsed / 2 ** 20};
+            const m = tf.memory() as tf.MemoryInfo & {numBytesInGPU?: number};
+            return {
+              tensors: m.numTensors,
+              gpuBytes: m.numBytesInGPU ?? 0,
+              heapMB: process.memoryUsage().heapUsed / 2 ** 20
+            };
           };
           const {x, y} = sampleBatch(data, batches[0], seq, random);
           const before = memory();
@@ -425,9 +471,11 @@ async function main() {
             loss.dispose();
           }
           const after = memory();
-          const line = `${label} over ${leakSteps} more steps (${((performance.now() - t0) / leakSteps).toFixed(1)} ms each): tensors ${
-              before.tensors} -> ${after.tensors}, GPU bytes ${before.gpuBytes} -> ${after.gpuBytes}, JS heap ${
-              before.heapMB.toFixed(1)} -> ${after.heapMB.toFixed(1)} MB`;
+          const line = `${label} over ${leakSteps} more steps (${
+              ((performance.now() - t0) / leakSteps).toFixed(1)} ms each): tensors ${
+              before.tensors} -> ${after.tensors}, GPU bytes ${before.gpuBytes} -> ${
+              after.gpuBytes}, JS heap ${before.heapMB.toFixed(1)} -> ${
+              after.heapMB.toFixed(1)} MB`;
           console.log(line);
           rows.push(line);
           tf.dispose([x, y]);

@@ -1,4 +1,4 @@
-"""PyTorch SDPA float32 forward+backward anchor (DESIGN.md §4), causal,
+"""PyTorch SDPA float32 forward+backward anchor (docs/design.md, "Performance method"), causal,
 B=1, H=16, D=64: median of CUDA-event timings. Usage: python3 torch_sdpa_backward.py 4096 16384"""
 import sys
 import torch

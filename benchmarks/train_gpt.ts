@@ -1,13 +1,24 @@
 /**
  * Training a 6-layer, 512-wide GPT (8 heads of 64, RoPE, causal) on WebGPU
- * (Dawn, the device created with the adapter's limits): the step time with
- * FlashMHA vs the same model and weights with composed attention
- * (ComposedMHA) at sequence length 1024, then the longest sequence length
- * (powers of 2, batch 1) at which one training step of each still runs.
+ * (Dawn, the device created with the adapter's limits). First, in one
+ * process, the step time of three models with the same weights on the same
+ * batches at sequence length 1024, with the GPU dispatches, queue submits
+ * and host uploads of one step:
+ *   stock tfjs     tf.layers.layerNormalization, composed attention,
+ *                  tf.train.adam, composed cross-entropy
+ *   FlashMHA only  the same with FlashMHA (norms: --flash-norm=gpt, the
+ *                  demo's hand-written LayerNorm, or tfjs)
+ *   all fused      fused LayerNorm with the residual adds, FlashMHA, fused
+ *                  cross-entropy, fusedAdam
+ * Then the longest sequence length (powers of 2, batch 1) at which one
+ * training step with FlashMHA and with composed attention still runs
+ * (--max=0 skips it).
  *
- * Run (on a GPU machine, bundled with esbuild as `npm run bench` bundles
- * benchmarks/attention.ts):
- *   node train_gpt.mjs [--batch=4] [--seq=1024] [--steps=5] [--deadline=200]
+ * Run (on a GPU machine, bundled by scripts/device-bundle.sh):
+ *   node train_gpt.mjs [--batch=4] [--seq=1024] [--steps=5] [--warmup=2]
+ *       [--models=stock,flash,fused] [--step-seconds=100] [--deadline=200]
+ *   node train_gpt.mjs --child=curve [--curve-steps=50] [--layers=2 --width=64 --seq=64]
+ *       (the loss curves of the fused model, fused vs composed reference)
  * Each measurement runs in a child process of this script, so that running
  * out of memory (a WebGPU out-of-memory or validation error, a lost device,
  * a crash) ends only that child. Results: a table on stdout and
@@ -20,12 +31,13 @@ import * as path from 'path';
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 
-import {FlashAttention, FlashAttentionGrad, hasFusedKernel} from '../src';
+import {FlashAttention, FlashAttentionGrad, FUSED_ADAMW_IMPL, fusedAdam, FusedNorm, hasFusedKernel} from '../src';
 import {flashMHA} from '../src/layers';
 import {useBestBackend} from '../demo/backend';
-import {buildGPT, median, sampleBatch, seededRandom, trainableVariables, trainStep} from '../demo/gpt';
+import {buildGPT, LossKind, median, NormKind, sampleBatch, seededRandom, trainableVariables, trainStep} from '../demo/gpt';
 
 import {composedMHA} from './composed_mha';
+import {webgpuCounters} from './webgpu_counters';
 import {gptSize, option, VOCAB} from './gpt_options';
 
 type Impl = 'flash'|'composed';
@@ -39,12 +51,14 @@ function report(kind: string, value: unknown) {
 }
 
 function buildModel(impl: Impl): tfl.LayersModel {
-  return buildGPT({vocabSize: VOCAB, numLayers: LAYERS, embedDim: WIDTH, numHeads: HEADS},
-                  impl === 'flash' ? flashMHA : composedMHA, 'gpt');
+  return buildGPT(
+      {vocabSize: VOCAB, numLayers: LAYERS, embedDim: WIDTH, numHeads: HEADS},
+      impl === 'flash' ? flashMHA : composedMHA, 'gpt');
 }
 
 /** Runs fn with WebGPU error scopes; resolves to the errors seen (none = it ran). */
-async function withErrorScopes(device: GPUDevice, fn: () => Promise<number>): Promise<{loss: number, error: string|null}> {
+async function withErrorScopes(
+    device: GPUDevice, fn: () => Promise<number>): Promise<{loss: number, error: string | null}> {
   device.pushErrorScope('out-of-memory');
   device.pushErrorScope('validation');
   device.pushErrorScope('internal');
@@ -71,39 +85,90 @@ async function withErrorScopes(device: GPUDevice, fn: () => Promise<number>): Pr
   return {loss, error};
 }
 
-/** Child: median step times of both models (same weights, same batches, alternating). */
+type Flavor = 'stock'|'flash'|'fused';
+const FLAVORS: Flavor[] = ['stock', 'flash', 'fused'];
+const FLAVOR_LABEL: Record<Flavor, string> = {
+  stock: 'stock tfjs',
+  flash: 'FlashMHA only',
+  fused: 'all fused',
+};
+/** The FlashMHA-only model's norm: 'gpt' (demo/gpt.ts's LayerNorm, today's model) or 'tfjs'. */
+const FLASH_NORM = option('flash-norm', 'gpt') as NormKind;
+
+/**
+ * The optimizer of the fused model. One-line switch: fusedAdam (one dispatch
+ * per variable, no uploads) or tf.train.adam.
+ */
+const fusedOptimizer = (lr: number): tf.Optimizer => fusedAdam({learningRate: lr});
+
+/**
+ * stock: tf.layers.layerNormalization, composed attention, tf.train.adam,
+ * composed loss; flash: the same with FlashMHA (and --flash-norm);
+ * fused: fused norms with the residual adds, FlashMHA, fused cross-entropy
+ * and the fused optimizer.
+ */
+function buildFlavor(flavor: Flavor, lr: number) {
+  const config = {vocabSize: VOCAB, numLayers: LAYERS, embedDim: WIDTH, numHeads: HEADS};
+  const model = flavor === 'stock' ? buildGPT(config, composedMHA, 'gpt', 'tfjs') :
+      flavor === 'flash'           ? buildGPT(config, flashMHA, 'gpt', FLASH_NORM) :
+                                     buildGPT(config, flashMHA, 'gpt', 'fused');
+  const optimizer = flavor === 'fused' ? fusedOptimizer(lr) : tf.train.adam(lr);
+  const loss: LossKind = flavor === 'fused' ? 'fused' : 'composed';
+  return {model, optimizer, loss};
+}
+
+interface StepCounts {
+  dispatches: number;
+  submits: number;
+  uploads: number;
+  /** Host uploads by dtype and shape (where they come from). */
+  uploadShapes: Record<string, number>;
+}
+
+/** Child: median step times of the three models (same weights, same batches, alternating). */
 async function stepChild() {
   const batch = Number(option('batch', '4'));
   const seq = Number(option('seq', '1024'));
   const steps = Number(option('steps', '5'));
-  const warmup = 2;
+  const warmup = Number(option('warmup', '2'));
+  const flavors = option('models', FLAVORS.join(',')).split(',') as Flavor[];
   const backend = await useBestBackend('webgpu');
-  report('backend', {description: backend.description, gpu: backend.gpu,
-                     fusedForward: hasFusedKernel(FlashAttention, 'webgpu'),
-                     fusedBackward: hasFusedKernel(FlashAttentionGrad, 'webgpu'),
-                     impl: tf.env().get('FLASH_ATTENTION_IMPL')});
-  const flash = buildModel('flash');
-  const composed = buildModel('composed');
-  composed.setWeights(flash.getWeights());
+  report('backend', {
+    description: backend.description,
+    gpu: backend.gpu,
+    fusedForward: hasFusedKernel(FlashAttention, 'webgpu'),
+    fusedBackward: hasFusedKernel(FlashAttentionGrad, 'webgpu'),
+    fusedNorm: hasFusedKernel(FusedNorm, 'webgpu'),
+    impl: tf.env().get('FLASH_ATTENTION_IMPL')
+  });
+  const counters = webgpuCounters();
   const random = seededRandom(7);
   const data = Int32Array.from({length: 1 << 16}, () => Math.floor(random() * VOCAB));
-  const runs = ([['flash', flash], ['composed', composed]] as const).map(([name, model]) => ({
-    name, model, optimizer: tf.train.adam(1e-4), vars: trainableVariables(model), ms: [] as number[],
-    losses: [] as number[],
-  }));
-  // Which kernels the FlashMHA forward ran.
-  {
-    const {x} = sampleBatch(data, 1, 128, random);
-    const profile = await tf.profile(() => flash.apply(x) as tf.Tensor);
-    tf.dispose(x);
-    report('kernels', {flashForwardUsesFusedKernel: profile.kernelNames.includes(FlashAttention)});
+  const runs = flavors.map(flavor => ({
+                             name: flavor,
+                             ...buildFlavor(flavor, 1e-4),
+                             vars: [] as tf.Variable[],
+                             ms: [] as number[],
+                             losses: [] as number[],
+                             counts: [] as StepCounts[],
+                           }));
+  for (const run of runs.slice(1)) {
+    run.model.setWeights(runs[0].model.getWeights());
   }
+  runs.forEach(run => run.vars = trainableVariables(run.model));
   for (let step = 0; step < warmup + steps; step++) {
-    const {x, y} = sampleBatch(data, batch, seq, random);
+    const batchData = sampleBatch(data, batch, seq, random);
+    // Each model uploads its own copy of the batch (counted in its step).
+    const [xs, ys] = [batchData.x.dataSync(), batchData.y.dataSync()];
+    tf.dispose([batchData.x, batchData.y]);
     for (const run of runs) {
+      const x = tf.tensor2d(xs, [batch, seq], 'int32');
+      const y = tf.tensor2d(ys, [batch, seq], 'int32');
+      counters.reset();
       const t0 = performance.now();
-      const result = await withErrorScopes(backend.device!, () =>
-        trainStep(run.model, run.optimizer, x, y, VOCAB, run.vars));
+      const result = await withErrorScopes(
+          backend.device!,
+          () => trainStep(run.model, run.optimizer, x, y, VOCAB, run.vars, run.loss));
       const ms = performance.now() - t0;
       if (result.error) {
         report('step-error', {impl: run.name, step, error: result.error});
@@ -111,16 +176,82 @@ async function stepChild() {
       }
       run.ms.push(ms);
       run.losses.push(result.loss);
+      const c = counters.snapshot();
+      run.counts.push({
+        dispatches: c.dispatches,
+        submits: c.submits,
+        uploads: c.hostUploads,
+        uploadShapes: Object.fromEntries(c.uploadShapes)
+      });
+      tf.dispose([x, y]);
     }
-    tf.dispose([x, y]);
-    console.log(`step ${step}${step < warmup ? ' (warm-up)' : ''}: ${runs.map(r => `${r.name} ${
-        r.ms[step].toFixed(1)} ms loss ${r.losses[step].toFixed(4)}`).join(', ')}`);
+    console.log(`step ${step}${step < warmup ? ' (warm-up)' : ''}: ${
+        runs.map(r => `${r.name} ${r.ms[step].toFixed(1)} ms loss ${r.losses[step].toFixed(4)}`)
+            .join(', ')}`);
   }
-  const [f, c] = runs.map(r => median(r.ms.slice(warmup)));
-  report('steps', {batch, seq, steps, flashMs: f, composedMs: c, speedup: c / f,
-                   flashMsAll: runs[0].ms, composedMsAll: runs[1].ms,
-                   lossesFlash: runs[0].losses, lossesComposed: runs[1].losses});
+  const last = (r: typeof runs[number]) => r.counts[r.counts.length - 1];
+  report('steps', {
+    batch,
+    seq,
+    steps,
+    models: runs.map(r => ({
+                       name: r.name,
+                       medianMs: median(r.ms.slice(warmup)),
+                       ms: r.ms,
+                       losses: r.losses,
+                       ...last(r),
+                     }))
+  });
   process.exit(0);
+}
+
+/**
+ * --child=curve: the fused model trained --curve-steps steps (default 50)
+ * with the fused kernels, then from the same weights on the same batches
+ * with every op's composed reference (FLASH_ATTENTION_IMPL and
+ * FUSED_ADAMW_IMPL = reference); prints both loss curves and the largest
+ * relative difference. Use a small model (--layers, --width, --seq).
+ */
+async function curveChild() {
+  const batch = Number(option('batch', '2'));
+  const seq = Number(option('seq', '64'));
+  const steps = Number(option('curve-steps', '50'));
+  const backend = await useBestBackend('webgpu');
+  const random = seededRandom(13);
+  const data = Int32Array.from({length: 1 << 14}, () => Math.floor(random() * VOCAB));
+  const batches = Array.from({length: steps}, () => sampleBatch(data, batch, seq, random));
+  const initial = buildFlavor('fused', 1e-3).model;
+  const curves: Record<string, number[]> = {};
+  for (const impl of ['auto', 'reference']) {
+    tf.env().set('FLASH_ATTENTION_IMPL', impl);
+    tf.env().set(FUSED_ADAMW_IMPL, impl);
+    const {model, optimizer, loss} = buildFlavor('fused', 1e-3);
+    model.setWeights(initial.getWeights());
+    const vars = trainableVariables(model);
+    curves[impl] = [];
+    for (const {x, y} of batches) {
+      curves[impl].push(await trainStep(model, optimizer, x, y, VOCAB, vars, loss));
+    }
+    optimizer.dispose();
+    model.dispose();
+  }
+  const diffs =
+      curves.auto.map((l, i) => Math.abs(l - curves.reference[i]) / Math.abs(curves.reference[i]));
+  const maxRelativeDifference = Math.max(...diffs);
+  report('curve', {
+    backend: backend.description,
+    steps,
+    batch,
+    seq,
+    fused: curves.auto,
+    reference: curves.reference,
+    maxRelativeDifference
+  });
+  console.log(`loss curves over ${
+      steps} steps, fused vs composed reference: largest relative difference ${
+      maxRelativeDifference.toExponential(2)} (first ${curves.auto[0].toFixed(4)}, last fused ${
+      curves.auto[steps - 1].toFixed(4)} / reference ${curves.reference[steps - 1].toFixed(4)})`);
+  process.exit(maxRelativeDifference < 1e-3 ? 0 : 3);
 }
 
 /** Child: one training step per length, doubling from --from, until one fails. */
@@ -139,21 +270,33 @@ async function oomChild() {
     // Step time grows 2-4x per doubling: skip a step that cannot end in time.
     const elapsed = (performance.now() - start) / 1000;
     if (lastMs > 0 && elapsed + 2.5 * lastMs / 1000 > seconds) {
-      report('stop', {impl, seq, reason: `time: the step at ${seq} would need about ${
-          (2.5 * lastMs / 1000).toFixed(0)} s, ${(seconds - elapsed).toFixed(0)} s left`});
+      report('stop', {
+        impl,
+        seq,
+        reason: `time: the step at ${seq} would need about ${(2.5 * lastMs / 1000).toFixed(0)} s, ${
+            (seconds - elapsed).toFixed(0)} s left`
+      });
       break;
     }
     const data = Int32Array.from({length: seq + 2}, () => Math.floor(random() * VOCAB));
     const {x, y} = sampleBatch(data, 1, seq, random);
     const t0 = performance.now();
-    const result = await withErrorScopes(backend.device!, () => trainStep(model, optimizer, x, y, VOCAB, vars));
+    const result = await withErrorScopes(
+        backend.device!, () => trainStep(model, optimizer, x, y, VOCAB, vars));
     const ms = performance.now() - t0;
     lastMs = ms;
     tf.dispose([x, y]);
     // Bytes of GPU buffers tfjs holds (in use or pooled): about the peak.
     const memory = tf.memory() as {numBytesInGPUAllocated?: number};
-    report('probe', {impl, seq, ok: result.error == null, ms, loss: result.loss, error: result.error,
-                     gpuBytesAllocated: memory.numBytesInGPUAllocated ?? null});
+    report('probe', {
+      impl,
+      seq,
+      ok: result.error == null,
+      ms,
+      loss: result.loss,
+      error: result.error,
+      gpuBytesAllocated: memory.numBytesInGPUAllocated ?? null
+    });
     if (result.error != null) {
       break;
     }
@@ -172,7 +315,8 @@ interface ChildOutcome {
 /** Runs this script as a child; kills it after `seconds`. */
 function child(args: string[], seconds: number, log: (s: string) => void): Promise<ChildOutcome> {
   return new Promise(resolve => {
-    const proc = spawn(process.execPath, [process.argv[1], ...args], {stdio: ['ignore', 'pipe', 'pipe']});
+    const proc =
+        spawn(process.execPath, [process.argv[1], ...args], {stdio: ['ignore', 'pipe', 'pipe']});
     const results: Array<Record<string, unknown>> = [];
     let stderr = '';
     let timedOut = false;
@@ -198,7 +342,8 @@ function child(args: string[], seconds: number, log: (s: string) => void): Promi
     }, seconds * 1000);
     proc.on('close', (code, signal) => {
       clearTimeout(timer);
-      resolve({results, code, signal, timedOut, stderrTail: stderr.split('\n').slice(-6).join('\n')});
+      resolve(
+          {results, code, signal, timedOut, stderrTail: stderr.split('\n').slice(-6).join('\n')});
     });
   });
 }
@@ -212,13 +357,21 @@ async function parent() {
     console.log(s);
     lines.push(s);
   };
-  const summary: Record<string, unknown> = {date: new Date().toISOString(), layers: LAYERS, width: WIDTH,
-                                            heads: HEADS, vocab: VOCAB};
-  const stepArgs = ['--child=step', ...MODEL_ARGS, `--batch=${option('batch', '4')}`, `--seq=${option('seq', '1024')}`,
-                    `--steps=${option('steps', '5')}`];
-  const steps = await child(stepArgs, Math.min(70, left()), log);
-  summary.step = {results: steps.results, code: steps.code, timedOut: steps.timedOut,
-                  stderr: steps.code === 0 ? undefined : steps.stderrTail};
+  const summary: Record<string, unknown> =
+      {date: new Date().toISOString(), layers: LAYERS, width: WIDTH, heads: HEADS, vocab: VOCAB};
+  const stepArgs = [
+    '--child=step', ...MODEL_ARGS, `--batch=${option('batch', '4')}`,
+    `--seq=${option('seq', '1024')}`, `--steps=${option('steps', '5')}`,
+    `--warmup=${option('warmup', '2')}`, `--models=${option('models', FLAVORS.join(','))}`,
+    `--flash-norm=${FLASH_NORM}`
+  ];
+  const steps = await child(stepArgs, Math.min(Number(option('step-seconds', '100')), left()), log);
+  summary.step = {
+    results: steps.results,
+    code: steps.code,
+    timedOut: steps.timedOut,
+    stderr: steps.code === 0 ? undefined : steps.stderrTail
+  };
   const probes: Record<Impl, Array<Record<string, unknown>>> = {flash: [], composed: []};
   const stops: Record<Impl, string> = {flash: '', composed: ''};
   for (const impl of ['composed', 'flash'] as Impl[]) {
@@ -226,8 +379,12 @@ async function parent() {
     // A crashed or killed child ends its series: note how, and continue from the next length.
     while (left() > 15 && from <= MAX_SEQ) {
       const seconds = Math.min(impl === 'composed' ? 45 : 110, left() - 5);
-      const outcome = await child([`--child=oom`, ...MODEL_ARGS, `--max=${MAX_SEQ}`, `--impl=${impl}`, `--from=${from}`,
-                                   `--seconds=${Math.floor(seconds - 8)}`], seconds, log);
+      const outcome = await child(
+          [
+            `--child=oom`, ...MODEL_ARGS, `--max=${MAX_SEQ}`, `--impl=${impl}`, `--from=${from}`,
+            `--seconds=${Math.floor(seconds - 8)}`
+          ],
+          seconds, log);
       const got = outcome.results.filter(r => r.kind === 'probe');
       probes[impl].push(...got);
       const stop = outcome.results.find(r => r.kind === 'stop');
@@ -243,12 +400,14 @@ async function parent() {
       const next = last == null ? from : (last.seq as number) * 2;
       if (outcome.timedOut) {
         stops[impl] = `time limit during the step at ${next}`;
-        probes[impl].push({impl, seq: next, ok: false, error: 'time limit (not memory)', timeLimit: true});
+        probes[impl].push(
+            {impl, seq: next, ok: false, error: 'time limit (not memory)', timeLimit: true});
         break;
       }
       if (outcome.code !== 0) {
         stops[impl] = `process ended (code ${outcome.code}, signal ${outcome.signal}) at ${next}`;
-        probes[impl].push({impl, seq: next, ok: false, error: `crash: ${outcome.stderrTail.slice(-300)}`});
+        probes[impl].push(
+            {impl, seq: next, ok: false, error: `crash: ${outcome.stderrTail.slice(-300)}`});
         break;
       }
       from = next;
@@ -258,42 +417,74 @@ async function parent() {
     }
   }
   summary.probes = probes;
-  const longest = (impl: Impl) => Math.max(0, ...probes[impl].filter(p => p.ok).map(p => p.seq as number));
+  const longest = (impl: Impl) =>
+      Math.max(0, ...probes[impl].filter(p => p.ok).map(p => p.seq as number));
   summary.longest = {flash: longest('flash'), composed: longest('composed'), stops};
 
   log('');
   const backend = steps.results.find(r => r.kind === 'backend');
-  const kernels = steps.results.find(r => r.kind === 'kernels');
   const timing = steps.results.find(r => r.kind === 'steps');
-  log(`device: ${backend?.description}; fused forward registered: ${backend?.fusedForward}, fused backward: ${
-      backend?.fusedBackward}; FlashMHA forward ran the fused kernel: ${kernels?.flashForwardUsesFusedKernel}`);
-  log(`| GPT ${LAYERS}x${WIDTH}, ${HEADS} heads | FlashMHA | composed | ratio |`);
-  log('| --- | --- | --- | --- |');
+  log(`device: ${backend?.description}; fused attention forward/backward registered: ${
+      backend?.fusedForward}/${backend?.fusedBackward}, fused norm: ${backend?.fusedNorm}`);
   if (timing) {
-    log(`| training step, batch ${timing.batch} x seq ${timing.seq} (median of ${timing.steps}) | ${
-        (timing.flashMs as number).toFixed(1)} ms | ${(timing.composedMs as number).toFixed(1)} ms | ${
-        (timing.speedup as number).toFixed(2)}x faster |`);
+    type ModelResult = {
+      name: Flavor,
+      medianMs: number,
+      dispatches: number,
+      submits: number,
+      uploads: number,
+      losses: number[]
+    };
+    const models = timing.models as ModelResult[];
+    const stock = models.find(m => m.name === 'stock');
+    const flash = models.find(m => m.name === 'flash');
+    log(`| GPT ${LAYERS}x${WIDTH}, ${HEADS} heads, batch ${timing.batch} x seq ${
+        timing.seq} (median of ${
+        timing
+            .steps}) | step | vs stock | vs FlashMHA only | dispatches | submits | uploads | last loss |`);
+    log('| --- | --- | --- | --- | --- | --- | --- | --- |');
+    for (const m of models) {
+      log(`| ${FLAVOR_LABEL[m.name]} | ${m.medianMs.toFixed(1)} ms | ${
+          stock ? (stock.medianMs / m.medianMs).toFixed(2) + 'x' : '-'} | ${
+          flash ? (flash.medianMs / m.medianMs).toFixed(2) + 'x' : '-'} | ${m.dispatches} | ${
+          m.submits} | ${m.uploads} | ${m.losses[m.losses.length - 1].toFixed(4)} |`);
+    }
+    for (const m of models) {
+      log(`${FLAVOR_LABEL[m.name]}: uploads by shape ${
+          JSON.stringify((m as {uploadShapes?: object}).uploadShapes)}`);
+    }
   } else {
-    log(`| training step | failed: ${JSON.stringify(steps.results.filter(r => r.kind === 'step-error'))} ${
-        steps.stderrTail} | | |`);
+    log(`step comparison failed: ${
+        JSON.stringify(steps.results.filter(r => r.kind === 'step-error'))} ${steps.stderrTail}`);
   }
+  log(`| GPT ${LAYERS}x${WIDTH} | FlashMHA | composed | ratio |`);
+  log('| --- | --- | --- | --- |');
   const fl = longest('flash');
   const co = longest('composed');
   log(`| longest seq, batch 1, one step runs | ${fl} (${stops.flash || 'not reached'}) | ${co} (${
       stops.composed || 'not reached'}) | ${co > 0 ? (fl / co).toFixed(0) : '-'}x longer |`);
   for (const impl of ['flash', 'composed'] as Impl[]) {
-    log(`${impl} probes: ${probes[impl].map(p => `${p.seq}:${p.ok ? `${(p.ms as number).toFixed(0)}ms` :
-                                                        String(p.error).slice(0, 120)}`).join('  ')}`);
+    log(`${impl} probes: ${
+        probes[impl]
+            .map(
+                p => `${p.seq}:${
+                    p.ok ? `${(p.ms as number).toFixed(0)}ms` : String(p.error).slice(0, 120)}`)
+            .join('  ')}`);
   }
   if (process.env.OUT) {
-    fs.writeFileSync(path.join(process.env.OUT, 'train_gpt.json'), JSON.stringify(summary, null, 1));
+    fs.writeFileSync(
+        path.join(process.env.OUT, 'train_gpt.json'), JSON.stringify(summary, null, 1));
     fs.writeFileSync(path.join(process.env.OUT, 'train_gpt.log'), lines.join('\n') + '\n');
   }
   process.exit(0);
 }
 
 const role = option('child', '');
-(role === 'step' ? stepChild() : role === 'oom' ? oomChild() : parent()).catch(error => {
-  console.error(error);
-  process.exit(1);
-});
+(role === 'step'      ? stepChild() :
+     role === 'oom'   ? oomChild() :
+     role === 'curve' ? curveChild() :
+                        parent())
+    .catch(error => {
+      console.error(error);
+      process.exit(1);
+    });

@@ -1,11 +1,11 @@
 /**
  * Device run of the fused WebGPU backward (issue 4), in Node on Dawn:
  *   1. correctness at realistic shapes: fused gradients vs the float64
- *      oracle (5e-4, DESIGN.md §3), and bit-identical reruns;
+ *      oracle (5e-4, docs/design.md, "Accuracy bounds"), and bit-identical reruns;
  *   2. timing, causal B=1 H=16 D=64: backward alone (each tiling tried),
  *      forward alone and forward+backward at S=4096, and forward+backward
  *      at S=16384 (does it fit in memory?).
- * FLOPs (DESIGN.md §4): forward 4*B*S*S*H*D, halved for causal;
+ * FLOPs (docs/design.md, "Performance method"): forward 4*B*S*S*H*D, halved for causal;
  * backward 2.5x, forward+backward 3.5x.
  *
  *   3. with --passes: each of the three passes alone (Delta, dK/dV, dQ),
@@ -48,14 +48,14 @@ function randomTensor(shape: number[], rng: Rng): tf.Tensor {
 
 /** The backward kernel on saved forward outputs. */
 function backward(
-    dy: tf.Tensor, dLse: tf.Tensor, q: tf.Tensor, k: tf.Tensor, v: tf.Tensor,
-    out: tf.Tensor, lse: tf.Tensor, opts: OracleOptions): tf.Tensor[] {
+    dy: tf.Tensor, dLse: tf.Tensor, q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, out: tf.Tensor,
+    lse: tf.Tensor, opts: OracleOptions): tf.Tensor[] {
   const attrs = normalizeOptions(opts, q.shape[3]!, 'benchmark');
   return tf.engine().runKernel(
-      FlashAttentionGrad,
-      {dy, dLse, q, k, v, out, softmaxLse: lse, alibiSlopes: tf.zeros([0])} as unknown as
-          tf.NamedTensorMap,
-      attrs as unknown as tf.NamedAttrMap) as tf.Tensor[];
+             FlashAttentionGrad,
+             {dy, dLse, q, k, v, out, softmaxLse: lse, alibiSlopes: tf.zeros([0])} as unknown as
+                 tf.NamedTensorMap,
+             attrs as unknown as tf.NamedAttrMap) as tf.Tensor[];
 }
 
 async function correctness(shape: Shape, opts: OracleOptions, label: string): Promise<string> {
@@ -65,9 +65,10 @@ async function correctness(shape: Shape, opts: OracleOptions, label: string): Pr
   const q = tf.tensor(Float32Array.from(problem.q), [batch, seqQ, heads, headDim]);
   const k = tf.tensor(Float32Array.from(problem.k), [batch, seqK, headsKV, headDim]);
   const v = tf.tensor(Float32Array.from(problem.v), [batch, seqK, headsKV, headDimV]);
-  const [out, lse] = flashAttention(q as tf.Tensor4D, k as tf.Tensor4D, v as tf.Tensor4D,
-                                    {...opts, returnSoftmaxLse: true});
-  const dOut = new Float64Array(batch * seqQ * heads * headDimV).map(() => Math.fround(rng.normal()));
+  const [out, lse] = flashAttention(
+      q as tf.Tensor4D, k as tf.Tensor4D, v as tf.Tensor4D, {...opts, returnSoftmaxLse: true});
+  const dOut =
+      new Float64Array(batch * seqQ * heads * headDimV).map(() => Math.fround(rng.normal()));
   const dLse = new Float64Array(batch * heads * seqQ).map(() => Math.fround(rng.normal()));
   const dy = tf.tensor(Float32Array.from(dOut), out.shape);
   const dl = tf.tensor(Float32Array.from(dLse), lse.shape);
@@ -81,10 +82,11 @@ async function correctness(shape: Shape, opts: OracleOptions, label: string): Pr
   const expected = oracleBackward(problem, opts, dOut, dLse);
   const errors = (['dq', 'dk', 'dv'] as const).map((name, i) => {
     const d = discrepancy(runs[0][i], expected[name]);
-    return `${name} ${d.relativeError.toExponential(2)}${d.firstBadElement ? ' BAD ' + d.firstBadElement : ''}`;
+    return `${name} ${d.relativeError.toExponential(2)}${
+        d.firstBadElement ? ' BAD ' + d.firstBadElement : ''}`;
   });
-  const identical = runs[0].every((a, i) =>
-      Buffer.from(a.buffer).equals(Buffer.from(runs[1][i].buffer)));
+  const identical =
+      runs[0].every((a, i) => Buffer.from(a.buffer).equals(Buffer.from(runs[1][i].buffer)));
   tf.dispose([q, k, v, out, lse, dy, dl]);
   return `| ${label} | ${errors.join(', ')} | ${identical ? 'yes' : 'NO'} |`;
 }
@@ -92,12 +94,12 @@ async function correctness(shape: Shape, opts: OracleOptions, label: string): Pr
 /** Median ms per call of `f` over batches of `reps`, read back once per batch. */
 async function timeIt(f: () => tf.Tensor[], reps: number, batches: number): Promise<number> {
   const sync = async (ts: tf.Tensor[]) => {
-    const probe = tf.tidy(() => tf.slice(ts[0], new Array(ts[0].rank).fill(0),
-                                         new Array(ts[0].rank).fill(1)));
+    const probe = tf.tidy(
+        () => tf.slice(ts[0], new Array(ts[0].rank).fill(0), new Array(ts[0].rank).fill(1)));
     await probe.data();
     probe.dispose();
   };
-  let last = f();   // warm-up (compiles pipelines)
+  let last = f();  // warm-up (compiles pipelines)
   await sync(last);
   tf.dispose(last);
   const times: number[] = [];
@@ -134,8 +136,9 @@ function causalProblem(seq: number, heads: number, d: number, seed: number) {
   return {q, k, v, opts, out, lse, dy, dl};
 }
 
-async function timing(seq: number, heads: number, d: number, tilings: Array<GradTiles|null>,
-                      withForward: boolean, reps: number, batches: number): Promise<string[]> {
+async function timing(
+    seq: number, heads: number, d: number, tilings: Array<GradTiles|null>, withForward: boolean,
+    reps: number, batches: number): Promise<string[]> {
   const {q, k, v, opts, out, lse, dy, dl} = causalProblem(seq, heads, d, 7);
   const fwdFlops = flops(seq, heads, d, true);
   const rows: string[] = [];
@@ -147,8 +150,9 @@ async function timing(seq: number, heads: number, d: number, tilings: Array<Grad
     setGradTilesOverride(tiles);
     const ms = await timeIt(() => backward(dy, dl, q, k, v, out, lse, opts), reps, batches);
     await checkOwnPipelineErrors();
-    rows.push(row(`fused backward, tiles ${tiles == null ? 'auto' : JSON.stringify(tiles)}`,
-                  ms, 2.5 * fwdFlops));
+    rows.push(
+        row(`fused backward, tiles ${tiles == null ? 'auto' : JSON.stringify(tiles)}`, ms,
+            2.5 * fwdFlops));
     if (ms < bestBwd) {
       bestBwd = ms;
       bestTiles = tiles;
@@ -158,7 +162,8 @@ async function timing(seq: number, heads: number, d: number, tilings: Array<Grad
   if (withForward) {
     const fwdName = hasFusedKernel(FlashAttention, 'webgpu') ? 'fused' : 'reference';
     const fwdMs = await timeIt(
-        () => flashAttention(q, k, v, {...opts, returnSoftmaxLse: true}) as tf.Tensor[], reps, batches);
+        () => flashAttention(q, k, v, {...opts, returnSoftmaxLse: true}) as tf.Tensor[], reps,
+        batches);
     rows.push(row(`${fwdName} forward`, fwdMs, fwdFlops));
     const bothMs = await timeIt(() => {
       const [o, l] = flashAttention(q, k, v, {...opts, returnSoftmaxLse: true});
@@ -174,8 +179,9 @@ async function timing(seq: number, heads: number, d: number, tilings: Array<Grad
 }
 
 /** Median ms of the fused forward + fused backward, causal, with `tiles`. */
-async function fwdBwd(seq: number, heads: number, d: number, tiles: GradTiles|null, reps: number,
-                      batches: number): Promise<[number]> {
+async function fwdBwd(
+    seq: number, heads: number, d: number, tiles: GradTiles|null, reps: number,
+    batches: number): Promise<[number]> {
   const rng = new Rng(5);
   const q = randomTensor([1, seq, heads, d], rng) as tf.Tensor4D;
   const k = randomTensor([1, seq, heads, d], rng) as tf.Tensor4D;
@@ -215,8 +221,11 @@ async function passTiming(
   const features = gradFeatures(attrs, false);
   const delta = new FlashAttentionGradDeltaProgram(shapes);
   const [stats] = runOwnPipeline(webgpu, delta, {
-    inputs: [dy, out, dl, lse], outputs: [{shape: [1, heads, seq, 2], dtype: 'float32'}],
-    uniforms, dispatch: delta.workgroups});
+    inputs: [dy, out, dl, lse],
+    outputs: [{shape: [1, heads, seq, 2], dtype: 'float32'}],
+    uniforms,
+    dispatch: delta.workgroups
+  });
   const time = async (run: () => tf.TensorInfo[]) => {
     const drain = () => webgpu.device.queue.onSubmittedWorkDone();
     run().forEach(o => webgpu.disposeData(o.dataId));
@@ -237,19 +246,27 @@ async function passTiming(
   // Products' FLOPs (causal): dK/dV 4 (S, dP, dV, dK), dQ 3 (S, dP, dQ).
   const product = 2 * seq * seq / 2 * heads * d;
   const rows: string[] = [];
-  const row = (pass: string, tiles: string, ms: number, f: number) =>
-      `| ${d} | ${pass} | ${tiles} | ${ms.toFixed(3)} | ${f > 0 ? (f / ms / 1e9).toFixed(2) : '-'} |`;
-  rows.push(row('Delta', '-', await time(() => runOwnPipeline(webgpu, delta, {
-    inputs: [dy, out, dl, lse], outputs: [{shape: [1, heads, seq, 2], dtype: 'float32'}],
-    uniforms, dispatch: delta.workgroups})), 0));
+  const row = (pass: string, tiles: string, ms: number, f: number) => `| ${d} | ${pass} | ${
+      tiles} | ${ms.toFixed(3)} | ${f > 0 ? (f / ms / 1e9).toFixed(2) : '-'} |`;
+  rows.push(
+      row('Delta', '-', await time(() => runOwnPipeline(webgpu, delta, {
+                                     inputs: [dy, out, dl, lse],
+                                     outputs: [{shape: [1, heads, seq, 2], dtype: 'float32'}],
+                                     uniforms,
+                                     dispatch: delta.workgroups
+                                   })),
+          0));
   console.log(rows[rows.length - 1]);
   let best = {dkdv: dkdvs[0], dq: dqs[0], dkdvMs: Infinity, dqMs: Infinity};
   for (const t of dkdvs) {
     const prog = new FlashAttentionGradDkDvProgram(d, d, t, features);
-    const ms = await time(() => runOwnPipeline(webgpu, prog, {
-      inputs: [q, k, v, dy, stats], outputs: [{shape: k.shape, dtype: 'float32'},
-                                              {shape: v.shape, dtype: 'float32'}],
-      uniforms, dispatch: [Math.ceil(seq / t.bc), heads, 1]}));
+    const ms = await time(
+        () => runOwnPipeline(webgpu, prog, {
+          inputs: [q, k, v, dy, stats],
+          outputs: [{shape: k.shape, dtype: 'float32'}, {shape: v.shape, dtype: 'float32'}],
+          uniforms,
+          dispatch: [Math.ceil(seq / t.bc), heads, 1]
+        }));
     rows.push(row('dK/dV', JSON.stringify(t), ms, 4 * product));
     console.log(rows[rows.length - 1]);
     if (ms < best.dkdvMs) {
@@ -259,8 +276,11 @@ async function passTiming(
   for (const t of dqs) {
     const prog = new FlashAttentionGradDqProgram(d, d, t, features);
     const ms = await time(() => runOwnPipeline(webgpu, prog, {
-      inputs: [q, k, v, dy, stats], outputs: [{shape: q.shape, dtype: 'float32'}],
-      uniforms, dispatch: [Math.ceil(seq / t.br), heads, 1]}));
+                            inputs: [q, k, v, dy, stats],
+                            outputs: [{shape: q.shape, dtype: 'float32'}],
+                            uniforms,
+                            dispatch: [Math.ceil(seq / t.br), heads, 1]
+                          }));
     rows.push(row('dQ', JSON.stringify(t), ms, 3 * product));
     console.log(rows[rows.length - 1]);
     if (ms < best.dqMs) {
@@ -283,51 +303,52 @@ async function main(): Promise<void> {
   const limits = device.limits;
   console.log(`adapter limits: storage ${limits.maxComputeWorkgroupStorageSize}, invocations ${
       limits.maxComputeInvocationsPerWorkgroup}; auto tiles D=64: ${
-      JSON.stringify(chooseGradTiles(64, 64, limits))}; fused forward: ${
-      hasFusedKernel(FlashAttention, 'webgpu')}`);
+      JSON.stringify(chooseGradTiles(
+          64, 64, limits))}; fused forward: ${hasFusedKernel(FlashAttention, 'webgpu')}`);
 
-  const lines: string[] = ['| case | max error / max ref vs float64 oracle | rerun bit-identical |',
-                           '| --- | --- | --- |'];
+  const lines: string[] = [
+    '| case | max error / max ref vs float64 oracle | rerun bit-identical |', '| --- | --- | --- |'
+  ];
   const cases: Array<[Shape, OracleOptions, string]> = quick ?
-      [[{batch: 1, seqQ: 64, seqK: 64, heads: 2, headsKV: 1, headDim: 64, headDimV: 64},
-        {causal: true}, 'causal S=64 H=2 Hk=1 D=64']] :
-      [[{batch: 1, seqQ: 1024, seqK: 1024, heads: 2, headsKV: 2, headDim: 64, headDimV: 64},
-        {causal: true}, 'causal S=1024 H=2 D=64'],
-       [{batch: 2, seqQ: 384, seqK: 512, heads: 4, headsKV: 1, headDim: 128, headDimV: 64},
-        {windowSize: [100, 20], softcap: 20, dropoutRate: 0.1, seed: 3},
-        'B=2 Sq=384 Sk=512 H=4 Hk=1 D=128 Dv=64 window softcap dropout']];
+      [[
+        {batch: 1, seqQ: 64, seqK: 64, heads: 2, headsKV: 1, headDim: 64, headDimV: 64},
+        {causal: true}, 'causal S=64 H=2 Hk=1 D=64'
+      ]] :
+      [
+        [
+          {batch: 1, seqQ: 1024, seqK: 1024, heads: 2, headsKV: 2, headDim: 64, headDimV: 64},
+          {causal: true}, 'causal S=1024 H=2 D=64'
+        ],
+        [
+          {batch: 2, seqQ: 384, seqK: 512, heads: 4, headsKV: 1, headDim: 128, headDimV: 64},
+          {windowSize: [100, 20], softcap: 20, dropoutRate: 0.1, seed: 3},
+          'B=2 Sq=384 Sk=512 H=4 Hk=1 D=128 Dv=64 window softcap dropout'
+        ]
+      ];
   for (const [shape, opts, label] of cases) {
     lines.push(await correctness(shape, opts, label));
     console.log(lines[lines.length - 1]);
   }
-  const h100Tilings: Array<GradTiles|null> = [
-    null,
-    {dkdv: {bc: 64, br: 16, threads: 128, prefetch: false},
-     dq: {br: 64, bc: 16, threads: 128, prefetch: false}},
-  ];
+  const h100Tilings: Array<GradTiles|null> = [null];
   if (passes) {
-    lines.push('', '| D | pass (causal, B=1, H=16, S=4096) | tiles | ms (median) | TFLOP/s of its products |',
-               '| --- | --- | --- | --- | --- |');
+    lines.push(
+        '',
+        '| D | pass (causal, B=1, H=16, S=4096) | tiles | ms (median) | TFLOP/s of its products |',
+        '| --- | --- | --- | --- | --- |');
     const seqP = quick ? 128 : 4096;
     const headsP = quick ? 2 : 16;
-    // Tilings as "bc,br,threads[,flags]" (dK/dV) and "br,bc,threads[,flags]"
-    // (dQ); flags: n = no prefetch, k = dQ += dS K with K's dims held
-    // (dsRegs false).
+    // Tilings as "bc,br,threads" (dK/dV) and "br,bc,threads" (dQ).
     const dk = (spec: string): DkDvTiles => {
-      const [bc, br, threads] = spec.split(',').slice(0, 3).map(Number);
-      const flags = spec.split(',')[3] ?? '';
-      return {bc, br, threads, prefetch: !flags.includes('n')};
+      const [bc, br, threads] = spec.split(',').map(Number);
+      return {bc, br, threads};
     };
     const dq = (spec: string): DqTiles => {
-      const [br, bc, threads] = spec.split(',').slice(0, 3).map(Number);
-      const flags = spec.split(',')[3] ?? '';
-      return {br, bc, threads, prefetch: !flags.includes('n'), dsRegs: !flags.includes('k')};
+      const [br, bc, threads] = spec.split(',').map(Number);
+      return {br, bc, threads};
     };
     const p64 = await passTiming(
-        seqP, headsP, quick ? 16 : 64,
-        ['32,32,128', '64,16,128', '32,16,128', '32,32,128,n'].map(dk),
-        ['64,16,128', '64,16,128,k', '64,8,128', '32,32,128', '64,16,128,n'].map(dq),
-        quick ? 2 : 10, quick ? 3 : 5);
+        seqP, headsP, quick ? 16 : 64, ['32,32,128', '64,16,128', '32,16,128'].map(dk),
+        ['64,16,128', '64,8,128', '32,32,128'].map(dq), quick ? 2 : 10, quick ? 3 : 5);
     lines.push(...p64.rows);
     if (!quick) {
       h100Tilings.push({dkdv: p64.dkdv, dq: p64.dq});
@@ -335,15 +356,17 @@ async function main(): Promise<void> {
     const best: Array<[number, GradTiles]> = [[quick ? 16 : 64, {dkdv: p64.dkdv, dq: p64.dq}]];
     if (!quick) {
       const p128 = await passTiming(
-          seqP, headsP, 128, ['32,8,128', '32,8,256', '32,8,128,n'].map(dk),
-          ['32,8,128', '32,8,256', '32,8,128,k', '32,8,128,n'].map(dq), 5, 5);
+          seqP, headsP, 128, ['32,8,128', '32,8,256'].map(dk), ['32,8,128', '32,8,256'].map(dq), 5,
+          5);
       lines.push(...p128.rows);
       best.push([128, {dkdv: p128.dkdv, dq: p128.dq}]);
     }
     // Forward + backward, causal, over S: the automatic tiles against the
     // fastest of each pass above.
-    lines.push('', '| D | S | fwd+bwd ms, auto tiles | TFLOP/s | fwd+bwd ms, fastest passes | TFLOP/s | fastest tiles |',
-               '| --- | --- | --- | --- | --- | --- | --- |');
+    lines.push(
+        '',
+        '| D | S | fwd+bwd ms, auto tiles | TFLOP/s | fwd+bwd ms, fastest passes | TFLOP/s | fastest tiles |',
+        '| --- | --- | --- | --- | --- | --- | --- |');
     for (const [d, tiles] of best) {
       for (const seq of quick ? [128] : [1024, 2048, 4096, 8192, 16384]) {
         const reps = quick ? 2 : seq <= 4096 ? 10 : seq === 8192 ? 4 : 2;
@@ -356,10 +379,11 @@ async function main(): Promise<void> {
       }
     }
   }
-  lines.push('', '| what (causal, B=1, H=16, D=64) | S | ms (median) | TFLOP/s |',
-             '| --- | --- | --- | --- |');
-  const timingRuns: Array<[number, Array<GradTiles|null>, number, number]> = quick ?
-      [[128, [null], 2, 3]] : [[4096, h100Tilings, 10, 5]];
+  lines.push(
+      '', '| what (causal, B=1, H=16, D=64) | S | ms (median) | TFLOP/s |',
+      '| --- | --- | --- | --- |');
+  const timingRuns: Array<[number, Array<GradTiles|null>, number, number]> =
+      quick ? [[128, [null], 2, 3]] : [[4096, h100Tilings, 10, 5]];
   for (const [seq, tilings, reps, batches] of timingRuns) {
     const rows = await timing(seq, quick ? 2 : 16, 64, tilings, true, reps, batches);
     rows.forEach(r => console.log(r));

@@ -23,15 +23,25 @@ export interface WebGPUCounts {
 }
 
 function zeroCounts(): WebGPUCounts {
-  return {submits: 0, submitMs: 0, dispatches: 0, hostUploads: 0, hostUploadBytes: 0,
-          writeBuffers: 0, buffersCreated: 0, createBufferMs: 0, readBacks: 0,
-          uploadShapes: new Map()};
+  return {
+    submits: 0,
+    submitMs: 0,
+    dispatches: 0,
+    hostUploads: 0,
+    hostUploadBytes: 0,
+    writeBuffers: 0,
+    buffersCreated: 0,
+    createBufferMs: 0,
+    readBacks: 0,
+    uploadShapes: new Map()
+  };
 }
 
 type Method = (...args: unknown[]) => unknown;
 
-function wrap(proto: object, name: string, before: (self: unknown, args: unknown[]) => void,
-              timed?: (ms: number) => void): void {
+function wrap(
+    proto: object, name: string, before: (self: unknown, args: unknown[]) => void,
+    timed?: (ms: number) => void): void {
   const target = proto as Record<string, Method>;
   const original = target[name];
   if (typeof original !== 'function') {
@@ -51,8 +61,8 @@ function wrap(proto: object, name: string, before: (self: unknown, args: unknown
 interface BackendLike {
   device: GPUDevice;
   uploadToGPU(dataId: object): void;
-  tensorMap: {get(dataId: object):
-                  {values?: unknown, resource?: unknown, shape: number[], dtype: string}};
+  tensorMap:
+      {get(dataId: object): {values?: unknown, resource?: unknown, shape: number[], dtype: string}};
 }
 
 let installed: WebGPUCounters|null = null;
@@ -79,11 +89,13 @@ export class WebGPUCounters {
       throw new Error(`WebGPUCounters: expected the webgpu backend, got ${tf.getBackend()}`);
     }
     const c = () => this.counts;
-    wrap(Object.getPrototypeOf(device.queue), 'submit', () => c().submits++,
-         ms => c().submitMs += ms);
+    wrap(
+        Object.getPrototypeOf(device.queue), 'submit', () => c().submits++,
+        ms => c().submitMs += ms);
     wrap(Object.getPrototypeOf(device.queue), 'writeBuffer', () => c().writeBuffers++);
-    wrap(Object.getPrototypeOf(device), 'createBuffer', () => c().buffersCreated++,
-         ms => c().createBufferMs += ms);
+    wrap(
+        Object.getPrototypeOf(device), 'createBuffer', () => c().buffersCreated++,
+        ms => c().createBufferMs += ms);
     const encoder = device.createCommandEncoder();
     const pass = encoder.beginComputePass();
     wrap(Object.getPrototypeOf(pass), 'dispatchWorkgroups', () => c().dispatches++);

@@ -59,12 +59,14 @@ async function dawnGPU(): Promise<GPU|null> {
   Object.assign(globalThis, dawn.globals);
   const gpu = dawn.create([]);
   // tfjs-backend-webgpu checks navigator.gpu (Node's own navigator has none).
-  Object.defineProperty(globalThis, 'navigator', {value: {gpu}, configurable: true, writable: true});
+  Object.defineProperty(
+      globalThis, 'navigator', {value: {gpu}, configurable: true, writable: true});
   return gpu;
 }
 
 function isSoftware(info: GPUAdapterInfo): boolean {
-  const text = `${info.vendor} ${info.architecture} ${info.device} ${info.description}`.toLowerCase();
+  const text =
+      `${info.vendor} ${info.architecture} ${info.device} ${info.description}`.toLowerCase();
   return text.includes('swiftshader') || text.includes('llvmpipe') || text.includes('lavapipe') ||
       (info as {isFallbackAdapter?: boolean}).isFallbackAdapter === true;
 }
@@ -78,7 +80,8 @@ export async function createDevice(adapter: GPUAdapter): Promise<GPUDevice> {
       requiredLimits[key] = limits[key];
     }
   }
-  const wanted = ['timestamp-query', 'shader-f16', 'subgroups', 'chromium-experimental-subgroup-matrix'];
+  const wanted =
+      ['timestamp-query', 'shader-f16', 'subgroups', 'chromium-experimental-subgroup-matrix'];
   const requiredFeatures = wanted.filter(f => adapter.features.has(f)) as GPUFeatureName[];
   return adapter.requestDevice({requiredLimits, requiredFeatures});
 }
@@ -87,10 +90,12 @@ export async function createDevice(adapter: GPUAdapter): Promise<GPUDevice> {
  * Makes the best backend active. `prefer`: 'auto' (GPU WebGPU, else cpu),
  * 'webgpu' (WebGPU even on SwiftShader; error without an adapter) or 'cpu'.
  */
-export async function useBestBackend(prefer: 'auto'|'webgpu'|'cpu' = 'auto'): Promise<BackendChoice> {
+export async function useBestBackend(prefer: 'auto'|'webgpu'|'cpu' = 'auto'):
+    Promise<BackendChoice> {
   if (prefer !== 'cpu') {
     const gpu = await dawnGPU();
-    const adapter = gpu == null ? null : await gpu.requestAdapter({powerPreference: 'high-performance'});
+    const adapter =
+        gpu == null ? null : await gpu.requestAdapter({powerPreference: 'high-performance'});
     if (adapter != null && (prefer === 'webgpu' || !isSoftware(adapter.info))) {
       const device = await createDevice(adapter);
       const info = adapter.info;
@@ -101,12 +106,18 @@ export async function useBestBackend(prefer: 'auto'|'webgpu'|'cpu' = 'auto'): Pr
       if (!await tf.setBackend('webgpu')) {
         throw new Error('could not initialise the webgpu backend');
       }
-      const name = [info.vendor, info.architecture, info.device, info.description].filter(Boolean).join(' ');
-      return {name: 'webgpu', description: `webgpu (Dawn) on ${name || 'an unnamed adapter'}`,
-              gpu: !isSoftware(info), device};
+      const name =
+          [info.vendor, info.architecture, info.device, info.description].filter(Boolean).join(' ');
+      return {
+        name: 'webgpu',
+        description: `webgpu (Dawn) on ${name || 'an unnamed adapter'}`,
+        gpu: !isSoftware(info),
+        device
+      };
     }
     if (prefer === 'webgpu') {
-      throw new Error('no WebGPU adapter (is the `webgpu` package installed and a Vulkan driver present?)');
+      throw new Error(
+          'no WebGPU adapter (is the `webgpu` package installed and a Vulkan driver present?)');
     }
   }
   await tf.setBackend('cpu');

@@ -8,7 +8,8 @@
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 
-import {FlashMHAArgs, flashMHA} from '../src/layers';
+import {softmaxCrossEntropyLoss} from '../src';
+import {FlashMHAArgs, flashMHA, FusedLayerNormalization, IncrementalDecoder} from '../src/layers';
 
 export interface GPTConfig {
   vocabSize: number;
@@ -20,6 +21,13 @@ export interface GPTConfig {
 }
 
 export type AttentionFactory = (args: FlashMHAArgs) => tfl.layers.Layer;
+
+/**
+ * The norms of a GPT: 'gpt' this file's LayerNorm (composed, hand-written
+ * gradient), 'tfjs' tf.layers.layerNormalization (stock tfjs), 'fused'
+ * FusedLayerNormalization with each residual add fused into the next norm.
+ */
+export type NormKind = 'gpt'|'tfjs'|'fused';
 
 /**
  * Layer normalization over the last axis by broadcasting, with its gradient
@@ -70,7 +78,8 @@ tf.serialization.registerClass(LayerNorm);
  * dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(var + epsilon),
  * dgamma = sum(dy * xhat), dbeta = sum(dy) over the leading axes.
  */
-export function layerNorm(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsilon: number): tf.Tensor {
+export function layerNorm(
+    x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsilon: number): tf.Tensor {
   const leading = Array.from({length: x.rank - 1}, (_, i) => i);
   const normalize = (input: tf.Tensor) => {
     const {mean, variance} = tf.moments(input, -1, true);
@@ -87,7 +96,8 @@ export function layerNorm(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsil
       gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => {
         const [xhat, inv] = normalize(saved[0]);
         const g = tf.mul(dy, saved[1]);
-        const centered = tf.sub(tf.sub(g, tf.mean(g, -1, true)), tf.mul(xhat, tf.mean(tf.mul(g, xhat), -1, true)));
+        const centered = tf.sub(
+            tf.sub(g, tf.mean(g, -1, true)), tf.mul(xhat, tf.mean(tf.mul(g, xhat), -1, true)));
         return [tf.mul(centered, inv), tf.sum(tf.mul(dy, xhat), leading), tf.sum(dy, leading)];
       },
     };
@@ -95,27 +105,101 @@ export function layerNorm(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsil
   return norm(x, gamma, beta);
 }
 
-/** Token ids `[B, S]` (any S) -> logits `[B, S, vocabSize]`. */
-export function buildGPT(config: GPTConfig, attention: AttentionFactory = flashMHA, name = 'gpt'): tfl.LayersModel {
+/**
+ * gelu_new (the tanh approximation) whose constants are made on the device
+ * (tf.fill is a kernel): tfjs-layers' 'gelu_new' activation turns each of
+ * its numbers into a scalar uploaded from the host, on every call and in
+ * the gradient, which adds host uploads to every training step.
+ */
+export function geluNew(x: tf.Tensor): tf.Tensor {
+  return tf.tidy(() => {
+    const c = (value: number) => tf.fill([], value);
+    const cube = tf.mul(x, tf.mul(x, x));
+    const inner = tf.mul(c(Math.sqrt(2 / Math.PI)), tf.add(x, tf.mul(c(0.044715), cube)));
+    return tf.mul(x, tf.mul(c(0.5), tf.add(c(1), tf.tanh(inner))));
+  });
+}
+
+/** The layer of geluNew (no weights). */
+export class GeluNew extends tfl.layers.Layer {
+  static className = 'GPTGeluNew';
+  override call(inputs: tf.Tensor|tf.Tensor[]): tf.Tensor {
+    return geluNew(Array.isArray(inputs) ? inputs[0] : inputs);
+  }
+}
+tf.serialization.registerClass(GeluNew);
+
+/**
+ * Token ids `[B, S]` (any S) -> logits `[B, S, vocabSize]`. Every norm kind
+ * creates its weights in the same order, so models of different kinds take
+ * each other's weights (setWeights).
+ */
+export function buildGPT(
+    config: GPTConfig, attention: AttentionFactory = flashMHA, name = 'gpt',
+    norm: NormKind = 'gpt'): tfl.LayersModel {
   const {vocabSize, numLayers, embedDim, numHeads} = config;
   const headDim = embedDim / numHeads;
+  const makeNorm = (layerName: string, returnResidual = false): tfl.layers.Layer =>
+      norm === 'fused' ?
+      new FusedLayerNormalization({name: layerName, epsilon: 1e-5, returnResidual}) :
+      norm === 'tfjs' ? tfl.layers.layerNormalization({name: layerName, epsilon: 1e-5}) :
+                        new LayerNorm({name: layerName});
   const tokens = tfl.input({shape: [null], dtype: 'int32', name: `${name}_tokens`});
-  let x = tfl.layers.embedding({inputDim: vocabSize, outputDim: embedDim, name: `${name}_embed`,
-                                embeddingsInitializer: tfl.initializers.randomNormal({stddev: 0.02})})
+  let x = tfl.layers
+              .embedding({
+                inputDim: vocabSize,
+                outputDim: embedDim,
+                name: `${name}_embed`,
+                embeddingsInitializer: tfl.initializers.randomNormal({stddev: 0.02})
+              })
               .apply(tokens) as tfl.SymbolicTensor;
+  // Fused: a branch's output waits here to be added to x inside the next norm.
+  let pending: tfl.SymbolicTensor|null = null;
+  const normOf = (layerName: string): tfl.SymbolicTensor => {
+    if (norm !== 'fused' || pending == null) {
+      return makeNorm(layerName).apply(x) as tfl.SymbolicTensor;
+    }
+    const [normed, sum] = makeNorm(layerName, true).apply([pending, x]) as tfl.SymbolicTensor[];
+    x = sum;
+    pending = null;
+    return normed;
+  };
+  const addResidual = (branch: tfl.SymbolicTensor, layerName: string) => {
+    if (norm === 'fused') {
+      pending = branch;
+    } else {
+      x = tfl.layers.add({name: layerName}).apply([x, branch]) as tfl.SymbolicTensor;
+    }
+  };
   for (let i = 0; i < numLayers; i++) {
     const p = `${name}_block${i}`;
-    const norm1 = new LayerNorm({name: `${p}_norm1`}).apply(x);
-    const attended = attention({embedDim, numHeads, causal: true, rotaryEmbDim: headDim, dropout: config.dropout,
-                                name: `${p}_attention`}).apply(norm1);
-    x = tfl.layers.add({name: `${p}_residual1`}).apply([x, attended as tfl.SymbolicTensor]) as tfl.SymbolicTensor;
-    const norm2 = new LayerNorm({name: `${p}_norm2`}).apply(x);
-    const hidden = tfl.layers.dense({units: 4 * embedDim, activation: 'gelu_new', name: `${p}_mlp_in`}).apply(norm2);
-    const mlp = tfl.layers.dense({units: embedDim, name: `${p}_mlp_out`}).apply(hidden);
-    x = tfl.layers.add({name: `${p}_residual2`}).apply([x, mlp as tfl.SymbolicTensor]) as tfl.SymbolicTensor;
+    const norm1 = normOf(`${p}_norm1`);
+    const attended = attention({
+                       embedDim,
+                       numHeads,
+                       causal: true,
+                       rotaryEmbDim: headDim,
+                       dropout: config.dropout,
+                       name: `${p}_attention`
+                     }).apply(norm1) as tfl.SymbolicTensor;
+    addResidual(attended, `${p}_residual1`);
+    const norm2 = normOf(`${p}_norm2`);
+    const fused = norm === 'fused';
+    const projected = tfl.layers
+                          .dense({
+                            units: 4 * embedDim,
+                            activation: fused ? 'linear' : 'gelu_new',
+                            name: `${p}_mlp_in`
+                          })
+                          .apply(norm2);
+    const hidden = fused ? new GeluNew({name: `${p}_gelu`}).apply(projected) : projected;
+    const mlp = tfl.layers.dense({units: embedDim, name: `${p}_mlp_out`}).apply(hidden) as
+        tfl.SymbolicTensor;
+    addResidual(mlp, `${p}_residual2`);
   }
-  const normed = new LayerNorm({name: `${name}_norm`}).apply(x);
-  const logits = tfl.layers.dense({units: vocabSize, name: `${name}_logits`}).apply(normed) as tfl.SymbolicTensor;
+  const normed = normOf(`${name}_norm`);
+  const logits = tfl.layers.dense({units: vocabSize, name: `${name}_logits`}).apply(normed) as
+      tfl.SymbolicTensor;
   return tfl.model({inputs: tokens, outputs: logits, name});
 }
 
@@ -160,7 +244,8 @@ export function seededRandom(seed: number): () => number {
 export function sampleBatch(data: Int32Array, batch: number, seq: number, random: () => number):
     {x: tf.Tensor2D, y: tf.Tensor2D} {
   if (data.length < seq + 2) {
-    throw new Error(`sampleBatch: the corpus (${data.length} tokens) is shorter than seq + 2 = ${seq + 2}`);
+    throw new Error(
+        `sampleBatch: the corpus (${data.length} tokens) is shorter than seq + 2 = ${seq + 2}`);
   }
   const xs = new Int32Array(batch * seq);
   const ys = new Int32Array(batch * seq);
@@ -172,14 +257,23 @@ export function sampleBatch(data: Int32Array, batch: number, seq: number, random
   return {x: tf.tensor2d(xs, [batch, seq], 'int32'), y: tf.tensor2d(ys, [batch, seq], 'int32')};
 }
 
+/** 'composed' tf ops, or 'fused' (softmaxCrossEntropyLoss: one kernel each way). */
+export type LossKind = 'composed'|'fused';
+
 /** Mean next-token cross-entropy of logits `[B, S, V]` against ids `[B, S]`. */
-export function lossOf(logits: tf.Tensor, targets: tf.Tensor2D, vocabSize: number): tf.Scalar {
+export function lossOf(
+    logits: tf.Tensor, targets: tf.Tensor2D, vocabSize: number,
+    kind: LossKind = 'composed'): tf.Scalar {
+  if (kind === 'fused') {
+    return softmaxCrossEntropyLoss(targets, logits);
+  }
   return tf.tidy(() => {
     const flatLogits = tf.reshape(logits, [-1, vocabSize]);
     const labels = tf.oneHot(tf.reshape(targets, [-1]), vocabSize);
     // log-sum-exp minus the target's logit (tf.losses.softmaxCrossEntropy's
     // custom gradient trips tfjs's kernel leak check in test mode).
-    return tf.mean(tf.sub(tf.logSumExp(flatLogits, -1), tf.sum(tf.mul(labels, flatLogits), -1))) as tf.Scalar;
+    return tf.mean(tf.sub(tf.logSumExp(flatLogits, -1), tf.sum(tf.mul(labels, flatLogits), -1))) as
+        tf.Scalar;
   });
 }
 
@@ -192,18 +286,21 @@ export function trainableVariables(model: tfl.LayersModel): tf.Variable[] {
  * One optimizer step; resolves to the loss once the backend has finished
  * (reading the loss waits for the GPU), so timing it times the step.
  */
-export async function trainStep(model: tfl.LayersModel, optimizer: tf.Optimizer, x: tf.Tensor2D, y: tf.Tensor2D,
-                                vocabSize: number, vars = trainableVariables(model)): Promise<number> {
-  const loss = optimizer.minimize(
-      () => lossOf(model.apply(x, {training: true}) as tf.Tensor, y, vocabSize), true, vars)!;
-  const value = (await loss.data())[0];
-  loss.dispose();
+export async function trainStep(
+    model: tfl.LayersModel, optimizer: tf.Optimizer, x: tf.Tensor2D, y: tf.Tensor2D,
+    vocabSize: number, vars = trainableVariables(model),
+    loss: LossKind = 'composed'): Promise<number> {
+  const lossValue = optimizer.minimize(
+      () => lossOf(model.apply(x, {training: true}) as tf.Tensor, y, vocabSize, loss), true, vars)!;
+  const value = (await lossValue.data())[0];
+  lossValue.dispose();
   return value;
 }
 
 /** Samples `length` characters after `prompt` (temperature sampling, window of `context`). */
-export async function generate(model: tfl.LayersModel, tokenizer: CharTokenizer, prompt: string, length: number,
-                               context: number, random: () => number, temperature = 0.8): Promise<string> {
+export async function generate(
+    model: tfl.LayersModel, tokenizer: CharTokenizer, prompt: string, length: number,
+    context: number, random: () => number, temperature = 0.8): Promise<string> {
   const ids = Array.from(tokenizer.encode(prompt));
   for (let n = 0; n < length; n++) {
     const window = ids.slice(-context);
@@ -214,16 +311,55 @@ export async function generate(model: tfl.LayersModel, tokenizer: CharTokenizer,
     });
     const p = await probs.data();
     probs.dispose();
-    let r = random();
-    let next = p.length - 1;
-    for (let i = 0; i < p.length; i++) {
-      r -= p[i];
-      if (r <= 0) {
-        next = i;
-        break;
-      }
+    ids.push(sampleIndex(p, random));
+  }
+  return tokenizer.decode(ids);
+}
+
+/** An index drawn from probabilities `p`. */
+function sampleIndex(p: ArrayLike<number>, random: () => number): number {
+  let r = random();
+  for (let i = 0; i < p.length; i++) {
+    r -= p[i];
+    if (r <= 0) {
+      return i;
     }
-    ids.push(next);
+  }
+  return p.length - 1;
+}
+
+/**
+ * `generate` with KV caches: the prompt goes through the model once, then
+ * each new character alone (IncrementalDecoder), its attention reading the
+ * earlier characters' keys and values from the caches. The model must be
+ * built from causal FlashMHA layers (buildGPT). Same sampling as
+ * `generate`; `prompt.length + length` characters at most are attended.
+ */
+export async function generateWithCache(
+    model: tfl.LayersModel, tokenizer: CharTokenizer, prompt: string, length: number,
+    random: () => number, temperature = 0.8): Promise<string> {
+  const ids = Array.from(tokenizer.encode(prompt));
+  const decoder = new IncrementalDecoder(model, {batch: 1, maxSeqLen: ids.length + length});
+  try {
+    let input = tf.tensor2d([ids], [1, ids.length], 'int32');
+    for (let n = 0; n < length; n++) {
+      const feed = input;
+      const probs = tf.tidy(() => {
+        const logits = decoder.step(feed);
+        const steps = logits.shape[1]!;
+        const last = tf.slice(logits, [0, steps - 1, 0], [1, 1, tokenizer.vocabSize]);
+        return tf.softmax(tf.div(tf.reshape(last, [-1]), temperature));
+      });
+      feed.dispose();
+      const p = await probs.data();
+      probs.dispose();
+      const next = sampleIndex(p, random);
+      ids.push(next);
+      input = tf.tensor2d([[next]], [1, 1], 'int32');
+    }
+    input.dispose();
+  } finally {
+    decoder.dispose();
   }
   return tokenizer.decode(ids);
 }

@@ -10,7 +10,7 @@ function option(name: string): string|undefined {
 }
 
 async function main() {
-  const backend = (option('backend') ?? 'auto') as 'auto'|'webgpu'|'cpu';
+  const backend = (option('backend') ?? 'auto') as 'auto' | 'webgpu' | 'cpu';
   if (!['auto', 'webgpu', 'cpu'].includes(backend)) {
     throw new Error(`--backend must be auto, webgpu or cpu, got ${backend}`);
   }

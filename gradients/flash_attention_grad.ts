@@ -25,34 +25,35 @@ export interface FlashAttentionGradTensors {
   softmaxLse: tf.Tensor3D;
   /** Shape `[0]` when ALiBi is off (kernels always get this input). */
   alibiSlopes: tf.Tensor;
+  /** `[B, 2]` int32 per-batch lengths, or shape `[0]` (kernel_names.ts). */
+  seqlens: tf.Tensor;
 }
 
 /** `[dq, dk, dv]` by the fused kernel or the reference. */
 export function flashAttentionBackward(
     inputs: FlashAttentionGradTensors,
     attrs: FlashAttentionAttrs): [tf.Tensor4D, tf.Tensor4D, tf.Tensor4D] {
-  const shapes = checkQKV(
-      inputs.q.shape, inputs.k.shape, inputs.v.shape, 'flashAttention gradient');
+  const shapes =
+      checkQKV(inputs.q.shape, inputs.k.shape, inputs.v.shape, 'flashAttention gradient');
   if (useFusedKernel(FlashAttentionGrad, shapes, attrs)) {
     return tf.engine().runKernel(
                FlashAttentionGrad, inputs as unknown as tf.NamedTensorMap,
-               attrs as unknown as tf.NamedAttrMap) as
-        [tf.Tensor4D, tf.Tensor4D, tf.Tensor4D];
+               attrs as unknown as tf.NamedAttrMap) as [tf.Tensor4D, tf.Tensor4D, tf.Tensor4D];
   }
   const alibiSlopes = inputs.alibiSlopes.size === 0 ? null : inputs.alibiSlopes;
+  const seqlens = inputs.seqlens.size === 0 ? null : inputs.seqlens;
   return referenceBackward(
-      {...inputs, alibiSlopes}, shapes, attrs, getReferenceBlockElements());
+      {...inputs, alibiSlopes}, {...shapes, seqlens}, attrs, getReferenceBlockElements());
 }
 
 /**
  * Tensors saved by the forward pass, in this order: q, k, v, alibiSlopes,
- * out, softmaxLse (the order the registered gradient saves them in).
+ * seqlens, out, softmaxLse (the order the registered gradient saves them in).
  */
 export function flashAttentionGradFunc(
-    dys: tf.Tensor|tf.Tensor[], saved: tf.Tensor[],
-    attrs: tf.NamedAttrMap): NamedGradientMap {
+    dys: tf.Tensor|tf.Tensor[], saved: tf.Tensor[], attrs: tf.NamedAttrMap): NamedGradientMap {
   const [dy, dLse] = dys as tf.Tensor[];
-  const [q, k, v, alibiSlopes, out, softmaxLse] = saved;
+  const [q, k, v, alibiSlopes, seqlens, out, softmaxLse] = saved;
   const [dq, dk, dv] = flashAttentionBackward(
       {
         dy: dy as tf.Tensor4D,
@@ -63,6 +64,7 @@ export function flashAttentionGradFunc(
         out: out as tf.Tensor4D,
         softmaxLse: softmaxLse as tf.Tensor3D,
         alibiSlopes,
+        seqlens,
       },
       attrs as unknown as FlashAttentionAttrs);
   return {
@@ -71,12 +73,14 @@ export function flashAttentionGradFunc(
     v: () => dv,
     // ALiBi slopes are not differentiated (as in flash_attn).
     alibiSlopes: () => tf.zerosLike(alibiSlopes),
+    // Lengths are integers: no gradient (never on a path to a float input).
+    seqlens: () => tf.zeros(seqlens.shape),
   };
 }
 
 export const flashAttentionGradConfig: tf.GradConfig = {
   kernelName: FlashAttention,
-  inputsToSave: ['q', 'k', 'v', 'alibiSlopes'],
+  inputsToSave: ['q', 'k', 'v', 'alibiSlopes', 'seqlens'],
   outputsToSave: [true, true],
   gradFunc: flashAttentionGradFunc,
 };

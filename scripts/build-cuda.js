@@ -73,8 +73,10 @@ function plan(env = process.env) {
   }
   const tf = findLibtensorflow(tfjsDir);
   if (tf == null) {
-    return {skip: `no libtensorflow in ${path.join(tfjsDir, 'deps', 'lib')} (install ` +
-                  '@tensorflow/tfjs-node-gpu first; its install downloads it)'};
+    return {
+      skip: `no libtensorflow in ${path.join(tfjsDir, 'deps', 'lib')} (install ` +
+          '@tensorflow/tfjs-node-gpu first; its install downloads it)'
+    };
   }
   const nvcc = findNvcc(env);
   if (nvcc == null) {
@@ -94,15 +96,20 @@ function plan(env = process.env) {
   // (the same file tfjs-node-gpu has loaded, so one TensorFlow in the process).
   const linkTf = [`-L${tf.libDir}`, `-l:${tf.libName}`, '-Xlinker', `-rpath=${tf.libDir}`];
   const commands = [
-    [nvcc, '-O3', '-std=c++17', ...gencode, '-Xcompiler', '-fPIC', '-c',
-     src('kernels/cuda/flash_attention.cu'), '-o', out('flash_attention.o')],
-    [nvcc, '-O2', '-std=c++17', '-shared', '-Xcompiler', '-fPIC', ...gencode,
-     src('kernels/tensorflow/flash_attention_op.cc'), out('flash_attention.o'),
-     '-o', out('libtfjs_flash_attention_ops.so'), ...linkTf],
-    [nvcc, '-O2', '-std=c++17', '-shared', '-Xcompiler', '-fPIC', `-I${nodeInclude}`,
-     '-DNODE_GYP_MODULE_NAME=tfjs_flash_attention_loader',
-     src('kernels/tensorflow/loader.cc'), '-o', out('tfjs_flash_attention_loader.node'),
-     ...linkTf],
+    [
+      nvcc, '-O3', '-std=c++17', ...gencode, '-Xcompiler', '-fPIC', '-c',
+      src('kernels/cuda/flash_attention.cu'), '-o', out('flash_attention.o')
+    ],
+    [
+      nvcc, '-O2', '-std=c++17', '-shared', '-Xcompiler', '-fPIC', ...gencode,
+      src('kernels/tensorflow/flash_attention_op.cc'), out('flash_attention.o'), '-o',
+      out('libtfjs_flash_attention_ops.so'), ...linkTf
+    ],
+    [
+      nvcc, '-O2', '-std=c++17', '-shared', '-Xcompiler', '-fPIC', `-I${nodeInclude}`,
+      '-DNODE_GYP_MODULE_NAME=tfjs_flash_attention_loader', src('kernels/tensorflow/loader.cc'),
+      '-o', out('tfjs_flash_attention_loader.node'), ...linkTf
+    ],
   ];
   return {commands, outDir};
 }
@@ -111,8 +118,9 @@ function main() {
   const dryRun = process.argv.includes('--dry-run');
   const p = plan();
   if (p.skip) {
-    console.log(`${PREFIX} CUDA kernels not built: ${p.skip}. ` +
-                'The tensorflow backend will use the composed reference (see docs/cuda.md).');
+    console.log(
+        `${PREFIX} CUDA kernels not built: ${p.skip}. ` +
+        'The tensorflow backend will use the composed reference (see docs/cuda.md).');
     return 0;
   }
   if (dryRun) {
@@ -124,8 +132,10 @@ function main() {
   for (const [program, ...args] of p.commands) {
     const r = spawnSync(program, args, {stdio: 'inherit'});
     if (r.status !== 0) {
-      const message = `${PREFIX} building the CUDA op library failed (${path.basename(program)} ` +
-          `exited with ${r.status ?? r.error}); the tensorflow backend will use the composed reference`;
+      const message =
+          `${PREFIX} building the CUDA op library failed (${path.basename(program)} ` +
+          `exited with ${
+              r.status ?? r.error}); the tensorflow backend will use the composed reference`;
       if (process.env.FA_CUDA_BUILD_STRICT === '1') {
         console.error(message);
         return 1;

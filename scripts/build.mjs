@@ -22,27 +22,48 @@ const dist = join(root, 'dist');
  * build in a page.
  */
 const ENTRIES = [
-  {name: 'index', source: 'src/index.ts', umdName: 'tfjs-flash-attention',
-   umdGlobal: 'tfFlashAttention'},
+  {
+    name: 'index',
+    source: 'src/index.ts',
+    umdName: 'tfjs-flash-attention',
+    umdGlobal: 'tfFlashAttention'
+  },
   // Node only (tfjs-node-gpu): no UMD; imports the core package by name
   // (external) so it registers into the same kernel registry.
-  {name: 'tensorflow', source: 'kernels/tensorflow/index.ts', nodeOnly: true,
-   external: ['tfjs-flash-attention']},
+  {
+    name: 'tensorflow',
+    source: 'kernels/tensorflow/index.ts',
+    nodeOnly: true,
+    external: ['tfjs-flash-attention']
+  },
   // The layers import the core by package name and keep it external, so
   // that a process holds one core (one fused-kernel registry); in a page the
   // core is the main UMD bundle's global.
-  {name: 'layers', source: 'src/layers/index.ts', umdName: 'tfjs-flash-attention-layers',
-   umdGlobal: 'tfFlashAttentionLayers', external: ['tfjs-flash-attention'],
-   umdGlobals: {'tfjs-flash-attention': 'tfFlashAttention'}},
+  {
+    name: 'layers',
+    source: 'src/layers/index.ts',
+    umdName: 'tfjs-flash-attention-layers',
+    umdGlobal: 'tfFlashAttentionLayers',
+    external: ['tfjs-flash-attention'],
+    umdGlobals: {'tfjs-flash-attention': 'tfFlashAttention'}
+  },
 ].filter(e => existsSync(join(root, e.source)));
 
 /** tfjs packages are peers: never bundled, and `tf` in a page. */
-const EXTERNALS = ['@tensorflow/tfjs-core', '@tensorflow/tfjs-layers',
-                   '@tensorflow/tfjs-backend-webgpu', '@tensorflow/tfjs-node-gpu',
-                   '@tensorflow/tfjs-node', '@tensorflow/tfjs'];
+const EXTERNALS = [
+  '@tensorflow/tfjs-core', '@tensorflow/tfjs-layers', '@tensorflow/tfjs-backend-webgpu',
+  '@tensorflow/tfjs-node-gpu', '@tensorflow/tfjs-node', '@tensorflow/tfjs'
+];
 
-const common = {bundle: true, external: EXTERNALS, target: 'es2019', sourcemap: true,
-                logLevel: 'warning', platform: 'neutral', mainFields: ['module', 'main']};
+const common = {
+  bundle: true,
+  external: EXTERNALS,
+  target: 'es2019',
+  sourcemap: true,
+  logLevel: 'warning',
+  platform: 'neutral',
+  mainFields: ['module', 'main']
+};
 
 /**
  * UMD: the CommonJS bundle wrapped so that `require` of a tfjs package
@@ -71,7 +92,8 @@ function umdWrap(cjsCode, globalName, entryExternals = [], umdGlobals = {}) {
         return global.tf;
       }
       if (global[globals[name]] == null) {
-        throw new Error('${globalName}: load ' + name + ' (the global ' + globals[name] + ') before this script');
+        throw new Error('${
+      globalName}: load ' + name + ' (the global ' + globals[name] + ') before this script');
       }
       return global[globals[name]];
     });
@@ -82,6 +104,13 @@ function umdWrap(cjsCode, globalName, entryExternals = [], umdGlobals = {}) {
         global.tf[key] = target.exports[key];
       }
     });
+    // tf.layers.flashMHA(...) beside tfjs's own layer factories (its
+    // tf.layers is a plain object in the tfjs and tfjs-layers bundles).
+    var layers = global.tf.layers;
+    if (typeof target.exports.flashMHA === 'function' && layers != null &&
+        Object.isExtensible(layers) && !('flashMHA' in layers)) {
+      layers.flashMHA = target.exports.flashMHA;
+    }
   }
 })(this, function (module, require) {
   var exports = module.exports;
@@ -98,29 +127,44 @@ async function build() {
     const entryCommon = {...common, external: EXTERNALS.concat(entry.external ?? [])};
     if (entry.nodeOnly) {
       const node = {...entryCommon, platform: 'node'};
-      await esbuild.build({...node, entryPoints, format: 'esm',
-                           outfile: join(dist, `${entry.name}.mjs`)});
-      await esbuild.build({...node, entryPoints, format: 'cjs',
-                           outfile: join(dist, `${entry.name}.cjs`)});
+      await esbuild.build(
+          {...node, entryPoints, format: 'esm', outfile: join(dist, `${entry.name}.mjs`)});
+      await esbuild.build(
+          {...node, entryPoints, format: 'cjs', outfile: join(dist, `${entry.name}.cjs`)});
       continue;
     }
-    await esbuild.build({...entryCommon, entryPoints, format: 'esm',
-                         outfile: join(dist, `${entry.name}.mjs`)});
-    await esbuild.build({...entryCommon, entryPoints, format: 'cjs', platform: 'node',
-                         outfile: join(dist, `${entry.name}.cjs`)});
+    await esbuild.build(
+        {...entryCommon, entryPoints, format: 'esm', outfile: join(dist, `${entry.name}.mjs`)});
+    await esbuild.build({
+      ...entryCommon,
+      entryPoints,
+      format: 'cjs',
+      platform: 'node',
+      outfile: join(dist, `${entry.name}.cjs`)
+    });
     for (const minify of [false, true]) {
-      const result = await esbuild.build({...entryCommon, entryPoints, format: 'cjs', minify,
-                                          sourcemap: false, write: false,
-                                          define: {'process.env.NODE_ENV': '"production"'}});
+      const result = await esbuild.build({
+        ...entryCommon,
+        entryPoints,
+        format: 'cjs',
+        minify,
+        sourcemap: false,
+        write: false,
+        define: {'process.env.NODE_ENV': '"production"'}
+      });
       const file = join(dist, `${entry.umdName}.umd${minify ? '.min' : ''}.js`);
-      writeFileSync(file, umdWrap(result.outputFiles[0].text, entry.umdGlobal, entry.external,
-                                  entry.umdGlobals));
+      writeFileSync(
+          file,
+          umdWrap(result.outputFiles[0].text, entry.umdGlobal, entry.external, entry.umdGlobals));
     }
   }
-  execFileSync(process.execPath, [join(root, 'node_modules/typescript/bin/tsc'), '-p',
-                                   join(root, 'tsconfig.build.json')], {stdio: 'inherit'});
+  execFileSync(
+      process.execPath,
+      [join(root, 'node_modules/typescript/bin/tsc'), '-p', join(root, 'tsconfig.build.json')],
+      {stdio: 'inherit'});
   const version = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')).version;
-  console.log(`built tfjs-flash-attention ${version}: ${ENTRIES.map(e => e.name).join(', ')} -> dist/`);
+  console.log(
+      `built tfjs-flash-attention ${version}: ${ENTRIES.map(e => e.name).join(', ')} -> dist/`);
 }
 
 build().catch(error => {

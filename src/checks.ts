@@ -1,9 +1,11 @@
 /**
- * Input checks of the flashAttention ops (DESIGN.md §2, last point). They
+ * Input checks of the flashAttention ops (docs/design.md, "API contract", on bad input). They
  * run before any kernel: a bad call throws an error naming the argument,
  * the expected and the actual value, and allocates nothing.
  */
 import {Tensor} from '@tensorflow/tfjs-core';
+
+import {FlashAttentionError} from './errors';
 
 /** Largest head dim (D and Dv) any kernel of this package accepts. */
 export const MAX_HEAD_DIM = 256;
@@ -18,28 +20,37 @@ export interface AttentionShapes {
   headDimV: number;
 }
 
+/** Throws a FlashAttentionError with a message already composed. */
+function fail(
+    opName: string, argument: string, expected: string, actual: string, message: string): never {
+  throw new FlashAttentionError(opName, argument, expected, actual, `${opName}: ${message}`);
+}
+
 function shapeString(shape: readonly number[]): string {
   return `[${shape.join(', ')}]`;
 }
 
 export function checkTensor(
-    value: unknown, argName: string, opName: string,
-    expectedRank: number, layout: string): Tensor {
+    value: unknown, argName: string, opName: string, expectedRank: number, layout: string): Tensor {
   if (!(value instanceof Tensor)) {
-    throw new Error(`${opName}: ${argName} must be a tf.Tensor of shape ${
-        layout}, got ${value === null ? 'null' : typeof value}`);
+    const actual = value === null ? 'null' : typeof value;
+    fail(
+        opName, argName, `a tf.Tensor of shape ${layout}`, actual,
+        `${argName} must be a tf.Tensor of shape ${layout}, got ${actual}`);
   }
   if (value.isDisposed) {
-    throw new Error(`${opName}: ${argName} has been disposed`);
+    fail(opName, argName, 'a live tensor', 'a disposed tensor', `${argName} has been disposed`);
   }
   if (value.rank !== expectedRank) {
-    throw new Error(`${opName}: ${argName} must have rank ${expectedRank} (${
-        layout}), got rank ${value.rank} with shape ${
-        shapeString(value.shape)}`);
+    fail(
+        opName, argName, `rank ${expectedRank} (${layout})`, shapeString(value.shape),
+        `${argName} must have rank ${expectedRank} (${layout}), got rank ${value.rank} with shape ${
+            shapeString(value.shape)}`);
   }
   if (value.dtype !== 'float32') {
-    throw new Error(`${opName}: ${argName} must have dtype float32, got ${
-        value.dtype}`);
+    fail(
+        opName, argName, 'dtype float32', value.dtype,
+        `${argName} must have dtype float32, got ${value.dtype}`);
   }
   return value;
 }
@@ -49,72 +60,93 @@ export function checkTensor(
  * each other. Takes shapes, so packed inputs are checked before unpacking.
  */
 export function checkQKV(
-    qShape: readonly number[], kShape: readonly number[],
-    vShape: readonly number[], opName: string,
-    names = {q: 'q', k: 'k', v: 'v'}): AttentionShapes {
+    qShape: readonly number[], kShape: readonly number[], vShape: readonly number[], opName: string,
+    names = {
+      q: 'q',
+      k: 'k',
+      v: 'v'
+    }): AttentionShapes {
   const [batch, seqQ, heads, headDim] = qShape;
   const [batchK, seqK, headsKV, headDimK] = kShape;
   const [batchV, seqV, headsV, headDimV] = vShape;
-  const fail = (what: string) => {
-    throw new Error(`${opName}: ${what}`);
-  };
+  // Shape mismatches between q, k and v: the first tensor named is blamed.
+  const shapes = `${names.q} ${shapeString(qShape)}, ${names.k} ${shapeString(kShape)}, ${
+      names.v} ${shapeString(vShape)}`;
+  const mismatch = (argument: string, what: string): never =>
+      fail(opName, argument, 'shapes that match', shapes, what);
   if (batchK !== batch || batchV !== batch) {
-    fail(`batch sizes must match: ${names.q} has ${batch}, ${names.k} has ${
-        batchK}, ${names.v} has ${batchV}`);
+    mismatch(
+        names.k,
+        `batch sizes must match: ${names.q} has ${batch}, ${names.k} has ${batchK}, ${
+            names.v} has ${batchV}`);
   }
   if (seqV !== seqK) {
-    fail(`${names.k} and ${names.v} must have the same sequence length, got ${
-        seqK} (${names.k}) and ${seqV} (${names.v})`);
+    mismatch(
+        names.v,
+        `${names.k} and ${names.v} must have the same sequence length, got ${seqK} (${
+            names.k}) and ${seqV} (${names.v})`);
   }
   if (headsV !== headsKV) {
-    fail(`${names.k} and ${names.v} must have the same number of heads, got ${
-        headsKV} (${names.k}) and ${headsV} (${names.v})`);
+    mismatch(
+        names.v,
+        `${names.k} and ${names.v} must have the same number of heads, got ${headsKV} (${
+            names.k}) and ${headsV} (${names.v})`);
   }
   if (headDimK !== headDim) {
-    fail(`${names.q} and ${names.k} must have the same head dim, got ${
-        headDim} (${names.q}) and ${headDimK} (${names.k})`);
+    mismatch(
+        names.k,
+        `${names.q} and ${names.k} must have the same head dim, got ${headDim} (${names.q}) and ${
+            headDimK} (${names.k})`);
   }
   if (headsKV < 1 || heads % headsKV !== 0) {
-    fail(`the number of query heads must be a multiple of the number of key/value heads (H % Hk == 0), got H=${
-        heads} (${names.q}) and Hk=${headsKV} (${names.k})`);
+    mismatch(
+        names.k,
+        `the number of query heads must be a multiple of the number of key/value heads (H % Hk == 0), got H=${
+            heads} (${names.q}) and Hk=${headsKV} (${names.k})`);
   }
-  for (const [name, dim] of [[names.q, headDim], [names.v, headDimV]] as
-       Array<[string, number]>) {
+  for (const [name, dim] of [[names.q, headDim], [names.v, headDimV]] as Array<[string, number]>) {
     if (dim < 1 || dim > MAX_HEAD_DIM) {
-      fail(`head dim of ${name} must be in [1, ${MAX_HEAD_DIM}], got ${dim}`);
+      mismatch(name, `head dim of ${name} must be in [1, ${MAX_HEAD_DIM}], got ${dim}`);
     }
   }
-  for (const [name, shape] of [[names.q, qShape], [names.k, kShape]] as
-       Array<[string, number[]]>) {
+  for (const [name, shape] of [[names.q, qShape], [names.k, kShape]] as Array<[string, number[]]>) {
     if (shape.some(d => d === 0)) {
-      fail(`${name} must not be empty, got shape ${shapeString(shape)}`);
+      mismatch(name, `${name} must not be empty, got shape ${shapeString(shape)}`);
     }
   }
   return {batch, seqQ, seqK, heads, headsKV, headDim, headDimV};
 }
 
 /** alibiSlopes must be float32 `[H]` or `[B, H]`. */
-export function checkAlibi(
-    alibiSlopes: unknown, shapes: AttentionShapes, opName: string): Tensor|
+export function checkAlibi(alibiSlopes: unknown, shapes: AttentionShapes, opName: string): Tensor|
     undefined {
   if (alibiSlopes == null) {
     return undefined;
   }
   if (!(alibiSlopes instanceof Tensor)) {
-    throw new Error(`${opName}: alibiSlopes must be a tf.Tensor of shape [H] or [B, H], got ${
-        typeof alibiSlopes}`);
+    fail(
+        opName, 'alibiSlopes', 'a tf.Tensor of shape [H] or [B, H]', typeof alibiSlopes,
+        `alibiSlopes must be a tf.Tensor of shape [H] or [B, H], got ${typeof alibiSlopes}`);
+  }
+  if (alibiSlopes.isDisposed) {
+    fail(
+        opName, 'alibiSlopes', 'a live tensor', 'a disposed tensor',
+        'alibiSlopes has been disposed');
   }
   const {batch, heads} = shapes;
   const shape = alibiSlopes.shape;
   const ok = (shape.length === 1 && shape[0] === heads) ||
       (shape.length === 2 && shape[0] === batch && shape[1] === heads);
   if (!ok) {
-    throw new Error(`${opName}: alibiSlopes must have shape [${heads}] or [${
-        batch}, ${heads}] ([H] or [B, H]), got ${shapeString(shape)}`);
+    fail(
+        opName, 'alibiSlopes', `shape [${heads}] or [${batch}, ${heads}]`, shapeString(shape),
+        `alibiSlopes must have shape [${heads}] or [${batch}, ${heads}] ([H] or [B, H]), got ${
+            shapeString(shape)}`);
   }
   if (alibiSlopes.dtype !== 'float32') {
-    throw new Error(`${opName}: alibiSlopes must have dtype float32, got ${
-        alibiSlopes.dtype}`);
+    fail(
+        opName, 'alibiSlopes', 'dtype float32', alibiSlopes.dtype,
+        `alibiSlopes must have dtype float32, got ${alibiSlopes.dtype}`);
   }
   return alibiSlopes;
 }
@@ -123,8 +155,9 @@ export function checkAlibi(
 export function checkQKVPacked(qkv: unknown, opName: string): Tensor {
   const t = checkTensor(qkv, 'qkv', opName, 5, '[B, S, 3, H, D]');
   if (t.shape[2] !== 3) {
-    throw new Error(`${opName}: qkv must have shape [B, S, 3, H, D] with 3 at axis 2, got ${
-        shapeString(t.shape)}`);
+    fail(
+        opName, 'qkv', 'shape [B, S, 3, H, D]', shapeString(t.shape),
+        `qkv must have shape [B, S, 3, H, D] with 3 at axis 2, got ${shapeString(t.shape)}`);
   }
   return t;
 }
@@ -133,8 +166,9 @@ export function checkQKVPacked(qkv: unknown, opName: string): Tensor {
 export function checkKVPacked(kv: unknown, opName: string): Tensor {
   const t = checkTensor(kv, 'kv', opName, 5, '[B, Sk, 2, Hk, D]');
   if (t.shape[2] !== 2) {
-    throw new Error(`${opName}: kv must have shape [B, Sk, 2, Hk, D] with 2 at axis 2, got ${
-        shapeString(t.shape)}`);
+    fail(
+        opName, 'kv', 'shape [B, Sk, 2, Hk, D]', shapeString(t.shape),
+        `kv must have shape [B, Sk, 2, Hk, D] with 2 at axis 2, got ${shapeString(t.shape)}`);
   }
   return t;
 }

@@ -14,10 +14,19 @@ import type {FlashAttentionAttrs} from './kernel_names';
 
 /** Why a fused kernel cannot take a call, or null when it can. */
 export type FusedSupportCheck =
-    (shapes: AttentionShapes, attrs: FlashAttentionAttrs,
-     backend: tf.KernelBackend) => string | null;
+    (shapes: AttentionShapes, attrs: FlashAttentionAttrs, backend: tf.KernelBackend) => string|null;
 
 const supportChecks = new Map<string, FusedSupportCheck>();
+
+/** Inputs a fused kernel understands beyond q, k, v and alibiSlopes. */
+export interface FusedKernelFeatures {
+  /**
+   * Per-batch sequence lengths (the `seqlens` input). A kernel without it
+   * never gets a call that has lengths: those take the reference.
+   */
+  seqlens?: boolean;
+}
+const kernelFeatures = new Map<string, FusedKernelFeatures>();
 
 function key(kernelName: string, backendName: string): string {
   return `${kernelName}@${backendName}`;
@@ -25,12 +34,14 @@ function key(kernelName: string, backendName: string): string {
 
 /** Registers a fused kernel with tfjs and records which calls it takes. */
 export function registerFusedKernel(
-    config: tf.KernelConfig, supports: FusedSupportCheck = () => null): void {
+    config: tf.KernelConfig, supports: FusedSupportCheck = () => null,
+    features: FusedKernelFeatures = {}): void {
   if (tf.getKernel(config.kernelName, config.backendName) != null) {
     tf.unregisterKernel(config.kernelName, config.backendName);
   }
   tf.registerKernel(config);
   supportChecks.set(key(config.kernelName, config.backendName), supports);
+  kernelFeatures.set(key(config.kernelName, config.backendName), features);
 }
 
 /** Is a fused kernel registered for this backend (whatever the call)? */
@@ -44,8 +55,7 @@ export function hasFusedKernel(kernelName: string, backendName: string): boolean
  * under FLASH_ATTENTION_IMPL=fused when the fused kernel cannot run.
  */
 export function useFusedKernel(
-    kernelName: string, shapes: AttentionShapes,
-    attrs: FlashAttentionAttrs): boolean {
+    kernelName: string, shapes: AttentionShapes, attrs: FlashAttentionAttrs): boolean {
   const impl = getImpl();
   if (impl === 'reference') {
     return false;
@@ -54,9 +64,12 @@ export function useFusedKernel(
   let reason: string|null;
   if (!hasFusedKernel(kernelName, backendName)) {
     reason = `backend '${backendName}' has no fused ${kernelName} kernel`;
+  } else if (attrs.hasSeqlens && !kernelFeatures.get(key(kernelName, backendName))?.seqlens) {
+    reason = `the fused ${kernelName} kernel of backend '${
+        backendName}' does not take per-batch sequence lengths`;
   } else {
-    reason = supportChecks.get(key(kernelName, backendName))!(
-        shapes, attrs, tf.engine().findBackend(backendName));
+    const supports = supportChecks.get(key(kernelName, backendName))!;
+    reason = supports(shapes, attrs, tf.engine().findBackend(backendName));
   }
   if (reason == null) {
     return true;

@@ -89,9 +89,8 @@ export function randomSeed(): number {
  * else 0. Written into `target` at `offset`.
  */
 export function fillDropoutMask(
-    target: Float32Array, offset: number, seedLo: number, seedHi: number,
-    rate: number, b: number, h: number, row0: number, numRows: number,
-    col0: number, numCols: number): void {
+    target: Float32Array, offset: number, seedLo: number, seedHi: number, rate: number, b: number,
+    h: number, row0: number, numRows: number, col0: number, numCols: number): void {
   const threshold = dropoutThreshold(rate);
   const keepScale = 1 / (1 - rate);
   const words = new Uint32Array(4);

@@ -3,7 +3,7 @@
  *
  * Every backend kernel (WGSL, CUDA, the composed reference) sees the same
  * normalized attributes: defaults resolved, `causal` folded into the window,
- * so a kernel never re-derives the semantics of DESIGN.md §2.
+ * so a kernel never re-derives the semantics of docs/design.md, "Semantics".
  */
 import type {NamedTensorInfoMap, TensorInfo} from '@tensorflow/tfjs-core';
 
@@ -18,6 +18,12 @@ export interface FlashAttentionInputs extends NamedTensorInfoMap {
   v: TensorInfo;
   /** `[H]` or `[B, H]`; absent when ALiBi is off. */
   alibiSlopes?: TensorInfo;
+  /**
+   * `[B, 2]` int32 (seqlenQ_b, seqlenK_b); shape `[0]` or absent when every
+   * batch row uses the whole Sq and Sk. Only kernels registered with
+   * `{seqlens: true}` (registerFusedKernel) receive a non-empty one.
+   */
+  seqlens?: TensorInfo;
 }
 
 export interface FlashAttentionGradInputs extends NamedTensorInfoMap {
@@ -31,6 +37,7 @@ export interface FlashAttentionGradInputs extends NamedTensorInfoMap {
   out: TensorInfo;
   softmaxLse: TensorInfo;
   alibiSlopes?: TensorInfo;
+  seqlens?: TensorInfo;
 }
 
 /**
@@ -53,4 +60,27 @@ export interface FlashAttentionAttrs {
   /** Low and high 32 bits of the dropout seed (the Philox key). */
   seedLo: number;
   seedHi: number;
+  /**
+   * 'float32' (default) or 'float16': the matrix products of kernels that
+   * use f16 hardware (WebGPU subgroup matrices) with one f16 product
+   * instead of the float32-accurate split; ignored elsewhere.
+   */
+  precision?: 'float32'|'float16';
+  /**
+   * True when the call has per-batch lengths (the `seqlens` input). Lets
+   * dispatch keep such calls away from fused kernels that ignore them.
+   */
+  hasSeqlens?: boolean;
+}
+
+/**
+ * Inference-only attention over a KV cache (flash_attn_with_kvcache).
+ * Inputs: q, kCache, vCache, optional k, v (new rows, appended in place at
+ * `cacheSeqlens`) and alibiSlopes. Outputs: `[out, softmaxLse]`.
+ */
+export const FlashAttentionKVCache = 'FlashAttentionKVCache';
+
+export interface FlashAttentionKVCacheAttrs extends FlashAttentionAttrs {
+  /** Valid cache rows per batch row before this call's new keys. */
+  cacheSeqlens: number[];
 }

@@ -10,8 +10,9 @@ import {AttentionShapes, checkAlibi, checkKVPacked, checkQKV, checkQKVPacked, ch
 import {useFusedKernel} from './dispatch';
 import {getReferenceBlockElements} from './flags';
 import {FlashAttention, FlashAttentionAttrs} from './kernel_names';
-import {FlashAttentionOptions, normalizeOptions} from './options';
+import {FlashAttentionOptions, normalizeOptions, parseAttentionOptions} from './options';
 import {referenceForward} from './reference/forward';
+import {checkLengths, keyPaddingMaskLengths, LENGTH_OPTION_SPECS, seqlensInput} from './seqlens';
 
 /** `out`, or `[out, softmaxLse]` with `returnSoftmaxLse: true`. */
 export type FlashAttentionResult = tf.Tensor4D|[tf.Tensor4D, tf.Tensor3D];
@@ -19,24 +20,24 @@ export type FlashAttentionResult = tf.Tensor4D|[tf.Tensor4D, tf.Tensor3D];
 /** The private engine method that runs a forward with its own backward. */
 interface KernelFuncRunner {
   runKernelFunc(params: {
-    forwardFunc: (backend: tf.KernelBackend, save: (t: tf.Tensor[]) => void) =>
-        tf.Tensor[],
-    backwardsFunc: (dys: tf.Tensor|tf.Tensor[], saved: tf.Tensor[]) =>
-        NamedGradientMap,
+    forwardFunc: (backend: tf.KernelBackend, save: (t: tf.Tensor[]) => void) => tf.Tensor[],
+    backwardsFunc: (dys: tf.Tensor|tf.Tensor[], saved: tf.Tensor[]) => NamedGradientMap,
     inputs: tf.NamedTensorMap,
     attrs: tf.NamedAttrMap,
   }): tf.Tensor[];
 }
 
 /** Runs FlashAttention (fused or reference) and returns `[out, lse]`. */
-function runFlashAttention(
-    q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D,
-    alibiSlopes: tf.Tensor|undefined, shapes: AttentionShapes,
-    attrs: FlashAttentionAttrs): [tf.Tensor4D, tf.Tensor3D] {
-  // Kernels always receive alibiSlopes; shape [0] means "no ALiBi", so the
-  // gradient can save it like any other input.
+export function runFlashAttention(
+    q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D, alibiSlopes: tf.Tensor|undefined,
+    shapes: AttentionShapes, attrs: FlashAttentionAttrs,
+    seqlensArg?: tf.Tensor2D): [tf.Tensor4D, tf.Tensor3D] {
+  // Kernels always receive alibiSlopes and seqlens; shape [0] means "no
+  // ALiBi" / "whole sequences", so the gradient can save them like any
+  // other input.
   const slopes = alibiSlopes ?? tf.zeros([0]);
-  const inputs = {q, k, v, alibiSlopes: slopes};
+  const seqlens: tf.Tensor = seqlensArg ?? tf.zeros([0], 'int32');
+  const inputs = {q, k, v, alibiSlopes: slopes, seqlens};
   const kernelAttrs = attrs as unknown as tf.NamedAttrMap;
   if (useFusedKernel(FlashAttention, shapes, attrs)) {
     return tf.engine().runKernel(
@@ -48,8 +49,9 @@ function runFlashAttention(
   return engine.runKernelFunc({
     forwardFunc: (_backend, save) => {
       const [out, lse] = referenceForward(
-          q, k, v, alibiSlopes ?? null, shapes, attrs, blockElements);
-      save([q, k, v, slopes, out, lse]);
+          q, k, v, alibiSlopes ?? null, {...shapes, seqlens: seqlens.size === 0 ? null : seqlens},
+          attrs, blockElements);
+      save([q, k, v, slopes, seqlens, out, lse]);
       return [out, lse];
     },
     backwardsFunc: (dys, saved) => flashAttentionGradFunc(dys, saved, kernelAttrs),
@@ -60,17 +62,44 @@ function runFlashAttention(
 
 /** Checks the shapes and options, then unpacks (if packed) and runs. */
 function attention(
-    opName: string, shapes: AttentionShapes, opts: FlashAttentionOptions,
+    opName: string, shapes: AttentionShapes, opts: FlashAttentionOptions|null|undefined,
     unpack: () => [tf.Tensor4D, tf.Tensor4D, tf.Tensor4D]): FlashAttentionResult {
-  const alibiSlopes = checkAlibi(opts.alibiSlopes, shapes, opName);
-  const attrs = normalizeOptions(opts, shapes.headDim, opName);
+  // Options first: an unknown key or a non-object opts is named before its
+  // values are used.
+  const {seqlensQ: q0, seqlensK: k0, keyPaddingMask: m0, ...attentionOpts} =
+      parseAttentionOptions<FlashAttentionOptions>(opts, opName, LENGTH_OPTION_SPECS);
+  const attrs = normalizeOptions(attentionOpts, shapes.headDim, opName, shapes.seqK, shapes.seqQ);
+  const alibiSlopes = checkAlibi(opts?.alibiSlopes, shapes, opName);
+  const {seqlensQ, seqlensK} =
+      lengthOptions({seqlensQ: q0, seqlensK: k0, keyPaddingMask: m0}, shapes, opName);
+  const hasSeqlens = seqlensQ != null || seqlensK != null;
   const [q, k, v] = unpack();
-  const [out, lse] = runFlashAttention(q, k, v, alibiSlopes, shapes, attrs);
-  if (opts.returnSoftmaxLse) {
+  const [out, lse] = runFlashAttention(
+      q, k, v, alibiSlopes, shapes, {...attrs, hasSeqlens},
+      hasSeqlens ? seqlensInput(shapes, seqlensQ, seqlensK) : undefined);
+  if (opts?.returnSoftmaxLse === true) {
     return [out, lse];
   }
   lse.dispose();
   return out;
+}
+
+/** seqlensQ, seqlensK and keyPaddingMask, checked (docs/varlen.md). */
+function lengthOptions(opts: FlashAttentionOptions, shapes: AttentionShapes, opName: string):
+    {seqlensQ?: tf.Tensor1D, seqlensK?: tf.Tensor1D} {
+  const seqlensQ = opts.seqlensQ == null ?
+      undefined :
+      checkLengths(opts.seqlensQ, 'seqlensQ', shapes.batch, opName);
+  let seqlensK = opts.seqlensK == null ?
+      undefined :
+      checkLengths(opts.seqlensK, 'seqlensK', shapes.batch, opName);
+  if (opts.keyPaddingMask != null) {
+    if (seqlensK != null) {
+      throw new Error(`${opName}: give seqlensK or keyPaddingMask, not both`);
+    }
+    seqlensK = keyPaddingMaskLengths(opts.keyPaddingMask, shapes, opName);
+  }
+  return {seqlensQ, seqlensK};
 }
 
 /**
@@ -105,9 +134,10 @@ function flashAttentionQKVPacked_(
   checkQKVPacked(qkv, opName);
   const [batch, seq, , heads, headDim] = qkv.shape;
   const shape = [batch, seq, heads, headDim];
-  const shapes = checkQKV(shape, shape, shape, opName,
-                          {q: 'qkv[:, :, 0]', k: 'qkv[:, :, 1]', v: 'qkv[:, :, 2]'});
-  return attention(opName, shapes, opts, () => tf.unstack(qkv, 2) as [tf.Tensor4D, tf.Tensor4D, tf.Tensor4D]);
+  const shapes = checkQKV(
+      shape, shape, shape, opName, {q: 'qkv[:, :, 0]', k: 'qkv[:, :, 1]', v: 'qkv[:, :, 2]'});
+  return attention(
+      opName, shapes, opts, () => tf.unstack(qkv, 2) as [tf.Tensor4D, tf.Tensor4D, tf.Tensor4D]);
 }
 
 /**
@@ -117,15 +147,14 @@ function flashAttentionQKVPacked_(
  * @param kv `[B, Sk, 2, Hk, D]` float32
  */
 function flashAttentionKVPacked_(
-    q: tf.Tensor4D, kv: tf.Tensor5D,
-    opts: FlashAttentionOptions = {}): FlashAttentionResult {
+    q: tf.Tensor4D, kv: tf.Tensor5D, opts: FlashAttentionOptions = {}): FlashAttentionResult {
   const opName = 'flashAttentionKVPacked';
   checkTensor(q, 'q', opName, 4, '[B, Sq, H, D]');
   checkKVPacked(kv, opName);
   const [batch, seqK, , headsKV, headDim] = kv.shape;
   const kvShape = [batch, seqK, headsKV, headDim];
-  const shapes = checkQKV(q.shape, kvShape, kvShape, opName,
-                          {q: 'q', k: 'kv[:, :, 0]', v: 'kv[:, :, 1]'});
+  const shapes =
+      checkQKV(q.shape, kvShape, kvShape, opName, {q: 'q', k: 'kv[:, :, 0]', v: 'kv[:, :, 1]'});
   return attention(opName, shapes, opts, () => {
     const [k, v] = tf.unstack(kv, 2) as tf.Tensor4D[];
     return [q, k, v];
@@ -136,8 +165,7 @@ type WithLse = FlashAttentionOptions&{returnSoftmaxLse: true};
 type WithoutLse = FlashAttentionOptions&{returnSoftmaxLse?: false};
 
 export interface FlashAttentionOp {
-  (q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D, opts: WithLse):
-      [tf.Tensor4D, tf.Tensor3D];
+  (q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D, opts: WithLse): [tf.Tensor4D, tf.Tensor3D];
   (q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D, opts?: WithoutLse): tf.Tensor4D;
   (q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D,
    opts?: FlashAttentionOptions): FlashAttentionResult;
@@ -156,5 +184,4 @@ export interface FlashAttentionKVPackedOp {
 export const flashAttention = tf.op({flashAttention_}) as FlashAttentionOp;
 export const flashAttentionQKVPacked =
     tf.op({flashAttentionQKVPacked_}) as FlashAttentionQKVPackedOp;
-export const flashAttentionKVPacked =
-    tf.op({flashAttentionKVPacked_}) as FlashAttentionKVPackedOp;
+export const flashAttentionKVPacked = tf.op({flashAttentionKVPacked_}) as FlashAttentionKVPackedOp;

@@ -1,6 +1,6 @@
 /**
  * End to end in a browser: Debian's Chromium, headless, with WebGPU on
- * SwiftShader (DESIGN.md §5), driven by playwright-core; never a
+ * SwiftShader (docs/design.md, "Platform facts"), driven by playwright-core; never a
  * downloaded browser. The pages are the demo's (demo/web, served by
  * demo/web/serve.cjs as `npm run serve` serves them), over the built
  * package (dist/, which `npm test` builds first):
@@ -30,15 +30,20 @@ import {selectedBackends} from './harness/backends';
 import {expectClose, FORWARD_BOUND, freshRng, GRADIENT_BOUND, ProblemShape, randomArray, randomOracleProblem} from './harness/problems';
 import {OracleOptions, oracleBackward, oracleForward} from './oracle';
 
-const {startDemoServer} = require('../demo/web/serve.cjs') as {
-  startDemoServer(options: {port: number}): Promise<{url: string, close(): Promise<void>}>
-};
+const {startDemoServer} = require('../demo/web/serve.cjs') as
+    {startDemoServer(options: {port: number}): Promise<{url: string, close(): Promise<void>}>};
 
 const CHROMIUM = '/usr/bin/chromium';
 const CHROMIUM_FLAGS = [
-  '--headless', '--no-sandbox', '--enable-unsafe-webgpu', '--use-webgpu-adapter=swiftshader',
-  '--disable-background-networking', '--disable-component-update', '--disable-sync',
-  '--disable-quic', '--no-first-run',
+  '--headless',
+  '--no-sandbox',
+  '--enable-unsafe-webgpu',
+  '--use-webgpu-adapter=swiftshader',
+  '--disable-background-networking',
+  '--disable-component-update',
+  '--disable-sync',
+  '--disable-quic',
+  '--no-first-run',
 ];
 const SCREENSHOTS = path.join(__dirname, '..', 'test-results');
 
@@ -48,9 +53,10 @@ const SCREENSHOTS = path.join(__dirname, '..', 'test-results');
  */
 const FUSED_FORWARD = hasFusedKernel(FlashAttention, 'webgpu');
 const FUSED_BACKWARD = hasFusedKernel(FlashAttentionGrad, 'webgpu');
-const PATH_NOTE = (FUSED_FORWARD ?
-                       'fused FlashAttention kernel' :
-                       'composed reference: no fused FlashAttention kernel for webgpu in this build') +
+const PATH_NOTE =
+    (FUSED_FORWARD ?
+         'fused FlashAttention kernel' :
+         'composed reference: no fused FlashAttention kernel for webgpu in this build') +
     (FUSED_BACKWARD ? ', fused FlashAttentionGrad' : ', reference backward');
 /** The same, short, for test names. */
 const PATH = FUSED_FORWARD ? 'fused kernel' : 'composed reference, fused kernel not available';
@@ -63,13 +69,25 @@ interface BrowserCase {
 
 /** Small shapes: SwiftShader is slow. */
 const CASES: BrowserCase[] = [
-  {name: 'causal, GQA (H=4, Hk=2), Sq < Sk',
-   shape: {batch: 2, seqQ: 24, seqK: 40, heads: 4, headsKV: 2, headDim: 32, headDimV: 32},
-   opts: {causal: true}},
-  {name: 'ALiBi [B, H], softcap, window [8, 2], dropout 0.2, Dv != D',
-   shape: {batch: 2, seqQ: 33, seqK: 33, heads: 2, headsKV: 2, headDim: 16, headDimV: 24,
-           alibi: 'batch'},
-   opts: {softcap: 5, windowSize: [8, 2], dropoutRate: 0.2, seed: 20261124}},
+  {
+    name: 'causal, GQA (H=4, Hk=2), Sq < Sk',
+    shape: {batch: 2, seqQ: 24, seqK: 40, heads: 4, headsKV: 2, headDim: 32, headDimV: 32},
+    opts: {causal: true}
+  },
+  {
+    name: 'ALiBi [B, H], softcap, window [8, 2], dropout 0.2, Dv != D',
+    shape: {
+      batch: 2,
+      seqQ: 33,
+      seqK: 33,
+      heads: 2,
+      headsKV: 2,
+      headDim: 16,
+      headDimV: 24,
+      alibi: 'batch'
+    },
+    opts: {softcap: 5, windowSize: [8, 2], dropoutRate: 0.2, seed: 20261124}
+  },
 ];
 
 /** What the page gets: plain arrays (they cross into the page as JSON). */
@@ -131,7 +149,8 @@ async function runInPage(request: PageRequest): Promise<PageResult> {
     const v = tf.tensor4d(request.v, [batch, seqK, headsKV, headDimV]);
     const dOut = tf.tensor4d(request.dOut, [batch, seqQ, heads, headDimV]);
     const dLse = tf.tensor3d(request.dLse, [batch, heads, seqQ]);
-    const slopes = request.slopes == null ? undefined :
+    const slopes = request.slopes == null ?
+        undefined :
         tf.tensor(request.slopes, request.shape.alibi === 'head' ? [heads] : [batch, heads]);
     const opts = {...request.opts, alibiSlopes: slopes, returnSoftmaxLse: true};
     const profile = await tf.profile(() => {
@@ -143,15 +162,18 @@ async function runInPage(request: PageRequest): Promise<PageResult> {
       };
       return [out, lse, ...tf.grads(loss)([q, k, v])];
     });
-    const [out, lse, dq, dk, dv] =
-        await Promise.all(profile.result.map((t: any) => t.data()));
+    const [out, lse, dq, dk, dv] = await Promise.all(profile.result.map((t: any) => t.data()));
     tf.dispose([...profile.result, q, k, v, dOut, dLse]);
     if (slopes != null) {
       slopes.dispose();
     }
     result[backend] = {
-      out: Array.from(out), lse: Array.from(lse), dq: Array.from(dq), dk: Array.from(dk),
-      dv: Array.from(dv), kernelNames: profile.kernelNames,
+      out: Array.from(out),
+      lse: Array.from(lse),
+      dq: Array.from(dq),
+      dk: Array.from(dk),
+      dv: Array.from(dv),
+      kernelNames: profile.kernelNames,
       leakedTensors: tf.memory().numTensors - tensorsBefore,
     };
   }
@@ -193,9 +215,15 @@ async function checkInPage(page: Page, api: 'umd'|'esm', c: BrowserCase): Promis
   const dLse = randomArray(forward.lse.length, rng);
   const expected = {...forward, ...oracleBackward(problem, c.opts, dOut, dLse)};
   const request: PageRequest = {
-    api, shape: c.shape, opts: c.opts, q: Array.from(problem.q), k: Array.from(problem.k),
-    v: Array.from(problem.v), slopes: problem.alibiSlopes && Array.from(problem.alibiSlopes),
-    dOut: Array.from(dOut), dLse: Array.from(dLse),
+    api,
+    shape: c.shape,
+    opts: c.opts,
+    q: Array.from(problem.q),
+    k: Array.from(problem.k),
+    v: Array.from(problem.v),
+    slopes: problem.alibiSlopes && Array.from(problem.alibiSlopes),
+    dOut: Array.from(dOut),
+    dLse: Array.from(dLse),
   };
   const result = await page.evaluate(runInPage, request);
 
@@ -229,12 +257,15 @@ const describeBrowser = selectedBackends().includes('webgpu') ? describe : descr
 describeBrowser(`in headless Chromium with WebGPU on SwiftShader [${PATH_NOTE}]`, () => {
   beforeAll(async () => {
     if (!fs.existsSync(CHROMIUM)) {
-      throw new Error(`${CHROMIUM} is missing: install Debian's chromium (apt-get install chromium)`);
+      throw new Error(
+          `${CHROMIUM} is missing: install Debian's chromium (apt-get install chromium)`);
     }
     server = await startDemoServer({port: 0});
     userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'tfjs-flash-attention-chromium-'));
     context = await chromium.launchPersistentContext(userDataDir, {
-      executablePath: CHROMIUM, headless: true, args: CHROMIUM_FLAGS,
+      executablePath: CHROMIUM,
+      headless: true,
+      args: CHROMIUM_FLAGS,
     });
     console.log(`browser tests: Chromium ${context.browser()?.version() ?? ''}, webgpu runs the ${
         PATH_NOTE}`);
@@ -257,21 +288,24 @@ describeBrowser(`in headless Chromium with WebGPU on SwiftShader [${PATH_NOTE}]`
     });
     afterAll(() => page?.close());
 
-    it('the page\'s own example runs tf.flashAttention forward and backward on webgpu', async () => {
-      const output = await page.textContent('#output');
-      expect(await page.getAttribute('#output', 'data-state')).toBe('done');
-      expect(output).toContain('backend: webgpu;');
-      expect(output).toContain(FUSED_FORWARD ? 'runs the fused kernel' : 'runs the composed reference');
-      expect(output).toContain('out: shape [1,64,4,32]');
-      expect(output).toContain('gradients: dq [1,64,4,32], dk [1,64,4,32], dv [1,64,4,32]');
-      expect(output).toContain('tensors left: 0');
-      expect(await page.evaluate(() => ['flashAttention', 'flashAttentionQKVPacked',
-                                        'flashAttentionKVPacked'].map(
-                                           name => typeof (window as any).tf[name])))
-          .toEqual(['function', 'function', 'function']);
-      await screenshot(page, 'script-tag');
-      expect(errors).toEqual([]);
-    });
+    it('the page\'s own example runs tf.flashAttention forward and backward on webgpu',
+       async () => {
+         const output = await page.textContent('#output');
+         expect(await page.getAttribute('#output', 'data-state')).toBe('done');
+         expect(output).toContain('backend: webgpu;');
+         expect(output).toContain(
+             FUSED_FORWARD ? 'runs the fused kernel' : 'runs the composed reference');
+         expect(output).toContain('out: shape [1,64,4,32]');
+         expect(output).toContain('gradients: dq [1,64,4,32], dk [1,64,4,32], dv [1,64,4,32]');
+         expect(output).toContain('tensors left: 0');
+         expect(
+             await page.evaluate(
+                 () => ['flashAttention', 'flashAttentionQKVPacked', 'flashAttentionKVPacked'].map(
+                     name => typeof (window as any).tf[name])))
+             .toEqual(['function', 'function', 'function']);
+         await screenshot(page, 'script-tag');
+         expect(errors).toEqual([]);
+       });
 
     for (const c of CASES) {
       it(`forward and backward on webgpu (${PATH}) match cpu and the oracle: ${c.name}`,
@@ -282,11 +316,12 @@ describeBrowser(`in headless Chromium with WebGPU on SwiftShader [${PATH_NOTE}]`
     }
 
     it('?tfjsflags=FLASH_ATTENTION_IMPL:reference sets the switch in a page', async () => {
-      const flagged = await openPage(`${server.url}script-tag.html?tfjsflags=FLASH_ATTENTION_IMPL:reference`);
+      const flagged =
+          await openPage(`${server.url}script-tag.html?tfjsflags=FLASH_ATTENTION_IMPL:reference`);
       try {
         await flagged.page.waitForSelector('#output[data-state=done]', {timeout: 120000});
-        expect(await flagged.page.evaluate(
-                   () => (window as any).tf.env().get('FLASH_ATTENTION_IMPL')))
+        expect(
+            await flagged.page.evaluate(() => (window as any).tf.env().get('FLASH_ATTENTION_IMPL')))
             .toBe('reference');
         expect(flagged.errors).toEqual([]);
       } finally {
@@ -322,69 +357,83 @@ describeBrowser(`in headless Chromium with WebGPU on SwiftShader [${PATH_NOTE}]`
       const runs = Number(await page.getAttribute('#status', 'data-runs') ?? 0);
       await page.click('#run');
       await page.waitForSelector(`#status[data-runs="${runs + 1}"]`, {timeout: 240000});
-      return {state: await page.getAttribute('#status', 'data-state'),
-              status: await page.textContent('#status')};
+      return {
+        state: await page.getAttribute('#status', 'data-state'),
+        status: await page.textContent('#status')
+      };
     }
 
     /** The results table and the chart, as the page shows them. */
     async function readResults() {
-      return page.evaluate(() => ({
-        rows: Array.from(document.querySelectorAll('#result-table tbody tr'), row => ({
-          method: row.getAttribute('data-method'),
-          path: row.querySelector('.path')!.textContent,
-          ok: row.querySelector('.error')!.getAttribute('data-ok'),
-          maxError: Number(row.querySelector('.error')!.getAttribute('data-max-error')),
-          errorText: row.querySelector('.error')!.textContent,
-        })),
-        bars: Array.from(document.querySelectorAll('#chart rect'), bar => ({
-          method: bar.getAttribute('data-method'),
-          ms: Number(bar.getAttribute('data-ms')),
-          width: (bar as SVGRectElement).getBBox().width,
-        })),
-        summary: document.getElementById('summary')!.textContent,
-      }));
+      return page.evaluate(
+          () => ({
+            rows: Array.from(
+                document.querySelectorAll('#result-table tbody tr'),
+                row => ({
+                  method: row.getAttribute('data-method'),
+                  path: row.querySelector('.path')!.textContent,
+                  ok: row.querySelector('.error')!.getAttribute('data-ok'),
+                  maxError: Number(row.querySelector('.error')!.getAttribute('data-max-error')),
+                  errorText: row.querySelector('.error')!.textContent,
+                })),
+            bars: Array.from(
+                document.querySelectorAll('#chart rect'),
+                bar => ({
+                  method: bar.getAttribute('data-method'),
+                  ms: Number(bar.getAttribute('data-ms')),
+                  width: (bar as SVGRectElement).getBBox().width,
+                })),
+            summary: document.getElementById('summary')!.textContent,
+          }));
     }
 
     const SMALL = {'batch': '1', 'seq': '48', 'heads': '2', 'head-dim': '32', 'reps': '2'};
 
-    it(`controls: Run shows the path (${FUSED_FORWARD ? 'fused kernel' : 'composed reference'
-       }), errors within 1e-4 forward / 5e-4 gradients, and a bar chart`, async () => {
-      const forward = await runDemo(SMALL, 'forward');
-      expect(forward).toEqual({state: 'done', status: 'done'});
-      const shown = await readResults();
-      expect(shown.rows.map(r => r.method)).toEqual(['flashAttention', 'composed matMul + softmax']);
-      expect(shown.rows[0].path).toBe(FUSED_FORWARD ? 'fused kernel' : 'composed reference');
-      expect(shown.rows[1].path).toBe('tfjs ops');
-      for (const row of shown.rows) {
-        expect(row.ok).toBe('true');
-        expect(row.maxError).toBeLessThanOrEqual(FORWARD_BOUND);
-        expect(row.errorText).toMatch(/^out \d\.\de[-+]\d+/);
-      }
-      expect(shown.bars.map(b => b.method)).toEqual(['flashAttention', 'composed matMul + softmax']);
-      for (const bar of shown.bars) {
-        expect(Number.isFinite(bar.ms) && bar.ms > 0).toBe(true);
-        expect(bar.width).toBeGreaterThan(0);
-      }
-      // Bar lengths are proportional to the times.
-      const [a, b] = shown.bars;
-      expect(a.width / b.width).toBeCloseTo(a.ms / b.ms, 1);
-      expect(shown.summary).toContain('q, k, v [1, 48, 2, 32], causal, forward');
-      await screenshot(page, 'demo-forward');
+    it(`controls: Run shows the path (${
+           FUSED_FORWARD ?
+               'fused kernel' :
+               'composed reference'}), errors within 1e-4 forward / 5e-4 gradients, and a bar chart`,
+       async () => {
+         const forward = await runDemo(SMALL, 'forward');
+         expect(forward).toEqual({state: 'done', status: 'done'});
+         const shown = await readResults();
+         expect(shown.rows.map(r => r.method)).toEqual([
+           'flashAttention', 'composed matMul + softmax'
+         ]);
+         expect(shown.rows[0].path).toBe(FUSED_FORWARD ? 'fused kernel' : 'composed reference');
+         expect(shown.rows[1].path).toBe('tfjs ops');
+         for (const row of shown.rows) {
+           expect(row.ok).toBe('true');
+           expect(row.maxError).toBeLessThanOrEqual(FORWARD_BOUND);
+           expect(row.errorText).toMatch(/^out \d\.\de[-+]\d+/);
+         }
+         expect(shown.bars.map(b => b.method)).toEqual([
+           'flashAttention', 'composed matMul + softmax'
+         ]);
+         for (const bar of shown.bars) {
+           expect(Number.isFinite(bar.ms) && bar.ms > 0).toBe(true);
+           expect(bar.width).toBeGreaterThan(0);
+         }
+         // Bar lengths are proportional to the times.
+         const [a, b] = shown.bars;
+         expect(a.width / b.width).toBeCloseTo(a.ms / b.ms, 1);
+         expect(shown.summary).toContain('q, k, v [1, 48, 2, 32], causal, forward');
+         await screenshot(page, 'demo-forward');
 
-      const backward = await runDemo(SMALL, 'backward');
-      expect(backward).toEqual({state: 'done', status: 'done'});
-      const shownBackward = await readResults();
-      expect(shownBackward.rows[0].path).toBe(
-          `${FUSED_FORWARD ? 'fused kernel' : 'composed reference'}, ${
-              FUSED_BACKWARD ? 'fused' : 'reference'} backward`);
-      for (const row of shownBackward.rows) {
-        expect(row.ok).toBe('true');
-        expect(row.maxError).toBeLessThanOrEqual(GRADIENT_BOUND);
-        expect(row.errorText).toMatch(/^dq .*dk .*dv /);
-      }
-      await screenshot(page, 'demo-backward');
-      expect(errors).toEqual([]);
-    });
+         const backward = await runDemo(SMALL, 'backward');
+         expect(backward).toEqual({state: 'done', status: 'done'});
+         const shownBackward = await readResults();
+         expect(shownBackward.rows[0].path)
+             .toBe(`${FUSED_FORWARD ? 'fused kernel' : 'composed reference'}, ${
+                 FUSED_BACKWARD ? 'fused' : 'reference'} backward`);
+         for (const row of shownBackward.rows) {
+           expect(row.ok).toBe('true');
+           expect(row.maxError).toBeLessThanOrEqual(GRADIENT_BOUND);
+           expect(row.errorText).toMatch(/^dq .*dk .*dv /);
+         }
+         await screenshot(page, 'demo-backward');
+         expect(errors).toEqual([]);
+       });
 
     it(`controls: implementation 'reference' runs the composed reference; 'fused' ${
            FUSED_FORWARD ? 'runs the fused kernel' : 'is refused (no fused kernel in this build)'}`,
@@ -402,6 +451,26 @@ describeBrowser(`in headless Chromium with WebGPU on SwiftShader [${PATH_NOTE}]`
          }
          expect(errors).toEqual([]);
        });
+  });
+
+  it('the demo page generates text with the KV cache, the same as without', async () => {
+    const {page, errors} = await openPage(server.url);
+    try {
+      expect(await page.evaluate(() => (window as any).flashAttentionDemo.ready)).toBe(true);
+      await page.fill('#gen-context', '6');
+      await page.fill('#gen-tokens', '2');
+      await page.click('#generate');
+      await page.waitForSelector(
+          '#gen-status[data-state=done], #gen-status[data-state=error]', {timeout: 240000});
+      expect(await page.textContent('#gen-status')).toBe('done');
+      expect(await page.textContent('#gen-result'))
+          .toMatch(
+              /tokens\/s with the KV cache, [\d.]+ tokens\/s without .*same text both ways: yes/);
+      expect(await page.textContent('#gen-text')).toHaveLength(2);
+      expect(errors).toEqual([]);
+    } finally {
+      await page.close();
+    }
   });
 
   it('the demo says clearly that WebGPU is missing where it is', async () => {

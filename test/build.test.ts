@@ -24,8 +24,9 @@ const VALUES = Array.from({length: 40}, (_, i) => Math.sin(i * 1.7));
 describe('built package', () => {
   let expected: number[];
   beforeAll(async () => {
-    for (const file of ['index.cjs', 'index.mjs', 'tfjs-flash-attention.umd.js',
-                        'tfjs-flash-attention.umd.min.js', 'types/src/index.d.ts']) {
+    for (const file
+             of ['index.cjs', 'index.mjs', 'tfjs-flash-attention.umd.js',
+                 'tfjs-flash-attention.umd.min.js', 'types/src/index.d.ts']) {
       if (!fs.existsSync(dist(file))) {
         throw new Error(`dist/${file} is missing: run \`npm run build\` (npm test does)`);
       }
@@ -55,8 +56,8 @@ describe('built package', () => {
       const x = tf.tensor4d(${JSON.stringify(VALUES)}, ${JSON.stringify(SHAPE)});
       const out = flashAttention(x, x, x, {causal: true});
       console.log(JSON.stringify(Array.from(await out.data())));`;
-    const output = execFileSync(process.execPath, ['--input-type=module', '-e', script],
-                                {cwd: root, encoding: 'utf8'});
+    const output = execFileSync(
+        process.execPath, ['--input-type=module', '-e', script], {cwd: root, encoding: 'utf8'});
     const values = JSON.parse(output.trim().split('\n').pop()!);
     expect(values).toEqual(expected);
   });
@@ -64,27 +65,36 @@ describe('built package', () => {
   it('UMD build adds tf.flashAttention to the global tf of a page', () => {
     // A page-like global scope: tfjs's own UMD bundles, then ours.
     const context = vm.createContext({
-      console, setTimeout, clearTimeout, performance, TextEncoder, TextDecoder,
-      document: {}, navigator: {userAgent: 'test'}, location: {search: ''},
+      console,
+      setTimeout,
+      clearTimeout,
+      performance,
+      TextEncoder,
+      TextDecoder,
+      document: {},
+      navigator: {userAgent: 'test'},
+      location: {search: ''},
     });
     context.globalThis = context;
     context.window = context;
     context.self = context;
-    for (const file of [
-      require.resolve('@tensorflow/tfjs-core/dist/tf-core.js'),
-      require.resolve('@tensorflow/tfjs-backend-cpu/dist/tf-backend-cpu.js'),
-      dist('tfjs-flash-attention.umd.min.js'),
+    for (const file
+             of [require.resolve('@tensorflow/tfjs-core/dist/tf-core.js'),
+                 require.resolve('@tensorflow/tfjs-backend-cpu/dist/tf-backend-cpu.js'),
+                 dist('tfjs-flash-attention.umd.min.js'),
     ]) {
       vm.runInContext(fs.readFileSync(file, 'utf8'), context, {filename: file});
     }
-    const values = vm.runInContext(`
+    const values = vm.runInContext(
+        `
       tf.setBackend('cpu');
       const x = tf.tensor4d(${JSON.stringify(VALUES)}, ${JSON.stringify(SHAPE)});
       const packed = tf.stack([x, x, x], 2);
       const out = tf.flashAttention(x, x, x, {causal: true});
       const outPacked = tf.flashAttentionQKVPacked(packed, {causal: true});
       [Array.from(out.dataSync()), Array.from(outPacked.dataSync()),
-       typeof tfFlashAttention.flashAttentionKVPacked];`, context);
+       typeof tfFlashAttention.flashAttentionKVPacked];`,
+        context);
     expect(values[0]).toEqual(expected);
     expect(values[1]).toEqual(expected);
     expect(values[2]).toBe('function');

@@ -48,14 +48,16 @@ function fakeTfjs(withLib: boolean): string {
 }
 
 const baseEnv = (extra: NodeJS.ProcessEnv): NodeJS.ProcessEnv => ({
-  PATH: process.env.PATH, HOME: process.env.HOME, ...extra,
+  PATH: process.env.PATH,
+  HOME: process.env.HOME,
+  ...extra,
 });
 
 describe('scripts/build-cuda.js', () => {
   it('skips cleanly without tfjs-node-gpu and says so (as in npm ci here)', () => {
     const cwd = tmpdir();
-    const r = spawnSync(process.execPath, [script],
-                        {cwd, env: baseEnv({INIT_CWD: cwd}), encoding: 'utf8'});
+    const r = spawnSync(
+        process.execPath, [script], {cwd, env: baseEnv({INIT_CWD: cwd}), encoding: 'utf8'});
     expect(r.status).toBe(0);
     expect(r.stdout).toMatch(
         /^tfjs-flash-attention: CUDA kernels not built: @tensorflow\/tfjs-node-gpu is not installed\. The tensorflow backend will use the composed reference/);
@@ -73,42 +75,59 @@ describe('scripts/build-cuda.js', () => {
         .toMatch(/^Node's headers \(node_api\.h\) are not in/);
   });
 
-  it('plans the kernels, op library and loader for the chosen GPUs, linked to tfjs-node-gpu\'s libtensorflow', () => {
-    const tfjs = fakeTfjs(true);
-    const out = tmpdir();
-    const nvcc = path.join(root, 'test/cuda/fake_nvcc.js');
-    const include = tmpdir();
-    fs.writeFileSync(path.join(include, 'node_api.h'), '');
-    const p = plan(baseEnv({FA_TFJS_NODE_GPU_DIR: tfjs, NVCC: nvcc, FA_NODE_INCLUDE: include,
-                            FA_CUDA_ARCHS: '80 90', TFJS_FLASH_ATTENTION_BUILD_DIR: out}));
-    expect(p.skip).toBeUndefined();
-    expect(p.outDir).toBe(out);
-    const [kernels, ops, loader] = p.commands as string[][];
-    const lib = path.join(tfjs, 'deps', 'lib');
-    expect(kernels).toEqual([nvcc, '-O3', '-std=c++17', '-gencode=arch=compute_80,code=sm_80',
-                             '-gencode=arch=compute_90,code=sm_90', '-Xcompiler', '-fPIC', '-c',
-                             path.join(root, 'kernels/cuda/flash_attention.cu'), '-o',
-                             path.join(out, 'flash_attention.o')]);
-    expect(ops).toContain(path.join(root, 'kernels/tensorflow/flash_attention_op.cc'));
-    expect(ops).toContain(path.join(out, 'flash_attention.o'));
-    expect(ops.slice(-6)).toEqual(['-o', path.join(out, 'libtfjs_flash_attention_ops.so'),
-                                   `-L${lib}`, '-l:libtensorflow.so.2', '-Xlinker', `-rpath=${lib}`]);
-    expect(loader).toContain(`-I${include}`);
-    expect(loader).toContain(path.join(out, 'tfjs_flash_attention_loader.node'));
-  });
+  it('plans the kernels, op library and loader for the chosen GPUs, linked to tfjs-node-gpu\'s libtensorflow',
+     () => {
+       const tfjs = fakeTfjs(true);
+       const out = tmpdir();
+       const nvcc = path.join(root, 'test/cuda/fake_nvcc.js');
+       const include = tmpdir();
+       fs.writeFileSync(path.join(include, 'node_api.h'), '');
+       const p = plan(baseEnv({
+         FA_TFJS_NODE_GPU_DIR: tfjs,
+         NVCC: nvcc,
+         FA_NODE_INCLUDE: include,
+         FA_CUDA_ARCHS: '80 90',
+         TFJS_FLASH_ATTENTION_BUILD_DIR: out
+       }));
+       expect(p.skip).toBeUndefined();
+       expect(p.outDir).toBe(out);
+       const [kernels, ops, loader] = p.commands as string[][];
+       const lib = path.join(tfjs, 'deps', 'lib');
+       expect(kernels).toEqual([
+         nvcc, '-O3', '-std=c++17', '-gencode=arch=compute_80,code=sm_80',
+         '-gencode=arch=compute_90,code=sm_90', '-Xcompiler', '-fPIC', '-c',
+         path.join(root, 'kernels/cuda/flash_attention.cu'), '-o',
+         path.join(out, 'flash_attention.o')
+       ]);
+       expect(ops).toContain(path.join(root, 'kernels/tensorflow/flash_attention_op.cc'));
+       expect(ops).toContain(path.join(out, 'flash_attention.o'));
+       expect(ops.slice(-6)).toEqual([
+         '-o', path.join(out, 'libtfjs_flash_attention_ops.so'), `-L${lib}`,
+         '-l:libtensorflow.so.2', '-Xlinker', `-rpath=${lib}`
+       ]);
+       expect(loader).toContain(`-I${include}`);
+       expect(loader).toContain(path.join(out, 'tfjs_flash_attention_loader.node'));
+     });
 
   (haveToolchain ? it : it.skip)(
-      'builds for real (g++ for nvcc, a stand-in libtensorflow); the addon loads the op library', () => {
+      'builds for real (g++ for nvcc, a stand-in libtensorflow); the addon loads the op library',
+      () => {
         const tfjs = fakeTfjs(false);
         const lib = path.join(tfjs, 'deps', 'lib', 'libtensorflow.so.2');
-        execFileSync('g++', ['-std=c++17', '-O1', '-fPIC', '-shared', '-DFAKE_TF_LIBRARY',
-                             '-Wl,-soname,libtensorflow.so.2',
-                             path.join(root, 'test/cuda/fake_tf.cc'), '-ldl', '-o', lib]);
+        execFileSync('g++', [
+          '-std=c++17', '-O1', '-fPIC', '-shared', '-DFAKE_TF_LIBRARY',
+          '-Wl,-soname,libtensorflow.so.2', path.join(root, 'test/cuda/fake_tf.cc'), '-ldl', '-o',
+          lib
+        ]);
         const out = tmpdir();
         const log = path.join(out, 'nvcc.log');
-        const env = baseEnv({FA_TFJS_NODE_GPU_DIR: tfjs, FAKE_NVCC_LOG: log,
-                             NVCC: path.join(root, 'test/cuda/fake_nvcc.js'),
-                             TFJS_FLASH_ATTENTION_BUILD_DIR: out, FA_CUDA_ARCHS: '90'});
+        const env = baseEnv({
+          FA_TFJS_NODE_GPU_DIR: tfjs,
+          FAKE_NVCC_LOG: log,
+          NVCC: path.join(root, 'test/cuda/fake_nvcc.js'),
+          TFJS_FLASH_ATTENTION_BUILD_DIR: out,
+          FA_CUDA_ARCHS: '90'
+        });
         const r = spawnSync(process.execPath, [script], {env, encoding: 'utf8'});
         expect(r.stderr).toBe('');
         expect(r.status).toBe(0);
@@ -123,7 +142,8 @@ describe('scripts/build-cuda.js', () => {
         expect(addon.load(path.join(out, 'libtfjs_flash_attention_ops.so'))).toBeNull();
         expect(addon.load(path.join(out, 'missing.so'))).toMatch(/missing\.so/);
         // And through registerTensorflowKernels (default loader = that addon).
-        tf.registerBackend('tensorflow', () => Object.assign(new MathBackendCPU(), {isGPUPackage: true}), 0);
+        tf.registerBackend(
+            'tensorflow', () => Object.assign(new MathBackendCPU(), {isGPUPackage: true}), 0);
         process.env[BUILD_DIR_ENV] = out;
         resetTensorflowKernelsForTests();
         try {
@@ -140,23 +160,31 @@ describe('scripts/build-cuda.js', () => {
           tf.unregisterKernel(FlashAttentionGrad, 'tensorflow');
         }
         // A failing compiler: the install still succeeds, with a warning...
-        const failing = spawnSync(process.execPath, [script],
-                                  {env: {...env, FAKE_NVCC_FAIL: '1'}, encoding: 'utf8'});
+        const failing = spawnSync(
+            process.execPath, [script], {env: {...env, FAKE_NVCC_FAIL: '1'}, encoding: 'utf8'});
         expect(failing.status).toBe(0);
         expect(failing.stderr).toMatch(/building the CUDA op library failed/);
         // ...unless asked to be strict.
-        const strict = spawnSync(process.execPath, [script],
-                                 {env: {...env, FAKE_NVCC_FAIL: '1', FA_CUDA_BUILD_STRICT: '1'},
-                                  encoding: 'utf8'});
+        const strict = spawnSync(
+            process.execPath, [script],
+            {env: {...env, FAKE_NVCC_FAIL: '1', FA_CUDA_BUILD_STRICT: '1'}, encoding: 'utf8'});
         expect(strict.status).toBe(1);
-      }, 120000);
+      },
+      120000);
 });
 
 describe('dist/tensorflow (the opt-in entry, built by npm run build)', () => {
-  for (const [format, code] of [
-           ['CommonJS', `const m = require('./dist/tensorflow.cjs'); console.log(JSON.stringify(m.tensorflowKernels));`],
-           ['ES module', `import('tfjs-flash-attention/tensorflow').then(m => console.log(JSON.stringify(m.tensorflowKernels)));`],
-         ]) {
+  for (
+      const [format, code] of [
+          [
+            'CommonJS',
+            `const m = require('./dist/tensorflow.cjs'); console.log(JSON.stringify(m.tensorflowKernels));`
+          ],
+          [
+            'ES module',
+            `import('tfjs-flash-attention/tensorflow').then(m => console.log(JSON.stringify(m.tensorflowKernels)));`
+          ],
+  ]) {
     it(`${format}: without tfjs-node-gpu it registers nothing and logs one line why`, () => {
       if (!fs.existsSync(path.join(root, 'dist', 'tensorflow.cjs'))) {
         throw new Error('dist/tensorflow.cjs is missing: run `npm run build` (npm test does)');
@@ -166,7 +194,8 @@ describe('dist/tensorflow (the opt-in entry, built by npm run build)', () => {
       expect(r.stderr.trim().split('\n')).toEqual([
         'tfjs-flash-attention: fused CUDA kernels not registered for the tensorflow backend (no ' +
         'tensorflow backend: import @tensorflow/tfjs-node-gpu before ' +
-        'tfjs-flash-attention/tensorflow); it uses the composed reference']);
+        'tfjs-flash-attention/tensorflow); it uses the composed reference'
+      ]);
       expect(JSON.parse(r.stdout).registered).toBe(false);
     });
   }

@@ -47,23 +47,52 @@ interface OracleCase {
 }
 
 const CASES: OracleCase[] = [
-  {title: 'Adam', config: {learningRate: 0.01, beta1: 0.9, beta2: 0.999, epsilon: 1e-7,
-                           weightDecay: 0, clipNorm: null}},
-  {title: 'AdamW, weight decay', config: {learningRate: 0.02, beta1: 0.8, beta2: 0.99,
-                                          epsilon: 1e-6, weightDecay: 0.1, clipNorm: null},
-   laterLearningRate: 0.005},
-  {title: 'AdamW, clipped', config: {learningRate: 0.01, beta1: 0.9, beta2: 0.999,
-                                     epsilon: 1e-7, weightDecay: 0.05, clipNorm: 1.5}},
-  {title: 'Adam, clip norm above the norm', config: {learningRate: 0.01, beta1: 0.9,
-                                                     beta2: 0.999, epsilon: 1e-7,
-                                                     weightDecay: 0, clipNorm: 1e4}},
+  {
+    title: 'Adam',
+    config: {
+      learningRate: 0.01,
+      beta1: 0.9,
+      beta2: 0.999,
+      epsilon: 1e-7,
+      weightDecay: 0,
+      clipNorm: null
+    }
+  },
+  {
+    title: 'AdamW, weight decay',
+    config: {
+      learningRate: 0.02,
+      beta1: 0.8,
+      beta2: 0.99,
+      epsilon: 1e-6,
+      weightDecay: 0.1,
+      clipNorm: null
+    },
+    laterLearningRate: 0.005
+  },
+  {
+    title: 'AdamW, clipped',
+    config: {
+      learningRate: 0.01,
+      beta1: 0.9,
+      beta2: 0.999,
+      epsilon: 1e-7,
+      weightDecay: 0.05,
+      clipNorm: 1.5
+    }
+  },
+  {
+    title: 'Adam, clip norm above the norm',
+    config:
+        {learningRate: 0.01, beta1: 0.9, beta2: 0.999, epsilon: 1e-7, weightDecay: 0, clipNorm: 1e4}
+  },
 ];
 
 async function checkAgainstOracle(c: OracleCase, rng: Rng, steps: number): Promise<void> {
   const what = `${c.title} (seed ${rng.seed})`;
   const initial = SHAPES.map(s => randomArray(tf.util.sizeFromShape(s), rng));
-  const variables = SHAPES.map((s, i) => tf.variable(
-      tf.tensor(Float32Array.from(initial[i]), s), true, uniqueName('p')));
+  const variables = SHAPES.map(
+      (s, i) => tf.variable(tf.tensor(Float32Array.from(initial[i]), s), true, uniqueName('p')));
   const oracle = adamWOracleInit(initial);
   const config = {...c.config};
   const optimizer = c.config.weightDecay === 0 ? fusedAdam({...config}) : fusedAdamW({...config});
@@ -167,8 +196,7 @@ describeBackends('fused AdamW', backend => {
       const model = tfl.sequential({layers: [tfl.layers.dense({units: 8, inputShape: [4]})]});
       model.layers[0].setWeights([tf.tensor2d(kernel0, [4, 8]), tf.zeros([8])]);
       model.compile({optimizer: fusedAdamW({learningRate: 0.01}), loss: 'meanSquaredError'});
-      const history = await model.fit(x, y, {epochs: 2, batchSize: 16, shuffle: false,
-                                             verbose: 0});
+      const history = await model.fit(x, y, {epochs: 2, batchSize: 16, shuffle: false, verbose: 0});
       const weights = await Promise.all(model.getWeights().map(t => t.data()));
       const losses = history.history.loss as number[];
       model.optimizer.dispose();
@@ -180,8 +208,9 @@ describeBackends('fused AdamW', backend => {
     if (backend === 'webgpu') {
       const fused = await fit('fused');
       expectClose(fused.losses, reference.losses, 1e-5, `fit losses (seed ${rng.seed})`);
-      fused.weights.forEach((w, i) => expectClose(w, reference.weights[i], 1e-5,
-                                                  `fit weight ${i} (seed ${rng.seed})`));
+      fused.weights.forEach(
+          (w, i) =>
+              expectClose(w, reference.weights[i], 1e-5, `fit weight ${i} (seed ${rng.seed})`));
     }
     tf.dispose([x, y]);
   });
@@ -197,8 +226,7 @@ describeBackends('fused AdamW', backend => {
       o.applyGradients({[p.name]: t});
       t.dispose();
     };
-    const original = fusedAdamW({learningRate: 0.03, weightDecay: 0.02, clipNorm: 2,
-                                 beta2: 0.95});
+    const original = fusedAdamW({learningRate: 0.03, weightDecay: 0.02, clipNorm: 2, beta2: 0.95});
     for (let s = 0; s < 3; s++) {
       stepWith(original, grads[s]);
     }
@@ -211,8 +239,8 @@ describeBackends('fused AdamW', backend => {
     expect(restored.getConfig()).toEqual(original.getConfig());
     const saved = await original.getWeights();
     // Copies, as weights loaded from a file would be.
-    const copies = await Promise.all(saved.map(async w => ({
-      name: w.name, tensor: tf.tensor(await w.tensor.data(), w.tensor.shape)})));
+    const copies = await Promise.all(saved.map(
+        async w => ({name: w.name, tensor: tf.tensor(await w.tensor.data(), w.tensor.shape)})));
     const savedFirstMoment = await saved[1].tensor.data();
     await restored.setWeights(copies);
     expect(restored.iterations).toBe(3);
@@ -227,8 +255,8 @@ describeBackends('fused AdamW', backend => {
     }
     expectClose(await p.data(), continued, 1e-6, `resumed training (seed ${rng.seed})`);
     // The loaded tensors are the caller's: stepping must not have changed them.
-    expectClose(await copies[1].tensor.data(), savedFirstMoment, 0,
-                'setWeights input left untouched');
+    expectClose(
+        await copies[1].tensor.data(), savedFirstMoment, 0, 'setWeights input left untouched');
     tf.dispose(copies.map(c => c.tensor));
     saved[0].tensor.dispose();
     original.dispose();
@@ -241,14 +269,16 @@ describeBackends('fused AdamW', backend => {
     const x = tf.tensor2d(Float32Array.from(randomArray(8 * 4, rng)), [8, 4]);
     const y = tf.tensor2d(Float32Array.from(randomArray(8 * 3, rng)), [8, 3]);
     const model = tfl.sequential({layers: [tfl.layers.dense({units: 3, inputShape: [4]})]});
-    model.compile({optimizer: fusedAdamW({learningRate: 0.02, weightDecay: 0.05}),
-                   loss: 'meanSquaredError'});
+    model.compile(
+        {optimizer: fusedAdamW({learningRate: 0.02, weightDecay: 0.05}), loss: 'meanSquaredError'});
     await model.fit(x, y, {epochs: 2, batchSize: 4, shuffle: false, verbose: 0});
     let artifacts: tf.io.ModelArtifacts|null = null;
-    await model.save(tf.io.withSaveHandler(async a => {
-      artifacts = a;
-      return {modelArtifactsInfo: {dateSaved: new Date(), modelTopologyType: 'JSON'}};
-    }), {includeOptimizer: true});
+    await model.save(
+        tf.io.withSaveHandler(async a => {
+          artifacts = a;
+          return {modelArtifactsInfo: {dateSaved: new Date(), modelTopologyType: 'JSON'}};
+        }),
+        {includeOptimizer: true});
     const loaded = await tfl.loadLayersModel(tf.io.fromMemory(artifacts!));
     expect(loaded.optimizer).toBeInstanceOf(FusedAdamW);
     expect(loaded.optimizer.getConfig()).toEqual(model.optimizer.getConfig());
@@ -258,8 +288,8 @@ describeBackends('fused AdamW', backend => {
     await loaded.fit(x, y, {epochs: 1, batchSize: 4, shuffle: false, verbose: 0});
     const expected = await Promise.all(model.getWeights().map(w => w.data()));
     const actual = await Promise.all(loaded.getWeights().map(w => w.data()));
-    actual.forEach((a, i) => expectClose(a, expected[i], 1e-6,
-                                         `reloaded weight ${i} (seed ${rng.seed})`));
+    actual.forEach(
+        (a, i) => expectClose(a, expected[i], 1e-6, `reloaded weight ${i} (seed ${rng.seed})`));
     model.optimizer.dispose();
     loaded.optimizer.dispose();
     model.dispose();
@@ -284,18 +314,18 @@ describeBackends('fused AdamW', backend => {
     const x = tf.randomNormal([8, 64]);
     const optimizer = fusedAdamW({clipNorm: 1});
     const stepOnce = async () => {
-      const loss = optimizer.minimize(() => tf.mean(tf.square(tf.matMul(x, w))) as tf.Scalar,
-                                      true, [w])!;
+      const loss =
+          optimizer.minimize(() => tf.mean(tf.square(tf.matMul(x, w))) as tf.Scalar, true, [w])!;
       await loss.data();
       loss.dispose();
     };
     await stepOnce();
     await stepOnce();
-    const before = tf.memory() as tf.MemoryInfo&{numBytesInGPU?: number};
+    const before = tf.memory() as tf.MemoryInfo & {numBytesInGPU?: number};
     for (let s = 0; s < 12; s++) {
       await stepOnce();
     }
-    const after = tf.memory() as tf.MemoryInfo&{numBytesInGPU?: number};
+    const after = tf.memory() as tf.MemoryInfo & {numBytesInGPU?: number};
     expect(after.numTensors).toBe(before.numTensors);
     expect(after.numBytesInGPU ?? 0).toBe(before.numBytesInGPU ?? 0);
     const withOptimizer = tf.memory().numTensors;
@@ -342,15 +372,15 @@ describeBackends('fused AdamW', backend => {
       });
 
   it('rejects bad hyperparameters and gradients, naming them', () => {
-    expect(() => fusedAdamW({learningRate: -1})).toThrow(
-        'fusedAdamW: learningRate must be a finite number >= 0, got -1');
+    expect(() => fusedAdamW({learningRate: -1}))
+        .toThrow('fusedAdamW: learningRate must be a finite number >= 0, got -1');
     expect(() => fusedAdamW({beta2: 1})).toThrow('fusedAdamW: beta2 must be in [0, 1), got 1');
     expect(() => fusedAdamW({clipNorm: NaN})).toThrow('fusedAdamW: clipNorm must be');
     const p = tf.variable(tf.zeros([3]), true, uniqueName('bad'));
     const g = tf.zeros([4]);
     const optimizer = fusedAdam();
-    expect(() => optimizer.applyGradients({[p.name]: g})).toThrow(
-        `fusedAdamW: the gradient of '${p.name}' must have shape [3], got [4]`);
+    expect(() => optimizer.applyGradients({[p.name]: g}))
+        .toThrow(`fusedAdamW: the gradient of '${p.name}' must have shape [3], got [4]`);
     optimizer.dispose();
     tf.dispose([p, g]);
   });

@@ -19,7 +19,7 @@ async function gpuBytesInUse(): Promise<number> {
   const probe = tf.tidy(() => tf.add(tf.fill([4096], 1), 1));
   await probe.data();
   probe.dispose();
-  const info = tf.memory() as tf.MemoryInfo&{numBytesInGPU?: number};
+  const info = tf.memory() as tf.MemoryInfo & {numBytesInGPU?: number};
   return info.numBytesInGPU ?? 0;
 }
 
@@ -38,9 +38,10 @@ describeBackends('no leaks', () => {
       () => [flashAttentionQKVPacked(qkv, {softcap: 3})],
       () => [flashAttentionKVPacked(q, kv)],
     ];
-    const grad = tf.grads((a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) => tf.sum(
-        flashAttention(a as tf.Tensor4D, b as tf.Tensor4D, c as tf.Tensor4D,
-                       {causal: true, dropoutRate: 0.1, seed: 9, alibiSlopes: slopes})));
+    const grad = tf.grads(
+        (a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) => tf.sum(flashAttention(
+            a as tf.Tensor4D, b as tf.Tensor4D, c as tf.Tensor4D,
+            {causal: true, dropoutRate: 0.1, seed: 9, alibiSlopes: slopes})));
     const gradPacked = tf.grad((x: tf.Tensor) => tf.sum(flashAttentionQKVPacked(x as tf.Tensor5D)));
     // Warm up: let backends allocate their caches (pipelines, buffer pools).
     tf.dispose(calls.map(c => c()));
@@ -66,20 +67,21 @@ describeBackends('no leaks', () => {
 describe('memory-lean reference', () => {
   beforeAll(() => useBackend('cpu'));
 
-  it('keeps the peak of a causal forward at S=2048, H=2, D=32 under half a score tensor', async () => {
-    const [batch, seq, heads, dim] = [1, 2048, 2, 32];
-    const q = tf.randomNormal([batch, seq, heads, dim]) as tf.Tensor4D;
-    const k = tf.randomNormal([batch, seq, heads, dim]) as tf.Tensor4D;
-    const v = tf.randomNormal([batch, seq, heads, dim]) as tf.Tensor4D;
-    const bytesBefore = tf.memory().numBytes;
-    const profile = await tf.profile(() => flashAttention(q, k, v, {causal: true}));
-    const out = profile.result as tf.Tensor;
-    const fullScoreBytes = batch * heads * seq * seq * 4;
-    const peakAboveInputs = profile.peakBytes - bytesBefore;
-    expect(out.shape).toEqual([batch, seq, heads, dim]);
-    // The output itself must be in there: the run did real work.
-    expect(peakAboveInputs).toBeGreaterThanOrEqual(out.size * 4);
-    expect(peakAboveInputs).toBeLessThan(fullScoreBytes / 2);
-    tf.dispose([q, k, v, out]);
-  });
+  it('keeps the peak of a causal forward at S=2048, H=2, D=32 under half a score tensor',
+     async () => {
+       const [batch, seq, heads, dim] = [1, 2048, 2, 32];
+       const q = tf.randomNormal([batch, seq, heads, dim]) as tf.Tensor4D;
+       const k = tf.randomNormal([batch, seq, heads, dim]) as tf.Tensor4D;
+       const v = tf.randomNormal([batch, seq, heads, dim]) as tf.Tensor4D;
+       const bytesBefore = tf.memory().numBytes;
+       const profile = await tf.profile(() => flashAttention(q, k, v, {causal: true}));
+       const out = profile.result as tf.Tensor;
+       const fullScoreBytes = batch * heads * seq * seq * 4;
+       const peakAboveInputs = profile.peakBytes - bytesBefore;
+       expect(out.shape).toEqual([batch, seq, heads, dim]);
+       // The output itself must be in there: the run did real work.
+       expect(peakAboveInputs).toBeGreaterThanOrEqual(out.size * 4);
+       expect(peakAboveInputs).toBeLessThan(fullScoreBytes / 2);
+       tf.dispose([q, k, v, out]);
+     });
 });

@@ -27,8 +27,19 @@ describeBackends('packed variants', () => {
       }
       return out;
     };
-    const oracle: OracleProblem = {batch: B, seqQ: S, seqK: S, heads: H, headsKV: H,
-      headDim: D, headDimV: D, q: part(0), k: part(1), v: part(2), alibiSlopes: null};
+    const oracle: OracleProblem = {
+      batch: B,
+      seqQ: S,
+      seqK: S,
+      heads: H,
+      headsKV: H,
+      headDim: D,
+      headDimV: D,
+      q: part(0),
+      k: part(1),
+      v: part(2),
+      alibiSlopes: null
+    };
     const qkv = tf.tensor5d(Float32Array.from(packed), [B, S, 3, H, D]);
     const [out, lse] = flashAttentionQKVPacked(qkv, {causal: true, returnSoftmaxLse: true});
     const expected = oracleForward(oracle, {causal: true});
@@ -51,22 +62,36 @@ describeBackends('packed variants', () => {
       }
       return out;
     };
-    const oracle: OracleProblem = {batch: B, seqQ: Sq, seqK: Sk, heads: H, headsKV: Hk,
-      headDim: D, headDimV: D, q, k: part(0), v: part(1), alibiSlopes: null};
+    const oracle: OracleProblem = {
+      batch: B,
+      seqQ: Sq,
+      seqK: Sk,
+      heads: H,
+      headsKV: Hk,
+      headDim: D,
+      headDimV: D,
+      q,
+      k: part(0),
+      v: part(1),
+      alibiSlopes: null
+    };
     const qT = tf.tensor4d(Float32Array.from(q), [B, Sq, H, D]);
     const kv = tf.tensor5d(Float32Array.from(packed), [B, Sk, 2, Hk, D]);
     const out = flashAttentionKVPacked(qT, kv, {windowSize: [3, 3]});
-    expectClose(await out.data(), oracleForward(oracle, {windowSize: [3, 3]}).out,
-                FORWARD_BOUND, `kv out (seed ${rng.seed})`);
+    expectClose(
+        await out.data(), oracleForward(oracle, {windowSize: [3, 3]}).out, FORWARD_BOUND,
+        `kv out (seed ${rng.seed})`);
     tf.dispose([qT, kv, out]);
   });
 
   it('packed ops propagate gradients to the packed tensor', async () => {
     const qkv = tf.randomNormal([1, 5, 3, 2, 4]) as tf.Tensor5D;
-    const packedGrad = tf.grad((x: tf.Tensor) => tf.sum(flashAttentionQKVPacked(x as tf.Tensor5D)))(qkv);
+    const packedGrad =
+        tf.grad((x: tf.Tensor) => tf.sum(flashAttentionQKVPacked(x as tf.Tensor5D)))(qkv);
     const [q, k, v] = tf.unstack(qkv, 2) as tf.Tensor4D[];
-    const split = tf.grads((a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) => tf.sum(flashAttention(
-        a as tf.Tensor4D, b as tf.Tensor4D, c as tf.Tensor4D)))([q, k, v]);
+    const split = tf.grads(
+        (a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) => tf.sum(
+            flashAttention(a as tf.Tensor4D, b as tf.Tensor4D, c as tf.Tensor4D)))([q, k, v]);
     const expected = tf.stack(split, 2);
     expectClose(await packedGrad.data(), await expected.data(), 1e-6, 'packed gradient');
     tf.dispose([qkv, packedGrad, q, k, v, ...split, expected]);
@@ -122,14 +147,16 @@ describe('FLASH_ATTENTION_IMPL', () => {
     tf.env().set(FLASH_ATTENTION_IMPL, 'fused');
     const x = q();
     expect(() => flashAttention(x, x, x))
-        .toThrow(/FLASH_ATTENTION_IMPL is 'fused' but backend 'cpu' has no fused FlashAttention kernel/);
+        .toThrow(
+            /FLASH_ATTENTION_IMPL is 'fused' but backend 'cpu' has no fused FlashAttention kernel/);
     x.dispose();
   });
 
   it('refuses an unknown value, naming the flag', () => {
     tf.env().set(FLASH_ATTENTION_IMPL, 'fast');
     const x = q();
-    expect(() => flashAttention(x, x, x)).toThrow(/FLASH_ATTENTION_IMPL must be one of auto, fused, reference, got "fast"/);
+    expect(() => flashAttention(x, x, x))
+        .toThrow(/FLASH_ATTENTION_IMPL must be one of auto, fused, reference, got "fast"/);
     x.dispose();
   });
 
@@ -139,28 +166,37 @@ describe('FLASH_ATTENTION_IMPL', () => {
     beforeAll(() => {
       // A stand-in fused kernel: it runs the reference's ops inside the
       // kernel, and counts its calls.
-      registerFusedKernel({
-        kernelName: FlashAttention,
-        backendName: 'cpu',
-        kernelFunc: ({inputs, attrs}) => {
-          calls++;
-          const {q, k, v, alibiSlopes} = inputs as Record<string, tf.Tensor4D>;
-          const a = attrs as unknown as FlashAttentionAttrs;
-          const [B, Sq, H, D] = q.shape;
-          const shapes = {batch: B, seqQ: Sq, seqK: k.shape[1], heads: H, headsKV: k.shape[2],
-                          headDim: D, headDimV: v.shape[3]};
-          return referenceForward(q, k, v, alibiSlopes.size ? alibiSlopes : null, shapes, a,
-                                  1 << 20);
-        },
-      }, () => refuseReason);
+      registerFusedKernel(
+          {
+            kernelName: FlashAttention,
+            backendName: 'cpu',
+            kernelFunc: ({inputs, attrs}) => {
+              calls++;
+              const {q, k, v, alibiSlopes} = inputs as Record<string, tf.Tensor4D>;
+              const a = attrs as unknown as FlashAttentionAttrs;
+              const [B, Sq, H, D] = q.shape;
+              const shapes = {
+                batch: B,
+                seqQ: Sq,
+                seqK: k.shape[1],
+                heads: H,
+                headsKV: k.shape[2],
+                headDim: D,
+                headDimV: v.shape[3]
+              };
+              return referenceForward(
+                  q, k, v, alibiSlopes.size ? alibiSlopes : null, shapes, a, 1 << 20);
+            },
+          },
+          () => refuseReason);
     });
     afterAll(() => tf.unregisterKernel(FlashAttention, 'cpu'));
 
     it('runs the fused kernel under auto, and the reference backward with it', async () => {
       expect(hasFusedKernel(FlashAttention, 'cpu')).toBe(true);
       calls = 0;
-      await checkGradients(OPTION_CASES.find(c => c.name === 'alibi [B, H], causal, softcap')!,
-                           freshRng());
+      await checkGradients(
+          OPTION_CASES.find(c => c.name === 'alibi [B, H], causal, softcap')!, freshRng());
       expect(calls).toBe(1);
     });
 

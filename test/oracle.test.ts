@@ -9,9 +9,7 @@ import {freshRng, ProblemShape, randomArray, randomOracleProblem, Rng} from './h
 import {OracleOptions, OracleProblem, oracleBackward, oracleForward} from './oracle';
 
 /** sum(out * dOut) + sum over finite lse of lse * dLse. */
-function loss(
-    p: OracleProblem, o: OracleOptions, dOut: Float64Array,
-    dLse: Float64Array): number {
+function loss(p: OracleProblem, o: OracleOptions, dOut: Float64Array, dLse: Float64Array): number {
   const {out, lse} = oracleForward(p, o);
   let total = 0;
   out.forEach((x, i) => total += x * dOut[i]);
@@ -54,7 +52,13 @@ describe('float64 oracle', () => {
     it(`backward matches finite differences: ${c.name}`, () => {
       const rng = freshRng();
       const shape: ProblemShape = {
-        batch: 2, seqQ: 4, seqK: 4, heads: 2, headsKV: 2, headDim: 4, headDimV: 4,
+        batch: 2,
+        seqQ: 4,
+        seqK: 4,
+        heads: 2,
+        headsKV: 2,
+        headDim: 4,
+        headDimV: 4,
         ...c.shape,
       };
       const oracle = randomOracleProblem(shape, rng);
@@ -72,7 +76,8 @@ describe('float64 oracle', () => {
         });
         expect(maxRef).toBeGreaterThan(0);
         if (maxErr / maxRef > 1e-6) {
-          throw new Error(`d${which}: finite-difference mismatch ${maxErr / maxRef} (seed ${rng.seed})`);
+          throw new Error(
+              `d${which}: finite-difference mismatch ${maxErr / maxRef} (seed ${rng.seed})`);
         }
       }
     });
@@ -93,15 +98,14 @@ describe('float64 oracle', () => {
 describe('dropout bits (Philox4x32-10)', () => {
   it('matches the Random123 known-answer vectors', () => {
     const out = new Uint32Array(4);
-    expect(Array.from(philox4x32(0, 0, 0, 0, 0, 0, out)))
-        .toEqual([0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]);
+    expect(Array.from(philox4x32(0, 0, 0, 0, 0, 0, out))).toEqual([
+      0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8
+    ]);
     expect(Array.from(philox4x32(
-               0xffffffff, 0xffffffff, 0xffffffff, 0xffffffff, 0xffffffff,
-               0xffffffff, out)))
+               0xffffffff, 0xffffffff, 0xffffffff, 0xffffffff, 0xffffffff, 0xffffffff, out)))
         .toEqual([0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]);
     expect(Array.from(philox4x32(
-               0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344, 0xa4093822,
-               0x299f31d0, out)))
+               0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344, 0xa4093822, 0x299f31d0, out)))
         .toEqual([0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]);
   });
 

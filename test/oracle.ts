@@ -1,5 +1,5 @@
 /**
- * The float64 oracle: DESIGN.md §2's formulas written out directly, one
+ * The float64 oracle: the formulas of docs/design.md, "Semantics", written out directly, one
  * (batch, head, query row) at a time, in plain TypeScript with no tfjs.
  * Every implementation of the package is compared with it.
  *
@@ -31,6 +31,11 @@ export interface OracleOptions {
   softcap?: number;
   dropoutRate?: number;
   seed?: number;
+  /**
+   * Added to b in the dropout keys: one sequence of a batch run alone
+   * (batch 0 here) draws the bits of batch row `dropoutBatchOffset`.
+   */
+  dropoutBatchOffset?: number;
 }
 
 export interface OracleForward {
@@ -69,24 +74,21 @@ function isVisible(i: number, j: number, p: OracleProblem, o: OracleOptions): bo
   return true;
 }
 
-function dropoutKeep(
-    b: number, h: number, i: number, j: number, o: OracleOptions): number {
+function dropoutKeep(b: number, h: number, i: number, j: number, o: OracleOptions): number {
   const rate = o.dropoutRate ?? 0;
   if (rate === 0) {
     return 1;
   }
   const seed = o.seed ?? 0;
   const words = philox4x32(
-      Math.floor(j / 4), i, h, b, seed % 2 ** 32, Math.floor(seed / 2 ** 32),
-      new Uint32Array(4));
+      Math.floor(j / 4), i, h, b + (o.dropoutBatchOffset ?? 0), seed % 2 ** 32,
+      Math.floor(seed / 2 ** 32), new Uint32Array(4));
   // The definition of src/dropout.ts, written out again.
   const threshold = Math.min(Math.floor(rate * 2 ** 32), 2 ** 32 - 1);
   return words[j % 4] >= threshold ? 1 / (1 - rate) : 0;
 }
 
-function rowScores(
-    p: OracleProblem, o: OracleOptions, b: number, h: number,
-    i: number): RowScores {
+function rowScores(p: OracleProblem, o: OracleOptions, b: number, h: number, i: number): RowScores {
   const {seqQ, seqK, heads, headsKV, headDim: d} = p;
   const hk = Math.floor(h / (heads / headsKV));
   const scale = o.softmaxScale ?? 1 / Math.sqrt(d);
@@ -98,8 +100,8 @@ function rowScores(
     }
     let dot = 0;
     for (let x = 0; x < d; x++) {
-      dot += p.q[((b * seqQ + i) * heads + h) * d + x] *
-          p.k[((b * seqK + j) * headsKV + hk) * d + x];
+      dot +=
+          p.q[((b * seqQ + i) * heads + h) * d + x] * p.k[((b * seqK + j) * headsKV + hk) * d + x];
     }
     let s = scale * dot;
     let capTanh = 0;
@@ -108,8 +110,8 @@ function rowScores(
       s = cap * capTanh;
     }
     if (p.alibiSlopes != null) {
-      const slope = p.alibiSlopes.length === heads ? p.alibiSlopes[h] :
-                                                     p.alibiSlopes[b * heads + h];
+      const slope =
+          p.alibiSlopes.length === heads ? p.alibiSlopes[h] : p.alibiSlopes[b * heads + h];
       s -= slope * Math.abs(i + seqK - seqQ - j);
     }
     row.keys.push(j);
@@ -161,8 +163,7 @@ export function oracleForward(p: OracleProblem, o: OracleOptions): OracleForward
  * v (rows whose lse is -Infinity contribute nothing through dLse).
  */
 export function oracleBackward(
-    p: OracleProblem, o: OracleOptions, dOut: Float64Array,
-    dLse: Float64Array): OracleGradients {
+    p: OracleProblem, o: OracleOptions, dOut: Float64Array, dLse: Float64Array): OracleGradients {
   const {batch, seqQ, seqK, heads, headsKV, headDim: d, headDimV: dv} = p;
   const scale = o.softmaxScale ?? 1 / Math.sqrt(d);
   const cap = o.softcap ?? 0;
@@ -211,4 +212,97 @@ export function oracleBackward(
     }
   }
   return {dq, dk, dv: dvOut};
+}
+
+/**
+ * Rotary embedding of `x [B, S, H, D]` in float64: row (b, s) is rotated
+ * by the angles of table row `positions[b * S + s]` (`cos`, `sin`:
+ * `[Sro, half]`), the first `2 * half` features only; `interleaved` pairs
+ * (2i, 2i+1), else (i, i + half).
+ */
+export function oracleRotary(
+    x: Float64Array, shape: readonly number[], cos: Float64Array, sin: Float64Array, half: number,
+    positions: readonly number[], interleaved: boolean): Float64Array {
+  const [batch, seq, heads, d] = shape;
+  const y = Float64Array.from(x);
+  for (let b = 0; b < batch; b++) {
+    for (let s = 0; s < seq; s++) {
+      const pos = positions[b * seq + s];
+      for (let h = 0; h < heads; h++) {
+        const base = ((b * seq + s) * heads + h) * d;
+        for (let i = 0; i < half; i++) {
+          const [i1, i2] = interleaved ? [2 * i, 2 * i + 1] : [i, i + half];
+          const c = cos[pos * half + i];
+          const sn = sin[pos * half + i];
+          y[base + i1] = x[base + i1] * c - x[base + i2] * sn;
+          y[base + i2] = x[base + i2] * c + x[base + i1] * sn;
+        }
+      }
+    }
+  }
+  return y;
+}
+
+/**
+ * flash_attn_with_kvcache in float64: batch row b attends over its first
+ * `cacheSeqlens[b]` cache rows followed by its new rows. Caches are
+ * `[B, Smax, Hk, D|Dv]`, new rows `[B, Snew, Hk, D|Dv]` (already rotated),
+ * q already rotated. `alibiSlopes` as in OracleProblem.
+ */
+export function oracleKVCache(
+    dims: {
+      batch: number,
+      seqQ: number,
+      seqMax: number,
+      seqNew: number,
+      heads: number,
+      headsKV: number,
+      headDim: number,
+      headDimV: number
+    },
+    q: Float64Array, kCache: Float64Array, vCache: Float64Array, kNew: Float64Array|null,
+    vNew: Float64Array|null, cacheSeqlens: readonly number[], alibiSlopes: Float64Array|null,
+    o: OracleOptions): OracleForward {
+  const {batch, seqQ, seqMax, seqNew, heads, headsKV, headDim: d, headDimV: dv} = dims;
+  const out = new Float64Array(batch * seqQ * heads * dv);
+  const lse = new Float64Array(batch * heads * seqQ);
+  for (let b = 0; b < batch; b++) {
+    const len = cacheSeqlens[b];
+    const seqK = len + seqNew;
+    const rows = (cache: Float64Array, fresh: Float64Array|null, width: number) => {
+      const r = new Float64Array(seqK * headsKV * width);
+      const rowSize = headsKV * width;
+      r.set(cache.subarray(b * seqMax * rowSize, (b * seqMax + len) * rowSize));
+      if (fresh != null) {
+        r.set(fresh.subarray(b * seqNew * rowSize, (b + 1) * seqNew * rowSize), len * rowSize);
+      }
+      return r;
+    };
+    const slopes = alibiSlopes == null ? null :
+        alibiSlopes.length === heads   ? alibiSlopes :
+                                         alibiSlopes.subarray(b * heads, (b + 1) * heads);
+    const qRow = q.subarray(b * seqQ * heads * d, (b + 1) * seqQ * heads * d);
+    const result = seqK === 0 ? {
+      out: new Float64Array(seqQ * heads * dv),
+      lse: new Float64Array(heads * seqQ).fill(-Infinity)
+    } :
+                                oracleForward(
+                                    {
+                                      batch: 1,
+                                      seqQ,
+                                      seqK,
+                                      heads,
+                                      headsKV,
+                                      headDim: d,
+                                      headDimV: dv,
+                                      q: qRow,
+                                      k: rows(kCache, kNew, d),
+                                      v: rows(vCache, vNew, dv),
+                                      alibiSlopes: slopes,
+                                    },
+                                    o);
+    out.set(result.out, b * seqQ * heads * dv);
+    lse.set(result.lse, b * heads * seqQ);
+  }
+  return {out, lse};
 }

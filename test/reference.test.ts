@@ -43,8 +43,9 @@ describeBackends('composed baseline of the benchmarks', () => {
       const p = makeProblem(
           {batch: 2, seqQ: 9, seqK: 12, heads: 2, headsKV: 2, headDim: 8, headDimV: 8}, rng);
       const out = composedAttention(p.q, p.k, p.v, {causal});
-      expectClose(await out.data(), oracleForward(p.oracle, {causal}).out, FORWARD_BOUND,
-                  `composed causal=${causal} (seed ${rng.seed})`);
+      expectClose(
+          await out.data(), oracleForward(p.oracle, {causal}).out, FORWARD_BOUND,
+          `composed causal=${causal} (seed ${rng.seed})`);
       out.dispose();
       p.dispose();
     }

@@ -7,7 +7,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 
-import {flashAttentionWebGPUConfig, forwardStats, planForward, setForwardOverride, supportsFlashAttentionWebGPU} from '../kernels/webgpu/flash_attention';
+import {flashAttentionWebGPUConfig, forwardStats, planForward, setForwardOverride, supportsFlashAttentionWebGPU} from '../kernels/webgpu/FlashAttention';
 import {checkOwnPipelineErrors, setPoisonOutputs} from '../kernels/webgpu/own_pipeline';
 import {FLASH_ATTENTION_IMPL, FlashAttention, flashAttention, FlashAttentionGrad, registerFusedKernel} from '../src';
 import {dropoutThreshold} from '../src/dropout';
@@ -48,45 +48,54 @@ describeWebGPU('fused WebGPU forward [webgpu]', () => {
     // Shapes spanning several query and key tiles, with partial edge tiles,
     // GQA, Dv != D and a head dim that is not a multiple of 4.
     const cases: OptionCase[] = [
-      {name: 'causal, Sq < Sk, GQA, Dv != D',
-       shape: {batch: 1, seqQ: 37, seqK: 70, heads: 4, headsKV: 2, headDim: 32, headDimV: 20},
-       opts: {causal: true}},
-      {name: 'window [9, 4], alibi, softcap, Sq > Sk',
-       shape: {batch: 2, seqQ: 61, seqK: 45, heads: 2, headsKV: 1, headDim: 12, headDimV: 12,
-               alibi: 'head'},
-       opts: {windowSize: [9, 4], softcap: 3}},
-      {name: 'dropout, not causal, D = 6',
-       shape: {batch: 1, seqQ: 33, seqK: 50, heads: 2, headsKV: 2, headDim: 6, headDimV: 8},
-       opts: {dropoutRate: 0.3, seed: 77}},
+      {
+        name: 'causal, Sq < Sk, GQA, Dv != D',
+        shape: {batch: 1, seqQ: 37, seqK: 70, heads: 4, headsKV: 2, headDim: 32, headDimV: 20},
+        opts: {causal: true}
+      },
+      {
+        name: 'window [9, 4], alibi, softcap, Sq > Sk',
+        shape: {
+          batch: 2,
+          seqQ: 61,
+          seqK: 45,
+          heads: 2,
+          headsKV: 1,
+          headDim: 12,
+          headDimV: 12,
+          alibi: 'head'
+        },
+        opts: {windowSize: [9, 4], softcap: 3}
+      },
+      {
+        name: 'dropout, not causal, D = 6',
+        shape: {batch: 1, seqQ: 33, seqK: 50, heads: 2, headsKV: 2, headDim: 6, headDimV: 8},
+        opts: {dropoutRate: 0.3, seed: 77}
+      },
     ];
     const tilings: Array<[string, Parameters<typeof setForwardOverride>[0]]> = [
       ['default tiling', null],
       ['TM=4, TX=4 (shared-memory reductions)', {tiles: {tm: 4, tx: 4, nq: 1, ty: 8}}],
       ['TM=1, TX=2, NQ=2', {tiles: {tm: 1, tx: 2, nq: 2, ty: 16}}],
       // What GPUs run: constant loop bounds, K/V prefetched through registers.
-      ['GPU code path (prefetch, constant loops)',
-       {tiles: {tm: 2, tx: 4, nq: 1, ty: 8}, constantLoops: true, prefetch: true, unroll: 4}],
-      // The outer-product mode (Q^T, K^T, P^T in workgroup memory).
+      [
+        'GPU code path (prefetch, constant loops)',
+        {tiles: {tm: 2, tx: 4, nq: 1, ty: 8}, constantLoops: true, prefetch: true}
+      ],
+      // The outer-product mode (Q^T, K^T/V, P^T in workgroup memory).
       ['outer product TM=4, TX=4, NQ=2', {tiles: {tm: 4, tx: 4, nq: 2, ty: 4, outer: true}}],
-      ['outer product TM=8, TX=2, GPU code path (prefetch, constant loops)',
-       {tiles: {tm: 8, tx: 2, nq: 1, ty: 2, outer: true}, constantLoops: true, prefetch: true, unroll: 8}],
-      ['outer product, K/V sharing a buffer, TM=4, TX=4',
-       {tiles: {tm: 4, tx: 4, nq: 1, ty: 4, outer: true, sharedKV: true}}],
-      ['outer product, K/V sharing a buffer, GPU code path (prefetch, constant loops)',
-       {tiles: {tm: 4, tx: 4, nq: 1, ty: 4, outer: true, sharedKV: true}, constantLoops: true, prefetch: true,
-        unrollPV: 8}],
-      ['outer product, K/V sharing a buffer, GPU code path, default P V unroll (x16)',
-       {tiles: {tm: 4, tx: 4, nq: 1, ty: 4, outer: true, sharedKV: true}, constantLoops: true, prefetch: true}],
-      ['outer product TM=4, TX=8, no prefetch, constant loops',
-       {tiles: {tm: 4, tx: 8, nq: 1, ty: 2, outer: true}, constantLoops: true, prefetch: false}],
-      // The P^T swizzle is on by default in the outer mode (the tilings
-      // above); its P V loop with an unroll that is not a multiple of 4
-      // computes the swizzle per key; the unswizzled layout stays selectable.
-      ['outer product, P^T swizzle with a P V unroll of 2, constant loops',
-       {tiles: {tm: 4, tx: 4, nq: 2, ty: 4, outer: true}, constantLoops: true, unrollPV: 2}],
-      ['outer product, K/V sharing a buffer, P^T not swizzled, GPU code path',
-       {tiles: {tm: 4, tx: 4, nq: 1, ty: 4, outer: true, sharedKV: true}, constantLoops: true, prefetch: true,
-        swizzleP: false}],
+      [
+        'outer product TM=8, TX=2, GPU code path (prefetch, constant loops)',
+        {tiles: {tm: 8, tx: 2, nq: 1, ty: 2, outer: true}, constantLoops: true, prefetch: true}
+      ],
+      [
+        'outer product TM=4, TX=4, GPU code path, P V unrolled x16',
+        {tiles: {tm: 4, tx: 4, nq: 1, ty: 4, outer: true}, constantLoops: true, prefetch: true}
+      ],
+      [
+        'outer product TM=4, TX=8, no prefetch, constant loops',
+        {tiles: {tm: 4, tx: 8, nq: 1, ty: 2, outer: true}, constantLoops: true, prefetch: false}
+      ],
     ];
     for (const [tilingName, o] of tilings) {
       for (const c of cases) {
@@ -102,33 +111,46 @@ describeWebGPU('fused WebGPU forward [webgpu]', () => {
     }
   });
 
-  it('plans the outer-product tiling only for D=64-class heads on large grids of a hardware GPU', () => {
-    // A stand-in for an H100 as Dawn reports it (planForward reads only these).
-    const gpu = {
-      limits: {maxComputeInvocationsPerWorkgroup: 1024, maxComputeWorkgroupSizeX: 1024,
-               maxComputeWorkgroupStorageSize: 49152},
-      features: new Set(['subgroups']),
-      adapterInfo: {vendor: 'nvidia', architecture: '', description: 'NVIDIA H100', subgroupMinSize: 32},
-    } as unknown as GPUDevice;
-    const large = 16 * 4096;
-    expect(planForward(gpu, 64, 64, large)!.tiles).toMatchObject({tm: 8, tx: 16, nq: 1, ty: 8, outer: true, sharedKV: true});
-    expect(planForward(gpu, 64, 64, 16 * 2048)!.tiles.outer).toBe(true);
-    expect(planForward(gpu, 64, 64, 16 * 1024)!.tiles).toEqual({tm: 4, tx: 16, nq: 1, ty: 8});
-    expect(planForward(gpu, 32, 32, large)!.tiles.outer).toBeUndefined();
-    expect(planForward(gpu, 128, 128, large)!.tiles).toEqual({tm: 2, tx: 8, nq: 1, ty: 16});
-    // Too little workgroup memory for it: the classic tilings.
-    const small = {...gpu, limits: {...gpu.limits, maxComputeWorkgroupStorageSize: 32768}} as unknown as GPUDevice;
-    expect(planForward(small, 64, 64, large)!.tiles.outer).toBeUndefined();
-    // A software device never gets it (slow compiles).
-    const sw = {...gpu, adapterInfo: {...(gpu as unknown as {adapterInfo: object}).adapterInfo, description: 'SwiftShader'}} as unknown as GPUDevice;
-    expect(planForward(sw, 64, 64, large)!.tiles.outer).toBeUndefined();
-  });
+  it('plans the outer-product tiling only for D=64-class heads on large grids of a hardware GPU',
+     () => {
+       // A stand-in for an H100 as Dawn reports it (planForward reads only these).
+       const gpu = {
+         limits: {
+           maxComputeInvocationsPerWorkgroup: 1024,
+           maxComputeWorkgroupSizeX: 1024,
+           maxComputeWorkgroupStorageSize: 49152
+         },
+         features: new Set(['subgroups']),
+         adapterInfo:
+             {vendor: 'nvidia', architecture: '', description: 'NVIDIA H100', subgroupMinSize: 32},
+       } as unknown as GPUDevice;
+       const large = 16 * 4096;
+       expect(planForward(gpu, 64, 64, large)!.tiles)
+           .toMatchObject({tm: 8, tx: 16, nq: 1, ty: 8, outer: true});
+       expect(planForward(gpu, 64, 64, 16 * 2048)!.tiles.outer).toBe(true);
+       expect(planForward(gpu, 64, 64, 16 * 1024)!.tiles).toEqual({tm: 4, tx: 16, nq: 1, ty: 8});
+       expect(planForward(gpu, 32, 32, large)!.tiles.outer).toBeUndefined();
+       expect(planForward(gpu, 128, 128, large)!.tiles).toEqual({tm: 2, tx: 8, nq: 1, ty: 16});
+       // Too little workgroup memory for it: the classic tilings.
+       const small = {...gpu, limits: {...gpu.limits, maxComputeWorkgroupStorageSize: 32768}} as
+           unknown as GPUDevice;
+       expect(planForward(small, 64, 64, large)!.tiles.outer).toBeUndefined();
+       // A software device never gets it (slow compiles).
+       const sw = {
+         ...gpu,
+         adapterInfo:
+             {...(gpu as unknown as {adapterInfo: object}).adapterInfo, description: 'SwiftShader'}
+       } as unknown as GPUDevice;
+       expect(planForward(sw, 64, 64, large)!.tiles.outer).toBeUndefined();
+     });
 
   it('gives the reference path\'s result with the same dropout seed (same bits)', async () => {
     const rng = freshRng();
     const [q, k, v] = [[1, 21, 2, 16], [1, 30, 1, 16], [1, 30, 1, 16]].map(
-        (shape: number[]) => tf.tensor(Float32Array.from({length: shape.reduce((a, b) => a * b)},
-                                             () => rng.normal()), shape as [number, number, number, number]) as tf.Tensor4D);
+        (shape: number[]) =>
+            tf.tensor(
+                Float32Array.from({length: shape.reduce((a, b) => a * b)}, () => rng.normal()),
+                shape as [number, number, number, number]) as tf.Tensor4D);
     const opts = {dropoutRate: 0.5, seed: 2 ** 45 + 12345, causal: true};
     try {
       const fused = flashAttention(q, k, v, opts);
@@ -159,16 +181,17 @@ describeWebGPU('fused WebGPU forward [webgpu]', () => {
     const k = tf.randomNormal([2, 23, 2, 16]) as tf.Tensor4D;
     const v = tf.randomNormal([2, 23, 2, 8]) as tf.Tensor4D;
     const slopes = tf.tensor1d([0.1, 0.2, 0.3, 0.4]);
-    const run = () => [
-      flashAttention(q, k, v, {causal: true}),
-      ...flashAttention(q, k, v, {alibiSlopes: slopes, windowSize: [3, 2], returnSoftmaxLse: true}),
-      flashAttention(q, k, v, {dropoutRate: 0.2, seed: 5}),
+    const run = () =>
+        [flashAttention(q, k, v, {causal: true}),
+         ...flashAttention(
+             q, k, v, {alibiSlopes: slopes, windowSize: [3, 2], returnSoftmaxLse: true}),
+         flashAttention(q, k, v, {dropoutRate: 0.2, seed: 5}),
     ];
     const gpuBytes = async () => {
       const probe = tf.tidy(() => tf.add(tf.fill([4096], 1), 1));
       await probe.data();
       probe.dispose();
-      return (tf.memory() as tf.MemoryInfo&{numBytesInGPU: number}).numBytesInGPU;
+      return (tf.memory() as tf.MemoryInfo & {numBytesInGPU: number}).numBytesInGPU;
     };
     tf.dispose(run());  // warm-up: pipelines, buffer pools
     const tensorsBefore = tf.memory().numTensors;
@@ -187,8 +210,9 @@ describeWebGPU('fused WebGPU forward [webgpu]', () => {
 
   it('surfaces a GPU validation error as a thrown error (not silent zeros)', async () => {
     const q = tf.randomNormal([1, 8, 1, 16]) as tf.Tensor4D;
-    const limit = (tf.backend() as unknown as {device: GPUDevice}).device.limits
-                      .maxComputeInvocationsPerWorkgroup;
+    const limit = (tf.backend() as unknown as {
+                    device: GPUDevice
+                  }).device.limits.maxComputeInvocationsPerWorkgroup;
     // More invocations than the device allows: only the GPU notices.
     setForwardOverride({tiles: {tm: 1, tx: 4, nq: 1, ty: limit / 2}, ignoreLimits: true});
     try {
@@ -228,8 +252,8 @@ describeWebGPU('fused WebGPU forward with subgroups [webgpu, device with subgrou
         tf.registerKernel({...config, backendName: name});
       }
     }
-    registerFusedKernel({...flashAttentionWebGPUConfig, backendName: name},
-                        supportsFlashAttentionWebGPU);
+    registerFusedKernel(
+        {...flashAttentionWebGPUConfig, backendName: name}, supportsFlashAttentionWebGPU);
     await tf.setBackend(name);
     tf.env().set(FLASH_ATTENTION_IMPL, 'fused');
     setPoisonOutputs(true);
@@ -242,9 +266,10 @@ describeWebGPU('fused WebGPU forward with subgroups [webgpu, device with subgrou
     tf.removeBackend(name);
   });
 
-  const cases = OPTION_CASES.filter(c => ['causal, Sq > Sk (rows without keys)',
-                                          'alibi [B, H], causal, softcap',
-                                          'dropout with GQA, window and seed >= 2^32'].includes(c.name));
+  const cases = OPTION_CASES.filter(
+      c => ['causal, Sq > Sk (rows without keys)', 'alibi [B, H], causal, softcap',
+            'dropout with GQA, window and seed >= 2^32']
+               .includes(c.name));
   for (const c of cases) {
     it(`subgroup row reductions, outer product (TM=4, TX=4, NQ=2): ${c.name}`, async () => {
       setForwardOverride({tiles: {tm: 4, tx: 4, nq: 2, ty: 4, outer: true}});

@@ -49,11 +49,17 @@ struct U { seedLo: u32, seedHi: u32, threshold: u32, keepScale: f32 }
       counters.set([t * 2654435761, t, (t * 7) ^ 0x80000000, t % 5], 4 * t);
     }
     const ctr = tf.tensor1d(counters, 'int32');
-    const uniforms = new UniformWriter().u32(seedLo).u32(seedHi).u32(dropoutThreshold(rate))
-                         .f32(1 / (1 - rate)).finish();
+    const uniforms = new UniformWriter()
+                         .u32(seedLo)
+                         .u32(seedHi)
+                         .u32(dropoutThreshold(rate))
+                         .f32(1 / (1 - rate))
+                         .finish();
     const [words, keep] = runOwnPipeline(backend, spec, {
-      inputs: [ctr], outputs: [{shape: [4 * n], dtype: 'int32'}, {shape: [4 * n], dtype: 'float32'}],
-      uniforms, dispatch: [n / 64, 1, 1],
+      inputs: [ctr],
+      outputs: [{shape: [4 * n], dtype: 'int32'}, {shape: [4 * n], dtype: 'float32'}],
+      uniforms,
+      dispatch: [n / 64, 1, 1],
     });
     const gotWords = new Uint32Array((await backend.read(words.dataId) as Int32Array).buffer);
     const gotKeep = await backend.read(keep.dataId) as Float32Array;
@@ -74,67 +80,76 @@ struct U { seedLo: u32, seedHi: u32, threshold: u32, keepScale: f32 }
     ctr.dispose();
   });
 
-  it('runs after the tfjs work that made its inputs, before the work that reads its outputs', async () => {
-    const backend = webgpuBackendOf();
-    const spec: OwnPipelineSpec = {
-      key: 'test-order',
-      numInputs: 1,
-      numOutputs: 2,
-      hasUniforms: false,
-      code: () => `
+  it('runs after the tfjs work that made its inputs, before the work that reads its outputs',
+     async () => {
+       const backend = webgpuBackendOf();
+       const spec: OwnPipelineSpec = {
+         key: 'test-order',
+         numInputs: 1,
+         numOutputs: 2,
+         hasUniforms: false,
+         code: () => `
 @group(0) @binding(0) var<storage, read> x: array<f32>;
 @group(0) @binding(1) var<storage, read_write> a: array<f32>;
 @group(0) @binding(2) var<storage, read_write> b: array<f32>;
 @compute @workgroup_size(64) fn main(@builtin(global_invocation_id) g: vec3<u32>) {
   if (g.x < arrayLength(&x)) { a[g.x] = x[g.x] * 2.0; b[g.x] = x[g.x] + 1.0; }
 }`,
-    };
-    const before = tf.memory().numTensors;
-    const n = 3000;  // above tfjs's CPU-forwarding threshold
-    const base = tf.range(0, n, 1, 'float32');
-    const x = tf.mul(base, 3);  // a tfjs kernel still in tfjs's encoder
-    const [a, b] = runOwnPipeline(backend, spec, {
-      inputs: [x], outputs: [{shape: [n], dtype: 'float32'}, {shape: [n], dtype: 'float32'}],
-      dispatch: [Math.ceil(n / 64), 1, 1],
-    }).map(t => tf.engine().makeTensorFromTensorInfo(t));
-    x.dispose();  // released while our dispatch may still be queued
-    const sum = tf.add(a, b);  // a tfjs kernel after ours
-    const got = await sum.data();
-    for (let i = 0; i < n; i++) {
-      expect(got[i]).toBe(i * 3 * 2 + i * 3 + 1);
-    }
-    await checkOwnPipelineErrors();
-    tf.dispose([base, a, b, sum]);
-    expect(tf.memory().numTensors).toBe(before);
-  });
+       };
+       const before = tf.memory().numTensors;
+       const n = 3000;  // above tfjs's CPU-forwarding threshold
+       const base = tf.range(0, n, 1, 'float32');
+       const x = tf.mul(base, 3);  // a tfjs kernel still in tfjs's encoder
+       const [a, b] = runOwnPipeline(backend, spec, {
+                        inputs: [x],
+                        outputs: [{shape: [n], dtype: 'float32'}, {shape: [n], dtype: 'float32'}],
+                        dispatch: [Math.ceil(n / 64), 1, 1],
+                      }).map(t => tf.engine().makeTensorFromTensorInfo(t));
+       x.dispose();               // released while our dispatch may still be queued
+       const sum = tf.add(a, b);  // a tfjs kernel after ours
+       const got = await sum.data();
+       for (let i = 0; i < n; i++) {
+         expect(got[i]).toBe(i * 3 * 2 + i * 3 + 1);
+       }
+       await checkOwnPipelineErrors();
+       tf.dispose([base, a, b, sum]);
+       expect(tf.memory().numTensors).toBe(before);
+     });
 
-  it('surfaces a WGSL error as a thrown error, then refuses the pipeline synchronously', async () => {
-    const backend = webgpuBackendOf();
-    const spec: OwnPipelineSpec = {
-      key: 'test-broken',
-      numInputs: 1,
-      numOutputs: 1,
-      hasUniforms: false,
-      code: () => `
+  it('surfaces a WGSL error as a thrown error, then refuses the pipeline synchronously',
+     async () => {
+       const backend = webgpuBackendOf();
+       const spec: OwnPipelineSpec = {
+         key: 'test-broken',
+         numInputs: 1,
+         numOutputs: 1,
+         hasUniforms: false,
+         code: () => `
 @group(0) @binding(0) var<storage, read> x: array<f32>;
 @group(0) @binding(1) var<storage, read_write> y: array<f32>;
 @compute @workgroup_size(64) fn main(@builtin(global_invocation_id) g: vec3<u32>) {
   y[g.x] = x[g.x] * undefinedThing;
 }`,
-    };
-    const x = tf.ones([64]);
-    const before = tf.memory().numTensors;
-    const [y] = runOwnPipeline(backend, spec, {
-      inputs: [x], outputs: [{shape: [64], dtype: 'float32'}], dispatch: [1, 1, 1],
-    });
-    backend.disposeData(y.dataId);
-    await expect(checkOwnPipelineErrors()).rejects.toThrow(/test-broken.*(undefinedThing|unresolved)/s);
-    expect(() => runOwnPipeline(backend, spec, {
-      inputs: [x], outputs: [{shape: [64], dtype: 'float32'}], dispatch: [1, 1, 1],
-    })).toThrow(/test-broken/);
-    expect(tf.memory().numTensors).toBe(before);
-    x.dispose();
-  });
+       };
+       const x = tf.ones([64]);
+       const before = tf.memory().numTensors;
+       const [y] = runOwnPipeline(backend, spec, {
+         inputs: [x],
+         outputs: [{shape: [64], dtype: 'float32'}],
+         dispatch: [1, 1, 1],
+       });
+       backend.disposeData(y.dataId);
+       await expect(checkOwnPipelineErrors())
+           .rejects.toThrow(/test-broken.*(undefinedThing|unresolved)/s);
+       expect(() => runOwnPipeline(backend, spec, {
+                inputs: [x],
+                outputs: [{shape: [64], dtype: 'float32'}],
+                dispatch: [1, 1, 1],
+              }))
+           .toThrow(/test-broken/);
+       expect(tf.memory().numTensors).toBe(before);
+       x.dispose();
+     });
 
   it('surfaces a validation error (workgroup storage over the device limit)', async () => {
     const backend = webgpuBackendOf();
@@ -156,7 +171,9 @@ var<workgroup> tile: array<f32, ${limit / 4 + 1024}>;
     };
     const x = tf.ones([64]);
     const [y] = runOwnPipeline(backend, spec, {
-      inputs: [x], outputs: [{shape: [64], dtype: 'float32'}], dispatch: [1, 1, 1],
+      inputs: [x],
+      outputs: [{shape: [64], dtype: 'float32'}],
+      dispatch: [1, 1, 1],
     });
     backend.disposeData(y.dataId);
     await expect(checkOwnPipelineErrors()).rejects.toThrow(/test-too-much-shared/);
@@ -170,11 +187,16 @@ var<workgroup> tile: array<f32, ${limit / 4 + 1024}>;
       numInputs: 1,
       numOutputs: 1,
       hasUniforms: false,
-      code: () => `${scoreWGSL({softcap: true, alibi: true, windowLeft: true, windowRight: true})}
+      code: () => `${scoreWGSL({
+        softcap: true,
+        alibi: true,
+        windowLeft: true,
+        windowRight: true
+      })}
 @group(0) @binding(0) var<storage, read> x: array<f32>;
 @group(0) @binding(1) var<storage, read_write> y: array<f32>;
 @compute @workgroup_size(8) fn main(@builtin(local_invocation_index) l: u32) {
-  let p = FaScore(0.5, 2.0, 0.25, 3, 2, 0, 8);
+  let p = FaScore(0.5, 2.0, 0.25, 3, 2, 0, 8, 5);
   let i = i32(l);
   y[l] = select(-1e30, fa_score(x[l], i, 5, p), fa_visible(i, 5, p));
 }`,
@@ -182,7 +204,9 @@ var<workgroup> tile: array<f32, ${limit / 4 + 1024}>;
     const xs = [0.3, -1, 2, 40, -3, 0.5, 1, 7];
     const x = tf.tensor1d(xs);
     const [y] = runOwnPipeline(backend, spec, {
-      inputs: [x], outputs: [{shape: [8], dtype: 'float32'}], dispatch: [1, 1, 1],
+      inputs: [x],
+      outputs: [{shape: [8], dtype: 'float32'}],
+      dispatch: [1, 1, 1],
     });
     const got = await backend.read(y.dataId) as Float32Array;
     await checkOwnPipelineErrors();

@@ -51,8 +51,10 @@ async function train(
   const wo = tf.tidy(() => tf.variable(tf.tensor2d(weights.wo, [HEADS * HEAD_DIM, EMBED])));
   const optimizer = tf.train.adam(0.01);
   const losses: number[] = [];
-  const project = (w: tf.Tensor2D, heads: number) => tf.reshape(
-      tf.matMul(tf.reshape(x, [BATCH * SEQ, EMBED]), w), [BATCH, SEQ, heads, HEAD_DIM]) as tf.Tensor4D;
+  const project = (w: tf.Tensor2D, heads: number) =>
+      tf.reshape(
+          tf.matMul(tf.reshape(x, [BATCH * SEQ, EMBED]), w), [BATCH, SEQ, heads, HEAD_DIM]) as
+      tf.Tensor4D;
   for (let step = 0; step < STEPS; step++) {
     const loss = optimizer.minimize(() => {
       const attended = flashAttention(
@@ -79,10 +81,10 @@ describeWebGPU('training with the fused WebGPU kernels [webgpu]', () => {
   it('follows the reference loss curve within 1e-3 at every step', async () => {
     const rng = freshRng();
     const weights = initialWeights(rng);
-    const x = tf.tensor3d(Float32Array.from(randomArray(BATCH * SEQ * EMBED, rng)),
-                          [BATCH, SEQ, EMBED]);
-    const target = tf.tensor3d(Float32Array.from(randomArray(BATCH * SEQ * EMBED, rng)),
-                               [BATCH, SEQ, EMBED]);
+    const x =
+        tf.tensor3d(Float32Array.from(randomArray(BATCH * SEQ * EMBED, rng)), [BATCH, SEQ, EMBED]);
+    const target =
+        tf.tensor3d(Float32Array.from(randomArray(BATCH * SEQ * EMBED, rng)), [BATCH, SEQ, EMBED]);
     const tensorsBefore = tf.memory().numTensors;
     const reference = await train('reference', weights, x, target);
     const afterReference = tf.memory().numTensors;

@@ -9,7 +9,8 @@ import '@tensorflow/tfjs-backend-webgpu';
 import {FLASH_ATTENTION_IMPL, FlashAttention, flashAttention, FlashAttentionGrad, hasFusedKernel, MAX_HEAD_DIM, version} from 'tfjs-flash-attention';
 
 import {composedAttention} from '../../benchmarks/baselines';
-// The comparison rule of the tests (DESIGN.md §3), so the page's readout
+import {buildGPT, CharTokenizer, generate, generateWithCache, seededRandom} from '../gpt';
+// The comparison rule of the tests (docs/design.md, "Accuracy bounds"), so the page's readout
 // means what the test suite's bounds mean.
 import {discrepancy, FORWARD_BOUND, GRADIENT_BOUND, Rng} from '../../test/harness/problems';
 
@@ -43,7 +44,8 @@ const METHODS: Method[] = [
       if (!backward) {
         return forward;
       }
-      return `${forward}, ${kernelNames.includes(FlashAttentionGrad) ? 'fused' : 'reference'} backward`;
+      return `${forward}, ${
+          kernelNames.includes(FlashAttentionGrad) ? 'fused' : 'reference'} backward`;
     },
   },
   {
@@ -133,8 +135,10 @@ async function withInputs<T>(
     body: (t: Record<keyof Inputs, tf.Tensor4D>) => Promise<T>): Promise<T> {
   const shape: [number, number, number, number] = [s.batch, s.seq, s.heads, s.headDim];
   const t = {
-    q: tf.tensor4d(inputs.q, shape), k: tf.tensor4d(inputs.k, shape),
-    v: tf.tensor4d(inputs.v, shape), dOut: tf.tensor4d(inputs.dOut, shape),
+    q: tf.tensor4d(inputs.q, shape),
+    k: tf.tensor4d(inputs.k, shape),
+    v: tf.tensor4d(inputs.v, shape),
+    dOut: tf.tensor4d(inputs.dOut, shape),
   };
   try {
     return await body(t);
@@ -155,9 +159,8 @@ async function cpuExpected(s: Settings, inputs: Inputs): Promise<Float32Array[]>
   });
 }
 
-async function measure(
-    method: Method, s: Settings, inputs: Inputs,
-    expected: Float32Array[]|null): Promise<Measurement> {
+async function measure(method: Method, s: Settings, inputs: Inputs, expected: Float32Array[]|null):
+    Promise<Measurement> {
   await switchBackend('webgpu');
   tf.env().set(FLASH_ATTENTION_IMPL, s.impl);
   return withInputs(s, inputs, async t => {
@@ -211,7 +214,8 @@ function setStatus(state: string, text: string): void {
 }
 
 function formatBytes(bytes: number): string {
-  return bytes >= 2 ** 20 ? `${(bytes / 2 ** 20).toFixed(1)} MiB` : `${(bytes / 1024).toFixed(1)} KiB`;
+  return bytes >= 2 ** 20 ? `${(bytes / 2 ** 20).toFixed(1)} MiB` :
+                            `${(bytes / 1024).toFixed(1)} KiB`;
 }
 
 function errorCell(m: Measurement): HTMLTableCellElement {
@@ -229,9 +233,10 @@ function errorCell(m: Measurement): HTMLTableCellElement {
     span.textContent = text;
     return span;
   };
-  cell.append(...m.errors.map(e => item(`${e.name} ${e.error.toExponential(1)}`)),
-              item(ok ? '\u2713 within bound' : `\u2717 over bound ${m.errors[0].bound}`),
-              ...m.errors.filter(e => e.bad != null).map(e => item(`${e.name}: ${e.bad}`)));
+  cell.append(
+      ...m.errors.map(e => item(`${e.name} ${e.error.toExponential(1)}`)),
+      item(ok ? '\u2713 within bound' : `\u2717 over bound ${m.errors[0].bound}`),
+      ...m.errors.filter(e => e.bad != null).map(e => item(`${e.name}: ${e.bad}`)));
   return cell;
 }
 
@@ -276,13 +281,21 @@ function renderChart(measurements: Measurement[]): void {
     const y = 4 + i * rowHeight;
     const barWidth = Math.max(1, barArea * m.medianMs / slowest);
     return [
-      element('text', {x: labelWidth - 8, y: y + rowHeight / 2 + 4, 'text-anchor': 'end'},
-              m.method.name),
-      element('rect', {x: labelWidth, y: y + 4, width: barWidth, height: rowHeight - 10,
-                       class: `bar bar-${i}`, 'data-method': m.method.name,
-                       'data-ms': m.medianMs}),
-      element('text', {x: labelWidth + barWidth + 6, y: y + rowHeight / 2 + 4},
-              `${m.medianMs.toFixed(2)} ms`),
+      element(
+          'text', {x: labelWidth - 8, y: y + rowHeight / 2 + 4, 'text-anchor': 'end'},
+          m.method.name),
+      element('rect', {
+        x: labelWidth,
+        y: y + 4,
+        width: barWidth,
+        height: rowHeight - 10,
+        class: `bar bar-${i}`,
+        'data-method': m.method.name,
+        'data-ms': m.medianMs
+      }),
+      element(
+          'text', {x: labelWidth + barWidth + 6, y: y + rowHeight / 2 + 4},
+          `${m.medianMs.toFixed(2)} ms`),
     ];
   }));
 }
@@ -290,9 +303,10 @@ function renderChart(measurements: Measurement[]): void {
 function renderSummary(s: Settings, seed: number, measurements: Measurement[]): void {
   const [flash, composed] = measurements;
   const ratio = composed.medianMs / flash.medianMs;
-  $('summary').textContent = `q, k, v [${s.batch}, ${s.seq}, ${s.heads}, ${s.headDim}], ${
-      s.causal ? 'causal' : 'not causal'}, ${s.backward ? 'forward + backward' : 'forward'}, ${
-      s.reps} timed repetitions, input seed ${seed}. ` +
+  $('summary').textContent =
+      `q, k, v [${s.batch}, ${s.seq}, ${s.heads}, ${s.headDim}], ${
+          s.causal ? 'causal' : 'not causal'}, ${s.backward ? 'forward + backward' : 'forward'}, ${
+          s.reps} timed repetitions, input seed ${seed}. ` +
       `flashAttention ran the ${flash.path}; the composed attention took ${
           ratio.toFixed(2)}x flashAttention's time.`;
   $('results').hidden = false;
@@ -336,11 +350,12 @@ function showUnavailable(reason: string): void {
   message.innerHTML = '';
   const title = document.createElement('strong');
   title.textContent = 'WebGPU is not available, so this demo cannot run here. ';
-  message.append(title, reason, document.createElement('br'),
-                 'Use a browser with WebGPU enabled: Chrome or Edge 113 or newer on Windows, ' +
-                     'macOS or ChromeOS; on Linux, Chrome started with --enable-unsafe-webgpu. ' +
-                     'tfjs-flash-attention itself still works on every tfjs backend ' +
-                     '(cpu, wasm, webgl) through its composed reference.');
+  message.append(
+      title, reason, document.createElement('br'),
+      'Use a browser with WebGPU enabled: Chrome or Edge 113 or newer on Windows, ' +
+          'macOS or ChromeOS; on Linux, Chrome started with --enable-unsafe-webgpu. ' +
+          'tfjs-flash-attention itself still works on every tfjs backend ' +
+          '(cpu, wasm, webgl) through its composed reference.');
   setStatus('unavailable', 'WebGPU is not available');
 }
 
@@ -348,9 +363,9 @@ async function start(): Promise<boolean> {
   $('environment').textContent = `tfjs ${tf.version.tfjs}, tfjs-flash-attention ${version}.`;
   const gpu = (navigator as Navigator & {gpu?: GPU}).gpu;
   if (gpu == null) {
-    showUnavailable(window.isSecureContext ?
-                        'This browser has no navigator.gpu.' :
-                        'This page is not a secure context (use https or localhost).');
+    showUnavailable(
+        window.isSecureContext ? 'This browser has no navigator.gpu.' :
+                                 'This page is not a secure context (use https or localhost).');
     return false;
   }
   const adapter = await gpu.requestAdapter();
@@ -368,6 +383,7 @@ async function start(): Promise<boolean> {
       `Fused WebGPU kernels in this build: FlashAttention ${yesNo(FlashAttention)}, ` +
       `FlashAttentionGrad ${yesNo(FlashAttentionGrad)}. Head dim at most ${MAX_HEAD_DIM}.`;
   $<HTMLButtonElement>('run').disabled = false;
+  $<HTMLButtonElement>('generate').disabled = false;
   setStatus('ready', 'ready');
   return true;
 }
@@ -377,9 +393,74 @@ $('controls').addEventListener('submit', event => {
   void run();
 });
 
+// ---- generation with a KV cache ----------------------------------------------
+
+const ALPHABET = 'abcdefghijklmnopqrstuvwxyz .,';
+
+/** Generates with and without the caches, same seed; shows tokens/s. */
+async function runGeneration(): Promise<void> {
+  const button = $<HTMLButtonElement>('generate');
+  button.disabled = true;
+  const status = $('gen-status');
+  const tensorsBefore = tf.memory().numTensors;
+  const tokenizer = new CharTokenizer(ALPHABET);
+  const model = buildGPT(
+      {vocabSize: tokenizer.vocabSize, numLayers: 2, embedDim: 128, numHeads: 4}, undefined,
+      'webgpt');
+  try {
+    const context = Number($<HTMLInputElement>('gen-context').value);
+    const tokens = Number($<HTMLInputElement>('gen-tokens').value);
+    const random = seededRandom(5);
+    const prompt =
+        Array.from({length: context}, () => ALPHABET[Math.floor(random() * ALPHABET.length)])
+            .join('');
+    status.dataset.state = 'running';
+    status.textContent = 'compiling\u2026';
+    await generateWithCache(model, tokenizer, prompt, 1, seededRandom(1));
+    await generate(model, tokenizer, prompt, 1, context + tokens, seededRandom(1));
+    status.textContent = 'generating with the KV cache\u2026';
+    let t0 = performance.now();
+    const text = await generateWithCache(model, tokenizer, prompt, tokens, seededRandom(9));
+    const cached = tokens / ((performance.now() - t0) / 1000);
+    status.textContent = 'generating without the cache\u2026';
+    t0 = performance.now();
+    const plain =
+        await generate(model, tokenizer, prompt, tokens, context + tokens, seededRandom(9));
+    const uncached = tokens / ((performance.now() - t0) / 1000);
+    $('gen-result').textContent =
+        `${cached.toFixed(1)} tokens/s with the KV cache, ${
+            uncached.toFixed(1)} tokens/s without (${(cached / uncached).toFixed(2)}x) at a ${
+            context}-character prompt; ` +
+        `same text both ways: ${text === plain ? 'yes' : 'no'}.`;
+    $('gen-text').textContent = text.slice(context);
+    status.textContent = 'done';
+    status.dataset.state = 'done';
+  } catch (error) {
+    status.textContent = `error: ${(error as Error).message}`;
+    status.dataset.state = 'error';
+  } finally {
+    model.dispose();
+    const leaked = tf.memory().numTensors - tensorsBefore;
+    if (leaked !== 0) {
+      status.textContent += `, but ${leaked} tensors were not freed`;
+    }
+    button.disabled = false;
+  }
+}
+
+$('generation-controls').addEventListener('submit', event => {
+  event.preventDefault();
+  void runGeneration();
+});
+
 /** For the browser console and the end-to-end tests. */
 (window as unknown as {flashAttentionDemo: object}).flashAttentionDemo = {
-  tf, flashAttention, composedAttention, hasFusedKernel, FlashAttention, FlashAttentionGrad,
+  tf,
+  flashAttention,
+  composedAttention,
+  hasFusedKernel,
+  FlashAttention,
+  FlashAttentionGrad,
   FLASH_ATTENTION_IMPL,
   ready: start().catch(error => {
     showUnavailable(`Starting WebGPU failed: ${(error as Error).message}`);

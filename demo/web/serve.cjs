@@ -133,12 +133,14 @@ module.exports = {startDemoServer};
 
 if (require.main === module) {
   const port = Number(process.env.PORT || 8080);
-  startDemoServer({port}).then(({url}) => {
-    console.log(`tfjs-flash-attention demo: ${url}`);
-    console.log(`script-tag example:        ${url}script-tag.html`);
-    console.log('(WebGPU needs Chrome/Edge 113+; Ctrl-C stops the server)');
-  }, error => {
-    console.error(error.message || error);
-    process.exit(1);
-  });
+  startDemoServer({port}).then(
+      ({url}) => {
+        console.log(`tfjs-flash-attention demo: ${url}`);
+        console.log(`script-tag example:        ${url}script-tag.html`);
+        console.log('(WebGPU needs Chrome/Edge 113+; Ctrl-C stops the server)');
+      },
+      error => {
+        console.error(error.message || error);
+        process.exit(1);
+      });
 }

@@ -5,7 +5,7 @@
  *
  * Layouts (row-major, float32): q [B, Sq, H, D], k [B, Sk, Hk, D],
  * v [B, Sk, Hk, Dv], out/dout [B, Sq, H, Dv], lse/dlse [B, H, Sq],
- * alibi [H] or [B, H]. Semantics: DESIGN.md section 2 (flash_attn 2.x).
+ * alibi [H] or [B, H]. Semantics: docs/design.md, "Semantics" (flash_attn 2.x).
  */
 #ifndef TFJS_FLASH_ATTENTION_CUDA_H_
 #define TFJS_FLASH_ATTENTION_CUDA_H_

@@ -22,8 +22,7 @@ export interface TFEOpAttr {
 export interface TensorflowBackendLike {
   binding: {TF_ATTR_INT: number, TF_ATTR_FLOAT: number};
   executeMultipleOutputs(
-      name: string, opAttrs: TFEOpAttr[], inputs: tf.TensorInfo[],
-      numOutputs: number): tf.Tensor[];
+      name: string, opAttrs: TFEOpAttr[], inputs: tf.TensorInfo[], numOutputs: number): tf.Tensor[];
   /** True in @tensorflow/tfjs-node-gpu, false in the CPU package. */
   isGPUPackage?: boolean;
 }
@@ -45,8 +44,8 @@ export function tensorflowOpAttrs(
 
 function input(inputs: tf.NamedTensorInfoMap, name: string, kernel: string): tf.TensorInfo {
   const t = inputs[name];
-  tf.util.assert(t != null, () => `${kernel} on the tensorflow backend: input '${
-                                name}' is missing`);
+  tf.util.assert(
+      t != null, () => `${kernel} on the tensorflow backend: input '${name}' is missing`);
   return t!;
 }
 

@@ -12,8 +12,8 @@
 import {registerTensorflowKernels} from './register';
 
 export {TF_BACKWARD_OP, TF_FORWARD_OP, tensorflowOpAttrs} from './flash_attention_tensorflow';
-export type {TensorflowBackendLike, TFEOpAttr} from './flash_attention_tensorflow';
+export type{TensorflowBackendLike, TFEOpAttr} from './flash_attention_tensorflow';
 export {BUILD_DIR_ENV, buildDir, LOADER_ADDON, OP_LIBRARY, registerTensorflowKernels} from './register';
-export type {RegisterOptions, RegisterResult} from './register';
+export type{RegisterOptions, RegisterResult} from './register';
 
 export const tensorflowKernels = registerTensorflowKernels();

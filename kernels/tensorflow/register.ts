@@ -45,7 +45,7 @@ function packageRoot(): string|null {
   }
   starts.push(process.cwd());
   for (const start of starts) {
-    for (let dir = start; ; dir = path.dirname(dir)) {
+    for (let dir = start;; dir = path.dirname(dir)) {
       const pkg = path.join(dir, 'package.json');
       if (fs.existsSync(pkg) &&
           JSON.parse(fs.readFileSync(pkg, 'utf8')).name === 'tfjs-flash-attention') {
@@ -137,8 +137,11 @@ function tryRegister(options: RegisterOptions): RegisterResult {
     error = String(e instanceof Error ? e.message : e);
   }
   if (error != null) {
-    return {registered: false, reason: `TensorFlow did not load ${libraryPath}: ${error}`,
-            libraryPath};
+    return {
+      registered: false,
+      reason: `TensorFlow did not load ${libraryPath}: ${error}`,
+      libraryPath
+    };
   }
   registerFusedKernel(flashAttentionTensorflowConfig);
   registerFusedKernel(flashAttentionGradTensorflowConfig);

@@ -20,7 +20,8 @@ import {FlashAttentionGradDeltaProgram} from './flash_attention_grad_delta_webgp
 import {DkDvTiles, dkdvStorageBytes, dkdvTilesValid, FlashAttentionGradDkDvProgram} from './flash_attention_grad_dkdv_webgpu';
 import {DqTiles, dqStorageBytes, dqTilesValid, FlashAttentionGradDqProgram} from './flash_attention_grad_dq_webgpu';
 import {gradFeatures, gradUniforms} from './flash_attention_grad_wgsl';
-import {runOwnPipeline} from './own_pipeline';
+import {isWebGPUBackend, runOwnPipeline} from './own_pipeline';
+import {DKDV_SIZES, DQ_SIZES, GRAD_THREADS} from './tuning';
 
 /** The device limits the tile choice depends on. */
 export interface GradDeviceLimits {
@@ -34,43 +35,22 @@ export interface GradTiles {
   dq: DqTiles;
 }
 
-// Largest first: bigger tiles reuse each loaded K/V (dK/dV pass) or Q/dO
-// (dQ pass) over more rows. dK/dV 32x32 before 64x16: 38 KiB of workgroup
-// storage instead of 46 (room for 5 workgroups per H100 SM instead of 4)
-// and half the accumulators; the backward 6.83 / 6.86 ms against 6.91 / 6.95 ms at D=64,
-// S=4096 causal in two calls (RESULTS.md, backward tuning session 3).
-const DKDV_SIZES: Array<[number, number]> =
-    [[32, 32], [64, 16], [32, 16], [32, 8], [16, 8], [16, 4], [8, 4], [4, 4], [4, 2], [4, 1]];
-const DQ_SIZES: Array<[number, number]> =
-    [[64, 16], [32, 16], [32, 8], [16, 8], [16, 4], [8, 4], [4, 4], [2, 4], [1, 4]];
-
 /**
  * Tiles for head dims (d, dv) on a device, or null when even the smallest
  * do not fit its workgroup storage.
  */
-export function chooseGradTiles(
-    d: number, dv: number, limits: GradDeviceLimits): GradTiles|null {
-  // 128 invocations: 8% faster than 256 on an H200 at S=4096 (each thread
-  // has twice the rows in S = Q K^T; benchmarks/RESULTS.md).
+export function chooseGradTiles(d: number, dv: number, limits: GradDeviceLimits): GradTiles|null {
   const threads = Math.min(
-      128, limits.maxComputeInvocationsPerWorkgroup, limits.maxComputeWorkgroupSizeX);
+      GRAD_THREADS, limits.maxComputeInvocationsPerWorkgroup, limits.maxComputeWorkgroupSizeX);
   const storage = limits.maxComputeWorkgroupStorageSize;
-  let dkdv: DkDvTiles|null = null;
-  for (const [bc, br] of DKDV_SIZES) {
-    const t = {bc, br, threads};
-    if (dkdvTilesValid(t) && dkdvStorageBytes(t, d, dv) <= storage) {
-      dkdv = t;
-      break;
-    }
-  }
-  let dq: DqTiles|null = null;
-  for (const [br, bc] of DQ_SIZES) {
-    const t = {br, bc, threads};
-    if (dqTilesValid(t) && dqStorageBytes(t, d, dv) <= storage) {
-      dq = t;
-      break;
-    }
-  }
+  // The first valid tiles, in list order, whose workgroup storage fits.
+  const first = <T>(tiles: T[], valid: (t: T) => boolean, bytes: (t: T) => number) =>
+      tiles.find(t => valid(t) && bytes(t) <= storage) ?? null;
+  const dkdv = first(
+      DKDV_SIZES.map(([bc, br]) => ({bc, br, threads})), dkdvTilesValid,
+      t => dkdvStorageBytes(t, d, dv));
+  const dq = first(
+      DQ_SIZES.map(([br, bc]) => ({br, bc, threads})), dqTilesValid, t => dqStorageBytes(t, d, dv));
   return dkdv == null || dq == null ? null : {dkdv, dq};
 }
 
@@ -97,22 +77,17 @@ function tilesFor(d: number, dv: number, limits: GradDeviceLimits): GradTiles|nu
   return chooseGradTiles(d, dv, limits);
 }
 
-function isWebGPUBackend(backend: tf.KernelBackend): backend is WebGPUBackend {
-  const b = backend as Partial<WebGPUBackend>;
-  return b.device != null && b.tensorMap != null && typeof b.uploadToGPU === 'function';
-}
-
 /** Why the fused backward cannot take a call, or null. */
 export function flashAttentionGradSupports(
-    shapes: AttentionShapes, _attrs: FlashAttentionAttrs,
-    backend: tf.KernelBackend): string|null {
+    shapes: AttentionShapes, _attrs: FlashAttentionAttrs, backend: tf.KernelBackend): string|null {
   if (!isWebGPUBackend(backend)) {
     return 'the active backend is not a tfjs webgpu backend';
   }
   const limits = backend.device.limits;
   const tiles = tilesFor(shapes.headDim, shapes.headDimV, limits);
   if (tiles == null) {
-    return `head dims ${shapes.headDim}/${shapes.headDimV} need more workgroup storage than the device's ${
+    return `head dims ${shapes.headDim}/${
+        shapes.headDimV} need more workgroup storage than the device's ${
         limits.maxComputeWorkgroupStorageSize} bytes`;
   }
   const grid = Math.max(
@@ -137,24 +112,29 @@ function flashAttentionGradWebGPU(
     tf.TensorInfo[] {
   const webgpu = backend as WebGPUBackend;
   const a = attrs as unknown as FlashAttentionAttrs;
-  const {dy, dLse, q, k, v, out, softmaxLse, alibiSlopes} =
+  const {dy, dLse, q, k, v, out, softmaxLse, alibiSlopes, seqlens} =
       inputs as unknown as FlashAttentionGradInputs;
   const [batch, seqQ, heads, headDim] = q.shape;
   const [, seqK, headsKV] = k.shape;
   const headDimV = v.shape[3];
   const shapes: AttentionShapes = {batch, seqQ, seqK, heads, headsKV, headDim, headDimV};
   const tiles = tilesFor(headDim, headDimV, webgpu.device.limits);
-  tf.util.assert(tiles != null, () => `FlashAttentionGrad: head dims ${headDim}/${
-      headDimV} do not fit the device's workgroup storage`);
+  tf.util.assert(
+      tiles != null,
+      () => `FlashAttentionGrad: head dims ${headDim}/${
+          headDimV} do not fit the device's workgroup storage`);
   const hasAlibi = alibiSlopes != null && tf.util.sizeFromShape(alibiSlopes.shape) > 0;
-  const features = gradFeatures(a, hasAlibi);
+  const hasSeqlens = seqlens != null && tf.util.sizeFromShape(seqlens.shape) > 0;
+  const features = gradFeatures(a, hasAlibi, hasSeqlens);
   const slopes = hasAlibi ? [alibiSlopes!] : [];
 
   const uniforms = gradUniforms(shapes, a, hasAlibi ? alibiSlopes!.shape : []);
-  const deltaProgram = new FlashAttentionGradDeltaProgram(shapes);
+  const deltaProgram = new FlashAttentionGradDeltaProgram(shapes, hasSeqlens);
+  // (lse, Delta) per row, then (seqlenQ, seqlenK) per batch row if any.
+  const statsRows = batch * heads * seqQ + (hasSeqlens ? batch : 0);
   const [stats] = runOwnPipeline(webgpu, deltaProgram, {
-    inputs: [dy, out, dLse, softmaxLse],
-    outputs: [{shape: [batch, heads, seqQ, 2], dtype: 'float32'}],
+    inputs: [dy, out, dLse, softmaxLse, ...(hasSeqlens ? [seqlens!] : [])],
+    outputs: [{shape: [statsRows, 2], dtype: 'float32'}],
     uniforms,
     dispatch: deltaProgram.workgroups,
   });
@@ -194,5 +174,5 @@ export const flashAttentionGradWebGPUConfig: tf.KernelConfig = {
 
 /** Registers the fused backward for the webgpu backend. */
 export function registerFlashAttentionGradWebGPU(): void {
-  registerFusedKernel(flashAttentionGradWebGPUConfig, flashAttentionGradSupports);
+  registerFusedKernel(flashAttentionGradWebGPUConfig, flashAttentionGradSupports, {seqlens: true});
 }

@@ -7,36 +7,48 @@
  */
 import type {AttentionShapes} from '../../src/checks';
 
-import {dispatchGrid, OwnPipelineSpec} from './own_pipeline';
-import {paramsWGSL} from './flash_attention_grad_wgsl';
+import {dispatchGrid, OwnPipelineSpec, StorageBinding} from './own_pipeline';
+import {gradBindingsWGSL} from './flash_attention_grad_wgsl';
 
 // LANES invocations share a row (reading its dims side by side, then a
 // fixed-order tree sum in workgroup memory), ROWS rows per workgroup, taken
 // in [B, Sq, H] order so that a workgroup reads one contiguous span of dO
-// and O. One invocation per row read 256-byte strided rows: 0.30 ms at
-// S=4096, H=16, D=64 on the H100 (benchmarks/RESULTS.md, session 3).
+// and O. One invocation per row would read 256-byte strided rows, which
+// measured slower (benchmarks/RESULTS.md, backward tuning).
 const LANES = 16;
 const ROWS = 16;
 
+const INPUTS: StorageBinding[] = [
+  {name: 'dy', type: 'f32'},
+  {name: 'outs', type: 'f32'},
+  {name: 'dLse', type: 'f32'},
+  {name: 'lse', type: 'f32'},
+];
+// (lse, Delta) per row.
+const OUTPUTS: StorageBinding[] = [{name: 'stats', type: 'vec2<f32>'}];
+
 export class FlashAttentionGradDeltaProgram implements OwnPipelineSpec {
   readonly key: string;
-  readonly numInputs = 4;
-  readonly numOutputs = 1;
+  readonly numInputs: number;
+  readonly numOutputs = OUTPUTS.length;
   readonly hasUniforms = true;
   readonly workgroups: [number, number, number];
   private readonly source: string;
 
-  constructor(shapes: AttentionShapes) {
+  /**
+   * With `seqlens` (a fifth input, [B, 2] int32), the pass also copies the
+   * per-batch lengths to the end of `stats` (B more entries, bit-cast), where
+   * the dK/dV and dQ passes read them: a binding of their own would take the
+   * key-block pass with ALiBi past the 8 storage buffers.
+   */
+  constructor(shapes: AttentionShapes, seqlens = false) {
     const dv = shapes.headDimV;
     const rows = shapes.batch * shapes.heads * shapes.seqQ;
-    this.key = `flashAttentionGradDelta_${dv}`;
+    const inputs = seqlens ? [...INPUTS, {name: 'seqlens', type: 'i32'}] : INPUTS;
+    this.numInputs = inputs.length;
+    this.key = `flashAttentionGradDelta_${dv}_${+ seqlens}`;
     this.workgroups = dispatchGrid(Math.ceil(rows / ROWS));
-    this.source = `${paramsWGSL(5)}
-@group(0) @binding(0) var<storage, read> dy: array<f32>;
-@group(0) @binding(1) var<storage, read> outs: array<f32>;
-@group(0) @binding(2) var<storage, read> dLse: array<f32>;
-@group(0) @binding(3) var<storage, read> lse: array<f32>;
-@group(0) @binding(4) var<storage, read_write> stats: array<vec2<f32>>;
+    this.source = `${gradBindingsWGSL(inputs, OUTPUTS)}
 const DV = ${dv};
 const LANES = ${LANES};
 
@@ -64,6 +76,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
       partial[t] += partial[t + stride];
     }
   }
+  ${
+        seqlens ? `if (row < p.batch && lane == 0) {
+    stats[p.batch * p.heads * p.seqQ + row] =
+        bitcast<vec2<f32>>(vec2<i32>(seqlens[2 * row], seqlens[2 * row + 1]));
+  }` :
+                  ''}
   if (valid && lane == 0) {
     let h = row % p.heads;
     let i = (row / p.heads) % p.seqQ;

@@ -13,11 +13,11 @@
  *   dK += dS^T Q
  * Head dims are padded to multiples of 4 with zeros in workgroup memory, so
  * every load is a vec4. The next block's Q/dO rows are read into registers
- * while the current block computes (the pass waited on those loads: 4.94
- * against 3.59 ms at D=64, S=4096 causal on the H100).
+ * while the current block computes: without that the pass waits on those
+ * loads (benchmarks/RESULTS.md, backward tuning).
  */
 import type {OwnPipelineSpec} from './own_pipeline';
-import {featureKey, fetchRowsWGSL, GradFeatures, gradCommonWGSL, loadKeyTileWGSL, loadQueryBlockWGSL, prefetchSlots, storeRowsWGSL, paramsWGSL, scoresAndDpWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
+import {constsWGSL, featureKey, fetchRowsWGSL, GradFeatures, gradBindingsWGSL, gradCommonWGSL, gradInputs, loadKeyTileWGSL, prefetchSlots, probsAndDsWGSL, queryBlockStorageWGSL, storeRowsWGSL, scoresAndDpWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
 
 export interface DkDvTiles {
   /** Keys per workgroup (multiple of 4). */
@@ -26,11 +26,6 @@ export interface DkDvTiles {
   br: number;
   /** Invocations per workgroup. */
   threads: number;
-  /**
-   * Register prefetch of the next Q/dO rows during the current block's
-   * products (default true).
-   */
-  prefetch?: boolean;
 }
 
 /** Workgroup storage bytes of the program (must fit the device limit). */
@@ -57,42 +52,41 @@ export class FlashAttentionGradDkDvProgram implements OwnPipelineSpec {
     const s = sPhase(bc, br, threads);
     const d4 = Math.ceil(d / 4);
     const dv4 = Math.ceil(dv / 4);
-    const xt = threads / s.sc;       // accumulation: dim-quad stride
-    const nd = Math.ceil(d4 / xt);   // accumulation: dim quads per thread
+    const xt = threads / s.sc;      // accumulation: dim-quad stride
+    const nd = Math.ceil(d4 / xt);  // accumulation: dim quads per thread
     const ndv = Math.ceil(dv4 / xt);
-    const prefetch = tiles.prefetch !== false;
-    this.key = `flashAttentionGradDkDv_${d}_${dv}_${bc}_${br}_${threads}_${+prefetch}_${featureKey(f)}`;
+    this.key = `flashAttentionGradDkDv_${d}_${dv}_${bc}_${br}_${threads}_${featureKey(f)}`;
     const fetchStats = (i0: string, h: string) => `
     for (var u = 0; u < ${prefetchSlots(br, threads)}; u++) {
       let i = ${i0} + t + u * T;
       stReg[u] = vec2<f32>(0.0);
       if (t + u * T < BR && i < p.seqQ) { stReg[u] = stats[(b * p.heads + ${h}) * p.seqQ + i]; }
     }`;
-    const accumulateDv = `
-        let pv = pS[r * SC + kq];
-        for (var n = 0; n < ${ndv}; n++) {
+    // acc[c * n + ...] += weights[c] * row r of `rows`, for the thread's
+    // dim quads (dV += Pd^T dO, dK += dS^T Q).
+    const accumulate = (acc: string, weights: string, rows: string, w4: number, n: number) => `
+        for (var n = 0; n < ${n}; n++) {
           let xq = kx + n * XT;
-          if (${dv4 % xt === 0 ? 'true' : 'xq < DV4'}) {
-            let ov = doS[r * ${dv4 + 1} + xq];
-            dvAcc[n] += pv.x * ov;
-            dvAcc[${ndv} + n] += pv.y * ov;
-            dvAcc[${2 * ndv} + n] += pv.z * ov;
-            dvAcc[${3 * ndv} + n] += pv.w * ov;
+          if (${w4 % xt === 0 ? 'true' : `xq < ${w4}`}) {
+            let row = ${rows}[r * ${w4 + 1} + xq];
+            ${acc}[n] += ${weights}.x * row;
+            ${acc}[${n} + n] += ${weights}.y * row;
+            ${acc}[${2 * n} + n] += ${weights}.z * row;
+            ${acc}[${3 * n} + n] += ${weights}.w * row;
           }
         }`;
-    const accumulateDk = `
-        for (var n = 0; n < ${nd}; n++) {
-          let xq = kx + n * XT;
-          if (${d4 % xt === 0 ? 'true' : 'xq < D4'}) {
-            let qv = qS[r * ${d4 + 1} + xq];
-            dkAcc[n] += dsv.x * qv;
-            dkAcc[${nd} + n] += dsv.y * qv;
-            dkAcc[${2 * nd} + n] += dsv.z * qv;
-            dkAcc[${3 * nd} + n] += dsv.w * qv;
-          }
-        }`;
+    // Key j's dims of the thread's accumulator `acc` (acc[c * n + ...]) to
+    // `out` ([B, Sk, Hk, w]), skipping the padding dims past w.
+    const storeKeyRow = (out: string, acc: string, n: number, w: string) => `
+      for (var n = 0; n < ${n}; n++) {
+        let quad = ${acc}[c * ${n} + n];
+        for (var e = 0; e < 4; e++) {
+          let x = (kx + n * XT) * 4 + e;
+          if (x < ${w}) { ${out}[((b * p.seqK + j) * p.headsKV + hk) * ${w} + x] = quad[e]; }
+        }
+      }`;
     // One step per (query head of the group, block of BR rows).
-    const rowLoop = prefetch ? `
+    const rowLoop = `
   let nBlocks = select(0, (iHi - iLo) / BR + 1, iHi >= iLo);
   let steps = groups * nBlocks;
   var qReg: array<vec4<f32>, ${prefetchSlots(br * d4, threads)}>;
@@ -126,50 +120,31 @@ export class FlashAttentionGradDkDvProgram implements OwnPipelineSpec {
       ${fetchRowsWGSL('dy', 'oReg', dv, dv4, br, threads, 'p.seqQ', 'p.heads', 'iN', 'hn')}
       ${fetchStats('iN', 'hn')}
     }
-` : `
-  for (var g = 0; g < groups; g++) {
-    let h = hk * groups + g;
-    let sp = gradScoreParams(b, h);
-    for (var i0 = iLo; i0 <= iHi; i0 += BR) {
-      workgroupBarrier();
-      ${loadQueryBlockWGSL(d, d4, dv, dv4)}
-      workgroupBarrier();
 `;
-    this.numInputs = f.alibi ? 6 : 5;
-    this.numOutputs = 2;
-    const out0 = this.numInputs;
-    this.source = `${paramsWGSL(out0 + 2)}
-@group(0) @binding(0) var<storage, read> q: array<f32>;
-@group(0) @binding(1) var<storage, read> k: array<f32>;
-@group(0) @binding(2) var<storage, read> v: array<f32>;
-@group(0) @binding(3) var<storage, read> dy: array<f32>;
-@group(0) @binding(4) var<storage, read> stats: array<vec2<f32>>;  // (lse, Delta)
-${f.alibi ? '@group(0) @binding(5) var<storage, read> slopes: array<f32>;' : ''}
-@group(0) @binding(${out0}) var<storage, read_write> dk: array<f32>;
-@group(0) @binding(${out0 + 1}) var<storage, read_write> dv: array<f32>;
+    const inputs = gradInputs(f);
+    const outputs = [{name: 'dk', type: 'f32'}, {name: 'dv', type: 'f32'}];
+    this.numInputs = inputs.length;
+    this.numOutputs = outputs.length;
+    this.source = `${gradBindingsWGSL(inputs, outputs)}
 ${gradCommonWGSL(f)}
-const D = ${d};
-const DV = ${dv};
-const D4 = ${d4};
-const DV4 = ${dv4};
-const BC = ${bc};
-const BR = ${br};
-const T = ${threads};
-const SC = ${s.sc};
-const MR = ${s.mr};
-const XT = ${xt};
+${constsWGSL({
+      D: d,
+      DV: dv,
+      D4: d4,
+      DV4: dv4,
+      BC: bc,
+      BR: br,
+      T: threads,
+      SC: s.sc,
+      MR: s.mr,
+      XT: xt
+    })}
 
 // K and V transposed, four keys per vec4: kT[x * SC + quad] (x < 4 * D4).
 var<workgroup> kT: array<vec4<f32>, ${4 * d4 * s.sc}>;
 var<workgroup> vT: array<vec4<f32>, ${4 * dv4 * s.sc}>;
-// Query-side rows as dim quads, one vec4 of padding per row so that the
-// rows a warp reads fall in different banks.
-var<workgroup> qS: array<vec4<f32>, ${br * (d4 + 1)}>;
-var<workgroup> doS: array<vec4<f32>, ${br * (dv4 + 1)}>;
-// P * keep, then dS: pS[r * SC + quad].
-var<workgroup> pS: array<vec4<f32>, ${br * s.sc}>;
-var<workgroup> lseS: array<f32, BR>;
-var<workgroup> deltaS: array<f32, BR>;
+// pS holds P * keep, then dS.
+${queryBlockStorageWGSL(br, d4, dv4, s.sc)}
 
 @compute @workgroup_size(T)
 fn main(@builtin(workgroup_id) wg: vec3<u32>,
@@ -188,13 +163,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   for (var n = 0; n < ${4 * nd}; n++) { dkAcc[n] = vec4<f32>(0.0); }
   for (var n = 0; n < ${4 * ndv}; n++) { dvAcc[n] = vec4<f32>(0.0); }
 
-  // Query rows that can see some key of this block.
-  let off = p.seqK - p.seqQ;
-  let jLast = min(j0 + BC, p.seqK) - 1;
-  var iLo = 0;
-  if (p.windowRight >= 0) { iLo = max(0, j0 - off - p.windowRight); }
-  var iHi = p.seqQ - 1;
-  if (p.windowLeft >= 0) { iHi = min(p.seqQ - 1, jLast - off + p.windowLeft); }
+  // Query rows that can see some key of this block (none past the batch
+  // row's keys: such a block writes zeros at once).
+  let rows = fa_query_range(j0, j0 + BC, gradScoreParams(b, hk * groups));
+  let iLo = rows.x;
+  let iHi = rows.y - 1;
 ${sPhaseWGSL(s)}
   let kx = t % XT;           // accumulation: first dim quad
   let kq = t / XT;           // accumulation: key quad
@@ -204,29 +177,13 @@ ${rowLoop}
       var ds: array<vec4<f32>, MR>;
       if (sActive) {
         ${scoresAndDpWGSL('SC', d4, dv4)}
-        for (var m = 0; m < MR; m++) {
-          let r = sRow + m;
-          let i = i0 + r;
-          let jq = j0 + sQuad * 4;
-          ${f.dropout ? 'let keep = gradKeep4(b, h, i, jq);' : 'let keep = vec4<f32>(1.0);'}
-          var pv = vec4<f32>(0.0);
-          var dsv = vec4<f32>(0.0);
-          for (var c = 0; c < 4; c++) {
-            let j = jq + c;
-            if (i < p.seqQ && fa_visible(i, j, sp)) {
-              let sc = gradScore(s[m][c], i, j, sp);
-              let prob = exp(sc.x - lseS[r]);
-              pv[c] = prob * keep[c];
-              dsv[c] = prob * (dp[m][c] * keep[c] - deltaS[r]) * sc.y * p.scale;
-            }
-          }
-          pS[r * SC + sQuad] = pv;
-          ds[m] = dsv;
-        }
+        ${probsAndDsWGSL(f, true, `pS[r * SC + sQuad] = pv;
+        ds[m] = dsv;`)}
       }
       workgroupBarrier();
       for (var r = 0; r < BR; r++) {
-        ${accumulateDv}
+        let pv = pS[r * SC + kq];
+        ${accumulate('dvAcc', 'pv', 'doS', dv4, ndv)}
       }
       workgroupBarrier();
       if (sActive) {
@@ -237,30 +194,15 @@ ${rowLoop}
       workgroupBarrier();
       for (var r = 0; r < BR; r++) {
         let dsv = pS[r * SC + kq];
-        ${accumulateDk}
+        ${accumulate('dkAcc', 'dsv', 'qS', d4, nd)}
       }
     }
-  ${prefetch ? '' : '}'}
 
   for (var c = 0; c < 4; c++) {
     let j = j0 + kq * 4 + c;
     if (j < p.seqK) {
-      let kBase = ((b * p.seqK + j) * p.headsKV + hk) * D;
-      for (var n = 0; n < ${nd}; n++) {
-        let acc = dkAcc[c * ${nd} + n];
-        for (var e = 0; e < 4; e++) {
-          let x = (kx + n * XT) * 4 + e;
-          if (x < D) { dk[kBase + x] = acc[e]; }
-        }
-      }
-      let vBase = ((b * p.seqK + j) * p.headsKV + hk) * DV;
-      for (var n = 0; n < ${ndv}; n++) {
-        let acc = dvAcc[c * ${ndv} + n];
-        for (var e = 0; e < 4; e++) {
-          let x = (kx + n * XT) * 4 + e;
-          if (x < DV) { dv[vBase + x] = acc[e]; }
-        }
-      }
+      ${storeKeyRow('dk', 'dkAcc', nd, 'D')}
+      ${storeKeyRow('dv', 'dvAcc', ndv, 'DV')}
     }
   }
 }

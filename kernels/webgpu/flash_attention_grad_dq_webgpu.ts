@@ -9,11 +9,11 @@
  *   dS = P * (dP * keep - Delta) * score' * scale,  P = exp(score(S) - lse)
  *   dQ += dS K                     (thread: NR rows x ND dims)
  * Rows that see no key get dQ = 0. The next K/V tile is read into registers
- * while the current one computes (4.68 against 3.21 ms at D=64, S=4096
- * causal on the H100).
+ * while the current one computes: without that the pass waits on those
+ * loads (benchmarks/RESULTS.md, backward tuning).
  */
 import type {OwnPipelineSpec} from './own_pipeline';
-import {featureKey, fetchKeyTileWGSL, GradFeatures, gradCommonWGSL, loadKeyTileWGSL, loadQueryBlockWGSL, prefetchSlots, storeKeyTileWGSL, paramsWGSL, scoresAndDpWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
+import {constsWGSL, featureKey, fetchKeyTileWGSL, GradFeatures, gradBindingsWGSL, gradCommonWGSL, gradInputs, loadQueryBlockWGSL, prefetchSlots, probsAndDsWGSL, queryBlockStorageWGSL, storeKeyTileWGSL, scoresAndDpWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
 
 export interface DqTiles {
   /** Query rows per workgroup. */
@@ -21,19 +21,6 @@ export interface DqTiles {
   /** Keys per step (multiple of 4). */
   bc: number;
   threads: number;
-  /**
-   * Register prefetch of the next K/V tile during the current one's
-   * products (default true).
-   */
-  prefetch?: boolean;
-  /**
-   * dQ += dS K with the thread's NR dS rows held in registers and K loaded
-   * one vec4 at a time (default true; false: the thread's K dims held, dS
-   * loaded per row). Same sums in the same order either way. The dQ pass
-   * 3.11 against 3.21 ms at D=64, 8.60 against 8.73 ms at D=128, S=4096
-   * causal on the H100 (RESULTS.md, backward tuning session 3).
-   */
-  dsRegs?: boolean;
 }
 
 /**
@@ -76,14 +63,14 @@ export class FlashAttentionGradDqProgram implements OwnPipelineSpec {
     const dv4 = Math.ceil(dv / 4);
     const kst = kStride(s.sc);
     const nr = rowsPerThread(tiles);
-    const qt = br / nr;           // accumulation: row groups
-    const xt = threads / qt;      // accumulation: dim stride
+    const qt = br / nr;       // accumulation: row groups
+    const xt = threads / qt;  // accumulation: dim stride
     const nd = Math.ceil(d / xt);
-    const prefetch = tiles.prefetch !== false;
-    const dsRegs = tiles.dsRegs !== false;
-    this.key = `flashAttentionGradDq_${d}_${dv}_${bc}_${br}_${threads}_${+prefetch}${+dsRegs}_${
-        featureKey(f)}`;
-    const accumulate = dsRegs ? `
+    this.key = `flashAttentionGradDq_${d}_${dv}_${bc}_${br}_${threads}_${featureKey(f)}`;
+    // dQ += dS K with the thread's NR dS rows held in registers and K read
+    // one vec4 at a time: faster than holding K's dims and reading dS per row
+    // (benchmarks/RESULTS.md, backward tuning).
+    const accumulate = `
     for (var quad = 0; quad < SC; quad++) {
       var dsr: array<vec4<f32>, NR>;
       for (var m = 0; m < NR; m++) {
@@ -95,20 +82,8 @@ export class FlashAttentionGradDqProgram implements OwnPipelineSpec {
           dqAcc[m][n] += dot(dsr[m], kv);
         }
       }
-    }` : `
-    for (var quad = 0; quad < SC; quad++) {
-      var kq: array<vec4<f32>, ${nd}>;
-      for (var n = 0; n < ${nd}; n++) {
-        kq[n] = kT[min(qx + n * XT, D - 1) * KST + quad];
-      }
-      for (var m = 0; m < NR; m++) {
-        let dsv = pS[(qr * NR + m) * SC + quad];
-        for (var n = 0; n < ${nd}; n++) {
-          dqAcc[m][n] += dot(dsv, kq[n]);
-        }
-      }
     }`;
-    const keyTile = prefetch ? `
+    const keyTile = `
   var kReg: array<vec4<f32>, ${prefetchSlots(s.sc * 4 * d4, threads)}>;
   var vReg: array<vec4<f32>, ${prefetchSlots(s.sc * 4 * dv4, threads)}>;
   if (jLo <= jHi) {
@@ -121,47 +96,34 @@ export class FlashAttentionGradDqProgram implements OwnPipelineSpec {
     workgroupBarrier();
     if (j0 + BC <= jHi) {
       ${fetchKeyTileWGSL('j0 + BC', s.sc, d4, dv4, threads)}
-    }` : `
-  for (var j0 = jLo; j0 <= jHi; j0 += BC) {
-    workgroupBarrier();
-    ${loadKeyTileWGSL('KST')}
-    workgroupBarrier();`;
-    this.numInputs = f.alibi ? 6 : 5;
-    this.numOutputs = 1;
-    const out0 = this.numInputs;
-    this.source = `${paramsWGSL(out0 + 1)}
-@group(0) @binding(0) var<storage, read> q: array<f32>;
-@group(0) @binding(1) var<storage, read> k: array<f32>;
-@group(0) @binding(2) var<storage, read> v: array<f32>;
-@group(0) @binding(3) var<storage, read> dy: array<f32>;
-@group(0) @binding(4) var<storage, read> stats: array<vec2<f32>>;  // (lse, Delta)
-${f.alibi ? '@group(0) @binding(5) var<storage, read> slopes: array<f32>;' : ''}
-@group(0) @binding(${out0}) var<storage, read_write> dq: array<f32>;
+    }`;
+    const inputs = gradInputs(f);
+    const outputs = [{name: 'dq', type: 'f32'}];
+    this.numInputs = inputs.length;
+    this.numOutputs = outputs.length;
+    this.source = `${gradBindingsWGSL(inputs, outputs)}
 ${gradCommonWGSL(f)}
-const D = ${d};
-const DV = ${dv};
-const D4 = ${d4};
-const DV4 = ${dv4};
-const BC = ${bc};
-const BR = ${br};
-const T = ${threads};
-const SC = ${s.sc};
-const MR = ${s.mr};
-const NR = ${nr};
-const XT = ${xt};
-const KST = ${kst};
+${constsWGSL({
+      D: d,
+      DV: dv,
+      D4: d4,
+      DV4: dv4,
+      BC: bc,
+      BR: br,
+      T: threads,
+      SC: s.sc,
+      MR: s.mr,
+      NR: nr,
+      XT: xt,
+      KST: kst,
+    })}
 
-// Query-side rows as dim quads, one vec4 of padding per row so that the
-// rows a warp reads fall in different banks.
-var<workgroup> qS: array<vec4<f32>, ${br * (d4 + 1)}>;
-var<workgroup> doS: array<vec4<f32>, ${br * (dv4 + 1)}>;
 // K and V transposed, four keys per vec4: kT[x * KST + quad]; K serves
 // both S = Q K^T (a key quad per load) and dQ += dS K (dot of 4 keys).
 var<workgroup> kT: array<vec4<f32>, ${4 * d4 * kst}>;
 var<workgroup> vT: array<vec4<f32>, ${4 * dv4 * s.sc}>;
-var<workgroup> pS: array<vec4<f32>, ${br * s.sc}>;
-var<workgroup> lseS: array<f32, BR>;
-var<workgroup> deltaS: array<f32, BR>;
+// pS holds dS.
+${queryBlockStorageWGSL(br, d4, dv4, s.sc)}
 
 @compute @workgroup_size(T)
 fn main(@builtin(workgroup_id) wg: vec3<u32>,
@@ -185,13 +147,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
 
   // Keys some row of the block can see; the start aligned to BC (so key
   // quads are aligned for the dropout words).
-  let off = p.seqK - p.seqQ;
-  let iLast = min(i0 + BR, p.seqQ) - 1;
-  var jLo = 0;
-  if (p.windowLeft >= 0) { jLo = max(0, i0 + off - p.windowLeft); }
-  var jHi = p.seqK - 1;
-  if (p.windowRight >= 0) { jHi = min(p.seqK - 1, iLast + off + p.windowRight); }
-  jLo = (jLo / BC) * BC;
+  // (None for a block past the batch row's queries: it writes zeros.)
+  let keys = fa_key_range(i0, min(i0 + BR, p.seqQ), sp);
+  let jLo = (keys.x / BC) * BC;
+  let jHi = keys.y - 1;
 ${sPhaseWGSL(s)}
   let qx = t % XT;
   let qr = t / XT;
@@ -199,22 +158,7 @@ ${keyTile}
 
     if (sActive) {
       ${scoresAndDpWGSL('KST', d4, dv4)}
-      for (var m = 0; m < MR; m++) {
-        let r = sRow + m;
-        let i = i0 + r;
-        let jq = j0 + sQuad * 4;
-        ${f.dropout ? 'let keep = gradKeep4(b, h, i, jq);' : 'let keep = vec4<f32>(1.0);'}
-        var dsv = vec4<f32>(0.0);
-        for (var c = 0; c < 4; c++) {
-          let j = jq + c;
-          if (i < p.seqQ && fa_visible(i, j, sp)) {
-            let sc = gradScore(s[m][c], i, j, sp);
-            let prob = exp(sc.x - lseS[r]);
-            dsv[c] = prob * (dp[m][c] * keep[c] - deltaS[r]) * sc.y * p.scale;
-          }
-        }
-        pS[r * SC + sQuad] = dsv;
-      }
+      ${probsAndDsWGSL(f, false, 'pS[r * SC + sQuad] = dsv;')}
     }
     workgroupBarrier();
 ${accumulate}

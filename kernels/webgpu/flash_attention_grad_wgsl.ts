@@ -8,33 +8,80 @@ import type {FlashAttentionAttrs} from '../../src/kernel_names';
 import type {AttentionShapes} from '../../src/checks';
 import {dropoutThreshold} from '../../src/dropout';
 
-import {UniformWriter} from './own_pipeline';
-import {dropoutWGSL, philoxWGSL, ScoreOptions, scoreKey, scoreOptionsFromAttrs, scoreWGSL} from './wgsl_snippets';
+import {bindingsWGSL, packUniforms, StorageBinding, UniformField, uniformStructWGSL} from './own_pipeline';
+import {dropoutWGSL, keyRangeWGSL, philoxWGSL, queryRangeWGSL, ScoreOptions, scoreKey, scoreOptionsFromAttrs, scoreWGSL} from './wgsl_snippets';
 
 /** What is baked into a program (and so into its pipeline key). */
 export interface GradFeatures extends ScoreOptions {
   dropout: boolean;
 }
 
-export function gradFeatures(attrs: FlashAttentionAttrs, hasAlibi: boolean): GradFeatures {
-  return {...scoreOptionsFromAttrs(attrs, hasAlibi), dropout: attrs.dropoutRate > 0};
+export function gradFeatures(
+    attrs: FlashAttentionAttrs, hasAlibi: boolean, hasSeqlens = false): GradFeatures {
+  return {...scoreOptionsFromAttrs(attrs, hasAlibi, hasSeqlens), dropout: attrs.dropoutRate > 0};
 }
 
 export function featureKey(f: GradFeatures): string {
-  return `${scoreKey(f)}dp${+f.dropout}`;
+  return `${scoreKey(f)}dp${+ f.dropout}`;
 }
 
-/** The uniform block (at `binding`); runtime values only. */
-export function paramsWGSL(binding: number): string {
+/**
+ * The uniform block `p` every backward program declares: runtime values
+ * only (what changes the code is in the pipeline key instead). The WGSL
+ * struct and the bytes are both generated from this list.
+ */
+export const GRAD_UNIFORMS: readonly UniformField[] = [
+  ['batch', 'i32'],
+  ['seqQ', 'i32'],
+  ['seqK', 'i32'],
+  ['heads', 'i32'],
+  ['headsKV', 'i32'],
+  ['windowLeft', 'i32'],
+  ['windowRight', 'i32'],
+  ['alibiPerBatch', 'i32'],
+  ['seedLo', 'u32'],
+  ['seedHi', 'u32'],
+  ['threshold', 'u32'],
+  ['scale', 'f32'],
+  ['softcap', 'f32'],
+  ['keepScale', 'f32'],
+];
+
+/**
+ * WGSL of a backward program's bindings (in runOwnPipeline's order, then
+ * the uniform block `p`) and of the uniform struct.
+ */
+export function gradBindingsWGSL(
+    inputs: readonly StorageBinding[], outputs: readonly StorageBinding[]): string {
   return `
-struct Params {
-  batch: i32, seqQ: i32, seqK: i32, heads: i32,
-  headsKV: i32, windowLeft: i32, windowRight: i32, alibiPerBatch: i32,
-  seedLo: u32, seedHi: u32, threshold: u32, unused0: u32,
-  scale: f32, softcap: f32, keepScale: f32, unused1: f32,
-};
-@group(0) @binding(${binding}) var<uniform> p: Params;
+${uniformStructWGSL('Params', GRAD_UNIFORMS)}
+${bindingsWGSL(inputs, outputs, {
+    name: 'p',
+    type: 'Params'
+  })}
 `;
+}
+
+/** WGSL `const NAME = value;` lines, one per entry. */
+export function constsWGSL(values: Readonly<Record<string, number>>): string {
+  return Object.entries(values).map(([name, value]) => `const ${name} = ${value};`).join('\n');
+}
+
+/**
+ * The inputs of the dK/dV and dQ passes: q, k, v, dO, the (lse, Delta)
+ * pairs of the delta pass, and the ALiBi slopes when compiled in.
+ * (Per-batch lengths come at the end of `stats`: see
+ * FlashAttentionGradDeltaProgram.)
+ */
+export function gradInputs(f: GradFeatures): StorageBinding[] {
+  return [
+    {name: 'q', type: 'f32'},
+    {name: 'k', type: 'f32'},
+    {name: 'v', type: 'f32'},
+    {name: 'dy', type: 'f32'},
+    {name: 'stats', type: 'vec2<f32>'},
+    ...(f.alibi ? [{name: 'slopes', type: 'f32'}] : []),
+  ];
 }
 
 /** The uniform block's bytes for one call. */
@@ -42,21 +89,29 @@ export function gradUniforms(
     shapes: AttentionShapes, attrs: FlashAttentionAttrs,
     alibiShape: readonly number[]): ArrayBuffer {
   const dropout = attrs.dropoutRate > 0;
-  return new UniformWriter()
-      .i32(shapes.batch).i32(shapes.seqQ).i32(shapes.seqK).i32(shapes.heads)
-      .i32(shapes.headsKV).i32(attrs.windowLeft).i32(attrs.windowRight)
-      .i32(alibiShape.length === 2 ? 1 : 0)
-      .u32(attrs.seedLo).u32(attrs.seedHi)
-      .u32(dropout ? dropoutThreshold(attrs.dropoutRate) : 0).u32(0)
-      .f32(attrs.softmaxScale).f32(attrs.softcap)
-      .f32(dropout ? 1 / (1 - attrs.dropoutRate) : 1).f32(0)
-      .finish();
+  return packUniforms(GRAD_UNIFORMS, {
+    batch: shapes.batch,
+    seqQ: shapes.seqQ,
+    seqK: shapes.seqK,
+    heads: shapes.heads,
+    headsKV: shapes.headsKV,
+    windowLeft: attrs.windowLeft,
+    windowRight: attrs.windowRight,
+    alibiPerBatch: alibiShape.length === 2 ? 1 : 0,
+    seedLo: attrs.seedLo,
+    seedHi: attrs.seedHi,
+    threshold: dropout ? dropoutThreshold(attrs.dropoutRate) : 0,
+    scale: attrs.softmaxScale,
+    softcap: attrs.softcap,
+    keepScale: dropout ? 1 / (1 - attrs.dropoutRate) : 1,
+  });
 }
 
 /**
  * Functions every backward program uses (needs `p` and, with ALiBi, a
  * `slopes` binding):
- *   fn gradScoreParams(b: i32, h: i32) -> FaScore
+ *   fn gradScoreParams(b: i32, h: i32) -> FaScore   (batch row b's lengths)
+ *   fa_key_range / fa_query_range (wgsl_snippets.ts)
  *   fn gradScore(qk: f32, i: i32, j: i32, sp: FaScore) -> vec2<f32>
  *       (final score, d score / d (scale * qk)); the softcap derivative is
  *       1 - tanh^2 = 1 - (capped / softcap)^2
@@ -65,25 +120,35 @@ export function gradUniforms(
 export function gradCommonWGSL(f: GradFeatures): string {
   return `
 ${scoreWGSL(f)}
+${keyRangeWGSL(f)}
+${queryRangeWGSL(f)}
 ${f.dropout ? philoxWGSL() + dropoutWGSL() : ''}
 fn gradScoreParams(b: i32, h: i32) -> FaScore {
   var slope = 0.0;
   ${f.alibi ? 'slope = slopes[select(h, b * p.heads + h, p.alibiPerBatch != 0)];' : ''}
-  return FaScore(p.scale, p.softcap, slope, p.seqK - p.seqQ, p.windowLeft,
-                 p.windowRight, p.seqK);
+  let sp = FaScore(p.scale, p.softcap, slope, p.seqK - p.seqQ, p.windowLeft,
+                   p.windowRight, p.seqK, p.seqQ);
+  ${
+      f.seqlens ? `let lens = bitcast<vec2<i32>>(stats[p.batch * p.heads * p.seqQ + b]);
+  return fa_with_lengths(sp, lens.x, lens.y);` :
+                  'return sp;'}
 }
 fn gradScore(qk: f32, i: i32, j: i32, sp: FaScore) -> vec2<f32> {
   var ds = 1.0;
-  ${f.softcap ? `
+  ${
+      f.softcap ? `
   let th = fa_capped(qk, sp) / p.softcap;
-  ds = 1.0 - th * th;` : ''}
+  ds = 1.0 - th * th;` :
+                  ''}
   return vec2<f32>(fa_score(qk, i, j, sp), ds);
 }
-${f.dropout ? `
+${
+      f.dropout ? `
 fn gradKeep4(b: i32, h: i32, i: i32, j0: i32) -> vec4<f32> {
   return fa_dropout4(u32(b), u32(h), u32(i), u32(j0) >> 2u,
                      vec2<u32>(p.seedLo, p.seedHi), p.threshold, p.keepScale);
-}` : ''}
+}` :
+                  ''}
 `;
 }
 
@@ -135,8 +200,8 @@ export function sPhaseWGSL(s: SPhase): string {
  * and W). Uses `t`, `T` and `b`.
  */
 export function loadRowsWGSL(
-    src: string, dst: string, w: number, w4: number, stride: number, rows: string,
-    seq: string, heads: string, row0: string, head: string): string {
+    src: string, dst: string, w: number, w4: number, stride: number, rows: string, seq: string,
+    heads: string, row0: string, head: string): string {
   return `
     for (var e = t; e < ${rows} * ${w4}; e += T) {
       let r = e / ${w4};
@@ -156,7 +221,10 @@ export function loadRowsWGSL(
  */
 function rowQuadWGSL(src: string, w: number, seq: string, heads: string, head: string): string {
   return `let base = ((b * ${seq} + i) * ${heads} + ${head}) * ${w} + xq * 4;
-        ${w % 4 === 0 ? `val = vec4<f32>(${src}[base], ${src}[base + 1], ${src}[base + 2], ${src}[base + 3]);` : `
+        ${
+      w % 4 === 0 ?
+          `val = vec4<f32>(${src}[base], ${src}[base + 1], ${src}[base + 2], ${src}[base + 3]);` :
+          `
         for (var c = 0; c < 4; c++) {
           if (xq * 4 + c < ${w}) { val[c] = ${src}[base + c]; }
         }`}`;
@@ -199,38 +267,75 @@ export function loadQueryBlockWGSL(d: number, d4: number, dv: number, dv4: numbe
  * bits as closely as possible.
  */
 export function scoresAndDpWGSL(kStride: string, d4: number, dv4: number): string {
+  // acc[m] += rows[sRow + m] . (dims of the thread's key quad), dims in order.
+  const products =
+      (acc: string, rows: string, rowStride: number, tile: string, stride: string, w4: string) => `
+      for (var xq = 0; xq < ${w4}; xq++) {
+        let col0 = ${tile}[(xq * 4) * ${stride} + sQuad];
+        let col1 = ${tile}[(xq * 4 + 1) * ${stride} + sQuad];
+        let col2 = ${tile}[(xq * 4 + 2) * ${stride} + sQuad];
+        let col3 = ${tile}[(xq * 4 + 3) * ${stride} + sQuad];
+        for (var m = 0; m < MR; m++) {
+          let row = ${rows}[(sRow + m) * ${rowStride} + xq];
+          ${acc}[m] += row.x * col0;
+          ${acc}[m] += row.y * col1;
+          ${acc}[m] += row.z * col2;
+          ${acc}[m] += row.w * col3;
+        }
+      }`;
   return `var s: array<vec4<f32>, MR>;
       var dp: array<vec4<f32>, MR>;
       for (var m = 0; m < MR; m++) {
         s[m] = vec4<f32>(0.0);
         dp[m] = vec4<f32>(0.0);
       }
-      for (var xq = 0; xq < D4; xq++) {
-        let k0 = kT[(xq * 4) * ${kStride} + sQuad];
-        let k1 = kT[(xq * 4 + 1) * ${kStride} + sQuad];
-        let k2 = kT[(xq * 4 + 2) * ${kStride} + sQuad];
-        let k3 = kT[(xq * 4 + 3) * ${kStride} + sQuad];
-        for (var m = 0; m < MR; m++) {
-          let qv = qS[(sRow + m) * ${d4 + 1} + xq];
-          s[m] += qv.x * k0;
-          s[m] += qv.y * k1;
-          s[m] += qv.z * k2;
-          s[m] += qv.w * k3;
+      ${products('s', 'qS', d4 + 1, 'kT', kStride, 'D4')}
+      ${products('dp', 'doS', dv4 + 1, 'vT', 'SC', 'DV4')}`;
+}
+
+/**
+ * The step after scoresAndDpWGSL, shared by both passes: for each of the
+ * thread's MR rows and its key quad `jq`, `dsv` = dS = P * (dP * keep -
+ * Delta) * score' * scale, with P = exp(score(S) - lse) recomputed, and with
+ * `withP` also `pv` = P * keep (both zero where masked); then `rowEnd`, WGSL
+ * that stores them (it may use r, m, dsv and pv). Uses `b`, `h`, `i0`, `j0`
+ * and `sp`.
+ */
+export function probsAndDsWGSL(f: GradFeatures, withP: boolean, rowEnd: string): string {
+  return `for (var m = 0; m < MR; m++) {
+        let r = sRow + m;
+        let i = i0 + r;
+        let jq = j0 + sQuad * 4;
+        ${f.dropout ? 'let keep = gradKeep4(b, h, i, jq);' : 'let keep = vec4<f32>(1.0);'}
+        ${withP ? 'var pv = vec4<f32>(0.0);' : ''}
+        var dsv = vec4<f32>(0.0);
+        for (var c = 0; c < 4; c++) {
+          let j = jq + c;
+          if (i < p.seqQ && fa_visible(i, j, sp)) {
+            let sc = gradScore(s[m][c], i, j, sp);
+            let prob = exp(sc.x - lseS[r]);
+            ${withP ? 'pv[c] = prob * keep[c];' : ''}
+            dsv[c] = prob * (dp[m][c] * keep[c] - deltaS[r]) * sc.y * p.scale;
+          }
         }
-      }
-      for (var xq = 0; xq < DV4; xq++) {
-        let v0 = vT[(xq * 4) * SC + sQuad];
-        let v1 = vT[(xq * 4 + 1) * SC + sQuad];
-        let v2 = vT[(xq * 4 + 2) * SC + sQuad];
-        let v3 = vT[(xq * 4 + 3) * SC + sQuad];
-        for (var m = 0; m < MR; m++) {
-          let ov = doS[(sRow + m) * ${dv4 + 1} + xq];
-          dp[m] += ov.x * v0;
-          dp[m] += ov.y * v1;
-          dp[m] += ov.z * v2;
-          dp[m] += ov.w * v3;
-        }
+        ${rowEnd}
       }`;
+}
+
+/**
+ * Workgroup storage of a query block, shared by both passes: q and dO rows
+ * (`qS`, `doS`), the S phase's output `pS[r * SC + quad]`, and the rows'
+ * (lse, Delta) as `lseS`, `deltaS`.
+ */
+export function queryBlockStorageWGSL(br: number, d4: number, dv4: number, sc: number): string {
+  return `
+// Query-side rows as dim quads, one vec4 of padding per row so that the
+// rows a warp reads fall in different banks.
+var<workgroup> qS: array<vec4<f32>, ${br * (d4 + 1)}>;
+var<workgroup> doS: array<vec4<f32>, ${br * (dv4 + 1)}>;
+var<workgroup> pS: array<vec4<f32>, ${br * sc}>;
+var<workgroup> lseS: array<f32, BR>;
+var<workgroup> deltaS: array<f32, BR>;`;
 }
 
 /**
@@ -265,8 +370,8 @@ export function prefetchSlots(items: number, threads: number): number {
 }
 
 export function fetchRowsWGSL(
-    src: string, reg: string, w: number, w4: number, rows: number, threads: number,
-    seq: string, heads: string, row0: string, head: string): string {
+    src: string, reg: string, w: number, w4: number, rows: number, threads: number, seq: string,
+    heads: string, row0: string, head: string): string {
   const items = rows * w4;
   return `
     for (var u = 0; u < ${prefetchSlots(items, threads)}; u++) {

@@ -34,7 +34,7 @@
  * P^T's row quads are XOR-swizzled by key quad (swizzleP), so that its
  * stores do not all land in one bank.
  */
-import {ScoreOptions, dropoutWGSL, keyRangeWGSL, philoxWGSL, scoreKey, scoreWGSL, FA_NEG_INF_BITS} from './wgsl_snippets';
+import {dropoutWGSL, FA_NEG_BIG, FA_NEG_INF_BITS, keyRangeWGSL, philoxWGSL, scoreKey, ScoreOptions, scoreWGSL} from './wgsl_snippets';
 
 /** The register/workgroup tiling of one pipeline. */
 export interface ForwardTiles {
@@ -50,15 +50,11 @@ export interface ForwardTiles {
    * Outer-product mode (TM a multiple of 4): Q^T, K^T and P^T in workgroup
    * memory, so that per head-dim step (and per key in P V) a thread loads
    * one vec4 per 4 rows and one per 4 keys (or 4 output columns) and does
-   * their outer product; K and V have separate buffers, which leaves two
-   * barriers per key tile. Rows of a thread: 4 * (ty + TY * a) + b.
+   * their outer product. K^T and V take turns in one buffer (less
+   * workgroup memory, more workgroups per SM, for a third barrier per key
+   * tile). Rows of a thread: 4 * (ty + TY * a) + b.
    */
   outer?: boolean;
-  /**
-   * Outer mode only: K^T and V share one buffer (less workgroup memory,
-   * more workgroups per SM) at the price of a third barrier per key tile.
-   */
-  sharedKV?: boolean;
 }
 
 /** Everything baked into one forward pipeline. */
@@ -75,23 +71,21 @@ export interface ForwardConfig {
   /** Heaviest query tiles first (causal-like masks). */
   reverseRows: boolean;
   /**
+   * Split-KV (flash-decoding): the key tiles of a query tile are divided
+   * among `u.numSplits` workgroups, each writing its normalized partial
+   * output and log-sum-exp at `split * u.splitRows` / `split * u.splitLse`;
+   * splitCombineWGSL merges them. Gives short sequences and small
+   * batch x heads enough workgroups to fill the GPU.
+   */
+  splitKeys?: boolean;
+  /**
    * Inner loop bounds from uniforms instead of constants: software
    * rasterizers (SwiftShader) unroll constant loops fully, which makes
    * pipeline creation take minutes.
    */
   runtimeLoops: boolean;
-  /** Tuning overrides (benchmarks): register prefetch, head-dim unroll. */
+  /** Register prefetch of K/V forced on/off (tests; default usePrefetch). */
   prefetch?: boolean;
-  unroll?: number;
-  /** Outer mode: keys per iteration of the P V loop (divides BC; default 8). */
-  unrollPV?: number;
-  /**
-   * Outer mode: P^T rows XOR-swizzled per key quad, so that the P^T stores
-   * of the TX threads of a row group (keys 4 apart, 4 * BR bytes apart
-   * unswizzled: one bank) hit different banks. The kernel turns it on
-   * unless overridden.
-   */
-  swizzleP?: boolean;
 }
 
 export interface TileSizes {
@@ -111,8 +105,16 @@ export function tileSizes(c: {headDim: number, headDimV: number, tiles: ForwardT
   const dq4 = Math.ceil(c.headDim / 4);
   const dv4 = Math.ceil(c.headDimV / 4);
   const nj = Math.ceil(dv4 / tx);
-  return {br: tm * ty, bc: 4 * tx * nq, threads: tx * ty, dq4, dv4, nj,
-          kvw: Math.max(dq4, tx * nj), vw: tx * nj};
+  return {
+    br: tm * ty,
+    bc: 4 * tx * nq,
+    threads: tx * ty,
+    dq4,
+    dv4,
+    nj,
+    kvw: Math.max(dq4, tx * nj),
+    vw: tx * nj
+  };
 }
 
 /** Bytes of workgroup memory a configuration uses. */
@@ -121,8 +123,8 @@ export function workgroupBytes(
   const s = tileSizes(c);
   const red = subgroups ? 0 : s.br * c.tiles.tx * 4;
   if (c.tiles.outer) {
-    // Q^T, K^T, V (or one buffer for both) and P^T.
-    const kv = c.tiles.sharedKV ? Math.max(s.bc * s.dq4, s.bc * s.vw) : s.bc * s.dq4 + s.bc * s.vw;
+    // Q^T, K^T and V (one buffer for both) and P^T.
+    const kv = Math.max(s.bc * s.dq4, s.bc * s.vw);
     return 16 * (s.br * s.dq4 + kv) + 4 * s.br * s.bc + red;
   }
   // K/V rows padded by one vec4 (the non-dropout layout, see forwardWGSL).
@@ -130,7 +132,8 @@ export function workgroupBytes(
 }
 
 /** Floats per thread that the register prefetch of K and V needs. */
-export function prefetchFloats(c: {headDim: number, headDimV: number, tiles: ForwardTiles}): number {
+export function prefetchFloats(c: {headDim: number, headDimV: number, tiles: ForwardTiles}):
+    number {
   const s = tileSizes(c);
   return 4 * (Math.ceil(s.bc * s.dq4 / s.threads) + Math.ceil(s.bc * s.dv4 / s.threads));
 }
@@ -145,17 +148,20 @@ export function usePrefetch(c: ForwardConfig): boolean {
 
 export function forwardKey(c: ForwardConfig): string {
   const t = c.tiles;
-  return `fa_fwd_d${c.headDim}_dv${c.headDimV}_tm${t.tm}tx${t.tx}nq${t.nq}ty${t.ty}${t.outer ? 'o' : ''}${t.sharedKV ? 's' : ''}_${
-      scoreKey(c.score)}_al${c.alibiMode}_do${+c.dropout}_sg${+c.subgroups}_rv${+c.reverseRows}_rl${+c.runtimeLoops}_pf${c.prefetch ?? '-'}_un${c.unroll ?? '-'}_uv${c.unrollPV ?? '-'}_zp${+!!c.swizzleP}`;
+  const tiling = `tm${t.tm}tx${t.tx}nq${t.nq}ty${t.ty}${t.outer ? 'o' : ''}`;
+  const flags = `al${c.alibiMode}_do${+ c.dropout}_sg${+ c.subgroups}_rv${+ c.reverseRows}_rl${
+      + c.runtimeLoops}_pf${c.prefetch ?? '-'}_sk${+ !!c.splitKeys}`;
+  return `fa_fwd_d${c.headDim}_dv${c.headDimV}_${tiling}_${scoreKey(c.score)}_${flags}`;
 }
 
 /** Field order of the uniform struct (all 4-byte scalars). */
 export const FORWARD_UNIFORMS = [
-  ['seqQ', 'i32'], ['seqK', 'i32'], ['heads', 'i32'], ['groups', 'i32'],
-  ['headsKV', 'i32'], ['numQTiles', 'i32'], ['totalGroups', 'i32'], ['gridX', 'i32'],
-  ['scale', 'f32'], ['softcap', 'f32'], ['left', 'i32'], ['right', 'i32'],
-  ['seedLo', 'u32'], ['seedHi', 'u32'], ['threshold', 'u32'], ['keepScale', 'f32'],
-  ['loopDQ4', 'i32'], ['loopBC4', 'i32'],
+  ['seqQ', 'i32'],     ['seqK', 'i32'],      ['heads', 'i32'],       ['groups', 'i32'],
+  ['headsKV', 'i32'],  ['numQTiles', 'i32'], ['totalGroups', 'i32'], ['gridX', 'i32'],
+  ['scale', 'f32'],    ['softcap', 'f32'],   ['left', 'i32'],        ['right', 'i32'],
+  ['seedLo', 'u32'],   ['seedHi', 'u32'],    ['threshold', 'u32'],   ['keepScale', 'f32'],
+  ['loopDQ4', 'i32'],  ['loopBC4', 'i32'],   ['numSplits', 'i32'],   ['splitRows', 'i32'],
+  ['splitLse', 'i32'],
 ] as const;
 
 function range(n: number): number[] {
@@ -173,15 +179,28 @@ function maxAll(terms: string[]): string {
   return `max(${maxAll(terms.slice(0, half))}, ${maxAll(terms.slice(half))})`;
 }
 
+/**
+ * WGSL of 4 consecutive elements (chunk `chunk`) of row `rowIndex` of a
+ * scalar array of row width `width`, zeros past the row's end (head dims
+ * that are not a multiple of 4).
+ */
+function scalarQuad(buf: string, rowIndex: string, chunk: string, width: number): string {
+  const element = (e: number) => `select(0.0, ${buf}[min((${rowIndex}) * ${width}u + ${
+      chunk} * 4u + ${e}u, arrayLength(&${buf}) - 1u)], ${chunk} * 4u + ${e}u < ${width}u)`;
+  return `vec4<f32>(${range(4).map(element).join(', ')})`;
+}
+
 export function forwardWGSL(c: ForwardConfig): string {
   const t = c.tiles;
   const {br, bc, threads, dq4, dv4, nj, kvw, vw} = tileSizes(c);
   const outer = t.outer === true;
   if (outer && t.tm % 4 !== 0) {
-    throw new Error(`FlashAttention forward: the outer-product tiling needs TM % 4 == 0, got ${t.tm}`);
+    throw new Error(
+        `FlashAttention forward: the outer-product tiling needs TM % 4 == 0, got ${t.tm}`);
   }
   // Workgroup-tile row of a thread's i-th row.
-  const rowOf = (i: number) => outer ? `(4u * (ty + TY * ${i >> 2}u) + ${i & 3}u)` : `(ty + TY * ${i}u)`;
+  const rowOf = (i: number) =>
+      outer ? `(4u * (ty + TY * ${i >> 2}u) + ${i & 3}u)` : `(ty + TY * ${i}u)`;
   const vecQK = c.headDim % 4 === 0;
   const vecV = c.headDimV % 4 === 0;
   // Swizzle width: the largest power of two <= 8 that divides DQ4, so that
@@ -199,11 +218,16 @@ export function forwardWGSL(c: ForwardConfig): string {
   const qkType = vecQK ? 'vec4<f32>' : 'f32';
   bindings.push(`@group(0) @binding(${binding++}) var<storage, read> qb: array<${qkType}>;`);
   bindings.push(`@group(0) @binding(${binding++}) var<storage, read> kb: array<${qkType}>;`);
-  bindings.push(`@group(0) @binding(${binding++}) var<storage, read> vb: array<${vecV ? 'vec4<f32>' : 'f32'}>;`);
+  const vType = vecV ? 'vec4<f32>' : 'f32';
+  bindings.push(`@group(0) @binding(${binding++}) var<storage, read> vb: array<${vType}>;`);
   if (c.alibiMode !== 0) {
     bindings.push(`@group(0) @binding(${binding++}) var<storage, read> slopes: array<f32>;`);
   }
-  bindings.push(`@group(0) @binding(${binding++}) var<storage, read_write> outb: array<${vecV ? 'vec4<f32>' : 'f32'}>;`);
+  if (c.score.seqlens) {
+    // (seqlenQ_b, seqlenK_b) per batch row.
+    bindings.push(`@group(0) @binding(${binding++}) var<storage, read> seqlens: array<i32>;`);
+  }
+  bindings.push(`@group(0) @binding(${binding++}) var<storage, read_write> outb: array<${vType}>;`);
   bindings.push(`@group(0) @binding(${binding++}) var<storage, read_write> lseb: array<u32>;`);
   bindings.push(`@group(0) @binding(${binding++}) var<uniform> u: Uniforms;`);
 
@@ -214,10 +238,10 @@ export function forwardWGSL(c: ForwardConfig): string {
   const qkRowBase = (rowIndex: string) => vecQK ? `(${rowIndex}) * ${dq4}u` : `(${rowIndex})`;
   const loadQKRow = (buf: string, rowIndex: string, chunk: string) => vecQK ?
       `${buf}[${qkRowBase(rowIndex)} + ${chunk}]` :
-      `vec4<f32>(${range(4).map(e => `select(0.0, ${buf}[min((${rowIndex}) * ${c.headDim}u + ${chunk} * 4u + ${e}u, arrayLength(&${buf}) - 1u)], ${chunk} * 4u + ${e}u < ${c.headDim}u)`).join(', ')})`;
+      scalarQuad(buf, rowIndex, chunk, c.headDim);
   const loadVRow = (rowIndex: string, chunk: string) => vecV ?
       `vb[(${rowIndex}) * ${dv4}u + ${chunk}]` :
-      `vec4<f32>(${range(4).map(e => `select(0.0, vb[min((${rowIndex}) * ${c.headDimV}u + ${chunk} * 4u + ${e}u, arrayLength(&vb) - 1u)], ${chunk} * 4u + ${e}u < ${c.headDimV}u)`).join(', ')})`;
+      scalarQuad('vb', rowIndex, chunk, c.headDimV);
 
 
   const nKLoads = Math.ceil(bc * dq4 / threads);
@@ -229,11 +253,11 @@ export function forwardWGSL(c: ForwardConfig): string {
   // (one Philox call per quad), K rows XOR-swizzled per quad against bank
   // conflicts; without, columns tx + TX*(4q + e), K rows padded by a vec4.
   const quadCols = c.dropout || outer;
-  const kvs = quadCols ? kvw : kvw + 1;
-  const kSwizzled = (key: string, ch: string) => quadCols ?
-      `${key} * KVW + ((${ch}) ^ ((${key} >> 2u) & ${swm}u))` : `${key} * KVW + ${ch}`;
-  const colOf = (q: number, e: number) => quadCols ? `(4u * (tx + TX * ${q}u) + ${e}u)` :
-                                                     `(tx + TX * ${4 * q + e}u)`;
+  const kvStride = quadCols ? kvw : kvw + 1;
+  const kSwizzled = (key: string, ch: string) =>
+      quadCols ? `${key} * KVW + ((${ch}) ^ ((${key} >> 2u) & ${swm}u))` : `${key} * KVW + ${ch}`;
+  const colOf = (q: number, e: number) =>
+      quadCols ? `(4u * (tx + TX * ${q}u) + ${e}u)` : `(tx + TX * ${4 * q + e}u)`;
   const prefetch = usePrefetch(c);
   const prologueK = !prefetch ? '' : `// Prefetch of the first K tile into registers.
   ${range(nKLoads).map(n => `var kr${n} = vec4<f32>(0.0);`).join(' ')}
@@ -254,7 +278,8 @@ export function forwardWGSL(c: ForwardConfig): string {
       if (idx < BC * DQ4) {
         kvs[${kSwizzled('(idx / DQ4)', 'idx % DQ4')}] = kr${n};
       }
-    }`).join('\n    ')}` : `// K tile -> workgroup memory, swizzled per key quad.
+    }`).join('\n    ')}` :
+                            `// K tile -> workgroup memory, swizzled per key quad.
     for (var idx = lid; idx < BC * DQ4; idx += THREADS) {
       let key = idx / DQ4;
       let j = j0 + i32(key);
@@ -273,12 +298,14 @@ export function forwardWGSL(c: ForwardConfig): string {
         vr${n} = ${loadVRow(kRow('j'), '(idx % DV4)')};
       }
     }`).join('\n    ')}`;
-  const storeV = prefetch ? range(nVLoads).map(n => `{
+  const storeV = prefetch ? range(nVLoads)
+                                .map(n => `{
       let idx = lid + THREADS * ${n}u;
       if (idx < BC * DV4) {
         kvs[(idx / DV4) * KVW + idx % DV4] = vr${n};
       }
-    }`).join('\n    ') : `for (var idx = lid; idx < BC * DV4; idx += THREADS) {
+    }`).join('\n    ') :
+                            `for (var idx = lid; idx < BC * DV4; idx += THREADS) {
       let j = j0 + i32(idx / DV4);
       var val = vec4<f32>(0.0);
       if (j < u.seqK) {
@@ -300,28 +327,39 @@ export function forwardWGSL(c: ForwardConfig): string {
     }`;
 
   // S += Q K^T over head-dim chunks, as FMA chains (a dot() would round
-  // differently and cost an extra multiply). Unrolled by UNROLL chunks so
-  // that offsets become constants (small head dims only).
-  // (Measured on an H100: x4 helps at D=64; at D=128 the hoisted loads of
-  // an unrolled loop cost far more than they save, so no unrolling there.)
-  const unroll = c.runtimeLoops ? 1 :
-      c.unroll != null && dq4 % c.unroll === 0 ? c.unroll : dq4 % 4 === 0 && dq4 <= 16 ? 4 : 1;
+  // differently and cost an extra multiply). Unrolled x4 at small head dims,
+  // so that offsets become constants; at larger ones the hoisted loads of an
+  // unrolled loop cost more than they save (benchmarks/RESULTS.md).
+  const qkUnroll = !c.runtimeLoops && dq4 % 4 === 0 && dq4 <= 16 ? 4 : 1;
   const qkBody = (ch: string) => `{
       ${rowsI.map(i => `let a${i} = qs[qBase${i} + ${ch}];`).join('\n      ')}
-      ${quads.map(q => range(4).map(e => `{
+      ${
+      quads
+          .map(
+              q => range(4)
+                       .map(
+                           e => `{
         let kv = kvs[kOff${q}_${e} + ${quadCols ? `((${ch}) ^ kSw${q})` : ch}];
-        ${rowsI.map(i => `s${i}_${q}.${COMP[e]} = fma(a${i}.w, kv.w, fma(a${i}.z, kv.z, fma(a${i}.y, kv.y, fma(a${i}.x, kv.x, s${i}_${q}.${COMP[e]}))));`).join('\n        ')}
-      }`).join('\n      ')).join('\n      ')}
+        ${
+                               rowsI
+                                   .map(
+                                       i => `s${i}_${q}.${COMP[e]} = fma(a${i}.w, kv.w, fma(a${
+                                           i}.z, kv.z, fma(a${i}.y, kv.y, fma(a${i}.x, kv.x, s${
+                                           i}_${q}.${COMP[e]}))));`)
+                                   .join('\n        ')}
+      }`).join('\n      '))
+          .join('\n      ')}
     }`;
   const qkLoop = `${rowsI.map(i => `let qBase${i} = (ty + TY * ${i}u) * DQ4;`).join(' ')}
-    for (var ch = 0u; ch < ${c.runtimeLoops ? 'u32(u.loopDQ4)' : 'DQ4'}; ch += ${unroll}u) {
-      ${range(unroll).map(x => qkBody(x === 0 ? 'ch' : `ch + ${x}u`)).join('\n      ')}
+    for (var ch = 0u; ch < ${c.runtimeLoops ? 'u32(u.loopDQ4)' : 'DQ4'}; ch += ${qkUnroll}u) {
+      ${range(qkUnroll).map(x => qkBody(x === 0 ? 'ch' : `ch + ${x}u`)).join('\n      ')}
     }`;
   const reduce = (v: string, op: 'max'|'add') => {
     const lines: string[] = [];
     for (let o = 1; o < t.tx; o *= 2) {
-      lines.push(op === 'max' ? `${v} = max(${v}, subgroupShuffleXor(${v}, ${o}u));` :
-                                `${v} = ${v} + subgroupShuffleXor(${v}, ${o}u);`);
+      lines.push(
+          op === 'max' ? `${v} = max(${v}, subgroupShuffleXor(${v}, ${o}u));` :
+                         `${v} = ${v} + subgroupShuffleXor(${v}, ${o}u);`);
     }
     return lines.join('\n      ');
   };
@@ -334,16 +372,19 @@ export function forwardWGSL(c: ForwardConfig): string {
       return vals.map(v => reduce(v, op)).join('\n      ');
     }
     const combine = (a: string, b: string) => op === 'max' ? `max(${a}, ${b})` : `(${a} + ${b})`;
-    return `${vals.map((v, i) => `red[(ty + ${t.ty}u * ${i}u) * ${t.tx}u + tx] = ${v};`).join('\n      ')}
+    return `${
+        vals.map((v, i) => `red[(ty + ${t.ty}u * ${i}u) * ${t.tx}u + tx] = ${v};`).join('\n      ')}
       workgroupBarrier();
-      ${vals.map((v, i) => {
-      const base = `(ty + ${t.ty}u * ${i}u) * ${t.tx}u`;
-      let expr = `red[${base}]`;
-      for (let x = 1; x < t.tx; x++) {
-        expr = combine(expr, `red[${base} + ${x}u]`);
-      }
-      return `${v} = ${expr};`;
-    }).join('\n      ')}`;
+      ${
+        vals.map((v, i) => {
+              const base = `(ty + ${t.ty}u * ${i}u) * ${t.tx}u`;
+              let expr = `red[${base}]`;
+              for (let x = 1; x < t.tx; x++) {
+                expr = combine(expr, `red[${base} + ${x}u]`);
+              }
+              return `${v} = ${expr};`;
+            })
+            .join('\n      ')}`;
   };
 
   const scoreLines: string[] = [];
@@ -357,7 +398,9 @@ export function forwardWGSL(c: ForwardConfig): string {
           scoreLines.push(`${acc} = fa_score(${acc}, row${i}, ${j}, sp);`);
         }
         if (e === 0) {
-          scoreLines.push(`if s${i}_${q} = select(vec4<f32>(NEG), s${i}_${q}, fa_visible4(row${i}, vec4<i32>(${j}) + vec4<i32>(${quadCols ? '0, 1, 2, 3' : `0, ${t.tx}, ${2 * t.tx}, ${3 * t.tx}`}), sp));`);
+          const offsets = quadCols ? '0, 1, 2, 3' : `0, ${t.tx}, ${2 * t.tx}, ${3 * t.tx}`;
+          scoreLines.push(`if s${i}_${q} = select(vec4<f32>(NEG), s${i}_${q}, fa_visible4(row${
+              i}, vec4<i32>(${j}) + vec4<i32>(${offsets}), sp));`);
         }
       }
     }
@@ -375,27 +418,27 @@ export function forwardWGSL(c: ForwardConfig): string {
    */
   function outerParts(): {outerDecls: string, outerQLoad: string, outerLoop: string} {
     const rq = range(t.tm / 4);
-    const shared = t.sharedKV === true;
-    // P^T swizzle: row quad ^ ((key >> 2) & PSW) stays inside the BR / 4
-    // quads of a key (PSW + 1 is a power of two <= 8 dividing BR / 4).
-    let psw = 0;
-    if (c.swizzleP) {
-      psw = 1;
-      while (psw < 8 && (br / 4) % (psw * 2) === 0) {
-        psw *= 2;
-      }
-      psw -= 1;
+    // P^T rows XOR-swizzled per key quad, so that the P^T stores of the TX
+    // threads of a row group (keys 4 apart: one bank unswizzled) hit
+    // different banks: row quad ^ ((key >> 2) & mask) stays inside the
+    // BR / 4 quads of a key (mask + 1 a power of two <= 8 dividing BR / 4).
+    let pSwizzle = 1;
+    while (pSwizzle < 8 && (br / 4) % (pSwizzle * 2) === 0) {
+      pSwizzle *= 2;
     }
-    const ksName = shared ? 'kvs' : 'ks';
-    const vsName = shared ? 'kvs' : 'vs';
+    const pSwizzleMask = pSwizzle - 1;
+    const ksName = 'kvs';
+    const vsName = 'kvs';
     const outerDecls = `var<workgroup> qs: array<vec4<f32>, ${br * dq4}>;  // Q^T [4 DQ4][BR]
-${shared ? `var<workgroup> kvs: array<vec4<f32>, ${Math.max(bc * dq4, bc * vw)}>;  // K^T, then V` :
-           `var<workgroup> ks: array<vec4<f32>, ${bc * dq4}>;  // K^T [4 DQ4][BC]
-var<workgroup> vs: array<vec4<f32>, ${bc * vw}>;  // V [BC][VW]`}
+var<workgroup> kvs: array<vec4<f32>, ${Math.max(bc * dq4, bc * vw)}>;  // K^T, then V [BC][VW]
 var<workgroup> ps: array<vec4<f32>, ${br * bc / 4}>;  // P^T [BC][BR]
 const VW = ${vw}u;`;
     const scatter = (arr: string, width: string, ch: string, pos: string, val: string) =>
-        range(4).map(e => `${arr}[(4u * ${ch} + ${e}u) * (${width} / 4u) + ${pos} / 4u][${pos} % 4u] = ${val}.${COMP[e]};`).join(' ');
+        range(4)
+            .map(
+                e => `${arr}[(4u * ${ch} + ${e}u) * (${width} / 4u) + ${pos} / 4u][${pos} % 4u] = ${
+                    val}.${COMP[e]};`)
+            .join(' ');
     const outerQLoad = `// Q^T tile -> workgroup memory (rows past seqQ are zeros).
   for (var n = 0u; n < ${nQLoads}u; n++) {
     let idx = lid + THREADS * n;
@@ -423,27 +466,29 @@ const VW = ${vw}u;`;
           val = ${loadVRow(kRow('j'), `(${idx} % DV4)`)};
         }
       }`;
-    const kStore = (idx: string, val: string) =>
-        `if (${idx} < BC * DQ4) { ${scatter(ksName, 'BC', `(${idx} / BC)`, `(${idx} % BC)`, val)} }`;
+    const kStore = (idx: string, val: string) => `if (${idx} < BC * DQ4) { ${
+        scatter(ksName, 'BC', `(${idx} / BC)`, `(${idx} % BC)`, val)} }`;
     const vStore = (idx: string, val: string) =>
         `if (${idx} < BC * DV4) { ${vsName}[(${idx} / DV4) * VW + ${idx} % DV4] = ${val}; }`;
     type Load = (jBase: string, idx: string) => string;
     type Store = (idx: string, val: string) => string;
     // Direct (no prefetch): global -> workgroup memory for tile jBase.
     const direct = (load: Load, store: Store, items: string) => (jBase: string) =>
-      `for (var idx = lid; idx < ${items}; idx += THREADS) {
+        `for (var idx = lid; idx < ${items}; idx += THREADS) {
       var val = vec4<f32>(0.0);
       ${load(jBase, 'idx')}
       ${store('idx', 'val')}
     }`;
     // Prefetch: global -> registers `${reg}N`, later registers -> workgroup memory.
-    const toRegs = (load: Load, reg: string, n: number) => (jBase: string) => range(n).map(i => `{
+    const toRegs = (load: Load, reg: string, n: number) => (jBase: string) => range(n)
+                                                                                  .map(i => `{
       let idx = lid + THREADS * ${i}u;
       var val = vec4<f32>(0.0);
       ${load(jBase, 'idx')}
       ${reg}${i} = val;
     }`).join('\n    ');
-    const fromRegs = (store: Store, reg: string, n: number, sep: string) => range(n).map(i => `{
+    const fromRegs = (store: Store, reg: string, n: number, sep: string) => range(n)
+                                                                                .map(i => `{
       let idx = lid + THREADS * ${i}u;
       ${store('idx', `${reg}${i}`)}
     }`).join(sep);
@@ -455,54 +500,105 @@ const VW = ${vw}u;`;
     const vFromRegs = fromRegs(vStore, 'vr', nVLoads, '\n    ');
 
     // Head-dim steps per loop iteration (must divide 4 * DQ4).
-    const hd = 4 * dq4;
-    // P V keys per loop iteration: on an H100 at D=64, causal S=4096, x8
-    // beat x4 (1.80 vs 1.85 ms); x16 beat x8 in one call (1.724 vs 1.782
-    // ms) and tied in the next (1.80-1.82 vs 1.813 ms; benchmarks/
-    // RESULTS.md, final runs of session 3). Software devices keep x8 at
-    // most: big unrolled bodies compile slowly there.
-    const up = c.unrollPV != null && bc % c.unrollPV === 0 ? c.unrollPV :
-        !c.runtimeLoops && bc % 16 === 0 ? 16 : bc % 8 === 0 ? 8 : 4;
-    const uq = c.unroll != null && hd % c.unroll === 0 ? c.unroll : hd % 8 === 0 ? 8 : 4;
+    const headSteps = 4 * dq4;
+    // P V keys per loop iteration (power of two >= 4, so that the P^T
+    // swizzle XOR is hoisted); software devices keep x8 at most: big
+    // unrolled bodies compile slowly there.
+    const pvUnroll = !c.runtimeLoops && bc % 16 === 0 ? 16 : bc % 8 === 0 ? 8 : 4;
+    const qkSteps = headSteps % 8 === 0 ? 8 : 4;
     const qkStep = (d: string) => `{
         ${rq.map(a => `let a${a} = qs[(${d}) * (BR / 4u) + ty + TY * ${a}u];`).join('\n        ')}
-        ${quads.map(q => `let k${q} = ${ksName}[(${d}) * (BC / 4u) + tx + TX * ${q}u];`).join('\n        ')}
-        ${rowsI.map(i => quads.map(q => `s${i}_${q} = fma(vec4<f32>(a${i >> 2}.${COMP[i & 3]}), k${q}, s${i}_${q});`).join(' ')).join('\n        ')}
+        ${
+        quads.map(q => `let k${q} = ${ksName}[(${d}) * (BC / 4u) + tx + TX * ${q}u];`)
+            .join('\n        ')}
+        ${
+        rowsI
+            .map(
+                i => quads
+                         .map(
+                             q => `s${i}_${q} = fma(vec4<f32>(a${i >> 2}.${COMP[i & 3]}), k${q}, s${
+                                 i}_${q});`)
+                         .join(' '))
+            .join('\n        ')}
       }`;
     // Keys of one P V iteration: key0 (a multiple of UP) + x, x < UP, so
-    // ((key0 + x) >> 2) & PSW = ((key0 >> 2) & PSW & ~(UP / 4 - 1)) | ((x >> 2) & PSW):
+    // ((key0 + x) >> 2) & MASK
+    //     = ((key0 >> 2) & MASK & ~(UP / 4 - 1)) | ((x >> 2) & MASK):
     // per iteration one XOR per row quad, per key a constant one (UP a
     // power of two >= 4; otherwise the XOR is computed per key).
-    const prHoist = psw !== 0 && up >= 4 && (up & (up - 1)) === 0;
+    const hoistSwizzle = pSwizzleMask !== 0 && pvUnroll >= 4 && (pvUnroll & (pvUnroll - 1)) === 0;
+    const plainRow = (a: number) => `ty + TY * ${a}u`;
+    // P^T row quad `a` of key `key` (the x-th of its iteration).
+    const pRow = (a: number, key: string, x: number) => pSwizzleMask === 0 ? plainRow(a) :
+        hoistSwizzle ? `(pr${a} ^ ${(x >> 2) & pSwizzleMask}u)` :
+                       `((${plainRow(a)}) ^ (((${key}) >> 2u) & ${pSwizzleMask}u))`;
+    // P^T row quad `a` for the keys of this thread's key quad `q`.
+    const pStoreRow = (a: number, q: number) => pSwizzleMask === 0 ?
+        plainRow(a) :
+        `((${plainRow(a)}) ^ ((tx + TX * ${q}u) & ${pSwizzleMask}u))`;
     const pvStep = (key: string, x: number) => `{
-        ${rq.map(a => `let p${a} = ps[(${key}) * (BR / 4u) + ${psw === 0 ? `ty + TY * ${a}u` : prHoist ?
-            `(pr${a} ^ ${(x >> 2) & psw}u)` : `((ty + TY * ${a}u) ^ (((${key}) >> 2u) & ${psw}u))`}];`).join('\n        ')}
-        ${outJ.map(jj => `let v${jj} = ${vsName}[(${key}) * VW + tx + TX * ${jj}u];`).join('\n        ')}
-        ${rowsI.map(i => outJ.map(jj => `o${i}_${jj} = fma(vec4<f32>(p${i >> 2}.${COMP[i & 3]}), v${jj}, o${i}_${jj});`).join(' ')).join('\n        ')}
+        ${
+        rq.map(a => `let p${a} = ps[(${key}) * (BR / 4u) + ${pRow(a, key, x)}];`)
+            .join('\n        ')}
+        ${
+        outJ.map(jj => `let v${jj} = ${vsName}[(${key}) * VW + tx + TX * ${jj}u];`)
+            .join('\n        ')}
+        ${
+        rowsI
+            .map(
+                i => outJ.map(
+                             jj => `o${i}_${jj} = fma(vec4<f32>(p${i >> 2}.${COMP[i & 3]}), v${
+                                 jj}, o${i}_${jj});`)
+                         .join(' '))
+            .join('\n        ')}
       }`;
-    const pStore = rq.map(a => quads.map(q => range(4).map(e =>
-        `ps[(4u * (tx + TX * ${q}u) + ${e}u) * (BR / 4u) + ${psw === 0 ? `ty + TY * ${a}u` : `((ty + TY * ${a}u) ^ ((tx + TX * ${q}u) & ${psw}u))`}] = vec4<f32>(${
-            range(4).map(b => `s${4 * a + b}_${q}.${COMP[e]}`).join(', ')});`).join('\n    ')).join('\n    ')).join('\n    ');
+    const pStore =
+        rq.map(
+              a => quads
+                       .map(
+                           q => range(4)
+                                    .map(
+                                        e => `ps[(4u * (tx + TX * ${q}u) + ${e}u) * (BR / 4u) + ${
+                                            pStoreRow(a, q)}] = vec4<f32>(${
+                                            range(4)
+                                                .map(b => `s${4 * a + b}_${q}.${COMP[e]}`)
+                                                .join(', ')});`)
+                                    .join('\n    '))
+                       .join('\n    '))
+            .join('\n    ');
 
     const qkLoopOuter = `// S = Q K^T: per head-dim step, outer products of 4 rows x 4 keys.
     ${sInit}
-    for (var d = 0u; d < ${c.runtimeLoops ? 'u32(u.loopDQ4) * 4u' : `${hd}u`}; d += ${uq}u) {
-      ${range(uq).map(x => qkStep(x === 0 ? 'd' : `d + ${x}u`)).join('\n      ')}
+    for (var d = 0u; d < ${c.runtimeLoops ? 'u32(u.loopDQ4) * 4u' : `${headSteps}u`};
+         d += ${qkSteps}u) {
+      ${range(qkSteps).map(x => qkStep(x === 0 ? 'd' : `d + ${x}u`)).join('\n      ')}
     }`;
     const pvLoopOuter = `// O += P V: per key, outer products of 4 rows x 4 output columns.
-    for (var key = 0u; key < ${c.runtimeLoops ? 'u32(u.loopBC4) * 4u' : 'BC'}; key += ${up}u) {
-      ${!prHoist ? '' : rq.map(a => `let pr${a} = (ty + TY * ${a}u) ^ ((key >> 2u) & ${psw & ~(up / 4 - 1)}u);`).join(' ')}
-      ${range(up).map(x => pvStep(x === 0 ? 'key' : `key + ${x}u`, x)).join('\n      ')}
+    for (var key = 0u; key < ${c.runtimeLoops ? 'u32(u.loopBC4) * 4u' : 'BC'};
+         key += ${pvUnroll}u) {
+      ${
+    !hoistSwizzle ? '' :
+                    rq.map(
+                          a => `let pr${a} = (ty + TY * ${a}u) ^ ((key >> 2u) & ${
+                              pSwizzleMask & ~(pvUnroll / 4 - 1)}u);`)
+                        .join(' ')}
+      ${
+        range(pvUnroll)
+            .map(x => pvStep(x === 0 ? 'key' : `key + ${x}u`, x))
+            .join('\n      ')}
     }`;
-    const regDecls = prefetch ? `${range(nKLoads).map(n => `var kr${n} = vec4<f32>(0.0);`).join(' ')}
-  ${range(nVLoads).map(n => `var vr${n} = vec4<f32>(0.0);`).join(' ')}` : '';
-    if (shared) {
-      // Like the classic loop: K^T and V take turns in one buffer.
-      const sharedLoop = `${regDecls}
-  ${prefetch ? `if (tBegin < tEnd) {
+    const regDecls = prefetch ?
+        `${range(nKLoads).map(n => `var kr${n} = vec4<f32>(0.0);`).join(' ')}
+  ${range(nVLoads).map(n => `var vr${n} = vec4<f32>(0.0);`).join(' ')}` :
+        '';
+    // Like the classic loop: K^T and V take turns in one buffer.
+    const outerLoop = `${regDecls}
+  ${
+        prefetch ? `if (tBegin < tEnd) {
     let jb = tBegin * i32(BC);
     ${kRegs('jb')}
-  }` : ''}
+  }` :
+                   ''}
 
   for (var kt = tBegin; kt < tEnd; kt++) {
     let j0 = kt * i32(BC);
@@ -519,44 +615,12 @@ const VW = ${vw}u;`;
     // V over K^T, P^T -> workgroup memory; the next K tile into registers.
     ${prefetch ? vFromRegs : vDirect('j0')}
     ${pStore}
-    ${prefetch ? `if (more) {
+    ${
+        prefetch ? `if (more) {
       ${kRegs('j0 + i32(BC)')}
-    }` : ''}
+    }` :
+                   ''}
     workgroupBarrier();
-
-    ${pvLoopOuter}
-  }
-`;
-      return {outerDecls, outerQLoad, outerLoop: sharedLoop};
-    }
-    const outerLoop = `${regDecls}
-  if (tBegin < tEnd) {
-    let jb = tBegin * i32(BC);
-    ${kDirect('jb')}
-    ${prefetch ? vRegs('jb') : ''}
-  }
-
-  for (var kt = tBegin; kt < tEnd; kt++) {
-    let j0 = kt * i32(BC);
-    let more = kt + 1 < tEnd;
-    workgroupBarrier();
-    // V of this tile -> workgroup memory; the next K tile into registers.
-    ${prefetch ? vFromRegs : vDirect('j0')}
-    ${prefetch ? `if (more) {
-      ${kRegs('j0 + i32(BC)')}
-    }` : ''}
-
-    ${qkLoopOuter}
-
-    ${softmaxCode}
-    // P^T -> workgroup memory.
-    ${pStore}
-    workgroupBarrier();
-    // Every S is done: the next K tile -> workgroup memory, next V -> registers.
-    if (more) {
-      ${prefetch ? kFromRegs : kDirect('j0 + i32(BC)')}
-      ${prefetch ? vRegs('j0 + i32(BC)') : ''}
-    }
 
     ${pvLoopOuter}
   }
@@ -564,36 +628,53 @@ const VW = ${vw}u;`;
     return {outerDecls, outerQLoad, outerLoop};
   }
 
-  const sInit = `${rowsI.map(i => quads.map(q => `var s${i}_${q} = vec4<f32>(0.0);`).join(' ')).join('\n    ')}`;
+  const sInit =
+      rowsI.map(i => quads.map(q => `var s${i}_${q} = vec4<f32>(0.0);`).join(' ')).join('\n    ');
   const softmaxCode = `// Scores, then the online softmax. Only tiles that cross the edge of
     // the keys or of the window need the mask.
-    let fullTile = j0 + i32(BC) <= u.seqK
-        ${c.score.windowRight ? '&& j0 + i32(BC) - 1 <= r0 + sp.diag + u.right' : ''}
-        ${c.score.windowLeft ? '&& j0 >= rEnd - 1 + sp.diag - u.left' : ''};
-    ${plainScale ? rowsI.map(i => quads.map(q => `s${i}_${q} = s${i}_${q} * u.scale;`).join(' ')).join('\n    ') : ''}
+    let fullTile = fa_tile_unmasked(r0, rEnd, j0, j0 + i32(BC), sp);
+    ${
+      !plainScale ? '' :
+                    rowsI.map(i => quads.map(q => `s${i}_${q} = s${i}_${q} * u.scale;`).join(' '))
+                        .join('\n    ')}
     ${scoreLines.filter(l => !l.startsWith('if')).join('\n    ')}
     if (!fullTile) {
       ${scoreLines.filter(l => l.startsWith('if')).map(l => l.slice(3)).join('\n      ')}
     }
-    ${rowsI.map(i => `var mx${i} = ${maxAll(quads.flatMap(q => COMP.map(x => `s${i}_${q}.${x}`)))};`).join('\n    ')}
+    ${
+      rowsI
+          .map(i => `var mx${i} = ${maxAll(quads.flatMap(q => COMP.map(x => `s${i}_${q}.${x}`)))};`)
+          .join('\n    ')}
     ${rowReduce(rowsI.map(i => `mx${i}`), 'max')}
-    ${rowsI.map(i => `{
+    ${
+      rowsI
+          .map(
+              i => `{
       let mNew = max(m${i}, mx${i});
-      // A row that has seen no visible key keeps m = NEG; subtracting 0
-      // instead sends its masked scores (and alpha) to exp(NEG) = 0.
-      let mUse = select(mNew, 0.0, mNew < -1e29);
-      let alpha = exp(m${i} - mUse);
+      // A row that has seen no visible key keeps m = NEG exactly;
+      // subtracting 0 instead sends its masked scores to exp(NEG) = 0.
+      let mUse = select(mNew, 0.0, mNew == NEG);
+      let alpha = select(exp(m${i} - mUse), 0.0, m${i} == NEG);
       m${i} = mNew;
       ${quads.map(q => `s${i}_${q} = exp(s${i}_${q} - vec4<f32>(mUse));`).join('\n      ')}
       l${i} = l${i} * alpha${quads.map(q => ` + dot(s${i}_${q}, vec4<f32>(1.0))`).join('')};
       ${outJ.map(jj => `o${i}_${jj} = o${i}_${jj} * alpha;`).join(' ')}
-      ${c.dropout ? quads.map(q => `s${i}_${q} = s${i}_${q} * fa_dropout4(u32(b), u32(h), u32(row${i}), u32(j0 >> 2u) + tx + TX * ${q}u, vec2<u32>(u.seedLo, u.seedHi), u.threshold, u.keepScale);`).join('\n      ') : ''}
+      ${
+                  !c.dropout ?
+                      '' :
+                      quads
+                          .map(
+                              q => `s${i}_${q} = s${i}_${q} * fa_dropout4(u32(b), u32(h), u32(row${
+                                  i}), u32(j0 >> 2u) + tx + TX * ${
+                                  q}u, vec2<u32>(u.seedLo, u.seedHi), u.threshold, ${
+                                   ''}u.keepScale);`)
+                          .join('\n      ')}
     }`).join('\n    ')}`;
-  const classicDecls = `var<workgroup> qs: array<vec4<f32>, ${br * dq4}>;
-var<workgroup> kvs: array<vec4<f32>, ${bc * kvs}>;
+                  const classicDecls = `var<workgroup> qs: array<vec4<f32>, ${br * dq4}>;
+var<workgroup> kvs: array<vec4<f32>, ${bc * kvStride}>;
 var<workgroup> ps: array<vec4<f32>, ${br * bc / 4}>;
 `;
-  const classicQLoad = `// Q tile -> workgroup memory (rows past seqQ are zeros).
+                  const classicQLoad = `// Q tile -> workgroup memory (rows past seqQ are zeros).
   for (var n = 0u; n < ${nQLoads}u; n++) {
     let idx = lid + THREADS * n;
     if (idx < BR * DQ4) {
@@ -607,10 +688,17 @@ var<workgroup> ps: array<vec4<f32>, ${br * bc / 4}>;
       qs[r * DQ4 + ch] = val;
     }
   }`;
-  const classicKeyOffsets = `// Key offsets (swizzled) of this thread's columns in workgroup memory.
-  ${quads.map(q => range(4).map(e => `let kOff${q}_${e} = ${colOf(q, e)} * KVW;`).join(' ')).join('\n  ')}
+                  const classicKeyOffsets =
+                      `// Key offsets (swizzled) of this thread's columns in workgroup memory.
+  ${
+                          quads
+                              .map(
+                                  q => range(4)
+                                           .map(e => `let kOff${q}_${e} = ${colOf(q, e)} * KVW;`)
+                                           .join(' '))
+                              .join('\n  ')}
   ${quadCols ? quads.map(q => `let kSw${q} = (tx + TX * ${q}u) & ${swm}u;`).join('\n  ') : ''}`;
-  const classicLoop = `${prologueK}
+                  const classicLoop = `${prologueK}
 
   for (var kt = tBegin; kt < tEnd; kt++) {
     let j0 = kt * i32(BC);
@@ -627,25 +715,49 @@ var<workgroup> ps: array<vec4<f32>, ${br * bc / 4}>;
     workgroupBarrier();
     // V -> workgroup memory (over K), P -> workgroup memory.
     ${storeV}
-    ${rowsI.map(i => quads.map(q => quadCols ?
-        `ps[(ty + TY * ${i}u) * (BC / 4u) + tx + TX * ${q}u] = s${i}_${q};` :
-        range(4).map(e => `{ let f = (ty + TY * ${i}u) * BC + ${colOf(q, e)}; ps[f / 4u][f % 4u] = s${i}_${q}.${COMP[e]}; }`).join(' ')).join('\n    ')).join('\n    ')}
+    ${
+                      rowsI
+                          .map(
+                              i => quads
+                                       .map(
+                                           q => quadCols ?
+                                               `ps[(ty + TY * ${i}u) * (BC / 4u) + tx + TX * ${
+                                                   q}u] = s${i}_${q};` :
+                                               range(4)
+                                                   .map(
+                                                       e => `{ let f = (ty + TY * ${i}u) * BC + ${
+                                                           colOf(q, e)}; ps[f / 4u][f % 4u] = s${
+                                                           i}_${q}.${COMP[e]}; }`)
+                                                   .join(' '))
+                                       .join('\n    '))
+                          .join('\n    ')}
     ${nextK}
     workgroupBarrier();
 
     // O += P V on this thread's TM x 4NJ tile.
     for (var cc = 0u; cc < ${c.runtimeLoops ? 'u32(u.loopBC4)' : 'BC / 4u'}; cc++) {
       ${rowsI.map(i => `let p${i} = ps[(ty + TY * ${i}u) * (BC / 4u) + cc];`).join('\n      ')}
-      ${range(4).map(e => `{
+      ${
+                      range(4)
+                          .map(
+                              e => `{
         let vo = (4u * cc + ${e}u) * KVW + tx;
         ${outJ.map(jj => `let v${jj} = kvs[vo + ${jj * t.tx}u];`).join('\n        ')}
-        ${rowsI.map(i => outJ.map(jj => `o${i}_${jj} += p${i}.${COMP[e]} * v${jj};`).join(' ')).join('\n        ')}
+        ${
+                                  rowsI
+                                      .map(
+                                          i => outJ.map(
+                                                       jj => `o${i}_${jj} += p${i}.${COMP[e]} * v${
+                                                           jj};`)
+                                                   .join(' '))
+                                      .join('\n        ')}
       }`).join('\n      ')}
     }
   }`;
-  const {outerDecls, outerQLoad, outerLoop} = outer ? outerParts() : {outerDecls: '', outerQLoad: '', outerLoop: ''};
+                  const {outerDecls, outerQLoad, outerLoop} =
+                      outer ? outerParts() : {outerDecls: '', outerQLoad: '', outerLoop: ''};
 
-  return `${c.subgroups ? 'enable subgroups;' : ''}
+                  return `${c.subgroups ? 'enable subgroups;' : ''}
 ${scoreWGSL(c.score)}
 ${keyRangeWGSL(c.score)}
 ${c.dropout ? philoxWGSL() + dropoutWGSL() : ''}
@@ -663,8 +775,8 @@ const TX = ${t.tx}u;
 const THREADS = ${threads}u;
 const DQ4 = ${dq4}u;
 const DV4 = ${dv4}u;
-const KVW = ${kvs}u;
-const NEG = -1e30;
+const KVW = ${kvStride}u;
+const NEG = ${FA_NEG_BIG};
 
 ${outer ? outerDecls : classicDecls}
 ${c.subgroups || t.tx === 1 ? '' : `var<workgroup> red: array<f32, ${br * t.tx}>;`}
@@ -676,9 +788,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   if (groupId >= u.totalGroups) {
     return;
   }
-  var qTile = groupId % u.numQTiles;
+  // Split-KV: the splits of one query tile are neighbours (Q shared in cache).
+  let split = ${c.splitKeys ? 'groupId % u.numSplits' : '0'};
+  let tileId = ${c.splitKeys ? 'groupId / u.numSplits' : 'groupId'};
+  var qTile = tileId % u.numQTiles;
   ${c.reverseRows ? 'qTile = u.numQTiles - 1 - qTile;' : ''}
-  let bh = groupId / u.numQTiles;
+  let bh = tileId / u.numQTiles;
   let h = bh % u.heads;
   let b = bh / u.heads;
   let hk = h / u.groups;
@@ -690,16 +805,25 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   var sp: FaScore;
   sp.scale = u.scale;
   sp.softcap = u.softcap;
-  sp.slope = ${c.alibiMode === 0 ? '0.0' : c.alibiMode === 1 ? 'slopes[h]' : 'slopes[b * u.heads + h]'};
+  sp.slope = ${['0.0', 'slopes[h]', 'slopes[b * u.heads + h]'][c.alibiMode]};
   sp.diag = u.seqK - u.seqQ;
   sp.left = u.left;
   sp.right = u.right;
   sp.seqK = u.seqK;
+  sp.seqQ = u.seqQ;
+  ${c.score.seqlens ? 'sp = fa_with_lengths(sp, seqlens[2 * b], seqlens[2 * b + 1]);' : ''}
 
   ${outer ? outerQLoad : classicQLoad}
   let keys = fa_key_range(r0, rEnd, sp);
-  let tBegin = keys.x / i32(BC);
-  let tEnd = select(tBegin, (keys.y + i32(BC) - 1) / i32(BC), keys.y > keys.x);
+  let tFirst = keys.x / i32(BC);
+  let tLast = select(tFirst, (keys.y + i32(BC) - 1) / i32(BC), keys.y > keys.x);
+  ${
+                      c.splitKeys ? `// This split's share of the visible key tiles (possibly none).
+  let perSplit = (tLast - tFirst + u.numSplits - 1) / u.numSplits;
+  let tBegin = min(tLast, tFirst + split * perSplit);
+  let tEnd = min(tLast, tBegin + perSplit);` :
+                                    `let tBegin = tFirst;
+  let tEnd = tLast;`}
 
   ${rowsI.map(i => `let row${i} = r0 + i32(${rowOf(i)});`).join('\n  ')}
   ${rowsI.map(i => `var m${i} = NEG;\n  var l${i} = 0.0;`).join('\n  ')}
@@ -708,23 +832,110 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
 
   ${outer ? outerLoop : classicLoop}
   // Row sums over the TX threads of each row, then the outputs.
-  ${rowReduce(rowsI.map(i => `l${i}`), 'add').replace(/workgroupBarrier\(\);/, 'workgroupBarrier();')}
-  ${rowsI.map(i => `if (row${i} < u.seqQ) {
+  ${rowReduce(rowsI.map(i => `l${i}`), 'add')}
+  ${
+                      rowsI
+                          .map(
+                              i => `if (row${i} < u.seqQ) {
     let inv = select(0.0, 1.0 / l${i}, l${i} > 0.0);
-    let outRow = u32((b * u.seqQ + row${i}) * u.heads + h);
-    ${outJ.map(jj => `{
+    let outRow = u32(split * u.splitRows + (b * u.seqQ + row${i}) * u.heads + h);
+    ${
+                                  outJ.map(
+                                          jj => `{
       let ch = tx + TX * ${jj}u;
       if (ch < DV4) {
         let val = o${i}_${jj} * inv;
-        ${vecV ? 'outb[outRow * DV4 + ch] = val;' :
-                 range(4).map(e => `if (ch * 4u + ${e}u < ${c.headDimV}u) { outb[outRow * ${c.headDimV}u + ch * 4u + ${e}u] = val.${COMP[e]}; }`).join('\n        ')}
+        ${
+                                              vecV ? 'outb[outRow * DV4 + ch] = val;' :
+                                                     range(4)
+                                                         .map(
+                                                             e => `if (ch * 4u + ${e}u < ${
+                                                                 c.headDimV}u) { outb[outRow * ${
+                                                                 c.headDimV}u + ch * 4u + ${
+                                                                 e}u] = val.${COMP[e]}; }`)
+                                                         .join('\n        ')}
       }
     }`).join('\n    ')}
     if (tx == 0u) {
-      lseb[u32((b * u.heads + h) * u.seqQ + row${i})] =
+      lseb[u32(split * u.splitLse + (b * u.heads + h) * u.seqQ + row${i})] =
           select(${FA_NEG_INF_BITS}u, bitcast<u32>(m${i} + log(l${i})), l${i} > 0.0);
     }
   }`).join('\n  ')}
 }
 `;
 }
+
+/**
+ * Merges the partial results of split-KV: per output element, the splits'
+ * outputs weighted by exp(lse_s - max lse), in split order (deterministic).
+ * Splits that saw no key (lse = -inf) weigh 0; a row no split saw gets
+ * out = 0 and lse = -inf, as without splits. Bindings: partial out
+ * [n, B, Sq, H, Dv], partial lse bits [n, B, H, Sq]; out, lse bits;
+ * uniforms (COMBINE_UNIFORMS).
+ */
+export function splitCombineWGSL(): string {
+  return `struct Uniforms {
+${COMBINE_UNIFORMS.map(([n, ty]) => `  ${n}: ${ty},`).join('\n')}
+}
+@group(0) @binding(0) var<storage, read> partOut: array<f32>;
+@group(0) @binding(1) var<storage, read> partLse: array<u32>;
+@group(0) @binding(2) var<storage, read_write> outb: array<f32>;
+@group(0) @binding(3) var<storage, read_write> lseb: array<u32>;
+@group(0) @binding(4) var<uniform> u: Uniforms;
+
+@compute @workgroup_size(${COMBINE_THREADS})
+fn main(@builtin(workgroup_id) wg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+  let idx = (wg.x + wg.y * u.gridX) * ${COMBINE_THREADS}u + lid;
+  if (idx >= u.elements) {
+    return;
+  }
+  // out is [B, Sq, H, Dv]; lse is [B, H, Sq].
+  let e = idx % u.headDimV;
+  let row = idx / u.headDimV;
+  let h = row % u.heads;
+  let bs = row / u.heads;
+  let s = bs % u.seqQ;
+  let b = bs / u.seqQ;
+  let li = (b * u.heads + h) * u.seqQ + s;
+  var mx = 0.0;
+  var seen = false;
+  for (var n = 0u; n < u.numSplits; n++) {
+    let bits = partLse[n * u.splitLse + li];
+    if (bits != ${FA_NEG_INF_BITS}u) {
+      let x = bitcast<f32>(bits);
+      mx = select(x, max(mx, x), seen);
+      seen = true;
+    }
+  }
+  var den = 0.0;
+  var acc = 0.0;
+  for (var n = 0u; n < u.numSplits; n++) {
+    let bits = partLse[n * u.splitLse + li];
+    if (bits != ${FA_NEG_INF_BITS}u) {
+      let w = exp(bitcast<f32>(bits) - mx);
+      den += w;
+      acc += w * partOut[n * u.splitRows * u.headDimV + idx];
+    }
+  }
+  outb[idx] = select(0.0, acc / den, seen);
+  if (e == 0u) {
+    lseb[li] = select(${FA_NEG_INF_BITS}u, bitcast<u32>(mx + log(den)), seen);
+  }
+}
+`;
+}
+
+export const COMBINE_THREADS = 64;
+
+/** Field order of the combine pass's uniforms (all u32). */
+export const COMBINE_UNIFORMS = [
+  ['elements', 'u32'],
+  ['headDimV', 'u32'],
+  ['heads', 'u32'],
+  ['seqQ', 'u32'],
+  ['numSplits', 'u32'],
+  ['splitRows', 'u32'],
+  ['splitLse', 'u32'],
+  ['gridX', 'u32'],
+] as const;

@@ -102,8 +102,10 @@ export class AdamWWebGPUState {
 
   /** Uploads the hyperparameters if they differ from the last ones written. */
   setHyperparameters(h: AdamWHyperparameters): void {
-    const words = [h.learningRate, h.beta1, h.beta2, 1 - h.beta1, 1 - h.beta2, h.epsilon,
-                   h.weightDecay, h.clipNorm ?? 0];
+    const words = [
+      h.learningRate, h.beta1, h.beta2, 1 - h.beta1, 1 - h.beta2, h.epsilon, h.weightDecay,
+      h.clipNorm ?? 0
+    ];
     const key = words.join(',');
     if (key === this.hyperKey) {
       return;
@@ -174,11 +176,11 @@ export class AdamWWebGPUState {
     }
     // Uploads (if any) are recorded into tfjs's encoder, before our pass.
     const buffers = slots.map(s => ({
-      grad: gpuBufferOf(backend, s.grad),
-      param: gpuBufferOf(backend, s.param),
-      m: gpuBufferOf(backend, s.m),
-      v: gpuBufferOf(backend, s.v),
-    }));
+                                grad: gpuBufferOf(backend, s.grad),
+                                param: gpuBufferOf(backend, s.param),
+                                m: gpuBufferOf(backend, s.m),
+                                v: gpuBufferOf(backend, s.v),
+                              }));
     backend.ensureCommandEncoderReady();
     backend.endComputePassEncoder();
     const internals = backend as unknown as BackendInternals;
@@ -235,8 +237,13 @@ export class AdamWWebGPUState {
   }
 
   /** The state buffer's words (tests and diagnostics; reads the GPU). */
-  async readState(): Promise<{step: number, gradNorm: number, gradScale: number,
-                              biasCorrection1: number, biasCorrection2: number}> {
+  async readState(): Promise<{
+    step: number,
+    gradNorm: number,
+    gradScale: number,
+    biasCorrection1: number,
+    biasCorrection2: number
+  }> {
     const staging = this.device.createBuffer({
       size: ADAMW_STATE_BYTES,
       usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,

@@ -63,10 +63,16 @@ export interface PipelineEntry {
 
 interface DeviceState {
   pipelines: Map<string, PipelineEntry>;
-  /** Error scopes not yet resolved (creation and dispatches). */
-  pending: Array<Promise<void>>;
-  /** Errors found and not yet thrown by checkOwnPipelineErrors. */
-  found: Error[];
+  /**
+   * Error scopes not yet resolved (creation and dispatches); each removes
+   * itself once resolved, so the set holds only work still in flight and a
+   * long run without checkOwnPipelineErrors keeps no per-dispatch state.
+   */
+  pending: Set<Promise<void>>;
+  /** The first error found and not yet thrown by checkOwnPipelineErrors. */
+  firstError: Error|null;
+  /** How many errors were found since the last check (messages dropped). */
+  errorCount: number;
 }
 
 const states = new WeakMap<GPUDevice, DeviceState>();
@@ -74,7 +80,7 @@ const states = new WeakMap<GPUDevice, DeviceState>();
 function stateOf(device: GPUDevice): DeviceState {
   let s = states.get(device);
   if (s == null) {
-    s = {pipelines: new Map(), pending: [], found: []};
+    s = {pipelines: new Map(), pending: new Set(), firstError: null, errorCount: 0};
     states.set(device, s);
   }
   return s;
@@ -90,11 +96,21 @@ export function setPoisonOutputs(on: boolean): void {
   poisonOutputs = on;
 }
 
+/**
+ * Is this the tfjs webgpu backend (by what the kernels use of it: its
+ * device, tensor map, uploads and queue)? Checked by shape, so the package
+ * never imports @tensorflow/tfjs-backend-webgpu at run time.
+ */
+export function isWebGPUBackend(backend: unknown): backend is WebGPUBackend {
+  const b = backend as Partial<WebGPUBackend>| null | undefined;
+  return b != null && b.device != null && b.tensorMap != null &&
+      typeof b.uploadToGPU === 'function' && typeof b.submitQueue === 'function';
+}
+
 /** The webgpu backend, or an error naming what is active. */
 export function webgpuBackendOf(backend?: tf.KernelBackend): WebGPUBackend {
-  const b = (backend ?? tf.backend()) as unknown as WebGPUBackend;
-  if (b == null || (b as unknown as {device?: GPUDevice}).device == null ||
-      typeof b.submitQueue !== 'function') {
+  const b = backend ?? tf.backend();
+  if (!isWebGPUBackend(b)) {
     throw new Error(`expected the tfjs webgpu backend, got ${tf.getBackend()}`);
   }
   return b;
@@ -120,25 +136,44 @@ function errorText(scopeError: GPUError|null): string|null {
 }
 
 /** Watches the scopes pushed by `pushScopes`, recording what they catch. */
-export function watchScopes(
-    device: GPUDevice, what: string, onError: (e: Error) => void): void {
+export function watchScopes(device: GPUDevice, what: string, onError: (e: Error) => void): void {
   const state = stateOf(device);
   const internal = device.popErrorScope();
   const validation = device.popErrorScope();
   const oom = device.popErrorScope();
-  const done = Promise.all([validation, internal, oom]).then(errors => {
-    const messages = errors.map(errorText).filter(m => m != null);
-    if (messages.length > 0) {
-      const error = new Error(`${what} failed on the GPU: ${messages.join('; ')}`);
-      state.found.push(error);
-      onError(error);
-    }
-  }, (e: unknown) => {
-    const error = new Error(`${what}: could not read the GPU error scope: ${e}`);
-    state.found.push(error);
-    onError(error);
-  });
-  state.pending.push(done);
+  const done =
+      Promise.all([validation, internal, oom])
+          .then(
+              errors => {
+                const messages = errors.map(errorText).filter(m => m != null);
+                if (messages.length > 0) {
+                  const error = new Error(`${what} failed on the GPU: ${messages.join('; ')}`);
+                  recordError(state, error);
+                  onError(error);
+                }
+              },
+              (e: unknown) => {
+                const error = new Error(`${what}: could not read the GPU error scope: ${e}`);
+                recordError(state, error);
+                onError(error);
+              });
+  track(state, done);
+}
+
+function recordError(state: DeviceState, error: Error): void {
+  state.firstError = state.firstError ?? error;
+  state.errorCount++;
+}
+
+/** Keeps `p` in the pending set until it settles. */
+function track(state: DeviceState, p: Promise<void>): void {
+  state.pending.add(p);
+  void p.then(() => state.pending.delete(p));
+}
+
+/** Unresolved error scopes of the current backend's device (for tests). */
+export function pendingErrorScopes(backend?: tf.KernelBackend): number {
+  return stateOf(webgpuBackendOf(backend).device).pending.size;
 }
 
 /** Opens the error scopes that `watchScopes` closes. */
@@ -185,14 +220,14 @@ export function getPipeline(device: GPUDevice, spec: OwnPipelineSpec): PipelineE
   });
   // Shader messages carry line numbers; add them to the error once known.
   if (typeof module.getCompilationInfo === 'function') {
-    state.pending.push(module.getCompilationInfo().then(info => {
+    track(state, module.getCompilationInfo().then(info => {
       const errors = info.messages.filter(m => m.type === 'error')
                          .map(m => `line ${m.lineNum}:${m.linePos}: ${m.message}`);
       if (errors.length > 0) {
-        const error = new Error(`WGSL of pipeline '${label}' does not compile: ${
-            errors.join('; ')}`);
+        const error =
+            new Error(`WGSL of pipeline '${label}' does not compile: ${errors.join('; ')}`);
         entry.error = entry.error ?? error;
-        state.found.push(error);
+        recordError(state, error);
       }
     }, () => undefined));
   }
@@ -211,29 +246,43 @@ export function gpuBufferOf(backend: WebGPUBackend, t: tf.TensorInfo): GPUBuffer
 }
 
 /**
- * Dispatches `spec` once and returns its outputs (new tensors owned by the
- * backend). Throws, before any GPU work, if the pipeline is known broken.
+ * The pipeline of `spec` after checking `run` against it (inputs, outputs,
+ * uniforms, dispatch within the device's limits); throws, before any GPU
+ * work, if the pipeline is known broken.
  */
-export function runOwnPipeline(
-    backend: WebGPUBackend, spec: OwnPipelineSpec, run: OwnRun): tf.TensorInfo[] {
-  tf.util.assert(run.inputs.length === spec.numInputs,
-                 () => `${spec.key}: expected ${spec.numInputs} inputs, got ${run.inputs.length}`);
-  tf.util.assert(run.outputs.length === spec.numOutputs,
-                 () => `${spec.key}: expected ${spec.numOutputs} outputs, got ${run.outputs.length}`);
-  tf.util.assert(spec.hasUniforms === (run.uniforms != null),
-                 () => `${spec.key}: uniforms ${spec.hasUniforms ? 'missing' : 'not expected'}`);
-  const device = backend.device;
+function checkedPipeline(device: GPUDevice, spec: OwnPipelineSpec, run: OwnRun): PipelineEntry {
+  tf.util.assert(
+      run.inputs.length === spec.numInputs,
+      () => `${spec.key}: expected ${spec.numInputs} inputs, got ${run.inputs.length}`);
+  tf.util.assert(
+      run.outputs.length === spec.numOutputs,
+      () => `${spec.key}: expected ${spec.numOutputs} outputs, got ${run.outputs.length}`);
+  tf.util.assert(
+      spec.hasUniforms === (run.uniforms != null),
+      () => `${spec.key}: uniforms ${spec.hasUniforms ? 'missing' : 'not expected'}`);
   const entry = getPipeline(device, spec);
   if (entry.error != null) {
     throw entry.error;
   }
   const maxDim = device.limits.maxComputeWorkgroupsPerDimension;
-  run.dispatch.forEach(n => tf.util.assert(
-      Number.isInteger(n) && n >= 1 && n <= maxDim,
-      () => `${spec.key}: dispatch ${run.dispatch} outside [1, ${maxDim}]`));
+  run.dispatch.forEach(
+      n => tf.util.assert(
+          Number.isInteger(n) && n >= 1 && n <= maxDim,
+          () => `${spec.key}: dispatch ${run.dispatch} outside [1, ${maxDim}]`));
+  return entry;
+}
+
+/**
+ * Dispatches `spec` once and returns its outputs (new tensors owned by the
+ * backend). Throws, before any GPU work, if the pipeline is known broken.
+ */
+export function runOwnPipeline(
+    backend: WebGPUBackend, spec: OwnPipelineSpec, run: OwnRun): tf.TensorInfo[] {
+  const device = backend.device;
+  const entry = checkedPipeline(device, spec, run);
   for (const t of run.inputs) {
-    tf.util.assert(tf.util.sizeFromShape(t.shape) > 0,
-                   () => `${spec.key}: empty input of shape [${t.shape}]`);
+    tf.util.assert(
+        tf.util.sizeFromShape(t.shape) > 0, () => `${spec.key}: empty input of shape [${t.shape}]`);
   }
   const outputs = run.outputs.map(o => backend.makeTensorInfo(o.shape, o.dtype));
   try {
@@ -289,16 +338,61 @@ export function runOwnPipeline(
 export async function checkOwnPipelineErrors(backend?: tf.KernelBackend): Promise<void> {
   const device = webgpuBackendOf(backend).device;
   const state = stateOf(device);
-  while (state.pending.length > 0) {
-    const pending = state.pending;
-    state.pending = [];
-    await Promise.all(pending);
+  while (state.pending.size > 0) {
+    await Promise.all([...state.pending]);
   }
-  const found = state.found;
-  state.found = [];
-  if (found.length > 0) {
-    throw found[0];
+  const first = state.firstError;
+  state.firstError = null;
+  state.errorCount = 0;
+  if (first != null) {
+    throw first;
   }
+}
+
+/** A storage binding of an own pipeline: its WGSL name and array element type. */
+export interface StorageBinding {
+  name: string;
+  type: string;
+}
+
+/**
+ * WGSL declarations of a pipeline's bindings in the order runOwnPipeline
+ * binds them: inputs (read-only storage arrays), outputs (read_write), then
+ * the uniform block `uniform` of type `uniformType`, if given.
+ */
+export function bindingsWGSL(
+    inputs: readonly StorageBinding[], outputs: readonly StorageBinding[],
+    uniform?: {name: string, type: string}): string {
+  const storage = (b: StorageBinding, i: number, access: string) =>
+      `@group(0) @binding(${i}) var<storage, ${access}> ${b.name}: array<${b.type}>;`;
+  const lines = [
+    ...inputs.map((b, i) => storage(b, i, 'read')),
+    ...outputs.map((b, i) => storage(b, inputs.length + i, 'read_write')),
+  ];
+  if (uniform != null) {
+    lines.push(`@group(0) @binding(${inputs.length + outputs.length}) var<uniform> ${
+        uniform.name}: ${uniform.type};`);
+  }
+  return lines.join('\n');
+}
+
+/** A uniform field: its name and 4-byte type. */
+export type UniformField = readonly[string, 'i32' | 'u32' | 'f32'];
+
+/** The WGSL struct of a uniform block, fields in list order. */
+export function uniformStructWGSL(name: string, fields: readonly UniformField[]): string {
+  return `struct ${name} {\n${fields.map(([f, type]) => `  ${f}: ${type},`).join('\n')}\n};`;
+}
+
+/** The bytes of a uniform block for `values` (one per field, by name). */
+export function packUniforms(
+    fields: readonly UniformField[], values: Readonly<Record<string, number>>): ArrayBuffer {
+  const w = new UniformWriter();
+  for (const [name, type] of fields) {
+    tf.util.assert(values[name] != null, () => `uniform '${name}' has no value`);
+    w[type](values[name]);
+  }
+  return w.finish();
 }
 
 /** Helper to fill a uniform buffer: 4-byte fields in declaration order. */
@@ -327,4 +421,84 @@ export class UniformWriter {
   finish(): ArrayBuffer {
     return this.bytes.slice(0, Math.max(16, Math.ceil(this.offset / 16) * 16));
   }
+}
+
+/** A buffer-to-buffer copy between tensors, in bytes (multiples of 4). */
+export interface OwnCopy {
+  src: tf.TensorInfo;
+  srcOffset: number;
+  dst: tf.TensorInfo;
+  dstOffset: number;
+  size: number;
+}
+
+/** Private fields of tfjs-backend-webgpu 4.x that recordOwnPipeline uses. */
+interface BackendEncoderState {
+  commandEncoder: GPUCommandEncoder;
+  commandQueueOwnedIds: WeakSet<object>;
+  uniformPendingDisposal: GPUBuffer[];
+}
+
+/**
+ * Like runOwnPipeline, but records into tfjs's own command encoder instead
+ * of submitting: no queue submit of our own (a submit costs milliseconds
+ * on some drivers, too much for a decode step made of small dispatches).
+ * `copies` are recorded first, so a step can write into an existing
+ * tensor (e.g. append to a cache variable) and read it in the same
+ * encoder. Every tensor touched is marked as owned by the pending command
+ * queue, so tfjs defers the reuse of its buffer until tfjs submits.
+ */
+export function recordOwnPipeline(
+    backend: WebGPUBackend, spec: OwnPipelineSpec, run: OwnRun,
+    copies: OwnCopy[] = []): tf.TensorInfo[] {
+  const device = backend.device;
+  const entry = checkedPipeline(device, spec, run);
+  const outputs = run.outputs.map(o => backend.makeTensorInfo(o.shape, o.dtype));
+  const state = backend as unknown as BackendEncoderState;
+  try {
+    const tensors = [...run.inputs, ...outputs];
+    const buffers = tensors.map(t => gpuBufferOf(backend, t));
+    const copyBuffers = copies.map(c => [gpuBufferOf(backend, c.src), gpuBufferOf(backend, c.dst)]);
+    backend.ensureCommandEncoderReady();
+    backend.endComputePassEncoder();
+    const encoder = state.commandEncoder;
+    copies.forEach((c, n) => {
+      encoder.copyBufferToBuffer(
+          copyBuffers[n][0], c.srcOffset, copyBuffers[n][1], c.dstOffset, c.size);
+      state.commandQueueOwnedIds.add(c.src.dataId);
+      state.commandQueueOwnedIds.add(c.dst.dataId);
+    });
+    if (poisonOutputs) {
+      // Fresh buffers: no pending work uses them, so writing now is safe.
+      for (const b of buffers.slice(run.inputs.length)) {
+        device.queue.writeBuffer(b, 0, new Float32Array(b.size / 4).fill(NaN));
+      }
+    }
+    const entries: GPUBindGroupEntry[] =
+        buffers.map((buffer, binding) => ({binding, resource: {buffer}}));
+    if (run.uniforms != null) {
+      const size = Math.max(16, Math.ceil(run.uniforms.byteLength / 16) * 16);
+      const uniformBuffer = backend.bufferManager.acquireBuffer(
+          size, GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST);
+      device.queue.writeBuffer(uniformBuffer, 0, run.uniforms);
+      // tfjs releases it after its next submit, as it does its own uniforms.
+      state.uniformPendingDisposal.push(uniformBuffer);
+      entries.push({binding: buffers.length, resource: {buffer: uniformBuffer}});
+    }
+    pushScopes(device);
+    const bindGroup = device.createBindGroup({layout: entry.layout, entries});
+    const pass = encoder.beginComputePass();
+    pass.setPipeline(entry.pipeline);
+    pass.setBindGroup(0, bindGroup);
+    pass.dispatchWorkgroups(...run.dispatch);
+    pass.end();
+    watchScopes(device, `dispatch of '${spec.label ?? spec.key}'`, e => {
+      entry.error = entry.error ?? e;
+    });
+    tensors.forEach(t => state.commandQueueOwnedIds.add(t.dataId));
+  } catch (e) {
+    outputs.forEach(o => backend.disposeData(o.dataId));
+    throw e;
+  }
+  return outputs;
 }

@@ -5,10 +5,16 @@
  */
 import {registerFusedKernel} from '../../src/dispatch';
 
-import {flashAttentionWebGPUConfig, supportsFlashAttentionWebGPU} from './flash_attention';
+import {flashDecodeWebGPUConfig, supportsFlashDecodeWebGPU} from './flash_decode';
+import {flashAttentionWebGPUConfig, supportsFlashAttentionWebGPU} from './FlashAttention';
 import {registerFlashAttentionGradWebGPU} from './FlashAttentionGrad';
+import {registerTrainingKernelsWebGPU} from './training_kernels';
 
-registerFusedKernel(flashAttentionWebGPUConfig, supportsFlashAttentionWebGPU);
+registerFusedKernel(flashAttentionWebGPUConfig, supportsFlashAttentionWebGPU, {seqlens: true});
 // The fused backward (FlashAttentionGrad): used by the registered gradient
 // of FlashAttention, whichever forward ran.
 registerFlashAttentionGradWebGPU();
+// Decoding over a KV cache (flashAttentionWithKVCache), inference only.
+registerFusedKernel(flashDecodeWebGPUConfig, supportsFlashDecodeWebGPU);
+// The training kernels: fused norms, softmax cross-entropy, rotary.
+registerTrainingKernelsWebGPU();

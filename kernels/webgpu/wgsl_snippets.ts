@@ -1,7 +1,7 @@
 /**
  * WGSL pieces shared by the fused WebGPU kernels (forward and backward), so
  * that both compute exactly the same scores and dropout bits as the
- * reference (src/dropout.ts, DESIGN.md §2).
+ * reference (src/dropout.ts, docs/design.md, "Semantics").
  *
  * Every function here returns WGSL source text. Names start with `fa_` to
  * stay clear of a kernel's own identifiers. Constants that change the code
@@ -9,9 +9,14 @@
  * them in its pipeline key (`scoreKey`).
  */
 
-/** -inf and "no key seen yet": WGSL may assume no infinities, so a finite
- * sentinel is used inside kernels, and -inf is written as raw bits. */
-export const FA_NEG_BIG = -1e30;
+/**
+ * "Masked" and "no key seen yet" inside kernels: the lowest finite float32,
+ * below every finite score, so rows whose scores are all tiny (e.g. -1e33)
+ * still get their softmax. WGSL constants cannot be infinite and
+ * implementations may assume no infinities, hence a finite sentinel that
+ * kernels compare against explicitly; -inf is written as raw bits.
+ */
+export const FA_NEG_BIG = '-0x1.fffffep+127f';
 /** Bits of float32 -Infinity (write through a u32 view of the buffer). */
 export const FA_NEG_INF_BITS = 0xff800000;
 
@@ -76,32 +81,42 @@ export interface ScoreOptions {
   windowLeft: boolean;
   /** A right window bound exists (windowRight >= 0; causal gives 0). */
   windowRight: boolean;
+  /**
+   * Per-batch sequence lengths (a `seqlens` binding, `[B, 2]` int32 of
+   * (seqlenQ_b, seqlenK_b)): rows and keys past them see nothing, and the
+   * diagonal of causal/window/ALiBi is `i + seqlenK_b - seqlenQ_b`.
+   */
+  seqlens?: boolean;
 }
 
 export function scoreOptionsFromAttrs(
-    attrs: {softcap: number, windowLeft: number, windowRight: number},
-    hasAlibi: boolean): ScoreOptions {
+    attrs: {softcap: number, windowLeft: number, windowRight: number}, hasAlibi: boolean,
+    hasSeqlens = false): ScoreOptions {
   return {
     softcap: attrs.softcap > 0,
     alibi: hasAlibi,
     windowLeft: attrs.windowLeft >= 0,
     windowRight: attrs.windowRight >= 0,
+    seqlens: hasSeqlens,
   };
 }
 
 /** The part of a pipeline key that scoreWGSL's options decide. */
 export function scoreKey(o: ScoreOptions): string {
-  return `sc${+o.softcap}al${+o.alibi}wl${+o.windowLeft}wr${+o.windowRight}`;
+  return `sc${+ o.softcap}al${+ o.alibi}wl${+ o.windowLeft}wr${+ o.windowRight}sl${+ !!o.seqlens}`;
 }
 
 /**
- * The score pipeline of DESIGN.md §2 (scale -> softcap -> alibi -> mask):
+ * The score pipeline of docs/design.md, "Semantics" (scale -> softcap -> alibi -> mask):
  *
  *   struct FaScore {scale, softcap, slope: f32, diag (= Sk - Sq),
- *                   left, right, seqK: i32}
+ *                   left, right, seqK, seqQ: i32}
+ *   fn fa_with_lengths(p: FaScore, lenQ: i32, lenK: i32) -> FaScore
+ *       a batch row's own lengths (options with seqlens only)
  *   fn fa_tanh(x: f32) -> f32                    // overflow-free tanh
  *   fn fa_visible(i: i32, j: i32, p: FaScore) -> bool
- *       key j < seqK and inside the window of query i
+ *       key j < seqK and inside the window of query i (and, with
+ *       seqlens, row i < seqQ)
  *   fn fa_visible4(i: i32, j: vec4<i32>, p: FaScore) -> vec4<bool>
  *       the same for 4 keys, without branches
  *   fn fa_score(qk: f32, i: i32, j: i32, p: FaScore) -> f32
@@ -123,6 +138,17 @@ struct FaScore {
   left: i32,
   right: i32,
   seqK: i32,
+  seqQ: i32,
+}
+
+// Only the batch row's own tokens count: keys past seqlenK_b are padding,
+// and the diagonal is aligned to the row's own bottom-right corner.
+fn fa_with_lengths(p: FaScore, lenQ: i32, lenK: i32) -> FaScore {
+  var r = p;
+  r.seqQ = lenQ;
+  r.seqK = lenK;
+  r.diag = lenK - lenQ;
+  return r;
 }
 
 fn fa_tanh(x: f32) -> f32 {
@@ -134,6 +160,7 @@ fn fa_tanh(x: f32) -> f32 {
 
 fn fa_visible(i: i32, j: i32, p: FaScore) -> bool {
   var ok = j >= 0 && j < p.seqK;
+  ${o.seqlens ? 'ok = ok && i < p.seqQ;' : ''}
   let d = i + p.diag;
   ${o.windowLeft ? 'ok = ok && j >= d - p.left;' : ''}
   ${o.windowRight ? 'ok = ok && j <= d + p.right;' : ''}
@@ -144,6 +171,7 @@ fn fa_visible(i: i32, j: i32, p: FaScore) -> bool {
 // short-circuit form of many unrolled masks very slowly).
 fn fa_visible4(i: i32, j: vec4<i32>, p: FaScore) -> vec4<bool> {
   var ok = (j >= vec4<i32>(0)) & (j < vec4<i32>(p.seqK));
+  ${o.seqlens ? 'ok = ok & vec4<bool>(i < p.seqQ);' : ''}
   let d = i + p.diag;
   ${o.windowLeft ? 'ok = ok & (j >= vec4<i32>(d - p.left));' : ''}
   ${o.windowRight ? 'ok = ok & (j <= vec4<i32>(d + p.right));' : ''}
@@ -164,50 +192,61 @@ fn fa_score(qk: f32, i: i32, j: i32, p: FaScore) -> f32 {
 }
 
 /**
- * The range of key indices [lo, hi) that any query row in [row0, row1)
- * can see (window and causal), clipped to [0, seqK). Host-side twin of
- * fa_visible, used to skip key tiles; empty when lo >= hi.
- */
-export function visibleKeyRange(
-    row0: number, row1: number, seqQ: number, seqK: number, windowLeft: number,
-    windowRight: number): [number, number] {
-  const diag = seqK - seqQ;
-  const lo = windowLeft >= 0 ? Math.max(0, row0 + diag - windowLeft) : 0;
-  const hi = windowRight >= 0 ? Math.min(seqK, row1 - 1 + diag + windowRight + 1) : seqK;
-  return [lo, hi];
-}
-
-/**
- * WGSL twin of visibleKeyRange, for kernels that compute their key range
- * on the GPU from uniforms:
+ * The range of key indices [lo, hi) that any query row in [row0, row1) can
+ * see (window and causal), clipped to [0, seqK); empty when lo >= hi. For
+ * kernels that compute their key range on the GPU from uniforms:
  *   fn fa_key_range(row0: i32, row1: i32, p: FaScore) -> vec2<i32>  // [lo, hi)
+ *   fn fa_tile_unmasked(row0, row1, col0, col1: i32, p: FaScore) -> bool
+ *       every row of [row0, row1) sees every key of [col0, col1)
+ * With seqlens, rows past the batch row's seqQ see nothing: a query tile
+ * that starts past it gets the empty range (0, 0) and so no key tile.
  * Needs scoreWGSL() (for FaScore).
  */
 export function keyRangeWGSL(o: ScoreOptions): string {
   return `
-fn fa_key_range(row0: i32, row1: i32, p: FaScore) -> vec2<i32> {
+fn fa_key_range(row0: i32, row1In: i32, p: FaScore) -> vec2<i32> {
+  var row1 = row1In;
+  ${
+      o.seqlens ? `row1 = min(row1, p.seqQ);
+  if (row1 <= row0) {
+    return vec2<i32>(0, 0);
+  }` :
+                  ''}
   var lo = 0;
   var hi = p.seqK;
   ${o.windowLeft ? 'lo = max(0, row0 + p.diag - p.left);' : ''}
   ${o.windowRight ? 'hi = min(p.seqK, row1 - 1 + p.diag + p.right + 1);' : ''}
   return vec2<i32>(lo, hi);
 }
+
+fn fa_tile_unmasked(row0: i32, row1: i32, col0: i32, col1: i32, p: FaScore) -> bool {
+  var ok = col1 <= p.seqK;
+  ${o.seqlens ? 'ok = ok && row1 <= p.seqQ;' : ''}
+  ${o.windowRight ? 'ok = ok && col1 - 1 <= row0 + p.diag + p.right;' : ''}
+  ${o.windowLeft ? 'ok = ok && col0 >= row1 - 1 + p.diag - p.left;' : ''}
+  return ok;
+}
 `;
 }
 
 /**
  * The rows [lo, hi) of queries that can see any key in [col0, col1): the
- * transpose of fa_key_range, for backward kernels that walk key tiles:
- *   fn fa_query_range(col0: i32, col1: i32, seqQ: i32, p: FaScore) -> vec2<i32>
+ * transpose of fa_key_range, for backward kernels that walk key tiles.
+ * Empty (lo >= hi) for a key tile past the batch row's keys.
+ *   fn fa_query_range(col0: i32, col1: i32, p: FaScore) -> vec2<i32>
  */
 export function queryRangeWGSL(o: ScoreOptions): string {
   return `
-fn fa_query_range(col0: i32, col1: i32, seqQ: i32, p: FaScore) -> vec2<i32> {
+fn fa_query_range(col0: i32, col1In: i32, p: FaScore) -> vec2<i32> {
+  let col1 = min(col1In, p.seqK);
+  if (col1 <= col0) {
+    return vec2<i32>(0, 0);
+  }
   var lo = 0;
-  var hi = seqQ;
+  var hi = p.seqQ;
   // Query i sees key j iff i + diag - left <= j <= i + diag + right.
   ${o.windowRight ? 'lo = max(0, col0 - p.diag - p.right);' : ''}
-  ${o.windowLeft ? 'hi = min(seqQ, col1 - 1 - p.diag + p.left + 1);' : ''}
+  ${o.windowLeft ? 'hi = min(p.seqQ, col1 - 1 - p.diag + p.left + 1);' : ''}
   return vec2<i32>(lo, hi);
 }
 `;

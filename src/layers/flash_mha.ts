@@ -11,10 +11,11 @@ import type {Initializer, InitializerIdentifier} from '@tensorflow/tfjs-layers/d
 import type {Shape} from '@tensorflow/tfjs-layers/dist/keras_format/common';
 import type {Regularizer, RegularizerIdentifier} from '@tensorflow/tfjs-layers/dist/regularizers';
 import type {Kwargs} from '@tensorflow/tfjs-layers/dist/types';
-import {flashAttention} from 'tfjs-flash-attention';
+import {attentionOptionSpec, checkOptions, FlashAttentionError, flashAttention, KVCache, MAX_HEAD_DIM, paddingMaskLengths} from 'tfjs-flash-attention';
+import type {OptionSpec} from 'tfjs-flash-attention';
 
 import {alibiSlopes} from './alibi';
-import {maskedAttention} from './masked_attention';
+import {keyPaddingLengths, maskedAttention} from './masked_attention';
 import {applyRotary, RotaryTables} from './rotary';
 import {resolveSerializable, serializeObject} from './serialization';
 
@@ -70,11 +71,113 @@ export interface FlashMHACallKwargs {
   training?: boolean;
 }
 
-function positiveInteger(value: unknown, argName: string): number {
-  if (typeof value !== 'number' || !Number.isInteger(value) || value < 1) {
-    throw new Error(`FlashMHA: ${argName} must be a positive integer, got ${String(value)}`);
+function positiveInteger(value: unknown, argName: string, max = Infinity): number {
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < 1 || value > max) {
+    throw new FlashAttentionError(
+        'FlashMHA', argName, max === Infinity ? 'a positive integer' : `an integer in [1, ${max}]`,
+        String(value));
   }
   return value;
+}
+
+const anyValue = () => true;
+const isBoolean = (v: unknown) => typeof v === 'boolean';
+const integerAtLeast = (min: number) => (v: unknown) => Number.isInteger(v) && (v as number) >= min;
+const serializable = (v: unknown) => typeof v === 'string' || (v != null && typeof v === 'object');
+
+/**
+ * Every key FlashMHA's args (and saved config) may hold. The attention
+ * settings use the op's own specs, so the layer accepts and rejects exactly
+ * what flashAttention does; tfjs-layers checks its own LayerArgs.
+ */
+const FLASH_MHA_ARG_SPECS: OptionSpec[] = [
+  {
+    name: 'embedDim',
+    expected: 'a positive integer',
+    valid: integerAtLeast(1),
+    aliases: ['embed_dim', 'dModel', 'hiddenSize', 'units']
+  },
+  {
+    name: 'numHeads',
+    expected: 'a positive integer',
+    valid: integerAtLeast(1),
+    aliases: ['num_heads', 'nHeads', 'heads']
+  },
+  {
+    name: 'numHeadsKV',
+    expected: 'a positive integer',
+    valid: integerAtLeast(1),
+    aliases: ['num_heads_kv', 'numKVHeads', 'num_key_value_heads']
+  },
+  {
+    name: 'headDim',
+    expected: `an integer in [1, ${MAX_HEAD_DIM}]`,
+    valid: v => integerAtLeast(1)(v) && (v as number) <= MAX_HEAD_DIM,
+    aliases: ['head_dim', 'keyDim', 'key_dim']
+  },
+  attentionOptionSpec('dropoutRate', 'dropout'),
+  attentionOptionSpec('causal'),
+  // null: a saved config of a layer with the default scale.
+  {
+    ...attentionOptionSpec('softmaxScale'),
+    valid: v => v === null || attentionOptionSpec('softmaxScale').valid(v)
+  },
+  attentionOptionSpec('windowSize'),
+  attentionOptionSpec('softcap'),
+  {
+    name: 'useAlibi',
+    expected: 'a boolean',
+    valid: isBoolean,
+    aliases: ['use_alibi', 'alibi', 'alibiSlopes', 'alibi_slopes']
+  },
+  {
+    name: 'qkvProjBias',
+    expected: 'a boolean',
+    valid: isBoolean,
+    aliases: ['qkv_proj_bias', 'useBias', 'use_bias', 'bias']
+  },
+  {name: 'outProjBias', expected: 'a boolean', valid: isBoolean, aliases: ['out_proj_bias']},
+  {
+    name: 'rotaryEmbDim',
+    expected: 'an even integer in [0, headDim]',
+    valid: integerAtLeast(0),
+    aliases: ['rotary_emb_dim', 'rotaryDim']
+  },
+  {
+    name: 'rotaryEmbBase',
+    expected: 'a finite number > 0',
+    valid: v => typeof v === 'number' && v > 0 && Number.isFinite(Math.fround(v)),
+    aliases: ['rotary_emb_base', 'ropeTheta', 'rope_theta']
+  },
+  {
+    name: 'rotaryEmbInterleaved',
+    expected: 'a boolean',
+    valid: isBoolean,
+    aliases: ['rotary_emb_interleaved']
+  },
+  {
+    name: 'crossAttention',
+    expected: 'a boolean',
+    valid: isBoolean,
+    aliases: ['cross_attn', 'cross_attention', 'crossAttn']
+  },
+  ...['kernelInitializer', 'biasInitializer', 'kernelRegularizer', 'biasRegularizer',
+      'kernelConstraint', 'biasConstraint']
+      .map(name => ({
+             name,
+             expected: 'an identifier, an instance or a {className, config}',
+             valid: (v: unknown) => v === null || serializable(v),
+           })),
+  // tfjs-layers' LayerArgs, checked by tfjs-layers.
+  ...['inputShape', 'batchInputShape', 'batchSize', 'dtype', 'name', 'trainable', 'weights',
+      'inputDType']
+      .map(name => ({name, expected: 'a LayerArgs value', valid: anyValue})),
+];
+
+/** Checks every key and value of FlashMHA's args before anything is built. */
+function checkArgs(args: FlashMHAArgs): FlashMHAArgs {
+  return checkOptions<FlashMHAArgs>(
+      args, 'FlashMHA', FLASH_MHA_ARG_SPECS, 'args', 'an object with embedDim and numHeads');
 }
 
 interface Projection {
@@ -117,67 +220,56 @@ export class FlashMHA extends tfl.layers.Layer {
   protected outProj: Projection|null = null;
 
   constructor(args: FlashMHAArgs) {
-    super(args);
-    if (args == null || typeof args !== 'object') {
-      throw new Error('FlashMHA: args must be an object with embedDim and numHeads');
-    }
+    super(checkArgs(args));
     this.embedDim = positiveInteger(args.embedDim, 'embedDim');
     this.numHeads = positiveInteger(args.numHeads, 'numHeads');
     this.numHeadsKV = positiveInteger(args.numHeadsKV ?? this.numHeads, 'numHeadsKV');
     if (this.numHeads % this.numHeadsKV !== 0) {
-      throw new Error(`FlashMHA: numHeads (${this.numHeads}) must be a multiple of numHeadsKV, got numHeadsKV = ${this.numHeadsKV}`);
+      throw new FlashAttentionError(
+          'FlashMHA', 'numHeadsKV', `a divisor of numHeads = ${this.numHeads}`,
+          String(this.numHeadsKV));
     }
     if (args.headDim == null && this.embedDim % this.numHeads !== 0) {
-      throw new Error(`FlashMHA: embedDim must be a multiple of numHeads when headDim is not given, got embedDim = ${
-          this.embedDim}, numHeads = ${this.numHeads}`);
+      throw new FlashAttentionError(
+          'FlashMHA', 'embedDim',
+          `a multiple of numHeads = ${this.numHeads} when headDim is not given`,
+          String(this.embedDim));
     }
-    this.headDim = positiveInteger(args.headDim ?? this.embedDim / this.numHeads, 'headDim');
+    this.headDim =
+        positiveInteger(args.headDim ?? this.embedDim / this.numHeads, 'headDim', MAX_HEAD_DIM);
+    // Values checked by checkArgs with the op's own specs.
     this.dropout = args.dropout ?? 0;
-    if (typeof this.dropout !== 'number' || !(this.dropout >= 0 && this.dropout < 1)) {
-      throw new Error(`FlashMHA: dropout must be a number in [0, 1), got ${String(args.dropout)}`);
-    }
     this.causal = args.causal ?? false;
-    if (typeof this.causal !== 'boolean') {
-      throw new Error(`FlashMHA: causal must be a boolean, got ${String(args.causal)}`);
-    }
     this.softmaxScale = args.softmaxScale ?? undefined;
-    if (this.softmaxScale != null && !(typeof this.softmaxScale === 'number' && Number.isFinite(this.softmaxScale))) {
-      throw new Error(`FlashMHA: softmaxScale must be a finite number, got ${String(args.softmaxScale)}`);
-    }
-    this.windowSize = args.windowSize ?? [-1, -1];
-    const window = this.windowSize;
-    if (!Array.isArray(window) || window.length !== 2 || !window.every(w => Number.isInteger(w) && w >= -1)) {
-      throw new Error(`FlashMHA: windowSize must be [left, right] with integers >= -1 (-1 = unbounded), got ${
-          JSON.stringify(args.windowSize)}`);
-    }
+    const window = args.windowSize ?? [-1, -1];
     this.windowSize = [window[0], window[1]];
     this.softcap = args.softcap ?? 0;
-    if (typeof this.softcap !== 'number' || !(this.softcap >= 0) || !Number.isFinite(this.softcap)) {
-      throw new Error(`FlashMHA: softcap must be a finite number >= 0 (0 = off), got ${String(args.softcap)}`);
-    }
     this.useAlibi = args.useAlibi ?? false;
     this.qkvProjBias = args.qkvProjBias ?? true;
     this.outProjBias = args.outProjBias ?? true;
     this.rotaryEmbDim = args.rotaryEmbDim ?? 0;
-    if (!Number.isInteger(this.rotaryEmbDim) || this.rotaryEmbDim < 0 || this.rotaryEmbDim % 2 !== 0 ||
-        this.rotaryEmbDim > this.headDim) {
-      throw new Error(`FlashMHA: rotaryEmbDim must be an even integer in [0, headDim = ${this.headDim}], got ${
-          String(args.rotaryEmbDim)}`);
+    if (!Number.isInteger(this.rotaryEmbDim) || this.rotaryEmbDim < 0 ||
+        this.rotaryEmbDim % 2 !== 0 || this.rotaryEmbDim > this.headDim) {
+      throw new FlashAttentionError(
+          'FlashMHA', 'rotaryEmbDim', `an even integer in [0, headDim = ${this.headDim}]`,
+          String(args.rotaryEmbDim));
     }
     this.rotaryEmbBase = args.rotaryEmbBase ?? 10000;
-    if (typeof this.rotaryEmbBase !== 'number' || !(this.rotaryEmbBase > 0)) {
-      throw new Error(`FlashMHA: rotaryEmbBase must be a number > 0, got ${String(args.rotaryEmbBase)}`);
-    }
     this.rotaryEmbInterleaved = args.rotaryEmbInterleaved ?? false;
     this.crossAttention = args.crossAttention ?? false;
     const name = `FlashMHA '${this.name}'`;
-    this.kernelInitializer = resolveSerializable<Initializer>(args.kernelInitializer ?? 'glorotUniform',
-                                                              'kernelInitializer', name)!;
-    this.biasInitializer = resolveSerializable<Initializer>(args.biasInitializer ?? 'zeros', 'biasInitializer', name)!;
-    this.kernelRegularizer = resolveSerializable<Regularizer>(args.kernelRegularizer, 'kernelRegularizer', name);
-    this.biasRegularizer = resolveSerializable<Regularizer>(args.biasRegularizer, 'biasRegularizer', name);
-    this.kernelConstraint = resolveSerializable<Constraint>(args.kernelConstraint, 'kernelConstraint', name);
-    this.biasConstraint = resolveSerializable<Constraint>(args.biasConstraint, 'biasConstraint', name);
+    this.kernelInitializer = resolveSerializable<Initializer>(
+        args.kernelInitializer ?? 'glorotUniform', 'kernelInitializer', name)!;
+    this.biasInitializer =
+        resolveSerializable<Initializer>(args.biasInitializer ?? 'zeros', 'biasInitializer', name)!;
+    this.kernelRegularizer =
+        resolveSerializable<Regularizer>(args.kernelRegularizer, 'kernelRegularizer', name);
+    this.biasRegularizer =
+        resolveSerializable<Regularizer>(args.biasRegularizer, 'biasRegularizer', name);
+    this.kernelConstraint =
+        resolveSerializable<Constraint>(args.kernelConstraint, 'kernelConstraint', name);
+    this.biasConstraint =
+        resolveSerializable<Constraint>(args.biasConstraint, 'biasConstraint', name);
     this.supportsMasking = true;
   }
 
@@ -187,30 +279,37 @@ export class FlashMHA extends tfl.layers.Layer {
     const shapes = (nested ? inputShape : [inputShape]) as Shape[];
     const expected = this.crossAttention ? 2 : 1;
     if (shapes.length !== expected) {
-      throw new Error(`FlashMHA: expected ${this.crossAttention ? 'two inputs [x, xKV] (crossAttention)' : 'one input x'}, got ${
-          shapes.length} inputs`);
+      throw new Error(`FlashMHA: expected ${
+          this.crossAttention ? 'two inputs [x, xKV] (crossAttention)' :
+                                'one input x'}, got ${shapes.length} inputs`);
     }
     shapes.forEach((shape, i) => {
       const what = i === 0 ? 'x' : 'xKV';
       if (shape.length !== 3) {
-        throw new Error(`FlashMHA: ${what} must have rank 3 [batch, seq, features], got shape ${JSON.stringify(shape)}`);
+        throw new Error(`FlashMHA: ${what} must have rank 3 [batch, seq, features], got shape ${
+            JSON.stringify(shape)}`);
       }
       if (i === 0 && shape[2] !== this.embedDim) {
-        throw new Error(`FlashMHA: the last dim of x must be embedDim = ${this.embedDim}, got shape ${JSON.stringify(shape)}`);
+        throw new Error(`FlashMHA: the last dim of x must be embedDim = ${
+            this.embedDim}, got shape ${JSON.stringify(shape)}`);
       }
       if (shape[2] == null) {
-        throw new Error(`FlashMHA: the last dim of ${what} must be known, got shape ${JSON.stringify(shape)}`);
+        throw new Error(
+            `FlashMHA: the last dim of ${what} must be known, got shape ${JSON.stringify(shape)}`);
       }
     });
     return shapes;
   }
 
   private projection(name: string, inDim: number, outDim: number, bias: boolean): Projection {
-    const kernel = this.addWeight(`${name}/kernel`, [inDim, outDim], 'float32', this.kernelInitializer,
-                                  this.kernelRegularizer ?? undefined, true, this.kernelConstraint ?? undefined);
-    const biasVar = bias ? this.addWeight(`${name}/bias`, [outDim], 'float32', this.biasInitializer,
-                                          this.biasRegularizer ?? undefined, true, this.biasConstraint ?? undefined) :
-                           null;
+    const kernel = this.addWeight(
+        `${name}/kernel`, [inDim, outDim], 'float32', this.kernelInitializer,
+        this.kernelRegularizer ?? undefined, true, this.kernelConstraint ?? undefined);
+    const biasVar = bias ?
+        this.addWeight(
+            `${name}/bias`, [outDim], 'float32', this.biasInitializer,
+            this.biasRegularizer ?? undefined, true, this.biasConstraint ?? undefined) :
+        null;
     return {kernel, bias: biasVar};
   }
 
@@ -219,9 +318,11 @@ export class FlashMHA extends tfl.layers.Layer {
     const {embedDim, numHeads, numHeadsKV, headDim} = this;
     if (this.crossAttention) {
       this.qProj = this.projection('q', embedDim, numHeads * headDim, this.qkvProjBias);
-      this.kvProj = this.projection('kv', shapes[1][2]!, 2 * numHeadsKV * headDim, this.qkvProjBias);
+      this.kvProj =
+          this.projection('kv', shapes[1][2]!, 2 * numHeadsKV * headDim, this.qkvProjBias);
     } else {
-      this.qkvProj = this.projection('qkv', embedDim, (numHeads + 2 * numHeadsKV) * headDim, this.qkvProjBias);
+      this.qkvProj =
+          this.projection('qkv', embedDim, (numHeads + 2 * numHeadsKV) * headDim, this.qkvProjBias);
     }
     this.outProj = this.projection('out', numHeads * headDim, embedDim, this.outProjBias);
     this.built = true;
@@ -232,7 +333,8 @@ export class FlashMHA extends tfl.layers.Layer {
     return [x[0], x[1], this.embedDim];
   }
 
-  override computeMask(inputs: tf.Tensor|tf.Tensor[], mask?: tf.Tensor|tf.Tensor[]): tf.Tensor|tf.Tensor[] {
+  override computeMask(inputs: tf.Tensor|tf.Tensor[], mask?: tf.Tensor|tf.Tensor[]): tf.Tensor
+      |tf.Tensor[] {
     // The output keeps the queries' positions, hence their mask.
     return (Array.isArray(mask) ? mask[0] : mask) as tf.Tensor;
   }
@@ -250,11 +352,11 @@ export class FlashMHA extends tfl.layers.Layer {
 
   /** The key padding mask of a call: kwargs.keyPaddingMask, else tfjs's propagated mask. */
   private keyMaskOf(kwargs: Kwargs): tf.Tensor|null {
-    const explicit = kwargs['keyPaddingMask'] as tf.Tensor|undefined;
+    const explicit = kwargs['keyPaddingMask'] as tf.Tensor | undefined;
     if (explicit != null) {
       return explicit;
     }
-    const propagated = (kwargs['mask'] as tf.Tensor|tf.Tensor[]|undefined) ?? null;
+    const propagated = (kwargs['mask'] as tf.Tensor | tf.Tensor[] | undefined) ?? null;
     if (Array.isArray(propagated)) {
       // One mask per input: the keys come from the last.
       return propagated[propagated.length - 1] ?? null;
@@ -282,24 +384,91 @@ export class FlashMHA extends tfl.layers.Layer {
         [k, v] = tf.unstack(kv, 2) as tf.Tensor4D[];
       } else {
         const qkv = this.project(x, this.qkvProj!);
-        const [qFlat, kFlat, vFlat] = tf.split(qkv, [heads * headDim, headsKV * headDim, headsKV * headDim], 2);
+        const [qFlat, kFlat, vFlat] =
+            tf.split(qkv, [heads * headDim, headsKV * headDim, headsKV * headDim], 2);
         q = tf.reshape(qFlat, [batch, seqQ, heads, headDim]);
         k = tf.reshape(kFlat, [batch, seqQ, headsKV, headDim]);
         v = tf.reshape(vFlat, [batch, seqQ, headsKV, headDim]);
       }
       if (this.rotaryEmbDim > 0) {
         this.rotaryTables ??= new RotaryTables(this.rotaryEmbDim, this.rotaryEmbBase);
-        q = applyRotary(q, this.rotaryEmbDim, this.rotaryEmbBase, this.rotaryEmbInterleaved, this.rotaryTables);
-        k = applyRotary(k, this.rotaryEmbDim, this.rotaryEmbBase, this.rotaryEmbInterleaved, this.rotaryTables);
+        q = applyRotary(
+            q, this.rotaryEmbDim, this.rotaryEmbBase, this.rotaryEmbInterleaved, this.rotaryTables);
+        k = applyRotary(
+            k, this.rotaryEmbDim, this.rotaryEmbBase, this.rotaryEmbInterleaved, this.rotaryTables);
       }
       const keyMask = this.keyMaskOf(kwargs);
-      if (keyMask != null && (keyMask.rank !== 2 || keyMask.shape[0] !== batch || keyMask.shape[1] !== k.shape[1])) {
-        throw new Error(`FlashMHA: keyPaddingMask must have shape [batch, seqK] = [${batch}, ${k.shape[1]}], got [${
-            keyMask.shape.join(', ')}]`);
+      if (keyMask != null &&
+          (keyMask.rank !== 2 || keyMask.shape[0] !== batch || keyMask.shape[1] !== k.shape[1])) {
+        throw new Error(`FlashMHA: keyPaddingMask must have shape [batch, seqK] = [${batch}, ${
+            k.shape[1]}], got [${keyMask.shape.join(', ')}]`);
       }
       const training = kwargs['training'] === true;
       const out = this.attend(q, k, v, keyMask, training);
       return this.project(tf.reshape(out, [batch, seqQ, heads * headDim]), this.outProj!);
+    });
+  }
+
+  /**
+   * A KV cache for `decode` with this layer: `maxSeqLen` tokens of `batch`
+   * sequences. The caller owns it (dispose() it when generation ends).
+   */
+  createCache(batch: number, maxSeqLen: number): KVCache {
+    return new KVCache({batch, maxSeqLen, headsKV: this.numHeadsKV, headDim: this.headDim});
+  }
+
+  /**
+   * Incremental decoding: `x [B, Snew, embedDim]` holds the next tokens of
+   * each sequence; their keys and values are appended to `cache` (made by
+   * createCache) and the result equals rows `L .. L + Snew - 1` of `call`
+   * on the whole sequence so far (L = tokens cached before). Causal
+   * self-attention only (a non-causal layer's earlier outputs depend on
+   * later tokens); inference only (no dropout, no key padding mask).
+   */
+  decode(x: tf.Tensor, cache: KVCache): tf.Tensor3D {
+    if (!this.built) {
+      throw new Error(
+          'FlashMHA.decode: the layer is not built (apply it to an input or a model first)');
+    }
+    if (this.crossAttention || !this.causal) {
+      throw new Error(`FlashMHA.decode: needs causal self-attention, got causal=${
+          this.causal}, crossAttention=${this.crossAttention}`);
+    }
+    if (!(cache instanceof KVCache) || cache.headsKV !== this.numHeadsKV ||
+        cache.headDim !== this.headDim) {
+      throw new Error(`FlashMHA.decode: cache must be a KVCache from createCache (Hk = ${
+          this.numHeadsKV}, D = ${this.headDim})`);
+    }
+    if (x.rank !== 3 || x.shape[0] !== cache.batch || x.shape[2] !== this.embedDim) {
+      throw new Error(`FlashMHA.decode: x must have shape [batch = ${
+          cache.batch}, Snew, embedDim = ${this.embedDim}], got [${x.shape.join(', ')}]`);
+    }
+    return tf.tidy(() => {
+      const [batch, seqNew] = x.shape;
+      const {numHeads: heads, numHeadsKV: headsKV, headDim} = this;
+      const qkv = this.project(x, this.qkvProj!);
+      const [qFlat, kFlat, vFlat] =
+          tf.split(qkv, [heads * headDim, headsKV * headDim, headsKV * headDim], 2);
+      const q = tf.reshape(qFlat, [batch, seqNew, heads, headDim]) as tf.Tensor4D;
+      const k = tf.reshape(kFlat, [batch, seqNew, headsKV, headDim]) as tf.Tensor4D;
+      const v = tf.reshape(vFlat, [batch, seqNew, headsKV, headDim]) as tf.Tensor4D;
+      let rotary = {};
+      if (this.rotaryEmbDim > 0) {
+        // The same tables as `call`, read at each token's position.
+        this.rotaryTables ??= new RotaryTables(this.rotaryEmbDim, this.rotaryEmbBase);
+        const [rotaryCos, rotarySin] = this.rotaryTables.get(cache.maxSeqLen);
+        rotary = {rotaryCos, rotarySin, rotaryInterleaved: this.rotaryEmbInterleaved};
+      }
+      const slopes = this.alibiSlopesTensor();
+      const out = cache.attend(q, k, v, {
+        causal: true,
+        softmaxScale: this.softmaxScale,
+        windowSize: this.windowSize,
+        softcap: this.softcap,
+        ...(slopes == null ? {} : {alibiSlopes: slopes}),
+        ...rotary,
+      });
+      return this.project(tf.reshape(out, [batch, seqNew, heads * headDim]), this.outProj!);
     });
   }
 
@@ -319,11 +488,14 @@ export class FlashMHA extends tfl.layers.Layer {
 
   /**
    * The attention itself: q `[B, Sq, H, D]`, k and v `[B, Sk, Hk, D]` ->
-   * `[B, Sq, H, D]`. flashAttention, or the masked composed path when the
-   * call has a key padding mask (the fused kernels take no mask).
+   * `[B, Sq, H, D]`. flashAttention; a key padding mask (each row real
+   * keys, then padding) becomes its per-batch key lengths, which the fused
+   * kernels skip by tile; any other key mask takes the masked composed
+   * path (docs/varlen.md).
    */
-  protected attend(q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D, keyMask: tf.Tensor|null,
-                   training: boolean): tf.Tensor4D {
+  protected attend(
+      q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D, keyMask: tf.Tensor|null,
+      training: boolean): tf.Tensor4D {
     const common = {
       causal: this.causal,
       softmaxScale: this.softmaxScale,
@@ -333,7 +505,18 @@ export class FlashMHA extends tfl.layers.Layer {
     };
     const slopes = this.alibiSlopesTensor();
     if (keyMask != null) {
-      return maskedAttention(q, k, v, {...common, alibiSlopes: slopes, keyMask});
+      // Per-batch key lengths move each row's causal/window/ALiBi diagonal
+      // to its own length (flash_attn's varlen semantics), while a padding
+      // mask keeps it at Sk - Sq: only diagonal-free calls may use them.
+      const usesDiagonal = this.causal || slopes != null ||
+          (this.windowSize != null && this.windowSize.some(w => w >= 0));
+      const seqlensK = usesDiagonal ? null : keyPaddingLengths(keyMask, paddingMaskLengths);
+      if (seqlensK == null) {
+        return maskedAttention(q, k, v, {...common, alibiSlopes: slopes, keyMask});
+      }
+      return flashAttention(
+          q, k, v,
+          slopes == null ? {...common, seqlensK} : {...common, seqlensK, alibiSlopes: slopes});
     }
     return flashAttention(q, k, v, slopes == null ? common : {...common, alibiSlopes: slopes});
   }
@@ -372,7 +555,9 @@ export class FlashMHA extends tfl.layers.Layer {
    */
   static override fromConfig<T extends tf.serialization.Serializable>(
       cls: tf.serialization.SerializableConstructor<T>, config: tf.serialization.ConfigDict): T {
-    const {numHeadsKv, ...rest} = config;
+    // tfjs-layers' deserializer adds `customObjects` to every nested
+    // config it builds from a {className, config}: not a layer argument.
+    const {numHeadsKv, customObjects: _customObjects, ...rest} = config;
     return new cls({...rest, numHeadsKV: rest['numHeadsKV'] ?? numHeadsKv});
   }
 }

@@ -18,8 +18,8 @@ const MASKED_SCORE = -1e9;
  * `[B, H, T, S]` (before dropout, as Keras returns them).
  */
 export function kerasMaskedAttention(
-    q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D, mask: tf.Tensor|null,
-    scale: number, dropoutRate: number): [tf.Tensor4D, tf.Tensor4D] {
+    q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D, mask: tf.Tensor|null, scale: number,
+    dropoutRate: number): [tf.Tensor4D, tf.Tensor4D] {
   return tf.tidy(() => {
     // Keras scales the query before the product.
     const qh = tf.transpose(tf.mul(q, tf.scalar(scale)), [0, 2, 1, 3]);

@@ -34,28 +34,47 @@ export function describe(value: unknown): string {
 /** Keys of the Keras 2 and Keras 3 configs, and tfjs's own layer args. */
 const KNOWN_KEYS = new Set([
   // Keras MultiHeadAttention.
-  'numHeads', 'keyDim', 'valueDim', 'dropout', 'useBias', 'outputShape',
-  'attentionAxes', 'kernelInitializer', 'biasInitializer', 'kernelRegularizer',
-  'biasRegularizer', 'activityRegularizer', 'kernelConstraint',
-  'biasConstraint', 'queryShape', 'keyShape', 'valueShape',
+  'numHeads',
+  'keyDim',
+  'valueDim',
+  'dropout',
+  'useBias',
+  'outputShape',
+  'attentionAxes',
+  'kernelInitializer',
+  'biasInitializer',
+  'kernelRegularizer',
+  'biasRegularizer',
+  'activityRegularizer',
+  'kernelConstraint',
+  'biasConstraint',
+  'queryShape',
+  'keyShape',
+  'valueShape',
   // Keras 3: the dropout seed, and a backend choice that does not change
   // the numbers.
-  'seed', 'flashAttention',
+  'seed',
+  'flashAttention',
   // Keras and tfjs base layer.
-  'name', 'trainable', 'dtype', 'inputShape', 'batchInputShape', 'batchSize',
-  'inputDType', 'weights',
+  'name',
+  'trainable',
+  'dtype',
+  'inputShape',
+  'batchInputShape',
+  'batchSize',
+  'inputDType',
+  'weights',
   // Added by tfjs-layers' deserialization.
   'customObjects',
 ]);
 
 /** Throws for configuration keys this layer does not know. */
-export function checkKnownKeys(
-    config: Record<string, unknown>, layerName: string|undefined): void {
+export function checkKnownKeys(config: Record<string, unknown>, layerName: string|undefined): void {
   const unknown = Object.keys(config).filter(k => !KNOWN_KEYS.has(k));
   if (unknown.length > 0) {
     throw new Error(`${layerPrefix(layerName)}unsupported configuration ${
         unknown.map(k => `'${kerasName(k)}'`).join(', ')} (known: ${
-        [...KNOWN_KEYS].map(kerasName).join(', ')})`);
+            [...KNOWN_KEYS].map(kerasName).join(', ')})`);
   }
 }
 
@@ -74,33 +93,30 @@ export function checkDType(dtype: unknown, layerName: string|undefined): void {
     name = policy.config?.name;
   }
   if (name !== 'float32') {
-    throw new Error(`${layerPrefix(layerName)}dtype ${
-        describe(dtype)} is not supported: only float32`);
+    throw new Error(
+        `${layerPrefix(layerName)}dtype ${describe(dtype)} is not supported: only float32`);
   }
 }
 
-export function positiveInt(
-    value: unknown, key: string, layerName: string|undefined): number {
+export function positiveInt(value: unknown, key: string, layerName: string|undefined): number {
   if (typeof value !== 'number' || !Number.isInteger(value) || value < 1) {
-    throw new Error(`${layerPrefix(layerName)}${
-        kerasName(key)} must be a positive integer, got ${describe(value)}`);
+    throw new Error(`${layerPrefix(layerName)}${kerasName(key)} must be a positive integer, got ${
+        describe(value)}`);
   }
   return value;
 }
 
 /** An int or a list of ints (Keras accepts both), as a list or null. */
 export function intList(
-    value: unknown, key: string, layerName: string|undefined,
-    min: number): number[]|null {
+    value: unknown, key: string, layerName: string|undefined, min: number): number[]|null {
   if (value == null) {
     return null;
   }
   const list = Array.isArray(value) ? value : [value];
   if (list.length === 0 ||
       !list.every(v => typeof v === 'number' && Number.isInteger(v) && v >= min)) {
-    throw new Error(`${layerPrefix(layerName)}${
-        kerasName(key)} must be an integer >= ${min} or a non-empty list of them, got ${
-        describe(value)}`);
+    throw new Error(`${layerPrefix(layerName)}${kerasName(key)} must be an integer >= ${
+        min} or a non-empty list of them, got ${describe(value)}`);
   }
   return list as number[];
 }
@@ -111,8 +127,7 @@ export function intList(
  * tfjs-layers registered under that name (its own resolvers are not
  * public). All three kinds are used through their `apply`.
  */
-export function resolveObject<T>(
-    value: unknown, key: string, layerName: string|undefined): T|null {
+export function resolveObject<T>(value: unknown, key: string, layerName: string|undefined): T|null {
   if (value == null) {
     return null;
   }
@@ -139,8 +154,8 @@ export function resolveObject<T>(
   }
   const instance = entry[1](entry[0], {...config}) as unknown as Record<string, unknown>;
   if (typeof instance.apply !== 'function') {
-    throw new Error(`${layerPrefix(layerName)}${kerasName(key)} '${
-        className}' is not of the expected kind`);
+    throw new Error(
+        `${layerPrefix(layerName)}${kerasName(key)} '${className}' is not of the expected kind`);
   }
   return instance as unknown as T;
 }

@@ -43,16 +43,22 @@ function toCamelCase(identifier: string): string {
 
 type NodeEntry = [string, number, number, Record<string, unknown>?];
 
-function isTensorRef(value: unknown): value is [string, number, number] {
-  return Array.isArray(value) && value.length === 3 &&
-      typeof value[0] === 'string' && Number.isInteger(value[1]) &&
-      Number.isInteger(value[2]);
+function isTensorRef(value: unknown): value is[string, number, number] {
+  return Array.isArray(value) && value.length === 3 && typeof value[0] === 'string' &&
+      Number.isInteger(value[1]) && Number.isInteger(value[2]);
 }
 
 /** The call kwargs of Keras's MultiHeadAttention (camelCased). */
 const CALL_KEYS = new Set([
-  'value', 'key', 'attentionMask', 'useCausalMask', 'returnAttentionScores',
-  'training', 'queryMask', 'valueMask', 'keyMask',
+  'value',
+  'key',
+  'attentionMask',
+  'useCausalMask',
+  'returnAttentionScores',
+  'training',
+  'queryMask',
+  'valueMask',
+  'keyMask',
 ]);
 
 /**
@@ -61,11 +67,11 @@ const CALL_KEYS = new Set([
  * kwargs tensor back to the config's name.
  */
 function rewriteNode(
-    nodeData: unknown, layerName: string,
-    resolveName: (name: string) => string): unknown {
+    nodeData: unknown, layerName: string, resolveName: (name: string) => string): unknown {
   if (!Array.isArray(nodeData)) {
-    throw new Error(`${layerPrefix(layerName)}inbound node ${
-        describe(nodeData)} is not in the tfjs layers format (a Keras 3 ` +
+    throw new Error(
+        `${layerPrefix(layerName)}inbound node ${
+            describe(nodeData)} is not in the tfjs layers format (a Keras 3 ` +
         `functional config? tfjs-layers 4.22 reads the Keras 2 format, as ` +
         `tensorflowjs_converter writes it from tf.keras / tf_keras models)`);
   }
@@ -74,8 +80,8 @@ function rewriteNode(
     return nodeData;  // Already this package's form (a tfjs-saved model).
   }
   if (entries.length !== 1 || !Array.isArray(entries[0])) {
-    throw new Error(`${layerPrefix(layerName)}a call takes one query tensor, got ${
-        describe(nodeData)}`);
+    throw new Error(
+        `${layerPrefix(layerName)}a call takes one query tensor, got ${describe(nodeData)}`);
   }
   const [queryLayer, queryNode, queryTensor, kwargs = {}] = entries[0];
   for (const key of Object.keys(kwargs)) {
@@ -101,8 +107,8 @@ function rewriteNode(
     roles.push(role);
   };
   if (kwargs.value == null) {
-    throw new Error(`${layerPrefix(layerName)}the call has no 'value' tensor (kwargs ${
-        describe(kwargs)})`);
+    throw new Error(
+        `${layerPrefix(layerName)}the call has no 'value' tensor (kwargs ${describe(kwargs)})`);
   }
   addRef(kwargs.value, 'value', 'value');
   if (kwargs.key != null) {
@@ -115,29 +121,31 @@ function rewriteNode(
     } else if (Array.isArray(kwargs.attentionMask)) {
       constantMask = kwargs.attentionMask;  // A numpy constant.
     } else {
-      throw new Error(`${layerPrefix(layerName)}call argument 'attention_mask' must be a tensor, got ${
-          describe(kwargs.attentionMask)}`);
+      throw new Error(
+          `${layerPrefix(layerName)}call argument 'attention_mask' must be a tensor, got ${
+              describe(kwargs.attentionMask)}`);
     }
   }
   const flag = (key: string): boolean => {
     const value = kwargs[key] ?? false;
     if (typeof value !== 'boolean') {
       throw new Error(`${layerPrefix(layerName)}call argument '${
-          key.replace(/[A-Z]/g, c => `_${c.toLowerCase()}`)}' must be a boolean, got ${
-          describe(value)}`);
+          key.replace(
+              /[A-Z]/g, c => `_${c.toLowerCase()}`)}' must be a boolean, got ${describe(value)}`);
     }
     return value;
   };
   const training = kwargs.training ?? null;
   if (training !== null && typeof training !== 'boolean') {
-    throw new Error(`${layerPrefix(layerName)}call argument 'training' must be a boolean or null, got ${
-        describe(training)}`);
+    throw new Error(
+        `${layerPrefix(layerName)}call argument 'training' must be a boolean or null, got ${
+            describe(training)}`);
   }
   const call: KerasCall = {
     inputs: roles,
     useCausalMask: flag('useCausalMask'),
     returnAttentionScores: flag('returnAttentionScores'),
-    training: training as boolean|null,
+    training: training as boolean | null,
     constantMask,
   };
   const newKwargs = {[KERAS_CALL_KEY]: call};
@@ -169,9 +177,9 @@ export function rewriteFunctionalConfig(
     }
     const matches = names.filter(n => toCamelCase(n) === name);
     if (matches.length !== 1) {
-      throw new Error(`MultiHeadAttention: a call argument refers to layer '${
-          name}', which ${matches.length === 0 ? 'the model does not have' :
-          `is ambiguous (${matches.join(', ')})`}`);
+      throw new Error(`MultiHeadAttention: a call argument refers to layer '${name}', which ${
+          matches.length === 0 ? 'the model does not have' :
+                                 `is ambiguous (${matches.join(', ')})`}`);
     }
     return matches[0];
   };
@@ -182,8 +190,7 @@ export function rewriteFunctionalConfig(
     const layerName = String(layerData.name ?? layerData.config?.name);
     return {
       ...layerData,
-      inboundNodes: layerData.inboundNodes.map(
-          node => rewriteNode(node, layerName, resolveName)),
+      inboundNodes: layerData.inboundNodes.map(node => rewriteNode(node, layerName, resolveName)),
     };
   });
   return {...config, layers: rewritten as unknown as tf.serialization.ConfigDictValue};
@@ -196,8 +203,7 @@ const WRAPPED = Symbol.for('tfjs-flash-attention.kerasFunctionalConfig');
  * ('Functional', 'Model') in the serialization registry so that configs
  * are rewritten first. Idempotent; the classes are unchanged.
  */
-export function installFunctionalRewrite(
-    isOurs: (layerData: LayerData) => boolean): void {
+export function installFunctionalRewrite(isOurs: (layerData: LayerData) => boolean): void {
   const map = tf.serialization.SerializationMap.getMap().classNameMap;
   for (const className of ['Functional', 'Model']) {
     const entry = map[className];
@@ -208,11 +214,10 @@ export function installFunctionalRewrite(
     if ((fromConfig as unknown as Record<symbol, boolean>)[WRAPPED]) {
       continue;
     }
-    const wrapped = ((c: typeof cls, config: tf.serialization.ConfigDict,
-                      ...rest: unknown[]) =>
-        (fromConfig as (...args: unknown[]) => tf.serialization.Serializable)(
-            c, rewriteFunctionalConfig(config, isOurs), ...rest)) as
-        unknown as typeof fromConfig;
+    const wrapped = ((c: typeof cls, config: tf.serialization.ConfigDict, ...rest: unknown[]) =>
+                         (fromConfig as (...args: unknown[]) => tf.serialization.Serializable)(
+                             c, rewriteFunctionalConfig(config, isOurs), ...rest)) as unknown as
+        typeof fromConfig;
     (wrapped as unknown as Record<symbol, boolean>)[WRAPPED] = true;
     map[className] = [cls, wrapped];
   }

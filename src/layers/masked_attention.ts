@@ -1,9 +1,10 @@
 /**
- * Attention composed of tfjs ops that also takes a key padding mask. The
- * fused FlashAttention kernels have no mask input, so FlashMHA runs this
- * path when a call carries a mask. It holds the `[B, H, Sq, Sk]` scores,
+ * Attention composed of tfjs ops that also takes a key mask. The fused
+ * FlashAttention kernels take key padding masks only (as per-batch key
+ * lengths), so FlashMHA runs this path for a key mask that is not a
+ * padding mask (a false followed by a true in some row). It holds the `[B, H, Sq, Sk]` scores,
  * like the attention users compose today; semantics otherwise match
- * flashAttention (DESIGN.md §2): scale, softcap, ALiBi, window/causal
+ * flashAttention (docs/design.md, "Semantics"): scale, softcap, ALiBi, window/causal
  * (bottom-right aligned), GQA; a query row that sees no key gives zeros.
  * Its dropout draws a fresh random mask with tf.randomUniform (not the
  * op's seeded Philox mask).
@@ -20,6 +21,35 @@ export interface MaskedAttentionOptions {
   dropoutRate?: number;
   /** `[B, Sk]`, true (or non-zero) = the key may be attended to. */
   keyMask?: tf.Tensor|null;
+}
+
+/**
+ * The `[B]` int32 key lengths of a `[B, Sk]` key mask that is a padding
+ * mask, or null for any other mask. `lengthsOf` is paddingMaskLengths
+ * (src/seqlens.ts): where the backend cannot read the mask synchronously
+ * (tfjs-backend-webgpu in Node) it cannot be checked, and it is taken as a
+ * padding mask: the lengths are then its rows' leading trues.
+ */
+export function keyPaddingLengths(
+    keyMask: tf.Tensor,
+    lengthsOf: (mask: tf.Tensor) => Int32Array | null | 'unchecked'): tf.Tensor1D|null {
+  if (keyMask.rank !== 2) {
+    return null;
+  }
+  const lengths = lengthsOf(keyMask);
+  if (lengths == null) {
+    return null;
+  }
+  if (lengths !== 'unchecked') {
+    return tf.tensor1d(lengths, 'int32');
+  }
+  return tf.tidy(() => {
+    const [batch, seq] = keyMask.shape as [number, number];
+    const index = tf.broadcastTo(tf.reshape(tf.range(0, seq, 1, 'int32'), [1, seq]), [batch, seq]);
+    const firstFalse =
+        tf.where(tf.cast(keyMask, 'bool'), tf.fill([batch, seq], seq, 'int32'), index);
+    return tf.min(firstFalse, 1) as tf.Tensor1D;
+  });
 }
 
 /** `[B, Sk, Hk, D]` -> `[B, Sk, Hk * groups, D]`: head h reads kv head floor(h / groups). */
@@ -79,8 +109,9 @@ export function maskedAttention(
       scores = tf.mul(tf.tanh(tf.div(scores, opts.softcap)), opts.softcap);
     }
     if (opts.alibiSlopes != null) {
-      const slopes = opts.alibiSlopes.rank === 1 ? tf.reshape(opts.alibiSlopes, [1, heads, 1, 1]) :
-                                                   tf.reshape(opts.alibiSlopes, [batch, heads, 1, 1]);
+      const slopes = opts.alibiSlopes.rank === 1 ?
+          tf.reshape(opts.alibiSlopes, [1, heads, 1, 1]) :
+          tf.reshape(opts.alibiSlopes, [batch, heads, 1, 1]);
       scores = tf.sub(scores, tf.mul(slopes, distanceTable(seqQ, seqK)));
     }
     let [left, right] = opts.windowSize ?? [-1, -1];
@@ -93,7 +124,8 @@ export function maskedAttention(
       allowed = tf.reshape(windowTable(seqQ, seqK, left, right), [1, 1, seqQ, seqK]);
     }
     if (opts.keyMask != null) {
-      const keys = tf.reshape(tf.cast(tf.cast(opts.keyMask, 'bool'), 'float32'), [batch, 1, 1, seqK]);
+      const keys =
+          tf.reshape(tf.cast(tf.cast(opts.keyMask, 'bool'), 'float32'), [batch, 1, 1, seqK]);
       allowed = allowed == null ? keys : tf.mul(allowed, keys);
     }
     let probs: tf.Tensor;

@@ -7,13 +7,20 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type {LayerVariable} from '@tensorflow/tfjs-layers';
+import {FlashAttentionError, suggestOption} from 'tfjs-flash-attention';
 
 import type {FlashMHA} from './flash_mha';
 
 /** Keras's weight names, in the order of Keras's `get_weights()`. */
 export const MULTI_HEAD_ATTENTION_WEIGHT_NAMES = [
-  'query/kernel', 'query/bias', 'key/kernel', 'key/bias', 'value/kernel', 'value/bias',
-  'attention_output/kernel', 'attention_output/bias',
+  'query/kernel',
+  'query/bias',
+  'key/kernel',
+  'key/bias',
+  'value/kernel',
+  'value/bias',
+  'attention_output/kernel',
+  'attention_output/bias',
 ] as const;
 
 export type MultiHeadAttentionWeightName = typeof MULTI_HEAD_ATTENTION_WEIGHT_NAMES[number];
@@ -38,7 +45,8 @@ interface MultiHeadAttentionLike {
 export type MultiHeadAttentionWeightsSource =
     MultiHeadAttentionLike|Partial<Record<MultiHeadAttentionWeightName, tf.Tensor>>|tf.Tensor[];
 
-function byName(source: MultiHeadAttentionWeightsSource): Partial<Record<MultiHeadAttentionWeightName, tf.Tensor>> {
+function byName(source: MultiHeadAttentionWeightsSource):
+    Partial<Record<MultiHeadAttentionWeightName, tf.Tensor>> {
   if (Array.isArray(source)) {
     if (source.length === 8) {
       return Object.fromEntries(MULTI_HEAD_ATTENTION_WEIGHT_NAMES.map((n, i) => [n, source[i]]));
@@ -47,18 +55,27 @@ function byName(source: MultiHeadAttentionWeightsSource): Partial<Record<MultiHe
       const kernels = MULTI_HEAD_ATTENTION_WEIGHT_NAMES.filter(n => n.endsWith('kernel'));
       return Object.fromEntries(kernels.map((n, i) => [n, source[i]]));
     }
-    throw new Error(`loadMultiHeadAttentionWeights: a weight list must have 8 tensors (4 without biases) in Keras's order ${
-        MULTI_HEAD_ATTENTION_WEIGHT_NAMES.join(', ')}, got ${source.length}`);
+    throw new FlashAttentionError(
+        LOADER, 'source',
+        `8 tensors (4 without biases) in Keras's order ${
+            MULTI_HEAD_ATTENTION_WEIGHT_NAMES.join(', ')}`,
+        `${source.length} tensors`);
   }
   const layer = source as MultiHeadAttentionLike;
   if (layer.queryDense !== undefined || layer.outputDense !== undefined) {
     const result: Partial<Record<MultiHeadAttentionWeightName, tf.Tensor>> = {};
-    const sublayers = {query: layer.queryDense, key: layer.keyDense, value: layer.valueDense,
-                       attention_output: layer.outputDense};
+    const sublayers = {
+      query: layer.queryDense,
+      key: layer.keyDense,
+      value: layer.valueDense,
+      attention_output: layer.outputDense
+    };
     for (const [prefix, dense] of Object.entries(sublayers)) {
       if (dense == null || dense.kernel == null) {
-        throw new Error(`loadMultiHeadAttentionWeights: the MultiHeadAttention layer is not built (no ${
-            prefix} kernel): call it once first`);
+        throw new FlashAttentionError(
+            LOADER, 'source', 'a built MultiHeadAttention layer', `no ${prefix} kernel`,
+            `${LOADER}: the MultiHeadAttention layer is not built (no ${
+                prefix} kernel): call it once first`);
       }
       result[`${prefix}/kernel` as MultiHeadAttentionWeightName] = dense.kernel.read();
       if (dense.bias != null) {
@@ -67,16 +84,47 @@ function byName(source: MultiHeadAttentionWeightsSource): Partial<Record<MultiHe
     }
     return result;
   }
+  if (source == null || typeof source !== 'object') {
+    throw new FlashAttentionError(
+        LOADER, 'source', 'a MultiHeadAttention layer, tensors by Keras weight name or a list',
+        String(source));
+  }
+  // Tensors by name: a misspelt key would leave its weight as it was.
+  const known = MULTI_HEAD_ATTENTION_WEIGHT_NAMES as readonly string[];
+  const specs = known.map(name => ({name, expected: 'a tf.Tensor', valid: () => true}));
+  for (const key of Object.keys(source)) {
+    if (!known.includes(key)) {
+      const meant = suggestOption(key, specs);
+      throw new FlashAttentionError(
+          LOADER, key, `one of ${known.join(', ')}`, key,
+          `${LOADER}: unknown weight '${key}'${
+              meant != null ? `; did you mean '${meant}'?` : ''} ` +
+              `Known: ${known.join(', ')}`);
+    }
+  }
   return source as Partial<Record<MultiHeadAttentionWeightName, tf.Tensor>>;
 }
 
+const LOADER = 'loadMultiHeadAttentionWeights';
+
 function expectShape(t: tf.Tensor|undefined, name: string, shape: number[]): tf.Tensor {
+  const expected = `a float32 tf.Tensor of shape [${shape.join(', ')}]`;
   if (t == null) {
-    throw new Error(`loadMultiHeadAttentionWeights: ${name} is missing`);
+    throw new FlashAttentionError(
+        LOADER, name, expected, 'nothing', `${LOADER}: ${name} is missing`);
+  }
+  if (!(t instanceof tf.Tensor) || t.isDisposed) {
+    throw new FlashAttentionError(
+        LOADER, name, expected, t instanceof tf.Tensor ? 'a disposed tensor' : typeof t);
   }
   if (t.shape.length !== shape.length || t.shape.some((d, i) => d !== shape[i])) {
-    throw new Error(`loadMultiHeadAttentionWeights: ${name} must have shape [${shape.join(', ')}] for this FlashMHA, got [${
-        t.shape.join(', ')}]`);
+    throw new FlashAttentionError(
+        LOADER, name, expected, `[${t.shape.join(', ')}]`,
+        `${LOADER}: ${name} must have shape [${shape.join(', ')}] for this FlashMHA, got [${
+            t.shape.join(', ')}]`);
+  }
+  if (t.dtype !== 'float32') {
+    throw new FlashAttentionError(LOADER, name, expected, `dtype ${t.dtype}`);
   }
   return t;
 }
@@ -92,12 +140,14 @@ function expectShape(t: tf.Tensor|undefined, name: string, shape: number[]): tf.
  * they are the caller's choice to keep). A missing bias loads as zeros; a
  * bias the target has no place for is an error.
  */
-export function loadMultiHeadAttentionWeights(target: FlashMHA, source: MultiHeadAttentionWeightsSource): void {
+export function loadMultiHeadAttentionWeights(
+    target: FlashMHA, source: MultiHeadAttentionWeightsSource): void {
   const w = byName(source);
   const {embedDim: e, numHeads: h, headDim: d} = target;
   if (target.numHeadsKV !== h) {
-    throw new Error(`loadMultiHeadAttentionWeights: the FlashMHA must have numHeadsKV == numHeads (${h}), got numHeadsKV = ${
-        target.numHeadsKV}`);
+    throw new FlashAttentionError(
+        LOADER, 'target', `a FlashMHA with numHeadsKV == numHeads (${h})`,
+        `numHeadsKV = ${target.numHeadsKV}`);
   }
   const kvDim = w['key/kernel']?.shape[0] ?? e;
   const query = expectShape(w['query/kernel'], 'query/kernel', [e, h, d]);
@@ -105,15 +155,33 @@ export function loadMultiHeadAttentionWeights(target: FlashMHA, source: MultiHea
   const value = expectShape(w['value/kernel'], 'value/kernel', [kvDim, h, d]);
   const out = expectShape(w['attention_output/kernel'], 'attention_output/kernel', [h, d, e]);
   if (!target.crossAttention && kvDim !== e) {
-    throw new Error(`loadMultiHeadAttentionWeights: key/kernel's input width ${kvDim} differs from embedDim ${
-        e}: use a FlashMHA with crossAttention`);
+    throw new FlashAttentionError(
+        LOADER, 'key/kernel', `input width embedDim = ${e} (else use crossAttention)`,
+        String(kvDim),
+        `${LOADER}: key/kernel's input width ${kvDim} differs from embedDim ${
+            e}: use a FlashMHA with crossAttention`);
   }
-  const hasQKVBias = ['query/bias', 'key/bias', 'value/bias'].some(n => w[n as MultiHeadAttentionWeightName] != null);
+  const hasQKVBias = ['query/bias', 'key/bias', 'value/bias'].some(
+      n => w[n as MultiHeadAttentionWeightName] != null);
   if (hasQKVBias && !target.qkvProjBias) {
-    throw new Error('loadMultiHeadAttentionWeights: the source has q/k/v biases but the FlashMHA has qkvProjBias: false');
+    throw new FlashAttentionError(
+        LOADER, 'target', 'a FlashMHA with qkvProjBias: true', 'qkvProjBias: false',
+        `${LOADER}: the source has q/k/v biases but the FlashMHA has qkvProjBias: false`);
   }
   if (w['attention_output/bias'] != null && !target.outProjBias) {
-    throw new Error('loadMultiHeadAttentionWeights: the source has an output bias but the FlashMHA has outProjBias: false');
+    throw new FlashAttentionError(
+        LOADER, 'target', 'a FlashMHA with outProjBias: true', 'outProjBias: false',
+        `${LOADER}: the source has an output bias but the FlashMHA has outProjBias: false`);
+  }
+  // Every bias is checked before anything is built or written: all or
+  // nothing.
+  for (const name of ['query/bias', 'key/bias', 'value/bias'] as const) {
+    if (w[name] != null) {
+      expectShape(w[name], name, [h, d]);
+    }
+  }
+  if (w['attention_output/bias'] != null) {
+    expectShape(w['attention_output/bias'], 'attention_output/bias', [e]);
   }
   if (!target.built) {
     // Built through apply (on a 1-token input), as tfjs expects of a layer
@@ -124,8 +192,9 @@ export function loadMultiHeadAttentionWeights(target: FlashMHA, source: MultiHea
     });
   }
   const values = tf.tidy(() => {
-    const bias = (name: MultiHeadAttentionWeightName) =>
-        w[name] == null ? tf.zeros([h * d]) : tf.reshape(expectShape(w[name], name, [h, d]), [h * d]);
+    const bias = (name: MultiHeadAttentionWeightName) => w[name] == null ?
+        tf.zeros([h * d]) :
+        tf.reshape(expectShape(w[name], name, [h, d]), [h * d]);
     const flat = (t: tf.Tensor, rows: number) => tf.reshape(t, [rows, h * d]);
     const result: Record<string, tf.Tensor> = {};
     if (target.crossAttention) {
@@ -139,7 +208,8 @@ export function loadMultiHeadAttentionWeights(target: FlashMHA, source: MultiHea
     }
     result['out/kernel'] = tf.reshape(out, [h * d, e]);
     result['out/bias'] = w['attention_output/bias'] == null ?
-        tf.zeros([e]) : tf.clone(expectShape(w['attention_output/bias'], 'attention_output/bias', [e]));
+        tf.zeros([e]) :
+        tf.clone(expectShape(w['attention_output/bias'], 'attention_output/bias', [e]));
     return result;
   });
   try {

@@ -24,9 +24,10 @@ import type {Initializer} from '@tensorflow/tfjs-layers/dist/initializers';
 import type {Shape} from '@tensorflow/tfjs-layers/dist/keras_format/common';
 import type {Regularizer} from '@tensorflow/tfjs-layers/dist/regularizers';
 import type {Kwargs} from '@tensorflow/tfjs-layers/dist/types';
-import {flashAttention, MAX_HEAD_DIM} from 'tfjs-flash-attention';
+import {flashAttention, KVCache, MAX_HEAD_DIM, paddingMaskLengths} from 'tfjs-flash-attention';
 
 import {kerasCausalMask, kerasMaskedAttention} from './keras_attention';
+import {keyPaddingLengths} from './masked_attention';
 import {checkDType, checkKnownKeys, describe, intList, kerasName, layerPrefix, positiveInt, resolveObject} from './keras_config';
 import {serializeObject} from './serialization';
 import {installFunctionalRewrite, KERAS_CALL_KEY, KerasCall, KerasCallRole} from './keras_functional';
@@ -117,6 +118,8 @@ export class MultiHeadAttention extends tfl.layers.Layer {
   private nodeCall: KerasCall|null = null;
   /** The call being applied (read by build and computeOutputShape). */
   private pendingCall: KerasCall|null = null;
+  /** The current call's Keras masks, split (set by implicitMask). */
+  private maskParts: {query: tf.Tensor|null, key: tf.Tensor|null}|null = null;
   private kernels: Record<string, tfl.LayerVariable> = {};
   private biases: Record<string, tfl.LayerVariable> = {};
 
@@ -127,8 +130,8 @@ export class MultiHeadAttention extends tfl.layers.Layer {
     this.supportsMasking = true;
     this.numHeads = positiveInt(args.numHeads, 'numHeads', this.name);
     this.keyDim = positiveInt(args.keyDim, 'keyDim', this.name);
-    this.valueDim = args.valueDim == null ?
-        this.keyDim : positiveInt(args.valueDim, 'valueDim', this.name);
+    this.valueDim =
+        args.valueDim == null ? this.keyDim : positiveInt(args.valueDim, 'valueDim', this.name);
     const dropout = args.dropout ?? 0;
     if (typeof dropout !== 'number' || !(dropout >= 0 && dropout < 1)) {
       throw new Error(`${layerPrefix(this.name)}dropout must be a number in [0, 1), got ${
@@ -137,24 +140,24 @@ export class MultiHeadAttention extends tfl.layers.Layer {
     this.dropout = dropout;
     const useBias = args.useBias ?? true;
     if (typeof useBias !== 'boolean') {
-      throw new Error(`${layerPrefix(this.name)}use_bias must be a boolean, got ${
-          describe(args.useBias)}`);
+      throw new Error(
+          `${layerPrefix(this.name)}use_bias must be a boolean, got ${describe(args.useBias)}`);
     }
     this.useBias = useBias;
     this.outputDims = intList(args.outputShape, 'outputShape', this.name, 1);
     this.attentionAxes = intList(args.attentionAxes, 'attentionAxes', this.name, 0);
-    this.kernelInitializer =
-        resolveObject<Initializer>(args.kernelInitializer ?? 'glorotUniform',
-                                   'kernelInitializer', this.name)!;
-    this.biasInitializer = resolveObject<Initializer>(
-        args.biasInitializer ?? 'zeros', 'biasInitializer', this.name)!;
+    this.kernelInitializer = resolveObject<Initializer>(
+        args.kernelInitializer ?? 'glorotUniform', 'kernelInitializer', this.name)!;
+    this.biasInitializer =
+        resolveObject<Initializer>(args.biasInitializer ?? 'zeros', 'biasInitializer', this.name)!;
     this.kernelRegularizer =
         resolveObject<Regularizer>(args.kernelRegularizer, 'kernelRegularizer', this.name);
     this.biasRegularizer =
         resolveObject<Regularizer>(args.biasRegularizer, 'biasRegularizer', this.name);
     if (args.activityRegularizer != null) {
       const given = args.activityRegularizer instanceof tf.serialization.Serializable ?
-          serializeObject(args.activityRegularizer) : args.activityRegularizer;
+          serializeObject(args.activityRegularizer) :
+          args.activityRegularizer;
       throw new Error(`${layerPrefix(this.name)}activity_regularizer ${
           describe(given)} is not supported (tfjs-layers cannot apply activity regularizers)`);
     }
@@ -182,7 +185,8 @@ export class MultiHeadAttention extends tfl.layers.Layer {
     const [list, call] = this.normalizeCall(inputs, kwargs ?? {});
     const symbolic = list.some(t => t instanceof tfl.SymbolicTensor);
     if (symbolic && this.nodeCall != null && !sameCall(this.nodeCall, call)) {
-      throw new Error(`${layerPrefix(this.name)}the layer is called twice with different call arguments (${
+      throw new Error(`${
+          layerPrefix(this.name)}the layer is called twice with different call arguments (${
           describe(this.nodeCall)} and ${describe(call)}); a shared layer must be called alike`);
     }
     this.pendingCall = call;
@@ -204,8 +208,7 @@ export class MultiHeadAttention extends tfl.layers.Layer {
   }
 
   /** The inputs in ROLE_ORDER order and the call, from either convention. */
-  private normalizeCall(inputs: LayerIO, kwargs: Kwargs):
-      [AnyTensor[], KerasCall] {
+  private normalizeCall(inputs: LayerIO, kwargs: Kwargs): [AnyTensor[], KerasCall] {
     if (kwargs[KERAS_CALL_KEY] != null) {
       const call = this.checkStoredCall(kwargs[KERAS_CALL_KEY]);
       const list = Array.isArray(inputs) ? inputs : [inputs];
@@ -225,21 +228,23 @@ export class MultiHeadAttention extends tfl.layers.Layer {
     const byRole: Partial<Record<KerasCallRole, AnyTensor>> = {};
     if (Array.isArray(inputs)) {
       if (inputs.length < 1 || inputs.length > 3) {
-        throw new Error(`${layerPrefix(this.name)}inputs must be query or [query, value, key?], got ${
-            inputs.length} tensors`);
+        throw new Error(
+            `${layerPrefix(this.name)}inputs must be query or [query, value, key?], got ${
+                inputs.length} tensors`);
       }
       [byRole.query, byRole.value, byRole.key] = inputs;
     } else {
       byRole.query = inputs;
     }
-    for (const [role, arg] of [['value', 'value'], ['key', 'key'], ['mask', 'attentionMask']] as const) {
+    for (const [role, arg] of [['value', 'value'], ['key', 'key'], ['mask', 'attentionMask']] as
+         const) {
       const given = kwargs[arg];
       if (given == null) {
         continue;
       }
       if (!isTensorLike(given)) {
-        throw new Error(`${layerPrefix(this.name)}${kerasName(arg)} must be a tensor, got ${
-            describe(given)}`);
+        throw new Error(
+            `${layerPrefix(this.name)}${kerasName(arg)} must be a tensor, got ${describe(given)}`);
       }
       if (byRole[role] != null) {
         throw new Error(`${layerPrefix(this.name)}${kerasName(arg)} is given twice`);
@@ -247,7 +252,8 @@ export class MultiHeadAttention extends tfl.layers.Layer {
       byRole[role] = given;
     }
     if (byRole.value == null) {
-      throw new Error(`${layerPrefix(this.name)}the call needs a value tensor: apply(query, {value})`);
+      throw new Error(
+          `${layerPrefix(this.name)}the call needs a value tensor: apply(query, {value})`);
     }
     const flag = (name: string): boolean => {
       const value = kwargs[name] ?? false;
@@ -271,11 +277,9 @@ export class MultiHeadAttention extends tfl.layers.Layer {
 
   private checkStoredCall(value: unknown): KerasCall {
     const call = value as KerasCall;
-    const ok = call != null && Array.isArray(call.inputs) &&
-        call.inputs[0] === 'query' && call.inputs[1] === 'value' &&
-        call.inputs.every(r => ROLE_ORDER.includes(r)) &&
-        typeof call.useCausalMask === 'boolean' &&
-        typeof call.returnAttentionScores === 'boolean';
+    const ok = call != null && Array.isArray(call.inputs) && call.inputs[0] === 'query' &&
+        call.inputs[1] === 'value' && call.inputs.every(r => ROLE_ORDER.includes(r)) &&
+        typeof call.useCausalMask === 'boolean' && typeof call.returnAttentionScores === 'boolean';
     if (!ok) {
       throw new Error(`${layerPrefix(this.name)}malformed ${KERAS_CALL_KEY} ${describe(value)}`);
     }
@@ -298,12 +302,17 @@ export class MultiHeadAttention extends tfl.layers.Layer {
     if (call != null) {
       return call;
     }
-    return {inputs: ['query', 'value'], useCausalMask: false,
-            returnAttentionScores: false, training: null, constantMask: null};
+    return {
+      inputs: ['query', 'value'],
+      useCausalMask: false,
+      returnAttentionScores: false,
+      training: null,
+      constantMask: null
+    };
   }
 
   private shapesByRole(inputShape: Shape|Shape[], call: KerasCall):
-      Record<'query'|'value'|'key', Shape> & {mask?: Shape} {
+      Record<'query'|'value'|'key', Shape>&{mask?: Shape} {
     const shapes = (Array.isArray(inputShape[0]) ? inputShape : [inputShape]) as Shape[];
     if (shapes.length !== call.inputs.length) {
       throw new Error(`${layerPrefix(this.name)}expected ${call.inputs.length} inputs (${
@@ -322,8 +331,9 @@ export class MultiHeadAttention extends tfl.layers.Layer {
   /** Only the default axes: every axis between batch and features. */
   private checkAttentionAxes(rank: number): void {
     if (rank < 3) {
-      throw new Error(`${layerPrefix(this.name)}inputs must have rank >= 3 ([batch, ..., features]), got rank ${
-          rank}`);
+      throw new Error(
+          `${layerPrefix(this.name)}inputs must have rank >= 3 ([batch, ..., features]), got rank ${
+              rank}`);
     }
     if (this.attentionAxes == null) {
       return;
@@ -332,7 +342,8 @@ export class MultiHeadAttention extends tfl.layers.Layer {
     const given = [...this.attentionAxes].sort((a, b) => a - b);
     if (given.length !== expected.length || given.some((a, i) => a !== expected[i])) {
       throw new Error(`${layerPrefix(this.name)}attention_axes ${
-          describe(this.attentionAxes)} is not supported: only attention over all the axes between batch and features (${
+          describe(
+              this.attentionAxes)} is not supported: only attention over all the axes between batch and features (${
           describe(expected)} for inputs of rank ${rank}, the default)`);
     }
   }
@@ -344,15 +355,15 @@ export class MultiHeadAttention extends tfl.layers.Layer {
     this.checkAttentionAxes(rank);
     for (const role of ['value', 'key'] as const) {
       if (shapes[role].length !== rank) {
-        throw new Error(`${layerPrefix(this.name)}${role} must have the rank of query (${rank}), got shape ${
-            describe(shapes[role])}`);
+        throw new Error(`${layerPrefix(this.name)}${role} must have the rank of query (${
+            rank}), got shape ${describe(shapes[role])}`);
       }
     }
     const lastDim = (role: 'query'|'value'|'key') => {
       const d = shapes[role][shapes[role].length - 1];
       if (d == null) {
-        throw new Error(`${layerPrefix(this.name)}the last dim of ${role} must be known, got shape ${
-            describe(shapes[role])}`);
+        throw new Error(`${layerPrefix(this.name)}the last dim of ${
+            role} must be known, got shape ${describe(shapes[role])}`);
       }
       return d;
     };
@@ -392,13 +403,12 @@ export class MultiHeadAttention extends tfl.layers.Layer {
     if (!call.returnAttentionScores) {
       return output;
     }
-    const scores: Shape = [q[0], this.numHeads, ...q.slice(1, -1),
-                           ...shapes.value.slice(1, -1)];
+    const scores: Shape = [q[0], this.numHeads, ...q.slice(1, -1), ...shapes.value.slice(1, -1)];
     return [output, scores];
   }
 
-  override computeMask(inputs: AnyTensor|AnyTensor[], mask?: tf.Tensor|tf.Tensor[]):
-      tf.Tensor|tf.Tensor[] {
+  override computeMask(inputs: AnyTensor|AnyTensor[], mask?: tf.Tensor|tf.Tensor[]): tf.Tensor
+      |tf.Tensor[] {
     // Keras: the output carries the query's mask.
     const queryMask = (Array.isArray(mask) ? mask[0] : mask) ?? null;
     if (this.currentCall().returnAttentionScores) {
@@ -432,8 +442,8 @@ export class MultiHeadAttention extends tfl.layers.Layer {
       }
       const autoMask = this.implicitMask(kwargs.mask, list, call);
       const [out, scores] = this.attend(
-          get('query')!, get('value')!, get('key'), mask, autoMask,
-          call.useCausalMask, call.returnAttentionScores, training);
+          get('query')!, get('value')!, get('key'), mask, autoMask, call.useCausalMask,
+          call.returnAttentionScores, training);
       return call.returnAttentionScores ? [out, scores!] : out;
     });
   }
@@ -448,8 +458,8 @@ export class MultiHeadAttention extends tfl.layers.Layer {
    * (and key) are the query itself (self-attention); otherwise the call is
    * refused.
    */
-  private implicitMask(
-      given: unknown, inputs: tf.Tensor[], call: KerasCall): tf.Tensor|null {
+  private implicitMask(given: unknown, inputs: tf.Tensor[], call: KerasCall): tf.Tensor|null {
+    this.maskParts = null;
     if (given == null) {
       return null;
     }
@@ -465,14 +475,16 @@ export class MultiHeadAttention extends tfl.layers.Layer {
       const i = call.inputs.indexOf(role);
       return i < 0 ? null : byInput[i];
     };
-    const roles: KerasCallRole[] = call.inputs.includes('key') ? ['query', 'value', 'key'] :
-                                                                 ['query', 'value'];
+    const roles: KerasCallRole[] =
+        call.inputs.includes('key') ? ['query', 'value', 'key'] : ['query', 'value'];
     const masks = roles.map(maskOf);
     if (masks.every(m => m == null)) {
       return null;
     }
     if (masks.some(m => m === undefined)) {
-      throw new Error(`${layerPrefix(this.name)}inputs with a Keras mask (e.g. from Embedding(mask_zero=True)) are supported only for self-attention in predict/fit/apply (tfjs-layers' executor passes a layer only its first input's mask): pass the padding as attention_mask`);
+      throw new Error(`${
+          layerPrefix(
+              this.name)}inputs with a Keras mask (e.g. from Embedding(mask_zero=True)) are supported only for self-attention in predict/fit/apply (tfjs-layers' executor passes a layer only its first input's mask): pass the padding as attention_mask`);
     }
     const query = inputs[0];
     const [queryMask, ...keyMasks] = masks as Array<tf.Tensor|null>;
@@ -484,16 +496,118 @@ export class MultiHeadAttention extends tfl.layers.Layer {
       }
       return tf.cast(m, 'bool');
     };
-    let auto: tf.Tensor|null = queryMask == null ? null :
-        tf.expandDims(expectMask(queryMask, query, 'query'), 2);
+    const queryBool = queryMask == null ? null : expectMask(queryMask, query, 'query');
+    let auto: tf.Tensor|null = queryBool == null ? null : tf.expandDims(queryBool, 2);
+    let keyBool: tf.Tensor|null = null;
     keyMasks.forEach((m, i) => {
       if (m != null) {
         const t = inputs[call.inputs.indexOf(roles[i + 1])];
-        const keys = tf.expandDims(expectMask(m, t, roles[i + 1]), 1);
+        const mb = expectMask(m, t, roles[i + 1]);
+        keyBool = keyBool == null ? mb : tf.logicalAnd(keyBool, mb);
+        const keys = tf.expandDims(mb, 1);
         auto = auto == null ? keys : tf.logicalAnd(auto, keys);
       }
     });
+    this.maskParts = {query: queryBool, key: keyBool};
     return auto;
+  }
+
+  /**
+   * The key lengths (and the queries' mask) when the call's masks are
+   * padding masks the fused path can take, else null (docs/varlen.md).
+   */
+  private paddingOf(
+      attentionMask: tf.Tensor|null, autoMask: tf.Tensor|null, b: number, sq: number,
+      sk: number): {seqlensK: tf.Tensor1D|null, query: tf.Tensor|null}|null {
+    if (attentionMask != null) {
+      if (autoMask != null || attentionMask.rank !== 3 || attentionMask.shape[0] !== b ||
+          attentionMask.shape[2] !== sk ||
+          (attentionMask.shape[1] !== 1 && attentionMask.shape[1] !== sq)) {
+        return null;
+      }
+      // Every query row must carry the same key padding mask: read it back
+      // (no check possible without a synchronous read: the composed path).
+      let values: ArrayLike<number>;
+      try {
+        values = attentionMask.dataSync() as ArrayLike<number>;
+      } catch (e) {
+        return null;
+      }
+      const rows = attentionMask.shape[1];
+      for (let bi = 0; bi < b; bi++) {
+        for (let i = 1; i < rows; i++) {
+          for (let j = 0; j < sk; j++) {
+            if (values[(bi * rows + i) * sk + j] !== values[bi * rows * sk + j]) {
+              return null;
+            }
+          }
+        }
+      }
+      const first = tf.tidy(
+          () =>
+              tf.reshape(tf.slice(tf.cast(attentionMask, 'bool'), [0, 0, 0], [b, 1, sk]), [b, sk]));
+      const seqlensK = keyPaddingLengths(first, paddingMaskLengths);
+      first.dispose();
+      return seqlensK == null ? null : {seqlensK, query: null};
+    }
+    const parts = this.maskParts;
+    if (autoMask == null || parts == null) {
+      return null;
+    }
+    const seqlensK = parts.key == null ? null : keyPaddingLengths(parts.key, paddingMaskLengths);
+    if (parts.key != null && seqlensK == null) {
+      return null;
+    }
+    return {seqlensK, query: parts.query};
+  }
+
+  /**
+   * A KV cache for `decode` (`numHeads` kv heads of `keyDim` and
+   * `valueDim`). The caller owns it: dispose() it when generation ends.
+   */
+  createCache(batch: number, maxSeqLen: number): KVCache {
+    return new KVCache(
+        {batch, maxSeqLen, headsKV: this.numHeads, headDim: this.keyDim, headDimV: this.valueDim});
+  }
+
+  /**
+   * Incremental decoding of causal self-attention (query = value = key,
+   * `use_causal_mask=True`): `x [B, Snew, features]` are the next tokens;
+   * their keys and values are appended to `cache` and the result equals
+   * the last Snew rows of the call on the whole sequence. Inference only
+   * (no dropout, no masks); inputs of rank 3.
+   */
+  decode(x: tf.Tensor, cache: KVCache): tf.Tensor {
+    if (!this.built) {
+      throw new Error(`${layerPrefix(this.name)}decode: the layer is not built (apply it first)`);
+    }
+    if (!(cache instanceof KVCache) || cache.headsKV !== this.numHeads ||
+        cache.headDim !== this.keyDim || cache.headDimV !== this.valueDim) {
+      throw new Error(`${layerPrefix(this.name)}decode: cache must be a KVCache from createCache`);
+    }
+    if (x.rank !== 3 || x.shape[0] !== cache.batch) {
+      throw new Error(`${layerPrefix(this.name)}decode: x must have shape [batch = ${
+          cache.batch}, Snew, features], got ${describe(x.shape)}`);
+    }
+    return tf.tidy(() => {
+      const [b, seqNew, features] = x.shape;
+      const h = this.numHeads;
+      const q =
+          tf.reshape(this.project(x, 'query', [h, this.keyDim]), [b, seqNew, h, this.keyDim]) as
+          tf.Tensor4D;
+      const k = tf.reshape(this.project(x, 'key', [h, this.keyDim]), [b, seqNew, h, this.keyDim]) as
+          tf.Tensor4D;
+      const v =
+          tf.reshape(this.project(x, 'value', [h, this.valueDim]), [b, seqNew, h, this.valueDim]) as
+          tf.Tensor4D;
+      // Keras's causal mask is top-left aligned on the whole sequence,
+      // which is the cache's bottom-right alignment.
+      const context =
+          cache.attend(q, k, v, {softmaxScale: 1 / Math.sqrt(this.keyDim), causal: true});
+      return this.project(
+          tf.reshape(context, [b, seqNew, h * this.valueDim]), 'attention_output',
+          this.outputDims ?? [features]);
+    });
   }
 
   /** Keras's EinsumDense projection `[..., in] x [in, ...out] + [...out]`. */
@@ -502,8 +616,7 @@ export class MultiHeadAttention extends tfl.layers.Layer {
     const inDim = x.shape[x.rank - 1];
     const rows = product(x.shape.slice(0, -1));
     const cols = product(outDims);
-    let y: tf.Tensor = tf.matMul(
-        tf.reshape(x, [rows, inDim]), tf.reshape(kernel, [inDim, cols]));
+    let y: tf.Tensor = tf.matMul(tf.reshape(x, [rows, inDim]), tf.reshape(kernel, [inDim, cols]));
     if (this.useBias) {
       y = tf.add(y, tf.reshape(this.biases[name].read(), [cols]));
     }
@@ -511,36 +624,39 @@ export class MultiHeadAttention extends tfl.layers.Layer {
   }
 
   private attend(
-      query: tf.Tensor, value: tf.Tensor, key: tf.Tensor|null,
-      attentionMask: tf.Tensor|null, autoMask: tf.Tensor|null,
-      useCausalMask: boolean, returnScores: boolean,
+      query: tf.Tensor, value: tf.Tensor, key: tf.Tensor|null, attentionMask: tf.Tensor|null,
+      autoMask: tf.Tensor|null, useCausalMask: boolean, returnScores: boolean,
       training: boolean): [tf.Tensor, tf.Tensor|null] {
     key = key ?? value;
     const rank = query.rank;
     if (value.rank !== rank || key.rank !== rank) {
-      throw new Error(`${layerPrefix(this.name)}query, value and key must have the same rank, got shapes ${
-          describe(query.shape)}, ${describe(value.shape)}, ${describe(key.shape)}`);
+      throw new Error(
+          `${layerPrefix(this.name)}query, value and key must have the same rank, got shapes ${
+              describe(query.shape)}, ${describe(value.shape)}, ${describe(key.shape)}`);
     }
     const b = query.shape[0];
     const queryDims = query.shape.slice(1, -1);
     const keyDims = value.shape.slice(1, -1);
     if (describe(key.shape.slice(0, -1)) !== describe(value.shape.slice(0, -1))) {
-      throw new Error(`${layerPrefix(this.name)}key and value must agree on all but the last dim, got ${
-          describe(key.shape)} and ${describe(value.shape)}`);
+      throw new Error(
+          `${layerPrefix(this.name)}key and value must agree on all but the last dim, got ${
+              describe(key.shape)} and ${describe(value.shape)}`);
     }
     if (useCausalMask && rank !== 3) {
-      throw new Error(`${layerPrefix(this.name)}use_causal_mask needs inputs of rank 3, got rank ${rank}`);
+      throw new Error(
+          `${layerPrefix(this.name)}use_causal_mask needs inputs of rank 3, got rank ${rank}`);
     }
     // Attention over all the middle axes jointly = over them flattened.
     const sq = product(queryDims);
     const sk = product(keyDims);
     const h = this.numHeads;
-    const q = tf.reshape(this.project(query, 'query', [h, this.keyDim]),
-                         [b, sq, h, this.keyDim]) as tf.Tensor4D;
-    const k = tf.reshape(this.project(key, 'key', [h, this.keyDim]),
-                         [b, sk, h, this.keyDim]) as tf.Tensor4D;
-    const v = tf.reshape(this.project(value, 'value', [h, this.valueDim]),
-                         [b, sk, h, this.valueDim]) as tf.Tensor4D;
+    const q = tf.reshape(this.project(query, 'query', [h, this.keyDim]), [b, sq, h, this.keyDim]) as
+        tf.Tensor4D;
+    const k = tf.reshape(this.project(key, 'key', [h, this.keyDim]), [b, sk, h, this.keyDim]) as
+        tf.Tensor4D;
+    const v =
+        tf.reshape(this.project(value, 'value', [h, this.valueDim]), [b, sk, h, this.valueDim]) as
+        tf.Tensor4D;
     const scale = 1 / Math.sqrt(this.keyDim);
     const dropoutRate = training ? this.dropout : 0;
     let context: tf.Tensor4D;
@@ -550,28 +666,47 @@ export class MultiHeadAttention extends tfl.layers.Layer {
     // Sq > Sk, not expressible when Sq < Sk.
     // Head dims beyond flashAttention's kernels and empty inputs take the
     // composed path too.
-    const fused = attentionMask == null && autoMask == null && !returnScores &&
-        (!useCausalMask || sq >= sk) && this.keyDim <= MAX_HEAD_DIM &&
-        this.valueDim <= MAX_HEAD_DIM && b * sq * sk > 0;
-    if (fused) {
+    const fusable = !returnScores && this.keyDim <= MAX_HEAD_DIM && this.valueDim <= MAX_HEAD_DIM &&
+        b * sq * sk > 0;
+    const fused =
+        fusable && attentionMask == null && autoMask == null && (!useCausalMask || sq >= sk);
+    // Padding masks (the inputs' Keras masks, or an attention_mask whose
+    // rows are one key padding mask) run fused with per-batch key lengths.
+    const padding = fusable && !fused && !useCausalMask && rank === 3 ?
+        this.paddingOf(attentionMask, autoMask, b, sq, sk) :
+        null;
+    if (padding != null) {
       context = flashAttention(q, k, v, {
-        softmaxScale: scale,
-        causal: useCausalMask && sq === sk,
-        windowSize: useCausalMask && sq > sk ? [-1, sq - sk] : undefined,
-        dropoutRate,
-      }) as tf.Tensor4D;
+                  softmaxScale: scale,
+                  dropoutRate,
+                  ...(padding.seqlensK == null ? {} : {seqlensK: padding.seqlensK}),
+                }) as tf.Tensor4D;
+      if (padding.query != null) {
+        // Keras: a masked query row has every score at -1e9, a uniform
+        // softmax: the mean of the values.
+        const meanV = tf.mean(v, 1, true);
+        context = tf.where(tf.reshape(padding.query, [b, sq, 1, 1]), context, meanV) as tf.Tensor4D;
+      }
+    } else if (fused) {
+      context = flashAttention(q, k, v, {
+                  softmaxScale: scale,
+                  causal: useCausalMask && sq === sk,
+                  windowSize: useCausalMask && sq > sk ? [-1, sq - sk] : undefined,
+                  dropoutRate,
+                }) as tf.Tensor4D;
     } else {
       let mask: tf.Tensor|null = null;
       if (attentionMask != null) {
         const m = rank === 3 ? attentionMask :
-            tf.reshape(attentionMask, [attentionMask.shape[0], sq, sk]);
+                               tf.reshape(attentionMask, [attentionMask.shape[0], sq, sk]);
         // Keras adds the heads axis (and a batch axis) at -3: the mask must
         // then broadcast to the scores [B, H, Sq, Sk].
         const expanded = m.rank === 2 ? [1, 1, ...m.shape] :
-            m.rank === 3 ? [m.shape[0], 1, m.shape[1], m.shape[2]] : m.shape;
+            m.rank === 3              ? [m.shape[0], 1, m.shape[1], m.shape[2]] :
+                                        m.shape;
         const scoresShape = [b, h, sq, sk];
-        const ok = m.rank >= 2 && m.rank <= 4 &&
-            expanded.every((d, i) => d === 1 || d === scoresShape[i]);
+        const ok =
+            m.rank >= 2 && m.rank <= 4 && expanded.every((d, i) => d === 1 || d === scoresShape[i]);
         if (!ok) {
           throw new Error(`${layerPrefix(this.name)}attention_mask must have shape ${
               describe([b, sq, sk])} (or broadcast to it), got ${describe(attentionMask.shape)}`);
@@ -596,8 +731,7 @@ export class MultiHeadAttention extends tfl.layers.Layer {
     const outDims = this.outputDims ?? [query.shape[rank - 1]];
     const merged = tf.reshape(context, [b, ...queryDims, h, this.valueDim]);
     const out = this.project(
-        tf.reshape(merged, [b, ...queryDims, h * this.valueDim]),
-        'attention_output', outDims);
+        tf.reshape(merged, [b, ...queryDims, h * this.valueDim]), 'attention_output', outDims);
     return [out, scores];
   }
 
@@ -625,8 +759,7 @@ export class MultiHeadAttention extends tfl.layers.Layer {
   }
 
   static override fromConfig<T extends tf.serialization.Serializable>(
-      cls: tf.serialization.SerializableConstructor<T>,
-      config: tf.serialization.ConfigDict): T {
+      cls: tf.serialization.SerializableConstructor<T>, config: tf.serialization.ConfigDict): T {
     const name = typeof config.name === 'string' ? config.name : undefined;
     checkKnownKeys(config as Record<string, unknown>, name);
     const args = {...config} as unknown as Record<string, unknown>;
@@ -642,10 +775,11 @@ function deserializesToThis(layerData: {className?: unknown}): boolean {
   if (layerData.className !== MultiHeadAttention.className) {
     return false;
   }
-  const entry = tf.serialization.SerializationMap.getMap().classNameMap[MultiHeadAttention.className];
-  const cls = entry?.[0] as unknown as {prototype: unknown}|undefined;
-  return cls != null && (cls === MultiHeadAttention as unknown ||
-                         cls.prototype instanceof MultiHeadAttention);
+  const entry =
+      tf.serialization.SerializationMap.getMap().classNameMap[MultiHeadAttention.className];
+  const cls = entry?.[0] as unknown as {prototype: unknown} | undefined;
+  return cls != null &&
+      (cls === MultiHeadAttention as unknown || cls.prototype instanceof MultiHeadAttention);
 }
 
 /**

@@ -4,6 +4,7 @@
  * are rotated by position-dependent angles, the rest pass through.
  */
 import * as tf from '@tensorflow/tfjs-core';
+import {fusedRotaryOrNull} from 'tfjs-flash-attention';
 
 /**
  * cos and sin tables `[S, rotaryDim / 2]`: angle(p, i) = p * base^(-2i/rotaryDim).
@@ -25,8 +26,8 @@ function rotaryTables(seq: number, rotaryDim: number, base: number): [tf.Tensor2
 
 /**
  * The cos/sin tables of one layer, kept between calls: building them on the
- * host and uploading them every call took ~2 ms per call at S=1024 (a tenth
- * of a GPT training step's JavaScript time on an H100, benchmarks/RESULTS.md).
+ * host and uploading them on every call was a visible part of a GPT training
+ * step's JavaScript time (benchmarks/RESULTS.md, FlashMHA training).
  * Holds the tables of the longest sequence seen; shorter ones are slices.
  * The owner calls dispose().
  */
@@ -40,7 +41,8 @@ export class RotaryTables {
   get(seq: number): [tf.Tensor2D, tf.Tensor2D] {
     if (this.tables == null || seq > this.seq || this.tables[0].isDisposed) {
       this.dispose();
-      this.tables = rotaryTables(seq, this.rotaryDim, this.base).map(t => tf.keep(t)) as [tf.Tensor2D, tf.Tensor2D];
+      this.tables = rotaryTables(seq, this.rotaryDim, this.base)
+                        .map(t => tf.keep(t)) as [tf.Tensor2D, tf.Tensor2D];
       this.seq = seq;
     }
     if (seq === this.seq) {
@@ -62,16 +64,25 @@ export class RotaryTables {
 /**
  * Rotates `x [B, S, H, D]` at positions 0..S-1. `interleaved`: pairs are
  * (0,1), (2,3)... (GPT-J); otherwise (i, i + rotaryDim/2) (GPT-NeoX).
- * Differentiable (slices, products and concats only). `cache`: the
+ * Differentiable: the fused FusedRotary kernel where the backend has one,
+ * else slices, products and concats. `cache`: the
  * caller's tables, else they are built for this call.
  */
 export function applyRotary(
-    x: tf.Tensor4D, rotaryDim: number, base: number, interleaved: boolean, cache?: RotaryTables): tf.Tensor4D {
+    x: tf.Tensor4D, rotaryDim: number, base: number, interleaved: boolean,
+    cache?: RotaryTables): tf.Tensor4D {
   return tf.tidy(() => {
     const [batch, seq, heads, headDim] = x.shape;
     const half = rotaryDim / 2;
-    const [cosTable, sinTable] = cache != null && cache.rotaryDim === rotaryDim && cache.base === base ?
-        cache.get(seq) : rotaryTables(seq, rotaryDim, base);
+    const [cosTable, sinTable] =
+        cache != null && cache.rotaryDim === rotaryDim && cache.base === base ?
+        cache.get(seq) :
+        rotaryTables(seq, rotaryDim, base);
+    // One kernel forward and one backward where the backend has it.
+    const fused = fusedRotaryOrNull(x, cosTable, sinTable, rotaryDim, interleaved);
+    if (fused != null) {
+      return fused;
+    }
     // [S, 1, half] broadcasts over batch and heads.
     const cos = tf.reshape(cosTable, [seq, 1, half]);
     const sin = tf.reshape(sinTable, [seq, 1, half]);

@@ -6,8 +6,10 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 
-type Entry = [tf.serialization.SerializableConstructor<tf.serialization.Serializable>,
-              tf.serialization.FromConfigMethod<tf.serialization.Serializable>];
+type Entry = [
+  tf.serialization.SerializableConstructor<tf.serialization.Serializable>,
+  tf.serialization.FromConfigMethod<tf.serialization.Serializable>
+];
 
 export type SerializedObject = {
   className: string,
@@ -30,8 +32,7 @@ export function lookupSerializable(className: string): Entry|undefined {
  * An instance from an identifier, a serialized object or an instance.
  * `argName` and `layerName` make the error of an unknown name useful.
  */
-export function resolveSerializable<T>(
-    value: unknown, argName: string, layerName: string): T|null {
+export function resolveSerializable<T>(value: unknown, argName: string, layerName: string): T|null {
   if (value == null) {
     return null;
   }
@@ -42,21 +43,24 @@ export function resolveSerializable<T>(
   let config: tf.serialization.ConfigDict = {};
   if (typeof value === 'string') {
     className = value;
-  } else if (typeof value === 'object' && typeof (value as SerializedObject).className === 'string') {
+  } else if (
+      typeof value === 'object' && typeof (value as SerializedObject).className === 'string') {
     className = (value as SerializedObject).className;
     config = (value as SerializedObject).config ?? {};
   } else {
-    throw new Error(`${layerName}: ${argName} must be a name, a {className, config} object or an instance, got ${typeof value}`);
+    throw new Error(`${layerName}: ${
+        argName} must be a name, a {className, config} object or an instance, got ${typeof value}`);
   }
   const entry = lookupSerializable(className);
   if (entry == null) {
-    throw new Error(`${layerName}: ${argName} '${className}' is not a known class (is @tensorflow/tfjs-layers loaded?)`);
+    throw new Error(`${layerName}: ${argName} '${
+        className}' is not a known class (is @tensorflow/tfjs-layers loaded?)`);
   }
   return entry[1](entry[0], {...config}) as unknown as T;
 }
 
 /** `{className, config}` of an instance, or null. */
-export function serializeObject(value: tf.serialization.Serializable|null|undefined):
-    SerializedObject|null {
+export function serializeObject(value: tf.serialization.Serializable|null|
+                                undefined): SerializedObject|null {
   return value == null ? null : {className: value.getClassName(), config: value.getConfig()};
 }

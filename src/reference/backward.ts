@@ -13,10 +13,9 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 
-import type {AttentionShapes} from '../checks';
 import type {FlashAttentionAttrs} from '../kernel_names';
 
-import {blockColumns, blockScores, consume, dropoutMask, groupedRows, headsFirst, keysGrouped, maskScores, planQueryBlocks, probabilitiesFromLse, regroup, rowsWithKeys, ungroup, maskBias} from './blocks';
+import {ReferenceShapes, blockColumns, blockScores, consume, dropoutMask, groupedRows, headsFirst, keysGrouped, maskScores, planQueryBlocks, probabilitiesFromLse, regroup, rowsWithKeys, ungroup, visibleMask} from './blocks';
 
 export interface ReferenceBackwardInputs {
   dy: tf.Tensor4D;
@@ -31,8 +30,8 @@ export interface ReferenceBackwardInputs {
 
 /** Returns `[dq, dk, dv]`, shaped like q, k, v. */
 export function referenceBackward(
-    inputs: ReferenceBackwardInputs, shapes: AttentionShapes,
-    attrs: FlashAttentionAttrs, blockElements: number): [tf.Tensor4D, tf.Tensor4D, tf.Tensor4D] {
+    inputs: ReferenceBackwardInputs, shapes: ReferenceShapes, attrs: FlashAttentionAttrs,
+    blockElements: number): [tf.Tensor4D, tf.Tensor4D, tf.Tensor4D] {
   return tf.tidy(() => {
     const {batch, heads, headsKV, seqK, headDim, headDimV} = shapes;
     const {dy, q, k, v, out, alibiSlopes} = inputs;
@@ -41,9 +40,10 @@ export function referenceBackward(
     const kGrouped = keysGrouped(k);
     const vGrouped = keysGrouped(v);
     // [B, H, Sq, 1] each.
-    const delta: tf.Tensor4D = tf.tidy(() => tf.sub(
-        headsFirst(tf.sum(tf.mul(dy, out), -1, true)),
-        tf.expandDims(inputs.dLse, 3)) as tf.Tensor4D);
+    const delta: tf.Tensor4D = tf.tidy(
+        () =>
+            tf.sub(headsFirst(tf.sum(tf.mul(dy, out), -1, true)), tf.expandDims(inputs.dLse, 3)) as
+            tf.Tensor4D);
     const lse = tf.expandDims(inputs.softmaxLse, 3) as tf.Tensor4D;
     const sliceRows = (x: tf.Tensor4D, row0: number, rows: number) =>
         tf.slice(x, [0, 0, row0, 0], [-1, -1, rows, -1]);
@@ -57,7 +57,7 @@ export function referenceBackward(
         continue;
       }
       const [dqBlock, dkBlock, dvBlock] = tf.tidy(() => {
-        const bias = maskBias(block, shapes, attrs);
+        const visible = visibleMask(block, shapes, attrs);
         const hasKeys = rowsWithKeys(block, shapes, attrs);
         const qRows = groupedRows(qHeadsFirst, block, shapes);
         const dyRows = groupedRows(dyHeadsFirst, block, shapes);
@@ -65,9 +65,8 @@ export function referenceBackward(
         const vCols = blockColumns(vGrouped, block);
         const {scores, capTanh} =
             blockScores(qRows, kCols, alibiSlopes, block, shapes, attrs, true);
-        const masked = maskScores(scores, bias);
-        const p = probabilitiesFromLse(
-            masked, sliceRows(lse, block.row0, block.rows), hasKeys);
+        const masked = maskScores(scores, visible);
+        const p = probabilitiesFromLse(masked, sliceRows(lse, block.row0, block.rows), hasKeys);
         masked.dispose();
         const keep = attrs.dropoutRate > 0 ? dropoutMask(block, shapes, attrs) : null;
         const pKept = keep == null ? p : tf.mul(p, keep) as tf.Tensor4D;
@@ -79,15 +78,17 @@ export function referenceBackward(
         const blockDelta = sliceRows(delta, block.row0, block.rows);
         dScores = consume(dScores, dP => tf.mul(p, tf.sub(dP, blockDelta)));
         if (capTanh != null) {
-          dScores = consume(
-              dScores, dT => tf.mul(dT, tf.sub(1, tf.square(capTanh))));
+          dScores = consume(dScores, dT => tf.mul(dT, tf.sub(1, tf.square(capTanh))));
         }
+        // p is 0 at masked keys, but tanh' of a NaN/Inf score is not: zero
+        // them by selecting, so that they cannot reach dq and dk.
+        dScores = maskScores(dScores, visible, 0);
         const dsGrouped = regroup(dScores, block, shapes);
-        const dqBlock = tf.mul(
-            ungroup(tf.matMul(dsGrouped, kCols), block, shapes),
-            attrs.softmaxScale) as tf.Tensor4D;
-        const dkBlock = tf.mul(
-            tf.matMul(dsGrouped, qRows, true, false), attrs.softmaxScale) as tf.Tensor3D;
+        const dqBlock =
+            tf.mul(ungroup(tf.matMul(dsGrouped, kCols), block, shapes), attrs.softmaxScale) as
+            tf.Tensor4D;
+        const dkBlock =
+            tf.mul(tf.matMul(dsGrouped, qRows, true, false), attrs.softmaxScale) as tf.Tensor3D;
         return [dqBlock, dkBlock, dvBlock];
       });
       dqBlocks.push(dqBlock);

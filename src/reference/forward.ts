@@ -4,16 +4,15 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 
-import type {AttentionShapes} from '../checks';
 import type {FlashAttentionAttrs} from '../kernel_names';
 
-import {blockColumns, blockScores, consume, dropoutMask, groupedRows, headsFirst, keysGrouped, maskBias, maskScores, planQueryBlocks, rowsWithKeys, ungroup} from './blocks';
+import {ReferenceShapes, blockColumns, blockScores, consume, dropoutMask, groupedRows, headsFirst, keysGrouped, maskScores, planQueryBlocks, rowsWithKeys, ungroup, visibleMask} from './blocks';
 
 /** Returns `[out [B, Sq, H, Dv], lse [B, H, Sq]]`. */
 export function referenceForward(
-    q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D,
-    alibiSlopes: tf.Tensor|null, shapes: AttentionShapes,
-    attrs: FlashAttentionAttrs, blockElements: number): [tf.Tensor4D, tf.Tensor3D] {
+    q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D, alibiSlopes: tf.Tensor|null,
+    shapes: ReferenceShapes, attrs: FlashAttentionAttrs,
+    blockElements: number): [tf.Tensor4D, tf.Tensor3D] {
   return tf.tidy(() => {
     const {batch, heads, seqQ, headDimV} = shapes;
     const qHeadsFirst = headsFirst(q);
@@ -28,15 +27,14 @@ export function referenceForward(
         continue;
       }
       const [out, lse] = tf.tidy(() => {
-        const bias = maskBias(block, shapes, attrs);
+        const visible = visibleMask(block, shapes, attrs);
         const hasKeys = rowsWithKeys(block, shapes, attrs);
         const qRows = groupedRows(qHeadsFirst, block, shapes);
         const {scores} = blockScores(
-            qRows, blockColumns(kGrouped, block), alibiSlopes, block, shapes,
-            attrs, false);
-        const masked = maskScores(scores, bias);
+            qRows, blockColumns(kGrouped, block), alibiSlopes, block, shapes, attrs, false);
+        const masked = maskScores(scores, visible);
         // Row max over visible keys; 0 for rows that see none, so that their
-        // masked scores (-1e30) underflow to exp = 0 and their sum to 0.
+        // masked scores (-Infinity) give exp = 0 and their sum 0.
         const rowMax = tf.tidy(() => {
           const max = tf.max(masked, -1, true);
           return hasKeys == null ? max : tf.where(hasKeys, max, tf.zerosLike(max));
@@ -49,8 +47,7 @@ export function referenceForward(
         p = consume(p, e => tf.div(e, tf.maximum(sumExp, 1e-30)));
         const lse = tf.tidy(() => {
           const lse = tf.add(rowMax, tf.log(sumExp)) as tf.Tensor4D;
-          return hasKeys == null ? lse :
-                                   tf.where(hasKeys, lse, tf.fill(lse.shape, -Infinity));
+          return hasKeys == null ? lse : tf.where(hasKeys, lse, tf.fill(lse.shape, -Infinity));
         });
         if (attrs.dropoutRate > 0) {
           const keep = dropoutMask(block, shapes, attrs);

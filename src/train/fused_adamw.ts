@@ -41,8 +41,8 @@ tf.env().registerFlag(FUSED_ADAMW_IMPL, () => {
   return env?.[FUSED_ADAMW_IMPL] || 'auto';
 });
 
-function checkNumber(name: string, value: unknown, ok: (x: number) => boolean,
-                     expected: string): void {
+function checkNumber(
+    name: string, value: unknown, ok: (x: number) => boolean, expected: string): void {
   if (typeof value !== 'number' || !ok(value)) {
     throw new Error(`fusedAdamW: ${name} must be ${expected}, got ${JSON.stringify(value)}`);
   }
@@ -94,16 +94,18 @@ export class FusedAdamW extends tf.Optimizer {
   }
 
   private checkHyperparameters(): void {
-    checkNumber('learningRate', this.learningRate, x => Number.isFinite(x) && x >= 0,
-                'a finite number >= 0');
+    checkNumber(
+        'learningRate', this.learningRate, x => Number.isFinite(x) && x >= 0,
+        'a finite number >= 0');
     checkNumber('beta1', this.beta1, x => x >= 0 && x < 1, 'in [0, 1)');
     checkNumber('beta2', this.beta2, x => x >= 0 && x < 1, 'in [0, 1)');
     checkNumber('epsilon', this.epsilon, x => Number.isFinite(x) && x > 0, 'a finite number > 0');
-    checkNumber('weightDecay', this.weightDecay, x => Number.isFinite(x) && x >= 0,
-                'a finite number >= 0');
+    checkNumber(
+        'weightDecay', this.weightDecay, x => Number.isFinite(x) && x >= 0, 'a finite number >= 0');
     if (this.clipNorm != null) {
-      checkNumber('clipNorm', this.clipNorm, x => Number.isFinite(x) && x >= 0,
-                  'null or a finite number >= 0');
+      checkNumber(
+          'clipNorm', this.clipNorm, x => Number.isFinite(x) && x >= 0,
+          'null or a finite number >= 0');
     }
   }
 
@@ -111,13 +113,12 @@ export class FusedAdamW extends tf.Optimizer {
   private useFused(): boolean {
     const impl = tf.env().get(FUSED_ADAMW_IMPL) as FusedAdamWImpl;
     if (!IMPLS.includes(impl)) {
-      throw new Error(`${FUSED_ADAMW_IMPL} must be one of ${IMPLS.join(', ')}, got ${
-          JSON.stringify(impl)}`);
+      throw new Error(
+          `${FUSED_ADAMW_IMPL} must be one of ${IMPLS.join(', ')}, got ${JSON.stringify(impl)}`);
     }
     const onWebGPU = tf.getBackend() === 'webgpu';
     if (impl === 'fused' && !onWebGPU) {
-      throw new Error(`${FUSED_ADAMW_IMPL}=fused needs the webgpu backend, got ${
-          tf.getBackend()}`);
+      throw new Error(`${FUSED_ADAMW_IMPL}=fused needs the webgpu backend, got ${tf.getBackend()}`);
     }
     return impl !== 'reference' && onWebGPU;
   }
@@ -140,9 +141,9 @@ export class FusedAdamW extends tf.Optimizer {
     }
     if (moments == null) {
       moments = tf.tidy(() => ({
-        m: tf.zerosLike(value).variable(false),
-        v: tf.zerosLike(value).variable(false),
-      }));
+                          m: tf.zerosLike(value).variable(false),
+                          v: tf.zerosLike(value).variable(false),
+                        }));
       this.moments.set(name, moments);
     }
     return moments;
@@ -153,7 +154,7 @@ export class FusedAdamW extends tf.Optimizer {
     const pairs: Array<{name: string, grad: tf.Tensor}> = Array.isArray(variableGradients) ?
         variableGradients.map(v => ({name: v.name, grad: v.tensor})) :
         Object.keys(variableGradients).map(name => ({name, grad: variableGradients[name]}));
-    const slots: Array<{name: string, param: tf.Variable, grad: tf.Tensor} & Moments> = [];
+    const slots: Array<{name: string, param: tf.Variable, grad: tf.Tensor}&Moments> = [];
     for (const [index, {name, grad}] of pairs.entries()) {
       if (grad == null) {
         continue;
@@ -186,11 +187,17 @@ export class FusedAdamW extends tf.Optimizer {
   }
 
   private hyperparameters() {
-    return {learningRate: this.learningRate, beta1: this.beta1, beta2: this.beta2,
-            epsilon: this.epsilon, weightDecay: this.weightDecay, clipNorm: this.clipNorm};
+    return {
+      learningRate: this.learningRate,
+      beta1: this.beta1,
+      beta2: this.beta2,
+      epsilon: this.epsilon,
+      weightDecay: this.weightDecay,
+      clipNorm: this.clipNorm
+    };
   }
 
-  private fusedStep(slots: Array<{param: tf.Variable, grad: tf.Tensor} & Moments>): void {
+  private fusedStep(slots: Array<{param: tf.Variable, grad: tf.Tensor}&Moments>): void {
     const backend = tf.backend();
     if (this.gpu != null && this.gpu.backend !== (backend as unknown)) {
       this.gpu.dispose();
@@ -208,11 +215,11 @@ export class FusedAdamW extends tf.Optimizer {
         }
       }
     }
-    this.gpu.step(slots.map(s => ({param: s.param, m: s.m, v: s.v, grad: s.grad})),
-                  this.hyperparameters());
+    this.gpu.step(
+        slots.map(s => ({param: s.param, m: s.m, v: s.v, grad: s.grad})), this.hyperparameters());
   }
 
-  private referenceStep(slots: Array<{param: tf.Variable, grad: tf.Tensor} & Moments>): void {
+  private referenceStep(slots: Array<{param: tf.Variable, grad: tf.Tensor}&Moments>): void {
     const t = this.iterations + 1;
     const {learningRate: lr, beta1, beta2, epsilon, weightDecay} = this;
     tf.tidy(() => {
@@ -227,8 +234,8 @@ export class FusedAdamW extends tf.Optimizer {
         const g = scale == null ? s.grad : tf.mul(s.grad, scale);
         const m = tf.add(tf.mul(s.m, beta1), tf.mul(g, 1 - beta1));
         const v = tf.add(tf.mul(s.v, beta2), tf.mul(tf.square(g), 1 - beta2));
-        const step = tf.div(tf.div(m, biasCorrection1),
-                            tf.add(tf.sqrt(tf.div(v, biasCorrection2)), epsilon));
+        const step = tf.div(
+            tf.div(m, biasCorrection1), tf.add(tf.sqrt(tf.div(v, biasCorrection2)), epsilon));
         const decayed = weightDecay === 0 ? s.param : tf.mul(s.param, 1 - lr * weightDecay);
         s.param.assign(tf.sub(decayed, tf.mul(step, lr)));
         s.m.assign(m);
@@ -277,8 +284,8 @@ export class FusedAdamW extends tf.Optimizer {
     const count = values.length / 2;
     const stripped = (suffix: string, name: string) => {
       if (!name.endsWith(suffix)) {
-        throw new Error(`fusedAdamW.setWeights: expected a name ending in '${suffix}', got '${
-            name}'`);
+        throw new Error(
+            `fusedAdamW.setWeights: expected a name ending in '${suffix}', got '${name}'`);
       }
       return name.slice(0, -suffix.length);
     };
@@ -316,8 +323,7 @@ export class FusedAdamW extends tf.Optimizer {
 
   /** @nocollapse */
   static override fromConfig<T extends tf.serialization.Serializable>(
-      cls: tf.serialization.SerializableConstructor<T>,
-      config: tf.serialization.ConfigDict): T {
+      cls: tf.serialization.SerializableConstructor<T>, config: tf.serialization.ConfigDict): T {
     return new cls(config as FusedAdamWArgs);
   }
 }

@@ -3,7 +3,7 @@ forward and backward, on fresh random inputs (GPU machine; needs PyTorch).
 
   python3 test/cuda/check_kernels.py [--quick]
 
-Bounds (DESIGN.md section 3): max |err| / max |ref| <= 1e-4 forward,
+Bounds (docs/design.md, "Accuracy bounds"): max |err| / max |ref| <= 1e-4 forward,
 <= 5e-4 gradients. Outputs are NaN-poisoned before each call, so an element
 the kernels never write fails. Exit status 1 on any failure.
 """

@@ -1,5 +1,5 @@
 """ctypes binding of kernels/cuda's C ABI (libflash_attention_cuda.so) for
-PyTorch tensors, and the float64 reference of DESIGN.md section 2.
+PyTorch tensors, and the float64 reference of docs/design.md, "Semantics".
 
 Used by test/cuda/check_kernels.py (correctness) and
 benchmarks/cuda_bench.py (timing) on the GPU machine.
@@ -134,7 +134,7 @@ def keep_mask(b, h, Sq, Sk, rate, seed):
 
 def reference(q, k, v, opts, dout=None, dlse=None):
     """float64 forward (out, lse) and, given dout/dlse, gradients (dq, dk, dv),
-    as numpy arrays. Written from DESIGN.md section 2 (the formulas of
+    as numpy arrays. Written from docs/design.md, "Semantics" (the formulas of
     test/oracle.ts, vectorised per (batch, head)): scale, softcap, ALiBi,
     mask, softmax, dropout after the LSE; rows that see no key give 0 and
     lse -inf, and take no gradient through dlse.

@@ -17,9 +17,18 @@ const out = [];
 for (let i = 0; i < args.length; i++) {
   const a = args[i];
   if (a.startsWith('-gencode')) continue;
-  if (a === '-Xcompiler') { out.push(args[++i]); continue; }
-  if (a === '-Xlinker') { out.push(`-Wl,${args[++i]}`); continue; }
-  if (a.endsWith('.cu')) { out.push(path.join(__dirname, 'fake_fa.cc')); continue; }
+  if (a === '-Xcompiler') {
+    out.push(args[++i]);
+    continue;
+  }
+  if (a === '-Xlinker') {
+    out.push(`-Wl,${args[++i]}`);
+    continue;
+  }
+  if (a.endsWith('.cu')) {
+    out.push(path.join(__dirname, 'fake_fa.cc'));
+    continue;
+  }
   out.push(a);
 }
 const r = spawnSync('g++', out, {stdio: 'inherit'});

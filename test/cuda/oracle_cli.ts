@@ -12,12 +12,18 @@ const input = JSON.parse(readFileSync(0, 'utf8'));
 const f64 = (a: number[]|null) => a == null ? null : Float64Array.from(a);
 const problem = {
   ...input.shape,
-  q: f64(input.q)!, k: f64(input.k)!, v: f64(input.v)!,
+  q: f64(input.q)!,
+  k: f64(input.k)!,
+  v: f64(input.v)!,
   alibiSlopes: f64(input.alibi),
 };
 const fwd = oracleForward(problem, input.options);
 const bwd = oracleBackward(problem, input.options, f64(input.dOut)!, f64(input.dLse)!);
 const plain = (a: Float64Array) => Array.from(a, x => Number.isFinite(x) ? x : String(x));
 process.stdout.write(JSON.stringify({
-  out: plain(fwd.out), lse: plain(fwd.lse), dq: plain(bwd.dq), dk: plain(bwd.dk), dv: plain(bwd.dv),
+  out: plain(fwd.out),
+  lse: plain(fwd.lse),
+  dq: plain(bwd.dq),
+  dk: plain(bwd.dk),
+  dv: plain(bwd.dv),
 }));

@@ -41,7 +41,8 @@ export async function useBackend(name: TestBackend): Promise<void> {
   }
   const ok = await tf.setBackend(name);
   if (!ok || tf.getBackend() !== name) {
-    throw new Error(`could not initialise the ${name} backend (is chromium's SwiftShader installed? see README)`);
+    throw new Error(`could not initialise the ${
+        name} backend (is chromium's SwiftShader installed? see README)`);
   }
 }
 
@@ -49,8 +50,7 @@ export async function useBackend(name: TestBackend): Promise<void> {
  * `describe` once per selected backend, each block switching to its
  * backend first; unselected backends are reported as skipped.
  */
-export function describeBackends(
-    title: string, body: (backend: TestBackend) => void): void {
+export function describeBackends(title: string, body: (backend: TestBackend) => void): void {
   const selected = selectedBackends();
   for (const backend of ALL_BACKENDS) {
     const describeFn = selected.includes(backend) ? describe : describe.skip;

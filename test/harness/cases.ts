@@ -1,5 +1,5 @@
 /**
- * The option cases every implementation is checked on (DESIGN.md §2), with
+ * The option cases every implementation is checked on (docs/design.md, "Semantics"), with
  * shapes small enough for SwiftShader.
  */
 import * as tf from '@tensorflow/tfjs-core';
@@ -24,37 +24,63 @@ export interface OptionCase {
   bounds?: {forward: number, gradient: number};
 }
 
-const base: ProblemShape =
-    {batch: 2, seqQ: 13, seqK: 13, heads: 2, headsKV: 2, headDim: 16, headDimV: 16};
+const base: ProblemShape = {
+  batch: 2,
+  seqQ: 13,
+  seqK: 13,
+  heads: 2,
+  headsKV: 2,
+  headDim: 16,
+  headDimV: 16
+};
 
 export const OPTION_CASES: OptionCase[] = [
   {name: 'plain', shape: base, opts: {}},
   {name: 'causal', shape: base, opts: {causal: true}},
   {name: 'causal, Sq < Sk', shape: {...base, seqQ: 7, seqK: 19}, opts: {causal: true}},
-  {name: 'causal, Sq > Sk (rows without keys)', shape: {...base, seqQ: 19, seqK: 7},
-   opts: {causal: true}},
+  {
+    name: 'causal, Sq > Sk (rows without keys)',
+    shape: {...base, seqQ: 19, seqK: 7},
+    opts: {causal: true}
+  },
   {name: 'Sq != Sk, not causal', shape: {...base, seqQ: 5, seqK: 21}, opts: {}},
   {name: 'window [3, 2]', shape: base, opts: {windowSize: [3, 2]}},
-  {name: 'window [4, -1], Sq < Sk', shape: {...base, seqQ: 9, seqK: 16},
-   opts: {windowSize: [4, -1]}},
+  {
+    name: 'window [4, -1], Sq < Sk',
+    shape: {...base, seqQ: 9, seqK: 16},
+    opts: {windowSize: [4, -1]}
+  },
   {name: 'window [-1, 0] (= causal)', shape: base, opts: {windowSize: [-1, 0]}},
   {name: 'window [2, 5] with causal', shape: base, opts: {windowSize: [2, 5], causal: true}},
   {name: 'softcap', shape: base, opts: {softcap: 1.5}},
   {name: 'custom softmaxScale', shape: base, opts: {softmaxScale: 0.9}},
   {name: 'alibi [H]', shape: {...base, alibi: 'head'}, opts: {}},
-  {name: 'alibi [B, H], causal, softcap', shape: {...base, alibi: 'batch'},
-   opts: {causal: true, softcap: 2}},
+  {
+    name: 'alibi [B, H], causal, softcap',
+    shape: {...base, alibi: 'batch'},
+    opts: {causal: true, softcap: 2}
+  },
   {name: 'GQA (H=4, Hk=2)', shape: {...base, heads: 4, headsKV: 2}, opts: {causal: true}},
   {name: 'MQA (H=3, Hk=1)', shape: {...base, heads: 3, headsKV: 1}, opts: {}},
   {name: 'Dv != D (8 vs 24)', shape: {...base, headDim: 8, headDimV: 24}, opts: {}},
-  {name: 'head dim 256', shape: {...base, batch: 1, heads: 1, headsKV: 1, seqQ: 6,
-   seqK: 9, headDim: 256, headDimV: 256}, opts: {causal: true}},
-  {name: 'large logits (|s| ~ 1e4)', shape: base, opts: {}, inputScale: 40,
-   bounds: {forward: 1e-3, gradient: 2e-3}},
+  {
+    name: 'head dim 256',
+    shape: {...base, batch: 1, heads: 1, headsKV: 1, seqQ: 6, seqK: 9, headDim: 256, headDimV: 256},
+    opts: {causal: true}
+  },
+  {
+    name: 'large logits (|s| ~ 1e4)',
+    shape: base,
+    opts: {},
+    inputScale: 40,
+    bounds: {forward: 1e-3, gradient: 2e-3}
+  },
   {name: 'dropout 0.25', shape: base, opts: {dropoutRate: 0.25, seed: 2024}},
-  {name: 'dropout with GQA, window and seed >= 2^32',
-   shape: {...base, heads: 4, headsKV: 1},
-   opts: {dropoutRate: 0.4, seed: 2 ** 40 + 7, windowSize: [5, 1]}},
+  {
+    name: 'dropout with GQA, window and seed >= 2^32',
+    shape: {...base, heads: 4, headsKV: 1},
+    opts: {dropoutRate: 0.4, seed: 2 ** 40 + 7, windowSize: [5, 1]}
+  },
 ];
 
 /** The op's options for a case (slopes as a tensor). */
@@ -66,9 +92,8 @@ export function opOptions(c: OptionCase, problem: TestProblem): FlashAttentionOp
 export async function checkForward(c: OptionCase, rng: Rng): Promise<void> {
   const problem = makeProblem(c.shape, rng, c.inputScale);
   try {
-    const [out, lse] =
-        flashAttention(problem.q, problem.k, problem.v,
-                       {...opOptions(c, problem), returnSoftmaxLse: true});
+    const [out, lse] = flashAttention(
+        problem.q, problem.k, problem.v, {...opOptions(c, problem), returnSoftmaxLse: true});
     const expected = oracleForward(problem.oracle, c.opts);
     const what = `${c.name} (seed ${rng.seed})`;
     const bound = c.bounds?.forward ?? FORWARD_BOUND;
@@ -89,16 +114,16 @@ export async function checkGradients(c: OptionCase, rng: Rng): Promise<void> {
   const expectedForward = oracleForward(problem.oracle, c.opts);
   const dOutValues = randomArray(expectedForward.out.length, rng);
   const dLseValues = randomArray(expectedForward.lse.length, rng);
-  const dOut = tf.tensor(Float32Array.from(dOutValues), [
-    c.shape.batch, c.shape.seqQ, c.shape.heads, c.shape.headDimV]);
-  const dLse = tf.tensor(Float32Array.from(dLseValues),
-                         [c.shape.batch, c.shape.heads, c.shape.seqQ]);
+  const dOut = tf.tensor(
+      Float32Array.from(dOutValues),
+      [c.shape.batch, c.shape.seqQ, c.shape.heads, c.shape.headDimV]);
+  const dLse =
+      tf.tensor(Float32Array.from(dLseValues), [c.shape.batch, c.shape.heads, c.shape.seqQ]);
   try {
     const opts = opOptions(c, problem);
     const lossOf = (q: tf.Tensor, k: tf.Tensor, v: tf.Tensor) => {
       const [out, lse] = flashAttention(
-          q as tf.Tensor4D, k as tf.Tensor4D, v as tf.Tensor4D,
-          {...opts, returnSoftmaxLse: true});
+          q as tf.Tensor4D, k as tf.Tensor4D, v as tf.Tensor4D, {...opts, returnSoftmaxLse: true});
       const finiteLse = tf.where(tf.isFinite(lse), lse, tf.zerosLike(lse));
       return tf.add(tf.sum(tf.mul(out, dOut)), tf.sum(tf.mul(finiteLse, dLse)));
     };

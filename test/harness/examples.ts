@@ -23,7 +23,11 @@ export async function runTsExample(
     log: (...args: unknown[]) => printed.push(args.map(a => JSON.stringify(a)).join(' ')),
     warn: (...args: unknown[]) => printed.push(`warn: ${args.join(' ')}`),
   };
-  const module = {exports: {} as {main?: () => Promise<void>}};
+  const module = {
+    exports: {} as {
+      main?: () => Promise<void>
+    }
+  };
   new Function('require', 'console', 'module', 'exports', code)(
       exampleRequire, exampleConsole, module, module.exports);
   await module.exports.main!();

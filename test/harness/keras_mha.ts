@@ -36,7 +36,7 @@ import * as tfl from '@tensorflow/tfjs-layers';
 import type {EinsumDense as EinsumDenseType} from '@tensorflow/tfjs-layers/dist/layers/nlp/einsum_dense';
 import type {MultiHeadAttention as MultiHeadAttentionType, MultiHeadAttentionArgs} from '@tensorflow/tfjs-layers/dist/layers/nlp/multihead_attention';
 
-export type {MultiHeadAttentionArgs};
+export type{MultiHeadAttentionArgs};
 export type KerasMultiHeadAttention = MultiHeadAttentionType;
 export type KerasEinsumDense = EinsumDenseType;
 
@@ -112,12 +112,10 @@ process.stdout.write(result.outputFiles[0].text);
 
 /** A registered class of the test's tfjs-layers, checked to be a Layer. */
 function registeredLayerClass(className: string): unknown {
-  const entry =
-      tfc.serialization.SerializationMap.getMap().classNameMap[className];
-  const cls = entry?.[0] as unknown as {prototype: unknown}|undefined;
+  const entry = tfc.serialization.SerializationMap.getMap().classNameMap[className];
+  const cls = entry?.[0] as unknown as {prototype: unknown} | undefined;
   if (cls == null || !(cls.prototype instanceof tfl.layers.Layer)) {
-    throw new Error(`keras_mha harness: tfjs-layers has no registered layer ${
-        className}`);
+    throw new Error(`keras_mha harness: tfjs-layers has no registered layer ${className}`);
   }
   return cls;
 }
@@ -129,28 +127,27 @@ type Resolver = (identifier: unknown) => unknown;
  * layer applies them to its arguments (the named layer takes no uid).
  */
 function hostFunctions(): Record<string, unknown> {
-  const Dense = registeredLayerClass('Dense') as
-      new (args: Record<string, unknown>) => tfl.layers.Layer;
+  const Dense = registeredLayerClass('Dense') as new (args: Record<string, unknown>) =>
+                    tfl.layers.Layer;
   const probe = (field: string, arg: string): Resolver => identifier => {
+    const layer = new Dense({
+                    units: 1,
+                    name: 'keras_mha_harness_probe',
+                    [arg]: identifier ?? undefined,
+                  }) as unknown as Record<string, unknown>;
+    return layer[field] ?? null;
+  };
+  const serialize = (arg: string, getter: Resolver): Resolver => instance => {
+    if (instance == null) {
+      return null;
+    }
     const layer = new Dense({
       units: 1,
       name: 'keras_mha_harness_probe',
-      [arg]: identifier ?? undefined,
-    }) as unknown as Record<string, unknown>;
-    return layer[field] ?? null;
+      [arg]: getter(instance),
+    });
+    return layer.getConfig()[arg] ?? null;
   };
-  const serialize = (arg: string, getter: Resolver): Resolver =>
-      instance => {
-        if (instance == null) {
-          return null;
-        }
-        const layer = new Dense({
-          units: 1,
-          name: 'keras_mha_harness_probe',
-          [arg]: getter(instance),
-        });
-        return layer.getConfig()[arg] ?? null;
-      };
   const getInitializer = probe('kernelInitializer', 'kernelInitializer');
   const getRegularizer = probe('kernelRegularizer', 'kernelRegularizer');
   const getConstraint = probe('kernelConstraint', 'kernelConstraint');
@@ -182,8 +179,8 @@ function withChainedOps<T>(fn: () => T): T {
   const proto = tfc.Tensor.prototype as unknown as Record<string, unknown>;
   const added = Object.keys(CHAINED_OPS).filter(name => !(name in proto));
   for (const name of added) {
-    const op = CHAINED_OPS[name as keyof typeof CHAINED_OPS] as
-        (x: tfc.Tensor, ...args: unknown[]) => tfc.Tensor;
+    const op = CHAINED_OPS[name as keyof typeof CHAINED_OPS] as (
+                   x: tfc.Tensor, ...args: unknown[]) => tfc.Tensor;
     proto[name] = function(this: tfc.Tensor, ...args: unknown[]) {
       return op(this, ...args);
     };
@@ -213,14 +210,18 @@ let bundleSource: string|undefined;
 /** The CommonJS bundle's source (built once per module registry). */
 export function kerasMHABundleSource(): string {
   if (bundleSource == null) {
-    const distDir = path.join(
-        path.dirname(require.resolve('@tensorflow/tfjs-layers/package.json')),
-        'dist');
+    const distDir =
+        path.join(path.dirname(require.resolve('@tensorflow/tfjs-layers/package.json')), 'dist');
     bundleSource = execFileSync(
         process.execPath,
         [
-          '--input-type=module', '-e', BUNDLE_SCRIPT, distDir,
-          JSON.stringify(HOST_MODULES), HOST_CORE, HOST_LAYERS,
+          '--input-type=module',
+          '-e',
+          BUNDLE_SCRIPT,
+          distDir,
+          JSON.stringify(HOST_MODULES),
+          HOST_CORE,
+          HOST_LAYERS,
         ],
         {encoding: 'utf8', maxBuffer: 64 << 20, cwd: path.dirname(distDir)});
   }
@@ -261,21 +262,18 @@ export function kerasMHAClasses(): KerasMHAClasses {
     const evaluate = new Function('require', 'module', 'exports', source);
     evaluate(hostRequire, module, module.exports);
     classes = {
-      MultiHeadAttention: module.exports.MultiHeadAttention as
-          typeof MultiHeadAttentionType,
+      MultiHeadAttention: module.exports.MultiHeadAttention as typeof MultiHeadAttentionType,
       EinsumDense: module.exports.EinsumDense as typeof EinsumDenseType,
     };
     wrapMethods(classes.EinsumDense, ['call']);
-    wrapMethods(
-        classes.MultiHeadAttention, ['call', 'callAndReturnAttentionScores']);
+    wrapMethods(classes.MultiHeadAttention, ['call', 'callAndReturnAttentionScores']);
     heldBack = held;
   }
   return classes;
 }
 
 /** A tfjs-layers MultiHeadAttention layer (its constructor's args). */
-export function kerasMultiHeadAttention(args: MultiHeadAttentionArgs):
-    KerasMultiHeadAttention {
+export function kerasMultiHeadAttention(args: MultiHeadAttentionArgs): KerasMultiHeadAttention {
   return new (kerasMHAClasses().MultiHeadAttention)(args);
 }
 
@@ -287,13 +285,12 @@ export function kerasMultiHeadAttention(args: MultiHeadAttentionArgs):
 export function registerKerasMultiHeadAttention(): () => void {
   kerasMHAClasses();
   const map = tfc.serialization.SerializationMap.getMap().classNameMap;
-  const saved: Array<[string, typeof map[string]|undefined]> = [];
+  const saved: Array<[string, typeof map[string] | undefined]> = [];
   for (const {cls} of heldBack) {
     const name = (cls as {className: string}).className;
     saved.push([name, map[name]]);
     tfc.serialization.SerializationMap.register(
-        cls as tfc.serialization.SerializableConstructor<
-            tfc.serialization.Serializable>);
+        cls as tfc.serialization.SerializableConstructor<tfc.serialization.Serializable>);
   }
   return () => {
     for (const [name, entry] of saved.reverse()) {
@@ -308,8 +305,14 @@ export function registerKerasMultiHeadAttention(): () => void {
 
 /** Keras's weight names of a MultiHeadAttention layer, in Keras's order. */
 export const KERAS_MHA_WEIGHT_NAMES = [
-  'query/kernel', 'query/bias', 'key/kernel', 'key/bias', 'value/kernel',
-  'value/bias', 'attention_output/kernel', 'attention_output/bias',
+  'query/kernel',
+  'query/bias',
+  'key/kernel',
+  'key/bias',
+  'value/kernel',
+  'value/bias',
+  'attention_output/kernel',
+  'attention_output/bias',
 ] as const;
 
 /**
@@ -317,8 +320,7 @@ export const KERAS_MHA_WEIGHT_NAMES = [
  * name (biases absent with `useBias: false`). Its sublayers' variables are
  * not in `layer.weights`: tfjs-layers does not track sublayers.
  */
-export function kerasMHAVariables(layer: KerasMultiHeadAttention):
-    Map<string, tfl.LayerVariable> {
+export function kerasMHAVariables(layer: KerasMultiHeadAttention): Map<string, tfl.LayerVariable> {
   const sublayers = {
     query: layer._queryDense,
     key: layer._keyDense,
@@ -377,8 +379,7 @@ export function setKerasMHAWeights(
  * only `call`ed).
  */
 export function disposeKerasMHA(layer: KerasMultiHeadAttention): void {
-  for (const dense of [layer._queryDense, layer._keyDense, layer._valueDense,
-                       layer._outputDense]) {
+  for (const dense of [layer._queryDense, layer._keyDense, layer._valueDense, layer._outputDense]) {
     if (dense != null && dense.built) {
       dense.dispose();
     }

@@ -1,6 +1,6 @@
 /**
  * Random problems for the numerical tests, and the comparison that checks
- * every element against the float64 oracle (DESIGN.md §3).
+ * every element against the float64 oracle (docs/design.md, "Accuracy bounds").
  */
 import * as tf from '@tensorflow/tfjs-core';
 
@@ -72,8 +72,7 @@ export interface TestProblem {
 }
 
 /** Random q, k, v (and slopes) in float64, without tfjs. */
-export function randomOracleProblem(
-    shape: ProblemShape, rng: Rng, inputScale = 1): OracleProblem {
+export function randomOracleProblem(shape: ProblemShape, rng: Rng, inputScale = 1): OracleProblem {
   const {batch, seqQ, seqK, heads, headsKV, headDim, headDimV} = shape;
   let slopes: Float64Array|null = null;
   if (shape.alibi != null) {
@@ -83,7 +82,13 @@ export function randomOracleProblem(
     }
   }
   return {
-    batch, seqQ, seqK, heads, headsKV, headDim, headDimV,
+    batch,
+    seqQ,
+    seqK,
+    heads,
+    headsKV,
+    headDim,
+    headDimV,
     q: randomArray(batch * seqQ * heads * headDim, rng, inputScale),
     k: randomArray(batch * seqK * headsKV * headDim, rng, inputScale),
     v: randomArray(batch * seqK * headsKV * headDimV, rng),
@@ -99,9 +104,9 @@ export function makeProblem(shape: ProblemShape, rng: Rng, inputScale = 1): Test
     q: tf.tensor4d(Float32Array.from(oracle.q), [batch, seqQ, heads, headDim]),
     k: tf.tensor4d(Float32Array.from(oracle.k), [batch, seqK, headsKV, headDim]),
     v: tf.tensor4d(Float32Array.from(oracle.v), [batch, seqK, headsKV, headDimV]),
-    alibiSlopes: slopes == null ? undefined :
-        tf.tensor(Float32Array.from(slopes),
-                  shape.alibi === 'head' ? [heads] : [batch, heads]),
+    alibiSlopes: slopes == null ?
+        undefined :
+        tf.tensor(Float32Array.from(slopes), shape.alibi === 'head' ? [heads] : [batch, heads]),
   };
   return {
     shape,
@@ -125,11 +130,12 @@ export interface Discrepancy {
  * Compares every element. Infinite expected values must be matched exactly
  * (a fully masked row's lse is -Infinity); NaN is never accepted.
  */
-export function discrepancy(
-    actual: ArrayLike<number>, expected: ArrayLike<number>): Discrepancy {
+export function discrepancy(actual: ArrayLike<number>, expected: ArrayLike<number>): Discrepancy {
   if (actual.length !== expected.length) {
-    return {relativeError: Infinity,
-            firstBadElement: `length ${actual.length} != ${expected.length}`};
+    return {
+      relativeError: Infinity,
+      firstBadElement: `length ${actual.length} != ${expected.length}`
+    };
   }
   let maxRef = 0;
   let maxErr = 0;
@@ -158,15 +164,14 @@ export function discrepancy(
  * with FLASH_ATTENTION_TEST_SEED.
  */
 export function expectClose(
-    actual: ArrayLike<number>, expected: ArrayLike<number>, bound: number,
-    what: string): void {
+    actual: ArrayLike<number>, expected: ArrayLike<number>, bound: number, what: string): void {
   const {relativeError, firstBadElement} = discrepancy(actual, expected);
   if (firstBadElement != null || !(relativeError <= bound)) {
-    throw new Error(`${what}: relative error ${relativeError.toExponential(3)} (bound ${
-        bound})${firstBadElement ? `; ${firstBadElement}` : ''}`);
+    throw new Error(`${what}: relative error ${relativeError.toExponential(3)} (bound ${bound})${
+        firstBadElement ? `; ${firstBadElement}` : ''}`);
   }
 }
 
-/** DESIGN.md §3 bounds. */
+/** The bounds of docs/design.md, "Accuracy bounds". */
 export const FORWARD_BOUND = 1e-4;
 export const GRADIENT_BOUND = 5e-4;

@@ -5,8 +5,10 @@
  */
 class SummaryReporter {
   onRunComplete(_contexts, results) {
-    const brokenFiles = results.testResults.filter(
-        r => r.testExecError != null || (r.failureMessage && r.numFailingTests === 0)).length;
+    const brokenFiles =
+        results.testResults
+            .filter(r => r.testExecError != null || (r.failureMessage && r.numFailingTests === 0))
+            .length;
     const failed = results.numFailedTests + brokenFiles;
     const skipped = results.numPendingTests + results.numTodoTests;
     if (skipped > 0) {

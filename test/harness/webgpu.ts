@@ -1,6 +1,6 @@
 /**
  * WebGPU in Node for the tests: Dawn from the `webgpu` package, on the
- * machine's GPU where there is one, else on SwiftShader (DESIGN.md §5).
+ * machine's GPU where there is one, else on SwiftShader (docs/design.md, "Platform facts").
  *
  * Dawn's native module is loaded once per process and kept on `process`,
  * which all of jest's per-file module registries of a worker share.
@@ -10,7 +10,9 @@ import * as path from 'path';
 
 const SWIFTSHADER_ICD = '/usr/lib/chromium/vk_swiftshader_icd.json';
 const SYSTEM_ICD_DIRS = [
-  '/usr/share/vulkan/icd.d', '/etc/vulkan/icd.d', '/usr/local/share/vulkan/icd.d',
+  '/usr/share/vulkan/icd.d',
+  '/etc/vulkan/icd.d',
+  '/usr/local/share/vulkan/icd.d',
 ];
 
 interface DawnModule {
@@ -56,8 +58,9 @@ function dawn(): DawnCache {
   if (holder.__tfjsFlashAttentionDawn == null) {
     const packageDir = path.dirname(require.resolve('webgpu/package.json'));
     const arch = process.platform === 'darwin' ? 'universal' : process.arch;
-    const module = require(path.join(
-        packageDir, 'dist', `${process.platform}-${arch}`, 'dawn.node')) as DawnModule;
+    const module =
+        require(path.join(packageDir, 'dist', `${process.platform}-${arch}`, 'dawn.node')) as
+        DawnModule;
     holder.__tfjsFlashAttentionDawn = {module, gpu: module.create([])};
   }
   return holder.__tfjsFlashAttentionDawn;
@@ -71,7 +74,9 @@ export function installWebGPUGlobals(): GPU {
   const {module, gpu} = dawn();
   Object.assign(globalThis, module.globals);
   Object.defineProperty(globalThis, 'navigator', {
-    value: {gpu}, configurable: true, writable: true,
+    value: {gpu},
+    configurable: true,
+    writable: true,
   });
   return gpu;
 }

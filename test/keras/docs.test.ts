@@ -19,8 +19,8 @@ const doc = fs.readFileSync(path.join(root, 'docs', 'keras.md'), 'utf8');
 const examples = tsBlocks(doc);
 const EXAMPLE_URL = 'https://example.com/encoder/model.json';
 /** The README's "Loading Keras transformer models" example (the same call). */
-const readmeExamples =
-    tsBlocks(fs.readFileSync(path.join(root, 'README.md'), 'utf8')).filter(source => source.includes(EXAMPLE_URL));
+const readmeExamples = tsBlocks(fs.readFileSync(path.join(root, 'README.md'), 'utf8'))
+                           .filter(source => source.includes(EXAMPLE_URL));
 
 /** The layers entry: src/layers/index.ts once it exports the layer. */
 function layersEntry(): unknown {
@@ -48,18 +48,18 @@ function runExample(source: string, url: string): Promise<string[]> {
  */
 function sameRealmFetch(outer: typeof fetch): typeof fetch {
   return (async (input: RequestInfo|URL, init?: RequestInit) => {
-    const response = await outer(input, init);
-    const bytes = Uint8Array.from(new Uint8Array(await response.arrayBuffer()));
-    return {
-      ok: response.ok,
-      status: response.status,
-      statusText: response.statusText,
-      headers: response.headers,
-      json: async () => JSON.parse(Buffer.from(bytes).toString('utf8')),
-      text: async () => Buffer.from(bytes).toString('utf8'),
-      arrayBuffer: async () => bytes.buffer,
-    };
-  }) as unknown as typeof fetch;
+           const response = await outer(input, init);
+           const bytes = Uint8Array.from(new Uint8Array(await response.arrayBuffer()));
+           return {
+             ok: response.ok,
+             status: response.status,
+             statusText: response.statusText,
+             headers: response.headers,
+             json: async () => JSON.parse(Buffer.from(bytes).toString('utf8')),
+             text: async () => Buffer.from(bytes).toString('utf8'),
+             arrayBuffer: async () => bytes.buffer,
+           };
+         }) as unknown as typeof fetch;
 }
 
 describe('docs/keras.md examples', () => {

@@ -27,17 +27,21 @@ describe('keras_mha harness: binding', () => {
     expect(map['MultiHeadAttention']).toBe(before.mha);
     expect(map['EinsumDense']).toBe(before.einsum);
     // The chained ops it needs are installed during its calls only.
-    expect((tf.Tensor.prototype as unknown as Record<string, unknown>)['add'])
-        .toBeUndefined();
+    expect((tf.Tensor.prototype as unknown as Record<string, unknown>)['add']).toBeUndefined();
   });
 });
 
 const f32 = (a: ArrayLike<number>) => Float32Array.from(a);
 
-function randomWeights(
-    rng: Rng, dims: {q: number, k: number, v: number, heads: number,
-                     keyDim: number, valueDim: number, out: number}):
-    KerasMHAOracleWeights {
+function randomWeights(rng: Rng, dims: {
+  q: number,
+  k: number,
+  v: number,
+  heads: number,
+  keyDim: number,
+  valueDim: number,
+  out: number
+}): KerasMHAOracleWeights {
   const {heads: H, keyDim: Dk, valueDim: Dv} = dims;
   const dense = (inDim: number, outDim: number) => ({
     kernel: randomArray(inDim * outDim, rng, 1 / Math.sqrt(inDim)),
@@ -55,7 +59,8 @@ describeBackends('keras_mha harness: reference vs float64 Keras formulas', () =>
   it('cross-attention with a key, a mask and the causal mask', async () => {
     const rng = freshRng();
     const [B, T, S, E, H, Dk, Dv] = [2, 6, 5, 8, 2, 4, 3];
-    const weights = randomWeights(rng, {q: E, k: 7, v: E, heads: H, keyDim: Dk, valueDim: Dv, out: E});
+    const weights =
+        randomWeights(rng, {q: E, k: 7, v: E, heads: H, keyDim: Dk, valueDim: Dv, out: E});
     const query = randomArray(B * T * E, rng);
     const value = randomArray(B * S * E, rng);
     const key = randomArray(B * S * 7, rng);
@@ -77,12 +82,25 @@ describeBackends('keras_mha harness: reference vs float64 Keras formulas', () =>
     expect([...kerasMHAVariables(layer).keys()]).toEqual([...KERAS_MHA_WEIGHT_NAMES]);
     for (const causal of [false, true]) {
       const expected = kerasMHAOracle({
-        batch: B, seqQ: T, seqK: S, queryDim: E, valueDim: E, keyInputDim: 7,
-        heads: H, keyDim: Dk, headDimV: Dv, outDim: E, query, value, key,
-        weights, attentionMask: mask, causal,
+        batch: B,
+        seqQ: T,
+        seqK: S,
+        queryDim: E,
+        valueDim: E,
+        keyInputDim: 7,
+        heads: H,
+        keyDim: Dk,
+        headDimV: Dv,
+        outDim: E,
+        query,
+        value,
+        key,
+        weights,
+        attentionMask: mask,
+        causal,
       });
-      const [out, scores] = tf.tidy(() => layer.callAndReturnAttentionScores(
-          tf.tensor(f32(query), [B, T, E], 'float32'), {
+      const [out, scores] = tf.tidy(
+          () => layer.callAndReturnAttentionScores(tf.tensor(f32(query), [B, T, E], 'float32'), {
             value: tf.tensor(f32(value), [B, S, E], 'float32'),
             key: tf.tensor(f32(key), [B, S, 7], 'float32'),
             attentionMask: tf.tensor(f32(mask), [B, T, S], 'float32'),

@@ -32,8 +32,7 @@ export interface WeightSpec {
 }
 
 export function readFixture(name: string): KerasJson {
-  return JSON.parse(
-      fs.readFileSync(path.join(__dirname, 'fixtures', `${name}.json`), 'utf8'));
+  return JSON.parse(fs.readFileSync(path.join(__dirname, 'fixtures', `${name}.json`), 'utf8'));
 }
 
 export function weightSpecs(json: KerasJson): WeightSpec[] {
@@ -48,8 +47,8 @@ function size(shape: number[]): number {
  * Random weights for a manifest, scaled like trained ones (kernels by
  * 1/sqrt(fan-in), layer-norm gammas near 1), as one buffer and by name.
  */
-export function randomWeights(specs: WeightSpec[], rng: Rng):
-    {data: Float32Array, byName: Map<string, Float32Array>} {
+export function randomWeights(
+    specs: WeightSpec[], rng: Rng): {data: Float32Array, byName: Map<string, Float32Array>} {
   const data = new Float32Array(specs.reduce((n, s) => n + size(s.shape), 0));
   const byName = new Map<string, Float32Array>();
   let offset = 0;
@@ -57,8 +56,8 @@ export function randomWeights(specs: WeightSpec[], rng: Rng):
     const n = size(spec.shape);
     const values = data.subarray(offset, offset + n);
     const kind = spec.name.split('/').pop();
-    const fanIn = spec.name.endsWith('attention_output/kernel') ?
-        spec.shape[0] * spec.shape[1] : spec.shape[0];
+    const fanIn = spec.name.endsWith('attention_output/kernel') ? spec.shape[0] * spec.shape[1] :
+                                                                  spec.shape[0];
     for (let i = 0; i < n; i++) {
       const normal = rng.normal();
       values[i] = kind === 'kernel' ? normal / Math.sqrt(fanIn) :
@@ -151,8 +150,8 @@ export function referenceOutputs(
           layerWeights[name] = tf.tensor(weights.get(full)!, specs.get(full));
         }
       }
-      setKerasMHAWeights(ref, layerWeights,
-                         {query: args[0].shape, value: value.shape, key: key?.shape});
+      setKerasMHAWeights(
+          ref, layerWeights, {query: args[0].shape, value: value.shape, key: key?.shape});
       const [out, scores] = ref.callAndReturnAttentionScores(args[0], {
         value,
         key,

@@ -40,8 +40,8 @@ export interface KerasMHAOracleProblem {
 
 /** x [N, In] times kernel [In, Out] plus bias [Out]: [N, Out]. */
 function project(
-    x: Float64Array, rows: number, inDim: number, kernel: Float64Array,
-    bias: Float64Array|null, outDim: number): Float64Array {
+    x: Float64Array, rows: number, inDim: number, kernel: Float64Array, bias: Float64Array|null,
+    outDim: number): Float64Array {
   const y = new Float64Array(rows * outDim);
   for (let r = 0; r < rows; r++) {
     for (let o = 0; o < outDim; o++) {
@@ -62,8 +62,8 @@ export function kerasMHAOracle(p: KerasMHAOracleProblem):
   const w = p.weights;
   const q = project(p.query, B * T, p.queryDim, w.query.kernel, w.query.bias, H * Dk);
   const k = project(
-      p.key ?? p.value, B * S, p.key ? p.keyInputDim : p.valueDim, w.key.kernel,
-      w.key.bias, H * Dk);
+      p.key ?? p.value, B * S, p.key ? p.keyInputDim : p.valueDim, w.key.kernel, w.key.bias,
+      H * Dk);
   const v = project(p.value, B * S, p.valueDim, w.value.kernel, w.value.bias, H * Dv);
   const context = new Float64Array(B * T * H * Dv);
   const scores = new Float64Array(B * H * T * S);
@@ -78,8 +78,7 @@ export function kerasMHAOracle(p: KerasMHAOracleProblem):
             dot += q[((b * T + t) * H + h) * Dk + d] * k[((b * S + s) * H + h) * Dk + d];
           }
           let score = dot / Math.sqrt(Dk);
-          const visible = (p.attentionMask == null ||
-                           p.attentionMask[(b * T + t) * S + s] !== 0) &&
+          const visible = (p.attentionMask == null || p.attentionMask[(b * T + t) * S + s] !== 0) &&
               (!p.causal || s <= t);
           if (!visible) {
             // As float32 does: a score near -1e9 is -1e9 (ulp 64), so a

@@ -75,14 +75,21 @@ describe('Keras models: the config rewrite', () => {
     const model = await loadModel(json, randomWeights(weightSpecs(json), freshRng()).data);
     const cross = model.getLayer('cross_attention');
     const node = cross.inboundNodes[0];
-    expect(node.inboundLayers.map(l => l.name))
-        .toEqual(['layer_normalization', 'encoder_outputs', 'encoder_keys']);
-    expect(node.callArgs).toEqual({kerasCall: {
-      inputs: ['query', 'value', 'key'], useCausalMask: false,
-      returnAttentionScores: false, training: null, constantMask: null,
-    }});
-    expect(model.getLayer('self_attention').inboundNodes[0].callArgs)
-        .toEqual({kerasCall: expect.objectContaining({useCausalMask: true})});
+    expect(node.inboundLayers.map(l => l.name)).toEqual([
+      'layer_normalization', 'encoder_outputs', 'encoder_keys'
+    ]);
+    expect(node.callArgs).toEqual({
+      kerasCall: {
+        inputs: ['query', 'value', 'key'],
+        useCausalMask: false,
+        returnAttentionScores: false,
+        training: null,
+        constantMask: null,
+      }
+    });
+    expect(model.getLayer('self_attention').inboundNodes[0].callArgs).toEqual({
+      kerasCall: expect.objectContaining({useCausalMask: true})
+    });
     // The fixture itself is left as it was.
     expect(JSON.stringify(json)).toEqual(JSON.stringify(readFixture('decoder_block')));
     model.dispose();

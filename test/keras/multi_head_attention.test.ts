@@ -46,27 +46,70 @@ interface CallCase {
 
 const CASES: CallCase[] = [
   {title: 'self-attention', args: {numHeads: 2, keyDim: 8}, query: [2, 12, 16], value: [2, 12, 16]},
-  {title: 'cross-attention with a key, value_dim != key_dim, no bias',
-   args: {numHeads: 3, keyDim: 4, valueDim: 6, useBias: false},
-   query: [2, 7, 10], value: [2, 9, 12], key: [2, 9, 5]},
-  {title: 'causal, Sq == Sk', args: {numHeads: 2, keyDim: 8}, query: [2, 11, 16],
-   value: [2, 11, 16], causal: true},
-  {title: 'causal, Sq > Sk (top-left: a right window)', args: {numHeads: 2, keyDim: 8},
-   query: [2, 13, 16], value: [2, 6, 16], causal: true},
-  {title: 'causal, Sq < Sk (composed path)', args: {numHeads: 2, keyDim: 8},
-   query: [2, 5, 16], value: [2, 9, 16], causal: true},
-  {title: 'attention_mask [B, T, S] with a fully masked row, scores returned',
-   args: {numHeads: 2, keyDim: 4}, query: [2, 6, 8], value: [2, 7, 8], mask: [2, 6, 7],
-   scores: true},
-  {title: 'attention_mask [T, S] broadcast, and causal', args: {numHeads: 2, keyDim: 4},
-   query: [2, 6, 8], value: [2, 6, 8], mask: [6, 6], causal: true},
-  {title: 'rank-4 inputs (attention over both middle axes), scores returned',
-   args: {numHeads: 2, keyDim: 4}, query: [2, 3, 4, 8], value: [2, 2, 3, 8], scores: true,
-   referenceOnCpu: true},
-  {title: 'key_dim beyond flashAttention\'s 256 (composed path)',
-   args: {numHeads: 1, keyDim: 260, valueDim: 4}, query: [1, 3, 8], value: [1, 4, 8]},
-  {title: 'output_shape [4, 2]', args: {numHeads: 2, keyDim: 4, outputShape: [4, 2]},
-   query: [2, 5, 8], value: [2, 5, 8]},
+  {
+    title: 'cross-attention with a key, value_dim != key_dim, no bias',
+    args: {numHeads: 3, keyDim: 4, valueDim: 6, useBias: false},
+    query: [2, 7, 10],
+    value: [2, 9, 12],
+    key: [2, 9, 5]
+  },
+  {
+    title: 'causal, Sq == Sk',
+    args: {numHeads: 2, keyDim: 8},
+    query: [2, 11, 16],
+    value: [2, 11, 16],
+    causal: true
+  },
+  {
+    title: 'causal, Sq > Sk (top-left: a right window)',
+    args: {numHeads: 2, keyDim: 8},
+    query: [2, 13, 16],
+    value: [2, 6, 16],
+    causal: true
+  },
+  {
+    title: 'causal, Sq < Sk (composed path)',
+    args: {numHeads: 2, keyDim: 8},
+    query: [2, 5, 16],
+    value: [2, 9, 16],
+    causal: true
+  },
+  {
+    title: 'attention_mask [B, T, S] with a fully masked row, scores returned',
+    args: {numHeads: 2, keyDim: 4},
+    query: [2, 6, 8],
+    value: [2, 7, 8],
+    mask: [2, 6, 7],
+    scores: true
+  },
+  {
+    title: 'attention_mask [T, S] broadcast, and causal',
+    args: {numHeads: 2, keyDim: 4},
+    query: [2, 6, 8],
+    value: [2, 6, 8],
+    mask: [6, 6],
+    causal: true
+  },
+  {
+    title: 'rank-4 inputs (attention over both middle axes), scores returned',
+    args: {numHeads: 2, keyDim: 4},
+    query: [2, 3, 4, 8],
+    value: [2, 2, 3, 8],
+    scores: true,
+    referenceOnCpu: true
+  },
+  {
+    title: 'key_dim beyond flashAttention\'s 256 (composed path)',
+    args: {numHeads: 1, keyDim: 260, valueDim: 4},
+    query: [1, 3, 8],
+    value: [1, 4, 8]
+  },
+  {
+    title: 'output_shape [4, 2]',
+    args: {numHeads: 2, keyDim: 4, outputShape: [4, 2]},
+    query: [2, 5, 8],
+    value: [2, 5, 8]
+  },
 ];
 
 interface Result {
@@ -98,17 +141,21 @@ async function reference(
   if (c.referenceOnCpu) {
     const [xc, wc] = [await onCpu(inputs), await onCpu(weights)];
     await tf.setBackend('cpu');
-    const make = (copies: typeof xc) => Object.fromEntries(
-        Object.entries(copies).map(([n, v]) => [n, tf.tensor(v.data, v.shape)]));
+    const make = (copies: typeof xc) =>
+        Object.fromEntries(Object.entries(copies).map(([n, v]) => [n, tf.tensor(v.data, v.shape)]));
     [x, w] = [make(xc), make(wc)];
   }
   const ref = kerasMultiHeadAttention({
-    numHeads: c.args.numHeads, keyDim: c.args.keyDim, valueDim: c.args.valueDim ?? undefined,
-    useBias: c.args.useBias, outputShape: (c.args.outputShape ?? undefined) as number[]|undefined,
+    numHeads: c.args.numHeads,
+    keyDim: c.args.keyDim,
+    valueDim: c.args.valueDim ?? undefined,
+    useBias: c.args.useBias,
+    outputShape: (c.args.outputShape ?? undefined) as number[] | undefined,
   });
   setKerasMHAWeights(ref, w, {query: c.query, value: c.value, key: c.key});
   const [out, scores] = ref.callAndReturnAttentionScores(
-      x.query, {value: x.value, key: x.key, attentionMask: x.attentionMask, useCausalMask: c.causal});
+      x.query,
+      {value: x.value, key: x.key, attentionMask: x.attentionMask, useCausalMask: c.causal});
   const result: [Result, Result] = [
     {shape: out.shape, data: await out.data() as Float32Array},
     {shape: scores.shape, data: await scores.data() as Float32Array},
@@ -131,19 +178,21 @@ async function checkCase(c: CallCase): Promise<void> {
   const key = c.key ? normals(c.key, rng) : undefined;
   const attentionMask = c.mask ? zeroOneMask(c.mask, rng) : undefined;
   const layer = new MultiHeadAttention(c.args);
-  const kwargs = {value, key, attentionMask, useCausalMask: c.causal, returnAttentionScores: c.scores};
+  const kwargs =
+      {value, key, attentionMask, useCausalMask: c.causal, returnAttentionScores: c.scores};
   // Builds (Keras's weight shapes), then gets random weights.
   tf.dispose(layer.apply(query, kwargs) as tf.Tensor);
   const values: Record<string, tf.Tensor> = {};
   layer.weights.forEach((w, i) => {
-    const name = KERAS_MHA_WEIGHT_NAMES.filter(n => c.args.useBias !== false || n.endsWith('kernel'))[i];
+    const name =
+        KERAS_MHA_WEIGHT_NAMES.filter(n => c.args.useBias !== false || n.endsWith('kernel'))[i];
     expect(w.originalName).toBe(`${layer.name}/${name}`);
     values[name] = normals(w.shape as number[], rng, 1 / Math.sqrt(w.shape[0]!));
   });
   layer.setWeights(Object.values(values));
 
   const [want, wantScores] = await reference(c, {query, value, key, attentionMask}, values);
-  const got = layer.apply(query, kwargs) as tf.Tensor|tf.Tensor[];
+  const got = layer.apply(query, kwargs) as tf.Tensor | tf.Tensor[];
   const [out, scores] = Array.isArray(got) ? got : [got];
   expect(out.shape).toEqual(want.shape);
   expectClose(await out.data(), want.data, BOUND, `${what} output`);
@@ -154,12 +203,16 @@ async function checkCase(c: CallCase): Promise<void> {
     expect(Array.isArray(got)).toBe(false);
   }
   // tfjs-layers' own convention, layer.call(query, {value, ...}), too.
-  const called = layer.call(query, kwargs as unknown as Parameters<typeof layer.call>[1]) as tf.Tensor|tf.Tensor[];
+  const called =
+      layer.call(query, kwargs as unknown as Parameters<typeof layer.call>[1]) as tf.Tensor |
+      tf.Tensor[];
   const calledOut = Array.isArray(called) ? called[0] : called;
   expectClose(await calledOut.data(), want.data, BOUND, `${what} call()`);
 
-  tf.dispose([query, value, ...(key ? [key] : []), ...(attentionMask ? [attentionMask] : []),
-              got, called, ...Object.values(values)] as tf.Tensor[]);
+  tf.dispose([
+    query, value, ...(key ? [key] : []), ...(attentionMask ? [attentionMask] : []), got, called,
+    ...Object.values(values)
+  ] as tf.Tensor[]);
   layer.dispose();
   expect(tf.memory().numTensors).toBe(start);
 }
@@ -198,7 +251,8 @@ describeBackends('MultiHeadAttention: Keras masks of the inputs (Embedding mask_
     const ids = tf.tensor2d([[3, 1, 4, 1, 5, 9], [2, 6, 5, 0, 0, 0]], [2, 6], 'int32');
     const ctx = normals([2, 5, 8], rng);
     const start = tf.memory().numTensors;
-    const got = (run === 'predict' ? model.predict([ids, ctx]) : model.apply([ids, ctx])) as tf.Tensor;
+    const got =
+        (run === 'predict' ? model.predict([ids, ctx]) : model.apply([ids, ctx])) as tf.Tensor;
 
     const ref = kerasMultiHeadAttention({numHeads: 2, keyDim: 4});
     // Embedding's eager apply sets q.kerasMask (ids != 0).
@@ -228,53 +282,61 @@ describe('MultiHeadAttention: flashAttention, training (cpu)', () => {
     tf.env().set(FLASH_ATTENTION_IMPL, 'auto');
   });
 
-  it('plain and causal calls run flashAttention; masked calls the composed path', () => {
-    // cpu has no fused kernel: under FLASH_ATTENTION_IMPL=fused,
-    // flashAttention refuses, which shows which calls go through it.
-    const layer = new MultiHeadAttention({numHeads: 2, keyDim: 4});
-    const x = tf.randomNormal([1, 6, 8]);
-    const y = tf.randomNormal([1, 4, 8]);
-    const mask = tf.ones([1, 6, 4]);
-    tf.dispose(layer.apply(x, {value: y}) as tf.Tensor);
-    tf.env().set(FLASH_ATTENTION_IMPL, 'fused');
-    expect(() => layer.apply(x, {value: y})).toThrow(/FLASH_ATTENTION_IMPL is 'fused'/);
-    expect(() => layer.apply(x, {value: y, useCausalMask: true}))
-        .toThrow(/FLASH_ATTENTION_IMPL is 'fused'/);
-    tf.dispose(layer.apply(x, {value: y, attentionMask: mask}) as tf.Tensor);
-    const [, scores] = layer.apply(x, {value: y, returnAttentionScores: true}) as tf.Tensor[];
-    expect(scores.shape).toEqual([1, 2, 6, 4]);
-    tf.dispose([x, y, mask, scores]);
-    layer.dispose();
-  });
+  it('plain, causal and padding-masked calls run flashAttention; other masks the composed path',
+     () => {
+       // cpu has no fused kernel: under FLASH_ATTENTION_IMPL=fused,
+       // flashAttention refuses, which shows which calls go through it.
+       const layer = new MultiHeadAttention({numHeads: 2, keyDim: 4});
+       const x = tf.randomNormal([1, 6, 8]);
+       const y = tf.randomNormal([1, 4, 8]);
+       const mask = tf.ones([1, 6, 4]);
+       tf.dispose(layer.apply(x, {value: y}) as tf.Tensor);
+       tf.env().set(FLASH_ATTENTION_IMPL, 'fused');
+       expect(() => layer.apply(x, {value: y})).toThrow(/FLASH_ATTENTION_IMPL is 'fused'/);
+       expect(() => layer.apply(x, {value: y, useCausalMask: true}))
+           .toThrow(/FLASH_ATTENTION_IMPL is 'fused'/);
+       // An attention_mask whose rows are one key padding mask runs fused
+       // (per-batch key lengths); any other mask, the composed path.
+       expect(() => layer.apply(x, {value: y, attentionMask: mask}))
+           .toThrow(/FLASH_ATTENTION_IMPL is 'fused'/);
+       const holes = tf.tile(tf.tensor3d([[[1, 0, 1, 1]]]), [1, 6, 1]);
+       tf.dispose(layer.apply(x, {value: y, attentionMask: holes}) as tf.Tensor);
+       holes.dispose();
+       const [, scores] = layer.apply(x, {value: y, returnAttentionScores: true}) as tf.Tensor[];
+       expect(scores.shape).toEqual([1, 2, 6, 4]);
+       tf.dispose([x, y, mask, scores]);
+       layer.dispose();
+     });
 
-  it('model.fit trains the encoder block (dropout in training), weights of MHA change', async () => {
-    const rng = freshRng();
-    const json = readFixture('encoder_block');
-    const model = await loadModel(json, randomWeights(weightSpecs(json), rng).data);
-    const start = tf.memory().numTensors;
-    const [x] = randomInputs(model, 4, rng);
-    const target = tf.randomNormal(x.shape);
-    const mha = model.getLayer('multi_head_attention');
-    const before = mha.getWeights().map(w => w.dataSync().slice());
-    model.compile({optimizer: tf.train.sgd(0.1), loss: 'meanSquaredError'});
-    const history = await model.fit(x, target, {epochs: 2, batchSize: 4, verbose: 0});
-    expect(history.history.loss.every(l => Number.isFinite(l as number))).toBe(true);
-    const after = mha.getWeights().map(w => w.dataSync());
-    mha.weights.forEach((w, i) => {
-      // Softmax ignores a per-row constant: the key bias gets no gradient.
-      if (!w.originalName.endsWith('key/bias')) {
-        expect(Array.from(after[i])).not.toEqual(Array.from(before[i]));
-      }
-    });
-    // Inference (dropout off) is deterministic.
-    const a = model.predict(x) as tf.Tensor;
-    const b = model.predict(x) as tf.Tensor;
-    expect(Array.from(await a.data())).toEqual(Array.from(await b.data()));
-    tf.dispose([x, target, a, b]);
-    model.optimizer.dispose();
-    expect(tf.memory().numTensors).toBeLessThanOrEqual(start);
-    model.dispose();
-  });
+  it('model.fit trains the encoder block (dropout in training), weights of MHA change',
+     async () => {
+       const rng = freshRng();
+       const json = readFixture('encoder_block');
+       const model = await loadModel(json, randomWeights(weightSpecs(json), rng).data);
+       const start = tf.memory().numTensors;
+       const [x] = randomInputs(model, 4, rng);
+       const target = tf.randomNormal(x.shape);
+       const mha = model.getLayer('multi_head_attention');
+       const before = mha.getWeights().map(w => w.dataSync().slice());
+       model.compile({optimizer: tf.train.sgd(0.1), loss: 'meanSquaredError'});
+       const history = await model.fit(x, target, {epochs: 2, batchSize: 4, verbose: 0});
+       expect(history.history.loss.every(l => Number.isFinite(l as number))).toBe(true);
+       const after = mha.getWeights().map(w => w.dataSync());
+       mha.weights.forEach((w, i) => {
+         // Softmax ignores a per-row constant: the key bias gets no gradient.
+         if (!w.originalName.endsWith('key/bias')) {
+           expect(Array.from(after[i])).not.toEqual(Array.from(before[i]));
+         }
+       });
+       // Inference (dropout off) is deterministic.
+       const a = model.predict(x) as tf.Tensor;
+       const b = model.predict(x) as tf.Tensor;
+       expect(Array.from(await a.data())).toEqual(Array.from(await b.data()));
+       tf.dispose([x, target, a, b]);
+       model.optimizer.dispose();
+       expect(tf.memory().numTensors).toBeLessThanOrEqual(start);
+       model.dispose();
+     });
 
   it('gradients flow through the composed (masked) path', () => {
     const rng = freshRng();
@@ -284,8 +346,10 @@ describe('MultiHeadAttention: flashAttention, training (cpu)', () => {
     const mask = zeroOneMask([2, 5, 6], rng);
     tf.dispose(layer.apply(q, {value: v}) as tf.Tensor);
     const start = tf.memory().numTensors;
-    const {value, grads} = tf.variableGrads(() => tf.sum(tf.square(
-        layer.apply(q, {value: v, attentionMask: mask, useCausalMask: true}) as tf.Tensor)) as tf.Scalar);
+    const {value, grads} = tf.variableGrads(
+        () => tf.sum(tf.square(
+                  layer.apply(q, {value: v, attentionMask: mask, useCausalMask: true}) as
+                  tf.Tensor)) as tf.Scalar);
     expect(Object.keys(grads).sort()).toEqual(layer.weights.map(w => w.name).sort());
     for (const g of Object.values(grads)) {
       const data = g.dataSync();

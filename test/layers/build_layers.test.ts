@@ -19,13 +19,20 @@ const root = path.join(__dirname, '..', '..');
 const dist = (file: string) => path.join(root, 'dist', file);
 
 /** A fixed layer and input, so that other processes can rebuild them. */
-const ARGS = {embedDim: 8, numHeads: 2, numHeadsKV: 1, causal: true, rotaryEmbDim: 4};
+const ARGS = {
+  embedDim: 8,
+  numHeads: 2,
+  numHeadsKV: 1,
+  causal: true,
+  rotaryEmbDim: 4
+};
 const X_SHAPE = [2, 5, 8];
 const X = Array.from({length: 80}, (_, i) => Math.sin(i * 0.37));
 /** The weights as flat arrays, in the layer's order (qkv kernel/bias, out kernel/bias). */
 const WEIGHT_SHAPES = [[8, 16], [16], [8, 8], [8]];
-const WEIGHTS = WEIGHT_SHAPES.map((shape, w) =>
-  Array.from({length: shape.reduce((a, b) => a * b, 1)}, (_, i) => Math.cos(i * 0.91 + w) * 0.3));
+const WEIGHTS = WEIGHT_SHAPES.map(
+    (shape, w) => Array.from(
+        {length: shape.reduce((a, b) => a * b, 1)}, (_, i) => Math.cos(i * 0.91 + w) * 0.3));
 
 /**
  * Source run in another process (as CommonJS or ESM): checks that the
@@ -39,7 +46,8 @@ function nodeScript(load: string): string {
     const layer = layers.flashMHA(${JSON.stringify(ARGS)});
     const x = tf.tensor(${JSON.stringify(X)}, ${JSON.stringify(X_SHAPE)});
     layer.apply(x).dispose();
-    layer.setWeights(${JSON.stringify(WEIGHTS)}.map((w, i) => tf.tensor(w, ${JSON.stringify(WEIGHT_SHAPES)}[i])));
+    layer.setWeights(${JSON.stringify(WEIGHTS)}.map((w, i) => tf.tensor(w, ${
+      JSON.stringify(WEIGHT_SHAPES)}[i])));
     const real = Array.from(await layer.apply(x).data());
     // A stand-in fused kernel registered through the core entry.
     let calls = 0;
@@ -51,7 +59,8 @@ function nodeScript(load: string): string {
     }});
     const standIn = Array.from(await layer.apply(x).data());
     console.log(JSON.stringify({real, calls, standInIsBias: standIn.every((v, i) => v === ${
-        JSON.stringify(WEIGHTS[3])}[i % 8] || Math.abs(v - ${JSON.stringify(WEIGHTS[3])}[i % 8]) < 1e-6)}));`;
+      JSON.stringify(
+          WEIGHTS[3])}[i % 8] || Math.abs(v - ${JSON.stringify(WEIGHTS[3])}[i % 8]) < 1e-6)}));`;
 }
 
 function runNode(args: string[]): {real: number[], calls: number, standInIsBias: boolean} {
@@ -62,8 +71,9 @@ function runNode(args: string[]): {real: number[], calls: number, standInIsBias:
 describe('built layers entry', () => {
   let expected: number[];
   beforeAll(async () => {
-    for (const file of ['layers.cjs', 'layers.mjs', 'tfjs-flash-attention-layers.umd.js',
-                        'tfjs-flash-attention-layers.umd.min.js', 'types/src/layers/index.d.ts']) {
+    for (const file
+             of ['layers.cjs', 'layers.mjs', 'tfjs-flash-attention-layers.umd.js',
+                 'tfjs-flash-attention-layers.umd.min.js', 'types/src/layers/index.d.ts']) {
       if (!fs.existsSync(dist(file))) {
         throw new Error(`dist/${file} is missing: run \`npm run build\` (npm test does)`);
       }
@@ -91,26 +101,35 @@ describe('built layers entry', () => {
   });
 
   it('CommonJS: require(\'tfjs-flash-attention/layers\') shares the core\'s registry', () => {
-    const result = runNode(['-e', `(async () => {${nodeScript(`
+    const result = runNode([
+      '-e',
+      `(async () => {${
+          nodeScript(`
       const tf = require('@tensorflow/tfjs-core');
       require('@tensorflow/tfjs-backend-cpu');
       require('@tensorflow/tfjs-layers');
       const core = require('tfjs-flash-attention');
       const layers = require('tfjs-flash-attention/layers');
-      if (require.resolve('tfjs-flash-attention/layers') !== ${JSON.stringify(dist('layers.cjs'))}) throw new Error('not dist');`)}})()`]);
+      if (require.resolve('tfjs-flash-attention/layers') !== ${
+              JSON.stringify(dist('layers.cjs'))}) throw new Error('not dist');`)}})()`
+    ]);
     expect(result.real).toEqual(expected);
     expect(result.calls).toBeGreaterThan(0);
     expect(result.standInIsBias).toBe(true);
   });
 
   it('ES modules: import from \'tfjs-flash-attention/layers\' shares the core\'s registry', () => {
-    const result = runNode(['--input-type=module', '-e', nodeScript(`
+    const result = runNode([
+      '--input-type=module', '-e',
+      nodeScript(`
       import * as tf from '@tensorflow/tfjs-core';
       import '@tensorflow/tfjs-backend-cpu';
       import '@tensorflow/tfjs-layers';
       import * as core from 'tfjs-flash-attention';
       import * as layers from 'tfjs-flash-attention/layers';
-      if (import.meta.resolve('tfjs-flash-attention/layers') !== ${JSON.stringify('file://' + dist('layers.mjs'))}) throw new Error('not dist');`)]);
+      if (import.meta.resolve('tfjs-flash-attention/layers') !== ${
+          JSON.stringify('file://' + dist('layers.mjs'))}) throw new Error('not dist');`)
+    ]);
     expect(result.real).toEqual(expected);
     expect(result.calls).toBeGreaterThan(0);
     expect(result.standInIsBias).toBe(true);
@@ -118,8 +137,15 @@ describe('built layers entry', () => {
 
   function pageContext() {
     const context = vm.createContext({
-      console, setTimeout, clearTimeout, performance, TextEncoder, TextDecoder,
-      document: {}, navigator: {userAgent: 'test'}, location: {search: ''},
+      console,
+      setTimeout,
+      clearTimeout,
+      performance,
+      TextEncoder,
+      TextDecoder,
+      document: {},
+      navigator: {userAgent: 'test'},
+      location: {search: ''},
     });
     context.globalThis = context;
     context.window = context;
@@ -136,21 +162,49 @@ describe('built layers entry', () => {
 
   it('UMD: after the core bundle, adds tf.flashMHA and uses the core bundle\'s global', () => {
     const context = pageContext();
-    for (const file of [...tfjsScripts, dist('tfjs-flash-attention.umd.min.js'),
-                        dist('tfjs-flash-attention-layers.umd.min.js')]) {
+    for (const file
+             of [...tfjsScripts, dist('tfjs-flash-attention.umd.min.js'),
+                 dist('tfjs-flash-attention-layers.umd.min.js')]) {
       load(context, file);
     }
-    const result = vm.runInContext(`
+    const result = vm.runInContext(
+        `
       tf.setBackend('cpu');
       const layer = tf.flashMHA(${JSON.stringify(ARGS)});
       const x = tf.tensor(${JSON.stringify(X)}, ${JSON.stringify(X_SHAPE)});
       layer.apply(x);
-      layer.setWeights(${JSON.stringify(WEIGHTS)}.map((w, i) => tf.tensor(w, ${JSON.stringify(WEIGHT_SHAPES)}[i])));
+      layer.setWeights(${JSON.stringify(WEIGHTS)}.map((w, i) => tf.tensor(w, ${
+            JSON.stringify(WEIGHT_SHAPES)}[i])));
       [Array.from(layer.apply(x).dataSync()), layer instanceof tf.layers.Layer,
-       typeof tfFlashAttentionLayers.FlashMHA];`, context);
+       typeof tfFlashAttentionLayers.FlashMHA];`,
+        context);
     expect(result[0]).toEqual(expected);
     expect(result[1]).toBe(true);
     expect(result[2]).toBe('function');
+  });
+
+  it('UMD: puts the flashMHA factory on tf.layers too, as tfjs does its layers', () => {
+    const context = pageContext();
+    for (const file
+             of [...tfjsScripts, dist('tfjs-flash-attention.umd.min.js'),
+                 dist('tfjs-flash-attention-layers.umd.min.js')]) {
+      load(context, file);
+    }
+    const result = vm.runInContext(
+        `
+      tf.setBackend('cpu');
+      const layer = tf.layers.flashMHA(${JSON.stringify(ARGS)});
+      const x = tf.tensor(${JSON.stringify(X)}, ${JSON.stringify(X_SHAPE)});
+      layer.apply(x);
+      layer.setWeights(${JSON.stringify(WEIGHTS)}.map((w, i) => tf.tensor(w, ${
+            JSON.stringify(WEIGHT_SHAPES)}[i])));
+      [Array.from(layer.apply(x).dataSync()), layer instanceof tfFlashAttentionLayers.FlashMHA,
+       tf.layers.flashMHA === tf.flashMHA, typeof tf.layers.dense];`,
+        context);
+    expect(result[0]).toEqual(expected);
+    expect(result[1]).toBe(true);
+    expect(result[2]).toBe(true);
+    expect(result[3]).toBe('function');
   });
 
   it('UMD: without the core bundle, says to load it first', () => {

@@ -14,8 +14,16 @@ const SEQ = 8;
 
 function sequentialModel(): tfl.Sequential {
   const model = tfl.sequential();
-  model.add(flashMHA({inputShape: [SEQ, E], embedDim: E, numHeads: 4, causal: true, rotaryEmbDim: 4,
-                      numHeadsKV: 2, dropout: 0.1, name: 'attention'}));
+  model.add(flashMHA({
+    inputShape: [SEQ, E],
+    embedDim: E,
+    numHeads: 4,
+    causal: true,
+    rotaryEmbDim: 4,
+    numHeadsKV: 2,
+    dropout: 0.1,
+    name: 'attention'
+  }));
   model.add(tfl.layers.globalAveragePooling1d());
   model.add(tfl.layers.dense({units: 1}));
   return model;
@@ -34,22 +42,25 @@ function memorySink() {
 describe('FlashMHA in tf.layers models [cpu]', () => {
   beforeAll(() => useBackend('cpu'));
 
-  it('trains in a Sequential model with model.fit and validationSplit, leak-free per step', async () => {
-    const model = sequentialModel();
-    model.compile({optimizer: tf.train.adam(0.01), loss: 'meanSquaredError'});
-    const x = tf.randomNormal([20, SEQ, E]);
-    const y = tf.sum(tf.mean(x, 1), 1, true);
-    const first = await model.fit(x, y, {epochs: 1, batchSize: 4, validationSplit: 0.25, verbose: 0});
-    const before = tf.memory().numTensors;
-    const history = await model.fit(x, y, {epochs: 4, batchSize: 4, validationSplit: 0.25, verbose: 0});
-    expect(tf.memory().numTensors).toBe(before);
-    expect(history.history.val_loss).toHaveLength(4);
-    const losses = history.history.loss as number[];
-    expect(losses.every(Number.isFinite)).toBe(true);
-    expect(losses[3]).toBeLessThan(first.history.loss[0] as number);
-    tf.dispose([x, y]);
-    model.dispose();
-  });
+  it('trains in a Sequential model with model.fit and validationSplit, leak-free per step',
+     async () => {
+       const model = sequentialModel();
+       model.compile({optimizer: tf.train.adam(0.01), loss: 'meanSquaredError'});
+       const x = tf.randomNormal([20, SEQ, E]);
+       const y = tf.sum(tf.mean(x, 1), 1, true);
+       const first =
+           await model.fit(x, y, {epochs: 1, batchSize: 4, validationSplit: 0.25, verbose: 0});
+       const before = tf.memory().numTensors;
+       const history =
+           await model.fit(x, y, {epochs: 4, batchSize: 4, validationSplit: 0.25, verbose: 0});
+       expect(tf.memory().numTensors).toBe(before);
+       expect(history.history.val_loss).toHaveLength(4);
+       const losses = history.history.loss as number[];
+       expect(losses.every(Number.isFinite)).toBe(true);
+       expect(losses[3]).toBeLessThan(first.history.loss[0] as number);
+       tf.dispose([x, y]);
+       model.dispose();
+     });
 
   it('summary shows its output shape and parameter count', () => {
     const model = sequentialModel();
@@ -67,14 +78,25 @@ describe('FlashMHA in tf.layers models [cpu]', () => {
   it('save and tf.loadLayersModel (in-memory IO) give identical outputs', async () => {
     const input = tfl.input({shape: [null, E]});
     const context = tfl.input({shape: [null, 12]});
-    const attended = flashMHA({embedDim: E, numHeads: 2, useAlibi: true, softcap: 3, windowSize: [4, 0],
-                               kernelInitializer: 'heNormal', biasInitializer: {className: 'RandomNormal',
-                                                                                config: {stddev: 0.1}},
-                               kernelRegularizer: 'l1l2'})
-                         .apply(input) as tfl.SymbolicTensor;
-    const crossed = flashMHA({embedDim: E, numHeads: 4, numHeadsKV: 1, crossAttention: true, rotaryEmbDim: 4,
-                              rotaryEmbInterleaved: true, outProjBias: false})
-                        .apply([attended, context]) as tfl.SymbolicTensor;
+    const attended = flashMHA({
+                       embedDim: E,
+                       numHeads: 2,
+                       useAlibi: true,
+                       softcap: 3,
+                       windowSize: [4, 0],
+                       kernelInitializer: 'heNormal',
+                       biasInitializer: {className: 'RandomNormal', config: {stddev: 0.1}},
+                       kernelRegularizer: 'l1l2'
+                     }).apply(input) as tfl.SymbolicTensor;
+    const crossed = flashMHA({
+                      embedDim: E,
+                      numHeads: 4,
+                      numHeadsKV: 1,
+                      crossAttention: true,
+                      rotaryEmbDim: 4,
+                      rotaryEmbInterleaved: true,
+                      outProjBias: false
+                    }).apply([attended, context]) as tfl.SymbolicTensor;
     const output = tfl.layers.add().apply([input, crossed]) as tfl.SymbolicTensor;
     const model = tfl.model({inputs: [input, context], outputs: output});
     const {sink, handler} = memorySink();
@@ -96,31 +118,34 @@ describe('FlashMHA in tf.layers models [cpu]', () => {
     loaded.dispose();
   });
 
-  it('cross-attention uses keyPaddingMask or the last of per-input masks, never a lone (query) mask', async () => {
-    const layer = flashMHA({embedDim: E, numHeads: 2, crossAttention: true});
-    const x = tf.randomNormal([1, 4, E]);
-    const y = tf.randomNormal([1, 6, E]);
-    const queryMask = tf.tensor2d([[1, 1, 0, 0]], [1, 4], 'bool');
-    const keyMask = tf.tensor2d([[1, 1, 1, 0, 0, 0]], [1, 6], 'bool');
-    const values = async (kwargs?: object) => {
-      const out = layer.apply([x, y], kwargs) as tf.Tensor;
-      const data = Array.from(await out.data());
-      out.dispose();
-      return data;
-    };
-    const plain = await values();
-    expect(await values({mask: queryMask})).toEqual(plain);
-    const keyed = await values({keyPaddingMask: keyMask});
-    expect(keyed).not.toEqual(plain);
-    expect(await values({mask: [queryMask, keyMask]})).toEqual(keyed);
-    tf.dispose([x, y, queryMask, keyMask]);
-  });
+  it('cross-attention uses keyPaddingMask or the last of per-input masks, never a lone (query) mask',
+     async () => {
+       const layer = flashMHA({embedDim: E, numHeads: 2, crossAttention: true});
+       const x = tf.randomNormal([1, 4, E]);
+       const y = tf.randomNormal([1, 6, E]);
+       const queryMask = tf.tensor2d([[1, 1, 0, 0]], [1, 4], 'bool');
+       const keyMask = tf.tensor2d([[1, 1, 1, 0, 0, 0]], [1, 6], 'bool');
+       const values = async (kwargs?: object) => {
+         const out = layer.apply([x, y], kwargs) as tf.Tensor;
+         const data = Array.from(await out.data());
+         out.dispose();
+         return data;
+       };
+       const plain = await values();
+       expect(await values({mask: queryMask})).toEqual(plain);
+       const keyed = await values({keyPaddingMask: keyMask});
+       expect(keyed).not.toEqual(plain);
+       expect(await values({mask: [queryMask, keyMask]})).toEqual(keyed);
+       tf.dispose([x, y, queryMask, keyMask]);
+     });
 
   it('constraints survive getConfig/fromConfig', () => {
     // (tfjs re-applies a constraint to weights it loads, so the save/load
     // round trip above, whose outputs must be identical, has none.)
-    const layer = flashMHA({embedDim: E, numHeads: 2, kernelConstraint: 'maxNorm', biasConstraint: 'nonNeg'});
-    const copy = FlashMHA.fromConfig(FlashMHA, JSON.parse(JSON.stringify(layer.getConfig()))) as FlashMHA;
+    const layer =
+        flashMHA({embedDim: E, numHeads: 2, kernelConstraint: 'maxNorm', biasConstraint: 'nonNeg'});
+    const copy =
+        FlashMHA.fromConfig(FlashMHA, JSON.parse(JSON.stringify(layer.getConfig()))) as FlashMHA;
     expect(copy.kernelConstraint!.getClassName()).toBe('MaxNorm');
     expect(copy.biasConstraint!.getClassName()).toBe('NonNeg');
     expect(copy.getConfig()).toEqual(layer.getConfig());
@@ -133,7 +158,8 @@ describe('FlashMHA in tf.layers models [cpu]', () => {
     const output = attention.apply(embedding.apply(tokens)) as tfl.SymbolicTensor;
     const model = tfl.model({inputs: tokens, outputs: output});
     // Row 1 is padded after 5 tokens.
-    const ids = tf.tensor2d([[1, 2, 3, 4, 5, 6, 7, 8], [3, 1, 4, 1, 5, 0, 0, 0]], [2, SEQ], 'int32');
+    const ids =
+        tf.tensor2d([[1, 2, 3, 4, 5, 6, 7, 8], [3, 1, 4, 1, 5, 0, 0, 0]], [2, SEQ], 'int32');
     const fromModel = model.predict(ids) as tf.Tensor;
     const embedded = embedding.apply(ids) as tf.Tensor;
     const keep = tf.notEqual(ids, 0);

@@ -12,7 +12,8 @@ import {disposeKerasMHA, kerasMHAVariables, kerasMultiHeadAttention} from '../ha
 import {expectClose, FORWARD_BOUND, freshRng, randomArray, Rng} from '../harness/problems';
 
 function randomTensor(shape: number[], rng: Rng, scale = 1): tf.Tensor {
-  return tf.tensor(Float32Array.from(randomArray(shape.reduce((a, b) => a * b, 1), rng, scale)), shape);
+  return tf.tensor(
+      Float32Array.from(randomArray(shape.reduce((a, b) => a * b, 1), rng, scale)), shape);
 }
 
 describeBackends('FlashMHA drop-in for tfjs-layers MultiHeadAttention', () => {
@@ -39,7 +40,9 @@ describeBackends('FlashMHA drop-in for tfjs-layers MultiHeadAttention', () => {
       const before = tf.memory().numTensors;
       const actual = flash.apply(x) as tf.Tensor;
       expect(tf.memory().numTensors).toBe(before + 1);
-      expectClose(await actual.data(), await expected.data(), FORWARD_BOUND, `drop-in causal=${causal} (seed ${rng.seed})`);
+      expectClose(
+          await actual.data(), await expected.data(), FORWARD_BOUND,
+          `drop-in causal=${causal} (seed ${rng.seed})`);
       tf.dispose([x, expected, actual]);
       disposeKerasMHA(mha);
       flash.dispose();
@@ -49,10 +52,14 @@ describeBackends('FlashMHA drop-in for tfjs-layers MultiHeadAttention', () => {
   it('cross-attention from Keras-ordered tensors (get_weights order), causal', async () => {
     const [batch, seqQ, seqK, e, eKV, heads, keyDim] = [2, 5, 7, 16, 12, 2, 8];
     const weights = [
-      randomTensor([e, heads, keyDim], rng, 0.3), randomTensor([heads, keyDim], rng, 0.3),
-      randomTensor([eKV, heads, keyDim], rng, 0.3), randomTensor([heads, keyDim], rng, 0.3),
-      randomTensor([eKV, heads, keyDim], rng, 0.3), randomTensor([heads, keyDim], rng, 0.3),
-      randomTensor([heads, keyDim, e], rng, 0.3), randomTensor([e], rng, 0.3),
+      randomTensor([e, heads, keyDim], rng, 0.3),
+      randomTensor([heads, keyDim], rng, 0.3),
+      randomTensor([eKV, heads, keyDim], rng, 0.3),
+      randomTensor([heads, keyDim], rng, 0.3),
+      randomTensor([eKV, heads, keyDim], rng, 0.3),
+      randomTensor([heads, keyDim], rng, 0.3),
+      randomTensor([heads, keyDim, e], rng, 0.3),
+      randomTensor([e], rng, 0.3),
     ];
     const mha = kerasMultiHeadAttention({numHeads: heads, keyDim});
     const x = randomTensor([batch, seqQ, e], rng);
@@ -60,40 +67,59 @@ describeBackends('FlashMHA drop-in for tfjs-layers MultiHeadAttention', () => {
     tf.dispose(mha.call(x, {value: y}) as tf.Tensor);
     const variables = kerasMHAVariables(mha);
     MULTI_HEAD_ATTENTION_WEIGHT_NAMES.forEach((name, i) => variables.get(name)!.write(weights[i]));
-    const flash = flashMHA({embedDim: e, numHeads: heads, headDim: keyDim, crossAttention: true, causal: true});
+    const flash = flashMHA(
+        {embedDim: e, numHeads: heads, headDim: keyDim, crossAttention: true, causal: true});
     loadMultiHeadAttentionWeights(flash, weights);
     // tfjs's causal mask is top-left aligned (a lower triangle of [Sq, Sk]);
     // flashAttention's is bottom-right: compare on Sq == Sk for causal ...
     const expectedFull = mha.call(x, {value: y}) as tf.Tensor;
-    const flashFull = flashMHA({embedDim: e, numHeads: heads, headDim: keyDim, crossAttention: true});
+    const flashFull =
+        flashMHA({embedDim: e, numHeads: heads, headDim: keyDim, crossAttention: true});
     loadMultiHeadAttentionWeights(flashFull, weights);
     const actualFull = flashFull.apply([x, y]) as tf.Tensor;
-    expectClose(await actualFull.data(), await expectedFull.data(), FORWARD_BOUND, `cross (seed ${rng.seed})`);
+    expectClose(
+        await actualFull.data(), await expectedFull.data(), FORWARD_BOUND,
+        `cross (seed ${rng.seed})`);
     // ... and for Sq != Sk check that bottom-right alignment is what differs:
     // keys 0..(i + Sk - Sq) for query i equal a key mask on tfjs's side.
-    const rows = Array.from({length: seqQ}, (_, i) => Array.from({length: seqK}, (_, j) => j <= i + seqK - seqQ));
+    const rows = Array.from(
+        {length: seqQ}, (_, i) => Array.from({length: seqK}, (_, j) => j <= i + seqK - seqQ));
     const attentionMask = tf.tensor3d(Array(batch).fill(rows), [batch, seqQ, seqK], 'bool');
     const expectedCausal = mha.call(x, {value: y, attentionMask}) as tf.Tensor;
     const actualCausal = flash.apply([x, y]) as tf.Tensor;
-    expectClose(await actualCausal.data(), await expectedCausal.data(), FORWARD_BOUND,
-                `cross causal (seed ${rng.seed})`);
-    tf.dispose([...weights, x, y, expectedFull, actualFull, attentionMask, expectedCausal, actualCausal]);
+    expectClose(
+        await actualCausal.data(), await expectedCausal.data(), FORWARD_BOUND,
+        `cross causal (seed ${rng.seed})`);
+    tf.dispose(
+        [...weights, x, y, expectedFull, actualFull, attentionMask, expectedCausal, actualCausal]);
     disposeKerasMHA(mha);
   });
 
   it('refuses weights that do not fit, naming them', () => {
     const e = 16;
     const weights = [
-      tf.zeros([e, 2, 8]), tf.zeros([2, 8]), tf.zeros([e, 2, 8]), tf.zeros([2, 8]),
-      tf.zeros([e, 2, 8]), tf.zeros([2, 8]), tf.zeros([2, 8, e]), tf.zeros([e]),
+      tf.zeros([e, 2, 8]),
+      tf.zeros([2, 8]),
+      tf.zeros([e, 2, 8]),
+      tf.zeros([2, 8]),
+      tf.zeros([e, 2, 8]),
+      tf.zeros([2, 8]),
+      tf.zeros([2, 8, e]),
+      tf.zeros([e]),
     ];
     expect(() => loadMultiHeadAttentionWeights(flashMHA({embedDim: e, numHeads: 4}), weights))
         .toThrow(/query\/kernel must have shape \[16, 4, 4\] for this FlashMHA, got \[16, 2, 8\]/);
-    expect(() => loadMultiHeadAttentionWeights(flashMHA({embedDim: e, numHeads: 2, numHeadsKV: 1}), weights))
+    expect(
+        () => loadMultiHeadAttentionWeights(
+            flashMHA({embedDim: e, numHeads: 2, numHeadsKV: 1}), weights))
         .toThrow(/numHeadsKV == numHeads \(2\), got numHeadsKV = 1/);
-    expect(() => loadMultiHeadAttentionWeights(flashMHA({embedDim: e, numHeads: 2, qkvProjBias: false}), weights))
+    expect(
+        () => loadMultiHeadAttentionWeights(
+            flashMHA({embedDim: e, numHeads: 2, qkvProjBias: false}), weights))
         .toThrow(/qkvProjBias: false/);
-    expect(() => loadMultiHeadAttentionWeights(flashMHA({embedDim: e, numHeads: 2}), weights.slice(0, 3)))
+    expect(
+        () => loadMultiHeadAttentionWeights(
+            flashMHA({embedDim: e, numHeads: 2}), weights.slice(0, 3)))
         .toThrow(/8 tensors \(4 without biases\).*got 3/);
     // Without biases (4 kernels): loads, biases zero.
     const noBias = flashMHA({embedDim: e, numHeads: 2}) as FlashMHA;

@@ -29,8 +29,9 @@ export interface LayerConfig {
 }
 
 /** y[r, o] = sum_i x[r, i] w[i, o] + bias[o]. */
-export function project(x: Float64Array, rows: number, inDim: number, w: Float64Array,
-                        bias: Float64Array|undefined): Float64Array {
+export function project(
+    x: Float64Array, rows: number, inDim: number, w: Float64Array,
+    bias: Float64Array|undefined): Float64Array {
   const outDim = w.length / inDim;
   const y = new Float64Array(rows * outDim);
   for (let r = 0; r < rows; r++) {
@@ -46,7 +47,8 @@ export function project(x: Float64Array, rows: number, inDim: number, w: Float64
 }
 
 /** Columns [from, from + width) of a [rows, cols] matrix. */
-function columns(x: Float64Array, rows: number, cols: number, from: number, width: number): Float64Array {
+function columns(
+    x: Float64Array, rows: number, cols: number, from: number, width: number): Float64Array {
   const y = new Float64Array(rows * width);
   for (let r = 0; r < rows; r++) {
     for (let c = 0; c < width; c++) {
@@ -57,8 +59,9 @@ function columns(x: Float64Array, rows: number, cols: number, from: number, widt
 }
 
 /** RoPE on [B, S, H, D] in place semantics (returns a copy). */
-export function rotary(x: Float64Array, batch: number, seq: number, heads: number, dim: number,
-                       rotDim: number, base: number, interleaved: boolean): Float64Array {
+export function rotary(
+    x: Float64Array, batch: number, seq: number, heads: number, dim: number, rotDim: number,
+    base: number, interleaved: boolean): Float64Array {
   const y = Float64Array.from(x);
   const half = rotDim / 2;
   for (let b = 0; b < batch; b++) {
@@ -81,7 +84,8 @@ export function rotary(x: Float64Array, batch: number, seq: number, heads: numbe
  * Attention with a key mask `[B][Sk]` (true = keep), straight from the
  * formulas: a row with no visible key is 0.
  */
-export function maskedAttentionOracle(p: OracleProblem, o: OracleOptions, keyMask: boolean[][]): Float64Array {
+export function maskedAttentionOracle(
+    p: OracleProblem, o: OracleOptions, keyMask: boolean[][]): Float64Array {
   const {batch, seqQ, seqK, heads, headsKV, headDim, headDimV} = p;
   const scale = o.softmaxScale ?? 1 / Math.sqrt(headDim);
   let [left, right] = o.windowSize ?? [-1, -1];
@@ -97,19 +101,22 @@ export function maskedAttentionOracle(p: OracleProblem, o: OracleOptions, keyMas
         const keys: number[] = [];
         const scores: number[] = [];
         for (let j = 0; j < seqK; j++) {
-          if (!keyMask[b][j] || (left >= 0 && j < diagonal - left) || (right >= 0 && j > diagonal + right)) {
+          if (!keyMask[b][j] || (left >= 0 && j < diagonal - left) ||
+              (right >= 0 && j > diagonal + right)) {
             continue;
           }
           let s = 0;
           for (let d = 0; d < headDim; d++) {
-            s += p.q[((b * seqQ + i) * heads + h) * headDim + d] * p.k[((b * seqK + j) * headsKV + hk) * headDim + d];
+            s += p.q[((b * seqQ + i) * heads + h) * headDim + d] *
+                p.k[((b * seqK + j) * headsKV + hk) * headDim + d];
           }
           s *= scale;
           if (o.softcap) {
             s = o.softcap * Math.tanh(s / o.softcap);
           }
           if (p.alibiSlopes) {
-            const slope = p.alibiSlopes.length === heads ? p.alibiSlopes[h] : p.alibiSlopes[b * heads + h];
+            const slope =
+                p.alibiSlopes.length === heads ? p.alibiSlopes[h] : p.alibiSlopes[b * heads + h];
             s -= slope * Math.abs(diagonal - j);
           }
           keys.push(j);
@@ -136,9 +143,9 @@ export function maskedAttentionOracle(p: OracleProblem, o: OracleOptions, keyMas
 /**
  * The layer in float64: x `[B, Sq, E]` (and xKV `[B, Sk, Ekv]`) -> `[B, Sq, E]`.
  */
-export function layerOracle(c: LayerConfig, w: LayerWeights, batch: number, x: Float64Array, seqQ: number,
-                            xKV?: {values: Float64Array, seq: number, dim: number},
-                            keyMask?: boolean[][]): Float64Array {
+export function layerOracle(
+    c: LayerConfig, w: LayerWeights, batch: number, x: Float64Array, seqQ: number,
+    xKV?: {values: Float64Array, seq: number, dim: number}, keyMask?: boolean[][]): Float64Array {
   const {numHeads: heads, numHeadsKV: headsKV, headDim: dim, embedDim} = c;
   let q: Float64Array;
   let k: Float64Array;
@@ -160,14 +167,27 @@ export function layerOracle(c: LayerConfig, w: LayerWeights, batch: number, x: F
   }
   if (c.rotaryEmbDim > 0) {
     q = rotary(q, batch, seqQ, heads, dim, c.rotaryEmbDim, c.rotaryEmbBase, c.rotaryEmbInterleaved);
-    k = rotary(k, batch, seqK, headsKV, dim, c.rotaryEmbDim, c.rotaryEmbBase, c.rotaryEmbInterleaved);
+    k = rotary(
+        k, batch, seqK, headsKV, dim, c.rotaryEmbDim, c.rotaryEmbBase, c.rotaryEmbInterleaved);
   }
   const problem: OracleProblem = {
-    batch, seqQ, seqK, heads, headsKV, headDim: dim, headDimV: dim, q, k, v,
+    batch,
+    seqQ,
+    seqK,
+    heads,
+    headsKV,
+    headDim: dim,
+    headDimV: dim,
+    q,
+    k,
+    v,
     alibiSlopes: c.useAlibi ? Float64Array.from(c.alibiSlopes.map(Math.fround)) : null,
   };
   const options: OracleOptions = {
-    causal: c.causal, softmaxScale: c.softmaxScale, windowSize: c.windowSize, softcap: c.softcap,
+    causal: c.causal,
+    softmaxScale: c.softmaxScale,
+    windowSize: c.windowSize,
+    softcap: c.softcap,
   };
   const attention = keyMask ? maskedAttentionOracle(problem, options, keyMask) :
                               oracleForward(problem, options).out;

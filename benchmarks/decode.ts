@@ -1,0 +1,373 @@
+/**
+ * Decode benchmark on tfjs-webgpu (Node + Dawn): one new token against a
+ * KV cache, B=1, H=32, Hk=8, D=128 by default.
+ *
+ * 1. Attention per step at each context length:
+ *    - fused: flashAttentionWithKVCache on preallocated cache variables
+ *      (the new key/value written in place, split-KV kernel);
+ *    - concat: what tfjs users do today: concatenate the new key/value to
+ *      the cache tensors (a copy of the cache), repeat the kv heads for GQA
+ *      and run composed matMul + softmax attention (benchmarks/baselines.ts).
+ *    K/V bytes read per step (2 * context * Hk * D * 4) over the step time,
+ *    against the GPU's memory bandwidth.
+ * 2. Generation with a FlashMHA GPT (demo/gpt.ts): ms per token with the
+ *    caches (IncrementalDecoder) and without (the whole window through the
+ *    model per token), at each of --gen-contexts.
+ *
+ *   node decode.mjs [--contexts 512,...,32768] [--heads 32] [--heads-kv 8]
+ *       [--dim 128] [--gen-contexts 256,1024,4096] [--gen-tokens 16]
+ *       [--bandwidth-gbs N] [--torch torch_decode.json] [--smoke]
+ *       [--budget-ms 300]
+ *
+ * --smoke: tiny sizes for a software adapter (SwiftShader); DECODE_PROFILE=1
+ * lists the kernels of one cached generation step. Time: median of
+ * repetitions, each running K steps back to back and waiting for the GPU
+ * queue once. Progress on stderr; the table on stdout, the goal table last.
+ */
+import * as fs from 'fs';
+
+import * as tf from '@tensorflow/tfjs-core';
+import '@tensorflow/tfjs-layers';
+
+import {buildGPT} from '../demo/gpt';
+import {useBestBackend} from '../demo/backend';
+import {checkOwnPipelineErrors} from '../kernels/webgpu/own_pipeline';
+import {flashAttentionWithKVCache} from '../src';
+import {flashMHA, IncrementalDecoder} from '../src/layers';
+
+import {composedAttention} from './baselines';
+
+interface Args {
+  contexts: number[];
+  heads: number;
+  headsKV: number;
+  dim: number;
+  genContexts: number[];
+  genTokens: number;
+  gpt: {numLayers: number, embedDim: number, numHeads: number, vocabSize: number};
+  bandwidthGBs: number|null;
+  torch: string|null;
+  budgetMs: number;
+}
+
+function parseArgs(argv: string[]): Args {
+  const get = (name: string, dflt: string) => {
+    const i = argv.indexOf(`--${name}`);
+    return i >= 0 && i + 1 < argv.length ? argv[i + 1] : dflt;
+  };
+  const nums = (s: string) => s.split(',').filter(x => x).map(Number);
+  const smoke = argv.includes('--smoke');
+  return {
+    contexts: nums(get('contexts', smoke ? '64,200' : '512,1024,2048,4096,8192,16384,32768')),
+    heads: Number(get('heads', smoke ? '4' : '32')),
+    headsKV: Number(get('heads-kv', smoke ? '2' : '8')),
+    dim: Number(get('dim', smoke ? '16' : '128')),
+    genContexts: nums(get('gen-contexts', smoke ? '16,48' : '256,1024,4096')),
+    genTokens: Number(get('gen-tokens', smoke ? '3' : '16')),
+    gpt: smoke ? {numLayers: 2, embedDim: 32, numHeads: 2, vocabSize: 64} :
+                 {numLayers: 4, embedDim: 256, numHeads: 4, vocabSize: 64},
+    bandwidthGBs: argv.includes('--bandwidth-gbs') ? Number(get('bandwidth-gbs', '0')) : null,
+    torch: get('torch', '') || null,
+    budgetMs: Number(get('budget-ms', smoke ? '100' : '300')),
+  };
+}
+
+function log(text: string): void {
+  process.stderr.write(`${text}\n`);
+}
+
+/** Peak memory bandwidth (GB/s) of known GPUs, from the adapter's name. */
+function knownBandwidth(name: string): number|null {
+  if (/H200/i.test(name)) {
+    return 4800;
+  }
+  if (/H100.*PCIe/i.test(name)) {
+    return 2000;
+  }
+  if (/H100/i.test(name)) {
+    return 3350;  // H100 SXM5, HBM3.
+  }
+  return null;
+}
+
+interface WebGPUish {
+  device: GPUDevice;
+  ensureCommandEncoderReady(): void;
+  endComputePassEncoder(): void;
+  submitQueue(): void;
+}
+
+async function sync(): Promise<void> {
+  const b = tf.backend() as unknown as WebGPUish;
+  if (typeof b.submitQueue !== 'function') {
+    return;
+  }
+  b.ensureCommandEncoderReady();
+  b.endComputePassEncoder();
+  b.submitQueue();
+  await b.device.queue.onSubmittedWorkDone();
+}
+
+/** Median ms of `step` (run K times per repetition, one wait each). */
+async function timeSteps(step: () => void, budgetMs: number): Promise<number> {
+  step();
+  await sync();
+  let t0 = performance.now();
+  step();
+  await sync();
+  const est = Math.max(performance.now() - t0, 0.005);
+  const k = Math.max(1, Math.min(100, Math.ceil(10 / est)));
+  const reps = Math.max(3, Math.min(15, Math.floor(budgetMs / (k * est))));
+  const times: number[] = [];
+  for (let r = 0; r < reps; r++) {
+    t0 = performance.now();
+    for (let i = 0; i < k; i++) {
+      step();
+    }
+    await sync();
+    times.push((performance.now() - t0) / k);
+  }
+  times.sort((a, b) => a - b);
+  return times[Math.floor(times.length / 2)];
+}
+
+function ownedVariable(shape: [number, number, number, number]): tf.Variable<tf.Rank.R4> {
+  const init = tf.randomNormal(shape);
+  const v = tf.variable(init, false) as tf.Variable<tf.Rank.R4>;
+  init.dispose();
+  return v;
+}
+
+interface AttentionRow {
+  context: number;
+  fusedMs: number;
+  concatMs: number|null;
+  gbs: number;
+  check: number;
+}
+
+async function attentionRows(args: Args): Promise<AttentionRow[]> {
+  const {heads: H, headsKV: Hk, dim: D} = args;
+  const rows: AttentionRow[] = [];
+  for (const context of args.contexts) {
+    const kCache = ownedVariable([1, context, Hk, D]);
+    const vCache = ownedVariable([1, context, Hk, D]);
+    const q = tf.randomNormal([1, 1, H, D]) as tf.Tensor4D;
+    const k = tf.randomNormal([1, 1, Hk, D]) as tf.Tensor4D;
+    const v = tf.randomNormal([1, 1, Hk, D]) as tf.Tensor4D;
+    // The step of a sequence at `context` tokens: the last slot is (re)written.
+    const fused = () =>
+        flashAttentionWithKVCache(
+            q, kCache, vCache, {k, v, cacheSeqlens: [context - 1], causal: true}) as tf.Tensor4D;
+    const fusedMs = await timeSteps(() => fused().dispose(), args.budgetMs);
+    await checkOwnPipelineErrors();
+    // Concat baseline on the same prefix.
+    const kPrev = tf.slice(kCache, [0, 0, 0, 0], [1, context - 1, Hk, D]);
+    const vPrev = tf.slice(vCache, [0, 0, 0, 0], [1, context - 1, Hk, D]);
+    // GQA: each kv head repeated H / Hk times (rank 3: tfjs-webgpu tiles
+    // rank-5 tensors on the CPU).
+    const repeat = (x: tf.Tensor4D) =>
+        tf.reshape(
+            tf.tile(tf.reshape(x, [context * Hk, 1, D]), [1, H / Hk, 1]), [1, context, H, D]) as
+        tf.Tensor4D;
+    const concat = () => tf.tidy(() => {
+      const kAll = tf.concat([kPrev, k], 1) as tf.Tensor4D;
+      const vAll = tf.concat([vPrev, v], 1) as tf.Tensor4D;
+      // The last token sees every key: no mask needed.
+      return composedAttention(q, repeat(kAll), repeat(vAll));
+    });
+    let concatMs: number|null = null;
+    let check = NaN;
+    try {
+      concatMs = await timeSteps(() => concat().dispose(), args.budgetMs);
+      const a = fused();
+      const b = concat();
+      const err = tf.tidy(() => tf.div(tf.max(tf.abs(tf.sub(a, b))), tf.max(tf.abs(b))));
+      check = (await err.data())[0];
+      tf.dispose([a, b, err]);
+    } catch (e) {
+      log(`context ${context}: concat baseline failed: ${(e as Error).stack?.slice(0, 1500)}`);
+    }
+    const bytes = 2 * context * Hk * D * 4;
+    const row = {context, fusedMs, concatMs, gbs: bytes / fusedMs / 1e6, check};
+    log(`context ${context}: fused ${fusedMs.toFixed(3)} ms, concat ${
+        concatMs?.toFixed(3) ??
+        '-'} ms, ${row.gbs.toFixed(0)} GB/s of K/V, max|fused - concat| / max|concat| = ${
+        check.toExponential(2)}`);
+    rows.push(row);
+    tf.dispose([kCache, vCache, q, k, v, kPrev, vPrev]);
+  }
+  return rows;
+}
+
+interface GenerationRow {
+  context: number;
+  cachedMs: number;
+  uncachedMs: number;
+}
+
+/** Greedy next ids `[B]` of logits `[B, S, V]` (last position). */
+function nextIds(logits: tf.Tensor): tf.Tensor2D {
+  return tf.tidy(() => {
+    const [b, s, vocab] = logits.shape as [number, number, number];
+    const last = tf.slice(logits, [0, s - 1, 0], [b, 1, vocab]);
+    return tf.cast(tf.argMax(last, 2), 'int32') as tf.Tensor2D;
+  });
+}
+
+async function generationRows(args: Args): Promise<GenerationRow[]> {
+  const model = buildGPT(args.gpt, flashMHA, 'gen');
+  const rows: GenerationRow[] = [];
+  const maxContext = Math.max(...args.genContexts);
+  const prompt = tf.tensor2d(
+      Array.from({length: maxContext}, (_, i) => (i * 7) % args.gpt.vocabSize), [1, maxContext],
+      'int32');
+  for (const context of args.genContexts) {
+    const tokens = args.genTokens;
+    // With caches: prefill `context` tokens, then time single-token steps
+    // (each reads its token id back, as sampling on the host does).
+    const decoder = new IncrementalDecoder(model, {batch: 1, maxSeqLen: context + tokens + 2});
+    const prefill = tf.tidy(() => nextIds(decoder.step(tf.slice(prompt, [0, 0], [1, context]))));
+    let id = prefill;
+    await id.data();
+    const stepOnce = async () => {
+      const next = tf.tidy(() => nextIds(decoder.step(id)));
+      id.dispose();
+      id = next;
+      await id.data();
+    };
+    await stepOnce();
+    if (process.env.DECODE_PROFILE) {
+      const info = await tf.profile(stepOnce);
+      log(`one cached step: ${info.kernels.length} kernels, ${info.newTensors} new tensors: ${
+          Object
+              .entries(info.kernels.reduce(
+                  (m: Record<string, number>, k) => {
+                    m[k.name] = (m[k.name] ?? 0) + 1;
+                    return m;
+                  },
+                  {}))
+              .map(([n, c]) => `${n} x${c}`)
+              .join(', ')}`);
+      const timed = await Promise.all(info.kernels.map(async k => [k.name, await k.kernelTimeMs]));
+      log(`slowest: ${
+          timed.sort((x, y) => Number(y[1]) - Number(x[1]))
+              .slice(0, 8)
+              .map(([n, t]) => `${n} ${JSON.stringify(t)}`)
+              .join(', ')}`);
+    }
+    let t0 = performance.now();
+    for (let n = 0; n < tokens; n++) {
+      const t1 = performance.now();
+      await stepOnce();
+      if (process.env.DECODE_PROFILE) {
+        log(`step ${n}: ${(performance.now() - t1).toFixed(1)} ms`);
+      }
+    }
+    const cachedMs = (performance.now() - t0) / tokens;
+    id.dispose();
+    decoder.dispose();
+    // Without: the whole window of `context` tokens through the model.
+    const window = tf.slice(prompt, [0, 0], [1, context]);
+    const full = async () => {
+      const next = tf.tidy(() => nextIds(model.predict(window) as tf.Tensor));
+      await next.data();
+      next.dispose();
+    };
+    await full();
+    t0 = performance.now();
+    const fullTokens = Math.max(2, Math.ceil(tokens / 4));
+    for (let n = 0; n < fullTokens; n++) {
+      await full();
+    }
+    const uncachedMs = (performance.now() - t0) / fullTokens;
+    window.dispose();
+    log(`generation at context ${context}: ${cachedMs.toFixed(2)} ms/token with the cache, ${
+        uncachedMs.toFixed(2)} ms/token without (${(uncachedMs / cachedMs).toFixed(1)}x)`);
+    rows.push({context, cachedMs, uncachedMs});
+  }
+  prompt.dispose();
+  model.dispose();
+  return rows;
+}
+
+interface TorchRow {
+  context: number;
+  ms: number|null;
+}
+
+function readTorch(file: string|null): {device: string, rows: TorchRow[]}|null {
+  if (file == null || !fs.existsSync(file)) {
+    return null;
+  }
+  return JSON.parse(fs.readFileSync(file, 'utf8'));
+}
+
+async function main(): Promise<void> {
+  const args = parseArgs(process.argv.slice(2));
+  const backend = await useBestBackend('webgpu');
+  log(`backend: ${backend.description}`);
+  // tfjs-webgpu runs ops on small tensors still on the host on the CPU,
+  // reading GPU tensors back synchronously (which Node's Dawn cannot do):
+  // keep every op on the GPU.
+  tf.env().set('WEBGPU_CPU_FORWARD', false);
+  const bandwidth = args.bandwidthGBs ?? knownBandwidth(backend.description);
+  const torch = readTorch(args.torch);
+  const attention = await attentionRows(args);
+  const generation = await generationRows(args);
+
+  const lines: string[] = [];
+  lines.push(`decode attention, B=1 H=${args.heads} Hk=${args.headsKV} D=${
+      args.dim}, one new token, fp32; ${backend.description}${
+      torch ? `; torch: ${torch.device}` : ''}`);
+  lines.push(
+      '| context | fused+cache ms | concat ms | concat / fused | K/V GB/s (fused) | % of bandwidth |' +
+      ' torch SDPA ms | fused / torch |');
+  lines.push('| --- | --- | --- | --- | --- | --- | --- | --- |');
+  for (const r of attention) {
+    const t = torch?.rows.find(x => x.context === r.context)?.ms ?? null;
+    lines.push(`| ${r.context} | ${r.fusedMs.toFixed(3)} | ${r.concatMs?.toFixed(3) ?? '-'} | ${
+        r.concatMs == null ? '-' : (r.concatMs / r.fusedMs).toFixed(1) + 'x'} | ${
+        r.gbs.toPrecision(
+            3)} | ${bandwidth == null ? '-' : (100 * r.gbs / bandwidth).toFixed(1) + '%'} | ${
+        t?.toFixed(3) ?? '-'} | ${t == null ? '-' : (r.fusedMs / t).toFixed(1) + 'x'} |`);
+  }
+  lines.push('');
+  lines.push(`generation, GPT ${args.gpt.numLayers} layers x FlashMHA width ${args.gpt.embedDim} (${
+      args.gpt.numHeads} heads), greedy, one token per step`);
+  lines.push(
+      '| context | with cache ms/token | tokens/s | without cache ms/token | tokens/s | speed-up |');
+  lines.push('| --- | --- | --- | --- | --- | --- |');
+  for (const g of generation) {
+    lines.push(`| ${g.context} | ${g.cachedMs.toFixed(2)} | ${(1000 / g.cachedMs).toFixed(0)} | ${
+        g.uncachedMs.toFixed(2)} | ${(1000 / g.uncachedMs).toFixed(0)} | ${
+        (g.uncachedMs / g.cachedMs).toFixed(1)}x |`);
+  }
+  // The goal table of the decode issue: context 4096 (or the nearest run),
+  // generation at 1024 (or the nearest).
+  const nearest = <T extends {context: number}>(list: T[], c: number) =>
+      list.reduce((a, b) => Math.abs(b.context - c) < Math.abs(a.context - c) ? b : a);
+  const a4096 = nearest(attention, 4096);
+  const g1024 = nearest(generation, 1024);
+  const flat = generation.length > 1 ?
+      `${generation.map(g => `${g.cachedMs.toFixed(2)} ms @${g.context}`).join(', ')}` :
+      '-';
+  lines.push('');
+  lines.push('| goal | target | measured |');
+  lines.push('| --- | --- | --- |');
+  lines.push(`| decode attention @${a4096.context}: concat / fused | >= 10x | ${
+      a4096.concatMs == null ? '-' : (a4096.concatMs / a4096.fusedMs).toFixed(1) + 'x'} |`);
+  lines.push(
+      `| K/V bytes read @${a4096.context} vs bandwidth (${bandwidth ?? '?'} GB/s) | >= 30% | ${
+          bandwidth == null ? `${a4096.gbs.toPrecision(3)} GB/s` :
+                              (100 * a4096.gbs / bandwidth).toFixed(1) + '%'} |`);
+  lines.push(`| generation @${g1024.context}: with / without cache tokens/s | >= 3x | ${
+      (g1024.uncachedMs / g1024.cachedMs).toFixed(1)}x |`);
+  lines.push(`| per-token time flat in context (with cache) | flat | ${flat} |`);
+  process.stdout.write(lines.join('\n') + '\n');
+}
+
+main().then(() => process.exit(0), e => {
+  log(`benchmark failed: ${e?.stack ?? e}`);
+  process.exit(1);
+});

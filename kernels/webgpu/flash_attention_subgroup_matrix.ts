@@ -1,0 +1,176 @@
+/**
+ * The subgroup-matrix (tensor core) forward of the webgpu backend: plans a
+ * tiling from the device's matrix configuration and runs
+ * flash_attention_subgroup_matrix_webgpu.ts. Used by the fused forward
+ * (flash_attention.ts) whenever `planMatrixForward` returns a plan; else the
+ * SIMT kernels run.
+ */
+/// <reference types="@webgpu/types" />
+import * as tf from '@tensorflow/tfjs-core';
+import type {WebGPUBackend} from '@tensorflow/tfjs-backend-webgpu';
+
+import {dropoutThreshold} from '../../src/dropout';
+import {FLASH_ATTENTION_TENSOR_CORES} from '../../src/flags';
+import type {FlashAttentionAttrs} from '../../src/kernel_names';
+
+import {MatrixForwardConfig, matrixForwardKey, matrixForwardWGSL, MATRIX_FORWARD_UNIFORMS, matrixTileSizes, matrixWorkgroupBytes} from './flash_attention_subgroup_matrix_webgpu';
+import {dispatchGrid, runOwnPipeline, UniformWriter} from './own_pipeline';
+import {MatrixShape, pickSubgroupMatrixShape} from './subgroup_matrix';
+import {scoreOptionsFromAttrs} from './wgsl_snippets';
+
+/**
+ * Testing and benchmarking: `off` keeps the SIMT kernels; `shape` forces a
+ * matrix shape (a stand-in on devices without the feature); `subgroups` and
+ * `bc` force the tiling.
+ */
+export interface MatrixForwardOverride {
+  off?: boolean;
+  shape?: MatrixShape;
+  subgroups?: number;
+  bc?: number;
+}
+let override: MatrixForwardOverride|null = null;
+export function setMatrixForwardOverride(o: MatrixForwardOverride|null): void {
+  override = o;
+}
+
+export interface MatrixForwardPlan {
+  shape: MatrixShape;
+  subgroups: number;
+  bc: number;
+  split: boolean;
+}
+
+/** Workgroup shapes tried in order: (subgroups, keys per tile). */
+const MATRIX_TILINGS: Array<[number, number]> = [
+  [4, 64],
+  [4, 32],
+  [2, 64],
+  [2, 32],
+  [4, 16],
+  [2, 16],
+  [1, 32],
+  [1, 16],
+];
+
+/** Dispatches of the matrix forward (lets tests check that it ran). */
+export const matrixForwardStats = {
+  dispatches: 0
+};
+
+/**
+ * The tiling for this device and call, or null (no feature, no f16 x f16
+ * -> f32 configuration, head dims the configuration cannot tile, or no
+ * tiling within the device's workgroup memory).
+ */
+export function planMatrixForward(
+    device: GPUDevice, headDim: number, headDimV: number, precision: string): MatrixForwardPlan|
+    null {
+  if (override?.off) {
+    return null;
+  }
+  // The real matrix built-ins only when the user opts in; tests force a
+  // stand-in shape through the override.
+  const shape = override?.shape ??
+      (tf.env().getBool(FLASH_ATTENTION_TENSOR_CORES) ? pickSubgroupMatrixShape(device) : null);
+  if (shape == null) {
+    return null;
+  }
+  const split = precision !== 'float16';
+  const tilings = override?.subgroups != null || override?.bc != null ?
+      [[override.subgroups ?? 2, override.bc ?? 32] as [number, number]] :
+      MATRIX_TILINGS;
+  const limits = device.limits;
+  for (const [subgroups, bc] of tilings) {
+    const c = {headDim, headDimV, shape, subgroups, bc, split};
+    const sizes = matrixTileSizes(c);
+    if (sizes == null || sizes.threads > limits.maxComputeInvocationsPerWorkgroup ||
+        sizes.threads > limits.maxComputeWorkgroupSizeX) {
+      continue;
+    }
+    const bytes = matrixWorkgroupBytes({
+      ...c,
+      score: scoreOptionsFromAttrs({softcap: 0, windowLeft: -1, windowRight: -1}, false),
+      alibiMode: 0,
+      dropout: false,
+      reverseRows: false
+    });
+    if (bytes <= limits.maxComputeWorkgroupStorageSize) {
+      return {shape, subgroups, bc, split};
+    }
+  }
+  return null;
+}
+
+/** Runs the matrix forward: returns [out, lse]. */
+export function matrixForwardWebGPU(
+    backend: WebGPUBackend, inputs: Record<string, tf.TensorInfo>, attrs: FlashAttentionAttrs,
+    plan: MatrixForwardPlan): tf.TensorInfo[] {
+  const {q, k, v, alibiSlopes} = inputs;
+  const [batch, seqQ, heads, headDim] = q.shape;
+  const [, seqK, headsKV] = k.shape;
+  const headDimV = v.shape[3];
+  const hasAlibi = alibiSlopes != null && tf.util.sizeFromShape(alibiSlopes.shape) > 0;
+  const score = scoreOptionsFromAttrs(attrs, hasAlibi);
+  const config: MatrixForwardConfig = {
+    headDim,
+    headDimV,
+    shape: plan.shape,
+    subgroups: plan.subgroups,
+    bc: plan.bc,
+    split: plan.split,
+    score,
+    alibiMode: !hasAlibi               ? 0 :
+        alibiSlopes.shape.length === 1 ? 1 :
+                                         2,
+    dropout: attrs.dropoutRate > 0,
+    reverseRows: score.windowRight && !score.windowLeft,
+  };
+  const {br} = matrixTileSizes(config)!;
+  const numQTiles = Math.ceil(seqQ / br);
+  const totalGroups = numQTiles * heads * batch;
+  const grid = dispatchGrid(totalGroups, backend.device.limits.maxComputeWorkgroupsPerDimension);
+  const values: Record<string, number> = {
+    seqQ,
+    seqK,
+    heads,
+    groups: heads / headsKV,
+    headsKV,
+    numQTiles,
+    totalGroups,
+    gridX: grid[0],
+    scale: attrs.softmaxScale,
+    softcap: attrs.softcap,
+    left: attrs.windowLeft,
+    right: attrs.windowRight,
+    seedLo: attrs.seedLo,
+    seedHi: attrs.seedHi,
+    threshold: attrs.dropoutRate > 0 ? dropoutThreshold(attrs.dropoutRate) : 0,
+    keepScale: attrs.dropoutRate > 0 ? 1 / (1 - attrs.dropoutRate) : 1,
+    one: 1,
+  };
+  const w = new UniformWriter();
+  for (const [name, type] of MATRIX_FORWARD_UNIFORMS) {
+    w[type](values[name]);
+  }
+  const bound = hasAlibi ? [q, k, v, alibiSlopes] : [q, k, v];
+  matrixForwardStats.dispatches++;
+  return runOwnPipeline(
+      backend, {
+        key: matrixForwardKey(config),
+        label: 'FlashAttention forward (subgroup matrices)',
+        code: () => matrixForwardWGSL(config),
+        numInputs: bound.length,
+        numOutputs: 2,
+        hasUniforms: true,
+      },
+      {
+        inputs: bound,
+        outputs: [
+          {shape: [batch, seqQ, heads, headDimV], dtype: 'float32'},
+          {shape: [batch, heads, seqQ], dtype: 'float32'},
+        ],
+        uniforms: w.finish(),
+        dispatch: grid,
+      });
+}

@@ -1,0 +1,570 @@
+/**
+ * The FlashAttention forward on subgroup matrices (tensor cores from WGSL):
+ * S = Q K^T and O += P V as f16 x f16 -> f32 matrix products, the online
+ * softmax in f32 as in the SIMT kernel (flash_attention_webgpu.ts).
+ *
+ * Precision. `split` (the default, float32-accurate): every f32 operand x
+ * is scaled by a power of two s (exact), then split into hi = f16(x s) and
+ * lo = f16(x s - hi), and a product a b is computed as
+ * a_hi b_hi + a_hi b_lo + a_lo b_hi, each in f32 (f16 x f16 products are
+ * exact in f32); the dropped a_lo b_lo and the rounding of lo leave about
+ * 2^-22 relative error per product, the CUDA kernels' bf16 scheme with a
+ * wider mantissa. The scale keeps x s inside f16's range and its hi above
+ * f16's subnormals: per Q tile, K tile and V tile, s = 2^-e with the tile's
+ * max |x| = f 2^e, f in [0.5, 1) (so |x s| < 1), undone in f32 on S and on
+ * each tile's P V. Without `split` (precision 'float16') only hi exists:
+ * one product, about 2^-11 relative error per operand.
+ *
+ * Tiling. A workgroup owns BR = M * NSG query rows of one (batch, head);
+ * subgroup g owns rows g*M .. g*M+M-1 of every matrix product and of the
+ * softmax (LPR = lanes / M lanes per row, each 4-key quads of S and 4-wide
+ * column quads of O). Per key tile of BC keys:
+ *   K, V -> registers; their max |x| -> workgroup atomics; K split into
+ *   workgroup memory (row-major [BC][D], read as K^T column-major);
+ *   S = Q K^T, M x N blocks over D/K steps -> scratch [BR][BC] (f32);
+ *   V split over K ([BC][Dv]); softmax of the thread's scores from scratch,
+ *   P split -> [BR][BC]; O *= alpha (O lives in the threads' registers);
+ *   O += P V in chunks of CV output columns through the scratch.
+ *
+ * Stand-in (MatrixShape.standIn): the same code with each matrix built-in
+ * replaced by a plain loop of the same semantics (an M x N result spread
+ * over the subgroup's lanes, element e of lane l at index e * lanes + l)
+ * and f16 emulated in f32 by pack2x16float rounding: SwiftShader (no f16,
+ * no subgroup matrices) runs the tiling, indexing and split arithmetic.
+ */
+import type {MatrixShape} from './subgroup_matrix';
+import {dropoutWGSL, keyRangeWGSL, philoxWGSL, scoreKey, ScoreOptions, scoreWGSL, FA_NEG_INF_BITS} from './wgsl_snippets';
+
+/** Everything baked into one pipeline. */
+export interface MatrixForwardConfig {
+  headDim: number;
+  headDimV: number;
+  shape: MatrixShape;
+  /** Subgroups per workgroup (BR = M * subgroups). */
+  subgroups: number;
+  /** Keys per tile. */
+  bc: number;
+  /** hi/lo split (float32-accurate) or one f16 product. */
+  split: boolean;
+  score: ScoreOptions;
+  alibiMode: 0|1|2;
+  dropout: boolean;
+  /** Heaviest query tiles first (causal-like masks). */
+  reverseRows: boolean;
+}
+
+export interface MatrixTileSizes {
+  br: number;
+  bc: number;
+  threads: number;
+  /** Lanes per row in the softmax. */
+  lpr: number;
+  /** Output columns per P V chunk. */
+  cv: number;
+}
+
+/** Tile sizes, or null when the head dims do not suit the matrix shape. */
+export function matrixTileSizes(
+    c: {headDim: number, headDimV: number, shape: MatrixShape, subgroups: number, bc: number}):
+    MatrixTileSizes|null {
+  const {M, N, K, lanes} = c.shape;
+  const lpr = lanes / M;
+  const quad = 4 * lpr;
+  if (!Number.isInteger(lpr) || c.headDim % K !== 0 || c.headDimV % N !== 0 || c.bc % N !== 0 ||
+      c.bc % K !== 0 || c.bc % quad !== 0 || c.headDimV % quad !== 0 || (M * N) % lanes !== 0) {
+    return null;
+  }
+  let cv = 0;
+  for (let w = c.bc - c.bc % N; w >= N; w -= N) {
+    if (c.headDimV % w === 0 && w % quad === 0) {
+      cv = w;
+      break;
+    }
+  }
+  if (cv === 0) {
+    return null;
+  }
+  return {br: M * c.subgroups, bc: c.bc, threads: lanes * c.subgroups, lpr, cv};
+}
+
+/** Bytes of workgroup memory of a configuration. */
+export function matrixWorkgroupBytes(c: MatrixForwardConfig): number {
+  const s = matrixTileSizes(c)!;
+  const parts = c.split ? 2 : 1;
+  const elem = c.shape.standIn ? 4 : 2;
+  const q = s.br * c.headDim;
+  const kv = s.bc * Math.max(c.headDim, c.headDimV);
+  const p = s.br * s.bc;
+  return parts * elem * (q + kv + p) + 4 * s.br * s.bc + 8 +
+      (c.shape.standIn && s.lpr > 1 ? 4 * s.threads : 0);
+}
+
+export function matrixForwardKey(c: MatrixForwardConfig): string {
+  const m = c.shape;
+  return `fa_fwd_sm_d${c.headDim}_dv${c.headDimV}_m${m.M}n${m.N}k${m.K}l${m.lanes}${
+      m.standIn ? 's' : 'r'}_g${c.subgroups}_bc${c.bc}_sp${+ c.split}_${scoreKey(c.score)}_al${
+      c.alibiMode}_do${+ c.dropout}_rv${+ c.reverseRows}`;
+}
+
+/** Field order of the uniform struct (all 4-byte scalars). */
+export const MATRIX_FORWARD_UNIFORMS = [
+  ['seqQ', 'i32'],
+  ['seqK', 'i32'],
+  ['heads', 'i32'],
+  ['groups', 'i32'],
+  ['headsKV', 'i32'],
+  ['numQTiles', 'i32'],
+  ['totalGroups', 'i32'],
+  ['gridX', 'i32'],
+  ['scale', 'f32'],
+  ['softcap', 'f32'],
+  ['left', 'i32'],
+  ['right', 'i32'],
+  ['seedLo', 'u32'],
+  ['seedHi', 'u32'],
+  ['threshold', 'u32'],
+  ['keepScale', 'f32'],
+  ['one', 'i32'],
+] as const;
+
+function range(n: number): number[] {
+  return Array.from({length: n}, (_, i) => i);
+}
+
+const COMP = ['x', 'y', 'z', 'w'];
+
+/** max() of all terms as a balanced tree (WGSL's max takes two). */
+function maxAll(terms: string[]): string {
+  if (terms.length === 1) {
+    return terms[0];
+  }
+  const half = Math.ceil(terms.length / 2);
+  return `max(${maxAll(terms.slice(0, half))}, ${maxAll(terms.slice(half))})`;
+}
+
+/** A matrix operand in workgroup memory: array, element offset, stride, layout. */
+interface View {
+  arr: string;
+  off: string;
+  stride: string;
+  colMajor: boolean;
+}
+
+export function matrixForwardWGSL(c: MatrixForwardConfig): string {
+  const sizes = matrixTileSizes(c);
+  if (sizes == null) {
+    throw new Error(`FlashAttention forward: head dims D=${c.headDim}, Dv=${
+        c.headDimV} do not suit the subgroup-matrix tiling`);
+  }
+  const {M, N, K, lanes, standIn} = c.shape;
+  const {br, bc, threads, lpr, cv} = sizes;
+  const d = c.headDim;
+  const dv = c.headDimV;
+  const dq4 = d / 4;
+  const dv4 = dv / 4;
+  const kvw = Math.max(d, dv);
+  const nq = bc / (4 * lpr);
+  const nj = dv / (4 * lpr);
+  const epl = M * N / lanes;
+  const elem = standIn ? 'f32' : 'f16';
+  const parts = c.split ? ['h', 'l'] : ['h'];
+
+  // Loop bounds: constants on the real path; in the stand-in multiplied by
+  // a uniform 1, since SwiftShader unrolls constant loops fully and then
+  // takes seconds per pipeline.
+  const lim = (n: string) => standIn ? `(${n}) * u32(u.one)` : n;
+  // Matrix built-ins or their stand-ins.
+  const standInFns = new Map<string, string>();
+  const resultDecl = (name: string) => standIn ?
+      `var ${name} = array<f32, ${epl}>();` :
+      `var ${name} = subgroup_matrix_result<f32, ${N}, ${M}>();`;
+  const mma = (acc: string, l: View, r: View) => {
+    if (!standIn) {
+      const load = (v: View, type: string) =>
+          `subgroupMatrixLoad<${type}>(&${v.arr}, ${v.off}, ${v.colMajor}, ${v.stride})`;
+      return `${acc} = subgroupMatrixMultiplyAccumulate(${
+          load(l, `subgroup_matrix_left<f16, ${K}, ${M}>`)}, ${
+          load(r, `subgroup_matrix_right<f16, ${N}, ${K}>`)}, ${acc});`;
+    }
+    const fn = `sm_mma_${l.arr}_${r.arr}`;
+    if (!standInFns.has(fn)) {
+      const lIdx = l.colMajor ? `offL + k * ${l.stride} + r` : `offL + r * ${l.stride} + k`;
+      const rIdx = r.colMajor ? `offR + c * ${r.stride} + k` : `offR + k * ${r.stride} + c`;
+      standInFns.set(fn, `
+// Stand-in for subgroupMatrixMultiplyAccumulate(load(${l.arr}), load(${r.arr}), acc).
+fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) {
+  for (var e = 0u; e < ${lim(`${epl}u`)}; e++) {
+    let idx = e * ${lanes}u + ln;
+    let r = idx / ${N}u;
+    let c = idx % ${N}u;
+    var sum = (*acc)[e];
+    for (var k = 0u; k < ${lim(`${K}u`)}; k++) {
+      sum = fma(${l.arr}[${lIdx}], ${r.arr}[${rIdx}], sum);
+    }
+    (*acc)[e] = sum;
+  }
+}`);
+    }
+    return `${fn}(&${acc}, ln, ${l.off}, ${r.off});`;
+  };
+  const store = (acc: string, off: string) => standIn ?
+      `sm_store_scr(&${acc}, ln, ${off});` :
+      `subgroupMatrixStore(&scr, ${off}, ${acc}, false, BC);`;
+  // Split products: the small terms first, then hi x hi.
+  const products = (acc: string, l: (p: string) => View, r: (p: string) => View) =>
+      (c.split ? [['l', 'h'], ['h', 'l'], ['h', 'h']] : [['h', 'h']])
+          .map(([a, b]) => mma(acc, l(a), r(b)))
+          .join('\n        ');
+
+  const qView = (p: string): View =>
+      ({arr: `q${p}`, off: 'qOff + ks * K', stride: 'D', colMajor: false});
+  const kView = (p: string): View =>
+      ({arr: `kv${p}`, off: 'cb * N * D + ks * K', stride: 'D', colMajor: true});
+  const pView = (p: string): View =>
+      ({arr: `p${p}`, off: 'pOff + ks * K', stride: 'BC', colMajor: false});
+  const vView = (p: string): View =>
+      ({arr: `kv${p}`, off: 'ks * K * DV + cb * N', stride: 'DV', colMajor: false});
+
+  const sBlocks = `for (var cb = 0u; cb < ${lim('BC / N')}; cb++) {
+      ${resultDecl('acc')}
+      for (var ks = 0u; ks < ${lim('D / K')}; ks++) {
+        ${products('acc', qView, kView)}
+      }
+      ${store('acc', 'sOff + cb * N')}
+    }`;
+  const nChunks = dv / cv;
+  const pvChunk = (ch: number) => `for (var cbl = 0u; cbl < ${lim('CV / N')}; cbl++) {
+      let cb = ${ch * cv / N}u + cbl;
+      ${resultDecl('acc')}
+      for (var ks = 0u; ks < ${lim('BC / K')}; ks++) {
+        ${products('acc', pView, vView)}
+      }
+      ${store('acc', 'sOff + cbl * N')}
+    }
+    workgroupBarrier();
+    ${
+      range(cv / (4 * lpr))
+          .map(x => {
+            const jj = ch * cv / (4 * lpr) + x;
+            return `{
+      let base = rr * BC + 4u * (lc + LPR * ${jj}u) - ${ch * cv}u;
+      o${jj} = fma(vec4<f32>(scr[base], scr[base + 1u], scr[base + 2u], scr[base + 3u]), vec4<f32>(vinv), o${
+                jj});
+    }`;
+          })
+          .join('\n    ')}`;
+
+  const nKL = Math.ceil(bc * dq4 / threads);
+  const nVL = Math.ceil(bc * dv4 / threads);
+  const nQL = Math.ceil(br * dq4 / threads);
+  const absMax = (v: string) => `max(max(abs(${v}.x), abs(${v}.y)), max(abs(${v}.z), abs(${v}.w)))`;
+  const kvRow = (j: string) => `u32((b * u.seqK + ${j}) * u.headsKV + hk)`;
+  // Split a vec4 into the hi (and lo) arrays at element offset `at`.
+  const splitStore = (prefix: string, at: string, v: string, scale: string) =>
+      range(4)
+          .map(e => {
+            const x = `${v}.${COMP[e]} * ${scale}`;
+            return c.split ? `{ let x = ${x}; let hi = sm_h(x); ${prefix}h[${at} + ${e}u] = hi; ${
+                                 prefix}l[${at} + ${e}u] = sm_h(x - f32(hi)); }` :
+                             `${prefix}h[${at} + ${e}u] = sm_h(${x});`;
+          })
+          .join('\n      ');
+  // Row reductions over a row's LPR lanes, and tile maxima: subgroup
+  // operations on the real path; workgroup memory and one atomic per
+  // invocation in the stand-in (portable: no subgroups needed).
+  const reduceLanes = (v: string, op: 'max'|'add') => {
+    if (!standIn) {
+      return range(Math.log2(lpr))
+          .map(
+              i => op === 'max' ? `${v} = max(${v}, subgroupShuffleXor(${v}, ${1 << i}u));` :
+                                  `${v} = ${v} + subgroupShuffleXor(${v}, ${1 << i}u);`)
+          .join(' ');
+    }
+    if (lpr === 1) {
+      return '';
+    }
+    const terms = range(lpr).map(x => `red[lid - lc + ${x}u]`);
+    return `workgroupBarrier();
+    red[lid] = ${v};
+    workgroupBarrier();
+    ${v} = ${op === 'max' ? maxAll(terms) : terms.join(' + ')};`;
+  };
+  const atomicMaxOf = (v: string, slot: number) =>
+      standIn ? `atomicMax(&wmax[${slot}], bitcast<u32>(${v}));` : `{
+    let m = subgroupMax(${v});
+    if (sgLane == 0u) { atomicMax(&wmax[${slot}], bitcast<u32>(m)); }
+  }`;
+  const expOf = (slot: number) =>
+      `clamp(frexp(bitcast<f32>(atomicLoad(&wmax[${slot}]))).exp, -100, 100)`;
+
+  return `${standIn ? '' : `enable f16;
+enable chromium_experimental_subgroup_matrix;
+enable subgroups;
+diagnostic(off, chromium_experimental.subgroup_matrix_uniformity);`}
+${scoreWGSL(c.score)}
+${keyRangeWGSL(c.score)}
+${c.dropout ? philoxWGSL() + dropoutWGSL() : ''}
+
+struct Uniforms {
+${MATRIX_FORWARD_UNIFORMS.map(([n, ty]) => `  ${n}: ${ty},`).join('\n')}
+}
+
+@group(0) @binding(0) var<storage, read> qb: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> kb: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> vb: array<vec4<f32>>;
+${c.alibiMode !== 0 ? '@group(0) @binding(3) var<storage, read> slopes: array<f32>;' : ''}
+@group(0) @binding(${c.alibiMode !== 0 ? 4 : 3}) var<storage, read_write> outb: array<vec4<f32>>;
+@group(0) @binding(${c.alibiMode !== 0 ? 5 : 4}) var<storage, read_write> lseb: array<u32>;
+@group(0) @binding(${c.alibiMode !== 0 ? 6 : 5}) var<uniform> u: Uniforms;
+
+const M = ${M}u;
+const N = ${N}u;
+const K = ${K}u;
+const LANES = ${lanes}u;
+const LPR = ${lpr}u;
+const BR = ${br}u;
+const BC = ${bc}u;
+const CV = ${cv}u;
+const D = ${d}u;
+const DV = ${dv}u;
+const DQ4 = ${dq4}u;
+const DV4 = ${dv4}u;
+const THREADS = ${threads}u;
+const NEG = -1e30;
+
+${parts.map(p => `var<workgroup> q${p}: array<${elem}, ${br * d}>;`).join('\n')}
+${
+             parts
+                 .map(
+                     p => `var<workgroup> kv${p}: array<${elem}, ${
+                         bc * kvw}>;  // K [BC][D], then V [BC][DV]`)
+                 .join('\n')}
+${parts.map(p => `var<workgroup> p${p}: array<${elem}, ${br * bc}>;`).join('\n')}
+var<workgroup> scr: array<f32, ${br * bc}>;  // S, then chunks of P V
+var<workgroup> wmax: array<atomic<u32>, 2>;  // max |x| of a tile (bits of a float >= 0)
+${standIn && lpr > 1 ? `var<workgroup> red: array<f32, ${threads}>;` : ''}
+
+${
+             standIn ? `fn sm_h(x: f32) -> f32 {
+  return unpack2x16float(pack2x16float(vec2<f32>(x, 0.0))).x;
+}
+
+// Stand-in for subgroupMatrixStore(&scr, off, acc, false, BC).
+fn sm_store_scr(acc: ptr<function, array<f32, ${epl}>>, ln: u32, off: u32) {
+  for (var e = 0u; e < ${epl}u * u32(u.one); e++) {
+    let idx = e * LANES + ln;
+    scr[off + (idx / N) * BC + idx % N] = (*acc)[e];
+  }
+}` :
+                       `fn sm_h(x: f32) -> f16 {
+  return f16(x);
+}`}
+__STANDIN_FNS__
+
+@compute @workgroup_size(${threads})
+fn main(@builtin(workgroup_id) wg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32${standIn ? '' : `,
+        @builtin(subgroup_invocation_id) sgLane: u32`}) {
+  let groupId = i32(wg.x + wg.y * u32(u.gridX));
+  // Whole workgroups leave together: the matrix built-ins need uniform flow.
+  if (groupId >= u.totalGroups) {
+    return;
+  }
+  var qTile = groupId % u.numQTiles;
+  ${c.reverseRows ? 'qTile = u.numQTiles - 1 - qTile;' : ''}
+  let bh = groupId / u.numQTiles;
+  let h = bh % u.heads;
+  let b = bh / u.heads;
+  let hk = h / u.groups;
+  let r0 = qTile * i32(BR);
+  let rEnd = min(r0 + i32(BR), u.seqQ);
+  let g = lid / LANES;
+  let ln = lid % LANES;
+  let rr = g * M + ln / LPR;
+  let lc = ln % LPR;
+  let row = r0 + i32(rr);
+  let qOff = g * M * D;
+  let sOff = g * M * BC;
+  let pOff = g * M * BC;
+
+  var sp: FaScore;
+  sp.scale = u.scale;
+  sp.softcap = u.softcap;
+  sp.slope = ${
+             c.alibiMode === 0     ? '0.0' :
+                 c.alibiMode === 1 ? 'slopes[h]' :
+                                     'slopes[b * u.heads + h]'};
+  sp.diag = u.seqK - u.seqQ;
+  sp.left = u.left;
+  sp.right = u.right;
+  sp.seqK = u.seqK;
+
+  // Q tile: registers, its max |q|, then scaled and split into workgroup memory.
+  var qmax = 0.0;
+  ${
+             range(nQL)
+                 .map(n => `var qr${n} = vec4<f32>(0.0);
+  {
+    let idx = lid + THREADS * ${n}u;
+    let r = r0 + i32(idx / DQ4);
+    if (idx < BR * DQ4 && r < u.seqQ) {
+      qr${n} = qb[u32((b * u.seqQ + r) * u.heads + h) * DQ4 + idx % DQ4];
+    }
+    qmax = max(qmax, ${absMax(`qr${n}`)});
+  }`).join('\n  ')}
+  ${atomicMaxOf('qmax', 0)}
+  workgroupBarrier();
+  let qe = ${expOf(0)};
+  let qScale = ldexp(1.0, -qe);
+  ${
+             range(nQL)
+                 .map(n => `{
+    let idx = lid + THREADS * ${n}u;
+    if (idx < BR * DQ4) {
+      let at = (idx / DQ4) * D + 4u * (idx % DQ4);
+      ${splitStore('q', 'at', `qr${n}`, 'qScale')}
+    }
+  }`).join('\n  ')}
+  workgroupBarrier();
+  if (lid == 0u) {
+    atomicStore(&wmax[0], 0u);
+  }
+
+  let keys = fa_key_range(r0, rEnd, sp);
+  let tBegin = keys.x / i32(BC);
+  let tEnd = select(tBegin, (keys.y + i32(BC) - 1) / i32(BC), keys.y > keys.x);
+  var m = NEG;
+  var l = 0.0;
+  ${range(nj).map(jj => `var o${jj} = vec4<f32>(0.0);`).join(' ')}
+  ${range(nKL).map(n => `var kr${n} = vec4<f32>(0.0);`).join(' ')}
+  ${range(nVL).map(n => `var vr${n} = vec4<f32>(0.0);`).join(' ')}
+
+  for (var kt = tBegin; kt < tEnd; kt++) {
+    let j0 = kt * i32(BC);
+    workgroupBarrier();
+    // K and V tiles -> registers, their max |x| -> wmax.
+    var kmax = 0.0;
+    var vmax = 0.0;
+    ${
+             range(nKL)
+                 .map(n => `{
+      let idx = lid + THREADS * ${n}u;
+      let j = j0 + i32(idx / DQ4);
+      kr${n} = vec4<f32>(0.0);
+      if (idx < BC * DQ4 && j < u.seqK) {
+        kr${n} = kb[${kvRow('j')} * DQ4 + idx % DQ4];
+      }
+      kmax = max(kmax, ${absMax(`kr${n}`)});
+    }`).join('\n    ')}
+    ${
+             range(nVL)
+                 .map(n => `{
+      let idx = lid + THREADS * ${n}u;
+      let j = j0 + i32(idx / DV4);
+      vr${n} = vec4<f32>(0.0);
+      if (idx < BC * DV4 && j < u.seqK) {
+        vr${n} = vb[${kvRow('j')} * DV4 + idx % DV4];
+      }
+      vmax = max(vmax, ${absMax(`vr${n}`)});
+    }`).join('\n    ')}
+    ${atomicMaxOf('kmax', 0)}
+    ${atomicMaxOf('vmax', 1)}
+    workgroupBarrier();
+    let ke = ${expOf(0)};
+    let ve = ${expOf(1)};
+    let kScale = ldexp(1.0, -ke);
+    ${
+             range(nKL)
+                 .map(n => `{
+      let idx = lid + THREADS * ${n}u;
+      if (idx < BC * DQ4) {
+        let at = (idx / DQ4) * D + 4u * (idx % DQ4);
+        ${splitStore('kv', 'at', `kr${n}`, 'kScale')}
+      }
+    }`).join('\n    ')}
+    workgroupBarrier();
+    if (lid == 0u) {
+      atomicStore(&wmax[0], 0u);
+      atomicStore(&wmax[1], 0u);
+    }
+
+    // S = Q K^T: this subgroup's M rows x BC keys -> scratch.
+    ${sBlocks}
+    workgroupBarrier();
+
+    // V over K (every subgroup is done with K).
+    let vScale = ldexp(1.0, -ve);
+    ${
+             range(nVL)
+                 .map(n => `{
+      let idx = lid + THREADS * ${n}u;
+      if (idx < BC * DV4) {
+        let at = (idx / DV4) * DV + 4u * (idx % DV4);
+        ${splitStore('kv', 'at', `vr${n}`, 'vScale')}
+      }
+    }`).join('\n    ')}
+
+    // Scores of this thread's key quads, then the online softmax.
+    let unscale = ldexp(1.0, qe + ke);
+    ${
+             range(nq)
+                 .map(
+                     q => `let kk${q} = 4u * (lc + LPR * ${q}u);
+    var s${q} = vec4<f32>(scr[rr * BC + kk${q}], scr[rr * BC + kk${q} + 1u], scr[rr * BC + kk${
+                         q} + 2u], scr[rr * BC + kk${q} + 3u]) * unscale;
+    {
+      let jv = vec4<i32>(j0 + i32(kk${q})) + vec4<i32>(0, 1, 2, 3);
+      let vis = fa_visible4(row, jv, sp);
+      ${
+                         range(4)
+                             .map(
+                                 e => `s${q}.${COMP[e]} = select(NEG, fa_score(s${q}.${
+                                     COMP[e]}, row, jv.${COMP[e]}, sp), vis.${COMP[e]});`)
+                             .join('\n      ')}
+    }`).join('\n    ')}
+    var mx = ${maxAll(range(nq).map(q => `max(max(s${q}.x, s${q}.y), max(s${q}.z, s${q}.w))`))};
+    ${reduceLanes('mx', 'max')}
+    let mNew = max(m, mx);
+    // A row with no visible key yet keeps m = NEG; subtracting 0 instead
+    // sends its masked scores (and alpha) to exp(NEG) = 0.
+    let mUse = select(mNew, 0.0, mNew < -1e29);
+    let alpha = exp(m - mUse);
+    m = mNew;
+    ${range(nq).map(q => `s${q} = exp(s${q} - vec4<f32>(mUse));`).join('\n    ')}
+    l = l * alpha${range(nq).map(q => ` + dot(s${q}, vec4<f32>(1.0))`).join('')};
+    ${range(nj).map(jj => `o${jj} = o${jj} * alpha;`).join(' ')}
+    ${
+             c.dropout ?
+                 range(nq)
+                     .map(
+                         q => `s${q} = s${
+                             q} * fa_dropout4(u32(b), u32(h), u32(row), u32(j0 >> 2u) + lc + LPR * ${
+                             q}u, vec2<u32>(u.seedLo, u.seedHi), u.threshold, u.keepScale);`)
+                     .join('\n    ') :
+                 ''}
+    ${
+             range(nq)
+                 .map(q => `{
+      let at = rr * BC + kk${q};
+      ${splitStore('p', 'at', `s${q}`, '1.0')}
+    }`).join('\n    ')}
+    let vinv = ldexp(1.0, ve);
+    workgroupBarrier();
+
+    // O += P V, CV output columns at a time through the scratch.
+    ${range(nChunks).map(ch => pvChunk(ch)).join('\n    workgroupBarrier();\n    ')}
+  }
+
+  ${reduceLanes('l', 'add')}
+  if (row < u.seqQ) {
+    let inv = select(0.0, 1.0 / l, l > 0.0);
+    let outRow = u32((b * u.seqQ + row) * u.heads + h);
+    ${range(nj).map(jj => `outb[outRow * DV4 + lc + LPR * ${jj}u] = o${jj} * inv;`).join('\n    ')}
+    if (lc == 0u) {
+      lseb[u32((b * u.heads + h) * u.seqQ + row)] =
+          select(${FA_NEG_INF_BITS}u, bitcast<u32>(m + log(l)), l > 0.0);
+    }
+  }
+}
+`.replace('__STANDIN_FNS__', [...standInFns.values()].join('\n'));
+}

@@ -1,0 +1,189 @@
+/**
+ * The fused FlashAttentionKVCache kernel of the webgpu backend: appends the
+ * new keys and values to the caches in place (buffer copies, no cache
+ * copy), then runs split-KV attention (two passes) over each batch row's
+ * valid keys. Everything is recorded into tfjs's own command encoder.
+ */
+/// <reference types="@webgpu/types" />
+import * as tf from '@tensorflow/tfjs-core';
+import type {WebGPUBackend} from '@tensorflow/tfjs-backend-webgpu';
+
+import type {AttentionShapes} from '../../src/checks';
+import type {FlashAttentionAttrs, FlashAttentionKVCacheAttrs} from '../../src/kernel_names';
+import {FlashAttentionKVCache} from '../../src/kernel_names';
+
+import {DecodeCombineProgram, DECODE_COMBINE_UNIFORMS} from './flash_decode_combine_webgpu';
+import {DECODE_MAX_ROWS, DECODE_SPLIT_UNIFORMS, DECODE_TILE} from './flash_decode_split_webgpu';
+import {DecodeSplitProgram} from './flash_decode_split_webgpu';
+import type {OwnCopy, OwnPipelineSpec} from './own_pipeline';
+import {dispatchGrid, recordOwnPipeline, UniformWriter} from './own_pipeline';
+import {scoreOptionsFromAttrs} from './wgsl_snippets';
+
+/** Workgroups that keep a large GPU busy (an H100 has 132 SMs). */
+const TARGET_WORKGROUPS = 528;
+
+/** Why the fused kernel cannot take a call, or null. */
+export function supportsFlashDecodeWebGPU(
+    shapes: AttentionShapes, attrs: FlashAttentionAttrs): string|null {
+  if (shapes.headDim % 4 !== 0) {
+    return `the WebGPU decode kernel needs a head dim divisible by 4, got D=${shapes.headDim}`;
+  }
+  if (attrs.dropoutRate !== 0) {
+    return 'the WebGPU decode kernel has no dropout';
+  }
+  return null;
+}
+
+/** How the key range is split, from the longest row. */
+export function planSplits(maxSeqK: number, rowGroups: number, target = TARGET_WORKGROUPS):
+    {numSplits: number, splitKeys: number} {
+  const tiles = Math.max(1, Math.ceil(maxSeqK / DECODE_TILE));
+  const wanted = Math.max(1, Math.min(tiles, Math.ceil(target / rowGroups)));
+  const splitKeys = Math.ceil(tiles / wanted) * DECODE_TILE;
+  return {numSplits: Math.max(1, Math.ceil(maxSeqK / splitKeys)), splitKeys};
+}
+
+/** Testing: force the number of workgroups the splits aim at. */
+let targetOverride: number|null = null;
+export function setDecodeTargetWorkgroups(n: number|null): void {
+  targetOverride = n;
+}
+
+interface KVCacheKernelInputs {
+  q: tf.TensorInfo;
+  kCache: tf.TensorInfo;
+  vCache: tf.TensorInfo;
+  k?: tf.TensorInfo;
+  v?: tf.TensorInfo;
+  alibiSlopes?: tf.TensorInfo;
+}
+
+/** Copies of the new rows of each batch row into the cache (contiguous). */
+function appendCopies(
+    update: tf.TensorInfo, cache: tf.TensorInfo, cacheSeqlens: number[]): OwnCopy[] {
+  const [, seqNew, heads, dim] = update.shape;
+  const seqMax = cache.shape[1];
+  const rowBytes = heads * dim * 4;
+  if (seqNew === 0) {
+    return [];
+  }
+  return cacheSeqlens.map((start, b) => ({
+                            src: update,
+                            srcOffset: b * seqNew * rowBytes,
+                            dst: cache,
+                            dstOffset: (b * seqMax + start) * rowBytes,
+                            size: seqNew * rowBytes,
+                          }));
+}
+
+export function flashDecodeWebGPU(args: {
+  inputs: tf.NamedTensorInfoMap,
+  backend: tf.KernelBackend,
+  attrs?: tf.NamedAttrMap,
+}): tf.TensorInfo[] {
+  const backend = args.backend as unknown as WebGPUBackend;
+  const {q, kCache, vCache, k, v, alibiSlopes} = args.inputs as unknown as KVCacheKernelInputs;
+  const attrs = args.attrs as unknown as FlashAttentionKVCacheAttrs;
+  const [batch, seqQ, heads, headDim] = q.shape;
+  const [, seqMax, headsKV] = kCache.shape;
+  const headDimV = vCache.shape[3];
+  const groups = heads / headsKV;
+  const seqNew = k == null ? 0 : k.shape[1];
+  const cacheSeqlens = attrs.cacheSeqlens;
+  const seqlensK = cacheSeqlens.map(n => n + seqNew);
+
+  const copies = k == null || v == null ?
+      [] :
+      [...appendCopies(k, kCache, cacheSeqlens), ...appendCopies(v, vCache, cacheSeqlens)];
+  const rows = Math.min(DECODE_MAX_ROWS, groups * seqQ);
+  const rowChunks = Math.ceil(groups * seqQ / rows);
+  const rowGroups = batch * headsKV * rowChunks;
+  const {numSplits, splitKeys} =
+      planSplits(Math.max(1, ...seqlensK), rowGroups, targetOverride ?? TARGET_WORKGROUPS);
+  const score = scoreOptionsFromAttrs(attrs, alibiSlopes != null);
+  const batchVec4 = Math.ceil(batch / 4);
+  const split = new DecodeSplitProgram({headDim, headDimV, groups, seqQ, rows, batchVec4, score});
+  const splitSpec: OwnPipelineSpec = {
+    key: split.key,
+    code: () => split.getUserCode(),
+    numInputs: 4,
+    numOutputs: 2,
+    hasUniforms: true,
+    label: 'flash-decode-split',
+  };
+  const writer =
+      new UniformWriter(new ArrayBuffer(4 * DECODE_SPLIT_UNIFORMS.length + 16 * batchVec4));
+  const alibiPerBatch = alibiSlopes != null && alibiSlopes.shape.length === 2 ? 1 : 0;
+  const groupsTotal = rowGroups * numSplits;
+  const uniformValues: Record<typeof DECODE_SPLIT_UNIFORMS[number], number> = {
+    heads,
+    headsKV,
+    seqMax,
+    numSplits,
+    splitKeys,
+    rowChunks,
+    alibiPerBatch,
+    groupsTotal,
+    scale: attrs.softmaxScale,
+    softcap: attrs.softcap,
+    left: attrs.windowLeft,
+    right: attrs.windowRight,
+  };
+  for (const name of DECODE_SPLIT_UNIFORMS) {
+    if (name === 'scale' || name === 'softcap') {
+      writer.f32(uniformValues[name]);
+    } else {
+      writer.i32(uniformValues[name]);
+    }
+  }
+  for (let b = 0; b < 4 * batchVec4; b++) {
+    writer.i32(b < batch ? seqlensK[b] : 0);
+  }
+  const rowsTotal = batch * seqQ * heads;
+  let parts: tf.TensorInfo[] = [];
+  try {
+    parts = recordOwnPipeline(
+        backend, splitSpec, {
+          inputs: [q, kCache, vCache, alibiSlopes ?? q],
+          outputs: [
+            {shape: [rowsTotal, numSplits, headDimV], dtype: 'float32'},
+            {shape: [rowsTotal, numSplits, 2], dtype: 'float32'},
+          ],
+          uniforms: writer.finish(),
+          dispatch:
+              dispatchGrid(groupsTotal, backend.device.limits.maxComputeWorkgroupsPerDimension),
+        },
+        copies);
+    const combine = new DecodeCombineProgram(headDimV);
+    const combineUniforms = new UniformWriter();
+    const values = {heads, seqQ, numSplits, rowsTotal};
+    DECODE_COMBINE_UNIFORMS.forEach(name => combineUniforms.i32(values[name]));
+    return recordOwnPipeline(
+        backend, {
+          key: combine.key,
+          code: () => combine.getUserCode(),
+          numInputs: 2,
+          numOutputs: 2,
+          hasUniforms: true,
+          label: 'flash-decode-combine',
+        },
+        {
+          inputs: parts,
+          outputs: [
+            {shape: [batch, seqQ, heads, headDimV], dtype: 'float32'},
+            {shape: [batch, heads, seqQ], dtype: 'float32'},
+          ],
+          uniforms: combineUniforms.finish(),
+          dispatch: dispatchGrid(rowsTotal, backend.device.limits.maxComputeWorkgroupsPerDimension),
+        });
+  } finally {
+    // Owned by the pending command queue: tfjs frees them after its submit.
+    parts.forEach(p => backend.disposeData(p.dataId));
+  }
+}
+
+export const flashDecodeWebGPUConfig: tf.KernelConfig = {
+  kernelName: FlashAttentionKVCache,
+  backendName: 'webgpu',
+  kernelFunc: flashDecodeWebGPU as unknown as tf.KernelFunc,
+};

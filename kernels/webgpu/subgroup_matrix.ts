@@ -1,0 +1,91 @@
+/**
+ * Subgroup matrices (tensor cores from WGSL, Dawn's
+ * `chromium-experimental-subgroup-matrix` feature): which configurations a
+ * device offers, and which one the attention kernels use.
+ *
+ * tfjs's default device requests neither this feature nor `shader-f16`;
+ * a user who wants them creates the device (docs/tensor_cores.md). Without
+ * them the path is off and the SIMT kernels run.
+ */
+/// <reference types="@webgpu/types" />
+
+export const SUBGROUP_MATRIX_FEATURE = 'chromium-experimental-subgroup-matrix';
+
+/** One `GPUSubgroupMatrixConfig`: left M x K, right K x N, result M x N. */
+export interface SubgroupMatrixConfig {
+  M: number;
+  N: number;
+  K: number;
+  componentType: string;
+  resultType: string;
+}
+
+/**
+ * The shape of matrix the kernel generator targets. `standIn` replaces the
+ * matrix built-ins by plain loops over workgroup memory with the same
+ * semantics (f16 rounding emulated in f32), for devices without the
+ * feature (SwiftShader in CI): it tests the tiling and indexing, not speed.
+ */
+export interface MatrixShape {
+  M: number;
+  N: number;
+  K: number;
+  /** Invocations of one subgroup (the matrix built-ins' scope). */
+  lanes: number;
+  standIn: boolean;
+}
+
+interface AdapterInfoLike {
+  subgroupMinSize?: number;
+  subgroupMaxSize?: number;
+  subgroupMatrixConfigs?: ArrayLike<Record<string, unknown>>;
+}
+
+function adapterInfoOf(device: GPUDevice): AdapterInfoLike|undefined {
+  return (device as unknown as {adapterInfo?: AdapterInfoLike}).adapterInfo;
+}
+
+/**
+ * The device's configurations. Dawn keeps their fields on the prototype
+ * (a spread or JSON.stringify sees nothing), so each is read by name;
+ * `resultComponentType` is the name in Dawn's design document.
+ */
+export function subgroupMatrixConfigs(device: GPUDevice): SubgroupMatrixConfig[] {
+  const list = adapterInfoOf(device)?.subgroupMatrixConfigs;
+  if (list == null) {
+    return [];
+  }
+  return Array.from(list, c => ({
+                            M: Number(c.M),
+                            N: Number(c.N),
+                            K: Number(c.K),
+                            componentType: String(c.componentType),
+                            resultType: String(c.resultType ?? c.resultComponentType),
+                          }));
+}
+
+/**
+ * The f16 x f16 -> f32 configuration the attention kernels use on this
+ * device, or null where the features or such a configuration are missing.
+ * Needs a fixed subgroup size (the kernel maps rows to lanes) that divides
+ * into whole rows (lanes % M == 0, a power of two).
+ */
+export function pickSubgroupMatrixShape(device: GPUDevice): MatrixShape|null {
+  const features = device.features;
+  if (!features.has(SUBGROUP_MATRIX_FEATURE) || !features.has('shader-f16') ||
+      !features.has('subgroups')) {
+    return null;
+  }
+  const info = adapterInfoOf(device);
+  const lanes = info?.subgroupMaxSize ?? 0;
+  if (lanes === 0 || info?.subgroupMinSize !== lanes) {
+    return null;
+  }
+  const usable = subgroupMatrixConfigs(device).filter(
+      c => c.componentType === 'f16' && c.resultType === 'f32' && lanes % c.M === 0 &&
+          c.K % 4 === 0 && c.N % 4 === 0 && (lanes / c.M & (lanes / c.M - 1)) === 0);
+  // Larger K first (fewer MMAs per head-dim), then square tiles.
+  usable.sort((a, b) => b.K - a.K || b.M * b.N - a.M * a.N);
+  const c = usable[0];
+  return c == null ? null : {M: c.M, N: c.N, K: c.K, lanes, standIn: false};
+}

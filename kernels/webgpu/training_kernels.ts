@@ -1,0 +1,132 @@
+/**
+ * The fused training kernels of the webgpu backend: FusedNorm(Grad) and
+ * SoftmaxCrossEntropy(Grad) and FusedRotary, each a few tfjs programs recorded into tfjs's
+ * command encoder (no extra queue submits, no host uploads).
+ *
+ * tfjs-backend-webgpu is an optional peer: only its types are imported.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import type {WebGPUBackend} from '@tensorflow/tfjs-backend-webgpu';
+
+import {registerFusedKernel} from '../../src/dispatch';
+import {dropoutThreshold} from '../../src/dropout';
+import {FusedNorm, FusedNormAttrs, FusedNormGrad, FusedRotary, FusedRotaryAttrs, SoftmaxCrossEntropy, SoftmaxCrossEntropyAttrs, SoftmaxCrossEntropyGrad} from '../../src/train/kernel_names';
+
+import {CrossEntropyGradProgram, CrossEntropyLossProgram, CrossEntropyLseProgram} from './cross_entropy_webgpu';
+import {NormBackwardProgram, NormColumnSumProgram, NormForwardProgram, NormResidualProgram, NormStatsProgram} from './fused_norm_webgpu';
+import {RotaryProgram} from './rotary_webgpu';
+import {ProgramUniform, TfjsWebGPUProgram} from './tfjs_program';
+
+interface KernelArgs {
+  inputs: Record<string, tf.TensorInfo>;
+  backend: unknown;
+  attrs?: tf.NamedAttrMap;
+}
+
+interface ProgramRunner {
+  runWebGPUProgram(
+      program: TfjsWebGPUProgram, inputs: tf.TensorInfo[], dtype: tf.DataType,
+      uniforms?: ProgramUniform): tf.TensorInfo;
+}
+
+function run(
+    backend: WebGPUBackend, program: TfjsWebGPUProgram, inputs: tf.TensorInfo[],
+    uniforms?: ProgramUniform): tf.TensorInfo {
+  return (backend as unknown as ProgramRunner)
+      .runWebGPUProgram(program, inputs, 'float32', uniforms);
+}
+
+/** A second reference to t's data (what tfjs's Identity kernel returns). */
+function share(backend: WebGPUBackend, t: tf.TensorInfo): tf.TensorInfo {
+  backend.incRef(t.dataId);
+  return {dataId: t.dataId, shape: t.shape, dtype: t.dtype};
+}
+
+function dropoutUniforms(a: FusedNormAttrs): ProgramUniform {
+  return [
+    {type: 'uint32', data: [dropoutThreshold(a.dropoutRate)]},
+    {type: 'float32', data: [1 / (1 - a.dropoutRate)]}, {type: 'uint32', data: [a.seedLo]},
+    {type: 'uint32', data: [a.seedHi]}
+  ];
+}
+
+function fusedNormWebGPU({inputs, backend, attrs}: KernelArgs): tf.TensorInfo[] {
+  const webgpu = backend as WebGPUBackend;
+  const a = attrs as unknown as FusedNormAttrs;
+  const {x, residual, gamma, beta} = inputs;
+  const shape = x.shape as [number, number];
+  const hasResidual = tf.util.sizeFromShape(residual.shape) > 0;
+  const dropout = a.dropoutRate > 0;
+  const z = hasResidual || dropout ?
+      run(webgpu, new NormResidualProgram(shape, dropout, hasResidual),
+          hasResidual ? [x, residual] : [x], dropout ? dropoutUniforms(a) : undefined) :
+      share(webgpu, x);
+  const y =
+      run(webgpu, new NormForwardProgram(shape, a.rms), a.rms ? [z, gamma] : [z, gamma, beta],
+          [{type: 'float32', data: [a.epsilon]}]);
+  return [y, z];
+}
+
+function fusedNormGradWebGPU({inputs, backend, attrs}: KernelArgs): tf.TensorInfo[] {
+  const webgpu = backend as WebGPUBackend;
+  const a = attrs as unknown as FusedNormAttrs;
+  const {dy, dz: dzOut, z, gamma} = inputs;
+  const shape = z.shape as [number, number];
+  const eps: ProgramUniform = [{type: 'float32', data: [a.epsilon]}];
+  const dz = run(webgpu, new NormBackwardProgram(shape, a.rms), [dy, z, gamma, dzOut], eps);
+  const dx = a.dropoutRate > 0 ?
+      run(webgpu, new NormResidualProgram(shape, true, false), [dz], dropoutUniforms(a)) :
+      share(webgpu, dz);
+  const stats = run(webgpu, new NormStatsProgram(shape, a.rms), [z], eps);
+  const dgamma = run(webgpu, new NormColumnSumProgram(shape, true), [dy, z, stats]);
+  webgpu.disposeData(stats.dataId);
+  const dbeta = a.rms ? webgpu.makeTensorInfo([0], 'float32') :
+                        run(webgpu, new NormColumnSumProgram(shape, false), [dy]);
+  return [dz, dx, dgamma, dbeta];
+}
+
+function crossEntropyWebGPU({inputs, backend, attrs}: KernelArgs): tf.TensorInfo[] {
+  const webgpu = backend as WebGPUBackend;
+  const a = attrs as unknown as SoftmaxCrossEntropyAttrs;
+  const {logits, labels} = inputs;
+  const shape = logits.shape as [number, number];
+  const lse = run(webgpu, new CrossEntropyLseProgram(shape), [logits]);
+  const loss =
+      run(webgpu, new CrossEntropyLossProgram(shape, a.labelSmoothing > 0), [logits, labels, lse],
+          [{type: 'float32', data: [a.labelSmoothing]}, {type: 'float32', data: [a.zLoss]}]);
+  return [loss, lse];
+}
+
+function crossEntropyGradWebGPU({inputs, backend, attrs}: KernelArgs): tf.TensorInfo {
+  const webgpu = backend as WebGPUBackend;
+  const a = attrs as unknown as SoftmaxCrossEntropyAttrs;
+  const {dLoss, logits, labels, lse} = inputs;
+  return run(
+      webgpu, new CrossEntropyGradProgram(logits.shape as [number, number]),
+      [dLoss, logits, labels, lse],
+      [{type: 'float32', data: [a.labelSmoothing]}, {type: 'float32', data: [a.zLoss]}]);
+}
+
+function rotaryWebGPU({inputs, backend, attrs}: KernelArgs): tf.TensorInfo {
+  const a = attrs as unknown as FusedRotaryAttrs;
+  const {x, cos, sin} = inputs;
+  return run(
+      backend as WebGPUBackend, new RotaryProgram(x.shape, a.rotaryDim, a.interleaved, a.inverse),
+      [x, cos, sin]);
+}
+
+const configs: Array<[string, unknown]> = [
+  [FusedRotary, rotaryWebGPU],
+  [FusedNorm, fusedNormWebGPU],
+  [FusedNormGrad, fusedNormGradWebGPU],
+  [SoftmaxCrossEntropy, crossEntropyWebGPU],
+  [SoftmaxCrossEntropyGrad, crossEntropyGradWebGPU],
+];
+
+/** Registers the fused training kernels for the webgpu backend. */
+export function registerTrainingKernelsWebGPU(): void {
+  for (const [kernelName, kernelFunc] of configs) {
+    registerFusedKernel(
+        {kernelName, backendName: 'webgpu', kernelFunc: kernelFunc as tf.KernelFunc});
+  }
+}

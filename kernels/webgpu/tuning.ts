@@ -1,0 +1,96 @@
+/**
+ * Everything the WebGPU kernels' planners tune, in one place: the forward
+ * tilings in the order they are tried, the register budget, the split-KV
+ * thresholds, the backward's tile sizes, and the overrides that tests and
+ * benchmarks use to force a plan (like tfjs's env flags, but typed).
+ *
+ * The measurements behind each choice are in benchmarks/RESULTS.md (the
+ * sections on forward and backward tuning, and issue 14's sweeps); this file
+ * says why, not how fast.
+ */
+import type {ForwardTiles} from './flash_attention_webgpu';
+
+/** A forward tiling and the problems it is meant for. */
+export interface ForwardTilingChoice extends ForwardTiles {
+  /** Only for head dims above this (where it was measured to win). */
+  minHeadDim?: number;
+  /** Only when the grid has at least this many workgroups (a full GPU). */
+  minGroups?: number;
+}
+
+/**
+ * Forward tilings tried in order; the first that fits the device's limits,
+ * the register budget and the problem is used. BR x BC and threads in the
+ * comments.
+ */
+export const FORWARD_TILINGS: ForwardTilingChoice[] = [
+  // Outer-product mode (K^T/V sharing a buffer, P^T swizzled): the fastest
+  // at D=64 on large grids; with few workgroups the classic 32-row tiles
+  // keep more SMs busy, hence minGroups.
+  {tm: 8, tx: 16, nq: 1, ty: 8, outer: true, minHeadDim: 32, minGroups: 512},  // 64 x 64, 128
+  // Classic mode, fastest first (H100 through Dawn/Vulkan, D=64).
+  {tm: 4, tx: 16, nq: 1, ty: 8},   // 32 x 64, 128
+  {tm: 4, tx: 8, nq: 1, ty: 16},   // 64 x 32, 128
+  {tm: 2, tx: 16, nq: 1, ty: 16},  // 32 x 64, 256
+  {tm: 2, tx: 8, nq: 1, ty: 16},   // 32 x 32, 128
+  {tm: 4, tx: 8, nq: 1, ty: 8},    // 32 x 32, 64
+  {tm: 2, tx: 16, nq: 1, ty: 8},   // 16 x 64, 128
+  {tm: 4, tx: 4, nq: 1, ty: 8},    // 32 x 16, 32
+  {tm: 2, tx: 4, nq: 1, ty: 8},    // 16 x 16, 32
+  {tm: 1, tx: 4, nq: 1, ty: 16},   // 16 x 16, 64
+  {tm: 1, tx: 4, nq: 1, ty: 8},    // 8 x 16, 32
+  {tm: 1, tx: 2, nq: 1, ty: 8},    // 8 x 8, 16
+  {tm: 1, tx: 1, nq: 1, ty: 8},    // 8 x 4, 8
+];
+
+/** Floats per thread (S, O, prefetch) above which a tiling spills. */
+export const REGISTER_BUDGET = 160;
+
+/**
+ * Split-KV: below this many query-tile workgroups, the key range of each
+ * query tile would be divided among several workgroups. 0: never. On the
+ * H100 every short-sequence row measured slower with splits than without
+ * (benchmarks/RESULTS.md, issue 14): those rows are bound by the
+ * JavaScript and Dawn cost of each dispatch, which the combine pass adds
+ * to, not by idle SMs. Tests and benchmarks force splits (splits below).
+ */
+export const SPLIT_TARGET_GROUPS = 0;
+/** Key tiles per split at least: each split pays a Q load and a combine. */
+export const MIN_TILES_PER_SPLIT = 2;
+export const MAX_SPLITS = 16;
+
+/**
+ * Backward tiles, largest first: bigger tiles reuse each loaded K/V (dK/dV
+ * pass, [keys, rows per step]) or Q/dO (dQ pass, [rows, keys per step])
+ * over more rows. dK/dV 32x32 comes before 64x16: less workgroup storage
+ * (more workgroups per SM) and half the accumulators.
+ */
+export const DKDV_SIZES: Array<[number, number]> =
+    [[32, 32], [64, 16], [32, 16], [32, 8], [16, 8], [16, 4], [8, 4], [4, 4], [4, 2], [4, 1]];
+export const DQ_SIZES: Array<[number, number]> =
+    [[64, 16], [32, 16], [32, 8], [16, 8], [16, 4], [8, 4], [4, 4], [2, 4], [1, 4]];
+/** Backward invocations per workgroup: more rows of S per thread than 256. */
+export const GRAD_THREADS = 128;
+
+/** Testing and benchmarking: force a forward plan (tiling, subgroups, splits). */
+export interface ForwardOverride {
+  tiles?: ForwardTiles;
+  subgroups?: boolean;
+  /** Testing only: skip the device-limit check, so the GPU rejects it. */
+  ignoreLimits?: boolean;
+  /** Force the register prefetch of K/V on or off. */
+  prefetch?: boolean;
+  /** Testing: constant loop bounds (the GPU code path) on any device. */
+  constantLoops?: boolean;
+  /** Split-KV: key-range splits per query tile (1: none). */
+  splits?: number;
+}
+
+let forwardOverride: ForwardOverride|null = null;
+/** Forces a forward plan until called with null. */
+export function setForwardOverride(o: ForwardOverride|null): void {
+  forwardOverride = o;
+}
+export function getForwardOverride(): ForwardOverride|null {
+  return forwardOverride;
+}

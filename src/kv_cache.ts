@@ -1,0 +1,127 @@
+/**
+ * KVCache: the keys and values of one attention layer during generation,
+ * kept in two preallocated tf.Variables `[B, Smax, Hk, D]` and filled step
+ * by step by flashAttentionWithKVCache (in place on WebGPU).
+ *
+ * Lifetime: the cache owns its variables from construction to dispose();
+ * tensors returned by `keys()`/`values()` are views the caller disposes.
+ * The valid lengths live on the host (no readback per step).
+ */
+import * as tf from '@tensorflow/tfjs-core';
+
+import {flashAttentionWithKVCache, FlashAttentionWithKVCacheOptions} from './ops_kv_cache';
+
+export interface KVCacheArgs {
+  batch: number;
+  /** Capacity in tokens (Smax). */
+  maxSeqLen: number;
+  headsKV: number;
+  headDim: number;
+  /** Head dim of the values; defaults to headDim. */
+  headDimV?: number;
+}
+
+export type KVCacheAttendOptions = Omit<FlashAttentionWithKVCacheOptions, 'k'|'v'|'cacheSeqlens'>;
+
+export class KVCache {
+  readonly batch: number;
+  readonly maxSeqLen: number;
+  readonly headsKV: number;
+  readonly headDim: number;
+  readonly headDimV: number;
+  private kVar: tf.Variable<tf.Rank.R4>|null;
+  private vVar: tf.Variable<tf.Rank.R4>|null;
+  private lengths: number[];
+
+  constructor(args: KVCacheArgs) {
+    const {batch, maxSeqLen, headsKV, headDim} = args;
+    const headDimV = args.headDimV ?? headDim;
+    for (const [name, value] of Object.entries({batch, maxSeqLen, headsKV, headDim, headDimV})) {
+      if (!Number.isInteger(value) || value < 1) {
+        throw new Error(`KVCache: ${name} must be a positive integer, got ${String(value)}`);
+      }
+    }
+    this.batch = batch;
+    this.maxSeqLen = maxSeqLen;
+    this.headsKV = headsKV;
+    this.headDim = headDim;
+    this.headDimV = headDimV;
+    // Variables made from fresh zeros own their data alone once the zeros
+    // are disposed, which is what lets the WebGPU kernel write in place.
+    this.kVar = KVCache.zerosVariable([batch, maxSeqLen, headsKV, headDim]);
+    this.vVar = KVCache.zerosVariable([batch, maxSeqLen, headsKV, headDimV]);
+    this.lengths = new Array(batch).fill(0);
+  }
+
+  private static zerosVariable(shape: [number, number, number, number]): tf.Variable<tf.Rank.R4> {
+    const zeros = tf.zeros(shape);
+    const variable = tf.variable(zeros, false) as tf.Variable<tf.Rank.R4>;
+    zeros.dispose();
+    return variable;
+  }
+
+  private live(): [tf.Variable<tf.Rank.R4>, tf.Variable<tf.Rank.R4>] {
+    if (this.kVar == null || this.vVar == null) {
+      throw new Error('KVCache: the cache has been disposed');
+    }
+    return [this.kVar, this.vVar];
+  }
+
+  /** Valid tokens per batch row. */
+  get seqlens(): number[] {
+    return this.lengths.slice();
+  }
+
+  /** Valid tokens (the same for every row once filled by `attend`). */
+  get length(): number {
+    return Math.max(...this.lengths);
+  }
+
+  /** The key cache variable `[B, Smax, Hk, D]` (owned by the cache). */
+  get kCache(): tf.Variable<tf.Rank.R4> {
+    return this.live()[0];
+  }
+
+  /** The value cache variable `[B, Smax, Hk, Dv]` (owned by the cache). */
+  get vCache(): tf.Variable<tf.Rank.R4> {
+    return this.live()[1];
+  }
+
+  /**
+   * Appends `k`, `v` `[B, Snew, Hk, D]` and returns the attention of `q`
+   * `[B, Sq, H, D]` over everything cached so far (with the new keys).
+   */
+  attend(q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D, opts: KVCacheAttendOptions = {}):
+      tf.Tensor4D {
+    const [kCache, vCache] = this.live();
+    const seqNew = k.shape[1];
+    if (this.length + seqNew > this.maxSeqLen) {
+      throw new Error(`KVCache: ${seqNew} new tokens do not fit: ${this.length} of maxSeqLen = ${
+          this.maxSeqLen} are used`);
+    }
+    const out =
+        flashAttentionWithKVCache(
+            q, kCache, vCache,
+            {...opts, k, v, cacheSeqlens: this.lengths, returnSoftmaxLse: false}) as tf.Tensor4D;
+    this.lengths = this.lengths.map(n => n + seqNew);
+    return out;
+  }
+
+  /** Forgets the cached tokens (the memory stays allocated). */
+  reset(): void {
+    this.live();
+    this.lengths = new Array(this.batch).fill(0);
+  }
+
+  /** Frees both variables; the cache cannot be used afterwards. */
+  dispose(): void {
+    this.kVar?.dispose();
+    this.vVar?.dispose();
+    this.kVar = null;
+    this.vVar = null;
+  }
+
+  get isDisposed(): boolean {
+    return this.kVar == null;
+  }
+}

@@ -1,0 +1,113 @@
+/**
+ * Incremental decoding of a functional tf.layers model built with
+ * attention layers that can decode (FlashMHA, and any layer with the same
+ * `createCache`/`decode` pair): each step feeds only the new tokens, and
+ * every attention layer reads the earlier tokens' keys and values from its
+ * own KVCache instead of recomputing them.
+ *
+ * The model is run layer by layer in its graph order with concrete
+ * tensors; the layers other than attention must work token by token
+ * (embeddings, norms, dense layers, residual adds: a GPT's), because they
+ * only see the new tokens.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import * as tfl from '@tensorflow/tfjs-layers';
+import type {SymbolicTensor} from '@tensorflow/tfjs-layers/dist/engine/topology';
+import type {KVCache} from 'tfjs-flash-attention';
+
+/** A layer that keeps its own keys and values between calls. */
+export interface DecodingLayer {
+  createCache(batch: number, maxSeqLen: number): KVCache;
+  decode(x: tf.Tensor, cache: KVCache): tf.Tensor;
+}
+
+export function isDecodingLayer(layer: unknown): layer is DecodingLayer {
+  const l = layer as Partial<DecodingLayer>;
+  return typeof l.createCache === 'function' && typeof l.decode === 'function';
+}
+
+export interface IncrementalDecoderArgs {
+  batch: number;
+  /** Most tokens a sequence may reach (prompt + generated). */
+  maxSeqLen: number;
+}
+
+export class IncrementalDecoder {
+  private readonly caches = new Map<tfl.layers.Layer, KVCache>();
+  private disposed = false;
+
+  constructor(readonly model: tfl.LayersModel, readonly args: IncrementalDecoderArgs) {
+    if (model.inputs.length !== 1 || model.outputs.length !== 1) {
+      throw new Error(`IncrementalDecoder: the model must have one input and one output, got ${
+          model.inputs.length} and ${model.outputs.length}`);
+    }
+    for (const layer of model.layers) {
+      if (isDecodingLayer(layer)) {
+        this.caches.set(layer, layer.createCache(args.batch, args.maxSeqLen));
+      }
+    }
+    if (this.caches.size === 0) {
+      throw new Error(
+          `IncrementalDecoder: model ${model.name} has no layer that can decode (e.g. FlashMHA)`);
+    }
+  }
+
+  /** Tokens cached so far (per sequence). */
+  get length(): number {
+    return this.caches.values().next().value!.length;
+  }
+
+  /**
+   * Runs the model on the next tokens `[B, Snew]` of every sequence and
+   * returns the model's output for them (e.g. logits `[B, Snew, V]`).
+   */
+  step(tokens: tf.Tensor): tf.Tensor {
+    if (this.disposed) {
+      throw new Error('IncrementalDecoder: disposed');
+    }
+    const seqNew = tokens.shape[1] ?? 0;
+    if (this.length + seqNew > this.args.maxSeqLen) {
+      throw new Error(`IncrementalDecoder: ${this.length} + ${seqNew} tokens exceed maxSeqLen = ${
+          this.args.maxSeqLen}`);
+    }
+    return tf.tidy(() => {
+      const values = new Map<number, tf.Tensor>();
+      values.set(this.model.inputs[0].id, tokens);
+      for (const layer of this.model.layers) {
+        if (layer.getClassName() === 'InputLayer') {
+          continue;
+        }
+        const node = layer.inboundNodes.find(
+            n => n.inputTensors.length > 0 && n.inputTensors.every(t => values.has(t.id)));
+        if (node == null) {
+          continue;  // A node of another model sharing this layer.
+        }
+        const inputs = node.inputTensors.map((t: SymbolicTensor) => values.get(t.id)!);
+        const cache = this.caches.get(layer);
+        const output = cache != null ?
+            (layer as unknown as DecodingLayer).decode(inputs[0], cache) :
+            layer.apply(inputs.length === 1 ? inputs[0] : inputs, node.callArgs);
+        const outputs = Array.isArray(output) ? output : [output];
+        node.outputTensors.forEach((t, i) => values.set(t.id, outputs[i] as tf.Tensor));
+      }
+      const result = values.get(this.model.outputs[0].id);
+      if (result == null) {
+        throw new Error(
+            `IncrementalDecoder: could not reach the output of model ${this.model.name}`);
+      }
+      return result;
+    });
+  }
+
+  /** Forgets every sequence (the caches stay allocated). */
+  reset(): void {
+    this.caches.forEach(c => c.reset());
+  }
+
+  /** Frees every cache. The model is not touched. */
+  dispose(): void {
+    this.caches.forEach(c => c.dispose());
+    this.caches.clear();
+    this.disposed = true;
+  }
+}

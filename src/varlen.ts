@@ -1,0 +1,397 @@
+/**
+ * Variable-length attention (flash_attn_varlen_func) and the helpers that
+ * go between padded and packed tensors (flash_attn's unpad_input and
+ * pad_input). See docs/varlen.md.
+ *
+ * flashAttentionVarlen runs as pad (a gather) -> the padded op with
+ * per-batch lengths -> unpad (a gather), each step differentiable. The
+ * padded op's fused kernels skip the query tiles and key tiles past each
+ * sequence's length, so the attention itself costs the real tokens only;
+ * the gathers are linear in B * maxSeqlen. Every index is computed on the
+ * device from cuSeqlens: no read back, as with flash_attn's maxSeqlen
+ * arguments.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+
+import {checkAlibi, checkQKV} from './checks';
+import {normalizeOptions, parseAttentionOptions} from './options';
+import type {FlashAttentionOptions, OptionSpec} from './options';
+import {runFlashAttention} from './ops';
+import {seqlensInput} from './seqlens';
+
+export interface FlashAttentionVarlenOptions extends
+    Omit<FlashAttentionOptions, 'seqlensQ'|'seqlensK'|'keyPaddingMask'|'returnSoftmaxLse'> {
+  /** Longest query sequence (flash_attn's max_seqlen_q); required. */
+  maxSeqlenQ: number;
+  /** Longest key sequence (flash_attn's max_seqlen_k); required. */
+  maxSeqlenK: number;
+  /** Also return the log-sum-exp, `[H, totalQ]`. */
+  returnSoftmaxLse?: boolean;
+}
+
+/** `out [totalQ, H, Dv]`, or `[out, softmaxLse [H, totalQ]]`. */
+export type FlashAttentionVarlenResult = tf.Tensor3D|[tf.Tensor3D, tf.Tensor2D];
+
+function shapeString(shape: readonly number[]): string {
+  return `[${shape.join(', ')}]`;
+}
+
+function checkPacked(value: unknown, argName: string, opName: string, layout: string): tf.Tensor3D {
+  if (!(value instanceof tf.Tensor)) {
+    throw new Error(`${opName}: ${argName} must be a tf.Tensor of shape ${layout}, got ${
+        value === null ? 'null' : typeof value}`);
+  }
+  if (value.isDisposed) {
+    throw new Error(`${opName}: ${argName} has been disposed`);
+  }
+  if (value.rank !== 3) {
+    throw new Error(`${opName}: ${argName} must have rank 3 (${layout}), got rank ${
+        value.rank} with shape ${shapeString(value.shape)}`);
+  }
+  if (value.dtype !== 'float32') {
+    throw new Error(`${opName}: ${argName} must have dtype float32, got ${value.dtype}`);
+  }
+  return value as tf.Tensor3D;
+}
+
+function checkCuSeqlens(value: unknown, argName: string, opName: string): tf.Tensor1D {
+  if (!(value instanceof tf.Tensor)) {
+    throw new Error(
+        `${opName}: ${argName} must be a tf.Tensor of shape [B + 1] and dtype int32, got ${
+            value === null ? 'null' : typeof value}`);
+  }
+  if (value.isDisposed) {
+    throw new Error(`${opName}: ${argName} has been disposed`);
+  }
+  if (value.rank !== 1 || value.shape[0] < 2) {
+    throw new Error(`${opName}: ${argName} must have shape [B + 1] with B >= 1, got ${
+        shapeString(value.shape)}`);
+  }
+  if (value.dtype !== 'int32') {
+    throw new Error(`${opName}: ${argName} must have dtype int32, got ${value.dtype}`);
+  }
+  return value as tf.Tensor1D;
+}
+
+/** The varlen op's options beyond flashAttention's (src/options.ts). */
+const VARLEN_OPTION_SPECS: readonly OptionSpec[] = [
+  {
+    name: 'maxSeqlenQ',
+    expected: 'an integer >= 1',
+    valid: v => Number.isInteger(v) && (v as number) >= 1,
+    aliases: ['max_seqlen_q', 'maxSeqlen']
+  },
+  {
+    name: 'maxSeqlenK',
+    expected: 'an integer >= 1',
+    valid: v => Number.isInteger(v) && (v as number) >= 1,
+    aliases: ['max_seqlen_k']
+  },
+];
+
+function checkMaxSeqlen(value: unknown, argName: string, opName: string): number {
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < 1) {
+    throw new Error(`${opName}: ${argName} must be an integer >= 1, got ${String(value)}`);
+  }
+  return value;
+}
+
+type TwoInputGrad = (a: tf.Tensor, b: tf.Tensor, save: tf.GradSaveFunc) => {
+  value: tf.Tensor, gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => tf.Tensor[]
+};
+
+/** tf.customGrad of a function of two tensors (its typing wants varargs). */
+function customGrad2(f: TwoInputGrad): (a: tf.Tensor, b: tf.Tensor) => tf.Tensor {
+  return tf.customGrad(f as unknown as Parameters<typeof tf.customGrad>[0]) as
+      unknown as (a: tf.Tensor, b: tf.Tensor) => tf.Tensor;
+}
+
+/** `cu[1:] - cu[:-1]`, `[B]` int32. */
+function lengthsFromCu(cu: tf.Tensor1D): tf.Tensor1D {
+  const batch = cu.shape[0] - 1;
+  return tf.tidy(() => tf.sub(tf.slice(cu, 1, batch), tf.slice(cu, 0, batch)));
+}
+
+/**
+ * `[B * S]` int32: the packed token of padded position (b, s), or `total`
+ * (a zero row appended to the packed tensor) for padding.
+ */
+function paddedIndex(cu: tf.Tensor1D, seqlen: number, total: number): tf.Tensor1D {
+  const batch = cu.shape[0] - 1;
+  return tf.tidy(() => {
+    const s = tf.reshape(tf.range(0, seqlen, 1, 'int32'), [1, seqlen]);
+    const start = tf.reshape(tf.slice(cu, 0, batch), [batch, 1]);
+    const len = tf.reshape(lengthsFromCu(cu), [batch, 1]);
+    const idx =
+        tf.where(tf.less(s, len), tf.add(start, s), tf.fill([batch, seqlen], total, 'int32'));
+    return tf.reshape(idx, [batch * seqlen]);
+  });
+}
+
+/**
+ * `[T]` int32: the padded position b * S + s of packed token t, or `B * S`
+ * (a zero row) for a token past its sequence's S or past cu[B].
+ */
+function packedIndex(cu: tf.Tensor1D, seqlen: number, total: number): tf.Tensor1D {
+  const batch = cu.shape[0] - 1;
+  return tf.tidy(() => {
+    const t = tf.range(0, total, 1, 'int32');
+    // Sequence of token t: how many sequence ends are <= t.
+    const seq = tf.reshape(tf.upperBound(tf.slice(cu, 1, batch), t), [total]);
+    const seqClamped = tf.minimum(seq, tf.scalar(batch - 1, 'int32'));
+    const s = tf.sub(t, tf.gather(cu, seqClamped));
+    const valid = tf.logicalAnd(
+        tf.less(seq, tf.scalar(batch, 'int32')), tf.less(s, tf.scalar(seqlen, 'int32')));
+    return tf.where(
+               valid, tf.add(tf.mul(seqClamped, tf.scalar(seqlen, 'int32')), s),
+               tf.fill([total], batch * seqlen, 'int32')) as tf.Tensor1D;
+  });
+}
+
+/** Rows `idx` of `x` (first axis), with a zero row appended at `x.shape[0]`. */
+function gatherWithZeroRow(x: tf.Tensor, idx: tf.Tensor1D): tf.Tensor {
+  return tf.tidy(() => {
+    const zero = tf.zeros([1, ...x.shape.slice(1)]);
+    return tf.gather(tf.concat([x, zero], 0), idx);
+  });
+}
+
+/**
+ * Packed `[T, ...]` -> padded `[B, S, ...]` (zeros past each length); its
+ * gradient is packedFromPadded of the incoming gradient.
+ */
+function paddedFromPacked(packed: tf.Tensor, cu: tf.Tensor1D, seqlen: number): tf.Tensor {
+  const batch = cu.shape[0] - 1;
+  const total = packed.shape[0];
+  const rest = packed.shape.slice(1);
+  const f = customGrad2((x: tf.Tensor, c: tf.Tensor, save: tf.GradSaveFunc) => {
+    save([c]);
+    const idx = paddedIndex(c as tf.Tensor1D, seqlen, total);
+    const value = tf.reshape(gatherWithZeroRow(x, idx), [batch, seqlen, ...rest]);
+    idx.dispose();
+    return {
+      value,
+      gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) =>
+          [packedFromPadded(dy, saved[0] as tf.Tensor1D, total), tf.zeros(saved[0].shape)],
+    };
+  });
+  return f(packed, cu);
+}
+
+/**
+ * Padded `[B, S, ...]` -> packed `[T, ...]`; its gradient is
+ * paddedFromPacked of the incoming gradient (zeros at padding).
+ */
+function packedFromPadded(padded: tf.Tensor, cu: tf.Tensor1D, total: number): tf.Tensor {
+  const [batch, seqlen, ...rest] = padded.shape;
+  const f = customGrad2((x: tf.Tensor, c: tf.Tensor, save: tf.GradSaveFunc) => {
+    save([c]);
+    const idx = packedIndex(c as tf.Tensor1D, seqlen, total);
+    const flat = tf.reshape(x, [batch * seqlen, ...rest]);
+    const value = gatherWithZeroRow(flat, idx);
+    idx.dispose();
+    flat.dispose();
+    return {
+      value,
+      gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) =>
+          [paddedFromPacked(dy, saved[0] as tf.Tensor1D, seqlen), tf.zeros(saved[0].shape)],
+    };
+  });
+  return f(padded, cu);
+}
+
+/**
+ * Attention over a batch of sequences of different lengths, packed
+ * without padding (flash_attn_varlen_func).
+ *
+ * @param q `[totalQ, H, D]` float32: the query tokens of every sequence,
+ *     one after the other
+ * @param k `[totalK, Hk, D]` float32
+ * @param v `[totalK, Hk, Dv]` float32
+ * @param cuSeqlensQ `[B + 1]` int32: sequence b's queries are rows
+ *     `cuSeqlensQ[b] .. cuSeqlensQ[b + 1] - 1` (non-decreasing, from 0)
+ * @param cuSeqlensK `[B + 1]` int32, the same for keys and values
+ * @param opts every option of flashAttention, per sequence (causal is
+ *     bottom-right aligned in each sequence; dropout uses the keys
+ *     (seed, b, h, row, col) of the padded op, row/col counted inside the
+ *     sequence), plus the required maxSeqlenQ/maxSeqlenK (tokens past them
+ *     are cut: output 0, no gradient)
+ * @returns `[totalQ, H, Dv]`, or `[out, softmaxLse [H, totalQ]]`
+ */
+function flashAttentionVarlen_(
+    q: tf.Tensor3D, k: tf.Tensor3D, v: tf.Tensor3D, cuSeqlensQ: tf.Tensor1D,
+    cuSeqlensK: tf.Tensor1D, opts: FlashAttentionVarlenOptions): FlashAttentionVarlenResult {
+  const opName = 'flashAttentionVarlen';
+  checkPacked(q, 'q', opName, '[totalQ, H, D]');
+  checkPacked(k, 'k', opName, '[totalK, Hk, D]');
+  checkPacked(v, 'v', opName, '[totalK, Hk, Dv]');
+  checkCuSeqlens(cuSeqlensQ, 'cuSeqlensQ', opName);
+  checkCuSeqlens(cuSeqlensK, 'cuSeqlensK', opName);
+  if (cuSeqlensK.shape[0] !== cuSeqlensQ.shape[0]) {
+    throw new Error(`${opName}: cuSeqlensQ and cuSeqlensK must both have shape [B + 1], got ${
+        shapeString(cuSeqlensQ.shape)} and ${shapeString(cuSeqlensK.shape)}`);
+  }
+  if (opts == null || typeof opts !== 'object') {
+    throw new Error(
+        `${opName}: opts with maxSeqlenQ and maxSeqlenK is required, got ${String(opts)}`);
+  }
+  parseAttentionOptions(opts, opName, VARLEN_OPTION_SPECS);
+  const maxQ = checkMaxSeqlen(opts.maxSeqlenQ, 'maxSeqlenQ', opName);
+  const maxK = checkMaxSeqlen(opts.maxSeqlenK, 'maxSeqlenK', opName);
+  const batch = cuSeqlensQ.shape[0] - 1;
+  const [totalQ, heads, headDim] = q.shape;
+  const [, headsKV] = k.shape;
+  const headDimV = v.shape[2];
+  if (k.shape[0] !== v.shape[0]) {
+    throw new Error(`${opName}: k and v must have the same number of tokens, got ${
+        k.shape[0]} (k) and ${v.shape[0]} (v)`);
+  }
+  const shapes = checkQKV(
+      [batch, maxQ, heads, headDim], [batch, maxK, headsKV, headDim],
+      [batch, maxK, v.shape[1], headDimV], opName);
+  const alibiSlopes = checkAlibi(opts.alibiSlopes, shapes, opName);
+  const {maxSeqlenQ: _q, maxSeqlenK: _k, ...attentionOpts} = opts;
+  const attrs = normalizeOptions(attentionOpts, headDim, opName, maxK);
+
+  const qPad = paddedFromPacked(q, cuSeqlensQ, maxQ) as tf.Tensor4D;
+  const kPad = paddedFromPacked(k, cuSeqlensK, maxK) as tf.Tensor4D;
+  const vPad = paddedFromPacked(v, cuSeqlensK, maxK) as tf.Tensor4D;
+  const seqlens = seqlensInput(shapes, lengthsFromCu(cuSeqlensQ), lengthsFromCu(cuSeqlensK));
+  const [outPad, lsePad] = runFlashAttention(
+      qPad, kPad, vPad, alibiSlopes, shapes, {...attrs, hasSeqlens: true}, seqlens);
+  const out = packedFromPadded(outPad, cuSeqlensQ, totalQ) as tf.Tensor3D;
+  if (!opts.returnSoftmaxLse) {
+    return out;
+  }
+  // [B, H, S] -> [B, S, H] -> [T, H] -> [H, T].
+  const lseTokens = packedFromPadded(tf.transpose(lsePad, [0, 2, 1]), cuSeqlensQ, totalQ);
+  return [out, tf.transpose(lseTokens) as tf.Tensor2D];
+}
+
+export interface FlashAttentionVarlenOp {
+  (q: tf.Tensor3D, k: tf.Tensor3D, v: tf.Tensor3D, cuSeqlensQ: tf.Tensor1D, cuSeqlensK: tf.Tensor1D,
+   opts: FlashAttentionVarlenOptions&{returnSoftmaxLse: true}): [tf.Tensor3D, tf.Tensor2D];
+  (q: tf.Tensor3D, k: tf.Tensor3D, v: tf.Tensor3D, cuSeqlensQ: tf.Tensor1D, cuSeqlensK: tf.Tensor1D,
+   opts: FlashAttentionVarlenOptions&{returnSoftmaxLse?: false}): tf.Tensor3D;
+  (q: tf.Tensor3D, k: tf.Tensor3D, v: tf.Tensor3D, cuSeqlensQ: tf.Tensor1D, cuSeqlensK: tf.Tensor1D,
+   opts: FlashAttentionVarlenOptions): FlashAttentionVarlenResult;
+}
+
+export const flashAttentionVarlen = tf.op({flashAttentionVarlen_}) as FlashAttentionVarlenOp;
+
+/** What unpadInput returns (flash_attn's unpad_input). */
+export interface UnpaddedInput {
+  /** `[totalTokens, ...]`: the kept rows, batch-major. */
+  x: tf.Tensor;
+  /** `[totalTokens]` int32: each kept row's flat index `b * S + s`. */
+  indices: tf.Tensor1D;
+  /** `[B + 1]` int32 cumulative lengths. */
+  cuSeqlens: tf.Tensor1D;
+  /** The longest sequence (a number: the mask is read back once). */
+  maxSeqlen: number;
+  /** `[B]` int32 lengths. */
+  seqlens: tf.Tensor1D;
+}
+
+/** Rows `indices` of `[N, ...]`; the gradient scatters back to N rows. */
+function gatherRows(x: tf.Tensor, indices: tf.Tensor1D): tf.Tensor {
+  const rows = x.shape[0];
+  const f = customGrad2((xs: tf.Tensor, idx: tf.Tensor, save: tf.GradSaveFunc) => {
+    save([idx]);
+    return {
+      value: tf.gather(xs, idx),
+      gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) =>
+          [scatterRows(dy, saved[0] as tf.Tensor1D, rows), tf.zeros(saved[0].shape)],
+    };
+  });
+  return f(x, indices);
+}
+
+/** `[rows, ...]` zeros with row `indices[t]` = `x[t]`; gradient gathers. */
+function scatterRows(x: tf.Tensor, indices: tf.Tensor1D, rows: number): tf.Tensor {
+  const f = customGrad2((xs: tf.Tensor, idx: tf.Tensor, save: tf.GradSaveFunc) => {
+    save([idx]);
+    const value = tf.tidy(
+        () => tf.scatterND(tf.reshape(idx, [idx.shape[0], 1]), xs, [rows, ...xs.shape.slice(1)]));
+    return {
+      value,
+      gradFunc:
+          (dy: tf.Tensor,
+           saved:
+               tf.Tensor[]) => [gatherRows(dy, saved[0] as tf.Tensor1D), tf.zeros(saved[0].shape)],
+    };
+  });
+  return f(x, indices);
+}
+
+/**
+ * Padded `[B, S, ...]` plus a `[B, S]` mask (bool or numeric, nonzero =
+ * keep) -> the kept rows packed (flash_attn's unpad_input). Any mask
+ * works, not only padding masks. Reads the mask back (the number of kept
+ * rows decides the output's shape). Differentiable with respect to `x`.
+ */
+export function unpadInput(x: tf.Tensor, attentionMask: tf.Tensor): UnpaddedInput {
+  const opName = 'unpadInput';
+  if (!(x instanceof tf.Tensor) || x.rank < 2) {
+    throw new Error(`${opName}: x must be a tf.Tensor of shape [B, S, ...], got ${
+        x instanceof tf.Tensor ? shapeString(x.shape) : typeof x}`);
+  }
+  const [batch, seqlen, ...rest] = x.shape;
+  if (!(attentionMask instanceof tf.Tensor) || attentionMask.rank !== 2 ||
+      attentionMask.shape[0] !== batch || attentionMask.shape[1] !== seqlen) {
+    throw new Error(`${opName}: attentionMask must be a tf.Tensor of shape [${batch}, ${
+        seqlen}] ([B, S]), got ${
+        attentionMask instanceof tf.Tensor ? shapeString(attentionMask.shape) :
+                                             typeof attentionMask}`);
+  }
+  const values = attentionMask.dataSync();
+  const kept: number[] = [];
+  const lengths = new Int32Array(batch);
+  const cu = new Int32Array(batch + 1);
+  for (let b = 0; b < batch; b++) {
+    for (let s = 0; s < seqlen; s++) {
+      if (values[b * seqlen + s] !== 0) {
+        kept.push(b * seqlen + s);
+        lengths[b]++;
+      }
+    }
+    cu[b + 1] = cu[b] + lengths[b];
+  }
+  const indices = tf.tensor1d(kept, 'int32');
+  const packed = tf.tidy(() => gatherRows(tf.reshape(x, [batch * seqlen, ...rest]), indices));
+  return {
+    x: packed,
+    indices,
+    cuSeqlens: tf.tensor1d(cu, 'int32'),
+    maxSeqlen: Math.max(0, ...lengths),
+    seqlens: tf.tensor1d(lengths, 'int32'),
+  };
+}
+
+/**
+ * Packed `[totalTokens, ...]` -> padded `[B, S, ...]` with zeros where no
+ * token goes (flash_attn's pad_input). Differentiable with respect to `x`.
+ */
+export function padInput(
+    x: tf.Tensor, indices: tf.Tensor1D, batch: number, seqlen: number): tf.Tensor {
+  const opName = 'padInput';
+  if (!(x instanceof tf.Tensor) || x.rank < 1) {
+    throw new Error(
+        `${opName}: x must be a tf.Tensor of shape [totalTokens, ...], got ${typeof x}`);
+  }
+  if (!(indices instanceof tf.Tensor) || indices.rank !== 1 || indices.shape[0] !== x.shape[0] ||
+      indices.dtype !== 'int32') {
+    throw new Error(`${opName}: indices must be an int32 tf.Tensor of shape [${
+        x.shape[0]}] ([totalTokens]), got ${
+        indices instanceof tf.Tensor ? `${shapeString(indices.shape)} ${indices.dtype}` :
+                                       typeof indices}`);
+  }
+  for (const [name, n] of [['batch', batch], ['seqlen', seqlen]] as Array<[string, number]>) {
+    if (!Number.isInteger(n) || n < 1) {
+      throw new Error(`${opName}: ${name} must be an integer >= 1, got ${String(n)}`);
+    }
+  }
+  return tf.tidy(
+      () => tf.reshape(
+          scatterRows(x, indices, batch * seqlen), [batch, seqlen, ...x.shape.slice(1)]));
+}

@@ -1,0 +1,450 @@
+/**
+ * Variable-length attention (src/varlen.ts) and the padded op's per-batch
+ * lengths (src/seqlens.ts), against the float64 oracle run on each
+ * sequence alone: forward, lse and gradients, every option, random lengths
+ * that include 0 and 1, on cpu and webgpu (fused kernels, and the
+ * reference on webgpu too), no leaks.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+
+import {FLASH_ATTENTION_IMPL, flashAttention, flashAttentionVarlen, padInput, unpadInput} from '../src';
+import {forwardStats, setForwardOverride} from '../kernels/webgpu/FlashAttention';
+import {fusedGradRunCount, setGradTilesOverride} from '../kernels/webgpu/FlashAttentionGrad';
+import {checkOwnPipelineErrors, setPoisonOutputs} from '../kernels/webgpu/own_pipeline';
+
+import {describeBackends} from './harness/backends';
+import {expectClose, FORWARD_BOUND, freshRng, GRADIENT_BOUND, randomArray, randomOracleProblem, Rng} from './harness/problems';
+import {OracleOptions, OracleProblem, oracleBackward, oracleForward} from './oracle';
+
+interface VarlenCase {
+  name: string;
+  heads: number;
+  headsKV: number;
+  headDim: number;
+  headDimV: number;
+  opts: OracleOptions;
+  alibi?: 'head'|'batch';
+  /** Keys of sequence b as long as its queries (self-attention). */
+  sameLengths?: boolean;
+  /**
+   * Also on webgpu. SwiftShader compiles each new pipeline variant in
+   * seconds, so webgpu runs the cases that combine the options.
+   */
+  webgpu?: boolean;
+}
+
+const CASES: VarlenCase[] = [
+  {name: 'plain', heads: 2, headsKV: 2, headDim: 16, headDimV: 16, opts: {}, webgpu: true},
+  {
+    name: 'causal, softcap, alibi [B, H], GQA, Dv != D',
+    heads: 4,
+    headsKV: 2,
+    headDim: 8,
+    headDimV: 12,
+    opts: {causal: true, softcap: 2},
+    alibi: 'batch',
+    webgpu: true
+  },
+  {
+    name: 'dropout, window [4, 1], alibi [H], MQA',
+    heads: 2,
+    headsKV: 1,
+    headDim: 8,
+    headDimV: 8,
+    opts: {dropoutRate: 0.3, seed: 2 ** 33 + 5, windowSize: [4, 1]},
+    alibi: 'head',
+    webgpu: true
+  },
+  {
+    name: 'causal (bottom-right per sequence)',
+    heads: 2,
+    headsKV: 2,
+    headDim: 16,
+    headDimV: 16,
+    opts: {causal: true}
+  },
+  {
+    name: 'causal, self-attention lengths',
+    heads: 2,
+    headsKV: 2,
+    headDim: 8,
+    headDimV: 8,
+    opts: {causal: true},
+    sameLengths: true
+  },
+  {
+    name: 'window [3, 2]',
+    heads: 2,
+    headsKV: 2,
+    headDim: 16,
+    headDimV: 16,
+    opts: {windowSize: [3, 2]}
+  },
+  {
+    name: 'softcap, alibi [B, H], causal',
+    heads: 2,
+    headsKV: 2,
+    headDim: 16,
+    headDimV: 16,
+    opts: {causal: true, softcap: 2},
+    alibi: 'batch'
+  },
+  {
+    name: 'alibi [H], custom scale',
+    heads: 2,
+    headsKV: 1,
+    headDim: 8,
+    headDimV: 8,
+    opts: {softmaxScale: 0.7},
+    alibi: 'head'
+  },
+  {
+    name: 'GQA (H=4, Hk=2), Dv != D',
+    heads: 4,
+    headsKV: 2,
+    headDim: 8,
+    headDimV: 12,
+    opts: {causal: true}
+  },
+  {
+    name: 'dropout 0.3 with window',
+    heads: 2,
+    headsKV: 1,
+    headDim: 8,
+    headDimV: 8,
+    opts: {dropoutRate: 0.3, seed: 2 ** 33 + 5, windowSize: [4, 1]}
+  },
+];
+
+/** Random lengths in [0, max], with 0 and 1 always among them. */
+function randomLengths(batch: number, max: number, rng: Rng): number[] {
+  const lengths = Array.from({length: batch}, () => rng.int(0, max));
+  lengths[rng.int(0, batch - 1)] = 0;
+  let one = rng.int(0, batch - 1);
+  while (lengths[one] === 0 && batch > 1) {
+    one = (one + 1) % batch;
+  }
+  lengths[one] = 1;
+  return lengths;
+}
+
+interface VarlenProblem {
+  lenQ: number[];
+  lenK: number[];
+  sequences: OracleProblem[];
+  /** Slopes as the op takes them ([H] or [B, H]), or null. */
+  slopes: Float64Array|null;
+  packed: {q: Float64Array, k: Float64Array, v: Float64Array};
+}
+
+function cumulative(lengths: number[]): number[] {
+  const cu = [0];
+  for (const l of lengths) {
+    cu.push(cu[cu.length - 1] + l);
+  }
+  return cu;
+}
+
+function concat(parts: Float64Array[]): Float64Array {
+  const out = new Float64Array(parts.reduce((n, p) => n + p.length, 0));
+  let offset = 0;
+  for (const p of parts) {
+    out.set(p, offset);
+    offset += p.length;
+  }
+  return out;
+}
+
+/** One oracle problem per sequence (batch 1), and their packing. */
+function makeVarlenProblem(c: VarlenCase, batch: number, rng: Rng): VarlenProblem {
+  const lenQ = randomLengths(batch, 11, rng);
+  const lenK = c.sameLengths ? lenQ.slice() : randomLengths(batch, 14, rng);
+  let slopes: Float64Array|null = null;
+  if (c.alibi != null) {
+    slopes = randomArray(c.alibi === 'head' ? c.heads : batch * c.heads, rng)
+                 .map(x => Math.fround(0.05 + 0.1 * Math.abs(x)));
+  }
+  const sequences = lenQ.map((sq, b) => {
+    const p = randomOracleProblem(
+        {
+          batch: 1,
+          seqQ: sq,
+          seqK: lenK[b],
+          heads: c.heads,
+          headsKV: c.headsKV,
+          headDim: c.headDim,
+          headDimV: c.headDimV
+        },
+        rng);
+    p.alibiSlopes = slopes == null ? null :
+        c.alibi === 'head'         ? slopes :
+                                     slopes.slice(b * c.heads, (b + 1) * c.heads);
+    return p;
+  });
+  return {
+    lenQ,
+    lenK,
+    sequences,
+    slopes,
+    packed: {
+      q: concat(sequences.map(s => s.q)),
+      k: concat(sequences.map(s => s.k)),
+      v: concat(sequences.map(s => s.v)),
+    },
+  };
+}
+
+/** Each sequence alone through the oracle; lse as [H, totalQ]. */
+function expectedForward(c: VarlenCase, p: VarlenProblem) {
+  const cu = cumulative(p.lenQ);
+  const totalQ = cu[cu.length - 1];
+  const lse = new Float64Array(c.heads * totalQ);
+  const outs = p.sequences.map((s, b) => {
+    const f = oracleForward(s, {...c.opts, dropoutBatchOffset: b});
+    for (let h = 0; h < c.heads; h++) {
+      for (let i = 0; i < p.lenQ[b]; i++) {
+        lse[h * totalQ + cu[b] + i] = f.lse[h * p.lenQ[b] + i];
+      }
+    }
+    return f.out;
+  });
+  return {out: concat(outs), lse};
+}
+
+function tensors(c: VarlenCase, p: VarlenProblem) {
+  const totalQ = p.lenQ.reduce((a, b) => a + b, 0);
+  const totalK = p.lenK.reduce((a, b) => a + b, 0);
+  const batch = p.lenQ.length;
+  return {
+    q: tf.tensor3d(Float32Array.from(p.packed.q), [totalQ, c.heads, c.headDim]),
+    k: tf.tensor3d(Float32Array.from(p.packed.k), [totalK, c.headsKV, c.headDim]),
+    v: tf.tensor3d(Float32Array.from(p.packed.v), [totalK, c.headsKV, c.headDimV]),
+    cuQ: tf.tensor1d(cumulative(p.lenQ), 'int32'),
+    cuK: tf.tensor1d(cumulative(p.lenK), 'int32'),
+    slopes: p.slopes == null ?
+        undefined :
+        tf.tensor(Float32Array.from(p.slopes), c.alibi === 'head' ? [c.heads] : [batch, c.heads]),
+  };
+}
+
+async function checkVarlen(c: VarlenCase, rng: Rng, expectFused: boolean): Promise<void> {
+  const batch = 5;
+  const p = makeVarlenProblem(c, batch, rng);
+  const what = `${c.name}, lengths q ${p.lenQ} k ${p.lenK} (seed ${rng.seed})`;
+  const t = tensors(c, p);
+  const expected = expectedForward(c, p);
+  const dOut = randomArray(expected.out.length, rng);
+  const dLse = randomArray(expected.lse.length, rng);
+  const before = tf.memory().numTensors;
+  const fwdBefore = forwardStats.dispatches;
+  const gradBefore = fusedGradRunCount();
+  // Padding beyond the longest sequence exercises skipped tiles and rows.
+  const opts = {
+    ...c.opts,
+    alibiSlopes: t.slopes,
+    maxSeqlenQ: Math.max(...p.lenQ) + 3,
+    maxSeqlenK: Math.max(...p.lenK) + 2,
+  };
+  const dOutT = tf.tensor(Float32Array.from(dOut), t.q.shape.slice(0, 2).concat([c.headDimV]));
+  const dLseT = tf.tensor(Float32Array.from(dLse), [c.heads, t.q.shape[0]]);
+  const [out, lse] =
+      flashAttentionVarlen(t.q, t.k, t.v, t.cuQ, t.cuK, {...opts, returnSoftmaxLse: true});
+  expectClose(await out.data(), expected.out, FORWARD_BOUND, `${what}: out`);
+  expectClose(await lse.data(), expected.lse, FORWARD_BOUND, `${what}: lse`);
+  tf.dispose([out, lse]);
+
+  const grads = tf.grads((q: tf.Tensor, k: tf.Tensor, v: tf.Tensor) => {
+    const [o, l] = flashAttentionVarlen(
+        q as tf.Tensor3D, k as tf.Tensor3D, v as tf.Tensor3D, t.cuQ, t.cuK,
+        {...opts, returnSoftmaxLse: true});
+    const finite = tf.where(tf.isFinite(l), l, tf.zerosLike(l));
+    return tf.add(tf.sum(tf.mul(o, dOutT)), tf.sum(tf.mul(finite, dLseT)));
+  })([t.q, t.k, t.v]);
+  // The oracle's gradients, sequence by sequence.
+  const cuQ = cumulative(p.lenQ);
+  const dq: Float64Array[] = [];
+  const dk: Float64Array[] = [];
+  const dv: Float64Array[] = [];
+  p.sequences.forEach((s, b) => {
+    const dOutB = dOut.slice(cuQ[b] * c.heads * c.headDimV, cuQ[b + 1] * c.heads * c.headDimV);
+    const dLseB = new Float64Array(c.heads * p.lenQ[b]);
+    for (let h = 0; h < c.heads; h++) {
+      for (let i = 0; i < p.lenQ[b]; i++) {
+        dLseB[h * p.lenQ[b] + i] = dLse[h * cuQ[cuQ.length - 1] + cuQ[b] + i];
+      }
+    }
+    const g = oracleBackward(s, {...c.opts, dropoutBatchOffset: b}, dOutB, dLseB);
+    dq.push(g.dq);
+    dk.push(g.dk);
+    dv.push(g.dv);
+  });
+  expectClose(await grads[0].data(), concat(dq), GRADIENT_BOUND, `${what}: dq`);
+  expectClose(await grads[1].data(), concat(dk), GRADIENT_BOUND, `${what}: dk`);
+  expectClose(await grads[2].data(), concat(dv), GRADIENT_BOUND, `${what}: dv`);
+  tf.dispose(grads);
+  tf.dispose([dOutT, dLseT]);
+  expect(tf.memory().numTensors).toBe(before);
+  if (expectFused) {
+    expect(forwardStats.dispatches).toBeGreaterThan(fwdBefore);
+    expect(fusedGradRunCount()).toBe(gradBefore + 1);
+    await checkOwnPipelineErrors();
+  }
+  tf.dispose([t.q, t.k, t.v, t.cuQ, t.cuK]);
+  t.slopes?.dispose();
+}
+
+describeBackends('flashAttentionVarlen against each sequence alone', backend => {
+  const impls = backend === 'webgpu' ? ['fused', 'reference'] : ['reference'];
+  for (const impl of impls) {
+    describe(impl, () => {
+      beforeAll(() => {
+        tf.env().set(FLASH_ATTENTION_IMPL, impl === 'fused' ? 'fused' : 'reference');
+        if (backend === 'webgpu') {
+          setPoisonOutputs(true);
+          // Small tiles: several query and key tiles per sequence (the
+          // skipped ones included), and pipelines SwiftShader compiles in
+          // about a second instead of half a minute.
+          setForwardOverride({tiles: {tm: 1, tx: 2, nq: 1, ty: 8}});
+          setGradTilesOverride(
+              {dkdv: {bc: 4, br: 4, threads: 16}, dq: {br: 4, bc: 4, threads: 16}});
+        }
+      });
+      afterAll(() => {
+        tf.env().set(FLASH_ATTENTION_IMPL, 'auto');
+        setPoisonOutputs(false);
+        setForwardOverride(null);
+        setGradTilesOverride(null);
+      });
+      const cases = backend === 'cpu' ? CASES :
+          impl === 'fused'            ? CASES.filter(c => c.webgpu) :
+                                        CASES.filter(c => c.webgpu).slice(1, 2);
+      for (const c of cases) {
+        it(c.name, () => checkVarlen(c, freshRng(), impl === 'fused'));
+      }
+    });
+  }
+});
+
+describeBackends('per-batch key lengths on the padded op', backend => {
+  beforeAll(() => {
+    if (backend === 'webgpu') {
+      setForwardOverride({tiles: {tm: 1, tx: 2, nq: 1, ty: 8}});
+      setGradTilesOverride({dkdv: {bc: 4, br: 4, threads: 16}, dq: {br: 4, bc: 4, threads: 16}});
+    }
+  });
+  afterAll(() => {
+    setForwardOverride(null);
+    setGradTilesOverride(null);
+  });
+  it('keyPaddingMask equals seqlensK, and both equal the cut sequences', async () => {
+    const rng = freshRng();
+    const [batch, seq, heads, dim] = [3, 10, 2, 8];
+    const lengths = [10, 0, 4];
+    const q = tf.tensor4d(
+        Float32Array.from(randomArray(batch * seq * heads * dim, rng)), [batch, seq, heads, dim]);
+    const k = tf.tensor4d(
+        Float32Array.from(randomArray(batch * seq * heads * dim, rng)), [batch, seq, heads, dim]);
+    const v = tf.tensor4d(
+        Float32Array.from(randomArray(batch * seq * heads * dim, rng)), [batch, seq, heads, dim]);
+    const seqlensK = tf.tensor1d(lengths, 'int32');
+    const mask = tf.tidy(
+        () => tf.less(
+            tf.reshape(tf.range(0, seq, 1, 'int32'), [1, seq]), tf.reshape(seqlensK, [batch, 1])));
+    const before = tf.memory().numTensors;
+    const a = flashAttention(q, k, v, {seqlensK, causal: true});
+    const b = flashAttention(q, k, v, {keyPaddingMask: mask, causal: true});
+    const av = await a.data();
+    expectClose(await b.data(), av, 0, 'mask vs lengths');
+    // Row b alone, keys cut to its length (the query rows all stay).
+    for (let bi = 0; bi < batch; bi++) {
+      const len = lengths[bi];
+      const expected = new Float64Array(seq * heads * dim);
+      if (len > 0) {
+        const read = async (x: tf.Tensor4D, rows: number) => {
+          const part = tf.slice(x, [bi, 0], [1, rows]);
+          const values = await part.data();
+          part.dispose();
+          return values;
+        };
+        const [qa, ka, va] = [await read(q, seq), await read(k, len), await read(v, len)];
+        const f = oracleForward(
+            {
+              batch: 1,
+              seqQ: seq,
+              seqK: len,
+              heads,
+              headsKV: heads,
+              headDim: dim,
+              headDimV: dim,
+              q: Float64Array.from(qa),
+              k: Float64Array.from(ka),
+              v: Float64Array.from(va),
+              alibiSlopes: null,
+            },
+            {causal: true});
+        expected.set(f.out);
+      }
+      expectClose(
+          av.slice(bi * seq * heads * dim, (bi + 1) * seq * heads * dim), expected, FORWARD_BOUND,
+          `batch row ${bi} (length ${len}, seed ${rng.seed})`);
+    }
+    tf.dispose([a, b]);
+    expect(tf.memory().numTensors).toBe(before);
+    const notPadding = tf.tensor2d(
+        [
+          [true, false, true, false, false, false, false, false, false, false],
+          [true, true, false, false, false, false, false, false, false, false],
+          [true, false, false, false, false, false, false, false, false, false]
+        ],
+        undefined, 'bool');
+    const badLengths = tf.tensor1d([1, 2], 'int32');
+    const n = tf.memory().numTensors;
+    expect(() => flashAttention(q, k, v, {keyPaddingMask: notPadding}))
+        .toThrow(/keyPaddingMask must be a padding mask/);
+    expect(() => flashAttention(q, k, v, {seqlensK: badLengths}))
+        .toThrow(/seqlensK must have shape \[3\] \(\[B\]\), got \[2\]/);
+    expect(tf.memory().numTensors).toBe(n);
+    tf.dispose([q, k, v, seqlensK, mask, notPadding, badLengths]);
+  });
+
+  it('refuses bad varlen arguments before any work', () => {
+    const q = tf.zeros([5, 2, 8]) as tf.Tensor3D;
+    const cu = tf.tensor1d([0, 2, 5], 'int32');
+    const cuF = tf.tensor1d([0, 2, 5]);
+    const n = tf.memory().numTensors;
+    expect(
+        () => flashAttentionVarlen(q, q, q, cuF as tf.Tensor1D, cu, {maxSeqlenQ: 3, maxSeqlenK: 3}))
+        .toThrow(/cuSeqlensQ must have dtype int32, got float32/);
+    expect(() => flashAttentionVarlen(q, q, q, cu, cu, {maxSeqlenQ: 0, maxSeqlenK: 3}))
+        .toThrow(/maxSeqlenQ must be an integer >= 1, got 0/);
+    expect(
+        () => flashAttentionVarlen(
+            q, q, q, cu, cu, {maxSeqlenQ: 3, maxSeqlenK: 3, windowSize: [-2, 0]}))
+        .toThrow(/windowSize/);
+    expect(tf.memory().numTensors).toBe(n);
+    tf.dispose([q, cu, cuF]);
+  });
+
+  it('unpadInput / padInput round-trip, with gradients', async () => {
+    const rng = freshRng();
+    const x = tf.tensor3d(Float32Array.from(randomArray(3 * 4 * 2, rng)), [3, 4, 2]);
+    const mask = tf.tensor2d([[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 1, 1]], [3, 4], 'int32');
+    const before = tf.memory().numTensors;
+    const u = unpadInput(x, mask);
+    expect(u.x.shape).toEqual([5, 2]);
+    expect(u.maxSeqlen).toBe(3);
+    expect(Array.from(await u.cuSeqlens.data())).toEqual([0, 2, 2, 5]);
+    expect(Array.from(await u.indices.data())).toEqual([0, 1, 8, 10, 11]);
+    const back = padInput(u.x, u.indices, 3, 4);
+    const expected = tf.tidy(() => tf.mul(x, tf.expandDims(tf.cast(mask, 'float32'), 2)));
+    expectClose(await back.data(), await expected.data(), 0, 'pad(unpad(x))');
+    const w = tf.tensor3d(Float32Array.from(randomArray(24, rng)), [3, 4, 2]);
+    const g = tf.grad(
+        (t: tf.Tensor) => tf.sum(tf.mul(padInput(unpadInput(t, mask).x, u.indices, 3, 4), w)))(x);
+    const gExpected = tf.tidy(() => tf.mul(w, tf.expandDims(tf.cast(mask, 'float32'), 2)));
+    expectClose(await g.data(), await gExpected.data(), 0, 'gradient of pad(unpad(x))');
+    tf.dispose([u.x, u.indices, u.cuSeqlens, u.seqlens, back, expected, w, g, gExpected]);
+    expect(tf.memory().numTensors).toBe(before);
+    tf.dispose([x, mask]);
+  });
+});
