@@ -264,6 +264,39 @@ describeBackends('fused AdamW', backend => {
     p.dispose();
   });
 
+  it('model.save with includeOptimizer and loadLayersModel restore it', async () => {
+    const rng = freshRng();
+    const x = tf.tensor2d(Float32Array.from(randomArray(8 * 4, rng)), [8, 4]);
+    const y = tf.tensor2d(Float32Array.from(randomArray(8 * 3, rng)), [8, 3]);
+    const model = tfl.sequential({layers: [tfl.layers.dense({units: 3, inputShape: [4]})]});
+    model.compile(
+        {optimizer: fusedAdamW({learningRate: 0.02, weightDecay: 0.05}), loss: 'meanSquaredError'});
+    await model.fit(x, y, {epochs: 2, batchSize: 4, shuffle: false, verbose: 0});
+    let artifacts: tf.io.ModelArtifacts|null = null;
+    await model.save(
+        tf.io.withSaveHandler(async a => {
+          artifacts = a;
+          return {modelArtifactsInfo: {dateSaved: new Date(), modelTopologyType: 'JSON'}};
+        }),
+        {includeOptimizer: true});
+    const loaded = await tfl.loadLayersModel(tf.io.fromMemory(artifacts!));
+    expect(loaded.optimizer).toBeInstanceOf(FusedAdamW);
+    expect(loaded.optimizer.getConfig()).toEqual(model.optimizer.getConfig());
+    expect(loaded.optimizer.iterations).toBe(4);
+    // One more epoch on each: the same weights if the moments came back.
+    await model.fit(x, y, {epochs: 1, batchSize: 4, shuffle: false, verbose: 0});
+    await loaded.fit(x, y, {epochs: 1, batchSize: 4, shuffle: false, verbose: 0});
+    const expected = await Promise.all(model.getWeights().map(w => w.data()));
+    const actual = await Promise.all(loaded.getWeights().map(w => w.data()));
+    actual.forEach(
+        (a, i) => expectClose(a, expected[i], 1e-6, `reloaded weight ${i} (seed ${rng.seed})`));
+    model.optimizer.dispose();
+    loaded.optimizer.dispose();
+    model.dispose();
+    loaded.dispose();
+    tf.dispose([x, y]);
+  });
+
   it('updates a variable that shares its data without changing the other tensor', async () => {
     const source = tf.tensor1d([1, 2, 3, 4]);
     const p = tf.variable(source, true, uniqueName('shared'));

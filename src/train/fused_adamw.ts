@@ -74,6 +74,12 @@ export class FusedAdamW extends tf.Optimizer {
 
   /** Moments by variable name, in the order first seen. */
   private moments = new Map<string, Moments>();
+  /**
+   * Moments from setWeights not yet matched by name, in saved order: a
+   * reloaded model's variables may have new (deduplicated) names, so, as
+   * tfjs's AdamOptimizer does, the i-th gradient then takes the i-th.
+   */
+  private unclaimed: Array<{name: string, moments: Moments}|null> = [];
   private gpu: AdamWWebGPUState|null = null;
 
   constructor(args: FusedAdamWArgs = {}) {
@@ -117,8 +123,22 @@ export class FusedAdamW extends tf.Optimizer {
     return impl !== 'reference' && onWebGPU;
   }
 
-  private momentsOf(name: string, value: tf.Variable): Moments {
+  private momentsOf(name: string, value: tf.Variable, index: number): Moments {
     let moments = this.moments.get(name);
+    if (moments != null && this.unclaimed.length > 0) {
+      const byName = this.unclaimed.findIndex(u => u?.name === name);
+      if (byName >= 0) {
+        this.unclaimed[byName] = null;
+      }
+    }
+    const saved = this.unclaimed[index];
+    if (moments == null && saved != null &&
+        tf.util.arraysEqual(saved.moments.m.shape, value.shape)) {
+      this.moments.delete(saved.name);
+      this.unclaimed[index] = null;
+      moments = saved.moments;
+      this.moments.set(name, moments);
+    }
     if (moments == null) {
       moments = tf.tidy(() => ({
                           m: tf.zerosLike(value).variable(false),
@@ -135,7 +155,7 @@ export class FusedAdamW extends tf.Optimizer {
         variableGradients.map(v => ({name: v.name, grad: v.tensor})) :
         Object.keys(variableGradients).map(name => ({name, grad: variableGradients[name]}));
     const slots: Array<{name: string, param: tf.Variable, grad: tf.Tensor}&Moments> = [];
-    for (const {name, grad} of pairs) {
+    for (const [index, {name, grad}] of pairs.entries()) {
       if (grad == null) {
         continue;
       }
@@ -154,7 +174,7 @@ export class FusedAdamW extends tf.Optimizer {
       if (param.size === 0) {
         continue;
       }
-      slots.push({name, param, grad, ...this.momentsOf(name, param)});
+      slots.push({name, param, grad, ...this.momentsOf(name, param, index)});
     }
     if (slots.length > 0) {
       if (this.useFused()) {
@@ -243,6 +263,7 @@ export class FusedAdamW extends tf.Optimizer {
       v.dispose();
     }
     this.moments.clear();
+    this.unclaimed = [];
   }
 
   override async getWeights(): Promise<NamedTensor[]> {
@@ -285,6 +306,7 @@ export class FusedAdamW extends tf.Optimizer {
       v.dispose();
     }
     this.moments = moments;
+    this.unclaimed = [...moments.entries()].map(([name, m]) => ({name, moments: m}));
     this.gpu?.setStep(this.iterations, this.beta1, this.beta2);
   }
 
