@@ -119,21 +119,28 @@ const GELU_A = 0.044715;
  * d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 a x^2).
  */
 export function geluNew(x: tf.Tensor): tf.Tensor {
-  const c = (value: number) => tf.fill([], value);
-  const tanhOf = (input: tf.Tensor) =>
-      tf.tanh(tf.mul(c(GELU_K), tf.mul(input, tf.add(c(1), tf.mul(c(GELU_A), tf.square(input))))));
+  // Each constant is one Fill kernel: made once per forward and backward.
+  const constants = () => {
+    const [half, one, k, a] = [0.5, 1, GELU_K, GELU_A].map(v => tf.fill([], v));
+    const tanhOf = (input: tf.Tensor) =>
+        tf.tanh(tf.mul(k, tf.mul(input, tf.add(one, tf.mul(a, tf.square(input))))));
+    return {half, one, k, a, tanhOf};
+  };
   const gelu = tf.customGrad((...args: Array<tf.Tensor|tf.GradSaveFunc>) => {
     const input = args[0] as tf.Tensor;
     (args[1] as tf.GradSaveFunc)([input]);
     return {
-      value: tf.tidy(() => tf.mul(tf.mul(c(0.5), input), tf.add(c(1), tanhOf(input)))),
+      value: tf.tidy(() => {
+        const {half, one, tanhOf} = constants();
+        return tf.mul(tf.mul(half, input), tf.add(one, tanhOf(input)));
+      }),
       gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => tf.tidy(() => {
         const [s] = saved;
+        const {half, one, k, tanhOf} = constants();
         const t = tanhOf(s);
-        const slope = tf.mul(
-            tf.mul(s, tf.sub(c(1), tf.square(t))),
-            tf.mul(c(GELU_K), tf.add(c(1), tf.mul(c(3 * GELU_A), tf.square(s)))));
-        return tf.mul(dy, tf.mul(c(0.5), tf.add(tf.add(c(1), t), slope)));
+        const inner = tf.add(one, tf.mul(tf.fill([], 3 * GELU_A), tf.square(s)));
+        const slope = tf.mul(tf.mul(s, tf.sub(one, tf.square(t))), tf.mul(k, inner));
+        return tf.mul(dy, tf.mul(half, tf.add(tf.add(one, t), slope)));
       }),
     };
   });
