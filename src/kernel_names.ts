@@ -71,6 +71,12 @@ export interface FlashAttentionAttrs {
    * dispatch keep such calls away from fused kernels that ignore them.
    */
   hasSeqlens?: boolean;
+  /**
+   * True when the caller discards softmaxLse: the gradient then makes the
+   * (zero) dLse on the device, not from the tape's zeros, which tfjs makes
+   * on the host (an upload per call).
+   */
+  lseDiscarded?: boolean;
 }
 
 /**

@@ -74,10 +74,11 @@ function attention(
       lengthOptions({seqlensQ: q0, seqlensK: k0, keyPaddingMask: m0}, shapes, opName);
   const hasSeqlens = seqlensQ != null || seqlensK != null;
   const [q, k, v] = unpack();
+  const returnLse = opts?.returnSoftmaxLse === true;
   const [out, lse] = runFlashAttention(
-      q, k, v, alibiSlopes, shapes, {...attrs, hasSeqlens},
+      q, k, v, alibiSlopes, shapes, {...attrs, hasSeqlens, lseDiscarded: !returnLse},
       hasSeqlens ? seqlensInput(shapes, seqlensQ, seqlensK) : undefined);
-  if (opts?.returnSoftmaxLse === true) {
+  if (returnLse) {
     return [out, lse];
   }
   lse.dispose();
