@@ -73,9 +73,11 @@ function attention(
   const {seqlensQ, seqlensK} =
       lengthOptions({seqlensQ: q0, seqlensK: k0, keyPaddingMask: m0}, shapes, opName);
   const hasSeqlens = seqlensQ != null || seqlensK != null;
+  // A key padding mask hides keys without moving the diagonal.
+  const paddedDiagonal = m0 != null;
   const [q, k, v] = unpack();
   const [out, lse] = runFlashAttention(
-      q, k, v, alibiSlopes, shapes, {...attrs, hasSeqlens},
+      q, k, v, alibiSlopes, shapes, {...attrs, hasSeqlens, paddedDiagonal},
       hasSeqlens ? seqlensInput(shapes, seqlensQ, seqlensK) : undefined);
   if (opts?.returnSoftmaxLse === true) {
     return [out, lse];
