@@ -448,7 +448,23 @@ describeBackends('per-batch key lengths on the padded op', backend => {
         (t: tf.Tensor) => tf.sum(tf.mul(padInput(unpadInput(t, mask).x, u.indices, 3, 4), w)))(x);
     const gExpected = tf.tidy(() => tf.mul(w, tf.expandDims(tf.cast(mask, 'float32'), 2)));
     expectClose(await g.data(), await gExpected.data(), 0, 'gradient of pad(unpad(x))');
+    // With the row count given, the same on the device (nothing read back).
+    const d = unpadInput(x, mask, {totalTokens: 5});
+    expect(d.maxSeqlen).toBe(4);
+    expect(Array.from(await d.indices.data())).toEqual([0, 1, 8, 10, 11]);
+    expect(Array.from(await d.cuSeqlens.data())).toEqual([0, 2, 2, 5]);
+    expect(Array.from(await d.seqlens.data())).toEqual([2, 0, 3]);
+    expectClose(await d.x.data(), await u.x.data(), 0, 'unpadInput with totalTokens');
+    const gd = tf.grad(
+        (t: tf.Tensor) => tf.sum(tf.mul(
+            padInput(unpadInput(t, mask, {totalTokens: 5, maxSeqlen: 3}).x, u.indices, 3, 4), w)))(
+        x);
+    expectClose(await gd.data(), await gExpected.data(), 0, 'gradient, totalTokens given');
     tf.dispose([u.x, u.indices, u.cuSeqlens, u.seqlens, back, expected, w, g, gExpected]);
+    tf.dispose([d.x, d.indices, d.cuSeqlens, d.seqlens, gd]);
+    expect(tf.memory().numTensors).toBe(before);
+    expect(() => unpadInput(x, mask, {totalTokens: 13}))
+        .toThrow(/unpadInput: opts.totalTokens must be an integer in \[0, 12\], got 13/);
     expect(tf.memory().numTensors).toBe(before);
     tf.dispose([x, mask]);
   });
