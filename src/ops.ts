@@ -74,10 +74,10 @@ function attention(
       lengthOptions({seqlensQ: q0, seqlensK: k0, keyPaddingMask: m0}, shapes, opName);
   const hasSeqlens = seqlensQ != null || seqlensK != null;
   // A key padding mask hides keys without moving the diagonal.
-  const paddedDiagonal = m0 != null;
+  const diagonal = m0 != null ? {paddedDiagonal: true} : {};
   const [q, k, v] = unpack();
   const [out, lse] = runFlashAttention(
-      q, k, v, alibiSlopes, shapes, {...attrs, hasSeqlens, paddedDiagonal},
+      q, k, v, alibiSlopes, shapes, {...attrs, hasSeqlens, ...diagonal},
       hasSeqlens ? seqlensInput(shapes, seqlensQ, seqlensK) : undefined);
   if (opts?.returnSoftmaxLse === true) {
     return [out, lse];
