@@ -77,6 +77,12 @@ export interface FlashAttentionAttrs {
    * on the host (an upload per call).
    */
   lseDiscarded?: boolean;
+  /**
+   * With seqlens: the causal/window/ALiBi diagonal stays at the padded
+   * `i + Sk - Sq` (a key padding mask hides keys, it does not move them)
+   * instead of each batch row's own `i + seqlenK_b - seqlenQ_b` (varlen).
+   */
+  paddedDiagonal?: boolean;
 }
 
 /**
