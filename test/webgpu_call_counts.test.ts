@@ -9,7 +9,8 @@ import * as tf from '@tensorflow/tfjs-core';
 
 import {webgpuCounters, WebGPUCounts} from '../benchmarks/webgpu_counters';
 import {checkOwnPipelineErrors} from '../kernels/webgpu/own_pipeline';
-import {flashAttention, flashAttentionWithKVCache} from '../src';
+import {FLASH_ATTENTION_IMPL, flashAttention, flashAttentionWithKVCache} from '../src';
+import {flashMHA, FlashMHAArgs} from '../src/layers';
 
 import {selectedBackends, useBackend} from './harness/backends';
 import {expectClose, FORWARD_BOUND, freshRng, GRADIENT_BOUND, makeProblem, randomArray} from './harness/problems';
@@ -182,4 +183,61 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
     tf.dispose([kVar, vVar, cosT, sinT]);
     expect(tf.memory().numTensors).toBe(before);
   });
+
+  const LAYERS: Array<{name: string, args: FlashMHAArgs, dispatches: number}> = [
+    {
+      name: 'GQA, RoPE',
+      args: {embedDim: 32, numHeads: 4, numHeadsKV: 2, causal: true, rotaryEmbDim: 8},
+      // qkv matMul + bias, SplitV, rotary, split-KV, combine, out matMul + bias.
+      dispatches: 10,
+    },
+    {
+      name: 'ALiBi',
+      args: {embedDim: 32, numHeads: 4, causal: true, useAlibi: true},
+      dispatches: 9,
+    },
+  ];
+  for (const {name, args, dispatches} of LAYERS) {
+    it(`FlashMHA.decode (${name}): ${dispatches} dispatches a token, no submit, no upload`,
+       async () => {
+         const rng = freshRng();
+         const seq = 6;
+         const layer = flashMHA(args);
+         const x = tf.tensor3d(Float32Array.from(randomArray(seq * 32, rng)), [1, seq, 32]);
+         tf.env().set(FLASH_ATTENTION_IMPL, 'reference');
+         const full = layer.apply(x) as tf.Tensor3D;
+         tf.env().set(FLASH_ATTENTION_IMPL, 'auto');
+         const before = tf.memory().numTensors;
+         const cache = layer.createCache(1, seq + 2);
+         const decoded = new Float32Array(seq * 32);
+         for (let t = 0; t < seq; t++) {
+           const token = tf.slice(x, [0, t, 0], [1, 1, 32]);
+           const counters = webgpuCounters();
+           const y = layer.decode(token, cache);
+           const counts = countsOf(counters.snapshot());
+           if (t >= 2) {  // the first steps compile and check the pipelines
+             expect(counts).toEqual({
+               submits: 0,
+               errorScopes: 0,
+               hostUploads: 0,
+               buffersCreated: 0,
+               dispatches,
+               writeBuffers: dispatches,
+               bufferCopies: 2,  // k and v appended in place
+               readBacks: 0,
+             });
+           }
+           decoded.set(await y.data(), t * 32);
+           tf.dispose([y, token]);
+         }
+         await checkOwnPipelineErrors();
+         expectClose(
+             decoded, await full.data(), FORWARD_BOUND,
+             `FlashMHA.decode (${name}) vs the full call (seed ${rng.seed})`);
+         cache.dispose();
+         expect(tf.memory().numTensors).toBe(before);
+         tf.dispose([x, full]);
+         layer.dispose();
+       });
+  }
 });
