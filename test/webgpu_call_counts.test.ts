@@ -8,6 +8,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 
 import {webgpuCounters, WebGPUCounts} from '../benchmarks/webgpu_counters';
+import {setForwardOverride} from '../kernels/webgpu/FlashAttention';
 import {checkOwnPipelineErrors} from '../kernels/webgpu/own_pipeline';
 import {FLASH_ATTENTION_IMPL, flashAttention, flashAttentionWithKVCache} from '../src';
 import {flashMHA, FlashMHAArgs} from '../src/layers';
@@ -34,11 +35,15 @@ function countsOf(c: WebGPUCounts) {
 
 describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
   beforeAll(() => useBackend('webgpu'));
+  afterEach(() => setForwardOverride(null));
 
   it('forward: 1 dispatch, no submit, no error scope, no upload', async () => {
+    // The planner's short-grid tiling (16 x 64), forced: SwiftShader is
+    // never given it, so it is checked against the oracle here.
+    setForwardOverride({tiles: {tm: 2, tx: 16, nq: 1, ty: 8}});
     const before = tf.memory().numTensors;
     const rng = freshRng();
-    const shape = {batch: 1, seqQ: 24, seqK: 24, heads: 2, headsKV: 2, headDim: 16, headDimV: 16};
+    const shape = {batch: 1, seqQ: 40, seqK: 40, heads: 2, headsKV: 2, headDim: 64, headDimV: 64};
     const p = makeProblem(shape, rng);
     const opts = {causal: true};
     // First uses compile and check the pipeline inside error scopes.
