@@ -147,7 +147,8 @@ function apiCalls(run: () => void): string {
   run();
   const c = counters.snapshot();
   return `${c.dispatches} dispatches, ${c.submits} submits, ${c.errorScopes} error scopes, ${
-      c.hostUploads} uploads${process.env.DECODE_PROFILE ? ` ${JSON.stringify([...c.uploadShapes])}` : ""}`;
+      c.hostUploads} uploads${
+      process.env.DECODE_PROFILE ? ` ${JSON.stringify([...c.uploadShapes])}` : ""}`;
 }
 
 function ownedVariable(shape: [number, number, number, number]): tf.Variable<tf.Rank.R4> {
