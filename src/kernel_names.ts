@@ -88,11 +88,19 @@ export interface FlashAttentionAttrs {
 /**
  * Inference-only attention over a KV cache (flash_attn_with_kvcache).
  * Inputs: q, kCache, vCache, optional k, v (new rows, appended in place at
- * `cacheSeqlens`) and alibiSlopes. Outputs: `[out, softmaxLse]`.
+ * `cacheSeqlens`), alibiSlopes, rotaryCos and rotarySin. Outputs:
+ * `[out, softmaxLse]`.
  */
 export const FlashAttentionKVCache = 'FlashAttentionKVCache';
 
 export interface FlashAttentionKVCacheAttrs extends FlashAttentionAttrs {
   /** Valid cache rows per batch row before this call's new keys. */
   cacheSeqlens: number[];
+  /**
+   * With the inputs rotaryCos and rotarySin (`[Sro, rotaryDim / 2]`), the
+   * kernel rotates q and the new keys itself, at rows `cacheSeqlens[b] + s`
+   * (q at `cacheSeqlens[b]` for every row when `rotaryQSameRow`).
+   */
+  rotaryInterleaved?: boolean;
+  rotaryQSameRow?: boolean;
 }

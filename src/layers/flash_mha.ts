@@ -456,10 +456,12 @@ export class FlashMHA extends tfl.layers.Layer {
       if (this.rotaryEmbDim > 0) {
         // The same tables as `call`, read at each token's position.
         this.rotaryTables ??= new RotaryTables(this.rotaryEmbDim, this.rotaryEmbBase);
-        const [rotaryCos, rotarySin] = this.rotaryTables.get(cache.maxSeqLen);
+        const [rotaryCos, rotarySin] = this.rotaryTables.covering(cache.maxSeqLen);
         rotary = {rotaryCos, rotarySin, rotaryInterleaved: this.rotaryEmbInterleaved};
       }
-      const slopes = this.alibiSlopesTensor();
+      // Kept with the cache: no upload per step.
+      const slopes =
+          this.useAlibi ? cache.constant('alibiSlopes', () => this.alibiSlopesTensor()!) : null;
       const out = cache.attend(q, k, v, {
         causal: true,
         softmaxScale: this.softmaxScale,
