@@ -54,8 +54,11 @@ export function flashAttentionGradFunc(
     dys: tf.Tensor|tf.Tensor[], saved: tf.Tensor[], attrs: tf.NamedAttrMap): NamedGradientMap {
   const [dy, dLseTape] = dys as tf.Tensor[];
   const [q, k, v, alibiSlopes, seqlens, out, softmaxLse] = saved;
+  // Zeros made in host memory, like the tape's own, but in the output's
+  // shape: the webgpu backward recognizes host zeros and never uploads
+  // them; other backends use them as they are.
   const dLse = (attrs as unknown as FlashAttentionAttrs).lseDiscarded === true ?
-      tf.zerosLike(softmaxLse) :
+      tf.zeros(softmaxLse.shape) :
       dLseTape;
   const [dq, dk, dv] = flashAttentionBackward(
       {

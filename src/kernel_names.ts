@@ -72,9 +72,9 @@ export interface FlashAttentionAttrs {
    */
   hasSeqlens?: boolean;
   /**
-   * True when the caller discards softmaxLse: the gradient then makes the
-   * (zero) dLse on the device, not from the tape's zeros, which tfjs makes
-   * on the host (an upload per call).
+   * True when the caller discards softmaxLse: its gradient is known to be
+   * zero, made in host memory, which the webgpu backward skips instead of
+   * uploading.
    */
   lseDiscarded?: boolean;
   /**
