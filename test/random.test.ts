@@ -48,7 +48,10 @@ function randomCase(rng: Rng): OptionCase {
 
 // Fewer on webgpu: every random head dim compiles new pipelines, which
 // takes seconds on SwiftShader.
-const CASES_PER_BACKEND = {cpu: 12, webgpu: 6};
+const CASES_PER_BACKEND = {
+  cpu: 12,
+  webgpu: 6
+};
 
 describeBackends('randomized shapes and options', backend => {
   afterAll(() => tf.env().set(FLASH_ATTENTION_REFERENCE_BLOCK_ELEMENTS, 1 << 20));
