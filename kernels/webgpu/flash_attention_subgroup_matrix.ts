@@ -14,6 +14,7 @@ import {FLASH_ATTENTION_TENSOR_CORES} from '../../src/flags';
 import type {FlashAttentionAttrs} from '../../src/kernel_names';
 
 import {MatrixForwardConfig, matrixForwardKey, matrixForwardWGSL, MATRIX_FORWARD_UNIFORMS, matrixTileSizes, matrixWorkgroupBytes} from './flash_attention_subgroup_matrix_webgpu';
+import type {MatrixGradTiles} from './flash_attention_grad_subgroup_matrix_webgpu';
 import {dispatchGrid, runOwnPipeline, UniformWriter} from './own_pipeline';
 import {MatrixShape, pickSubgroupMatrixShape} from './subgroup_matrix';
 import {scoreOptionsFromAttrs} from './wgsl_snippets';
@@ -28,10 +29,29 @@ export interface MatrixForwardOverride {
   shape?: MatrixShape;
   subgroups?: number;
   bc?: number;
+  /** The backward's tiling (flash_attention_grad_subgroup_matrix.ts). */
+  gradTiles?: MatrixGradTiles;
 }
 let override: MatrixForwardOverride|null = null;
 export function setMatrixForwardOverride(o: MatrixForwardOverride|null): void {
   override = o;
+}
+export function getMatrixOverride(): MatrixForwardOverride|null {
+  return override;
+}
+
+/**
+ * The matrix shape the tensor-core kernels use on this device, or null
+ * (path off: no opt-in, no feature, or forced off). The real matrix
+ * built-ins only when the user opts in; tests force a stand-in shape
+ * through the override.
+ */
+export function matrixShapeFor(device: GPUDevice): MatrixShape|null {
+  if (override?.off) {
+    return null;
+  }
+  return override?.shape ??
+      (tf.env().getBool(FLASH_ATTENTION_TENSOR_CORES) ? pickSubgroupMatrixShape(device) : null);
 }
 
 export interface MatrixForwardPlan {
@@ -66,13 +86,7 @@ export const matrixForwardStats = {
 export function planMatrixForward(
     device: GPUDevice, headDim: number, headDimV: number, precision: string): MatrixForwardPlan|
     null {
-  if (override?.off) {
-    return null;
-  }
-  // The real matrix built-ins only when the user opts in; tests force a
-  // stand-in shape through the override.
-  const shape = override?.shape ??
-      (tf.env().getBool(FLASH_ATTENTION_TENSOR_CORES) ? pickSubgroupMatrixShape(device) : null);
+  const shape = matrixShapeFor(device);
   if (shape == null) {
     return null;
   }
