@@ -10,10 +10,11 @@
 import * as tf from '@tensorflow/tfjs-core';
 
 import {FlashAttentionGrad} from '../src';
+import {flashMHA} from '../src/layers';
 import {normalizeOptions} from '../src/options';
 import {fusedGradRunCount, registerFlashAttentionGradWebGPU} from '../kernels/webgpu/FlashAttentionGrad';
 import {matrixGradStats, planMatrixBackward} from '../kernels/webgpu/flash_attention_grad_subgroup_matrix';
-import {setMatrixForwardOverride} from '../kernels/webgpu/flash_attention_subgroup_matrix';
+import {matrixForwardStats, setMatrixForwardOverride} from '../kernels/webgpu/flash_attention_subgroup_matrix';
 import {checkOwnPipelineErrors, setPoisonOutputs, webgpuBackendOf} from '../kernels/webgpu/own_pipeline';
 import type {MatrixShape} from '../kernels/webgpu/subgroup_matrix';
 import {oracleBackward, oracleForward, OracleOptions} from './oracle';
@@ -176,6 +177,28 @@ describeWebGPU('subgroup-matrix backward, stand-in [webgpu]', () => {
       // precision attr is not reaching the kernel.
       await expect(check('float16 vs 1e-5', shape, {causal: true}, 1e-5, 'float16'))
           .rejects.toThrow();
+    });
+    it('FlashMHA passes its precision to the kernels', async () => {
+      const x = tf.randomNormal([1, 20, 32], 0, 1, 'float32', 3) as tf.Tensor3D;
+      const layers =
+          (['float32', 'float16'] as const)
+              .map(precision => flashMHA({embedDim: 32, numHeads: 2, causal: true, precision}));
+      tf.dispose(layers.map(l => l.apply(x) as tf.Tensor));
+      layers[1].setWeights(layers[0].getWeights());
+      const dispatches = matrixForwardStats.dispatches;
+      const outs = layers.map(l => l.apply(x) as tf.Tensor);
+      expect(matrixForwardStats.dispatches).toBe(dispatches + 2);
+      const [a, b] = await Promise.all(outs.map(o => o.data()));
+      tf.dispose([x, ...outs]);
+      layers.forEach(l => l.dispose());
+      let [diff, ref] = [0, 0];
+      a.forEach((value, i) => {
+        diff = Math.max(diff, Math.abs(value - b[i]));
+        ref = Math.max(ref, Math.abs(value));
+      });
+      // float16 products differ from the split's, within the float16 bound.
+      expect(diff).toBeGreaterThan(0);
+      expect(diff / ref).toBeLessThan(FLOAT16_GRAD_BOUND);
     });
     it('operands beyond f16 range (x 3e4)', async () => {
       // |q.k| ~ 1e9 would saturate the softmax: scale the scores back.

@@ -12,7 +12,7 @@ import {MAX_HEAD_DIM} from '../../src/checks';
 import {FlashAttention, FlashAttentionAttrs} from '../../src/kernel_names';
 
 import {COMBINE_THREADS, COMBINE_UNIFORMS, ForwardConfig, forwardKey, ForwardTiles, FORWARD_UNIFORMS, forwardWGSL, prefetchFloats, splitCombineWGSL, tileSizes, workgroupBytes} from './flash_attention_webgpu';
-import {forwardUniformValues} from './forward_uniforms';
+import {forwardOutputs, forwardUniformValues} from './forward_shared';
 import {deviceHasSubgroups, dispatchGrid, isWebGPUBackend, packUniforms, runOwnPipeline, UniformWriter} from './own_pipeline';
 import {FORWARD_TILINGS, ForwardTilingChoice, getForwardOverride, MAX_SPLITS, MIN_TILES_PER_SPLIT, REGISTER_BUDGET, SPLIT_TARGET_GROUPS} from './tuning';
 import {matrixForwardWebGPU, planMatrixForward} from './flash_attention_subgroup_matrix';
@@ -269,10 +269,7 @@ export function flashAttentionWebGPU(
         },
         {
           inputs: outputs,
-          outputs: [
-            {shape: [batch, seqQ, heads, headDimV], dtype: 'float32'},
-            {shape: [batch, heads, seqQ], dtype: 'float32'},
-          ],
+          outputs: forwardOutputs(q, v),
           uniforms: cw.finish(),
           dispatch: combineGrid,
         });

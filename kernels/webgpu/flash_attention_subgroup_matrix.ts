@@ -14,7 +14,7 @@ import type {FlashAttentionAttrs} from '../../src/kernel_names';
 
 import {MatrixForwardConfig, matrixForwardKey, matrixForwardWGSL, MATRIX_FORWARD_UNIFORMS, matrixTileSizes, matrixWorkgroupBytes} from './flash_attention_subgroup_matrix_webgpu';
 import type {MatrixGradTiles} from './flash_attention_grad_subgroup_matrix_webgpu';
-import {forwardUniformValues} from './forward_uniforms';
+import {forwardOutputs, forwardUniformValues} from './forward_shared';
 import {dispatchGrid, packUniforms, runOwnPipeline} from './own_pipeline';
 import {MatrixShape, pickSubgroupMatrixShape} from './subgroup_matrix';
 import {scoreOptionsFromAttrs} from './wgsl_snippets';
@@ -160,10 +160,7 @@ export function matrixForwardWebGPU(
       },
       {
         inputs: bound,
-        outputs: [
-          {shape: [batch, seqQ, heads, headDimV], dtype: 'float32'},
-          {shape: [batch, heads, seqQ], dtype: 'float32'},
-        ],
+        outputs: forwardOutputs(q, v),
         uniforms,
         dispatch: grid,
       });

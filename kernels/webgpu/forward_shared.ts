@@ -1,13 +1,15 @@
 /**
- * The runtime values both forward kernels (the SIMT one of
- * FlashAttention.ts and the subgroup-matrix one of
- * flash_attention_subgroup_matrix.ts) put in their uniform block; each
- * adds its own fields.
+ * What both forward kernels (the SIMT one of FlashAttention.ts and the
+ * subgroup-matrix one of flash_attention_subgroup_matrix.ts) share: the
+ * runtime values of their uniform blocks (each adds its own fields) and
+ * their outputs.
  */
 import * as tf from '@tensorflow/tfjs-core';
 
 import {dropoutThreshold} from '../../src/dropout';
 import type {FlashAttentionAttrs} from '../../src/kernel_names';
+
+import type {OwnOutput} from './own_pipeline';
 
 /**
  * Shapes, grid and options of one forward call: `numQTiles` query tiles
@@ -37,4 +39,13 @@ export function forwardUniformValues(
     threshold: dropout ? dropoutThreshold(attrs.dropoutRate) : 0,
     keepScale: dropout ? 1 / (1 - attrs.dropoutRate) : 1,
   };
+}
+
+/** The forward's outputs: out [B, Sq, H, Dv] and lse [B, H, Sq]. */
+export function forwardOutputs(q: tf.TensorInfo, v: tf.TensorInfo): OwnOutput[] {
+  const [batch, seqQ, heads] = q.shape;
+  return [
+    {shape: [batch, seqQ, heads, v.shape[3]], dtype: 'float32'},
+    {shape: [batch, heads, seqQ], dtype: 'float32'},
+  ];
 }
