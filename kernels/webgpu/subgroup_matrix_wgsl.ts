@@ -51,6 +51,7 @@ export class MatrixOpsWGSL {
   enables(): string {
     return this.shape.standIn ? '' : `enable f16;
 enable chromium_experimental_subgroup_matrix;
+enable subgroups;
 diagnostic(off, chromium_experimental.subgroup_matrix_uniformity);`;
   }
 
