@@ -52,8 +52,11 @@ export function flashAttentionBackward(
  */
 export function flashAttentionGradFunc(
     dys: tf.Tensor|tf.Tensor[], saved: tf.Tensor[], attrs: tf.NamedAttrMap): NamedGradientMap {
-  const [dy, dLse] = dys as tf.Tensor[];
+  const [dy, dLseTape] = dys as tf.Tensor[];
   const [q, k, v, alibiSlopes, seqlens, out, softmaxLse] = saved;
+  const dLse = (attrs as unknown as FlashAttentionAttrs).lseDiscarded === true ?
+      tf.zerosLike(softmaxLse) :
+      dLseTape;
   const [dq, dk, dv] = flashAttentionBackward(
       {
         dy: dy as tf.Tensor4D,
