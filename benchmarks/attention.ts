@@ -63,6 +63,8 @@ interface Args {
   heads: number;
   /** Flags for Dawn's create(), e.g. enable-dawn-features=... */
   dawnFlags: string[];
+  /** --tensor-cores: the subgroup-matrix kernels where the device has them. */
+  tensorCores: boolean;
   /** Extra problems [B, H, Hk, S] run at every D. */
   shapes: Shape[];
   gradVariants: string[];
@@ -115,6 +117,7 @@ function parseArgs(argv: string[]): Args {
     batch: Number(get('batch', '1')),
     heads: Number(get('heads', '16')),
     dawnFlags: get('dawn-flags', '').split(' ').filter(x => x),
+    tensorCores: argv.includes('--tensor-cores'),
   };
 }
 
@@ -149,12 +152,13 @@ function flops(mode: string, b: number, h: number, s: number, d: number, causal:
   return mode === 'fwd' ? fwd : 3.5 * fwd;
 }
 
-async function setupDevice(dawnFlags: string[]):
+async function setupDevice(dawnFlags: string[], tensorCores: boolean):
     Promise<{gpu: GPU, adapter: GPUAdapter, device: GPUDevice}> {
   const webgpu = await import('webgpu') as unknown as
       {create: (f: string[]) => GPU, globals: Record<string, unknown>};
   Object.assign(globalThis, webgpu.globals);
-  const gpu = webgpu.create(dawnFlags);
+  const {TENSOR_CORE_DAWN_FLAGS, tensorCoreFeatures} = await import('../demo/tensor_cores');
+  const gpu = webgpu.create(tensorCores ? [...dawnFlags, ...TENSOR_CORE_DAWN_FLAGS] : dawnFlags);
   const adapter = await gpu.requestAdapter({powerPreference: 'high-performance'});
   if (adapter == null) {
     throw new Error('no WebGPU adapter');
@@ -162,6 +166,9 @@ async function setupDevice(dawnFlags: string[]):
   const l = adapter.limits;
   const features = ['subgroups', 'timestamp-query'].filter(
                        f => adapter.features.has(f as GPUFeatureName)) as GPUFeatureName[];
+  if (tensorCores) {
+    features.push(...tensorCoreFeatures(adapter).filter(f => !features.includes(f)));
+  }
   const device = await adapter.requestDevice({
     requiredFeatures: features,
     requiredLimits: {
@@ -282,7 +289,7 @@ async function measure(
 
 async function main(): Promise<void> {
   const args = parseArgs(process.argv.slice(2));
-  const {device, adapter} = await setupDevice(args.dawnFlags);
+  const {device, adapter} = await setupDevice(args.dawnFlags, args.tensorCores);
   const tf = await import('@tensorflow/tfjs-core');
   // tfjs-core's CommonJS bundle registers no gradients; tfjs-layers' does.
   await import('@tensorflow/tfjs-layers');
@@ -292,6 +299,7 @@ async function main(): Promise<void> {
   const {setForwardOverride, planForward, forwardStats} =
       await import('../kernels/webgpu/FlashAttention');
   const {checkOwnPipelineErrors} = await import('../kernels/webgpu/own_pipeline');
+  const {enableTensorCores, tensorCoreUsage} = await import('../demo/tensor_cores');
   tf.removeBackend('webgpu');
   tf.registerBackend('webgpu', () => new webgpu.WebGPUBackend(device, adapter.info));
   await tf.setBackend('webgpu');
@@ -305,6 +313,9 @@ async function main(): Promise<void> {
       device.features.has('subgroups' as GPUFeatureName)} (min ${
       (info as unknown as {subgroupMinSize?: number}).subgroupMinSize}), max binding ${
       device.limits.maxStorageBufferBindingSize}`);
+  if (args.tensorCores) {
+    log(enableTensorCores(device));
+  }
   for (const d of args.dims) {
     for (const s of args.seqs) {
       log(`D=${d} S=${s}: fused tiling ${
@@ -561,6 +572,9 @@ async function main(): Promise<void> {
         `\nChecks (fused vs composed on this device):\n${checks.map(c => `- ${c}`).join('\n')}`);
   }
   console.log(`\n${ratioTable(rows, torch?.rows ?? [], B, H)}`);
+  if (args.tensorCores) {
+    console.log(`\n${tensorCoreUsage()}`);
+  }
 }
 
 type TorchRow = {

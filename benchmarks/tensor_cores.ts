@@ -2,12 +2,21 @@
  * The subgroup-matrix (tensor core) attention path on a real GPU: creates
  * the device with Dawn's unsafe features (shader-f16,
  * chromium-experimental-subgroup-matrix), prints the adapter's matrix
- * configurations, checks the forward against the float64 oracle
- * (test/oracle.ts) at several shapes and options for both precisions, and
- * times it next to the SIMT kernels, same process, same device.
+ * configurations, checks the forward AND the backward (dQ, dK, dV) against
+ * the float64 oracle (test/oracle.ts) at several shapes and options for
+ * both precisions, times forward and forward+backward next to the SIMT
+ * kernels (same process, same device), and prints the issue's goal table
+ * with PyTorch's FlashAttention-2 float16 and SDPA float32 beside it
+ * (`python3 torch_flash_fp16.py --out torch_tc.json` first, then --torch).
  *
  *   node tensor_cores.mjs [--seqs 4096,16384] [--dims 64,128] [--heads 16]
- *       [--skip-check] [--skip-time] [--json FILE]
+ *       [--torch torch_tc.json] [--skip-check] [--skip-time] [--json FILE]
+ *       [--stand-in] [--small]
+ *
+ * Without the feature it stops with a message, unless --stand-in: then the
+ * kernels' portable stand-in runs (plain loops; checks the tiling and the
+ * split arithmetic end to end, e.g. on SwiftShader, not speed). --small
+ * checks tiny shapes (for a software device).
  *
  * Time: median of repetitions of K calls each (K so that a repetition
  * lasts >= ~30 ms), waiting for the queue to drain; TFLOP/s by
@@ -20,11 +29,28 @@ import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-layers';
 import {WebGPUBackend} from '@tensorflow/tfjs-backend-webgpu';
 
-import {matrixForwardStats, planMatrixForward, setMatrixForwardOverride} from '../kernels/webgpu/flash_attention_subgroup_matrix';
+import {matrixGradStats, planMatrixBackward} from '../kernels/webgpu/flash_attention_grad_subgroup_matrix';
+import {matrixForwardStats, MatrixForwardOverride, planMatrixForward, setMatrixForwardOverride} from '../kernels/webgpu/flash_attention_subgroup_matrix';
 import {checkOwnPipelineErrors} from '../kernels/webgpu/own_pipeline';
 import {pickSubgroupMatrixShape, subgroupMatrixConfigs} from '../kernels/webgpu/subgroup_matrix';
 import {FLASH_ATTENTION_IMPL, FLASH_ATTENTION_TENSOR_CORES, flashAttention, FlashAttentionOptions} from '../src';
-import {oracleForward, OracleOptions, OracleProblem} from '../test/oracle';
+import {oracleBackward, oracleForward, OracleOptions, OracleProblem} from '../test/oracle';
+import {enableTensorCores, TENSOR_CORE_DAWN_FLAGS, tensorCoreFeatures} from '../demo/tensor_cores';
+
+/**
+ * The override of the tensor-core modes: null on a device with the
+ * feature; the stand-in (8x8x8 blocks, 16 lanes) under --stand-in.
+ */
+let tensorCoreOverride: MatrixForwardOverride|null = null;
+const STAND_IN: MatrixForwardOverride = {
+  shape: {M: 8, N: 8, K: 8, lanes: 16, standIn: true},
+  subgroups: 2,
+  bc: 16,
+  gradTiles: {subgroups: 2, br: 16, bc: 16},
+};
+function useMode(mode: 'simt'|'float32'|'float16'): void {
+  setMatrixForwardOverride(mode === 'simt' ? {off: true} : tensorCoreOverride);
+}
 
 function arg(name: string, dflt: string): string {
   const i = process.argv.indexOf(`--${name}`);
@@ -75,41 +101,54 @@ function relError(a: ArrayLike<number>, e: ArrayLike<number>): number {
   return maxErr / Math.max(maxRef, 1e-30);
 }
 
+const SMALL_CASES: Array<[string, Shape, OracleOptions]> = [
+  [
+    'causal S=40 D=32 GQA 4/2',
+    {batch: 1, seqQ: 40, seqK: 40, heads: 4, headsKV: 2, headDim: 32, headDimV: 32}, {causal: true}
+  ],
+  [
+    'window+softcap+alibi Sq<Sk D=16',
+    {batch: 2, seqQ: 21, seqK: 37, heads: 2, headsKV: 1, headDim: 16, headDimV: 16, alibi: true},
+    {windowSize: [9, 3], softcap: 5}
+  ],
+];
+
 async function accuracy(): Promise<string[]> {
-  const cases: Array<[string, Shape, OracleOptions]> = [
-    [
-      'plain S=256 D=64',
-      {batch: 1, seqQ: 256, seqK: 256, heads: 2, headsKV: 2, headDim: 64, headDimV: 64}, {}
-    ],
-    [
-      'causal S=300 D=64 GQA 4/2',
-      {batch: 1, seqQ: 300, seqK: 300, heads: 4, headsKV: 2, headDim: 64, headDimV: 64},
-      {causal: true}
-    ],
-    [
-      'causal S=200 D=128',
-      {batch: 1, seqQ: 200, seqK: 200, heads: 2, headsKV: 2, headDim: 128, headDimV: 128},
-      {causal: true}
-    ],
-    [
-      'window+softcap+alibi Sq<Sk D=64', {
-        batch: 2,
-        seqQ: 130,
-        seqK: 260,
-        heads: 2,
-        headsKV: 1,
-        headDim: 64,
-        headDimV: 64,
-        alibi: true
-      },
-      {windowSize: [40, 7], softcap: 5}
-    ],
-    [
-      'dropout 0.2 D=32 Dv=64',
-      {batch: 1, seqQ: 160, seqK: 150, heads: 2, headsKV: 2, headDim: 32, headDimV: 64},
-      {dropoutRate: 0.2, seed: 99}
-    ],
-  ];
+  const cases: Array<[string, Shape, OracleOptions]> =
+      process.argv.includes('--small') ? SMALL_CASES : [
+        [
+          'plain S=256 D=64',
+          {batch: 1, seqQ: 256, seqK: 256, heads: 2, headsKV: 2, headDim: 64, headDimV: 64}, {}
+        ],
+        [
+          'causal S=300 D=64 GQA 4/2',
+          {batch: 1, seqQ: 300, seqK: 300, heads: 4, headsKV: 2, headDim: 64, headDimV: 64},
+          {causal: true}
+        ],
+        [
+          'causal S=200 D=128',
+          {batch: 1, seqQ: 200, seqK: 200, heads: 2, headsKV: 2, headDim: 128, headDimV: 128},
+          {causal: true}
+        ],
+        [
+          'window+softcap+alibi Sq<Sk D=64', {
+            batch: 2,
+            seqQ: 130,
+            seqK: 260,
+            heads: 2,
+            headsKV: 1,
+            headDim: 64,
+            headDimV: 64,
+            alibi: true
+          },
+          {windowSize: [40, 7], softcap: 5}
+        ],
+        [
+          'dropout 0.2 D=32 Dv=64',
+          {batch: 1, seqQ: 160, seqK: 150, heads: 2, headsKV: 2, headDim: 32, headDimV: 64},
+          {dropoutRate: 0.2, seed: 99}
+        ],
+      ];
   const lines: string[] = [];
   let seed = 12345;
   for (const [name, s, opts] of cases) {
@@ -128,9 +167,12 @@ async function accuracy(): Promise<string[]> {
     const v = tf.tensor4d(Float32Array.from(p.v), [s.batch, s.seqK, s.headsKV, s.headDimV]);
     const slopes =
         p.alibiSlopes == null ? undefined : tf.tensor1d(Float32Array.from(p.alibiSlopes));
+    const dOut = normals(expected.out.length, seed++);
+    const expectedGrads = oracleBackward(p, opts, dOut, new Float64Array(expected.lse.length));
+    const dOutT = tf.tensor4d(Float32Array.from(dOut), [s.batch, s.seqQ, s.heads, s.headDimV]);
     const row: string[] = [name];
     for (const mode of ['simt', 'float32', 'float16'] as const) {
-      setMatrixForwardOverride(mode === 'simt' ? {off: true} : null);
+      useMode(mode);
       const before = matrixForwardStats.dispatches;
       const o: FlashAttentionOptions = {
         ...opts,
@@ -143,12 +185,27 @@ async function accuracy(): Promise<string[]> {
       tf.dispose([out, lse]);
       await checkOwnPipelineErrors();
       const used = matrixForwardStats.dispatches - before;
-      row.push(`${mode}${mode !== 'simt' && used !== 1 ? '(NOT TC)' : ''} out ${
-          relError(od, expected.out).toExponential(2)} lse ${
-          relError(ld, expected.lse).toExponential(2)}`);
+      // The backward: gradients of sum(out * dOut).
+      const gradBefore = matrixGradStats.dispatches;
+      const grads = tf.grads(
+          (a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) => tf.sum(tf.mul(
+              flashAttention(
+                  a as tf.Tensor4D, b as tf.Tensor4D, c as tf.Tensor4D,
+                  {...opts, alibiSlopes: slopes, precision: o.precision}) as tf.Tensor,
+              dOutT)))([q, k, v]);
+      const [dq, dk, dv] = await Promise.all(grads.map(g => g.data()));
+      tf.dispose(grads);
+      await checkOwnPipelineErrors();
+      const gradUsed = matrixGradStats.dispatches - gradBefore;
+      const tc = mode === 'simt' || (used === 1 && gradUsed === 2) ? '' : '(NOT TC)';
+      row.push(`${mode}${tc} out ${relError(od, expected.out).toExponential(2)} lse ${
+          relError(ld, expected.lse).toExponential(2)} dq ${
+          relError(dq, expectedGrads.dq).toExponential(2)} dk ${
+          relError(dk, expectedGrads.dk).toExponential(2)} dv ${
+          relError(dv, expectedGrads.dv).toExponential(2)}`);
     }
     setMatrixForwardOverride(null);
-    tf.dispose([q, k, v]);
+    tf.dispose([q, k, v, dOutT]);
     if (slopes != null) {
       slopes.dispose();
     }
@@ -160,6 +217,9 @@ async function accuracy(): Promise<string[]> {
 
 async function drain(device: GPUDevice): Promise<void> {
   const b = tf.backend() as unknown as {submitQueue(): void, ensureCommandEncoderReady(): void};
+  // (submitQueue needs an open encoder: there is none when our own
+  // pipelines submitted everything.)
+  b.ensureCommandEncoderReady();
   b.submitQueue();
   await device.queue.onSubmittedWorkDone();
 }
@@ -186,17 +246,77 @@ async function timeMs(device: GPUDevice, run: () => void): Promise<number> {
   return times[3];
 }
 
+interface Timing {
+  mode: 'simt'|'float32'|'float16';
+  kind: 'fwd'|'fwdbwd';
+  dim: number;
+  seq: number;
+  ms: number|null;
+  tflops: number|null;
+  /** Whether a tensor-core kernel ran (from the dispatch counts). */
+  tensorCores?: boolean;
+  error?: string;
+}
+
+/** A row of torch_flash_fp16.py --out. */
+interface TorchRow {
+  impl: 'fa2_fp16'|'sdpa_fp32';
+  mode: 'fwd'|'fwdbwd';
+  dim: number;
+  seq: number;
+  tflops: number;
+}
+
+/**
+ * The issue's goal table: TFLOP/s (causal, B=1) of the SIMT kernels, both
+ * tensor-core precisions, PyTorch FA2 float16 and SDPA float32.
+ */
+function goalTable(timings: Timing[], torch: TorchRow[], standIn: boolean): string {
+  const tf = (t: Timing|undefined) => t == null ?
+      '-' :
+      t.tflops == null ?
+      `error` :
+      `${t.tflops.toFixed(1)}${t.mode !== 'simt' && !t.tensorCores ? ' (NOT TC)' : ''}`;
+  const torchTf = (impl: string, r: Timing) => {
+    const row =
+        torch.find(x => x.impl === impl && x.mode === r.kind && x.dim === r.dim && x.seq === r.seq);
+    return row == null ? '-' : row.tflops.toFixed(1);
+  };
+  const out = [
+    `TFLOP/s, causal, B=1 (4*S*S*H*D/2 per forward, x3.5 with the backward)${
+        standIn ? '; STAND-IN: not tensor cores, not a performance number' : ''}`,
+    '',
+    '| pass | D | S | SIMT f32 | TC float32 | TC float16 | torch FA2 f16 | torch SDPA f32 | ' +
+        'TC f32 / SDPA | TC f16 / FA2 |',
+    `|${' --- |'.repeat(10)}`,
+  ];
+  const keys = [...new Set(timings.map(t => `${t.kind} ${t.dim} ${t.seq}`))];
+  for (const key of keys) {
+    const [kind, dim, seq] = key.split(' ');
+    const of = (mode: string) => timings.find(
+        t => t.mode === mode && t.kind === kind && t.dim === Number(dim) && t.seq === Number(seq));
+    const [simt, f32, f16] = [of('simt'), of('float32'), of('float16')];
+    const ref = (f32 ?? simt)!;
+    const sdpa = torchTf('sdpa_fp32', ref);
+    const fa2 = torchTf('fa2_fp16', ref);
+    const ratio = (a: Timing|undefined, b: string) =>
+        a?.tflops == null || b === '-' ? '-' : (a.tflops / Number(b)).toFixed(2);
+    out.push(`| ${kind} | ${dim} | ${seq} | ${tf(simt)} | ${tf(f32)} | ${tf(f16)} | ${fa2} | ${
+        sdpa} | ${ratio(f32, sdpa)} | ${ratio(f16, fa2)} |`);
+  }
+  return out.join('\n');
+}
+
 async function main(): Promise<void> {
   const webgpu = await import('webgpu') as unknown as
       {create: (f: string[]) => GPU, globals: Record<string, unknown>};
   Object.assign(globalThis, webgpu.globals);
-  const gpu = webgpu.create(['enable-dawn-features=allow_unsafe_apis,vulkan_enable_f16_on_nvidia']);
+  const gpu = webgpu.create(TENSOR_CORE_DAWN_FLAGS);
   const adapter = await gpu.requestAdapter({powerPreference: 'high-performance'});
   if (adapter == null) {
     throw new Error('tensor_cores: no WebGPU adapter');
   }
-  const wanted = ['subgroups', 'shader-f16', 'chromium-experimental-subgroup-matrix'];
-  const features = wanted.filter(f => adapter.features.has(f)) as GPUFeatureName[];
+  const features = tensorCoreFeatures(adapter);
   const l = adapter.limits;
   const device = await adapter.requestDevice({
     requiredFeatures: features,
@@ -220,7 +340,18 @@ async function main(): Promise<void> {
   tf.registerBackend('webgpu', () => new WebGPUBackend(device, adapter.info));
   await tf.setBackend('webgpu');
   tf.env().set(FLASH_ATTENTION_IMPL, 'fused');
-  tf.env().set(FLASH_ATTENTION_TENSOR_CORES, true);
+  const status = enableTensorCores(device);
+  console.log(status);
+  if (!tf.env().getBool(FLASH_ATTENTION_TENSOR_CORES)) {
+    if (!process.argv.includes('--stand-in')) {
+      console.log(
+          'tensor_cores: nothing to validate on this device (--stand-in runs the ' +
+          'portable stand-in of the kernels instead)');
+      process.exit(2);
+    }
+    console.log('tensor_cores: --stand-in: the portable stand-in runs (no tensor cores)');
+    tensorCoreOverride = STAND_IN;
+  }
   const info = adapter.info as unknown as Record<string, unknown>;
   console.log(`device: ${info.vendor} ${info.architecture} ${info.description}; features: ${
       features.join(', ')}`);
@@ -230,52 +361,72 @@ async function main(): Promise<void> {
           .join('; ')}`);
   const shape = pickSubgroupMatrixShape(device);
   console.log(`chosen: ${JSON.stringify(shape)}`);
-  for (const d of [64, 128]) {
+  setMatrixForwardOverride(tensorCoreOverride);
+  for (const d of nums(arg('dims', '64,128'))) {
     for (const p of ['float32', 'float16']) {
-      console.log(`plan D=${d} ${p}: ${JSON.stringify(planMatrixForward(device, d, d, p))}`);
+      console.log(`plan D=${d} ${p}: forward ${
+          JSON.stringify(planMatrixForward(
+              device, d, d, p))}, backward ${JSON.stringify(planMatrixBackward(device, d, d, p))}`);
     }
   }
+  setMatrixForwardOverride(null);
   const report: Record<string, unknown> = {};
   if (!process.argv.includes('--skip-check')) {
     report.accuracy = await accuracy();
   }
-  const rows: string[] = [];
+  const timings: Timing[] = [];
   if (!process.argv.includes('--skip-time')) {
     const heads = Number(arg('heads', '16'));
     for (const d of nums(arg('dims', '64,128'))) {
       for (const s of nums(arg('seqs', '4096,16384'))) {
-        const [q, k, v] = [0, 1, 2].map(() => tf.randomNormal([1, s, heads, d]) as tf.Tensor4D);
-        const flops = 4 * s * s * heads * d / 2;
-        const cells: string[] = [`D=${d} S=${s} causal`];
+        const [q, k, v, dy] =
+            [0, 1, 2, 3].map(() => tf.randomNormal([1, s, heads, d]) as tf.Tensor4D);
+        const fwdFlops = 4 * s * s * heads * d / 2;
         for (const mode of ['simt', 'float32', 'float16'] as const) {
-          setMatrixForwardOverride(mode === 'simt' ? {off: true} : null);
+          useMode(mode);
           const opts: FlashAttentionOptions = {
             causal: true,
             precision: mode === 'float16' ? 'float16' : 'float32'
           };
-          try {
-            const ms =
-                await timeMs(device, () => tf.dispose(flashAttention(q, k, v, opts) as tf.Tensor));
-            cells.push(`${mode} ${ms.toFixed(3)} ms ${(flops / ms / 1e9).toFixed(1)} TF/s`);
-          } catch (e) {
-            cells.push(`${mode} error ${(e as Error).message.slice(0, 200)}`);
+          const attend = (a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) =>
+              flashAttention(a as tf.Tensor4D, b as tf.Tensor4D, c as tf.Tensor4D, opts) as
+              tf.Tensor;
+          const runs: Array<['fwd' | 'fwdbwd', () => void]> = [
+            ['fwd', () => tf.dispose(attend(q, k, v))],
+            ['fwdbwd', () => tf.dispose(tf.grads(attend)([q, k, v], dy))],
+          ];
+          for (const [kind, run] of runs) {
+            const t: Timing = {mode, kind, dim: d, seq: s, ms: null, tflops: null};
+            const before = matrixForwardStats.dispatches + matrixGradStats.dispatches;
+            try {
+              t.ms = await timeMs(device, run);
+              t.tflops = fwdFlops * (kind === 'fwd' ? 1 : 3.5) / t.ms / 1e9;
+              t.tensorCores = matrixForwardStats.dispatches + matrixGradStats.dispatches > before;
+            } catch (e) {
+              t.error = (e as Error).message.slice(0, 200);
+            }
+            console.error(JSON.stringify(t));
+            timings.push(t);
           }
-          console.error(cells[cells.length - 1]);
         }
         setMatrixForwardOverride(null);
-        tf.dispose([q, k, v]);
-        rows.push(cells.join(' | '));
+        tf.dispose([q, k, v, dy]);
       }
     }
-    report.timings = rows;
+    report.timings = timings;
   }
-  console.log('\n== accuracy (max abs err / max abs ref vs float64 oracle) ==');
+  console.log(
+      '\n== accuracy (max abs err / max abs ref vs float64 oracle; bounds: ' +
+      'fwd 1e-4, grads 5e-4 for simt and float32) ==');
   for (const line of (report.accuracy as string[] | undefined) ?? []) {
     console.log(line);
   }
-  console.log('\n== forward timings (B=1, H=16; TF/s = 2*S*S*H*D / time) ==');
-  for (const line of rows) {
-    console.log(line);
+  const torchAt = process.argv.indexOf('--torch');
+  const torch = torchAt >= 0 && fs.existsSync(process.argv[torchAt + 1]) ?
+      JSON.parse(fs.readFileSync(process.argv[torchAt + 1], 'utf8')) as {rows: TorchRow[]} :
+      null;
+  if (timings.length > 0) {
+    console.log(`\n${goalTable(timings, torch?.rows ?? [], tensorCoreOverride != null)}`);
   }
   const jsonAt = process.argv.indexOf('--json');
   if (jsonAt >= 0) {

@@ -17,6 +17,7 @@
  * Run (on a GPU machine, bundled by scripts/device-bundle.sh):
  *   node train_gpt.mjs [--batch=4] [--seq=1024] [--steps=5] [--warmup=2]
  *       [--models=stock,flash,fused] [--step-seconds=100] [--deadline=200]
+ *       [--tensor-cores] (the subgroup-matrix kernels; docs/tensor_cores.md)
  *   node train_gpt.mjs --child=curve [--curve-steps=50] [--layers=2 --width=64 --seq=64]
  *       (the loss curves of the fused model, fused vs composed reference)
  *   node --expose-gc train_gpt.mjs --leak-steps=1000 [--every=100] [--leak-warmup=20]
@@ -38,6 +39,7 @@ import * as tfl from '@tensorflow/tfjs-layers';
 import {FlashAttention, FlashAttentionGrad, FUSED_ADAMW_IMPL, fusedAdam, FusedNorm, hasFusedKernel} from '../src';
 import {flashMHA} from '../src/layers';
 import {useBestBackend} from '../demo/backend';
+import {enableTensorCores, tensorCoreDispatches, tensorCoreUsage} from '../demo/tensor_cores';
 import {buildGPT, LossKind, median, NormKind, sampleBatch, seededRandom, trainableVariables, trainStep} from '../demo/gpt';
 
 import {composedMHA} from './composed_mha';
@@ -47,7 +49,21 @@ import {gptSize, option, VOCAB} from './gpt_options';
 type Impl = 'flash'|'composed';
 
 const {layers: LAYERS, width: WIDTH, heads: HEADS} = gptSize();
-const MODEL_ARGS = [`--layers=${LAYERS}`, `--width=${WIDTH}`, `--heads=${HEADS}`];
+/** --tensor-cores: the subgroup-matrix kernels where the device has them. */
+const TENSOR_CORES = process.argv.includes('--tensor-cores');
+const MODEL_ARGS = [
+  `--layers=${LAYERS}`, `--width=${WIDTH}`, `--heads=${HEADS}`,
+  ...(TENSOR_CORES ? ['--tensor-cores'] : [])
+];
+
+/** The WebGPU backend, with the tensor cores on when asked (and a line saying so). */
+async function webgpuBackend(): ReturnType<typeof useBestBackend> {
+  const backend = await useBestBackend('webgpu', {tensorCores: TENSOR_CORES});
+  if (TENSOR_CORES) {
+    console.log(enableTensorCores(backend.device));
+  }
+  return backend;
+}
 const MAX_SEQ = Number(option('max', '131072'));
 
 function report(kind: string, value: unknown) {
@@ -136,7 +152,7 @@ async function stepChild() {
   const steps = Number(option('steps', '5'));
   const warmup = Number(option('warmup', '2'));
   const flavors = option('models', FLAVORS.join(',')).split(',') as Flavor[];
-  const backend = await useBestBackend('webgpu');
+  const backend = await webgpuBackend();
   report('backend', {
     description: backend.description,
     gpu: backend.gpu,
@@ -204,8 +220,12 @@ async function stepChild() {
                        ms: r.ms,
                        losses: r.losses,
                        ...last(r),
-                     }))
+                     })),
+    ...(TENSOR_CORES ? {tensorCores: tensorCoreDispatches()} : {})
   });
+  if (TENSOR_CORES) {
+    console.log(tensorCoreUsage());
+  }
   process.exit(0);
 }
 
@@ -220,7 +240,7 @@ async function curveChild() {
   const batch = Number(option('batch', '2'));
   const seq = Number(option('seq', '64'));
   const steps = Number(option('curve-steps', '50'));
-  const backend = await useBestBackend('webgpu');
+  const backend = await webgpuBackend();
   const random = seededRandom(13);
   const data = Int32Array.from({length: 1 << 14}, () => Math.floor(random() * VOCAB));
   const batches = Array.from({length: steps}, () => sampleBatch(data, batch, seq, random));
@@ -368,7 +388,7 @@ async function leakRun(steps: number) {
 async function oomChild() {
   const impl = option('impl', 'flash') as Impl;
   let seq = Number(option('from', '1024'));
-  const backend = await useBestBackend('webgpu');
+  const backend = await webgpuBackend();
   const model = buildModel(impl);
   const optimizer = tf.train.adam(1e-4);
   const vars = trainableVariables(model);

@@ -12,6 +12,8 @@ import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-backend-cpu';
 import {WebGPUBackend} from '@tensorflow/tfjs-backend-webgpu';
 
+import {TENSOR_CORE_DAWN_FLAGS, TENSOR_CORE_FEATURES} from './tensor_cores';
+
 export interface BackendChoice {
   name: 'webgpu'|'cpu';
   /** What runs it, in words. */
@@ -47,7 +49,7 @@ interface DawnPackage {
 }
 
 /** Dawn's GPU object, or null where the package or a driver is missing. */
-async function dawnGPU(): Promise<GPU|null> {
+async function dawnGPU(flags: string[] = []): Promise<GPU|null> {
   chooseVulkanDrivers();
   let dawn: DawnPackage;
   try {
@@ -57,7 +59,7 @@ async function dawnGPU(): Promise<GPU|null> {
     return null;
   }
   Object.assign(globalThis, dawn.globals);
-  const gpu = dawn.create([]);
+  const gpu = dawn.create(flags);
   // tfjs-backend-webgpu checks navigator.gpu (Node's own navigator has none).
   Object.defineProperty(
       globalThis, 'navigator', {value: {gpu}, configurable: true, writable: true});
@@ -80,8 +82,7 @@ export async function createDevice(adapter: GPUAdapter): Promise<GPUDevice> {
       requiredLimits[key] = limits[key];
     }
   }
-  const wanted =
-      ['timestamp-query', 'shader-f16', 'subgroups', 'chromium-experimental-subgroup-matrix'];
+  const wanted = ['timestamp-query', ...TENSOR_CORE_FEATURES];
   const requiredFeatures = wanted.filter(f => adapter.features.has(f)) as GPUFeatureName[];
   return adapter.requestDevice({requiredLimits, requiredFeatures});
 }
@@ -90,10 +91,12 @@ export async function createDevice(adapter: GPUAdapter): Promise<GPUDevice> {
  * Makes the best backend active. `prefer`: 'auto' (GPU WebGPU, else cpu),
  * 'webgpu' (WebGPU even on SwiftShader; error without an adapter) or 'cpu'.
  */
-export async function useBestBackend(prefer: 'auto'|'webgpu'|'cpu' = 'auto'):
-    Promise<BackendChoice> {
+export async function useBestBackend(
+    prefer: 'auto'|'webgpu'|'cpu' = 'auto',
+    options: {tensorCores?: boolean} = {}): Promise<BackendChoice> {
   if (prefer !== 'cpu') {
-    const gpu = await dawnGPU();
+    // Dawn's unsafe features only when the tensor cores are asked for.
+    const gpu = await dawnGPU(options.tensorCores ? TENSOR_CORE_DAWN_FLAGS : []);
     const adapter =
         gpu == null ? null : await gpu.requestAdapter({powerPreference: 'high-performance'});
     if (adapter != null && (prefer === 'webgpu' || !isSoftware(adapter.info))) {

@@ -1,6 +1,8 @@
 /**
  * `npm run demo`: bundled by esbuild and run with node (see package.json).
- * Options: --backend=auto|webgpu|cpu, --steps=N, --seconds=N, --out=DIR.
+ * Options: --backend=auto|webgpu|cpu, --steps=N, --seconds=N, --out=DIR,
+ * --tensor-cores (the subgroup-matrix kernels where the device has them;
+ * docs/tensor_cores.md).
  */
 import {runDemo} from './run';
 
@@ -22,7 +24,8 @@ async function main() {
     config.maxSeconds = Number(option('seconds'));
   }
   const t0 = performance.now();
-  await runDemo({backend, config, outDir: option('out')});
+  const tensorCores = process.argv.includes('--tensor-cores');
+  await runDemo({backend, config, outDir: option('out'), tensorCores});
   console.log(`demo finished in ${((performance.now() - t0) / 1000).toFixed(0)} s`);
   // Dawn keeps the process alive otherwise.
   process.exit(0);

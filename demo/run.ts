@@ -17,6 +17,7 @@ import {fusedAdam} from '../src';
 import {flashMHA} from '../src/layers';
 
 import {BackendChoice, useBestBackend} from './backend';
+import {enableTensorCores, tensorCoreUsage} from './tensor_cores';
 import {buildGPT, CharTokenizer, generate, generateWithCache, GPTConfig, median, sampleBatch, seededRandom, trainableVariables, trainStep} from './gpt';
 import {lineChartSvg} from './plot';
 
@@ -65,6 +66,8 @@ export const CPU_CONFIG: DemoConfig = {
 
 export interface DemoOptions {
   backend?: 'auto'|'webgpu'|'cpu';
+  /** Ask for the tensor-core (subgroup-matrix) kernels; reports whether they ran. */
+  tensorCores?: boolean;
   /** Overrides of the automatically chosen config. */
   config?: Partial<DemoConfig>;
   textPath?: string;
@@ -102,7 +105,8 @@ function progressBar(fraction: number, width = 24): string {
 export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
   const write = options.write ?? ((text: string) => process.stdout.write(text));
   const tty = options.tty ?? Boolean(process.stdout.isTTY);
-  const backend = await useBestBackend(options.backend ?? 'auto');
+  const backend =
+      await useBestBackend(options.backend ?? 'auto', {tensorCores: options.tensorCores});
   const config: DemoConfig = {...(backend.gpu ? GPU_CONFIG : CPU_CONFIG), ...options.config};
   const text = fs.readFileSync(options.textPath ?? path.join('demo', 'data', 'alice.txt'), 'utf8');
   const tokenizer = new CharTokenizer(text);
@@ -115,6 +119,9 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
     numHeads: config.numHeads
   };
   write(`backend: ${backend.description}\n`);
+  if (options.tensorCores) {
+    write(`${enableTensorCores(backend.device)}\n`);
+  }
   write(
       `model: ${config.numLayers} layers of FlashMHA with fused norms, loss and Adam, width ${
           config.embedDim}, ${config.numHeads} heads, ` +
@@ -157,6 +164,9 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
   }
   if (tty) {
     write('\n');
+  }
+  if (options.tensorCores) {
+    write(`${tensorCoreUsage()}\n`);
   }
   optimizer.dispose();
 

@@ -9,11 +9,11 @@ import type {WebGPUBackend} from '@tensorflow/tfjs-backend-webgpu';
 
 import type {AttentionShapes} from '../../src/checks';
 import {MAX_HEAD_DIM} from '../../src/checks';
-import {dropoutThreshold} from '../../src/dropout';
 import {FlashAttention, FlashAttentionAttrs} from '../../src/kernel_names';
 
 import {COMBINE_THREADS, COMBINE_UNIFORMS, ForwardConfig, forwardKey, ForwardTiles, FORWARD_UNIFORMS, forwardWGSL, prefetchFloats, splitCombineWGSL, tileSizes, workgroupBytes} from './flash_attention_webgpu';
-import {deviceHasSubgroups, dispatchGrid, isWebGPUBackend, runOwnPipeline, UniformWriter} from './own_pipeline';
+import {forwardOutputs, forwardUniformValues} from './forward_shared';
+import {deviceHasSubgroups, dispatchGrid, isWebGPUBackend, packUniforms, runOwnPipeline, UniformWriter} from './own_pipeline';
 import {FORWARD_TILINGS, ForwardTilingChoice, getForwardOverride, MAX_SPLITS, MIN_TILES_PER_SPLIT, REGISTER_BUDGET, SHORT_GRID_GROUPS, SPLIT_TARGET_GROUPS} from './tuning';
 import {matrixForwardWebGPU, planMatrixForward} from './flash_attention_subgroup_matrix';
 import {scoreOptionsFromAttrs} from './wgsl_snippets';
@@ -214,33 +214,14 @@ export function flashAttentionWebGPU(
   const totalGroups = numQTiles * heads * batch * splits;
   const maxPerDim = backend.device.limits.maxComputeWorkgroupsPerDimension;
   const grid = dispatchGrid(totalGroups, maxPerDim);
-  const values: Record<string, number> = {
-    seqQ,
-    seqK,
-    heads,
-    groups: heads / headsKV,
-    headsKV,
-    numQTiles,
-    totalGroups,
-    gridX: grid[0],
-    scale: attrs.softmaxScale,
-    softcap: attrs.softcap,
-    left: attrs.windowLeft,
-    right: attrs.windowRight,
-    seedLo: attrs.seedLo,
-    seedHi: attrs.seedHi,
-    threshold: attrs.dropoutRate > 0 ? dropoutThreshold(attrs.dropoutRate) : 0,
-    keepScale: attrs.dropoutRate > 0 ? 1 / (1 - attrs.dropoutRate) : 1,
+  const uniforms = packUniforms(FORWARD_UNIFORMS, {
+    ...forwardUniformValues(q, k, attrs, numQTiles, totalGroups, grid[0]),
     loopDQ4: dq4,
     loopBC4: bc / 4,
     numSplits: splits,
     splitRows: batch * seqQ * heads,
     splitLse: batch * heads * seqQ,
-  };
-  const w = new UniformWriter();
-  for (const [name, type] of FORWARD_UNIFORMS) {
-    w[type](values[name]);
-  }
+  });
   const inputs = [q, k, v, ...(hasAlibi ? [alibiSlopes] : []), ...(hasSeqlens ? [seqlens] : [])];
   forwardStats.dispatches++;
   // With splits, the partial results of split n sit at leading index n.
@@ -259,7 +240,7 @@ export function flashAttentionWebGPU(
           {shape: [splits * batch, seqQ, heads, headDimV], dtype: 'float32'},
           {shape: [splits * batch, heads, seqQ], dtype: 'float32'},
         ],
-        uniforms: w.finish(),
+        uniforms,
         dispatch: grid,
       });
   if (splits === 1) {
@@ -293,10 +274,7 @@ export function flashAttentionWebGPU(
         },
         {
           inputs: outputs,
-          outputs: [
-            {shape: [batch, seqQ, heads, headDimV], dtype: 'float32'},
-            {shape: [batch, heads, seqQ], dtype: 'float32'},
-          ],
+          outputs: forwardOutputs(q, v),
           uniforms: cw.finish(),
           dispatch: combineGrid,
         });

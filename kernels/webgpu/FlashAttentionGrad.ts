@@ -19,6 +19,7 @@ import {FlashAttentionAttrs, FlashAttentionGrad, FlashAttentionGradInputs} from 
 import {FlashAttentionGradDeltaProgram} from './flash_attention_grad_delta_webgpu';
 import {DkDvTiles, dkdvStorageBytes, dkdvTilesValid, FlashAttentionGradDkDvProgram} from './flash_attention_grad_dkdv_webgpu';
 import {DqTiles, dqStorageBytes, dqTilesValid, FlashAttentionGradDqProgram} from './flash_attention_grad_dq_webgpu';
+import {matrixBackwardWebGPU, planMatrixBackward} from './flash_attention_grad_subgroup_matrix';
 import {gradFeatures, gradUniforms} from './flash_attention_grad_wgsl';
 import {isWebGPUBackend, runOwnPipeline} from './own_pipeline';
 import {DKDV_SIZES, DQ_SIZES, GRAD_THREADS} from './tuning';
@@ -159,6 +160,16 @@ function flashAttentionGradWebGPU(
     dispatch: deltaProgram.workgroups,
   });
   try {
+    // Tensor cores (subgroup matrices) where the forward would use them.
+    const matrixPlan = hasSeqlens ?
+        null :
+        planMatrixBackward(webgpu.device, headDim, headDimV, a.precision ?? 'float32');
+    if (matrixPlan != null) {
+      const result = matrixBackwardWebGPU(
+          webgpu, [q, k, v, dy, ...slopes], stats, matrixPlan, features, uniforms);
+      gradKernelRuns++;
+      return result;
+    }
     const [dk, dv] = runOwnPipeline(
         webgpu, new FlashAttentionGradDkDvProgram(headDim, headDimV, tiles!.dkdv, features), {
           inputs: [q, k, v, dy, stats, ...slopes],

@@ -9,12 +9,13 @@
 import * as tf from '@tensorflow/tfjs-core';
 import type {WebGPUBackend} from '@tensorflow/tfjs-backend-webgpu';
 
-import {dropoutThreshold} from '../../src/dropout';
 import {FLASH_ATTENTION_TENSOR_CORES} from '../../src/flags';
 import type {FlashAttentionAttrs} from '../../src/kernel_names';
 
 import {MatrixForwardConfig, matrixForwardKey, matrixForwardWGSL, MATRIX_FORWARD_UNIFORMS, matrixTileSizes, matrixWorkgroupBytes} from './flash_attention_subgroup_matrix_webgpu';
-import {dispatchGrid, runOwnPipeline, UniformWriter} from './own_pipeline';
+import type {MatrixGradTiles} from './flash_attention_grad_subgroup_matrix_webgpu';
+import {forwardOutputs, forwardUniformValues} from './forward_shared';
+import {dispatchGrid, packUniforms, runOwnPipeline} from './own_pipeline';
 import {MatrixShape, pickSubgroupMatrixShape} from './subgroup_matrix';
 import {scoreOptionsFromAttrs} from './wgsl_snippets';
 
@@ -28,10 +29,29 @@ export interface MatrixForwardOverride {
   shape?: MatrixShape;
   subgroups?: number;
   bc?: number;
+  /** The backward's tiling (flash_attention_grad_subgroup_matrix.ts). */
+  gradTiles?: MatrixGradTiles;
 }
 let override: MatrixForwardOverride|null = null;
 export function setMatrixForwardOverride(o: MatrixForwardOverride|null): void {
   override = o;
+}
+export function getMatrixOverride(): MatrixForwardOverride|null {
+  return override;
+}
+
+/**
+ * The matrix shape the tensor-core kernels use on this device, or null
+ * (path off: no opt-in, no feature, or forced off). The real matrix
+ * built-ins only when the user opts in; tests force a stand-in shape
+ * through the override.
+ */
+export function matrixShapeFor(device: GPUDevice): MatrixShape|null {
+  if (override?.off) {
+    return null;
+  }
+  return override?.shape ??
+      (tf.env().getBool(FLASH_ATTENTION_TENSOR_CORES) ? pickSubgroupMatrixShape(device) : null);
 }
 
 export interface MatrixForwardPlan {
@@ -66,13 +86,7 @@ export const matrixForwardStats = {
 export function planMatrixForward(
     device: GPUDevice, headDim: number, headDimV: number, precision: string): MatrixForwardPlan|
     null {
-  if (override?.off) {
-    return null;
-  }
-  // The real matrix built-ins only when the user opts in; tests force a
-  // stand-in shape through the override.
-  const shape = override?.shape ??
-      (tf.env().getBool(FLASH_ATTENTION_TENSOR_CORES) ? pickSubgroupMatrixShape(device) : null);
+  const shape = matrixShapeFor(device);
   if (shape == null) {
     return null;
   }
@@ -108,7 +122,6 @@ export function matrixForwardWebGPU(
     plan: MatrixForwardPlan): tf.TensorInfo[] {
   const {q, k, v, alibiSlopes} = inputs;
   const [batch, seqQ, heads, headDim] = q.shape;
-  const [, seqK, headsKV] = k.shape;
   const headDimV = v.shape[3];
   const hasAlibi = alibiSlopes != null && tf.util.sizeFromShape(alibiSlopes.shape) > 0;
   const score = scoreOptionsFromAttrs(attrs, hasAlibi);
@@ -130,29 +143,10 @@ export function matrixForwardWebGPU(
   const numQTiles = Math.ceil(seqQ / br);
   const totalGroups = numQTiles * heads * batch;
   const grid = dispatchGrid(totalGroups, backend.device.limits.maxComputeWorkgroupsPerDimension);
-  const values: Record<string, number> = {
-    seqQ,
-    seqK,
-    heads,
-    groups: heads / headsKV,
-    headsKV,
-    numQTiles,
-    totalGroups,
-    gridX: grid[0],
-    scale: attrs.softmaxScale,
-    softcap: attrs.softcap,
-    left: attrs.windowLeft,
-    right: attrs.windowRight,
-    seedLo: attrs.seedLo,
-    seedHi: attrs.seedHi,
-    threshold: attrs.dropoutRate > 0 ? dropoutThreshold(attrs.dropoutRate) : 0,
-    keepScale: attrs.dropoutRate > 0 ? 1 / (1 - attrs.dropoutRate) : 1,
+  const uniforms = packUniforms(MATRIX_FORWARD_UNIFORMS, {
+    ...forwardUniformValues(q, k, attrs, numQTiles, totalGroups, grid[0]),
     one: 1,
-  };
-  const w = new UniformWriter();
-  for (const [name, type] of MATRIX_FORWARD_UNIFORMS) {
-    w[type](values[name]);
-  }
+  });
   const bound = hasAlibi ? [q, k, v, alibiSlopes] : [q, k, v];
   matrixForwardStats.dispatches++;
   return runOwnPipeline(
@@ -166,11 +160,8 @@ export function matrixForwardWebGPU(
       },
       {
         inputs: bound,
-        outputs: [
-          {shape: [batch, seqQ, heads, headDimV], dtype: 'float32'},
-          {shape: [batch, heads, seqQ], dtype: 'float32'},
-        ],
-        uniforms: w.finish(),
+        outputs: forwardOutputs(q, v),
+        uniforms,
         dispatch: grid,
       });
 }

@@ -42,6 +42,12 @@ export interface FlashMHAArgs extends LayerArgs {
   windowSize?: [number, number];
   /** Score soft-capping; 0 = off. */
   softcap?: number;
+  /**
+   * Matrix-product precision of the tensor-core kernels
+   * (docs/tensor_cores.md): 'float32' (default, float32-accurate) or the
+   * faster 'float16'. Other kernels compute in float32 either way.
+   */
+  precision?: 'float32'|'float16';
   /** ALiBi position biases with the standard per-head slopes. */
   useAlibi?: boolean;
   /** Biases of the q/k/v projections. Default true. */
@@ -124,6 +130,7 @@ const FLASH_MHA_ARG_SPECS: OptionSpec[] = [
   },
   attentionOptionSpec('windowSize'),
   attentionOptionSpec('softcap'),
+  attentionOptionSpec('precision'),
   {
     name: 'useAlibi',
     expected: 'a boolean',
@@ -197,6 +204,7 @@ export class FlashMHA extends tfl.layers.Layer {
   readonly softmaxScale: number|undefined;
   readonly windowSize: [number, number];
   readonly softcap: number;
+  readonly precision: 'float32'|'float16';
   readonly useAlibi: boolean;
   readonly qkvProjBias: boolean;
   readonly outProjBias: boolean;
@@ -244,6 +252,7 @@ export class FlashMHA extends tfl.layers.Layer {
     const window = args.windowSize ?? [-1, -1];
     this.windowSize = [window[0], window[1]];
     this.softcap = args.softcap ?? 0;
+    this.precision = args.precision ?? 'float32';
     this.useAlibi = args.useAlibi ?? false;
     this.qkvProjBias = args.qkvProjBias ?? true;
     this.outProjBias = args.outProjBias ?? true;
@@ -506,6 +515,7 @@ export class FlashMHA extends tfl.layers.Layer {
       windowSize: this.windowSize,
       softcap: this.softcap,
       dropoutRate: training ? this.dropout : 0,
+      precision: this.precision,
     };
     const slopes = this.alibiSlopesTensor();
     if (keyMask != null) {
@@ -532,6 +542,7 @@ export class FlashMHA extends tfl.layers.Layer {
       softmaxScale: this.softmaxScale ?? null,
       windowSize: this.windowSize,
       softcap: this.softcap,
+      precision: this.precision,
       useAlibi: this.useAlibi,
       qkvProjBias: this.qkvProjBias,
       outProjBias: this.outProjBias,

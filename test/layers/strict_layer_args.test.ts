@@ -47,6 +47,7 @@ describeBackends('FlashMHA arguments', () => {
     [{windowSize: [Infinity, 0]}, 'windowSize', /integers/],
     [{dropout: 1}, 'dropout', /\[0, 1\)/],
     [{rotaryEmbBase: Infinity}, 'rotaryEmbBase', /finite/],
+    [{precision: 'bfloat16'}, 'precision', /'float32' or 'float16', got "bfloat16"/],
   ];
   for (const [extra, argument, pattern] of bad) {
     it(`rejects ${JSON.stringify(extra)} at construction and at load`, () => {
@@ -62,13 +63,17 @@ describeBackends('FlashMHA arguments', () => {
     expectRejected(() => new FlashMHA('embedDim' as never), 'args');
   });
   it('round-trips its own config, including numHeadsKv from snake case', () => {
-    const layer = flashMHA({...BASE, numHeadsKV: 1, windowSize: [3, 0], causal: true});
+    const layer =
+        flashMHA({...BASE, numHeadsKV: 1, windowSize: [3, 0], causal: true, precision: 'float16'});
     const config = layer.getConfig();
+    expect(config.precision).toBe('float16');
+    expect(flashMHA(BASE).getConfig().precision).toBe('float32');
     const {numHeadsKV, ...rest} = config;
     const copy =
         FlashMHA.fromConfig(FlashMHA as never, {...rest, numHeadsKv: numHeadsKV}) as FlashMHA;
     expect(copy.numHeadsKV).toBe(1);
     expect(copy.windowSize).toEqual([3, 0]);
+    expect(copy.precision).toBe('float16');
   });
   it('treats a huge window side as unbounded, as the op does', async () => {
     const rng = freshRng();

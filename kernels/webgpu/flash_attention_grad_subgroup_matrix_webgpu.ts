@@ -1,0 +1,405 @@
+/**
+ * The FlashAttention backward's dK/dV and dQ passes on subgroup matrices
+ * (tensor cores from WGSL), after the SIMT delta pass
+ * (flash_attention_grad_delta_webgpu.ts). The passes have the SIMT
+ * passes' structure (flash_attention_grad_dkdv_webgpu.ts,
+ * flash_attention_grad_dq_webgpu.ts) and share their WGSL: the uniform
+ * block, scores, masks, dropout and the dS step (flash_attention_grad_wgsl.ts).
+ * The five products are matrix products into float32 workgroup memory:
+ *   dK/dV pass (BC keys of a kv head; steps over the group's heads and
+ *   blocks of BR rows):  S = Q K^T, dP = dO V^T, dV += P^T dO, dK += dS^T Q
+ *   dQ pass (BR rows of a head; steps over blocks of BC keys):
+ *                        S = Q K^T, dP = dO V^T, dQ += dS K
+ * Accumulators live in registers (each thread a strided share of the
+ * block), summed in a fixed order: deterministic, no atomics on data.
+ *
+ * Precision as in the forward (flash_attention_subgroup_matrix_webgpu.ts):
+ * every operand tile (Q, dO, K, V, P, dS) is scaled by a power of two from
+ * its max |x| (workgroup atomics on the float bits), split into hi/lo f16
+ * parts (or only hi for precision 'float16'), and each product is unscaled
+ * in f32.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+
+import type {OwnPipelineSpec} from './own_pipeline';
+import type {MatrixShape} from './subgroup_matrix';
+import {MatrixOpsWGSL, MatrixView} from './subgroup_matrix_wgsl';
+import {constsWGSL, featureKey, GradFeatures, gradBindingsWGSL, gradCommonWGSL, probsAndDsWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
+
+export type MatrixGradPass = 'dkdv'|'dq';
+
+/** A backward tiling (both passes use the same one). */
+export interface MatrixGradTiles {
+  /** Subgroups per workgroup. */
+  subgroups: number;
+  /** Query rows per block. */
+  br: number;
+  /** Keys per block. */
+  bc: number;
+}
+
+export interface MatrixGradConfig extends MatrixGradTiles {
+  headDim: number;
+  headDimV: number;
+  shape: MatrixShape;
+  split: boolean;
+}
+
+/** Are all products' dims multiples of the matrix shape, and the dS step even? */
+export function matrixGradValid(c: MatrixGradConfig): boolean {
+  const {M, N, K, lanes} = c.shape;
+  const d = c.headDim;
+  const dv = c.headDimV;
+  const div = (a: number, b: number) => a % b === 0;
+  // S and dP; dV and dK; dQ; the stand-in's spread of a result over lanes.
+  return div(d, 4) && div(dv, 4) && div(c.br, M) && div(c.bc, N) && div(d, K) && div(dv, K) &&
+      div(c.bc, M) && div(dv, N) && div(d, N) && div(c.br, K) && div(c.bc, K) &&
+      div(M * N, lanes) && sPhaseValid(c.bc, c.br, lanes * c.subgroups);
+}
+
+/** Workgroup bytes of a pass. */
+export function matrixGradBytes(c: MatrixGradConfig, pass: MatrixGradPass): number {
+  const elem = (c.shape.standIn ? 4 : 2) * (c.split ? 2 : 1);
+  const {br, bc} = c;
+  const d = c.headDim;
+  const dv = c.headDimV;
+  const operands = br * (d + dv) + bc * (d + dv) + br * bc;
+  const out = pass === 'dkdv' ? bc * Math.max(d, dv) : br * d;
+  return elem * operands + 4 * (2 * br * bc + out + 2 * br) + 4 * 8;
+}
+
+export function matrixGradKey(c: MatrixGradConfig, pass: MatrixGradPass, f: GradFeatures): string {
+  const m = c.shape;
+  return `fa_grad_sm_${pass}_d${c.headDim}_dv${c.headDimV}_m${m.M}n${m.N}k${m.K}l${m.lanes}${
+      m.standIn ? 's' : 'r'}_g${c.subgroups}_br${c.br}_bc${c.bc}_sp${+ c.split}_${featureKey(f)}`;
+}
+
+const ABS_MAX = (v: string) => `max(max(abs(${v}.x), abs(${v}.y)), max(abs(${v}.z), abs(${v}.w)))`;
+
+/**
+ * One pass of the subgroup-matrix backward. Inputs as the SIMT passes'
+ * (q, k, v, dO as vec4 rows, the delta pass's (lse, Delta), slopes).
+ */
+export class FlashAttentionGradMatrixProgram implements OwnPipelineSpec {
+  readonly key: string;
+  readonly numInputs: number;
+  readonly numOutputs: number;
+  readonly hasUniforms = true;
+  readonly label: string;
+  private readonly source: string;
+
+  constructor(c: MatrixGradConfig, pass: MatrixGradPass, f: GradFeatures) {
+    tf.util.assert(
+        matrixGradValid(c),
+        () => `subgroup-matrix backward: invalid tiling ${
+            JSON.stringify({...c, shape: undefined})} for ${JSON.stringify(c.shape)}`);
+    this.key = matrixGradKey(c, pass, f);
+    this.label = `FlashAttentionGrad ${pass} (subgroup matrices)`;
+    const inputs = [
+      {name: 'q', type: 'vec4<f32>'},
+      {name: 'k', type: 'vec4<f32>'},
+      {name: 'v', type: 'vec4<f32>'},
+      {name: 'dy', type: 'vec4<f32>'},
+      {name: 'stats', type: 'vec2<f32>'},
+      ...(f.alibi ? [{name: 'slopes', type: 'f32'}] : []),
+    ];
+    const outputs = pass === 'dkdv' ? [{name: 'dk', type: 'f32'}, {name: 'dv', type: 'f32'}] :
+                                      [{name: 'dq', type: 'f32'}];
+    this.numInputs = inputs.length;
+    this.numOutputs = outputs.length;
+    this.source = gradMatrixWGSL(c, pass, f, gradBindingsWGSL(inputs, outputs));
+  }
+
+  code(): string {
+    return this.source;
+  }
+}
+
+function gradMatrixWGSL(
+    c: MatrixGradConfig, pass: MatrixGradPass, f: GradFeatures, bindings: string): string {
+  const {br, bc, subgroups} = c;
+  const d = c.headDim;
+  const dv = c.headDimV;
+  const threads = c.shape.lanes * subgroups;
+  const s = sPhase(bc, br, threads);
+  // A runtime 1 (batch >= 1 whenever a workgroup runs): see MatrixOpsWGSL.
+  const mo = new MatrixOpsWGSL(c.shape, c.split, 'u32(min(p.batch, 1))');
+  const lim = (n: string) => mo.lim(n);
+
+  // Rows [row0, row0 + rows) of head `head` of a [B, S, H, W] input into
+  // the registers `reg`, their max |x| into wmax[slot].
+  const fetch =
+      (src: string, reg: string, w4: number, rows: number, seq: string, heads: string, row0: string,
+       head: string, slot: number) => {
+        const n = Math.ceil(rows * w4 / threads);
+        return `var ${reg}: array<vec4<f32>, ${n}>;
+    {
+      var mx = 0.0;
+      for (var u = 0u; u < ${lim(`${n}u`)}; u++) {
+        let e = lid + u * T;
+        let i = ${row0} + i32(e / ${w4}u);
+        var val = vec4<f32>(0.0);
+        if (e < ${rows * w4}u && i < ${seq}) {
+          val = ${src}[u32((b * ${seq} + i) * ${heads} + ${head}) * ${w4}u + e % ${w4}u];
+        }
+        ${reg}[u] = val;
+        mx = max(mx, ${ABS_MAX('val')});
+      }
+      atomicMax(&wmax[${slot}], bitcast<u32>(mx));
+    }`;
+      };
+  // After a barrier: the registers, scaled by 2^-e of their slot, split into
+  // `arr` ([rows][W], row-major).
+  const stash = (reg: string, arr: string, w4: number, rows: number, e: string) => {
+    const n = Math.ceil(rows * w4 / threads);
+    return `for (var u = 0u; u < ${lim(`${n}u`)}; u++) {
+      let e = lid + u * T;
+      if (e < ${rows * w4}u) {
+        let xs = ${reg}[u] * ldexp(1.0, -${e});
+        ${
+            ['x', 'y', 'z', 'w']
+                .map((comp, i) => mo.splitStore(arr, `4u * e + ${i}u`, `xs.${comp}`))
+                .join('\n        ')}
+      }
+    }`;
+  };
+  // Float32 scratch `scr` ([BR][BC]) scaled by 2^-e, split into `arr`.
+  const stashScratch = (scr: string, arr: string, e: string) =>
+      `for (var u = 0u; u < ${lim(`${Math.ceil(br * bc / threads)}u`)}; u++) {
+      let e = lid + u * T;
+      if (e < BR * BC) {
+        ${mo.splitStore(arr, 'e', `${scr}[e] * ldexp(1.0, -${e})`)}
+      }
+    }`;
+  // acc (registers) += scrO[0 .. n) * 2^e, n = rows * w.
+  const accumulate = (acc: string, n: number, e: string) =>
+      `for (var u = 0u; u < ${lim(`${Math.ceil(n / threads)}u`)}; u++) {
+      let e = lid + u * T;
+      if (e < ${n}u) { ${acc}[u] += scrO[e] * ldexp(1.0, ${e}); }
+    }`;
+  const accDecl = (acc: string, n: number) => `var ${acc}: array<f32, ${Math.ceil(n / threads)}>;
+  for (var u = 0u; u < ${lim(`${Math.ceil(n / threads)}u`)}; u++) { ${acc}[u] = 0.0; }`;
+  // Stores acc ([rows][w] elements of the block) to out [B, S, H, w] rows
+  // row0.. of head `head`.
+  const storeAcc =
+      (acc: string, out: string, w: number, rows: number, seq: string, heads: string, row0: string,
+       head: string) => `for (var u = 0u; u < ${lim(`${Math.ceil(rows * w / threads)}u`)}; u++) {
+    let e = lid + u * T;
+    let i = ${row0} + i32(e / ${w}u);
+    if (e < ${rows * w}u && i < ${seq}) {
+      ${out}[u32((b * ${seq} + i) * ${heads} + ${head}) * ${w}u + e % ${w}u] = ${acc}[u];
+    }
+  }`;
+  const rowStats = `for (var r = lid; r < BR; r += T) {
+      let i = i0 + i32(r);
+      var st = vec2<f32>(0.0);
+      if (i < p.seqQ) { st = stats[(b * p.heads + h) * p.seqQ + i]; }
+      lseS[r] = st.x;
+      deltaS[r] = st.y;
+    }`;
+  const exponent = (slot: number) =>
+      `clamp(frexp(bitcast<f32>(atomicLoad(&wmax[${slot}]))).exp, -60, 60)`;
+  const reset = (slots: number[]) =>
+      `if (lid == 0u) { ${slots.map(i => `atomicStore(&wmax[${i}], 0u);`).join(' ')} }`;
+
+  const rowMajor = (arr: string, off: string, stride: number): MatrixView =>
+      ({arr, off, stride: `${stride}u`, colMajor: false});
+  const colMajor = (arr: string, off: string, stride: number): MatrixView =>
+      ({arr, off, stride: `${stride}u`, colMajor: true});
+  const {M, N, K} = c.shape;
+  // S = Q K^T and dP = dO V^T (K, V row-major [BC][W] read as K^T).
+  const scoresAndDp = () => `${
+      mo.product(
+          br, bc, d, rowMajor('qS', `rb * ${M * d}u + ks * ${K}u`, d),
+          colMajor('kS', `cb * ${N * d}u + ks * ${K}u`, d), 'scrS', bc)}
+    ${
+      mo.product(
+          br, bc, dv, rowMajor('oS', `rb * ${M * dv}u + ks * ${K}u`, dv),
+          colMajor('vS', `cb * ${N * dv}u + ks * ${K}u`, dv), 'scrP', bc)}`;
+  // The SIMT passes' dS step on the thread's MR rows x key quad, reading S
+  // and dP from the scratch; P * keep and dS go back in their place.
+  const probsAndDs = (withP: boolean, sUnscale: string, dpUnscale: string) => `{
+      var pmax = 0.0;
+      var dsmax = 0.0;
+      if (sActive) {
+        var s: array<vec4<f32>, MR>;
+        var dp: array<vec4<f32>, MR>;
+        for (var m = 0; m < MR; m++) {
+          let at = u32((sRow + m) * BC + sQuad * 4);
+          s[m] = vec4<f32>(scrS[at], scrS[at + 1u], scrS[at + 2u], scrS[at + 3u]) * ${sUnscale};
+          dp[m] = vec4<f32>(scrP[at], scrP[at + 1u], scrP[at + 2u], scrP[at + 3u]) * ${dpUnscale};
+        }
+        ${probsAndDsWGSL(f, withP, `let at = u32(r * BC + sQuad * 4);
+        for (var x = 0u; x < 4u; x++) {
+          ${withP ? 'scrS[at + x] = pv[x];' : ''}
+          scrP[at + x] = dsv[x];
+        }
+        ${withP ? `pmax = max(pmax, ${ABS_MAX('pv')});` : ''}
+        dsmax = max(dsmax, ${ABS_MAX('dsv')});`)}
+      }
+      ${withP ? 'atomicMax(&wmax[SLOT_P], bitcast<u32>(pmax));' : ''}
+      atomicMax(&wmax[SLOT_DS], bitcast<u32>(dsmax));
+    }`;
+
+  const dkdvBody = () => `
+  let j0 = i32(wg.x) * BC;
+  let b = i32(wg.y) / p.headsKV;
+  let hk = i32(wg.y) % p.headsKV;
+  let groups = p.heads / p.headsKV;
+  ${fetch('k', 'kReg', d / 4, bc, 'p.seqK', 'p.headsKV', 'j0', 'hk', 4)}
+  ${fetch('v', 'vReg', dv / 4, bc, 'p.seqK', 'p.headsKV', 'j0', 'hk', 5)}
+  workgroupBarrier();
+  let ke = ${exponent(4)};
+  let ve = ${exponent(5)};
+  ${stash('kReg', 'kS', d / 4, bc, 'ke')}
+  ${stash('vReg', 'vS', dv / 4, bc, 've')}
+  ${accDecl('dkAcc', bc * d)}
+  ${accDecl('dvAcc', bc * dv)}
+  // Query rows that can see some key of this block.
+  let rows = fa_query_range(j0, j0 + BC, gradScoreParams(b, hk * groups));
+  let iLo = rows.x;
+  let nBlocks = select(0, (rows.y - 1 - iLo) / BR + 1, rows.y > iLo);
+  let steps = groups * nBlocks;
+  for (var step = 0; step < steps; step++) {
+    let h = hk * groups + step / nBlocks;
+    let i0 = iLo + (step % nBlocks) * BR;
+    let sp = gradScoreParams(b, h);
+    workgroupBarrier();
+    ${fetch('q', 'qReg', d / 4, br, 'p.seqQ', 'p.heads', 'i0', 'h', 0)}
+    ${fetch('dy', 'oReg', dv / 4, br, 'p.seqQ', 'p.heads', 'i0', 'h', 1)}
+    ${rowStats}
+    workgroupBarrier();
+    let qe = ${exponent(0)};
+    let oe = ${exponent(1)};
+    ${stash('qReg', 'qS', d / 4, br, 'qe')}
+    ${stash('oReg', 'oS', dv / 4, br, 'oe')}
+    workgroupBarrier();
+    ${reset([
+    0, 1
+  ])}
+    ${scoresAndDp()}
+    workgroupBarrier();
+    ${probsAndDs(true, 'ldexp(1.0, qe + ke)', 'ldexp(1.0, oe + ve)')}
+    workgroupBarrier();
+    let pe = ${exponent(2)};
+    let dse = ${exponent(3)};
+    ${stashScratch('scrS', 'mS', 'pe')}
+    workgroupBarrier();
+    ${reset([2])}
+    // dV += P^T dO (P is [BR][BC]: read column-major as P^T).
+    ${
+      mo.product(
+          bc, dv, br, colMajor('mS', `ks * ${K * bc}u + rb * ${M}u`, bc),
+          rowMajor('oS', `ks * ${K * dv}u + cb * ${N}u`, dv), 'scrO', dv)}
+    workgroupBarrier();
+    ${accumulate('dvAcc', bc * dv, 'pe + oe')}
+    ${stashScratch('scrP', 'mS', 'dse')}
+    workgroupBarrier();
+    // dK += dS^T Q.
+    ${
+      mo.product(
+          bc, d, br, colMajor('mS', `ks * ${K * bc}u + rb * ${M}u`, bc),
+          rowMajor('qS', `ks * ${K * d}u + cb * ${N}u`, d), 'scrO', d)}
+    workgroupBarrier();
+    ${accumulate('dkAcc', bc * d, 'dse + qe')}
+    ${reset([3])}
+  }
+  ${storeAcc('dkAcc', 'dk', d, bc, 'p.seqK', 'p.headsKV', 'j0', 'hk')}
+  ${storeAcc('dvAcc', 'dv', dv, bc, 'p.seqK', 'p.headsKV', 'j0', 'hk')}`;
+
+  const dqBody = () => `
+  // Causal-like masks: the heaviest query blocks first.
+  let heavyLast = p.windowLeft < 0 && p.windowRight >= 0;
+  let i0 = select(i32(wg.x), i32(nwg.x) - 1 - i32(wg.x), heavyLast) * BR;
+  let b = i32(wg.y) / p.heads;
+  let h = i32(wg.y) % p.heads;
+  let hk = h / (p.heads / p.headsKV);
+  let sp = gradScoreParams(b, h);
+  ${fetch('q', 'qReg', d / 4, br, 'p.seqQ', 'p.heads', 'i0', 'h', 0)}
+  ${fetch('dy', 'oReg', dv / 4, br, 'p.seqQ', 'p.heads', 'i0', 'h', 1)}
+  ${rowStats}
+  workgroupBarrier();
+  let qe = ${exponent(0)};
+  let oe = ${exponent(1)};
+  ${stash('qReg', 'qS', d / 4, br, 'qe')}
+  ${stash('oReg', 'oS', dv / 4, br, 'oe')}
+  ${accDecl('dqAcc', br * d)}
+  // Keys some row of the block can see, from a BC-aligned start (dropout
+  // words are per key quad).
+  let keys = fa_key_range(i0, min(i0 + BR, p.seqQ), sp);
+  for (var j0 = (keys.x / BC) * BC; j0 < keys.y; j0 += BC) {
+    workgroupBarrier();
+    ${fetch('k', 'kReg', d / 4, bc, 'p.seqK', 'p.headsKV', 'j0', 'hk', 2)}
+    ${fetch('v', 'vReg', dv / 4, bc, 'p.seqK', 'p.headsKV', 'j0', 'hk', 3)}
+    workgroupBarrier();
+    let ke = ${exponent(2)};
+    let ve = ${exponent(3)};
+    ${stash('kReg', 'kS', d / 4, bc, 'ke')}
+    ${stash('vReg', 'vS', dv / 4, bc, 've')}
+    workgroupBarrier();
+    ${reset([
+    2, 3
+  ])}
+    ${scoresAndDp()}
+    workgroupBarrier();
+    ${probsAndDs(false, 'ldexp(1.0, qe + ke)', 'ldexp(1.0, oe + ve)')}
+    workgroupBarrier();
+    let dse = ${exponent(4)};
+    ${stashScratch('scrP', 'mS', 'dse')}
+    workgroupBarrier();
+    ${reset([4])}
+    // dQ += dS K.
+    ${
+      mo.product(
+          br, d, bc, rowMajor('mS', `rb * ${M * bc}u + ks * ${K}u`, bc),
+          rowMajor('kS', `ks * ${K * d}u + cb * ${N}u`, d), 'scrO', d)}
+    workgroupBarrier();
+    ${accumulate('dqAcc', br * d, 'dse + ke')}
+  }
+  ${storeAcc('dqAcc', 'dq', d, br, 'p.seqQ', 'p.heads', 'i0', 'h')}`;
+
+  const body = pass === 'dkdv' ? dkdvBody() : dqBody();
+  const outElems = pass === 'dkdv' ? bc * Math.max(d, dv) : br * d;
+  return `${mo.enables()}
+${bindings}
+${gradCommonWGSL(f)}
+${constsWGSL({
+    BR: br,
+    BC: bc,
+    T: threads,
+    SG: subgroups,
+    SC: s.sc,
+    MR: s.mr
+  })}
+const SLOT_P = 2;
+const SLOT_DS = ${pass === 'dkdv' ? 3 : 4};
+
+// Operands as f16 parts ([rows][W], row-major); mS holds P, then dS.
+${mo.declare('qS', br * d)}
+${mo.declare('oS', br * dv)}
+${mo.declare('kS', bc * d)}
+${mo.declare('vS', bc * dv)}
+${mo.declare('mS', br * bc)}
+// Products in f32: S, dP (then P * keep, dS), and the accumulated product.
+var<workgroup> scrS: array<f32, ${br * bc}>;
+var<workgroup> scrP: array<f32, ${br * bc}>;
+var<workgroup> scrO: array<f32, ${outElems}>;
+var<workgroup> lseS: array<f32, BR>;
+var<workgroup> deltaS: array<f32, BR>;
+// Max |x| of operand tiles (bits of floats >= 0).
+var<workgroup> wmax: array<atomic<u32>, 8>;
+
+${mo.helpers()}
+
+@compute @workgroup_size(${threads})
+fn main(@builtin(workgroup_id) wg: vec3<u32>,
+        @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+  let t = i32(lid);
+  let g = lid / ${c.shape.lanes}u;
+  let ln = lid % ${c.shape.lanes}u;
+${sPhaseWGSL(s)}
+${body}
+}
+`;
+}
