@@ -41,6 +41,8 @@
 import * as fs from 'fs';
 import * as path from 'path';
 
+import {adapterName, openWebGPUDevice, useWebGPUBackend} from './webgpu_setup';
+
 type TF = typeof import('@tensorflow/tfjs-core');
 
 interface Args {
@@ -144,39 +146,6 @@ function flops(mode: string, b: number, h: number, s: number, d: number, causal:
   return mode === 'fwd' ? fwd : 3.5 * fwd;
 }
 
-async function setupDevice(dawnFlags: string[]):
-    Promise<{gpu: GPU, adapter: GPUAdapter, device: GPUDevice}> {
-  const webgpu = await import('webgpu') as unknown as
-      {create: (f: string[]) => GPU, globals: Record<string, unknown>};
-  Object.assign(globalThis, webgpu.globals);
-  const gpu = webgpu.create(dawnFlags);
-  const adapter = await gpu.requestAdapter({powerPreference: 'high-performance'});
-  if (adapter == null) {
-    throw new Error('no WebGPU adapter');
-  }
-  const l = adapter.limits;
-  const features = ['subgroups', 'timestamp-query'].filter(
-                       f => adapter.features.has(f as GPUFeatureName)) as GPUFeatureName[];
-  const device = await adapter.requestDevice({
-    requiredFeatures: features,
-    requiredLimits: {
-      maxStorageBufferBindingSize: l.maxStorageBufferBindingSize,
-      maxBufferSize: l.maxBufferSize,
-      maxComputeWorkgroupStorageSize: l.maxComputeWorkgroupStorageSize,
-      maxComputeInvocationsPerWorkgroup: l.maxComputeInvocationsPerWorkgroup,
-      maxComputeWorkgroupSizeX: l.maxComputeWorkgroupSizeX,
-      maxComputeWorkgroupsPerDimension: l.maxComputeWorkgroupsPerDimension,
-      maxStorageBuffersPerShaderStage: l.maxStorageBuffersPerShaderStage,
-    },
-  });
-  device.addEventListener('uncapturederror', (e: Event) => {
-    log(`GPU error: ${(e as GPUUncapturedErrorEvent).error.message}`);
-  });
-  Object.defineProperty(
-      globalThis, 'navigator', {value: {gpu}, configurable: true, writable: true});
-  return {gpu, adapter, device};
-}
-
 interface Bench {
   tf: TF;
   backend: {
@@ -265,22 +234,21 @@ async function measure(
 
 async function main(): Promise<void> {
   const args = parseArgs(process.argv.slice(2));
-  const {device, adapter} = await setupDevice(args.dawnFlags);
+  const setup = await openWebGPUDevice(
+      {dawnFlags: args.dawnFlags, features: ['subgroups', 'timestamp-query'], onError: log});
+  const {device, adapter} = setup;
   const tf = await import('@tensorflow/tfjs-core');
   // tfjs-core's CommonJS bundle registers no gradients; tfjs-layers' does.
   await import('@tensorflow/tfjs-layers');
-  const webgpu = await import('@tensorflow/tfjs-backend-webgpu');
   const fa = await import('../src/index');
   const {composedAttention} = await import('./baselines');
   const {setForwardOverride, planForward, forwardStats} =
       await import('../kernels/webgpu/FlashAttention');
   const {checkOwnPipelineErrors} = await import('../kernels/webgpu/own_pipeline');
-  tf.removeBackend('webgpu');
-  tf.registerBackend('webgpu', () => new webgpu.WebGPUBackend(device, adapter.info));
-  await tf.setBackend('webgpu');
+  await useWebGPUBackend(setup);
   const bench: Bench = {tf, backend: tf.backend() as unknown as Bench['backend']};
   const info = adapter.info;
-  const deviceName = `${info.vendor} ${info.architecture} ${info.description}`.trim() +
+  const deviceName = adapterName(adapter) +
       (args.dawnFlags.length > 0 ? ` (Dawn flags: ${args.dawnFlags.join(' ')})` : '');
   log(`device: ${deviceName}; workgroup storage ${
       device.limits.maxComputeWorkgroupStorageSize} B, invocations ${

@@ -18,7 +18,7 @@ import * as fs from 'fs';
 
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-layers';
-import {WebGPUBackend} from '@tensorflow/tfjs-backend-webgpu';
+import {openWebGPUDevice, useWebGPUBackend} from './webgpu_setup';
 
 import {matrixForwardStats, planMatrixForward, setMatrixForwardOverride} from '../kernels/webgpu/flash_attention_subgroup_matrix';
 import {checkOwnPipelineErrors} from '../kernels/webgpu/own_pipeline';
@@ -187,38 +187,13 @@ async function timeMs(device: GPUDevice, run: () => void): Promise<number> {
 }
 
 async function main(): Promise<void> {
-  const webgpu = await import('webgpu') as unknown as
-      {create: (f: string[]) => GPU, globals: Record<string, unknown>};
-  Object.assign(globalThis, webgpu.globals);
-  const gpu = webgpu.create(['enable-dawn-features=allow_unsafe_apis,vulkan_enable_f16_on_nvidia']);
-  const adapter = await gpu.requestAdapter({powerPreference: 'high-performance'});
-  if (adapter == null) {
-    throw new Error('tensor_cores: no WebGPU adapter');
-  }
-  const wanted = ['subgroups', 'shader-f16', 'chromium-experimental-subgroup-matrix'];
-  const features = wanted.filter(f => adapter.features.has(f)) as GPUFeatureName[];
-  const l = adapter.limits;
-  const device = await adapter.requestDevice({
-    requiredFeatures: features,
-    requiredLimits: {
-      maxStorageBufferBindingSize: l.maxStorageBufferBindingSize,
-      maxBufferSize: l.maxBufferSize,
-      maxComputeWorkgroupStorageSize: l.maxComputeWorkgroupStorageSize,
-      maxComputeInvocationsPerWorkgroup: l.maxComputeInvocationsPerWorkgroup,
-      maxComputeWorkgroupSizeX: l.maxComputeWorkgroupSizeX,
-      maxComputeWorkgroupsPerDimension: l.maxComputeWorkgroupsPerDimension,
-    },
+  const setup = await openWebGPUDevice({
+    dawnFlags: ['enable-dawn-features=allow_unsafe_apis,vulkan_enable_f16_on_nvidia'],
+    features: ['subgroups', 'shader-f16', 'chromium-experimental-subgroup-matrix'],
+    onError: console.error,
   });
-  device.addEventListener('uncapturederror', (e: Event) => {
-    console.error(`GPU error: ${(e as GPUUncapturedErrorEvent).error.message}`);
-  });
-  Object.defineProperty(
-      globalThis, 'navigator', {value: {gpu}, configurable: true, writable: true});
-  if (tf.findBackendFactory('webgpu') != null) {
-    tf.removeBackend('webgpu');
-  }
-  tf.registerBackend('webgpu', () => new WebGPUBackend(device, adapter.info));
-  await tf.setBackend('webgpu');
+  const {adapter, device, features} = setup;
+  await useWebGPUBackend(setup);
   tf.env().set(FLASH_ATTENTION_IMPL, 'fused');
   tf.env().set(FLASH_ATTENTION_TENSOR_CORES, true);
   const info = adapter.info as unknown as Record<string, unknown>;

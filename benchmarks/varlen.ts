@@ -17,10 +17,11 @@
  *   node varlen.mjs [--smoke] [--reps N] [--batches N]
  *     (--smoke: tiny shapes, for SwiftShader)
  */
-import {create, globals} from 'webgpu';
 
 import * as tf from '@tensorflow/tfjs-core';
 import type {layers as tflLayers} from '@tensorflow/tfjs-layers';
+
+import {adapterName, medianMsPerCall, openWebGPUDevice, useWebGPUBackend} from './webgpu_setup';
 
 const smoke = process.argv.includes('--smoke');
 function intArg(name: string, fallback: number): number {
@@ -42,64 +43,16 @@ function rng(seed: number): () => number {
   };
 }
 
-/** Median ms per call of `f`, read back once per batch of `reps`. */
-async function timeIt(f: () => tf.Tensor[]): Promise<number> {
-  const sync = async (ts: tf.Tensor[]) => {
-    // One element of the last output: reading it waits for all queued work.
-    const probe = tf.tidy(() => tf.slice(tf.reshape(ts[ts.length - 1], [-1]), 0, 1));
-    await probe.data();
-    probe.dispose();
-  };
-  let last = f();  // warm-up: compiles the pipelines
-  await sync(last);
-  tf.dispose(last);
-  const times: number[] = [];
-  for (let b = 0; b < batches; b++) {
-    const t0 = performance.now();
-    for (let r = 0; r < reps; r++) {
-      last = f();
-      if (r < reps - 1) {
-        tf.dispose(last);
-      }
-    }
-    await sync(last);
-    tf.dispose(last);
-    times.push((performance.now() - t0) / reps);
-  }
-  times.sort((a, b) => a - b);
-  return times[Math.floor(times.length / 2)];
+async function setup(): Promise<string> {
+  const device = await openWebGPUDevice({features: ['subgroups']});
+  await import('@tensorflow/tfjs-layers');  // the core ops' gradients
+  await useWebGPUBackend(device);
+  return adapterName(device.adapter);
 }
 
-async function setup(): Promise<string> {
-  Object.assign(globalThis, globals);
-  const gpu = create([]);
-  const adapter = await gpu.requestAdapter({powerPreference: 'high-performance'});
-  if (adapter == null) {
-    throw new Error('no WebGPU adapter');
-  }
-  const l = adapter.limits;
-  const features =
-      ['subgroups'].filter(f => adapter.features.has(f as GPUFeatureName)) as GPUFeatureName[];
-  const device = await adapter.requestDevice({
-    requiredFeatures: features,
-    requiredLimits: {
-      maxStorageBufferBindingSize: l.maxStorageBufferBindingSize,
-      maxBufferSize: l.maxBufferSize,
-      maxComputeWorkgroupStorageSize: l.maxComputeWorkgroupStorageSize,
-      maxComputeInvocationsPerWorkgroup: l.maxComputeInvocationsPerWorkgroup,
-      maxComputeWorkgroupSizeX: l.maxComputeWorkgroupSizeX,
-      maxComputeWorkgroupsPerDimension: l.maxComputeWorkgroupsPerDimension,
-    },
-  });
-  Object.defineProperty(
-      globalThis, 'navigator', {value: {gpu}, configurable: true, writable: true});
-  await import('@tensorflow/tfjs-layers');  // the core ops' gradients
-  const webgpu = await import('@tensorflow/tfjs-backend-webgpu');
-  tf.removeBackend('webgpu');
-  tf.registerBackend('webgpu', () => new webgpu.WebGPUBackend(device, adapter.info));
-  await tf.setBackend('webgpu');
-  const info = adapter.info;
-  return `${info.vendor} ${info.architecture} ${info.description}`.trim();
+/** Median ms per call of `f`, read back once per batch of `reps`. */
+function timeIt(f: () => tf.Tensor[]): Promise<number> {
+  return medianMsPerCall(f, reps, batches);
 }
 
 async function main(): Promise<void> {
