@@ -138,6 +138,11 @@ export interface Row {
   reps: number;
   /** JavaScript time per call (enqueueing, no GPU wait). */
   cpuMs: number|null;
+  /**
+   * WebGPU API calls of one steady-state call (benchmarks/webgpu_counters.ts):
+   * dispatches, queue submits, error scopes, host uploads.
+   */
+  api: {dispatches: number, submits: number, errorScopes: number, uploads: number}|null;
   status: string;
 }
 
@@ -179,8 +184,9 @@ function emptyPool(b: Bench): void {
 }
 
 async function measure(
-    b: Bench, run: () => unknown, budgetMs: number, warmupMs = 0,
-    maxWarmupMs = warmupMs): Promise<{ms: number, peakMiB: number, reps: number, cpuMs: number}> {
+    b: Bench, run: () => unknown, budgetMs: number, warmupMs = 0, maxWarmupMs = warmupMs):
+    Promise<
+        {ms: number, peakMiB: number, reps: number, cpuMs: number, api: NonNullable<Row['api']>}> {
   const {tf} = b;
   const once = () => tf.dispose(run() as import("@tensorflow/tfjs-core").Tensor[]);
   // First call: compiles and uploads the inputs; the second measures peak
@@ -192,6 +198,17 @@ async function measure(
   once();
   await sync(b);
   const peakMiB = (b.backend.bufferManager.numBytesAllocated - before) / 2 ** 20;
+  const {webgpuCounters} = await import('./webgpu_counters');
+  const counters = webgpuCounters();
+  once();
+  const c = counters.snapshot();
+  const api = {
+    dispatches: c.dispatches,
+    submits: c.submits,
+    errorScopes: c.errorScopes,
+    uploads: c.hostUploads
+  };
+  await sync(b);
   let t0 = performance.now();
   once();
   await sync(b);
@@ -229,7 +246,7 @@ async function measure(
     times.push((performance.now() - t0) / k);
   }
   const median = (xs: number[]) => xs.sort((x, y) => x - y)[Math.floor(xs.length / 2)];
-  return {ms: median(times), peakMiB, reps, cpuMs: median(cpu)};
+  return {ms: median(times), peakMiB, reps, cpuMs: median(cpu), api};
 }
 
 async function main(): Promise<void> {
@@ -381,6 +398,7 @@ async function main(): Promise<void> {
                 peakMiB: null,
                 reps: 0,
                 cpuMs: null,
+                api: null,
                 status: 'ok'
               };
               rows.push(row);
@@ -453,6 +471,7 @@ async function main(): Promise<void> {
                   row.peakMiB = m.peakMiB;
                   row.reps = m.reps;
                   row.cpuMs = m.cpuMs;
+                  row.api = m.api;
                   row.tflops = flops(mode, p.b, p.h, s, d, causal) / (m.ms * 1e-3) / 1e12;
                 }
               } catch (e) {
@@ -467,7 +486,9 @@ async function main(): Promise<void> {
                   row.ms != null ?
                       `${row.ms.toFixed(3)} ms, ${row.tflops!.toFixed(2)} TFLOP/s, peak ${
                           row.peakMiB!.toFixed(
-                              1)} MiB, JS ${row.cpuMs!.toFixed(3)} ms/call (${row.reps} reps)` :
+                              1)} MiB, JS ${row.cpuMs!.toFixed(3)} ms/call (${row.reps} reps), ${
+                          row.api!.dispatches} dispatches, ${row.api!.submits} submits, ${
+                          row.api!.errorScopes} error scopes, ${row.api!.uploads} uploads/call` :
                       row.status}`);
             }
           }

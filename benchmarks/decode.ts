@@ -17,8 +17,11 @@
  *   node decode.mjs [--contexts 512,...,32768] [--heads 32] [--heads-kv 8]
  *       [--dim 128] [--gen-contexts 256,1024,4096] [--gen-tokens 16]
  *       [--bandwidth-gbs N] [--torch torch_decode.json] [--smoke]
- *       [--budget-ms 300]
+ *       [--budget-ms 300] [--rotary]
  *
+ * --rotary: the fused step also rotates q and the new key (rotary tables).
+ * Each row also lists the WebGPU API calls of one step (dispatches,
+ * submits, error scopes, host uploads: benchmarks/webgpu_counters.ts).
  * --smoke: tiny sizes for a software adapter (SwiftShader); DECODE_PROFILE=1
  * lists the kernels of one cached generation step. Time: median of
  * repetitions, each running K steps back to back and waiting for the GPU
@@ -36,6 +39,7 @@ import {flashAttentionWithKVCache} from '../src';
 import {flashMHA, IncrementalDecoder} from '../src/layers';
 
 import {composedAttention} from './baselines';
+import {webgpuCounters} from './webgpu_counters';
 
 interface Args {
   contexts: number[];
@@ -48,6 +52,8 @@ interface Args {
   bandwidthGBs: number|null;
   torch: string|null;
   budgetMs: number;
+  /** Rotary tables on the fused attention step (q and the new key rotated). */
+  rotary: boolean;
 }
 
 function parseArgs(argv: string[]): Args {
@@ -69,6 +75,7 @@ function parseArgs(argv: string[]): Args {
     bandwidthGBs: argv.includes('--bandwidth-gbs') ? Number(get('bandwidth-gbs', '0')) : null,
     torch: get('torch', '') || null,
     budgetMs: Number(get('budget-ms', smoke ? '100' : '300')),
+    rotary: argv.includes('--rotary'),
   };
 }
 
@@ -131,6 +138,19 @@ async function timeSteps(step: () => void, budgetMs: number): Promise<number> {
   return times[Math.floor(times.length / 2)];
 }
 
+/** The WebGPU API calls `run` makes (it must not wait for the GPU). */
+function apiCalls(run: () => void): string {
+  if (tf.getBackend() !== 'webgpu') {
+    return '-';
+  }
+  const counters = webgpuCounters();
+  run();
+  const c = counters.snapshot();
+  return `${c.dispatches} dispatches, ${c.submits} submits, ${c.errorScopes} error scopes, ${
+      c.hostUploads} uploads${
+      process.env.DECODE_PROFILE ? ` ${JSON.stringify([...c.uploadShapes])}` : ""}`;
+}
+
 function ownedVariable(shape: [number, number, number, number]): tf.Variable<tf.Rank.R4> {
   const init = tf.randomNormal(shape);
   const v = tf.variable(init, false) as tf.Variable<tf.Rank.R4>;
@@ -144,6 +164,8 @@ interface AttentionRow {
   concatMs: number|null;
   gbs: number;
   check: number;
+  /** WebGPU API calls of one fused step. */
+  api: string;
 }
 
 async function attentionRows(args: Args): Promise<AttentionRow[]> {
@@ -155,11 +177,18 @@ async function attentionRows(args: Args): Promise<AttentionRow[]> {
     const q = tf.randomNormal([1, 1, H, D]) as tf.Tensor4D;
     const k = tf.randomNormal([1, 1, Hk, D]) as tf.Tensor4D;
     const v = tf.randomNormal([1, 1, Hk, D]) as tf.Tensor4D;
+    const tables: {rotaryCos?: tf.Tensor2D, rotarySin?: tf.Tensor2D} = args.rotary ? {
+      rotaryCos: tf.randomUniform([context, D / 2]) as tf.Tensor2D,
+      rotarySin: tf.randomUniform([context, D / 2]) as tf.Tensor2D
+    } :
+                                                                                     {};
     // The step of a sequence at `context` tokens: the last slot is (re)written.
     const fused = () =>
         flashAttentionWithKVCache(
-            q, kCache, vCache, {k, v, cacheSeqlens: [context - 1], causal: true}) as tf.Tensor4D;
+            q, kCache, vCache, {k, v, cacheSeqlens: [context - 1], causal: true, ...tables}) as
+        tf.Tensor4D;
     const fusedMs = await timeSteps(() => fused().dispose(), args.budgetMs);
+    const api = apiCalls(() => fused().dispose());
     await checkOwnPipelineErrors();
     // Concat baseline on the same prefix.
     const kPrev = tf.slice(kCache, [0, 0, 0, 0], [1, context - 1, Hk, D]);
@@ -180,7 +209,11 @@ async function attentionRows(args: Args): Promise<AttentionRow[]> {
     let check = NaN;
     try {
       concatMs = await timeSteps(() => concat().dispose(), args.budgetMs);
-      const a = fused();
+      // (The concat baseline has no rotary: compare without it.)
+      const a = args.rotary ?
+          flashAttentionWithKVCache(
+              q, kCache, vCache, {k, v, cacheSeqlens: [context - 1], causal: true}) as tf.Tensor4D :
+          fused();
       const b = concat();
       const err = tf.tidy(() => tf.div(tf.max(tf.abs(tf.sub(a, b))), tf.max(tf.abs(b))));
       check = (await err.data())[0];
@@ -189,13 +222,14 @@ async function attentionRows(args: Args): Promise<AttentionRow[]> {
       log(`context ${context}: concat baseline failed: ${(e as Error).stack?.slice(0, 1500)}`);
     }
     const bytes = 2 * context * Hk * D * 4;
-    const row = {context, fusedMs, concatMs, gbs: bytes / fusedMs / 1e6, check};
+    const row = {context, fusedMs, concatMs, gbs: bytes / fusedMs / 1e6, check, api};
     log(`context ${context}: fused ${fusedMs.toFixed(3)} ms, concat ${
         concatMs?.toFixed(3) ??
         '-'} ms, ${row.gbs.toFixed(0)} GB/s of K/V, max|fused - concat| / max|concat| = ${
-        check.toExponential(2)}`);
+        check.toExponential(2)}; one fused step: ${api}`);
     rows.push(row);
     tf.dispose([kCache, vCache, q, k, v, kPrev, vPrev]);
+    tf.dispose(Object.values(tables));
   }
   return rows;
 }
@@ -204,6 +238,8 @@ interface GenerationRow {
   context: number;
   cachedMs: number;
   uncachedMs: number;
+  /** WebGPU API calls of one cached token (model step and argmax, no read). */
+  api: string;
 }
 
 /** Greedy next ids `[B]` of logits `[B, S, V]` (last position). */
@@ -226,7 +262,7 @@ async function generationRows(args: Args): Promise<GenerationRow[]> {
     const tokens = args.genTokens;
     // With caches: prefill `context` tokens, then time single-token steps
     // (each reads its token id back, as sampling on the host does).
-    const decoder = new IncrementalDecoder(model, {batch: 1, maxSeqLen: context + tokens + 2});
+    const decoder = new IncrementalDecoder(model, {batch: 1, maxSeqLen: context + tokens + 4});
     const prefill = tf.tidy(() => nextIds(decoder.step(tf.slice(prompt, [0, 0], [1, context]))));
     let id = prefill;
     await id.data();
@@ -237,6 +273,8 @@ async function generationRows(args: Args): Promise<GenerationRow[]> {
       await id.data();
     };
     await stepOnce();
+    const api = apiCalls(() => tf.dispose(tf.tidy(() => nextIds(decoder.step(id)))));
+    await sync();
     if (process.env.DECODE_PROFILE) {
       const info = await tf.profile(stepOnce);
       log(`one cached step: ${info.kernels.length} kernels, ${info.newTensors} new tensors: ${
@@ -283,8 +321,9 @@ async function generationRows(args: Args): Promise<GenerationRow[]> {
     const uncachedMs = (performance.now() - t0) / fullTokens;
     window.dispose();
     log(`generation at context ${context}: ${cachedMs.toFixed(2)} ms/token with the cache, ${
-        uncachedMs.toFixed(2)} ms/token without (${(uncachedMs / cachedMs).toFixed(1)}x)`);
-    rows.push({context, cachedMs, uncachedMs});
+        uncachedMs.toFixed(2)} ms/token without (${
+        (uncachedMs / cachedMs).toFixed(1)}x); one cached token: ${api}`);
+    rows.push({context, cachedMs, uncachedMs, api});
   }
   prompt.dispose();
   model.dispose();

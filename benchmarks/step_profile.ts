@@ -13,7 +13,11 @@
  *   node step_profile.mjs [--batches=1,4,16] [--seq=1024] [--steps=4] [--impls=flash,composed]
  *       [--optimizers=adam,fused-adamw] [--submit-batches=15,200] [--trace-dawn]
  *       [--no-cpu-profile] [--submit-cost] [--tfjs-flags=NAME:value,...] [--leak-steps=N] [--tiny]
+ *       [--norm=gpt|tfjs|fused]
  *
+ * --norm: the model's norms (demo/gpt.ts's NormKind); `fused` is the fused
+ * model of train_gpt.ts (fused norms with the residual adds, fused GELU
+ * gradient, fused cross-entropy); default `gpt`.
  * --optimizers: `adam` (tf.train.adam), `fused-adamw` (fusedAdamW, weight
  * decay 0, so the same math as adam), `reference-adamw` (fusedAdamW's
  * composed-ops path on webgpu).
@@ -41,13 +45,17 @@ import * as tf from '@tensorflow/tfjs-core';
 import {FUSED_ADAMW_IMPL, fusedAdamW} from '../src';
 import {flashMHA} from '../src/layers';
 import {useBestBackend} from '../demo/backend';
-import {buildGPT, lossOf, median, sampleBatch, seededRandom, trainableVariables} from '../demo/gpt';
+import {buildGPT, lossOf, median, NormKind, sampleBatch, seededRandom, trainableVariables} from '../demo/gpt';
 
 import {composedMHA} from './composed_mha';
 import {gptSize, option, VOCAB} from './gpt_options';
 import {WebGPUCounts, webgpuCounters} from './webgpu_counters';
 
 const TINY = process.argv.includes('--tiny');
+const NORM = option('norm', 'gpt') as NormKind;
+if (!['gpt', 'tfjs', 'fused'].includes(NORM)) {
+  throw new Error(`--norm: expected gpt, tfjs or fused, got '${NORM}'`);
+}
 const {layers: LAYERS, width: WIDTH, heads: HEADS} = TINY ? {
   layers: Number(option('layers', '1')),
   width: Number(option('width', '32')),
@@ -316,11 +324,14 @@ async function main() {
         const label = `${impl} ${optimizerName}`;
         const model = buildGPT(
             {vocabSize: VOCAB, numLayers: LAYERS, embedDim: WIDTH, numHeads: HEADS},
-            impl === 'flash' ? flashMHA : composedMHA, 'gpt');
+            impl === 'flash' ? flashMHA : composedMHA, 'gpt', NORM);
         const optimizer = makeOptimizer(optimizerName);
         const vars = trainableVariables(model);
         const enqueueStep = (x: tf.Tensor2D, y: tf.Tensor2D) => optimizer.minimize(
-            () => lossOf(model.apply(x, {training: true}) as tf.Tensor, y, VOCAB), true, vars)!;
+            () => lossOf(
+                model.apply(x, {training: true}) as tf.Tensor, y, VOCAB,
+                NORM === 'fused' ? 'fused' : 'composed'),
+            true, vars)!;
         for (const batch of batches) {
           const wall: number[] = [];
           const enqueue: number[] = [];

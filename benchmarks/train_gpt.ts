@@ -19,6 +19,10 @@
  *       [--models=stock,flash,fused] [--step-seconds=100] [--deadline=200]
  *   node train_gpt.mjs --child=curve [--curve-steps=50] [--layers=2 --width=64 --seq=64]
  *       (the loss curves of the fused model, fused vs composed reference)
+ *   node --expose-gc train_gpt.mjs --leak-steps=1000 [--every=100] [--leak-warmup=20]
+ *       [--layers=1 --width=32 --heads=2 --batch=1 --seq=16] [--heap-tolerance-mb=8]
+ *       (N fused steps; tf.memory() and the JS heap every --every steps;
+ *       exit 1 when anything grew past the warm-up)
  * Each measurement runs in a child process of this script, so that running
  * out of memory (a WebGPU out-of-memory or validation error, a lost device,
  * a crash) ends only that child. Results: a table on stdout and
@@ -254,6 +258,112 @@ async function curveChild() {
   process.exit(maxRelativeDifference < 1e-3 ? 0 : 3);
 }
 
+interface MemorySample {
+  step: number;
+  numTensors: number;
+  numBytes: number;
+  /** Bytes of the GPU buffers tfjs's tensors use, and that its pool holds. */
+  gpuBytes: number;
+  gpuBytesAllocated: number;
+  heapMB: number;
+}
+
+function memorySample(step: number): MemorySample {
+  // With `node --expose-gc` the heap is measured after a full collection.
+  (globalThis as {gc?: () => void}).gc?.();
+  const m =
+      tf.memory() as tf.MemoryInfo & {numBytesInGPU?: number, numBytesAllocatedInGPU?: number};
+  return {
+    step,
+    numTensors: m.numTensors,
+    numBytes: m.numBytes,
+    gpuBytes: m.numBytesInGPU ?? 0,
+    gpuBytesAllocated: m.numBytesAllocatedInGPU ?? 0,
+    heapMB: process.memoryUsage().heapUsed / 2 ** 20,
+  };
+}
+
+/**
+ * --leak-steps=N: N steps of the fused model (new batch each step, loss
+ * read back each step), a memory sample every --every steps. After
+ * --leak-warmup steps (the optimizer's state, tfjs's buffer pool and
+ * program cache filled), the tensor count and bytes and the GPU bytes in
+ * use must stay exactly where they are, the pool must not grow, and the
+ * JS heap (the lowest of the last three samples) must stay within
+ * --heap-tolerance-mb. Exit 1 otherwise; then everything is disposed and
+ * the tensor count must be back where it started.
+ */
+async function leakRun(steps: number) {
+  const batch = Number(option('batch', '1'));
+  const seq = Number(option('seq', '16'));
+  const every = Number(option('every', '100'));
+  const warmup = Number(option('leak-warmup', '20'));
+  const heapTolerance = Number(option('heap-tolerance-mb', '8'));
+  const backend = await useBestBackend('webgpu');
+  console.log(`leak run: ${backend.description}; fused GPT ${LAYERS} x ${WIDTH}, ${
+      HEADS} heads, batch ${batch} x seq ${seq}, ${steps} steps (warm-up ${warmup})`);
+  const start = memorySample(0);
+  const {model, optimizer, loss} = buildFlavor('fused', 1e-3);
+  const vars = trainableVariables(model);
+  const random = seededRandom(17);
+  const data = Int32Array.from({length: 1 << 14}, () => Math.floor(random() * VOCAB));
+  const samples: MemorySample[] = [];
+  const t0 = performance.now();
+  let last = NaN;
+  for (let step = 1; step <= steps; step++) {
+    const {x, y} = sampleBatch(data, batch, seq, random);
+    last = await trainStep(model, optimizer, x, y, VOCAB, vars, loss);
+    tf.dispose([x, y]);
+    if (!Number.isFinite(last)) {
+      console.log(`step ${step}: loss ${last}`);
+      process.exit(1);
+    }
+    if (step === warmup || step % every === 0 || step === steps) {
+      const sample = memorySample(step);
+      samples.push(sample);
+      console.log(`step ${step}: loss ${last.toFixed(4)}, tensors ${sample.numTensors}, bytes ${
+          sample.numBytes}, GPU bytes ${sample.gpuBytes} (pool ${
+          sample.gpuBytesAllocated}), JS heap ${sample.heapMB.toFixed(1)} MB, ${
+          ((performance.now() - t0) / step).toFixed(0)} ms/step so far`);
+    }
+  }
+  const base = samples.find(s => s.step === warmup) ?? samples[0];
+  const after = samples.filter(s => s.step > base.step);
+  const problems: string[] = [];
+  for (const key of ['numTensors', 'numBytes', 'gpuBytes'] as const) {
+    const changed = after.find(s => s[key] !== base[key]);
+    if (changed != null) {
+      problems.push(
+          `${key} ${base[key]} at step ${base.step} -> ${changed[key]} at step ${changed.step}`);
+    }
+  }
+  const poolGrew = after.find(s => s.gpuBytesAllocated > base.gpuBytesAllocated);
+  if (poolGrew != null) {
+    problems.push(`GPU pool ${base.gpuBytesAllocated} -> ${poolGrew.gpuBytesAllocated} at step ${
+        poolGrew.step}`);
+  }
+  const heapLate = Math.min(...after.slice(-3).map(s => s.heapMB));
+  if (after.length > 0 && heapLate > base.heapMB + heapTolerance) {
+    problems.push(`JS heap ${base.heapMB.toFixed(1)} MB -> ${heapLate.toFixed(1)} MB (tolerance ${
+        heapTolerance} MB)`);
+  }
+  optimizer.dispose();
+  model.dispose();
+  const end = memorySample(steps);
+  if (end.numTensors !== start.numTensors) {
+    problems.push(`after dispose: ${end.numTensors} tensors, ${start.numTensors} before the run`);
+  }
+  console.log(`after dispose: tensors ${end.numTensors} (before the run ${
+      start.numTensors}), GPU bytes ${end.gpuBytes}`);
+  if (!(globalThis as {gc?: () => void}).gc) {
+    console.log('(no --expose-gc: heap samples include garbage not yet collected)');
+  }
+  console.log(
+      problems.length === 0 ? `no growth over ${steps} steps after the ${warmup}-step warm-up` :
+                              `GROWTH: ${problems.join('; ')}`);
+  process.exit(problems.length === 0 ? 0 : 1);
+}
+
 /** Child: one training step per length, doubling from --from, until one fails. */
 async function oomChild() {
   const impl = option('impl', 'flash') as Impl;
@@ -287,7 +397,7 @@ async function oomChild() {
     lastMs = ms;
     tf.dispose([x, y]);
     // Bytes of GPU buffers tfjs holds (in use or pooled): about the peak.
-    const memory = tf.memory() as {numBytesInGPUAllocated?: number};
+    const memory = tf.memory() as {numBytesAllocatedInGPU?: number};
     report('probe', {
       impl,
       seq,
@@ -295,7 +405,7 @@ async function oomChild() {
       ms,
       loss: result.loss,
       error: result.error,
-      gpuBytesAllocated: memory.numBytesInGPUAllocated ?? null
+      gpuBytesAllocated: memory.numBytesAllocatedInGPU ?? null
     });
     if (result.error != null) {
       break;
@@ -480,7 +590,9 @@ async function parent() {
 }
 
 const role = option('child', '');
-(role === 'step'      ? stepChild() :
+const leakSteps = Number(option('leak-steps', '0'));
+(leakSteps > 0        ? leakRun(leakSteps) :
+     role === 'step'  ? stepChild() :
      role === 'oom'   ? oomChild() :
      role === 'curve' ? curveChild() :
                         parent())

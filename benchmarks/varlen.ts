@@ -7,21 +7,28 @@
  *      this issue: src/layers/masked_attention.ts); plus the padded op
  *      with seqlensQ/seqlensK, and the real tokens' share of the padded
  *      work (the "proportional" target).
- *   2. a Keras-style encoder block (FlashMHA + residual + layer norm + MLP)
- *      with a key padding mask, fwd+bwd: the mask through the fused path
- *      (per-batch lengths) vs the composed masked path (before).
- * Prints a table last. Timing: warm-up, then the median of batches of
+ *   2. encoder blocks (attention + residual + layer norm + MLP) with a key
+ *      padding mask, fwd+bwd, non-causal and causal: FlashMHA with the
+ *      mask fused vs the composed masked path (before); and the Keras
+ *      MultiHeadAttention layer (the loader's) with attention_mask
+ *      [B, 1, Sk] (a padding mask: fused) vs the same mask as
+ *      [B, Sq, Sk] (rows it cannot check without a read: composed).
+ * Prints a table last, with per call device-independent counts
+ * (dispatches, submits, host uploads) and the synchronous reads seen in
+ * each timed loop, which must be 0. Timing: warm-up until two batches
+ * agree within 5% (at most --warmup-ms), then the median of batches of
  * repetitions, read back once per batch (docs/design.md, "Performance
  * method").
  *
- *   node varlen.mjs [--smoke] [--reps N] [--batches N]
+ *   node varlen.mjs [--smoke] [--reps N] [--batches N] [--warmup-ms MS]
  *     (--smoke: tiny shapes, for SwiftShader)
  */
+import {create, globals} from 'webgpu';
 
 import * as tf from '@tensorflow/tfjs-core';
-import type {layers as tflLayers} from '@tensorflow/tfjs-layers';
+import type {LayerVariable} from '@tensorflow/tfjs-layers';
 
-import {adapterName, medianMsPerCall, openWebGPUDevice, useWebGPUBackend} from './webgpu_setup';
+import {webgpuCounters} from './webgpu_counters';
 
 const smoke = process.argv.includes('--smoke');
 function intArg(name: string, fallback: number): number {
@@ -30,6 +37,7 @@ function intArg(name: string, fallback: number): number {
 }
 const reps = intArg('--reps', smoke ? 1 : 5);
 const batches = intArg('--batches', smoke ? 1 : 5);
+const warmupMs = intArg('--warmup-ms', smoke ? 0 : 3000);
 
 /** mulberry32, so every run draws the same lengths. */
 function rng(seed: number): () => number {
@@ -43,22 +51,120 @@ function rng(seed: number): () => number {
   };
 }
 
-async function setup(): Promise<string> {
-  const device = await openWebGPUDevice({features: ['subgroups']});
-  await import('@tensorflow/tfjs-layers');  // the core ops' gradients
-  await useWebGPUBackend(device);
-  return adapterName(device.adapter);
+/**
+ * Synchronous reads of GPU data (backend.readSync of a tensor whose values
+ * are not in host memory: a wait on the GPU) since the counter was
+ * installed. Host reads (tfjs's CPU forwarding of small ops) are free and
+ * not counted.
+ */
+let syncReads = 0;
+function countSyncReads(): void {
+  const backend = tf.backend() as unknown as {
+    readSync: (dataId: object) => unknown,
+    tensorMap: {get(dataId: object): {values?: unknown} | undefined},
+  };
+  const readSync = backend.readSync;
+  backend.readSync = function(this: unknown, dataId: object) {
+    if (backend.tensorMap.get(dataId)?.values == null) {
+      syncReads++;
+    }
+    return readSync.call(this, dataId);
+  };
 }
 
-/** Median ms per call of `f`, read back once per batch of `reps`. */
-function timeIt(f: () => tf.Tensor[]): Promise<number> {
-  return medianMsPerCall(f, reps, batches);
+interface Timing {
+  ms: number;
+  /** Synchronous GPU reads during the timed batches (all of them). */
+  syncReads: number;
+  /** Per call, from one extra call: dispatches, submits, host uploads. */
+  counts: string;
+}
+
+/**
+ * Median ms per call of `f`, read back once per batch of `reps`, after a
+ * warm-up that runs until two batches agree within 5% (at most warmupMs).
+ */
+async function timeIt(f: () => tf.Tensor[]): Promise<Timing> {
+  const sync = async (ts: tf.Tensor[]) => {
+    // One element of the last output: reading it waits for all queued work.
+    const probe = tf.tidy(() => tf.slice(tf.reshape(ts[ts.length - 1], [-1]), 0, 1));
+    await probe.data();
+    probe.dispose();
+  };
+  const batch = async () => {
+    const t0 = performance.now();
+    for (let r = 0; r < reps; r++) {
+      const out = f();
+      if (r === reps - 1) {
+        await sync(out);
+      }
+      tf.dispose(out);
+    }
+    return (performance.now() - t0) / reps;
+  };
+  const first = f();  // compiles the pipelines
+  await sync(first);
+  tf.dispose(first);
+  const counters = webgpuCounters();
+  tf.dispose(f());
+  const c = counters.snapshot();
+  const counts = `${c.dispatches} / ${c.submits} / ${c.hostUploads}`;
+  const w0 = performance.now();
+  let previous = Infinity;
+  while (performance.now() - w0 < warmupMs) {
+    const ms = await batch();
+    if (Math.abs(ms - previous) <= 0.05 * previous) {
+      break;
+    }
+    previous = ms;
+  }
+  const readsBefore = syncReads;
+  const times: number[] = [];
+  for (let b = 0; b < batches; b++) {
+    times.push(await batch());
+  }
+  times.sort((a, b) => a - b);
+  return {ms: times[Math.floor(times.length / 2)], syncReads: syncReads - readsBefore, counts};
+}
+
+async function setup(): Promise<string> {
+  Object.assign(globalThis, globals);
+  const gpu = create([]);
+  const adapter = await gpu.requestAdapter({powerPreference: 'high-performance'});
+  if (adapter == null) {
+    throw new Error('no WebGPU adapter');
+  }
+  const l = adapter.limits;
+  const features =
+      ['subgroups'].filter(f => adapter.features.has(f as GPUFeatureName)) as GPUFeatureName[];
+  const device = await adapter.requestDevice({
+    requiredFeatures: features,
+    requiredLimits: {
+      maxStorageBufferBindingSize: l.maxStorageBufferBindingSize,
+      maxBufferSize: l.maxBufferSize,
+      maxComputeWorkgroupStorageSize: l.maxComputeWorkgroupStorageSize,
+      maxComputeInvocationsPerWorkgroup: l.maxComputeInvocationsPerWorkgroup,
+      maxComputeWorkgroupSizeX: l.maxComputeWorkgroupSizeX,
+      maxComputeWorkgroupsPerDimension: l.maxComputeWorkgroupsPerDimension,
+    },
+  });
+  Object.defineProperty(
+      globalThis, 'navigator', {value: {gpu}, configurable: true, writable: true});
+  await import('@tensorflow/tfjs-layers');  // the core ops' gradients
+  const webgpu = await import('@tensorflow/tfjs-backend-webgpu');
+  tf.removeBackend('webgpu');
+  tf.registerBackend('webgpu', () => new webgpu.WebGPUBackend(device, adapter.info));
+  await tf.setBackend('webgpu');
+  const info = adapter.info;
+  return `${info.vendor} ${info.architecture} ${info.description}`.trim();
 }
 
 async function main(): Promise<void> {
   const deviceName = await setup();
+  countSyncReads();
   const fa = await import('../src/index');
   const layers = await import('../src/layers');
+  const {MultiHeadAttention} = await import('../src/layers/multi_head_attention');
   const tfl = await import('@tensorflow/tfjs-layers');
   const {checkOwnPipelineErrors} = await import('../kernels/webgpu/own_pipeline');
 
@@ -73,8 +179,12 @@ async function main(): Promise<void> {
   const cu = [0];
   lengths.forEach(l => cu.push(cu[cu.length - 1] + l));
   const rows: string[] = [];
-  const row = (what: string, ms: number, base?: number) => rows.push(
-      `| ${what} | ${ms.toFixed(3)} | ${base == null ? '' : `${(base / ms).toFixed(2)}x`} |`);
+  const row = (what: string, t: Timing, base?: Timing) =>
+      rows.push(`| ${what} | ${t.ms.toFixed(3)} | ${
+          base == null ? '' : `${(base.ms / t.ms).toFixed(2)}x`} | ${t.counts} | ${t.syncReads} |`);
+  const header = (what: string, speedUp: string) => rows.push(
+      `| ${what} | ms | ${speedUp} | dispatches / submits / uploads per call | sync reads |`,
+      '| --- | --- | --- | --- | --- |');
   console.log(
       `device: ${deviceName}; ${batch} sequences, lengths in [${minLen}, ${maxLen}] ` +
       `(total ${total} of ${batch * maxLen} padded: ${
@@ -92,10 +202,15 @@ async function main(): Promise<void> {
   const kp = tf.randomNormal([batch, maxLen, heads, dim]) as tf.Tensor4D;
   const vp = tf.randomNormal([batch, maxLen, heads, dim]) as tf.Tensor4D;
   const dyPadded = tf.randomNormal([batch, maxLen, heads, dim]);
+  // Computed on the GPU (no CPU forwarding of small ops), as a model's
+  // mask is: no path may read it back.
+  const cpuForward = tf.env().getBool('WEBGPU_CPU_FORWARD');
+  tf.env().set('WEBGPU_CPU_FORWARD', false);
   const keyMask = tf.tidy(
       () => tf.less(
           tf.reshape(tf.range(0, maxLen, 1, 'int32'), [1, maxLen]),
           tf.reshape(seqlens, [batch, 1])));
+  tf.env().set('WEBGPU_CPU_FORWARD', cpuForward);
   const gradsOf =
       (f: (a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) => tf.Tensor, dy: tf.Tensor,
        x: tf.Tensor[]) => () =>
@@ -110,6 +225,10 @@ async function main(): Promise<void> {
           a as tf.Tensor4D, b as tf.Tensor4D, c as tf.Tensor4D,
           {seqlensQ: seqlens, seqlensK: seqlens}),
       dyPadded, [qp, kp, vp]));
+  const withMask = await timeIt(gradsOf(
+      (a, b, c) => fa.flashAttention(
+          a as tf.Tensor4D, b as tf.Tensor4D, c as tf.Tensor4D, {keyPaddingMask: keyMask}),
+      dyPadded, [qp, kp, vp]));
   const padded = await timeIt(gradsOf(
       (a, b, c) => fa.flashAttention(a as tf.Tensor4D, b as tf.Tensor4D, c as tf.Tensor4D),
       dyPadded, [qp, kp, vp]));
@@ -119,50 +238,82 @@ async function main(): Promise<void> {
       dyPadded, [qp, kp, vp]));
   await checkOwnPipelineErrors();
   const realShare = lengths.reduce((a, l) => a + l * l, 0) / (batch * maxLen * maxLen);
-  rows.push('| attention fwd+bwd | ms | varlen speed-up |', '| --- | --- | --- |');
+  header('attention fwd+bwd', 'varlen speed-up');
   row('flashAttentionVarlen (packed)', varlen);
   row('padded op + seqlensQ/seqlensK', withLengths, varlen);
+  row('padded op + keyPaddingMask', withMask, varlen);
   row(`padded op, S=${maxLen}, no lengths`, padded, varlen);
   row('composed masked path (before)', composed, varlen);
   rows.push(
       `| real tokens' share of the padded work (sum l^2 / B S^2) | ${realShare.toFixed(3)} | ` +
-      `ideal ${(1 / realShare).toFixed(2)}x |`);
+      `ideal ${(1 / realShare).toFixed(2)}x | | |`);
   tf.dispose([q, k, v, dyPacked, qp, kp, vp, dyPadded]);
 
-  // 2. Keras-style encoder block with a key padding mask, fwd+bwd.
+  // 2. Encoder blocks with a key padding mask, fwd+bwd.
   const embed = smoke ? 32 : heads * dim;
   const x = tf.randomNormal([batch, maxLen, embed]);
   const dy = tf.randomNormal([batch, maxLen, embed]);
-  const mha = layers.flashMHA({embedDim: embed, numHeads: heads});
-  const composedLayer =
-      (await import('./composed_mha')).composedMHA({embedDim: embed, numHeads: heads});
   const norm1 = tfl.layers.layerNormalization({axis: -1});
   const norm2 = tfl.layers.layerNormalization({axis: -1});
   const up = tfl.layers.dense({units: 4 * embed, activation: 'relu'});
   const down = tfl.layers.dense({units: embed});
-  const block = (attention: tflLayers.Layer, input: tf.Tensor) => {
-    const a = attention.apply(input, {keyPaddingMask: keyMask}) as tf.Tensor;
-    const h = norm1.apply(tf.add(input, a)) as tf.Tensor;
+  const block = (attention: (input: tf.Tensor) => tf.Tensor, input: tf.Tensor) => {
+    const h = norm1.apply(tf.add(input, attention(input))) as tf.Tensor;
     return norm2.apply(tf.add(h, down.apply(up.apply(h) as tf.Tensor) as tf.Tensor)) as tf.Tensor;
   };
-  tf.dispose(block(mha, x));
-  tf.dispose(block(composedLayer, x));
-  composedLayer.setWeights(mha.getWeights());
-  const encoderOf = (attention: tflLayers.Layer) => () => {
-    const vars =
-        [...attention.trainableWeights, ...up.trainableWeights].map(w => w.read() as tf.Variable);
-    const {value, grads} =
-        tf.variableGrads(() => tf.sum(tf.mul(block(attention, x), dy)) as tf.Scalar, vars);
-    return [value, ...Object.values(grads)];
-  };
-  const encoderFused = await timeIt(encoderOf(mha));
-  const encoderComposed = await timeIt(encoderOf(composedLayer));
-  await checkOwnPipelineErrors();
-  rows.push(
-      '', `| encoder block (E=${embed}, key padding mask) fwd+bwd | ms | speed-up |`,
-      '| --- | --- | --- |');
-  row('FlashMHA, padding mask fused (after)', encoderFused, encoderComposed);
-  row('composed masked path (before)', encoderComposed);
+  const encoderOf = (attention: (input: tf.Tensor) => tf.Tensor, weights: LayerVariable[]) =>
+      () => {
+        const vars = [...weights, ...up.trainableWeights].map(w => w.read() as tf.Variable);
+        const {value, grads} =
+            tf.variableGrads(() => tf.sum(tf.mul(block(attention, x), dy)) as tf.Scalar, vars);
+        return [value, ...Object.values(grads)];
+      };
+  const composedMHA = (await import('./composed_mha')).composedMHA;
+  for (const causal of [false, true]) {
+    const mha = layers.flashMHA({embedDim: embed, numHeads: heads, causal});
+    const composedLayer = composedMHA({embedDim: embed, numHeads: heads, causal});
+    const flashAttend = (input: tf.Tensor) =>
+        mha.apply(input, {keyPaddingMask: keyMask}) as tf.Tensor;
+    const composedAttend = (input: tf.Tensor) =>
+        composedLayer.apply(input, {keyPaddingMask: keyMask}) as tf.Tensor;
+    tf.dispose(block(flashAttend, x));
+    tf.dispose(block(composedAttend, x));
+    composedLayer.setWeights(mha.getWeights());
+    const fused = await timeIt(encoderOf(flashAttend, mha.trainableWeights));
+    const before = await timeIt(encoderOf(composedAttend, composedLayer.trainableWeights));
+    await checkOwnPipelineErrors();
+    rows.push('');
+    header(
+        `FlashMHA encoder block (E=${embed}, causal=${causal}, padding mask) fwd+bwd`, 'speed-up');
+    row('padding mask fused (after)', fused, before);
+    row('composed masked path (before)', before);
+    mha.dispose();
+    composedLayer.dispose();
+  }
+  for (const causal of [false, true]) {
+    // The Keras layer (the loader's): attention_mask [B, 1, Sk] is a key
+    // padding mask (fused); the same mask as [B, Sq, Sk] cannot be checked
+    // without a read, so it takes the composed path Keras models ran before.
+    const keras = new MultiHeadAttention({numHeads: heads, keyDim: dim});
+    const maskOneRow = tf.expandDims(keyMask, 1);
+    tf.env().set('WEBGPU_CPU_FORWARD', false);
+    const maskRows = tf.tidy(() => tf.tile(maskOneRow, [1, maxLen, 1]));
+    tf.env().set('WEBGPU_CPU_FORWARD', cpuForward);
+    const kerasAttend = (mask: tf.Tensor) => (input: tf.Tensor) =>
+        keras.apply(input, {value: input, attentionMask: mask, useCausalMask: causal}) as tf.Tensor;
+    tf.dispose(block(kerasAttend(maskOneRow), x));
+    const fused = await timeIt(encoderOf(kerasAttend(maskOneRow), keras.trainableWeights));
+    const before = await timeIt(encoderOf(kerasAttend(maskRows), keras.trainableWeights));
+    await checkOwnPipelineErrors();
+    rows.push('');
+    header(
+        `Keras MultiHeadAttention encoder block (causal=${causal}, padding mask) fwd+bwd`,
+        'speed-up');
+    row('attention_mask [B, 1, Sk]: fused (after)', fused, before);
+    row('attention_mask [B, Sq, Sk]: composed (before)', before);
+    tf.dispose([maskOneRow, maskRows]);
+    keras.dispose();
+  }
   tf.dispose([x, dy, keyMask, cuSeqlens, seqlens]);
   console.log(rows.join('\n'));
 }

@@ -2,7 +2,8 @@
  * Counts what a piece of tfjs work costs the WebGPU API: queue submits,
  * compute dispatches, host uploads (tensors tfjs-backend-webgpu copies from
  * the CPU through a staging buffer), queue.writeBuffer calls (tfjs's
- * per-kernel uniforms), buffers created and read-backs, with the time spent
+ * per-kernel uniforms), buffers created, read-backs, copies recorded and
+ * error scopes pushed, with the time spent
  * in submit and createBuffer. Wraps the methods once on their prototypes
  * and on the backend; counting starts and stops with `reset`/`snapshot`.
  */
@@ -18,6 +19,10 @@ export interface WebGPUCounts {
   buffersCreated: number;
   createBufferMs: number;
   readBacks: number;
+  /** copyBufferToBuffer commands recorded (e.g. cache appends). */
+  bufferCopies: number;
+  /** device.pushErrorScope calls (each costs a round trip to resolve). */
+  errorScopes: number;
   /** Host uploads by dtype and shape, e.g. `float32[] 12` (12 scalars). */
   uploadShapes: Map<string, number>;
 }
@@ -33,6 +38,8 @@ function zeroCounts(): WebGPUCounts {
     buffersCreated: 0,
     createBufferMs: 0,
     readBacks: 0,
+    bufferCopies: 0,
+    errorScopes: 0,
     uploadShapes: new Map()
   };
 }
@@ -96,7 +103,9 @@ export class WebGPUCounters {
     wrap(
         Object.getPrototypeOf(device), 'createBuffer', () => c().buffersCreated++,
         ms => c().createBufferMs += ms);
+    wrap(Object.getPrototypeOf(device), 'pushErrorScope', () => c().errorScopes++);
     const encoder = device.createCommandEncoder();
+    wrap(Object.getPrototypeOf(encoder), 'copyBufferToBuffer', () => c().bufferCopies++);
     const pass = encoder.beginComputePass();
     wrap(Object.getPrototypeOf(pass), 'dispatchWorkgroups', () => c().dispatches++);
     pass.end();

@@ -105,19 +105,46 @@ export function layerNorm(
   return norm(x, gamma, beta);
 }
 
+const GELU_K = Math.sqrt(2 / Math.PI);
+const GELU_A = 0.044715;
+
 /**
- * gelu_new (the tanh approximation) whose constants are made on the device
- * (tf.fill is a kernel): tfjs-layers' 'gelu_new' activation turns each of
- * its numbers into a scalar uploaded from the host, on every call and in
- * the gradient, which adds host uploads to every training step.
+ * gelu_new (the tanh approximation), 0.5 x (1 + tanh(k (x + a x^3))), with
+ * its gradient written out and every constant made on the device (tf.fill
+ * is a kernel): tfjs-layers' 'gelu_new' activation uploads each of its
+ * numbers as a scalar on every call, and tfjs's Tanh gradient uploads
+ * scalar(1): host uploads in every training step. The gradient saves only
+ * x (tfjs counts other tensors a custom gradient keeps as leaks) and
+ * recomputes tanh:
+ * d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 a x^2).
  */
 export function geluNew(x: tf.Tensor): tf.Tensor {
-  return tf.tidy(() => {
-    const c = (value: number) => tf.fill([], value);
-    const cube = tf.mul(x, tf.mul(x, x));
-    const inner = tf.mul(c(Math.sqrt(2 / Math.PI)), tf.add(x, tf.mul(c(0.044715), cube)));
-    return tf.mul(x, tf.mul(c(0.5), tf.add(c(1), tf.tanh(inner))));
+  // Each constant is one Fill kernel: made once per forward and backward.
+  const constants = () => {
+    const [half, one, k, a] = [0.5, 1, GELU_K, GELU_A].map(v => tf.fill([], v));
+    const tanhOf = (input: tf.Tensor) =>
+        tf.tanh(tf.mul(k, tf.mul(input, tf.add(one, tf.mul(a, tf.square(input))))));
+    return {half, one, k, a, tanhOf};
+  };
+  const gelu = tf.customGrad((...args: Array<tf.Tensor|tf.GradSaveFunc>) => {
+    const input = args[0] as tf.Tensor;
+    (args[1] as tf.GradSaveFunc)([input]);
+    return {
+      value: tf.tidy(() => {
+        const {half, one, tanhOf} = constants();
+        return tf.mul(tf.mul(half, input), tf.add(one, tanhOf(input)));
+      }),
+      gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => tf.tidy(() => {
+        const [s] = saved;
+        const {half, one, k, tanhOf} = constants();
+        const t = tanhOf(s);
+        const inner = tf.add(one, tf.mul(tf.fill([], 3 * GELU_A), tf.square(s)));
+        const slope = tf.mul(tf.mul(s, tf.sub(one, tf.square(t))), tf.mul(k, inner));
+        return tf.mul(dy, tf.mul(half, tf.add(tf.add(one, t), slope)));
+      }),
+    };
   });
+  return gelu(x);
 }
 
 /** The layer of geluNew (no weights). */
@@ -155,13 +182,19 @@ export function buildGPT(
               .apply(tokens) as tfl.SymbolicTensor;
   // Fused: a branch's output waits here to be added to x inside the next norm.
   let pending: tfl.SymbolicTensor|null = null;
-  const normOf = (layerName: string): tfl.SymbolicTensor => {
+  // The last norm's sum is not used: it is not asked for (the gradient of
+  // an unused output is zeros that tfjs makes on the host, an upload).
+  const normOf = (layerName: string, last = false): tfl.SymbolicTensor => {
     if (norm !== 'fused' || pending == null) {
       return makeNorm(layerName).apply(x) as tfl.SymbolicTensor;
     }
-    const [normed, sum] = makeNorm(layerName, true).apply([pending, x]) as tfl.SymbolicTensor[];
-    x = sum;
+    const inputs = [pending, x];
     pending = null;
+    if (last) {
+      return makeNorm(layerName).apply(inputs) as tfl.SymbolicTensor;
+    }
+    const [normed, sum] = makeNorm(layerName, true).apply(inputs) as tfl.SymbolicTensor[];
+    x = sum;
     return normed;
   };
   const addResidual = (branch: tfl.SymbolicTensor, layerName: string) => {
@@ -197,7 +230,7 @@ export function buildGPT(
         tfl.SymbolicTensor;
     addResidual(mlp, `${p}_residual2`);
   }
-  const normed = normOf(`${name}_norm`);
+  const normed = normOf(`${name}_norm`, true);
   const logits = tfl.layers.dense({units: vocabSize, name: `${name}_logits`}).apply(normed) as
       tfl.SymbolicTensor;
   return tfl.model({inputs: tokens, outputs: logits, name});

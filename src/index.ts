@@ -31,8 +31,10 @@ export {flashAttention, flashAttentionKVPacked, flashAttentionQKVPacked} from '.
 export {version} from './version';
 export type{FlashAttentionVarlenOp, FlashAttentionVarlenOptions, FlashAttentionVarlenResult, UnpaddedInput} from './varlen';
 export {flashAttentionVarlen, padInput, unpadInput} from './varlen';
+export type{UnpadInputOptions} from './varlen';
 export type{FusedKernelFeatures} from './dispatch';
 export {paddingMaskLengths} from './seqlens';
+export {valuesOnHost} from './seqlens';
 export type{FusedNormAttrs, FusedRotaryAttrs, SoftmaxCrossEntropyAttrs} from './train/kernel_names';
 export {FusedNorm, FusedNormGrad, FusedRotary, SoftmaxCrossEntropy, SoftmaxCrossEntropyGrad} from './train/kernel_names';
 export type{CrossEntropyOptions, NormOp, NormOptions} from './train/ops';

@@ -71,16 +71,36 @@ export interface FlashAttentionAttrs {
    * dispatch keep such calls away from fused kernels that ignore them.
    */
   hasSeqlens?: boolean;
+  /**
+   * True when the caller discards softmaxLse: its gradient is known to be
+   * zero, made in host memory, which the webgpu backward skips instead of
+   * uploading.
+   */
+  lseDiscarded?: boolean;
+  /**
+   * With seqlens: the causal/window/ALiBi diagonal stays at the padded
+   * `i + Sk - Sq` (a key padding mask hides keys, it does not move them)
+   * instead of each batch row's own `i + seqlenK_b - seqlenQ_b` (varlen).
+   */
+  paddedDiagonal?: boolean;
 }
 
 /**
  * Inference-only attention over a KV cache (flash_attn_with_kvcache).
  * Inputs: q, kCache, vCache, optional k, v (new rows, appended in place at
- * `cacheSeqlens`) and alibiSlopes. Outputs: `[out, softmaxLse]`.
+ * `cacheSeqlens`), alibiSlopes, rotaryCos and rotarySin. Outputs:
+ * `[out, softmaxLse]`.
  */
 export const FlashAttentionKVCache = 'FlashAttentionKVCache';
 
 export interface FlashAttentionKVCacheAttrs extends FlashAttentionAttrs {
   /** Valid cache rows per batch row before this call's new keys. */
   cacheSeqlens: number[];
+  /**
+   * With the inputs rotaryCos and rotarySin (`[Sro, rotaryDim / 2]`), the
+   * kernel rotates q and the new keys itself, at rows `cacheSeqlens[b] + s`
+   * (q at `cacheSeqlens[b]` for every row when `rotaryQSameRow`).
+   */
+  rotaryInterleaved?: boolean;
+  rotaryQSameRow?: boolean;
 }

@@ -32,6 +32,8 @@ export class KVCache {
   private kVar: tf.Variable<tf.Rank.R4>|null;
   private vVar: tf.Variable<tf.Rank.R4>|null;
   private lengths: number[];
+  /** Tensors a decoding layer keeps for this cache's lifetime (constant). */
+  private readonly constants = new Map<string, tf.Tensor>();
 
   constructor(args: KVCacheArgs) {
     const {batch, maxSeqLen, headsKV, headDim} = args;
@@ -113,8 +115,25 @@ export class KVCache {
     this.lengths = new Array(this.batch).fill(0);
   }
 
+  /**
+   * A constant tensor a decoding layer needs at every step (e.g. its ALiBi
+   * slopes), made by `make` on first use and kept until the cache is
+   * disposed: a step then uploads nothing.
+   */
+  constant<T extends tf.Tensor>(key: string, make: () => T): T {
+    this.live();
+    let t = this.constants.get(key);
+    if (t == null || t.isDisposed) {
+      t = tf.keep(make());
+      this.constants.set(key, t);
+    }
+    return t as T;
+  }
+
   /** Frees both variables; the cache cannot be used afterwards. */
   dispose(): void {
+    this.constants.forEach(t => t.dispose());
+    this.constants.clear();
     this.kVar?.dispose();
     this.vVar?.dispose();
     this.kVar = null;

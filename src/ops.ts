@@ -73,11 +73,14 @@ function attention(
   const {seqlensQ, seqlensK} =
       lengthOptions({seqlensQ: q0, seqlensK: k0, keyPaddingMask: m0}, shapes, opName);
   const hasSeqlens = seqlensQ != null || seqlensK != null;
+  // A key padding mask hides keys without moving the diagonal.
+  const diagonal = m0 != null ? {paddedDiagonal: true} : {};
   const [q, k, v] = unpack();
+  const returnLse = opts?.returnSoftmaxLse === true;
   const [out, lse] = runFlashAttention(
-      q, k, v, alibiSlopes, shapes, {...attrs, hasSeqlens},
+      q, k, v, alibiSlopes, shapes, {...attrs, hasSeqlens, lseDiscarded: !returnLse, ...diagonal},
       hasSeqlens ? seqlensInput(shapes, seqlensQ, seqlensK) : undefined);
-  if (opts?.returnSoftmaxLse === true) {
+  if (returnLse) {
     return [out, lse];
   }
   lse.dispose();

@@ -365,14 +365,21 @@ function flashAttentionWithKVCache_(
     opts: FlashAttentionWithKVCacheOptions = {}): tf.Tensor4D|[tf.Tensor4D, tf.Tensor3D] {
   const c = checkKVCacheCall(q, kCache, vCache, opts);
   const {shapes, seqNew, cacheSeqlens, alibiSlopes, attrs, rotary} = c;
+  const seqlensK = cacheSeqlens.map(n => n + seqNew);
+  const kernelAttrs: FlashAttentionKVCacheAttrs = {...attrs, cacheSeqlens};
+  const fused = useFusedKernel(FlashAttentionKVCache, shapes, kernelAttrs);
+  const appendInPlace =
+      fused && opts.k != null && opts.v != null && !sharesData(kCache) && !sharesData(vCache);
+  // flash_attn: q moves with the new keys only when causal or local.
+  const local = attrs.windowLeft >= 0 || attrs.windowRight >= 0;
+  // The fused kernel rotates q and the new keys itself (one dispatch, no
+  // upload); it cannot when the new keys go through a composed append.
+  const rotaryInKernel = rotary != null && fused && (opts.k == null || appendInPlace);
   let qIn = q;
   let kNew = opts.k;
-  if (rotary != null) {
-    // flash_attn: q moves with the new keys only when causal or local.
-    const local = attrs.windowLeft >= 0 || attrs.windowRight >= 0;
+  if (rotary != null && !rotaryInKernel) {
     if (kNew != null && local && seqNew === shapes.seqQ) {
-      // Same positions: one rotation of q and k side by side (a decode
-      // step is many small dispatches; this halves the rotary's).
+      // Same positions: one rotation of q and k side by side.
       const both = rotateAt(
           tf.concat([q, kNew], 2), rotary.cos, rotary.sin, cacheSeqlens, false, rotary.interleaved);
       [qIn, kNew] = tf.split(both, [shapes.heads, shapes.headsKV], 2) as [tf.Tensor4D, tf.Tensor4D];
@@ -383,14 +390,20 @@ function flashAttentionWithKVCache_(
       }
     }
   }
-  const seqlensK = cacheSeqlens.map(n => n + seqNew);
-  const kernelAttrs: FlashAttentionKVCacheAttrs = {...attrs, cacheSeqlens};
+  if (rotaryInKernel) {
+    kernelAttrs.rotaryInterleaved = rotary!.interleaved;
+    kernelAttrs.rotaryQSameRow = !local;
+  }
   let out: tf.Tensor4D;
   let lse: tf.Tensor3D;
-  if (useFusedKernel(FlashAttentionKVCache, shapes, kernelAttrs)) {
+  if (fused) {
     const inputs: tf.NamedTensorMap = {q: qIn, kCache, vCache};
+    if (rotaryInKernel) {
+      inputs.rotaryCos = rotary!.cos;
+      inputs.rotarySin = rotary!.sin;
+    }
     if (kNew != null && opts.v != null) {
-      if (sharesData(kCache) || sharesData(vCache)) {
+      if (!appendInPlace) {
         // Another tensor holds this data: writing in place would change it.
         (kCache as tf.Variable).assign(composedAppend(kCache, kNew, cacheSeqlens));
         (vCache as tf.Variable).assign(composedAppend(vCache, opts.v, cacheSeqlens));

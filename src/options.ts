@@ -58,8 +58,12 @@ export interface FlashAttentionOptions {
   seqlensK?: Tensor;
   /**
    * `[B, Sk]` bool key padding mask (true = a real key), each row real keys
-   * then padding: the same as `seqlensK` = the count of trues. A mask that
-   * is not a padding mask is an error (read back once per tensor).
+   * then padding: keys from the first false on are hidden, as with
+   * `seqlensK`, but the causal/window/ALiBi diagonal stays at the padded
+   * `i + Sk - Sq` (masking keys does not move them). The lengths are
+   * computed on the device. A mask whose values are in host memory is
+   * checked (not a padding mask: an error); one that lives on the GPU is
+   * not read back (docs/varlen.md).
    */
   keyPaddingMask?: Tensor;
   /**

@@ -57,28 +57,45 @@ export function checkLengths(
   return value as tf.Tensor1D;
 }
 
+/** Backends whose tensors live in host memory. */
+const HOST_BACKENDS = new Set(['cpu', 'wasm']);
+
+/**
+ * Whether `t`'s values can be read without waiting on a GPU: on a host
+ * backend, or where the GPU backend still holds them in host memory
+ * (tfjs-backend-webgpu keeps the values of a tensor made from an array,
+ * and of small ops it ran on the CPU, until they are uploaded).
+ */
+export function valuesOnHost(t: tf.Tensor): boolean {
+  if (HOST_BACKENDS.has(tf.getBackend())) {
+    return true;
+  }
+  const backend = tf.backend() as unknown as
+      {tensorMap?: {get ? (dataId: object) : {values?: unknown} | undefined}};
+  return backend.tensorMap?.get?.(t.dataId)?.values != null;
+}
+
 /**
  * The lengths of a key padding mask `[B, Sk]` (true/nonzero = a real key);
  * null when some row is not real keys followed by padding (then it is not
- * a padding mask); 'unchecked' when the backend cannot read the mask
- * synchronously (tfjs-backend-webgpu in Node): the mask is then taken as
- * a padding mask (docs/varlen.md). A read is remembered per tensor, so the
- * layers of one model share it.
+ * a padding mask). Only where the values are in host memory
+ * (valuesOnHost); a mask that lives on the GPU is not read back (that
+ * would stall on the GPU): 'unchecked', and it is taken as a padding mask
+ * whose lengths are each row's leading trues, computed on the device
+ * (docs/varlen.md). A read is remembered per tensor, so the layers of one
+ * model share it.
  */
-const maskLengthsCache = new WeakMap<tf.Tensor, Int32Array|null|'unchecked'>();
+const maskLengthsCache = new WeakMap<tf.Tensor, Int32Array|null>();
 export function paddingMaskLengths(mask: tf.Tensor): Int32Array|null|'unchecked' {
   const cached = maskLengthsCache.get(mask);
   if (cached !== undefined) {
     return cached;
   }
-  const [batch, seq] = [mask.shape[0], mask.shape[mask.rank - 1]];
-  let values: ArrayLike<number>;
-  try {
-    values = mask.dataSync() as ArrayLike<number>;
-  } catch (e) {
-    maskLengthsCache.set(mask, 'unchecked');
+  if (!valuesOnHost(mask)) {
     return 'unchecked';
   }
+  const [batch, seq] = [mask.shape[0], mask.shape[mask.rank - 1]];
+  const values = mask.dataSync() as ArrayLike<number>;
   let lengths: Int32Array|null = new Int32Array(batch);
   for (let b = 0; b < batch && lengths != null; b++) {
     let len = 0;

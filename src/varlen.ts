@@ -324,13 +324,31 @@ function scatterRows(x: tf.Tensor, indices: tf.Tensor1D, rows: number): tf.Tenso
   return f(x, indices);
 }
 
+/** Sizes of unpadInput's result that would otherwise be read back. */
+export interface UnpadInputOptions {
+  /**
+   * The number of nonzero mask entries (flash_attn's total_nnz). Given, the
+   * mask is not read back: every index is computed on the device. It must
+   * be the mask's count: rows past the count are zero with index -1, kept
+   * rows past it are dropped.
+   */
+  totalTokens?: number;
+  /**
+   * The longest sequence, returned as is; without it (and with
+   * totalTokens) maxSeqlen is S, a valid bound for flashAttentionVarlen.
+   */
+  maxSeqlen?: number;
+}
+
 /**
  * Padded `[B, S, ...]` plus a `[B, S]` mask (bool or numeric, nonzero =
  * keep) -> the kept rows packed (flash_attn's unpad_input). Any mask
- * works, not only padding masks. Reads the mask back (the number of kept
- * rows decides the output's shape). Differentiable with respect to `x`.
+ * works, not only padding masks. Without `opts.totalTokens` it reads the
+ * mask back once (the number of kept rows decides the output's shape);
+ * with it, nothing is read back. Differentiable with respect to `x`.
  */
-export function unpadInput(x: tf.Tensor, attentionMask: tf.Tensor): UnpaddedInput {
+export function unpadInput(
+    x: tf.Tensor, attentionMask: tf.Tensor, opts: UnpadInputOptions = {}): UnpaddedInput {
   const opName = 'unpadInput';
   if (!(x instanceof tf.Tensor) || x.rank < 2) {
     throw new Error(`${opName}: x must be a tf.Tensor of shape [B, S, ...], got ${
@@ -343,6 +361,18 @@ export function unpadInput(x: tf.Tensor, attentionMask: tf.Tensor): UnpaddedInpu
         seqlen}] ([B, S]), got ${
         attentionMask instanceof tf.Tensor ? shapeString(attentionMask.shape) :
                                              typeof attentionMask}`);
+  }
+  const {totalTokens, maxSeqlen} = opts ?? {};
+  for (const [name, n, max] of [
+           ['totalTokens', totalTokens, batch * seqlen], ['maxSeqlen', maxSeqlen, seqlen]] as
+       Array<[string, number | undefined, number]>) {
+    if (n !== undefined && (!Number.isInteger(n) || n < 0 || n > max)) {
+      throw new Error(
+          `${opName}: opts.${name} must be an integer in [0, ${max}], got ${String(n)}`);
+    }
+  }
+  if (totalTokens !== undefined) {
+    return unpadOnDevice(x, attentionMask, totalTokens, maxSeqlen ?? seqlen);
   }
   const values = attentionMask.dataSync();
   const kept: number[] = [];
@@ -363,9 +393,46 @@ export function unpadInput(x: tf.Tensor, attentionMask: tf.Tensor): UnpaddedInpu
     x: packed,
     indices,
     cuSeqlens: tf.tensor1d(cu, 'int32'),
-    maxSeqlen: Math.max(0, ...lengths),
+    maxSeqlen: maxSeqlen ?? Math.max(0, ...lengths),
     seqlens: tf.tensor1d(lengths, 'int32'),
   };
+}
+
+/**
+ * unpadInput with the row count given: kept row r (in batch-major order)
+ * is the one whose exclusive prefix count of kept rows is r, so its slot
+ * comes from a cumulative sum and a scatter, all on the device.
+ */
+function unpadOnDevice(
+    x: tf.Tensor, attentionMask: tf.Tensor, total: number, maxSeqlen: number): UnpaddedInput {
+  const [batch, seqlen, ...rest] = x.shape;
+  const flatRows = batch * seqlen;
+  const {indices, seqlens, cuSeqlens} = tf.tidy(() => {
+    const keep = tf.cast(tf.notEqual(tf.reshape(attentionMask, [flatRows]), 0), 'int32');
+    // float32 sums are exact below 2^24 rows.
+    const slot = tf.cast(tf.cumsum(tf.cast(keep, 'float32'), 0, true), 'int32');
+    // Dropped rows (and kept rows past `total`) go to a spare slot `total`.
+    const target = tf.where(
+        tf.logicalAnd(tf.cast(keep, 'bool'), tf.less(slot, tf.scalar(total, 'int32'))), slot,
+        tf.fill([flatRows], total, 'int32'));
+    // Slots hold flat index + 1, so an unfilled slot reads -1 after the - 1.
+    const flatPlusOne = tf.range(1, flatRows + 1, 1, 'int32');
+    const slots = tf.scatterND(tf.reshape(target, [flatRows, 1]), flatPlusOne, [total + 1]);
+    const indices = tf.sub(tf.slice(slots, 0, total), tf.scalar(1, 'int32')) as tf.Tensor1D;
+    const seqlens = tf.sum(tf.reshape(keep, [batch, seqlen]), 1) as tf.Tensor1D;
+    const cuSeqlens = tf.concat([
+      tf.zeros([1], 'int32'), tf.cast(tf.cumsum(tf.cast(seqlens, 'float32')), 'int32')
+    ]) as tf.Tensor1D;
+    return {indices, seqlens, cuSeqlens};
+  });
+  const packed = tf.tidy(() => {
+    // Row 0 of the source is a zero row, read by unfilled slots (index -1).
+    const source =
+        tf.concat([tf.zeros([1, ...rest], x.dtype), tf.reshape(x, [flatRows, ...rest])], 0);
+    const shifted = tf.add(indices, tf.scalar(1, 'int32')) as tf.Tensor1D;
+    return gatherRows(source, shifted);
+  });
+  return {x: packed, indices, cuSeqlens, maxSeqlen, seqlens};
 }
 
 /**

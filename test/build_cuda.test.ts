@@ -121,10 +121,18 @@ describe('scripts/build-cuda.js', () => {
         ]);
         const out = tmpdir();
         const log = path.join(out, 'nvcc.log');
+        // A launcher, so that the stand-in runs whatever mode git gave
+        // test/cuda/fake_nvcc.js in the checkout.
+        const nvcc = path.join(tmpdir(), 'nvcc');
+        fs.writeFileSync(
+            nvcc,
+            `#!/bin/sh\nexec '${process.execPath}' '${
+                path.join(root, 'test/cuda/fake_nvcc.js')}' "$@"\n`,
+            {mode: 0o755});
         const env = baseEnv({
           FA_TFJS_NODE_GPU_DIR: tfjs,
           FAKE_NVCC_LOG: log,
-          NVCC: path.join(root, 'test/cuda/fake_nvcc.js'),
+          NVCC: nvcc,
           TFJS_FLASH_ATTENTION_BUILD_DIR: out,
           FA_CUDA_ARCHS: '90'
         });

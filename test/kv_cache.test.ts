@@ -81,6 +81,19 @@ const CASES: DecodeCase[] = [
     rotary: {half: 4, interleaved: true}
   },
   {
+    // Five rows: the fused kernel's per-row rotary starts span two vec4s.
+    name: 'non-causal rotary: every q row at the cache length, 5 rows',
+    batch: 5,
+    seqQ: 2,
+    seqNew: 1,
+    seqMax: 24,
+    heads: 2,
+    headsKV: 1,
+    headDim: 8,
+    opts: {},
+    rotary: {half: 3, interleaved: false}
+  },
+  {
     name: 'no new keys (read-only cache), one row empty',
     batch: 2,
     seqQ: 1,

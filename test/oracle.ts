@@ -36,6 +36,11 @@ export interface OracleOptions {
    * (batch 0 here) draws the bits of batch row `dropoutBatchOffset`.
    */
   dropoutBatchOffset?: number;
+  /**
+   * A key padding mask as lengths: batch row b sees keys j < keyLengths[b]
+   * only; the causal/window/ALiBi diagonal stays at i + Sk - Sq.
+   */
+  keyLengths?: number[];
 }
 
 export interface OracleForward {
@@ -95,7 +100,7 @@ function rowScores(p: OracleProblem, o: OracleOptions, b: number, h: number, i: 
   const cap = o.softcap ?? 0;
   const row: RowScores = {keys: [], scores: [], capTanh: [], keep: []};
   for (let j = 0; j < seqK; j++) {
-    if (!isVisible(i, j, p, o)) {
+    if (!isVisible(i, j, p, o) || (o.keyLengths != null && j >= o.keyLengths[b])) {
       continue;
     }
     let dot = 0;

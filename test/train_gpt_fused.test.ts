@@ -2,14 +2,21 @@
  * A tiny GPT trained some steps with everything fused (fused norms with the
  * residual adds, FlashMHA, fused cross-entropy, fusedAdam) on webgpu, and
  * the same model, weights and batches with every op's composed reference
- * (FLASH_ATTENTION_IMPL=reference, FUSED_ADAMW_IMPL=reference): the loss
- * curves agree within float32 tolerance at every step. No tensor leaks.
+ * (FLASH_ATTENTION_IMPL=reference, FUSED_ADAMW_IMPL=reference), and the
+ * model of stock-tfjs parts (the demo's composed LayerNorm, tfjs-layers'
+ * gelu_new, tf.train.adam, composed cross-entropy): the loss curves agree
+ * within float32 tolerance at every step. A fused step uploads only its
+ * batch (inputs and targets) from the host. No tensor leaks. And geluNew's
+ * hand-written gradient against the float64 derivative.
  */
 import * as tf from '@tensorflow/tfjs-core';
 
 import {buildGPT, GPTConfig, NormKind, sampleBatch, seededRandom, trainableVariables, trainStep} from '../demo/gpt';
 import {FLASH_ATTENTION_IMPL, FUSED_ADAMW_IMPL, fusedAdam} from '../src';
 import {flashMHA} from '../src/layers';
+
+import {webgpuCounters} from '../benchmarks/webgpu_counters';
+import {geluNew} from '../demo/gpt';
 
 import {selectedBackends, useBackend} from './harness/backends';
 
@@ -21,9 +28,9 @@ const CONFIG: GPTConfig = {
   embedDim: 16,
   numHeads: 2
 };
-// 50 steps take minutes on SwiftShader: the test runs 12; the 50-step
+// 50 steps take minutes on SwiftShader: the test runs 6 (three models); the 50-step
 // comparison is `node train_gpt.mjs --child=curve` (benchmarks/train_gpt.ts).
-const STEPS = 8;
+const STEPS = 6;
 
 describeWebGPU('a tiny GPT, all fused vs the composed reference [webgpu]', () => {
   beforeAll(() => useBackend('webgpu'));
@@ -38,9 +45,15 @@ describeWebGPU('a tiny GPT, all fused vs the composed reference [webgpu]', () =>
     const data = Int32Array.from({length: 400}, () => Math.floor(random() * CONFIG.vocabSize));
     // One batch, repeated: fitting it must lower the loss at every run
     // (fresh random batches make the first-vs-last comparison a coin toss).
-    const batch = sampleBatch(data, 2, 8, random);
-    const batches = Array.from({length: STEPS}, () => batch);
+    const sampled = sampleBatch(data, 2, 8, random);
+    const batch = {
+      xs: sampled.x.dataSync(),
+      ys: sampled.y.dataSync(),
+      shape: sampled.x.shape as [number, number]
+    };
+    tf.dispose([sampled.x, sampled.y]);
     const initial = buildGPT(CONFIG, flashMHA, 'gpt', 'gpt');
+    const uploads: Array<Record<string, number>> = [];
     const curve = async (impl: 'auto'|'reference', norm: NormKind, steps: number) => {
       tf.env().set(FLASH_ATTENTION_IMPL, impl);
       tf.env().set(FUSED_ADAMW_IMPL, impl);
@@ -50,9 +63,18 @@ describeWebGPU('a tiny GPT, all fused vs the composed reference [webgpu]', () =>
       const optimizer = fused ? fusedAdam({learningRate: 1e-2}) : tf.train.adam(1e-2);
       const vars = trainableVariables(model);
       const losses: number[] = [];
-      for (const {x, y} of batches.slice(0, steps)) {
+      const counters = webgpuCounters();
+      for (let step = 0; step < steps; step++) {
+        // The batch made from host values at each step, like new data.
+        const x = tf.tensor2d(batch.xs, batch.shape, 'int32');
+        const y = tf.tensor2d(batch.ys, batch.shape, 'int32');
+        counters.reset();
         losses.push(await trainStep(
             model, optimizer, x, y, CONFIG.vocabSize, vars, fused ? 'fused' : 'composed'));
+        if (impl === 'auto' && fused) {
+          uploads.push(Object.fromEntries(counters.snapshot().uploadShapes));
+        }
+        tf.dispose([x, y]);
       }
       optimizer.dispose();
       model.dispose();
@@ -60,14 +82,53 @@ describeWebGPU('a tiny GPT, all fused vs the composed reference [webgpu]', () =>
     };
     const fusedLosses = await curve('auto', 'fused', STEPS);
     const referenceLosses = await curve('reference', 'fused', STEPS);
+    const stockLosses = await curve('reference', 'gpt', STEPS);
     initial.dispose();
-    tf.dispose([batch.x, batch.y]);
     expect(tf.memory().numTensors).toBe(before);
     // It learns (fits the repeated batch).
     expect(fusedLosses[STEPS - 1]).toBeLessThan(fusedLosses[0]);
     for (let i = 0; i < STEPS; i++) {
       expect(Math.abs(fusedLosses[i] - referenceLosses[i]))
           .toBeLessThan(1e-3 * Math.max(1, referenceLosses[i]));
+      expect(Math.abs(fusedLosses[i] - stockLosses[i]))
+          .toBeLessThan(1e-3 * Math.max(1, stockLosses[i]));
     }
+    // Every fused step after the first (which builds the optimizer's state)
+    // uploads exactly its batch: inputs and targets, int32 [2, 8].
+    expect(uploads.slice(1)).toEqual(Array(STEPS - 1).fill({'int32[2,8]': 2}));
+  });
+});
+
+describe('geluNew', () => {
+  beforeAll(() => useBackend('cpu'));
+
+  it('value and gradient match the float64 tanh GELU', () => {
+    const before = tf.memory().numTensors;
+    const random = seededRandom(21);
+    const values = Array.from({length: 64}, () => (random() - 0.5) * 8);
+    const dyValues = Array.from({length: 64}, () => random() - 0.5);
+    const x = tf.tensor1d(values);
+    const dy = tf.tensor1d(dyValues);
+    const [y, dx] = tf.tidy(() => {
+      const {value, grad} = tf.valueAndGrad(geluNew)(x, dy);
+      return [value, grad];
+    });
+    const k = Math.sqrt(2 / Math.PI);
+    const a = 0.044715;
+    const expectedY = values.map(v => 0.5 * v * (1 + Math.tanh(k * (v + a * v ** 3))));
+    const expectedDx = values.map((v, i) => {
+      const t = Math.tanh(k * (v + a * v ** 3));
+      return dyValues[i] * (0.5 * (1 + t) + 0.5 * v * (1 - t * t) * k * (1 + 3 * a * v * v));
+    });
+    const check =
+        (actual: Float32Array|Int32Array|Uint8Array, expected: number[], bound: number) => {
+          const scale = Math.max(...expected.map(Math.abs));
+          expected.forEach(
+              (e, i) => expect(Math.abs(actual[i] - e)).toBeLessThanOrEqual(bound * scale));
+        };
+    check(y.dataSync(), expectedY, 1e-4);
+    check(dx.dataSync(), expectedDx, 5e-4);
+    tf.dispose([x, dy, y, dx]);
+    expect(tf.memory().numTensors).toBe(before);
   });
 });

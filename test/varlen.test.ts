@@ -7,13 +7,17 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 
-import {FLASH_ATTENTION_IMPL, flashAttention, flashAttentionVarlen, padInput, unpadInput} from '../src';
+import {FLASH_ATTENTION_IMPL, FlashAttention, flashAttention, flashAttentionVarlen, padInput, unpadInput} from '../src';
+import {flashMHA} from '../src/layers';
+import {alibiSlopes} from '../src/layers/alibi';
+import {MultiHeadAttention} from '../src/layers/multi_head_attention';
+import {LayerConfig, LayerWeights, layerOracle} from './layers/mha_oracle';
 import {forwardStats, setForwardOverride} from '../kernels/webgpu/FlashAttention';
 import {fusedGradRunCount, setGradTilesOverride} from '../kernels/webgpu/FlashAttentionGrad';
 import {checkOwnPipelineErrors, setPoisonOutputs} from '../kernels/webgpu/own_pipeline';
 
 import {describeBackends} from './harness/backends';
-import {expectClose, FORWARD_BOUND, freshRng, GRADIENT_BOUND, randomArray, randomOracleProblem, Rng} from './harness/problems';
+import {expectClose, FORWARD_BOUND, freshRng, GRADIENT_BOUND, ProblemShape, randomArray, randomOracleProblem, Rng} from './harness/problems';
 import {OracleOptions, OracleProblem, oracleBackward, oracleForward} from './oracle';
 
 interface VarlenCase {
@@ -336,7 +340,7 @@ describeBackends('per-batch key lengths on the padded op', backend => {
     setForwardOverride(null);
     setGradTilesOverride(null);
   });
-  it('keyPaddingMask equals seqlensK, and both equal the cut sequences', async () => {
+  it('seqlensK equals the cut sequences; keyPaddingMask equals it without a diagonal', async () => {
     const rng = freshRng();
     const [batch, seq, heads, dim] = [3, 10, 2, 8];
     const lengths = [10, 0, 4];
@@ -352,9 +356,10 @@ describeBackends('per-batch key lengths on the padded op', backend => {
             tf.reshape(tf.range(0, seq, 1, 'int32'), [1, seq]), tf.reshape(seqlensK, [batch, 1])));
     const before = tf.memory().numTensors;
     const a = flashAttention(q, k, v, {seqlensK, causal: true});
-    const b = flashAttention(q, k, v, {keyPaddingMask: mask, causal: true});
+    const b = flashAttention(q, k, v, {keyPaddingMask: mask});
+    const c = flashAttention(q, k, v, {seqlensK});
     const av = await a.data();
-    expectClose(await b.data(), av, 0, 'mask vs lengths');
+    expectClose(await b.data(), await c.data(), 0, 'mask vs lengths');
     // Row b alone, keys cut to its length (the query rows all stay).
     for (let bi = 0; bi < batch; bi++) {
       const len = lengths[bi];
@@ -388,7 +393,7 @@ describeBackends('per-batch key lengths on the padded op', backend => {
           av.slice(bi * seq * heads * dim, (bi + 1) * seq * heads * dim), expected, FORWARD_BOUND,
           `batch row ${bi} (length ${len}, seed ${rng.seed})`);
     }
-    tf.dispose([a, b]);
+    tf.dispose([a, b, c]);
     expect(tf.memory().numTensors).toBe(before);
     const notPadding = tf.tensor2d(
         [
@@ -443,8 +448,266 @@ describeBackends('per-batch key lengths on the padded op', backend => {
         (t: tf.Tensor) => tf.sum(tf.mul(padInput(unpadInput(t, mask).x, u.indices, 3, 4), w)))(x);
     const gExpected = tf.tidy(() => tf.mul(w, tf.expandDims(tf.cast(mask, 'float32'), 2)));
     expectClose(await g.data(), await gExpected.data(), 0, 'gradient of pad(unpad(x))');
+    // With the row count given, the same on the device (nothing read back).
+    const d = unpadInput(x, mask, {totalTokens: 5});
+    expect(d.maxSeqlen).toBe(4);
+    expect(Array.from(await d.indices.data())).toEqual([0, 1, 8, 10, 11]);
+    expect(Array.from(await d.cuSeqlens.data())).toEqual([0, 2, 2, 5]);
+    expect(Array.from(await d.seqlens.data())).toEqual([2, 0, 3]);
+    expectClose(await d.x.data(), await u.x.data(), 0, 'unpadInput with totalTokens');
+    const gd = tf.grad(
+        (t: tf.Tensor) => tf.sum(tf.mul(
+            padInput(unpadInput(t, mask, {totalTokens: 5, maxSeqlen: 3}).x, u.indices, 3, 4), w)))(
+        x);
+    expectClose(await gd.data(), await gExpected.data(), 0, 'gradient, totalTokens given');
     tf.dispose([u.x, u.indices, u.cuSeqlens, u.seqlens, back, expected, w, g, gExpected]);
+    tf.dispose([d.x, d.indices, d.cuSeqlens, d.seqlens, gd]);
+    expect(tf.memory().numTensors).toBe(before);
+    expect(() => unpadInput(x, mask, {totalTokens: 13}))
+        .toThrow(/unpadInput: opts.totalTokens must be an integer in \[0, 12\], got 13/);
     expect(tf.memory().numTensors).toBe(before);
     tf.dispose([x, mask]);
   });
+});
+
+interface PaddingCase {
+  name: string;
+  shape: ProblemShape;
+  opts: OracleOptions;
+}
+
+const PADDING_CASES: PaddingCase[] = [
+  {
+    name: 'causal, alibi [H]',
+    shape: {
+      batch: 4,
+      seqQ: 11,
+      seqK: 11,
+      heads: 2,
+      headsKV: 2,
+      headDim: 8,
+      headDimV: 8,
+      alibi: 'head'
+    },
+    opts: {causal: true},
+  },
+  {
+    name: 'window [3, 1], Sq < Sk, softcap, alibi [B, H], GQA, Dv != D, dropout',
+    shape: {
+      batch: 4,
+      seqQ: 9,
+      seqK: 12,
+      heads: 4,
+      headsKV: 2,
+      headDim: 8,
+      headDimV: 12,
+      alibi: 'batch'
+    },
+    opts: {windowSize: [3, 1], softcap: 2, dropoutRate: 0.25, seed: 77},
+  },
+];
+
+/**
+ * A key padding mask on a causal/window/ALiBi call: keys past each row's
+ * length hidden, the diagonal at the padded i + Sk - Sq (the oracle's
+ * keyLengths), forward, lse and gradients.
+ */
+async function checkPaddingMask(c: PaddingCase, rng: Rng, expectFused: boolean): Promise<void> {
+  const p = randomOracleProblem(c.shape, rng);
+  const {batch, seqQ, seqK, heads, headsKV, headDim, headDimV} = c.shape;
+  const lengths = randomLengths(batch, seqK, rng);
+  const o: OracleOptions = {...c.opts, keyLengths: lengths};
+  const what = `${c.name}, key lengths ${lengths} (seed ${rng.seed})`;
+  const expected = oracleForward(p, o);
+  const dOut = randomArray(expected.out.length, rng);
+  const dLse = randomArray(expected.lse.length, rng);
+  const g = oracleBackward(p, o, dOut, dLse);
+  const q = tf.tensor4d(Float32Array.from(p.q), [batch, seqQ, heads, headDim]);
+  const k = tf.tensor4d(Float32Array.from(p.k), [batch, seqK, headsKV, headDim]);
+  const v = tf.tensor4d(Float32Array.from(p.v), [batch, seqK, headsKV, headDimV]);
+  const slopes = tf.tensor(
+      Float32Array.from(p.alibiSlopes!), c.shape.alibi === 'head' ? [heads] : [batch, heads]);
+  const mask = tf.tidy(
+      () => tf.less(
+          tf.reshape(tf.range(0, seqK, 1, 'int32'), [1, seqK]),
+          tf.reshape(tf.tensor1d(lengths, 'int32'), [batch, 1])));
+  const dOutT = tf.tensor(Float32Array.from(dOut), [batch, seqQ, heads, headDimV]);
+  const dLseT = tf.tensor(Float32Array.from(dLse), [batch, heads, seqQ]);
+  const before = tf.memory().numTensors;
+  const fwdBefore = forwardStats.dispatches;
+  const gradBefore = fusedGradRunCount();
+  const opts = {...c.opts, alibiSlopes: slopes, keyPaddingMask: mask, returnSoftmaxLse: true};
+  const [out, lse] = flashAttention(q, k, v, opts) as tf.Tensor[];
+  expectClose(await out.data(), expected.out, FORWARD_BOUND, `${what}: out`);
+  expectClose(await lse.data(), expected.lse, FORWARD_BOUND, `${what}: lse`);
+  tf.dispose([out, lse]);
+  const grads = tf.grads((a: tf.Tensor, b: tf.Tensor, cc: tf.Tensor) => {
+    const [o2, l2] =
+        flashAttention(a as tf.Tensor4D, b as tf.Tensor4D, cc as tf.Tensor4D, opts) as tf.Tensor[];
+    const finite = tf.where(tf.isFinite(l2), l2, tf.zerosLike(l2));
+    return tf.add(tf.sum(tf.mul(o2, dOutT)), tf.sum(tf.mul(finite, dLseT)));
+  })([q, k, v]);
+  expectClose(await grads[0].data(), g.dq, GRADIENT_BOUND, `${what}: dq`);
+  expectClose(await grads[1].data(), g.dk, GRADIENT_BOUND, `${what}: dk`);
+  expectClose(await grads[2].data(), g.dv, GRADIENT_BOUND, `${what}: dv`);
+  tf.dispose(grads);
+  expect(tf.memory().numTensors).toBe(before);
+  if (expectFused) {
+    expect(forwardStats.dispatches).toBeGreaterThan(fwdBefore);
+    expect(fusedGradRunCount()).toBe(gradBefore + 1);
+    await checkOwnPipelineErrors();
+  }
+  tf.dispose([q, k, v, slopes, mask, dOutT, dLseT]);
+}
+
+describeBackends('key padding masks keep the padded diagonal', backend => {
+  beforeAll(() => {
+    if (backend === 'webgpu') {
+      tf.env().set(FLASH_ATTENTION_IMPL, 'fused');
+      setPoisonOutputs(true);
+      setForwardOverride({tiles: {tm: 1, tx: 2, nq: 1, ty: 8}});
+      setGradTilesOverride({dkdv: {bc: 4, br: 4, threads: 16}, dq: {br: 4, bc: 4, threads: 16}});
+    }
+  });
+  afterAll(() => {
+    tf.env().set(FLASH_ATTENTION_IMPL, 'auto');
+    setPoisonOutputs(false);
+    setForwardOverride(null);
+    setGradTilesOverride(null);
+  });
+  for (const c of PADDING_CASES) {
+    it(c.name, () => checkPaddingMask(c, freshRng(), backend === 'webgpu'));
+  }
+
+  it('FlashMHA: a causal ALiBi window layer runs a padding mask fused, as the oracle', async () => {
+    const rng = freshRng();
+    const [batch, seq, embed] = [3, 10, 16];
+    const layer =
+        flashMHA({embedDim: embed, numHeads: 2, causal: true, useAlibi: true, windowSize: [4, -1]});
+    const xValues = randomArray(batch * seq * embed, rng);
+    const x = tf.tensor3d(Float32Array.from(xValues), [batch, seq, embed]);
+    tf.dispose(layer.apply(x) as tf.Tensor);
+    const lengths = [seq, 0, 1 + rng.int(0, seq - 2)];
+    const mask = tf.tidy(
+        () => tf.less(
+            tf.reshape(tf.range(0, seq, 1, 'int32'), [1, seq]),
+            tf.reshape(tf.tensor1d(lengths, 'int32'), [batch, 1])));
+    const before = tf.memory().numTensors;
+    const profile = await tf.profile(() => layer.apply(x, {keyPaddingMask: mask}) as tf.Tensor);
+    tf.dispose(profile.result);
+    expect(profile.kernelNames.includes(FlashAttention)).toBe(backend === 'webgpu');
+    const out = layer.apply(x, {keyPaddingMask: mask}) as tf.Tensor;
+    const weights: LayerWeights = {};
+    for (const w of layer.weights) {
+      weights[w.originalName.split('/').slice(-2).join('/')] =
+          Float64Array.from(await w.read().data());
+    }
+    const config: LayerConfig = {
+      embedDim: embed,
+      numHeads: 2,
+      numHeadsKV: 2,
+      headDim: embed / 2,
+      causal: true,
+      windowSize: [4, -1],
+      softcap: 0,
+      useAlibi: true,
+      rotaryEmbDim: 0,
+      rotaryEmbBase: 10000,
+      rotaryEmbInterleaved: false,
+      crossAttention: false,
+      alibiSlopes: alibiSlopes(2),
+    };
+    const keyMask = lengths.map(l => Array.from({length: seq}, (_, j) => j < l));
+    const expected = layerOracle(config, weights, batch, xValues, seq, undefined, keyMask);
+    expectClose(await out.data(), expected, FORWARD_BOUND, `FlashMHA (seed ${rng.seed})`);
+    out.dispose();
+    expect(tf.memory().numTensors).toBe(before);
+    tf.dispose([x, mask]);
+    layer.dispose();
+  });
+  // Only webgpu: on cpu every read is a host copy, with nothing to wait for.
+  if (backend === 'webgpu') {
+    it('no sync reads: varlen fwd+bwd, unpadInput with totalTokens, FlashMHA and MultiHeadAttention with padding masks',
+       async () => {
+         const [batch, seq, heads, dim] = [3, 12, 2, 8];
+         const lengths = [12, 0, 5];
+         const total = 17;
+         const embed = heads * dim;
+         const flash = flashMHA({embedDim: embed, numHeads: heads, causal: true, useAlibi: true});
+         const keras = new MultiHeadAttention({numHeads: heads, keyDim: dim});
+         const xBuild = tf.zeros([batch, seq, embed]);
+         tf.dispose([flash.apply(xBuild), keras.apply(xBuild, {value: xBuild})] as tf.Tensor[]);
+         xBuild.dispose();
+         // Every op on the GPU (no CPU forwarding of small ops), so any read
+         // of a result would have to wait for the GPU.
+         const cpuForward = tf.env().getBool('WEBGPU_CPU_FORWARD');
+         tf.env().set('WEBGPU_CPU_FORWARD', false);
+         type Reader = (...args: unknown[]) => unknown;
+         const gpu = tf.backend() as unknown as {readSync: Reader, read: Reader};
+         const [readSync, read] = [gpu.readSync, gpu.read];
+         let reads = 0;
+         gpu.readSync = function(this: unknown, ...args: unknown[]) {
+           reads++;
+           return readSync.apply(this, args);
+         };
+         gpu.read = function(this: unknown, ...args: unknown[]) {
+           reads++;
+           return read.apply(this, args);
+         };
+         const before = tf.memory().numTensors;
+         const fwdBefore = forwardStats.dispatches;
+         const gradBefore = fusedGradRunCount();
+         let readsDuringWork = -1;
+         try {
+           const seqlens = tf.tensor1d(lengths, 'int32');
+           const mask = tf.tidy(
+               () => tf.less(
+                   tf.reshape(tf.range(0, seq, 1, 'int32'), [1, seq]),
+                   tf.reshape(seqlens, [batch, 1])));
+           const cu = tf.tidy(
+               () => tf.concat([tf.zeros([1], 'int32'), tf.cumsum(seqlens)]) as tf.Tensor1D);
+           const q = tf.randomNormal([total, heads, dim]);
+           const kv = tf.randomNormal([total, heads, dim]);
+           const varlenGrads = tf.grads(
+               (a: tf.Tensor, b: tf.Tensor) => tf.sum(flashAttentionVarlen(
+                   a as tf.Tensor3D, b as tf.Tensor3D, b as tf.Tensor3D, cu, cu,
+                   {maxSeqlenQ: seq, maxSeqlenK: seq, causal: true})))([q, kv]);
+           const x = tf.randomNormal([batch, seq, embed]);
+           const unpadGrad = tf.grad((t: tf.Tensor) => {
+             const u = unpadInput(t, mask, {totalTokens: total});
+             const back = padInput(u.x, u.indices, batch, seq);
+             tf.dispose([u.indices, u.cuSeqlens, u.seqlens]);
+             return tf.sum(back);
+           })(x);
+           const flashGrads = tf.variableGrads(
+               () => tf.sum(flash.apply(x, {keyPaddingMask: mask}) as tf.Tensor) as tf.Scalar);
+           const attentionMask = tf.expandDims(mask, 1);
+           const kerasGrads = tf.variableGrads(
+               () => tf.sum(
+                         keras.apply(x, {value: x, attentionMask, useCausalMask: true}) as
+                         tf.Tensor) as tf.Scalar);
+           readsDuringWork = reads;
+           tf.dispose([seqlens, mask, cu, q, kv, x, unpadGrad, attentionMask, ...varlenGrads]);
+           tf.dispose([flashGrads.value, ...Object.values(flashGrads.grads)]);
+           tf.dispose([kerasGrads.value, ...Object.values(kerasGrads.grads)]);
+           // The counter sees reads: one here.
+           const probe = tf.tidy(() => tf.add(tf.zeros([4]), 1));
+           await probe.data();
+           probe.dispose();
+         } finally {
+           gpu.readSync = readSync;
+           gpu.read = read;
+           tf.env().set('WEBGPU_CPU_FORWARD', cpuForward);
+         }
+         expect(readsDuringWork).toBe(0);
+         expect(reads).toBe(1);
+         // varlen, FlashMHA and MultiHeadAttention: three fused forwards and backwards.
+         expect(forwardStats.dispatches).toBeGreaterThanOrEqual(fwdBefore + 3);
+         expect(fusedGradRunCount()).toBe(gradBefore + 3);
+         await checkOwnPipelineErrors();
+         expect(tf.memory().numTensors).toBe(before);
+         flash.dispose();
+         keras.dispose();
+       });
+  }
 });

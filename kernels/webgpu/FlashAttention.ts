@@ -14,7 +14,7 @@ import {FlashAttention, FlashAttentionAttrs} from '../../src/kernel_names';
 
 import {COMBINE_THREADS, COMBINE_UNIFORMS, ForwardConfig, forwardKey, ForwardTiles, FORWARD_UNIFORMS, forwardWGSL, prefetchFloats, splitCombineWGSL, tileSizes, workgroupBytes} from './flash_attention_webgpu';
 import {deviceHasSubgroups, dispatchGrid, isWebGPUBackend, runOwnPipeline, UniformWriter} from './own_pipeline';
-import {FORWARD_TILINGS, ForwardTilingChoice, getForwardOverride, MAX_SPLITS, MIN_TILES_PER_SPLIT, REGISTER_BUDGET, SPLIT_TARGET_GROUPS} from './tuning';
+import {FORWARD_TILINGS, ForwardTilingChoice, getForwardOverride, MAX_SPLITS, MIN_TILES_PER_SPLIT, REGISTER_BUDGET, SHORT_GRID_GROUPS, SPLIT_TARGET_GROUPS} from './tuning';
 import {matrixForwardWebGPU, planMatrixForward} from './flash_attention_subgroup_matrix';
 import {scoreOptionsFromAttrs} from './wgsl_snippets';
 
@@ -76,12 +76,17 @@ export function planForward(
   }
   // Software devices compile large unrolled tiles very slowly (minutes).
   const software = isSoftwareDevice(device);
-  const suits = (t: ForwardTilingChoice) =>
-      headDim > (t.minHeadDim ?? 0) && Math.ceil(rows / (t.tm * t.ty)) >= (t.minGroups ?? 0);
-  const candidates = FORWARD_TILINGS.filter(t => !software || (t.tm <= 2 && t.nq === 1))
-                         .map(
-                             ({minHeadDim, minGroups, ...tiles}) =>
-                                 ({tiles, ok: suits({...tiles, minHeadDim, minGroups})}));
+  // Short grids: 32-row tiles would leave SMs idle (tuning.ts).
+  const shortGrid = !software && Math.ceil(rows / 32) < SHORT_GRID_GROUPS;
+  const suits = (t: ForwardTilingChoice) => headDim > (t.minHeadDim ?? 0) &&
+      headDim <= (t.maxHeadDim ?? Infinity) &&
+      Math.ceil(rows / (t.tm * t.ty)) >= (t.minGroups ?? 0) && (!t.shortGrid || shortGrid);
+  const candidates =
+      FORWARD_TILINGS.filter(t => !software || (t.tm <= 2 && t.nq === 1 && !t.shortGrid))
+          .map(({minHeadDim, maxHeadDim, minGroups, shortGrid: onlyShort, ...tiles}) => ({
+                 tiles,
+                 ok: suits({...tiles, minHeadDim, maxHeadDim, minGroups, shortGrid: onlyShort})
+               }));
   for (const {tiles, ok} of candidates) {
     const subgroups = useSubgroups(tiles);
     const inBudget = registerFloats(headDim, headDimV, tiles) <= REGISTER_BUDGET;

@@ -106,6 +106,25 @@ export function fusedGradRunCount(): number {
   return gradKernelRuns;
 }
 
+/**
+ * Is `t` all zeros and still only on the host? tfjs's tape makes such a
+ * tensor for the gradient of an output nothing used (here the lse), and
+ * uploading it would cost an upload and a buffer per backward call.
+ */
+function isHostZeros(backend: WebGPUBackend, t: tf.TensorInfo): boolean {
+  const data = backend.tensorMap.get(t.dataId);
+  if (data == null || data.resource != null || data.values == null) {
+    return false;
+  }
+  const values = data.values as ArrayLike<number>;
+  for (let i = 0; i < values.length; i++) {
+    if (values[i] !== 0) {
+      return false;
+    }
+  }
+  return true;
+}
+
 function flashAttentionGradWebGPU(
     {inputs, backend, attrs}:
         {inputs: tf.NamedTensorInfoMap, backend: unknown, attrs?: tf.NamedAttrMap}):
@@ -129,11 +148,12 @@ function flashAttentionGradWebGPU(
   const slopes = hasAlibi ? [alibiSlopes!] : [];
 
   const uniforms = gradUniforms(shapes, a, hasAlibi ? alibiSlopes!.shape : []);
-  const deltaProgram = new FlashAttentionGradDeltaProgram(shapes, hasSeqlens);
+  const zeroDLse = isHostZeros(webgpu, dLse);
+  const deltaProgram = new FlashAttentionGradDeltaProgram(shapes, hasSeqlens, zeroDLse);
   // (lse, Delta) per row, then (seqlenQ, seqlenK) per batch row if any.
   const statsRows = batch * heads * seqQ + (hasSeqlens ? batch : 0);
   const [stats] = runOwnPipeline(webgpu, deltaProgram, {
-    inputs: [dy, out, dLse, softmaxLse, ...(hasSeqlens ? [seqlens!] : [])],
+    inputs: [dy, out, zeroDLse ? softmaxLse : dLse, softmaxLse, ...(hasSeqlens ? [seqlens!] : [])],
     outputs: [{shape: [statsRows, 2], dtype: 'float32'}],
     uniforms,
     dispatch: deltaProgram.workgroups,

@@ -4,36 +4,19 @@
  * once for its log-sum-exp (online max and sum), then once more only with
  * label smoothing; the backward writes dLogits in one elementwise pass.
  */
-import {rowReduceWGSL, rowThreads, TfjsWebGPUProgram} from './tfjs_program';
+import {ElementwiseProgram, RowWiseProgram} from './row_program';
+
+/** Threads of the loss pass without smoothing (one thread per row). */
+const LOSS_THREADS = 64;
 
 /** lse `[N]` of logits `[N, V]`, one workgroup per row. */
-export class CrossEntropyLseProgram implements TfjsWebGPUProgram {
-  variableNames = ['logits'];
-  outputShape: number[];
-  shaderKey: string;
-  dispatchLayout = {x: [0]};
-  dispatch: [number, number, number];
-  workgroupSize: [number, number, number];
-
+export class CrossEntropyLseProgram extends RowWiseProgram {
   constructor(shape: [number, number]) {
-    const threads = rowThreads(shape[1]);
-    this.outputShape = [shape[0]];
-    this.workgroupSize = [threads, 1, 1];
-    this.dispatch = [shape[0], 1, 1];
-    this.shaderKey = `crossEntropyLse_${threads}`;
+    super(['logits'], shape, [shape[0]], 'crossEntropyLse');
   }
 
   getUserCode(): string {
-    const threads = this.workgroupSize[0];
-    return `
-${rowReduceWGSL(threads)}
-fn main(index: i32) {
-  const WG = ${threads};
-  let tid = i32(localId.x);
-  let row = index / WG;
-  let V = uniforms.logitsShape[1];
-  let valid = row < uniforms.logitsShape[0];
-  let base = select(0, row * V, valid);
+    return this.rowMain('logits', 'V', `
   // Online max and sum per thread, then the row's max and rescaled sum.
   var m = -3.4e38;
   var s = 0.0;
@@ -47,9 +30,7 @@ fn main(index: i32) {
   let total = rowSum(s * exp(m - rowMaxValue), tid);
   if (valid && tid == 0) {
     result[row] = rowMaxValue + log(total);
-  }
-}
-`;
+  }`);
   }
 }
 
@@ -57,25 +38,19 @@ fn main(index: i32) {
  * loss `[N]` = lse - (1 - eps) logits[label] - eps mean(logits) + zLoss lse^2.
  * With smoothing one workgroup sums each row; else one thread per row.
  */
-export class CrossEntropyLossProgram implements TfjsWebGPUProgram {
-  variableNames = ['logits', 'labels', 'lse'];
-  outputShape: number[];
-  shaderKey: string;
-  dispatchLayout = {x: [0]};
-  dispatch: [number, number, number];
-  workgroupSize: [number, number, number];
-  uniforms = 'smoothing : f32, zLoss : f32,';
-
+export class CrossEntropyLossProgram extends RowWiseProgram {
   constructor(shape: [number, number], private readonly smoothing: boolean) {
-    const threads = smoothing ? rowThreads(shape[1]) : 64;
-    this.outputShape = [shape[0]];
-    this.workgroupSize = [threads, 1, 1];
-    this.dispatch = [smoothing ? shape[0] : Math.ceil(shape[0] / 64), 1, 1];
-    this.shaderKey = `crossEntropyLoss_${+ smoothing}_${threads}`;
+    super(
+        ['logits', 'labels', 'lse'], shape, [shape[0]], `crossEntropyLoss_${+ smoothing}`,
+        'smoothing : f32, zLoss : f32,');
+    if (!smoothing) {
+      this.workgroupSize = [LOSS_THREADS, 1, 1];
+      this.dispatch = [Math.ceil(shape[0] / LOSS_THREADS), 1, 1];
+      this.shaderKey = `crossEntropyLoss_0_${LOSS_THREADS}`;
+    }
   }
 
   getUserCode(): string {
-    const threads = this.workgroupSize[0];
     const finish = `
     let label = labels[row];
     let l = lse[row];
@@ -94,15 +69,7 @@ fn main(index: i32) {
 }
 `;
     }
-    return `
-${rowReduceWGSL(threads)}
-fn main(index: i32) {
-  const WG = ${threads};
-  let tid = i32(localId.x);
-  let row = index / WG;
-  let V = uniforms.logitsShape[1];
-  let valid = row < uniforms.logitsShape[0];
-  let base = select(0, row * V, valid);
+    return this.rowMain('logits', 'V', `
   var s = 0.0;
   for (var c = tid; c < V; c += WG) {
     s += logits[base + c];
@@ -110,9 +77,7 @@ fn main(index: i32) {
   let rowMean = rowSum(s, tid) / f32(V);
   if (valid && tid == 0) {
     ${finish}
-  }
-}
-`;
+  }`);
   }
 }
 
@@ -120,19 +85,11 @@ fn main(index: i32) {
  * dLogits = dLoss * (softmax * (1 + 2 zLoss lse) - (1 - eps) onehot - eps/V),
  * softmax recomputed from the saved lse.
  */
-export class CrossEntropyGradProgram implements TfjsWebGPUProgram {
-  variableNames = ['dLoss', 'logits', 'labels', 'lse'];
-  outputShape: number[];
-  shaderKey = 'crossEntropyGrad';
-  dispatchLayout = {x: [0, 1]};
-  dispatch: [number, number, number];
-  workgroupSize: [number, number, number] = [64, 1, 1];
-  size = true;
-  uniforms = 'smoothing : f32, zLoss : f32,';
-
+export class CrossEntropyGradProgram extends ElementwiseProgram {
   constructor(shape: [number, number]) {
-    this.outputShape = shape;
-    this.dispatch = [Math.ceil(shape[0] * shape[1] / 64), 1, 1];
+    super(
+        ['dLoss', 'logits', 'labels', 'lse'], shape, 'crossEntropyGrad',
+        'smoothing : f32, zLoss : f32,');
   }
 
   getUserCode(): string {

@@ -40,13 +40,16 @@ export class FlashAttentionGradDeltaProgram implements OwnPipelineSpec {
    * per-batch lengths to the end of `stats` (B more entries, bit-cast), where
    * the dK/dV and dQ passes read them: a binding of their own would take the
    * key-block pass with ALiBi past the 8 storage buffers.
+   * With `zeroDLse`, dLse is known to be zero (tfjs's gradient of an unused
+   * lse output, still on the host): the pass does not read it, so the
+   * caller binds another tensor in its place and nothing is uploaded.
    */
-  constructor(shapes: AttentionShapes, seqlens = false) {
+  constructor(shapes: AttentionShapes, seqlens = false, zeroDLse = false) {
     const dv = shapes.headDimV;
     const rows = shapes.batch * shapes.heads * shapes.seqQ;
     const inputs = seqlens ? [...INPUTS, {name: 'seqlens', type: 'i32'}] : INPUTS;
     this.numInputs = inputs.length;
-    this.key = `flashAttentionGradDelta_${dv}_${+ seqlens}`;
+    this.key = `flashAttentionGradDelta_${dv}_${+ seqlens}_${+ zeroDLse}`;
     this.workgroups = dispatchGrid(Math.ceil(rows / ROWS));
     this.source = `${gradBindingsWGSL(inputs, OUTPUTS)}
 const DV = ${dv};
@@ -87,7 +90,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
     let i = (row / p.heads) % p.seqQ;
     let b = row / (p.heads * p.seqQ);
     let out = (b * p.heads + h) * p.seqQ + i;   // [B, H, Sq] of lse
-    stats[out] = vec2<f32>(lse[out], partial[t] - dLse[out]);
+    stats[out] = vec2<f32>(lse[out], partial[t]${zeroDLse ? '' : ' - dLse[out]'});
   }
 }
 `;

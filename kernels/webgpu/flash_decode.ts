@@ -13,6 +13,7 @@ import type {FlashAttentionAttrs, FlashAttentionKVCacheAttrs} from '../../src/ke
 import {FlashAttentionKVCache} from '../../src/kernel_names';
 
 import {DecodeCombineProgram, DECODE_COMBINE_UNIFORMS} from './flash_decode_combine_webgpu';
+import {DecodeRotaryProgram} from './flash_decode_rotary_webgpu';
 import {DECODE_MAX_ROWS, DECODE_SPLIT_UNIFORMS, DECODE_TILE} from './flash_decode_split_webgpu';
 import {DecodeSplitProgram} from './flash_decode_split_webgpu';
 import type {OwnCopy, OwnPipelineSpec} from './own_pipeline';
@@ -56,6 +57,8 @@ interface KVCacheKernelInputs {
   k?: tf.TensorInfo;
   v?: tf.TensorInfo;
   alibiSlopes?: tf.TensorInfo;
+  rotaryCos?: tf.TensorInfo;
+  rotarySin?: tf.TensorInfo;
 }
 
 /** Copies of the new rows of each batch row into the cache (contiguous). */
@@ -82,8 +85,57 @@ export function flashDecodeWebGPU(args: {
   attrs?: tf.NamedAttrMap,
 }): tf.TensorInfo[] {
   const backend = args.backend as unknown as WebGPUBackend;
-  const {q, kCache, vCache, k, v, alibiSlopes} = args.inputs as unknown as KVCacheKernelInputs;
+  const inputs = args.inputs as unknown as KVCacheKernelInputs;
   const attrs = args.attrs as unknown as FlashAttentionKVCacheAttrs;
+  if (inputs.rotaryCos == null || inputs.rotarySin == null) {
+    return decodeAttention(backend, inputs, attrs);
+  }
+  const [qRot, kRot] = rotateStep(backend, inputs, attrs);
+  try {
+    return decodeAttention(backend, {...inputs, q: qRot, k: kRot ?? inputs.k}, attrs);
+  } finally {
+    // Owned by the pending command queue: tfjs frees them after its submit.
+    backend.disposeData(qRot.dataId);
+    if (kRot != null) {
+      backend.disposeData(kRot.dataId);
+    }
+  }
+}
+
+/** q and the new keys rotated (one dispatch): [qRot, kRot or undefined]. */
+function rotateStep(
+    backend: WebGPUBackend, inputs: KVCacheKernelInputs,
+    attrs: FlashAttentionKVCacheAttrs): [tf.TensorInfo, tf.TensorInfo|undefined] {
+  const {q, k, rotaryCos, rotarySin} = inputs;
+  const [batch, seqQ, heads, headDim] = q.shape;
+  const hasK = k != null;
+  const program = new DecodeRotaryProgram({
+    headDim,
+    rotaryDim: 2 * rotaryCos!.shape[1],
+    interleaved: attrs.rotaryInterleaved ?? false,
+    hasK,
+    batchVec4: Math.ceil(batch / 4),
+  });
+  const {bytes, grid} = program.uniforms(
+      {batch, seqQ, heads, seqNew: k?.shape[1] ?? 0, headsKV: k?.shape[2] ?? 0}, attrs.cacheSeqlens,
+      attrs.rotaryQSameRow ?? false);
+  const outputs = recordOwnPipeline(backend, program, {
+    inputs: [q, k ?? q, rotaryCos!, rotarySin!],
+    outputs: [
+      {shape: q.shape, dtype: 'float32'},
+      ...(hasK ? [{shape: k.shape, dtype: 'float32' as const}] : [])
+    ],
+    uniforms: bytes,
+    dispatch: grid,
+  });
+  return [outputs[0], outputs[1]];
+}
+
+/** Appends the new keys and values, then split-KV attention: [out, lse]. */
+function decodeAttention(
+    backend: WebGPUBackend, inputs: KVCacheKernelInputs,
+    attrs: FlashAttentionKVCacheAttrs): tf.TensorInfo[] {
+  const {q, kCache, vCache, k, v, alibiSlopes} = inputs;
   const [batch, seqQ, heads, headDim] = q.shape;
   const [, seqMax, headsKV] = kCache.shape;
   const headDimV = vCache.shape[3];

@@ -5,7 +5,8 @@
  */
 import {NORM_DROPOUT_STREAM} from '../../src/train/kernel_names';
 
-import {rowReduceWGSL, rowThreads, TfjsWebGPUProgram} from './tfjs_program';
+import {ElementwiseProgram, RowWiseProgram} from './row_program';
+import {TfjsWebGPUProgram} from './tfjs_program';
 import {dropoutWGSL, philoxWGSL} from './wgsl_snippets';
 
 /** The row's mean (0 for RMSNorm) and 1/sqrt(var + eps), from `z`. */
@@ -24,37 +25,14 @@ function rowStatsWGSL(rms: boolean): string {
   let rstd = inverseSqrt(rowSum(sq, tid) / f32(C) + uniforms.eps);`;
 }
 
-/** Row-wise header: `tid`, `C`, `base` (rows past the end read row 0). */
-function rowHeader(threads: number): string {
-  return `
-  const WG = ${threads};
-  let tid = i32(localId.x);
-  let row = index / WG;
-  let C = uniforms.zShape[1];
-  let valid = row < uniforms.zShape[0];
-  let base = select(0, row * C, valid);`;
-}
-
 /** z = dropout(x) + residual, elementwise (also dx = dropout(dz)). */
-export class NormResidualProgram implements TfjsWebGPUProgram {
-  variableNames: string[];
-  outputShape: number[];
-  shaderKey: string;
-  dispatchLayout: {x: number[]};
-  dispatch: [number, number, number];
-  workgroupSize: [number, number, number] = [64, 1, 1];
-  size = true;
-  uniforms: string;
-
+export class NormResidualProgram extends ElementwiseProgram {
   constructor(
       shape: [number, number], private readonly dropout: boolean,
       private readonly residual: boolean) {
-    this.outputShape = shape;
-    this.variableNames = residual ? ['x', 'residual'] : ['x'];
-    this.uniforms = dropout ? 'threshold : u32, keepScale : f32, seedLo : u32, seedHi : u32,' : '';
-    this.shaderKey = `normResidual_${+ dropout}${+ residual}`;
-    this.dispatchLayout = {x: [0, 1]};
-    this.dispatch = [Math.ceil(shape[0] * shape[1] / 64), 1, 1];
+    super(
+        residual ? ['x', 'residual'] : ['x'], shape, `normResidual_${+ dropout}${+ residual}`,
+        dropout ? 'threshold : u32, keepScale : f32, seedLo : u32, seedHi : u32,' : undefined);
   }
 
   getUserCode(): string {
@@ -80,39 +58,35 @@ fn main(index: i32) {
   }
 }
 
-/** y = norm(z) * gamma (+ beta): one workgroup per row. */
-export class NormForwardProgram implements TfjsWebGPUProgram {
-  variableNames: string[];
-  outputShape: number[];
-  shaderKey: string;
-  dispatchLayout = {x: [0, 1]};
-  dispatch: [number, number, number];
-  workgroupSize: [number, number, number];
-  uniforms = 'eps : f32,';
+/**
+ * A row-wise pass over z `[N, C]` that starts with the row's statistics
+ * (`mean`, `rstd`; the epsilon is the uniform `eps`).
+ */
+abstract class NormRowProgram extends RowWiseProgram {
+  constructor(
+      variableNames: string[], shape: [number, number], outputShape: number[], key: string,
+      protected readonly rms: boolean) {
+    super(variableNames, shape, outputShape, `${key}_${+ rms}`, 'eps : f32,');
+  }
 
-  constructor(shape: [number, number], private readonly rms: boolean) {
-    const threads = rowThreads(shape[1]);
-    this.outputShape = shape;
-    this.variableNames = rms ? ['z', 'gamma'] : ['z', 'gamma', 'beta'];
-    this.workgroupSize = [threads, 1, 1];
-    this.dispatch = [shape[0], 1, 1];
-    this.shaderKey = `normForward_${+ rms}_${threads}`;
+  protected normMain(body: string): string {
+    return this.rowMain('z', 'C', rowStatsWGSL(this.rms) + body);
+  }
+}
+
+/** y = norm(z) * gamma (+ beta): one workgroup per row. */
+export class NormForwardProgram extends NormRowProgram {
+  constructor(shape: [number, number], rms: boolean) {
+    super(rms ? ['z', 'gamma'] : ['z', 'gamma', 'beta'], shape, shape, 'normForward', rms);
   }
 
   getUserCode(): string {
-    const threads = this.workgroupSize[0];
-    return `
-${rowReduceWGSL(threads)}
-fn main(index: i32) {
-  ${rowHeader(threads)}
-  ${rowStatsWGSL(this.rms)}
+    return this.normMain(`
   if (valid) {
     for (var c = tid; c < C; c += WG) {
       result[base + c] = (z[base + c] - mean) * rstd * gamma[c]${this.rms ? '' : ' + beta[c]'};
     }
-  }
-}
-`;
+  }`);
   }
 }
 
@@ -120,30 +94,13 @@ fn main(index: i32) {
  * dz = rstd * (g - mean(g) - xhat * mean(g * xhat)) + dzOut, g = dy * gamma
  * (RMSNorm: without mean(g)); dzOut is the gradient of the z output.
  */
-export class NormBackwardProgram implements TfjsWebGPUProgram {
-  variableNames = ['dy', 'z', 'gamma', 'dzOut'];
-  outputShape: number[];
-  shaderKey: string;
-  dispatchLayout = {x: [0, 1]};
-  dispatch: [number, number, number];
-  workgroupSize: [number, number, number];
-  uniforms = 'eps : f32,';
-
-  constructor(shape: [number, number], private readonly rms: boolean) {
-    const threads = rowThreads(shape[1]);
-    this.outputShape = shape;
-    this.workgroupSize = [threads, 1, 1];
-    this.dispatch = [shape[0], 1, 1];
-    this.shaderKey = `normBackward_${+ rms}_${threads}`;
+export class NormBackwardProgram extends NormRowProgram {
+  constructor(shape: [number, number], rms: boolean) {
+    super(['dy', 'z', 'gamma', 'dzOut'], shape, shape, 'normBackward', rms);
   }
 
   getUserCode(): string {
-    const threads = this.workgroupSize[0];
-    return `
-${rowReduceWGSL(threads)}
-fn main(index: i32) {
-  ${rowHeader(threads)}
-  ${rowStatsWGSL(this.rms)}
+    return this.normMain(`
   var sg = 0.0;
   var sgx = 0.0;
   for (var c = tid; c < C; c += WG) {
@@ -159,43 +116,22 @@ fn main(index: i32) {
       let g = dy[base + c] * gamma[c];
       result[base + c] = rstd * (g - meanG - xhat * meanGX) + dzOut[base + c];
     }
-  }
-}
-`;
+  }`);
   }
 }
 
 /** `[N, 2]`: each row's mean (0 for RMSNorm) and rstd, for the column sums. */
-export class NormStatsProgram implements TfjsWebGPUProgram {
-  variableNames = ['z'];
-  outputShape: number[];
-  shaderKey: string;
-  dispatchLayout = {x: [0, 1]};
-  dispatch: [number, number, number];
-  workgroupSize: [number, number, number];
-  uniforms = 'eps : f32,';
-
-  constructor(shape: [number, number], private readonly rms: boolean) {
-    const threads = rowThreads(shape[1]);
-    this.outputShape = [shape[0], 2];
-    this.workgroupSize = [threads, 1, 1];
-    this.dispatch = [shape[0], 1, 1];
-    this.shaderKey = `normStats_${+ rms}_${threads}`;
+export class NormStatsProgram extends NormRowProgram {
+  constructor(shape: [number, number], rms: boolean) {
+    super(['z'], shape, [shape[0], 2], 'normStats', rms);
   }
 
   getUserCode(): string {
-    const threads = this.workgroupSize[0];
-    return `
-${rowReduceWGSL(threads)}
-fn main(index: i32) {
-  ${rowHeader(threads)}
-  ${rowStatsWGSL(this.rms)}
+    return this.normMain(`
   if (valid && tid == 0) {
     result[2 * row] = mean;
     result[2 * row + 1] = rstd;
-  }
-}
-`;
+  }`);
   }
 }
 

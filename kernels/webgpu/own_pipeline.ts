@@ -2,23 +2,28 @@
  * Runs a compute pipeline of our own on the tfjs webgpu backend's device,
  * over tfjs tensors, with several outputs (tfjs's runWebGPUProgram has one).
  *
- * Ordering: tfjs records its work into a command encoder that it submits in
- * batches. Before our dispatch we end tfjs's pass and submit its encoder, so
- * everything tfjs recorded so far (e.g. the uploads or kernels that produced
- * our inputs) is on the queue first; then our own encoder is submitted. Work
- * tfjs records afterwards goes into a new encoder, submitted later. The
- * queue runs submissions in order, so no barrier is needed, and buffers of
- * tensors disposed after our submit can be reused by tfjs safely.
+ * Ordering: our dispatches are recorded into tfjs's own command encoder
+ * and compute pass, in call order with tfjs's kernels, and submitted by
+ * tfjs's batching (WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE dispatches, or a
+ * read). The queue runs them in order, so no barrier is needed; every
+ * tensor bound is marked as owned by the pending encoder, so tfjs defers
+ * the reuse of its buffer until it submits. A steady-state call costs no
+ * queue submit of its own (a submit costs milliseconds on some drivers).
  *
  * Bindings, group 0: inputs (read-only storage) at 0..n-1, outputs
  * (read_write storage) at n..n+m-1, then the uniform buffer (if any) at n+m.
  * An explicit bind group layout is used, so a shader need not use every
  * binding.
  *
- * Errors: WebGPU reports shader and validation errors asynchronously. Each
- * pipeline creation and dispatch runs inside error scopes; an error found
- * is kept on the pipeline, which then throws on every later use, and
- * `checkOwnPipelineErrors` (awaitable) throws it as soon as it is known.
+ * Errors: WebGPU reports shader and validation errors asynchronously.
+ * Error scopes cost a round trip each, so only the first use of a pipeline
+ * runs inside them: its creation, and its first dispatch, which is
+ * submitted at once (after tfjs's pending work, so an invalid dispatch
+ * cannot take tfjs's work down with it). What can differ between later
+ * dispatches of the same pipeline (binding sizes, workgroup counts) is
+ * checked on the CPU against the device's limits before any GPU work. An
+ * error found is kept on the pipeline, which then throws on every later
+ * use, and `checkOwnPipelineErrors` (awaitable) throws it once known.
  *
  * Only type imports of @tensorflow/tfjs-backend-webgpu: the package is an
  * optional peer and stays out of our bundles.
@@ -59,6 +64,8 @@ export interface PipelineEntry {
   layout: GPUBindGroupLayout;
   /** Set once an error of this pipeline is known. */
   error: Error|null;
+  /** Has its first dispatch (checked in error scopes) been made? */
+  dispatched: boolean;
 }
 
 interface DeviceState {
@@ -214,7 +221,7 @@ export function getPipeline(device: GPUDevice, spec: OwnPipelineSpec): PipelineE
     layout: device.createPipelineLayout({bindGroupLayouts: [layout]}),
     compute: {module, entryPoint: spec.entryPoint ?? 'main'},
   });
-  const entry: PipelineEntry = {pipeline, layout, error: null};
+  const entry: PipelineEntry = {pipeline, layout, error: null, dispatched: false};
   watchScopes(device, `WGSL pipeline '${label}'`, e => {
     entry.error = e;
   });
@@ -274,61 +281,15 @@ function checkedPipeline(device: GPUDevice, spec: OwnPipelineSpec, run: OwnRun):
 
 /**
  * Dispatches `spec` once and returns its outputs (new tensors owned by the
- * backend). Throws, before any GPU work, if the pipeline is known broken.
+ * backend): recorded into tfjs's command encoder like recordOwnPipeline.
  */
 export function runOwnPipeline(
     backend: WebGPUBackend, spec: OwnPipelineSpec, run: OwnRun): tf.TensorInfo[] {
-  const device = backend.device;
-  const entry = checkedPipeline(device, spec, run);
   for (const t of run.inputs) {
     tf.util.assert(
         tf.util.sizeFromShape(t.shape) > 0, () => `${spec.key}: empty input of shape [${t.shape}]`);
   }
-  const outputs = run.outputs.map(o => backend.makeTensorInfo(o.shape, o.dtype));
-  try {
-    const buffers = [...run.inputs, ...outputs].map(t => gpuBufferOf(backend, t));
-    // Everything tfjs recorded so far goes to the queue before our work.
-    backend.ensureCommandEncoderReady();
-    backend.endComputePassEncoder();
-    backend.submitQueue();
-    if (poisonOutputs) {
-      for (const b of buffers.slice(run.inputs.length)) {
-        device.queue.writeBuffer(b, 0, new Float32Array(b.size / 4).fill(NaN));
-      }
-    }
-    let uniformBuffer: GPUBuffer|null = null;
-    const uniformUsage = GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST;
-    if (run.uniforms != null) {
-      const size = Math.max(16, Math.ceil(run.uniforms.byteLength / 16) * 16);
-      uniformBuffer = backend.bufferManager.acquireBuffer(size, uniformUsage);
-      device.queue.writeBuffer(uniformBuffer, 0, run.uniforms);
-    }
-    const entries: GPUBindGroupEntry[] =
-        buffers.map((buffer, binding) => ({binding, resource: {buffer}}));
-    if (uniformBuffer != null) {
-      entries.push({binding: buffers.length, resource: {buffer: uniformBuffer}});
-    }
-    pushScopes(device);
-    const bindGroup = device.createBindGroup({layout: entry.layout, entries});
-    const encoder = device.createCommandEncoder();
-    const pass = encoder.beginComputePass();
-    pass.setPipeline(entry.pipeline);
-    pass.setBindGroup(0, bindGroup);
-    pass.dispatchWorkgroups(...run.dispatch);
-    pass.end();
-    device.queue.submit([encoder.finish()]);
-    watchScopes(device, `dispatch of '${spec.label ?? spec.key}'`, e => {
-      entry.error = entry.error ?? e;
-    });
-    if (uniformBuffer != null) {
-      // Safe to reuse once submitted: later writes are queued after it.
-      backend.bufferManager.releaseBuffer(uniformBuffer);
-    }
-  } catch (e) {
-    outputs.forEach(o => backend.disposeData(o.dataId));
-    throw e;
-  }
-  return outputs;
+  return recordOwnPipeline(backend, spec, run);
 }
 
 /**
@@ -434,19 +395,35 @@ export interface OwnCopy {
 
 /** Private fields of tfjs-backend-webgpu 4.x that recordOwnPipeline uses. */
 interface BackendEncoderState {
-  commandEncoder: GPUCommandEncoder;
+  commandEncoder: GPUCommandEncoder|null;
+  computePassEncoder: GPUComputePassEncoder|null;
+  dispatchCountInPass: number;
   commandQueueOwnedIds: WeakSet<object>;
   uniformPendingDisposal: GPUBuffer[];
 }
 
+/** Dispatches tfjs records before it submits (its own flag). */
+function submitBatchSize(): number {
+  return tf.env().getNumber('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE');
+}
+
+/** Throws unless each buffer fits a storage binding of the device. */
+function checkBindingSizes(device: GPUDevice, key: string, buffers: GPUBuffer[]): void {
+  const max = device.limits.maxStorageBufferBindingSize;
+  buffers.forEach(
+      (b, i) => tf.util.assert(
+          b.size <= max,
+          () => `${key}: binding ${i} has ${b.size} bytes, over the device's ` +
+              `maxStorageBufferBindingSize (${max})`));
+}
+
 /**
- * Like runOwnPipeline, but records into tfjs's own command encoder instead
- * of submitting: no queue submit of our own (a submit costs milliseconds
- * on some drivers, too much for a decode step made of small dispatches).
+ * Records `spec` into tfjs's own command encoder and compute pass (see
+ * the header: no submit of its own in steady state; error scopes and a
+ * submit only on the pipeline's first dispatch) and returns its outputs.
  * `copies` are recorded first, so a step can write into an existing
  * tensor (e.g. append to a cache variable) and read it in the same
- * encoder. Every tensor touched is marked as owned by the pending command
- * queue, so tfjs defers the reuse of its buffer until tfjs submits.
+ * encoder.
  */
 export function recordOwnPipeline(
     backend: WebGPUBackend, spec: OwnPipelineSpec, run: OwnRun,
@@ -455,19 +432,38 @@ export function recordOwnPipeline(
   const entry = checkedPipeline(device, spec, run);
   const outputs = run.outputs.map(o => backend.makeTensorInfo(o.shape, o.dtype));
   const state = backend as unknown as BackendEncoderState;
+  let scopesOpen = false;
+  const closeScopes = () => {
+    scopesOpen = false;
+    watchScopes(device, `dispatch of '${spec.label ?? spec.key}'`, e => {
+      entry.error = entry.error ?? e;
+    });
+  };
   try {
     const tensors = [...run.inputs, ...outputs];
     const buffers = tensors.map(t => gpuBufferOf(backend, t));
+    checkBindingSizes(device, spec.key, buffers);
     const copyBuffers = copies.map(c => [gpuBufferOf(backend, c.src), gpuBufferOf(backend, c.dst)]);
+    const firstUse = !entry.dispatched;
+    if (firstUse) {
+      // tfjs's pending work goes to the queue on its own first.
+      backend.ensureCommandEncoderReady();
+      backend.endComputePassEncoder();
+      backend.submitQueue();
+      pushScopes(device);
+      scopesOpen = true;
+    }
     backend.ensureCommandEncoderReady();
-    backend.endComputePassEncoder();
-    const encoder = state.commandEncoder;
-    copies.forEach((c, n) => {
-      encoder.copyBufferToBuffer(
-          copyBuffers[n][0], c.srcOffset, copyBuffers[n][1], c.dstOffset, c.size);
-      state.commandQueueOwnedIds.add(c.src.dataId);
-      state.commandQueueOwnedIds.add(c.dst.dataId);
-    });
+    const encoder = state.commandEncoder!;
+    if (copies.length > 0) {
+      backend.endComputePassEncoder();
+      copies.forEach((c, n) => {
+        encoder.copyBufferToBuffer(
+            copyBuffers[n][0], c.srcOffset, copyBuffers[n][1], c.dstOffset, c.size);
+        state.commandQueueOwnedIds.add(c.src.dataId);
+        state.commandQueueOwnedIds.add(c.dst.dataId);
+      });
+    }
     if (poisonOutputs) {
       // Fresh buffers: no pending work uses them, so writing now is safe.
       for (const b of buffers.slice(run.inputs.length)) {
@@ -485,18 +481,28 @@ export function recordOwnPipeline(
       state.uniformPendingDisposal.push(uniformBuffer);
       entries.push({binding: buffers.length, resource: {buffer: uniformBuffer}});
     }
-    pushScopes(device);
     const bindGroup = device.createBindGroup({layout: entry.layout, entries});
-    const pass = encoder.beginComputePass();
+    state.computePassEncoder ??= encoder.beginComputePass();
+    const pass = state.computePassEncoder;
     pass.setPipeline(entry.pipeline);
     pass.setBindGroup(0, bindGroup);
     pass.dispatchWorkgroups(...run.dispatch);
-    pass.end();
-    watchScopes(device, `dispatch of '${spec.label ?? spec.key}'`, e => {
-      entry.error = entry.error ?? e;
-    });
     tensors.forEach(t => state.commandQueueOwnedIds.add(t.dataId));
+    state.dispatchCountInPass++;
+    if (firstUse) {
+      backend.endComputePassEncoder();
+      backend.submitQueue();
+      entry.dispatched = true;
+      closeScopes();
+    } else if (state.dispatchCountInPass >= submitBatchSize()) {
+      // As tfjs does after its own kernels: bounded encoders.
+      backend.endComputePassEncoder();
+      backend.submitQueue();
+    }
   } catch (e) {
+    if (scopesOpen) {
+      closeScopes();
+    }
     outputs.forEach(o => backend.disposeData(o.dataId));
     throw e;
   }

@@ -4,24 +4,14 @@
  * cos/sin. Pairs are (i, i + rotaryDim/2), or (2i, 2i + 1) interleaved;
  * dims past rotaryDim are copied. `inverse` rotates by -theta.
  */
-import {TfjsWebGPUProgram} from './tfjs_program';
+import {ElementwiseProgram} from './row_program';
 
-export class RotaryProgram implements TfjsWebGPUProgram {
-  variableNames = ['x', 'cosTable', 'sinTable'];
-  outputShape: number[];
-  shaderKey: string;
-  dispatchLayout: {x: number[]};
-  dispatch: [number, number, number];
-  workgroupSize: [number, number, number] = [64, 1, 1];
-  size = true;
-
+export class RotaryProgram extends ElementwiseProgram {
   constructor(
       shape: number[], private readonly rotaryDim: number, private readonly interleaved: boolean,
       private readonly inverse: boolean) {
-    this.outputShape = shape;
-    this.dispatchLayout = {x: [0, 1, 2, 3]};
-    this.dispatch = [Math.ceil(shape.reduce((a, b) => a * b, 1) / 64), 1, 1];
-    this.shaderKey = `rotary_${rotaryDim}_${+ interleaved}_${+ inverse}`;
+    super(
+        ['x', 'cosTable', 'sinTable'], shape, `rotary_${rotaryDim}_${+ interleaved}_${+ inverse}`);
   }
 
   getUserCode(): string {

@@ -14,9 +14,27 @@ import type {ForwardTiles} from './flash_attention_webgpu';
 export interface ForwardTilingChoice extends ForwardTiles {
   /** Only for head dims above this (where it was measured to win). */
   minHeadDim?: number;
+  /** Only for head dims up to this. */
+  maxHeadDim?: number;
   /** Only when the grid has at least this many workgroups (a full GPU). */
   minGroups?: number;
+  /**
+   * Only for short grids on a hardware GPU: when 32-row query tiles would
+   * make fewer than SHORT_GRID_GROUPS workgroups.
+   */
+  shortGrid?: boolean;
 }
+
+/** Streaming multiprocessors of the GPU the tilings are tuned on (H100 SXM). */
+export const TUNED_SM_COUNT = 132;
+
+/**
+ * A grid of 32-row query tiles with fewer workgroups than this (2 per SM)
+ * leaves SMs without a second workgroup to hide latency: 16-row tiles
+ * double the workgroups. WebGPU does not report SM counts, so this is
+ * the H100's; smaller GPUs fill at fewer workgroups and lose little.
+ */
+export const SHORT_GRID_GROUPS = 2 * TUNED_SM_COUNT;
 
 /**
  * Forward tilings tried in order; the first that fits the device's limits,
@@ -24,6 +42,9 @@ export interface ForwardTilingChoice extends ForwardTiles {
  * comments.
  */
 export const FORWARD_TILINGS: ForwardTilingChoice[] = [
+  // Short grids at D=64 (e.g. B x H = 16 at S = 512): 16 x 64 tiles, twice
+  // the workgroups of the 32 x 64 ones (benchmarks/RESULTS.md, issue 14).
+  {tm: 2, tx: 16, nq: 1, ty: 8, minHeadDim: 32, maxHeadDim: 64, shortGrid: true},  // 16 x 64, 128
   // Outer-product mode (K^T/V sharing a buffer, P^T swizzled): the fastest
   // at D=64 on large grids; with few workgroups the classic 32-row tiles
   // keep more SMs busy, hence minGroups.

@@ -88,23 +88,30 @@ export interface ScoreOptions {
    * diagonal of causal/window/ALiBi is `i + seqlenK_b - seqlenQ_b`.
    */
   seqlens?: boolean;
+  /**
+   * With seqlens, keep the padded diagonal `i + Sk - Sq` (key padding
+   * masks; FlashAttentionAttrs.paddedDiagonal).
+   */
+  paddedDiagonal?: boolean;
 }
 
 export function scoreOptionsFromAttrs(
-    attrs: {softcap: number, windowLeft: number, windowRight: number}, hasAlibi: boolean,
-    hasSeqlens = false): ScoreOptions {
+    attrs: {softcap: number, windowLeft: number, windowRight: number, paddedDiagonal?: boolean},
+    hasAlibi: boolean, hasSeqlens = false): ScoreOptions {
   return {
     softcap: attrs.softcap > 0,
     alibi: hasAlibi,
     windowLeft: attrs.windowLeft >= 0,
     windowRight: attrs.windowRight >= 0,
     seqlens: hasSeqlens,
+    paddedDiagonal: hasSeqlens && attrs.paddedDiagonal === true,
   };
 }
 
 /** The part of a pipeline key that scoreWGSL's options decide. */
 export function scoreKey(o: ScoreOptions): string {
-  return `sc${+ o.softcap}al${+ o.alibi}wl${+ o.windowLeft}wr${+ o.windowRight}sl${+ !!o.seqlens}`;
+  return `sc${+ o.softcap}al${+ o.alibi}wl${+ o.windowLeft}wr${+ o.windowRight}sl${+ !!o.seqlens}${
+      o.paddedDiagonal ? 'pd' : ''}`;
 }
 
 /**
@@ -143,12 +150,13 @@ struct FaScore {
 }
 
 // Only the batch row's own tokens count: keys past seqlenK_b are padding,
-// and the diagonal is aligned to the row's own bottom-right corner.
+// and the diagonal is aligned to the row's own bottom-right corner (or,
+// for key padding masks, stays at the padded Sk - Sq).
 fn fa_with_lengths(p: FaScore, lenQ: i32, lenK: i32) -> FaScore {
   var r = p;
   r.seqQ = lenQ;
   r.seqK = lenK;
-  r.diag = lenK - lenQ;
+  ${o.paddedDiagonal ? '' : 'r.diag = lenK - lenQ;'}
   return r;
 }
 

@@ -15,7 +15,7 @@ import {attentionOptionSpec, checkOptions, FlashAttentionError, flashAttention, 
 import type {OptionSpec} from 'tfjs-flash-attention';
 
 import {alibiSlopes} from './alibi';
-import {keyPaddingLengths, maskedAttention} from './masked_attention';
+import {maskedAttention} from './masked_attention';
 import {applyRotary, RotaryTables} from './rotary';
 import {resolveSerializable, serializeObject} from './serialization';
 
@@ -456,10 +456,12 @@ export class FlashMHA extends tfl.layers.Layer {
       if (this.rotaryEmbDim > 0) {
         // The same tables as `call`, read at each token's position.
         this.rotaryTables ??= new RotaryTables(this.rotaryEmbDim, this.rotaryEmbBase);
-        const [rotaryCos, rotarySin] = this.rotaryTables.get(cache.maxSeqLen);
+        const [rotaryCos, rotarySin] = this.rotaryTables.covering(cache.maxSeqLen);
         rotary = {rotaryCos, rotarySin, rotaryInterleaved: this.rotaryEmbInterleaved};
       }
-      const slopes = this.alibiSlopesTensor();
+      // Kept with the cache: no upload per step.
+      const slopes =
+          this.useAlibi ? cache.constant('alibiSlopes', () => this.alibiSlopesTensor()!) : null;
       const out = cache.attend(q, k, v, {
         causal: true,
         softmaxScale: this.softmaxScale,
@@ -489,9 +491,11 @@ export class FlashMHA extends tfl.layers.Layer {
   /**
    * The attention itself: q `[B, Sq, H, D]`, k and v `[B, Sk, Hk, D]` ->
    * `[B, Sq, H, D]`. flashAttention; a key padding mask (each row real
-   * keys, then padding) becomes its per-batch key lengths, which the fused
-   * kernels skip by tile; any other key mask takes the masked composed
-   * path (docs/varlen.md).
+   * keys, then padding) goes to it as keyPaddingMask, whose keys the fused
+   * kernels skip by tile (causal, window and ALiBi keep their padded
+   * diagonal). Any other key mask takes the masked composed path when its
+   * values are in host memory; a mask that lives on the GPU is not read
+   * back and is taken as a padding mask (docs/varlen.md).
    */
   protected attend(
       q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D, keyMask: tf.Tensor|null,
@@ -505,18 +509,14 @@ export class FlashMHA extends tfl.layers.Layer {
     };
     const slopes = this.alibiSlopesTensor();
     if (keyMask != null) {
-      // Per-batch key lengths move each row's causal/window/ALiBi diagonal
-      // to its own length (flash_attn's varlen semantics), while a padding
-      // mask keeps it at Sk - Sq: only diagonal-free calls may use them.
-      const usesDiagonal = this.causal || slopes != null ||
-          (this.windowSize != null && this.windowSize.some(w => w >= 0));
-      const seqlensK = usesDiagonal ? null : keyPaddingLengths(keyMask, paddingMaskLengths);
-      if (seqlensK == null) {
+      if (paddingMaskLengths(keyMask) == null) {
         return maskedAttention(q, k, v, {...common, alibiSlopes: slopes, keyMask});
       }
+      const keyPaddingMask = keyMask.dtype === 'bool' ? keyMask : tf.cast(keyMask, 'bool');
       return flashAttention(
           q, k, v,
-          slopes == null ? {...common, seqlensK} : {...common, seqlensK, alibiSlopes: slopes});
+          slopes == null ? {...common, keyPaddingMask} :
+                           {...common, keyPaddingMask, alibiSlopes: slopes});
     }
     return flashAttention(q, k, v, slopes == null ? common : {...common, alibiSlopes: slopes});
   }

@@ -1,8 +1,9 @@
 /**
  * Attention composed of tfjs ops that also takes a key mask. The fused
- * FlashAttention kernels take key padding masks only (as per-batch key
- * lengths), so FlashMHA runs this path for a key mask that is not a
- * padding mask (a false followed by a true in some row). It holds the `[B, H, Sq, Sk]` scores,
+ * FlashAttention kernels take key padding masks only, so FlashMHA runs
+ * this path for a key mask that is not a padding mask (a false followed
+ * by a true in some row; checked where the mask is in host memory,
+ * docs/varlen.md). It holds the `[B, H, Sq, Sk]` scores,
  * like the attention users compose today; semantics otherwise match
  * flashAttention (docs/design.md, "Semantics"): scale, softcap, ALiBi, window/causal
  * (bottom-right aligned), GQA; a query row that sees no key gives zeros.
@@ -21,35 +22,6 @@ export interface MaskedAttentionOptions {
   dropoutRate?: number;
   /** `[B, Sk]`, true (or non-zero) = the key may be attended to. */
   keyMask?: tf.Tensor|null;
-}
-
-/**
- * The `[B]` int32 key lengths of a `[B, Sk]` key mask that is a padding
- * mask, or null for any other mask. `lengthsOf` is paddingMaskLengths
- * (src/seqlens.ts): where the backend cannot read the mask synchronously
- * (tfjs-backend-webgpu in Node) it cannot be checked, and it is taken as a
- * padding mask: the lengths are then its rows' leading trues.
- */
-export function keyPaddingLengths(
-    keyMask: tf.Tensor,
-    lengthsOf: (mask: tf.Tensor) => Int32Array | null | 'unchecked'): tf.Tensor1D|null {
-  if (keyMask.rank !== 2) {
-    return null;
-  }
-  const lengths = lengthsOf(keyMask);
-  if (lengths == null) {
-    return null;
-  }
-  if (lengths !== 'unchecked') {
-    return tf.tensor1d(lengths, 'int32');
-  }
-  return tf.tidy(() => {
-    const [batch, seq] = keyMask.shape as [number, number];
-    const index = tf.broadcastTo(tf.reshape(tf.range(0, seq, 1, 'int32'), [1, seq]), [batch, seq]);
-    const firstFalse =
-        tf.where(tf.cast(keyMask, 'bool'), tf.fill([batch, seq], seq, 'int32'), index);
-    return tf.min(firstFalse, 1) as tf.Tensor1D;
-  });
 }
 
 /** `[B, Sk, Hk, D]` -> `[B, Sk, Hk * groups, D]`: head h reads kv head floor(h / groups). */

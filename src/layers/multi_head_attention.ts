@@ -24,10 +24,9 @@ import type {Initializer} from '@tensorflow/tfjs-layers/dist/initializers';
 import type {Shape} from '@tensorflow/tfjs-layers/dist/keras_format/common';
 import type {Regularizer} from '@tensorflow/tfjs-layers/dist/regularizers';
 import type {Kwargs} from '@tensorflow/tfjs-layers/dist/types';
-import {flashAttention, KVCache, MAX_HEAD_DIM, paddingMaskLengths} from 'tfjs-flash-attention';
+import {flashAttention, KVCache, MAX_HEAD_DIM, paddingMaskLengths, valuesOnHost} from 'tfjs-flash-attention';
 
 import {kerasCausalMask, kerasMaskedAttention} from './keras_attention';
-import {keyPaddingLengths} from './masked_attention';
 import {checkDType, checkKnownKeys, describe, intList, kerasName, layerPrefix, positiveInt, resolveObject} from './keras_config';
 import {serializeObject} from './serialization';
 import {installFunctionalRewrite, KERAS_CALL_KEY, KerasCall, KerasCallRole} from './keras_functional';
@@ -513,52 +512,50 @@ export class MultiHeadAttention extends tfl.layers.Layer {
   }
 
   /**
-   * The key lengths (and the queries' mask) when the call's masks are
-   * padding masks the fused path can take, else null (docs/varlen.md).
+   * The `[B, Sk]` bool key padding mask (and the queries' mask) when the
+   * call's masks are padding masks the fused path can take, else null
+   * (docs/varlen.md). Nothing is read back on GPU backends.
    */
   private paddingOf(
       attentionMask: tf.Tensor|null, autoMask: tf.Tensor|null, b: number, sq: number,
-      sk: number): {seqlensK: tf.Tensor1D|null, query: tf.Tensor|null}|null {
+      sk: number): {keyMask: tf.Tensor|null, query: tf.Tensor|null}|null {
     if (attentionMask != null) {
       if (autoMask != null || attentionMask.rank !== 3 || attentionMask.shape[0] !== b ||
           attentionMask.shape[2] !== sk ||
           (attentionMask.shape[1] !== 1 && attentionMask.shape[1] !== sq)) {
         return null;
       }
-      // Every query row must carry the same key padding mask: read it back
-      // (no check possible without a synchronous read: the composed path).
-      let values: ArrayLike<number>;
-      try {
-        values = attentionMask.dataSync() as ArrayLike<number>;
-      } catch (e) {
-        return null;
-      }
+      // With several query rows, each must carry the same key padding mask:
+      // checked only where the mask's values are in host memory (reading
+      // one that lives on the GPU would stall on it): else the composed path.
       const rows = attentionMask.shape[1];
-      for (let bi = 0; bi < b; bi++) {
-        for (let i = 1; i < rows; i++) {
-          for (let j = 0; j < sk; j++) {
-            if (values[(bi * rows + i) * sk + j] !== values[bi * rows * sk + j]) {
-              return null;
+      if (rows > 1) {
+        if (!valuesOnHost(attentionMask)) {
+          return null;
+        }
+        const values = attentionMask.dataSync() as ArrayLike<number>;
+        for (let bi = 0; bi < b; bi++) {
+          for (let i = 1; i < rows; i++) {
+            for (let j = 0; j < sk; j++) {
+              if (values[(bi * rows + i) * sk + j] !== values[bi * rows * sk + j]) {
+                return null;
+              }
             }
           }
         }
       }
-      const first = tf.tidy(
-          () =>
-              tf.reshape(tf.slice(tf.cast(attentionMask, 'bool'), [0, 0, 0], [b, 1, sk]), [b, sk]));
-      const seqlensK = keyPaddingLengths(first, paddingMaskLengths);
-      first.dispose();
-      return seqlensK == null ? null : {seqlensK, query: null};
+      const first =
+          tf.reshape(tf.slice(tf.cast(attentionMask, 'bool'), [0, 0, 0], [b, 1, sk]), [b, sk]);
+      return paddingMaskLengths(first) == null ? null : {keyMask: first, query: null};
     }
     const parts = this.maskParts;
     if (autoMask == null || parts == null) {
       return null;
     }
-    const seqlensK = parts.key == null ? null : keyPaddingLengths(parts.key, paddingMaskLengths);
-    if (parts.key != null && seqlensK == null) {
+    if (parts.key != null && paddingMaskLengths(parts.key) == null) {
       return null;
     }
-    return {seqlensK, query: parts.query};
+    return {keyMask: parts.key, query: parts.query};
   }
 
   /**
@@ -671,16 +668,26 @@ export class MultiHeadAttention extends tfl.layers.Layer {
     const fused =
         fusable && attentionMask == null && autoMask == null && (!useCausalMask || sq >= sk);
     // Padding masks (the inputs' Keras masks, or an attention_mask whose
-    // rows are one key padding mask) run fused with per-batch key lengths.
-    const padding = fusable && !fused && !useCausalMask && rank === 3 ?
+    // rows are one key padding mask) run fused as a key padding mask, with
+    // or without the causal mask (its diagonal stays on the padded length).
+    const padding = fusable && !fused && (!useCausalMask || sq >= sk) && rank === 3 ?
         this.paddingOf(attentionMask, autoMask, b, sq, sk) :
         null;
     if (padding != null) {
       context = flashAttention(q, k, v, {
                   softmaxScale: scale,
+                  causal: useCausalMask && sq === sk,
+                  windowSize: useCausalMask && sq > sk ? [-1, sq - sk] : undefined,
                   dropoutRate,
-                  ...(padding.seqlensK == null ? {} : {seqlensK: padding.seqlensK}),
+                  ...(padding.keyMask == null ? {} : {keyPaddingMask: padding.keyMask}),
                 }) as tf.Tensor4D;
+      if (padding.keyMask != null) {
+        // Keras: a row whose keys are all masked has every score at -1e9,
+        // a uniform softmax: the mean of the values. Every row of a batch
+        // row with any real key sees key 0 (also under the causal mask).
+        const anyKey = tf.reshape(tf.any(padding.keyMask, 1), [b, 1, 1, 1]);
+        context = tf.where(anyKey, context, tf.mean(v, 1, true)) as tf.Tensor4D;
+      }
       if (padding.query != null) {
         // Keras: a masked query row has every score at -1e9, a uniform
         // softmax: the mean of the values.

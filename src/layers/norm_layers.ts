@@ -92,11 +92,11 @@ abstract class FusedNormLayer extends tfl.layers.Layer {
         residual,
         epsilon: this.epsilon,
         dropoutRate: training ? this.dropout : 0,
-        returnResidual: true as const
+        // Only when z is used: an unused output's gradient costs an upload.
+        returnResidual: this.returnResidual
       };
-      const [y, z] = this.rms ? rmsNorm(x, gamma, opts) :
-                                layerNorm(x, gamma, this.beta?.read() ?? tf.zeros([dim]), opts);
-      return this.returnResidual ? [y, z] : y;
+      return this.rms ? rmsNorm(x, gamma, opts) :
+                        layerNorm(x, gamma, this.beta?.read() ?? tf.zeros([dim]), opts);
     });
   }
 

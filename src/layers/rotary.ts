@@ -52,6 +52,17 @@ export class RotaryTables {
     return this.tables.map(t => tf.slice(t, [0, 0], [seq, half])) as [tf.Tensor2D, tf.Tensor2D];
   }
 
+  /**
+   * Tables for at least positions 0..seq-1, without a slice when the kept
+   * ones are longer (kernels that index them by position need no more).
+   */
+  covering(seq: number): [tf.Tensor2D, tf.Tensor2D] {
+    if (this.tables != null && seq <= this.seq && !this.tables[0].isDisposed) {
+      return this.tables;
+    }
+    return this.get(seq);
+  }
+
   dispose(): void {
     if (this.tables != null) {
       tf.dispose(this.tables);

@@ -51,6 +51,18 @@ function lengthOf(shapes: ReferenceShapes, column: number): tf.Tensor {
   return tf.reshape(tf.slice(shapes.seqlens!, [0, column], [-1, 1]), [shapes.batch, 1, 1, 1]);
 }
 
+/**
+ * `[B or 1, 1, rows, 1]` int32: the diagonal key of rows `i` with per-batch
+ * lengths: each row's own `i + seqlenK_b - seqlenQ_b`, or the padded
+ * `i + Sk - Sq` for key padding masks (FlashAttentionAttrs.paddedDiagonal).
+ */
+function diagonalWithLengths(
+    i: tf.Tensor, shapes: ReferenceShapes, attrs: FlashAttentionAttrs): tf.Tensor {
+  return attrs.paddedDiagonal === true ?
+      tf.add(i, tf.scalar(shapes.seqK - shapes.seqQ, 'int32')) :
+      tf.sub(tf.add(i, lengthOf(shapes, 1)), lengthOf(shapes, 0));
+}
+
 /** `[1, 1, rows, 1]` and `[1, 1, 1, cols]` int32: a block's row and key indices. */
 function blockIndices(block: QueryBlock): [tf.Tensor, tf.Tensor] {
   return [
@@ -68,7 +80,7 @@ function visibleWithLengths(
   return tf.tidy(() => {
     const [seqQ, seqK] = [lengthOf(shapes, 0), lengthOf(shapes, 1)];
     const [i, j] = blockIndices(block);
-    const diagonal = tf.sub(tf.add(i, seqK), seqQ);
+    const diagonal = diagonalWithLengths(i, shapes, attrs);
     let ok = tf.logicalAnd(tf.less(i, seqQ), tf.less(j, seqK));
     if (attrs.windowLeft >= 0) {
       ok = tf.logicalAnd(ok, tf.greaterEqual(j, tf.sub(diagonal, attrs.windowLeft)));
@@ -217,7 +229,7 @@ export function blockScores(
     scores = consume(scores, t => tf.mul(t, cap));
   }
   if (alibiSlopes != null) {
-    const bias = alibiBias(alibiSlopes, block, shapes);
+    const bias = alibiBias(alibiSlopes, block, shapes, attrs);
     scores = consume(scores, s => tf.add(s, bias));
     bias.dispose();
   }
@@ -229,14 +241,13 @@ export function blockScores(
  * per-batch lengths, each batch row's own diagonal).
  */
 function alibiBias(
-    alibiSlopes: tf.Tensor, block: QueryBlock, shapes: ReferenceShapes): tf.Tensor4D {
+    alibiSlopes: tf.Tensor, block: QueryBlock, shapes: ReferenceShapes,
+    attrs: FlashAttentionAttrs): tf.Tensor4D {
   return tf.tidy(() => {
     let distance: tf.Tensor;
     if (shapes.seqlens != null) {
       const [i, j] = blockIndices(block);
-      distance = tf.cast(
-          tf.abs(tf.sub(tf.sub(tf.add(i, lengthOf(shapes, 1)), lengthOf(shapes, 0)), j)),
-          'float32');
+      distance = tf.cast(tf.abs(tf.sub(diagonalWithLengths(i, shapes, attrs), j)), 'float32');
     } else {
       const values = new Float32Array(block.rows * block.cols);
       for (let r = 0; r < block.rows; r++) {

@@ -186,6 +186,48 @@ export class FusedAdamW extends tf.Optimizer {
     this.incrementIterations();
   }
 
+  /**
+   * tf.variableGrads, except that backprop starts from a 1 made on the
+   * device (tf.fill is a kernel): tfjs seeds it with ones() made on the
+   * host, an upload every step.
+   */
+  override computeGradients(f: () => tf.Scalar, varList?: tf.Variable[]):
+      {value: tf.Scalar, grads: tf.NamedTensorMap} {
+    const all = varList ?? Object.values(tf.engine().registeredVariables);
+    const trainable = all.filter(v => v.trainable);
+    if (trainable.length === 0) {
+      throw new Error(`fusedAdamW: no trainable variables among the ${all.length} given`);
+    }
+    const seed = tf.fill([], 1);
+    const checked = () => {
+      const value = f();
+      if (!(value instanceof tf.Tensor) || value.rank !== 0) {
+        throw new Error(`fusedAdamW: the loss function must return a scalar, got ${
+            value instanceof tf.Tensor ? `shape [${value.shape}]` : typeof value}`);
+      }
+      return value;
+    };
+    let result: {value: tf.Tensor, grads: tf.Tensor[]}|null = null;
+    try {
+      result = tf.engine().gradients(checked, trainable, seed, true);
+    } finally {
+      // The loss may be a variable itself, whose gradient is the seed.
+      if (!result?.grads.includes(seed)) {
+        seed.dispose();
+      }
+    }
+    const grads: tf.NamedTensorMap = {};
+    trainable.forEach((v, i) => {
+      if (result.grads[i] != null) {
+        grads[v.name] = result.grads[i];
+      }
+    });
+    if (Object.keys(grads).length === 0) {
+      throw new Error('fusedAdamW: the loss does not depend on any of the trainable variables');
+    }
+    return {value: result.value as tf.Scalar, grads};
+  }
+
   private hyperparameters() {
     return {
       learningRate: this.learningRate,

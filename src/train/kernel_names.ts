@@ -33,6 +33,12 @@ export interface FusedNormAttrs {
   dropoutRate: number;
   seedLo: number;
   seedHi: number;
+  /**
+   * The caller keeps z (returnResidual). When it does not, z's gradient is
+   * zero and the backward makes it on the device: the tape would make it
+   * on the host (an upload of [N, C] zeros per call).
+   */
+  returnResidual: boolean;
 }
 
 /**

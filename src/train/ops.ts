@@ -102,9 +102,10 @@ const CROSS_ENTROPY_OPTION_SPECS: readonly OptionSpec[] = [
 /** FusedNorm's gradient (fused kernel or reference); saved: x, residual, gamma, beta, z. */
 function normGradFunc(
     dys: tf.Tensor|tf.Tensor[], saved: tf.Tensor[], attrs: tf.NamedAttrMap): GradMap {
-  const [dy, dzOut] = dys as tf.Tensor2D[];
+  const [dy, dzTape] = dys as tf.Tensor2D[];
   const [, residual, gamma, beta, z] = saved;
   const a = attrs as unknown as FusedNormAttrs;
+  const dzOut = a.returnResidual ? dzTape : tf.zerosLike(dzTape);
   const [dz, dx, dgamma, dbeta] = useFusedTrainingKernel(FusedNormGrad) ?
       tf.engine().runKernel(FusedNormGrad, {dy, dz: dzOut, z, gamma}, attrs) as tf.Tensor[] :
       referenceNormBackward(dy, dzOut, z as tf.Tensor2D, gamma as tf.Tensor1D, a);
@@ -157,7 +158,8 @@ function runNorm(
   const epsilon = opts.epsilon ?? (rms ? 1e-6 : 1e-5);
   const dropoutRate = opts.dropoutRate ?? 0;
   const seed = dropoutRate > 0 ? opts.seed ?? randomSeed() : 0;
-  const attrs: FusedNormAttrs = {rms, epsilon, dropoutRate, ...splitSeed(seed)};
+  const attrs: FusedNormAttrs =
+      {rms, epsilon, dropoutRate, ...splitSeed(seed), returnResidual: opts.returnResidual === true};
   const kernelAttrs = attrs as unknown as tf.NamedAttrMap;
 
   const rows = x.size / cols;

@@ -9,6 +9,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 
+import {setForwardOverride} from '../../kernels/webgpu/FlashAttention';
 import {FLASH_ATTENTION_IMPL} from '../../src';
 import {MultiHeadAttention, MultiHeadAttentionArgs} from '../../src/layers/multi_head_attention';
 import {describeBackends, useBackend} from '../harness/backends';
@@ -31,6 +32,19 @@ function zeroOneMask(shape: number[], rng: Rng): tf.Tensor {
   return tf.tensor(values, shape);
 }
 
+/**
+ * `[B, rows, S]` key padding mask: batch rows of 0 and 1 keys, the others
+ * random lengths; every query row carries its batch row's mask.
+ */
+function paddingMask(shape: number[], rng: Rng): tf.Tensor {
+  const [batch, rows, seq] = shape;
+  const lengths = Array.from({length: batch}, (_, b) => b < 2 ? b : rng.int(0, seq));
+  const values = Float32Array.from(
+      {length: batch * rows * seq},
+      (_, n) => n % seq < lengths[Math.floor(n / (rows * seq))] ? 1 : 0);
+  return tf.tensor(values, shape);
+}
+
 interface CallCase {
   title: string;
   args: MultiHeadAttentionArgs;
@@ -38,6 +52,8 @@ interface CallCase {
   value: number[];
   key?: number[];
   mask?: number[];
+  /** The mask is a key padding mask (fused), not a random one. */
+  padding?: boolean;
   causal?: boolean;
   scores?: boolean;
   /** Run the reference on cpu (tfjs-webgpu's einsum stops at rank 6). */
@@ -88,6 +104,24 @@ const CASES: CallCase[] = [
     query: [2, 6, 8],
     value: [2, 6, 8],
     mask: [6, 6],
+    causal: true
+  },
+  {
+    title: 'attention_mask [B, 1, S] padding mask, causal (fused)',
+    args: {numHeads: 2, keyDim: 4},
+    query: [3, 9, 8],
+    value: [3, 9, 8],
+    mask: [3, 1, 9],
+    padding: true,
+    causal: true
+  },
+  {
+    title: 'attention_mask [B, T, S] padding mask, causal, Sq > Sk (fused)',
+    args: {numHeads: 2, keyDim: 4},
+    query: [3, 10, 8],
+    value: [3, 7, 8],
+    mask: [3, 10, 7],
+    padding: true,
     causal: true
   },
   {
@@ -176,7 +210,8 @@ async function checkCase(c: CallCase): Promise<void> {
   const query = normals(c.query, rng);
   const value = normals(c.value, rng);
   const key = c.key ? normals(c.key, rng) : undefined;
-  const attentionMask = c.mask ? zeroOneMask(c.mask, rng) : undefined;
+  const attentionMask =
+      c.mask ? (c.padding ? paddingMask(c.mask, rng) : zeroOneMask(c.mask, rng)) : undefined;
   const layer = new MultiHeadAttention(c.args);
   const kwargs =
       {value, key, attentionMask, useCausalMask: c.causal, returnAttentionScores: c.scores};
@@ -220,7 +255,14 @@ async function checkCase(c: CallCase): Promise<void> {
 describeBackends('MultiHeadAttention vs tfjs-layers\' MultiHeadAttention', () => {
   for (const c of CASES) {
     it(c.title, async () => {
-      await checkCase(c);
+      // The padding cases' pipeline variant is new to this file: small
+      // tiles, which SwiftShader compiles in a second rather than ~20.
+      setForwardOverride(c.padding ? {tiles: {tm: 1, tx: 2, nq: 1, ty: 8}} : null);
+      try {
+        await checkCase(c);
+      } finally {
+        setForwardOverride(null);
+      }
     });
   }
 });
@@ -298,6 +340,9 @@ describe('MultiHeadAttention: flashAttention, training (cpu)', () => {
        // An attention_mask whose rows are one key padding mask runs fused
        // (per-batch key lengths); any other mask, the composed path.
        expect(() => layer.apply(x, {value: y, attentionMask: mask}))
+           .toThrow(/FLASH_ATTENTION_IMPL is 'fused'/);
+       // With the causal mask too (Sq >= Sk: its diagonal stays on the padding).
+       expect(() => layer.apply(x, {value: y, attentionMask: mask, useCausalMask: true}))
            .toThrow(/FLASH_ATTENTION_IMPL is 'fused'/);
        const holes = tf.tile(tf.tensor3d([[[1, 0, 1, 1]]]), [1, 6, 1]);
        tf.dispose(layer.apply(x, {value: y, attentionMask: holes}) as tf.Tensor);

@@ -1,0 +1,248 @@
+/**
+ * What one steady-state call of the fused WebGPU kernels costs the WebGPU
+ * API (benchmarks/webgpu_counters.ts): queue submits, error scopes, host
+ * uploads, buffers created, dispatches, uniform writes and buffer copies,
+ * pinned exactly so the per-call overhead cannot creep back; each counted
+ * call's results are also checked against the float64 oracle.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+
+import {webgpuCounters, WebGPUCounts} from '../benchmarks/webgpu_counters';
+import {setForwardOverride} from '../kernels/webgpu/FlashAttention';
+import {checkOwnPipelineErrors} from '../kernels/webgpu/own_pipeline';
+import {FLASH_ATTENTION_IMPL, flashAttention, flashAttentionWithKVCache} from '../src';
+import {flashMHA, FlashMHAArgs} from '../src/layers';
+
+import {selectedBackends, useBackend} from './harness/backends';
+import {expectClose, FORWARD_BOUND, freshRng, GRADIENT_BOUND, makeProblem, randomArray} from './harness/problems';
+import {oracleBackward, oracleForward, oracleKVCache, oracleRotary} from './oracle';
+
+const describeWebGPU = selectedBackends().includes('webgpu') ? describe : describe.skip;
+
+/** The counts that must not grow, without the timings and shapes. */
+function countsOf(c: WebGPUCounts) {
+  return {
+    submits: c.submits,
+    errorScopes: c.errorScopes,
+    hostUploads: c.hostUploads,
+    buffersCreated: c.buffersCreated,
+    dispatches: c.dispatches,
+    writeBuffers: c.writeBuffers,
+    bufferCopies: c.bufferCopies,
+    readBacks: c.readBacks,
+  };
+}
+
+describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
+  beforeAll(() => useBackend('webgpu'));
+  afterEach(() => setForwardOverride(null));
+
+  it('forward: 1 dispatch, no submit, no error scope, no upload', async () => {
+    // The planner's short-grid tiling (16 x 64), forced: SwiftShader is
+    // never given it, so it is checked against the oracle here.
+    setForwardOverride({tiles: {tm: 2, tx: 16, nq: 1, ty: 8}});
+    const before = tf.memory().numTensors;
+    const rng = freshRng();
+    const shape = {batch: 1, seqQ: 40, seqK: 40, heads: 2, headsKV: 2, headDim: 64, headDimV: 64};
+    const p = makeProblem(shape, rng);
+    const opts = {causal: true};
+    // First uses compile and check the pipeline inside error scopes.
+    for (let warm = 0; warm < 2; warm++) {
+      const out = flashAttention(p.q, p.k, p.v, opts) as tf.Tensor;
+      await out.data();
+      out.dispose();
+    }
+    const counters = webgpuCounters();
+    const out = flashAttention(p.q, p.k, p.v, opts) as tf.Tensor;
+    const counts = countsOf(counters.snapshot());
+    const got = await out.data();
+    await checkOwnPipelineErrors();
+    expect(counts).toEqual({
+      submits: 0,
+      errorScopes: 0,
+      hostUploads: 0,
+      buffersCreated: 0,
+      dispatches: 1,
+      writeBuffers: 1,  // its uniforms
+      bufferCopies: 0,
+      readBacks: 0,
+    });
+    expectClose(
+        got, oracleForward(p.oracle, opts).out, FORWARD_BOUND, `forward (seed ${rng.seed})`);
+    out.dispose();
+    p.dispose();
+    expect(tf.memory().numTensors).toBe(before);
+  });
+
+  it('forward + backward: 4 dispatches, no submit, no error scope, no upload', async () => {
+    const before = tf.memory().numTensors;
+    const rng = freshRng();
+    const shape = {batch: 1, seqQ: 24, seqK: 24, heads: 2, headsKV: 1, headDim: 16, headDimV: 16};
+    const p = makeProblem(shape, rng);
+    const opts = {causal: true};
+    const dOut = randomArray(p.oracle.q.length, rng);
+    const dy = tf.tensor4d(Float32Array.from(dOut), p.q.shape);
+    const gradsOf = tf.grads(
+        (q: tf.Tensor, k: tf.Tensor, v: tf.Tensor) =>
+            flashAttention(q as tf.Tensor4D, k as tf.Tensor4D, v as tf.Tensor4D, opts) as
+            tf.Tensor);
+    for (let warm = 0; warm < 2; warm++) {
+      const grads = gradsOf([p.q, p.k, p.v], dy);
+      await Promise.all(grads.map(g => g.data()));
+      tf.dispose(grads);
+    }
+    const counters = webgpuCounters();
+    const grads = gradsOf([p.q, p.k, p.v], dy);
+    const counts = countsOf(counters.snapshot());
+    const [dq, dk, dv] = await Promise.all(grads.map(g => g.data()));
+    await checkOwnPipelineErrors();
+    expect(counts).toEqual({
+      submits: 0,
+      errorScopes: 0,
+      hostUploads: 0,
+      buffersCreated: 0,
+      dispatches: 4,  // forward, then the backward's delta, dK/dV and dQ passes
+      writeBuffers: 4,
+      bufferCopies: 0,
+      readBacks: 0,
+    });
+    const want = oracleBackward(
+        p.oracle, opts, dOut, new Float64Array(shape.batch * shape.heads * shape.seqQ));
+    expectClose(dq, want.dq, GRADIENT_BOUND, `dq (seed ${rng.seed})`);
+    expectClose(dk, want.dk, GRADIENT_BOUND, `dk (seed ${rng.seed})`);
+    expectClose(dv, want.dv, GRADIENT_BOUND, `dv (seed ${rng.seed})`);
+    tf.dispose(grads);
+    dy.dispose();
+    p.dispose();
+    expect(tf.memory().numTensors).toBe(before);
+  });
+
+  it('decode step with rotary: 3 dispatches, 4 copies, no submit, no upload', async () => {
+    const rng = freshRng();
+    const [batch, seqMax, heads, headsKV, d, half] = [2, 24, 4, 2, 16, 4];
+    const before = tf.memory().numTensors;
+    const kRef = randomArray(batch * seqMax * headsKV * d, rng);
+    const vRef = randomArray(batch * seqMax * headsKV * d, rng);
+    const cos = randomArray((seqMax + 1) * half, rng);
+    const sin = randomArray((seqMax + 1) * half, rng);
+    const cacheShape: [number, number, number, number] = [batch, seqMax, headsKV, d];
+    const kInit = tf.tensor4d(Float32Array.from(kRef), cacheShape);
+    const vInit = tf.tensor4d(Float32Array.from(vRef), cacheShape);
+    const kVar = tf.variable(kInit, false);
+    const vVar = tf.variable(vInit, false);
+    tf.dispose([kInit, vInit]);
+    const cosT = tf.tensor2d(Float32Array.from(cos), [seqMax + 1, half]);
+    const sinT = tf.tensor2d(Float32Array.from(sin), [seqMax + 1, half]);
+    const opts = {causal: true};
+    const dims = {batch, seqQ: 1, seqMax, seqNew: 1, heads, headsKV, headDim: d, headDimV: d};
+    let lengths = [3, 7];
+    for (let step = 0; step < 5; step++) {
+      const q = randomArray(batch * heads * d, rng);
+      const k = randomArray(batch * headsKV * d, rng);
+      const v = randomArray(batch * headsKV * d, rng);
+      const [qT, kT, vT] = [
+        tf.tensor4d(Float32Array.from(q), [batch, 1, heads, d]),
+        tf.tensor4d(Float32Array.from(k), [batch, 1, headsKV, d]),
+        tf.tensor4d(Float32Array.from(v), [batch, 1, headsKV, d]),
+      ];
+      // Inputs on the GPU already, as a model's projections would be.
+      const backend = tf.backend() as unknown as {uploadToGPU(dataId: object): void};
+      [qT, kT, vT].forEach(t => backend.uploadToGPU(t.dataId));
+      const counters = webgpuCounters();
+      const out = flashAttentionWithKVCache(qT, kVar, vVar, {
+                    ...opts,
+                    k: kT,
+                    v: vT,
+                    cacheSeqlens: lengths,
+                    rotaryCos: cosT,
+                    rotarySin: sinT,
+                  }) as tf.Tensor;
+      const counts = countsOf(counters.snapshot());
+      const got = await out.data();
+      await checkOwnPipelineErrors();
+      if (step >= 2) {  // steps 0 and 1 make the pipelines' first uses
+        expect(counts).toEqual({
+          submits: 0,
+          errorScopes: 0,
+          hostUploads: 0,
+          buffersCreated: 0,
+          dispatches: 3,    // rotary of q and k, split-KV pass, combine
+          writeBuffers: 3,  // their uniforms (cache lengths and rotary rows in them)
+          bufferCopies: 4,  // k and v appended in place, per batch row
+          readBacks: 0,
+        });
+      }
+      const qRot = oracleRotary(q, [batch, 1, heads, d], cos, sin, half, lengths, false);
+      const kRot = oracleRotary(k, [batch, 1, headsKV, d], cos, sin, half, lengths, false);
+      const want = oracleKVCache(dims, qRot, kRef, vRef, kRot, v, lengths, null, opts);
+      expectClose(got, want.out, FORWARD_BOUND, `decode step ${step} (seed ${rng.seed})`);
+      const row = headsKV * d;
+      lengths.forEach((n, b) => {
+        kRef.set(kRot.subarray(b * row, (b + 1) * row), (b * seqMax + n) * row);
+        vRef.set(v.subarray(b * row, (b + 1) * row), (b * seqMax + n) * row);
+      });
+      lengths = lengths.map(n => n + 1);
+      tf.dispose([out, qT, kT, vT]);
+    }
+    expectClose(await kVar.data(), kRef, FORWARD_BOUND, `k cache (seed ${rng.seed})`);
+    tf.dispose([kVar, vVar, cosT, sinT]);
+    expect(tf.memory().numTensors).toBe(before);
+  });
+
+  const LAYERS: Array<{name: string, args: FlashMHAArgs, dispatches: number}> = [
+    {
+      name: 'GQA, RoPE',
+      args: {embedDim: 32, numHeads: 4, numHeadsKV: 2, causal: true, rotaryEmbDim: 8},
+      // qkv matMul + bias, SplitV, rotary, split-KV, combine, out matMul + bias.
+      dispatches: 10,
+    },
+    {
+      name: 'ALiBi',
+      args: {embedDim: 32, numHeads: 4, causal: true, useAlibi: true},
+      dispatches: 9,
+    },
+  ];
+  for (const {name, args, dispatches} of LAYERS) {
+    it(`FlashMHA.decode (${name}): ${dispatches} dispatches a token, no submit, no upload`,
+       async () => {
+         const rng = freshRng();
+         const seq = 6;
+         const layer = flashMHA(args);
+         const x = tf.tensor3d(Float32Array.from(randomArray(seq * 32, rng)), [1, seq, 32]);
+         tf.env().set(FLASH_ATTENTION_IMPL, 'reference');
+         const full = layer.apply(x) as tf.Tensor3D;
+         tf.env().set(FLASH_ATTENTION_IMPL, 'auto');
+         const before = tf.memory().numTensors;
+         const cache = layer.createCache(1, seq + 2);
+         const decoded = new Float32Array(seq * 32);
+         for (let t = 0; t < seq; t++) {
+           const token = tf.slice(x, [0, t, 0], [1, 1, 32]);
+           const counters = webgpuCounters();
+           const y = layer.decode(token, cache);
+           const counts = countsOf(counters.snapshot());
+           if (t >= 2) {  // the first steps compile and check the pipelines
+             expect(counts).toEqual({
+               submits: 0,
+               errorScopes: 0,
+               hostUploads: 0,
+               buffersCreated: 0,
+               dispatches,
+               writeBuffers: dispatches,
+               bufferCopies: 2,  // k and v appended in place
+               readBacks: 0,
+             });
+           }
+           decoded.set(await y.data(), t * 32);
+           tf.dispose([y, token]);
+         }
+         await checkOwnPipelineErrors();
+         expectClose(
+             decoded, await full.data(), FORWARD_BOUND,
+             `FlashMHA.decode (${name}) vs the full call (seed ${rng.seed})`);
+         cache.dispose();
+         expect(tf.memory().numTensors).toBe(before);
+         tf.dispose([x, full]);
+         layer.dispose();
+       });
+  }
+});
