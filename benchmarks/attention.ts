@@ -41,6 +41,8 @@
 import * as fs from 'fs';
 import * as path from 'path';
 
+import {adapterName, openWebGPUDevice, useWebGPUBackend} from './webgpu_setup';
+
 type TF = typeof import('@tensorflow/tfjs-core');
 
 interface Args {
@@ -152,43 +154,6 @@ function flops(mode: string, b: number, h: number, s: number, d: number, causal:
   return mode === 'fwd' ? fwd : 3.5 * fwd;
 }
 
-async function setupDevice(dawnFlags: string[], tensorCores: boolean):
-    Promise<{gpu: GPU, adapter: GPUAdapter, device: GPUDevice}> {
-  const webgpu = await import('webgpu') as unknown as
-      {create: (f: string[]) => GPU, globals: Record<string, unknown>};
-  Object.assign(globalThis, webgpu.globals);
-  const {TENSOR_CORE_DAWN_FLAGS, tensorCoreFeatures} = await import('../demo/tensor_cores');
-  const gpu = webgpu.create(tensorCores ? [...dawnFlags, ...TENSOR_CORE_DAWN_FLAGS] : dawnFlags);
-  const adapter = await gpu.requestAdapter({powerPreference: 'high-performance'});
-  if (adapter == null) {
-    throw new Error('no WebGPU adapter');
-  }
-  const l = adapter.limits;
-  const features = ['subgroups', 'timestamp-query'].filter(
-                       f => adapter.features.has(f as GPUFeatureName)) as GPUFeatureName[];
-  if (tensorCores) {
-    features.push(...tensorCoreFeatures(adapter).filter(f => !features.includes(f)));
-  }
-  const device = await adapter.requestDevice({
-    requiredFeatures: features,
-    requiredLimits: {
-      maxStorageBufferBindingSize: l.maxStorageBufferBindingSize,
-      maxBufferSize: l.maxBufferSize,
-      maxComputeWorkgroupStorageSize: l.maxComputeWorkgroupStorageSize,
-      maxComputeInvocationsPerWorkgroup: l.maxComputeInvocationsPerWorkgroup,
-      maxComputeWorkgroupSizeX: l.maxComputeWorkgroupSizeX,
-      maxComputeWorkgroupsPerDimension: l.maxComputeWorkgroupsPerDimension,
-      maxStorageBuffersPerShaderStage: l.maxStorageBuffersPerShaderStage,
-    },
-  });
-  device.addEventListener('uncapturederror', (e: Event) => {
-    log(`GPU error: ${(e as GPUUncapturedErrorEvent).error.message}`);
-  });
-  Object.defineProperty(
-      globalThis, 'navigator', {value: {gpu}, configurable: true, writable: true});
-  return {gpu, adapter, device};
-}
-
 interface Bench {
   tf: TF;
   backend: {
@@ -289,23 +254,26 @@ async function measure(
 
 async function main(): Promise<void> {
   const args = parseArgs(process.argv.slice(2));
-  const {device, adapter} = await setupDevice(args.dawnFlags, args.tensorCores);
+  const {TENSOR_CORE_DAWN_FLAGS, TENSOR_CORE_FEATURES} = await import('../demo/tensor_cores');
+  const setup = await openWebGPUDevice({
+    dawnFlags: args.tensorCores ? [...args.dawnFlags, ...TENSOR_CORE_DAWN_FLAGS] : args.dawnFlags,
+    features: ['subgroups', 'timestamp-query', ...(args.tensorCores ? TENSOR_CORE_FEATURES : [])],
+    onError: log
+  });
+  const {device, adapter} = setup;
   const tf = await import('@tensorflow/tfjs-core');
   // tfjs-core's CommonJS bundle registers no gradients; tfjs-layers' does.
   await import('@tensorflow/tfjs-layers');
-  const webgpu = await import('@tensorflow/tfjs-backend-webgpu');
   const fa = await import('../src/index');
   const {composedAttention} = await import('./baselines');
   const {setForwardOverride, planForward, forwardStats} =
       await import('../kernels/webgpu/FlashAttention');
   const {checkOwnPipelineErrors} = await import('../kernels/webgpu/own_pipeline');
   const {enableTensorCores, tensorCoreUsage} = await import('../demo/tensor_cores');
-  tf.removeBackend('webgpu');
-  tf.registerBackend('webgpu', () => new webgpu.WebGPUBackend(device, adapter.info));
-  await tf.setBackend('webgpu');
+  await useWebGPUBackend(setup);
   const bench: Bench = {tf, backend: tf.backend() as unknown as Bench['backend']};
   const info = adapter.info;
-  const deviceName = `${info.vendor} ${info.architecture} ${info.description}`.trim() +
+  const deviceName = adapterName(adapter) +
       (args.dawnFlags.length > 0 ? ` (Dawn flags: ${args.dawnFlags.join(' ')})` : '');
   log(`device: ${deviceName}; workgroup storage ${
       device.limits.maxComputeWorkgroupStorageSize} B, invocations ${

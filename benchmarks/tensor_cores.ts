@@ -27,7 +27,7 @@ import * as fs from 'fs';
 
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-layers';
-import {WebGPUBackend} from '@tensorflow/tfjs-backend-webgpu';
+import {openWebGPUDevice, useWebGPUBackend} from './webgpu_setup';
 
 import {matrixGradStats, planMatrixBackward} from '../kernels/webgpu/flash_attention_grad_subgroup_matrix';
 import {matrixForwardStats, MatrixForwardOverride, planMatrixForward, setMatrixForwardOverride} from '../kernels/webgpu/flash_attention_subgroup_matrix';
@@ -35,7 +35,7 @@ import {checkOwnPipelineErrors} from '../kernels/webgpu/own_pipeline';
 import {pickSubgroupMatrixShape, subgroupMatrixConfigs} from '../kernels/webgpu/subgroup_matrix';
 import {FLASH_ATTENTION_IMPL, FLASH_ATTENTION_TENSOR_CORES, flashAttention, FlashAttentionOptions} from '../src';
 import {oracleBackward, oracleForward, OracleOptions, OracleProblem} from '../test/oracle';
-import {enableTensorCores, TENSOR_CORE_DAWN_FLAGS, tensorCoreFeatures} from '../demo/tensor_cores';
+import {enableTensorCores, TENSOR_CORE_DAWN_FLAGS, TENSOR_CORE_FEATURES} from '../demo/tensor_cores';
 
 /**
  * The override of the tensor-core modes: null on a device with the
@@ -308,37 +308,13 @@ function goalTable(timings: Timing[], torch: TorchRow[], standIn: boolean): stri
 }
 
 async function main(): Promise<void> {
-  const webgpu = await import('webgpu') as unknown as
-      {create: (f: string[]) => GPU, globals: Record<string, unknown>};
-  Object.assign(globalThis, webgpu.globals);
-  const gpu = webgpu.create(TENSOR_CORE_DAWN_FLAGS);
-  const adapter = await gpu.requestAdapter({powerPreference: 'high-performance'});
-  if (adapter == null) {
-    throw new Error('tensor_cores: no WebGPU adapter');
-  }
-  const features = tensorCoreFeatures(adapter);
-  const l = adapter.limits;
-  const device = await adapter.requestDevice({
-    requiredFeatures: features,
-    requiredLimits: {
-      maxStorageBufferBindingSize: l.maxStorageBufferBindingSize,
-      maxBufferSize: l.maxBufferSize,
-      maxComputeWorkgroupStorageSize: l.maxComputeWorkgroupStorageSize,
-      maxComputeInvocationsPerWorkgroup: l.maxComputeInvocationsPerWorkgroup,
-      maxComputeWorkgroupSizeX: l.maxComputeWorkgroupSizeX,
-      maxComputeWorkgroupsPerDimension: l.maxComputeWorkgroupsPerDimension,
-    },
+  const setup = await openWebGPUDevice({
+    dawnFlags: TENSOR_CORE_DAWN_FLAGS,
+    features: TENSOR_CORE_FEATURES,
+    onError: console.error,
   });
-  device.addEventListener('uncapturederror', (e: Event) => {
-    console.error(`GPU error: ${(e as GPUUncapturedErrorEvent).error.message}`);
-  });
-  Object.defineProperty(
-      globalThis, 'navigator', {value: {gpu}, configurable: true, writable: true});
-  if (tf.findBackendFactory('webgpu') != null) {
-    tf.removeBackend('webgpu');
-  }
-  tf.registerBackend('webgpu', () => new WebGPUBackend(device, adapter.info));
-  await tf.setBackend('webgpu');
+  const {adapter, device, features} = setup;
+  await useWebGPUBackend(setup);
   tf.env().set(FLASH_ATTENTION_IMPL, 'fused');
   const status = enableTensorCores(device);
   console.log(status);

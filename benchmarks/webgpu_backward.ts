@@ -31,6 +31,7 @@ import type {WebGPUBackend} from '@tensorflow/tfjs-backend-webgpu';
 import type {AttentionShapes} from '../src/checks';
 import {discrepancy, randomOracleProblem, Rng} from '../test/harness/problems';
 import {OracleOptions, oracleBackward} from '../test/oracle';
+import {medianMsPerCall} from './webgpu_setup';
 
 const quick = process.argv.includes('--quick');
 const passes = process.argv.includes('--passes');
@@ -91,34 +92,6 @@ async function correctness(shape: Shape, opts: OracleOptions, label: string): Pr
   return `| ${label} | ${errors.join(', ')} | ${identical ? 'yes' : 'NO'} |`;
 }
 
-/** Median ms per call of `f` over batches of `reps`, read back once per batch. */
-async function timeIt(f: () => tf.Tensor[], reps: number, batches: number): Promise<number> {
-  const sync = async (ts: tf.Tensor[]) => {
-    const probe = tf.tidy(
-        () => tf.slice(ts[0], new Array(ts[0].rank).fill(0), new Array(ts[0].rank).fill(1)));
-    await probe.data();
-    probe.dispose();
-  };
-  let last = f();  // warm-up (compiles pipelines)
-  await sync(last);
-  tf.dispose(last);
-  const times: number[] = [];
-  for (let b = 0; b < batches; b++) {
-    const t0 = performance.now();
-    for (let r = 0; r < reps; r++) {
-      last = f();
-      if (r < reps - 1) {
-        tf.dispose(last);
-      }
-    }
-    await sync(last);
-    tf.dispose(last);
-    times.push((performance.now() - t0) / reps);
-  }
-  times.sort((a, b) => a - b);
-  return times[Math.floor(times.length / 2)];
-}
-
 function flops(s: number, heads: number, d: number, causal: boolean): number {
   return 4 * s * s * heads * d / (causal ? 2 : 1);
 }
@@ -148,7 +121,8 @@ async function timing(
   let bestTiles: GradTiles|null = null;
   for (const tiles of tilings) {
     setGradTilesOverride(tiles);
-    const ms = await timeIt(() => backward(dy, dl, q, k, v, out, lse, opts), reps, batches);
+    const ms =
+        await medianMsPerCall(() => backward(dy, dl, q, k, v, out, lse, opts), reps, batches);
     await checkOwnPipelineErrors();
     rows.push(
         row(`fused backward, tiles ${tiles == null ? 'auto' : JSON.stringify(tiles)}`, ms,
@@ -161,11 +135,11 @@ async function timing(
   setGradTilesOverride(bestTiles);
   if (withForward) {
     const fwdName = hasFusedKernel(FlashAttention, 'webgpu') ? 'fused' : 'reference';
-    const fwdMs = await timeIt(
+    const fwdMs = await medianMsPerCall(
         () => flashAttention(q, k, v, {...opts, returnSoftmaxLse: true}) as tf.Tensor[], reps,
         batches);
     rows.push(row(`${fwdName} forward`, fwdMs, fwdFlops));
-    const bothMs = await timeIt(() => {
+    const bothMs = await medianMsPerCall(() => {
       const [o, l] = flashAttention(q, k, v, {...opts, returnSoftmaxLse: true});
       const grads = backward(dy, dl, q, k, v, o, l, opts);
       tf.dispose([o, l]);
@@ -191,7 +165,7 @@ async function fwdBwd(
   const opts = {causal: true};
   setGradTilesOverride(tiles);
   try {
-    const ms = await timeIt(() => {
+    const ms = await medianMsPerCall(() => {
       const [o, l] = flashAttention(q, k, v, {...opts, returnSoftmaxLse: true});
       const grads = backward(dy, dl, q, k, v, o, l, opts);
       tf.dispose([o, l]);

@@ -17,7 +17,7 @@
  * loads (benchmarks/RESULTS.md, backward tuning).
  */
 import type {OwnPipelineSpec} from './own_pipeline';
-import {constsWGSL, featureKey, fetchRowsWGSL, GradFeatures, gradBindingsWGSL, gradCommonWGSL, gradInputs, loadKeyTileWGSL, prefetchSlots, probsAndDsWGSL, queryBlockStorageWGSL, storeRowsWGSL, scoresAndDpWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
+import {featureKey, fetchRowsWGSL, GradFeatures, gradInputs, gradPassHeaderWGSL, loadKeyTileWGSL, prefetchSlots, probsAndDsWGSL, queryBlockStorageWGSL, storeRowsWGSL, scoresAndDpWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
 
 export interface DkDvTiles {
   /** Keys per workgroup (multiple of 4). */
@@ -125,19 +125,14 @@ export class FlashAttentionGradDkDvProgram implements OwnPipelineSpec {
     const outputs = [{name: 'dk', type: 'f32'}, {name: 'dv', type: 'f32'}];
     this.numInputs = inputs.length;
     this.numOutputs = outputs.length;
-    this.source = `${gradBindingsWGSL(inputs, outputs)}
-${gradCommonWGSL(f)}
-${constsWGSL({
-      D: d,
-      DV: dv,
-      D4: d4,
-      DV4: dv4,
-      BC: bc,
-      BR: br,
-      T: threads,
-      SC: s.sc,
-      MR: s.mr,
-      XT: xt
+    this.source = `${gradPassHeaderWGSL(f, outputs, {
+      d,
+      dv,
+      bc,
+      br,
+      threads,
+      s,
+      xt
     })}
 
 // K and V transposed, four keys per vec4: kT[x * SC + quad] (x < 4 * D4).

@@ -13,7 +13,7 @@
  * loads (benchmarks/RESULTS.md, backward tuning).
  */
 import type {OwnPipelineSpec} from './own_pipeline';
-import {constsWGSL, featureKey, fetchKeyTileWGSL, GradFeatures, gradBindingsWGSL, gradCommonWGSL, gradInputs, loadQueryBlockWGSL, prefetchSlots, probsAndDsWGSL, queryBlockStorageWGSL, storeKeyTileWGSL, scoresAndDpWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
+import {featureKey, fetchKeyTileWGSL, GradFeatures, gradInputs, gradPassHeaderWGSL, loadQueryBlockWGSL, prefetchSlots, probsAndDsWGSL, queryBlockStorageWGSL, storeKeyTileWGSL, scoresAndDpWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
 
 export interface DqTiles {
   /** Query rows per workgroup. */
@@ -101,21 +101,9 @@ export class FlashAttentionGradDqProgram implements OwnPipelineSpec {
     const outputs = [{name: 'dq', type: 'f32'}];
     this.numInputs = inputs.length;
     this.numOutputs = outputs.length;
-    this.source = `${gradBindingsWGSL(inputs, outputs)}
-${gradCommonWGSL(f)}
-${constsWGSL({
-      D: d,
-      DV: dv,
-      D4: d4,
-      DV4: dv4,
-      BC: bc,
-      BR: br,
-      T: threads,
-      SC: s.sc,
-      MR: s.mr,
+    this.source = `${gradPassHeaderWGSL(f, outputs, {d, dv, bc, br, threads, s, xt}, {
       NR: nr,
-      XT: xt,
-      KST: kst,
+      KST: kst
     })}
 
 // K and V transposed, four keys per vec4: kT[x * KST + quad]; K serves

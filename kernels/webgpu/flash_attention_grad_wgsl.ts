@@ -152,6 +152,43 @@ fn gradKeep4(b: i32, h: i32, i: i32, j0: i32) -> vec4<f32> {
 `;
 }
 
+/** The sizes both query-side passes (dK/dV and dQ) bake into their WGSL. */
+export interface GradPassSizes {
+  d: number;
+  dv: number;
+  bc: number;
+  br: number;
+  threads: number;
+  s: SPhase;
+  /** The accumulation's dim stride (threads sharing a row). */
+  xt: number;
+}
+
+/**
+ * The start of a dK/dV or dQ program: its bindings (gradInputs, then
+ * `outputs`), gradCommonWGSL, and the constants both use (D, DV, D4, DV4,
+ * BC, BR, T, SC, MR, XT) followed by the pass's own `extra` ones.
+ */
+export function gradPassHeaderWGSL(
+    f: GradFeatures, outputs: readonly StorageBinding[], z: GradPassSizes,
+    extra: Readonly<Record<string, number>> = {}): string {
+  return `${gradBindingsWGSL(gradInputs(f), outputs)}
+${gradCommonWGSL(f)}
+${constsWGSL({
+    D: z.d,
+    DV: z.dv,
+    D4: Math.ceil(z.d / 4),
+    DV4: Math.ceil(z.dv / 4),
+    BC: z.bc,
+    BR: z.br,
+    T: z.threads,
+    SC: z.s.sc,
+    MR: z.s.mr,
+    XT: z.xt,
+    ...extra,
+  })}`;
+}
+
 /**
  * The S = Q K^T / dP = dO V^T phase's thread layout, shared by both passes:
  * BC/4 key quads (SC) times SR row groups of MR rows. A warp covers at most

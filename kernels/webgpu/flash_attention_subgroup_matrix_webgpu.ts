@@ -33,7 +33,7 @@
  * no subgroup matrices) runs the tiling, indexing and split arithmetic.
  */
 import type {MatrixShape} from './subgroup_matrix';
-import {dropoutWGSL, keyRangeWGSL, philoxWGSL, scoreKey, ScoreOptions, scoreWGSL, FA_NEG_INF_BITS} from './wgsl_snippets';
+import {dropoutWGSL, keyRangeWGSL, philoxWGSL, scoreKey, ScoreOptions, scoreWGSL, FA_NEG_INF_BITS, forwardBindingsWGSL, maxAllWGSL as maxAll, range, VEC4_COMPONENTS as COMP} from './wgsl_snippets';
 
 /** Everything baked into one pipeline. */
 export interface MatrixForwardConfig {
@@ -126,21 +126,6 @@ export const MATRIX_FORWARD_UNIFORMS = [
   ['keepScale', 'f32'],
   ['one', 'i32'],
 ] as const;
-
-function range(n: number): number[] {
-  return Array.from({length: n}, (_, i) => i);
-}
-
-const COMP = ['x', 'y', 'z', 'w'];
-
-/** max() of all terms as a balanced tree (WGSL's max takes two). */
-function maxAll(terms: string[]): string {
-  if (terms.length === 1) {
-    return terms[0];
-  }
-  const half = Math.ceil(terms.length / 2);
-  return `max(${maxAll(terms.slice(0, half))}, ${maxAll(terms.slice(half))})`;
-}
 
 /** A matrix operand in workgroup memory: array, element offset, stride, layout. */
 interface View {
@@ -305,17 +290,11 @@ ${scoreWGSL(c.score)}
 ${keyRangeWGSL(c.score)}
 ${c.dropout ? philoxWGSL() + dropoutWGSL() : ''}
 
-struct Uniforms {
-${MATRIX_FORWARD_UNIFORMS.map(([n, ty]) => `  ${n}: ${ty},`).join('\n')}
-}
-
-@group(0) @binding(0) var<storage, read> qb: array<vec4<f32>>;
-@group(0) @binding(1) var<storage, read> kb: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> vb: array<vec4<f32>>;
-${c.alibiMode !== 0 ? '@group(0) @binding(3) var<storage, read> slopes: array<f32>;' : ''}
-@group(0) @binding(${c.alibiMode !== 0 ? 4 : 3}) var<storage, read_write> outb: array<vec4<f32>>;
-@group(0) @binding(${c.alibiMode !== 0 ? 5 : 4}) var<storage, read_write> lseb: array<u32>;
-@group(0) @binding(${c.alibiMode !== 0 ? 6 : 5}) var<uniform> u: Uniforms;
+${forwardBindingsWGSL(MATRIX_FORWARD_UNIFORMS, {
+           qkType: 'vec4<f32>',
+           vType: 'vec4<f32>',
+           alibi: c.alibiMode !== 0
+         })}
 
 const M = ${M}u;
 const N = ${N}u;

@@ -30,11 +30,13 @@
  * workgroup memory instead, thread rows are 4 * (ty + TY * a) + b, keys
  * whole quads; each head-dim step (and each key of P V) is one vec4 load
  * per 4 rows and per 4 keys (columns) and their outer product, which cuts
- * the workgroup-memory loads per FMA (see outerParts in forwardWGSL).
- * P^T's row quads are XOR-swizzled by key quad (swizzleP), so that its
+ * the workgroup-memory loads per FMA (flash_attention_forward_wgsl.ts).
+ * P^T's row quads are XOR-swizzled by key quad, so that its
  * stores do not all land in one bank.
  */
-import {dropoutWGSL, FA_NEG_BIG, FA_NEG_INF_BITS, keyRangeWGSL, philoxWGSL, scoreKey, ScoreOptions, scoreWGSL} from './wgsl_snippets';
+import {bindingsWGSL, uniformStructWGSL} from './own_pipeline';
+import {epilogueWGSL, ForwardLayout, keyLoopWGSL, keyOffsetsWGSL, loadQueryTileWGSL, rowStateWGSL, workgroupStorageWGSL, xorSwizzleMask} from './flash_attention_forward_wgsl';
+import {dropoutWGSL, FA_NEG_BIG, FA_NEG_INF_BITS, forwardBindingsWGSL, keyRangeWGSL, philoxWGSL, range, scoreKey, ScoreOptions, scoreWGSL} from './wgsl_snippets';
 
 /** The register/workgroup tiling of one pipeline. */
 export interface ForwardTiles {
@@ -88,16 +90,21 @@ export interface ForwardConfig {
   prefetch?: boolean;
 }
 
+/** The sizes a tiling gives (see the thread layout above). */
 export interface TileSizes {
+  /** Query rows and keys per tile, threads per workgroup. */
   br: number;
   bc: number;
   threads: number;
+  /** Head dims of Q/K and of V in vec4s. */
   dq4: number;
   dv4: number;
+  /** Output quads per thread: columns 4 * (tx + TX * jj) + e, jj < NJ. */
   nj: number;
-  kvw: number;
+  /** Width of the shared K/V tile rows in vec4s (K's or V's, the wider). */
+  kvWidth: number;
   /** Outer mode: the V row stride in vec4s (every thread's columns). */
-  vw: number;
+  vWidth: number;
 }
 
 export function tileSizes(c: {headDim: number, headDimV: number, tiles: ForwardTiles}): TileSizes {
@@ -112,8 +119,8 @@ export function tileSizes(c: {headDim: number, headDimV: number, tiles: ForwardT
     dq4,
     dv4,
     nj,
-    kvw: Math.max(dq4, tx * nj),
-    vw: tx * nj
+    kvWidth: Math.max(dq4, tx * nj),
+    vWidth: tx * nj
   };
 }
 
@@ -124,11 +131,11 @@ export function workgroupBytes(
   const red = subgroups ? 0 : s.br * c.tiles.tx * 4;
   if (c.tiles.outer) {
     // Q^T, K^T and V (one buffer for both) and P^T.
-    const kv = Math.max(s.bc * s.dq4, s.bc * s.vw);
+    const kv = Math.max(s.bc * s.dq4, s.bc * s.vWidth);
     return 16 * (s.br * s.dq4 + kv) + 4 * s.br * s.bc + red;
   }
-  // K/V rows padded by one vec4 (the non-dropout layout, see forwardWGSL).
-  return 16 * (s.br * s.dq4 + s.bc * (s.kvw + 1)) + 4 * s.br * s.bc + red;
+  // K/V rows padded by one vec4 (the layout without quad columns).
+  return 16 * (s.br * s.dq4 + s.bc * (s.kvWidth + 1)) + 4 * s.br * s.bc + red;
 }
 
 /** Floats per thread that the register prefetch of K and V needs. */
@@ -164,609 +171,58 @@ export const FORWARD_UNIFORMS = [
   ['splitLse', 'i32'],
 ] as const;
 
-function range(n: number): number[] {
-  return Array.from({length: n}, (_, i) => i);
-}
-
-const COMP = ['x', 'y', 'z', 'w'];
-
-/** max() of all terms as a balanced tree. */
-function maxAll(terms: string[]): string {
-  if (terms.length === 1) {
-    return terms[0];
-  }
-  const half = Math.ceil(terms.length / 2);
-  return `max(${maxAll(terms.slice(0, half))}, ${maxAll(terms.slice(half))})`;
-}
-
-/**
- * WGSL of 4 consecutive elements (chunk `chunk`) of row `rowIndex` of a
- * scalar array of row width `width`, zeros past the row's end (head dims
- * that are not a multiple of 4).
- */
-function scalarQuad(buf: string, rowIndex: string, chunk: string, width: number): string {
-  const element = (e: number) => `select(0.0, ${buf}[min((${rowIndex}) * ${width}u + ${
-      chunk} * 4u + ${e}u, arrayLength(&${buf}) - 1u)], ${chunk} * 4u + ${e}u < ${width}u)`;
-  return `vec4<f32>(${range(4).map(element).join(', ')})`;
-}
-
-export function forwardWGSL(c: ForwardConfig): string {
+/** The sizes and index maps the phase generators share. */
+export function forwardLayout(c: ForwardConfig): ForwardLayout {
   const t = c.tiles;
-  const {br, bc, threads, dq4, dv4, nj, kvw, vw} = tileSizes(c);
   const outer = t.outer === true;
   if (outer && t.tm % 4 !== 0) {
     throw new Error(
         `FlashAttention forward: the outer-product tiling needs TM % 4 == 0, got ${t.tm}`);
   }
-  // Workgroup-tile row of a thread's i-th row.
-  const rowOf = (i: number) =>
-      outer ? `(4u * (ty + TY * ${i >> 2}u) + ${i & 3}u)` : `(ty + TY * ${i}u)`;
-  const vecQK = c.headDim % 4 === 0;
-  const vecV = c.headDimV % 4 === 0;
-  // Swizzle width: the largest power of two <= 8 that divides DQ4, so that
-  // chunk ^ key stays inside the row.
-  let swz = 1;
-  while (swz < 8 && dq4 % (swz * 2) === 0) {
-    swz *= 2;
-  }
-  const swm = swz - 1;
-  const rowsI = range(t.tm);
-  const quads = range(t.nq);
-  const outJ = range(nj);
-  const bindings: string[] = [];
-  let binding = 0;
-  const qkType = vecQK ? 'vec4<f32>' : 'f32';
-  bindings.push(`@group(0) @binding(${binding++}) var<storage, read> qb: array<${qkType}>;`);
-  bindings.push(`@group(0) @binding(${binding++}) var<storage, read> kb: array<${qkType}>;`);
-  const vType = vecV ? 'vec4<f32>' : 'f32';
-  bindings.push(`@group(0) @binding(${binding++}) var<storage, read> vb: array<${vType}>;`);
-  if (c.alibiMode !== 0) {
-    bindings.push(`@group(0) @binding(${binding++}) var<storage, read> slopes: array<f32>;`);
-  }
-  if (c.score.seqlens) {
-    // (seqlenQ_b, seqlenK_b) per batch row.
-    bindings.push(`@group(0) @binding(${binding++}) var<storage, read> seqlens: array<i32>;`);
-  }
-  bindings.push(`@group(0) @binding(${binding++}) var<storage, read_write> outb: array<${vType}>;`);
-  bindings.push(`@group(0) @binding(${binding++}) var<storage, read_write> lseb: array<u32>;`);
-  bindings.push(`@group(0) @binding(${binding++}) var<uniform> u: Uniforms;`);
-
-  // Row bases are in vec4 units when the head dim is a multiple of 4, else
-  // in units of "rows": for the scalar path rowVec * 4 would be wrong, so
-  // scalar paths pass a float index divided by 4 only when exact. To keep
-  // one code path, scalar rows use base = row * D and index base + 4c + e.
-  const qkRowBase = (rowIndex: string) => vecQK ? `(${rowIndex}) * ${dq4}u` : `(${rowIndex})`;
-  const loadQKRow = (buf: string, rowIndex: string, chunk: string) => vecQK ?
-      `${buf}[${qkRowBase(rowIndex)} + ${chunk}]` :
-      scalarQuad(buf, rowIndex, chunk, c.headDim);
-  const loadVRow = (rowIndex: string, chunk: string) => vecV ?
-      `vb[(${rowIndex}) * ${dv4}u + ${chunk}]` :
-      scalarQuad('vb', rowIndex, chunk, c.headDimV);
-
-
-  const nKLoads = Math.ceil(bc * dq4 / threads);
-  const nVLoads = Math.ceil(bc * dv4 / threads);
-  const nQLoads = Math.ceil(br * dq4 / threads);
-
-  const kRow = (j: string) => `u32((b * u.seqK + ${j}) * u.headsKV + hk)`;
-  // Key columns of a thread: with dropout, whole quads 4*(tx + TX*q) + e
-  // (one Philox call per quad), K rows XOR-swizzled per quad against bank
-  // conflicts; without, columns tx + TX*(4q + e), K rows padded by a vec4.
-  const quadCols = c.dropout || outer;
-  const kvStride = quadCols ? kvw : kvw + 1;
-  const kSwizzled = (key: string, ch: string) =>
-      quadCols ? `${key} * KVW + ((${ch}) ^ ((${key} >> 2u) & ${swm}u))` : `${key} * KVW + ${ch}`;
-  const colOf = (q: number, e: number) =>
-      quadCols ? `(4u * (tx + TX * ${q}u) + ${e}u)` : `(tx + TX * ${4 * q + e}u)`;
-  const prefetch = usePrefetch(c);
-  const prologueK = !prefetch ? '' : `// Prefetch of the first K tile into registers.
-  ${range(nKLoads).map(n => `var kr${n} = vec4<f32>(0.0);`).join(' ')}
-  ${range(nVLoads).map(n => `var vr${n} = vec4<f32>(0.0);`).join(' ')}
-  if (tBegin < tEnd) {
-    let j0 = tBegin * i32(BC);
-    ${range(nKLoads).map(n => `{
-      let idx = lid + THREADS * ${n}u;
-      let j = j0 + i32(idx / DQ4);
-      if (idx < BC * DQ4 && j < u.seqK) {
-        kr${n} = ${loadQKRow('kb', kRow('j'), '(idx % DQ4)')};
-      }
-    }`).join('\n    ')}
-  }`;
-  const storeK = prefetch ? `// K tile: registers -> workgroup memory, swizzled per key quad.
-    ${range(nKLoads).map(n => `{
-      let idx = lid + THREADS * ${n}u;
-      if (idx < BC * DQ4) {
-        kvs[${kSwizzled('(idx / DQ4)', 'idx % DQ4')}] = kr${n};
-      }
-    }`).join('\n    ')}` :
-                            `// K tile -> workgroup memory, swizzled per key quad.
-    for (var idx = lid; idx < BC * DQ4; idx += THREADS) {
-      let key = idx / DQ4;
-      let j = j0 + i32(key);
-      var val = vec4<f32>(0.0);
-      if (j < u.seqK) {
-        val = ${loadQKRow('kb', kRow('j'), '(idx % DQ4)')};
-      }
-      kvs[${kSwizzled('key', 'idx % DQ4')}] = val;
-    }`;
-  const loadV = !prefetch ? '' : `// This tile's V into registers (stored after S is done with K).
-    ${range(nVLoads).map(n => `{
-      let idx = lid + THREADS * ${n}u;
-      let j = j0 + i32(idx / DV4);
-      vr${n} = vec4<f32>(0.0);
-      if (idx < BC * DV4 && j < u.seqK) {
-        vr${n} = ${loadVRow(kRow('j'), '(idx % DV4)')};
-      }
-    }`).join('\n    ')}`;
-  const storeV = prefetch ? range(nVLoads)
-                                .map(n => `{
-      let idx = lid + THREADS * ${n}u;
-      if (idx < BC * DV4) {
-        kvs[(idx / DV4) * KVW + idx % DV4] = vr${n};
-      }
-    }`).join('\n    ') :
-                            `for (var idx = lid; idx < BC * DV4; idx += THREADS) {
-      let j = j0 + i32(idx / DV4);
-      var val = vec4<f32>(0.0);
-      if (j < u.seqK) {
-        val = ${loadVRow(kRow('j'), '(idx % DV4)')};
-      }
-      kvs[(idx / DV4) * KVW + idx % DV4] = val;
-    }`;
-  const nextK = !prefetch ? '' : `// Next K tile into registers.
-    if (kt + 1 < tEnd) {
-      let jn = j0 + i32(BC);
-      ${range(nKLoads).map(n => `{
-        let idx = lid + THREADS * ${n}u;
-        let j = jn + i32(idx / DQ4);
-        kr${n} = vec4<f32>(0.0);
-        if (idx < BC * DQ4 && j < u.seqK) {
-          kr${n} = ${loadQKRow('kb', kRow('j'), '(idx % DQ4)')};
-        }
-      }`).join('\n      ')}
-    }`;
-
-  // S += Q K^T over head-dim chunks, as FMA chains (a dot() would round
-  // differently and cost an extra multiply). Unrolled x4 at small head dims,
-  // so that offsets become constants; at larger ones the hoisted loads of an
-  // unrolled loop cost more than they save (benchmarks/RESULTS.md).
-  const qkUnroll = !c.runtimeLoops && dq4 % 4 === 0 && dq4 <= 16 ? 4 : 1;
-  const qkBody = (ch: string) => `{
-      ${rowsI.map(i => `let a${i} = qs[qBase${i} + ${ch}];`).join('\n      ')}
-      ${
-      quads
-          .map(
-              q => range(4)
-                       .map(
-                           e => `{
-        let kv = kvs[kOff${q}_${e} + ${quadCols ? `((${ch}) ^ kSw${q})` : ch}];
-        ${
-                               rowsI
-                                   .map(
-                                       i => `s${i}_${q}.${COMP[e]} = fma(a${i}.w, kv.w, fma(a${
-                                           i}.z, kv.z, fma(a${i}.y, kv.y, fma(a${i}.x, kv.x, s${
-                                           i}_${q}.${COMP[e]}))));`)
-                                   .join('\n        ')}
-      }`).join('\n      '))
-          .join('\n      ')}
-    }`;
-  const qkLoop = `${rowsI.map(i => `let qBase${i} = (ty + TY * ${i}u) * DQ4;`).join(' ')}
-    for (var ch = 0u; ch < ${c.runtimeLoops ? 'u32(u.loopDQ4)' : 'DQ4'}; ch += ${qkUnroll}u) {
-      ${range(qkUnroll).map(x => qkBody(x === 0 ? 'ch' : `ch + ${x}u`)).join('\n      ')}
-    }`;
-  const reduce = (v: string, op: 'max'|'add') => {
-    const lines: string[] = [];
-    for (let o = 1; o < t.tx; o *= 2) {
-      lines.push(
-          op === 'max' ? `${v} = max(${v}, subgroupShuffleXor(${v}, ${o}u));` :
-                         `${v} = ${v} + subgroupShuffleXor(${v}, ${o}u);`);
-    }
-    return lines.join('\n      ');
+  const sizes = tileSizes(c);
+  const quadColumns = c.dropout || outer;
+  return {
+    config: c,
+    tiles: t,
+    sizes,
+    outer,
+    quadColumns,
+    // Without quad columns, K/V rows are padded by a vec4 against bank
+    // conflicts; with them, K rows are XOR-swizzled per key quad instead.
+    kvStride: quadColumns ? sizes.kvWidth : sizes.kvWidth + 1,
+    keySwizzleMask: xorSwizzleMask(sizes.dq4),
+    probsSwizzleMask: xorSwizzleMask(sizes.br / 4),
+    prefetch: usePrefetch(c),
+    rows: range(t.tm),
+    keyQuads: range(t.nq),
+    outQuads: range(sizes.nj),
   };
-  /** Reduce per-thread values `vals[i]` over the TX threads of each row. */
-  const rowReduce = (vals: string[], op: 'max'|'add') => {
-    if (t.tx === 1) {
-      return '';
-    }
-    if (c.subgroups) {
-      return vals.map(v => reduce(v, op)).join('\n      ');
-    }
-    const combine = (a: string, b: string) => op === 'max' ? `max(${a}, ${b})` : `(${a} + ${b})`;
-    return `${
-        vals.map((v, i) => `red[(ty + ${t.ty}u * ${i}u) * ${t.tx}u + tx] = ${v};`).join('\n      ')}
-      workgroupBarrier();
-      ${
-        vals.map((v, i) => {
-              const base = `(ty + ${t.ty}u * ${i}u) * ${t.tx}u`;
-              let expr = `red[${base}]`;
-              for (let x = 1; x < t.tx; x++) {
-                expr = combine(expr, `red[${base} + ${x}u]`);
-              }
-              return `${v} = ${expr};`;
-            })
-            .join('\n      ')}`;
-  };
+}
 
-  const scoreLines: string[] = [];
-  for (const i of rowsI) {
-    for (const q of quads) {
-      for (const e of range(4)) {
-        const acc = `s${i}_${q}.${COMP[e]}`;
-        const j = `(j0 + i32(${colOf(q, e)}))`;
-        const needsPos = c.score.alibi || c.score.softcap;
-        if (needsPos) {
-          scoreLines.push(`${acc} = fa_score(${acc}, row${i}, ${j}, sp);`);
-        }
-        if (e === 0) {
-          const offsets = quadCols ? '0, 1, 2, 3' : `0, ${t.tx}, ${2 * t.tx}, ${3 * t.tx}`;
-          scoreLines.push(`if s${i}_${q} = select(vec4<f32>(NEG), s${i}_${q}, fa_visible4(row${
-              i}, vec4<i32>(${j}) + vec4<i32>(${offsets}), sp));`);
-        }
-      }
-    }
-  }
-  const plainScale = !(c.score.alibi || c.score.softcap);
-
-
-  /**
-   * The outer-product mode's storage, Q load and key loop. Per key tile:
-   *   barrier A; V_t -> vs (PV of the last tile is done); next K -> regs;
-   *   S = Q K^T; softmax; P^T -> ps; barrier B; K_t+1 -> ks (S is done);
-   *   next V -> regs; O += P V.
-   * Q^T/K^T are stored with the row/key index fastest, so that the scalar
-   * stores of a warp hit consecutive banks.
-   */
-  function outerParts(): {outerDecls: string, outerQLoad: string, outerLoop: string} {
-    const rq = range(t.tm / 4);
-    // P^T rows XOR-swizzled per key quad, so that the P^T stores of the TX
-    // threads of a row group (keys 4 apart: one bank unswizzled) hit
-    // different banks: row quad ^ ((key >> 2) & mask) stays inside the
-    // BR / 4 quads of a key (mask + 1 a power of two <= 8 dividing BR / 4).
-    let pSwizzle = 1;
-    while (pSwizzle < 8 && (br / 4) % (pSwizzle * 2) === 0) {
-      pSwizzle *= 2;
-    }
-    const pSwizzleMask = pSwizzle - 1;
-    const ksName = 'kvs';
-    const vsName = 'kvs';
-    const outerDecls = `var<workgroup> qs: array<vec4<f32>, ${br * dq4}>;  // Q^T [4 DQ4][BR]
-var<workgroup> kvs: array<vec4<f32>, ${Math.max(bc * dq4, bc * vw)}>;  // K^T, then V [BC][VW]
-var<workgroup> ps: array<vec4<f32>, ${br * bc / 4}>;  // P^T [BC][BR]
-const VW = ${vw}u;`;
-    const scatter = (arr: string, width: string, ch: string, pos: string, val: string) =>
-        range(4)
-            .map(
-                e => `${arr}[(4u * ${ch} + ${e}u) * (${width} / 4u) + ${pos} / 4u][${pos} % 4u] = ${
-                    val}.${COMP[e]};`)
-            .join(' ');
-    const outerQLoad = `// Q^T tile -> workgroup memory (rows past seqQ are zeros).
-  for (var n = 0u; n < ${nQLoads}u; n++) {
-    let idx = lid + THREADS * n;
-    if (idx < BR * DQ4) {
-      let r = idx % BR;
-      let ch = idx / BR;
-      let row = r0 + i32(r);
-      var val = vec4<f32>(0.0);
-      if (row < u.seqQ) {
-        val = ${loadQKRow('qb', `u32((b * u.seqQ + row) * u.heads + h)`, 'ch')};
-      }
-      ${scatter('qs', 'BR', 'ch', 'r', 'val')}
-    }
-  }`;
-    // K element idx: key idx % BC, chunk idx / BC; V: key idx / DV4, chunk idx % DV4.
-    const kLoad = (jBase: string, idx: string) => `{
-        let j = ${jBase} + i32(${idx} % BC);
-        if (${idx} < BC * DQ4 && j < u.seqK) {
-          val = ${loadQKRow('kb', kRow('j'), `(${idx} / BC)`)};
-        }
-      }`;
-    const vLoad = (jBase: string, idx: string) => `{
-        let j = ${jBase} + i32(${idx} / DV4);
-        if (${idx} < BC * DV4 && j < u.seqK) {
-          val = ${loadVRow(kRow('j'), `(${idx} % DV4)`)};
-        }
-      }`;
-    const kStore = (idx: string, val: string) => `if (${idx} < BC * DQ4) { ${
-        scatter(ksName, 'BC', `(${idx} / BC)`, `(${idx} % BC)`, val)} }`;
-    const vStore = (idx: string, val: string) =>
-        `if (${idx} < BC * DV4) { ${vsName}[(${idx} / DV4) * VW + ${idx} % DV4] = ${val}; }`;
-    type Load = (jBase: string, idx: string) => string;
-    type Store = (idx: string, val: string) => string;
-    // Direct (no prefetch): global -> workgroup memory for tile jBase.
-    const direct = (load: Load, store: Store, items: string) => (jBase: string) =>
-        `for (var idx = lid; idx < ${items}; idx += THREADS) {
-      var val = vec4<f32>(0.0);
-      ${load(jBase, 'idx')}
-      ${store('idx', 'val')}
-    }`;
-    // Prefetch: global -> registers `${reg}N`, later registers -> workgroup memory.
-    const toRegs = (load: Load, reg: string, n: number) => (jBase: string) => range(n)
-                                                                                  .map(i => `{
-      let idx = lid + THREADS * ${i}u;
-      var val = vec4<f32>(0.0);
-      ${load(jBase, 'idx')}
-      ${reg}${i} = val;
-    }`).join('\n    ');
-    const fromRegs = (store: Store, reg: string, n: number, sep: string) => range(n)
-                                                                                .map(i => `{
-      let idx = lid + THREADS * ${i}u;
-      ${store('idx', `${reg}${i}`)}
-    }`).join(sep);
-    const kDirect = direct(kLoad, kStore, 'BC * DQ4');
-    const vDirect = direct(vLoad, vStore, 'BC * DV4');
-    const kRegs = toRegs(kLoad, 'kr', nKLoads);
-    const vRegs = toRegs(vLoad, 'vr', nVLoads);
-    const kFromRegs = fromRegs(kStore, 'kr', nKLoads, '\n      ');
-    const vFromRegs = fromRegs(vStore, 'vr', nVLoads, '\n    ');
-
-    // Head-dim steps per loop iteration (must divide 4 * DQ4).
-    const headSteps = 4 * dq4;
-    // P V keys per loop iteration (power of two >= 4, so that the P^T
-    // swizzle XOR is hoisted); software devices keep x8 at most: big
-    // unrolled bodies compile slowly there.
-    const pvUnroll = !c.runtimeLoops && bc % 16 === 0 ? 16 : bc % 8 === 0 ? 8 : 4;
-    const qkSteps = headSteps % 8 === 0 ? 8 : 4;
-    const qkStep = (d: string) => `{
-        ${rq.map(a => `let a${a} = qs[(${d}) * (BR / 4u) + ty + TY * ${a}u];`).join('\n        ')}
-        ${
-        quads.map(q => `let k${q} = ${ksName}[(${d}) * (BC / 4u) + tx + TX * ${q}u];`)
-            .join('\n        ')}
-        ${
-        rowsI
-            .map(
-                i => quads
-                         .map(
-                             q => `s${i}_${q} = fma(vec4<f32>(a${i >> 2}.${COMP[i & 3]}), k${q}, s${
-                                 i}_${q});`)
-                         .join(' '))
-            .join('\n        ')}
-      }`;
-    // Keys of one P V iteration: key0 (a multiple of UP) + x, x < UP, so
-    // ((key0 + x) >> 2) & MASK
-    //     = ((key0 >> 2) & MASK & ~(UP / 4 - 1)) | ((x >> 2) & MASK):
-    // per iteration one XOR per row quad, per key a constant one (UP a
-    // power of two >= 4; otherwise the XOR is computed per key).
-    const hoistSwizzle = pSwizzleMask !== 0 && pvUnroll >= 4 && (pvUnroll & (pvUnroll - 1)) === 0;
-    const plainRow = (a: number) => `ty + TY * ${a}u`;
-    // P^T row quad `a` of key `key` (the x-th of its iteration).
-    const pRow = (a: number, key: string, x: number) => pSwizzleMask === 0 ? plainRow(a) :
-        hoistSwizzle ? `(pr${a} ^ ${(x >> 2) & pSwizzleMask}u)` :
-                       `((${plainRow(a)}) ^ (((${key}) >> 2u) & ${pSwizzleMask}u))`;
-    // P^T row quad `a` for the keys of this thread's key quad `q`.
-    const pStoreRow = (a: number, q: number) => pSwizzleMask === 0 ?
-        plainRow(a) :
-        `((${plainRow(a)}) ^ ((tx + TX * ${q}u) & ${pSwizzleMask}u))`;
-    const pvStep = (key: string, x: number) => `{
-        ${
-        rq.map(a => `let p${a} = ps[(${key}) * (BR / 4u) + ${pRow(a, key, x)}];`)
-            .join('\n        ')}
-        ${
-        outJ.map(jj => `let v${jj} = ${vsName}[(${key}) * VW + tx + TX * ${jj}u];`)
-            .join('\n        ')}
-        ${
-        rowsI
-            .map(
-                i => outJ.map(
-                             jj => `o${i}_${jj} = fma(vec4<f32>(p${i >> 2}.${COMP[i & 3]}), v${
-                                 jj}, o${i}_${jj});`)
-                         .join(' '))
-            .join('\n        ')}
-      }`;
-    const pStore =
-        rq.map(
-              a => quads
-                       .map(
-                           q => range(4)
-                                    .map(
-                                        e => `ps[(4u * (tx + TX * ${q}u) + ${e}u) * (BR / 4u) + ${
-                                            pStoreRow(a, q)}] = vec4<f32>(${
-                                            range(4)
-                                                .map(b => `s${4 * a + b}_${q}.${COMP[e]}`)
-                                                .join(', ')});`)
-                                    .join('\n    '))
-                       .join('\n    '))
-            .join('\n    ');
-
-    const qkLoopOuter = `// S = Q K^T: per head-dim step, outer products of 4 rows x 4 keys.
-    ${sInit}
-    for (var d = 0u; d < ${c.runtimeLoops ? 'u32(u.loopDQ4) * 4u' : `${headSteps}u`};
-         d += ${qkSteps}u) {
-      ${range(qkSteps).map(x => qkStep(x === 0 ? 'd' : `d + ${x}u`)).join('\n      ')}
-    }`;
-    const pvLoopOuter = `// O += P V: per key, outer products of 4 rows x 4 output columns.
-    for (var key = 0u; key < ${c.runtimeLoops ? 'u32(u.loopBC4) * 4u' : 'BC'};
-         key += ${pvUnroll}u) {
-      ${
-    !hoistSwizzle ? '' :
-                    rq.map(
-                          a => `let pr${a} = (ty + TY * ${a}u) ^ ((key >> 2u) & ${
-                              pSwizzleMask & ~(pvUnroll / 4 - 1)}u);`)
-                        .join(' ')}
-      ${
-        range(pvUnroll)
-            .map(x => pvStep(x === 0 ? 'key' : `key + ${x}u`, x))
-            .join('\n      ')}
-    }`;
-    const regDecls = prefetch ?
-        `${range(nKLoads).map(n => `var kr${n} = vec4<f32>(0.0);`).join(' ')}
-  ${range(nVLoads).map(n => `var vr${n} = vec4<f32>(0.0);`).join(' ')}` :
-        '';
-    // Like the classic loop: K^T and V take turns in one buffer.
-    const outerLoop = `${regDecls}
-  ${
-        prefetch ? `if (tBegin < tEnd) {
-    let jb = tBegin * i32(BC);
-    ${kRegs('jb')}
-  }` :
-                   ''}
-
-  for (var kt = tBegin; kt < tEnd; kt++) {
-    let j0 = kt * i32(BC);
-    let more = kt + 1 < tEnd;
-    workgroupBarrier();
-    ${prefetch ? kFromRegs : kDirect('j0')}
-    ${prefetch ? vRegs('j0') : ''}
-    workgroupBarrier();
-
-    ${qkLoopOuter}
-
-    ${softmaxCode}
-    workgroupBarrier();
-    // V over K^T, P^T -> workgroup memory; the next K tile into registers.
-    ${prefetch ? vFromRegs : vDirect('j0')}
-    ${pStore}
-    ${
-        prefetch ? `if (more) {
-      ${kRegs('j0 + i32(BC)')}
-    }` :
-                   ''}
-    workgroupBarrier();
-
-    ${pvLoopOuter}
-  }
-`;
-    return {outerDecls, outerQLoad, outerLoop};
-  }
-
-  const sInit =
-      rowsI.map(i => quads.map(q => `var s${i}_${q} = vec4<f32>(0.0);`).join(' ')).join('\n    ');
-  const softmaxCode = `// Scores, then the online softmax. Only tiles that cross the edge of
-    // the keys or of the window need the mask.
-    let fullTile = fa_tile_unmasked(r0, rEnd, j0, j0 + i32(BC), sp);
-    ${
-      !plainScale ? '' :
-                    rowsI.map(i => quads.map(q => `s${i}_${q} = s${i}_${q} * u.scale;`).join(' '))
-                        .join('\n    ')}
-    ${scoreLines.filter(l => !l.startsWith('if')).join('\n    ')}
-    if (!fullTile) {
-      ${scoreLines.filter(l => l.startsWith('if')).map(l => l.slice(3)).join('\n      ')}
-    }
-    ${
-      rowsI
-          .map(i => `var mx${i} = ${maxAll(quads.flatMap(q => COMP.map(x => `s${i}_${q}.${x}`)))};`)
-          .join('\n    ')}
-    ${rowReduce(rowsI.map(i => `mx${i}`), 'max')}
-    ${
-      rowsI
-          .map(
-              i => `{
-      let mNew = max(m${i}, mx${i});
-      // A row that has seen no visible key keeps m = NEG exactly;
-      // subtracting 0 instead sends its masked scores to exp(NEG) = 0.
-      let mUse = select(mNew, 0.0, mNew == NEG);
-      let alpha = select(exp(m${i} - mUse), 0.0, m${i} == NEG);
-      m${i} = mNew;
-      ${quads.map(q => `s${i}_${q} = exp(s${i}_${q} - vec4<f32>(mUse));`).join('\n      ')}
-      l${i} = l${i} * alpha${quads.map(q => ` + dot(s${i}_${q}, vec4<f32>(1.0))`).join('')};
-      ${outJ.map(jj => `o${i}_${jj} = o${i}_${jj} * alpha;`).join(' ')}
-      ${
-                  !c.dropout ?
-                      '' :
-                      quads
-                          .map(
-                              q => `s${i}_${q} = s${i}_${q} * fa_dropout4(u32(b), u32(h), u32(row${
-                                  i}), u32(j0 >> 2u) + tx + TX * ${
-                                  q}u, vec2<u32>(u.seedLo, u.seedHi), u.threshold, ${
-                                   ''}u.keepScale);`)
-                          .join('\n      ')}
-    }`).join('\n    ')}`;
-                  const classicDecls = `var<workgroup> qs: array<vec4<f32>, ${br * dq4}>;
-var<workgroup> kvs: array<vec4<f32>, ${bc * kvStride}>;
-var<workgroup> ps: array<vec4<f32>, ${br * bc / 4}>;
-`;
-                  const classicQLoad = `// Q tile -> workgroup memory (rows past seqQ are zeros).
-  for (var n = 0u; n < ${nQLoads}u; n++) {
-    let idx = lid + THREADS * n;
-    if (idx < BR * DQ4) {
-      let r = idx / DQ4;
-      let ch = idx % DQ4;
-      let row = r0 + i32(r);
-      var val = vec4<f32>(0.0);
-      if (row < u.seqQ) {
-        val = ${loadQKRow('qb', `u32((b * u.seqQ + row) * u.heads + h)`, 'ch')};
-      }
-      qs[r * DQ4 + ch] = val;
-    }
-  }`;
-                  const classicKeyOffsets =
-                      `// Key offsets (swizzled) of this thread's columns in workgroup memory.
-  ${
-                          quads
-                              .map(
-                                  q => range(4)
-                                           .map(e => `let kOff${q}_${e} = ${colOf(q, e)} * KVW;`)
-                                           .join(' '))
-                              .join('\n  ')}
-  ${quadCols ? quads.map(q => `let kSw${q} = (tx + TX * ${q}u) & ${swm}u;`).join('\n  ') : ''}`;
-                  const classicLoop = `${prologueK}
-
-  for (var kt = tBegin; kt < tEnd; kt++) {
-    let j0 = kt * i32(BC);
-    workgroupBarrier();
-    ${storeK}
-    ${loadV}
-    workgroupBarrier();
-
-    // S = Q K^T on this thread's TM x 4NQ tile.
-    ${sInit}
-    ${qkLoop}
-
-    ${softmaxCode}
-    workgroupBarrier();
-    // V -> workgroup memory (over K), P -> workgroup memory.
-    ${storeV}
-    ${
-                      rowsI
-                          .map(
-                              i => quads
-                                       .map(
-                                           q => quadCols ?
-                                               `ps[(ty + TY * ${i}u) * (BC / 4u) + tx + TX * ${
-                                                   q}u] = s${i}_${q};` :
-                                               range(4)
-                                                   .map(
-                                                       e => `{ let f = (ty + TY * ${i}u) * BC + ${
-                                                           colOf(q, e)}; ps[f / 4u][f % 4u] = s${
-                                                           i}_${q}.${COMP[e]}; }`)
-                                                   .join(' '))
-                                       .join('\n    '))
-                          .join('\n    ')}
-    ${nextK}
-    workgroupBarrier();
-
-    // O += P V on this thread's TM x 4NJ tile.
-    for (var cc = 0u; cc < ${c.runtimeLoops ? 'u32(u.loopBC4)' : 'BC / 4u'}; cc++) {
-      ${rowsI.map(i => `let p${i} = ps[(ty + TY * ${i}u) * (BC / 4u) + cc];`).join('\n      ')}
-      ${
-                      range(4)
-                          .map(
-                              e => `{
-        let vo = (4u * cc + ${e}u) * KVW + tx;
-        ${outJ.map(jj => `let v${jj} = kvs[vo + ${jj * t.tx}u];`).join('\n        ')}
-        ${
-                                  rowsI
-                                      .map(
-                                          i => outJ.map(
-                                                       jj => `o${i}_${jj} += p${i}.${COMP[e]} * v${
-                                                           jj};`)
-                                                   .join(' '))
-                                      .join('\n        ')}
-      }`).join('\n      ')}
-    }
-  }`;
-                  const {outerDecls, outerQLoad, outerLoop} =
-                      outer ? outerParts() : {outerDecls: '', outerQLoad: '', outerLoop: ''};
-
-                  return `${c.subgroups ? 'enable subgroups;' : ''}
+/** The forward program's WGSL: the phases of flash_attention_forward_wgsl.ts. */
+export function forwardWGSL(c: ForwardConfig): string {
+  const L = forwardLayout(c);
+  const t = c.tiles;
+  const {br, bc, threads, dq4, dv4} = L.sizes;
+  const bindings = forwardBindingsWGSL(FORWARD_UNIFORMS, {
+    qkType: c.headDim % 4 === 0 ? 'vec4<f32>' : 'f32',
+    vType: c.headDimV % 4 === 0 ? 'vec4<f32>' : 'f32',
+    alibi: c.alibiMode !== 0,
+    seqlens: c.score.seqlens,
+  });
+  const slope = ['0.0', 'slopes[h]', 'slopes[b * u.heads + h]'][c.alibiMode];
+  const splitRange = c.splitKeys ? `// This split's share of the visible key tiles (possibly none).
+  let perSplit = (tLast - tFirst + u.numSplits - 1) / u.numSplits;
+  let tBegin = min(tLast, tFirst + split * perSplit);
+  let tEnd = min(tLast, tBegin + perSplit);` :
+                                   `let tBegin = tFirst;
+  let tEnd = tLast;`;
+  return `${c.subgroups ? 'enable subgroups;' : ''}
 ${scoreWGSL(c.score)}
 ${keyRangeWGSL(c.score)}
 ${c.dropout ? philoxWGSL() + dropoutWGSL() : ''}
 
-struct Uniforms {
-${FORWARD_UNIFORMS.map(([n, ty]) => `  ${n}: ${ty},`).join('\n')}
-}
-
-${bindings.join('\n')}
+${bindings}
 
 const BR = ${br}u;
 const BC = ${bc}u;
@@ -775,11 +231,10 @@ const TX = ${t.tx}u;
 const THREADS = ${threads}u;
 const DQ4 = ${dq4}u;
 const DV4 = ${dv4}u;
-const KVW = ${kvStride}u;
+const KVW = ${L.kvStride}u;
 const NEG = ${FA_NEG_BIG};
 
-${outer ? outerDecls : classicDecls}
-${c.subgroups || t.tx === 1 ? '' : `var<workgroup> red: array<f32, ${br * t.tx}>;`}
+${workgroupStorageWGSL(L)}
 
 @compute @workgroup_size(${threads})
 fn main(@builtin(workgroup_id) wg: vec3<u32>,
@@ -805,7 +260,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   var sp: FaScore;
   sp.scale = u.scale;
   sp.softcap = u.softcap;
-  sp.slope = ${['0.0', 'slopes[h]', 'slopes[b * u.heads + h]'][c.alibiMode]};
+  sp.slope = ${slope};
   sp.diag = u.seqK - u.seqQ;
   sp.left = u.left;
   sp.right = u.right;
@@ -813,54 +268,17 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   sp.seqQ = u.seqQ;
   ${c.score.seqlens ? 'sp = fa_with_lengths(sp, seqlens[2 * b], seqlens[2 * b + 1]);' : ''}
 
-  ${outer ? outerQLoad : classicQLoad}
+  ${loadQueryTileWGSL(L)}
   let keys = fa_key_range(r0, rEnd, sp);
   let tFirst = keys.x / i32(BC);
   let tLast = select(tFirst, (keys.y + i32(BC) - 1) / i32(BC), keys.y > keys.x);
-  ${
-                      c.splitKeys ? `// This split's share of the visible key tiles (possibly none).
-  let perSplit = (tLast - tFirst + u.numSplits - 1) / u.numSplits;
-  let tBegin = min(tLast, tFirst + split * perSplit);
-  let tEnd = min(tLast, tBegin + perSplit);` :
-                                    `let tBegin = tFirst;
-  let tEnd = tLast;`}
+  ${splitRange}
 
-  ${rowsI.map(i => `let row${i} = r0 + i32(${rowOf(i)});`).join('\n  ')}
-  ${rowsI.map(i => `var m${i} = NEG;\n  var l${i} = 0.0;`).join('\n  ')}
-  ${rowsI.map(i => outJ.map(jj => `var o${i}_${jj} = vec4<f32>(0.0);`).join(' ')).join('\n  ')}
-  ${outer ? '' : classicKeyOffsets}
+  ${rowStateWGSL(L)}
+  ${keyOffsetsWGSL(L)}
 
-  ${outer ? outerLoop : classicLoop}
-  // Row sums over the TX threads of each row, then the outputs.
-  ${rowReduce(rowsI.map(i => `l${i}`), 'add')}
-  ${
-                      rowsI
-                          .map(
-                              i => `if (row${i} < u.seqQ) {
-    let inv = select(0.0, 1.0 / l${i}, l${i} > 0.0);
-    let outRow = u32(split * u.splitRows + (b * u.seqQ + row${i}) * u.heads + h);
-    ${
-                                  outJ.map(
-                                          jj => `{
-      let ch = tx + TX * ${jj}u;
-      if (ch < DV4) {
-        let val = o${i}_${jj} * inv;
-        ${
-                                              vecV ? 'outb[outRow * DV4 + ch] = val;' :
-                                                     range(4)
-                                                         .map(
-                                                             e => `if (ch * 4u + ${e}u < ${
-                                                                 c.headDimV}u) { outb[outRow * ${
-                                                                 c.headDimV}u + ch * 4u + ${
-                                                                 e}u] = val.${COMP[e]}; }`)
-                                                         .join('\n        ')}
-      }
-    }`).join('\n    ')}
-    if (tx == 0u) {
-      lseb[u32(split * u.splitLse + (b * u.heads + h) * u.seqQ + row${i})] =
-          select(${FA_NEG_INF_BITS}u, bitcast<u32>(m${i} + log(l${i})), l${i} > 0.0);
-    }
-  }`).join('\n  ')}
+  ${keyLoopWGSL(L)}
+  ${epilogueWGSL(L, FA_NEG_INF_BITS)}
 }
 `;
 }
@@ -874,14 +292,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
  * uniforms (COMBINE_UNIFORMS).
  */
 export function splitCombineWGSL(): string {
-  return `struct Uniforms {
-${COMBINE_UNIFORMS.map(([n, ty]) => `  ${n}: ${ty},`).join('\n')}
-}
-@group(0) @binding(0) var<storage, read> partOut: array<f32>;
-@group(0) @binding(1) var<storage, read> partLse: array<u32>;
-@group(0) @binding(2) var<storage, read_write> outb: array<f32>;
-@group(0) @binding(3) var<storage, read_write> lseb: array<u32>;
-@group(0) @binding(4) var<uniform> u: Uniforms;
+  const bindings = bindingsWGSL(
+      [{name: 'partOut', type: 'f32'}, {name: 'partLse', type: 'u32'}],
+      [{name: 'outb', type: 'f32'}, {name: 'lseb', type: 'u32'}], {name: 'u', type: 'Uniforms'});
+  return `${uniformStructWGSL('Uniforms', COMBINE_UNIFORMS)}
+${bindings}
 
 @compute @workgroup_size(${COMBINE_THREADS})
 fn main(@builtin(workgroup_id) wg: vec3<u32>,

@@ -8,6 +8,7 @@
  * (which options are on) are arguments of the generators: a kernel must put
  * them in its pipeline key (`scoreKey`).
  */
+import {bindingsWGSL, UniformField, uniformStructWGSL} from './own_pipeline';
 
 /**
  * "Masked" and "no key seen yet" inside kernels: the lowest finite float32,
@@ -258,4 +259,45 @@ fn fa_query_range(col0: i32, col1In: i32, p: FaScore) -> vec2<i32> {
   return vec2<i32>(lo, hi);
 }
 `;
+}
+
+/** 0, 1, ..., n - 1: the indices a generator unrolls over. */
+export function range(n: number): number[] {
+  return Array.from({length: n}, (_, i) => i);
+}
+
+/** The components of a WGSL vec4, by index. */
+export const VEC4_COMPONENTS = ['x', 'y', 'z', 'w'] as const;
+
+/** WGSL max() of all terms, as a balanced tree (WGSL's max takes two). */
+export function maxAllWGSL(terms: string[]): string {
+  if (terms.length === 1) {
+    return terms[0];
+  }
+  const half = Math.ceil(terms.length / 2);
+  return `max(${maxAllWGSL(terms.slice(0, half))}, ${maxAllWGSL(terms.slice(half))})`;
+}
+
+/**
+ * The uniform struct `Uniforms` and the bindings of a fused forward program
+ * (both forward kernels), in the order its inputs and outputs are bound:
+ * q, k, v as `qb`, `kb`, `vb` (element types `qkType`, `qkType`, `vType`),
+ * the ALiBi slopes and per-batch lengths (`seqlens`) when compiled in, the
+ * outputs `outb` (`vType`) and `lseb` (log-sum-exp bits), the uniforms `u`.
+ */
+export function forwardBindingsWGSL(
+    uniforms: readonly UniformField[],
+    o: {qkType: string, vType: string, alibi: boolean, seqlens?: boolean}): string {
+  const inputs = [
+    {name: 'qb', type: o.qkType},
+    {name: 'kb', type: o.qkType},
+    {name: 'vb', type: o.vType},
+    ...(o.alibi ? [{name: 'slopes', type: 'f32'}] : []),
+    // (seqlenQ_b, seqlenK_b) per batch row.
+    ...(o.seqlens ? [{name: 'seqlens', type: 'i32'}] : []),
+  ];
+  const outputs = [{name: 'outb', type: o.vType}, {name: 'lseb', type: 'u32'}];
+  return `${uniformStructWGSL('Uniforms', uniforms)}
+
+${bindingsWGSL(inputs, outputs, {name: 'u', type: 'Uniforms'})}`;
 }

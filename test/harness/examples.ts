@@ -5,6 +5,12 @@
  * checkout), and what it prints is returned, one JSON line per call.
  */
 import * as esbuild from 'esbuild';
+import * as fs from 'fs';
+import * as path from 'path';
+
+import {useBackend} from './backends';
+
+const root = path.join(__dirname, '..', '..');
 
 /** The `ts` code blocks of a markdown text. */
 export function tsBlocks(markdown: string): string[] {
@@ -32,4 +38,37 @@ export async function runTsExample(
       exampleRequire, exampleConsole, module, module.exports);
   await module.exports.main!();
   return printed;
+}
+
+/** The `ts` code blocks of a file of the repository (e.g. 'docs/layers.md'). */
+export function docExamples(file: string): string[] {
+  return tsBlocks(fs.readFileSync(path.join(root, file), 'utf8'));
+}
+
+/**
+ * For the layers docs: the cpu backend, after checking that the built
+ * dist/layers.cjs exists (runLayersExample imports it).
+ */
+export async function useLayersBuildOnCpu(): Promise<void> {
+  if (!fs.existsSync(path.join(root, 'dist/layers.cjs'))) {
+    throw new Error('dist/layers.cjs is missing: run `npm run build` (npm test does)');
+  }
+  await useBackend('cpu');
+}
+
+/**
+ * runTsExample with `tfjs-flash-attention/layers` the built dist/layers.cjs
+ * (which takes the same core module as the tests) and
+ * `tfjs-flash-attention` the sources.
+ */
+export function runLayersExample(source: string): Promise<string[]> {
+  return runTsExample(source, name => {
+    if (name === 'tfjs-flash-attention/layers') {
+      return require(path.join(root, 'dist/layers.cjs'));
+    }
+    if (name === 'tfjs-flash-attention') {
+      return require('../../src');
+    }
+    return require(name);
+  });
 }

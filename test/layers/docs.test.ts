@@ -3,35 +3,12 @@
  * `tfjs-flash-attention/layers` is the built dist/layers.cjs (which takes
  * the same core module as this test), `tfjs-flash-attention` the sources.
  */
-import * as fs from 'fs';
-import * as path from 'path';
+import {docExamples, runLayersExample as runExample, useLayersBuildOnCpu} from '../harness/examples';
 
-import {useBackend} from '../harness/backends';
-import {runTsExample, tsBlocks} from '../harness/examples';
-
-const root = path.join(__dirname, '..', '..');
-const doc = fs.readFileSync(path.join(root, 'docs', 'layers.md'), 'utf8');
-const examples = tsBlocks(doc);
-
-function runExample(source: string): Promise<string[]> {
-  return runTsExample(source, name => {
-    if (name === 'tfjs-flash-attention/layers') {
-      return require(path.join(root, 'dist/layers.cjs'));
-    }
-    if (name === 'tfjs-flash-attention') {
-      return require('../../src');
-    }
-    return require(name);
-  });
-}
+const examples = docExamples('docs/layers.md');
 
 describe('docs/layers.md examples', () => {
-  beforeAll(async () => {
-    if (!fs.existsSync(path.join(root, 'dist/layers.cjs'))) {
-      throw new Error('dist/layers.cjs is missing: run `npm run build` (npm test does)');
-    }
-    await useBackend('cpu');
-  });
+  beforeAll(useLayersBuildOnCpu);
 
   it('has the examples', () => {
     expect(examples.length).toBeGreaterThanOrEqual(5);
