@@ -12,7 +12,7 @@ import * as path from 'path';
 import {selectedBackends} from './harness/backends';
 
 const describeWebGPU = selectedBackends().includes('webgpu') ? describe : describe.skip;
-const ROUNDS = 3;
+const ROUNDS = 5;
 const CALLS_PER_ROUND = 500;
 
 describeWebGPU('long runs of fused calls [webgpu]', () => {
@@ -48,10 +48,11 @@ describeWebGPU('long runs of fused calls [webgpu]', () => {
       }
       // Before, every dispatch kept its error-scope promise forever (about
       // 100 bytes a call, linear). The heap still grows while V8 and tfjs
-      // warm up, by less every round; only a bound on the last round is
-      // asserted, the pending-scope count above is the exact check.
-      const last = after[after.length - 1].heap - after[after.length - 2].heap;
-      expect(last / CALLS_PER_ROUND).toBeLessThan(200);
+      // warm up (the first rounds after round 0), then only wanders; the
+      // mean growth of the last two rounds is bounded, the pending-scope
+      // count above is the exact check.
+      const lastTwo = after[after.length - 1].heap - after[after.length - 3].heap;
+      expect(lastTwo / (2 * CALLS_PER_ROUND)).toBeLessThan(150);
     } finally {
       fs.rmSync(dir, {recursive: true, force: true});
     }
