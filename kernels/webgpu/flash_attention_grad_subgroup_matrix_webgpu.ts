@@ -24,7 +24,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import type {OwnPipelineSpec} from './own_pipeline';
 import type {MatrixShape} from './subgroup_matrix';
 import {MatrixOpsWGSL, MatrixView} from './subgroup_matrix_wgsl';
-import {constsWGSL, featureKey, GradFeatures, gradBindingsWGSL, gradCommonWGSL, probsAndDsWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
+import {constsWGSL, dqBlockWGSL, featureKey, GradFeatures, gradBindingsWGSL, gradCommonWGSL, probsAndDsWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
 
 export type MatrixGradPass = 'dkdv'|'dq';
 
@@ -308,13 +308,7 @@ function gradMatrixWGSL(
   ${storeAcc('dvAcc', 'dv', dv, bc, 'p.seqK', 'p.headsKV', 'j0', 'hk')}`;
 
   const dqBody = () => `
-  // Causal-like masks: the heaviest query blocks first.
-  let heavyLast = p.windowLeft < 0 && p.windowRight >= 0;
-  let i0 = select(i32(wg.x), i32(nwg.x) - 1 - i32(wg.x), heavyLast) * BR;
-  let b = i32(wg.y) / p.heads;
-  let h = i32(wg.y) % p.heads;
-  let hk = h / (p.heads / p.headsKV);
-  let sp = gradScoreParams(b, h);
+  ${dqBlockWGSL()}
   ${fetch('q', 'qReg', d / 4, br, 'p.seqQ', 'p.heads', 'i0', 'h', 0)}
   ${fetch('dy', 'oReg', dv / 4, br, 'p.seqQ', 'p.heads', 'i0', 'h', 1)}
   ${rowStats}
