@@ -150,7 +150,7 @@ function gradMatrixWGSL(
   // rows of key block j0 of kv head hk.
   const queryRows = {rows: br, seq: 'p.seqQ', heads: 'p.heads', row0: 'i0', head: 'h'};
   const keyRows = {rows: bc, seq: 'p.seqK', heads: 'p.headsKV', row0: 'j0', head: 'hk'};
-  // Slots of wmax: one per operand tile, P and dS.
+  // Slots of wmax: one per operand tile, P and dS (the dQ pass has no P).
   const slot = pass === 'dkdv' ? {q: 0, o: 1, p: 2, ds: 3, k: 4, v: 5} :
                                  {q: 0, o: 1, p: -1, ds: 4, k: 2, v: 3};
   const tile =
