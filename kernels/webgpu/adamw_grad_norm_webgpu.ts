@@ -8,7 +8,7 @@
  * numWorkgroups, offset}.
  */
 import type {OwnPipelineSpec} from './own_pipeline';
-import {ADAMW_WORKGROUP, workgroupSumWGSL} from './adamw_state_wgsl';
+import {ADAMW_WORKGROUP, adamWUniformsWGSL, workgroupSumWGSL} from './adamw_state_wgsl';
 
 /** Most workgroups (partial sums) per variable. */
 export const GRAD_NORM_MAX_WORKGROUPS = 64;
@@ -25,12 +25,9 @@ export function adamWGradNormProgram(): OwnPipelineSpec {
     numOutputs: 1,
     hasUniforms: true,
     code: () => `
-struct Uniforms {
-  size: u32,
-  numWorkgroups: u32,
-  offset: u32,
-  pad: u32,
-};
+${adamWUniformsWGSL([
+      'size', 'numWorkgroups', 'offset'
+    ])}
 @group(0) @binding(0) var<storage, read> grad: array<f32>;
 @group(0) @binding(1) var<storage, read_write> partials: array<f32>;
 @group(0) @binding(2) var<uniform> u: Uniforms;

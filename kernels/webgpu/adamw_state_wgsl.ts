@@ -4,6 +4,7 @@
  * change) and the step's progress (advanced on the GPU by the step program,
  * so no value is uploaded per training step).
  */
+import {uniformStructWGSL} from './own_pipeline';
 
 /** Field indices (4-byte words) of the state buffer. */
 export const ADAMW_STATE = {
@@ -26,6 +27,18 @@ export const ADAMW_STATE = {
 export const ADAMW_HYPER_WORDS = 8;
 /** Bytes of the state buffer (16 words). */
 export const ADAMW_STATE_BYTES = 64;
+
+/** Words (u32) of each program's uniform buffer. */
+export const ADAMW_UNIFORM_WORDS = 4;
+
+/**
+ * The `Uniforms` struct of an AdamW program: its u32 `fields`, padded to
+ * ADAMW_UNIFORM_WORDS (the buffers fused_adamw.ts writes are that size).
+ */
+export function adamWUniformsWGSL(fields: readonly string[]): string {
+  const pads = Array.from({length: ADAMW_UNIFORM_WORDS - fields.length}, (_, i) => `pad${i}`);
+  return uniformStructWGSL('Uniforms', [...fields, ...pads].map(f => [f, 'u32'] as const));
+}
 
 /** The WGSL struct matching ADAMW_STATE. */
 export const ADAMW_STATE_STRUCT = `

@@ -11,7 +11,7 @@
  * Bindings: partials (read), state (read_write), uniforms {numPartials}.
  */
 import type {OwnPipelineSpec} from './own_pipeline';
-import {ADAMW_STATE_STRUCT, ADAMW_WORKGROUP, workgroupSumWGSL} from './adamw_state_wgsl';
+import {ADAMW_STATE_STRUCT, ADAMW_WORKGROUP, adamWUniformsWGSL, workgroupSumWGSL} from './adamw_state_wgsl';
 
 export function adamWStepProgram(): OwnPipelineSpec {
   return {
@@ -22,12 +22,7 @@ export function adamWStepProgram(): OwnPipelineSpec {
     hasUniforms: true,
     code: () => `
 ${ADAMW_STATE_STRUCT}
-struct Uniforms {
-  numPartials: u32,
-  pad0: u32,
-  pad1: u32,
-  pad2: u32,
-};
+${adamWUniformsWGSL(['numPartials'])}
 @group(0) @binding(0) var<storage, read> partials: array<f32>;
 @group(0) @binding(1) var<storage, read_write> state: AdamWState;
 @group(0) @binding(2) var<uniform> u: Uniforms;

@@ -12,7 +12,7 @@
  * numWorkgroups}.
  */
 import type {OwnPipelineSpec} from './own_pipeline';
-import {ADAMW_STATE_STRUCT, ADAMW_WORKGROUP} from './adamw_state_wgsl';
+import {ADAMW_STATE_STRUCT, ADAMW_WORKGROUP, adamWUniformsWGSL} from './adamw_state_wgsl';
 
 /** Most workgroups per variable (a grid-stride loop covers the rest). */
 export const UPDATE_MAX_WORKGROUPS = 4096;
@@ -30,12 +30,9 @@ export function adamWUpdateProgram(): OwnPipelineSpec {
     hasUniforms: true,
     code: () => `
 ${ADAMW_STATE_STRUCT}
-struct Uniforms {
-  size: u32,
-  numWorkgroups: u32,
-  pad0: u32,
-  pad1: u32,
-};
+${adamWUniformsWGSL([
+      'size', 'numWorkgroups'
+    ])}
 @group(0) @binding(0) var<storage, read> grad: array<f32>;
 @group(0) @binding(1) var<storage, read> state: AdamWState;
 @group(0) @binding(2) var<storage, read_write> param: array<f32>;

@@ -13,7 +13,7 @@
  * loads (benchmarks/RESULTS.md, backward tuning).
  */
 import type {OwnPipelineSpec} from './own_pipeline';
-import {featureKey, fetchKeyTileWGSL, GradFeatures, gradInputs, gradPassHeaderWGSL, loadQueryBlockWGSL, prefetchSlots, probsAndDsWGSL, queryBlockStorageWGSL, storeKeyTileWGSL, scoresAndDpWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
+import {dqBlockWGSL, featureKey, fetchKeyTileWGSL, GradFeatures, gradInputs, gradPassHeaderWGSL, loadQueryBlockWGSL, prefetchSlots, probsAndDsWGSL, queryBlockStorageWGSL, storeKeyTileWGSL, scoresAndDpWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
 
 export interface DqTiles {
   /** Query rows per workgroup. */
@@ -118,14 +118,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
         @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
   let t = i32(lid);
-  // Causal-like masks (right bound only): later rows see more keys, so the
-  // heaviest query blocks are dispatched first.
-  let heavyLast = p.windowLeft < 0 && p.windowRight >= 0;
-  let i0 = select(i32(wg.x), i32(nwg.x) - 1 - i32(wg.x), heavyLast) * BR;
-  let b = i32(wg.y) / p.heads;
-  let h = i32(wg.y) % p.heads;
-  let hk = h / (p.heads / p.headsKV);
-  let sp = gradScoreParams(b, h);
+  ${dqBlockWGSL()}
   ${loadQueryBlockWGSL(d, d4, dv, dv4)}
 
   var dqAcc: array<array<f32, ${nd}>, NR>;

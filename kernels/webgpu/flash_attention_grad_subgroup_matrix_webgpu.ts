@@ -24,7 +24,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import type {OwnPipelineSpec} from './own_pipeline';
 import type {MatrixShape} from './subgroup_matrix';
 import {MatrixOpsWGSL, MatrixView} from './subgroup_matrix_wgsl';
-import {constsWGSL, featureKey, GradFeatures, gradBindingsWGSL, gradCommonWGSL, probsAndDsWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
+import {constsWGSL, dqBlockWGSL, featureKey, GradFeatures, gradBindingsWGSL, gradCommonWGSL, probsAndDsWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
 
 export type MatrixGradPass = 'dkdv'|'dq';
 
@@ -76,6 +76,26 @@ export function matrixGradKey(c: MatrixGradConfig, pass: MatrixGradPass, f: Grad
 
 const ABS_MAX = (v: string) => `max(max(abs(${v}.x), abs(${v}.y)), max(abs(${v}.z), abs(${v}.w)))`;
 
+/** An operand tile: `rows` rows of one head of a [B, S, H, W] input. */
+interface OperandTile {
+  /** The input binding, the thread's registers, the workgroup f16 parts. */
+  src: string;
+  reg: string;
+  arr: string;
+  /** W / 4. */
+  w4: number;
+  rows: number;
+  /** WGSL: the input's sequence length and heads, the first row, the head. */
+  seq: string;
+  heads: string;
+  row0: string;
+  head: string;
+  /** WGSL name of the tile's scale exponent (x is stored as x 2^-e). */
+  e: string;
+  /** Its max |x| slot in wmax. */
+  slot: number;
+}
+
 /**
  * One pass of the subgroup-matrix backward. Inputs as the SIMT passes'
  * (q, k, v, dO as vec4 rows, the delta pass's (lse, Delta), slopes).
@@ -126,39 +146,53 @@ function gradMatrixWGSL(
   const mo = new MatrixOpsWGSL(c.shape, c.split, 'u32(min(p.batch, 1))');
   const lim = (n: string) => mo.lim(n);
 
-  // Rows [row0, row0 + rows) of head `head` of a [B, S, H, W] input into
-  // the registers `reg`, their max |x| into wmax[slot].
-  const fetch =
-      (src: string, reg: string, w4: number, rows: number, seq: string, heads: string, row0: string,
-       head: string, slot: number) => {
-        const n = Math.ceil(rows * w4 / threads);
-        return `var ${reg}: array<vec4<f32>, ${n}>;
+  // The operand tiles: Q and dO rows of query block i0 of head h, K and V
+  // rows of key block j0 of kv head hk.
+  const queryRows = {rows: br, seq: 'p.seqQ', heads: 'p.heads', row0: 'i0', head: 'h'};
+  const keyRows = {rows: bc, seq: 'p.seqK', heads: 'p.headsKV', row0: 'j0', head: 'hk'};
+  // Slots of wmax: one per operand tile, P and dS (the dQ pass has no P).
+  const slot = pass === 'dkdv' ? {q: 0, o: 1, p: 2, ds: 3, k: 4, v: 5} :
+                                 {q: 0, o: 1, p: -1, ds: 4, k: 2, v: 3};
+  const tile =
+      (at: typeof queryRows, src: string, reg: string, arr: string, w: number, e: string,
+       maxSlot: number): OperandTile => ({...at, src, reg, arr, w4: w / 4, e, slot: maxSlot});
+  // WGSL: the index of row i of the tile's head, in rows of the input.
+  const rowIndex = (t: OperandTile) => `u32((b * ${t.seq} + i) * ${t.heads} + ${t.head})`;
+  const qTile = tile(queryRows, 'q', 'qReg', 'qS', d, 'qe', slot.q);
+  const oTile = tile(queryRows, 'dy', 'oReg', 'oS', dv, 'oe', slot.o);
+  const kTile = tile(keyRows, 'k', 'kReg', 'kS', d, 'ke', slot.k);
+  const vTile = tile(keyRows, 'v', 'vReg', 'vS', dv, 've', slot.v);
+
+  // The tile's rows into its registers, their max |x| into its slot.
+  const fetch = (t: OperandTile) => {
+    const n = Math.ceil(t.rows * t.w4 / threads);
+    return `var ${t.reg}: array<vec4<f32>, ${n}>;
     {
       var mx = 0.0;
       for (var u = 0u; u < ${lim(`${n}u`)}; u++) {
         let e = lid + u * T;
-        let i = ${row0} + i32(e / ${w4}u);
+        let i = ${t.row0} + i32(e / ${t.w4}u);
         var val = vec4<f32>(0.0);
-        if (e < ${rows * w4}u && i < ${seq}) {
-          val = ${src}[u32((b * ${seq} + i) * ${heads} + ${head}) * ${w4}u + e % ${w4}u];
+        if (e < ${t.rows * t.w4}u && i < ${t.seq}) {
+          val = ${t.src}[${rowIndex(t)} * ${t.w4}u + e % ${t.w4}u];
         }
-        ${reg}[u] = val;
+        ${t.reg}[u] = val;
         mx = max(mx, ${ABS_MAX('val')});
       }
-      atomicMax(&wmax[${slot}], bitcast<u32>(mx));
+      atomicMax(&wmax[${t.slot}], bitcast<u32>(mx));
     }`;
-      };
-  // After a barrier: the registers, scaled by 2^-e of their slot, split into
+  };
+  // After a barrier: the registers, scaled by 2^-e, split into the tile's
   // `arr` ([rows][W], row-major).
-  const stash = (reg: string, arr: string, w4: number, rows: number, e: string) => {
-    const n = Math.ceil(rows * w4 / threads);
+  const stash = (t: OperandTile) => {
+    const n = Math.ceil(t.rows * t.w4 / threads);
     return `for (var u = 0u; u < ${lim(`${n}u`)}; u++) {
       let e = lid + u * T;
-      if (e < ${rows * w4}u) {
-        let xs = ${reg}[u] * ldexp(1.0, -${e});
+      if (e < ${t.rows * t.w4}u) {
+        let xs = ${t.reg}[u] * ldexp(1.0, -${t.e});
         ${
             ['x', 'y', 'z', 'w']
-                .map((comp, i) => mo.splitStore(arr, `4u * e + ${i}u`, `xs.${comp}`))
+                .map((comp, i) => mo.splitStore(t.arr, `4u * e + ${i}u`, `xs.${comp}`))
                 .join('\n        ')}
       }
     }`;
@@ -179,17 +213,18 @@ function gradMatrixWGSL(
     }`;
   const accDecl = (acc: string, n: number) => `var ${acc}: array<f32, ${Math.ceil(n / threads)}>;
   for (var u = 0u; u < ${lim(`${Math.ceil(n / threads)}u`)}; u++) { ${acc}[u] = 0.0; }`;
-  // Stores acc ([rows][w] elements of the block) to out [B, S, H, w] rows
-  // row0.. of head `head`.
-  const storeAcc =
-      (acc: string, out: string, w: number, rows: number, seq: string, heads: string, row0: string,
-       head: string) => `for (var u = 0u; u < ${lim(`${Math.ceil(rows * w / threads)}u`)}; u++) {
+  // Stores acc ([rows][w] elements of the block) to the rows of `out`
+  // ([B, S, H, w]) that tile `t` covers.
+  const storeAcc = (acc: string, out: string, t: OperandTile) => {
+    const w = 4 * t.w4;
+    return `for (var u = 0u; u < ${lim(`${Math.ceil(t.rows * w / threads)}u`)}; u++) {
     let e = lid + u * T;
-    let i = ${row0} + i32(e / ${w}u);
-    if (e < ${rows * w}u && i < ${seq}) {
-      ${out}[u32((b * ${seq} + i) * ${heads} + ${head}) * ${w}u + e % ${w}u] = ${acc}[u];
+    let i = ${t.row0} + i32(e / ${w}u);
+    if (e < ${t.rows * w}u && i < ${t.seq}) {
+      ${out}[${rowIndex(t)} * ${w}u + e % ${w}u] = ${acc}[u];
     }
   }`;
+  };
   const rowStats = `for (var r = lid; r < BR; r += T) {
       let i = i0 + i32(r);
       var st = vec2<f32>(0.0);
@@ -199,8 +234,19 @@ function gradMatrixWGSL(
     }`;
   const exponent = (slot: number) =>
       `clamp(frexp(bitcast<f32>(atomicLoad(&wmax[${slot}]))).exp, -60, 60)`;
-  const reset = (slots: number[]) =>
+  const reset = (...slots: number[]) => slots.length === 0 ?
+      '' :
       `if (lid == 0u) { ${slots.map(i => `atomicStore(&wmax[${i}], 0u);`).join(' ')} }`;
+  // Tiles a and b (registers, then after a barrier their exponents and f16
+  // parts); `beforeBarrier` is WGSL to run while their loads are in flight.
+  const loadTiles = (a: OperandTile, b: OperandTile, beforeBarrier = '') => `${fetch(a)}
+    ${fetch(b)}
+    ${beforeBarrier}
+    workgroupBarrier();
+    let ${a.e} = ${exponent(a.slot)};
+    let ${b.e} = ${exponent(b.slot)};
+    ${stash(a)}
+    ${stash(b)}`;
 
   const rowMajor = (arr: string, off: string, stride: number): MatrixView =>
       ({arr, off, stride: `${stride}u`, colMajor: false});
@@ -227,7 +273,9 @@ function gradMatrixWGSL(
         for (var m = 0; m < MR; m++) {
           let at = u32((sRow + m) * BC + sQuad * 4);
           s[m] = vec4<f32>(scrS[at], scrS[at + 1u], scrS[at + 2u], scrS[at + 3u]) * ${sUnscale};
+
           dp[m] = vec4<f32>(scrP[at], scrP[at + 1u], scrP[at + 2u], scrP[at + 3u]) * ${dpUnscale};
+
         }
         ${probsAndDsWGSL(f, withP, `let at = u32(r * BC + sQuad * 4);
         for (var x = 0u; x < 4u; x++) {
@@ -241,18 +289,44 @@ function gradMatrixWGSL(
       atomicMax(&wmax[SLOT_DS], bitcast<u32>(dsmax));
     }`;
 
+  // With all four operand tiles stashed: S, dP, then P * keep (withP) and
+  // dS in place of S and dP, their max |x| in wmax. `done` are the slots
+  // free from here.
+  const scoresAndDs = (withP: boolean, ...done: number[]) => `workgroupBarrier();
+    ${reset(...done)}
+    ${scoresAndDp()}
+    workgroupBarrier();
+    ${probsAndDs(withP, 'ldexp(1.0, qe + ke)', 'ldexp(1.0, oe + ve)')}
+    workgroupBarrier();`;
+  // One accumulated product: the scratch `from` (P or dS, exponent `e`)
+  // split into mS, then `acc` (n elements) += `product` (into scrO) * 2^accE.
+  // `done` are the slots free once it is split.
+  const accumulateProduct =
+      (from: string, e: string, product: string, acc: string, n: number, accE: string,
+       ...done: number[]) => `${stashScratch(from, 'mS', e)}
+    workgroupBarrier();
+    ${reset(...done)}
+    ${product}
+    workgroupBarrier();
+    ${accumulate(acc, n, accE)}`;
+  // dV += P^T dO and dK += dS^T Q (P and dS are [BR][BC] in mS: read
+  // column-major as P^T, dS^T); dQ += dS K.
+  const dvProduct = mo.product(
+      bc, dv, br, colMajor('mS', `ks * ${K * bc}u + rb * ${M}u`, bc),
+      rowMajor('oS', `ks * ${K * dv}u + cb * ${N}u`, dv), 'scrO', dv);
+  const dkProduct = mo.product(
+      bc, d, br, colMajor('mS', `ks * ${K * bc}u + rb * ${M}u`, bc),
+      rowMajor('qS', `ks * ${K * d}u + cb * ${N}u`, d), 'scrO', d);
+  const dqProduct = mo.product(
+      br, d, bc, rowMajor('mS', `rb * ${M * bc}u + ks * ${K}u`, bc),
+      rowMajor('kS', `ks * ${K * d}u + cb * ${N}u`, d), 'scrO', d);
+
   const dkdvBody = () => `
   let j0 = i32(wg.x) * BC;
   let b = i32(wg.y) / p.headsKV;
   let hk = i32(wg.y) % p.headsKV;
   let groups = p.heads / p.headsKV;
-  ${fetch('k', 'kReg', d / 4, bc, 'p.seqK', 'p.headsKV', 'j0', 'hk', 4)}
-  ${fetch('v', 'vReg', dv / 4, bc, 'p.seqK', 'p.headsKV', 'j0', 'hk', 5)}
-  workgroupBarrier();
-  let ke = ${exponent(4)};
-  let ve = ${exponent(5)};
-  ${stash('kReg', 'kS', d / 4, bc, 'ke')}
-  ${stash('vReg', 'vS', dv / 4, bc, 've')}
+  ${loadTiles(kTile, vTile)}
   ${accDecl('dkAcc', bc * d)}
   ${accDecl('dvAcc', bc * dv)}
   // Query rows that can see some key of this block.
@@ -265,98 +339,32 @@ function gradMatrixWGSL(
     let i0 = iLo + (step % nBlocks) * BR;
     let sp = gradScoreParams(b, h);
     workgroupBarrier();
-    ${fetch('q', 'qReg', d / 4, br, 'p.seqQ', 'p.heads', 'i0', 'h', 0)}
-    ${fetch('dy', 'oReg', dv / 4, br, 'p.seqQ', 'p.heads', 'i0', 'h', 1)}
-    ${rowStats}
-    workgroupBarrier();
-    let qe = ${exponent(0)};
-    let oe = ${exponent(1)};
-    ${stash('qReg', 'qS', d / 4, br, 'qe')}
-    ${stash('oReg', 'oS', dv / 4, br, 'oe')}
-    workgroupBarrier();
-    ${reset([
-    0, 1
-  ])}
-    ${scoresAndDp()}
-    workgroupBarrier();
-    ${probsAndDs(true, 'ldexp(1.0, qe + ke)', 'ldexp(1.0, oe + ve)')}
-    workgroupBarrier();
-    let pe = ${exponent(2)};
-    let dse = ${exponent(3)};
-    ${stashScratch('scrS', 'mS', 'pe')}
-    workgroupBarrier();
-    ${reset([2])}
-    // dV += P^T dO (P is [BR][BC]: read column-major as P^T).
-    ${
-      mo.product(
-          bc, dv, br, colMajor('mS', `ks * ${K * bc}u + rb * ${M}u`, bc),
-          rowMajor('oS', `ks * ${K * dv}u + cb * ${N}u`, dv), 'scrO', dv)}
-    workgroupBarrier();
-    ${accumulate('dvAcc', bc * dv, 'pe + oe')}
-    ${stashScratch('scrP', 'mS', 'dse')}
-    workgroupBarrier();
-    // dK += dS^T Q.
-    ${
-      mo.product(
-          bc, d, br, colMajor('mS', `ks * ${K * bc}u + rb * ${M}u`, bc),
-          rowMajor('qS', `ks * ${K * d}u + cb * ${N}u`, d), 'scrO', d)}
-    workgroupBarrier();
-    ${accumulate('dkAcc', bc * d, 'dse + qe')}
-    ${reset([3])}
+    ${loadTiles(qTile, oTile, rowStats)}
+    ${scoresAndDs(true, slot.q, slot.o)}
+    let pe = ${exponent(slot.p)};
+    let dse = ${exponent(slot.ds)};
+    ${accumulateProduct('scrS', 'pe', dvProduct, 'dvAcc', bc * dv, 'pe + oe', slot.p)}
+    ${accumulateProduct('scrP', 'dse', dkProduct, 'dkAcc', bc * d, 'dse + qe')}
+    ${reset(slot.ds)}
   }
-  ${storeAcc('dkAcc', 'dk', d, bc, 'p.seqK', 'p.headsKV', 'j0', 'hk')}
-  ${storeAcc('dvAcc', 'dv', dv, bc, 'p.seqK', 'p.headsKV', 'j0', 'hk')}`;
+  ${storeAcc('dkAcc', 'dk', kTile)}
+  ${storeAcc('dvAcc', 'dv', vTile)}`;
 
   const dqBody = () => `
-  // Causal-like masks: the heaviest query blocks first.
-  let heavyLast = p.windowLeft < 0 && p.windowRight >= 0;
-  let i0 = select(i32(wg.x), i32(nwg.x) - 1 - i32(wg.x), heavyLast) * BR;
-  let b = i32(wg.y) / p.heads;
-  let h = i32(wg.y) % p.heads;
-  let hk = h / (p.heads / p.headsKV);
-  let sp = gradScoreParams(b, h);
-  ${fetch('q', 'qReg', d / 4, br, 'p.seqQ', 'p.heads', 'i0', 'h', 0)}
-  ${fetch('dy', 'oReg', dv / 4, br, 'p.seqQ', 'p.heads', 'i0', 'h', 1)}
-  ${rowStats}
-  workgroupBarrier();
-  let qe = ${exponent(0)};
-  let oe = ${exponent(1)};
-  ${stash('qReg', 'qS', d / 4, br, 'qe')}
-  ${stash('oReg', 'oS', dv / 4, br, 'oe')}
+  ${dqBlockWGSL()}
+  ${loadTiles(qTile, oTile, rowStats)}
   ${accDecl('dqAcc', br * d)}
   // Keys some row of the block can see, from a BC-aligned start (dropout
   // words are per key quad).
   let keys = fa_key_range(i0, min(i0 + BR, p.seqQ), sp);
   for (var j0 = (keys.x / BC) * BC; j0 < keys.y; j0 += BC) {
     workgroupBarrier();
-    ${fetch('k', 'kReg', d / 4, bc, 'p.seqK', 'p.headsKV', 'j0', 'hk', 2)}
-    ${fetch('v', 'vReg', dv / 4, bc, 'p.seqK', 'p.headsKV', 'j0', 'hk', 3)}
-    workgroupBarrier();
-    let ke = ${exponent(2)};
-    let ve = ${exponent(3)};
-    ${stash('kReg', 'kS', d / 4, bc, 'ke')}
-    ${stash('vReg', 'vS', dv / 4, bc, 've')}
-    workgroupBarrier();
-    ${reset([
-    2, 3
-  ])}
-    ${scoresAndDp()}
-    workgroupBarrier();
-    ${probsAndDs(false, 'ldexp(1.0, qe + ke)', 'ldexp(1.0, oe + ve)')}
-    workgroupBarrier();
-    let dse = ${exponent(4)};
-    ${stashScratch('scrP', 'mS', 'dse')}
-    workgroupBarrier();
-    ${reset([4])}
-    // dQ += dS K.
-    ${
-      mo.product(
-          br, d, bc, rowMajor('mS', `rb * ${M * bc}u + ks * ${K}u`, bc),
-          rowMajor('kS', `ks * ${K * d}u + cb * ${N}u`, d), 'scrO', d)}
-    workgroupBarrier();
-    ${accumulate('dqAcc', br * d, 'dse + ke')}
+    ${loadTiles(kTile, vTile)}
+    ${scoresAndDs(false, slot.k, slot.v)}
+    let dse = ${exponent(slot.ds)};
+    ${accumulateProduct('scrP', 'dse', dqProduct, 'dqAcc', br * d, 'dse + ke', slot.ds)}
   }
-  ${storeAcc('dqAcc', 'dq', d, br, 'p.seqQ', 'p.heads', 'i0', 'h')}`;
+  ${storeAcc('dqAcc', 'dq', qTile)}`;
 
   const body = pass === 'dkdv' ? dkdvBody() : dqBody();
   const outElems = pass === 'dkdv' ? bc * Math.max(d, dv) : br * d;
@@ -372,7 +380,7 @@ ${constsWGSL({
     MR: s.mr
   })}
 const SLOT_P = 2;
-const SLOT_DS = ${pass === 'dkdv' ? 3 : 4};
+const SLOT_DS = ${slot.ds};
 
 // Operands as f16 parts ([rows][W], row-major); mS holds P, then dS.
 ${mo.declare('qS', br * d)}

@@ -190,6 +190,21 @@ ${constsWGSL({
 }
 
 /**
+ * WGSL placing a dQ pass's workgroup: `let i0` (its first query row), `b`,
+ * `h`, `hk` and the score parameters `sp`. Under causal-like masks (a right
+ * bound only) later rows see more keys, so the heaviest query blocks are
+ * dispatched first. Uses `wg` and `nwg`.
+ */
+export function dqBlockWGSL(): string {
+  return `let heavyLast = p.windowLeft < 0 && p.windowRight >= 0;
+  let i0 = select(i32(wg.x), i32(nwg.x) - 1 - i32(wg.x), heavyLast) * BR;
+  let b = i32(wg.y) / p.heads;
+  let h = i32(wg.y) % p.heads;
+  let hk = h / (p.heads / p.headsKV);
+  let sp = gradScoreParams(b, h);`;
+}
+
+/**
  * The S = Q K^T / dP = dO V^T phase's thread layout, shared by both passes:
  * BC/4 key quads (SC) times SR row groups of MR rows. A warp covers at most
  * 8 quads and so several row groups: its K loads are at most 128 bytes

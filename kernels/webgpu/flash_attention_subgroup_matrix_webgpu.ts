@@ -33,7 +33,7 @@
  * no subgroup matrices) runs the tiling, indexing and split arithmetic.
  */
 import type {MatrixShape} from './subgroup_matrix';
-import {dropoutWGSL, keyRangeWGSL, philoxWGSL, scoreKey, ScoreOptions, scoreWGSL, FA_NEG_INF_BITS, forwardBindingsWGSL, maxAllWGSL as maxAll, range, VEC4_COMPONENTS as COMP} from './wgsl_snippets';
+import {dropoutWGSL, keyRangeWGSL, philoxWGSL, scoreKey, ScoreOptions, scoreWGSL, FA_NEG_INF_BITS, forwardBindingsWGSL, forwardTileWGSL, maxAllWGSL as maxAll, range, VEC4_COMPONENTS as COMP} from './wgsl_snippets';
 
 /** Everything baked into one pipeline. */
 export interface MatrixForwardConfig {
@@ -349,12 +349,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   if (groupId >= u.totalGroups) {
     return;
   }
-  var qTile = groupId % u.numQTiles;
-  ${c.reverseRows ? 'qTile = u.numQTiles - 1 - qTile;' : ''}
-  let bh = groupId / u.numQTiles;
-  let h = bh % u.heads;
-  let b = bh / u.heads;
-  let hk = h / u.groups;
+  ${forwardTileWGSL('groupId', c.reverseRows)}
   let r0 = qTile * i32(BR);
   let rEnd = min(r0 + i32(BR), u.seqQ);
   let g = lid / LANES;

@@ -36,7 +36,7 @@
  */
 import {bindingsWGSL, uniformStructWGSL} from './own_pipeline';
 import {epilogueWGSL, ForwardLayout, keyLoopWGSL, keyOffsetsWGSL, loadQueryTileWGSL, rowStateWGSL, workgroupStorageWGSL, xorSwizzleMask} from './flash_attention_forward_wgsl';
-import {dropoutWGSL, FA_NEG_BIG, FA_NEG_INF_BITS, forwardBindingsWGSL, keyRangeWGSL, philoxWGSL, range, scoreKey, ScoreOptions, scoreWGSL} from './wgsl_snippets';
+import {dropoutWGSL, FA_NEG_BIG, FA_NEG_INF_BITS, forwardBindingsWGSL, forwardTileWGSL, keyRangeWGSL, philoxWGSL, range, scoreKey, ScoreOptions, scoreWGSL} from './wgsl_snippets';
 
 /** The register/workgroup tiling of one pipeline. */
 export interface ForwardTiles {
@@ -246,12 +246,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   // Split-KV: the splits of one query tile are neighbours (Q shared in cache).
   let split = ${c.splitKeys ? 'groupId % u.numSplits' : '0'};
   let tileId = ${c.splitKeys ? 'groupId / u.numSplits' : 'groupId'};
-  var qTile = tileId % u.numQTiles;
-  ${c.reverseRows ? 'qTile = u.numQTiles - 1 - qTile;' : ''}
-  let bh = tileId / u.numQTiles;
-  let h = bh % u.heads;
-  let b = bh / u.heads;
-  let hk = h / u.groups;
+  ${forwardTileWGSL('tileId', c.reverseRows)}
   let tx = lid % TX;
   let ty = lid / TX;
   let r0 = qTile * i32(BR);

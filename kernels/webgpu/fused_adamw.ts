@@ -21,7 +21,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import type {WebGPUBackend} from '@tensorflow/tfjs-backend-webgpu';
 
 import {adamWGradNormProgram, gradNormWorkgroups} from './adamw_grad_norm_webgpu';
-import {ADAMW_HYPER_WORDS, ADAMW_STATE, ADAMW_STATE_BYTES} from './adamw_state_wgsl';
+import {ADAMW_HYPER_WORDS, ADAMW_STATE, ADAMW_STATE_BYTES, ADAMW_UNIFORM_WORDS} from './adamw_state_wgsl';
 import {adamWStepProgram} from './adamw_step_webgpu';
 import {adamWUpdateProgram, updateWorkgroups} from './adamw_update_webgpu';
 import {getPipeline, gpuBufferOf, pushScopes, watchScopes, webgpuBackendOf} from './own_pipeline';
@@ -122,9 +122,12 @@ export class AdamWWebGPUState {
       return plan;
     }
     const uniform = (words: number[], label: string) => {
-      const buffer = this.device.createBuffer(
-          {size: 16, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST, label});
-      const data = new Uint32Array(4);
+      const buffer = this.device.createBuffer({
+        size: 4 * ADAMW_UNIFORM_WORDS,
+        usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
+        label
+      });
+      const data = new Uint32Array(ADAMW_UNIFORM_WORDS);
       data.set(words);
       this.device.queue.writeBuffer(buffer, 0, data);
       return buffer;

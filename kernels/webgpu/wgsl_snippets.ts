@@ -261,6 +261,22 @@ fn fa_query_range(col0: i32, col1In: i32, p: FaScore) -> vec2<i32> {
 `;
 }
 
+/**
+ * WGSL placing a forward workgroup (both forward kernels) from its query
+ * tile number `tileId` (WGSL): `var qTile`, the tile of head `h` (kv head
+ * `hk`) of batch row `b`. With `reverseRows` the heaviest query tiles
+ * (causal-like masks) come first. Uses the uniforms numQTiles, heads and
+ * groups of `u`.
+ */
+export function forwardTileWGSL(tileId: string, reverseRows: boolean): string {
+  return `var qTile = ${tileId} % u.numQTiles;
+  ${reverseRows ? 'qTile = u.numQTiles - 1 - qTile;' : ''}
+  let bh = ${tileId} / u.numQTiles;
+  let h = bh % u.heads;
+  let b = bh / u.heads;
+  let hk = h / u.groups;`;
+}
+
 /** 0, 1, ..., n - 1: the indices a generator unrolls over. */
 export function range(n: number): number[] {
   return Array.from({length: n}, (_, i) => i);
