@@ -97,6 +97,25 @@ __device__ __forceinline__ void mma3(float (&c)[4], const uint32_t (&ah)[4],
   mma(c, ah, bh0, bh1);
 }
 
+// Two m16n8 accumulators += A (hi/lo) times the 16 x 16 B block at b_hi /
+// b_lo, loaded with ldmatrix (transposed when TRANS): the step every
+// product of the forward and backward repeats.
+template <bool TRANS>
+__device__ __forceinline__ void mma3_pair(float (&c0)[4], float (&c1)[4], const uint32_t (&ah)[4],
+                                          const uint32_t (&al)[4], const bf16* b_hi,
+                                          const bf16* b_lo) {
+  uint32_t bh[4], bl[4];
+  if (TRANS) {
+    ldsm_x4_t(bh, b_hi);
+    ldsm_x4_t(bl, b_lo);
+  } else {
+    ldsm_x4(bh, b_hi);
+    ldsm_x4(bl, b_lo);
+  }
+  mma3(c0, ah, al, bh[0], bh[1], bl[0], bl[1]);
+  mma3(c1, ah, al, bh[2], bh[3], bl[2], bl[3]);
+}
+
 __device__ __forceinline__ uint32_t as_u32(bf162 v) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
@@ -309,13 +328,9 @@ __global__ void __launch_bounds__(128)
       ldsm_x4(al, sQl + aoff);
 #pragma unroll
       for (int np = 0; np < 4; ++np) {
-        uint32_t bh[4], bl[4];
         const int boff = (np * 16 + (lane % 8) + (lane / 16) * 8) * LD + kk * 16 +
                          ((lane / 8) % 2) * 8;
-        ldsm_x4(bh, sKh + boff);
-        ldsm_x4(bl, sKl + boff);
-        mma3(sc[2 * np], ah, al, bh[0], bh[1], bl[0], bl[1]);
-        mma3(sc[2 * np + 1], ah, al, bh[2], bh[3], bl[2], bl[3]);
+        mma3_pair<false>(sc[2 * np], sc[2 * np + 1], ah, al, sKh + boff, sKl + boff);
       }
     }
 
@@ -386,13 +401,9 @@ __global__ void __launch_bounds__(128)
       split2(sc[2 * ks + 1][2], sc[2 * ks + 1][3], ph[3], pl[3]);
 #pragma unroll
       for (int dp = 0; dp < HD / 16; ++dp) {
-        uint32_t bh[4], bl[4];
         const int boff = (ks * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * LD + dp * 16 +
                          (lane / 16) * 8;
-        ldsm_x4_t(bh, sVh + boff);
-        ldsm_x4_t(bl, sVl + boff);
-        mma3(o[2 * dp], ph, pl, bh[0], bh[1], bl[0], bl[1]);
-        mma3(o[2 * dp + 1], ph, pl, bh[2], bh[3], bl[2], bl[3]);
+        mma3_pair<true>(o[2 * dp], o[2 * dp + 1], ph, pl, sVh + boff, sVl + boff);
       }
     }
     __syncthreads();  // the stage is reloaded two iterations on
@@ -558,17 +569,10 @@ __global__ void __launch_bounds__(BwdConfig<HD>::kWarps * 32)
         ldsm_x4(vl, sVl + aoff);
 #pragma unroll
         for (int np = 0; np < 4; ++np) {
-          uint32_t bh_[4], bl_[4];
           const int boff = (np * 16 + (lane % 8) + (lane / 16) * 8) * LD + kk * 16 +
                            ((lane / 8) % 2) * 8;
-          ldsm_x4(bh_, sQh + boff);
-          ldsm_x4(bl_, sQl + boff);
-          mma3(st[2 * np], kh, kl, bh_[0], bh_[1], bl_[0], bl_[1]);
-          mma3(st[2 * np + 1], kh, kl, bh_[2], bh_[3], bl_[2], bl_[3]);
-          ldsm_x4(bh_, sOh + boff);
-          ldsm_x4(bl_, sOl + boff);
-          mma3(dpt[2 * np], vh, vl, bh_[0], bh_[1], bl_[0], bl_[1]);
-          mma3(dpt[2 * np + 1], vh, vl, bh_[2], bh_[3], bl_[2], bl_[3]);
+          mma3_pair<false>(st[2 * np], st[2 * np + 1], kh, kl, sQh + boff, sQl + boff);
+          mma3_pair<false>(dpt[2 * np], dpt[2 * np + 1], vh, vl, sOh + boff, sOl + boff);
         }
       }
 
@@ -621,17 +625,10 @@ __global__ void __launch_bounds__(BwdConfig<HD>::kWarps * 32)
         }
 #pragma unroll
         for (int dp = 0; dp < HD / 16; ++dp) {
-          uint32_t bh_[4], bl_[4];
           const int boff = (ks * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * LD + dp * 16 +
                            (lane / 16) * 8;
-          ldsm_x4_t(bh_, sOh + boff);
-          ldsm_x4_t(bl_, sOl + boff);
-          mma3(dv_acc[2 * dp], ph, pl, bh_[0], bh_[1], bl_[0], bl_[1]);
-          mma3(dv_acc[2 * dp + 1], ph, pl, bh_[2], bh_[3], bl_[2], bl_[3]);
-          ldsm_x4_t(bh_, sQh + boff);
-          ldsm_x4_t(bl_, sQl + boff);
-          mma3(dk_acc[2 * dp], sh, sl, bh_[0], bh_[1], bl_[0], bl_[1]);
-          mma3(dk_acc[2 * dp + 1], sh, sl, bh_[2], bh_[3], bl_[2], bl_[3]);
+          mma3_pair<true>(dv_acc[2 * dp], dv_acc[2 * dp + 1], ph, pl, sOh + boff, sOl + boff);
+          mma3_pair<true>(dk_acc[2 * dp], dk_acc[2 * dp + 1], sh, sl, sQh + boff, sQl + boff);
         }
       }
       __syncthreads();
@@ -653,13 +650,9 @@ __global__ void __launch_bounds__(BwdConfig<HD>::kWarps * 32)
             ldsm_x4_t(al, sSl + aoff);
 #pragma unroll
             for (int dp = 0; dp < 4; ++dp) {
-              uint32_t bh_[4], bl_[4];
               const int boff = (ks * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * LD + dc * 64 +
                                dp * 16 + (lane / 16) * 8;
-              ldsm_x4_t(bh_, sKh + boff);
-              ldsm_x4_t(bl_, sKl + boff);
-              mma3(acc[2 * dp], ah, al, bh_[0], bh_[1], bl_[0], bl_[1]);
-              mma3(acc[2 * dp + 1], ah, al, bh_[2], bh_[3], bl_[2], bl_[3]);
+              mma3_pair<true>(acc[2 * dp], acc[2 * dp + 1], ah, al, sKh + boff, sKl + boff);
             }
           }
 #pragma unroll
