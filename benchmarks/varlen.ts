@@ -23,12 +23,12 @@
  *   node varlen.mjs [--smoke] [--reps N] [--batches N] [--warmup-ms MS]
  *     (--smoke: tiny shapes, for SwiftShader)
  */
-import {create, globals} from 'webgpu';
 
 import * as tf from '@tensorflow/tfjs-core';
 import type {LayerVariable} from '@tensorflow/tfjs-layers';
 
 import {webgpuCounters} from './webgpu_counters';
+import {adapterName, openWebGPUDevice, useWebGPUBackend} from './webgpu_setup';
 
 const smoke = process.argv.includes('--smoke');
 function intArg(name: string, fallback: number): number {
@@ -128,35 +128,10 @@ async function timeIt(f: () => tf.Tensor[]): Promise<Timing> {
 }
 
 async function setup(): Promise<string> {
-  Object.assign(globalThis, globals);
-  const gpu = create([]);
-  const adapter = await gpu.requestAdapter({powerPreference: 'high-performance'});
-  if (adapter == null) {
-    throw new Error('no WebGPU adapter');
-  }
-  const l = adapter.limits;
-  const features =
-      ['subgroups'].filter(f => adapter.features.has(f as GPUFeatureName)) as GPUFeatureName[];
-  const device = await adapter.requestDevice({
-    requiredFeatures: features,
-    requiredLimits: {
-      maxStorageBufferBindingSize: l.maxStorageBufferBindingSize,
-      maxBufferSize: l.maxBufferSize,
-      maxComputeWorkgroupStorageSize: l.maxComputeWorkgroupStorageSize,
-      maxComputeInvocationsPerWorkgroup: l.maxComputeInvocationsPerWorkgroup,
-      maxComputeWorkgroupSizeX: l.maxComputeWorkgroupSizeX,
-      maxComputeWorkgroupsPerDimension: l.maxComputeWorkgroupsPerDimension,
-    },
-  });
-  Object.defineProperty(
-      globalThis, 'navigator', {value: {gpu}, configurable: true, writable: true});
+  const device = await openWebGPUDevice({features: ['subgroups']});
   await import('@tensorflow/tfjs-layers');  // the core ops' gradients
-  const webgpu = await import('@tensorflow/tfjs-backend-webgpu');
-  tf.removeBackend('webgpu');
-  tf.registerBackend('webgpu', () => new webgpu.WebGPUBackend(device, adapter.info));
-  await tf.setBackend('webgpu');
-  const info = adapter.info;
-  return `${info.vendor} ${info.architecture} ${info.description}`.trim();
+  await useWebGPUBackend(device);
+  return adapterName(device.adapter);
 }
 
 async function main(): Promise<void> {

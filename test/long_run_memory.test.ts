@@ -46,13 +46,14 @@ describeWebGPU('long runs of fused calls [webgpu]', () => {
         // Only scopes of work still in flight are kept.
         expect(s.pending).toBeLessThan(64);
       }
-      // Before, every dispatch kept its error-scope promise forever (about
-      // 100 bytes a call, linear). The heap still grows while V8 and tfjs
-      // warm up (the first rounds after round 0), then only wanders; the
-      // mean growth of the last two rounds is bounded, the pending-scope
-      // count above is the exact check.
-      const lastTwo = after[after.length - 1].heap - after[after.length - 3].heap;
-      expect(lastTwo / (2 * CALLS_PER_ROUND)).toBeLessThan(150);
+      // The JS heap after a collection wanders by a few hundred kB between
+      // samples (measured here), so a heap bound catches only leaks well
+      // above that: an object graph per call (a kept tensor, a promise
+      // chain) over the last four rounds. Small leaks are caught by the
+      // exact counts above (tensors, bytes, pending error scopes: before,
+      // every dispatch kept its error-scope promise forever).
+      const lastFour = after[after.length - 1].heap - after[after.length - 5].heap;
+      expect(lastFour / (4 * CALLS_PER_ROUND)).toBeLessThan(400);
     } finally {
       fs.rmSync(dir, {recursive: true, force: true});
     }

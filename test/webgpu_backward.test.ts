@@ -7,14 +7,13 @@
 import * as tf from '@tensorflow/tfjs-core';
 
 import {FLASH_ATTENTION_IMPL, FlashAttention, FlashAttentionGrad, hasFusedKernel} from '../src';
-import {normalizeOptions} from '../src/options';
 import {chooseGradTiles, fusedGradRunCount, GradTiles, registerFlashAttentionGradWebGPU, setGradTilesOverride} from '../kernels/webgpu/FlashAttentionGrad';
-import {checkOwnPipelineErrors, setPoisonOutputs} from '../kernels/webgpu/own_pipeline';
+import {setPoisonOutputs} from '../kernels/webgpu/own_pipeline';
 
 import {selectedBackends, useBackend} from './harness/backends';
+import {runGradKernelOnOracle} from './harness/grad_kernel';
 import {checkGradients, OPTION_CASES, OptionCase} from './harness/cases';
-import {expectClose, freshRng, GRADIENT_BOUND, makeProblem, randomArray, Rng} from './harness/problems';
-import {oracleBackward, oracleForward} from './oracle';
+import {expectClose, freshRng, GRADIENT_BOUND, Rng} from './harness/problems';
 
 const describeWebGPU = selectedBackends().includes('webgpu') ? describe : describe.skip;
 
@@ -46,56 +45,16 @@ const EXTRA_CASES: OptionCase[] = [
   },
 ];
 
-interface GradRun {
-  dq: Float32Array;
-  dk: Float32Array;
-  dv: Float32Array;
-}
-
-/**
- * Runs the FlashAttentionGrad kernel alone on the oracle's forward outputs
- * (so only the backward is under test) and returns the gradients and the
- * oracle's.
- */
-async function runKernelCase(c: OptionCase, rng: Rng, repeats = 1) {
-  const problem = makeProblem(c.shape, rng, c.inputScale);
-  const {batch, seqQ, heads, headDimV} = c.shape;
-  const forward = oracleForward(problem.oracle, c.opts);
-  const dOut = randomArray(forward.out.length, rng);
-  const dLse = randomArray(forward.lse.length, rng);
-  const attrs = normalizeOptions(c.opts, c.shape.headDim, 'test');
-  const tensors = {
-    dy: tf.tensor4d(Float32Array.from(dOut), [batch, seqQ, heads, headDimV]),
-    dLse: tf.tensor3d(Float32Array.from(dLse), [batch, heads, seqQ]),
-    q: problem.q,
-    k: problem.k,
-    v: problem.v,
-    out: tf.tensor4d(Float32Array.from(forward.out), [batch, seqQ, heads, headDimV]),
-    softmaxLse: tf.tensor3d(Float32Array.from(forward.lse), [batch, heads, seqQ]),
-    alibiSlopes: problem.alibiSlopes ?? tf.zeros([0]),
-  };
-  const runs: GradRun[] = [];
-  try {
-    for (let n = 0; n < repeats; n++) {
+/** The kernel alone on the oracle's forward outputs; the fused kernel must run. */
+function runKernelCase(c: OptionCase, rng: Rng, repeats = 1) {
+  return runGradKernelOnOracle(c.shape, c.opts, rng, {
+    inputScale: c.inputScale,
+    repeats,
+    aroundRun: () => {
       const before = fusedGradRunCount();
-      const grads = tf.engine().runKernel(
-                        FlashAttentionGrad, tensors as unknown as tf.NamedTensorMap,
-                        attrs as unknown as tf.NamedAttrMap) as tf.Tensor[];
-      expect(fusedGradRunCount()).toBe(before + 1);
-      const [dq, dk, dv] = await Promise.all(grads.map(g => g.data() as Promise<Float32Array>));
-      tf.dispose(grads);
-      await checkOwnPipelineErrors();
-      runs.push({dq, dk, dv});
-    }
-  } finally {
-    problem.dispose();
-    tf.dispose([tensors.dy, tensors.dLse, tensors.out, tensors.softmaxLse]);
-    if (problem.alibiSlopes == null) {
-      tensors.alibiSlopes.dispose();
-    }
-  }
-  const expected = oracleBackward(problem.oracle, c.opts, dOut, dLse);
-  return {runs, expected};
+      return () => expect(fusedGradRunCount()).toBe(before + 1);
+    },
+  });
 }
 
 describeWebGPU('fused WebGPU backward [webgpu]', () => {

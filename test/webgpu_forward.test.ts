@@ -13,6 +13,7 @@ import {FLASH_ATTENTION_IMPL, FlashAttention, flashAttention, FlashAttentionGrad
 import {dropoutThreshold} from '../src/dropout';
 
 import {selectedBackends, useBackend} from './harness/backends';
+import {H100_STAND_IN} from './harness/devices';
 import {checkForward, OPTION_CASES, OptionCase} from './harness/cases';
 import {freshRng} from './harness/problems';
 
@@ -115,17 +116,7 @@ describeWebGPU('fused WebGPU forward [webgpu]', () => {
 
   it('plans the outer-product tiling only for D=64-class heads on large grids of a hardware GPU',
      () => {
-       // A stand-in for an H100 as Dawn reports it (planForward reads only these).
-       const gpu = {
-         limits: {
-           maxComputeInvocationsPerWorkgroup: 1024,
-           maxComputeWorkgroupSizeX: 1024,
-           maxComputeWorkgroupStorageSize: 49152
-         },
-         features: new Set(['subgroups']),
-         adapterInfo:
-             {vendor: 'nvidia', architecture: '', description: 'NVIDIA H100', subgroupMinSize: 32},
-       } as unknown as GPUDevice;
+       const gpu = H100_STAND_IN;
        const large = 16 * 4096;
        expect(planForward(gpu, 64, 64, large)!.tiles)
            .toMatchObject({tm: 8, tx: 16, nq: 1, ty: 8, outer: true});

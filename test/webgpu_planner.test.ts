@@ -7,17 +7,9 @@
 import {planForward} from '../kernels/webgpu/FlashAttention';
 import {SHORT_GRID_GROUPS} from '../kernels/webgpu/tuning';
 
-/** A stand-in for an H100 as Dawn reports it (planForward reads only these). */
-const H100 = {
-  limits: {
-    maxComputeInvocationsPerWorkgroup: 1024,
-    maxComputeWorkgroupSizeX: 1024,
-    maxComputeWorkgroupStorageSize: 49152
-  },
-  features: new Set(['subgroups']),
-  adapterInfo:
-      {vendor: 'nvidia', architecture: '', description: 'NVIDIA H100', subgroupMinSize: 32},
-} as unknown as GPUDevice;
+import {H100_STAND_IN} from './harness/devices';
+
+const H100 = H100_STAND_IN;
 
 const SWIFTSHADER = {
   ...H100,

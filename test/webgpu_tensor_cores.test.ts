@@ -17,27 +17,12 @@ import {FLASH_ATTENTION_IMPL, flashAttention, FlashAttentionOptions} from '../sr
 import {oracleForward, OracleOptions} from './oracle';
 
 import {selectedBackends, useBackend} from './harness/backends';
+import {SHAPE_A, SHAPE_B} from './harness/matrix_shapes';
 import {OPTION_CASES, OptionCase} from './harness/cases';
 import {expectClose, FORWARD_BOUND, freshRng, ProblemShape, randomOracleProblem} from './harness/problems';
 
 const describeWebGPU = selectedBackends().includes('webgpu') ? describe : describe.skip;
 
-/** Two lanes per row; 8 x 8 x 8 blocks. */
-const SHAPE_A: MatrixShape = {
-  M: 8,
-  N: 8,
-  K: 8,
-  lanes: 16,
-  standIn: true
-};
-/** Non-square blocks (M != N), K = 16: catches swapped indices. */
-const SHAPE_B: MatrixShape = {
-  M: 16,
-  N: 8,
-  K: 16,
-  lanes: 32,
-  standIn: true
-};
 /** The bound measured for precision 'float16' (docs/tensor_cores.md). */
 const FLOAT16_BOUND = 5e-3;
 

@@ -9,46 +9,23 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 
-import {FlashAttentionGrad} from '../src';
 import {flashMHA} from '../src/layers';
-import {normalizeOptions} from '../src/options';
 import {fusedGradRunCount, registerFlashAttentionGradWebGPU} from '../kernels/webgpu/FlashAttentionGrad';
 import {matrixGradStats, planMatrixBackward} from '../kernels/webgpu/flash_attention_grad_subgroup_matrix';
 import {matrixForwardStats, setMatrixForwardOverride} from '../kernels/webgpu/flash_attention_subgroup_matrix';
-import {checkOwnPipelineErrors, setPoisonOutputs, webgpuBackendOf} from '../kernels/webgpu/own_pipeline';
-import type {MatrixShape} from '../kernels/webgpu/subgroup_matrix';
-import {oracleBackward, oracleForward, OracleOptions} from './oracle';
+import {setPoisonOutputs, webgpuBackendOf} from '../kernels/webgpu/own_pipeline';
+import {OracleOptions} from './oracle';
 
 import {selectedBackends, useBackend} from './harness/backends';
+import {SHAPE_A, SHAPE_B} from './harness/matrix_shapes';
+import {runGradKernelOnOracle} from './harness/grad_kernel';
 import {OPTION_CASES} from './harness/cases';
-import {expectClose, freshRng, GRADIENT_BOUND, makeProblem, ProblemShape, randomArray} from './harness/problems';
+import {expectClose, freshRng, GRADIENT_BOUND, ProblemShape} from './harness/problems';
 
 const describeWebGPU = selectedBackends().includes('webgpu') ? describe : describe.skip;
 
-/** Two lanes per row; 8 x 8 x 8 blocks. */
-const SHAPE_A: MatrixShape = {
-  M: 8,
-  N: 8,
-  K: 8,
-  lanes: 16,
-  standIn: true
-};
-/** Non-square blocks (M != N), K = 16: catches swapped indices. */
-const SHAPE_B: MatrixShape = {
-  M: 16,
-  N: 8,
-  K: 16,
-  lanes: 32,
-  standIn: true
-};
 /** The bound measured for precision 'float16' (docs/tensor_cores.md). */
 const FLOAT16_GRAD_BOUND = 1e-2;
-
-interface GradRun {
-  dq: Float32Array;
-  dk: Float32Array;
-  dv: Float32Array;
-}
 
 /**
  * The kernel alone on the oracle's forward outputs: the gradients of
@@ -58,44 +35,19 @@ async function runKernel(
     shape: ProblemShape, opts: OracleOptions, precision: 'float32'|'float16' = 'float32',
     inputScale?: number, repeats = 1) {
   const rng = freshRng();
-  const problem = makeProblem(shape, rng, inputScale);
-  const {batch, seqQ, heads, headDimV} = shape;
-  const forward = oracleForward(problem.oracle, opts);
-  const dOut = randomArray(forward.out.length, rng);
-  const dLse = randomArray(forward.lse.length, rng);
-  const attrs = {...normalizeOptions(opts, shape.headDim, 'test'), precision};
-  const tensors = {
-    dy: tf.tensor4d(Float32Array.from(dOut), [batch, seqQ, heads, headDimV]),
-    dLse: tf.tensor3d(Float32Array.from(dLse), [batch, heads, seqQ]),
-    q: problem.q,
-    k: problem.k,
-    v: problem.v,
-    out: tf.tensor4d(Float32Array.from(forward.out), [batch, seqQ, heads, headDimV]),
-    softmaxLse: tf.tensor3d(Float32Array.from(forward.lse), [batch, heads, seqQ]),
-    alibiSlopes: problem.alibiSlopes ?? tf.zeros([0]),
-  };
-  const runs: GradRun[] = [];
-  try {
-    for (let n = 0; n < repeats; n++) {
+  const result = await runGradKernelOnOracle(shape, opts, rng, {
+    inputScale,
+    repeats,
+    extraAttrs: {precision},
+    aroundRun: () => {
       const [runsBefore, dispatches] = [fusedGradRunCount(), matrixGradStats.dispatches];
-      const grads = tf.engine().runKernel(
-                        FlashAttentionGrad, tensors as unknown as tf.NamedTensorMap,
-                        attrs as unknown as tf.NamedAttrMap) as tf.Tensor[];
-      expect(fusedGradRunCount()).toBe(runsBefore + 1);
-      expect(matrixGradStats.dispatches).toBe(dispatches + 2);
-      const [dq, dk, dv] = await Promise.all(grads.map(g => g.data() as Promise<Float32Array>));
-      tf.dispose(grads);
-      await checkOwnPipelineErrors();
-      runs.push({dq, dk, dv});
-    }
-  } finally {
-    problem.dispose();
-    tf.dispose([tensors.dy, tensors.dLse, tensors.out, tensors.softmaxLse]);
-    if (problem.alibiSlopes == null) {
-      tensors.alibiSlopes.dispose();
-    }
-  }
-  return {runs, expected: oracleBackward(problem.oracle, opts, dOut, dLse), seed: rng.seed};
+      return () => {
+        expect(fusedGradRunCount()).toBe(runsBefore + 1);
+        expect(matrixGradStats.dispatches).toBe(dispatches + 2);
+      };
+    },
+  });
+  return {...result, seed: rng.seed};
 }
 
 async function check(

@@ -38,8 +38,12 @@ async function main(): Promise<void> {
     const last = flashAttention(q, k, v);
     await last.data();
     last.dispose();
-    await new Promise(resolve => setTimeout(resolve, 20));
-    gc();
+    // Several collections with the event loop turning in between: Dawn's
+    // callbacks and tfjs's pending promises free objects late.
+    for (let pass = 0; pass < 4; pass++) {
+      await new Promise(resolve => setTimeout(resolve, 20));
+      gc();
+    }
     const memory = tf.memory();
     samples.push({
       heap: process.memoryUsage().heapUsed,
