@@ -52,14 +52,10 @@ export function flashAttentionBackward(
  */
 export function flashAttentionGradFunc(
     dys: tf.Tensor|tf.Tensor[], saved: tf.Tensor[], attrs: tf.NamedAttrMap): NamedGradientMap {
-  const [dy, dLseTape] = dys as tf.Tensor[];
+  // An unused softmaxLse gets the tape's zeros, made in host memory: the
+  // webgpu backward recognizes them and never uploads them.
+  const [dy, dLse] = dys as tf.Tensor[];
   const [q, k, v, alibiSlopes, seqlens, out, softmaxLse] = saved;
-  // Zeros made in host memory, like the tape's own, but in the output's
-  // shape: the webgpu backward recognizes host zeros and never uploads
-  // them; other backends use them as they are.
-  const dLse = (attrs as unknown as FlashAttentionAttrs).lseDiscarded === true ?
-      tf.zeros(softmaxLse.shape) :
-      dLseTape;
   const [dq, dk, dv] = flashAttentionBackward(
       {
         dy: dy as tf.Tensor4D,

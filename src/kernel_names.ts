@@ -72,12 +72,6 @@ export interface FlashAttentionAttrs {
    */
   hasSeqlens?: boolean;
   /**
-   * True when the caller discards softmaxLse: its gradient is known to be
-   * zero, made in host memory, which the webgpu backward skips instead of
-   * uploading.
-   */
-  lseDiscarded?: boolean;
-  /**
    * With seqlens: the causal/window/ALiBi diagonal stays at the padded
    * `i + Sk - Sq` (a key padding mask hides keys, it does not move them)
    * instead of each batch row's own `i + seqlenK_b - seqlenQ_b` (varlen).

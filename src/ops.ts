@@ -78,7 +78,7 @@ function attention(
   const [q, k, v] = unpack();
   const returnLse = opts?.returnSoftmaxLse === true;
   const [out, lse] = runFlashAttention(
-      q, k, v, alibiSlopes, shapes, {...attrs, hasSeqlens, lseDiscarded: !returnLse, ...diagonal},
+      q, k, v, alibiSlopes, shapes, {...attrs, hasSeqlens, ...diagonal},
       hasSeqlens ? seqlensInput(shapes, seqlensQ, seqlensK) : undefined);
   if (returnLse) {
     return [out, lse];
