@@ -48,6 +48,30 @@ async function main(): Promise<void> {
                                        componentType: c.componentType,
                                        resultType: c.resultType,
                                      }));
+  // What the kernels read: the device's own adapterInfo, with the features
+  // the tensor-core path needs (the adapter's list may differ from it).
+  const wanted = ['shader-f16', 'subgroups', 'chromium-experimental-subgroup-matrix'];
+  const device = await adapter.requestDevice(
+      {requiredFeatures: wanted.filter(f => adapter.features.has(f)) as GPUFeatureName[]});
+  const deviceInfo = (device as unknown as {adapterInfo?: Record<string, unknown>}).adapterInfo;
+  const deviceConfigs =
+      (deviceInfo?.subgroupMatrixConfigs as Array<Record<string, unknown>>| undefined) ?? [];
+  const fieldsOf = (o: object|undefined): string[] => {
+    const names = new Set<string>();
+    for (let p = o; p != null && p !== Object.prototype; p = Object.getPrototypeOf(p)) {
+      Object.getOwnPropertyNames(p).forEach(n => names.add(n));
+    }
+    return [...names].filter(n => n !== 'constructor');
+  };
+  const deviceView = {
+    features: [...device.features].sort(),
+    subgroupMinSize: deviceInfo?.subgroupMinSize,
+    subgroupMaxSize: deviceInfo?.subgroupMaxSize,
+    configFields: fieldsOf(deviceConfigs[0] ?? configs[0]),
+    subgroupMatrixConfigs:
+        deviceConfigs.map(c => Object.fromEntries(fieldsOf(c).map(n => [n, String(c[n])]))),
+  };
+  device.destroy();
   const report = {
     vendor: info.vendor,
     architecture: info.architecture,
@@ -58,6 +82,7 @@ async function main(): Promise<void> {
     features,
     limits,
     subgroupMatrixConfigs: subgroupMatrix,
+    requestedDevice: deviceView,
   };
   const text = JSON.stringify(report, null, 2);
   console.log(text);

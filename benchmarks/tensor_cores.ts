@@ -295,6 +295,13 @@ async function main(): Promise<void> {
   const {adapter, device, features} = setup;
   await useWebGPUBackend(setup);
   tf.env().set(FLASH_ATTENTION_IMPL, 'fused');
+  const info = adapter.info as unknown as Record<string, unknown>;
+  console.log(`device: ${info.vendor} ${info.architecture} ${info.description}; features: ${
+      features.join(', ')}`);
+  console.log(`matrix configs: ${
+      subgroupMatrixConfigs(device)
+          .map(c => `${c.M}x${c.N}x${c.K} ${c.componentType}->${c.resultType}`)
+          .join('; ')}`);
   const status = enableTensorCores(device);
   console.log(status);
   if (!tf.env().getBool(FLASH_ATTENTION_TENSOR_CORES)) {
@@ -307,13 +314,6 @@ async function main(): Promise<void> {
     console.log('tensor_cores: --stand-in: the portable stand-in runs (no tensor cores)');
     tensorCoreOverride = STAND_IN;
   }
-  const info = adapter.info as unknown as Record<string, unknown>;
-  console.log(`device: ${info.vendor} ${info.architecture} ${info.description}; features: ${
-      features.join(', ')}`);
-  console.log(`matrix configs: ${
-      subgroupMatrixConfigs(device)
-          .map(c => `${c.M}x${c.N}x${c.K} ${c.componentType}->${c.resultType}`)
-          .join('; ')}`);
   const shape = pickSubgroupMatrixShape(device);
   console.log(`chosen: ${JSON.stringify(shape)}`);
   setMatrixForwardOverride(tensorCoreOverride);

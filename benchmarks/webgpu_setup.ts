@@ -7,6 +7,8 @@ import {create, globals} from 'webgpu';
 
 import * as tf from '@tensorflow/tfjs-core';
 
+import {useAdapterInfo} from '../kernels/webgpu/subgroup_matrix';
+
 export interface WebGPUSetup {
   gpu: GPU;
   adapter: GPUAdapter;
@@ -43,6 +45,8 @@ export async function openWebGPUDevice(
       maxStorageBuffersPerShaderStage: l.maxStorageBuffersPerShaderStage,
     },
   });
+  // Dawn in Node lists the matrix configurations on the adapter only.
+  useAdapterInfo(device, adapter.info);
   const onError = opts.onError;
   if (onError != null) {
     device.addEventListener('uncapturederror', (e: Event) => {

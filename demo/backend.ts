@@ -13,6 +13,7 @@ import '@tensorflow/tfjs-backend-cpu';
 import {WebGPUBackend} from '@tensorflow/tfjs-backend-webgpu';
 
 import {TENSOR_CORE_DAWN_FLAGS, TENSOR_CORE_FEATURES} from './tensor_cores';
+import {useAdapterInfo} from '../kernels/webgpu/subgroup_matrix';
 
 export interface BackendChoice {
   name: 'webgpu'|'cpu';
@@ -84,7 +85,10 @@ export async function createDevice(adapter: GPUAdapter): Promise<GPUDevice> {
   }
   const wanted = ['timestamp-query', ...TENSOR_CORE_FEATURES];
   const requiredFeatures = wanted.filter(f => adapter.features.has(f)) as GPUFeatureName[];
-  return adapter.requestDevice({requiredLimits, requiredFeatures});
+  const device = await adapter.requestDevice({requiredLimits, requiredFeatures});
+  // Dawn in Node lists the matrix configurations on the adapter only.
+  useAdapterInfo(device, adapter.info);
+  return device;
 }
 
 /**

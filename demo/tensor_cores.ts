@@ -9,7 +9,7 @@ import * as tf from '@tensorflow/tfjs-core';
 
 import {matrixGradStats} from '../kernels/webgpu/flash_attention_grad_subgroup_matrix';
 import {matrixForwardStats} from '../kernels/webgpu/flash_attention_subgroup_matrix';
-import {pickSubgroupMatrixShape, SUBGROUP_MATRIX_FEATURE} from '../kernels/webgpu/subgroup_matrix';
+import {pickSubgroupMatrixShape, SUBGROUP_MATRIX_FEATURE, useAdapterInfo} from '../kernels/webgpu/subgroup_matrix';
 import {FLASH_ATTENTION_TENSOR_CORES} from '../src/flags';
 
 /** Dawn hides f16 and subgroup matrices in Node unless asked (NVIDIA on Vulkan). */
@@ -27,13 +27,18 @@ export function tensorCoreFeatures(adapter: GPUAdapter): GPUFeatureName[] {
 /**
  * Turns the tensor-core path on where `device` supports it; returns a line
  * saying what happened (a clear reason where it cannot, and the path stays
- * off: the SIMT kernels run).
+ * off: the SIMT kernels run). `adapterInfo` is the adapter's `info`: Dawn
+ * in Node lists the matrix configurations there only.
  */
-export function enableTensorCores(device: GPUDevice|undefined): string {
+export function enableTensorCores(
+    device: GPUDevice|undefined, adapterInfo?: GPUAdapterInfo): string {
   tf.env().set(FLASH_ATTENTION_TENSOR_CORES, false);
   if (device == null) {
     return 'tensor cores: requested, but the backend is not WebGPU; ' +
         'the float32 kernels run instead';
+  }
+  if (adapterInfo != null) {
+    useAdapterInfo(device, adapterInfo);
   }
   const missing = TENSOR_CORE_FEATURES.filter(f => !device.features.has(f as GPUFeatureName));
   const shape = pickSubgroupMatrixShape(device);

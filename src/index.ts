@@ -47,6 +47,7 @@ export type{FlashAttentionWithKVCacheOp, FlashAttentionWithKVCacheOptions} from 
 export {flashAttentionWithKVCache, KV_CACHE_OPTION_SPECS} from './ops_kv_cache';
 export type{KVCacheArgs, KVCacheAttendOptions} from './kv_cache';
 export {KVCache} from './kv_cache';
+export {useAdapterInfo} from '../kernels/webgpu/subgroup_matrix';
 export type{FlashAttentionKVCacheAttrs} from './kernel_names';
 export {FlashAttentionKVCache} from './kernel_names';
 

@@ -41,8 +41,29 @@ interface AdapterInfoLike {
   subgroupMatrixConfigs?: ArrayLike<Record<string, unknown>>;
 }
 
+/** Adapter infos given by useAdapterInfo, per device. */
+const registeredInfo = new WeakMap<GPUDevice, AdapterInfoLike>();
+
+/**
+ * Tells the WebGPU kernels what the device's adapter reports. Needed where
+ * the device's own `adapterInfo` lacks the subgroup-matrix configurations:
+ * Dawn's Node binding (the `webgpu` package) leaves
+ * `device.adapterInfo.subgroupMatrixConfigs` empty while `adapter.info`
+ * lists them, so without this the tensor-core path stays off there.
+ */
+export function useAdapterInfo(device: GPUDevice, info: GPUAdapterInfo): void {
+  registeredInfo.set(device, info as unknown as AdapterInfoLike);
+}
+
+/**
+ * The device's adapter info, or the registered one where the device's lists
+ * no matrix configurations.
+ */
 function adapterInfoOf(device: GPUDevice): AdapterInfoLike|undefined {
-  return (device as unknown as {adapterInfo?: AdapterInfoLike}).adapterInfo;
+  const own = (device as unknown as {adapterInfo?: AdapterInfoLike}).adapterInfo;
+  const registered = registeredInfo.get(device);
+  const ownConfigs = own?.subgroupMatrixConfigs?.length ?? 0;
+  return ownConfigs === 0 && registered != null ? registered : own;
 }
 
 /**
