@@ -1,0 +1,104 @@
+/**
+ * JavaScript time per fused attention call on the webgpu backend: how long
+ * `flashAttention` (fwd) and `tf.grads` of it (fwdbwd) take to return, i.e.
+ * to validate, plan and record their dispatches, before any read or wait.
+ * At short sequences this, not the GPU, bounds the fused path (issue 14).
+ *
+ *   node js_overhead.mjs [--shape B,H,S,D] [--calls 400] [--causal]
+ *       [--modes fwd,fwdbwd] [--profile DIR]
+ *
+ * Each mode runs warm-up calls (pipelines compiled), then `--calls` timed
+ * calls in batches of 20; a batch ends with one read-back so the GPU queue
+ * stays short, and only the time until each call returns is counted. Prints
+ * the median and p10/p90 microseconds per call and the tensors left (0).
+ * `--profile DIR` writes a V8 CPU profile of each mode's timed calls only
+ * (warm-up and pipeline compiles excluded) to DIR/MODE.cpuprofile.
+ */
+/// <reference types="@webgpu/types" />
+import * as fs from 'fs';
+import * as inspector from 'inspector';
+import * as path from 'path';
+
+import {openWebGPUDevice, useWebGPUBackend} from './webgpu_setup';
+
+function arg(argv: string[], name: string, dflt: string): string {
+  const i = argv.indexOf(`--${name}`);
+  return i >= 0 && i + 1 < argv.length ? argv[i + 1] : dflt;
+}
+
+/** Runs `inspector.Session.post` as a promise. */
+function post(session: inspector.Session, method: string): Promise<unknown> {
+  return new Promise(
+      (resolve, reject) => session.post(method, (e, r) => e ? reject(e) : resolve(r)));
+}
+
+async function main(): Promise<void> {
+  const argv = process.argv.slice(2);
+  const [B, H, S, D] = arg(argv, 'shape', '1,2,64,32').split(',').map(Number);
+  const calls = Number(arg(argv, 'calls', '400'));
+  const modes = arg(argv, 'modes', 'fwd,fwdbwd').split(',');
+  const causal = argv.includes('--causal');
+  const profileDir = arg(argv, 'profile', '');
+  const session = profileDir !== '' ? new inspector.Session() : null;
+  session?.connect();
+  const setup = await openWebGPUDevice({features: ['subgroups']});
+  const tf = await import('@tensorflow/tfjs-core');
+  // tfjs-core's CommonJS bundle registers no gradients; tfjs-layers' does.
+  await import('@tensorflow/tfjs-layers');
+  const fa = await import('../src/index');
+  await useWebGPUBackend(setup);
+  tf.env().set(fa.FLASH_ATTENTION_IMPL, 'fused');
+  const q = tf.randomNormal([B, S, H, D]) as import('@tensorflow/tfjs-core').Tensor4D;
+  const k = tf.randomNormal([B, S, H, D]) as import('@tensorflow/tfjs-core').Tensor4D;
+  const v = tf.randomNormal([B, S, H, D]) as import('@tensorflow/tfjs-core').Tensor4D;
+  const dy = tf.randomNormal([B, S, H, D]);
+  type T = import('@tensorflow/tfjs-core').Tensor;
+  const opts = {causal};
+  const attend = (a: T, kk: T, vv: T) => fa.flashAttention(
+      a as import('@tensorflow/tfjs-core').Tensor4D, kk as import('@tensorflow/tfjs-core').Tensor4D,
+      vv as import('@tensorflow/tfjs-core').Tensor4D, opts);
+  const grads = tf.grads(attend);
+  const runs: Record<string, () => T[]> = {
+    fwd: () => [attend(q, k, v)],
+    fwdbwd: () => grads([q, k, v], dy),
+  };
+  console.log(
+      `B=${B} H=${H} S=${S} D=${D} causal=${causal}, ${calls} calls per mode; ` +
+      'CPU-side microseconds until the call returns');
+  for (const mode of modes) {
+    const run = runs[mode];
+    const tensors0 = tf.memory().numTensors;
+    const times: number[] = [];
+    for (let n = -40; n < calls; n++) {
+      if (n === 0 && session != null) {
+        await post(session, 'Profiler.enable');
+        await post(session, 'Profiler.start');
+      }
+      const t0 = performance.now();
+      const out = run();
+      const t1 = performance.now();
+      if (n >= 0) {
+        times.push((t1 - t0) * 1000);
+      }
+      if ((n + 1) % 20 === 0) {
+        await out[0].data();
+      }
+      tf.dispose(out);
+    }
+    if (session != null) {
+      const {profile} = await post(session, 'Profiler.stop') as {profile: unknown};
+      fs.mkdirSync(profileDir, {recursive: true});
+      fs.writeFileSync(path.join(profileDir, `${mode}.cpuprofile`), JSON.stringify(profile));
+    }
+    times.sort((a, b) => a - b);
+    const at = (p: number) => times[Math.floor(p * (times.length - 1))].toFixed(1);
+    console.log(`${mode}: median ${at(0.5)} us (p10 ${at(0.1)}, p90 ${at(0.9)}), tensors left ${
+        tf.memory().numTensors - tensors0}`);
+  }
+  tf.dispose([q, k, v, dy]);
+}
+
+main().catch(e => {
+  console.error(e);
+  process.exit(1);
+});
