@@ -282,7 +282,9 @@ export function normalizeOptions(
             softcap}`);
   }
   const dropoutRate = o.dropoutRate ?? 0;
-  const seed = o.seed ?? randomSeed();
+  // Without dropout no kernel reads the seed: a fixed one keeps the attrs,
+  // and so the kernels' uniforms, the same from call to call.
+  const seed = dropoutRate > 0 ? o.seed ?? randomSeed() : 0;
   const int32Bound = 2 ** 31 - 1;
   const clamp = (w: number, bound = int32Bound) => (w >= Math.min(bound, int32Bound) ? -1 : w);
   const [left, right] = o.windowSize ?? [-1, -1];

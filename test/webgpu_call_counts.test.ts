@@ -63,7 +63,7 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
       hostUploads: 0,
       buffersCreated: 0,
       dispatches: 1,
-      writeBuffers: 1,  // its uniforms
+      writeBuffers: 0,  // its uniforms repeat: a buffer kept since the first call
       bufferCopies: 0,
       readBacks: 0,
     });
@@ -101,8 +101,8 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
       errorScopes: 0,
       hostUploads: 0,
       buffersCreated: 0,
-      dispatches: 4,  // forward, then the backward's delta, dK/dV and dQ passes
-      writeBuffers: 4,
+      dispatches: 4,    // forward, then the backward's delta, dK/dV and dQ passes
+      writeBuffers: 0,  // uniform buffers kept per content
       bufferCopies: 0,
       readBacks: 0,
     });

@@ -104,6 +104,38 @@ export function planForward(
   return null;
 }
 
+/** Plans by head dims and rows, per device, for calls without an override. */
+const planCache = new WeakMap<GPUDevice, Map<string, ForwardPlan|null>>();
+/** Distinct (D, Dv, rows) kept per device before the cache starts over. */
+const PLAN_CACHE_SIZE = 256;
+
+/**
+ * planForward, remembered per device: the op's support check and the
+ * kernel both plan every call, and planning walks the whole tiling list
+ * (the JavaScript time of a short fused call). An override bypasses it.
+ */
+export function cachedPlanForward(
+    device: GPUDevice, headDim: number, headDimV: number, rows: number): ForwardPlan|null {
+  if (getForwardOverride() != null) {
+    return planForward(device, headDim, headDimV, rows);
+  }
+  let plans = planCache.get(device);
+  if (plans == null) {
+    plans = new Map();
+    planCache.set(device, plans);
+  }
+  const key = `${headDim},${headDimV},${rows}`;
+  let plan = plans.get(key);
+  if (plan === undefined) {
+    plan = planForward(device, headDim, headDimV, rows);
+    if (plans.size >= PLAN_CACHE_SIZE) {
+      plans.clear();
+    }
+    plans.set(key, plan);
+  }
+  return plan;
+}
+
 /**
  * Split-KV factor for a grid of `groups` query-tile workgroups over `seqK`
  * keys in tiles of `bc`: enough splits to reach `target` workgroups, none
@@ -132,7 +164,7 @@ export function supportsFlashAttentionWebGPU(
         headDimV}`;
   }
   const device = backend.device;
-  const plan = planForward(device, headDim, headDimV, batch * heads * seqQ);
+  const plan = cachedPlanForward(device, headDim, headDimV, batch * heads * seqQ);
   if (plan == null) {
     return `no WebGPU tiling for head dims D=${headDim}, Dv=${headDimV} fits the device (${
         device.limits.maxComputeWorkgroupStorageSize} bytes of workgroup memory, ${
@@ -189,7 +221,7 @@ export function flashAttentionWebGPU(
     return matrixForwardWebGPU(
         backend, args.inputs as Record<string, tf.TensorInfo>, attrs, matrixPlan);
   }
-  const plan = planForward(backend.device, headDim, headDimV, batch * heads * seqQ)!;
+  const plan = cachedPlanForward(backend.device, headDim, headDimV, batch * heads * seqQ)!;
   const override = getForwardOverride();
   const hasAlibi = alibiSlopes != null && tf.util.sizeFromShape(alibiSlopes.shape) > 0;
   const alibiMode = !hasAlibi ? 0 : alibiSlopes.shape.length === 1 ? 1 : 2;
@@ -222,6 +254,8 @@ export function flashAttentionWebGPU(
     splitRows: batch * seqQ * heads,
     splitLse: batch * heads * seqQ,
   });
+  // A dropout seed usually changes every call: those uniforms are written.
+  const cacheUniforms = attrs.dropoutRate === 0;
   const inputs = [q, k, v, ...(hasAlibi ? [alibiSlopes] : []), ...(hasSeqlens ? [seqlens] : [])];
   forwardStats.dispatches++;
   // With splits, the partial results of split n sit at leading index n.
@@ -242,6 +276,7 @@ export function flashAttentionWebGPU(
         ],
         uniforms,
         dispatch: grid,
+        cacheUniforms,
       });
   if (splits === 1) {
     return outputs;
@@ -277,6 +312,7 @@ export function flashAttentionWebGPU(
           outputs: forwardOutputs(q, v),
           uniforms: cw.finish(),
           dispatch: combineGrid,
+          cacheUniforms,
         });
   } finally {
     outputs.forEach(o => backend.disposeData(o.dataId));

@@ -20,8 +20,8 @@ import {FlashAttentionGradDeltaProgram} from './flash_attention_grad_delta_webgp
 import {DkDvTiles, dkdvStorageBytes, dkdvTilesValid, FlashAttentionGradDkDvProgram} from './flash_attention_grad_dkdv_webgpu';
 import {DqTiles, dqStorageBytes, dqTilesValid, FlashAttentionGradDqProgram} from './flash_attention_grad_dq_webgpu';
 import {matrixBackwardWebGPU, planMatrixBackward} from './flash_attention_grad_subgroup_matrix';
-import {gradFeatures, gradUniforms} from './flash_attention_grad_wgsl';
-import {isWebGPUBackend, runOwnPipeline} from './own_pipeline';
+import {featureKey, GradFeatures, gradFeatures, gradUniforms} from './flash_attention_grad_wgsl';
+import {isWebGPUBackend, OwnPipelineSpec, runOwnPipeline} from './own_pipeline';
 import {DKDV_SIZES, DQ_SIZES, GRAD_THREADS} from './tuning';
 
 /** The device limits the tile choice depends on. */
@@ -55,6 +55,9 @@ export function chooseGradTiles(d: number, dv: number, limits: GradDeviceLimits)
   return dkdv == null || dq == null ? null : {dkdv, dq};
 }
 
+/** Distinct tilings and programs kept before a cache starts over. */
+const PROGRAM_CACHE_SIZE = 256;
+
 let tilesOverride: GradTiles|null = null;
 /**
  * Benchmarks and tests: force tiles (checked against the device limits
@@ -67,6 +70,9 @@ export function setGradTilesOverride(tiles: GradTiles|null): void {
   tilesOverride = tiles;
 }
 
+/** Automatic tiles by head dims and device limits. */
+const tilesCache = new Map<string, GradTiles|null>();
+
 function tilesFor(d: number, dv: number, limits: GradDeviceLimits): GradTiles|null {
   if (tilesOverride != null) {
     const fits = (tiles: GradTiles) =>
@@ -75,7 +81,18 @@ function tilesFor(d: number, dv: number, limits: GradDeviceLimits): GradTiles|nu
         Math.max(tiles.dkdv.threads, tiles.dq.threads) <= limits.maxComputeInvocationsPerWorkgroup;
     return fits(tilesOverride) ? tilesOverride : null;
   }
-  return chooseGradTiles(d, dv, limits);
+  // Both the op's support check and the kernel ask, on every call.
+  const key = `${d},${dv},${limits.maxComputeWorkgroupStorageSize},${
+      limits.maxComputeInvocationsPerWorkgroup},${limits.maxComputeWorkgroupSizeX}`;
+  let tiles = tilesCache.get(key);
+  if (tiles === undefined) {
+    tiles = chooseGradTiles(d, dv, limits);
+    if (tilesCache.size >= PROGRAM_CACHE_SIZE) {
+      tilesCache.clear();
+    }
+    tilesCache.set(key, tiles);
+  }
+  return tiles;
 }
 
 /** Why the fused backward cannot take a call, or null. */
@@ -126,6 +143,45 @@ function isHostZeros(backend: WebGPUBackend, t: tf.TensorInfo): boolean {
   return true;
 }
 
+/**
+ * The three passes' programs, kept between calls: their constructors put
+ * the WGSL together, which is most of a short backward's JavaScript time.
+ */
+const programCache = new Map<string, OwnPipelineSpec>();
+
+function cachedProgram<T extends OwnPipelineSpec>(key: string, make: () => T): T {
+  let program = programCache.get(key);
+  if (program == null) {
+    program = make();
+    if (programCache.size >= PROGRAM_CACHE_SIZE) {
+      programCache.clear();
+    }
+    programCache.set(key, program);
+  }
+  return program as T;
+}
+
+/** The passes' programs for one call (the delta pass's grid is per shape). */
+function gradPrograms(
+    shapes: AttentionShapes, tiles: GradTiles, features: GradFeatures, hasSeqlens: boolean,
+    zeroDLse: boolean) {
+  const {headDim: d, headDimV: dv} = shapes;
+  const f = featureKey(features);
+  const deltaKey =
+      `delta ${shapes.batch},${shapes.heads},${shapes.seqQ},${dv},${+ hasSeqlens},${+ zeroDLse}`;
+  const {dkdv, dq} = tiles;
+  return {
+    delta: cachedProgram(
+        deltaKey, () => new FlashAttentionGradDeltaProgram(shapes, hasSeqlens, zeroDLse)),
+    dkdv: cachedProgram(
+        `dkdv ${d},${dv},${JSON.stringify(dkdv)},${f}`,
+        () => new FlashAttentionGradDkDvProgram(d, dv, dkdv, features)),
+    dq: cachedProgram(
+        `dq ${d},${dv},${JSON.stringify(dq)},${f}`,
+        () => new FlashAttentionGradDqProgram(d, dv, dq, features)),
+  };
+}
+
 function flashAttentionGradWebGPU(
     {inputs, backend, attrs}:
         {inputs: tf.NamedTensorInfoMap, backend: unknown, attrs?: tf.NamedAttrMap}):
@@ -150,7 +206,10 @@ function flashAttentionGradWebGPU(
 
   const uniforms = gradUniforms(shapes, a, hasAlibi ? alibiSlopes!.shape : []);
   const zeroDLse = isHostZeros(webgpu, dLse);
-  const deltaProgram = new FlashAttentionGradDeltaProgram(shapes, hasSeqlens, zeroDLse);
+  // A dropout seed usually changes every call: those uniforms are written.
+  const cacheUniforms = a.dropoutRate === 0;
+  const programs = gradPrograms(shapes, tiles!, features, hasSeqlens, zeroDLse);
+  const deltaProgram = programs.delta;
   // (lse, Delta) per row, then (seqlenQ, seqlenK) per batch row if any.
   const statsRows = batch * heads * seqQ + (hasSeqlens ? batch : 0);
   const [stats] = runOwnPipeline(webgpu, deltaProgram, {
@@ -158,6 +217,7 @@ function flashAttentionGradWebGPU(
     outputs: [{shape: [statsRows, 2], dtype: 'float32'}],
     uniforms,
     dispatch: deltaProgram.workgroups,
+    cacheUniforms,
   });
   try {
     // Tensor cores (subgroup matrices) where the forward would use them.
@@ -170,22 +230,22 @@ function flashAttentionGradWebGPU(
       gradKernelRuns++;
       return result;
     }
-    const [dk, dv] = runOwnPipeline(
-        webgpu, new FlashAttentionGradDkDvProgram(headDim, headDimV, tiles!.dkdv, features), {
-          inputs: [q, k, v, dy, stats, ...slopes],
-          outputs: [{shape: k.shape, dtype: 'float32'}, {shape: v.shape, dtype: 'float32'}],
-          uniforms,
-          dispatch: [Math.ceil(seqK / tiles!.dkdv.bc), batch * headsKV, 1],
-        });
+    const [dk, dv] = runOwnPipeline(webgpu, programs.dkdv, {
+      inputs: [q, k, v, dy, stats, ...slopes],
+      outputs: [{shape: k.shape, dtype: 'float32'}, {shape: v.shape, dtype: 'float32'}],
+      uniforms,
+      dispatch: [Math.ceil(seqK / tiles!.dkdv.bc), batch * headsKV, 1],
+      cacheUniforms,
+    });
     let dq: tf.TensorInfo;
     try {
-      [dq] = runOwnPipeline(
-          webgpu, new FlashAttentionGradDqProgram(headDim, headDimV, tiles!.dq, features), {
-            inputs: [q, k, v, dy, stats, ...slopes],
-            outputs: [{shape: q.shape, dtype: 'float32'}],
-            uniforms,
-            dispatch: [Math.ceil(seqQ / tiles!.dq.br), batch * heads, 1],
-          });
+      [dq] = runOwnPipeline(webgpu, programs.dq, {
+        inputs: [q, k, v, dy, stats, ...slopes],
+        outputs: [{shape: q.shape, dtype: 'float32'}],
+        uniforms,
+        dispatch: [Math.ceil(seqQ / tiles!.dq.br), batch * heads, 1],
+        cacheUniforms,
+      });
     } catch (e) {
       webgpu.disposeData(dk.dataId);
       webgpu.disposeData(dv.dataId);

@@ -57,6 +57,11 @@ export interface OwnRun {
   uniforms?: ArrayBuffer;
   /** Workgroup counts, each <= maxComputeWorkgroupsPerDimension. */
   dispatch: [number, number, number];
+  /**
+   * The uniforms repeat between calls (they follow from shapes and options
+   * only): bind a buffer kept per content instead of writing a fresh one.
+   */
+  cacheUniforms?: boolean;
 }
 
 export interface PipelineEntry {
@@ -80,14 +85,25 @@ interface DeviceState {
   firstError: Error|null;
   /** How many errors were found since the last check (messages dropped). */
   errorCount: number;
+  /** Uniform buffers by content (`OwnRun.cacheUniforms`); never written again. */
+  uniformBuffers: Map<string, GPUBuffer>;
 }
+
+/** Uniform contents kept per device before the cache starts over. */
+const UNIFORM_CACHE_SIZE = 64;
 
 const states = new WeakMap<GPUDevice, DeviceState>();
 
 function stateOf(device: GPUDevice): DeviceState {
   let s = states.get(device);
   if (s == null) {
-    s = {pipelines: new Map(), pending: new Set(), firstError: null, errorCount: 0};
+    s = {
+      pipelines: new Map(),
+      pending: new Set(),
+      firstError: null,
+      errorCount: 0,
+      uniformBuffers: new Map(),
+    };
     states.set(device, s);
   }
   return s;
@@ -240,6 +256,29 @@ export function getPipeline(device: GPUDevice, spec: OwnPipelineSpec): PipelineE
   }
   state.pipelines.set(spec.key, entry);
   return entry;
+}
+
+/**
+ * A uniform buffer holding `bytes`, made once per content and device. It is
+ * written at creation only, so binding it in any number of pending
+ * dispatches is safe; a dropped buffer lives on while encoded work uses it.
+ */
+function cachedUniformBuffer(device: GPUDevice, bytes: ArrayBuffer): GPUBuffer {
+  const cache = stateOf(device).uniformBuffers;
+  const key = String.fromCharCode(...new Uint16Array(bytes));
+  let buffer = cache.get(key);
+  if (buffer == null) {
+    const size = Math.max(16, Math.ceil(bytes.byteLength / 16) * 16);
+
+    buffer = device.createBuffer({size, usage: GPUBufferUsage.UNIFORM, mappedAtCreation: true});
+    new Uint8Array(buffer.getMappedRange()).set(new Uint8Array(bytes));
+    buffer.unmap();
+    if (cache.size >= UNIFORM_CACHE_SIZE) {
+      cache.clear();
+    }
+    cache.set(key, buffer);
+  }
+  return buffer;
 }
 
 /** The GPUBuffer behind a tensor (uploading it first if needed). */
@@ -472,7 +511,10 @@ export function recordOwnPipeline(
     }
     const entries: GPUBindGroupEntry[] =
         buffers.map((buffer, binding) => ({binding, resource: {buffer}}));
-    if (run.uniforms != null) {
+    if (run.uniforms != null && run.cacheUniforms === true) {
+      const uniformBuffer = cachedUniformBuffer(device, run.uniforms);
+      entries.push({binding: buffers.length, resource: {buffer: uniformBuffer}});
+    } else if (run.uniforms != null) {
       const size = Math.max(16, Math.ceil(run.uniforms.byteLength / 16) * 16);
       const uniformBuffer = backend.bufferManager.acquireBuffer(
           size, GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST);
