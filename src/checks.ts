@@ -70,10 +70,12 @@ export function checkQKV(
   const [batchK, seqK, headsKV, headDimK] = kShape;
   const [batchV, seqV, headsV, headDimV] = vShape;
   // Shape mismatches between q, k and v: the first tensor named is blamed.
-  const shapes = `${names.q} ${shapeString(qShape)}, ${names.k} ${shapeString(kShape)}, ${
-      names.v} ${shapeString(vShape)}`;
-  const mismatch = (argument: string, what: string): never =>
-      fail(opName, argument, 'shapes that match', shapes, what);
+  // (The shapes are spelled out only on failure: this runs on every call.)
+  const mismatch = (argument: string, what: string): never => fail(
+      opName, argument, 'shapes that match',
+      `${names.q} ${shapeString(qShape)}, ${names.k} ${shapeString(kShape)}, ${names.v} ${
+          shapeString(vShape)}`,
+      what);
   if (batchK !== batch || batchV !== batch) {
     mismatch(
         names.k,

@@ -209,14 +209,23 @@ export function suggestOption(key: string, specs: readonly OptionSpec[]): string
  * treated as absent. Returns the options, unchanged.
  */
 export function parseAttentionOptions<T extends object = FlashAttentionOptions>(
-    opts: unknown, opName: string, extraSpecs: readonly OptionSpec[] = []): T {
+    opts: unknown, opName: string, extraSpecs: readonly OptionSpec[] = NO_SPECS): T {
   if (opts == null) {
     return {} as T;
   }
+  let specs = withAttentionSpecs.get(extraSpecs);
+  if (specs == null) {
+    specs = [...ATTENTION_OPTION_SPECS, ...extraSpecs];
+    withAttentionSpecs.set(extraSpecs, specs);
+  }
   return checkOptions<T>(
-      opts, opName, [...ATTENTION_OPTION_SPECS, ...extraSpecs], 'opts',
-      'an options object ({causal: true, ...}) or undefined');
+      opts, opName, specs, 'opts', 'an options object ({causal: true, ...}) or undefined');
 }
+const NO_SPECS: readonly OptionSpec[] = [];
+/** The attention options plus extra specs, by the extra list (every call asks). */
+const withAttentionSpecs = new WeakMap<readonly OptionSpec[], readonly OptionSpec[]>();
+/** Specs by name, by spec list. */
+const specsByName = new WeakMap<readonly OptionSpec[], Map<string, OptionSpec>>();
 
 /** An attention option's spec, for APIs that take the same value. */
 export function attentionOptionSpec(
@@ -236,7 +245,11 @@ export function checkOptions<T extends object>(
   if (opts == null || typeof opts !== 'object' || Array.isArray(opts) || opts instanceof Tensor) {
     invalidArgument(opName, objectName, objectExpected, opts);
   }
-  const byName = new Map(specs.map(s => [s.name, s]));
+  let byName = specsByName.get(specs);
+  if (byName == null || byName.size !== specs.length) {
+    byName = new Map(specs.map(s => [s.name, s]));
+    specsByName.set(specs, byName);
+  }
   const record = opts as Record<string, unknown>;
   for (const key of Object.keys(record)) {
     const spec = byName.get(key);
