@@ -117,6 +117,28 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
     expect(tf.memory().numTensors).toBe(before);
   });
 
+  it('uniform buffers kept per content: each call still reads its own options', async () => {
+    const before = tf.memory().numTensors;
+    const rng = freshRng();
+    // The previous test's shape and mask: its pipeline, already compiled.
+    const shape = {batch: 1, seqQ: 24, seqK: 24, heads: 2, headsKV: 1, headDim: 16, headDimV: 16};
+    const p = makeProblem(shape, rng);
+    // More distinct uniforms than the cache keeps, all in flight before any
+    // read: buffers the cache drops are still bound by pending dispatches.
+    const calls =
+        Array.from({length: 70}, (_, n) => ({causal: true, softmaxScale: 0.1 + 0.01 * n}));
+    const outs = calls.map(o => flashAttention(p.q, p.k, p.v, o) as tf.Tensor);
+    const got = await Promise.all(outs.map(o => o.data()));
+    await checkOwnPipelineErrors();
+    calls.forEach(
+        (o, n) => expectClose(
+            got[n], oracleForward(p.oracle, o).out, FORWARD_BOUND,
+            `call ${n} ${JSON.stringify(o)} (seed ${rng.seed})`));
+    tf.dispose(outs);
+    p.dispose();
+    expect(tf.memory().numTensors).toBe(before);
+  });
+
   it('decode step with rotary: 3 dispatches, 4 copies, no submit, no upload', async () => {
     const rng = freshRng();
     const [batch, seqMax, heads, headsKV, d, half] = [2, 24, 4, 2, 16, 4];
