@@ -9,7 +9,7 @@
  *       [--impls fused,composed] [--composed-max-seq 8192]
  *       [--variants "tm,tx,nq,ty;..."] [--torch torch.json] [--out DIR]
  *       [--budget-ms 600] [--warmup-ms 300] [--max-warmup-ms 300] [--check]
- *       [--shapes "B,H,Hk,S;..."] [--grad-variants "bc,br,qbr,qbc;..."]
+ *       [--shapes "B,H,Hk,S;..."] [--grad-variants "bc,br,qbr,qbc[,s|sk|sq];..."]
  *   node attention.mjs --sweep [--torch torch.json] [--out DIR]
  *
  * --sweep is the issue grid in one run: D 64 and 128, S 512 .. 16384, causal
@@ -24,7 +24,8 @@
  *
  * --shapes adds problems beyond the B x H x S grid (GQA when Hk < H);
  * --grad-variants forces the backward's tiles (dK/dV keys, rows per step;
- * dQ rows, keys per step) on the fwdbwd rows.
+ * dQ rows, keys per step; `s`, `sk`, `sq`: S and dP on separate halves of
+ * the invocations in both passes, dK/dV only, dQ only) on the fwdbwd rows.
  *
  * Time: median over repetitions after warm-up; a repetition runs the op K
  * times (K so that it lasts >= ~20 ms) and waits for the GPU queue to drain
@@ -360,11 +361,23 @@ async function main(): Promise<void> {
     }
   };
   const {setGradTilesOverride} = await import('../kernels/webgpu/FlashAttentionGrad');
-  // "bc,br,qbr,qbc": dK/dV keys per workgroup and rows per step, dQ rows
-  // per workgroup and keys per step; 128 invocations each.
+  // "bc,br,qbr,qbc[,s|sk|sq]": dK/dV keys per workgroup and rows per step,
+  // dQ rows per workgroup and keys per step; 128 invocations each. `s`
+  // computes S and dP on separate halves of the invocations in both passes
+  // (SPhase.split), `sk` in the dK/dV pass only, `sq` in the dQ pass only.
   const gradOverride = (variant: string) => {
-    const [bc, br, qbr, qbc] = variant.split(',').map(Number);
-    return {dkdv: {bc, br, threads: 128}, dq: {br: qbr, bc: qbc, threads: 128}};
+    const [bc, br, qbr, qbc] = variant.split(',').slice(0, 4).map(Number);
+    const flags = variant.split(',').slice(4);
+    const unknown = flags.filter(x => !['s', 'sk', 'sq'].includes(x));
+    if (unknown.length > 0) {
+      throw new Error(`--grad-variants: unknown flag(s) ${unknown.join(',')} in "${variant}"`);
+    }
+    const splitKV = flags.includes('s') || flags.includes('sk');
+    const splitQ = flags.includes('s') || flags.includes('sq');
+    return {
+      dkdv: {bc, br, threads: 128, ...(splitKV ? {split: true} : {})},
+      dq: {br: qbr, bc: qbc, threads: 128, ...(splitQ ? {split: true} : {})},
+    };
   };
   type Tensor4D = import('@tensorflow/tfjs-core').Tensor4D;
   const problems: Shape[] = [
