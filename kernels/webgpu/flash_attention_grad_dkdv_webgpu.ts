@@ -7,6 +7,8 @@
  *
  * Per block of BR query rows:
  *   S  = Q K^T, dP = dO V^T        (thread: MR rows x 4 adjacent keys)
+ *                                  (with `split`: S and dP on separate
+ *                                  halves of the workgroup)
  *   P  = exp(score(S) - lse), Pd = P * keep
  *   dV += Pd^T dO                  (thread: 4 keys x 4 dims per vec4)
  *   dS = P * (dP * keep - Delta) * score' * scale

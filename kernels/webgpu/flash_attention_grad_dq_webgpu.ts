@@ -6,6 +6,8 @@
  *
  * Per block of BC keys:
  *   S  = Q K^T, dP = dO V^T        (thread: MR rows x 4 adjacent keys)
+ *                                  (with `split`: S and dP on separate
+ *                                  halves of the workgroup)
  *   dS = P * (dP * keep - Delta) * score' * scale,  P = exp(score(S) - lse)
  *   dQ += dS K                     (thread: NR rows x ND dims)
  * Rows that see no key get dQ = 0. The next K/V tile is read into registers
