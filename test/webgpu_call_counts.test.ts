@@ -193,13 +193,13 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
     {
       name: 'GQA, RoPE',
       args: {embedDim: 32, numHeads: 4, numHeadsKV: 2, causal: true, rotaryEmbDim: 8},
-      // qkv matMul + bias, SplitV, rotary, split-KV, combine, out matMul + bias.
-      dispatches: 10,
+      // qkv matMul with its bias, SplitV (3), rotary, split-KV, combine, out matMul.
+      dispatches: 8,
     },
     {
       name: 'ALiBi',
       args: {embedDim: 32, numHeads: 4, causal: true, useAlibi: true},
-      dispatches: 9,
+      dispatches: 7,
     },
   ];
   for (const {name, args, dispatches} of LAYERS) {
