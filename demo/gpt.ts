@@ -362,8 +362,8 @@ function lastLogits(logits: tf.Tensor): tf.Tensor1D {
  * the logits are read anyway, and a temperature on the GPU would be a
  * scalar uploaded per token.
  */
-function sampleLogits(logits: ArrayLike<number>, temperature: number, random: () => number):
-    number {
+function sampleLogits(
+    logits: ArrayLike<number>, temperature: number, random: () => number): number {
   let max = -Infinity;
   for (let i = 0; i < logits.length; i++) {
     max = Math.max(max, logits[i]);

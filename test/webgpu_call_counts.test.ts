@@ -247,66 +247,65 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
        });
   }
 
-  it('a generated token of the demo GPT: one submit, one upload (its id), one read',
-     async () => {
-       const rng = freshRng();
-       const vocab = 16;
-       const model = buildGPT(
-           {vocabSize: vocab, numLayers: 1, embedDim: 32, numHeads: 2}, flashMHA, 'g', 'fused');
-       const seq = 7;
-       const prompt = 2;
-       const ids = Array.from({length: seq}, () => Math.floor(rng.uniform() * vocab));
-       const input = tf.tensor2d(ids, [1, seq], 'int32');
-       // The uncached path: the whole sequence through the model at once.
-       tf.env().set(FLASH_ATTENTION_IMPL, 'reference');
-       const full = model.predict(input) as tf.Tensor;
-       tf.env().set(FLASH_ATTENTION_IMPL, 'auto');
-       const want = await full.data();
-       tf.dispose([input, full]);
-       const before = tf.memory().numTensors;
-       // Every op on the GPU, as in benchmarks/decode.ts (tfjs would run the
-       // embedding gather of one id on the CPU and upload its row).
-       const cpuForward = tf.env().getBool('WEBGPU_CPU_FORWARD');
-       tf.env().set('WEBGPU_CPU_FORWARD', false);
-       const decoder = new IncrementalDecoder(model, {batch: 1, maxSeqLen: seq});
-       const got = new Float32Array(seq * vocab);
-       await withDeferredSubmits(async () => {
-         const first = tf.tensor2d(ids.slice(0, prompt), [1, prompt], 'int32');
-         const prefill = decoder.step(first);
-         got.set(await prefill.data());
-         tf.dispose([first, prefill]);
-         for (let t = prompt; t < seq; t++) {
-           const counters = webgpuCounters();
-           // As generateWithCache: the new id from the host, the logits read back.
-           const token = tf.tensor2d([[ids[t]]], [1, 1], 'int32');
-           const logits = decoder.step(token);
-           got.set(await logits.data(), t * vocab);
-           const counts = countsOf(counters.snapshot());
-           if (t >= prompt + 2) {  // the first steps compile and check the pipelines
-             expect(counts).toEqual({
-               submits: 1,
-               errorScopes: 0,
-               hostUploads: 1,
-               buffersCreated: 1,  // the id's staging buffer (tfjs maps a new one per upload)
-               // Embedding gather, norm, qkv projection, SplitV (3), rotary,
-               // split-KV, combine, out projection, residual + norm (2), MLP
-               // in, GELU (8), MLP out, residual + final norm (2), logits.
-               dispatches: 25,
-               writeBuffers: 25,
-               // The id uploaded, k and v appended in place, the logits read.
-               bufferCopies: 4,
-               readBacks: 1,
-             });
-           }
-           tf.dispose([token, logits]);
-         }
-       });
-       tf.env().set('WEBGPU_CPU_FORWARD', cpuForward);
-       await checkOwnPipelineErrors();
-       decoder.dispose();
-       expect(tf.memory().numTensors).toBe(before);
-       // Every token's logits as the uncached path's, prefill included.
-       expectClose(got, want, FORWARD_BOUND, `cached vs uncached logits (seed ${rng.seed})`);
-       model.dispose();
-     });
+  it('a generated token of the demo GPT: one submit, one upload (its id), one read', async () => {
+    const rng = freshRng();
+    const vocab = 16;
+    const model = buildGPT(
+        {vocabSize: vocab, numLayers: 1, embedDim: 32, numHeads: 2}, flashMHA, 'g', 'fused');
+    const seq = 7;
+    const prompt = 2;
+    const ids = Array.from({length: seq}, () => Math.floor(rng.uniform() * vocab));
+    const input = tf.tensor2d(ids, [1, seq], 'int32');
+    // The uncached path: the whole sequence through the model at once.
+    tf.env().set(FLASH_ATTENTION_IMPL, 'reference');
+    const full = model.predict(input) as tf.Tensor;
+    tf.env().set(FLASH_ATTENTION_IMPL, 'auto');
+    const want = await full.data();
+    tf.dispose([input, full]);
+    const before = tf.memory().numTensors;
+    // Every op on the GPU, as in benchmarks/decode.ts (tfjs would run the
+    // embedding gather of one id on the CPU and upload its row).
+    const cpuForward = tf.env().getBool('WEBGPU_CPU_FORWARD');
+    tf.env().set('WEBGPU_CPU_FORWARD', false);
+    const decoder = new IncrementalDecoder(model, {batch: 1, maxSeqLen: seq});
+    const got = new Float32Array(seq * vocab);
+    await withDeferredSubmits(async () => {
+      const first = tf.tensor2d(ids.slice(0, prompt), [1, prompt], 'int32');
+      const prefill = decoder.step(first);
+      got.set(await prefill.data());
+      tf.dispose([first, prefill]);
+      for (let t = prompt; t < seq; t++) {
+        const counters = webgpuCounters();
+        // As generateWithCache: the new id from the host, the logits read back.
+        const token = tf.tensor2d([[ids[t]]], [1, 1], 'int32');
+        const logits = decoder.step(token);
+        got.set(await logits.data(), t * vocab);
+        const counts = countsOf(counters.snapshot());
+        if (t >= prompt + 2) {  // the first steps compile and check the pipelines
+          expect(counts).toEqual({
+            submits: 1,
+            errorScopes: 0,
+            hostUploads: 1,
+            buffersCreated: 1,  // the id's staging buffer (tfjs maps a new one per upload)
+            // Embedding gather, norm, qkv projection, SplitV (3), rotary,
+            // split-KV, combine, out projection, residual + norm (2), MLP
+            // in, GELU (8), MLP out, residual + final norm (2), logits.
+            dispatches: 25,
+            writeBuffers: 25,
+            // The id uploaded, k and v appended in place, the logits read.
+            bufferCopies: 4,
+            readBacks: 1,
+          });
+        }
+        tf.dispose([token, logits]);
+      }
+    });
+    tf.env().set('WEBGPU_CPU_FORWARD', cpuForward);
+    await checkOwnPipelineErrors();
+    decoder.dispose();
+    expect(tf.memory().numTensors).toBe(before);
+    // Every token's logits as the uncached path's, prefill included.
+    expectClose(got, want, FORWARD_BOUND, `cached vs uncached logits (seed ${rng.seed})`);
+    model.dispose();
+  });
 });
