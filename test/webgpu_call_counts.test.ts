@@ -267,6 +267,7 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
     // embedding gather of one id on the CPU and upload its row).
     const cpuForward = tf.env().getBool('WEBGPU_CPU_FORWARD');
     tf.env().set('WEBGPU_CPU_FORWARD', false);
+    const submitBatch = tf.env().getNumber('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE');
     const decoder = new IncrementalDecoder(model, {batch: 1, maxSeqLen: seq});
     const got = new Float32Array(seq * vocab);
     await withDeferredSubmits(async () => {
@@ -301,6 +302,12 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
       }
     });
     tf.env().set('WEBGPU_CPU_FORWARD', cpuForward);
+    // The submit batch comes back after generating, also after an error.
+    expect(tf.env().getNumber('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE')).toBe(submitBatch);
+    await expect(withDeferredSubmits(async () => {
+      throw new Error('generation failed');
+    })).rejects.toThrow('generation failed');
+    expect(tf.env().getNumber('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE')).toBe(submitBatch);
     await checkOwnPipelineErrors();
     decoder.dispose();
     expect(tf.memory().numTensors).toBe(before);
