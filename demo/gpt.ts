@@ -8,7 +8,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 
-import {softmaxCrossEntropyLoss} from '../src';
+import {fusedGeluOrNull, softmaxCrossEntropyLoss} from '../src';
 import {FlashMHAArgs, flashMHA, FusedLayerNormalization, IncrementalDecoder} from '../src/layers';
 
 export interface GPTConfig {
@@ -130,10 +130,10 @@ export function geluNew(x: tf.Tensor): tf.Tensor {
     const input = args[0] as tf.Tensor;
     (args[1] as tf.GradSaveFunc)([input]);
     return {
-      // 0.5 (1 + tanh(z)) = sigmoid(2 z): x sigmoid(x (2k + 2ka x^2)), eight
-      // kernels (two of them constants) where the tanh form takes thirteen;
-      // a decoded token runs it once per block.
-      value: tf.tidy(() => {
+      // One FusedGelu kernel where the backend has it; else, as 0.5 (1 +
+      // tanh(z)) = sigmoid(2 z), x sigmoid(x (2k + 2ka x^2)): eight kernels
+      // (two of them constants) where the tanh form takes thirteen.
+      value: fusedGeluOrNull(input) ?? tf.tidy(() => {
         const [twoK, twoKA] = [2 * GELU_K, 2 * GELU_K * GELU_A].map(v => tf.fill([], v));
         const z = tf.mul(input, tf.add(twoK, tf.mul(twoKA, tf.square(input))));
         return tf.mul(input, tf.sigmoid(z));

@@ -256,7 +256,8 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
     const prompt = 2;
     const ids = Array.from({length: seq}, () => Math.floor(rng.uniform() * vocab));
     const input = tf.tensor2d(ids, [1, seq], 'int32');
-    // The uncached path: the whole sequence through the model at once.
+    // The uncached path: the whole sequence through the model at once,
+    // composed (attention and GELU).
     tf.env().set(FLASH_ATTENTION_IMPL, 'reference');
     const full = model.predict(input) as tf.Tensor;
     tf.env().set(FLASH_ATTENTION_IMPL, 'auto');
@@ -290,9 +291,9 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
             buffersCreated: 1,  // the id's staging buffer (tfjs maps a new one per upload)
             // Embedding gather, norm, qkv projection, SplitV (3), rotary,
             // split-KV, combine, out projection, residual + norm (2), MLP
-            // in, GELU (8), MLP out, residual + final norm (2), logits.
-            dispatches: 25,
-            writeBuffers: 25,
+            // in, FusedGelu, MLP out, residual + final norm (2), logits.
+            dispatches: 18,
+            writeBuffers: 18,
             // The id uploaded, k and v appended in place, the logits read.
             bufferCopies: 4,
             readBacks: 1,
