@@ -9,7 +9,7 @@
  *       [--impls fused,composed] [--composed-max-seq 8192]
  *       [--variants "tm,tx,nq,ty;..."] [--torch torch.json] [--out DIR]
  *       [--budget-ms 600] [--warmup-ms 300] [--max-warmup-ms 300] [--check]
- *       [--shapes "B,H,Hk,S;..."] [--grad-variants "bc,br,qbr,qbc;..."]
+ *       [--shapes "B,H,Hk,S;..."] [--grad-variants "bc,br,qbr,qbc[,s|sk|sq][,tN];..."]
  *   node attention.mjs --sweep [--torch torch.json] [--out DIR]
  *
  * --sweep is the issue grid in one run: D 64 and 128, S 512 .. 16384, causal
@@ -24,7 +24,9 @@
  *
  * --shapes adds problems beyond the B x H x S grid (GQA when Hk < H);
  * --grad-variants forces the backward's tiles (dK/dV keys, rows per step;
- * dQ rows, keys per step) on the fwdbwd rows.
+ * dQ rows, keys per step; `s`, `sk`, `sq`: S and dP on separate halves of
+ * the invocations in both passes, dK/dV only, dQ only; `tN`: N invocations
+ * instead of 128) on the fwdbwd rows.
  *
  * Time: median over repetitions after warm-up; a repetition runs the op K
  * times (K so that it lasts >= ~20 ms) and waits for the GPU queue to drain
@@ -359,12 +361,65 @@ async function main(): Promise<void> {
       tf.dispose([q, k, v]);
     }
   };
-  const {setGradTilesOverride} = await import('../kernels/webgpu/FlashAttentionGrad');
-  // "bc,br,qbr,qbc": dK/dV keys per workgroup and rows per step, dQ rows
-  // per workgroup and keys per step; 128 invocations each.
+  const {fusedGradRunCount, setGradTilesOverride} =
+      await import('../kernels/webgpu/FlashAttentionGrad');
+  // The forced backward tiles (set by the caller) against the composed
+  // baseline's gradients at S=512: dq, dk, dv within the gradient bound,
+  // and the fused backward must have run (tiles that do not fit the device
+  // would fall back to the reference backward).
+  const checkGradVariant = async (d: number, causal: boolean) => {
+    const s = 512;
+    const inputs = [0, 1, 2, 3].map(
+        () => tf.randomNormal([B, s, H, d]) as import('@tensorflow/tfjs-core').Tensor4D);
+    const [q, k, v, dy] = inputs;
+    type T4 = import('@tensorflow/tfjs-core').Tensor4D;
+    tf.env().set(fa.FLASH_ATTENTION_IMPL, 'fused');
+    try {
+      const before = fusedGradRunCount();
+      const fused = tf.grads(
+          (a, kk, vv) => fa.flashAttention(a as T4, kk as T4, vv as T4, {causal}))([q, k, v], dy);
+      const ran = fusedGradRunCount() - before;
+      const ref = tf.grads((a, kk, vv) => composedAttention(a as T4, kk as T4, vv as T4, {causal}))(
+          [q, k, v], dy);
+      let err = 0;
+      for (let i = 0; i < 3; i++) {
+        const diff = tf.tidy(() => tf.max(tf.abs(tf.sub(fused[i], ref[i]))));
+        const top = tf.tidy(() => tf.max(tf.abs(ref[i])));
+        err = Math.max(err, (await diff.data())[0] / (await top.data())[0]);
+        tf.dispose([diff, top]);
+      }
+      tf.dispose([...fused, ...ref]);
+      await checkOwnPipelineErrors();
+      if (ran !== 1) {
+        return 'FAILED: the fused backward did not run (do the tiles fit the device?)';
+      }
+      return `max|fused - composed| / max|composed| over dq, dk, dv = ${err.toExponential(2)}${
+          err < 5e-4 ? '' : ' FAILED'}`;
+    } catch (e) {
+      return `error: ${(e as Error).message.slice(0, 160)}`;
+    } finally {
+      tf.dispose(inputs);
+    }
+  };
+  // "bc,br,qbr,qbc[,s|sk|sq][,tN]": dK/dV keys per workgroup and rows per
+  // step, dQ rows per workgroup and keys per step; `s` computes S and dP on
+  // separate halves of the invocations in both passes (SPhase.split), `sk`
+  // in the dK/dV pass only, `sq` in the dQ pass only; N invocations per
+  // workgroup (128 without tN).
   const gradOverride = (variant: string) => {
-    const [bc, br, qbr, qbc] = variant.split(',').map(Number);
-    return {dkdv: {bc, br, threads: 128}, dq: {br: qbr, bc: qbc, threads: 128}};
+    const [bc, br, qbr, qbc] = variant.split(',').slice(0, 4).map(Number);
+    const flags = variant.split(',').slice(4);
+    const unknown = flags.filter(x => !['s', 'sk', 'sq'].includes(x) && !/^t\d+$/.test(x));
+    if (unknown.length > 0) {
+      throw new Error(`--grad-variants: unknown flag(s) ${unknown.join(',')} in "${variant}"`);
+    }
+    const threads = Number(flags.find(x => x.startsWith('t'))?.slice(1) ?? 128);
+    const splitKV = flags.includes('s') || flags.includes('sk');
+    const splitQ = flags.includes('s') || flags.includes('sq');
+    return {
+      dkdv: {bc, br, threads, ...(splitKV ? {split: true} : {})},
+      dq: {br: qbr, bc: qbc, threads, ...(splitQ ? {split: true} : {})},
+    };
   };
   type Tensor4D = import('@tensorflow/tfjs-core').Tensor4D;
   const problems: Shape[] = [
@@ -432,6 +487,12 @@ async function main(): Promise<void> {
                 } catch (e) {
                   row.status = `error: ${(e as Error).message.slice(0, 160)}`;
                   continue;
+                }
+                if (args.check && !checked.has(`${d} ${causal} ${variant}`)) {
+                  checked.add(`${d} ${causal} ${variant}`);
+                  const msg = await checkGradVariant(d, causal);
+                  log(`check [${variant}] D=${d} causal=${causal}: ${msg}`);
+                  checks.push(`[${variant}] D=${d} S=512 causal=${causal}: ${msg}`);
                 }
               } else if (variant !== 'default' && variant !== '-') {
                 setForwardOverride(variantOverride(variant));

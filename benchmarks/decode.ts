@@ -10,9 +10,12 @@
  *      and run composed matMul + softmax attention (benchmarks/baselines.ts).
  *    K/V bytes read per step (2 * context * Hk * D * 4) over the step time,
  *    against the GPU's memory bandwidth.
- * 2. Generation with a FlashMHA GPT (demo/gpt.ts): ms per token with the
- *    caches (IncrementalDecoder) and without (the whole window through the
- *    model per token), at each of --gen-contexts.
+ * 2. Generation with the demo's FlashMHA GPT (demo/gpt.ts, fused norms and
+ *    GELU as `npm run demo` builds it): ms per token with the caches
+ *    (IncrementalDecoder) and without (the whole window through the model
+ *    per token), at each of --gen-contexts. Both run as the demo generates:
+ *    greedy ids on the GPU, one read and (withDeferredSubmits) one queue
+ *    submit per token.
  *
  *   node decode.mjs [--contexts 512,...,32768] [--heads 32] [--heads-kv 8]
  *       [--dim 128] [--gen-contexts 256,1024,4096] [--gen-tokens 16]
@@ -32,7 +35,7 @@ import * as fs from 'fs';
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-layers';
 
-import {buildGPT} from '../demo/gpt';
+import {buildGPT, withDeferredSubmits} from '../demo/gpt';
 import {useBestBackend} from '../demo/backend';
 import {checkOwnPipelineErrors} from '../kernels/webgpu/own_pipeline';
 import {flashAttentionWithKVCache} from '../src';
@@ -246,13 +249,13 @@ interface GenerationRow {
 function nextIds(logits: tf.Tensor): tf.Tensor2D {
   return tf.tidy(() => {
     const [b, s, vocab] = logits.shape as [number, number, number];
-    const last = tf.slice(logits, [0, s - 1, 0], [b, 1, vocab]);
+    const last = s === 1 ? logits : tf.slice(logits, [0, s - 1, 0], [b, 1, vocab]);
     return tf.cast(tf.argMax(last, 2), 'int32') as tf.Tensor2D;
   });
 }
 
 async function generationRows(args: Args): Promise<GenerationRow[]> {
-  const model = buildGPT(args.gpt, flashMHA, 'gen');
+  const model = buildGPT(args.gpt, flashMHA, 'gen', 'fused');
   const rows: GenerationRow[] = [];
   const maxContext = Math.max(...args.genContexts);
   const prompt = tf.tensor2d(
@@ -353,7 +356,8 @@ async function main(): Promise<void> {
   const bandwidth = args.bandwidthGBs ?? knownBandwidth(backend.description);
   const torch = readTorch(args.torch);
   const attention = await attentionRows(args);
-  const generation = await generationRows(args);
+  // Generation as the demo runs it: one queue submit per token.
+  const generation = await withDeferredSubmits(() => generationRows(args));
 
   const lines: string[] = [];
   lines.push(`decode attention, B=1 H=${args.heads} Hk=${args.headsKV} D=${

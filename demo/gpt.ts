@@ -8,7 +8,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 
-import {softmaxCrossEntropyLoss} from '../src';
+import {fusedGeluOrNull, softmaxCrossEntropyLoss} from '../src';
 import {FlashMHAArgs, flashMHA, FusedLayerNormalization, IncrementalDecoder} from '../src/layers';
 
 export interface GPTConfig {
@@ -130,9 +130,13 @@ export function geluNew(x: tf.Tensor): tf.Tensor {
     const input = args[0] as tf.Tensor;
     (args[1] as tf.GradSaveFunc)([input]);
     return {
-      value: tf.tidy(() => {
-        const {half, one, tanhOf} = constants();
-        return tf.mul(tf.mul(half, input), tf.add(one, tanhOf(input)));
+      // One FusedGelu kernel where the backend has it; else, as 0.5 (1 +
+      // tanh(z)) = sigmoid(2 z), x sigmoid(x (2k + 2ka x^2)): eight kernels
+      // (two of them constants) where the tanh form takes thirteen.
+      value: fusedGeluOrNull(input) ?? tf.tidy(() => {
+        const [twoK, twoKA] = [2 * GELU_K, 2 * GELU_K * GELU_A].map(v => tf.fill([], v));
+        const z = tf.mul(input, tf.add(twoK, tf.mul(twoKA, tf.square(input))));
+        return tf.mul(input, tf.sigmoid(z));
       }),
       gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => tf.tidy(() => {
         const [s] = saved;
@@ -337,28 +341,68 @@ export async function generate(
   const ids = Array.from(tokenizer.encode(prompt));
   for (let n = 0; n < length; n++) {
     const window = ids.slice(-context);
-    const probs = tf.tidy(() => {
-      const logits = model.apply(tf.tensor2d([window], [1, window.length], 'int32')) as tf.Tensor;
-      const last = tf.slice(logits, [0, window.length - 1, 0], [1, 1, tokenizer.vocabSize]);
-      return tf.softmax(tf.div(tf.reshape(last, [-1]), temperature));
-    });
-    const p = await probs.data();
-    probs.dispose();
-    ids.push(sampleIndex(p, random));
+    const last = tf.tidy(
+        () => lastLogits(
+            model.apply(tf.tensor2d([window], [1, window.length], 'int32')) as tf.Tensor));
+    ids.push(sampleLogits(await last.data(), temperature, random));
+    last.dispose();
   }
   return tokenizer.decode(ids);
 }
 
-/** An index drawn from probabilities `p`. */
-function sampleIndex(p: ArrayLike<number>, random: () => number): number {
-  let r = random();
-  for (let i = 0; i < p.length; i++) {
-    r -= p[i];
+/** The logits of the last position of `[1, S, V]`, as `[V]`. */
+function lastLogits(logits: tf.Tensor): tf.Tensor1D {
+  const [, steps, vocab] = logits.shape as [number, number, number];
+  const last = steps === 1 ? logits : tf.slice(logits, [0, steps - 1, 0], [1, 1, vocab]);
+  return tf.reshape(last, [vocab]);
+}
+
+/**
+ * An index drawn from softmax(logits / temperature), computed on the host:
+ * the logits are read anyway, and a temperature on the GPU would be a
+ * scalar uploaded per token.
+ */
+function sampleLogits(
+    logits: ArrayLike<number>, temperature: number, random: () => number): number {
+  let max = -Infinity;
+  for (let i = 0; i < logits.length; i++) {
+    max = Math.max(max, logits[i]);
+  }
+  const weights = Array.from(logits, l => Math.exp((l - max) / temperature));
+  let r = random() * weights.reduce((a, b) => a + b, 0);
+  for (let i = 0; i < weights.length; i++) {
+    r -= weights[i];
     if (r <= 0) {
       return i;
     }
   }
-  return p.length - 1;
+  return weights.length - 1;
+}
+
+/** What this file raises WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE to while generating. */
+const STEP_SUBMIT_BATCH = 1 << 30;
+
+/**
+ * Runs `run` with tfjs-webgpu recording kernels into its command encoder
+ * until a read instead of submitting every 15 kernels
+ * (WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE): a generation step is a few hundred
+ * small kernels, and each queue submit costs more on Dawn than most of
+ * them. The flag is restored when `run` ends, also on error; while it
+ * runs, other tfjs-webgpu work in this process submits late too. No effect
+ * on other backends.
+ */
+export async function withDeferredSubmits<T>(run: () => Promise<T>): Promise<T> {
+  const flag = 'WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE';
+  if (tf.getBackend() !== 'webgpu') {
+    return run();
+  }
+  const saved = tf.env().getNumber(flag);
+  tf.env().set(flag, STEP_SUBMIT_BATCH);
+  try {
+    return await run();
+  } finally {
+    tf.env().set(flag, saved);
+  }
 }
 
 /**
@@ -367,6 +411,8 @@ function sampleIndex(p: ArrayLike<number>, random: () => number): number {
  * earlier characters' keys and values from the caches. The model must be
  * built from causal FlashMHA layers (buildGPT). Same sampling as
  * `generate`; `prompt.length + length` characters at most are attended.
+ * One queue submit and one read per character (withDeferredSubmits); the
+ * only upload is the new character's id.
  */
 export async function generateWithCache(
     model: tfl.LayersModel, tokenizer: CharTokenizer, prompt: string, length: number,
@@ -374,23 +420,19 @@ export async function generateWithCache(
   const ids = Array.from(tokenizer.encode(prompt));
   const decoder = new IncrementalDecoder(model, {batch: 1, maxSeqLen: ids.length + length});
   try {
-    let input = tf.tensor2d([ids], [1, ids.length], 'int32');
-    for (let n = 0; n < length; n++) {
-      const feed = input;
-      const probs = tf.tidy(() => {
-        const logits = decoder.step(feed);
-        const steps = logits.shape[1]!;
-        const last = tf.slice(logits, [0, steps - 1, 0], [1, 1, tokenizer.vocabSize]);
-        return tf.softmax(tf.div(tf.reshape(last, [-1]), temperature));
-      });
-      feed.dispose();
-      const p = await probs.data();
-      probs.dispose();
-      const next = sampleIndex(p, random);
-      ids.push(next);
-      input = tf.tensor2d([[next]], [1, 1], 'int32');
-    }
-    input.dispose();
+    await withDeferredSubmits(async () => {
+      let input = tf.tensor2d([ids], [1, ids.length], 'int32');
+      for (let n = 0; n < length; n++) {
+        const feed = input;
+        const last = tf.tidy(() => lastLogits(decoder.step(feed)));
+        feed.dispose();
+        const next = sampleLogits(await last.data(), temperature, random);
+        last.dispose();
+        ids.push(next);
+        input = tf.tensor2d([[next]], [1, 1], 'int32');
+      }
+      input.dispose();
+    });
   } finally {
     decoder.dispose();
   }

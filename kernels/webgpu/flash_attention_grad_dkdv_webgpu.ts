@@ -7,6 +7,8 @@
  *
  * Per block of BR query rows:
  *   S  = Q K^T, dP = dO V^T        (thread: MR rows x 4 adjacent keys)
+ *                                  (with `split`: S and dP on separate
+ *                                  halves of the workgroup)
  *   P  = exp(score(S) - lse), Pd = P * keep
  *   dV += Pd^T dO                  (thread: 4 keys x 4 dims per vec4)
  *   dS = P * (dP * keep - Delta) * score' * scale
@@ -17,7 +19,7 @@
  * loads (benchmarks/RESULTS.md, backward tuning).
  */
 import type {OwnPipelineSpec} from './own_pipeline';
-import {featureKey, fetchRowsWGSL, GradFeatures, gradInputs, gradPassHeaderWGSL, loadKeyTileWGSL, prefetchSlots, probsAndDsWGSL, queryBlockStorageWGSL, storeRowsWGSL, scoresAndDpWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
+import {featureKey, fetchRowsWGSL, GradFeatures, gradInputs, gradPassHeaderWGSL, loadKeyTileWGSL, prefetchSlots, queryBlockStorageWGSL, scoresToDsWGSL, storeRowsWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
 
 export interface DkDvTiles {
   /** Keys per workgroup (multiple of 4). */
@@ -26,6 +28,11 @@ export interface DkDvTiles {
   br: number;
   /** Invocations per workgroup. */
   threads: number;
+  /**
+   * S and dP by separate halves of the invocations (SPhase.split); off
+   * unless set.
+   */
+  split?: boolean;
 }
 
 /** Workgroup storage bytes of the program (must fit the device limit). */
@@ -37,7 +44,7 @@ export function dkdvStorageBytes(t: DkDvTiles, d: number, dv: number): number {
 
 /** Are the tiles consistent (every thread mapping divides evenly)? */
 export function dkdvTilesValid(t: DkDvTiles): boolean {
-  return sPhaseValid(t.bc, t.br, t.threads) && t.threads % (t.bc / 4) === 0;
+  return sPhaseValid(t.bc, t.br, t.threads, t.split) && t.threads % (t.bc / 4) === 0;
 }
 
 export class FlashAttentionGradDkDvProgram implements OwnPipelineSpec {
@@ -49,13 +56,14 @@ export class FlashAttentionGradDkDvProgram implements OwnPipelineSpec {
 
   constructor(d: number, dv: number, tiles: DkDvTiles, f: GradFeatures) {
     const {bc, br, threads} = tiles;
-    const s = sPhase(bc, br, threads);
+    const s = sPhase(bc, br, threads, tiles.split);
     const d4 = Math.ceil(d / 4);
     const dv4 = Math.ceil(dv / 4);
     const xt = threads / s.sc;      // accumulation: dim-quad stride
     const nd = Math.ceil(d4 / xt);  // accumulation: dim quads per thread
     const ndv = Math.ceil(dv4 / xt);
-    this.key = `flashAttentionGradDkDv_${d}_${dv}_${bc}_${br}_${threads}_${featureKey(f)}`;
+    this.key = `flashAttentionGradDkDv_${d}_${dv}_${bc}_${br}_${threads}_${
+        s.split ? 'split_' : ''}${featureKey(f)}`;
     const fetchStats = (i0: string, h: string) => `
     for (var u = 0; u < ${prefetchSlots(br, threads)}; u++) {
       let i = ${i0} + t + u * T;
@@ -170,18 +178,15 @@ ${sPhaseWGSL(s)}
 ${rowLoop}
 
       var ds: array<vec4<f32>, MR>;
-      if (sActive) {
-        ${scoresAndDpWGSL('SC', d4, dv4)}
-        ${probsAndDsWGSL(f, true, `pS[r * SC + sQuad] = pv;
+      ${scoresToDsWGSL(s, 'SC', d4, dv4, f, true, `pS[r * SC + sQuad] = pv;
         ds[m] = dsv;`)}
-      }
       workgroupBarrier();
       for (var r = 0; r < BR; r++) {
         let pv = pS[r * SC + kq];
         ${accumulate('dvAcc', 'pv', 'doS', dv4, ndv)}
       }
       workgroupBarrier();
-      if (sActive) {
+      if (sOwner) {
         for (var m = 0; m < MR; m++) {
           pS[(sRow + m) * SC + sQuad] = ds[m];
         }

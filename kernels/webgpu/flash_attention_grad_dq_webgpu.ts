@@ -6,6 +6,8 @@
  *
  * Per block of BC keys:
  *   S  = Q K^T, dP = dO V^T        (thread: MR rows x 4 adjacent keys)
+ *                                  (with `split`: S and dP on separate
+ *                                  halves of the workgroup)
  *   dS = P * (dP * keep - Delta) * score' * scale,  P = exp(score(S) - lse)
  *   dQ += dS K                     (thread: NR rows x ND dims)
  * Rows that see no key get dQ = 0. The next K/V tile is read into registers
@@ -13,7 +15,7 @@
  * loads (benchmarks/RESULTS.md, backward tuning).
  */
 import type {OwnPipelineSpec} from './own_pipeline';
-import {dqBlockWGSL, featureKey, fetchKeyTileWGSL, GradFeatures, gradInputs, gradPassHeaderWGSL, loadQueryBlockWGSL, prefetchSlots, probsAndDsWGSL, queryBlockStorageWGSL, storeKeyTileWGSL, scoresAndDpWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
+import {dqBlockWGSL, featureKey, fetchKeyTileWGSL, GradFeatures, gradInputs, gradPassHeaderWGSL, loadQueryBlockWGSL, prefetchSlots, queryBlockStorageWGSL, scoresToDsWGSL, storeKeyTileWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
 
 export interface DqTiles {
   /** Query rows per workgroup. */
@@ -21,6 +23,11 @@ export interface DqTiles {
   /** Keys per step (multiple of 4). */
   bc: number;
   threads: number;
+  /**
+   * S and dP by separate halves of the invocations (SPhase.split); off
+   * unless set.
+   */
+  split?: boolean;
 }
 
 /**
@@ -46,7 +53,8 @@ function rowsPerThread(t: DqTiles): number {
 
 export function dqTilesValid(t: DqTiles): boolean {
   const qt = t.br / rowsPerThread(t);
-  return sPhaseValid(t.bc, t.br, t.threads) && Number.isInteger(qt) && t.threads % qt === 0;
+  return sPhaseValid(t.bc, t.br, t.threads, t.split) && Number.isInteger(qt) &&
+      t.threads % qt === 0;
 }
 
 export class FlashAttentionGradDqProgram implements OwnPipelineSpec {
@@ -58,7 +66,7 @@ export class FlashAttentionGradDqProgram implements OwnPipelineSpec {
 
   constructor(d: number, dv: number, tiles: DqTiles, f: GradFeatures) {
     const {bc, br, threads} = tiles;
-    const s = sPhase(bc, br, threads);
+    const s = sPhase(bc, br, threads, tiles.split);
     const d4 = Math.ceil(d / 4);
     const dv4 = Math.ceil(dv / 4);
     const kst = kStride(s.sc);
@@ -66,7 +74,8 @@ export class FlashAttentionGradDqProgram implements OwnPipelineSpec {
     const qt = br / nr;       // accumulation: row groups
     const xt = threads / qt;  // accumulation: dim stride
     const nd = Math.ceil(d / xt);
-    this.key = `flashAttentionGradDq_${d}_${dv}_${bc}_${br}_${threads}_${featureKey(f)}`;
+    this.key = `flashAttentionGradDq_${d}_${dv}_${bc}_${br}_${threads}_${s.split ? 'split_' : ''}${
+        featureKey(f)}`;
     // dQ += dS K with the thread's NR dS rows held in registers and K read
     // one vec4 at a time: faster than holding K's dims and reading dS per row
     // (benchmarks/RESULTS.md, backward tuning).
@@ -137,10 +146,7 @@ ${sPhaseWGSL(s)}
   let qr = t / XT;
 ${keyTile}
 
-    if (sActive) {
-      ${scoresAndDpWGSL('KST', d4, dv4)}
-      ${probsAndDsWGSL(f, false, 'pS[r * SC + sQuad] = dsv;')}
-    }
+    ${scoresToDsWGSL(s, 'KST', d4, dv4, f, false, 'pS[r * SC + sQuad] = dsv;')}
     workgroupBarrier();
 ${accumulate}
   }

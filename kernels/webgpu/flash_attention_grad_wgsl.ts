@@ -209,6 +209,13 @@ export function dqBlockWGSL(): string {
  * BC/4 key quads (SC) times SR row groups of MR rows. A warp covers at most
  * 8 quads and so several row groups: its K loads are at most 128 bytes
  * wide (one shared-memory wavefront) and its Q loads touch a few rows.
+ *
+ * With `split`, the first half of the invocations computes S and the
+ * second half dP, each half over the same (row group, key quad) layout:
+ * where BC x BR is small next to the invocations (D >= 96, whose tiles
+ * must be small to fit workgroup memory), half of them would otherwise
+ * sit idle while the others load K and V, and each of a thread's row
+ * loads then feeds only one of the two products.
  */
 export interface SPhase {
   sc: number;
@@ -216,34 +223,45 @@ export interface SPhase {
   mr: number;
   /** Quads per group of adjacent threads. */
   wq: number;
+  /** S and dP by separate halves of the workgroup. */
+  split: boolean;
+  /** Invocations per product: all of them, or half with `split`. */
+  lanes: number;
 }
 
-export function sPhase(bc: number, br: number, threads: number): SPhase {
+export function sPhase(bc: number, br: number, threads: number, split = false): SPhase {
   const sc = bc / 4;
-  const sr = Math.min(br, Math.floor(threads / sc));
-  return {sc, sr, mr: br / sr, wq: Math.min(sc, 8)};
+  const lanes = split ? Math.floor(threads / 2) : threads;
+  const sr = Math.min(br, Math.floor(lanes / sc));
+  return {sc, sr, mr: br / sr, wq: Math.min(sc, 8), split, lanes};
 }
 
 /** Do the S phase's divisions come out even? */
-export function sPhaseValid(bc: number, br: number, threads: number): boolean {
-  if (bc % 4 !== 0 || bc < 4) {
+export function sPhaseValid(bc: number, br: number, threads: number, split = false): boolean {
+  if (bc % 4 !== 0 || bc < 4 || (split && threads % 2 !== 0)) {
     return false;
   }
-  const s = sPhase(bc, br, threads);
+  const s = sPhase(bc, br, threads, split);
   return s.sr >= 1 && Number.isInteger(s.mr) && s.sc % s.wq === 0;
 }
 
 /**
- * WGSL: `let sQuad`, `let sRow` (first of MR rows) and `let sActive` for
- * invocation `t`.
+ * WGSL: `let sQuad`, `let sRow` (first of MR rows), `let sActive` (the
+ * invocation computes a product), `let sDpHalf` (the product is dP, with
+ * `split`) and `let sOwner` (the invocation computes dS of its rows and
+ * key quad) for invocation `t`.
  */
 export function sPhaseWGSL(s: SPhase): string {
+  const lane = s.split ? `t % ${s.lanes}` : 't';
   return `
-  let sLane = t % ${s.wq};
-  let sRest = t / ${s.wq};
+  let sT = ${lane};
+  let sLane = sT % ${s.wq};
+  let sRest = sT / ${s.wq};
   let sQuad = (sRest / ${s.sr}) * ${s.wq} + sLane;
   let sRow = (sRest % ${s.sr}) * ${s.mr};
-  let sActive = t < ${s.sc * s.sr};`;
+  let sActive = sT < ${s.sc * s.sr};
+  let sDpHalf = ${s.split ? `t >= ${s.lanes}` : 'false'};
+  let sOwner = sActive && !sDpHalf;`;
 }
 
 /**
@@ -310,18 +328,10 @@ export function loadQueryBlockWGSL(d: number, d4: number, dv: number, dv4: numbe
     }`;
 }
 
-/**
- * The S phase's products, shared by the dK/dV and dQ passes: each thread's
- * `s[m] = q . k` and `dp[m] = dO . v` for its MR rows and one quad of keys,
- * from `qS`/`doS` (rows padded by one vec4) and the transposed `kT`
- * (row stride `kStride`) and `vT` (stride `SC`). Dims are summed in order,
- * as the forward sums them, so the recomputed scores match the forward's
- * bits as closely as possible.
- */
-export function scoresAndDpWGSL(kStride: string, d4: number, dv4: number): string {
-  // acc[m] += rows[sRow + m] . (dims of the thread's key quad), dims in order.
-  const products =
-      (acc: string, rows: string, rowStride: number, tile: string, stride: string, w4: string) => `
+// acc[m] += rows[sRow + m] . (dims of the thread's key quad), dims in order.
+function productsWGSL(
+    acc: string, rows: string, rowStride: number, tile: string, stride: string, w4: string) {
+  return `
       for (var xq = 0; xq < ${w4}; xq++) {
         let col0 = ${tile}[(xq * 4) * ${stride} + sQuad];
         let col1 = ${tile}[(xq * 4 + 1) * ${stride} + sQuad];
@@ -335,14 +345,64 @@ export function scoresAndDpWGSL(kStride: string, d4: number, dv4: number): strin
           ${acc}[m] += row.w * col3;
         }
       }`;
+}
+
+/**
+ * The S phase's products, shared by the dK/dV and dQ passes: each thread's
+ * `s[m] = q . k` and `dp[m] = dO . v` for its MR rows and one quad of keys,
+ * from `qS`/`doS` (rows padded by one vec4) and the transposed `kT`
+ * (row stride `kStride`) and `vT` (stride `SC`). Dims are summed in order,
+ * as the forward sums them, so the recomputed scores match the forward's
+ * bits as closely as possible.
+ */
+export function scoresAndDpWGSL(kStride: string, d4: number, dv4: number): string {
   return `var s: array<vec4<f32>, MR>;
       var dp: array<vec4<f32>, MR>;
       for (var m = 0; m < MR; m++) {
         s[m] = vec4<f32>(0.0);
         dp[m] = vec4<f32>(0.0);
       }
-      ${products('s', 'qS', d4 + 1, 'kT', kStride, 'D4')}
-      ${products('dp', 'doS', dv4 + 1, 'vT', 'SC', 'DV4')}`;
+      ${productsWGSL('s', 'qS', d4 + 1, 'kT', kStride, 'D4')}
+      ${productsWGSL('dp', 'doS', dv4 + 1, 'vT', 'SC', 'DV4')}`;
+}
+
+/**
+ * The whole S phase of a block, for either layout of `s` (sPhase): S and
+ * dP (scoresAndDpWGSL), then dS by probsAndDsWGSL(f, withP, rowEnd) on the
+ * invocations where `sOwner`. With `split`, the dP half hands its dP to the
+ * S half through `pS` (the element each owner then overwrites with its
+ * rowEnd), behind one more barrier; so the caller must have finished
+ * reading `pS` (a barrier) before this runs. Same sums in the same order
+ * either way.
+ */
+export function scoresToDsWGSL(
+    s: SPhase, kStride: string, d4: number, dv4: number, f: GradFeatures, withP: boolean,
+    rowEnd: string): string {
+  if (!s.split) {
+    return `if (sActive) {
+        ${scoresAndDpWGSL(kStride, d4, dv4)}
+        ${probsAndDsWGSL(f, withP, rowEnd)}
+      }`;
+  }
+  return `var s: array<vec4<f32>, MR>;
+      var dp: array<vec4<f32>, MR>;
+      for (var m = 0; m < MR; m++) {
+        s[m] = vec4<f32>(0.0);
+        dp[m] = vec4<f32>(0.0);
+      }
+      if (sActive) {
+        if (sDpHalf) {
+          ${productsWGSL('dp', 'doS', dv4 + 1, 'vT', 'SC', 'DV4')}
+          for (var m = 0; m < MR; m++) { pS[(sRow + m) * SC + sQuad] = dp[m]; }
+        } else {
+          ${productsWGSL('s', 'qS', d4 + 1, 'kT', kStride, 'D4')}
+        }
+      }
+      workgroupBarrier();
+      if (sOwner) {
+        for (var m = 0; m < MR; m++) { dp[m] = pS[(sRow + m) * SC + sQuad]; }
+        ${probsAndDsWGSL(f, withP, rowEnd)}
+      }`;
 }
 
 /**

@@ -1,7 +1,8 @@
 /**
- * The fused training kernels of the webgpu backend: FusedNorm(Grad) and
- * SoftmaxCrossEntropy(Grad) and FusedRotary, each a few tfjs programs recorded into tfjs's
- * command encoder (no extra queue submits, no host uploads).
+ * The fused training kernels of the webgpu backend: FusedNorm(Grad),
+ * SoftmaxCrossEntropy(Grad), FusedRotary and FusedGelu, each a few tfjs
+ * programs recorded into tfjs's command encoder (no extra queue submits, no
+ * host uploads).
  *
  * tfjs-backend-webgpu is an optional peer: only its types are imported.
  */
@@ -10,9 +11,10 @@ import type {WebGPUBackend} from '@tensorflow/tfjs-backend-webgpu';
 
 import {registerFusedKernel} from '../../src/dispatch';
 import {dropoutThreshold} from '../../src/dropout';
-import {FusedNorm, FusedNormAttrs, FusedNormGrad, FusedRotary, FusedRotaryAttrs, SoftmaxCrossEntropy, SoftmaxCrossEntropyAttrs, SoftmaxCrossEntropyGrad} from '../../src/train/kernel_names';
+import {FusedGelu, FusedNorm, FusedNormAttrs, FusedNormGrad, FusedRotary, FusedRotaryAttrs, SoftmaxCrossEntropy, SoftmaxCrossEntropyAttrs, SoftmaxCrossEntropyGrad} from '../../src/train/kernel_names';
 
 import {CrossEntropyGradProgram, CrossEntropyLossProgram, CrossEntropyLseProgram} from './cross_entropy_webgpu';
+import {GeluProgram} from './gelu_webgpu';
 import {NormBackwardProgram, NormColumnSumProgram, NormForwardProgram, NormResidualProgram, NormStatsProgram} from './fused_norm_webgpu';
 import {RotaryProgram} from './rotary_webgpu';
 import {ProgramUniform, TfjsWebGPUProgram} from './tfjs_program';
@@ -115,8 +117,13 @@ function rotaryWebGPU({inputs, backend, attrs}: KernelArgs): tf.TensorInfo {
       [x, cos, sin]);
 }
 
+function geluWebGPU({inputs, backend}: KernelArgs): tf.TensorInfo {
+  return run(backend as WebGPUBackend, new GeluProgram(inputs.x.shape), [inputs.x]);
+}
+
 const configs: Array<[string, unknown]> = [
   [FusedRotary, rotaryWebGPU],
+  [FusedGelu, geluWebGPU],
   [FusedNorm, fusedNormWebGPU],
   [FusedNormGrad, fusedNormGradWebGPU],
   [SoftmaxCrossEntropy, crossEntropyWebGPU],

@@ -26,6 +26,43 @@ export function isDecodingLayer(layer: unknown): layer is DecodingLayer {
   return typeof l.createCache === 'function' && typeof l.decode === 'function';
 }
 
+/** The parts of tf.layers' Dense that a decoding step reads. */
+interface DenseParts {
+  kernel: tfl.LayerVariable|null;
+  bias: tfl.LayerVariable|null;
+  activation: {getClassName(): string}|null;
+}
+
+/** Activations tf.fused.matMul applies in its kernel (as tf.layers' Dense fuses them). */
+const FUSED_ACTIVATIONS = new Set(['linear', 'relu', 'elu']);
+
+/**
+ * A Dense layer on `[B, S, in]` as one fused matMul (bias and activation in
+ * the kernel), or null for any other layer. tf.layers' Dense multiplies a
+ * rank-3 input through a transpose of its kernel: one extra kernel per
+ * layer and token.
+ */
+function denseStep(layer: tfl.layers.Layer, inputs: tf.Tensor[]): tf.Tensor|null {
+  const x = inputs[0];
+  if (layer.getClassName() !== 'Dense' || inputs.length !== 1 || x.rank !== 3) {
+    return null;
+  }
+  const {kernel, bias, activation} = layer as unknown as DenseParts;
+  const name = activation?.getClassName() ?? 'linear';
+  if (kernel == null || !FUSED_ACTIVATIONS.has(name)) {
+    return null;
+  }
+  const w = kernel.read() as tf.Tensor2D;
+  const [batch, seq, inDim] = x.shape as [number, number, number];
+  const y = tf.fused.matMul({
+    a: tf.reshape(x, [batch * seq, inDim]),
+    b: w,
+    bias: bias?.read(),
+    activation: name as tf.fused.Activation,
+  });
+  return tf.reshape(y, [batch, seq, w.shape[1]]);
+}
+
 export interface IncrementalDecoderArgs {
   batch: number;
   /** Most tokens a sequence may reach (prompt + generated). */
@@ -86,7 +123,8 @@ export class IncrementalDecoder {
         const cache = this.caches.get(layer);
         const output = cache != null ?
             (layer as unknown as DecodingLayer).decode(inputs[0], cache) :
-            layer.apply(inputs.length === 1 ? inputs[0] : inputs, node.callArgs);
+            denseStep(layer, inputs) ??
+                layer.apply(inputs.length === 1 ? inputs[0] : inputs, node.callArgs);
         const outputs = Array.isArray(output) ? output : [output];
         node.outputTensors.forEach((t, i) => values.set(t.id, outputs[i] as tf.Tensor));
       }

@@ -359,6 +359,19 @@ export class FlashMHA extends tfl.layers.Layer {
     return tf.reshape(y, [batch, seq, kernel.shape[1]!]);
   }
 
+  /**
+   * `project` as one fused matMul with the bias added in its kernel: one
+   * kernel instead of two per projection and token. Inference only (the
+   * training path keeps `project`, whose gradient counts are pinned).
+   */
+  private projectFused(x: tf.Tensor, proj: Projection): tf.Tensor3D {
+    const [batch, seq, inDim] = x.shape as [number, number, number];
+    const kernel = proj.kernel.read() as tf.Tensor2D;
+    const y = tf.fused.matMul(
+        {a: tf.reshape(x, [batch * seq, inDim]), b: kernel, bias: proj.bias?.read()});
+    return tf.reshape(y, [batch, seq, kernel.shape[1]]);
+  }
+
   /** The key padding mask of a call: kwargs.keyPaddingMask, else tfjs's propagated mask. */
   private keyMaskOf(kwargs: Kwargs): tf.Tensor|null {
     const explicit = kwargs['keyPaddingMask'] as tf.Tensor | undefined;
@@ -455,7 +468,7 @@ export class FlashMHA extends tfl.layers.Layer {
     return tf.tidy(() => {
       const [batch, seqNew] = x.shape;
       const {numHeads: heads, numHeadsKV: headsKV, headDim} = this;
-      const qkv = this.project(x, this.qkvProj!);
+      const qkv = this.projectFused(x, this.qkvProj!);
       const [qFlat, kFlat, vFlat] =
           tf.split(qkv, [heads * headDim, headsKV * headDim, headsKV * headDim], 2);
       const q = tf.reshape(qFlat, [batch, seqNew, heads, headDim]) as tf.Tensor4D;
@@ -479,7 +492,7 @@ export class FlashMHA extends tfl.layers.Layer {
         ...(slopes == null ? {} : {alibiSlopes: slopes}),
         ...rotary,
       });
-      return this.project(tf.reshape(out, [batch, seqNew, heads * headDim]), this.outProj!);
+      return this.projectFused(tf.reshape(out, [batch, seqNew, heads * headDim]), this.outProj!);
     });
   }
 

@@ -76,3 +76,10 @@ export interface FusedRotaryAttrs {
   interleaved: boolean;
   inverse: boolean;
 }
+
+/**
+ * gelu_new (the tanh approximation) of any tensor, elementwise in one pass:
+ * 0.5 x (1 + tanh(k (x + 0.044715 x^3))), k = sqrt(2 / pi). Forward only:
+ * callers give it their own gradient (demo/gpt.ts's geluNew).
+ */
+export const FusedGelu = 'FusedGelu';

@@ -12,7 +12,7 @@ import {describeValue, FlashAttentionError} from '../errors';
 import {checkOptions, OptionSpec} from '../options';
 
 import {useFusedTrainingKernel} from './dispatch';
-import {FusedNorm, FusedNormAttrs, FusedNormGrad, FusedRotary, FusedRotaryAttrs, SoftmaxCrossEntropy, SoftmaxCrossEntropyAttrs, SoftmaxCrossEntropyGrad} from './kernel_names';
+import {FusedGelu, FusedNorm, FusedNormAttrs, FusedNormGrad, FusedRotary, FusedRotaryAttrs, SoftmaxCrossEntropy, SoftmaxCrossEntropyAttrs, SoftmaxCrossEntropyGrad} from './kernel_names';
 import {referenceCrossEntropyBackward, referenceCrossEntropyForward, referenceNormBackward, referenceNormForward} from './reference';
 
 type GradMap = Record<string, () => tf.Tensor>;
@@ -353,4 +353,18 @@ export function fusedRotaryOrNull(
   const attrs: FusedRotaryAttrs = {rotaryDim, interleaved, inverse: false};
   return tf.engine().runKernel(FusedRotary, {x, cos, sin}, attrs as unknown as tf.NamedAttrMap) as
       tf.Tensor4D;
+}
+
+/**
+ * gelu_new of `x` (the tanh approximation) in one fused elementwise kernel,
+ * or null when the active backend has none (or FLASH_ATTENTION_IMPL is
+ * 'reference'): the caller then composes it. No gradient is registered:
+ * wrap it in a tf.customGrad with the analytic derivative.
+ */
+export function fusedGeluOrNull<T extends tf.Tensor>(x: T): T|null {
+  if (!useFusedTrainingKernel(FusedGelu)) {
+    return null;
+  }
+  tf.util.assert(x.dtype === 'float32', () => `fusedGeluOrNull: x must be float32, got ${x.dtype}`);
+  return tf.engine().runKernel(FusedGelu, {x}) as T;
 }
