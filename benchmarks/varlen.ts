@@ -100,7 +100,8 @@ function countSyncReads(): void {
 }
 
 interface Timing {
-  ms: number;
+  /** Median ms per call; null when the deadline came before a timed batch. */
+  ms: number|null;
   /** Synchronous GPU reads during the timed batches (all of them). */
   syncReads: number;
   /** Per call, from one counted call: dispatches, submits, uploads, buffers. */
@@ -117,10 +118,10 @@ async function sync(ts: tf.Tensor[]): Promise<void> {
 }
 
 /**
- * Median ms per call of `f` within about `budgetMs` (compilation aside),
- * or null when the deadline passes before a batch is timed.
+ * Median ms per call of `f` within about `budgetMs` (compilation aside);
+ * its counts only when the deadline passes before a batch is timed.
  */
-async function timeIt(f: () => tf.Tensor[], budgetMs: number): Promise<Timing|null> {
+async function timeIt(f: () => tf.Tensor[], budgetMs: number): Promise<Timing> {
   const t0 = performance.now();
   const first = f();
   await sync(first);
@@ -168,7 +169,7 @@ async function timeIt(f: () => tf.Tensor[], budgetMs: number): Promise<Timing|nu
       break;
     }
     if (timeLeftMs() <= 0) {
-      return null;
+      return {ms: null, syncReads: 0, counts, calls: '0'};
     }
     times.push(await batch(reps));
   }
@@ -205,8 +206,11 @@ function formatRow(row: Row): string {
   if (t == null) {
     return `| ${row.label} | skipped (deadline) | | | | |`;
   }
-  const base = rows.find(r => r.table === row.table && r.label === row.versus)?.timing;
-  const ratio = base == null ? '' : `${(t.ms / base.ms).toFixed(2)}x`;
+  if (t.ms == null) {
+    return `| ${row.label} | not timed (deadline) | | ${t.counts} | 0 | |`;
+  }
+  const base = rows.find(r => r.table === row.table && r.label === row.versus)?.timing?.ms;
+  const ratio = base == null ? '' : `${(t.ms / base).toFixed(2)}x`;
   return `| ${row.label} | ${t.ms.toFixed(3)} | ${ratio} | ${t.counts} | ${t.calls} | ${
       t.syncReads} |`;
 }
