@@ -106,12 +106,6 @@ function customGrad2(f: TwoInputGrad): (a: tf.Tensor, b: tf.Tensor) => tf.Tensor
       unknown as (a: tf.Tensor, b: tf.Tensor) => tf.Tensor;
 }
 
-/** `cu[1:] - cu[:-1]`, `[B]` int32. */
-function lengthsFromCu(cu: tf.Tensor1D): tf.Tensor1D {
-  const batch = cu.shape[0] - 1;
-  return tf.tidy(() => tf.sub(tf.slice(cu, 1, batch), tf.slice(cu, 0, batch)));
-}
-
 /**
  * How packed rows `[T, ...]` map to the padded layout `[B, S, ...]`, both
  * ways, as gather indices into a source whose row 0 is a zero row (so a
@@ -125,26 +119,33 @@ interface PackedLayout {
   padIndex: tf.Tensor1D;
   /** `[T]` int32: 1 + the padded position b * S + s of packed row t, or 0. */
   packIndex: tf.Tensor1D;
+  /** `[B]` int32: `cu[b + 1] - cu[b]`. */
+  lengths: tf.Tensor1D;
   batch: number;
   seqlen: number;
 }
 
 function packedLayout(cu: tf.Tensor1D, seqlen: number, total: number): PackedLayout {
   const batch = cu.shape[0] - 1;
-  const [padIndex, packIndex] = tf.tidy(() => {
+  const [padIndex, packIndex, lengths] = tf.tidy(() => {
     const start = tf.reshape(tf.slice(cu, 0, batch), [batch, 1]);
     const length = tf.sub(tf.reshape(tf.slice(cu, 1, batch), [batch, 1]), start);
-    const s = tf.reshape(tf.range(0, seqlen, 1, 'int32'), [1, seqlen]);
-    const row = tf.add(tf.add(start, tf.scalar(1, 'int32')), s);
-    const pad = tf.reshape(tf.mul(row, tf.cast(tf.less(s, length), 'int32')), [batch * seqlen]);
+    // s + 1 for s in [0, S): padded position (b, s) holds a token when
+    // s + 1 <= length, the token cu[b] + s, at index cu[b] + s + 1.
+    const sPlusOne = tf.reshape(tf.range(1, seqlen + 1, 1, 'int32'), [1, seqlen]);
+    const valid = tf.cast(tf.lessEqual(sPlusOne, length), 'int32');
+    const pad = tf.reshape(tf.mul(tf.add(start, sPlusOne), valid), [batch * seqlen]);
     // The inverse map: position p + 1 scattered to slot pad[p]. Slot 0
     // collects (sums) the padding positions and is dropped; a slot no
     // position fills stays 0, the zero row.
     const positions = tf.range(1, batch * seqlen + 1, 1, 'int32');
     const slots = tf.scatterND(tf.reshape(pad, [batch * seqlen, 1]), positions, [total + 1]);
-    return [pad as tf.Tensor1D, tf.slice(slots, 1, total) as tf.Tensor1D];
+    return [
+      pad as tf.Tensor1D, tf.slice(slots, 1, total) as tf.Tensor1D,
+      tf.reshape(length, [batch]) as tf.Tensor1D
+    ];
   });
-  return {padIndex, packIndex, batch, seqlen};
+  return {padIndex, packIndex, lengths, batch, seqlen};
 }
 
 /** Rows `index` of `[zeroRow; x]` (first axis). */
@@ -291,7 +292,7 @@ function flashAttentionVarlen_(
   const qPad = paddedFromPacked(q, layoutQ, zeroRow(q.shape.slice(1))) as tf.Tensor4D;
   const kPad = paddedFromPacked(k, layoutK, zeroRow(k.shape.slice(1))) as tf.Tensor4D;
   const vPad = paddedFromPacked(v, layoutK, zeroRow(v.shape.slice(1))) as tf.Tensor4D;
-  const seqlens = seqlensInput(shapes, lengthsFromCu(cuSeqlensQ), lengthsFromCu(cuSeqlensK));
+  const seqlens = seqlensInput(shapes, layoutQ.lengths, layoutK.lengths);
   const [outPad, lsePad] = runFlashAttention(
       qPad, kPad, vPad, alibiSlopes, shapes, {...attrs, hasSeqlens: true}, seqlens);
   const out = packedFromPadded(outPad, layoutQ, zeroRow(outPad.shape.slice(2))) as tf.Tensor3D;
