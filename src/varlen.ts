@@ -106,98 +106,129 @@ function customGrad2(f: TwoInputGrad): (a: tf.Tensor, b: tf.Tensor) => tf.Tensor
       unknown as (a: tf.Tensor, b: tf.Tensor) => tf.Tensor;
 }
 
-/** `cu[1:] - cu[:-1]`, `[B]` int32. */
-function lengthsFromCu(cu: tf.Tensor1D): tf.Tensor1D {
-  const batch = cu.shape[0] - 1;
-  return tf.tidy(() => tf.sub(tf.slice(cu, 1, batch), tf.slice(cu, 0, batch)));
+/**
+ * How packed rows `[T, ...]` map to the padded layout `[B, S, ...]`, both
+ * ways, as gather indices into a source whose row 0 is a zero row (so a
+ * padded position without a token, or a token cut by S or past cu[B],
+ * reads zeros). Built once per call on the device from cuSeqlens and kept
+ * for the backward, so each pad or unpad, forward or backward, is one
+ * concat and one gather.
+ */
+interface PackedLayout {
+  /** `[B * S]` int32: 1 + the packed row of padded position (b, s), or 0. */
+  padIndex: tf.Tensor1D;
+  /** `[T]` int32: 1 + the padded position b * S + s of packed row t, or 0. */
+  packIndex: tf.Tensor1D;
+  /** `[B]` int32: `cu[b + 1] - cu[b]`. */
+  lengths: tf.Tensor1D;
+  batch: number;
+  seqlen: number;
 }
 
-/**
- * `[B * S]` int32: the packed token of padded position (b, s), or `total`
- * (a zero row appended to the packed tensor) for padding.
- */
-function paddedIndex(cu: tf.Tensor1D, seqlen: number, total: number): tf.Tensor1D {
+function packedLayout(cu: tf.Tensor1D, seqlen: number, total: number): PackedLayout {
   const batch = cu.shape[0] - 1;
-  return tf.tidy(() => {
-    const s = tf.reshape(tf.range(0, seqlen, 1, 'int32'), [1, seqlen]);
+  const [padIndex, packIndex, lengths] = tf.tidy(() => {
     const start = tf.reshape(tf.slice(cu, 0, batch), [batch, 1]);
-    const len = tf.reshape(lengthsFromCu(cu), [batch, 1]);
-    const idx =
-        tf.where(tf.less(s, len), tf.add(start, s), tf.fill([batch, seqlen], total, 'int32'));
-    return tf.reshape(idx, [batch * seqlen]);
+    const length = tf.sub(tf.reshape(tf.slice(cu, 1, batch), [batch, 1]), start);
+    // s + 1 for s in [0, S): padded position (b, s) holds a token when
+    // s + 1 <= length, the token cu[b] + s, at index cu[b] + s + 1.
+    const sPlusOne = tf.reshape(tf.range(1, seqlen + 1, 1, 'int32'), [1, seqlen]);
+    const valid = tf.cast(tf.lessEqual(sPlusOne, length), 'int32');
+    const pad = tf.reshape(tf.mul(tf.add(start, sPlusOne), valid), [batch * seqlen]);
+    // The inverse map: position p + 1 scattered to slot pad[p]. Slot 0
+    // collects (sums) the padding positions and is dropped; a slot no
+    // position fills stays 0, the zero row.
+    const positions = tf.range(1, batch * seqlen + 1, 1, 'int32');
+    const slots = tf.scatterND(tf.reshape(pad, [batch * seqlen, 1]), positions, [total + 1]);
+    return [
+      pad as tf.Tensor1D, tf.slice(slots, 1, total) as tf.Tensor1D,
+      tf.reshape(length, [batch]) as tf.Tensor1D
+    ];
   });
+  return {padIndex, packIndex, lengths, batch, seqlen};
 }
+
+/** Rows `index` of `[zeroRow; x]` (first axis). */
+function gatherAfterZeroRow(x: tf.Tensor, zeroRow: tf.Tensor, index: tf.Tensor1D): tf.Tensor {
+  return tf.tidy(() => tf.gather(tf.concat([zeroRow, x], 0), index));
+}
+
+/** `[1, ...rest]` zero rows, one per trailing shape within a call. */
+function zeroRowCache(): (rest: number[]) => tf.Tensor {
+  const rows = new Map<string, tf.Tensor>();
+  return (rest: number[]) => {
+    const key = rest.join(',');
+    let row = rows.get(key);
+    if (row == null) {
+      row = tf.zeros([1, ...rest]);
+      rows.set(key, row);
+    }
+    return row;
+  };
+}
+
+type OneInputGrad = (x: tf.Tensor, save: tf.GradSaveFunc) => {
+  value: tf.Tensor, gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => tf.Tensor
+};
 
 /**
- * `[T]` int32: the padded position b * S + s of packed token t, or `B * S`
- * (a zero row) for a token past its sequence's S or past cu[B].
+ * tf.customGrad of a function of one tensor. The index tensors a pad or
+ * unpad needs in its backward are saved, not inputs: the tape keeps them
+ * until the backward and then frees them, and no zero gradient is built
+ * for them.
  */
-function packedIndex(cu: tf.Tensor1D, seqlen: number, total: number): tf.Tensor1D {
-  const batch = cu.shape[0] - 1;
-  return tf.tidy(() => {
-    const t = tf.range(0, total, 1, 'int32');
-    // Sequence of token t: how many sequence ends are <= t.
-    const seq = tf.reshape(tf.upperBound(tf.slice(cu, 1, batch), t), [total]);
-    const seqClamped = tf.minimum(seq, tf.scalar(batch - 1, 'int32'));
-    const s = tf.sub(t, tf.gather(cu, seqClamped));
-    const valid = tf.logicalAnd(
-        tf.less(seq, tf.scalar(batch, 'int32')), tf.less(s, tf.scalar(seqlen, 'int32')));
-    return tf.where(
-               valid, tf.add(tf.mul(seqClamped, tf.scalar(seqlen, 'int32')), s),
-               tf.fill([total], batch * seqlen, 'int32')) as tf.Tensor1D;
-  });
+function customGrad1(f: OneInputGrad): (x: tf.Tensor) => tf.Tensor {
+  return tf.customGrad(f as unknown as Parameters<typeof tf.customGrad>[0]) as
+      unknown as (x: tf.Tensor) => tf.Tensor;
 }
 
-/** Rows `idx` of `x` (first axis), with a zero row appended at `x.shape[0]`. */
-function gatherWithZeroRow(x: tf.Tensor, idx: tf.Tensor1D): tf.Tensor {
-  return tf.tidy(() => {
-    const zero = tf.zeros([1, ...x.shape.slice(1)]);
-    return tf.gather(tf.concat([x, zero], 0), idx);
-  });
+/** The layout and zero row a pad or unpad saved for its backward. */
+function savedLayout(layout: PackedLayout, saved: tf.Tensor[]): [PackedLayout, tf.Tensor] {
+  return [
+    {...layout, padIndex: saved[0] as tf.Tensor1D, packIndex: saved[1] as tf.Tensor1D},
+    saved[2],
+  ];
 }
 
 /**
  * Packed `[T, ...]` -> padded `[B, S, ...]` (zeros past each length); its
- * gradient is packedFromPadded of the incoming gradient.
+ * gradient packs the incoming gradient.
  */
-function paddedFromPacked(packed: tf.Tensor, cu: tf.Tensor1D, seqlen: number): tf.Tensor {
-  const batch = cu.shape[0] - 1;
-  const total = packed.shape[0];
+function paddedFromPacked(packed: tf.Tensor, layout: PackedLayout, zeroRow: tf.Tensor): tf.Tensor {
+  const {batch, seqlen} = layout;
   const rest = packed.shape.slice(1);
-  const f = customGrad2((x: tf.Tensor, c: tf.Tensor, save: tf.GradSaveFunc) => {
-    save([c]);
-    const idx = paddedIndex(c as tf.Tensor1D, seqlen, total);
-    const value = tf.reshape(gatherWithZeroRow(x, idx), [batch, seqlen, ...rest]);
-    idx.dispose();
+  const f = customGrad1((x: tf.Tensor, save: tf.GradSaveFunc) => {
+    save([layout.padIndex, layout.packIndex, zeroRow]);
+    const value = tf.tidy(
+        () =>
+            tf.reshape(gatherAfterZeroRow(x, zeroRow, layout.padIndex), [batch, seqlen, ...rest]));
     return {
       value,
       gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) =>
-          [packedFromPadded(dy, saved[0] as tf.Tensor1D, total), tf.zeros(saved[0].shape)],
+          packedFromPadded(dy, ...savedLayout(layout, saved)),
     };
   });
-  return f(packed, cu);
+  return f(packed);
 }
 
 /**
- * Padded `[B, S, ...]` -> packed `[T, ...]`; its gradient is
- * paddedFromPacked of the incoming gradient (zeros at padding).
+ * Padded `[B, S, ...]` -> packed `[T, ...]`; its gradient pads the
+ * incoming gradient (zeros at padding).
  */
-function packedFromPadded(padded: tf.Tensor, cu: tf.Tensor1D, total: number): tf.Tensor {
+function packedFromPadded(padded: tf.Tensor, layout: PackedLayout, zeroRow: tf.Tensor): tf.Tensor {
   const [batch, seqlen, ...rest] = padded.shape;
-  const f = customGrad2((x: tf.Tensor, c: tf.Tensor, save: tf.GradSaveFunc) => {
-    save([c]);
-    const idx = packedIndex(c as tf.Tensor1D, seqlen, total);
-    const flat = tf.reshape(x, [batch * seqlen, ...rest]);
-    const value = gatherWithZeroRow(flat, idx);
-    idx.dispose();
-    flat.dispose();
+  const f = customGrad1((x: tf.Tensor, save: tf.GradSaveFunc) => {
+    save([layout.padIndex, layout.packIndex, zeroRow]);
+    const value = tf.tidy(
+        () => gatherAfterZeroRow(
+            tf.reshape(x, [batch * seqlen, ...rest]), zeroRow, layout.packIndex));
     return {
       value,
       gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) =>
-          [paddedFromPacked(dy, saved[0] as tf.Tensor1D, seqlen), tf.zeros(saved[0].shape)],
+          paddedFromPacked(dy, ...savedLayout(layout, saved)),
     };
   });
-  return f(padded, cu);
+  return f(padded);
 }
 
 /**
@@ -253,18 +284,24 @@ function flashAttentionVarlen_(
   const {maxSeqlenQ: _q, maxSeqlenK: _k, ...attentionOpts} = opts;
   const attrs = normalizeOptions(attentionOpts, headDim, opName, maxK);
 
-  const qPad = paddedFromPacked(q, cuSeqlensQ, maxQ) as tf.Tensor4D;
-  const kPad = paddedFromPacked(k, cuSeqlensK, maxK) as tf.Tensor4D;
-  const vPad = paddedFromPacked(v, cuSeqlensK, maxK) as tf.Tensor4D;
-  const seqlens = seqlensInput(shapes, lengthsFromCu(cuSeqlensQ), lengthsFromCu(cuSeqlensK));
+  const layoutQ = packedLayout(cuSeqlensQ, maxQ, totalQ);
+  const layoutK = cuSeqlensK === cuSeqlensQ && maxK === maxQ && k.shape[0] === totalQ ?
+      layoutQ :
+      packedLayout(cuSeqlensK, maxK, k.shape[0]);
+  const zeroRow = zeroRowCache();
+  const qPad = paddedFromPacked(q, layoutQ, zeroRow(q.shape.slice(1))) as tf.Tensor4D;
+  const kPad = paddedFromPacked(k, layoutK, zeroRow(k.shape.slice(1))) as tf.Tensor4D;
+  const vPad = paddedFromPacked(v, layoutK, zeroRow(v.shape.slice(1))) as tf.Tensor4D;
+  const seqlens = seqlensInput(shapes, layoutQ.lengths, layoutK.lengths);
   const [outPad, lsePad] = runFlashAttention(
       qPad, kPad, vPad, alibiSlopes, shapes, {...attrs, hasSeqlens: true}, seqlens);
-  const out = packedFromPadded(outPad, cuSeqlensQ, totalQ) as tf.Tensor3D;
+  const out = packedFromPadded(outPad, layoutQ, zeroRow(outPad.shape.slice(2))) as tf.Tensor3D;
   if (!opts.returnSoftmaxLse) {
     return out;
   }
   // [B, H, S] -> [B, S, H] -> [T, H] -> [H, T].
-  const lseTokens = packedFromPadded(tf.transpose(lsePad, [0, 2, 1]), cuSeqlensQ, totalQ);
+  const lseTokens =
+      packedFromPadded(tf.transpose(lsePad, [0, 2, 1]), layoutQ, zeroRow([lsePad.shape[1]]));
   return [out, tf.transpose(lseTokens) as tf.Tensor2D];
 }
 

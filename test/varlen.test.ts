@@ -16,6 +16,8 @@ import {forwardStats, setForwardOverride} from '../kernels/webgpu/FlashAttention
 import {fusedGradRunCount, setGradTilesOverride} from '../kernels/webgpu/FlashAttentionGrad';
 import {checkOwnPipelineErrors, setPoisonOutputs} from '../kernels/webgpu/own_pipeline';
 
+import {webgpuCounters, WebGPUCounts} from '../benchmarks/webgpu_counters';
+
 import {describeBackends} from './harness/backends';
 import {expectClose, FORWARD_BOUND, freshRng, GRADIENT_BOUND, ProblemShape, randomArray, randomOracleProblem, Rng} from './harness/problems';
 import {OracleOptions, OracleProblem, oracleBackward, oracleForward} from './oracle';
@@ -326,6 +328,187 @@ describeBackends('flashAttentionVarlen against each sequence alone', backend => 
         it(c.name, () => checkVarlen(c, freshRng(), impl === 'fused'));
       }
     });
+  }
+});
+
+/** The first `seqQ` queries and `seqK` keys of a one-sequence problem. */
+function cutSequence(p: OracleProblem, seqQ: number, seqK: number): OracleProblem {
+  return {
+    ...p,
+    seqQ,
+    seqK,
+    q: p.q.slice(0, seqQ * p.heads * p.headDim),
+    k: p.k.slice(0, seqK * p.headsKV * p.headDim),
+    v: p.v.slice(0, seqK * p.headsKV * p.headDimV),
+  };
+}
+
+/** `rows` rows of `width` values from `values`, then zero rows up to `total`. */
+function padRows(values: Float64Array, width: number, total: number): Float64Array {
+  const out = new Float64Array(total * width);
+  out.set(values.subarray(0, Math.min(values.length, out.length)));
+  return out;
+}
+
+describeBackends('flashAttentionVarlen: cut tokens, per-call counts', backend => {
+  beforeAll(() => {
+    if (backend === 'webgpu') {
+      setPoisonOutputs(true);
+      // The small tiles of the varlen cases above: their pipelines again.
+      setForwardOverride({tiles: {tm: 1, tx: 2, nq: 1, ty: 8}});
+      setGradTilesOverride({dkdv: {bc: 4, br: 4, threads: 16}, dq: {br: 4, bc: 4, threads: 16}});
+    }
+  });
+  afterAll(() => {
+    setPoisonOutputs(false);
+    setForwardOverride(null);
+    setGradTilesOverride(null);
+  });
+
+  it('tokens past maxSeqlen or past cu[B] output 0 and get no gradient; the rest as each cut sequence alone',
+     async () => {
+       const rng = freshRng();
+       const [heads, dim] = [2, 16];
+       // Sequences 0 and 3 are longer than the bounds; 2 rows follow cu[B].
+       const lenQ = [9, 0, 1, 6];
+       const lenK = [12, 3, 0, 7];
+       const [maxQ, maxK, extra] = [5, 8, 2];
+       const cuQ = cumulative(lenQ);
+       const cuK = cumulative(lenK);
+       const [totalQ, totalK] = [cuQ[4] + extra, cuK[4] + extra];
+       const sequences = lenQ.map(
+           (sq, b) => randomOracleProblem(
+               {
+                 batch: 1,
+                 seqQ: sq,
+                 seqK: lenK[b],
+                 heads,
+                 headsKV: heads,
+                 headDim: dim,
+                 headDimV: dim
+               },
+               rng));
+       const row = heads * dim;
+       const packed = (part: 'q'|'k'|'v', total: number) =>
+           Float32Array
+               .from(concat([...sequences.map(s => s[part]), randomArray(extra * row, rng)]))
+               .subarray(0, total * row);
+       const dOut = randomArray(totalQ * row, rng);
+       const want = {
+         out: [] as Float64Array[],
+         dq: [] as Float64Array[],
+         dk: [] as Float64Array[],
+         dv: [] as Float64Array[]
+       };
+       sequences.forEach((s, b) => {
+         const [sq, sk] = [Math.min(lenQ[b], maxQ), Math.min(lenK[b], maxK)];
+         const cut = cutSequence(s, sq, sk);
+         const dOutB = dOut.slice(cuQ[b] * row, (cuQ[b] + sq) * row);
+         const g = oracleBackward(cut, {}, dOutB, new Float64Array(heads * sq));
+         want.out.push(padRows(oracleForward(cut, {}).out, row, lenQ[b]));
+         want.dq.push(padRows(g.dq, row, lenQ[b]));
+         want.dk.push(padRows(g.dk, row, lenK[b]));
+         want.dv.push(padRows(g.dv, row, lenK[b]));
+       });
+       const zeros = new Float64Array(extra * row);
+       const before = tf.memory().numTensors;
+       const q = tf.tensor3d(packed('q', totalQ), [totalQ, heads, dim]);
+       const k = tf.tensor3d(packed('k', totalK), [totalK, heads, dim]);
+       const v = tf.tensor3d(packed('v', totalK), [totalK, heads, dim]);
+       const cuQT = tf.tensor1d(cuQ, 'int32');
+       const cuKT = tf.tensor1d(cuK, 'int32');
+       const dy = tf.tensor3d(Float32Array.from(dOut), [totalQ, heads, dim]);
+       const opts = {maxSeqlenQ: maxQ, maxSeqlenK: maxK};
+       const out = flashAttentionVarlen(q, k, v, cuQT, cuKT, opts);
+       const what = `lengths q ${lenQ} k ${lenK}, bounds ${maxQ}, ${maxK} (seed ${rng.seed})`;
+       expectClose(await out.data(), concat([...want.out, zeros]), FORWARD_BOUND, `${what}: out`);
+       const grads = tf.grads(
+           (a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) => tf.sum(tf.mul(
+               flashAttentionVarlen(
+                   a as tf.Tensor3D, b as tf.Tensor3D, c as tf.Tensor3D, cuQT, cuKT, opts),
+               dy)))([q, k, v]);
+       expectClose(
+           await grads[0].data(), concat([...want.dq, zeros]), GRADIENT_BOUND, `${what}: dq`);
+       expectClose(
+           await grads[1].data(), concat([...want.dk, zeros]), GRADIENT_BOUND, `${what}: dk`);
+       expectClose(
+           await grads[2].data(), concat([...want.dv, zeros]), GRADIENT_BOUND, `${what}: dv`);
+       tf.dispose([out, q, k, v, cuQT, cuKT, dy, ...grads]);
+       expect(tf.memory().numTensors).toBe(before);
+       if (backend === 'webgpu') {
+         await checkOwnPipelineErrors();
+       }
+     });
+
+  // Device-independent counts: what packing adds to the padded op.
+  if (backend === 'webgpu') {
+    it('fwd+bwd: the padded op with lengths plus 25 dispatches and 3 uploads, equal results',
+       async () => {
+         const rng = freshRng();
+         const [heads, dim, seq] = [2, 16, 12];
+         const lengths = [12, 0, 5, 1];
+         const batch = lengths.length;
+         const cu = cumulative(lengths);
+         const total = cu[batch];
+         const q = tf.tensor3d(
+             Float32Array.from(randomArray(total * heads * dim, rng)), [total, heads, dim]);
+         const dy = tf.tensor3d(
+             Float32Array.from(randomArray(total * heads * dim, rng)), [total, heads, dim]);
+         const cuT = tf.tensor1d(cu, 'int32');
+         const seqlens = tf.tensor1d(lengths, 'int32');
+         const index = tf.tensor1d(
+             lengths.flatMap((l, b) => Array.from({length: l}, (_, s) => b * seq + s)), 'int32');
+         const qPad = padInput(q, index, batch, seq) as tf.Tensor4D;
+         const dyPad = padInput(dy, index, batch, seq);
+         const varlen = tf.grads(
+             (a: tf.Tensor) => tf.sum(tf.mul(
+                 flashAttentionVarlen(
+                     a as tf.Tensor3D, a as tf.Tensor3D, a as tf.Tensor3D, cuT, cuT,
+                     {maxSeqlenQ: seq, maxSeqlenK: seq}),
+                 dy)));
+         const padded = tf.grads(
+             (a: tf.Tensor) => tf.sum(tf.mul(
+                 flashAttention(
+                     a as tf.Tensor4D, a as tf.Tensor4D, a as tf.Tensor4D,
+                     {seqlensQ: seqlens, seqlensK: seqlens}) as tf.Tensor,
+                 dyPad)));
+         const counted = async (f: (x: tf.Tensor[]) => tf.Tensor[], x: tf.Tensor) => {
+           for (let warm = 0; warm < 2; warm++) {
+             const g = f([x]);
+             await g[0].data();
+             tf.dispose(g);
+           }
+           const counters = webgpuCounters();
+           const [g] = f([x]);
+           return {counts: counters.snapshot(), grad: g};
+         };
+         const before = tf.memory().numTensors;
+         // Every op on the GPU, as at real sizes (no CPU forwarding of small ops).
+         const cpuForward = tf.env().getBool('WEBGPU_CPU_FORWARD');
+         tf.env().set('WEBGPU_CPU_FORWARD', false);
+         let v: {counts: WebGPUCounts, grad: tf.Tensor};
+         let p: {counts: WebGPUCounts, grad: tf.Tensor};
+         try {
+           v = await counted(varlen, q);
+           p = await counted(padded, qPad);
+         } finally {
+           tf.env().set('WEBGPU_CPU_FORWARD', cpuForward);
+         }
+         // Packing adds: the index maps, built once from cu (9 small ops),
+         // one concat + gather per pad or unpad (q, k, v, out; dy, dq, dk,
+         // dv) and 3 uploads (the two index ranges and the zero row).
+         expect(v.counts.dispatches - p.counts.dispatches).toBe(9 + 8 * 2);
+         expect(v.counts.hostUploads - p.counts.hostUploads).toBe(3);
+         // Same gradient: the packed one, padded, equals the padded op's.
+         const vPadded = padInput(v.grad, index, batch, seq);
+         expectClose(
+             await vPadded.data(), await p.grad.data(), GRADIENT_BOUND,
+             `varlen vs padded op (seed ${rng.seed})`);
+         tf.dispose([v.grad, p.grad, vPadded]);
+         expect(tf.memory().numTensors).toBe(before);
+         tf.dispose([q, dy, cuT, seqlens, index, qPad, dyPad]);
+         await checkOwnPipelineErrors();
+       });
   }
 });
 
