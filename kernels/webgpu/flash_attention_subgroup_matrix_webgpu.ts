@@ -285,7 +285,7 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) 
   return `${standIn ? '' : `enable f16;
 enable chromium_experimental_subgroup_matrix;
 enable subgroups;
-diagnostic(off, chromium_experimental.subgroup_matrix_uniformity);`}
+diagnostic(off, chromium.subgroup_matrix_uniformity);`}
 ${scoreWGSL(c.score)}
 ${keyRangeWGSL(c.score)}
 ${c.dropout ? philoxWGSL() + dropoutWGSL() : ''}

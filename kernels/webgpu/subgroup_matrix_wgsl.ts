@@ -52,7 +52,7 @@ export class MatrixOpsWGSL {
     return this.shape.standIn ? '' : `enable f16;
 enable chromium_experimental_subgroup_matrix;
 enable subgroups;
-diagnostic(off, chromium_experimental.subgroup_matrix_uniformity);`;
+diagnostic(off, chromium.subgroup_matrix_uniformity);`;
   }
 
   /** Workgroup arrays of an operand's parts. */
