@@ -56,6 +56,8 @@ const maxBatches = Math.max(1, numArg('--batches', smoke ? 1 : 5));
 const warmupMs = numArg('--warmup-ms', smoke ? 0 : 1500);
 const rowBudgetMs = 1000 * numArg('--row-s', smoke ? 600 : 8);
 const deadlineMs = 1000 * numArg('--deadline-s', smoke ? 600 : 80);
+/** Lists each row's counted call: programs and kernels by name, uploads by shape. */
+const profile = process.argv.includes('--profile');
 /** Fewest timed batches of a row (its median needs a few). */
 const minBatches = Math.min(3, maxBatches);
 
@@ -99,6 +101,25 @@ function countSyncReads(): void {
   };
 }
 
+/** tfjs programs run and engine kernels called, by name (for --profile). */
+const programCounts = new Map<string, number>();
+const kernelCounts = new Map<string, number>();
+function countByName(): void {
+  const add = (m: Map<string, number>, name: string) => m.set(name, (m.get(name) ?? 0) + 1);
+  const backend = tf.backend() as unknown as {runWebGPUProgram: (...args: unknown[]) => unknown};
+  const run = backend.runWebGPUProgram;
+  backend.runWebGPUProgram = function(this: unknown, ...args: unknown[]) {
+    add(programCounts, (args[0] as object).constructor.name);
+    return run.apply(this, args);
+  };
+  const engine = tf.engine() as unknown as {runKernel: (...args: unknown[]) => unknown};
+  const runKernel = engine.runKernel;
+  engine.runKernel = function(this: unknown, ...args: unknown[]) {
+    add(kernelCounts, args[0] as string);
+    return runKernel.apply(this, args);
+  };
+}
+
 interface Timing {
   /** Median ms per call; null when the deadline came before a timed batch. */
   ms: number|null;
@@ -128,6 +149,8 @@ async function timeIt(f: () => tf.Tensor[], budgetMs: number): Promise<Timing> {
   tf.dispose(first);
   progress(`  first call (compiles): ${(performance.now() - t0).toFixed(0)} ms`);
   const counters = webgpuCounters();
+  programCounts.clear();
+  kernelCounts.clear();
   const t1 = performance.now();
   const counted = f();
   const c = counters.snapshot();
@@ -135,6 +158,13 @@ async function timeIt(f: () => tf.Tensor[], budgetMs: number): Promise<Timing> {
   tf.dispose(counted);
   const callMs = performance.now() - t1;
   const counts = `${c.dispatches} / ${c.submits} / ${c.hostUploads} / ${c.buffersCreated}`;
+  if (profile) {
+    const top = (m: Map<string, number>) =>
+        [...m].sort((a, b) => b[1] - a[1]).map(([name, n]) => `${name} x${n}`).join(', ');
+    progress(`  programs: ${top(programCounts)}`);
+    progress(`  kernels: ${top(kernelCounts)}`);
+    progress(`  uploads by shape: ${top(c.uploadShapes)}`);
+  }
   const batch = async (reps: number) => {
     const b0 = performance.now();
     for (let r = 0; r < reps; r++) {
@@ -263,16 +293,20 @@ function printTables(notes: Map<string, string>): void {
 async function main(): Promise<void> {
   const deviceName = await setup();
   countSyncReads();
+  if (profile) {
+    countByName();
+  }
   const fa = await import('../src/index');
   const layers = await import('../src/layers');
   const {MultiHeadAttention} = await import('../src/layers/multi_head_attention');
   const tfl = await import('@tensorflow/tfjs-layers');
   const {checkOwnPipelineErrors} = await import('../kernels/webgpu/own_pipeline');
 
-  const batch = smoke ? 4 : 16;
-  const [minLen, maxLen] = smoke ? [8, 32] : [64, 1024];
-  const heads = smoke ? 2 : 16;
-  const dim = smoke ? 16 : 64;
+  const batch = numArg('--batch', smoke ? 4 : 16);
+  const minLen = numArg('--min-len', smoke ? 8 : 64);
+  const maxLen = numArg('--max-len', smoke ? 32 : 1024);
+  const heads = numArg('--heads', smoke ? 2 : 16);
+  const dim = numArg('--dim', smoke ? 16 : 64);
   const random = rng(18);
   const lengths =
       Array.from({length: batch}, () => minLen + Math.floor(random() * (maxLen - minLen + 1)));
@@ -311,10 +345,12 @@ async function main(): Promise<void> {
           tf.reshape(seqlens, [batch, 1])));
   tf.env().set('WEBGPU_CPU_FORWARD', cpuForward);
   progress('inputs ready');
+  // dy is the upstream gradient (the gradient of sum(out * dy)): a loss
+  // `sum(out * dy)` would add Sum's gradient, `ones(out.shape)` made on the
+  // host, an upload of the output's size per call.
   const gradsOf =
       (f: (a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) => tf.Tensor, dy: tf.Tensor,
-       x: tf.Tensor[]) => () =>
-          tf.grads((a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) => tf.sum(tf.mul(f(a, b, c), dy)))(x);
+       x: tf.Tensor[]) => () => tf.grads(f)(x, dy);
   const opts = {maxSeqlenQ: maxLen, maxSeqlenK: maxLen};
   const varlenLabel = 'flashAttentionVarlen (packed)';
   await measure(
@@ -351,19 +387,24 @@ async function main(): Promise<void> {
   const x = tf.reshape(qp, [batch, maxLen, embed]);
   const dy = tf.reshape(dyPadded, [batch, maxLen, embed]);
   tf.dispose([qp, dyPadded]);
-  const norm1 = tfl.layers.layerNormalization({axis: -1});
-  const norm2 = tfl.layers.layerNormalization({axis: -1});
+  // The package's fused LayerNorm (residual add included): tfjs-layers'
+  // layerNormalization tiles its moments to the input's shape, and tfjs's
+  // Tile gradient runs a slice and an add per repeat (2 E + 2 dispatches
+  // per norm), its Mean gradients upload `ones(x.shape)` from the host.
+  const norm1 = layers.fusedLayerNormalization();
+  const norm2 = layers.fusedLayerNormalization();
   const up = tfl.layers.dense({units: 4 * embed, activation: 'relu'});
   const down = tfl.layers.dense({units: embed});
   const block = (attend: (input: tf.Tensor) => tf.Tensor, input: tf.Tensor) => {
-    const h = norm1.apply(tf.add(input, attend(input))) as tf.Tensor;
-    return norm2.apply(tf.add(h, down.apply(up.apply(h) as tf.Tensor) as tf.Tensor)) as tf.Tensor;
+    const h = norm1.apply([attend(input), input]) as tf.Tensor;
+    return norm2.apply([down.apply(up.apply(h) as tf.Tensor) as tf.Tensor, h]) as tf.Tensor;
   };
+  // Every weight's gradient, dy the upstream gradient (as for attention).
   const encoderOf = (attend: (input: tf.Tensor) => tf.Tensor, weights: LayerVariable[]) => () => {
-    const vars = [...weights, ...up.trainableWeights].map(w => w.read() as tf.Variable);
-    const {value, grads} =
-        tf.variableGrads(() => tf.sum(tf.mul(block(attend, x), dy)) as tf.Scalar, vars);
-    return [value, ...Object.values(grads)];
+    const vars = [norm1, norm2, up, down].flatMap(l => l.trainableWeights);
+    const {value, grads} = tf.engine().gradients(
+        () => block(attend, x), [...weights, ...vars].map(w => w.read()), dy);
+    return [value, ...grads];
   };
   const composedMHA = (await import('./composed_mha')).composedMHA;
   /** Setting up a section (layers, their first pass) needs a little time. */
