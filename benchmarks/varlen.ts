@@ -159,8 +159,10 @@ async function timeIt(f: () => tf.Tensor[], budgetMs: number): Promise<Timing> {
   const callMs = performance.now() - t1;
   const counts = `${c.dispatches} / ${c.submits} / ${c.hostUploads} / ${c.buffersCreated}`;
   if (profile) {
-    const top = (m: Map<string, number>) =>
-        [...m].sort((a, b) => b[1] - a[1]).map(([name, n]) => `${name} x${n}`).join(', ');
+    const top = (m: Map<string, number>) => [...m]
+                                                .sort((a, b) => b[1] - a[1])
+                                                .map(([name, n]) => `${name} x${n}`)
+                                                .join(', ');
     progress(`  programs: ${top(programCounts)}`);
     progress(`  kernels: ${top(kernelCounts)}`);
     progress(`  uploads by shape: ${top(c.uploadShapes)}`);
@@ -349,8 +351,8 @@ async function main(): Promise<void> {
   // `sum(out * dy)` would add Sum's gradient, `ones(out.shape)` made on the
   // host, an upload of the output's size per call.
   const gradsOf =
-      (f: (a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) => tf.Tensor, dy: tf.Tensor,
-       x: tf.Tensor[]) => () => tf.grads(f)(x, dy);
+      (f: (a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) => tf.Tensor, dy: tf.Tensor, x: tf.Tensor[]) =>
+          () => tf.grads(f)(x, dy);
   const opts = {maxSeqlenQ: maxLen, maxSeqlenK: maxLen};
   const varlenLabel = 'flashAttentionVarlen (packed)';
   await measure(
@@ -402,8 +404,8 @@ async function main(): Promise<void> {
   // Every weight's gradient, dy the upstream gradient (as for attention).
   const encoderOf = (attend: (input: tf.Tensor) => tf.Tensor, weights: LayerVariable[]) => () => {
     const vars = [norm1, norm2, up, down].flatMap(l => l.trainableWeights);
-    const {value, grads} = tf.engine().gradients(
-        () => block(attend, x), [...weights, ...vars].map(w => w.read()), dy);
+    const {value, grads} =
+        tf.engine().gradients(() => block(attend, x), [...weights, ...vars].map(w => w.read()), dy);
     return [value, ...grads];
   };
   const composedMHA = (await import('./composed_mha')).composedMHA;
