@@ -83,6 +83,36 @@ function product(dims: number[]): number {
   return dims.reduce((a, b) => a * b, 1);
 }
 
+/**
+ * Keras's value on the rows a padding mask leaves without keys (every row
+ * of a batch row with no key, and masked query rows): every score at
+ * -1e9, a uniform softmax, the mean of V over all keys. Every row of a
+ * batch row with a real key sees key 0 (also under the causal mask), so
+ * the other rows keep `context`. A blend with the mean as a matmul rather
+ * than tf.where against tf.mean: where broadcasts through Tile, whose
+ * gradient runs a slice and an add per repeat (2 Sq dispatches), and
+ * Mean's gradient uploads ones(v.shape) from the host.
+ */
+function kerasRowsWithoutKeys(
+    context: tf.Tensor4D, v: tf.Tensor4D, keyMask: tf.Tensor|null,
+    queryMask: tf.Tensor|null): tf.Tensor4D {
+  const [b, sq, h, dv] = context.shape;
+  const sk = v.shape[1];
+  const rowMasks = [
+    ...(keyMask == null ? [] : [tf.reshape(tf.any(tf.cast(keyMask, 'bool'), 1), [b, 1, 1, 1])]),
+    ...(queryMask == null ? [] : [tf.reshape(tf.cast(queryMask, 'bool'), [b, sq, 1, 1])]),
+  ];
+  if (rowMasks.length === 0) {
+    return context;
+  }
+  const keep = rowMasks.length === 1 ? rowMasks[0] : tf.logicalAnd(rowMasks[0], rowMasks[1]);
+  const meanV = tf.reshape(
+      tf.matMul(tf.fill([b, 1, sk], 1 / sk), tf.reshape(v, [b, sk, h * dv])), [b, 1, h, dv]);
+  return tf.add(
+             tf.mul(context, tf.cast(keep, 'float32')),
+             tf.mul(meanV, tf.cast(tf.logicalNot(keep), 'float32'))) as tf.Tensor4D;
+}
+
 function isTensorLike(x: unknown): x is AnyTensor {
   return x instanceof tf.Tensor || x instanceof tfl.SymbolicTensor;
 }
@@ -681,19 +711,7 @@ export class MultiHeadAttention extends tfl.layers.Layer {
                   dropoutRate,
                   ...(padding.keyMask == null ? {} : {keyPaddingMask: padding.keyMask}),
                 }) as tf.Tensor4D;
-      if (padding.keyMask != null) {
-        // Keras: a row whose keys are all masked has every score at -1e9,
-        // a uniform softmax: the mean of the values. Every row of a batch
-        // row with any real key sees key 0 (also under the causal mask).
-        const anyKey = tf.reshape(tf.any(padding.keyMask, 1), [b, 1, 1, 1]);
-        context = tf.where(anyKey, context, tf.mean(v, 1, true)) as tf.Tensor4D;
-      }
-      if (padding.query != null) {
-        // Keras: a masked query row has every score at -1e9, a uniform
-        // softmax: the mean of the values.
-        const meanV = tf.mean(v, 1, true);
-        context = tf.where(tf.reshape(padding.query, [b, sq, 1, 1]), context, meanV) as tf.Tensor4D;
-      }
+      context = kerasRowsWithoutKeys(context, v, padding.keyMask, padding.query);
     } else if (fused) {
       context = flashAttention(q, k, v, {
                   softmaxScale: scale,

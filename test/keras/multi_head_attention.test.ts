@@ -9,16 +9,23 @@
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 
+import {webgpuCounters, WebGPUCounts} from '../../benchmarks/webgpu_counters';
 import {setForwardOverride} from '../../kernels/webgpu/FlashAttention';
+import {setGradTilesOverride} from '../../kernels/webgpu/FlashAttentionGrad';
 import {FLASH_ATTENTION_IMPL} from '../../src';
 import {MultiHeadAttention, MultiHeadAttentionArgs} from '../../src/layers/multi_head_attention';
 import {describeBackends, useBackend} from '../harness/backends';
 import {disposeKerasMHA, KERAS_MHA_WEIGHT_NAMES, kerasMultiHeadAttention, setKerasMHAWeights} from '../harness/keras_mha';
-import {expectClose, freshRng, Rng} from '../harness/problems';
+import {expectClose, FORWARD_BOUND, freshRng, GRADIENT_BOUND, Rng} from '../harness/problems';
 
+import {kerasMHAOracle, KerasMHAOracleProblem, KerasMHAOracleWeights} from './keras_oracle';
 import {loadModel, randomInputs, randomWeights, readFixture, weightSpecs} from './keras_models';
 
 const BOUND = 1e-5;
+/** fwd+bwd of a padding-masked self-attention call on webgpu (the last test). */
+const PADDING_MASK_GRAD_DISPATCHES = 41;
+/** Its host uploads at S = 16: scalars and the mask's key range, by shape. */
+const HOST_UPLOADS: Array<[string, number]> = [['bool[]', 1], ['int32[16]', 1], ['int32[]', 2]];
 
 function normals(shape: number[], rng: Rng, scale = 1): tf.Tensor {
   const n = shape.reduce((a, b) => a * b, 1);
@@ -406,4 +413,168 @@ describe('MultiHeadAttention: flashAttention, training (cpu)', () => {
     tf.dispose([q, v, mask]);
     layer.dispose();
   });
+});
+
+/**
+ * Gradients through the fused padding-mask path (attention_mask [B, 1, S],
+ * and the inputs' Keras masks: masked queries and keyless batch rows get
+ * Keras's mean of V), against central differences of the float64 oracle;
+ * and their cost on webgpu: no dispatch per query row, no upload of V's
+ * size (tf.where against tf.mean had both: Tile's and Mean's gradients).
+ */
+describeBackends('MultiHeadAttention: gradients through the fused padding mask', backend => {
+  const [B, E, H, Dk] = [3, 8, 2, 4];
+  /** Batch rows of 0 and 1 keys, the third `seq - 2` (its tail is padding). */
+  const lengthsOf = (seq: number) => [0, 1, seq - 2];
+  /** [B, S] of 0/1: the padding mask of `lengthsOf(seq)`. */
+  const paddingOf = (seq: number) => Float32Array.from(
+      {length: B * seq}, (_, n) => n % seq < lengthsOf(seq)[Math.floor(n / seq)] ? 1 : 0);
+
+  beforeAll(() => {
+    if (backend === 'webgpu') {
+      setForwardOverride({tiles: {tm: 1, tx: 2, nq: 1, ty: 8}});
+      setGradTilesOverride({dkdv: {bc: 4, br: 4, threads: 16}, dq: {br: 4, bc: 4, threads: 16}});
+    }
+  });
+  afterAll(() => {
+    setForwardOverride(null);
+    setGradTilesOverride(null);
+  });
+
+  /** A built layer with random float32 weights, and those weights in float64. */
+  function layerWithWeights(
+      rng: Rng, seq: number): {layer: MultiHeadAttention, weights: KerasMHAOracleWeights} {
+    const layer = new MultiHeadAttention({numHeads: H, keyDim: Dk});
+    tf.tidy(() => layer.apply(tf.zeros([B, seq, E]), {value: tf.zeros([B, seq, E])}) as tf.Tensor);
+    // Keras-like scales: with scores far below 32, a keyless row's scores
+    // (score - 1e9 in float32, ulp 64) are all -1e9: Keras's uniform row.
+    const arrays = layer.weights.map((w, i) => {
+      const shape = w.shape as number[];
+      const scale = i === 6 ? 1 / Math.sqrt(H * Dk) : i % 2 === 0 ? 1 / Math.sqrt(shape[0]) : 0.3;
+      return Float32Array.from(
+          {length: shape.reduce((a, b) => a * b, 1)}, () => scale * rng.normal());
+    });
+    layer.setWeights(arrays.map((a, i) => tf.tensor(a, layer.weights[i].shape as number[])));
+    const f64 = (i: number) => Float64Array.from(arrays[i]);
+    const weights = {
+      query: {kernel: f64(0), bias: f64(1)},
+      key: {kernel: f64(2), bias: f64(3)},
+      value: {kernel: f64(4), bias: f64(5)},
+      output: {kernel: f64(6), bias: f64(7)},
+    };
+    return {layer, weights};
+  }
+
+  /** Self-attention on x (query = value = key) for the oracle. */
+  function oracleProblem(
+      x: Float64Array, seq: number, weights: KerasMHAOracleWeights, attentionMask: Float64Array,
+      causal: boolean): KerasMHAOracleProblem {
+    return {
+      batch: B,
+      seqQ: seq,
+      seqK: seq,
+      queryDim: E,
+      valueDim: E,
+      keyInputDim: E,
+      heads: H,
+      keyDim: Dk,
+      headDimV: Dk,
+      outDim: E,
+      query: x,
+      value: x,
+      key: null,
+      weights,
+      attentionMask,
+      causal,
+    };
+  }
+
+  /** d sum(out * dy) / dx of self-attention on x, by central differences in float64. */
+  function oracleGradient(
+      x: Float64Array, dy: Float64Array, seq: number, weights: KerasMHAOracleWeights,
+      attentionMask: Float64Array, causal: boolean): Float64Array {
+    const loss = (input: Float64Array) => {
+      const {out} = kerasMHAOracle(oracleProblem(input, seq, weights, attentionMask, causal));
+      return out.reduce((s, o, i) => s + o * dy[i], 0);
+    };
+    const step = 1e-5;
+    return x.map((xi, i) => {
+      const shifted = Float64Array.from(x);
+      shifted[i] = xi + step;
+      const up = loss(shifted);
+      shifted[i] = xi - step;
+      return (up - loss(shifted)) / (2 * step);
+    });
+  }
+
+  for (const [title, keras, causal] of [
+           ['attention_mask [B, 1, S] padding mask, causal', false, true],
+           ['Keras masks of the inputs (masked queries too)', true, false],
+  ] as Array<[string, boolean, boolean]>) {
+    it(title, async () => {
+      const rng = freshRng();
+      const seq = 6;
+      const {layer, weights} = layerWithWeights(rng, seq);
+      const x = Float32Array.from({length: B * seq * E}, () => rng.normal());
+      const dy = Float32Array.from({length: B * seq * E}, () => rng.normal());
+      const padding = paddingOf(seq);
+      // Keras: attention mask = query mask (rows) & key mask (columns).
+      const full = Float64Array.from(
+          {length: B * seq * seq},
+          (_, n) => padding[Math.floor(n / (seq * seq)) * seq + (n % seq)] *
+              (keras ? padding[Math.floor(n / seq)] : 1));
+      const start = tf.memory().numTensors;
+      const [xt, dyt] = [tf.tensor(x, [B, seq, E]), tf.tensor(dy, [B, seq, E])];
+      const mask = keras ? tf.tensor(padding, [B, seq], 'bool') : tf.tensor(padding, [B, 1, seq]);
+      const call = (a: tf.Tensor) => layer.apply(
+          a, keras ? {value: a, mask} : {value: a, attentionMask: mask, useCausalMask: causal});
+      const out = call(xt) as tf.Tensor;
+      const {out: wantOut} =
+          kerasMHAOracle(oracleProblem(Float64Array.from(x), seq, weights, full, causal));
+      expectClose(await out.data(), wantOut, FORWARD_BOUND, `${title} out (seed ${rng.seed})`);
+      const [grad] = tf.grads(a => call(a) as tf.Tensor)([xt], dyt);
+      const want =
+          oracleGradient(Float64Array.from(x), Float64Array.from(dy), seq, weights, full, causal);
+      expectClose(await grad.data(), want, GRADIENT_BOUND, `${title} dx (seed ${rng.seed})`);
+      tf.dispose([xt, dyt, mask, out, grad]);
+      expect(tf.memory().numTensors).toBe(start);
+      layer.dispose();
+    });
+  }
+
+  if (backend === 'webgpu') {
+    it('fwd+bwd cost does not grow with the sequence: no per-row dispatch, no V-sized upload',
+       async () => {
+         const rng = freshRng();
+         const cpuForward = tf.env().getBool('WEBGPU_CPU_FORWARD');
+         tf.env().set('WEBGPU_CPU_FORWARD', false);
+         try {
+           const costs: WebGPUCounts[] = [];
+           for (const seq of [8, 16]) {
+             const {layer} = layerWithWeights(rng, seq);
+             const x = tf.randomNormal([B, seq, E]);
+             const mask = tf.tensor(paddingOf(seq), [B, 1, seq]);
+             const run = () => tf.grads(
+                 (a: tf.Tensor) =>
+                     layer.apply(a, {value: a, attentionMask: mask, useCausalMask: true}) as
+                     tf.Tensor)([x], x);
+             tf.dispose(run());  // compiles
+             const counters = webgpuCounters();
+             const [grad] = run();
+             costs.push(counters.snapshot());
+             await grad.data();
+             tf.dispose([x, mask, grad]);
+             layer.dispose();
+           }
+           // Projections, flashAttention fwd+bwd and the keyless rows' blend:
+           // the same programs whatever the length.
+           expect(costs[1].dispatches).toBe(costs[0].dispatches);
+           expect(costs[0].dispatches).toBe(PADDING_MASK_GRAD_DISPATCHES);
+           // Small index ranges and scalars go up, nothing of V's size.
+           expect([...costs[1].uploadShapes]).toEqual(HOST_UPLOADS);
+         } finally {
+           tf.env().set('WEBGPU_CPU_FORWARD', cpuForward);
+         }
+       });
+  }
 });
