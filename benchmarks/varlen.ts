@@ -390,9 +390,11 @@ async function main(): Promise<void> {
   const dy = tf.reshape(dyPadded, [batch, maxLen, embed]);
   tf.dispose([qp, dyPadded]);
   // The package's fused LayerNorm (residual add included): tfjs-layers'
-  // layerNormalization tiles its moments to the input's shape, and tfjs's
-  // Tile gradient runs a slice and an add per repeat (2 E + 2 dispatches
-  // per norm), its Mean gradients upload `ones(x.shape)` from the host.
+  // layerNormalization tiles its mean and variance E times (gamma and
+  // beta B S times) to the input's shape, and tfjs's Tile gradient runs a
+  // slice and an add per repeat (4 E dispatches per norm, 4 B S more with
+  // gamma's and beta's gradients); its Mean gradients upload
+  // `ones(x.shape)` from the host.
   const norm1 = layers.fusedLayerNormalization();
   const norm2 = layers.fusedLayerNormalization();
   const up = tfl.layers.dense({units: 4 * embed, activation: 'relu'});
