@@ -261,7 +261,8 @@ describeBackends('flashAttentionWithKVCache', backend => {
 
   if (backend === 'webgpu') {
     // Plans the planner would not pick at these sizes, forced through the
-    // workgroup target: many one-tile splits, and one split that walks
+    // workgroup target: many one-tile splits (D = 24: key lanes that do not
+    // divide the tile), and one split that walks
     // several key tiles (the running max rises from tile to tile under
     // causal ALiBi) with query rows in two chunks (G * Sq = 16 > 8).
     const forcedPlans: Array<[string, number, DecodeCase]> = [
@@ -274,7 +275,7 @@ describeBackends('flashAttentionWithKVCache', backend => {
           seqMax: 700,
           heads: 4,
           headsKV: 1,
-          headDim: 16,
+          headDim: 24,
           opts: {causal: true},
           seqlens: [650]
         }

@@ -34,7 +34,7 @@
  * vec4s: a uniform write costs no buffer upload per step).
  */
 import type {ScoreOptions} from './wgsl_snippets';
-import {FA_NEG_BIG, keyRangeWGSL, scoreKey, scoreWGSL} from './wgsl_snippets';
+import {FA_NEG_BIG, keyRangeWGSL, range, scoreKey, scoreWGSL} from './wgsl_snippets';
 
 /** Keys per tile = threads per workgroup. */
 export const DECODE_TILE = 128;
@@ -89,6 +89,34 @@ export class DecodeSplitProgram {
     const keyLanes = Math.floor(T / dimLanes);
     const vec4sPerThread = Math.ceil(dv4 / dimLanes);
     const keysPerLane = Math.ceil(T / keyLanes);
+    const kBatch = [4, 2, 1].find(n => d4 % n === 0)!;
+    const vBatch = [4, 2, 1].find(n => keysPerLane % n === 0)!;
+    const kLoads = range(kBatch).map(x => `      let k${x} = kCache[kBase + d + ${x}];`).join('\n');
+    const kDots = range(kBatch)
+                      .map(x => `        dots[r] += dot(qTile[r * D4 + d + ${x}], k${x});`)
+                      .join('\n');
+    const vLoads = range(vBatch)
+                       .map(
+                           x => `        let key${x} = (c + ${x}) * KEY_LANES + keyLane;
+        let vBase${x} = ((b * u.seqMax + tile0 + min(key${x}, count - 1)) * u.headsKV + hk) * DV4;
+${
+                               range(vec4sPerThread)
+                                   .map(
+                                       e => `        let v${x}_${e} = vCache[vBase${
+                                           x} + min(dimLane + ${e} * DIM_LANES, DV4 - 1)];`)
+                                   .join('\n')}`)
+                       .join('\n');
+    const vAccumulate =
+        range(vBatch)
+            .map(
+                x => `          let w${x} = select(0.0, probs[r * T + min(key${x}, T - 1)], key${
+                    x} < count);
+          rowSum[r] += w${x};
+${
+                    range(vec4sPerThread)
+                        .map(e => `          acc[r * VPT + ${e}] += w${x} * v${x}_${e};`)
+                        .join('\n')}`)
+            .join('\n');
     const alibiSlope =
         score.alibi ? 'slopes[select(h, b * u.heads + h, u.alibiPerBatch != 0)]' : '0.0';
     return `${scoreWGSL(score)}${keyRangeWGSL(score)}
@@ -116,6 +144,8 @@ const G = ${groups};
 const DIM_LANES = ${dimLanes};
 const KEY_LANES = ${keyLanes};
 const KEYS_PER_LANE = ${keysPerLane};
+const K_BATCH = ${kBatch};
+const V_BATCH = ${vBatch};
 const VPT = ${vec4sPerThread};
 const NEG_BIG = ${FA_NEG_BIG};
 
@@ -182,11 +212,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     var s: array<f32, ROWS>;
     var dots: array<f32, ROWS>;
     for (var r = 0; r < ROWS; r++) { dots[r] = 0.0; }
-    if (j < hi) {
-      let kBase = ((b * u.seqMax + j) * u.headsKV + hk) * D4;
-      for (var d = 0; d < D4; d++) {
-        let kv = kCache[kBase + d];
-        for (var r = 0; r < ROWS; r++) { dots[r] += dot(qTile[r * D4 + d], kv); }
+    // Keys past hi read a valid row (branch-free loads) and score NEG_BIG.
+    let kBase = ((b * u.seqMax + min(j, hi - 1)) * u.headsKV + hk) * D4;
+    for (var d = 0; d < D4; d += K_BATCH) {
+${kLoads}
+      for (var r = 0; r < ROWS; r++) {
+${kDots}
       }
     }
     for (var r = 0; r < ROWS; r++) {
@@ -213,18 +244,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     workgroupBarrier();
     let count = min(T, hi - tile0);
     if (keyLane < KEY_LANES) {
-      for (var c = 0; c < KEYS_PER_LANE; c++) {
-        let key = c * KEY_LANES + keyLane;
-        if (key < count) {
-          let vBase = ((b * u.seqMax + tile0 + key) * u.headsKV + hk) * DV4;
-          for (var e = 0; e < VPT; e++) {
-            let d = dimLane + e * DIM_LANES;
-            if (d < DV4) {
-              let vv = vCache[vBase + d];
-              for (var r = 0; r < ROWS; r++) { acc[r * VPT + e] += probs[r * T + key] * vv; }
-            }
-          }
-          for (var r = 0; r < ROWS; r++) { rowSum[r] += probs[r * T + key]; }
+      // V_BATCH rows loaded before any use: that many in flight per thread
+      // whether or not the compiler unrolls. Keys past count read a valid
+      // row with weight 0; dims past DV4 are never written out.
+      for (var c = 0; c < KEYS_PER_LANE; c += V_BATCH) {
+${vLoads}
+        for (var r = 0; r < ROWS; r++) {
+${vAccumulate}
         }
       }
     }
