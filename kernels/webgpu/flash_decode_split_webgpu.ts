@@ -13,9 +13,10 @@
  * where the rows of a chunk are the query rows (i, g) that read the same kv
  * head (GQA), so each key and value is read once for all of them. Per tile
  * of TILE keys (one per thread):
- *   1. thread t reads key tile0 + t as vec4s (a fixed-length loop: its
- *      loads are all in flight at once) and scores it for every row (the
- *      queries sit in workgroup memory, read as broadcasts);
+ *   1. thread t reads key tile0 + t as vec4s, K_BATCH loads issued before
+ *      any is used (in flight together even where the compiler does not
+ *      unroll), and scores it for every row (the queries sit in workgroup
+ *      memory, read as broadcasts);
  *   2. the tile's max joins the running max of each row through one
  *      workgroup atomicMax on order-preserving float bits, by the threads
  *      whose score beats the running max only (after the first tiles, few):
@@ -24,8 +25,8 @@
  *   3. every thread turns its scores into probabilities; thread
  *      (keyLane, dimLane) then accumulates P V for the vec4 of value dims
  *      dimLane over keys keyLane, keyLane + KEY_LANES, ...: the threads of
- *      a lane read one value row as consecutive vec4s (coalesced), and each
- *      thread has TILE / KEY_LANES rows in flight.
+ *      a lane read one value row as consecutive vec4s (coalesced), V_BATCH
+ *      rows in flight per thread.
  * The key lanes' partial outputs and sums are added once per split.
  *
  * Bindings: q, kCache, vCache, slopes; outputs partAcc
