@@ -20,9 +20,14 @@
  *   node decode.mjs [--contexts 512,...,32768] [--heads 32] [--heads-kv 8]
  *       [--dim 128] [--gen-contexts 256,1024,4096] [--gen-tokens 16]
  *       [--bandwidth-gbs N] [--torch torch_decode.json] [--smoke]
- *       [--budget-ms 300] [--rotary]
+ *       [--budget-ms 300] [--rotary] [--targets 264,528,1056] [--no-gen]
  *
  * --rotary: the fused step also rotates q and the new key (rotary tables).
+ * Each row names the split-KV plan that ran (kernels/webgpu/flash_decode.ts
+ * planDecode: splits x keys per split, workgroups of the split pass);
+ * --targets also times the fused step with the splits aimed at each of
+ * these workgroup counts (a table of plans; each checked against the
+ * default plan). --no-gen: attention only (no generation rows).
  * Each row also lists the WebGPU API calls of one step (dispatches,
  * submits, error scopes, host uploads: benchmarks/webgpu_counters.ts).
  * --smoke: tiny sizes for a software adapter (SwiftShader); DECODE_PROFILE=1
@@ -37,6 +42,7 @@ import '@tensorflow/tfjs-layers';
 
 import {buildGPT, withDeferredSubmits} from '../demo/gpt';
 import {useBestBackend} from '../demo/backend';
+import {DecodePlan, planDecode, setDecodeTargetWorkgroups} from '../kernels/webgpu/flash_decode';
 import {checkOwnPipelineErrors} from '../kernels/webgpu/own_pipeline';
 import {flashAttentionWithKVCache} from '../src';
 import {flashMHA, IncrementalDecoder} from '../src/layers';
@@ -57,6 +63,9 @@ interface Args {
   budgetMs: number;
   /** Rotary tables on the fused attention step (q and the new key rotated). */
   rotary: boolean;
+  /** Workgroup targets of extra split plans to time (none: the default only). */
+  targets: number[];
+  gen: boolean;
 }
 
 function parseArgs(argv: string[]): Args {
@@ -79,6 +88,8 @@ function parseArgs(argv: string[]): Args {
     torch: get('torch', '') || null,
     budgetMs: Number(get('budget-ms', smoke ? '100' : '300')),
     rotary: argv.includes('--rotary'),
+    targets: nums(get('targets', '')),
+    gen: !argv.includes('--no-gen'),
   };
 }
 
@@ -169,6 +180,13 @@ interface AttentionRow {
   check: number;
   /** WebGPU API calls of one fused step. */
   api: string;
+  plan: DecodePlan;
+  /** Extra plans (--targets): ms and max relative difference to the default. */
+  sweep: Array<{target: number, plan: DecodePlan, ms: number, diff: number}>;
+}
+
+function planText(p: DecodePlan): string {
+  return `${p.numSplits} x ${p.splitKeys} keys, ${p.workgroups} wg of ${p.threadsPerWorkgroup}`;
 }
 
 async function attentionRows(args: Args): Promise<AttentionRow[]> {
@@ -192,6 +210,28 @@ async function attentionRows(args: Args): Promise<AttentionRow[]> {
         tf.Tensor4D;
     const fusedMs = await timeSteps(() => fused().dispose(), args.budgetMs);
     const api = apiCalls(() => fused().dispose());
+    await checkOwnPipelineErrors();
+    const plan = planDecode(1, 1, H, Hk, context);
+    const sweep: AttentionRow['sweep'] = [];
+    for (const target of args.targets) {
+      setDecodeTargetWorkgroups(target);
+      try {
+        const ms = await timeSteps(() => fused().dispose(), args.budgetMs);
+        const a = fused();
+        setDecodeTargetWorkgroups(null);
+        const b = fused();
+        const err = tf.tidy(() => tf.div(tf.max(tf.abs(tf.sub(a, b))), tf.max(tf.abs(b))));
+        const diff = (await err.data())[0];
+        tf.dispose([a, b, err]);
+        setDecodeTargetWorkgroups(target);
+        sweep.push({target, plan: planDecode(1, 1, H, Hk, context), ms, diff});
+        log(`context ${context}, target ${target} workgroups: ${ms.toFixed(3)} ms (${
+            planText(
+                sweep[sweep.length - 1].plan)}), max rel diff to default ${diff.toExponential(2)}`);
+      } finally {
+        setDecodeTargetWorkgroups(null);
+      }
+    }
     await checkOwnPipelineErrors();
     // Concat baseline on the same prefix.
     const kPrev = tf.slice(kCache, [0, 0, 0, 0], [1, context - 1, Hk, D]);
@@ -225,8 +265,8 @@ async function attentionRows(args: Args): Promise<AttentionRow[]> {
       log(`context ${context}: concat baseline failed: ${(e as Error).stack?.slice(0, 1500)}`);
     }
     const bytes = 2 * context * Hk * D * 4;
-    const row = {context, fusedMs, concatMs, gbs: bytes / fusedMs / 1e6, check, api};
-    log(`context ${context}: fused ${fusedMs.toFixed(3)} ms, concat ${
+    const row = {context, fusedMs, concatMs, gbs: bytes / fusedMs / 1e6, check, api, plan, sweep};
+    log(`context ${context}: fused ${fusedMs.toFixed(3)} ms (${planText(plan)}), concat ${
         concatMs?.toFixed(3) ??
         '-'} ms, ${row.gbs.toFixed(0)} GB/s of K/V, max|fused - concat| / max|concat| = ${
         check.toExponential(2)}; one fused step: ${api}`);
@@ -357,7 +397,7 @@ async function main(): Promise<void> {
   const torch = readTorch(args.torch);
   const attention = await attentionRows(args);
   // Generation as the demo runs it: one queue submit per token.
-  const generation = await withDeferredSubmits(() => generationRows(args));
+  const generation = args.gen ? await withDeferredSubmits(() => generationRows(args)) : [];
 
   const lines: string[] = [];
   lines.push(`decode attention, B=1 H=${args.heads} Hk=${args.headsKV} D=${
@@ -365,15 +405,33 @@ async function main(): Promise<void> {
       torch ? `; torch: ${torch.device}` : ''}`);
   lines.push(
       '| context | fused+cache ms | concat ms | concat / fused | K/V GB/s (fused) | % of bandwidth |' +
-      ' torch SDPA ms | fused / torch |');
-  lines.push('| --- | --- | --- | --- | --- | --- | --- | --- |');
+      ' torch SDPA ms | fused / torch | split plan |');
+  lines.push('| --- | --- | --- | --- | --- | --- | --- | --- | --- |');
   for (const r of attention) {
     const t = torch?.rows.find(x => x.context === r.context)?.ms ?? null;
     lines.push(`| ${r.context} | ${r.fusedMs.toFixed(3)} | ${r.concatMs?.toFixed(3) ?? '-'} | ${
         r.concatMs == null ? '-' : (r.concatMs / r.fusedMs).toFixed(1) + 'x'} | ${
         r.gbs.toPrecision(
             3)} | ${bandwidth == null ? '-' : (100 * r.gbs / bandwidth).toFixed(1) + '%'} | ${
-        t?.toFixed(3) ?? '-'} | ${t == null ? '-' : (r.fusedMs / t).toFixed(1) + 'x'} |`);
+        t?.toFixed(3) ??
+        '-'} | ${t == null ? '-' : (r.fusedMs / t).toFixed(1) + 'x'} | ${planText(r.plan)} |`);
+  }
+  if (args.targets.length > 0) {
+    lines.push('');
+    lines.push('split plans (--targets): fused+cache ms per step');
+    lines.push(
+        '| context | target wg | split plan | ms | K/V GB/s | % of bandwidth | diff to default |');
+    lines.push('| --- | --- | --- | --- | --- | --- | --- |');
+    for (const r of attention) {
+      const bytes = 2 * r.context * args.headsKV * args.dim * 4;
+      for (const x of r.sweep) {
+        const gbs = bytes / x.ms / 1e6;
+        lines.push(`| ${r.context} | ${x.target} | ${planText(x.plan)} | ${x.ms.toFixed(3)} | ${
+            gbs.toPrecision(
+                3)} | ${bandwidth == null ? '-' : (100 * gbs / bandwidth).toFixed(1) + '%'} | ${
+            x.diff.toExponential(1)} |`);
+      }
+    }
   }
   lines.push('');
   lines.push(`generation, GPT ${args.gpt.numLayers} layers x FlashMHA width ${args.gpt.embedDim} (${
@@ -391,7 +449,7 @@ async function main(): Promise<void> {
   const nearest = <T extends {context: number}>(list: T[], c: number) =>
       list.reduce((a, b) => Math.abs(b.context - c) < Math.abs(a.context - c) ? b : a);
   const a4096 = nearest(attention, 4096);
-  const g1024 = nearest(generation, 1024);
+  const g1024 = generation.length > 0 ? nearest(generation, 1024) : null;
   const flat = generation.length > 1 ?
       `${generation.map(g => `${g.cachedMs.toFixed(2)} ms @${g.context}`).join(', ')}` :
       '-';
@@ -404,8 +462,8 @@ async function main(): Promise<void> {
       `| K/V bytes read @${a4096.context} vs bandwidth (${bandwidth ?? '?'} GB/s) | >= 30% | ${
           bandwidth == null ? `${a4096.gbs.toPrecision(3)} GB/s` :
                               (100 * a4096.gbs / bandwidth).toFixed(1) + '%'} |`);
-  lines.push(`| generation @${g1024.context}: with / without cache tokens/s | >= 3x | ${
-      (g1024.uncachedMs / g1024.cachedMs).toFixed(1)}x |`);
+  lines.push(`| generation @${g1024?.context ?? '-'}: with / without cache tokens/s | >= 3x | ${
+      g1024 == null ? '-' : (g1024.uncachedMs / g1024.cachedMs).toFixed(1) + 'x'} |`);
   lines.push(`| per-token time flat in context (with cache) | flat | ${flat} |`);
   process.stdout.write(lines.join('\n') + '\n');
 }

@@ -6,7 +6,9 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 
-import {setDecodeTargetWorkgroups} from '../kernels/webgpu/flash_decode';
+import {planDecode, setDecodeTargetWorkgroups} from '../kernels/webgpu/flash_decode';
+import {COMBINE_THREADS} from '../kernels/webgpu/flash_decode_combine_webgpu';
+import {DECODE_TILE} from '../kernels/webgpu/flash_decode_split_webgpu';
 import {checkOwnPipelineErrors, setPoisonOutputs} from '../kernels/webgpu/own_pipeline';
 import {FLASH_ATTENTION_IMPL, FlashAttentionError, flashAttentionWithKVCache, KVCache} from '../src';
 
@@ -259,30 +261,79 @@ describeBackends('flashAttentionWithKVCache', backend => {
   }
 
   if (backend === 'webgpu') {
-    it('splits a long key range over many workgroups (fused)', async () => {
-      tf.env().set(FLASH_ATTENTION_IMPL, 'auto');
-      setDecodeTargetWorkgroups(4096);
-      try {
-        const rng = freshRng();
-        await runCase(
-            {
-              name: 'long cache, many splits',
-              batch: 1,
-              seqQ: 1,
-              seqNew: 1,
-              seqMax: 700,
-              heads: 4,
-              headsKV: 1,
-              headDim: 16,
-              opts: {causal: true},
-              seqlens: [650]
-            },
-            'webgpu (fused)', rng, `seed ${rng.seed}`);
-        await checkOwnPipelineErrors();
-      } finally {
-        setDecodeTargetWorkgroups(null);
-      }
-    });
+    // Plans the planner would not pick at these sizes, forced through the
+    // workgroup target: many one-tile splits (D = 24: key lanes that do not
+    // divide the tile), and one split that walks
+    // several key tiles (the running max rises from tile to tile under
+    // causal ALiBi) with query rows in two chunks (G * Sq = 16 > 8).
+    // [title, workgroup target, fewest splits the plan must have, case]
+    const forcedPlans: Array<[string, number, number, DecodeCase]> = [
+      [
+        'splits a long key range over many workgroups (fused)', 4096, 5, {
+          name: 'long cache, many splits',
+          batch: 1,
+          seqQ: 1,
+          seqNew: 1,
+          seqMax: 700,
+          heads: 4,
+          headsKV: 1,
+          headDim: 24,
+          opts: {causal: true},
+          seqlens: [650]
+        }
+      ],
+      [
+        'merges more splits than the combine pass has threads (fused)', 4096, COMBINE_THREADS + 1, {
+          name: 'very long cache, 131 splits',
+          batch: 1,
+          seqQ: 1,
+          seqNew: 1,
+          seqMax: 16800,
+          heads: 2,
+          headsKV: 1,
+          headDim: 8,
+          opts: {},
+          seqlens: [16700]
+        }
+      ],
+      [
+        'walks several key tiles in one split, rows in two chunks (fused)', 1, 1, {
+          name: 'one split, several tiles',
+          batch: 2,
+          seqQ: 2,
+          seqNew: 2,
+          seqMax: 420,
+          heads: 8,
+          headsKV: 1,
+          headDim: 64,
+          opts: {causal: true},
+          alibi: 'head',
+          seqlens: [400, 131]
+        }
+      ],
+    ];
+    for (const [title, target, minSplits, c] of forcedPlans) {
+      it(title, async () => {
+        tf.env().set(FLASH_ATTENTION_IMPL, 'auto');
+        setDecodeTargetWorkgroups(target);
+        try {
+          // The plan really is the one named.
+          const plan =
+              planDecode(c.batch, c.seqQ, c.heads, c.headsKV, Math.max(...c.seqlens!) + c.seqNew);
+          if (target === 1) {
+            expect(plan).toMatchObject({numSplits: 1, rowChunks: 2});
+            expect(plan.splitKeys).toBeGreaterThan(2 * DECODE_TILE);
+          } else {
+            expect(plan.numSplits).toBeGreaterThanOrEqual(minSplits);
+          }
+          const rng = freshRng();
+          await runCase(c, 'webgpu (fused)', rng, `seed ${rng.seed}`);
+          await checkOwnPipelineErrors();
+        } finally {
+          setDecodeTargetWorkgroups(null);
+        }
+      });
+    }
   }
 
   it('KVCache.attend token by token equals causal attention over the prefix', async () => {
@@ -370,5 +421,22 @@ describeBackends('flashAttentionWithKVCache', backend => {
     cache.dispose();
     expect(() => cache.reset()).toThrow(/disposed/);
     expect(tf.memory().numTensors).toBe(before);
+  });
+});
+
+describe('planDecode', () => {
+  it('fills a large GPU at every context of the decode benchmark', () => {
+    // B=1, H=32, Hk=8, one token: 8 row groups of 4 query rows.
+    for (const context of [512, 4096, 16384, 32768]) {
+      const plan = planDecode(1, 1, 32, 8, context);
+      expect(plan.rows).toBe(4);
+      expect(plan.splitKeys % DECODE_TILE).toBe(0);
+      expect(plan.numSplits * plan.splitKeys).toBeGreaterThanOrEqual(context);
+      expect((plan.numSplits - 1) * plan.splitKeys).toBeLessThan(context);
+      expect(plan.workgroups).toBe(8 * plan.numSplits);
+      // At least ~2 workgroups per SM of a 132-SM GPU once there are keys enough.
+      expect(plan.workgroups)
+          .toBeGreaterThanOrEqual(Math.min(264, 8 * Math.ceil(context / DECODE_TILE)));
+    }
   });
 });

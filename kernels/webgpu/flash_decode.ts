@@ -26,8 +26,9 @@ const TARGET_WORKGROUPS = 528;
 /** Why the fused kernel cannot take a call, or null. */
 export function supportsFlashDecodeWebGPU(
     shapes: AttentionShapes, attrs: FlashAttentionAttrs): string|null {
-  if (shapes.headDim % 4 !== 0) {
-    return `the WebGPU decode kernel needs a head dim divisible by 4, got D=${shapes.headDim}`;
+  if (shapes.headDim % 4 !== 0 || shapes.headDimV % 4 !== 0) {
+    return 'the WebGPU decode kernel needs head dims divisible by 4 (vec4 loads), got ' +
+        `D=${shapes.headDim}, Dv=${shapes.headDimV}`;
   }
   if (attrs.dropoutRate !== 0) {
     return 'the WebGPU decode kernel has no dropout';
@@ -44,10 +45,42 @@ export function planSplits(maxSeqK: number, rowGroups: number, target = TARGET_W
   return {numSplits: Math.max(1, Math.ceil(maxSeqK / splitKeys)), splitKeys};
 }
 
-/** Testing: force the number of workgroups the splits aim at. */
+/** Testing and benchmarks: force the number of workgroups the splits aim at. */
 let targetOverride: number|null = null;
 export function setDecodeTargetWorkgroups(n: number|null): void {
   targetOverride = n;
+}
+
+/** What the split pass of one decode step runs. */
+export interface DecodePlan {
+  /** Query rows per workgroup and row chunks per (batch, kv head). */
+  rows: number;
+  rowChunks: number;
+  numSplits: number;
+  /** Keys per split (a multiple of DECODE_TILE). */
+  splitKeys: number;
+  /** Workgroups of the split pass: B * Hk * rowChunks * numSplits. */
+  workgroups: number;
+  threadsPerWorkgroup: number;
+}
+
+/** The plan for query [B, Sq, H, *], Hk kv heads and the longest row's keys. */
+export function planDecode(
+    batch: number, seqQ: number, heads: number, headsKV: number, maxSeqK: number): DecodePlan {
+  const groups = heads / headsKV;
+  const rows = Math.min(DECODE_MAX_ROWS, groups * seqQ);
+  const rowChunks = Math.ceil(groups * seqQ / rows);
+  const rowGroups = batch * headsKV * rowChunks;
+  const {numSplits, splitKeys} =
+      planSplits(Math.max(1, maxSeqK), rowGroups, targetOverride ?? TARGET_WORKGROUPS);
+  return {
+    rows,
+    rowChunks,
+    numSplits,
+    splitKeys,
+    workgroups: rowGroups * numSplits,
+    threadsPerWorkgroup: DECODE_TILE,
+  };
 }
 
 interface KVCacheKernelInputs {
@@ -147,11 +180,8 @@ function decodeAttention(
   const copies = k == null || v == null ?
       [] :
       [...appendCopies(k, kCache, cacheSeqlens), ...appendCopies(v, vCache, cacheSeqlens)];
-  const rows = Math.min(DECODE_MAX_ROWS, groups * seqQ);
-  const rowChunks = Math.ceil(groups * seqQ / rows);
-  const rowGroups = batch * headsKV * rowChunks;
-  const {numSplits, splitKeys} =
-      planSplits(Math.max(1, ...seqlensK), rowGroups, targetOverride ?? TARGET_WORKGROUPS);
+  const {rows, rowChunks, numSplits, splitKeys, workgroups: groupsTotal} =
+      planDecode(batch, seqQ, heads, headsKV, Math.max(...seqlensK));
   const score = scoreOptionsFromAttrs(attrs, alibiSlopes != null);
   const batchVec4 = Math.ceil(batch / 4);
   const split = new DecodeSplitProgram({headDim, headDimV, groups, seqQ, rows, batchVec4, score});
@@ -166,7 +196,6 @@ function decodeAttention(
   const writer =
       new UniformWriter(new ArrayBuffer(4 * DECODE_SPLIT_UNIFORMS.length + 16 * batchVec4));
   const alibiPerBatch = alibiSlopes != null && alibiSlopes.shape.length === 2 ? 1 : 0;
-  const groupsTotal = rowGroups * numSplits;
   const uniformValues: Record<typeof DECODE_SPLIT_UNIFORMS[number], number> = {
     heads,
     headsKV,

@@ -8,15 +8,26 @@
  * its unnormalized partial output with its running max and sum, and the
  * combine pass (flash_decode_combine_webgpu.ts) merges them.
  *
- * A workgroup serves one (batch, kv head, row chunk, split): the rows of a
- * chunk are query rows (i, g) that all read the same kv head (GQA), so each
- * key and value is read once for all of them. Per tile of TILE keys:
- *   1. thread t computes the scores of key tile0 + t for every row of the
- *      chunk (the queries sit in workgroup memory);
- *   2. thread r < rows updates row r's running max and sum and turns the
- *      tile's scores into probabilities;
- *   3. thread t accumulates dims t, t + TILE, ... of P V for every row
- *      (consecutive threads read consecutive values: coalesced).
+ * Decoding is bound by the bytes of K and V read, so the kernel is laid out
+ * for memory: a workgroup serves one (batch, kv head, row chunk, split),
+ * where the rows of a chunk are the query rows (i, g) that read the same kv
+ * head (GQA), so each key and value is read once for all of them. Per tile
+ * of TILE keys (one per thread):
+ *   1. thread t reads key tile0 + t as vec4s, K_BATCH loads issued before
+ *      any is used (in flight together even where the compiler does not
+ *      unroll), and scores it for every row (the queries sit in workgroup
+ *      memory, read as broadcasts);
+ *   2. the tile's max joins the running max of each row through one
+ *      workgroup atomicMax on order-preserving float bits, by the threads
+ *      whose score beats the running max only (after the first tiles, few):
+ *      no serial pass over the scores; the max is exact, so the result does
+ *      not depend on thread timing;
+ *   3. every thread turns its scores into probabilities; thread
+ *      (keyLane, dimLane) then accumulates P V for the vec4 of value dims
+ *      dimLane over keys keyLane, keyLane + KEY_LANES, ...: the threads of
+ *      a lane read one value row as consecutive vec4s (coalesced), V_BATCH
+ *      rows in flight per thread.
+ * The key lanes' partial outputs and sums are added once per split.
  *
  * Bindings: q, kCache, vCache, slopes; outputs partAcc
  * [B*Sq*H, numSplits, Dv] and partMaxSum [B*Sq*H, numSplits, 2]; uniforms,
@@ -24,10 +35,10 @@
  * vec4s: a uniform write costs no buffer upload per step).
  */
 import type {ScoreOptions} from './wgsl_snippets';
-import {FA_NEG_BIG, keyRangeWGSL, scoreKey, scoreWGSL} from './wgsl_snippets';
+import {FA_NEG_BIG, keyRangeWGSL, range, scoreKey, scoreWGSL} from './wgsl_snippets';
 
 /** Keys per tile = threads per workgroup. */
-export const DECODE_TILE = 64;
+export const DECODE_TILE = 128;
 /** Most query rows one workgroup serves (registers: rows x Dv / TILE). */
 export const DECODE_MAX_ROWS = 8;
 
@@ -74,7 +85,41 @@ export class DecodeSplitProgram {
     const {headDim, headDimV, groups, seqQ, rows, batchVec4, score} = this.config;
     const T = DECODE_TILE;
     const d4 = headDim / 4;
-    const dimsPerThread = Math.ceil(headDimV / T);
+    const dv4 = headDimV / 4;
+    const dimLanes = Math.min(dv4, T);
+    const keyLanes = Math.floor(T / dimLanes);
+    const vec4sPerThread = Math.ceil(dv4 / dimLanes);
+    const keysPerLane = Math.ceil(T / keyLanes);
+    const kBatch = [4, 2, 1].find(n => d4 % n === 0)!;
+    const vBatch = [4, 2, 1].find(n => keysPerLane % n === 0)!;
+    const kLoads = range(kBatch).map(x => `      let k${x} = kCache[kBase + d + ${x}];`).join('\n');
+    const kDots = range(kBatch)
+                      .map(x => `        dots[r] += dot(qTile[r * D4 + d + ${x}], k${x});`)
+                      .join('\n');
+    const vLoads = range(vBatch)
+                       .map(
+                           x => `        let key${x} = (c + ${x}) * KEY_LANES + keyLane;
+        let vBase${x} = ((b * u.seqMax + tile0 + min(key${x}, count - 1)) * u.headsKV + hk) * DV4;
+${
+                               range(vec4sPerThread)
+                                   .map(
+                                       e => `        let v${x}_${e} = vCache[vBase${
+                                           x} + min(dimLane + ${e} * DIM_LANES, DV4 - 1)];`)
+                                   .join('\n')}`)
+                       .join('\n');
+    const vAccumulate =
+        range(vBatch)
+            .map(
+                x => `          let w${x} = select(0.0, probs[r * T + min(key${x}, T - 1)], key${
+                    x} < count);
+          rowSum[r] += w${x};
+${
+                    range(vec4sPerThread)
+                        .map(e => `          acc[r * VPT + ${e}] += w${x} * v${x}_${e};`)
+                        .join('\n')}`)
+            .join('\n');
+    const alibiSlope =
+        score.alibi ? 'slopes[select(h, b * u.heads + h, u.alibiPerBatch != 0)]' : '0.0';
     return `${scoreWGSL(score)}${keyRangeWGSL(score)}
 struct Uniforms {
   heads: i32, headsKV: i32, seqMax: i32, numSplits: i32, splitKeys: i32,
@@ -84,9 +129,9 @@ struct Uniforms {
 }
 @group(0) @binding(0) var<storage, read> q: array<vec4<f32>>;
 @group(0) @binding(1) var<storage, read> kCache: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> vCache: array<f32>;
+@group(0) @binding(2) var<storage, read> vCache: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> slopes: array<f32>;
-@group(0) @binding(4) var<storage, read_write> partAcc: array<f32>;
+@group(0) @binding(4) var<storage, read_write> partAcc: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read_write> partMaxSum: array<f32>;
 @group(0) @binding(6) var<uniform> u: Uniforms;
 
@@ -94,15 +139,32 @@ const T = ${T};
 const ROWS = ${rows};
 const GROUP_ROWS = ${groups * seqQ};
 const D4 = ${d4};
-const DV = ${headDimV};
+const DV4 = ${dv4};
 const SQ = ${seqQ};
 const G = ${groups};
-const DPT = ${dimsPerThread};
+const DIM_LANES = ${dimLanes};
+const KEY_LANES = ${keyLanes};
+const KEYS_PER_LANE = ${keysPerLane};
+const K_BATCH = ${kBatch};
+const V_BATCH = ${vBatch};
+const VPT = ${vec4sPerThread};
 const NEG_BIG = ${FA_NEG_BIG};
 
 var<workgroup> qTile: array<vec4<f32>, ${rows * d4}>;
 var<workgroup> probs: array<f32, ${rows * T}>;
-var<workgroup> rowAlpha: array<f32, ${rows}>;
+var<workgroup> maxBits: array<atomic<i32>, ${rows}>;
+var<workgroup> accLanes: array<vec4<f32>, ${vec4sPerThread * T}>;
+var<workgroup> sumLanes: array<f32, ${keyLanes}>;
+
+// Float bits as an i32 that orders like the float (negatives flipped).
+fn ordered_bits(x: f32) -> i32 {
+  let bits = bitcast<i32>(x);
+  return bits ^ ((bits >> 31u) & 0x7fffffff);
+}
+
+fn from_ordered_bits(o: i32) -> f32 {
+  return bitcast<f32>(o ^ ((o >> 31u) & 0x7fffffff));
+}
 
 @compute @workgroup_size(${T})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -127,90 +189,98 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
       qTile[x] = q[((b * SQ + n / G) * u.heads + h) * D4 + x % D4];
     }
   }
+  if (t < ROWS) { atomicStore(&maxBits[t], ordered_bits(NEG_BIG)); }
   var p = FaScore(u.scale, u.softcap, 0.0, seqK - SQ, u.left, u.right, seqK, SQ);
   let i0 = n0 / G;
   let i1 = (n0 + nRows - 1) / G + 1;
   let range = fa_key_range(i0, i1, p);
   let lo = max(range.x, split * u.splitKeys);
   let hi = min(range.y, (split + 1) * u.splitKeys);
-  var rowMax = NEG_BIG;
-  var rowSum = 0.0;
-  var acc: array<f32, ${rows * dimsPerThread}>;
-  for (var x = 0; x < ${rows * dimsPerThread}; x++) { acc[x] = 0.0; }
+  // P V lanes: threads past KEY_LANES * DIM_LANES only score keys.
+  let dimLane = t % DIM_LANES;
+  let keyLane = t / DIM_LANES;
+  var rowMax: array<f32, ROWS>;
+  var rowSum: array<f32, ROWS>;
+  var acc: array<vec4<f32>, ${rows * vec4sPerThread}>;
+  for (var r = 0; r < ROWS; r++) {
+    rowMax[r] = NEG_BIG;
+    rowSum[r] = 0.0;
+  }
+  for (var x = 0; x < ROWS * VPT; x++) { acc[x] = vec4<f32>(0.0); }
   workgroupBarrier();
   for (var tile0 = lo; tile0 < hi; tile0 += T) {
     let j = tile0 + t;
+    var s: array<f32, ROWS>;
     var dots: array<f32, ROWS>;
     for (var r = 0; r < ROWS; r++) { dots[r] = 0.0; }
-    if (j < hi) {
-      let kBase = ((b * u.seqMax + j) * u.headsKV + hk) * D4;
-      for (var d = 0; d < D4; d++) {
-        let kv = kCache[kBase + d];
-        for (var r = 0; r < ROWS; r++) { dots[r] += dot(qTile[r * D4 + d], kv); }
+    // Keys past hi read a valid row (branch-free loads) and score NEG_BIG.
+    let kBase = ((b * u.seqMax + min(j, hi - 1)) * u.headsKV + hk) * D4;
+    for (var d = 0; d < D4; d += K_BATCH) {
+${kLoads}
+      for (var r = 0; r < ROWS; r++) {
+${kDots}
       }
     }
     for (var r = 0; r < ROWS; r++) {
       let n = n0 + r;
       let i = n / G;
-      var s = NEG_BIG;
+      s[r] = NEG_BIG;
       if (r < nRows && j < hi && fa_visible(i, j, p)) {
         let h = hk * G + n % G;
-        p.slope = ${
-        score.alibi ? 'slopes[select(h, b * u.heads + h, u.alibiPerBatch != 0)]' : '0.0'};
-        s = fa_score(dots[r], i, j, p);
+        p.slope = ${alibiSlope};
+        s[r] = fa_score(dots[r], i, j, p);
       }
-      probs[r * T + t] = s;
+      if (s[r] > rowMax[r]) { atomicMax(&maxBits[r], ordered_bits(s[r])); }
     }
     workgroupBarrier();
-    if (t < ROWS) {
-      let base = t * T;
-      var tileMax = NEG_BIG;
-      for (var c = 0; c < T; c++) { tileMax = max(tileMax, probs[base + c]); }
-      let newMax = max(rowMax, tileMax);
-      let alpha = exp(rowMax - newMax);
-      var sum = 0.0;
-      for (var c = 0; c < T; c++) {
-        let s = probs[base + c];
-        // Masked keys keep NEG_BIG: weight 0 even while newMax is NEG_BIG.
-        let e = select(0.0, exp(s - newMax), s > 0.5 * NEG_BIG);
-        probs[base + c] = e;
-        sum += e;
-      }
-      rowSum = rowSum * alpha + sum;
-      rowMax = newMax;
-      rowAlpha[t] = alpha;
+    for (var r = 0; r < ROWS; r++) {
+      let newMax = from_ordered_bits(atomicLoad(&maxBits[r]));
+      let alpha = exp(rowMax[r] - newMax);
+      rowMax[r] = newMax;
+      rowSum[r] *= alpha;
+      for (var e = 0; e < VPT; e++) { acc[r * VPT + e] *= alpha; }
+      // Masked keys keep NEG_BIG: weight 0 even while newMax is NEG_BIG.
+      probs[r * T + t] = select(0.0, exp(s[r] - newMax), s[r] > 0.5 * NEG_BIG);
     }
     workgroupBarrier();
     let count = min(T, hi - tile0);
-    for (var r = 0; r < ROWS; r++) {
-      let alpha = rowAlpha[r];
-      for (var e = 0; e < DPT; e++) { acc[r * DPT + e] *= alpha; }
-    }
-    for (var c = 0; c < count; c++) {
-      let vBase = ((b * u.seqMax + tile0 + c) * u.headsKV + hk) * DV;
-      for (var e = 0; e < DPT; e++) {
-        let d = t + e * T;
-        if (d < DV) {
-          let vd = vCache[vBase + d];
-          for (var r = 0; r < ROWS; r++) { acc[r * DPT + e] += probs[r * T + c] * vd; }
+    if (keyLane < KEY_LANES) {
+      // V_BATCH rows loaded before any use: that many in flight per thread
+      // whether or not the compiler unrolls. Keys past count read a valid
+      // row with weight 0; dims past DV4 are never written out.
+      for (var c = 0; c < KEYS_PER_LANE; c += V_BATCH) {
+${vLoads}
+        for (var r = 0; r < ROWS; r++) {
+${vAccumulate}
         }
       }
     }
     workgroupBarrier();
   }
-  // Row n of the group is output row (b, i, h) = ((b * SQ + i) * H + h).
-  for (var r = 0; r < nRows; r++) {
-    let n = n0 + r;
-    let row = (b * SQ + n / G) * u.heads + hk * G + n % G;
-    let slot = row * u.numSplits + split;
-    for (var e = 0; e < DPT; e++) {
-      let d = t + e * T;
-      if (d < DV) { partAcc[slot * DV + d] = acc[r * DPT + e]; }
+  // Add the key lanes. Row n of the group is output row
+  // (b, i, h) = ((b * SQ + i) * H + h).
+  for (var r = 0; r < ROWS; r++) {
+    for (var e = 0; e < VPT; e++) { accLanes[e * T + t] = acc[r * VPT + e]; }
+    if (dimLane == 0 && keyLane < KEY_LANES) { sumLanes[keyLane] = rowSum[r]; }
+    workgroupBarrier();
+    if (r < nRows && keyLane == 0) {
+      let n = n0 + r;
+      let row = (b * SQ + n / G) * u.heads + hk * G + n % G;
+      let slot = row * u.numSplits + split;
+      for (var e = 0; e < VPT; e++) {
+        let d = dimLane + e * DIM_LANES;
+        var total = vec4<f32>(0.0);
+        for (var k = 0; k < KEY_LANES; k++) { total += accLanes[e * T + k * DIM_LANES + dimLane]; }
+        if (d < DV4) { partAcc[slot * DV4 + d] = total; }
+      }
+      if (t == 0) {
+        var sum = 0.0;
+        for (var k = 0; k < KEY_LANES; k++) { sum += sumLanes[k]; }
+        partMaxSum[2 * slot] = rowMax[r];
+        partMaxSum[2 * slot + 1] = sum;
+      }
     }
-    if (t == r) {
-      partMaxSum[2 * slot] = rowMax;
-      partMaxSum[2 * slot + 1] = rowSum;
-    }
+    workgroupBarrier();
   }
 }
 `;
