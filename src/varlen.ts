@@ -14,10 +14,13 @@
 import * as tf from '@tensorflow/tfjs-core';
 
 import {checkAlibi, checkQKV} from './checks';
+import {hasFusedKernel} from './dispatch';
+import {getImpl} from './flags';
 import {normalizeOptions, parseAttentionOptions} from './options';
 import type {FlashAttentionOptions, OptionSpec} from './options';
 import {runFlashAttention} from './ops';
 import {seqlensInput} from './seqlens';
+import {RowGather} from './train/kernel_names';
 
 export interface FlashAttentionVarlenOptions extends
     Omit<FlashAttentionOptions, 'seqlensQ'|'seqlensK'|'keyPaddingMask'|'returnSoftmaxLse'> {
@@ -112,7 +115,7 @@ function customGrad2(f: TwoInputGrad): (a: tf.Tensor, b: tf.Tensor) => tf.Tensor
  * padded position without a token, or a token cut by S or past cu[B],
  * reads zeros). Built once per call on the device from cuSeqlens and kept
  * for the backward, so each pad or unpad, forward or backward, is one
- * concat and one gather.
+ * RowGather pass on webgpu (elsewhere a concat and a gather).
  */
 interface PackedLayout {
   /** `[B * S]` int32: 1 + the packed row of padded position (b, s), or 0. */
@@ -148,9 +151,40 @@ function packedLayout(cu: tf.Tensor1D, seqlen: number, total: number): PackedLay
   return {padIndex, packIndex, lengths, batch, seqlen};
 }
 
-/** Rows `index` of `[zeroRow; x]` (first axis). */
-function gatherAfterZeroRow(x: tf.Tensor, zeroRow: tf.Tensor, index: tf.Tensor1D): tf.Tensor {
-  return tf.tidy(() => tf.gather(tf.concat([zeroRow, x], 0), index));
+/**
+ * Rows `index` of `[zeroRow; x]` (first axis): index 0 reads zeros, i > 0
+ * reads `x[i - 1]`. With a null zeroRow the backend's RowGather kernel does
+ * it in one pass; else a concat and a gather.
+ */
+function gatherAfterZeroRow(x: tf.Tensor, zeroRow: tf.Tensor|null, index: tf.Tensor1D): tf.Tensor {
+  const rest = x.shape.slice(1);
+  if (zeroRow != null) {
+    return tf.tidy(() => tf.gather(tf.concat([zeroRow, x], 0), index));
+  }
+  const rowLength = tf.util.sizeFromShape(rest);
+  if (x.size === 0 || index.size === 0 || rowLength === 0) {
+    // Nothing to read (every index is then 0); no zero-sized GPU bindings.
+    return tf.zeros([index.shape[0], ...rest]);
+  }
+  return tf.tidy(() => {
+    const rows =
+        tf.engine().runKernel(
+            RowGather, {x: tf.reshape(x, [x.shape[0], rowLength]), rowIndex: index}) as tf.Tensor;
+    return tf.reshape(rows, [index.shape[0], ...rest]);
+  });
+}
+
+/**
+ * The zero rows of the composed gathers, or none (null) where the backend
+ * has a RowGather kernel. Not useFusedTrainingKernel: FLASH_ATTENTION_IMPL
+ * 'fused' must not fail on a backend whose attention is fused but which
+ * lacks this small kernel.
+ */
+function zeroRowSource(): (rest: number[]) => tf.Tensor | null {
+  if (getImpl() !== 'reference' && hasFusedKernel(RowGather, tf.getBackend())) {
+    return () => null;
+  }
+  return zeroRowCache();
 }
 
 /** `[1, ...rest]` zero rows, one per trailing shape within a call. */
@@ -182,23 +216,30 @@ function customGrad1(f: OneInputGrad): (x: tf.Tensor) => tf.Tensor {
       unknown as (x: tf.Tensor) => tf.Tensor;
 }
 
-/** The layout and zero row a pad or unpad saved for its backward. */
-function savedLayout(layout: PackedLayout, saved: tf.Tensor[]): [PackedLayout, tf.Tensor] {
+/** The layout and zero row (if any) a pad or unpad saved for its backward. */
+function savedLayout(layout: PackedLayout, saved: tf.Tensor[]): [PackedLayout, tf.Tensor|null] {
   return [
     {...layout, padIndex: saved[0] as tf.Tensor1D, packIndex: saved[1] as tf.Tensor1D},
-    saved[2],
+    saved[2] ?? null,
   ];
+}
+
+/** What a pad or unpad saves: the index maps and the zero row (if any). */
+function layoutTensors(layout: PackedLayout, zeroRow: tf.Tensor|null): tf.Tensor[] {
+  return zeroRow == null ? [layout.padIndex, layout.packIndex] :
+                           [layout.padIndex, layout.packIndex, zeroRow];
 }
 
 /**
  * Packed `[T, ...]` -> padded `[B, S, ...]` (zeros past each length); its
  * gradient packs the incoming gradient.
  */
-function paddedFromPacked(packed: tf.Tensor, layout: PackedLayout, zeroRow: tf.Tensor): tf.Tensor {
+function paddedFromPacked(
+    packed: tf.Tensor, layout: PackedLayout, zeroRow: tf.Tensor|null): tf.Tensor {
   const {batch, seqlen} = layout;
   const rest = packed.shape.slice(1);
   const f = customGrad1((x: tf.Tensor, save: tf.GradSaveFunc) => {
-    save([layout.padIndex, layout.packIndex, zeroRow]);
+    save(layoutTensors(layout, zeroRow));
     const value = tf.tidy(
         () =>
             tf.reshape(gatherAfterZeroRow(x, zeroRow, layout.padIndex), [batch, seqlen, ...rest]));
@@ -215,10 +256,11 @@ function paddedFromPacked(packed: tf.Tensor, layout: PackedLayout, zeroRow: tf.T
  * Padded `[B, S, ...]` -> packed `[T, ...]`; its gradient pads the
  * incoming gradient (zeros at padding).
  */
-function packedFromPadded(padded: tf.Tensor, layout: PackedLayout, zeroRow: tf.Tensor): tf.Tensor {
+function packedFromPadded(
+    padded: tf.Tensor, layout: PackedLayout, zeroRow: tf.Tensor|null): tf.Tensor {
   const [batch, seqlen, ...rest] = padded.shape;
   const f = customGrad1((x: tf.Tensor, save: tf.GradSaveFunc) => {
-    save([layout.padIndex, layout.packIndex, zeroRow]);
+    save(layoutTensors(layout, zeroRow));
     const value = tf.tidy(
         () => gatherAfterZeroRow(
             tf.reshape(x, [batch * seqlen, ...rest]), zeroRow, layout.packIndex));
@@ -288,7 +330,7 @@ function flashAttentionVarlen_(
   const layoutK = cuSeqlensK === cuSeqlensQ && maxK === maxQ && k.shape[0] === totalQ ?
       layoutQ :
       packedLayout(cuSeqlensK, maxK, k.shape[0]);
-  const zeroRow = zeroRowCache();
+  const zeroRow = zeroRowSource();
   const qPad = paddedFromPacked(q, layoutQ, zeroRow(q.shape.slice(1))) as tf.Tensor4D;
   const kPad = paddedFromPacked(k, layoutK, zeroRow(k.shape.slice(1))) as tf.Tensor4D;
   const vPad = paddedFromPacked(v, layoutK, zeroRow(v.shape.slice(1))) as tf.Tensor4D;
