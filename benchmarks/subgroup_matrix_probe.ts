@@ -2,9 +2,9 @@
  * Pins down what the subgroup-matrix built-ins really do on this GPU (issue
  * 15): tiny raw-WebGPU shaders (no tfjs) with one workgroup compare
  * subgroupMatrixLoad / Store / MultiplyAccumulate, the zero result
- * constructor, two subgroups per workgroup and f32 -> f16 conversion with
- * the semantics the kernels' portable stand-in assumes
- * (kernels/webgpu/subgroup_matrix_wgsl.ts). Each case prints PASS or FAIL
+ * constructor, two subgroups per workgroup, the kernels' product loops and
+ * f32 -> f16 conversion with the semantics the kernels' portable stand-in
+ * assumes (kernels/webgpu/subgroup_matrix_wgsl.ts). Each case prints PASS or FAIL
  * and, on FAIL, the first (index, got, expected); compile and validation
  * errors are printed per case. Without the feature it says so and exits 0.
  *
@@ -246,6 +246,56 @@ fn main(@builtin(local_invocation_index) lid: u32,
   }
 }
 
+/**
+ * 6: the kernels' own pattern (flash_attention_subgroup_matrix_webgpu.ts):
+ * out [M][cols] = A [M][depth] B, A row-major, B row-major [depth][cols]
+ * (P V) or, where `bT`, stored [cols][depth] and loaded col-major (Q K^T);
+ * per N-column block a constructed accumulator, MMAs over depth in a loop,
+ * stored into a wider f32 array at the block's column.
+ */
+async function kernelPattern(
+    device: GPUDevice, shape: MatrixShape, depth: number, cols: number,
+    bT: boolean): Promise<void> {
+  const {M, N, K, lanes} = shape;
+  const [a, b] = [ints(M * depth, 7, 9), ints(depth * cols, 5, 7)];
+  const [la, lb, lo] = [a.length, b.length, M * cols];
+  const bOff = bT ? `cb * ${N * depth}u + ks * ${K}u` : `ks * ${K * cols}u + cb * ${N}u`;
+  const code = `${HEADER}
+var<workgroup> am: array<f16, ${la}>;
+var<workgroup> bm: array<f16, ${lb}>;
+var<workgroup> om: array<f32, ${lo}>;
+@compute @workgroup_size(${lanes})
+fn main(@builtin(local_invocation_index) lid: u32) {
+  ${fill('am', 'f16', 0, 0, la, lanes)}
+  ${fill('bm', 'f16', 0, la, lb, lanes)}
+  workgroupBarrier();
+  for (var cb = 0u; cb < ${cols / N}u; cb++) {
+    var acc = ${matrixType('result', M, N)}();
+    for (var ks = 0u; ks < ${depth / K}u; ks++) {
+      acc = subgroupMatrixMultiplyAccumulate(
+          subgroupMatrixLoad<${matrixType('left', M, K)}>(&am, ks * ${K}u, false, ${depth}u),
+          subgroupMatrixLoad<${matrixType('right', K, N)}>(&bm, ${bOff}, ${bT}, ${
+      bT ? depth : cols}u),
+          acc);
+    }
+    subgroupMatrixStore(&om, cb * ${N}u, acc, false, ${cols}u);
+  }
+  workgroupBarrier();
+  ${copyOut('om', lo, lanes)}
+}`;
+  const expected = new Float32Array(lo);
+  for (let r = 0; r < M; r++) {
+    for (let n = 0; n < cols; n++) {
+      for (let k = 0; k < depth; k++) {
+        expected[r * cols + n] += a[r * depth + k] * (bT ? b[n * depth + k] : b[k * cols + n]);
+      }
+    }
+  }
+  const name = `6 kernel pattern ${bT ? 'Q K^T' : 'P V'}: [${M}][${depth}] x ${
+      bT ? `[${cols}][${depth}]^T` : `[${depth}][${cols}]`}`;
+  check(name, await run(device, name, code, Float32Array.of(...a, ...b), lo), expected);
+}
+
 /** x rounded to the nearest f16 (ties to even; overflow to infinity), as IEEE does. */
 function toF16(x: number): number {
   const a = Math.abs(x);
@@ -349,6 +399,9 @@ fn main(@builtin(local_invocation_index) lid: u32) { dst[lid] = 2.0 * src[lid]; 
   await mma(device, shape, `3 ${zero} stored (is it zero?)`, {init: zero, reps: 0});
   await mma(device, shape, `3 A*B from ${zero}`, {init: zero});
   await mma(device, shape, '4 two subgroups, own tiles at g = index / lanes', {groups: 2});
+  await kernelPattern(device, shape, 64, 32, true);
+  await kernelPattern(device, shape, 128, 64, true);
+  await kernelPattern(device, shape, 32, 64, false);
   await conversions(device);
   console.log(failures === 0 ? 'all PASS' : `${failures} FAIL/ERROR`);
 }
