@@ -9,7 +9,7 @@ import * as tf from '@tensorflow/tfjs-core';
 
 import {matrixGradStats} from '../kernels/webgpu/flash_attention_grad_subgroup_matrix';
 import {matrixForwardStats} from '../kernels/webgpu/flash_attention_subgroup_matrix';
-import {pickSubgroupMatrixShape, SUBGROUP_MATRIX_FEATURE, useAdapterInfo} from '../kernels/webgpu/subgroup_matrix';
+import {pickSubgroupMatrixShape, SUBGROUP_MATRIX_FEATURE, unvalidatedTensorCoresAllowed, useAdapterInfo} from '../kernels/webgpu/subgroup_matrix';
 import {FLASH_ATTENTION_TENSOR_CORES} from '../src/flags';
 
 /** Dawn hides f16 and subgroup matrices in Node unless asked (NVIDIA on Vulkan). */
@@ -48,6 +48,11 @@ export function enableTensorCores(
         'the device has no f16 x f16 -> f32 subgroup-matrix configuration with a fixed ' +
             'subgroup size';
     return `tensor cores: requested, but ${why}; the SIMT float32 kernels run instead`;
+  }
+  if (!unvalidatedTensorCoresAllowed()) {
+    return `tensor cores: the device has subgroup matrices (${shape.M}x${shape.N}x${
+               shape.K} f16 -> f32), but this package's subgroup-matrix kernels gave NaN ` +
+        'outputs in their first check on such hardware; the SIMT float32 kernels run instead';
   }
   tf.env().set(FLASH_ATTENTION_TENSOR_CORES, true);
   return `tensor cores: on (subgroup matrices ${shape.M}x${shape.N}x${shape.K} f16 -> f32, ${

@@ -9,9 +9,10 @@ export const FLASH_ATTENTION_IMPL = 'FLASH_ATTENTION_IMPL';
 /** Most scores one block of the composed reference holds (memory bound). */
 export const FLASH_ATTENTION_REFERENCE_BLOCK_ELEMENTS = 'FLASH_ATTENTION_REFERENCE_BLOCK_ELEMENTS';
 /**
- * Opt-in for the WebGPU subgroup-matrix (tensor core) forward on devices
- * that offer it (docs/tensor_cores.md). Off by default: that path has not
- * yet been checked against the oracle on real tensor-core hardware.
+ * Opt-in for the WebGPU subgroup-matrix (tensor core) kernels on devices
+ * that offer them (docs/tensor_cores.md). Off by default; on real
+ * tensor-core hardware it has no effect until those kernels pass their
+ * hardware check (they failed the first one).
  */
 export const FLASH_ATTENTION_TENSOR_CORES = 'FLASH_ATTENTION_TENSOR_CORES';
 

@@ -6,7 +6,11 @@
  * lists none and only `adapter.info` has them.
  */
 /// <reference types="@webgpu/types" />
-import {pickSubgroupMatrixShape, subgroupMatrixConfigs, useAdapterInfo} from '../kernels/webgpu/subgroup_matrix';
+import * as tf from '@tensorflow/tfjs-core';
+
+import {matrixShapeFor} from '../kernels/webgpu/flash_attention_subgroup_matrix';
+import {allowUnvalidatedTensorCores, pickSubgroupMatrixShape, subgroupMatrixConfigs, useAdapterInfo} from '../kernels/webgpu/subgroup_matrix';
+import {FLASH_ATTENTION_TENSOR_CORES} from '../src/flags';
 
 /** Dawn keeps a config's fields on its prototype; so does this stand-in. */
 function dawnConfig(M: number, N: number, K: number, componentType: string, result: string) {
@@ -57,5 +61,23 @@ describe('subgroup-matrix configuration', () => {
     expect(pickSubgroupMatrixShape(fakeDevice(['shader-f16', 'subgroups'], H100_CONFIGS)))
         .toBeNull();
     expect(pickSubgroupMatrixShape(fakeDevice(ALL_FEATURES, H100_CONFIGS.slice(0, 3)))).toBeNull();
+  });
+
+  it('keeps the real kernels off under the opt-in until they pass on hardware', () => {
+    const device = fakeDevice(ALL_FEATURES, H100_CONFIGS);
+    const warn = jest.spyOn(console, 'warn').mockImplementation(() => {});
+    try {
+      tf.env().set(FLASH_ATTENTION_TENSOR_CORES, false);
+      expect(matrixShapeFor(device)).toBeNull();
+      tf.env().set(FLASH_ATTENTION_TENSOR_CORES, true);
+      expect(matrixShapeFor(device)).toBeNull();
+      expect(warn).toHaveBeenCalledTimes(1);
+      allowUnvalidatedTensorCores(true);
+      expect(matrixShapeFor(device)).toEqual({M: 16, N: 16, K: 16, lanes: 32, standIn: false});
+    } finally {
+      allowUnvalidatedTensorCores(false);
+      tf.env().set(FLASH_ATTENTION_TENSOR_CORES, false);
+      warn.mockRestore();
+    }
   });
 });

@@ -16,7 +16,7 @@ import {MatrixForwardConfig, matrixForwardKey, matrixForwardWGSL, MATRIX_FORWARD
 import type {MatrixGradTiles} from './flash_attention_grad_subgroup_matrix_webgpu';
 import {forwardOutputs, forwardUniformValues} from './forward_shared';
 import {dispatchGrid, packUniforms, runOwnPipeline} from './own_pipeline';
-import {MatrixShape, pickSubgroupMatrixShape} from './subgroup_matrix';
+import {MatrixShape, pickSubgroupMatrixShape, unvalidatedTensorCoresAllowed} from './subgroup_matrix';
 import {scoreOptionsFromAttrs} from './wgsl_snippets';
 
 /**
@@ -50,8 +50,30 @@ export function matrixShapeFor(device: GPUDevice): MatrixShape|null {
   if (override?.off) {
     return null;
   }
-  return override?.shape ??
-      (tf.env().getBool(FLASH_ATTENTION_TENSOR_CORES) ? pickSubgroupMatrixShape(device) : null);
+  if (override?.shape != null) {
+    return override.shape;
+  }
+  if (!tf.env().getBool(FLASH_ATTENTION_TENSOR_CORES)) {
+    return null;
+  }
+  const shape = pickSubgroupMatrixShape(device);
+  if (shape != null && !unvalidatedTensorCoresAllowed()) {
+    warnUnvalidatedOnce();
+    return null;
+  }
+  return shape;
+}
+
+let warnedUnvalidated = false;
+/** Says once why the opt-in has no effect (wrong results beat no speed-up in no case). */
+function warnUnvalidatedOnce(): void {
+  if (!warnedUnvalidated) {
+    warnedUnvalidated = true;
+    console.warn(
+        `${FLASH_ATTENTION_TENSOR_CORES}: the subgroup-matrix kernels failed their first ` +
+        'check on tensor-core hardware (NaN outputs); the float32 SIMT kernels run instead ' +
+        '(docs/tensor_cores.md)');
+  }
 }
 
 export interface MatrixForwardPlan {
