@@ -246,7 +246,7 @@ export function checkOptions<T extends object>(
     invalidArgument(opName, objectName, objectExpected, opts);
   }
   let byName = specsByName.get(specs);
-  if (byName == null || byName.size !== specs.length) {
+  if (byName == null) {
     byName = new Map(specs.map(s => [s.name, s]));
     specsByName.set(specs, byName);
   }

@@ -19,6 +19,7 @@ import {checkOwnPipelineErrors, setPoisonOutputs} from '../kernels/webgpu/own_pi
 import {webgpuCounters, WebGPUCounts} from '../benchmarks/webgpu_counters';
 
 import {describeBackends} from './harness/backends';
+import {useSmallTiles} from './harness/small_tiles';
 import {expectClose, FORWARD_BOUND, freshRng, GRADIENT_BOUND, ProblemShape, randomArray, randomOracleProblem, Rng} from './harness/problems';
 import {OracleOptions, OracleProblem, oracleBackward, oracleForward} from './oracle';
 
@@ -351,19 +352,14 @@ function padRows(values: Float64Array, width: number, total: number): Float64Arr
 }
 
 describeBackends('flashAttentionVarlen: cut tokens, per-call counts', backend => {
+  // The small tiles of the varlen cases above: their pipelines again.
+  useSmallTiles(backend);
   beforeAll(() => {
     if (backend === 'webgpu') {
       setPoisonOutputs(true);
-      // The small tiles of the varlen cases above: their pipelines again.
-      setForwardOverride({tiles: {tm: 1, tx: 2, nq: 1, ty: 8}});
-      setGradTilesOverride({dkdv: {bc: 4, br: 4, threads: 16}, dq: {br: 4, bc: 4, threads: 16}});
     }
   });
-  afterAll(() => {
-    setPoisonOutputs(false);
-    setForwardOverride(null);
-    setGradTilesOverride(null);
-  });
+  afterAll(() => setPoisonOutputs(false));
 
   it('tokens past maxSeqlen or past cu[B] output 0 and get no gradient; the rest as each cut sequence alone',
      async () => {
@@ -513,16 +509,7 @@ describeBackends('flashAttentionVarlen: cut tokens, per-call counts', backend =>
 });
 
 describeBackends('per-batch key lengths on the padded op', backend => {
-  beforeAll(() => {
-    if (backend === 'webgpu') {
-      setForwardOverride({tiles: {tm: 1, tx: 2, nq: 1, ty: 8}});
-      setGradTilesOverride({dkdv: {bc: 4, br: 4, threads: 16}, dq: {br: 4, bc: 4, threads: 16}});
-    }
-  });
-  afterAll(() => {
-    setForwardOverride(null);
-    setGradTilesOverride(null);
-  });
+  useSmallTiles(backend);
   it('seqlensK equals the cut sequences; keyPaddingMask equals it without a diagonal', async () => {
     const rng = freshRng();
     const [batch, seq, heads, dim] = [3, 10, 2, 8];
@@ -744,19 +731,16 @@ async function checkPaddingMask(c: PaddingCase, rng: Rng, expectFused: boolean):
 }
 
 describeBackends('key padding masks keep the padded diagonal', backend => {
+  useSmallTiles(backend);
   beforeAll(() => {
     if (backend === 'webgpu') {
       tf.env().set(FLASH_ATTENTION_IMPL, 'fused');
       setPoisonOutputs(true);
-      setForwardOverride({tiles: {tm: 1, tx: 2, nq: 1, ty: 8}});
-      setGradTilesOverride({dkdv: {bc: 4, br: 4, threads: 16}, dq: {br: 4, bc: 4, threads: 16}});
     }
   });
   afterAll(() => {
     tf.env().set(FLASH_ATTENTION_IMPL, 'auto');
     setPoisonOutputs(false);
-    setForwardOverride(null);
-    setGradTilesOverride(null);
   });
   for (const c of PADDING_CASES) {
     it(c.name, () => checkPaddingMask(c, freshRng(), backend === 'webgpu'));

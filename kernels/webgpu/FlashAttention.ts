@@ -11,6 +11,7 @@ import type {AttentionShapes} from '../../src/checks';
 import {MAX_HEAD_DIM} from '../../src/checks';
 import {FlashAttention, FlashAttentionAttrs} from '../../src/kernel_names';
 
+import {BoundedCache} from './bounded_cache';
 import {COMBINE_THREADS, COMBINE_UNIFORMS, ForwardConfig, forwardKey, ForwardTiles, FORWARD_UNIFORMS, forwardWGSL, prefetchFloats, splitCombineWGSL, tileSizes, workgroupBytes} from './flash_attention_webgpu';
 import {forwardOutputs, forwardUniformValues} from './forward_shared';
 import {deviceHasSubgroups, dispatchGrid, isWebGPUBackend, packUniforms, runOwnPipeline, UniformWriter} from './own_pipeline';
@@ -105,7 +106,7 @@ export function planForward(
 }
 
 /** Plans by head dims and rows, per device, for calls without an override. */
-const planCache = new WeakMap<GPUDevice, Map<string, ForwardPlan|null>>();
+const planCache = new WeakMap<GPUDevice, BoundedCache<ForwardPlan|null>>();
 /** Distinct (D, Dv, rows) kept per device before the cache starts over. */
 const PLAN_CACHE_SIZE = 256;
 
@@ -121,19 +122,11 @@ export function cachedPlanForward(
   }
   let plans = planCache.get(device);
   if (plans == null) {
-    plans = new Map();
+    plans = new BoundedCache(PLAN_CACHE_SIZE);
     planCache.set(device, plans);
   }
-  const key = `${headDim},${headDimV},${rows}`;
-  let plan = plans.get(key);
-  if (plan === undefined) {
-    plan = planForward(device, headDim, headDimV, rows);
-    if (plans.size >= PLAN_CACHE_SIZE) {
-      plans.clear();
-    }
-    plans.set(key, plan);
-  }
-  return plan;
+  return plans.get(
+      `${headDim},${headDimV},${rows}`, () => planForward(device, headDim, headDimV, rows));
 }
 
 /**

@@ -16,6 +16,7 @@ import type {AttentionShapes} from '../../src/checks';
 import {registerFusedKernel} from '../../src/dispatch';
 import {FlashAttentionAttrs, FlashAttentionGrad, FlashAttentionGradInputs} from '../../src/kernel_names';
 
+import {BoundedCache} from './bounded_cache';
 import {FlashAttentionGradDeltaProgram} from './flash_attention_grad_delta_webgpu';
 import {DkDvTiles, dkdvStorageBytes, dkdvTilesValid, FlashAttentionGradDkDvProgram} from './flash_attention_grad_dkdv_webgpu';
 import {DqTiles, dqStorageBytes, dqTilesValid, FlashAttentionGradDqProgram} from './flash_attention_grad_dq_webgpu';
@@ -71,7 +72,7 @@ export function setGradTilesOverride(tiles: GradTiles|null): void {
 }
 
 /** Automatic tiles by head dims and device limits. */
-const tilesCache = new Map<string, GradTiles|null>();
+const tilesCache = new BoundedCache<GradTiles|null>(PROGRAM_CACHE_SIZE);
 
 function tilesFor(d: number, dv: number, limits: GradDeviceLimits): GradTiles|null {
   if (tilesOverride != null) {
@@ -84,15 +85,7 @@ function tilesFor(d: number, dv: number, limits: GradDeviceLimits): GradTiles|nu
   // Both the op's support check and the kernel ask, on every call.
   const key = `${d},${dv},${limits.maxComputeWorkgroupStorageSize},${
       limits.maxComputeInvocationsPerWorkgroup},${limits.maxComputeWorkgroupSizeX}`;
-  let tiles = tilesCache.get(key);
-  if (tiles === undefined) {
-    tiles = chooseGradTiles(d, dv, limits);
-    if (tilesCache.size >= PROGRAM_CACHE_SIZE) {
-      tilesCache.clear();
-    }
-    tilesCache.set(key, tiles);
-  }
-  return tiles;
+  return tilesCache.get(key, () => chooseGradTiles(d, dv, limits));
 }
 
 /** Why the fused backward cannot take a call, or null. */
@@ -147,18 +140,10 @@ function isHostZeros(backend: WebGPUBackend, t: tf.TensorInfo): boolean {
  * The three passes' programs, kept between calls: their constructors put
  * the WGSL together, which is most of a short backward's JavaScript time.
  */
-const programCache = new Map<string, OwnPipelineSpec>();
+const programCache = new BoundedCache<OwnPipelineSpec>(PROGRAM_CACHE_SIZE);
 
 function cachedProgram<T extends OwnPipelineSpec>(key: string, make: () => T): T {
-  let program = programCache.get(key);
-  if (program == null) {
-    program = make();
-    if (programCache.size >= PROGRAM_CACHE_SIZE) {
-      programCache.clear();
-    }
-    programCache.set(key, program);
-  }
-  return program as T;
+  return programCache.get(key, make) as T;
 }
 
 /** The passes' programs for one call (the delta pass's grid is per shape). */

@@ -31,6 +31,7 @@
 /// <reference types="@webgpu/types" />
 import * as tf from '@tensorflow/tfjs-core';
 import type {WebGPUBackend} from '@tensorflow/tfjs-backend-webgpu';
+import {BoundedCache} from './bounded_cache';
 
 /** A pipeline: `key` names every constant baked into the code. */
 export interface OwnPipelineSpec {
@@ -86,7 +87,7 @@ interface DeviceState {
   /** How many errors were found since the last check (messages dropped). */
   errorCount: number;
   /** Uniform buffers by content (`OwnRun.cacheUniforms`); never written again. */
-  uniformBuffers: Map<string, GPUBuffer>;
+  uniformBuffers: BoundedCache<GPUBuffer>;
 }
 
 /** Uniform contents kept per device before the cache starts over. */
@@ -102,7 +103,7 @@ function stateOf(device: GPUDevice): DeviceState {
       pending: new Set(),
       firstError: null,
       errorCount: 0,
-      uniformBuffers: new Map(),
+      uniformBuffers: new BoundedCache(UNIFORM_CACHE_SIZE),
     };
     states.set(device, s);
   }
@@ -264,21 +265,15 @@ export function getPipeline(device: GPUDevice, spec: OwnPipelineSpec): PipelineE
  * dispatches is safe; a dropped buffer lives on while encoded work uses it.
  */
 function cachedUniformBuffer(device: GPUDevice, bytes: ArrayBuffer): GPUBuffer {
-  const cache = stateOf(device).uniformBuffers;
   const key = String.fromCharCode(...new Uint16Array(bytes));
-  let buffer = cache.get(key);
-  if (buffer == null) {
+  return stateOf(device).uniformBuffers.get(key, () => {
     const size = Math.max(16, Math.ceil(bytes.byteLength / 16) * 16);
-
-    buffer = device.createBuffer({size, usage: GPUBufferUsage.UNIFORM, mappedAtCreation: true});
+    const buffer =
+        device.createBuffer({size, usage: GPUBufferUsage.UNIFORM, mappedAtCreation: true});
     new Uint8Array(buffer.getMappedRange()).set(new Uint8Array(bytes));
     buffer.unmap();
-    if (cache.size >= UNIFORM_CACHE_SIZE) {
-      cache.clear();
-    }
-    cache.set(key, buffer);
-  }
-  return buffer;
+    return buffer;
+  });
 }
 
 /** The GPUBuffer behind a tensor (uploading it first if needed). */

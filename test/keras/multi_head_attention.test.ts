@@ -11,12 +11,12 @@ import * as tfl from '@tensorflow/tfjs-layers';
 
 import {webgpuCounters, WebGPUCounts} from '../../benchmarks/webgpu_counters';
 import {setForwardOverride} from '../../kernels/webgpu/FlashAttention';
-import {setGradTilesOverride} from '../../kernels/webgpu/FlashAttentionGrad';
 import {FLASH_ATTENTION_IMPL} from '../../src';
 import {MultiHeadAttention, MultiHeadAttentionArgs} from '../../src/layers/multi_head_attention';
 import {describeBackends, useBackend} from '../harness/backends';
 import {disposeKerasMHA, KERAS_MHA_WEIGHT_NAMES, kerasMultiHeadAttention, setKerasMHAWeights} from '../harness/keras_mha';
 import {expectClose, FORWARD_BOUND, freshRng, GRADIENT_BOUND, Rng} from '../harness/problems';
+import {useSmallTiles} from '../harness/small_tiles';
 
 import {kerasMHAOracle, KerasMHAOracleProblem, KerasMHAOracleWeights} from './keras_oracle';
 import {loadModel, randomInputs, randomWeights, readFixture, weightSpecs} from './keras_models';
@@ -430,16 +430,7 @@ describeBackends('MultiHeadAttention: gradients through the fused padding mask',
   const paddingOf = (seq: number) => Float32Array.from(
       {length: B * seq}, (_, n) => n % seq < lengthsOf(seq)[Math.floor(n / seq)] ? 1 : 0);
 
-  beforeAll(() => {
-    if (backend === 'webgpu') {
-      setForwardOverride({tiles: {tm: 1, tx: 2, nq: 1, ty: 8}});
-      setGradTilesOverride({dkdv: {bc: 4, br: 4, threads: 16}, dq: {br: 4, bc: 4, threads: 16}});
-    }
-  });
-  afterAll(() => {
-    setForwardOverride(null);
-    setGradTilesOverride(null);
-  });
+  useSmallTiles(backend);
 
   /** A built layer with random float32 weights, and those weights in float64. */
   function layerWithWeights(
