@@ -3,9 +3,14 @@
  * `flashAttention` (fwd) and `tf.grads` of it (fwdbwd) take to return, i.e.
  * to validate, plan and record their dispatches, before any read or wait.
  * At short sequences this, not the GPU, bounds the fused path (issue 14).
+ * `decode` and `decode-rotary` time one `flashAttentionWithKVCache` step
+ * (one new token appended to cache variables `[B, S, Hk, D]` at a length
+ * that grows every call, as in generation; with rotary tables or not):
+ * what bounds a decode step at short contexts (docs/inference.md).
  *
  *   node js_overhead.mjs [--shape B,H,S,D] [--calls 400] [--causal]
- *       [--modes fwd,fwdbwd] [--profile DIR]
+ *       [--modes fwd,fwdbwd,decode,decode-rotary] [--decode-shape B,H,Hk,S,D]
+ *       [--profile DIR]
  *
  * Each mode runs warm-up calls (pipelines compiled), then `--calls` timed
  * calls in batches of 20; a batch ends with one read-back so the GPU queue
@@ -58,13 +63,16 @@ async function main(): Promise<void> {
       a as import('@tensorflow/tfjs-core').Tensor4D, kk as import('@tensorflow/tfjs-core').Tensor4D,
       vv as import('@tensorflow/tfjs-core').Tensor4D, opts);
   const grads = tf.grads(attend);
+  const decode = decodeStep(tf, fa, arg(argv, 'decode-shape', '1,32,8,512,128'));
   const runs: Record<string, () => T[]> = {
     fwd: () => [attend(q, k, v)],
     fwdbwd: () => grads([q, k, v], dy),
+    decode: () => [decode.step(false)],
+    'decode-rotary': () => [decode.step(true)],
   };
   console.log(
-      `B=${B} H=${H} S=${S} D=${D} causal=${causal}, ${calls} calls per mode; ` +
-      'CPU-side microseconds until the call returns');
+      `B=${B} H=${H} S=${S} D=${D} causal=${causal}; decode ${decode.shape}; ${
+          calls} calls per mode; CPU-side microseconds until the call returns`);
   for (const mode of modes) {
     const run = runs[mode];
     const tensors0 = tf.memory().numTensors;
@@ -98,6 +106,49 @@ async function main(): Promise<void> {
         tf.memory().numTensors - tensors0}`);
   }
   tf.dispose([q, k, v, dy]);
+  decode.dispose();
+}
+
+type TF = typeof import('@tensorflow/tfjs-core');
+type FA = typeof import('../src/index');
+
+/**
+ * One decode step of a generation: q `[B, 1, H, D]`, the new key and value
+ * appended at a length that grows by one per call (wrapping around before
+ * the cache is full), causal, rotary tables optional.
+ */
+function decodeStep(tf: TF, fa: FA, shapeArg: string) {
+  const [B, H, Hk, S, D] = shapeArg.split(',').map(Number);
+  type T4 = import('@tensorflow/tfjs-core').Tensor4D;
+  type T2 = import('@tensorflow/tfjs-core').Tensor2D;
+  const owned = (shape: number[]) => {
+    const init = tf.randomNormal(shape);
+    const variable = tf.variable(init, false) as import('@tensorflow/tfjs-core').Variable<
+        import('@tensorflow/tfjs-core').Rank.R4>;
+    init.dispose();
+    return variable;
+  };
+  const kCache = owned([B, S, Hk, D]);
+  const vCache = owned([B, S, Hk, D]);
+  const q = tf.randomNormal([B, 1, H, D]) as T4;
+  const k = tf.randomNormal([B, 1, Hk, D]) as T4;
+  const v = tf.randomNormal([B, 1, Hk, D]) as T4;
+  const rotaryCos = tf.randomUniform([S, D / 2]) as T2;
+  const rotarySin = tf.randomUniform([S, D / 2]) as T2;
+  let length = S / 2;
+  return {
+    shape: `B=${B} H=${H} Hk=${Hk} cache S=${S} D=${D}`,
+    step(rotary: boolean) {
+      length = length + 1 < S ? length + 1 : S / 2;
+      const tables = rotary ? {rotaryCos, rotarySin} : {};
+      return fa.flashAttentionWithKVCache(
+          q, kCache, vCache,
+          {k, v, cacheSeqlens: new Array(B).fill(length), causal: true, ...tables});
+    },
+    dispose() {
+      tf.dispose([kCache, vCache, q, k, v, rotaryCos, rotarySin]);
+    },
+  };
 }
 
 main().catch(e => {
