@@ -6,7 +6,8 @@
  * `decode` and `decode-rotary` time one `flashAttentionWithKVCache` step
  * (one new token appended to cache variables `[B, S, Hk, D]` at a length
  * that grows every call, as in generation; with rotary tables or not):
- * what bounds a decode step at short contexts (docs/inference.md).
+ * what bounds a decode step at short contexts (docs/inference.md). These
+ * record without submitting until each batch's read, as generation does.
  *
  *   node js_overhead.mjs [--shape B,H,S,D] [--calls 400] [--causal]
  *       [--modes fwd,fwdbwd,decode,decode-rotary] [--decode-shape B,H,Hk,S,D]
@@ -70,11 +71,16 @@ async function main(): Promise<void> {
     decode: () => [decode.step(false)],
     'decode-rotary': () => [decode.step(true)],
   };
-  console.log(
-      `B=${B} H=${H} S=${S} D=${D} causal=${causal}; decode ${decode.shape}; ${
-          calls} calls per mode; CPU-side microseconds until the call returns`);
+  console.log(`B=${B} H=${H} S=${S} D=${D} causal=${causal}; decode ${decode.shape}; ${
+      calls} calls per mode; CPU-side microseconds until the call returns`);
+  const submitFlag = 'WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE';
+  const submitBatch = tf.env().getNumber(submitFlag);
   for (const mode of modes) {
     const run = runs[mode];
+    // Decode steps are timed as generation runs them (demo/gpt.ts
+    // withDeferredSubmits): no submit until the batch's read, so the GPU
+    // (on a software adapter, the same CPU cores) does not run meanwhile.
+    tf.env().set(submitFlag, mode.startsWith('decode') ? 1 << 30 : submitBatch);
     const tensors0 = tf.memory().numTensors;
     const times: number[] = [];
     for (let n = -40; n < calls; n++) {
@@ -123,8 +129,8 @@ function decodeStep(tf: TF, fa: FA, shapeArg: string) {
   type T2 = import('@tensorflow/tfjs-core').Tensor2D;
   const owned = (shape: number[]) => {
     const init = tf.randomNormal(shape);
-    const variable = tf.variable(init, false) as import('@tensorflow/tfjs-core').Variable<
-        import('@tensorflow/tfjs-core').Rank.R4>;
+    const variable = tf.variable(init, false) as
+        import('@tensorflow/tfjs-core').Variable<import('@tensorflow/tfjs-core').Rank.R4>;
     init.dispose();
     return variable;
   };

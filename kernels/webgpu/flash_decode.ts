@@ -1,8 +1,9 @@
 /**
  * The fused FlashAttentionKVCache kernel of the webgpu backend: appends the
- * new keys and values to the caches in place (buffer copies, no cache
- * copy), then runs split-KV attention (two passes) over each batch row's
- * valid keys. Everything is recorded into tfjs's own command encoder.
+ * new keys and values to the caches in place (buffer copies, or the rotary
+ * pass writes them; no cache copy), then runs split-KV attention (two
+ * passes) over each batch row's valid keys. Everything is recorded into
+ * tfjs's own command encoder.
  */
 /// <reference types="@webgpu/types" />
 import * as tf from '@tensorflow/tfjs-core';
@@ -12,13 +13,14 @@ import type {AttentionShapes} from '../../src/checks';
 import type {FlashAttentionAttrs, FlashAttentionKVCacheAttrs} from '../../src/kernel_names';
 import {FlashAttentionKVCache} from '../../src/kernel_names';
 
+import {BoundedCache} from './bounded_cache';
 import {DecodeCombineProgram, DECODE_COMBINE_UNIFORMS} from './flash_decode_combine_webgpu';
 import {DecodeRotaryProgram} from './flash_decode_rotary_webgpu';
 import {DECODE_MAX_ROWS, DECODE_SPLIT_UNIFORMS, DECODE_TILE} from './flash_decode_split_webgpu';
 import {DecodeSplitProgram} from './flash_decode_split_webgpu';
 import type {OwnCopy, OwnPipelineSpec} from './own_pipeline';
 import {dispatchGrid, recordOwnPipeline, UniformWriter} from './own_pipeline';
-import {scoreOptionsFromAttrs} from './wgsl_snippets';
+import {scoreKey, scoreOptionsFromAttrs} from './wgsl_snippets';
 
 /** Workgroups that keep a large GPU busy (an H100 has 132 SMs). */
 const TARGET_WORKGROUPS = 528;
@@ -121,53 +123,72 @@ export function flashDecodeWebGPU(args: {
   const inputs = args.inputs as unknown as KVCacheKernelInputs;
   const attrs = args.attrs as unknown as FlashAttentionKVCacheAttrs;
   if (inputs.rotaryCos == null || inputs.rotarySin == null) {
-    return decodeAttention(backend, inputs, attrs);
+    return decodeAttention(backend, inputs, attrs, false);
   }
-  const [qRot, kRot] = rotateStep(backend, inputs, attrs);
+  // The rotary pass also appends the new keys and values to the caches.
+  const qRot = rotateStep(backend, inputs, attrs);
   try {
-    return decodeAttention(backend, {...inputs, q: qRot, k: kRot ?? inputs.k}, attrs);
+    return decodeAttention(backend, {...inputs, q: qRot}, attrs, true);
   } finally {
-    // Owned by the pending command queue: tfjs frees them after its submit.
+    // Owned by the pending command queue: tfjs frees it after its submit.
     backend.disposeData(qRot.dataId);
-    if (kRot != null) {
-      backend.disposeData(kRot.dataId);
-    }
   }
 }
 
-/** q and the new keys rotated (one dispatch): [qRot, kRot or undefined]. */
+/** Programs by configuration, so a step builds no program or key string. */
+const rotaryPrograms = new BoundedCache<DecodeRotaryProgram>(32);
+const splitPrograms = new BoundedCache<OwnPipelineSpec>(32);
+const combinePrograms = new BoundedCache<OwnPipelineSpec>(32);
+
+/**
+ * q rotated (one dispatch, the returned tensor), with the new keys rotated
+ * and the new values written into the caches at cacheSeqlens.
+ */
 function rotateStep(
     backend: WebGPUBackend, inputs: KVCacheKernelInputs,
-    attrs: FlashAttentionKVCacheAttrs): [tf.TensorInfo, tf.TensorInfo|undefined] {
-  const {q, k, rotaryCos, rotarySin} = inputs;
+    attrs: FlashAttentionKVCacheAttrs): tf.TensorInfo {
+  const {q, k, v, kCache, vCache, rotaryCos, rotarySin} = inputs;
   const [batch, seqQ, heads, headDim] = q.shape;
-  const hasK = k != null;
-  const program = new DecodeRotaryProgram({
+  const hasK = k != null && v != null;
+  const config = {
     headDim,
+    headDimV: vCache.shape[3],
     rotaryDim: 2 * rotaryCos!.shape[1],
     interleaved: attrs.rotaryInterleaved ?? false,
     hasK,
     batchVec4: Math.ceil(batch / 4),
-  });
+  };
+  const program = rotaryPrograms.get(
+      `${config.headDim},${config.headDimV},${config.rotaryDim},${config.interleaved},${hasK},${
+          config.batchVec4}`,
+      () => new DecodeRotaryProgram(config));
   const {bytes, grid} = program.uniforms(
-      {batch, seqQ, heads, seqNew: k?.shape[1] ?? 0, headsKV: k?.shape[2] ?? 0}, attrs.cacheSeqlens,
-      attrs.rotaryQSameRow ?? false);
-  const outputs = recordOwnPipeline(backend, program, {
-    inputs: [q, k ?? q, rotaryCos!, rotarySin!],
-    outputs: [
-      {shape: q.shape, dtype: 'float32'},
-      ...(hasK ? [{shape: k.shape, dtype: 'float32' as const}] : [])
-    ],
+      {
+        batch,
+        seqQ,
+        heads,
+        seqNew: k?.shape[1] ?? 0,
+        headsKV: kCache.shape[2],
+        seqMax: kCache.shape[1]
+      },
+      attrs.cacheSeqlens, attrs.rotaryQSameRow ?? false);
+  const [qRot] = recordOwnPipeline(backend, program, {
+    inputs: [q, k ?? q, v ?? q, rotaryCos!, rotarySin!],
+    outputs: [{shape: q.shape, dtype: 'float32'}],
+    updates: hasK ? [kCache, vCache] : [],
     uniforms: bytes,
     dispatch: grid,
   });
-  return [outputs[0], outputs[1]];
+  return qRot;
 }
 
-/** Appends the new keys and values, then split-KV attention: [out, lse]. */
+/**
+ * Appends the new keys and values (unless `appended`: the rotary pass
+ * wrote them), then split-KV attention: [out, lse].
+ */
 function decodeAttention(
-    backend: WebGPUBackend, inputs: KVCacheKernelInputs,
-    attrs: FlashAttentionKVCacheAttrs): tf.TensorInfo[] {
+    backend: WebGPUBackend, inputs: KVCacheKernelInputs, attrs: FlashAttentionKVCacheAttrs,
+    appended: boolean): tf.TensorInfo[] {
   const {q, kCache, vCache, k, v, alibiSlopes} = inputs;
   const [batch, seqQ, heads, headDim] = q.shape;
   const [, seqMax, headsKV] = kCache.shape;
@@ -177,22 +198,26 @@ function decodeAttention(
   const cacheSeqlens = attrs.cacheSeqlens;
   const seqlensK = cacheSeqlens.map(n => n + seqNew);
 
-  const copies = k == null || v == null ?
+  const copies = k == null || v == null || appended ?
       [] :
       [...appendCopies(k, kCache, cacheSeqlens), ...appendCopies(v, vCache, cacheSeqlens)];
   const {rows, rowChunks, numSplits, splitKeys, workgroups: groupsTotal} =
       planDecode(batch, seqQ, heads, headsKV, Math.max(...seqlensK));
   const score = scoreOptionsFromAttrs(attrs, alibiSlopes != null);
   const batchVec4 = Math.ceil(batch / 4);
-  const split = new DecodeSplitProgram({headDim, headDimV, groups, seqQ, rows, batchVec4, score});
-  const splitSpec: OwnPipelineSpec = {
-    key: split.key,
-    code: () => split.getUserCode(),
-    numInputs: 4,
-    numOutputs: 2,
-    hasUniforms: true,
-    label: 'flash-decode-split',
-  };
+  const splitSpec = splitPrograms.get(
+      `${headDim},${headDimV},${groups},${seqQ},${rows},${batchVec4},${scoreKey(score)}`, () => {
+        const split =
+            new DecodeSplitProgram({headDim, headDimV, groups, seqQ, rows, batchVec4, score});
+        return {
+          key: split.key,
+          code: () => split.getUserCode(),
+          numInputs: 4,
+          numOutputs: 2,
+          hasUniforms: true,
+          label: 'flash-decode-split',
+        };
+      });
   const writer =
       new UniformWriter(new ArrayBuffer(4 * DECODE_SPLIT_UNIFORMS.length + 16 * batchVec4));
   const alibiPerBatch = alibiSlopes != null && alibiSlopes.shape.length === 2 ? 1 : 0;
@@ -235,28 +260,31 @@ function decodeAttention(
               dispatchGrid(groupsTotal, backend.device.limits.maxComputeWorkgroupsPerDimension),
         },
         copies);
-    const combine = new DecodeCombineProgram(headDimV);
-    const combineUniforms = new UniformWriter();
+    const combineSpec = combinePrograms.get(String(headDimV), () => {
+      const combine = new DecodeCombineProgram(headDimV);
+      return {
+        key: combine.key,
+        code: () => combine.getUserCode(),
+        numInputs: 2,
+        numOutputs: 2,
+        hasUniforms: true,
+        label: 'flash-decode-combine',
+      };
+    });
+    const combineUniforms = new UniformWriter(new ArrayBuffer(16));
     const values = {heads, seqQ, numSplits, rowsTotal};
     DECODE_COMBINE_UNIFORMS.forEach(name => combineUniforms.i32(values[name]));
-    return recordOwnPipeline(
-        backend, {
-          key: combine.key,
-          code: () => combine.getUserCode(),
-          numInputs: 2,
-          numOutputs: 2,
-          hasUniforms: true,
-          label: 'flash-decode-combine',
-        },
-        {
-          inputs: parts,
-          outputs: [
-            {shape: [batch, seqQ, heads, headDimV], dtype: 'float32'},
-            {shape: [batch, heads, seqQ], dtype: 'float32'},
-          ],
-          uniforms: combineUniforms.finish(),
-          dispatch: dispatchGrid(rowsTotal, backend.device.limits.maxComputeWorkgroupsPerDimension),
-        });
+    return recordOwnPipeline(backend, combineSpec, {
+      inputs: parts,
+      outputs: [
+        {shape: [batch, seqQ, heads, headDimV], dtype: 'float32'},
+        {shape: [batch, heads, seqQ], dtype: 'float32'},
+      ],
+      uniforms: combineUniforms.finish(),
+      // Shapes only (no lengths): a buffer kept per content, no write per step.
+      cacheUniforms: true,
+      dispatch: dispatchGrid(rowsTotal, backend.device.limits.maxComputeWorkgroupsPerDimension),
+    });
   } finally {
     // Owned by the pending command queue: tfjs frees them after its submit.
     parts.forEach(p => backend.disposeData(p.dataId));

@@ -1,29 +1,36 @@
 /**
  * Rotary embedding of a decode step's q `[B, Sq, H, D]` and new keys
- * `[B, Snew, Hk, D]` in one dispatch, before the new keys are appended to
- * the cache: batch row b's token s is rotated by table row
- * `starts[b] + s` (or `starts[b]` for every q row when `qSameRow`,
- * flash_attn's non-causal, non-local q). The starts are in the uniforms, so
- * a step uploads nothing. Pairs are (i, i + rotaryDim/2), or (2i, 2i + 1)
- * interleaved; dims past rotaryDim are copied.
+ * `[B, Snew, Hk, D]` in one dispatch, which also appends the new keys and
+ * values `[B, Snew, Hk, Dv]` to the caches: batch row b's token s is
+ * rotated by table row `starts[b] + s` (or `starts[b]` for every q row
+ * when `qSameRow`, flash_attn's non-causal, non-local q) and written at
+ * cache row `starts[b] + s`. The starts are in the uniforms, so a step
+ * uploads nothing, and the rotated keys go straight into the cache (no
+ * intermediate tensor, no buffer copies). Pairs are (i, i + rotaryDim/2),
+ * or (2i, 2i + 1) interleaved; dims past rotaryDim are copied.
  *
- * Bindings: q, k (q again when there are no new keys), cos, sin
- * `[Sro, rotaryDim / 2]`; outputs qRot, kRot (absent without new keys);
- * uniforms.
+ * Bindings: q, k, v (q again when there are no new keys), cos, sin
+ * `[Sro, rotaryDim / 2]`; output qRot, then kCache and vCache written in
+ * place (absent without new keys); uniforms.
  */
 import {dispatchGrid, OwnPipelineSpec, UniformWriter} from './own_pipeline';
 
 const THREADS = 64;
 
-export const DECODE_ROTARY_UNIFORMS =
-    ['qSize', 'kSize', 'seqQ', 'heads', 'seqNew', 'headsKV', 'qSameRow', 'gridX'] as const;
+export const DECODE_ROTARY_UNIFORMS = [
+  'qSize', 'kSize', 'vSize', 'seqQ', 'heads', 'seqNew', 'headsKV', 'seqMax', 'qSameRow', 'gridX'
+] as const;
+/** 4-byte slots before the starts: the fields, padded to a multiple of 4. */
+const ROTARY_FIELD_SLOTS = Math.ceil(DECODE_ROTARY_UNIFORMS.length / 4) * 4;
 
 export interface DecodeRotaryConfig {
   headDim: number;
+  /** Head dim of the values (appended, not rotated). */
+  headDimV: number;
   /** Rotated dims (2 x the tables' columns), <= headDim. */
   rotaryDim: number;
   interleaved: boolean;
-  /** Are there new keys to rotate? */
+  /** Are there new keys to rotate and append (with their values)? */
   hasK: boolean;
   /** ceil(batch / 4): the starts are packed four to a uniform vec4. */
   batchVec4: number;
@@ -31,32 +38,53 @@ export interface DecodeRotaryConfig {
 
 export class DecodeRotaryProgram implements OwnPipelineSpec {
   readonly key: string;
-  readonly numInputs = 4;
+  readonly numInputs = 5;
   readonly numOutputs: number;
   readonly hasUniforms = true;
   readonly label = 'flash-decode-rotary';
 
   constructor(private readonly c: DecodeRotaryConfig) {
-    this.numOutputs = c.hasK ? 2 : 1;
-    this.key =
-        `decode-rotary-${c.headDim}-${c.rotaryDim}-${+ c.interleaved}-${+ c.hasK}-${c.batchVec4}`;
+    this.numOutputs = c.hasK ? 3 : 1;
+    this.key = `decode-rotary-${c.headDim}-${c.headDimV}-${c.rotaryDim}-${+ c.interleaved}-${
+        + c.hasK}-${c.batchVec4}`;
   }
 
   /** The uniform bytes for these shapes and per-batch start rows. */
   uniforms(
-      dims: {batch: number, seqQ: number, heads: number, seqNew: number, headsKV: number},
+      dims: {
+        batch: number,
+        seqQ: number,
+        heads: number,
+        seqNew: number,
+        headsKV: number,
+        seqMax: number
+      },
       starts: readonly number[],
       qSameRow: boolean): {bytes: ArrayBuffer, grid: [number, number, number]} {
-    const {batch, seqQ, heads, seqNew, headsKV} = dims;
-    const d = this.c.headDim;
-    const qSize = batch * seqQ * heads * d;
-    const kSize = this.c.hasK ? batch * seqNew * headsKV * d : 0;
-    const grid = dispatchGrid(Math.ceil((qSize + kSize) / THREADS));
-    const values: Record<typeof DECODE_ROTARY_UNIFORMS[number], number> =
-        {qSize, kSize, seqQ, heads, seqNew, headsKV, qSameRow: qSameRow ? 1 : 0, gridX: grid[0]};
-    const w = new UniformWriter(
-        new ArrayBuffer(4 * DECODE_ROTARY_UNIFORMS.length + 16 * this.c.batchVec4));
+    const {batch, seqQ, heads, seqNew, headsKV, seqMax} = dims;
+    const {headDim, headDimV, hasK} = this.c;
+    const qSize = batch * seqQ * heads * headDim;
+    const kSize = hasK ? batch * seqNew * headsKV * headDim : 0;
+    const vSize = hasK ? batch * seqNew * headsKV * headDimV : 0;
+    const grid = dispatchGrid(Math.ceil((qSize + kSize + vSize) / THREADS));
+    const values: Record<typeof DECODE_ROTARY_UNIFORMS[number], number> = {
+      qSize,
+      kSize,
+      vSize,
+      seqQ,
+      heads,
+      seqNew,
+      headsKV,
+      seqMax,
+      qSameRow: qSameRow ? 1 : 0,
+      gridX: grid[0]
+    };
+    const w = new UniformWriter(new ArrayBuffer(4 * ROTARY_FIELD_SLOTS + 16 * this.c.batchVec4));
     DECODE_ROTARY_UNIFORMS.forEach(name => w.i32(values[name]));
+    // WGSL aligns the vec4 array that follows to 16 bytes.
+    for (let i = DECODE_ROTARY_UNIFORMS.length; i < ROTARY_FIELD_SLOTS; i++) {
+      w.i32(0);
+    }
     for (let b = 0; b < 4 * this.c.batchVec4; b++) {
       w.i32(b < batch ? starts[b] : 0);
     }
@@ -64,18 +92,13 @@ export class DecodeRotaryProgram implements OwnPipelineSpec {
   }
 
   code(): string {
-    const {headDim, rotaryDim, interleaved, hasK, batchVec4} = this.c;
+    const {headDim, headDimV, rotaryDim, interleaved, hasK, batchVec4} = this.c;
     const half = rotaryDim / 2;
-    // One element of x [B, S, Hx, D] at flat index e, table row `pos`.
-    const rotate = (x: string, y: string, heads: string, seq: string, sameRow: string) => `{
-    let d = e % D;
-    let row = e / D;              // (b * S + s) * Hx + h
-    let s = (row / ${heads}) % ${seq};
-    let b = row / (${heads} * ${seq});
+    // Element e of x [B, S, Hx, D] rotated by table row `pos` into y[at].
+    const rotate = (x: string, y: string, at: string) => `
     if (d >= ROT) {
-      ${y}[e] = ${x}[e];
+      ${y}[${at}] = ${x}[e];
     } else {
-      let pos = u.starts[b / 4][b % 4] + select(s, 0, ${sameRow});
       ${
         interleaved ? `let first = (d & 1) == 0;
       let j = d / 2;
@@ -85,10 +108,18 @@ export class DecodeRotaryProgram implements OwnPipelineSpec {
       let partner = select(e - HALF, e + HALF, first);`}
       // y = x cos -/+ partner sin: minus for the first of a pair.
       let sign = select(1.0, -1.0, first);
-      ${y}[e] = ${x}[e] * cosTable[pos * HALF + j] + sign * ${
+      ${y}[${at}] = ${x}[e] * cosTable[pos * HALF + j] + sign * ${
         x}[partner] * sinTable[pos * HALF + j];
-    }
-  }`;
+    }`;
+    // Batch row b and token s of element e of x [B, S, Hx, dim].
+    const rowOf = (dim: string, heads: string, seq: string) => `
+    let row = e / ${dim};              // (b * S + s) * Hx + h
+    let s = (row / ${heads}) % ${seq};
+    let b = row / (${heads} * ${seq});`;
+    // Element e of the new rows [B, Snew, Hk, dim] sits in the cache
+    // [B, Smax, Hk, dim] at row starts[b] + s of batch row b.
+    const cacheAt = (dim: string) => `e + (b * (u.seqMax - u.seqNew) + start) * u.headsKV * ${dim}`;
+    const bindings = hasK ? ['qRot', 'kCache', 'vCache', 'u'] : ['qRot', 'u'];
     return `
 struct Uniforms {
 ${DECODE_ROTARY_UNIFORMS.map(n => `  ${n}: i32,`).join('\n')}
@@ -96,15 +127,19 @@ ${DECODE_ROTARY_UNIFORMS.map(n => `  ${n}: i32,`).join('\n')}
 }
 @group(0) @binding(0) var<storage, read> q: array<f32>;
 @group(0) @binding(1) var<storage, read> k: array<f32>;
-@group(0) @binding(2) var<storage, read> cosTable: array<f32>;
-@group(0) @binding(3) var<storage, read> sinTable: array<f32>;
-@group(0) @binding(4) var<storage, read_write> qRot: array<f32>;
+@group(0) @binding(2) var<storage, read> v: array<f32>;
+@group(0) @binding(3) var<storage, read> cosTable: array<f32>;
+@group(0) @binding(4) var<storage, read> sinTable: array<f32>;
 ${
-        hasK ? `@group(0) @binding(5) var<storage, read_write> kRot: array<f32>;
-@group(0) @binding(6) var<uniform> u: Uniforms;` :
-               '@group(0) @binding(5) var<uniform> u: Uniforms;'}
+        bindings
+            .map(
+                (name, i) => name === 'u' ?
+                    `@group(0) @binding(${5 + i}) var<uniform> u: Uniforms;` :
+                    `@group(0) @binding(${5 + i}) var<storage, read_write> ${name}: array<f32>;`)
+            .join('\n')}
 
 const D = ${headDim};
+const DV = ${headDimV};
 const ROT = ${rotaryDim};
 const HALF = ${half};
 
@@ -113,11 +148,18 @@ fn main(@builtin(global_invocation_id) g: vec3<u32>) {
   let index = i32(g.y) * u.gridX * ${THREADS} + i32(g.x);
   if (index < u.qSize) {
     let e = index;
-    ${rotate('q', 'qRot', 'u.heads', 'u.seqQ', 'u.qSameRow != 0')}
+    let d = e % D;${rowOf('D', 'u.heads', 'u.seqQ')}
+    let pos = u.starts[b / 4][b % 4] + select(s, 0, u.qSameRow != 0);${rotate('q', 'qRot', 'e')}
   }${
         hasK ? ` else if (index < u.qSize + u.kSize) {
     let e = index - u.qSize;
-    ${rotate('k', 'kRot', 'u.headsKV', 'u.seqNew', 'false')}
+    let d = e % D;${rowOf('D', 'u.headsKV', 'u.seqNew')}
+    let start = u.starts[b / 4][b % 4];
+    let pos = start + s;${rotate('k', 'kCache', cacheAt('D'))}
+  } else if (index < u.qSize + u.kSize + u.vSize) {
+    let e = index - u.qSize - u.kSize;${rowOf('DV', 'u.headsKV', 'u.seqNew')}
+    let start = u.starts[b / 4][b % 4];
+    vCache[${cacheAt('DV')}] = v[e];
   }` :
                ''}
 }

@@ -11,7 +11,8 @@
  * queue submit of its own (a submit costs milliseconds on some drivers).
  *
  * Bindings, group 0: inputs (read-only storage) at 0..n-1, outputs
- * (read_write storage) at n..n+m-1, then the uniform buffer (if any) at n+m.
+ * (read_write storage: the new tensors, then those updated in place) at
+ * n..n+m-1, then the uniform buffer (if any) at n+m.
  * An explicit bind group layout is used, so a shader need not use every
  * binding.
  *
@@ -54,6 +55,11 @@ export interface OwnOutput {
 export interface OwnRun {
   inputs: tf.TensorInfo[];
   outputs: OwnOutput[];
+  /**
+   * Existing tensors the pipeline writes in place (e.g. a cache variable),
+   * bound read_write after the new outputs; `numOutputs` counts both.
+   */
+  updates?: tf.TensorInfo[];
   /** Raw bytes of the uniform struct (std140-like layout is the caller's). */
   uniforms?: ArrayBuffer;
   /** Workgroup counts, each <= maxComputeWorkgroupsPerDimension. */
@@ -295,9 +301,10 @@ function checkedPipeline(device: GPUDevice, spec: OwnPipelineSpec, run: OwnRun):
   tf.util.assert(
       run.inputs.length === spec.numInputs,
       () => `${spec.key}: expected ${spec.numInputs} inputs, got ${run.inputs.length}`);
+  const written = run.outputs.length + (run.updates?.length ?? 0);
   tf.util.assert(
-      run.outputs.length === spec.numOutputs,
-      () => `${spec.key}: expected ${spec.numOutputs} outputs, got ${run.outputs.length}`);
+      written === spec.numOutputs,
+      () => `${spec.key}: expected ${spec.numOutputs} outputs and updates, got ${written}`);
   tf.util.assert(
       spec.hasUniforms === (run.uniforms != null),
       () => `${spec.key}: uniforms ${spec.hasUniforms ? 'missing' : 'not expected'}`);
@@ -474,7 +481,7 @@ export function recordOwnPipeline(
     });
   };
   try {
-    const tensors = [...run.inputs, ...outputs];
+    const tensors = [...run.inputs, ...outputs, ...(run.updates ?? [])];
     const buffers = tensors.map(t => gpuBufferOf(backend, t));
     checkBindingSizes(device, spec.key, buffers);
     const copyBuffers = copies.map(c => [gpuBufferOf(backend, c.src), gpuBufferOf(backend, c.dst)]);
@@ -500,7 +507,7 @@ export function recordOwnPipeline(
     }
     if (poisonOutputs) {
       // Fresh buffers: no pending work uses them, so writing now is safe.
-      for (const b of buffers.slice(run.inputs.length)) {
+      for (const b of buffers.slice(run.inputs.length, run.inputs.length + outputs.length)) {
         device.queue.writeBuffer(b, 0, new Float32Array(b.size / 4).fill(NaN));
       }
     }
