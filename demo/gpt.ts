@@ -334,7 +334,13 @@ export async function trainStep(
   return value;
 }
 
-/** Samples `length` characters after `prompt` (temperature sampling, window of `context`). */
+/**
+ * Samples `length` characters after `prompt` without a cache: the last
+ * `context` characters through the model per character, its logits read
+ * back and the next id drawn on the host (`pickId`: the same draw as
+ * `generateIdsWithCache` makes on the GPU, so both give the same text for
+ * the same seed). `temperature` 0 is greedy.
+ */
 export async function generate(
     model: tfl.LayersModel, tokenizer: CharTokenizer, prompt: string, length: number,
     context: number, random: () => number, temperature = 0.8): Promise<string> {
@@ -344,8 +350,10 @@ export async function generate(
     const last = tf.tidy(
         () => lastLogits(
             model.apply(tf.tensor2d([window], [1, window.length], 'int32')) as tf.Tensor));
-    ids.push(sampleLogits(await last.data(), temperature, random));
+    const logits = await last.data();
     last.dispose();
+    const noise = temperature > 0 ? scaledNoise(logits.length, random, temperature) : null;
+    ids.push(pickId(logits, noise));
   }
   return tokenizer.decode(ids);
 }
@@ -358,25 +366,35 @@ function lastLogits(logits: tf.Tensor): tf.Tensor1D {
 }
 
 /**
- * An index drawn from softmax(logits / temperature), computed on the host:
- * the logits are read anyway, and a temperature on the GPU would be a
- * scalar uploaded per token.
+ * Gumbel noise `-log(-log(u))` for `size` logits, u from `random`, times
+ * `temperature` (float32): argmax(logits + noise) is a draw from
+ * softmax(logits / temperature) (the Gumbel-max trick), which a GPU takes
+ * with an add and an argmax, no read of the logits.
  */
-function sampleLogits(
-    logits: ArrayLike<number>, temperature: number, random: () => number): number {
-  let max = -Infinity;
-  for (let i = 0; i < logits.length; i++) {
-    max = Math.max(max, logits[i]);
+export function scaledNoise(size: number, random: () => number, temperature: number): Float32Array {
+  const noise = new Float32Array(size);
+  for (let i = 0; i < size; i++) {
+    // u in (0, 1): u = 0 would make a -Infinity that can never win anyway.
+    noise[i] = -temperature * Math.log(-Math.log(Math.max(random(), Number.MIN_VALUE)));
   }
-  const weights = Array.from(logits, l => Math.exp((l - max) / temperature));
-  let r = random() * weights.reduce((a, b) => a + b, 0);
-  for (let i = 0; i < weights.length; i++) {
-    r -= weights[i];
-    if (r <= 0) {
-      return i;
+  return noise;
+}
+
+/**
+ * The next id on the host: argmax of `logits` (+ `noise` when sampling)
+ * in float32, as on the GPU; the first maximum wins, as with tf.argMax.
+ */
+function pickId(logits: ArrayLike<number>, noise: Float32Array|null): number {
+  let best = 0;
+  let bestValue = -Infinity;
+  for (let i = 0; i < logits.length; i++) {
+    const value = noise == null ? logits[i] : Math.fround(logits[i] + noise[i]);
+    if (value > bestValue) {
+      best = i;
+      bestValue = value;
     }
   }
-  return weights.length - 1;
+  return best;
 }
 
 /** What this file raises WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE to while generating. */
@@ -405,38 +423,125 @@ export async function withDeferredSubmits<T>(run: () => Promise<T>): Promise<T> 
   }
 }
 
+
+export interface CachedGenerationOptions {
+  /** 0: greedy (argmax). Above 0: drawn from softmax(logits / temperature). */
+  temperature?: number;
+  /** Uniform numbers in [0, 1) for sampling (e.g. seededRandom). */
+  random?: () => number;
+  /** Stop once this id is generated (it ends the output). */
+  endId?: number;
+  /**
+   * Ids read back at once (default 8). Each read starts when its chunk is
+   * recorded and is awaited only after the next chunk has been recorded,
+   * so the CPU records tokens while the GPU runs the earlier ones; 1 with
+   * `lag: false` waits for every token.
+   */
+  readEvery?: number;
+  /** Await each chunk's read after recording the next chunk (default true). */
+  lag?: boolean;
+}
+
 /**
- * `generate` with KV caches: the prompt goes through the model once, then
- * each new character alone (IncrementalDecoder), its attention reading the
- * earlier characters' keys and values from the caches. The model must be
- * built from causal FlashMHA layers (buildGPT). Same sampling as
- * `generate`; `prompt.length + length` characters at most are attended.
- * One queue submit and one read per character (withDeferredSubmits); the
- * only upload is the new character's id.
+ * Generates up to `length` ids after `promptIds` with KV caches: the
+ * prompt goes through the model once (IncrementalDecoder), then each new
+ * id alone, its attention reading the earlier ids' keys and values from
+ * the caches. The model must be built from causal FlashMHA layers
+ * (buildGPT). The next id is picked on the GPU (tf.argMax of the last
+ * logits, plus Gumbel noise from `random` when sampling: one upload of
+ * vocabSize floats per id) and fed straight into the next step, so no
+ * step waits for the GPU; the ids are read back in chunks (`readEvery`).
+ * With `endId`, the output ends at its first occurrence (ids already
+ * computed past it are dropped). Returns the generated ids.
+ */
+export async function generateIdsWithCache(
+    model: tfl.LayersModel, promptIds: ArrayLike<number>, length: number,
+    opts: CachedGenerationOptions = {}): Promise<number[]> {
+  const temperature = opts.temperature ?? 0;
+  const readEvery = Math.max(1, Math.floor(opts.readEvery ?? 8));
+  const lag = opts.lag ?? true;
+  const random = opts.random ?? Math.random;
+  const vocab = vocabOf(model);
+  const decoder = new IncrementalDecoder(model, {batch: 1, maxSeqLen: promptIds.length + length});
+  const ids: number[] = [];
+  let ended = false;
+  // Ids recorded but not yet read: `[1, 1]` int32 tensors on the device.
+  let pending: tf.Tensor[] = [];
+  // Chunks being read, oldest first; a chunk's tensor lives until its read ends.
+  const reads: Array<{chunk: tf.Tensor, values: Promise<tf.TypedArray>}> = [];
+  const collectOldest = async () => {
+    const {chunk, values} = reads.shift()!;
+    try {
+      for (const id of await values) {
+        if (!ended) {
+          ids.push(id);
+          ended = id === opts.endId;
+        }
+      }
+    } finally {
+      chunk.dispose();
+    }
+  };
+  let input: tf.Tensor = tf.tensor2d(Array.from(promptIds), [1, promptIds.length], 'int32');
+  try {
+    await withDeferredSubmits(async () => {
+      for (let n = 0; n < length && !ended; n++) {
+        const feed = input;
+        // Sampling: argmax(logits / T + g) = argmax(logits + T g) for T > 0.
+        const noise = temperature > 0 ? scaledNoise(vocab, random, temperature) : null;
+        input = tf.tidy(() => {
+          const last = lastLogits(decoder.step(feed));
+          const scores = noise == null ? last : tf.add(last, tf.tensor1d(noise));
+          return tf.reshape(tf.argMax(scores), [1, 1]);
+        });
+        if (!pending.includes(feed)) {
+          feed.dispose();  // the prompt
+        }
+        pending.push(input);
+        if (pending.length === readEvery || n === length - 1) {
+          const chunk = pending.length === 1 ? tf.clone(input) : tf.concat(pending, 1);
+          // Every id but the last (the next step's input) is done with.
+          pending.slice(0, -1).forEach(t => t.dispose());
+          pending = [];
+          reads.push({chunk, values: chunk.data()});  // submits the recorded steps
+          while (reads.length > (lag ? 1 : 0) && !ended) {
+            await collectOldest();
+          }
+        }
+      }
+      while (reads.length > 0) {
+        await collectOldest();
+      }
+    });
+  } finally {
+    for (const {chunk, values} of reads.splice(0)) {
+      await values.catch(() => undefined);
+      chunk.dispose();
+    }
+    pending.forEach(t => t.dispose());
+    input.dispose();
+    decoder.dispose();
+  }
+  return ids;
+}
+
+/** The vocabulary size: the last dim of the model's output (logits). */
+function vocabOf(model: tfl.LayersModel): number {
+  const shape = model.outputs[0].shape;
+  return shape[shape.length - 1]!;
+}
+
+/**
+ * `generate` with KV caches (generateIdsWithCache): same draws, so the same
+ * text for the same seed; `prompt.length + length` characters at most are
+ * attended. No step waits for the GPU: the ids are read back in chunks.
  */
 export async function generateWithCache(
     model: tfl.LayersModel, tokenizer: CharTokenizer, prompt: string, length: number,
     random: () => number, temperature = 0.8): Promise<string> {
-  const ids = Array.from(tokenizer.encode(prompt));
-  const decoder = new IncrementalDecoder(model, {batch: 1, maxSeqLen: ids.length + length});
-  try {
-    await withDeferredSubmits(async () => {
-      let input = tf.tensor2d([ids], [1, ids.length], 'int32');
-      for (let n = 0; n < length; n++) {
-        const feed = input;
-        const last = tf.tidy(() => lastLogits(decoder.step(feed)));
-        feed.dispose();
-        const next = sampleLogits(await last.data(), temperature, random);
-        last.dispose();
-        ids.push(next);
-        input = tf.tensor2d([[next]], [1, 1], 'int32');
-      }
-      input.dispose();
-    });
-  } finally {
-    decoder.dispose();
-  }
-  return tokenizer.decode(ids);
+  const promptIds = Array.from(tokenizer.encode(prompt));
+  const ids = await generateIdsWithCache(model, promptIds, length, {temperature, random});
+  return tokenizer.decode([...promptIds, ...ids]);
 }
 
 /** The median of some numbers. */
