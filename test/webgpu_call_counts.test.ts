@@ -11,7 +11,7 @@ import {webgpuCounters, WebGPUCounts} from '../benchmarks/webgpu_counters';
 import {setForwardOverride} from '../kernels/webgpu/FlashAttention';
 import {checkOwnPipelineErrors} from '../kernels/webgpu/own_pipeline';
 import {FLASH_ATTENTION_IMPL, flashAttention, flashAttentionWithKVCache} from '../src';
-import {buildGPT, withDeferredSubmits} from '../demo/gpt';
+import {buildGPT, generateIdsWithCache, withDeferredSubmits} from '../demo/gpt';
 import {flashMHA, FlashMHAArgs, IncrementalDecoder} from '../src/layers';
 
 import {selectedBackends, useBackend} from './harness/backends';
@@ -345,4 +345,45 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
     expectClose(got, want, FORWARD_BOUND, `cached vs uncached logits (seed ${rng.seed})`);
     model.dispose();
   });
+
+  it('pipelined generation: a submit and a read per chunk of ids, no upload per token',
+     async () => {
+       const vocab = 16;
+       const model = buildGPT(
+           {vocabSize: vocab, numLayers: 1, embedDim: 32, numHeads: 2}, flashMHA, 'p', 'fused');
+       const cpuForward = tf.env().getBool('WEBGPU_CPU_FORWARD');
+       tf.env().set('WEBGPU_CPU_FORWARD', false);
+       const prompt = [3, 1];
+       const [length, readEvery] = [7, 3];
+       const warm = await generateIdsWithCache(model, prompt, length, {readEvery});
+       const before = tf.memory().numTensors;
+       const counters = webgpuCounters();
+       const ids = await generateIdsWithCache(model, prompt, length, {readEvery});
+       const counts = countsOf(counters.snapshot());
+       tf.env().set('WEBGPU_CPU_FORWARD', cpuForward);
+       await checkOwnPipelineErrors();
+       expect(ids).toEqual(warm);
+       const chunks = Math.ceil(length / readEvery);
+       // A token: the 18 dispatches of a cached step (test above) and its argmax.
+       const token = 18 + 1;
+       // Staging buffers of the uploads and reads, fewer once tfjs's pool has them.
+       expect(counts.buffersCreated).toBeLessThanOrEqual(3 + 2 * chunks);
+       expect({...counts, buffersCreated: 0}).toEqual({
+         submits: chunks,  // each chunk's read submits the steps recorded before it
+         errorScopes: 0,
+         // The prompt's ids and the two caches' zeros: none per token (the
+         // next id is fed from the device).
+         hostUploads: 3,
+         buffersCreated: 0,
+         // The prompt step (its last row sliced), the single-id steps, and a
+         // concat per chunk of several ids.
+         dispatches: (token + 1) + (length - 1) * token + (chunks - 1),
+         // All but the decode combine's uniforms (one per step).
+         writeBuffers: (token + 1) + (length - 1) * token + (chunks - 1) - length,
+         bufferCopies: 3 + chunks,  // the uploads, and each chunk into its staging buffer
+         readBacks: chunks,
+       });
+       expect(tf.memory().numTensors).toBe(before);
+       model.dispose();
+     });
 });
