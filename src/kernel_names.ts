@@ -97,4 +97,9 @@ export interface FlashAttentionKVCacheAttrs extends FlashAttentionAttrs {
    */
   rotaryInterleaved?: boolean;
   rotaryQSameRow?: boolean;
+  /**
+   * Set when the input q is a packed projection `[B, Snew, H + 2 Hk, D]`
+   * (q, k, v heads side by side, no k or v input): the number of q heads H.
+   */
+  packedHeads?: number;
 }

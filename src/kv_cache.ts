@@ -9,7 +9,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 
-import {flashAttentionWithKVCache, FlashAttentionWithKVCacheOptions} from './ops_kv_cache';
+import {flashAttentionWithKVCache, FlashAttentionWithKVCacheOptions, flashAttentionWithKVCachePacked} from './ops_kv_cache';
 
 export interface KVCacheArgs {
   batch: number;
@@ -97,16 +97,35 @@ export class KVCache {
       tf.Tensor4D {
     const [kCache, vCache] = this.live();
     const seqNew = k.shape[1];
-    if (this.length + seqNew > this.maxSeqLen) {
-      throw new Error(`KVCache: ${seqNew} new tokens do not fit: ${this.length} of maxSeqLen = ${
-          this.maxSeqLen} are used`);
-    }
+    this.checkRoom(seqNew);
     const out =
         flashAttentionWithKVCache(
             q, kCache, vCache,
             {...opts, k, v, cacheSeqlens: this.lengths, returnSoftmaxLse: false}) as tf.Tensor4D;
     this.lengths = this.lengths.map(n => n + seqNew);
     return out;
+  }
+
+  /**
+   * `attend` for a fused projection's output: the q, k and v heads of the
+   * new tokens side by side in `qkv [B, Snew, heads + 2 Hk, D]`
+   * (flashAttentionWithKVCachePacked: on webgpu no split of it is made).
+   */
+  attendPacked(qkv: tf.Tensor4D, heads: number, opts: KVCacheAttendOptions = {}): tf.Tensor4D {
+    const [kCache, vCache] = this.live();
+    const seqNew = qkv.shape[1];
+    this.checkRoom(seqNew);
+    const out = flashAttentionWithKVCachePacked(
+        qkv, kCache, vCache, heads, {...opts, cacheSeqlens: this.lengths});
+    this.lengths = this.lengths.map(n => n + seqNew);
+    return out;
+  }
+
+  private checkRoom(seqNew: number): void {
+    if (this.length + seqNew > this.maxSeqLen) {
+      throw new Error(`KVCache: ${seqNew} new tokens do not fit: ${this.length} of maxSeqLen = ${
+          this.maxSeqLen} are used`);
+    }
   }
 
   /** Forgets the cached tokens (the memory stays allocated). */

@@ -163,6 +163,44 @@ interface Checked {
   rotary: {cos: tf.Tensor2D, sin: tf.Tensor2D, interleaved: boolean}|null;
 }
 
+/**
+ * The rotary tables of `opts`, checked (rows for `rows` tokens past the longest cache), or null.
+ */
+function checkRotary(
+    opts: FlashAttentionWithKVCacheOptions, headDim: number, cacheSeqlens: number[],
+    rows: number): Checked['rotary'] {
+  if ((opts.rotaryCos == null) !== (opts.rotarySin == null)) {
+    fail(
+        opts.rotaryCos == null ? 'rotaryCos' : 'rotarySin', 'given with the other', undefined,
+        'rotaryCos and rotarySin must be given together');
+  }
+  if (opts.rotaryCos != null && opts.rotarySin != null) {
+    const layout = '[Sro, rotaryDim / 2]';
+    const cos = checkTensor(opts.rotaryCos, 'rotaryCos', OP, 2, layout) as tf.Tensor2D;
+    const sin = checkTensor(opts.rotarySin, 'rotarySin', OP, 2, layout) as tf.Tensor2D;
+    if (sin.shape[0] !== cos.shape[0] || sin.shape[1] !== cos.shape[1]) {
+      fail(
+          'rotarySin', `shape [${cos.shape}]`, sin.shape,
+          `rotarySin must have the shape of rotaryCos [${cos.shape}], got [${sin.shape}]`);
+    }
+    if (2 * cos.shape[1] > headDim) {
+      fail(
+          'rotaryCos', `at most D / 2 = ${headDim / 2} columns`, cos.shape,
+          `rotaryCos must have at most D / 2 = ${headDim / 2} columns, got ${cos.shape[1]}`);
+    }
+    const needed = Math.max(...cacheSeqlens) + rows;
+    if (cos.shape[0] < needed) {
+      fail(
+          'rotaryCos', `at least ${needed} rows`, cos.shape,
+          `rotaryCos must have at least max(cacheSeqlens) + max(Sq, Snew) = ${needed} rows, got ${
+              cos.shape[0]}`);
+    }
+    const interleaved = opts.rotaryInterleaved ?? false;
+    return {cos, sin, interleaved};
+  }
+  return null;
+}
+
 /** Every check of the op, before any work. */
 function checkKVCacheCall(
     q: tf.Tensor4D, kCache: tf.Tensor4D, vCache: tf.Tensor4D,
@@ -222,36 +260,7 @@ function checkKVCacheCall(
         softcap: opts.softcap
       },
       headDim, OP);
-  let rotary: Checked['rotary'] = null;
-  if ((opts.rotaryCos == null) !== (opts.rotarySin == null)) {
-    fail(
-        opts.rotaryCos == null ? 'rotaryCos' : 'rotarySin', 'given with the other', undefined,
-        'rotaryCos and rotarySin must be given together');
-  }
-  if (opts.rotaryCos != null && opts.rotarySin != null) {
-    const layout = '[Sro, rotaryDim / 2]';
-    const cos = checkTensor(opts.rotaryCos, 'rotaryCos', OP, 2, layout) as tf.Tensor2D;
-    const sin = checkTensor(opts.rotarySin, 'rotarySin', OP, 2, layout) as tf.Tensor2D;
-    if (sin.shape[0] !== cos.shape[0] || sin.shape[1] !== cos.shape[1]) {
-      fail(
-          'rotarySin', `shape [${cos.shape}]`, sin.shape,
-          `rotarySin must have the shape of rotaryCos [${cos.shape}], got [${sin.shape}]`);
-    }
-    if (2 * cos.shape[1] > headDim) {
-      fail(
-          'rotaryCos', `at most D / 2 = ${headDim / 2} columns`, cos.shape,
-          `rotaryCos must have at most D / 2 = ${headDim / 2} columns, got ${cos.shape[1]}`);
-    }
-    const needed = Math.max(...cacheSeqlens) + Math.max(shapes.seqQ, seqNew);
-    if (cos.shape[0] < needed) {
-      fail(
-          'rotaryCos', `at least ${needed} rows`, cos.shape,
-          `rotaryCos must have at least max(cacheSeqlens) + max(Sq, Snew) = ${needed} rows, got ${
-              cos.shape[0]}`);
-    }
-    const interleaved = opts.rotaryInterleaved ?? false;
-    rotary = {cos, sin, interleaved};
-  }
+  const rotary = checkRotary(opts, headDim, cacheSeqlens, Math.max(shapes.seqQ, seqNew));
   return {shapes, seqMax, seqNew, cacheSeqlens, alibiSlopes, attrs, rotary};
 }
 
@@ -463,3 +472,91 @@ export interface FlashAttentionWithKVCacheOp {
  */
 export const flashAttentionWithKVCache =
     tf.op({flashAttentionWithKVCache_}) as FlashAttentionWithKVCacheOp;
+
+/** The options of flashAttentionWithKVCachePacked: those of the op but the new keys. */
+export type PackedKVCacheOptions =
+    Omit<FlashAttentionWithKVCacheOptions, 'k'|'v'|'returnSoftmaxLse'>&{cacheSeqlens: number[]};
+
+/**
+ * flashAttentionWithKVCache for a fused projection's output: the q, k and v
+ * heads of the new tokens side by side in `qkv [B, Snew, H + 2 Hk, D]`
+ * (Dv = D, Sq = Snew), the new keys and values appended to the caches. On
+ * webgpu one pass takes q (rotated) and writes k and v into the caches
+ * straight from the packed tensor, so the projection needs no split (three
+ * kernels per layer and token fewer); elsewhere, or when the caches cannot
+ * be written in place, it is split and flashAttentionWithKVCache runs.
+ */
+export function flashAttentionWithKVCachePacked(
+    qkv: tf.Tensor4D, kCache: tf.Tensor4D, vCache: tf.Tensor4D, heads: number,
+    opts: PackedKVCacheOptions): tf.Tensor4D {
+  checkTensor(qkv, 'qkv', OP, 4, '[B, Snew, H + 2 Hk, D]');
+  checkTensor(kCache, 'kCache', OP, 4, '[B, Smax, Hk, D]');
+  checkTensor(vCache, 'vCache', OP, 4, '[B, Smax, Hk, Dv]');
+  const [batch, seqNew, packed, headDim] = qkv.shape;
+  const [, seqMax, headsKV] = kCache.shape;
+  if (packed !== heads + 2 * headsKV) {
+    fail(
+        'qkv', `H + 2 Hk = ${heads + 2 * headsKV} heads on axis 2`, qkv.shape,
+        `qkv must have H + 2 Hk = ${heads} + 2 * ${headsKV} heads on axis 2, got [${qkv.shape}]`);
+  }
+  if (vCache.shape[3] !== headDim) {
+    fail(
+        'vCache', `head dim D = ${headDim} (packed values)`, vCache.shape,
+        `vCache must have the head dim of qkv, D = ${headDim}, got [${vCache.shape}]`);
+  }
+  // Every check first: the fallback below would split before its own.
+  opts = parseAttentionOptions<PackedKVCacheOptions>(opts, OP, KV_CACHE_OPTION_SPECS);
+  const dropout = (opts as FlashAttentionOptions).dropoutRate;
+  if (dropout != null && dropout !== 0) {
+    fail(
+        'dropoutRate', '0 (inference only)', dropout,
+        `dropoutRate is not supported (inference only), got ${describeValue(dropout)}`);
+  }
+  for (const [name, cache] of [['kCache', kCache], ['vCache', vCache]] as const) {
+    if (!(cache instanceof tf.Variable)) {
+      fail(
+          name, 'a tf.Variable', cache,
+          `${name} must be a tf.Variable (it is updated in place), got a ${
+              cache.constructor.name}`);
+    }
+  }
+  const shapes = checkQKV(
+      [batch, seqNew, heads, headDim], kCache.shape, vCache.shape, OP,
+      {q: 'qkv', k: 'kCache', v: 'vCache'});
+  const cacheSeqlens = readSeqlens(opts.cacheSeqlens, batch, seqMax, seqNew);
+  const alibiSlopes = checkAlibi(opts.alibiSlopes, shapes, OP);
+  const attrs = normalizeOptions(
+      {
+        causal: opts.causal,
+        softmaxScale: opts.softmaxScale,
+        windowSize: opts.windowSize,
+        softcap: opts.softcap
+      },
+      headDim, OP);
+  const rotary = checkRotary(opts, headDim, cacheSeqlens, seqNew);
+  const kernelAttrs: FlashAttentionKVCacheAttrs = {...attrs, cacheSeqlens};
+  if (!useFusedKernel(FlashAttentionKVCache, shapes, kernelAttrs) || sharesData(kCache) ||
+      sharesData(vCache)) {
+    return tf.tidy(() => {
+      const [q, k, v] = tf.split(qkv, [heads, headsKV, headsKV], 2) as tf.Tensor4D[];
+      return flashAttentionWithKVCache(q, kCache, vCache, {...opts, k, v}) as tf.Tensor4D;
+    });
+  }
+  kernelAttrs.packedHeads = heads;
+  const inputs: tf.NamedTensorMap = {q: qkv, kCache, vCache};
+  if (rotary != null) {
+    inputs.rotaryCos = rotary.cos;
+    inputs.rotarySin = rotary.sin;
+    kernelAttrs.rotaryInterleaved = rotary.interleaved;
+  }
+  // flash_attn: q moves with the new keys only when causal or local.
+  kernelAttrs.rotaryQSameRow = attrs.windowLeft < 0 && attrs.windowRight < 0;
+  if (alibiSlopes != null) {
+    inputs.alibiSlopes = alibiSlopes;
+  }
+  const [out, lse] = tf.engine().runKernel(
+                         FlashAttentionKVCache, inputs,
+                         kernelAttrs as unknown as tf.NamedAttrMap) as [tf.Tensor4D, tf.Tensor3D];
+  lse.dispose();
+  return out;
+}

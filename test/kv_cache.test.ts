@@ -11,6 +11,7 @@ import {COMBINE_THREADS} from '../kernels/webgpu/flash_decode_combine_webgpu';
 import {DECODE_TILE} from '../kernels/webgpu/flash_decode_split_webgpu';
 import {checkOwnPipelineErrors, setPoisonOutputs} from '../kernels/webgpu/own_pipeline';
 import {FLASH_ATTENTION_IMPL, FlashAttentionError, flashAttentionWithKVCache, KVCache} from '../src';
+import {flashAttentionWithKVCachePacked} from '../src/ops_kv_cache';
 
 import {describeBackends, TestBackend} from './harness/backends';
 import {expectClose, FORWARD_BOUND, freshRng, randomArray, Rng} from './harness/problems';
@@ -31,6 +32,11 @@ interface DecodeCase {
   rotary?: {half: number, interleaved: boolean};
   /** Force cacheSeqlens (else random in [0, Smax - Snew], one of them 0). */
   seqlens?: number[];
+  /**
+   * q, k, v given packed as one projection `[B, Snew, H + 2 Hk, D]`
+   * (flashAttentionWithKVCachePacked; Sq = Snew, no LSE).
+   */
+  packed?: boolean;
 }
 
 const CASES: DecodeCase[] = [
@@ -107,7 +113,49 @@ const CASES: DecodeCase[] = [
     opts: {causal: true},
     seqlens: [0, 13]
   },
+  {
+    name: 'packed qkv: causal rotary (rotate-half), GQA, 2 new tokens',
+    batch: 2,
+    seqQ: 2,
+    seqNew: 2,
+    seqMax: 26,
+    heads: 4,
+    headsKV: 2,
+    headDim: 16,
+    opts: {causal: true},
+    rotary: {half: 8, interleaved: false},
+    packed: true
+  },
+  {
+    name: 'packed qkv: ALiBi [H], softcap, no rotary, one token',
+    batch: 3,
+    seqQ: 1,
+    seqNew: 1,
+    seqMax: 19,
+    heads: 2,
+    headsKV: 1,
+    headDim: 8,
+    opts: {causal: true, softcap: 4},
+    alibi: 'head',
+    packed: true
+  },
 ];
+
+/** q, k, v `[B, S, Hx, D]` side by side on the head axis: `[B, S, H + 2 Hk, D]`. */
+function packHeads(
+    parts: Float64Array[], rows: number, headsOf: number[], d: number): Float32Array {
+  const width = headsOf.reduce((a, h) => a + h, 0) * d;
+  const packed = new Float32Array(rows * width);
+  for (let r = 0; r < rows; r++) {
+    let at = r * width;
+    parts.forEach((part, i) => {
+      const size = headsOf[i] * d;
+      packed.set(part.subarray(r * size, (r + 1) * size), at);
+      at += size;
+    });
+  }
+  return packed;
+}
 
 function randomSeqlens(c: DecodeCase, rng: Rng): number[] {
   if (c.seqlens != null) {
@@ -193,7 +241,24 @@ async function runCase(c: DecodeCase, backend: string, rng: Rng, seed: string): 
             tf.keep(tf.tensor2d(f32(tables[1]), [seqMax + seqQ, c.rotary!.half])),
       }));
   const inputCount = tf.memory().numTensors;
-  const [out, lse] = flashAttentionWithKVCache(inputs.q, kVar, vVar, {
+  const what = `${c.name} on ${backend}, cacheSeqlens [${seqlens}] (${seed})`;
+  if (c.packed && kNew != null && vNew != null) {
+    const qkv = tf.tensor4d(
+        packHeads([q, kNew, vNew], batch * seqNew, [heads, headsKV, headsKV], d),
+        [batch, seqNew, heads + 2 * headsKV, d]);
+    const packedOut = flashAttentionWithKVCachePacked(qkv, kVar, vVar, heads, {
+      ...c.opts,
+      cacheSeqlens: seqlens,
+      alibiSlopes: inputs.alibiSlopes,
+      rotaryCos: inputs.rotaryCos,
+      rotarySin: inputs.rotarySin,
+      rotaryInterleaved: c.rotary?.interleaved,
+    });
+    expect(packedOut.shape).toEqual([batch, seqQ, heads, d]);
+    expectClose(await packedOut.data(), want.out, FORWARD_BOUND, `${what}: out`);
+    tf.dispose([qkv, packedOut]);
+  }
+  const [out, lse] = c.packed ? [null, null] : flashAttentionWithKVCache(inputs.q, kVar, vVar, {
     ...c.opts,
     k: inputs.k,
     v: inputs.v,
@@ -204,11 +269,12 @@ async function runCase(c: DecodeCase, backend: string, rng: Rng, seed: string): 
     rotaryInterleaved: c.rotary?.interleaved,
     returnSoftmaxLse: true,
   });
-  const what = `${c.name} on ${backend}, cacheSeqlens [${seqlens}] (${seed})`;
-  expect(out.shape).toEqual([batch, seqQ, heads, d]);
-  expect(lse.shape).toEqual([batch, heads, seqQ]);
-  expectClose(await out.data(), want.out, FORWARD_BOUND, `${what}: out`);
-  expectClose(await lse.data(), want.lse, FORWARD_BOUND, `${what}: lse`);
+  if (out != null && lse != null) {
+    expect(out.shape).toEqual([batch, seqQ, heads, d]);
+    expect(lse.shape).toEqual([batch, heads, seqQ]);
+    expectClose(await out.data(), want.out, FORWARD_BOUND, `${what}: out`);
+    expectClose(await lse.data(), want.lse, FORWARD_BOUND, `${what}: lse`);
+  }
 
   // The caches: new rows at cacheSeqlens[b], everything else unchanged.
   const kWant = Float64Array.from(kCache);
@@ -227,7 +293,9 @@ async function runCase(c: DecodeCase, backend: string, rng: Rng, seed: string): 
     // Written in place: the variable still holds the same data.
     expect(kVar.dataId).toBe(kDataId);
   }
-  tf.dispose([out, lse]);
+  if (out != null && lse != null) {
+    tf.dispose([out, lse]);
+  }
   expect(tf.memory().numTensors).toBe(inputCount);
   tf.dispose(Object.values(inputs).filter((t): t is tf.Tensor => t != null));
   expect(tf.memory().numTensors).toBe(tensorsBefore);
@@ -416,6 +484,13 @@ describeBackends('flashAttentionWithKVCache', backend => {
     })).toThrow(/unknown option 'cache_seqlens'; did you mean 'cacheSeqlens'\?/);
     expect(call({rotaryInterleaved: 1})).toThrow(/rotaryInterleaved must be a boolean, got 1/);
     expect(call({k, v: k, cacheSeqlens: [0, 9]})).toThrow(FlashAttentionError);
+    // Packed q, k, v: the head count of the projection, and the lengths.
+    const packed = (qkv: tf.Tensor4D, cacheSeqlens: number[]) => () =>
+        flashAttentionWithKVCachePacked(qkv, cache.kCache, cache.vCache, 2, {cacheSeqlens});
+    expect(packed(q, [0, 0])).toThrow(/qkv must have H \+ 2 Hk = 2 \+ 2 \* 1 heads.*\[2,1,2,4\]/);
+    const qkv = tf.ones([2, 1, 4, 4]) as tf.Tensor4D;
+    expect(packed(qkv, [0, 4])).toThrow(/cacheSeqlens\[1\] must be an integer in \[0, 3\]/);
+    qkv.dispose();
     expect(tf.memory().numTensors).toBe(tensorsBefore);
     tf.dispose([q, k, plain, cos]);
     cache.dispose();

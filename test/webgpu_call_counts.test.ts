@@ -216,23 +216,22 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
     expect(tf.memory().numTensors).toBe(before);
   });
 
-  const LAYERS: Array<{name: string, args: FlashMHAArgs, dispatches: number, copies: number}> = [
+  const LAYERS: Array<{name: string, args: FlashMHAArgs, dispatches: number}> = [
     {
       name: 'GQA, RoPE',
       args: {embedDim: 32, numHeads: 4, numHeadsKV: 2, causal: true, rotaryEmbDim: 8},
-      // qkv matMul with its bias, SplitV (3), rotary (appending k and v),
-      // split-KV, combine, out matMul.
-      dispatches: 8,
-      copies: 0,
+      // qkv matMul with its bias; q, k, v taken from its packed heads in one
+      // pass (q rotated to its own tensor, k rotated and v written into the
+      // caches: no split, no copy); split-KV, combine; out matMul.
+      dispatches: 5,
     },
     {
       name: 'ALiBi',
       args: {embedDim: 32, numHeads: 4, causal: true, useAlibi: true},
-      dispatches: 7,
-      copies: 2,  // k and v appended in place
+      dispatches: 5,  // the same, the first pass only unpacking
     },
   ];
-  for (const {name, args, dispatches, copies} of LAYERS) {
+  for (const {name, args, dispatches} of LAYERS) {
     it(`FlashMHA.decode (${name}): ${dispatches} dispatches a token, no submit, no upload`,
        async () => {
          const rng = freshRng();
@@ -258,7 +257,7 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
                buffersCreated: 0,
                dispatches,
                writeBuffers: dispatches - 1,  // the combine's uniforms are kept
-               bufferCopies: copies,
+               bufferCopies: 0,
                readBacks: 0,
              });
            }
@@ -318,11 +317,12 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
             errorScopes: 0,
             hostUploads: 1,
             buffersCreated: 1,  // the id's staging buffer (tfjs maps a new one per upload)
-            // Embedding gather, norm, qkv projection, SplitV (3), rotary,
-            // split-KV, combine, out projection, residual + norm (2), MLP
-            // in, FusedGelu, MLP out, residual + final norm (2), logits.
-            dispatches: 18,
-            writeBuffers: 17,  // all but the decode combine's uniforms
+            // Embedding gather, norm, qkv projection, rotary (q, k, v from
+            // the packed projection), split-KV, combine, out projection,
+            // residual + norm (2), MLP in, FusedGelu, MLP out, residual +
+            // final norm (2), logits.
+            dispatches: 15,
+            writeBuffers: 14,  // all but the decode combine's uniforms
             // The id uploaded, the logits read (the rotary pass appends k, v).
             bufferCopies: 2,
             readBacks: 1,
@@ -364,8 +364,8 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
        await checkOwnPipelineErrors();
        expect(ids).toEqual(warm);
        const chunks = Math.ceil(length / readEvery);
-       // A token: the 18 dispatches of a cached step (test above) and its argmax.
-       const token = 18 + 1;
+       // A token: the 15 dispatches of a cached step (test above) and its argmax.
+       const token = 15 + 1;
        // Staging buffers of the uploads and reads, fewer once tfjs's pool has them.
        expect(counts.buffersCreated).toBeLessThanOrEqual(3 + 2 * chunks);
        expect({...counts, buffersCreated: 0}).toEqual({

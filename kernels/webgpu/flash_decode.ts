@@ -122,13 +122,16 @@ export function flashDecodeWebGPU(args: {
   const backend = args.backend as unknown as WebGPUBackend;
   const inputs = args.inputs as unknown as KVCacheKernelInputs;
   const attrs = args.attrs as unknown as FlashAttentionKVCacheAttrs;
-  if (inputs.rotaryCos == null || inputs.rotarySin == null) {
-    return decodeAttention(backend, inputs, attrs, false);
+  const rotary = inputs.rotaryCos != null && inputs.rotarySin != null;
+  if (!rotary && attrs.packedHeads == null) {
+    return decodeAttention(backend, inputs, attrs, false, inputs.k?.shape[1] ?? 0);
   }
-  // The rotary pass also appends the new keys and values to the caches.
+  // The rotary (or unpacking) pass also appends the new keys and values to
+  // the caches.
   const qRot = rotateStep(backend, inputs, attrs);
+  const seqNew = attrs.packedHeads != null ? inputs.q.shape[1] : inputs.k?.shape[1] ?? 0;
   try {
-    return decodeAttention(backend, {...inputs, q: qRot}, attrs, true);
+    return decodeAttention(backend, {...inputs, q: qRot}, attrs, true, seqNew);
   } finally {
     // Owned by the pending command queue: tfjs frees it after its submit.
     backend.disposeData(qRot.dataId);
@@ -142,39 +145,47 @@ const combinePrograms = new BoundedCache<OwnPipelineSpec>(32);
 
 /**
  * q rotated (one dispatch, the returned tensor), with the new keys rotated
- * and the new values written into the caches at cacheSeqlens.
+ * and the new values written into the caches at cacheSeqlens; with a
+ * packed q (attrs.packedHeads) q, k and v are read from it, rotated or not.
  */
 function rotateStep(
     backend: WebGPUBackend, inputs: KVCacheKernelInputs,
     attrs: FlashAttentionKVCacheAttrs): tf.TensorInfo {
-  const {q, k, v, kCache, vCache, rotaryCos, rotarySin} = inputs;
-  const [batch, seqQ, heads, headDim] = q.shape;
+  const {kCache, vCache, rotaryCos, rotarySin} = inputs;
+  const packed = attrs.packedHeads != null;
+  // Packed: q, k and v are heads of one [B, S, H + 2 Hk, D] tensor.
+  const q = inputs.q;
+  const k = packed ? q : inputs.k;
+  const v = packed ? q : inputs.v;
+  const [batch, seqQ, , headDim] = q.shape;
+  const heads = attrs.packedHeads ?? q.shape[2];
   const hasK = k != null && v != null;
   const config = {
     headDim,
     headDimV: vCache.shape[3],
-    rotaryDim: 2 * rotaryCos!.shape[1],
+    rotaryDim: rotaryCos == null ? 0 : 2 * rotaryCos.shape[1],
     interleaved: attrs.rotaryInterleaved ?? false,
     hasK,
     batchVec4: Math.ceil(batch / 4),
+    packed,
   };
   const program = rotaryPrograms.get(
       `${config.headDim},${config.headDimV},${config.rotaryDim},${config.interleaved},${hasK},${
-          config.batchVec4}`,
+          config.batchVec4},${packed}`,
       () => new DecodeRotaryProgram(config));
   const {bytes, grid} = program.uniforms(
       {
         batch,
         seqQ,
         heads,
-        seqNew: k?.shape[1] ?? 0,
+        seqNew: hasK ? k.shape[1] : 0,
         headsKV: kCache.shape[2],
         seqMax: kCache.shape[1]
       },
       attrs.cacheSeqlens, attrs.rotaryQSameRow ?? false);
   const [qRot] = recordOwnPipeline(backend, program, {
-    inputs: [q, k ?? q, v ?? q, rotaryCos!, rotarySin!],
-    outputs: [{shape: q.shape, dtype: 'float32'}],
+    inputs: [q, k ?? q, v ?? q, rotaryCos ?? q, rotarySin ?? q],
+    outputs: [{shape: [batch, seqQ, heads, headDim], dtype: 'float32'}],
     updates: hasK ? [kCache, vCache] : [],
     uniforms: bytes,
     dispatch: grid,
@@ -188,13 +199,12 @@ function rotateStep(
  */
 function decodeAttention(
     backend: WebGPUBackend, inputs: KVCacheKernelInputs, attrs: FlashAttentionKVCacheAttrs,
-    appended: boolean): tf.TensorInfo[] {
+    appended: boolean, seqNew: number): tf.TensorInfo[] {
   const {q, kCache, vCache, k, v, alibiSlopes} = inputs;
   const [batch, seqQ, heads, headDim] = q.shape;
   const [, seqMax, headsKV] = kCache.shape;
   const headDimV = vCache.shape[3];
   const groups = heads / headsKV;
-  const seqNew = k == null ? 0 : k.shape[1];
   const cacheSeqlens = attrs.cacheSeqlens;
   const seqlensK = cacheSeqlens.map(n => n + seqNew);
 

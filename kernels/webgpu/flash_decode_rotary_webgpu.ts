@@ -9,9 +9,14 @@
  * intermediate tensor, no buffer copies). Pairs are (i, i + rotaryDim/2),
  * or (2i, 2i + 1) interleaved; dims past rotaryDim are copied.
  *
+ * Without rotary tables (rotaryDim 0) the pass only unpacks: from a
+ * packed projection `[B, S, H + 2 Hk, D]` (`packed`, bound as q, k and v)
+ * it writes q to its own tensor and k, v into the caches, so a layer's
+ * qkv projection needs no split.
+ *
  * Bindings: q, k, v (q again when there are no new keys), cos, sin
- * `[Sro, rotaryDim / 2]`; output qRot, then kCache and vCache written in
- * place (absent without new keys); uniforms.
+ * `[Sro, rotaryDim / 2]` (q again without tables); output qRot, then
+ * kCache and vCache written in place (absent without new keys); uniforms.
  */
 import {dispatchGrid, OwnPipelineSpec, UniformWriter} from './own_pipeline';
 
@@ -34,6 +39,11 @@ export interface DecodeRotaryConfig {
   hasK: boolean;
   /** ceil(batch / 4): the starts are packed four to a uniform vec4. */
   batchVec4: number;
+  /**
+   * q, k and v are one packed tensor `[B, S, H + 2 Hk, D]` (bound three
+   * times), read in place: the pass unpacks q and appends k and v.
+   */
+  packed: boolean;
 }
 
 export class DecodeRotaryProgram implements OwnPipelineSpec {
@@ -46,7 +56,7 @@ export class DecodeRotaryProgram implements OwnPipelineSpec {
   constructor(private readonly c: DecodeRotaryConfig) {
     this.numOutputs = c.hasK ? 3 : 1;
     this.key = `decode-rotary-${c.headDim}-${c.headDimV}-${c.rotaryDim}-${+ c.interleaved}-${
-        + c.hasK}-${c.batchVec4}`;
+        + c.hasK}-${c.batchVec4}-${+ c.packed}`;
   }
 
   /** The uniform bytes for these shapes and per-batch start rows. */
@@ -92,30 +102,37 @@ export class DecodeRotaryProgram implements OwnPipelineSpec {
   }
 
   code(): string {
-    const {headDim, headDimV, rotaryDim, interleaved, hasK, batchVec4} = this.c;
+    const {headDim, headDimV, rotaryDim, interleaved, hasK, batchVec4, packed} = this.c;
     const half = rotaryDim / 2;
-    // Element e of x [B, S, Hx, D] rotated by table row `pos` into y[at].
+    // Element e of x [B, S, Hx, D] (at x[src]) rotated by table row `pos`
+    // into y[at]; its pair partner is as far from src as from e.
     const rotate = (x: string, y: string, at: string) => `
     if (d >= ROT) {
-      ${y}[${at}] = ${x}[e];
+      ${y}[${at}] = ${x}[src];
     } else {
       ${
         interleaved ? `let first = (d & 1) == 0;
       let j = d / 2;
-      let partner = select(e - 1, e + 1, first);` :
+      let partner = select(src - 1, src + 1, first);` :
                       `let first = d < HALF;
       let j = select(d - HALF, d, first);
-      let partner = select(e - HALF, e + HALF, first);`}
+      let partner = select(src - HALF, src + HALF, first);`}
       // y = x cos -/+ partner sin: minus for the first of a pair.
       let sign = select(1.0, -1.0, first);
-      ${y}[${at}] = ${x}[e] * cosTable[pos * HALF + j] + sign * ${
+      ${y}[${at}] = ${x}[src] * cosTable[pos * HALF + j] + sign * ${
         x}[partner] * sinTable[pos * HALF + j];
     }`;
-    // Batch row b and token s of element e of x [B, S, Hx, dim].
-    const rowOf = (dim: string, heads: string, seq: string) => `
+    // Batch row b and token s of element e of x [B, S, Hx, dim], and where
+    // it is read: x[e], or in the packed [B, S, H + 2 Hk, D] at head
+    // `first` + h of token (b, s).
+    const rowOf = (dim: string, heads: string, seq: string, first: string) => `
     let row = e / ${dim};              // (b * S + s) * Hx + h
     let s = (row / ${heads}) % ${seq};
-    let b = row / (${heads} * ${seq});`;
+    let b = row / (${heads} * ${seq});
+    let src = ${
+        packed ? `((row / ${heads}) * (u.heads + 2 * u.headsKV) + ${first} + row % ${heads}) * ${
+                     dim} + e % ${dim}` :
+                 'e'};`;
     // Element e of the new rows [B, Snew, Hk, dim] sits in the cache
     // [B, Smax, Hk, dim] at row starts[b] + s of batch row b.
     const cacheAt = (dim: string) => `e + (b * (u.seqMax - u.seqNew) + start) * u.headsKV * ${dim}`;
@@ -148,18 +165,18 @@ fn main(@builtin(global_invocation_id) g: vec3<u32>) {
   let index = i32(g.y) * u.gridX * ${THREADS} + i32(g.x);
   if (index < u.qSize) {
     let e = index;
-    let d = e % D;${rowOf('D', 'u.heads', 'u.seqQ')}
+    let d = e % D;${rowOf('D', 'u.heads', 'u.seqQ', '0')}
     let pos = u.starts[b / 4][b % 4] + select(s, 0, u.qSameRow != 0);${rotate('q', 'qRot', 'e')}
   }${
         hasK ? ` else if (index < u.qSize + u.kSize) {
     let e = index - u.qSize;
-    let d = e % D;${rowOf('D', 'u.headsKV', 'u.seqNew')}
+    let d = e % D;${rowOf('D', 'u.headsKV', 'u.seqNew', 'u.heads')}
     let start = u.starts[b / 4][b % 4];
     let pos = start + s;${rotate('k', 'kCache', cacheAt('D'))}
   } else if (index < u.qSize + u.kSize + u.vSize) {
-    let e = index - u.qSize - u.kSize;${rowOf('DV', 'u.headsKV', 'u.seqNew')}
+    let e = index - u.qSize - u.kSize;${rowOf('DV', 'u.headsKV', 'u.seqNew', 'u.heads + u.headsKV')}
     let start = u.starts[b / 4][b % 4];
-    vCache[${cacheAt('DV')}] = v[e];
+    vCache[${cacheAt('DV')}] = v[src];
   }` :
                ''}
 }

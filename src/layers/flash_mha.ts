@@ -468,12 +468,11 @@ export class FlashMHA extends tfl.layers.Layer {
     return tf.tidy(() => {
       const [batch, seqNew] = x.shape;
       const {numHeads: heads, numHeadsKV: headsKV, headDim} = this;
-      const qkv = this.projectFused(x, this.qkvProj!);
-      const [qFlat, kFlat, vFlat] =
-          tf.split(qkv, [heads * headDim, headsKV * headDim, headsKV * headDim], 2);
-      const q = tf.reshape(qFlat, [batch, seqNew, heads, headDim]) as tf.Tensor4D;
-      const k = tf.reshape(kFlat, [batch, seqNew, headsKV, headDim]) as tf.Tensor4D;
-      const v = tf.reshape(vFlat, [batch, seqNew, headsKV, headDim]) as tf.Tensor4D;
+      // The projection's heads stay packed: the cache takes q, k and v from
+      // them (on webgpu without a split).
+      const qkv = tf.reshape(
+                      this.projectFused(x, this.qkvProj!),
+                      [batch, seqNew, heads + 2 * headsKV, headDim]) as tf.Tensor4D;
       let rotary = {};
       if (this.rotaryEmbDim > 0) {
         // The same tables as `call`, read at each token's position.
@@ -484,7 +483,7 @@ export class FlashMHA extends tfl.layers.Layer {
       // Kept with the cache: no upload per step.
       const slopes =
           this.useAlibi ? cache.constant('alibiSlopes', () => this.alibiSlopesTensor()!) : null;
-      const out = cache.attend(q, k, v, {
+      const out = cache.attendPacked(qkv, heads, {
         causal: true,
         softmaxScale: this.softmaxScale,
         windowSize: this.windowSize,
