@@ -22,7 +22,7 @@
  *    the model per token, its id read back), at each of --gen-contexts.
  *
  *   node decode.mjs [--contexts 512,...,32768] [--heads 32] [--heads-kv 8]
- *       [--dim 128] [--gen-contexts 256,1024,4096] [--gen-tokens 16]
+ *       [--dim 128] [--gen-contexts 256,1024,4096] [--gen-tokens 32]
  *       [--bandwidth-gbs N] [--torch torch_decode.json] [--smoke]
  *       [--budget-ms 300] [--rotary] [--targets 264,528,1056] [--no-gen]
  *
@@ -85,7 +85,7 @@ function parseArgs(argv: string[]): Args {
     headsKV: Number(get('heads-kv', smoke ? '2' : '8')),
     dim: Number(get('dim', smoke ? '16' : '128')),
     genContexts: nums(get('gen-contexts', smoke ? '16,48' : '256,1024,4096')),
-    genTokens: Number(get('gen-tokens', smoke ? '3' : '16')),
+    genTokens: Number(get('gen-tokens', smoke ? '3' : '32')),
     gpt: smoke ? {numLayers: 2, embedDim: 32, numHeads: 2, vocabSize: 64} :
                  {numLayers: 4, embedDim: 256, numHeads: 4, vocabSize: 64},
     bandwidthGBs: argv.includes('--bandwidth-gbs') ? Number(get('bandwidth-gbs', '0')) : null,

@@ -6,11 +6,13 @@
  * `decode` and `decode-rotary` time one `flashAttentionWithKVCache` step
  * (one new token appended to cache variables `[B, S, Hk, D]` at a length
  * that grows every call, as in generation; with rotary tables or not):
- * what bounds a decode step at short contexts (docs/inference.md). These
- * record without submitting until each batch's read, as generation does.
+ * what bounds a decode step at short contexts (docs/inference.md).
+ * `gen-token` times one generated token of the decode benchmark's GPT (its
+ * id fed back on the device, nothing read). These record without
+ * submitting until each batch's read, as generation does.
  *
  *   node js_overhead.mjs [--shape B,H,S,D] [--calls 400] [--causal]
- *       [--modes fwd,fwdbwd,decode,decode-rotary] [--decode-shape B,H,Hk,S,D]
+ *       [--modes fwd,fwdbwd,decode,decode-rotary,gen-token] [--decode-shape B,H,Hk,S,D]
  *       [--profile DIR]
  *
  * Each mode runs warm-up calls (pipelines compiled), then `--calls` timed
@@ -65,11 +67,14 @@ async function main(): Promise<void> {
       vv as import('@tensorflow/tfjs-core').Tensor4D, opts);
   const grads = tf.grads(attend);
   const decode = decodeStep(tf, fa, arg(argv, 'decode-shape', '1,32,8,512,128'));
+  const generation =
+      modes.includes('gen-token') ? await generationStep(tf, calls + 40 + 1) : null;
   const runs: Record<string, () => T[]> = {
     fwd: () => [attend(q, k, v)],
     fwdbwd: () => grads([q, k, v], dy),
     decode: () => [decode.step(false)],
     'decode-rotary': () => [decode.step(true)],
+    'gen-token': () => [generation!.step()],
   };
   console.log(`B=${B} H=${H} S=${S} D=${D} causal=${causal}; decode ${decode.shape}; ${
       calls} calls per mode; CPU-side microseconds until the call returns`);
@@ -113,6 +118,38 @@ async function main(): Promise<void> {
   }
   tf.dispose([q, k, v, dy]);
   decode.dispose();
+  generation?.dispose();
+}
+
+/**
+ * One generated token of the demo GPT (4 blocks of FlashMHA width 256, as
+ * benchmarks/decode.ts generates): an IncrementalDecoder step on the
+ * previous id tensor and the argmax of its logits, nothing read.
+ */
+async function generationStep(tf: TF, tokens: number) {
+  const {buildGPT} = await import('../demo/gpt');
+  const {flashMHA, IncrementalDecoder} = await import('../src/layers');
+  const model =
+      buildGPT({numLayers: 4, embedDim: 256, numHeads: 4, vocabSize: 64}, flashMHA, 'js', 'fused');
+  const decoder = new IncrementalDecoder(model, {batch: 1, maxSeqLen: tokens + 2});
+  let id = tf.tensor2d([[1]], [1, 1], 'int32') as import('@tensorflow/tfjs-core').Tensor;
+  const step = () => {
+    const next =
+        tf.tidy(() => tf.reshape(tf.argMax(tf.reshape(decoder.step(id), [-1])), [1, 1]));
+    id.dispose();
+    id = next;
+    return tf.clone(next);
+  };
+  // The layers make their rotary tables on first use (kept until disposed).
+  step().dispose();
+  return {
+    step,
+    dispose() {
+      id.dispose();
+      decoder.dispose();
+      model.dispose();
+    },
+  };
 }
 
 type TF = typeof import('@tensorflow/tfjs-core');
