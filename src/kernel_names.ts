@@ -100,6 +100,8 @@ export interface FlashAttentionKVCacheAttrs extends FlashAttentionAttrs {
   /**
    * Set when the input q is a packed projection `[B, Snew, H + 2 Hk, D]`
    * (q, k, v heads side by side, no k or v input): the number of q heads H.
+   * Every fused kernel of FlashAttentionKVCache must take this layout
+   * (flashAttentionWithKVCachePacked sends it to any fused kernel).
    */
   packedHeads?: number;
 }
