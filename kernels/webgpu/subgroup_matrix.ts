@@ -33,6 +33,31 @@ export interface MatrixShape {
   /** Invocations of one subgroup (the matrix built-ins' scope). */
   lanes: number;
   standIn: boolean;
+  /**
+   * Hardware diagnosis only (benchmarks/tensor_cores.ts --variants): each
+   * flag brings back one construct of the kernels' first hardware run, so
+   * a GPU run can tell which of them breaks the results.
+   */
+  diagnose?: MatrixDiagnosis;
+}
+
+export interface MatrixDiagnosis {
+  /**
+   * The deprecated built-in forms (`subgroupMatrixLoad<T>(p, off, colMajor,
+   * stride)`) instead of the layout as a template argument.
+   */
+  legacyBuiltins?: boolean;
+  /**
+   * Accumulators from the zero constructor `subgroup_matrix_result<..>()`,
+   * which Tint emits as OpConstantNull (a form the Vulkan CTS does not
+   * cover), instead of a fill value the compiler cannot fold.
+   */
+  nullAccumulator?: boolean;
+  /**
+   * The forward's row and tile reductions through workgroup memory instead
+   * of subgroupShuffleXor and subgroupMax.
+   */
+  workgroupReductions?: boolean;
 }
 
 interface AdapterInfoLike {
@@ -128,4 +153,12 @@ export function pickSubgroupMatrixShape(device: GPUDevice): MatrixShape|null {
   usable.sort((a, b) => b.K - a.K || b.M * b.N - a.M * a.N);
   const c = usable[0];
   return c == null ? null : {M: c.M, N: c.N, K: c.K, lanes, standIn: false};
+}
+
+/** A pipeline-key fragment naming a matrix shape and its diagnosis flags. */
+export function matrixShapeKey(m: MatrixShape): string {
+  const d = m.diagnose ?? {};
+  const flags = `${d.legacyBuiltins ? 'L' : ''}${d.nullAccumulator ? 'Z' : ''}${
+      d.workgroupReductions ? 'W' : ''}`;
+  return `m${m.M}n${m.N}k${m.K}l${m.lanes}${m.standIn ? 's' : 'r'}${flags}`;
 }
