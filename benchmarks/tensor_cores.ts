@@ -92,7 +92,8 @@ function checkModes(): CheckMode[] {
       ['legacy built-ins', {legacyBuiltins: true}],
       ['null accumulator', {nullAccumulator: true}],
       ['subgroup reductions off', {workgroupReductions: true}],
-      ['legacy + null (session 6)', {legacyBuiltins: true, nullAccumulator: true}],
+      ['ids from local_invocation_index', {indexSubgroups: true}],
+      ['session 6 constructs', {legacyBuiltins: true, nullAccumulator: true, indexSubgroups: true}],
     ];
     for (const [name, diagnose] of variants) {
       modes.push({

@@ -50,6 +50,9 @@ describe('subgroup-matrix WGSL of the real built-ins', () => {
   it('takes the subgroup and lane from the subgroup built-ins', () => {
     expect(subgroupIdsWGSL(REAL, 4)).toContain('let g = sgId;');
     expect(subgroupIdsWGSL(REAL, 4)).toContain('let ln = sgLane;');
+    const byIndex = subgroupIdsWGSL({...REAL, diagnose: {indexSubgroups: true}}, 4);
+    expect(byIndex).toContain('let g = lid / 32u;');
+    expect(byIndex).toContain('let ln = lid % 32u;');
   });
 });
 

@@ -58,6 +58,12 @@ export interface MatrixDiagnosis {
    * of subgroupShuffleXor and subgroupMax.
    */
   workgroupReductions?: boolean;
+  /**
+   * Subgroup and lane as local_invocation_index / lanes and % lanes (what
+   * NVIDIA's hardware does, which WGSL does not promise) instead of the
+   * subgroup_id and subgroup_invocation_id built-ins.
+   */
+  indexSubgroups?: boolean;
 }
 
 interface AdapterInfoLike {
@@ -159,6 +165,6 @@ export function pickSubgroupMatrixShape(device: GPUDevice): MatrixShape|null {
 export function matrixShapeKey(m: MatrixShape): string {
   const d = m.diagnose ?? {};
   const flags = `${d.legacyBuiltins ? 'L' : ''}${d.nullAccumulator ? 'Z' : ''}${
-      d.workgroupReductions ? 'W' : ''}`;
+      d.workgroupReductions ? 'W' : ''}${d.indexSubgroups ? 'I' : ''}`;
   return `m${m.M}n${m.N}k${m.K}l${m.lanes}${m.standIn ? 's' : 'r'}${flags}`;
 }

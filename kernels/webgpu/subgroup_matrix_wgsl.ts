@@ -70,7 +70,10 @@ export function zeroResultWGSL(shape: MatrixShape, zero: string): string {
  * with a leading comma; none in the stand-in.
  */
 export function subgroupParamsWGSL(shape: MatrixShape): string {
-  return shape.standIn ? '' : `,
+  return shape.standIn               ? '' :
+      shape.diagnose?.indexSubgroups ? `,
+        @builtin(subgroup_invocation_id) sgLane: u32` :
+                                       `,
         @builtin(subgroup_id) sgId: u32,
         @builtin(subgroup_invocation_id) sgLane: u32`;
 }
@@ -82,9 +85,13 @@ export function subgroupParamsWGSL(shape: MatrixShape): string {
  */
 export function subgroupIdsWGSL(shape: MatrixShape, subgroups: number): string {
   const {lanes} = shape;
-  return shape.standIn ? `let g = ${subgroups - 1}u - lid / ${lanes}u;
-  let ln = ${lanes - 1}u - lid % ${lanes}u;` :
-                         `let g = sgId;
+  if (shape.standIn) {
+    return `let g = ${subgroups - 1}u - lid / ${lanes}u;
+  let ln = ${lanes - 1}u - lid % ${lanes}u;`;
+  }
+  return shape.diagnose?.indexSubgroups ? `let g = lid / ${lanes}u;
+  let ln = lid % ${lanes}u;` :
+                                          `let g = sgId;
   let ln = sgLane;`;
 }
 
