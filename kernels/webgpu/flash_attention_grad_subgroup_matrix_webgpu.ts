@@ -235,7 +235,7 @@ function gradMatrixWGSL(
       `clamp(frexp(bitcast<f32>(atomicLoad(&wmax[${slot}]))).exp, -60, 60)`;
   const reset = (...slots: number[]) => slots.length === 0 ?
       '' :
-      `if (lid == 0u) { ${slots.map(i => `atomicStore(&wmax[${i}], 0u);`).join(' ')} }`;
+      `if (g == 0u) { ${slots.map(i => `atomicStore(&wmax[${i}], 0u);`).join(' ')} }`;
   // Tiles a and b (registers, then after a barrier their exponents and f16
   // parts); `beforeBarrier` is WGSL to run while their loads are in flight.
   const loadTiles = (a: OperandTile, b: OperandTile, beforeBarrier = '') => `${fetch(a)}

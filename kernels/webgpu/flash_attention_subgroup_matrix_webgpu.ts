@@ -399,7 +399,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
     }
   }`).join('\n  ')}
   workgroupBarrier();
-  if (lid == 0u) {
+  // Resets by a whole subgroup: no lane diverges from its subgroup right
+  // before the matrix built-ins, which need all of its lanes.
+  if (g == 0u) {
     atomicStore(&wmax[0], 0u);
   }
 
@@ -456,7 +458,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
       }
     }`).join('\n    ')}
     workgroupBarrier();
-    if (lid == 0u) {
+    if (g == 0u) {
       atomicStore(&wmax[0], 0u);
       atomicStore(&wmax[1], 0u);
     }
