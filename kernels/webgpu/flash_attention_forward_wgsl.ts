@@ -301,8 +301,8 @@ function outerScoresWGSL(L: ForwardLayout): string {
  * The outer mode's S += Q^T K^T over `steps` head dims (loop bound
  * `bound`): K^T's dims from 0 in `kvs`, Q^T's from `qDim0`.
  */
-function outerScoreStepsWGSL(L: ForwardLayout, steps: number, bound: string, qDim0: number):
-    string {
+function outerScoreStepsWGSL(
+    L: ForwardLayout, steps: number, bound: string, qDim0: number): string {
   const unroll = steps % 8 === 0 ? 8 : 4;
   const qDim = (d: string) => qDim0 === 0 ? d : `${qDim0}u + ${d}`;
   const step = (d: string) => block([
@@ -566,11 +566,12 @@ export function keyLoopWGSL(L: ForwardLayout): string {
  * last slice may reach past the head dim.
  */
 function paddedQuad(
-    buf: string, width: number, limit: string, padded: boolean, row: string, chunk: string):
-    string {
-  return padded ? `select(vec4<f32>(0.0), ${globalQuad(buf, width, row, `min(${chunk}, ${
-                      limit} - 1u)`)}, ${chunk} < ${limit})` :
-                  globalQuad(buf, width, row, chunk);
+    buf: string, width: number, limit: string, padded: boolean, row: string,
+    chunk: string): string {
+  return padded ?
+      `select(vec4<f32>(0.0), ${globalQuad(buf, width, row, `min(${chunk}, ${limit} - 1u)`)}, ${
+          chunk} < ${limit})` :
+      globalQuad(buf, width, row, chunk);
 }
 
 /** Head-dim slice `slice` of the K tile, as K^T [4 DC4][BC] in `kvs`. */
@@ -624,8 +625,8 @@ function slicedKeyLoopWGSL(L: ForwardLayout): string {
   const place = (op: TileOperand) => L.prefetch ? storeTileWGSL(op) : loadTileWGSL(op, 'j0');
   const fetch = (op: TileOperand, jBase: string) => L.prefetch ? fetchTileWGSL(op, jBase) : '';
   const steps = 4 * dc4;
-  const bound = L.config.runtimeLoops ? `(u32(u.loopDQ4) + ${chunks - 1}u) / ${chunks}u * 4u` :
-                                        `${steps}u`;
+  const bound =
+      L.config.runtimeLoops ? `(u32(u.loopDQ4) + ${chunks - 1}u) / ${chunks}u * 4u` : `${steps}u`;
   const scoreSlice = (c: number) => `workgroupBarrier();
     ${place(keySlices[c])}
     ${fetch(c + 1 < chunks ? keySlices[c + 1] : valueSlices[0], 'j0')}
@@ -636,8 +637,7 @@ function slicedKeyLoopWGSL(L: ForwardLayout): string {
       ${fetchTileWGSL(keySlices[0], 'j0 + i32(BC)')}
     }` :
                                 '';
-  const quads = (c: number) =>
-      range(perSlice).map(local => ({jj: c * perSlice + local, local}));
+  const quads = (c: number) => range(perSlice).map(local => ({jj: c * perSlice + local, local}));
   const valueSlice = (c: number) => `workgroupBarrier();
     ${place(valueSlices[c])}
     ${c === 0 ? storeProbsWGSL(L) : ''}
