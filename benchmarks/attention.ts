@@ -327,8 +327,8 @@ async function main(): Promise<void> {
 
   // `sliced`: every head-dim-sliced candidate of tuning.ts; `default`: the plan.
   const {SLICED_FORWARD_CANDIDATES} = await import('../kernels/webgpu/tuning');
-  const slicedVariants = SLICED_FORWARD_CANDIDATES.map(
-      t => `${t.tm},${t.tx},${t.nq},${t.ty},o,c${t.dimChunks}`);
+  const slicedVariants =
+      SLICED_FORWARD_CANDIDATES.map(t => `${t.tm},${t.tx},${t.nq},${t.ty},o,c${t.dimChunks}`);
   const variants = args.variants.length > 0 ?
       args.variants.flatMap(x => x === 'sliced' ? slicedVariants : [x]) :
       ['default'];
