@@ -13,7 +13,7 @@ import * as tf from '@tensorflow/tfjs-core';
 
 import {forwardStats, planForward, setForwardOverride} from '../kernels/webgpu/FlashAttention';
 import {ForwardTiles, forwardWGSL, prefetchFloats, tileSizes, workgroupBytes} from '../kernels/webgpu/flash_attention_webgpu';
-import {checkOwnPipelineErrors, setPoisonOutputs} from '../kernels/webgpu/own_pipeline';
+import {checkOwnPipelineErrors, setPoisonOutputs, webgpuBackendOf} from '../kernels/webgpu/own_pipeline';
 import {SLICED_FORWARD_CANDIDATES} from '../kernels/webgpu/tuning';
 import {scoreOptionsFromAttrs} from '../kernels/webgpu/wgsl_snippets';
 import {FLASH_ATTENTION_IMPL, flashAttention} from '../src';
@@ -168,6 +168,39 @@ describeWebGPU('fused WebGPU forward, head-dim slices [webgpu]', () => {
   for (const [c, o] of cases) {
     it(`${c.name} [${JSON.stringify(o)}]`, () => checkSliced(c, o));
   }
+
+  it('the H100 candidates\' WGSL at D=128 (constant loops, prefetch) passes Dawn\'s validation',
+     async () => {
+       // Their 40-48 KiB pipelines cannot be created here (32 KiB), but the
+       // shader module is validated without the limit; every option on.
+       const device = webgpuBackendOf().device;
+       const subgroups = device.features.has('subgroups' as GPUFeatureName);
+       for (const tiles of SLICED_FORWARD_CANDIDATES) {
+         for (const splitKeys of [false, true]) {
+           const code = forwardWGSL({
+             headDim: 128,
+             headDimV: 128,
+             tiles,
+             score: scoreOptionsFromAttrs(
+                 {softcap: 30, windowLeft: 64, windowRight: 0, paddedDiagonal: true}, true, true),
+             alibiMode: 2,
+             dropout: true,
+             subgroups,
+             reverseRows: true,
+             runtimeLoops: false,
+             splitKeys,
+           });
+           expect(code).toContain(`const DC4 = ${32 / tiles.dimChunks!}u;`);
+           device.pushErrorScope('validation');
+           const module = device.createShaderModule({code});
+           const info = await module.getCompilationInfo();
+           const error = await device.popErrorScope();
+           const errors = info.messages.filter(m => m.type === 'error').map(m => m.message);
+           expect([JSON.stringify(tiles), ...errors]).toEqual([JSON.stringify(tiles)]);
+           expect(error).toBeNull();
+         }
+       }
+     });
 
   it('per-batch key lengths (seqlensK) at D=128: each row as its cut keys alone', async () => {
     setForwardOverride({tiles: SMALL});
