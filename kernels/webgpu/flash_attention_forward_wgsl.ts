@@ -10,6 +10,8 @@
  *     onlineSoftmaxWGSL     scale, mask, row max, P = exp(S - m), rescale
  *     storeProbsWGSL        P (or P^T) -> workgroup memory
  *     probsTimesValuesWGSL  O += P V
+ *   (slicedKeyLoopWGSL: the same per key tile with K^T and V in head-dim
+ *   slices, ForwardTiles.dimChunks)
  *   epilogueWGSL          row sums, O / l and the log-sum-exp
  *
  * Every generator takes the ForwardLayout: the tiling's sizes and the

@@ -33,6 +33,10 @@
  * the workgroup-memory loads per FMA (flash_attention_forward_wgsl.ts).
  * P^T's row quads are XOR-swizzled by key quad, so that its
  * stores do not all land in one bank.
+ *
+ * Head-dim slices (ForwardTiles.dimChunks, outer mode): K^T and V pass
+ * through workgroup memory a slice of the head dim at a time, so that a
+ * 64-row Q^T tile fits beside them at D=128 (slicedKeyLoopWGSL).
  */
 import {bindingsWGSL, uniformStructWGSL} from './own_pipeline';
 import {epilogueWGSL, ForwardLayout, keyLoopWGSL, keyOffsetsWGSL, loadQueryTileWGSL, rowStateWGSL, workgroupStorageWGSL, xorSwizzleMask} from './flash_attention_forward_wgsl';
