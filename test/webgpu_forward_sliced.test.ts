@@ -122,19 +122,23 @@ describe('head-dim-sliced tilings: sizes and plans (no GPU)', () => {
     }
   });
 
-  it('refuses slices without the outer-product mode, naming the field', () => {
-    expect(() => forwardWGSL({
-             headDim: 128,
-             headDimV: 128,
-             tiles: {tm: 2, tx: 8, nq: 1, ty: 16, dimChunks: 2},
-             score: scoreOptionsFromAttrs({softcap: 0, windowLeft: -1, windowRight: 0}, false),
-             alibiMode: 0,
-             dropout: false,
-             subgroups: true,
-             reverseRows: false,
-             runtimeLoops: false,
-           }))
-        .toThrow(/dimChunks = 2.*outer-product/);
+  it('refuses slices without the outer-product mode, or not a positive integer', () => {
+    const config = {
+      headDim: 128,
+      headDimV: 128,
+      tiles: {tm: 2, tx: 8, nq: 1, ty: 16, dimChunks: 2},
+      score: scoreOptionsFromAttrs({softcap: 0, windowLeft: -1, windowRight: 0}, false),
+      alibiMode: 0 as const,
+      dropout: false,
+      subgroups: true,
+      reverseRows: false,
+      runtimeLoops: false,
+    };
+    expect(() => forwardWGSL(config)).toThrow(/dimChunks = 2.*outer-product/);
+    for (const dimChunks of [0, 1.5]) {
+      expect(() => forwardWGSL({...config, tiles: {...SMALL, dimChunks}}))
+          .toThrow(`dimChunks must be a positive integer, got ${dimChunks}`);
+    }
   });
 });
 

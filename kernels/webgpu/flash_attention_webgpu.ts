@@ -210,6 +210,10 @@ export function forwardLayout(c: ForwardConfig): ForwardLayout {
     throw new Error(
         `FlashAttention forward: the outer-product tiling needs TM % 4 == 0, got ${t.tm}`);
   }
+  if (t.dimChunks != null && !(Number.isInteger(t.dimChunks) && t.dimChunks >= 1)) {
+    throw new Error(
+        `FlashAttention forward: dimChunks must be a positive integer, got ${t.dimChunks}`);
+  }
   if ((t.dimChunks ?? 1) > 1 && !outer) {
     throw new Error(`FlashAttention forward: head-dim slices (dimChunks = ${
         t.dimChunks}) need the outer-product tiling`);
