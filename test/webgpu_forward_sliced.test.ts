@@ -205,7 +205,7 @@ describeWebGPU('fused WebGPU forward, head-dim slices [webgpu]', () => {
        }
      });
 
-  it('per-batch key lengths (seqlensK), the 32 x 32 candidate at D=128: rows as their cut keys alone',
+  it('per-batch key lengths (seqlensK), the 32 x 32 candidate at D=128: each row alone',
      async () => {
        setForwardOverride({tiles: FITS_SWIFTSHADER});
        const rng = freshRng();
