@@ -33,6 +33,10 @@
  * the workgroup-memory loads per FMA (flash_attention_forward_wgsl.ts).
  * P^T's row quads are XOR-swizzled by key quad, so that its
  * stores do not all land in one bank.
+ *
+ * Head-dim slices (ForwardTiles.dimChunks, outer mode): K^T and V pass
+ * through workgroup memory a slice of the head dim at a time, so that a
+ * 64-row Q^T tile fits beside them at D=128 (slicedKeyLoopWGSL).
  */
 import {bindingsWGSL, uniformStructWGSL} from './own_pipeline';
 import {epilogueWGSL, ForwardLayout, keyLoopWGSL, keyOffsetsWGSL, loadQueryTileWGSL, rowStateWGSL, workgroupStorageWGSL, xorSwizzleMask} from './flash_attention_forward_wgsl';
@@ -57,6 +61,13 @@ export interface ForwardTiles {
    * tile). Rows of a thread: 4 * (ty + TY * a) + b.
    */
   outer?: boolean;
+  /**
+   * Outer-product mode only: K^T and V go through workgroup memory in this
+   * many slices of the head dim (a barrier pair each), so that a 64-row Q^T
+   * tile fits beside them at D=128 (docs/webgpu_tuning.md, "Head dims above
+   * 64"). 1 or absent: whole tiles.
+   */
+  dimChunks?: number;
 }
 
 /** Everything baked into one forward pipeline. */
@@ -105,13 +116,21 @@ export interface TileSizes {
   kvWidth: number;
   /** Outer mode: the V row stride in vec4s (every thread's columns). */
   vWidth: number;
+  /** Head-dim slices of K^T and V (ForwardTiles.dimChunks; 1: none). */
+  chunks: number;
+  /** Width of one K^T slice in vec4s (DQ4 when unsliced; the last may pad). */
+  dc4: number;
+  /** Width of one V slice in vec4s: TX * NJ / chunks. */
+  vcw: number;
 }
 
 export function tileSizes(c: {headDim: number, headDimV: number, tiles: ForwardTiles}): TileSizes {
   const {tm, tx, nq, ty} = c.tiles;
+  const chunks = Math.max(1, c.tiles.dimChunks ?? 1);
   const dq4 = Math.ceil(c.headDim / 4);
   const dv4 = Math.ceil(c.headDimV / 4);
-  const nj = Math.ceil(dv4 / tx);
+  // Sliced: every slice holds the same number of each thread's quads.
+  const nj = Math.ceil(Math.ceil(dv4 / tx) / chunks) * chunks;
   return {
     br: tm * ty,
     bc: 4 * tx * nq,
@@ -120,7 +139,10 @@ export function tileSizes(c: {headDim: number, headDimV: number, tiles: ForwardT
     dv4,
     nj,
     kvWidth: Math.max(dq4, tx * nj),
-    vWidth: tx * nj
+    vWidth: tx * nj,
+    chunks,
+    dc4: Math.ceil(dq4 / chunks),
+    vcw: tx * nj / chunks,
   };
 }
 
@@ -129,6 +151,10 @@ export function workgroupBytes(
     c: {headDim: number, headDimV: number, tiles: ForwardTiles}, subgroups: boolean): number {
   const s = tileSizes(c);
   const red = subgroups ? 0 : s.br * c.tiles.tx * 4;
+  if (c.tiles.outer && s.chunks > 1) {
+    // Q^T (padded to whole slices), one K^T or V slice, and P^T.
+    return 16 * (s.br * s.dc4 * s.chunks + s.bc * Math.max(s.dc4, s.vcw)) + 4 * s.br * s.bc + red;
+  }
   if (c.tiles.outer) {
     // Q^T, K^T and V (one buffer for both) and P^T.
     const kv = Math.max(s.bc * s.dq4, s.bc * s.vWidth);
@@ -142,6 +168,10 @@ export function workgroupBytes(
 export function prefetchFloats(c: {headDim: number, headDimV: number, tiles: ForwardTiles}):
     number {
   const s = tileSizes(c);
+  if (s.chunks > 1) {
+    // One slice of K^T or V ahead.
+    return 4 * Math.max(Math.ceil(s.bc * s.dc4 / s.threads), Math.ceil(s.bc * s.vcw / s.threads));
+  }
   return 4 * (Math.ceil(s.bc * s.dq4 / s.threads) + Math.ceil(s.bc * s.dv4 / s.threads));
 }
 
@@ -155,7 +185,8 @@ export function usePrefetch(c: ForwardConfig): boolean {
 
 export function forwardKey(c: ForwardConfig): string {
   const t = c.tiles;
-  const tiling = `tm${t.tm}tx${t.tx}nq${t.nq}ty${t.ty}${t.outer ? 'o' : ''}`;
+  const chunks = (t.dimChunks ?? 1) > 1 ? `c${t.dimChunks}` : '';
+  const tiling = `tm${t.tm}tx${t.tx}nq${t.nq}ty${t.ty}${t.outer ? 'o' : ''}${chunks}`;
   const flags = `al${c.alibiMode}_do${+ c.dropout}_sg${+ c.subgroups}_rv${+ c.reverseRows}_rl${
       + c.runtimeLoops}_pf${c.prefetch ?? '-'}_sk${+ !!c.splitKeys}`;
   return `fa_fwd_d${c.headDim}_dv${c.headDimV}_${tiling}_${scoreKey(c.score)}_${flags}`;
@@ -178,6 +209,14 @@ export function forwardLayout(c: ForwardConfig): ForwardLayout {
   if (outer && t.tm % 4 !== 0) {
     throw new Error(
         `FlashAttention forward: the outer-product tiling needs TM % 4 == 0, got ${t.tm}`);
+  }
+  if (t.dimChunks != null && !(Number.isInteger(t.dimChunks) && t.dimChunks >= 1)) {
+    throw new Error(
+        `FlashAttention forward: dimChunks must be a positive integer, got ${t.dimChunks}`);
+  }
+  if ((t.dimChunks ?? 1) > 1 && !outer) {
+    throw new Error(`FlashAttention forward: head-dim slices (dimChunks = ${
+        t.dimChunks}) need the outer-product tiling`);
   }
   const sizes = tileSizes(c);
   const quadColumns = c.dropout || outer;
