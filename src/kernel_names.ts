@@ -77,6 +77,18 @@ export interface FlashAttentionAttrs {
    * instead of each batch row's own `i + seqlenK_b - seqlenQ_b` (varlen).
    */
   paddedDiagonal?: boolean;
+  /**
+   * Packed varlen layout (flashAttentionVarlen), when > 0: the number of
+   * sequences B. q, k, v (and out, dq, dk, dv) are then `[1, totalQ or
+   * totalK, H, D]`, sequence b's rows starting at its cumulative length;
+   * `seqlens` is `[B + 1, 2]` int32 (cuSeqlensQ[b], cuSeqlensK[b]); lse is
+   * `[1, H, totalQ]`. Only kernels registered with `{packed: true}` take
+   * such calls (the reference has no packed layout).
+   */
+  packedBatch?: number;
+  /** With packedBatch: the longest query and key sequence (rows past are cut). */
+  maxSeqlenQ?: number;
+  maxSeqlenK?: number;
 }
 
 /**

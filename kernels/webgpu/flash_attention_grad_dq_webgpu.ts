@@ -15,7 +15,7 @@
  * loads (benchmarks/RESULTS.md, backward tuning).
  */
 import type {OwnPipelineSpec} from './own_pipeline';
-import {dqBlockWGSL, featureKey, fetchKeyTileWGSL, GradFeatures, gradInputs, gradPassHeaderWGSL, loadQueryBlockWGSL, prefetchSlots, queryBlockStorageWGSL, scoresToDsWGSL, storeKeyTileWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
+import {dqBlockWGSL, featureKey, fetchKeyTileWGSL, GradFeatures, gradInputs, gradPassHeaderWGSL, loadQueryBlockWGSL, prefetchSlots, queryBlockStorageWGSL, scoresToDsWGSL, storeKeyTileWGSL, sPhase, sPhaseValid, sPhaseWGSL, zeroGapsWGSL} from './flash_attention_grad_wgsl';
 
 export interface DqTiles {
   /** Query rows per workgroup. */
@@ -128,6 +128,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
   let t = i32(lid);
   ${dqBlockWGSL()}
+  ${zeroGapsWGSL(f, 'q', [['dq', 'D']])}
   ${loadQueryBlockWGSL(d, d4, dv, dv4)}
 
   var dqAcc: array<array<f32, ${nd}>, NR>;
@@ -153,8 +154,8 @@ ${accumulate}
 
   for (var m = 0; m < NR; m++) {
     let i = i0 + qr * NR + m;
-    if (i < p.seqQ) {
-      let base = ((b * p.seqQ + i) * p.heads + h) * D;
+    if (i < gr.rowsQ) {
+      let base = ((gr.q0 + i) * p.heads + h) * D;
       for (var n = 0; n < ${nd}; n++) {
         let x = qx + n * XT;
         if (x < D) { dq[base + x] = dqAcc[m][n]; }

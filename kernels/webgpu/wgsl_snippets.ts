@@ -93,10 +93,24 @@ export interface ScoreOptions {
    * masks; FlashAttentionAttrs.paddedDiagonal).
    */
   paddedDiagonal?: boolean;
+  /**
+   * With seqlens: the packed varlen layout (FlashAttentionAttrs.packedBatch).
+   * Sequence b's rows start at its cumulative length, and `seqlens` is
+   * `[B + 1, 2]` (cuSeqlensQ[b], cuSeqlensK[b]); the lengths are the
+   * differences (fa_packed_length). Rows and keys, dropout and ALiBi keep
+   * their indices inside the sequence.
+   */
+  packed?: boolean;
 }
 
 export function scoreOptionsFromAttrs(
-    attrs: {softcap: number, windowLeft: number, windowRight: number, paddedDiagonal?: boolean},
+    attrs: {
+      softcap: number,
+      windowLeft: number,
+      windowRight: number,
+      paddedDiagonal?: boolean,
+      packedBatch?: number
+    },
     hasAlibi: boolean, hasSeqlens = false): ScoreOptions {
   return {
     softcap: attrs.softcap > 0,
@@ -105,13 +119,14 @@ export function scoreOptionsFromAttrs(
     windowRight: attrs.windowRight >= 0,
     seqlens: hasSeqlens,
     paddedDiagonal: hasSeqlens && attrs.paddedDiagonal === true,
+    packed: hasSeqlens && attrs.packedBatch! > 0,
   };
 }
 
 /** The part of a pipeline key that scoreWGSL's options decide. */
 export function scoreKey(o: ScoreOptions): string {
   return `sc${+ o.softcap}al${+ o.alibi}wl${+ o.windowLeft}wr${+ o.windowRight}sl${+ !!o.seqlens}${
-      o.paddedDiagonal ? 'pd' : ''}`;
+      o.paddedDiagonal ? 'pd' : ''}${o.packed ? 'pk' : ''}`;
 }
 
 /**
@@ -160,6 +175,7 @@ fn fa_with_lengths(p: FaScore, lenQ: i32, lenK: i32) -> FaScore {
   return r;
 }
 
+${o.packed ? packedWGSL() : ''}
 fn fa_tanh(x: f32) -> f32 {
   // exp of a non-positive argument cannot overflow.
   let t = exp(-2.0 * abs(x));
@@ -196,6 +212,34 @@ fn fa_score(qk: f32, i: i32, j: i32, p: FaScore) -> f32 {
   var s = fa_capped(qk, p);
   ${o.alibi ? 's = s - p.slope * f32(abs(i + p.diag - j));' : ''}
   return s;
+}
+`;
+}
+
+/**
+ * The packed varlen layout's sequence bounds (ScoreOptions.packed):
+ *   fn fa_packed_length(start: i32, next: i32, total: i32, maxLen: i32) -> i32
+ *       rows of the sequence at `start` (next: the following one's start):
+ *       cut to maxLen and to the tensor's `total` rows
+ *   fn fa_packed_gaps(b: i32, nb: i32, start: i32, len: i32, next: i32,
+ *                     total: i32) -> vec4<i32>
+ *       the rows [x, y) and [z, w) that no sequence covers and sequence b
+ *       of nb owns: those before the first sequence (b == 0), and those
+ *       after its rows up to the next sequence's start (the end of the
+ *       tensor for the last). Empty unless cuSeqlens leaves rows out or a
+ *       sequence exceeds maxLen; their outputs and gradients are zeros.
+ */
+function packedWGSL(): string {
+  return `
+fn fa_packed_length(start: i32, next: i32, total: i32, maxLen: i32) -> i32 {
+  return clamp(min(next, total) - start, 0, maxLen);
+}
+
+fn fa_packed_gaps(b: i32, nb: i32, start: i32, len: i32, next: i32, total: i32) -> vec4<i32> {
+  let before = select(0, clamp(start, 0, total), b == 0);
+  let lo = clamp(start + len, 0, total);
+  let hi = select(clamp(next, lo, total), total, b == nb - 1);
+  return vec4<i32>(0, before, lo, hi);
 }
 `;
 }
