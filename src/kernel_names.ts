@@ -24,6 +24,12 @@ export interface FlashAttentionInputs extends NamedTensorInfoMap {
    * `{seqlens: true}` (registerFusedKernel) receive a non-empty one.
    */
   seqlens?: TensorInfo;
+  /**
+   * Packed varlen calls (FlashAttentionAttrs.packedBatch): `[B + 1]` int32
+   * cuSeqlensK, while `seqlens` is then `[B + 1]` cuSeqlensQ; shape `[0]`
+   * or absent otherwise.
+   */
+  cuSeqlensK?: TensorInfo;
 }
 
 export interface FlashAttentionGradInputs extends NamedTensorInfoMap {
@@ -38,6 +44,7 @@ export interface FlashAttentionGradInputs extends NamedTensorInfoMap {
   softmaxLse: TensorInfo;
   alibiSlopes?: TensorInfo;
   seqlens?: TensorInfo;
+  cuSeqlensK?: TensorInfo;
 }
 
 /**
@@ -81,8 +88,8 @@ export interface FlashAttentionAttrs {
    * Packed varlen layout (flashAttentionVarlen), when > 0: the number of
    * sequences B. q, k, v (and out, dq, dk, dv) are then `[1, totalQ or
    * totalK, H, D]`, sequence b's rows starting at its cumulative length;
-   * `seqlens` is `[B + 1, 2]` int32 (cuSeqlensQ[b], cuSeqlensK[b]); lse is
-   * `[1, H, totalQ]`. Only kernels registered with `{packed: true}` take
+   * the inputs `seqlens` and `cuSeqlensK` are the `[B + 1]` int32
+   * cuSeqlensQ and cuSeqlensK; lse is `[1, H, totalQ]`. Only kernels registered with `{packed: true}` take
    * such calls (the reference has no packed layout).
    */
   packedBatch?: number;

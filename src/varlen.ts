@@ -325,9 +325,8 @@ function flashAttentionVarlen_(
  * FlashAttentionAttrs.packedBatch): `[out [totalQ, H, Dv], lse [H,
  * totalQ]]`, or null where the backend's fused forward or backward does
  * not take the call (then the caller pads). The kernels see the tensors as
- * one batch row of totalQ / totalK rows, and `[B + 1, 2]` cumulative
- * lengths (cuSeqlensQ[b], cuSeqlensK[b]): one small stack is all the call
- * adds to the attention.
+ * one batch row of totalQ / totalK rows, and the cumulative lengths as
+ * they are: the call adds no kernel to the attention's.
  */
 function packedAttention(
     q: tf.Tensor3D, k: tf.Tensor3D, v: tf.Tensor3D, cuSeqlensQ: tf.Tensor1D,
@@ -350,9 +349,8 @@ function packedAttention(
     return null;
   }
   const rows = (x: tf.Tensor3D) => tf.reshape(x, [1, ...x.shape]) as tf.Tensor4D;
-  const cumulative = tf.stack([cuSeqlensQ, cuSeqlensK], 1) as tf.Tensor2D;
   const [out, lse] = runFlashAttention(
-      rows(q), rows(k), rows(v), alibiSlopes, rowShapes, packedAttrs, cumulative);
+      rows(q), rows(k), rows(v), alibiSlopes, rowShapes, packedAttrs, cuSeqlensQ, cuSeqlensK);
   return [
     tf.reshape(out, [totalQ, shapes.heads, shapes.headDimV]),
     tf.reshape(lse, [shapes.heads, totalQ]),

@@ -198,7 +198,8 @@ export function flashAttentionWebGPU(
     args: {inputs: tf.NamedTensorInfoMap, backend: tf.KernelBackend, attrs?: tf.NamedAttrMap}):
     tf.TensorInfo[] {
   const backend = args.backend as unknown as WebGPUBackend;
-  const {q, k, v, alibiSlopes, seqlens} = args.inputs as Record<string, tf.TensorInfo>;
+  const {q, k, v, alibiSlopes, seqlens, cuSeqlensK} =
+      args.inputs as Record<string, tf.TensorInfo>;
   const attrs = args.attrs as unknown as FlashAttentionAttrs;
   // The tensors' rows: B * Sq, or totalQ of a packed varlen call.
   const [rowsB, rowsQ, heads, headDim] = q.shape;
@@ -260,7 +261,10 @@ export function flashAttentionWebGPU(
   });
   // A dropout seed usually changes every call: those uniforms are written.
   const cacheUniforms = attrs.dropoutRate === 0;
-  const inputs = [q, k, v, ...(hasAlibi ? [alibiSlopes] : []), ...(hasSeqlens ? [seqlens] : [])];
+  const inputs = [
+    q, k, v, ...(hasAlibi ? [alibiSlopes] : []), ...(hasSeqlens ? [seqlens] : []),
+    ...(score.packed ? [cuSeqlensK] : [])
+  ];
   forwardStats.dispatches++;
   // With splits, the partial results of split n sit at leading index n.
   const outputs = runOwnPipeline(

@@ -177,7 +177,7 @@ function flashAttentionGradWebGPU(
     tf.TensorInfo[] {
   const webgpu = backend as WebGPUBackend;
   const a = attrs as unknown as FlashAttentionAttrs;
-  const {dy, dLse, q, k, v, out, softmaxLse, alibiSlopes, seqlens} =
+  const {dy, dLse, q, k, v, out, softmaxLse, alibiSlopes, seqlens, cuSeqlensK} =
       inputs as unknown as FlashAttentionGradInputs;
   // The tensors' rows, and the sequences (differ for a packed varlen call).
   const [rowsB, rowsQ, heads, headDim] = q.shape;
@@ -211,7 +211,10 @@ function flashAttentionGradWebGPU(
   const lengthRows = packedBatch > 0 ? packedBatch + 1 : batch;
   const statsRows = rowsB * heads * rowsQ + (hasSeqlens ? lengthRows : 0);
   const [stats] = runOwnPipeline(webgpu, deltaProgram, {
-    inputs: [dy, out, zeroDLse ? softmaxLse : dLse, softmaxLse, ...(hasSeqlens ? [seqlens!] : [])],
+    inputs: [
+      dy, out, zeroDLse ? softmaxLse : dLse, softmaxLse, ...(hasSeqlens ? [seqlens!] : []),
+      ...(packedBatch > 0 ? [cuSeqlensK!] : [])
+    ],
     outputs: [{shape: [statsRows, 2], dtype: 'float32'}],
     uniforms,
     dispatch: deltaProgram.workgroups,

@@ -44,14 +44,18 @@ export class FlashAttentionGradDeltaProgram implements OwnPipelineSpec {
    * lse output, still on the host): the pass does not read it, so the
    * caller binds another tensor in its place and nothing is uploaded.
    * With `packedBatch` B > 0 (a packed varlen call, `shapes` the tensors'
-   * [1, totalQ, H, Dv] rows), `seqlens` is [B + 1, 2] cumulative lengths,
-   * all B + 1 copied, and lse is [H, totalQ] (uniform totalQ).
+   * [1, totalQ, H, Dv] rows), `seqlens` is the [B + 1] cuSeqlensQ and a
+   * sixth input cuSeqlensK: the B + 1 pairs are copied, and lse is
+   * [H, totalQ] (uniform totalQ).
    */
   constructor(shapes: AttentionShapes, seqlens = false, zeroDLse = false, packedBatch = 0) {
     const dv = shapes.headDimV;
     const rows = shapes.batch * shapes.heads * shapes.seqQ;
     const packed = packedBatch > 0;
-    const inputs = seqlens ? [...INPUTS, {name: 'seqlens', type: 'i32'}] : INPUTS;
+    const inputs = [
+      ...INPUTS, ...(seqlens ? [{name: 'seqlens', type: 'i32'}] : []),
+      ...(packed ? [{name: 'cuK', type: 'i32'}] : [])
+    ];
     this.numInputs = inputs.length;
     this.key = `flashAttentionGradDelta_${dv}_${+ seqlens}_${+ zeroDLse}_${+ packed}`;
     this.workgroups = dispatchGrid(Math.ceil(Math.max(rows, packedBatch + 1) / ROWS));
@@ -91,8 +95,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   }
   ${
         seqlens ? `if (row < p.batch${packed ? ' + 1' : ''} && lane == 0) {
-    stats[${lseRows} + row] =
-        bitcast<vec2<f32>>(vec2<i32>(seqlens[2 * row], seqlens[2 * row + 1]));
+    stats[${lseRows} + row] = bitcast<vec2<f32>>(${
+            packed ? 'vec2<i32>(seqlens[row], cuK[row])' :
+                     'vec2<i32>(seqlens[2 * row], seqlens[2 * row + 1])'});
   }` :
                   ''}
   if (valid && lane == 0) {

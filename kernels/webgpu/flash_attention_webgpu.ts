@@ -219,14 +219,14 @@ function sequenceRowsWGSL(c: ForwardConfig): string {
   }
   const vec4Out = c.headDimV % 4 === 0;
   const width = vec4Out ? 'i32(DV4)' : `${c.headDimV}`;
-  return `let qBase = seqlens[2 * b];
-  let kBase = seqlens[2 * b + 1];
-  let rowsQ = fa_packed_length(qBase, seqlens[2 * b + 2], u.totalQ, u.seqQ);
-  let rowsK = fa_packed_length(kBase, seqlens[2 * b + 3], u.totalK, u.seqK);
+  return `let qBase = seqlens[b];
+  let kBase = cuK[b];
+  let rowsQ = fa_packed_length(qBase, seqlens[b + 1], u.totalQ, u.seqQ);
+  let rowsK = fa_packed_length(kBase, cuK[b + 1], u.totalK, u.seqK);
   let lseBase = h * u.totalQ + qBase;
   sp = fa_with_lengths(sp, rowsQ, rowsK);
   if (qTile == 0) {
-    let gaps = fa_packed_gaps(b, u.batch, qBase, rowsQ, seqlens[2 * b + 2], u.totalQ);
+    let gaps = fa_packed_gaps(b, u.batch, qBase, rowsQ, seqlens[b + 1], u.totalQ);
     for (var g = 0; g < 2; g++) {
       let lo = select(gaps.z, gaps.x, g == 0);
       let n = (select(gaps.w, gaps.y, g == 0) - lo) * ${width};
@@ -255,6 +255,7 @@ export function forwardWGSL(c: ForwardConfig): string {
     vType: c.headDimV % 4 === 0 ? 'vec4<f32>' : 'f32',
     alibi: c.alibiMode !== 0,
     seqlens: c.score.seqlens,
+    packed: c.score.packed,
   });
   const slope = ['0.0', 'slopes[h]', 'slopes[b * u.heads + h]'][c.alibiMode];
   const splitRange = c.splitKeys ? `// This split's share of the visible key tiles (possibly none).

@@ -95,9 +95,9 @@ export interface ScoreOptions {
   paddedDiagonal?: boolean;
   /**
    * With seqlens: the packed varlen layout (FlashAttentionAttrs.packedBatch).
-   * Sequence b's rows start at its cumulative length, and `seqlens` is
-   * `[B + 1, 2]` (cuSeqlensQ[b], cuSeqlensK[b]); the lengths are the
-   * differences (fa_packed_length). Rows and keys, dropout and ALiBi keep
+   * Sequence b's rows start at its cumulative length: `seqlens` is then the
+   * `[B + 1]` cuSeqlensQ, and a `cuK` binding cuSeqlensK; the lengths are
+   * the differences (fa_packed_length). Rows and keys, dropout and ALiBi keep
    * their indices inside the sequence.
    */
   packed?: boolean;
@@ -342,12 +342,14 @@ export function maxAllWGSL(terms: string[]): string {
  * The uniform struct `Uniforms` and the bindings of a fused forward program
  * (both forward kernels), in the order its inputs and outputs are bound:
  * q, k, v as `qb`, `kb`, `vb` (element types `qkType`, `qkType`, `vType`),
- * the ALiBi slopes and per-batch lengths (`seqlens`) when compiled in, the
+ * the ALiBi slopes and per-batch lengths (`seqlens`, and `cuK` when packed)
+ * when compiled in, the
  * outputs `outb` (`vType`) and `lseb` (log-sum-exp bits), the uniforms `u`.
  */
 export function forwardBindingsWGSL(
     uniforms: readonly UniformField[],
-    o: {qkType: string, vType: string, alibi: boolean, seqlens?: boolean}): string {
+    o: {qkType: string, vType: string, alibi: boolean, seqlens?: boolean, packed?: boolean}):
+    string {
   const inputs = [
     {name: 'qb', type: o.qkType},
     {name: 'kb', type: o.qkType},
@@ -355,6 +357,8 @@ export function forwardBindingsWGSL(
     ...(o.alibi ? [{name: 'slopes', type: 'f32'}] : []),
     // (seqlenQ_b, seqlenK_b) per batch row.
     ...(o.seqlens ? [{name: 'seqlens', type: 'i32'}] : []),
+    // Packed varlen: seqlens is cuSeqlensQ, and this cuSeqlensK.
+    ...(o.packed ? [{name: 'cuK', type: 'i32'}] : []),
   ];
   const outputs = [{name: 'outb', type: o.vType}, {name: 'lseb', type: 'u32'}];
   return `${uniformStructWGSL('Uniforms', uniforms)}
