@@ -89,8 +89,9 @@ export interface FlashAttentionAttrs {
    * sequences B. q, k, v (and out, dq, dk, dv) are then `[1, totalQ or
    * totalK, H, D]`, sequence b's rows starting at its cumulative length;
    * the inputs `seqlens` and `cuSeqlensK` are the `[B + 1]` int32
-   * cuSeqlensQ and cuSeqlensK; lse is `[1, H, totalQ]`. Only kernels registered with `{packed: true}` take
-   * such calls (the reference has no packed layout).
+   * cuSeqlensQ and cuSeqlensK; lse is `[1, H, totalQ]`. Only kernels
+   * registered with `{packed: true}` take such calls (the reference has no
+   * packed layout).
    */
   packedBatch?: number;
   /** With packedBatch: the longest query and key sequence (rows past are cut). */

@@ -30,8 +30,8 @@ interface KernelFuncRunner {
 /** Runs FlashAttention (fused or reference) and returns `[out, lse]`. */
 export function runFlashAttention(
     q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D, alibiSlopes: tf.Tensor|undefined,
-    shapes: AttentionShapes, attrs: FlashAttentionAttrs,
-    seqlensArg?: tf.Tensor, cuSeqlensKArg?: tf.Tensor): [tf.Tensor4D, tf.Tensor3D] {
+    shapes: AttentionShapes, attrs: FlashAttentionAttrs, seqlensArg?: tf.Tensor,
+    cuSeqlensKArg?: tf.Tensor): [tf.Tensor4D, tf.Tensor3D] {
   // Kernels always receive alibiSlopes, seqlens and cuSeqlensK; shape [0]
   // means "no ALiBi" / "whole sequences" / "not packed", so the gradient
   // can save them like any other input.

@@ -203,8 +203,7 @@ function layoutTensors(layout: PackedLayout, zeroRow: tf.Tensor): tf.Tensor[] {
  * Packed `[T, ...]` -> padded `[B, S, ...]` (zeros past each length); its
  * gradient packs the incoming gradient.
  */
-function paddedFromPacked(
-    packed: tf.Tensor, layout: PackedLayout, zeroRow: tf.Tensor): tf.Tensor {
+function paddedFromPacked(packed: tf.Tensor, layout: PackedLayout, zeroRow: tf.Tensor): tf.Tensor {
   const {batch, seqlen} = layout;
   const rest = packed.shape.slice(1);
   const f = customGrad1((x: tf.Tensor, save: tf.GradSaveFunc) => {
@@ -225,8 +224,7 @@ function paddedFromPacked(
  * Padded `[B, S, ...]` -> packed `[T, ...]`; its gradient pads the
  * incoming gradient (zeros at padding).
  */
-function packedFromPadded(
-    padded: tf.Tensor, layout: PackedLayout, zeroRow: tf.Tensor): tf.Tensor {
+function packedFromPadded(padded: tf.Tensor, layout: PackedLayout, zeroRow: tf.Tensor): tf.Tensor {
   const [batch, seqlen, ...rest] = padded.shape;
   const f = customGrad1((x: tf.Tensor, save: tf.GradSaveFunc) => {
     save(layoutTensors(layout, zeroRow));

@@ -463,9 +463,10 @@ describeBackends('flashAttentionVarlen: cut tokens, per-call counts', backend =>
              padInput(x, index, batch, seq) as tf.Tensor4D;
          // The padded op's [B, S, ...] rows (and [B, H, S] lse) at the packed rows.
          const packRows = (x: tf.Tensor, index: tf.Tensor1D) => tf.tidy(
-             () => tf.gather(tf.reshape(x, [x.shape[0] * x.shape[1]!, ...x.shape.slice(2)]), index));
-         const packLse = (lse: tf.Tensor) => tf.tidy(
-             () => tf.transpose(packRows(tf.transpose(lse, [0, 2, 1]), indexQ)));
+             () =>
+                 tf.gather(tf.reshape(x, [x.shape[0] * x.shape[1]!, ...x.shape.slice(2)]), index));
+         const packLse = (lse: tf.Tensor) =>
+             tf.tidy(() => tf.transpose(packRows(tf.transpose(lse, [0, 2, 1]), indexQ)));
          const opts = {
            dropoutRate: 0.25,
            seed: 2 ** 40 + 3,
@@ -473,11 +474,14 @@ describeBackends('flashAttentionVarlen: cut tokens, per-call counts', backend =>
            softcap: 3,
            alibiSlopes: slopes
          };
-         const finite = (l: tf.Tensor) => tf.tidy(() => tf.where(tf.isFinite(l), l, tf.zerosLike(l)));
-         const [dyPad, dLsePad] = [pad(dy, indexQ, maxQ), tf.tidy(() => {
-                                     const rows = pad(tf.transpose(dLse), indexQ, maxQ);
-                                     return tf.transpose(rows, [0, 2, 1]);
-                                   })];
+         const finite = (l: tf.Tensor) =>
+             tf.tidy(() => tf.where(tf.isFinite(l), l, tf.zerosLike(l)));
+         const [dyPad, dLsePad] = [
+           pad(dy, indexQ, maxQ), tf.tidy(() => {
+             const rows = pad(tf.transpose(dLse), indexQ, maxQ);
+             return tf.transpose(rows, [0, 2, 1]);
+           })
+         ];
          const before = tf.memory().numTensors;
          for (const splits of [1, 2]) {
            setForwardOverride({tiles: {tm: 1, tx: 2, nq: 1, ty: 8}, splits});
@@ -545,9 +549,10 @@ describeBackends('flashAttentionVarlen: cut tokens, per-call counts', backend =>
               a as tf.Tensor3D, b as tf.Tensor3D, c as tf.Tensor3D, cuT, cuT,
               {maxSeqlenQ: seq, maxSeqlenK: seq, causal: true}))(xs, dy);
       const padded = (xs: tf.Tensor[]) => tf.grads(
-          (a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) => flashAttention(
-              a as tf.Tensor4D, b as tf.Tensor4D, c as tf.Tensor4D,
-              {seqlensQ: seqlens, seqlensK: seqlens, causal: true}) as tf.Tensor)(xs, dyPad);
+          (a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) =>
+              flashAttention(
+                  a as tf.Tensor4D, b as tf.Tensor4D, c as tf.Tensor4D,
+                  {seqlensQ: seqlens, seqlensK: seqlens, causal: true}) as tf.Tensor)(xs, dyPad);
       const counted = async (f: (x: tf.Tensor[]) => tf.Tensor[], xs: tf.Tensor[]) => {
         for (let warm = 0; warm < 2; warm++) {
           const g = f(xs);

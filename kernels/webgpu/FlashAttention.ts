@@ -198,8 +198,7 @@ export function flashAttentionWebGPU(
     args: {inputs: tf.NamedTensorInfoMap, backend: tf.KernelBackend, attrs?: tf.NamedAttrMap}):
     tf.TensorInfo[] {
   const backend = args.backend as unknown as WebGPUBackend;
-  const {q, k, v, alibiSlopes, seqlens, cuSeqlensK} =
-      args.inputs as Record<string, tf.TensorInfo>;
+  const {q, k, v, alibiSlopes, seqlens, cuSeqlensK} = args.inputs as Record<string, tf.TensorInfo>;
   const attrs = args.attrs as unknown as FlashAttentionAttrs;
   // The tensors' rows: B * Sq, or totalQ of a packed varlen call.
   const [rowsB, rowsQ, heads, headDim] = q.shape;

@@ -91,8 +91,8 @@ function tilesFor(d: number, dv: number, limits: GradDeviceLimits): GradTiles|nu
 
 /** Why the fused backward cannot take a call, or null. */
 export function flashAttentionGradSupports(
-    tensorShapes: AttentionShapes, attrs: FlashAttentionAttrs,
-    backend: tf.KernelBackend): string|null {
+    tensorShapes: AttentionShapes, attrs: FlashAttentionAttrs, backend: tf.KernelBackend): string|
+    null {
   const shapes = sequenceShapes(tensorShapes, attrs);
   if (!isWebGPUBackend(backend)) {
     return 'the active backend is not a tfjs webgpu backend';
@@ -183,8 +183,8 @@ function flashAttentionGradWebGPU(
   const [rowsB, rowsQ, heads, headDim] = q.shape;
   const [, rowsK, headsKV] = k.shape;
   const headDimV = v.shape[3];
-  const tensorShapes: AttentionShapes =
-      {batch: rowsB, seqQ: rowsQ, seqK: rowsK, heads, headsKV, headDim, headDimV};
+  const tensorShapes:
+      AttentionShapes = {batch: rowsB, seqQ: rowsQ, seqK: rowsK, heads, headsKV, headDim, headDimV};
   const shapes = sequenceShapes(tensorShapes, a);
   const {batch, seqQ, seqK} = shapes;
   const packedBatch = a.packedBatch! > 0 ? a.packedBatch! : 0;

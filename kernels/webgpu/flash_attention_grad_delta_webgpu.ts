@@ -61,7 +61,8 @@ export class FlashAttentionGradDeltaProgram implements OwnPipelineSpec {
     this.workgroups = dispatchGrid(Math.ceil(Math.max(rows, packedBatch + 1) / ROWS));
     const lseRows = packed ? 'p.heads * p.totalQ' : 'p.batch * p.heads * p.seqQ';
     // [B, Sq, H] rows of dO and O -> [B, H, Sq] of lse (packed: [H, totalQ]).
-    const lseIndex = packed ? `let out = (row % p.heads) * p.totalQ + row / p.heads;` : `let h = row % p.heads;
+    const lseIndex =
+        packed ? `let out = (row % p.heads) * p.totalQ + row / p.heads;` : `let h = row % p.heads;
     let i = (row / p.heads) % p.seqQ;
     let b = row / (p.heads * p.seqQ);
     let out = (b * p.heads + h) * p.seqQ + i;`;
@@ -96,8 +97,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   ${
         seqlens ? `if (row < p.batch${packed ? ' + 1' : ''} && lane == 0) {
     stats[${lseRows} + row] = bitcast<vec2<f32>>(${
-            packed ? 'vec2<i32>(seqlens[row], cuK[row])' :
-                     'vec2<i32>(seqlens[2 * row], seqlens[2 * row + 1])'});
+                      packed ? 'vec2<i32>(seqlens[row], cuK[row])' :
+                               'vec2<i32>(seqlens[2 * row], seqlens[2 * row + 1])'});
   }` :
                   ''}
   if (valid && lane == 0) {

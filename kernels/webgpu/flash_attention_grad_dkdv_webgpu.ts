@@ -158,7 +158,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   let hk = i32(wg.y) % p.headsKV;
   let groups = p.heads / p.headsKV;
   let gr = gradRows(b);
-  ${zeroGapsWGSL(f, 'k', [['dk', 'D'], ['dv', 'DV']])}
+  ${
+        zeroGapsWGSL(f, 'k', [
+          ['dk', 'D'], ['dv', 'DV']
+        ])}
 
   ${loadKeyTileWGSL('SC')}
 

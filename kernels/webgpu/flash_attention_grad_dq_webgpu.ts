@@ -128,7 +128,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
   let t = i32(lid);
   ${dqBlockWGSL()}
-  ${zeroGapsWGSL(f, 'q', [['dq', 'D']])}
+  ${
+        zeroGapsWGSL(f, 'q', [
+          ['dq', 'D']
+        ])}
   ${loadQueryBlockWGSL(d, d4, dv, dv4)}
 
   var dqAcc: array<array<f32, ${nd}>, NR>;

@@ -90,7 +90,10 @@ export function gradInputs(f: GradFeatures): StorageBinding[] {
 /** The uniform block's bytes for one call. */
 export function gradUniforms(
     shapes: AttentionShapes, attrs: FlashAttentionAttrs, alibiShape: readonly number[],
-    packedRows: {totalQ: number, totalK: number} = {totalQ: 0, totalK: 0}): ArrayBuffer {
+    packedRows: {totalQ: number, totalK: number} = {
+      totalQ: 0,
+      totalK: 0
+    }): ArrayBuffer {
   const dropout = attrs.dropoutRate > 0;
   return packUniforms(GRAD_UNIFORMS, {
     batch: shapes.batch,
@@ -139,11 +142,11 @@ fn gradScoreParams(b: i32, h: i32) -> FaScore {
   let sp = FaScore(p.scale, p.softcap, slope, p.seqK - p.seqQ, p.windowLeft,
                    p.windowRight, p.seqK, p.seqQ);
   ${
-      f.packed ? `let rows = gradRows(b);
+      f.packed      ? `let rows = gradRows(b);
   return fa_with_lengths(sp, rows.rowsQ, rows.rowsK);` :
-      f.seqlens ? `let lens = bitcast<vec2<i32>>(stats[p.batch * p.heads * p.seqQ + b]);
+          f.seqlens ? `let lens = bitcast<vec2<i32>>(stats[p.batch * p.heads * p.seqQ + b]);
   return fa_with_lengths(sp, lens.x, lens.y);` :
-                  'return sp;'}
+                      'return sp;'}
 }
 fn gradScore(qk: f32, i: i32, j: i32, sp: FaScore) -> vec2<f32> {
   var ds = 1.0;
@@ -166,12 +169,13 @@ fn gradKeep4(b: i32, h: i32, i: i32, j0: i32) -> vec4<f32> {
 
 /** gradRows (see gradCommonWGSL): padded, or packed varlen rows. */
 function gradRowsWGSL(f: GradFeatures): string {
-  const rows = f.packed ? `let at = p.heads * p.totalQ;
+  const rows = f.packed ?
+      `let at = p.heads * p.totalQ;
   let c0 = bitcast<vec2<i32>>(stats[at + b]);
   let c1 = bitcast<vec2<i32>>(stats[at + b + 1]);
   return GradRows(c0.x, c0.y, fa_packed_length(c0.x, c1.x, p.totalQ, p.seqQ),
                   fa_packed_length(c0.y, c1.y, p.totalK, p.seqK), c0.x, p.totalQ);` :
-                          `return GradRows(b * p.seqQ, b * p.seqK, p.seqQ, p.seqK, b * p.heads * p.seqQ,
+      `return GradRows(b * p.seqQ, b * p.seqK, p.seqQ, p.seqK, b * p.heads * p.seqQ,
                   p.seqQ);`;
   return `struct GradRows {
   q0: i32,
@@ -198,8 +202,8 @@ export function zeroGapsWGSL(
   if (!f.packed) {
     return '';
   }
-  const [heads, head, total] = side === 'q' ? ['p.heads', 'h', 'p.totalQ'] :
-                                              ['p.headsKV', 'hk', 'p.totalK'];
+  const [heads, head, total] =
+      side === 'q' ? ['p.heads', 'h', 'p.totalQ'] : ['p.headsKV', 'hk', 'p.totalK'];
   const [start, rows] = side === 'q' ? ['q0', 'rowsQ'] : ['k0', 'rowsK'];
   const gaps = `fa_packed_gaps(b, p.batch, gr.${start}, gr.${rows},
                                   gradRows(min(b + 1, p.batch - 1)).${start}, ${total})`;

@@ -161,14 +161,17 @@ export function forwardKey(c: ForwardConfig): string {
   return `fa_fwd_d${c.headDim}_dv${c.headDimV}_${tiling}_${scoreKey(c.score)}_${flags}`;
 }
 
-/** Field order of the uniform struct (all 4-byte scalars). */
+/**
+ * Field order of the uniform struct (all 4-byte scalars). batch, totalQ
+ * and totalK: packed varlen calls' sequences and rows of q and of k.
+ */
 export const FORWARD_UNIFORMS = [
   ['seqQ', 'i32'],     ['seqK', 'i32'],      ['heads', 'i32'],       ['groups', 'i32'],
   ['headsKV', 'i32'],  ['numQTiles', 'i32'], ['totalGroups', 'i32'], ['gridX', 'i32'],
   ['scale', 'f32'],    ['softcap', 'f32'],   ['left', 'i32'],        ['right', 'i32'],
   ['seedLo', 'u32'],   ['seedHi', 'u32'],    ['threshold', 'u32'],   ['keepScale', 'f32'],
   ['loopDQ4', 'i32'],  ['loopBC4', 'i32'],   ['numSplits', 'i32'],   ['splitRows', 'i32'],
-  ['splitLse', 'i32'],  ['batch', 'i32'],     ['totalQ', 'i32'],      ['totalK', 'i32'],
+  ['splitLse', 'i32'], ['batch', 'i32'],     ['totalQ', 'i32'],      ['totalK', 'i32'],
 ] as const;
 
 /** The sizes and index maps the phase generators share. */
@@ -210,7 +213,8 @@ export function forwardLayout(c: ForwardConfig): ForwardLayout {
  */
 function sequenceRowsWGSL(c: ForwardConfig): string {
   if (!c.score.packed) {
-    return `${c.score.seqlens ? 'sp = fa_with_lengths(sp, seqlens[2 * b], seqlens[2 * b + 1]);' : ''}
+    return `${
+        c.score.seqlens ? 'sp = fa_with_lengths(sp, seqlens[2 * b], seqlens[2 * b + 1]);' : ''}
   let qBase = b * u.seqQ;
   let kBase = b * u.seqK;
   let rowsQ = u.seqQ;
