@@ -129,6 +129,8 @@ export class FlashAttentionGradDkDvProgram implements OwnPipelineSpec {
       ${fetchStats('iN', 'hn')}
     }
 `;
+    // Packed varlen calls: zeros where no sequence's rows are.
+    const keyGaps = zeroGapsWGSL(f, 'k', ['dk', 'D'], ['dv', 'DV']);
     const inputs = gradInputs(f);
     const outputs = [{name: 'dk', type: 'f32'}, {name: 'dv', type: 'f32'}];
     this.numInputs = inputs.length;
@@ -158,10 +160,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   let hk = i32(wg.y) % p.headsKV;
   let groups = p.heads / p.headsKV;
   let gr = gradRows(b);
-  ${
-        zeroGapsWGSL(f, 'k', [
-          ['dk', 'D'], ['dv', 'DV']
-        ])}
+  ${keyGaps}
 
   ${loadKeyTileWGSL('SC')}
 

@@ -106,6 +106,8 @@ export class FlashAttentionGradDqProgram implements OwnPipelineSpec {
     if (j0 + BC <= jHi) {
       ${fetchKeyTileWGSL('j0 + BC', s.sc, d4, dv4, threads)}
     }`;
+    // Packed varlen calls: zeros where no sequence's rows are.
+    const queryGaps = zeroGapsWGSL(f, 'q', ['dq', 'D']);
     const inputs = gradInputs(f);
     const outputs = [{name: 'dq', type: 'f32'}];
     this.numInputs = inputs.length;
@@ -128,10 +130,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
   let t = i32(lid);
   ${dqBlockWGSL()}
-  ${
-        zeroGapsWGSL(f, 'q', [
-          ['dq', 'D']
-        ])}
+  ${queryGaps}
   ${loadQueryBlockWGSL(d, d4, dv, dv4)}
 
   var dqAcc: array<array<f32, ${nd}>, NR>;

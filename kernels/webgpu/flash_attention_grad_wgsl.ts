@@ -87,13 +87,16 @@ export function gradInputs(f: GradFeatures): StorageBinding[] {
   ];
 }
 
-/** The uniform block's bytes for one call. */
+/** totalQ and totalK of a call that is not packed. */
+const NOT_PACKED = {
+  totalQ: 0,
+  totalK: 0
+};
+
+/** The uniform block's bytes for one call (packedRows: a packed call's rows). */
 export function gradUniforms(
     shapes: AttentionShapes, attrs: FlashAttentionAttrs, alibiShape: readonly number[],
-    packedRows: {totalQ: number, totalK: number} = {
-      totalQ: 0,
-      totalK: 0
-    }): ArrayBuffer {
+    packedRows = NOT_PACKED): ArrayBuffer {
   const dropout = attrs.dropoutRate > 0;
   return packUniforms(GRAD_UNIFORMS, {
     batch: shapes.batch,
@@ -198,7 +201,7 @@ fn gradRows(b: i32) -> GradRows {
  * `[total, heads, w]` output of `outputs`, by the T invocations (`t`).
  */
 export function zeroGapsWGSL(
-    f: GradFeatures, side: 'q'|'k', outputs: Array<[string, string]>): string {
+    f: GradFeatures, side: 'q'|'k', ...outputs: Array<[string, string]>): string {
   if (!f.packed) {
     return '';
   }
