@@ -96,9 +96,9 @@ function globalQuad(buf: string, width: number, rowIndex: string, chunk: string)
                            scalarQuad(buf, rowIndex, chunk, width);
 }
 
-/** The global row of key `j` of K and V. */
+/** The global row of key `j` of K and V (kBase: forwardWGSL's sequence rows). */
 function keyRow(j: string): string {
-  return `u32((b * u.seqK + ${j}) * u.headsKV + hk)`;
+  return `u32((kBase + ${j}) * u.headsKV + hk)`;
 }
 
 /**
@@ -127,8 +127,8 @@ export function loadQueryTileWGSL(L: ForwardLayout): string {
       let ch = ${chunk};
       let row = r0 + i32(r);
       var val = vec4<f32>(0.0);
-      if (row < u.seqQ) {
-        val = ${globalQuad('qb', L.config.headDim, 'u32((b * u.seqQ + row) * u.heads + h)', 'ch')};
+      if (row < rowsQ) {
+        val = ${globalQuad('qb', L.config.headDim, 'u32((qBase + row) * u.heads + h)', 'ch')};
       }
       ${store}
     }
@@ -197,7 +197,7 @@ function valueOperand(L: ForwardLayout): TileOperand {
 function loadItem(op: TileOperand, jBase: string, idx: string, guard: string): string {
   return `let j = ${jBase} + i32(${op.keyOf(idx)});
       var val = vec4<f32>(0.0);
-      if (${guard}j < u.seqK) {
+      if (${guard}j < rowsK) {
         val = ${op.load(keyRow('j'), `(${op.chunkOf(idx)})`)};
       }`;
 }
@@ -685,12 +685,12 @@ export function epilogueWGSL(L: ForwardLayout, negInfBits: number): string {
         ${storeOut}
       }
     }`;
-  const row = (i: number) => `if (row${i} < u.seqQ) {
+  const row = (i: number) => `if (row${i} < rowsQ) {
     let inv = select(0.0, 1.0 / l${i}, l${i} > 0.0);
-    let outRow = u32(split * u.splitRows + (b * u.seqQ + row${i}) * u.heads + h);
+    let outRow = u32(split * u.splitRows + (qBase + row${i}) * u.heads + h);
     ${L.outQuads.map(jj => outQuad(i, jj)).join('\n    ')}
     if (tx == 0u) {
-      lseb[u32(split * u.splitLse + (b * u.heads + h) * u.seqQ + row${i})] =
+      lseb[u32(split * u.splitLse + lseBase + row${i})] =
           select(${negInfBits}u, bitcast<u32>(m${i} + log(l${i})), l${i} > 0.0);
     }
   }`;

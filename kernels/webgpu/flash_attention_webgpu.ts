@@ -192,14 +192,17 @@ export function forwardKey(c: ForwardConfig): string {
   return `fa_fwd_d${c.headDim}_dv${c.headDimV}_${tiling}_${scoreKey(c.score)}_${flags}`;
 }
 
-/** Field order of the uniform struct (all 4-byte scalars). */
+/**
+ * Field order of the uniform struct (all 4-byte scalars). batch, totalQ
+ * and totalK: packed varlen calls' sequences and rows of q and of k.
+ */
 export const FORWARD_UNIFORMS = [
   ['seqQ', 'i32'],     ['seqK', 'i32'],      ['heads', 'i32'],       ['groups', 'i32'],
   ['headsKV', 'i32'],  ['numQTiles', 'i32'], ['totalGroups', 'i32'], ['gridX', 'i32'],
   ['scale', 'f32'],    ['softcap', 'f32'],   ['left', 'i32'],        ['right', 'i32'],
   ['seedLo', 'u32'],   ['seedHi', 'u32'],    ['threshold', 'u32'],   ['keepScale', 'f32'],
   ['loopDQ4', 'i32'],  ['loopBC4', 'i32'],   ['numSplits', 'i32'],   ['splitRows', 'i32'],
-  ['splitLse', 'i32'],
+  ['splitLse', 'i32'], ['batch', 'i32'],     ['totalQ', 'i32'],      ['totalK', 'i32'],
 ] as const;
 
 /** The sizes and index maps the phase generators share. */
@@ -238,6 +241,53 @@ export function forwardLayout(c: ForwardConfig): ForwardLayout {
   };
 }
 
+/**
+ * WGSL placing batch row b's rows in the tensors, for the phases' loads and
+ * stores: `qBase`, `kBase` (its first query and key row), `rowsQ`,
+ * `rowsK` (rows it may read and write) and `lseBase` (its lse row of
+ * head h); with seqlens, its lengths in `sp`. Packed varlen: the rows
+ * start at the cumulative lengths, only the sequence's own rows are
+ * touched, the workgroups of query tile 0 zero the rows no sequence
+ * covers (fa_packed_gaps), and tiles past the sequence stop at once.
+ */
+function sequenceRowsWGSL(c: ForwardConfig): string {
+  if (!c.score.packed) {
+    return `${
+        c.score.seqlens ? 'sp = fa_with_lengths(sp, seqlens[2 * b], seqlens[2 * b + 1]);' : ''}
+  let qBase = b * u.seqQ;
+  let kBase = b * u.seqK;
+  let rowsQ = u.seqQ;
+  let rowsK = u.seqK;
+  let lseBase = (b * u.heads + h) * u.seqQ;`;
+  }
+  const vec4Out = c.headDimV % 4 === 0;
+  const width = vec4Out ? 'i32(DV4)' : `${c.headDimV}`;
+  return `let qBase = seqlens[b];
+  let kBase = cuK[b];
+  let rowsQ = fa_packed_length(qBase, seqlens[b + 1], u.totalQ, u.seqQ);
+  let rowsK = fa_packed_length(kBase, cuK[b + 1], u.totalK, u.seqK);
+  let lseBase = h * u.totalQ + qBase;
+  sp = fa_with_lengths(sp, rowsQ, rowsK);
+  if (qTile == 0) {
+    let gaps = fa_packed_gaps(b, u.batch, qBase, rowsQ, seqlens[b + 1], u.totalQ);
+    for (var g = 0; g < 2; g++) {
+      let lo = select(gaps.z, gaps.x, g == 0);
+      let n = (select(gaps.w, gaps.y, g == 0) - lo) * ${width};
+      for (var e = i32(lid); e < n; e += i32(THREADS)) {
+        let r = lo + e / ${width};
+        outb[u32((split * u.splitRows + r * u.heads + h) * ${width} + e % ${width})] = ${
+      vec4Out ? 'vec4<f32>(0.0)' : '0.0'};
+        if (e % ${width} == 0) {
+          lseb[u32(split * u.splitLse + h * u.totalQ + r)] = ${FA_NEG_INF_BITS}u;
+        }
+      }
+    }
+  }
+  if (qTile * i32(BR) >= rowsQ) {
+    return;
+  }`;
+}
+
 /** The forward program's WGSL: the phases of flash_attention_forward_wgsl.ts. */
 export function forwardWGSL(c: ForwardConfig): string {
   const L = forwardLayout(c);
@@ -248,6 +298,7 @@ export function forwardWGSL(c: ForwardConfig): string {
     vType: c.headDimV % 4 === 0 ? 'vec4<f32>' : 'f32',
     alibi: c.alibiMode !== 0,
     seqlens: c.score.seqlens,
+    packed: c.score.packed,
   });
   const slope = ['0.0', 'slopes[h]', 'slopes[b * u.heads + h]'][c.alibiMode];
   const splitRange = c.splitKeys ? `// This split's share of the visible key tiles (possibly none).
@@ -300,7 +351,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   sp.right = u.right;
   sp.seqK = u.seqK;
   sp.seqQ = u.seqQ;
-  ${c.score.seqlens ? 'sp = fa_with_lengths(sp, seqlens[2 * b], seqlens[2 * b + 1]);' : ''}
+  ${sequenceRowsWGSL(c)}
 
   ${loadQueryTileWGSL(L)}
   let keys = fa_key_range(r0, rEnd, sp);
