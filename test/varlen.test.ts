@@ -437,7 +437,7 @@ describeBackends('flashAttentionVarlen: cut tokens, per-call counts', backend =>
      });
 
   if (backend === 'webgpu') {
-    it('packed kernels equal the padded op with lengths bit for bit: dropout (same mask), window, softcap, ALiBi [B, H], GQA; split-KV',
+    it('packed kernels equal the padded op with lengths bit for bit: dropout (same mask), window, softcap, ALiBi [B, H], GQA; split-KV; sliced tiles',
        async () => {
          const rng = freshRng();
          const [heads, headsKV, dim, dimV, batch] = [4, 2, 8, 12, 4];
@@ -483,9 +483,17 @@ describeBackends('flashAttentionVarlen: cut tokens, per-call counts', backend =>
            })
          ];
          const before = tf.memory().numTensors;
-         for (const splits of [1, 2]) {
-           setForwardOverride({tiles: {tm: 1, tx: 2, nq: 1, ty: 8}, splits});
-           const what = `splits ${splits}, lengths q ${lenQ} k ${lenK} (seed ${rng.seed})`;
+         // The classic tiles, with split-KV, and the head-dim-sliced outer
+         // mode (its own K/V slice loaders must read the packed rows too).
+         const plans = [
+           {tiles: {tm: 1, tx: 2, nq: 1, ty: 8}, splits: 1},
+           {tiles: {tm: 1, tx: 2, nq: 1, ty: 8}, splits: 2},
+           {tiles: {tm: 4, tx: 4, nq: 1, ty: 4, outer: true, dimChunks: 2}, splits: 1},
+         ];
+         for (const plan of plans) {
+           setForwardOverride(plan);
+           const what =
+               `plan ${JSON.stringify(plan)}, lengths q ${lenQ} k ${lenK} (seed ${rng.seed})`;
            const varlen = (a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) => flashAttentionVarlen(
                a as tf.Tensor3D, b as tf.Tensor3D, c as tf.Tensor3D, cuQ, cuK,
                {...opts, maxSeqlenQ: maxQ, maxSeqlenK: maxK, returnSoftmaxLse: true});
