@@ -7,7 +7,8 @@
  *   node attention.mjs [--modes fwd,fwdbwd] [--dims 64,128]
  *       [--seqs 512,1024,...,16384] [--causal both|true|false]
  *       [--impls fused,composed] [--composed-max-seq 8192]
- *       [--variants "tm,tx,nq,ty;..."] [--torch torch.json] [--out DIR]
+ *       [--variants "tm,tx,nq,ty[,o][,p0|p1][,kN][,cN];...|sliced|default"]
+ *       [--torch torch.json] [--out DIR]
  *       [--budget-ms 600] [--warmup-ms 300] [--max-warmup-ms 300] [--check]
  *       [--shapes "B,H,Hk,S;..."] [--grad-variants "bc,br,qbr,qbc[,s|sk|sq][,tN];..."]
  *   node attention.mjs --sweep [--torch torch.json] [--out DIR]
@@ -26,7 +27,10 @@
  * --grad-variants forces the backward's tiles (dK/dV keys, rows per step;
  * dQ rows, keys per step; `s`, `sk`, `sq`: S and dP on separate halves of
  * the invocations in both passes, dK/dV only, dQ only; `tN`: N invocations
- * instead of 128) on the fwdbwd rows.
+ * instead of 128) on the fwdbwd rows. --variants forces forward tilings
+ * (`o` outer-product mode, `pN` prefetch off/on, `kN` N key-range splits,
+ * `cN` K^T and V in N head-dim slices; `default` the planned tiling,
+ * `sliced` every candidate of tuning.ts's SLICED_FORWARD_CANDIDATES).
  *
  * Time: median over repetitions after warm-up; a repetition runs the op K
  * times (K so that it lasts >= ~20 ms) and waits for the GPU queue to drain
@@ -321,9 +325,15 @@ async function main(): Promise<void> {
     }
   }
 
-  const variants = args.variants.length > 0 ? args.variants : ['default'];
-  // tm,tx,nq,ty[,p0|p1 (register prefetch)][,o (outer-product mode)][,kN (N key-range splits)];
-  // kN alone: the planned tiling with N splits
+  // `sliced`: every head-dim-sliced candidate of tuning.ts; `default`: the plan.
+  const {SLICED_FORWARD_CANDIDATES} = await import('../kernels/webgpu/tuning');
+  const slicedVariants =
+      SLICED_FORWARD_CANDIDATES.map(t => `${t.tm},${t.tx},${t.nq},${t.ty},o,c${t.dimChunks}`);
+  const variants = args.variants.length > 0 ?
+      args.variants.flatMap(x => x === 'sliced' ? slicedVariants : [x]) :
+      ['default'];
+  // tm,tx,nq,ty[,p0|p1 (register prefetch)][,o (outer-product mode)][,kN (N key-range splits)]
+  // [,cN (outer mode: K^T and V in N head-dim slices)]; kN alone: the planned tiling with N splits
   const variantOverride = (variant: string) => {
     if (/^k\d+$/.test(variant)) {
       // kN alone: the planner's tiling with N key-range splits (k1: none).
@@ -331,10 +341,22 @@ async function main(): Promise<void> {
     }
     const [tm, tx, nq, ty] = variant.split(',').slice(0, 4).map(Number);
     const flags = variant.split(',').slice(4);
+    const unknown = flags.filter(f => !['o', 'p0', 'p1'].includes(f) && !/^[kc]\d+$/.test(f));
+    if (unknown.length > 0 || [tm, tx, nq, ty].some(x => !(x > 0))) {
+      throw new Error(`--variants: expected "tm,tx,nq,ty[,o][,p0|p1][,kN][,cN]", got "${variant}"`);
+    }
     const p = flags.find(f => f.startsWith('p'));
     const k = flags.find(f => f.startsWith('k'));
+    const c = flags.find(f => f.startsWith('c'));
     return {
-      tiles: {tm, tx, nq, ty, outer: flags.includes('o')},
+      tiles: {
+        tm,
+        tx,
+        nq,
+        ty,
+        outer: flags.includes('o'),
+        ...(c == null ? {} : {dimChunks: Number(c.slice(1))})
+      },
       prefetch: p == null ? undefined : p === 'p1',
       splits: k == null ? undefined : Number(k.slice(1))
     };
@@ -495,7 +517,12 @@ async function main(): Promise<void> {
                   checks.push(`[${variant}] D=${d} S=512 causal=${causal}: ${msg}`);
                 }
               } else if (variant !== 'default' && variant !== '-') {
-                setForwardOverride(variantOverride(variant));
+                try {
+                  setForwardOverride(variantOverride(variant));
+                } catch (e) {
+                  row.status = `error: ${(e as Error).message.slice(0, 160)}`;
+                  continue;
+                }
                 if (args.check && !checked.has(`${d} ${variant}`)) {
                   // This tiling against the composed baseline at S=512.
                   checked.add(`${d} ${variant}`);

@@ -11,7 +11,12 @@
  *
  *   node tensor_cores.mjs [--seqs 4096,16384] [--dims 64,128] [--heads 16]
  *       [--torch torch_tc.json] [--skip-check] [--skip-time] [--json FILE]
- *       [--stand-in] [--small]
+ *       [--stand-in] [--small] [--variants]
+ *
+ * The check's columns: SIMT, both precisions, and the float32 matrix
+ * backward after the SIMT forward (which kernel is wrong); --variants adds
+ * the float32 path with each diagnosis flag of kernels/webgpu/subgroup_matrix.ts
+ * (which construct breaks them on a GPU).
  *
  * Without the feature it stops with a message, unless --stand-in: then the
  * kernels' portable stand-in runs (plain loops; checks the tiling and the
@@ -32,7 +37,7 @@ import {openWebGPUDevice, useWebGPUBackend} from './webgpu_setup';
 import {matrixGradStats, planMatrixBackward} from '../kernels/webgpu/flash_attention_grad_subgroup_matrix';
 import {matrixForwardStats, MatrixForwardOverride, planMatrixForward, setMatrixForwardOverride} from '../kernels/webgpu/flash_attention_subgroup_matrix';
 import {checkOwnPipelineErrors} from '../kernels/webgpu/own_pipeline';
-import {allowUnvalidatedTensorCores, pickSubgroupMatrixShape, subgroupMatrixConfigs} from '../kernels/webgpu/subgroup_matrix';
+import {allowUnvalidatedTensorCores, MatrixDiagnosis, pickSubgroupMatrixShape, subgroupMatrixConfigs} from '../kernels/webgpu/subgroup_matrix';
 import {FLASH_ATTENTION_IMPL, FLASH_ATTENTION_TENSOR_CORES, flashAttention, FlashAttentionOptions} from '../src';
 import {AttentionShapes} from '../src/checks';
 import {randomArray, Rng} from '../test/harness/problems';
@@ -52,6 +57,54 @@ const STAND_IN: MatrixForwardOverride = {
 };
 function useMode(mode: 'simt'|'float32'|'float16'): void {
   setMatrixForwardOverride(mode === 'simt' ? {off: true} : tensorCoreOverride);
+}
+
+/**
+ * The accuracy check's columns: SIMT, both precisions, the float32 matrix
+ * backward after the SIMT forward (separates the two kernels' errors), and
+ * under --variants the float32 path with one diagnosis flag each
+ * (kernels/webgpu/subgroup_matrix.ts: each brings back a construct of the
+ * kernels' first hardware run, to tell which one breaks them).
+ */
+interface CheckMode {
+  name: string;
+  precision: 'float32'|'float16';
+  /** null: SIMT. */
+  override: MatrixForwardOverride|null;
+  /** Matrix dispatches expected: forward, backward passes. */
+  expect: [number, number];
+}
+function checkModes(): CheckMode[] {
+  const tc = tensorCoreOverride ?? {};
+  const modes: CheckMode[] = [
+    {name: 'simt', precision: 'float32', override: null, expect: [0, 0]},
+    {name: 'float32', precision: 'float32', override: tc, expect: [1, 2]},
+    {name: 'float16', precision: 'float16', override: tc, expect: [1, 2]},
+    {
+      name: 'simt fwd + tc bwd',
+      precision: 'float32',
+      override: {...tc, forwardOff: true},
+      expect: [0, 2]
+    },
+  ];
+  if (process.argv.includes('--variants')) {
+    const variants: Array<[string, MatrixDiagnosis]> = [
+      ['legacy built-ins', {legacyBuiltins: true}],
+      ['null accumulator', {nullAccumulator: true}],
+      ['subgroup reductions off', {workgroupReductions: true}],
+      ['ids from local_invocation_index', {indexSubgroups: true}],
+      ['session 6 constructs', {legacyBuiltins: true, nullAccumulator: true, indexSubgroups: true}],
+    ];
+    for (const [name, diagnose] of variants) {
+      modes.push({
+        name: `float32 ${name}`,
+        precision: 'float32',
+        override: {...tc, diagnose},
+        expect: [1, 2],
+      });
+    }
+  }
+  return modes;
 }
 
 function arg(name: string, dflt: string): string {
@@ -150,15 +203,11 @@ async function accuracy(): Promise<string[]> {
     const expectedGrads = oracleBackward(p, opts, dOut, new Float64Array(expected.lse.length));
     const dOutT = tf.tensor4d(Float32Array.from(dOut), [s.batch, s.seqQ, s.heads, s.headDimV]);
     const row: string[] = [name];
-    for (const mode of ['simt', 'float32', 'float16'] as const) {
-      useMode(mode);
+    for (const mode of checkModes()) {
+      setMatrixForwardOverride(mode.override ?? {off: true});
       const before = matrixForwardStats.dispatches;
-      const o: FlashAttentionOptions = {
-        ...opts,
-        alibiSlopes: slopes,
-        returnSoftmaxLse: true,
-        precision: mode === 'float16' ? 'float16' : 'float32'
-      };
+      const o: FlashAttentionOptions =
+          {...opts, alibiSlopes: slopes, returnSoftmaxLse: true, precision: mode.precision};
       const [out, lse] = flashAttention(q, k, v, o) as tf.Tensor[];
       const [od, ld] = [await out.data(), await lse.data()];
       tf.dispose([out, lse]);
@@ -176,8 +225,8 @@ async function accuracy(): Promise<string[]> {
       tf.dispose(grads);
       await checkOwnPipelineErrors();
       const gradUsed = matrixGradStats.dispatches - gradBefore;
-      const tc = mode === 'simt' || (used === 1 && gradUsed === 2) ? '' : '(NOT TC)';
-      row.push(`${mode}${tc} out ${relError(od, expected.out).toExponential(2)} lse ${
+      const tc = used === mode.expect[0] && gradUsed === mode.expect[1] ? '' : '(NOT TC)';
+      row.push(`${mode.name}${tc} out ${relError(od, expected.out).toExponential(2)} lse ${
           relError(ld, expected.lse).toExponential(2)} dq ${
           relError(dq, expectedGrads.dq).toExponential(2)} dk ${
           relError(dk, expectedGrads.dk).toExponential(2)} dv ${

@@ -27,6 +27,8 @@ export interface FlashAttentionGradTensors {
   alibiSlopes: tf.Tensor;
   /** `[B, 2]` int32 per-batch lengths, or shape `[0]` (kernel_names.ts). */
   seqlens: tf.Tensor;
+  /** Packed varlen calls' `[B + 1]` cuSeqlensK, or shape `[0]`. */
+  cuSeqlensK: tf.Tensor;
 }
 
 /** `[dq, dk, dv]` by the fused kernel or the reference. */
@@ -48,14 +50,15 @@ export function flashAttentionBackward(
 
 /**
  * Tensors saved by the forward pass, in this order: q, k, v, alibiSlopes,
- * seqlens, out, softmaxLse (the order the registered gradient saves them in).
+ * seqlens, cuSeqlensK, out, softmaxLse (the order the registered gradient
+ * saves them in).
  */
 export function flashAttentionGradFunc(
     dys: tf.Tensor|tf.Tensor[], saved: tf.Tensor[], attrs: tf.NamedAttrMap): NamedGradientMap {
   // An unused softmaxLse gets the tape's zeros, made in host memory: the
   // webgpu backward recognizes them and never uploads them.
   const [dy, dLse] = dys as tf.Tensor[];
-  const [q, k, v, alibiSlopes, seqlens, out, softmaxLse] = saved;
+  const [q, k, v, alibiSlopes, seqlens, cuSeqlensK, out, softmaxLse] = saved;
   const [dq, dk, dv] = flashAttentionBackward(
       {
         dy: dy as tf.Tensor4D,
@@ -67,6 +70,7 @@ export function flashAttentionGradFunc(
         softmaxLse: softmaxLse as tf.Tensor3D,
         alibiSlopes,
         seqlens,
+        cuSeqlensK,
       },
       attrs as unknown as FlashAttentionAttrs);
   return {
@@ -77,12 +81,13 @@ export function flashAttentionGradFunc(
     alibiSlopes: () => tf.zerosLike(alibiSlopes),
     // Lengths are integers: no gradient (never on a path to a float input).
     seqlens: () => tf.zeros(seqlens.shape),
+    cuSeqlensK: () => tf.zeros(cuSeqlensK.shape),
   };
 }
 
 export const flashAttentionGradConfig: tf.GradConfig = {
   kernelName: FlashAttention,
-  inputsToSave: ['q', 'k', 'v', 'alibiSlopes', 'seqlens'],
+  inputsToSave: ['q', 'k', 'v', 'alibiSlopes', 'seqlens', 'cuSeqlensK'],
   outputsToSave: [true, true],
   gradFunc: flashAttentionGradFunc,
 };

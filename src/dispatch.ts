@@ -25,6 +25,11 @@ export interface FusedKernelFeatures {
    * never gets a call that has lengths: those take the reference.
    */
   seqlens?: boolean;
+  /**
+   * The packed varlen layout (FlashAttentionAttrs.packedBatch). Packed
+   * calls have no reference: callers ask fusedKernelRefusal first.
+   */
+  packed?: boolean;
 }
 const kernelFeatures = new Map<string, FusedKernelFeatures>();
 
@@ -51,28 +56,48 @@ export function hasFusedKernel(kernelName: string, backendName: string): boolean
 }
 
 /**
+ * Why the active backend's fused kernel cannot take a call (null when it
+ * can), whatever FLASH_ATTENTION_IMPL says beyond 'reference'.
+ */
+export function fusedKernelRefusal(
+    kernelName: string, shapes: AttentionShapes, attrs: FlashAttentionAttrs): string|null {
+  if (getImpl() === 'reference') {
+    return 'FLASH_ATTENTION_IMPL is \'reference\'';
+  }
+  const backendName = tf.getBackend();
+  const features = kernelFeatures.get(key(kernelName, backendName));
+  if (!hasFusedKernel(kernelName, backendName)) {
+    return `backend '${backendName}' has no fused ${kernelName} kernel`;
+  }
+  if (attrs.hasSeqlens && !features?.seqlens) {
+    return `the fused ${kernelName} kernel of backend '${
+        backendName}' does not take per-batch sequence lengths`;
+  }
+  if (attrs.packedBatch! > 0 && !features?.packed) {
+    return `the fused ${kernelName} kernel of backend '${
+        backendName}' does not take the packed varlen layout`;
+  }
+  const supports = supportChecks.get(key(kernelName, backendName))!;
+  return supports(shapes, attrs, tf.engine().findBackend(backendName));
+}
+
+/**
  * True to run the backend's fused kernel, false for the reference. Throws
- * under FLASH_ATTENTION_IMPL=fused when the fused kernel cannot run.
+ * under FLASH_ATTENTION_IMPL=fused when the fused kernel cannot run, and
+ * for a packed call it cannot run (there is no packed reference).
  */
 export function useFusedKernel(
     kernelName: string, shapes: AttentionShapes, attrs: FlashAttentionAttrs): boolean {
   const impl = getImpl();
-  if (impl === 'reference') {
+  if (impl === 'reference' && !(attrs.packedBatch! > 0)) {
     return false;
   }
-  const backendName = tf.getBackend();
-  let reason: string|null;
-  if (!hasFusedKernel(kernelName, backendName)) {
-    reason = `backend '${backendName}' has no fused ${kernelName} kernel`;
-  } else if (attrs.hasSeqlens && !kernelFeatures.get(key(kernelName, backendName))?.seqlens) {
-    reason = `the fused ${kernelName} kernel of backend '${
-        backendName}' does not take per-batch sequence lengths`;
-  } else {
-    const supports = supportChecks.get(key(kernelName, backendName))!;
-    reason = supports(shapes, attrs, tf.engine().findBackend(backendName));
-  }
+  const reason = fusedKernelRefusal(kernelName, shapes, attrs);
   if (reason == null) {
     return true;
+  }
+  if (attrs.packedBatch! > 0) {
+    throw new Error(`${kernelName}: a packed varlen call needs a fused kernel, but ${reason}`);
   }
   if (impl === 'fused') {
     throw new Error(`FLASH_ATTENTION_IMPL is 'fused' but ${

@@ -36,7 +36,7 @@ export type{FusedKernelFeatures} from './dispatch';
 export {paddingMaskLengths} from './seqlens';
 export {valuesOnHost} from './seqlens';
 export type{FusedNormAttrs, FusedRotaryAttrs, SoftmaxCrossEntropyAttrs} from './train/kernel_names';
-export {FusedGelu, FusedNorm, FusedNormGrad, FusedRotary, RowGather, SoftmaxCrossEntropy, SoftmaxCrossEntropyGrad} from './train/kernel_names';
+export {FusedGelu, FusedNorm, FusedNormGrad, FusedRotary, SoftmaxCrossEntropy, SoftmaxCrossEntropyGrad} from './train/kernel_names';
 export type{CrossEntropyOptions, NormOp, NormOptions} from './train/ops';
 export {fusedGeluOrNull, fusedRotaryOrNull, layerNorm, rmsNorm, softmaxCrossEntropy, softmaxCrossEntropyLoss} from './train/ops';
 

@@ -24,6 +24,12 @@ export interface FlashAttentionInputs extends NamedTensorInfoMap {
    * `{seqlens: true}` (registerFusedKernel) receive a non-empty one.
    */
   seqlens?: TensorInfo;
+  /**
+   * Packed varlen calls (FlashAttentionAttrs.packedBatch): `[B + 1]` int32
+   * cuSeqlensK, while `seqlens` is then `[B + 1]` cuSeqlensQ; shape `[0]`
+   * or absent otherwise.
+   */
+  cuSeqlensK?: TensorInfo;
 }
 
 export interface FlashAttentionGradInputs extends NamedTensorInfoMap {
@@ -38,6 +44,7 @@ export interface FlashAttentionGradInputs extends NamedTensorInfoMap {
   softmaxLse: TensorInfo;
   alibiSlopes?: TensorInfo;
   seqlens?: TensorInfo;
+  cuSeqlensK?: TensorInfo;
 }
 
 /**
@@ -77,6 +84,19 @@ export interface FlashAttentionAttrs {
    * instead of each batch row's own `i + seqlenK_b - seqlenQ_b` (varlen).
    */
   paddedDiagonal?: boolean;
+  /**
+   * Packed varlen layout (flashAttentionVarlen), when > 0: the number of
+   * sequences B. q, k, v (and out, dq, dk, dv) are then `[1, totalQ or
+   * totalK, H, D]`, sequence b's rows starting at its cumulative length;
+   * the inputs `seqlens` and `cuSeqlensK` are the `[B + 1]` int32
+   * cuSeqlensQ and cuSeqlensK; lse is `[1, H, totalQ]`. Only kernels
+   * registered with `{packed: true}` take such calls (the reference has no
+   * packed layout).
+   */
+  packedBatch?: number;
+  /** With packedBatch: the longest query and key sequence (rows past are cut). */
+  maxSeqlenQ?: number;
+  maxSeqlenK?: number;
 }
 
 /**

@@ -30,14 +30,16 @@ interface KernelFuncRunner {
 /** Runs FlashAttention (fused or reference) and returns `[out, lse]`. */
 export function runFlashAttention(
     q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D, alibiSlopes: tf.Tensor|undefined,
-    shapes: AttentionShapes, attrs: FlashAttentionAttrs,
-    seqlensArg?: tf.Tensor2D): [tf.Tensor4D, tf.Tensor3D] {
-  // Kernels always receive alibiSlopes and seqlens; shape [0] means "no
-  // ALiBi" / "whole sequences", so the gradient can save them like any
-  // other input.
+    shapes: AttentionShapes, attrs: FlashAttentionAttrs, seqlensArg?: tf.Tensor,
+    cuSeqlensKArg?: tf.Tensor): [tf.Tensor4D, tf.Tensor3D] {
+  // Kernels always receive alibiSlopes, seqlens and cuSeqlensK; shape [0]
+  // means "no ALiBi" / "whole sequences" / "not packed", so the gradient
+  // can save them like any other input.
   const slopes = alibiSlopes ?? tf.zeros([0]);
   const seqlens: tf.Tensor = seqlensArg ?? tf.zeros([0], 'int32');
-  const inputs = {q, k, v, alibiSlopes: slopes, seqlens};
+  const cuSeqlensK: tf.Tensor =
+      cuSeqlensKArg ?? (seqlensArg == null ? seqlens : tf.zeros([0], 'int32'));
+  const inputs = {q, k, v, alibiSlopes: slopes, seqlens, cuSeqlensK};
   const kernelAttrs = attrs as unknown as tf.NamedAttrMap;
   if (useFusedKernel(FlashAttention, shapes, attrs)) {
     return tf.engine().runKernel(
@@ -51,7 +53,7 @@ export function runFlashAttention(
       const [out, lse] = referenceForward(
           q, k, v, alibiSlopes ?? null, {...shapes, seqlens: seqlens.size === 0 ? null : seqlens},
           attrs, blockElements);
-      save([q, k, v, slopes, seqlens, out, lse]);
+      save([q, k, v, slopes, seqlens, cuSeqlensK, out, lse]);
       return [out, lse];
     },
     backwardsFunc: (dys, saved) => flashAttentionGradFunc(dys, saved, kernelAttrs),

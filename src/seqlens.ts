@@ -172,3 +172,23 @@ export function seqlensInput(
     return tf.stack([clamp(seqlensQ, shapes.seqQ), clamp(seqlensK, shapes.seqK)], 1) as tf.Tensor2D;
   });
 }
+
+/**
+ * The per-sequence shapes of a call: for a packed varlen call
+ * (FlashAttentionAttrs.packedBatch, tensors `[1, total, H, D]`) B
+ * sequences of at most maxSeqlenQ / maxSeqlenK rows, which size the
+ * kernels' grids; otherwise `shapes` itself.
+ */
+export function sequenceShapes(
+    shapes: AttentionShapes,
+    attrs: {packedBatch?: number, maxSeqlenQ?: number, maxSeqlenK?: number}): AttentionShapes {
+  if (!(attrs.packedBatch! > 0)) {
+    return shapes;
+  }
+  return {
+    ...shapes,
+    batch: attrs.packedBatch!,
+    seqQ: attrs.maxSeqlenQ ?? shapes.seqQ,
+    seqK: attrs.maxSeqlenK ?? shapes.seqK,
+  };
+}

@@ -3,24 +3,25 @@
  * go between padded and packed tensors (flash_attn's unpad_input and
  * pad_input). See docs/varlen.md.
  *
- * flashAttentionVarlen runs as pad (a gather) -> the padded op with
- * per-batch lengths -> unpad (a gather), each step differentiable. The
- * padded op's fused kernels skip the query tiles and key tiles past each
- * sequence's length, so the attention itself costs the real tokens only;
- * the gathers are linear in B * maxSeqlen. Every index is computed on the
- * device from cuSeqlens: no read back, as with flash_attn's maxSeqlen
- * arguments.
+ * Where the backend's fused kernels take the packed layout (webgpu),
+ * flashAttentionVarlen runs them on the packed tensors directly: each
+ * sequence's rows start at its cumulative length, and the kernels skip the
+ * tiles past its length, so the attention costs the real tokens only and
+ * nothing is copied. Elsewhere (the composed reference, kernels without
+ * the packed layout) it runs as pad (a gather) -> the padded op with
+ * per-batch lengths -> unpad (a gather), each step differentiable. Either
+ * way every index comes from cuSeqlens on the device: no read back, as
+ * with flash_attn's maxSeqlen arguments.
  */
 import * as tf from '@tensorflow/tfjs-core';
 
-import {checkAlibi, checkQKV} from './checks';
-import {hasFusedKernel} from './dispatch';
-import {getImpl} from './flags';
+import {AttentionShapes, checkAlibi, checkQKV} from './checks';
+import {fusedKernelRefusal} from './dispatch';
+import {FlashAttention, FlashAttentionAttrs, FlashAttentionGrad} from './kernel_names';
 import {normalizeOptions, parseAttentionOptions} from './options';
 import type {FlashAttentionOptions, OptionSpec} from './options';
 import {runFlashAttention} from './ops';
 import {seqlensInput} from './seqlens';
-import {RowGather} from './train/kernel_names';
 
 export interface FlashAttentionVarlenOptions extends
     Omit<FlashAttentionOptions, 'seqlensQ'|'seqlensK'|'keyPaddingMask'|'returnSoftmaxLse'> {
@@ -115,7 +116,7 @@ function customGrad2(f: TwoInputGrad): (a: tf.Tensor, b: tf.Tensor) => tf.Tensor
  * padded position without a token, or a token cut by S or past cu[B],
  * reads zeros). Built once per call on the device from cuSeqlens and kept
  * for the backward, so each pad or unpad, forward or backward, is one
- * RowGather pass on webgpu (elsewhere a concat and a gather).
+ * concat and one gather.
  */
 interface PackedLayout {
   /** `[B * S]` int32: 1 + the packed row of padded position (b, s), or 0. */
@@ -151,40 +152,9 @@ function packedLayout(cu: tf.Tensor1D, seqlen: number, total: number): PackedLay
   return {padIndex, packIndex, lengths, batch, seqlen};
 }
 
-/**
- * Rows `index` of `[zeroRow; x]` (first axis): index 0 reads zeros, i > 0
- * reads `x[i - 1]`. With a null zeroRow the backend's RowGather kernel does
- * it in one pass; else a concat and a gather.
- */
-function gatherAfterZeroRow(x: tf.Tensor, zeroRow: tf.Tensor|null, index: tf.Tensor1D): tf.Tensor {
-  const rest = x.shape.slice(1);
-  if (zeroRow != null) {
-    return tf.tidy(() => tf.gather(tf.concat([zeroRow, x], 0), index));
-  }
-  const rowLength = tf.util.sizeFromShape(rest);
-  if (x.size === 0 || index.size === 0 || rowLength === 0) {
-    // Nothing to read (every index is then 0); no zero-sized GPU bindings.
-    return tf.zeros([index.shape[0], ...rest]);
-  }
-  return tf.tidy(() => {
-    const rows =
-        tf.engine().runKernel(
-            RowGather, {x: tf.reshape(x, [x.shape[0], rowLength]), rowIndex: index}) as tf.Tensor;
-    return tf.reshape(rows, [index.shape[0], ...rest]);
-  });
-}
-
-/**
- * The zero rows of the composed gathers, or none (null) where the backend
- * has a RowGather kernel. Not useFusedTrainingKernel: FLASH_ATTENTION_IMPL
- * 'fused' must not fail on a backend whose attention is fused but which
- * lacks this small kernel.
- */
-function zeroRowSource(): (rest: number[]) => tf.Tensor | null {
-  if (getImpl() !== 'reference' && hasFusedKernel(RowGather, tf.getBackend())) {
-    return () => null;
-  }
-  return zeroRowCache();
+/** Rows `index` of `[zeroRow; x]` (first axis): index 0 reads zeros, i > 0 `x[i - 1]`. */
+function gatherAfterZeroRow(x: tf.Tensor, zeroRow: tf.Tensor, index: tf.Tensor1D): tf.Tensor {
+  return tf.tidy(() => tf.gather(tf.concat([zeroRow, x], 0), index));
 }
 
 /** `[1, ...rest]` zero rows, one per trailing shape within a call. */
@@ -216,26 +186,24 @@ function customGrad1(f: OneInputGrad): (x: tf.Tensor) => tf.Tensor {
       unknown as (x: tf.Tensor) => tf.Tensor;
 }
 
-/** The layout and zero row (if any) a pad or unpad saved for its backward. */
-function savedLayout(layout: PackedLayout, saved: tf.Tensor[]): [PackedLayout, tf.Tensor|null] {
+/** The layout and zero row a pad or unpad saved for its backward. */
+function savedLayout(layout: PackedLayout, saved: tf.Tensor[]): [PackedLayout, tf.Tensor] {
   return [
     {...layout, padIndex: saved[0] as tf.Tensor1D, packIndex: saved[1] as tf.Tensor1D},
-    saved[2] ?? null,
+    saved[2],
   ];
 }
 
-/** What a pad or unpad saves: the index maps and the zero row (if any). */
-function layoutTensors(layout: PackedLayout, zeroRow: tf.Tensor|null): tf.Tensor[] {
-  return zeroRow == null ? [layout.padIndex, layout.packIndex] :
-                           [layout.padIndex, layout.packIndex, zeroRow];
+/** What a pad or unpad saves: the index maps and the zero row. */
+function layoutTensors(layout: PackedLayout, zeroRow: tf.Tensor): tf.Tensor[] {
+  return [layout.padIndex, layout.packIndex, zeroRow];
 }
 
 /**
  * Packed `[T, ...]` -> padded `[B, S, ...]` (zeros past each length); its
  * gradient packs the incoming gradient.
  */
-function paddedFromPacked(
-    packed: tf.Tensor, layout: PackedLayout, zeroRow: tf.Tensor|null): tf.Tensor {
+function paddedFromPacked(packed: tf.Tensor, layout: PackedLayout, zeroRow: tf.Tensor): tf.Tensor {
   const {batch, seqlen} = layout;
   const rest = packed.shape.slice(1);
   const f = customGrad1((x: tf.Tensor, save: tf.GradSaveFunc) => {
@@ -256,8 +224,7 @@ function paddedFromPacked(
  * Padded `[B, S, ...]` -> packed `[T, ...]`; its gradient pads the
  * incoming gradient (zeros at padding).
  */
-function packedFromPadded(
-    padded: tf.Tensor, layout: PackedLayout, zeroRow: tf.Tensor|null): tf.Tensor {
+function packedFromPadded(padded: tf.Tensor, layout: PackedLayout, zeroRow: tf.Tensor): tf.Tensor {
   const [batch, seqlen, ...rest] = padded.shape;
   const f = customGrad1((x: tf.Tensor, save: tf.GradSaveFunc) => {
     save(layoutTensors(layout, zeroRow));
@@ -325,12 +292,16 @@ function flashAttentionVarlen_(
   const alibiSlopes = checkAlibi(opts.alibiSlopes, shapes, opName);
   const {maxSeqlenQ: _q, maxSeqlenK: _k, ...attentionOpts} = opts;
   const attrs = normalizeOptions(attentionOpts, headDim, opName, maxK);
+  const packed = packedAttention(q, k, v, cuSeqlensQ, cuSeqlensK, alibiSlopes, shapes, attrs);
+  if (packed != null) {
+    return opts.returnSoftmaxLse ? packed : packed[0];
+  }
 
   const layoutQ = packedLayout(cuSeqlensQ, maxQ, totalQ);
   const layoutK = cuSeqlensK === cuSeqlensQ && maxK === maxQ && k.shape[0] === totalQ ?
       layoutQ :
       packedLayout(cuSeqlensK, maxK, k.shape[0]);
-  const zeroRow = zeroRowSource();
+  const zeroRow = zeroRowCache();
   const qPad = paddedFromPacked(q, layoutQ, zeroRow(q.shape.slice(1))) as tf.Tensor4D;
   const kPad = paddedFromPacked(k, layoutK, zeroRow(k.shape.slice(1))) as tf.Tensor4D;
   const vPad = paddedFromPacked(v, layoutK, zeroRow(v.shape.slice(1))) as tf.Tensor4D;
@@ -345,6 +316,43 @@ function flashAttentionVarlen_(
   const lseTokens =
       packedFromPadded(tf.transpose(lsePad, [0, 2, 1]), layoutQ, zeroRow([lsePad.shape[1]]));
   return [out, tf.transpose(lseTokens) as tf.Tensor2D];
+}
+
+/**
+ * The fused kernels on the packed tensors (the packed layout of
+ * FlashAttentionAttrs.packedBatch): `[out [totalQ, H, Dv], lse [H,
+ * totalQ]]`, or null where the backend's fused forward or backward does
+ * not take the call (then the caller pads). The kernels see the tensors as
+ * one batch row of totalQ / totalK rows, and the cumulative lengths as
+ * they are: the call adds no kernel to the attention's.
+ */
+function packedAttention(
+    q: tf.Tensor3D, k: tf.Tensor3D, v: tf.Tensor3D, cuSeqlensQ: tf.Tensor1D,
+    cuSeqlensK: tf.Tensor1D, alibiSlopes: tf.Tensor|undefined, shapes: AttentionShapes,
+    attrs: FlashAttentionAttrs): [tf.Tensor3D, tf.Tensor2D]|null {
+  const [totalQ, totalK] = [q.shape[0], k.shape[0]];
+  if (totalQ === 0 || totalK === 0) {
+    return null;  // (no zero-sized bindings; the padded path handles it)
+  }
+  const packedAttrs: FlashAttentionAttrs = {
+    ...attrs,
+    hasSeqlens: true,
+    packedBatch: shapes.batch,
+    maxSeqlenQ: shapes.seqQ,
+    maxSeqlenK: shapes.seqK,
+  };
+  const rowShapes: AttentionShapes = {...shapes, batch: 1, seqQ: totalQ, seqK: totalK};
+  if (fusedKernelRefusal(FlashAttention, rowShapes, packedAttrs) != null ||
+      fusedKernelRefusal(FlashAttentionGrad, rowShapes, packedAttrs) != null) {
+    return null;
+  }
+  const rows = (x: tf.Tensor3D) => tf.reshape(x, [1, ...x.shape]) as tf.Tensor4D;
+  const [out, lse] = runFlashAttention(
+      rows(q), rows(k), rows(v), alibiSlopes, rowShapes, packedAttrs, cuSeqlensQ, cuSeqlensK);
+  return [
+    tf.reshape(out, [totalQ, shapes.heads, shapes.headDimV]),
+    tf.reshape(lse, [shapes.heads, totalQ]),
+  ];
 }
 
 export interface FlashAttentionVarlenOp {

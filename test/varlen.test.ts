@@ -53,12 +53,12 @@ const CASES: VarlenCase[] = [
     webgpu: true
   },
   {
-    name: 'dropout, window [4, 1], alibi [H], MQA',
+    name: 'dropout, window [4, 1], softcap, alibi [H], MQA',
     heads: 2,
     headsKV: 1,
     headDim: 8,
     headDimV: 8,
-    opts: {dropoutRate: 0.3, seed: 2 ** 33 + 5, windowSize: [4, 1]},
+    opts: {dropoutRate: 0.3, seed: 2 ** 33 + 5, windowSize: [4, 1], softcap: 1.5},
     alibi: 'head',
     webgpu: true
   },
@@ -436,75 +436,180 @@ describeBackends('flashAttentionVarlen: cut tokens, per-call counts', backend =>
        }
      });
 
-  // Device-independent counts: what packing adds to the padded op.
   if (backend === 'webgpu') {
-    it('fwd+bwd: the padded op with lengths plus 17 dispatches and 2 uploads, equal results',
+    it('packed kernels equal the padded op with lengths bit for bit: dropout (same mask), window, softcap, ALiBi [B, H], GQA; split-KV; sliced tiles',
        async () => {
          const rng = freshRng();
-         const [heads, dim, seq] = [2, 16, 12];
-         const lengths = [12, 0, 5, 1];
-         const batch = lengths.length;
-         const cu = cumulative(lengths);
-         const total = cu[batch];
-         const q = tf.tensor3d(
-             Float32Array.from(randomArray(total * heads * dim, rng)), [total, heads, dim]);
-         const dy = tf.tensor3d(
-             Float32Array.from(randomArray(total * heads * dim, rng)), [total, heads, dim]);
-         const cuT = tf.tensor1d(cu, 'int32');
-         const seqlens = tf.tensor1d(lengths, 'int32');
-         const index = tf.tensor1d(
+         const [heads, headsKV, dim, dimV, batch] = [4, 2, 8, 12, 4];
+         const lenQ = randomLengths(batch, 11, rng);
+         const lenK = randomLengths(batch, 14, rng);
+         const [maxQ, maxK] = [Math.max(...lenQ) + 1, Math.max(...lenK) + 2];
+         const [totalQ, totalK] = [cumulative(lenQ)[batch], cumulative(lenK)[batch]];
+         const random = (shape: number[]) =>
+             tf.tensor(Float32Array.from(randomArray(tf.util.sizeFromShape(shape), rng)), shape);
+         const q = random([totalQ, heads, dim]) as tf.Tensor3D;
+         const k = random([totalK, headsKV, dim]) as tf.Tensor3D;
+         const v = random([totalK, headsKV, dimV]) as tf.Tensor3D;
+         const dy = random([totalQ, heads, dimV]);
+         const dLse = random([heads, totalQ]);
+         const slopes = tf.tensor2d(
+             Array.from({length: batch * heads}, () => 0.05 + 0.2 * rng.uniform()), [batch, heads]);
+         const [cuQ, cuK] = [cumulative(lenQ), cumulative(lenK)].map(c => tf.tensor1d(c, 'int32'));
+         const [seqlensQ, seqlensK] = [lenQ, lenK].map(l => tf.tensor1d(l, 'int32'));
+         const rowsOf = (lengths: number[], seq: number) => tf.tensor1d(
              lengths.flatMap((l, b) => Array.from({length: l}, (_, s) => b * seq + s)), 'int32');
-         const qPad = padInput(q, index, batch, seq) as tf.Tensor4D;
-         const dyPad = padInput(dy, index, batch, seq);
-         const varlen = tf.grads(
-             (a: tf.Tensor) => tf.sum(tf.mul(
-                 flashAttentionVarlen(
-                     a as tf.Tensor3D, a as tf.Tensor3D, a as tf.Tensor3D, cuT, cuT,
-                     {maxSeqlenQ: seq, maxSeqlenK: seq}),
-                 dy)));
-         const padded = tf.grads(
-             (a: tf.Tensor) => tf.sum(tf.mul(
-                 flashAttention(
-                     a as tf.Tensor4D, a as tf.Tensor4D, a as tf.Tensor4D,
-                     {seqlensQ: seqlens, seqlensK: seqlens}) as tf.Tensor,
-                 dyPad)));
-         const counted = async (f: (x: tf.Tensor[]) => tf.Tensor[], x: tf.Tensor) => {
-           for (let warm = 0; warm < 2; warm++) {
-             const g = f([x]);
-             await g[0].data();
-             tf.dispose(g);
-           }
-           const counters = webgpuCounters();
-           const [g] = f([x]);
-           return {counts: counters.snapshot(), grad: g};
+         const [indexQ, indexK] = [rowsOf(lenQ, maxQ), rowsOf(lenK, maxK)];
+         const pad = (x: tf.Tensor, index: tf.Tensor1D, seq: number) =>
+             padInput(x, index, batch, seq) as tf.Tensor4D;
+         // The padded op's [B, S, ...] rows (and [B, H, S] lse) at the packed rows.
+         const packRows = (x: tf.Tensor, index: tf.Tensor1D) => tf.tidy(
+             () =>
+                 tf.gather(tf.reshape(x, [x.shape[0] * x.shape[1]!, ...x.shape.slice(2)]), index));
+         const packLse = (lse: tf.Tensor) =>
+             tf.tidy(() => tf.transpose(packRows(tf.transpose(lse, [0, 2, 1]), indexQ)));
+         const opts = {
+           dropoutRate: 0.25,
+           seed: 2 ** 40 + 3,
+           windowSize: [5, 2] as [number, number],
+           softcap: 3,
+           alibiSlopes: slopes
          };
+         const finite = (l: tf.Tensor) =>
+             tf.tidy(() => tf.where(tf.isFinite(l), l, tf.zerosLike(l)));
+         const [dyPad, dLsePad] = [
+           pad(dy, indexQ, maxQ), tf.tidy(() => {
+             const rows = pad(tf.transpose(dLse), indexQ, maxQ);
+             return tf.transpose(rows, [0, 2, 1]);
+           })
+         ];
          const before = tf.memory().numTensors;
-         // Every op on the GPU, as at real sizes (no CPU forwarding of small ops).
-         const cpuForward = tf.env().getBool('WEBGPU_CPU_FORWARD');
-         tf.env().set('WEBGPU_CPU_FORWARD', false);
-         let v: {counts: WebGPUCounts, grad: tf.Tensor};
-         let p: {counts: WebGPUCounts, grad: tf.Tensor};
-         try {
-           v = await counted(varlen, q);
-           p = await counted(padded, qPad);
-         } finally {
-           tf.env().set('WEBGPU_CPU_FORWARD', cpuForward);
+         // The classic tiles, with split-KV, and the head-dim-sliced outer
+         // mode (its own K/V slice loaders must read the packed rows too).
+         const plans = [
+           {tiles: {tm: 1, tx: 2, nq: 1, ty: 8}, splits: 1},
+           {tiles: {tm: 1, tx: 2, nq: 1, ty: 8}, splits: 2},
+           {tiles: {tm: 4, tx: 4, nq: 1, ty: 4, outer: true, dimChunks: 2}, splits: 1},
+         ];
+         for (const plan of plans) {
+           setForwardOverride(plan);
+           const what =
+               `plan ${JSON.stringify(plan)}, lengths q ${lenQ} k ${lenK} (seed ${rng.seed})`;
+           const varlen = (a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) => flashAttentionVarlen(
+               a as tf.Tensor3D, b as tf.Tensor3D, c as tf.Tensor3D, cuQ, cuK,
+               {...opts, maxSeqlenQ: maxQ, maxSeqlenK: maxK, returnSoftmaxLse: true});
+           const padded = (a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) => flashAttention(
+               a as tf.Tensor4D, b as tf.Tensor4D, c as tf.Tensor4D,
+               {...opts, seqlensQ, seqlensK, returnSoftmaxLse: true});
+           const [out, lse] = varlen(q, k, v);
+           const [qp, kp, vp] = [pad(q, indexQ, maxQ), pad(k, indexK, maxK), pad(v, indexK, maxK)];
+           const [outPad, lsePad] = padded(qp, kp, vp);
+           const [outWant, lseWant] = [packRows(outPad, indexQ), packLse(lsePad)];
+           expectClose(await out.data(), await outWant.data(), 0, `${what}: out`);
+           const [lseF, lseWantF] = [finite(lse), finite(lseWant)];
+           expectClose(await lseF.data(), await lseWantF.data(), 0, `${what}: lse`);
+           tf.dispose([lseF, lseWantF]);
+           const grads = tf.grads((a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) => {
+             const [o, l] = varlen(a, b, c);
+             return tf.add(tf.sum(tf.mul(o, dy)), tf.sum(tf.mul(finite(l), dLse)));
+           })([q, k, v]);
+           const gradsPad = tf.grads((a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) => {
+             const [o, l] = padded(a, b, c);
+             return tf.add(tf.sum(tf.mul(o, dyPad)), tf.sum(tf.mul(finite(l), dLsePad)));
+           })([qp, kp, vp]);
+           const indices = [indexQ, indexK, indexK];
+           for (let i = 0; i < 3; i++) {
+             const want = packRows(gradsPad[i], indices[i]);
+             expectClose(await grads[i].data(), await want.data(), 0, `${what}: d${'qkv'[i]}`);
+             want.dispose();
+           }
+           tf.dispose([out, lse, qp, kp, vp, outPad, lsePad, outWant, lseWant, ...grads]);
+           tf.dispose(gradsPad);
          }
-         // Packing adds: the index maps, built once from cu (9 small ops),
-         // one RowGather per pad or unpad (q, k, v, out; dy, dq, dk, dv)
-         // and 2 uploads (the two index ranges).
-         expect(v.counts.dispatches - p.counts.dispatches).toBe(9 + 8);
-         expect(v.counts.hostUploads - p.counts.hostUploads).toBe(2);
-         // Same gradient: the packed one, padded, equals the padded op's.
-         const vPadded = padInput(v.grad, index, batch, seq);
-         expectClose(
-             await vPadded.data(), await p.grad.data(), GRADIENT_BOUND,
-             `varlen vs padded op (seed ${rng.seed})`);
-         tf.dispose([v.grad, p.grad, vPadded]);
+         setForwardOverride({tiles: {tm: 1, tx: 2, nq: 1, ty: 8}});
          expect(tf.memory().numTensors).toBe(before);
-         tf.dispose([q, dy, cuT, seqlens, index, qPad, dyPad]);
+         tf.dispose([q, k, v, dy, dLse, slopes, cuQ, cuK, seqlensQ, seqlensK, indexQ, indexK]);
+         tf.dispose([dyPad, dLsePad]);
          await checkOwnPipelineErrors();
        });
+  }
+
+  // Device-independent counts: the packed kernels and nothing else.
+  if (backend === 'webgpu') {
+    it('fwd+bwd on packed tensors: 4 dispatches, no upload, the padded op\'s results', async () => {
+      const rng = freshRng();
+      const [heads, dim, seq] = [2, 16, 12];
+      const lengths = [12, 0, 5, 1];
+      const batch = lengths.length;
+      const cu = cumulative(lengths);
+      const total = cu[batch];
+      const packed = () => tf.tensor3d(
+          Float32Array.from(randomArray(total * heads * dim, rng)), [total, heads, dim]);
+      const [q, k, v, dy] = [packed(), packed(), packed(), packed()];
+      const cuT = tf.tensor1d(cu, 'int32');
+      const seqlens = tf.tensor1d(lengths, 'int32');
+      const index = tf.tensor1d(
+          lengths.flatMap((l, b) => Array.from({length: l}, (_, s) => b * seq + s)), 'int32');
+      const pad = (x: tf.Tensor) => padInput(x, index, batch, seq) as tf.Tensor4D;
+      const [qPad, kPad, vPad, dyPad] = [pad(q), pad(k), pad(v), pad(dy)];
+      // dy as the upstream gradient: the counts are the op's own.
+      const varlen = (xs: tf.Tensor[]) => tf.grads(
+          (a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) => flashAttentionVarlen(
+              a as tf.Tensor3D, b as tf.Tensor3D, c as tf.Tensor3D, cuT, cuT,
+              {maxSeqlenQ: seq, maxSeqlenK: seq, causal: true}))(xs, dy);
+      const padded = (xs: tf.Tensor[]) => tf.grads(
+          (a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) =>
+              flashAttention(
+                  a as tf.Tensor4D, b as tf.Tensor4D, c as tf.Tensor4D,
+                  {seqlensQ: seqlens, seqlensK: seqlens, causal: true}) as tf.Tensor)(xs, dyPad);
+      const counted = async (f: (x: tf.Tensor[]) => tf.Tensor[], xs: tf.Tensor[]) => {
+        for (let warm = 0; warm < 2; warm++) {
+          const g = f(xs);
+          await g[0].data();
+          tf.dispose(g);
+        }
+        const fwdBefore = forwardStats.dispatches;
+        const gradBefore = fusedGradRunCount();
+        const counters = webgpuCounters();
+        const grads = f(xs);
+        const counts = counters.snapshot();
+        expect(forwardStats.dispatches - fwdBefore).toBe(1);
+        expect(fusedGradRunCount() - gradBefore).toBe(1);
+        return {counts, grads};
+      };
+      const before = tf.memory().numTensors;
+      // Every op on the GPU, as at real sizes (no CPU forwarding of small ops).
+      const cpuForward = tf.env().getBool('WEBGPU_CPU_FORWARD');
+      tf.env().set('WEBGPU_CPU_FORWARD', false);
+      let vr: {counts: WebGPUCounts, grads: tf.Tensor[]};
+      let pr: {counts: WebGPUCounts, grads: tf.Tensor[]};
+      try {
+        vr = await counted(varlen, [q, k, v]);
+        pr = await counted(padded, [qPad, kPad, vPad]);
+      } finally {
+        tf.env().set('WEBGPU_CPU_FORWARD', cpuForward);
+      }
+      // The forward and the backward's three passes, nothing else: no pad
+      // or unpad, no index map, no upload (cuSeqlens are bound as they are).
+      expect(vr.counts.dispatches).toBe(4);
+      expect(vr.counts.hostUploads).toBe(0);
+      expect(vr.counts.submits).toBe(0);
+      expect(vr.counts.readBacks).toBe(0);
+      // The padded op's lengths cost more small ops than the stack.
+      expect(vr.counts.dispatches).toBeLessThan(pr.counts.dispatches);
+      // The same gradients as the padded op with lengths, bit for bit
+      // (same kernels, same sums; dropout-free).
+      for (let i = 0; i < 3; i++) {
+        const vPadded = pad(vr.grads[i]);
+        expectClose(
+            await vPadded.data(), await pr.grads[i].data(), 0,
+            `gradient ${'qkv'[i]}: varlen vs padded op (seed ${rng.seed})`);
+        vPadded.dispose();
+      }
+      tf.dispose([...vr.grads, ...pr.grads]);
+      expect(tf.memory().numTensors).toBe(before);
+      tf.dispose([q, k, v, dy, cuT, seqlens, index, qPad, kPad, vPad, dyPad]);
+      await checkOwnPipelineErrors();
+    });
   }
 });
 

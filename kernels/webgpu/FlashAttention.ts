@@ -10,6 +10,7 @@ import type {WebGPUBackend} from '@tensorflow/tfjs-backend-webgpu';
 import type {AttentionShapes} from '../../src/checks';
 import {MAX_HEAD_DIM} from '../../src/checks';
 import {FlashAttention, FlashAttentionAttrs} from '../../src/kernel_names';
+import {sequenceShapes} from '../../src/seqlens';
 
 import {BoundedCache} from './bounded_cache';
 import {COMBINE_THREADS, COMBINE_UNIFORMS, ForwardConfig, forwardKey, ForwardTiles, FORWARD_UNIFORMS, forwardWGSL, prefetchFloats, splitCombineWGSL, tileSizes, workgroupBytes} from './flash_attention_webgpu';
@@ -151,13 +152,15 @@ export function supportsFlashAttentionWebGPU(
   if (!isWebGPUBackend(backend)) {
     return 'the active backend is not tfjs-backend-webgpu';
   }
+  // (Packed varlen calls: the tensors' sizes, but B sequences' grid.)
   const {batch, seqQ, seqK, heads, headsKV, headDim, headDimV} = shapes;
+  const seqs = sequenceShapes(shapes, attrs);
   if (headDim > MAX_HEAD_DIM || headDimV > MAX_HEAD_DIM) {
     return `the WebGPU kernel supports head dims up to ${MAX_HEAD_DIM}, got D=${headDim}, Dv=${
         headDimV}`;
   }
   const device = backend.device;
-  const plan = cachedPlanForward(device, headDim, headDimV, batch * heads * seqQ);
+  const plan = cachedPlanForward(device, headDim, headDimV, seqs.batch * heads * seqs.seqQ);
   if (plan == null) {
     return `no WebGPU tiling for head dims D=${headDim}, Dv=${headDimV} fits the device (${
         device.limits.maxComputeWorkgroupStorageSize} bytes of workgroup memory, ${
@@ -177,7 +180,7 @@ export function supportsFlashAttentionWebGPU(
     }
   }
   const {br} = tileSizes({headDim, headDimV, tiles: plan.tiles});
-  const groups = Math.ceil(seqQ / br) * heads * batch;
+  const groups = Math.ceil(seqs.seqQ / br) * heads * seqs.batch;
   const maxDim = device.limits.maxComputeWorkgroupsPerDimension;
   if (groups > maxDim * maxDim || groups >= 2 ** 31) {
     return `${groups} workgroups exceed the device's dispatch limits`;
@@ -195,12 +198,13 @@ export function flashAttentionWebGPU(
     args: {inputs: tf.NamedTensorInfoMap, backend: tf.KernelBackend, attrs?: tf.NamedAttrMap}):
     tf.TensorInfo[] {
   const backend = args.backend as unknown as WebGPUBackend;
-  const {q, k, v, alibiSlopes, seqlens} = args.inputs as Record<string, tf.TensorInfo>;
+  const {q, k, v, alibiSlopes, seqlens, cuSeqlensK} = args.inputs as Record<string, tf.TensorInfo>;
   const attrs = args.attrs as unknown as FlashAttentionAttrs;
-  const [batch, seqQ, heads, headDim] = q.shape;
-  const [, seqK, headsKV] = k.shape;
+  // The tensors' rows: B * Sq, or totalQ of a packed varlen call.
+  const [rowsB, rowsQ, heads, headDim] = q.shape;
+  const [, rowsK, headsKV] = k.shape;
   const headDimV = v.shape[3];
-  const shapes = {batch, seqQ, seqK, heads, headsKV, headDim, headDimV};
+  const shapes = {batch: rowsB, seqQ: rowsQ, seqK: rowsK, heads, headsKV, headDim, headDimV};
   const reason = supportsFlashAttentionWebGPU(shapes, attrs, args.backend);
   if (reason != null) {
     throw new Error(`FlashAttention (webgpu): ${reason}`);
@@ -214,6 +218,8 @@ export function flashAttentionWebGPU(
     return matrixForwardWebGPU(
         backend, args.inputs as Record<string, tf.TensorInfo>, attrs, matrixPlan);
   }
+  // The grid's sequences (packed: B of at most maxSeqlenQ rows).
+  const {batch, seqQ, seqK} = sequenceShapes(shapes, attrs);
   const plan = cachedPlanForward(backend.device, headDim, headDimV, batch * heads * seqQ)!;
   const override = getForwardOverride();
   const hasAlibi = alibiSlopes != null && tf.util.sizeFromShape(alibiSlopes.shape) > 0;
@@ -241,15 +247,23 @@ export function flashAttentionWebGPU(
   const grid = dispatchGrid(totalGroups, maxPerDim);
   const uniforms = packUniforms(FORWARD_UNIFORMS, {
     ...forwardUniformValues(q, k, attrs, numQTiles, totalGroups, grid[0]),
+    seqQ,
+    seqK,
+    batch,
+    totalQ: rowsB * rowsQ,
+    totalK: rowsB * rowsK,
     loopDQ4: dq4,
     loopBC4: bc / 4,
     numSplits: splits,
-    splitRows: batch * seqQ * heads,
-    splitLse: batch * heads * seqQ,
+    splitRows: rowsB * rowsQ * heads,
+    splitLse: rowsB * heads * rowsQ,
   });
   // A dropout seed usually changes every call: those uniforms are written.
   const cacheUniforms = attrs.dropoutRate === 0;
-  const inputs = [q, k, v, ...(hasAlibi ? [alibiSlopes] : []), ...(hasSeqlens ? [seqlens] : [])];
+  const inputs = [
+    q, k, v, ...(hasAlibi ? [alibiSlopes] : []), ...(hasSeqlens ? [seqlens] : []),
+    ...(score.packed ? [cuSeqlensK] : [])
+  ];
   forwardStats.dispatches++;
   // With splits, the partial results of split n sit at leading index n.
   const outputs = runOwnPipeline(
@@ -264,8 +278,8 @@ export function flashAttentionWebGPU(
       {
         inputs,
         outputs: [
-          {shape: [splits * batch, seqQ, heads, headDimV], dtype: 'float32'},
-          {shape: [splits * batch, heads, seqQ], dtype: 'float32'},
+          {shape: [splits * rowsB, rowsQ, heads, headDimV], dtype: 'float32'},
+          {shape: [splits * rowsB, heads, rowsQ], dtype: 'float32'},
         ],
         uniforms,
         dispatch: grid,
@@ -275,17 +289,18 @@ export function flashAttentionWebGPU(
     return outputs;
   }
   try {
-    const elements = batch * seqQ * heads * headDimV;
+    // By the tensors' rows: a packed call's [1, totalQ, ...] merges as one batch row.
+    const elements = rowsB * rowsQ * heads * headDimV;
     const combineGrid = dispatchGrid(Math.ceil(elements / COMBINE_THREADS), maxPerDim);
     const cw = new UniformWriter();
     const combineValues: Record<string, number> = {
       elements,
       headDimV,
       heads,
-      seqQ,
+      seqQ: rowsQ,
       numSplits: splits,
-      splitRows: batch * seqQ * heads,
-      splitLse: batch * heads * seqQ,
+      splitRows: rowsB * rowsQ * heads,
+      splitLse: rowsB * heads * rowsQ,
       gridX: combineGrid[0],
     };
     for (const [name, type] of COMBINE_UNIFORMS) {

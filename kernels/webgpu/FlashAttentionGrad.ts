@@ -15,6 +15,7 @@ import type {WebGPUBackend} from '@tensorflow/tfjs-backend-webgpu';
 import type {AttentionShapes} from '../../src/checks';
 import {registerFusedKernel} from '../../src/dispatch';
 import {FlashAttentionAttrs, FlashAttentionGrad, FlashAttentionGradInputs} from '../../src/kernel_names';
+import {sequenceShapes} from '../../src/seqlens';
 
 import {BoundedCache} from './bounded_cache';
 import {FlashAttentionGradDeltaProgram} from './flash_attention_grad_delta_webgpu';
@@ -90,7 +91,9 @@ function tilesFor(d: number, dv: number, limits: GradDeviceLimits): GradTiles|nu
 
 /** Why the fused backward cannot take a call, or null. */
 export function flashAttentionGradSupports(
-    shapes: AttentionShapes, _attrs: FlashAttentionAttrs, backend: tf.KernelBackend): string|null {
+    tensorShapes: AttentionShapes, attrs: FlashAttentionAttrs, backend: tf.KernelBackend): string|
+    null {
+  const shapes = sequenceShapes(tensorShapes, attrs);
   if (!isWebGPUBackend(backend)) {
     return 'the active backend is not a tfjs webgpu backend';
   }
@@ -149,15 +152,16 @@ function cachedProgram<T extends OwnPipelineSpec>(key: string, make: () => T): T
 /** The passes' programs for one call (the delta pass's grid is per shape). */
 function gradPrograms(
     shapes: AttentionShapes, tiles: GradTiles, features: GradFeatures, hasSeqlens: boolean,
-    zeroDLse: boolean) {
+    zeroDLse: boolean, packedBatch: number) {
   const {headDim: d, headDimV: dv} = shapes;
   const f = featureKey(features);
-  const deltaKey =
-      `delta ${shapes.batch},${shapes.heads},${shapes.seqQ},${dv},${+ hasSeqlens},${+ zeroDLse}`;
+  const deltaKey = `delta ${shapes.batch},${shapes.heads},${shapes.seqQ},${dv},${+ hasSeqlens},${
+      + zeroDLse},${packedBatch}`;
   const {dkdv, dq} = tiles;
   return {
     delta: cachedProgram(
-        deltaKey, () => new FlashAttentionGradDeltaProgram(shapes, hasSeqlens, zeroDLse)),
+        deltaKey,
+        () => new FlashAttentionGradDeltaProgram(shapes, hasSeqlens, zeroDLse, packedBatch)),
     dkdv: cachedProgram(
         `dkdv ${d},${dv},${JSON.stringify(dkdv)},${f}`,
         () => new FlashAttentionGradDkDvProgram(d, dv, dkdv, features)),
@@ -173,12 +177,17 @@ function flashAttentionGradWebGPU(
     tf.TensorInfo[] {
   const webgpu = backend as WebGPUBackend;
   const a = attrs as unknown as FlashAttentionAttrs;
-  const {dy, dLse, q, k, v, out, softmaxLse, alibiSlopes, seqlens} =
+  const {dy, dLse, q, k, v, out, softmaxLse, alibiSlopes, seqlens, cuSeqlensK} =
       inputs as unknown as FlashAttentionGradInputs;
-  const [batch, seqQ, heads, headDim] = q.shape;
-  const [, seqK, headsKV] = k.shape;
+  // The tensors' rows, and the sequences (differ for a packed varlen call).
+  const [rowsB, rowsQ, heads, headDim] = q.shape;
+  const [, rowsK, headsKV] = k.shape;
   const headDimV = v.shape[3];
-  const shapes: AttentionShapes = {batch, seqQ, seqK, heads, headsKV, headDim, headDimV};
+  const tensorShapes:
+      AttentionShapes = {batch: rowsB, seqQ: rowsQ, seqK: rowsK, heads, headsKV, headDim, headDimV};
+  const shapes = sequenceShapes(tensorShapes, a);
+  const {batch, seqQ, seqK} = shapes;
+  const packedBatch = a.packedBatch! > 0 ? a.packedBatch! : 0;
   const tiles = tilesFor(headDim, headDimV, webgpu.device.limits);
   tf.util.assert(
       tiles != null,
@@ -189,16 +198,23 @@ function flashAttentionGradWebGPU(
   const features = gradFeatures(a, hasAlibi, hasSeqlens);
   const slopes = hasAlibi ? [alibiSlopes!] : [];
 
-  const uniforms = gradUniforms(shapes, a, hasAlibi ? alibiSlopes!.shape : []);
+  const uniforms = gradUniforms(
+      shapes, a, hasAlibi ? alibiSlopes!.shape : [],
+      packedBatch > 0 ? {totalQ: rowsQ, totalK: rowsK} : undefined);
   const zeroDLse = isHostZeros(webgpu, dLse);
   // A dropout seed usually changes every call: those uniforms are written.
   const cacheUniforms = a.dropoutRate === 0;
-  const programs = gradPrograms(shapes, tiles!, features, hasSeqlens, zeroDLse);
+  const programs = gradPrograms(tensorShapes, tiles!, features, hasSeqlens, zeroDLse, packedBatch);
   const deltaProgram = programs.delta;
-  // (lse, Delta) per row, then (seqlenQ, seqlenK) per batch row if any.
-  const statsRows = batch * heads * seqQ + (hasSeqlens ? batch : 0);
+  // (lse, Delta) per row, then (seqlenQ, seqlenK) per batch row if any
+  // (packed: the B + 1 cumulative (cuSeqlensQ, cuSeqlensK)).
+  const lengthRows = packedBatch > 0 ? packedBatch + 1 : batch;
+  const statsRows = rowsB * heads * rowsQ + (hasSeqlens ? lengthRows : 0);
   const [stats] = runOwnPipeline(webgpu, deltaProgram, {
-    inputs: [dy, out, zeroDLse ? softmaxLse : dLse, softmaxLse, ...(hasSeqlens ? [seqlens!] : [])],
+    inputs: [
+      dy, out, zeroDLse ? softmaxLse : dLse, softmaxLse, ...(hasSeqlens ? [seqlens!] : []),
+      ...(packedBatch > 0 ? [cuSeqlensK!] : [])
+    ],
     outputs: [{shape: [statsRows, 2], dtype: 'float32'}],
     uniforms,
     dispatch: deltaProgram.workgroups,
@@ -250,5 +266,6 @@ export const flashAttentionGradWebGPUConfig: tf.KernelConfig = {
 
 /** Registers the fused backward for the webgpu backend. */
 export function registerFlashAttentionGradWebGPU(): void {
-  registerFusedKernel(flashAttentionGradWebGPUConfig, flashAttentionGradSupports, {seqlens: true});
+  registerFusedKernel(
+      flashAttentionGradWebGPUConfig, flashAttentionGradSupports, {seqlens: true, packed: true});
 }

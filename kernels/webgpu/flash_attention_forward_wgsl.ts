@@ -10,6 +10,8 @@
  *     onlineSoftmaxWGSL     scale, mask, row max, P = exp(S - m), rescale
  *     storeProbsWGSL        P (or P^T) -> workgroup memory
  *     probsTimesValuesWGSL  O += P V
+ *   (slicedKeyLoopWGSL: the same per key tile with K^T and V in head-dim
+ *   slices, ForwardTiles.dimChunks)
  *   epilogueWGSL          row sums, O / l and the log-sum-exp
  *
  * Every generator takes the ForwardLayout: the tiling's sizes and the
@@ -94,9 +96,9 @@ function globalQuad(buf: string, width: number, rowIndex: string, chunk: string)
                            scalarQuad(buf, rowIndex, chunk, width);
 }
 
-/** The global row of key `j` of K and V. */
+/** The global row of key `j` of K and V (kBase: forwardWGSL's sequence rows). */
 function keyRow(j: string): string {
-  return `u32((b * u.seqK + ${j}) * u.headsKV + hk)`;
+  return `u32((kBase + ${j}) * u.headsKV + hk)`;
 }
 
 /**
@@ -125,8 +127,8 @@ export function loadQueryTileWGSL(L: ForwardLayout): string {
       let ch = ${chunk};
       let row = r0 + i32(r);
       var val = vec4<f32>(0.0);
-      if (row < u.seqQ) {
-        val = ${globalQuad('qb', L.config.headDim, 'u32((b * u.seqQ + row) * u.heads + h)', 'ch')};
+      if (row < rowsQ) {
+        val = ${globalQuad('qb', L.config.headDim, 'u32((qBase + row) * u.heads + h)', 'ch')};
       }
       ${store}
     }
@@ -195,7 +197,7 @@ function valueOperand(L: ForwardLayout): TileOperand {
 function loadItem(op: TileOperand, jBase: string, idx: string, guard: string): string {
   return `let j = ${jBase} + i32(${op.keyOf(idx)});
       var val = vec4<f32>(0.0);
-      if (${guard}j < u.seqK) {
+      if (${guard}j < rowsK) {
         val = ${op.load(keyRow('j'), `(${op.chunkOf(idx)})`)};
       }`;
 }
@@ -291,17 +293,27 @@ function classicScoresWGSL(L: ForwardLayout): string {
 }
 
 function outerScoresWGSL(L: ForwardLayout): string {
-  const headSteps = 4 * L.sizes.dq4;
-  const unroll = headSteps % 8 === 0 ? 8 : 4;
+  const bound = L.config.runtimeLoops ? 'u32(u.loopDQ4) * 4u' : `${4 * L.sizes.dq4}u`;
+  return `// S = Q K^T: per head-dim step, outer products of 4 rows x 4 keys.
+    ${scoreAccumulatorsWGSL(L)}
+    ${outerScoreStepsWGSL(L, 4 * L.sizes.dq4, bound, 0)}`;
+}
+
+/**
+ * The outer mode's S += Q^T K^T over `steps` head dims (loop bound
+ * `bound`): K^T's dims from 0 in `kvs`, Q^T's from `qDim0`.
+ */
+function outerScoreStepsWGSL(
+    L: ForwardLayout, steps: number, bound: string, qDim0: number): string {
+  const unroll = steps % 8 === 0 ? 8 : 4;
+  const qDim = (d: string) => qDim0 === 0 ? d : `${qDim0}u + ${d}`;
   const step = (d: string) => block([
-    ...range(L.tiles.tm / 4).map(a => `let a${a} = qs[(${d}) * (BR / 4u) + ty + TY * ${a}u];`),
+    ...range(L.tiles.tm / 4)
+        .map(a => `let a${a} = qs[(${qDim(d)}) * (BR / 4u) + ty + TY * ${a}u];`),
     ...L.keyQuads.map(q => `let k${q} = kvs[(${d}) * (BC / 4u) + tx + TX * ${q}u];`),
     ...L.rows.map(i => L.keyQuads.map(q => outerFMA(`s${i}_${q}`, 'a', i, `k${q}`)).join(' ')),
   ]);
-  const bound = L.config.runtimeLoops ? 'u32(u.loopDQ4) * 4u' : `${headSteps}u`;
-  return `// S = Q K^T: per head-dim step, outer products of 4 rows x 4 keys.
-    ${scoreAccumulatorsWGSL(L)}
-    for (var d = 0u; d < ${bound}; d += ${unroll}u) {
+  return `for (var d = 0u; d < ${bound}; d += ${unroll}u) {
       ${range(unroll).map(x => step(unrolled('d', x))).join('\n      ')}
     }`;
 }
@@ -447,7 +459,13 @@ function outerValueUnroll(L: ForwardLayout): number {
   return !L.config.runtimeLoops && bc % 16 === 0 ? 16 : bc % 8 === 0 ? 8 : 4;
 }
 
-function outerProbsTimesValuesWGSL(L: ForwardLayout): string {
+/**
+ * `o${i}_${jj} += P V` for the output quads `quads` (jj of each), whose V
+ * quad sits at column `tx + TX * local` of `kvs` rows `stride` wide: every
+ * output quad of the thread (VW), or one head-dim slice's (VWC).
+ */
+function outerProbsTimesValuesWGSL(
+    L: ForwardLayout, quads = L.outQuads.map(jj => ({jj, local: jj})), stride = 'VW'): string {
   const unroll = outerValueUnroll(L);
   const mask = L.probsSwizzleMask;
   const rowQuads = range(L.tiles.tm / 4);
@@ -463,8 +481,8 @@ function outerProbsTimesValuesWGSL(L: ForwardLayout): string {
               `((${plainRow(a)}) ^ (((${key}) >> 2u) & ${mask}u))`;
   const step = (key: string, x: number) => block([
     ...rowQuads.map(a => `let p${a} = ps[(${key}) * (BR / 4u) + ${probsRow(a, key, x)}];`),
-    ...L.outQuads.map(jj => `let v${jj} = kvs[(${key}) * VW + tx + TX * ${jj}u];`),
-    ...L.rows.map(i => L.outQuads.map(jj => outerFMA(`o${i}_${jj}`, 'p', i, `v${jj}`)).join(' ')),
+    ...quads.map(o => `let v${o.jj} = kvs[(${key}) * ${stride} + tx + TX * ${o.local}u];`),
+    ...L.rows.map(i => quads.map(o => outerFMA(`o${i}_${o.jj}`, 'p', i, `v${o.jj}`)).join(' ')),
   ]);
   const hoistedRows = rowQuads.map(
       a => `let pr${a} = (ty + TY * ${a}u) ^ ((key >> 2u) & ${mask & ~(unroll / 4 - 1)}u);`);
@@ -504,6 +522,9 @@ export function keyOffsetsWGSL(L: ForwardLayout): string {
  * so that its latency overlaps the math in between.
  */
 export function keyLoopWGSL(L: ForwardLayout): string {
+  if (L.sizes.chunks > 1) {
+    return slicedKeyLoopWGSL(L);
+  }
   const keys = keyOperand(L);
   const values = valueOperand(L);
   const registers = (op: TileOperand) =>
@@ -542,6 +563,109 @@ export function keyLoopWGSL(L: ForwardLayout): string {
 }
 
 /**
+ * A global load of `chunk` of `buf` (row width `width`, DQ4 or DV4 vec4s
+ * named by `limit`) that gives zeros past the row's end: a sliced tile's
+ * last slice may reach past the head dim.
+ */
+function paddedQuad(
+    buf: string, width: number, limit: string, padded: boolean, row: string,
+    chunk: string): string {
+  return padded ?
+      `select(vec4<f32>(0.0), ${globalQuad(buf, width, row, `min(${chunk}, ${limit} - 1u)`)}, ${
+          chunk} < ${limit})` :
+      globalQuad(buf, width, row, chunk);
+}
+
+/** Head-dim slice `slice` of the K tile, as K^T [4 DC4][BC] in `kvs`. */
+function keySliceOperand(L: ForwardLayout, slice: number): TileOperand {
+  const {bc, dc4, dq4, chunks, threads} = L.sizes;
+  const padded = dc4 * chunks > dq4;
+  return {
+    items: 'BC * DC4',
+    count: Math.ceil(bc * dc4 / threads),
+    registers: 'kr',
+    keyOf: idx => `${idx} % BC`,
+    chunkOf: idx => `${slice * dc4}u + ${idx} / BC`,
+    load: (row, chunk) => paddedQuad('kb', L.config.headDim, 'DQ4', padded, row, chunk),
+    store: (idx, val) => scatterQuad('kvs', 'BC', `(${idx} / BC)`, `(${idx} % BC)`, val),
+  };
+}
+
+/** Head-dim slice `slice` of the V tile, as V [BC][VWC] in `kvs`. */
+function valueSliceOperand(L: ForwardLayout, slice: number): TileOperand {
+  const {bc, vcw, dv4, threads} = L.sizes;
+  const padded = vcw * (slice + 1) > dv4;
+  return {
+    items: 'BC * VWC',
+    count: Math.ceil(bc * vcw / threads),
+    registers: 'vr',
+    keyOf: idx => `${idx} / VWC`,
+    chunkOf: idx => `${slice * vcw}u + ${idx} % VWC`,
+    load: (row, chunk) => paddedQuad('vb', L.config.headDimV, 'DV4', padded, row, chunk),
+    store: (idx, val) => `kvs[${idx}] = ${val};`,
+  };
+}
+
+/**
+ * The key loop of the head-dim-sliced outer mode (ForwardTiles.dimChunks):
+ * per key tile, S accumulates over the slices of K^T, then after the
+ * online softmax and P^T, O's columns slice by slice over the slices of V;
+ * each slice takes a barrier pair, and with the prefetch the next slice
+ * (K's, then V's, then the next tile's first K slice) is loaded into
+ * registers while the current one is multiplied. Q^T stays in workgroup
+ * memory for the whole loop; its slices past DQ4 are zero (workgroup
+ * memory starts zeroed and the Q load never writes there).
+ */
+function slicedKeyLoopWGSL(L: ForwardLayout): string {
+  const {chunks, dc4, nj} = L.sizes;
+  const keySlices = range(chunks).map(c => keySliceOperand(L, c));
+  const valueSlices = range(chunks).map(c => valueSliceOperand(L, c));
+  const perSlice = nj / chunks;
+  const registers = (op: TileOperand) =>
+      range(op.count).map(n => `var ${op.registers}${n} = vec4<f32>(0.0);`).join(' ');
+  // A slice into workgroup memory: from its registers, or loaded directly.
+  const place = (op: TileOperand) => L.prefetch ? storeTileWGSL(op) : loadTileWGSL(op, 'j0');
+  const fetch = (op: TileOperand, jBase: string) => L.prefetch ? fetchTileWGSL(op, jBase) : '';
+  const steps = 4 * dc4;
+  const bound =
+      L.config.runtimeLoops ? `(u32(u.loopDQ4) + ${chunks - 1}u) / ${chunks}u * 4u` : `${steps}u`;
+  const scoreSlice = (c: number) => `workgroupBarrier();
+    ${place(keySlices[c])}
+    ${fetch(c + 1 < chunks ? keySlices[c + 1] : valueSlices[0], 'j0')}
+    workgroupBarrier();
+    // S += Q^T K^T over head-dim slice ${c}.
+    ${outerScoreStepsWGSL(L, steps, bound, c * steps)}`;
+  const nextTile = L.prefetch ? `if (kt + 1 < tEnd) {
+      ${fetchTileWGSL(keySlices[0], 'j0 + i32(BC)')}
+    }` :
+                                '';
+  const quads = (c: number) => range(perSlice).map(local => ({jj: c * perSlice + local, local}));
+  const valueSlice = (c: number) => `workgroupBarrier();
+    ${place(valueSlices[c])}
+    ${c === 0 ? storeProbsWGSL(L) : ''}
+    ${c + 1 < chunks ? fetch(valueSlices[c + 1], 'j0') : nextTile}
+    workgroupBarrier();
+    // O += P V on output columns of head-dim slice ${c}.
+    ${outerProbsTimesValuesWGSL(L, quads(c), 'VWC')}`;
+  const prologue = `// Prefetch of the first K slice into registers.
+  ${registers(keySlices[0])}
+  ${registers(valueSlices[0])}
+  if (tBegin < tEnd) {
+    ${fetchTileWGSL(keySlices[0], 'tBegin * i32(BC)')}
+  }`;
+  return `${L.prefetch ? prologue : ''}
+
+  for (var kt = tBegin; kt < tEnd; kt++) {
+    let j0 = kt * i32(BC);
+    ${scoreAccumulatorsWGSL(L)}
+    ${range(chunks).map(scoreSlice).join('\n    ')}
+
+    ${onlineSoftmaxWGSL(L)}
+    ${range(chunks).map(valueSlice).join('\n    ')}
+  }`;
+}
+
+/**
  * Row sums over the TX threads of each row, then per valid row O / l and
  * (one thread per row) the log-sum-exp m + log(l), -inf for rows that saw
  * no key. With split-KV, at this split's offsets.
@@ -561,12 +685,12 @@ export function epilogueWGSL(L: ForwardLayout, negInfBits: number): string {
         ${storeOut}
       }
     }`;
-  const row = (i: number) => `if (row${i} < u.seqQ) {
+  const row = (i: number) => `if (row${i} < rowsQ) {
     let inv = select(0.0, 1.0 / l${i}, l${i} > 0.0);
-    let outRow = u32(split * u.splitRows + (b * u.seqQ + row${i}) * u.heads + h);
+    let outRow = u32(split * u.splitRows + (qBase + row${i}) * u.heads + h);
     ${L.outQuads.map(jj => outQuad(i, jj)).join('\n    ')}
     if (tx == 0u) {
-      lseb[u32(split * u.splitLse + (b * u.heads + h) * u.seqQ + row${i})] =
+      lseb[u32(split * u.splitLse + lseBase + row${i})] =
           select(${negInfBits}u, bitcast<u32>(m${i} + log(l${i})), l${i} > 0.0);
     }
   }`;
@@ -590,6 +714,15 @@ export function workgroupStorageWGSL(L: ForwardLayout): string {
   const reduction = L.config.subgroups || L.tiles.tx === 1 ?
       '' :
       `var<workgroup> red: array<f32, ${br * L.tiles.tx}>;`;
+  if (L.outer && L.sizes.chunks > 1) {
+    const {chunks, dc4, vcw} = L.sizes;
+    return `var<workgroup> qs: array<vec4<f32>, ${br * dc4 * chunks}>;  // Q^T [4 DC4 chunks][BR]
+var<workgroup> kvs: array<vec4<f32>, ${bc * Math.max(dc4, vcw)}>;  // K^T [4 DC4][BC] or V [BC][VWC]
+var<workgroup> ps: array<vec4<f32>, ${br * bc / 4}>;  // P^T [BC][BR]
+const DC4 = ${dc4}u;
+const VWC = ${vcw}u;
+${reduction}`;
+  }
   if (L.outer) {
     return `var<workgroup> qs: array<vec4<f32>, ${br * dq4}>;  // Q^T [4 DQ4][BR]
 var<workgroup> kvs: array<vec4<f32>, ${Math.max(bc * dq4, bc * vWidth)}>;  // K^T, then V [BC][VW]

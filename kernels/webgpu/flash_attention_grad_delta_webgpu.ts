@@ -43,14 +43,29 @@ export class FlashAttentionGradDeltaProgram implements OwnPipelineSpec {
    * With `zeroDLse`, dLse is known to be zero (tfjs's gradient of an unused
    * lse output, still on the host): the pass does not read it, so the
    * caller binds another tensor in its place and nothing is uploaded.
+   * With `packedBatch` B > 0 (a packed varlen call, `shapes` the tensors'
+   * [1, totalQ, H, Dv] rows), `seqlens` is the [B + 1] cuSeqlensQ and a
+   * sixth input cuSeqlensK: the B + 1 pairs are copied, and lse is
+   * [H, totalQ] (uniform totalQ).
    */
-  constructor(shapes: AttentionShapes, seqlens = false, zeroDLse = false) {
+  constructor(shapes: AttentionShapes, seqlens = false, zeroDLse = false, packedBatch = 0) {
     const dv = shapes.headDimV;
     const rows = shapes.batch * shapes.heads * shapes.seqQ;
-    const inputs = seqlens ? [...INPUTS, {name: 'seqlens', type: 'i32'}] : INPUTS;
+    const packed = packedBatch > 0;
+    const inputs = [
+      ...INPUTS, ...(seqlens ? [{name: 'seqlens', type: 'i32'}] : []),
+      ...(packed ? [{name: 'cuK', type: 'i32'}] : [])
+    ];
     this.numInputs = inputs.length;
-    this.key = `flashAttentionGradDelta_${dv}_${+ seqlens}_${+ zeroDLse}`;
-    this.workgroups = dispatchGrid(Math.ceil(rows / ROWS));
+    this.key = `flashAttentionGradDelta_${dv}_${+ seqlens}_${+ zeroDLse}_${+ packed}`;
+    this.workgroups = dispatchGrid(Math.ceil(Math.max(rows, packedBatch + 1) / ROWS));
+    const lseRows = packed ? 'p.heads * p.totalQ' : 'p.batch * p.heads * p.seqQ';
+    // [B, Sq, H] rows of dO and O -> [B, H, Sq] of lse (packed: [H, totalQ]).
+    const lseIndex =
+        packed ? `let out = (row % p.heads) * p.totalQ + row / p.heads;` : `let h = row % p.heads;
+    let i = (row / p.heads) % p.seqQ;
+    let b = row / (p.heads * p.seqQ);
+    let out = (b * p.heads + h) * p.seqQ + i;`;
     this.source = `${gradBindingsWGSL(inputs, OUTPUTS)}
 const DV = ${dv};
 const LANES = ${LANES};
@@ -65,7 +80,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   let lane = t % LANES;
   // Row index in the [B, Sq, H] layout of dO and O.
   let row = i32(wg.y * nwg.x + wg.x) * ${ROWS} + t / LANES;
-  let valid = row < p.batch * p.heads * p.seqQ;
+  let valid = row < ${lseRows};
   var sum = 0.0;
   if (valid) {
     for (var x = lane; x < DV; x += LANES) {
@@ -80,16 +95,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
     }
   }
   ${
-        seqlens ? `if (row < p.batch && lane == 0) {
-    stats[p.batch * p.heads * p.seqQ + row] =
-        bitcast<vec2<f32>>(vec2<i32>(seqlens[2 * row], seqlens[2 * row + 1]));
+        seqlens ? `if (row < p.batch${packed ? ' + 1' : ''} && lane == 0) {
+    stats[${lseRows} + row] = bitcast<vec2<f32>>(${
+                      packed ? 'vec2<i32>(seqlens[row], cuK[row])' :
+                               'vec2<i32>(seqlens[2 * row], seqlens[2 * row + 1])'});
   }` :
                   ''}
   if (valid && lane == 0) {
-    let h = row % p.heads;
-    let i = (row / p.heads) % p.seqQ;
-    let b = row / (p.heads * p.seqQ);
-    let out = (b * p.heads + h) * p.seqQ + i;   // [B, H, Sq] of lse
+    ${lseIndex}
     stats[out] = vec2<f32>(lse[out], partial[t]${zeroDLse ? '' : ' - dLse[out]'});
   }
 }

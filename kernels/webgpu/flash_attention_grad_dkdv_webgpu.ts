@@ -19,7 +19,7 @@
  * loads (benchmarks/RESULTS.md, backward tuning).
  */
 import type {OwnPipelineSpec} from './own_pipeline';
-import {featureKey, fetchRowsWGSL, GradFeatures, gradInputs, gradPassHeaderWGSL, loadKeyTileWGSL, prefetchSlots, queryBlockStorageWGSL, scoresToDsWGSL, storeRowsWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
+import {featureKey, fetchRowsWGSL, GradFeatures, gradInputs, gradPassHeaderWGSL, loadKeyTileWGSL, prefetchSlots, queryBlockStorageWGSL, scoresToDsWGSL, storeRowsWGSL, sPhase, sPhaseValid, sPhaseWGSL, zeroGapsWGSL} from './flash_attention_grad_wgsl';
 
 export interface DkDvTiles {
   /** Keys per workgroup (multiple of 4). */
@@ -68,7 +68,7 @@ export class FlashAttentionGradDkDvProgram implements OwnPipelineSpec {
     for (var u = 0; u < ${prefetchSlots(br, threads)}; u++) {
       let i = ${i0} + t + u * T;
       stReg[u] = vec2<f32>(0.0);
-      if (t + u * T < BR && i < p.seqQ) { stReg[u] = stats[(b * p.heads + ${h}) * p.seqQ + i]; }
+      if (t + u * T < BR && i < gr.rowsQ) { stReg[u] = stats[gr.stat0 + ${h} * gr.statHead + i]; }
     }`;
     // acc[c * n + ...] += weights[c] * row r of `rows`, for the thread's
     // dim quads (dV += Pd^T dO, dK += dS^T Q).
@@ -90,7 +90,7 @@ export class FlashAttentionGradDkDvProgram implements OwnPipelineSpec {
         let quad = ${acc}[c * ${n} + n];
         for (var e = 0; e < 4; e++) {
           let x = (kx + n * XT) * 4 + e;
-          if (x < ${w}) { ${out}[((b * p.seqK + j) * p.headsKV + hk) * ${w} + x] = quad[e]; }
+          if (x < ${w}) { ${out}[((gr.k0 + j) * p.headsKV + hk) * ${w} + x] = quad[e]; }
         }
       }`;
     // One step per (query head of the group, block of BR rows).
@@ -102,8 +102,8 @@ export class FlashAttentionGradDkDvProgram implements OwnPipelineSpec {
   var stReg: array<vec2<f32>, ${prefetchSlots(br, threads)}>;
   if (steps > 0) {
     let hn = hk * groups;
-    ${fetchRowsWGSL('q', 'qReg', d, d4, br, threads, 'p.seqQ', 'p.heads', 'iLo', 'hn')}
-    ${fetchRowsWGSL('dy', 'oReg', dv, dv4, br, threads, 'p.seqQ', 'p.heads', 'iLo', 'hn')}
+    ${fetchRowsWGSL('q', 'qReg', d, d4, br, threads, 'gr.rowsQ', 'p.heads', 'iLo', 'hn')}
+    ${fetchRowsWGSL('dy', 'oReg', dv, dv4, br, threads, 'gr.rowsQ', 'p.heads', 'iLo', 'hn')}
     ${fetchStats('iLo', 'hn')}
   }
   for (var step = 0; step < steps; step++) {
@@ -124,11 +124,13 @@ export class FlashAttentionGradDkDvProgram implements OwnPipelineSpec {
     if (step + 1 < steps) {
       let hn = hk * groups + (step + 1) / nBlocks;
       let iN = iLo + ((step + 1) % nBlocks) * BR;
-      ${fetchRowsWGSL('q', 'qReg', d, d4, br, threads, 'p.seqQ', 'p.heads', 'iN', 'hn')}
-      ${fetchRowsWGSL('dy', 'oReg', dv, dv4, br, threads, 'p.seqQ', 'p.heads', 'iN', 'hn')}
+      ${fetchRowsWGSL('q', 'qReg', d, d4, br, threads, 'gr.rowsQ', 'p.heads', 'iN', 'hn')}
+      ${fetchRowsWGSL('dy', 'oReg', dv, dv4, br, threads, 'gr.rowsQ', 'p.heads', 'iN', 'hn')}
       ${fetchStats('iN', 'hn')}
     }
 `;
+    // Packed varlen calls: zeros where no sequence's rows are.
+    const keyGaps = zeroGapsWGSL(f, 'k', ['dk', 'D'], ['dv', 'DV']);
     const inputs = gradInputs(f);
     const outputs = [{name: 'dk', type: 'f32'}, {name: 'dv', type: 'f32'}];
     this.numInputs = inputs.length;
@@ -157,6 +159,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   let b = i32(wg.y) / p.headsKV;
   let hk = i32(wg.y) % p.headsKV;
   let groups = p.heads / p.headsKV;
+  let gr = gradRows(b);
+  ${keyGaps}
 
   ${loadKeyTileWGSL('SC')}
 
@@ -200,7 +204,7 @@ ${rowLoop}
 
   for (var c = 0; c < 4; c++) {
     let j = j0 + kq * 4 + c;
-    if (j < p.seqK) {
+    if (j < gr.rowsK) {
       ${storeKeyRow('dk', 'dkAcc', nd, 'D')}
       ${storeKeyRow('dv', 'dvAcc', ndv, 'DV')}
     }

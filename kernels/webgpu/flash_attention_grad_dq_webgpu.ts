@@ -15,7 +15,7 @@
  * loads (benchmarks/RESULTS.md, backward tuning).
  */
 import type {OwnPipelineSpec} from './own_pipeline';
-import {dqBlockWGSL, featureKey, fetchKeyTileWGSL, GradFeatures, gradInputs, gradPassHeaderWGSL, loadQueryBlockWGSL, prefetchSlots, queryBlockStorageWGSL, scoresToDsWGSL, storeKeyTileWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
+import {dqBlockWGSL, featureKey, fetchKeyTileWGSL, GradFeatures, gradInputs, gradPassHeaderWGSL, loadQueryBlockWGSL, prefetchSlots, queryBlockStorageWGSL, scoresToDsWGSL, storeKeyTileWGSL, sPhase, sPhaseValid, sPhaseWGSL, zeroGapsWGSL} from './flash_attention_grad_wgsl';
 
 export interface DqTiles {
   /** Query rows per workgroup. */
@@ -106,6 +106,8 @@ export class FlashAttentionGradDqProgram implements OwnPipelineSpec {
     if (j0 + BC <= jHi) {
       ${fetchKeyTileWGSL('j0 + BC', s.sc, d4, dv4, threads)}
     }`;
+    // Packed varlen calls: zeros where no sequence's rows are.
+    const queryGaps = zeroGapsWGSL(f, 'q', ['dq', 'D']);
     const inputs = gradInputs(f);
     const outputs = [{name: 'dq', type: 'f32'}];
     this.numInputs = inputs.length;
@@ -128,6 +130,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
   let t = i32(lid);
   ${dqBlockWGSL()}
+  ${queryGaps}
   ${loadQueryBlockWGSL(d, d4, dv, dv4)}
 
   var dqAcc: array<array<f32, ${nd}>, NR>;
@@ -153,8 +156,8 @@ ${accumulate}
 
   for (var m = 0; m < NR; m++) {
     let i = i0 + qr * NR + m;
-    if (i < p.seqQ) {
-      let base = ((b * p.seqQ + i) * p.heads + h) * D;
+    if (i < gr.rowsQ) {
+      let base = ((gr.q0 + i) * p.heads + h) * D;
       for (var n = 0; n < ${nd}; n++) {
         let x = qx + n * XT;
         if (x < D) { dq[base + x] = dqAcc[m][n]; }

@@ -22,8 +22,8 @@
 import * as tf from '@tensorflow/tfjs-core';
 
 import type {OwnPipelineSpec} from './own_pipeline';
-import type {MatrixShape} from './subgroup_matrix';
-import {MatrixOpsWGSL, MatrixView} from './subgroup_matrix_wgsl';
+import {MatrixShape, matrixShapeKey} from './subgroup_matrix';
+import {MatrixOpsWGSL, MatrixView, subgroupIdsWGSL, subgroupParamsWGSL} from './subgroup_matrix_wgsl';
 import {constsWGSL, dqBlockWGSL, featureKey, GradFeatures, gradBindingsWGSL, gradCommonWGSL, probsAndDsWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
 
 export type MatrixGradPass = 'dkdv'|'dq';
@@ -69,9 +69,8 @@ export function matrixGradBytes(c: MatrixGradConfig, pass: MatrixGradPass): numb
 }
 
 export function matrixGradKey(c: MatrixGradConfig, pass: MatrixGradPass, f: GradFeatures): string {
-  const m = c.shape;
-  return `fa_grad_sm_${pass}_d${c.headDim}_dv${c.headDimV}_m${m.M}n${m.N}k${m.K}l${m.lanes}${
-      m.standIn ? 's' : 'r'}_g${c.subgroups}_br${c.br}_bc${c.bc}_sp${+ c.split}_${featureKey(f)}`;
+  return `fa_grad_sm_${pass}_d${c.headDim}_dv${c.headDimV}_${matrixShapeKey(c.shape)}_g${
+      c.subgroups}_br${c.br}_bc${c.bc}_sp${+ c.split}_${featureKey(f)}`;
 }
 
 const ABS_MAX = (v: string) => `max(max(abs(${v}.x), abs(${v}.y)), max(abs(${v}.z), abs(${v}.w)))`;
@@ -236,7 +235,7 @@ function gradMatrixWGSL(
       `clamp(frexp(bitcast<f32>(atomicLoad(&wmax[${slot}]))).exp, -60, 60)`;
   const reset = (...slots: number[]) => slots.length === 0 ?
       '' :
-      `if (lid == 0u) { ${slots.map(i => `atomicStore(&wmax[${i}], 0u);`).join(' ')} }`;
+      `if (g == 0u) { ${slots.map(i => `atomicStore(&wmax[${i}], 0u);`).join(' ')} }`;
   // Tiles a and b (registers, then after a barrier their exponents and f16
   // parts); `beforeBarrier` is WGSL to run while their loads are in flight.
   const loadTiles = (a: OperandTile, b: OperandTile, beforeBarrier = '') => `${fetch(a)}
@@ -248,20 +247,24 @@ function gradMatrixWGSL(
     ${stash(a)}
     ${stash(b)}`;
 
+  // Operand arrays' lengths (the stand-in checks bounds as the built-ins do).
+  const lengths:
+      Record<string, number> = {qS: br * d, oS: br * dv, kS: bc * d, vS: bc * dv, mS: br * bc};
   const rowMajor = (arr: string, off: string, stride: number): MatrixView =>
-      ({arr, off, stride: `${stride}u`, colMajor: false});
+      ({arr, off, stride: `${stride}u`, colMajor: false, len: lengths[arr]});
   const colMajor = (arr: string, off: string, stride: number): MatrixView =>
-      ({arr, off, stride: `${stride}u`, colMajor: true});
+      ({arr, off, stride: `${stride}u`, colMajor: true, len: lengths[arr]});
+  const outElems = pass === 'dkdv' ? bc * Math.max(d, dv) : br * d;
   const {M, N, K} = c.shape;
   // S = Q K^T and dP = dO V^T (K, V row-major [BC][W] read as K^T).
   const scoresAndDp = () => `${
       mo.product(
           br, bc, d, rowMajor('qS', `rb * ${M * d}u + ks * ${K}u`, d),
-          colMajor('kS', `cb * ${N * d}u + ks * ${K}u`, d), 'scrS', bc)}
+          colMajor('kS', `cb * ${N * d}u + ks * ${K}u`, d), 'scrS', bc, br * bc)}
     ${
       mo.product(
           br, bc, dv, rowMajor('oS', `rb * ${M * dv}u + ks * ${K}u`, dv),
-          colMajor('vS', `cb * ${N * dv}u + ks * ${K}u`, dv), 'scrP', bc)}`;
+          colMajor('vS', `cb * ${N * dv}u + ks * ${K}u`, dv), 'scrP', bc, br * bc)}`;
   // The SIMT passes' dS step on the thread's MR rows x key quad, reading S
   // and dP from the scratch; P * keep and dS go back in their place.
   const probsAndDs = (withP: boolean, sUnscale: string, dpUnscale: string) => `{
@@ -313,13 +316,13 @@ function gradMatrixWGSL(
   // column-major as P^T, dS^T); dQ += dS K.
   const dvProduct = mo.product(
       bc, dv, br, colMajor('mS', `ks * ${K * bc}u + rb * ${M}u`, bc),
-      rowMajor('oS', `ks * ${K * dv}u + cb * ${N}u`, dv), 'scrO', dv);
+      rowMajor('oS', `ks * ${K * dv}u + cb * ${N}u`, dv), 'scrO', dv, outElems);
   const dkProduct = mo.product(
       bc, d, br, colMajor('mS', `ks * ${K * bc}u + rb * ${M}u`, bc),
-      rowMajor('qS', `ks * ${K * d}u + cb * ${N}u`, d), 'scrO', d);
+      rowMajor('qS', `ks * ${K * d}u + cb * ${N}u`, d), 'scrO', d, outElems);
   const dqProduct = mo.product(
       br, d, bc, rowMajor('mS', `rb * ${M * bc}u + ks * ${K}u`, bc),
-      rowMajor('kS', `ks * ${K * d}u + cb * ${N}u`, d), 'scrO', d);
+      rowMajor('kS', `ks * ${K * d}u + cb * ${N}u`, d), 'scrO', d, outElems);
 
   const dkdvBody = () => `
   let j0 = i32(wg.x) * BC;
@@ -367,7 +370,6 @@ function gradMatrixWGSL(
   ${storeAcc('dqAcc', 'dq', qTile)}`;
 
   const body = pass === 'dkdv' ? dkdvBody() : dqBody();
-  const outElems = pass === 'dkdv' ? bc * Math.max(d, dv) : br * d;
   return `${mo.enables()}
 ${bindings}
 ${gradCommonWGSL(f)}
@@ -402,10 +404,9 @@ ${mo.helpers()}
 @compute @workgroup_size(${threads})
 fn main(@builtin(workgroup_id) wg: vec3<u32>,
         @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_index) lid: u32) {
+        @builtin(local_invocation_index) lid: u32${subgroupParamsWGSL(c.shape)}) {
   let t = i32(lid);
-  let g = lid / ${c.shape.lanes}u;
-  let ln = lid % ${c.shape.lanes}u;
+  ${subgroupIdsWGSL(c.shape, subgroups)}
 ${sPhaseWGSL(s)}
 ${body}
 }

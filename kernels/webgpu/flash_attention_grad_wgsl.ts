@@ -45,6 +45,9 @@ export const GRAD_UNIFORMS: readonly UniformField[] = [
   ['scale', 'f32'],
   ['softcap', 'f32'],
   ['keepScale', 'f32'],
+  // Rows of q and of k in a packed varlen call (0 otherwise).
+  ['totalQ', 'i32'],
+  ['totalK', 'i32'],
 ];
 
 /**
@@ -84,10 +87,16 @@ export function gradInputs(f: GradFeatures): StorageBinding[] {
   ];
 }
 
-/** The uniform block's bytes for one call. */
+/** totalQ and totalK of a call that is not packed. */
+const NOT_PACKED = {
+  totalQ: 0,
+  totalK: 0
+};
+
+/** The uniform block's bytes for one call (packedRows: a packed call's rows). */
 export function gradUniforms(
-    shapes: AttentionShapes, attrs: FlashAttentionAttrs,
-    alibiShape: readonly number[]): ArrayBuffer {
+    shapes: AttentionShapes, attrs: FlashAttentionAttrs, alibiShape: readonly number[],
+    packedRows = NOT_PACKED): ArrayBuffer {
   const dropout = attrs.dropoutRate > 0;
   return packUniforms(GRAD_UNIFORMS, {
     batch: shapes.batch,
@@ -104,12 +113,18 @@ export function gradUniforms(
     scale: attrs.softmaxScale,
     softcap: attrs.softcap,
     keepScale: dropout ? 1 / (1 - attrs.dropoutRate) : 1,
+    ...packedRows,
   });
 }
 
 /**
  * Functions every backward program uses (needs `p` and, with ALiBi, a
  * `slopes` binding):
+ *   fn gradRows(b: i32) -> GradRows   where batch row b's rows are: its
+ *       first query and key row q0, k0, the rows it may read and write
+ *       rowsQ, rowsK, and its (lse, Delta) of head h, row i at
+ *       stats[stat0 + h * statHead + i]; packed varlen calls read the
+ *       cumulative lengths from the end of `stats`
  *   fn gradScoreParams(b: i32, h: i32) -> FaScore   (batch row b's lengths)
  *   fa_key_range / fa_query_range (wgsl_snippets.ts)
  *   fn gradScore(qk: f32, i: i32, j: i32, sp: FaScore) -> vec2<f32>
@@ -123,15 +138,18 @@ ${scoreWGSL(f)}
 ${keyRangeWGSL(f)}
 ${queryRangeWGSL(f)}
 ${f.dropout ? philoxWGSL() + dropoutWGSL() : ''}
+${gradRowsWGSL(f)}
 fn gradScoreParams(b: i32, h: i32) -> FaScore {
   var slope = 0.0;
   ${f.alibi ? 'slope = slopes[select(h, b * p.heads + h, p.alibiPerBatch != 0)];' : ''}
   let sp = FaScore(p.scale, p.softcap, slope, p.seqK - p.seqQ, p.windowLeft,
                    p.windowRight, p.seqK, p.seqQ);
   ${
-      f.seqlens ? `let lens = bitcast<vec2<i32>>(stats[p.batch * p.heads * p.seqQ + b]);
+      f.packed      ? `let rows = gradRows(b);
+  return fa_with_lengths(sp, rows.rowsQ, rows.rowsK);` :
+          f.seqlens ? `let lens = bitcast<vec2<i32>>(stats[p.batch * p.heads * p.seqQ + b]);
   return fa_with_lengths(sp, lens.x, lens.y);` :
-                  'return sp;'}
+                      'return sp;'}
 }
 fn gradScore(qk: f32, i: i32, j: i32, sp: FaScore) -> vec2<f32> {
   var ds = 1.0;
@@ -150,6 +168,59 @@ fn gradKeep4(b: i32, h: i32, i: i32, j0: i32) -> vec4<f32> {
 }` :
                   ''}
 `;
+}
+
+/** gradRows (see gradCommonWGSL): padded, or packed varlen rows. */
+function gradRowsWGSL(f: GradFeatures): string {
+  const rows = f.packed ?
+      `let at = p.heads * p.totalQ;
+  let c0 = bitcast<vec2<i32>>(stats[at + b]);
+  let c1 = bitcast<vec2<i32>>(stats[at + b + 1]);
+  return GradRows(c0.x, c0.y, fa_packed_length(c0.x, c1.x, p.totalQ, p.seqQ),
+                  fa_packed_length(c0.y, c1.y, p.totalK, p.seqK), c0.x, p.totalQ);` :
+      `return GradRows(b * p.seqQ, b * p.seqK, p.seqQ, p.seqK, b * p.heads * p.seqQ,
+                  p.seqQ);`;
+  return `struct GradRows {
+  q0: i32,
+  k0: i32,
+  rowsQ: i32,
+  rowsK: i32,
+  stat0: i32,
+  statHead: i32,
+}
+fn gradRows(b: i32) -> GradRows {
+  ${rows}
+}`;
+}
+
+/**
+ * WGSL of a packed varlen call's zeroing (ScoreOptions.packed; empty
+ * otherwise): the first workgroup of each (sequence b, head) writes zeros
+ * to the query-side (`side` 'q': head `h`) or key-side ('k': head `hk`)
+ * rows that no sequence covers and b owns (fa_packed_gaps), in each
+ * `[total, heads, w]` output of `outputs`, by the T invocations (`t`).
+ */
+export function zeroGapsWGSL(
+    f: GradFeatures, side: 'q'|'k', ...outputs: Array<[string, string]>): string {
+  if (!f.packed) {
+    return '';
+  }
+  const [heads, head, total] =
+      side === 'q' ? ['p.heads', 'h', 'p.totalQ'] : ['p.headsKV', 'hk', 'p.totalK'];
+  const [start, rows] = side === 'q' ? ['q0', 'rowsQ'] : ['k0', 'rowsK'];
+  const gaps = `fa_packed_gaps(b, p.batch, gr.${start}, gr.${rows},
+                                  gradRows(min(b + 1, p.batch - 1)).${start}, ${total})`;
+  const zero = ([out, w]: [string, string]) => `for (var e = t; e < n * ${w}; e += T) {
+        ${out}[((lo + e / ${w}) * ${heads} + ${head}) * ${w} + e % ${w}] = 0.0;
+      }`;
+  return `if (wg.x == 0u) {
+    let gapRanges = ${gaps};
+    for (var g = 0; g < 2; g++) {
+      let lo = select(gapRanges.z, gapRanges.x, g == 0);
+      let n = select(gapRanges.w, gapRanges.y, g == 0) - lo;
+      ${outputs.map(zero).join('\n      ')}
+    }
+  }`;
 }
 
 /** The sizes both query-side passes (dK/dV and dQ) bake into their WGSL. */
@@ -201,6 +272,7 @@ export function dqBlockWGSL(): string {
   let b = i32(wg.y) / p.heads;
   let h = i32(wg.y) % p.heads;
   let hk = h / (p.heads / p.headsKV);
+  let gr = gradRows(b);
   let sp = gradScoreParams(b, h);`;
 }
 
@@ -265,9 +337,10 @@ export function sPhaseWGSL(s: SPhase): string {
 }
 
 /**
- * WGSL loading rows [row0, row0 + rows) of head `head` of a [B, S, H, W]
- * tensor into workgroup vec4 rows `dst[r * stride + xq]` (zero beyond S
- * and W). Uses `t`, `T` and `b`.
+ * WGSL loading rows [row0, row0 + rows) of head `head` of a query-side
+ * [B, S, H, W] tensor (q, dO) into workgroup vec4 rows
+ * `dst[r * stride + xq]` (zero from row `seq` on, and beyond W). Uses `t`,
+ * `T` and `gr` (gradRows).
  */
 export function loadRowsWGSL(
     src: string, dst: string, w: number, w4: number, stride: number, rows: string, seq: string,
@@ -279,18 +352,18 @@ export function loadRowsWGSL(
       let i = ${row0} + r;
       var val = vec4<f32>(0.0);
       if (i < ${seq}) {
-        ${rowQuadWGSL(src, w, seq, heads, head)}
+        ${rowQuadWGSL(src, w, heads, head)}
       }
       ${dst}[r * ${stride} + xq] = val;
     }`;
 }
 
 /**
- * WGSL setting `val` to dims 4 xq .. 4 xq + 3 of row `i` of head `head` of a
- * [B, S, H, W] tensor (zero beyond W). Uses `b`.
+ * WGSL setting `val` to dims 4 xq .. 4 xq + 3 of query row `i` of head
+ * `head` of a query-side tensor (zero beyond W). Uses `gr` (gradRows).
  */
-function rowQuadWGSL(src: string, w: number, seq: string, heads: string, head: string): string {
-  return `let base = ((b * ${seq} + i) * ${heads} + ${head}) * ${w} + xq * 4;
+function rowQuadWGSL(src: string, w: number, heads: string, head: string): string {
+  return `let base = ((gr.q0 + i) * ${heads} + ${head}) * ${w} + xq * 4;
         ${
       w % 4 === 0 ?
           `val = vec4<f32>(${src}[base], ${src}[base + 1], ${src}[base + 2], ${src}[base + 3]);` :
@@ -302,27 +375,27 @@ function rowQuadWGSL(src: string, w: number, seq: string, heads: string, head: s
 
 /**
  * WGSL setting `val` to dim `x` of keys j0 + 4 quad .. j0 + 4 quad + 3 of
- * `src` ([B, Sk, Hk, W]; zero past Sk). Uses `b`, `hk`.
+ * `src` ([B, Sk, Hk, W]; zero past the batch row's keys). Uses `gr`, `hk`.
  */
 function keyQuadWGSL(src: string, w: string, j0: string): string {
   return `for (var c = 0; c < 4; c++) {
           let j = ${j0} + quad * 4 + c;
-          if (j < p.seqK) { val[c] = ${src}[((b * p.seqK + j) * p.headsKV + hk) * ${w} + x]; }
+          if (j < gr.rowsK) { val[c] = ${src}[((gr.k0 + j) * p.headsKV + hk) * ${w} + x]; }
         }`;
 }
 
 /**
  * WGSL loading a query block for both passes: rows [i0, i0 + BR) of head
  * `h` of q and dO into `qS`/`doS` (rows padded by one vec4) and their
- * (lse, Delta) into `lseS`/`deltaS`. Uses `t`, `T`, `b`, `i0`, `h`.
+ * (lse, Delta) into `lseS`/`deltaS`. Uses `t`, `T`, `gr`, `i0`, `h`.
  */
 export function loadQueryBlockWGSL(d: number, d4: number, dv: number, dv4: number): string {
-  return `${loadRowsWGSL('q', 'qS', d, d4, d4 + 1, 'BR', 'p.seqQ', 'p.heads', 'i0', 'h')}
-    ${loadRowsWGSL('dy', 'doS', dv, dv4, dv4 + 1, 'BR', 'p.seqQ', 'p.heads', 'i0', 'h')}
+  return `${loadRowsWGSL('q', 'qS', d, d4, d4 + 1, 'BR', 'gr.rowsQ', 'p.heads', 'i0', 'h')}
+    ${loadRowsWGSL('dy', 'doS', dv, dv4, dv4 + 1, 'BR', 'gr.rowsQ', 'p.heads', 'i0', 'h')}
     for (var r = t; r < BR; r += T) {
       let i = i0 + r;
       var st = vec2<f32>(0.0);
-      if (i < p.seqQ) { st = stats[(b * p.heads + h) * p.seqQ + i]; }
+      if (i < gr.rowsQ) { st = stats[gr.stat0 + h * gr.statHead + i]; }
       lseS[r] = st.x;
       deltaS[r] = st.y;
     }`;
@@ -475,7 +548,7 @@ export function loadKeyTileWGSL(kStride: string): string {
  * thread's `reg` (an array of `prefetchSlots(rows * w4, threads)` vec4s),
  * `storeRowsWGSL` writes them to workgroup memory after the next barrier.
  * Issued before a tile's products, the global loads are in flight while it
- * computes. Uses `t`, `T` and `b`.
+ * computes. Uses `t`, `T` and `gr` (gradRows).
  */
 export function prefetchSlots(items: number, threads: number): number {
   return Math.ceil(items / threads);
@@ -493,7 +566,7 @@ export function fetchRowsWGSL(
       let i = ${row0} + r;
       var val = vec4<f32>(0.0);
       if (e < ${items} && i < ${seq}) {
-        ${rowQuadWGSL(src, w, seq, heads, head)}
+        ${rowQuadWGSL(src, w, heads, head)}
       }
       ${reg}[u] = val;
     }`;

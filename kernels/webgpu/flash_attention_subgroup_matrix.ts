@@ -16,7 +16,7 @@ import {MatrixForwardConfig, matrixForwardKey, matrixForwardWGSL, MATRIX_FORWARD
 import type {MatrixGradTiles} from './flash_attention_grad_subgroup_matrix_webgpu';
 import {forwardOutputs, forwardUniformValues} from './forward_shared';
 import {dispatchGrid, packUniforms, runOwnPipeline} from './own_pipeline';
-import {MatrixShape, pickSubgroupMatrixShape, unvalidatedTensorCoresAllowed} from './subgroup_matrix';
+import {MatrixDiagnosis, MatrixShape, pickSubgroupMatrixShape, unvalidatedTensorCoresAllowed} from './subgroup_matrix';
 import {scoreOptionsFromAttrs} from './wgsl_snippets';
 
 /**
@@ -31,6 +31,10 @@ export interface MatrixForwardOverride {
   bc?: number;
   /** The backward's tiling (flash_attention_grad_subgroup_matrix.ts). */
   gradTiles?: MatrixGradTiles;
+  /** Hardware checks: the SIMT forward with the matrix backward. */
+  forwardOff?: boolean;
+  /** Hardware checks: diagnosis flags on the device's matrix shape. */
+  diagnose?: MatrixDiagnosis;
 }
 let override: MatrixForwardOverride|null = null;
 export function setMatrixForwardOverride(o: MatrixForwardOverride|null): void {
@@ -51,7 +55,8 @@ export function matrixShapeFor(device: GPUDevice): MatrixShape|null {
     return null;
   }
   if (override?.shape != null) {
-    return override.shape;
+    return override.diagnose != null ? {...override.shape, diagnose: override.diagnose} :
+                                       override.shape;
   }
   if (!tf.env().getBool(FLASH_ATTENTION_TENSOR_CORES)) {
     return null;
@@ -61,7 +66,8 @@ export function matrixShapeFor(device: GPUDevice): MatrixShape|null {
     warnUnvalidatedOnce();
     return null;
   }
-  return shape;
+  return shape != null && override?.diagnose != null ? {...shape, diagnose: override.diagnose} :
+                                                       shape;
 }
 
 let warnedUnvalidated = false;
@@ -108,7 +114,7 @@ export const matrixForwardStats = {
 export function planMatrixForward(
     device: GPUDevice, headDim: number, headDimV: number, precision: string): MatrixForwardPlan|
     null {
-  const shape = matrixShapeFor(device);
+  const shape = override?.forwardOff ? null : matrixShapeFor(device);
   if (shape == null) {
     return null;
   }

@@ -27,12 +27,14 @@
  *   O += P V in chunks of CV output columns through the scratch.
  *
  * Stand-in (MatrixShape.standIn): the same code with each matrix built-in
- * replaced by a plain loop of the same semantics (an M x N result spread
- * over the subgroup's lanes, element e of lane l at index e * lanes + l)
- * and f16 emulated in f32 by pack2x16float rounding: SwiftShader (no f16,
- * no subgroup matrices) runs the tiling, indexing and split arithmetic.
+ * replaced by a plain loop of the same semantics, made strict
+ * (subgroup_matrix_wgsl.ts: scrambled result layout across lanes, reversed
+ * subgroup numbering, the built-ins' bounds handling, f16 overflow to
+ * infinity) and row reductions through workgroup memory: SwiftShader (no
+ * f16, no subgroups) runs the tiling, indexing and split arithmetic.
  */
-import type {MatrixShape} from './subgroup_matrix';
+import {MatrixShape, matrixShapeKey} from './subgroup_matrix';
+import {matrixLoadWGSL, matrixStoreWGSL, MatrixView as View, standInElementWGSL, standInHelpersWGSL, standInIndexWGSL, standInPlaceWGSL, subgroupIdsWGSL, subgroupParamsWGSL, zeroResultWGSL} from './subgroup_matrix_wgsl';
 import {dropoutWGSL, keyRangeWGSL, philoxWGSL, scoreKey, ScoreOptions, scoreWGSL, FA_NEG_INF_BITS, forwardBindingsWGSL, forwardTileWGSL, maxAllWGSL as maxAll, range, VEC4_COMPONENTS as COMP} from './wgsl_snippets';
 
 /** Everything baked into one pipeline. */
@@ -96,14 +98,18 @@ export function matrixWorkgroupBytes(c: MatrixForwardConfig): number {
   const kv = s.bc * Math.max(c.headDim, c.headDimV);
   const p = s.br * s.bc;
   return parts * elem * (q + kv + p) + 4 * s.br * s.bc + 8 +
-      (c.shape.standIn && s.lpr > 1 ? 4 * s.threads : 0);
+      (workgroupReductions(c.shape) && s.lpr > 1 ? 4 * s.threads : 0);
+}
+
+/** Whether row and tile reductions go through workgroup memory (no subgroup operations). */
+function workgroupReductions(shape: MatrixShape): boolean {
+  return shape.standIn || shape.diagnose?.workgroupReductions === true;
 }
 
 export function matrixForwardKey(c: MatrixForwardConfig): string {
-  const m = c.shape;
-  return `fa_fwd_sm_d${c.headDim}_dv${c.headDimV}_m${m.M}n${m.N}k${m.K}l${m.lanes}${
-      m.standIn ? 's' : 'r'}_g${c.subgroups}_bc${c.bc}_sp${+ c.split}_${scoreKey(c.score)}_al${
-      c.alibiMode}_do${+ c.dropout}_rv${+ c.reverseRows}`;
+  return `fa_fwd_sm_d${c.headDim}_dv${c.headDimV}_${matrixShapeKey(c.shape)}_g${c.subgroups}_bc${
+      c.bc}_sp${+ c.split}_${scoreKey(c.score)}_al${c.alibiMode}_do${+ c.dropout}_rv${
+      + c.reverseRows}`;
 }
 
 /** Field order of the uniform struct (all 4-byte scalars). */
@@ -127,14 +133,6 @@ export const MATRIX_FORWARD_UNIFORMS = [
   ['one', 'i32'],
 ] as const;
 
-/** A matrix operand in workgroup memory: array, element offset, stride, layout. */
-interface View {
-  arr: string;
-  off: string;
-  stride: string;
-  colMajor: boolean;
-}
-
 export function matrixForwardWGSL(c: MatrixForwardConfig): string {
   const sizes = matrixTileSizes(c);
   if (sizes == null) {
@@ -153,6 +151,7 @@ export function matrixForwardWGSL(c: MatrixForwardConfig): string {
   const epl = M * N / lanes;
   const elem = standIn ? 'f32' : 'f16';
   const parts = c.split ? ['h', 'l'] : ['h'];
+  const wgRed = workgroupReductions(c.shape);
 
   // Loop bounds: constants on the real path; in the stand-in multiplied by
   // a uniform 1, since SwiftShader unrolls constant loops fully and then
@@ -162,29 +161,30 @@ export function matrixForwardWGSL(c: MatrixForwardConfig): string {
   const standInFns = new Map<string, string>();
   const resultDecl = (name: string) => standIn ?
       `var ${name} = array<f32, ${epl}>();` :
-      `var ${name} = subgroup_matrix_result<f32, ${N}, ${M}>();`;
+      `var ${name} = ${zeroResultWGSL(c.shape, 'accZero')};`;
   const mma = (acc: string, l: View, r: View) => {
     if (!standIn) {
-      const load = (v: View, type: string) =>
-          `subgroupMatrixLoad<${type}>(&${v.arr}, ${v.off}, ${v.colMajor}, ${v.stride})`;
       return `${acc} = subgroupMatrixMultiplyAccumulate(${
-          load(l, `subgroup_matrix_left<f16, ${K}, ${M}>`)}, ${
-          load(r, `subgroup_matrix_right<f16, ${N}, ${K}>`)}, ${acc});`;
+          matrixLoadWGSL(c.shape, `subgroup_matrix_left<f16, ${K}, ${M}>`, l)}, ${
+          matrixLoadWGSL(c.shape, `subgroup_matrix_right<f16, ${N}, ${K}>`, r)}, ${acc});`;
     }
     const fn = `sm_mma_${l.arr}_${r.arr}`;
     if (!standInFns.has(fn)) {
-      const lIdx = l.colMajor ? `offL + k * ${l.stride} + r` : `offL + r * ${l.stride} + k`;
-      const rIdx = r.colMajor ? `offR + c * ${r.stride} + k` : `offR + k * ${r.stride} + c`;
-      standInFns.set(fn, `
+      standInFns.set(
+          fn,
+          `
 // Stand-in for subgroupMatrixMultiplyAccumulate(load(${l.arr}), load(${r.arr}), acc).
 fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) {
+  let atL = ${standInPlaceWGSL(l, M, K, 'offL')};
+  let atR = ${standInPlaceWGSL(r, K, N, 'offR')};
   for (var e = 0u; e < ${lim(`${epl}u`)}; e++) {
-    let idx = e * ${lanes}u + ln;
+    let idx = ${standInElementWGSL(c.shape, 'e', 'ln')};
     let r = idx / ${N}u;
     let c = idx % ${N}u;
     var sum = (*acc)[e];
     for (var k = 0u; k < ${lim(`${K}u`)}; k++) {
-      sum = fma(${l.arr}[${lIdx}], ${r.arr}[${rIdx}], sum);
+      sum = fma(${l.arr}[${standInIndexWGSL(l, 'atL', 'r', 'k')}], ${r.arr}[${
+              standInIndexWGSL(r, 'atR', 'k', 'c')}], sum);
     }
     (*acc)[e] = sum;
   }
@@ -192,9 +192,10 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) 
     }
     return `${fn}(&${acc}, ln, ${l.off}, ${r.off});`;
   };
+  const scrView: View = {arr: 'scr', off: 'off', stride: 'BC', colMajor: false, len: br * bc};
   const store = (acc: string, off: string) => standIn ?
       `sm_store_scr(&${acc}, ln, ${off});` :
-      `subgroupMatrixStore(&scr, ${off}, ${acc}, false, BC);`;
+      matrixStoreWGSL(c.shape, 'scr', off, acc, 'BC');
   // Split products: the small terms first, then hi x hi.
   const products = (acc: string, l: (p: string) => View, r: (p: string) => View) =>
       (c.split ? [['l', 'h'], ['h', 'l'], ['h', 'h']] : [['h', 'h']])
@@ -202,13 +203,13 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) 
           .join('\n        ');
 
   const qView = (p: string): View =>
-      ({arr: `q${p}`, off: 'qOff + ks * K', stride: 'D', colMajor: false});
+      ({arr: `q${p}`, off: 'qOff + ks * K', stride: 'D', colMajor: false, len: br * d});
   const kView = (p: string): View =>
-      ({arr: `kv${p}`, off: 'cb * N * D + ks * K', stride: 'D', colMajor: true});
+      ({arr: `kv${p}`, off: 'cb * N * D + ks * K', stride: 'D', colMajor: true, len: bc * kvw});
   const pView = (p: string): View =>
-      ({arr: `p${p}`, off: 'pOff + ks * K', stride: 'BC', colMajor: false});
+      ({arr: `p${p}`, off: 'pOff + ks * K', stride: 'BC', colMajor: false, len: br * bc});
   const vView = (p: string): View =>
-      ({arr: `kv${p}`, off: 'ks * K * DV + cb * N', stride: 'DV', colMajor: false});
+      ({arr: `kv${p}`, off: 'ks * K * DV + cb * N', stride: 'DV', colMajor: false, len: bc * kvw});
 
   const sBlocks = `for (var cb = 0u; cb < ${lim('BC / N')}; cb++) {
       ${resultDecl('acc')}
@@ -256,9 +257,10 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) 
           .join('\n      ');
   // Row reductions over a row's LPR lanes, and tile maxima: subgroup
   // operations on the real path; workgroup memory and one atomic per
-  // invocation in the stand-in (portable: no subgroups needed).
+  // invocation in the stand-in (portable: no subgroups needed) and where
+  // the diagnosis asks for it.
   const reduceLanes = (v: string, op: 'max'|'add') => {
-    if (!standIn) {
+    if (!wgRed) {
       return range(Math.log2(lpr))
           .map(
               i => op === 'max' ? `${v} = max(${v}, subgroupShuffleXor(${v}, ${1 << i}u));` :
@@ -268,14 +270,14 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) 
     if (lpr === 1) {
       return '';
     }
-    const terms = range(lpr).map(x => `red[lid - lc + ${x}u]`);
+    const terms = range(lpr).map(x => `red[g * LANES + ln - lc + ${x}u]`);
     return `workgroupBarrier();
-    red[lid] = ${v};
+    red[g * LANES + ln] = ${v};
     workgroupBarrier();
     ${v} = ${op === 'max' ? maxAll(terms) : terms.join(' + ')};`;
   };
   const atomicMaxOf = (v: string, slot: number) =>
-      standIn ? `atomicMax(&wmax[${slot}], bitcast<u32>(${v}));` : `{
+      wgRed ? `atomicMax(&wmax[${slot}], bitcast<u32>(${v}));` : `{
     let m = subgroupMax(${v});
     if (sgLane == 0u) { atomicMax(&wmax[${slot}], bitcast<u32>(m)); }
   }`;
@@ -321,29 +323,25 @@ ${
 ${parts.map(p => `var<workgroup> p${p}: array<${elem}, ${br * bc}>;`).join('\n')}
 var<workgroup> scr: array<f32, ${br * bc}>;  // S, then chunks of P V
 var<workgroup> wmax: array<atomic<u32>, 2>;  // max |x| of a tile (bits of a float >= 0)
-${standIn && lpr > 1 ? `var<workgroup> red: array<f32, ${threads}>;` : ''}
+${wgRed && lpr > 1 ? `var<workgroup> red: array<f32, ${threads}>;` : ''}
 
+${standInHelpersWGSL(c.shape)}
 ${
-             standIn ? `fn sm_h(x: f32) -> f32 {
-  return unpack2x16float(pack2x16float(vec2<f32>(x, 0.0))).x;
-}
-
-// Stand-in for subgroupMatrixStore(&scr, off, acc, false, BC).
+             standIn ? `
+// Stand-in for a row-major subgroupMatrixStore(&scr, off, acc, BC).
 fn sm_store_scr(acc: ptr<function, array<f32, ${epl}>>, ln: u32, off: u32) {
+  let atS = ${standInPlaceWGSL(scrView, M, N)};
   for (var e = 0u; e < ${epl}u * u32(u.one); e++) {
-    let idx = e * LANES + ln;
-    scr[off + (idx / N) * BC + idx % N] = (*acc)[e];
+    let idx = ${standInElementWGSL(c.shape, 'e', 'ln')};
+    scr[${standInIndexWGSL(scrView, 'atS', 'idx / N', 'idx % N')}] = (*acc)[e];
   }
 }` :
-                       `fn sm_h(x: f32) -> f16 {
-  return f16(x);
-}`}
+                       ''}
 __STANDIN_FNS__
 
 @compute @workgroup_size(${threads})
 fn main(@builtin(workgroup_id) wg: vec3<u32>,
-        @builtin(local_invocation_index) lid: u32${standIn ? '' : `,
-        @builtin(subgroup_invocation_id) sgLane: u32`}) {
+        @builtin(local_invocation_index) lid: u32${subgroupParamsWGSL(c.shape)}) {
   let groupId = i32(wg.x + wg.y * u32(u.gridX));
   // Whole workgroups leave together: the matrix built-ins need uniform flow.
   if (groupId >= u.totalGroups) {
@@ -352,8 +350,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   ${forwardTileWGSL('groupId', c.reverseRows)}
   let r0 = qTile * i32(BR);
   let rEnd = min(r0 + i32(BR), u.seqQ);
-  let g = lid / LANES;
-  let ln = lid % LANES;
+  ${subgroupIdsWGSL(c.shape, c.subgroups)}
+  ${standIn ? '' : `// Accumulators start from this (see zeroResultWGSL).
+  let accZero = f32(u.one) - 1.0;`}
   let rr = g * M + ln / LPR;
   let lc = ln % LPR;
   let row = r0 + i32(rr);
@@ -400,7 +399,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
     }
   }`).join('\n  ')}
   workgroupBarrier();
-  if (lid == 0u) {
+  // Resets by a whole subgroup: no lane diverges from its subgroup right
+  // before the matrix built-ins, which need all of its lanes.
+  if (g == 0u) {
     atomicStore(&wmax[0], 0u);
   }
 
@@ -457,7 +458,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
       }
     }`).join('\n    ')}
     workgroupBarrier();
-    if (lid == 0u) {
+    if (g == 0u) {
       atomicStore(&wmax[0], 0u);
       atomicStore(&wmax[1], 0u);
     }

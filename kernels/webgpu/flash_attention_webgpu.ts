@@ -33,6 +33,10 @@
  * the workgroup-memory loads per FMA (flash_attention_forward_wgsl.ts).
  * P^T's row quads are XOR-swizzled by key quad, so that its
  * stores do not all land in one bank.
+ *
+ * Head-dim slices (ForwardTiles.dimChunks, outer mode): K^T and V pass
+ * through workgroup memory a slice of the head dim at a time, so that a
+ * 64-row Q^T tile fits beside them at D=128 (slicedKeyLoopWGSL).
  */
 import {bindingsWGSL, uniformStructWGSL} from './own_pipeline';
 import {epilogueWGSL, ForwardLayout, keyLoopWGSL, keyOffsetsWGSL, loadQueryTileWGSL, rowStateWGSL, workgroupStorageWGSL, xorSwizzleMask} from './flash_attention_forward_wgsl';
@@ -57,6 +61,13 @@ export interface ForwardTiles {
    * tile). Rows of a thread: 4 * (ty + TY * a) + b.
    */
   outer?: boolean;
+  /**
+   * Outer-product mode only: K^T and V go through workgroup memory in this
+   * many slices of the head dim (a barrier pair each), so that a 64-row Q^T
+   * tile fits beside them at D=128 (docs/webgpu_tuning.md, "Head dims above
+   * 64"). 1 or absent: whole tiles.
+   */
+  dimChunks?: number;
 }
 
 /** Everything baked into one forward pipeline. */
@@ -105,13 +116,21 @@ export interface TileSizes {
   kvWidth: number;
   /** Outer mode: the V row stride in vec4s (every thread's columns). */
   vWidth: number;
+  /** Head-dim slices of K^T and V (ForwardTiles.dimChunks; 1: none). */
+  chunks: number;
+  /** Width of one K^T slice in vec4s (DQ4 when unsliced; the last may pad). */
+  dc4: number;
+  /** Width of one V slice in vec4s: TX * NJ / chunks. */
+  vcw: number;
 }
 
 export function tileSizes(c: {headDim: number, headDimV: number, tiles: ForwardTiles}): TileSizes {
   const {tm, tx, nq, ty} = c.tiles;
+  const chunks = Math.max(1, c.tiles.dimChunks ?? 1);
   const dq4 = Math.ceil(c.headDim / 4);
   const dv4 = Math.ceil(c.headDimV / 4);
-  const nj = Math.ceil(dv4 / tx);
+  // Sliced: every slice holds the same number of each thread's quads.
+  const nj = Math.ceil(Math.ceil(dv4 / tx) / chunks) * chunks;
   return {
     br: tm * ty,
     bc: 4 * tx * nq,
@@ -120,7 +139,10 @@ export function tileSizes(c: {headDim: number, headDimV: number, tiles: ForwardT
     dv4,
     nj,
     kvWidth: Math.max(dq4, tx * nj),
-    vWidth: tx * nj
+    vWidth: tx * nj,
+    chunks,
+    dc4: Math.ceil(dq4 / chunks),
+    vcw: tx * nj / chunks,
   };
 }
 
@@ -129,6 +151,10 @@ export function workgroupBytes(
     c: {headDim: number, headDimV: number, tiles: ForwardTiles}, subgroups: boolean): number {
   const s = tileSizes(c);
   const red = subgroups ? 0 : s.br * c.tiles.tx * 4;
+  if (c.tiles.outer && s.chunks > 1) {
+    // Q^T (padded to whole slices), one K^T or V slice, and P^T.
+    return 16 * (s.br * s.dc4 * s.chunks + s.bc * Math.max(s.dc4, s.vcw)) + 4 * s.br * s.bc + red;
+  }
   if (c.tiles.outer) {
     // Q^T, K^T and V (one buffer for both) and P^T.
     const kv = Math.max(s.bc * s.dq4, s.bc * s.vWidth);
@@ -142,6 +168,10 @@ export function workgroupBytes(
 export function prefetchFloats(c: {headDim: number, headDimV: number, tiles: ForwardTiles}):
     number {
   const s = tileSizes(c);
+  if (s.chunks > 1) {
+    // One slice of K^T or V ahead.
+    return 4 * Math.max(Math.ceil(s.bc * s.dc4 / s.threads), Math.ceil(s.bc * s.vcw / s.threads));
+  }
   return 4 * (Math.ceil(s.bc * s.dq4 / s.threads) + Math.ceil(s.bc * s.dv4 / s.threads));
 }
 
@@ -155,20 +185,24 @@ export function usePrefetch(c: ForwardConfig): boolean {
 
 export function forwardKey(c: ForwardConfig): string {
   const t = c.tiles;
-  const tiling = `tm${t.tm}tx${t.tx}nq${t.nq}ty${t.ty}${t.outer ? 'o' : ''}`;
+  const chunks = (t.dimChunks ?? 1) > 1 ? `c${t.dimChunks}` : '';
+  const tiling = `tm${t.tm}tx${t.tx}nq${t.nq}ty${t.ty}${t.outer ? 'o' : ''}${chunks}`;
   const flags = `al${c.alibiMode}_do${+ c.dropout}_sg${+ c.subgroups}_rv${+ c.reverseRows}_rl${
       + c.runtimeLoops}_pf${c.prefetch ?? '-'}_sk${+ !!c.splitKeys}`;
   return `fa_fwd_d${c.headDim}_dv${c.headDimV}_${tiling}_${scoreKey(c.score)}_${flags}`;
 }
 
-/** Field order of the uniform struct (all 4-byte scalars). */
+/**
+ * Field order of the uniform struct (all 4-byte scalars). batch, totalQ
+ * and totalK: packed varlen calls' sequences and rows of q and of k.
+ */
 export const FORWARD_UNIFORMS = [
   ['seqQ', 'i32'],     ['seqK', 'i32'],      ['heads', 'i32'],       ['groups', 'i32'],
   ['headsKV', 'i32'],  ['numQTiles', 'i32'], ['totalGroups', 'i32'], ['gridX', 'i32'],
   ['scale', 'f32'],    ['softcap', 'f32'],   ['left', 'i32'],        ['right', 'i32'],
   ['seedLo', 'u32'],   ['seedHi', 'u32'],    ['threshold', 'u32'],   ['keepScale', 'f32'],
   ['loopDQ4', 'i32'],  ['loopBC4', 'i32'],   ['numSplits', 'i32'],   ['splitRows', 'i32'],
-  ['splitLse', 'i32'],
+  ['splitLse', 'i32'], ['batch', 'i32'],     ['totalQ', 'i32'],      ['totalK', 'i32'],
 ] as const;
 
 /** The sizes and index maps the phase generators share. */
@@ -178,6 +212,14 @@ export function forwardLayout(c: ForwardConfig): ForwardLayout {
   if (outer && t.tm % 4 !== 0) {
     throw new Error(
         `FlashAttention forward: the outer-product tiling needs TM % 4 == 0, got ${t.tm}`);
+  }
+  if (t.dimChunks != null && !(Number.isInteger(t.dimChunks) && t.dimChunks >= 1)) {
+    throw new Error(
+        `FlashAttention forward: dimChunks must be a positive integer, got ${t.dimChunks}`);
+  }
+  if ((t.dimChunks ?? 1) > 1 && !outer) {
+    throw new Error(`FlashAttention forward: head-dim slices (dimChunks = ${
+        t.dimChunks}) need the outer-product tiling`);
   }
   const sizes = tileSizes(c);
   const quadColumns = c.dropout || outer;
@@ -199,6 +241,53 @@ export function forwardLayout(c: ForwardConfig): ForwardLayout {
   };
 }
 
+/**
+ * WGSL placing batch row b's rows in the tensors, for the phases' loads and
+ * stores: `qBase`, `kBase` (its first query and key row), `rowsQ`,
+ * `rowsK` (rows it may read and write) and `lseBase` (its lse row of
+ * head h); with seqlens, its lengths in `sp`. Packed varlen: the rows
+ * start at the cumulative lengths, only the sequence's own rows are
+ * touched, the workgroups of query tile 0 zero the rows no sequence
+ * covers (fa_packed_gaps), and tiles past the sequence stop at once.
+ */
+function sequenceRowsWGSL(c: ForwardConfig): string {
+  if (!c.score.packed) {
+    return `${
+        c.score.seqlens ? 'sp = fa_with_lengths(sp, seqlens[2 * b], seqlens[2 * b + 1]);' : ''}
+  let qBase = b * u.seqQ;
+  let kBase = b * u.seqK;
+  let rowsQ = u.seqQ;
+  let rowsK = u.seqK;
+  let lseBase = (b * u.heads + h) * u.seqQ;`;
+  }
+  const vec4Out = c.headDimV % 4 === 0;
+  const width = vec4Out ? 'i32(DV4)' : `${c.headDimV}`;
+  return `let qBase = seqlens[b];
+  let kBase = cuK[b];
+  let rowsQ = fa_packed_length(qBase, seqlens[b + 1], u.totalQ, u.seqQ);
+  let rowsK = fa_packed_length(kBase, cuK[b + 1], u.totalK, u.seqK);
+  let lseBase = h * u.totalQ + qBase;
+  sp = fa_with_lengths(sp, rowsQ, rowsK);
+  if (qTile == 0) {
+    let gaps = fa_packed_gaps(b, u.batch, qBase, rowsQ, seqlens[b + 1], u.totalQ);
+    for (var g = 0; g < 2; g++) {
+      let lo = select(gaps.z, gaps.x, g == 0);
+      let n = (select(gaps.w, gaps.y, g == 0) - lo) * ${width};
+      for (var e = i32(lid); e < n; e += i32(THREADS)) {
+        let r = lo + e / ${width};
+        outb[u32((split * u.splitRows + r * u.heads + h) * ${width} + e % ${width})] = ${
+      vec4Out ? 'vec4<f32>(0.0)' : '0.0'};
+        if (e % ${width} == 0) {
+          lseb[u32(split * u.splitLse + h * u.totalQ + r)] = ${FA_NEG_INF_BITS}u;
+        }
+      }
+    }
+  }
+  if (qTile * i32(BR) >= rowsQ) {
+    return;
+  }`;
+}
+
 /** The forward program's WGSL: the phases of flash_attention_forward_wgsl.ts. */
 export function forwardWGSL(c: ForwardConfig): string {
   const L = forwardLayout(c);
@@ -209,6 +298,7 @@ export function forwardWGSL(c: ForwardConfig): string {
     vType: c.headDimV % 4 === 0 ? 'vec4<f32>' : 'f32',
     alibi: c.alibiMode !== 0,
     seqlens: c.score.seqlens,
+    packed: c.score.packed,
   });
   const slope = ['0.0', 'slopes[h]', 'slopes[b * u.heads + h]'][c.alibiMode];
   const splitRange = c.splitKeys ? `// This split's share of the visible key tiles (possibly none).
@@ -261,7 +351,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   sp.right = u.right;
   sp.seqK = u.seqK;
   sp.seqQ = u.seqQ;
-  ${c.score.seqlens ? 'sp = fa_with_lengths(sp, seqlens[2 * b], seqlens[2 * b + 1]);' : ''}
+  ${sequenceRowsWGSL(c)}
 
   ${loadQueryTileWGSL(L)}
   let keys = fa_key_range(r0, rEnd, sp);

@@ -10,7 +10,8 @@ import {flashAttentionWebGPUConfig, supportsFlashAttentionWebGPU} from './FlashA
 import {registerFlashAttentionGradWebGPU} from './FlashAttentionGrad';
 import {registerTrainingKernelsWebGPU} from './training_kernels';
 
-registerFusedKernel(flashAttentionWebGPUConfig, supportsFlashAttentionWebGPU, {seqlens: true});
+registerFusedKernel(
+    flashAttentionWebGPUConfig, supportsFlashAttentionWebGPU, {seqlens: true, packed: true});
 // The fused backward (FlashAttentionGrad): used by the registered gradient
 // of FlashAttention, whichever forward ran.
 registerFlashAttentionGradWebGPU();

@@ -33,6 +33,37 @@ export interface MatrixShape {
   /** Invocations of one subgroup (the matrix built-ins' scope). */
   lanes: number;
   standIn: boolean;
+  /**
+   * Hardware diagnosis only (benchmarks/tensor_cores.ts --variants): each
+   * flag brings back one construct of the kernels' first hardware run, so
+   * a GPU run can tell which of them breaks the results.
+   */
+  diagnose?: MatrixDiagnosis;
+}
+
+export interface MatrixDiagnosis {
+  /**
+   * The deprecated built-in forms (`subgroupMatrixLoad<T>(p, off, colMajor,
+   * stride)`) instead of the layout as a template argument.
+   */
+  legacyBuiltins?: boolean;
+  /**
+   * Accumulators from the zero constructor `subgroup_matrix_result<..>()`,
+   * which Tint emits as OpConstantNull (a form the Vulkan CTS does not
+   * cover), instead of a fill value the compiler cannot fold.
+   */
+  nullAccumulator?: boolean;
+  /**
+   * The forward's row and tile reductions through workgroup memory instead
+   * of subgroupShuffleXor and subgroupMax.
+   */
+  workgroupReductions?: boolean;
+  /**
+   * Subgroup and lane as local_invocation_index / lanes and % lanes (what
+   * NVIDIA's hardware does, which WGSL does not promise) instead of the
+   * subgroup_id and subgroup_invocation_id built-ins.
+   */
+  indexSubgroups?: boolean;
 }
 
 interface AdapterInfoLike {
@@ -44,9 +75,10 @@ interface AdapterInfoLike {
 /**
  * Whether the real matrix built-ins may run. Their first check on tensor-core
  * hardware (an H100 through Dawn) gave NaN outputs while the portable
- * stand-in matches the oracle (benchmarks/RESULTS.md, session 6), so only
- * the hardware checks (benchmarks/tensor_cores.ts) turn them on until the
- * kernels pass there.
+ * stand-in matches the oracle (benchmarks/RESULTS.md, session 6); the
+ * kernels have changed since (docs/tensor_cores.md) but are not yet
+ * checked on a GPU, so only the hardware checks (benchmarks/tensor_cores.ts)
+ * turn them on until the kernels pass there.
  */
 let unvalidatedAllowed = false;
 
@@ -128,4 +160,12 @@ export function pickSubgroupMatrixShape(device: GPUDevice): MatrixShape|null {
   usable.sort((a, b) => b.K - a.K || b.M * b.N - a.M * a.N);
   const c = usable[0];
   return c == null ? null : {M: c.M, N: c.N, K: c.K, lanes, standIn: false};
+}
+
+/** A pipeline-key fragment naming a matrix shape and its diagnosis flags. */
+export function matrixShapeKey(m: MatrixShape): string {
+  const d = m.diagnose ?? {};
+  const flags = `${d.legacyBuiltins ? 'L' : ''}${d.nullAccumulator ? 'Z' : ''}${
+      d.workgroupReductions ? 'W' : ''}${d.indexSubgroups ? 'I' : ''}`;
+  return `m${m.M}n${m.N}k${m.K}l${m.lanes}${m.standIn ? 's' : 'r'}${flags}`;
 }

@@ -1,34 +1,173 @@
 /**
- * WGSL of the subgroup-matrix built-ins the tensor-core backward uses (and
- * their portable stand-ins), generated for one MatrixShape: a product
- * C = A B of workgroup-memory operands, split into hi/lo float16 parts or
- * not, stored as float32 into workgroup memory.
+ * WGSL of the subgroup-matrix built-ins the tensor-core kernels use, and
+ * their portable stand-ins, generated for one MatrixShape.
  *
- * Stand-in: each built-in becomes a plain loop of the same semantics (an
- * M x N result spread over the subgroup's lanes, element e of lane l at
- * index e * lanes + l) and f16 is emulated in f32 by pack2x16float
- * rounding, so SwiftShader runs the same tiling, indexing and split
- * arithmetic as a GPU with the feature.
+ * Real built-ins (Dawn's `chromium_experimental_subgroup_matrix`): loads and
+ * stores with the layout as a template argument
+ * (`subgroupMatrixLoad<T, row_major>(p, offset, stride)`; the form with a
+ * bool argument is deprecated), offset and stride in array elements;
+ * accumulators made with a fill value the compiler cannot fold (the zero
+ * constructor becomes OpConstantNull, which the Vulkan CTS does not cover);
+ * the subgroup and lane from the `subgroup_id` and
+ * `subgroup_invocation_id` built-ins.
+ *
+ * Stand-in (MatrixShape.standIn, for devices without the feature, e.g.
+ * SwiftShader in CI): plain loops with the built-ins' semantics, made
+ * strict so that code relying on more than the built-ins promise fails:
+ *  - a result's elements are spread over the lanes in a scrambled order
+ *    (the real layout is opaque: only a store, a barrier and a load may
+ *    move results between lanes);
+ *  - subgroups and lanes are numbered in reverse of local_invocation_index
+ *    (WGSL does not promise any relation);
+ *  - the stride is raised to the matrix's minor extent and a matrix that
+ *    would run past its array is read or written at offset 0 with that
+ *    stride (Tint's robustness transform);
+ *  - f16 is emulated in f32 with pack2x16float rounding, values beyond
+ *    f16's range going to +-infinity as a hardware conversion rounds them.
  */
 import type {MatrixShape} from './subgroup_matrix';
 
 /**
  * A matrix operand in workgroup memory: `arr` (the hi part; the lo part is
  * `arr` with `Lo` appended), the element offset of its first element,
- * its row stride, and whether it is stored column-major.
+ * its stride, whether it is stored column-major, and the array's length.
  */
 export interface MatrixView {
   arr: string;
   off: string;
   stride: string;
   colMajor: boolean;
+  len: number;
+}
+
+/** WGSL: `subgroupMatrixLoad` of view `v` as the matrix type `type`. */
+export function matrixLoadWGSL(shape: MatrixShape, type: string, v: MatrixView): string {
+  return shape.diagnose?.legacyBuiltins ?
+      `subgroupMatrixLoad<${type}>(&${v.arr}, ${v.off}, ${v.colMajor}, ${v.stride})` :
+      `subgroupMatrixLoad<${type}, ${v.colMajor ? 'col_major' : 'row_major'}>(&${v.arr}, ${
+          v.off}, ${v.stride})`;
+}
+
+/** WGSL: row-major `subgroupMatrixStore` of `value` at `arr[off]`. */
+export function matrixStoreWGSL(
+    shape: MatrixShape, arr: string, off: string, value: string, stride: string): string {
+  return shape.diagnose?.legacyBuiltins ?
+      `subgroupMatrixStore(&${arr}, ${off}, ${value}, false, ${stride});` :
+      `subgroupMatrixStore<row_major>(&${arr}, ${off}, ${value}, ${stride});`;
+}
+
+/**
+ * WGSL of a zero f32 result matrix. `zero` is a WGSL f32 expression worth
+ * 0 that the compiler cannot fold (from a uniform).
+ */
+export function zeroResultWGSL(shape: MatrixShape, zero: string): string {
+  const type = `subgroup_matrix_result<f32, ${shape.N}, ${shape.M}>`;
+  return shape.diagnose?.nullAccumulator ? `${type}()` : `${type}(${zero})`;
+}
+
+/**
+ * The real path's extra entry-point parameters (the subgroup built-ins),
+ * with a leading comma; none in the stand-in.
+ */
+export function subgroupParamsWGSL(shape: MatrixShape): string {
+  return shape.standIn               ? '' :
+      shape.diagnose?.indexSubgroups ? `,
+        @builtin(subgroup_invocation_id) sgLane: u32` :
+                                       `,
+        @builtin(subgroup_id) sgId: u32,
+        @builtin(subgroup_invocation_id) sgLane: u32`;
+}
+
+/**
+ * WGSL declaring `g` (this invocation's subgroup, 0 .. subgroups - 1) and
+ * `ln` (its lane): the built-ins on the real path; in the stand-in a
+ * numbering from `lid` that differs from the obvious one (see above).
+ */
+export function subgroupIdsWGSL(shape: MatrixShape, subgroups: number): string {
+  const {lanes} = shape;
+  if (shape.standIn) {
+    return `let g = ${subgroups - 1}u - lid / ${lanes}u;
+  let ln = ${lanes - 1}u - lid % ${lanes}u;`;
+  }
+  return shape.diagnose?.indexSubgroups ? `let g = lid / ${lanes}u;
+  let ln = lid % ${lanes}u;` :
+                                          `let g = sgId;
+  let ln = sgLane;`;
+}
+
+/**
+ * WGSL: where element `e` of lane `ln`'s share of an M x N result lies in
+ * the matrix (row-major index) in the stand-in: a fixed scramble, so that
+ * no code can depend on it.
+ */
+export function standInElementWGSL(shape: MatrixShape, e: string, ln: string): string {
+  const {M, N, lanes} = shape;
+  const size = M * N;
+  // An odd multiplier coprime with size makes the map a permutation.
+  let mul = 5;
+  while (gcd(mul, size) !== 1) {
+    mul += 2;
+  }
+  return `((${e} * ${lanes}u + ${ln}) * ${mul}u + 3u) % ${size}u`;
+}
+
+function gcd(a: number, b: number): number {
+  return b === 0 ? a : gcd(b, a % b);
+}
+
+/**
+ * WGSL helpers of the stand-in: sm_h (f32 to f16 and back, overflowing to
+ * infinity) and sm_place (the built-ins' bounds handling: returns the
+ * offset and stride a load or store really uses). On the real path sm_h
+ * converts to f16.
+ */
+export function standInHelpersWGSL(shape: MatrixShape): string {
+  if (!shape.standIn) {
+    return `fn sm_h(x: f32) -> f16 {
+  return f16(x);
+}`;
+  }
+  return `// f16(x) as f32: round to nearest even, beyond f16's range +-infinity.
+fn sm_h(x: f32) -> f32 {
+  if (abs(x) >= 65520.0) {
+    return bitcast<f32>(select(0xff800000u, 0x7f800000u, x > 0.0));
+  }
+  return unpack2x16float(pack2x16float(vec2<f32>(x, 0.0))).x;
+}
+
+// Offset and stride a matrix load/store uses: the stride raised to the
+// minor extent; offset 0 and that stride where the matrix would run past
+// the array's len elements.
+fn sm_place(off: u32, stride: u32, minor: u32, major: u32, len: u32) -> vec2<u32> {
+  let s = max(stride, minor);
+  if (off + s * (major - 1u) + minor <= len) {
+    return vec2<u32>(off, s);
+  }
+  return vec2<u32>(0u, minor);
+}`;
+}
+
+/**
+ * WGSL: `sm_place` of view `v` for a rows x cols matrix (the stand-in's
+ * effective offset (.x) and stride (.y)).
+ */
+export function standInPlaceWGSL(v: MatrixView, rows: number, cols: number, off = v.off): string {
+  const [minor, major] = v.colMajor ? [rows, cols] : [cols, rows];
+  return `sm_place(${off}, ${v.stride}, ${minor}u, ${major}u, ${v.len}u)`;
+}
+
+/** WGSL: index of element (r, c) of view `v` placed at `place` (a vec2 offset, stride). */
+export function standInIndexWGSL(v: MatrixView, place: string, r: string, c: string): string {
+  return v.colMajor ? `${place}.x + ${c} * ${place}.y + ${r}` :
+                      `${place}.x + ${r} * ${place}.y + ${c}`;
 }
 
 export class MatrixOpsWGSL {
   /**
    * `one` is a WGSL expression worth 1 that the compiler cannot fold: the
    * stand-in's loop bounds are multiplied by it, since SwiftShader unrolls
-   * constant loops fully and then takes seconds per pipeline.
+   * constant loops fully and then takes seconds per pipeline; the real
+   * path's accumulators are filled with `one - 1`.
    */
   constructor(readonly shape: MatrixShape, readonly split: boolean, private readonly one: string) {}
 
@@ -77,11 +216,12 @@ diagnostic(off, chromium.subgroup_matrix_uniformity);`;
    * rows x cols result, A rows x depth (`a`), B depth x cols (`b`). Views
    * are given per block: `a(rowBlock, kStep)`, `b(kStep, colBlock)` as WGSL
    * expressions of the u32 variables `rb`, `ks`, `cb`. Subgroup `g` takes
-   * every SG-th M x N block. Uses `g`, `ln` (lane) and the constant `SG`.
+   * every SG-th M x N block. Uses `g`, `ln` (lane) and the constant `SG`;
+   * `out` has `outLen` elements.
    */
   product(
       rows: number, cols: number, depth: number, a: MatrixView, b: MatrixView, out: string,
-      outStride: number): string {
+      outStride: number, outLen: number): string {
     const {M, N, K, lanes} = this.shape;
     const colBlocks = cols / N;
     const blocks = `for (var blk = g; blk < ${this.lim(`${rows / M * colBlocks}u`)}; blk += SG) {
@@ -89,11 +229,11 @@ diagnostic(off, chromium.subgroup_matrix_uniformity);`;
       let cb = blk % ${colBlocks}u;`;
     const outAt = `rb * ${M * outStride}u + cb * ${N}u`;
     if (this.shape.standIn) {
-      // One result element per (lane, e) as the built-ins spread it; the
-      // K steps and the split's products in one loop (no functions, no
-      // accumulator arrays: SwiftShader compiles those slowly).
-      const li = a.colMajor ? `k * ${a.stride} + r` : `r * ${a.stride} + k`;
-      const ri = b.colMajor ? `c * ${b.stride} + k` : `k * ${b.stride} + c`;
+      // One result element per (lane, e) as the built-ins spread it, the
+      // split's products in the K loop (no functions, no accumulator
+      // arrays: SwiftShader compiles those slowly).
+      const outView: MatrixView =
+          {arr: out, off: outAt, stride: `${outStride}u`, colMajor: false, len: outLen};
       const terms = this.split ?
           [
             `${a.arr}Lo[li] * ${b.arr}[ri]`, `${a.arr}[li] * ${b.arr}Lo[ri]`,
@@ -101,39 +241,37 @@ diagnostic(off, chromium.subgroup_matrix_uniformity);`;
           ] :
           [`${a.arr}[li] * ${b.arr}[ri]`];
       return `${blocks}
+      let atO = ${standInPlaceWGSL(outView, M, N)};
       for (var e = 0u; e < ${this.lim(`${M * N / lanes}u`)}; e++) {
-        let idx = e * ${lanes}u + ln;
+        let idx = ${standInElementWGSL(this.shape, 'e', 'ln')};
         let r = idx / ${N}u;
         let c = idx % ${N}u;
         var sum = 0.0;
-        for (var kk = 0u; kk < ${this.lim(`${depth}u`)}; kk++) {
-          let ks = kk / ${K}u;
-          let k = kk % ${K}u;
-          let li = ${a.off} + ${li};
-          let ri = ${b.off} + ${ri};
-          ${terms.map(t => `sum = fma(${t.replace(' * ', ', ')}, sum);`).join('\n          ')}
+        for (var ks = 0u; ks < ${this.lim(`${depth / K}u`)}; ks++) {
+          let atA = ${standInPlaceWGSL(a, M, K)};
+          let atB = ${standInPlaceWGSL(b, K, N)};
+          for (var k = 0u; k < ${this.lim(`${K}u`)}; k++) {
+            let li = ${standInIndexWGSL(a, 'atA', 'r', 'k')};
+            let ri = ${standInIndexWGSL(b, 'atB', 'k', 'c')};
+            ${terms.map(t => `sum = fma(${t.replace(' * ', ', ')}, sum);`).join('\n            ')}
+          }
         }
-        ${out}[${outAt} + r * ${outStride}u + c] = sum;
+        ${out}[${standInIndexWGSL(outView, 'atO', 'r', 'c')}] = sum;
       }
     }`;
     }
     return `${blocks}
-      var acc = subgroup_matrix_result<f32, ${N}, ${M}>();
+      var acc = ${zeroResultWGSL(this.shape, `f32(${this.one}) - 1.0`)};
       for (var ks = 0u; ks < ${depth / K}u; ks++) {
         ${this.products('acc', a, b)}
       }
-      subgroupMatrixStore(&${out}, ${outAt}, acc, false, ${outStride}u);
+      ${matrixStoreWGSL(this.shape, out, outAt, 'acc', `${outStride}u`)}
     }`;
   }
 
-  /** sm_h: f32 to f16 (emulated in the stand-in). */
+  /** sm_h (f32 to f16; emulated in the stand-in) and the stand-in's sm_place. */
   helpers(): string {
-    return this.shape.standIn ? `fn sm_h(x: f32) -> f32 {
-  return unpack2x16float(pack2x16float(vec2<f32>(x, 0.0))).x;
-}` :
-                                `fn sm_h(x: f32) -> f16 {
-  return f16(x);
-}`;
+    return standInHelpersWGSL(this.shape);
   }
 
   /** The split's products, small terms first, then hi x hi. */
@@ -141,13 +279,11 @@ diagnostic(off, chromium.subgroup_matrix_uniformity);`;
     const {M, N, K} = this.shape;
     const lo = (v: MatrixView) => ({...v, arr: `${v.arr}Lo`});
     const pairs = this.split ? [[lo(a), b], [a, lo(b)], [a, b]] : [[a, b]];
-    const load = (v: MatrixView, type: string) =>
-        `subgroupMatrixLoad<${type}>(&${v.arr}, ${v.off}, ${v.colMajor}, ${v.stride})`;
     return pairs
         .map(
             ([l, r]) => `${acc} = subgroupMatrixMultiplyAccumulate(${
-                load(l, `subgroup_matrix_left<f16, ${K}, ${M}>`)}, ${
-                load(r, `subgroup_matrix_right<f16, ${N}, ${K}>`)}, ${acc});`)
+                matrixLoadWGSL(this.shape, `subgroup_matrix_left<f16, ${K}, ${M}>`, l)}, ${
+                matrixLoadWGSL(this.shape, `subgroup_matrix_right<f16, ${N}, ${K}>`, r)}, ${acc});`)
         .join('\n        ');
   }
 }

@@ -1,6 +1,6 @@
 /**
  * The fused training kernels of the webgpu backend: FusedNorm(Grad),
- * SoftmaxCrossEntropy(Grad), FusedRotary, FusedGelu and RowGather, each a few tfjs
+ * SoftmaxCrossEntropy(Grad), FusedRotary and FusedGelu, each a few tfjs
  * programs recorded into tfjs's command encoder (no extra queue submits, no
  * host uploads).
  *
@@ -11,13 +11,12 @@ import type {WebGPUBackend} from '@tensorflow/tfjs-backend-webgpu';
 
 import {registerFusedKernel} from '../../src/dispatch';
 import {dropoutThreshold} from '../../src/dropout';
-import {FusedGelu, FusedNorm, FusedNormAttrs, FusedNormGrad, FusedRotary, FusedRotaryAttrs, RowGather, SoftmaxCrossEntropy, SoftmaxCrossEntropyAttrs, SoftmaxCrossEntropyGrad} from '../../src/train/kernel_names';
+import {FusedGelu, FusedNorm, FusedNormAttrs, FusedNormGrad, FusedRotary, FusedRotaryAttrs, SoftmaxCrossEntropy, SoftmaxCrossEntropyAttrs, SoftmaxCrossEntropyGrad} from '../../src/train/kernel_names';
 
 import {CrossEntropyGradProgram, CrossEntropyLossProgram, CrossEntropyLseProgram} from './cross_entropy_webgpu';
 import {GeluProgram} from './gelu_webgpu';
 import {NormBackwardProgram, NormColumnSumProgram, NormForwardProgram, NormResidualProgram, NormStatsProgram} from './fused_norm_webgpu';
 import {RotaryProgram} from './rotary_webgpu';
-import {RowGatherProgram} from './row_gather_webgpu';
 import {ProgramUniform, TfjsWebGPUProgram} from './tfjs_program';
 
 interface KernelArgs {
@@ -122,16 +121,9 @@ function geluWebGPU({inputs, backend}: KernelArgs): tf.TensorInfo {
   return run(backend as WebGPUBackend, new GeluProgram(inputs.x.shape), [inputs.x]);
 }
 
-function rowGatherWebGPU({inputs, backend}: KernelArgs): tf.TensorInfo {
-  const {x, rowIndex} = inputs;
-  const program = new RowGatherProgram(rowIndex.shape[0], x.shape[1]);
-  return run(backend as WebGPUBackend, program, [x, rowIndex]);
-}
-
 const configs: Array<[string, unknown]> = [
   [FusedRotary, rotaryWebGPU],
   [FusedGelu, geluWebGPU],
-  [RowGather, rowGatherWebGPU],
   [FusedNorm, fusedNormWebGPU],
   [FusedNormGrad, fusedNormGradWebGPU],
   [SoftmaxCrossEntropy, crossEntropyWebGPU],

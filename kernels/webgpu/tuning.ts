@@ -64,6 +64,21 @@ export const FORWARD_TILINGS: ForwardTilingChoice[] = [
   {tm: 1, tx: 1, nq: 1, ty: 8},    // 8 x 4, 8
 ];
 
+/**
+ * Head dims above 64: outer-product tilings with K^T and V streamed through
+ * workgroup memory in slices of the head dim (ForwardTiles.dimChunks), so
+ * that 64 query rows of Q^T stay resident beside them (docs/webgpu_tuning.md,
+ * "Head dims above 64" works out each one's registers, bytes and loads).
+ * Not planned: forcible (setForwardOverride, the benchmark's `--variants
+ * sliced`) until an H100 run places them in FORWARD_TILINGS.
+ */
+export const SLICED_FORWARD_CANDIDATES: ForwardTiles[] = [
+  {tm: 4, tx: 8, nq: 1, ty: 16, outer: true, dimChunks: 2},  // 64 x 32, 128, 48 KiB
+  {tm: 4, tx: 8, nq: 1, ty: 16, outer: true, dimChunks: 4},  // 64 x 32, 128, 44 KiB
+  {tm: 4, tx: 16, nq: 1, ty: 8, outer: true, dimChunks: 2},  // 32 x 64, 128, 40 KiB
+  {tm: 4, tx: 8, nq: 1, ty: 8, outer: true, dimChunks: 2},   // 32 x 32, 64, 28 KiB
+];
+
 /** Floats per thread (S, O, prefetch) above which a tiling spills. */
 export const REGISTER_BUDGET = 160;
 

@@ -93,10 +93,24 @@ export interface ScoreOptions {
    * masks; FlashAttentionAttrs.paddedDiagonal).
    */
   paddedDiagonal?: boolean;
+  /**
+   * With seqlens: the packed varlen layout (FlashAttentionAttrs.packedBatch).
+   * Sequence b's rows start at its cumulative length: `seqlens` is then the
+   * `[B + 1]` cuSeqlensQ, and a `cuK` binding cuSeqlensK; the lengths are
+   * the differences (fa_packed_length). Rows and keys, dropout and ALiBi keep
+   * their indices inside the sequence.
+   */
+  packed?: boolean;
 }
 
 export function scoreOptionsFromAttrs(
-    attrs: {softcap: number, windowLeft: number, windowRight: number, paddedDiagonal?: boolean},
+    attrs: {
+      softcap: number,
+      windowLeft: number,
+      windowRight: number,
+      paddedDiagonal?: boolean,
+      packedBatch?: number
+    },
     hasAlibi: boolean, hasSeqlens = false): ScoreOptions {
   return {
     softcap: attrs.softcap > 0,
@@ -105,13 +119,14 @@ export function scoreOptionsFromAttrs(
     windowRight: attrs.windowRight >= 0,
     seqlens: hasSeqlens,
     paddedDiagonal: hasSeqlens && attrs.paddedDiagonal === true,
+    packed: hasSeqlens && attrs.packedBatch! > 0,
   };
 }
 
 /** The part of a pipeline key that scoreWGSL's options decide. */
 export function scoreKey(o: ScoreOptions): string {
   return `sc${+ o.softcap}al${+ o.alibi}wl${+ o.windowLeft}wr${+ o.windowRight}sl${+ !!o.seqlens}${
-      o.paddedDiagonal ? 'pd' : ''}`;
+      o.paddedDiagonal ? 'pd' : ''}${o.packed ? 'pk' : ''}`;
 }
 
 /**
@@ -160,6 +175,7 @@ fn fa_with_lengths(p: FaScore, lenQ: i32, lenK: i32) -> FaScore {
   return r;
 }
 
+${o.packed ? packedWGSL() : ''}
 fn fa_tanh(x: f32) -> f32 {
   // exp of a non-positive argument cannot overflow.
   let t = exp(-2.0 * abs(x));
@@ -196,6 +212,34 @@ fn fa_score(qk: f32, i: i32, j: i32, p: FaScore) -> f32 {
   var s = fa_capped(qk, p);
   ${o.alibi ? 's = s - p.slope * f32(abs(i + p.diag - j));' : ''}
   return s;
+}
+`;
+}
+
+/**
+ * The packed varlen layout's sequence bounds (ScoreOptions.packed):
+ *   fn fa_packed_length(start: i32, next: i32, total: i32, maxLen: i32) -> i32
+ *       rows of the sequence at `start` (next: the following one's start):
+ *       cut to maxLen and to the tensor's `total` rows
+ *   fn fa_packed_gaps(b: i32, nb: i32, start: i32, len: i32, next: i32,
+ *                     total: i32) -> vec4<i32>
+ *       the rows [x, y) and [z, w) that no sequence covers and sequence b
+ *       of nb owns: those before the first sequence (b == 0), and those
+ *       after its rows up to the next sequence's start (the end of the
+ *       tensor for the last). Empty unless cuSeqlens leaves rows out or a
+ *       sequence exceeds maxLen; their outputs and gradients are zeros.
+ */
+function packedWGSL(): string {
+  return `
+fn fa_packed_length(start: i32, next: i32, total: i32, maxLen: i32) -> i32 {
+  return clamp(min(next, total) - start, 0, maxLen);
+}
+
+fn fa_packed_gaps(b: i32, nb: i32, start: i32, len: i32, next: i32, total: i32) -> vec4<i32> {
+  let before = select(0, clamp(start, 0, total), b == 0);
+  let lo = clamp(start + len, 0, total);
+  let hi = select(clamp(next, lo, total), total, b == nb - 1);
+  return vec4<i32>(0, before, lo, hi);
 }
 `;
 }
@@ -298,12 +342,14 @@ export function maxAllWGSL(terms: string[]): string {
  * The uniform struct `Uniforms` and the bindings of a fused forward program
  * (both forward kernels), in the order its inputs and outputs are bound:
  * q, k, v as `qb`, `kb`, `vb` (element types `qkType`, `qkType`, `vType`),
- * the ALiBi slopes and per-batch lengths (`seqlens`) when compiled in, the
+ * the ALiBi slopes and per-batch lengths (`seqlens`, and `cuK` when packed)
+ * when compiled in, the
  * outputs `outb` (`vType`) and `lseb` (log-sum-exp bits), the uniforms `u`.
  */
 export function forwardBindingsWGSL(
     uniforms: readonly UniformField[],
-    o: {qkType: string, vType: string, alibi: boolean, seqlens?: boolean}): string {
+    o: {qkType: string, vType: string, alibi: boolean, seqlens?: boolean, packed?: boolean}):
+    string {
   const inputs = [
     {name: 'qb', type: o.qkType},
     {name: 'kb', type: o.qkType},
@@ -311,6 +357,8 @@ export function forwardBindingsWGSL(
     ...(o.alibi ? [{name: 'slopes', type: 'f32'}] : []),
     // (seqlenQ_b, seqlenK_b) per batch row.
     ...(o.seqlens ? [{name: 'seqlens', type: 'i32'}] : []),
+    // Packed varlen: seqlens is cuSeqlensQ, and this cuSeqlensK.
+    ...(o.packed ? [{name: 'cuK', type: 'i32'}] : []),
   ];
   const outputs = [{name: 'outb', type: o.vType}, {name: 'lseb', type: 'u32'}];
   return `${uniformStructWGSL('Uniforms', uniforms)}

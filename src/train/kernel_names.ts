@@ -83,10 +83,3 @@ export interface FusedRotaryAttrs {
  * callers give it their own gradient (demo/gpt.ts's geluNew).
  */
 export const FusedGelu = 'FusedGelu';
-
-/**
- * Rows of `x [N, C]` by a 1-based index: `out [M, C]`, row i is
- * `x[rowIndex[i] - 1]`, or zeros where `rowIndex[i]` is 0 (int32 `[M]`).
- * Forward only: src/varlen.ts's pad and unpad give it their gradient.
- */
-export const RowGather = 'RowGather';

@@ -1,0 +1,261 @@
+/**
+ * The head-dim-sliced outer-product forward (ForwardTiles.dimChunks,
+ * docs/webgpu_tuning.md, "Head dims above 64"): K^T and V go through
+ * workgroup memory in slices of the head dim beside a whole Q^T tile.
+ * Forced on Dawn/SwiftShader against the float64 oracle (out and lse, every
+ * element, outputs poisoned with NaN) at D=128, 96, 80 and head dims that
+ * are not multiples of 4, with the option families, the GPU code path
+ * (prefetch, constant loops), no subgroups, split-KV and per-batch key
+ * lengths; plus what the planner sees of the H100 candidates, which its
+ * default choice must not take.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+
+import {forwardStats, planForward, setForwardOverride} from '../kernels/webgpu/FlashAttention';
+import {ForwardTiles, forwardWGSL, prefetchFloats, tileSizes, workgroupBytes} from '../kernels/webgpu/flash_attention_webgpu';
+import {checkOwnPipelineErrors, setPoisonOutputs, webgpuBackendOf} from '../kernels/webgpu/own_pipeline';
+import {SLICED_FORWARD_CANDIDATES} from '../kernels/webgpu/tuning';
+import {scoreOptionsFromAttrs} from '../kernels/webgpu/wgsl_snippets';
+import {FLASH_ATTENTION_IMPL, flashAttention} from '../src';
+
+import {selectedBackends, useBackend} from './harness/backends';
+import {checkForward, OPTION_CASES, OptionCase} from './harness/cases';
+import {H100_STAND_IN} from './harness/devices';
+import {expectClose, FORWARD_BOUND, freshRng, randomArray} from './harness/problems';
+import {oracleForward} from './oracle';
+
+const describeWebGPU = selectedBackends().includes('webgpu') ? describe : describe.skip;
+
+/** 16 x 16 tiles, 16 threads, two head-dim slices: small enough for SwiftShader. */
+const SMALL: ForwardTiles = {
+  tm: 4,
+  tx: 4,
+  nq: 1,
+  ty: 4,
+  outer: true,
+  dimChunks: 2
+};
+
+/** The H100 candidate that also fits SwiftShader's 32 KiB (32 x 32, 28 KiB). */
+const FITS_SWIFTSHADER = SLICED_FORWARD_CANDIDATES.find(
+    t => workgroupBytes({headDim: 128, headDimV: 128, tiles: t}, false) <= 32768)!;
+
+type Override = Parameters<typeof setForwardOverride>[0];
+
+/** checkForward under a forced plan: one fused dispatch, nothing leaked. */
+async function checkSliced(c: OptionCase, o: Override) {
+  setForwardOverride(o);
+  try {
+    const before = forwardStats.dispatches;
+    const tensors = tf.memory().numTensors;
+    await checkForward(c, freshRng());
+    expect(forwardStats.dispatches).toBe(before + 1);
+    expect(tf.memory().numTensors).toBe(tensors);
+    await checkOwnPipelineErrors();
+  } finally {
+    setForwardOverride(null);
+  }
+}
+
+/** A case of OPTION_CASES at head dims d / dv, with 2-3 query and key tiles. */
+function atHeadDim(name: string, d: number, dv = d): OptionCase {
+  const c = OPTION_CASES.find(x => x.name === name)!;
+  expect(c).toBeDefined();
+  const longer = (n: number) => n + 24;
+  return {
+    ...c,
+    name: `${c.name}, D=${d}${dv !== d ? `, Dv=${dv}` : ''}`,
+    shape: {
+      ...c.shape,
+      seqQ: longer(c.shape.seqQ),
+      seqK: longer(c.shape.seqK),
+      headDim: d,
+      headDimV: dv
+    },
+  };
+}
+
+describe('head-dim-sliced tilings: sizes and plans (no GPU)', () => {
+  const sizes = (tiles: ForwardTiles, d = 128, dv = d) =>
+      ({c: {headDim: d, headDimV: dv, tiles}, s: tileSizes({headDim: d, headDimV: dv, tiles})});
+
+  it('the H100 candidates fit 48 KiB with subgroups and are forcible there', () => {
+    expect(SLICED_FORWARD_CANDIDATES.length).toBeGreaterThanOrEqual(2);
+    expect(FITS_SWIFTSHADER).toMatchObject({tm: 4, tx: 8, ty: 8, dimChunks: 2});
+    for (const tiles of SLICED_FORWARD_CANDIDATES) {
+      const {c} = sizes(tiles);
+      expect(workgroupBytes(c, true)).toBeLessThanOrEqual(49152);
+      setForwardOverride({tiles});
+      try {
+        expect(planForward(H100_STAND_IN, 128, 128, 16 * 4096)).toEqual({tiles, subgroups: true});
+      } finally {
+        setForwardOverride(null);
+      }
+    }
+  });
+
+  it('64 x 32 with two slices: Q^T 32 KiB, one 8 KiB slice, P^T 8 KiB', () => {
+    const tiles = {tm: 4, tx: 8, nq: 1, ty: 16, outer: true, dimChunks: 2};
+    const {c, s} = sizes(tiles);
+    expect([s.br, s.bc, s.threads, s.nj, s.dc4, s.vcw]).toEqual([64, 32, 128, 4, 16, 16]);
+    expect(workgroupBytes(c, true)).toBe(32768 + 8192 + 8192);
+    // Without slices the same tiles need 56 KiB.
+    expect(workgroupBytes({...c, tiles: {...tiles, dimChunks: 1}}, true)).toBe(57344);
+    // One slice of K^T or V ahead in registers: 4 vec4s.
+    expect(prefetchFloats(c)).toBe(16);
+  });
+
+  it('rounds each thread\'s output quads up to whole slices (Dv=80, 96; odd D)', () => {
+    // Dv=80: 20 quads over TX=4 -> 5 per thread -> 6 in 2 slices of 12 columns.
+    expect(sizes(SMALL, 96, 80).s).toMatchObject({nj: 6, vcw: 12, dc4: 12, dq4: 24, dv4: 20});
+    // D=100: 25 quads -> slices of 13, the last padded.
+    expect(sizes(SMALL, 100, 70).s).toMatchObject({dq4: 25, dc4: 13, dv4: 18, nj: 6, vcw: 12});
+  });
+
+  it('the planner\'s default at D=128 is unchanged (never sliced)', () => {
+    for (const rows of [16 * 512, 16 * 1024, 16 * 4096, 128 * 1024, 16 * 16384]) {
+      const plan = planForward(H100_STAND_IN, 128, 128, rows)!;
+      expect(plan.tiles).toEqual({tm: 2, tx: 8, nq: 1, ty: 16});
+    }
+    for (const d of [80, 96]) {
+      expect(planForward(H100_STAND_IN, d, d, 16 * 4096)!.tiles.dimChunks).toBeUndefined();
+    }
+  });
+
+  it('refuses slices without the outer-product mode, or not a positive integer', () => {
+    const config = {
+      headDim: 128,
+      headDimV: 128,
+      tiles: {tm: 2, tx: 8, nq: 1, ty: 16, dimChunks: 2},
+      score: scoreOptionsFromAttrs({softcap: 0, windowLeft: -1, windowRight: 0}, false),
+      alibiMode: 0 as const,
+      dropout: false,
+      subgroups: true,
+      reverseRows: false,
+      runtimeLoops: false,
+    };
+    expect(() => forwardWGSL(config)).toThrow(/dimChunks = 2.*outer-product/);
+    for (const dimChunks of [0, 1.5]) {
+      expect(() => forwardWGSL({...config, tiles: {...SMALL, dimChunks}}))
+          .toThrow(`dimChunks must be a positive integer, got ${dimChunks}`);
+    }
+  });
+});
+
+describeWebGPU('fused WebGPU forward, head-dim slices [webgpu]', () => {
+  beforeAll(async () => {
+    await useBackend('webgpu');
+    tf.env().set(FLASH_ATTENTION_IMPL, 'fused');
+    setPoisonOutputs(true);
+  });
+  afterAll(() => {
+    tf.env().set(FLASH_ATTENTION_IMPL, 'auto');
+    setPoisonOutputs(false);
+    setForwardOverride(null);
+  });
+
+  // Each case compiles its own pipeline (seconds on SwiftShader), so each
+  // covers several things: option families, head dims (D=96/80 with padded
+  // V slices; D=100/70 with scalar loads and a padded K slice), reductions
+  // with and without subgroups, four slices with split-KV, the GPU code
+  // path (prefetch, constant loops: D=32, as SwiftShader unrolls those
+  // fully); the per-batch lengths below run an H100 candidate at its own
+  // size (the others need 40-48 KiB, over SwiftShader's 32).
+  const cases: Array<[OptionCase, Override]> = [
+    [atHeadDim('causal, Sq > Sk (rows without keys)', 96, 80), {tiles: SMALL}],
+    [atHeadDim('alibi [B, H], causal, softcap', 100, 70), {tiles: SMALL, subgroups: false}],
+    [atHeadDim('dropout with GQA, window and seed >= 2^32', 128), {tiles: SMALL}],
+    [atHeadDim('window [4, -1], Sq < Sk', 128), {tiles: {...SMALL, dimChunks: 4}, splits: 3}],
+    [atHeadDim('softcap', 32), {tiles: SMALL, constantLoops: true, prefetch: true}],
+  ];
+  for (const [c, o] of cases) {
+    it(`${c.name} [${JSON.stringify(o)}]`, () => checkSliced(c, o));
+  }
+
+  it('the H100 candidates\' WGSL at D=128 (constant loops, prefetch) passes Dawn\'s validation',
+     async () => {
+       // Their 40-48 KiB pipelines cannot be created here (32 KiB), but the
+       // shader module is validated without the limit; every option on.
+       const device = webgpuBackendOf().device;
+       const subgroups = device.features.has('subgroups' as GPUFeatureName);
+       for (const tiles of SLICED_FORWARD_CANDIDATES) {
+         for (const splitKeys of [false, true]) {
+           const code = forwardWGSL({
+             headDim: 128,
+             headDimV: 128,
+             tiles,
+             score: scoreOptionsFromAttrs(
+                 {softcap: 30, windowLeft: 64, windowRight: 0, paddedDiagonal: true}, true, true),
+             alibiMode: 2,
+             dropout: true,
+             subgroups,
+             reverseRows: true,
+             runtimeLoops: false,
+             splitKeys,
+           });
+           expect(code).toContain(`const DC4 = ${32 / tiles.dimChunks!}u;`);
+           device.pushErrorScope('validation');
+           const module = device.createShaderModule({code});
+           const info = await module.getCompilationInfo();
+           const error = await device.popErrorScope();
+           const errors = info.messages.filter(m => m.type === 'error').map(m => m.message);
+           expect([JSON.stringify(tiles), ...errors]).toEqual([JSON.stringify(tiles)]);
+           expect(error).toBeNull();
+         }
+       }
+     });
+
+  it('per-batch key lengths (seqlensK), the 32 x 32 candidate at D=128: each row alone',
+     async () => {
+       setForwardOverride({tiles: FITS_SWIFTSHADER});
+       const rng = freshRng();
+       const [batch, seq, heads, dim] = [3, 45, 2, 128];
+       const lengths = [45, 0, 19];
+       const values = () => randomArray(batch * seq * heads * dim, rng);
+       const [qv, kv, vv] = [values(), values(), values()];
+       const shape: [number, number, number, number] = [batch, seq, heads, dim];
+       const [q, k, v] = [qv, kv, vv].map(x => tf.tensor4d(Float32Array.from(x), shape));
+       const seqlensK = tf.tensor1d(lengths, 'int32');
+       const tensors = tf.memory().numTensors;
+       try {
+         const before = forwardStats.dispatches;
+         const out = flashAttention(q, k, v, {seqlensK, causal: true});
+         const got = await out.data();
+         out.dispose();
+         expect(forwardStats.dispatches).toBe(before + 1);
+         expect(tf.memory().numTensors).toBe(tensors);
+         const rowSize = seq * heads * dim;
+         for (let b = 0; b < batch; b++) {
+           const len = lengths[b];
+           const expected = new Float64Array(rowSize);
+           if (len > 0) {
+             const cut = (x: Float64Array, rows: number) =>
+                 x.slice(b * rowSize, b * rowSize + rows * heads * dim);
+             const f = oracleForward(
+                 {
+                   batch: 1,
+                   seqQ: seq,
+                   seqK: len,
+                   heads,
+                   headsKV: heads,
+                   headDim: dim,
+                   headDimV: dim,
+                   q: cut(qv, seq),
+                   k: cut(kv, len),
+                   v: cut(vv, len),
+                   alibiSlopes: null,
+                 },
+                 {causal: true});
+             expected.set(f.out);
+           }
+           expectClose(
+               got.slice(b * rowSize, (b + 1) * rowSize), expected, FORWARD_BOUND,
+               `batch row ${b} (length ${len}, seed ${rng.seed})`);
+         }
+         await checkOwnPipelineErrors();
+       } finally {
+         setForwardOverride(null);
+         tf.dispose([q, k, v, seqlensK]);
+       }
+     });
+});
