@@ -67,8 +67,7 @@ async function main(): Promise<void> {
       vv as import('@tensorflow/tfjs-core').Tensor4D, opts);
   const grads = tf.grads(attend);
   const decode = decodeStep(tf, fa, arg(argv, 'decode-shape', '1,32,8,512,128'));
-  const generation =
-      modes.includes('gen-token') ? await generationStep(tf, calls + 40 + 1) : null;
+  const generation = modes.includes('gen-token') ? await generationStep(tf, calls + 40 + 1) : null;
   const runs: Record<string, () => T[]> = {
     fwd: () => [attend(q, k, v)],
     fwdbwd: () => grads([q, k, v], dy),
@@ -134,8 +133,7 @@ async function generationStep(tf: TF, tokens: number) {
   const decoder = new IncrementalDecoder(model, {batch: 1, maxSeqLen: tokens + 2});
   let id = tf.tensor2d([[1]], [1, 1], 'int32') as import('@tensorflow/tfjs-core').Tensor;
   const step = () => {
-    const next =
-        tf.tidy(() => tf.reshape(tf.argMax(tf.reshape(decoder.step(id), [-1])), [1, 1]));
+    const next = tf.tidy(() => tf.reshape(tf.argMax(tf.reshape(decoder.step(id), [-1])), [1, 1]));
     id.dispose();
     id = next;
     return tf.clone(next);
