@@ -11,12 +11,13 @@
  *
  *   node tensor_cores.mjs [--seqs 4096,16384] [--dims 64,128] [--heads 16]
  *       [--torch torch_tc.json] [--skip-check] [--skip-time] [--json FILE]
- *       [--stand-in] [--small] [--variants]
+ *       [--stand-in] [--small] [--variants] [--forward-plans]
  *
  * The check's columns: SIMT, both precisions, and the float32 matrix
  * backward after the SIMT forward (which kernel is wrong); --variants adds
  * the float32 path with each diagnosis flag of kernels/webgpu/subgroup_matrix.ts
- * (which construct breaks them on a GPU).
+ * (which construct breaks them on a GPU); --forward-plans adds the float32
+ * path with other forward tilings (subgroups per workgroup, keys per tile).
  *
  * Without the feature it stops with a message, unless --stand-in: then the
  * kernels' portable stand-in runs (plain loops; checks the tiling and the
@@ -100,6 +101,20 @@ function checkModes(): CheckMode[] {
         name: `float32 ${name}`,
         precision: 'float32',
         override: {...tc, diagnose},
+        expect: [1, 2],
+      });
+    }
+  }
+  if (process.argv.includes('--forward-plans')) {
+    // Other forward tilings of the float32 path: which of the kernel's
+    // tile parameters (subgroups per workgroup, keys per tile) matter.
+    const plans: Array<Pick<MatrixForwardOverride, 'subgroups'|'bc'>> =
+        [{subgroups: 1}, {subgroups: 2}, {bc: 16}, {bc: 64}, {subgroups: 1, bc: 16}];
+    for (const plan of plans) {
+      modes.push({
+        name: `float32 ${JSON.stringify(plan)}`,
+        precision: 'float32',
+        override: {...tc, ...plan},
         expect: [1, 2],
       });
     }

@@ -34,7 +34,7 @@
  * f16, no subgroups) runs the tiling, indexing and split arithmetic.
  */
 import {MatrixShape, matrixShapeKey} from './subgroup_matrix';
-import {matrixLoadWGSL, matrixStoreWGSL, MatrixView as View, standInElementWGSL, standInHelpersWGSL, standInIndexWGSL, standInPlaceWGSL, subgroupIdsWGSL, subgroupParamsWGSL, zeroResultWGSL} from './subgroup_matrix_wgsl';
+import {matrixLoadWGSL, matrixStoreWGSL, MatrixView as View, standInElementWGSL, standInHelpersWGSL, splitStoreWGSL, standInIndexWGSL, standInPlaceWGSL, subgroupIdsWGSL, subgroupParamsWGSL, zeroResultWGSL} from './subgroup_matrix_wgsl';
 import {dropoutWGSL, keyRangeWGSL, philoxWGSL, scoreKey, ScoreOptions, scoreWGSL, FA_NEG_INF_BITS, forwardBindingsWGSL, forwardTileWGSL, maxAllWGSL as maxAll, range, VEC4_COMPONENTS as COMP} from './wgsl_snippets';
 
 /** Everything baked into one pipeline. */
@@ -250,9 +250,8 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) 
       range(4)
           .map(e => {
             const x = `${v}.${COMP[e]} * ${scale}`;
-            return c.split ? `{ let x = ${x}; let hi = sm_h(x); ${prefix}h[${at} + ${e}u] = hi; ${
-                                 prefix}l[${at} + ${e}u] = sm_h(x - f32(hi)); }` :
-                             `${prefix}h[${at} + ${e}u] = sm_h(${x});`;
+            return splitStoreWGSL(
+                x, `${prefix}h[${at} + ${e}u]`, c.split ? `${prefix}l[${at} + ${e}u]` : null);
           })
           .join('\n      ');
   // Row reductions over a row's LPR lanes, and tile maxima: subgroup

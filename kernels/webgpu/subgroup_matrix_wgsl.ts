@@ -116,18 +116,41 @@ function gcd(a: number, b: number): number {
 }
 
 /**
- * WGSL helpers of the stand-in: sm_h (f32 to f16 and back, overflowing to
- * infinity) and sm_place (the built-ins' bounds handling: returns the
- * offset and stride a load or store really uses). On the real path sm_h
- * converts to f16.
+ * sm_hi: the float16 "hi" part of a float32, computed without a float16
+ * round trip: the low 13 mantissa bits cleared leave the 11 significant
+ * bits f16 holds, so the f32 difference x - hi is exact. The obvious
+ * `x - f32(f16(x))` is not safe: on an H100 through Dawn/Vulkan the
+ * compiler folded f32(f16(x)) to x (benchmarks/subgroup_matrix_probe.ts,
+ * case 5), every lo part came out 0 and the split kept f16 accuracy.
+ */
+const SPLIT_HI_WGSL = `fn sm_hi(x: f32) -> f32 {
+  return bitcast<f32>(bitcast<u32>(x) & 0xffffe000u);
+}`;
+
+/**
+ * WGSL storing float32 `x` (already scaled into f16's range) as float16
+ * parts: `hi = ...` (the lvalue `hi`) and, when `lo` is given, the rest.
+ */
+export function splitStoreWGSL(x: string, hi: string, lo: string|null): string {
+  return lo == null ? `${hi} = sm_h(${x});` :
+                      `{ let x = ${x}; let h = sm_hi(x); ${hi} = sm_h(h); ${lo} = sm_h(x - h); }`;
+}
+
+/**
+ * WGSL helpers: sm_hi (above); sm_h, f32 to f16 (emulated in the stand-in:
+ * to f16 and back, overflowing to infinity); and the stand-in's sm_place
+ * (the built-ins' bounds handling: returns the offset and stride a load or
+ * store really uses).
  */
 export function standInHelpersWGSL(shape: MatrixShape): string {
   if (!shape.standIn) {
-    return `fn sm_h(x: f32) -> f16 {
+    return `${SPLIT_HI_WGSL}
+fn sm_h(x: f32) -> f16 {
   return f16(x);
 }`;
   }
-  return `// f16(x) as f32: round to nearest even, beyond f16's range +-infinity.
+  return `${SPLIT_HI_WGSL}
+// f16(x) as f32: round to nearest even, beyond f16's range +-infinity.
 fn sm_h(x: f32) -> f32 {
   if (abs(x) >= 65520.0) {
     return bitcast<f32>(select(0xff800000u, 0x7f800000u, x > 0.0));
@@ -206,9 +229,7 @@ diagnostic(off, chromium.subgroup_matrix_uniformity);`;
    * as its hi (and lo) float16 parts.
    */
   splitStore(arr: string, at: string, x: string): string {
-    return this.split ? `{ let x = ${x}; let hi = sm_h(x); ${arr}[${at}] = hi; ${arr}Lo[${
-                            at}] = sm_h(x - f32(hi)); }` :
-                        `${arr}[${at}] = sm_h(${x});`;
+    return splitStoreWGSL(x, `${arr}[${at}]`, this.split ? `${arr}Lo[${at}]` : null);
   }
 
   /**
