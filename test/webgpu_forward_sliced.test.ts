@@ -112,10 +112,10 @@ describe('head-dim-sliced tilings: sizes and plans (no GPU)', () => {
     expect(sizes(SMALL, 100, 70).s).toMatchObject({dq4: 25, dc4: 13, dv4: 18, nj: 6, vcw: 12});
   });
 
-  it('the planner\'s default at D=128 is unchanged (never sliced)', () => {
+  it('the planner takes the first candidate at D=128 on an H100 (not at D <= 96)', () => {
     for (const rows of [16 * 512, 16 * 1024, 16 * 4096, 128 * 1024, 16 * 16384]) {
       const plan = planForward(H100_STAND_IN, 128, 128, rows)!;
-      expect(plan.tiles).toEqual({tm: 2, tx: 8, nq: 1, ty: 16});
+      expect(plan.tiles).toEqual(SLICED_FORWARD_CANDIDATES[0]);
     }
     for (const d of [80, 96]) {
       expect(planForward(H100_STAND_IN, d, d, 16 * 4096)!.tiles.dimChunks).toBeUndefined();

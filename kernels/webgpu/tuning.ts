@@ -42,6 +42,11 @@ export const SHORT_GRID_GROUPS = 2 * TUNED_SM_COUNT;
  * comments.
  */
 export const FORWARD_TILINGS: ForwardTilingChoice[] = [
+  // Head dims 97..128: 64 x 32 outer-product tiles with K^T and V streamed
+  // in two head-dim slices (see SLICED_FORWARD_CANDIDATES); faster than the
+  // classic tiles in every D=128 row measured (benchmarks/RESULTS.md,
+  // "Session 7, call 1"). D <= 96 was not measured.
+  {tm: 4, tx: 8, nq: 1, ty: 16, outer: true, dimChunks: 2, minHeadDim: 96, maxHeadDim: 128},
   // Short grids at D=64 (e.g. B x H = 16 at S = 512): 16 x 64 tiles, twice
   // the workgroups of the 32 x 64 ones (benchmarks/RESULTS.md, issue 14).
   {tm: 2, tx: 16, nq: 1, ty: 8, minHeadDim: 32, maxHeadDim: 64, shortGrid: true},  // 16 x 64, 128
@@ -69,8 +74,8 @@ export const FORWARD_TILINGS: ForwardTilingChoice[] = [
  * workgroup memory in slices of the head dim (ForwardTiles.dimChunks), so
  * that 64 query rows of Q^T stay resident beside them (docs/webgpu_tuning.md,
  * "Head dims above 64" works out each one's registers, bytes and loads).
- * Not planned: forcible (setForwardOverride, the benchmark's `--variants
- * sliced`) until an H100 run places them in FORWARD_TILINGS.
+ * All are forcible (setForwardOverride, the benchmark's `--variants
+ * sliced`); the first leads FORWARD_TILINGS for head dims 97..128.
  */
 export const SLICED_FORWARD_CANDIDATES: ForwardTiles[] = [
   {tm: 4, tx: 8, nq: 1, ty: 16, outer: true, dimChunks: 2},  // 64 x 32, 128, 48 KiB
