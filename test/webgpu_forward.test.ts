@@ -114,7 +114,7 @@ describeWebGPU('fused WebGPU forward [webgpu]', () => {
     }
   });
 
-  it('plans the outer-product tiling only for D=64-class heads on large grids of a hardware GPU',
+  it('plans the outer-product tilings on a hardware GPU: D=64-class heads on large grids, D=128 sliced',
      () => {
        const gpu = H100_STAND_IN;
        const large = 16 * 4096;
@@ -123,11 +123,13 @@ describeWebGPU('fused WebGPU forward [webgpu]', () => {
        expect(planForward(gpu, 64, 64, 16 * 2048)!.tiles.outer).toBe(true);
        expect(planForward(gpu, 64, 64, 16 * 1024)!.tiles).toEqual({tm: 4, tx: 16, nq: 1, ty: 8});
        expect(planForward(gpu, 32, 32, large)!.tiles.outer).toBeUndefined();
-       expect(planForward(gpu, 128, 128, large)!.tiles).toEqual({tm: 2, tx: 8, nq: 1, ty: 16});
-       // Too little workgroup memory for it: the classic tilings.
+       expect(planForward(gpu, 128, 128, large)!.tiles)
+           .toEqual({tm: 4, tx: 8, nq: 1, ty: 16, outer: true, dimChunks: 2});
+       // Too little workgroup memory for them: the classic tilings.
        const small = {...gpu, limits: {...gpu.limits, maxComputeWorkgroupStorageSize: 32768}} as
            unknown as GPUDevice;
        expect(planForward(small, 64, 64, large)!.tiles.outer).toBeUndefined();
+       expect(planForward(small, 128, 128, large)!.tiles.outer).toBeUndefined();
        // A software device never gets it (slow compiles).
        const sw = {
          ...gpu,
