@@ -19,9 +19,10 @@ import {scoreOptionsFromAttrs} from '../kernels/webgpu/wgsl_snippets';
 import {FLASH_ATTENTION_IMPL, flashAttention} from '../src';
 
 import {selectedBackends, useBackend} from './harness/backends';
-import {checkForward, OPTION_CASES, OptionCase} from './harness/cases';
+import {OPTION_CASES, OptionCase} from './harness/cases';
 import {H100_STAND_IN} from './harness/devices';
 import {expectClose, FORWARD_BOUND, freshRng, randomArray} from './harness/problems';
+import {checkForwardUnderPlan} from './harness/small_tiles';
 import {oracleForward} from './oracle';
 
 const describeWebGPU = selectedBackends().includes('webgpu') ? describe : describe.skip;
@@ -42,20 +43,6 @@ const FITS_SWIFTSHADER = SLICED_FORWARD_CANDIDATES.find(
 
 type Override = Parameters<typeof setForwardOverride>[0];
 
-/** checkForward under a forced plan: one fused dispatch, nothing leaked. */
-async function checkSliced(c: OptionCase, o: Override) {
-  setForwardOverride(o);
-  try {
-    const before = forwardStats.dispatches;
-    const tensors = tf.memory().numTensors;
-    await checkForward(c, freshRng());
-    expect(forwardStats.dispatches).toBe(before + 1);
-    expect(tf.memory().numTensors).toBe(tensors);
-    await checkOwnPipelineErrors();
-  } finally {
-    setForwardOverride(null);
-  }
-}
 
 /** A case of OPTION_CASES at head dims d / dv, with 2-3 query and key tiles. */
 function atHeadDim(name: string, d: number, dv = d): OptionCase {
@@ -169,7 +156,7 @@ describeWebGPU('fused WebGPU forward, head-dim slices [webgpu]', () => {
     [atHeadDim('softcap', 32), {tiles: SMALL, constantLoops: true, prefetch: true}],
   ];
   for (const [c, o] of cases) {
-    it(`${c.name} [${JSON.stringify(o)}]`, () => checkSliced(c, o));
+    it(`${c.name} [${JSON.stringify(o)}]`, () => checkForwardUnderPlan(c, o));
   }
 
   it('the H100 candidates\' WGSL at D=128 (constant loops, prefetch) passes Dawn\'s validation',

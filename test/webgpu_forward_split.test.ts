@@ -8,30 +8,15 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 
-import {forwardStats, planSplits, setForwardOverride, SPLIT_TARGET_GROUPS} from '../kernels/webgpu/FlashAttention';
-import {checkOwnPipelineErrors, setPoisonOutputs} from '../kernels/webgpu/own_pipeline';
+import {planSplits, setForwardOverride, SPLIT_TARGET_GROUPS} from '../kernels/webgpu/FlashAttention';
+import {setPoisonOutputs} from '../kernels/webgpu/own_pipeline';
 import {FLASH_ATTENTION_IMPL} from '../src';
 
 import {selectedBackends, useBackend} from './harness/backends';
-import {checkForward, OPTION_CASES, OptionCase} from './harness/cases';
-import {freshRng} from './harness/problems';
+import {OPTION_CASES, OptionCase} from './harness/cases';
+import {checkForwardUnderPlan} from './harness/small_tiles';
 
 const describeWebGPU = selectedBackends().includes('webgpu') ? describe : describe.skip;
-
-/** checkForward with `splits` forced: the forward and the combine ran. */
-async function checkSplit(c: OptionCase, o: Parameters<typeof setForwardOverride>[0]) {
-  setForwardOverride(o);
-  try {
-    const before = forwardStats.dispatches;
-    const tensors = tf.memory().numTensors;
-    await checkForward(c, freshRng());
-    expect(forwardStats.dispatches).toBe(before + 1);
-    expect(tf.memory().numTensors).toBe(tensors);
-    await checkOwnPipelineErrors();
-  } finally {
-    setForwardOverride(null);
-  }
-}
 
 describe('planSplits', () => {
   it('never splits by default (measured slower on the H100)', () => {
@@ -71,7 +56,7 @@ describeWebGPU('fused WebGPU forward, split-KV [webgpu]', () => {
   describe('option cases, 3 splits (some see no key tile)', () => {
     it('covers the cases it names', () => expect(optionCases.length).toBe(7));
     for (const c of optionCases) {
-      it(c.name, () => checkSplit(c, {splits: 3}));
+      it(c.name, () => checkForwardUnderPlan(c, {splits: 3}));
     }
   });
 
@@ -92,7 +77,7 @@ describeWebGPU('fused WebGPU forward, split-KV [webgpu]', () => {
     ];
     for (const [planName, o] of plans) {
       for (const c of cases) {
-        it(`${planName}: ${c.name}`, () => checkSplit(c, o));
+        it(`${planName}: ${c.name}`, () => checkForwardUnderPlan(c, o));
       }
     }
   });

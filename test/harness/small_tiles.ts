@@ -4,10 +4,15 @@
  * pipelines SwiftShader compiles in about a second instead of half a
  * minute. Other backends are left alone.
  */
-import {setForwardOverride} from '../../kernels/webgpu/FlashAttention';
+import * as tf from '@tensorflow/tfjs-core';
+
+import {forwardStats, setForwardOverride} from '../../kernels/webgpu/FlashAttention';
 import {setGradTilesOverride} from '../../kernels/webgpu/FlashAttentionGrad';
+import {checkOwnPipelineErrors} from '../../kernels/webgpu/own_pipeline';
 
 import type {TestBackend} from './backends';
+import {checkForward, OptionCase} from './cases';
+import {freshRng} from './problems';
 
 export function useSmallTiles(backend: TestBackend): void {
   beforeAll(() => {
@@ -20,4 +25,23 @@ export function useSmallTiles(backend: TestBackend): void {
     setForwardOverride(null);
     setGradTilesOverride(null);
   });
+}
+
+/**
+ * checkForward under a forced forward plan: one fused forward dispatch
+ * (the combine of split-KV is counted apart), nothing leaked, no GPU error.
+ */
+export async function checkForwardUnderPlan(
+    c: OptionCase, plan: Parameters<typeof setForwardOverride>[0]): Promise<void> {
+  setForwardOverride(plan);
+  try {
+    const before = forwardStats.dispatches;
+    const tensors = tf.memory().numTensors;
+    await checkForward(c, freshRng());
+    expect(forwardStats.dispatches).toBe(before + 1);
+    expect(tf.memory().numTensors).toBe(tensors);
+    await checkOwnPipelineErrors();
+  } finally {
+    setForwardOverride(null);
+  }
 }
