@@ -201,6 +201,29 @@ function checkRotary(
   return null;
 }
 
+/**
+ * The options both cache entry points share, checked and normalized:
+ * per-row cache lengths, ALiBi slopes, the score options, and the rotary
+ * tables (rows for `rotaryRows` tokens past the longest cache).
+ */
+function checkCacheOptions(
+    opts: FlashAttentionWithKVCacheOptions, shapes: AttentionShapes, batch: number, seqMax: number,
+    seqNew: number, headDim: number,
+    rotaryRows: number): Omit<Checked, 'shapes'|'seqMax'|'seqNew'> {
+  const cacheSeqlens = readSeqlens(opts.cacheSeqlens, batch, seqMax, seqNew);
+  const alibiSlopes = checkAlibi(opts.alibiSlopes, shapes, OP);
+  const attrs = normalizeOptions(
+      {
+        causal: opts.causal,
+        softmaxScale: opts.softmaxScale,
+        windowSize: opts.windowSize,
+        softcap: opts.softcap
+      },
+      headDim, OP);
+  const rotary = checkRotary(opts, headDim, cacheSeqlens, rotaryRows);
+  return {cacheSeqlens, alibiSlopes, attrs, rotary};
+}
+
 /** Every check of the op, before any work. */
 function checkKVCacheCall(
     q: tf.Tensor4D, kCache: tf.Tensor4D, vCache: tf.Tensor4D,
@@ -250,17 +273,8 @@ function checkKVCacheCall(
       }
     }
   }
-  const cacheSeqlens = readSeqlens(opts.cacheSeqlens, batch, seqMax, seqNew);
-  const alibiSlopes = checkAlibi(opts.alibiSlopes, shapes, OP);
-  const attrs = normalizeOptions(
-      {
-        causal: opts.causal,
-        softmaxScale: opts.softmaxScale,
-        windowSize: opts.windowSize,
-        softcap: opts.softcap
-      },
-      headDim, OP);
-  const rotary = checkRotary(opts, headDim, cacheSeqlens, Math.max(shapes.seqQ, seqNew));
+  const {cacheSeqlens, alibiSlopes, attrs, rotary} = checkCacheOptions(
+      opts, shapes, batch, seqMax, seqNew, headDim, Math.max(shapes.seqQ, seqNew));
   return {shapes, seqMax, seqNew, cacheSeqlens, alibiSlopes, attrs, rotary};
 }
 
@@ -523,17 +537,8 @@ export function flashAttentionWithKVCachePacked(
   const shapes = checkQKV(
       [batch, seqNew, heads, headDim], kCache.shape, vCache.shape, OP,
       {q: 'qkv', k: 'kCache', v: 'vCache'});
-  const cacheSeqlens = readSeqlens(opts.cacheSeqlens, batch, seqMax, seqNew);
-  const alibiSlopes = checkAlibi(opts.alibiSlopes, shapes, OP);
-  const attrs = normalizeOptions(
-      {
-        causal: opts.causal,
-        softmaxScale: opts.softmaxScale,
-        windowSize: opts.windowSize,
-        softcap: opts.softcap
-      },
-      headDim, OP);
-  const rotary = checkRotary(opts, headDim, cacheSeqlens, seqNew);
+  const {cacheSeqlens, alibiSlopes, attrs, rotary} =
+      checkCacheOptions(opts, shapes, batch, seqMax, seqNew, headDim, seqNew);
   const kernelAttrs: FlashAttentionKVCacheAttrs = {...attrs, cacheSeqlens};
   if (!useFusedKernel(FlashAttentionKVCache, shapes, kernelAttrs) || sharesData(kCache) ||
       sharesData(vCache)) {

@@ -43,7 +43,6 @@ const FITS_SWIFTSHADER = SLICED_FORWARD_CANDIDATES.find(
 
 type Override = Parameters<typeof setForwardOverride>[0];
 
-
 /** A case of OPTION_CASES at head dims d / dv, with 2-3 query and key tiles. */
 function atHeadDim(name: string, d: number, dv = d): OptionCase {
   const c = OPTION_CASES.find(x => x.name === name)!;
