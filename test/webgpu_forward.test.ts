@@ -16,6 +16,7 @@ import {selectedBackends, useBackend} from './harness/backends';
 import {H100_STAND_IN} from './harness/devices';
 import {checkForward, OPTION_CASES, OptionCase} from './harness/cases';
 import {freshRng} from './harness/problems';
+import {useFusedWebGPU} from './harness/small_tiles';
 
 const describeWebGPU = selectedBackends().includes('webgpu') ? describe : describe.skip;
 
@@ -28,16 +29,7 @@ async function checkFused(c: OptionCase): Promise<void> {
 }
 
 describeWebGPU('fused WebGPU forward [webgpu]', () => {
-  beforeAll(async () => {
-    await useBackend('webgpu');
-    tf.env().set(FLASH_ATTENTION_IMPL, 'fused');
-    setPoisonOutputs(true);
-  });
-  afterAll(() => {
-    tf.env().set(FLASH_ATTENTION_IMPL, 'auto');
-    setPoisonOutputs(false);
-    setForwardOverride(null);
-  });
+  useFusedWebGPU();
 
   describe('option cases (default tiling)', () => {
     for (const c of OPTION_CASES) {

@@ -13,16 +13,16 @@ import * as tf from '@tensorflow/tfjs-core';
 
 import {forwardStats, planForward, setForwardOverride} from '../kernels/webgpu/FlashAttention';
 import {ForwardTiles, forwardWGSL, prefetchFloats, tileSizes, workgroupBytes} from '../kernels/webgpu/flash_attention_webgpu';
-import {checkOwnPipelineErrors, setPoisonOutputs, webgpuBackendOf} from '../kernels/webgpu/own_pipeline';
+import {checkOwnPipelineErrors, webgpuBackendOf} from '../kernels/webgpu/own_pipeline';
 import {SLICED_FORWARD_CANDIDATES} from '../kernels/webgpu/tuning';
 import {scoreOptionsFromAttrs} from '../kernels/webgpu/wgsl_snippets';
-import {FLASH_ATTENTION_IMPL, flashAttention} from '../src';
+import {flashAttention} from '../src';
 
-import {selectedBackends, useBackend} from './harness/backends';
+import {selectedBackends} from './harness/backends';
 import {OPTION_CASES, OptionCase} from './harness/cases';
 import {H100_STAND_IN} from './harness/devices';
 import {expectClose, FORWARD_BOUND, freshRng, randomArray} from './harness/problems';
-import {checkForwardUnderPlan} from './harness/small_tiles';
+import {checkForwardUnderPlan, useFusedWebGPU} from './harness/small_tiles';
 import {oracleForward} from './oracle';
 
 const describeWebGPU = selectedBackends().includes('webgpu') ? describe : describe.skip;
@@ -129,16 +129,7 @@ describe('head-dim-sliced tilings: sizes and plans (no GPU)', () => {
 });
 
 describeWebGPU('fused WebGPU forward, head-dim slices [webgpu]', () => {
-  beforeAll(async () => {
-    await useBackend('webgpu');
-    tf.env().set(FLASH_ATTENTION_IMPL, 'fused');
-    setPoisonOutputs(true);
-  });
-  afterAll(() => {
-    tf.env().set(FLASH_ATTENTION_IMPL, 'auto');
-    setPoisonOutputs(false);
-    setForwardOverride(null);
-  });
+  useFusedWebGPU();
 
   // Each case compiles its own pipeline (seconds on SwiftShader), so each
   // covers several things: option families, head dims (D=96/80 with padded

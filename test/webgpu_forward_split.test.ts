@@ -6,15 +6,12 @@
  * case family, on multi-tile problems with several split counts and tilings;
  * plus the planner's split choice.
  */
-import * as tf from '@tensorflow/tfjs-core';
 
 import {planSplits, setForwardOverride, SPLIT_TARGET_GROUPS} from '../kernels/webgpu/FlashAttention';
-import {setPoisonOutputs} from '../kernels/webgpu/own_pipeline';
-import {FLASH_ATTENTION_IMPL} from '../src';
 
-import {selectedBackends, useBackend} from './harness/backends';
+import {selectedBackends} from './harness/backends';
 import {OPTION_CASES, OptionCase} from './harness/cases';
-import {checkForwardUnderPlan} from './harness/small_tiles';
+import {checkForwardUnderPlan, useFusedWebGPU} from './harness/small_tiles';
 
 const describeWebGPU = selectedBackends().includes('webgpu') ? describe : describe.skip;
 
@@ -35,16 +32,7 @@ describe('planSplits', () => {
 });
 
 describeWebGPU('fused WebGPU forward, split-KV [webgpu]', () => {
-  beforeAll(async () => {
-    await useBackend('webgpu');
-    tf.env().set(FLASH_ATTENTION_IMPL, 'fused');
-    setPoisonOutputs(true);
-  });
-  afterAll(() => {
-    tf.env().set(FLASH_ATTENTION_IMPL, 'auto');
-    setPoisonOutputs(false);
-    setForwardOverride(null);
-  });
+  useFusedWebGPU();
 
   // Cases sharing a few pipelines (SwiftShader compiles each in ~20 s):
   // masks, rows without keys, GQA, alibi, softcap, dropout and windows.

@@ -11,15 +11,16 @@
 import * as tf from '@tensorflow/tfjs-core';
 
 import {matrixForwardStats, planMatrixForward, setMatrixForwardOverride} from '../kernels/webgpu/flash_attention_subgroup_matrix';
-import {checkOwnPipelineErrors, setPoisonOutputs, webgpuBackendOf} from '../kernels/webgpu/own_pipeline';
+import {checkOwnPipelineErrors, webgpuBackendOf} from '../kernels/webgpu/own_pipeline';
 import type {MatrixShape} from '../kernels/webgpu/subgroup_matrix';
-import {FLASH_ATTENTION_IMPL, flashAttention, FlashAttentionOptions} from '../src';
+import {flashAttention, FlashAttentionOptions} from '../src';
 import {oracleForward, OracleOptions} from './oracle';
 
-import {selectedBackends, useBackend} from './harness/backends';
+import {selectedBackends} from './harness/backends';
 import {SHAPE_A, SHAPE_B} from './harness/matrix_shapes';
 import {OPTION_CASES, OptionCase} from './harness/cases';
 import {expectClose, FORWARD_BOUND, freshRng, ProblemShape, randomOracleProblem} from './harness/problems';
+import {useFusedWebGPU} from './harness/small_tiles';
 
 const describeWebGPU = selectedBackends().includes('webgpu') ? describe : describe.skip;
 
@@ -82,16 +83,7 @@ function planned(shape: ProblemShape): boolean {
 }
 
 describeWebGPU('subgroup-matrix forward, stand-in [webgpu]', () => {
-  beforeAll(async () => {
-    await useBackend('webgpu');
-    tf.env().set(FLASH_ATTENTION_IMPL, 'fused');
-    setPoisonOutputs(true);
-  });
-  afterAll(() => {
-    tf.env().set(FLASH_ATTENTION_IMPL, 'auto');
-    setPoisonOutputs(false);
-    setMatrixForwardOverride(null);
-  });
+  useFusedWebGPU(() => setMatrixForwardOverride(null));
 
   describe('option cases, float32 precision (split)', () => {
     beforeAll(() => setMatrixForwardOverride({shape: SHAPE_A, subgroups: 2, bc: 16}));

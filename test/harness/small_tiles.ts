@@ -8,9 +8,11 @@ import * as tf from '@tensorflow/tfjs-core';
 
 import {forwardStats, setForwardOverride} from '../../kernels/webgpu/FlashAttention';
 import {setGradTilesOverride} from '../../kernels/webgpu/FlashAttentionGrad';
-import {checkOwnPipelineErrors} from '../../kernels/webgpu/own_pipeline';
+import {checkOwnPipelineErrors, setPoisonOutputs} from '../../kernels/webgpu/own_pipeline';
+import {FLASH_ATTENTION_IMPL} from '../../src';
 
 import type {TestBackend} from './backends';
+import {useBackend} from './backends';
 import {checkForward, OptionCase} from './cases';
 import {freshRng} from './problems';
 
@@ -44,4 +46,23 @@ export async function checkForwardUnderPlan(
   } finally {
     setForwardOverride(null);
   }
+}
+
+/**
+ * For the enclosing describe block: the webgpu backend, the fused kernels
+ * forced (FLASH_ATTENTION_IMPL=fused) and their outputs poisoned with NaN
+ * before each dispatch; afterwards those undone and `resetPlan` called
+ * (the forced plan's override, by default the forward's).
+ */
+export function useFusedWebGPU(resetPlan: () => void = () => setForwardOverride(null)): void {
+  beforeAll(async () => {
+    await useBackend('webgpu');
+    tf.env().set(FLASH_ATTENTION_IMPL, 'fused');
+    setPoisonOutputs(true);
+  });
+  afterAll(() => {
+    tf.env().set(FLASH_ATTENTION_IMPL, 'auto');
+    setPoisonOutputs(false);
+    resetPlan();
+  });
 }
