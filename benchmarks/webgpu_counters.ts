@@ -23,6 +23,8 @@ export interface WebGPUCounts {
   bufferCopies: number;
   /** device.pushErrorScope calls (each costs a round trip to resolve). */
   errorScopes: number;
+  /** device.createBindGroup calls (tfjs's kernels make one per dispatch). */
+  bindGroups: number;
   /** Host uploads by dtype and shape, e.g. `float32[] 12` (12 scalars). */
   uploadShapes: Map<string, number>;
 }
@@ -40,6 +42,7 @@ function zeroCounts(): WebGPUCounts {
     readBacks: 0,
     bufferCopies: 0,
     errorScopes: 0,
+    bindGroups: 0,
     uploadShapes: new Map()
   };
 }
@@ -104,6 +107,7 @@ export class WebGPUCounters {
         Object.getPrototypeOf(device), 'createBuffer', () => c().buffersCreated++,
         ms => c().createBufferMs += ms);
     wrap(Object.getPrototypeOf(device), 'pushErrorScope', () => c().errorScopes++);
+    wrap(Object.getPrototypeOf(device), 'createBindGroup', () => c().bindGroups++);
     const encoder = device.createCommandEncoder();
     wrap(Object.getPrototypeOf(encoder), 'copyBufferToBuffer', () => c().bufferCopies++);
     const pass = encoder.beginComputePass();

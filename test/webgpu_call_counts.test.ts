@@ -34,6 +34,16 @@ function countsOf(c: WebGPUCounts) {
   };
 }
 
+/**
+ * The id the next tensor gets: tensor ids count up from one counter, so
+ * the difference of two readings is the tensors made in between, plus one.
+ */
+function tensorIdNow(): number {
+  const probe = tf.scalar(0);
+  probe.dispose();
+  return probe.id;
+}
+
 describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
   beforeAll(() => useBackend('webgpu'));
   afterEach(() => setForwardOverride(null));
@@ -54,8 +64,14 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
       out.dispose();
     }
     const counters = webgpuCounters();
+    const firstId = tensorIdNow();
     const out = flashAttention(p.q, p.k, p.v, opts) as tf.Tensor;
-    const counts = countsOf(counters.snapshot());
+    const snapshot = counters.snapshot();
+    const counts = {
+      ...countsOf(snapshot),
+      bindGroups: snapshot.bindGroups,
+      tensorsMade: tensorIdNow() - firstId - 1,
+    };
     const got = await out.data();
     await checkOwnPipelineErrors();
     expect(counts).toEqual({
@@ -67,6 +83,8 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
       writeBuffers: 0,  // its uniforms repeat: a buffer kept since the first call
       bufferCopies: 0,
       readBacks: 0,
+      bindGroups: 0,   // the same buffers as the calls before: their bind group kept
+      tensorsMade: 4,  // out and lse, and the empty alibiSlopes and seqlens inputs
     });
     expectClose(
         got, oracleForward(p.oracle, opts).out, FORWARD_BOUND, `forward (seed ${rng.seed})`);
@@ -93,8 +111,14 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
       tf.dispose(grads);
     }
     const counters = webgpuCounters();
+    const firstId = tensorIdNow();
     const grads = gradsOf([p.q, p.k, p.v], dy);
-    const counts = countsOf(counters.snapshot());
+    const snapshot = counters.snapshot();
+    const counts = {
+      ...countsOf(snapshot),
+      bindGroups: snapshot.bindGroups,
+      tensorsMade: tensorIdNow() - firstId - 1,
+    };
     const [dq, dk, dv] = await Promise.all(grads.map(g => g.data()));
     await checkOwnPipelineErrors();
     expect(counts).toEqual({
@@ -106,6 +130,10 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
       writeBuffers: 0,  // uniform buffers kept per content
       bufferCopies: 0,
       readBacks: 0,
+      bindGroups: 0,
+      // The forward's 4, the tape's copies of the 8 tensors the gradient
+      // saves, the tape's zero gradient of the unused lse, dq, dk and dv.
+      tensorsMade: 16,
     });
     const want = oracleBackward(
         p.oracle, opts, dOut, new Float64Array(shape.batch * shape.heads * shape.seqQ));
@@ -137,6 +165,32 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
             `call ${n} ${JSON.stringify(o)} (seed ${rng.seed})`));
     tf.dispose(outs);
     p.dispose();
+    expect(tf.memory().numTensors).toBe(before);
+  });
+
+  it('bind groups kept per buffer: a reused one reads what its buffers hold now', async () => {
+    const before = tf.memory().numTensors;
+    const rng = freshRng();
+    // The earlier tests' shape and mask: its pipeline, already compiled.
+    const shape = {batch: 1, seqQ: 24, seqK: 24, heads: 2, headsKV: 1, headDim: 16, headDimV: 16};
+    const opts = {causal: true};
+    const counters = webgpuCounters();
+    const calls = 8;
+    for (let n = 0; n < calls; n++) {
+      // Fresh inputs each call: tfjs hands the buffers the last call freed
+      // to the new tensors (k's and v's are the same size, so they can
+      // trade places), and a kept bind group must see the new values.
+      const p = makeProblem(shape, rng);
+      const out = flashAttention(p.q, p.k, p.v, opts) as tf.Tensor;
+      expectClose(
+          await out.data(), oracleForward(p.oracle, opts).out, FORWARD_BOUND,
+          `call ${n} (seed ${rng.seed})`);
+      out.dispose();
+      p.dispose();
+    }
+    await checkOwnPipelineErrors();
+    // Buffers came back: some calls bound a combination seen before.
+    expect(counters.snapshot().bindGroups).toBeLessThan(calls);
     expect(tf.memory().numTensors).toBe(before);
   });
 

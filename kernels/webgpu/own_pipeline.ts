@@ -14,7 +14,9 @@
  * (read_write storage: the new tensors, then those updated in place) at
  * n..n+m-1, then the uniform buffer (if any) at n+m.
  * An explicit bind group layout is used, so a shader need not use every
- * binding.
+ * binding. Bind groups are kept per pipeline by the identity of their
+ * buffers (tfjs's pool returns the same buffers call after call), so a
+ * steady-state call creates none.
  *
  * Errors: WebGPU reports shader and validation errors asynchronously.
  * Error scopes cost a round trip each, so only the first use of a pipeline
@@ -78,7 +80,12 @@ export interface PipelineEntry {
   error: Error|null;
   /** Has its first dispatch (checked in error scopes) been made? */
   dispatched: boolean;
+  /** Bind groups by the identities of their buffers (`bindGroupFor`). */
+  bindGroups: BoundedCache<GPUBindGroup>;
 }
+
+/** Buffer combinations kept per pipeline before its bind groups start over. */
+const BIND_GROUP_CACHE_SIZE = 128;
 
 interface DeviceState {
   pipelines: Map<string, PipelineEntry>;
@@ -244,7 +251,13 @@ export function getPipeline(device: GPUDevice, spec: OwnPipelineSpec): PipelineE
     layout: device.createPipelineLayout({bindGroupLayouts: [layout]}),
     compute: {module, entryPoint: spec.entryPoint ?? 'main'},
   });
-  const entry: PipelineEntry = {pipeline, layout, error: null, dispatched: false};
+  const entry: PipelineEntry = {
+    pipeline,
+    layout,
+    error: null,
+    dispatched: false,
+    bindGroups: new BoundedCache(BIND_GROUP_CACHE_SIZE),
+  };
   watchScopes(device, `WGSL pipeline '${label}'`, e => {
     entry.error = e;
   });
@@ -280,6 +293,39 @@ function cachedUniformBuffer(device: GPUDevice, bytes: ArrayBuffer): GPUBuffer {
     buffer.unmap();
     return buffer;
   });
+}
+
+/** A number per GPUBuffer object, for bind group keys (never reused). */
+const bufferIds = new WeakMap<GPUBuffer, number>();
+let nextBufferId = 0;
+
+function bufferId(buffer: GPUBuffer): number {
+  let id = bufferIds.get(buffer);
+  if (id == null) {
+    id = nextBufferId++;
+    bufferIds.set(buffer, id);
+  }
+  return id;
+}
+
+/**
+ * The bind group of `buffers` (whole buffers, bound in order) for a
+ * pipeline, made once per combination of buffer objects: creating one
+ * costs more JavaScript than the rest of a dispatch, and tfjs hands the
+ * same pooled buffers back call after call. A buffer released to tfjs's
+ * pool and reused by another tensor is the same binding, so the entry
+ * stays right; a destroyed buffer is never bound again, so its entries
+ * are never hit and leave with the bounded cache.
+ */
+function bindGroupFor(device: GPUDevice, entry: PipelineEntry, buffers: GPUBuffer[]): GPUBindGroup {
+  let key = '';
+  for (const b of buffers) {
+    key += `${bufferId(b)},`;
+  }
+  return entry.bindGroups.get(key, () => device.createBindGroup({
+    layout: entry.layout,
+    entries: buffers.map((buffer, binding) => ({binding, resource: {buffer}}))
+  }));
 }
 
 /** The GPUBuffer behind a tensor (uploading it first if needed). */
@@ -511,11 +557,9 @@ export function recordOwnPipeline(
         device.queue.writeBuffer(b, 0, new Float32Array(b.size / 4).fill(NaN));
       }
     }
-    const entries: GPUBindGroupEntry[] =
-        buffers.map((buffer, binding) => ({binding, resource: {buffer}}));
+    const bound = buffers.slice();
     if (run.uniforms != null && run.cacheUniforms === true) {
-      const uniformBuffer = cachedUniformBuffer(device, run.uniforms);
-      entries.push({binding: buffers.length, resource: {buffer: uniformBuffer}});
+      bound.push(cachedUniformBuffer(device, run.uniforms));
     } else if (run.uniforms != null) {
       const size = Math.max(16, Math.ceil(run.uniforms.byteLength / 16) * 16);
       const uniformBuffer = backend.bufferManager.acquireBuffer(
@@ -523,9 +567,9 @@ export function recordOwnPipeline(
       device.queue.writeBuffer(uniformBuffer, 0, run.uniforms);
       // tfjs releases it after its next submit, as it does its own uniforms.
       state.uniformPendingDisposal.push(uniformBuffer);
-      entries.push({binding: buffers.length, resource: {buffer: uniformBuffer}});
+      bound.push(uniformBuffer);
     }
-    const bindGroup = device.createBindGroup({layout: entry.layout, entries});
+    const bindGroup = bindGroupFor(device, entry, bound);
     state.computePassEncoder ??= encoder.beginComputePass();
     const pass = state.computePassEncoder;
     pass.setPipeline(entry.pipeline);
