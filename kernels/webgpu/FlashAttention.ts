@@ -15,7 +15,7 @@ import {sequenceShapes} from '../../src/seqlens';
 import {BoundedCache} from './bounded_cache';
 import {COMBINE_THREADS, COMBINE_UNIFORMS, ForwardConfig, forwardKey, ForwardTiles, FORWARD_UNIFORMS, forwardWGSL, prefetchFloats, splitCombineWGSL, tileSizes, workgroupBytes} from './flash_attention_webgpu';
 import {forwardOutputs, forwardUniformValues} from './forward_shared';
-import {deviceHasSubgroups, dispatchGrid, isWebGPUBackend, packUniforms, runOwnPipeline, UniformWriter} from './own_pipeline';
+import {deviceHasSubgroups, dispatchGrid, isWebGPUBackend, OwnOutput, OwnPipelineSpec, packUniforms, runOwnPipeline, UniformWriter} from './own_pipeline';
 import {FORWARD_TILINGS, ForwardTilingChoice, getForwardOverride, MAX_SPLITS, MIN_TILES_PER_SPLIT, REGISTER_BUDGET, SHORT_GRID_GROUPS, SPLIT_TARGET_GROUPS} from './tuning';
 import {matrixForwardWebGPU, planMatrixForward} from './flash_attention_subgroup_matrix';
 import {scoreOptionsFromAttrs} from './wgsl_snippets';
@@ -193,34 +193,64 @@ export const forwardStats = {
   dispatches: 0
 };
 
-/** Runs the forward program: returns [out, lse]. */
-export function flashAttentionWebGPU(
-    args: {inputs: tf.NamedTensorInfoMap, backend: tf.KernelBackend, attrs?: tf.NamedAttrMap}):
-    tf.TensorInfo[] {
-  const backend = args.backend as unknown as WebGPUBackend;
-  const {q, k, v, alibiSlopes, seqlens, cuSeqlensK} = args.inputs as Record<string, tf.TensorInfo>;
-  const attrs = args.attrs as unknown as FlashAttentionAttrs;
+/** One dispatch of an own pipeline, all but its tensors. */
+interface PlannedDispatch {
+  spec: OwnPipelineSpec;
+  outputs: OwnOutput[];
+  uniforms: ArrayBuffer;
+  grid: [number, number, number];
+}
+
+/**
+ * Everything a SIMT forward call dispatches apart from its tensors: it
+ * follows from the tensors' shapes, the attributes and the device only.
+ */
+interface ForwardCall {
+  /** Which optional inputs are bound, in this order after q, k, v. */
+  alibi: boolean;
+  seqlens: boolean;
+  packed: boolean;
+  main: PlannedDispatch;
+  /** The split-KV combine pass, when the keys are split. */
+  combine: PlannedDispatch|null;
+  /** Uniforms written per call (dropout seeds) or bound from a kept buffer. */
+  cacheUniforms: boolean;
+}
+
+/** Forward calls planned per device, by `forwardCallKey`. */
+const callCache = new WeakMap<GPUDevice, BoundedCache<ForwardCall>>();
+/** Distinct shapes and options kept per device before the cache starts over. */
+const CALL_CACHE_SIZE = 256;
+
+/**
+ * The key of a forward call: every input's shape and every attribute by
+ * name (all of what planForwardCall reads besides the device), built
+ * without JSON so that a repeated call pays a few string appends.
+ */
+function forwardCallKey(inputs: Record<string, tf.TensorInfo|undefined>, attrs: object): string {
+  const {q, k, v, alibiSlopes, seqlens, cuSeqlensK} = inputs;
+  let key = `${q!.shape}|${k!.shape}|${v!.shape}|${alibiSlopes?.shape}|${seqlens?.shape}|${
+      cuSeqlensK?.shape}`;
+  const named = attrs as Record<string, unknown>;
+  for (const name in named) {
+    key += `|${name}=${named[name]}`;
+  }
+  return key;
+}
+
+/** Plans a SIMT forward call (tiling, splits, uniforms, grids). */
+function planForwardCall(
+    device: GPUDevice, inputs: Record<string, tf.TensorInfo>,
+    attrs: FlashAttentionAttrs): ForwardCall {
+  const {q, k, v, alibiSlopes, seqlens} = inputs;
   // The tensors' rows: B * Sq, or totalQ of a packed varlen call.
   const [rowsB, rowsQ, heads, headDim] = q.shape;
   const [, rowsK, headsKV] = k.shape;
   const headDimV = v.shape[3];
   const shapes = {batch: rowsB, seqQ: rowsQ, seqK: rowsK, heads, headsKV, headDim, headDimV};
-  const reason = supportsFlashAttentionWebGPU(shapes, attrs, args.backend);
-  if (reason != null) {
-    throw new Error(`FlashAttention (webgpu): ${reason}`);
-  }
-  // Tensor cores (subgroup matrices) where the device has them.
-  // (Not with per-batch lengths: that kernel does not read them.)
-  const matrixPlan = attrs.hasSeqlens ?
-      null :
-      planMatrixForward(backend.device, headDim, headDimV, attrs.precision ?? 'float32');
-  if (matrixPlan != null) {
-    return matrixForwardWebGPU(
-        backend, args.inputs as Record<string, tf.TensorInfo>, attrs, matrixPlan);
-  }
   // The grid's sequences (packed: B of at most maxSeqlenQ rows).
   const {batch, seqQ, seqK} = sequenceShapes(shapes, attrs);
-  const plan = cachedPlanForward(backend.device, headDim, headDimV, batch * heads * seqQ)!;
+  const plan = cachedPlanForward(device, headDim, headDimV, batch * heads * seqQ)!;
   const override = getForwardOverride();
   const hasAlibi = alibiSlopes != null && tf.util.sizeFromShape(alibiSlopes.shape) > 0;
   const alibiMode = !hasAlibi ? 0 : alibiSlopes.shape.length === 1 ? 1 : 2;
@@ -235,7 +265,7 @@ export function flashAttentionWebGPU(
     dropout: attrs.dropoutRate > 0,
     subgroups: plan.subgroups,
     reverseRows: score.windowRight && !score.windowLeft,
-    runtimeLoops: !override?.constantLoops && isSoftwareDevice(backend.device),
+    runtimeLoops: !override?.constantLoops && isSoftwareDevice(device),
     prefetch: override?.prefetch,
   };
   const {br, bc, dq4} = tileSizes(config);
@@ -243,7 +273,7 @@ export function flashAttentionWebGPU(
   const splits = planSplits(numQTiles * heads * batch, seqK, bc);
   config.splitKeys = splits > 1;
   const totalGroups = numQTiles * heads * batch * splits;
-  const maxPerDim = backend.device.limits.maxComputeWorkgroupsPerDimension;
+  const maxPerDim = device.limits.maxComputeWorkgroupsPerDimension;
   const grid = dispatchGrid(totalGroups, maxPerDim);
   const uniforms = packUniforms(FORWARD_UNIFORMS, {
     ...forwardUniformValues(q, k, attrs, numQTiles, totalGroups, grid[0]),
@@ -258,37 +288,26 @@ export function flashAttentionWebGPU(
     splitRows: rowsB * rowsQ * heads,
     splitLse: rowsB * heads * rowsQ,
   });
-  // A dropout seed usually changes every call: those uniforms are written.
-  const cacheUniforms = attrs.dropoutRate === 0;
-  const inputs = [
-    q, k, v, ...(hasAlibi ? [alibiSlopes] : []), ...(hasSeqlens ? [seqlens] : []),
-    ...(score.packed ? [cuSeqlensK] : [])
-  ];
-  forwardStats.dispatches++;
+  const numInputs = 3 + (hasAlibi ? 1 : 0) + (hasSeqlens ? 1 : 0) + (score.packed ? 1 : 0);
   // With splits, the partial results of split n sit at leading index n.
-  const outputs = runOwnPipeline(
-      backend, {
-        key: forwardKey(config),
-        label: 'FlashAttention forward',
-        code: () => forwardWGSL(config),
-        numInputs: inputs.length,
-        numOutputs: 2,
-        hasUniforms: true,
-      },
-      {
-        inputs,
-        outputs: [
-          {shape: [splits * rowsB, rowsQ, heads, headDimV], dtype: 'float32'},
-          {shape: [splits * rowsB, heads, rowsQ], dtype: 'float32'},
-        ],
-        uniforms,
-        dispatch: grid,
-        cacheUniforms,
-      });
-  if (splits === 1) {
-    return outputs;
-  }
-  try {
+  const main: PlannedDispatch = {
+    spec: {
+      key: forwardKey(config),
+      label: 'FlashAttention forward',
+      code: () => forwardWGSL(config),
+      numInputs,
+      numOutputs: 2,
+      hasUniforms: true,
+    },
+    outputs: [
+      {shape: [splits * rowsB, rowsQ, heads, headDimV], dtype: 'float32'},
+      {shape: [splits * rowsB, heads, rowsQ], dtype: 'float32'},
+    ],
+    uniforms,
+    grid,
+  };
+  let combine: PlannedDispatch|null = null;
+  if (splits > 1) {
     // By the tensors' rows: a packed call's [1, totalQ, ...] merges as one batch row.
     const elements = rowsB * rowsQ * heads * headDimV;
     const combineGrid = dispatchGrid(Math.ceil(elements / COMBINE_THREADS), maxPerDim);
@@ -306,22 +325,109 @@ export function flashAttentionWebGPU(
     for (const [name, type] of COMBINE_UNIFORMS) {
       cw[type](combineValues[name]);
     }
-    return runOwnPipeline(
-        backend, {
-          key: 'fa_fwd_split_combine',
-          label: 'FlashAttention forward split-KV combine',
-          code: splitCombineWGSL,
-          numInputs: 2,
-          numOutputs: 2,
-          hasUniforms: true,
-        },
-        {
-          inputs: outputs,
-          outputs: forwardOutputs(q, v),
-          uniforms: cw.finish(),
-          dispatch: combineGrid,
-          cacheUniforms,
-        });
+    combine = {
+      spec: {
+        key: 'fa_fwd_split_combine',
+        label: 'FlashAttention forward split-KV combine',
+        code: splitCombineWGSL,
+        numInputs: 2,
+        numOutputs: 2,
+        hasUniforms: true,
+      },
+      outputs: forwardOutputs(q, v),
+      uniforms: cw.finish(),
+      grid: combineGrid,
+    };
+  }
+  return {
+    alibi: hasAlibi,
+    seqlens: hasSeqlens,
+    packed: score.packed === true,
+    main,
+    combine,
+    // A dropout seed usually changes every call: those uniforms are written.
+    cacheUniforms: attrs.dropoutRate === 0,
+  };
+}
+
+/**
+ * planForwardCall, remembered per device for calls whose plan repeats (no
+ * dropout seed, no forced plan): the JavaScript of a short call is most of
+ * its time (benchmarks/js_overhead.ts). A call found here passed the
+ * support check when it was planned, with the same shapes and attributes.
+ */
+function forwardCallFor(
+    backend: WebGPUBackend, inputs: Record<string, tf.TensorInfo>, attrs: FlashAttentionAttrs,
+    check: () => void): ForwardCall {
+  const device = backend.device;
+  if (attrs.dropoutRate > 0 || getForwardOverride() != null) {
+    check();
+    return planForwardCall(device, inputs, attrs);
+  }
+  let calls = callCache.get(device);
+  if (calls == null) {
+    calls = new BoundedCache(CALL_CACHE_SIZE);
+    callCache.set(device, calls);
+  }
+  return calls.get(forwardCallKey(inputs, attrs), () => {
+    check();
+    return planForwardCall(device, inputs, attrs);
+  });
+}
+
+/** Runs the forward program: returns [out, lse]. */
+export function flashAttentionWebGPU(
+    args: {inputs: tf.NamedTensorInfoMap, backend: tf.KernelBackend, attrs?: tf.NamedAttrMap}):
+    tf.TensorInfo[] {
+  const backend = args.backend as unknown as WebGPUBackend;
+  const inputs = args.inputs as Record<string, tf.TensorInfo>;
+  const {q, k, v, alibiSlopes, seqlens, cuSeqlensK} = inputs;
+  const attrs = args.attrs as unknown as FlashAttentionAttrs;
+  const headDim = q.shape[3];
+  const headDimV = v.shape[3];
+  const check = () => {
+    const [rowsB, rowsQ, heads] = q.shape;
+    const [, rowsK, headsKV] = k.shape;
+    const shapes = {batch: rowsB, seqQ: rowsQ, seqK: rowsK, heads, headsKV, headDim, headDimV};
+    const reason = supportsFlashAttentionWebGPU(shapes, attrs, args.backend);
+    if (reason != null) {
+      throw new Error(`FlashAttention (webgpu): ${reason}`);
+    }
+  };
+  // Tensor cores (subgroup matrices) where the device has them.
+  // (Not with per-batch lengths: that kernel does not read them.)
+  const matrixPlan = attrs.hasSeqlens ?
+      null :
+      planMatrixForward(backend.device, headDim, headDimV, attrs.precision ?? 'float32');
+  if (matrixPlan != null) {
+    check();
+    return matrixForwardWebGPU(backend, inputs, attrs, matrixPlan);
+  }
+  const call = forwardCallFor(backend, inputs, attrs, check);
+  const boundInputs = [
+    q, k, v, ...(call.alibi ? [alibiSlopes] : []), ...(call.seqlens ? [seqlens] : []),
+    ...(call.packed ? [cuSeqlensK] : [])
+  ];
+  forwardStats.dispatches++;
+  const {main, combine, cacheUniforms} = call;
+  const outputs = runOwnPipeline(backend, main.spec, {
+    inputs: boundInputs,
+    outputs: main.outputs,
+    uniforms: main.uniforms,
+    dispatch: main.grid,
+    cacheUniforms,
+  });
+  if (combine == null) {
+    return outputs;
+  }
+  try {
+    return runOwnPipeline(backend, combine.spec, {
+      inputs: outputs,
+      outputs: combine.outputs,
+      uniforms: combine.uniforms,
+      dispatch: combine.grid,
+      cacheUniforms,
+    });
   } finally {
     outputs.forEach(o => backend.disposeData(o.dataId));
   }
