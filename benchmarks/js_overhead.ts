@@ -20,7 +20,11 @@
  * stays short, and only the time until each call returns is counted. Prints
  * the median and p10/p90 microseconds per call and the tensors left (0).
  * `--profile DIR` writes a V8 CPU profile of each mode's timed calls only
- * (warm-up and pipeline compiles excluded) to DIR/MODE.cpuprofile.
+ * (warm-up and pipeline compiles excluded) to DIR/MODE.cpuprofile, and
+ * prints where the calls' time went by source file (of the bundle that
+ * scripts/device-bundle.sh builds): JavaScript by its file, native code
+ * (Dawn's binding, V8 built-ins) by the file that called it. Sampling
+ * slows the calls down: read the shares, not the microseconds.
  */
 /// <reference types="@webgpu/types" />
 import * as fs from 'fs';
@@ -95,7 +99,7 @@ async function main(): Promise<void> {
         await post(session, 'Profiler.start');
       }
       const t0 = performance.now();
-      const out = run();
+      const out = timedCall(run);
       const t1 = performance.now();
       if (n >= 0) {
         times.push((t1 - t0) * 1000);
@@ -109,6 +113,7 @@ async function main(): Promise<void> {
       const {profile} = await post(session, 'Profiler.stop') as {profile: unknown};
       fs.mkdirSync(profileDir, {recursive: true});
       fs.writeFileSync(path.join(profileDir, `${mode}.cpuprofile`), JSON.stringify(profile));
+      printProfileByFile(profile as CpuProfile, calls);
     }
     times.sort((a, b) => a - b);
     const at = (p: number) => times[Math.floor(p * (times.length - 1))].toFixed(1);
@@ -118,6 +123,105 @@ async function main(): Promise<void> {
   tf.dispose([q, k, v, dy]);
   decode.dispose();
   generation?.dispose();
+}
+
+/** The timed call (the profile summary counts samples under this frame). */
+function timedCall<R>(run: () => R): R {
+  return run();
+}
+
+/** The parts of a V8 CPU profile (Profiler.stop) the summary reads. */
+interface CpuProfile {
+  nodes: Array<{
+    id: number,
+    callFrame: {functionName: string, url: string, lineNumber: number},
+    children?: number[]
+  }>;
+  samples: number[];
+  timeDeltas: number[];
+}
+
+/**
+ * The source file of each line of this bundle: esbuild starts every module
+ * with a `// path` comment. Empty when not running from a bundle.
+ */
+function bundleFiles(): Array<[number, string]> {
+  const starts: Array<[number, string]> = [];
+  const bundle = process.argv[1] ?? '';
+  if (!bundle.endsWith('.mjs') || !fs.existsSync(bundle)) {
+    return starts;
+  }
+  fs.readFileSync(bundle, 'utf8').split('\n').forEach((line, n) => {
+    const m = /^\/\/ ((?:node_modules\/)?[\w@./-]+\.[cm]?[jt]s)$/.exec(line);
+    if (m != null) {
+      starts.push([n, m[1].replace(/^node_modules\/@tensorflow\//, '').replace('/dist/', '/')]);
+    }
+  });
+  return starts;
+}
+
+/**
+ * Prints the microseconds per call of the samples under `timedCall`, by
+ * source file: a JavaScript frame's own file, native frames (Dawn's
+ * binding, V8 built-ins) as `native < FILE` of their nearest JavaScript
+ * caller, the garbage collector apart.
+ */
+function printProfileByFile(profile: CpuProfile, calls: number): void {
+  const starts = bundleFiles();
+  const fileOf = (line: number) => {
+    let lo = 0;
+    let hi = starts.length - 1;
+    let found = '?';
+    while (lo <= hi) {
+      const mid = (lo + hi) >> 1;
+      if (starts[mid][0] <= line) {
+        found = starts[mid][1];
+        lo = mid + 1;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    return found;
+  };
+  const byId = new Map(profile.nodes.map(n => [n.id, n]));
+  const parent = new Map<number, number>();
+  for (const n of profile.nodes) {
+    for (const c of n.children ?? []) {
+      parent.set(c, n.id);
+    }
+  }
+  const micros = new Map<string, number>();
+  let total = 0;
+  profile.samples.forEach((id, i) => {
+    let category: string|null = null;
+    let inCall = false;
+    for (let at: number|undefined = id; at != null; at = parent.get(at)) {
+      const frame = byId.get(at)!.callFrame;
+      if (frame.functionName === 'timedCall') {
+        inCall = true;
+        break;
+      }
+      if (category == null || category.startsWith('native')) {
+        const isJS = frame.url !== '' && frame.lineNumber >= 0;
+        if (isJS) {
+          const file = starts.length > 0 ? fileOf(frame.lineNumber) : frame.url;
+          category = category == null ? file : `native < ${file}`;
+        } else if (category == null) {
+          category = frame.functionName === '(garbage collector)' ? 'garbage collector' : 'native';
+        }
+      }
+    }
+    if (inCall) {
+      const dt = profile.timeDeltas[i] ?? 0;
+      total += dt;
+      micros.set(category!, (micros.get(category!) ?? 0) + dt);
+    }
+  });
+  console.log(`  profile: ${(total / calls).toFixed(1)} us per call sampled, by file:`);
+  [...micros].sort((a, b) => b[1] - a[1]).slice(0, 25).forEach(([file, us]) => {
+    console.log(`    ${(100 * us / total).toFixed(1).padStart(5)}%  ${
+        (us / calls).toFixed(1).padStart(7)} us  ${file}`);
+  });
 }
 
 /**
