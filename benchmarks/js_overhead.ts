@@ -31,6 +31,7 @@ import * as fs from 'fs';
 import * as inspector from 'inspector';
 import * as path from 'path';
 
+import {webgpuCounters} from './webgpu_counters';
 import {openWebGPUDevice, useWebGPUBackend} from './webgpu_setup';
 
 function arg(argv: string[], name: string, dflt: string): string {
@@ -119,6 +120,22 @@ async function main(): Promise<void> {
     const at = (p: number) => times[Math.floor(p * (times.length - 1))].toFixed(1);
     console.log(`${mode}: median ${at(0.5)} us (p10 ${at(0.1)}, p90 ${at(0.9)}), tensors left ${
         tf.memory().numTensors - tensors0}`);
+    // The WebGPU API calls of the same loop, counted after the timing (the
+    // counters wrap the API's methods).
+    const counters = webgpuCounters();
+    const counted = Math.min(calls, 200);
+    for (let n = 0; n < counted; n++) {
+      const out = run();
+      if ((n + 1) % 20 === 0) {
+        await out[0].data();
+      }
+      tf.dispose(out);
+    }
+    const c = counters.snapshot();
+    const per = (x: number) => (x / counted).toFixed(2);
+    console.log(`  per call: ${per(c.dispatches)} dispatches, ${per(c.bindGroups)} bind groups, ${
+        per(c.writeBuffers)} buffer writes, ${per(c.hostUploads)} uploads, ${
+        per(c.submits)} submits (${counted} calls, a read every 20)`);
   }
   tf.dispose([q, k, v, dy]);
   decode.dispose();
@@ -168,7 +185,10 @@ function bundleFiles(): Array<[number, string]> {
  */
 function printProfileByFile(profile: CpuProfile, calls: number): void {
   const starts = bundleFiles();
-  const fileOf = (line: number) => {
+  const fileOf = (line: number, url: string) => {
+    if (starts.length === 0) {
+      return url;
+    }
     let lo = 0;
     let hi = starts.length - 1;
     let found = '?';
@@ -201,14 +221,13 @@ function printProfileByFile(profile: CpuProfile, calls: number): void {
         inCall = true;
         break;
       }
-      if (category == null || category.startsWith('native')) {
-        const isJS = frame.url !== '' && frame.lineNumber >= 0;
-        if (isJS) {
-          const file = starts.length > 0 ? fileOf(frame.lineNumber) : frame.url;
-          category = category == null ? file : `native < ${file}`;
-        } else if (category == null) {
-          category = frame.functionName === '(garbage collector)' ? 'garbage collector' : 'native';
-        }
+      const isJS = frame.url !== '' && frame.lineNumber >= 0;
+      if (category == null) {
+        category = isJS                                  ? fileOf(frame.lineNumber, frame.url) :
+            frame.functionName === '(garbage collector)' ? 'garbage collector' :
+                                                           'native';
+      } else if (category === 'native' && isJS) {
+        category = `native < ${fileOf(frame.lineNumber, frame.url)}`;
       }
     }
     if (inCall) {

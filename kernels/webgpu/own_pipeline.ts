@@ -84,8 +84,13 @@ export interface PipelineEntry {
   bindGroups: BoundedCache<GPUBindGroup>;
 }
 
-/** Buffer combinations kept per pipeline before its bind groups start over. */
-const BIND_GROUP_CACHE_SIZE = 128;
+/**
+ * Buffer combinations kept per pipeline before its bind groups start over.
+ * tfjs's pool order shifts with where its submits fall, so a loop of
+ * forward+backward calls cycles through a few hundred combinations before
+ * it repeats (benchmarks/js_overhead.ts prints bind groups per call).
+ */
+const BIND_GROUP_CACHE_SIZE = 512;
 
 interface DeviceState {
   pipelines: Map<string, PipelineEntry>;
