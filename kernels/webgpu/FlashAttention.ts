@@ -217,25 +217,72 @@ interface ForwardCall {
   cacheUniforms: boolean;
 }
 
-/** Forward calls planned per device, by `forwardCallKey`. */
-const callCache = new WeakMap<GPUDevice, BoundedCache<ForwardCall>>();
-/** Distinct shapes and options kept per device before the cache starts over. */
-const CALL_CACHE_SIZE = 256;
+/**
+ * A planned forward call and what it was planned for: the dims of every
+ * input (-1 for an absent one) and every attribute, by name, in order.
+ */
+interface KeptCall {
+  dims: number[];
+  attrNames: string[];
+  attrValues: unknown[];
+  call: ForwardCall;
+}
+
+/** Planned forward calls per device, most recently used first. */
+const keptCalls = new WeakMap<GPUDevice, KeptCall[]>();
+/** Distinct shapes and options kept per device (the least recent go first). */
+const KEPT_CALLS = 32;
+
+/** The optional inputs a forward call's plan depends on, after q, k, v. */
+const PLANNED_INPUTS = ['q', 'k', 'v', 'alibiSlopes', 'seqlens', 'cuSeqlensK'];
+
+function inputDims(inputs: Record<string, tf.TensorInfo|undefined>): number[] {
+  const dims: number[] = [];
+  for (const name of PLANNED_INPUTS) {
+    const shape = inputs[name]?.shape;
+    if (shape == null) {
+      dims.push(-1);
+    } else {
+      dims.push(shape.length, ...shape);
+    }
+  }
+  return dims;
+}
 
 /**
- * The key of a forward call: every input's shape and every attribute by
- * name (all of what planForwardCall reads besides the device), built
- * without JSON so that a repeated call pays a few string appends.
+ * Was `kept` planned for these inputs and attributes? Compared field by
+ * field: cheaper than building and hashing a string key on every call.
  */
-function forwardCallKey(inputs: Record<string, tf.TensorInfo|undefined>, attrs: object): string {
-  const {q, k, v, alibiSlopes, seqlens, cuSeqlensK} = inputs;
-  let key = `${q!.shape}|${k!.shape}|${v!.shape}|${alibiSlopes?.shape}|${seqlens?.shape}|${
-      cuSeqlensK?.shape}`;
-  const named = attrs as Record<string, unknown>;
-  for (const name in named) {
-    key += `|${name}=${named[name]}`;
+function keptFor(
+    kept: KeptCall, inputs: Record<string, tf.TensorInfo|undefined>,
+    attrs: Record<string, unknown>): boolean {
+  const dims = kept.dims;
+  let at = 0;
+  for (const name of PLANNED_INPUTS) {
+    const shape = inputs[name]?.shape;
+    if (shape == null) {
+      if (dims[at++] !== -1) {
+        return false;
+      }
+      continue;
+    }
+    if (dims[at++] !== shape.length) {
+      return false;
+    }
+    for (let i = 0; i < shape.length; i++) {
+      if (dims[at++] !== shape[i]) {
+        return false;
+      }
+    }
   }
-  return key;
+  let n = 0;
+  for (const name in attrs) {
+    if (kept.attrNames[n] !== name || !Object.is(kept.attrValues[n], attrs[name])) {
+      return false;
+    }
+    n++;
+  }
+  return n === kept.attrNames.length;
 }
 
 /** Plans a SIMT forward call (tiling, splits, uniforms, grids). */
@@ -354,7 +401,8 @@ function planForwardCall(
  * planForwardCall, remembered per device for calls whose plan repeats (no
  * dropout seed, no forced plan): the JavaScript of a short call is most of
  * its time (benchmarks/js_overhead.ts). A call found here passed the
- * support check when it was planned, with the same shapes and attributes.
+ * support check when it was planned, with the same shapes and attributes
+ * (the device is the cache's).
  */
 function forwardCallFor(
     backend: WebGPUBackend, inputs: Record<string, tf.TensorInfo>, attrs: FlashAttentionAttrs,
@@ -364,15 +412,33 @@ function forwardCallFor(
     check();
     return planForwardCall(device, inputs, attrs);
   }
-  let calls = callCache.get(device);
+  let calls = keptCalls.get(device);
   if (calls == null) {
-    calls = new BoundedCache(CALL_CACHE_SIZE);
-    callCache.set(device, calls);
+    calls = [];
+    keptCalls.set(device, calls);
   }
-  return calls.get(forwardCallKey(inputs, attrs), () => {
-    check();
-    return planForwardCall(device, inputs, attrs);
+  const named = attrs as unknown as Record<string, unknown>;
+  for (let i = 0; i < calls.length; i++) {
+    const kept = calls[i];
+    if (keptFor(kept, inputs, named)) {
+      if (i > 0) {
+        calls.splice(i, 1);
+        calls.unshift(kept);
+      }
+      return kept.call;
+    }
+  }
+  check();
+  const call = planForwardCall(device, inputs, attrs);
+  const attrNames = Object.keys(named);
+  calls.unshift({
+    dims: inputDims(inputs),
+    attrNames,
+    attrValues: attrNames.map(name => named[name]),
+    call,
   });
+  calls.length = Math.min(calls.length, KEPT_CALLS);
+  return call;
 }
 
 /** Runs the forward program: returns [out, lse]. */
