@@ -194,6 +194,29 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
     expect(tf.memory().numTensors).toBe(before);
   });
 
+  it('forward plans kept per shape and options: alternating calls each get their own', async () => {
+    const before = tf.memory().numTensors;
+    const rng = freshRng();
+    // The earlier tests' head dims and mask (their pipeline), two key lengths.
+    const base = {batch: 1, seqQ: 24, heads: 2, headsKV: 1, headDim: 16, headDimV: 16};
+    const problems = [makeProblem({...base, seqK: 24}, rng), makeProblem({...base, seqK: 17}, rng)];
+    const options = [{causal: true}, {causal: true, softmaxScale: 0.3}];
+    for (let round = 0; round < 2; round++) {
+      for (const [n, p] of problems.entries()) {
+        for (const opts of options) {
+          const out = flashAttention(p.q, p.k, p.v, opts) as tf.Tensor;
+          expectClose(
+              await out.data(), oracleForward(p.oracle, opts).out, FORWARD_BOUND,
+              `round ${round}, problem ${n}, ${JSON.stringify(opts)} (seed ${rng.seed})`);
+          out.dispose();
+        }
+      }
+    }
+    await checkOwnPipelineErrors();
+    problems.forEach(p => p.dispose());
+    expect(tf.memory().numTensors).toBe(before);
+  });
+
   it('decode step with rotary: 3 dispatches, 2 uniform writes, no copy, no upload', async () => {
     const rng = freshRng();
     const [batch, seqMax, heads, headsKV, d, half] = [2, 24, 4, 2, 16, 4];
