@@ -34,7 +34,7 @@
  * f16, no subgroups) runs the tiling, indexing and split arithmetic.
  */
 import {MatrixShape, matrixShapeKey} from './subgroup_matrix';
-import {matrixLoadWGSL, matrixStoreWGSL, MatrixView as View, standInElementWGSL, standInHelpersWGSL, splitStoreWGSL, standInIndexWGSL, standInPlaceWGSL, subgroupIdsWGSL, subgroupParamsWGSL, zeroResultWGSL} from './subgroup_matrix_wgsl';
+import {assertWorkgroupAlignment, matrixLoadWGSL, matrixStoreWGSL, MatrixView as View, standInElementWGSL, standInHelpersWGSL, splitStoreWGSL, standInIndexWGSL, standInPlaceWGSL, subgroupIdsWGSL, subgroupParamsWGSL, zeroResultWGSL} from './subgroup_matrix_wgsl';
 import {dropoutWGSL, keyRangeWGSL, philoxWGSL, scoreKey, ScoreOptions, scoreWGSL, FA_NEG_INF_BITS, forwardBindingsWGSL, forwardTileWGSL, maxAllWGSL as maxAll, range, VEC4_COMPONENTS as COMP} from './wgsl_snippets';
 
 /** Everything baked into one pipeline. */
@@ -97,8 +97,16 @@ export function matrixWorkgroupBytes(c: MatrixForwardConfig): number {
   const q = s.br * c.headDim;
   const kv = s.bc * Math.max(c.headDim, c.headDimV);
   const p = s.br * s.bc;
-  return parts * elem * (q + kv + p) + 4 * s.br * s.bc + 8 +
+  return parts * elem * (q + kv + p) + 4 * s.br * s.bc + 4 * wmaxSlots(c.shape) +
       (workgroupReductions(c.shape) && s.lpr > 1 ? 4 * s.threads : 0);
+}
+
+/**
+ * Atomics in `wmax`: 2 are used; 8 keep its 32 bytes from shifting the
+ * matrix arrays off their 16-byte alignment (WORKGROUP_SIZE_MULTIPLE).
+ */
+function wmaxSlots(shape: MatrixShape): number {
+  return shape.diagnose?.unalignedWorkgroup ? 2 : 8;
 }
 
 /** Whether row and tile reductions go through workgroup memory (no subgroup operations). */
@@ -134,6 +142,14 @@ export const MATRIX_FORWARD_UNIFORMS = [
 ] as const;
 
 export function matrixForwardWGSL(c: MatrixForwardConfig): string {
+  const code = forwardSource(c);
+  if (!c.shape.diagnose?.unalignedWorkgroup) {
+    assertWorkgroupAlignment(code, 'FlashAttention forward (subgroup matrices)');
+  }
+  return code;
+}
+
+function forwardSource(c: MatrixForwardConfig): string {
   const sizes = matrixTileSizes(c);
   if (sizes == null) {
     throw new Error(`FlashAttention forward: head dims D=${c.headDim}, Dv=${
@@ -321,7 +337,9 @@ ${
                  .join('\n')}
 ${parts.map(p => `var<workgroup> p${p}: array<${elem}, ${br * bc}>;`).join('\n')}
 var<workgroup> scr: array<f32, ${br * bc}>;  // S, then chunks of P V
-var<workgroup> wmax: array<atomic<u32>, 2>;  // max |x| of a tile (bits of a float >= 0)
+// Max |x| of a tile (bits of a float >= 0) in slots 0 and 1; sized so
+// that no array is placed off its 16-byte alignment.
+var<workgroup> wmax: array<atomic<u32>, ${wmaxSlots(c.shape)}>;
 ${wgRed && lpr > 1 ? `var<workgroup> red: array<f32, ${threads}>;` : ''}
 
 ${standInHelpersWGSL(c.shape)}

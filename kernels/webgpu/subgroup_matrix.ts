@@ -64,6 +64,13 @@ export interface MatrixDiagnosis {
    * subgroup_id and subgroup_invocation_id built-ins.
    */
   indexSubgroups?: boolean;
+  /**
+   * The forward's workgroup atomics as sessions 6 and 7 had them, 8 bytes,
+   * which can leave the matrix arrays placed after them 8 bytes off the
+   * 16-byte alignment the matrix loads need (WORKGROUP_SIZE_MULTIPLE in
+   * subgroup_matrix_wgsl.ts).
+   */
+  unalignedWorkgroup?: boolean;
 }
 
 interface AdapterInfoLike {
@@ -166,6 +173,7 @@ export function pickSubgroupMatrixShape(device: GPUDevice): MatrixShape|null {
 export function matrixShapeKey(m: MatrixShape): string {
   const d = m.diagnose ?? {};
   const flags = `${d.legacyBuiltins ? 'L' : ''}${d.nullAccumulator ? 'Z' : ''}${
-      d.workgroupReductions ? 'W' : ''}${d.indexSubgroups ? 'I' : ''}`;
+      d.workgroupReductions ? 'W' :
+                              ''}${d.indexSubgroups ? 'I' : ''}${d.unalignedWorkgroup ? 'U' : ''}`;
   return `m${m.M}n${m.N}k${m.K}l${m.lanes}${m.standIn ? 's' : 'r'}${flags}`;
 }

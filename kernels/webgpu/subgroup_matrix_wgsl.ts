@@ -116,6 +116,67 @@ function gcd(a: number, b: number): number {
 }
 
 /**
+ * Bytes every workgroup variable of a tensor-core kernel spans a multiple
+ * of. Vulkan's cooperative-matrix loads and stores need 16-byte aligned
+ * pointers, and WGSL lets the driver place workgroup variables in any
+ * order, each only at its type's own alignment: one variable of 8 bytes
+ * (the forward's first `wmax`) can leave every array after it 8 bytes off,
+ * and each matrix row is then read 4 f16 elements early (docs/tensor_cores.md).
+ * With every size a multiple of 32 (the backward's arrays always were),
+ * any placement keeps every array aligned.
+ */
+export const WORKGROUP_SIZE_MULTIPLE = 32;
+
+const WORKGROUP_ELEMENT_BYTES: Record<string, number> = {
+  'f16': 2,
+  'f32': 4,
+  'u32': 4,
+  'i32': 4,
+  'atomic<u32>': 4,
+  'atomic<i32>': 4,
+  'vec2<f32>': 8,
+  'vec4<f32>': 16,
+};
+
+/**
+ * The workgroup variables of `code` whose byte size is not a multiple of
+ * WORKGROUP_SIZE_MULTIPLE (or cannot be read), as messages; [] when all are.
+ * Array lengths may be literals or the module's `const NAME = n;` values.
+ */
+export function workgroupAlignmentProblems(code: string): string[] {
+  const consts = new Map<string, number>();
+  for (const m of code.matchAll(/const\s+(\w+)\s*=\s*(\d+)u?\s*;/g)) {
+    consts.set(m[1], Number(m[2]));
+  }
+  const problems: string[] = [];
+  for (const m of code.matchAll(/var<workgroup>\s+(\w+)\s*:\s*([^;]+);/g)) {
+    const [, name, type] = m;
+    const arr = /^array<\s*(.+?)\s*,\s*(\w+)\s*>$/.exec(type.trim());
+    const elem = WORKGROUP_ELEMENT_BYTES[(arr != null ? arr[1] : type).replace(/\s/g, '')];
+    const count = arr == null ? 1 : /^\d+$/.test(arr[2]) ? Number(arr[2]) : consts.get(arr[2]);
+    if (elem == null || count == null) {
+      problems.push(`${name}: cannot read the size of ${type.trim()}`);
+    } else if (elem * count % WORKGROUP_SIZE_MULTIPLE !== 0) {
+      problems.push(`${name}: ${type.trim()} spans ${elem * count} bytes, not a multiple of ${
+          WORKGROUP_SIZE_MULTIPLE}`);
+    }
+  }
+  return problems;
+}
+
+/**
+ * Throws where a tensor-core kernel's workgroup variable would break the
+ * alignment of the others (see WORKGROUP_SIZE_MULTIPLE).
+ */
+export function assertWorkgroupAlignment(code: string, kernel: string): void {
+  const problems = workgroupAlignmentProblems(code);
+  if (problems.length > 0) {
+    throw new Error(`${kernel}: workgroup variables not sized in multiples of ${
+        WORKGROUP_SIZE_MULTIPLE} bytes: ${problems.join('; ')}`);
+  }
+}
+
+/**
  * sm_hi: the float16 "hi" part of a float32, computed without a float16
  * round trip: the low 13 mantissa bits cleared leave the 11 significant
  * bits f16 holds, so the f32 difference x - hi is exact. The obvious
