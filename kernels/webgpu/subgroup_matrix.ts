@@ -80,12 +80,12 @@ interface AdapterInfoLike {
 }
 
 /**
- * Whether the real matrix built-ins may run. Their first check on tensor-core
- * hardware (an H100 through Dawn) gave NaN outputs while the portable
- * stand-in matches the oracle (benchmarks/RESULTS.md, session 6); the
- * kernels have changed since (docs/tensor_cores.md) but are not yet
- * checked on a GPU, so only the hardware checks (benchmarks/tensor_cores.ts)
- * turn them on until the kernels pass there.
+ * Whether the real matrix built-ins may run. On tensor-core hardware (an
+ * H100 through Dawn) the forward gave wrong results while the portable
+ * stand-in matches the oracle (benchmarks/RESULTS.md, sessions 6 and 7); the
+ * likely cause is fixed (docs/tensor_cores.md) but not yet checked on a
+ * GPU, so only the hardware checks (benchmarks/tensor_cores.ts) turn them
+ * on until the kernels pass there.
  */
 let unvalidatedAllowed = false;
 
