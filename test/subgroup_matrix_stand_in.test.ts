@@ -213,6 +213,25 @@ fn main(@builtin(local_invocation_index) lid: u32) {
     expect(Array.from(i)).toEqual([8, 24, 0, 16, 0, 16, 0, 16]);
   });
 
+  it('poisons a matrix whose offset or stride breaks the 16-byte alignment rule', async () => {
+    // (offset, stride, minor extent, element bytes): f16 at 0 and 16 bytes;
+    // at 8 bytes; a 24-byte stride; f32 at 8 and 16 bytes; rows of 8 bytes
+    // (aligned to 8).
+    const cases = [
+      [0, 16, 16, 2], [8, 24, 16, 2], [4, 16, 16, 2], [0, 12, 16, 2], [2, 8, 8, 4], [4, 8, 8, 4],
+      [4, 20, 4, 2]
+    ];
+    const {f} = await runStandIn(
+        SHAPE_A, 1, new Float32Array(0), cases.length,
+        `
+  if (lid == 0u) {
+    ${
+            cases.map((c, n) => `f[${n}u] = sm_aligned(${c.map(v => `${v}u`).join(', ')});`)
+                .join('\n    ')}
+  }`);
+    expect(Array.from(f)).toEqual([1, 1, NaN, NaN, NaN, 1, 1]);
+  });
+
   for (const [label, shape, subgroups] of [
            ['8x8, 16 lanes', SHAPE_A, 2], ['16x8, 32 lanes', SHAPE_B, 2]] as const) {
     it(`spreads results over lanes in a scrambled order, each element once (${label})`,

@@ -34,7 +34,7 @@
  * f16, no subgroups) runs the tiling, indexing and split arithmetic.
  */
 import {MatrixShape, matrixShapeKey} from './subgroup_matrix';
-import {assertWorkgroupAlignment, matrixLoadWGSL, matrixStoreWGSL, MatrixView as View, standInElementWGSL, standInHelpersWGSL, splitStoreWGSL, standInIndexWGSL, standInPlaceWGSL, subgroupIdsWGSL, subgroupParamsWGSL, zeroResultWGSL} from './subgroup_matrix_wgsl';
+import {assertWorkgroupAlignment, matrixLoadWGSL, matrixStoreWGSL, MatrixView as View, standInElementWGSL, standInAlignedWGSL, standInHelpersWGSL, splitStoreWGSL, standInIndexWGSL, standInPlaceWGSL, subgroupIdsWGSL, subgroupParamsWGSL, zeroResultWGSL} from './subgroup_matrix_wgsl';
 import {dropoutWGSL, keyRangeWGSL, philoxWGSL, scoreKey, ScoreOptions, scoreWGSL, FA_NEG_INF_BITS, forwardBindingsWGSL, forwardTileWGSL, maxAllWGSL as maxAll, range, VEC4_COMPONENTS as COMP} from './wgsl_snippets';
 
 /** Everything baked into one pipeline. */
@@ -193,6 +193,7 @@ function forwardSource(c: MatrixForwardConfig): string {
 fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) {
   let atL = ${standInPlaceWGSL(l, M, K, 'offL')};
   let atR = ${standInPlaceWGSL(r, K, N, 'offR')};
+  let ok = ${standInAlignedWGSL(l, M, K, 2, 'offL')} * ${standInAlignedWGSL(r, K, N, 2, 'offR')};
   for (var e = 0u; e < ${lim(`${epl}u`)}; e++) {
     let idx = ${standInElementWGSL(c.shape, 'e', 'ln')};
     let r = idx / ${N}u;
@@ -202,7 +203,7 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) 
       sum = fma(${l.arr}[${standInIndexWGSL(l, 'atL', 'r', 'k')}], ${r.arr}[${
               standInIndexWGSL(r, 'atR', 'k', 'c')}], sum);
     }
-    (*acc)[e] = sum;
+    (*acc)[e] = sum * ok;
   }
 }`);
     }
@@ -348,9 +349,10 @@ ${
 // Stand-in for a row-major subgroupMatrixStore(&scr, off, acc, BC).
 fn sm_store_scr(acc: ptr<function, array<f32, ${epl}>>, ln: u32, off: u32) {
   let atS = ${standInPlaceWGSL(scrView, M, N)};
+  let ok = ${standInAlignedWGSL(scrView, M, N, 4)};
   for (var e = 0u; e < ${epl}u * u32(u.one); e++) {
     let idx = ${standInElementWGSL(c.shape, 'e', 'ln')};
-    scr[${standInIndexWGSL(scrView, 'atS', 'idx / N', 'idx % N')}] = (*acc)[e];
+    scr[${standInIndexWGSL(scrView, 'atS', 'idx / N', 'idx % N')}] = (*acc)[e] * ok;
   }
 }` :
                        ''}

@@ -23,7 +23,11 @@
  *    would run past its array is read or written at offset 0 with that
  *    stride (Tint's robustness transform);
  *  - f16 is emulated in f32 with pack2x16float rounding, values beyond
- *    f16's range going to +-infinity as a hardware conversion rounds them.
+ *    f16's range going to +-infinity as a hardware conversion rounds them;
+ *  - a load or store whose offset or stride breaks Vulkan's alignment rule
+ *    (in the real element sizes) gives NaN.
+ * Where a workgroup array starts is up to the driver: that is checked on
+ * the WGSL instead (assertWorkgroupAlignment).
  */
 import type {MatrixShape} from './subgroup_matrix';
 
@@ -219,6 +223,16 @@ fn sm_h(x: f32) -> f32 {
   return unpack2x16float(pack2x16float(vec2<f32>(x, 0.0))).x;
 }
 
+// 1 where a matrix's offset and stride, in bytes of the real element type
+// (eb: 2 for f16 operands, 4 for f32 results), meet Vulkan's alignment
+// rule for cooperative-matrix loads and stores (the lesser of 16 bytes
+// and a row's, or column's, bytes); NaN where not, to poison the result.
+fn sm_aligned(off: u32, stride: u32, minor: u32, eb: u32) -> f32 {
+  let a = min(16u, minor * eb);
+  let ok = (off * eb) % a == 0u && (stride * eb) % a == 0u;
+  return select(bitcast<f32>(0x7fc00000u | (off & 0u)), 1.0, ok);
+}
+
 // Offset and stride a matrix load/store uses: the stride raised to the
 // minor extent; offset 0 and that stride where the matrix would run past
 // the array's len elements.
@@ -238,6 +252,15 @@ fn sm_place(off: u32, stride: u32, minor: u32, major: u32, len: u32) -> vec2<u32
 export function standInPlaceWGSL(v: MatrixView, rows: number, cols: number, off = v.off): string {
   const [minor, major] = v.colMajor ? [rows, cols] : [cols, rows];
   return `sm_place(${off}, ${v.stride}, ${minor}u, ${major}u, ${v.len}u)`;
+}
+
+/**
+ * WGSL: `sm_aligned` of view `v` for a rows x cols matrix of `elemBytes`
+ * bytes per element on the real path (1, or NaN where misaligned).
+ */
+export function standInAlignedWGSL(
+    v: MatrixView, rows: number, cols: number, elemBytes: number, off = v.off): string {
+  return `sm_aligned(${off}, ${v.stride}, ${v.colMajor ? rows : cols}u, ${elemBytes}u)`;
 }
 
 /** WGSL: index of element (r, c) of view `v` placed at `place` (a vec2 offset, stride). */
@@ -329,16 +352,18 @@ diagnostic(off, chromium.subgroup_matrix_uniformity);`;
         let r = idx / ${N}u;
         let c = idx % ${N}u;
         var sum = 0.0;
+        var ok = ${standInAlignedWGSL(outView, M, N, 4)};
         for (var ks = 0u; ks < ${this.lim(`${depth / K}u`)}; ks++) {
           let atA = ${standInPlaceWGSL(a, M, K)};
           let atB = ${standInPlaceWGSL(b, K, N)};
+          ok = ok * ${standInAlignedWGSL(a, M, K, 2)} * ${standInAlignedWGSL(b, K, N, 2)};
           for (var k = 0u; k < ${this.lim(`${K}u`)}; k++) {
             let li = ${standInIndexWGSL(a, 'atA', 'r', 'k')};
             let ri = ${standInIndexWGSL(b, 'atB', 'k', 'c')};
             ${terms.map(t => `sum = fma(${t.replace(' * ', ', ')}, sum);`).join('\n            ')}
           }
         }
-        ${out}[${standInIndexWGSL(outView, 'atO', 'r', 'c')}] = sum;
+        ${out}[${standInIndexWGSL(outView, 'atO', 'r', 'c')}] = sum * ok;
       }
     }`;
     }
