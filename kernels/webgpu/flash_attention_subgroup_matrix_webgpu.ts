@@ -29,8 +29,8 @@
  * Stand-in (MatrixShape.standIn): the same code with each matrix built-in
  * replaced by a plain loop of the same semantics, made strict
  * (subgroup_matrix_wgsl.ts: scrambled result layout across lanes, reversed
- * subgroup numbering, the built-ins' bounds handling, f16 overflow to
- * infinity) and row reductions through workgroup memory: SwiftShader (no
+ * subgroup numbering, the built-ins' bounds handling and alignment rule,
+ * f16 overflow to infinity) and row reductions through workgroup memory: SwiftShader (no
  * f16, no subgroups) runs the tiling, indexing and split arithmetic.
  */
 import {MatrixShape, matrixShapeKey} from './subgroup_matrix';
