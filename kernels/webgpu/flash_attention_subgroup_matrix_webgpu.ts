@@ -30,8 +30,9 @@
  * replaced by a plain loop of the same semantics, made strict
  * (subgroup_matrix_wgsl.ts: scrambled result layout across lanes, reversed
  * subgroup numbering, the built-ins' bounds handling and alignment rule,
- * f16 overflow to infinity) and row reductions through workgroup memory: SwiftShader (no
- * f16, no subgroups) runs the tiling, indexing and split arithmetic.
+ * f16 overflow to infinity) and row reductions through workgroup memory:
+ * SwiftShader (no f16, no subgroups) runs the tiling, indexing and split
+ * arithmetic.
  */
 import {MatrixShape, matrixShapeKey} from './subgroup_matrix';
 import {assertWorkgroupAlignment, matrixLoadWGSL, matrixStoreWGSL, MatrixView as View, standInElementWGSL, standInAlignedWGSL, standInHelpersWGSL, splitStoreWGSL, standInIndexWGSL, standInPlaceWGSL, subgroupIdsWGSL, subgroupParamsWGSL, zeroResultWGSL} from './subgroup_matrix_wgsl';

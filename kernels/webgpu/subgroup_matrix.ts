@@ -172,8 +172,10 @@ export function pickSubgroupMatrixShape(device: GPUDevice): MatrixShape|null {
 /** A pipeline-key fragment naming a matrix shape and its diagnosis flags. */
 export function matrixShapeKey(m: MatrixShape): string {
   const d = m.diagnose ?? {};
-  const flags = `${d.legacyBuiltins ? 'L' : ''}${d.nullAccumulator ? 'Z' : ''}${
-      d.workgroupReductions ? 'W' :
-                              ''}${d.indexSubgroups ? 'I' : ''}${d.unalignedWorkgroup ? 'U' : ''}`;
+  const letters: Array<[boolean | undefined, string]> = [
+    [d.legacyBuiltins, 'L'], [d.nullAccumulator, 'Z'], [d.workgroupReductions, 'W'],
+    [d.indexSubgroups, 'I'], [d.unalignedWorkgroup, 'U']
+  ];
+  const flags = letters.map(([on, letter]) => on ? letter : '').join('');
   return `m${m.M}n${m.N}k${m.K}l${m.lanes}${m.standIn ? 's' : 'r'}${flags}`;
 }
