@@ -9,7 +9,9 @@
  * K/V (one array) and of P shifted or not, and prints out/lse errors
  * against the float64 oracle in the check's metric. No GPU needed:
  *
- *   node tensor_cores_misread.mjs
+ *   node tensor_cores_misread.mjs [--plans]
+ *
+ * --plans adds the tilings `tensor_cores.mjs --forward-plans` checks.
  */
 import {randomArray, Rng} from '../test/harness/problems';
 import {oracleForward, OracleProblem} from '../test/oracle';
@@ -154,9 +156,15 @@ function main(): void {
   ];
   // tensor_cores.ts's problems: same seed, same order of draws.
   const rng = new Rng(12345);
-  console.log(`| case | ${shifts.map(([name]) => `${name}: out, lse`).join(' | ')} |`);
-  console.log(`|${' --- |'.repeat(shifts.length + 1)}`);
-  for (const [name, seq, heads, headsKV, d, causal, plan] of cases) {
+  // --plans: also the tilings of `tensor_cores.mjs --forward-plans` (an
+  // override sets subgroups, keys per tile or both; the other defaults to 2
+  // subgroups, 32 keys).
+  const overrides: Array<Partial<Plan>> = process.argv.includes('--plans') ?
+      [{}, {subgroups: 1}, {subgroups: 2}, {bc: 16}, {bc: 64}, {subgroups: 1, bc: 16}] :
+      [{}];
+  console.log(`| case | plan | ${shifts.map(([name]) => `${name}: out, lse`).join(' | ')} |`);
+  console.log(`|${' --- |'.repeat(shifts.length + 2)}`);
+  for (const [name, seq, heads, headsKV, d, causal, planned] of cases) {
     const p: OracleProblem = {
       batch: 1,
       seqQ: seq,
@@ -172,12 +180,17 @@ function main(): void {
     };
     const expected = oracleForward(p, {causal});
     randomArray(expected.out.length, rng);  // tensor_cores.ts's dOut
-    const cells = shifts.map(([, shift]) => {
-      const r = emulate(p, causal, plan, shift);
-      return `${relError(r.out, expected.out).toExponential(2)}, ${
-          relError(r.lse, expected.lse).toExponential(2)}`;
-    });
-    console.log(`| ${name} | ${cells.join(' | ')} |`);
+    for (const o of overrides) {
+      const plan =
+          Object.keys(o).length === 0 ? planned : {subgroups: o.subgroups ?? 2, bc: o.bc ?? 32};
+      const cells = shifts.map(([, shift]) => {
+        const r = emulate(p, causal, plan, shift);
+        return `${relError(r.out, expected.out).toExponential(2)}, ${
+            relError(r.lse, expected.lse).toExponential(2)}`;
+      });
+      const label = Object.keys(o).length === 0 ? 'planned' : JSON.stringify(o);
+      console.log(`| ${name} | ${label}: ${plan.subgroups} x ${plan.bc} | ${cells.join(' | ')} |`);
+    }
   }
 }
 
