@@ -11,6 +11,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 
+import {FLASH_ATTENTION_IMPL, flashAttention} from '../src';
 import {chooseGradTiles, fusedGradRunCount, GradTiles, registerFlashAttentionGradWebGPU, setGradTilesOverride} from '../kernels/webgpu/FlashAttentionGrad';
 import {dkdvStorageBytes, dkdvTilesValid} from '../kernels/webgpu/flash_attention_grad_dkdv_webgpu';
 import {dqStorageBytes, dqTilesValid} from '../kernels/webgpu/flash_attention_grad_dq_webgpu';
@@ -21,7 +22,8 @@ import {selectedBackends, useBackend} from './harness/backends';
 import {OptionCase} from './harness/cases';
 import {H100_STAND_IN} from './harness/devices';
 import {runGradKernelOnOracle} from './harness/grad_kernel';
-import {expectClose, freshRng, GRADIENT_BOUND} from './harness/problems';
+import {expectClose, freshRng, GRADIENT_BOUND, randomArray} from './harness/problems';
+import {oracleBackward} from './oracle';
 
 const describeWebGPU = selectedBackends().includes('webgpu') ? describe : describe.skip;
 
@@ -61,13 +63,68 @@ describeWebGPU('fused WebGPU backward, head-dim slices [webgpu]', () => {
     setGradTilesOverride(null);
   });
 
+  const [A, B] = SLICED_GRAD_CANDIDATES;
+  const FITS_D128 = SLICED_GRAD_CANDIDATES.find(t => fitsSwiftShader(t, 128, 128))!;
+  // Shapes with several key and query blocks per head; every pipeline
+  // takes SwiftShader seconds to compile at these head dims, so the option
+  // families are spread over few cases.
   const CASES: Array<{tiles: GradTiles, c: OptionCase}> = [
     {
-      tiles: SLICED_GRAD_CANDIDATES.find(t => fitsSwiftShader(t, 128, 128))!,
+      tiles: FITS_D128,
       c: {
         name: 'D=128, causal, GQA, dropout',
         shape: {batch: 1, seqQ: 40, seqK: 40, heads: 2, headsKV: 1, headDim: 128, headDimV: 128},
         opts: {causal: true, dropoutRate: 0.2, seed: 9}
+      }
+    },
+    {
+      tiles: FITS_D128,
+      c: {
+        name: 'D=128, Sq < Sk, window, softcap, alibi per batch',
+        shape: {
+          batch: 2,
+          seqQ: 37,
+          seqK: 64,
+          heads: 2,
+          headsKV: 2,
+          headDim: 128,
+          headDimV: 128,
+          alibi: 'batch'
+        },
+        opts: {windowSize: [20, 7], softcap: 3}
+      }
+    },
+    {
+      tiles: A,
+      c: {
+        name: 'D=80, causal, GQA, softcap, alibi',
+        shape: {
+          batch: 1,
+          seqQ: 70,
+          seqK: 70,
+          heads: 4,
+          headsKV: 2,
+          headDim: 80,
+          headDimV: 80,
+          alibi: 'head'
+        },
+        opts: {causal: true, softcap: 2}
+      }
+    },
+    {
+      tiles: B,
+      c: {
+        name: 'D=96, Sq > Sk, MQA, dropout (slices wider than a key quad\'s lanes)',
+        shape: {batch: 2, seqQ: 45, seqK: 29, heads: 3, headsKV: 1, headDim: 96, headDimV: 96},
+        opts: {dropoutRate: 0.3, seed: 2 ** 33 + 5}
+      }
+    },
+    {
+      tiles: FITS_D128,
+      c: {
+        name: 'D=98, Dv=100 (not multiples of 4 or of the slices), causal, Sq > Sk',
+        shape: {batch: 1, seqQ: 50, seqK: 33, heads: 2, headsKV: 2, headDim: 98, headDimV: 100},
+        opts: {causal: true}
       }
     },
   ];
@@ -97,4 +154,75 @@ describeWebGPU('fused WebGPU backward, head-dim slices [webgpu]', () => {
       }
     });
   }
+
+  it('per-batch lengths (seqlensQ, seqlensK) through tf.grads, D=64: each batch row alone',
+     async () => {
+       setGradTilesOverride(A);
+       tf.env().set(FLASH_ATTENTION_IMPL, 'fused');
+       const rng = freshRng();
+       const [batch, seq, heads, dim] = [3, 40, 2, 64];
+       const lensQ = [40, 0, 23];
+       const lensK = [33, 17, 40];
+       const values = () => randomArray(batch * seq * heads * dim, rng);
+       const [qv, kv, vv, dov] = [values(), values(), values(), values()];
+       const shape: [number, number, number, number] = [batch, seq, heads, dim];
+       const [q, k, v, dOut] = [qv, kv, vv, dov].map(x => tf.tensor4d(Float32Array.from(x), shape));
+       const seqlensQ = tf.tensor1d(lensQ, 'int32');
+       const seqlensK = tf.tensor1d(lensK, 'int32');
+       const tensors = tf.memory().numTensors;
+       try {
+         const before = fusedGradRunCount();
+         const grads = tf.grads(
+             (a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) => tf.sum(tf.mul(
+                 flashAttention(
+                     a as tf.Tensor4D, b as tf.Tensor4D, c as tf.Tensor4D,
+                     {seqlensQ, seqlensK, causal: true}),
+                 dOut)))([q, k, v]);
+         const [dq, dk, dv] = await Promise.all(grads.map(g => g.data() as Promise<Float32Array>));
+         tf.dispose(grads);
+         expect(fusedGradRunCount()).toBe(before + 1);
+         expect(tf.memory().numTensors).toBe(tensors);
+         const rowSize = seq * heads * dim;
+         for (let b = 0; b < batch; b++) {
+           const [lq, lk] = [lensQ[b], lensK[b]];
+           const cut = (x: Float64Array, rows: number) =>
+               x.slice(b * rowSize, b * rowSize + rows * heads * dim);
+           const expected = {
+             dq: new Float64Array(rowSize),
+             dk: new Float64Array(rowSize),
+             dv: new Float64Array(rowSize)
+           };
+           if (lq > 0 && lk > 0) {
+             const g = oracleBackward(
+                 {
+                   batch: 1,
+                   seqQ: lq,
+                   seqK: lk,
+                   heads,
+                   headsKV: heads,
+                   headDim: dim,
+                   headDimV: dim,
+                   q: cut(qv, lq),
+                   k: cut(kv, lk),
+                   v: cut(vv, lk),
+                   alibiSlopes: null,
+                 },
+                 {causal: true}, cut(dov, lq), new Float64Array(heads * lq));
+             expected.dq.set(g.dq);
+             expected.dk.set(g.dk);
+             expected.dv.set(g.dv);
+           }
+           const got = {dq, dk, dv};
+           for (const key of ['dq', 'dk', 'dv'] as const) {
+             expectClose(
+                 got[key].slice(b * rowSize, (b + 1) * rowSize), expected[key], GRADIENT_BOUND,
+                 `${key} of batch row ${b} (lengths ${lq}, ${lk}; seed ${rng.seed})`);
+           }
+         }
+       } finally {
+         setGradTilesOverride(null);
+         tf.env().set(FLASH_ATTENTION_IMPL, 'auto');
+         tf.dispose([q, k, v, dOut, seqlensQ, seqlensK]);
+       }
+     });
 });
