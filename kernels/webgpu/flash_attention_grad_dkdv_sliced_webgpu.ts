@@ -18,13 +18,14 @@
 import type {OwnPipelineSpec} from './own_pipeline';
 import type {DkDvTiles} from './flash_attention_grad_dkdv_webgpu';
 import {featureKey, GradFeatures, gradInputs, gradPassHeaderWGSL, loadKeyTileWGSL, prefetchSlots, sPhase, sPhaseValid, sPhaseWGSL, zeroGapsWGSL} from './flash_attention_grad_wgsl';
-import {sliceQuads, sliceStreamWGSL} from './flash_attention_grad_sliced_wgsl';
+import {sliceQuads, sliceStreamWGSL, swizzledRowsWGSL} from './flash_attention_grad_sliced_wgsl';
 
 /** Workgroup storage bytes of the sliced program. */
 export function dkdvSlicedStorageBytes(t: DkDvTiles, d: number, dv: number): number {
   const sw4 = sliceQuads(d, dv, t.dimChunks!);
   const kvRows = 4 * sw4 * t.dimChunks!;  // K^T and V^T rows, padded to whole slices
-  return 16 * (2 * kvRows * (t.bc / 4) + t.br * (sw4 + 1) + t.br * t.bc / 4) + 8 * t.br;
+  const sliceStride = swizzledRowsWGSL('sliceAt', sw4).stride;
+  return 16 * (2 * kvRows * (t.bc / 4) + t.br * sliceStride + t.br * t.bc / 4) + 8 * t.br;
 }
 
 /** Sliced tiles: the S phase divides evenly, every key quad has whole lanes. */
@@ -46,6 +47,7 @@ export class FlashAttentionGradDkDvSlicedProgram implements OwnPipelineSpec {
     const chunks = tiles.dimChunks!;
     const s = sPhase(bc, br, threads);
     const sw4 = sliceQuads(d, dv, chunks);
+    const slice = swizzledRowsWGSL('sliceAt', sw4);
     const xt = threads / s.sc;       // accumulation: lanes per key quad
     const nq = Math.ceil(sw4 / xt);  // accumulation: quads per slice per thread
     this.key = `flashAttentionGradDkDvSliced_${d}_${dv}_${bc}_${br}_${threads}_c${chunks}_${
@@ -56,7 +58,7 @@ export class FlashAttentionGradDkDvSlicedProgram implements OwnPipelineSpec {
         for (var n = 0; n < NQ; n++) {
           let xl = kx + n * XT;
           if (${inSlice}) {
-            let row = sliceS[r * BW + xl];
+            let row = sliceS[sliceAt(r, xl)];
             let a = (c * NQ + n) * 4;
             ${acc}[a] += w.x * row;
             ${acc}[a + 1] += w.y * row;
@@ -74,7 +76,7 @@ export class FlashAttentionGradDkDvSlicedProgram implements OwnPipelineSpec {
           let col2 = ${tile}[(x + 2) * SC + sQuad];
           let col3 = ${tile}[(x + 3) * SC + sQuad];
           for (var m = 0; m < MR; m++) {
-            let row = sliceS[(sRow + m) * BW + xl];
+            let row = sliceS[sliceAt(sRow + m, xl)];
             ${acc}[m] += row.x * col0;
             ${acc}[m] += row.y * col1;
             ${acc}[m] += row.z * col2;
@@ -82,7 +84,7 @@ export class FlashAttentionGradDkDvSlicedProgram implements OwnPipelineSpec {
           }
         }`;
     // One slice: store the prefetched one, then read the next (`next`).
-    const slice = (next: string) => `
+    const sliceStep = (next: string) => `
       workgroupBarrier();
       storeRowSlice(t);
       workgroupBarrier();
@@ -114,7 +116,6 @@ export class FlashAttentionGradDkDvSlicedProgram implements OwnPipelineSpec {
     this.source = `${gradPassHeaderWGSL(f, outputs, {d, dv, bc, br, threads, s, xt}, {
       DC: chunks,
       SW4: sw4,
-      BW: sw4 + 1,
       NQ: nq,
       PF: prefetchSlots(br * sw4, threads),
     })}
@@ -123,8 +124,9 @@ export class FlashAttentionGradDkDvSlicedProgram implements OwnPipelineSpec {
 // with zeros to whole slices.
 var<workgroup> kT: array<vec4<f32>, ${4 * sw4 * chunks * s.sc}>;
 var<workgroup> vT: array<vec4<f32>, ${4 * sw4 * chunks * s.sc}>;
-// One slice of BR query rows of Q or dO (one vec4 of padding per row).
-var<workgroup> sliceS: array<vec4<f32>, ${br * (sw4 + 1)}>;
+// One slice of BR query rows of Q or dO, row r's quad x at sliceAt(r, x).
+var<workgroup> sliceS: array<vec4<f32>, ${br * slice.stride}>;
+${slice.wgsl}
 // P * keep, then dS.
 var<workgroup> pS: array<vec4<f32>, ${br * s.sc}>;
 var<workgroup> lseS: array<f32, BR>;
@@ -224,7 +226,7 @@ ${sPhaseWGSL(s)}
     }
     // B: dP and dV over the slices of dO.
     for (var c = 0; c < DC; c++) {
-      ${slice('fetchRowSlice(c + 1 >= DC, i0, h, select(c + 1, 0, c + 1 >= DC), t, gr);')}
+      ${sliceStep('fetchRowSlice(c + 1 >= DC, i0, h, select(c + 1, 0, c + 1 >= DC), t, gr);')}
       if (sActive) {
         ${products('dp', 'vT')}
       }
@@ -242,7 +244,7 @@ ${sPhaseWGSL(s)}
     }
     // C: dK over the slices of Q; the last reads the next step's first.
     for (var c = 0; c < DC; c++) {
-      ${slice(`if (c + 1 < DC) {
+      ${sliceStep(`if (c + 1 < DC) {
         fetchRowSlice(true, i0, h, c + 1, t, gr);
       } else if (step + 1 < steps) {
         let hn = hk * groups + (step + 1) / nBlocks;

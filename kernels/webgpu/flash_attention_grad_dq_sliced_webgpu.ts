@@ -16,12 +16,7 @@
 import type {OwnPipelineSpec} from './own_pipeline';
 import type {DqTiles} from './flash_attention_grad_dq_webgpu';
 import {dqBlockWGSL, featureKey, GradFeatures, gradInputs, gradPassHeaderWGSL, prefetchSlots, probsAndDsWGSL, sPhase, sPhaseValid, sPhaseWGSL, zeroGapsWGSL} from './flash_attention_grad_wgsl';
-import {sliceQuads, sliceStreamWGSL} from './flash_attention_grad_sliced_wgsl';
-
-/** Row stride (vec4s) of the K/V slice: odd, so a warp's dims hit distinct banks. */
-function keyStride(sc: number): number {
-  return sc % 2 === 1 ? sc : sc + 1;
-}
+import {sliceQuads, sliceStreamWGSL, swizzledRowsWGSL} from './flash_attention_grad_sliced_wgsl';
 
 /** Rows per thread in the dQ accumulation. */
 function rowsPerThread(t: DqTiles): number {
@@ -31,8 +26,9 @@ function rowsPerThread(t: DqTiles): number {
 export function dqSlicedStorageBytes(t: DqTiles, d: number, dv: number): number {
   const sw4 = sliceQuads(d, dv, t.dimChunks!);
   const sc = t.bc / 4;
-  const rowStride = sw4 * t.dimChunks! + 1;
-  return 16 * (2 * t.br * rowStride + 4 * sw4 * keyStride(sc) + t.br * sc) + 8 * t.br;
+  const rowStride = swizzledRowsWGSL('qAt', sw4 * t.dimChunks!).stride;
+  const keyStride = swizzledRowsWGSL('keyAt', sc).stride;
+  return 16 * (2 * t.br * rowStride + 4 * sw4 * keyStride + t.br * sc) + 8 * t.br;
 }
 
 export function dqSlicedTilesValid(t: DqTiles): boolean {
@@ -54,7 +50,8 @@ export class FlashAttentionGradDqSlicedProgram implements OwnPipelineSpec {
     const chunks = tiles.dimChunks!;
     const s = sPhase(bc, br, threads);
     const sw4 = sliceQuads(d, dv, chunks);
-    const rowStride = sw4 * chunks + 1;
+    const rows = swizzledRowsWGSL('qAt', sw4 * chunks);
+    const keys = swizzledRowsWGSL('keyAt', s.sc);
     const nr = rowsPerThread(tiles);
     const xt = threads / (br / nr);       // accumulation: lanes per row group
     const nds = Math.ceil(4 * sw4 / xt);  // accumulation: dims per slice per thread
@@ -62,14 +59,14 @@ export class FlashAttentionGradDqSlicedProgram implements OwnPipelineSpec {
         `flashAttentionGradDqSliced_${d}_${dv}_${bc}_${br}_${threads}_c${chunks}_${featureKey(f)}`;
     // acc[m] += the thread's rows of `rows` (resident) . slice c's dims of
     // its key quad, dims in order.
-    const products = (acc: string, rows: string) => `
+    const products = (acc: string, tile: string) => `
         for (var xl = 0; xl < SW4; xl++) {
-          let col0 = sliceS[(xl * 4) * KST + sQuad];
-          let col1 = sliceS[(xl * 4 + 1) * KST + sQuad];
-          let col2 = sliceS[(xl * 4 + 2) * KST + sQuad];
-          let col3 = sliceS[(xl * 4 + 3) * KST + sQuad];
+          let col0 = sliceS[keyAt(xl * 4, sQuad)];
+          let col1 = sliceS[keyAt(xl * 4 + 1, sQuad)];
+          let col2 = sliceS[keyAt(xl * 4 + 2, sQuad)];
+          let col3 = sliceS[keyAt(xl * 4 + 3, sQuad)];
           for (var m = 0; m < MR; m++) {
-            let row = ${rows}[(sRow + m) * QW + c * SW4 + xl];
+            let row = ${tile}[qAt(sRow + m, c * SW4 + xl)];
             ${acc}[m] += row.x * col0;
             ${acc}[m] += row.y * col1;
             ${acc}[m] += row.z * col2;
@@ -91,18 +88,19 @@ export class FlashAttentionGradDqSlicedProgram implements OwnPipelineSpec {
       NR: nr,
       DC: chunks,
       SW4: sw4,
-      QW: rowStride,
-      KST: keyStride(s.sc),
+      QW: rows.stride,
       NDS: nds,
       PF: prefetchSlots(s.sc * 4 * sw4, threads),
     })}
 
-// Q and dO rows as dim quads, padded with zeros to whole slices plus one
-// vec4 (so that the rows a warp reads fall in different banks).
-var<workgroup> qS: array<vec4<f32>, ${br * rowStride}>;
-var<workgroup> doS: array<vec4<f32>, ${br * rowStride}>;
-// One slice of K or V, transposed: sliceS[x * KST + key quad].
-var<workgroup> sliceS: array<vec4<f32>, ${4 * sw4 * keyStride(s.sc)}>;
+// Q and dO rows as dim quads, zeros to whole slices: quad x of row r at
+// qAt(r, x).
+var<workgroup> qS: array<vec4<f32>, ${br * rows.stride}>;
+var<workgroup> doS: array<vec4<f32>, ${br * rows.stride}>;
+${rows.wgsl}
+// One slice of K or V, transposed: dim x of key quad kq at keyAt(x, kq).
+var<workgroup> sliceS: array<vec4<f32>, ${4 * sw4 * keys.stride}>;
+${keys.wgsl}
 // dS.
 var<workgroup> pS: array<vec4<f32>, ${br * s.sc}>;
 var<workgroup> lseS: array<f32, BR>;
@@ -124,8 +122,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
       qv = rowQuad(true, gr.q0 + i, h, e % QW);
       ov = rowQuad(false, gr.q0 + i, h, e % QW);
     }
-    qS[e] = qv;
-    doS[e] = ov;
+    qS[qAt(e / QW, e % QW)] = qv;
+    doS[qAt(e / QW, e % QW)] = ov;
   }
   for (var r = t; r < BR; r += T) {
     let i = i0 + r;
@@ -191,7 +189,7 @@ ${sPhaseWGSL(s)}
         for (var n = 0; n < NDS; n++) {
           let xl = qx + n * XT;
           if (${inSlice}) {
-            let kv = sliceS[xl * KST + quad];
+            let kv = sliceS[keyAt(xl, quad)];
             for (var m = 0; m < NR; m++) {
               dqAcc[m][c * NDS + n] += dot(dsr[m], kv);
             }

@@ -15,6 +15,25 @@ export function sliceQuads(d: number, dv: number, chunks: number): number {
 }
 
 /**
+ * WGSL `fn NAME(row: i32, col: i32) -> i32`: the index of vec4 `col` of row
+ * `row` of a workgroup array with `cols` vec4s per row. Where a warp reads
+ * one column of rows a multiple of 128 bytes apart, they would share a bank:
+ * rows of a multiple of 8 vec4s are stored XOR-swizzled (col ^ (row & 7),
+ * which stays in the row), other widths padded by one vec4 (odd stride).
+ * Returns the WGSL and the row stride in vec4s.
+ */
+export function swizzledRowsWGSL(name: string, cols: number): {wgsl: string, stride: number} {
+  const swizzle = cols % 8 === 0;
+  const stride = swizzle ? cols : cols + 1;
+  return {
+    wgsl: `fn ${name}(row: i32, col: i32) -> i32 {
+  return row * ${stride} + ${swizzle ? '(col ^ (row & 7))' : 'col'};
+}`,
+    stride
+  };
+}
+
+/**
  * WGSL functions reading a slice into `sliceReg` (an array of PF vec4s,
  * declared here) and storing it to `sliceS`. Uses the constants T, D, DV,
  * SW4 (quads per slice) and PF, and the bindings q, dy, k, v, p.
@@ -25,12 +44,12 @@ export function sliceQuads(d: number, dv: number, chunks: number): number {
  * side 'q' (the dK/dV pass): `fetchRowSlice(fromQ, row0, h, c, t, gr)`
  * reads quads [c SW4, (c + 1) SW4) of query rows [row0, row0 + BR) of head
  * h of q (or dy) as item e = r * SW4 + quad; `storeRowSlice(t)` writes item
- * e to `sliceS[r * BW + quad]` (BW: row stride).
+ * e to `sliceS[sliceAt(r, quad)]`.
  *
  * side 'k' (the dQ pass): `fetchKeySlice(fromK, j0, c, t, hk, gr)` reads
  * dims [4 c SW4, 4 (c + 1) SW4) of keys [j0, j0 + 4 SC) of kv head hk of k
  * (or v), transposed as quads of keys, item e = quad * 4 SW4 + x;
- * `storeKeySlice(t)` writes item e to `sliceS[x * KST + quad]`.
+ * `storeKeySlice(t)` writes item e to `sliceS[keyAt(x, quad)]`.
  * Zeros past the batch row's rows or keys, and past D or DV.
  */
 export function sliceStreamWGSL(side: 'q'|'k', d: number, dv: number): string {
@@ -68,7 +87,7 @@ fn fetchRowSlice(fromQ: bool, row0: i32, h: i32, c: i32, t: i32, gr: GradRows) {
 fn storeRowSlice(t: i32) {
   for (var u = 0; u < PF; u++) {
     let e = t + u * T;
-    if (e < BR * SW4) { sliceS[(e / SW4) * BW + e % SW4] = sliceReg[u]; }
+    if (e < BR * SW4) { sliceS[sliceAt(e / SW4, e % SW4)] = sliceReg[u]; }
   }
 }`;
   const keySide = `
@@ -97,7 +116,7 @@ fn fetchKeySlice(fromK: bool, j0: i32, c: i32, t: i32, hk: i32, gr: GradRows) {
 fn storeKeySlice(t: i32) {
   for (var u = 0; u < PF; u++) {
     let e = t + u * T;
-    if (e < SC * 4 * SW4) { sliceS[(e % (4 * SW4)) * KST + e / (4 * SW4)] = sliceReg[u]; }
+    if (e < SC * 4 * SW4) { sliceS[keyAt(e % (4 * SW4), e / (4 * SW4))] = sliceReg[u]; }
   }
 }`;
   return `

@@ -124,17 +124,20 @@ export const GRAD_THREADS = 128;
  * until a GPU measures them. Workgroup bytes at D=128, dK/dV / dQ:
  */
 export const SLICED_GRAD_CANDIDATES: GradTiles[] = [
-  // A: 32 keys x 32 rows / 32 rows x 32 keys, 128 thr: 45824 / 47360 B, 2x4 S tiles.
+  // A: 32 keys x 32 rows / 32 rows x 32 keys, 128 thr: 45312 / 45312 B, 2x4 S tiles,
+  // 5 workgroups per SM, 64 / 32 accumulator floats per thread.
   {
     dkdv: {bc: 32, br: 32, threads: 128, dimChunks: 2},
     dq: {br: 32, bc: 32, threads: 128, dimChunks: 2}
   },
-  // B: 32 x 16 / 32 x 16, 128 thr: 39296 / 41216 B, 1x4 S tiles, more groups per SM.
+  // B: 32 x 16 / 32 x 16, 128 thr: 39040 / 40192 B, 1x4 S tiles, half the rows (keys)
+  // per step.
   {
     dkdv: {bc: 32, br: 16, threads: 128, dimChunks: 2},
     dq: {br: 32, bc: 16, threads: 128, dimChunks: 2}
   },
-  // C: 16 x 32, 64 thr / 16 x 32, 128 thr: 27392 / 28288 B (fits SwiftShader's 32 KiB).
+  // C: 16 x 32, 64 thr / 16 x 32, 128 thr: 26880 / 26752 B, 8 workgroups per SM by
+  // bytes (registers bound them); fits SwiftShader's 32 KiB.
   {
     dkdv: {bc: 16, br: 32, threads: 64, dimChunks: 2},
     dq: {br: 16, bc: 32, threads: 128, dimChunks: 2}
