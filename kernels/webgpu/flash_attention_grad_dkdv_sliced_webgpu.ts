@@ -18,7 +18,7 @@
 import type {OwnPipelineSpec} from './own_pipeline';
 import type {DkDvTiles} from './flash_attention_grad_dkdv_webgpu';
 import {featureKey, GradFeatures, gradInputs, gradPassHeaderWGSL, loadKeyTileWGSL, prefetchSlots, sPhase, sPhaseValid, sPhaseWGSL, zeroGapsWGSL} from './flash_attention_grad_wgsl';
-import {sliceQuads, sliceStreamWGSL, swizzledRowsWGSL} from './flash_attention_grad_sliced_wgsl';
+import {perSliceWGSL, sliceQuads, sliceStreamWGSL, swizzledRowsWGSL} from './flash_attention_grad_sliced_wgsl';
 
 /** Workgroup storage bytes of the sliced program. */
 export function dkdvSlicedStorageBytes(t: DkDvTiles, d: number, dv: number): number {
@@ -184,7 +184,7 @@ ${sPhaseWGSL(s)}
       dp[m] = vec4<f32>(0.0);
     }
     // A: S over the slices of Q.
-    for (var c = 0; c < DC; c++) {
+    ${perSliceWGSL(chunks, `
       workgroupBarrier();
       storeRowSlice(t);
       if (c == 0) {
@@ -201,7 +201,7 @@ ${sPhaseWGSL(s)}
       if (sActive) {
         ${products('s', 'kT')}
       }
-    }
+    `)}
     // P * keep to pS; s[m] becomes P * score' * scale (0 where masked).
     if (sActive) {
       for (var m = 0; m < MR; m++) {
@@ -225,7 +225,7 @@ ${sPhaseWGSL(s)}
       }
     }
     // B: dP and dV over the slices of dO.
-    for (var c = 0; c < DC; c++) {
+    ${perSliceWGSL(chunks, `
       ${sliceStep('fetchRowSlice(c + 1 >= DC, i0, h, select(c + 1, 0, c + 1 >= DC), t, gr);')}
       if (sActive) {
         ${products('dp', 'vT')}
@@ -234,7 +234,7 @@ ${sPhaseWGSL(s)}
         let w = pS[r * SC + kq];
         ${accumulate('dvAcc')}
       }
-    }
+    `)}
     workgroupBarrier();
     if (sActive) {
       for (var m = 0; m < MR; m++) {
@@ -243,7 +243,7 @@ ${sPhaseWGSL(s)}
       }
     }
     // C: dK over the slices of Q; the last reads the next step's first.
-    for (var c = 0; c < DC; c++) {
+    ${perSliceWGSL(chunks, `
       ${sliceStep(`if (c + 1 < DC) {
         fetchRowSlice(true, i0, h, c + 1, t, gr);
       } else if (step + 1 < steps) {
@@ -256,7 +256,7 @@ ${sPhaseWGSL(s)}
         let w = pS[r * SC + kq];
         ${accumulate('dkAcc')}
       }
-    }
+    `)}
   }
 
   for (var c4 = 0; c4 < 4; c4++) {

@@ -16,7 +16,7 @@
 import type {OwnPipelineSpec} from './own_pipeline';
 import type {DqTiles} from './flash_attention_grad_dq_webgpu';
 import {dqBlockWGSL, featureKey, GradFeatures, gradInputs, gradPassHeaderWGSL, prefetchSlots, probsAndDsWGSL, sPhase, sPhaseValid, sPhaseWGSL, zeroGapsWGSL} from './flash_attention_grad_wgsl';
-import {sliceQuads, sliceStreamWGSL, swizzledRowsWGSL} from './flash_attention_grad_sliced_wgsl';
+import {perSliceWGSL, sliceQuads, sliceStreamWGSL, swizzledRowsWGSL} from './flash_attention_grad_sliced_wgsl';
 
 /** Rows per thread in the dQ accumulation. */
 function rowsPerThread(t: DqTiles): number {
@@ -158,24 +158,24 @@ ${sPhaseWGSL(s)}
       dp[m] = vec4<f32>(0.0);
     }
     // A: S over the slices of K.
-    for (var c = 0; c < DC; c++) {
+    ${perSliceWGSL(chunks, `
       ${slice('fetchKeySlice(c + 1 < DC, j0, select(0, c + 1, c + 1 < DC), t, hk, gr);')}
       if (sActive) {
         ${products('s', 'qS')}
       }
-    }
+    `)}
     // B: dP over the slices of V, then dS.
-    for (var c = 0; c < DC; c++) {
+    ${perSliceWGSL(chunks, `
       ${slice('fetchKeySlice(c + 1 >= DC, j0, select(c + 1, 0, c + 1 >= DC), t, hk, gr);')}
       if (sActive) {
         ${products('dp', 'doS')}
       }
-    }
+    `)}
     if (sActive) {
       ${probsAndDsWGSL(f, false, 'pS[r * SC + sQuad] = dsv;')}
     }
     // C: dQ over the slices of K; the last reads the next block's first.
-    for (var c = 0; c < DC; c++) {
+    ${perSliceWGSL(chunks, `
       ${slice(`if (c + 1 < DC) {
         fetchKeySlice(true, j0, c + 1, t, hk, gr);
       } else if (j0 + BC <= jHi) {
@@ -196,7 +196,7 @@ ${sPhaseWGSL(s)}
           }
         }
       }
-    }
+    `)}
   }
 
   for (var m = 0; m < NR; m++) {

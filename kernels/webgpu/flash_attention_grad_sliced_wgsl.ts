@@ -15,6 +15,21 @@ export function sliceQuads(d: number, dv: number, chunks: number): number {
 }
 
 /**
+ * `body` once per slice c in [0, chunks), each in its own block with
+ * `const c`: the slice loops hold barriers, which compilers are slow to
+ * unroll, and a thread's accumulator indices depend on c; unrolled here,
+ * they are constants (registers, not local memory).
+ */
+export function perSliceWGSL(chunks: number, body: string): string {
+  return Array
+      .from({length: chunks}, (_, c) => `{
+      const c = ${c};
+      ${body}
+    }`)
+      .join('\n    ');
+}
+
+/**
  * WGSL `fn NAME(row: i32, col: i32) -> i32`: the index of vec4 `col` of row
  * `row` of a workgroup array with `cols` vec4s per row. Where a warp reads
  * one column of rows a multiple of 128 bytes apart, they would share a bank:
