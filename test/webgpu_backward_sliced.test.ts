@@ -11,7 +11,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 
-import {FLASH_ATTENTION_IMPL, flashAttention} from '../src';
+import {FLASH_ATTENTION_IMPL, flashAttention, flashAttentionVarlen} from '../src';
 import {chooseGradTiles, fusedGradRunCount, GradTiles, registerFlashAttentionGradWebGPU, setGradTilesOverride} from '../kernels/webgpu/FlashAttentionGrad';
 import {dkdvStorageBytes, dkdvTilesValid} from '../kernels/webgpu/flash_attention_grad_dkdv_webgpu';
 import {dqStorageBytes, dqTilesValid} from '../kernels/webgpu/flash_attention_grad_dq_webgpu';
@@ -223,6 +223,82 @@ describeWebGPU('fused WebGPU backward, head-dim slices [webgpu]', () => {
          setGradTilesOverride(null);
          tf.env().set(FLASH_ATTENTION_IMPL, 'auto');
          tf.dispose([q, k, v, dOut, seqlensQ, seqlensK]);
+       }
+     });
+
+  it('a packed varlen call (GQA, causal, an empty sequence), D=64: each sequence alone',
+     async () => {
+       setGradTilesOverride(B);
+       tf.env().set(FLASH_ATTENTION_IMPL, 'fused');
+       const rng = freshRng();
+       const [heads, headsKV, dim] = [4, 2, 64];
+       const lensQ = [20, 0, 37];
+       const lensK = [29, 6, 37];
+       const cumulative = (l: number[]) => l.reduce((c, x) => [...c, c[c.length - 1] + x], [0]);
+       const [cuQ, cuK] = [cumulative(lensQ), cumulative(lensK)];
+       const [totalQ, totalK] = [cuQ[3], cuK[3]];
+       const [qv, dov] = [0, 1].map(() => randomArray(totalQ * heads * dim, rng));
+       const [kv, vv] = [0, 1].map(() => randomArray(totalK * headsKV * dim, rng));
+       const q = tf.tensor3d(Float32Array.from(qv), [totalQ, heads, dim]);
+       const dOut = tf.tensor3d(Float32Array.from(dov), [totalQ, heads, dim]);
+       const [k, v] = [kv, vv].map(x => tf.tensor3d(Float32Array.from(x), [totalK, headsKV, dim]));
+       const [cuSeqlensQ, cuSeqlensK] = [cuQ, cuK].map(x => tf.tensor1d(x, 'int32'));
+       const tensors = tf.memory().numTensors;
+       try {
+         const before = fusedGradRunCount();
+         const opts = {causal: true, maxSeqlenQ: 37, maxSeqlenK: 37};
+         const grads = tf.grads(
+             (a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) => tf.sum(tf.mul(
+                 flashAttentionVarlen(
+                     a as tf.Tensor3D, b as tf.Tensor3D, c as tf.Tensor3D, cuSeqlensQ, cuSeqlensK,
+                     opts) as tf.Tensor,
+                 dOut)))([q, k, v]);
+         const [dq, dk, dv] = await Promise.all(grads.map(g => g.data() as Promise<Float32Array>));
+         tf.dispose(grads);
+         expect(fusedGradRunCount()).toBe(before + 1);
+         expect(tf.memory().numTensors).toBe(tensors);
+         const qRow = heads * dim;
+         const kRow = headsKV * dim;
+         for (let b = 0; b < lensQ.length; b++) {
+           const [lq, lk] = [lensQ[b], lensK[b]];
+           const qSlice = <T extends Float32Array|Float64Array>(x: T) =>
+               x.slice(cuQ[b] * qRow, cuQ[b + 1] * qRow) as T;
+           const kSlice = <T extends Float32Array|Float64Array>(x: T) =>
+               x.slice(cuK[b] * kRow, cuK[b + 1] * kRow) as T;
+           const expected = {
+             dq: new Float64Array(lq * qRow),
+             dk: new Float64Array(lk * kRow),
+             dv: new Float64Array(lk * kRow)
+           };
+           if (lq > 0 && lk > 0) {
+             Object.assign(
+                 expected,
+                 oracleBackward(
+                     {
+                       batch: 1,
+                       seqQ: lq,
+                       seqK: lk,
+                       heads,
+                       headsKV,
+                       headDim: dim,
+                       headDimV: dim,
+                       q: qSlice(qv),
+                       k: kSlice(kv),
+                       v: kSlice(vv),
+                       alibiSlopes: null,
+                     },
+                     {causal: true}, qSlice(dov), new Float64Array(heads * lq)));
+           }
+           const what = (key: string) =>
+               `${key} of sequence ${b} (lengths ${lq}, ${lk}; seed ${rng.seed})`;
+           expectClose(qSlice(dq), expected.dq, GRADIENT_BOUND, what('dq'));
+           expectClose(kSlice(dk), expected.dk, GRADIENT_BOUND, what('dk'));
+           expectClose(kSlice(dv), expected.dv, GRADIENT_BOUND, what('dv'));
+         }
+       } finally {
+         setGradTilesOverride(null);
+         tf.env().set(FLASH_ATTENTION_IMPL, 'auto');
+         tf.dispose([q, k, v, dOut, cuSeqlensQ, cuSeqlensK]);
        }
      });
 });
