@@ -4,10 +4,10 @@
  * 64"), forced on Dawn (SwiftShader without a GPU), against the float64
  * oracle's gradients (docs/design.md, "Accuracy bounds": 5e-4) with the
  * option families, NaN-poisoned outputs, no leaks and bit-identical reruns.
- * Every candidate of SLICED_GRAD_CANDIDATES runs at the largest head dims
- * that fit SwiftShader's 32 KiB of workgroup memory (D=128 for the one that
- * fits, D=80 or 96 for the H100 ones), plus head dims that are not multiples
- * of 4 or of the slice width.
+ * Every candidate of SLICED_GRAD_CANDIDATES runs where it fits SwiftShader's
+ * 32 KiB of workgroup memory (D=128 for the one that fits there, D=64, 80
+ * or 96 for the H100 ones), plus head dims that are not multiples of 4 or
+ * of the slice width.
  */
 import * as tf from '@tensorflow/tfjs-core';
 
@@ -63,7 +63,7 @@ describeWebGPU('fused WebGPU backward, head-dim slices [webgpu]', () => {
     setGradTilesOverride(null);
   });
 
-  const [A, B] = SLICED_GRAD_CANDIDATES;
+  const [A, B, , D] = SLICED_GRAD_CANDIDATES;
   const FITS_D128 = SLICED_GRAD_CANDIDATES.find(t => fitsSwiftShader(t, 128, 128))!;
   // Shapes with several key and query blocks per head; every pipeline
   // takes SwiftShader seconds to compile at these head dims, so the option
@@ -157,7 +157,7 @@ describeWebGPU('fused WebGPU backward, head-dim slices [webgpu]', () => {
 
   it('per-batch lengths (seqlensQ, seqlensK) through tf.grads, D=64: each batch row alone',
      async () => {
-       setGradTilesOverride(A);
+       setGradTilesOverride(D);
        tf.env().set(FLASH_ATTENTION_IMPL, 'fused');
        const rng = freshRng();
        const [batch, seq, heads, dim] = [3, 40, 2, 64];

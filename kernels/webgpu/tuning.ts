@@ -142,6 +142,12 @@ export const SLICED_GRAD_CANDIDATES: GradTiles[] = [
     dkdv: {bc: 16, br: 32, threads: 64, dimChunks: 2},
     dq: {br: 16, bc: 32, threads: 128, dimChunks: 2}
   },
+  // D: B's tiles with one slice (whole rows / key tiles streamed): 43136 / 45312 B, half
+  // the barriers of B, 1x4 S tiles.
+  {
+    dkdv: {bc: 32, br: 16, threads: 128, dimChunks: 1},
+    dq: {br: 32, bc: 16, threads: 128, dimChunks: 1}
+  },
 ];
 
 /** Testing and benchmarking: force a forward plan (tiling, subgroups, splits). */
