@@ -15,7 +15,11 @@ import {FLASH_ATTENTION_IMPL, flashAttention, flashAttentionVarlen} from '../src
 import {chooseGradTiles, fusedGradRunCount, GradTiles, registerFlashAttentionGradWebGPU, setGradTilesOverride} from '../kernels/webgpu/FlashAttentionGrad';
 import {dkdvStorageBytes, dkdvTilesValid} from '../kernels/webgpu/flash_attention_grad_dkdv_webgpu';
 import {dqStorageBytes, dqTilesValid} from '../kernels/webgpu/flash_attention_grad_dq_webgpu';
-import {setPoisonOutputs} from '../kernels/webgpu/own_pipeline';
+import {setPoisonOutputs, webgpuBackendOf} from '../kernels/webgpu/own_pipeline';
+import {FlashAttentionGradDkDvSlicedProgram} from '../kernels/webgpu/flash_attention_grad_dkdv_sliced_webgpu';
+import {FlashAttentionGradDqSlicedProgram} from '../kernels/webgpu/flash_attention_grad_dq_sliced_webgpu';
+import {gradFeatures} from '../kernels/webgpu/flash_attention_grad_wgsl';
+import {normalizeOptions} from '../src/options';
 import {SLICED_GRAD_CANDIDATES} from '../kernels/webgpu/tuning';
 
 import {selectedBackends, useBackend} from './harness/backends';
@@ -64,6 +68,32 @@ describeWebGPU('fused WebGPU backward, head-dim slices [webgpu]', () => {
   });
 
   const [A, B, , D] = SLICED_GRAD_CANDIDATES;
+  it('every candidate\'s WGSL at D=128 passes Dawn\'s validation (their pipelines need a GPU)',
+     async () => {
+       const device = webgpuBackendOf().device;
+       const features = [
+         gradFeatures(normalizeOptions({causal: true}, 128, 'test'), false),
+         gradFeatures(
+             normalizeOptions({dropoutRate: 0.1, softcap: 2, windowSize: [9, 3]}, 128, 'test'),
+             true, true),
+       ];
+       for (const tiles of SLICED_GRAD_CANDIDATES) {
+         for (const f of features) {
+           for (const program
+                    of [new FlashAttentionGradDkDvSlicedProgram(128, 128, tiles.dkdv, f),
+                        new FlashAttentionGradDqSlicedProgram(128, 128, tiles.dq, f)]) {
+             device.pushErrorScope('validation');
+             const module = device.createShaderModule({code: program.code()});
+             const info = await module.getCompilationInfo();
+             const error = await device.popErrorScope();
+             const errors = info.messages.filter(m => m.type === 'error').map(m => m.message);
+             expect([program.key, ...errors]).toEqual([program.key]);
+             expect(error).toBeNull();
+           }
+         }
+       }
+     });
+
   const FITS_D128 = SLICED_GRAD_CANDIDATES.find(t => fitsSwiftShader(t, 128, 128))!;
   // Shapes with several key and query blocks per head; every pipeline
   // takes SwiftShader seconds to compile at these head dims, so the option
@@ -114,7 +144,7 @@ describeWebGPU('fused WebGPU backward, head-dim slices [webgpu]', () => {
     {
       tiles: B,
       c: {
-        name: 'D=96, Sq > Sk, MQA, dropout (slices wider than a key quad\'s lanes)',
+        name: 'D=96, Sq > Sk, MQA, dropout (a slice narrower than the lanes per key quad)',
         shape: {batch: 2, seqQ: 45, seqK: 29, heads: 3, headsKV: 1, headDim: 96, headDimV: 96},
         opts: {dropoutRate: 0.3, seed: 2 ** 33 + 5}
       }
