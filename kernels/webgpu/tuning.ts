@@ -121,29 +121,29 @@ export const GRAD_THREADS = 128;
  * (docs/webgpu_tuning.md, "Backward at head dims above 64", works out each
  * one's registers, bytes and loads). Forcible (setGradTilesOverride, the
  * benchmark's `--grad-variants sliced`); the planner does not take them
- * until a GPU measures them. Workgroup bytes at D=128, dK/dV / dQ:
+ * until a GPU measures them. At D=128, dK/dV / dQ: workgroup bytes, and
+ * floats per thread (accumulators + S/dP + prefetch).
  */
 export const SLICED_GRAD_CANDIDATES: GradTiles[] = [
-  // A: 32 keys x 32 rows / 32 rows x 32 keys, 128 thr: 45312 / 45312 B, 2x4 S tiles,
-  // 5 workgroups per SM, 64 / 32 accumulator floats per thread.
+  // A: 32 keys x 32 rows / 32 rows x 32 keys, 128 thr: 45312 / 45312 B (5 per SM),
+  // 96 / 64 floats, 2x4 S tiles.
   {
     dkdv: {bc: 32, br: 32, threads: 128, dimChunks: 2},
     dq: {br: 32, bc: 32, threads: 128, dimChunks: 2}
   },
-  // B: 32 x 16 / 32 x 16, 128 thr: 39040 / 40192 B, 1x4 S tiles, half the rows (keys)
-  // per step.
+  // B: 32 x 16 / 32 x 16, 128 thr: 39040 / 40192 B (5 per SM), 80 / 48 floats, 1x4.
   {
     dkdv: {bc: 32, br: 16, threads: 128, dimChunks: 2},
     dq: {br: 32, bc: 16, threads: 128, dimChunks: 2}
   },
-  // C: 16 x 32, 64 thr / 16 x 32, 128 thr: 26880 / 26752 B, 8 workgroups per SM by
-  // bytes (registers bound them); fits SwiftShader's 32 KiB.
+  // C: 16 x 32, 64 thr / 16 x 32, 128 thr: 26880 / 26752 B (8 per SM by bytes),
+  // 112 / 40 floats; fits SwiftShader's 32 KiB.
   {
     dkdv: {bc: 16, br: 32, threads: 64, dimChunks: 2},
     dq: {br: 16, bc: 32, threads: 128, dimChunks: 2}
   },
-  // D: B's tiles with one slice (whole rows / key tiles streamed): 43136 / 45312 B, half
-  // the barriers of B, 1x4 S tiles.
+  // D: B's tiles, one slice (whole rows / key tiles streamed): 43136 / 45312 B
+  // (5 per SM), 88 / 56 floats, half the barriers of B.
   {
     dkdv: {bc: 32, br: 16, threads: 128, dimChunks: 1},
     dq: {br: 32, bc: 16, threads: 128, dimChunks: 1}
