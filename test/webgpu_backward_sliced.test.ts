@@ -68,7 +68,7 @@ describeWebGPU('fused WebGPU backward, head-dim slices [webgpu]', () => {
   });
 
   const [A, B, , D] = SLICED_GRAD_CANDIDATES;
-  it('every candidate\'s WGSL at D=128 passes Dawn\'s validation (their pipelines need a GPU)',
+  it('every candidate\'s WGSL at D=128, and D=256 tiles, pass Dawn\'s validation (pipelines: GPU)',
      async () => {
        const device = webgpuBackendOf().device;
        const features = [
@@ -77,11 +77,20 @@ describeWebGPU('fused WebGPU backward, head-dim slices [webgpu]', () => {
              normalizeOptions({dropoutRate: 0.1, softcap: 2, windowSize: [9, 3]}, 128, 'test'),
              true, true),
        ];
-       for (const tiles of SLICED_GRAD_CANDIDATES) {
+       // Plus D=256 in four slices (43 KiB per pass).
+       const d256: GradTiles = {
+         dkdv: {bc: 16, br: 32, threads: 64, dimChunks: 4},
+         dq: {br: 16, bc: 32, threads: 128, dimChunks: 4}
+       };
+       expect(dkdvStorageBytes(d256.dkdv, 256, 256)).toBeLessThanOrEqual(49152);
+       expect(dqStorageBytes(d256.dq, 256, 256)).toBeLessThanOrEqual(49152);
+       const plans =
+           [...SLICED_GRAD_CANDIDATES.map(t => ({d: 128, tiles: t})), {d: 256, tiles: d256}];
+       for (const {d, tiles} of plans) {
          for (const f of features) {
            for (const program
-                    of [new FlashAttentionGradDkDvSlicedProgram(128, 128, tiles.dkdv, f),
-                        new FlashAttentionGradDqSlicedProgram(128, 128, tiles.dq, f)]) {
+                    of [new FlashAttentionGradDkDvSlicedProgram(d, d, tiles.dkdv, f),
+                        new FlashAttentionGradDqSlicedProgram(d, d, tiles.dq, f)]) {
              device.pushErrorScope('validation');
              const module = device.createShaderModule({code: program.code()});
              const info = await module.getCompilationInfo();
