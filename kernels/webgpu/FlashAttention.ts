@@ -233,7 +233,7 @@ const keptCalls = new WeakMap<GPUDevice, KeptCall[]>();
 /** Distinct shapes and options kept per device (the least recent go first). */
 const KEPT_CALLS = 32;
 
-/** The optional inputs a forward call's plan depends on, after q, k, v. */
+/** The inputs whose shapes a forward call's plan depends on. */
 const PLANNED_INPUTS = ['q', 'k', 'v', 'alibiSlopes', 'seqlens', 'cuSeqlensK'];
 
 function inputDims(inputs: Record<string, tf.TensorInfo|undefined>): number[] {
