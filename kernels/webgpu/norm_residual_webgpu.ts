@@ -76,9 +76,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let keep = fa_dropout4(0u, ${NORM_DROPOUT_STREAM}u, u32(row), u32(c) >> 2u,
         vec2<u32>(uniforms.seedLo, uniforms.seedHi), uniforms.threshold, uniforms.keepScale);
     v = v * keep[c & 3];` :
-                  ''}${residual ? `
+                  ''}${
+        residual ? `
     v = v + residual[base + c];` :
-                                  ''}
+                   ''}
     z[base + c] = v;
     s += ${rms ? 'v * v' : 'v'};
   }
