@@ -11,11 +11,12 @@ import type {WebGPUBackend} from '@tensorflow/tfjs-backend-webgpu';
 
 import {registerFusedKernel} from '../../src/dispatch';
 import {dropoutThreshold} from '../../src/dropout';
-import {FusedGelu, FusedNorm, FusedNormAttrs, FusedNormGrad, FusedRotary, FusedRotaryAttrs, SoftmaxCrossEntropy, SoftmaxCrossEntropyAttrs, SoftmaxCrossEntropyGrad} from '../../src/train/kernel_names';
+import {FusedDense, FusedDenseAttrs, FusedGelu, FusedNorm, FusedNormAttrs, FusedNormGrad, FusedRotary, FusedRotaryAttrs, SoftmaxCrossEntropy, SoftmaxCrossEntropyAttrs, SoftmaxCrossEntropyGrad} from '../../src/train/kernel_names';
 
 import {CrossEntropyGradProgram, CrossEntropyLossProgram, CrossEntropyLseProgram} from './cross_entropy_webgpu';
 import {GeluProgram} from './gelu_webgpu';
 import {BoundedCache} from './bounded_cache';
+import {DENSE_THREADS, FusedDenseProgram} from './dense_webgpu';
 import {NormBackwardProgram, NormColumnSumProgram, NormForwardProgram, NormResidualProgram, NormStatsProgram} from './fused_norm_webgpu';
 import {NormResidualForwardProgram, normResidualConfig} from './norm_residual_webgpu';
 import {dispatchGrid, recordOwnPipeline, UniformWriter} from './own_pipeline';
@@ -149,7 +150,34 @@ function geluWebGPU({inputs, backend}: KernelArgs): tf.TensorInfo {
   return run(backend as WebGPUBackend, new GeluProgram(inputs.x.shape), [inputs.x]);
 }
 
+/** The FusedDense programs, by activation and bias. */
+const densePrograms = new BoundedCache<FusedDenseProgram>(16);
+
+function fusedDenseWebGPU({inputs, backend, attrs}: KernelArgs): tf.TensorInfo {
+  const webgpu = backend as WebGPUBackend;
+  const {activation, hasBias} = attrs as unknown as FusedDenseAttrs;
+  const {x, w, bias} = inputs;
+  const [rows, inner] = x.shape;
+  const cols = w.shape[1];
+  const program = densePrograms.get(
+      `${activation},${+ hasBias}`, () => new FusedDenseProgram(activation, hasBias));
+  const colGroups = Math.ceil(cols / DENSE_THREADS);
+  const uniforms =
+      new UniformWriter(new ArrayBuffer(16)).i32(rows).i32(inner).i32(cols).i32(colGroups);
+  return recordOwnPipeline(webgpu, program, {
+    inputs: [x, w, bias],
+    outputs: [{shape: [rows, cols], dtype: 'float32'}],
+    uniforms: uniforms.finish(),
+    // Shapes only: one buffer per content, no write per call.
+    cacheUniforms: true,
+    dispatch: dispatchGrid(
+        FusedDenseProgram.workgroups(rows, cols),
+        webgpu.device.limits.maxComputeWorkgroupsPerDimension),
+  })[0];
+}
+
 const configs: Array<[string, unknown]> = [
+  [FusedDense, fusedDenseWebGPU],
   [FusedRotary, rotaryWebGPU],
   [FusedGelu, geluWebGPU],
   [FusedNorm, fusedNormWebGPU],

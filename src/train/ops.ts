@@ -11,8 +11,11 @@ import {randomSeed, splitSeed} from '../dropout';
 import {describeValue, FlashAttentionError} from '../errors';
 import {checkOptions, OptionSpec} from '../options';
 
+import {hasFusedKernel} from '../dispatch';
+import {getImpl} from '../flags';
+
 import {useFusedTrainingKernel} from './dispatch';
-import {FusedGelu, FusedNorm, FusedNormAttrs, FusedNormGrad, FusedRotary, FusedRotaryAttrs, SoftmaxCrossEntropy, SoftmaxCrossEntropyAttrs, SoftmaxCrossEntropyGrad} from './kernel_names';
+import {FusedDense, FusedDenseActivation, FusedDenseAttrs, FusedGelu, FusedNorm, FusedNormAttrs, FusedNormGrad, FusedRotary, FusedRotaryAttrs, SoftmaxCrossEntropy, SoftmaxCrossEntropyAttrs, SoftmaxCrossEntropyGrad} from './kernel_names';
 import {referenceCrossEntropyBackward, referenceCrossEntropyForward, referenceNormBackward, referenceNormForward} from './reference';
 
 type GradMap = Record<string, () => tf.Tensor>;
@@ -367,4 +370,48 @@ export function fusedGeluOrNull<T extends tf.Tensor>(x: T): T|null {
   }
   tf.util.assert(x.dtype === 'float32', () => `fusedGeluOrNull: x must be float32, got ${x.dtype}`);
   return tf.engine().runKernel(FusedGelu, {x}) as T;
+}
+
+/** Most rows fusedDenseOrNull takes (its kernel walks K per output: decode-sized). */
+export const FUSED_DENSE_MAX_ROWS = 8;
+
+const DENSE_OP = 'fusedDenseOrNull';
+
+/**
+ * act(x w + bias) for x `[M, K]`, w `[K, N]`, bias `[N]` (or null) in one
+ * kernel, where the active backend has one and M <= FUSED_DENSE_MAX_ROWS;
+ * else null (the caller composes it, e.g. tf.fused.matMul and a GELU).
+ * For decode steps, whose MLP is otherwise a matMul and a GELU pass.
+ * Inference only: no gradient is registered. Never throws for a missing
+ * kernel, whatever FLASH_ATTENTION_IMPL says: it is an optimization.
+ */
+export function fusedDenseOrNull(
+    x: tf.Tensor2D, w: tf.Tensor2D, bias: tf.Tensor1D|null,
+    activation: FusedDenseActivation): tf.Tensor2D|null {
+  checkFloat(x, 'x', DENSE_OP);
+  checkFloat(w, 'w', DENSE_OP);
+  if (x.rank !== 2) {
+    fail(DENSE_OP, 'x', 'of rank 2 [M, K]', `shape [${x.shape}]`);
+  }
+  if (w.rank !== 2 || w.shape[0] !== x.shape[1]) {
+    fail(DENSE_OP, 'w', `of shape [K = ${x.shape[1]}, N] (x's last axis)`, `[${w.shape}]`);
+  }
+  if (bias != null) {
+    checkFloat(bias, 'bias', DENSE_OP);
+    if (bias.rank !== 1 || bias.shape[0] !== w.shape[1]) {
+      fail(DENSE_OP, 'bias', `of shape [N = ${w.shape[1]}]`, `[${bias.shape}]`);
+    }
+  }
+  if (!['linear', 'relu', 'gelu_new'].includes(activation)) {
+    fail(DENSE_OP, 'activation', '\'linear\', \'relu\' or \'gelu_new\'', activation);
+  }
+  if (getImpl() === 'reference' || !hasFusedKernel(FusedDense, tf.getBackend()) ||
+      x.shape[0] > FUSED_DENSE_MAX_ROWS || x.size === 0 || w.size === 0) {
+    return null;
+  }
+  const attrs: FusedDenseAttrs = {activation, hasBias: bias != null};
+  // Without a bias, x stands in for it (never read): no tensor made per call.
+  return tf.engine().runKernel(
+             FusedDense, {x, w, bias: bias ?? x}, attrs as unknown as tf.NamedAttrMap) as
+      tf.Tensor2D;
 }
