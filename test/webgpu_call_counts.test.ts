@@ -319,12 +319,12 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
             buffersCreated: 1,  // the id's staging buffer (tfjs maps a new one per upload)
             // Embedding gather, norm, qkv projection, rotary (q, k, v from
             // the packed projection), split-KV, combine, out projection,
-            // residual + norm (one pass), MLP in with its GELU (FusedDense),
-            // MLP out, residual + final norm (one pass), logits.
-            dispatches: 12,
-            // All but the uniforms kept per content: the decode combine's,
-            // the residual norms' and the FusedDense's.
-            writeBuffers: 8,
+            // residual + norm + MLP in + GELU (FusedNormDense), MLP out,
+            // residual + final norm + logits (FusedNormDense).
+            dispatches: 10,
+            // All but the uniforms kept per content: the decode combine's
+            // and the two FusedNormDense passes'.
+            writeBuffers: 7,
             // The id uploaded, the logits read (the rotary pass appends k, v).
             bufferCopies: 2,
             readBacks: 1,
@@ -366,8 +366,8 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
        await checkOwnPipelineErrors();
        expect(ids).toEqual(warm);
        const chunks = Math.ceil(length / readEvery);
-       // A token: the 12 dispatches of a cached step (test above) and its argmax.
-       const token = 12 + 1;
+       // A token: the 10 dispatches of a cached step (test above) and its argmax.
+       const token = 10 + 1;
        // Staging buffers of the uploads and reads, fewer once tfjs's pool has them.
        expect(counts.buffersCreated).toBeLessThanOrEqual(3 + 2 * chunks);
        expect({...counts, buffersCreated: 0}).toEqual({
@@ -380,9 +380,9 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
          // The prompt step (its last row sliced), the single-id steps, and a
          // concat per chunk of several ids.
          dispatches: (token + 1) + (length - 1) * token + (chunks - 1),
-         // All but the uniforms kept per content: the decode combine's, the
-         // two residual norms' and the FusedDense's (four per step).
-         writeBuffers: (token + 1) + (length - 1) * token + (chunks - 1) - 4 * length,
+         // All but the uniforms kept per content: the decode combine's and
+         // the two FusedNormDense passes' (three per step).
+         writeBuffers: (token + 1) + (length - 1) * token + (chunks - 1) - 3 * length,
          bufferCopies: 3 + chunks,  // the uploads, and each chunk into its staging buffer
          readBacks: chunks,
        });

@@ -23,6 +23,13 @@ export const DENSE_THREADS = 64;
 const GELU_2K = 2 * Math.sqrt(2 / Math.PI);
 const GELU_2KA = GELU_2K * 0.044715;
 
+/** The activation of `v` (an f32 expression of v). */
+export function activationWGSL(activation: FusedDenseActivation): string {
+  return activation === 'gelu_new' ? `v / (1.0 + exp(-v * (${GELU_2K} + ${GELU_2KA} * v * v)))` :
+      activation === 'relu' ? 'max(v, 0.0)' :
+                              'v';
+}
+
 export class FusedDenseProgram implements OwnPipelineSpec {
   readonly key: string;
   readonly numInputs = 3;
@@ -40,10 +47,6 @@ export class FusedDenseProgram implements OwnPipelineSpec {
   }
 
   readonly code = (): string => {
-    const activate = this.activation === 'gelu_new' ?
-        `v / (1.0 + exp(-v * (${GELU_2K} + ${GELU_2KA} * v * v)))` :
-        this.activation === 'relu' ? 'max(v, 0.0)' :
-                                     'v';
     return `
 struct Uniforms { rows: i32, inner: i32, cols: i32, colGroups: i32 }
 @group(0) @binding(0) var<storage, read> x: array<f32>;
@@ -65,7 +68,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     acc += x[xBase + k] * w[k * u.cols + col];
   }
   let v = acc${this.hasBias ? ' + bias[col]' : ''};
-  y[row * u.cols + col] = ${activate};
+  y[row * u.cols + col] = ${activationWGSL(this.activation)};
 }
 `;
   };

@@ -11,13 +11,14 @@ import type {WebGPUBackend} from '@tensorflow/tfjs-backend-webgpu';
 
 import {registerFusedKernel} from '../../src/dispatch';
 import {dropoutThreshold} from '../../src/dropout';
-import {FusedDense, FusedDenseAttrs, FusedGelu, FusedNorm, FusedNormAttrs, FusedNormGrad, FusedRotary, FusedRotaryAttrs, SoftmaxCrossEntropy, SoftmaxCrossEntropyAttrs, SoftmaxCrossEntropyGrad} from '../../src/train/kernel_names';
+import {FusedDense, FusedDenseAttrs, FusedGelu, FusedNorm, FusedNormAttrs, FusedNormDense, FusedNormDenseAttrs, FusedNormGrad, FusedRotary, FusedRotaryAttrs, SoftmaxCrossEntropy, SoftmaxCrossEntropyAttrs, SoftmaxCrossEntropyGrad} from '../../src/train/kernel_names';
 
 import {CrossEntropyGradProgram, CrossEntropyLossProgram, CrossEntropyLseProgram} from './cross_entropy_webgpu';
 import {GeluProgram} from './gelu_webgpu';
 import {BoundedCache} from './bounded_cache';
 import {DENSE_THREADS, FusedDenseProgram} from './dense_webgpu';
 import {NormBackwardProgram, NormColumnSumProgram, NormForwardProgram, NormResidualProgram, NormStatsProgram} from './fused_norm_webgpu';
+import {FusedNormDenseProgram} from './norm_dense_webgpu';
 import {NormResidualForwardProgram, normResidualConfig} from './norm_residual_webgpu';
 import {dispatchGrid, recordOwnPipeline, UniformWriter} from './own_pipeline';
 import {RotaryProgram} from './rotary_webgpu';
@@ -176,8 +177,44 @@ function fusedDenseWebGPU({inputs, backend, attrs}: KernelArgs): tf.TensorInfo {
   })[0];
 }
 
+/** The FusedNormDense programs, by configuration. */
+const normDensePrograms = new BoundedCache<FusedNormDenseProgram>(16);
+
+function fusedNormDenseWebGPU({inputs, backend, attrs}: KernelArgs): tf.TensorInfo[] {
+  const webgpu = backend as WebGPUBackend;
+  const a = attrs as unknown as FusedNormDenseAttrs;
+  const {x, residual, gamma, beta, w, bias} = inputs;
+  const [rows, inner] = x.shape;
+  const cols = w.shape[1];
+  const config = {
+    inner,
+    rms: a.rms,
+    residual: a.hasResidual,
+    beta: a.hasBeta,
+    bias: a.hasBias,
+    activation: a.activation,
+  };
+  const program = normDensePrograms.get(
+      `${inner},${+ a.rms}${+ a.hasResidual}${+ a.hasBeta}${+ a.hasBias},${a.activation}`,
+      () => new FusedNormDenseProgram(config));
+  const colGroups = Math.ceil(cols / DENSE_THREADS);
+  const uniforms =
+      new UniformWriter(new ArrayBuffer(16)).i32(rows).i32(cols).i32(colGroups).f32(a.epsilon);
+  return recordOwnPipeline(webgpu, program, {
+    inputs: [x, residual, gamma, beta, w, bias],
+    outputs: [{shape: [rows, cols], dtype: 'float32'}, {shape: [rows, inner], dtype: 'float32'}],
+    uniforms: uniforms.finish(),
+    // Shapes and epsilon only: one buffer per content, no write per call.
+    cacheUniforms: true,
+    dispatch: dispatchGrid(
+        FusedDenseProgram.workgroups(rows, cols),
+        webgpu.device.limits.maxComputeWorkgroupsPerDimension),
+  });
+}
+
 const configs: Array<[string, unknown]> = [
   [FusedDense, fusedDenseWebGPU],
+  [FusedNormDense, fusedNormDenseWebGPU],
   [FusedRotary, rotaryWebGPU],
   [FusedGelu, geluWebGPU],
   [FusedNorm, fusedNormWebGPU],

@@ -14,7 +14,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 import type {SymbolicTensor} from '@tensorflow/tfjs-layers/dist/engine/topology';
 import type {FusedDenseActivation, KVCache} from 'tfjs-flash-attention';
-import {fusedDenseOrNull} from 'tfjs-flash-attention';
+import {fusedDenseOrNull, fusedNormDenseOrNull} from 'tfjs-flash-attention';
 
 /** A layer that keeps its own keys and values between calls. */
 export interface DecodingLayer {
@@ -48,6 +48,29 @@ interface Fold {
   inputId: number;
   outputId: number;
 }
+
+/**
+ * A fused norm (FusedLayerNormalization, RMSNormalization) whose output
+ * only a Dense reads: the pair (and the Dense's folded activation) runs as
+ * one kernel (fusedNormDenseOrNull).
+ */
+interface NormFold {
+  dense: tfl.layers.Layer;
+  /** The norm's normalized output, and where the pair's result goes. */
+  normedId: number;
+  outputId: number;
+  /** The Dense's activation, or that of the layer folded into it. */
+  activation: FusedDenseActivation;
+}
+
+/** The parts of the fused norm layers (norm_layers.ts) that a decoding step reads. */
+interface NormParts {
+  epsilon: number;
+  gamma: tfl.LayerVariable|null;
+  beta: tfl.LayerVariable|null;
+}
+
+const NORM_CLASSES = new Set(['FusedLayerNormalization', 'RMSNormalization']);
 
 /** The parts of tf.layers' Dense that a decoding step reads. */
 interface DenseParts {
@@ -109,6 +132,8 @@ export class IncrementalDecoder {
   private readonly caches = new Map<tfl.layers.Layer, KVCache>();
   /** Dense layers whose activation layer is folded into their kernel. */
   private readonly folds = new Map<tfl.layers.Layer, Fold>();
+  /** Norm layers whose Dense (and its activation) run in the norm's kernel. */
+  private readonly normFolds = new Map<tfl.layers.Layer, NormFold>();
   private disposed = false;
 
   constructor(readonly model: tfl.LayersModel, readonly args: IncrementalDecoderArgs) {
@@ -152,6 +177,67 @@ export class IncrementalDecoder {
         }
       }
     }
+    for (const dense of this.model.layers) {
+      if (dense.getClassName() !== 'Dense' || dense.inboundNodes.length !== 1) {
+        continue;
+      }
+      const node = dense.inboundNodes[0];
+      const normed = node.inputTensors[0];
+      const norm = normed?.sourceLayer;
+      const parts = dense as unknown as DenseParts;
+      const own = parts.activation?.getClassName() ?? 'linear';
+      const fold = this.folds.get(dense);
+      const activation = fold?.activation ?? own;
+      if (node.inputTensors.length === 1 && norm != null && NORM_CLASSES.has(norm.getClassName()) &&
+          this.model.layers.includes(norm) && normed.nodeIndex === 0 && normed.tensorIndex === 0 &&
+          consumers.get(normed.id) === 1 && (fold == null || own === 'linear') &&
+          ['linear', 'relu', 'gelu_new'].includes(activation)) {
+        this.normFolds.set(norm, {
+          dense,
+          normedId: normed.id,
+          outputId: fold?.outputId ?? node.outputTensors[0].id,
+          activation: activation as FusedDenseActivation,
+        });
+      }
+    }
+  }
+
+  /**
+   * The norm layer's node and the Dense after it as one kernel: sets the
+   * pair's output (and the norm's sum z, if the node outputs it); false
+   * where it cannot run fused (the layers then run one by one).
+   */
+  private normDenseStep(
+      layer: tfl.layers.Layer, fold: NormFold, node: {outputTensors: SymbolicTensor[]},
+      inputs: tf.Tensor[], values: Map<number, tf.Tensor>): boolean {
+    const [x, residual] = inputs;
+    const {epsilon, gamma, beta} = layer as unknown as NormParts;
+    const {kernel, bias} = fold.dense as unknown as DenseParts;
+    if (x.rank !== 3 || gamma == null || kernel == null) {
+      return false;
+    }
+    const [batch, seq, dim] = x.shape as [number, number, number];
+    const flat = (t: tf.Tensor) => tf.reshape(t, [batch * seq, dim]) as tf.Tensor2D;
+    const result = fusedNormDenseOrNull({
+      x: flat(x),
+      residual: residual == null ? null : flat(residual),
+      rms: layer.getClassName() === 'RMSNormalization',
+      epsilon,
+      gamma: gamma.read() as tf.Tensor1D,
+      beta: (beta?.read() ?? null) as tf.Tensor1D | null,
+      w: kernel.read() as tf.Tensor2D,
+      bias: (bias?.read() ?? null) as tf.Tensor1D | null,
+      activation: fold.activation,
+    });
+    if (result == null) {
+      return false;
+    }
+    const [y, z] = result;
+    values.set(fold.outputId, tf.reshape(y, [batch, seq, y.shape[1]]));
+    if (node.outputTensors.length === 2) {
+      values.set(node.outputTensors[1].id, tf.reshape(z, x.shape));
+    }
+    return true;
   }
 
   /** Tokens cached so far (per sequence). */
@@ -185,6 +271,11 @@ export class IncrementalDecoder {
           continue;  // A node of another model sharing this layer.
         }
         const inputs = node.inputTensors.map((t: SymbolicTensor) => values.get(t.id)!);
+        const normFold = this.normFolds.get(layer);
+        if (normFold != null && node.outputTensors[0].id === normFold.normedId &&
+            this.normDenseStep(layer, normFold, node, inputs, values)) {
+          continue;  // The Dense (and its activation) find their input missing.
+        }
         const fold = this.folds.get(layer);
         if (fold != null && node.outputTensors[0].id === fold.inputId) {
           // The activation's output directly; the activation layer then

@@ -97,3 +97,18 @@ export interface FusedDenseAttrs {
   activation: FusedDenseActivation;
   hasBias: boolean;
 }
+
+/**
+ * A norm and the dense layer after it, for decode steps: z = x (+ residual),
+ * y = act((norm(z) * gamma (+ beta)) w + bias). Inputs `{x [M, K], residual,
+ * gamma [K], beta, w [K, N], bias}`, absent ones given as x; outputs
+ * `[y [M, N], z [M, K]]`. Inference only (no gradient).
+ */
+export const FusedNormDense = 'FusedNormDense';
+
+export interface FusedNormDenseAttrs extends FusedDenseAttrs {
+  rms: boolean;
+  epsilon: number;
+  hasResidual: boolean;
+  hasBeta: boolean;
+}
