@@ -10,7 +10,8 @@
  *       [--variants "tm,tx,nq,ty[,o][,p0|p1][,kN][,cN];...|sliced|default"]
  *       [--torch torch.json] [--out DIR]
  *       [--budget-ms 600] [--warmup-ms 300] [--max-warmup-ms 300] [--check]
- *       [--shapes "B,H,Hk,S;..."] [--grad-variants "bc,br,qbr,qbc[,s|sk|sq][,tN];..."]
+ *       [--shapes "B,H,Hk,S;..."]
+ *       [--grad-variants "bc,br,qbr,qbc[,s|sk|sq][,tN|tkN|tqN][,cN|ckN|cqN];...|sliced"]
  *   node attention.mjs --sweep [--torch torch.json] [--out DIR]
  *
  * --sweep is the issue grid in one run: D 64 and 128, S 512 .. 16384, causal
@@ -27,7 +28,10 @@
  * --grad-variants forces the backward's tiles (dK/dV keys, rows per step;
  * dQ rows, keys per step; `s`, `sk`, `sq`: S and dP on separate halves of
  * the invocations in both passes, dK/dV only, dQ only; `tN`: N invocations
- * instead of 128) on the fwdbwd rows. --variants forces forward tilings
+ * instead of 128, `tkN`/`tqN` in one pass; `cN`: Q/dO (dK/dV pass) and K/V
+ * (dQ pass) streamed in N head-dim slices, `ckN`/`cqN` in one pass;
+ * `sliced`: every candidate of tuning.ts's SLICED_GRAD_CANDIDATES) on the
+ * fwdbwd rows. --variants forces forward tilings
  * (`o` outer-product mode, `pN` prefetch off/on, `kN` N key-range splits,
  * `cN` K^T and V in N head-dim slices; `default` the planned tiling,
  * `sliced` every candidate of tuning.ts's SLICED_FORWARD_CANDIDATES).
@@ -423,26 +427,55 @@ async function main(): Promise<void> {
       tf.dispose(inputs);
     }
   };
-  // "bc,br,qbr,qbc[,s|sk|sq][,tN]": dK/dV keys per workgroup and rows per
-  // step, dQ rows per workgroup and keys per step; `s` computes S and dP on
-  // separate halves of the invocations in both passes (SPhase.split), `sk`
-  // in the dK/dV pass only, `sq` in the dQ pass only; N invocations per
-  // workgroup (128 without tN).
+  // "bc,br,qbr,qbc[,s|sk|sq][,tN|tkN|tqN][,cN|ckN|cqN]": dK/dV keys per
+  // workgroup and rows per step, dQ rows per workgroup and keys per step;
+  // `s` computes S and dP on separate halves of the invocations in both
+  // passes (SPhase.split), `sk` in the dK/dV pass only, `sq` in the dQ pass
+  // only; N invocations per workgroup (128 without tN; tkN / tqN: one pass);
+  // cN: the streamed operand in N head-dim slices (ckN / cqN: one pass).
   const gradOverride = (variant: string) => {
     const [bc, br, qbr, qbc] = variant.split(',').slice(0, 4).map(Number);
     const flags = variant.split(',').slice(4);
-    const unknown = flags.filter(x => !['s', 'sk', 'sq'].includes(x) && !/^t\d+$/.test(x));
+    const unknown =
+        flags.filter(x => !['s', 'sk', 'sq'].includes(x) && !/^(t|tk|tq|c|ck|cq)\d+$/.test(x));
     if (unknown.length > 0) {
       throw new Error(`--grad-variants: unknown flag(s) ${unknown.join(',')} in "${variant}"`);
     }
-    const threads = Number(flags.find(x => x.startsWith('t'))?.slice(1) ?? 128);
+    // The value of flag `name` (or of `both`), as a number.
+    const value = (name: string, both: string) => {
+      const flag = flags.find(x => new RegExp(`^${name}\\d+$`).test(x)) ??
+          flags.find(x => new RegExp(`^${both}\\d+$`).test(x));
+      return flag == null ? undefined : Number(flag.replace(/^[a-z]+/, ''));
+    };
     const splitKV = flags.includes('s') || flags.includes('sk');
     const splitQ = flags.includes('s') || flags.includes('sq');
+    const [chunksKV, chunksQ] = [value('ck', 'c'), value('cq', 'c')];
     return {
-      dkdv: {bc, br, threads, ...(splitKV ? {split: true} : {})},
-      dq: {br: qbr, bc: qbc, threads, ...(splitQ ? {split: true} : {})},
+      dkdv: {
+        bc,
+        br,
+        threads: value('tk', 't') ?? 128,
+        ...(splitKV ? {split: true} : {}),
+        ...(chunksKV != null ? {dimChunks: chunksKV} : {})
+      },
+      dq: {
+        br: qbr,
+        bc: qbc,
+        threads: value('tq', 't') ?? 128,
+        ...(splitQ ? {split: true} : {}),
+        ...(chunksQ != null ? {dimChunks: chunksQ} : {})
+      },
     };
   };
+  // `sliced`: every candidate of tuning.ts's SLICED_GRAD_CANDIDATES, in the
+  // syntax above.
+  const {SLICED_GRAD_CANDIDATES} = await import('../kernels/webgpu/tuning');
+  const slicedGradVariants = SLICED_GRAD_CANDIDATES.map(
+      ({dkdv, dq}) => [dkdv.bc, dkdv.br, dq.br, dq.bc, `ck${dkdv.dimChunks}`, `cq${dq.dimChunks}`,
+                       ...(dkdv.threads !== 128 ? [`tk${dkdv.threads}`] : []),
+                       ...(dq.threads !== 128 ? [`tq${dq.threads}`] : [])]
+                          .join(','));
+  const gradVariants = args.gradVariants.flatMap(g => g === 'sliced' ? slicedGradVariants : [g]);
   type Tensor4D = import('@tensorflow/tfjs-core').Tensor4D;
   const problems: Shape[] = [
     ...args.seqs.map(s => ({b: B, h: H, hk: H, s})),
@@ -469,7 +502,7 @@ async function main(): Promise<void> {
         for (const causal of args.causal) {
           for (const impl of args.impls) {
             const fusedVariants =
-                [...variants, ...(mode === 'fwd' ? [] : args.gradVariants.map(g => `g:${g}`))];
+                [...variants, ...(mode === 'fwd' ? [] : gradVariants.map(g => `g:${g}`))];
             for (const variant of impl === 'fused' ? fusedVariants : ['-']) {
               const row: Row = {
                 mode,

@@ -13,7 +13,11 @@ import * as tf from '@tensorflow/tfjs-core';
 
 import {checkOwnPipelineErrors, OwnPipelineSpec, runOwnPipeline, webgpuBackendOf} from '../kernels/webgpu/own_pipeline';
 import type {MatrixShape} from '../kernels/webgpu/subgroup_matrix';
-import {matrixLoadWGSL, matrixStoreWGSL, standInElementWGSL, standInHelpersWGSL, subgroupIdsWGSL, zeroResultWGSL} from '../kernels/webgpu/subgroup_matrix_wgsl';
+import {matrixLoadWGSL, matrixStoreWGSL, standInElementWGSL, standInHelpersWGSL, subgroupIdsWGSL, workgroupAlignmentProblems, zeroResultWGSL} from '../kernels/webgpu/subgroup_matrix_wgsl';
+import {matrixForwardWGSL, matrixTileSizes} from '../kernels/webgpu/flash_attention_subgroup_matrix_webgpu';
+import {FlashAttentionGradMatrixProgram, matrixGradValid} from '../kernels/webgpu/flash_attention_grad_subgroup_matrix_webgpu';
+import {gradFeatures} from '../kernels/webgpu/flash_attention_grad_wgsl';
+import {scoreOptionsFromAttrs} from '../kernels/webgpu/wgsl_snippets';
 
 import {selectedBackends, useBackend} from './harness/backends';
 import {SHAPE_A, SHAPE_B} from './harness/matrix_shapes';
@@ -53,6 +57,93 @@ describe('subgroup-matrix WGSL of the real built-ins', () => {
     const byIndex = subgroupIdsWGSL({...REAL, diagnose: {indexSubgroups: true}}, 4);
     expect(byIndex).toContain('let g = lid / 32u;');
     expect(byIndex).toContain('let ln = lid % 32u;');
+  });
+});
+
+// Session 7's H100 run: the forward's log-sum-exps were off exactly as
+// if every K/V row were read 4 f16 elements early, what an 8-byte
+// workgroup array placed before the 16-byte aligned matrix arrays does
+// (docs/tensor_cores.md). No CPU device shows misalignment: the rule is
+// checked on the generated WGSL of every tiling.
+describe('subgroup-matrix kernels: workgroup variables keep the matrix arrays aligned', () => {
+  const shapes: MatrixShape[] = [REAL, {...REAL, N: 8}, SHAPE_A, SHAPE_B];
+  const plain = scoreOptionsFromAttrs({softcap: 0, windowLeft: -1, windowRight: -1}, false);
+  const masked = scoreOptionsFromAttrs({softcap: 5, windowLeft: 9, windowRight: 3}, true);
+
+  it('finds arrays of a size that shifts the others', () => {
+    const code = `const BR = 16;
+var<workgroup> a: array<f16, 64>;
+var<workgroup> b: array<atomic<u32>, 2>;
+var<workgroup> c: array<f32, BR>;
+var<workgroup> d: f32;
+var<workgroup> e: array<mat2x2<f32>, 4>;`;
+    expect(workgroupAlignmentProblems(code)).toEqual([
+      'b: array<atomic<u32>, 2> spans 8 bytes, not a multiple of 32',
+      'd: f32 spans 4 bytes, not a multiple of 32',
+      'e: cannot read the size of array<mat2x2<f32>, 4>',
+    ]);
+  });
+
+  it('holds for every forward tiling, and the sessions-6/7 layout breaks it', () => {
+    let checked = 0;
+    for (const shape of shapes) {
+      for (const [d, dv] of [[32, 32], [64, 64], [128, 128], [32, 64]]) {
+        for (const subgroups of [1, 2, 4]) {
+          for (const bc of [16, 32, 64]) {
+            for (const split of [true, false]) {
+              const c = {
+                headDim: d,
+                headDimV: dv,
+                shape,
+                subgroups,
+                bc,
+                split,
+                score: split ? plain : masked,
+                alibiMode: split ? 0 : 1,
+                dropout: !split,
+                reverseRows: false
+              } as const;
+              if (matrixTileSizes(c) == null) {
+                continue;
+              }
+              expect(workgroupAlignmentProblems(matrixForwardWGSL(c))).toEqual([]);
+              checked++;
+              if (!shape.standIn) {
+                const old = {...c, shape: {...shape, diagnose: {unalignedWorkgroup: true}}};
+                expect(workgroupAlignmentProblems(matrixForwardWGSL(old))).toEqual([
+                  'wmax: array<atomic<u32>, 2> spans 8 bytes, not a multiple of 32'
+                ]);
+              }
+            }
+          }
+        }
+      }
+    }
+    expect(checked).toBeGreaterThan(50);
+  });
+
+  it('holds for every backward tiling, both passes', () => {
+    let checked = 0;
+    for (const shape of shapes) {
+      for (const [d, dv] of [[32, 32], [64, 64], [128, 128], [32, 64]]) {
+        for (const [subgroups, br, bc] of [[4, 32, 32], [4, 16, 32], [2, 16, 16], [1, 8, 8]]) {
+          for (const split of [true, false]) {
+            const c = {subgroups, br, bc, headDim: d, headDimV: dv, shape, split};
+            if (!matrixGradValid(c)) {
+              continue;
+            }
+            for (const pass of ['dkdv', 'dq'] as const) {
+              const attrs = {softcap: 0, windowLeft: -1, windowRight: 0, dropoutRate: 0.1};
+              const f = gradFeatures(attrs as Parameters<typeof gradFeatures>[0], true);
+              const program = new FlashAttentionGradMatrixProgram(c, pass, f);
+              expect(workgroupAlignmentProblems(program.code())).toEqual([]);
+              checked++;
+            }
+          }
+        }
+      }
+    }
+    expect(checked).toBeGreaterThan(20);
   });
 });
 
@@ -120,6 +211,25 @@ fn main(@builtin(local_invocation_index) lid: u32) {
       o[${2 * n}u] = i32(p.x); o[${2 * n + 1}u] = i32(p.y); }`).join('\n    ')}
   }`);
     expect(Array.from(i)).toEqual([8, 24, 0, 16, 0, 16, 0, 16]);
+  });
+
+  it('poisons a matrix whose offset or stride breaks the 16-byte alignment rule', async () => {
+    // (offset, stride, minor extent, element bytes): f16 at 0 and 16 bytes;
+    // at 8 bytes; a 24-byte stride; f32 at 8 and 16 bytes; rows of 8 bytes
+    // (aligned to 8).
+    const cases = [
+      [0, 16, 16, 2], [8, 24, 16, 2], [4, 16, 16, 2], [0, 12, 16, 2], [2, 8, 8, 4], [4, 8, 8, 4],
+      [4, 20, 4, 2]
+    ];
+    const {f} = await runStandIn(
+        SHAPE_A, 1, new Float32Array(0), cases.length,
+        `
+  if (lid == 0u) {
+    ${
+            cases.map((c, n) => `f[${n}u] = sm_aligned(${c.map(v => `${v}u`).join(', ')});`)
+                .join('\n    ')}
+  }`);
+    expect(Array.from(f)).toEqual([1, 1, NaN, NaN, NaN, 1, 1]);
   });
 
   for (const [label, shape, subgroups] of [

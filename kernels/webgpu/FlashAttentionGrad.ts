@@ -19,6 +19,8 @@ import {sequenceShapes} from '../../src/seqlens';
 
 import {BoundedCache} from './bounded_cache';
 import {FlashAttentionGradDeltaProgram} from './flash_attention_grad_delta_webgpu';
+import {FlashAttentionGradDkDvSlicedProgram} from './flash_attention_grad_dkdv_sliced_webgpu';
+import {FlashAttentionGradDqSlicedProgram} from './flash_attention_grad_dq_sliced_webgpu';
 import {DkDvTiles, dkdvStorageBytes, dkdvTilesValid, FlashAttentionGradDkDvProgram} from './flash_attention_grad_dkdv_webgpu';
 import {DqTiles, dqStorageBytes, dqTilesValid, FlashAttentionGradDqProgram} from './flash_attention_grad_dq_webgpu';
 import {matrixBackwardWebGPU, planMatrixBackward} from './flash_attention_grad_subgroup_matrix';
@@ -164,10 +166,13 @@ function gradPrograms(
         () => new FlashAttentionGradDeltaProgram(shapes, hasSeqlens, zeroDLse, packedBatch)),
     dkdv: cachedProgram(
         `dkdv ${d},${dv},${JSON.stringify(dkdv)},${f}`,
-        () => new FlashAttentionGradDkDvProgram(d, dv, dkdv, features)),
+        () => dkdv.dimChunks != null ?
+            new FlashAttentionGradDkDvSlicedProgram(d, dv, dkdv, features) :
+            new FlashAttentionGradDkDvProgram(d, dv, dkdv, features)),
     dq: cachedProgram(
         `dq ${d},${dv},${JSON.stringify(dq)},${f}`,
-        () => new FlashAttentionGradDqProgram(d, dv, dq, features)),
+        () => dq.dimChunks != null ? new FlashAttentionGradDqSlicedProgram(d, dv, dq, features) :
+                                     new FlashAttentionGradDqProgram(d, dv, dq, features)),
   };
 }
 

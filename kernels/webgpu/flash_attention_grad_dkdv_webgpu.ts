@@ -19,6 +19,7 @@
  * loads (benchmarks/RESULTS.md, backward tuning).
  */
 import type {OwnPipelineSpec} from './own_pipeline';
+import {dkdvSlicedStorageBytes, dkdvSlicedTilesValid} from './flash_attention_grad_dkdv_sliced_webgpu';
 import {featureKey, fetchRowsWGSL, GradFeatures, gradInputs, gradPassHeaderWGSL, loadKeyTileWGSL, prefetchSlots, queryBlockStorageWGSL, scoresToDsWGSL, storeRowsWGSL, sPhase, sPhaseValid, sPhaseWGSL, zeroGapsWGSL} from './flash_attention_grad_wgsl';
 
 export interface DkDvTiles {
@@ -33,10 +34,18 @@ export interface DkDvTiles {
    * unless set.
    */
   split?: boolean;
+  /**
+   * Q and dO streamed in this many head-dim slices
+   * (FlashAttentionGradDkDvSlicedProgram); unset: whole rows.
+   */
+  dimChunks?: number;
 }
 
 /** Workgroup storage bytes of the program (must fit the device limit). */
 export function dkdvStorageBytes(t: DkDvTiles, d: number, dv: number): number {
+  if (t.dimChunks != null) {
+    return dkdvSlicedStorageBytes(t, d, dv);
+  }
   const d4 = Math.ceil(d / 4);
   const dv4 = Math.ceil(dv / 4);
   return 16 * (t.bc * (d4 + dv4) + t.br * (d4 + 1 + dv4 + 1) + t.br * t.bc / 4) + 8 * t.br;
@@ -44,6 +53,9 @@ export function dkdvStorageBytes(t: DkDvTiles, d: number, dv: number): number {
 
 /** Are the tiles consistent (every thread mapping divides evenly)? */
 export function dkdvTilesValid(t: DkDvTiles): boolean {
+  if (t.dimChunks != null) {
+    return dkdvSlicedTilesValid(t);
+  }
   return sPhaseValid(t.bc, t.br, t.threads, t.split) && t.threads % (t.bc / 4) === 0;
 }
 

@@ -15,6 +15,7 @@
  * loads (benchmarks/RESULTS.md, backward tuning).
  */
 import type {OwnPipelineSpec} from './own_pipeline';
+import {dqSlicedStorageBytes, dqSlicedTilesValid} from './flash_attention_grad_dq_sliced_webgpu';
 import {dqBlockWGSL, featureKey, fetchKeyTileWGSL, GradFeatures, gradInputs, gradPassHeaderWGSL, loadQueryBlockWGSL, prefetchSlots, queryBlockStorageWGSL, scoresToDsWGSL, storeKeyTileWGSL, sPhase, sPhaseValid, sPhaseWGSL, zeroGapsWGSL} from './flash_attention_grad_wgsl';
 
 export interface DqTiles {
@@ -28,6 +29,11 @@ export interface DqTiles {
    * unless set.
    */
   split?: boolean;
+  /**
+   * K and V streamed in this many head-dim slices
+   * (FlashAttentionGradDqSlicedProgram); unset: whole tiles.
+   */
+  dimChunks?: number;
 }
 
 /**
@@ -39,6 +45,9 @@ function kStride(sc: number): number {
 }
 
 export function dqStorageBytes(t: DqTiles, d: number, dv: number): number {
+  if (t.dimChunks != null) {
+    return dqSlicedStorageBytes(t, d, dv);
+  }
   const sc = t.bc / 4;
   const d4 = Math.ceil(d / 4);
   const dv4 = Math.ceil(dv / 4);
@@ -52,6 +61,9 @@ function rowsPerThread(t: DqTiles): number {
 }
 
 export function dqTilesValid(t: DqTiles): boolean {
+  if (t.dimChunks != null) {
+    return dqSlicedTilesValid(t);
+  }
   const qt = t.br / rowsPerThread(t);
   return sPhaseValid(t.bc, t.br, t.threads, t.split) && Number.isInteger(qt) &&
       t.threads % qt === 0;

@@ -23,7 +23,7 @@ import * as tf from '@tensorflow/tfjs-core';
 
 import type {OwnPipelineSpec} from './own_pipeline';
 import {MatrixShape, matrixShapeKey} from './subgroup_matrix';
-import {MatrixOpsWGSL, MatrixView, subgroupIdsWGSL, subgroupParamsWGSL} from './subgroup_matrix_wgsl';
+import {assertWorkgroupAlignment, MatrixOpsWGSL, MatrixView, subgroupIdsWGSL, subgroupParamsWGSL} from './subgroup_matrix_wgsl';
 import {constsWGSL, dqBlockWGSL, featureKey, GradFeatures, gradBindingsWGSL, gradCommonWGSL, probsAndDsWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
 
 export type MatrixGradPass = 'dkdv'|'dq';
@@ -370,7 +370,7 @@ function gradMatrixWGSL(
   ${storeAcc('dqAcc', 'dq', qTile)}`;
 
   const body = pass === 'dkdv' ? dkdvBody() : dqBody();
-  return `${mo.enables()}
+  const code = `${mo.enables()}
 ${bindings}
 ${gradCommonWGSL(f)}
 ${constsWGSL({
@@ -411,4 +411,6 @@ ${sPhaseWGSL(s)}
 ${body}
 }
 `;
+  assertWorkgroupAlignment(code, `FlashAttentionGrad ${pass} (subgroup matrices)`);
+  return code;
 }

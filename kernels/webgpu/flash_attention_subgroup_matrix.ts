@@ -76,8 +76,8 @@ function warnUnvalidatedOnce(): void {
   if (!warnedUnvalidated) {
     warnedUnvalidated = true;
     console.warn(
-        `${FLASH_ATTENTION_TENSOR_CORES}: the subgroup-matrix kernels failed their first ` +
-        'check on tensor-core hardware (NaN outputs); the float32 SIMT kernels run instead ' +
+        `${FLASH_ATTENTION_TENSOR_CORES}: the subgroup-matrix kernels have not yet passed ` +
+        'their check on tensor-core hardware; the float32 SIMT kernels run instead ' +
         '(docs/tensor_cores.md)');
   }
 }

@@ -29,12 +29,13 @@
  * Stand-in (MatrixShape.standIn): the same code with each matrix built-in
  * replaced by a plain loop of the same semantics, made strict
  * (subgroup_matrix_wgsl.ts: scrambled result layout across lanes, reversed
- * subgroup numbering, the built-ins' bounds handling, f16 overflow to
- * infinity) and row reductions through workgroup memory: SwiftShader (no
- * f16, no subgroups) runs the tiling, indexing and split arithmetic.
+ * subgroup numbering, the built-ins' bounds handling and alignment rule,
+ * f16 overflow to infinity) and row reductions through workgroup memory:
+ * SwiftShader (no f16, no subgroups) runs the tiling, indexing and split
+ * arithmetic.
  */
 import {MatrixShape, matrixShapeKey} from './subgroup_matrix';
-import {matrixLoadWGSL, matrixStoreWGSL, MatrixView as View, standInElementWGSL, standInHelpersWGSL, splitStoreWGSL, standInIndexWGSL, standInPlaceWGSL, subgroupIdsWGSL, subgroupParamsWGSL, zeroResultWGSL} from './subgroup_matrix_wgsl';
+import {assertWorkgroupAlignment, matrixLoadWGSL, matrixStoreWGSL, MatrixView as View, standInElementWGSL, standInAlignedWGSL, standInHelpersWGSL, splitStoreWGSL, standInIndexWGSL, standInPlaceWGSL, subgroupIdsWGSL, subgroupParamsWGSL, zeroResultWGSL} from './subgroup_matrix_wgsl';
 import {dropoutWGSL, keyRangeWGSL, philoxWGSL, scoreKey, ScoreOptions, scoreWGSL, FA_NEG_INF_BITS, forwardBindingsWGSL, forwardTileWGSL, maxAllWGSL as maxAll, range, VEC4_COMPONENTS as COMP} from './wgsl_snippets';
 
 /** Everything baked into one pipeline. */
@@ -97,8 +98,16 @@ export function matrixWorkgroupBytes(c: MatrixForwardConfig): number {
   const q = s.br * c.headDim;
   const kv = s.bc * Math.max(c.headDim, c.headDimV);
   const p = s.br * s.bc;
-  return parts * elem * (q + kv + p) + 4 * s.br * s.bc + 8 +
+  return parts * elem * (q + kv + p) + 4 * s.br * s.bc + 4 * wmaxSlots(c.shape) +
       (workgroupReductions(c.shape) && s.lpr > 1 ? 4 * s.threads : 0);
+}
+
+/**
+ * Atomics in `wmax`: 2 are used; 8 keep its 32 bytes from shifting the
+ * matrix arrays off their 16-byte alignment (WORKGROUP_SIZE_MULTIPLE).
+ */
+function wmaxSlots(shape: MatrixShape): number {
+  return shape.diagnose?.unalignedWorkgroup ? 2 : 8;
 }
 
 /** Whether row and tile reductions go through workgroup memory (no subgroup operations). */
@@ -134,6 +143,14 @@ export const MATRIX_FORWARD_UNIFORMS = [
 ] as const;
 
 export function matrixForwardWGSL(c: MatrixForwardConfig): string {
+  const code = forwardSource(c);
+  if (!c.shape.diagnose?.unalignedWorkgroup) {
+    assertWorkgroupAlignment(code, 'FlashAttention forward (subgroup matrices)');
+  }
+  return code;
+}
+
+function forwardSource(c: MatrixForwardConfig): string {
   const sizes = matrixTileSizes(c);
   if (sizes == null) {
     throw new Error(`FlashAttention forward: head dims D=${c.headDim}, Dv=${
@@ -177,6 +194,7 @@ export function matrixForwardWGSL(c: MatrixForwardConfig): string {
 fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) {
   let atL = ${standInPlaceWGSL(l, M, K, 'offL')};
   let atR = ${standInPlaceWGSL(r, K, N, 'offR')};
+  let ok = ${standInAlignedWGSL(l, M, K, 2, 'offL')} * ${standInAlignedWGSL(r, K, N, 2, 'offR')};
   for (var e = 0u; e < ${lim(`${epl}u`)}; e++) {
     let idx = ${standInElementWGSL(c.shape, 'e', 'ln')};
     let r = idx / ${N}u;
@@ -186,7 +204,7 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) 
       sum = fma(${l.arr}[${standInIndexWGSL(l, 'atL', 'r', 'k')}], ${r.arr}[${
               standInIndexWGSL(r, 'atR', 'k', 'c')}], sum);
     }
-    (*acc)[e] = sum;
+    (*acc)[e] = sum * ok;
   }
 }`);
     }
@@ -321,7 +339,9 @@ ${
                  .join('\n')}
 ${parts.map(p => `var<workgroup> p${p}: array<${elem}, ${br * bc}>;`).join('\n')}
 var<workgroup> scr: array<f32, ${br * bc}>;  // S, then chunks of P V
-var<workgroup> wmax: array<atomic<u32>, 2>;  // max |x| of a tile (bits of a float >= 0)
+// Max |x| of a tile (bits of a float >= 0) in slots 0 and 1; sized so
+// that no array is placed off its 16-byte alignment.
+var<workgroup> wmax: array<atomic<u32>, ${wmaxSlots(c.shape)}>;
 ${wgRed && lpr > 1 ? `var<workgroup> red: array<f32, ${threads}>;` : ''}
 
 ${standInHelpersWGSL(c.shape)}
@@ -330,9 +350,10 @@ ${
 // Stand-in for a row-major subgroupMatrixStore(&scr, off, acc, BC).
 fn sm_store_scr(acc: ptr<function, array<f32, ${epl}>>, ln: u32, off: u32) {
   let atS = ${standInPlaceWGSL(scrView, M, N)};
+  let ok = ${standInAlignedWGSL(scrView, M, N, 4)};
   for (var e = 0u; e < ${epl}u * u32(u.one); e++) {
     let idx = ${standInElementWGSL(c.shape, 'e', 'ln')};
-    scr[${standInIndexWGSL(scrView, 'atS', 'idx / N', 'idx % N')}] = (*acc)[e];
+    scr[${standInIndexWGSL(scrView, 'atS', 'idx / N', 'idx % N')}] = (*acc)[e] * ok;
   }
 }` :
                        ''}

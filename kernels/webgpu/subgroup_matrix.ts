@@ -64,6 +64,13 @@ export interface MatrixDiagnosis {
    * subgroup_id and subgroup_invocation_id built-ins.
    */
   indexSubgroups?: boolean;
+  /**
+   * The forward's workgroup atomics as sessions 6 and 7 had them, 8 bytes,
+   * which can leave the matrix arrays placed after them 8 bytes off the
+   * 16-byte alignment the matrix loads need (WORKGROUP_SIZE_MULTIPLE in
+   * subgroup_matrix_wgsl.ts).
+   */
+  unalignedWorkgroup?: boolean;
 }
 
 interface AdapterInfoLike {
@@ -73,12 +80,12 @@ interface AdapterInfoLike {
 }
 
 /**
- * Whether the real matrix built-ins may run. Their first check on tensor-core
- * hardware (an H100 through Dawn) gave NaN outputs while the portable
- * stand-in matches the oracle (benchmarks/RESULTS.md, session 6); the
- * kernels have changed since (docs/tensor_cores.md) but are not yet
- * checked on a GPU, so only the hardware checks (benchmarks/tensor_cores.ts)
- * turn them on until the kernels pass there.
+ * Whether the real matrix built-ins may run. On tensor-core hardware (an
+ * H100 through Dawn) the forward gave wrong results while the portable
+ * stand-in matches the oracle (benchmarks/RESULTS.md, sessions 6 and 7); the
+ * likely cause is fixed (docs/tensor_cores.md) but not yet checked on a
+ * GPU, so only the hardware checks (benchmarks/tensor_cores.ts) turn them
+ * on until the kernels pass there.
  */
 let unvalidatedAllowed = false;
 
@@ -165,7 +172,10 @@ export function pickSubgroupMatrixShape(device: GPUDevice): MatrixShape|null {
 /** A pipeline-key fragment naming a matrix shape and its diagnosis flags. */
 export function matrixShapeKey(m: MatrixShape): string {
   const d = m.diagnose ?? {};
-  const flags = `${d.legacyBuiltins ? 'L' : ''}${d.nullAccumulator ? 'Z' : ''}${
-      d.workgroupReductions ? 'W' : ''}${d.indexSubgroups ? 'I' : ''}`;
+  const letters: Array<[boolean | undefined, string]> = [
+    [d.legacyBuiltins, 'L'], [d.nullAccumulator, 'Z'], [d.workgroupReductions, 'W'],
+    [d.indexSubgroups, 'I'], [d.unalignedWorkgroup, 'U']
+  ];
+  const flags = letters.map(([on, letter]) => on ? letter : '').join('');
   return `m${m.M}n${m.N}k${m.K}l${m.lanes}${m.standIn ? 's' : 'r'}${flags}`;
 }

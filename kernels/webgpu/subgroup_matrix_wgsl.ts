@@ -23,7 +23,11 @@
  *    would run past its array is read or written at offset 0 with that
  *    stride (Tint's robustness transform);
  *  - f16 is emulated in f32 with pack2x16float rounding, values beyond
- *    f16's range going to +-infinity as a hardware conversion rounds them.
+ *    f16's range going to +-infinity as a hardware conversion rounds them;
+ *  - a load or store whose offset or stride breaks Vulkan's alignment rule
+ *    (in the real element sizes) gives NaN.
+ * Where a workgroup array starts is up to the driver: that is checked on
+ * the WGSL instead (assertWorkgroupAlignment).
  */
 import type {MatrixShape} from './subgroup_matrix';
 
@@ -116,6 +120,67 @@ function gcd(a: number, b: number): number {
 }
 
 /**
+ * Bytes every workgroup variable of a tensor-core kernel spans a multiple
+ * of. Vulkan's cooperative-matrix loads and stores need 16-byte aligned
+ * pointers, and WGSL lets the driver place workgroup variables in any
+ * order, each only at its type's own alignment: one variable of 8 bytes
+ * (the forward's first `wmax`) can leave every array after it 8 bytes off,
+ * and each matrix row is then read 4 f16 elements early (docs/tensor_cores.md).
+ * With every size a multiple of 32 (the backward's arrays always were),
+ * any placement keeps every array aligned.
+ */
+export const WORKGROUP_SIZE_MULTIPLE = 32;
+
+const WORKGROUP_ELEMENT_BYTES: Record<string, number> = {
+  'f16': 2,
+  'f32': 4,
+  'u32': 4,
+  'i32': 4,
+  'atomic<u32>': 4,
+  'atomic<i32>': 4,
+  'vec2<f32>': 8,
+  'vec4<f32>': 16,
+};
+
+/**
+ * The workgroup variables of `code` whose byte size is not a multiple of
+ * WORKGROUP_SIZE_MULTIPLE (or cannot be read), as messages; [] when all are.
+ * Array lengths may be literals or the module's `const NAME = n;` values.
+ */
+export function workgroupAlignmentProblems(code: string): string[] {
+  const consts = new Map<string, number>();
+  for (const m of code.matchAll(/const\s+(\w+)\s*=\s*(\d+)u?\s*;/g)) {
+    consts.set(m[1], Number(m[2]));
+  }
+  const problems: string[] = [];
+  for (const m of code.matchAll(/var<workgroup>\s+(\w+)\s*:\s*([^;]+);/g)) {
+    const [, name, type] = m;
+    const arr = /^array<\s*(.+?)\s*,\s*(\w+)\s*>$/.exec(type.trim());
+    const elem = WORKGROUP_ELEMENT_BYTES[(arr != null ? arr[1] : type).replace(/\s/g, '')];
+    const count = arr == null ? 1 : /^\d+$/.test(arr[2]) ? Number(arr[2]) : consts.get(arr[2]);
+    if (elem == null || count == null) {
+      problems.push(`${name}: cannot read the size of ${type.trim()}`);
+    } else if (elem * count % WORKGROUP_SIZE_MULTIPLE !== 0) {
+      problems.push(`${name}: ${type.trim()} spans ${elem * count} bytes, not a multiple of ${
+          WORKGROUP_SIZE_MULTIPLE}`);
+    }
+  }
+  return problems;
+}
+
+/**
+ * Throws where a tensor-core kernel's workgroup variable would break the
+ * alignment of the others (see WORKGROUP_SIZE_MULTIPLE).
+ */
+export function assertWorkgroupAlignment(code: string, kernel: string): void {
+  const problems = workgroupAlignmentProblems(code);
+  if (problems.length > 0) {
+    throw new Error(`${kernel}: workgroup variables not sized in multiples of ${
+        WORKGROUP_SIZE_MULTIPLE} bytes: ${problems.join('; ')}`);
+  }
+}
+
+/**
  * sm_hi: the float16 "hi" part of a float32, computed without a float16
  * round trip: the low 13 mantissa bits cleared leave the 11 significant
  * bits f16 holds, so the f32 difference x - hi is exact. The obvious
@@ -158,6 +223,16 @@ fn sm_h(x: f32) -> f32 {
   return unpack2x16float(pack2x16float(vec2<f32>(x, 0.0))).x;
 }
 
+// 1 where a matrix's offset and stride, in bytes of the real element type
+// (eb: 2 for f16 operands, 4 for f32 results), meet Vulkan's alignment
+// rule for cooperative-matrix loads and stores (the lesser of 16 bytes
+// and a row's, or column's, bytes); NaN where not, to poison the result.
+fn sm_aligned(off: u32, stride: u32, minor: u32, eb: u32) -> f32 {
+  let a = min(16u, minor * eb);
+  let ok = (off * eb) % a == 0u && (stride * eb) % a == 0u;
+  return select(bitcast<f32>(0x7fc00000u | (off & 0u)), 1.0, ok);
+}
+
 // Offset and stride a matrix load/store uses: the stride raised to the
 // minor extent; offset 0 and that stride where the matrix would run past
 // the array's len elements.
@@ -177,6 +252,15 @@ fn sm_place(off: u32, stride: u32, minor: u32, major: u32, len: u32) -> vec2<u32
 export function standInPlaceWGSL(v: MatrixView, rows: number, cols: number, off = v.off): string {
   const [minor, major] = v.colMajor ? [rows, cols] : [cols, rows];
   return `sm_place(${off}, ${v.stride}, ${minor}u, ${major}u, ${v.len}u)`;
+}
+
+/**
+ * WGSL: `sm_aligned` of view `v` for a rows x cols matrix of `elemBytes`
+ * bytes per element on the real path (1, or NaN where misaligned).
+ */
+export function standInAlignedWGSL(
+    v: MatrixView, rows: number, cols: number, elemBytes: number, off = v.off): string {
+  return `sm_aligned(${off}, ${v.stride}, ${v.colMajor ? rows : cols}u, ${elemBytes}u)`;
 }
 
 /** WGSL: index of element (r, c) of view `v` placed at `place` (a vec2 offset, stride). */
@@ -268,16 +352,18 @@ diagnostic(off, chromium.subgroup_matrix_uniformity);`;
         let r = idx / ${N}u;
         let c = idx % ${N}u;
         var sum = 0.0;
+        var ok = ${standInAlignedWGSL(outView, M, N, 4)};
         for (var ks = 0u; ks < ${this.lim(`${depth / K}u`)}; ks++) {
           let atA = ${standInPlaceWGSL(a, M, K)};
           let atB = ${standInPlaceWGSL(b, K, N)};
+          ok = ok * ${standInAlignedWGSL(a, M, K, 2)} * ${standInAlignedWGSL(b, K, N, 2)};
           for (var k = 0u; k < ${this.lim(`${K}u`)}; k++) {
             let li = ${standInIndexWGSL(a, 'atA', 'r', 'k')};
             let ri = ${standInIndexWGSL(b, 'atB', 'k', 'c')};
             ${terms.map(t => `sum = fma(${t.replace(' * ', ', ')}, sum);`).join('\n            ')}
           }
         }
-        ${out}[${standInIndexWGSL(outView, 'atO', 'r', 'c')}] = sum;
+        ${out}[${standInIndexWGSL(outView, 'atO', 'r', 'c')}] = sum * ok;
       }
     }`;
     }

@@ -9,6 +9,7 @@
  * says why, not how fast.
  */
 import type {ForwardTiles} from './flash_attention_webgpu';
+import type {GradTiles} from './FlashAttentionGrad';
 
 /** A forward tiling and the problems it is meant for. */
 export interface ForwardTilingChoice extends ForwardTiles {
@@ -112,6 +113,42 @@ export const DQ_SIZES: Array<[number, number]> =
     [[64, 16], [32, 16], [32, 8], [16, 8], [16, 4], [8, 4], [4, 4], [2, 4], [1, 4]];
 /** Backward invocations per workgroup: more rows of S per thread than 256. */
 export const GRAD_THREADS = 128;
+
+/**
+ * Head dims above 64: backward tiles with the streamed operand (Q/dO in
+ * the dK/dV pass, K/V in the dQ pass) in head-dim slices (`dimChunks`), so
+ * that a step takes 16-32 rows or keys instead of 8
+ * (docs/webgpu_tuning.md, "Backward at head dims above 64", works out each
+ * one's registers, bytes and loads). Forcible (setGradTilesOverride, the
+ * benchmark's `--grad-variants sliced`); the planner does not take them
+ * until a GPU measures them. At D=128, dK/dV / dQ: workgroup bytes, and
+ * floats per thread (accumulators + S/dP + prefetch).
+ */
+export const SLICED_GRAD_CANDIDATES: GradTiles[] = [
+  // A: 32 keys x 32 rows / 32 rows x 32 keys, 128 thr: 45312 / 45312 B (5 per SM),
+  // 96 / 64 floats, 2x4 S tiles.
+  {
+    dkdv: {bc: 32, br: 32, threads: 128, dimChunks: 2},
+    dq: {br: 32, bc: 32, threads: 128, dimChunks: 2}
+  },
+  // B: 32 x 16 / 32 x 16, 128 thr: 39040 / 40192 B (5 per SM), 80 / 48 floats, 1x4.
+  {
+    dkdv: {bc: 32, br: 16, threads: 128, dimChunks: 2},
+    dq: {br: 32, bc: 16, threads: 128, dimChunks: 2}
+  },
+  // C: 16 x 32, 64 thr / 16 x 32, 128 thr: 26880 / 26752 B (8 per SM by bytes),
+  // 112 / 40 floats; fits SwiftShader's 32 KiB.
+  {
+    dkdv: {bc: 16, br: 32, threads: 64, dimChunks: 2},
+    dq: {br: 16, bc: 32, threads: 128, dimChunks: 2}
+  },
+  // D: B's tiles, one slice (whole rows / key tiles streamed): 43136 / 45312 B
+  // (5 per SM), 88 / 56 floats, half the barriers of B.
+  {
+    dkdv: {bc: 32, br: 16, threads: 128, dimChunks: 1},
+    dq: {br: 32, bc: 16, threads: 128, dimChunks: 1}
+  },
+];
 
 /** Testing and benchmarking: force a forward plan (tiling, subgroups, splits). */
 export interface ForwardOverride {

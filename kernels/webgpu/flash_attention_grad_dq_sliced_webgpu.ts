@@ -1,0 +1,221 @@
+/**
+ * The dQ pass with K and V streamed in head-dim slices (DqTiles.dimChunks;
+ * docs/webgpu_tuning.md, "Backward at head dims above 64"): for head dims
+ * where whole Q/dO rows and K/V tiles leave room for only a few keys per
+ * step (D=128: 8), the BR rows of Q and dO stay resident and K, V pass
+ * through one buffer of SW4 quads of dims x BC keys, so a step can take
+ * 16-32 keys. Per block of BC keys:
+ *   A. for each slice c of K:  S += Q_c K_c^T       (thread: MR rows x 4 keys)
+ *   B. for each slice c of V:  dP += dO_c V_c^T
+ *      dS = P * (dP * keep - Delta) * score' * scale -> pS
+ *   C. for each slice c of K:  dQ[:, c] += dS K_c    (thread: NR rows x slice dims)
+ * so K is read twice per block and V once. A thread's accumulators hold its
+ * rows' dims in every slice (dims qx + n XT of each). Rows that see no key
+ * get dQ = 0; every sum has a fixed order (deterministic).
+ */
+import type {OwnPipelineSpec} from './own_pipeline';
+import type {DqTiles} from './flash_attention_grad_dq_webgpu';
+import {dqBlockWGSL, featureKey, GradFeatures, gradInputs, gradPassHeaderWGSL, prefetchSlots, probsAndDsWGSL, sPhase, sPhaseValid, sPhaseWGSL, zeroGapsWGSL} from './flash_attention_grad_wgsl';
+import {perSliceWGSL, sliceQuads, sliceStreamWGSL, swizzledRowsWGSL} from './flash_attention_grad_sliced_wgsl';
+
+/** Rows per thread in the dQ accumulation. */
+function rowsPerThread(t: DqTiles): number {
+  return Math.min(4, t.br);
+}
+
+export function dqSlicedStorageBytes(t: DqTiles, d: number, dv: number): number {
+  const sw4 = sliceQuads(d, dv, t.dimChunks!);
+  const sc = t.bc / 4;
+  const rowStride = swizzledRowsWGSL('qAt', sw4 * t.dimChunks!).stride;
+  const keyStride = swizzledRowsWGSL('keyAt', sc).stride;
+  return 16 * (2 * t.br * rowStride + 4 * sw4 * keyStride + t.br * sc) + 8 * t.br;
+}
+
+export function dqSlicedTilesValid(t: DqTiles): boolean {
+  const c = t.dimChunks!;
+  const qt = t.br / rowsPerThread(t);
+  return Number.isInteger(c) && c >= 1 && !t.split && sPhaseValid(t.bc, t.br, t.threads) &&
+      Number.isInteger(qt) && t.threads % qt === 0;
+}
+
+export class FlashAttentionGradDqSlicedProgram implements OwnPipelineSpec {
+  readonly key: string;
+  readonly numInputs: number;
+  readonly numOutputs: number;
+  readonly hasUniforms = true;
+  private readonly source: string;
+
+  constructor(d: number, dv: number, tiles: DqTiles, f: GradFeatures) {
+    const {bc, br, threads} = tiles;
+    const chunks = tiles.dimChunks!;
+    const s = sPhase(bc, br, threads);
+    const sw4 = sliceQuads(d, dv, chunks);
+    const rows = swizzledRowsWGSL('qAt', sw4 * chunks);
+    const keys = swizzledRowsWGSL('keyAt', s.sc);
+    const nr = rowsPerThread(tiles);
+    const xt = threads / (br / nr);       // accumulation: lanes per row group
+    const nds = Math.ceil(4 * sw4 / xt);  // accumulation: dims per slice per thread
+    this.key =
+        `flashAttentionGradDqSliced_${d}_${dv}_${bc}_${br}_${threads}_c${chunks}_${featureKey(f)}`;
+    // acc[m] += the thread's rows of `rows` (resident) . slice c's dims of
+    // its key quad, dims in order.
+    const products = (acc: string, tile: string) => `
+        for (var xl = 0; xl < SW4; xl++) {
+          let col0 = sliceS[keyAt(xl * 4, sQuad)];
+          let col1 = sliceS[keyAt(xl * 4 + 1, sQuad)];
+          let col2 = sliceS[keyAt(xl * 4 + 2, sQuad)];
+          let col3 = sliceS[keyAt(xl * 4 + 3, sQuad)];
+          for (var m = 0; m < MR; m++) {
+            let row = ${tile}[qAt(sRow + m, c * SW4 + xl)];
+            ${acc}[m] += row.x * col0;
+            ${acc}[m] += row.y * col1;
+            ${acc}[m] += row.z * col2;
+            ${acc}[m] += row.w * col3;
+          }
+        }`;
+    const slice = (next: string) => `
+      workgroupBarrier();
+      storeKeySlice(t);
+      workgroupBarrier();
+      ${next}`;
+    const inSlice = (4 * sw4) % xt === 0 ? 'true' : 'xl < 4 * SW4';
+    const queryGaps = zeroGapsWGSL(f, 'q', ['dq', 'D']);
+    const inputs = gradInputs(f);
+    const outputs = [{name: 'dq', type: 'f32'}];
+    this.numInputs = inputs.length;
+    this.numOutputs = outputs.length;
+    this.source = `${gradPassHeaderWGSL(f, outputs, {d, dv, bc, br, threads, s, xt}, {
+      NR: nr,
+      DC: chunks,
+      SW4: sw4,
+      QW: rows.stride,
+      NDS: nds,
+      PF: prefetchSlots(s.sc * 4 * sw4, threads),
+    })}
+
+// Q and dO rows as dim quads, zeros to whole slices: quad x of row r at
+// qAt(r, x).
+var<workgroup> qS: array<vec4<f32>, ${br * rows.stride}>;
+var<workgroup> doS: array<vec4<f32>, ${br * rows.stride}>;
+${rows.wgsl}
+// One slice of K or V, transposed: dim x of key quad kq at keyAt(x, kq).
+var<workgroup> sliceS: array<vec4<f32>, ${4 * sw4 * keys.stride}>;
+${keys.wgsl}
+// dS.
+var<workgroup> pS: array<vec4<f32>, ${br * s.sc}>;
+var<workgroup> lseS: array<f32, BR>;
+var<workgroup> deltaS: array<f32, BR>;
+${sliceStreamWGSL('k', d, dv)}
+
+@compute @workgroup_size(T)
+fn main(@builtin(workgroup_id) wg: vec3<u32>,
+        @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+  let t = i32(lid);
+  ${dqBlockWGSL()}
+  ${queryGaps}
+  for (var e = t; e < BR * QW; e += T) {
+    let i = i0 + e / QW;
+    var qv = vec4<f32>(0.0);
+    var ov = vec4<f32>(0.0);
+    if (i < gr.rowsQ) {
+      qv = rowQuad(true, gr.q0 + i, h, e % QW);
+      ov = rowQuad(false, gr.q0 + i, h, e % QW);
+    }
+    qS[qAt(e / QW, e % QW)] = qv;
+    doS[qAt(e / QW, e % QW)] = ov;
+  }
+  for (var r = t; r < BR; r += T) {
+    let i = i0 + r;
+    var st = vec2<f32>(0.0);
+    if (i < gr.rowsQ) { st = stats[gr.stat0 + h * gr.statHead + i]; }
+    lseS[r] = st.x;
+    deltaS[r] = st.y;
+  }
+
+  var dqAcc: array<array<f32, ${nds * chunks}>, NR>;
+  for (var m = 0; m < NR; m++) {
+    for (var n = 0; n < ${nds * chunks}; n++) { dqAcc[m][n] = 0.0; }
+  }
+
+  // Keys some row of the block can see, the start aligned to BC (key quads
+  // aligned for the dropout words).
+  let keys = fa_key_range(i0, min(i0 + BR, p.seqQ), sp);
+  let jLo = (keys.x / BC) * BC;
+  let jHi = keys.y - 1;
+${sPhaseWGSL(s)}
+  let qx = t % XT;
+  let qr = t / XT;
+
+  if (jLo <= jHi) {
+    fetchKeySlice(true, jLo, 0, t, hk, gr);
+  }
+  for (var j0 = jLo; j0 <= jHi; j0 += BC) {
+    var s: array<vec4<f32>, MR>;
+    var dp: array<vec4<f32>, MR>;
+    for (var m = 0; m < MR; m++) {
+      s[m] = vec4<f32>(0.0);
+      dp[m] = vec4<f32>(0.0);
+    }
+    // A: S over the slices of K.
+    ${perSliceWGSL(chunks, `
+      ${slice('fetchKeySlice(c + 1 < DC, j0, select(0, c + 1, c + 1 < DC), t, hk, gr);')}
+      if (sActive) {
+        ${products('s', 'qS')}
+      }
+    `)}
+    // B: dP over the slices of V, then dS.
+    ${perSliceWGSL(chunks, `
+      ${slice('fetchKeySlice(c + 1 >= DC, j0, select(c + 1, 0, c + 1 >= DC), t, hk, gr);')}
+      if (sActive) {
+        ${products('dp', 'doS')}
+      }
+    `)}
+    if (sActive) {
+      ${probsAndDsWGSL(f, false, 'pS[r * SC + sQuad] = dsv;')}
+    }
+    // C: dQ over the slices of K; the last reads the next block's first.
+    ${perSliceWGSL(chunks, `
+      ${slice(`if (c + 1 < DC) {
+        fetchKeySlice(true, j0, c + 1, t, hk, gr);
+      } else if (j0 + BC <= jHi) {
+        fetchKeySlice(true, j0 + BC, 0, t, hk, gr);
+      }`)}
+      for (var quad = 0; quad < SC; quad++) {
+        var dsr: array<vec4<f32>, NR>;
+        for (var m = 0; m < NR; m++) {
+          dsr[m] = pS[(qr * NR + m) * SC + quad];
+        }
+        for (var n = 0; n < NDS; n++) {
+          let xl = qx + n * XT;
+          if (${inSlice}) {
+            let kv = sliceS[keyAt(xl, quad)];
+            for (var m = 0; m < NR; m++) {
+              dqAcc[m][c * NDS + n] += dot(dsr[m], kv);
+            }
+          }
+        }
+      }
+    `)}
+  }
+
+  for (var m = 0; m < NR; m++) {
+    let i = i0 + qr * NR + m;
+    if (i < gr.rowsQ) {
+      let base = ((gr.q0 + i) * p.heads + h) * D;
+      for (var c = 0; c < DC; c++) {
+        for (var n = 0; n < NDS; n++) {
+          let x = c * 4 * SW4 + qx + n * XT;
+          if (qx + n * XT < 4 * SW4 && x < D) { dq[base + x] = dqAcc[m][c * NDS + n]; }
+        }
+      }
+    }
+  }
+}
+`;
+  }
+
+  code(): string {
+    return this.source;
+  }
+}
