@@ -19,7 +19,9 @@
  *    (generateIdsWithCache, greedy: ids picked and fed on the GPU;
  *    pipelined, reading the ids every 8 tokens one chunk behind, and
  *    waiting for every token's id) and without (the whole window through
- *    the model per token, its id read back), at each of --gen-contexts.
+ *    the model per token, its id read back), at each of --gen-contexts;
+ *    with the dispatches of one cached token and the CPU time to record
+ *    one (nothing awaited: what the JavaScript and Dawn calls cost).
  *
  *   node decode.mjs [--contexts 512,...,32768] [--heads 32] [--heads-kv 8]
  *       [--dim 128] [--gen-contexts 256,1024,4096] [--gen-tokens 32]
@@ -44,7 +46,7 @@ import * as fs from 'fs';
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-layers';
 
-import {buildGPT, generateIdsWithCache, withDeferredSubmits} from '../demo/gpt';
+import {buildGPT, generateIdsWithCache, median, withDeferredSubmits} from '../demo/gpt';
 import {useBestBackend} from '../demo/backend';
 import {DecodePlan, planDecode, setDecodeTargetWorkgroups} from '../kernels/webgpu/flash_decode';
 import {checkOwnPipelineErrors} from '../kernels/webgpu/own_pipeline';
@@ -333,6 +335,9 @@ async function attentionRows(args: Args): Promise<AttentionRow[]> {
   return rows;
 }
 
+/** Cached tokens recorded back to back (nothing read) to time their recording. */
+const RECORD_TOKENS = 24;
+
 interface GenerationRow {
   context: number;
   /** Pipelined (generateIdsWithCache: ids read in chunks, no per-token wait). */
@@ -342,6 +347,12 @@ interface GenerationRow {
   uncachedMs: number;
   /** WebGPU API calls of one cached token (model step and argmax, no read). */
   api: string;
+  /**
+   * CPU time to record one cached token (step and argmax, nothing read or
+   * awaited; the median of RECORD_TOKENS in a row): the part of the
+   * pipelined time per token that the JavaScript and Dawn calls cost.
+   */
+  recordMs: number;
 }
 
 /** Greedy next ids `[B]` of logits `[B, S, V]` (last position). */
@@ -363,7 +374,8 @@ async function generationRows(args: Args): Promise<GenerationRow[]> {
   for (const context of args.genContexts) {
     const tokens = args.genTokens;
     // The API calls of one cached token (prefill `context` tokens first).
-    const decoder = new IncrementalDecoder(model, {batch: 1, maxSeqLen: context + tokens + 4});
+    const decoder =
+        new IncrementalDecoder(model, {batch: 1, maxSeqLen: context + tokens + RECORD_TOKENS + 4});
     const prefill = tf.tidy(() => nextIds(decoder.step(tf.slice(prompt, [0, 0], [1, context]))));
     let id = prefill;
     await id.data();
@@ -376,6 +388,16 @@ async function generationRows(args: Args): Promise<GenerationRow[]> {
     await stepOnce();
     const api = apiCalls(() => tf.dispose(tf.tidy(() => nextIds(decoder.step(id)))));
     await sync();
+    const recordTimes: number[] = [];
+    for (let n = 0; n < RECORD_TOKENS; n++) {
+      const t0 = performance.now();
+      const next = tf.tidy(() => nextIds(decoder.step(id)));
+      recordTimes.push(performance.now() - t0);
+      id.dispose();
+      id = next;
+    }
+    await id.data();
+    const recordMs = median(recordTimes);
     if (process.env.DECODE_PROFILE) {
       const info = await tf.profile(stepOnce);
       log(`one cached step: ${info.kernels.length} kernels, ${info.newTensors} new tensors: ${
@@ -429,11 +451,13 @@ async function generationRows(args: Args): Promise<GenerationRow[]> {
     }
     const uncachedMs = (performance.now() - t0) / fullTokens;
     window.dispose();
+    log(`generation at context ${context}: recording a token takes ${
+        recordMs.toFixed(2)} ms of CPU`);
     log(`generation at context ${context}: ${
         cachedMs.toFixed(2)} ms/token with the cache, pipelined (${
         cachedSyncMs.toFixed(2)} waiting for each id), ${uncachedMs.toFixed(2)} ms/token without (${
         (uncachedMs / cachedMs).toFixed(1)}x); one cached token: ${api}`);
-    rows.push({context, cachedMs, cachedSyncMs, uncachedMs, api});
+    rows.push({context, cachedMs, cachedSyncMs, uncachedMs, api, recordMs});
   }
   prompt.dispose();
   model.dispose();
@@ -513,12 +537,14 @@ async function main(): Promise<void> {
       '8 ids, one chunk behind; waiting = read every id. Without: the window per token, read each.');
   lines.push(
       '| context | with cache ms/token (pipelined) | tokens/s | with cache, waiting per token |' +
-      ' without cache ms/token | tokens/s | speed-up (pipelined) |');
-  lines.push('| --- | --- | --- | --- | --- | --- | --- |');
+      ' without cache ms/token | tokens/s | speed-up (pipelined) | CPU ms to record a token |' +
+      ' one cached token |');
+  lines.push('| --- | --- | --- | --- | --- | --- | --- | --- | --- |');
   for (const g of generation) {
     lines.push(`| ${g.context} | ${g.cachedMs.toFixed(2)} | ${(1000 / g.cachedMs).toFixed(0)} | ${
-        g.cachedSyncMs.toFixed(2)} | ${g.uncachedMs.toFixed(2)} | ${
-        (1000 / g.uncachedMs).toFixed(0)} | ${(g.uncachedMs / g.cachedMs).toFixed(1)}x |`);
+        g.cachedSyncMs.toFixed(
+            2)} | ${g.uncachedMs.toFixed(2)} | ${(1000 / g.uncachedMs).toFixed(0)} | ${
+        (g.uncachedMs / g.cachedMs).toFixed(1)}x | ${g.recordMs.toFixed(3)} | ${g.api} |`);
   }
   // The goal table of the decode issue: context 4096 (or the nearest run),
   // generation at 1024 (or the nearest).

@@ -86,10 +86,11 @@ async function main(): Promise<void> {
   const submitBatch = tf.env().getNumber(submitFlag);
   for (const mode of modes) {
     const run = runs[mode];
-    // Decode steps are timed as generation runs them (demo/gpt.ts
+    // Decode steps and tokens are timed as generation runs them (demo/gpt.ts
     // withDeferredSubmits): no submit until the batch's read, so the GPU
     // (on a software adapter, the same CPU cores) does not run meanwhile.
-    tf.env().set(submitFlag, mode.startsWith('decode') ? 1 << 30 : submitBatch);
+    const deferred = mode.startsWith('decode') || mode === 'gen-token';
+    tf.env().set(submitFlag, deferred ? 1 << 30 : submitBatch);
     const tensors0 = tf.memory().numTensors;
     const times: number[] = [];
     for (let n = -40; n < calls; n++) {

@@ -9,6 +9,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 
 import {fusedGeluOrNull, softmaxCrossEntropyLoss} from '../src';
+import type {FoldableActivation} from '../src/layers';
 import {FlashMHAArgs, flashMHA, FusedLayerNormalization, IncrementalDecoder} from '../src/layers';
 
 export interface GPTConfig {
@@ -151,9 +152,13 @@ export function geluNew(x: tf.Tensor): tf.Tensor {
   return gelu(x);
 }
 
-/** The layer of geluNew (no weights). */
-export class GeluNew extends tfl.layers.Layer {
+/**
+ * The layer of geluNew (no weights). While decoding (IncrementalDecoder) the
+ * Dense before it runs with this activation in its kernel (FoldableActivation).
+ */
+export class GeluNew extends tfl.layers.Layer implements FoldableActivation {
   static className = 'GPTGeluNew';
+  readonly decodeActivation = 'gelu_new';
   override call(inputs: tf.Tensor|tf.Tensor[]): tf.Tensor {
     return geluNew(Array.isArray(inputs) ? inputs[0] : inputs);
   }

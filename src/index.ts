@@ -35,10 +35,10 @@ export type{UnpadInputOptions} from './varlen';
 export type{FusedKernelFeatures} from './dispatch';
 export {paddingMaskLengths} from './seqlens';
 export {valuesOnHost} from './seqlens';
-export type{FusedNormAttrs, FusedRotaryAttrs, SoftmaxCrossEntropyAttrs} from './train/kernel_names';
-export {FusedGelu, FusedNorm, FusedNormGrad, FusedRotary, SoftmaxCrossEntropy, SoftmaxCrossEntropyGrad} from './train/kernel_names';
-export type{CrossEntropyOptions, NormOp, NormOptions} from './train/ops';
-export {fusedGeluOrNull, fusedRotaryOrNull, layerNorm, rmsNorm, softmaxCrossEntropy, softmaxCrossEntropyLoss} from './train/ops';
+export type{FusedDenseActivation, FusedDenseAttrs, FusedNormAttrs, FusedNormDenseAttrs, FusedRotaryAttrs, SoftmaxCrossEntropyAttrs} from './train/kernel_names';
+export {FusedDense, FusedGelu, FusedNorm, FusedNormDense, FusedNormGrad, FusedRotary, SoftmaxCrossEntropy, SoftmaxCrossEntropyGrad} from './train/kernel_names';
+export type{CrossEntropyOptions, NormDenseArgs, NormOp, NormOptions} from './train/ops';
+export {FUSED_DENSE_MAX_ROWS, FUSED_NORM_DENSE_MAX_INNER, fusedDenseOrNull, fusedNormDenseOrNull, fusedGeluOrNull, fusedRotaryOrNull, layerNorm, rmsNorm, softmaxCrossEntropy, softmaxCrossEntropyLoss} from './train/ops';
 
 export type{FusedAdamWArgs, FusedAdamWImpl} from './train';
 export {FUSED_ADAMW_IMPL, FusedAdamW, fusedAdam, fusedAdamW} from './train';

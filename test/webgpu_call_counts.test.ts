@@ -396,10 +396,12 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
             buffersCreated: 1,  // the id's staging buffer (tfjs maps a new one per upload)
             // Embedding gather, norm, qkv projection, rotary (q, k, v from
             // the packed projection), split-KV, combine, out projection,
-            // residual + norm (2), MLP in, FusedGelu, MLP out, residual +
-            // final norm (2), logits.
-            dispatches: 15,
-            writeBuffers: 14,  // all but the decode combine's uniforms
+            // residual + norm + MLP in + GELU (FusedNormDense), MLP out,
+            // residual + final norm + logits (FusedNormDense).
+            dispatches: 10,
+            // All but the uniforms kept per content: the decode combine's
+            // and the two FusedNormDense passes'.
+            writeBuffers: 7,
             // The id uploaded, the logits read (the rotary pass appends k, v).
             bufferCopies: 2,
             readBacks: 1,
@@ -441,8 +443,8 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
        await checkOwnPipelineErrors();
        expect(ids).toEqual(warm);
        const chunks = Math.ceil(length / readEvery);
-       // A token: the 15 dispatches of a cached step (test above) and its argmax.
-       const token = 15 + 1;
+       // A token: the 10 dispatches of a cached step (test above) and its argmax.
+       const token = 10 + 1;
        // Staging buffers of the uploads and reads, fewer once tfjs's pool has them.
        expect(counts.buffersCreated).toBeLessThanOrEqual(3 + 2 * chunks);
        expect({...counts, buffersCreated: 0}).toEqual({
@@ -455,8 +457,9 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
          // The prompt step (its last row sliced), the single-id steps, and a
          // concat per chunk of several ids.
          dispatches: (token + 1) + (length - 1) * token + (chunks - 1),
-         // All but the decode combine's uniforms (one per step).
-         writeBuffers: (token + 1) + (length - 1) * token + (chunks - 1) - length,
+         // All but the uniforms kept per content: the decode combine's and
+         // the two FusedNormDense passes' (three per step).
+         writeBuffers: (token + 1) + (length - 1) * token + (chunks - 1) - 3 * length,
          bufferCopies: 3 + chunks,  // the uploads, and each chunk into its staging buffer
          readBacks: chunks,
        });

@@ -13,7 +13,8 @@
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 import type {SymbolicTensor} from '@tensorflow/tfjs-layers/dist/engine/topology';
-import type {KVCache} from 'tfjs-flash-attention';
+import type {FusedDenseActivation, KVCache} from 'tfjs-flash-attention';
+import {fusedDenseOrNull, fusedNormDenseOrNull} from 'tfjs-flash-attention';
 
 /** A layer that keeps its own keys and values between calls. */
 export interface DecodingLayer {
@@ -26,6 +27,51 @@ export function isDecodingLayer(layer: unknown): layer is DecodingLayer {
   return typeof l.createCache === 'function' && typeof l.decode === 'function';
 }
 
+/**
+ * An elementwise activation layer that a Dense before it may fold into its
+ * own kernel while decoding (fusedDenseOrNull: the matMul, bias and
+ * activation in one pass), e.g. demo/gpt.ts's GeluNew. Only where the
+ * Dense is linear and this layer is its output's only consumer.
+ */
+export interface FoldableActivation {
+  readonly decodeActivation: FusedDenseActivation;
+}
+
+function foldableActivation(layer: unknown): FusedDenseActivation|null {
+  return (layer as Partial<FoldableActivation>).decodeActivation ?? null;
+}
+
+/** A Dense whose output feeds only an activation layer: where the pair's output goes. */
+interface Fold {
+  activation: FusedDenseActivation;
+  /** The Dense's output (the activation's input) and the activation's output. */
+  inputId: number;
+  outputId: number;
+}
+
+/**
+ * A fused norm (FusedLayerNormalization, RMSNormalization) whose output
+ * only a Dense reads: the pair (and the Dense's folded activation) runs as
+ * one kernel (fusedNormDenseOrNull).
+ */
+interface NormFold {
+  dense: tfl.layers.Layer;
+  /** The norm's normalized output, and where the pair's result goes. */
+  normedId: number;
+  outputId: number;
+  /** The Dense's activation, or that of the layer folded into it. */
+  activation: FusedDenseActivation;
+}
+
+/** The parts of the fused norm layers (norm_layers.ts) that a decoding step reads. */
+interface NormParts {
+  epsilon: number;
+  gamma: tfl.LayerVariable|null;
+  beta: tfl.LayerVariable|null;
+}
+
+const NORM_CLASSES = new Set(['FusedLayerNormalization', 'RMSNormalization']);
+
 /** The parts of tf.layers' Dense that a decoding step reads. */
 interface DenseParts {
   kernel: tfl.LayerVariable|null;
@@ -37,30 +83,43 @@ interface DenseParts {
 const FUSED_ACTIVATIONS = new Set(['linear', 'relu', 'elu']);
 
 /**
- * A Dense layer on `[B, S, in]` as one fused matMul (bias and activation in
- * the kernel), or null for any other layer. tf.layers' Dense multiplies a
- * rank-3 input through a transpose of its kernel: one extra kernel per
- * layer and token.
+ * A Dense layer on `[B, S, in]` as one kernel (bias and activation in it),
+ * or null for any other layer: tf.fused.matMul, or with `fold` (a linear
+ * Dense and the activation after it) fusedDenseOrNull, which also takes
+ * tf.layers' 'gelu_new' (null where it has no kernel for the call).
+ * tf.layers' Dense multiplies a rank-3 input through a transpose of its
+ * kernel: one extra kernel per layer and token.
  */
-function denseStep(layer: tfl.layers.Layer, inputs: tf.Tensor[]): tf.Tensor|null {
+function denseStep(
+    layer: tfl.layers.Layer, inputs: tf.Tensor[],
+    fold: FusedDenseActivation|null = null): tf.Tensor|null {
   const x = inputs[0];
   if (layer.getClassName() !== 'Dense' || inputs.length !== 1 || x.rank !== 3) {
     return null;
   }
   const {kernel, bias, activation} = layer as unknown as DenseParts;
   const name = activation?.getClassName() ?? 'linear';
-  if (kernel == null || !FUSED_ACTIVATIONS.has(name)) {
+  if (kernel == null || (fold != null && name !== 'linear')) {
     return null;
   }
   const w = kernel.read() as tf.Tensor2D;
   const [batch, seq, inDim] = x.shape as [number, number, number];
-  const y = tf.fused.matMul({
-    a: tf.reshape(x, [batch * seq, inDim]),
-    b: w,
-    bias: bias?.read(),
-    activation: name as tf.fused.Activation,
-  });
-  return tf.reshape(y, [batch, seq, w.shape[1]]);
+  const x2d = tf.reshape(x, [batch * seq, inDim]) as tf.Tensor2D;
+  const b = (bias?.read() ?? null) as tf.Tensor1D | null;
+  let y: tf.Tensor|null;
+  if (fold != null || name === 'gelu_new') {
+    y = fusedDenseOrNull(x2d, w, b, fold ?? 'gelu_new');
+  } else if (FUSED_ACTIVATIONS.has(name)) {
+    y = tf.fused.matMul({
+      a: x2d,
+      b: w,
+      bias: b ?? undefined,
+      activation: name as tf.fused.Activation,
+    });
+  } else {
+    y = null;
+  }
+  return y == null ? null : tf.reshape(y, [batch, seq, w.shape[1]]);
 }
 
 export interface IncrementalDecoderArgs {
@@ -71,6 +130,10 @@ export interface IncrementalDecoderArgs {
 
 export class IncrementalDecoder {
   private readonly caches = new Map<tfl.layers.Layer, KVCache>();
+  /** Dense layers whose activation layer is folded into their kernel. */
+  private readonly folds = new Map<tfl.layers.Layer, Fold>();
+  /** Norm layers whose Dense (and its activation) run in the norm's kernel. */
+  private readonly normFolds = new Map<tfl.layers.Layer, NormFold>();
   private disposed = false;
 
   constructor(readonly model: tfl.LayersModel, readonly args: IncrementalDecoderArgs) {
@@ -87,6 +150,94 @@ export class IncrementalDecoder {
       throw new Error(
           `IncrementalDecoder: model ${model.name} has no layer that can decode (e.g. FlashMHA)`);
     }
+    this.findFolds();
+  }
+
+  /** Each linear Dense whose output only an activation layer reads (FoldableActivation). */
+  private findFolds(): void {
+    const consumers = new Map<number, number>();
+    for (const layer of this.model.layers) {
+      for (const node of layer.inboundNodes) {
+        node.inputTensors.forEach(t => consumers.set(t.id, (consumers.get(t.id) ?? 0) + 1));
+      }
+    }
+    for (const layer of this.model.layers) {
+      const activation = foldableActivation(layer);
+      if (activation == null) {
+        continue;
+      }
+      for (const node of layer.inboundNodes) {
+        const input = node.inputTensors[0];
+        const dense = input?.sourceLayer;
+        if (node.inputTensors.length === 1 && node.outputTensors.length === 1 &&
+            dense?.getClassName() === 'Dense' && consumers.get(input.id) === 1 &&
+            this.model.layers.includes(dense)) {
+          this.folds.set(
+              dense, {activation, inputId: input.id, outputId: node.outputTensors[0].id});
+        }
+      }
+    }
+    for (const dense of this.model.layers) {
+      if (dense.getClassName() !== 'Dense' || dense.inboundNodes.length !== 1) {
+        continue;
+      }
+      const node = dense.inboundNodes[0];
+      const normed = node.inputTensors[0];
+      const norm = normed?.sourceLayer;
+      const parts = dense as unknown as DenseParts;
+      const own = parts.activation?.getClassName() ?? 'linear';
+      const fold = this.folds.get(dense);
+      const activation = fold?.activation ?? own;
+      if (node.inputTensors.length === 1 && norm != null && NORM_CLASSES.has(norm.getClassName()) &&
+          this.model.layers.includes(norm) && normed.nodeIndex === 0 && normed.tensorIndex === 0 &&
+          consumers.get(normed.id) === 1 && (fold == null || own === 'linear') &&
+          ['linear', 'relu', 'gelu_new'].includes(activation)) {
+        this.normFolds.set(norm, {
+          dense,
+          normedId: normed.id,
+          outputId: fold?.outputId ?? node.outputTensors[0].id,
+          activation: activation as FusedDenseActivation,
+        });
+      }
+    }
+  }
+
+  /**
+   * The norm layer's node and the Dense after it as one kernel: sets the
+   * pair's output (and the norm's sum z, if the node outputs it); false
+   * where it cannot run fused (the layers then run one by one).
+   */
+  private normDenseStep(
+      layer: tfl.layers.Layer, fold: NormFold, node: {outputTensors: SymbolicTensor[]},
+      inputs: tf.Tensor[], values: Map<number, tf.Tensor>): boolean {
+    const [x, residual] = inputs;
+    const {epsilon, gamma, beta} = layer as unknown as NormParts;
+    const {kernel, bias} = fold.dense as unknown as DenseParts;
+    if (x.rank !== 3 || gamma == null || kernel == null) {
+      return false;
+    }
+    const [batch, seq, dim] = x.shape as [number, number, number];
+    const flat = (t: tf.Tensor) => tf.reshape(t, [batch * seq, dim]) as tf.Tensor2D;
+    const result = fusedNormDenseOrNull({
+      x: flat(x),
+      residual: residual == null ? null : flat(residual),
+      rms: layer.getClassName() === 'RMSNormalization',
+      epsilon,
+      gamma: gamma.read() as tf.Tensor1D,
+      beta: (beta?.read() ?? null) as tf.Tensor1D | null,
+      w: kernel.read() as tf.Tensor2D,
+      bias: (bias?.read() ?? null) as tf.Tensor1D | null,
+      activation: fold.activation,
+    });
+    if (result == null) {
+      return false;
+    }
+    const [y, z] = result;
+    values.set(fold.outputId, tf.reshape(y, [batch, seq, y.shape[1]]));
+    if (node.outputTensors.length === 2) {
+      values.set(node.outputTensors[1].id, tf.reshape(z, x.shape));
+    }
+    return true;
   }
 
   /** Tokens cached so far (per sequence). */
@@ -120,6 +271,21 @@ export class IncrementalDecoder {
           continue;  // A node of another model sharing this layer.
         }
         const inputs = node.inputTensors.map((t: SymbolicTensor) => values.get(t.id)!);
+        const normFold = this.normFolds.get(layer);
+        if (normFold != null && node.outputTensors[0].id === normFold.normedId &&
+            this.normDenseStep(layer, normFold, node, inputs, values)) {
+          continue;  // The Dense (and its activation) find their input missing.
+        }
+        const fold = this.folds.get(layer);
+        if (fold != null && node.outputTensors[0].id === fold.inputId) {
+          // The activation's output directly; the activation layer then
+          // finds its input missing and is skipped.
+          const folded = denseStep(layer, inputs, fold.activation);
+          if (folded != null) {
+            values.set(fold.outputId, folded);
+            continue;
+          }
+        }
         const cache = this.caches.get(layer);
         const output = cache != null ?
             (layer as unknown as DecodingLayer).decode(inputs[0], cache) :

@@ -19,5 +19,5 @@ export {MultiHeadAttention, registerMultiHeadAttention} from './multi_head_atten
 export type{FusedNormArgs} from './norm_layers';
 export {FusedLayerNormalization, fusedLayerNormalization, RMSNormalization, rmsNormalization} from './norm_layers';
 // Incremental decoding (generation) of models built with FlashMHA.
-export type{DecodingLayer, IncrementalDecoderArgs} from './decoding';
+export type{DecodingLayer, FoldableActivation, IncrementalDecoderArgs} from './decoding';
 export {IncrementalDecoder, isDecodingLayer} from './decoding';

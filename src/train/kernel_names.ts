@@ -83,3 +83,32 @@ export interface FusedRotaryAttrs {
  * callers give it their own gradient (demo/gpt.ts's geluNew).
  */
 export const FusedGelu = 'FusedGelu';
+
+/**
+ * A dense layer on a few rows, y = act(x w + bias), x `[M, K]`, w `[K, N]`,
+ * bias `[N]` (x when `hasBias` is false), in one pass: what a decode step's MLP needs (tfjs's
+ * fused matMul has no GELU). Inference only (no gradient). Output `[y]`.
+ */
+export const FusedDense = 'FusedDense';
+
+export type FusedDenseActivation = 'linear'|'relu'|'gelu_new';
+
+export interface FusedDenseAttrs {
+  activation: FusedDenseActivation;
+  hasBias: boolean;
+}
+
+/**
+ * A norm and the dense layer after it, for decode steps: z = x (+ residual),
+ * y = act((norm(z) * gamma (+ beta)) w + bias). Inputs `{x [M, K], residual,
+ * gamma [K], beta, w [K, N], bias}`, absent ones given as x; outputs
+ * `[y [M, N], z [M, K]]`. Inference only (no gradient).
+ */
+export const FusedNormDense = 'FusedNormDense';
+
+export interface FusedNormDenseAttrs extends FusedDenseAttrs {
+  rms: boolean;
+  epsilon: number;
+  hasResidual: boolean;
+  hasBeta: boolean;
+}

@@ -11,8 +11,11 @@ import {randomSeed, splitSeed} from '../dropout';
 import {describeValue, FlashAttentionError} from '../errors';
 import {checkOptions, OptionSpec} from '../options';
 
+import {hasFusedKernel} from '../dispatch';
+import {getImpl} from '../flags';
+
 import {useFusedTrainingKernel} from './dispatch';
-import {FusedGelu, FusedNorm, FusedNormAttrs, FusedNormGrad, FusedRotary, FusedRotaryAttrs, SoftmaxCrossEntropy, SoftmaxCrossEntropyAttrs, SoftmaxCrossEntropyGrad} from './kernel_names';
+import {FusedDense, FusedDenseActivation, FusedDenseAttrs, FusedGelu, FusedNormDense, FusedNormDenseAttrs, FusedNorm, FusedNormAttrs, FusedNormGrad, FusedRotary, FusedRotaryAttrs, SoftmaxCrossEntropy, SoftmaxCrossEntropyAttrs, SoftmaxCrossEntropyGrad} from './kernel_names';
 import {referenceCrossEntropyBackward, referenceCrossEntropyForward, referenceNormBackward, referenceNormForward} from './reference';
 
 type GradMap = Record<string, () => tf.Tensor>;
@@ -367,4 +370,134 @@ export function fusedGeluOrNull<T extends tf.Tensor>(x: T): T|null {
   }
   tf.util.assert(x.dtype === 'float32', () => `fusedGeluOrNull: x must be float32, got ${x.dtype}`);
   return tf.engine().runKernel(FusedGelu, {x}) as T;
+}
+
+/**
+ * Checks w `[K, N]`, bias `[N]` and the activation of a dense layer on x
+ * `[M, K]`; false when a fused kernel should not take it (reference
+ * implementation, too many rows, empty tensors).
+ */
+function denseCheck(
+    x: tf.Tensor2D, w: tf.Tensor2D, bias: tf.Tensor1D|null, activation: FusedDenseActivation,
+    opName: string): boolean {
+  checkFloat(w, 'w', opName);
+  if (w.rank !== 2 || w.shape[0] !== x.shape[1]) {
+    fail(opName, 'w', `of shape [K = ${x.shape[1]}, N] (x's last axis)`, `[${w.shape}]`);
+  }
+  if (bias != null) {
+    checkFloat(bias, 'bias', opName);
+    if (bias.rank !== 1 || bias.shape[0] !== w.shape[1]) {
+      fail(opName, 'bias', `of shape [N = ${w.shape[1]}]`, `[${bias.shape}]`);
+    }
+  }
+  if (!['linear', 'relu', 'gelu_new'].includes(activation)) {
+    fail(opName, 'activation', '\'linear\', \'relu\' or \'gelu_new\'', activation);
+  }
+  return getImpl() !== 'reference' && x.shape[0] <= FUSED_DENSE_MAX_ROWS && x.size > 0 &&
+      w.size > 0;
+}
+
+/** Most rows fusedDenseOrNull takes (its kernel walks K per output: decode-sized). */
+export const FUSED_DENSE_MAX_ROWS = 8;
+
+const DENSE_OP = 'fusedDenseOrNull';
+
+/**
+ * act(x w + bias) for x `[M, K]`, w `[K, N]`, bias `[N]` (or null) in one
+ * kernel, where the active backend has one and M <= FUSED_DENSE_MAX_ROWS;
+ * else null (the caller composes it, e.g. tf.fused.matMul and a GELU).
+ * For decode steps, whose MLP is otherwise a matMul and a GELU pass.
+ * Inference only: no gradient is registered. Never throws for a missing
+ * kernel, whatever FLASH_ATTENTION_IMPL says: it is an optimization.
+ */
+export function fusedDenseOrNull(
+    x: tf.Tensor2D, w: tf.Tensor2D, bias: tf.Tensor1D|null,
+    activation: FusedDenseActivation): tf.Tensor2D|null {
+  checkFloat(x, 'x', DENSE_OP);
+  if (x.rank !== 2) {
+    fail(DENSE_OP, 'x', 'of rank 2 [M, K]', `shape [${x.shape}]`);
+  }
+  if (!denseCheck(x, w, bias, activation, DENSE_OP) ||
+      !hasFusedKernel(FusedDense, tf.getBackend())) {
+    return null;
+  }
+  const attrs: FusedDenseAttrs = {activation, hasBias: bias != null};
+  // Without a bias, x stands in for it (never read): no tensor made per call.
+  return tf.engine().runKernel(
+             FusedDense, {x, w, bias: bias ?? x}, attrs as unknown as tf.NamedAttrMap) as
+      tf.Tensor2D;
+}
+
+/** Longest row fusedNormDenseOrNull takes (its kernel keeps a row in workgroup memory). */
+export const FUSED_NORM_DENSE_MAX_INNER = 4096;
+
+export interface NormDenseArgs {
+  /** `[M, K]`, M <= FUSED_DENSE_MAX_ROWS. */
+  x: tf.Tensor2D;
+  /** Added to x before the norm (x's shape). */
+  residual?: tf.Tensor2D|null;
+  /** RMSNorm instead of LayerNorm. */
+  rms: boolean;
+  epsilon: number;
+  gamma: tf.Tensor1D;
+  beta?: tf.Tensor1D|null;
+  /** `[K, N]` and `[N]`. */
+  w: tf.Tensor2D;
+  bias?: tf.Tensor1D|null;
+  activation: FusedDenseActivation;
+}
+
+const NORM_DENSE_OP = 'fusedNormDenseOrNull';
+
+/**
+ * A pre-norm and the dense layer after it in one kernel, for decode steps:
+ * z = x + residual, y = act((norm(z) * gamma + beta) w + bias); `[y, z]`,
+ * or null where the active backend has no such kernel, M >
+ * FUSED_DENSE_MAX_ROWS or K > FUSED_NORM_DENSE_MAX_INNER (the caller then
+ * runs the norm and the dense layer). Inference only: no gradient.
+ */
+export function fusedNormDenseOrNull(args: NormDenseArgs): [tf.Tensor2D, tf.Tensor2D]|null {
+  const {x, residual, gamma, beta, w, bias} = args;
+  checkFloat(x, 'x', NORM_DENSE_OP);
+  if (x.rank !== 2) {
+    fail(NORM_DENSE_OP, 'x', 'of rank 2 [M, K]', `shape [${x.shape}]`);
+  }
+  const [, inner] = x.shape;
+  const vectors = [['gamma', gamma], ['beta', beta]] as const;
+  for (const [name, t] of vectors) {
+    if (t != null) {
+      checkFloat(t, name, NORM_DENSE_OP);
+      if (t.rank !== 1 || t.shape[0] !== inner) {
+        fail(NORM_DENSE_OP, name, `of shape [K = ${inner}] (x's last axis)`, `[${t.shape}]`);
+      }
+    }
+  }
+  if (residual != null) {
+    checkFloat(residual, 'residual', NORM_DENSE_OP);
+    if (!tf.util.arraysEqual(residual.shape, x.shape)) {
+      fail(NORM_DENSE_OP, 'residual', `of x's shape [${x.shape}]`, `[${residual.shape}]`);
+    }
+  }
+  if (!(typeof args.epsilon === 'number' && args.epsilon > 0 && Number.isFinite(args.epsilon))) {
+    fail(NORM_DENSE_OP, 'epsilon', 'a finite number > 0', args.epsilon);
+  }
+  // The dense layer's checks (w, bias, activation), and whether it runs fused.
+  const plain = denseCheck(x, w, bias ?? null, args.activation, NORM_DENSE_OP);
+  if (!plain || !hasFusedKernel(FusedNormDense, tf.getBackend()) ||
+      inner > FUSED_NORM_DENSE_MAX_INNER) {
+    return null;
+  }
+  const attrs: FusedNormDenseAttrs = {
+    activation: args.activation,
+    hasBias: bias != null,
+    rms: args.rms,
+    epsilon: args.epsilon,
+    hasResidual: residual != null,
+    hasBeta: beta != null,
+  };
+  // Absent inputs are bound to x (never read): no tensor made per call.
+  return tf.engine().runKernel(
+             FusedNormDense,
+             {x, residual: residual ?? x, gamma, beta: beta ?? x, w, bias: bias ?? x},
+             attrs as unknown as tf.NamedAttrMap) as [tf.Tensor2D, tf.Tensor2D];
 }
