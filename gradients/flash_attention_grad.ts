@@ -120,7 +120,6 @@ export function opGradient(
 } {
   const hasAlibi = inputs.alibiSlopes.size > 0;
   const hasSeqlens = inputs.seqlens.size > 0;
-  // (cuSeqlensK is the seqlens tensor itself when neither is given.)
   const hasCuSeqlensK = inputs.cuSeqlensK.size > 0;
   return {
     toSave: (out, lse) => {
@@ -142,11 +141,11 @@ export function opGradient(
         markZeroLseGradient(dLse);
       }
       const [q, k, v, out, lse, ...rest] = saved;
-      const alibiSlopes = hasAlibi ? rest.shift()! : tf.zeros([0]);
-      const seqlens = hasSeqlens ? rest.shift()! : tf.zeros([0], 'int32');
-      const cuSeqlensK = hasCuSeqlensK ? rest.shift()! :
-          hasSeqlens                   ? tf.zeros([0], 'int32') :
-                                         seqlens;
+      // One empty tensor for each absent input, as the op gives them.
+      const empty = hasAlibi && hasSeqlens && hasCuSeqlensK ? undefined : tf.zeros([0]);
+      const alibiSlopes = hasAlibi ? rest.shift()! : empty!;
+      const seqlens = hasSeqlens ? rest.shift()! : empty!;
+      const cuSeqlensK = hasCuSeqlensK ? rest.shift()! : empty!;
       return gradientMap(
           {
             dy: dy as tf.Tensor4D,

@@ -39,11 +39,13 @@ export function runFlashAttention(
     shapes: AttentionShapes, attrs: FlashAttentionAttrs, seqlensArg?: tf.Tensor,
     cuSeqlensKArg?: tf.Tensor, lseReturned = true): [tf.Tensor4D, tf.Tensor3D] {
   // Kernels always receive alibiSlopes, seqlens and cuSeqlensK; shape [0]
-  // means "no ALiBi" / "whole sequences" / "not packed".
-  const slopes = alibiSlopes ?? tf.zeros([0]);
-  const seqlens: tf.Tensor = seqlensArg ?? tf.zeros([0], 'int32');
-  const cuSeqlensK: tf.Tensor =
-      cuSeqlensKArg ?? (seqlensArg == null ? seqlens : tf.zeros([0], 'int32'));
+  // means "no ALiBi" / "whole sequences" / "not packed" (one empty tensor
+  // serves each absent one: kernels read only its size).
+  const empty = alibiSlopes == null || seqlensArg == null || cuSeqlensKArg == null ? tf.zeros([0]) :
+                                                                                     undefined;
+  const slopes = alibiSlopes ?? empty!;
+  const seqlens: tf.Tensor = seqlensArg ?? empty!;
+  const cuSeqlensK: tf.Tensor = cuSeqlensKArg ?? empty!;
   const inputs = {q, k, v, alibiSlopes: slopes, seqlens, cuSeqlensK};
   const kernelAttrs = attrs as unknown as tf.NamedAttrMap;
   const fused = useFusedKernel(FlashAttention, shapes, attrs);
