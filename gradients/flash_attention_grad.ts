@@ -50,12 +50,27 @@ export function flashAttentionBackward(
 }
 
 /**
- * The gradient map of the op's inputs: dq, dk, dv from the backward, zeros
+ * The gradient map of the op's inputs from the upstream gradients of out
+ * and lse and the forward's tensors: dq, dk, dv from the backward, zeros
  * for the rest (never on a path to a float input the caller gave).
  */
-function gradientMap(inputs: FlashAttentionGradTensors, attrs: tf.NamedAttrMap): NamedGradientMap {
-  const [dq, dk, dv] = flashAttentionBackward(inputs, attrs as unknown as FlashAttentionAttrs);
-  const {alibiSlopes, seqlens, cuSeqlensK} = inputs;
+function gradientMap(
+    [dy, dLse]: tf.Tensor[], [q, k, v, out, softmaxLse]: tf.Tensor[],
+    [alibiSlopes, seqlens, cuSeqlensK]: tf.Tensor[], attrs: tf.NamedAttrMap): NamedGradientMap {
+  const [dq, dk, dv] = flashAttentionBackward(
+      {
+        dy: dy as tf.Tensor4D,
+        dLse: dLse as tf.Tensor3D,
+        q: q as tf.Tensor4D,
+        k: k as tf.Tensor4D,
+        v: v as tf.Tensor4D,
+        out: out as tf.Tensor4D,
+        softmaxLse: softmaxLse as tf.Tensor3D,
+        alibiSlopes,
+        seqlens,
+        cuSeqlensK,
+      },
+      attrs as unknown as FlashAttentionAttrs);
   return {
     q: () => dq,
     k: () => dk,
@@ -77,22 +92,9 @@ function gradientMap(inputs: FlashAttentionGradTensors, attrs: tf.NamedAttrMap):
  */
 export function flashAttentionGradFunc(
     dys: tf.Tensor|tf.Tensor[], saved: tf.Tensor[], attrs: tf.NamedAttrMap): NamedGradientMap {
-  const [dy, dLse] = dys as tf.Tensor[];
   const [q, k, v, alibiSlopes, seqlens, cuSeqlensK, out, softmaxLse] = saved;
   return gradientMap(
-      {
-        dy: dy as tf.Tensor4D,
-        dLse: dLse as tf.Tensor3D,
-        q: q as tf.Tensor4D,
-        k: k as tf.Tensor4D,
-        v: v as tf.Tensor4D,
-        out: out as tf.Tensor4D,
-        softmaxLse: softmaxLse as tf.Tensor3D,
-        alibiSlopes,
-        seqlens,
-        cuSeqlensK,
-      },
-      attrs);
+      dys as tf.Tensor[], [q, k, v, out, softmaxLse], [alibiSlopes, seqlens, cuSeqlensK], attrs);
 }
 
 /** The op's inputs (ops.ts runFlashAttention). */
@@ -147,19 +149,7 @@ export function opGradient(
       const seqlens = hasSeqlens ? rest.shift()! : empty!;
       const cuSeqlensK = hasCuSeqlensK ? rest.shift()! : empty!;
       return gradientMap(
-          {
-            dy: dy as tf.Tensor4D,
-            dLse: dLse as tf.Tensor3D,
-            q: q as tf.Tensor4D,
-            k: k as tf.Tensor4D,
-            v: v as tf.Tensor4D,
-            out: out as tf.Tensor4D,
-            softmaxLse: lse as tf.Tensor3D,
-            alibiSlopes,
-            seqlens,
-            cuSeqlensK,
-          },
-          attrs);
+          [dy, dLse], [q, k, v, out, lse], [alibiSlopes, seqlens, cuSeqlensK], attrs);
     },
   };
 }
