@@ -12,10 +12,10 @@
 import * as tf from '@tensorflow/tfjs-core';
 
 import {AttentionShapes, checkAlibi, checkQKV, checkTensor} from './checks';
-import {useFusedKernel} from './dispatch';
-import {getReferenceBlockElements} from './flags';
-import type {FlashAttentionAttrs, FlashAttentionKVCacheAttrs} from './kernel_names';
-import {FlashAttentionKVCache} from './kernel_names';
+import {hasFusedKernel, useFusedKernel} from './dispatch';
+import {getImpl, getReferenceBlockElements} from './flags';
+import type {FlashAttentionAttrs, FlashAttentionKVCacheAttrs, FlashDecodeQKVAttrs} from './kernel_names';
+import {FlashAttentionKVCache, FlashDecodeQKV} from './kernel_names';
 import type {FlashAttentionOptions, OptionSpec} from './options';
 import {describeValue, FlashAttentionError, normalizeOptions, parseAttentionOptions} from './options';
 import {referenceForward} from './reference/forward';
@@ -564,4 +564,127 @@ export function flashAttentionWithKVCachePacked(
                          kernelAttrs as unknown as tf.NamedAttrMap) as [tf.Tensor4D, tf.Tensor3D];
   lse.dispose();
   return out;
+}
+
+export interface DecodeQKVArgs {
+  /** The new tokens' (normalized) layer input `[B * Snew, K]`, batch-major. */
+  x: tf.Tensor2D;
+  /** The packed projection `[K, (H + 2 Hk) D]` and its bias. */
+  w: tf.Tensor2D;
+  bias?: tf.Tensor1D|null;
+  heads: number;
+  /** The caches `[B, Smax, Hk, D]` (variables, written in place). */
+  kCache: tf.Tensor4D;
+  vCache: tf.Tensor4D;
+  /** Valid rows of each batch row before this step. */
+  cacheSeqlens: readonly number[];
+  /** Tables `[Sro, rotaryDim / 2]` (as flashAttentionWithKVCache's). */
+  rotary?: {cos: tf.Tensor2D, sin: tf.Tensor2D, interleaved: boolean}|null;
+}
+
+/** Most rows (B * Snew) and the longest row flashDecodeQKVOrNull takes. */
+export const DECODE_QKV_MAX_ROWS = 8;
+export const DECODE_QKV_MAX_INNER = 4096;
+
+const QKV_OP = 'flashDecodeQKVOrNull';
+
+function failQKV(argument: string, expected: string, actual: unknown): never {
+  const shown = describeValue(actual);
+  throw new FlashAttentionError(
+      QKV_OP, argument, expected, shown,
+      `${QKV_OP}: ${argument} must be ${expected}, got ${shown}`);
+}
+
+function checkShape(t: tf.Tensor, name: string, want: readonly number[]): void {
+  if (!(t instanceof tf.Tensor) || t.isDisposed) {
+    failQKV(name, 'a live tensor', t);
+  }
+  if (t.dtype !== 'float32' || t.rank !== want.length || t.shape.some((d, i) => d !== want[i])) {
+    failQKV(name, `a float32 tensor of shape [${want}]`, `${t.dtype} [${t.shape}]`);
+  }
+}
+
+/**
+ * The first pass of a decode step from a layer's (normalized) input, where
+ * one kernel does it (webgpu): its packed qkv projection, rotary of the q
+ * and k heads at positions `cacheSeqlens[b] + s`, and the new keys and
+ * values written into the caches at those rows. Returns q `[B, Snew, H, D]`
+ * (rotated); attention then runs over the caches with `cacheSeqlens[b] +
+ * Snew` valid rows. Null, before any work, where no such kernel runs
+ * (other backends, FLASH_ATTENTION_IMPL=reference, more than
+ * DECODE_QKV_MAX_ROWS rows, K > DECODE_QKV_MAX_INNER, or a cache sharing
+ * its data): the caller then projects and attends as before. Bad
+ * arguments throw. Inference only.
+ */
+export function flashDecodeQKVOrNull(args: DecodeQKVArgs): tf.Tensor4D|null {
+  const {x, w, bias, heads, kCache, vCache, cacheSeqlens, rotary} = args;
+  if (!(x instanceof tf.Tensor) || x.rank !== 2) {
+    failQKV('x', 'a tensor of rank 2 [B * Snew, K]', x instanceof tf.Tensor ? x.shape : x);
+  }
+  for (const [name, cache] of [['kCache', kCache], ['vCache', vCache]] as const) {
+    if (!(cache instanceof tf.Variable) || cache.rank !== 4) {
+      failQKV(name, 'a tf.Variable of shape [B, Smax, Hk, D]', cache);
+    }
+  }
+  const [batch, seqMax, headsKV, headDim] = kCache.shape;
+  const [rows, inner] = x.shape;
+  const seqNew = rows / batch;
+  if (!Number.isInteger(seqNew) || seqNew < 1) {
+    failQKV('x', `B * Snew rows (B = ${batch})`, x.shape);
+  }
+  checkShape(x, 'x', x.shape);
+  checkShape(vCache, 'vCache', kCache.shape);
+  if (!Number.isInteger(heads) || heads < 1 || heads % headsKV !== 0) {
+    failQKV('heads', `a positive multiple of Hk = ${headsKV}`, heads);
+  }
+  const cols = (heads + 2 * headsKV) * headDim;
+  checkShape(w, 'w', [inner, cols]);
+  if (bias != null) {
+    checkShape(bias, 'bias', [cols]);
+  }
+  if (cacheSeqlens.length !== batch) {
+    failQKV('cacheSeqlens', `${batch} lengths (B)`, cacheSeqlens);
+  }
+  let longest = 0;
+  for (const n of cacheSeqlens) {
+    if (!Number.isInteger(n) || n < 0 || n > seqMax - seqNew) {
+      failQKV('cacheSeqlens', `integers in [0, Smax - Snew = ${seqMax - seqNew}]`, cacheSeqlens);
+    }
+    longest = Math.max(longest, n);
+  }
+  if (rotary != null) {
+    checkShape(rotary.cos, 'rotaryCos', rotary.cos?.shape ?? []);
+    const [tableRows, half] = rotary.cos.shape;
+    if (rotary.cos.rank !== 2 || 2 * half > headDim || half < 1) {
+      failQKV('rotaryCos', `a tensor [Sro, rotaryDim / 2 <= ${headDim / 2}]`, rotary.cos.shape);
+    }
+    if (tableRows < longest + seqNew) {
+      failQKV('rotaryCos', `at least ${longest + seqNew} rows`, rotary.cos.shape);
+    }
+    checkShape(rotary.sin, 'rotarySin', rotary.cos.shape);
+  }
+  if (getImpl() === 'reference' || !hasFusedKernel(FlashDecodeQKV, tf.getBackend()) ||
+      rows > DECODE_QKV_MAX_ROWS || inner > DECODE_QKV_MAX_INNER || sharesData(kCache) ||
+      sharesData(vCache)) {
+    return null;
+  }
+  const attrs: FlashDecodeQKVAttrs = {
+    heads,
+    cacheSeqlens: cacheSeqlens.slice(),
+    hasBias: bias != null,
+    hasRotary: rotary != null,
+    rotaryInterleaved: rotary?.interleaved ?? false,
+  };
+  // Absent inputs are bound to x (never read): no tensor made per call.
+  const inputs: tf.NamedTensorMap = {
+    x,
+    w,
+    bias: bias ?? x,
+    rotaryCos: rotary?.cos ?? x,
+    rotarySin: rotary?.sin ?? x,
+    kCache,
+    vCache,
+  };
+  return tf.engine().runKernel(FlashDecodeQKV, inputs, attrs as unknown as tf.NamedAttrMap) as
+      tf.Tensor4D;
 }
