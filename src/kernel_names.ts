@@ -144,3 +144,13 @@ export interface FlashDecodeQKVAttrs {
   hasRotary: boolean;
   rotaryInterleaved: boolean;
 }
+
+/**
+ * Split-KV attention of a decode step's q over the caches (the step's keys
+ * already in them, as FlashDecodeQKV writes them) and the layer's output
+ * projection, inference only. Inputs `{q [B, Sq, H, D], kCache, vCache,
+ * alibiSlopes?, w [H Dv, N], bias}` (bias given as q when absent); attrs
+ * those of FlashAttentionKVCache (cacheSeqlens: the valid rows, new ones
+ * included) plus `hasBias`; output `[y [B * Sq, N]]`.
+ */
+export const FlashDecodeOut = 'FlashDecodeOut';

@@ -9,7 +9,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 
-import {flashAttentionWithKVCache, FlashAttentionWithKVCacheOptions, flashAttentionWithKVCachePacked, flashDecodeQKVOrNull} from './ops_kv_cache';
+import {flashAttentionWithKVCache, FlashAttentionWithKVCacheOptions, flashAttentionWithKVCachePacked, flashDecodeOutOrNull, flashDecodeQKVOrNull} from './ops_kv_cache';
 
 export interface KVCacheArgs {
   batch: number;
@@ -125,13 +125,18 @@ export class KVCache {
    * `attendPacked` from the projection's input: `x [B * Snew, K]` (batch
    * major) times the packed qkv projection `w [K, (heads + 2 Hk) D]` (+
    * `bias`), rotated with `opts`' tables and appended, in one kernel where
-   * there is one (flashDecodeQKVOrNull), then attention over the caches.
-   * Null, with nothing done, where that kernel does not run: project and
-   * call `attendPacked` instead.
+   * there is one (flashDecodeQKVOrNull), then attention over the caches,
+   * and with `outProj` (`w [heads Dv, N]`, bias) the output projection,
+   * merged into attention's second pass where a kernel does it
+   * (flashDecodeOutOrNull). Returns the projected `y [B * Snew, N]`, or
+   * the attention `out` to project; null, with nothing done, where the
+   * first kernel does not run: project and call `attendPacked` instead.
    */
   attendProjected(
       x: tf.Tensor2D, w: tf.Tensor2D, bias: tf.Tensor1D|null, heads: number,
-      opts: KVCacheAttendOptions = {}): tf.Tensor4D|null {
+      opts: KVCacheAttendOptions = {},
+      outProj: {w: tf.Tensor2D, bias: tf.Tensor1D|null}|null = null): {y: tf.Tensor2D}|
+      {out: tf.Tensor4D}|null {
     const [kCache, vCache] = this.live();
     const seqNew = x.shape[0] / this.batch;
     this.checkRoom(seqNew);
@@ -147,11 +152,16 @@ export class KVCache {
     // The new keys are in the caches: attention over the longer prefix.
     const after = this.lengths.map(n => n + seqNew);
     try {
-      const out = flashAttentionWithKVCache(
-                      q, kCache, vCache,
-                      {...attention, cacheSeqlens: after, returnSoftmaxLse: false}) as tf.Tensor4D;
+      const y = outProj == null ?
+          null :
+          flashDecodeOutOrNull(q, kCache, vCache, after, attention, outProj.w, outProj.bias);
+      const result = y != null ? {y} : {
+        out: flashAttentionWithKVCache(
+                 q, kCache, vCache, {...attention, cacheSeqlens: after, returnSoftmaxLse: false}) as
+            tf.Tensor4D
+      };
       this.lengths = after;
-      return out;
+      return result;
     } finally {
       q.dispose();
     }

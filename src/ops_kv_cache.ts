@@ -15,7 +15,7 @@ import {AttentionShapes, checkAlibi, checkQKV, checkTensor} from './checks';
 import {hasFusedKernel, useFusedKernel} from './dispatch';
 import {getImpl, getReferenceBlockElements} from './flags';
 import type {FlashAttentionAttrs, FlashAttentionKVCacheAttrs, FlashDecodeQKVAttrs} from './kernel_names';
-import {FlashAttentionKVCache, FlashDecodeQKV} from './kernel_names';
+import {FlashAttentionKVCache, FlashDecodeOut, FlashDecodeQKV} from './kernel_names';
 import type {FlashAttentionOptions, OptionSpec} from './options';
 import {describeValue, FlashAttentionError, normalizeOptions, parseAttentionOptions} from './options';
 import {referenceForward} from './reference/forward';
@@ -687,4 +687,55 @@ export function flashDecodeQKVOrNull(args: DecodeQKVArgs): tf.Tensor4D|null {
   };
   return tf.engine().runKernel(FlashDecodeQKV, inputs, attrs as unknown as tf.NamedAttrMap) as
       tf.Tensor4D;
+}
+
+/** Most attention output width (H Dv) flashDecodeOutOrNull takes (workgroup memory). */
+export const DECODE_OUT_MAX_INNER = 4096;
+
+/**
+ * Attention of a decode step's q `[B, Sq, H, D]` over the caches, whose
+ * valid rows (`cacheSeqlens`, the step's new keys included) are already
+ * written (flashDecodeQKVOrNull), followed by the layer's output
+ * projection `w [H Dv, N]` (+ `bias`), in one kernel where there is one
+ * (webgpu: split-KV, then the merge of the splits and the projection in
+ * one pass): `y [B * Sq, N]`. Null, before any work, where it does not run
+ * (other backends, FLASH_ATTENTION_IMPL=reference, more than
+ * DECODE_QKV_MAX_ROWS tokens, H Dv > DECODE_OUT_MAX_INNER): the caller
+ * then runs flashAttentionWithKVCache and the projection. The options are
+ * flashAttentionWithKVCache's (no new keys, no rotary: q is rotated).
+ * Bad arguments throw. Inference only.
+ */
+export function flashDecodeOutOrNull(
+    q: tf.Tensor4D, kCache: tf.Tensor4D, vCache: tf.Tensor4D, cacheSeqlens: readonly number[],
+    opts: Omit<FlashAttentionWithKVCacheOptions, 'k'|'v'|'cacheSeqlens'|'returnSoftmaxLse'>,
+    w: tf.Tensor2D, bias: tf.Tensor1D|null): tf.Tensor2D|null {
+  const c = preparedDecodeCall(q, kCache, vCache, cacheSeqlens, opts);
+  const {heads, headDimV, batch, seqQ} = c.shapes;
+  checkShape(w, 'w', [heads * headDimV, w.shape[1]]);
+  if (bias != null) {
+    checkShape(bias, 'bias', [w.shape[1]]);
+  }
+  if (batch * seqQ > DECODE_QKV_MAX_ROWS || heads * headDimV > DECODE_OUT_MAX_INNER ||
+      !useFusedKernel(FlashDecodeOut, c.shapes, c.attrs)) {
+    return null;
+  }
+  const inputs: tf.NamedTensorMap = {q, kCache, vCache, w, bias: bias ?? q};
+  if (c.alibiSlopes != null) {
+    inputs.alibiSlopes = c.alibiSlopes;
+  }
+  const attrs = {...c.attrs, cacheSeqlens: cacheSeqlens.slice(), hasBias: bias != null};
+  return tf.engine().runKernel(FlashDecodeOut, inputs, attrs as unknown as tf.NamedAttrMap) as
+      tf.Tensor2D;
+}
+
+/** The checks of flashAttentionWithKVCache for a call without new keys. */
+function preparedDecodeCall(
+    q: tf.Tensor4D, kCache: tf.Tensor4D, vCache: tf.Tensor4D, cacheSeqlens: readonly number[],
+    opts: FlashAttentionWithKVCacheOptions): Checked {
+  if (opts.rotaryCos != null || opts.rotarySin != null || opts.k != null || opts.v != null) {
+    fail(
+        opts.k != null || opts.v != null ? 'k' : 'rotaryCos', 'absent (q is rotated, keys written)',
+        'given', 'new keys and rotary tables are not taken here (q is rotated, keys written)');
+  }
+  return checkKVCacheCall(q, kCache, vCache, {...opts, cacheSeqlens: cacheSeqlens as number[]});
 }

@@ -1,17 +1,21 @@
 /**
- * flashDecodeQKVOrNull (a decode step's packed qkv projection, rotary and
- * cache append in one kernel) against a float64 oracle on fresh random
- * inputs, every element of q and both caches (rows not written
- * must keep their values): on webgpu one dispatch and one uniform write;
- * on cpu and under FLASH_ATTENTION_IMPL=reference it gives null and
- * touches nothing. Bad input is refused by name; nothing leaks.
+ * The two kernels of a decoded attention layer against float64 oracles on
+ * fresh random inputs, every element: flashDecodeQKVOrNull (the packed
+ * qkv projection, rotary and cache append in one pass: q and both caches,
+ * whose rows not written must keep their values; one dispatch and one
+ * uniform write) and flashDecodeOutOrNull (split-KV attention over the
+ * caches, then the merge of the splits and the output projection in one
+ * pass: two dispatches). On cpu and under FLASH_ATTENTION_IMPL=reference
+ * both give null and touch nothing. Bad input is refused by name; nothing
+ * leaks.
  */
 import * as tf from '@tensorflow/tfjs-core';
 
-import {FLASH_ATTENTION_IMPL, FlashAttentionError, FlashDecodeQKV, flashDecodeQKVOrNull} from '../src';
+import {FLASH_ATTENTION_IMPL, FlashAttentionError, FlashDecodeOut, flashDecodeOutOrNull, FlashDecodeQKV, flashDecodeQKVOrNull} from '../src';
 
 import {describeBackends} from './harness/backends';
 import {expectClose, FORWARD_BOUND, freshRng, randomArray, Rng} from './harness/problems';
+import {oracleKVCache} from './oracle';
 import {webgpuCounters} from '../benchmarks/webgpu_counters';
 import {checkOwnPipelineErrors} from '../kernels/webgpu/own_pipeline';
 
@@ -272,5 +276,141 @@ describeBackends('flashDecodeQKVOrNull vs the float64 oracle', backend => {
     refused({rotary: {cos: shortTables, sin: shortTables, interleaved: false}}, 'rotaryCos');
     expect(tf.memory().numTensors).toBe(before + 4);  // the four made above
     tf.dispose([kCache, vCache, x, w, wide, cacheTensor, shortTables, badBias]);
+  });
+});
+
+interface OutCase {
+  batch: number;
+  seqQ: number;
+  heads: number;
+  headsKV: number;
+  headDim: number;
+  seqMax: number;
+  /** Valid rows per batch row (the step's new ones included). */
+  lengths: number[];
+  cols: number;
+  bias: boolean;
+  softcap?: number;
+  alibi?: boolean;
+}
+
+const OUT_CASES: OutCase[] = [
+  {
+    batch: 2,
+    seqQ: 1,
+    heads: 4,
+    headsKV: 2,
+    headDim: 16,
+    seqMax: 20,
+    lengths: [13, 0],
+    cols: 24,
+    bias: true,
+  },
+  {
+    batch: 1,
+    seqQ: 2,
+    heads: 2,
+    headsKV: 1,
+    headDim: 8,
+    seqMax: 300,
+    lengths: [290],
+    cols: 8,
+    bias: false,
+    softcap: 5,
+    alibi: true,
+  },
+];
+
+describeBackends('flashDecodeOutOrNull vs the float64 oracle', backend => {
+  afterEach(() => tf.env().set(FLASH_ATTENTION_IMPL, 'auto'));
+
+  for (const c of OUT_CASES) {
+    const name = `B=${c.batch} Sq=${c.seqQ} H=${c.heads}/${c.headsKV} D=${c.headDim}, lengths [${
+        c.lengths}], N=${c.cols}${c.bias ? ', bias' : ''}${c.softcap ? ', softcap' : ''}${
+        c.alibi ? ', ALiBi' : ''}`;
+    test(name, async () => {
+      const rng = freshRng();
+      const {batch, seqQ, heads, headsKV, headDim, seqMax, cols} = c;
+      const inner = heads * headDim;
+      const cacheSize = batch * seqMax * headsKV * headDim;
+      const qs = f32(randomArray(batch * seqQ * inner, rng));
+      const ks = f32(randomArray(cacheSize, rng));
+      const vs = f32(randomArray(cacheSize, rng));
+      const ws = f32(randomArray(inner * cols, rng, 0.5));
+      const bs = c.bias ? f32(randomArray(cols, rng)) : null;
+      const slopes =
+          c.alibi ? f32(Float64Array.from({length: heads}, (_, h) => 0.5 / (h + 1))) : null;
+      const cacheShape = [batch, seqMax, headsKV, headDim];
+      const q = tf.tensor4d(Float32Array.from(qs), [batch, seqQ, heads, headDim]);
+      const kCache = cacheVariable(ks, cacheShape) as tf.Variable<tf.Rank.R4>;
+      const vCache = cacheVariable(vs, cacheShape) as tf.Variable<tf.Rank.R4>;
+      const w = tf.tensor2d(Float32Array.from(ws), [inner, cols]);
+      const bias = bs == null ? null : tf.tensor1d(Float32Array.from(bs));
+      const alibiSlopes = slopes == null ? undefined : tf.tensor1d(Float32Array.from(slopes));
+      const opts = {causal: true, softcap: c.softcap, alibiSlopes};
+      const before = tf.memory().numTensors;
+      const profile = await tf.profile(
+          () => flashDecodeOutOrNull(q, kCache, vCache, c.lengths, opts, w, bias) ?? []);
+      const y = profile.result instanceof tf.Tensor ? profile.result : null;
+      if (backend !== 'webgpu') {
+        expect(y).toBeNull();
+      } else {
+        expect(profile.kernelNames).toEqual([FlashDecodeOut]);
+        expect(y!.shape).toEqual([batch * seqQ, cols]);
+        const dims = {batch, seqQ, seqMax, seqNew: 0, heads, headsKV, headDim, headDimV: headDim};
+        const {out} = oracleKVCache(
+            dims, qs, ks, vs, null, null, c.lengths, slopes, {causal: true, softcap: c.softcap});
+        const want = new Float64Array(batch * seqQ * cols);
+        for (let t = 0; t < batch * seqQ; t++) {
+          for (let n = 0; n < cols; n++) {
+            let v = bs == null ? 0 : bs[n];
+            for (let k = 0; k < inner; k++) {
+              v += out[t * inner + k] * ws[k * cols + n];
+            }
+            want[t * cols + n] = v;
+          }
+        }
+        expectClose(await y!.data(), want, FORWARD_BOUND, `y, seed ${rng.seed}`);
+        y!.dispose();
+        // Once compiled: the split pass (its uniforms: the lengths) and the
+        // merge + projection (uniforms kept per content); no upload.
+        const counters = webgpuCounters();
+        counters.reset();
+        flashDecodeOutOrNull(q, kCache, vCache, c.lengths, opts, w, bias)!.dispose();
+        const {dispatches, writeBuffers, hostUploads} = counters.snapshot();
+        expect({dispatches, writeBuffers, hostUploads})
+            .toEqual({dispatches: 2, writeBuffers: 1, hostUploads: 0});
+      }
+      expect(tf.memory().numTensors).toBe(before);
+      tf.env().set(FLASH_ATTENTION_IMPL, 'reference');
+      expect(flashDecodeOutOrNull(q, kCache, vCache, c.lengths, opts, w, bias)).toBeNull();
+      tf.dispose([q, kCache, vCache, w, bias ?? [], alibiSlopes ?? []]);
+    });
+  }
+
+  test('bad arguments are refused by name, before any work', () => {
+    const q = tf.zeros([1, 1, 2, 8]) as tf.Tensor4D;
+    const kCache = cacheVariable(new Float64Array(4 * 8), [1, 4, 1, 8]) as tf.Variable<tf.Rank.R4>;
+    const vCache = cacheVariable(new Float64Array(4 * 8), [1, 4, 1, 8]) as tf.Variable<tf.Rank.R4>;
+    const w = tf.zeros([16, 4]) as tf.Tensor2D;
+    const narrow = tf.zeros([8, 4]) as tf.Tensor2D;
+    const badBias = tf.zeros([5]) as tf.Tensor1D;
+    const before = tf.memory().numTensors;
+    const refused = (run: () => unknown, argument: string) => {
+      let error: unknown = null;
+      try {
+        run();
+      } catch (e) {
+        error = e;
+      }
+      expect(error).toBeInstanceOf(FlashAttentionError);
+      expect((error as FlashAttentionError).argument).toBe(argument);
+    };
+    refused(() => flashDecodeOutOrNull(q, kCache, vCache, [3], {}, narrow, null), 'w');
+    refused(() => flashDecodeOutOrNull(q, kCache, vCache, [3], {}, w, badBias), 'bias');
+    refused(() => flashDecodeOutOrNull(q, kCache, vCache, [5], {}, w, null), 'cacheSeqlens');
+    refused(() => flashDecodeOutOrNull(q, kCache, vCache, [3], {k: q} as object, w, null), 'k');
+    expect(tf.memory().numTensors).toBe(before);
+    tf.dispose([q, kCache, vCache, w, narrow, badBias]);
   });
 });

@@ -486,20 +486,29 @@ export class FlashMHA extends tfl.layers.Layer {
         ...(slopes == null ? {} : {alibiSlopes: slopes}),
         ...rotary,
       };
-      // One kernel projects, rotates and appends where there is one; else
-      // the projection's heads stay packed and the cache takes q, k and v
-      // from them (on webgpu without a split).
-      const proj = this.qkvProj!;
-      const out = cache.attendProjected(
-                      tf.reshape(x, [batch * seqNew, this.embedDim]) as tf.Tensor2D,
-                      proj.kernel.read() as tf.Tensor2D,
-                      (proj.bias?.read() ?? null) as tf.Tensor1D | null, heads, opts) ??
+      // One kernel projects, rotates and appends where there is one, and
+      // one merges attention's splits and projects the result; else the
+      // projection's heads stay packed and the cache takes q, k and v from
+      // them (on webgpu without a split).
+      const [proj, outProj] = [this.qkvProj!, this.outProj!];
+      const weights = (p: Projection) => ({
+        w: p.kernel.read() as tf.Tensor2D,
+        bias: (p.bias?.read() ?? null) as tf.Tensor1D | null,
+      });
+      const qkv = weights(proj);
+      const fused = cache.attendProjected(
+          tf.reshape(x, [batch * seqNew, this.embedDim]) as tf.Tensor2D, qkv.w, qkv.bias, heads,
+          opts, weights(outProj));
+      if (fused != null && 'y' in fused) {
+        return tf.reshape(fused.y, [batch, seqNew, this.embedDim]);
+      }
+      const out = fused?.out ??
           cache.attendPacked(
               tf.reshape(
                   this.projectFused(x, proj), [batch, seqNew, heads + 2 * headsKV, headDim]) as
                   tf.Tensor4D,
               heads, opts);
-      return this.projectFused(tf.reshape(out, [batch, seqNew, heads * headDim]), this.outProj!);
+      return this.projectFused(tf.reshape(out, [batch, seqNew, heads * headDim]), outProj);
     });
   }
 
