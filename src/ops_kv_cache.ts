@@ -728,14 +728,92 @@ export function flashDecodeOutOrNull(
       tf.Tensor2D;
 }
 
+/**
+ * The last call's checked options, with what they were checked for: a
+ * decode loop passes the same options at every step, so a step whose
+ * tensors, option keys and values match field by field skips the option
+ * checks (no strings, no objects) and checks only its lengths.
+ */
+interface PreparedDecode {
+  q: readonly number[];
+  kCache: tf.Tensor;
+  vCache: tf.Tensor;
+  keys: string[];
+  causal: unknown;
+  softmaxScale: unknown;
+  window: unknown;
+  windowLeft: unknown;
+  windowRight: unknown;
+  softcap: unknown;
+  alibiSlopes: unknown;
+  checked: Checked;
+}
+let lastDecode: PreparedDecode|null = null;
+
+function samePrepared(
+    p: PreparedDecode, q: tf.Tensor, kCache: tf.Tensor, vCache: tf.Tensor,
+    opts: FlashAttentionWithKVCacheOptions): boolean {
+  const window = opts.windowSize;
+  if (p.kCache !== kCache || p.vCache !== vCache || kCache.isDisposed || vCache.isDisposed ||
+      q.isDisposed || q.rank !== 4 || p.causal !== opts.causal ||
+      p.softmaxScale !== opts.softmaxScale || p.window !== window ||
+      (window != null && (p.windowLeft !== window[0] || p.windowRight !== window[1])) ||
+      p.softcap !== opts.softcap || p.alibiSlopes !== opts.alibiSlopes ||
+      (opts.alibiSlopes != null && opts.alibiSlopes.isDisposed)) {
+    return false;
+  }
+  for (let i = 0; i < 4; i++) {
+    if (q.shape[i] !== p.q[i]) {
+      return false;
+    }
+  }
+  let n = 0;
+  for (const key in opts) {
+    if (key !== p.keys[n++]) {
+      return false;
+    }
+  }
+  return n === p.keys.length;
+}
+
 /** The checks of flashAttentionWithKVCache for a call without new keys. */
 function preparedDecodeCall(
     q: tf.Tensor4D, kCache: tf.Tensor4D, vCache: tf.Tensor4D, cacheSeqlens: readonly number[],
     opts: FlashAttentionWithKVCacheOptions): Checked {
-  if (opts.rotaryCos != null || opts.rotarySin != null || opts.k != null || opts.v != null) {
+  const last = lastDecode;
+  if (last != null && opts != null && samePrepared(last, q, kCache, vCache, opts)) {
+    const seqMax = kCache.shape[1];
+    let ok = cacheSeqlens.length === last.checked.cacheSeqlens.length;
+    for (let b = 0; ok && b < cacheSeqlens.length; b++) {
+      const n = cacheSeqlens[b];
+      ok = Number.isInteger(n) && n >= 0 && n <= seqMax;
+    }
+    if (ok) {
+      return last.checked;
+    }
+  }
+  if (opts != null && typeof opts === 'object' &&
+      (opts.rotaryCos != null || opts.rotarySin != null || opts.k != null || opts.v != null)) {
     fail(
         opts.k != null || opts.v != null ? 'k' : 'rotaryCos', 'absent (q is rotated, keys written)',
         'given', 'new keys and rotary tables are not taken here (q is rotated, keys written)');
   }
-  return checkKVCacheCall(q, kCache, vCache, {...opts, cacheSeqlens: cacheSeqlens as number[]});
+  const checked =
+      checkKVCacheCall(q, kCache, vCache, {...opts, cacheSeqlens: cacheSeqlens as number[]});
+  const window = opts?.windowSize;
+  lastDecode = {
+    q: q.shape.slice(),
+    kCache,
+    vCache,
+    keys: Object.keys(opts ?? {}),
+    causal: opts?.causal,
+    softmaxScale: opts?.softmaxScale,
+    window,
+    windowLeft: window?.[0],
+    windowRight: window?.[1],
+    softcap: opts?.softcap,
+    alibiSlopes: opts?.alibiSlopes,
+    checked,
+  };
+  return checked;
 }

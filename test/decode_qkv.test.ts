@@ -410,6 +410,17 @@ describeBackends('flashDecodeOutOrNull vs the float64 oracle', backend => {
     refused(() => flashDecodeOutOrNull(q, kCache, vCache, [3], {}, w, badBias), 'bias');
     refused(() => flashDecodeOutOrNull(q, kCache, vCache, [5], {}, w, null), 'cacheSeqlens');
     refused(() => flashDecodeOutOrNull(q, kCache, vCache, [3], {k: q} as object, w, null), 'k');
+    // A step's options are checked again whenever they differ from the
+    // last step's (the checks are kept per options, matched field by field).
+    flashDecodeOutOrNull(q, kCache, vCache, [3], {causal: true}, w, null)?.dispose();
+    const opts = (o: object) => o as {causal: boolean};
+    refused(
+        () => flashDecodeOutOrNull(q, kCache, vCache, [3], opts({causal: 1}), w, null), 'causal');
+    refused(
+        () =>
+            flashDecodeOutOrNull(q, kCache, vCache, [3], opts({causal: true, sofcap: 2}), w, null),
+        'sofcap');
+    refused(() => flashDecodeOutOrNull(q, kCache, vCache, [3], {softcap: -1}, w, null), 'softcap');
     expect(tf.memory().numTensors).toBe(before);
     tf.dispose([q, kCache, vCache, w, narrow, badBias]);
   });
