@@ -33,6 +33,8 @@ interface Run {
   precision?: 'float32'|'float16';
   /** Multiplies q, k and v. */
   scale?: number;
+  /** The kernel that must run: the two-pass one unless 'online' is forced. */
+  tiling?: 'online';
 }
 
 /** One call of the op, checked against the oracle; the matrix path must run. */
@@ -55,11 +57,13 @@ async function check(name: string, r: Run, bound: number): Promise<void> {
       tf.tensor(
           Float32Array.from(p.alibiSlopes), r.shape.alibi === 'head' ? [heads] : [batch, heads]);
   const dispatches = matrixForwardStats.dispatches;
+  const twoPass = matrixForwardStats.twoPassDispatches;
   try {
     const opts: FlashAttentionOptions =
         {...r.opts, alibiSlopes: slopes, precision: r.precision, returnSoftmaxLse: true};
     const [out, lse] = flashAttention(q, k, v, opts) as tf.Tensor[];
     expect(matrixForwardStats.dispatches).toBe(dispatches + 1);
+    expect(matrixForwardStats.twoPassDispatches).toBe(twoPass + (r.tiling === 'online' ? 0 : 1));
     const [outData, lseData] = [await out.data(), await lse.data()];
     tf.dispose([out, lse]);
     await checkOwnPipelineErrors();
@@ -144,8 +148,29 @@ describeWebGPU('subgroup-matrix forward, stand-in [webgpu]', () => {
     });
   }
 
+  // The one-pass kernel (O rescaled through workgroup memory), still
+  // forcible as a plan: its multi-tile cases.
+  describe('one-pass kernel (forced), 16x8x16, 2 subgroups, 32 keys', () => {
+    beforeAll(
+        () => setMatrixForwardOverride(
+            {shape: SHAPE_B, subgroups: 2, bc: 32, forwardTiling: 'online'}));
+    for (const c of multiTile.filter(m => m.opts.dropoutRate == null)) {
+      it(c.name,
+         () => check(c.name, {shape: c.shape, opts: c.opts, tiling: 'online'}, FORWARD_BOUND));
+    }
+  });
+
+  // Two row blocks of M rows per subgroup (the H100's first two-pass
+  // tiling), one subgroup so that SwiftShader's 32 KiB hold it.
+  describe('two-pass kernel, 2 row blocks per subgroup, 8x8x8', () => {
+    beforeAll(() => setMatrixForwardOverride({shape: SHAPE_A, subgroups: 1, rowBlocks: 2, bc: 16}));
+    for (const c of multiTile.slice(0, 2)) {
+      it(c.name, () => check(c.name, {shape: c.shape, opts: c.opts}, FORWARD_BOUND));
+    }
+  });
+
   describe('precision and range', () => {
-    beforeAll(() => setMatrixForwardOverride({shape: SHAPE_B, subgroups: 2, bc: 32}));
+    beforeAll(() => setMatrixForwardOverride({shape: SHAPE_B, subgroups: 2, bc: 16}));
     const shape: ProblemShape =
         {batch: 1, seqQ: 40, seqK: 40, heads: 2, headsKV: 1, headDim: 32, headDimV: 32};
     it('float16 precision: within its bound, and less accurate than the split', async () => {
