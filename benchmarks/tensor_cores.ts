@@ -364,6 +364,7 @@ async function accuracy(): Promise<string[]> {
       tf.dispose([out, lse]);
       await checkOwnPipelineErrors();
       const used = matrixForwardStats.dispatches - before;
+      const twoPassUsed = matrixForwardStats.twoPassDispatches - twoPassBefore;
       // The backward: gradients of sum(out * dOut).
       const gradBefore = matrixGradStats.dispatches;
       const grads = tf.grads(
@@ -376,7 +377,6 @@ async function accuracy(): Promise<string[]> {
       tf.dispose(grads);
       await checkOwnPipelineErrors();
       const gradUsed = matrixGradStats.dispatches - gradBefore;
-      const twoPassUsed = matrixForwardStats.twoPassDispatches - twoPassBefore;
       const ran = used === mode.expect[0] && gradUsed === mode.expect[1] &&
           (mode.twoPass == null || twoPassUsed === (mode.twoPass ? used : 0));
       const errors = [
