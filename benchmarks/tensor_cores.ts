@@ -90,7 +90,9 @@ function timeModes(): TimeMode[] {
         name: `${p} one-pass`,
         precision: p,
         override: {...tc, forwardTiling: 'online'},
-        checkedAs: `${p} one-pass`
+        checkedAs: `${p} one-pass`,
+        // Its backward is the two-pass modes' backward.
+        fwdOnly: true
       });
     }
   }
@@ -480,32 +482,31 @@ function goalTable(timings: Timing[], torch: TorchRow[], standIn: boolean): stri
         'torch FA2 f16 | torch SDPA f32 | TC f32 / SDPA | TC f16 / FA2 |',
     `|${' --- |'.repeat(12)}`,
   ];
-  const at = (mode: string, kind: string, dim: number, seq: number) => timings.find(
-      t => t.mode === mode && t.kind === kind && t.dim === dim && t.seq === seq);
+  const at = (mode: string, kind: string, dim: number, seq: number) =>
+      timings.find(t => t.mode === mode && t.kind === kind && t.dim === dim && t.seq === seq);
   const keys = [...new Set(timings.map(t => `${t.kind} ${t.dim} ${t.seq}`))];
   for (const key of keys) {
     const [kind, dimS, seqS] = key.split(' ');
     const [dim, seq] = [Number(dimS), Number(seqS)];
-    const [simt, f32, f16, f32one, f16one] =
-        ['simt', 'float32', 'float16', 'float32 one-pass', 'float16 one-pass'].map(
-            m => at(m, kind, dim, seq));
+    const [simt, f32, f16, f32one, f16one] = [
+      'simt', 'float32', 'float16', 'float32 one-pass', 'float16 one-pass'
+    ].map(m => at(m, kind, dim, seq));
     const ref = (f32 ?? simt)!;
     const sdpa = torchTf('sdpa_fp32', ref);
     const fa2 = torchTf('fa2_fp16', ref);
     const ratio = (a: Timing|undefined, b: string) =>
         a?.tflops == null || b === '-' ? '-' : (a.tflops / Number(b)).toFixed(2);
-    out.push(`| ${kind} | ${dim} | ${seq} | ${tf(simt)} | ${tf(f32)} | ${tf(f16)} | ${
-        tf(f32one)} | ${tf(f16one)} | ${fa2} | ${sdpa} | ${ratio(f32, sdpa)} | ${
-        ratio(f16, fa2)} |`);
+    out.push(
+        `| ${kind} | ${dim} | ${seq} | ${tf(simt)} | ${tf(f32)} | ${tf(f16)} | ${tf(f32one)} | ${
+            tf(f16one)} | ${fa2} | ${sdpa} | ${ratio(f32, sdpa)} | ${ratio(f16, fa2)} |`);
   }
   const plans = timePlans();
   if (plans.length > 0) {
     out.push(
         '', 'Two-pass forward tilings (TFLOP/s, fwd, float32 / float16):', '',
-        `| D | S | ${plans.map(planName).join(' | ')} |`,
-        `|${' --- |'.repeat(plans.length + 2)}`);
-    const fwdKeys = [...new Set(
-        timings.filter(t => t.kind === 'fwd').map(t => `${t.dim} ${t.seq}`))];
+        `| D | S | ${plans.map(planName).join(' | ')} |`, `|${' --- |'.repeat(plans.length + 2)}`);
+    const fwdKeys =
+        [...new Set(timings.filter(t => t.kind === 'fwd').map(t => `${t.dim} ${t.seq}`))];
     for (const key of fwdKeys) {
       const [dim, seq] = key.split(' ').map(Number);
       out.push(`| ${dim} | ${seq} | ${
@@ -580,8 +581,9 @@ async function main(): Promise<void> {
           // Wrong kernels' times are no result: tensor-core modes are timed
           // only after they passed the check (or under --time-anyway).
           const verdict = mode.checkedAs == null ? undefined : verdicts.get(mode.checkedAs);
-          const failed = verdict != null && !verdict.pass && !process.argv.includes('--time-anyway');
-          const kinds = mode.fwdOnly ? ['fwd'] as const : ['fwd', 'fwdbwd'] as const;
+          const failed =
+              verdict != null && !verdict.pass && !process.argv.includes('--time-anyway');
+          const kinds = mode.fwdOnly ? ['fwd'] as const: ['fwd', 'fwdbwd'] as const;
           if (failed || pastDeadline()) {
             for (const kind of kinds) {
               timings.push({

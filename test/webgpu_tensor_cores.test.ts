@@ -1,11 +1,14 @@
 /**
  * The subgroup-matrix (tensor core) forward on Dawn/SwiftShader through its
- * stand-in (kernels/webgpu/flash_attention_subgroup_matrix_webgpu.ts: the
- * matrix built-ins as plain loops, f16 rounding emulated), against the
- * float64 oracle: every option case at float32 accuracy (hi/lo split),
- * the float16 precision within its bound, multi-tile problems on two
- * matrix shapes, operands far outside f16's range, and precision's
- * validation. The real built-ins are checked on a GPU by
+ * stand-in (kernels/webgpu/subgroup_matrix_wgsl.ts: the matrix built-ins as
+ * plain loops, f16 rounding emulated), against the float64 oracle. The
+ * default plan, the two-pass kernel
+ * (flash_attention_subgroup_matrix_two_pass_webgpu.ts): every option case
+ * at float32 accuracy (hi/lo split), the float16 precision within its
+ * bound, multi-tile problems on two matrix shapes and with 2 row blocks per
+ * subgroup, operands far outside f16's range, and precision's validation;
+ * the one-pass kernel (flash_attention_subgroup_matrix_webgpu.ts), forced,
+ * on a multi-tile problem. The real built-ins are checked on a GPU by
  * benchmarks/tensor_cores.ts (benchmarks/RESULTS.md).
  */
 import * as tf from '@tensorflow/tfjs-core';
@@ -149,12 +152,12 @@ describeWebGPU('subgroup-matrix forward, stand-in [webgpu]', () => {
   }
 
   // The one-pass kernel (O rescaled through workgroup memory), still
-  // forcible as a plan: its multi-tile cases.
+  // forcible as a plan: a multi-tile case.
   describe('one-pass kernel (forced), 16x8x16, 2 subgroups, 32 keys', () => {
     beforeAll(
         () => setMatrixForwardOverride(
             {shape: SHAPE_B, subgroups: 2, bc: 32, forwardTiling: 'online'}));
-    for (const c of multiTile.filter(m => m.opts.dropoutRate == null)) {
+    for (const c of multiTile.slice(0, 1)) {
       it(c.name,
          () => check(c.name, {shape: c.shape, opts: c.opts, tiling: 'online'}, FORWARD_BOUND));
     }
@@ -164,7 +167,7 @@ describeWebGPU('subgroup-matrix forward, stand-in [webgpu]', () => {
   // tiling), one subgroup so that SwiftShader's 32 KiB hold it.
   describe('two-pass kernel, 2 row blocks per subgroup, 8x8x8', () => {
     beforeAll(() => setMatrixForwardOverride({shape: SHAPE_A, subgroups: 1, rowBlocks: 2, bc: 16}));
-    for (const c of multiTile.slice(0, 2)) {
+    for (const c of multiTile.slice(0, 1)) {
       it(c.name, () => check(c.name, {shape: c.shape, opts: c.opts}, FORWARD_BOUND));
     }
   });

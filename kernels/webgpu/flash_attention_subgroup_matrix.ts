@@ -189,11 +189,10 @@ export function planMatrixForward(
 function planTwoPass(
     device: GPUDevice, headDim: number, headDimV: number, shape: MatrixShape,
     split: boolean): MatrixForwardPlan|null {
-  const forced = override?.subgroups != null || override?.bc != null ||
-      override?.rowBlocks != null;
+  const forced = override?.subgroups != null || override?.bc != null || override?.rowBlocks != null;
   const tilings = forced ?
-      [[override!.subgroups ?? 2, override!.rowBlocks ?? 1, override!.bc ?? 32] as
-       [number, number, number]] :
+      [[override!.subgroups ?? 2, override!.rowBlocks ?? 1,
+        override!.bc ?? 32] as [number, number, number]] :
       TWO_PASS_TILINGS;
   const limits = device.limits;
   for (const [subgroups, rowBlocks, bc] of tilings) {

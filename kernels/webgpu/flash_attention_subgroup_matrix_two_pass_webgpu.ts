@@ -33,9 +33,9 @@
  * span tiles.
  *
  * Stand-in (MatrixShape.standIn): every matrix built-in becomes a plain
- * loop of the same semantics (subgroup_matrix_wgsl.ts), Q stays in its
- * own workgroup array in place of registers, and row reductions go through
- * workgroup memory.
+ * loop of the same semantics (subgroup_matrix_wgsl.ts), Q's matrices are
+ * a workgroup array each subgroup copies its rows into where the real path
+ * loads them, and row reductions go through workgroup memory.
  */
 import {MatrixShape, matrixShapeKey} from './subgroup_matrix';
 import {assertWorkgroupAlignment, matrixLoadWGSL, matrixStoreWGSL, MatrixView as View, splitStoreWGSL, standInAlignedWGSL, standInElementWGSL, standInHelpersWGSL, standInIndexWGSL, standInPlaceWGSL, subgroupIdsWGSL, subgroupParamsWGSL, zeroResultWGSL} from './subgroup_matrix_wgsl';
@@ -150,8 +150,13 @@ function twoPassSource(c: TwoPassForwardConfig): string {
   const pairs = c.split ? [['l', 'h'], ['h', 'l'], ['h', 'h']] : [['h', 'h']];
 
   // Operand views (per part); `off` are WGSL expressions.
-  const qView = (p: string, off: string): View =>
-      ({arr: standIn ? `q${p}` : `op${p}`, off, stride: 'D', colMajor: false, len: standIn ? br * d : ops});
+  const qView = (p: string, off: string): View => ({
+    arr: standIn ? `q${p}` : `op${p}`,
+    off,
+    stride: 'D',
+    colMajor: false,
+    len: standIn ? br * d : ops
+  });
   const kView = (p: string, off: string): View =>
       ({arr: `op${p}`, off, stride: 'D', colMajor: true, len: ops});
   const vView = (p: string, off: string): View =>
@@ -168,7 +173,9 @@ function twoPassSource(c: TwoPassForwardConfig): string {
     if (!standInFns.has(fn)) {
       const lv = {...l, off: 'offL'};
       const rv = {...r, off: 'offR'};
-      standInFns.set(fn, `
+      standInFns.set(
+          fn,
+          `
 // Stand-in for subgroupMatrixMultiplyAccumulate(load(${l.arr}), load(${r.arr}), acc).
 fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) {
   let atL = ${standInPlaceWGSL(lv, M, K)};
@@ -181,7 +188,7 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) 
     var sum = (*acc)[e];
     for (var k = 0u; k < ${lim(`${K}u`)}; k++) {
       sum = fma(${l.arr}[${standInIndexWGSL(lv, 'atL', 'r', 'k')}], ${r.arr}[${
-          standInIndexWGSL(rv, 'atR', 'k', 'c')}], sum);
+              standInIndexWGSL(rv, 'atR', 'k', 'c')}], sum);
     }
     (*acc)[e] = sum * ok;
   }
@@ -195,79 +202,83 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) 
   const storeScr = (acc: string, off: string) => standIn ?
       `sm_store_scr(&${acc}, ln, ${off});` :
       matrixStoreWGSL(c.shape, 'scr', off, acc, 'BC');
-  const left = (v: View) =>
-      matrixLoadWGSL(c.shape, `subgroup_matrix_left<f16, ${K}, ${M}>`, v);
-  const right = (v: View) =>
-      matrixLoadWGSL(c.shape, `subgroup_matrix_right<f16, ${N}, ${K}>`, v);
+  const left = (v: View) => matrixLoadWGSL(c.shape, `subgroup_matrix_left<f16, ${K}, ${M}>`, v);
+  const right = (v: View) => matrixLoadWGSL(c.shape, `subgroup_matrix_right<f16, ${N}, ${K}>`, v);
   const rowOff = (rb: number) => `(g * RB + ${rb}u) * M`;
 
   // S = Q K^T for this subgroup's RB x M rows and the tile's BC keys, into
   // the scratch ([BR][BC] f32).
-  const sBlocks = standIn ? `for (var cb = 0u; cb < ${lim('BC / N')}; cb++) {
+  const sBlocks = standIn ?
+      `for (var cb = 0u; cb < ${lim('BC / N')}; cb++) {
       ${rbs.map(rb => resultDecl(`s${rb}`)).join('\n      ')}
       for (var ks = 0u; ks < ${lim('D / K')}; ks++) {
         ${
-      rbs.flatMap(
-             rb => pairs.map(
-                 ([a, b]) => standInMma(
-                     `q${a}_k${b}`, `s${rb}`, qView(a, `${rowOff(rb)} * D + ks * K`),
-                     kView(b, 'cb * N * D + ks * K'))))
-          .join('\n        ')}
+          rbs.flatMap(
+                 rb => pairs.map(
+                     ([a, b]) => standInMma(
+                         `q${a}_k${b}`, `s${rb}`, qView(a, `${rowOff(rb)} * D + ks * K`),
+                         kView(b, 'cb * N * D + ks * K'))))
+              .join('\n        ')}
       }
       ${rbs.map(rb => storeScr(`s${rb}`, `${rowOff(rb)} * BC + cb * N`)).join('\n      ')}
     }` :
-                            `for (var cb = 0u; cb < BC / N; cb++) {
+      `for (var cb = 0u; cb < BC / N; cb++) {
       ${rbs.map(rb => resultDecl(`s${rb}`)).join('\n      ')}
       ${
-      range(d / K)
-          .map(ks => `{
+          range(d / K)
+              .map(
+                  ks => `{
         ${
-                   parts
-                       .map(p => `let k${p} = ${right(kView(p, `cb * N * D + ${ks * K}u`))};`)
-                       .join('\n        ')}
+                      parts.map(p => `let k${p} = ${right(kView(p, `cb * N * D + ${ks * K}u`))};`)
+                          .join('\n        ')}
         ${
-                   rbs.flatMap(
-                          rb => pairs.map(
-                              ([a, b]) => `s${rb} = subgroupMatrixMultiplyAccumulate(qm${rb}_${
-                                  ks}_${a}, k${b}, s${rb});`))
-                       .join('\n        ')}
+                      rbs.flatMap(
+                             rb => pairs.map(
+                                 ([a, b]) => `s${rb} = subgroupMatrixMultiplyAccumulate(qm${rb}_${
+                                     ks}_${a}, k${b}, s${rb});`))
+                          .join('\n        ')}
       }`).join('\n      ')}
       ${rbs.map(rb => storeScr(`s${rb}`, `${rowOff(rb)} * BC + cb * N`)).join('\n      ')}
     }`;
 
   // O += P V over the tile's keys; accumulators o{rb}_{cb} stay in registers.
   const oBlocks = range(dv / N);
-  const pvBlocks = standIn ? `for (var ks = 0u; ks < ${lim('BC / K')}; ks++) {
+  const pvBlocks = standIn ?
+      `for (var ks = 0u; ks < ${lim('BC / K')}; ks++) {
       ${
-      oBlocks
-          .flatMap(
-              cb => rbs.flatMap(
-                  rb => pairs.map(
-                      ([a, b]) => standInMma(
-                          `p${a}_v${b}`, `o${rb}_${cb}`,
-                          pView(a, `POFF + ${rowOff(rb)} * BC + ks * K`),
-                          vView(b, `VOFF + ks * K * DV + ${cb * N}u`)))))
-          .join('\n      ')}
+          oBlocks
+              .flatMap(
+                  cb => rbs.flatMap(
+                      rb => pairs.map(
+                          ([a, b]) => standInMma(
+                              `p${a}_v${b}`, `o${rb}_${cb}`,
+                              pView(a, `POFF + ${rowOff(rb)} * BC + ks * K`),
+                              vView(b, `VOFF + ks * K * DV + ${cb * N}u`)))))
+              .join('\n      ')}
     }` :
-                             `for (var ks = 0u; ks < BC / K; ks++) {
+      `for (var ks = 0u; ks < BC / K; ks++) {
       ${
-      rbs.flatMap(
-             rb => parts.map(
-                 p => `let p${rb}${p} = ${left(pView(p, `POFF + ${rowOff(rb)} * BC + ks * K`))};`))
-          .join('\n      ')}
+          rbs.flatMap(
+                 rb => parts.map(
+                     p => `let p${rb}${p} = ${
+                         left(pView(p, `POFF + ${rowOff(rb)} * BC + ks * K`))};`))
+              .join('\n      ')}
       ${
-      oBlocks
-          .map(cb => `{
+          oBlocks
+              .map(
+                  cb => `{
         ${
-                   parts
-                       .map(p => `let v${p} = ${right(vView(p, `VOFF + ks * K * DV + ${cb * N}u`))};`)
-                       .join('\n        ')}
+                      parts
+                          .map(
+                              p => `let v${p} = ${
+                                  right(vView(p, `VOFF + ks * K * DV + ${cb * N}u`))};`)
+                          .join('\n        ')}
         ${
-                   rbs.flatMap(
-                          rb => pairs.map(
-                              ([a, b]) => `o${rb}_${cb} = subgroupMatrixMultiplyAccumulate(p${rb}${
-                                  a}, v${b}, o${rb}_${cb});`))
-                       .join('\n        ')}
+                      rbs.flatMap(
+                             rb => pairs.map(
+                                 ([a, b]) => `o${rb}_${cb} = subgroupMatrixMultiplyAccumulate(p${
+                                     rb}${a}, v${b}, o${rb}_${cb});`))
+                          .join('\n        ')}
       }`).join('\n      ')}
     }`;
 
@@ -279,13 +290,13 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) 
   // Split a vec4 into the hi (and lo) arrays `arr` at element offset `at`.
   const splitStore = (arr: string, at: string, v: string, scale: string) =>
       range(4)
-          .map(e => splitStoreWGSL(
-                   `${v}.${COMP[e]} * ${scale}`, `${arr}h[${at} + ${e}u]`,
-                   c.split ? `${arr}l[${at} + ${e}u]` : null))
+          .map(
+              e => splitStoreWGSL(
+                  `${v}.${COMP[e]} * ${scale}`, `${arr}h[${at} + ${e}u]`,
+                  c.split ? `${arr}l[${at} + ${e}u]` : null))
           .join('\n        ');
-  const atomicMaxOf = (v: string, slot: number) => standIn ?
-      `atomicMax(&wmax[${slot}], bitcast<u32>(${v}));` :
-      `{
+  const atomicMaxOf = (v: string, slot: number) =>
+      standIn ? `atomicMax(&wmax[${slot}], bitcast<u32>(${v}));` : `{
     let mm = subgroupMax(${v});
     if (sgLane == 0u) { atomicMax(&wmax[${slot}], bitcast<u32>(mm)); }
   }`;
@@ -309,15 +320,16 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) 
     }`).join('\n    ')}
     ${
       range(nVL)
-          .map(n => `${pass === 2 ? `var vr${n} = vec4<f32>(0.0);` : ''}
+          .map(
+              n => `${pass === 2 ? `var vr${n} = vec4<f32>(0.0);` : ''}
     {
       let idx = lid + THREADS * ${n}u;
       let j = j0 + i32(idx / DV4);
       if (idx < BC * DV4 && j < u.seqK) {
         ${
-                   pass === 1 ? `let vv = vb[${kvRow('j')} * DV4 + idx % DV4];
+                  pass === 1 ? `let vv = vb[${kvRow('j')} * DV4 + idx % DV4];
         vmaxRun = max(vmaxRun, ${absMax('vv')});` :
-                                `vr${n} = vb[${kvRow('j')} * DV4 + idx % DV4];`}
+                               `vr${n} = vb[${kvRow('j')} * DV4 + idx % DV4];`}
       }
     }`).join('\n    ')}
     ${atomicMaxOf('kmax', 0)}
@@ -349,25 +361,28 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) 
     }`;
 
   // Scores of this thread's key quads for row block rb, masked.
-  const scores = (rb: number) => range(nq)
-                                     .map(q => `var s${rb}_${q} = vec4<f32>(0.0);
+  const scores = (rb: number) =>
+      range(nq)
+          .map(
+              q => `var s${rb}_${q} = vec4<f32>(0.0);
     {
       let at = rowS${rb} + 4u * (lc + LPR * ${q}u);
       s${rb}_${q} = vec4<f32>(scr[at], scr[at + 1u], scr[at + 2u], scr[at + 3u]) * unscale;
       let jv = vec4<i32>(j0 + i32(4u * (lc + LPR * ${q}u))) + vec4<i32>(0, 1, 2, 3);
       let vis = fa_visible4(row${rb}, jv, sp);
       ${
-                                         range(4)
-                                             .map(
-                                                 e => `s${rb}_${q}.${COMP[e]} = select(NEG, fa_score(s${
-                                                     rb}_${q}.${COMP[e]}, row${rb}, jv.${
-                                                     COMP[e]}, sp), vis.${COMP[e]});`)
-                                             .join('\n      ')}
+                  range(4)
+                      .map(
+                          e => `s${rb}_${q}.${COMP[e]} = select(NEG, fa_score(s${rb}_${q}.${
+                              COMP[e]}, row${rb}, jv.${COMP[e]}, sp), vis.${COMP[e]});`)
+                      .join('\n      ')}
     }`).join('\n    ');
 
   const pass1Stats = (rb: number) => `${scores(rb)}
     {
-      let mx = ${maxAll(range(nq).map(q => `max(max(s${rb}_${q}.x, s${rb}_${q}.y), max(s${rb}_${q}.z, s${rb}_${q}.w))`))};
+      let mx = ${
+      maxAll(range(nq).map(
+          q => `max(max(s${rb}_${q}.x, s${rb}_${q}.y), max(s${rb}_${q}.z, s${rb}_${q}.w))`))};
       let mNew = max(m${rb}, mx);
       // A row with no visible key yet keeps m = NEG; subtracting 0 instead
       // sends its masked scores to exp(NEG) = 0.
@@ -380,37 +395,41 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) 
   const pass2P = (rb: number) => `${scores(rb)}
     ${
       range(nq)
-          .map(q => `{
+          .map(
+              q => `{
       var p = select(vec4<f32>(0.0), exp(s${rb}_${q} - vec4<f32>(lse${rb})), vec4<bool>(l${
-                   rb} > 0.0));
+                  rb} > 0.0));
       ${
-                   c.dropout ? `p = p * fa_dropout4(u32(b), u32(h), u32(row${
-                                   rb}), u32(j0 >> 2u) + lc + LPR * ${
-                                   q}u, vec2<u32>(u.seedLo, u.seedHi), u.threshold, u.keepScale);` :
-                               ''}
+                  c.dropout ? `p = p * fa_dropout4(u32(b), u32(h), u32(row${
+                                  rb}), u32(j0 >> 2u) + lc + LPR * ${
+                                  q}u, vec2<u32>(u.seedLo, u.seedHi), u.threshold, u.keepScale);` :
+                              ''}
       let at = POFF + rowS${rb} + 4u * (lc + LPR * ${q}u);
       ${splitStore('op', 'at', 'p', '1.0')}
     }`).join('\n    ')}`;
 
-  const outChunk = (ch: number) => {
-    const blocks = range(cv / N).map(x => ch * cv / N + x);
-    return `workgroupBarrier();
+  const outChunk =
+      (ch: number) => {
+        const blocks = range(cv / N).map(x => ch * cv / N + x);
+        return `workgroupBarrier();
   ${
-        rbs.flatMap(rb => blocks.map((cb, x) => storeScr(`o${rb}_${cb}`, `${rowOff(rb)} * BC + ${x * N}u`)))
-            .join('\n  ')}
+            rbs.flatMap(
+                   rb => blocks.map(
+                       (cb, x) => storeScr(`o${rb}_${cb}`, `${rowOff(rb)} * BC + ${x * N}u`)))
+                .join('\n  ')}
   workgroupBarrier();
   ${
-        rbs.map(rb => `if (row${rb} < u.seqQ) {
+            rbs.map(
+                   rb =>
+                       `if (row${rb} < u.seqQ) {
     let outRow = u32((b * u.seqQ + row${rb}) * u.heads + h);
-    ${
-                    range(cv / (4 * lpr))
-                        .map(x => `{
+    ${range(cv / (4 * lpr)).map(x => `{
       let at = rowS${rb} + 4u * (lc + LPR * ${x}u);
       outb[outRow * DV4 + ${ch * cv / 4}u + lc + LPR * ${x}u] =
           vec4<f32>(scr[at], scr[at + 1u], scr[at + 2u], scr[at + 3u]) * vinv;
     }`).join('\n    ')}
   }`).join('\n  ')}`;
-  };
+      };
 
   return `${standIn ? '' : `enable f16;
 enable chromium_experimental_subgroup_matrix;
@@ -421,10 +440,10 @@ ${keyRangeWGSL(c.score)}
 ${c.dropout ? philoxWGSL() + dropoutWGSL() : ''}
 
 ${forwardBindingsWGSL(MATRIX_FORWARD_UNIFORMS, {
-    qkType: 'vec4<f32>',
-    vType: 'vec4<f32>',
-    alibi: c.alibiMode !== 0
-  })}
+           qkType: 'vec4<f32>',
+           vType: 'vec4<f32>',
+           alibi: c.alibiMode !== 0
+         })}
 
 const M = ${M}u;
 const N = ${N}u;
@@ -447,7 +466,13 @@ const NEG = -1e30;
 // Q staging, then per key tile K [BC][D] at KOFF, V [BC][DV] at VOFF and
 // P [BR][BC] at POFF.
 ${parts.map(p => `var<workgroup> op${p}: array<${elem}, ${ops}>;`).join('\n')}
-${standIn ? parts.map(p => `var<workgroup> q${p}: array<${elem}, ${br * d}>;  // the stand-in's Q "registers"`).join('\n') : ''}
+${
+             standIn ? parts
+                           .map(
+                               p => `var<workgroup> q${p}: array<${elem}, ${
+                                   br * d}>;  // the stand-in's Q "registers"`)
+                           .join('\n') :
+                       ''}
 var<workgroup> scr: array<f32, ${br * bc}>;  // S, then chunks of O
 // Max |x| (bits of a float >= 0): slot 0 Q, then each K tile; slot 1 V.
 var<workgroup> wmax: array<atomic<u32>, 8>;
@@ -455,7 +480,7 @@ ${standIn && lpr > 1 ? `var<workgroup> red: array<f32, ${threads}>;` : ''}
 
 ${standInHelpersWGSL(c.shape)}
 ${
-      standIn ? `
+             standIn ? `
 // Stand-in for a row-major subgroupMatrixStore(&scr, off, acc, BC).
 fn sm_store_scr(acc: ptr<function, array<f32, ${epl}>>, ln: u32, off: u32) {
   let atS = ${standInPlaceWGSL(scrView, M, N)};
@@ -465,7 +490,7 @@ fn sm_store_scr(acc: ptr<function, array<f32, ${epl}>>, ln: u32, off: u32) {
     scr[${standInIndexWGSL(scrView, 'atS', 'idx / N', 'idx % N')}] = (*acc)[e] * ok;
   }
 }` :
-                ''}
+                       ''}
 __STANDIN_FNS__
 
 @compute @workgroup_size(${threads})
@@ -483,16 +508,18 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   ${standIn ? '' : `// Accumulators start from this (see zeroResultWGSL).
   let accZero = f32(u.one) - 1.0;`}
   let lc = ln % LPR;
-  ${rbs.map(rb => `let rowS${rb} = ((g * RB + ${rb}u) * M + ln / LPR) * BC;
-  let row${rb} = r0 + i32((g * RB + ${rb}u) * M + ln / LPR);`).join('\n  ')}
+  ${
+             rbs.map(rb => `let rowS${rb} = ((g * RB + ${rb}u) * M + ln / LPR) * BC;
+  let row${rb} = r0 + i32((g * RB + ${rb}u) * M + ln / LPR);`)
+                 .join('\n  ')}
 
   var sp: FaScore;
   sp.scale = u.scale;
   sp.softcap = u.softcap;
   sp.slope = ${
-      c.alibiMode === 0     ? '0.0' :
-          c.alibiMode === 1 ? 'slopes[h]' :
-                              'slopes[b * u.heads + h]'};
+             c.alibiMode === 0     ? '0.0' :
+                 c.alibiMode === 1 ? 'slopes[h]' :
+                                     'slopes[b * u.heads + h]'};
   sp.diag = u.seqK - u.seqQ;
   sp.left = u.left;
   sp.right = u.right;
@@ -502,8 +529,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   // memory, from where each subgroup loads its Q matrices once.
   var qmax = 0.0;
   ${
-      range(nQL)
-          .map(n => `var qr${n} = vec4<f32>(0.0);
+             range(nQL)
+                 .map(n => `var qr${n} = vec4<f32>(0.0);
   {
     let idx = lid + THREADS * ${n}u;
     let r = r0 + i32(idx / DQ4);
@@ -517,23 +544,28 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   let qe = ${expOf(0)};
   let qScale = ldexp(1.0, -qe);
   ${
-      range(nQL)
-          .map(n => `{
+             range(nQL)
+                 .map(n => `{
     let idx = lid + THREADS * ${n}u;
     if (idx < BR * DQ4) {
       let at = (idx / DQ4) * D + 4u * (idx % DQ4);
-      ${splitStore(standIn ? 'q' : 'op', 'at', `qr${n}`, 'qScale')}
+      ${splitStore('op', 'at', `qr${n}`, 'qScale')}
     }
   }`).join('\n  ')}
   workgroupBarrier();
   ${
-      standIn ? '' :
-                rbs.flatMap(
-                       rb => range(d / K).flatMap(
-                           ks => parts.map(
-                               p => `let qm${rb}_${ks}_${p} = ${
-                                   left(qView(p, `${rowOff(rb)} * D + ${ks * K}u`))};`)))
-                    .join('\n  ')}
+             standIn ? `// The stand-in's "matrix loads" of Q: this subgroup's rows, copied
+  // from the staging memory at the point where the real path loads them.
+  for (var i = ln; i < ${lim('RB * M * D')}; i += LANES) {
+    let at = g * RB * M * D + i;
+    ${parts.map(p => `q${p}[at] = op${p}[at];`).join(' ')}
+  }` :
+                       rbs.flatMap(
+                              rb => range(d / K).flatMap(
+                                  ks => parts.map(
+                                      p => `let qm${rb}_${ks}_${p} = ${
+                                          left(qView(p, `${rowOff(rb)} * D + ${ks * K}u`))};`)))
+                           .join('\n  ')}
   // Resets by a whole subgroup: no lane diverges from its subgroup right
   // before the matrix built-ins, which need all of its lanes.
   if (g == 0u) {
@@ -546,8 +578,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   let keys = fa_key_range(r0, rEnd, sp);
   let tBegin = keys.x / i32(BC);
   let tEnd = select(tBegin, (keys.y + i32(BC) - 1) / i32(BC), keys.y > keys.x);
-  ${rbs.map(rb => `var m${rb} = NEG;
-  var l${rb} = 0.0;`).join('\n  ')}
+  ${
+             rbs.map(rb => `var m${rb} = NEG;
+  var l${rb} = 0.0;`)
+                 .join('\n  ')}
   var vmaxRun = 0.0;
 
   // Pass 1: each row's max and sum of exp over all its keys.
