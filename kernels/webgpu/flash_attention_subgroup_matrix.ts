@@ -121,10 +121,21 @@ const TWO_PASS_TILINGS: Array<[number, number, number]> = [
 ];
 
 /**
- * Q matrices a subgroup of the two-pass kernel keeps in registers (row
- * blocks x D / K x parts), at most: more would spill.
+ * 32-bit registers per lane that the two-pass kernel's long-lived matrices
+ * (Q's left matrices and O's accumulators) may take, at most: beyond about
+ * half the register file the per-tile temporaries spill.
  */
-const MAX_Q_MATRICES = 16;
+const MAX_MATRIX_REGISTERS = 128;
+
+/** Registers per lane of a subgroup's Q matrices and O accumulators. */
+function twoPassMatrixRegisters(
+    shape: MatrixShape, headDim: number, headDimV: number, rowBlocks: number,
+    split: boolean): number {
+  const {M, N, K, lanes} = shape;
+  const q = rowBlocks * (headDim / K) * (split ? 2 : 1) * (M * K / lanes / 2);
+  const o = rowBlocks * (headDimV / N) * (M * N / lanes);
+  return q + o;
+}
 
 /** One-pass workgroup shapes tried in order: (subgroups, keys per tile). */
 const MATRIX_TILINGS: Array<[number, number]> = [
@@ -198,10 +209,11 @@ function planTwoPass(
   for (const [subgroups, rowBlocks, bc] of tilings) {
     const c = {headDim, headDimV, shape, subgroups, rowBlocks, bc, split};
     const sizes = twoPassTileSizes(c);
-    const qMatrices = rowBlocks * headDim / shape.K * (split ? 2 : 1);
     if (sizes == null || sizes.threads > limits.maxComputeInvocationsPerWorkgroup ||
         sizes.threads > limits.maxComputeWorkgroupSizeX ||
-        (!forced && !shape.standIn && qMatrices > MAX_Q_MATRICES)) {
+        (!forced && !shape.standIn &&
+         twoPassMatrixRegisters(shape, headDim, headDimV, rowBlocks, split) >
+             MAX_MATRIX_REGISTERS)) {
       continue;
     }
     if (twoPassWorkgroupBytes(c) <= limits.maxComputeWorkgroupStorageSize) {
