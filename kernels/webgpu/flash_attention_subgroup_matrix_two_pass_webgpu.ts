@@ -106,8 +106,9 @@ export function twoPassWorkgroupBytes(c: Dims&{split: boolean}): number {
   const parts = c.split ? 2 : 1;
   const elem = c.shape.standIn ? 4 : 2;
   const qOwn = c.shape.standIn ? s.br * c.headDim : 0;
-  return parts * elem * (s.ops + qOwn) + 4 * s.br * s.bc + 4 * 8 +
-      (c.shape.standIn && s.lpr > 1 ? 4 * s.threads : 0);
+  // The stand-in's own arrays: Q's "registers", atomics, lane reductions.
+  const standInBytes = c.shape.standIn ? 4 * 8 + (s.lpr > 1 ? 4 * s.threads : 0) : 0;
+  return parts * elem * (s.ops + qOwn) + 4 * s.br * s.bc + standInBytes;
 }
 
 export function twoPassForwardKey(c: TwoPassForwardConfig): string {
@@ -295,50 +296,33 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) 
                   `${v}.${COMP[e]} * ${scale}`, `${arr}h[${at} + ${e}u]`,
                   c.split ? `${arr}l[${at} + ${e}u]` : null))
           .join('\n        ');
-  const atomicMaxOf = (v: string, slot: number) =>
-      standIn ? `atomicMax(&wmax[${slot}], bitcast<u32>(${v}));` : `{
-    let mm = subgroupMax(${v});
-    if (sgLane == 0u) { atomicMax(&wmax[${slot}], bitcast<u32>(mm)); }
-  }`;
-  const expOf = (slot: number) =>
-      `clamp(frexp(bitcast<f32>(atomicLoad(&wmax[${slot}]))).exp, -100, 100)`;
-
-  // K tile (and V for its max in pass 1, or V itself in pass 2) from
-  // global memory into registers; K's max |x| to wmax[0].
-  const loadTile = (pass: 1|2) => `let j0 = kt * i32(BC);
-    var kmax = 0.0;
-    ${
-      range(nKL)
-          .map(n => `var kr${n} = vec4<f32>(0.0);
+  // K tile (and in pass 2 V) from global memory into registers, then
+  // split into workgroup memory at the workgroup's fixed scales.
+  const
+      loadTile =
+          (pass: 1|2) =>
+              `let j0 = kt * i32(BC);
+    ${range(nKL).map(n => `var kr${n} = vec4<f32>(0.0);
     {
       let idx = lid + THREADS * ${n}u;
       let j = j0 + i32(idx / DQ4);
       if (idx < BC * DQ4 && j < u.seqK) {
         kr${n} = kb[${kvRow('j')} * DQ4 + idx % DQ4];
       }
-      kmax = max(kmax, ${absMax(`kr${n}`)});
     }`).join('\n    ')}
     ${
-      range(nVL)
-          .map(
-              n => `${pass === 2 ? `var vr${n} = vec4<f32>(0.0);` : ''}
+                  pass === 1 ? '' :
+                               range(nVL)
+                                   .map(n => `var vr${n} = vec4<f32>(0.0);
     {
       let idx = lid + THREADS * ${n}u;
       let j = j0 + i32(idx / DV4);
       if (idx < BC * DV4 && j < u.seqK) {
-        ${
-                  pass === 1 ? `let vv = vb[${kvRow('j')} * DV4 + idx % DV4];
-        vmaxRun = max(vmaxRun, ${absMax('vv')});` :
-                               `vr${n} = vb[${kvRow('j')} * DV4 + idx % DV4];`}
+        vr${n} = vb[${kvRow('j')} * DV4 + idx % DV4];
       }
     }`).join('\n    ')}
-    ${atomicMaxOf('kmax', 0)}
-    workgroupBarrier();
-    let kScale = ldexp(1.0, -${expOf(0)});
-    let unscale = ldexp(1.0, qe + ${expOf(0)});
-    ${
-      range(nKL)
-          .map(n => `{
+    ${pass === 2 ? 'workgroupBarrier();  // the previous tile\'s P V is done with V and P' : ''}
+    ${range(nKL).map(n => `{
       let idx = lid + THREADS * ${n}u;
       if (idx < BC * DQ4) {
         let at = KOFF + (idx / DQ4) * D + 4u * (idx % DQ4);
@@ -346,19 +330,35 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) 
       }
     }`).join('\n    ')}
     ${
-      pass === 1 ? '' :
-                   range(nVL)
-                       .map(n => `{
+                  pass === 1 ? '' :
+                               range(nVL)
+                                   .map(n => `{
       let idx = lid + THREADS * ${n}u;
       if (idx < BC * DV4) {
         let at = VOFF + (idx / DV4) * DV + 4u * (idx % DV4);
         ${splitStore('op', 'at', `vr${n}`, 'vScale')}
       }
     }`).join('\n    ')}
-    workgroupBarrier();
-    if (g == 0u) {
-      atomicStore(&wmax[0], 0u);
-    }`;
+    workgroupBarrier();`;
+
+  // The workgroup's max |q|, |k|, |v| (slots 0, 1, 2): on the real path
+  // subgroupMax, then one value per subgroup through the scratch (free at
+  // that point); in the stand-in (no subgroups) workgroup atomics.
+  const maxima = ['qmax', 'kmax', 'vmax'];
+  const reduceMaxima = standIn ?
+      `${maxima.map((v, i) => `atomicMax(&wmax[${i}], bitcast<u32>(${v}));`).join('\n  ')}
+  workgroupBarrier();
+  ${maxima.map((v, i) => `let ${v}All = bitcast<f32>(atomicLoad(&wmax[${i}]));`).join('\n  ')}` :
+      `${maxima.map(v => `let ${v}Sg = subgroupMax(${v});`).join('\n  ')}
+  if (sgLane == 0u) {
+    ${maxima.map((v, i) => `scr[g * 4u + ${i}u] = ${v}Sg;`).join('\n    ')}
+  }
+  workgroupBarrier();
+  ${maxima.map(v => `var ${v}All = 0.0;`).join('\n  ')}
+  for (var sg = 0u; sg < SG; sg++) {
+    ${maxima.map((v, i) => `${v}All = max(${v}All, scr[sg * 4u + ${i}u]);`).join('\n    ')}
+  }`;
+  const exponent = (v: string) => `clamp(frexp(${v}).exp, -100, 100)`;
 
   // Scores of this thread's key quads for row block rb, masked.
   const scores = (rb: number) =>
@@ -458,6 +458,7 @@ const DV = ${dv}u;
 const DQ4 = ${dq4}u;
 const DV4 = ${dv4}u;
 const THREADS = ${threads}u;
+const SG = ${c.subgroups}u;
 const KOFF = ${kOff}u;
 const VOFF = ${vOff}u;
 const POFF = ${pOff}u;
@@ -474,8 +475,10 @@ ${
                            .join('\n') :
                        ''}
 var<workgroup> scr: array<f32, ${br * bc}>;  // S, then chunks of O
-// Max |x| (bits of a float >= 0): slot 0 Q, then each K tile; slot 1 V.
-var<workgroup> wmax: array<atomic<u32>, 8>;
+${
+             standIn ? `// The stand-in's max |q|, |k|, |v| (bits of floats >= 0).
+var<workgroup> wmax: array<atomic<u32>, 8>;` :
+                       ''}
 ${standIn && lpr > 1 ? `var<workgroup> red: array<f32, ${threads}>;` : ''}
 
 ${standInHelpersWGSL(c.shape)}
@@ -525,8 +528,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   sp.right = u.right;
   sp.seqK = u.seqK;
 
-  // Q tile: registers, its max |q|, then scaled and split into workgroup
-  // memory, from where each subgroup loads its Q matrices once.
+  // Q tile: registers and its max |q|.
   var qmax = 0.0;
   ${
              range(nQL)
@@ -539,10 +541,51 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
     }
     qmax = max(qmax, ${absMax(`qr${n}`)});
   }`).join('\n  ')}
-  ${atomicMaxOf('qmax', 0)}
-  workgroupBarrier();
-  let qe = ${expOf(0)};
+
+  // Pass 0: max |k| and |v| over the workgroup's keys (reads only), so
+  // that both passes split K and V at one fixed scale each: no per-tile
+  // reductions, and O's accumulators span tiles of one V scale.
+  let keys = fa_key_range(r0, rEnd, sp);
+  let tBegin = keys.x / i32(BC);
+  let tEnd = select(tBegin, (keys.y + i32(BC) - 1) / i32(BC), keys.y > keys.x);
+  var kmax = 0.0;
+  var vmax = 0.0;
+  for (var kt = tBegin; kt < tEnd; kt++) {
+    let j0 = kt * i32(BC);
+    ${
+             range(nKL)
+                 .map(n => `{
+      let idx = lid + THREADS * ${n}u;
+      let j = j0 + i32(idx / DQ4);
+      if (idx < BC * DQ4 && j < u.seqK) {
+        let x = kb[${kvRow('j')} * DQ4 + idx % DQ4];
+        kmax = max(kmax, ${absMax('x')});
+      }
+    }`).join('\n    ')}
+    ${
+             range(nVL)
+                 .map(n => `{
+      let idx = lid + THREADS * ${n}u;
+      let j = j0 + i32(idx / DV4);
+      if (idx < BC * DV4 && j < u.seqK) {
+        let x = vb[${kvRow('j')} * DV4 + idx % DV4];
+        vmax = max(vmax, ${absMax('x')});
+      }
+    }`).join('\n    ')}
+  }
+  ${reduceMaxima}
+  // Powers of two taking each operand's max |x| into [0.5, 1).
+  let qe = ${exponent('qmaxAll')};
+  let ke = ${exponent('kmaxAll')};
+  let ve = ${exponent('vmaxAll')};
   let qScale = ldexp(1.0, -qe);
+  let kScale = ldexp(1.0, -ke);
+  let vScale = ldexp(1.0, -ve);
+  let unscale = ldexp(1.0, qe + ke);
+  let vinv = ldexp(1.0, ve);
+
+  // Q scaled and split into workgroup memory, from where each subgroup
+  // loads its Q matrices once.
   ${
              range(nQL)
                  .map(n => `{
@@ -566,23 +609,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
                                       p => `let qm${rb}_${ks}_${p} = ${
                                           left(qView(p, `${rowOff(rb)} * D + ${ks * K}u`))};`)))
                            .join('\n  ')}
-  // Resets by a whole subgroup: no lane diverges from its subgroup right
-  // before the matrix built-ins, which need all of its lanes.
-  if (g == 0u) {
-    atomicStore(&wmax[0], 0u);
-  }
-  // (The first key tile's K store follows another barrier: the Q matrices
-  // are loaded by then.)
+  // The first key tile's K store overwrites the Q staging.
   workgroupBarrier();
 
-  let keys = fa_key_range(r0, rEnd, sp);
-  let tBegin = keys.x / i32(BC);
-  let tEnd = select(tBegin, (keys.y + i32(BC) - 1) / i32(BC), keys.y > keys.x);
   ${
              rbs.map(rb => `var m${rb} = NEG;
   var l${rb} = 0.0;`)
                  .join('\n  ')}
-  var vmaxRun = 0.0;
 
   // Pass 1: each row's max and sum of exp over all its keys.
   for (var kt = tBegin; kt < tEnd; kt++) {
@@ -592,14 +625,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
     ${rbs.map(pass1Stats).join('\n    ')}
   }
 
-  // The row's (m, l) over its LPR lanes; V's max over the workgroup.
+  // The row's (m, l) over its LPR lanes, and its log-sum-exp.
   ${rbs.map(rb => `var mine${rb} = m${rb};`).join('\n  ')}
   ${rbs.map(rb => mergeRow(rb, lpr, standIn)).join('\n  ')}
-  ${atomicMaxOf('vmaxRun', 1)}
-  workgroupBarrier();
-  let ve = ${expOf(1)};
-  let vScale = ldexp(1.0, -ve);
-  let vinv = ldexp(1.0, ve);
   ${rbs.map(rb => `let lse${rb} = m${rb} + log(l${rb});
   if (row${rb} < u.seqQ && lc == 0u) {
     lseb[u32((b * u.heads + h) * u.seqQ + row${rb})] =
