@@ -302,6 +302,7 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) 
       loadTile =
           (pass: 1|2) =>
               `let j0 = kt * i32(BC);
+    let full = fa_tile_unmasked(r0, rEnd, j0, j0 + i32(BC), sp);
     ${range(nKL).map(n => `var kr${n} = vec4<f32>(0.0);
     {
       let idx = lid + THREADS * ${n}u;
@@ -369,13 +370,23 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) 
       let at = rowS${rb} + 4u * (lc + LPR * ${q}u);
       s${rb}_${q} = vec4<f32>(scr[at], scr[at + 1u], scr[at + 2u], scr[at + 3u]) * unscale;
       let jv = vec4<i32>(j0 + i32(4u * (lc + LPR * ${q}u))) + vec4<i32>(0, 1, 2, 3);
-      let vis = fa_visible4(row${rb}, jv, sp);
-      ${
+      // Masks only on tiles that cross a mask edge (uniform branch).
+      if (full) {
+        ${
+                  range(4)
+                      .map(
+                          e => `s${rb}_${q}.${COMP[e]} = fa_score(s${rb}_${q}.${COMP[e]}, row${
+                              rb}, jv.${COMP[e]}, sp);`)
+                      .join('\n        ')}
+      } else {
+        let vis = fa_visible4(row${rb}, jv, sp);
+        ${
                   range(4)
                       .map(
                           e => `s${rb}_${q}.${COMP[e]} = select(NEG, fa_score(s${rb}_${q}.${
                               COMP[e]}, row${rb}, jv.${COMP[e]}, sp), vis.${COMP[e]});`)
-                      .join('\n      ')}
+                      .join('\n        ')}
+      }
     }`).join('\n    ');
 
   const pass1Stats = (rb: number) => `${scores(rb)}
