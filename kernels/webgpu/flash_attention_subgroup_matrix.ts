@@ -1,9 +1,11 @@
 /**
  * The subgroup-matrix (tensor core) forward of the webgpu backend: plans a
- * tiling from the device's matrix configuration and runs
- * flash_attention_subgroup_matrix_webgpu.ts. Used by the fused forward
- * (flash_attention.ts) whenever `planMatrixForward` returns a plan; else the
- * SIMT kernels run.
+ * tiling from the device's matrix configuration and runs the two-pass
+ * kernel (flash_attention_subgroup_matrix_two_pass_webgpu.ts, the default:
+ * O stays in matrix accumulators) or, when the override forces it, the
+ * one-pass kernel (flash_attention_subgroup_matrix_webgpu.ts). Used by the
+ * fused forward (FlashAttention.ts) whenever `planMatrixForward` returns a
+ * plan; else the SIMT kernels run.
  */
 /// <reference types="@webgpu/types" />
 import * as tf from '@tensorflow/tfjs-core';
