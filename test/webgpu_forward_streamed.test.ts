@@ -110,6 +110,13 @@ describe('streamed and double-buffered forward candidates: sizes and plans (no G
     expect(workgroupBytes(c, false)).toBe(49152 + 4096);
   });
 
+  it('E with 4 slices fits 48 KiB at D=256: 64 output floats per thread', () => {
+    const c = config({...STREAMED_FORWARD_CANDIDATES[0], dimChunks: 4}, 256);
+    const s = tileSizes(c);
+    expect([s.dc4, s.valueChunks, s.nj, s.vcw]).toEqual([16, 4, 4, 16]);
+    expect(workgroupBytes(c, true)).toBe(49152);
+  });
+
   it('G: two 4 KiB slice buffers beside the resident Q^T, 8 prefetch floats', () => {
     const c = config(STREAMED_FORWARD_CANDIDATES[2]);
     const s = tileSizes(c);
@@ -161,14 +168,14 @@ describeWebGPU('fused WebGPU forward, streamed Q and double buffers [webgpu]', (
 
   // Each case compiles its own pipeline (seconds on SwiftShader), so each
   // covers several things: both modes and their combination, option
-  // families, D=128, odd head dims (D=100/70: scalar loads and a padded
+  // families, D=128 and 256, odd head dims (D=100/70: scalar loads and a padded
   // slice; D=80), an odd number of slices per key tile (Dv=16: two K^T
   // slices and one V slice, so the double buffers' parity alternates
   // between tiles), no subgroups, split-KV, the GPU code path (D=16).
   const both = {...SMALL_STREAMED, doubleBuffer: true};
   const cases: Array<[OptionCase, Override]> = [
     [atHeadDim('causal, Sq > Sk (rows without keys)', 128), {tiles: SMALL_STREAMED}],
-    [atHeadDim('plain', 128), {tiles: SMALL_DOUBLE}],
+    [atHeadDim('plain', 256), {tiles: {...both, dimChunks: 4}}],
     [atHeadDim('alibi [B, H], causal, softcap', 100, 70), {tiles: both, subgroups: false}],
     [atHeadDim('dropout with GQA, window and seed >= 2^32', 128), {tiles: both}],
     [atHeadDim('window [4, -1], Sq < Sk', 80), {tiles: SMALL_DOUBLE, splits: 3}],
@@ -184,43 +191,44 @@ describeWebGPU('fused WebGPU forward, streamed Q and double buffers [webgpu]', (
   // G's own tiles fit SwiftShader's 32 KiB at D=48 (Q^T 12, slices 2 x 4,
   // P^T 8 KiB, and 2 KiB for the row reductions where subgroups are
   // narrower than its 8 threads per row).
-  it('candidate G at its own tile size, D=48, causal', () => {
-    const c = atHeadDim('causal', 48);
-    return checkForwardUnderPlan(
-        {...c, shape: {...c.shape, seqQ: 70, seqK: 70}}, {tiles: STREAMED_FORWARD_CANDIDATES[2]});
-  });
+  it('candidate G at its own tile size, D=48, causal (one query tile, two key tiles)',
+     () => checkForwardUnderPlan(atHeadDim('causal', 48), {tiles: STREAMED_FORWARD_CANDIDATES[2]}));
 
-  it('the candidates\' WGSL at D=128 (constant loops, prefetch) passes Dawn\'s validation',
-     async () => {
-       // Their 48 KiB pipelines cannot be created here (32 KiB), but the
-       // shader module is validated without the limit; every option on.
-       const device = webgpuBackendOf().device;
-       const subgroups = device.features.has('subgroups' as GPUFeatureName);
-       for (const tiles of STREAMED_FORWARD_CANDIDATES) {
-         for (const splitKeys of [false, true]) {
-           const code = forwardWGSL({
-             headDim: 128,
-             headDimV: 128,
-             tiles,
-             score: scoreOptionsFromAttrs(
-                 {softcap: 30, windowLeft: 64, windowRight: 0, paddedDiagonal: true}, true, true),
-             alibiMode: 2,
-             dropout: true,
-             subgroups,
-             reverseRows: true,
-             runtimeLoops: false,
-             splitKeys,
-           });
-           device.pushErrorScope('validation');
-           const module = device.createShaderModule({code});
-           const info = await module.getCompilationInfo();
-           const error = await device.popErrorScope();
-           const errors = info.messages.filter(m => m.type === 'error').map(m => m.message);
-           expect([JSON.stringify(tiles), ...errors]).toEqual([JSON.stringify(tiles)]);
-           expect(error).toBeNull();
-         }
-       }
-     });
+  it('the candidates\' WGSL at D=128, and E at D=256, passes Dawn\'s validation', async () => {
+    // Their 48 KiB pipelines cannot be created here (32 KiB), but the
+    // shader module is validated without the limit; every option on,
+    // constant loops and the prefetch (the GPU code path).
+    const device = webgpuBackendOf().device;
+    const subgroups = device.features.has('subgroups' as GPUFeatureName);
+    const configs: Array<[ForwardTiles, number]> = [
+      ...STREAMED_FORWARD_CANDIDATES.map((t): [ForwardTiles, number] => [t, 128]),
+      [{...STREAMED_FORWARD_CANDIDATES[0], dimChunks: 4}, 256],
+    ];
+    for (const [tiles, dim] of configs) {
+      for (const splitKeys of [false, true]) {
+        const code = forwardWGSL({
+          headDim: dim,
+          headDimV: dim,
+          tiles,
+          score: scoreOptionsFromAttrs(
+              {softcap: 30, windowLeft: 64, windowRight: 0, paddedDiagonal: true}, true, true),
+          alibiMode: 2,
+          dropout: true,
+          subgroups,
+          reverseRows: true,
+          runtimeLoops: false,
+          splitKeys,
+        });
+        device.pushErrorScope('validation');
+        const module = device.createShaderModule({code});
+        const info = await module.getCompilationInfo();
+        const error = await device.popErrorScope();
+        const errors = info.messages.filter(m => m.type === 'error').map(m => m.message);
+        expect([JSON.stringify(tiles), ...errors]).toEqual([JSON.stringify(tiles)]);
+        expect(error).toBeNull();
+      }
+    }
+  });
 
   it('per-batch key lengths (seqlensK), causal, D=128: each row alone', async () => {
     setForwardOverride({tiles: both});
