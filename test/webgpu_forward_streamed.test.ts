@@ -59,14 +59,24 @@ const SMALL_EIGHT_ROWS: ForwardTiles = {
   dimChunks: 2,
   streamQuery: true
 };
+/** Candidate H's 4 x 8 micro-tiles (two key quads) at 16 x 32, 16 threads. */
+const SMALL_EIGHT_KEYS: ForwardTiles = {
+  tm: 4,
+  tx: 4,
+  nq: 2,
+  ty: 4,
+  outer: true,
+  dimChunks: 2,
+  streamQuery: true
+};
 
 type Override = Parameters<typeof setForwardOverride>[0];
 
 /** A case of OPTION_CASES at head dims d / dv, with 2-3 query and key tiles. */
-function atHeadDim(name: string, d: number, dv = d): OptionCase {
+function atHeadDim(name: string, d: number, dv = d, extraRows = 24): OptionCase {
   const c = OPTION_CASES.find(x => x.name === name)!;
   expect(c).toBeDefined();
-  const longer = (n: number) => n + 24;
+  const longer = (n: number) => n + extraRows;
   return {
     ...c,
     name: `${c.name}, D=${d}${dv !== d ? `, Dv=${dv}` : ''}`,
@@ -84,9 +94,10 @@ describe('streamed and double-buffered forward candidates: sizes and plans (no G
   const config = (tiles: ForwardTiles, d = 128, dv = d) => ({headDim: d, headDimV: dv, tiles});
 
   it('each fits 48 KiB at D=128 with subgroups, is forcible there and has a variant name', () => {
-    expect(STREAMED_FORWARD_CANDIDATES.length).toBe(3);
+    expect(STREAMED_FORWARD_CANDIDATES.length).toBe(4);
     const names = STREAMED_FORWARD_CANDIDATES.map(forwardVariantName);
-    expect(names).toEqual(['4,16,1,16,o,c2,qs', '8,16,1,8,o,c2,qs', '4,8,1,16,o,c4,db']);
+    expect(names).toEqual(
+        ['4,16,1,16,o,c2,qs', '8,16,1,8,o,c2,qs', '4,8,1,16,o,c4,db', '4,8,2,16,o,c2,qs']);
     for (const tiles of STREAMED_FORWARD_CANDIDATES) {
       expect(workgroupBytes(config(tiles), true)).toBe(49152);
       setForwardOverride({tiles});
@@ -115,6 +126,14 @@ describe('streamed and double-buffered forward candidates: sizes and plans (no G
     const s = tileSizes(c);
     expect([s.dc4, s.valueChunks, s.nj, s.vcw]).toEqual([16, 4, 4, 16]);
     expect(workgroupBytes(c, true)).toBe(49152);
+  });
+
+  it('H: 64 x 64 tiles of 128 threads, 4 x 8 S and 4 x 16 O per thread', () => {
+    const c = config(STREAMED_FORWARD_CANDIDATES[3]);
+    const s = tileSizes(c);
+    expect([s.br, s.bc, s.threads, s.nj, s.dc4, s.vcw]).toEqual([64, 64, 128, 4, 16, 16]);
+    // Q^T and K^T slices: 8 + 8 vec4s ahead per thread.
+    expect(prefetchFloats(c)).toBe(64);
   });
 
   it('G: two 4 KiB slice buffers beside the resident Q^T, 8 prefetch floats', () => {
@@ -175,12 +194,13 @@ describeWebGPU('fused WebGPU forward, streamed Q and double buffers [webgpu]', (
   const both = {...SMALL_STREAMED, doubleBuffer: true};
   const cases: Array<[OptionCase, Override]> = [
     [atHeadDim('causal, Sq > Sk (rows without keys)', 128), {tiles: SMALL_STREAMED}],
-    [atHeadDim('plain', 256), {tiles: {...both, dimChunks: 4}}],
+    [atHeadDim('plain', 256, 256, 8), {tiles: {...both, dimChunks: 4}}],
     [atHeadDim('alibi [B, H], causal, softcap', 100, 70), {tiles: both, subgroups: false}],
-    [atHeadDim('dropout with GQA, window and seed >= 2^32', 128), {tiles: both}],
+    [atHeadDim('dropout with GQA, window and seed >= 2^32', 128), {tiles: SMALL_DOUBLE}],
     [atHeadDim('window [4, -1], Sq < Sk', 80), {tiles: SMALL_DOUBLE, splits: 3}],
     [atHeadDim('Sq != Sk, not causal', 128, 16), {tiles: both}],
     [atHeadDim('GQA (H=4, Hk=2)', 96), {tiles: SMALL_EIGHT_ROWS}],
+    [atHeadDim('MQA (H=3, Hk=1)', 80), {tiles: SMALL_EIGHT_KEYS}],
     [atHeadDim('softcap', 16), {tiles: both, constantLoops: true, prefetch: true}],
     [atHeadDim('alibi [H]', 16), {tiles: SMALL_DOUBLE, constantLoops: true, prefetch: true}],
   ];

@@ -103,6 +103,9 @@ export const STREAMED_FORWARD_CANDIDATES: ForwardTiles[] = [
   // G: A's 64 x 32 tiles, 4 slices in two buffers: one barrier per slice (8 per
   // tile, A4: 16), 8 prefetch floats (A: 16); 48 KiB.
   {tm: 4, tx: 8, nq: 1, ty: 16, outer: true, dimChunks: 4, doubleBuffer: true},
+  // H: F's tiles with 4 x 8 S micro-tiles and 8 threads per row: the fewest
+  // workgroup-memory wavefronts per FMA (a warp's K^T or V load is 128 bytes).
+  {tm: 4, tx: 8, nq: 2, ty: 16, outer: true, dimChunks: 2, streamQuery: true},
 ];
 
 /** The benchmark's `--variants` spelling of a forced tiling. */
