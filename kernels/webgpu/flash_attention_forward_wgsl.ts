@@ -674,9 +674,15 @@ function slicedKeyLoopWGSL(L: ForwardLayout): string {
   const perTile = chunks + valueChunks;
   // Slice n of a tile uses buffer n % 2 of the tile's own parity; with an
   // odd number of slices per tile the parity alternates between tiles.
-  const offset = (n: number, size: string) => buffers === 1 ? '' :
-      perTile % 2 === 0                                     ? (n % 2 === 0 ? '' : size) :
-                          `(((u32(kt - tBegin) + ${n % 2}u) & 1u) * ${size})`;
+  const offset = (n: number, size: string) => {
+    if (buffers === 1) {
+      return '';
+    }
+    if (perTile % 2 === 0) {
+      return n % 2 === 0 ? '' : size;
+    }
+    return `(((u32(kt - tBegin) + ${n % 2}u) & 1u) * ${size})`;
+  };
   const scoreSteps: SliceStep[] = range(chunks).map(c => {
     const kvOffset = offset(c, 'KVSLICE');
     const qOffset = streamQuery ? offset(c, 'QSLICE') : '';
@@ -708,11 +714,14 @@ function slicedKeyLoopWGSL(L: ForwardLayout): string {
       L.config.runtimeLoops ? `(u32(u.loopDQ4) + ${chunks - 1}u) / ${chunks}u * 4u` : `${steps}u`;
   const all = [...scoreSteps, ...valueSteps];
   // The next slice's registers: this tile's, or the next tile's first.
-  const fetchNext = (n: number) => !L.prefetch ? '' :
-      n + 1 < perTile                          ? fetchAt(all[n + 1], 'j0') :
-                        `if (kt + 1 < tEnd) {
+  const fetchNext = (n: number) => {
+    if (!L.prefetch) {
+      return '';
+    }
+    return n + 1 < perTile ? fetchAt(all[n + 1], 'j0') : `if (kt + 1 < tEnd) {
       ${fetchAt(all[0], 'j0 + i32(BC)')}
     }`;
+  };
   const slice = (n: number, extra: string, math: string) =>
       `${buffers === 1 ? 'workgroupBarrier();' : ''}
     ${place(all[n])}
@@ -720,20 +729,20 @@ function slicedKeyLoopWGSL(L: ForwardLayout): string {
     ${fetchNext(n)}
     workgroupBarrier();
     ${math}`;
-  const scoreSlice = (c: number) => slice(
-      c, '',
-      `// S += Q^T K^T over head-dim slice ${c}.
-    ${
-          outerScoreStepsWGSL(
-              L, steps, bound, streamQuery ? 0 : c * steps, scoreSteps[c].qOffset,
-              scoreSteps[c].kvOffset)}`);
+  const scoreSlice = (c: number) => {
+    // A resident Q^T holds every slice; a streamed one only this one.
+    const qDim0 = streamQuery ? 0 : c * steps;
+    const {qOffset, kvOffset} = scoreSteps[c];
+    return slice(c, '', `// S += Q^T K^T over head-dim slice ${c}.
+    ${outerScoreStepsWGSL(L, steps, bound, qDim0, qOffset, kvOffset)}`);
+  };
   const perSlice = nj / valueChunks;
   const quads = (v: number) => range(perSlice).map(local => ({jj: v * perSlice + local, local}));
   const valueSlice = (v: number) => slice(
       chunks + v, v === 0 ? storeProbsWGSL(L) : '', `// O += P V on output columns of V slice ${v}.
     ${outerProbsTimesValuesWGSL(L, quads(v), 'VWC', valueSteps[v].kvOffset)}`);
   const prologue = `// Prefetch of the first slice into registers.
-  ${range(2).map(n => registers(all[n === 0 ? 0 : chunks])).join('\n  ')}
+  ${[all[0], all[chunks]].map(registers).join('\n  ')}
   if (tBegin < tEnd) {
     ${fetchAt(all[0], 'tBegin * i32(BC)')}
   }`;
