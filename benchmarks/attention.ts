@@ -7,7 +7,7 @@
  *   node attention.mjs [--modes fwd,fwdbwd] [--dims 64,128]
  *       [--seqs 512,1024,...,16384] [--causal both|true|false]
  *       [--impls fused,composed] [--composed-max-seq 8192]
- *       [--variants "tm,tx,nq,ty[,o][,p0|p1][,kN][,cN][,qs][,db];...|sliced|streamed|default"]
+ *       [--variants "tm,tx,nq,ty[,o][,p0|p1][,kN][,cN][,qs][,db][,uN];...|sliced|streamed|default"]
  *       [--torch torch.json] [--out DIR]
  *       [--budget-ms 600] [--warmup-ms 300] [--max-warmup-ms 300] [--check]
  *       [--shapes "B,H,Hk,S;..."]
@@ -34,7 +34,8 @@
  * fwdbwd rows. --variants forces forward tilings
  * (`o` outer-product mode, `pN` prefetch off/on, `kN` N key-range splits,
  * `cN` K^T and V in N head-dim slices, `qs` Q^T streamed with K^T, `db`
- * two slice buffers; `default` the planned tiling, `sliced` / `streamed`
+ * two slice buffers, `uN` N head-dim steps or keys per unrolled loop
+ * body; `default` the planned tiling, `sliced` / `streamed`
  * every candidate of tuning.ts's SLICED_ / STREAMED_FORWARD_CANDIDATES).
  *
  * Time: median over repetitions after warm-up; a repetition runs the op K
@@ -341,7 +342,8 @@ async function main(): Promise<void> {
       args.variants.length > 0 ? args.variants.flatMap(x => namedVariants[x] ?? [x]) : ['default'];
   // tm,tx,nq,ty[,p0|p1 (register prefetch)][,o (outer-product mode)][,kN (N key-range splits)]
   // [,cN (outer mode: K^T and V in N head-dim slices)][,qs (Q^T streamed with K^T)]
-  // [,db (two slice buffers)]; kN alone: the planned tiling with N splits
+  // [,db (two slice buffers)][,uN (outer mode: N steps per unrolled loop body)];
+  // kN alone: the planned tiling with N splits
   const variantOverride = (variant: string) => {
     if (/^k\d+$/.test(variant)) {
       // kN alone: the planner's tiling with N key-range splits (k1: none).
@@ -350,14 +352,16 @@ async function main(): Promise<void> {
     const [tm, tx, nq, ty] = variant.split(',').slice(0, 4).map(Number);
     const flags = variant.split(',').slice(4);
     const unknown =
-        flags.filter(f => !['o', 'p0', 'p1', 'qs', 'db'].includes(f) && !/^[kc]\d+$/.test(f));
+        flags.filter(f => !['o', 'p0', 'p1', 'qs', 'db'].includes(f) && !/^[kcu]\d+$/.test(f));
     if (unknown.length > 0 || [tm, tx, nq, ty].some(x => !(x > 0))) {
       throw new Error(
-          `--variants: expected "tm,tx,nq,ty[,o][,p0|p1][,kN][,cN][,qs][,db]", got "${variant}"`);
+          `--variants: expected "tm,tx,nq,ty[,o][,p0|p1][,kN][,cN][,qs][,db][,uN]", got "${
+              variant}"`);
     }
     const p = flags.find(f => f.startsWith('p'));
     const k = flags.find(f => f.startsWith('k'));
     const c = flags.find(f => f.startsWith('c'));
+    const u = flags.find(f => /^u\d+$/.test(f));
     return {
       tiles: {
         tm,
@@ -367,7 +371,8 @@ async function main(): Promise<void> {
         outer: flags.includes('o'),
         ...(c == null ? {} : {dimChunks: Number(c.slice(1))}),
         ...(flags.includes('qs') ? {streamQuery: true} : {}),
-        ...(flags.includes('db') ? {doubleBuffer: true} : {})
+        ...(flags.includes('db') ? {doubleBuffer: true} : {}),
+        ...(u == null ? {} : {unroll: Number(u.slice(1))})
       },
       prefetch: p == null ? undefined : p === 'p1',
       splits: k == null ? undefined : Number(k.slice(1))

@@ -163,7 +163,7 @@ describe('streamed and double-buffered forward candidates: sizes and plans (no G
     }
   });
 
-  it('refuses streamQuery and doubleBuffer without the outer-product mode', () => {
+  it('refuses streamQuery, doubleBuffer and unroll without the outer-product mode', () => {
     const base = {
       headDim: 128,
       headDimV: 128,
@@ -179,6 +179,10 @@ describe('streamed and double-buffered forward candidates: sizes and plans (no G
         .toThrow('streamQuery needs the outer-product tiling');
     expect(() => forwardWGSL({...base, tiles: {...classic, doubleBuffer: true}}))
         .toThrow('doubleBuffer needs the outer-product tiling');
+    expect(() => forwardWGSL({...base, tiles: {...classic, unroll: 4}}))
+        .toThrow('unroll needs the outer-product tiling');
+    expect(() => forwardWGSL({...base, tiles: {...SMALL_STREAMED, unroll: 6}}))
+        .toThrow('unroll must be 4, 8 or 16, got 6');
   });
 });
 
@@ -201,7 +205,7 @@ describeWebGPU('fused WebGPU forward, streamed Q and double buffers [webgpu]', (
     [atHeadDim('Sq != Sk, not causal', 128, 16), {tiles: both}],
     [atHeadDim('GQA (H=4, Hk=2)', 96), {tiles: SMALL_EIGHT_ROWS}],
     [atHeadDim('MQA (H=3, Hk=1)', 80), {tiles: SMALL_EIGHT_KEYS}],
-    [atHeadDim('softcap', 16), {tiles: both, constantLoops: true, prefetch: true}],
+    [atHeadDim('softcap', 16), {tiles: {...both, unroll: 4}, constantLoops: true, prefetch: true}],
     [atHeadDim('alibi [H]', 16), {tiles: SMALL_DOUBLE, constantLoops: true, prefetch: true}],
   ];
   for (const [c, o] of cases) {
@@ -214,41 +218,51 @@ describeWebGPU('fused WebGPU forward, streamed Q and double buffers [webgpu]', (
   it('candidate G at its own tile size, D=48, causal (one query tile, two key tiles)',
      () => checkForwardUnderPlan(atHeadDim('causal', 48), {tiles: STREAMED_FORWARD_CANDIDATES[2]}));
 
-  it('the candidates\' WGSL at D=128, and E at D=256, passes Dawn\'s validation', async () => {
-    // Their 48 KiB pipelines cannot be created here (32 KiB), but the
-    // shader module is validated without the limit; every option on,
-    // constant loops and the prefetch (the GPU code path).
-    const device = webgpuBackendOf().device;
-    const subgroups = device.features.has('subgroups' as GPUFeatureName);
-    const configs: Array<[ForwardTiles, number]> = [
-      ...STREAMED_FORWARD_CANDIDATES.map((t): [ForwardTiles, number] => [t, 128]),
-      [{...STREAMED_FORWARD_CANDIDATES[0], dimChunks: 4}, 256],
-    ];
-    for (const [tiles, dim] of configs) {
-      for (const splitKeys of [false, true]) {
-        const code = forwardWGSL({
-          headDim: dim,
-          headDimV: dim,
-          tiles,
-          score: scoreOptionsFromAttrs(
-              {softcap: 30, windowLeft: 64, windowRight: 0, paddedDiagonal: true}, true, true),
-          alibiMode: 2,
-          dropout: true,
-          subgroups,
-          reverseRows: true,
-          runtimeLoops: false,
-          splitKeys,
-        });
-        device.pushErrorScope('validation');
-        const module = device.createShaderModule({code});
-        const info = await module.getCompilationInfo();
-        const error = await device.popErrorScope();
-        const errors = info.messages.filter(m => m.type === 'error').map(m => m.message);
-        expect([JSON.stringify(tiles), ...errors]).toEqual([JSON.stringify(tiles)]);
-        expect(error).toBeNull();
-      }
-    }
-  });
+  it('the candidates\' WGSL at D=128 (also with unroll 4), and E at D=256, passes Dawn\'s validation',
+     async () => {
+       // Their 48 KiB pipelines cannot be created here (32 KiB), but the
+       // shader module is validated without the limit; every option on,
+       // constant loops and the prefetch (the GPU code path).
+       const device = webgpuBackendOf().device;
+       const subgroups = device.features.has('subgroups' as GPUFeatureName);
+       const configs: Array<[ForwardTiles, number]> = [
+         ...STREAMED_FORWARD_CANDIDATES.map((t): [ForwardTiles, number] => [t, 128]),
+         [{...STREAMED_FORWARD_CANDIDATES[0], dimChunks: 4}, 256],
+         // The planned tiling and E with 4-step loop bodies.
+         [{tm: 4, tx: 8, nq: 1, ty: 16, outer: true, dimChunks: 2, unroll: 4}, 128],
+         [{...STREAMED_FORWARD_CANDIDATES[0], unroll: 4}, 128],
+       ];
+       for (const [tiles, dim] of configs) {
+         for (const splitKeys of [false, true]) {
+           const code = forwardWGSL({
+             headDim: dim,
+             headDimV: dim,
+             tiles,
+             score: scoreOptionsFromAttrs(
+                 {softcap: 30, windowLeft: 64, windowRight: 0, paddedDiagonal: true}, true, true),
+             alibiMode: 2,
+             dropout: true,
+             subgroups,
+             reverseRows: true,
+             runtimeLoops: false,
+             splitKeys,
+           });
+           if (tiles.unroll === 4) {
+             // 4 head-dim steps and 4 keys per loop body (default 8 and 16).
+             expect(code).toContain('d += 4u)');
+             expect(code).toContain('key += 4u)');
+             expect(code).not.toContain('d += 8u)');
+           }
+           device.pushErrorScope('validation');
+           const module = device.createShaderModule({code});
+           const info = await module.getCompilationInfo();
+           const error = await device.popErrorScope();
+           const errors = info.messages.filter(m => m.type === 'error').map(m => m.message);
+           expect([JSON.stringify(tiles), ...errors]).toEqual([JSON.stringify(tiles)]);
+           expect(error).toBeNull();
+         }
+       }
+     });
 
   it('per-batch key lengths (seqlensK), causal, D=128: each row alone', async () => {
     setForwardOverride({tiles: both});

@@ -319,7 +319,8 @@ function outerScoresWGSL(L: ForwardLayout): string {
 function outerScoreStepsWGSL(
     L: ForwardLayout, steps: number, bound: string, qDim0: number, qOffset = '',
     kOffset = ''): string {
-  const unroll = steps % 8 === 0 ? 8 : 4;
+  const wanted = L.tiles.unroll ?? 8;
+  const unroll = steps % wanted === 0 ? wanted : steps % 8 === 0 ? 8 : 4;
   const qDim = (d: string) => qDim0 === 0 ? d : `${qDim0}u + ${d}`;
   const step = (d: string) => block([
     ...range(L.tiles.tm / 4)
@@ -471,7 +472,8 @@ function classicProbsTimesValuesWGSL(L: ForwardLayout): string {
  */
 function outerValueUnroll(L: ForwardLayout): number {
   const bc = L.sizes.bc;
-  return !L.config.runtimeLoops && bc % 16 === 0 ? 16 : bc % 8 === 0 ? 8 : 4;
+  const wanted = Math.min(L.tiles.unroll ?? 16, L.config.runtimeLoops ? 8 : 16);
+  return [16, 8, 4].find(u => u <= wanted && bc % u === 0)!;
 }
 
 /**

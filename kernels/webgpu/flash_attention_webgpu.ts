@@ -83,6 +83,12 @@ export interface ForwardTiles {
    * slice instead of a pair.
    */
   doubleBuffer?: boolean;
+  /**
+   * Outer-product mode only: head-dim steps of S and keys of P V per
+   * unrolled loop body, at most (4, 8 or 16; default 8 and 16). A smaller
+   * body holds fewer loads in flight: fewer registers at large head dims.
+   */
+  unroll?: number;
 }
 
 /** Everything baked into one forward pipeline. */
@@ -224,7 +230,8 @@ export function usePrefetch(c: ForwardConfig): boolean {
 export function forwardKey(c: ForwardConfig): string {
   const t = c.tiles;
   const chunks = (t.dimChunks ?? 1) > 1 ? `c${t.dimChunks}` : '';
-  const stream = `${t.streamQuery ? 'qs' : ''}${t.doubleBuffer ? 'db' : ''}`;
+  const stream =
+      `${t.streamQuery ? 'qs' : ''}${t.doubleBuffer ? 'db' : ''}${t.unroll ? `u${t.unroll}` : ''}`;
   const tiling = `tm${t.tm}tx${t.tx}nq${t.nq}ty${t.ty}${t.outer ? 'o' : ''}${chunks}${stream}`;
   const flags = `al${c.alibiMode}_do${+ c.dropout}_sg${+ c.subgroups}_rv${+ c.reverseRows}_rl${
       + c.runtimeLoops}_pf${c.prefetch ?? '-'}_sk${+ !!c.splitKeys}`;
@@ -260,9 +267,12 @@ export function forwardLayout(c: ForwardConfig): ForwardLayout {
     throw new Error(`FlashAttention forward: head-dim slices (dimChunks = ${
         t.dimChunks}) need the outer-product tiling`);
   }
-  if ((t.streamQuery || t.doubleBuffer) && !outer) {
-    throw new Error(`FlashAttention forward: ${
-        t.streamQuery ? 'streamQuery' : 'doubleBuffer'} needs the outer-product tiling`);
+  if (t.unroll != null && ![4, 8, 16].includes(t.unroll)) {
+    throw new Error(`FlashAttention forward: unroll must be 4, 8 or 16, got ${t.unroll}`);
+  }
+  if ((t.streamQuery || t.doubleBuffer || t.unroll != null) && !outer) {
+    const what = t.streamQuery ? 'streamQuery' : t.doubleBuffer ? 'doubleBuffer' : 'unroll';
+    throw new Error(`FlashAttention forward: ${what} needs the outer-product tiling`);
   }
   const sizes = tileSizes(c);
   const quadColumns = c.dropout || outer;

@@ -115,6 +115,7 @@ export function forwardVariantName(t: ForwardTiles): string {
     (t.dimChunks ?? 1) > 1 ? `c${t.dimChunks}` : '',
     t.streamQuery ? 'qs' : '',
     t.doubleBuffer ? 'db' : '',
+    t.unroll ? `u${t.unroll}` : '',
   ];
   return [t.tm, t.tx, t.nq, t.ty, ...flags.filter(f => f !== '')].join(',');
 }
