@@ -7,7 +7,7 @@
  *   node attention.mjs [--modes fwd,fwdbwd] [--dims 64,128]
  *       [--seqs 512,1024,...,16384] [--causal both|true|false]
  *       [--impls fused,composed] [--composed-max-seq 8192]
- *       [--variants "tm,tx,nq,ty[,o][,p0|p1][,kN][,cN];...|sliced|default"]
+ *       [--variants "tm,tx,nq,ty[,o][,p0|p1][,kN][,cN][,qs][,db][,uN];...|sliced|streamed|default"]
  *       [--torch torch.json] [--out DIR]
  *       [--budget-ms 600] [--warmup-ms 300] [--max-warmup-ms 300] [--check]
  *       [--shapes "B,H,Hk,S;..."]
@@ -33,8 +33,10 @@
  * `sliced`: every candidate of tuning.ts's SLICED_GRAD_CANDIDATES) on the
  * fwdbwd rows. --variants forces forward tilings
  * (`o` outer-product mode, `pN` prefetch off/on, `kN` N key-range splits,
- * `cN` K^T and V in N head-dim slices; `default` the planned tiling,
- * `sliced` every candidate of tuning.ts's SLICED_FORWARD_CANDIDATES).
+ * `cN` K^T and V in N head-dim slices, `qs` Q^T streamed with K^T, `db`
+ * two slice buffers, `uN` N head-dim steps or keys per unrolled loop
+ * body; `default` the planned tiling, `sliced` / `streamed`
+ * every candidate of tuning.ts's SLICED_ / STREAMED_FORWARD_CANDIDATES).
  *
  * Time: median over repetitions after warm-up; a repetition runs the op K
  * times (K so that it lasts >= ~20 ms) and waits for the GPU queue to drain
@@ -329,15 +331,19 @@ async function main(): Promise<void> {
     }
   }
 
-  // `sliced`: every head-dim-sliced candidate of tuning.ts; `default`: the plan.
-  const {SLICED_FORWARD_CANDIDATES} = await import('../kernels/webgpu/tuning');
-  const slicedVariants =
-      SLICED_FORWARD_CANDIDATES.map(t => `${t.tm},${t.tx},${t.nq},${t.ty},o,c${t.dimChunks}`);
-  const variants = args.variants.length > 0 ?
-      args.variants.flatMap(x => x === 'sliced' ? slicedVariants : [x]) :
-      ['default'];
+  // `sliced` / `streamed`: those candidate lists of tuning.ts; `default`: the plan.
+  const {SLICED_FORWARD_CANDIDATES, STREAMED_FORWARD_CANDIDATES, forwardVariantName} =
+      await import('../kernels/webgpu/tuning');
+  const namedVariants: Record<string, string[]> = {
+    sliced: SLICED_FORWARD_CANDIDATES.map(forwardVariantName),
+    streamed: STREAMED_FORWARD_CANDIDATES.map(forwardVariantName),
+  };
+  const variants =
+      args.variants.length > 0 ? args.variants.flatMap(x => namedVariants[x] ?? [x]) : ['default'];
   // tm,tx,nq,ty[,p0|p1 (register prefetch)][,o (outer-product mode)][,kN (N key-range splits)]
-  // [,cN (outer mode: K^T and V in N head-dim slices)]; kN alone: the planned tiling with N splits
+  // [,cN (outer mode: K^T and V in N head-dim slices)][,qs (Q^T streamed with K^T)]
+  // [,db (two slice buffers)][,uN (outer mode: N steps per unrolled loop body)];
+  // kN alone: the planned tiling with N splits
   const variantOverride = (variant: string) => {
     if (/^k\d+$/.test(variant)) {
       // kN alone: the planner's tiling with N key-range splits (k1: none).
@@ -345,13 +351,17 @@ async function main(): Promise<void> {
     }
     const [tm, tx, nq, ty] = variant.split(',').slice(0, 4).map(Number);
     const flags = variant.split(',').slice(4);
-    const unknown = flags.filter(f => !['o', 'p0', 'p1'].includes(f) && !/^[kc]\d+$/.test(f));
+    const unknown =
+        flags.filter(f => !['o', 'p0', 'p1', 'qs', 'db'].includes(f) && !/^[kcu]\d+$/.test(f));
     if (unknown.length > 0 || [tm, tx, nq, ty].some(x => !(x > 0))) {
-      throw new Error(`--variants: expected "tm,tx,nq,ty[,o][,p0|p1][,kN][,cN]", got "${variant}"`);
+      throw new Error(
+          `--variants: expected "tm,tx,nq,ty[,o][,p0|p1][,kN][,cN][,qs][,db][,uN]", got "${
+              variant}"`);
     }
     const p = flags.find(f => f.startsWith('p'));
     const k = flags.find(f => f.startsWith('k'));
     const c = flags.find(f => f.startsWith('c'));
+    const u = flags.find(f => /^u\d+$/.test(f));
     return {
       tiles: {
         tm,
@@ -359,7 +369,10 @@ async function main(): Promise<void> {
         nq,
         ty,
         outer: flags.includes('o'),
-        ...(c == null ? {} : {dimChunks: Number(c.slice(1))})
+        ...(c == null ? {} : {dimChunks: Number(c.slice(1))}),
+        ...(flags.includes('qs') ? {streamQuery: true} : {}),
+        ...(flags.includes('db') ? {doubleBuffer: true} : {}),
+        ...(u == null ? {} : {unroll: Number(u.slice(1))})
       },
       prefetch: p == null ? undefined : p === 'p1',
       splits: k == null ? undefined : Number(k.slice(1))

@@ -72,7 +72,9 @@ async function main(): Promise<void> {
       vv as import('@tensorflow/tfjs-core').Tensor4D, opts);
   const grads = tf.grads(attend);
   const decode = decodeStep(tf, fa, arg(argv, 'decode-shape', '1,32,8,512,128'));
-  const generation = modes.includes('gen-token') ? await generationStep(tf, calls + 40 + 1) : null;
+  const generation = modes.includes('gen-token') ?
+      await generationStep(tf, 40 + calls + Math.min(calls, 200) + 1) :
+      null;
   const runs: Record<string, () => T[]> = {
     fwd: () => [attend(q, k, v)],
     fwdbwd: () => grads([q, k, v], dy),

@@ -12,7 +12,7 @@
  *   node tensor_cores.mjs [--seqs 4096,16384] [--dims 64,128] [--heads 16]
  *       [--torch torch_tc.json] [--skip-check] [--skip-time] [--json FILE]
  *       [--stand-in] [--small] [--variants] [--forward-plans] [--time-anyway]
- *       [--deadline-s N]
+ *       [--deadline-s N] [--time-plans "4,2,32;8,1,32"] [--skip-one-pass]
  *
  * The check's columns: SIMT, both precisions, and the float32 matrix
  * backward after the SIMT forward (which kernel is wrong); --variants adds
@@ -22,6 +22,11 @@
  * and, as a control, with sessions 6/7's 8-byte workgroup atomics. A
  * verdict per mode (PASS within the bounds, FAIL) follows the table; a
  * tensor-core precision that failed is not timed (--time-anyway times it).
+ * The forward is the two-pass kernel (O in matrix registers) unless a
+ * mode says "one-pass" (the first kernel, forced through the override);
+ * both are checked and timed (--skip-one-pass leaves the one-pass kernel
+ * out). --time-plans times the two-pass forward at other tilings
+ * (subgroups, row blocks per subgroup, keys per tile; both precisions).
  *
  * Without the feature it stops with a message, unless --stand-in: then the
  * kernels' portable stand-in runs (plain loops; checks the tiling and the
@@ -60,8 +65,60 @@ const STAND_IN: MatrixForwardOverride = {
   bc: 16,
   gradTiles: {subgroups: 2, br: 16, bc: 16},
 };
-function useMode(mode: 'simt'|'float32'|'float16'): void {
-  setMatrixForwardOverride(mode === 'simt' ? {off: true} : tensorCoreOverride);
+
+/** A timed configuration: SIMT, or a tensor-core precision with an override. */
+interface TimeMode {
+  name: string;
+  precision: 'float32'|'float16';
+  /** null: SIMT. */
+  override: MatrixForwardOverride|null;
+  /** The verdict it must have passed before it is timed. */
+  checkedAs?: string;
+  /** Forward only (the tiling variants). */
+  fwdOnly?: boolean;
+}
+function timeModes(): TimeMode[] {
+  const tc = tensorCoreOverride ?? {};
+  const modes: TimeMode[] = [
+    {name: 'simt', precision: 'float32', override: null},
+    {name: 'float32', precision: 'float32', override: tc, checkedAs: 'float32'},
+    {name: 'float16', precision: 'float16', override: tc, checkedAs: 'float16'},
+  ];
+  if (!process.argv.includes('--skip-one-pass')) {
+    for (const p of ['float32', 'float16'] as const) {
+      modes.push({
+        name: `${p} one-pass`,
+        precision: p,
+        override: {...tc, forwardTiling: 'online'},
+        checkedAs: `${p} one-pass`,
+        // Its backward is the two-pass modes' backward.
+        fwdOnly: true
+      });
+    }
+  }
+  for (const plan of timePlans()) {
+    for (const p of ['float32', 'float16'] as const) {
+      modes.push({
+        name: `${p} ${planName(plan)}`,
+        precision: p,
+        override: {...tc, ...plan},
+        checkedAs: `float32 ${planName(plan)}`,
+        fwdOnly: true
+      });
+    }
+  }
+  return modes;
+}
+
+/** --time-plans "sg,rb,bc;...": two-pass tilings to time (forward). */
+function timePlans(): Array<Pick<MatrixForwardOverride, 'subgroups'|'rowBlocks'|'bc'>> {
+  return arg('time-plans', '').split(';').filter(x => x).map(t => {
+    const [subgroups, rowBlocks, bc] = t.split(',').map(Number);
+    return {subgroups, rowBlocks, bc};
+  });
+}
+function planName(p: Pick<MatrixForwardOverride, 'subgroups'|'rowBlocks'|'bc'>): string {
+  return `2p sg${p.subgroups} rb${p.rowBlocks} bc${p.bc}`;
 }
 
 /**
@@ -78,13 +135,20 @@ interface CheckMode {
   override: MatrixForwardOverride|null;
   /** Matrix dispatches expected: forward, backward passes. */
   expect: [number, number];
+  /** Whether the forward must be the two-pass kernel (when expect[0] is 1). */
+  twoPass?: boolean;
+  /**
+   * A forced tiling that may not fit some head dims: the SIMT forward
+   * running instead is no failure (the row says NOT TC).
+   */
+  mayFallBack?: boolean;
 }
 function checkModes(): CheckMode[] {
   const tc = tensorCoreOverride ?? {};
   const modes: CheckMode[] = [
     {name: 'simt', precision: 'float32', override: null, expect: [0, 0]},
-    {name: 'float32', precision: 'float32', override: tc, expect: [1, 2]},
-    {name: 'float16', precision: 'float16', override: tc, expect: [1, 2]},
+    {name: 'float32', precision: 'float32', override: tc, expect: [1, 2], twoPass: true},
+    {name: 'float16', precision: 'float16', override: tc, expect: [1, 2], twoPass: true},
     {
       name: 'simt fwd + tc bwd',
       precision: 'float32',
@@ -92,6 +156,28 @@ function checkModes(): CheckMode[] {
       expect: [0, 2]
     },
   ];
+  if (!process.argv.includes('--skip-one-pass')) {
+    for (const p of ['float32', 'float16'] as const) {
+      modes.push({
+        name: `${p} one-pass`,
+        precision: p,
+        override: {...tc, forwardTiling: 'online'},
+        expect: [1, 2],
+        twoPass: false
+      });
+    }
+  }
+  for (const plan of timePlans()) {
+    // Each timed tiling is checked first (float32; float16 shares its code).
+    modes.push({
+      name: `float32 ${planName(plan)}`,
+      precision: 'float32',
+      override: {...tc, ...plan},
+      expect: [1, 2],
+      twoPass: true,
+      mayFallBack: true
+    });
+  }
   if (process.argv.includes('--variants')) {
     const variants: Array<[string, MatrixDiagnosis]> = [
       ['legacy built-ins', {legacyBuiltins: true}],
@@ -116,9 +202,9 @@ function checkModes(): CheckMode[] {
         [{subgroups: 1}, {subgroups: 2}, {bc: 16}, {bc: 64}, {subgroups: 1, bc: 16}];
     for (const plan of plans) {
       modes.push({
-        name: `float32 ${JSON.stringify(plan)}`,
+        name: `float32 one-pass ${JSON.stringify(plan)}`,
         precision: 'float32',
-        override: {...tc, ...plan},
+        override: {...tc, ...plan, forwardTiling: 'online'},
         expect: [1, 2],
       });
     }
@@ -128,7 +214,7 @@ function checkModes(): CheckMode[] {
     modes.push({
       name: 'float32 8-byte wmax (sessions 6/7)',
       precision: 'float32',
-      override: {...tc, diagnose: {unalignedWorkgroup: true}},
+      override: {...tc, diagnose: {unalignedWorkgroup: true}, forwardTiling: 'online'},
       expect: [1, 2],
     });
   }
@@ -278,6 +364,7 @@ async function accuracy(): Promise<string[]> {
     for (const mode of checkModes()) {
       setMatrixForwardOverride(mode.override ?? {off: true});
       const before = matrixForwardStats.dispatches;
+      const twoPassBefore = matrixForwardStats.twoPassDispatches;
       const o: FlashAttentionOptions =
           {...opts, alibiSlopes: slopes, returnSoftmaxLse: true, precision: mode.precision};
       const [out, lse] = flashAttention(q, k, v, o) as tf.Tensor[];
@@ -285,6 +372,7 @@ async function accuracy(): Promise<string[]> {
       tf.dispose([out, lse]);
       await checkOwnPipelineErrors();
       const used = matrixForwardStats.dispatches - before;
+      const twoPassUsed = matrixForwardStats.twoPassDispatches - twoPassBefore;
       // The backward: gradients of sum(out * dOut).
       const gradBefore = matrixGradStats.dispatches;
       const grads = tf.grads(
@@ -297,12 +385,14 @@ async function accuracy(): Promise<string[]> {
       tf.dispose(grads);
       await checkOwnPipelineErrors();
       const gradUsed = matrixGradStats.dispatches - gradBefore;
-      const ran = used === mode.expect[0] && gradUsed === mode.expect[1];
+      const ran = used === mode.expect[0] && gradUsed === mode.expect[1] &&
+          (mode.twoPass == null || twoPassUsed === (mode.twoPass ? used : 0));
+      const fellBack = mode.mayFallBack === true && used === 0;
       const errors = [
         relError(od, expected.out), relError(ld, expected.lse), relError(dq, expectedGrads.dq),
         relError(dk, expectedGrads.dk), relError(dv, expectedGrads.dv)
       ];
-      record(mode, errors, ran);
+      record(mode, errors, ran || fellBack);
       row.push(`${mode.name}${ran ? '' : '(NOT TC)'} ${
           OUTPUTS.map((o, i) => `${o} ${errors[i].toExponential(2)}`).join(' ')}`);
     }
@@ -352,7 +442,8 @@ async function timeMs(device: GPUDevice, run: () => void): Promise<number> {
 }
 
 interface Timing {
-  mode: 'simt'|'float32'|'float16';
+  /** A TimeMode's name. */
+  mode: string;
   kind: 'fwd'|'fwdbwd';
   dim: number;
   seq: number;
@@ -392,24 +483,46 @@ function goalTable(timings: Timing[], torch: TorchRow[], standIn: boolean): stri
   const out = [
     `TFLOP/s, causal, B=1 (4*S*S*H*D/2 per forward, x3.5 with the backward)${
         standIn ? '; STAND-IN: not tensor cores, not a performance number' : ''}`,
+    'TC = the two-pass forward (default plan); 1-pass = the first kernel, forced',
     '',
-    '| pass | D | S | SIMT f32 | TC float32 | TC float16 | torch FA2 f16 | torch SDPA f32 | ' +
-        'TC f32 / SDPA | TC f16 / FA2 |',
-    `|${' --- |'.repeat(10)}`,
+    '| pass | D | S | SIMT f32 | TC float32 | TC float16 | 1-pass f32 | 1-pass f16 | ' +
+        'torch FA2 f16 | torch SDPA f32 | TC f32 / SDPA | TC f16 / FA2 |',
+    `|${' --- |'.repeat(12)}`,
   ];
+  const at = (mode: string, kind: string, dim: number, seq: number) =>
+      timings.find(t => t.mode === mode && t.kind === kind && t.dim === dim && t.seq === seq);
   const keys = [...new Set(timings.map(t => `${t.kind} ${t.dim} ${t.seq}`))];
   for (const key of keys) {
-    const [kind, dim, seq] = key.split(' ');
-    const of = (mode: string) => timings.find(
-        t => t.mode === mode && t.kind === kind && t.dim === Number(dim) && t.seq === Number(seq));
-    const [simt, f32, f16] = [of('simt'), of('float32'), of('float16')];
+    const [kind, dimS, seqS] = key.split(' ');
+    const [dim, seq] = [Number(dimS), Number(seqS)];
+    const [simt, f32, f16, f32one, f16one] = [
+      'simt', 'float32', 'float16', 'float32 one-pass', 'float16 one-pass'
+    ].map(m => at(m, kind, dim, seq));
     const ref = (f32 ?? simt)!;
     const sdpa = torchTf('sdpa_fp32', ref);
     const fa2 = torchTf('fa2_fp16', ref);
     const ratio = (a: Timing|undefined, b: string) =>
         a?.tflops == null || b === '-' ? '-' : (a.tflops / Number(b)).toFixed(2);
-    out.push(`| ${kind} | ${dim} | ${seq} | ${tf(simt)} | ${tf(f32)} | ${tf(f16)} | ${fa2} | ${
-        sdpa} | ${ratio(f32, sdpa)} | ${ratio(f16, fa2)} |`);
+    out.push(
+        `| ${kind} | ${dim} | ${seq} | ${tf(simt)} | ${tf(f32)} | ${tf(f16)} | ${tf(f32one)} | ${
+            tf(f16one)} | ${fa2} | ${sdpa} | ${ratio(f32, sdpa)} | ${ratio(f16, fa2)} |`);
+  }
+  const plans = timePlans();
+  if (plans.length > 0) {
+    out.push(
+        '', 'Two-pass forward tilings (TFLOP/s, fwd, float32 / float16):', '',
+        `| D | S | ${plans.map(planName).join(' | ')} |`, `|${' --- |'.repeat(plans.length + 2)}`);
+    const fwdKeys =
+        [...new Set(timings.filter(t => t.kind === 'fwd').map(t => `${t.dim} ${t.seq}`))];
+    for (const key of fwdKeys) {
+      const [dim, seq] = key.split(' ').map(Number);
+      out.push(`| ${dim} | ${seq} | ${
+          plans
+              .map(
+                  p => `${tf(at(`float32 ${planName(p)}`, 'fwd', dim, seq))} / ${
+                      tf(at(`float16 ${planName(p)}`, 'fwd', dim, seq))}`)
+              .join(' | ')} |`);
+    }
   }
   return out.join('\n');
 }
@@ -447,12 +560,15 @@ async function main(): Promise<void> {
   }
   const shape = pickSubgroupMatrixShape(device);
   console.log(`chosen: ${JSON.stringify(shape)}`);
-  setMatrixForwardOverride(tensorCoreOverride);
+  console.log(`workgroup storage: ${device.limits.maxComputeWorkgroupStorageSize} B`);
   for (const d of nums(arg('dims', '64,128'))) {
     for (const p of ['float32', 'float16']) {
-      console.log(`plan D=${d} ${p}: forward ${
-          JSON.stringify(planMatrixForward(
-              device, d, d, p))}, backward ${JSON.stringify(planMatrixBackward(device, d, d, p))}`);
+      setMatrixForwardOverride(tensorCoreOverride);
+      const plan = JSON.stringify(planMatrixForward(device, d, d, p));
+      const backward = JSON.stringify(planMatrixBackward(device, d, d, p));
+      setMatrixForwardOverride({...tensorCoreOverride, forwardTiling: 'online'});
+      const onePass = JSON.stringify(planMatrixForward(device, d, d, p));
+      console.log(`plan D=${d} ${p}: forward ${plan}, one-pass ${onePass}, backward ${backward}`);
     }
   }
   setMatrixForwardOverride(null);
@@ -468,16 +584,17 @@ async function main(): Promise<void> {
         const [q, k, v, dy] =
             [0, 1, 2, 3].map(() => tf.randomNormal([1, s, heads, d]) as tf.Tensor4D);
         const fwdFlops = 4 * s * s * heads * d / 2;
-        for (const mode of ['simt', 'float32', 'float16'] as const) {
+        for (const mode of timeModes()) {
           // Wrong kernels' times are no result: tensor-core modes are timed
           // only after they passed the check (or under --time-anyway).
-          const verdict = verdicts.get(mode);
-          const failed = mode !== 'simt' && verdict != null && !verdict.pass &&
-              !process.argv.includes('--time-anyway');
+          const verdict = mode.checkedAs == null ? undefined : verdicts.get(mode.checkedAs);
+          const failed =
+              verdict != null && !verdict.pass && !process.argv.includes('--time-anyway');
+          const kinds = mode.fwdOnly ? ['fwd'] as const: ['fwd', 'fwdbwd'] as const;
           if (failed || pastDeadline()) {
-            for (const kind of ['fwd', 'fwdbwd'] as const) {
+            for (const kind of kinds) {
               timings.push({
-                mode,
+                mode: mode.name,
                 kind,
                 dim: d,
                 seq: s,
@@ -488,11 +605,8 @@ async function main(): Promise<void> {
             }
             continue;
           }
-          useMode(mode);
-          const opts: FlashAttentionOptions = {
-            causal: true,
-            precision: mode === 'float16' ? 'float16' : 'float32'
-          };
+          setMatrixForwardOverride(mode.override ?? {off: true});
+          const opts: FlashAttentionOptions = {causal: true, precision: mode.precision};
           const attend = (a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) =>
               flashAttention(a as tf.Tensor4D, b as tf.Tensor4D, c as tf.Tensor4D, opts) as
               tf.Tensor;
@@ -500,8 +614,8 @@ async function main(): Promise<void> {
             ['fwd', () => tf.dispose(attend(q, k, v))],
             ['fwdbwd', () => tf.dispose(tf.grads(attend)([q, k, v], dy))],
           ];
-          for (const [kind, run] of runs) {
-            const t: Timing = {mode, kind, dim: d, seq: s, ms: null, tflops: null};
+          for (const [kind, run] of runs.filter(([kind]) => !mode.fwdOnly || kind === 'fwd')) {
+            const t: Timing = {mode: mode.name, kind, dim: d, seq: s, ms: null, tflops: null};
             const before = matrixForwardStats.dispatches + matrixGradStats.dispatches;
             try {
               t.ms = await timeMs(device, run);

@@ -43,13 +43,13 @@ export {FUSED_DENSE_MAX_ROWS, FUSED_NORM_DENSE_MAX_INNER, fusedDenseOrNull, fuse
 export type{FusedAdamWArgs, FusedAdamWImpl} from './train';
 export {FUSED_ADAMW_IMPL, FusedAdamW, fusedAdam, fusedAdamW} from './train';
 
-export type{FlashAttentionWithKVCacheOp, FlashAttentionWithKVCacheOptions} from './ops_kv_cache';
-export {flashAttentionWithKVCache, KV_CACHE_OPTION_SPECS} from './ops_kv_cache';
+export type{DecodeQKVArgs, FlashAttentionWithKVCacheOp, FlashAttentionWithKVCacheOptions} from './ops_kv_cache';
+export {DECODE_OUT_MAX_INNER, DECODE_QKV_MAX_INNER, DECODE_QKV_MAX_ROWS, flashAttentionWithKVCache, flashDecodeOutOrNull, flashDecodeQKVOrNull, KV_CACHE_OPTION_SPECS} from './ops_kv_cache';
 export type{KVCacheArgs, KVCacheAttendOptions} from './kv_cache';
 export {KVCache} from './kv_cache';
 export {useAdapterInfo} from '../kernels/webgpu/subgroup_matrix';
-export type{FlashAttentionKVCacheAttrs} from './kernel_names';
-export {FlashAttentionKVCache} from './kernel_names';
+export type{FlashAttentionKVCacheAttrs, FlashDecodeQKVAttrs} from './kernel_names';
+export {FlashAttentionKVCache, FlashDecodeOut, FlashDecodeQKV} from './kernel_names';
 
 tf.registerGradient(flashAttentionGradConfig);
 tf.registerGradient(flashAttentionKVCacheGradConfig);

@@ -125,3 +125,32 @@ export interface FlashAttentionKVCacheAttrs extends FlashAttentionAttrs {
    */
   packedHeads?: number;
 }
+
+/**
+ * The first pass of a decode step from a layer's (normalized) input,
+ * inference only: the packed qkv projection, rotary on the q and k heads,
+ * and the append of the new keys and values to the caches in place.
+ * Inputs `{x [B * Snew, K], w [K, (H + 2 Hk) D], bias, rotaryCos,
+ * rotarySin, kCache, vCache}` (absent ones given as x); output
+ * `[q [B, Snew, H, D]]`.
+ */
+export const FlashDecodeQKV = 'FlashDecodeQKV';
+
+export interface FlashDecodeQKVAttrs {
+  heads: number;
+  /** Valid cache rows per batch row before this step: where its keys go. */
+  cacheSeqlens: number[];
+  hasBias: boolean;
+  hasRotary: boolean;
+  rotaryInterleaved: boolean;
+}
+
+/**
+ * Split-KV attention of a decode step's q over the caches (the step's keys
+ * already in them, as FlashDecodeQKV writes them) and the layer's output
+ * projection, inference only. Inputs `{q [B, Sq, H, D], kCache, vCache,
+ * alibiSlopes?, w [H Dv, N], bias}` (bias given as q when absent); attrs
+ * those of FlashAttentionKVCache (cacheSeqlens: the valid rows, new ones
+ * included) plus `hasBias`; output `[y [B * Sq, N]]`.
+ */
+export const FlashDecodeOut = 'FlashDecodeOut';

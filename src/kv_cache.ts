@@ -9,7 +9,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 
-import {flashAttentionWithKVCache, FlashAttentionWithKVCacheOptions, flashAttentionWithKVCachePacked} from './ops_kv_cache';
+import {flashAttentionWithKVCache, FlashAttentionWithKVCacheOptions, flashAttentionWithKVCachePacked, flashDecodeOutOrNull, flashDecodeQKVOrNull} from './ops_kv_cache';
 
 export interface KVCacheArgs {
   batch: number;
@@ -119,6 +119,52 @@ export class KVCache {
         qkv, kCache, vCache, heads, {...opts, cacheSeqlens: this.lengths});
     this.lengths = this.lengths.map(n => n + seqNew);
     return out;
+  }
+
+  /**
+   * `attendPacked` from the projection's input: `x [B * Snew, K]` (batch
+   * major) times the packed qkv projection `w [K, (heads + 2 Hk) D]` (+
+   * `bias`), rotated with `opts`' tables and appended, in one kernel where
+   * there is one (flashDecodeQKVOrNull), then attention over the caches,
+   * and with `outProj` (`w [heads Dv, N]`, bias) the output projection,
+   * merged into attention's second pass where a kernel does it
+   * (flashDecodeOutOrNull). Returns the projected `y [B * Snew, N]`, or
+   * the attention `out` to project; null, with nothing done, where the
+   * first kernel does not run: project and call `attendPacked` instead.
+   */
+  attendProjected(
+      x: tf.Tensor2D, w: tf.Tensor2D, bias: tf.Tensor1D|null, heads: number,
+      opts: KVCacheAttendOptions = {},
+      outProj: {w: tf.Tensor2D, bias: tf.Tensor1D|null}|null = null): {y: tf.Tensor2D}|
+      {out: tf.Tensor4D}|null {
+    const [kCache, vCache] = this.live();
+    const seqNew = x.shape[0] / this.batch;
+    this.checkRoom(seqNew);
+    const {rotaryCos, rotarySin, rotaryInterleaved, ...attention} = opts;
+    const rotary = rotaryCos == null || rotarySin == null ?
+        null :
+        {cos: rotaryCos, sin: rotarySin, interleaved: rotaryInterleaved ?? false};
+    const q = flashDecodeQKVOrNull(
+        {x, w, bias, heads, kCache, vCache, cacheSeqlens: this.lengths, rotary});
+    if (q == null) {
+      return null;
+    }
+    // The new keys are in the caches: attention over the longer prefix.
+    const after = this.lengths.map(n => n + seqNew);
+    try {
+      const y = outProj == null ?
+          null :
+          flashDecodeOutOrNull(q, kCache, vCache, after, attention, outProj.w, outProj.bias);
+      const result = y != null ? {y} : {
+        out: flashAttentionWithKVCache(
+                 q, kCache, vCache, {...attention, cacheSeqlens: after, returnSoftmaxLse: false}) as
+            tf.Tensor4D
+      };
+      this.lengths = after;
+      return result;
+    } finally {
+      q.dispose();
+    }
   }
 
   private checkRoom(seqNew: number): void {

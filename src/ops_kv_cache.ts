@@ -12,10 +12,10 @@
 import * as tf from '@tensorflow/tfjs-core';
 
 import {AttentionShapes, checkAlibi, checkQKV, checkTensor} from './checks';
-import {useFusedKernel} from './dispatch';
-import {getReferenceBlockElements} from './flags';
-import type {FlashAttentionAttrs, FlashAttentionKVCacheAttrs} from './kernel_names';
-import {FlashAttentionKVCache} from './kernel_names';
+import {hasFusedKernel, useFusedKernel} from './dispatch';
+import {getImpl, getReferenceBlockElements} from './flags';
+import type {FlashAttentionAttrs, FlashAttentionKVCacheAttrs, FlashDecodeQKVAttrs} from './kernel_names';
+import {FlashAttentionKVCache, FlashDecodeOut, FlashDecodeQKV} from './kernel_names';
 import type {FlashAttentionOptions, OptionSpec} from './options';
 import {describeValue, FlashAttentionError, normalizeOptions, parseAttentionOptions} from './options';
 import {referenceForward} from './reference/forward';
@@ -564,4 +564,256 @@ export function flashAttentionWithKVCachePacked(
                          kernelAttrs as unknown as tf.NamedAttrMap) as [tf.Tensor4D, tf.Tensor3D];
   lse.dispose();
   return out;
+}
+
+export interface DecodeQKVArgs {
+  /** The new tokens' (normalized) layer input `[B * Snew, K]`, batch-major. */
+  x: tf.Tensor2D;
+  /** The packed projection `[K, (H + 2 Hk) D]` and its bias. */
+  w: tf.Tensor2D;
+  bias?: tf.Tensor1D|null;
+  heads: number;
+  /** The caches `[B, Smax, Hk, D]` (variables, written in place). */
+  kCache: tf.Tensor4D;
+  vCache: tf.Tensor4D;
+  /** Valid rows of each batch row before this step. */
+  cacheSeqlens: readonly number[];
+  /** Tables `[Sro, rotaryDim / 2]` (as flashAttentionWithKVCache's). */
+  rotary?: {cos: tf.Tensor2D, sin: tf.Tensor2D, interleaved: boolean}|null;
+}
+
+/** Most rows (B * Snew) and the longest row flashDecodeQKVOrNull takes. */
+export const DECODE_QKV_MAX_ROWS = 8;
+export const DECODE_QKV_MAX_INNER = 4096;
+
+const QKV_OP = 'flashDecodeQKVOrNull';
+
+function failQKV(argument: string, expected: string, actual: unknown): never {
+  const shown = describeValue(actual);
+  throw new FlashAttentionError(
+      QKV_OP, argument, expected, shown,
+      `${QKV_OP}: ${argument} must be ${expected}, got ${shown}`);
+}
+
+function checkShape(t: tf.Tensor, name: string, want: readonly number[]): void {
+  if (!(t instanceof tf.Tensor) || t.isDisposed) {
+    failQKV(name, 'a live tensor', t);
+  }
+  if (t.dtype !== 'float32' || t.rank !== want.length || t.shape.some((d, i) => d !== want[i])) {
+    failQKV(name, `a float32 tensor of shape [${want}]`, `${t.dtype} [${t.shape}]`);
+  }
+}
+
+/**
+ * The first pass of a decode step from a layer's (normalized) input, where
+ * one kernel does it (webgpu): its packed qkv projection, rotary of the q
+ * and k heads at positions `cacheSeqlens[b] + s`, and the new keys and
+ * values written into the caches at those rows. Returns q `[B, Snew, H, D]`
+ * (rotated); attention then runs over the caches with `cacheSeqlens[b] +
+ * Snew` valid rows. Null, before any work, where no such kernel runs
+ * (other backends, FLASH_ATTENTION_IMPL=reference, more than
+ * DECODE_QKV_MAX_ROWS rows, K > DECODE_QKV_MAX_INNER, or a cache sharing
+ * its data): the caller then projects and attends as before. Bad
+ * arguments throw. Inference only.
+ */
+export function flashDecodeQKVOrNull(args: DecodeQKVArgs): tf.Tensor4D|null {
+  const {x, w, bias, heads, kCache, vCache, cacheSeqlens, rotary} = args;
+  if (!(x instanceof tf.Tensor) || x.rank !== 2) {
+    failQKV('x', 'a tensor of rank 2 [B * Snew, K]', x instanceof tf.Tensor ? x.shape : x);
+  }
+  for (const [name, cache] of [['kCache', kCache], ['vCache', vCache]] as const) {
+    if (!(cache instanceof tf.Variable) || cache.rank !== 4) {
+      failQKV(name, 'a tf.Variable of shape [B, Smax, Hk, D]', cache);
+    }
+  }
+  const [batch, seqMax, headsKV, headDim] = kCache.shape;
+  const [rows, inner] = x.shape;
+  const seqNew = rows / batch;
+  if (!Number.isInteger(seqNew) || seqNew < 1) {
+    failQKV('x', `B * Snew rows (B = ${batch})`, x.shape);
+  }
+  checkShape(x, 'x', x.shape);
+  checkShape(vCache, 'vCache', kCache.shape);
+  if (!Number.isInteger(heads) || heads < 1 || heads % headsKV !== 0) {
+    failQKV('heads', `a positive multiple of Hk = ${headsKV}`, heads);
+  }
+  const cols = (heads + 2 * headsKV) * headDim;
+  checkShape(w, 'w', [inner, cols]);
+  if (bias != null) {
+    checkShape(bias, 'bias', [cols]);
+  }
+  if (cacheSeqlens.length !== batch) {
+    failQKV('cacheSeqlens', `${batch} lengths (B)`, cacheSeqlens);
+  }
+  let longest = 0;
+  for (const n of cacheSeqlens) {
+    if (!Number.isInteger(n) || n < 0 || n > seqMax - seqNew) {
+      failQKV('cacheSeqlens', `integers in [0, Smax - Snew = ${seqMax - seqNew}]`, cacheSeqlens);
+    }
+    longest = Math.max(longest, n);
+  }
+  if (rotary != null) {
+    checkShape(rotary.cos, 'rotaryCos', rotary.cos?.shape ?? []);
+    const [tableRows, half] = rotary.cos.shape;
+    if (rotary.cos.rank !== 2 || 2 * half > headDim || half < 1) {
+      failQKV('rotaryCos', `a tensor [Sro, rotaryDim / 2 <= ${headDim / 2}]`, rotary.cos.shape);
+    }
+    if (tableRows < longest + seqNew) {
+      failQKV('rotaryCos', `at least ${longest + seqNew} rows`, rotary.cos.shape);
+    }
+    checkShape(rotary.sin, 'rotarySin', rotary.cos.shape);
+  }
+  if (getImpl() === 'reference' || !hasFusedKernel(FlashDecodeQKV, tf.getBackend()) ||
+      rows > DECODE_QKV_MAX_ROWS || inner > DECODE_QKV_MAX_INNER || sharesData(kCache) ||
+      sharesData(vCache)) {
+    return null;
+  }
+  const attrs: FlashDecodeQKVAttrs = {
+    heads,
+    cacheSeqlens: cacheSeqlens.slice(),
+    hasBias: bias != null,
+    hasRotary: rotary != null,
+    rotaryInterleaved: rotary?.interleaved ?? false,
+  };
+  // Absent inputs are bound to x (never read): no tensor made per call.
+  const inputs: tf.NamedTensorMap = {
+    x,
+    w,
+    bias: bias ?? x,
+    rotaryCos: rotary?.cos ?? x,
+    rotarySin: rotary?.sin ?? x,
+    kCache,
+    vCache,
+  };
+  return tf.engine().runKernel(FlashDecodeQKV, inputs, attrs as unknown as tf.NamedAttrMap) as
+      tf.Tensor4D;
+}
+
+/** Most attention output width (H Dv) flashDecodeOutOrNull takes (workgroup memory). */
+export const DECODE_OUT_MAX_INNER = 4096;
+
+/**
+ * Attention of a decode step's q `[B, Sq, H, D]` over the caches, whose
+ * valid rows (`cacheSeqlens`, the step's new keys included) are already
+ * written (flashDecodeQKVOrNull), followed by the layer's output
+ * projection `w [H Dv, N]` (+ `bias`), in one kernel where there is one
+ * (webgpu: split-KV, then the merge of the splits and the projection in
+ * one pass): `y [B * Sq, N]`. Null, before any work, where it does not run
+ * (other backends, FLASH_ATTENTION_IMPL=reference, more than
+ * DECODE_QKV_MAX_ROWS tokens, H Dv > DECODE_OUT_MAX_INNER): the caller
+ * then runs flashAttentionWithKVCache and the projection. The options are
+ * flashAttentionWithKVCache's (no new keys, no rotary: q is rotated).
+ * Bad arguments throw. Inference only.
+ */
+export function flashDecodeOutOrNull(
+    q: tf.Tensor4D, kCache: tf.Tensor4D, vCache: tf.Tensor4D, cacheSeqlens: readonly number[],
+    opts: Omit<FlashAttentionWithKVCacheOptions, 'k'|'v'|'cacheSeqlens'|'returnSoftmaxLse'>,
+    w: tf.Tensor2D, bias: tf.Tensor1D|null): tf.Tensor2D|null {
+  const c = preparedDecodeCall(q, kCache, vCache, cacheSeqlens, opts);
+  const {heads, headDimV, batch, seqQ} = c.shapes;
+  checkShape(w, 'w', [heads * headDimV, w.shape[1]]);
+  if (bias != null) {
+    checkShape(bias, 'bias', [w.shape[1]]);
+  }
+  if (batch * seqQ > DECODE_QKV_MAX_ROWS || heads * headDimV > DECODE_OUT_MAX_INNER ||
+      !useFusedKernel(FlashDecodeOut, c.shapes, c.attrs)) {
+    return null;
+  }
+  const inputs: tf.NamedTensorMap = {q, kCache, vCache, w, bias: bias ?? q};
+  if (c.alibiSlopes != null) {
+    inputs.alibiSlopes = c.alibiSlopes;
+  }
+  const attrs = {...c.attrs, cacheSeqlens: cacheSeqlens.slice(), hasBias: bias != null};
+  return tf.engine().runKernel(FlashDecodeOut, inputs, attrs as unknown as tf.NamedAttrMap) as
+      tf.Tensor2D;
+}
+
+/**
+ * The last call's checked options, with what they were checked for: a
+ * decode loop passes the same options at every step, so a step whose
+ * tensors, option keys and values match field by field skips the option
+ * checks (no strings, no objects) and checks only its lengths.
+ */
+interface PreparedDecode {
+  q: readonly number[];
+  kCache: tf.Tensor;
+  vCache: tf.Tensor;
+  keys: string[];
+  causal: unknown;
+  softmaxScale: unknown;
+  window: unknown;
+  windowLeft: unknown;
+  windowRight: unknown;
+  softcap: unknown;
+  alibiSlopes: unknown;
+  checked: Checked;
+}
+let lastDecode: PreparedDecode|null = null;
+
+function samePrepared(
+    p: PreparedDecode, q: tf.Tensor, kCache: tf.Tensor, vCache: tf.Tensor,
+    opts: FlashAttentionWithKVCacheOptions): boolean {
+  const window = opts.windowSize;
+  if (p.kCache !== kCache || p.vCache !== vCache || kCache.isDisposed || vCache.isDisposed ||
+      q.isDisposed || q.rank !== 4 || p.causal !== opts.causal ||
+      p.softmaxScale !== opts.softmaxScale || p.window !== window ||
+      (window != null && (p.windowLeft !== window[0] || p.windowRight !== window[1])) ||
+      p.softcap !== opts.softcap || p.alibiSlopes !== opts.alibiSlopes ||
+      (opts.alibiSlopes != null && opts.alibiSlopes.isDisposed)) {
+    return false;
+  }
+  for (let i = 0; i < 4; i++) {
+    if (q.shape[i] !== p.q[i]) {
+      return false;
+    }
+  }
+  let n = 0;
+  for (const key in opts) {
+    if (key !== p.keys[n++]) {
+      return false;
+    }
+  }
+  return n === p.keys.length;
+}
+
+/** The checks of flashAttentionWithKVCache for a call without new keys. */
+function preparedDecodeCall(
+    q: tf.Tensor4D, kCache: tf.Tensor4D, vCache: tf.Tensor4D, cacheSeqlens: readonly number[],
+    opts: FlashAttentionWithKVCacheOptions): Checked {
+  const last = lastDecode;
+  if (last != null && opts != null && samePrepared(last, q, kCache, vCache, opts)) {
+    const seqMax = kCache.shape[1];
+    let ok = cacheSeqlens.length === last.checked.cacheSeqlens.length;
+    for (let b = 0; ok && b < cacheSeqlens.length; b++) {
+      const n = cacheSeqlens[b];
+      ok = Number.isInteger(n) && n >= 0 && n <= seqMax;
+    }
+    if (ok) {
+      return last.checked;
+    }
+  }
+  if (opts != null && typeof opts === 'object' &&
+      (opts.rotaryCos != null || opts.rotarySin != null || opts.k != null || opts.v != null)) {
+    fail(
+        opts.k != null || opts.v != null ? 'k' : 'rotaryCos', 'absent (q is rotated, keys written)',
+        'given', 'new keys and rotary tables are not taken here (q is rotated, keys written)');
+  }
+  const checked =
+      checkKVCacheCall(q, kCache, vCache, {...opts, cacheSeqlens: cacheSeqlens as number[]});
+  const window = opts?.windowSize;
+  lastDecode = {
+    q: q.shape.slice(),
+    kCache,
+    vCache,
+    keys: Object.keys(opts ?? {}),
+    causal: opts?.causal,
+    softmaxScale: opts?.softmaxScale,
+    window,
+    windowLeft: window?.[0],
+    windowRight: window?.[1],
+    softcap: opts?.softcap,
+    alibiSlopes: opts?.alibiSlopes,
+    checked,
+  };
+  return checked;
 }

@@ -15,6 +15,7 @@ import {checkOwnPipelineErrors, OwnPipelineSpec, runOwnPipeline, webgpuBackendOf
 import type {MatrixShape} from '../kernels/webgpu/subgroup_matrix';
 import {matrixLoadWGSL, matrixStoreWGSL, standInElementWGSL, standInHelpersWGSL, subgroupIdsWGSL, workgroupAlignmentProblems, zeroResultWGSL} from '../kernels/webgpu/subgroup_matrix_wgsl';
 import {matrixForwardWGSL, matrixTileSizes} from '../kernels/webgpu/flash_attention_subgroup_matrix_webgpu';
+import {twoPassForwardWGSL, twoPassTileSizes} from '../kernels/webgpu/flash_attention_subgroup_matrix_two_pass_webgpu';
 import {FlashAttentionGradMatrixProgram, matrixGradValid} from '../kernels/webgpu/flash_attention_grad_subgroup_matrix_webgpu';
 import {gradFeatures} from '../kernels/webgpu/flash_attention_grad_wgsl';
 import {scoreOptionsFromAttrs} from '../kernels/webgpu/wgsl_snippets';
@@ -120,6 +121,39 @@ var<workgroup> e: array<mat2x2<f32>, 4>;`;
       }
     }
     expect(checked).toBeGreaterThan(50);
+  });
+
+  it('holds for every two-pass forward tiling', () => {
+    let checked = 0;
+    for (const shape of shapes) {
+      for (const [d, dv] of [[32, 32], [64, 64], [128, 128], [32, 64]]) {
+        for (const [subgroups, rowBlocks] of [[1, 1], [2, 2], [4, 1], [4, 2], [8, 1]]) {
+          for (const bc of [16, 32, 64]) {
+            for (const split of [true, false]) {
+              const c = {
+                headDim: d,
+                headDimV: dv,
+                shape,
+                subgroups,
+                rowBlocks,
+                bc,
+                split,
+                score: split ? plain : masked,
+                alibiMode: split ? 0 : 1,
+                dropout: !split,
+                reverseRows: false
+              } as const;
+              if (twoPassTileSizes(c) == null) {
+                continue;
+              }
+              expect(workgroupAlignmentProblems(twoPassForwardWGSL(c))).toEqual([]);
+              checked++;
+            }
+          }
+        }
+      }
+    }
+    expect(checked).toBeGreaterThan(100);
   });
 
   it('holds for every backward tiling, both passes', () => {

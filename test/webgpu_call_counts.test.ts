@@ -345,15 +345,16 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
     {
       name: 'GQA, RoPE',
       args: {embedDim: 32, numHeads: 4, numHeadsKV: 2, causal: true, rotaryEmbDim: 8},
-      // qkv matMul with its bias; q, k, v taken from its packed heads in one
-      // pass (q rotated to its own tensor, k rotated and v written into the
-      // caches: no split, no copy); split-KV, combine; out matMul.
-      dispatches: 5,
+      // The qkv projection with its bias, rotating q into its own tensor and
+      // k, and writing k and v into the caches, in one pass (FlashDecodeQKV:
+      // no split, no copy); split-KV; the merge of the splits with the out
+      // projection (FlashDecodeOut).
+      dispatches: 3,
     },
     {
       name: 'ALiBi',
       args: {embedDim: 32, numHeads: 4, causal: true, useAlibi: true},
-      dispatches: 5,  // the same, the first pass only unpacking
+      dispatches: 3,  // the same, the first pass not rotating
     },
   ];
   for (const {name, args, dispatches} of LAYERS) {
@@ -381,7 +382,7 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
                hostUploads: 0,
                buffersCreated: 0,
                dispatches,
-               writeBuffers: dispatches - 1,  // the combine's uniforms are kept
+               writeBuffers: dispatches - 1,  // the last pass's uniforms are kept
                bufferCopies: 0,
                readBacks: 0,
              });
@@ -442,15 +443,16 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
             errorScopes: 0,
             hostUploads: 1,
             buffersCreated: 1,  // the id's staging buffer (tfjs maps a new one per upload)
-            // Embedding gather, norm, qkv projection, rotary (q, k, v from
-            // the packed projection), split-KV, combine, out projection,
-            // residual + norm + MLP in + GELU (FusedNormDense), MLP out,
-            // residual + final norm + logits (FusedNormDense).
-            dispatches: 10,
-            // All but the uniforms kept per content: the decode combine's
-            // and the two FusedNormDense passes'.
-            writeBuffers: 7,
-            // The id uploaded, the logits read (the rotary pass appends k, v).
+            // Embedding gather, norm, qkv projection + rotary + cache append
+            // (FlashDecodeQKV), split-KV, combine + out projection
+            // (FlashDecodeOut), residual + norm + MLP in + GELU
+            // (FusedNormDense), MLP out, residual + final norm + logits
+            // (FusedNormDense).
+            dispatches: 8,
+            // All but the uniforms kept per content: FlashDecodeOut's and
+            // the two FusedNormDense passes'.
+            writeBuffers: 5,
+            // The id uploaded, the logits read (the qkv pass appends k, v).
             bufferCopies: 2,
             readBacks: 1,
           });
@@ -491,8 +493,8 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
        await checkOwnPipelineErrors();
        expect(ids).toEqual(warm);
        const chunks = Math.ceil(length / readEvery);
-       // A token: the 10 dispatches of a cached step (test above) and its argmax.
-       const token = 10 + 1;
+       // A token: the 8 dispatches of a cached step (test above) and its argmax.
+       const token = 8 + 1;
        // Staging buffers of the uploads and reads, fewer once tfjs's pool has them.
        expect(counts.buffersCreated).toBeLessThanOrEqual(3 + 2 * chunks);
        expect({...counts, buffersCreated: 0}).toEqual({
@@ -505,8 +507,8 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
          // The prompt step (its last row sliced), the single-id steps, and a
          // concat per chunk of several ids.
          dispatches: (token + 1) + (length - 1) * token + (chunks - 1),
-         // All but the uniforms kept per content: the decode combine's and
-         // the two FusedNormDense passes' (three per step).
+         // All but the uniforms kept per content: FlashDecodeOut's and the
+         // two FusedNormDense passes' (three per step).
          writeBuffers: (token + 1) + (length - 1) * token + (chunks - 1) - 3 * length,
          bufferCopies: 3 + chunks,  // the uploads, and each chunk into its staging buffer
          readBacks: chunks,

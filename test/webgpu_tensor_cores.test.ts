@@ -1,11 +1,14 @@
 /**
  * The subgroup-matrix (tensor core) forward on Dawn/SwiftShader through its
- * stand-in (kernels/webgpu/flash_attention_subgroup_matrix_webgpu.ts: the
- * matrix built-ins as plain loops, f16 rounding emulated), against the
- * float64 oracle: every option case at float32 accuracy (hi/lo split),
- * the float16 precision within its bound, multi-tile problems on two
- * matrix shapes, operands far outside f16's range, and precision's
- * validation. The real built-ins are checked on a GPU by
+ * stand-in (kernels/webgpu/subgroup_matrix_wgsl.ts: the matrix built-ins as
+ * plain loops, f16 rounding emulated), against the float64 oracle. The
+ * default plan, the two-pass kernel
+ * (flash_attention_subgroup_matrix_two_pass_webgpu.ts): every option case
+ * at float32 accuracy (hi/lo split), the float16 precision within its
+ * bound, multi-tile problems on two matrix shapes and with 2 row blocks per
+ * subgroup, operands far outside f16's range, and precision's validation;
+ * the one-pass kernel (flash_attention_subgroup_matrix_webgpu.ts), forced,
+ * on a multi-tile problem. The real built-ins are checked on a GPU by
  * benchmarks/tensor_cores.ts (benchmarks/RESULTS.md).
  */
 import * as tf from '@tensorflow/tfjs-core';
@@ -33,6 +36,8 @@ interface Run {
   precision?: 'float32'|'float16';
   /** Multiplies q, k and v. */
   scale?: number;
+  /** The kernel that must run: the two-pass one unless 'online' is forced. */
+  tiling?: 'online';
 }
 
 /** One call of the op, checked against the oracle; the matrix path must run. */
@@ -55,11 +60,13 @@ async function check(name: string, r: Run, bound: number): Promise<void> {
       tf.tensor(
           Float32Array.from(p.alibiSlopes), r.shape.alibi === 'head' ? [heads] : [batch, heads]);
   const dispatches = matrixForwardStats.dispatches;
+  const twoPass = matrixForwardStats.twoPassDispatches;
   try {
     const opts: FlashAttentionOptions =
         {...r.opts, alibiSlopes: slopes, precision: r.precision, returnSoftmaxLse: true};
     const [out, lse] = flashAttention(q, k, v, opts) as tf.Tensor[];
     expect(matrixForwardStats.dispatches).toBe(dispatches + 1);
+    expect(matrixForwardStats.twoPassDispatches).toBe(twoPass + (r.tiling === 'online' ? 0 : 1));
     const [outData, lseData] = [await out.data(), await lse.data()];
     tf.dispose([out, lse]);
     await checkOwnPipelineErrors();
@@ -134,7 +141,7 @@ describeWebGPU('subgroup-matrix forward, stand-in [webgpu]', () => {
   for (const [label, shape, subgroups, bc] of [
            // (The 8x8x8 multi-tile variants took minutes each to compile on
            // SwiftShader; the option cases above run 8x8x8 blocks.)
-           ['16x8x16, 2 subgroups, 32 keys', SHAPE_B, 2, 32],
+           ['16x8x16, 2 subgroups, 16 keys', SHAPE_B, 2, 16],
   ] as Array<[string, MatrixShape, number, number]>) {
     describe(`multi-tile problems, ${label}`, () => {
       beforeAll(() => setMatrixForwardOverride({shape, subgroups, bc}));
@@ -144,8 +151,29 @@ describeWebGPU('subgroup-matrix forward, stand-in [webgpu]', () => {
     });
   }
 
+  // The one-pass kernel (O rescaled through workgroup memory), still
+  // forcible as a plan: a multi-tile case.
+  describe('one-pass kernel (forced), 16x8x16, 2 subgroups, 32 keys', () => {
+    beforeAll(
+        () => setMatrixForwardOverride(
+            {shape: SHAPE_B, subgroups: 2, bc: 32, forwardTiling: 'online'}));
+    for (const c of multiTile.slice(0, 1)) {
+      it(c.name,
+         () => check(c.name, {shape: c.shape, opts: c.opts, tiling: 'online'}, FORWARD_BOUND));
+    }
+  });
+
+  // Two row blocks of M rows per subgroup (the H100's first two-pass
+  // tiling), one subgroup so that SwiftShader's 32 KiB hold it.
+  describe('two-pass kernel, 2 row blocks per subgroup, 8x8x8', () => {
+    beforeAll(() => setMatrixForwardOverride({shape: SHAPE_A, subgroups: 1, rowBlocks: 2, bc: 16}));
+    for (const c of multiTile.slice(0, 1)) {
+      it(c.name, () => check(c.name, {shape: c.shape, opts: c.opts}, FORWARD_BOUND));
+    }
+  });
+
   describe('precision and range', () => {
-    beforeAll(() => setMatrixForwardOverride({shape: SHAPE_B, subgroups: 2, bc: 32}));
+    beforeAll(() => setMatrixForwardOverride({shape: SHAPE_B, subgroups: 2, bc: 16}));
     const shape: ProblemShape =
         {batch: 1, seqQ: 40, seqK: 40, heads: 2, headsKV: 1, headDim: 32, headDimV: 32};
     it('float16 precision: within its bound, and less accurate than the split', async () => {

@@ -105,12 +105,18 @@ function keyRow(j: string): string {
  * `arr[...][pos % 4] = val.e` for the 4 dims of chunk `ch`: a transposed
  * store (dim-major, `width` entries per dim) of one vec4.
  */
-function scatterQuad(arr: string, width: string, ch: string, pos: string, val: string): string {
+function scatterQuad(
+    arr: string, width: string, ch: string, pos: string, val: string, offset = ''): string {
   return range(4)
       .map(
-          e => `${arr}[(4u * ${ch} + ${e}u) * (${width} / 4u) + ${pos} / 4u][${pos} % 4u] = ${
-              val}.${COMP[e]};`)
+          e => `${arr}[${offset}(4u * ${ch} + ${e}u) * (${width} / 4u) + ${pos} / 4u][${
+              pos} % 4u] = ${val}.${COMP[e]};`)
       .join(' ');
+}
+
+/** `off + ` (an index offset into a slice buffer), or nothing for offset 0. */
+function plus(offset: string): string {
+  return offset === '' || offset === '0u' ? '' : `${offset} + `;
 }
 
 /** Q tile -> workgroup memory: Q row-major (classic) or Q^T (outer). */
@@ -148,6 +154,11 @@ interface TileOperand {
   chunkOf: (idx: string) => string;
   load: (row: string, chunk: string) => string;
   store: (idx: string, val: string) => string;
+  /**
+   * Rows other than keys (a streamed Q^T): the bound on the tile row and
+   * the global row of tile row `j`; keys (rowsK, keyRow) when absent.
+   */
+  rows?: {limit: string, global: (j: string) => string};
 }
 
 function keyOperand(L: ForwardLayout): TileOperand {
@@ -195,10 +206,12 @@ function valueOperand(L: ForwardLayout): TileOperand {
 
 /** `let j` and `val` = the operand's item `idx` of the tile at key `jBase`. */
 function loadItem(op: TileOperand, jBase: string, idx: string, guard: string): string {
+  const limit = op.rows?.limit ?? 'rowsK';
+  const globalRow = op.rows?.global ?? keyRow;
   return `let j = ${jBase} + i32(${op.keyOf(idx)});
       var val = vec4<f32>(0.0);
-      if (${guard}j < rowsK) {
-        val = ${op.load(keyRow('j'), `(${op.chunkOf(idx)})`)};
+      if (${guard}j < ${limit}) {
+        val = ${op.load(globalRow('j'), `(${op.chunkOf(idx)})`)};
       }`;
 }
 
@@ -304,13 +317,16 @@ function outerScoresWGSL(L: ForwardLayout): string {
  * `bound`): K^T's dims from 0 in `kvs`, Q^T's from `qDim0`.
  */
 function outerScoreStepsWGSL(
-    L: ForwardLayout, steps: number, bound: string, qDim0: number): string {
-  const unroll = steps % 8 === 0 ? 8 : 4;
+    L: ForwardLayout, steps: number, bound: string, qDim0: number, qOffset = '',
+    kOffset = ''): string {
+  const wanted = L.tiles.unroll ?? 8;
+  const unroll = steps % wanted === 0 ? wanted : steps % 8 === 0 ? 8 : 4;
   const qDim = (d: string) => qDim0 === 0 ? d : `${qDim0}u + ${d}`;
   const step = (d: string) => block([
     ...range(L.tiles.tm / 4)
-        .map(a => `let a${a} = qs[(${qDim(d)}) * (BR / 4u) + ty + TY * ${a}u];`),
-    ...L.keyQuads.map(q => `let k${q} = kvs[(${d}) * (BC / 4u) + tx + TX * ${q}u];`),
+        .map(a => `let a${a} = qs[${plus(qOffset)}(${qDim(d)}) * (BR / 4u) + ty + TY * ${a}u];`),
+    ...L.keyQuads.map(
+        q => `let k${q} = kvs[${plus(kOffset)}(${d}) * (BC / 4u) + tx + TX * ${q}u];`),
     ...L.rows.map(i => L.keyQuads.map(q => outerFMA(`s${i}_${q}`, 'a', i, `k${q}`)).join(' ')),
   ]);
   return `for (var d = 0u; d < ${bound}; d += ${unroll}u) {
@@ -456,7 +472,8 @@ function classicProbsTimesValuesWGSL(L: ForwardLayout): string {
  */
 function outerValueUnroll(L: ForwardLayout): number {
   const bc = L.sizes.bc;
-  return !L.config.runtimeLoops && bc % 16 === 0 ? 16 : bc % 8 === 0 ? 8 : 4;
+  const wanted = Math.min(L.tiles.unroll ?? 16, L.config.runtimeLoops ? 8 : 16);
+  return [16, 8, 4].find(u => u <= wanted && bc % u === 0)!;
 }
 
 /**
@@ -465,7 +482,8 @@ function outerValueUnroll(L: ForwardLayout): number {
  * output quad of the thread (VW), or one head-dim slice's (VWC).
  */
 function outerProbsTimesValuesWGSL(
-    L: ForwardLayout, quads = L.outQuads.map(jj => ({jj, local: jj})), stride = 'VW'): string {
+    L: ForwardLayout, quads = L.outQuads.map(jj => ({jj, local: jj})), stride = 'VW',
+    offset = ''): string {
   const unroll = outerValueUnroll(L);
   const mask = L.probsSwizzleMask;
   const rowQuads = range(L.tiles.tm / 4);
@@ -481,7 +499,8 @@ function outerProbsTimesValuesWGSL(
               `((${plainRow(a)}) ^ (((${key}) >> 2u) & ${mask}u))`;
   const step = (key: string, x: number) => block([
     ...rowQuads.map(a => `let p${a} = ps[(${key}) * (BR / 4u) + ${probsRow(a, key, x)}];`),
-    ...quads.map(o => `let v${o.jj} = kvs[(${key}) * ${stride} + tx + TX * ${o.local}u];`),
+    ...quads.map(
+        o => `let v${o.jj} = kvs[${plus(offset)}(${key}) * ${stride} + tx + TX * ${o.local}u];`),
     ...L.rows.map(i => quads.map(o => outerFMA(`o${i}_${o.jj}`, 'p', i, `v${o.jj}`)).join(' ')),
   ]);
   const hoistedRows = rowQuads.map(
@@ -522,7 +541,7 @@ export function keyOffsetsWGSL(L: ForwardLayout): string {
  * so that its latency overlaps the math in between.
  */
 export function keyLoopWGSL(L: ForwardLayout): string {
-  if (L.sizes.chunks > 1) {
+  if (L.sizes.sliced) {
     return slicedKeyLoopWGSL(L);
   }
   const keys = keyOperand(L);
@@ -576,8 +595,11 @@ function paddedQuad(
       globalQuad(buf, width, row, chunk);
 }
 
-/** Head-dim slice `slice` of the K tile, as K^T [4 DC4][BC] in `kvs`. */
-function keySliceOperand(L: ForwardLayout, slice: number): TileOperand {
+/**
+ * Head-dim slice `slice` of the K tile, as K^T [4 DC4][BC] in `kvs` at
+ * `offset` (a slice buffer).
+ */
+function keySliceOperand(L: ForwardLayout, slice: number, offset: string): TileOperand {
   const {bc, dc4, dq4, chunks, threads} = L.sizes;
   const padded = dc4 * chunks > dq4;
   return {
@@ -587,12 +609,33 @@ function keySliceOperand(L: ForwardLayout, slice: number): TileOperand {
     keyOf: idx => `${idx} % BC`,
     chunkOf: idx => `${slice * dc4}u + ${idx} / BC`,
     load: (row, chunk) => paddedQuad('kb', L.config.headDim, 'DQ4', padded, row, chunk),
-    store: (idx, val) => scatterQuad('kvs', 'BC', `(${idx} / BC)`, `(${idx} % BC)`, val),
+    store: (idx, val) =>
+        scatterQuad('kvs', 'BC', `(${idx} / BC)`, `(${idx} % BC)`, val, plus(offset)),
   };
 }
 
-/** Head-dim slice `slice` of the V tile, as V [BC][VWC] in `kvs`. */
-function valueSliceOperand(L: ForwardLayout, slice: number): TileOperand {
+/**
+ * Head-dim slice `slice` of the workgroup's Q rows (ForwardTiles.streamQuery),
+ * as Q^T [4 DC4][BR] in `qs` at `offset`; rows past the sequence are zeros.
+ */
+function querySliceOperand(L: ForwardLayout, slice: number, offset: string): TileOperand {
+  const {br, dc4, dq4, chunks, threads} = L.sizes;
+  const padded = dc4 * chunks > dq4;
+  return {
+    items: 'BR * DC4',
+    count: Math.ceil(br * dc4 / threads),
+    registers: 'qr',
+    keyOf: idx => `${idx} % BR`,
+    chunkOf: idx => `${slice * dc4}u + ${idx} / BR`,
+    load: (row, chunk) => paddedQuad('qb', L.config.headDim, 'DQ4', padded, row, chunk),
+    store: (idx, val) =>
+        scatterQuad('qs', 'BR', `(${idx} / BR)`, `(${idx} % BR)`, val, plus(offset)),
+    rows: {limit: 'rowsQ', global: j => `u32((qBase + ${j}) * u.heads + h)`},
+  };
+}
+
+/** Head-dim slice `slice` of the V tile, as V [BC][VWC] in `kvs` at `offset`. */
+function valueSliceOperand(L: ForwardLayout, slice: number, offset: string): TileOperand {
   const {bc, vcw, dv4, threads} = L.sizes;
   const padded = vcw * (slice + 1) > dv4;
   return {
@@ -602,56 +645,108 @@ function valueSliceOperand(L: ForwardLayout, slice: number): TileOperand {
     keyOf: idx => `${idx} / VWC`,
     chunkOf: idx => `${slice * vcw}u + ${idx} % VWC`,
     load: (row, chunk) => paddedQuad('vb', L.config.headDimV, 'DV4', padded, row, chunk),
-    store: (idx, val) => `kvs[${idx}] = ${val};`,
+    store: (idx, val) => `kvs[${plus(offset)}${idx}] = ${val};`,
   };
 }
 
+/** One step of the sliced key loop: the operands it places, and where. */
+interface SliceStep {
+  operands: Array<{op: TileOperand, base: string}>;
+  /** Offsets of its K^T or V buffer and (score slices) of its Q^T one. */
+  kvOffset: string;
+  qOffset: string;
+}
+
 /**
- * The key loop of the head-dim-sliced outer mode (ForwardTiles.dimChunks):
- * per key tile, S accumulates over the slices of K^T, then after the
- * online softmax and P^T, O's columns slice by slice over the slices of V;
- * each slice takes a barrier pair, and with the prefetch the next slice
- * (K's, then V's, then the next tile's first K slice) is loaded into
- * registers while the current one is multiplied. Q^T stays in workgroup
- * memory for the whole loop; its slices past DQ4 are zero (workgroup
- * memory starts zeroed and the Q load never writes there).
+ * The key loop of the sliced outer mode (ForwardTiles.dimChunks,
+ * streamQuery, doubleBuffer): per key tile, S accumulates over the slices
+ * of K^T (each with its Q^T slice when Q is streamed; otherwise Q^T stays
+ * in workgroup memory for the whole loop, its slices past DQ4 zero:
+ * workgroup memory starts zeroed and the Q load never writes there), then
+ * after the online softmax and P^T, O's columns over the slices of V.
+ * Each slice takes a barrier pair, or one barrier with two slice buffers
+ * used in turn (a slice is stored into one while the other is read; the
+ * barrier of the slice in between orders them). With the prefetch the
+ * next slice (K's, then V's, then the next tile's first) is loaded into
+ * registers while the current one is multiplied.
  */
 function slicedKeyLoopWGSL(L: ForwardLayout): string {
-  const {chunks, dc4, nj} = L.sizes;
-  const keySlices = range(chunks).map(c => keySliceOperand(L, c));
-  const valueSlices = range(chunks).map(c => valueSliceOperand(L, c));
-  const perSlice = nj / chunks;
-  const registers = (op: TileOperand) =>
-      range(op.count).map(n => `var ${op.registers}${n} = vec4<f32>(0.0);`).join(' ');
+  const {chunks, valueChunks, dc4, nj, buffers} = L.sizes;
+  const streamQuery = L.tiles.streamQuery === true;
+  const perTile = chunks + valueChunks;
+  // Slice n of a tile uses buffer n % 2 of the tile's own parity; with an
+  // odd number of slices per tile the parity alternates between tiles.
+  const offset = (n: number, size: string) => {
+    if (buffers === 1) {
+      return '';
+    }
+    if (perTile % 2 === 0) {
+      return n % 2 === 0 ? '' : size;
+    }
+    return `(((u32(kt - tBegin) + ${n % 2}u) & 1u) * ${size})`;
+  };
+  const scoreSteps: SliceStep[] = range(chunks).map(c => {
+    const kvOffset = offset(c, 'KVSLICE');
+    const qOffset = streamQuery ? offset(c, 'QSLICE') : '';
+    const operands = [{op: keySliceOperand(L, c, kvOffset), base: 'j0'}];
+    if (streamQuery) {
+      operands.push({op: querySliceOperand(L, c, qOffset), base: 'r0'});
+    }
+    return {operands, kvOffset, qOffset};
+  });
+  const valueSteps: SliceStep[] = range(valueChunks).map(v => {
+    const kvOffset = offset(chunks + v, 'KVSLICE');
+    return {operands: [{op: valueSliceOperand(L, v, kvOffset), base: 'j0'}], kvOffset, qOffset: ''};
+  });
+  const registers = (step: SliceStep) =>
+      step.operands
+          .map(({op}) => range(op.count).map(n => `var ${op.registers}${n} = vec4<f32>(0.0);`))
+          .flat()
+          .join(' ');
   // A slice into workgroup memory: from its registers, or loaded directly.
-  const place = (op: TileOperand) => L.prefetch ? storeTileWGSL(op) : loadTileWGSL(op, 'j0');
-  const fetch = (op: TileOperand, jBase: string) => L.prefetch ? fetchTileWGSL(op, jBase) : '';
+  const place = (step: SliceStep) =>
+      step.operands.map(({op, base}) => L.prefetch ? storeTileWGSL(op) : loadTileWGSL(op, base))
+          .join('\n    ');
+  // Its registers from global memory, at the tile of key `jBase`.
+  const fetchAt = (step: SliceStep, jBase: string) =>
+      step.operands.map(({op, base}) => fetchTileWGSL(op, base === 'j0' ? jBase : base))
+          .join('\n    ');
   const steps = 4 * dc4;
   const bound =
       L.config.runtimeLoops ? `(u32(u.loopDQ4) + ${chunks - 1}u) / ${chunks}u * 4u` : `${steps}u`;
-  const scoreSlice = (c: number) => `workgroupBarrier();
-    ${place(keySlices[c])}
-    ${fetch(c + 1 < chunks ? keySlices[c + 1] : valueSlices[0], 'j0')}
+  const all = [...scoreSteps, ...valueSteps];
+  // The next slice's registers: this tile's, or the next tile's first.
+  const fetchNext = (n: number) => {
+    if (!L.prefetch) {
+      return '';
+    }
+    return n + 1 < perTile ? fetchAt(all[n + 1], 'j0') : `if (kt + 1 < tEnd) {
+      ${fetchAt(all[0], 'j0 + i32(BC)')}
+    }`;
+  };
+  const slice = (n: number, extra: string, math: string) =>
+      `${buffers === 1 ? 'workgroupBarrier();' : ''}
+    ${place(all[n])}
+    ${extra}
+    ${fetchNext(n)}
     workgroupBarrier();
-    // S += Q^T K^T over head-dim slice ${c}.
-    ${outerScoreStepsWGSL(L, steps, bound, c * steps)}`;
-  const nextTile = L.prefetch ? `if (kt + 1 < tEnd) {
-      ${fetchTileWGSL(keySlices[0], 'j0 + i32(BC)')}
-    }` :
-                                '';
-  const quads = (c: number) => range(perSlice).map(local => ({jj: c * perSlice + local, local}));
-  const valueSlice = (c: number) => `workgroupBarrier();
-    ${place(valueSlices[c])}
-    ${c === 0 ? storeProbsWGSL(L) : ''}
-    ${c + 1 < chunks ? fetch(valueSlices[c + 1], 'j0') : nextTile}
-    workgroupBarrier();
-    // O += P V on output columns of head-dim slice ${c}.
-    ${outerProbsTimesValuesWGSL(L, quads(c), 'VWC')}`;
-  const prologue = `// Prefetch of the first K slice into registers.
-  ${registers(keySlices[0])}
-  ${registers(valueSlices[0])}
+    ${math}`;
+  const scoreSlice = (c: number) => {
+    // A resident Q^T holds every slice; a streamed one only this one.
+    const qDim0 = streamQuery ? 0 : c * steps;
+    const {qOffset, kvOffset} = scoreSteps[c];
+    return slice(c, '', `// S += Q^T K^T over head-dim slice ${c}.
+    ${outerScoreStepsWGSL(L, steps, bound, qDim0, qOffset, kvOffset)}`);
+  };
+  const perSlice = nj / valueChunks;
+  const quads = (v: number) => range(perSlice).map(local => ({jj: v * perSlice + local, local}));
+  const valueSlice = (v: number) => slice(
+      chunks + v, v === 0 ? storeProbsWGSL(L) : '', `// O += P V on output columns of V slice ${v}.
+    ${outerProbsTimesValuesWGSL(L, quads(v), 'VWC', valueSteps[v].kvOffset)}`);
+  const prologue = `// Prefetch of the first slice into registers.
+  ${[all[0], all[chunks]].map(registers).join('\n  ')}
   if (tBegin < tEnd) {
-    ${fetchTileWGSL(keySlices[0], 'tBegin * i32(BC)')}
+    ${fetchAt(all[0], 'tBegin * i32(BC)')}
   }`;
   return `${L.prefetch ? prologue : ''}
 
@@ -661,7 +756,7 @@ function slicedKeyLoopWGSL(L: ForwardLayout): string {
     ${range(chunks).map(scoreSlice).join('\n    ')}
 
     ${onlineSoftmaxWGSL(L)}
-    ${range(chunks).map(valueSlice).join('\n    ')}
+    ${range(valueChunks).map(valueSlice).join('\n    ')}
   }`;
 }
 
@@ -714,13 +809,20 @@ export function workgroupStorageWGSL(L: ForwardLayout): string {
   const reduction = L.config.subgroups || L.tiles.tx === 1 ?
       '' :
       `var<workgroup> red: array<f32, ${br * L.tiles.tx}>;`;
-  if (L.outer && L.sizes.chunks > 1) {
-    const {chunks, dc4, vcw} = L.sizes;
-    return `var<workgroup> qs: array<vec4<f32>, ${br * dc4 * chunks}>;  // Q^T [4 DC4 chunks][BR]
-var<workgroup> kvs: array<vec4<f32>, ${bc * Math.max(dc4, vcw)}>;  // K^T [4 DC4][BC] or V [BC][VWC]
+  if (L.outer && L.sizes.sliced) {
+    const {chunks, dc4, vcw, buffers} = L.sizes;
+    const kvSlice = bc * Math.max(dc4, vcw);
+    const query = L.tiles.streamQuery ?
+        `${buffers * br * dc4}>;  // Q^T slices [${buffers}][4 DC4][BR]` :
+        `${br * dc4 * chunks}>;  // Q^T [4 DC4 chunks][BR]`;
+    return `var<workgroup> qs: array<vec4<f32>, ${query}
+// K^T [4 DC4][BC] or V [BC][VWC] slices, ${buffers} buffer(s).
+var<workgroup> kvs: array<vec4<f32>, ${buffers * kvSlice}>;
 var<workgroup> ps: array<vec4<f32>, ${br * bc / 4}>;  // P^T [BC][BR]
 const DC4 = ${dc4}u;
 const VWC = ${vcw}u;
+const KVSLICE = ${kvSlice}u;
+const QSLICE = ${br * dc4}u;
 ${reduction}`;
   }
   if (L.outer) {

@@ -1,9 +1,11 @@
 /**
  * The subgroup-matrix (tensor core) forward of the webgpu backend: plans a
- * tiling from the device's matrix configuration and runs
- * flash_attention_subgroup_matrix_webgpu.ts. Used by the fused forward
- * (flash_attention.ts) whenever `planMatrixForward` returns a plan; else the
- * SIMT kernels run.
+ * tiling from the device's matrix configuration and runs the two-pass
+ * kernel (flash_attention_subgroup_matrix_two_pass_webgpu.ts, the default:
+ * O stays in matrix accumulators) or, when the override forces it, the
+ * one-pass kernel (flash_attention_subgroup_matrix_webgpu.ts). Used by the
+ * fused forward (FlashAttention.ts) whenever `planMatrixForward` returns a
+ * plan; else the SIMT kernels run.
  */
 /// <reference types="@webgpu/types" />
 import * as tf from '@tensorflow/tfjs-core';
@@ -14,6 +16,7 @@ import type {FlashAttentionAttrs} from '../../src/kernel_names';
 
 import {MatrixForwardConfig, matrixForwardKey, matrixForwardWGSL, MATRIX_FORWARD_UNIFORMS, matrixTileSizes, matrixWorkgroupBytes} from './flash_attention_subgroup_matrix_webgpu';
 import type {MatrixGradTiles} from './flash_attention_grad_subgroup_matrix_webgpu';
+import {TwoPassForwardConfig, twoPassForwardKey, twoPassForwardWGSL, twoPassTileSizes, twoPassWorkgroupBytes} from './flash_attention_subgroup_matrix_two_pass_webgpu';
 import {forwardOutputs, forwardUniformValues} from './forward_shared';
 import {dispatchGrid, packUniforms, runOwnPipeline} from './own_pipeline';
 import {MatrixDiagnosis, MatrixShape, pickSubgroupMatrixShape, unvalidatedTensorCoresAllowed} from './subgroup_matrix';
@@ -29,6 +32,14 @@ export interface MatrixForwardOverride {
   shape?: MatrixShape;
   subgroups?: number;
   bc?: number;
+  /**
+   * The forward's kernel: 'twoPass' (the default; O in matrix registers,
+   * flash_attention_subgroup_matrix_two_pass_webgpu.ts) or 'online' (the
+   * first kernel, one pass with O rescaled through workgroup memory).
+   */
+  forwardTiling?: MatrixForwardTiling;
+  /** Two-pass kernel: blocks of M query rows per subgroup. */
+  rowBlocks?: number;
   /** The backward's tiling (flash_attention_grad_subgroup_matrix.ts). */
   gradTiles?: MatrixGradTiles;
   /** Hardware checks: the SIMT forward with the matrix backward. */
@@ -82,14 +93,53 @@ function warnUnvalidatedOnce(): void {
   }
 }
 
+export type MatrixForwardTiling = 'twoPass'|'online';
+
 export interface MatrixForwardPlan {
+  tiling: MatrixForwardTiling;
   shape: MatrixShape;
   subgroups: number;
+  /** Two-pass kernel: blocks of M rows per subgroup (1 for 'online'). */
+  rowBlocks: number;
   bc: number;
   split: boolean;
 }
 
-/** Workgroup shapes tried in order: (subgroups, keys per tile). */
+/**
+ * Two-pass workgroup shapes tried in order: (subgroups, row blocks per
+ * subgroup, keys per tile). More query rows per workgroup first: each K
+ * and V tile is loaded from global memory and split once per workgroup.
+ */
+const TWO_PASS_TILINGS: Array<[number, number, number]> = [
+  [4, 2, 32],
+  [8, 1, 32],
+  [4, 1, 64],
+  [4, 1, 32],
+  [2, 2, 32],
+  [2, 1, 32],
+  [4, 1, 16],
+  [2, 1, 16],
+  [1, 1, 16],
+];
+
+/**
+ * 32-bit registers per lane that the two-pass kernel's long-lived matrices
+ * (Q's left matrices and O's accumulators) may take, at most: beyond about
+ * half the register file the per-tile temporaries spill.
+ */
+const MAX_MATRIX_REGISTERS = 128;
+
+/** Registers per lane of a subgroup's Q matrices and O accumulators. */
+function twoPassMatrixRegisters(
+    shape: MatrixShape, headDim: number, headDimV: number, rowBlocks: number,
+    split: boolean): number {
+  const {M, N, K, lanes} = shape;
+  const q = rowBlocks * (headDim / K) * (split ? 2 : 1) * (M * K / lanes / 2);
+  const o = rowBlocks * (headDimV / N) * (M * N / lanes);
+  return q + o;
+}
+
+/** One-pass workgroup shapes tried in order: (subgroups, keys per tile). */
 const MATRIX_TILINGS: Array<[number, number]> = [
   [4, 64],
   [4, 32],
@@ -103,7 +153,9 @@ const MATRIX_TILINGS: Array<[number, number]> = [
 
 /** Dispatches of the matrix forward (lets tests check that it ran). */
 export const matrixForwardStats = {
-  dispatches: 0
+  dispatches: 0,
+  /** Of which the two-pass kernel's. */
+  twoPassDispatches: 0,
 };
 
 /**
@@ -119,6 +171,9 @@ export function planMatrixForward(
     return null;
   }
   const split = precision !== 'float16';
+  if (override?.forwardTiling !== 'online') {
+    return planTwoPass(device, headDim, headDimV, shape, split);
+  }
   const tilings = override?.subgroups != null || override?.bc != null ?
       [[override.subgroups ?? 2, override.bc ?? 32] as [number, number]] :
       MATRIX_TILINGS;
@@ -138,7 +193,33 @@ export function planMatrixForward(
       reverseRows: false
     });
     if (bytes <= limits.maxComputeWorkgroupStorageSize) {
-      return {shape, subgroups, bc, split};
+      return {tiling: 'online', shape, subgroups, rowBlocks: 1, bc, split};
+    }
+  }
+  return null;
+}
+
+function planTwoPass(
+    device: GPUDevice, headDim: number, headDimV: number, shape: MatrixShape,
+    split: boolean): MatrixForwardPlan|null {
+  const forced = override?.subgroups != null || override?.bc != null || override?.rowBlocks != null;
+  const tilings = forced ?
+      [[override!.subgroups ?? 2, override!.rowBlocks ?? 1,
+        override!.bc ?? 32] as [number, number, number]] :
+      TWO_PASS_TILINGS;
+  const limits = device.limits;
+  for (const [subgroups, rowBlocks, bc] of tilings) {
+    const c = {headDim, headDimV, shape, subgroups, rowBlocks, bc, split};
+    const sizes = twoPassTileSizes(c);
+    if (sizes == null || sizes.threads > limits.maxComputeInvocationsPerWorkgroup ||
+        sizes.threads > limits.maxComputeWorkgroupSizeX ||
+        (!forced && !shape.standIn &&
+         twoPassMatrixRegisters(shape, headDim, headDimV, rowBlocks, split) >
+             MAX_MATRIX_REGISTERS)) {
+      continue;
+    }
+    if (twoPassWorkgroupBytes(c) <= limits.maxComputeWorkgroupStorageSize) {
+      return {tiling: 'twoPass', shape, subgroups, rowBlocks, bc, split};
     }
   }
   return null;
@@ -153,6 +234,9 @@ export function matrixForwardWebGPU(
   const headDimV = v.shape[3];
   const hasAlibi = alibiSlopes != null && tf.util.sizeFromShape(alibiSlopes.shape) > 0;
   const score = scoreOptionsFromAttrs(attrs, hasAlibi);
+  if (plan.tiling === 'twoPass') {
+    return twoPassForwardWebGPU(backend, inputs, attrs, plan);
+  }
   const config: MatrixForwardConfig = {
     headDim,
     headDimV,
@@ -182,6 +266,58 @@ export function matrixForwardWebGPU(
         key: matrixForwardKey(config),
         label: 'FlashAttention forward (subgroup matrices)',
         code: () => matrixForwardWGSL(config),
+        numInputs: bound.length,
+        numOutputs: 2,
+        hasUniforms: true,
+      },
+      {
+        inputs: bound,
+        outputs: forwardOutputs(q, v),
+        uniforms,
+        dispatch: grid,
+      });
+}
+
+/** Runs the two-pass matrix forward: returns [out, lse]. */
+function twoPassForwardWebGPU(
+    backend: WebGPUBackend, inputs: Record<string, tf.TensorInfo>, attrs: FlashAttentionAttrs,
+    plan: MatrixForwardPlan): tf.TensorInfo[] {
+  const {q, k, v, alibiSlopes} = inputs;
+  const [batch, seqQ, heads, headDim] = q.shape;
+  const headDimV = v.shape[3];
+  const hasAlibi = alibiSlopes != null && tf.util.sizeFromShape(alibiSlopes.shape) > 0;
+  const score = scoreOptionsFromAttrs(attrs, hasAlibi);
+  const config: TwoPassForwardConfig = {
+    headDim,
+    headDimV,
+    shape: plan.shape,
+    subgroups: plan.subgroups,
+    rowBlocks: plan.rowBlocks,
+    bc: plan.bc,
+    split: plan.split,
+    score,
+    alibiMode: !hasAlibi               ? 0 :
+        alibiSlopes.shape.length === 1 ? 1 :
+                                         2,
+    dropout: attrs.dropoutRate > 0,
+    reverseRows: score.windowRight && !score.windowLeft,
+  };
+  const {br} = twoPassTileSizes(config)!;
+  const numQTiles = Math.ceil(seqQ / br);
+  const totalGroups = numQTiles * heads * batch;
+  const grid = dispatchGrid(totalGroups, backend.device.limits.maxComputeWorkgroupsPerDimension);
+  const uniforms = packUniforms(MATRIX_FORWARD_UNIFORMS, {
+    ...forwardUniformValues(q, k, attrs, numQTiles, totalGroups, grid[0]),
+    one: 1,
+  });
+  const bound = hasAlibi ? [q, k, v, alibiSlopes] : [q, k, v];
+  matrixForwardStats.dispatches++;
+  matrixForwardStats.twoPassDispatches++;
+  return runOwnPipeline(
+      backend, {
+        key: twoPassForwardKey(config),
+        label: 'FlashAttention two-pass forward (subgroup matrices)',
+        code: () => twoPassForwardWGSL(config),
         numInputs: bound.length,
         numOutputs: 2,
         hasUniforms: true,

@@ -36,7 +36,9 @@
  *
  * Head-dim slices (ForwardTiles.dimChunks, outer mode): K^T and V pass
  * through workgroup memory a slice of the head dim at a time, so that a
- * 64-row Q^T tile fits beside them at D=128 (slicedKeyLoopWGSL).
+ * 64-row Q^T tile fits beside them at D=128 (slicedKeyLoopWGSL); Q^T can
+ * be streamed with K^T instead of resident (streamQuery), and the slices
+ * can alternate between two buffers, one barrier each (doubleBuffer).
  */
 import {bindingsWGSL, uniformStructWGSL} from './own_pipeline';
 import {epilogueWGSL, ForwardLayout, keyLoopWGSL, keyOffsetsWGSL, loadQueryTileWGSL, rowStateWGSL, workgroupStorageWGSL, xorSwizzleMask} from './flash_attention_forward_wgsl';
@@ -68,6 +70,25 @@ export interface ForwardTiles {
    * 64"). 1 or absent: whole tiles.
    */
   dimChunks?: number;
+  /**
+   * Outer-product mode only: Q^T is not resident but streamed beside K^T,
+   * slice by slice, every key tile (from L2, where the tile's rows stay
+   * hot). Frees the 32 KiB a 64-row Q^T takes at D=128, so that 64 x 64
+   * tiles with 256 invocations fit 48 KiB.
+   */
+  streamQuery?: boolean;
+  /**
+   * Outer-product mode only: two slice buffers used in turn, so that a
+   * slice is stored while the previous one is multiplied: one barrier per
+   * slice instead of a pair.
+   */
+  doubleBuffer?: boolean;
+  /**
+   * Outer-product mode only: head-dim steps of S and keys of P V per
+   * unrolled loop body, at most (4, 8 or 16; default 8 and 16). A smaller
+   * body holds fewer loads in flight: fewer registers at large head dims.
+   */
+  unroll?: number;
 }
 
 /** Everything baked into one forward pipeline. */
@@ -120,8 +141,20 @@ export interface TileSizes {
   chunks: number;
   /** Width of one K^T slice in vec4s (DQ4 when unsliced; the last may pad). */
   dc4: number;
-  /** Width of one V slice in vec4s: TX * NJ / chunks. */
+  /** Width of one V slice in vec4s: TX * NJ / valueChunks. */
   vcw: number;
+  /**
+   * Slices of V: `chunks`, or fewer when a thread has fewer output quads
+   * (each slice holds at least one quad of every thread).
+   */
+  valueChunks: number;
+  /**
+   * The key loop streams K^T and V through slice buffers
+   * (slicedKeyLoopWGSL): head-dim slices, a streamed Q or double buffers.
+   */
+  sliced: boolean;
+  /** Slice buffers of K^T / V (and of Q^T when streamed): 2 double-buffered. */
+  buffers: number;
 }
 
 export function tileSizes(c: {headDim: number, headDimV: number, tiles: ForwardTiles}): TileSizes {
@@ -129,8 +162,11 @@ export function tileSizes(c: {headDim: number, headDimV: number, tiles: ForwardT
   const chunks = Math.max(1, c.tiles.dimChunks ?? 1);
   const dq4 = Math.ceil(c.headDim / 4);
   const dv4 = Math.ceil(c.headDimV / 4);
+  const quadsPerThread = Math.ceil(dv4 / tx);
+  const valueChunks = Math.min(chunks, quadsPerThread);
   // Sliced: every slice holds the same number of each thread's quads.
-  const nj = Math.ceil(Math.ceil(dv4 / tx) / chunks) * chunks;
+  const nj = Math.ceil(quadsPerThread / valueChunks) * valueChunks;
+  const sliced = chunks > 1 || c.tiles.streamQuery === true || c.tiles.doubleBuffer === true;
   return {
     br: tm * ty,
     bc: 4 * tx * nq,
@@ -142,7 +178,10 @@ export function tileSizes(c: {headDim: number, headDimV: number, tiles: ForwardT
     vWidth: tx * nj,
     chunks,
     dc4: Math.ceil(dq4 / chunks),
-    vcw: tx * nj / chunks,
+    vcw: tx * nj / valueChunks,
+    valueChunks,
+    sliced,
+    buffers: c.tiles.doubleBuffer ? 2 : 1,
   };
 }
 
@@ -151,9 +190,12 @@ export function workgroupBytes(
     c: {headDim: number, headDimV: number, tiles: ForwardTiles}, subgroups: boolean): number {
   const s = tileSizes(c);
   const red = subgroups ? 0 : s.br * c.tiles.tx * 4;
-  if (c.tiles.outer && s.chunks > 1) {
-    // Q^T (padded to whole slices), one K^T or V slice, and P^T.
-    return 16 * (s.br * s.dc4 * s.chunks + s.bc * Math.max(s.dc4, s.vcw)) + 4 * s.br * s.bc + red;
+  if (c.tiles.outer && s.sliced) {
+    // Q^T (padded to whole slices; one slice per buffer when streamed),
+    // K^T or V slice buffers, and P^T.
+    const query = c.tiles.streamQuery ? s.buffers * s.br * s.dc4 : s.br * s.dc4 * s.chunks;
+    const slice = s.buffers * s.bc * Math.max(s.dc4, s.vcw);
+    return 16 * (query + slice) + 4 * s.br * s.bc + red;
   }
   if (c.tiles.outer) {
     // Q^T, K^T and V (one buffer for both) and P^T.
@@ -168,9 +210,11 @@ export function workgroupBytes(
 export function prefetchFloats(c: {headDim: number, headDimV: number, tiles: ForwardTiles}):
     number {
   const s = tileSizes(c);
-  if (s.chunks > 1) {
-    // One slice of K^T or V ahead.
-    return 4 * Math.max(Math.ceil(s.bc * s.dc4 / s.threads), Math.ceil(s.bc * s.vcw / s.threads));
+  if (s.sliced) {
+    // One slice of K^T (with Q^T's when streamed) or of V ahead.
+    const query = c.tiles.streamQuery ? Math.ceil(s.br * s.dc4 / s.threads) : 0;
+    return 4 *
+        Math.max(Math.ceil(s.bc * s.dc4 / s.threads) + query, Math.ceil(s.bc * s.vcw / s.threads));
   }
   return 4 * (Math.ceil(s.bc * s.dq4 / s.threads) + Math.ceil(s.bc * s.dv4 / s.threads));
 }
@@ -186,7 +230,9 @@ export function usePrefetch(c: ForwardConfig): boolean {
 export function forwardKey(c: ForwardConfig): string {
   const t = c.tiles;
   const chunks = (t.dimChunks ?? 1) > 1 ? `c${t.dimChunks}` : '';
-  const tiling = `tm${t.tm}tx${t.tx}nq${t.nq}ty${t.ty}${t.outer ? 'o' : ''}${chunks}`;
+  const stream =
+      `${t.streamQuery ? 'qs' : ''}${t.doubleBuffer ? 'db' : ''}${t.unroll ? `u${t.unroll}` : ''}`;
+  const tiling = `tm${t.tm}tx${t.tx}nq${t.nq}ty${t.ty}${t.outer ? 'o' : ''}${chunks}${stream}`;
   const flags = `al${c.alibiMode}_do${+ c.dropout}_sg${+ c.subgroups}_rv${+ c.reverseRows}_rl${
       + c.runtimeLoops}_pf${c.prefetch ?? '-'}_sk${+ !!c.splitKeys}`;
   return `fa_fwd_d${c.headDim}_dv${c.headDimV}_${tiling}_${scoreKey(c.score)}_${flags}`;
@@ -220,6 +266,13 @@ export function forwardLayout(c: ForwardConfig): ForwardLayout {
   if ((t.dimChunks ?? 1) > 1 && !outer) {
     throw new Error(`FlashAttention forward: head-dim slices (dimChunks = ${
         t.dimChunks}) need the outer-product tiling`);
+  }
+  if (t.unroll != null && ![4, 8, 16].includes(t.unroll)) {
+    throw new Error(`FlashAttention forward: unroll must be 4, 8 or 16, got ${t.unroll}`);
+  }
+  if ((t.streamQuery || t.doubleBuffer || t.unroll != null) && !outer) {
+    const what = t.streamQuery ? 'streamQuery' : t.doubleBuffer ? 'doubleBuffer' : 'unroll';
+    throw new Error(`FlashAttention forward: ${what} needs the outer-product tiling`);
   }
   const sizes = tileSizes(c);
   const quadColumns = c.dropout || outer;
@@ -353,7 +406,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   sp.seqQ = u.seqQ;
   ${sequenceRowsWGSL(c)}
 
-  ${loadQueryTileWGSL(L)}
+  ${t.streamQuery ? '// Q^T slices are streamed with K^T (the key loop).' : loadQueryTileWGSL(L)}
   let keys = fa_key_range(r0, rEnd, sp);
   let tFirst = keys.x / i32(BC);
   let tLast = select(tFirst, (keys.y + i32(BC) - 1) / i32(BC), keys.y > keys.x);

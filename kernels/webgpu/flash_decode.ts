@@ -11,9 +11,11 @@ import type {WebGPUBackend} from '@tensorflow/tfjs-backend-webgpu';
 
 import type {AttentionShapes} from '../../src/checks';
 import type {FlashAttentionAttrs, FlashAttentionKVCacheAttrs} from '../../src/kernel_names';
-import {FlashAttentionKVCache} from '../../src/kernel_names';
+import {FlashAttentionKVCache, FlashDecodeOut} from '../../src/kernel_names';
 
 import {BoundedCache} from './bounded_cache';
+import {DENSE_THREADS} from './dense_webgpu';
+import {DecodeCombineDenseProgram} from './flash_decode_combine_dense_webgpu';
 import {DecodeCombineProgram, DECODE_COMBINE_UNIFORMS} from './flash_decode_combine_webgpu';
 import {DecodeRotaryProgram} from './flash_decode_rotary_webgpu';
 import {DECODE_MAX_ROWS, DECODE_SPLIT_UNIFORMS, DECODE_TILE} from './flash_decode_split_webgpu';
@@ -193,6 +195,13 @@ function rotateStep(
   return qRot;
 }
 
+/** The split pass's partial results, and the shapes the second pass needs. */
+interface SplitParts {
+  parts: tf.TensorInfo[];
+  rowsTotal: number;
+  numSplits: number;
+}
+
 /**
  * Appends the new keys and values (unless `appended`: the rotary pass
  * wrote them), then split-KV attention: [out, lse].
@@ -200,6 +209,45 @@ function rotateStep(
 function decodeAttention(
     backend: WebGPUBackend, inputs: KVCacheKernelInputs, attrs: FlashAttentionKVCacheAttrs,
     appended: boolean, seqNew: number): tf.TensorInfo[] {
+  const [batch, seqQ, heads] = inputs.q.shape;
+  const headDimV = inputs.vCache.shape[3];
+  const {parts, rowsTotal, numSplits} = recordSplit(backend, inputs, attrs, appended, seqNew);
+  try {
+    const combineSpec = combinePrograms.get(String(headDimV), () => {
+      const combine = new DecodeCombineProgram(headDimV);
+      return {
+        key: combine.key,
+        code: () => combine.getUserCode(),
+        numInputs: 2,
+        numOutputs: 2,
+        hasUniforms: true,
+        label: 'flash-decode-combine',
+      };
+    });
+    const combineUniforms = new UniformWriter(new ArrayBuffer(16));
+    const values = {heads, seqQ, numSplits, rowsTotal};
+    DECODE_COMBINE_UNIFORMS.forEach(name => combineUniforms.i32(values[name]));
+    return recordOwnPipeline(backend, combineSpec, {
+      inputs: parts,
+      outputs: [
+        {shape: [batch, seqQ, heads, headDimV], dtype: 'float32'},
+        {shape: [batch, heads, seqQ], dtype: 'float32'},
+      ],
+      uniforms: combineUniforms.finish(),
+      // Shapes only (no lengths): a buffer kept per content, no write per step.
+      cacheUniforms: true,
+      dispatch: dispatchGrid(rowsTotal, backend.device.limits.maxComputeWorkgroupsPerDimension),
+    });
+  } finally {
+    // Owned by the pending command queue: tfjs frees them after its submit.
+    parts.forEach(p => backend.disposeData(p.dataId));
+  }
+}
+
+/** Appends (unless `appended`) and records the split pass: its partial results. */
+function recordSplit(
+    backend: WebGPUBackend, inputs: KVCacheKernelInputs, attrs: FlashAttentionKVCacheAttrs,
+    appended: boolean, seqNew: number): SplitParts {
   const {q, kCache, vCache, k, v, alibiSlopes} = inputs;
   const [batch, seqQ, heads, headDim] = q.shape;
   const [, seqMax, headsKV] = kCache.shape;
@@ -256,50 +304,68 @@ function decodeAttention(
     writer.i32(b < batch ? seqlensK[b] : 0);
   }
   const rowsTotal = batch * seqQ * heads;
-  let parts: tf.TensorInfo[] = [];
+  const parts = recordOwnPipeline(
+      backend, splitSpec, {
+        inputs: [q, kCache, vCache, alibiSlopes ?? q],
+        outputs: [
+          {shape: [rowsTotal, numSplits, headDimV], dtype: 'float32'},
+          {shape: [rowsTotal, numSplits, 2], dtype: 'float32'},
+        ],
+        uniforms: writer.finish(),
+        dispatch: dispatchGrid(groupsTotal, backend.device.limits.maxComputeWorkgroupsPerDimension),
+      },
+      copies);
+  return {parts, rowsTotal, numSplits};
+}
+
+const combineDensePrograms = new BoundedCache<DecodeCombineDenseProgram>(16);
+
+/**
+ * FlashDecodeOut: split-KV attention of q over the caches (their new rows
+ * already written) and the output projection of each token, the merge of
+ * the splits and the projection in one pass: `[y [B * Sq, N]]`.
+ */
+export function flashDecodeOutWebGPU(args: {
+  inputs: tf.NamedTensorInfoMap,
+  backend: tf.KernelBackend,
+  attrs?: tf.NamedAttrMap,
+}): tf.TensorInfo {
+  const backend = args.backend as unknown as WebGPUBackend;
+  const inputs =
+      args.inputs as unknown as KVCacheKernelInputs & {w: tf.TensorInfo, bias: tf.TensorInfo};
+  const attrs = args.attrs as unknown as FlashAttentionKVCacheAttrs & {hasBias: boolean};
+  const [batch, seqQ, heads] = inputs.q.shape;
+  const headDimV = inputs.vCache.shape[3];
+  const cols = inputs.w.shape[1];
+  const {parts, numSplits} = recordSplit(backend, inputs, attrs, true, 0);
   try {
-    parts = recordOwnPipeline(
-        backend, splitSpec, {
-          inputs: [q, kCache, vCache, alibiSlopes ?? q],
-          outputs: [
-            {shape: [rowsTotal, numSplits, headDimV], dtype: 'float32'},
-            {shape: [rowsTotal, numSplits, 2], dtype: 'float32'},
-          ],
-          uniforms: writer.finish(),
-          dispatch:
-              dispatchGrid(groupsTotal, backend.device.limits.maxComputeWorkgroupsPerDimension),
-        },
-        copies);
-    const combineSpec = combinePrograms.get(String(headDimV), () => {
-      const combine = new DecodeCombineProgram(headDimV);
-      return {
-        key: combine.key,
-        code: () => combine.getUserCode(),
-        numInputs: 2,
-        numOutputs: 2,
-        hasUniforms: true,
-        label: 'flash-decode-combine',
-      };
-    });
-    const combineUniforms = new UniformWriter(new ArrayBuffer(16));
-    const values = {heads, seqQ, numSplits, rowsTotal};
-    DECODE_COMBINE_UNIFORMS.forEach(name => combineUniforms.i32(values[name]));
-    return recordOwnPipeline(backend, combineSpec, {
-      inputs: parts,
-      outputs: [
-        {shape: [batch, seqQ, heads, headDimV], dtype: 'float32'},
-        {shape: [batch, heads, seqQ], dtype: 'float32'},
-      ],
-      uniforms: combineUniforms.finish(),
+    const program = combineDensePrograms.get(
+        `${heads},${headDimV},${+ attrs.hasBias}`,
+        () => new DecodeCombineDenseProgram(heads, headDimV, attrs.hasBias));
+    const tokens = batch * seqQ;
+    const uniforms = new UniformWriter(new ArrayBuffer(16));
+    uniforms.i32(tokens).i32(cols).i32(Math.ceil(cols / DENSE_THREADS)).i32(numSplits);
+    return recordOwnPipeline(backend, program, {
+      inputs: [parts[0], parts[1], inputs.w, inputs.bias],
+      outputs: [{shape: [tokens, cols], dtype: 'float32'}],
+      uniforms: uniforms.finish(),
       // Shapes only (no lengths): a buffer kept per content, no write per step.
       cacheUniforms: true,
-      dispatch: dispatchGrid(rowsTotal, backend.device.limits.maxComputeWorkgroupsPerDimension),
-    });
+      dispatch: dispatchGrid(
+          DecodeCombineDenseProgram.workgroups(tokens, cols),
+          backend.device.limits.maxComputeWorkgroupsPerDimension),
+    })[0];
   } finally {
     // Owned by the pending command queue: tfjs frees them after its submit.
     parts.forEach(p => backend.disposeData(p.dataId));
   }
 }
+
+export const flashDecodeOutWebGPUConfig: tf.KernelConfig = {
+  kernelName: FlashDecodeOut,
+  backendName: 'webgpu',
+  kernelFunc: flashDecodeOutWebGPU as unknown as tf.KernelFunc,
+};
 
 export const flashDecodeWebGPUConfig: tf.KernelConfig = {
   kernelName: FlashAttentionKVCache,

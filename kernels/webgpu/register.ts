@@ -5,7 +5,8 @@
  */
 import {registerFusedKernel} from '../../src/dispatch';
 
-import {flashDecodeWebGPUConfig, supportsFlashDecodeWebGPU} from './flash_decode';
+import {flashDecodeOutWebGPUConfig, flashDecodeWebGPUConfig, supportsFlashDecodeWebGPU} from './flash_decode';
+import {flashDecodeQKVWebGPUConfig} from './flash_decode_qkv';
 import {flashAttentionWebGPUConfig, supportsFlashAttentionWebGPU} from './FlashAttention';
 import {registerFlashAttentionGradWebGPU} from './FlashAttentionGrad';
 import {registerTrainingKernelsWebGPU} from './training_kernels';
@@ -17,5 +18,9 @@ registerFusedKernel(
 registerFlashAttentionGradWebGPU();
 // Decoding over a KV cache (flashAttentionWithKVCache), inference only.
 registerFusedKernel(flashDecodeWebGPUConfig, supportsFlashDecodeWebGPU);
+// A decode step's pre-norm, qkv projection, rotary and cache append.
+registerFusedKernel(flashDecodeQKVWebGPUConfig);
+// A decode step's attention and output projection (merge and matMul in one pass).
+registerFusedKernel(flashDecodeOutWebGPUConfig, supportsFlashDecodeWebGPU);
 // The training kernels: fused norms, softmax cross-entropy, rotary.
 registerTrainingKernelsWebGPU();

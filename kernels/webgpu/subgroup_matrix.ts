@@ -85,7 +85,8 @@ interface AdapterInfoLike {
  * they are slower than the SIMT kernels there (benchmarks/RESULTS.md,
  * "Session 8, call 1"), so the opt-in alone does not turn them on: only
  * the hardware checks and benchmarks (benchmarks/tensor_cores.ts) do,
- * until a faster tiling lands.
+ * until the two-pass forward (the default plan since session 9, not yet
+ * run on a GPU) has passed that check and beaten the SIMT kernels.
  */
 let unvalidatedAllowed = false;
 

@@ -85,6 +85,41 @@ export const SLICED_FORWARD_CANDIDATES: ForwardTiles[] = [
   {tm: 4, tx: 8, nq: 1, ty: 8, outer: true, dimChunks: 2},   // 32 x 32, 64, 28 KiB
 ];
 
+/**
+ * Head dims 65..128 (valid up to 256 where they fit): tilings aimed at what
+ * bounds the sliced candidates at D=128 (docs/webgpu_tuning.md, "What
+ * bounds the D=128 forward"): barriers per FMA, the 64 output floats per
+ * thread, and the 32 KiB that a resident 64-row Q^T takes. Forcible
+ * (setForwardOverride, the benchmark's `--variants streamed`); the planner
+ * does not take them until a GPU measures them. At D=128, subgroups on:
+ */
+export const STREAMED_FORWARD_CANDIDATES: ForwardTiles[] = [
+  // E: 64 x 64, 256 thr, Q^T streamed with K^T in 2 slices: 48 KiB, O 32 + S 16
+  // floats per thread (A: 64 + 16), 8 warps per workgroup.
+  {tm: 4, tx: 16, nq: 1, ty: 16, outer: true, dimChunks: 2, streamQuery: true},
+  // F: 64 x 64, 128 thr, Q^T streamed, 8 x 4 S and O micro-tiles (D=64's planned
+  // shape): 48 KiB, 0.094 workgroup loads per FMA, 1024 FMAs per barrier (A: 512).
+  {tm: 8, tx: 16, nq: 1, ty: 8, outer: true, dimChunks: 2, streamQuery: true},
+  // G: A's 64 x 32 tiles, 4 slices in two buffers: one barrier per slice (8 per
+  // tile, A4: 16), 8 prefetch floats (A: 16); 48 KiB.
+  {tm: 4, tx: 8, nq: 1, ty: 16, outer: true, dimChunks: 4, doubleBuffer: true},
+  // H: F's tiles with 4 x 8 S micro-tiles and 8 threads per row: the fewest
+  // workgroup-memory wavefronts per FMA (a warp's K^T or V load is 128 bytes).
+  {tm: 4, tx: 8, nq: 2, ty: 16, outer: true, dimChunks: 2, streamQuery: true},
+];
+
+/** The benchmark's `--variants` spelling of a forced tiling. */
+export function forwardVariantName(t: ForwardTiles): string {
+  const flags = [
+    t.outer ? 'o' : '',
+    (t.dimChunks ?? 1) > 1 ? `c${t.dimChunks}` : '',
+    t.streamQuery ? 'qs' : '',
+    t.doubleBuffer ? 'db' : '',
+    t.unroll ? `u${t.unroll}` : '',
+  ];
+  return [t.tm, t.tx, t.nq, t.ty, ...flags.filter(f => f !== '')].join(',');
+}
+
 /** Floats per thread (S, O, prefetch) above which a tiling spills. */
 export const REGISTER_BUDGET = 160;
 

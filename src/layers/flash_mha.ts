@@ -468,11 +468,6 @@ export class FlashMHA extends tfl.layers.Layer {
     return tf.tidy(() => {
       const [batch, seqNew] = x.shape;
       const {numHeads: heads, numHeadsKV: headsKV, headDim} = this;
-      // The projection's heads stay packed: the cache takes q, k and v from
-      // them (on webgpu without a split).
-      const qkv = tf.reshape(
-                      this.projectFused(x, this.qkvProj!),
-                      [batch, seqNew, heads + 2 * headsKV, headDim]) as tf.Tensor4D;
       let rotary = {};
       if (this.rotaryEmbDim > 0) {
         // The same tables as `call`, read at each token's position.
@@ -483,15 +478,37 @@ export class FlashMHA extends tfl.layers.Layer {
       // Kept with the cache: no upload per step.
       const slopes =
           this.useAlibi ? cache.constant('alibiSlopes', () => this.alibiSlopesTensor()!) : null;
-      const out = cache.attendPacked(qkv, heads, {
+      const opts = {
         causal: true,
         softmaxScale: this.softmaxScale,
         windowSize: this.windowSize,
         softcap: this.softcap,
         ...(slopes == null ? {} : {alibiSlopes: slopes}),
         ...rotary,
+      };
+      // One kernel projects, rotates and appends where there is one, and
+      // one merges attention's splits and projects the result; else the
+      // projection's heads stay packed and the cache takes q, k and v from
+      // them (on webgpu without a split).
+      const [proj, outProj] = [this.qkvProj!, this.outProj!];
+      const weights = (p: Projection) => ({
+        w: p.kernel.read() as tf.Tensor2D,
+        bias: (p.bias?.read() ?? null) as tf.Tensor1D | null,
       });
-      return this.projectFused(tf.reshape(out, [batch, seqNew, heads * headDim]), this.outProj!);
+      const qkv = weights(proj);
+      const fused = cache.attendProjected(
+          tf.reshape(x, [batch * seqNew, this.embedDim]) as tf.Tensor2D, qkv.w, qkv.bias, heads,
+          opts, weights(outProj));
+      if (fused != null && 'y' in fused) {
+        return tf.reshape(fused.y, [batch, seqNew, this.embedDim]);
+      }
+      const out = fused?.out ??
+          cache.attendPacked(
+              tf.reshape(
+                  this.projectFused(x, proj), [batch, seqNew, heads + 2 * headsKV, headDim]) as
+                  tf.Tensor4D,
+              heads, opts);
+      return this.projectFused(tf.reshape(out, [batch, seqNew, heads * headDim]), outProj);
     });
   }
 

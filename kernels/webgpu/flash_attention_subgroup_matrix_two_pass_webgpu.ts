@@ -1,0 +1,697 @@
+/**
+ * The two-pass FlashAttention forward on subgroup matrices (tensor cores
+ * from WGSL), whose O accumulators never leave the matrix registers.
+ *
+ * Why two passes. The online softmax rescales O by exp(m_old - m_new) per
+ * row after every key tile; WGSL subgroup matrices have an opaque layout,
+ * so a per-row scale means storing O to workgroup memory, scaling and
+ * reloading it (the one-pass kernel of
+ * flash_attention_subgroup_matrix_webgpu.ts does that, per key tile).
+ * Here pass 1 computes S = Q K^T tile by tile and reduces each row's exact
+ * max and sum of exp, i.e. its log-sum-exp L; pass 2 computes S again,
+ * forms P = exp(S - L) (already normalised: no rescale, ever) and
+ * accumulates O += P V in matrix accumulators that stay in registers until
+ * the end. The extra Q K^T costs half as much matrix work again, but O
+ * makes no round trip through workgroup memory and the softmax needs no
+ * barrier-separated max/rescale steps.
+ *
+ * Tiling. A workgroup owns BR = M * RB * SG query rows of one (batch,
+ * head): subgroup g owns RB blocks of M rows, so every K or V matrix it
+ * loads from workgroup memory serves RB products. Q is loaded into matrix
+ * registers once (staged through the operand array, then that memory holds
+ * K, V and P). Per key tile, K (and in pass 2 V) are read from global
+ * memory as vec4s by the whole workgroup, split once into workgroup memory
+ * and shared by all subgroups. Barriers per key tile: 3 in pass 1, 4 in
+ * pass 2.
+ *
+ * Precision as in the one-pass kernel: `split` stores hi and lo float16
+ * parts of every scaled operand and accumulates lo*hi + hi*lo + hi*hi in
+ * f32; Q is scaled per workgroup, K per key tile (the same scale in both
+ * passes, so both compute the same S), V by one power of two per workgroup
+ * from its max |v| over the workgroup's keys (found in pass 1), undone on
+ * the output: a per-tile V scale could not be undone on accumulators that
+ * span tiles.
+ *
+ * Stand-in (MatrixShape.standIn): every matrix built-in becomes a plain
+ * loop of the same semantics (subgroup_matrix_wgsl.ts), Q's matrices are
+ * a workgroup array each subgroup copies its rows into where the real path
+ * loads them, and row reductions go through workgroup memory.
+ */
+import {MatrixShape, matrixShapeKey} from './subgroup_matrix';
+import {assertWorkgroupAlignment, matrixLoadWGSL, matrixStoreWGSL, MatrixView as View, splitStoreWGSL, standInAlignedWGSL, standInElementWGSL, standInHelpersWGSL, standInIndexWGSL, standInPlaceWGSL, subgroupIdsWGSL, subgroupParamsWGSL, zeroResultWGSL} from './subgroup_matrix_wgsl';
+import {MATRIX_FORWARD_UNIFORMS} from './flash_attention_subgroup_matrix_webgpu';
+import {dropoutWGSL, FA_NEG_INF_BITS, forwardBindingsWGSL, forwardTileWGSL, keyRangeWGSL, maxAllWGSL as maxAll, philoxWGSL, range, scoreKey, ScoreOptions, scoreWGSL, VEC4_COMPONENTS as COMP} from './wgsl_snippets';
+
+/** Everything baked into one pipeline. */
+export interface TwoPassForwardConfig {
+  headDim: number;
+  headDimV: number;
+  shape: MatrixShape;
+  /** Subgroups per workgroup. */
+  subgroups: number;
+  /** Blocks of M query rows per subgroup (BR = M * rowBlocks * subgroups). */
+  rowBlocks: number;
+  /** Keys per tile. */
+  bc: number;
+  /** hi/lo split (float32-accurate) or one f16 product. */
+  split: boolean;
+  score: ScoreOptions;
+  alibiMode: 0|1|2;
+  dropout: boolean;
+  /** Heaviest query tiles first (causal-like masks). */
+  reverseRows: boolean;
+}
+
+export interface TwoPassTileSizes {
+  br: number;
+  bc: number;
+  threads: number;
+  /** Lanes per row in the softmax. */
+  lpr: number;
+  /** Output columns per chunk of the final store through the scratch. */
+  cv: number;
+  /** Elements of the operand array (Q staging, then K, V and P). */
+  ops: number;
+}
+
+type Dims = Pick<TwoPassForwardConfig, 'headDim'|'headDimV'|'shape'|'subgroups'|'rowBlocks'|'bc'>;
+
+/** Tile sizes, or null when the head dims do not suit the matrix shape. */
+export function twoPassTileSizes(c: Dims): TwoPassTileSizes|null {
+  const {M, N, K, lanes} = c.shape;
+  const lpr = lanes / M;
+  const quad = 4 * lpr;
+  if (!Number.isInteger(lpr) || c.headDim % K !== 0 || c.headDimV % N !== 0 || c.bc % N !== 0 ||
+      c.bc % K !== 0 || c.bc % quad !== 0 || c.headDimV % quad !== 0 || (M * N) % lanes !== 0) {
+    return null;
+  }
+  let cv = 0;
+  for (let w = c.bc - c.bc % N; w >= N; w -= N) {
+    if (c.headDimV % w === 0 && w % quad === 0) {
+      cv = w;
+      break;
+    }
+  }
+  if (cv === 0) {
+    return null;
+  }
+  const br = M * c.rowBlocks * c.subgroups;
+  const ops = Math.max(br * c.headDim, c.bc * (c.headDim + c.headDimV) + br * c.bc);
+  return {br, bc: c.bc, threads: lanes * c.subgroups, lpr, cv, ops};
+}
+
+/** Bytes of workgroup memory of a configuration. */
+export function twoPassWorkgroupBytes(c: Dims&{split: boolean}): number {
+  const s = twoPassTileSizes(c)!;
+  const parts = c.split ? 2 : 1;
+  const elem = c.shape.standIn ? 4 : 2;
+  const qOwn = c.shape.standIn ? s.br * c.headDim : 0;
+  // The stand-in's own arrays: Q's "registers", atomics, lane reductions.
+  const standInBytes = c.shape.standIn ? 4 * 8 + (s.lpr > 1 ? 4 * s.threads : 0) : 0;
+  return parts * elem * (s.ops + qOwn) + 4 * s.br * s.bc + standInBytes;
+}
+
+export function twoPassForwardKey(c: TwoPassForwardConfig): string {
+  return `fa_fwd_sm2_d${c.headDim}_dv${c.headDimV}_${matrixShapeKey(c.shape)}_g${c.subgroups}_rb${
+      c.rowBlocks}_bc${c.bc}_sp${+ c.split}_${scoreKey(c.score)}_al${c.alibiMode}_do${
+      + c.dropout}_rv${+ c.reverseRows}`;
+}
+
+export function twoPassForwardWGSL(c: TwoPassForwardConfig): string {
+  const code = twoPassSource(c);
+  assertWorkgroupAlignment(code, 'FlashAttention two-pass forward (subgroup matrices)');
+  return code;
+}
+
+function twoPassSource(c: TwoPassForwardConfig): string {
+  const sizes = twoPassTileSizes(c);
+  if (sizes == null) {
+    throw new Error(`FlashAttention forward: head dims D=${c.headDim}, Dv=${
+        c.headDimV} do not suit the subgroup-matrix tiling`);
+  }
+  const {M, N, K, lanes, standIn} = c.shape;
+  const {br, bc, threads, lpr, cv, ops} = sizes;
+  const rbs = range(c.rowBlocks);
+  const d = c.headDim;
+  const dv = c.headDimV;
+  const dq4 = d / 4;
+  const dv4 = dv / 4;
+  const nq = bc / (4 * lpr);
+  const epl = M * N / lanes;
+  const elem = standIn ? 'f32' : 'f16';
+  const parts = c.split ? ['h', 'l'] : ['h'];
+  const kOff = 0;
+  const vOff = bc * d;
+  const pOff = bc * (d + dv);
+  // Loop bounds: constants on the real path; in the stand-in multiplied by
+  // a uniform 1, since SwiftShader unrolls constant loops fully and then
+  // takes seconds per pipeline.
+  const lim = (n: string) => standIn ? `(${n}) * u32(u.one)` : n;
+  // Split products as (left part, right part): the small terms first.
+  const pairs = c.split ? [['l', 'h'], ['h', 'l'], ['h', 'h']] : [['h', 'h']];
+
+  // Operand views (per part); `off` are WGSL expressions.
+  const qView = (p: string, off: string): View => ({
+    arr: standIn ? `q${p}` : `op${p}`,
+    off,
+    stride: 'D',
+    colMajor: false,
+    len: standIn ? br * d : ops
+  });
+  const kView = (p: string, off: string): View =>
+      ({arr: `op${p}`, off, stride: 'D', colMajor: true, len: ops});
+  const vView = (p: string, off: string): View =>
+      ({arr: `op${p}`, off, stride: 'DV', colMajor: false, len: ops});
+  const pView = (p: string, off: string): View =>
+      ({arr: `op${p}`, off, stride: 'BC', colMajor: false, len: ops});
+  const scrView: View = {arr: 'scr', off: 'off', stride: 'BC', colMajor: false, len: br * bc};
+
+  // Stand-in multiply-accumulates, one function per (left view, right
+  // view) kind, taking the two offsets.
+  const standInFns = new Map<string, string>();
+  const standInMma = (name: string, acc: string, l: View, r: View) => {
+    const fn = `sm_mma_${name}`;
+    if (!standInFns.has(fn)) {
+      const lv = {...l, off: 'offL'};
+      const rv = {...r, off: 'offR'};
+      standInFns.set(
+          fn,
+          `
+// Stand-in for subgroupMatrixMultiplyAccumulate(load(${l.arr}), load(${r.arr}), acc).
+fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) {
+  let atL = ${standInPlaceWGSL(lv, M, K)};
+  let atR = ${standInPlaceWGSL(rv, K, N)};
+  let ok = ${standInAlignedWGSL(lv, M, K, 2)} * ${standInAlignedWGSL(rv, K, N, 2)};
+  for (var e = 0u; e < ${lim(`${epl}u`)}; e++) {
+    let idx = ${standInElementWGSL(c.shape, 'e', 'ln')};
+    let r = idx / ${N}u;
+    let c = idx % ${N}u;
+    var sum = (*acc)[e];
+    for (var k = 0u; k < ${lim(`${K}u`)}; k++) {
+      sum = fma(${l.arr}[${standInIndexWGSL(lv, 'atL', 'r', 'k')}], ${r.arr}[${
+              standInIndexWGSL(rv, 'atR', 'k', 'c')}], sum);
+    }
+    (*acc)[e] = sum * ok;
+  }
+}`);
+    }
+    return `${fn}(&${acc}, ln, ${l.off}, ${r.off});`;
+  };
+  const resultDecl = (name: string) => standIn ?
+      `var ${name} = array<f32, ${epl}>();` :
+      `var ${name} = ${zeroResultWGSL(c.shape, 'accZero')};`;
+  const storeScr = (acc: string, off: string) => standIn ?
+      `sm_store_scr(&${acc}, ln, ${off});` :
+      matrixStoreWGSL(c.shape, 'scr', off, acc, 'BC');
+  const left = (v: View) => matrixLoadWGSL(c.shape, `subgroup_matrix_left<f16, ${K}, ${M}>`, v);
+  const right = (v: View) => matrixLoadWGSL(c.shape, `subgroup_matrix_right<f16, ${N}, ${K}>`, v);
+  const rowOff = (rb: number) => `(g * RB + ${rb}u) * M`;
+
+  // S = Q K^T for this subgroup's RB x M rows and the tile's BC keys, into
+  // the scratch ([BR][BC] f32).
+  const sBlocks = standIn ?
+      `for (var cb = 0u; cb < ${lim('BC / N')}; cb++) {
+      ${rbs.map(rb => resultDecl(`s${rb}`)).join('\n      ')}
+      for (var ks = 0u; ks < ${lim('D / K')}; ks++) {
+        ${
+          rbs.flatMap(
+                 rb => pairs.map(
+                     ([a, b]) => standInMma(
+                         `q${a}_k${b}`, `s${rb}`, qView(a, `${rowOff(rb)} * D + ks * K`),
+                         kView(b, 'cb * N * D + ks * K'))))
+              .join('\n        ')}
+      }
+      ${rbs.map(rb => storeScr(`s${rb}`, `${rowOff(rb)} * BC + cb * N`)).join('\n      ')}
+    }` :
+      `for (var cb = 0u; cb < BC / N; cb++) {
+      ${rbs.map(rb => resultDecl(`s${rb}`)).join('\n      ')}
+      ${
+          range(d / K)
+              .map(
+                  ks => `{
+        ${
+                      parts.map(p => `let k${p} = ${right(kView(p, `cb * N * D + ${ks * K}u`))};`)
+                          .join('\n        ')}
+        ${
+                      rbs.flatMap(
+                             rb => pairs.map(
+                                 ([a, b]) => `s${rb} = subgroupMatrixMultiplyAccumulate(qm${rb}_${
+                                     ks}_${a}, k${b}, s${rb});`))
+                          .join('\n        ')}
+      }`).join('\n      ')}
+      ${rbs.map(rb => storeScr(`s${rb}`, `${rowOff(rb)} * BC + cb * N`)).join('\n      ')}
+    }`;
+
+  // O += P V over the tile's keys; accumulators o{rb}_{cb} stay in registers.
+  const oBlocks = range(dv / N);
+  const pvBlocks = standIn ?
+      `for (var ks = 0u; ks < ${lim('BC / K')}; ks++) {
+      ${
+          oBlocks
+              .flatMap(
+                  cb => rbs.flatMap(
+                      rb => pairs.map(
+                          ([a, b]) => standInMma(
+                              `p${a}_v${b}`, `o${rb}_${cb}`,
+                              pView(a, `POFF + ${rowOff(rb)} * BC + ks * K`),
+                              vView(b, `VOFF + ks * K * DV + ${cb * N}u`)))))
+              .join('\n      ')}
+    }` :
+      `for (var ks = 0u; ks < BC / K; ks++) {
+      ${
+          rbs.flatMap(
+                 rb => parts.map(
+                     p => `let p${rb}${p} = ${
+                         left(pView(p, `POFF + ${rowOff(rb)} * BC + ks * K`))};`))
+              .join('\n      ')}
+      ${
+          oBlocks
+              .map(
+                  cb => `{
+        ${
+                      parts
+                          .map(
+                              p => `let v${p} = ${
+                                  right(vView(p, `VOFF + ks * K * DV + ${cb * N}u`))};`)
+                          .join('\n        ')}
+        ${
+                      rbs.flatMap(
+                             rb => pairs.map(
+                                 ([a, b]) => `o${rb}_${cb} = subgroupMatrixMultiplyAccumulate(p${
+                                     rb}${a}, v${b}, o${rb}_${cb});`))
+                          .join('\n        ')}
+      }`).join('\n      ')}
+    }`;
+
+  const nKL = Math.ceil(bc * dq4 / threads);
+  const nVL = Math.ceil(bc * dv4 / threads);
+  const nQL = Math.ceil(br * dq4 / threads);
+  const absMax = (v: string) => `max(max(abs(${v}.x), abs(${v}.y)), max(abs(${v}.z), abs(${v}.w)))`;
+  const kvRow = (j: string) => `u32((b * u.seqK + ${j}) * u.headsKV + hk)`;
+  // Split a vec4 into the hi (and lo) arrays `arr` at element offset `at`.
+  const splitStore = (arr: string, at: string, v: string, scale: string) =>
+      range(4)
+          .map(
+              e => splitStoreWGSL(
+                  `${v}.${COMP[e]} * ${scale}`, `${arr}h[${at} + ${e}u]`,
+                  c.split ? `${arr}l[${at} + ${e}u]` : null))
+          .join('\n        ');
+  // K tile (and in pass 2 V) from global memory into registers, then
+  // split into workgroup memory at the workgroup's fixed scales.
+  const
+      loadTile =
+          (pass: 1|2) =>
+              `let j0 = kt * i32(BC);
+    let full = fa_tile_unmasked(r0, rEnd, j0, j0 + i32(BC), sp);
+    ${range(nKL).map(n => `var kr${n} = vec4<f32>(0.0);
+    {
+      let idx = lid + THREADS * ${n}u;
+      let j = j0 + i32(idx / DQ4);
+      if (idx < BC * DQ4 && j < u.seqK) {
+        kr${n} = kb[${kvRow('j')} * DQ4 + idx % DQ4];
+      }
+    }`).join('\n    ')}
+    ${
+                  pass === 1 ? '' :
+                               range(nVL)
+                                   .map(n => `var vr${n} = vec4<f32>(0.0);
+    {
+      let idx = lid + THREADS * ${n}u;
+      let j = j0 + i32(idx / DV4);
+      if (idx < BC * DV4 && j < u.seqK) {
+        vr${n} = vb[${kvRow('j')} * DV4 + idx % DV4];
+      }
+    }`).join('\n    ')}
+    ${pass === 2 ? 'workgroupBarrier();  // the previous tile\'s P V is done with V and P' : ''}
+    ${range(nKL).map(n => `{
+      let idx = lid + THREADS * ${n}u;
+      if (idx < BC * DQ4) {
+        let at = KOFF + (idx / DQ4) * D + 4u * (idx % DQ4);
+        ${splitStore('op', 'at', `kr${n}`, 'kScale')}
+      }
+    }`).join('\n    ')}
+    ${
+                  pass === 1 ? '' :
+                               range(nVL)
+                                   .map(n => `{
+      let idx = lid + THREADS * ${n}u;
+      if (idx < BC * DV4) {
+        let at = VOFF + (idx / DV4) * DV + 4u * (idx % DV4);
+        ${splitStore('op', 'at', `vr${n}`, 'vScale')}
+      }
+    }`).join('\n    ')}
+    workgroupBarrier();`;
+
+  // The workgroup's max |q|, |k|, |v| (slots 0, 1, 2): on the real path
+  // subgroupMax, then one value per subgroup through the scratch (free at
+  // that point); in the stand-in (no subgroups) workgroup atomics.
+  const maxima = ['qmax', 'kmax', 'vmax'];
+  const reduceMaxima = standIn ?
+      `${maxima.map((v, i) => `atomicMax(&wmax[${i}], bitcast<u32>(${v}));`).join('\n  ')}
+  workgroupBarrier();
+  ${maxima.map((v, i) => `let ${v}All = bitcast<f32>(atomicLoad(&wmax[${i}]));`).join('\n  ')}` :
+      `${maxima.map(v => `let ${v}Sg = subgroupMax(${v});`).join('\n  ')}
+  if (sgLane == 0u) {
+    ${maxima.map((v, i) => `scr[g * 4u + ${i}u] = ${v}Sg;`).join('\n    ')}
+  }
+  workgroupBarrier();
+  ${maxima.map(v => `var ${v}All = 0.0;`).join('\n  ')}
+  for (var sg = 0u; sg < SG; sg++) {
+    ${maxima.map((v, i) => `${v}All = max(${v}All, scr[sg * 4u + ${i}u]);`).join('\n    ')}
+  }`;
+  const exponent = (v: string) => `clamp(frexp(${v}).exp, -100, 100)`;
+
+  // Scores of this thread's key quads for row block rb, masked.
+  const scores = (rb: number) =>
+      range(nq)
+          .map(
+              q => `var s${rb}_${q} = vec4<f32>(0.0);
+    {
+      let at = rowS${rb} + 4u * (lc + LPR * ${q}u);
+      s${rb}_${q} = vec4<f32>(scr[at], scr[at + 1u], scr[at + 2u], scr[at + 3u]) * unscale;
+      let jv = vec4<i32>(j0 + i32(4u * (lc + LPR * ${q}u))) + vec4<i32>(0, 1, 2, 3);
+      // Masks only on tiles that cross a mask edge (uniform branch).
+      if (full) {
+        ${
+                  range(4)
+                      .map(
+                          e => `s${rb}_${q}.${COMP[e]} = fa_score(s${rb}_${q}.${COMP[e]}, row${
+                              rb}, jv.${COMP[e]}, sp);`)
+                      .join('\n        ')}
+      } else {
+        let vis = fa_visible4(row${rb}, jv, sp);
+        ${
+                  range(4)
+                      .map(
+                          e => `s${rb}_${q}.${COMP[e]} = select(NEG, fa_score(s${rb}_${q}.${
+                              COMP[e]}, row${rb}, jv.${COMP[e]}, sp), vis.${COMP[e]});`)
+                      .join('\n        ')}
+      }
+    }`).join('\n    ');
+
+  const pass1Stats = (rb: number) => `${scores(rb)}
+    {
+      let mx = ${
+      maxAll(range(nq).map(
+          q => `max(max(s${rb}_${q}.x, s${rb}_${q}.y), max(s${rb}_${q}.z, s${rb}_${q}.w))`))};
+      let mNew = max(m${rb}, mx);
+      // A row with no visible key yet keeps m = NEG; subtracting 0 instead
+      // sends its masked scores to exp(NEG) = 0.
+      let mUse = select(mNew, 0.0, mNew < -1e29);
+      l${rb} = l${rb} * exp(m${rb} - mUse)${
+      range(nq).map(q => ` + dot(exp(s${rb}_${q} - vec4<f32>(mUse)), vec4<f32>(1.0))`).join('')};
+      m${rb} = mNew;
+    }`;
+
+  const pass2P = (rb: number) => `${scores(rb)}
+    ${
+      range(nq)
+          .map(
+              q => `{
+      var p = select(vec4<f32>(0.0), exp(s${rb}_${q} - vec4<f32>(lse${rb})), vec4<bool>(l${
+                  rb} > 0.0));
+      ${
+                  c.dropout ? `p = p * fa_dropout4(u32(b), u32(h), u32(row${
+                                  rb}), u32(j0 >> 2u) + lc + LPR * ${
+                                  q}u, vec2<u32>(u.seedLo, u.seedHi), u.threshold, u.keepScale);` :
+                              ''}
+      let at = POFF + rowS${rb} + 4u * (lc + LPR * ${q}u);
+      ${splitStore('op', 'at', 'p', '1.0')}
+    }`).join('\n    ')}`;
+
+  const outChunk =
+      (ch: number) => {
+        const blocks = range(cv / N).map(x => ch * cv / N + x);
+        return `workgroupBarrier();
+  ${
+            rbs.flatMap(
+                   rb => blocks.map(
+                       (cb, x) => storeScr(`o${rb}_${cb}`, `${rowOff(rb)} * BC + ${x * N}u`)))
+                .join('\n  ')}
+  workgroupBarrier();
+  ${
+            rbs.map(
+                   rb =>
+                       `if (row${rb} < u.seqQ) {
+    let outRow = u32((b * u.seqQ + row${rb}) * u.heads + h);
+    ${range(cv / (4 * lpr)).map(x => `{
+      let at = rowS${rb} + 4u * (lc + LPR * ${x}u);
+      outb[outRow * DV4 + ${ch * cv / 4}u + lc + LPR * ${x}u] =
+          vec4<f32>(scr[at], scr[at + 1u], scr[at + 2u], scr[at + 3u]) * vinv;
+    }`).join('\n    ')}
+  }`).join('\n  ')}`;
+      };
+
+  return `${standIn ? '' : `enable f16;
+enable chromium_experimental_subgroup_matrix;
+enable subgroups;
+diagnostic(off, chromium.subgroup_matrix_uniformity);`}
+${scoreWGSL(c.score)}
+${keyRangeWGSL(c.score)}
+${c.dropout ? philoxWGSL() + dropoutWGSL() : ''}
+
+${forwardBindingsWGSL(MATRIX_FORWARD_UNIFORMS, {
+           qkType: 'vec4<f32>',
+           vType: 'vec4<f32>',
+           alibi: c.alibiMode !== 0
+         })}
+
+const M = ${M}u;
+const N = ${N}u;
+const K = ${K}u;
+const LANES = ${lanes}u;
+const LPR = ${lpr}u;
+const RB = ${c.rowBlocks}u;
+const BR = ${br}u;
+const BC = ${bc}u;
+const D = ${d}u;
+const DV = ${dv}u;
+const DQ4 = ${dq4}u;
+const DV4 = ${dv4}u;
+const THREADS = ${threads}u;
+const SG = ${c.subgroups}u;
+const KOFF = ${kOff}u;
+const VOFF = ${vOff}u;
+const POFF = ${pOff}u;
+const NEG = -1e30;
+
+// Q staging, then per key tile K [BC][D] at KOFF, V [BC][DV] at VOFF and
+// P [BR][BC] at POFF.
+${parts.map(p => `var<workgroup> op${p}: array<${elem}, ${ops}>;`).join('\n')}
+${
+             standIn ? parts
+                           .map(
+                               p => `var<workgroup> q${p}: array<${elem}, ${
+                                   br * d}>;  // the stand-in's Q "registers"`)
+                           .join('\n') :
+                       ''}
+var<workgroup> scr: array<f32, ${br * bc}>;  // S, then chunks of O
+${
+             standIn ? `// The stand-in's max |q|, |k|, |v| (bits of floats >= 0).
+var<workgroup> wmax: array<atomic<u32>, 8>;` :
+                       ''}
+${standIn && lpr > 1 ? `var<workgroup> red: array<f32, ${threads}>;` : ''}
+
+${standInHelpersWGSL(c.shape)}
+${
+             standIn ? `
+// Stand-in for a row-major subgroupMatrixStore(&scr, off, acc, BC).
+fn sm_store_scr(acc: ptr<function, array<f32, ${epl}>>, ln: u32, off: u32) {
+  let atS = ${standInPlaceWGSL(scrView, M, N)};
+  let ok = ${standInAlignedWGSL(scrView, M, N, 4)};
+  for (var e = 0u; e < ${epl}u * u32(u.one); e++) {
+    let idx = ${standInElementWGSL(c.shape, 'e', 'ln')};
+    scr[${standInIndexWGSL(scrView, 'atS', 'idx / N', 'idx % N')}] = (*acc)[e] * ok;
+  }
+}` :
+                       ''}
+__STANDIN_FNS__
+
+@compute @workgroup_size(${threads})
+fn main(@builtin(workgroup_id) wg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32${subgroupParamsWGSL(c.shape)}) {
+  let groupId = i32(wg.x + wg.y * u32(u.gridX));
+  // Whole workgroups leave together: the matrix built-ins need uniform flow.
+  if (groupId >= u.totalGroups) {
+    return;
+  }
+  ${forwardTileWGSL('groupId', c.reverseRows)}
+  let r0 = qTile * i32(BR);
+  let rEnd = min(r0 + i32(BR), u.seqQ);
+  ${subgroupIdsWGSL(c.shape, c.subgroups)}
+  ${standIn ? '' : `// Accumulators start from this (see zeroResultWGSL).
+  let accZero = f32(u.one) - 1.0;`}
+  let lc = ln % LPR;
+  ${
+             rbs.map(rb => `let rowS${rb} = ((g * RB + ${rb}u) * M + ln / LPR) * BC;
+  let row${rb} = r0 + i32((g * RB + ${rb}u) * M + ln / LPR);`)
+                 .join('\n  ')}
+
+  var sp: FaScore;
+  sp.scale = u.scale;
+  sp.softcap = u.softcap;
+  sp.slope = ${
+             c.alibiMode === 0     ? '0.0' :
+                 c.alibiMode === 1 ? 'slopes[h]' :
+                                     'slopes[b * u.heads + h]'};
+  sp.diag = u.seqK - u.seqQ;
+  sp.left = u.left;
+  sp.right = u.right;
+  sp.seqK = u.seqK;
+
+  // Q tile: registers and its max |q|.
+  var qmax = 0.0;
+  ${
+             range(nQL)
+                 .map(n => `var qr${n} = vec4<f32>(0.0);
+  {
+    let idx = lid + THREADS * ${n}u;
+    let r = r0 + i32(idx / DQ4);
+    if (idx < BR * DQ4 && r < u.seqQ) {
+      qr${n} = qb[u32((b * u.seqQ + r) * u.heads + h) * DQ4 + idx % DQ4];
+    }
+    qmax = max(qmax, ${absMax(`qr${n}`)});
+  }`).join('\n  ')}
+
+  // Pass 0: max |k| and |v| over the workgroup's keys (reads only), so
+  // that both passes split K and V at one fixed scale each: no per-tile
+  // reductions, and O's accumulators span tiles of one V scale.
+  let keys = fa_key_range(r0, rEnd, sp);
+  let tBegin = keys.x / i32(BC);
+  let tEnd = select(tBegin, (keys.y + i32(BC) - 1) / i32(BC), keys.y > keys.x);
+  var kmax = 0.0;
+  var vmax = 0.0;
+  for (var kt = tBegin; kt < tEnd; kt++) {
+    let j0 = kt * i32(BC);
+    ${
+             range(nKL)
+                 .map(n => `{
+      let idx = lid + THREADS * ${n}u;
+      let j = j0 + i32(idx / DQ4);
+      if (idx < BC * DQ4 && j < u.seqK) {
+        let x = kb[${kvRow('j')} * DQ4 + idx % DQ4];
+        kmax = max(kmax, ${absMax('x')});
+      }
+    }`).join('\n    ')}
+    ${
+             range(nVL)
+                 .map(n => `{
+      let idx = lid + THREADS * ${n}u;
+      let j = j0 + i32(idx / DV4);
+      if (idx < BC * DV4 && j < u.seqK) {
+        let x = vb[${kvRow('j')} * DV4 + idx % DV4];
+        vmax = max(vmax, ${absMax('x')});
+      }
+    }`).join('\n    ')}
+  }
+  ${reduceMaxima}
+  // Powers of two taking each operand's max |x| into [0.5, 1).
+  let qe = ${exponent('qmaxAll')};
+  let ke = ${exponent('kmaxAll')};
+  let ve = ${exponent('vmaxAll')};
+  let qScale = ldexp(1.0, -qe);
+  let kScale = ldexp(1.0, -ke);
+  let vScale = ldexp(1.0, -ve);
+  let unscale = ldexp(1.0, qe + ke);
+  let vinv = ldexp(1.0, ve);
+
+  // Q scaled and split into workgroup memory, from where each subgroup
+  // loads its Q matrices once.
+  ${
+             range(nQL)
+                 .map(n => `{
+    let idx = lid + THREADS * ${n}u;
+    if (idx < BR * DQ4) {
+      let at = (idx / DQ4) * D + 4u * (idx % DQ4);
+      ${splitStore('op', 'at', `qr${n}`, 'qScale')}
+    }
+  }`).join('\n  ')}
+  workgroupBarrier();
+  ${
+             standIn ? `// The stand-in's "matrix loads" of Q: this subgroup's rows, copied
+  // from the staging memory at the point where the real path loads them.
+  for (var i = ln; i < ${lim('RB * M * D')}; i += LANES) {
+    let at = g * RB * M * D + i;
+    ${parts.map(p => `q${p}[at] = op${p}[at];`).join(' ')}
+  }` :
+                       rbs.flatMap(
+                              rb => range(d / K).flatMap(
+                                  ks => parts.map(
+                                      p => `let qm${rb}_${ks}_${p} = ${
+                                          left(qView(p, `${rowOff(rb)} * D + ${ks * K}u`))};`)))
+                           .join('\n  ')}
+  // The first key tile's K store overwrites the Q staging.
+  workgroupBarrier();
+
+  ${
+             rbs.map(rb => `var m${rb} = NEG;
+  var l${rb} = 0.0;`)
+                 .join('\n  ')}
+
+  // Pass 1: each row's max and sum of exp over all its keys.
+  for (var kt = tBegin; kt < tEnd; kt++) {
+    ${loadTile(1)}
+    ${sBlocks}
+    workgroupBarrier();
+    ${rbs.map(pass1Stats).join('\n    ')}
+  }
+
+  // The row's (m, l) over its LPR lanes, and its log-sum-exp.
+  ${rbs.map(rb => `var mine${rb} = m${rb};`).join('\n  ')}
+  ${rbs.map(rb => mergeRow(rb, lpr, standIn)).join('\n  ')}
+  ${rbs.map(rb => `let lse${rb} = m${rb} + log(l${rb});
+  if (row${rb} < u.seqQ && lc == 0u) {
+    lseb[u32((b * u.heads + h) * u.seqQ + row${rb})] =
+        select(${FA_NEG_INF_BITS}u, bitcast<u32>(lse${rb}), l${rb} > 0.0);
+  }`).join('\n  ')}
+
+  // Pass 2: P = exp(S - lse), O += P V in matrix accumulators.
+  ${rbs.flatMap(rb => oBlocks.map(cb => resultDecl(`o${rb}_${cb}`))).join('\n  ')}
+  for (var kt = tBegin; kt < tEnd; kt++) {
+    ${loadTile(2)}
+    ${sBlocks}
+    workgroupBarrier();
+    ${rbs.map(pass2P).join('\n    ')}
+    workgroupBarrier();
+    ${pvBlocks}
+  }
+
+  // O out through the scratch, CV columns at a time, V's scale undone.
+  ${range(dv / cv).map(outChunk).join('\n  ')}
+}
+`.replace('__STANDIN_FNS__', [...standInFns.values()].join('\n'));
+}
+
+/**
+ * WGSL merging the row's per-lane (m, l) partials of row block rb (each
+ * lane's l at its own m) into the row's max and sum at that max, on every
+ * lane of the row: subgroup shuffles on the real path, workgroup memory
+ * (`red`) in the stand-in.
+ */
+function mergeRow(rb: number, lpr: number, standIn: boolean): string {
+  if (lpr === 1) {
+    return '';
+  }
+  const m = `m${rb}`;
+  const l = `l${rb}`;
+  if (!standIn) {
+    return range(Math.log2(lpr))
+        .map(i => `{
+    let mo = subgroupShuffleXor(${m}, ${1 << i}u);
+    let lo = subgroupShuffleXor(${l}, ${1 << i}u);
+    let mNew = max(${m}, mo);
+    let mUse = select(mNew, 0.0, mNew < -1e29);
+    ${l} = ${l} * exp(${m} - mUse) + lo * exp(mo - mUse);
+    ${m} = mNew;
+  }`).join('\n  ');
+  }
+  const lanes = range(lpr).map(x => `red[g * LANES + ln - lc + ${x}u]`);
+  return `workgroupBarrier();
+  red[g * LANES + ln] = ${m};
+  workgroupBarrier();
+  ${m} = ${maxAll(lanes)};
+  workgroupBarrier();
+  red[g * LANES + ln] = ${l} * exp(mine${rb} - select(${m}, 0.0, ${m} < -1e29));
+  workgroupBarrier();
+  ${l} = ${lanes.join(' + ')};`;
+}
