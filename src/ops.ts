@@ -4,7 +4,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 
-import {flashAttentionGradFunc, NamedGradientMap} from '../gradients/flash_attention_grad';
+import {NamedGradientMap, opGradient} from '../gradients/flash_attention_grad';
 
 import {AttentionShapes, checkAlibi, checkKVPacked, checkQKV, checkQKVPacked, checkTensor} from './checks';
 import {useFusedKernel} from './dispatch';
@@ -17,7 +17,7 @@ import {checkLengths, keyPaddingMaskLengths, LENGTH_OPTION_SPECS, seqlensInput} 
 /** `out`, or `[out, softmaxLse]` with `returnSoftmaxLse: true`. */
 export type FlashAttentionResult = tf.Tensor4D|[tf.Tensor4D, tf.Tensor3D];
 
-/** The private engine method that runs a forward with its own backward. */
+/** The private engine methods that run a forward with its own backward. */
 interface KernelFuncRunner {
   runKernelFunc(params: {
     forwardFunc: (backend: tf.KernelBackend, save: (t: tf.Tensor[]) => void) => tf.Tensor[],
@@ -25,38 +25,52 @@ interface KernelFuncRunner {
     inputs: tf.NamedTensorMap,
     attrs: tf.NamedAttrMap,
   }): tf.Tensor[];
+  /** Is a gradient being recorded (and this not inside another kernel)? */
+  isTapeOn(): boolean;
 }
 
-/** Runs FlashAttention (fused or reference) and returns `[out, lse]`. */
+/**
+ * Runs FlashAttention (fused or reference) and returns `[out, lse]`.
+ * `lseReturned` false: the caller disposes lse unused, so its gradient is
+ * tfjs's zeros (opGradient marks them so that kernels need not read them).
+ */
 export function runFlashAttention(
     q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D, alibiSlopes: tf.Tensor|undefined,
     shapes: AttentionShapes, attrs: FlashAttentionAttrs, seqlensArg?: tf.Tensor,
-    cuSeqlensKArg?: tf.Tensor): [tf.Tensor4D, tf.Tensor3D] {
+    cuSeqlensKArg?: tf.Tensor, lseReturned = true): [tf.Tensor4D, tf.Tensor3D] {
   // Kernels always receive alibiSlopes, seqlens and cuSeqlensK; shape [0]
-  // means "no ALiBi" / "whole sequences" / "not packed", so the gradient
-  // can save them like any other input.
-  const slopes = alibiSlopes ?? tf.zeros([0]);
-  const seqlens: tf.Tensor = seqlensArg ?? tf.zeros([0], 'int32');
-  const cuSeqlensK: tf.Tensor =
-      cuSeqlensKArg ?? (seqlensArg == null ? seqlens : tf.zeros([0], 'int32'));
+  // means "no ALiBi" / "whole sequences" / "not packed" (one empty tensor
+  // serves each absent one: kernels read only its size).
+  const empty = alibiSlopes == null || seqlensArg == null || cuSeqlensKArg == null ? tf.zeros([0]) :
+                                                                                     undefined;
+  const slopes = alibiSlopes ?? empty!;
+  const seqlens: tf.Tensor = seqlensArg ?? empty!;
+  const cuSeqlensK: tf.Tensor = cuSeqlensKArg ?? empty!;
   const inputs = {q, k, v, alibiSlopes: slopes, seqlens, cuSeqlensK};
   const kernelAttrs = attrs as unknown as tf.NamedAttrMap;
-  if (useFusedKernel(FlashAttention, shapes, attrs)) {
-    return tf.engine().runKernel(
-               FlashAttention, inputs as unknown as tf.NamedTensorMap,
-               kernelAttrs) as [tf.Tensor4D, tf.Tensor3D];
-  }
-  const blockElements = getReferenceBlockElements();
+  const fused = useFusedKernel(FlashAttention, shapes, attrs);
   const engine = tf.engine() as unknown as KernelFuncRunner;
+  const forward = (): [tf.Tensor4D, tf.Tensor3D] => fused ?
+      tf.engine().runKernel(
+          FlashAttention, inputs as unknown as tf.NamedTensorMap,
+          kernelAttrs) as [tf.Tensor4D, tf.Tensor3D] :
+      referenceForward(
+          q, k, v, alibiSlopes ?? null, {...shapes, seqlens: seqlens.size === 0 ? null : seqlens},
+          attrs, getReferenceBlockElements());
+  if (fused && !engine.isTapeOn()) {
+    return forward();  // no gradient recorded: the kernel alone
+  }
+  // The op's own gradient (the registered one saves every input, and the
+  // tape copies each saved tensor on every call): opGradient saves only
+  // what the backward reads.
+  const gradient = opGradient(inputs, lseReturned, kernelAttrs);
   return engine.runKernelFunc({
     forwardFunc: (_backend, save) => {
-      const [out, lse] = referenceForward(
-          q, k, v, alibiSlopes ?? null, {...shapes, seqlens: seqlens.size === 0 ? null : seqlens},
-          attrs, blockElements);
-      save([q, k, v, slopes, seqlens, cuSeqlensK, out, lse]);
+      const [out, lse] = forward();
+      save(gradient.toSave(out, lse));
       return [out, lse];
     },
-    backwardsFunc: (dys, saved) => flashAttentionGradFunc(dys, saved, kernelAttrs),
+    backwardsFunc: gradient.backward,
     inputs,
     attrs: kernelAttrs,
   }) as [tf.Tensor4D, tf.Tensor3D];
@@ -81,7 +95,7 @@ function attention(
   const returnLse = opts?.returnSoftmaxLse === true;
   const [out, lse] = runFlashAttention(
       q, k, v, alibiSlopes, shapes, {...attrs, hasSeqlens, ...diagonal},
-      hasSeqlens ? seqlensInput(shapes, seqlensQ, seqlensK) : undefined);
+      hasSeqlens ? seqlensInput(shapes, seqlensQ, seqlensK) : undefined, undefined, returnLse);
   if (returnLse) {
     return [out, lse];
   }

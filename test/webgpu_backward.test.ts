@@ -7,13 +7,13 @@
 import * as tf from '@tensorflow/tfjs-core';
 
 import {FLASH_ATTENTION_IMPL, FlashAttention, FlashAttentionGrad, hasFusedKernel} from '../src';
-import {chooseGradTiles, fusedGradRunCount, GradTiles, registerFlashAttentionGradWebGPU, setGradTilesOverride} from '../kernels/webgpu/FlashAttentionGrad';
-import {setPoisonOutputs} from '../kernels/webgpu/own_pipeline';
+import {chooseGradTiles, fusedGradRunCount, GradTiles, setGradTilesOverride} from '../kernels/webgpu/FlashAttentionGrad';
 
-import {selectedBackends, useBackend} from './harness/backends';
+import {selectedBackends} from './harness/backends';
 import {runGradKernelOnOracle} from './harness/grad_kernel';
 import {checkGradients, OPTION_CASES, OptionCase} from './harness/cases';
 import {expectClose, freshRng, GRADIENT_BOUND, Rng} from './harness/problems';
+import {useFusedGradWebGPU} from './harness/small_tiles';
 
 const describeWebGPU = selectedBackends().includes('webgpu') ? describe : describe.skip;
 
@@ -58,15 +58,7 @@ function runKernelCase(c: OptionCase, rng: Rng, repeats = 1) {
 }
 
 describeWebGPU('fused WebGPU backward [webgpu]', () => {
-  beforeAll(async () => {
-    await useBackend('webgpu');
-    registerFlashAttentionGradWebGPU();
-    setPoisonOutputs(true);
-  });
-  afterAll(() => {
-    setPoisonOutputs(false);
-    tf.env().set(FLASH_ATTENTION_IMPL, 'auto');
-  });
+  useFusedGradWebGPU();
 
   it('is registered and picks tiles from the device limits', () => {
     expect(hasFusedKernel(FlashAttentionGrad, 'webgpu')).toBe(true);

@@ -12,21 +12,21 @@
 import * as tf from '@tensorflow/tfjs-core';
 
 import {FLASH_ATTENTION_IMPL, flashAttention, flashAttentionVarlen} from '../src';
-import {chooseGradTiles, fusedGradRunCount, GradTiles, registerFlashAttentionGradWebGPU, setGradTilesOverride} from '../kernels/webgpu/FlashAttentionGrad';
+import {chooseGradTiles, fusedGradRunCount, GradTiles, setGradTilesOverride} from '../kernels/webgpu/FlashAttentionGrad';
 import {dkdvStorageBytes, dkdvTilesValid} from '../kernels/webgpu/flash_attention_grad_dkdv_webgpu';
 import {dqStorageBytes, dqTilesValid} from '../kernels/webgpu/flash_attention_grad_dq_webgpu';
-import {setPoisonOutputs, webgpuBackendOf} from '../kernels/webgpu/own_pipeline';
+import {webgpuBackendOf} from '../kernels/webgpu/own_pipeline';
 import {FlashAttentionGradDkDvSlicedProgram} from '../kernels/webgpu/flash_attention_grad_dkdv_sliced_webgpu';
 import {FlashAttentionGradDqSlicedProgram} from '../kernels/webgpu/flash_attention_grad_dq_sliced_webgpu';
 import {gradFeatures} from '../kernels/webgpu/flash_attention_grad_wgsl';
 import {normalizeOptions} from '../src/options';
 import {SLICED_GRAD_CANDIDATES} from '../kernels/webgpu/tuning';
 
-import {selectedBackends, useBackend} from './harness/backends';
+import {selectedBackends} from './harness/backends';
 import {OptionCase} from './harness/cases';
 import {H100_STAND_IN} from './harness/devices';
-import {runGradKernelOnOracle} from './harness/grad_kernel';
 import {expectClose, freshRng, GRADIENT_BOUND, randomArray} from './harness/problems';
+import {checkGradUnderTiles, useFusedGradWebGPU} from './harness/small_tiles';
 import {oracleBackward} from './oracle';
 
 const describeWebGPU = selectedBackends().includes('webgpu') ? describe : describe.skip;
@@ -57,15 +57,7 @@ describe('sliced backward candidates', () => {
 });
 
 describeWebGPU('fused WebGPU backward, head-dim slices [webgpu]', () => {
-  beforeAll(async () => {
-    await useBackend('webgpu');
-    registerFlashAttentionGradWebGPU();
-    setPoisonOutputs(true);
-  });
-  afterAll(() => {
-    setPoisonOutputs(false);
-    setGradTilesOverride(null);
-  });
+  useFusedGradWebGPU();
 
   const [A, B, , D] = SLICED_GRAD_CANDIDATES;
   it('every candidate\'s WGSL at D=128, and D=256 tiles, pass Dawn\'s validation (pipelines: GPU)',
@@ -168,30 +160,8 @@ describeWebGPU('fused WebGPU backward, head-dim slices [webgpu]', () => {
     },
   ];
   for (const {tiles, c} of CASES) {
-    it(`kernel vs oracle with ${JSON.stringify(tiles)}: ${c.name}`, async () => {
-      expect(tiles).toBeDefined();
-      setGradTilesOverride(tiles);
-      try {
-        const rng = freshRng();
-        const tensorsBefore = tf.memory().numTensors;
-        const {runs, expected} = await runGradKernelOnOracle(c.shape, c.opts, rng, {
-          repeats: 2,
-          aroundRun: () => {
-            const before = fusedGradRunCount();
-            return () => expect(fusedGradRunCount()).toBe(before + 1);
-          },
-        });
-        expect(tf.memory().numTensors).toBe(tensorsBefore);
-        const what = `${c.name} (seed ${rng.seed})`;
-        for (const key of ['dq', 'dk', 'dv'] as const) {
-          expectClose(runs[0][key], expected[key], GRADIENT_BOUND, `${what}: ${key}`);
-          expect(Buffer.from(runs[1][key].buffer).equals(Buffer.from(runs[0][key].buffer)))
-              .toBe(true);
-        }
-      } finally {
-        setGradTilesOverride(null);
-      }
-    });
+    it(`kernel vs oracle with ${JSON.stringify(tiles)}: ${c.name}`,
+       () => checkGradUnderTiles(tiles, c));
   }
 
   it('per-batch lengths (seqlensQ, seqlensK) through tf.grads, D=64: each batch row alone',

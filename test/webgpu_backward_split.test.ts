@@ -6,18 +6,14 @@
  * (docs/design.md, "Accuracy bounds": 5e-4) with every option the passes
  * take, NaN-poisoned outputs, no leaks and bit-identical reruns.
  */
-import * as tf from '@tensorflow/tfjs-core';
-
-import {fusedGradRunCount, GradTiles, registerFlashAttentionGradWebGPU, setGradTilesOverride} from '../kernels/webgpu/FlashAttentionGrad';
+import {GradTiles} from '../kernels/webgpu/FlashAttentionGrad';
 import {dkdvTilesValid} from '../kernels/webgpu/flash_attention_grad_dkdv_webgpu';
 import {dqTilesValid} from '../kernels/webgpu/flash_attention_grad_dq_webgpu';
 import {sPhase} from '../kernels/webgpu/flash_attention_grad_wgsl';
-import {setPoisonOutputs} from '../kernels/webgpu/own_pipeline';
 
-import {selectedBackends, useBackend} from './harness/backends';
+import {selectedBackends} from './harness/backends';
 import {OptionCase} from './harness/cases';
-import {runGradKernelOnOracle} from './harness/grad_kernel';
-import {expectClose, freshRng, GRADIENT_BOUND} from './harness/problems';
+import {checkGradUnderTiles, useFusedGradWebGPU} from './harness/small_tiles';
 
 const describeWebGPU = selectedBackends().includes('webgpu') ? describe : describe.skip;
 
@@ -36,15 +32,7 @@ describe('split S/dP layout', () => {
 });
 
 describeWebGPU('fused WebGPU backward, S and dP split [webgpu]', () => {
-  beforeAll(async () => {
-    await useBackend('webgpu');
-    registerFlashAttentionGradWebGPU();
-    setPoisonOutputs(true);
-  });
-  afterAll(() => {
-    setPoisonOutputs(false);
-    setGradTilesOverride(null);
-  });
+  useFusedGradWebGPU();
 
   // Tiles with the D=128 plan's shape (few rows and keys for 128
   // invocations) at head dims that fit SwiftShader's 32 KiB, more rows per
@@ -104,29 +92,7 @@ describeWebGPU('fused WebGPU backward, S and dP split [webgpu]', () => {
     },
   ];
   for (const {tiles, c} of CASES) {
-    it(`kernel vs oracle with ${JSON.stringify(tiles)}: ${c.name}`, async () => {
-      setGradTilesOverride(tiles);
-      try {
-        const rng = freshRng();
-        const tensorsBefore = tf.memory().numTensors;
-        const {runs, expected} = await runGradKernelOnOracle(c.shape, c.opts, rng, {
-          repeats: 2,
-          aroundRun: () => {
-            const before = fusedGradRunCount();
-            return () => expect(fusedGradRunCount()).toBe(before + 1);
-          },
-        });
-        expect(tf.memory().numTensors).toBe(tensorsBefore);
-        const what = `${c.name} (seed ${rng.seed})`;
-        for (const key of ['dq', 'dk', 'dv'] as const) {
-          expectClose(runs[0][key], expected[key], GRADIENT_BOUND, `${what}: ${key}`);
-          // Deterministic: the second run has the same bits.
-          expect(Buffer.from(runs[1][key].buffer).equals(Buffer.from(runs[0][key].buffer)))
-              .toBe(true);
-        }
-      } finally {
-        setGradTilesOverride(null);
-      }
-    });
+    it(`kernel vs oracle with ${JSON.stringify(tiles)}: ${c.name}`,
+       () => checkGradUnderTiles(tiles, c));
   }
 });

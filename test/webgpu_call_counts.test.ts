@@ -84,7 +84,7 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
       bufferCopies: 0,
       readBacks: 0,
       bindGroups: 0,   // the same buffers as the calls before: their bind group kept
-      tensorsMade: 4,  // out and lse, and the empty alibiSlopes and seqlens inputs
+      tensorsMade: 3,  // out and lse, and one empty tensor for the absent alibiSlopes and seqlens
     });
     expectClose(
         got, oracleForward(p.oracle, opts).out, FORWARD_BOUND, `forward (seed ${rng.seed})`);
@@ -131,9 +131,11 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
       bufferCopies: 0,
       readBacks: 0,
       bindGroups: 0,
-      // The forward's 4, the tape's copies of the 8 tensors the gradient
-      // saves, the tape's zero gradient of the unused lse, dq, dk and dv.
-      tensorsMade: 16,
+      // The forward's 3, the tape's copies of the 5 tensors the gradient
+      // saves (q, k, v, out, lse: no empty ALiBi or lengths input), the
+      // tape's zero gradient of the unused lse (marked: never read), the
+      // backward's empty tensor for the absent inputs, dq, dk and dv.
+      tensorsMade: 13,
     });
     const want = oracleBackward(
         p.oracle, opts, dOut, new Float64Array(shape.batch * shape.heads * shape.seqQ));
@@ -216,6 +218,52 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
     problems.forEach(p => p.dispose());
     expect(tf.memory().numTensors).toBe(before);
   });
+
+  it('backward plans kept per shape and options: alternating calls each get their own',
+     async () => {
+       const before = tf.memory().numTensors;
+       const rng = freshRng();
+       // The forward+backward test's head dims, two key lengths, two scales;
+       // the lse returned and its gradient given (dLse read) or not.
+       const base = {batch: 1, seqQ: 24, heads: 2, headsKV: 1, headDim: 16, headDimV: 16};
+       const problems =
+           [makeProblem({...base, seqK: 24}, rng), makeProblem({...base, seqK: 17}, rng)];
+       const options = [{causal: true}, {causal: true, softmaxScale: 0.3}];
+       const dOut = randomArray(base.batch * base.seqQ * base.heads * base.headDimV, rng);
+       const dLse = randomArray(base.batch * base.heads * base.seqQ, rng);
+       const dy = tf.tensor4d(Float32Array.from(dOut), [1, 24, 2, 16]);
+       const dyLse = tf.tensor3d(Float32Array.from(dLse), [1, 2, 24]);
+       const noLse = new Float64Array(dLse.length);
+       for (let round = 0; round < 2; round++) {
+         for (const [n, p] of problems.entries()) {
+           for (const opts of options) {
+             for (const withLse of [false, true]) {
+               const grads = tf.grads((q: tf.Tensor, k: tf.Tensor, v: tf.Tensor) => {
+                 const args = [q, k, v] as tf.Tensor4D[];
+                 if (!withLse) {
+                   return tf.mul(flashAttention(args[0], args[1], args[2], opts), dy);
+                 }
+                 const [out, lse] =
+                     flashAttention(args[0], args[1], args[2], {...opts, returnSoftmaxLse: true});
+                 return tf.add(tf.sum(tf.mul(out, dy)), tf.sum(tf.mul(lse, dyLse)));
+               })([p.q, p.k, p.v]);
+               const got = await Promise.all(grads.map(g => g.data()));
+               const want = oracleBackward(p.oracle, opts, dOut, withLse ? dLse : noLse);
+               const what = `round ${round}, problem ${n}, ${JSON.stringify(opts)}, lse ${
+                   withLse} (seed ${rng.seed})`;
+               expectClose(got[0], want.dq, GRADIENT_BOUND, `${what}: dq`);
+               expectClose(got[1], want.dk, GRADIENT_BOUND, `${what}: dk`);
+               expectClose(got[2], want.dv, GRADIENT_BOUND, `${what}: dv`);
+               tf.dispose(grads);
+             }
+           }
+         }
+       }
+       await checkOwnPipelineErrors();
+       problems.forEach(p => p.dispose());
+       tf.dispose([dy, dyLse]);
+       expect(tf.memory().numTensors).toBe(before);
+     });
 
   it('decode step with rotary: 3 dispatches, 2 uniform writes, no copy, no upload', async () => {
     const rng = freshRng();

@@ -18,6 +18,7 @@ import {forwardOutputs, forwardUniformValues} from './forward_shared';
 import {deviceHasSubgroups, dispatchGrid, isWebGPUBackend, OwnOutput, OwnPipelineSpec, packUniforms, runOwnPipeline, UniformWriter} from './own_pipeline';
 import {FORWARD_TILINGS, ForwardTilingChoice, getForwardOverride, MAX_SPLITS, MIN_TILES_PER_SPLIT, REGISTER_BUDGET, SHORT_GRID_GROUPS, SPLIT_TARGET_GROUPS} from './tuning';
 import {matrixForwardWebGPU, planMatrixForward} from './flash_attention_subgroup_matrix';
+import {KeptCalls} from './kept_calls';
 import {scoreOptionsFromAttrs} from './wgsl_snippets';
 
 /** Floats a thread keeps in registers for its tiles (S, O, prefetch). */
@@ -217,73 +218,12 @@ interface ForwardCall {
   cacheUniforms: boolean;
 }
 
-/**
- * A planned forward call and what it was planned for: the dims of every
- * input (-1 for an absent one) and every attribute, by name, in order.
- */
-interface KeptCall {
-  dims: number[];
-  attrNames: string[];
-  attrValues: unknown[];
-  call: ForwardCall;
-}
-
-/** Planned forward calls per device, most recently used first. */
-const keptCalls = new WeakMap<GPUDevice, KeptCall[]>();
 /** Distinct shapes and options kept per device (the least recent go first). */
 const KEPT_CALLS = 32;
 
-/** The inputs whose shapes a forward call's plan depends on. */
-const PLANNED_INPUTS = ['q', 'k', 'v', 'alibiSlopes', 'seqlens', 'cuSeqlensK'];
-
-function inputDims(inputs: Record<string, tf.TensorInfo|undefined>): number[] {
-  const dims: number[] = [];
-  for (const name of PLANNED_INPUTS) {
-    const shape = inputs[name]?.shape;
-    if (shape == null) {
-      dims.push(-1);
-    } else {
-      dims.push(shape.length, ...shape);
-    }
-  }
-  return dims;
-}
-
-/**
- * Was `kept` planned for these inputs and attributes? Compared field by
- * field: cheaper than building and hashing a string key on every call.
- */
-function keptFor(
-    kept: KeptCall, inputs: Record<string, tf.TensorInfo|undefined>,
-    attrs: Record<string, unknown>): boolean {
-  const dims = kept.dims;
-  let at = 0;
-  for (const name of PLANNED_INPUTS) {
-    const shape = inputs[name]?.shape;
-    if (shape == null) {
-      if (dims[at++] !== -1) {
-        return false;
-      }
-      continue;
-    }
-    if (dims[at++] !== shape.length) {
-      return false;
-    }
-    for (let i = 0; i < shape.length; i++) {
-      if (dims[at++] !== shape[i]) {
-        return false;
-      }
-    }
-  }
-  let n = 0;
-  for (const name in attrs) {
-    if (kept.attrNames[n] !== name || !Object.is(kept.attrValues[n], attrs[name])) {
-      return false;
-    }
-    n++;
-  }
-  return n === kept.attrNames.length;
-}
+/** Planned forward calls per device, by the shapes of these inputs and the attributes. */
+const keptCalls =
+    new KeptCalls<ForwardCall>(['q', 'k', 'v', 'alibiSlopes', 'seqlens', 'cuSeqlensK'], KEPT_CALLS);
 
 /** Plans a SIMT forward call (tiling, splits, uniforms, grids). */
 function planForwardCall(
@@ -412,33 +352,10 @@ function forwardCallFor(
     check();
     return planForwardCall(device, inputs, attrs);
   }
-  let calls = keptCalls.get(device);
-  if (calls == null) {
-    calls = [];
-    keptCalls.set(device, calls);
-  }
-  const named = attrs as unknown as Record<string, unknown>;
-  for (let i = 0; i < calls.length; i++) {
-    const kept = calls[i];
-    if (keptFor(kept, inputs, named)) {
-      if (i > 0) {
-        calls.splice(i, 1);
-        calls.unshift(kept);
-      }
-      return kept.call;
-    }
-  }
-  check();
-  const call = planForwardCall(device, inputs, attrs);
-  const attrNames = Object.keys(named);
-  calls.unshift({
-    dims: inputDims(inputs),
-    attrNames,
-    attrValues: attrNames.map(name => named[name]),
-    call,
+  return keptCalls.get(device, inputs, attrs as unknown as Record<string, unknown>, () => {
+    check();
+    return planForwardCall(device, inputs, attrs);
   });
-  calls.length = Math.min(calls.length, KEPT_CALLS);
-  return call;
 }
 
 /** Runs the forward program: returns [out, lse]. */

@@ -16,6 +16,7 @@ import type {AttentionShapes} from '../../src/checks';
 import {registerFusedKernel} from '../../src/dispatch';
 import {FlashAttentionAttrs, FlashAttentionGrad, FlashAttentionGradInputs} from '../../src/kernel_names';
 import {sequenceShapes} from '../../src/seqlens';
+import {isZeroLseGradient} from '../../src/zero_gradients';
 
 import {BoundedCache} from './bounded_cache';
 import {FlashAttentionGradDeltaProgram} from './flash_attention_grad_delta_webgpu';
@@ -25,7 +26,8 @@ import {DkDvTiles, dkdvStorageBytes, dkdvTilesValid, FlashAttentionGradDkDvProgr
 import {DqTiles, dqStorageBytes, dqTilesValid, FlashAttentionGradDqProgram} from './flash_attention_grad_dq_webgpu';
 import {matrixBackwardWebGPU, planMatrixBackward} from './flash_attention_grad_subgroup_matrix';
 import {featureKey, GradFeatures, gradFeatures, gradUniforms} from './flash_attention_grad_wgsl';
-import {isWebGPUBackend, OwnPipelineSpec, runOwnPipeline} from './own_pipeline';
+import {KeptCalls} from './kept_calls';
+import {isWebGPUBackend, kernelLimits, OwnPipelineSpec, runOwnPipeline} from './own_pipeline';
 import {DKDV_SIZES, DQ_SIZES, GRAD_THREADS} from './tuning';
 
 /** The device limits the tile choice depends on. */
@@ -74,10 +76,11 @@ export function setGradTilesOverride(tiles: GradTiles|null): void {
   tilesOverride = tiles;
 }
 
-/** Automatic tiles by head dims and device limits. */
-const tilesCache = new BoundedCache<GradTiles|null>(PROGRAM_CACHE_SIZE);
+/** Automatic tiles per device, by head dim d, then dv (a few entries). */
+const tilesCache = new WeakMap<GPUDevice, Map<number, Map<number, GradTiles|null>>>();
 
-function tilesFor(d: number, dv: number, limits: GradDeviceLimits): GradTiles|null {
+function tilesFor(d: number, dv: number, device: GPUDevice): GradTiles|null {
+  const limits = kernelLimits(device);
   if (tilesOverride != null) {
     const fits = (tiles: GradTiles) =>
         dkdvStorageBytes(tiles.dkdv, d, dv) <= limits.maxComputeWorkgroupStorageSize &&
@@ -86,9 +89,22 @@ function tilesFor(d: number, dv: number, limits: GradDeviceLimits): GradTiles|nu
     return fits(tilesOverride) ? tilesOverride : null;
   }
   // Both the op's support check and the kernel ask, on every call.
-  const key = `${d},${dv},${limits.maxComputeWorkgroupStorageSize},${
-      limits.maxComputeInvocationsPerWorkgroup},${limits.maxComputeWorkgroupSizeX}`;
-  return tilesCache.get(key, () => chooseGradTiles(d, dv, limits));
+  let byD = tilesCache.get(device);
+  if (byD == null) {
+    byD = new Map();
+    tilesCache.set(device, byD);
+  }
+  let byDv = byD.get(d);
+  if (byDv == null) {
+    byDv = new Map();
+    byD.set(d, byDv);
+  }
+  let tiles = byDv.get(dv);
+  if (tiles === undefined) {
+    tiles = chooseGradTiles(d, dv, limits);
+    byDv.set(dv, tiles);
+  }
+  return tiles;
 }
 
 /** Why the fused backward cannot take a call, or null. */
@@ -99,8 +115,8 @@ export function flashAttentionGradSupports(
   if (!isWebGPUBackend(backend)) {
     return 'the active backend is not a tfjs webgpu backend';
   }
-  const limits = backend.device.limits;
-  const tiles = tilesFor(shapes.headDim, shapes.headDimV, limits);
+  const limits = kernelLimits(backend.device);
+  const tiles = tilesFor(shapes.headDim, shapes.headDimV, backend.device);
   if (tiles == null) {
     return `head dims ${shapes.headDim}/${
         shapes.headDimV} need more workgroup storage than the device's ${
@@ -123,11 +139,16 @@ export function fusedGradRunCount(): number {
 }
 
 /**
- * Is `t` all zeros and still only on the host? tfjs's tape makes such a
- * tensor for the gradient of an output nothing used (here the lse), and
- * uploading it would cost an upload and a buffer per backward call.
+ * Is `t` known to be zero without reading it? The op's own gradient marks
+ * the zero lse gradient it makes when the op returns no lse
+ * (isZeroLseGradient). Otherwise (the op returned the lse and nothing used
+ * it) tfjs's tape gives zeros it made on the host: those are scanned, as
+ * uploading them would cost an upload and a buffer per backward call.
  */
-function isHostZeros(backend: WebGPUBackend, t: tf.TensorInfo): boolean {
+function isKnownZeros(backend: WebGPUBackend, t: tf.TensorInfo): boolean {
+  if (isZeroLseGradient(t)) {
+    return true;
+  }
   const data = backend.tensorMap.get(t.dataId);
   if (data == null || data.resource != null || data.values == null) {
     return false;
@@ -151,39 +172,43 @@ function cachedProgram<T extends OwnPipelineSpec>(key: string, make: () => T): T
   return programCache.get(key, make) as T;
 }
 
-/** The passes' programs for one call (the delta pass's grid is per shape). */
-function gradPrograms(
-    shapes: AttentionShapes, tiles: GradTiles, features: GradFeatures, hasSeqlens: boolean,
-    zeroDLse: boolean, packedBatch: number) {
-  const {headDim: d, headDimV: dv} = shapes;
-  const f = featureKey(features);
-  const deltaKey = `delta ${shapes.batch},${shapes.heads},${shapes.seqQ},${dv},${+ hasSeqlens},${
-      + zeroDLse},${packedBatch}`;
-  const {dkdv, dq} = tiles;
-  return {
-    delta: cachedProgram(
-        deltaKey,
-        () => new FlashAttentionGradDeltaProgram(shapes, hasSeqlens, zeroDLse, packedBatch)),
-    dkdv: cachedProgram(
-        `dkdv ${d},${dv},${JSON.stringify(dkdv)},${f}`,
-        () => dkdv.dimChunks != null ?
-            new FlashAttentionGradDkDvSlicedProgram(d, dv, dkdv, features) :
-            new FlashAttentionGradDkDvProgram(d, dv, dkdv, features)),
-    dq: cachedProgram(
-        `dq ${d},${dv},${JSON.stringify(dq)},${f}`,
-        () => dq.dimChunks != null ? new FlashAttentionGradDqSlicedProgram(d, dv, dq, features) :
-                                     new FlashAttentionGradDqProgram(d, dv, dq, features)),
-  };
+/**
+ * Everything a backward call dispatches apart from its tensors: it follows
+ * from the tensors' shapes, the attributes and the device only (and the
+ * delta pass from whether dLse is known zero).
+ */
+interface GradCall {
+  /** The tensors' shapes (a packed call's rows). */
+  tensorShapes: AttentionShapes;
+  tiles: GradTiles;
+  features: GradFeatures;
+  hasAlibi: boolean;
+  hasSeqlens: boolean;
+  packedBatch: number;
+  uniforms: ArrayBuffer;
+  /** Uniforms bound from a kept buffer (no dropout seed to write per call). */
+  cacheUniforms: boolean;
+  /** The delta pass's output: (lse, Delta) per row, then the lengths. */
+  statsShape: [number, number];
+  /** The delta pass by whether dLse is known zero, made on first use. */
+  delta: [FlashAttentionGradDeltaProgram|null, FlashAttentionGradDeltaProgram|null];
+  dkdv: OwnPipelineSpec;
+  dq: OwnPipelineSpec;
+  dkdvGrid: [number, number, number];
+  dqGrid: [number, number, number];
 }
 
-function flashAttentionGradWebGPU(
-    {inputs, backend, attrs}:
-        {inputs: tf.NamedTensorInfoMap, backend: unknown, attrs?: tf.NamedAttrMap}):
-    tf.TensorInfo[] {
-  const webgpu = backend as WebGPUBackend;
-  const a = attrs as unknown as FlashAttentionAttrs;
-  const {dy, dLse, q, k, v, out, softmaxLse, alibiSlopes, seqlens, cuSeqlensK} =
-      inputs as unknown as FlashAttentionGradInputs;
+/** Distinct shapes and options kept per device (the least recent go first). */
+const KEPT_CALLS = 32;
+
+/** Planned backward calls per device, by the shapes of these inputs and the attributes. */
+const keptCalls =
+    new KeptCalls<GradCall>(['q', 'k', 'v', 'alibiSlopes', 'seqlens', 'cuSeqlensK'], KEPT_CALLS);
+
+/** Plans a backward call (tiles, programs, uniforms, grids). */
+function planGradCall(
+    device: GPUDevice, inputs: FlashAttentionGradInputs, a: FlashAttentionAttrs): GradCall {
+  const {q, k, v, alibiSlopes, seqlens} = inputs;
   // The tensors' rows, and the sequences (differ for a packed varlen call).
   const [rowsB, rowsQ, heads, headDim] = q.shape;
   const [, rowsK, headsKV] = k.shape;
@@ -193,7 +218,7 @@ function flashAttentionGradWebGPU(
   const shapes = sequenceShapes(tensorShapes, a);
   const {batch, seqQ, seqK} = shapes;
   const packedBatch = a.packedBatch! > 0 ? a.packedBatch! : 0;
-  const tiles = tilesFor(headDim, headDimV, webgpu.device.limits);
+  const tiles = tilesFor(headDim, headDimV, device);
   tf.util.assert(
       tiles != null,
       () => `FlashAttentionGrad: head dims ${headDim}/${
@@ -201,55 +226,117 @@ function flashAttentionGradWebGPU(
   const hasAlibi = alibiSlopes != null && tf.util.sizeFromShape(alibiSlopes.shape) > 0;
   const hasSeqlens = seqlens != null && tf.util.sizeFromShape(seqlens.shape) > 0;
   const features = gradFeatures(a, hasAlibi, hasSeqlens);
-  const slopes = hasAlibi ? [alibiSlopes!] : [];
-
-  const uniforms = gradUniforms(
-      shapes, a, hasAlibi ? alibiSlopes!.shape : [],
-      packedBatch > 0 ? {totalQ: rowsQ, totalK: rowsK} : undefined);
-  const zeroDLse = isHostZeros(webgpu, dLse);
-  // A dropout seed usually changes every call: those uniforms are written.
-  const cacheUniforms = a.dropoutRate === 0;
-  const programs = gradPrograms(tensorShapes, tiles!, features, hasSeqlens, zeroDLse, packedBatch);
-  const deltaProgram = programs.delta;
+  const f = featureKey(features);
+  const {dkdv, dq} = tiles!;
   // (lse, Delta) per row, then (seqlenQ, seqlenK) per batch row if any
   // (packed: the B + 1 cumulative (cuSeqlensQ, cuSeqlensK)).
   const lengthRows = packedBatch > 0 ? packedBatch + 1 : batch;
-  const statsRows = rowsB * heads * rowsQ + (hasSeqlens ? lengthRows : 0);
-  const [stats] = runOwnPipeline(webgpu, deltaProgram, {
+  return {
+    tensorShapes,
+    tiles: tiles!,
+    features,
+    hasAlibi,
+    hasSeqlens,
+    packedBatch,
+    uniforms: gradUniforms(
+        shapes, a, hasAlibi ? alibiSlopes!.shape : [],
+        packedBatch > 0 ? {totalQ: rowsQ, totalK: rowsK} : undefined),
+    // A dropout seed usually changes every call: those uniforms are written.
+    cacheUniforms: a.dropoutRate === 0,
+    statsShape: [rowsB * heads * rowsQ + (hasSeqlens ? lengthRows : 0), 2],
+    delta: [null, null],
+    dkdv: cachedProgram(
+        `dkdv ${headDim},${headDimV},${JSON.stringify(dkdv)},${f}`,
+        () => dkdv.dimChunks != null ?
+            new FlashAttentionGradDkDvSlicedProgram(headDim, headDimV, dkdv, features) :
+            new FlashAttentionGradDkDvProgram(headDim, headDimV, dkdv, features)),
+    dq: cachedProgram(
+        `dq ${headDim},${headDimV},${JSON.stringify(dq)},${f}`,
+        () => dq.dimChunks != null ?
+            new FlashAttentionGradDqSlicedProgram(headDim, headDimV, dq, features) :
+            new FlashAttentionGradDqProgram(headDim, headDimV, dq, features)),
+    dkdvGrid: [Math.ceil(seqK / dkdv.bc), batch * headsKV, 1],
+    dqGrid: [Math.ceil(seqQ / dq.br), batch * heads, 1],
+  };
+}
+
+/**
+ * planGradCall, kept per device for calls whose plan repeats (no dropout
+ * seed, no forced tiles).
+ */
+function gradCallFor(
+    device: GPUDevice, inputs: FlashAttentionGradInputs, attrs: FlashAttentionAttrs): GradCall {
+  if (attrs.dropoutRate > 0 || tilesOverride != null) {
+    return planGradCall(device, inputs, attrs);
+  }
+  return keptCalls.get(
+      device, inputs as unknown as Record<string, tf.TensorInfo>,
+      attrs as unknown as Record<string, unknown>, () => planGradCall(device, inputs, attrs));
+}
+
+/** The call's delta pass (whether dLse is known zero changes its program). */
+function deltaProgram(call: GradCall, zeroDLse: boolean): FlashAttentionGradDeltaProgram {
+  const at = zeroDLse ? 1 : 0;
+  if (call.delta[at] == null) {
+    const {batch, heads, seqQ, headDimV} = call.tensorShapes;
+    const key = `delta ${batch},${heads},${seqQ},${headDimV},${+ call.hasSeqlens},${+ zeroDLse},${
+        call.packedBatch}`;
+    call.delta[at] = cachedProgram(
+        key,
+        () => new FlashAttentionGradDeltaProgram(
+            call.tensorShapes, call.hasSeqlens, zeroDLse, call.packedBatch));
+  }
+  return call.delta[at]!;
+}
+
+function flashAttentionGradWebGPU(
+    {inputs, backend, attrs}:
+        {inputs: tf.NamedTensorInfoMap, backend: unknown, attrs?: tf.NamedAttrMap}):
+    tf.TensorInfo[] {
+  const webgpu = backend as WebGPUBackend;
+  const a = attrs as unknown as FlashAttentionAttrs;
+  const named = inputs as unknown as FlashAttentionGradInputs;
+  const {dy, dLse, q, k, v, out, softmaxLse, alibiSlopes, seqlens, cuSeqlensK} = named;
+  const call = gradCallFor(webgpu.device, named, a);
+  const {hasSeqlens, packedBatch, uniforms, cacheUniforms} = call;
+  const slopes = call.hasAlibi ? [alibiSlopes!] : [];
+  const zeroDLse = isKnownZeros(webgpu, dLse);
+  const delta = deltaProgram(call, zeroDLse);
+  const [stats] = runOwnPipeline(webgpu, delta, {
     inputs: [
       dy, out, zeroDLse ? softmaxLse : dLse, softmaxLse, ...(hasSeqlens ? [seqlens!] : []),
       ...(packedBatch > 0 ? [cuSeqlensK!] : [])
     ],
-    outputs: [{shape: [statsRows, 2], dtype: 'float32'}],
+    outputs: [{shape: call.statsShape, dtype: 'float32'}],
     uniforms,
-    dispatch: deltaProgram.workgroups,
+    dispatch: delta.workgroups,
     cacheUniforms,
   });
   try {
     // Tensor cores (subgroup matrices) where the forward would use them.
     const matrixPlan = hasSeqlens ?
         null :
-        planMatrixBackward(webgpu.device, headDim, headDimV, a.precision ?? 'float32');
+        planMatrixBackward(webgpu.device, q.shape[3], v.shape[3], a.precision ?? 'float32');
     if (matrixPlan != null) {
       const result = matrixBackwardWebGPU(
-          webgpu, [q, k, v, dy, ...slopes], stats, matrixPlan, features, uniforms);
+          webgpu, [q, k, v, dy, ...slopes], stats, matrixPlan, call.features, uniforms);
       gradKernelRuns++;
       return result;
     }
-    const [dk, dv] = runOwnPipeline(webgpu, programs.dkdv, {
+    const [dk, dv] = runOwnPipeline(webgpu, call.dkdv, {
       inputs: [q, k, v, dy, stats, ...slopes],
       outputs: [{shape: k.shape, dtype: 'float32'}, {shape: v.shape, dtype: 'float32'}],
       uniforms,
-      dispatch: [Math.ceil(seqK / tiles!.dkdv.bc), batch * headsKV, 1],
+      dispatch: call.dkdvGrid,
       cacheUniforms,
     });
     let dq: tf.TensorInfo;
     try {
-      [dq] = runOwnPipeline(webgpu, programs.dq, {
+      [dq] = runOwnPipeline(webgpu, call.dq, {
         inputs: [q, k, v, dy, stats, ...slopes],
         outputs: [{shape: q.shape, dtype: 'float32'}],
         uniforms,
-        dispatch: [Math.ceil(seqQ / tiles!.dq.br), batch * heads, 1],
+        dispatch: call.dqGrid,
         cacheUniforms,
       });
     } catch (e) {

@@ -15,9 +15,8 @@
  * over the same terms in a fixed order: deterministic, no atomics; query
  * heads of a GQA group are summed in the workgroup as in the unsliced pass.
  */
-import type {OwnPipelineSpec} from './own_pipeline';
 import type {DkDvTiles} from './flash_attention_grad_dkdv_webgpu';
-import {featureKey, GradFeatures, gradInputs, gradPassHeaderWGSL, loadKeyTileWGSL, prefetchSlots, sPhase, sPhaseValid, sPhaseWGSL, zeroGapsWGSL} from './flash_attention_grad_wgsl';
+import {featureKey, fetchRowStatsWGSL, GradFeatures, GradPassProgram, gradPassWGSL, prefetchSlots, sPhase, sPhaseValid, sPhaseWGSL, storeRowStatsWGSL} from './flash_attention_grad_wgsl';
 import {perSliceWGSL, sliceQuads, sliceStreamWGSL, swizzledRowsWGSL} from './flash_attention_grad_sliced_wgsl';
 
 /** Workgroup storage bytes of the sliced program. */
@@ -35,13 +34,7 @@ export function dkdvSlicedTilesValid(t: DkDvTiles): boolean {
       t.threads % (t.bc / 4) === 0;
 }
 
-export class FlashAttentionGradDkDvSlicedProgram implements OwnPipelineSpec {
-  readonly key: string;
-  readonly numInputs: number;
-  readonly numOutputs: number;
-  readonly hasUniforms = true;
-  private readonly source: string;
-
+export class FlashAttentionGradDkDvSlicedProgram extends GradPassProgram {
   constructor(d: number, dv: number, tiles: DkDvTiles, f: GradFeatures) {
     const {bc, br, threads} = tiles;
     const chunks = tiles.dimChunks!;
@@ -50,8 +43,10 @@ export class FlashAttentionGradDkDvSlicedProgram implements OwnPipelineSpec {
     const slice = swizzledRowsWGSL('sliceAt', sw4);
     const xt = threads / s.sc;       // accumulation: lanes per key quad
     const nq = Math.ceil(sw4 / xt);  // accumulation: quads per slice per thread
-    this.key = `flashAttentionGradDkDvSliced_${d}_${dv}_${bc}_${br}_${threads}_c${chunks}_${
-        featureKey(f)}`;
+    super(
+        `flashAttentionGradDkDvSliced_${d}_${dv}_${bc}_${br}_${threads}_c${chunks}_${
+            featureKey(f)}`,
+        f, 'k');
     const inSlice = sw4 % xt === 0 ? 'true' : 'xl < SW4';
     // acc[(c NQ + n) 4 + key] += weights[key] * sliceS row r, quad xl.
     const accumulate = (acc: string) => `
@@ -89,12 +84,6 @@ export class FlashAttentionGradDkDvSlicedProgram implements OwnPipelineSpec {
       storeRowSlice(t);
       workgroupBarrier();
       ${next}`;
-    const fetchStats = (i0: string, h: string) => `
-    for (var u = 0; u < ${prefetchSlots(br, threads)}; u++) {
-      let i = ${i0} + t + u * T;
-      stReg[u] = vec2<f32>(0.0);
-      if (t + u * T < BR && i < gr.rowsQ) { stReg[u] = stats[gr.stat0 + ${h} * gr.statHead + i]; }
-    }`;
     // Key j's dims of accumulator `acc` to `out` ([B, Sk, Hk, w]).
     const storeKeyRow = (out: string, acc: string, w: string) => `
       for (var c = 0; c < DC; c++) {
@@ -108,19 +97,7 @@ export class FlashAttentionGradDkDvSlicedProgram implements OwnPipelineSpec {
           }
         }
       }`;
-    const keyGaps = zeroGapsWGSL(f, 'k', ['dk', 'D'], ['dv', 'DV']);
-    const inputs = gradInputs(f);
-    const outputs = [{name: 'dk', type: 'f32'}, {name: 'dv', type: 'f32'}];
-    this.numInputs = inputs.length;
-    this.numOutputs = outputs.length;
-    this.source = `${gradPassHeaderWGSL(f, outputs, {d, dv, bc, br, threads, s, xt}, {
-      DC: chunks,
-      SW4: sw4,
-      NQ: nq,
-      PF: prefetchSlots(br * sw4, threads),
-    })}
-
-// K and V transposed, four keys per vec4: kT[x * SC + quad], rows padded
+    const storage = `// K and V transposed, four keys per vec4: kT[x * SC + quad], rows padded
 // with zeros to whole slices.
 var<workgroup> kT: array<vec4<f32>, ${4 * sw4 * chunks * s.sc}>;
 var<workgroup> vT: array<vec4<f32>, ${4 * sw4 * chunks * s.sc}>;
@@ -131,20 +108,9 @@ ${slice.wgsl}
 var<workgroup> pS: array<vec4<f32>, ${br * s.sc}>;
 var<workgroup> lseS: array<f32, BR>;
 var<workgroup> deltaS: array<f32, BR>;
-${sliceStreamWGSL('q', d, dv)}
-
-@compute @workgroup_size(T)
-fn main(@builtin(workgroup_id) wg: vec3<u32>,
-        @builtin(local_invocation_index) lid: u32) {
-  let t = i32(lid);
-  let j0 = i32(wg.x) * BC;
-  let b = i32(wg.y) / p.headsKV;
-  let hk = i32(wg.y) % p.headsKV;
-  let groups = p.heads / p.headsKV;
-  let gr = gradRows(b);
-  ${keyGaps}
-
-  ${loadKeyTileWGSL('SC')}
+${sliceStreamWGSL('q', d, dv)}`;
+    const consts = {DC: chunks, SW4: sw4, NQ: nq, PF: prefetchSlots(br * sw4, threads)};
+    this.source = gradPassWGSL(f, 'k', {d, dv, bc, br, threads, s, xt}, consts, storage, `
   // Rows past the head dims, up to whole slices: zeros.
   for (var e = t; e < (4 * SW4 * DC - 4 * D4) * SC; e += T) { kT[4 * D4 * SC + e] = vec4<f32>(0.0); }
   for (var e = t; e < (4 * SW4 * DC - 4 * DV4) * SC; e += T) { vT[4 * DV4 * SC + e] = vec4<f32>(0.0); }
@@ -170,7 +136,7 @@ ${sPhaseWGSL(s)}
   var stReg: array<vec2<f32>, ${prefetchSlots(br, threads)}>;
   if (steps > 0) {
     fetchRowSlice(true, iLo, hk * groups, 0, t, gr);
-    ${fetchStats('iLo', 'hk * groups')}
+    ${fetchRowStatsWGSL('iLo', 'hk * groups', br, threads)}
   }
   for (var step = 0; step < steps; step++) {
     let h = hk * groups + step / nBlocks;
@@ -188,13 +154,7 @@ ${sPhaseWGSL(s)}
       workgroupBarrier();
       storeRowSlice(t);
       if (c == 0) {
-        for (var u = 0; u < ${prefetchSlots(br, threads)}; u++) {
-          let r = t + u * T;
-          if (r < BR) {
-            lseS[r] = stReg[u].x;
-            deltaS[r] = stReg[u].y;
-          }
-        }
+        ${storeRowStatsWGSL(br, threads)}
       }
       workgroupBarrier();
       fetchRowSlice(c + 1 < DC, i0, h, select(0, c + 1, c + 1 < DC), t, gr);
@@ -250,7 +210,7 @@ ${sPhaseWGSL(s)}
         let hn = hk * groups + (step + 1) / nBlocks;
         let iN = iLo + ((step + 1) % nBlocks) * BR;
         fetchRowSlice(true, iN, hn, 0, t, gr);
-        ${fetchStats('iN', 'hn')}
+        ${fetchRowStatsWGSL('iN', 'hn', br, threads)}
       }`)}
       for (var r = 0; r < BR; r++) {
         let w = pS[r * SC + kq];
@@ -266,11 +226,6 @@ ${sPhaseWGSL(s)}
       ${storeKeyRow('dv', 'dvAcc', 'DV')}
     }
   }
-}
-`;
-  }
-
-  code(): string {
-    return this.source;
+`);
   }
 }

@@ -18,9 +18,8 @@
  * while the current block computes: without that the pass waits on those
  * loads (benchmarks/RESULTS.md, backward tuning).
  */
-import type {OwnPipelineSpec} from './own_pipeline';
 import {dkdvSlicedStorageBytes, dkdvSlicedTilesValid} from './flash_attention_grad_dkdv_sliced_webgpu';
-import {featureKey, fetchRowsWGSL, GradFeatures, gradInputs, gradPassHeaderWGSL, loadKeyTileWGSL, prefetchSlots, queryBlockStorageWGSL, scoresToDsWGSL, storeRowsWGSL, sPhase, sPhaseValid, sPhaseWGSL, zeroGapsWGSL} from './flash_attention_grad_wgsl';
+import {featureKey, fetchRowStatsWGSL, fetchRowsWGSL, GradFeatures, GradPassProgram, gradPassWGSL, prefetchSlots, queryBlockStorageWGSL, scoresToDsWGSL, storeRowStatsWGSL, storeRowsWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
 
 export interface DkDvTiles {
   /** Keys per workgroup (multiple of 4). */
@@ -59,13 +58,7 @@ export function dkdvTilesValid(t: DkDvTiles): boolean {
   return sPhaseValid(t.bc, t.br, t.threads, t.split) && t.threads % (t.bc / 4) === 0;
 }
 
-export class FlashAttentionGradDkDvProgram implements OwnPipelineSpec {
-  readonly key: string;
-  readonly numInputs: number;
-  readonly numOutputs: number;
-  readonly hasUniforms = true;
-  private readonly source: string;
-
+export class FlashAttentionGradDkDvProgram extends GradPassProgram {
   constructor(d: number, dv: number, tiles: DkDvTiles, f: GradFeatures) {
     const {bc, br, threads} = tiles;
     const s = sPhase(bc, br, threads, tiles.split);
@@ -74,14 +67,10 @@ export class FlashAttentionGradDkDvProgram implements OwnPipelineSpec {
     const xt = threads / s.sc;      // accumulation: dim-quad stride
     const nd = Math.ceil(d4 / xt);  // accumulation: dim quads per thread
     const ndv = Math.ceil(dv4 / xt);
-    this.key = `flashAttentionGradDkDv_${d}_${dv}_${bc}_${br}_${threads}_${
-        s.split ? 'split_' : ''}${featureKey(f)}`;
-    const fetchStats = (i0: string, h: string) => `
-    for (var u = 0; u < ${prefetchSlots(br, threads)}; u++) {
-      let i = ${i0} + t + u * T;
-      stReg[u] = vec2<f32>(0.0);
-      if (t + u * T < BR && i < gr.rowsQ) { stReg[u] = stats[gr.stat0 + ${h} * gr.statHead + i]; }
-    }`;
+    super(
+        `flashAttentionGradDkDv_${d}_${dv}_${bc}_${br}_${threads}_${s.split ? 'split_' : ''}${
+            featureKey(f)}`,
+        f, 'k');
     // acc[c * n + ...] += weights[c] * row r of `rows`, for the thread's
     // dim quads (dV += Pd^T dO, dK += dS^T Q).
     const accumulate = (acc: string, weights: string, rows: string, w4: number, n: number) => `
@@ -116,7 +105,7 @@ export class FlashAttentionGradDkDvProgram implements OwnPipelineSpec {
     let hn = hk * groups;
     ${fetchRowsWGSL('q', 'qReg', d, d4, br, threads, 'gr.rowsQ', 'p.heads', 'iLo', 'hn')}
     ${fetchRowsWGSL('dy', 'oReg', dv, dv4, br, threads, 'gr.rowsQ', 'p.heads', 'iLo', 'hn')}
-    ${fetchStats('iLo', 'hn')}
+    ${fetchRowStatsWGSL('iLo', 'hn', br, threads)}
   }
   for (var step = 0; step < steps; step++) {
     let h = hk * groups + step / nBlocks;
@@ -125,56 +114,22 @@ export class FlashAttentionGradDkDvProgram implements OwnPipelineSpec {
     workgroupBarrier();
     ${storeRowsWGSL('qReg', 'qS', d4, d4 + 1, br, threads)}
     ${storeRowsWGSL('oReg', 'doS', dv4, dv4 + 1, br, threads)}
-    for (var u = 0; u < ${prefetchSlots(br, threads)}; u++) {
-      let r = t + u * T;
-      if (r < BR) {
-        lseS[r] = stReg[u].x;
-        deltaS[r] = stReg[u].y;
-      }
-    }
+    ${storeRowStatsWGSL(br, threads)}
     workgroupBarrier();
     if (step + 1 < steps) {
       let hn = hk * groups + (step + 1) / nBlocks;
       let iN = iLo + ((step + 1) % nBlocks) * BR;
       ${fetchRowsWGSL('q', 'qReg', d, d4, br, threads, 'gr.rowsQ', 'p.heads', 'iN', 'hn')}
       ${fetchRowsWGSL('dy', 'oReg', dv, dv4, br, threads, 'gr.rowsQ', 'p.heads', 'iN', 'hn')}
-      ${fetchStats('iN', 'hn')}
+      ${fetchRowStatsWGSL('iN', 'hn', br, threads)}
     }
 `;
-    // Packed varlen calls: zeros where no sequence's rows are.
-    const keyGaps = zeroGapsWGSL(f, 'k', ['dk', 'D'], ['dv', 'DV']);
-    const inputs = gradInputs(f);
-    const outputs = [{name: 'dk', type: 'f32'}, {name: 'dv', type: 'f32'}];
-    this.numInputs = inputs.length;
-    this.numOutputs = outputs.length;
-    this.source = `${gradPassHeaderWGSL(f, outputs, {
-      d,
-      dv,
-      bc,
-      br,
-      threads,
-      s,
-      xt
-    })}
-
-// K and V transposed, four keys per vec4: kT[x * SC + quad] (x < 4 * D4).
+    const storage = `// K and V transposed, four keys per vec4: kT[x * SC + quad] (x < 4 * D4).
 var<workgroup> kT: array<vec4<f32>, ${4 * d4 * s.sc}>;
 var<workgroup> vT: array<vec4<f32>, ${4 * dv4 * s.sc}>;
 // pS holds P * keep, then dS.
-${queryBlockStorageWGSL(br, d4, dv4, s.sc)}
-
-@compute @workgroup_size(T)
-fn main(@builtin(workgroup_id) wg: vec3<u32>,
-        @builtin(local_invocation_index) lid: u32) {
-  let t = i32(lid);
-  let j0 = i32(wg.x) * BC;
-  let b = i32(wg.y) / p.headsKV;
-  let hk = i32(wg.y) % p.headsKV;
-  let groups = p.heads / p.headsKV;
-  let gr = gradRows(b);
-  ${keyGaps}
-
-  ${loadKeyTileWGSL('SC')}
+${queryBlockStorageWGSL(br, d4, dv4, s.sc)}`;
+    this.source = gradPassWGSL(f, 'k', {d, dv, bc, br, threads, s, xt}, {}, storage, `
 
   // dkAcc[c * ND + n]: key (4 * kq + c), dims 4 * (kx + n * XT) + 0..3.
   var dkAcc: array<vec4<f32>, ${4 * nd}>;
@@ -221,11 +176,6 @@ ${rowLoop}
       ${storeKeyRow('dv', 'dvAcc', ndv, 'DV')}
     }
   }
-}
-`;
-  }
-
-  code(): string {
-    return this.source;
+`);
   }
 }

@@ -13,9 +13,8 @@
  * rows' dims in every slice (dims qx + n XT of each). Rows that see no key
  * get dQ = 0; every sum has a fixed order (deterministic).
  */
-import type {OwnPipelineSpec} from './own_pipeline';
 import type {DqTiles} from './flash_attention_grad_dq_webgpu';
-import {dqBlockWGSL, featureKey, GradFeatures, gradInputs, gradPassHeaderWGSL, prefetchSlots, probsAndDsWGSL, sPhase, sPhaseValid, sPhaseWGSL, zeroGapsWGSL} from './flash_attention_grad_wgsl';
+import {dqKeyRangeWGSL, featureKey, GradFeatures, GradPassProgram, gradPassWGSL, loadRowStatsWGSL, prefetchSlots, probsAndDsWGSL, sPhase, sPhaseValid} from './flash_attention_grad_wgsl';
 import {perSliceWGSL, sliceQuads, sliceStreamWGSL, swizzledRowsWGSL} from './flash_attention_grad_sliced_wgsl';
 
 /** Rows per thread in the dQ accumulation. */
@@ -38,13 +37,7 @@ export function dqSlicedTilesValid(t: DqTiles): boolean {
       Number.isInteger(qt) && t.threads % qt === 0;
 }
 
-export class FlashAttentionGradDqSlicedProgram implements OwnPipelineSpec {
-  readonly key: string;
-  readonly numInputs: number;
-  readonly numOutputs: number;
-  readonly hasUniforms = true;
-  private readonly source: string;
-
+export class FlashAttentionGradDqSlicedProgram extends GradPassProgram {
   constructor(d: number, dv: number, tiles: DqTiles, f: GradFeatures) {
     const {bc, br, threads} = tiles;
     const chunks = tiles.dimChunks!;
@@ -55,8 +48,9 @@ export class FlashAttentionGradDqSlicedProgram implements OwnPipelineSpec {
     const nr = rowsPerThread(tiles);
     const xt = threads / (br / nr);       // accumulation: lanes per row group
     const nds = Math.ceil(4 * sw4 / xt);  // accumulation: dims per slice per thread
-    this.key =
-        `flashAttentionGradDqSliced_${d}_${dv}_${bc}_${br}_${threads}_c${chunks}_${featureKey(f)}`;
+    super(
+        `flashAttentionGradDqSliced_${d}_${dv}_${bc}_${br}_${threads}_c${chunks}_${featureKey(f)}`,
+        f, 'q');
     // acc[m] += the thread's rows of `rows` (resident) . slice c's dims of
     // its key quad, dims in order.
     const products = (acc: string, tile: string) => `
@@ -79,21 +73,15 @@ export class FlashAttentionGradDqSlicedProgram implements OwnPipelineSpec {
       workgroupBarrier();
       ${next}`;
     const inSlice = (4 * sw4) % xt === 0 ? 'true' : 'xl < 4 * SW4';
-    const queryGaps = zeroGapsWGSL(f, 'q', ['dq', 'D']);
-    const inputs = gradInputs(f);
-    const outputs = [{name: 'dq', type: 'f32'}];
-    this.numInputs = inputs.length;
-    this.numOutputs = outputs.length;
-    this.source = `${gradPassHeaderWGSL(f, outputs, {d, dv, bc, br, threads, s, xt}, {
+    const consts = {
       NR: nr,
       DC: chunks,
       SW4: sw4,
       QW: rows.stride,
       NDS: nds,
       PF: prefetchSlots(s.sc * 4 * sw4, threads),
-    })}
-
-// Q and dO rows as dim quads, zeros to whole slices: quad x of row r at
+    };
+    const storage = `// Q and dO rows as dim quads, zeros to whole slices: quad x of row r at
 // qAt(r, x).
 var<workgroup> qS: array<vec4<f32>, ${br * rows.stride}>;
 var<workgroup> doS: array<vec4<f32>, ${br * rows.stride}>;
@@ -105,15 +93,8 @@ ${keys.wgsl}
 var<workgroup> pS: array<vec4<f32>, ${br * s.sc}>;
 var<workgroup> lseS: array<f32, BR>;
 var<workgroup> deltaS: array<f32, BR>;
-${sliceStreamWGSL('k', d, dv)}
-
-@compute @workgroup_size(T)
-fn main(@builtin(workgroup_id) wg: vec3<u32>,
-        @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_index) lid: u32) {
-  let t = i32(lid);
-  ${dqBlockWGSL()}
-  ${queryGaps}
+${sliceStreamWGSL('k', d, dv)}`;
+    this.source = gradPassWGSL(f, 'q', {d, dv, bc, br, threads, s, xt}, consts, storage, `
   for (var e = t; e < BR * QW; e += T) {
     let i = i0 + e / QW;
     var qv = vec4<f32>(0.0);
@@ -125,27 +106,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
     qS[qAt(e / QW, e % QW)] = qv;
     doS[qAt(e / QW, e % QW)] = ov;
   }
-  for (var r = t; r < BR; r += T) {
-    let i = i0 + r;
-    var st = vec2<f32>(0.0);
-    if (i < gr.rowsQ) { st = stats[gr.stat0 + h * gr.statHead + i]; }
-    lseS[r] = st.x;
-    deltaS[r] = st.y;
-  }
+  ${loadRowStatsWGSL()}
 
   var dqAcc: array<array<f32, ${nds * chunks}>, NR>;
   for (var m = 0; m < NR; m++) {
     for (var n = 0; n < ${nds * chunks}; n++) { dqAcc[m][n] = 0.0; }
   }
 
-  // Keys some row of the block can see, the start aligned to BC (key quads
-  // aligned for the dropout words).
-  let keys = fa_key_range(i0, min(i0 + BR, p.seqQ), sp);
-  let jLo = (keys.x / BC) * BC;
-  let jHi = keys.y - 1;
-${sPhaseWGSL(s)}
-  let qx = t % XT;
-  let qr = t / XT;
+  ${dqKeyRangeWGSL(s)}
 
   if (jLo <= jHi) {
     fetchKeySlice(true, jLo, 0, t, hk, gr);
@@ -211,11 +179,6 @@ ${sPhaseWGSL(s)}
       }
     }
   }
-}
-`;
-  }
-
-  code(): string {
-    return this.source;
+`);
   }
 }

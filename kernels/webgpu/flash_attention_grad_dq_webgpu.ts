@@ -14,9 +14,8 @@
  * while the current one computes: without that the pass waits on those
  * loads (benchmarks/RESULTS.md, backward tuning).
  */
-import type {OwnPipelineSpec} from './own_pipeline';
 import {dqSlicedStorageBytes, dqSlicedTilesValid} from './flash_attention_grad_dq_sliced_webgpu';
-import {dqBlockWGSL, featureKey, fetchKeyTileWGSL, GradFeatures, gradInputs, gradPassHeaderWGSL, loadQueryBlockWGSL, prefetchSlots, queryBlockStorageWGSL, scoresToDsWGSL, storeKeyTileWGSL, sPhase, sPhaseValid, sPhaseWGSL, zeroGapsWGSL} from './flash_attention_grad_wgsl';
+import {dqKeyRangeWGSL, featureKey, fetchKeyTileWGSL, GradFeatures, GradPassProgram, gradPassWGSL, loadQueryBlockWGSL, prefetchSlots, queryBlockStorageWGSL, scoresToDsWGSL, storeKeyTileWGSL, sPhase, sPhaseValid} from './flash_attention_grad_wgsl';
 
 export interface DqTiles {
   /** Query rows per workgroup. */
@@ -69,13 +68,7 @@ export function dqTilesValid(t: DqTiles): boolean {
       t.threads % qt === 0;
 }
 
-export class FlashAttentionGradDqProgram implements OwnPipelineSpec {
-  readonly key: string;
-  readonly numInputs: number;
-  readonly numOutputs: number;
-  readonly hasUniforms = true;
-  private readonly source: string;
-
+export class FlashAttentionGradDqProgram extends GradPassProgram {
   constructor(d: number, dv: number, tiles: DqTiles, f: GradFeatures) {
     const {bc, br, threads} = tiles;
     const s = sPhase(bc, br, threads, tiles.split);
@@ -86,8 +79,10 @@ export class FlashAttentionGradDqProgram implements OwnPipelineSpec {
     const qt = br / nr;       // accumulation: row groups
     const xt = threads / qt;  // accumulation: dim stride
     const nd = Math.ceil(d / xt);
-    this.key = `flashAttentionGradDq_${d}_${dv}_${bc}_${br}_${threads}_${s.split ? 'split_' : ''}${
-        featureKey(f)}`;
+    super(
+        `flashAttentionGradDq_${d}_${dv}_${bc}_${br}_${threads}_${s.split ? 'split_' : ''}${
+            featureKey(f)}`,
+        f, 'q');
     // dQ += dS K with the thread's NR dS rows held in registers and K read
     // one vec4 at a time: faster than holding K's dims and reading dS per row
     // (benchmarks/RESULTS.md, backward tuning).
@@ -118,31 +113,14 @@ export class FlashAttentionGradDqProgram implements OwnPipelineSpec {
     if (j0 + BC <= jHi) {
       ${fetchKeyTileWGSL('j0 + BC', s.sc, d4, dv4, threads)}
     }`;
-    // Packed varlen calls: zeros where no sequence's rows are.
-    const queryGaps = zeroGapsWGSL(f, 'q', ['dq', 'D']);
-    const inputs = gradInputs(f);
-    const outputs = [{name: 'dq', type: 'f32'}];
-    this.numInputs = inputs.length;
-    this.numOutputs = outputs.length;
-    this.source = `${gradPassHeaderWGSL(f, outputs, {d, dv, bc, br, threads, s, xt}, {
-      NR: nr,
-      KST: kst
-    })}
-
-// K and V transposed, four keys per vec4: kT[x * KST + quad]; K serves
+    const storage = `// K and V transposed, four keys per vec4: kT[x * KST + quad]; K serves
 // both S = Q K^T (a key quad per load) and dQ += dS K (dot of 4 keys).
 var<workgroup> kT: array<vec4<f32>, ${4 * d4 * kst}>;
 var<workgroup> vT: array<vec4<f32>, ${4 * dv4 * s.sc}>;
 // pS holds dS.
-${queryBlockStorageWGSL(br, d4, dv4, s.sc)}
-
-@compute @workgroup_size(T)
-fn main(@builtin(workgroup_id) wg: vec3<u32>,
-        @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_index) lid: u32) {
-  let t = i32(lid);
-  ${dqBlockWGSL()}
-  ${queryGaps}
+${queryBlockStorageWGSL(br, d4, dv4, s.sc)}`;
+    this.source =
+        gradPassWGSL(f, 'q', {d, dv, bc, br, threads, s, xt}, {NR: nr, KST: kst}, storage, `
   ${loadQueryBlockWGSL(d, d4, dv, dv4)}
 
   var dqAcc: array<array<f32, ${nd}>, NR>;
@@ -150,15 +128,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
     for (var n = 0; n < ${nd}; n++) { dqAcc[m][n] = 0.0; }
   }
 
-  // Keys some row of the block can see; the start aligned to BC (so key
-  // quads are aligned for the dropout words).
-  // (None for a block past the batch row's queries: it writes zeros.)
-  let keys = fa_key_range(i0, min(i0 + BR, p.seqQ), sp);
-  let jLo = (keys.x / BC) * BC;
-  let jHi = keys.y - 1;
-${sPhaseWGSL(s)}
-  let qx = t % XT;
-  let qr = t / XT;
+  ${dqKeyRangeWGSL(s)}
 ${keyTile}
 
     ${scoresToDsWGSL(s, 'KST', d4, dv4, f, false, 'pS[r * SC + sQuad] = dsv;')}
@@ -176,11 +146,6 @@ ${accumulate}
       }
     }
   }
-}
-`;
-  }
-
-  code(): string {
-    return this.source;
+`);
   }
 }

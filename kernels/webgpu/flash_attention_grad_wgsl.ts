@@ -8,7 +8,7 @@ import type {FlashAttentionAttrs} from '../../src/kernel_names';
 import type {AttentionShapes} from '../../src/checks';
 import {dropoutThreshold} from '../../src/dropout';
 
-import {bindingsWGSL, packUniforms, StorageBinding, UniformField, uniformStructWGSL} from './own_pipeline';
+import {bindingsWGSL, OwnPipelineSpec, packUniforms, StorageBinding, UniformField, uniformStructWGSL} from './own_pipeline';
 import {dropoutWGSL, keyRangeWGSL, philoxWGSL, queryRangeWGSL, ScoreOptions, scoreKey, scoreOptionsFromAttrs, scoreWGSL} from './wgsl_snippets';
 
 /** What is baked into a program (and so into its pipeline key). */
@@ -236,14 +236,64 @@ export interface GradPassSizes {
 }
 
 /**
- * The start of a dK/dV or dQ program: its bindings (gradInputs, then
- * `outputs`), gradCommonWGSL, and the constants both use (D, DV, D4, DV4,
- * BC, BR, T, SC, MR, XT) followed by the pass's own `extra` ones.
+ * Which gradients a pass writes: 'k' the dK/dV pass (one workgroup per key
+ * block of a kv head), 'q' the dQ pass (one per query block of a head).
  */
-export function gradPassHeaderWGSL(
-    f: GradFeatures, outputs: readonly StorageBinding[], z: GradPassSizes,
-    extra: Readonly<Record<string, number>> = {}): string {
-  return `${gradBindingsWGSL(gradInputs(f), outputs)}
+export type GradSide = 'k'|'q';
+
+/** Each side's outputs, with the WGSL constant of their row width. */
+const GRAD_OUTPUTS: Readonly<Record<GradSide, ReadonlyArray<[string, string]>>> = {
+  k: [['dk', 'D'], ['dv', 'DV']],
+  q: [['dq', 'D']],
+};
+
+/**
+ * A dK/dV or dQ program (whole tiles or sliced) as runOwnPipeline takes it:
+ * gradInputs, then the side's outputs, then the uniform block.
+ */
+export abstract class GradPassProgram implements OwnPipelineSpec {
+  readonly numInputs: number;
+  readonly numOutputs: number;
+  readonly hasUniforms = true;
+  protected source = '';
+
+  constructor(readonly key: string, f: GradFeatures, side: GradSide) {
+    this.numInputs = gradInputs(f).length;
+    this.numOutputs = GRAD_OUTPUTS[side].length;
+  }
+
+  code(): string {
+    return this.source;
+  }
+}
+
+/**
+ * A whole dK/dV or dQ program: its bindings (gradInputs, then the side's
+ * outputs), gradCommonWGSL, the constants both passes use (D, DV, D4, DV4,
+ * BC, BR, T, SC, MR, XT) and the pass's `extra` ones, the workgroup
+ * `storage`, then `fn main` with the side's prologue before `body`:
+ *   'k': t, j0 (the first key), b, hk, groups (query heads per kv head), gr,
+ *        the packed gaps of dk/dv zeroed, and the key tile in kT/vT
+ *        (loadKeyTileWGSL, K's row stride `kStride`)
+ *   'q': t, dqBlockWGSL's names, the packed gaps of dq zeroed.
+ */
+export function gradPassWGSL(
+    f: GradFeatures, side: GradSide, z: GradPassSizes, extra: Readonly<Record<string, number>>,
+    storage: string, body: string, kStride = 'SC'): string {
+  const outputs = GRAD_OUTPUTS[side];
+  const gaps = zeroGapsWGSL(f, side, ...outputs);
+  const prologue = side === 'k' ? `let j0 = i32(wg.x) * BC;
+  let b = i32(wg.y) / p.headsKV;
+  let hk = i32(wg.y) % p.headsKV;
+  let groups = p.heads / p.headsKV;
+  let gr = gradRows(b);
+  ${gaps}
+
+  ${loadKeyTileWGSL(kStride)}` :
+                                  `${dqBlockWGSL()}
+  ${gaps}`;
+  const bindings = gradBindingsWGSL(gradInputs(f), outputs.map(([name]) => ({name, type: 'f32'})));
+  return `${bindings}
 ${gradCommonWGSL(f)}
 ${constsWGSL({
     D: z.d,
@@ -257,7 +307,19 @@ ${constsWGSL({
     MR: z.s.mr,
     XT: z.xt,
     ...extra,
-  })}`;
+  })}
+
+${storage}
+
+@compute @workgroup_size(T)
+fn main(@builtin(workgroup_id) wg: vec3<u32>,${
+      side === 'q' ? `
+        @builtin(num_workgroups) nwg: vec3<u32>,` :
+                     ''}
+        @builtin(local_invocation_index) lid: u32) {
+  let t = i32(lid);
+  ${prologue}${body}}
+`;
 }
 
 /**
@@ -274,6 +336,24 @@ export function dqBlockWGSL(): string {
   let hk = h / (p.heads / p.headsKV);
   let gr = gradRows(b);
   let sp = gradScoreParams(b, h);`;
+}
+
+/**
+ * WGSL of a dQ pass's key range and thread layout: `jLo`, `jHi` (the keys
+ * its rows can see, from a BC-aligned start; none past the batch row's
+ * queries), sPhaseWGSL's names, and `qx`, `qr` (the accumulation's dim lane
+ * and row group). Uses `i0`, `sp`, `t`.
+ */
+export function dqKeyRangeWGSL(s: SPhase): string {
+  return `// Keys some row of the block can see; the start aligned to BC (so key
+  // quads are aligned for the dropout words).
+  // (None for a block past the batch row's queries: it writes zeros.)
+  let keys = fa_key_range(i0, min(i0 + BR, p.seqQ), sp);
+  let jLo = (keys.x / BC) * BC;
+  let jHi = keys.y - 1;
+${sPhaseWGSL(s)}
+  let qx = t % XT;
+  let qr = t / XT;`;
 }
 
 /**
@@ -392,12 +472,46 @@ function keyQuadWGSL(src: string, w: string, j0: string): string {
 export function loadQueryBlockWGSL(d: number, d4: number, dv: number, dv4: number): string {
   return `${loadRowsWGSL('q', 'qS', d, d4, d4 + 1, 'BR', 'gr.rowsQ', 'p.heads', 'i0', 'h')}
     ${loadRowsWGSL('dy', 'doS', dv, dv4, dv4 + 1, 'BR', 'gr.rowsQ', 'p.heads', 'i0', 'h')}
-    for (var r = t; r < BR; r += T) {
+    ${loadRowStatsWGSL()}`;
+}
+
+/**
+ * WGSL loading the (lse, Delta) of rows [i0, i0 + BR) of head `h` into
+ * `lseS`/`deltaS` (zero past the batch row's queries). Uses `t`, `T`, `gr`.
+ */
+export function loadRowStatsWGSL(): string {
+  return `for (var r = t; r < BR; r += T) {
       let i = i0 + r;
       var st = vec2<f32>(0.0);
       if (i < gr.rowsQ) { st = stats[gr.stat0 + h * gr.statHead + i]; }
       lseS[r] = st.x;
       deltaS[r] = st.y;
+    }`;
+}
+
+/**
+ * Register prefetch of the (lse, Delta) of a row block (the dK/dV passes):
+ * `fetchRowStatsWGSL` reads those of rows [i0, i0 + BR) of head `h` into
+ * `stReg` (an array of `prefetchSlots(br, threads)` vec2s),
+ * `storeRowStatsWGSL` writes them to `lseS`/`deltaS` after the next barrier.
+ * Uses `t`, `T`, `gr`.
+ */
+export function fetchRowStatsWGSL(i0: string, h: string, br: number, threads: number): string {
+  return `
+    for (var u = 0; u < ${prefetchSlots(br, threads)}; u++) {
+      let i = ${i0} + t + u * T;
+      stReg[u] = vec2<f32>(0.0);
+      if (t + u * T < BR && i < gr.rowsQ) { stReg[u] = stats[gr.stat0 + ${h} * gr.statHead + i]; }
+    }`;
+}
+
+export function storeRowStatsWGSL(br: number, threads: number): string {
+  return `for (var u = 0; u < ${prefetchSlots(br, threads)}; u++) {
+      let r = t + u * T;
+      if (r < BR) {
+        lseS[r] = stReg[u].x;
+        deltaS[r] = stReg[u].y;
+      }
     }`;
 }
 

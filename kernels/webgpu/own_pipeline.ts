@@ -106,6 +106,19 @@ interface DeviceState {
   errorCount: number;
   /** Uniform buffers by content (`OwnRun.cacheUniforms`); never written again. */
   uniformBuffers: BoundedCache<GPUBuffer>;
+  limits: KernelLimits;
+}
+
+/**
+ * The device limits the kernels check on every call, read once: each read
+ * of `device.limits` and its fields is a call into the native binding.
+ */
+export interface KernelLimits {
+  maxStorageBufferBindingSize: number;
+  maxComputeWorkgroupsPerDimension: number;
+  maxComputeWorkgroupStorageSize: number;
+  maxComputeInvocationsPerWorkgroup: number;
+  maxComputeWorkgroupSizeX: number;
 }
 
 /** Uniform contents kept per device before the cache starts over. */
@@ -122,10 +135,26 @@ function stateOf(device: GPUDevice): DeviceState {
       firstError: null,
       errorCount: 0,
       uniformBuffers: new BoundedCache(UNIFORM_CACHE_SIZE),
+      limits: readLimits(device.limits),
     };
     states.set(device, s);
   }
   return s;
+}
+
+function readLimits(limits: GPUSupportedLimits): KernelLimits {
+  return {
+    maxStorageBufferBindingSize: limits.maxStorageBufferBindingSize,
+    maxComputeWorkgroupsPerDimension: limits.maxComputeWorkgroupsPerDimension,
+    maxComputeWorkgroupStorageSize: limits.maxComputeWorkgroupStorageSize,
+    maxComputeInvocationsPerWorkgroup: limits.maxComputeInvocationsPerWorkgroup,
+    maxComputeWorkgroupSizeX: limits.maxComputeWorkgroupSizeX,
+  };
+}
+
+/** KernelLimits of a device (read once). */
+export function kernelLimits(device: GPUDevice): KernelLimits {
+  return stateOf(device).limits;
 }
 
 let poisonOutputs = false;
@@ -322,15 +351,20 @@ function bufferId(buffer: GPUBuffer): number {
  * stays right; a destroyed buffer is never bound again, so its entries
  * are never hit and leave with the bounded cache.
  */
-function bindGroupFor(device: GPUDevice, entry: PipelineEntry, buffers: GPUBuffer[]): GPUBindGroup {
+function bindGroupFor(
+    device: GPUDevice, entry: PipelineEntry, buffers: GPUBuffer[], what: string): GPUBindGroup {
   let key = '';
   for (const b of buffers) {
     key += `${bufferId(b)},`;
   }
-  return entry.bindGroups.get(key, () => device.createBindGroup({
-    layout: entry.layout,
-    entries: buffers.map((buffer, binding) => ({binding, resource: {buffer}}))
-  }));
+  return entry.bindGroups.get(key, () => {
+    // A buffer's size never changes: checked once per combination.
+    checkBindingSizes(device, what, buffers);
+    return device.createBindGroup({
+      layout: entry.layout,
+      entries: buffers.map((buffer, binding) => ({binding, resource: {buffer}}))
+    });
+  });
 }
 
 /** The GPUBuffer behind a tensor (uploading it first if needed). */
@@ -363,7 +397,7 @@ function checkedPipeline(device: GPUDevice, spec: OwnPipelineSpec, run: OwnRun):
   if (entry.error != null) {
     throw entry.error;
   }
-  const maxDim = device.limits.maxComputeWorkgroupsPerDimension;
+  const maxDim = kernelLimits(device).maxComputeWorkgroupsPerDimension;
   run.dispatch.forEach(
       n => tf.util.assert(
           Number.isInteger(n) && n >= 1 && n <= maxDim,
@@ -499,9 +533,12 @@ function submitBatchSize(): number {
   return tf.env().getNumber('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE');
 }
 
-/** Throws unless each buffer fits a storage binding of the device. */
+/**
+ * Throws unless each buffer fits a storage binding of the device (a uniform
+ * buffer, bound last, is far smaller).
+ */
 function checkBindingSizes(device: GPUDevice, key: string, buffers: GPUBuffer[]): void {
-  const max = device.limits.maxStorageBufferBindingSize;
+  const max = kernelLimits(device).maxStorageBufferBindingSize;
   buffers.forEach(
       (b, i) => tf.util.assert(
           b.size <= max,
@@ -534,7 +571,6 @@ export function recordOwnPipeline(
   try {
     const tensors = [...run.inputs, ...outputs, ...(run.updates ?? [])];
     const buffers = tensors.map(t => gpuBufferOf(backend, t));
-    checkBindingSizes(device, spec.key, buffers);
     const copyBuffers = copies.map(c => [gpuBufferOf(backend, c.src), gpuBufferOf(backend, c.dst)]);
     const firstUse = !entry.dispatched;
     if (firstUse) {
@@ -574,7 +610,7 @@ export function recordOwnPipeline(
       state.uniformPendingDisposal.push(uniformBuffer);
       bound.push(uniformBuffer);
     }
-    const bindGroup = bindGroupFor(device, entry, bound);
+    const bindGroup = bindGroupFor(device, entry, bound, spec.key);
     state.computePassEncoder ??= encoder.beginComputePass();
     const pass = state.computePassEncoder;
     pass.setPipeline(entry.pipeline);

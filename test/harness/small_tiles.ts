@@ -7,14 +7,15 @@
 import * as tf from '@tensorflow/tfjs-core';
 
 import {forwardStats, setForwardOverride} from '../../kernels/webgpu/FlashAttention';
-import {setGradTilesOverride} from '../../kernels/webgpu/FlashAttentionGrad';
+import {fusedGradRunCount, GradTiles, registerFlashAttentionGradWebGPU, setGradTilesOverride} from '../../kernels/webgpu/FlashAttentionGrad';
 import {checkOwnPipelineErrors, setPoisonOutputs} from '../../kernels/webgpu/own_pipeline';
 import {FLASH_ATTENTION_IMPL} from '../../src';
 
 import type {TestBackend} from './backends';
 import {useBackend} from './backends';
 import {checkForward, OptionCase} from './cases';
-import {freshRng} from './problems';
+import {runGradKernelOnOracle} from './grad_kernel';
+import {expectClose, freshRng, GRADIENT_BOUND} from './problems';
 
 export function useSmallTiles(backend: TestBackend): void {
   beforeAll(() => {
@@ -45,6 +46,56 @@ export async function checkForwardUnderPlan(
     await checkOwnPipelineErrors();
   } finally {
     setForwardOverride(null);
+  }
+}
+
+/**
+ * For the enclosing describe block of a backward test: the webgpu backend
+ * with the fused backward registered and outputs poisoned with NaN before
+ * each dispatch; afterwards the poisoning off, and the backward's tiles and
+ * FLASH_ATTENTION_IMPL automatic again.
+ */
+export function useFusedGradWebGPU(): void {
+  beforeAll(async () => {
+    await useBackend('webgpu');
+    registerFlashAttentionGradWebGPU();
+    setPoisonOutputs(true);
+  });
+  afterAll(() => {
+    setPoisonOutputs(false);
+    setGradTilesOverride(null);
+    tf.env().set(FLASH_ATTENTION_IMPL, 'auto');
+  });
+}
+
+/**
+ * The FlashAttentionGrad kernel under forced tiles against the float64
+ * oracle (runGradKernelOnOracle), run twice on one fresh problem: each run
+ * one fused backward, every gradient of the first within GRADIENT_BOUND,
+ * the second bit-identical (deterministic), nothing leaked.
+ */
+export async function checkGradUnderTiles(tiles: GradTiles, c: OptionCase): Promise<void> {
+  // A missing candidate would otherwise test the planner's tiles.
+  expect(tiles).toBeDefined();
+  setGradTilesOverride(tiles);
+  try {
+    const rng = freshRng();
+    const tensorsBefore = tf.memory().numTensors;
+    const {runs, expected} = await runGradKernelOnOracle(c.shape, c.opts, rng, {
+      repeats: 2,
+      aroundRun: () => {
+        const before = fusedGradRunCount();
+        return () => expect(fusedGradRunCount()).toBe(before + 1);
+      },
+    });
+    expect(tf.memory().numTensors).toBe(tensorsBefore);
+    const what = `${c.name} (seed ${rng.seed})`;
+    for (const key of ['dq', 'dk', 'dv'] as const) {
+      expectClose(runs[0][key], expected[key], GRADIENT_BOUND, `${what}: ${key}`);
+      expect(Buffer.from(runs[1][key].buffer).equals(Buffer.from(runs[0][key].buffer))).toBe(true);
+    }
+  } finally {
+    setGradTilesOverride(null);
   }
 }
 
