@@ -14,7 +14,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import {forwardStats, planForward, setForwardOverride} from '../kernels/webgpu/FlashAttention';
 import {ForwardTiles, forwardWGSL, prefetchFloats, tileSizes, workgroupBytes} from '../kernels/webgpu/flash_attention_webgpu';
 import {checkOwnPipelineErrors, webgpuBackendOf} from '../kernels/webgpu/own_pipeline';
-import {SLICED_FORWARD_CANDIDATES} from '../kernels/webgpu/tuning';
+import {FORWARD_TILINGS, SLICED_FORWARD_CANDIDATES} from '../kernels/webgpu/tuning';
 import {scoreOptionsFromAttrs} from '../kernels/webgpu/wgsl_snippets';
 import {flashAttention} from '../src';
 
@@ -98,11 +98,15 @@ describe('head-dim-sliced tilings: sizes and plans (no GPU)', () => {
     expect(sizes(SMALL, 100, 70).s).toMatchObject({dq4: 25, dc4: 13, dv4: 18, nj: 6, vcw: 12});
   });
 
-  it('the planner takes the first candidate at D=128 on an H100 (not at D <= 96)', () => {
-    for (const rows of [16 * 512, 16 * 1024, 16 * 4096, 128 * 1024, 16 * 16384]) {
-      const plan = planForward(H100_STAND_IN, 128, 128, rows)!;
-      expect(plan.tiles).toEqual(SLICED_FORWARD_CANDIDATES[0]);
-    }
+  it('the planner keeps the first candidate next after the streamed tiles at D=128', () => {
+    // On an H100 the streamed tiles E come first (test/webgpu_forward_streamed.test.ts);
+    // the sliced candidate is the next choice for head dims 97..128.
+    const forD128 = FORWARD_TILINGS.filter(
+        (t) => (t.minHeadDim ?? 0) < 128 && 128 <= (t.maxHeadDim ?? Infinity));
+    const {minHeadDim, maxHeadDim, ...first} = forD128[1];
+    expect([minHeadDim, maxHeadDim]).toEqual([96, 128]);
+    expect(first).toEqual(SLICED_FORWARD_CANDIDATES[0]);
+    expect(forD128[0].streamQuery).toBe(true);
     for (const d of [80, 96]) {
       expect(planForward(H100_STAND_IN, d, d, 16 * 4096)!.tiles.dimChunks).toBeUndefined();
     }

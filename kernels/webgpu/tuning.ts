@@ -43,6 +43,21 @@ export const SHORT_GRID_GROUPS = 2 * TUNED_SM_COUNT;
  * comments.
  */
 export const FORWARD_TILINGS: ForwardTilingChoice[] = [
+  // Head dims 97..128: candidate E of STREAMED_FORWARD_CANDIDATES (64 x 64
+  // tiles, 256 threads, Q^T streamed beside K^T) beat the sliced tiles
+  // below in 15 of 16 rows of two repeats on an H100 (benchmarks/RESULTS.md,
+  // "Session 9, call 3"). It needs 48 KiB; devices with less take the next.
+  {
+    tm: 4,
+    tx: 16,
+    nq: 1,
+    ty: 16,
+    outer: true,
+    dimChunks: 2,
+    streamQuery: true,
+    minHeadDim: 96,
+    maxHeadDim: 128
+  },
   // Head dims 97..128: 64 x 32 outer-product tiles with K^T and V streamed
   // in two head-dim slices (see SLICED_FORWARD_CANDIDATES); faster than the
   // classic tiles in every D=128 row measured (benchmarks/RESULTS.md,
