@@ -106,7 +106,7 @@ describeWebGPU('fused WebGPU forward [webgpu]', () => {
     }
   });
 
-  it('plans the outer-product tilings on a hardware GPU: D=64-class heads on large grids, D=128 sliced',
+  it('plans the outer-product tilings on a hardware GPU: D=64-class heads on large grids, D=128 streamed',
      () => {
        const gpu = H100_STAND_IN;
        const large = 16 * 4096;
@@ -116,7 +116,7 @@ describeWebGPU('fused WebGPU forward [webgpu]', () => {
        expect(planForward(gpu, 64, 64, 16 * 1024)!.tiles).toEqual({tm: 4, tx: 16, nq: 1, ty: 8});
        expect(planForward(gpu, 32, 32, large)!.tiles.outer).toBeUndefined();
        expect(planForward(gpu, 128, 128, large)!.tiles)
-           .toEqual({tm: 4, tx: 8, nq: 1, ty: 16, outer: true, dimChunks: 2});
+           .toEqual({tm: 4, tx: 16, nq: 1, ty: 16, outer: true, dimChunks: 2, streamQuery: true});
        // Too little workgroup memory for them: the classic tilings.
        const small = {...gpu, limits: {...gpu.limits, maxComputeWorkgroupStorageSize: 32768}} as
            unknown as GPUDevice;
