@@ -20,7 +20,7 @@ import {webgpuCounters, WebGPUCounts} from '../benchmarks/webgpu_counters';
 
 import {describeBackends} from './harness/backends';
 import {useSmallTiles} from './harness/small_tiles';
-import {expectClose, FORWARD_BOUND, freshRng, GRADIENT_BOUND, ProblemShape, randomArray, randomOracleProblem, Rng} from './harness/problems';
+import {expectClose, FORWARD_BOUND, freshRng, GRADIENT_BOUND, ProblemShape, randomArray, randomOracleProblem, Rng, sequenceProblem} from './harness/problems';
 import {OracleOptions, OracleProblem, oracleBackward, oracleForward} from './oracle';
 
 interface VarlenCase {
@@ -648,19 +648,16 @@ describeBackends('per-batch key lengths on the padded op', backend => {
         };
         const [qa, ka, va] = [await read(q, seq), await read(k, len), await read(v, len)];
         const f = oracleForward(
-            {
-              batch: 1,
+            sequenceProblem({
               seqQ: seq,
               seqK: len,
               heads,
               headsKV: heads,
-              headDim: dim,
-              headDimV: dim,
+              dim,
               q: Float64Array.from(qa),
               k: Float64Array.from(ka),
-              v: Float64Array.from(va),
-              alibiSlopes: null,
-            },
+              v: Float64Array.from(va)
+            }),
             {causal: true});
         expected.set(f.out);
       }
