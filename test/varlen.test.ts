@@ -20,7 +20,7 @@ import {webgpuCounters, WebGPUCounts} from '../benchmarks/webgpu_counters';
 
 import {describeBackends} from './harness/backends';
 import {useSmallTiles} from './harness/small_tiles';
-import {expectClose, FORWARD_BOUND, freshRng, GRADIENT_BOUND, ProblemShape, randomArray, randomOracleProblem, Rng} from './harness/problems';
+import {expectClose, FORWARD_BOUND, freshRng, GRADIENT_BOUND, ProblemShape, randomArray, randomOracleProblem, Rng, seqlensInputs, seqlensRowExpected} from './harness/problems';
 import {OracleOptions, OracleProblem, oracleBackward, oracleForward} from './oracle';
 
 interface VarlenCase {
@@ -619,13 +619,7 @@ describeBackends('per-batch key lengths on the padded op', backend => {
     const rng = freshRng();
     const [batch, seq, heads, dim] = [3, 10, 2, 8];
     const lengths = [10, 0, 4];
-    const q = tf.tensor4d(
-        Float32Array.from(randomArray(batch * seq * heads * dim, rng)), [batch, seq, heads, dim]);
-    const k = tf.tensor4d(
-        Float32Array.from(randomArray(batch * seq * heads * dim, rng)), [batch, seq, heads, dim]);
-    const v = tf.tensor4d(
-        Float32Array.from(randomArray(batch * seq * heads * dim, rng)), [batch, seq, heads, dim]);
-    const seqlensK = tf.tensor1d(lengths, 'int32');
+    const {qv, kv, vv, q, k, v, seqlensK} = seqlensInputs(rng, {batch, seq, heads, dim}, lengths);
     const mask = tf.tidy(
         () => tf.less(
             tf.reshape(tf.range(0, seq, 1, 'int32'), [1, seq]), tf.reshape(seqlensK, [batch, 1])));
@@ -635,37 +629,15 @@ describeBackends('per-batch key lengths on the padded op', backend => {
     const c = flashAttention(q, k, v, {seqlensK});
     const av = await a.data();
     expectClose(await b.data(), await c.data(), 0, 'mask vs lengths');
-    // Row b alone, keys cut to its length (the query rows all stay).
+    // Row b alone, keys cut to its length (the query rows all stay), from
+    // the inputs as the tensors hold them (float32).
+    const f32 = (x: Float64Array) => Float64Array.from(Float32Array.from(x));
+    const inputs = {q: f32(qv), k: f32(kv), v: f32(vv)};
     for (let bi = 0; bi < batch; bi++) {
       const len = lengths[bi];
-      const expected = new Float64Array(seq * heads * dim);
-      if (len > 0) {
-        const read = async (x: tf.Tensor4D, rows: number) => {
-          const part = tf.slice(x, [bi, 0], [1, rows]);
-          const values = await part.data();
-          part.dispose();
-          return values;
-        };
-        const [qa, ka, va] = [await read(q, seq), await read(k, len), await read(v, len)];
-        const f = oracleForward(
-            {
-              batch: 1,
-              seqQ: seq,
-              seqK: len,
-              heads,
-              headsKV: heads,
-              headDim: dim,
-              headDimV: dim,
-              q: Float64Array.from(qa),
-              k: Float64Array.from(ka),
-              v: Float64Array.from(va),
-              alibiSlopes: null,
-            },
-            {causal: true});
-        expected.set(f.out);
-      }
       expectClose(
-          av.slice(bi * seq * heads * dim, (bi + 1) * seq * heads * dim), expected, FORWARD_BOUND,
+          av.slice(bi * seq * heads * dim, (bi + 1) * seq * heads * dim),
+          seqlensRowExpected(inputs, bi, len, {seq, heads, dim}).out, FORWARD_BOUND,
           `batch row ${bi} (length ${len}, seed ${rng.seed})`);
     }
     tf.dispose([a, b, c]);

@@ -25,7 +25,7 @@ import {SLICED_GRAD_CANDIDATES} from '../kernels/webgpu/tuning';
 import {selectedBackends} from './harness/backends';
 import {OptionCase} from './harness/cases';
 import {H100_STAND_IN} from './harness/devices';
-import {expectClose, freshRng, GRADIENT_BOUND, randomArray} from './harness/problems';
+import {expectClose, freshRng, GRADIENT_BOUND, randomArray, sequenceProblem} from './harness/problems';
 import {checkGradUnderTiles, useFusedGradWebGPU} from './harness/small_tiles';
 import {oracleBackward} from './oracle';
 
@@ -203,19 +203,16 @@ describeWebGPU('fused WebGPU backward, head-dim slices [webgpu]', () => {
            };
            if (lq > 0 && lk > 0) {
              const g = oracleBackward(
-                 {
-                   batch: 1,
+                 sequenceProblem({
                    seqQ: lq,
                    seqK: lk,
                    heads,
                    headsKV: heads,
-                   headDim: dim,
-                   headDimV: dim,
+                   dim,
                    q: cut(qv, lq),
                    k: cut(kv, lk),
-                   v: cut(vv, lk),
-                   alibiSlopes: null,
-                 },
+                   v: cut(vv, lk)
+                 }),
                  {causal: true}, cut(dov, lq), new Float64Array(heads * lq));
              expected.dq.set(g.dq);
              expected.dk.set(g.dk);
@@ -283,19 +280,16 @@ describeWebGPU('fused WebGPU backward, head-dim slices [webgpu]', () => {
              Object.assign(
                  expected,
                  oracleBackward(
-                     {
-                       batch: 1,
+                     sequenceProblem({
                        seqQ: lq,
                        seqK: lk,
                        heads,
                        headsKV,
-                       headDim: dim,
-                       headDimV: dim,
+                       dim,
                        q: qSlice(qv),
                        k: kSlice(kv),
-                       v: kSlice(vv),
-                       alibiSlopes: null,
-                     },
+                       v: kSlice(vv)
+                     }),
                      {causal: true}, qSlice(dov), new Float64Array(heads * lq)));
            }
            const what = (key: string) =>

@@ -21,9 +21,8 @@ import {flashAttention} from '../src';
 import {selectedBackends} from './harness/backends';
 import {OPTION_CASES, OptionCase} from './harness/cases';
 import {H100_STAND_IN} from './harness/devices';
-import {expectClose, FORWARD_BOUND, freshRng, randomArray} from './harness/problems';
+import {expectClose, FORWARD_BOUND, freshRng, seqlensInputs, seqlensRowExpected} from './harness/problems';
 import {checkForwardUnderPlan, useFusedWebGPU} from './harness/small_tiles';
-import {oracleForward} from './oracle';
 
 const describeWebGPU = selectedBackends().includes('webgpu') ? describe : describe.skip;
 
@@ -192,11 +191,8 @@ describeWebGPU('fused WebGPU forward, head-dim slices [webgpu]', () => {
        const rng = freshRng();
        const [batch, seq, heads, dim] = [3, 45, 2, 128];
        const lengths = [45, 0, 19];
-       const values = () => randomArray(batch * seq * heads * dim, rng);
-       const [qv, kv, vv] = [values(), values(), values()];
-       const shape: [number, number, number, number] = [batch, seq, heads, dim];
-       const [q, k, v] = [qv, kv, vv].map(x => tf.tensor4d(Float32Array.from(x), shape));
-       const seqlensK = tf.tensor1d(lengths, 'int32');
+       const {qv, kv, vv, q, k, v, seqlensK} =
+           seqlensInputs(rng, {batch, seq, heads, dim}, lengths);
        const tensors = tf.memory().numTensors;
        try {
          const before = forwardStats.dispatches;
@@ -208,27 +204,8 @@ describeWebGPU('fused WebGPU forward, head-dim slices [webgpu]', () => {
          const rowSize = seq * heads * dim;
          for (let b = 0; b < batch; b++) {
            const len = lengths[b];
-           const expected = new Float64Array(rowSize);
-           if (len > 0) {
-             const cut = (x: Float64Array, rows: number) =>
-                 x.slice(b * rowSize, b * rowSize + rows * heads * dim);
-             const f = oracleForward(
-                 {
-                   batch: 1,
-                   seqQ: seq,
-                   seqK: len,
-                   heads,
-                   headsKV: heads,
-                   headDim: dim,
-                   headDimV: dim,
-                   q: cut(qv, seq),
-                   k: cut(kv, len),
-                   v: cut(vv, len),
-                   alibiSlopes: null,
-                 },
-                 {causal: true});
-             expected.set(f.out);
-           }
+           const expected =
+               seqlensRowExpected({q: qv, k: kv, v: vv}, b, len, {seq, heads, dim}).out;
            expectClose(
                got.slice(b * rowSize, (b + 1) * rowSize), expected, FORWARD_BOUND,
                `batch row ${b} (length ${len}, seed ${rng.seed})`);

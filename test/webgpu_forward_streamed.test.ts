@@ -23,7 +23,7 @@ import {flashAttention, flashAttentionVarlen} from '../src';
 import {selectedBackends} from './harness/backends';
 import {OPTION_CASES, OptionCase} from './harness/cases';
 import {H100_STAND_IN} from './harness/devices';
-import {expectClose, FORWARD_BOUND, freshRng, randomArray} from './harness/problems';
+import {expectClose, FORWARD_BOUND, freshRng, randomArray, seqlensInputs, seqlensRowExpected, sequenceProblem} from './harness/problems';
 import {checkForwardUnderPlan, useFusedWebGPU} from './harness/small_tiles';
 import {oracleForward} from './oracle';
 
@@ -273,11 +273,7 @@ describeWebGPU('fused WebGPU forward, streamed Q and double buffers [webgpu]', (
     const rng = freshRng();
     const [batch, seq, heads, dim] = [3, 37, 2, 128];
     const lengths = [37, 0, 19];
-    const values = () => randomArray(batch * seq * heads * dim, rng);
-    const [qv, kv, vv] = [values(), values(), values()];
-    const shape: [number, number, number, number] = [batch, seq, heads, dim];
-    const [q, k, v] = [qv, kv, vv].map(x => tf.tensor4d(Float32Array.from(x), shape));
-    const seqlensK = tf.tensor1d(lengths, 'int32');
+    const {qv, kv, vv, q, k, v, seqlensK} = seqlensInputs(rng, {batch, seq, heads, dim}, lengths);
     const tensors = tf.memory().numTensors;
     try {
       const before = forwardStats.dispatches;
@@ -289,29 +285,8 @@ describeWebGPU('fused WebGPU forward, streamed Q and double buffers [webgpu]', (
       const rowSize = seq * heads * dim;
       for (let b = 0; b < batch; b++) {
         const len = lengths[b];
-        const expected = new Float64Array(rowSize);
-        const expectedLse = new Float64Array(heads * seq).fill(-Infinity);
-        if (len > 0) {
-          const cut = (x: Float64Array, rows: number) =>
-              x.slice(b * rowSize, b * rowSize + rows * heads * dim);
-          const f = oracleForward(
-              {
-                batch: 1,
-                seqQ: seq,
-                seqK: len,
-                heads,
-                headsKV: heads,
-                headDim: dim,
-                headDimV: dim,
-                q: cut(qv, seq),
-                k: cut(kv, len),
-                v: cut(vv, len),
-                alibiSlopes: null,
-              },
-              {causal: true});
-          expected.set(f.out);
-          expectedLse.set(f.lse);
-        }
+        const {out: expected, lse: expectedLse} =
+            seqlensRowExpected({q: qv, k: kv, v: vv}, b, len, {seq, heads, dim});
         const what = `batch row ${b} (length ${len}, seed ${rng.seed})`;
         expectClose(
             got.slice(b * rowSize, (b + 1) * rowSize), expected, FORWARD_BOUND, `${what}: out`);
@@ -358,19 +333,16 @@ describeWebGPU('fused WebGPU forward, streamed Q and double buffers [webgpu]', (
       lensQ.forEach((lq, b) => {
         const lk = lensK[b];
         const f = oracleForward(
-            {
-              batch: 1,
+            sequenceProblem({
               seqQ: lq,
               seqK: lk,
               heads,
               headsKV,
-              headDim: dim,
-              headDimV: dim,
+              dim,
               q: qv.slice(cuQ[b] * heads * dim, cuQ[b + 1] * heads * dim),
               k: kv.slice(cuK[b] * headsKV * dim, cuK[b + 1] * headsKV * dim),
-              v: vv.slice(cuK[b] * headsKV * dim, cuK[b + 1] * headsKV * dim),
-              alibiSlopes: null,
-            },
+              v: vv.slice(cuK[b] * headsKV * dim, cuK[b + 1] * headsKV * dim)
+            }),
             {causal: true});
         const what = `sequence ${b} (${lq} x ${lk}, seed ${rng.seed})`;
         expectClose(

@@ -225,7 +225,7 @@ function planTwoPass(
   return null;
 }
 
-/** Runs the matrix forward: returns [out, lse]. */
+/** Runs the matrix forward (the plan's one-pass or two-pass kernel): returns [out, lse]. */
 export function matrixForwardWebGPU(
     backend: WebGPUBackend, inputs: Record<string, tf.TensorInfo>, attrs: FlashAttentionAttrs,
     plan: MatrixForwardPlan): tf.TensorInfo[] {
@@ -234,9 +234,6 @@ export function matrixForwardWebGPU(
   const headDimV = v.shape[3];
   const hasAlibi = alibiSlopes != null && tf.util.sizeFromShape(alibiSlopes.shape) > 0;
   const score = scoreOptionsFromAttrs(attrs, hasAlibi);
-  if (plan.tiling === 'twoPass') {
-    return twoPassForwardWebGPU(backend, inputs, attrs, plan);
-  }
   const config: MatrixForwardConfig = {
     headDim,
     headDimV,
@@ -251,7 +248,24 @@ export function matrixForwardWebGPU(
     dropout: attrs.dropoutRate > 0,
     reverseRows: score.windowRight && !score.windowLeft,
   };
-  const {br} = matrixTileSizes(config)!;
+  let br: number;
+  let program: {key: string, label: string, code: () => string};
+  if (plan.tiling === 'twoPass') {
+    const twoPass: TwoPassForwardConfig = {...config, rowBlocks: plan.rowBlocks};
+    br = twoPassTileSizes(twoPass)!.br;
+    program = {
+      key: twoPassForwardKey(twoPass),
+      label: 'FlashAttention two-pass forward (subgroup matrices)',
+      code: () => twoPassForwardWGSL(twoPass),
+    };
+  } else {
+    br = matrixTileSizes(config)!.br;
+    program = {
+      key: matrixForwardKey(config),
+      label: 'FlashAttention forward (subgroup matrices)',
+      code: () => matrixForwardWGSL(config),
+    };
+  }
   const numQTiles = Math.ceil(seqQ / br);
   const totalGroups = numQTiles * heads * batch;
   const grid = dispatchGrid(totalGroups, backend.device.limits.maxComputeWorkgroupsPerDimension);
@@ -261,63 +275,12 @@ export function matrixForwardWebGPU(
   });
   const bound = hasAlibi ? [q, k, v, alibiSlopes] : [q, k, v];
   matrixForwardStats.dispatches++;
+  if (plan.tiling === 'twoPass') {
+    matrixForwardStats.twoPassDispatches++;
+  }
   return runOwnPipeline(
       backend, {
-        key: matrixForwardKey(config),
-        label: 'FlashAttention forward (subgroup matrices)',
-        code: () => matrixForwardWGSL(config),
-        numInputs: bound.length,
-        numOutputs: 2,
-        hasUniforms: true,
-      },
-      {
-        inputs: bound,
-        outputs: forwardOutputs(q, v),
-        uniforms,
-        dispatch: grid,
-      });
-}
-
-/** Runs the two-pass matrix forward: returns [out, lse]. */
-function twoPassForwardWebGPU(
-    backend: WebGPUBackend, inputs: Record<string, tf.TensorInfo>, attrs: FlashAttentionAttrs,
-    plan: MatrixForwardPlan): tf.TensorInfo[] {
-  const {q, k, v, alibiSlopes} = inputs;
-  const [batch, seqQ, heads, headDim] = q.shape;
-  const headDimV = v.shape[3];
-  const hasAlibi = alibiSlopes != null && tf.util.sizeFromShape(alibiSlopes.shape) > 0;
-  const score = scoreOptionsFromAttrs(attrs, hasAlibi);
-  const config: TwoPassForwardConfig = {
-    headDim,
-    headDimV,
-    shape: plan.shape,
-    subgroups: plan.subgroups,
-    rowBlocks: plan.rowBlocks,
-    bc: plan.bc,
-    split: plan.split,
-    score,
-    alibiMode: !hasAlibi               ? 0 :
-        alibiSlopes.shape.length === 1 ? 1 :
-                                         2,
-    dropout: attrs.dropoutRate > 0,
-    reverseRows: score.windowRight && !score.windowLeft,
-  };
-  const {br} = twoPassTileSizes(config)!;
-  const numQTiles = Math.ceil(seqQ / br);
-  const totalGroups = numQTiles * heads * batch;
-  const grid = dispatchGrid(totalGroups, backend.device.limits.maxComputeWorkgroupsPerDimension);
-  const uniforms = packUniforms(MATRIX_FORWARD_UNIFORMS, {
-    ...forwardUniformValues(q, k, attrs, numQTiles, totalGroups, grid[0]),
-    one: 1,
-  });
-  const bound = hasAlibi ? [q, k, v, alibiSlopes] : [q, k, v];
-  matrixForwardStats.dispatches++;
-  matrixForwardStats.twoPassDispatches++;
-  return runOwnPipeline(
-      backend, {
-        key: twoPassForwardKey(config),
-        label: 'FlashAttention two-pass forward (subgroup matrices)',
-        code: () => twoPassForwardWGSL(config),
+        ...program,
         numInputs: bound.length,
         numOutputs: 2,
         hasUniforms: true,

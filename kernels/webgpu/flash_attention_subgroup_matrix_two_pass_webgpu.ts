@@ -38,9 +38,9 @@
  * loads them, and row reductions go through workgroup memory.
  */
 import {MatrixShape, matrixShapeKey} from './subgroup_matrix';
-import {assertWorkgroupAlignment, matrixLoadWGSL, matrixStoreWGSL, MatrixView as View, splitStoreWGSL, standInAlignedWGSL, standInElementWGSL, standInHelpersWGSL, standInIndexWGSL, standInPlaceWGSL, subgroupIdsWGSL, subgroupParamsWGSL, zeroResultWGSL} from './subgroup_matrix_wgsl';
-import {MATRIX_FORWARD_UNIFORMS} from './flash_attention_subgroup_matrix_webgpu';
-import {dropoutWGSL, FA_NEG_INF_BITS, forwardBindingsWGSL, forwardTileWGSL, keyRangeWGSL, maxAllWGSL as maxAll, philoxWGSL, range, scoreKey, ScoreOptions, scoreWGSL, VEC4_COMPONENTS as COMP} from './wgsl_snippets';
+import {assertWorkgroupAlignment, matrixLoadWGSL, matrixStoreWGSL, MatrixView as View, splitStoreWGSL} from './subgroup_matrix_wgsl';
+import {absMaxWGSL as absMax, KEY_TILES_WGSL, matrixTileSizes, kvRowWGSL as kvRow, loopBoundWGSL, matrixForwardMainStartWGSL, matrixForwardPreambleWGSL, qRegistersWGSL, resultDeclWGSL, scoreParamsWGSL, STANDIN_FNS, standInMmaFnWGSL} from './flash_attention_subgroup_matrix_webgpu';
+import {FA_NEG_INF_BITS, maxAllWGSL as maxAll, range, scoreKey, ScoreOptions, VEC4_COMPONENTS as COMP} from './wgsl_snippets';
 
 /** Everything baked into one pipeline. */
 export interface TwoPassForwardConfig {
@@ -78,26 +78,15 @@ type Dims = Pick<TwoPassForwardConfig, 'headDim'|'headDimV'|'shape'|'subgroups'|
 
 /** Tile sizes, or null when the head dims do not suit the matrix shape. */
 export function twoPassTileSizes(c: Dims): TwoPassTileSizes|null {
-  const {M, N, K, lanes} = c.shape;
-  const lpr = lanes / M;
-  const quad = 4 * lpr;
-  if (!Number.isInteger(lpr) || c.headDim % K !== 0 || c.headDimV % N !== 0 || c.bc % N !== 0 ||
-      c.bc % K !== 0 || c.bc % quad !== 0 || c.headDimV % quad !== 0 || (M * N) % lanes !== 0) {
+  // The one-pass kernel's constraints (head dims, key tile, softmax quads,
+  // output chunk); only the rows per workgroup differ.
+  const s = matrixTileSizes(c);
+  if (s == null) {
     return null;
   }
-  let cv = 0;
-  for (let w = c.bc - c.bc % N; w >= N; w -= N) {
-    if (c.headDimV % w === 0 && w % quad === 0) {
-      cv = w;
-      break;
-    }
-  }
-  if (cv === 0) {
-    return null;
-  }
-  const br = M * c.rowBlocks * c.subgroups;
+  const br = c.shape.M * c.rowBlocks * c.subgroups;
   const ops = Math.max(br * c.headDim, c.bc * (c.headDim + c.headDimV) + br * c.bc);
-  return {br, bc: c.bc, threads: lanes * c.subgroups, lpr, cv, ops};
+  return {br, bc: c.bc, threads: s.threads, lpr: s.lpr, cv: s.cv, ops};
 }
 
 /** Bytes of workgroup memory of a configuration. */
@@ -129,7 +118,7 @@ function twoPassSource(c: TwoPassForwardConfig): string {
     throw new Error(`FlashAttention forward: head dims D=${c.headDim}, Dv=${
         c.headDimV} do not suit the subgroup-matrix tiling`);
   }
-  const {M, N, K, lanes, standIn} = c.shape;
+  const {M, N, K, standIn} = c.shape;
   const {br, bc, threads, lpr, cv, ops} = sizes;
   const rbs = range(c.rowBlocks);
   const d = c.headDim;
@@ -137,16 +126,12 @@ function twoPassSource(c: TwoPassForwardConfig): string {
   const dq4 = d / 4;
   const dv4 = dv / 4;
   const nq = bc / (4 * lpr);
-  const epl = M * N / lanes;
   const elem = standIn ? 'f32' : 'f16';
   const parts = c.split ? ['h', 'l'] : ['h'];
   const kOff = 0;
   const vOff = bc * d;
   const pOff = bc * (d + dv);
-  // Loop bounds: constants on the real path; in the stand-in multiplied by
-  // a uniform 1, since SwiftShader unrolls constant loops fully and then
-  // takes seconds per pipeline.
-  const lim = (n: string) => standIn ? `(${n}) * u32(u.one)` : n;
+  const lim = (n: string) => loopBoundWGSL(c.shape, n);
   // Split products as (left part, right part): the small terms first.
   const pairs = c.split ? [['l', 'h'], ['h', 'l'], ['h', 'h']] : [['h', 'h']];
 
@@ -164,7 +149,6 @@ function twoPassSource(c: TwoPassForwardConfig): string {
       ({arr: `op${p}`, off, stride: 'DV', colMajor: false, len: ops});
   const pView = (p: string, off: string): View =>
       ({arr: `op${p}`, off, stride: 'BC', colMajor: false, len: ops});
-  const scrView: View = {arr: 'scr', off: 'off', stride: 'BC', colMajor: false, len: br * bc};
 
   // Stand-in multiply-accumulates, one function per (left view, right
   // view) kind, taking the two offsets.
@@ -172,34 +156,11 @@ function twoPassSource(c: TwoPassForwardConfig): string {
   const standInMma = (name: string, acc: string, l: View, r: View) => {
     const fn = `sm_mma_${name}`;
     if (!standInFns.has(fn)) {
-      const lv = {...l, off: 'offL'};
-      const rv = {...r, off: 'offR'};
-      standInFns.set(
-          fn,
-          `
-// Stand-in for subgroupMatrixMultiplyAccumulate(load(${l.arr}), load(${r.arr}), acc).
-fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) {
-  let atL = ${standInPlaceWGSL(lv, M, K)};
-  let atR = ${standInPlaceWGSL(rv, K, N)};
-  let ok = ${standInAlignedWGSL(lv, M, K, 2)} * ${standInAlignedWGSL(rv, K, N, 2)};
-  for (var e = 0u; e < ${lim(`${epl}u`)}; e++) {
-    let idx = ${standInElementWGSL(c.shape, 'e', 'ln')};
-    let r = idx / ${N}u;
-    let c = idx % ${N}u;
-    var sum = (*acc)[e];
-    for (var k = 0u; k < ${lim(`${K}u`)}; k++) {
-      sum = fma(${l.arr}[${standInIndexWGSL(lv, 'atL', 'r', 'k')}], ${r.arr}[${
-              standInIndexWGSL(rv, 'atR', 'k', 'c')}], sum);
-    }
-    (*acc)[e] = sum * ok;
-  }
-}`);
+      standInFns.set(fn, standInMmaFnWGSL(c.shape, fn, l, r));
     }
     return `${fn}(&${acc}, ln, ${l.off}, ${r.off});`;
   };
-  const resultDecl = (name: string) => standIn ?
-      `var ${name} = array<f32, ${epl}>();` :
-      `var ${name} = ${zeroResultWGSL(c.shape, 'accZero')};`;
+  const resultDecl = (name: string) => resultDeclWGSL(c.shape, name);
   const storeScr = (acc: string, off: string) => standIn ?
       `sm_store_scr(&${acc}, ln, ${off});` :
       matrixStoreWGSL(c.shape, 'scr', off, acc, 'BC');
@@ -286,8 +247,6 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) 
   const nKL = Math.ceil(bc * dq4 / threads);
   const nVL = Math.ceil(bc * dv4 / threads);
   const nQL = Math.ceil(br * dq4 / threads);
-  const absMax = (v: string) => `max(max(abs(${v}.x), abs(${v}.y)), max(abs(${v}.z), abs(${v}.w)))`;
-  const kvRow = (j: string) => `u32((b * u.seqK + ${j}) * u.headsKV + hk)`;
   // Split a vec4 into the hi (and lo) arrays `arr` at element offset `at`.
   const splitStore = (arr: string, at: string, v: string, scale: string) =>
       range(4)
@@ -442,25 +401,7 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) 
   }`).join('\n  ')}`;
       };
 
-  return `${standIn ? '' : `enable f16;
-enable chromium_experimental_subgroup_matrix;
-enable subgroups;
-diagnostic(off, chromium.subgroup_matrix_uniformity);`}
-${scoreWGSL(c.score)}
-${keyRangeWGSL(c.score)}
-${c.dropout ? philoxWGSL() + dropoutWGSL() : ''}
-
-${forwardBindingsWGSL(MATRIX_FORWARD_UNIFORMS, {
-           qkType: 'vec4<f32>',
-           vType: 'vec4<f32>',
-           alibi: c.alibiMode !== 0
-         })}
-
-const M = ${M}u;
-const N = ${N}u;
-const K = ${K}u;
-const LANES = ${lanes}u;
-const LPR = ${lpr}u;
+  return `${matrixForwardPreambleWGSL(c, lpr)}
 const RB = ${c.rowBlocks}u;
 const BR = ${br}u;
 const BC = ${bc}u;
@@ -492,73 +433,22 @@ var<workgroup> wmax: array<atomic<u32>, 8>;` :
                        ''}
 ${standIn && lpr > 1 ? `var<workgroup> red: array<f32, ${threads}>;` : ''}
 
-${standInHelpersWGSL(c.shape)}
-${
-             standIn ? `
-// Stand-in for a row-major subgroupMatrixStore(&scr, off, acc, BC).
-fn sm_store_scr(acc: ptr<function, array<f32, ${epl}>>, ln: u32, off: u32) {
-  let atS = ${standInPlaceWGSL(scrView, M, N)};
-  let ok = ${standInAlignedWGSL(scrView, M, N, 4)};
-  for (var e = 0u; e < ${epl}u * u32(u.one); e++) {
-    let idx = ${standInElementWGSL(c.shape, 'e', 'ln')};
-    scr[${standInIndexWGSL(scrView, 'atS', 'idx / N', 'idx % N')}] = (*acc)[e] * ok;
-  }
-}` :
-                       ''}
-__STANDIN_FNS__
-
-@compute @workgroup_size(${threads})
-fn main(@builtin(workgroup_id) wg: vec3<u32>,
-        @builtin(local_invocation_index) lid: u32${subgroupParamsWGSL(c.shape)}) {
-  let groupId = i32(wg.x + wg.y * u32(u.gridX));
-  // Whole workgroups leave together: the matrix built-ins need uniform flow.
-  if (groupId >= u.totalGroups) {
-    return;
-  }
-  ${forwardTileWGSL('groupId', c.reverseRows)}
-  let r0 = qTile * i32(BR);
-  let rEnd = min(r0 + i32(BR), u.seqQ);
-  ${subgroupIdsWGSL(c.shape, c.subgroups)}
-  ${standIn ? '' : `// Accumulators start from this (see zeroResultWGSL).
-  let accZero = f32(u.one) - 1.0;`}
+${matrixForwardMainStartWGSL(c, br, bc, threads)}
   let lc = ln % LPR;
   ${
              rbs.map(rb => `let rowS${rb} = ((g * RB + ${rb}u) * M + ln / LPR) * BC;
   let row${rb} = r0 + i32((g * RB + ${rb}u) * M + ln / LPR);`)
                  .join('\n  ')}
 
-  var sp: FaScore;
-  sp.scale = u.scale;
-  sp.softcap = u.softcap;
-  sp.slope = ${
-             c.alibiMode === 0     ? '0.0' :
-                 c.alibiMode === 1 ? 'slopes[h]' :
-                                     'slopes[b * u.heads + h]'};
-  sp.diag = u.seqK - u.seqQ;
-  sp.left = u.left;
-  sp.right = u.right;
-  sp.seqK = u.seqK;
+  ${scoreParamsWGSL(c.alibiMode)}
 
   // Q tile: registers and its max |q|.
-  var qmax = 0.0;
-  ${
-             range(nQL)
-                 .map(n => `var qr${n} = vec4<f32>(0.0);
-  {
-    let idx = lid + THREADS * ${n}u;
-    let r = r0 + i32(idx / DQ4);
-    if (idx < BR * DQ4 && r < u.seqQ) {
-      qr${n} = qb[u32((b * u.seqQ + r) * u.heads + h) * DQ4 + idx % DQ4];
-    }
-    qmax = max(qmax, ${absMax(`qr${n}`)});
-  }`).join('\n  ')}
+  ${qRegistersWGSL(nQL)}
 
   // Pass 0: max |k| and |v| over the workgroup's keys (reads only), so
   // that both passes split K and V at one fixed scale each: no per-tile
   // reductions, and O's accumulators span tiles of one V scale.
-  let keys = fa_key_range(r0, rEnd, sp);
-  let tBegin = keys.x / i32(BC);
-  let tEnd = select(tBegin, (keys.y + i32(BC) - 1) / i32(BC), keys.y > keys.x);
+  ${KEY_TILES_WGSL}
   var kmax = 0.0;
   var vmax = 0.0;
   for (var kt = tBegin; kt < tEnd; kt++) {
@@ -659,7 +549,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   // O out through the scratch, CV columns at a time, V's scale undone.
   ${range(dv / cv).map(outChunk).join('\n  ')}
 }
-`.replace('__STANDIN_FNS__', [...standInFns.values()].join('\n'));
+`.replace(STANDIN_FNS, [...standInFns.values()].join('\n'));
 }
 
 /**

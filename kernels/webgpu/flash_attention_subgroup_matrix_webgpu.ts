@@ -142,6 +142,176 @@ export const MATRIX_FORWARD_UNIFORMS = [
   ['one', 'i32'],
 ] as const;
 
+// WGSL shared by this program and the two-pass one
+// (flash_attention_subgroup_matrix_two_pass_webgpu.ts).
+
+type ForwardParts = Pick<MatrixForwardConfig, 'shape'|'score'|'dropout'|'alibiMode'>;
+
+/**
+ * The start of a forward program: extensions, score and key-range
+ * functions, dropout, bindings and the matrix shape's constants M, N, K,
+ * LANES and LPR (the caller's constants follow).
+ */
+export function matrixForwardPreambleWGSL(c: ForwardParts, lpr: number): string {
+  const {M, N, K, lanes, standIn} = c.shape;
+  return `${standIn ? '' : `enable f16;
+enable chromium_experimental_subgroup_matrix;
+enable subgroups;
+diagnostic(off, chromium.subgroup_matrix_uniformity);`}
+${scoreWGSL(c.score)}
+${keyRangeWGSL(c.score)}
+${c.dropout ? philoxWGSL() + dropoutWGSL() : ''}
+
+${forwardBindingsWGSL(MATRIX_FORWARD_UNIFORMS, {
+    qkType: 'vec4<f32>',
+    vType: 'vec4<f32>',
+    alibi: c.alibiMode !== 0
+  })}
+
+const M = ${M}u;
+const N = ${N}u;
+const K = ${K}u;
+const LANES = ${lanes}u;
+const LPR = ${lpr}u;`;
+}
+
+/** Where the caller puts its stand-in multiply-accumulate functions (a `.replace` at the end). */
+export const STANDIN_FNS = '__STANDIN_FNS__';
+
+/**
+ * The stand-in helpers (and its store to the [BR][BC] scratch `scr`), the
+ * STANDIN_FNS mark, then `main` up to its row range, subgroup ids and the
+ * accumulators' zero: whole workgroups past the last tile return together
+ * (the matrix built-ins need uniform flow).
+ */
+export function matrixForwardMainStartWGSL(
+    c: Pick<MatrixForwardConfig, 'shape'|'subgroups'|'reverseRows'>, br: number, bc: number,
+    threads: number): string {
+  const {M, N, lanes, standIn} = c.shape;
+  const epl = M * N / lanes;
+  const scrView: View = {arr: 'scr', off: 'off', stride: 'BC', colMajor: false, len: br * bc};
+  return `${standInHelpersWGSL(c.shape)}
+${
+      standIn ? `
+// Stand-in for a row-major subgroupMatrixStore(&scr, off, acc, BC).
+fn sm_store_scr(acc: ptr<function, array<f32, ${epl}>>, ln: u32, off: u32) {
+  let atS = ${standInPlaceWGSL(scrView, M, N)};
+  let ok = ${standInAlignedWGSL(scrView, M, N, 4)};
+  for (var e = 0u; e < ${epl}u * u32(u.one); e++) {
+    let idx = ${standInElementWGSL(c.shape, 'e', 'ln')};
+    scr[${standInIndexWGSL(scrView, 'atS', 'idx / N', 'idx % N')}] = (*acc)[e] * ok;
+  }
+}` :
+                ''}
+${STANDIN_FNS}
+
+@compute @workgroup_size(${threads})
+fn main(@builtin(workgroup_id) wg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32${subgroupParamsWGSL(c.shape)}) {
+  let groupId = i32(wg.x + wg.y * u32(u.gridX));
+  // Whole workgroups leave together: the matrix built-ins need uniform flow.
+  if (groupId >= u.totalGroups) {
+    return;
+  }
+  ${forwardTileWGSL('groupId', c.reverseRows)}
+  let r0 = qTile * i32(BR);
+  let rEnd = min(r0 + i32(BR), u.seqQ);
+  ${subgroupIdsWGSL(c.shape, c.subgroups)}
+  ${standIn ? '' : `// Accumulators start from this (see zeroResultWGSL).
+  let accZero = f32(u.one) - 1.0;`}`;
+}
+
+/** `main`'s score parameters `sp` (at two spaces' indent). */
+export function scoreParamsWGSL(alibiMode: 0|1|2): string {
+  return `var sp: FaScore;
+  sp.scale = u.scale;
+  sp.softcap = u.softcap;
+  sp.slope = ${
+      alibiMode === 0     ? '0.0' :
+          alibiMode === 1 ? 'slopes[h]' :
+                            'slopes[b * u.heads + h]'};
+  sp.diag = u.seqK - u.seqQ;
+  sp.left = u.left;
+  sp.right = u.right;
+  sp.seqK = u.seqK;`;
+}
+
+/** The workgroup's Q rows into registers qr0..qr{nQL-1} and this thread's max |q| (`qmax`). */
+export function qRegistersWGSL(nQL: number): string {
+  return `var qmax = 0.0;
+  ${
+      range(nQL)
+          .map(n => `var qr${n} = vec4<f32>(0.0);
+  {
+    let idx = lid + THREADS * ${n}u;
+    let r = r0 + i32(idx / DQ4);
+    if (idx < BR * DQ4 && r < u.seqQ) {
+      qr${n} = qb[u32((b * u.seqQ + r) * u.heads + h) * DQ4 + idx % DQ4];
+    }
+    qmax = max(qmax, ${absMaxWGSL(`qr${n}`)});
+  }`).join('\n  ')}`;
+}
+
+/** The key tiles [tBegin, tEnd) that rows r0..rEnd-1 can see. */
+export const KEY_TILES_WGSL = `let keys = fa_key_range(r0, rEnd, sp);
+  let tBegin = keys.x / i32(BC);
+  let tEnd = select(tBegin, (keys.y + i32(BC) - 1) / i32(BC), keys.y > keys.x);`;
+
+/** WGSL: max |x| over the components of vec4 `v`. */
+export function absMaxWGSL(v: string): string {
+  return `max(max(abs(${v}.x), abs(${v}.y)), max(abs(${v}.z), abs(${v}.w)))`;
+}
+
+/** WGSL: the K/V row of key `j` of this (batch, KV head). */
+export function kvRowWGSL(j: string): string {
+  return `u32((b * u.seqK + ${j}) * u.headsKV + hk)`;
+}
+
+/**
+ * Loop bound `n`: a constant on the real path; in the stand-in multiplied
+ * by a uniform 1, since SwiftShader unrolls constant loops fully and then
+ * takes seconds per pipeline.
+ */
+export function loopBoundWGSL(shape: MatrixShape, n: string): string {
+  return shape.standIn ? `(${n}) * u32(u.one)` : n;
+}
+
+/** A zeroed accumulator `name`: a matrix result, or the stand-in's per-lane array. */
+export function resultDeclWGSL(shape: MatrixShape, name: string): string {
+  return shape.standIn ? `var ${name} = array<f32, ${shape.M * shape.N / shape.lanes}>();` :
+                         `var ${name} = ${zeroResultWGSL(shape, 'accZero')};`;
+}
+
+/**
+ * The stand-in's function `fn`(acc, ln, offL, offR) for
+ * subgroupMatrixMultiplyAccumulate(load(l at offL), load(r at offR), acc).
+ */
+export function standInMmaFnWGSL(shape: MatrixShape, fn: string, l: View, r: View): string {
+  const {M, N, K, lanes} = shape;
+  const epl = M * N / lanes;
+  const lim = (n: string) => loopBoundWGSL(shape, n);
+  const lv = {...l, off: 'offL'};
+  const rv = {...r, off: 'offR'};
+  return `
+// Stand-in for subgroupMatrixMultiplyAccumulate(load(${l.arr}), load(${r.arr}), acc).
+fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) {
+  let atL = ${standInPlaceWGSL(lv, M, K)};
+  let atR = ${standInPlaceWGSL(rv, K, N)};
+  let ok = ${standInAlignedWGSL(lv, M, K, 2)} * ${standInAlignedWGSL(rv, K, N, 2)};
+  for (var e = 0u; e < ${lim(`${epl}u`)}; e++) {
+    let idx = ${standInElementWGSL(shape, 'e', 'ln')};
+    let r = idx / ${N}u;
+    let c = idx % ${N}u;
+    var sum = (*acc)[e];
+    for (var k = 0u; k < ${lim(`${K}u`)}; k++) {
+      sum = fma(${l.arr}[${standInIndexWGSL(lv, 'atL', 'r', 'k')}], ${r.arr}[${
+      standInIndexWGSL(rv, 'atR', 'k', 'c')}], sum);
+    }
+    (*acc)[e] = sum * ok;
+  }
+}`;
+}
+
 export function matrixForwardWGSL(c: MatrixForwardConfig): string {
   const code = forwardSource(c);
   if (!c.shape.diagnose?.unalignedWorkgroup) {
@@ -156,7 +326,7 @@ function forwardSource(c: MatrixForwardConfig): string {
     throw new Error(`FlashAttention forward: head dims D=${c.headDim}, Dv=${
         c.headDimV} do not suit the subgroup-matrix tiling`);
   }
-  const {M, N, K, lanes, standIn} = c.shape;
+  const {M, N, K, standIn} = c.shape;
   const {br, bc, threads, lpr, cv} = sizes;
   const d = c.headDim;
   const dv = c.headDimV;
@@ -165,20 +335,14 @@ function forwardSource(c: MatrixForwardConfig): string {
   const kvw = Math.max(d, dv);
   const nq = bc / (4 * lpr);
   const nj = dv / (4 * lpr);
-  const epl = M * N / lanes;
   const elem = standIn ? 'f32' : 'f16';
   const parts = c.split ? ['h', 'l'] : ['h'];
   const wgRed = workgroupReductions(c.shape);
 
-  // Loop bounds: constants on the real path; in the stand-in multiplied by
-  // a uniform 1, since SwiftShader unrolls constant loops fully and then
-  // takes seconds per pipeline.
-  const lim = (n: string) => standIn ? `(${n}) * u32(u.one)` : n;
+  const lim = (n: string) => loopBoundWGSL(c.shape, n);
   // Matrix built-ins or their stand-ins.
   const standInFns = new Map<string, string>();
-  const resultDecl = (name: string) => standIn ?
-      `var ${name} = array<f32, ${epl}>();` :
-      `var ${name} = ${zeroResultWGSL(c.shape, 'accZero')};`;
+  const resultDecl = (name: string) => resultDeclWGSL(c.shape, name);
   const mma = (acc: string, l: View, r: View) => {
     if (!standIn) {
       return `${acc} = subgroupMatrixMultiplyAccumulate(${
@@ -187,30 +351,10 @@ function forwardSource(c: MatrixForwardConfig): string {
     }
     const fn = `sm_mma_${l.arr}_${r.arr}`;
     if (!standInFns.has(fn)) {
-      standInFns.set(
-          fn,
-          `
-// Stand-in for subgroupMatrixMultiplyAccumulate(load(${l.arr}), load(${r.arr}), acc).
-fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) {
-  let atL = ${standInPlaceWGSL(l, M, K, 'offL')};
-  let atR = ${standInPlaceWGSL(r, K, N, 'offR')};
-  let ok = ${standInAlignedWGSL(l, M, K, 2, 'offL')} * ${standInAlignedWGSL(r, K, N, 2, 'offR')};
-  for (var e = 0u; e < ${lim(`${epl}u`)}; e++) {
-    let idx = ${standInElementWGSL(c.shape, 'e', 'ln')};
-    let r = idx / ${N}u;
-    let c = idx % ${N}u;
-    var sum = (*acc)[e];
-    for (var k = 0u; k < ${lim(`${K}u`)}; k++) {
-      sum = fma(${l.arr}[${standInIndexWGSL(l, 'atL', 'r', 'k')}], ${r.arr}[${
-              standInIndexWGSL(r, 'atR', 'k', 'c')}], sum);
-    }
-    (*acc)[e] = sum * ok;
-  }
-}`);
+      standInFns.set(fn, standInMmaFnWGSL(c.shape, fn, l, r));
     }
     return `${fn}(&${acc}, ln, ${l.off}, ${r.off});`;
   };
-  const scrView: View = {arr: 'scr', off: 'off', stride: 'BC', colMajor: false, len: br * bc};
   const store = (acc: string, off: string) => standIn ?
       `sm_store_scr(&${acc}, ln, ${off});` :
       matrixStoreWGSL(c.shape, 'scr', off, acc, 'BC');
@@ -261,8 +405,6 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) 
   const nKL = Math.ceil(bc * dq4 / threads);
   const nVL = Math.ceil(bc * dv4 / threads);
   const nQL = Math.ceil(br * dq4 / threads);
-  const absMax = (v: string) => `max(max(abs(${v}.x), abs(${v}.y)), max(abs(${v}.z), abs(${v}.w)))`;
-  const kvRow = (j: string) => `u32((b * u.seqK + ${j}) * u.headsKV + hk)`;
   // Split a vec4 into the hi (and lo) arrays at element offset `at`.
   const splitStore = (prefix: string, at: string, v: string, scale: string) =>
       range(4)
@@ -301,25 +443,7 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) 
   const expOf = (slot: number) =>
       `clamp(frexp(bitcast<f32>(atomicLoad(&wmax[${slot}]))).exp, -100, 100)`;
 
-  return `${standIn ? '' : `enable f16;
-enable chromium_experimental_subgroup_matrix;
-enable subgroups;
-diagnostic(off, chromium.subgroup_matrix_uniformity);`}
-${scoreWGSL(c.score)}
-${keyRangeWGSL(c.score)}
-${c.dropout ? philoxWGSL() + dropoutWGSL() : ''}
-
-${forwardBindingsWGSL(MATRIX_FORWARD_UNIFORMS, {
-           qkType: 'vec4<f32>',
-           vType: 'vec4<f32>',
-           alibi: c.alibiMode !== 0
-         })}
-
-const M = ${M}u;
-const N = ${N}u;
-const K = ${K}u;
-const LANES = ${lanes}u;
-const LPR = ${lpr}u;
+  return `${matrixForwardPreambleWGSL(c, lpr)}
 const BR = ${br}u;
 const BC = ${bc}u;
 const CV = ${cv}u;
@@ -344,35 +468,7 @@ var<workgroup> scr: array<f32, ${br * bc}>;  // S, then chunks of P V
 var<workgroup> wmax: array<atomic<u32>, ${wmaxSlots(c.shape)}>;
 ${wgRed && lpr > 1 ? `var<workgroup> red: array<f32, ${threads}>;` : ''}
 
-${standInHelpersWGSL(c.shape)}
-${
-             standIn ? `
-// Stand-in for a row-major subgroupMatrixStore(&scr, off, acc, BC).
-fn sm_store_scr(acc: ptr<function, array<f32, ${epl}>>, ln: u32, off: u32) {
-  let atS = ${standInPlaceWGSL(scrView, M, N)};
-  let ok = ${standInAlignedWGSL(scrView, M, N, 4)};
-  for (var e = 0u; e < ${epl}u * u32(u.one); e++) {
-    let idx = ${standInElementWGSL(c.shape, 'e', 'ln')};
-    scr[${standInIndexWGSL(scrView, 'atS', 'idx / N', 'idx % N')}] = (*acc)[e] * ok;
-  }
-}` :
-                       ''}
-__STANDIN_FNS__
-
-@compute @workgroup_size(${threads})
-fn main(@builtin(workgroup_id) wg: vec3<u32>,
-        @builtin(local_invocation_index) lid: u32${subgroupParamsWGSL(c.shape)}) {
-  let groupId = i32(wg.x + wg.y * u32(u.gridX));
-  // Whole workgroups leave together: the matrix built-ins need uniform flow.
-  if (groupId >= u.totalGroups) {
-    return;
-  }
-  ${forwardTileWGSL('groupId', c.reverseRows)}
-  let r0 = qTile * i32(BR);
-  let rEnd = min(r0 + i32(BR), u.seqQ);
-  ${subgroupIdsWGSL(c.shape, c.subgroups)}
-  ${standIn ? '' : `// Accumulators start from this (see zeroResultWGSL).
-  let accZero = f32(u.one) - 1.0;`}
+${matrixForwardMainStartWGSL(c, br, bc, threads)}
   let rr = g * M + ln / LPR;
   let lc = ln % LPR;
   let row = r0 + i32(rr);
@@ -380,31 +476,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   let sOff = g * M * BC;
   let pOff = g * M * BC;
 
-  var sp: FaScore;
-  sp.scale = u.scale;
-  sp.softcap = u.softcap;
-  sp.slope = ${
-             c.alibiMode === 0     ? '0.0' :
-                 c.alibiMode === 1 ? 'slopes[h]' :
-                                     'slopes[b * u.heads + h]'};
-  sp.diag = u.seqK - u.seqQ;
-  sp.left = u.left;
-  sp.right = u.right;
-  sp.seqK = u.seqK;
+  ${scoreParamsWGSL(c.alibiMode)}
 
   // Q tile: registers, its max |q|, then scaled and split into workgroup memory.
-  var qmax = 0.0;
-  ${
-             range(nQL)
-                 .map(n => `var qr${n} = vec4<f32>(0.0);
-  {
-    let idx = lid + THREADS * ${n}u;
-    let r = r0 + i32(idx / DQ4);
-    if (idx < BR * DQ4 && r < u.seqQ) {
-      qr${n} = qb[u32((b * u.seqQ + r) * u.heads + h) * DQ4 + idx % DQ4];
-    }
-    qmax = max(qmax, ${absMax(`qr${n}`)});
-  }`).join('\n  ')}
+  ${qRegistersWGSL(nQL)}
   ${atomicMaxOf('qmax', 0)}
   workgroupBarrier();
   let qe = ${expOf(0)};
@@ -425,9 +500,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
     atomicStore(&wmax[0], 0u);
   }
 
-  let keys = fa_key_range(r0, rEnd, sp);
-  let tBegin = keys.x / i32(BC);
-  let tEnd = select(tBegin, (keys.y + i32(BC) - 1) / i32(BC), keys.y > keys.x);
+  ${KEY_TILES_WGSL}
   var m = NEG;
   var l = 0.0;
   ${range(nj).map(jj => `var o${jj} = vec4<f32>(0.0);`).join(' ')}
@@ -447,9 +520,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
       let j = j0 + i32(idx / DQ4);
       kr${n} = vec4<f32>(0.0);
       if (idx < BC * DQ4 && j < u.seqK) {
-        kr${n} = kb[${kvRow('j')} * DQ4 + idx % DQ4];
+        kr${n} = kb[${kvRowWGSL('j')} * DQ4 + idx % DQ4];
       }
-      kmax = max(kmax, ${absMax(`kr${n}`)});
+      kmax = max(kmax, ${absMaxWGSL(`kr${n}`)});
     }`).join('\n    ')}
     ${
              range(nVL)
@@ -458,9 +531,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
       let j = j0 + i32(idx / DV4);
       vr${n} = vec4<f32>(0.0);
       if (idx < BC * DV4 && j < u.seqK) {
-        vr${n} = vb[${kvRow('j')} * DV4 + idx % DV4];
+        vr${n} = vb[${kvRowWGSL('j')} * DV4 + idx % DV4];
       }
-      vmax = max(vmax, ${absMax(`vr${n}`)});
+      vmax = max(vmax, ${absMaxWGSL(`vr${n}`)});
     }`).join('\n    ')}
     ${atomicMaxOf('kmax', 0)}
     ${atomicMaxOf('vmax', 1)}
@@ -561,5 +634,5 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
     }
   }
 }
-`.replace('__STANDIN_FNS__', [...standInFns.values()].join('\n'));
+`.replace(STANDIN_FNS, [...standInFns.values()].join('\n'));
 }

@@ -4,7 +4,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 
-import {OracleProblem} from '../oracle';
+import {OracleProblem, oracleForward} from '../oracle';
 
 /** mulberry32: a small seeded generator, so a failing run can be replayed. */
 export class Rng {
@@ -94,6 +94,83 @@ export function randomOracleProblem(shape: ProblemShape, rng: Rng, inputScale = 
     v: randomArray(batch * seqK * headsKV * headDimV, rng),
     alibiSlopes: slopes,
   };
+}
+
+/**
+ * One sequence as an oracle problem: batch 1, D = Dv = dim, no ALiBi (the
+ * varlen and seqlens tests' per-sequence references).
+ */
+export function sequenceProblem(p: {
+  seqQ: number,
+  seqK: number,
+  heads: number,
+  headsKV: number,
+  dim: number,
+  q: Float64Array,
+  k: Float64Array,
+  v: Float64Array
+}): OracleProblem {
+  return {
+    batch: 1,
+    seqQ: p.seqQ,
+    seqK: p.seqK,
+    heads: p.heads,
+    headsKV: p.headsKV,
+    headDim: p.dim,
+    headDimV: p.dim,
+    q: p.q,
+    k: p.k,
+    v: p.v,
+    alibiSlopes: null,
+  };
+}
+
+/**
+ * Random [B, seq, heads, dim] q, k, v (float64 values and float32 tensors)
+ * and a seqlensK tensor of `lengths`, for seqlensRowExpected.
+ */
+export function seqlensInputs(
+    rng: Rng, dims: {batch: number, seq: number, heads: number, dim: number}, lengths: number[]) {
+  const {batch, seq, heads, dim} = dims;
+  const values = () => randomArray(batch * seq * heads * dim, rng);
+  const [qv, kv, vv] = [values(), values(), values()];
+  const shape: [number, number, number, number] = [batch, seq, heads, dim];
+  const [q, k, v] = [qv, kv, vv].map(x => tf.tensor4d(Float32Array.from(x), shape));
+  const seqlensK = tf.tensor1d(lengths, 'int32');
+  return {qv, kv, vv, q, k, v, seqlensK};
+}
+
+/**
+ * The causal out and lse of batch row b of a seqlensK call ([B, seq, heads,
+ * dim] inputs, heads = headsKV): row b alone with its keys cut to `len`;
+ * zeros and -Infinity where len is 0.
+ */
+export function seqlensRowExpected(
+    x: {q: Float64Array, k: Float64Array, v: Float64Array}, b: number, len: number,
+    dims: {seq: number, heads: number, dim: number}): {out: Float64Array, lse: Float64Array} {
+  const {seq, heads, dim} = dims;
+  const rowSize = seq * heads * dim;
+  const out = new Float64Array(rowSize);
+  const lse = new Float64Array(heads * seq).fill(-Infinity);
+  if (len > 0) {
+    const cut = (a: Float64Array, rows: number) =>
+        a.slice(b * rowSize, b * rowSize + rows * heads * dim);
+    const f = oracleForward(
+        sequenceProblem({
+          seqQ: seq,
+          seqK: len,
+          heads,
+          headsKV: heads,
+          dim,
+          q: cut(x.q, seq),
+          k: cut(x.k, len),
+          v: cut(x.v, len)
+        }),
+        {causal: true});
+    out.set(f.out);
+    lse.set(f.lse);
+  }
+  return {out, lse};
 }
 
 export function makeProblem(shape: ProblemShape, rng: Rng, inputScale = 1): TestProblem {
