@@ -10,17 +10,18 @@
 import * as tf from '@tensorflow/tfjs-core';
 
 import {flashMHA} from '../src/layers';
-import {fusedGradRunCount, registerFlashAttentionGradWebGPU} from '../kernels/webgpu/FlashAttentionGrad';
+import {fusedGradRunCount} from '../kernels/webgpu/FlashAttentionGrad';
 import {matrixGradStats, planMatrixBackward} from '../kernels/webgpu/flash_attention_grad_subgroup_matrix';
 import {matrixForwardStats, setMatrixForwardOverride} from '../kernels/webgpu/flash_attention_subgroup_matrix';
-import {setPoisonOutputs, webgpuBackendOf} from '../kernels/webgpu/own_pipeline';
+import {webgpuBackendOf} from '../kernels/webgpu/own_pipeline';
 import {OracleOptions} from './oracle';
 
-import {selectedBackends, useBackend} from './harness/backends';
+import {selectedBackends} from './harness/backends';
 import {SHAPE_A, SHAPE_B} from './harness/matrix_shapes';
 import {runGradKernelOnOracle} from './harness/grad_kernel';
 import {OPTION_CASES} from './harness/cases';
 import {expectClose, freshRng, GRADIENT_BOUND, ProblemShape} from './harness/problems';
+import {useFusedGradWebGPU} from './harness/small_tiles';
 
 const describeWebGPU = selectedBackends().includes('webgpu') ? describe : describe.skip;
 
@@ -63,15 +64,8 @@ async function check(
 }
 
 describeWebGPU('subgroup-matrix backward, stand-in [webgpu]', () => {
-  beforeAll(async () => {
-    await useBackend('webgpu');
-    registerFlashAttentionGradWebGPU();
-    setPoisonOutputs(true);
-  });
-  afterAll(() => {
-    setPoisonOutputs(false);
-    setMatrixForwardOverride(null);
-  });
+  useFusedGradWebGPU();
+  afterAll(() => setMatrixForwardOverride(null));
 
   // Cases that together compile every feature (each new feature set costs
   // two pipelines, seconds on SwiftShader): masks, ALiBi and softcap,
