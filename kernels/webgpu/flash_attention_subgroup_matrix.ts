@@ -3,7 +3,9 @@
  * tiling from the device's matrix configuration and runs the two-pass
  * kernel (flash_attention_subgroup_matrix_two_pass_webgpu.ts, the default:
  * O stays in matrix accumulators) or, when the override forces it, the
- * one-pass kernel (flash_attention_subgroup_matrix_webgpu.ts). Used by the
+ * one-pass kernel (flash_attention_subgroup_matrix_webgpu.ts) or the
+ * storage-loaded two-pass kernel (flash_attention_subgroup_matrix_storage_webgpu.ts
+ * after the pre-pass of flash_attention_subgroup_matrix_split_webgpu.ts). Used by the
  * fused forward (FlashAttention.ts) whenever `planMatrixForward` returns a
  * plan; else the SIMT kernels run.
  */
@@ -17,6 +19,8 @@ import type {FlashAttentionAttrs} from '../../src/kernel_names';
 import {MatrixForwardConfig, matrixForwardKey, matrixForwardWGSL, MATRIX_FORWARD_UNIFORMS, matrixTileSizes, matrixWorkgroupBytes} from './flash_attention_subgroup_matrix_webgpu';
 import type {MatrixGradTiles} from './flash_attention_grad_subgroup_matrix_webgpu';
 import {TwoPassForwardConfig, twoPassForwardKey, twoPassForwardWGSL, twoPassTileSizes, twoPassWorkgroupBytes} from './flash_attention_subgroup_matrix_two_pass_webgpu';
+import {OPERAND_SPLIT_UNIFORMS, operandPartElements, OperandSplitConfig, operandSplitKey, OperandSplitPlace, operandSplitUniforms, operandSplitWGSL} from './flash_attention_subgroup_matrix_split_webgpu';
+import {STORAGE_FORWARD_UNIFORMS, storageForwardKey, storageForwardWGSL, storageWorkgroupBytes} from './flash_attention_subgroup_matrix_storage_webgpu';
 import {forwardOutputs, forwardUniformValues} from './forward_shared';
 import {dispatchGrid, packUniforms, runOwnPipeline} from './own_pipeline';
 import {MatrixDiagnosis, MatrixShape, pickSubgroupMatrixShape, unvalidatedTensorCoresAllowed} from './subgroup_matrix';
@@ -34,8 +38,10 @@ export interface MatrixForwardOverride {
   bc?: number;
   /**
    * The forward's kernel: 'twoPass' (the default; O in matrix registers,
-   * flash_attention_subgroup_matrix_two_pass_webgpu.ts) or 'online' (the
-   * first kernel, one pass with O rescaled through workgroup memory).
+   * flash_attention_subgroup_matrix_two_pass_webgpu.ts), 'online' (the
+   * first kernel, one pass with O rescaled through workgroup memory) or
+   * 'storage' (the two-pass kernel loading Q, K, V matrices from storage,
+   * split by a pre-pass; flash_attention_subgroup_matrix_storage_webgpu.ts).
    */
   forwardTiling?: MatrixForwardTiling;
   /** Two-pass kernel: blocks of M query rows per subgroup. */
@@ -93,13 +99,13 @@ function warnUnvalidatedOnce(): void {
   }
 }
 
-export type MatrixForwardTiling = 'twoPass'|'online';
+export type MatrixForwardTiling = 'twoPass'|'online'|'storage';
 
 export interface MatrixForwardPlan {
   tiling: MatrixForwardTiling;
   shape: MatrixShape;
   subgroups: number;
-  /** Two-pass kernel: blocks of M rows per subgroup (1 for 'online'). */
+  /** Two-pass kernels: blocks of M rows per subgroup (1 for 'online'). */
   rowBlocks: number;
   bc: number;
   split: boolean;
@@ -156,6 +162,10 @@ export const matrixForwardStats = {
   dispatches: 0,
   /** Of which the two-pass kernel's. */
   twoPassDispatches: 0,
+  /** Of which the storage-loaded kernel's (not counting its pre-pass). */
+  storageDispatches: 0,
+  /** The storage-loaded kernel's pre-pass dispatches (1 per call: Q, K and V). */
+  splitDispatches: 0,
 };
 
 /**
@@ -172,7 +182,8 @@ export function planMatrixForward(
   }
   const split = precision !== 'float16';
   if (override?.forwardTiling !== 'online') {
-    return planTwoPass(device, headDim, headDimV, shape, split);
+    return planTwoPass(
+        device, headDim, headDimV, shape, split, override?.forwardTiling === 'storage');
   }
   const tilings = override?.subgroups != null || override?.bc != null ?
       [[override.subgroups ?? 2, override.bc ?? 32] as [number, number]] :
@@ -199,9 +210,10 @@ export function planMatrixForward(
   return null;
 }
 
+/** A two-pass tiling: operands staged in workgroup memory, or loaded from storage. */
 function planTwoPass(
-    device: GPUDevice, headDim: number, headDimV: number, shape: MatrixShape,
-    split: boolean): MatrixForwardPlan|null {
+    device: GPUDevice, headDim: number, headDimV: number, shape: MatrixShape, split: boolean,
+    storage: boolean): MatrixForwardPlan|null {
   const forced = override?.subgroups != null || override?.bc != null || override?.rowBlocks != null;
   const tilings = forced ?
       [[override!.subgroups ?? 2, override!.rowBlocks ?? 1,
@@ -218,8 +230,9 @@ function planTwoPass(
              MAX_MATRIX_REGISTERS)) {
       continue;
     }
-    if (twoPassWorkgroupBytes(c) <= limits.maxComputeWorkgroupStorageSize) {
-      return {tiling: 'twoPass', shape, subgroups, rowBlocks, bc, split};
+    const bytes = storage ? storageWorkgroupBytes(c) : twoPassWorkgroupBytes(c);
+    if (bytes <= limits.maxComputeWorkgroupStorageSize) {
+      return {tiling: storage ? 'storage' : 'twoPass', shape, subgroups, rowBlocks, bc, split};
     }
   }
   return null;
@@ -248,6 +261,9 @@ export function matrixForwardWebGPU(
     dropout: attrs.dropoutRate > 0,
     reverseRows: score.windowRight && !score.windowLeft,
   };
+  if (plan.tiling === 'storage') {
+    return storageForwardWebGPU(backend, inputs, attrs, {...config, rowBlocks: plan.rowBlocks});
+  }
   let br: number;
   let program: {key: string, label: string, code: () => string};
   if (plan.tiling === 'twoPass') {
@@ -291,4 +307,119 @@ export function matrixForwardWebGPU(
         uniforms,
         dispatch: grid,
       });
+}
+
+/**
+ * The storage-loaded forward: the pre-pass splits Q (scale tiles of M
+ * rows, padded to BR), K and V (tiles of BC keys, padded to BC) into
+ * float16 matrices in one storage buffer, then the attention kernel reads
+ * them. The split operands are freed once the kernel is recorded.
+ */
+function storageForwardWebGPU(
+    backend: WebGPUBackend, inputs: Record<string, tf.TensorInfo>, attrs: FlashAttentionAttrs,
+    config: TwoPassForwardConfig): tf.TensorInfo[] {
+  const {q, k, v, alibiSlopes} = inputs;
+  const [batch, seqQ, heads] = q.shape;
+  const seqK = k.shape[1];
+  const {br, bc} = twoPassTileSizes(config)!;
+  const seqQPad = Math.ceil(seqQ / br) * br;
+  const seqKPad = Math.ceil(seqK / bc) * bc;
+  const partsPer = config.split ? 2 : 1;
+  // Each operand's places in `ops` (elements) and `scales`, and its workgroups.
+  let elements = 0;
+  let scaleCount = 0;
+  let groups = 0;
+  const places = ([[q, config.shape.M, seqQPad], [k, bc, seqKPad], [v, bc, seqKPad]] as const)
+                     .map(([x, rows, seqPad]) => {
+                       const [b, seq, h, dim] = x.shape;
+                       const size = b * h * seqPad * dim;
+                       const tiles = seqPad / rows;
+                       const place: OperandSplitPlace = {
+                         seq,
+                         heads: h,
+                         seqPad,
+                         tiles,
+                         rows,
+                         d4: dim / 4,
+                         hiOff: elements,
+                         loOff: elements + (config.split ? size : 0),
+                         scaleOff: scaleCount,
+                         groupStart: groups,
+                       };
+                       elements += partsPer * size;
+                       scaleCount += b * h * tiles;
+                       groups += b * h * tiles;
+                       return place;
+                     });
+  const opsBytes = elements * (config.shape.standIn ? 4 : 2);
+  const maxBinding = backend.device.limits.maxStorageBufferBindingSize;
+  tf.util.assert(
+      opsBytes <= maxBinding && elements < 2 ** 31,
+      () => `FlashAttention storage-loaded forward: the split operands take ${
+          opsBytes} bytes, more than maxStorageBufferBindingSize (${maxBinding})`);
+  const limit = backend.device.limits.maxComputeWorkgroupsPerDimension;
+  const splitGrid = dispatchGrid(groups, limit);
+  const splitConfig: OperandSplitConfig = {shape: config.shape, split: config.split};
+  matrixForwardStats.splitDispatches++;
+  const [ops, scales] = runOwnPipeline(
+      backend, {
+        key: operandSplitKey(splitConfig),
+        label: 'FlashAttention operand split (subgroup matrices)',
+        code: () => operandSplitWGSL(splitConfig),
+        numInputs: 3,
+        numOutputs: 2,
+        hasUniforms: true,
+      },
+      {
+        inputs: [q, k, v],
+        outputs: [
+          {shape: [operandPartElements(config.shape, elements)], dtype: 'float32'},
+          {shape: [scaleCount], dtype: 'float32'},
+        ],
+        uniforms: packUniforms(
+            OPERAND_SPLIT_UNIFORMS, operandSplitUniforms(places, groups, splitGrid[0])),
+        dispatch: splitGrid,
+      });
+  const numQTiles = seqQPad / br;
+  const totalGroups = numQTiles * heads * batch;
+  const grid = dispatchGrid(totalGroups, limit);
+  const [qp, kp, vp] = places;
+  const uniforms = packUniforms(STORAGE_FORWARD_UNIFORMS, {
+    ...forwardUniformValues(q, k, attrs, numQTiles, totalGroups, grid[0]),
+    one: 1,
+    seqQPad,
+    seqKPad,
+    qhOff: qp.hiOff,
+    qlOff: qp.loOff,
+    khOff: kp.hiOff,
+    klOff: kp.loOff,
+    vhOff: vp.hiOff,
+    vlOff: vp.loOff,
+    qsOff: qp.scaleOff,
+    ksOff: kp.scaleOff,
+    vsOff: vp.scaleOff,
+  });
+  const bound = config.alibiMode !== 0 ? [ops, scales, alibiSlopes] : [ops, scales];
+  matrixForwardStats.dispatches++;
+  matrixForwardStats.storageDispatches++;
+  try {
+    return runOwnPipeline(
+        backend, {
+          key: storageForwardKey(config),
+          label: 'FlashAttention storage-loaded forward (subgroup matrices)',
+          code: () => storageForwardWGSL(config),
+          numInputs: bound.length,
+          numOutputs: 2,
+          hasUniforms: true,
+        },
+        {
+          inputs: bound,
+          outputs: forwardOutputs(q, v),
+          uniforms,
+          dispatch: grid,
+        });
+  } finally {
+    backend.disposeData(ops.dataId);
+    backend.disposeData(scales.dataId);
+  }
 }

@@ -528,7 +528,7 @@ ${matrixForwardMainStartWGSL(c, br, bc, threads)}
 
   // The row's (m, l) over its LPR lanes, and its log-sum-exp.
   ${rbs.map(rb => `var mine${rb} = m${rb};`).join('\n  ')}
-  ${rbs.map(rb => mergeRow(rb, lpr, standIn)).join('\n  ')}
+  ${rbs.map(rb => mergeRowWGSL(rb, lpr, standIn)).join('\n  ')}
   ${rbs.map(rb => `let lse${rb} = m${rb} + log(l${rb});
   if (row${rb} < u.seqQ && lc == 0u) {
     lseb[u32((b * u.heads + h) * u.seqQ + row${rb})] =
@@ -556,9 +556,9 @@ ${matrixForwardMainStartWGSL(c, br, bc, threads)}
  * WGSL merging the row's per-lane (m, l) partials of row block rb (each
  * lane's l at its own m) into the row's max and sum at that max, on every
  * lane of the row: subgroup shuffles on the real path, workgroup memory
- * (`red`) in the stand-in.
+ * (`red`) in the stand-in. Also used by the storage-loaded forward.
  */
-function mergeRow(rb: number, lpr: number, standIn: boolean): string {
+export function mergeRowWGSL(rb: number, lpr: number, standIn: boolean): string {
   if (lpr === 1) {
     return '';
   }
