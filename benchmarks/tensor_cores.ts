@@ -13,6 +13,7 @@
  *       [--torch torch_tc.json] [--skip-check] [--skip-time] [--json FILE]
  *       [--stand-in] [--small] [--variants] [--forward-plans] [--time-anyway]
  *       [--deadline-s N] [--time-plans "4,2,32;8,1,32"] [--skip-one-pass]
+ *       [--storage] [--storage-plans "4,2,32;8,1,32"] [--fwd-only]
  *
  * The check's columns: SIMT, both precisions, and the float32 matrix
  * backward after the SIMT forward (which kernel is wrong); --variants adds
@@ -27,6 +28,11 @@
  * both are checked and timed (--skip-one-pass leaves the one-pass kernel
  * out). --time-plans times the two-pass forward at other tilings
  * (subgroups, row blocks per subgroup, keys per tile; both precisions).
+ * --storage checks and times the storage-loaded two-pass forward
+ * (forwardTiling 'storage': operands split by a pre-pass into float16
+ * matrices in storage) at its planned tiling, --storage-plans at forced
+ * ones, both precisions, forward only, in a table of their own.
+ * --fwd-only times no forward+backward.
  *
  * Without the feature it stops with a message, unless --stand-in: then the
  * kernels' portable stand-in runs (plain loops; checks the tiling and the
@@ -96,6 +102,17 @@ function timeModes(): TimeMode[] {
       });
     }
   }
+  for (const plan of storagePlans()) {
+    for (const p of ['float32', 'float16'] as const) {
+      modes.push({
+        name: `${p} ${storageName(plan)}`,
+        precision: p,
+        override: {...tc, ...plan, forwardTiling: 'storage'},
+        checkedAs: `${p} ${storageName(plan)}`,
+        fwdOnly: true
+      });
+    }
+  }
   for (const plan of timePlans()) {
     for (const p of ['float32', 'float16'] as const) {
       modes.push({
@@ -122,6 +139,21 @@ function planName(p: Pick<MatrixForwardOverride, 'subgroups'|'rowBlocks'|'bc'>):
 }
 
 /**
+ * Storage-loaded forward plans: {} (its planned tiling) under --storage,
+ * then the tilings of --storage-plans "sg,rb,bc;...".
+ */
+function storagePlans(): Array<Pick<MatrixForwardOverride, 'subgroups'|'rowBlocks'|'bc'>> {
+  const forced = arg('storage-plans', '').split(';').filter(x => x).map(t => {
+    const [subgroups, rowBlocks, bc] = t.split(',').map(Number);
+    return {subgroups, rowBlocks, bc};
+  });
+  return [...(process.argv.includes('--storage') ? [{}] : []), ...forced];
+}
+function storageName(p: Pick<MatrixForwardOverride, 'subgroups'|'rowBlocks'|'bc'>): string {
+  return p.subgroups == null ? 'storage' : `storage sg${p.subgroups} rb${p.rowBlocks} bc${p.bc}`;
+}
+
+/**
  * The accuracy check's columns: SIMT, both precisions, the float32 matrix
  * backward after the SIMT forward (separates the two kernels' errors), and
  * under --variants the float32 path with one diagnosis flag each
@@ -137,6 +169,8 @@ interface CheckMode {
   expect: [number, number];
   /** Whether the forward must be the two-pass kernel (when expect[0] is 1). */
   twoPass?: boolean;
+  /** Whether it must be the storage-loaded kernel (and its pre-pass). */
+  storage?: boolean;
   /**
    * A forced tiling that may not fit some head dims: the SIMT forward
    * running instead is no failure (the row says NOT TC).
@@ -164,6 +198,19 @@ function checkModes(): CheckMode[] {
         override: {...tc, forwardTiling: 'online'},
         expect: [1, 2],
         twoPass: false
+      });
+    }
+  }
+  for (const plan of storagePlans()) {
+    for (const p of ['float32', 'float16'] as const) {
+      modes.push({
+        name: `${p} ${storageName(plan)}`,
+        precision: p,
+        override: {...tc, ...plan, forwardTiling: 'storage'},
+        expect: [1, 2],
+        twoPass: false,
+        storage: true,
+        mayFallBack: plan.subgroups != null
       });
     }
   }
@@ -362,39 +409,50 @@ async function accuracy(): Promise<string[]> {
     const dOutT = tf.tensor4d(Float32Array.from(dOut), [s.batch, s.seqQ, s.heads, s.headDimV]);
     const row: string[] = [name];
     for (const mode of checkModes()) {
-      setMatrixForwardOverride(mode.override ?? {off: true});
-      const before = matrixForwardStats.dispatches;
-      const twoPassBefore = matrixForwardStats.twoPassDispatches;
-      const o: FlashAttentionOptions =
-          {...opts, alibiSlopes: slopes, returnSoftmaxLse: true, precision: mode.precision};
-      const [out, lse] = flashAttention(q, k, v, o) as tf.Tensor[];
-      const [od, ld] = [await out.data(), await lse.data()];
-      tf.dispose([out, lse]);
-      await checkOwnPipelineErrors();
-      const used = matrixForwardStats.dispatches - before;
-      const twoPassUsed = matrixForwardStats.twoPassDispatches - twoPassBefore;
-      // The backward: gradients of sum(out * dOut).
-      const gradBefore = matrixGradStats.dispatches;
-      const grads = tf.grads(
-          (a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) => tf.sum(tf.mul(
-              flashAttention(
-                  a as tf.Tensor4D, b as tf.Tensor4D, c as tf.Tensor4D,
-                  {...opts, alibiSlopes: slopes, precision: o.precision}) as tf.Tensor,
-              dOutT)))([q, k, v]);
-      const [dq, dk, dv] = await Promise.all(grads.map(g => g.data()));
-      tf.dispose(grads);
-      await checkOwnPipelineErrors();
-      const gradUsed = matrixGradStats.dispatches - gradBefore;
-      const ran = used === mode.expect[0] && gradUsed === mode.expect[1] &&
-          (mode.twoPass == null || twoPassUsed === (mode.twoPass ? used : 0));
-      const fellBack = mode.mayFallBack === true && used === 0;
-      const errors = [
-        relError(od, expected.out), relError(ld, expected.lse), relError(dq, expectedGrads.dq),
-        relError(dk, expectedGrads.dk), relError(dv, expectedGrads.dv)
-      ];
-      record(mode, errors, ran || fellBack);
-      row.push(`${mode.name}${ran ? '' : '(NOT TC)'} ${
-          OUTPUTS.map((o, i) => `${o} ${errors[i].toExponential(2)}`).join(' ')}`);
+      // A kernel that fails to compile or run is a FAIL of its mode, not the end of the run.
+      try {
+        setMatrixForwardOverride(mode.override ?? {off: true});
+        const before = matrixForwardStats.dispatches;
+        const twoPassBefore = matrixForwardStats.twoPassDispatches;
+        const storageBefore = matrixForwardStats.storageDispatches;
+        const splitBefore = matrixForwardStats.splitDispatches;
+        const o: FlashAttentionOptions =
+            {...opts, alibiSlopes: slopes, returnSoftmaxLse: true, precision: mode.precision};
+        const [out, lse] = flashAttention(q, k, v, o) as tf.Tensor[];
+        const [od, ld] = [await out.data(), await lse.data()];
+        tf.dispose([out, lse]);
+        await checkOwnPipelineErrors();
+        const used = matrixForwardStats.dispatches - before;
+        const twoPassUsed = matrixForwardStats.twoPassDispatches - twoPassBefore;
+        const storageUsed = matrixForwardStats.storageDispatches - storageBefore;
+        const splitUsed = matrixForwardStats.splitDispatches - splitBefore;
+        // The backward: gradients of sum(out * dOut).
+        const gradBefore = matrixGradStats.dispatches;
+        const grads = tf.grads(
+            (a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) => tf.sum(tf.mul(
+                flashAttention(
+                    a as tf.Tensor4D, b as tf.Tensor4D, c as tf.Tensor4D,
+                    {...opts, alibiSlopes: slopes, precision: o.precision}) as tf.Tensor,
+                dOutT)))([q, k, v]);
+        const [dq, dk, dv] = await Promise.all(grads.map(g => g.data()));
+        tf.dispose(grads);
+        await checkOwnPipelineErrors();
+        const gradUsed = matrixGradStats.dispatches - gradBefore;
+        const ran = used === mode.expect[0] && gradUsed === mode.expect[1] &&
+            (mode.twoPass == null || twoPassUsed === (mode.twoPass ? used : 0)) &&
+            storageUsed === (mode.storage ? used : 0) && splitUsed === storageUsed;
+        const fellBack = mode.mayFallBack === true && used === 0;
+        const errors = [
+          relError(od, expected.out), relError(ld, expected.lse), relError(dq, expectedGrads.dq),
+          relError(dk, expectedGrads.dk), relError(dv, expectedGrads.dv)
+        ];
+        record(mode, errors, ran || fellBack);
+        row.push(`${mode.name}${ran ? '' : '(NOT TC)'} ${
+            OUTPUTS.map((o, i) => `${o} ${errors[i].toExponential(2)}`).join(' ')}`);
+      } catch (e) {
+        record(mode, OUTPUTS.map(() => Infinity), false);
+        row.push(`${mode.name} ERROR ${(e as Error).message.slice(0, 300)}`);
+      }
     }
     setMatrixForwardOverride(null);
     tf.dispose([q, k, v, dOutT]);
@@ -507,6 +565,26 @@ function goalTable(timings: Timing[], torch: TorchRow[], standIn: boolean): stri
         `| ${kind} | ${dim} | ${seq} | ${tf(simt)} | ${tf(f32)} | ${tf(f16)} | ${tf(f32one)} | ${
             tf(f16one)} | ${fa2} | ${sdpa} | ${ratio(f32, sdpa)} | ${ratio(f16, fa2)} |`);
   }
+  const stored = storagePlans();
+  if (stored.length > 0) {
+    out.push(
+        '',
+        'Storage-loaded forward (operands from storage) vs two-pass (TFLOP/s, fwd, ' +
+            'float32 / float16):',
+        '', `| D | S | SIMT f32 | two-pass | ${stored.map(storageName).join(' | ')} |`,
+        `|${' --- |'.repeat(stored.length + 4)}`);
+    const fwdKeys =
+        [...new Set(timings.filter(t => t.kind === 'fwd').map(t => `${t.dim} ${t.seq}`))];
+    for (const key of fwdKeys) {
+      const [dim, seq] = key.split(' ').map(Number);
+      const pair = (a: string, b: string) =>
+          `${tf(at(a, 'fwd', dim, seq))} / ${tf(at(b, 'fwd', dim, seq))}`;
+      out.push(`| ${dim} | ${seq} | ${tf(at('simt', 'fwd', dim, seq))} | ${
+          pair('float32', 'float16')} | ${
+          stored.map(p => pair(`float32 ${storageName(p)}`, `float16 ${storageName(p)}`))
+              .join(' | ')} |`);
+    }
+  }
   const plans = timePlans();
   if (plans.length > 0) {
     out.push(
@@ -568,7 +646,10 @@ async function main(): Promise<void> {
       const backward = JSON.stringify(planMatrixBackward(device, d, d, p));
       setMatrixForwardOverride({...tensorCoreOverride, forwardTiling: 'online'});
       const onePass = JSON.stringify(planMatrixForward(device, d, d, p));
-      console.log(`plan D=${d} ${p}: forward ${plan}, one-pass ${onePass}, backward ${backward}`);
+      setMatrixForwardOverride({...tensorCoreOverride, forwardTiling: 'storage'});
+      const storage = JSON.stringify(planMatrixForward(device, d, d, p));
+      console.log(`plan D=${d} ${p}: forward ${plan}, one-pass ${onePass}, storage ${
+          storage}, backward ${backward}`);
     }
   }
   setMatrixForwardOverride(null);
@@ -590,7 +671,8 @@ async function main(): Promise<void> {
           const verdict = mode.checkedAs == null ? undefined : verdicts.get(mode.checkedAs);
           const failed =
               verdict != null && !verdict.pass && !process.argv.includes('--time-anyway');
-          const kinds = mode.fwdOnly ? ['fwd'] as const: ['fwd', 'fwdbwd'] as const;
+          const fwdOnly = mode.fwdOnly || process.argv.includes('--fwd-only');
+          const kinds = fwdOnly ? ['fwd'] as const: ['fwd', 'fwdbwd'] as const;
           if (failed || pastDeadline()) {
             for (const kind of kinds) {
               timings.push({
@@ -614,7 +696,7 @@ async function main(): Promise<void> {
             ['fwd', () => tf.dispose(attend(q, k, v))],
             ['fwdbwd', () => tf.dispose(tf.grads(attend)([q, k, v], dy))],
           ];
-          for (const [kind, run] of runs.filter(([kind]) => !mode.fwdOnly || kind === 'fwd')) {
+          for (const [kind, run] of runs.filter(([kind]) => !fwdOnly || kind === 'fwd')) {
             const t: Timing = {mode: mode.name, kind, dim: d, seq: s, ms: null, tflops: null};
             const before = matrixForwardStats.dispatches + matrixGradStats.dispatches;
             try {
