@@ -310,6 +310,49 @@ export function matrixForwardWebGPU(
 }
 
 /**
+ * Where the pre-pass puts Q, K and V ([B, S, H, D] each) in `ops` and
+ * `scales` (flash_attention_subgroup_matrix_split_webgpu.ts): Q in scale
+ * tiles of M rows padded to BR rows, K and V in tiles of BC keys padded to
+ * BC; `elements` and `scaleCount` are the two buffers' lengths, `groups`
+ * the pre-pass's workgroups.
+ */
+export function storageOperandPlaces(
+    qShape: number[], kShape: number[], vShape: number[],
+    config: Pick<
+        TwoPassForwardConfig, 'headDim'|'headDimV'|'shape'|'subgroups'|'rowBlocks'|'bc'|'split'>):
+    {places: OperandSplitPlace[], elements: number, scaleCount: number, groups: number} {
+  const {br, bc} = twoPassTileSizes(config)!;
+  const seqQPad = Math.ceil(qShape[1] / br) * br;
+  const seqKPad = Math.ceil(kShape[1] / bc) * bc;
+  let elements = 0;
+  let scaleCount = 0;
+  let groups = 0;
+  const operands: Array<[number[], number, number]> =
+      [[qShape, config.shape.M, seqQPad], [kShape, bc, seqKPad], [vShape, bc, seqKPad]];
+  const places = operands.map(([[b, seq, h, dim], rows, seqPad]) => {
+    const size = b * h * seqPad * dim;
+    const tiles = seqPad / rows;
+    const place: OperandSplitPlace = {
+      seq,
+      heads: h,
+      seqPad,
+      tiles,
+      rows,
+      d4: dim / 4,
+      hiOff: elements,
+      loOff: elements + (config.split ? size : 0),
+      scaleOff: scaleCount,
+      groupStart: groups,
+    };
+    elements += (config.split ? 2 : 1) * size;
+    scaleCount += b * h * tiles;
+    groups += b * h * tiles;
+    return place;
+  });
+  return {places, elements, scaleCount, groups};
+}
+
+/**
  * The storage-loaded forward: the pre-pass splits Q (scale tiles of M
  * rows, padded to BR), K and V (tiles of BC keys, padded to BC) into
  * float16 matrices in one storage buffer, then the attention kernel reads
@@ -319,38 +362,13 @@ function storageForwardWebGPU(
     backend: WebGPUBackend, inputs: Record<string, tf.TensorInfo>, attrs: FlashAttentionAttrs,
     config: TwoPassForwardConfig): tf.TensorInfo[] {
   const {q, k, v, alibiSlopes} = inputs;
-  const [batch, seqQ, heads] = q.shape;
-  const seqK = k.shape[1];
-  const {br, bc} = twoPassTileSizes(config)!;
-  const seqQPad = Math.ceil(seqQ / br) * br;
-  const seqKPad = Math.ceil(seqK / bc) * bc;
-  const partsPer = config.split ? 2 : 1;
-  // Each operand's places in `ops` (elements) and `scales`, and its workgroups.
-  let elements = 0;
-  let scaleCount = 0;
-  let groups = 0;
-  const places = ([[q, config.shape.M, seqQPad], [k, bc, seqKPad], [v, bc, seqKPad]] as const)
-                     .map(([x, rows, seqPad]) => {
-                       const [b, seq, h, dim] = x.shape;
-                       const size = b * h * seqPad * dim;
-                       const tiles = seqPad / rows;
-                       const place: OperandSplitPlace = {
-                         seq,
-                         heads: h,
-                         seqPad,
-                         tiles,
-                         rows,
-                         d4: dim / 4,
-                         hiOff: elements,
-                         loOff: elements + (config.split ? size : 0),
-                         scaleOff: scaleCount,
-                         groupStart: groups,
-                       };
-                       elements += partsPer * size;
-                       scaleCount += b * h * tiles;
-                       groups += b * h * tiles;
-                       return place;
-                     });
+  const [batch, , heads] = q.shape;
+  const {br} = twoPassTileSizes(config)!;
+  const {places, elements, scaleCount, groups} =
+      storageOperandPlaces(q.shape, k.shape, v.shape, config);
+  const [qp, kp, vp] = places;
+  const seqQPad = qp.seqPad;
+  const seqKPad = kp.seqPad;
   const opsBytes = elements * (config.shape.standIn ? 4 : 2);
   const maxBinding = backend.device.limits.maxStorageBufferBindingSize;
   tf.util.assert(
@@ -383,7 +401,6 @@ function storageForwardWebGPU(
   const numQTiles = seqQPad / br;
   const totalGroups = numQTiles * heads * batch;
   const grid = dispatchGrid(totalGroups, limit);
-  const [qp, kp, vp] = places;
   const uniforms = packUniforms(STORAGE_FORWARD_UNIFORMS, {
     ...forwardUniformValues(q, k, attrs, numQTiles, totalGroups, grid[0]),
     one: 1,
