@@ -16,8 +16,9 @@
  *  - V: O's accumulators span key tiles, so V's per-tile scale cannot be
  *    undone on them; it goes into P instead: O = sum_t (P_t 2^(e_t - E))
  *    (V_t 2^-e_t) 2^E, E the largest V exponent of the workgroup's key
- *    tiles (read from the scales, no reduction). P 2^(e_t - E) <= P, so it
- *    stays in f16's range; E is undone once on the output.
+ *    tiles (read from the scales, no reduction). P 2^(e_t - E) <= P <= 1
+ *    (dropout's 1 / (1 - rate) is applied to O instead), so it stays in
+ *    f16's range; E is undone once on the output.
  * Workgroup memory holds the S scratch [BR][BC] f32 and P [BR][BC] (hi/lo)
  * only, each subgroup using its own rows: no subgroup reads another's
  * data. Barriers per key tile: 2 in pass 1 (S stored / read before the
@@ -264,8 +265,9 @@ function storageSource(c: StorageForwardConfig): string {
       m${rb} = mNew;
     }`;
 
-  // P = exp(S - lse) (times the dropout mask) times the tile's V factor,
-  // split into this subgroup's rows of p.
+  // P = exp(S - lse) (times the dropout mask, 0 or 1) times the tile's V
+  // factor 2^(e_t - E) <= 1, split into this subgroup's rows of p: at
+  // most 1, inside f16's range.
   const pass2P = (rb: number) => `${scores(rb)}
     ${
       range(nq)
@@ -276,7 +278,7 @@ function storageSource(c: StorageForwardConfig): string {
       ${
                   c.dropout ? `p = p * fa_dropout4(u32(b), u32(h), u32(row${
                                   rb}), u32(j0 >> 2u) + lc + LPR * ${
-                                  q}u, vec2<u32>(u.seedLo, u.seedHi), u.threshold, u.keepScale);` :
+                                  q}u, vec2<u32>(u.seedLo, u.seedHi), u.threshold, 1.0);` :
                               ''}
       let at = rowS${rb} + 4u * (lc + LPR * ${q}u);
       ${
@@ -306,7 +308,7 @@ function storageSource(c: StorageForwardConfig): string {
     ${range(cv / (4 * lpr)).map(x => `{
       let at = rowS${rb} + 4u * (lc + LPR * ${x}u);
       outb[outRow * DV4 + ${ch * cv / 4}u + lc + LPR * ${x}u] =
-          vec4<f32>(scr[at], scr[at + 1u], scr[at + 2u], scr[at + 3u]) * vTop;
+          vec4<f32>(scr[at], scr[at + 1u], scr[at + 2u], scr[at + 3u]) * oScale;
     }`).join('\n    ')}
   }`).join('\n  ')}`;
       };
@@ -428,7 +430,9 @@ ${matrixForwardMainStartWGSL(c, br, bc, threads)}
     ${pvBlocks}
   }
 
-  // O out through the scratch, CV columns at a time, V's 2^E undone.
+  // O out through the scratch, CV columns at a time, V's 2^E (and
+  // dropout's 1 / (1 - rate), kept out of P's f16 range) undone.
+  let oScale = vTop${c.dropout ? ' * u.keepScale' : ''};
   ${range(dv / cv).map(outChunk).join('\n  ')}
 }
 `.replace(STANDIN_FNS, [...standInFns.values()].join('\n'));
