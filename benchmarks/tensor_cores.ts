@@ -31,7 +31,8 @@
  * --storage checks and times the storage-loaded two-pass forward
  * (forwardTiling 'storage': operands split by a pre-pass into float16
  * matrices in storage) at its planned tiling, --storage-plans at forced
- * ones, both precisions, forward only, in a table of their own.
+ * ones ("sg,rb,bc" or "sg,rb,bc,r" / "r" with Q reloaded at each use),
+ * both precisions, forward only, in a table of their own.
  * --fwd-only times no forward+backward.
  *
  * Without the feature it stops with a message, unless --stand-in: then the
@@ -138,19 +139,29 @@ function planName(p: Pick<MatrixForwardOverride, 'subgroups'|'rowBlocks'|'bc'>):
   return `2p sg${p.subgroups} rb${p.rowBlocks} bc${p.bc}`;
 }
 
+/** A storage-loaded forward plan to check and time. */
+type StoragePlan = Pick<MatrixForwardOverride, 'subgroups'|'rowBlocks'|'bc'|'reloadQ'>;
+
 /**
  * Storage-loaded forward plans: {} (its planned tiling) under --storage,
- * then the tilings of --storage-plans "sg,rb,bc;...".
+ * then those of --storage-plans "sg,rb,bc;...": a trailing ",r" reloads
+ * Q's matrices at each use, and "r" alone is the planned tiling so.
  */
-function storagePlans(): Array<Pick<MatrixForwardOverride, 'subgroups'|'rowBlocks'|'bc'>> {
+function storagePlans(): StoragePlan[] {
   const forced = arg('storage-plans', '').split(';').filter(x => x).map(t => {
-    const [subgroups, rowBlocks, bc] = t.split(',').map(Number);
-    return {subgroups, rowBlocks, bc};
+    const fields = t.split(',');
+    const reloadQ = fields[fields.length - 1] === 'r';
+    if (fields.length < 3) {
+      return {reloadQ};
+    }
+    const [subgroups, rowBlocks, bc] = fields.slice(0, 3).map(Number);
+    return {subgroups, rowBlocks, bc, reloadQ};
   });
   return [...(process.argv.includes('--storage') ? [{}] : []), ...forced];
 }
-function storageName(p: Pick<MatrixForwardOverride, 'subgroups'|'rowBlocks'|'bc'>): string {
-  return p.subgroups == null ? 'storage' : `storage sg${p.subgroups} rb${p.rowBlocks} bc${p.bc}`;
+function storageName(p: StoragePlan): string {
+  const tiling = p.subgroups == null ? '' : ` sg${p.subgroups} rb${p.rowBlocks} bc${p.bc}`;
+  return `storage${tiling}${p.reloadQ ? ' reload Q' : ''}`;
 }
 
 /**

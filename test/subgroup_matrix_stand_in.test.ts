@@ -181,7 +181,8 @@ var<workgroup> e: array<mat2x2<f32>, 4>;`;
               if (twoPassTileSizes(c) == null) {
                 continue;
               }
-              const code = storageForwardWGSL(c);
+              // Q reloaded from storage at each use, or held in registers.
+              const code = storageForwardWGSL({...c, reloadQ: !split});
               expect(workgroupAlignmentProblems(code)).toEqual([]);
               // Workgroup memory: the S scratch and P only.
               const arrays = [...code.matchAll(/var<workgroup>\s+(\w+)/g)].map(m => m[1]);

@@ -20,7 +20,7 @@ import {MatrixForwardConfig, matrixForwardKey, matrixForwardWGSL, MATRIX_FORWARD
 import type {MatrixGradTiles} from './flash_attention_grad_subgroup_matrix_webgpu';
 import {TwoPassForwardConfig, twoPassForwardKey, twoPassForwardWGSL, twoPassTileSizes, twoPassWorkgroupBytes} from './flash_attention_subgroup_matrix_two_pass_webgpu';
 import {OPERAND_SPLIT_UNIFORMS, operandPartElements, OperandSplitConfig, operandSplitKey, OperandSplitPlace, operandSplitUniforms, operandSplitWGSL} from './flash_attention_subgroup_matrix_split_webgpu';
-import {STORAGE_FORWARD_UNIFORMS, storageForwardKey, storageForwardWGSL, storageWorkgroupBytes} from './flash_attention_subgroup_matrix_storage_webgpu';
+import {STORAGE_FORWARD_UNIFORMS, StorageForwardConfig, storageForwardKey, storageForwardWGSL, storageWorkgroupBytes} from './flash_attention_subgroup_matrix_storage_webgpu';
 import {forwardOutputs, forwardUniformValues} from './forward_shared';
 import {dispatchGrid, packUniforms, runOwnPipeline} from './own_pipeline';
 import {MatrixDiagnosis, MatrixShape, pickSubgroupMatrixShape, unvalidatedTensorCoresAllowed} from './subgroup_matrix';
@@ -46,6 +46,11 @@ export interface MatrixForwardOverride {
   forwardTiling?: MatrixForwardTiling;
   /** Two-pass kernel: blocks of M query rows per subgroup. */
   rowBlocks?: number;
+  /**
+   * Storage-loaded kernel: Q's matrices loaded from storage at each use
+   * instead of held in registers (fewer registers: 2 row blocks at D=128).
+   */
+  reloadQ?: boolean;
   /** The backward's tiling (flash_attention_grad_subgroup_matrix.ts). */
   gradTiles?: MatrixGradTiles;
   /** Hardware checks: the SIMT forward with the matrix backward. */
@@ -109,6 +114,8 @@ export interface MatrixForwardPlan {
   rowBlocks: number;
   bc: number;
   split: boolean;
+  /** Storage-loaded kernel: Q's matrices reloaded at each use. */
+  reloadQ?: boolean;
 }
 
 /**
@@ -135,12 +142,12 @@ const TWO_PASS_TILINGS: Array<[number, number, number]> = [
  */
 const MAX_MATRIX_REGISTERS = 128;
 
-/** Registers per lane of a subgroup's Q matrices and O accumulators. */
+/** Registers per lane of a subgroup's Q matrices (unless reloaded) and O accumulators. */
 function twoPassMatrixRegisters(
-    shape: MatrixShape, headDim: number, headDimV: number, rowBlocks: number,
-    split: boolean): number {
+    shape: MatrixShape, headDim: number, headDimV: number, rowBlocks: number, split: boolean,
+    reloadQ: boolean): number {
   const {M, N, K, lanes} = shape;
-  const q = rowBlocks * (headDim / K) * (split ? 2 : 1) * (M * K / lanes / 2);
+  const q = reloadQ ? 0 : rowBlocks * (headDim / K) * (split ? 2 : 1) * (M * K / lanes / 2);
   const o = rowBlocks * (headDimV / N) * (M * N / lanes);
   return q + o;
 }
@@ -220,19 +227,21 @@ function planTwoPass(
         override!.bc ?? 32] as [number, number, number]] :
       TWO_PASS_TILINGS;
   const limits = device.limits;
+  const reloadQ = storage && override?.reloadQ === true;
   for (const [subgroups, rowBlocks, bc] of tilings) {
     const c = {headDim, headDimV, shape, subgroups, rowBlocks, bc, split};
     const sizes = twoPassTileSizes(c);
     if (sizes == null || sizes.threads > limits.maxComputeInvocationsPerWorkgroup ||
         sizes.threads > limits.maxComputeWorkgroupSizeX ||
         (!forced && !shape.standIn &&
-         twoPassMatrixRegisters(shape, headDim, headDimV, rowBlocks, split) >
+         twoPassMatrixRegisters(shape, headDim, headDimV, rowBlocks, split, reloadQ) >
              MAX_MATRIX_REGISTERS)) {
       continue;
     }
     const bytes = storage ? storageWorkgroupBytes(c) : twoPassWorkgroupBytes(c);
     if (bytes <= limits.maxComputeWorkgroupStorageSize) {
-      return {tiling: storage ? 'storage' : 'twoPass', shape, subgroups, rowBlocks, bc, split};
+      return storage ? {tiling: 'storage', shape, subgroups, rowBlocks, bc, split, reloadQ} :
+                       {tiling: 'twoPass', shape, subgroups, rowBlocks, bc, split};
     }
   }
   return null;
@@ -262,7 +271,9 @@ export function matrixForwardWebGPU(
     reverseRows: score.windowRight && !score.windowLeft,
   };
   if (plan.tiling === 'storage') {
-    return storageForwardWebGPU(backend, inputs, attrs, {...config, rowBlocks: plan.rowBlocks});
+    return storageForwardWebGPU(
+        backend, inputs, attrs,
+        {...config, rowBlocks: plan.rowBlocks, reloadQ: plan.reloadQ === true});
   }
   let br: number;
   let program: {key: string, label: string, code: () => string};
@@ -360,7 +371,7 @@ export function storageOperandPlaces(
  */
 function storageForwardWebGPU(
     backend: WebGPUBackend, inputs: Record<string, tf.TensorInfo>, attrs: FlashAttentionAttrs,
-    config: TwoPassForwardConfig): tf.TensorInfo[] {
+    config: StorageForwardConfig): tf.TensorInfo[] {
   const {q, k, v, alibiSlopes} = inputs;
   const [batch, , heads] = q.shape;
   const {br} = twoPassTileSizes(config)!;

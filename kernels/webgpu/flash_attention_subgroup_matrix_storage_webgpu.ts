@@ -36,8 +36,14 @@ import {mergeRowWGSL, TwoPassForwardConfig, twoPassTileSizes} from './flash_atte
 import {bindingsWGSL, StorageBinding, uniformStructWGSL} from './own_pipeline';
 import {dropoutWGSL, FA_NEG_INF_BITS, keyRangeWGSL, maxAllWGSL as maxAll, philoxWGSL, range, scoreKey, scoreWGSL, VEC4_COMPONENTS as COMP} from './wgsl_snippets';
 
-/** Same fields as the two-pass kernel's configuration. */
-export type StorageForwardConfig = TwoPassForwardConfig;
+/** The two-pass kernel's configuration and where Q's matrices live. */
+export interface StorageForwardConfig extends TwoPassForwardConfig {
+  /**
+   * Q's matrices loaded from storage at each use (L1/L2-resident) instead
+   * of once into registers: frees Q's registers for more row blocks.
+   */
+  reloadQ: boolean;
+}
 
 /**
  * The two-pass kernel's uniforms, the operands' padded lengths, and where
@@ -72,7 +78,7 @@ export function storageWorkgroupBytes(c: Dims&{split: boolean}): number {
 export function storageForwardKey(c: StorageForwardConfig): string {
   return `fa_fwd_smst_d${c.headDim}_dv${c.headDimV}_${matrixShapeKey(c.shape)}_g${c.subgroups}_rb${
       c.rowBlocks}_bc${c.bc}_sp${+ c.split}_${scoreKey(c.score)}_al${c.alibiMode}_do${
-      + c.dropout}_rv${+ c.reverseRows}`;
+      + c.dropout}_rv${+ c.reverseRows}_rq${+ c.reloadQ}`;
 }
 
 /** Input bindings, in order: the pre-pass's operands and scales, then the slopes. */
@@ -136,6 +142,9 @@ function storageSource(c: StorageForwardConfig): string {
   const left = (v: View) => matrixLoadWGSL(c.shape, `subgroup_matrix_left<f16, ${K}, ${M}>`, v);
   const right = (v: View) => matrixLoadWGSL(c.shape, `subgroup_matrix_right<f16, ${N}, ${K}>`, v);
   const rowOff = (rb: number) => `(g * RB + ${rb}u) * M`;
+  // Q's left matrix of row block rb, depth step ks, part p, from storage.
+  const qMatrix = (rb: number, ks: number, p: string) =>
+      `let qm${rb}_${ks}_${p} = ${left(qView(p, `qOff + ${rowOff(rb)} * D + ${ks * K}u`))};`;
 
   // S = Q K^T of this subgroup's row blocks and the tile's BC keys, into
   // the scratch; K's matrices from storage at kOff (the tile's first key).
@@ -165,6 +174,7 @@ function storageSource(c: StorageForwardConfig): string {
                               p => `let k${p} = ${
                                   right(kView(p, `kOff + cb * N * D + ${ks * K}u`))};`)
                           .join('\n        ')}
+        ${c.reloadQ ? rbs.flatMap(rb => parts.map(p => qMatrix(rb, ks, p))).join('\n        ') : ''}
         ${
                       rbs.flatMap(
                              rb => pairs.map(
@@ -381,16 +391,13 @@ ${matrixForwardMainStartWGSL(c, br, bc, threads)}
   }
 
   ${
-             standIn ? '' :
-                       `// Q's matrices, once, from storage.
+             standIn || c.reloadQ ?
+                 '' :
+                 `// Q's matrices, once, from storage.
   ${
-                           rbs.flatMap(
-                                  rb => range(d / K).flatMap(
-                                      ks => parts.map(
-                                          p => `let qm${rb}_${ks}_${p} = ${
-                                              left(qView(
-                                                  p, `qOff + ${rowOff(rb)} * D + ${ks * K}u`))};`)))
-                               .join('\n  ')}`}
+                     rbs.flatMap(
+                            rb => range(d / K).flatMap(ks => parts.map(p => qMatrix(rb, ks, p))))
+                         .join('\n  ')}`}
 
   ${
              rbs.map(rb => `var m${rb} = NEG;
