@@ -53,6 +53,7 @@ import {openWebGPUDevice, useWebGPUBackend} from './webgpu_setup';
 
 import {matrixGradStats, planMatrixBackward} from '../kernels/webgpu/flash_attention_grad_subgroup_matrix';
 import {matrixForwardStats, MatrixForwardOverride, planMatrixForward, setMatrixForwardOverride} from '../kernels/webgpu/flash_attention_subgroup_matrix';
+import {storageWorkgroupBytes} from '../kernels/webgpu/flash_attention_subgroup_matrix_storage_webgpu';
 import {checkOwnPipelineErrors} from '../kernels/webgpu/own_pipeline';
 import {allowUnvalidatedTensorCores, MatrixDiagnosis, pickSubgroupMatrixShape, subgroupMatrixConfigs} from '../kernels/webgpu/subgroup_matrix';
 import {FLASH_ATTENTION_IMPL, FLASH_ATTENTION_TENSOR_CORES, flashAttention, FlashAttentionOptions} from '../src';
@@ -661,6 +662,23 @@ async function main(): Promise<void> {
       const storage = JSON.stringify(planMatrixForward(device, d, d, p));
       console.log(`plan D=${d} ${p}: forward ${plan}, one-pass ${onePass}, storage ${
           storage}, backward ${backward}`);
+      // Forced storage tilings that do not fit run SIMT (NOT TC): say why.
+      for (const forced of storagePlans().filter(x => x.subgroups != null)) {
+        setMatrixForwardOverride({...tensorCoreOverride, ...forced, forwardTiling: 'storage'});
+        if (planMatrixForward(device, d, d, p) == null && shape != null) {
+          const bytes = storageWorkgroupBytes({
+            headDim: d,
+            headDimV: d,
+            shape,
+            subgroups: forced.subgroups!,
+            rowBlocks: forced.rowBlocks!,
+            bc: forced.bc!,
+            split: p === 'float32'
+          });
+          console.log(`  ${storageName(forced)} D=${d} ${p}: no plan (needs ${
+              bytes} B of workgroup memory, or more invocations than the device allows)`);
+        }
+      }
     }
   }
   setMatrixForwardOverride(null);
