@@ -54,6 +54,7 @@ import {openWebGPUDevice, useWebGPUBackend} from './webgpu_setup';
 import {matrixGradStats, planMatrixBackward} from '../kernels/webgpu/flash_attention_grad_subgroup_matrix';
 import {matrixForwardStats, MatrixForwardOverride, planMatrixForward, setMatrixForwardOverride} from '../kernels/webgpu/flash_attention_subgroup_matrix';
 import {storageWorkgroupBytes} from '../kernels/webgpu/flash_attention_subgroup_matrix_storage_webgpu';
+import {twoPassTileSizes} from '../kernels/webgpu/flash_attention_subgroup_matrix_two_pass_webgpu';
 import {checkOwnPipelineErrors} from '../kernels/webgpu/own_pipeline';
 import {allowUnvalidatedTensorCores, MatrixDiagnosis, pickSubgroupMatrixShape, subgroupMatrixConfigs} from '../kernels/webgpu/subgroup_matrix';
 import {FLASH_ATTENTION_IMPL, FLASH_ATTENTION_TENSOR_CORES, flashAttention, FlashAttentionOptions} from '../src';
@@ -666,7 +667,7 @@ async function main(): Promise<void> {
       for (const forced of storagePlans().filter(x => x.subgroups != null)) {
         setMatrixForwardOverride({...tensorCoreOverride, ...forced, forwardTiling: 'storage'});
         if (planMatrixForward(device, d, d, p) == null && shape != null) {
-          const bytes = storageWorkgroupBytes({
+          const c = {
             headDim: d,
             headDimV: d,
             shape,
@@ -674,9 +675,12 @@ async function main(): Promise<void> {
             rowBlocks: forced.rowBlocks!,
             bc: forced.bc!,
             split: p === 'float32'
-          });
-          console.log(`  ${storageName(forced)} D=${d} ${p}: no plan (needs ${
-              bytes} B of workgroup memory, or more invocations than the device allows)`);
+          };
+          console.log(`  ${storageName(forced)} D=${d} ${p}: no plan (${
+              twoPassTileSizes(c) == null ?
+                  'the tiling does not suit the head dim' :
+                  `needs ${storageWorkgroupBytes(c)} B of workgroup memory, or more ` +
+                      'invocations than the device allows'})`);
         }
       }
     }
