@@ -16,7 +16,8 @@
  * Each GEMM is checked against a float64 product of the same (f16-exact)
  * inputs first; a kernel that does not compile prints its errors.
  *
- *   node subgroup_matrix_peak.mjs [--iters 8192] [--size 4096] [--print-wgsl]
+ *   node subgroup_matrix_peak.mjs [--iters 8192] [--size 4096] [--no-robustness]
+ *       [--print-wgsl]
  *
  * Without the subgroup-matrix feature it says so and exits 0.
  */
@@ -92,6 +93,55 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
   }
   // Only subgroup 0's results are kept; the others store to their own
   // slots so that no product is dead code.
+  ${
+      accs.map(
+              i => `subgroupMatrixStore<row_major>(&c, (sg * ${j}u + ${i}u) * ${s.M * s.N}u, acc${
+                  i}, ${s.N}u);`)
+          .join('\n  ')}
+}`;
+}
+
+/**
+ * `load-wg` / `load-storage`: as `mma`, but every iteration loads its J
+ * left matrices and the right one again (from workgroup memory filled
+ * once, or from storage): the load path's cost next to the products.
+ */
+function loadKernel(s: MatrixShape, j: number, subgroups: number, fromStorage: boolean): string {
+  const accs = Array.from({length: j}, (_, i) => i);
+  const aElems = j * s.M * s.K;
+  const bElems = s.K * s.N;
+  const threads = s.lanes * subgroups;
+  const [aSrc, bSrc] = fromStorage ? ['a', 'b'] : ['aTile', 'bTile'];
+  return `${HEADER}
+@group(0) @binding(0) var<storage, read> a: array<f16>;
+@group(0) @binding(1) var<storage, read> b: array<f16>;
+@group(0) @binding(2) var<storage, read_write> c: array<f32>;
+@group(0) @binding(3) var<uniform> iters: vec4<u32>;
+var<workgroup> aTile: array<f16, ${aElems}>;
+var<workgroup> bTile: array<f16, ${bElems}>;
+@compute @workgroup_size(${threads})
+fn main(@builtin(workgroup_id) wid: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+  let sg = wid.x * ${subgroups}u + lid / ${s.lanes}u;
+  for (var e = lid; e < ${aElems}u; e += ${threads}u) { aTile[e] = a[e]; }
+  for (var e = lid; e < ${bElems}u; e += ${threads}u) { bTile[e] = b[e]; }
+  workgroupBarrier();
+  ${
+      accs.map(
+              i => `var acc${i} = subgroupMatrixLoad<${result(s)}, row_major>(&c, ${
+                  i * s.M * s.N}u, ${s.N}u);`)
+          .join('\n  ')}
+  for (var i = 0u; i < iters.x; i++) {
+    // A per-iteration offset of 0 the compiler cannot prove, so that the
+    // loads stay in the loop.
+    let o = i & iters.y;
+    let r = subgroupMatrixLoad<${right(s)}, row_major>(&${bSrc}, o, ${s.N}u);
+    ${
+      accs.map(
+              i => `acc${i} = subgroupMatrixMultiplyAccumulate(subgroupMatrixLoad<${
+                  left(s)}, row_major>(&${aSrc}, o + ${i * s.M * s.K}u, ${s.K}u), r, acc${i});`)
+          .join('\n    ')}
+  }
   ${
       accs.map(
               i => `subgroupMatrixStore<row_major>(&c, (sg * ${j}u + ${i}u) * ${s.M * s.N}u, acc${
@@ -267,16 +317,21 @@ async function readBack(
 }
 
 async function main(): Promise<void> {
+  // --no-robustness: Dawn's disable_robustness toggle (an unsafe API, as the
+  // matrices are): shows what its bounds checks cost the matrix loads.
+  const robust = !process.argv.includes('--no-robustness');
   const {adapter, device} = await openWebGPUDevice({
-    dawnFlags: TENSOR_CORE_DAWN_FLAGS,
+    dawnFlags: robust ? TENSOR_CORE_DAWN_FLAGS :
+                        TENSOR_CORE_DAWN_FLAGS.map(f => `${f},disable_robustness`),
     features: TENSOR_CORE_FEATURES,
     onError: m => console.log(m),
   });
-  console.log(`adapter: ${adapterName(adapter)}`);
+  console.log(`adapter: ${adapterName(adapter)}${robust ? '' : ' (robustness off)'}`);
   if (process.argv.includes('--print-wgsl')) {
     // The kernels for a 16x16x16, 32-lane configuration, without running them.
     const s: MatrixShape = {M: 16, N: 16, K: 16, lanes: 32, standIn: false};
     console.log(mmaKernel(s, 2, 4));
+    console.log(loadKernel(s, 2, 4, false));
     console.log(gemmKernel(s, {tm: 64, tn: 64, sgm: 2, sgn: 2, tk: 32}, 256, true));
     console.log(gemmKernel(s, {tm: 64, tn: 64, sgm: 2, sgn: 2, tk: 32}, 256, false));
     return;
@@ -302,6 +357,10 @@ async function main(): Promise<void> {
   const uni =
       device.createBuffer({size: 16, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST});
   device.queue.writeBuffer(uni, 0, Uint32Array.of(iters, 0, 0, 0));
+  // The load kernels run an eighth of the iterations (each also loads).
+  const uniLoad =
+      device.createBuffer({size: 16, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST});
+  device.queue.writeBuffer(uniLoad, 0, Uint32Array.of(iters / 8, 0, 0, 0));
   for (const subgroups of [4, 8]) {
     const groups = 132 * 4;
     const c = storage(device, groups * subgroups * maxJ * shape.M * shape.N * 4);
@@ -318,6 +377,27 @@ async function main(): Promise<void> {
       });
       const ms = await timeDispatch(device, pipeline, bind, [groups, 1], 3);
       const flops = 2 * shape.M * shape.N * shape.K * j * iters * subgroups * groups;
+      rows.push(`| ${name} | ${ms.toFixed(3)} | ${(flops / ms / 1e9).toFixed(1)} |`);
+    }
+    c.destroy();
+  }
+  for (const fromStorage of [false, true]) {
+    const subgroups = 4;
+    const groups = 132 * 4;
+    const c = storage(device, groups * subgroups * maxJ * shape.M * shape.N * 4);
+    for (const j of [1, 4, 8]) {
+      const name = `load-${fromStorage ? 'storage' : 'wg'} J=${j} ${subgroups} subgroups/workgroup`;
+      const pipeline = await pipelineOf(device, name, loadKernel(shape, j, subgroups, fromStorage));
+      if (pipeline == null) {
+        rows.push(`| ${name} | compile error | - |`);
+        continue;
+      }
+      const bind = device.createBindGroup({
+        layout: pipeline.getBindGroupLayout(0),
+        entries: [a, b, c, uniLoad].map((buffer, binding) => ({binding, resource: {buffer}}))
+      });
+      const ms = await timeDispatch(device, pipeline, bind, [groups, 1], 3);
+      const flops = 2 * shape.M * shape.N * shape.K * j * iters / 8 * subgroups * groups;
       rows.push(`| ${name} | ${ms.toFixed(3)} | ${(flops / ms / 1e9).toFixed(1)} |`);
     }
     c.destroy();
