@@ -31,7 +31,8 @@
  * --storage checks and times the storage-loaded two-pass forward
  * (forwardTiling 'storage': operands split by a pre-pass into float16
  * matrices in storage) at its planned tiling, --storage-plans at forced
- * ones ("sg,rb,bc" or "sg,rb,bc,r" / "r" with Q reloaded at each use),
+ * ones ("sg,rb,bc", flags "r": Q reloaded at each use, "m": pass 1 finds
+ * row maxima only; "r" / "m" alone: the planned tiling with that flag),
  * both precisions, forward only, in a table of their own.
  * --fwd-only times no forward+backward.
  *
@@ -142,28 +143,30 @@ function planName(p: Pick<MatrixForwardOverride, 'subgroups'|'rowBlocks'|'bc'>):
 }
 
 /** A storage-loaded forward plan to check and time. */
-type StoragePlan = Pick<MatrixForwardOverride, 'subgroups'|'rowBlocks'|'bc'|'reloadQ'>;
+type StoragePlan = Pick<MatrixForwardOverride, 'subgroups'|'rowBlocks'|'bc'|'reloadQ'|'rowMaxOnly'>;
 
 /**
  * Storage-loaded forward plans: {} (its planned tiling) under --storage,
- * then those of --storage-plans "sg,rb,bc;...": a trailing ",r" reloads
- * Q's matrices at each use, and "r" alone is the planned tiling so.
+ * then those of --storage-plans "sg,rb,bc;...", each optionally followed
+ * by flags: "r" reloads Q's matrices at each use, "m" finds only the row
+ * maxima in pass 1; flags alone ("r", "m", "r,m") take the planned tiling.
  */
 function storagePlans(): StoragePlan[] {
   const forced = arg('storage-plans', '').split(';').filter(x => x).map(t => {
     const fields = t.split(',');
-    const reloadQ = fields[fields.length - 1] === 'r';
-    if (fields.length < 3) {
-      return {reloadQ};
+    const flags = {reloadQ: fields.includes('r'), rowMaxOnly: fields.includes('m')};
+    const numbers = fields.filter(f => f !== 'r' && f !== 'm').map(Number);
+    if (numbers.length < 3) {
+      return flags;
     }
-    const [subgroups, rowBlocks, bc] = fields.slice(0, 3).map(Number);
-    return {subgroups, rowBlocks, bc, reloadQ};
+    const [subgroups, rowBlocks, bc] = numbers;
+    return {subgroups, rowBlocks, bc, ...flags};
   });
   return [...(process.argv.includes('--storage') ? [{}] : []), ...forced];
 }
 function storageName(p: StoragePlan): string {
   const tiling = p.subgroups == null ? '' : ` sg${p.subgroups} rb${p.rowBlocks} bc${p.bc}`;
-  return `storage${tiling}${p.reloadQ ? ' reload Q' : ''}`;
+  return `storage${tiling}${p.reloadQ ? ' reload Q' : ''}${p.rowMaxOnly ? ' max pass' : ''}`;
 }
 
 /**

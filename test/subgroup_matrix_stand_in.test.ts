@@ -181,8 +181,9 @@ var<workgroup> e: array<mat2x2<f32>, 4>;`;
               if (twoPassTileSizes(c) == null) {
                 continue;
               }
-              // Q reloaded from storage at each use, or held in registers.
-              const code = storageForwardWGSL({...c, reloadQ: !split});
+              // Q reloaded from storage at each use, or held in registers;
+              // pass 1 with exponentials or finding row maxima only.
+              const code = storageForwardWGSL({...c, reloadQ: !split, rowMaxOnly: split});
               expect(workgroupAlignmentProblems(code)).toEqual([]);
               // Workgroup memory: the S scratch and P only.
               const arrays = [...code.matchAll(/var<workgroup>\s+(\w+)/g)].map(m => m[1]);

@@ -193,75 +193,87 @@ describeWebGPU('subgroup-matrix forward, stand-in [webgpu]', () => {
   });
 
   // The storage-loaded two-pass kernel (forwardTiling 'storage'): Q, K, V
-  // split by a pre-pass into float16 matrices in storage, loaded from there.
-  describe('storage-loaded kernel (forced), option cases, 8x8x8', () => {
-    beforeAll(
-        () => setMatrixForwardOverride(
-            {shape: SHAPE_A, subgroups: 2, bc: 16, forwardTiling: 'storage'}));
-    const cases = OPTION_CASES.filter(
-        c => c.shape.headDim % 8 === 0 && c.shape.headDimV % 8 === 0 && c.shape.headDim <= 64);
-    for (const c of cases) {
-      it(c.name,
-         () => check(
-             c.name, {shape: c.shape, opts: c.opts, scale: c.inputScale, tiling: 'storage'},
-             c.bounds?.forward ?? FORWARD_BOUND));
-    }
-  });
-  describe('storage-loaded kernel (forced), multi-tile, 16x8x16, 2 subgroups, 16 keys', () => {
-    beforeAll(
-        () => setMatrixForwardOverride(
-            {shape: SHAPE_B, subgroups: 2, bc: 16, forwardTiling: 'storage'}));
-    for (const c of multiTile) {
-      it(c.name,
-         () => check(c.name, {shape: c.shape, opts: c.opts, tiling: 'storage'}, FORWARD_BOUND));
-    }
-  });
-  describe('storage-loaded kernel (forced), 2 row blocks per subgroup, 8x8x8', () => {
-    beforeAll(
-        () => setMatrixForwardOverride(
-            {shape: SHAPE_A, subgroups: 1, rowBlocks: 2, bc: 16, forwardTiling: 'storage'}));
-    for (const c of multiTile.slice(0, 1)) {
-      it(c.name,
-         () => check(c.name, {shape: c.shape, opts: c.opts, tiling: 'storage'}, FORWARD_BOUND));
-    }
-  });
-  describe('storage-loaded kernel (forced), precision and range', () => {
-    beforeAll(
-        () => setMatrixForwardOverride(
-            {shape: SHAPE_B, subgroups: 2, bc: 16, forwardTiling: 'storage'}));
-    const shape: ProblemShape =
-        {batch: 1, seqQ: 40, seqK: 40, heads: 2, headsKV: 1, headDim: 32, headDimV: 32};
-    it('float16 precision: within its bound, and less accurate than the split', async () => {
-      await check(
-          'float16, causal', {shape, opts: {causal: true}, precision: 'float16', tiling: 'storage'},
-          FLOAT16_BOUND);
-      await expect(check(
-                       'float16 vs the float32 bound',
-                       {shape, opts: {}, precision: 'float16', tiling: 'storage'}, 1e-5))
-          .rejects.toThrow();
+  // split by a pre-pass into float16 matrices in storage, loaded from there;
+  // pass 1 with exponentials, or finding the row maxima only (rowMaxOnly).
+  for (const rowMaxOnly of [false, true]) {
+    const maxOnly = rowMaxOnly ? ', row maxima in pass 1' : '';
+    describe(`storage-loaded kernel (forced${maxOnly}), option cases, 8x8x8`, () => {
+      beforeAll(
+          () => setMatrixForwardOverride(
+              {shape: SHAPE_A, subgroups: 2, bc: 16, forwardTiling: 'storage', rowMaxOnly}));
+      const cases = OPTION_CASES.filter(
+          c => c.shape.headDim % 8 === 0 && c.shape.headDimV % 8 === 0 && c.shape.headDim <= 64);
+      for (const c of cases) {
+        it(c.name,
+           () => check(
+               c.name, {shape: c.shape, opts: c.opts, scale: c.inputScale, tiling: 'storage'},
+               c.bounds?.forward ?? FORWARD_BOUND));
+      }
     });
-    it('operands beyond f16 range (x 3e4, V tiles of unequal scales) and below (x 1e-6)',
-       async () => {
-         await check(
-             'x 3e4',
-             {shape, opts: {softmaxScale: 1 / (9e8 * 32 ** 0.5)}, scale: 3e4, tiling: 'storage'},
-             FORWARD_BOUND);
-         await check(
-             'x 1e-6',
-             {shape, opts: {softmaxScale: 1e12 / 32 ** 0.5}, scale: 1e-6, tiling: 'storage'},
-             FORWARD_BOUND);
-       });
-    it('V key tiles of unequal scales (2^-20 .. 2^20), beyond f16 range', async () => {
-      // Each 16-key tile of V gets its own scale, folded into P: a tile
-      // scale applied twice or not at all is off by a power of two.
-      const vKeyScale = (j: number) => [2 ** 20, 2 ** -20, 3, 2 ** 12][Math.floor(j / 16)];
-      await check('V tiles', {shape, opts: {}, vKeyScale, tiling: 'storage'}, FORWARD_BOUND);
-      await check(
-          'V tiles, causal, float16',
-          {shape, opts: {causal: true}, vKeyScale, precision: 'float16', tiling: 'storage'},
-          FLOAT16_BOUND);
+    describe(
+        `storage-loaded kernel (forced${maxOnly}), multi-tile, 16x8x16, 2 subgroups, 16 keys`,
+        () => {
+          beforeAll(
+              () => setMatrixForwardOverride(
+                  {shape: SHAPE_B, subgroups: 2, bc: 16, forwardTiling: 'storage', rowMaxOnly}));
+          for (const c of multiTile) {
+            it(c.name,
+               () =>
+                   check(c.name, {shape: c.shape, opts: c.opts, tiling: 'storage'}, FORWARD_BOUND));
+          }
+        });
+    describe(`storage-loaded kernel (forced${maxOnly}), 2 row blocks per subgroup, 8x8x8`, () => {
+      beforeAll(() => setMatrixForwardOverride({
+                  shape: SHAPE_A,
+                  subgroups: 1,
+                  rowBlocks: 2,
+                  bc: 16,
+                  forwardTiling: 'storage',
+                  rowMaxOnly
+                }));
+      for (const c of multiTile.slice(0, 1)) {
+        it(c.name,
+           () => check(c.name, {shape: c.shape, opts: c.opts, tiling: 'storage'}, FORWARD_BOUND));
+      }
     });
-  });
+    describe(`storage-loaded kernel (forced${maxOnly}), precision and range`, () => {
+      beforeAll(
+          () => setMatrixForwardOverride(
+              {shape: SHAPE_B, subgroups: 2, bc: 16, forwardTiling: 'storage', rowMaxOnly}));
+      const shape: ProblemShape =
+          {batch: 1, seqQ: 40, seqK: 40, heads: 2, headsKV: 1, headDim: 32, headDimV: 32};
+      it('float16 precision: within its bound, and less accurate than the split', async () => {
+        await check(
+            'float16, causal',
+            {shape, opts: {causal: true}, precision: 'float16', tiling: 'storage'}, FLOAT16_BOUND);
+        await expect(check(
+                         'float16 vs the float32 bound',
+                         {shape, opts: {}, precision: 'float16', tiling: 'storage'}, 1e-5))
+            .rejects.toThrow();
+      });
+      it('operands beyond f16 range (x 3e4, V tiles of unequal scales) and below (x 1e-6)',
+         async () => {
+           await check(
+               'x 3e4',
+               {shape, opts: {softmaxScale: 1 / (9e8 * 32 ** 0.5)}, scale: 3e4, tiling: 'storage'},
+               FORWARD_BOUND);
+           await check(
+               'x 1e-6',
+               {shape, opts: {softmaxScale: 1e12 / 32 ** 0.5}, scale: 1e-6, tiling: 'storage'},
+               FORWARD_BOUND);
+         });
+      it('V key tiles of unequal scales (2^-20 .. 2^20), beyond f16 range', async () => {
+        // Each 16-key tile of V gets its own scale, folded into P: a tile
+        // scale applied twice or not at all is off by a power of two.
+        const vKeyScale = (j: number) => [2 ** 20, 2 ** -20, 3, 2 ** 12][Math.floor(j / 16)];
+        await check('V tiles', {shape, opts: {}, vKeyScale, tiling: 'storage'}, FORWARD_BOUND);
+        await check(
+            'V tiles, causal, float16',
+            {shape, opts: {causal: true}, vKeyScale, precision: 'float16', tiling: 'storage'},
+            FLOAT16_BOUND);
+      });
+    });
+  }
 
   describe('precision and range', () => {
     beforeAll(() => setMatrixForwardOverride({shape: SHAPE_B, subgroups: 2, bc: 16}));

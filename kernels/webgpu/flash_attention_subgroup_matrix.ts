@@ -51,6 +51,11 @@ export interface MatrixForwardOverride {
    * instead of held in registers (fewer registers: 2 row blocks at D=128).
    */
   reloadQ?: boolean;
+  /**
+   * Storage-loaded kernel: pass 1 finds the row maxima only, pass 2 sums P
+   * and O is normalised on the way out (no exponentials in pass 1).
+   */
+  rowMaxOnly?: boolean;
   /** The backward's tiling (flash_attention_grad_subgroup_matrix.ts). */
   gradTiles?: MatrixGradTiles;
   /** Hardware checks: the SIMT forward with the matrix backward. */
@@ -116,6 +121,8 @@ export interface MatrixForwardPlan {
   split: boolean;
   /** Storage-loaded kernel: Q's matrices reloaded at each use. */
   reloadQ?: boolean;
+  /** Storage-loaded kernel: pass 1 finds row maxima only. */
+  rowMaxOnly?: boolean;
 }
 
 /**
@@ -240,8 +247,10 @@ function planTwoPass(
     }
     const bytes = storage ? storageWorkgroupBytes(c) : twoPassWorkgroupBytes(c);
     if (bytes <= limits.maxComputeWorkgroupStorageSize) {
-      return storage ? {tiling: 'storage', shape, subgroups, rowBlocks, bc, split, reloadQ} :
-                       {tiling: 'twoPass', shape, subgroups, rowBlocks, bc, split};
+      const rowMaxOnly = override?.rowMaxOnly === true;
+      return storage ?
+          {tiling: 'storage', shape, subgroups, rowBlocks, bc, split, reloadQ, rowMaxOnly} :
+          {tiling: 'twoPass', shape, subgroups, rowBlocks, bc, split};
     }
   }
   return null;
@@ -271,9 +280,12 @@ export function matrixForwardWebGPU(
     reverseRows: score.windowRight && !score.windowLeft,
   };
   if (plan.tiling === 'storage') {
-    return storageForwardWebGPU(
-        backend, inputs, attrs,
-        {...config, rowBlocks: plan.rowBlocks, reloadQ: plan.reloadQ === true});
+    return storageForwardWebGPU(backend, inputs, attrs, {
+      ...config,
+      rowBlocks: plan.rowBlocks,
+      reloadQ: plan.reloadQ === true,
+      rowMaxOnly: plan.rowMaxOnly === true
+    });
   }
   let br: number;
   let program: {key: string, label: string, code: () => string};

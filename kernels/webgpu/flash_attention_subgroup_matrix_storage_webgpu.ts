@@ -43,6 +43,12 @@ export interface StorageForwardConfig extends TwoPassForwardConfig {
    * of once into registers: frees Q's registers for more row blocks.
    */
   reloadQ: boolean;
+  /**
+   * Pass 1 finds each row's max only (no exponentials); pass 2 sums the
+   * row's P = exp(S - max) itself and O is divided by that sum on the way
+   * out (a per-row scale of the stored values).
+   */
+  rowMaxOnly: boolean;
 }
 
 /**
@@ -78,7 +84,7 @@ export function storageWorkgroupBytes(c: Dims&{split: boolean}): number {
 export function storageForwardKey(c: StorageForwardConfig): string {
   return `fa_fwd_smst_d${c.headDim}_dv${c.headDimV}_${matrixShapeKey(c.shape)}_g${c.subgroups}_rb${
       c.rowBlocks}_bc${c.bc}_sp${+ c.split}_${scoreKey(c.score)}_al${c.alibiMode}_do${
-      + c.dropout}_rv${+ c.reverseRows}_rq${+ c.reloadQ}`;
+      + c.dropout}_rv${+ c.reverseRows}_rq${+ c.reloadQ}_mx${+ c.rowMaxOnly}`;
 }
 
 /** Input bindings, in order: the pre-pass's operands and scales, then the slopes. */
@@ -261,17 +267,24 @@ function storageSource(c: StorageForwardConfig): string {
       }
     }`).join('\n    ');
 
-  const pass1Stats = (rb: number) => `${scores(rb)}
+  const rowMax = (rb: number) => maxAll(range(nq).map(
+      q => `max(max(s${rb}_${q}.x, s${rb}_${q}.y), max(s${rb}_${q}.z, s${rb}_${q}.w))`));
+  const pass1Stats = (rb: number) => c.rowMaxOnly ?
+      `${scores(rb)}
+    m${rb} = max(m${rb}, ${rowMax(rb)});` :
+      `${scores(rb)}
     {
       let mx = ${
-      maxAll(range(nq).map(
-          q => `max(max(s${rb}_${q}.x, s${rb}_${q}.y), max(s${rb}_${q}.z, s${rb}_${q}.w))`))};
+          maxAll(range(nq).map(
+              q => `max(max(s${rb}_${q}.x, s${rb}_${q}.y), max(s${rb}_${q}.z, s${rb}_${q}.w))`))};
       let mNew = max(m${rb}, mx);
       // A row with no visible key yet keeps m = NEG; subtracting 0 instead
       // sends its masked scores to exp(NEG) = 0.
       let mUse = select(mNew, 0.0, mNew < -1e29);
       l${rb} = l${rb} * exp(m${rb} - mUse)${
-      range(nq).map(q => ` + dot(exp(s${rb}_${q} - vec4<f32>(mUse)), vec4<f32>(1.0))`).join('')};
+          range(nq)
+              .map(q => ` + dot(exp(s${rb}_${q} - vec4<f32>(mUse)), vec4<f32>(1.0))`)
+              .join('')};
       m${rb} = mNew;
     }`;
 
@@ -283,8 +296,11 @@ function storageSource(c: StorageForwardConfig): string {
       range(nq)
           .map(
               q => `{
-      var p = select(vec4<f32>(0.0), exp(s${rb}_${q} - vec4<f32>(lse${rb})), vec4<bool>(l${
-                  rb} > 0.0));
+      ${
+                  c.rowMaxOnly ? `var p = exp(s${rb}_${q} - vec4<f32>(mRow${rb}));
+      l${rb} += dot(p, vec4<f32>(1.0));` :
+                                 `var p = select(vec4<f32>(0.0), exp(s${rb}_${q} - vec4<f32>(lse${
+                                     rb})), vec4<bool>(l${rb} > 0.0));`}
       ${
                   c.dropout ? `p = p * fa_dropout4(u32(b), u32(h), u32(row${
                                   rb}), u32(j0 >> 2u) + lc + LPR * ${
@@ -299,6 +315,12 @@ function storageSource(c: StorageForwardConfig): string {
                               c.split ? `pl[at + ${e}u]` : null))
                       .join('\n      ')}
     }`).join('\n    ')}`;
+
+  const lseStore = (rb: number) => `let lse${rb} = m${rb} + log(l${rb});
+  if (row${rb} < u.seqQ && lc == 0u) {
+    lseb[u32((b * u.heads + h) * u.seqQ + row${rb})] =
+        select(${FA_NEG_INF_BITS}u, bitcast<u32>(lse${rb}), l${rb} > 0.0);
+  }`;
 
   const outChunk =
       (ch: number) => {
@@ -318,7 +340,7 @@ function storageSource(c: StorageForwardConfig): string {
     ${range(cv / (4 * lpr)).map(x => `{
       let at = rowS${rb} + 4u * (lc + LPR * ${x}u);
       outb[outRow * DV4 + ${ch * cv / 4}u + lc + LPR * ${x}u] =
-          vec4<f32>(scr[at], scr[at + 1u], scr[at + 2u], scr[at + 3u]) * oScale;
+          vec4<f32>(scr[at], scr[at + 1u], scr[at + 2u], scr[at + 3u]) * oRow${rb};
     }`).join('\n    ')}
   }`).join('\n  ')}`;
       };
@@ -414,14 +436,15 @@ ${matrixForwardMainStartWGSL(c, br, bc, threads)}
     workgroupBarrier();
   }
 
-  // The row's (m, l) over its LPR lanes, and its log-sum-exp.
+  // The row's (m, l) over its LPR lanes${
+             c.rowMaxOnly ? ' (l is 0 here)' : ', and its log-sum-exp'}.
   ${rbs.map(rb => `var mine${rb} = m${rb};`).join('\n  ')}
   ${rbs.map(rb => mergeRowWGSL(rb, lpr, standIn)).join('\n  ')}
-  ${rbs.map(rb => `let lse${rb} = m${rb} + log(l${rb});
-  if (row${rb} < u.seqQ && lc == 0u) {
-    lseb[u32((b * u.heads + h) * u.seqQ + row${rb})] =
-        select(${FA_NEG_INF_BITS}u, bitcast<u32>(lse${rb}), l${rb} > 0.0);
-  }`).join('\n  ')}
+  ${
+             c.rowMaxOnly ? rbs.map(rb => `// Rows without a visible key: every P is exp(NEG) = 0.
+  let mRow${rb} = select(m${rb}, 0.0, m${rb} < -1e29);`)
+                                .join('\n  ') :
+                            rbs.map(lseStore).join('\n  ')}
 
   // Pass 2: P = exp(S - lse), O += P V in matrix accumulators. The S store
   // follows the previous tile's last reads of the scratch and P's loads by
@@ -436,10 +459,23 @@ ${matrixForwardMainStartWGSL(c, br, bc, threads)}
     workgroupBarrier();
     ${pvBlocks}
   }
+  ${
+             c.rowMaxOnly ? `// The row's sum of P over its LPR lanes (all at the row's max), the
+  // log-sum-exp.
+  ${rbs.map(rb => `mine${rb} = m${rb};`).join('\n  ')}
+  ${rbs.map(rb => mergeRowWGSL(rb, lpr, standIn)).join('\n  ')}
+  ${rbs.map(lseStore).join('\n  ')}` :
+                            ''}
 
   // O out through the scratch, CV columns at a time, V's 2^E (and
   // dropout's 1 / (1 - rate), kept out of P's f16 range) undone.
   let oScale = vTop${c.dropout ? ' * u.keepScale' : ''};
+  ${
+             rbs.map(
+                    rb => c.rowMaxOnly ?
+                        `let oRow${rb} = select(0.0, oScale / l${rb}, l${rb} > 0.0);` :
+                        `let oRow${rb} = oScale;`)
+                 .join('\n  ')}
   ${range(dv / cv).map(outChunk).join('\n  ')}
 }
 `.replace(STANDIN_FNS, [...standInFns.values()].join('\n'));
