@@ -27,7 +27,8 @@
  * mode says "one-pass" (the first kernel, forced through the override);
  * both are checked and timed (--skip-one-pass leaves the one-pass kernel
  * out). --time-plans times the two-pass forward at other tilings
- * (subgroups, row blocks per subgroup, keys per tile; both precisions).
+ * (subgroups, row blocks per subgroup, keys per tile; both precisions;
+ * a flag "m": pass 1 finds only the row maxima, "m" alone: planned tiling).
  * --storage checks and times the storage-loaded two-pass forward
  * (forwardTiling 'storage': operands split by a pre-pass into float16
  * matrices in storage) at its planned tiling, --storage-plans at forced
@@ -131,15 +132,28 @@ function timeModes(): TimeMode[] {
   return modes;
 }
 
-/** --time-plans "sg,rb,bc;...": two-pass tilings to time (forward). */
-function timePlans(): Array<Pick<MatrixForwardOverride, 'subgroups'|'rowBlocks'|'bc'>> {
+/** A two-pass forward plan to check and time. */
+type TwoPassPlan = Pick<MatrixForwardOverride, 'subgroups'|'rowBlocks'|'bc'|'rowMaxOnly'>;
+
+/**
+ * --time-plans "sg,rb,bc;...": two-pass tilings to time (forward); a flag
+ * "m" finds only the row maxima in pass 1, "m" alone at the planned tiling.
+ */
+function timePlans(): TwoPassPlan[] {
   return arg('time-plans', '').split(';').filter(x => x).map(t => {
-    const [subgroups, rowBlocks, bc] = t.split(',').map(Number);
-    return {subgroups, rowBlocks, bc};
+    const fields = t.split(',');
+    const rowMaxOnly = fields.includes('m');
+    const numbers = fields.filter(f => f !== 'm').map(Number);
+    if (numbers.length < 3) {
+      return {rowMaxOnly};
+    }
+    const [subgroups, rowBlocks, bc] = numbers;
+    return {subgroups, rowBlocks, bc, rowMaxOnly};
   });
 }
-function planName(p: Pick<MatrixForwardOverride, 'subgroups'|'rowBlocks'|'bc'>): string {
-  return `2p sg${p.subgroups} rb${p.rowBlocks} bc${p.bc}`;
+function planName(p: TwoPassPlan): string {
+  const tiling = p.subgroups == null ? '' : ` sg${p.subgroups} rb${p.rowBlocks} bc${p.bc}`;
+  return `2p${tiling}${p.rowMaxOnly ? ' max pass' : ''}`;
 }
 
 /** A storage-loaded forward plan to check and time. */

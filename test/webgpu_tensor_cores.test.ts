@@ -192,6 +192,26 @@ describeWebGPU('subgroup-matrix forward, stand-in [webgpu]', () => {
     }
   });
 
+  // The two-pass kernel with row maxima only in pass 1 (rowMaxOnly: no
+  // exponentials there, P summed in pass 2, O normalised on the way out).
+  describe('two-pass kernel, row maxima in pass 1, 16x8x16, 2 subgroups, 16 keys', () => {
+    beforeAll(
+        () => setMatrixForwardOverride({shape: SHAPE_B, subgroups: 2, bc: 16, rowMaxOnly: true}));
+    // Dropout: the row's sum of P leaves the mask out.
+    for (const c of multiTile.filter(m => m.opts.dropoutRate != null)) {
+      it(c.name, () => check(c.name, {shape: c.shape, opts: c.opts}, FORWARD_BOUND));
+    }
+    const edge = OPTION_CASES.filter(
+        c => c.name.startsWith('causal, Sq > Sk') || c.name.startsWith('large logits'));
+    it('covers rows without keys and large logits', () => expect(edge.length).toBe(2));
+    for (const c of edge) {
+      it(c.name,
+         () => check(
+             c.name, {shape: c.shape, opts: c.opts, scale: c.inputScale},
+             c.bounds?.forward ?? FORWARD_BOUND));
+    }
+  });
+
   // The storage-loaded two-pass kernel (forwardTiling 'storage'): Q, K, V
   // split by a pre-pass into float16 matrices in storage, loaded from there;
   // pass 1 with exponentials, or finding the row maxima only (rowMaxOnly).

@@ -52,8 +52,8 @@ export interface MatrixForwardOverride {
    */
   reloadQ?: boolean;
   /**
-   * Storage-loaded kernel: pass 1 finds the row maxima only, pass 2 sums P
-   * and O is normalised on the way out (no exponentials in pass 1).
+   * Two-pass kernels: pass 1 finds the row maxima only, pass 2 sums P and
+   * O is normalised on the way out (no exponentials in pass 1).
    */
   rowMaxOnly?: boolean;
   /** The backward's tiling (flash_attention_grad_subgroup_matrix.ts). */
@@ -121,7 +121,7 @@ export interface MatrixForwardPlan {
   split: boolean;
   /** Storage-loaded kernel: Q's matrices reloaded at each use. */
   reloadQ?: boolean;
-  /** Storage-loaded kernel: pass 1 finds row maxima only. */
+  /** Two-pass kernels: pass 1 finds row maxima only. */
   rowMaxOnly?: boolean;
 }
 
@@ -250,7 +250,7 @@ function planTwoPass(
       const rowMaxOnly = override?.rowMaxOnly === true;
       return storage ?
           {tiling: 'storage', shape, subgroups, rowBlocks, bc, split, reloadQ, rowMaxOnly} :
-          {tiling: 'twoPass', shape, subgroups, rowBlocks, bc, split};
+          {tiling: 'twoPass', shape, subgroups, rowBlocks, bc, split, rowMaxOnly};
     }
   }
   return null;
@@ -290,7 +290,11 @@ export function matrixForwardWebGPU(
   let br: number;
   let program: {key: string, label: string, code: () => string};
   if (plan.tiling === 'twoPass') {
-    const twoPass: TwoPassForwardConfig = {...config, rowBlocks: plan.rowBlocks};
+    const twoPass: TwoPassForwardConfig = {
+      ...config,
+      rowBlocks: plan.rowBlocks,
+      rowMaxOnly: plan.rowMaxOnly === true
+    };
     br = twoPassTileSizes(twoPass)!.br;
     program = {
       key: twoPassForwardKey(twoPass),

@@ -43,12 +43,6 @@ export interface StorageForwardConfig extends TwoPassForwardConfig {
    * of once into registers: frees Q's registers for more row blocks.
    */
   reloadQ: boolean;
-  /**
-   * Pass 1 finds each row's max only (no exponentials); pass 2 sums the
-   * row's P = exp(S - max) itself and O is divided by that sum on the way
-   * out (a per-row scale of the stored values).
-   */
-  rowMaxOnly: boolean;
 }
 
 /**
@@ -84,7 +78,7 @@ export function storageWorkgroupBytes(c: Dims&{split: boolean}): number {
 export function storageForwardKey(c: StorageForwardConfig): string {
   return `fa_fwd_smst_d${c.headDim}_dv${c.headDimV}_${matrixShapeKey(c.shape)}_g${c.subgroups}_rb${
       c.rowBlocks}_bc${c.bc}_sp${+ c.split}_${scoreKey(c.score)}_al${c.alibiMode}_do${
-      + c.dropout}_rv${+ c.reverseRows}_rq${+ c.reloadQ}_mx${+ c.rowMaxOnly}`;
+      + c.dropout}_rv${+ c.reverseRows}_rq${+ c.reloadQ}_mx${+ (c.rowMaxOnly === true)}`;
 }
 
 /** Input bindings, in order: the pre-pass's operands and scales, then the slopes. */
