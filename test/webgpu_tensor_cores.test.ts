@@ -221,8 +221,11 @@ describeWebGPU('subgroup-matrix forward, stand-in [webgpu]', () => {
       beforeAll(
           () => setMatrixForwardOverride(
               {shape: SHAPE_A, subgroups: 2, bc: 16, forwardTiling: 'storage', rowMaxOnly}));
+      // With row maxima only, the cases its sums and masks change (the
+      // rest share the code above): rows without keys, large logits, dropout.
       const cases = OPTION_CASES.filter(
-          c => c.shape.headDim % 8 === 0 && c.shape.headDimV % 8 === 0 && c.shape.headDim <= 64);
+          c => c.shape.headDim % 8 === 0 && c.shape.headDimV % 8 === 0 && c.shape.headDim <= 64 &&
+              (!rowMaxOnly || /rows without keys|large logits|dropout 0.25/.test(c.name)));
       for (const c of cases) {
         it(c.name,
            () => check(
