@@ -13,6 +13,7 @@
  *       [--torch torch_tc.json] [--skip-check] [--skip-time] [--json FILE]
  *       [--stand-in] [--small] [--variants] [--forward-plans] [--time-anyway]
  *       [--deadline-s N] [--time-plans "4,2,32;8,1,32"] [--skip-one-pass]
+ *       [--skip-per-tile]
  *
  * The check's columns: SIMT, both precisions, and the float32 matrix
  * backward after the SIMT forward (which kernel is wrong); --variants adds
@@ -25,8 +26,11 @@
  * The forward is the two-pass kernel (O in matrix registers) unless a
  * mode says "one-pass" (the first kernel, forced through the override);
  * both are checked and timed (--skip-one-pass leaves the one-pass kernel
- * out). --time-plans times the two-pass forward at other tilings
- * (subgroups, row blocks per subgroup, keys per tile; both precisions).
+ * out). The backward's dK/dV pass is the accumulated one (dK, dV in
+ * matrix accumulators); the "per-tile bwd" modes check and time the first
+ * one (--skip-per-tile leaves them out). --time-plans times the two-pass
+ * forward at other tilings (subgroups, row blocks per subgroup, keys per
+ * tile; both precisions).
  *
  * Without the feature it stops with a message, unless --stand-in: then the
  * kernels' portable stand-in runs (plain loops; checks the tiling and the
@@ -76,6 +80,8 @@ interface TimeMode {
   checkedAs?: string;
   /** Forward only (the tiling variants). */
   fwdOnly?: boolean;
+  /** Forward+backward only (backward variants). */
+  fwdbwdOnly?: boolean;
 }
 function timeModes(): TimeMode[] {
   const tc = tensorCoreOverride ?? {};
@@ -84,6 +90,17 @@ function timeModes(): TimeMode[] {
     {name: 'float32', precision: 'float32', override: tc, checkedAs: 'float32'},
     {name: 'float16', precision: 'float16', override: tc, checkedAs: 'float16'},
   ];
+  if (!process.argv.includes('--skip-per-tile')) {
+    for (const p of ['float32', 'float16'] as const) {
+      modes.push({
+        name: `${p} per-tile bwd`,
+        precision: p,
+        override: {...tc, gradTiling: 'perTile'},
+        checkedAs: `${p} per-tile bwd`,
+        fwdbwdOnly: true
+      });
+    }
+  }
   if (!process.argv.includes('--skip-one-pass')) {
     for (const p of ['float32', 'float16'] as const) {
       modes.push({
@@ -137,6 +154,8 @@ interface CheckMode {
   expect: [number, number];
   /** Whether the forward must be the two-pass kernel (when expect[0] is 1). */
   twoPass?: boolean;
+  /** Whether the dK/dV pass must be the accumulated one (when expect[1] is 2). */
+  accumulated?: boolean;
   /**
    * A forced tiling that may not fit some head dims: the SIMT forward
    * running instead is no failure (the row says NOT TC).
@@ -147,15 +166,44 @@ function checkModes(): CheckMode[] {
   const tc = tensorCoreOverride ?? {};
   const modes: CheckMode[] = [
     {name: 'simt', precision: 'float32', override: null, expect: [0, 0]},
-    {name: 'float32', precision: 'float32', override: tc, expect: [1, 2], twoPass: true},
-    {name: 'float16', precision: 'float16', override: tc, expect: [1, 2], twoPass: true},
+    {
+      name: 'float32',
+      precision: 'float32',
+      override: tc,
+      expect: [1, 2],
+      twoPass: true,
+      accumulated: true
+    },
+    {
+      name: 'float16',
+      precision: 'float16',
+      override: tc,
+      expect: [1, 2],
+      twoPass: true,
+      accumulated: true
+    },
     {
       name: 'simt fwd + tc bwd',
       precision: 'float32',
       override: {...tc, forwardOff: true},
-      expect: [0, 2]
+      expect: [0, 2],
+      accumulated: true
     },
   ];
+  if (!process.argv.includes('--skip-per-tile')) {
+    // The first backward (dK, dV summed by threads per tile), beside the
+    // accumulated one.
+    for (const p of ['float32', 'float16'] as const) {
+      modes.push({
+        name: `${p} per-tile bwd`,
+        precision: p,
+        override: {...tc, gradTiling: 'perTile'},
+        expect: [1, 2],
+        twoPass: true,
+        accumulated: false
+      });
+    }
+  }
   if (!process.argv.includes('--skip-one-pass')) {
     for (const p of ['float32', 'float16'] as const) {
       modes.push({
@@ -375,6 +423,7 @@ async function accuracy(): Promise<string[]> {
       const twoPassUsed = matrixForwardStats.twoPassDispatches - twoPassBefore;
       // The backward: gradients of sum(out * dOut).
       const gradBefore = matrixGradStats.dispatches;
+      const accumulatedBefore = matrixGradStats.accumulated;
       const grads = tf.grads(
           (a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) => tf.sum(tf.mul(
               flashAttention(
@@ -385,8 +434,10 @@ async function accuracy(): Promise<string[]> {
       tf.dispose(grads);
       await checkOwnPipelineErrors();
       const gradUsed = matrixGradStats.dispatches - gradBefore;
+      const accumulatedUsed = matrixGradStats.accumulated - accumulatedBefore;
       const ran = used === mode.expect[0] && gradUsed === mode.expect[1] &&
-          (mode.twoPass == null || twoPassUsed === (mode.twoPass ? used : 0));
+          (mode.twoPass == null || twoPassUsed === (mode.twoPass ? used : 0)) &&
+          (mode.accumulated == null || accumulatedUsed === (mode.accumulated ? 1 : 0));
       const fellBack = mode.mayFallBack === true && used === 0;
       const errors = [
         relError(od, expected.out), relError(ld, expected.lse), relError(dq, expectedGrads.dq),
@@ -483,11 +534,13 @@ function goalTable(timings: Timing[], torch: TorchRow[], standIn: boolean): stri
   const out = [
     `TFLOP/s, causal, B=1 (4*S*S*H*D/2 per forward, x3.5 with the backward)${
         standIn ? '; STAND-IN: not tensor cores, not a performance number' : ''}`,
-    'TC = the two-pass forward (default plan); 1-pass = the first kernel, forced',
+    'TC = the two-pass forward and the accumulated dK/dV pass (default plans); 1-pass = the ' +
+        'first forward, per-tile = the first dK/dV pass (fwd+bwd), forced',
     '',
     '| pass | D | S | SIMT f32 | TC float32 | TC float16 | 1-pass f32 | 1-pass f16 | ' +
-        'torch FA2 f16 | torch SDPA f32 | TC f32 / SDPA | TC f16 / FA2 |',
-    `|${' --- |'.repeat(12)}`,
+        'per-tile f32 | per-tile f16 | torch FA2 f16 | torch SDPA f32 | TC f32 / SDPA | ' +
+        'TC f16 / FA2 |',
+    `|${' --- |'.repeat(14)}`,
   ];
   const at = (mode: string, kind: string, dim: number, seq: number) =>
       timings.find(t => t.mode === mode && t.kind === kind && t.dim === dim && t.seq === seq);
@@ -495,17 +548,18 @@ function goalTable(timings: Timing[], torch: TorchRow[], standIn: boolean): stri
   for (const key of keys) {
     const [kind, dimS, seqS] = key.split(' ');
     const [dim, seq] = [Number(dimS), Number(seqS)];
-    const [simt, f32, f16, f32one, f16one] = [
-      'simt', 'float32', 'float16', 'float32 one-pass', 'float16 one-pass'
+    const [simt, f32, f16, f32one, f16one, f32tile, f16tile] = [
+      'simt', 'float32', 'float16', 'float32 one-pass', 'float16 one-pass', 'float32 per-tile bwd',
+      'float16 per-tile bwd'
     ].map(m => at(m, kind, dim, seq));
     const ref = (f32 ?? simt)!;
     const sdpa = torchTf('sdpa_fp32', ref);
     const fa2 = torchTf('fa2_fp16', ref);
     const ratio = (a: Timing|undefined, b: string) =>
         a?.tflops == null || b === '-' ? '-' : (a.tflops / Number(b)).toFixed(2);
-    out.push(
-        `| ${kind} | ${dim} | ${seq} | ${tf(simt)} | ${tf(f32)} | ${tf(f16)} | ${tf(f32one)} | ${
-            tf(f16one)} | ${fa2} | ${sdpa} | ${ratio(f32, sdpa)} | ${ratio(f16, fa2)} |`);
+    out.push(`| ${kind} | ${dim} | ${seq} | ${tf(simt)} | ${tf(f32)} | ${tf(f16)} | ${
+        tf(f32one)} | ${tf(f16one)} | ${tf(f32tile)} | ${tf(f16tile)} | ${fa2} | ${sdpa} | ${
+        ratio(f32, sdpa)} | ${ratio(f16, fa2)} |`);
   }
   const plans = timePlans();
   if (plans.length > 0) {
@@ -590,7 +644,9 @@ async function main(): Promise<void> {
           const verdict = mode.checkedAs == null ? undefined : verdicts.get(mode.checkedAs);
           const failed =
               verdict != null && !verdict.pass && !process.argv.includes('--time-anyway');
-          const kinds = mode.fwdOnly ? ['fwd'] as const: ['fwd', 'fwdbwd'] as const;
+          const kinds = mode.fwdOnly ? ['fwd'] as const:
+              mode.fwdbwdOnly        ? ['fwdbwd'] as const:
+                                       ['fwd', 'fwdbwd'] as const;
           if (failed || pastDeadline()) {
             for (const kind of kinds) {
               timings.push({
@@ -614,7 +670,8 @@ async function main(): Promise<void> {
             ['fwd', () => tf.dispose(attend(q, k, v))],
             ['fwdbwd', () => tf.dispose(tf.grads(attend)([q, k, v], dy))],
           ];
-          for (const [kind, run] of runs.filter(([kind]) => !mode.fwdOnly || kind === 'fwd')) {
+          for (const [kind, run] of runs.filter(
+                   ([kind]) => (kinds as readonly string[]).includes(kind))) {
             const t: Timing = {mode: mode.name, kind, dim: d, seq: s, ms: null, tflops: null};
             const before = matrixForwardStats.dispatches + matrixGradStats.dispatches;
             try {

@@ -15,16 +15,20 @@
  * S^T = K Q^T and dP^T = V dO^T (its key rows x BR query columns, into the
  * f32 scratch), then, after the elementwise step, dV += P^T dO and
  * dK += dS^T Q (P^T and dS^T read row-major from [BC][BR] f16 arrays).
- * Per query block: 3 barriers (Q/dO split, S/dP stored, P/dS split) and
- * one before the next block overwrites Q and dO.
+ * Per query block: 4 barriers (Q/dO split, S/dP stored, P/dS split, and
+ * the products done before the next block overwrites Q and dO).
  *
  * Scales (docs/tensor_cores.md, "The backward with matrix accumulators"):
- * accumulators spanning query blocks allow no per-block scale, so a
- * read-only pass 0 finds max |q|, |dO|, |Delta| over the rows the
- * workgroup visits and max |k|, |v| of its keys; each operand gets one
- * power of two per workgroup. P (at most the dropout keep scale) is split
- * unscaled; dS is scaled by the power of two of the bound
- * |dS| <= (DV max|dO| max|v| keep + max|Delta|) |scale|.
+ * a read-only pass 0 finds max |q|, |dO| over the rows the workgroup
+ * visits and max |k|, |v| of its keys: one power of two per operand per
+ * workgroup, so S and dP come out of the f32 scratch at fixed scales. P
+ * and dS span orders of magnitude (P ~ 1/S where attention is diffuse);
+ * a fixed bound would leave most of them as f16 subnormals. So each
+ * subgroup keeps running exponents of its block maxima of P and dS; where
+ * a block raises one, that subgroup's dV or dK accumulators are multiplied
+ * down by the power of two (subgroupMatrixScalarMultiply: exact), and P,
+ * dS are split at the running exponent: every product of an accumulator
+ * has one scale.
  *
  * Stand-in (MatrixShape.standIn): the built-ins as plain loops
  * (subgroup_matrix_wgsl.ts), accumulators as per-lane arrays.
@@ -68,8 +72,8 @@ export function matrixDkdvValid(c: MatrixDkdvConfig): boolean {
   return div(c.br, N) && div(c.br, K) && div(c.headDim, K) && div(c.headDimV, K) &&
       div(c.headDim, N) && div(c.headDimV, N) && div(c.headDim, 4) && div(c.headDimV, 4) &&
       div(M * N, lanes) && div(c.br, 8) && div(M, 4) && c.keyBlocks >= 1 && c.subgroups >= 1 &&
-      // Pass 0's five maxima per invocation fit the scratch.
-      M * c.keyBlocks * c.br >= 5 * lanes;
+      // Pass 0's four maxima per invocation fit the scratch.
+      M * c.keyBlocks * c.br >= 4 * lanes;
 }
 
 /** Workgroup bytes. */
@@ -78,7 +82,8 @@ export function matrixDkdvBytes(c: MatrixDkdvConfig): number {
   const bc = dkdvKeys(c);
   const {br} = c;
   const operands = bc * (c.headDim + c.headDimV) + br * (c.headDim + c.headDimV) + 2 * bc * br;
-  return elem * operands + 4 * 2 * bc * br;
+  return elem * operands + 4 * 2 * bc * br +
+      (c.shape.standIn ? 4 * c.shape.lanes * c.subgroups : 0);
 }
 
 export function matrixDkdvKey(c: MatrixDkdvConfig, f: GradFeatures): string {
@@ -387,35 +392,83 @@ fn ${name}(acc: ptr<function, array<f32, ${accLen}>>, base: u32, ln: u32, off: u
       }
     }`;
 
-  // The elementwise step: per (query row, key quad), P * keep and dS from
-  // S^T and dP^T, split into pT and dsT ([key][row]).
-  const elementwise = `
-    for (var item = lid; item < ${lim(br * bc / 4)}; item += T) {
-      let il = item % BR;
-      let jq = item / BR;
-      let i = i0 + i32(il);
-      let jb = j0 + i32(4u * jq);
-      ${f.dropout ? 'let keep = gradKeep4(b, h, i, jb);' : 'let keep = vec4<f32>(1.0);'}
-      // The row's (lse, Delta) from the delta pass.
-      var st = vec2<f32>(0.0);
-      if (i < iHi) {
-        st = stats[(b * p.heads + h) * p.seqQ + i];
-      }
-      for (var x = 0u; x < 4u; x++) {
-        let at = (4u * jq + x) * BR + il;
-        let j = jb + i32(x);
-        var pv = 0.0;
-        var dsv = 0.0;
-        if (i < iHi && fa_visible(i, j, sp)) {
-          let sc = gradScore(sT[at] * sUnscale, i, j, sp);
-          let prob = exp(sc.x - st.x);
-          pv = prob * keep[x];
-          dsv = prob * (dpT[at] * dpUnscale * keep[x] - st.y) * sc.y * p.scale;
-        }
-        ${mo.splitStore('pT', 'at', 'pv')}
-        ${mo.splitStore('dsT', 'at', 'dsv * dsScale')}
+  // The elementwise step, each subgroup on its own key rows (all BR query
+  // rows): per (query row, key quad), P * keep and dS from S^T and dP^T,
+  // written back in place (f32); then their block maxima over the
+  // subgroup, the running exponents pExp / dsExp raised where exceeded
+  // (the accumulators multiplied down to match), and P, dS split at those
+  // exponents into pT and dsT. Each lane reads back only what it wrote.
+  const exponent = (x: string) => `clamp(frexp(${x}).exp, -100, 100)`;
+  const quads = keyBlocks * M / 4;
+  const perLane = Math.ceil(br * quads / lanes);
+  const ownItems = (body: string) => `for (var u = 0u; u < ${lim(perLane)}; u++) {
+      let item = ln + u * ${lanes}u;
+      if (item < ${br * quads}u) {
+        let il = item % BR;
+        let jq = g * ${quads}u + item / BR;
+        ${body}
       }
     }`;
+  const subgroupMax = (x: string, name: string) => standIn ? `red[g * ${lanes}u + ln] = ${x};
+    workgroupBarrier();
+    var ${name} = 0.0;
+    for (var x = 0u; x < ${lim(lanes)}; x++) {
+      ${name} = max(${name}, red[g * ${lanes}u + x]);
+    }
+    workgroupBarrier();` :
+                                                             `let ${name} = subgroupMax(${x});`;
+  // acc *= f for every accumulator of a family.
+  const rescale =
+      (arr: string, cols: number, name: (kb: number, cb: number) => string, f: string) => standIn ?
+      `for (var e = 0u; e < ${lim(keyBlocks * cols * epl)}; e++) { ${arr}[e] *= ${f}; }` :
+      range(keyBlocks)
+          .flatMap(kb => range(cols).map(cb => name(kb, cb)))
+          .map(n => `${n} = subgroupMatrixScalarMultiply(${n}, ${f});`)
+          .join('\n    ');
+  const elementwise = `var pmax = 0.0;
+    var dsmax = 0.0;
+    ${ownItems(`let i = i0 + i32(il);
+        let jb = j0 + i32(4u * jq);
+        ${f.dropout ? 'let keep = gradKeep4(b, h, i, jb);' : 'let keep = vec4<f32>(1.0);'}
+        // The row's (lse, Delta) from the delta pass.
+        var st = vec2<f32>(0.0);
+        if (i < iHi) {
+          st = stats[(b * p.heads + h) * p.seqQ + i];
+        }
+        for (var x = 0u; x < 4u; x++) {
+          let at = (4u * jq + x) * BR + il;
+          let j = jb + i32(x);
+          var pv = 0.0;
+          var dsv = 0.0;
+          if (i < iHi && fa_visible(i, j, sp)) {
+            let sc = gradScore(sT[at] * sUnscale, i, j, sp);
+            let prob = exp(sc.x - st.x);
+            pv = prob * keep[x];
+            dsv = prob * (dpT[at] * dpUnscale * keep[x] - st.y) * sc.y * p.scale;
+          }
+          sT[at] = pv;
+          dpT[at] = dsv;
+          pmax = max(pmax, abs(pv));
+          dsmax = max(dsmax, abs(dsv));
+        }`)}
+    ${subgroupMax('pmax', 'pBlock')}
+    ${subgroupMax('dsmax', 'dsBlock')}
+    // A block of zeros (all masked) leaves the exponents as they are.
+    let pNew = max(pExp, select(-1000, ${exponent('pBlock')}, pBlock > 0.0));
+    let dsNew = max(dsExp, select(-1000, ${exponent('dsBlock')}, dsBlock > 0.0));
+    let pDown = ldexp(1.0, max(pExp - pNew, -126));
+    let dsDown = ldexp(1.0, max(dsExp - dsNew, -126));
+    ${rescale('dvAcc', dv / N, dvName, 'pDown')}
+    ${rescale('dkAcc', d / N, dkName, 'dsDown')}
+    pExp = pNew;
+    dsExp = dsNew;
+    let pScale = ldexp(1.0, -clamp(pExp, -126, 126));
+    let dsScale = ldexp(1.0, -clamp(dsExp, -126, 126));
+    ${ownItems(`for (var x = 0u; x < 4u; x++) {
+          let at = (4u * jq + x) * BR + il;
+          ${mo.splitStore('pT', 'at', 'sT[at] * pScale')}
+          ${mo.splitStore('dsT', 'at', 'dpT[at] * dsScale')}
+        }`)}`;
 
   // dK and dV out through the scratch, N columns at a time (dK in sT, dV
   // in dpT), their scales undone.
@@ -441,12 +494,10 @@ fn ${name}(acc: ptr<function, array<f32, ${accLen}>>, base: u32, ln: u32, off: u
                 .join('\n  '));
     const writes = targets.map(([scr, , w]) => {
       const out = scr === 'sT' ? 'dk' : 'dv';
-      const unscale = scr === 'sT' ? 'dkUnscale' : 'dvUnscale';
       return `for (var e = lid; e < ${lim(bc * N)}; e += T) {
     let j = j0 + i32(e / ${N}u);
     if (j < p.seqK) {
-      ${out}[${kRow('j')} * ${w}u + ${cb * N}u + e % ${N}u] = ${scr}[(e / ${N}u) * BR + e % ${
-          N}u] * ${unscale};
+      ${out}[${kRow('j')} * ${w}u + ${cb * N}u + e % ${N}u] = ${scr}[(e / ${N}u) * BR + e % ${N}u];
     }
   }`;
     });
@@ -456,8 +507,6 @@ fn ${name}(acc: ptr<function, array<f32, ${accLen}>>, base: u32, ln: u32, off: u
   ${writes.join('\n  ')}`;
   };
 
-  const exponent = (x: string) => `clamp(frexp(${x}).exp, -60, 60)`;
-  const keepMax = f.dropout ? 'p.keepScale' : '1.0';
 
   const code = `${mo.enables()}
 ${bindings}
@@ -482,6 +531,10 @@ ${mo.declare('dsT', bc * br)}
 // S^T and dP^T in f32 ([BC][BR]), at the end chunks of dK and dV.
 var<workgroup> sT: array<f32, ${bc * br}>;
 var<workgroup> dpT: array<f32, ${bc * br}>;
+${
+      standIn ? `// The stand-in's subgroup maxima.
+var<workgroup> red: array<f32, ${threads}>;` :
+                ''}
 
 ${mo.helpers()}
 __STANDIN_FNS__
@@ -512,47 +565,40 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   ${keyFetch('v', 'vReg', dv / 4, nV, 'vmax')}
   var qmax = 0.0;
   var omax = 0.0;
-  var deltaMax = 0.0;
   for (var hh = 0; hh < groups; hh++) {
     let h = hk * groups + hh;
     ${rowScan('q', d / 4, 'qmax')}
     ${rowScan('dy', dv / 4, 'omax')}
-    for (var e = lid; e < u32(nRows); e += T) {
-      deltaMax = max(deltaMax, abs(stats[(b * p.heads + h) * p.seqQ + iLo + i32(e)].y));
-    }
   }
   // Every invocation's maxima through the scratch (free until the first
   // block's products), read back by all: no atomics, a fixed order.
-  var mine = array<f32, 5>(qmax, omax, deltaMax, kmax, vmax);
-  for (var x = 0u; x < 5u; x++) {
-    sT[lid * 5u + x] = mine[x];
+  var mine = array<f32, 4>(qmax, omax, kmax, vmax);
+  for (var x = 0u; x < 4u; x++) {
+    sT[lid * 4u + x] = mine[x];
   }
   workgroupBarrier();
-  var all = array<f32, 5>();
+  var all = array<f32, 4>();
   for (var u = 0u; u < ${lim(threads)}; u++) {
-    for (var x = 0u; x < 5u; x++) {
-      all[x] = max(all[x], sT[u * 5u + x]);
+    for (var x = 0u; x < 4u; x++) {
+      all[x] = max(all[x], sT[u * 4u + x]);
     }
   }
   let qmaxAll = all[0];
   let omaxAll = all[1];
-  let deltaMaxAll = all[2];
-  let kmaxAll = all[3];
-  let vmaxAll = all[4];
-  // Powers of two taking each operand's max |x| (dS: its bound) into [0.5, 1).
+  let kmaxAll = all[2];
+  let vmaxAll = all[3];
+  // Powers of two taking each operand's max |x| into [0.5, 1).
   let qe = ${exponent('qmaxAll')};
   let oe = ${exponent('omaxAll')};
   let ke = ${exponent('kmaxAll')};
   let ve = ${exponent('vmaxAll')};
-  let dsBound = (${dv}.0 * omaxAll * vmaxAll * ${keepMax} + deltaMaxAll) * abs(p.scale);
-  let dse = ${exponent('dsBound')};
   let qScale = ldexp(1.0, -qe);
   let oScale = ldexp(1.0, -oe);
-  let dsScale = ldexp(1.0, -dse);
   let sUnscale = ldexp(1.0, qe + ke);
   let dpUnscale = ldexp(1.0, oe + ve);
-  let dkUnscale = ldexp(1.0, dse + qe);
-  let dvUnscale = ldexp(1.0, oe);
+  // This subgroup's running exponents of P and dS (see the elementwise step).
+  var pExp = -1000;
+  var dsExp = -1000;
   ${keyStash('kS', 'kReg', d / 4, nK, 'ldexp(1.0, -ke)')}
   ${keyStash('vS', 'vReg', dv / 4, nV, 'ldexp(1.0, -ve)')}
 
@@ -578,6 +624,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
     ${accumulate(dsLeft, qRight, br / K, d / N, dkName, 'dkAcc')}
   }
 
+  // Each subgroup's scales undone on its accumulators, then out.
+  let dkUnscale = ldexp(1.0, clamp(dsExp + qe, -126, 126));
+  let dvUnscale = ldexp(1.0, clamp(pExp + oe, -126, 126));
+  ${rescale('dkAcc', d / N, dkName, 'dkUnscale')}
+  ${rescale('dvAcc', dv / N, dvName, 'dvUnscale')}
   ${range(chunks).map(outChunk).join('\n  ')}
 }
 `;
