@@ -34,11 +34,12 @@ const FLOAT16_GRAD_BOUND = 1e-2;
  */
 async function runKernel(
     shape: ProblemShape, opts: OracleOptions, precision: 'float32'|'float16' = 'float32',
-    inputScale?: number, repeats = 1) {
+    inputScale?: number, repeats = 1, dOutRowScale?: (row: number) => number) {
   const rng = freshRng();
   const result = await runGradKernelOnOracle(shape, opts, rng, {
     inputScale,
     repeats,
+    dOutRowScale,
     extraAttrs: {precision},
     aroundRun: () => {
       const [runsBefore, dispatches] = [fusedGradRunCount(), matrixGradStats.dispatches];
@@ -53,9 +54,11 @@ async function runKernel(
 
 async function check(
     name: string, shape: ProblemShape, opts: OracleOptions, bound: number,
-    precision: 'float32'|'float16' = 'float32', inputScale?: number): Promise<void> {
+    precision: 'float32'|'float16' = 'float32', inputScale?: number,
+    dOutRowScale?: (row: number) => number): Promise<void> {
   const before = tf.memory().numTensors;
-  const {runs: [got], expected, seed} = await runKernel(shape, opts, precision, inputScale);
+  const {runs: [got], expected, seed} =
+      await runKernel(shape, opts, precision, inputScale, 1, dOutRowScale);
   expect(tf.memory().numTensors).toBe(before);
   const what = `${name} (seed ${seed})`;
   expectClose(got.dq, expected.dq, bound, `${what}: dq`);
@@ -167,9 +170,10 @@ describeWebGPU('subgroup-matrix backward (accumulated dK/dV pass), stand-in [web
   /** `check` that also requires the accumulated pass to have run once. */
   async function checkAccumulated(
       name: string, shape: ProblemShape, opts: OracleOptions, bound: number,
-      precision: 'float32'|'float16' = 'float32', inputScale?: number): Promise<void> {
+      precision: 'float32'|'float16' = 'float32', inputScale?: number,
+      dOutRowScale?: (row: number) => number): Promise<void> {
     const before = matrixGradStats.accumulated;
-    await check(name, shape, opts, bound, precision, inputScale);
+    await check(name, shape, opts, bound, precision, inputScale, dOutRowScale);
     expect(matrixGradStats.accumulated).toBe(before + 1);
   }
 
@@ -219,6 +223,14 @@ describeWebGPU('subgroup-matrix backward (accumulated dK/dV pass), stand-in [web
       await expect(check('float16 vs 1e-5', shape, {causal: true}, 1e-5, 'float16'))
           .rejects.toThrow();
     });
+    it('dO growing 2^22 over the query rows: the running exponents rise block by block',
+       async () => {
+         // Each query block raises the exponents of dS and P dO's share
+         // by ~2^8: accumulators not multiplied down would be off by that.
+         await checkAccumulated(
+             'dO x 2^(i/2)', shape, {causal: true}, GRADIENT_BOUND, 'float32', undefined,
+             row => 2 ** (row / 2));
+       });
     it('operands beyond f16 range (x 3e4)', async () => {
       await checkAccumulated(
           'x 3e4', shape, {causal: true, softmaxScale: 1 / (9e8 * 32 ** 0.5)}, GRADIENT_BOUND,
