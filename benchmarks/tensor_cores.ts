@@ -13,7 +13,7 @@
  *       [--torch torch_tc.json] [--skip-check] [--skip-time] [--json FILE]
  *       [--stand-in] [--small] [--variants] [--forward-plans] [--time-anyway]
  *       [--deadline-s N] [--time-plans "4,2,32;8,1,32"] [--skip-one-pass]
- *       [--skip-per-tile]
+ *       [--skip-accumulated]
  *
  * The check's columns: SIMT, both precisions, and the float32 matrix
  * backward after the SIMT forward (which kernel is wrong); --variants adds
@@ -26,9 +26,9 @@
  * The forward is the two-pass kernel (O in matrix registers) unless a
  * mode says "one-pass" (the first kernel, forced through the override);
  * both are checked and timed (--skip-one-pass leaves the one-pass kernel
- * out). The backward's dK/dV pass is the accumulated one (dK, dV in
- * matrix accumulators); the "per-tile bwd" modes check and time the first
- * one (--skip-per-tile leaves them out). --time-plans times the two-pass
+ * out). The "accumulated bwd" modes check and time the backward with the
+ * accumulated dK/dV pass (dK, dV in matrix accumulators) beside the
+ * default one (--skip-accumulated leaves them out). --time-plans times the two-pass
  * forward at other tilings (subgroups, row blocks per subgroup, keys per
  * tile; both precisions).
  *
@@ -90,13 +90,13 @@ function timeModes(): TimeMode[] {
     {name: 'float32', precision: 'float32', override: tc, checkedAs: 'float32'},
     {name: 'float16', precision: 'float16', override: tc, checkedAs: 'float16'},
   ];
-  if (!process.argv.includes('--skip-per-tile')) {
+  if (!process.argv.includes('--skip-accumulated')) {
     for (const p of ['float32', 'float16'] as const) {
       modes.push({
-        name: `${p} per-tile bwd`,
+        name: `${p} accumulated bwd`,
         precision: p,
-        override: {...tc, gradTiling: 'perTile'},
-        checkedAs: `${p} per-tile bwd`,
+        override: {...tc, gradTiling: 'accumulated'},
+        checkedAs: `${p} accumulated bwd`,
         fwdbwdOnly: true
       });
     }
@@ -172,7 +172,7 @@ function checkModes(): CheckMode[] {
       override: tc,
       expect: [1, 2],
       twoPass: true,
-      accumulated: true
+      accumulated: false
     },
     {
       name: 'float16',
@@ -180,27 +180,26 @@ function checkModes(): CheckMode[] {
       override: tc,
       expect: [1, 2],
       twoPass: true,
-      accumulated: true
+      accumulated: false
     },
     {
       name: 'simt fwd + tc bwd',
       precision: 'float32',
       override: {...tc, forwardOff: true},
       expect: [0, 2],
-      accumulated: true
+      accumulated: false
     },
   ];
-  if (!process.argv.includes('--skip-per-tile')) {
-    // The first backward (dK, dV summed by threads per tile), beside the
-    // accumulated one.
+  if (!process.argv.includes('--skip-accumulated')) {
+    // The accumulated dK/dV pass (dK, dV in matrix accumulators), forced.
     for (const p of ['float32', 'float16'] as const) {
       modes.push({
-        name: `${p} per-tile bwd`,
+        name: `${p} accumulated bwd`,
         precision: p,
-        override: {...tc, gradTiling: 'perTile'},
+        override: {...tc, gradTiling: 'accumulated'},
         expect: [1, 2],
         twoPass: true,
-        accumulated: false
+        accumulated: true
       });
     }
   }
@@ -540,11 +539,11 @@ function goalTable(timings: Timing[], torch: TorchRow[], standIn: boolean): stri
   const out = [
     `TFLOP/s, causal, B=1 (4*S*S*H*D/2 per forward, x3.5 with the backward)${
         standIn ? '; STAND-IN: not tensor cores, not a performance number' : ''}`,
-    'TC = the two-pass forward and the accumulated dK/dV pass (default plans); 1-pass = the ' +
-        'first forward, per-tile = the first dK/dV pass (fwd+bwd), forced',
+    'TC = the two-pass forward and the per-tile backward (default plans); 1-pass = the ' +
+        'first forward, accum. = the accumulated dK/dV pass (fwd+bwd), forced',
     '',
     '| pass | D | S | SIMT f32 | TC float32 | TC float16 | 1-pass f32 | 1-pass f16 | ' +
-        'per-tile f32 | per-tile f16 | torch FA2 f16 | torch SDPA f32 | TC f32 / SDPA | ' +
+        'accum. f32 | accum. f16 | torch FA2 f16 | torch SDPA f32 | TC f32 / SDPA | ' +
         'TC f16 / FA2 |',
     `|${' --- |'.repeat(14)}`,
   ];
@@ -554,9 +553,9 @@ function goalTable(timings: Timing[], torch: TorchRow[], standIn: boolean): stri
   for (const key of keys) {
     const [kind, dimS, seqS] = key.split(' ');
     const [dim, seq] = [Number(dimS), Number(seqS)];
-    const [simt, f32, f16, f32one, f16one, f32tile, f16tile] = [
-      'simt', 'float32', 'float16', 'float32 one-pass', 'float16 one-pass', 'float32 per-tile bwd',
-      'float16 per-tile bwd'
+    const [simt, f32, f16, f32one, f16one, f32acc, f16acc] = [
+      'simt', 'float32', 'float16', 'float32 one-pass', 'float16 one-pass',
+      'float32 accumulated bwd', 'float16 accumulated bwd'
     ].map(m => at(m, kind, dim, seq));
     const ref = (f32 ?? simt)!;
     const sdpa = torchTf('sdpa_fp32', ref);
@@ -564,7 +563,7 @@ function goalTable(timings: Timing[], torch: TorchRow[], standIn: boolean): stri
     const ratio = (a: Timing|undefined, b: string) =>
         a?.tflops == null || b === '-' ? '-' : (a.tflops / Number(b)).toFixed(2);
     out.push(`| ${kind} | ${dim} | ${seq} | ${tf(simt)} | ${tf(f32)} | ${tf(f16)} | ${
-        tf(f32one)} | ${tf(f16one)} | ${tf(f32tile)} | ${tf(f16tile)} | ${fa2} | ${sdpa} | ${
+        tf(f32one)} | ${tf(f16one)} | ${tf(f32acc)} | ${tf(f16acc)} | ${fa2} | ${sdpa} | ${
         ratio(f32, sdpa)} | ${ratio(f16, fa2)} |`);
   }
   const plans = timePlans();

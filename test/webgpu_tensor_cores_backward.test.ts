@@ -181,6 +181,7 @@ describeWebGPU('subgroup-matrix backward (accumulated dK/dV pass), stand-in [web
     beforeAll(() => setMatrixForwardOverride({
                 shape: SHAPE_A,
                 gradTiles: {subgroups: 2, br: 16, bc: 16},
+                gradTiling: 'accumulated',
                 gradDkdvTiles: {subgroups: 2, keyBlocks: 1, br: 16},
               }));
     const FEATURE_CASES = [
@@ -206,6 +207,7 @@ describeWebGPU('subgroup-matrix backward (accumulated dK/dV pass), stand-in [web
     beforeAll(() => setMatrixForwardOverride({
                 shape: SHAPE_B,
                 gradTiles: {subgroups: 2, br: 16, bc: 32},
+                gradTiling: 'accumulated',
                 gradDkdvTiles: {subgroups: 1, keyBlocks: 2, br: 16},
               }));
     it('causal, Sq < Sk, GQA, Dv != D, 2 key blocks in one subgroup',

@@ -1,12 +1,12 @@
 /**
  * The subgroup-matrix (tensor core) backward of the webgpu backend: plans
  * a tiling from the device's matrix configuration and runs the dK/dV and dQ
- * passes after the SIMT delta pass. The dK/dV pass is the accumulated one
- * (flash_attention_grad_subgroup_matrix_dkdv_webgpu.ts: dK, dV in matrix
- * accumulators) unless the override asks for the first kernel's
- * (flash_attention_grad_subgroup_matrix_webgpu.ts, 'perTile'), which also
- * gives the dQ pass. Used by FlashAttentionGrad.ts whenever `planMatrixBackward`
- * returns a plan (the same opt-in as the forward); else the SIMT passes run.
+ * passes after the SIMT delta pass: those of
+ * flash_attention_grad_subgroup_matrix_webgpu.ts, or where the override
+ * asks for it ('accumulated') the dK/dV pass of
+ * flash_attention_grad_subgroup_matrix_dkdv_webgpu.ts (dK, dV in matrix
+ * accumulators) with the first one's dQ pass. Used by FlashAttentionGrad.ts whenever
+ * `planMatrixBackward` returns a plan (the same opt-in as the forward); else the SIMT passes run.
  */
 /// <reference types="@webgpu/types" />
 import * as tf from '@tensorflow/tfjs-core';
@@ -82,7 +82,9 @@ export function planMatrixBackward(
   if (dq == null) {
     return null;
   }
-  if (getMatrixOverride()?.gradTiling === 'perTile') {
+  // The accumulated pass is forcible only: on the H100 it was no faster
+  // (docs/tensor_cores.md, "The backward with matrix accumulators").
+  if (getMatrixOverride()?.gradTiling !== 'accumulated') {
     return {dq, dkdv: null};
   }
   const dkdv = planDkdv(device, {headDim, headDimV, shape: dq.shape, split: dq.split});

@@ -44,9 +44,9 @@ export interface MatrixForwardOverride {
   /** The backward's tiling (flash_attention_grad_subgroup_matrix.ts). */
   gradTiles?: MatrixGradTiles;
   /**
-   * The backward's dK/dV pass: 'accumulated' (the default; dK, dV in
-   * matrix accumulators) or 'perTile' (the first kernel's, whose tiling
-   * `gradTiles` forces).
+   * The backward's dK/dV pass: 'perTile' (the default: the first
+   * kernel's, whose tiling `gradTiles` forces) or 'accumulated' (dK, dV in
+   * matrix accumulators).
    */
   gradTiling?: 'accumulated'|'perTile';
   /** The accumulated dK/dV pass's tiling. */
