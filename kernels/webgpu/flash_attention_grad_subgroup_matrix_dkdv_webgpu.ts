@@ -263,6 +263,16 @@ fn ${name}(acc: ptr<function, array<f32, ${accLen}>>, base: u32, ln: u32, off: u
     }`;
       };
 
+  // Where K's and V's left matrices stay in registers for the whole pass
+  // (real path, at most 16 of them: 64 registers a lane), the prefix of
+  // their names, by the scratch their product goes to.
+  const heldLeft = new Map<string, string>();
+  const leftCount = keyBlocks * (d + dv) / K * (c.split ? 2 : 1);
+  if (!standIn && leftCount <= 16) {
+    heldLeft.set('sT', 'kl');
+    heldLeft.set('dpT', 'vl');
+  }
+
   // S^T = K Q^T into sT and dP^T = V dO^T into dpT (this subgroup's key
   // rows, all BR query columns): fresh accumulators per (kb, qb).
   const transposedScores = (l: ViewAt, r: ViewAt, steps: number, out: string) => {
@@ -286,23 +296,54 @@ fn ${name}(acc: ptr<function, array<f32, ${accLen}>>, base: u32, ln: u32, off: u
       }
     }`;
     }
-    return range(keyBlocks)
-        .flatMap(
-            kb => range(qbs).map(
-                qb => `{
-      var acc = ${zeroResultWGSL(c.shape, 'accZero')};
-      for (var ks = 0u; ks < ${steps}u; ks++) {
+    // Each right part loaded once per (qb, ks), each left part once per
+    // (kb, ks): from the registers where K and V live there (`held`).
+    const nParts = c.split ? 2 : 1;
+    const held = heldLeft.get(out);
+    const leftName = (kb: number, ks: number, a: number) =>
+        held != null ? `${held}${kb}_${ks}_${a}` : `l${kb}_${a}`;
+    return range(qbs)
+        .map(
+            qb => `{
+      ${
+                range(keyBlocks)
+                    .map(kb => `var acc${kb} = ${zeroResultWGSL(c.shape, 'accZero')};`)
+                    .join('\n      ')}
+      ${
+                range(steps)
+                    .map(
+                        ks => `{
         ${
-                    pairs
-                        .map(
-                            ([a, b]) => `acc = subgroupMatrixMultiplyAccumulate(${
-                                matrixLoadWGSL(c.shape, leftType, part(l(`${kb}u`, 'ks'), a))}, ${
-                                matrixLoadWGSL(
-                                    c.shape, rightType, part(r('ks', `${qb}u`), b))}, acc);`)
-                        .join('\n        ')}
-      }
-      ${matrixStoreWGSL(c.shape, out, outOff(`${kb}u`, `${qb}u`), 'acc', `${br}u`)}
-    }`)).join('\n    ');
+                            range(nParts)
+                                .map(
+                                    b => `let r${b} = ${
+                                        matrixLoadWGSL(
+                                            c.shape, rightType, part(r(`${ks}u`, `${qb}u`), b))};`)
+                                .join('\n        ')}
+        ${
+                            range(keyBlocks)
+                                .flatMap(
+                                    kb =>
+                                        [...(held != null ?
+                                                 [] :
+                                                 range(nParts).map(
+                                                     a => `let l${kb}_${a} = ${
+                                                         matrixLoadWGSL(
+                                                             c.shape, leftType,
+                                                             part(l(`${kb}u`, `${ks}u`), a))};`)),
+                                         ...pairs.map(
+                                             ([a, b]) =>
+                                                 `acc${kb} = subgroupMatrixMultiplyAccumulate(${
+                                                     leftName(kb, ks, a)}, r${b}, acc${kb});`)])
+                                .join('\n        ')}
+      }`).join('\n      ')}
+      ${
+                range(keyBlocks)
+                    .map(
+                        kb => matrixStoreWGSL(
+                            c.shape, out, outOff(`${kb}u`, `${qb}u`), `acc${kb}`, `${br}u`))
+                    .join('\n      ')}
+    }`).join('\n    ');
   };
 
   // Views. K and V rows [BC][W] row-major are S^T's and dP^T's left
@@ -508,6 +549,27 @@ fn ${name}(acc: ptr<function, array<f32, ${accLen}>>, base: u32, ln: u32, off: u
   };
 
 
+  // K's and V's left matrices into registers once (see heldLeft).
+  const heldLoads = heldLeft.size === 0 ?
+      '' :
+      `workgroupBarrier();
+  ${
+              [['kl', kLeft, d], ['vl', vLeft, dv]]
+                  .flatMap(
+                      ([prefix, at, w]) => range(keyBlocks).flatMap(
+                          kb =>
+                              range((w as number) / K)
+                                  .flatMap(
+                                      ks => range(c.split ? 2 : 1)
+                                                .map(
+                                                    a => `let ${prefix}${kb}_${ks}_${a} = ${
+                                                        matrixLoadWGSL(
+                                                            c.shape, leftType,
+                                                            part(
+                                                                (at as ViewAt)(`${kb}u`, `${ks}u`),
+                                                                a))};`))))
+                  .join('\n  ')}`;
+
   const code = `${mo.enables()}
 ${bindings}
 ${gradCommonWGSL(f)}
@@ -601,6 +663,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
   var dsExp = -1000;
   ${keyStash('kS', 'kReg', d / 4, nK, 'ldexp(1.0, -ke)')}
   ${keyStash('vS', 'vReg', dv / 4, nV, 'ldexp(1.0, -ve)')}
+  ${heldLoads}
 
   ${accDecls}
   let steps = groups * nBlocks;
