@@ -13,7 +13,7 @@
  *       [--torch torch_tc.json] [--skip-check] [--skip-time] [--json FILE]
  *       [--stand-in] [--small] [--variants] [--forward-plans] [--time-anyway]
  *       [--deadline-s N] [--time-plans "4,2,32;8,1,32"] [--skip-one-pass]
- *       [--skip-accumulated]
+ *       [--skip-accumulated] [--dkdv-plans "2,1,32;4,1,16"]
  *
  * The check's columns: SIMT, both precisions, and the float32 matrix
  * backward after the SIMT forward (which kernel is wrong); --variants adds
@@ -28,7 +28,9 @@
  * both are checked and timed (--skip-one-pass leaves the one-pass kernel
  * out). The "accumulated bwd" modes check and time the backward with the
  * accumulated dK/dV pass (dK, dV in matrix accumulators) beside the
- * default one (--skip-accumulated leaves them out). --time-plans times the two-pass
+ * default one (--skip-accumulated leaves them out); --dkdv-plans checks
+ * and times it at other tilings (subgroups, key blocks per subgroup, rows
+ * per block). --time-plans times the two-pass
  * forward at other tilings (subgroups, row blocks per subgroup, keys per
  * tile; both precisions).
  *
@@ -49,6 +51,7 @@ import '@tensorflow/tfjs-layers';
 import {openWebGPUDevice, useWebGPUBackend} from './webgpu_setup';
 
 import {matrixGradStats, planMatrixBackward} from '../kernels/webgpu/flash_attention_grad_subgroup_matrix';
+import type {MatrixDkdvTiles} from '../kernels/webgpu/flash_attention_grad_subgroup_matrix_dkdv_webgpu';
 import {matrixForwardStats, MatrixForwardOverride, planMatrixForward, setMatrixForwardOverride} from '../kernels/webgpu/flash_attention_subgroup_matrix';
 import {checkOwnPipelineErrors} from '../kernels/webgpu/own_pipeline';
 import {allowUnvalidatedTensorCores, MatrixDiagnosis, pickSubgroupMatrixShape, subgroupMatrixConfigs} from '../kernels/webgpu/subgroup_matrix';
@@ -101,6 +104,17 @@ function timeModes(): TimeMode[] {
       });
     }
   }
+  for (const tiles of dkdvPlans()) {
+    for (const p of ['float32', 'float16'] as const) {
+      modes.push({
+        name: `${p} ${dkdvPlanName(tiles)}`,
+        precision: p,
+        override: {...tc, gradTiling: 'accumulated', gradDkdvTiles: tiles},
+        checkedAs: `${p} ${dkdvPlanName(tiles)}`,
+        fwdbwdOnly: true
+      });
+    }
+  }
   if (!process.argv.includes('--skip-one-pass')) {
     for (const p of ['float32', 'float16'] as const) {
       modes.push({
@@ -133,6 +147,16 @@ function timePlans(): Array<Pick<MatrixForwardOverride, 'subgroups'|'rowBlocks'|
     const [subgroups, rowBlocks, bc] = t.split(',').map(Number);
     return {subgroups, rowBlocks, bc};
   });
+}
+/** --dkdv-plans "sg,kb,br;...": accumulated dK/dV tilings to check and time (fwd+bwd). */
+function dkdvPlans(): MatrixDkdvTiles[] {
+  return arg('dkdv-plans', '').split(';').filter(x => x).map(t => {
+    const [subgroups, keyBlocks, br] = t.split(',').map(Number);
+    return {subgroups, keyBlocks, br};
+  });
+}
+function dkdvPlanName(t: MatrixDkdvTiles): string {
+  return `acc sg${t.subgroups} kb${t.keyBlocks} br${t.br}`;
 }
 function planName(p: Pick<MatrixForwardOverride, 'subgroups'|'rowBlocks'|'bc'>): string {
   return `2p sg${p.subgroups} rb${p.rowBlocks} bc${p.bc}`;
@@ -197,6 +221,20 @@ function checkModes(): CheckMode[] {
         name: `${p} accumulated bwd`,
         precision: p,
         override: {...tc, gradTiling: 'accumulated'},
+        expect: [1, 2],
+        twoPass: true,
+        accumulated: true
+      });
+    }
+  }
+  for (const tiles of dkdvPlans()) {
+    // Forced tilings of the accumulated pass (the SIMT-free check: a
+    // tiling that does not fit falls back to the SIMT backward, NOT TC).
+    for (const p of ['float32', 'float16'] as const) {
+      modes.push({
+        name: `${p} ${dkdvPlanName(tiles)}`,
+        precision: p,
+        override: {...tc, gradTiling: 'accumulated', gradDkdvTiles: tiles},
         expect: [1, 2],
         twoPass: true,
         accumulated: true
@@ -580,6 +618,24 @@ function goalTable(timings: Timing[], torch: TorchRow[], standIn: boolean): stri
               .map(
                   p => `${tf(at(`float32 ${planName(p)}`, 'fwd', dim, seq))} / ${
                       tf(at(`float16 ${planName(p)}`, 'fwd', dim, seq))}`)
+              .join(' | ')} |`);
+    }
+  }
+  const tilings = dkdvPlans();
+  if (tilings.length > 0) {
+    out.push(
+        '', 'Accumulated dK/dV tilings (TFLOP/s, fwd+bwd, float32 / float16):', '',
+        `| D | S | ${tilings.map(dkdvPlanName).join(' | ')} |`,
+        `|${' --- |'.repeat(tilings.length + 2)}`);
+    const bwdKeys =
+        [...new Set(timings.filter(t => t.kind === 'fwdbwd').map(t => `${t.dim} ${t.seq}`))];
+    for (const key of bwdKeys) {
+      const [dim, seq] = key.split(' ').map(Number);
+      out.push(`| ${dim} | ${seq} | ${
+          tilings
+              .map(
+                  p => `${tf(at(`float32 ${dkdvPlanName(p)}`, 'fwdbwd', dim, seq))} / ${
+                      tf(at(`float16 ${dkdvPlanName(p)}`, 'fwdbwd', dim, seq))}`)
               .join(' | ')} |`);
     }
   }
