@@ -15,8 +15,8 @@
  * S^T = K Q^T and dP^T = V dO^T (its key rows x BR query columns, into the
  * f32 scratch), then, after the elementwise step, dV += P^T dO and
  * dK += dS^T Q (P^T and dS^T read row-major from [BC][BR] f16 arrays).
- * Matrix loads bound these kernels on the H100 (docs/tensor_cores.md), so
- * each part is loaded once per use site: K's and V's left matrices once
+ * Each matrix part is loaded once per use site (fewer loads per MMA; see
+ * docs/tensor_cores.md for what bounds the pass): K's and V's left matrices once
  * per pass where they fit the registers (at most 16), Q^T and dO^T once
  * per (row block, step), P^T and dS^T once per step.
  * Per query block: 4 barriers (Q/dO split, S/dP stored, P/dS split, and
