@@ -200,6 +200,37 @@ export const SLICED_GRAD_CANDIDATES: GradTiles[] = [
   },
 ];
 
+/**
+ * Head dims 97..128 (valid up to 256 where they fit): backward tiles with
+ * both operands streamed in head-dim slices (`streamed`): K^T and V^T
+ * beside Q and dO in the dK/dV pass, the rows of Q and dO beside K and V
+ * in the dQ pass, so that nothing of the head dim is resident and 64 keys
+ * (rows) with 256 invocations fit (docs/webgpu_tuning.md, "Streamed
+ * backward", works out each one's bytes, registers and loads). Forcible
+ * (setGradTilesOverride, the benchmark's `--grad-variants streamed`); the
+ * planner does not take them until a GPU measures them. At D=128, dK/dV /
+ * dQ: workgroup bytes, floats per thread (accumulators + S/dP + prefetch).
+ */
+export const STREAMED_GRAD_CANDIDATES: GradTiles[] = [
+  // S1: 64 keys x 32 rows / 64 rows x 32 keys, 256 thr, 2 slices: 33024 / 33280 B,
+  // 104 / 72 floats, 2x4 S tiles.
+  {
+    dkdv: {bc: 64, br: 32, threads: 256, dimChunks: 2, streamed: true},
+    dq: {br: 64, bc: 32, threads: 256, dimChunks: 2, streamed: true}
+  },
+  // S2: S1's dK/dV; dQ 64 rows x 64 keys in 4 slices: 33280 B, 64 floats, 4x4 S tiles.
+  {
+    dkdv: {bc: 64, br: 32, threads: 256, dimChunks: 2, streamed: true},
+    dq: {br: 64, bc: 64, threads: 256, dimChunks: 4, streamed: true}
+  },
+  // S3: sliced candidate A's tiles streamed: 20736 / 20736 B, 120 / 72 floats:
+  // what residency is worth at A's shape.
+  {
+    dkdv: {bc: 32, br: 32, threads: 128, dimChunks: 2, streamed: true},
+    dq: {br: 32, bc: 32, threads: 128, dimChunks: 2, streamed: true}
+  },
+];
+
 /** Testing and benchmarking: force a forward plan (tiling, subgroups, splits). */
 export interface ForwardOverride {
   tiles?: ForwardTiles;
