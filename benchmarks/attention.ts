@@ -453,9 +453,9 @@ async function main(): Promise<void> {
   const gradOverride = (variant: string) => {
     const [bc, br, qbr, qbc] = variant.split(',').slice(0, 4).map(Number);
     const flags = variant.split(',').slice(4);
-    const unknown =
-        flags.filter(x => !['s', 'sk', 'sq', 'st', 'stk', 'stq'].includes(x) &&
-                         !/^(t|tk|tq|c|ck|cq)\d+$/.test(x));
+    const unknown = flags.filter(
+        x => !['s', 'sk', 'sq', 'st', 'stk', 'stq'].includes(x) &&
+            !/^(t|tk|tq|c|ck|cq)\d+$/.test(x));
     if (unknown.length > 0) {
       throw new Error(`--grad-variants: unknown flag(s) ${unknown.join(',')} in "${variant}"`);
     }
@@ -493,12 +493,18 @@ async function main(): Promise<void> {
   // STREAMED_GRAD_CANDIDATES, in the syntax above.
   const {SLICED_GRAD_CANDIDATES, STREAMED_GRAD_CANDIDATES} =
       await import('../kernels/webgpu/tuning');
-  const gradVariantName = ({dkdv, dq}: import('../kernels/webgpu/FlashAttentionGrad').GradTiles) =>
-      [dkdv.bc, dkdv.br, dq.br, dq.bc, `ck${dkdv.dimChunks}`, `cq${dq.dimChunks}`,
-       ...(dkdv.threads !== 128 ? [`tk${dkdv.threads}`] : []),
-       ...(dq.threads !== 128 ? [`tq${dq.threads}`] : []), ...(dkdv.streamed ? ['stk'] : []),
-       ...(dq.streamed ? ['stq'] : [])]
-          .join(',');
+  type GradTiles = import('../kernels/webgpu/FlashAttentionGrad').GradTiles;
+  const gradVariantName = ({dkdv, dq}: GradTiles) => {
+    const flags = [
+      `ck${dkdv.dimChunks}`,
+      `cq${dq.dimChunks}`,
+      dkdv.threads !== 128 ? `tk${dkdv.threads}` : '',
+      dq.threads !== 128 ? `tq${dq.threads}` : '',
+      dkdv.streamed ? 'stk' : '',
+      dq.streamed ? 'stq' : '',
+    ];
+    return [dkdv.bc, dkdv.br, dq.br, dq.bc, ...flags.filter(f => f !== '')].join(',');
+  };
   const gradLists: Record<string, string[]> = {
     sliced: SLICED_GRAD_CANDIDATES.map(gradVariantName),
     streamed: STREAMED_GRAD_CANDIDATES.map(gradVariantName),

@@ -74,8 +74,9 @@ export class FlashAttentionGradDkDvSlicedProgram extends GradPassProgram {
         }`;
     // Dim x + e of the thread's key quad in `tile` (resident), or of the
     // slice in keyS (streamed; `tile` is in it).
-    const col = (tile: string, e: number) =>
-        streamed ? `keyS[keyAt(xl * 4 + ${e}, sQuad)]` : `${tile}[${e > 0 ? `(x + ${e})` : 'x'} * SC + sQuad]`;
+    const col = (tile: string, e: number) => streamed ?
+        `keyS[keyAt(xl * 4 + ${e}, sQuad)]` :
+        `${tile}[${e > 0 ? `(x + ${e})` : 'x'} * SC + sQuad]`;
     // acc[m] += the thread's rows of sliceS . (slice c's dims of its key
     // quad in `tile`), dims in order.
     const products = (acc: string, tile: string) => `
@@ -117,10 +118,11 @@ export class FlashAttentionGradDkDvSlicedProgram extends GradPassProgram {
           }
         }
       }`;
-    const keyStorage = streamed ? `// One slice of K or V, transposed: dim x of key quad kq at keyAt(x, kq).
+    const keyStorage = streamed ?
+        `// One slice of K or V, transposed: dim x of key quad kq at keyAt(x, kq).
 var<workgroup> keyS: array<vec4<f32>, ${4 * sw4 * keys.stride}>;
 ${keys.wgsl}` :
-                                  `// K and V transposed, four keys per vec4: kT[x * SC + quad], rows padded
+        `// K and V transposed, four keys per vec4: kT[x * SC + quad], rows padded
 // with zeros to whole slices.
 var<workgroup> kT: array<vec4<f32>, ${4 * sw4 * chunks * s.sc}>;
 var<workgroup> vT: array<vec4<f32>, ${4 * sw4 * chunks * s.sc}>;`;
@@ -133,9 +135,7 @@ ${slice.wgsl}
 var<workgroup> pS: array<vec4<f32>, ${br * s.sc}>;
 var<workgroup> lseS: array<f32, BR>;
 var<workgroup> deltaS: array<f32, BR>;
-${
-        sliceStreamWGSL(
-            d, dv, {rows: sliceNames('sliceAt'), ...(streamed ? {keys: keyStream} : {})})}`;
+${sliceStreamWGSL(d, dv, {rows: sliceNames('sliceAt'), ...(streamed ? {keys: keyStream} : {})})}`;
     const consts = {
       DC: chunks,
       SW4: sw4,
@@ -148,8 +148,9 @@ ${
   for (var e = t; e < (4 * SW4 * DC - 4 * D4) * SC; e += T) { kT[4 * D4 * SC + e] = vec4<f32>(0.0); }
   for (var e = t; e < (4 * SW4 * DC - 4 * DV4) * SC; e += T) { vT[4 * DV4 * SC + e] = vec4<f32>(0.0); }
 `;
-    this.source = gradPassWGSL(f, 'k', {d, dv, bc, br, threads, s, xt}, consts, storage, `${
-        streamed ? '' : padKeys}
+    this.source = gradPassWGSL(
+        f, 'k', {d, dv, bc, br, threads, s, xt}, consts, storage,
+        `${streamed ? '' : padKeys}
   // dkAcc[(c * NQ + n) * 4 + key]: key 4 kq + key, dims of quad
   // c * SW4 + kx + n * XT.
   var dkAcc: array<vec4<f32>, ${4 * nq * chunks}>;
@@ -185,7 +186,10 @@ ${sPhaseWGSL(s)}
       dp[m] = vec4<f32>(0.0);
     }
     // A: S over the slices of Q.
-    ${perSliceWGSL(chunks, `
+    ${
+            perSliceWGSL(
+                chunks,
+                `
       workgroupBarrier();
       storeRowSlice(t);${streamed ? '\n      storeKeySlice(t);' : ''}
       if (c == 0) {
@@ -193,7 +197,7 @@ ${sPhaseWGSL(s)}
       }
       workgroupBarrier();
       fetchRowSlice(c + 1 < DC, i0, h, select(0, c + 1, c + 1 < DC), t, gr);${
-        nextKeys('c + 1 < DC, j0, select(0, c + 1, c + 1 < DC)', '      ')}
+                    nextKeys('c + 1 < DC, j0, select(0, c + 1, c + 1 < DC)', '      ')}
       if (sActive) {
         ${products('s', 'kT')}
       }
@@ -221,15 +225,18 @@ ${sPhaseWGSL(s)}
       }
     }
     // B: dP and dV over the slices of dO.
-    ${perSliceWGSL(chunks, `
+    ${
+            perSliceWGSL(
+                chunks,
+                `
       ${
-        sliceStep(
-            `fetchRowSlice(c + 1 >= DC, i0, h, select(c + 1, 0, c + 1 >= DC), t, gr);${
-                streamed ? `
+                    sliceStep(
+                        `fetchRowSlice(c + 1 >= DC, i0, h, select(c + 1, 0, c + 1 >= DC), t, gr);${
+                            streamed ? `
       if (c + 1 < DC) {${nextKeys('false, j0, c + 1', '        ')}
       }` :
-                           ''}`,
-            true)}
+                                       ''}`,
+                        true)}
       if (sActive) {
         ${products('dp', 'vT')}
       }
@@ -269,6 +276,7 @@ ${sPhaseWGSL(s)}
       ${storeKeyRow('dv', 'dvAcc', 'DV')}
     }
   }
-`, streamed ? null : 'SC');
+`,
+        streamed ? null : 'SC');
   }
 }

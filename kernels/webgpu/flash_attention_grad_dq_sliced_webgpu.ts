@@ -105,10 +105,11 @@ export class FlashAttentionGradDqSlicedProgram extends GradPassProgram {
       PF: prefetchSlots(s.sc * 4 * sw4, threads),
       ...(streamed ? {PFR: prefetchSlots(br * sw4, threads)} : {}),
     };
-    const rowStorage = streamed ? `// One slice of the rows of Q or dO: quad x of row r at rowAt(r, x).
+    const rowStorage = streamed ?
+        `// One slice of the rows of Q or dO: quad x of row r at rowAt(r, x).
 var<workgroup> rowS: array<vec4<f32>, ${br * rowSlice.stride}>;
 ${rowSlice.wgsl}` :
-                                  `// Q and dO rows as dim quads, zeros to whole slices: quad x of row r at
+        `// Q and dO rows as dim quads, zeros to whole slices: quad x of row r at
 // qAt(r, x).
 var<workgroup> qS: array<vec4<f32>, ${br * rows.stride}>;
 var<workgroup> doS: array<vec4<f32>, ${br * rows.stride}>;
@@ -134,11 +135,10 @@ ${keys.wgsl}
 var<workgroup> pS: array<vec4<f32>, ${br * s.sc}>;
 var<workgroup> lseS: array<f32, BR>;
 var<workgroup> deltaS: array<f32, BR>;
-${
-        sliceStreamWGSL(
-            d, dv, {keys: sliceNames('keyAt'), ...(streamed ? {rows: rowStream} : {})})}`;
-    this.source = gradPassWGSL(f, 'q', {d, dv, bc, br, threads, s, xt}, consts, storage, `${
-        streamed ? '' : loadRows}
+${sliceStreamWGSL(d, dv, {keys: sliceNames('keyAt'), ...(streamed ? {rows: rowStream} : {})})}`;
+    this.source = gradPassWGSL(
+        f, 'q', {d, dv, bc, br, threads, s, xt}, consts, storage,
+        `${streamed ? '' : loadRows}
   ${loadRowStatsWGSL()}
 
   var dqAcc: array<array<f32, ${nds * chunks}>, NR>;
@@ -159,26 +159,32 @@ ${
       dp[m] = vec4<f32>(0.0);
     }
     // A: S over the slices of K.
-    ${perSliceWGSL(chunks, `
+    ${
+            perSliceWGSL(
+                chunks,
+                `
       ${
-        slice(
-            `fetchKeySlice(c + 1 < DC, j0, select(0, c + 1, c + 1 < DC), t, hk, gr);${
-                nextRows('c + 1 < DC', 'h, select(0, c + 1, c + 1 < DC)', '      ')}`,
-            true)}
+                    slice(
+                        `fetchKeySlice(c + 1 < DC, j0, select(0, c + 1, c + 1 < DC), t, hk, gr);${
+                            nextRows('c + 1 < DC', 'h, select(0, c + 1, c + 1 < DC)', '      ')}`,
+                        true)}
       if (sActive) {
         ${products('s', 'qS')}
       }
     `)}
     // B: dP over the slices of V, then dS.
-    ${perSliceWGSL(chunks, `
+    ${
+            perSliceWGSL(
+                chunks,
+                `
       ${
-        slice(
-            `fetchKeySlice(c + 1 >= DC, j0, select(c + 1, 0, c + 1 >= DC), t, hk, gr);${
-                streamed ? `
+                    slice(
+                        `fetchKeySlice(c + 1 >= DC, j0, select(c + 1, 0, c + 1 >= DC), t, hk, gr);${
+                            streamed ? `
       if (c + 1 < DC) {${nextRows('false', 'h, c + 1', '        ')}
       }` :
-                           ''}`,
-            true)}
+                                       ''}`,
+                        true)}
       if (sActive) {
         ${products('dp', 'doS')}
       }
