@@ -5,30 +5,170 @@
  * float64 oracle's gradients (docs/design.md, "Accuracy bounds": 5e-4) with
  * the option families, NaN-poisoned outputs, no leaks and bit-identical
  * reruns. The candidates of STREAMED_GRAD_CANDIDATES run where they fit
- * SwiftShader's 32 KiB (D=80, 96), scaled-down instances of the same mode
- * (4 slices, 128 invocations) at D=128 and at head dims that are not
- * multiples of 4; the full-size candidates' WGSL is validated at D=128.
+ * SwiftShader's 32 KiB (D=80, 96); scaled-down instances of the same mode
+ * (4 slices, or 16 rows per step) at D=128; S3 at head dims that are not
+ * multiples of 4. The full-size candidates' WGSL is validated at D=128,
+ * and 4-slice tiles at D=256. (`seqlens` and packed varlen calls:
+ * test/webgpu_backward_sliced.test.ts.)
  */
-import {GradTiles} from '../kernels/webgpu/FlashAttentionGrad';
+import {chooseGradTiles, GradTiles} from '../kernels/webgpu/FlashAttentionGrad';
+import {dkdvStorageBytes, dkdvTilesValid} from '../kernels/webgpu/flash_attention_grad_dkdv_webgpu';
+import {dqStorageBytes, dqTilesValid} from '../kernels/webgpu/flash_attention_grad_dq_webgpu';
+import {FlashAttentionGradDkDvSlicedProgram} from '../kernels/webgpu/flash_attention_grad_dkdv_sliced_webgpu';
+import {FlashAttentionGradDqSlicedProgram} from '../kernels/webgpu/flash_attention_grad_dq_sliced_webgpu';
+import {gradFeatures} from '../kernels/webgpu/flash_attention_grad_wgsl';
+import {webgpuBackendOf} from '../kernels/webgpu/own_pipeline';
+import {STREAMED_GRAD_CANDIDATES} from '../kernels/webgpu/tuning';
+import {normalizeOptions} from '../src/options';
 
 import {selectedBackends} from './harness/backends';
 import {OptionCase} from './harness/cases';
+import {H100_STAND_IN} from './harness/devices';
 import {checkGradUnderTiles, useFusedGradWebGPU} from './harness/small_tiles';
 
 const describeWebGPU = selectedBackends().includes('webgpu') ? describe : describe.skip;
 
+const H100_BYTES = 49152;
+const SWIFTSHADER_BYTES = 32768;
+
+/** Both passes of `tiles`, streamed, in `chunks` slices. */
+function streamed(
+    dkdv: [number, number, number], dq: [number, number, number], chunks: number): GradTiles {
+  return {
+    dkdv: {bc: dkdv[0], br: dkdv[1], threads: dkdv[2], dimChunks: chunks, streamed: true},
+    dq: {br: dq[0], bc: dq[1], threads: dq[2], dimChunks: chunks, streamed: true},
+  };
+}
+
+// S1's mode at D=128 in 4 slices (20736 / 20992 bytes), and a 128-invocation
+// instance with 16 rows (keys) per step in 2 slices.
+const S1_C4 = streamed([64, 32, 256], [64, 32, 256], 4);
+const SMALL = streamed([32, 16, 128], [32, 16, 128], 2);
+// D=256 in 4 slices: S1's bytes at D=128 (33024 / 33280).
+const D256 = streamed([64, 32, 256], [64, 32, 256], 4);
+
+describe('streamed backward candidates', () => {
+  it('are consistent, fit the H100 at D=128, and are not the planned tiles', () => {
+    expect(STREAMED_GRAD_CANDIDATES.length).toBeGreaterThanOrEqual(2);
+    for (const tiles of STREAMED_GRAD_CANDIDATES) {
+      expect(tiles.dkdv.streamed && tiles.dq.streamed).toBe(true);
+      expect(dkdvTilesValid(tiles.dkdv) && dqTilesValid(tiles.dq)).toBe(true);
+      expect(dkdvStorageBytes(tiles.dkdv, 128, 128)).toBeLessThanOrEqual(H100_BYTES);
+      expect(dqStorageBytes(tiles.dq, 128, 128)).toBeLessThanOrEqual(H100_BYTES);
+    }
+    // What the candidates' comments and docs/webgpu_tuning.md count.
+    const [S1, S2] = STREAMED_GRAD_CANDIDATES;
+    expect([dkdvStorageBytes(S1.dkdv, 128, 128), dqStorageBytes(S1.dq, 128, 128)]).toEqual([
+      33024, 33280
+    ]);
+    expect(dqStorageBytes(S2.dq, 128, 128)).toBe(33280);
+    for (const tiles of [S1_C4, SMALL]) {
+      expect(dkdvStorageBytes(tiles.dkdv, 128, 128)).toBeLessThanOrEqual(SWIFTSHADER_BYTES);
+      expect(dqStorageBytes(tiles.dq, 128, 128)).toBeLessThanOrEqual(SWIFTSHADER_BYTES);
+    }
+    expect(dkdvStorageBytes(D256.dkdv, 256, 256)).toBeLessThanOrEqual(H100_BYTES);
+    expect(dqStorageBytes(D256.dq, 256, 256)).toBeLessThanOrEqual(H100_BYTES);
+    // The planner does not take them.
+    const planned = chooseGradTiles(128, 128, H100_STAND_IN.limits)!;
+    expect(planned.dkdv.streamed).toBeUndefined();
+    expect(planned.dq.streamed).toBeUndefined();
+    // Streaming needs slices.
+    expect(dkdvTilesValid({bc: 32, br: 8, threads: 128, streamed: true})).toBe(false);
+    expect(dqTilesValid({br: 32, bc: 8, threads: 128, streamed: true})).toBe(false);
+  });
+});
+
 describeWebGPU('fused WebGPU backward, both operands streamed [webgpu]', () => {
   useFusedGradWebGPU();
+
+  it('every candidate\'s WGSL at D=128, and D=256 tiles, pass Dawn\'s validation', async () => {
+    const device = webgpuBackendOf().device;
+    const features = [
+      gradFeatures(normalizeOptions({causal: true}, 128, 'test'), false),
+      gradFeatures(
+          normalizeOptions({dropoutRate: 0.1, softcap: 2, windowSize: [9, 3]}, 128, 'test'), true,
+          true),
+    ];
+    const plans =
+        [...STREAMED_GRAD_CANDIDATES.map(t => ({d: 128, tiles: t})), {d: 256, tiles: D256}];
+    for (const {d, tiles} of plans) {
+      for (const f of features) {
+        for (const program
+                 of [new FlashAttentionGradDkDvSlicedProgram(d, d, tiles.dkdv, f),
+                     new FlashAttentionGradDqSlicedProgram(d, d, tiles.dq, f)]) {
+          device.pushErrorScope('validation');
+          const module = device.createShaderModule({code: program.code()});
+          const info = await module.getCompilationInfo();
+          const error = await device.popErrorScope();
+          const errors = info.messages.filter(m => m.type === 'error').map(m => m.message);
+          expect([program.key, ...errors]).toEqual([program.key]);
+          expect(error).toBeNull();
+        }
+      }
+    }
+  });
+
+  const [S1, S2, S3] = STREAMED_GRAD_CANDIDATES;
+  // Several key and query blocks per head where the tiles allow; every
+  // pipeline takes SwiftShader seconds to compile at these head dims, so
+  // the option families are spread over few cases.
   const CASES: Array<{tiles: GradTiles, c: OptionCase}> = [
     {
-      tiles: {
-        dkdv: {bc: 32, br: 16, threads: 128, dimChunks: 2, streamed: true},
-        dq: {br: 32, bc: 16, threads: 128, dimChunks: 2, streamed: true}
-      },
+      tiles: S1_C4,
       c: {
-        name: 'D=128, causal, GQA, dropout',
-        shape: {batch: 1, seqQ: 40, seqK: 40, heads: 2, headsKV: 1, headDim: 128, headDimV: 128},
+        name: 'D=128 (S1 in 4 slices), causal, GQA, dropout',
+        shape: {batch: 1, seqQ: 70, seqK: 70, heads: 2, headsKV: 1, headDim: 128, headDimV: 128},
         opts: {causal: true, dropoutRate: 0.2, seed: 9}
+      }
+    },
+    {
+      tiles: SMALL,
+      c: {
+        name: 'D=128, Sq < Sk, window, softcap, alibi per batch',
+        shape: {
+          batch: 2,
+          seqQ: 37,
+          seqK: 64,
+          heads: 2,
+          headsKV: 2,
+          headDim: 128,
+          headDimV: 128,
+          alibi: 'batch'
+        },
+        opts: {windowSize: [20, 7], softcap: 3}
+      }
+    },
+    {
+      tiles: S1,
+      c: {
+        name: 'D=96, Sq > Sk, MQA, dropout (a slice narrower than the lanes per key quad)',
+        shape: {batch: 2, seqQ: 75, seqK: 29, heads: 3, headsKV: 1, headDim: 96, headDimV: 96},
+        opts: {dropoutRate: 0.3, seed: 2 ** 33 + 5}
+      }
+    },
+    {
+      tiles: S2,
+      c: {
+        name: 'D=80, causal, GQA, softcap, alibi',
+        shape: {
+          batch: 1,
+          seqQ: 70,
+          seqK: 70,
+          heads: 4,
+          headsKV: 2,
+          headDim: 80,
+          headDimV: 80,
+          alibi: 'head'
+        },
+        opts: {causal: true, softcap: 2}
+      }
+    },
+    {
+      tiles: S3,
+      c: {
+        name: 'D=98, Dv=100 (not multiples of 4 or of the slices), causal, Sq > Sk',
+        shape: {batch: 1, seqQ: 50, seqK: 33, heads: 2, headsKV: 2, headDim: 98, headDimV: 100},
+        opts: {causal: true}
       }
     },
   ];
