@@ -4,12 +4,11 @@
  * backward"), forced on Dawn (SwiftShader without a GPU), against the
  * float64 oracle's gradients (docs/design.md, "Accuracy bounds": 5e-4) with
  * the option families, NaN-poisoned outputs, no leaks and bit-identical
- * reruns. The candidates of STREAMED_GRAD_CANDIDATES run where they fit
- * SwiftShader's 32 KiB (D=80, 96); scaled-down instances of the same mode
- * (4 slices, or 16 rows per step) at D=128; S3 at head dims that are not
- * multiples of 4. The full-size candidates' WGSL is validated at D=128,
- * and 4-slice tiles at D=256. (`seqlens` and packed varlen calls:
- * test/webgpu_backward_sliced.test.ts.)
+ * reruns. Each candidate of STREAMED_GRAD_CANDIDATES runs where it fits
+ * SwiftShader's 32 KiB: S4 at D=128, S1 at D=96, S2 at D=80, S3 at head
+ * dims that are not multiples of 4 (S1 to S3 need up to 33 KiB at D=128);
+ * all of their WGSL is validated at D=128, and 4-slice tiles at D=256.
+ * (`seqlens` and packed varlen calls: test/webgpu_backward_sliced.test.ts.)
  */
 import {chooseGradTiles, GradTiles} from '../kernels/webgpu/FlashAttentionGrad';
 import {dkdvStorageBytes, dkdvTilesValid} from '../kernels/webgpu/flash_attention_grad_dkdv_webgpu';
@@ -31,7 +30,7 @@ const describeWebGPU = selectedBackends().includes('webgpu') ? describe : descri
 const H100_BYTES = 49152;
 const SWIFTSHADER_BYTES = 32768;
 
-/** Both passes of `tiles`, streamed, in `chunks` slices. */
+/** Streamed tiles: [keys, rows, threads] (dK/dV), [rows, keys, threads] (dQ). */
 function streamed(
     dkdv: [number, number, number], dq: [number, number, number], chunks: number): GradTiles {
   return {
@@ -40,10 +39,6 @@ function streamed(
   };
 }
 
-// S1's mode at D=128 in 4 slices (20736 / 20992 bytes), and a 128-invocation
-// instance with 16 rows (keys) per step in 2 slices.
-const S1_C4 = streamed([64, 32, 256], [64, 32, 256], 4);
-const SMALL = streamed([32, 16, 128], [32, 16, 128], 2);
 // D=256 in 4 slices: S1's bytes at D=128 (33024 / 33280).
 const D256 = streamed([64, 32, 256], [64, 32, 256], 4);
 
@@ -57,15 +52,13 @@ describe('streamed backward candidates', () => {
       expect(dqStorageBytes(tiles.dq, 128, 128)).toBeLessThanOrEqual(H100_BYTES);
     }
     // What the candidates' comments and docs/webgpu_tuning.md count.
-    const [S1, S2] = STREAMED_GRAD_CANDIDATES;
-    expect([dkdvStorageBytes(S1.dkdv, 128, 128), dqStorageBytes(S1.dq, 128, 128)]).toEqual([
-      33024, 33280
+    const [S1, S2, S3, S4] = STREAMED_GRAD_CANDIDATES;
+    const bytes =
+        (t: GradTiles) => [dkdvStorageBytes(t.dkdv, 128, 128), dqStorageBytes(t.dq, 128, 128)];
+    expect([S1, S2, S3, S4].map(bytes)).toEqual([
+      [33024, 33280], [33024, 33280], [20736, 20736], [20736, 20992]
     ]);
-    expect(dqStorageBytes(S2.dq, 128, 128)).toBe(33280);
-    for (const tiles of [S1_C4, SMALL]) {
-      expect(dkdvStorageBytes(tiles.dkdv, 128, 128)).toBeLessThanOrEqual(SWIFTSHADER_BYTES);
-      expect(dqStorageBytes(tiles.dq, 128, 128)).toBeLessThanOrEqual(SWIFTSHADER_BYTES);
-    }
+    expect(Math.max(...bytes(S4))).toBeLessThanOrEqual(SWIFTSHADER_BYTES);
     expect(dkdvStorageBytes(D256.dkdv, 256, 256)).toBeLessThanOrEqual(H100_BYTES);
     expect(dqStorageBytes(D256.dq, 256, 256)).toBeLessThanOrEqual(H100_BYTES);
     // The planner does not take them.
@@ -108,34 +101,17 @@ describeWebGPU('fused WebGPU backward, both operands streamed [webgpu]', () => {
     }
   });
 
-  const [S1, S2, S3] = STREAMED_GRAD_CANDIDATES;
+  const [S1, S2, S3, S4] = STREAMED_GRAD_CANDIDATES;
   // Several key and query blocks per head where the tiles allow; every
   // pipeline takes SwiftShader seconds to compile at these head dims, so
   // the option families are spread over few cases.
   const CASES: Array<{tiles: GradTiles, c: OptionCase}> = [
     {
-      tiles: S1_C4,
+      tiles: S4,
       c: {
-        name: 'D=128 (S1 in 4 slices), causal, GQA, dropout',
+        name: 'D=128, causal, GQA, dropout',
         shape: {batch: 1, seqQ: 70, seqK: 70, heads: 2, headsKV: 1, headDim: 128, headDimV: 128},
         opts: {causal: true, dropoutRate: 0.2, seed: 9}
-      }
-    },
-    {
-      tiles: SMALL,
-      c: {
-        name: 'D=128, Sq < Sk, window, softcap, alibi per batch',
-        shape: {
-          batch: 2,
-          seqQ: 37,
-          seqK: 64,
-          heads: 2,
-          headsKV: 2,
-          headDim: 128,
-          headDimV: 128,
-          alibi: 'batch'
-        },
-        opts: {windowSize: [20, 7], softcap: 3}
       }
     },
     {
@@ -166,9 +142,19 @@ describeWebGPU('fused WebGPU backward, both operands streamed [webgpu]', () => {
     {
       tiles: S3,
       c: {
-        name: 'D=98, Dv=100 (not multiples of 4 or of the slices), causal, Sq > Sk',
-        shape: {batch: 1, seqQ: 50, seqK: 33, heads: 2, headsKV: 2, headDim: 98, headDimV: 100},
-        opts: {causal: true}
+        name: 'D=98, Dv=100 (not multiples of 4 or of the slices), Sq < Sk, window, softcap, ' +
+            'alibi per batch',
+        shape: {
+          batch: 2,
+          seqQ: 37,
+          seqK: 70,
+          heads: 2,
+          headsKV: 2,
+          headDim: 98,
+          headDimV: 100,
+          alibi: 'batch'
+        },
+        opts: {windowSize: [20, 7], softcap: 3}
       }
     },
   ];

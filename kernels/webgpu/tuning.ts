@@ -218,16 +218,22 @@ export const STREAMED_GRAD_CANDIDATES: GradTiles[] = [
     dkdv: {bc: 64, br: 32, threads: 256, dimChunks: 2, streamed: true},
     dq: {br: 64, bc: 32, threads: 256, dimChunks: 2, streamed: true}
   },
-  // S2: S1's dK/dV; dQ 64 rows x 64 keys in 4 slices: 33280 B, 64 floats, 4x4 S tiles.
+  // S2: S1's dK/dV; dQ 64 rows x 64 keys in 4 slices: 33280 B, 80 floats, 4x4 S tiles.
   {
     dkdv: {bc: 64, br: 32, threads: 256, dimChunks: 2, streamed: true},
     dq: {br: 64, bc: 64, threads: 256, dimChunks: 4, streamed: true}
   },
-  // S3: sliced candidate A's tiles streamed: 20736 / 20736 B, 120 / 72 floats:
+  // S3: sliced candidate A's tiles streamed: 20736 / 20736 B, 112 / 80 floats:
   // what residency is worth at A's shape.
   {
     dkdv: {bc: 32, br: 32, threads: 128, dimChunks: 2, streamed: true},
     dq: {br: 32, bc: 32, threads: 128, dimChunks: 2, streamed: true}
+  },
+  // S4: S1 in 4 slices: 20736 / 20992 B, 92 / 60 floats (half the prefetch),
+  // twice the barriers.
+  {
+    dkdv: {bc: 64, br: 32, threads: 256, dimChunks: 4, streamed: true},
+    dq: {br: 64, bc: 32, threads: 256, dimChunks: 4, streamed: true}
   },
 ];
 
