@@ -15,18 +15,13 @@ import {FLASH_ATTENTION_IMPL, flashAttention, flashAttentionVarlen} from '../src
 import {chooseGradTiles, fusedGradRunCount, GradTiles, setGradTilesOverride} from '../kernels/webgpu/FlashAttentionGrad';
 import {dkdvStorageBytes, dkdvTilesValid} from '../kernels/webgpu/flash_attention_grad_dkdv_webgpu';
 import {dqStorageBytes, dqTilesValid} from '../kernels/webgpu/flash_attention_grad_dq_webgpu';
-import {webgpuBackendOf} from '../kernels/webgpu/own_pipeline';
-import {FlashAttentionGradDkDvSlicedProgram} from '../kernels/webgpu/flash_attention_grad_dkdv_sliced_webgpu';
-import {FlashAttentionGradDqSlicedProgram} from '../kernels/webgpu/flash_attention_grad_dq_sliced_webgpu';
-import {gradFeatures} from '../kernels/webgpu/flash_attention_grad_wgsl';
-import {normalizeOptions} from '../src/options';
 import {SLICED_GRAD_CANDIDATES, STREAMED_GRAD_CANDIDATES} from '../kernels/webgpu/tuning';
 
 import {selectedBackends} from './harness/backends';
 import {OptionCase} from './harness/cases';
 import {H100_STAND_IN} from './harness/devices';
 import {expectClose, freshRng, GRADIENT_BOUND, randomArray, sequenceProblem} from './harness/problems';
-import {checkGradUnderTiles, useFusedGradWebGPU} from './harness/small_tiles';
+import {checkGradUnderTiles, expectValidSlicedGradWGSL, useFusedGradWebGPU} from './harness/small_tiles';
 import {oracleBackward} from './oracle';
 
 const describeWebGPU = selectedBackends().includes('webgpu') ? describe : describe.skip;
@@ -62,13 +57,6 @@ describeWebGPU('fused WebGPU backward, head-dim slices [webgpu]', () => {
   const [A, B, , D] = SLICED_GRAD_CANDIDATES;
   it('every candidate\'s WGSL at D=128, and D=256 tiles, pass Dawn\'s validation (pipelines: GPU)',
      async () => {
-       const device = webgpuBackendOf().device;
-       const features = [
-         gradFeatures(normalizeOptions({causal: true}, 128, 'test'), false),
-         gradFeatures(
-             normalizeOptions({dropoutRate: 0.1, softcap: 2, windowSize: [9, 3]}, 128, 'test'),
-             true, true),
-       ];
        // Plus D=256 in four slices (43 KiB per pass).
        const d256: GradTiles = {
          dkdv: {bc: 16, br: 32, threads: 64, dimChunks: 4},
@@ -78,21 +66,7 @@ describeWebGPU('fused WebGPU backward, head-dim slices [webgpu]', () => {
        expect(dqStorageBytes(d256.dq, 256, 256)).toBeLessThanOrEqual(49152);
        const plans =
            [...SLICED_GRAD_CANDIDATES.map(t => ({d: 128, tiles: t})), {d: 256, tiles: d256}];
-       for (const {d, tiles} of plans) {
-         for (const f of features) {
-           for (const program
-                    of [new FlashAttentionGradDkDvSlicedProgram(d, d, tiles.dkdv, f),
-                        new FlashAttentionGradDqSlicedProgram(d, d, tiles.dq, f)]) {
-             device.pushErrorScope('validation');
-             const module = device.createShaderModule({code: program.code()});
-             const info = await module.getCompilationInfo();
-             const error = await device.popErrorScope();
-             const errors = info.messages.filter(m => m.type === 'error').map(m => m.message);
-             expect([program.key, ...errors]).toEqual([program.key]);
-             expect(error).toBeNull();
-           }
-         }
-       }
+       await expectValidSlicedGradWGSL(plans);
      });
 
   const FITS_D128 = SLICED_GRAD_CANDIDATES.find(t => fitsSwiftShader(t, 128, 128))!;

@@ -13,17 +13,12 @@
 import {chooseGradTiles, GradTiles} from '../kernels/webgpu/FlashAttentionGrad';
 import {dkdvStorageBytes, dkdvTilesValid} from '../kernels/webgpu/flash_attention_grad_dkdv_webgpu';
 import {dqStorageBytes, dqTilesValid} from '../kernels/webgpu/flash_attention_grad_dq_webgpu';
-import {FlashAttentionGradDkDvSlicedProgram} from '../kernels/webgpu/flash_attention_grad_dkdv_sliced_webgpu';
-import {FlashAttentionGradDqSlicedProgram} from '../kernels/webgpu/flash_attention_grad_dq_sliced_webgpu';
-import {gradFeatures} from '../kernels/webgpu/flash_attention_grad_wgsl';
-import {webgpuBackendOf} from '../kernels/webgpu/own_pipeline';
 import {STREAMED_GRAD_CANDIDATES} from '../kernels/webgpu/tuning';
-import {normalizeOptions} from '../src/options';
 
 import {selectedBackends} from './harness/backends';
 import {OptionCase} from './harness/cases';
 import {H100_STAND_IN} from './harness/devices';
-import {checkGradUnderTiles, useFusedGradWebGPU} from './harness/small_tiles';
+import {checkGradUnderTiles, expectValidSlicedGradWGSL, useFusedGradWebGPU} from './harness/small_tiles';
 
 const describeWebGPU = selectedBackends().includes('webgpu') ? describe : describe.skip;
 
@@ -75,30 +70,9 @@ describeWebGPU('fused WebGPU backward, both operands streamed [webgpu]', () => {
   useFusedGradWebGPU();
 
   it('every candidate\'s WGSL at D=128, and D=256 tiles, pass Dawn\'s validation', async () => {
-    const device = webgpuBackendOf().device;
-    const features = [
-      gradFeatures(normalizeOptions({causal: true}, 128, 'test'), false),
-      gradFeatures(
-          normalizeOptions({dropoutRate: 0.1, softcap: 2, windowSize: [9, 3]}, 128, 'test'), true,
-          true),
-    ];
     const plans =
         [...STREAMED_GRAD_CANDIDATES.map(t => ({d: 128, tiles: t})), {d: 256, tiles: D256}];
-    for (const {d, tiles} of plans) {
-      for (const f of features) {
-        for (const program
-                 of [new FlashAttentionGradDkDvSlicedProgram(d, d, tiles.dkdv, f),
-                     new FlashAttentionGradDqSlicedProgram(d, d, tiles.dq, f)]) {
-          device.pushErrorScope('validation');
-          const module = device.createShaderModule({code: program.code()});
-          const info = await module.getCompilationInfo();
-          const error = await device.popErrorScope();
-          const errors = info.messages.filter(m => m.type === 'error').map(m => m.message);
-          expect([program.key, ...errors]).toEqual([program.key]);
-          expect(error).toBeNull();
-        }
-      }
-    }
+    await expectValidSlicedGradWGSL(plans);
   });
 
   const [S1, S2, S3, S4] = STREAMED_GRAD_CANDIDATES;
