@@ -105,6 +105,15 @@ export class FlashAttentionGradDkDvSlicedProgram extends GradPassProgram {
     // before t), indented by `indent`.
     const nextKeys = (args: string, indent: string) =>
         streamed ? `\n${indent}fetchKeySlice(${args}, t, hk, gr);` : '';
+    // A stores its key slice beside the row slice and reads the next (K's
+    // next, or V's first); B reads V's next (the next step's K is read in C).
+    const storeKeysInA = streamed ? '\n      storeKeySlice(t);' : '';
+    const nextKeysInA = nextKeys('c + 1 < DC, j0, select(0, c + 1, c + 1 < DC)', '      ');
+    const nextInB = `fetchRowSlice(c + 1 >= DC, i0, h, select(c + 1, 0, c + 1 >= DC), t, gr);${
+        streamed ? `
+      if (c + 1 < DC) {${nextKeys('false, j0, c + 1', '        ')}
+      }` :
+                   ''}`;
     // Key j's dims of accumulator `acc` to `out` ([B, Sk, Hk, w]).
     const storeKeyRow = (out: string, acc: string, w: string) => `
       for (var c = 0; c < DC; c++) {
@@ -149,8 +158,7 @@ ${sliceStreamWGSL(d, dv, {rows: sliceNames('sliceAt'), ...(streamed ? {keys: key
   for (var e = t; e < (4 * SW4 * DC - 4 * DV4) * SC; e += T) { vT[4 * DV4 * SC + e] = vec4<f32>(0.0); }
 `;
     this.source = gradPassWGSL(
-        f, 'k', {d, dv, bc, br, threads, s, xt}, consts, storage,
-        `${streamed ? '' : padKeys}
+        f, 'k', {d, dv, bc, br, threads, s, xt}, consts, storage, `${streamed ? '' : padKeys}
   // dkAcc[(c * NQ + n) * 4 + key]: key 4 kq + key, dims of quad
   // c * SW4 + kx + n * XT.
   var dkAcc: array<vec4<f32>, ${4 * nq * chunks}>;
@@ -186,18 +194,14 @@ ${sPhaseWGSL(s)}
       dp[m] = vec4<f32>(0.0);
     }
     // A: S over the slices of Q.
-    ${
-            perSliceWGSL(
-                chunks,
-                `
+    ${perSliceWGSL(chunks, `
       workgroupBarrier();
-      storeRowSlice(t);${streamed ? '\n      storeKeySlice(t);' : ''}
+      storeRowSlice(t);${storeKeysInA}
       if (c == 0) {
         ${storeRowStatsWGSL(br, threads)}
       }
       workgroupBarrier();
-      fetchRowSlice(c + 1 < DC, i0, h, select(0, c + 1, c + 1 < DC), t, gr);${
-                    nextKeys('c + 1 < DC, j0, select(0, c + 1, c + 1 < DC)', '      ')}
+      fetchRowSlice(c + 1 < DC, i0, h, select(0, c + 1, c + 1 < DC), t, gr);${nextKeysInA}
       if (sActive) {
         ${products('s', 'kT')}
       }
@@ -225,18 +229,8 @@ ${sPhaseWGSL(s)}
       }
     }
     // B: dP and dV over the slices of dO.
-    ${
-            perSliceWGSL(
-                chunks,
-                `
-      ${
-                    sliceStep(
-                        `fetchRowSlice(c + 1 >= DC, i0, h, select(c + 1, 0, c + 1 >= DC), t, gr);${
-                            streamed ? `
-      if (c + 1 < DC) {${nextKeys('false, j0, c + 1', '        ')}
-      }` :
-                                       ''}`,
-                        true)}
+    ${perSliceWGSL(chunks, `
+      ${sliceStep(nextInB, true)}
       if (sActive) {
         ${products('dp', 'vT')}
       }

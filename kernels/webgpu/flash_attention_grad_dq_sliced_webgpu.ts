@@ -95,6 +95,16 @@ export class FlashAttentionGradDqSlicedProgram extends GradPassProgram {
     // between i0 and t: head, slice), indented by `indent`.
     const nextRows = (fromQ: string, args: string, indent: string) =>
         streamed ? `\n${indent}fetchRowSlice(${fromQ}, i0, ${args}, t, gr);` : '';
+    // A reads K's next slice (or V's first) and, streamed, Q's (or dO's); B
+    // reads V's next (or K's first, for C) and dO's next (the next block's
+    // Q is read in C).
+    const nextInA = `fetchKeySlice(c + 1 < DC, j0, select(0, c + 1, c + 1 < DC), t, hk, gr);${
+        nextRows('c + 1 < DC', 'h, select(0, c + 1, c + 1 < DC)', '      ')}`;
+    const nextInB = `fetchKeySlice(c + 1 >= DC, j0, select(c + 1, 0, c + 1 >= DC), t, hk, gr);${
+        streamed ? `
+      if (c + 1 < DC) {${nextRows('false', 'h, c + 1', '        ')}
+      }` :
+                   ''}`;
     const inSlice = (4 * sw4) % xt === 0 ? 'true' : 'xl < 4 * SW4';
     const consts = {
       NR: nr,
@@ -137,8 +147,7 @@ var<workgroup> lseS: array<f32, BR>;
 var<workgroup> deltaS: array<f32, BR>;
 ${sliceStreamWGSL(d, dv, {keys: sliceNames('keyAt'), ...(streamed ? {rows: rowStream} : {})})}`;
     this.source = gradPassWGSL(
-        f, 'q', {d, dv, bc, br, threads, s, xt}, consts, storage,
-        `${streamed ? '' : loadRows}
+        f, 'q', {d, dv, bc, br, threads, s, xt}, consts, storage, `${streamed ? '' : loadRows}
   ${loadRowStatsWGSL()}
 
   var dqAcc: array<array<f32, ${nds * chunks}>, NR>;
@@ -159,32 +168,15 @@ ${sliceStreamWGSL(d, dv, {keys: sliceNames('keyAt'), ...(streamed ? {rows: rowSt
       dp[m] = vec4<f32>(0.0);
     }
     // A: S over the slices of K.
-    ${
-            perSliceWGSL(
-                chunks,
-                `
-      ${
-                    slice(
-                        `fetchKeySlice(c + 1 < DC, j0, select(0, c + 1, c + 1 < DC), t, hk, gr);${
-                            nextRows('c + 1 < DC', 'h, select(0, c + 1, c + 1 < DC)', '      ')}`,
-                        true)}
+    ${perSliceWGSL(chunks, `
+      ${slice(nextInA, true)}
       if (sActive) {
         ${products('s', 'qS')}
       }
     `)}
     // B: dP over the slices of V, then dS.
-    ${
-            perSliceWGSL(
-                chunks,
-                `
-      ${
-                    slice(
-                        `fetchKeySlice(c + 1 >= DC, j0, select(c + 1, 0, c + 1 >= DC), t, hk, gr);${
-                            streamed ? `
-      if (c + 1 < DC) {${nextRows('false', 'h, c + 1', '        ')}
-      }` :
-                                       ''}`,
-                        true)}
+    ${perSliceWGSL(chunks, `
+      ${slice(nextInB, true)}
       if (sActive) {
         ${products('dp', 'doS')}
       }
