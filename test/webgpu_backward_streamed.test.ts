@@ -5,10 +5,11 @@
  * float64 oracle's gradients (docs/design.md, "Accuracy bounds": 5e-4) with
  * the option families, NaN-poisoned outputs, no leaks and bit-identical
  * reruns. Each candidate of STREAMED_GRAD_CANDIDATES runs where it fits
- * SwiftShader's 32 KiB: S4 at D=128, S1 at D=96, S2 at D=80, S3 at head
- * dims that are not multiples of 4 (S1 to S3 need up to 33 KiB at D=128);
- * all of their WGSL is validated at D=128, and 4-slice tiles at D=256.
- * (`seqlens` and packed varlen calls: test/webgpu_backward_sliced.test.ts.)
+ * SwiftShader's 32 KiB: S4 at D=128, S5 at D=96, S2 and S6 at D=80, S3 at
+ * head dims that are not multiples of 4 (the others need up to 36 KiB at
+ * D=128); all of their WGSL is validated at D=128, and 4-slice tiles at
+ * D=256. (S1: its dK/dV pass is S2's; its dQ pass with `seqlens` and
+ * packed varlen calls in test/webgpu_backward_sliced.test.ts.)
  */
 import {chooseGradTiles, GradTiles} from '../kernels/webgpu/FlashAttentionGrad';
 import {dkdvStorageBytes, dkdvTilesValid} from '../kernels/webgpu/flash_attention_grad_dkdv_webgpu';
@@ -47,11 +48,11 @@ describe('streamed backward candidates', () => {
       expect(dqStorageBytes(tiles.dq, 128, 128)).toBeLessThanOrEqual(H100_BYTES);
     }
     // What the candidates' comments and docs/webgpu_tuning.md count.
-    const [S1, S2, S3, S4] = STREAMED_GRAD_CANDIDATES;
+    const [S1, S2, S3, S4, S5, S6] = STREAMED_GRAD_CANDIDATES;
     const bytes =
         (t: GradTiles) => [dkdvStorageBytes(t.dkdv, 128, 128), dqStorageBytes(t.dq, 128, 128)];
-    expect([S1, S2, S3, S4].map(bytes)).toEqual([
-      [33024, 33280], [33024, 33280], [20736, 20736], [20736, 20992]
+    expect([S1, S2, S3, S4, S5, S6].map(bytes)).toEqual([
+      [33024, 33280], [33024, 33280], [20736, 20736], [20736, 20992], [37120, 33280], [28928, 33280]
     ]);
     expect(Math.max(...bytes(S4))).toBeLessThanOrEqual(SWIFTSHADER_BYTES);
     expect(dkdvStorageBytes(D256.dkdv, 256, 256)).toBeLessThanOrEqual(H100_BYTES);
@@ -75,7 +76,7 @@ describeWebGPU('fused WebGPU backward, both operands streamed [webgpu]', () => {
     await expectValidSlicedGradWGSL(plans);
   });
 
-  const [S1, S2, S3, S4] = STREAMED_GRAD_CANDIDATES;
+  const [, S2, S3, S4, S5, S6] = STREAMED_GRAD_CANDIDATES;
   // Several key and query blocks per head where the tiles allow; every
   // pipeline takes SwiftShader seconds to compile at these head dims, so
   // the option families are spread over few cases.
@@ -89,7 +90,7 @@ describeWebGPU('fused WebGPU backward, both operands streamed [webgpu]', () => {
       }
     },
     {
-      tiles: S1,
+      tiles: S5,
       c: {
         name: 'D=96, Sq > Sk, MQA, dropout (a slice narrower than the lanes per key quad)',
         shape: {batch: 2, seqQ: 75, seqK: 29, heads: 3, headsKV: 1, headDim: 96, headDimV: 96},
@@ -110,6 +111,14 @@ describeWebGPU('fused WebGPU backward, both operands streamed [webgpu]', () => {
           headDimV: 80,
           alibi: 'head'
         },
+        opts: {causal: true, softcap: 2}
+      }
+    },
+    {
+      tiles: S6,
+      c: {
+        name: 'D=80, causal, Sq < Sk, softcap (16-key dK/dV blocks)',
+        shape: {batch: 1, seqQ: 45, seqK: 70, heads: 2, headsKV: 2, headDim: 80, headDimV: 80},
         opts: {causal: true, softcap: 2}
       }
     },
