@@ -12,7 +12,8 @@
  *       [--budget-ms 600] [--warmup-ms 300] [--max-warmup-ms 300] [--check] [--repeat N]
  *       [--shapes "B,H,Hk,S;..."]
  *       [--grad-variants
- *         "bc,br,qbr,qbc[,s|sk|sq][,tN|tkN|tqN][,cN|ckN|cqN][,st|stk|stq];...|sliced|streamed"]
+ *         "bc,br,qbr,qbc[,s|sk|sq][,tN|tkN|tqN][,cN|ckN|cqN][,st|stk|stq][,p0|p0k|p0q];...
+ *          |sliced|streamed"]
  *   node attention.mjs --sweep [--torch torch.json] [--out DIR]
  *
  * --sweep is the issue grid in one run: D 64 and 128, S 512 .. 16384, causal
@@ -37,7 +38,8 @@
  * instead of 128, `tkN`/`tqN` in one pass; `cN`: Q/dO (dK/dV pass) and K/V
  * (dQ pass) streamed in N head-dim slices, `ckN`/`cqN` in one pass; `st`:
  * with cN, the other operand streamed too (K^T/V^T in dK/dV, Q/dO rows in
- * dQ), `stk`/`stq` in one pass; `sliced` / `streamed`: every candidate of
+ * dQ), `stk`/`stq` in one pass; `p0`: with cN, no register prefetch of the
+ * slices, `p0k`/`p0q` in one pass; `sliced` / `streamed`: every candidate of
  * tuning.ts's SLICED_ / STREAMED_GRAD_CANDIDATES) on the fwdbwd rows.
  * --variants forces forward tilings
  * (`o` outer-product mode, `pN` prefetch off/on, `kN` N key-range splits,
@@ -459,12 +461,13 @@ async function main(): Promise<void> {
   // passes (SPhase.split), `sk` in the dK/dV pass only, `sq` in the dQ pass
   // only; N invocations per workgroup (128 without tN; tkN / tqN: one pass);
   // cN: the streamed operand in N head-dim slices (ckN / cqN: one pass);
-  // st: with cN, both operands streamed (stk / stq: one pass).
+  // st: with cN, both operands streamed (stk / stq: one pass); p0: with cN,
+  // no register prefetch of the slices (p0k / p0q: one pass).
   const gradOverride = (variant: string) => {
     const [bc, br, qbr, qbc] = variant.split(',').slice(0, 4).map(Number);
     const flags = variant.split(',').slice(4);
     const unknown = flags.filter(
-        x => !['s', 'sk', 'sq', 'st', 'stk', 'stq'].includes(x) &&
+        x => !['s', 'sk', 'sq', 'st', 'stk', 'stq', 'p0', 'p0k', 'p0q'].includes(x) &&
             !/^(t|tk|tq|c|ck|cq)\d+$/.test(x));
     if (unknown.length > 0) {
       throw new Error(`--grad-variants: unknown flag(s) ${unknown.join(',')} in "${variant}"`);
@@ -480,6 +483,8 @@ async function main(): Promise<void> {
     const [chunksKV, chunksQ] = [value('ck', 'c'), value('cq', 'c')];
     const streamKV = flags.includes('st') || flags.includes('stk');
     const streamQ = flags.includes('st') || flags.includes('stq');
+    const noPrefetchKV = flags.includes('p0') || flags.includes('p0k');
+    const noPrefetchQ = flags.includes('p0') || flags.includes('p0q');
     return {
       dkdv: {
         bc,
@@ -487,7 +492,8 @@ async function main(): Promise<void> {
         threads: value('tk', 't') ?? 128,
         ...(splitKV ? {split: true} : {}),
         ...(chunksKV != null ? {dimChunks: chunksKV} : {}),
-        ...(streamKV ? {streamed: true} : {})
+        ...(streamKV ? {streamed: true} : {}),
+        ...(noPrefetchKV ? {prefetch: false} : {})
       },
       dq: {
         br: qbr,
@@ -495,7 +501,8 @@ async function main(): Promise<void> {
         threads: value('tq', 't') ?? 128,
         ...(splitQ ? {split: true} : {}),
         ...(chunksQ != null ? {dimChunks: chunksQ} : {}),
-        ...(streamQ ? {streamed: true} : {})
+        ...(streamQ ? {streamed: true} : {}),
+        ...(noPrefetchQ ? {prefetch: false} : {})
       },
     };
   };
@@ -512,6 +519,8 @@ async function main(): Promise<void> {
       dq.threads !== 128 ? `tq${dq.threads}` : '',
       dkdv.streamed ? 'stk' : '',
       dq.streamed ? 'stq' : '',
+      dkdv.prefetch === false ? 'p0k' : '',
+      dq.prefetch === false ? 'p0q' : '',
     ];
     return [dkdv.bc, dkdv.br, dq.br, dq.bc, ...flags.filter(f => f !== '')].join(',');
   };

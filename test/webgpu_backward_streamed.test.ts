@@ -8,8 +8,9 @@
  * SwiftShader's 32 KiB: S4 at D=128, S5 at D=96, S2 and S6 at D=80, S3 at
  * head dims that are not multiples of 4 (the others need up to 36 KiB at
  * D=128); all of their WGSL is validated at D=128, and 4-slice tiles at
- * D=256. (S1: its dK/dV pass is S2's; its dQ pass with `seqlens` and
- * packed varlen calls in test/webgpu_backward_sliced.test.ts.)
+ * D=256; one case without the slices' register prefetch. (S1: its dK/dV
+ * pass is S2's; its dQ pass with `seqlens` and packed varlen calls in
+ * test/webgpu_backward_sliced.test.ts.)
  */
 import {chooseGradTiles, GradTiles} from '../kernels/webgpu/FlashAttentionGrad';
 import {dkdvStorageBytes, dkdvTilesValid} from '../kernels/webgpu/flash_attention_grad_dkdv_webgpu';
@@ -70,11 +71,18 @@ describe('streamed backward candidates', () => {
 describeWebGPU('fused WebGPU backward, both operands streamed [webgpu]', () => {
   useFusedGradWebGPU();
 
-  it('every candidate\'s WGSL at D=128, and D=256 tiles, pass Dawn\'s validation', async () => {
-    const plans =
-        [...STREAMED_GRAD_CANDIDATES.map(t => ({d: 128, tiles: t})), {d: 256, tiles: D256}];
-    await expectValidSlicedGradWGSL(plans);
-  });
+  it('every candidate\'s WGSL at D=128 (with and without prefetch), and D=256 tiles, pass Dawn\'s validation',
+     async () => {
+       // Each also without prefetch (`p0`).
+       const noPrefetch = ({dkdv, dq}: GradTiles): GradTiles =>
+           ({dkdv: {...dkdv, prefetch: false}, dq: {...dq, prefetch: false}});
+       const plans = [
+         ...STREAMED_GRAD_CANDIDATES.flatMap(t => [t, noPrefetch(t)])
+             .map(t => ({d: 128, tiles: t})),
+         {d: 256, tiles: D256},
+       ];
+       await expectValidSlicedGradWGSL(plans);
+     });
 
   const [, S2, S3, S4, S5, S6] = STREAMED_GRAD_CANDIDATES;
   // Several key and query blocks per head where the tiles allow; every
@@ -120,6 +128,18 @@ describeWebGPU('fused WebGPU backward, both operands streamed [webgpu]', () => {
         name: 'D=80, causal, Sq < Sk, softcap (16-key dK/dV blocks)',
         shape: {batch: 1, seqQ: 45, seqK: 70, heads: 2, headsKV: 2, headDim: 80, headDimV: 80},
         opts: {causal: true, softcap: 2}
+      }
+    },
+    {
+      // Without prefetch (`p0`): streamed dK/dV in 2 slices, resident dQ.
+      tiles: {
+        dkdv: {bc: 32, br: 16, threads: 128, dimChunks: 2, streamed: true, prefetch: false},
+        dq: {br: 32, bc: 32, threads: 128, dimChunks: 2, prefetch: false}
+      },
+      c: {
+        name: 'D=80, no prefetch, GQA, dropout, Sq > Sk',
+        shape: {batch: 1, seqQ: 45, seqK: 40, heads: 2, headsKV: 1, headDim: 80, headDimV: 80},
+        opts: {dropoutRate: 0.2, seed: 4}
       }
     },
     {

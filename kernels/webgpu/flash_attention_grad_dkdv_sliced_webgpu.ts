@@ -53,10 +53,11 @@ export class FlashAttentionGradDkDvSlicedProgram extends GradPassProgram {
     const xt = threads / s.sc;       // accumulation: lanes per key quad
     const nq = Math.ceil(sw4 / xt);  // accumulation: quads per slice per thread
     const streamed = tiles.streamed === true;
+    const prefetch = tiles.prefetch !== false;
     const keys = swizzledRowsWGSL('keyAt', s.sc);
     super(
         `flashAttentionGradDkDvSliced_${d}_${dv}_${bc}_${br}_${threads}_c${chunks}${
-            streamed ? 'st' : ''}_${featureKey(f)}`,
+            streamed ? 'st' : ''}${prefetch ? '' : 'p0'}_${featureKey(f)}`,
         f, 'k');
     const inSlice = sw4 % xt === 0 ? 'true' : 'xl < SW4';
     // acc[(c NQ + n) 4 + key] += weights[key] * sliceS row r, quad xl.
@@ -95,12 +96,15 @@ export class FlashAttentionGradDkDvSlicedProgram extends GradPassProgram {
           }
         }`;
     // One slice: store the prefetched one (and its key slice, `withKeys`
-    // where streamed), then read the next (`next`).
+    // where streamed), then read the next (`next`): here, while the slice
+    // is multiplied, or without prefetch at the end of the slice
+    // (`afterSlice`), just before the next one is stored.
     const sliceStep = (next: string, withKeys = false) => `
       workgroupBarrier();
       storeRowSlice(t);${withKeys && streamed ? '\n      storeKeySlice(t);' : ''}
       workgroupBarrier();
-      ${next}`;
+      ${prefetch ? next : ''}`;
+    const afterSlice = (next: string) => prefetch ? '' : `\n      ${next}\n    `;
     // Streamed: a line reading the next key slice (`args` of fetchKeySlice
     // before t), indented by `indent`.
     const nextKeys = (args: string, indent: string) =>
@@ -108,12 +112,23 @@ export class FlashAttentionGradDkDvSlicedProgram extends GradPassProgram {
     // A stores its key slice beside the row slice and reads the next (K's
     // next, or V's first); B reads V's next (the next step's K is read in C).
     const storeKeysInA = streamed ? '\n      storeKeySlice(t);' : '';
-    const nextKeysInA = nextKeys('c + 1 < DC, j0, select(0, c + 1, c + 1 < DC)', '      ');
+    const nextInA = `fetchRowSlice(c + 1 < DC, i0, h, select(0, c + 1, c + 1 < DC), t, gr);${
+        nextKeys('c + 1 < DC, j0, select(0, c + 1, c + 1 < DC)', '      ')}`;
     const nextInB = `fetchRowSlice(c + 1 >= DC, i0, h, select(c + 1, 0, c + 1 >= DC), t, gr);${
         streamed ? `
       if (c + 1 < DC) {${nextKeys('false, j0, c + 1', '        ')}
       }` :
                    ''}`;
+    // C reads Q's next slice, or the next step's first (and its K slice and
+    // row statistics).
+    const nextInC = `if (c + 1 < DC) {
+        fetchRowSlice(true, i0, h, c + 1, t, gr);
+      } else if (step + 1 < steps) {
+        let hn = hk * groups + (step + 1) / nBlocks;
+        let iN = iLo + ((step + 1) % nBlocks) * BR;
+        fetchRowSlice(true, iN, hn, 0, t, gr);${nextKeys('true, j0, 0', '        ')}
+        ${fetchRowStatsWGSL('iN', 'hn', br, threads)}
+      }`;
     // Key j's dims of accumulator `acc` to `out` ([B, Sk, Hk, w]).
     const storeKeyRow = (out: string, acc: string, w: string) => `
       for (var c = 0; c < DC; c++) {
@@ -201,11 +216,11 @@ ${sPhaseWGSL(s)}
         ${storeRowStatsWGSL(br, threads)}
       }
       workgroupBarrier();
-      fetchRowSlice(c + 1 < DC, i0, h, select(0, c + 1, c + 1 < DC), t, gr);${nextKeysInA}
+      ${prefetch ? nextInA : ''}
       if (sActive) {
         ${products('s', 'kT')}
       }
-    `)}
+    ${afterSlice(nextInA)}`)}
     // P * keep to pS; s[m] becomes P * score' * scale (0 where masked).
     if (sActive) {
       for (var m = 0; m < MR; m++) {
@@ -238,7 +253,7 @@ ${sPhaseWGSL(s)}
         let w = pS[r * SC + kq];
         ${accumulate('dvAcc')}
       }
-    `)}
+    ${afterSlice(nextInB)}`)}
     workgroupBarrier();
     if (sActive) {
       for (var m = 0; m < MR; m++) {
@@ -248,19 +263,12 @@ ${sPhaseWGSL(s)}
     }
     // C: dK over the slices of Q; the last reads the next step's first.
     ${perSliceWGSL(chunks, `
-      ${sliceStep(`if (c + 1 < DC) {
-        fetchRowSlice(true, i0, h, c + 1, t, gr);
-      } else if (step + 1 < steps) {
-        let hn = hk * groups + (step + 1) / nBlocks;
-        let iN = iLo + ((step + 1) % nBlocks) * BR;
-        fetchRowSlice(true, iN, hn, 0, t, gr);${nextKeys('true, j0, 0', '        ')}
-        ${fetchRowStatsWGSL('iN', 'hn', br, threads)}
-      }`)}
+      ${sliceStep(nextInC)}
       for (var r = 0; r < BR; r++) {
         let w = pS[r * SC + kq];
         ${accumulate('dkAcc')}
       }
-    `)}
+    ${afterSlice(nextInC)}`)}
   }
 
   for (var c4 = 0; c4 < 4; c4++) {

@@ -43,6 +43,11 @@ export interface DkDvTiles {
    * instead of resident (docs/webgpu_tuning.md, "Streamed backward").
    */
   streamed?: boolean;
+  /**
+   * With dimChunks: false reads each slice just before it is stored, not
+   * while the previous one is multiplied (no prefetch registers); default true.
+   */
+  prefetch?: boolean;
 }
 
 /** Workgroup storage bytes of the program (must fit the device limit). */

@@ -59,10 +59,11 @@ export class FlashAttentionGradDqSlicedProgram extends GradPassProgram {
     const xt = threads / (br / nr);       // accumulation: lanes per row group
     const nds = Math.ceil(4 * sw4 / xt);  // accumulation: dims per slice per thread
     const streamed = tiles.streamed === true;
+    const prefetch = tiles.prefetch !== false;
     const rowSlice = swizzledRowsWGSL('rowAt', sw4);
     super(
         `flashAttentionGradDqSliced_${d}_${dv}_${bc}_${br}_${threads}_c${chunks}${
-            streamed ? 'st' : ''}_${featureKey(f)}`,
+            streamed ? 'st' : ''}${prefetch ? '' : 'p0'}_${featureKey(f)}`,
         f, 'q');
     // Row r's quad xl of slice c: of `tile` (resident), or of the slice in
     // rowS (streamed; `tile` is in it).
@@ -85,12 +86,15 @@ export class FlashAttentionGradDqSlicedProgram extends GradPassProgram {
           }
         }`;
     // One slice: store the prefetched one (and its row slice, `withRows`
-    // where streamed), then read the next (`next`).
+    // where streamed), then read the next (`next`): here, while the slice
+    // is multiplied, or without prefetch at the end of the slice
+    // (`afterSlice`), just before the next one is stored.
     const slice = (next: string, withRows = false) => `
       workgroupBarrier();
       storeKeySlice(t);${withRows && streamed ? '\n      storeRowSlice(t);' : ''}
       workgroupBarrier();
-      ${next}`;
+      ${prefetch ? next : ''}`;
+    const afterSlice = (next: string) => prefetch ? '' : `\n      ${next}\n    `;
     // Streamed: a line reading the next row slice (`args` of fetchRowSlice
     // between i0 and t: head, slice), indented by `indent`.
     const nextRows = (fromQ: string, args: string, indent: string) =>
@@ -105,6 +109,12 @@ export class FlashAttentionGradDqSlicedProgram extends GradPassProgram {
       if (c + 1 < DC) {${nextRows('false', 'h, c + 1', '        ')}
       }` :
                    ''}`;
+    // C reads K's next slice, or the next block's first (and its Q slice).
+    const nextInC = `if (c + 1 < DC) {
+        fetchKeySlice(true, j0, c + 1, t, hk, gr);
+      } else if (j0 + BC <= jHi) {
+        fetchKeySlice(true, j0 + BC, 0, t, hk, gr);${nextRows('true', 'h, 0', '        ')}
+      }`;
     const inSlice = (4 * sw4) % xt === 0 ? 'true' : 'xl < 4 * SW4';
     const consts = {
       NR: nr,
@@ -173,24 +183,20 @@ ${sliceStreamWGSL(d, dv, {keys: sliceNames('keyAt'), ...(streamed ? {rows: rowSt
       if (sActive) {
         ${products('s', 'qS')}
       }
-    `)}
+    ${afterSlice(nextInA)}`)}
     // B: dP over the slices of V, then dS.
     ${perSliceWGSL(chunks, `
       ${slice(nextInB, true)}
       if (sActive) {
         ${products('dp', 'doS')}
       }
-    `)}
+    ${afterSlice(nextInB)}`)}
     if (sActive) {
       ${probsAndDsWGSL(f, false, 'pS[r * SC + sQuad] = dsv;')}
     }
     // C: dQ over the slices of K; the last reads the next block's first.
     ${perSliceWGSL(chunks, `
-      ${slice(`if (c + 1 < DC) {
-        fetchKeySlice(true, j0, c + 1, t, hk, gr);
-      } else if (j0 + BC <= jHi) {
-        fetchKeySlice(true, j0 + BC, 0, t, hk, gr);${nextRows('true', 'h, 0', '        ')}
-      }`)}
+      ${slice(nextInC)}
       for (var quad = 0; quad < SC; quad++) {
         var dsr: array<vec4<f32>, NR>;
         for (var m = 0; m < NR; m++) {
@@ -206,7 +212,7 @@ ${sliceStreamWGSL(d, dv, {keys: sliceNames('keyAt'), ...(streamed ? {rows: rowSt
           }
         }
       }
-    `)}
+    ${afterSlice(nextInC)}`)}
   }
 
   for (var m = 0; m < NR; m++) {

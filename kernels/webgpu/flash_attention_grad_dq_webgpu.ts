@@ -38,6 +38,11 @@ export interface DqTiles {
    * and V instead of resident (docs/webgpu_tuning.md, "Streamed backward").
    */
   streamed?: boolean;
+  /**
+   * With dimChunks: false reads each slice just before it is stored, not
+   * while the previous one is multiplied (no prefetch registers); default true.
+   */
+  prefetch?: boolean;
 }
 
 /**
