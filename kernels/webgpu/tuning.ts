@@ -235,9 +235,10 @@ export const STREAMED_GRAD_CANDIDATES: GradTiles[] = [
     dkdv: {bc: 64, br: 32, threads: 256, dimChunks: 4, streamed: true},
     dq: {br: 64, bc: 32, threads: 256, dimChunks: 4, streamed: true}
   },
-  // S5, S6: S2's dQ with register-light dK/dV passes (S1's dK/dV compiles to
-  // 245-255 registers on the H100: one workgroup per SM). One slice, so that
-  // each key quad's lanes cover the head dim; 32 dK/dV accumulator floats.
+  // S5, S6: S2's dQ with register-light dK/dV passes (S1's dK/dV pass fits one
+  // workgroup per SM by its registers on the H100: docs/webgpu_tuning.md). One
+  // slice, so that each key quad's lanes cover the head dim; 32 dK/dV
+  // accumulator floats.
   // S5: 32 keys x 32 rows, 256 thr: 37120 B, 32 + 8 + 32 floats, 1x4 S tiles.
   {
     dkdv: {bc: 32, br: 32, threads: 256, dimChunks: 1, streamed: true},
