@@ -40,7 +40,7 @@ function streamed(
 const D256 = streamed([64, 32, 256], [64, 32, 256], 4);
 
 describe('streamed backward candidates', () => {
-  it('are consistent, fit the H100 at D=128, and are not the planned tiles', () => {
+  it('are consistent and fit the H100 at D=128', () => {
     expect(STREAMED_GRAD_CANDIDATES.length).toBeGreaterThanOrEqual(2);
     for (const tiles of STREAMED_GRAD_CANDIDATES) {
       expect(tiles.dkdv.streamed && tiles.dq.streamed).toBe(true);
@@ -58,13 +58,46 @@ describe('streamed backward candidates', () => {
     expect(Math.max(...bytes(S4))).toBeLessThanOrEqual(SWIFTSHADER_BYTES);
     expect(dkdvStorageBytes(D256.dkdv, 256, 256)).toBeLessThanOrEqual(H100_BYTES);
     expect(dqStorageBytes(D256.dq, 256, 256)).toBeLessThanOrEqual(H100_BYTES);
-    // The planner does not take them.
-    const planned = chooseGradTiles(128, 128, H100_STAND_IN.limits)!;
-    expect(planned.dkdv.streamed).toBeUndefined();
-    expect(planned.dq.streamed).toBeUndefined();
     // Streaming needs slices.
     expect(dkdvTilesValid({bc: 32, br: 8, threads: 128, streamed: true})).toBe(false);
     expect(dqTilesValid({br: 32, bc: 8, threads: 128, streamed: true})).toBe(false);
+  });
+});
+
+describe('backward planner', () => {
+  const limits = H100_STAND_IN.limits;
+  const S2 = STREAMED_GRAD_CANDIDATES[1];
+  it('takes S2 for head dims 97..128 on a GPU that gives its bytes and invocations', () => {
+    expect(S2).toEqual({
+      dkdv: {bc: 64, br: 32, threads: 256, dimChunks: 2, streamed: true},
+      dq: {br: 64, bc: 64, threads: 256, dimChunks: 4, streamed: true}
+    });
+    for (const [d, dv] of [[128, 128], [97, 97], [100, 128], [128, 112]]) {
+      expect(chooseGradTiles(d, dv, limits)).toEqual(S2);
+    }
+    // 33280 bytes (S2's dQ pass at D=128) are enough, one fewer is not.
+    expect(chooseGradTiles(128, 128, {...limits, maxComputeWorkgroupStorageSize: 33280}))
+        .toEqual(S2);
+  });
+
+  it('keeps the size lists on software devices, small limits and other head dims', () => {
+    const unsliced = {dkdv: {bc: 32, br: 8, threads: 128}, dq: {br: 32, bc: 8, threads: 128}};
+    expect(chooseGradTiles(128, 128, limits, false)).toEqual(unsliced);
+    // One byte short of S2's, or too few invocations: the size lists.
+    const small = [
+      {maxComputeWorkgroupStorageSize: 33279}, {maxComputeInvocationsPerWorkgroup: 255},
+      {maxComputeWorkgroupSizeX: 128}
+    ];
+    for (const limit of small) {
+      const tiles = chooseGradTiles(128, 128, {...limits, ...limit});
+      expect(tiles?.dkdv.streamed).toBeUndefined();
+      expect(tiles).toEqual(chooseGradTiles(128, 128, {...limits, ...limit}, false));
+    }
+    for (const [d, dv] of [[96, 96], [64, 64], [96, 128], [128, 96], [160, 160], [256, 256]]) {
+      const tiles = chooseGradTiles(d, dv, limits);
+      expect(tiles?.dkdv.streamed).toBeUndefined();
+      expect(tiles).toEqual(chooseGradTiles(d, dv, limits, false));
+    }
   });
 });
 

@@ -164,14 +164,23 @@ export const DQ_SIZES: Array<[number, number]> =
 /** Backward invocations per workgroup: more rows of S per thread than 256. */
 export const GRAD_THREADS = 128;
 
+/** Backward tiles and the head dims (both D and Dv) they are planned for. */
+export interface GradTilingChoice {
+  tiles: GradTiles;
+  /** Only for head dims above this. */
+  minHeadDim: number;
+  /** Only for head dims up to this. */
+  maxHeadDim: number;
+}
+
 /**
  * Head dims above 64: backward tiles with the streamed operand (Q/dO in
  * the dK/dV pass, K/V in the dQ pass) in head-dim slices (`dimChunks`), so
  * that a step takes 16-32 rows or keys instead of 8
  * (docs/webgpu_tuning.md, "Backward at head dims above 64", works out each
  * one's registers, bytes and loads). Forcible (setGradTilesOverride, the
- * benchmark's `--grad-variants sliced`); the planner does not take them
- * until a GPU measures them. At D=128, dK/dV / dQ: workgroup bytes, and
+ * benchmark's `--grad-variants sliced`); not planned (the streamed S2 below
+ * measured faster). At D=128, dK/dV / dQ: workgroup bytes, and
  * floats per thread (accumulators + S/dP + prefetch).
  */
 export const SLICED_GRAD_CANDIDATES: GradTiles[] = [
@@ -208,7 +217,7 @@ export const SLICED_GRAD_CANDIDATES: GradTiles[] = [
  * (rows) with 256 invocations fit (docs/webgpu_tuning.md, "Streamed
  * backward", works out each one's bytes, registers and loads). Forcible
  * (setGradTilesOverride, the benchmark's `--grad-variants streamed`); the
- * planner does not take them until a GPU measures them. At D=128, dK/dV /
+ * planner takes S2 (GRAD_TILINGS) on hardware GPUs. At D=128, dK/dV /
  * dQ: workgroup bytes, floats per thread (accumulators + S/dP + prefetch).
  */
 export const STREAMED_GRAD_CANDIDATES: GradTiles[] = [
@@ -249,6 +258,18 @@ export const STREAMED_GRAD_CANDIDATES: GradTiles[] = [
     dkdv: {bc: 16, br: 32, threads: 128, dimChunks: 1, streamed: true},
     dq: {br: 64, bc: 64, threads: 256, dimChunks: 4, streamed: true}
   },
+];
+
+/**
+ * Backward tiles tried before DKDV_SIZES / DQ_SIZES on hardware GPUs (a
+ * software device keeps the size lists: it compiles these tiles slowly), the
+ * first whose head dims, workgroup bytes and invocations fit. Head dims
+ * 97..128: candidate S2 of STREAMED_GRAD_CANDIDATES, the fastest backward
+ * in most D=128 rows of three H100 calls (benchmarks/RESULTS.md, "Session
+ * 10"; docs/webgpu_tuning.md, "Streamed backward").
+ */
+export const GRAD_TILINGS: GradTilingChoice[] = [
+  {tiles: STREAMED_GRAD_CANDIDATES[1], minHeadDim: 96, maxHeadDim: 128},
 ];
 
 /** Testing and benchmarking: force a forward plan (tiling, subgroups, splits). */
