@@ -1,0 +1,200 @@
+/**
+ * Reads what the shader-statistics layer and replay tool wrote
+ * (benchmarks/shader_stats/stats_common.h's line format) and makes the
+ * per-kernel table of benchmarks/shader_stats.ts: registers, workgroup
+ * (shared) and local (spill) memory, and where the driver hands out an
+ * assembly listing, its instruction mix. Pure functions over text, so a
+ * test can feed them a report.
+ */
+
+/** One pipeline executable (a compute pipeline has one) as the driver reports it. */
+export interface ExecutableReport {
+  name: string;
+  description: string;
+  subgroupSize: number;
+  /** Every statistic, by the driver's name, as printed (numbers, true/false). */
+  stats: Record<string, string>;
+  representations: Array<{name: string, bytes: number, text: boolean, file: string}>;
+}
+
+export interface PipelineReport {
+  executables: ExecutableReport[];
+  error: string|null;
+}
+
+/** Parses a `.stats` file. */
+export function parseStatsReport(text: string): PipelineReport {
+  const executables: ExecutableReport[] = [];
+  let error: string|null = null;
+  for (const line of text.split('\n')) {
+    const f = line.split('\t');
+    const exe = executables[Number(f[1])];
+    if (f[0] === 'executable' && f.length >= 6) {
+      executables[Number(f[1])] = {
+        name: f[2],
+        description: f[3],
+        subgroupSize: Number(f[5]),
+        stats: {},
+        representations: []
+      };
+    } else if (f[0] === 'stat' && exe != null && f.length >= 4) {
+      exe.stats[f[2]] = f[3];
+    } else if (f[0] === 'ir' && f.length >= 8) {
+      executables[Number(f[1])]?.representations.push(
+          {name: f[3], bytes: Number(f[4]), text: f[5] === '1', file: f[6]});
+    } else if (f[0] === 'error') {
+      error = f.slice(1).join(' ');
+    }
+  }
+  return {executables, error};
+}
+
+/** The table's columns, found by the statistic's name (drivers name them differently). */
+export interface KeyStats {
+  registers: string;
+  shared: string;
+  local: string;
+}
+
+function findStat(stats: Record<string, string>, want: RegExp, not?: RegExp): string {
+  const name = Object.keys(stats).find(n => want.test(n) && (not == null || !not.test(n)));
+  return name == null ? '-' : stats[name];
+}
+
+export function keyStats(stats: Record<string, string>): KeyStats {
+  return {
+    registers: findStat(stats, /regist|\bGPRs?\b|VGPR/i, /spill|uniform|predicate|barrier/i),
+    shared: findStat(stats, /shared|workgroup|LDS/i, /spill/i),
+    local: findStat(stats, /local|spill|scratch|stack/i),
+  };
+}
+
+/**
+ * Instruction classes of the mix: SASS mnemonics (FFMA, LDS.128, ...) and,
+ * if the driver hands out PTX instead, their PTX counterparts.
+ */
+export const MIX_CLASSES = [
+  'FFMA', 'FMUL/FADD', 'LDS', 'LDS.128', 'STS', 'BAR', 'LDG', 'STG', 'INT', 'MUFU.EX2', 'SHFL',
+  'BRA'
+] as const;
+export type MixClass = typeof MIX_CLASSES[number];
+
+const INTEGER_SASS =
+    /^(IMAD|IADD3?|IMNMX|ISETP|LOP3?|SHF|SHL|SHR|LEA|IABS|SEL|PRMT|I2F|F2I|MOV|IMUL)/;
+const INTEGER_PTX = new RegExp(
+    '^(mad\\.lo|mul\\.lo|mul\\.wide|add\\.[su]|sub\\.[su]|shl|shr|and|or|xor|' +
+    'setp\\.[a-z]*\\.[su]|selp|min\\.[su]|max\\.[su]|cvt|mov)');
+
+/** The mix class of one mnemonic, or null. */
+export function mixClass(op: string): MixClass|null {
+  if (/^[A-Z]/.test(op)) {
+    if (op.startsWith('FFMA')) return 'FFMA';
+    if (/^(FMUL|FADD)/.test(op)) return 'FMUL/FADD';
+    if (op.startsWith('LDS')) return /\.(128|U\.128)/.test(op) ? 'LDS.128' : 'LDS';
+    if (op.startsWith('STS')) return 'STS';
+    if (/^(BAR|WARPSYNC)/.test(op)) return 'BAR';
+    if (/^(LDG|LD\.|LDC)/.test(op)) return 'LDG';
+    if (/^(STG|ST\.)/.test(op)) return 'STG';
+    if (op.startsWith('MUFU.EX2')) return 'MUFU.EX2';
+    if (op.startsWith('SHFL')) return 'SHFL';
+    if (/^(BRA|BRX|JMP)/.test(op)) return 'BRA';
+    return INTEGER_SASS.test(op) ? 'INT' : null;
+  }
+  if (/^fma\.rn\.f32/.test(op)) return 'FFMA';
+  if (/^(mul|add|sub)\.(rn\.)?f32/.test(op)) return 'FMUL/FADD';
+  if (/^ld\.shared/.test(op)) return /\.v4/.test(op) ? 'LDS.128' : 'LDS';
+  if (/^st\.shared/.test(op)) return 'STS';
+  if (/^(bar|barrier)\./.test(op)) return 'BAR';
+  if (/^ld\.(global|param|const)/.test(op)) return 'LDG';
+  if (/^st\.global/.test(op)) return 'STG';
+  if (/^ex2\.approx/.test(op)) return 'MUFU.EX2';
+  if (/^shfl\./.test(op)) return 'SHFL';
+  if (/^bra/.test(op)) return 'BRA';
+  return INTEGER_PTX.test(op) ? 'INT' : null;
+}
+
+/**
+ * The mnemonic of one assembly line (SASS as nvdisasm prints it,
+ * `/*0040*\/ @!P0 FFMA R1, R2, R3, R4 ;`, or PTX, `@%p1 fma.rn.f32 %f1, ...;`),
+ * or null for labels, directives and comments.
+ */
+export function mnemonic(line: string): string|null {
+  let s = line.trim().replace(/^\/\*[0-9a-fA-F]+\*\/\s*/, '');
+  s = s.replace(/^\{\s*/, '').replace(/^@!?%?U?[Pp]\w*\s+/, '');
+  const m = /^([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)(?=[\s;]|$)/.exec(s) ??
+      /^([a-z][a-z0-9_]*(?:\.[a-z0-9_]+)+|bra|ret|exit)(?=[\s;]|$)/.exec(s);
+  return m == null ? null : m[1];
+}
+
+export interface InstructionMix {
+  /** Instructions (mnemonic lines) in the listing. */
+  total: number;
+  classes: Record<MixClass, number>;
+  /** The most frequent mnemonics, most first. */
+  top: Array<[string, number]>;
+}
+
+/**
+ * The static instruction mix of an assembly listing, or null if it has
+ * none of the mnemonics above (an intermediate form such as NIR or SPIR-V
+ * text, not machine code).
+ */
+export function instructionMix(listing: string, topCount = 12): InstructionMix|null {
+  const classes = Object.fromEntries(MIX_CLASSES.map(c => [c, 0])) as Record<MixClass, number>;
+  const ops = new Map<string, number>();
+  let total = 0;
+  let classified = 0;
+  for (const line of listing.split('\n')) {
+    const op = mnemonic(line);
+    if (op == null) continue;
+    total++;
+    ops.set(op, (ops.get(op) ?? 0) + 1);
+    const c = mixClass(op);
+    if (c != null) {
+      classes[c]++;
+      classified++;
+    }
+  }
+  if (classes.FFMA + classes.LDS + classes['LDS.128'] + classes.LDG === 0 || classified === 0) {
+    return null;
+  }
+  const top = [...ops.entries()].sort((a, b) => b[1] - a[1]).slice(0, topCount);
+  return {total, classes, top};
+}
+
+/** One table row: a pipeline of a plan. */
+export interface KernelRow {
+  plan: string;
+  kernel: string;
+  pipeline: string;
+  source: 'layer'|'replay'|'none';
+  report: PipelineReport|null;
+  mix: InstructionMix|null;
+}
+
+/** The table as Markdown: one row per pipeline executable. */
+export function formatTable(rows: KernelRow[]): string {
+  const header =
+      ['plan', 'kernel', 'pipeline', 'regs', 'shared B', 'local B', ...MIX_CLASSES, 'instr'];
+  const lines = [`| ${header.join(' | ')} |`, `| ${header.map(() => '---').join(' | ')} |`];
+  for (const r of rows) {
+    const exes = r.report?.executables.filter(e => e != null) ?? [];
+    const mix = r.mix;
+    const mixCells = MIX_CLASSES.map(c => (mix == null ? '-' : String(mix.classes[c])));
+    if (exes.length === 0) {
+      const why = r.report?.error ?? (r.source === 'none' ? 'no statistics' : 'no executables');
+      lines.push(`| ${
+              [r.plan, r.kernel, r.pipeline, why, '', '', ...MIX_CLASSES.map(() => ''), ''].join(
+                  ' | ')} |`);
+      continue;
+    }
+    for (const e of exes) {
+      const k = keyStats(e.stats);
+      lines.push(`| ${
+              [r.plan, r.kernel, r.pipeline, k.registers, k.shared, k.local, ...mixCells,
+               mix == null ? '-' : String(mix.total)]
+                  .join(' | ')} |`);
+    }
+  }
+  return lines.join('\n');
+}
