@@ -45,7 +45,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 build=${1:-/tmp/shader-stats-build}
 mkdir -p "$build"
 cflags=(-O2 -Wall -I "$here/include")
-gcc "${cflags[@]}" -shared -fPIC -fvisibility=hidden \
+gcc "${cflags[@]}" -shared -fPIC -fvisibility=hidden -Wl,-Bsymbolic \
   -o "$build/libVkLayer_tfjsfa_shader_stats.so" "$here/dump_layer.c" -lpthread &&
   gcc "${cflags[@]}" -o "$build/pipeline_stats" "$here/pipeline_stats.c" -ldl
 EOF

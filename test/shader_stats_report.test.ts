@@ -1,0 +1,134 @@
+/**
+ * The per-shader statistics summarizer (benchmarks/shader_stats_report.ts)
+ * on reports in the layer's format: columns found by the statistic's name,
+ * the instruction mix of SASS and PTX listings, and no mix for listings
+ * that are not machine code. The layer and replay tool themselves need gcc
+ * and a Vulkan driver: benchmarks/shader_stats/selftest/selftest.sh checks
+ * them (docs/webgpu_tuning.md, "Per-shader statistics").
+ */
+import * as report from '../benchmarks/shader_stats_report';
+
+const {formatTable, instructionMix, keyStats, mixClass, mnemonic, parseStatsReport} = report;
+
+const REPORT = [
+  'executable\t0\tCompute Shader\tmain\t0x20\t32',
+  'stat\t0\tRegister Count\t168\tregisters per thread',
+  'stat\t0\tShared Memory Size\t49152\tbytes',
+  'stat\t0\tLocal Memory Size\t64\tspill bytes per thread',
+  'stat\t0\tBinary Size\t20480\tbytes',
+  'ir\t0\t0\tSASS\t900\t1\tpipeline-007.e0.r0.txt\tassembly',
+  'irline\t0\t0\tFFMA R1, R2, R3, R1 ;',
+  '',
+].join('\n');
+
+const SASS = [
+  '        /*0000*/                   MOV R1, c[0x0][0x28] ;',
+  '        /*0010*/                   IMAD.SHL.U32 R2, R0, 0x4, RZ ;',
+  '        /*0020*/                   LDG.E.128 R4, [R2.64] ;',
+  '        /*0030*/                   STS.128 [R2], R4 ;',
+  '        /*0040*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;',
+  '        /*0050*/                   LDS.128 R8, [R2] ;',
+  '        /*0060*/                   LDS R12, [R2+0x10] ;',
+  '        /*0070*/                   FFMA R13, R8, R12, R13 ;',
+  '        /*0080*/               @!P0 FFMA R14, R9, R12, R14 ;',
+  '        /*0090*/                   FMUL R15, R13, 1.4426950216293334961 ;',
+  '        /*00a0*/                   MUFU.EX2 R15, R15 ;',
+  '        /*00b0*/                   SHFL.BFLY PT, R16, R15, 0x1, 0x1f ;',
+  '        /*00c0*/               @P1 BRA 0x40 ;',
+  '        /*00d0*/                   STG.E [R2.64], R15 ;',
+  '        /*00e0*/                   EXIT ;',
+  '.L_x_0:',
+].join('\n');
+
+describe('shader statistics report', () => {
+  it('parses executables, statistics and representations', () => {
+    const r = parseStatsReport(REPORT);
+    expect(r.error).toBeNull();
+    expect(r.executables).toHaveLength(1);
+    const e = r.executables[0];
+    expect(e.name).toBe('Compute Shader');
+    expect(e.subgroupSize).toBe(32);
+    expect(e.stats['Register Count']).toBe('168');
+    expect(e.stats['Binary Size']).toBe('20480');
+    expect(e.representations).toEqual([
+      {name: 'SASS', bytes: 900, text: true, file: 'pipeline-007.e0.r0.txt'}
+    ]);
+    expect(keyStats(e.stats)).toEqual({registers: '168', shared: '49152', local: '64'});
+  });
+
+  it('reports a driver error and unknown columns as such', () => {
+    const r = parseStatsReport('error\tno pipeline executables reported\n');
+    expect(r.executables).toHaveLength(0);
+    expect(r.error).toBe('no pipeline executables reported');
+    expect(keyStats({'Binary Size': '10'})).toEqual({registers: '-', shared: '-', local: '-'});
+    // Spill counts are not the register column.
+    expect(keyStats({'Spilled Registers': '8', 'VGPRs': '40'}).registers).toBe('40');
+  });
+
+  it('counts the instruction mix of a SASS listing', () => {
+    expect(mnemonic('        /*0080*/               @!P0 FFMA R14, R9, R12, R14 ;')).toBe('FFMA');
+    expect(mnemonic('.L_x_0:')).toBeNull();
+    const mix = instructionMix(SASS);
+    expect(mix).not.toBeNull();
+    expect(mix!.total).toBe(15);
+    expect(mix!.classes).toEqual({
+      'FFMA': 2,
+      'FMUL/FADD': 1,
+      'LDS': 1,
+      'LDS.128': 1,
+      'STS': 1,
+      'BAR': 1,
+      'LDG': 1,
+      'STG': 1,
+      'INT': 2,
+      'MUFU.EX2': 1,
+      'SHFL': 1,
+      'BRA': 1
+    });
+    expect(mix!.top[0]).toEqual(['FFMA', 2]);
+  });
+
+  it('classifies PTX and gives no mix for listings that are not machine code', () => {
+    expect(mixClass('fma.rn.f32')).toBe('FFMA');
+    expect(mixClass('ld.shared.v4.f32')).toBe('LDS.128');
+    expect(mixClass('ld.shared.f32')).toBe('LDS');
+    expect(mixClass('bar.sync')).toBe('BAR');
+    expect(mixClass('ex2.approx.ftz.f32')).toBe('MUFU.EX2');
+    expect(mixClass('mad.lo.s32')).toBe('INT');
+    const ptx = instructionMix(
+        '\t@%p1 fma.rn.f32 \t%f1, %f2, %f3, %f1;\n\tld.shared.v4.f32 {%f4}, [%r1];\n');
+    expect(ptx!.classes.FFMA).toBe(1);
+    expect(ptx!.classes['LDS.128']).toBe(1);
+    // NIR or SPIR-V text from a software driver: no machine instructions.
+    expect(instructionMix('decl_var shared float[64] @a\n%1 = load_deref %0\n')).toBeNull();
+  });
+
+  it('formats one row per executable, and a reason where there is none', () => {
+    const rows = [
+      {
+        plan: 'fwd D=128 causal 4,16,1,16,o,c2,qs',
+        kernel: 'FlashAttention forward',
+        pipeline: 'pipeline-007',
+        source: 'layer' as const,
+        report: parseStatsReport(REPORT),
+        mix: instructionMix(SASS)
+      },
+      {
+        plan: 'fwd D=64 causal plan 8,16,1,8,o',
+        kernel: 'FlashAttention forward',
+        pipeline: 'pipeline-000',
+        source: 'none' as const,
+        report: null,
+        mix: null
+      },
+    ];
+    const lines = formatTable(rows).split('\n');
+    expect(lines).toHaveLength(4);
+    expect(lines[0]).toMatch(
+        /^\| plan \| kernel \| pipeline \| regs \| shared B \| local B \| FFMA/);
+    expect(lines[2]).toBe(
+        '| fwd D=128 causal 4,16,1,16,o,c2,qs | FlashAttention forward | pipeline-007 | 168 | ' +
+        '49152 | 64 | 2 | 1 | 1 | 1 | 1 | 1 | 1 | 1 | 2 | 1 | 1 | 1 | 15 |');
+    expect(lines[3]).toContain('| pipeline-000 | no statistics |');
+  });
+});
