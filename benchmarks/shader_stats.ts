@@ -23,8 +23,11 @@
  *
  * Plans: `D:default` the planner's plan for that head dim, or D: a name of
  * tuning.ts's candidate lists (forward: SLICED_ and STREAMED_FORWARD_
- * CANDIDATES in forwardVariantName's spelling; backward: SLICED_GRAD_
- * CANDIDATES as "bc,br,qbr,qbc,ckN,cqN[,tkN][,tqN]", or `sliced` for all).
+ * CANDIDATES in forwardVariantName's spelling, or `sliced` / `streamed` for
+ * a whole list; backward: SLICED_GRAD_CANDIDATES as
+ * "bc,br,qbr,qbc,ckN,cqN[,tkN][,tqN]", or `sliced`). Defaults: the forward
+ * plans at D=64 and 128 and every D=128 candidate; the backward plans at
+ * D=64 and 128 and every sliced D=128 candidate.
  */
 /// <reference types="@webgpu/types" />
 import * as fs from 'fs';
@@ -35,7 +38,7 @@ import type {InstructionMix} from './shader_stats_report';
 import {adapterName, openWebGPUDevice, useWebGPUBackend} from './webgpu_setup';
 
 const LAYER_NAME = 'VK_LAYER_TFJSFA_shader_stats';
-const DEFAULT_VARIANTS = '64:default;128:default;128:4,16,1,16,o,c2,qs;128:4,8,1,16,o,c2';
+const DEFAULT_VARIANTS = '64:default;128:default;128:sliced;128:streamed';
 const DEFAULT_GRAD_VARIANTS = '64:default;128:default;128:sliced';
 
 const log = (msg: string) => process.stderr.write(`${msg}\n`);
@@ -175,9 +178,22 @@ function pipelineRow(dump: string, plan: string, kernel: string, record: string)
 
 /** Prints the table and every statistic; writes them to `out`. */
 function summarize(
-    dump: string, out: string,
-    attributed: Array<{plan: string, label: string, record: string}>): void {
-  const rows = attributed.map(a => pipelineRow(dump, a.plan, a.label.slice(0, 72), a.record));
+    dump: string, out: string, attributed: Array<{plan: string, label: string, record: string}>,
+    plans: Array<{name: string, status: string}>): void {
+  const rows: KernelRow[] = [];
+  const row = (a: {plan: string, label: string, record: string}) =>
+      pipelineRow(dump, a.plan, a.label.slice(0, 72), a.record);
+  rows.push(...attributed.filter(a => !plans.some(p => p.name === a.plan)).map(row));
+  for (const {name, status} of plans) {
+    const own = attributed.filter(a => a.plan === name);
+    rows.push(...own.map(row));
+    if (own.length === 0) {
+      // Failed, or an earlier plan made its kernels (the same pipeline key).
+      const kernel = status === 'ok' ? '(no new pipeline: an earlier plan made its kernels)' :
+                                       `(${status.slice(0, 100)})`;
+      rows.push({plan: name, kernel, pipeline: '-', source: 'none', report: null, mix: null});
+    }
+  }
   const device = readIfExists(path.join(dump, 'device.txt'))?.split('\n')[0].split('\t') ?? [];
   const lines = [
     `device: ${device.slice(1).join(' ') || 'unknown (no device.txt)'}`, '', formatTable(rows), ''
@@ -203,7 +219,7 @@ function summarize(
   fs.writeFileSync(path.join(out, 'shader_stats.md'), `${text}\n`);
   fs.writeFileSync(
       path.join(out, 'shader_stats.json'),
-      JSON.stringify({device, pipelines: attributed, rows}, null, 1));
+      JSON.stringify({device, plans, pipelines: attributed, rows}, null, 1));
 }
 
 async function main(): Promise<void> {
@@ -212,7 +228,7 @@ async function main(): Promise<void> {
     const dump = path.join(args.summarize, 'dump');
     const saved =
         JSON.parse(fs.readFileSync(path.join(args.summarize, 'shader_stats.json'), 'utf8'));
-    summarize(dump, args.summarize, saved.pipelines);
+    summarize(dump, args.summarize, saved.pipelines, saved.plans ?? []);
     return;
   }
   const out = path.resolve(args.out);
@@ -268,6 +284,10 @@ async function main(): Promise<void> {
        ...(t.dkdv.threads !== 128 ? [`tk${t.dkdv.threads}`] : []),
        ...(t.dq.threads !== 128 ? [`tq${t.dq.threads}`] : [])]
           .join(',');
+  const namedForward: Record<string, string[]> = {
+    sliced: tuning.SLICED_FORWARD_CANDIDATES.map(tuning.forwardVariantName),
+    streamed: tuning.STREAMED_FORWARD_CANDIDATES.map(tuning.forwardVariantName),
+  };
   const gradNames = new Map(tuning.SLICED_GRAD_CANDIDATES.map(t => [gradName(t), t]));
 
   // One call of the op on fresh inputs; the backward through tf.grads.
@@ -297,11 +317,11 @@ async function main(): Promise<void> {
     }
   };
 
-  const statuses: string[] = [];
+  const plans: Array<{name: string, status: string}> = [];
   const runPlan = async (name: string, d: number, backward: boolean, causal: boolean) => {
     attribution.setPlan(name);
     const status = await runOnce(d, causal, backward);
-    statuses.push(`${name}: ${status}`);
+    plans.push({name, status});
     log(`${name}: ${status}`);
   };
   const plannedName = (d: number) => {
@@ -315,16 +335,18 @@ async function main(): Promise<void> {
         await runPlan(`fwd D=${d} ${c} plan ${plannedName(d)}`, d, false, causal);
         continue;
       }
-      const tiles = forwardNames.get(variant);
-      if (tiles == null) {
-        throw new Error(
-            `--variants: "${variant}" is none of ${[...forwardNames.keys()].join('; ')}`);
-      }
-      setForwardOverride({tiles});
-      try {
-        await runPlan(`fwd D=${d} ${c} ${variant}`, d, false, causal);
-      } finally {
-        setForwardOverride(null);
+      for (const name of namedForward[variant] ?? [variant]) {
+        const tiles = forwardNames.get(name);
+        if (tiles == null) {
+          throw new Error(`--variants: "${name}" is none of default; sliced; streamed; ${
+                  [...forwardNames.keys()].join('; ')}`);
+        }
+        setForwardOverride({tiles});
+        try {
+          await runPlan(`fwd D=${d} ${c} ${name}`, d, false, causal);
+        } finally {
+          setForwardOverride(null);
+        }
       }
     }
     for (const [d, variant] of parsePlanList(args.gradVariants, 'grad-variants')) {
@@ -367,8 +389,9 @@ async function main(): Promise<void> {
     log(`the driver gave no statistics in-process for ${missing.length} pipeline(s) ` +
         '(pass --replay PATH to compile them again with benchmarks/shader_stats/pipeline_stats.c)');
   }
-  fs.writeFileSync(path.join(out, 'plans.txt'), `${statuses.join('\n')}\n`);
-  summarize(dump, out, attribution.made);
+  fs.writeFileSync(
+      path.join(out, 'plans.txt'), `${plans.map(p => `${p.name}: ${p.status}`).join('\n')}\n`);
+  summarize(dump, out, attribution.made, plans);
 }
 
 main().then(() => process.exit(0), e => {

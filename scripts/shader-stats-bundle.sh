@@ -71,7 +71,13 @@ fi
 cp "$here/VkLayer_tfjsfa_shader_stats.json" "$build/"
 # shellcheck disable=SC1091
 source "$here/../env.sh"
-node "$here/../shader_stats.mjs" --layer "$build" --replay "$build/pipeline_stats" "$@"
+run() { node "$here/../shader_stats.mjs" --layer "$build" --replay "$build/pipeline_stats" "$@"; }
+if ! run "$@"; then
+  # The capture changes Dawn's device and pipelines; without it the layer
+  # only dumps, and the replay tool compiles the dumps on a device of its own.
+  echo "shader_stats: failed; again with SHADER_STATS_CAPTURE=0 (dumps, then the replay tool)"
+  SHADER_STATS_CAPTURE=0 run "$@"
+fi
 EOF
 chmod +x "$tool/run.sh"
 du -sh "$tool" | awk '{print "shader-stats-bundle: " $2 " holds " $1}'
