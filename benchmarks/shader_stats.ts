@@ -33,9 +33,11 @@
 import * as fs from 'fs';
 import * as path from 'path';
 
-import {formatTable, instructionMix, KernelRow, parseStatsReport} from './shader_stats_report';
-import type {InstructionMix} from './shader_stats_report';
+import * as report from './shader_stats_report';
+import type {InstructionMix, KernelRow} from './shader_stats_report';
 import {adapterName, openWebGPUDevice, useWebGPUBackend} from './webgpu_setup';
+
+const {formatSpirvTable, formatTable, instructionMix, parseStatsReport, spirvMix} = report;
 
 const LAYER_NAME = 'VK_LAYER_TFJSFA_shader_stats';
 const DEFAULT_VARIANTS = '64:default;128:default;128:sliced;128:streamed';
@@ -195,8 +197,16 @@ function summarize(
     }
   }
   const device = readIfExists(path.join(dump, 'device.txt'))?.split('\n')[0].split('\t') ?? [];
+  // The SPIR-V each pipeline was made from (pipeline-NNN.txt names its module).
+  const spirv = rows.filter(r => r.pipeline !== '-').map(r => {
+    const record = readIfExists(path.join(dump, `${r.pipeline}.txt`)) ?? '';
+    const module = /^module\t(\S+)$/m.exec(record)?.[1];
+    const file = module == null ? '' : path.join(dump, module);
+    return {...r, spirv: fs.existsSync(file) ? spirvMix(fs.readFileSync(file)) : null};
+  });
   const lines = [
-    `device: ${device.slice(1).join(' ') || 'unknown (no device.txt)'}`, '', formatTable(rows), ''
+    `device: ${device.slice(1).join(' ') || 'unknown (no device.txt)'}`, '', formatTable(rows), '',
+    'SPIR-V as Dawn gave it to the driver (static counts):', '', formatSpirvTable(spirv), ''
   ];
   // Every statistic and the top mnemonics, once per pipeline.
   for (const r of rows) {
@@ -219,7 +229,7 @@ function summarize(
   fs.writeFileSync(path.join(out, 'shader_stats.md'), `${text}\n`);
   fs.writeFileSync(
       path.join(out, 'shader_stats.json'),
-      JSON.stringify({device, plans, pipelines: attributed, rows}, null, 1));
+      JSON.stringify({device, plans, pipelines: attributed, rows, spirv}, null, 1));
 }
 
 async function main(): Promise<void> {

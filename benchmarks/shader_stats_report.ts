@@ -198,3 +198,97 @@ export function formatTable(rows: KernelRow[]): string {
   }
   return lines.join('\n');
 }
+
+/** Counts of a SPIR-V module's instructions that the table reports. */
+export interface SpirvMix {
+  /** Instructions in the module (declarations included). */
+  total: number;
+  /** GLSL.std.450 Fma, and plain OpFMul / OpFAdd. */
+  fma: number;
+  fmulFadd: number;
+  /** OpDot (vec4 products). */
+  dots: number;
+  loads: number;
+  stores: number;
+  /** GLSL.std.450 UMin / SMin: Dawn's index clamps (robustness) and the kernels' own mins. */
+  mins: number;
+  barriers: number;
+  loops: number;
+}
+
+const SPIRV_MAGIC = 0x07230203;
+const OP = {
+  extInstImport: 11,
+  extInst: 12,
+  load: 61,
+  store: 62,
+  fAdd: 129,
+  fMul: 133,
+  dot: 148,
+  loopMerge: 246,
+  controlBarrier: 224
+};
+const GLSL_FMA = 50;
+const GLSL_UMIN = 38;
+const GLSL_SMIN = 39;
+
+/**
+ * The instruction counts of a SPIR-V module (the words Dawn gave the
+ * driver), or null if `bytes` is not SPIR-V. Static counts, like the
+ * assembly mix: what Tint emitted before the driver's compiler.
+ */
+export function spirvMix(bytes: Uint8Array): SpirvMix|null {
+  if (bytes.length < 20 || bytes.length % 4 !== 0) return null;
+  const words =
+      new Uint32Array(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.length));
+  if (words[0] !== SPIRV_MAGIC) return null;
+  const mix: SpirvMix =
+      {total: 0, fma: 0, fmulFadd: 0, dots: 0, loads: 0, stores: 0, mins: 0, barriers: 0, loops: 0};
+  const glslSets = new Set<number>();
+  for (let i = 5; i < words.length;) {
+    const count = words[i] >>> 16;
+    const op = words[i] & 0xffff;
+    if (count === 0 || i + count > words.length) return null;
+    mix.total++;
+    if (op === OP.extInstImport) {
+      const name = Buffer.from(words.buffer, (i + 2) * 4, (count - 2) * 4).toString('utf8');
+      if (name.startsWith('GLSL.std.450')) glslSets.add(words[i + 1]);
+    } else if (op === OP.extInst && glslSets.has(words[i + 3])) {
+      const inst = words[i + 4];
+      if (inst === GLSL_FMA) mix.fma++;
+      if (inst === GLSL_UMIN || inst === GLSL_SMIN) mix.mins++;
+    } else if (op === OP.fMul || op === OP.fAdd) {
+      mix.fmulFadd++;
+    } else if (op === OP.dot) {
+      mix.dots++;
+    } else if (op === OP.load) {
+      mix.loads++;
+    } else if (op === OP.store) {
+      mix.stores++;
+    } else if (op === OP.controlBarrier) {
+      mix.barriers++;
+    } else if (op === OP.loopMerge) {
+      mix.loops++;
+    }
+    i += count;
+  }
+  return mix;
+}
+
+/** The SPIR-V table: one row per pipeline whose module was dumped. */
+export function formatSpirvTable(
+    rows: Array<{plan: string, kernel: string, pipeline: string, spirv: SpirvMix | null}>): string {
+  const header = [
+    'plan', 'kernel', 'pipeline', 'instr', 'Fma', 'FMul/FAdd', 'Dot', 'loads', 'stores',
+    'UMin/SMin', 'barriers', 'loops'
+  ];
+  const lines = [`| ${header.join(' | ')} |`, `| ${header.map(() => '---').join(' | ')} |`];
+  for (const r of rows) {
+    const s = r.spirv;
+    const cells = s == null ? ['no module', '', '', '', '', '', '', '', ''] : [
+      s.total, s.fma, s.fmulFadd, s.dots, s.loads, s.stores, s.mins, s.barriers, s.loops
+    ].map(String);
+    lines.push(`| ${[r.plan, r.kernel, r.pipeline, ...cells].join(' | ')} |`);
+  }
+  return lines.join('\n');
+}

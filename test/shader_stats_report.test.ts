@@ -8,7 +8,20 @@
  */
 import * as report from '../benchmarks/shader_stats_report';
 
-const {formatTable, instructionMix, keyStats, mixClass, mnemonic, parseStatsReport} = report;
+const {formatTable, instructionMix, keyStats, mixClass, mnemonic, parseStatsReport, spirvMix} =
+    report;
+
+/** SPIR-V words: header, then instructions as [opcode, ...operands]. */
+function spirv(...instructions: number[][]): Uint8Array {
+  const words = [0x07230203, 0x00010300, 0, 100, 0];
+  for (const [op, ...operands] of instructions) {
+    words.push(((operands.length + 1) << 16) | op, ...operands);
+  }
+  return new Uint8Array(new Uint32Array(words).buffer);
+}
+
+/** "GLSL.std.450" as NUL-terminated SPIR-V string words. */
+const GLSL_NAME = [...new Uint32Array(new TextEncoder().encode('GLSL.std.450\0\0\0\0').buffer)];
 
 const REPORT = [
   'executable\t0\tCompute Shader\tmain\t0x20\t32',
@@ -130,5 +143,27 @@ describe('shader statistics report', () => {
         '| fwd D=128 causal 4,16,1,16,o,c2,qs | FlashAttention forward | pipeline-007 | 168 | ' +
         '49152 | 64 | 2 | 1 | 1 | 1 | 1 | 1 | 1 | 1 | 2 | 1 | 1 | 1 | 15 |');
     expect(lines[3]).toContain('| pipeline-000 | no statistics |');
+  });
+
+  it('counts the SPIR-V instructions Dawn gave the driver', () => {
+    const module = spirv(
+        [11, 1, ...GLSL_NAME],        // %1 = OpExtInstImport "GLSL.std.450"
+        [11, 9, 0x4c4c4f46, 0],       // %9 = another import: its Fma is not GLSL's
+        [12, 2, 3, 1, 50, 4, 5, 6],   // Fma
+        [12, 2, 7, 1, 38, 4, 5],      // UMin
+        [12, 2, 8, 1, 39, 4, 5],      // SMin
+        [12, 2, 10, 9, 50, 4, 5, 6],  // %9's instruction 50
+        [133, 2, 11, 4, 5],           // OpFMul
+        [129, 2, 12, 4, 5],           // OpFAdd
+        [148, 2, 19, 4, 5],           // OpDot
+        [61, 2, 13, 14],              // OpLoad
+        [62, 14, 13],                 // OpStore
+        [224, 15, 15, 16],            // OpControlBarrier
+        [246, 17, 18, 0]);            // OpLoopMerge
+    const expected = {total: 13, fma: 1, fmulFadd: 2, dots: 1, loads: 1, stores: 1, mins: 2};
+    expect(spirvMix(module)).toEqual({...expected, barriers: 1, loops: 1});
+    expect(spirvMix(new Uint8Array(24))).toBeNull();  // no magic number
+    // An instruction running past the end.
+    expect(spirvMix(spirv([61, 2, 13, 14]).slice(0, 24))).toBeNull();
   });
 });

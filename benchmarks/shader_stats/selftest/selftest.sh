@@ -43,8 +43,12 @@ cat "$build/table.md"
 fail() { echo "selftest: FAILED: $*" >&2; exit 1; }
 # regs, shared, local, then FFMA FMUL/FADD LDS LDS.128 STS BAR LDG STG INT MUFU.EX2 SHFL BRA instr
 row='| 96 | 49152 | 16 | 2 | 0 | 1 | 1 | 1 | 1 | 1 | 1 | 2 | 1 | 0 | 0 | 13 |'
-rows=$(grep -c '| pipeline-' "$build/table.md" || true)
-good=$(grep -cF -- "$row" "$build/table.md" || true)
+# The statistics table comes first, then the SPIR-V table.
+sed '/^SPIR-V as/q' "$build/table.md" > "$build/stats_table.md"
+rows=$(grep -c '| pipeline-' "$build/stats_table.md" || true)
+good=$(grep -cF -- "$row" "$build/stats_table.md" || true)
+spirv_rows=$(sed -n '/^SPIR-V as/,$p' "$build/table.md" | grep -c '| pipeline-[0-9]* | [1-9]' || true)
+[ "$spirv_rows" = "$rows" ] || fail "$spirv_rows of $rows pipelines have SPIR-V counts"
 [ "$rows" -ge 4 ] || fail "expected >= 4 pipelines (forward, delta, dK/dV, dQ), got $rows"
 [ "$good" = "$rows" ] || fail "$good of $rows rows have the fake statistics"
 grep -q '^fwd D=64 causal plan .*: ok$' "$build/out/plans.txt" || fail "forward plan did not run"
