@@ -4,10 +4,10 @@
  * the driver hands out assembly): docs/webgpu_tuning.md, "Per-shader
  * statistics".
  *
- *   node shader_stats.mjs --layer DIR [--out DIR] [--replay PATH]
+ *   node shader_stats.mjs --layer DIR [--out DIR] [--dump DIR] [--replay PATH]
  *       [--seq 1024] [--batch 1] [--heads 16] [--causal true|false|both]
  *       [--variants "D:name;..."] [--grad-variants "D:name;..."] [--tensor-cores]
- *   node shader_stats.mjs --summarize DIR
+ *   node shader_stats.mjs --summarize DIR [--dump DIR]
  *
  * --layer names the folder of the dump layer (benchmarks/shader_stats/
  * dump_layer.c built beside its JSON manifest; scripts/shader-stats-bundle.sh
@@ -18,8 +18,10 @@
  * plan's, named by its WebGPU label. Where the driver has
  * VK_KHR_pipeline_executable_properties the layer records the statistics
  * in-process; else --replay (pipeline_stats.c) compiles the dumped SPIR-V
- * again on a device that has it. Prints the table (Markdown) on stdout,
- * writes it and shader_stats.json to --out.
+ * again on a device that has it. Prints the tables (Markdown) on stdout and
+ * writes them, shader_stats.json and plans.txt to --out (default
+ * shader-stats); the layer's files go to --dump (default
+ * $TMPDIR/shader-stats-dump, emptied first).
  *
  * Plans: `D:default` the planner's plan for that head dim, or D: a name of
  * tuning.ts's candidate lists (forward: SLICED_ and STREAMED_FORWARD_
@@ -31,6 +33,7 @@
  */
 /// <reference types="@webgpu/types" />
 import * as fs from 'fs';
+import * as os from 'os';
 import * as path from 'path';
 
 import * as report from './shader_stats_report';
@@ -50,6 +53,7 @@ interface Args {
   out: string;
   replay: string|null;
   summarize: string|null;
+  dump: string|null;
   seq: number;
   batch: number;
   heads: number;
@@ -80,6 +84,7 @@ function parseArgs(argv: string[]): Args {
     out: get('out', 'shader-stats'),
     replay: get('replay', '') || null,
     summarize: get('summarize', '') || null,
+    dump: get('dump', '') || null,
     seq: count('seq', 1024),
     batch: count('batch', 1),
     heads: count('heads', 16),
@@ -153,8 +158,19 @@ function readIfExists(file: string): string|null {
 }
 
 /** The statistics of one recorded pipeline: the layer's, else the replay's. */
-function pipelineRow(dump: string, plan: string, kernel: string, record: string): KernelRow {
+/** The SPIR-V a recorded pipeline was made from (its record names the module). */
+function pipelineSpirv(dump: string, base: string) {
+  const record = readIfExists(path.join(dump, `${base}.txt`)) ?? '';
+  const module = /^module\t(\S+)$/m.exec(record)?.[1];
+  const file = module == null ? '' : path.join(dump, module);
+  return fs.existsSync(file) ? spirvMix(fs.readFileSync(file)) : null;
+}
+
+function pipelineRow(dump: string, plan: string, kernel: string, record: string): KernelRow&
+    {spirv: ReturnType<typeof spirvMix>} {
   const base = record.replace(/\.txt$/, '');
+  const spirv = pipelineSpirv(dump, base);
+  const size = spirv?.workgroupSize;
   const layer = readIfExists(path.join(dump, `${base}.stats`));
   const replay = layer == null ? readIfExists(path.join(dump, `${base}.replay.stats`)) : null;
   const text = layer ?? replay;
@@ -170,6 +186,8 @@ function pipelineRow(dump: string, plan: string, kernel: string, record: string)
     plan,
     kernel,
     pipeline: base,
+    threads: size == null ? null : size[0] * size[1] * size[2],
+    spirv,
     source: layer != null ? 'layer' :
         replay != null    ? 'replay' :
                             'none',
@@ -182,7 +200,7 @@ function pipelineRow(dump: string, plan: string, kernel: string, record: string)
 function summarize(
     dump: string, out: string, attributed: Array<{plan: string, label: string, record: string}>,
     plans: Array<{name: string, status: string}>): void {
-  const rows: KernelRow[] = [];
+  const rows: Array<KernelRow&{spirv: ReturnType<typeof spirvMix>}> = [];
   const row = (a: {plan: string, label: string, record: string}) =>
       pipelineRow(dump, a.plan, a.label.slice(0, 72), a.record);
   rows.push(...attributed.filter(a => !plans.some(p => p.name === a.plan)).map(row));
@@ -193,20 +211,38 @@ function summarize(
       // Failed, or an earlier plan made its kernels (the same pipeline key).
       const kernel = status === 'ok' ? '(no new pipeline: an earlier plan made its kernels)' :
                                        `(${status.slice(0, 100)})`;
-      rows.push({plan: name, kernel, pipeline: '-', source: 'none', report: null, mix: null});
+      rows.push({
+        plan: name,
+        kernel,
+        pipeline: '-',
+        threads: null,
+        spirv: null,
+        source: 'none',
+        report: null,
+        mix: null
+      });
     }
   }
   const device = readIfExists(path.join(dump, 'device.txt'))?.split('\n')[0].split('\t') ?? [];
-  // The SPIR-V each pipeline was made from (pipeline-NNN.txt names its module).
-  const spirv = rows.filter(r => r.pipeline !== '-').map(r => {
-    const record = readIfExists(path.join(dump, `${r.pipeline}.txt`)) ?? '';
-    const module = /^module\t(\S+)$/m.exec(record)?.[1];
-    const file = module == null ? '' : path.join(dump, module);
-    return {...r, spirv: fs.existsSync(file) ? spirvMix(fs.readFileSync(file)) : null};
-  });
+  const spirv = rows.filter(r => r.pipeline !== '-');
+  const reports = rows.flatMap(r => r.report?.executables ?? []).filter(e => e != null);
+  const notes = [
+    `"?": a figure of 2^32 or more, which is no real one (NVIDIA's driver reports its ` +
+        '"Local Memory Size" so). WG/SM, warps/SM: workgroups and warps per SM on an ' +
+        'H100-class SM by registers, workgroup memory (+1 KiB each), 32 workgroups and ' +
+        '2048 threads; not measured, and for other GPUs wrong.',
+    reports.length === 0 ? 'The driver gave no statistics (no VK_KHR_pipeline_executable_' +
+            'properties, or the capture failed: see the log).' :
+        reports.some(e => e.representations.length > 0) ?
+                           'Instruction mix: from the internal representations the driver gave.' :
+                           'The driver gives no internal representations (no assembly): ' +
+            'the instruction-mix columns stay "-"; the SPIR-V table below counts what Dawn ' +
+            'gave the driver instead.'
+  ];
   const lines = [
     `device: ${device.slice(1).join(' ') || 'unknown (no device.txt)'}`, '', formatTable(rows), '',
-    'SPIR-V as Dawn gave it to the driver (static counts):', '', formatSpirvTable(spirv), ''
+    ...notes, '', 'SPIR-V as Dawn gave it to the driver (static counts):', '',
+    formatSpirvTable(spirv), ''
   ];
   // Every statistic and the top mnemonics, once per pipeline.
   for (const r of rows) {
@@ -229,22 +265,23 @@ function summarize(
   fs.writeFileSync(path.join(out, 'shader_stats.md'), `${text}\n`);
   fs.writeFileSync(
       path.join(out, 'shader_stats.json'),
-      JSON.stringify({device, plans, pipelines: attributed, rows, spirv}, null, 1));
+      JSON.stringify({device, dump, plans, pipelines: attributed, rows}, null, 1));
 }
 
 async function main(): Promise<void> {
   const args = parseArgs(process.argv.slice(2));
   if (args.summarize != null) {
-    const dump = path.join(args.summarize, 'dump');
     const saved =
         JSON.parse(fs.readFileSync(path.join(args.summarize, 'shader_stats.json'), 'utf8'));
-    summarize(dump, args.summarize, saved.pipelines, saved.plans ?? []);
+    summarize(args.dump ?? saved.dump, args.summarize, saved.pipelines, saved.plans ?? []);
     return;
   }
   const out = path.resolve(args.out);
-  const dump = path.join(out, 'dump');
+  // Dumps stay out of --out (SPIR-V, records and listings: many files).
+  const dump = path.resolve(args.dump ?? path.join(os.tmpdir(), 'shader-stats-dump'));
   fs.rmSync(dump, {recursive: true, force: true});
   fs.mkdirSync(dump, {recursive: true});
+  fs.mkdirSync(out, {recursive: true});
   if (args.layer != null) {
     // The Vulkan loader reads these when Dawn creates its instance, below.
     const layerDir = path.resolve(args.layer);

@@ -53,19 +53,28 @@ export function parseStatsReport(text: string): PipelineReport {
 export interface KeyStats {
   registers: string;
   shared: string;
+  stack: string;
   local: string;
 }
 
+/**
+ * A byte or register count of 2^32 or more is no real figure (NVIDIA's
+ * driver 580 reports "Local Memory Size" as 2^36 for every pipeline): '?'.
+ */
+export const IMPLAUSIBLE = 2 ** 32;
+
 function findStat(stats: Record<string, string>, want: RegExp, not?: RegExp): string {
   const name = Object.keys(stats).find(n => want.test(n) && (not == null || !not.test(n)));
-  return name == null ? '-' : stats[name];
+  if (name == null) return '-';
+  return Number(stats[name]) >= IMPLAUSIBLE ? '?' : stats[name];
 }
 
 export function keyStats(stats: Record<string, string>): KeyStats {
   return {
     registers: findStat(stats, /regist|\bGPRs?\b|VGPR/i, /spill|uniform|predicate|barrier/i),
     shared: findStat(stats, /shared|workgroup|LDS/i, /spill/i),
-    local: findStat(stats, /local|spill|scratch|stack/i),
+    stack: findStat(stats, /stack/i),
+    local: findStat(stats, /local|spill|scratch/i),
   };
 }
 
@@ -162,11 +171,51 @@ export function instructionMix(listing: string, topCount = 12): InstructionMix|n
   return {total, classes, top};
 }
 
+/**
+ * An H100-class SM (compute capability 9.0), the one GPU these kernels are
+ * tuned on: the occupancy column assumes it and no other.
+ */
+export const H100_SM = {
+  registers: 65536,
+  /** Registers are allocated per warp in units of 256. */
+  registerUnit: 256,
+  sharedBytes: 228 * 1024,
+  /** Workgroup memory the driver reserves per workgroup. */
+  reservedSharedBytes: 1024,
+  maxWorkgroups: 32,
+  maxThreads: 2048,
+  warpSize: 32,
+};
+
+/**
+ * Workgroups and warps per SM on an H100-class SM for a kernel of
+ * `registers` per thread, `sharedBytes` per workgroup and `threads` per
+ * workgroup: the least of what the register file, workgroup memory, the
+ * workgroup slots and the thread slots allow. Null if a figure is missing.
+ */
+export function h100Occupancy(registers: number, sharedBytes: number, threads: number):
+    {workgroups: number, warps: number}|null {
+  if (![registers, sharedBytes, threads].every(x => Number.isFinite(x) && x >= 0) ||
+      threads === 0) {
+    return null;
+  }
+  const sm = H100_SM;
+  const warps = Math.ceil(threads / sm.warpSize);
+  const perWarp = Math.ceil(registers * sm.warpSize / sm.registerUnit) * sm.registerUnit;
+  const byRegisters = perWarp === 0 ? Infinity : Math.floor(sm.registers / (warps * perWarp));
+  const byShared = Math.floor(sm.sharedBytes / (sharedBytes + sm.reservedSharedBytes));
+  const byThreads = Math.floor(sm.maxThreads / threads);
+  const workgroups = Math.min(byRegisters, byShared, byThreads, sm.maxWorkgroups);
+  return {workgroups, warps: workgroups * warps};
+}
+
 /** One table row: a pipeline of a plan. */
 export interface KernelRow {
   plan: string;
   kernel: string;
   pipeline: string;
+  /** Invocations per workgroup (the SPIR-V's LocalSize), if known. */
+  threads: number|null;
   source: 'layer'|'replay'|'none';
   report: PipelineReport|null;
   mix: InstructionMix|null;
@@ -174,24 +223,29 @@ export interface KernelRow {
 
 /** The table as Markdown: one row per pipeline executable. */
 export function formatTable(rows: KernelRow[]): string {
-  const header =
-      ['plan', 'kernel', 'pipeline', 'regs', 'shared B', 'local B', ...MIX_CLASSES, 'instr'];
+  const header = [
+    'plan', 'kernel', 'pipeline', 'threads', 'regs', 'shared B', 'stack B', 'local B',
+    'WG/SM (H100)', 'warps/SM (H100)', ...MIX_CLASSES, 'instr'
+  ];
   const lines = [`| ${header.join(' | ')} |`, `| ${header.map(() => '---').join(' | ')} |`];
   for (const r of rows) {
     const exes = r.report?.executables.filter(e => e != null) ?? [];
     const mix = r.mix;
     const mixCells = MIX_CLASSES.map(c => (mix == null ? '-' : String(mix.classes[c])));
+    const threads = r.threads == null ? '-' : String(r.threads);
     if (exes.length === 0) {
       const why = r.report?.error ?? (r.source === 'none' ? 'no statistics' : 'no executables');
-      lines.push(`| ${
-              [r.plan, r.kernel, r.pipeline, why, '', '', ...MIX_CLASSES.map(() => ''), ''].join(
-                  ' | ')} |`);
+      const blank = header.slice(5).map(() => '');
+      lines.push(`| ${[r.plan, r.kernel, r.pipeline, threads, why, ...blank].join(' | ')} |`);
       continue;
     }
     for (const e of exes) {
       const k = keyStats(e.stats);
+      const occupancy = h100Occupancy(Number(k.registers), Number(k.shared), r.threads ?? NaN);
       lines.push(`| ${
-              [r.plan, r.kernel, r.pipeline, k.registers, k.shared, k.local, ...mixCells,
+              [r.plan, r.kernel, r.pipeline, threads, k.registers, k.shared, k.stack, k.local,
+               occupancy == null ? '-' : String(occupancy.workgroups),
+               occupancy == null ? '-' : String(occupancy.warps), ...mixCells,
                mix == null ? '-' : String(mix.total)]
                   .join(' | ')} |`);
     }
@@ -214,10 +268,13 @@ export interface SpirvMix {
   mins: number;
   barriers: number;
   loops: number;
+  /** OpExecutionMode LocalSize: invocations per workgroup (x y z), or null. */
+  workgroupSize: [number, number, number]|null;
 }
 
 const SPIRV_MAGIC = 0x07230203;
 const OP = {
+  executionMode: 16,
   extInstImport: 11,
   extInst: 12,
   load: 61,
@@ -228,6 +285,7 @@ const OP = {
   loopMerge: 246,
   controlBarrier: 224
 };
+const LOCAL_SIZE = 17;
 const GLSL_FMA = 50;
 const GLSL_UMIN = 38;
 const GLSL_SMIN = 39;
@@ -242,8 +300,18 @@ export function spirvMix(bytes: Uint8Array): SpirvMix|null {
   const words =
       new Uint32Array(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.length));
   if (words[0] !== SPIRV_MAGIC) return null;
-  const mix: SpirvMix =
-      {total: 0, fma: 0, fmulFadd: 0, dots: 0, loads: 0, stores: 0, mins: 0, barriers: 0, loops: 0};
+  const mix: SpirvMix = {
+    total: 0,
+    fma: 0,
+    fmulFadd: 0,
+    dots: 0,
+    loads: 0,
+    stores: 0,
+    mins: 0,
+    barriers: 0,
+    loops: 0,
+    workgroupSize: null
+  };
   const glslSets = new Set<number>();
   for (let i = 5; i < words.length;) {
     const count = words[i] >>> 16;
@@ -257,6 +325,8 @@ export function spirvMix(bytes: Uint8Array): SpirvMix|null {
       const inst = words[i + 4];
       if (inst === GLSL_FMA) mix.fma++;
       if (inst === GLSL_UMIN || inst === GLSL_SMIN) mix.mins++;
+    } else if (op === OP.executionMode && words[i + 2] === LOCAL_SIZE && count >= 6) {
+      mix.workgroupSize = [words[i + 3], words[i + 4], words[i + 5]];
     } else if (op === OP.fMul || op === OP.fAdd) {
       mix.fmulFadd++;
     } else if (op === OP.dot) {

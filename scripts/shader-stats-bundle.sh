@@ -35,7 +35,10 @@ tool="$out/shader_stats"
 rm -rf "$tool" && mkdir -p "$tool/include" "$tool/prebuilt"
 headers=$(mktemp -d)
 dpkg -x "$cache"/vulkan-dev/libvulkan-dev_*.deb "$headers"
-mkdir -p "$tool/include/vulkan" && cp "$headers"/usr/include/vulkan/*.h "$tool/include/vulkan/"
+# vulkan_core.h includes the video codec headers of vk_video/.
+mkdir -p "$tool/include/vulkan" "$tool/include/vk_video"
+cp "$headers"/usr/include/vulkan/*.h "$tool/include/vulkan/"
+cp "$headers"/usr/include/vk_video/*.h "$tool/include/vk_video/"
 rm -rf "$headers"
 cp benchmarks/shader_stats/*.c benchmarks/shader_stats/*.h benchmarks/shader_stats/*.json "$tool/"
 

@@ -8,8 +8,9 @@
  */
 import * as report from '../benchmarks/shader_stats_report';
 
-const {formatTable, instructionMix, keyStats, mixClass, mnemonic, parseStatsReport, spirvMix} =
+const {formatTable, h100Occupancy, instructionMix, keyStats, mixClass, mnemonic, parseStatsReport} =
     report;
+const {spirvMix} = report;
 
 /** SPIR-V words: header, then instructions as [opcode, ...operands]. */
 function spirv(...instructions: number[][]): Uint8Array {
@@ -27,7 +28,9 @@ const REPORT = [
   'executable\t0\tCompute Shader\tmain\t0x20\t32',
   'stat\t0\tRegister Count\t168\tregisters per thread',
   'stat\t0\tShared Memory Size\t49152\tbytes',
-  'stat\t0\tLocal Memory Size\t64\tspill bytes per thread',
+  'stat\t0\tStack Size\t32\tbytes per thread',
+  // NVIDIA's driver 580 reports 2^36 here for every pipeline.
+  'stat\t0\tLocal Memory Size\t68719476736\tbytes',
   'stat\t0\tBinary Size\t20480\tbytes',
   'ir\t0\t0\tSASS\t900\t1\tpipeline-007.e0.r0.txt\tassembly',
   'irline\t0\t0\tFFMA R1, R2, R3, R1 ;',
@@ -66,14 +69,16 @@ describe('shader statistics report', () => {
     expect(e.representations).toEqual([
       {name: 'SASS', bytes: 900, text: true, file: 'pipeline-007.e0.r0.txt'}
     ]);
-    expect(keyStats(e.stats)).toEqual({registers: '168', shared: '49152', local: '64'});
+    expect(keyStats(e.stats)).toEqual({registers: '168', shared: '49152', stack: '32', local: '?'});
   });
 
   it('reports a driver error and unknown columns as such', () => {
     const r = parseStatsReport('error\tno pipeline executables reported\n');
     expect(r.executables).toHaveLength(0);
     expect(r.error).toBe('no pipeline executables reported');
-    expect(keyStats({'Binary Size': '10'})).toEqual({registers: '-', shared: '-', local: '-'});
+    expect(keyStats({
+      'Binary Size': '10'
+    })).toEqual({registers: '-', shared: '-', stack: '-', local: '-'});
     // Spill counts are not the register column.
     expect(keyStats({'Spilled Registers': '8', 'VGPRs': '40'}).registers).toBe('40');
   });
@@ -122,6 +127,7 @@ describe('shader statistics report', () => {
         plan: 'fwd D=128 causal 4,16,1,16,o,c2,qs',
         kernel: 'FlashAttention forward',
         pipeline: 'pipeline-007',
+        threads: 256,
         source: 'layer' as const,
         report: parseStatsReport(REPORT),
         mix: instructionMix(SASS)
@@ -130,6 +136,7 @@ describe('shader statistics report', () => {
         plan: 'fwd D=64 causal plan 8,16,1,8,o',
         kernel: 'FlashAttention forward',
         pipeline: 'pipeline-000',
+        threads: null,
         source: 'none' as const,
         report: null,
         mix: null
@@ -137,12 +144,27 @@ describe('shader statistics report', () => {
     ];
     const lines = formatTable(rows).split('\n');
     expect(lines).toHaveLength(4);
-    expect(lines[0]).toMatch(
-        /^\| plan \| kernel \| pipeline \| regs \| shared B \| local B \| FFMA/);
+    expect(lines[0]).toMatch(new RegExp(
+        '^\\| plan \\| kernel \\| pipeline \\| threads \\| regs \\| shared B \\| stack B \\| ' +
+        'local B \\| WG/SM \\(H100\\) \\| warps/SM \\(H100\\) \\| FFMA'));
+    // 168 registers x 256 threads: 43008 of the SM's 65536 registers, one workgroup.
     expect(lines[2]).toBe(
-        '| fwd D=128 causal 4,16,1,16,o,c2,qs | FlashAttention forward | pipeline-007 | 168 | ' +
-        '49152 | 64 | 2 | 1 | 1 | 1 | 1 | 1 | 1 | 1 | 2 | 1 | 1 | 1 | 15 |');
-    expect(lines[3]).toContain('| pipeline-000 | no statistics |');
+        '| fwd D=128 causal 4,16,1,16,o,c2,qs | FlashAttention forward | pipeline-007 | 256 | ' +
+        '168 | 49152 | 32 | ? | 1 | 8 | 2 | 1 | 1 | 1 | 1 | 1 | 1 | 1 | 2 | 1 | 1 | 1 | 15 |');
+    expect(lines[3]).toContain('| pipeline-000 | - | no statistics |');
+  });
+
+  it('works out workgroups per SM on an H100-class SM', () => {
+    // 240 registers x 128 threads: 30 allocation units of 256 per warp, 2 workgroups.
+    expect(h100Occupancy(240, 33792, 128)).toEqual({workgroups: 2, warps: 8});
+    // 191 registers round up to 192 per thread (24 units per warp): still 2.
+    expect(h100Occupancy(191, 49152, 128)).toEqual({workgroups: 2, warps: 8});
+    // Few registers: workgroup memory bounds (228 KiB / (16 KiB + 1 KiB) = 13).
+    expect(h100Occupancy(32, 16384, 64)).toEqual({workgroups: 13, warps: 26});
+    // Tiny kernels: the 32 workgroup slots, then the 2048 thread slots.
+    expect(h100Occupancy(16, 0, 32)).toEqual({workgroups: 32, warps: 32});
+    expect(h100Occupancy(16, 0, 1024)).toEqual({workgroups: 2, warps: 64});
+    expect(h100Occupancy(NaN, 0, 128)).toBeNull();
   });
 
   it('counts the SPIR-V instructions Dawn gave the driver', () => {
@@ -159,9 +181,11 @@ describe('shader statistics report', () => {
         [61, 2, 13, 14],              // OpLoad
         [62, 14, 13],                 // OpStore
         [224, 15, 15, 16],            // OpControlBarrier
-        [246, 17, 18, 0]);            // OpLoopMerge
-    const expected = {total: 13, fma: 1, fmulFadd: 2, dots: 1, loads: 1, stores: 1, mins: 2};
-    expect(spirvMix(module)).toEqual({...expected, barriers: 1, loops: 1});
+        [246, 17, 18, 0],             // OpLoopMerge
+        [16, 20, 17, 64, 2, 1]);      // OpExecutionMode %20 LocalSize 64 2 1
+    const expected = {total: 14, fma: 1, fmulFadd: 2, dots: 1, loads: 1, stores: 1, mins: 2};
+    const more = {barriers: 1, loops: 1, workgroupSize: [64, 2, 1]};
+    expect(spirvMix(module)).toEqual({...expected, ...more});
     expect(spirvMix(new Uint8Array(24))).toBeNull();  // no magic number
     // An instruction running past the end.
     expect(spirvMix(spirv([61, 2, 13, 14]).slice(0, 24))).toBeNull();

@@ -37,27 +37,30 @@ export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
 export VK_ICD_FILENAMES=/usr/lib/chromium/vk_swiftshader_icd.json
 # The runner puts the dump layer first (nearest the application), above the fake.
 VK_LAYER_PATH="$build" VK_INSTANCE_LAYERS=VK_LAYER_TFJSFA_fake_executables \
-  node benchmarks/out/shader_stats.mjs --layer "$build" --out "$build/out" --seq 64 --heads 2 \
+  node benchmarks/out/shader_stats.mjs --layer "$build" --out "$build/out" --dump "$build/dump" \
+  --seq 64 --heads 2 \
   --variants "64:default" --grad-variants "64:default" > "$build/table.md"
 cat "$build/table.md"
 fail() { echo "selftest: FAILED: $*" >&2; exit 1; }
-# regs, shared, local, then FFMA FMUL/FADD LDS LDS.128 STS BAR LDG STG INT MUFU.EX2 SHFL BRA instr
-row='| 96 | 49152 | 16 | 2 | 0 | 1 | 1 | 1 | 1 | 1 | 1 | 2 | 1 | 0 | 0 | 13 |'
+# threads, regs, shared, stack, local, workgroups and warps per SM, then FFMA FMUL/FADD LDS
+# LDS.128 STS BAR LDG STG INT MUFU.EX2 SHFL BRA instr
+row='\| [0-9]+ \| 96 \| 49152 \| - \| 16 \| [0-9]+ \| [0-9]+ \| '
+row+='2 \| 0 \| 1 \| 1 \| 1 \| 1 \| 1 \| 1 \| 2 \| 1 \| 0 \| 0 \| 13 \|'
 # The statistics table comes first, then the SPIR-V table.
 sed '/^SPIR-V as/q' "$build/table.md" > "$build/stats_table.md"
 rows=$(grep -c '| pipeline-' "$build/stats_table.md" || true)
-good=$(grep -cF -- "$row" "$build/stats_table.md" || true)
+good=$(grep -cE -- "$row" "$build/stats_table.md" || true)
 spirv_rows=$(sed -n '/^SPIR-V as/,$p' "$build/table.md" | grep -c '| pipeline-[0-9]* | [1-9]' || true)
 [ "$spirv_rows" = "$rows" ] || fail "$spirv_rows of $rows pipelines have SPIR-V counts"
 [ "$rows" -ge 4 ] || fail "expected >= 4 pipelines (forward, delta, dK/dV, dQ), got $rows"
 [ "$good" = "$rows" ] || fail "$good of $rows rows have the fake statistics"
 grep -q '^fwd D=64 causal plan .*: ok$' "$build/out/plans.txt" || fail "forward plan did not run"
 grep -q '^fwdbwd D=64 causal bwd default: ok$' "$build/out/plans.txt" || fail "backward did not run"
-ls "$build"/out/dump/module-*.spv >/dev/null || fail "no SPIR-V dumped"
+ls "$build"/dump/module-*.spv >/dev/null || fail "no SPIR-V dumped"
 # The replay tool on the same dumps, through the fake.
 VK_LAYER_PATH="$build" VK_INSTANCE_LAYERS=VK_LAYER_TFJSFA_fake_executables \
-  "$build/pipeline_stats" "$build/out/dump"
-for f in "$build"/out/dump/pipeline-*.stats; do
+  "$build/pipeline_stats" "$build/dump"
+for f in "$build"/dump/pipeline-*.stats; do
   case $f in *.replay.stats) continue ;; esac
   r=${f%.stats}.replay.stats
   [ -f "$r" ] || fail "no replay of $f"
