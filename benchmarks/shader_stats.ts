@@ -36,6 +36,9 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 
+import type {GradTiles} from '../kernels/webgpu/FlashAttentionGrad';
+
+import {parseForwardVariant, parseGradVariant} from './plan_variants';
 import * as report from './shader_stats_report';
 import type {InstructionMix, KernelRow} from './shader_stats_report';
 import {adapterName, openWebGPUDevice, useWebGPUBackend} from './webgpu_setup';
@@ -323,19 +326,35 @@ async function main(): Promise<void> {
   const attribution = attributePipelines(device, dump);
   const {batch: B, heads: H, seq: S} = args;
   type T4 = import('@tensorflow/tfjs-core').Tensor4D;
-  const forwardNames =
-      new Map([...tuning.SLICED_FORWARD_CANDIDATES, ...tuning.STREAMED_FORWARD_CANDIDATES].map(
-          t => [tuning.forwardVariantName(t), t]));
-  const gradName = (t: (typeof tuning.SLICED_GRAD_CANDIDATES)[number]) =>
-      [t.dkdv.bc, t.dkdv.br, t.dq.br, t.dq.bc, `ck${t.dkdv.dimChunks}`, `cq${t.dq.dimChunks}`,
-       ...(t.dkdv.threads !== 128 ? [`tk${t.dkdv.threads}`] : []),
-       ...(t.dq.threads !== 128 ? [`tq${t.dq.threads}`] : [])]
-          .join(',');
   const namedForward: Record<string, string[]> = {
     sliced: tuning.SLICED_FORWARD_CANDIDATES.map(tuning.forwardVariantName),
     streamed: tuning.STREAMED_FORWARD_CANDIDATES.map(tuning.forwardVariantName),
   };
-  const gradNames = new Map(tuning.SLICED_GRAD_CANDIDATES.map(t => [gradName(t), t]));
+  // Streamed backward passes exist in builds whose tuning.ts lists them.
+  type Tiles = GradTiles&{dkdv: {streamed?: boolean}, dq: {streamed?: boolean}};
+  const streamedGrad =
+      (tuning as unknown as {STREAMED_GRAD_CANDIDATES?: Tiles[]}).STREAMED_GRAD_CANDIDATES;
+  const gradName = ({
+    dkdv,
+    dq
+  }: Tiles) => [dkdv.bc, dkdv.br, dq.br, dq.bc, `ck${dkdv.dimChunks ?? 1}`,
+                `cq${dq.dimChunks ?? 1}`, ...(dkdv.threads !== 128 ? [`tk${dkdv.threads}`] : []),
+                ...(dq.threads !== 128 ? [`tq${dq.threads}`] : []),
+                ...(dkdv.streamed ? ['stk'] : []), ...(dq.streamed ? ['stq'] : [])]
+                   .join(',');
+  const namedGrad: Record<string, string[]> = {
+    sliced: tuning.SLICED_GRAD_CANDIDATES.map(gradName),
+    ...(streamedGrad == null ? {} : {streamed: streamedGrad.map(gradName)}),
+  };
+  // Every plan name parses before any runs (a typo should not cost a GPU run).
+  for (const [, variant] of parsePlanList(args.variants, 'variants')) {
+    if (variant !== 'default') (namedForward[variant] ?? [variant]).forEach(parseForwardVariant);
+  }
+  for (const [, variant] of parsePlanList(args.gradVariants, 'grad-variants')) {
+    (namedGrad[variant] ?? [variant])
+        .filter(n => n !== 'default')
+        .forEach(n => parseGradVariant(n, streamedGrad != null));
+  }
 
   // One call of the op on fresh inputs; the backward through tf.grads.
   const runOnce = async (d: number, causal: boolean, backward: boolean) => {
@@ -383,12 +402,7 @@ async function main(): Promise<void> {
         continue;
       }
       for (const name of namedForward[variant] ?? [variant]) {
-        const tiles = forwardNames.get(name);
-        if (tiles == null) {
-          throw new Error(`--variants: "${name}" is none of default; sliced; streamed; ${
-                  [...forwardNames.keys()].join('; ')}`);
-        }
-        setForwardOverride({tiles});
+        setForwardOverride(parseForwardVariant(name));
         try {
           await runPlan(`fwd D=${d} ${c} ${name}`, d, false, causal);
         } finally {
@@ -397,14 +411,9 @@ async function main(): Promise<void> {
       }
     }
     for (const [d, variant] of parsePlanList(args.gradVariants, 'grad-variants')) {
-      const names = variant === 'sliced' ? [...gradNames.keys()] : [variant];
-      for (const name of names) {
-        const tiles = name === 'default' ? null : gradNames.get(name);
-        if (tiles === undefined) {
-          throw new Error(`--grad-variants: "${name}" is none of default; sliced; ${
-                  [...gradNames.keys()].join('; ')}`);
-        }
-        setGradTilesOverride(tiles);
+      for (const name of namedGrad[variant] ?? [variant]) {
+        setGradTilesOverride(
+            name === 'default' ? null : parseGradVariant(name, streamedGrad != null));
         try {
           await runPlan(`fwdbwd D=${d} ${c} bwd ${name}`, d, true, causal);
         } finally {

@@ -6,6 +6,7 @@
  * and a Vulkan driver: benchmarks/shader_stats/selftest/selftest.sh checks
  * them (docs/webgpu_tuning.md, "Per-shader statistics").
  */
+import {parseForwardVariant, parseGradVariant} from '../benchmarks/plan_variants';
 import * as report from '../benchmarks/shader_stats_report';
 
 const {formatTable, h100Occupancy, instructionMix, keyStats, mixClass, mnemonic, parseStatsReport} =
@@ -189,5 +190,42 @@ describe('shader statistics report', () => {
     expect(spirvMix(new Uint8Array(24))).toBeNull();  // no magic number
     // An instruction running past the end.
     expect(spirvMix(spirv([61, 2, 13, 14]).slice(0, 24))).toBeNull();
+  });
+});
+
+describe('forced plans for the statistics tool', () => {
+  it('reads the benchmark spelling of forward tilings', () => {
+    expect(parseForwardVariant('4,16,1,16,o,c2,qs')).toEqual({
+      tiles: {tm: 4, tx: 16, nq: 1, ty: 16, outer: true, dimChunks: 2, streamQuery: true},
+      prefetch: undefined,
+      splits: undefined
+    });
+    expect(parseForwardVariant('4,8,1,16,o,c4,db,p0,k2,u4')).toEqual({
+      tiles:
+          {tm: 4, tx: 8, nq: 1, ty: 16, outer: true, dimChunks: 4, doubleBuffer: true, unroll: 4},
+      prefetch: false,
+      splits: 2
+    });
+    expect(parseForwardVariant('k4')).toEqual({splits: 4});
+    expect(() => parseForwardVariant('4,16,1,16,o,zz'))
+        .toThrow(/--variants: expected .*"4,16,1,16,o,zz"/);
+    expect(() => parseForwardVariant('4,16,1')).toThrow(/--variants/);
+  });
+
+  it('reads the benchmark spelling of backward tiles', () => {
+    expect(parseGradVariant('32,32,32,32,ck2,cq2', false)).toEqual({
+      dkdv: {bc: 32, br: 32, threads: 128, dimChunks: 2},
+      dq: {br: 32, bc: 32, threads: 128, dimChunks: 2}
+    });
+    expect(parseGradVariant('16,32,16,32,c2,tk64,sq', false)).toEqual({
+      dkdv: {bc: 16, br: 32, threads: 64, dimChunks: 2},
+      dq: {br: 16, bc: 32, threads: 128, split: true, dimChunks: 2}
+    });
+    // Streamed passes only where the build has them.
+    expect(() => parseGradVariant('64,32,64,64,ck2,cq4,stk', false)).toThrow(/--grad-variants/);
+    expect(parseGradVariant('64,32,64,64,ck2,cq4,tk256,stk', true)).toEqual({
+      dkdv: {bc: 64, br: 32, threads: 256, dimChunks: 2, streamed: true},
+      dq: {br: 64, bc: 64, threads: 128, dimChunks: 4}
+    });
   });
 });

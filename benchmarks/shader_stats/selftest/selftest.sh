@@ -39,7 +39,7 @@ export VK_ICD_FILENAMES=/usr/lib/chromium/vk_swiftshader_icd.json
 VK_LAYER_PATH="$build" VK_INSTANCE_LAYERS=VK_LAYER_TFJSFA_fake_executables \
   node benchmarks/out/shader_stats.mjs --layer "$build" --out "$build/out" --dump "$build/dump" \
   --seq 64 --heads 2 \
-  --variants "64:default" --grad-variants "64:default" > "$build/table.md"
+  --variants "64:default;64:k2" --grad-variants "64:default" > "$build/table.md"
 cat "$build/table.md"
 fail() { echo "selftest: FAILED: $*" >&2; exit 1; }
 # threads, regs, shared, stack, local, workgroups and warps per SM, then FFMA FMUL/FADD LDS
@@ -50,11 +50,13 @@ row+='2 \| 0 \| 1 \| 1 \| 1 \| 1 \| 1 \| 1 \| 2 \| 1 \| 0 \| 0 \| 13 \|'
 sed '/^SPIR-V as/q' "$build/table.md" > "$build/stats_table.md"
 rows=$(grep -c '| pipeline-' "$build/stats_table.md" || true)
 good=$(grep -cE -- "$row" "$build/stats_table.md" || true)
-spirv_rows=$(sed -n '/^SPIR-V as/,$p' "$build/table.md" | grep -c '| pipeline-[0-9]* | [1-9]' || true)
+spirv_rows=$(sed -n '/^SPIR-V as/,$p' "$build/table.md" |
+  grep -c '| pipeline-[0-9]* | [1-9]' || true)
 [ "$spirv_rows" = "$rows" ] || fail "$spirv_rows of $rows pipelines have SPIR-V counts"
-[ "$rows" -ge 4 ] || fail "expected >= 4 pipelines (forward, delta, dK/dV, dQ), got $rows"
+[ "$rows" -ge 6 ] || fail "expected >= 6 pipelines (fwd, split fwd + combine, delta, dK/dV, dQ): $rows"
 [ "$good" = "$rows" ] || fail "$good of $rows rows have the fake statistics"
 grep -q '^fwd D=64 causal plan .*: ok$' "$build/out/plans.txt" || fail "forward plan did not run"
+grep -q '^fwd D=64 causal k2: ok$' "$build/out/plans.txt" || fail "forced split forward did not run"
 grep -q '^fwdbwd D=64 causal bwd default: ok$' "$build/out/plans.txt" || fail "backward did not run"
 ls "$build"/dump/module-*.spv >/dev/null || fail "no SPIR-V dumped"
 # The replay tool on the same dumps, through the fake.
