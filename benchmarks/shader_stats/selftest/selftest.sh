@@ -53,7 +53,7 @@ good=$(grep -cE -- "$row" "$build/stats_table.md" || true)
 spirv_rows=$(sed -n '/^SPIR-V as/,$p' "$build/table.md" |
   grep -c '| pipeline-[0-9]* | [1-9]' || true)
 [ "$spirv_rows" = "$rows" ] || fail "$spirv_rows of $rows pipelines have SPIR-V counts"
-[ "$rows" -ge 6 ] || fail "expected >= 6 pipelines (fwd, split fwd + combine, delta, dK/dV, dQ): $rows"
+[ "$rows" -ge 6 ] || fail "expected >= 6 pipelines (fwd, split fwd, combine, 3 bwd): $rows"
 [ "$good" = "$rows" ] || fail "$good of $rows rows have the fake statistics"
 grep -q '^fwd D=64 causal plan .*: ok$' "$build/out/plans.txt" || fail "forward plan did not run"
 grep -q '^fwd D=64 causal k2: ok$' "$build/out/plans.txt" || fail "forced split forward did not run"
