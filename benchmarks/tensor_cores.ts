@@ -13,6 +13,7 @@
  *       [--torch torch_tc.json] [--skip-check] [--skip-time] [--json FILE]
  *       [--stand-in] [--small] [--variants] [--forward-plans] [--time-anyway]
  *       [--deadline-s N] [--time-plans "4,2,32;8,1,32"] [--skip-one-pass]
+ *       [--skip-accumulated] [--dkdv-plans "2,1,32;4,1,16"]
  *
  * The check's columns: SIMT, both precisions, and the float32 matrix
  * backward after the SIMT forward (which kernel is wrong); --variants adds
@@ -25,8 +26,13 @@
  * The forward is the two-pass kernel (O in matrix registers) unless a
  * mode says "one-pass" (the first kernel, forced through the override);
  * both are checked and timed (--skip-one-pass leaves the one-pass kernel
- * out). --time-plans times the two-pass forward at other tilings
- * (subgroups, row blocks per subgroup, keys per tile; both precisions).
+ * out). The "accumulated bwd" modes check and time the backward with the
+ * accumulated dK/dV pass (dK, dV in matrix accumulators) beside the
+ * default one (--skip-accumulated leaves them out); --dkdv-plans checks
+ * and times it at other tilings (subgroups, key blocks per subgroup, rows
+ * per block). --time-plans times the two-pass
+ * forward at other tilings (subgroups, row blocks per subgroup, keys per
+ * tile; both precisions).
  *
  * Without the feature it stops with a message, unless --stand-in: then the
  * kernels' portable stand-in runs (plain loops; checks the tiling and the
@@ -45,6 +51,7 @@ import '@tensorflow/tfjs-layers';
 import {openWebGPUDevice, useWebGPUBackend} from './webgpu_setup';
 
 import {matrixGradStats, planMatrixBackward} from '../kernels/webgpu/flash_attention_grad_subgroup_matrix';
+import type {MatrixDkdvTiles} from '../kernels/webgpu/flash_attention_grad_subgroup_matrix_dkdv_webgpu';
 import {matrixForwardStats, MatrixForwardOverride, planMatrixForward, setMatrixForwardOverride} from '../kernels/webgpu/flash_attention_subgroup_matrix';
 import {checkOwnPipelineErrors} from '../kernels/webgpu/own_pipeline';
 import {allowUnvalidatedTensorCores, MatrixDiagnosis, pickSubgroupMatrixShape, subgroupMatrixConfigs} from '../kernels/webgpu/subgroup_matrix';
@@ -76,6 +83,8 @@ interface TimeMode {
   checkedAs?: string;
   /** Forward only (the tiling variants). */
   fwdOnly?: boolean;
+  /** Forward+backward only (backward variants). */
+  fwdbwdOnly?: boolean;
 }
 function timeModes(): TimeMode[] {
   const tc = tensorCoreOverride ?? {};
@@ -84,6 +93,28 @@ function timeModes(): TimeMode[] {
     {name: 'float32', precision: 'float32', override: tc, checkedAs: 'float32'},
     {name: 'float16', precision: 'float16', override: tc, checkedAs: 'float16'},
   ];
+  if (!process.argv.includes('--skip-accumulated')) {
+    for (const p of ['float32', 'float16'] as const) {
+      modes.push({
+        name: `${p} accumulated bwd`,
+        precision: p,
+        override: {...tc, gradTiling: 'accumulated'},
+        checkedAs: `${p} accumulated bwd`,
+        fwdbwdOnly: true
+      });
+    }
+  }
+  for (const tiles of dkdvPlans()) {
+    for (const p of ['float32', 'float16'] as const) {
+      modes.push({
+        name: `${p} ${dkdvPlanName(tiles)}`,
+        precision: p,
+        override: {...tc, gradTiling: 'accumulated', gradDkdvTiles: tiles},
+        checkedAs: `${p} ${dkdvPlanName(tiles)}`,
+        fwdbwdOnly: true
+      });
+    }
+  }
   if (!process.argv.includes('--skip-one-pass')) {
     for (const p of ['float32', 'float16'] as const) {
       modes.push({
@@ -117,6 +148,16 @@ function timePlans(): Array<Pick<MatrixForwardOverride, 'subgroups'|'rowBlocks'|
     return {subgroups, rowBlocks, bc};
   });
 }
+/** --dkdv-plans "sg,kb,br;...": accumulated dK/dV tilings to check and time (fwd+bwd). */
+function dkdvPlans(): MatrixDkdvTiles[] {
+  return arg('dkdv-plans', '').split(';').filter(x => x).map(t => {
+    const [subgroups, keyBlocks, br] = t.split(',').map(Number);
+    return {subgroups, keyBlocks, br};
+  });
+}
+function dkdvPlanName(t: MatrixDkdvTiles): string {
+  return `acc sg${t.subgroups} kb${t.keyBlocks} br${t.br}`;
+}
 function planName(p: Pick<MatrixForwardOverride, 'subgroups'|'rowBlocks'|'bc'>): string {
   return `2p sg${p.subgroups} rb${p.rowBlocks} bc${p.bc}`;
 }
@@ -137,6 +178,13 @@ interface CheckMode {
   expect: [number, number];
   /** Whether the forward must be the two-pass kernel (when expect[0] is 1). */
   twoPass?: boolean;
+  /** Whether the dK/dV pass must be the accumulated one (when expect[1] is 2). */
+  accumulated?: boolean;
+  /**
+   * A forced backward tiling that may not fit some head dims: the SIMT
+   * backward running instead is no failure (the row says NOT TC).
+   */
+  gradMayFallBack?: boolean;
   /**
    * A forced tiling that may not fit some head dims: the SIMT forward
    * running instead is no failure (the row says NOT TC).
@@ -147,15 +195,58 @@ function checkModes(): CheckMode[] {
   const tc = tensorCoreOverride ?? {};
   const modes: CheckMode[] = [
     {name: 'simt', precision: 'float32', override: null, expect: [0, 0]},
-    {name: 'float32', precision: 'float32', override: tc, expect: [1, 2], twoPass: true},
-    {name: 'float16', precision: 'float16', override: tc, expect: [1, 2], twoPass: true},
+    {
+      name: 'float32',
+      precision: 'float32',
+      override: tc,
+      expect: [1, 2],
+      twoPass: true,
+      accumulated: false
+    },
+    {
+      name: 'float16',
+      precision: 'float16',
+      override: tc,
+      expect: [1, 2],
+      twoPass: true,
+      accumulated: false
+    },
     {
       name: 'simt fwd + tc bwd',
       precision: 'float32',
       override: {...tc, forwardOff: true},
-      expect: [0, 2]
+      expect: [0, 2],
+      accumulated: false
     },
   ];
+  if (!process.argv.includes('--skip-accumulated')) {
+    // The accumulated dK/dV pass (dK, dV in matrix accumulators), forced.
+    for (const p of ['float32', 'float16'] as const) {
+      modes.push({
+        name: `${p} accumulated bwd`,
+        precision: p,
+        override: {...tc, gradTiling: 'accumulated'},
+        expect: [1, 2],
+        twoPass: true,
+        accumulated: true
+      });
+    }
+  }
+  for (const tiles of dkdvPlans()) {
+    // Forced tilings of the accumulated pass (one that does not fit some
+    // head dims falls back to the SIMT backward there: NOT TC, no failure).
+    for (const p of ['float32', 'float16'] as const) {
+      modes.push({
+        name: `${p} ${dkdvPlanName(tiles)}`,
+        precision: p,
+        override: {...tc, gradTiling: 'accumulated', gradDkdvTiles: tiles},
+        expect: [1, 2],
+        twoPass: true,
+        accumulated: true,
+        gradMayFallBack: true
+      });
+    }
+  }
   if (!process.argv.includes('--skip-one-pass')) {
     for (const p of ['float32', 'float16'] as const) {
       modes.push({
@@ -362,39 +453,49 @@ async function accuracy(): Promise<string[]> {
     const dOutT = tf.tensor4d(Float32Array.from(dOut), [s.batch, s.seqQ, s.heads, s.headDimV]);
     const row: string[] = [name];
     for (const mode of checkModes()) {
-      setMatrixForwardOverride(mode.override ?? {off: true});
-      const before = matrixForwardStats.dispatches;
-      const twoPassBefore = matrixForwardStats.twoPassDispatches;
-      const o: FlashAttentionOptions =
-          {...opts, alibiSlopes: slopes, returnSoftmaxLse: true, precision: mode.precision};
-      const [out, lse] = flashAttention(q, k, v, o) as tf.Tensor[];
-      const [od, ld] = [await out.data(), await lse.data()];
-      tf.dispose([out, lse]);
-      await checkOwnPipelineErrors();
-      const used = matrixForwardStats.dispatches - before;
-      const twoPassUsed = matrixForwardStats.twoPassDispatches - twoPassBefore;
-      // The backward: gradients of sum(out * dOut).
-      const gradBefore = matrixGradStats.dispatches;
-      const grads = tf.grads(
-          (a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) => tf.sum(tf.mul(
-              flashAttention(
-                  a as tf.Tensor4D, b as tf.Tensor4D, c as tf.Tensor4D,
-                  {...opts, alibiSlopes: slopes, precision: o.precision}) as tf.Tensor,
-              dOutT)))([q, k, v]);
-      const [dq, dk, dv] = await Promise.all(grads.map(g => g.data()));
-      tf.dispose(grads);
-      await checkOwnPipelineErrors();
-      const gradUsed = matrixGradStats.dispatches - gradBefore;
-      const ran = used === mode.expect[0] && gradUsed === mode.expect[1] &&
-          (mode.twoPass == null || twoPassUsed === (mode.twoPass ? used : 0));
-      const fellBack = mode.mayFallBack === true && used === 0;
-      const errors = [
-        relError(od, expected.out), relError(ld, expected.lse), relError(dq, expectedGrads.dq),
-        relError(dk, expectedGrads.dk), relError(dv, expectedGrads.dv)
-      ];
-      record(mode, errors, ran || fellBack);
-      row.push(`${mode.name}${ran ? '' : '(NOT TC)'} ${
-          OUTPUTS.map((o, i) => `${o} ${errors[i].toExponential(2)}`).join(' ')}`);
+      // A kernel that fails (compilation, validation) fails its mode only.
+      try {
+        setMatrixForwardOverride(mode.override ?? {off: true});
+        const before = matrixForwardStats.dispatches;
+        const twoPassBefore = matrixForwardStats.twoPassDispatches;
+        const o: FlashAttentionOptions =
+            {...opts, alibiSlopes: slopes, returnSoftmaxLse: true, precision: mode.precision};
+        const [out, lse] = flashAttention(q, k, v, o) as tf.Tensor[];
+        const [od, ld] = [await out.data(), await lse.data()];
+        tf.dispose([out, lse]);
+        await checkOwnPipelineErrors();
+        const used = matrixForwardStats.dispatches - before;
+        const twoPassUsed = matrixForwardStats.twoPassDispatches - twoPassBefore;
+        // The backward: gradients of sum(out * dOut).
+        const gradBefore = matrixGradStats.dispatches;
+        const accumulatedBefore = matrixGradStats.accumulated;
+        const grads = tf.grads(
+            (a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) => tf.sum(tf.mul(
+                flashAttention(
+                    a as tf.Tensor4D, b as tf.Tensor4D, c as tf.Tensor4D,
+                    {...opts, alibiSlopes: slopes, precision: o.precision}) as tf.Tensor,
+                dOutT)))([q, k, v]);
+        const [dq, dk, dv] = await Promise.all(grads.map(g => g.data()));
+        tf.dispose(grads);
+        await checkOwnPipelineErrors();
+        const gradUsed = matrixGradStats.dispatches - gradBefore;
+        const accumulatedUsed = matrixGradStats.accumulated - accumulatedBefore;
+        const ran = used === mode.expect[0] && gradUsed === mode.expect[1] &&
+            (mode.twoPass == null || twoPassUsed === (mode.twoPass ? used : 0)) &&
+            (mode.accumulated == null || accumulatedUsed === (mode.accumulated ? 1 : 0));
+        const fellBack = (mode.mayFallBack === true && used === 0) ||
+            (mode.gradMayFallBack === true && gradUsed === 0);
+        const errors = [
+          relError(od, expected.out), relError(ld, expected.lse), relError(dq, expectedGrads.dq),
+          relError(dk, expectedGrads.dk), relError(dv, expectedGrads.dv)
+        ];
+        record(mode, errors, ran || fellBack);
+        row.push(`${mode.name}${ran ? '' : '(NOT TC)'} ${
+            OUTPUTS.map((o, i) => `${o} ${errors[i].toExponential(2)}`).join(' ')}`);
+      } catch (e) {
+        record(mode, OUTPUTS.map(() => Infinity), false);
+        row.push(`${mode.name} ERROR ${(e as Error).message.slice(0, 300)}`);
+      }
     }
     setMatrixForwardOverride(null);
     tf.dispose([q, k, v, dOutT]);
@@ -483,11 +584,13 @@ function goalTable(timings: Timing[], torch: TorchRow[], standIn: boolean): stri
   const out = [
     `TFLOP/s, causal, B=1 (4*S*S*H*D/2 per forward, x3.5 with the backward)${
         standIn ? '; STAND-IN: not tensor cores, not a performance number' : ''}`,
-    'TC = the two-pass forward (default plan); 1-pass = the first kernel, forced',
+    'TC = the two-pass forward and the per-tile backward (default plans); 1-pass = the ' +
+        'first forward, accum. = the accumulated dK/dV pass (fwd+bwd), forced',
     '',
     '| pass | D | S | SIMT f32 | TC float32 | TC float16 | 1-pass f32 | 1-pass f16 | ' +
-        'torch FA2 f16 | torch SDPA f32 | TC f32 / SDPA | TC f16 / FA2 |',
-    `|${' --- |'.repeat(12)}`,
+        'accum. f32 | accum. f16 | torch FA2 f16 | torch SDPA f32 | TC f32 / SDPA | ' +
+        'TC f16 / FA2 |',
+    `|${' --- |'.repeat(14)}`,
   ];
   const at = (mode: string, kind: string, dim: number, seq: number) =>
       timings.find(t => t.mode === mode && t.kind === kind && t.dim === dim && t.seq === seq);
@@ -495,17 +598,18 @@ function goalTable(timings: Timing[], torch: TorchRow[], standIn: boolean): stri
   for (const key of keys) {
     const [kind, dimS, seqS] = key.split(' ');
     const [dim, seq] = [Number(dimS), Number(seqS)];
-    const [simt, f32, f16, f32one, f16one] = [
-      'simt', 'float32', 'float16', 'float32 one-pass', 'float16 one-pass'
+    const [simt, f32, f16, f32one, f16one, f32acc, f16acc] = [
+      'simt', 'float32', 'float16', 'float32 one-pass', 'float16 one-pass',
+      'float32 accumulated bwd', 'float16 accumulated bwd'
     ].map(m => at(m, kind, dim, seq));
     const ref = (f32 ?? simt)!;
     const sdpa = torchTf('sdpa_fp32', ref);
     const fa2 = torchTf('fa2_fp16', ref);
     const ratio = (a: Timing|undefined, b: string) =>
         a?.tflops == null || b === '-' ? '-' : (a.tflops / Number(b)).toFixed(2);
-    out.push(
-        `| ${kind} | ${dim} | ${seq} | ${tf(simt)} | ${tf(f32)} | ${tf(f16)} | ${tf(f32one)} | ${
-            tf(f16one)} | ${fa2} | ${sdpa} | ${ratio(f32, sdpa)} | ${ratio(f16, fa2)} |`);
+    out.push(`| ${kind} | ${dim} | ${seq} | ${tf(simt)} | ${tf(f32)} | ${tf(f16)} | ${
+        tf(f32one)} | ${tf(f16one)} | ${tf(f32acc)} | ${tf(f16acc)} | ${fa2} | ${sdpa} | ${
+        ratio(f32, sdpa)} | ${ratio(f16, fa2)} |`);
   }
   const plans = timePlans();
   if (plans.length > 0) {
@@ -521,6 +625,24 @@ function goalTable(timings: Timing[], torch: TorchRow[], standIn: boolean): stri
               .map(
                   p => `${tf(at(`float32 ${planName(p)}`, 'fwd', dim, seq))} / ${
                       tf(at(`float16 ${planName(p)}`, 'fwd', dim, seq))}`)
+              .join(' | ')} |`);
+    }
+  }
+  const tilings = dkdvPlans();
+  if (tilings.length > 0) {
+    out.push(
+        '', 'Accumulated dK/dV tilings (TFLOP/s, fwd+bwd, float32 / float16):', '',
+        `| D | S | ${tilings.map(dkdvPlanName).join(' | ')} |`,
+        `|${' --- |'.repeat(tilings.length + 2)}`);
+    const bwdKeys =
+        [...new Set(timings.filter(t => t.kind === 'fwdbwd').map(t => `${t.dim} ${t.seq}`))];
+    for (const key of bwdKeys) {
+      const [dim, seq] = key.split(' ').map(Number);
+      out.push(`| ${dim} | ${seq} | ${
+          tilings
+              .map(
+                  p => `${tf(at(`float32 ${dkdvPlanName(p)}`, 'fwdbwd', dim, seq))} / ${
+                      tf(at(`float16 ${dkdvPlanName(p)}`, 'fwdbwd', dim, seq))}`)
               .join(' | ')} |`);
     }
   }
@@ -590,7 +712,9 @@ async function main(): Promise<void> {
           const verdict = mode.checkedAs == null ? undefined : verdicts.get(mode.checkedAs);
           const failed =
               verdict != null && !verdict.pass && !process.argv.includes('--time-anyway');
-          const kinds = mode.fwdOnly ? ['fwd'] as const: ['fwd', 'fwdbwd'] as const;
+          const kinds = mode.fwdOnly ? ['fwd'] as const:
+              mode.fwdbwdOnly        ? ['fwdbwd'] as const:
+                                       ['fwd', 'fwdbwd'] as const;
           if (failed || pastDeadline()) {
             for (const kind of kinds) {
               timings.push({
@@ -614,13 +738,19 @@ async function main(): Promise<void> {
             ['fwd', () => tf.dispose(attend(q, k, v))],
             ['fwdbwd', () => tf.dispose(tf.grads(attend)([q, k, v], dy))],
           ];
-          for (const [kind, run] of runs.filter(([kind]) => !mode.fwdOnly || kind === 'fwd')) {
+          for (const [kind, run] of runs.filter(
+                   ([kind]) => (kinds as readonly string[]).includes(kind))) {
             const t: Timing = {mode: mode.name, kind, dim: d, seq: s, ms: null, tflops: null};
             const before = matrixForwardStats.dispatches + matrixGradStats.dispatches;
+            const accumulatedBefore = matrixGradStats.accumulated;
             try {
               t.ms = await timeMs(device, run);
               t.tflops = fwdFlops * (kind === 'fwd' ? 1 : 3.5) / t.ms / 1e9;
               t.tensorCores = matrixForwardStats.dispatches + matrixGradStats.dispatches > before;
+              if (kind === 'fwdbwd' && mode.override?.gradTiling === 'accumulated') {
+                // NOT TC where the forced accumulated tiling did not fit.
+                t.tensorCores = matrixGradStats.accumulated > accumulatedBefore;
+              }
             } catch (e) {
               t.error = (e as Error).message.slice(0, 200);
             }

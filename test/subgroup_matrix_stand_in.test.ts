@@ -17,6 +17,7 @@ import {matrixLoadWGSL, matrixStoreWGSL, standInElementWGSL, standInHelpersWGSL,
 import {matrixForwardWGSL, matrixTileSizes} from '../kernels/webgpu/flash_attention_subgroup_matrix_webgpu';
 import {twoPassForwardWGSL, twoPassTileSizes} from '../kernels/webgpu/flash_attention_subgroup_matrix_two_pass_webgpu';
 import {FlashAttentionGradMatrixProgram, matrixGradValid} from '../kernels/webgpu/flash_attention_grad_subgroup_matrix_webgpu';
+import {FlashAttentionGradDkdvMatrixProgram, matrixDkdvValid} from '../kernels/webgpu/flash_attention_grad_subgroup_matrix_dkdv_webgpu';
 import {gradFeatures} from '../kernels/webgpu/flash_attention_grad_wgsl';
 import {scoreOptionsFromAttrs} from '../kernels/webgpu/wgsl_snippets';
 
@@ -173,6 +174,28 @@ var<workgroup> e: array<mat2x2<f32>, 4>;`;
               expect(workgroupAlignmentProblems(program.code())).toEqual([]);
               checked++;
             }
+          }
+        }
+      }
+    }
+    expect(checked).toBeGreaterThan(20);
+  });
+
+  it('holds for every tiling of the accumulated dK/dV pass', () => {
+    let checked = 0;
+    for (const shape of shapes) {
+      for (const [d, dv] of [[32, 32], [64, 64], [128, 128], [32, 64]]) {
+        for (const [subgroups, keyBlocks, br] of [[4, 1, 32], [2, 1, 32], [3, 1, 16], [1, 2, 16]]) {
+          for (const split of [true, false]) {
+            const c = {subgroups, keyBlocks, br, headDim: d, headDimV: dv, shape, split};
+            if (!matrixDkdvValid(c)) {
+              continue;
+            }
+            const attrs = {softcap: 0, windowLeft: -1, windowRight: 0, dropoutRate: 0.1};
+            const f = gradFeatures(attrs as Parameters<typeof gradFeatures>[0], true);
+            const program = new FlashAttentionGradDkdvMatrixProgram(c, f);
+            expect(workgroupAlignmentProblems(program.code())).toEqual([]);
+            checked++;
           }
         }
       }

@@ -34,11 +34,12 @@ const FLOAT16_GRAD_BOUND = 1e-2;
  */
 async function runKernel(
     shape: ProblemShape, opts: OracleOptions, precision: 'float32'|'float16' = 'float32',
-    inputScale?: number, repeats = 1) {
+    inputScale?: number, repeats = 1, dOutRowScale?: (row: number) => number) {
   const rng = freshRng();
   const result = await runGradKernelOnOracle(shape, opts, rng, {
     inputScale,
     repeats,
+    dOutRowScale,
     extraAttrs: {precision},
     aroundRun: () => {
       const [runsBefore, dispatches] = [fusedGradRunCount(), matrixGradStats.dispatches];
@@ -53,9 +54,11 @@ async function runKernel(
 
 async function check(
     name: string, shape: ProblemShape, opts: OracleOptions, bound: number,
-    precision: 'float32'|'float16' = 'float32', inputScale?: number): Promise<void> {
+    precision: 'float32'|'float16' = 'float32', inputScale?: number,
+    dOutRowScale?: (row: number) => number): Promise<void> {
   const before = tf.memory().numTensors;
-  const {runs: [got], expected, seed} = await runKernel(shape, opts, precision, inputScale);
+  const {runs: [got], expected, seed} =
+      await runKernel(shape, opts, precision, inputScale, 1, dOutRowScale);
   expect(tf.memory().numTensors).toBe(before);
   const what = `${name} (seed ${seed})`;
   expectClose(got.dq, expected.dq, bound, `${what}: dq`);
@@ -63,7 +66,7 @@ async function check(
   expectClose(got.dv, expected.dv, bound, `${what}: dv`);
 }
 
-describeWebGPU('subgroup-matrix backward, stand-in [webgpu]', () => {
+describeWebGPU('subgroup-matrix backward (per-tile dK/dV pass), stand-in [webgpu]', () => {
   useFusedGradWebGPU();
   afterAll(() => setMatrixForwardOverride(null));
 
@@ -79,8 +82,8 @@ describeWebGPU('subgroup-matrix backward, stand-in [webgpu]', () => {
   ];
   describe('option cases, float32 precision (split), 8x8x8 blocks', () => {
     beforeAll(
-        () =>
-            setMatrixForwardOverride({shape: SHAPE_A, gradTiles: {subgroups: 2, br: 16, bc: 16}}));
+        () => setMatrixForwardOverride(
+            {shape: SHAPE_A, gradTiling: 'perTile', gradTiles: {subgroups: 2, br: 16, bc: 16}}));
     const cases = OPTION_CASES.filter(c => FEATURE_CASES.includes(c.name));
     it('plans every option case whose head dims the blocks tile', () => {
       expect(cases.length).toBe(FEATURE_CASES.length);
@@ -111,8 +114,8 @@ describeWebGPU('subgroup-matrix backward, stand-in [webgpu]', () => {
 
   describe('several blocks, 16x8x16 blocks, 2 subgroups', () => {
     beforeAll(
-        () =>
-            setMatrixForwardOverride({shape: SHAPE_B, gradTiles: {subgroups: 2, br: 16, bc: 32}}));
+        () => setMatrixForwardOverride(
+            {shape: SHAPE_B, gradTiling: 'perTile', gradTiles: {subgroups: 2, br: 16, bc: 32}}));
     const shape: ProblemShape =
         {batch: 1, seqQ: 45, seqK: 70, heads: 4, headsKV: 2, headDim: 32, headDimV: 16};
     it('causal, Sq < Sk, GQA, Dv != D',
@@ -149,6 +152,89 @@ describeWebGPU('subgroup-matrix backward, stand-in [webgpu]', () => {
     it('operands beyond f16 range (x 3e4)', async () => {
       // |q.k| ~ 1e9 would saturate the softmax: scale the scores back.
       await check(
+          'x 3e4', shape, {causal: true, softmaxScale: 1 / (9e8 * 32 ** 0.5)}, GRADIENT_BOUND,
+          'float32', 3e4);
+    });
+  });
+});
+
+/**
+ * The accumulated dK/dV pass (dK, dV in matrix accumulators over every
+ * query block, one scale per operand per workgroup from pass 0) with the
+ * dQ pass of the first kernel.
+ */
+describeWebGPU('subgroup-matrix backward (accumulated dK/dV pass), stand-in [webgpu]', () => {
+  useFusedGradWebGPU();
+  afterAll(() => setMatrixForwardOverride(null));
+
+  /** `check` that also requires the accumulated pass to have run once. */
+  async function checkAccumulated(
+      name: string, shape: ProblemShape, opts: OracleOptions, bound: number,
+      precision: 'float32'|'float16' = 'float32', inputScale?: number,
+      dOutRowScale?: (row: number) => number): Promise<void> {
+    const before = matrixGradStats.accumulated;
+    await check(name, shape, opts, bound, precision, inputScale, dOutRowScale);
+    expect(matrixGradStats.accumulated).toBe(before + 1);
+  }
+
+  describe('option cases, float32 precision (split), 8x8x8 blocks, 2 subgroups', () => {
+    beforeAll(() => setMatrixForwardOverride({
+                shape: SHAPE_A,
+                gradTiles: {subgroups: 2, br: 16, bc: 16},
+                gradTiling: 'accumulated',
+                gradDkdvTiles: {subgroups: 2, keyBlocks: 1, br: 16},
+              }));
+    const FEATURE_CASES = [
+      'causal, Sq > Sk (rows without keys)',
+      'alibi [B, H], causal, softcap',
+      'MQA (H=3, Hk=1)',
+      'large logits (|s| ~ 1e4)',
+      'dropout with GQA, window and seed >= 2^32',
+    ];
+    const cases = OPTION_CASES.filter(c => FEATURE_CASES.includes(c.name));
+    it('has the cases', () => expect(cases.length).toBe(FEATURE_CASES.length));
+    for (const c of cases) {
+      it(c.name,
+         () => checkAccumulated(
+             c.name, c.shape, c.opts, c.bounds?.gradient ?? GRADIENT_BOUND, 'float32',
+             c.inputScale));
+    }
+  });
+
+  describe('several blocks, 16x8x16 blocks', () => {
+    const shape: ProblemShape =
+        {batch: 1, seqQ: 45, seqK: 70, heads: 4, headsKV: 2, headDim: 32, headDimV: 16};
+    beforeAll(() => setMatrixForwardOverride({
+                shape: SHAPE_B,
+                gradTiles: {subgroups: 2, br: 16, bc: 32},
+                gradTiling: 'accumulated',
+                gradDkdvTiles: {subgroups: 1, keyBlocks: 2, br: 16},
+              }));
+    it('causal, Sq < Sk, GQA, Dv != D, 2 key blocks in one subgroup',
+       () => checkAccumulated('multi-block', shape, {causal: true}, GRADIENT_BOUND));
+    it('is deterministic: bit-identical gradients run after run', async () => {
+      const {runs} = await runKernel(shape, {causal: true}, 'float32', undefined, 3);
+      for (const run of runs.slice(1)) {
+        for (const key of ['dk', 'dv'] as const) {
+          expect(Buffer.from(run[key].buffer).equals(Buffer.from(runs[0][key].buffer))).toBe(true);
+        }
+      }
+    });
+    it('float16 precision: within its bound, and less accurate than the split', async () => {
+      await checkAccumulated('float16', shape, {causal: true}, FLOAT16_GRAD_BOUND, 'float16');
+      await expect(check('float16 vs 1e-5', shape, {causal: true}, 1e-5, 'float16'))
+          .rejects.toThrow();
+    });
+    it('dO growing 2^22 over the query rows: the running exponents rise block by block',
+       async () => {
+         // Each query block raises the exponents of dS and P dO's share
+         // by ~2^8: accumulators not multiplied down would be off by that.
+         await checkAccumulated(
+             'dO x 2^(i/2)', shape, {causal: true}, GRADIENT_BOUND, 'float32', undefined,
+             row => 2 ** (row / 2));
+       });
+    it('operands beyond f16 range (x 3e4)', async () => {
+      await checkAccumulated(
           'x 3e4', shape, {causal: true, softmaxScale: 1 / (9e8 * 32 ** 0.5)}, GRADIENT_BOUND,
           'float32', 3e4);
     });

@@ -16,6 +16,7 @@ import type {FlashAttentionAttrs} from '../../src/kernel_names';
 
 import {MatrixForwardConfig, matrixForwardKey, matrixForwardWGSL, MATRIX_FORWARD_UNIFORMS, matrixTileSizes, matrixWorkgroupBytes} from './flash_attention_subgroup_matrix_webgpu';
 import type {MatrixGradTiles} from './flash_attention_grad_subgroup_matrix_webgpu';
+import type {MatrixDkdvTiles} from './flash_attention_grad_subgroup_matrix_dkdv_webgpu';
 import {TwoPassForwardConfig, twoPassForwardKey, twoPassForwardWGSL, twoPassTileSizes, twoPassWorkgroupBytes} from './flash_attention_subgroup_matrix_two_pass_webgpu';
 import {forwardOutputs, forwardUniformValues} from './forward_shared';
 import {dispatchGrid, packUniforms, runOwnPipeline} from './own_pipeline';
@@ -42,6 +43,14 @@ export interface MatrixForwardOverride {
   rowBlocks?: number;
   /** The backward's tiling (flash_attention_grad_subgroup_matrix.ts). */
   gradTiles?: MatrixGradTiles;
+  /**
+   * The backward's dK/dV pass: 'perTile' (the default: the first
+   * kernel's, whose tiling `gradTiles` forces) or 'accumulated' (dK, dV in
+   * matrix accumulators).
+   */
+  gradTiling?: 'accumulated'|'perTile';
+  /** The accumulated dK/dV pass's tiling. */
+  gradDkdvTiles?: MatrixDkdvTiles;
   /** Hardware checks: the SIMT forward with the matrix backward. */
   forwardOff?: boolean;
   /** Hardware checks: diagnosis flags on the device's matrix shape. */

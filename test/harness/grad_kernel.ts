@@ -29,6 +29,8 @@ export interface GradKernelRunOptions {
    * run's gradients are read (the caller's dispatch-count checks).
    */
   aroundRun?: () => () => void;
+  /** A factor on every dOut element of query row `row` (uneven dynamic range across rows). */
+  dOutRowScale?: (row: number) => number;
 }
 
 /** The gradients of each run and the oracle's, for upstream dOut and dLse drawn from `rng`. */
@@ -39,6 +41,13 @@ export async function runGradKernelOnOracle(
   const {batch, seqQ, heads, headDimV} = shape;
   const forward = oracleForward(problem.oracle, opts);
   const dOut = randomArray(forward.out.length, rng);
+  const rowScale = options.dOutRowScale;
+  if (rowScale != null) {
+    // dOut is [B, Sq, H, Dv]: element e is in query row (e / (H Dv)) mod Sq.
+    dOut.forEach((x, e) => {
+      dOut[e] = x * rowScale(Math.floor(e / (heads * headDimV)) % seqQ);
+    });
+  }
   const dLse = randomArray(forward.lse.length, rng);
   const attrs = {...normalizeOptions(opts, shape.headDim, 'test'), ...options.extraAttrs};
   const tensors = {
