@@ -11,7 +11,9 @@
  *       [--torch torch.json] [--out DIR]
  *       [--budget-ms 600] [--warmup-ms 300] [--max-warmup-ms 300] [--check] [--repeat N]
  *       [--shapes "B,H,Hk,S;..."]
- *       [--grad-variants "bc,br,qbr,qbc[,s|sk|sq][,tN|tkN|tqN][,cN|ckN|cqN];...|sliced"]
+ *       [--grad-variants
+ *         "bc,br,qbr,qbc[,s|sk|sq][,tN|tkN|tqN][,cN|ckN|cqN][,st|stk|stq][,p0|p0k|p0q];...
+ *          |sliced|streamed"]
  *   node attention.mjs --sweep [--torch torch.json] [--out DIR]
  *
  * --sweep is the issue grid in one run: D 64 and 128, S 512 .. 16384, causal
@@ -34,9 +36,12 @@
  * dQ rows, keys per step; `s`, `sk`, `sq`: S and dP on separate halves of
  * the invocations in both passes, dK/dV only, dQ only; `tN`: N invocations
  * instead of 128, `tkN`/`tqN` in one pass; `cN`: Q/dO (dK/dV pass) and K/V
- * (dQ pass) streamed in N head-dim slices, `ckN`/`cqN` in one pass;
- * `sliced`: every candidate of tuning.ts's SLICED_GRAD_CANDIDATES) on the
- * fwdbwd rows. --variants forces forward tilings
+ * (dQ pass) streamed in N head-dim slices, `ckN`/`cqN` in one pass; `st`:
+ * with cN, the other operand streamed too (K^T/V^T in dK/dV, Q/dO rows in
+ * dQ), `stk`/`stq` in one pass; `p0`: with cN, no register prefetch of the
+ * slices, `p0k`/`p0q` in one pass; `sliced` / `streamed`: every candidate of
+ * tuning.ts's SLICED_ / STREAMED_GRAD_CANDIDATES) on the fwdbwd rows.
+ * --variants forces forward tilings
  * (`o` outer-product mode, `pN` prefetch off/on, `kN` N key-range splits,
  * `cN` K^T and V in N head-dim slices, `qs` Q^T streamed with K^T, `db`
  * two slice buffers, `uN` N head-dim steps or keys per unrolled loop
@@ -450,17 +455,20 @@ async function main(): Promise<void> {
       tf.dispose(inputs);
     }
   };
-  // "bc,br,qbr,qbc[,s|sk|sq][,tN|tkN|tqN][,cN|ckN|cqN]": dK/dV keys per
-  // workgroup and rows per step, dQ rows per workgroup and keys per step;
+  // "bc,br,qbr,qbc[,s|sk|sq][,tN|tkN|tqN][,cN|ckN|cqN][,st|stk|stq]": dK/dV
+  // keys per workgroup and rows per step, dQ rows per workgroup and keys per step;
   // `s` computes S and dP on separate halves of the invocations in both
   // passes (SPhase.split), `sk` in the dK/dV pass only, `sq` in the dQ pass
   // only; N invocations per workgroup (128 without tN; tkN / tqN: one pass);
-  // cN: the streamed operand in N head-dim slices (ckN / cqN: one pass).
+  // cN: the streamed operand in N head-dim slices (ckN / cqN: one pass);
+  // st: with cN, both operands streamed (stk / stq: one pass); p0: with cN,
+  // no register prefetch of the slices (p0k / p0q: one pass).
   const gradOverride = (variant: string) => {
     const [bc, br, qbr, qbc] = variant.split(',').slice(0, 4).map(Number);
     const flags = variant.split(',').slice(4);
-    const unknown =
-        flags.filter(x => !['s', 'sk', 'sq'].includes(x) && !/^(t|tk|tq|c|ck|cq)\d+$/.test(x));
+    const unknown = flags.filter(
+        x => !['s', 'sk', 'sq', 'st', 'stk', 'stq', 'p0', 'p0k', 'p0q'].includes(x) &&
+            !/^(t|tk|tq|c|ck|cq)\d+$/.test(x));
     if (unknown.length > 0) {
       throw new Error(`--grad-variants: unknown flag(s) ${unknown.join(',')} in "${variant}"`);
     }
@@ -473,32 +481,54 @@ async function main(): Promise<void> {
     const splitKV = flags.includes('s') || flags.includes('sk');
     const splitQ = flags.includes('s') || flags.includes('sq');
     const [chunksKV, chunksQ] = [value('ck', 'c'), value('cq', 'c')];
+    const streamKV = flags.includes('st') || flags.includes('stk');
+    const streamQ = flags.includes('st') || flags.includes('stq');
+    const noPrefetchKV = flags.includes('p0') || flags.includes('p0k');
+    const noPrefetchQ = flags.includes('p0') || flags.includes('p0q');
     return {
       dkdv: {
         bc,
         br,
         threads: value('tk', 't') ?? 128,
         ...(splitKV ? {split: true} : {}),
-        ...(chunksKV != null ? {dimChunks: chunksKV} : {})
+        ...(chunksKV != null ? {dimChunks: chunksKV} : {}),
+        ...(streamKV ? {streamed: true} : {}),
+        ...(noPrefetchKV ? {prefetch: false} : {})
       },
       dq: {
         br: qbr,
         bc: qbc,
         threads: value('tq', 't') ?? 128,
         ...(splitQ ? {split: true} : {}),
-        ...(chunksQ != null ? {dimChunks: chunksQ} : {})
+        ...(chunksQ != null ? {dimChunks: chunksQ} : {}),
+        ...(streamQ ? {streamed: true} : {}),
+        ...(noPrefetchQ ? {prefetch: false} : {})
       },
     };
   };
-  // `sliced`: every candidate of tuning.ts's SLICED_GRAD_CANDIDATES, in the
-  // syntax above.
-  const {SLICED_GRAD_CANDIDATES} = await import('../kernels/webgpu/tuning');
-  const slicedGradVariants = SLICED_GRAD_CANDIDATES.map(
-      ({dkdv, dq}) => [dkdv.bc, dkdv.br, dq.br, dq.bc, `ck${dkdv.dimChunks}`, `cq${dq.dimChunks}`,
-                       ...(dkdv.threads !== 128 ? [`tk${dkdv.threads}`] : []),
-                       ...(dq.threads !== 128 ? [`tq${dq.threads}`] : [])]
-                          .join(','));
-  const gradVariants = args.gradVariants.flatMap(g => g === 'sliced' ? slicedGradVariants : [g]);
+  // `sliced` / `streamed`: every candidate of tuning.ts's SLICED_ /
+  // STREAMED_GRAD_CANDIDATES, in the syntax above.
+  const {SLICED_GRAD_CANDIDATES, STREAMED_GRAD_CANDIDATES} =
+      await import('../kernels/webgpu/tuning');
+  type GradTiles = import('../kernels/webgpu/FlashAttentionGrad').GradTiles;
+  const gradVariantName = ({dkdv, dq}: GradTiles) => {
+    const flags = [
+      `ck${dkdv.dimChunks}`,
+      `cq${dq.dimChunks}`,
+      dkdv.threads !== 128 ? `tk${dkdv.threads}` : '',
+      dq.threads !== 128 ? `tq${dq.threads}` : '',
+      dkdv.streamed ? 'stk' : '',
+      dq.streamed ? 'stq' : '',
+      dkdv.prefetch === false ? 'p0k' : '',
+      dq.prefetch === false ? 'p0q' : '',
+    ];
+    return [dkdv.bc, dkdv.br, dq.br, dq.bc, ...flags.filter(f => f !== '')].join(',');
+  };
+  const gradLists: Record<string, string[]> = {
+    sliced: SLICED_GRAD_CANDIDATES.map(gradVariantName),
+    streamed: STREAMED_GRAD_CANDIDATES.map(gradVariantName),
+  };
+  const gradVariants = args.gradVariants.flatMap(g => gradLists[g] ?? [g]);
   type Tensor4D = import('@tensorflow/tfjs-core').Tensor4D;
   const problems: Shape[] = [
     ...args.seqs.map(s => ({b: B, h: H, hk: H, s})),

@@ -75,7 +75,10 @@ describeWebGPU('fused WebGPU backward [webgpu]', () => {
     };
     expect(chooseGradTiles(64, 64, h100))
         .toEqual({dkdv: {bc: 32, br: 32, threads: 128}, dq: {br: 64, bc: 16, threads: 128}});
-    expect(chooseGradTiles(128, 128, h100))
+    // D=128: the streamed tiles on a GPU (test/webgpu_backward_streamed.test.ts),
+    // the size lists on a software device.
+    expect(chooseGradTiles(128, 128, h100)!.dkdv.streamed).toBe(true);
+    expect(chooseGradTiles(128, 128, h100, false))
         .toEqual({dkdv: {bc: 32, br: 8, threads: 128}, dq: {br: 32, bc: 8, threads: 128}});
     expect(chooseGradTiles(64, 64, swiftShader)!.dkdv.bc).toBe(32);
     expect(chooseGradTiles(256, 256, swiftShader)).not.toBeNull();

@@ -27,6 +27,17 @@ const describeWebGPU = selectedBackends().includes('webgpu') ? describe : descri
 
 /** The bound measured for precision 'float16' (docs/tensor_cores.md). */
 const FLOAT16_GRAD_BOUND = 1e-2;
+/**
+ * The ill-conditioned case's bound (harness/cases.ts, "large logits") is
+ * sized for a score known to its float32 ulp. The split keeps about 22 of
+ * float32's 24 significant bits in each product (the lo x lo term and the
+ * lo parts' own rounding go), so its scores move about 4x as far, and the
+ * weight shifted between near-tied keys with them (seed 1511181850 went
+ * 10% past the float32 bound in dQ).
+ */
+const SPLIT_ILL_CONDITIONED_FACTOR = 4;
+const splitGradientBound = (c: {bounds?: {gradient: number}}) =>
+    c.bounds == null ? GRADIENT_BOUND : c.bounds.gradient * SPLIT_ILL_CONDITIONED_FACTOR;
 
 /**
  * The kernel alone on the oracle's forward outputs: the gradients of
@@ -97,9 +108,7 @@ describeWebGPU('subgroup-matrix backward (per-tile dK/dV pass), stand-in [webgpu
     });
     for (const c of cases) {
       it(c.name,
-         () => check(
-             c.name, c.shape, c.opts, c.bounds?.gradient ?? GRADIENT_BOUND, 'float32',
-             c.inputScale));
+         () => check(c.name, c.shape, c.opts, splitGradientBound(c), 'float32', c.inputScale));
     }
     it('is deterministic: bit-identical gradients run after run', async () => {
       const c = cases[cases.length - 1];
@@ -196,8 +205,7 @@ describeWebGPU('subgroup-matrix backward (accumulated dK/dV pass), stand-in [web
     for (const c of cases) {
       it(c.name,
          () => checkAccumulated(
-             c.name, c.shape, c.opts, c.bounds?.gradient ?? GRADIENT_BOUND, 'float32',
-             c.inputScale));
+             c.name, c.shape, c.opts, splitGradientBound(c), 'float32', c.inputScale));
     }
   });
 

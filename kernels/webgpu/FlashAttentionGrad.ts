@@ -28,7 +28,8 @@ import {matrixBackwardWebGPU, planMatrixBackward} from './flash_attention_grad_s
 import {featureKey, GradFeatures, gradFeatures, gradUniforms} from './flash_attention_grad_wgsl';
 import {KeptCalls} from './kept_calls';
 import {isWebGPUBackend, kernelLimits, OwnPipelineSpec, runOwnPipeline} from './own_pipeline';
-import {DKDV_SIZES, DQ_SIZES, GRAD_THREADS} from './tuning';
+import {isSoftwareDevice} from './FlashAttention';
+import {DKDV_SIZES, DQ_SIZES, GRAD_THREADS, GRAD_TILINGS} from './tuning';
 
 /** The device limits the tile choice depends on. */
 export interface GradDeviceLimits {
@@ -44,12 +45,23 @@ export interface GradTiles {
 
 /**
  * Tiles for head dims (d, dv) on a device, or null when even the smallest
- * do not fit its workgroup storage.
+ * do not fit its workgroup storage. `hardware`: not a software device
+ * (GRAD_TILINGS are for GPUs only).
  */
-export function chooseGradTiles(d: number, dv: number, limits: GradDeviceLimits): GradTiles|null {
+export function chooseGradTiles(
+    d: number, dv: number, limits: GradDeviceLimits, hardware = true): GradTiles|null {
   const threads = Math.min(
       GRAD_THREADS, limits.maxComputeInvocationsPerWorkgroup, limits.maxComputeWorkgroupSizeX);
   const storage = limits.maxComputeWorkgroupStorageSize;
+  const maxThreads =
+      Math.min(limits.maxComputeInvocationsPerWorkgroup, limits.maxComputeWorkgroupSizeX);
+  const planned = GRAD_TILINGS.find(
+      ({tiles: {dkdv, dq}, minHeadDim, maxHeadDim}) => hardware && Math.min(d, dv) > minHeadDim &&
+          Math.max(d, dv) <= maxHeadDim && Math.max(dkdv.threads, dq.threads) <= maxThreads &&
+          dkdvStorageBytes(dkdv, d, dv) <= storage && dqStorageBytes(dq, d, dv) <= storage);
+  if (planned != null) {
+    return planned.tiles;
+  }
   // The first valid tiles, in list order, whose workgroup storage fits.
   const first = <T>(tiles: T[], valid: (t: T) => boolean, bytes: (t: T) => number) =>
       tiles.find(t => valid(t) && bytes(t) <= storage) ?? null;
@@ -101,7 +113,7 @@ function tilesFor(d: number, dv: number, device: GPUDevice): GradTiles|null {
   }
   let tiles = byDv.get(dv);
   if (tiles === undefined) {
-    tiles = chooseGradTiles(d, dv, limits);
+    tiles = chooseGradTiles(d, dv, limits, !isSoftwareDevice(device));
     byDv.set(dv, tiles);
   }
   return tiles;

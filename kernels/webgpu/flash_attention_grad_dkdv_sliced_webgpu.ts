@@ -14,14 +14,23 @@
  * key quad's dims in every slice (quads kx + n XT of each). Every sum runs
  * over the same terms in a fixed order: deterministic, no atomics; query
  * heads of a GQA group are summed in the workgroup as in the unsliced pass.
+ *
+ * `streamed` (DkDvTiles.streamed; docs/webgpu_tuning.md, "Streamed
+ * backward"): K^T and V^T are not resident either; each slice of Q (dO)
+ * in A (B) comes with the same slice of K^T (V^T) through a second buffer,
+ * re-read every step (the workgroup's keys stay hot in L1/L2). That frees
+ * the 32 KiB they take at D=128 for 64 keys and 256 invocations.
  */
 import type {DkDvTiles} from './flash_attention_grad_dkdv_webgpu';
 import {featureKey, fetchRowStatsWGSL, GradFeatures, GradPassProgram, gradPassWGSL, prefetchSlots, sPhase, sPhaseValid, sPhaseWGSL, storeRowStatsWGSL} from './flash_attention_grad_wgsl';
-import {perSliceWGSL, sliceQuads, sliceStreamWGSL, swizzledRowsWGSL} from './flash_attention_grad_sliced_wgsl';
+import {perSliceWGSL, sliceNames, sliceQuads, sliceStreamWGSL, streamedStorageBytes, swizzledRowsWGSL} from './flash_attention_grad_sliced_wgsl';
 
 /** Workgroup storage bytes of the sliced program. */
 export function dkdvSlicedStorageBytes(t: DkDvTiles, d: number, dv: number): number {
   const sw4 = sliceQuads(d, dv, t.dimChunks!);
+  if (t.streamed) {
+    return streamedStorageBytes(t.bc, t.br, sw4);
+  }
   const kvRows = 4 * sw4 * t.dimChunks!;  // K^T and V^T rows, padded to whole slices
   const sliceStride = swizzledRowsWGSL('sliceAt', sw4).stride;
   return 16 * (2 * kvRows * (t.bc / 4) + t.br * sliceStride + t.br * t.bc / 4) + 8 * t.br;
@@ -43,9 +52,12 @@ export class FlashAttentionGradDkDvSlicedProgram extends GradPassProgram {
     const slice = swizzledRowsWGSL('sliceAt', sw4);
     const xt = threads / s.sc;       // accumulation: lanes per key quad
     const nq = Math.ceil(sw4 / xt);  // accumulation: quads per slice per thread
+    const streamed = tiles.streamed === true;
+    const prefetch = tiles.prefetch !== false;
+    const keys = swizzledRowsWGSL('keyAt', s.sc);
     super(
-        `flashAttentionGradDkDvSliced_${d}_${dv}_${bc}_${br}_${threads}_c${chunks}_${
-            featureKey(f)}`,
+        `flashAttentionGradDkDvSliced_${d}_${dv}_${bc}_${br}_${threads}_c${chunks}${
+            streamed ? 'st' : ''}${prefetch ? '' : 'p0'}_${featureKey(f)}`,
         f, 'k');
     const inSlice = sw4 % xt === 0 ? 'true' : 'xl < SW4';
     // acc[(c NQ + n) 4 + key] += weights[key] * sliceS row r, quad xl.
@@ -61,15 +73,20 @@ export class FlashAttentionGradDkDvSlicedProgram extends GradPassProgram {
             ${acc}[a + 3] += w.w * row;
           }
         }`;
+    // Dim x + e of the thread's key quad in `tile` (resident), or of the
+    // slice in keyS (streamed; `tile` is in it).
+    const col = (tile: string, e: number) => streamed ?
+        `keyS[keyAt(xl * 4 + ${e}, sQuad)]` :
+        `${tile}[${e > 0 ? `(x + ${e})` : 'x'} * SC + sQuad]`;
     // acc[m] += the thread's rows of sliceS . (slice c's dims of its key
     // quad in `tile`), dims in order.
     const products = (acc: string, tile: string) => `
         for (var xl = 0; xl < SW4; xl++) {
           let x = (c * SW4 + xl) * 4;
-          let col0 = ${tile}[x * SC + sQuad];
-          let col1 = ${tile}[(x + 1) * SC + sQuad];
-          let col2 = ${tile}[(x + 2) * SC + sQuad];
-          let col3 = ${tile}[(x + 3) * SC + sQuad];
+          let col0 = ${col(tile, 0)};
+          let col1 = ${col(tile, 1)};
+          let col2 = ${col(tile, 2)};
+          let col3 = ${col(tile, 3)};
           for (var m = 0; m < MR; m++) {
             let row = sliceS[sliceAt(sRow + m, xl)];
             ${acc}[m] += row.x * col0;
@@ -78,12 +95,40 @@ export class FlashAttentionGradDkDvSlicedProgram extends GradPassProgram {
             ${acc}[m] += row.w * col3;
           }
         }`;
-    // One slice: store the prefetched one, then read the next (`next`).
-    const sliceStep = (next: string) => `
+    // One slice: store the prefetched one (and its key slice, `withKeys`
+    // where streamed), then read the next (`next`): here, while the slice
+    // is multiplied, or without prefetch at the end of the slice
+    // (`afterSlice`), just before the next one is stored.
+    const sliceStep = (next: string, withKeys = false) => `
       workgroupBarrier();
-      storeRowSlice(t);
+      storeRowSlice(t);${withKeys && streamed ? '\n      storeKeySlice(t);' : ''}
       workgroupBarrier();
-      ${next}`;
+      ${prefetch ? next : ''}`;
+    const afterSlice = (next: string) => prefetch ? '' : `\n      ${next}\n    `;
+    // Streamed: a line reading the next key slice (`args` of fetchKeySlice
+    // before t), indented by `indent`.
+    const nextKeys = (args: string, indent: string) =>
+        streamed ? `\n${indent}fetchKeySlice(${args}, t, hk, gr);` : '';
+    // A stores its key slice beside the row slice and reads the next (K's
+    // next, or V's first); B reads V's next (the next step's K is read in C).
+    const storeKeysInA = streamed ? '\n      storeKeySlice(t);' : '';
+    const nextInA = `fetchRowSlice(c + 1 < DC, i0, h, select(0, c + 1, c + 1 < DC), t, gr);${
+        nextKeys('c + 1 < DC, j0, select(0, c + 1, c + 1 < DC)', '      ')}`;
+    const nextInB = `fetchRowSlice(c + 1 >= DC, i0, h, select(c + 1, 0, c + 1 >= DC), t, gr);${
+        streamed ? `
+      if (c + 1 < DC) {${nextKeys('false, j0, c + 1', '        ')}
+      }` :
+                   ''}`;
+    // C reads Q's next slice, or the next step's first (and its K slice and
+    // row statistics).
+    const nextInC = `if (c + 1 < DC) {
+        fetchRowSlice(true, i0, h, c + 1, t, gr);
+      } else if (step + 1 < steps) {
+        let hn = hk * groups + (step + 1) / nBlocks;
+        let iN = iLo + ((step + 1) % nBlocks) * BR;
+        fetchRowSlice(true, iN, hn, 0, t, gr);${nextKeys('true, j0, 0', '        ')}
+        ${fetchRowStatsWGSL('iN', 'hn', br, threads)}
+      }`;
     // Key j's dims of accumulator `acc` to `out` ([B, Sk, Hk, w]).
     const storeKeyRow = (out: string, acc: string, w: string) => `
       for (var c = 0; c < DC; c++) {
@@ -97,10 +142,16 @@ export class FlashAttentionGradDkDvSlicedProgram extends GradPassProgram {
           }
         }
       }`;
-    const storage = `// K and V transposed, four keys per vec4: kT[x * SC + quad], rows padded
+    const keyStorage = streamed ?
+        `// One slice of K or V, transposed: dim x of key quad kq at keyAt(x, kq).
+var<workgroup> keyS: array<vec4<f32>, ${4 * sw4 * keys.stride}>;
+${keys.wgsl}` :
+        `// K and V transposed, four keys per vec4: kT[x * SC + quad], rows padded
 // with zeros to whole slices.
 var<workgroup> kT: array<vec4<f32>, ${4 * sw4 * chunks * s.sc}>;
-var<workgroup> vT: array<vec4<f32>, ${4 * sw4 * chunks * s.sc}>;
+var<workgroup> vT: array<vec4<f32>, ${4 * sw4 * chunks * s.sc}>;`;
+    const keyStream = {reg: 'keyReg', buffer: 'keyS', at: 'keyAt', pf: 'PFK'};
+    const storage = `${keyStorage}
 // One slice of BR query rows of Q or dO, row r's quad x at sliceAt(r, x).
 var<workgroup> sliceS: array<vec4<f32>, ${br * slice.stride}>;
 ${slice.wgsl}
@@ -108,13 +159,21 @@ ${slice.wgsl}
 var<workgroup> pS: array<vec4<f32>, ${br * s.sc}>;
 var<workgroup> lseS: array<f32, BR>;
 var<workgroup> deltaS: array<f32, BR>;
-${sliceStreamWGSL('q', d, dv)}`;
-    const consts = {DC: chunks, SW4: sw4, NQ: nq, PF: prefetchSlots(br * sw4, threads)};
-    this.source = gradPassWGSL(f, 'k', {d, dv, bc, br, threads, s, xt}, consts, storage, `
+${sliceStreamWGSL(d, dv, {rows: sliceNames('sliceAt'), ...(streamed ? {keys: keyStream} : {})})}`;
+    const consts = {
+      DC: chunks,
+      SW4: sw4,
+      NQ: nq,
+      PF: prefetchSlots(br * sw4, threads),
+      ...(streamed ? {PFK: prefetchSlots(s.sc * 4 * sw4, threads)} : {}),
+    };
+    const padKeys = `
   // Rows past the head dims, up to whole slices: zeros.
   for (var e = t; e < (4 * SW4 * DC - 4 * D4) * SC; e += T) { kT[4 * D4 * SC + e] = vec4<f32>(0.0); }
   for (var e = t; e < (4 * SW4 * DC - 4 * DV4) * SC; e += T) { vT[4 * DV4 * SC + e] = vec4<f32>(0.0); }
-
+`;
+    this.source = gradPassWGSL(
+        f, 'k', {d, dv, bc, br, threads, s, xt}, consts, storage, `${streamed ? '' : padKeys}
   // dkAcc[(c * NQ + n) * 4 + key]: key 4 kq + key, dims of quad
   // c * SW4 + kx + n * XT.
   var dkAcc: array<vec4<f32>, ${4 * nq * chunks}>;
@@ -135,7 +194,7 @@ ${sPhaseWGSL(s)}
   let steps = groups * nBlocks;
   var stReg: array<vec2<f32>, ${prefetchSlots(br, threads)}>;
   if (steps > 0) {
-    fetchRowSlice(true, iLo, hk * groups, 0, t, gr);
+    fetchRowSlice(true, iLo, hk * groups, 0, t, gr);${nextKeys('true, j0, 0', '    ')}
     ${fetchRowStatsWGSL('iLo', 'hk * groups', br, threads)}
   }
   for (var step = 0; step < steps; step++) {
@@ -152,16 +211,16 @@ ${sPhaseWGSL(s)}
     // A: S over the slices of Q.
     ${perSliceWGSL(chunks, `
       workgroupBarrier();
-      storeRowSlice(t);
+      storeRowSlice(t);${storeKeysInA}
       if (c == 0) {
         ${storeRowStatsWGSL(br, threads)}
       }
       workgroupBarrier();
-      fetchRowSlice(c + 1 < DC, i0, h, select(0, c + 1, c + 1 < DC), t, gr);
+      ${prefetch ? nextInA : ''}
       if (sActive) {
         ${products('s', 'kT')}
       }
-    `)}
+    ${afterSlice(nextInA)}`)}
     // P * keep to pS; s[m] becomes P * score' * scale (0 where masked).
     if (sActive) {
       for (var m = 0; m < MR; m++) {
@@ -186,7 +245,7 @@ ${sPhaseWGSL(s)}
     }
     // B: dP and dV over the slices of dO.
     ${perSliceWGSL(chunks, `
-      ${sliceStep('fetchRowSlice(c + 1 >= DC, i0, h, select(c + 1, 0, c + 1 >= DC), t, gr);')}
+      ${sliceStep(nextInB, true)}
       if (sActive) {
         ${products('dp', 'vT')}
       }
@@ -194,7 +253,7 @@ ${sPhaseWGSL(s)}
         let w = pS[r * SC + kq];
         ${accumulate('dvAcc')}
       }
-    `)}
+    ${afterSlice(nextInB)}`)}
     workgroupBarrier();
     if (sActive) {
       for (var m = 0; m < MR; m++) {
@@ -204,19 +263,12 @@ ${sPhaseWGSL(s)}
     }
     // C: dK over the slices of Q; the last reads the next step's first.
     ${perSliceWGSL(chunks, `
-      ${sliceStep(`if (c + 1 < DC) {
-        fetchRowSlice(true, i0, h, c + 1, t, gr);
-      } else if (step + 1 < steps) {
-        let hn = hk * groups + (step + 1) / nBlocks;
-        let iN = iLo + ((step + 1) % nBlocks) * BR;
-        fetchRowSlice(true, iN, hn, 0, t, gr);
-        ${fetchRowStatsWGSL('iN', 'hn', br, threads)}
-      }`)}
+      ${sliceStep(nextInC)}
       for (var r = 0; r < BR; r++) {
         let w = pS[r * SC + kq];
         ${accumulate('dkAcc')}
       }
-    `)}
+    ${afterSlice(nextInC)}`)}
   }
 
   for (var c4 = 0; c4 < 4; c4++) {
@@ -226,6 +278,7 @@ ${sPhaseWGSL(s)}
       ${storeKeyRow('dv', 'dvAcc', 'DV')}
     }
   }
-`);
+`,
+        streamed ? null : 'SC');
   }
 }

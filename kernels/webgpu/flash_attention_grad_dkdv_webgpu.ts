@@ -38,6 +38,16 @@ export interface DkDvTiles {
    * (FlashAttentionGradDkDvSlicedProgram); unset: whole rows.
    */
   dimChunks?: number;
+  /**
+   * With dimChunks: K^T and V^T are streamed in slices beside Q and dO
+   * instead of resident (docs/webgpu_tuning.md, "Streamed backward").
+   */
+  streamed?: boolean;
+  /**
+   * With dimChunks: false reads each slice just before it is stored, not
+   * while the previous one is multiplied (no prefetch registers); default true.
+   */
+  prefetch?: boolean;
 }
 
 /** Workgroup storage bytes of the program (must fit the device limit). */
@@ -55,7 +65,7 @@ export function dkdvTilesValid(t: DkDvTiles): boolean {
   if (t.dimChunks != null) {
     return dkdvSlicedTilesValid(t);
   }
-  return sPhaseValid(t.bc, t.br, t.threads, t.split) && t.threads % (t.bc / 4) === 0;
+  return !t.streamed && sPhaseValid(t.bc, t.br, t.threads, t.split) && t.threads % (t.bc / 4) === 0;
 }
 
 export class FlashAttentionGradDkDvProgram extends GradPassProgram {

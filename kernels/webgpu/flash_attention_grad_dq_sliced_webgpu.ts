@@ -12,10 +12,17 @@
  * so K is read twice per block and V once. A thread's accumulators hold its
  * rows' dims in every slice (dims qx + n XT of each). Rows that see no key
  * get dQ = 0; every sum has a fixed order (deterministic).
+ *
+ * `streamed` (DqTiles.streamed; docs/webgpu_tuning.md, "Streamed
+ * backward"): the rows of Q and dO are not resident either; each slice of
+ * K (V) in A (B) comes with the same slice of Q (dO) through a second
+ * buffer, re-read every block (the workgroup's rows stay hot in L1/L2).
+ * That frees the 33 KiB they take at D=128 for 64 rows and 256
+ * invocations.
  */
 import type {DqTiles} from './flash_attention_grad_dq_webgpu';
 import {dqKeyRangeWGSL, featureKey, GradFeatures, GradPassProgram, gradPassWGSL, loadRowStatsWGSL, prefetchSlots, probsAndDsWGSL, sPhase, sPhaseValid} from './flash_attention_grad_wgsl';
-import {perSliceWGSL, sliceQuads, sliceStreamWGSL, swizzledRowsWGSL} from './flash_attention_grad_sliced_wgsl';
+import {perSliceWGSL, sliceNames, sliceQuads, sliceStreamWGSL, streamedStorageBytes, swizzledRowsWGSL} from './flash_attention_grad_sliced_wgsl';
 
 /** Rows per thread in the dQ accumulation. */
 function rowsPerThread(t: DqTiles): number {
@@ -24,6 +31,9 @@ function rowsPerThread(t: DqTiles): number {
 
 export function dqSlicedStorageBytes(t: DqTiles, d: number, dv: number): number {
   const sw4 = sliceQuads(d, dv, t.dimChunks!);
+  if (t.streamed) {
+    return streamedStorageBytes(t.bc, t.br, sw4);
+  }
   const sc = t.bc / 4;
   const rowStride = swizzledRowsWGSL('qAt', sw4 * t.dimChunks!).stride;
   const keyStride = swizzledRowsWGSL('keyAt', sc).stride;
@@ -48,11 +58,19 @@ export class FlashAttentionGradDqSlicedProgram extends GradPassProgram {
     const nr = rowsPerThread(tiles);
     const xt = threads / (br / nr);       // accumulation: lanes per row group
     const nds = Math.ceil(4 * sw4 / xt);  // accumulation: dims per slice per thread
+    const streamed = tiles.streamed === true;
+    const prefetch = tiles.prefetch !== false;
+    const rowSlice = swizzledRowsWGSL('rowAt', sw4);
     super(
-        `flashAttentionGradDqSliced_${d}_${dv}_${bc}_${br}_${threads}_c${chunks}_${featureKey(f)}`,
+        `flashAttentionGradDqSliced_${d}_${dv}_${bc}_${br}_${threads}_c${chunks}${
+            streamed ? 'st' : ''}${prefetch ? '' : 'p0'}_${featureKey(f)}`,
         f, 'q');
-    // acc[m] += the thread's rows of `rows` (resident) . slice c's dims of
-    // its key quad, dims in order.
+    // Row r's quad xl of slice c: of `tile` (resident), or of the slice in
+    // rowS (streamed; `tile` is in it).
+    const rowOf = (tile: string) =>
+        streamed ? 'rowS[rowAt(sRow + m, xl)]' : `${tile}[qAt(sRow + m, c * SW4 + xl)]`;
+    // acc[m] += the thread's rows of `tile` . slice c's dims of its key
+    // quad, dims in order.
     const products = (acc: string, tile: string) => `
         for (var xl = 0; xl < SW4; xl++) {
           let col0 = sliceS[keyAt(xl * 4, sQuad)];
@@ -60,18 +78,43 @@ export class FlashAttentionGradDqSlicedProgram extends GradPassProgram {
           let col2 = sliceS[keyAt(xl * 4 + 2, sQuad)];
           let col3 = sliceS[keyAt(xl * 4 + 3, sQuad)];
           for (var m = 0; m < MR; m++) {
-            let row = ${tile}[qAt(sRow + m, c * SW4 + xl)];
+            let row = ${rowOf(tile)};
             ${acc}[m] += row.x * col0;
             ${acc}[m] += row.y * col1;
             ${acc}[m] += row.z * col2;
             ${acc}[m] += row.w * col3;
           }
         }`;
-    const slice = (next: string) => `
+    // One slice: store the prefetched one (and its row slice, `withRows`
+    // where streamed), then read the next (`next`): here, while the slice
+    // is multiplied, or without prefetch at the end of the slice
+    // (`afterSlice`), just before the next one is stored.
+    const slice = (next: string, withRows = false) => `
       workgroupBarrier();
-      storeKeySlice(t);
+      storeKeySlice(t);${withRows && streamed ? '\n      storeRowSlice(t);' : ''}
       workgroupBarrier();
-      ${next}`;
+      ${prefetch ? next : ''}`;
+    const afterSlice = (next: string) => prefetch ? '' : `\n      ${next}\n    `;
+    // Streamed: a line reading the next row slice (`args` of fetchRowSlice
+    // between i0 and t: head, slice), indented by `indent`.
+    const nextRows = (fromQ: string, args: string, indent: string) =>
+        streamed ? `\n${indent}fetchRowSlice(${fromQ}, i0, ${args}, t, gr);` : '';
+    // A reads K's next slice (or V's first) and, streamed, Q's (or dO's); B
+    // reads V's next (or K's first, for C) and dO's next (the next block's
+    // Q is read in C).
+    const nextInA = `fetchKeySlice(c + 1 < DC, j0, select(0, c + 1, c + 1 < DC), t, hk, gr);${
+        nextRows('c + 1 < DC', 'h, select(0, c + 1, c + 1 < DC)', '      ')}`;
+    const nextInB = `fetchKeySlice(c + 1 >= DC, j0, select(c + 1, 0, c + 1 >= DC), t, hk, gr);${
+        streamed ? `
+      if (c + 1 < DC) {${nextRows('false', 'h, c + 1', '        ')}
+      }` :
+                   ''}`;
+    // C reads K's next slice, or the next block's first (and its Q slice).
+    const nextInC = `if (c + 1 < DC) {
+        fetchKeySlice(true, j0, c + 1, t, hk, gr);
+      } else if (j0 + BC <= jHi) {
+        fetchKeySlice(true, j0 + BC, 0, t, hk, gr);${nextRows('true', 'h, 0', '        ')}
+      }`;
     const inSlice = (4 * sw4) % xt === 0 ? 'true' : 'xl < 4 * SW4';
     const consts = {
       NR: nr,
@@ -80,21 +123,19 @@ export class FlashAttentionGradDqSlicedProgram extends GradPassProgram {
       QW: rows.stride,
       NDS: nds,
       PF: prefetchSlots(s.sc * 4 * sw4, threads),
+      ...(streamed ? {PFR: prefetchSlots(br * sw4, threads)} : {}),
     };
-    const storage = `// Q and dO rows as dim quads, zeros to whole slices: quad x of row r at
+    const rowStorage = streamed ?
+        `// One slice of the rows of Q or dO: quad x of row r at rowAt(r, x).
+var<workgroup> rowS: array<vec4<f32>, ${br * rowSlice.stride}>;
+${rowSlice.wgsl}` :
+        `// Q and dO rows as dim quads, zeros to whole slices: quad x of row r at
 // qAt(r, x).
 var<workgroup> qS: array<vec4<f32>, ${br * rows.stride}>;
 var<workgroup> doS: array<vec4<f32>, ${br * rows.stride}>;
-${rows.wgsl}
-// One slice of K or V, transposed: dim x of key quad kq at keyAt(x, kq).
-var<workgroup> sliceS: array<vec4<f32>, ${4 * sw4 * keys.stride}>;
-${keys.wgsl}
-// dS.
-var<workgroup> pS: array<vec4<f32>, ${br * s.sc}>;
-var<workgroup> lseS: array<f32, BR>;
-var<workgroup> deltaS: array<f32, BR>;
-${sliceStreamWGSL('k', d, dv)}`;
-    this.source = gradPassWGSL(f, 'q', {d, dv, bc, br, threads, s, xt}, consts, storage, `
+${rows.wgsl}`;
+    const rowStream = {reg: 'rowReg', buffer: 'rowS', at: 'rowAt', pf: 'PFR'};
+    const loadRows = `
   for (var e = t; e < BR * QW; e += T) {
     let i = i0 + e / QW;
     var qv = vec4<f32>(0.0);
@@ -105,7 +146,18 @@ ${sliceStreamWGSL('k', d, dv)}`;
     }
     qS[qAt(e / QW, e % QW)] = qv;
     doS[qAt(e / QW, e % QW)] = ov;
-  }
+  }`;
+    const storage = `${rowStorage}
+// One slice of K or V, transposed: dim x of key quad kq at keyAt(x, kq).
+var<workgroup> sliceS: array<vec4<f32>, ${4 * sw4 * keys.stride}>;
+${keys.wgsl}
+// dS.
+var<workgroup> pS: array<vec4<f32>, ${br * s.sc}>;
+var<workgroup> lseS: array<f32, BR>;
+var<workgroup> deltaS: array<f32, BR>;
+${sliceStreamWGSL(d, dv, {keys: sliceNames('keyAt'), ...(streamed ? {rows: rowStream} : {})})}`;
+    this.source = gradPassWGSL(
+        f, 'q', {d, dv, bc, br, threads, s, xt}, consts, storage, `${streamed ? '' : loadRows}
   ${loadRowStatsWGSL()}
 
   var dqAcc: array<array<f32, ${nds * chunks}>, NR>;
@@ -116,7 +168,7 @@ ${sliceStreamWGSL('k', d, dv)}`;
   ${dqKeyRangeWGSL(s)}
 
   if (jLo <= jHi) {
-    fetchKeySlice(true, jLo, 0, t, hk, gr);
+    fetchKeySlice(true, jLo, 0, t, hk, gr);${nextRows('true', 'h, 0', '    ')}
   }
   for (var j0 = jLo; j0 <= jHi; j0 += BC) {
     var s: array<vec4<f32>, MR>;
@@ -127,28 +179,24 @@ ${sliceStreamWGSL('k', d, dv)}`;
     }
     // A: S over the slices of K.
     ${perSliceWGSL(chunks, `
-      ${slice('fetchKeySlice(c + 1 < DC, j0, select(0, c + 1, c + 1 < DC), t, hk, gr);')}
+      ${slice(nextInA, true)}
       if (sActive) {
         ${products('s', 'qS')}
       }
-    `)}
+    ${afterSlice(nextInA)}`)}
     // B: dP over the slices of V, then dS.
     ${perSliceWGSL(chunks, `
-      ${slice('fetchKeySlice(c + 1 >= DC, j0, select(c + 1, 0, c + 1 >= DC), t, hk, gr);')}
+      ${slice(nextInB, true)}
       if (sActive) {
         ${products('dp', 'doS')}
       }
-    `)}
+    ${afterSlice(nextInB)}`)}
     if (sActive) {
       ${probsAndDsWGSL(f, false, 'pS[r * SC + sQuad] = dsv;')}
     }
     // C: dQ over the slices of K; the last reads the next block's first.
     ${perSliceWGSL(chunks, `
-      ${slice(`if (c + 1 < DC) {
-        fetchKeySlice(true, j0, c + 1, t, hk, gr);
-      } else if (j0 + BC <= jHi) {
-        fetchKeySlice(true, j0 + BC, 0, t, hk, gr);
-      }`)}
+      ${slice(nextInC)}
       for (var quad = 0; quad < SC; quad++) {
         var dsr: array<vec4<f32>, NR>;
         for (var m = 0; m < NR; m++) {
@@ -164,7 +212,7 @@ ${sliceStreamWGSL('k', d, dv)}`;
           }
         }
       }
-    `)}
+    ${afterSlice(nextInC)}`)}
   }
 
   for (var m = 0; m < NR; m++) {

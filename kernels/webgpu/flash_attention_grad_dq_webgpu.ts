@@ -33,6 +33,16 @@ export interface DqTiles {
    * (FlashAttentionGradDqSlicedProgram); unset: whole tiles.
    */
   dimChunks?: number;
+  /**
+   * With dimChunks: the rows of Q and dO are streamed in slices beside K
+   * and V instead of resident (docs/webgpu_tuning.md, "Streamed backward").
+   */
+  streamed?: boolean;
+  /**
+   * With dimChunks: false reads each slice just before it is stored, not
+   * while the previous one is multiplied (no prefetch registers); default true.
+   */
+  prefetch?: boolean;
 }
 
 /**
@@ -64,7 +74,7 @@ export function dqTilesValid(t: DqTiles): boolean {
     return dqSlicedTilesValid(t);
   }
   const qt = t.br / rowsPerThread(t);
-  return sPhaseValid(t.bc, t.br, t.threads, t.split) && Number.isInteger(qt) &&
+  return !t.streamed && sPhaseValid(t.bc, t.br, t.threads, t.split) && Number.isInteger(qt) &&
       t.threads % qt === 0;
 }
 

@@ -49,25 +49,57 @@ export function swizzledRowsWGSL(name: string, cols: number): {wgsl: string, str
 }
 
 /**
- * WGSL functions reading a slice into `sliceReg` (an array of PF vec4s,
- * declared here) and storing it to `sliceS`. Uses the constants T, D, DV,
- * SW4 (quads per slice) and PF, and the bindings q, dy, k, v, p.
+ * Where a slice stream keeps its slice: the private prefetch array `reg`
+ * (`pf` vec4s, a WGSL constant), the workgroup array `buffer` and its index
+ * function `at`.
+ */
+export interface SliceNames {
+  reg: string;
+  buffer: string;
+  at: string;
+  pf: string;
+}
+
+/** The one stream of the sliced passes: `sliceReg`, `sliceS`, PF. */
+export function sliceNames(at: string): SliceNames {
+  return {reg: 'sliceReg', buffer: 'sliceS', at, pf: 'PF'};
+}
+
+/**
+ * Workgroup bytes of a pass that streams both operands (DkDvTiles.streamed,
+ * DqTiles.streamed): a slice of BR rows (`rowAt`), a slice of BC keys
+ * (`keyAt`, transposed), P/dS, and (lse, Delta) per row. The same in both
+ * passes.
+ */
+export function streamedStorageBytes(bc: number, br: number, sw4: number): number {
+  const rowStride = swizzledRowsWGSL('rowAt', sw4).stride;
+  const keyStride = swizzledRowsWGSL('keyAt', bc / 4).stride;
+  return 16 * (br * rowStride + 4 * sw4 * keyStride + br * bc / 4) + 8 * br;
+}
+
+/**
+ * WGSL functions reading a slice into a private prefetch array and storing
+ * it to workgroup memory, for the row side (`rows`: Q or dO), the key side
+ * (`keys`: K or V transposed) or both (the streamed passes), each with its
+ * own SliceNames. Uses the constants T, D, DV, SW4 (quads per slice) and
+ * the pf constants, and the bindings q, dy, k, v, p.
  *
  * `rowQuad(fromQ, row, head, x4)`: quad x4 of row `row` (of the whole
  * tensor) of q (or dy), zero past D (DV).
  *
- * side 'q' (the dK/dV pass): `fetchRowSlice(fromQ, row0, h, c, t, gr)`
- * reads quads [c SW4, (c + 1) SW4) of query rows [row0, row0 + BR) of head
- * h of q (or dy) as item e = r * SW4 + quad; `storeRowSlice(t)` writes item
- * e to `sliceS[sliceAt(r, quad)]`.
+ * rows: `fetchRowSlice(fromQ, row0, h, c, t, gr)` reads quads
+ * [c SW4, (c + 1) SW4) of query rows [row0, row0 + BR) of head h of q (or
+ * dy) as item e = r * SW4 + quad; `storeRowSlice(t)` writes item e to
+ * `buffer[at(r, quad)]`.
  *
- * side 'k' (the dQ pass): `fetchKeySlice(fromK, j0, c, t, hk, gr)` reads
- * dims [4 c SW4, 4 (c + 1) SW4) of keys [j0, j0 + 4 SC) of kv head hk of k
- * (or v), transposed as quads of keys, item e = quad * 4 SW4 + x;
- * `storeKeySlice(t)` writes item e to `sliceS[keyAt(x, quad)]`.
+ * keys: `fetchKeySlice(fromK, j0, c, t, hk, gr)` reads dims
+ * [4 c SW4, 4 (c + 1) SW4) of keys [j0, j0 + 4 SC) of kv head hk of k (or
+ * v), transposed as quads of keys, item e = quad * 4 SW4 + x;
+ * `storeKeySlice(t)` writes item e to `buffer[at(x, quad)]`.
  * Zeros past the batch row's rows or keys, and past D or DV.
  */
-export function sliceStreamWGSL(side: 'q'|'k', d: number, dv: number): string {
+export function sliceStreamWGSL(
+    d: number, dv: number, streams: {rows?: SliceNames, keys?: SliceNames}): string {
   // One element of a [rows, heads, w] tensor, or a quad where w % 4 == 0.
   const quad = (src: string, w: number, heads: string) => w % 4 === 0 ?
       `let base = (row * ${heads} + head) * ${w} + x4 * 4;
@@ -87,27 +119,27 @@ fn rowQuad(fromQ: bool, row: i32, head: i32, x4: i32) -> vec4<f32> {
   if (x4 >= DV4) { return vec4<f32>(0.0); }
   ${quad('dy', dv, 'p.heads')}
 }`;
-  const rowSide = `
+  const rowSide = ({reg, buffer, at, pf}: SliceNames) => `
 fn fetchRowSlice(fromQ: bool, row0: i32, h: i32, c: i32, t: i32, gr: GradRows) {
-  for (var u = 0; u < PF; u++) {
+  for (var u = 0; u < ${pf}; u++) {
     let e = t + u * T;
     let i = row0 + e / SW4;
     var val = vec4<f32>(0.0);
     if (e < BR * SW4 && i < gr.rowsQ) {
       val = rowQuad(fromQ, gr.q0 + i, h, c * SW4 + e % SW4);
     }
-    sliceReg[u] = val;
+    ${reg}[u] = val;
   }
 }
 fn storeRowSlice(t: i32) {
-  for (var u = 0; u < PF; u++) {
+  for (var u = 0; u < ${pf}; u++) {
     let e = t + u * T;
-    if (e < BR * SW4) { sliceS[sliceAt(e / SW4, e % SW4)] = sliceReg[u]; }
+    if (e < BR * SW4) { ${buffer}[${at}(e / SW4, e % SW4)] = ${reg}[u]; }
   }
 }`;
-  const keySide = `
+  const keySide = ({reg, buffer, at, pf}: SliceNames) => `
 fn fetchKeySlice(fromK: bool, j0: i32, c: i32, t: i32, hk: i32, gr: GradRows) {
-  for (var u = 0; u < PF; u++) {
+  for (var u = 0; u < ${pf}; u++) {
     let e = t + u * T;
     let x = c * 4 * SW4 + e % (4 * SW4);
     let quad = e / (4 * SW4);
@@ -125,17 +157,21 @@ fn fetchKeySlice(fromK: bool, j0: i32, c: i32, t: i32, hk: i32, gr: GradRows) {
         }
       }
     }
-    sliceReg[u] = val;
+    ${reg}[u] = val;
   }
 }
 fn storeKeySlice(t: i32) {
-  for (var u = 0; u < PF; u++) {
+  for (var u = 0; u < ${pf}; u++) {
     let e = t + u * T;
-    if (e < SC * 4 * SW4) { sliceS[keyAt(e % (4 * SW4), e / (4 * SW4))] = sliceReg[u]; }
+    if (e < SC * 4 * SW4) { ${buffer}[${at}(e % (4 * SW4), e / (4 * SW4))] = ${reg}[u]; }
   }
 }`;
+  // One private array per stream (a shared one is declared once).
+  const regs = [streams.rows, streams.keys].filter(n => n != null) as SliceNames[];
+  const declared = [...new Map(regs.map(n => [n.reg, n])).values()];
   return `
-var<private> sliceReg: array<vec4<f32>, PF>;
+${declared.map(n => `var<private> ${n.reg}: array<vec4<f32>, ${n.pf}>;`).join('\n')}
 ${rowQuad}
-${side === 'q' ? rowSide : keySide}`;
+${streams.rows != null ? rowSide(streams.rows) : ''}${
+      streams.keys != null ? keySide(streams.keys) : ''}`;
 }

@@ -274,12 +274,12 @@ export abstract class GradPassProgram implements OwnPipelineSpec {
  * `storage`, then `fn main` with the side's prologue before `body`:
  *   'k': t, j0 (the first key), b, hk, groups (query heads per kv head), gr,
  *        the packed gaps of dk/dv zeroed, and the key tile in kT/vT
- *        (loadKeyTileWGSL, K's row stride `kStride`)
+ *        (loadKeyTileWGSL, K's row stride `kStride`; null: not loaded)
  *   'q': t, dqBlockWGSL's names, the packed gaps of dq zeroed.
  */
 export function gradPassWGSL(
     f: GradFeatures, side: GradSide, z: GradPassSizes, extra: Readonly<Record<string, number>>,
-    storage: string, body: string, kStride = 'SC'): string {
+    storage: string, body: string, kStride: string|null = 'SC'): string {
   const outputs = GRAD_OUTPUTS[side];
   const gaps = zeroGapsWGSL(f, side, ...outputs);
   const prologue = side === 'k' ? `let j0 = i32(wg.x) * BC;
@@ -289,7 +289,7 @@ export function gradPassWGSL(
   let gr = gradRows(b);
   ${gaps}
 
-  ${loadKeyTileWGSL(kStride)}` :
+  ${kStride != null ? loadKeyTileWGSL(kStride) : ''}` :
                                   `${dqBlockWGSL()}
   ${gaps}`;
   const bindings = gradBindingsWGSL(gradInputs(f), outputs.map(([name]) => ({name, type: 'f32'})));

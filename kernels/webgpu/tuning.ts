@@ -164,14 +164,23 @@ export const DQ_SIZES: Array<[number, number]> =
 /** Backward invocations per workgroup: more rows of S per thread than 256. */
 export const GRAD_THREADS = 128;
 
+/** Backward tiles and the head dims (both D and Dv) they are planned for. */
+export interface GradTilingChoice {
+  tiles: GradTiles;
+  /** Only for head dims above this. */
+  minHeadDim: number;
+  /** Only for head dims up to this. */
+  maxHeadDim: number;
+}
+
 /**
  * Head dims above 64: backward tiles with the streamed operand (Q/dO in
  * the dK/dV pass, K/V in the dQ pass) in head-dim slices (`dimChunks`), so
  * that a step takes 16-32 rows or keys instead of 8
  * (docs/webgpu_tuning.md, "Backward at head dims above 64", works out each
  * one's registers, bytes and loads). Forcible (setGradTilesOverride, the
- * benchmark's `--grad-variants sliced`); the planner does not take them
- * until a GPU measures them. At D=128, dK/dV / dQ: workgroup bytes, and
+ * benchmark's `--grad-variants sliced`); not planned (the streamed S2 below
+ * measured faster). At D=128, dK/dV / dQ: workgroup bytes, and
  * floats per thread (accumulators + S/dP + prefetch).
  */
 export const SLICED_GRAD_CANDIDATES: GradTiles[] = [
@@ -198,6 +207,69 @@ export const SLICED_GRAD_CANDIDATES: GradTiles[] = [
     dkdv: {bc: 32, br: 16, threads: 128, dimChunks: 1},
     dq: {br: 32, bc: 16, threads: 128, dimChunks: 1}
   },
+];
+
+/**
+ * Head dims 97..128 (valid up to 256 where they fit): backward tiles with
+ * both operands streamed in head-dim slices (`streamed`): K^T and V^T
+ * beside Q and dO in the dK/dV pass, the rows of Q and dO beside K and V
+ * in the dQ pass, so that nothing of the head dim is resident and 64 keys
+ * (rows) with 256 invocations fit (docs/webgpu_tuning.md, "Streamed
+ * backward", works out each one's bytes, registers and loads). Forcible
+ * (setGradTilesOverride, the benchmark's `--grad-variants streamed`); the
+ * planner takes S2 (GRAD_TILINGS) on hardware GPUs. At D=128, dK/dV /
+ * dQ: workgroup bytes, floats per thread (accumulators + S/dP + prefetch).
+ */
+export const STREAMED_GRAD_CANDIDATES: GradTiles[] = [
+  // S1: 64 keys x 32 rows / 64 rows x 32 keys, 256 thr, 2 slices: 33024 / 33280 B,
+  // 104 / 72 floats, 2x4 S tiles.
+  {
+    dkdv: {bc: 64, br: 32, threads: 256, dimChunks: 2, streamed: true},
+    dq: {br: 64, bc: 32, threads: 256, dimChunks: 2, streamed: true}
+  },
+  // S2: S1's dK/dV; dQ 64 rows x 64 keys in 4 slices: 33280 B, 80 floats, 4x4 S tiles.
+  {
+    dkdv: {bc: 64, br: 32, threads: 256, dimChunks: 2, streamed: true},
+    dq: {br: 64, bc: 64, threads: 256, dimChunks: 4, streamed: true}
+  },
+  // S3: sliced candidate A's tiles streamed: 20736 / 20736 B, 112 / 80 floats:
+  // what residency is worth at A's shape.
+  {
+    dkdv: {bc: 32, br: 32, threads: 128, dimChunks: 2, streamed: true},
+    dq: {br: 32, bc: 32, threads: 128, dimChunks: 2, streamed: true}
+  },
+  // S4: S1 in 4 slices: 20736 / 20992 B, 92 / 60 floats (half the prefetch),
+  // twice the barriers.
+  {
+    dkdv: {bc: 64, br: 32, threads: 256, dimChunks: 4, streamed: true},
+    dq: {br: 64, bc: 32, threads: 256, dimChunks: 4, streamed: true}
+  },
+  // S5, S6: S2's dQ with register-light dK/dV passes (S1's dK/dV pass fits one
+  // workgroup per SM by its registers on the H100: docs/webgpu_tuning.md). One
+  // slice, so that each key quad's lanes cover the head dim; 32 dK/dV
+  // accumulator floats.
+  // S5: 32 keys x 32 rows, 256 thr: 37120 B, 32 + 8 + 32 floats, 1x4 S tiles.
+  {
+    dkdv: {bc: 32, br: 32, threads: 256, dimChunks: 1, streamed: true},
+    dq: {br: 64, bc: 64, threads: 256, dimChunks: 4, streamed: true}
+  },
+  // S6: 16 keys x 32 rows, 128 thr: 28928 B, 32 + 8 + 48 floats, 1x4 S tiles.
+  {
+    dkdv: {bc: 16, br: 32, threads: 128, dimChunks: 1, streamed: true},
+    dq: {br: 64, bc: 64, threads: 256, dimChunks: 4, streamed: true}
+  },
+];
+
+/**
+ * Backward tiles tried before DKDV_SIZES / DQ_SIZES on hardware GPUs (a
+ * software device keeps the size lists: it compiles these tiles slowly), the
+ * first whose head dims, workgroup bytes and invocations fit. Head dims
+ * 97..128: candidate S2 of STREAMED_GRAD_CANDIDATES, the fastest backward
+ * in most D=128 rows of three H100 calls (benchmarks/RESULTS.md, "Session
+ * 10"; docs/webgpu_tuning.md, "Streamed backward").
+ */
+export const GRAD_TILINGS: GradTilingChoice[] = [
+  {tiles: STREAMED_GRAD_CANDIDATES[1], minHeadDim: 96, maxHeadDim: 128},
 ];
 
 /** Testing and benchmarking: force a forward plan (tiling, subgroups, splits). */

@@ -8,7 +8,11 @@ import * as tf from '@tensorflow/tfjs-core';
 
 import {forwardStats, setForwardOverride} from '../../kernels/webgpu/FlashAttention';
 import {fusedGradRunCount, GradTiles, registerFlashAttentionGradWebGPU, setGradTilesOverride} from '../../kernels/webgpu/FlashAttentionGrad';
-import {checkOwnPipelineErrors, setPoisonOutputs} from '../../kernels/webgpu/own_pipeline';
+import {FlashAttentionGradDkDvSlicedProgram} from '../../kernels/webgpu/flash_attention_grad_dkdv_sliced_webgpu';
+import {FlashAttentionGradDqSlicedProgram} from '../../kernels/webgpu/flash_attention_grad_dq_sliced_webgpu';
+import {gradFeatures} from '../../kernels/webgpu/flash_attention_grad_wgsl';
+import {checkOwnPipelineErrors, setPoisonOutputs, webgpuBackendOf} from '../../kernels/webgpu/own_pipeline';
+import {normalizeOptions} from '../../src/options';
 import {FLASH_ATTENTION_IMPL} from '../../src';
 
 import type {TestBackend} from './backends';
@@ -116,4 +120,44 @@ export function useFusedWebGPU(resetPlan: () => void = () => setForwardOverride(
     setPoisonOutputs(false);
     resetPlan();
   });
+}
+
+/**
+ * Dawn's validation of a program's WGSL (a shader module only: no pipeline,
+ * which SwiftShader would take seconds to compile), on the webgpu backend's
+ * device: no error messages and no validation error, `label` naming it.
+ */
+export async function expectValidWGSL(label: string, code: string): Promise<void> {
+  const device = webgpuBackendOf().device;
+  device.pushErrorScope('validation');
+  const module = device.createShaderModule({code});
+  const info = await module.getCompilationInfo();
+  const error = await device.popErrorScope();
+  const errors = info.messages.filter(m => m.type === 'error').map(m => m.message);
+  expect([label, ...errors]).toEqual([label]);
+  expect(error).toBeNull();
+}
+
+/**
+ * expectValidWGSL for both sliced passes of each plan (head dim d = dv and
+ * tiles), once with causal masking and once with dropout, softcap, a
+ * window, ALiBi and per-batch lengths compiled in.
+ */
+export async function expectValidSlicedGradWGSL(
+    plans: ReadonlyArray<{d: number, tiles: GradTiles}>): Promise<void> {
+  const features = [
+    gradFeatures(normalizeOptions({causal: true}, 128, 'test'), false),
+    gradFeatures(
+        normalizeOptions({dropoutRate: 0.1, softcap: 2, windowSize: [9, 3]}, 128, 'test'), true,
+        true),
+  ];
+  for (const {d, tiles} of plans) {
+    for (const f of features) {
+      for (const program
+               of [new FlashAttentionGradDkDvSlicedProgram(d, d, tiles.dkdv, f),
+                   new FlashAttentionGradDqSlicedProgram(d, d, tiles.dq, f)]) {
+        await expectValidWGSL(program.key, program.code());
+      }
+    }
+  }
 }

@@ -1,0 +1,97 @@
+/**
+ * Forced plans in the spelling of benchmarks/attention.ts's `--variants`
+ * and `--grad-variants`, for benchmarks/shader_stats.ts (which compiles a
+ * plan without timing it):
+ *
+ *   forward  "tm,tx,nq,ty[,o][,p0|p1][,kN][,cN][,qs][,db][,uN]", or "kN" alone
+ *   backward "bc,br,qbr,qbc[,s|sk|sq][,tN|tkN|tqN][,cN|ckN|cqN][,st|stk|stq]"
+ *
+ * (docs/webgpu_tuning.md, "The sweep", says what each flag does.)
+ */
+import type {GradTiles} from '../kernels/webgpu/FlashAttentionGrad';
+import type {ForwardOverride} from '../kernels/webgpu/tuning';
+
+/** A forward variant as setForwardOverride's argument. */
+export function parseForwardVariant(variant: string): ForwardOverride {
+  if (/^k\d+$/.test(variant)) {
+    return {splits: Number(variant.slice(1))};
+  }
+  const fields = variant.split(',');
+  const [tm, tx, nq, ty] = fields.slice(0, 4).map(Number);
+  const flags = fields.slice(4);
+  const unknown =
+      flags.filter(f => !['o', 'p0', 'p1', 'qs', 'db'].includes(f) && !/^[kcu]\d+$/.test(f));
+  if (unknown.length > 0 || fields.length < 4 || [tm, tx, nq, ty].some(x => !(x > 0))) {
+    throw new Error(
+        `--variants: expected "tm,tx,nq,ty[,o][,p0|p1][,kN][,cN][,qs][,db][,uN]", got "${
+            variant}"`);
+  }
+  const number = (prefix: string) => {
+    const flag = flags.find(f => new RegExp(`^${prefix}\\d+$`).test(f));
+    return flag == null ? undefined : Number(flag.slice(prefix.length));
+  };
+  const chunks = number('c');
+  const unroll = number('u');
+  const prefetch = flags.find(f => f === 'p0' || f === 'p1');
+  return {
+    tiles: {
+      tm,
+      tx,
+      nq,
+      ty,
+      outer: flags.includes('o'),
+      ...(chunks == null ? {} : {dimChunks: chunks}),
+      ...(flags.includes('qs') ? {streamQuery: true} : {}),
+      ...(flags.includes('db') ? {doubleBuffer: true} : {}),
+      ...(unroll == null ? {} : {unroll}),
+    },
+    prefetch: prefetch == null ? undefined : prefetch === 'p1',
+    splits: number('k'),
+  };
+}
+
+/**
+ * A backward variant as setGradTilesOverride's argument. `streamed` (the
+ * `st` flags) is a field of the tiles only in builds with the streamed
+ * backward passes; pass `hasStreamed` so that a build without them refuses
+ * the flag instead of compiling other kernels.
+ */
+export function parseGradVariant(variant: string, hasStreamed: boolean): GradTiles {
+  const fields = variant.split(',');
+  const [bc, br, qbr, qbc] = fields.slice(0, 4).map(Number);
+  const flags = fields.slice(4);
+  const streamFlags = ['st', 'stk', 'stq'];
+  const unknown = flags.filter(
+      x => !['s', 'sk', 'sq', ...(hasStreamed ? streamFlags : [])].includes(x) &&
+          !/^(t|tk|tq|c|ck|cq)\d+$/.test(x));
+  if (unknown.length > 0 || fields.length < 4 || [bc, br, qbr, qbc].some(x => !(x > 0))) {
+    throw new Error(`--grad-variants: expected "bc,br,qbr,qbc[,s|sk|sq][,tN|tkN|tqN][,cN|ckN|cqN]${
+        hasStreamed ? '[,st|stk|stq]' : ''}", got "${variant}"`);
+  }
+  // The value of flag `name`, else of `both`, as a number.
+  const value = (name: string, both: string) => {
+    const flag = flags.find(x => new RegExp(`^${name}\\d+$`).test(x)) ??
+        flags.find(x => new RegExp(`^${both}\\d+$`).test(x));
+    return flag == null ? undefined : Number(flag.replace(/^[a-z]+/, ''));
+  };
+  const has = (one: string, both: string) => flags.includes(one) || flags.includes(both);
+  const [chunksKV, chunksQ] = [value('ck', 'c'), value('cq', 'c')];
+  return {
+    dkdv: {
+      bc,
+      br,
+      threads: value('tk', 't') ?? 128,
+      ...(has('sk', 's') ? {split: true} : {}),
+      ...(chunksKV == null ? {} : {dimChunks: chunksKV}),
+      ...(has('stk', 'st') ? {streamed: true} : {}),
+    },
+    dq: {
+      br: qbr,
+      bc: qbc,
+      threads: value('tq', 't') ?? 128,
+      ...(has('sq', 's') ? {split: true} : {}),
+      ...(chunksQ == null ? {} : {dimChunks: chunksQ}),
+      ...(has('stq', 'st') ? {streamed: true} : {}),
+    },
+  };
+}
