@@ -13,6 +13,7 @@
  *       [--torch torch_tc.json] [--skip-check] [--skip-time] [--json FILE]
  *       [--stand-in] [--small] [--variants] [--forward-plans] [--time-anyway]
  *       [--deadline-s N] [--time-plans "4,2,32;8,1,32"] [--skip-one-pass]
+ *       [--storage] [--storage-plans "4,2,32;8,1,32"] [--fwd-only]
  *       [--skip-accumulated] [--dkdv-plans "2,1,32;4,1,16"]
  *
  * The check's columns: SIMT, both precisions, and the float32 matrix
@@ -30,9 +31,17 @@
  * accumulated dK/dV pass (dK, dV in matrix accumulators) beside the
  * default one (--skip-accumulated leaves them out); --dkdv-plans checks
  * and times it at other tilings (subgroups, key blocks per subgroup, rows
- * per block). --time-plans times the two-pass
- * forward at other tilings (subgroups, row blocks per subgroup, keys per
- * tile; both precisions).
+ * per block).
+ * --time-plans times the two-pass forward at other tilings
+ * (subgroups, row blocks per subgroup, keys per tile; both precisions;
+ * a flag "m": pass 1 finds only the row maxima, "m" alone: planned tiling).
+ * --storage checks and times the storage-loaded two-pass forward
+ * (forwardTiling 'storage': operands split by a pre-pass into float16
+ * matrices in storage) at its planned tiling, --storage-plans at forced
+ * ones ("sg,rb,bc", flags "r": Q reloaded at each use, "m": pass 1 finds
+ * row maxima only; "r" / "m" alone: the planned tiling with that flag),
+ * both precisions, forward only, in a table of their own.
+ * --fwd-only times no forward+backward.
  *
  * Without the feature it stops with a message, unless --stand-in: then the
  * kernels' portable stand-in runs (plain loops; checks the tiling and the
@@ -53,6 +62,8 @@ import {openWebGPUDevice, useWebGPUBackend} from './webgpu_setup';
 import {matrixGradStats, planMatrixBackward} from '../kernels/webgpu/flash_attention_grad_subgroup_matrix';
 import type {MatrixDkdvTiles} from '../kernels/webgpu/flash_attention_grad_subgroup_matrix_dkdv_webgpu';
 import {matrixForwardStats, MatrixForwardOverride, planMatrixForward, setMatrixForwardOverride} from '../kernels/webgpu/flash_attention_subgroup_matrix';
+import {storageWorkgroupBytes} from '../kernels/webgpu/flash_attention_subgroup_matrix_storage_webgpu';
+import {twoPassTileSizes} from '../kernels/webgpu/flash_attention_subgroup_matrix_two_pass_webgpu';
 import {checkOwnPipelineErrors} from '../kernels/webgpu/own_pipeline';
 import {allowUnvalidatedTensorCores, MatrixDiagnosis, pickSubgroupMatrixShape, subgroupMatrixConfigs} from '../kernels/webgpu/subgroup_matrix';
 import {FLASH_ATTENTION_IMPL, FLASH_ATTENTION_TENSOR_CORES, flashAttention, FlashAttentionOptions} from '../src';
@@ -127,6 +138,17 @@ function timeModes(): TimeMode[] {
       });
     }
   }
+  for (const plan of storagePlans()) {
+    for (const p of ['float32', 'float16'] as const) {
+      modes.push({
+        name: `${p} ${storageName(plan)}`,
+        precision: p,
+        override: {...tc, ...plan, forwardTiling: 'storage'},
+        checkedAs: `${p} ${storageName(plan)}`,
+        fwdOnly: true
+      });
+    }
+  }
   for (const plan of timePlans()) {
     for (const p of ['float32', 'float16'] as const) {
       modes.push({
@@ -141,13 +163,57 @@ function timeModes(): TimeMode[] {
   return modes;
 }
 
-/** --time-plans "sg,rb,bc;...": two-pass tilings to time (forward). */
-function timePlans(): Array<Pick<MatrixForwardOverride, 'subgroups'|'rowBlocks'|'bc'>> {
+/** A two-pass forward plan to check and time. */
+type TwoPassPlan = Pick<MatrixForwardOverride, 'subgroups'|'rowBlocks'|'bc'|'rowMaxOnly'>;
+
+/**
+ * --time-plans "sg,rb,bc;...": two-pass tilings to time (forward); a flag
+ * "m" finds only the row maxima in pass 1, "m" alone at the planned tiling.
+ */
+function timePlans(): TwoPassPlan[] {
   return arg('time-plans', '').split(';').filter(x => x).map(t => {
-    const [subgroups, rowBlocks, bc] = t.split(',').map(Number);
-    return {subgroups, rowBlocks, bc};
+    const fields = t.split(',');
+    const rowMaxOnly = fields.includes('m');
+    const numbers = fields.filter(f => f !== 'm').map(Number);
+    if (numbers.length < 3) {
+      return {rowMaxOnly};
+    }
+    const [subgroups, rowBlocks, bc] = numbers;
+    return {subgroups, rowBlocks, bc, rowMaxOnly};
   });
 }
+function planName(p: TwoPassPlan): string {
+  const tiling = p.subgroups == null ? '' : ` sg${p.subgroups} rb${p.rowBlocks} bc${p.bc}`;
+  return `2p${tiling}${p.rowMaxOnly ? ' max pass' : ''}`;
+}
+
+/** A storage-loaded forward plan to check and time. */
+type StoragePlan = Pick<MatrixForwardOverride, 'subgroups'|'rowBlocks'|'bc'|'reloadQ'|'rowMaxOnly'>;
+
+/**
+ * Storage-loaded forward plans: {} (its planned tiling) under --storage,
+ * then those of --storage-plans "sg,rb,bc;...", each optionally followed
+ * by flags: "r" reloads Q's matrices at each use, "m" finds only the row
+ * maxima in pass 1; flags alone ("r", "m", "r,m") take the planned tiling.
+ */
+function storagePlans(): StoragePlan[] {
+  const forced = arg('storage-plans', '').split(';').filter(x => x).map(t => {
+    const fields = t.split(',');
+    const flags = {reloadQ: fields.includes('r'), rowMaxOnly: fields.includes('m')};
+    const numbers = fields.filter(f => f !== 'r' && f !== 'm').map(Number);
+    if (numbers.length < 3) {
+      return flags;
+    }
+    const [subgroups, rowBlocks, bc] = numbers;
+    return {subgroups, rowBlocks, bc, ...flags};
+  });
+  return [...(process.argv.includes('--storage') ? [{}] : []), ...forced];
+}
+function storageName(p: StoragePlan): string {
+  const tiling = p.subgroups == null ? '' : ` sg${p.subgroups} rb${p.rowBlocks} bc${p.bc}`;
+  return `storage${tiling}${p.reloadQ ? ' reload Q' : ''}${p.rowMaxOnly ? ' max pass' : ''}`;
+}
+
 /** --dkdv-plans "sg,kb,br;...": accumulated dK/dV tilings to check and time (fwd+bwd). */
 function dkdvPlans(): MatrixDkdvTiles[] {
   return arg('dkdv-plans', '').split(';').filter(x => x).map(t => {
@@ -157,9 +223,6 @@ function dkdvPlans(): MatrixDkdvTiles[] {
 }
 function dkdvPlanName(t: MatrixDkdvTiles): string {
   return `acc sg${t.subgroups} kb${t.keyBlocks} br${t.br}`;
-}
-function planName(p: Pick<MatrixForwardOverride, 'subgroups'|'rowBlocks'|'bc'>): string {
-  return `2p sg${p.subgroups} rb${p.rowBlocks} bc${p.bc}`;
 }
 
 /**
@@ -178,6 +241,8 @@ interface CheckMode {
   expect: [number, number];
   /** Whether the forward must be the two-pass kernel (when expect[0] is 1). */
   twoPass?: boolean;
+  /** Whether it must be the storage-loaded kernel (and its pre-pass). */
+  storage?: boolean;
   /** Whether the dK/dV pass must be the accumulated one (when expect[1] is 2). */
   accumulated?: boolean;
   /**
@@ -255,6 +320,19 @@ function checkModes(): CheckMode[] {
         override: {...tc, forwardTiling: 'online'},
         expect: [1, 2],
         twoPass: false
+      });
+    }
+  }
+  for (const plan of storagePlans()) {
+    for (const p of ['float32', 'float16'] as const) {
+      modes.push({
+        name: `${p} ${storageName(plan)}`,
+        precision: p,
+        override: {...tc, ...plan, forwardTiling: 'storage'},
+        expect: [1, 2],
+        twoPass: false,
+        storage: true,
+        mayFallBack: plan.subgroups != null
       });
     }
   }
@@ -458,6 +536,8 @@ async function accuracy(): Promise<string[]> {
         setMatrixForwardOverride(mode.override ?? {off: true});
         const before = matrixForwardStats.dispatches;
         const twoPassBefore = matrixForwardStats.twoPassDispatches;
+        const storageBefore = matrixForwardStats.storageDispatches;
+        const splitBefore = matrixForwardStats.splitDispatches;
         const o: FlashAttentionOptions =
             {...opts, alibiSlopes: slopes, returnSoftmaxLse: true, precision: mode.precision};
         const [out, lse] = flashAttention(q, k, v, o) as tf.Tensor[];
@@ -466,6 +546,8 @@ async function accuracy(): Promise<string[]> {
         await checkOwnPipelineErrors();
         const used = matrixForwardStats.dispatches - before;
         const twoPassUsed = matrixForwardStats.twoPassDispatches - twoPassBefore;
+        const storageUsed = matrixForwardStats.storageDispatches - storageBefore;
+        const splitUsed = matrixForwardStats.splitDispatches - splitBefore;
         // The backward: gradients of sum(out * dOut).
         const gradBefore = matrixGradStats.dispatches;
         const accumulatedBefore = matrixGradStats.accumulated;
@@ -482,6 +564,7 @@ async function accuracy(): Promise<string[]> {
         const accumulatedUsed = matrixGradStats.accumulated - accumulatedBefore;
         const ran = used === mode.expect[0] && gradUsed === mode.expect[1] &&
             (mode.twoPass == null || twoPassUsed === (mode.twoPass ? used : 0)) &&
+            storageUsed === (mode.storage ? used : 0) && splitUsed === storageUsed &&
             (mode.accumulated == null || accumulatedUsed === (mode.accumulated ? 1 : 0));
         const fellBack = (mode.mayFallBack === true && used === 0) ||
             (mode.gradMayFallBack === true && gradUsed === 0);
@@ -611,6 +694,26 @@ function goalTable(timings: Timing[], torch: TorchRow[], standIn: boolean): stri
         tf(f32one)} | ${tf(f16one)} | ${tf(f32acc)} | ${tf(f16acc)} | ${fa2} | ${sdpa} | ${
         ratio(f32, sdpa)} | ${ratio(f16, fa2)} |`);
   }
+  const stored = storagePlans();
+  if (stored.length > 0) {
+    out.push(
+        '',
+        'Storage-loaded forward (operands from storage) vs two-pass (TFLOP/s, fwd, ' +
+            'float32 / float16):',
+        '', `| D | S | SIMT f32 | two-pass | ${stored.map(storageName).join(' | ')} |`,
+        `|${' --- |'.repeat(stored.length + 4)}`);
+    const fwdKeys =
+        [...new Set(timings.filter(t => t.kind === 'fwd').map(t => `${t.dim} ${t.seq}`))];
+    for (const key of fwdKeys) {
+      const [dim, seq] = key.split(' ').map(Number);
+      const pair = (a: string, b: string) =>
+          `${tf(at(a, 'fwd', dim, seq))} / ${tf(at(b, 'fwd', dim, seq))}`;
+      out.push(`| ${dim} | ${seq} | ${tf(at('simt', 'fwd', dim, seq))} | ${
+          pair('float32', 'float16')} | ${
+          stored.map(p => pair(`float32 ${storageName(p)}`, `float16 ${storageName(p)}`))
+              .join(' | ')} |`);
+    }
+  }
   const plans = timePlans();
   if (plans.length > 0) {
     out.push(
@@ -690,7 +793,30 @@ async function main(): Promise<void> {
       const backward = JSON.stringify(planMatrixBackward(device, d, d, p));
       setMatrixForwardOverride({...tensorCoreOverride, forwardTiling: 'online'});
       const onePass = JSON.stringify(planMatrixForward(device, d, d, p));
-      console.log(`plan D=${d} ${p}: forward ${plan}, one-pass ${onePass}, backward ${backward}`);
+      setMatrixForwardOverride({...tensorCoreOverride, forwardTiling: 'storage'});
+      const storage = JSON.stringify(planMatrixForward(device, d, d, p));
+      console.log(`plan D=${d} ${p}: forward ${plan}, one-pass ${onePass}, storage ${
+          storage}, backward ${backward}`);
+      // Forced storage tilings that do not fit run SIMT (NOT TC): say why.
+      for (const forced of storagePlans().filter(x => x.subgroups != null)) {
+        setMatrixForwardOverride({...tensorCoreOverride, ...forced, forwardTiling: 'storage'});
+        if (planMatrixForward(device, d, d, p) == null && shape != null) {
+          const c = {
+            headDim: d,
+            headDimV: d,
+            shape,
+            subgroups: forced.subgroups!,
+            rowBlocks: forced.rowBlocks!,
+            bc: forced.bc!,
+            split: p === 'float32'
+          };
+          console.log(`  ${storageName(forced)} D=${d} ${p}: no plan (${
+              twoPassTileSizes(c) == null ?
+                  'the tiling does not suit the head dim' :
+                  `needs ${storageWorkgroupBytes(c)} B of workgroup memory, or more ` +
+                      'invocations than the device allows'})`);
+        }
+      }
     }
   }
   setMatrixForwardOverride(null);
@@ -712,9 +838,11 @@ async function main(): Promise<void> {
           const verdict = mode.checkedAs == null ? undefined : verdicts.get(mode.checkedAs);
           const failed =
               verdict != null && !verdict.pass && !process.argv.includes('--time-anyway');
-          const kinds = mode.fwdOnly ? ['fwd'] as const:
-              mode.fwdbwdOnly        ? ['fwdbwd'] as const:
-                                       ['fwd', 'fwdbwd'] as const;
+          // --fwd-only: no forward+backward timing (backward-only modes none).
+          const fwdOnly = process.argv.includes('--fwd-only');
+          const kinds: ReadonlyArray<'fwd'|'fwdbwd'> = mode.fwdbwdOnly ?
+              (fwdOnly ? [] : ['fwdbwd']) :
+              (mode.fwdOnly || fwdOnly ? ['fwd'] : ['fwd', 'fwdbwd']);
           if (failed || pastDeadline()) {
             for (const kind of kinds) {
               timings.push({

@@ -16,6 +16,8 @@ import type {MatrixShape} from '../kernels/webgpu/subgroup_matrix';
 import {matrixLoadWGSL, matrixStoreWGSL, standInElementWGSL, standInHelpersWGSL, subgroupIdsWGSL, workgroupAlignmentProblems, zeroResultWGSL} from '../kernels/webgpu/subgroup_matrix_wgsl';
 import {matrixForwardWGSL, matrixTileSizes} from '../kernels/webgpu/flash_attention_subgroup_matrix_webgpu';
 import {twoPassForwardWGSL, twoPassTileSizes} from '../kernels/webgpu/flash_attention_subgroup_matrix_two_pass_webgpu';
+import {storageForwardWGSL} from '../kernels/webgpu/flash_attention_subgroup_matrix_storage_webgpu';
+import {storageOperandPlaces} from '../kernels/webgpu/flash_attention_subgroup_matrix';
 import {FlashAttentionGradMatrixProgram, matrixGradValid} from '../kernels/webgpu/flash_attention_grad_subgroup_matrix_webgpu';
 import {FlashAttentionGradDkdvMatrixProgram, matrixDkdvValid} from '../kernels/webgpu/flash_attention_grad_subgroup_matrix_dkdv_webgpu';
 import {gradFeatures} from '../kernels/webgpu/flash_attention_grad_wgsl';
@@ -147,7 +149,8 @@ var<workgroup> e: array<mat2x2<f32>, 4>;`;
               if (twoPassTileSizes(c) == null) {
                 continue;
               }
-              expect(workgroupAlignmentProblems(twoPassForwardWGSL(c))).toEqual([]);
+              expect(workgroupAlignmentProblems(twoPassForwardWGSL({...c, rowMaxOnly: split})))
+                  .toEqual([]);
               checked++;
             }
           }
@@ -155,6 +158,77 @@ var<workgroup> e: array<mat2x2<f32>, 4>;`;
       }
     }
     expect(checked).toBeGreaterThan(100);
+  });
+
+  it('holds for every storage-loaded forward tiling, whose operands stay in storage', () => {
+    let checked = 0;
+    for (const shape of shapes) {
+      for (const [d, dv] of [[32, 32], [64, 64], [128, 128], [32, 64]]) {
+        for (const [subgroups, rowBlocks] of [[1, 1], [2, 2], [4, 1], [4, 2], [8, 1]]) {
+          for (const bc of [16, 32, 64]) {
+            for (const split of [true, false]) {
+              const c = {
+                headDim: d,
+                headDimV: dv,
+                shape,
+                subgroups,
+                rowBlocks,
+                bc,
+                split,
+                score: split ? plain : masked,
+                alibiMode: split ? 0 : 1,
+                dropout: !split,
+                reverseRows: false
+              } as const;
+              if (twoPassTileSizes(c) == null) {
+                continue;
+              }
+              // Q reloaded from storage at each use, or held in registers;
+              // pass 1 with exponentials or finding row maxima only.
+              const code = storageForwardWGSL({...c, reloadQ: !split, rowMaxOnly: split});
+              expect(workgroupAlignmentProblems(code)).toEqual([]);
+              // Workgroup memory: the S scratch and P only.
+              const arrays = [...code.matchAll(/var<workgroup>\s+(\w+)/g)].map(m => m[1]);
+              expect(arrays.sort()).toEqual([
+                'ph', ...(split ? ['pl'] : []), ...(shape.standIn ? ['red'] : []), 'scr'
+              ].sort());
+              if (!shape.standIn) {
+                // K's and V's matrices come from the storage buffer.
+                expect(code).toMatch(
+                    /subgroupMatrixLoad<subgroup_matrix_right<f16, \d+, \d+>, col_major>\(&ops, u\.khOff/);
+                expect(code).toMatch(
+                    /subgroupMatrixLoad<subgroup_matrix_right<f16, \d+, \d+>, row_major>\(&ops, u\.vhOff/);
+              }
+              checked++;
+            }
+          }
+        }
+      }
+    }
+    expect(checked).toBeGreaterThan(100);
+  });
+
+  it('places every split operand part at a 16-byte boundary, for any shape', () => {
+    // The storage loads need 16-byte aligned matrix starts, as the
+    // workgroup ones do: every part and row starts at a multiple of 8 f16.
+    for (const [b, sq, sk, h, hk, d, dv] of [
+             [1, 37, 70, 4, 2, 32, 16], [3, 5, 9, 3, 1, 8, 24], [2, 129, 1, 1, 1, 64, 128]]) {
+      for (const split of [true, false]) {
+        const c =
+            {headDim: d, headDimV: dv, shape: SHAPE_A, subgroups: 2, rowBlocks: 1, bc: 16, split};
+        const {places, elements} =
+            storageOperandPlaces([b, sq, h, d], [b, sk, hk, d], [b, sk, hk, dv], c);
+        for (const p of places) {
+          expect([p.hiOff % 8, p.loOff % 8, (4 * p.d4) % 8, p.seqPad % p.rows]).toEqual([
+            0, 0, 0, 0
+          ]);
+        }
+        const [qp, kp, vp] = places;
+        expect([qp.seqPad % 16, kp.seqPad % 16, vp.seqPad]).toEqual([0, 0, kp.seqPad]);
+        expect(elements).toBe(
+            (split ? 2 : 1) * b * (h * qp.seqPad * d + hk * kp.seqPad * (d + dv)));
+      }
+    }
   });
 
   it('holds for every backward tiling, both passes', () => {

@@ -36,8 +36,10 @@ interface Run {
   precision?: 'float32'|'float16';
   /** Multiplies q, k and v. */
   scale?: number;
-  /** The kernel that must run: the two-pass one unless 'online' is forced. */
-  tiling?: 'online';
+  /** Multiplies v's rows of key j. */
+  vKeyScale?: (j: number) => number;
+  /** The kernel that must run: the two-pass one unless another is forced. */
+  tiling?: 'online'|'storage';
 }
 
 /** One call of the op, checked against the oracle; the matrix path must run. */
@@ -51,7 +53,13 @@ async function check(name: string, r: Run, bound: number): Promise<void> {
     }
   }
   const {batch, seqQ, seqK, heads, headsKV, headDim, headDimV} = r.shape;
+  if (r.vKeyScale != null) {
+    for (let i = 0; i < p.v.length; i++) {
+      p.v[i] = Math.fround(p.v[i] * r.vKeyScale(Math.floor(i / (headsKV * headDimV)) % seqK));
+    }
+  }
   const before = tf.memory().numTensors;
+  const bytesBefore = gpuBytes();
   const q = tf.tensor4d(Float32Array.from(p.q), [batch, seqQ, heads, headDim]);
   const k = tf.tensor4d(Float32Array.from(p.k), [batch, seqK, headsKV, headDim]);
   const v = tf.tensor4d(Float32Array.from(p.v), [batch, seqK, headsKV, headDimV]);
@@ -61,12 +69,17 @@ async function check(name: string, r: Run, bound: number): Promise<void> {
           Float32Array.from(p.alibiSlopes), r.shape.alibi === 'head' ? [heads] : [batch, heads]);
   const dispatches = matrixForwardStats.dispatches;
   const twoPass = matrixForwardStats.twoPassDispatches;
+  const storage = matrixForwardStats.storageDispatches;
+  const splits = matrixForwardStats.splitDispatches;
   try {
     const opts: FlashAttentionOptions =
         {...r.opts, alibiSlopes: slopes, precision: r.precision, returnSoftmaxLse: true};
     const [out, lse] = flashAttention(q, k, v, opts) as tf.Tensor[];
     expect(matrixForwardStats.dispatches).toBe(dispatches + 1);
-    expect(matrixForwardStats.twoPassDispatches).toBe(twoPass + (r.tiling === 'online' ? 0 : 1));
+    expect(matrixForwardStats.twoPassDispatches).toBe(twoPass + (r.tiling == null ? 1 : 0));
+    // The storage-loaded kernel after its pre-pass (Q, K, V).
+    expect(matrixForwardStats.storageDispatches).toBe(storage + (r.tiling === 'storage' ? 1 : 0));
+    expect(matrixForwardStats.splitDispatches).toBe(splits + (r.tiling === 'storage' ? 1 : 0));
     const [outData, lseData] = [await out.data(), await lse.data()];
     tf.dispose([out, lse]);
     await checkOwnPipelineErrors();
@@ -81,6 +94,13 @@ async function check(name: string, r: Run, bound: number): Promise<void> {
     }
   }
   expect(tf.memory().numTensors).toBe(before);
+  // The storage-loaded kernel's split operands are freed after the call.
+  expect(gpuBytes()).toBe(bytesBefore);
+}
+
+/** Bytes of GPU buffers in use by the webgpu backend. */
+function gpuBytes(): number {
+  return (tf.memory() as unknown as {numBytesInGPU: number}).numBytesInGPU;
 }
 
 /** Whether the stand-in takes these head dims on this device. */
@@ -171,6 +191,112 @@ describeWebGPU('subgroup-matrix forward, stand-in [webgpu]', () => {
       it(c.name, () => check(c.name, {shape: c.shape, opts: c.opts}, FORWARD_BOUND));
     }
   });
+
+  // The two-pass kernel with row maxima only in pass 1 (rowMaxOnly: no
+  // exponentials there, P summed in pass 2, O normalised on the way out).
+  describe('two-pass kernel, row maxima in pass 1, 16x8x16, 2 subgroups, 16 keys', () => {
+    beforeAll(
+        () => setMatrixForwardOverride({shape: SHAPE_B, subgroups: 2, bc: 16, rowMaxOnly: true}));
+    // Dropout: the row's sum of P leaves the mask out.
+    for (const c of multiTile.filter(m => m.opts.dropoutRate != null)) {
+      it(c.name, () => check(c.name, {shape: c.shape, opts: c.opts}, FORWARD_BOUND));
+    }
+    const edge = OPTION_CASES.filter(
+        c => c.name.startsWith('causal, Sq > Sk') || c.name.startsWith('large logits'));
+    it('covers rows without keys and large logits', () => expect(edge.length).toBe(2));
+    for (const c of edge) {
+      it(c.name,
+         () => check(
+             c.name, {shape: c.shape, opts: c.opts, scale: c.inputScale},
+             c.bounds?.forward ?? FORWARD_BOUND));
+    }
+  });
+
+  // The storage-loaded two-pass kernel (forwardTiling 'storage'): Q, K, V
+  // split by a pre-pass into float16 matrices in storage, loaded from there;
+  // pass 1 with exponentials, or finding the row maxima only (rowMaxOnly).
+  for (const rowMaxOnly of [false, true]) {
+    const maxOnly = rowMaxOnly ? ', row maxima in pass 1' : '';
+    describe(`storage-loaded kernel (forced${maxOnly}), option cases, 8x8x8`, () => {
+      beforeAll(
+          () => setMatrixForwardOverride(
+              {shape: SHAPE_A, subgroups: 2, bc: 16, forwardTiling: 'storage', rowMaxOnly}));
+      // With row maxima only, the cases its sums and masks change (the
+      // rest share the code above): rows without keys, large logits, dropout.
+      const cases = OPTION_CASES.filter(
+          c => c.shape.headDim % 8 === 0 && c.shape.headDimV % 8 === 0 && c.shape.headDim <= 64 &&
+              (!rowMaxOnly || /rows without keys|large logits|dropout 0.25/.test(c.name)));
+      for (const c of cases) {
+        it(c.name,
+           () => check(
+               c.name, {shape: c.shape, opts: c.opts, scale: c.inputScale, tiling: 'storage'},
+               c.bounds?.forward ?? FORWARD_BOUND));
+      }
+    });
+    describe(
+        `storage-loaded kernel (forced${maxOnly}), multi-tile, 16x8x16, 2 subgroups, 16 keys`,
+        () => {
+          beforeAll(
+              () => setMatrixForwardOverride(
+                  {shape: SHAPE_B, subgroups: 2, bc: 16, forwardTiling: 'storage', rowMaxOnly}));
+          for (const c of multiTile) {
+            it(c.name,
+               () =>
+                   check(c.name, {shape: c.shape, opts: c.opts, tiling: 'storage'}, FORWARD_BOUND));
+          }
+        });
+    describe(`storage-loaded kernel (forced${maxOnly}), 2 row blocks per subgroup, 8x8x8`, () => {
+      beforeAll(() => setMatrixForwardOverride({
+                  shape: SHAPE_A,
+                  subgroups: 1,
+                  rowBlocks: 2,
+                  bc: 16,
+                  forwardTiling: 'storage',
+                  rowMaxOnly
+                }));
+      for (const c of multiTile.slice(0, 1)) {
+        it(c.name,
+           () => check(c.name, {shape: c.shape, opts: c.opts, tiling: 'storage'}, FORWARD_BOUND));
+      }
+    });
+    describe(`storage-loaded kernel (forced${maxOnly}), precision and range`, () => {
+      beforeAll(
+          () => setMatrixForwardOverride(
+              {shape: SHAPE_B, subgroups: 2, bc: 16, forwardTiling: 'storage', rowMaxOnly}));
+      const shape: ProblemShape =
+          {batch: 1, seqQ: 40, seqK: 40, heads: 2, headsKV: 1, headDim: 32, headDimV: 32};
+      it('float16 precision: within its bound, and less accurate than the split', async () => {
+        await check(
+            'float16, causal',
+            {shape, opts: {causal: true}, precision: 'float16', tiling: 'storage'}, FLOAT16_BOUND);
+        await expect(check(
+                         'float16 vs the float32 bound',
+                         {shape, opts: {}, precision: 'float16', tiling: 'storage'}, 1e-5))
+            .rejects.toThrow();
+      });
+      it('operands beyond f16 range (x 3e4, V tiles of unequal scales) and below (x 1e-6)',
+         async () => {
+           await check(
+               'x 3e4',
+               {shape, opts: {softmaxScale: 1 / (9e8 * 32 ** 0.5)}, scale: 3e4, tiling: 'storage'},
+               FORWARD_BOUND);
+           await check(
+               'x 1e-6',
+               {shape, opts: {softmaxScale: 1e12 / 32 ** 0.5}, scale: 1e-6, tiling: 'storage'},
+               FORWARD_BOUND);
+         });
+      it('V key tiles of unequal scales (2^-20 .. 2^20), beyond f16 range', async () => {
+        // Each 16-key tile of V gets its own scale, folded into P: a tile
+        // scale applied twice or not at all is off by a power of two.
+        const vKeyScale = (j: number) => [2 ** 20, 2 ** -20, 3, 2 ** 12][Math.floor(j / 16)];
+        await check('V tiles', {shape, opts: {}, vKeyScale, tiling: 'storage'}, FORWARD_BOUND);
+        await check(
+            'V tiles, causal, float16',
+            {shape, opts: {causal: true}, vKeyScale, precision: 'float16', tiling: 'storage'},
+            FLOAT16_BOUND);
+      });
+    });
+  }
 
   describe('precision and range', () => {
     beforeAll(() => setMatrixForwardOverride({shape: SHAPE_B, subgroups: 2, bc: 16}));

@@ -60,6 +60,12 @@ export interface TwoPassForwardConfig {
   dropout: boolean;
   /** Heaviest query tiles first (causal-like masks). */
   reverseRows: boolean;
+  /**
+   * Pass 1 finds each row's max only (no exponentials); pass 2 sums the
+   * row's P = exp(S - max) itself and O is divided by that sum on the way
+   * out (a per-row scale of the values read from the scratch).
+   */
+  rowMaxOnly?: boolean;
 }
 
 export interface TwoPassTileSizes {
@@ -103,7 +109,7 @@ export function twoPassWorkgroupBytes(c: Dims&{split: boolean}): number {
 export function twoPassForwardKey(c: TwoPassForwardConfig): string {
   return `fa_fwd_sm2_d${c.headDim}_dv${c.headDimV}_${matrixShapeKey(c.shape)}_g${c.subgroups}_rb${
       c.rowBlocks}_bc${c.bc}_sp${+ c.split}_${scoreKey(c.score)}_al${c.alibiMode}_do${
-      + c.dropout}_rv${+ c.reverseRows}`;
+      + c.dropout}_rv${+ c.reverseRows}_mx${+ (c.rowMaxOnly === true)}`;
 }
 
 export function twoPassForwardWGSL(c: TwoPassForwardConfig): string {
@@ -348,17 +354,25 @@ function twoPassSource(c: TwoPassForwardConfig): string {
       }
     }`).join('\n    ');
 
-  const pass1Stats = (rb: number) => `${scores(rb)}
+  const pass1Stats = (rb: number) => c.rowMaxOnly ?
+      `${scores(rb)}
+    m${rb} = max(m${rb}, ${
+          maxAll(range(nq).map(
+              q => `max(max(s${rb}_${q}.x, s${rb}_${q}.y), max(s${rb}_${q}.z, s${rb}_${
+                  q}.w))`))});` :
+      `${scores(rb)}
     {
       let mx = ${
-      maxAll(range(nq).map(
-          q => `max(max(s${rb}_${q}.x, s${rb}_${q}.y), max(s${rb}_${q}.z, s${rb}_${q}.w))`))};
+          maxAll(range(nq).map(
+              q => `max(max(s${rb}_${q}.x, s${rb}_${q}.y), max(s${rb}_${q}.z, s${rb}_${q}.w))`))};
       let mNew = max(m${rb}, mx);
       // A row with no visible key yet keeps m = NEG; subtracting 0 instead
       // sends its masked scores to exp(NEG) = 0.
       let mUse = select(mNew, 0.0, mNew < -1e29);
       l${rb} = l${rb} * exp(m${rb} - mUse)${
-      range(nq).map(q => ` + dot(exp(s${rb}_${q} - vec4<f32>(mUse)), vec4<f32>(1.0))`).join('')};
+          range(nq)
+              .map(q => ` + dot(exp(s${rb}_${q} - vec4<f32>(mUse)), vec4<f32>(1.0))`)
+              .join('')};
       m${rb} = mNew;
     }`;
 
@@ -367,8 +381,11 @@ function twoPassSource(c: TwoPassForwardConfig): string {
       range(nq)
           .map(
               q => `{
-      var p = select(vec4<f32>(0.0), exp(s${rb}_${q} - vec4<f32>(lse${rb})), vec4<bool>(l${
-                  rb} > 0.0));
+      ${
+                  c.rowMaxOnly ? `var p = exp(s${rb}_${q} - vec4<f32>(mRow${rb}));
+      l${rb} += dot(p, vec4<f32>(1.0));` :
+                                 `var p = select(vec4<f32>(0.0), exp(s${rb}_${q} - vec4<f32>(lse${
+                                     rb})), vec4<bool>(l${rb} > 0.0));`}
       ${
                   c.dropout ? `p = p * fa_dropout4(u32(b), u32(h), u32(row${
                                   rb}), u32(j0 >> 2u) + lc + LPR * ${
@@ -377,6 +394,12 @@ function twoPassSource(c: TwoPassForwardConfig): string {
       let at = POFF + rowS${rb} + 4u * (lc + LPR * ${q}u);
       ${splitStore('op', 'at', 'p', '1.0')}
     }`).join('\n    ')}`;
+
+  const lseStore = (rb: number) => `let lse${rb} = m${rb} + log(l${rb});
+  if (row${rb} < u.seqQ && lc == 0u) {
+    lseb[u32((b * u.heads + h) * u.seqQ + row${rb})] =
+        select(${FA_NEG_INF_BITS}u, bitcast<u32>(lse${rb}), l${rb} > 0.0);
+  }`;
 
   const outChunk =
       (ch: number) => {
@@ -396,7 +419,7 @@ function twoPassSource(c: TwoPassForwardConfig): string {
     ${range(cv / (4 * lpr)).map(x => `{
       let at = rowS${rb} + 4u * (lc + LPR * ${x}u);
       outb[outRow * DV4 + ${ch * cv / 4}u + lc + LPR * ${x}u] =
-          vec4<f32>(scr[at], scr[at + 1u], scr[at + 2u], scr[at + 3u]) * vinv;
+          vec4<f32>(scr[at], scr[at + 1u], scr[at + 2u], scr[at + 3u]) * oRow${rb};
     }`).join('\n    ')}
   }`).join('\n  ')}`;
       };
@@ -526,14 +549,15 @@ ${matrixForwardMainStartWGSL(c, br, bc, threads)}
     ${rbs.map(pass1Stats).join('\n    ')}
   }
 
-  // The row's (m, l) over its LPR lanes, and its log-sum-exp.
+  // The row's (m, l) over its LPR lanes${
+             c.rowMaxOnly ? ' (l is 0 here)' : ', and its log-sum-exp'}.
   ${rbs.map(rb => `var mine${rb} = m${rb};`).join('\n  ')}
-  ${rbs.map(rb => mergeRow(rb, lpr, standIn)).join('\n  ')}
-  ${rbs.map(rb => `let lse${rb} = m${rb} + log(l${rb});
-  if (row${rb} < u.seqQ && lc == 0u) {
-    lseb[u32((b * u.heads + h) * u.seqQ + row${rb})] =
-        select(${FA_NEG_INF_BITS}u, bitcast<u32>(lse${rb}), l${rb} > 0.0);
-  }`).join('\n  ')}
+  ${rbs.map(rb => mergeRowWGSL(rb, lpr, standIn)).join('\n  ')}
+  ${
+             c.rowMaxOnly ? rbs.map(rb => `// Rows without a visible key: every P is exp(NEG) = 0.
+  let mRow${rb} = select(m${rb}, 0.0, m${rb} < -1e29);`)
+                                .join('\n  ') :
+                            rbs.map(lseStore).join('\n  ')}
 
   // Pass 2: P = exp(S - lse), O += P V in matrix accumulators.
   ${rbs.flatMap(rb => oBlocks.map(cb => resultDecl(`o${rb}_${cb}`))).join('\n  ')}
@@ -545,8 +569,22 @@ ${matrixForwardMainStartWGSL(c, br, bc, threads)}
     workgroupBarrier();
     ${pvBlocks}
   }
+  ${
+             c.rowMaxOnly ? `// The row's sum of P over its LPR lanes (all at the row's max), the
+  // log-sum-exp.
+  ${rbs.map(rb => `mine${rb} = m${rb};`).join('\n  ')}
+  ${rbs.map(rb => mergeRowWGSL(rb, lpr, standIn)).join('\n  ')}
+  ${rbs.map(lseStore).join('\n  ')}` :
+                            ''}
 
-  // O out through the scratch, CV columns at a time, V's scale undone.
+  // O out through the scratch, CV columns at a time, V's scale (and with
+  // rowMaxOnly the row's sum of P) undone.
+  ${
+             rbs.map(
+                    rb => c.rowMaxOnly ?
+                        `let oRow${rb} = select(0.0, vinv / l${rb}, l${rb} > 0.0);` :
+                        `let oRow${rb} = vinv;`)
+                 .join('\n  ')}
   ${range(dv / cv).map(outChunk).join('\n  ')}
 }
 `.replace(STANDIN_FNS, [...standInFns.values()].join('\n'));
@@ -556,9 +594,9 @@ ${matrixForwardMainStartWGSL(c, br, bc, threads)}
  * WGSL merging the row's per-lane (m, l) partials of row block rb (each
  * lane's l at its own m) into the row's max and sum at that max, on every
  * lane of the row: subgroup shuffles on the real path, workgroup memory
- * (`red`) in the stand-in.
+ * (`red`) in the stand-in. Also used by the storage-loaded forward.
  */
-function mergeRow(rb: number, lpr: number, standIn: boolean): string {
+export function mergeRowWGSL(rb: number, lpr: number, standIn: boolean): string {
   if (lpr === 1) {
     return '';
   }

@@ -34,14 +34,16 @@ import type {MatrixShape} from './subgroup_matrix';
 /**
  * A matrix operand in workgroup memory: `arr` (the hi part; the lo part is
  * `arr` with `Lo` appended), the element offset of its first element,
- * its stride, whether it is stored column-major, and the array's length.
+ * its stride, whether it is stored column-major, and the array's length:
+ * a number, or a WGSL u32 expression for a runtime-sized storage array
+ * (e.g. `arrayLength(&kh)`: the storage-loaded forward loads from storage).
  */
 export interface MatrixView {
   arr: string;
   off: string;
   stride: string;
   colMajor: boolean;
-  len: number;
+  len: number|string;
 }
 
 /** WGSL: `subgroupMatrixLoad` of view `v` as the matrix type `type`. */
@@ -251,7 +253,8 @@ fn sm_place(off: u32, stride: u32, minor: u32, major: u32, len: u32) -> vec2<u32
  */
 export function standInPlaceWGSL(v: MatrixView, rows: number, cols: number, off = v.off): string {
   const [minor, major] = v.colMajor ? [rows, cols] : [cols, rows];
-  return `sm_place(${off}, ${v.stride}, ${minor}u, ${major}u, ${v.len}u)`;
+  const len = typeof v.len === 'number' ? `${v.len}u` : v.len;
+  return `sm_place(${off}, ${v.stride}, ${minor}u, ${major}u, ${len})`;
 }
 
 /**
