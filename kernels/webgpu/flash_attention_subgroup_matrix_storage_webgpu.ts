@@ -32,9 +32,10 @@
 import {matrixShapeKey} from './subgroup_matrix';
 import {assertWorkgroupAlignment, matrixLoadWGSL, matrixStoreWGSL, MatrixView as View, splitStoreWGSL} from './subgroup_matrix_wgsl';
 import {KEY_TILES_WGSL, loopBoundWGSL, MATRIX_FORWARD_UNIFORMS, matrixForwardMainStartWGSL, resultDeclWGSL, scoreParamsWGSL, STANDIN_FNS, standInMmaFnWGSL} from './flash_attention_subgroup_matrix_webgpu';
-import {mergeRowWGSL, TwoPassForwardConfig, twoPassTileSizes} from './flash_attention_subgroup_matrix_two_pass_webgpu';
+import {TwoPassForwardConfig, twoPassTileSizes} from './flash_attention_subgroup_matrix_two_pass_webgpu';
+import {twoPassSoftmaxWGSL} from './flash_attention_subgroup_matrix_two_pass_wgsl';
 import {bindingsWGSL, StorageBinding, uniformStructWGSL} from './own_pipeline';
-import {dropoutWGSL, FA_NEG_INF_BITS, keyRangeWGSL, maxAllWGSL as maxAll, philoxWGSL, range, scoreKey, scoreWGSL, VEC4_COMPONENTS as COMP} from './wgsl_snippets';
+import {dropoutWGSL, keyRangeWGSL, philoxWGSL, range, scoreKey, scoreWGSL, VEC4_COMPONENTS as COMP} from './wgsl_snippets';
 
 /** The two-pass kernel's configuration and where Q's matrices live. */
 export interface StorageForwardConfig extends TwoPassForwardConfig {
@@ -108,7 +109,6 @@ function storageSource(c: StorageForwardConfig): string {
   const rbs = range(c.rowBlocks);
   const d = c.headDim;
   const dv = c.headDimV;
-  const nq = bc / (4 * lpr);
   const elem = standIn ? 'f32' : 'f16';
   const parts = c.split ? ['h', 'l'] : ['h'];
   const lim = (n: string) => loopBoundWGSL(c.shape, n);
@@ -232,112 +232,29 @@ function storageSource(c: StorageForwardConfig): string {
     let vOff = kvBase * DV + u32(j0) * DV;
     let kUn = scales[u.ksOff + kvTile0 + u32(kt)];`;
 
-  // Scores of this thread's key quads for row block rb, unscaled, masked.
-  const scores = (rb: number) =>
-      range(nq)
-          .map(
-              q => `var s${rb}_${q} = vec4<f32>(0.0);
-    {
-      let at = rowS${rb} + 4u * (lc + LPR * ${q}u);
-      s${rb}_${q} = vec4<f32>(scr[at], scr[at + 1u], scr[at + 2u], scr[at + 3u]) *
-          (qUn${rb} * kUn);
-      let jv = vec4<i32>(j0 + i32(4u * (lc + LPR * ${q}u))) + vec4<i32>(0, 1, 2, 3);
-      // Masks only on tiles that cross a mask edge (uniform branch).
-      if (full) {
-        ${
-                  range(4)
-                      .map(
-                          e => `s${rb}_${q}.${COMP[e]} = fa_score(s${rb}_${q}.${COMP[e]}, row${
-                              rb}, jv.${COMP[e]}, sp);`)
-                      .join('\n        ')}
-      } else {
-        let vis = fa_visible4(row${rb}, jv, sp);
-        ${
-                  range(4)
-                      .map(
-                          e => `s${rb}_${q}.${COMP[e]} = select(NEG, fa_score(s${rb}_${q}.${
-                              COMP[e]}, row${rb}, jv.${COMP[e]}, sp), vis.${COMP[e]});`)
-                      .join('\n        ')}
-      }
-    }`).join('\n    ');
-
-  const rowMax = (rb: number) => maxAll(range(nq).map(
-      q => `max(max(s${rb}_${q}.x, s${rb}_${q}.y), max(s${rb}_${q}.z, s${rb}_${q}.w))`));
-  const pass1Stats = (rb: number) => c.rowMaxOnly ?
-      `${scores(rb)}
-    m${rb} = max(m${rb}, ${rowMax(rb)});` :
-      `${scores(rb)}
-    {
-      let mx = ${
-          maxAll(range(nq).map(
-              q => `max(max(s${rb}_${q}.x, s${rb}_${q}.y), max(s${rb}_${q}.z, s${rb}_${q}.w))`))};
-      let mNew = max(m${rb}, mx);
-      // A row with no visible key yet keeps m = NEG; subtracting 0 instead
-      // sends its masked scores to exp(NEG) = 0.
-      let mUse = select(mNew, 0.0, mNew < -1e29);
-      l${rb} = l${rb} * exp(m${rb} - mUse)${
-          range(nq)
-              .map(q => ` + dot(exp(s${rb}_${q} - vec4<f32>(mUse)), vec4<f32>(1.0))`)
-              .join('')};
-      m${rb} = mNew;
-    }`;
-
-  // P = exp(S - lse) (times the dropout mask, 0 or 1) times the tile's V
-  // factor 2^(e_t - E) <= 1, split into this subgroup's rows of p: at
-  // most 1, inside f16's range.
-  const pass2P = (rb: number) => `${scores(rb)}
-    ${
-      range(nq)
-          .map(
-              q => `{
-      ${
-                  c.rowMaxOnly ? `var p = exp(s${rb}_${q} - vec4<f32>(mRow${rb}));
-      l${rb} += dot(p, vec4<f32>(1.0));` :
-                                 `var p = select(vec4<f32>(0.0), exp(s${rb}_${q} - vec4<f32>(lse${
-                                     rb})), vec4<bool>(l${rb} > 0.0));`}
-      ${
-                  c.dropout ? `p = p * fa_dropout4(u32(b), u32(h), u32(row${
-                                  rb}), u32(j0 >> 2u) + lc + LPR * ${
-                                  q}u, vec2<u32>(u.seedLo, u.seedHi), u.threshold, 1.0);` :
-                              ''}
-      let at = rowS${rb} + 4u * (lc + LPR * ${q}u);
-      ${
-                  range(4)
-                      .map(
-                          e => splitStoreWGSL(
-                              `p.${COMP[e]} * vFold`, `ph[at + ${e}u]`,
-                              c.split ? `pl[at + ${e}u]` : null))
-                      .join('\n      ')}
-    }`).join('\n    ')}`;
-
-  const lseStore = (rb: number) => `let lse${rb} = m${rb} + log(l${rb});
-  if (row${rb} < u.seqQ && lc == 0u) {
-    lseb[u32((b * u.heads + h) * u.seqQ + row${rb})] =
-        select(${FA_NEG_INF_BITS}u, bitcast<u32>(lse${rb}), l${rb} > 0.0);
-  }`;
-
-  const outChunk =
-      (ch: number) => {
-        const blocks = range(cv / N).map(x => ch * cv / N + x);
-        return `workgroupBarrier();
-  ${
-            rbs.flatMap(
-                   rb => blocks.map(
-                       (cb, x) => storeScr(`o${rb}_${cb}`, `${rowOff(rb)} * BC + ${x * N}u`)))
-                .join('\n  ')}
-  workgroupBarrier();
-  ${
-            rbs.map(
-                   rb =>
-                       `if (row${rb} < u.seqQ) {
-    let outRow = u32((b * u.seqQ + row${rb}) * u.heads + h);
-    ${range(cv / (4 * lpr)).map(x => `{
-      let at = rowS${rb} + 4u * (lc + LPR * ${x}u);
-      outb[outRow * DV4 + ${ch * cv / 4}u + lc + LPR * ${x}u] =
-          vec4<f32>(scr[at], scr[at + 1u], scr[at + 2u], scr[at + 3u]) * oRow${rb};
-    }`).join('\n    ')}
-  }`).join('\n  ')}`;
-      };
+  // P = exp(S - lse) times the tile's V factor 2^(e_t - E) <= 1, split
+  // into this subgroup's rows of p: at most 1, inside f16's range.
+  const softmax = twoPassSoftmaxWGSL({
+    ...c,
+    standIn,
+    n: N,
+    lpr,
+    bc,
+    cv,
+    dv,
+    // The scores' line breaks where the product of two scales is long.
+    unscale: rb => `\n          (qUn${rb} * kUn)`,
+    pBase: '',
+    storeP:
+        range(4)
+            .map(
+                e => splitStoreWGSL(
+                    `p.${COMP[e]} * vFold`, `ph[at + ${e}u]`, c.split ? `pl[at + ${e}u]` : null))
+            .join('\n      '),
+    dropoutScale: '1.0',
+    storeScr,
+    rowOff,
+  });
 
   const inputs = storageForwardInputs(c);
   const outputs = [{name: 'outb', type: 'vec4<f32>'}, {name: 'lseb', type: 'u32'}];
@@ -425,20 +342,12 @@ ${matrixForwardMainStartWGSL(c, br, bc, threads)}
     ${tileStart}
     ${sBlocks}
     workgroupBarrier();
-    ${rbs.map(pass1Stats).join('\n    ')}
+    ${rbs.map(softmax.pass1Stats).join('\n    ')}
     // The next tile's S overwrites the scratch.
     workgroupBarrier();
   }
 
-  // The row's (m, l) over its LPR lanes${
-             c.rowMaxOnly ? ' (l is 0 here)' : ', and its log-sum-exp'}.
-  ${rbs.map(rb => `var mine${rb} = m${rb};`).join('\n  ')}
-  ${rbs.map(rb => mergeRowWGSL(rb, lpr, standIn)).join('\n  ')}
-  ${
-             c.rowMaxOnly ? rbs.map(rb => `// Rows without a visible key: every P is exp(NEG) = 0.
-  let mRow${rb} = select(m${rb}, 0.0, m${rb} < -1e29);`)
-                                .join('\n  ') :
-                            rbs.map(lseStore).join('\n  ')}
+  ${softmax.afterPass1}
 
   // Pass 2: P = exp(S - lse), O += P V in matrix accumulators. The S store
   // follows the previous tile's last reads of the scratch and P's loads by
@@ -449,28 +358,17 @@ ${matrixForwardMainStartWGSL(c, br, bc, threads)}
     let vFold = scales[u.vsOff + kvTile0 + u32(kt)] / vTop;
     ${sBlocks}
     workgroupBarrier();
-    ${rbs.map(pass2P).join('\n    ')}
+    ${rbs.map(softmax.pass2P).join('\n    ')}
     workgroupBarrier();
     ${pvBlocks}
   }
-  ${
-             c.rowMaxOnly ? `// The row's sum of P over its LPR lanes (all at the row's max), the
-  // log-sum-exp.
-  ${rbs.map(rb => `mine${rb} = m${rb};`).join('\n  ')}
-  ${rbs.map(rb => mergeRowWGSL(rb, lpr, standIn)).join('\n  ')}
-  ${rbs.map(lseStore).join('\n  ')}` :
-                            ''}
+  ${softmax.afterPass2}
 
   // O out through the scratch, CV columns at a time, V's 2^E (and
   // dropout's 1 / (1 - rate), kept out of P's f16 range) undone.
   let oScale = vTop${c.dropout ? ' * u.keepScale' : ''};
-  ${
-             rbs.map(
-                    rb => c.rowMaxOnly ?
-                        `let oRow${rb} = select(0.0, oScale / l${rb}, l${rb} > 0.0);` :
-                        `let oRow${rb} = oScale;`)
-                 .join('\n  ')}
-  ${range(dv / cv).map(outChunk).join('\n  ')}
+  ${softmax.outRows('oScale')}
+  ${softmax.output}
 }
 `.replace(STANDIN_FNS, [...standInFns.values()].join('\n'));
 }
