@@ -30,12 +30,12 @@
  * storage arrays' runtime lengths.
  */
 import {matrixShapeKey} from './subgroup_matrix';
-import {assertWorkgroupAlignment, matrixLoadWGSL, matrixStoreWGSL, MatrixView as View, splitStoreWGSL} from './subgroup_matrix_wgsl';
-import {KEY_TILES_WGSL, loopBoundWGSL, MATRIX_FORWARD_UNIFORMS, matrixForwardMainStartWGSL, resultDeclWGSL, scoreParamsWGSL, STANDIN_FNS, standInMmaFnWGSL} from './flash_attention_subgroup_matrix_webgpu';
+import {assertWorkgroupAlignment, MatrixView as View, splitStoreWGSL} from './subgroup_matrix_wgsl';
+import {KEY_TILES_WGSL, loopBoundWGSL, MATRIX_FORWARD_UNIFORMS, matrixForwardMainStartWGSL, matrixForwardPreambleWGSL, scoreParamsWGSL, STANDIN_FNS} from './flash_attention_subgroup_matrix_webgpu';
 import {TwoPassForwardConfig, twoPassTileSizes} from './flash_attention_subgroup_matrix_two_pass_webgpu';
-import {twoPassSoftmaxWGSL} from './flash_attention_subgroup_matrix_two_pass_wgsl';
+import {twoPassMatrixOps, twoPassRowsWGSL, twoPassSoftmaxWGSL} from './flash_attention_subgroup_matrix_two_pass_wgsl';
 import {bindingsWGSL, StorageBinding, uniformStructWGSL} from './own_pipeline';
-import {dropoutWGSL, keyRangeWGSL, philoxWGSL, range, scoreKey, scoreWGSL, VEC4_COMPONENTS as COMP} from './wgsl_snippets';
+import {range, scoreKey, VEC4_COMPONENTS as COMP} from './wgsl_snippets';
 
 /** The two-pass kernel's configuration and where Q's matrices live. */
 export interface StorageForwardConfig extends TwoPassForwardConfig {
@@ -104,7 +104,7 @@ function storageSource(c: StorageForwardConfig): string {
     throw new Error(`FlashAttention forward: head dims D=${c.headDim}, Dv=${
         c.headDimV} do not suit the subgroup-matrix tiling`);
   }
-  const {M, N, K, lanes, standIn} = c.shape;
+  const {N, K, standIn} = c.shape;
   const {br, bc, threads, lpr, cv} = sizes;
   const rbs = range(c.rowBlocks);
   const d = c.headDim;
@@ -127,21 +127,8 @@ function storageSource(c: StorageForwardConfig): string {
   const pView = (p: string, off: string): View =>
       ({arr: `p${p}`, off, stride: 'BC', colMajor: false, len: br * bc});
 
-  const standInFns = new Map<string, string>();
-  const standInMma = (name: string, acc: string, l: View, r: View) => {
-    const fn = `sm_mma_${name}`;
-    if (!standInFns.has(fn)) {
-      standInFns.set(fn, standInMmaFnWGSL(c.shape, fn, l, r));
-    }
-    return `${fn}(&${acc}, ln, ${l.off}, ${r.off});`;
-  };
-  const resultDecl = (name: string) => resultDeclWGSL(c.shape, name);
-  const storeScr = (acc: string, off: string) => standIn ?
-      `sm_store_scr(&${acc}, ln, ${off});` :
-      matrixStoreWGSL(c.shape, 'scr', off, acc, 'BC');
-  const left = (v: View) => matrixLoadWGSL(c.shape, `subgroup_matrix_left<f16, ${K}, ${M}>`, v);
-  const right = (v: View) => matrixLoadWGSL(c.shape, `subgroup_matrix_right<f16, ${N}, ${K}>`, v);
-  const rowOff = (rb: number) => `(g * RB + ${rb}u) * M`;
+  const {standInFns, standInMma, resultDecl, storeScr, left, right, rowOff} =
+      twoPassMatrixOps(c.shape);
   // Q's left matrix of row block rb, depth step ks, part p, from storage.
   const qMatrix = (rb: number, ks: number, p: string) =>
       `let qm${rb}_${ks}_${p} = ${left(qView(p, `qOff + ${rowOff(rb)} * D + ${ks * K}u`))};`;
@@ -258,26 +245,10 @@ function storageSource(c: StorageForwardConfig): string {
 
   const inputs = storageForwardInputs(c);
   const outputs = [{name: 'outb', type: 'vec4<f32>'}, {name: 'lseb', type: 'u32'}];
-  return `${standIn ? '' : `enable f16;
-enable chromium_experimental_subgroup_matrix;
-enable subgroups;
-diagnostic(off, chromium.subgroup_matrix_uniformity);`}
-${scoreWGSL(c.score)}
-${keyRangeWGSL(c.score)}
-${c.dropout ? philoxWGSL() + dropoutWGSL() : ''}
+  const bindings = `${uniformStructWGSL('Uniforms', STORAGE_FORWARD_UNIFORMS)}
 
-${uniformStructWGSL('Uniforms', STORAGE_FORWARD_UNIFORMS)}
-
-${bindingsWGSL(inputs, outputs, {
-           name: 'u',
-           type: 'Uniforms'
-         })}
-
-const M = ${M}u;
-const N = ${N}u;
-const K = ${K}u;
-const LANES = ${lanes}u;
-const LPR = ${lpr}u;
+${bindingsWGSL(inputs, outputs, {name: 'u', type: 'Uniforms'})}`;
+  return `${matrixForwardPreambleWGSL(c, lpr, bindings)}
 const RB = ${c.rowBlocks}u;
 const BR = ${br}u;
 const BC = ${bc}u;
@@ -295,11 +266,7 @@ ${parts.map(p => `var<workgroup> p${p}: array<${elem}, ${br * bc}>;`).join('\n')
 ${standIn && lpr > 1 ? `var<workgroup> red: array<f32, ${threads}>;` : ''}
 
 ${matrixForwardMainStartWGSL(c, br, bc, threads)}
-  let lc = ln % LPR;
-  ${
-             rbs.map(rb => `let rowS${rb} = ((g * RB + ${rb}u) * M + ln / LPR) * BC;
-  let row${rb} = r0 + i32((g * RB + ${rb}u) * M + ln / LPR);`)
-                 .join('\n  ')}
+  ${twoPassRowsWGSL(c.rowBlocks)}
 
   ${scoreParamsWGSL(c.alibiMode)}
   ${KEY_TILES_WGSL}

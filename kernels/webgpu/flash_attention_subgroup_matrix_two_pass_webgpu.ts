@@ -38,9 +38,9 @@
  * loads them, and row reductions go through workgroup memory.
  */
 import {MatrixShape, matrixShapeKey} from './subgroup_matrix';
-import {assertWorkgroupAlignment, matrixLoadWGSL, matrixStoreWGSL, MatrixView as View, splitStoreWGSL} from './subgroup_matrix_wgsl';
-import {absMaxWGSL as absMax, KEY_TILES_WGSL, matrixTileSizes, kvRowWGSL as kvRow, loopBoundWGSL, matrixForwardMainStartWGSL, matrixForwardPreambleWGSL, qRegistersWGSL, resultDeclWGSL, scoreParamsWGSL, STANDIN_FNS, standInMmaFnWGSL} from './flash_attention_subgroup_matrix_webgpu';
-import {twoPassSoftmaxWGSL} from './flash_attention_subgroup_matrix_two_pass_wgsl';
+import {assertWorkgroupAlignment, MatrixView as View, splitStoreWGSL} from './subgroup_matrix_wgsl';
+import {absMaxWGSL as absMax, KEY_TILES_WGSL, matrixTileSizes, kvRowWGSL as kvRow, loopBoundWGSL, matrixForwardMainStartWGSL, matrixForwardPreambleWGSL, qRegistersWGSL, scoreParamsWGSL, STANDIN_FNS} from './flash_attention_subgroup_matrix_webgpu';
+import {twoPassMatrixOps, twoPassRowsWGSL, twoPassSoftmaxWGSL} from './flash_attention_subgroup_matrix_two_pass_wgsl';
 import {range, scoreKey, ScoreOptions, VEC4_COMPONENTS as COMP} from './wgsl_snippets';
 
 /** Everything baked into one pipeline. */
@@ -125,7 +125,7 @@ function twoPassSource(c: TwoPassForwardConfig): string {
     throw new Error(`FlashAttention forward: head dims D=${c.headDim}, Dv=${
         c.headDimV} do not suit the subgroup-matrix tiling`);
   }
-  const {M, N, K, standIn} = c.shape;
+  const {N, K, standIn} = c.shape;
   const {br, bc, threads, lpr, cv, ops} = sizes;
   const rbs = range(c.rowBlocks);
   const d = c.headDim;
@@ -156,23 +156,8 @@ function twoPassSource(c: TwoPassForwardConfig): string {
   const pView = (p: string, off: string): View =>
       ({arr: `op${p}`, off, stride: 'BC', colMajor: false, len: ops});
 
-  // Stand-in multiply-accumulates, one function per (left view, right
-  // view) kind, taking the two offsets.
-  const standInFns = new Map<string, string>();
-  const standInMma = (name: string, acc: string, l: View, r: View) => {
-    const fn = `sm_mma_${name}`;
-    if (!standInFns.has(fn)) {
-      standInFns.set(fn, standInMmaFnWGSL(c.shape, fn, l, r));
-    }
-    return `${fn}(&${acc}, ln, ${l.off}, ${r.off});`;
-  };
-  const resultDecl = (name: string) => resultDeclWGSL(c.shape, name);
-  const storeScr = (acc: string, off: string) => standIn ?
-      `sm_store_scr(&${acc}, ln, ${off});` :
-      matrixStoreWGSL(c.shape, 'scr', off, acc, 'BC');
-  const left = (v: View) => matrixLoadWGSL(c.shape, `subgroup_matrix_left<f16, ${K}, ${M}>`, v);
-  const right = (v: View) => matrixLoadWGSL(c.shape, `subgroup_matrix_right<f16, ${N}, ${K}>`, v);
-  const rowOff = (rb: number) => `(g * RB + ${rb}u) * M`;
+  const {standInFns, standInMma, resultDecl, storeScr, left, right, rowOff} =
+      twoPassMatrixOps(c.shape);
 
   // S = Q K^T for this subgroup's RB x M rows and the tile's BC keys, into
   // the scratch ([BR][BC] f32).
@@ -375,11 +360,7 @@ var<workgroup> wmax: array<atomic<u32>, 8>;` :
 ${standIn && lpr > 1 ? `var<workgroup> red: array<f32, ${threads}>;` : ''}
 
 ${matrixForwardMainStartWGSL(c, br, bc, threads)}
-  let lc = ln % LPR;
-  ${
-             rbs.map(rb => `let rowS${rb} = ((g * RB + ${rb}u) * M + ln / LPR) * BC;
-  let row${rb} = r0 + i32((g * RB + ${rb}u) * M + ln / LPR);`)
-                 .join('\n  ')}
+  ${twoPassRowsWGSL(c.rowBlocks)}
 
   ${scoreParamsWGSL(c.alibiMode)}
 

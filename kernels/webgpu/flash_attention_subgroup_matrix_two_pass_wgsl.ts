@@ -7,7 +7,49 @@
  * log-sum-exp, and the output through the scratch. The two differ only in
  * how the scores are unscaled and where P goes, which their callers pass.
  */
+import {MatrixShape} from './subgroup_matrix';
+import {matrixLoadWGSL, matrixStoreWGSL, MatrixView as View} from './subgroup_matrix_wgsl';
+import {resultDeclWGSL, standInMmaFnWGSL} from './flash_attention_subgroup_matrix_webgpu';
 import {FA_NEG_INF_BITS, maxAllWGSL as maxAll, range, VEC4_COMPONENTS as COMP} from './wgsl_snippets';
+
+/**
+ * The matrix operations both kernels write with: stand-in multiply-
+ * accumulates (one function per kind of operand views, collected in
+ * `standInFns` for the STANDIN_FNS mark), accumulator declarations, stores
+ * to the [BR][BC] scratch `scr`, left and right f16 loads, and row block
+ * rb's first row.
+ */
+export function twoPassMatrixOps(shape: MatrixShape) {
+  const {M, N, K, standIn} = shape;
+  const standInFns = new Map<string, string>();
+  const standInMma = (name: string, acc: string, l: View, r: View) => {
+    const fn = `sm_mma_${name}`;
+    if (!standInFns.has(fn)) {
+      standInFns.set(fn, standInMmaFnWGSL(shape, fn, l, r));
+    }
+    return `${fn}(&${acc}, ln, ${l.off}, ${r.off});`;
+  };
+  return {
+    standInFns,
+    standInMma,
+    resultDecl: (name: string) => resultDeclWGSL(shape, name),
+    storeScr: (acc: string, off: string) => standIn ? `sm_store_scr(&${acc}, ln, ${off});` :
+                                                      matrixStoreWGSL(shape, 'scr', off, acc, 'BC'),
+    left: (v: View) => matrixLoadWGSL(shape, `subgroup_matrix_left<f16, ${K}, ${M}>`, v),
+    right: (v: View) => matrixLoadWGSL(shape, `subgroup_matrix_right<f16, ${N}, ${K}>`, v),
+    rowOff: (rb: number) => `(g * RB + ${rb}u) * M`,
+  };
+}
+
+/** `main`'s lane in its row and row block rb's scratch row and query row. */
+export function twoPassRowsWGSL(rowBlocks: number): string {
+  return `let lc = ln % LPR;
+  ${
+      range(rowBlocks)
+          .map(rb => `let rowS${rb} = ((g * RB + ${rb}u) * M + ln / LPR) * BC;
+  let row${rb} = r0 + i32((g * RB + ${rb}u) * M + ln / LPR);`)
+          .join('\n  ')}`;
+}
 
 /** What the two-pass softmax and epilogue depend on. */
 export interface TwoPassSoftmaxConfig {
