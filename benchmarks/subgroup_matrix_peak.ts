@@ -67,14 +67,30 @@ const left = (s: MatrixShape) => `subgroup_matrix_left<f16, ${s.K}, ${s.M}>`;
 const right = (s: MatrixShape) => `subgroup_matrix_right<f16, ${s.N}, ${s.K}>`;
 const result = (s: MatrixShape) => `subgroup_matrix_result<f32, ${s.N}, ${s.M}>`;
 
+/** The loop kernels' bindings: inputs, results, and the iteration count. */
+const LOOP_BINDINGS = `@group(0) @binding(0) var<storage, read> a: array<f16>;
+@group(0) @binding(1) var<storage, read> b: array<f16>;
+@group(0) @binding(2) var<storage, read_write> c: array<f32>;
+@group(0) @binding(3) var<uniform> iters: vec4<u32>;`;
+
+/**
+ * The loop kernels' epilogue: each subgroup stores its J accumulators to
+ * slots of its own, so that no product is dead code (only subgroup 0's
+ * results are read).
+ */
+function storeAccumulators(s: MatrixShape, j: number): string {
+  return Array.from({length: j}, (_, i) => i)
+      .map(
+          i => `subgroupMatrixStore<row_major>(&c, (sg * ${j}u + ${i}u) * ${s.M * s.N}u, acc${i}, ${
+              s.N}u);`)
+      .join('\n  ');
+}
+
 /** `mma`: J accumulators per subgroup, `iters` products each. */
 function mmaKernel(s: MatrixShape, j: number, subgroups: number): string {
   const accs = Array.from({length: j}, (_, i) => i);
   return `${HEADER}
-@group(0) @binding(0) var<storage, read> a: array<f16>;
-@group(0) @binding(1) var<storage, read> b: array<f16>;
-@group(0) @binding(2) var<storage, read_write> c: array<f32>;
-@group(0) @binding(3) var<uniform> iters: vec4<u32>;
+${LOOP_BINDINGS}
 @compute @workgroup_size(${s.lanes * subgroups})
 fn main(@builtin(workgroup_id) wid: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
@@ -91,13 +107,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
       accs.map(i => `acc${i} = subgroupMatrixMultiplyAccumulate(l${i}, r, acc${i});`)
           .join('\n    ')}
   }
-  // Only subgroup 0's results are kept; the others store to their own
-  // slots so that no product is dead code.
-  ${
-      accs.map(
-              i => `subgroupMatrixStore<row_major>(&c, (sg * ${j}u + ${i}u) * ${s.M * s.N}u, acc${
-                  i}, ${s.N}u);`)
-          .join('\n  ')}
+  ${storeAccumulators(s, j)}
 }`;
 }
 
@@ -113,10 +123,7 @@ function loadKernel(s: MatrixShape, j: number, subgroups: number, fromStorage: b
   const threads = s.lanes * subgroups;
   const [aSrc, bSrc] = fromStorage ? ['a', 'b'] : ['aTile', 'bTile'];
   return `${HEADER}
-@group(0) @binding(0) var<storage, read> a: array<f16>;
-@group(0) @binding(1) var<storage, read> b: array<f16>;
-@group(0) @binding(2) var<storage, read_write> c: array<f32>;
-@group(0) @binding(3) var<uniform> iters: vec4<u32>;
+${LOOP_BINDINGS}
 var<workgroup> aTile: array<f16, ${aElems}>;
 var<workgroup> bTile: array<f16, ${bElems}>;
 @compute @workgroup_size(${threads})
@@ -142,11 +149,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
                   left(s)}, row_major>(&${aSrc}, o + ${i * s.M * s.K}u, ${s.K}u), r, acc${i});`)
           .join('\n    ')}
   }
-  ${
-      accs.map(
-              i => `subgroupMatrixStore<row_major>(&c, (sg * ${j}u + ${i}u) * ${s.M * s.N}u, acc${
-                  i}, ${s.N}u);`)
-          .join('\n  ')}
+  ${storeAccumulators(s, j)}
 }`;
 }
 
