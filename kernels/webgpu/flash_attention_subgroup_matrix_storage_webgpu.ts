@@ -33,7 +33,7 @@ import {matrixShapeKey} from './subgroup_matrix';
 import {assertWorkgroupAlignment, MatrixView as View, splitStoreWGSL} from './subgroup_matrix_wgsl';
 import {KEY_TILES_WGSL, loopBoundWGSL, MATRIX_FORWARD_UNIFORMS, matrixForwardMainStartWGSL, matrixForwardPreambleWGSL, scoreParamsWGSL, STANDIN_FNS} from './flash_attention_subgroup_matrix_webgpu';
 import {TwoPassForwardConfig, twoPassTileSizes} from './flash_attention_subgroup_matrix_two_pass_webgpu';
-import {twoPassMatrixOps, twoPassRowsWGSL, twoPassSoftmaxWGSL} from './flash_attention_subgroup_matrix_two_pass_wgsl';
+import {pvProductsWGSL, twoPassMatrixOps, twoPassRowsWGSL, twoPassSoftmaxWGSL} from './flash_attention_subgroup_matrix_two_pass_wgsl';
 import {bindingsWGSL, StorageBinding, uniformStructWGSL} from './own_pipeline';
 import {range, scoreKey, VEC4_COMPONENTS as COMP} from './wgsl_snippets';
 
@@ -127,8 +127,8 @@ function storageSource(c: StorageForwardConfig): string {
   const pView = (p: string, off: string): View =>
       ({arr: `p${p}`, off, stride: 'BC', colMajor: false, len: br * bc});
 
-  const {standInFns, standInMma, resultDecl, storeScr, left, right, rowOff} =
-      twoPassMatrixOps(c.shape);
+  const matrixOps = twoPassMatrixOps(c.shape);
+  const {standInFns, standInMma, resultDecl, storeScr, left, right, rowOff} = matrixOps;
   // Q's left matrix of row block rb, depth step ks, part p, from storage.
   const qMatrix = (rb: number, ks: number, p: string) =>
       `let qm${rb}_${ks}_${p} = ${left(qView(p, `qOff + ${rowOff(rb)} * D + ${ks * K}u`))};`;
@@ -174,43 +174,7 @@ function storageSource(c: StorageForwardConfig): string {
 
   // O += P V over the tile's keys; V's matrices from storage at vOff.
   const oBlocks = range(dv / N);
-  const pvBlocks = standIn ?
-      `for (var ks = 0u; ks < ${lim('BC / K')}; ks++) {
-      ${
-          oBlocks
-              .flatMap(
-                  cb => rbs.flatMap(
-                      rb => pairs.map(
-                          ([a, b]) => standInMma(
-                              `p${a}_v${b}`, `o${rb}_${cb}`,
-                              pView(a, `${rowOff(rb)} * BC + ks * K`),
-                              vView(b, `vOff + ks * K * DV + ${cb * N}u`)))))
-              .join('\n      ')}
-    }` :
-      `for (var ks = 0u; ks < BC / K; ks++) {
-      ${
-          rbs.flatMap(
-                 rb => parts.map(
-                     p => `let p${rb}${p} = ${left(pView(p, `${rowOff(rb)} * BC + ks * K`))};`))
-              .join('\n      ')}
-      ${
-          oBlocks
-              .map(
-                  cb => `{
-        ${
-                      parts
-                          .map(
-                              p => `let v${p} = ${
-                                  right(vView(p, `vOff + ks * K * DV + ${cb * N}u`))};`)
-                          .join('\n        ')}
-        ${
-                      rbs.flatMap(
-                             rb => pairs.map(
-                                 ([a, b]) => `o${rb}_${cb} = subgroupMatrixMultiplyAccumulate(p${
-                                     rb}${a}, v${b}, o${rb}_${cb});`))
-                          .join('\n        ')}
-      }`).join('\n      ')}
-    }`;
+  const pvBlocks = pvProductsWGSL(c, matrixOps, pView, vView, '', 'vOff + ');
 
   // The tile's first key, its mask test and its operands' places.
   const tileStart = `let j0 = kt * i32(BC);

@@ -40,7 +40,7 @@
 import {MatrixShape, matrixShapeKey} from './subgroup_matrix';
 import {assertWorkgroupAlignment, MatrixView as View, splitStoreWGSL} from './subgroup_matrix_wgsl';
 import {absMaxWGSL as absMax, KEY_TILES_WGSL, matrixTileSizes, kvRowWGSL as kvRow, loopBoundWGSL, matrixForwardMainStartWGSL, matrixForwardPreambleWGSL, qRegistersWGSL, scoreParamsWGSL, STANDIN_FNS} from './flash_attention_subgroup_matrix_webgpu';
-import {twoPassMatrixOps, twoPassRowsWGSL, twoPassSoftmaxWGSL} from './flash_attention_subgroup_matrix_two_pass_wgsl';
+import {pvProductsWGSL, twoPassMatrixOps, twoPassRowsWGSL, twoPassSoftmaxWGSL} from './flash_attention_subgroup_matrix_two_pass_wgsl';
 import {range, scoreKey, ScoreOptions, VEC4_COMPONENTS as COMP} from './wgsl_snippets';
 
 /** Everything baked into one pipeline. */
@@ -156,8 +156,8 @@ function twoPassSource(c: TwoPassForwardConfig): string {
   const pView = (p: string, off: string): View =>
       ({arr: `op${p}`, off, stride: 'BC', colMajor: false, len: ops});
 
-  const {standInFns, standInMma, resultDecl, storeScr, left, right, rowOff} =
-      twoPassMatrixOps(c.shape);
+  const matrixOps = twoPassMatrixOps(c.shape);
+  const {standInFns, standInMma, resultDecl, storeScr, left, right, rowOff} = matrixOps;
 
   // S = Q K^T for this subgroup's RB x M rows and the tile's BC keys, into
   // the scratch ([BR][BC] f32).
@@ -196,44 +196,7 @@ function twoPassSource(c: TwoPassForwardConfig): string {
 
   // O += P V over the tile's keys; accumulators o{rb}_{cb} stay in registers.
   const oBlocks = range(dv / N);
-  const pvBlocks = standIn ?
-      `for (var ks = 0u; ks < ${lim('BC / K')}; ks++) {
-      ${
-          oBlocks
-              .flatMap(
-                  cb => rbs.flatMap(
-                      rb => pairs.map(
-                          ([a, b]) => standInMma(
-                              `p${a}_v${b}`, `o${rb}_${cb}`,
-                              pView(a, `POFF + ${rowOff(rb)} * BC + ks * K`),
-                              vView(b, `VOFF + ks * K * DV + ${cb * N}u`)))))
-              .join('\n      ')}
-    }` :
-      `for (var ks = 0u; ks < BC / K; ks++) {
-      ${
-          rbs.flatMap(
-                 rb => parts.map(
-                     p => `let p${rb}${p} = ${
-                         left(pView(p, `POFF + ${rowOff(rb)} * BC + ks * K`))};`))
-              .join('\n      ')}
-      ${
-          oBlocks
-              .map(
-                  cb => `{
-        ${
-                      parts
-                          .map(
-                              p => `let v${p} = ${
-                                  right(vView(p, `VOFF + ks * K * DV + ${cb * N}u`))};`)
-                          .join('\n        ')}
-        ${
-                      rbs.flatMap(
-                             rb => pairs.map(
-                                 ([a, b]) => `o${rb}_${cb} = subgroupMatrixMultiplyAccumulate(p${
-                                     rb}${a}, v${b}, o${rb}_${cb});`))
-                          .join('\n        ')}
-      }`).join('\n      ')}
-    }`;
+  const pvBlocks = pvProductsWGSL(c, matrixOps, pView, vView, 'POFF + ', 'VOFF + ');
 
   const nKL = Math.ceil(bc * dq4 / threads);
   const nVL = Math.ceil(bc * dv4 / threads);

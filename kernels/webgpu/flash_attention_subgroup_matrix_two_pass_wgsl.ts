@@ -9,7 +9,7 @@
  */
 import {MatrixShape} from './subgroup_matrix';
 import {matrixLoadWGSL, matrixStoreWGSL, MatrixView as View} from './subgroup_matrix_wgsl';
-import {resultDeclWGSL, standInMmaFnWGSL} from './flash_attention_subgroup_matrix_webgpu';
+import {loopBoundWGSL, resultDeclWGSL, standInMmaFnWGSL} from './flash_attention_subgroup_matrix_webgpu';
 import {FA_NEG_INF_BITS, maxAllWGSL as maxAll, range, VEC4_COMPONENTS as COMP} from './wgsl_snippets';
 
 /**
@@ -39,6 +39,53 @@ export function twoPassMatrixOps(shape: MatrixShape) {
     right: (v: View) => matrixLoadWGSL(shape, `subgroup_matrix_right<f16, ${N}, ${K}>`, v),
     rowOff: (rb: number) => `(g * RB + ${rb}u) * M`,
   };
+}
+
+/**
+ * O += P V over a tile's BC keys into the accumulators o{rb}_{cb}: P's and
+ * V's matrices from the views `pView` and `vView` at the WGSL offset
+ * prefixes `pBase` and `vBase`; split products as lo*hi + hi*lo + hi*hi.
+ */
+export function pvProductsWGSL(
+    c: {shape: MatrixShape, rowBlocks: number, headDimV: number, split: boolean},
+    ops: ReturnType<typeof twoPassMatrixOps>, pView: (p: string, off: string) => View,
+    vView: (p: string, off: string) => View, pBase: string, vBase: string): string {
+  const {N, standIn} = c.shape;
+  const rbs = range(c.rowBlocks);
+  const oBlocks = range(c.headDimV / N);
+  const parts = c.split ? ['h', 'l'] : ['h'];
+  const pairs = c.split ? [['l', 'h'], ['h', 'l'], ['h', 'h']] : [['h', 'h']];
+  const pAt = (rb: number) => `${pBase}${ops.rowOff(rb)} * BC + ks * K`;
+  const vAt = (cb: number) => `${vBase}ks * K * DV + ${cb * N}u`;
+  if (standIn) {
+    return `for (var ks = 0u; ks < ${loopBoundWGSL(c.shape, 'BC / K')}; ks++) {
+      ${
+        oBlocks
+            .flatMap(
+                cb => rbs.flatMap(
+                    rb => pairs.map(
+                        ([a, b]) => ops.standInMma(
+                            `p${a}_v${b}`, `o${rb}_${cb}`, pView(a, pAt(rb)), vView(b, vAt(cb))))))
+            .join('\n      ')}
+    }`;
+  }
+  return `for (var ks = 0u; ks < BC / K; ks++) {
+      ${
+      rbs.flatMap(rb => parts.map(p => `let p${rb}${p} = ${ops.left(pView(p, pAt(rb)))};`))
+          .join('\n      ')}
+      ${
+      oBlocks
+          .map(
+              cb => `{
+        ${parts.map(p => `let v${p} = ${ops.right(vView(p, vAt(cb)))};`).join('\n        ')}
+        ${
+                  rbs.flatMap(
+                         rb => pairs.map(
+                             ([a, b]) => `o${rb}_${cb} = subgroupMatrixMultiplyAccumulate(p${rb}${
+                                 a}, v${b}, o${rb}_${cb});`))
+                      .join('\n        ')}
+      }`).join('\n      ')}
+    }`;
 }
 
 /** `main`'s lane in its row and row block rb's scratch row and query row. */
