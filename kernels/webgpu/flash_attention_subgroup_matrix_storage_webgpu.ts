@@ -30,11 +30,12 @@
  * storage arrays' runtime lengths.
  */
 import {matrixShapeKey} from './subgroup_matrix';
-import {assertWorkgroupAlignment, matrixLoadWGSL, matrixStoreWGSL, MatrixView as View, splitStoreWGSL} from './subgroup_matrix_wgsl';
-import {KEY_TILES_WGSL, loopBoundWGSL, MATRIX_FORWARD_UNIFORMS, matrixForwardMainStartWGSL, resultDeclWGSL, scoreParamsWGSL, STANDIN_FNS, standInMmaFnWGSL} from './flash_attention_subgroup_matrix_webgpu';
-import {mergeRowWGSL, TwoPassForwardConfig, twoPassTileSizes} from './flash_attention_subgroup_matrix_two_pass_webgpu';
+import {assertWorkgroupAlignment, MatrixView as View, splitStoreWGSL} from './subgroup_matrix_wgsl';
+import {KEY_TILES_WGSL, loopBoundWGSL, MATRIX_FORWARD_UNIFORMS, matrixForwardMainStartWGSL, matrixForwardPreambleWGSL, scoreParamsWGSL, STANDIN_FNS} from './flash_attention_subgroup_matrix_webgpu';
+import {TwoPassForwardConfig, twoPassTileSizes} from './flash_attention_subgroup_matrix_two_pass_webgpu';
+import {pvProductsWGSL, twoPassMatrixOps, twoPassRowsWGSL, twoPassSoftmaxWGSL} from './flash_attention_subgroup_matrix_two_pass_wgsl';
 import {bindingsWGSL, StorageBinding, uniformStructWGSL} from './own_pipeline';
-import {dropoutWGSL, FA_NEG_INF_BITS, keyRangeWGSL, maxAllWGSL as maxAll, philoxWGSL, range, scoreKey, scoreWGSL, VEC4_COMPONENTS as COMP} from './wgsl_snippets';
+import {range, scoreKey, VEC4_COMPONENTS as COMP} from './wgsl_snippets';
 
 /** The two-pass kernel's configuration and where Q's matrices live. */
 export interface StorageForwardConfig extends TwoPassForwardConfig {
@@ -103,12 +104,11 @@ function storageSource(c: StorageForwardConfig): string {
     throw new Error(`FlashAttention forward: head dims D=${c.headDim}, Dv=${
         c.headDimV} do not suit the subgroup-matrix tiling`);
   }
-  const {M, N, K, lanes, standIn} = c.shape;
+  const {N, K, standIn} = c.shape;
   const {br, bc, threads, lpr, cv} = sizes;
   const rbs = range(c.rowBlocks);
   const d = c.headDim;
   const dv = c.headDimV;
-  const nq = bc / (4 * lpr);
   const elem = standIn ? 'f32' : 'f16';
   const parts = c.split ? ['h', 'l'] : ['h'];
   const lim = (n: string) => loopBoundWGSL(c.shape, n);
@@ -127,21 +127,8 @@ function storageSource(c: StorageForwardConfig): string {
   const pView = (p: string, off: string): View =>
       ({arr: `p${p}`, off, stride: 'BC', colMajor: false, len: br * bc});
 
-  const standInFns = new Map<string, string>();
-  const standInMma = (name: string, acc: string, l: View, r: View) => {
-    const fn = `sm_mma_${name}`;
-    if (!standInFns.has(fn)) {
-      standInFns.set(fn, standInMmaFnWGSL(c.shape, fn, l, r));
-    }
-    return `${fn}(&${acc}, ln, ${l.off}, ${r.off});`;
-  };
-  const resultDecl = (name: string) => resultDeclWGSL(c.shape, name);
-  const storeScr = (acc: string, off: string) => standIn ?
-      `sm_store_scr(&${acc}, ln, ${off});` :
-      matrixStoreWGSL(c.shape, 'scr', off, acc, 'BC');
-  const left = (v: View) => matrixLoadWGSL(c.shape, `subgroup_matrix_left<f16, ${K}, ${M}>`, v);
-  const right = (v: View) => matrixLoadWGSL(c.shape, `subgroup_matrix_right<f16, ${N}, ${K}>`, v);
-  const rowOff = (rb: number) => `(g * RB + ${rb}u) * M`;
+  const matrixOps = twoPassMatrixOps(c.shape);
+  const {standInFns, standInMma, resultDecl, storeScr, left, right, rowOff} = matrixOps;
   // Q's left matrix of row block rb, depth step ks, part p, from storage.
   const qMatrix = (rb: number, ks: number, p: string) =>
       `let qm${rb}_${ks}_${p} = ${left(qView(p, `qOff + ${rowOff(rb)} * D + ${ks * K}u`))};`;
@@ -187,43 +174,7 @@ function storageSource(c: StorageForwardConfig): string {
 
   // O += P V over the tile's keys; V's matrices from storage at vOff.
   const oBlocks = range(dv / N);
-  const pvBlocks = standIn ?
-      `for (var ks = 0u; ks < ${lim('BC / K')}; ks++) {
-      ${
-          oBlocks
-              .flatMap(
-                  cb => rbs.flatMap(
-                      rb => pairs.map(
-                          ([a, b]) => standInMma(
-                              `p${a}_v${b}`, `o${rb}_${cb}`,
-                              pView(a, `${rowOff(rb)} * BC + ks * K`),
-                              vView(b, `vOff + ks * K * DV + ${cb * N}u`)))))
-              .join('\n      ')}
-    }` :
-      `for (var ks = 0u; ks < BC / K; ks++) {
-      ${
-          rbs.flatMap(
-                 rb => parts.map(
-                     p => `let p${rb}${p} = ${left(pView(p, `${rowOff(rb)} * BC + ks * K`))};`))
-              .join('\n      ')}
-      ${
-          oBlocks
-              .map(
-                  cb => `{
-        ${
-                      parts
-                          .map(
-                              p => `let v${p} = ${
-                                  right(vView(p, `vOff + ks * K * DV + ${cb * N}u`))};`)
-                          .join('\n        ')}
-        ${
-                      rbs.flatMap(
-                             rb => pairs.map(
-                                 ([a, b]) => `o${rb}_${cb} = subgroupMatrixMultiplyAccumulate(p${
-                                     rb}${a}, v${b}, o${rb}_${cb});`))
-                          .join('\n        ')}
-      }`).join('\n      ')}
-    }`;
+  const pvBlocks = pvProductsWGSL(c, matrixOps, pView, vView, '', 'vOff + ');
 
   // The tile's first key, its mask test and its operands' places.
   const tileStart = `let j0 = kt * i32(BC);
@@ -232,135 +183,36 @@ function storageSource(c: StorageForwardConfig): string {
     let vOff = kvBase * DV + u32(j0) * DV;
     let kUn = scales[u.ksOff + kvTile0 + u32(kt)];`;
 
-  // Scores of this thread's key quads for row block rb, unscaled, masked.
-  const scores = (rb: number) =>
-      range(nq)
-          .map(
-              q => `var s${rb}_${q} = vec4<f32>(0.0);
-    {
-      let at = rowS${rb} + 4u * (lc + LPR * ${q}u);
-      s${rb}_${q} = vec4<f32>(scr[at], scr[at + 1u], scr[at + 2u], scr[at + 3u]) *
-          (qUn${rb} * kUn);
-      let jv = vec4<i32>(j0 + i32(4u * (lc + LPR * ${q}u))) + vec4<i32>(0, 1, 2, 3);
-      // Masks only on tiles that cross a mask edge (uniform branch).
-      if (full) {
-        ${
-                  range(4)
-                      .map(
-                          e => `s${rb}_${q}.${COMP[e]} = fa_score(s${rb}_${q}.${COMP[e]}, row${
-                              rb}, jv.${COMP[e]}, sp);`)
-                      .join('\n        ')}
-      } else {
-        let vis = fa_visible4(row${rb}, jv, sp);
-        ${
-                  range(4)
-                      .map(
-                          e => `s${rb}_${q}.${COMP[e]} = select(NEG, fa_score(s${rb}_${q}.${
-                              COMP[e]}, row${rb}, jv.${COMP[e]}, sp), vis.${COMP[e]});`)
-                      .join('\n        ')}
-      }
-    }`).join('\n    ');
-
-  const rowMax = (rb: number) => maxAll(range(nq).map(
-      q => `max(max(s${rb}_${q}.x, s${rb}_${q}.y), max(s${rb}_${q}.z, s${rb}_${q}.w))`));
-  const pass1Stats = (rb: number) => c.rowMaxOnly ?
-      `${scores(rb)}
-    m${rb} = max(m${rb}, ${rowMax(rb)});` :
-      `${scores(rb)}
-    {
-      let mx = ${
-          maxAll(range(nq).map(
-              q => `max(max(s${rb}_${q}.x, s${rb}_${q}.y), max(s${rb}_${q}.z, s${rb}_${q}.w))`))};
-      let mNew = max(m${rb}, mx);
-      // A row with no visible key yet keeps m = NEG; subtracting 0 instead
-      // sends its masked scores to exp(NEG) = 0.
-      let mUse = select(mNew, 0.0, mNew < -1e29);
-      l${rb} = l${rb} * exp(m${rb} - mUse)${
-          range(nq)
-              .map(q => ` + dot(exp(s${rb}_${q} - vec4<f32>(mUse)), vec4<f32>(1.0))`)
-              .join('')};
-      m${rb} = mNew;
-    }`;
-
-  // P = exp(S - lse) (times the dropout mask, 0 or 1) times the tile's V
-  // factor 2^(e_t - E) <= 1, split into this subgroup's rows of p: at
-  // most 1, inside f16's range.
-  const pass2P = (rb: number) => `${scores(rb)}
-    ${
-      range(nq)
-          .map(
-              q => `{
-      ${
-                  c.rowMaxOnly ? `var p = exp(s${rb}_${q} - vec4<f32>(mRow${rb}));
-      l${rb} += dot(p, vec4<f32>(1.0));` :
-                                 `var p = select(vec4<f32>(0.0), exp(s${rb}_${q} - vec4<f32>(lse${
-                                     rb})), vec4<bool>(l${rb} > 0.0));`}
-      ${
-                  c.dropout ? `p = p * fa_dropout4(u32(b), u32(h), u32(row${
-                                  rb}), u32(j0 >> 2u) + lc + LPR * ${
-                                  q}u, vec2<u32>(u.seedLo, u.seedHi), u.threshold, 1.0);` :
-                              ''}
-      let at = rowS${rb} + 4u * (lc + LPR * ${q}u);
-      ${
-                  range(4)
-                      .map(
-                          e => splitStoreWGSL(
-                              `p.${COMP[e]} * vFold`, `ph[at + ${e}u]`,
-                              c.split ? `pl[at + ${e}u]` : null))
-                      .join('\n      ')}
-    }`).join('\n    ')}`;
-
-  const lseStore = (rb: number) => `let lse${rb} = m${rb} + log(l${rb});
-  if (row${rb} < u.seqQ && lc == 0u) {
-    lseb[u32((b * u.heads + h) * u.seqQ + row${rb})] =
-        select(${FA_NEG_INF_BITS}u, bitcast<u32>(lse${rb}), l${rb} > 0.0);
-  }`;
-
-  const outChunk =
-      (ch: number) => {
-        const blocks = range(cv / N).map(x => ch * cv / N + x);
-        return `workgroupBarrier();
-  ${
-            rbs.flatMap(
-                   rb => blocks.map(
-                       (cb, x) => storeScr(`o${rb}_${cb}`, `${rowOff(rb)} * BC + ${x * N}u`)))
-                .join('\n  ')}
-  workgroupBarrier();
-  ${
-            rbs.map(
-                   rb =>
-                       `if (row${rb} < u.seqQ) {
-    let outRow = u32((b * u.seqQ + row${rb}) * u.heads + h);
-    ${range(cv / (4 * lpr)).map(x => `{
-      let at = rowS${rb} + 4u * (lc + LPR * ${x}u);
-      outb[outRow * DV4 + ${ch * cv / 4}u + lc + LPR * ${x}u] =
-          vec4<f32>(scr[at], scr[at + 1u], scr[at + 2u], scr[at + 3u]) * oRow${rb};
-    }`).join('\n    ')}
-  }`).join('\n  ')}`;
-      };
+  // P = exp(S - lse) times the tile's V factor 2^(e_t - E) <= 1, split
+  // into this subgroup's rows of p: at most 1, inside f16's range.
+  const softmax = twoPassSoftmaxWGSL({
+    ...c,
+    standIn,
+    n: N,
+    lpr,
+    bc,
+    cv,
+    dv,
+    // The scores' line breaks where the product of two scales is long.
+    unscale: rb => `\n          (qUn${rb} * kUn)`,
+    pBase: '',
+    storeP:
+        range(4)
+            .map(
+                e => splitStoreWGSL(
+                    `p.${COMP[e]} * vFold`, `ph[at + ${e}u]`, c.split ? `pl[at + ${e}u]` : null))
+            .join('\n      '),
+    dropoutScale: '1.0',
+    storeScr,
+    rowOff,
+  });
 
   const inputs = storageForwardInputs(c);
   const outputs = [{name: 'outb', type: 'vec4<f32>'}, {name: 'lseb', type: 'u32'}];
-  return `${standIn ? '' : `enable f16;
-enable chromium_experimental_subgroup_matrix;
-enable subgroups;
-diagnostic(off, chromium.subgroup_matrix_uniformity);`}
-${scoreWGSL(c.score)}
-${keyRangeWGSL(c.score)}
-${c.dropout ? philoxWGSL() + dropoutWGSL() : ''}
+  const bindings = `${uniformStructWGSL('Uniforms', STORAGE_FORWARD_UNIFORMS)}
 
-${uniformStructWGSL('Uniforms', STORAGE_FORWARD_UNIFORMS)}
-
-${bindingsWGSL(inputs, outputs, {
-           name: 'u',
-           type: 'Uniforms'
-         })}
-
-const M = ${M}u;
-const N = ${N}u;
-const K = ${K}u;
-const LANES = ${lanes}u;
-const LPR = ${lpr}u;
+${bindingsWGSL(inputs, outputs, {name: 'u', type: 'Uniforms'})}`;
+  return `${matrixForwardPreambleWGSL(c, lpr, bindings)}
 const RB = ${c.rowBlocks}u;
 const BR = ${br}u;
 const BC = ${bc}u;
@@ -378,11 +230,7 @@ ${parts.map(p => `var<workgroup> p${p}: array<${elem}, ${br * bc}>;`).join('\n')
 ${standIn && lpr > 1 ? `var<workgroup> red: array<f32, ${threads}>;` : ''}
 
 ${matrixForwardMainStartWGSL(c, br, bc, threads)}
-  let lc = ln % LPR;
-  ${
-             rbs.map(rb => `let rowS${rb} = ((g * RB + ${rb}u) * M + ln / LPR) * BC;
-  let row${rb} = r0 + i32((g * RB + ${rb}u) * M + ln / LPR);`)
-                 .join('\n  ')}
+  ${twoPassRowsWGSL(c.rowBlocks)}
 
   ${scoreParamsWGSL(c.alibiMode)}
   ${KEY_TILES_WGSL}
@@ -425,20 +273,12 @@ ${matrixForwardMainStartWGSL(c, br, bc, threads)}
     ${tileStart}
     ${sBlocks}
     workgroupBarrier();
-    ${rbs.map(pass1Stats).join('\n    ')}
+    ${rbs.map(softmax.pass1Stats).join('\n    ')}
     // The next tile's S overwrites the scratch.
     workgroupBarrier();
   }
 
-  // The row's (m, l) over its LPR lanes${
-             c.rowMaxOnly ? ' (l is 0 here)' : ', and its log-sum-exp'}.
-  ${rbs.map(rb => `var mine${rb} = m${rb};`).join('\n  ')}
-  ${rbs.map(rb => mergeRowWGSL(rb, lpr, standIn)).join('\n  ')}
-  ${
-             c.rowMaxOnly ? rbs.map(rb => `// Rows without a visible key: every P is exp(NEG) = 0.
-  let mRow${rb} = select(m${rb}, 0.0, m${rb} < -1e29);`)
-                                .join('\n  ') :
-                            rbs.map(lseStore).join('\n  ')}
+  ${softmax.afterPass1}
 
   // Pass 2: P = exp(S - lse), O += P V in matrix accumulators. The S store
   // follows the previous tile's last reads of the scratch and P's loads by
@@ -449,28 +289,17 @@ ${matrixForwardMainStartWGSL(c, br, bc, threads)}
     let vFold = scales[u.vsOff + kvTile0 + u32(kt)] / vTop;
     ${sBlocks}
     workgroupBarrier();
-    ${rbs.map(pass2P).join('\n    ')}
+    ${rbs.map(softmax.pass2P).join('\n    ')}
     workgroupBarrier();
     ${pvBlocks}
   }
-  ${
-             c.rowMaxOnly ? `// The row's sum of P over its LPR lanes (all at the row's max), the
-  // log-sum-exp.
-  ${rbs.map(rb => `mine${rb} = m${rb};`).join('\n  ')}
-  ${rbs.map(rb => mergeRowWGSL(rb, lpr, standIn)).join('\n  ')}
-  ${rbs.map(lseStore).join('\n  ')}` :
-                            ''}
+  ${softmax.afterPass2}
 
   // O out through the scratch, CV columns at a time, V's 2^E (and
   // dropout's 1 / (1 - rate), kept out of P's f16 range) undone.
   let oScale = vTop${c.dropout ? ' * u.keepScale' : ''};
-  ${
-             rbs.map(
-                    rb => c.rowMaxOnly ?
-                        `let oRow${rb} = select(0.0, oScale / l${rb}, l${rb} > 0.0);` :
-                        `let oRow${rb} = oScale;`)
-                 .join('\n  ')}
-  ${range(dv / cv).map(outChunk).join('\n  ')}
+  ${softmax.outRows('oScale')}
+  ${softmax.output}
 }
 `.replace(STANDIN_FNS, [...standInFns.values()].join('\n'));
 }

@@ -38,9 +38,10 @@
  * loads them, and row reductions go through workgroup memory.
  */
 import {MatrixShape, matrixShapeKey} from './subgroup_matrix';
-import {assertWorkgroupAlignment, matrixLoadWGSL, matrixStoreWGSL, MatrixView as View, splitStoreWGSL} from './subgroup_matrix_wgsl';
-import {absMaxWGSL as absMax, KEY_TILES_WGSL, matrixTileSizes, kvRowWGSL as kvRow, loopBoundWGSL, matrixForwardMainStartWGSL, matrixForwardPreambleWGSL, qRegistersWGSL, resultDeclWGSL, scoreParamsWGSL, STANDIN_FNS, standInMmaFnWGSL} from './flash_attention_subgroup_matrix_webgpu';
-import {FA_NEG_INF_BITS, maxAllWGSL as maxAll, range, scoreKey, ScoreOptions, VEC4_COMPONENTS as COMP} from './wgsl_snippets';
+import {assertWorkgroupAlignment, MatrixView as View, splitStoreWGSL} from './subgroup_matrix_wgsl';
+import {absMaxWGSL as absMax, KEY_TILES_WGSL, matrixTileSizes, kvRowWGSL as kvRow, loopBoundWGSL, matrixForwardMainStartWGSL, matrixForwardPreambleWGSL, qRegistersWGSL, scoreParamsWGSL, STANDIN_FNS} from './flash_attention_subgroup_matrix_webgpu';
+import {pvProductsWGSL, twoPassMatrixOps, twoPassRowsWGSL, twoPassSoftmaxWGSL} from './flash_attention_subgroup_matrix_two_pass_wgsl';
+import {range, scoreKey, ScoreOptions, VEC4_COMPONENTS as COMP} from './wgsl_snippets';
 
 /** Everything baked into one pipeline. */
 export interface TwoPassForwardConfig {
@@ -124,14 +125,13 @@ function twoPassSource(c: TwoPassForwardConfig): string {
     throw new Error(`FlashAttention forward: head dims D=${c.headDim}, Dv=${
         c.headDimV} do not suit the subgroup-matrix tiling`);
   }
-  const {M, N, K, standIn} = c.shape;
+  const {N, K, standIn} = c.shape;
   const {br, bc, threads, lpr, cv, ops} = sizes;
   const rbs = range(c.rowBlocks);
   const d = c.headDim;
   const dv = c.headDimV;
   const dq4 = d / 4;
   const dv4 = dv / 4;
-  const nq = bc / (4 * lpr);
   const elem = standIn ? 'f32' : 'f16';
   const parts = c.split ? ['h', 'l'] : ['h'];
   const kOff = 0;
@@ -156,23 +156,8 @@ function twoPassSource(c: TwoPassForwardConfig): string {
   const pView = (p: string, off: string): View =>
       ({arr: `op${p}`, off, stride: 'BC', colMajor: false, len: ops});
 
-  // Stand-in multiply-accumulates, one function per (left view, right
-  // view) kind, taking the two offsets.
-  const standInFns = new Map<string, string>();
-  const standInMma = (name: string, acc: string, l: View, r: View) => {
-    const fn = `sm_mma_${name}`;
-    if (!standInFns.has(fn)) {
-      standInFns.set(fn, standInMmaFnWGSL(c.shape, fn, l, r));
-    }
-    return `${fn}(&${acc}, ln, ${l.off}, ${r.off});`;
-  };
-  const resultDecl = (name: string) => resultDeclWGSL(c.shape, name);
-  const storeScr = (acc: string, off: string) => standIn ?
-      `sm_store_scr(&${acc}, ln, ${off});` :
-      matrixStoreWGSL(c.shape, 'scr', off, acc, 'BC');
-  const left = (v: View) => matrixLoadWGSL(c.shape, `subgroup_matrix_left<f16, ${K}, ${M}>`, v);
-  const right = (v: View) => matrixLoadWGSL(c.shape, `subgroup_matrix_right<f16, ${N}, ${K}>`, v);
-  const rowOff = (rb: number) => `(g * RB + ${rb}u) * M`;
+  const matrixOps = twoPassMatrixOps(c.shape);
+  const {standInFns, standInMma, resultDecl, storeScr, left, right, rowOff} = matrixOps;
 
   // S = Q K^T for this subgroup's RB x M rows and the tile's BC keys, into
   // the scratch ([BR][BC] f32).
@@ -211,44 +196,7 @@ function twoPassSource(c: TwoPassForwardConfig): string {
 
   // O += P V over the tile's keys; accumulators o{rb}_{cb} stay in registers.
   const oBlocks = range(dv / N);
-  const pvBlocks = standIn ?
-      `for (var ks = 0u; ks < ${lim('BC / K')}; ks++) {
-      ${
-          oBlocks
-              .flatMap(
-                  cb => rbs.flatMap(
-                      rb => pairs.map(
-                          ([a, b]) => standInMma(
-                              `p${a}_v${b}`, `o${rb}_${cb}`,
-                              pView(a, `POFF + ${rowOff(rb)} * BC + ks * K`),
-                              vView(b, `VOFF + ks * K * DV + ${cb * N}u`)))))
-              .join('\n      ')}
-    }` :
-      `for (var ks = 0u; ks < BC / K; ks++) {
-      ${
-          rbs.flatMap(
-                 rb => parts.map(
-                     p => `let p${rb}${p} = ${
-                         left(pView(p, `POFF + ${rowOff(rb)} * BC + ks * K`))};`))
-              .join('\n      ')}
-      ${
-          oBlocks
-              .map(
-                  cb => `{
-        ${
-                      parts
-                          .map(
-                              p => `let v${p} = ${
-                                  right(vView(p, `VOFF + ks * K * DV + ${cb * N}u`))};`)
-                          .join('\n        ')}
-        ${
-                      rbs.flatMap(
-                             rb => pairs.map(
-                                 ([a, b]) => `o${rb}_${cb} = subgroupMatrixMultiplyAccumulate(p${
-                                     rb}${a}, v${b}, o${rb}_${cb});`))
-                          .join('\n        ')}
-      }`).join('\n      ')}
-    }`;
+  const pvBlocks = pvProductsWGSL(c, matrixOps, pView, vView, 'POFF + ', 'VOFF + ');
 
   const nKL = Math.ceil(bc * dq4 / threads);
   const nVL = Math.ceil(bc * dv4 / threads);
@@ -326,103 +274,21 @@ function twoPassSource(c: TwoPassForwardConfig): string {
   }`;
   const exponent = (v: string) => `clamp(frexp(${v}).exp, -100, 100)`;
 
-  // Scores of this thread's key quads for row block rb, masked.
-  const scores = (rb: number) =>
-      range(nq)
-          .map(
-              q => `var s${rb}_${q} = vec4<f32>(0.0);
-    {
-      let at = rowS${rb} + 4u * (lc + LPR * ${q}u);
-      s${rb}_${q} = vec4<f32>(scr[at], scr[at + 1u], scr[at + 2u], scr[at + 3u]) * unscale;
-      let jv = vec4<i32>(j0 + i32(4u * (lc + LPR * ${q}u))) + vec4<i32>(0, 1, 2, 3);
-      // Masks only on tiles that cross a mask edge (uniform branch).
-      if (full) {
-        ${
-                  range(4)
-                      .map(
-                          e => `s${rb}_${q}.${COMP[e]} = fa_score(s${rb}_${q}.${COMP[e]}, row${
-                              rb}, jv.${COMP[e]}, sp);`)
-                      .join('\n        ')}
-      } else {
-        let vis = fa_visible4(row${rb}, jv, sp);
-        ${
-                  range(4)
-                      .map(
-                          e => `s${rb}_${q}.${COMP[e]} = select(NEG, fa_score(s${rb}_${q}.${
-                              COMP[e]}, row${rb}, jv.${COMP[e]}, sp), vis.${COMP[e]});`)
-                      .join('\n        ')}
-      }
-    }`).join('\n    ');
-
-  const pass1Stats = (rb: number) => c.rowMaxOnly ?
-      `${scores(rb)}
-    m${rb} = max(m${rb}, ${
-          maxAll(range(nq).map(
-              q => `max(max(s${rb}_${q}.x, s${rb}_${q}.y), max(s${rb}_${q}.z, s${rb}_${
-                  q}.w))`))});` :
-      `${scores(rb)}
-    {
-      let mx = ${
-          maxAll(range(nq).map(
-              q => `max(max(s${rb}_${q}.x, s${rb}_${q}.y), max(s${rb}_${q}.z, s${rb}_${q}.w))`))};
-      let mNew = max(m${rb}, mx);
-      // A row with no visible key yet keeps m = NEG; subtracting 0 instead
-      // sends its masked scores to exp(NEG) = 0.
-      let mUse = select(mNew, 0.0, mNew < -1e29);
-      l${rb} = l${rb} * exp(m${rb} - mUse)${
-          range(nq)
-              .map(q => ` + dot(exp(s${rb}_${q} - vec4<f32>(mUse)), vec4<f32>(1.0))`)
-              .join('')};
-      m${rb} = mNew;
-    }`;
-
-  const pass2P = (rb: number) => `${scores(rb)}
-    ${
-      range(nq)
-          .map(
-              q => `{
-      ${
-                  c.rowMaxOnly ? `var p = exp(s${rb}_${q} - vec4<f32>(mRow${rb}));
-      l${rb} += dot(p, vec4<f32>(1.0));` :
-                                 `var p = select(vec4<f32>(0.0), exp(s${rb}_${q} - vec4<f32>(lse${
-                                     rb})), vec4<bool>(l${rb} > 0.0));`}
-      ${
-                  c.dropout ? `p = p * fa_dropout4(u32(b), u32(h), u32(row${
-                                  rb}), u32(j0 >> 2u) + lc + LPR * ${
-                                  q}u, vec2<u32>(u.seedLo, u.seedHi), u.threshold, u.keepScale);` :
-                              ''}
-      let at = POFF + rowS${rb} + 4u * (lc + LPR * ${q}u);
-      ${splitStore('op', 'at', 'p', '1.0')}
-    }`).join('\n    ')}`;
-
-  const lseStore = (rb: number) => `let lse${rb} = m${rb} + log(l${rb});
-  if (row${rb} < u.seqQ && lc == 0u) {
-    lseb[u32((b * u.heads + h) * u.seqQ + row${rb})] =
-        select(${FA_NEG_INF_BITS}u, bitcast<u32>(lse${rb}), l${rb} > 0.0);
-  }`;
-
-  const outChunk =
-      (ch: number) => {
-        const blocks = range(cv / N).map(x => ch * cv / N + x);
-        return `workgroupBarrier();
-  ${
-            rbs.flatMap(
-                   rb => blocks.map(
-                       (cb, x) => storeScr(`o${rb}_${cb}`, `${rowOff(rb)} * BC + ${x * N}u`)))
-                .join('\n  ')}
-  workgroupBarrier();
-  ${
-            rbs.map(
-                   rb =>
-                       `if (row${rb} < u.seqQ) {
-    let outRow = u32((b * u.seqQ + row${rb}) * u.heads + h);
-    ${range(cv / (4 * lpr)).map(x => `{
-      let at = rowS${rb} + 4u * (lc + LPR * ${x}u);
-      outb[outRow * DV4 + ${ch * cv / 4}u + lc + LPR * ${x}u] =
-          vec4<f32>(scr[at], scr[at + 1u], scr[at + 2u], scr[at + 3u]) * oRow${rb};
-    }`).join('\n    ')}
-  }`).join('\n  ')}`;
-      };
+  const softmax = twoPassSoftmaxWGSL({
+    ...c,
+    standIn,
+    n: N,
+    lpr,
+    bc,
+    cv,
+    dv,
+    unscale: () => ' unscale',
+    pBase: 'POFF + ',
+    storeP: splitStore('op', 'at', 'p', '1.0'),
+    dropoutScale: 'u.keepScale',
+    storeScr,
+    rowOff,
+  });
 
   return `${matrixForwardPreambleWGSL(c, lpr)}
 const RB = ${c.rowBlocks}u;
@@ -457,11 +323,7 @@ var<workgroup> wmax: array<atomic<u32>, 8>;` :
 ${standIn && lpr > 1 ? `var<workgroup> red: array<f32, ${threads}>;` : ''}
 
 ${matrixForwardMainStartWGSL(c, br, bc, threads)}
-  let lc = ln % LPR;
-  ${
-             rbs.map(rb => `let rowS${rb} = ((g * RB + ${rb}u) * M + ln / LPR) * BC;
-  let row${rb} = r0 + i32((g * RB + ${rb}u) * M + ln / LPR);`)
-                 .join('\n  ')}
+  ${twoPassRowsWGSL(c.rowBlocks)}
 
   ${scoreParamsWGSL(c.alibiMode)}
 
@@ -546,18 +408,10 @@ ${matrixForwardMainStartWGSL(c, br, bc, threads)}
     ${loadTile(1)}
     ${sBlocks}
     workgroupBarrier();
-    ${rbs.map(pass1Stats).join('\n    ')}
+    ${rbs.map(softmax.pass1Stats).join('\n    ')}
   }
 
-  // The row's (m, l) over its LPR lanes${
-             c.rowMaxOnly ? ' (l is 0 here)' : ', and its log-sum-exp'}.
-  ${rbs.map(rb => `var mine${rb} = m${rb};`).join('\n  ')}
-  ${rbs.map(rb => mergeRowWGSL(rb, lpr, standIn)).join('\n  ')}
-  ${
-             c.rowMaxOnly ? rbs.map(rb => `// Rows without a visible key: every P is exp(NEG) = 0.
-  let mRow${rb} = select(m${rb}, 0.0, m${rb} < -1e29);`)
-                                .join('\n  ') :
-                            rbs.map(lseStore).join('\n  ')}
+  ${softmax.afterPass1}
 
   // Pass 2: P = exp(S - lse), O += P V in matrix accumulators.
   ${rbs.flatMap(rb => oBlocks.map(cb => resultDecl(`o${rb}_${cb}`))).join('\n  ')}
@@ -565,61 +419,16 @@ ${matrixForwardMainStartWGSL(c, br, bc, threads)}
     ${loadTile(2)}
     ${sBlocks}
     workgroupBarrier();
-    ${rbs.map(pass2P).join('\n    ')}
+    ${rbs.map(softmax.pass2P).join('\n    ')}
     workgroupBarrier();
     ${pvBlocks}
   }
-  ${
-             c.rowMaxOnly ? `// The row's sum of P over its LPR lanes (all at the row's max), the
-  // log-sum-exp.
-  ${rbs.map(rb => `mine${rb} = m${rb};`).join('\n  ')}
-  ${rbs.map(rb => mergeRowWGSL(rb, lpr, standIn)).join('\n  ')}
-  ${rbs.map(lseStore).join('\n  ')}` :
-                            ''}
+  ${softmax.afterPass2}
 
   // O out through the scratch, CV columns at a time, V's scale (and with
   // rowMaxOnly the row's sum of P) undone.
-  ${
-             rbs.map(
-                    rb => c.rowMaxOnly ?
-                        `let oRow${rb} = select(0.0, vinv / l${rb}, l${rb} > 0.0);` :
-                        `let oRow${rb} = vinv;`)
-                 .join('\n  ')}
-  ${range(dv / cv).map(outChunk).join('\n  ')}
+  ${softmax.outRows('vinv')}
+  ${softmax.output}
 }
 `.replace(STANDIN_FNS, [...standInFns.values()].join('\n'));
-}
-
-/**
- * WGSL merging the row's per-lane (m, l) partials of row block rb (each
- * lane's l at its own m) into the row's max and sum at that max, on every
- * lane of the row: subgroup shuffles on the real path, workgroup memory
- * (`red`) in the stand-in. Also used by the storage-loaded forward.
- */
-export function mergeRowWGSL(rb: number, lpr: number, standIn: boolean): string {
-  if (lpr === 1) {
-    return '';
-  }
-  const m = `m${rb}`;
-  const l = `l${rb}`;
-  if (!standIn) {
-    return range(Math.log2(lpr))
-        .map(i => `{
-    let mo = subgroupShuffleXor(${m}, ${1 << i}u);
-    let lo = subgroupShuffleXor(${l}, ${1 << i}u);
-    let mNew = max(${m}, mo);
-    let mUse = select(mNew, 0.0, mNew < -1e29);
-    ${l} = ${l} * exp(${m} - mUse) + lo * exp(mo - mUse);
-    ${m} = mNew;
-  }`).join('\n  ');
-  }
-  const lanes = range(lpr).map(x => `red[g * LANES + ln - lc + ${x}u]`);
-  return `workgroupBarrier();
-  red[g * LANES + ln] = ${m};
-  workgroupBarrier();
-  ${m} = ${maxAll(lanes)};
-  workgroupBarrier();
-  red[g * LANES + ln] = ${l} * exp(mine${rb} - select(${m}, 0.0, ${m} < -1e29));
-  workgroupBarrier();
-  ${l} = ${lanes.join(' + ')};`;
 }

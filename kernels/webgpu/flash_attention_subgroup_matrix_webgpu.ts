@@ -150,9 +150,10 @@ type ForwardParts = Pick<MatrixForwardConfig, 'shape'|'score'|'dropout'|'alibiMo
 /**
  * The start of a forward program: extensions, score and key-range
  * functions, dropout, bindings and the matrix shape's constants M, N, K,
- * LANES and LPR (the caller's constants follow).
+ * LANES and LPR (the caller's constants follow). `bindings` replaces the
+ * fused forward's uniforms and bindings (the storage-loaded forward's own).
  */
-export function matrixForwardPreambleWGSL(c: ForwardParts, lpr: number): string {
+export function matrixForwardPreambleWGSL(c: ForwardParts, lpr: number, bindings?: string): string {
   const {M, N, K, lanes, standIn} = c.shape;
   return `${standIn ? '' : `enable f16;
 enable chromium_experimental_subgroup_matrix;
@@ -162,7 +163,7 @@ ${scoreWGSL(c.score)}
 ${keyRangeWGSL(c.score)}
 ${c.dropout ? philoxWGSL() + dropoutWGSL() : ''}
 
-${forwardBindingsWGSL(MATRIX_FORWARD_UNIFORMS, {
+${bindings ?? forwardBindingsWGSL(MATRIX_FORWARD_UNIFORMS, {
     qkType: 'vec4<f32>',
     vType: 'vec4<f32>',
     alibi: c.alibiMode !== 0
