@@ -142,7 +142,7 @@ export const MATRIX_FORWARD_UNIFORMS = [
   ['one', 'i32'],
 ] as const;
 
-// WGSL shared by this program and the two-pass one
+// WGSL shared by this program, the two-pass one and the storage-loaded one
 // (flash_attention_subgroup_matrix_two_pass_webgpu.ts).
 
 type ForwardParts = Pick<MatrixForwardConfig, 'shape'|'score'|'dropout'|'alibiMode'>;
