@@ -63,6 +63,7 @@
 import * as fs from 'fs';
 import * as path from 'path';
 
+import {parseForwardVariant, parseGradVariant} from './plan_variants';
 import {adapterName, openWebGPUDevice, useWebGPUBackend} from './webgpu_setup';
 
 type TF = typeof import('@tensorflow/tfjs-core');
@@ -355,44 +356,6 @@ async function main(): Promise<void> {
   };
   const variants =
       args.variants.length > 0 ? args.variants.flatMap(x => namedVariants[x] ?? [x]) : ['default'];
-  // tm,tx,nq,ty[,p0|p1 (register prefetch)][,o (outer-product mode)][,kN (N key-range splits)]
-  // [,cN (outer mode: K^T and V in N head-dim slices)][,qs (Q^T streamed with K^T)]
-  // [,db (two slice buffers)][,uN (outer mode: N steps per unrolled loop body)];
-  // kN alone: the planned tiling with N splits
-  const variantOverride = (variant: string) => {
-    if (/^k\d+$/.test(variant)) {
-      // kN alone: the planner's tiling with N key-range splits (k1: none).
-      return {splits: Number(variant.slice(1))};
-    }
-    const [tm, tx, nq, ty] = variant.split(',').slice(0, 4).map(Number);
-    const flags = variant.split(',').slice(4);
-    const unknown =
-        flags.filter(f => !['o', 'p0', 'p1', 'qs', 'db'].includes(f) && !/^[kcu]\d+$/.test(f));
-    if (unknown.length > 0 || [tm, tx, nq, ty].some(x => !(x > 0))) {
-      throw new Error(
-          `--variants: expected "tm,tx,nq,ty[,o][,p0|p1][,kN][,cN][,qs][,db][,uN]", got "${
-              variant}"`);
-    }
-    const p = flags.find(f => f.startsWith('p'));
-    const k = flags.find(f => f.startsWith('k'));
-    const c = flags.find(f => f.startsWith('c'));
-    const u = flags.find(f => /^u\d+$/.test(f));
-    return {
-      tiles: {
-        tm,
-        tx,
-        nq,
-        ty,
-        outer: flags.includes('o'),
-        ...(c == null ? {} : {dimChunks: Number(c.slice(1))}),
-        ...(flags.includes('qs') ? {streamQuery: true} : {}),
-        ...(flags.includes('db') ? {doubleBuffer: true} : {}),
-        ...(u == null ? {} : {unroll: Number(u.slice(1))})
-      },
-      prefetch: p == null ? undefined : p === 'p1',
-      splits: k == null ? undefined : Number(k.slice(1))
-    };
-  };
   const checked = new Set<string>();
   const checkVariant = async (d: number, causal: boolean) => {
     const s = 512;
@@ -454,57 +417,6 @@ async function main(): Promise<void> {
     } finally {
       tf.dispose(inputs);
     }
-  };
-  // "bc,br,qbr,qbc[,s|sk|sq][,tN|tkN|tqN][,cN|ckN|cqN][,st|stk|stq]": dK/dV
-  // keys per workgroup and rows per step, dQ rows per workgroup and keys per step;
-  // `s` computes S and dP on separate halves of the invocations in both
-  // passes (SPhase.split), `sk` in the dK/dV pass only, `sq` in the dQ pass
-  // only; N invocations per workgroup (128 without tN; tkN / tqN: one pass);
-  // cN: the streamed operand in N head-dim slices (ckN / cqN: one pass);
-  // st: with cN, both operands streamed (stk / stq: one pass); p0: with cN,
-  // no register prefetch of the slices (p0k / p0q: one pass).
-  const gradOverride = (variant: string) => {
-    const [bc, br, qbr, qbc] = variant.split(',').slice(0, 4).map(Number);
-    const flags = variant.split(',').slice(4);
-    const unknown = flags.filter(
-        x => !['s', 'sk', 'sq', 'st', 'stk', 'stq', 'p0', 'p0k', 'p0q'].includes(x) &&
-            !/^(t|tk|tq|c|ck|cq)\d+$/.test(x));
-    if (unknown.length > 0) {
-      throw new Error(`--grad-variants: unknown flag(s) ${unknown.join(',')} in "${variant}"`);
-    }
-    // The value of flag `name` (or of `both`), as a number.
-    const value = (name: string, both: string) => {
-      const flag = flags.find(x => new RegExp(`^${name}\\d+$`).test(x)) ??
-          flags.find(x => new RegExp(`^${both}\\d+$`).test(x));
-      return flag == null ? undefined : Number(flag.replace(/^[a-z]+/, ''));
-    };
-    const splitKV = flags.includes('s') || flags.includes('sk');
-    const splitQ = flags.includes('s') || flags.includes('sq');
-    const [chunksKV, chunksQ] = [value('ck', 'c'), value('cq', 'c')];
-    const streamKV = flags.includes('st') || flags.includes('stk');
-    const streamQ = flags.includes('st') || flags.includes('stq');
-    const noPrefetchKV = flags.includes('p0') || flags.includes('p0k');
-    const noPrefetchQ = flags.includes('p0') || flags.includes('p0q');
-    return {
-      dkdv: {
-        bc,
-        br,
-        threads: value('tk', 't') ?? 128,
-        ...(splitKV ? {split: true} : {}),
-        ...(chunksKV != null ? {dimChunks: chunksKV} : {}),
-        ...(streamKV ? {streamed: true} : {}),
-        ...(noPrefetchKV ? {prefetch: false} : {})
-      },
-      dq: {
-        br: qbr,
-        bc: qbc,
-        threads: value('tq', 't') ?? 128,
-        ...(splitQ ? {split: true} : {}),
-        ...(chunksQ != null ? {dimChunks: chunksQ} : {}),
-        ...(streamQ ? {streamed: true} : {}),
-        ...(noPrefetchQ ? {prefetch: false} : {})
-      },
-    };
   };
   // `sliced` / `streamed`: every candidate of tuning.ts's SLICED_ /
   // STREAMED_GRAD_CANDIDATES, in the syntax above.
@@ -606,7 +518,7 @@ async function main(): Promise<void> {
               }
               if (variant.startsWith('g:')) {
                 try {
-                  setGradTilesOverride(gradOverride(variant.slice(2)));
+                  setGradTilesOverride(parseGradVariant(variant.slice(2), true));
                 } catch (e) {
                   row.status = `error: ${(e as Error).message.slice(0, 160)}`;
                   continue;
@@ -619,7 +531,7 @@ async function main(): Promise<void> {
                 }
               } else if (variant !== 'default' && variant !== '-') {
                 try {
-                  setForwardOverride(variantOverride(variant));
+                  setForwardOverride(parseForwardVariant(variant));
                 } catch (e) {
                   row.status = `error: ${(e as Error).message.slice(0, 160)}`;
                   continue;

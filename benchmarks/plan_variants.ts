@@ -1,10 +1,10 @@
 /**
- * Forced plans in the spelling of benchmarks/attention.ts's `--variants`
- * and `--grad-variants`, for benchmarks/shader_stats.ts (which compiles a
- * plan without timing it):
+ * Forced plans in the spelling of `--variants` and `--grad-variants`: the
+ * one parser of benchmarks/attention.ts (which times a plan) and
+ * benchmarks/shader_stats.ts (which compiles it without timing it):
  *
  *   forward  "tm,tx,nq,ty[,o][,p0|p1][,kN][,cN][,qs][,db][,uN]", or "kN" alone
- *   backward "bc,br,qbr,qbc[,s|sk|sq][,tN|tkN|tqN][,cN|ckN|cqN][,st|stk|stq]"
+ *   backward "bc,br,qbr,qbc[,s|sk|sq][,tN|tkN|tqN][,cN|ckN|cqN][,st|stk|stq][,p0|p0k|p0q]"
  *
  * (docs/webgpu_tuning.md, "The sweep", says what each flag does.)
  */
@@ -62,11 +62,12 @@ export function parseGradVariant(variant: string, hasStreamed: boolean): GradTil
   const flags = fields.slice(4);
   const streamFlags = ['st', 'stk', 'stq'];
   const unknown = flags.filter(
-      x => !['s', 'sk', 'sq', ...(hasStreamed ? streamFlags : [])].includes(x) &&
+      x =>
+          !['s', 'sk', 'sq', 'p0', 'p0k', 'p0q', ...(hasStreamed ? streamFlags : [])].includes(x) &&
           !/^(t|tk|tq|c|ck|cq)\d+$/.test(x));
   if (unknown.length > 0 || fields.length < 4 || [bc, br, qbr, qbc].some(x => !(x > 0))) {
     throw new Error(`--grad-variants: expected "bc,br,qbr,qbc[,s|sk|sq][,tN|tkN|tqN][,cN|ckN|cqN]${
-        hasStreamed ? '[,st|stk|stq]' : ''}", got "${variant}"`);
+        hasStreamed ? '[,st|stk|stq]' : ''}[,p0|p0k|p0q]", got "${variant}"`);
   }
   // The value of flag `name`, else of `both`, as a number.
   const value = (name: string, both: string) => {
@@ -84,6 +85,7 @@ export function parseGradVariant(variant: string, hasStreamed: boolean): GradTil
       ...(has('sk', 's') ? {split: true} : {}),
       ...(chunksKV == null ? {} : {dimChunks: chunksKV}),
       ...(has('stk', 'st') ? {streamed: true} : {}),
+      ...(has('p0k', 'p0') ? {prefetch: false} : {}),
     },
     dq: {
       br: qbr,
@@ -92,6 +94,7 @@ export function parseGradVariant(variant: string, hasStreamed: boolean): GradTil
       ...(has('sq', 's') ? {split: true} : {}),
       ...(chunksQ == null ? {} : {dimChunks: chunksQ}),
       ...(has('stq', 'st') ? {streamed: true} : {}),
+      ...(has('p0q', 'p0') ? {prefetch: false} : {}),
     },
   };
 }
