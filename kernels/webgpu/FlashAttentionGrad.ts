@@ -4,7 +4,10 @@
  *   1. Delta = rowsum(dO * O) - dLse, stored next to lse    [B, H, Sq, 2]
  *   2. dK, dV by key blocks (query heads of a group summed in the workgroup)
  *   3. dQ by query blocks
- * recomputing P from the saved lse: nothing of size [Sq, Sk] is stored.
+ * recomputing P from the saved lse: nothing of size [Sq, Sk] is stored,
+ * unless the plan has the dS scratch (GradTiles.dsScratch): then pass 2
+ * also stores dS, which pass 3 reads instead of recomputing it, for chunks
+ * of (batch, kv head) pairs whose scratch fits DS_SCRATCH_BUDGET_BYTES.
  * Deterministic: every sum has a fixed order and there are no atomics.
  *
  * tfjs-backend-webgpu is an optional peer: only its types are imported.
@@ -29,7 +32,7 @@ import {featureKey, GradFeatures, gradFeatures, gradUniforms} from './flash_atte
 import {KeptCalls} from './kept_calls';
 import {isWebGPUBackend, kernelLimits, OwnPipelineSpec, runOwnPipeline} from './own_pipeline';
 import {isSoftwareDevice} from './FlashAttention';
-import {DKDV_SIZES, DQ_SIZES, GRAD_THREADS, GRAD_TILINGS} from './tuning';
+import {DKDV_SIZES, DQ_SIZES, DS_SCRATCH_PLANS, dsScratchBudgetForced, getDsScratchBudget, GRAD_THREADS, GRAD_TILINGS} from './tuning';
 
 /** The device limits the tile choice depends on. */
 export interface GradDeviceLimits {
@@ -41,6 +44,12 @@ export interface GradDeviceLimits {
 export interface GradTiles {
   dkdv: DkDvTiles;
   dq: DqTiles;
+  /**
+   * The dS scratch (docs/webgpu_tuning.md, "dS scratch"): true, the dK/dV
+   * pass stores dS and the dQ pass reads it (where one chunk fits the
+   * budget); false, never; unset, as DS_SCRATCH_PLANS say.
+   */
+  dsScratch?: boolean;
 }
 
 /**
@@ -150,6 +159,12 @@ export function fusedGradRunCount(): number {
   return gradKernelRuns;
 }
 
+let dsChunkRuns = 0;
+/** How many dS-scratch chunks ran (tests assert the scratch was used). */
+export function dsScratchChunkRuns(): number {
+  return dsChunkRuns;
+}
+
 /**
  * Is `t` known to be zero without reading it? The op's own gradient marks
  * the zero lse gradient it makes when the op returns no lse
@@ -184,6 +199,50 @@ function cachedProgram<T extends OwnPipelineSpec>(key: string, make: () => T): T
   return programCache.get(key, make) as T;
 }
 
+/** One chunk of a dS-scratch backward: its uniforms (unit0, dsBase) and grids. */
+interface DsChunk {
+  uniforms: ArrayBuffer;
+  dkdvGrid: [number, number, number];
+  dqGrid: [number, number, number];
+}
+
+/**
+ * (batch, kv head) pairs per dS-scratch chunk: as many of `units` as fit
+ * both the budget and, after the `statsBytes` of (lse, Delta) rows, the
+ * device's largest storage binding; 0 when not even one fits.
+ */
+export function dsChunkUnits(
+    units: number, unitBytes: number, statsBytes: number, budget: number,
+    maxBinding: number): number {
+  const room = Math.min(budget, maxBinding - statsBytes);
+  return Math.max(0, Math.min(units, Math.floor(room / unitBytes)));
+}
+
+/**
+ * Does a call take the dS scratch: forced by the tiles, else DS_SCRATCH_PLANS.
+ * Never with per-batch lengths (`seqlens`, packed varlen calls): those are
+ * read from `stats`, which the dK/dV pass then binds read_write, and WGSL's
+ * uniformity rules do not let loop bounds read from such a binding reach
+ * the passes' barriers.
+ */
+function wantsDsScratch(
+    tiles: GradTiles, shapes: AttentionShapes, a: FlashAttentionAttrs, hardware: boolean,
+    hasSeqlens: boolean): boolean {
+  if (hasSeqlens) {
+    return false;
+  }
+  if (tiles.dsScratch != null) {
+    return tiles.dsScratch;
+  }
+  const {headDim, headDimV, seqK} = shapes;
+  const masked = a.windowLeft >= 0 || a.windowRight >= 0;
+  return hardware &&
+      DS_SCRATCH_PLANS.some(
+          c => Math.min(headDim, headDimV) > c.minHeadDim &&
+              Math.max(headDim, headDimV) <= c.maxHeadDim && seqK >= c.minKeys &&
+              (c.masked || !masked));
+}
+
 /**
  * Everything a backward call dispatches apart from its tensors: it follows
  * from the tensors' shapes, the attributes and the device only (and the
@@ -202,6 +261,12 @@ interface GradCall {
   cacheUniforms: boolean;
   /** The delta pass's output: (lse, Delta) per row, then the lengths. */
   statsShape: [number, number];
+  /**
+   * dS-scratch chunks, in order (null: dQ recomputes dS); the scratch's
+   * vec2s follow statsShape's rows in the same buffer.
+   */
+  dsChunks: DsChunk[]|null;
+  scratchVec2s: number;
   /** The delta pass by whether dLse is known zero, made on first use. */
   delta: [FlashAttentionGradDeltaProgram|null, FlashAttentionGradDeltaProgram|null];
   dkdv: OwnPipelineSpec;
@@ -243,6 +308,30 @@ function planGradCall(
   // (lse, Delta) per row, then (seqlenQ, seqlenK) per batch row if any
   // (packed: the B + 1 cumulative (cuSeqlensQ, cuSeqlensK)).
   const lengthRows = packedBatch > 0 ? packedBatch + 1 : batch;
+  const statsRows = rowsB * heads * rowsQ + (hasSeqlens ? lengthRows : 0);
+  const alibiShape = hasAlibi ? alibiSlopes!.shape : [];
+  const packedRows = packedBatch > 0 ? {totalQ: rowsQ, totalK: rowsK} : undefined;
+  // The dS scratch: chunks of (batch, kv head) pairs, each pair's query
+  // heads holding seqQ rows of whole key quads (dsScratchWGSL).
+  const groups = heads / headsKV;
+  const units = batch * headsKV;
+  const unitBytes = groups * seqQ * Math.ceil(seqK / 4) * 16;
+  const chunkUnits = wantsDsScratch(tiles!, shapes, a, !isSoftwareDevice(device), hasSeqlens) ?
+      dsChunkUnits(
+          units, unitBytes, statsRows * 8, getDsScratchBudget(),
+          kernelLimits(device).maxStorageBufferBindingSize) :
+      0;
+  const ds = chunkUnits > 0;
+  const dsChunks = ds ? Array.from({length: Math.ceil(units / chunkUnits)}, (_, n) => {
+    const unit0 = n * chunkUnits;
+    const pairs = Math.min(chunkUnits, units - unit0);
+    return {
+      uniforms: gradUniforms(shapes, a, alibiShape, packedRows, {unit0, dsBase: statsRows}),
+      dkdvGrid: [Math.ceil(seqK / dkdv.bc), pairs, 1] as [number, number, number],
+      dqGrid: [Math.ceil(seqQ / dq.br), pairs * groups, 1] as [number, number, number],
+    };
+  }) : null;
+  const dsKey = ds ? ' ds' : '';
   return {
     tensorShapes,
     tiles: tiles!,
@@ -250,23 +339,23 @@ function planGradCall(
     hasAlibi,
     hasSeqlens,
     packedBatch,
-    uniforms: gradUniforms(
-        shapes, a, hasAlibi ? alibiSlopes!.shape : [],
-        packedBatch > 0 ? {totalQ: rowsQ, totalK: rowsK} : undefined),
+    uniforms: gradUniforms(shapes, a, alibiShape, packedRows),
     // A dropout seed usually changes every call: those uniforms are written.
     cacheUniforms: a.dropoutRate === 0,
-    statsShape: [rowsB * heads * rowsQ + (hasSeqlens ? lengthRows : 0), 2],
+    statsShape: [statsRows, 2],
+    dsChunks,
+    scratchVec2s: ds ? chunkUnits * unitBytes / 8 : 0,
     delta: [null, null],
     dkdv: cachedProgram(
-        `dkdv ${headDim},${headDimV},${JSON.stringify(dkdv)},${f}`,
+        `dkdv ${headDim},${headDimV},${JSON.stringify(dkdv)},${f}${dsKey}`,
         () => dkdv.dimChunks != null ?
-            new FlashAttentionGradDkDvSlicedProgram(headDim, headDimV, dkdv, features) :
-            new FlashAttentionGradDkDvProgram(headDim, headDimV, dkdv, features)),
+            new FlashAttentionGradDkDvSlicedProgram(headDim, headDimV, dkdv, features, ds) :
+            new FlashAttentionGradDkDvProgram(headDim, headDimV, dkdv, features, ds)),
     dq: cachedProgram(
-        `dq ${headDim},${headDimV},${JSON.stringify(dq)},${f}`,
+        `dq ${headDim},${headDimV},${JSON.stringify(dq)},${f}${dsKey}`,
         () => dq.dimChunks != null ?
-            new FlashAttentionGradDqSlicedProgram(headDim, headDimV, dq, features) :
-            new FlashAttentionGradDqProgram(headDim, headDimV, dq, features)),
+            new FlashAttentionGradDqSlicedProgram(headDim, headDimV, dq, features, ds) :
+            new FlashAttentionGradDqProgram(headDim, headDimV, dq, features, ds)),
     dkdvGrid: [Math.ceil(seqK / dkdv.bc), batch * headsKV, 1],
     dqGrid: [Math.ceil(seqQ / dq.br), batch * heads, 1],
   };
@@ -278,7 +367,7 @@ function planGradCall(
  */
 function gradCallFor(
     device: GPUDevice, inputs: FlashAttentionGradInputs, attrs: FlashAttentionAttrs): GradCall {
-  if (attrs.dropoutRate > 0 || tilesOverride != null) {
+  if (attrs.dropoutRate > 0 || tilesOverride != null || dsScratchBudgetForced()) {
     return planGradCall(device, inputs, attrs);
   }
   return keptCalls.get(
@@ -314,21 +403,32 @@ function flashAttentionGradWebGPU(
   const slopes = call.hasAlibi ? [alibiSlopes!] : [];
   const zeroDLse = isKnownZeros(webgpu, dLse);
   const delta = deltaProgram(call, zeroDLse);
+  // Tensor cores (subgroup matrices) where the forward would use them.
+  const matrixPlan = hasSeqlens ?
+      null :
+      planMatrixBackward(webgpu.device, q.shape[3], v.shape[3], a.precision ?? 'float32');
+  const dsChunks = matrixPlan == null ? call.dsChunks : null;
+  // The dS scratch (if any) after the rows: one buffer, one allocation.
+  const [statsRows] = call.statsShape;
   const [stats] = runOwnPipeline(webgpu, delta, {
     inputs: [
       dy, out, zeroDLse ? softmaxLse : dLse, softmaxLse, ...(hasSeqlens ? [seqlens!] : []),
       ...(packedBatch > 0 ? [cuSeqlensK!] : [])
     ],
-    outputs: [{shape: call.statsShape, dtype: 'float32'}],
+    outputs: [{
+      shape: dsChunks != null ? [statsRows + call.scratchVec2s, 2] : call.statsShape,
+      dtype: 'float32'
+    }],
     uniforms,
     dispatch: delta.workgroups,
     cacheUniforms,
   });
   try {
-    // Tensor cores (subgroup matrices) where the forward would use them.
-    const matrixPlan = hasSeqlens ?
-        null :
-        planMatrixBackward(webgpu.device, q.shape[3], v.shape[3], a.precision ?? 'float32');
+    if (dsChunks != null) {
+      const result = dsScratchPasses(webgpu, call, dsChunks, [q, k, v, dy], slopes, stats);
+      gradKernelRuns++;
+      return result;
+    }
     if (matrixPlan != null) {
       const result = matrixBackwardWebGPU(
           webgpu, [q, k, v, dy, ...slopes], stats, matrixPlan, call.features, uniforms);
@@ -362,6 +462,51 @@ function flashAttentionGradWebGPU(
     webgpu.disposeData(stats.dataId);
   }
 }
+/**
+ * Passes 2 and 3 with the dS scratch, chunk by chunk: the dK/dV pass binds
+ * `stats` read_write and stores the chunk's dS after its rows, then the dQ
+ * pass reads it. The first chunk makes dq, dk and dv; later ones write
+ * their rows of them in place. Returns [dq, dk, dv].
+ */
+function dsScratchPasses(
+    webgpu: WebGPUBackend, call: GradCall, chunks: DsChunk[], [q, k, v, dy]: tf.TensorInfo[],
+    slopes: tf.TensorInfo[], stats: tf.TensorInfo): tf.TensorInfo[] {
+  // [dq, dk, dv] once the first chunk has made them.
+  let grads: tf.TensorInfo[]|null = null;
+  const made: tf.TensorInfo[] = [];
+  try {
+    for (const {uniforms, dkdvGrid, dqGrid} of chunks) {
+      const common = {uniforms, cacheUniforms: call.cacheUniforms};
+      const first = grads == null;
+      const kv = [
+        {shape: k.shape, dtype: 'float32' as const}, {shape: v.shape, dtype: 'float32' as const}
+      ];
+      made.push(...runOwnPipeline(webgpu, call.dkdv, {
+        ...common,
+        inputs: [q, k, v, dy, ...slopes],
+        outputs: first ? kv : [],
+        updates: first ? [stats] : [grads![1], grads![2], stats],
+        dispatch: dkdvGrid,
+      }));
+      made.push(...runOwnPipeline(webgpu, call.dq, {
+        ...common,
+        inputs: [q, k, v, dy, stats, ...slopes],
+        outputs: first ? [{shape: q.shape, dtype: 'float32'}] : [],
+        updates: first ? [] : [grads![0]],
+        dispatch: dqGrid,
+      }));
+      if (first) {
+        grads = [made[2], made[0], made[1]];
+      }
+      dsChunkRuns++;
+    }
+    return grads!;
+  } catch (e) {
+    made.forEach(t => webgpu.disposeData(t.dataId));
+    throw e;
+  }
+}
+
 export const flashAttentionGradWebGPUConfig: tf.KernelConfig = {
   kernelName: FlashAttentionGrad,
   backendName: 'webgpu',

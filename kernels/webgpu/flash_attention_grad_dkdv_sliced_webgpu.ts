@@ -22,7 +22,7 @@
  * the 32 KiB they take at D=128 for 64 keys and 256 invocations.
  */
 import type {DkDvTiles} from './flash_attention_grad_dkdv_webgpu';
-import {featureKey, fetchRowStatsWGSL, GradFeatures, GradPassProgram, gradPassWGSL, prefetchSlots, sPhase, sPhaseValid, sPhaseWGSL, storeRowStatsWGSL} from './flash_attention_grad_wgsl';
+import {DKDV_DS_HEAD, featureKey, fetchRowStatsWGSL, GradFeatures, GradPassProgram, gradPassWGSL, prefetchSlots, sPhase, sPhaseValid, sPhaseWGSL, storeDsWGSL, storeRowStatsWGSL} from './flash_attention_grad_wgsl';
 import {perSliceWGSL, sliceNames, sliceQuads, sliceStreamWGSL, streamedStorageBytes, swizzledRowsWGSL} from './flash_attention_grad_sliced_wgsl';
 
 /** Workgroup storage bytes of the sliced program. */
@@ -44,7 +44,8 @@ export function dkdvSlicedTilesValid(t: DkDvTiles): boolean {
 }
 
 export class FlashAttentionGradDkDvSlicedProgram extends GradPassProgram {
-  constructor(d: number, dv: number, tiles: DkDvTiles, f: GradFeatures) {
+  /** `dsScratch`: also store each dS tile to the scratch (GradTiles.dsScratch). */
+  constructor(d: number, dv: number, tiles: DkDvTiles, f: GradFeatures, dsScratch = false) {
     const {bc, br, threads} = tiles;
     const chunks = tiles.dimChunks!;
     const s = sPhase(bc, br, threads);
@@ -57,8 +58,8 @@ export class FlashAttentionGradDkDvSlicedProgram extends GradPassProgram {
     const keys = swizzledRowsWGSL('keyAt', s.sc);
     super(
         `flashAttentionGradDkDvSliced_${d}_${dv}_${bc}_${br}_${threads}_c${chunks}${
-            streamed ? 'st' : ''}${prefetch ? '' : 'p0'}_${featureKey(f)}`,
-        f, 'k');
+            streamed ? 'st' : ''}${prefetch ? '' : 'p0'}${dsScratch ? '_ds' : ''}_${featureKey(f)}`,
+        f, 'k', dsScratch);
     const inSlice = sw4 % xt === 0 ? 'true' : 'xl < SW4';
     // acc[(c NQ + n) 4 + key] += weights[key] * sliceS row r, quad xl.
     const accumulate = (acc: string) => `
@@ -173,7 +174,8 @@ ${sliceStreamWGSL(d, dv, {rows: sliceNames('sliceAt'), ...(streamed ? {keys: key
   for (var e = t; e < (4 * SW4 * DC - 4 * DV4) * SC; e += T) { vT[4 * DV4 * SC + e] = vec4<f32>(0.0); }
 `;
     this.source = gradPassWGSL(
-        f, 'k', {d, dv, bc, br, threads, s, xt}, consts, storage, `${streamed ? '' : padKeys}
+        f, 'k', {d, dv, bc, br, threads, s, xt}, consts, storage,
+        `${streamed ? '' : padKeys}
   // dkAcc[(c * NQ + n) * 4 + key]: key 4 kq + key, dims of quad
   // c * SW4 + kx + n * XT.
   var dkAcc: array<vec4<f32>, ${4 * nq * chunks}>;
@@ -258,7 +260,13 @@ ${sPhaseWGSL(s)}
     if (sActive) {
       for (var m = 0; m < MR; m++) {
         let r = sRow + m;
-        pS[r * SC + sQuad] = s[m] * (dp[m]${f.dropout ? ' * keep[m]' : ''} - deltaS[r]);
+        let dsv = s[m] * (dp[m]${f.dropout ? ' * keep[m]' : ''} - deltaS[r]);
+        pS[r * SC + sQuad] = dsv;${
+            dsScratch ? `
+        let i = i0 + r;
+        let jq = j0 + sQuad * 4;
+        ${storeDsWGSL(DKDV_DS_HEAD, 'dsv')}` :
+                        ''}
       }
     }
     // C: dK over the slices of Q; the last reads the next step's first.
@@ -279,6 +287,6 @@ ${sPhaseWGSL(s)}
     }
   }
 `,
-        streamed ? null : 'SC');
+        streamed ? null : 'SC', dsScratch);
   }
 }

@@ -19,7 +19,7 @@
  * loads (benchmarks/RESULTS.md, backward tuning).
  */
 import {dkdvSlicedStorageBytes, dkdvSlicedTilesValid} from './flash_attention_grad_dkdv_sliced_webgpu';
-import {featureKey, fetchRowStatsWGSL, fetchRowsWGSL, GradFeatures, GradPassProgram, gradPassWGSL, prefetchSlots, queryBlockStorageWGSL, scoresToDsWGSL, storeRowStatsWGSL, storeRowsWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
+import {DKDV_DS_HEAD, featureKey, fetchRowStatsWGSL, fetchRowsWGSL, GradFeatures, GradPassProgram, gradPassWGSL, prefetchSlots, queryBlockStorageWGSL, scoresToDsWGSL, storeDsWGSL, storeRowStatsWGSL, storeRowsWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
 
 export interface DkDvTiles {
   /** Keys per workgroup (multiple of 4). */
@@ -69,7 +69,8 @@ export function dkdvTilesValid(t: DkDvTiles): boolean {
 }
 
 export class FlashAttentionGradDkDvProgram extends GradPassProgram {
-  constructor(d: number, dv: number, tiles: DkDvTiles, f: GradFeatures) {
+  /** `dsScratch`: also store each dS tile to the scratch (GradTiles.dsScratch). */
+  constructor(d: number, dv: number, tiles: DkDvTiles, f: GradFeatures, dsScratch = false) {
     const {bc, br, threads} = tiles;
     const s = sPhase(bc, br, threads, tiles.split);
     const d4 = Math.ceil(d / 4);
@@ -79,8 +80,8 @@ export class FlashAttentionGradDkDvProgram extends GradPassProgram {
     const ndv = Math.ceil(dv4 / xt);
     super(
         `flashAttentionGradDkDv_${d}_${dv}_${bc}_${br}_${threads}_${s.split ? 'split_' : ''}${
-            featureKey(f)}`,
-        f, 'k');
+            dsScratch ? 'ds_' : ''}${featureKey(f)}`,
+        f, 'k', dsScratch);
     // acc[c * n + ...] += weights[c] * row r of `rows`, for the thread's
     // dim quads (dV += Pd^T dO, dK += dS^T Q).
     const accumulate = (acc: string, weights: string, rows: string, w4: number, n: number) => `
@@ -139,7 +140,9 @@ var<workgroup> kT: array<vec4<f32>, ${4 * d4 * s.sc}>;
 var<workgroup> vT: array<vec4<f32>, ${4 * dv4 * s.sc}>;
 // pS holds P * keep, then dS.
 ${queryBlockStorageWGSL(br, d4, dv4, s.sc)}`;
-    this.source = gradPassWGSL(f, 'k', {d, dv, bc, br, threads, s, xt}, {}, storage, `
+    this.source = gradPassWGSL(
+        f, 'k', {d, dv, bc, br, threads, s, xt}, {}, storage,
+        `
 
   // dkAcc[c * ND + n]: key (4 * kq + c), dims 4 * (kx + n * XT) + 0..3.
   var dkAcc: array<vec4<f32>, ${4 * nd}>;
@@ -159,8 +162,14 @@ ${sPhaseWGSL(s)}
 ${rowLoop}
 
       var ds: array<vec4<f32>, MR>;
-      ${scoresToDsWGSL(s, 'SC', d4, dv4, f, true, `pS[r * SC + sQuad] = pv;
-        ds[m] = dsv;`)}
+      ${
+            scoresToDsWGSL(
+                s, 'SC', d4, dv4, f, true,
+                `pS[r * SC + sQuad] = pv;
+        ds[m] = dsv;${
+                    dsScratch ? `
+        ${storeDsWGSL(DKDV_DS_HEAD, 'dsv')}` :
+                                ''}`)}
       workgroupBarrier();
       for (var r = 0; r < BR; r++) {
         let pv = pS[r * SC + kq];
@@ -186,6 +195,7 @@ ${rowLoop}
       ${storeKeyRow('dv', 'dvAcc', ndv, 'DV')}
     }
   }
-`);
+`,
+        'SC', dsScratch);
   }
 }

@@ -21,7 +21,7 @@
  * invocations.
  */
 import type {DqTiles} from './flash_attention_grad_dq_webgpu';
-import {dqKeyRangeWGSL, featureKey, GradFeatures, GradPassProgram, gradPassWGSL, loadRowStatsWGSL, prefetchSlots, probsAndDsWGSL, sPhase, sPhaseValid} from './flash_attention_grad_wgsl';
+import {dqKeyRangeWGSL, featureKey, fetchDsTileWGSL, GradFeatures, GradPassProgram, gradPassWGSL, loadRowStatsWGSL, prefetchSlots, probsAndDsWGSL, sPhase, sPhaseValid, storeDsTileWGSL} from './flash_attention_grad_wgsl';
 import {perSliceWGSL, sliceNames, sliceQuads, sliceStreamWGSL, streamedStorageBytes, swizzledRowsWGSL} from './flash_attention_grad_sliced_wgsl';
 
 /** Rows per thread in the dQ accumulation. */
@@ -48,7 +48,11 @@ export function dqSlicedTilesValid(t: DqTiles): boolean {
 }
 
 export class FlashAttentionGradDqSlicedProgram extends GradPassProgram {
-  constructor(d: number, dv: number, tiles: DqTiles, f: GradFeatures) {
+  /**
+   * `dsScratch`: read each block's dS from the scratch the dK/dV pass wrote
+   * (GradTiles.dsScratch) instead of A and B; only C's K slices stream.
+   */
+  constructor(d: number, dv: number, tiles: DqTiles, f: GradFeatures, dsScratch = false) {
     const {bc, br, threads} = tiles;
     const chunks = tiles.dimChunks!;
     const s = sPhase(bc, br, threads);
@@ -63,8 +67,8 @@ export class FlashAttentionGradDqSlicedProgram extends GradPassProgram {
     const rowSlice = swizzledRowsWGSL('rowAt', sw4);
     super(
         `flashAttentionGradDqSliced_${d}_${dv}_${bc}_${br}_${threads}_c${chunks}${
-            streamed ? 'st' : ''}${prefetch ? '' : 'p0'}_${featureKey(f)}`,
-        f, 'q');
+            streamed ? 'st' : ''}${prefetch ? '' : 'p0'}${dsScratch ? '_ds' : ''}_${featureKey(f)}`,
+        f, 'q', dsScratch);
     // Row r's quad xl of slice c: of `tile` (resident), or of the slice in
     // rowS (streamed; `tile` is in it).
     const rowOf = (tile: string) =>
@@ -156,17 +160,88 @@ var<workgroup> pS: array<vec4<f32>, ${br * s.sc}>;
 var<workgroup> lseS: array<f32, BR>;
 var<workgroup> deltaS: array<f32, BR>;
 ${sliceStreamWGSL(d, dv, {keys: sliceNames('keyAt'), ...(streamed ? {rows: rowStream} : {})})}`;
-    this.source = gradPassWGSL(
-        f, 'q', {d, dv, bc, br, threads, s, xt}, consts, storage, `${streamed ? '' : loadRows}
-  ${loadRowStatsWGSL()}
-
+    // dQ over the slices of K for the block's dS in pS.
+    const accumulateC = `
+      for (var quad = 0; quad < SC; quad++) {
+        var dsr: array<vec4<f32>, NR>;
+        for (var m = 0; m < NR; m++) {
+          dsr[m] = pS[(qr * NR + m) * SC + quad];
+        }
+        for (var n = 0; n < NDS; n++) {
+          let xl = qx + n * XT;
+          if (${inSlice}) {
+            let kv = sliceS[keyAt(xl, quad)];
+            for (var m = 0; m < NR; m++) {
+              dqAcc[m][c * NDS + n] += dot(dsr[m], kv);
+            }
+          }
+        }
+      }`;
+    const initDq = `
   var dqAcc: array<array<f32, ${nds * chunks}>, NR>;
   for (var m = 0; m < NR; m++) {
     for (var n = 0; n < ${nds * chunks}; n++) { dqAcc[m][n] = 0.0; }
   }
 
   ${dqKeyRangeWGSL(s)}
-
+`;
+    const storeDq = `
+  for (var m = 0; m < NR; m++) {
+    let i = i0 + qr * NR + m;
+    if (i < gr.rowsQ) {
+      let base = ((gr.q0 + i) * p.heads + h) * D;
+      for (var c = 0; c < DC; c++) {
+        for (var n = 0; n < NDS; n++) {
+          let x = c * 4 * SW4 + qx + n * XT;
+          if (qx + n * XT < 4 * SW4 && x < D) { dq[base + x] = dqAcc[m][c * NDS + n]; }
+        }
+      }
+    }
+  }
+`;
+    if (dsScratch) {
+      // Each block: dS from the scratch with K's first slice, then C; the
+      // last slice reads the next block's first K slice and dS.
+      const nextDs = `if (c + 1 < DC) {
+        fetchKeySlice(true, j0, c + 1, t, hk, gr);
+      } else if (j0 + BC <= jHi) {
+        fetchKeySlice(true, j0 + BC, 0, t, hk, gr);
+        ${fetchDsTileWGSL('j0 + BC', br, s.sc, threads)}
+      }`;
+      this.source = gradPassWGSL(
+          f, 'q', {d, dv, bc, br, threads, s, xt}, consts, `
+// One slice of K, transposed: dim x of key quad kq at keyAt(x, kq).
+var<workgroup> sliceS: array<vec4<f32>, ${4 * sw4 * keys.stride}>;
+${keys.wgsl}
+// The block's dS, read from the scratch.
+var<workgroup> pS: array<vec4<f32>, ${br * s.sc}>;
+${sliceStreamWGSL(d, dv, {keys: sliceNames('keyAt')})}`,
+          `${initDq}
+  var dsReg: array<vec4<f32>, ${prefetchSlots(br * s.sc, threads)}>;
+  if (jLo <= jHi) {
+    fetchKeySlice(true, jLo, 0, t, hk, gr);
+    ${fetchDsTileWGSL('jLo', br, s.sc, threads)}
+  }
+  for (var j0 = jLo; j0 <= jHi; j0 += BC) {
+    ${perSliceWGSL(chunks, `
+      workgroupBarrier();
+      storeKeySlice(t);
+      if (c == 0) {
+        ${storeDsTileWGSL(br, s.sc, threads)}
+      }
+      workgroupBarrier();
+      ${prefetch ? nextDs : ''}
+      ${accumulateC}
+    ${afterSlice(nextDs)}`)}
+  }
+${storeDq}`,
+          'SC', true);
+      return;
+    }
+    this.source = gradPassWGSL(
+        f, 'q', {d, dv, bc, br, threads, s, xt}, consts, storage, `${streamed ? '' : loadRows}
+  ${loadRowStatsWGSL()}
+${initDq}
   if (jLo <= jHi) {
     fetchKeySlice(true, jLo, 0, t, hk, gr);${nextRows('true', 'h, 0', '    ')}
   }
@@ -197,36 +272,9 @@ ${sliceStreamWGSL(d, dv, {keys: sliceNames('keyAt'), ...(streamed ? {rows: rowSt
     // C: dQ over the slices of K; the last reads the next block's first.
     ${perSliceWGSL(chunks, `
       ${slice(nextInC)}
-      for (var quad = 0; quad < SC; quad++) {
-        var dsr: array<vec4<f32>, NR>;
-        for (var m = 0; m < NR; m++) {
-          dsr[m] = pS[(qr * NR + m) * SC + quad];
-        }
-        for (var n = 0; n < NDS; n++) {
-          let xl = qx + n * XT;
-          if (${inSlice}) {
-            let kv = sliceS[keyAt(xl, quad)];
-            for (var m = 0; m < NR; m++) {
-              dqAcc[m][c * NDS + n] += dot(dsr[m], kv);
-            }
-          }
-        }
-      }
+      ${accumulateC}
     ${afterSlice(nextInC)}`)}
   }
-
-  for (var m = 0; m < NR; m++) {
-    let i = i0 + qr * NR + m;
-    if (i < gr.rowsQ) {
-      let base = ((gr.q0 + i) * p.heads + h) * D;
-      for (var c = 0; c < DC; c++) {
-        for (var n = 0; n < NDS; n++) {
-          let x = c * 4 * SW4 + qx + n * XT;
-          if (qx + n * XT < 4 * SW4 && x < D) { dq[base + x] = dqAcc[m][c * NDS + n]; }
-        }
-      }
-    }
-  }
-`);
+${storeDq}`);
   }
 }

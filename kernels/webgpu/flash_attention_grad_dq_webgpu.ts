@@ -15,7 +15,7 @@
  * loads (benchmarks/RESULTS.md, backward tuning).
  */
 import {dqSlicedStorageBytes, dqSlicedTilesValid} from './flash_attention_grad_dq_sliced_webgpu';
-import {dqKeyRangeWGSL, featureKey, fetchKeyTileWGSL, GradFeatures, GradPassProgram, gradPassWGSL, loadQueryBlockWGSL, prefetchSlots, queryBlockStorageWGSL, scoresToDsWGSL, storeKeyTileWGSL, sPhase, sPhaseValid} from './flash_attention_grad_wgsl';
+import {dqKeyRangeWGSL, featureKey, fetchDsTileWGSL, fetchKeyTileWGSL, GradFeatures, GradPassProgram, gradPassWGSL, loadQueryBlockWGSL, prefetchSlots, queryBlockStorageWGSL, scoresToDsWGSL, storeDsTileWGSL, storeKeyTileWGSL, sPhase, sPhaseValid} from './flash_attention_grad_wgsl';
 
 export interface DqTiles {
   /** Query rows per workgroup. */
@@ -79,7 +79,11 @@ export function dqTilesValid(t: DqTiles): boolean {
 }
 
 export class FlashAttentionGradDqProgram extends GradPassProgram {
-  constructor(d: number, dv: number, tiles: DqTiles, f: GradFeatures) {
+  /**
+   * `dsScratch`: read each dS tile from the scratch the dK/dV pass wrote
+   * (GradTiles.dsScratch) instead of recomputing it; no V, Q or dO.
+   */
+  constructor(d: number, dv: number, tiles: DqTiles, f: GradFeatures, dsScratch = false) {
     const {bc, br, threads} = tiles;
     const s = sPhase(bc, br, threads, tiles.split);
     const d4 = Math.ceil(d / 4);
@@ -91,8 +95,8 @@ export class FlashAttentionGradDqProgram extends GradPassProgram {
     const nd = Math.ceil(d / xt);
     super(
         `flashAttentionGradDq_${d}_${dv}_${bc}_${br}_${threads}_${s.split ? 'split_' : ''}${
-            featureKey(f)}`,
-        f, 'q');
+            dsScratch ? 'ds_' : ''}${featureKey(f)}`,
+        f, 'q', dsScratch);
     // dQ += dS K with the thread's NR dS rows held in registers and K read
     // one vec4 at a time: faster than holding K's dims and reading dS per row
     // (benchmarks/RESULTS.md, backward tuning).
@@ -129,9 +133,40 @@ var<workgroup> kT: array<vec4<f32>, ${4 * d4 * kst}>;
 var<workgroup> vT: array<vec4<f32>, ${4 * dv4 * s.sc}>;
 // pS holds dS.
 ${queryBlockStorageWGSL(br, d4, dv4, s.sc)}`;
-    this.source =
-        gradPassWGSL(f, 'q', {d, dv, bc, br, threads, s, xt}, {NR: nr, KST: kst}, storage, `
-  ${loadQueryBlockWGSL(d, d4, dv, dv4)}
+    // dS from the scratch: the K tile and the dS tile are prefetched
+    // together, and the block multiplies once.
+    const dsKeyTile = `
+  var kReg: array<vec4<f32>, ${prefetchSlots(s.sc * 4 * d4, threads)}>;
+  var dsReg: array<vec4<f32>, ${prefetchSlots(br * s.sc, threads)}>;
+  if (jLo <= jHi) {
+    let j0 = jLo;
+    ${fetchKeyTileWGSL('j0', s.sc, d4, dv4, threads, false)}
+    ${fetchDsTileWGSL('j0', br, s.sc, threads)}
+  }
+  for (var j0 = jLo; j0 <= jHi; j0 += BC) {
+    workgroupBarrier();
+    ${storeKeyTileWGSL('KST', s.sc, d4, dv4, threads, false)}
+    ${storeDsTileWGSL(br, s.sc, threads)}
+    workgroupBarrier();
+    if (j0 + BC <= jHi) {
+      ${fetchKeyTileWGSL('j0 + BC', s.sc, d4, dv4, threads, false)}
+      ${fetchDsTileWGSL('j0 + BC', br, s.sc, threads)}
+    }`;
+    const dsStorage = `// K transposed, four keys per vec4: kT[x * KST + quad].
+var<workgroup> kT: array<vec4<f32>, ${4 * d4 * kst}>;
+// The block's dS, read from the scratch.
+var<workgroup> pS: array<vec4<f32>, ${br * s.sc}>;`;
+    const keyBlocks = dsScratch ? `${dsKeyTile}
+` :
+                                  `${keyTile}
+
+    ${scoresToDsWGSL(s, 'KST', d4, dv4, f, false, 'pS[r * SC + sQuad] = dsv;')}
+    workgroupBarrier();
+`;
+    this.source = gradPassWGSL(
+        f, 'q', {d, dv, bc, br, threads, s, xt}, {NR: nr, KST: kst},
+        dsScratch ? dsStorage : storage, `
+  ${dsScratch ? '' : loadQueryBlockWGSL(d, d4, dv, dv4)}
 
   var dqAcc: array<array<f32, ${nd}>, NR>;
   for (var m = 0; m < NR; m++) {
@@ -139,11 +174,7 @@ ${queryBlockStorageWGSL(br, d4, dv4, s.sc)}`;
   }
 
   ${dqKeyRangeWGSL(s)}
-${keyTile}
-
-    ${scoresToDsWGSL(s, 'KST', d4, dv4, f, false, 'pS[r * SC + sQuad] = dsv;')}
-    workgroupBarrier();
-${accumulate}
+${keyBlocks}${accumulate}
   }
 
   for (var m = 0; m < NR; m++) {
@@ -156,6 +187,7 @@ ${accumulate}
       }
     }
   }
-`);
+`,
+        'SC', dsScratch);
   }
 }

@@ -48,6 +48,10 @@ export const GRAD_UNIFORMS: readonly UniformField[] = [
   // Rows of q and of k in a packed varlen call (0 otherwise).
   ['totalQ', 'i32'],
   ['totalK', 'i32'],
+  // The dS scratch (GradTiles.dsScratch): the first (batch, kv head) of
+  // the chunk a dispatch covers, and the scratch's first vec2 in `stats`.
+  ['unit0', 'i32'],
+  ['dsBase', 'i32'],
 ];
 
 /**
@@ -70,22 +74,42 @@ export function constsWGSL(values: Readonly<Record<string, number>>): string {
   return Object.entries(values).map(([name, value]) => `const ${name} = ${value};`).join('\n');
 }
 
+/** The (lse, Delta) pairs of the delta pass (and, after them, the dS scratch). */
+const STATS_BINDING: StorageBinding = {
+  name: 'stats',
+  type: 'vec2<f32>'
+};
+
 /**
  * The inputs of the dK/dV and dQ passes: q, k, v, dO, the (lse, Delta)
  * pairs of the delta pass, and the ALiBi slopes when compiled in.
  * (Per-batch lengths come at the end of `stats`: see
- * FlashAttentionGradDeltaProgram.)
+ * FlashAttentionGradDeltaProgram.) `withStats` false: all but `stats` (a
+ * dK/dV pass that stores dS binds it read_write instead).
  */
-export function gradInputs(f: GradFeatures): StorageBinding[] {
+export function gradInputs(f: GradFeatures, withStats = true): StorageBinding[] {
   return [
     {name: 'q', type: 'f32'},
     {name: 'k', type: 'f32'},
     {name: 'v', type: 'f32'},
     {name: 'dy', type: 'f32'},
-    {name: 'stats', type: 'vec2<f32>'},
+    ...(withStats ? [STATS_BINDING] : []),
     ...(f.alibi ? [{name: 'slopes', type: 'f32'}] : []),
   ];
 }
+
+/** Where a dispatch of a chunked dS-scratch backward starts (gradUniforms). */
+export interface DsChunkUniforms {
+  /** The chunk's first (batch, kv head) pair. */
+  unit0: number;
+  /** The scratch's first vec2 in `stats` (after the rows and the lengths). */
+  dsBase: number;
+}
+
+const NO_DS_CHUNK: DsChunkUniforms = {
+  unit0: 0,
+  dsBase: 0
+};
 
 /** totalQ and totalK of a call that is not packed. */
 const NOT_PACKED = {
@@ -96,7 +120,7 @@ const NOT_PACKED = {
 /** The uniform block's bytes for one call (packedRows: a packed call's rows). */
 export function gradUniforms(
     shapes: AttentionShapes, attrs: FlashAttentionAttrs, alibiShape: readonly number[],
-    packedRows = NOT_PACKED): ArrayBuffer {
+    packedRows = NOT_PACKED, dsChunk = NO_DS_CHUNK): ArrayBuffer {
   const dropout = attrs.dropoutRate > 0;
   return packUniforms(GRAD_UNIFORMS, {
     batch: shapes.batch,
@@ -114,6 +138,7 @@ export function gradUniforms(
     softcap: attrs.softcap,
     keepScale: dropout ? 1 / (1 - attrs.dropoutRate) : 1,
     ...packedRows,
+    ...dsChunk,
   });
 }
 
@@ -257,9 +282,15 @@ export abstract class GradPassProgram implements OwnPipelineSpec {
   readonly hasUniforms = true;
   protected source = '';
 
-  constructor(readonly key: string, f: GradFeatures, side: GradSide) {
-    this.numInputs = gradInputs(f).length;
-    this.numOutputs = GRAD_OUTPUTS[side].length;
+  /**
+   * `dsScratch` (GradTiles.dsScratch): the dK/dV pass binds `stats`
+   * read_write after its outputs (it stores dS there), the dQ pass reads dS
+   * from it; both cover one chunk of (batch, kv head) pairs per dispatch.
+   */
+  constructor(readonly key: string, f: GradFeatures, side: GradSide, dsScratch = false) {
+    const storesDs = dsScratch && side === 'k';
+    this.numInputs = gradInputs(f, !storesDs).length;
+    this.numOutputs = GRAD_OUTPUTS[side].length + (storesDs ? 1 : 0);
   }
 
   code(): string {
@@ -276,25 +307,35 @@ export abstract class GradPassProgram implements OwnPipelineSpec {
  *        the packed gaps of dk/dv zeroed, and the key tile in kT/vT
  *        (loadKeyTileWGSL, K's row stride `kStride`; null: not loaded)
  *   'q': t, dqBlockWGSL's names, the packed gaps of dq zeroed.
+ * With `dsScratch` (GradPassProgram), workgroup row y covers pair
+ * y + p.unit0 ('k') or query head y + p.unit0 * groups ('q') of the
+ * (batch, head) grid, and dsScratchWGSL's `dsAt` is declared; the 'k' side
+ * binds `stats` read_write after dk and dv.
  */
 export function gradPassWGSL(
     f: GradFeatures, side: GradSide, z: GradPassSizes, extra: Readonly<Record<string, number>>,
-    storage: string, body: string, kStride: string|null = 'SC'): string {
+    storage: string, body: string, kStride: string|null = 'SC', dsScratch = false): string {
   const outputs = GRAD_OUTPUTS[side];
   const gaps = zeroGapsWGSL(f, side, ...outputs);
+  const unit = dsScratch ? '(i32(wg.y) + p.unit0)' : 'i32(wg.y)';
   const prologue = side === 'k' ? `let j0 = i32(wg.x) * BC;
-  let b = i32(wg.y) / p.headsKV;
-  let hk = i32(wg.y) % p.headsKV;
+  let b = ${unit} / p.headsKV;
+  let hk = ${unit} % p.headsKV;
   let groups = p.heads / p.headsKV;
   let gr = gradRows(b);
   ${gaps}
 
   ${kStride != null ? loadKeyTileWGSL(kStride) : ''}` :
-                                  `${dqBlockWGSL()}
+                                  `${dqBlockWGSL(dsScratch)}
   ${gaps}`;
-  const bindings = gradBindingsWGSL(gradInputs(f), outputs.map(([name]) => ({name, type: 'f32'})));
+  const storesDs = dsScratch && side === 'k';
+  const bindings = gradBindingsWGSL(gradInputs(f, !storesDs), [
+    ...outputs.map(([name]) => ({name, type: 'f32'})),
+    ...(storesDs ? [STATS_BINDING] : []),
+  ]);
   return `${bindings}
 ${gradCommonWGSL(f)}
+${dsScratch ? dsScratchWGSL() : ''}
 ${constsWGSL({
     D: z.d,
     DV: z.dv,
@@ -326,16 +367,89 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,${
  * WGSL placing a dQ pass's workgroup: `let i0` (its first query row), `b`,
  * `h`, `hk` and the score parameters `sp`. Under causal-like masks (a right
  * bound only) later rows see more keys, so the heaviest query blocks are
- * dispatched first. Uses `wg` and `nwg`.
+ * dispatched first. Uses `wg` and `nwg`; `chunked`: row y of the grid is
+ * query head y + p.unit0 * (heads per kv head) (a dS-scratch chunk).
  */
-export function dqBlockWGSL(): string {
+export function dqBlockWGSL(chunked = false): string {
+  const y = chunked ? '(i32(wg.y) + p.unit0 * (p.heads / p.headsKV))' : 'i32(wg.y)';
   return `let heavyLast = p.windowLeft < 0 && p.windowRight >= 0;
   let i0 = select(i32(wg.x), i32(nwg.x) - 1 - i32(wg.x), heavyLast) * BR;
-  let b = i32(wg.y) / p.heads;
-  let h = i32(wg.y) % p.heads;
+  let b = ${y} / p.heads;
+  let h = ${y} % p.heads;
   let hk = h / (p.heads / p.headsKV);
   let gr = gradRows(b);
   let sp = gradScoreParams(b, h);`;
+}
+
+/**
+ * The dS scratch (GradTiles.dsScratch): the dK/dV pass stores each dS
+ * tile it computes after the (lse, Delta) pairs in `stats`, and the dQ
+ * pass reads it back instead of recomputing S, P, dP and dS. Query head y
+ * of a chunk (0 .. its heads) holds rows 0 .. p.seqQ - 1 of whole key
+ * quads, 0 .. ceil(p.seqK / 4) - 1, each quad two vec2s:
+ *   fn dsAt(y: i32, i: i32, jq: i32) -> i32   (jq % 4 == 0)
+ * Both passes walk the same key quads (tiles start at multiples of 4).
+ */
+export function dsScratchWGSL(): string {
+  return `fn dsAt(y: i32, i: i32, jq: i32) -> i32 {
+  return p.dsBase + ((y * p.seqQ + i) * ((p.seqK + 3) / 4) + jq / 4) * 2;
+}`;
+}
+
+/**
+ * A dK/dV workgroup's query head `h` as a head of its dS-scratch chunk
+ * (workgroup row y holds kv head hk of the chunk's y-th pair).
+ */
+export const DKDV_DS_HEAD = 'i32(wg.y) * groups + h - hk * groups';
+
+/**
+ * WGSL storing dS `dsv` of row `i`, keys jq .. jq + 3 of the chunk's query
+ * head `y` (dK/dV pass; rows and quads past the sequences are skipped).
+ */
+export function storeDsWGSL(y: string, dsv: string): string {
+  return `if (i < p.seqQ && jq < p.seqK) {
+          let at = dsAt(${y}, i, jq);
+          stats[at] = ${dsv}.xy;
+          stats[at + 1] = ${dsv}.zw;
+        }`;
+}
+
+/**
+ * Register prefetch of a dQ pass's dS tile from the scratch, rows
+ * [i0, i0 + BR) of its query head x keys [j0, j0 + BC): `fetchDsTileWGSL`
+ * into `dsReg` (`prefetchSlots(br * sc, threads)` vec4s), `storeDsTileWGSL`
+ * into `pS[r * SC + quad]` after the next barrier. Only elements the mask
+ * shows are read (zeros elsewhere): exactly those the dK/dV pass stored, as
+ * a row that sees a key of a key block is among the rows that block visits
+ * (fa_query_range). Uses `t`, `T`, `i0`, `sp`, `wg`.
+ */
+export function fetchDsTileWGSL(j0: string, br: number, sc: number, threads: number): string {
+  return `
+    for (var u = 0; u < ${prefetchSlots(br * sc, threads)}; u++) {
+      let e = t + u * T;
+      let i = i0 + e / SC;
+      let jq = ${j0} + (e % SC) * 4;
+      var val = vec4<f32>(0.0);
+      if (e < BR * SC && i < p.seqQ) {
+        let shown = fa_visible4(i, vec4<i32>(jq) + vec4<i32>(0, 1, 2, 3), sp);
+        let at = dsAt(i32(wg.y), i, jq);
+        if (all(shown)) {
+          val = vec4<f32>(stats[at], stats[at + 1]);
+        } else {
+          for (var c4 = 0; c4 < 4; c4++) {
+            if (shown[c4]) { val[c4] = stats[at + c4 / 2][c4 % 2]; }
+          }
+        }
+      }
+      dsReg[u] = val;
+    }`;
+}
+
+export function storeDsTileWGSL(br: number, sc: number, threads: number): string {
+  return `for (var u = 0; u < ${prefetchSlots(br * sc, threads)}; u++) {
+      let e = t + u * T;
+      if (e < BR * SC) { pS[e] = dsReg[u]; }
+    }`;
 }
 
 /**
@@ -701,9 +815,10 @@ export function storeRowsWGSL(
  * two halves): `fetchKeyTileWGSL` into `kReg`/`vReg` (arrays of
  * `prefetchSlots(SC * 4 * D4, T)` and `prefetchSlots(SC * 4 * DV4, T)`
  * vec4s), `storeKeyTileWGSL` into `kT` (row stride `kStride`) and `vT`.
+ * `withV` false: K only (a dQ pass that reads dS needs no V).
  */
 export function fetchKeyTileWGSL(
-    j0: string, sc: number, d4: number, dv4: number, threads: number): string {
+    j0: string, sc: number, d4: number, dv4: number, threads: number, withV = true): string {
   const one = (src: string, reg: string, w: string, w4: number) => `
     for (var u = 0; u < ${prefetchSlots(sc * 4 * w4, threads)}; u++) {
       let e = t + u * T;
@@ -715,15 +830,15 @@ export function fetchKeyTileWGSL(
       }
       ${reg}[u] = val;
     }`;
-  return one('k', 'kReg', 'D', d4) + one('v', 'vReg', 'DV', dv4);
+  return one('k', 'kReg', 'D', d4) + (withV ? one('v', 'vReg', 'DV', dv4) : '');
 }
 
 export function storeKeyTileWGSL(
-    kStride: string, sc: number, d4: number, dv4: number, threads: number): string {
+    kStride: string, sc: number, d4: number, dv4: number, threads: number, withV = true): string {
   const one = (reg: string, dst: string, stride: string, w4: number) => `
     for (var u = 0; u < ${prefetchSlots(sc * 4 * w4, threads)}; u++) {
       let e = t + u * T;
       if (e < ${sc * 4 * w4}) { ${dst}[(e % ${4 * w4}) * ${stride} + e / ${4 * w4}] = ${reg}[u]; }
     }`;
-  return one('kReg', 'kT', kStride, d4) + one('vReg', 'vT', 'SC', dv4);
+  return one('kReg', 'kT', kStride, d4) + (withV ? one('vReg', 'vT', 'SC', dv4) : '');
 }

@@ -272,6 +272,48 @@ export const GRAD_TILINGS: GradTilingChoice[] = [
   {tiles: STREAMED_GRAD_CANDIDATES[1], minHeadDim: 96, maxHeadDim: 128},
 ];
 
+/**
+ * The dS scratch (GradTiles.dsScratch; docs/webgpu_tuning.md, "dS
+ * scratch"): the dK/dV pass stores its dS tiles and the dQ pass reads them
+ * instead of recomputing S, P, dP and dS, for (batch, kv head) pairs in
+ * chunks whose scratch stays within this many bytes (a test hook,
+ * setDsScratchBudget, lowers it).
+ */
+export const DS_SCRATCH_BUDGET_BYTES = 256 * 2 ** 20;
+
+/** Problems the planner gives the dS scratch (on hardware GPUs). */
+export interface DsScratchChoice {
+  /** Head dims (both D and Dv) above this ... */
+  minHeadDim: number;
+  /** ... and up to this. */
+  maxHeadDim: number;
+  /** Keys per sequence at least. */
+  minKeys: number;
+  /** Also with a causal mask or a window (else only without). */
+  masked: boolean;
+}
+
+/**
+ * Where the planner turns the dS scratch on without a forced plan: none
+ * until a GPU has measured it (forced by `ds` in `--grad-variants`). One
+ * line turns it on, e.g. for non-causal D=128:
+ *   {minHeadDim: 96, maxHeadDim: 128, minKeys: 1024, masked: false}
+ */
+export const DS_SCRATCH_PLANS: DsScratchChoice[] = [];
+
+let dsScratchBudget: number|null = null;
+/** Tests: lower the dS scratch budget (bytes); null restores DS_SCRATCH_BUDGET_BYTES. */
+export function setDsScratchBudget(bytes: number|null): void {
+  dsScratchBudget = bytes;
+}
+export function getDsScratchBudget(): number {
+  return dsScratchBudget ?? DS_SCRATCH_BUDGET_BYTES;
+}
+/** Is the budget lowered (plans made under it are not kept)? */
+export function dsScratchBudgetForced(): boolean {
+  return dsScratchBudget != null;
+}
+
 /** Testing and benchmarking: force a forward plan (tiling, subgroups, splits). */
 export interface ForwardOverride {
   tiles?: ForwardTiles;

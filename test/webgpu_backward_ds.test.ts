@@ -1,0 +1,230 @@
+/**
+ * The dS scratch of the fused WebGPU backward (GradTiles.dsScratch;
+ * docs/webgpu_tuning.md, "dS scratch"): the dK/dV pass stores dS, the dQ
+ * pass reads it back instead of recomputing it. Forced on Dawn (SwiftShader
+ * without a GPU) for the whole-row tiles and for scaled-down streamed
+ * tiles, against the float64 oracle's gradients (docs/design.md, "Accuracy
+ * bounds": 5e-4, an lse gradient included) with the option families,
+ * NaN-poisoned outputs and scratch (a dS the dQ pass reads but the dK/dV
+ * pass did not write would show), bit-identical reruns and no leaks; then
+ * a lowered budget: several chunks, and the fallback to the recomputing dQ
+ * pass; and the full-size WGSL of the planned D=128 tiles.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+
+import {dsChunkUnits, dsScratchChunkRuns, fusedGradRunCount, GradTiles, setGradTilesOverride} from '../kernels/webgpu/FlashAttentionGrad';
+import {FlashAttentionGradDkDvProgram} from '../kernels/webgpu/flash_attention_grad_dkdv_webgpu';
+import {FlashAttentionGradDkDvSlicedProgram} from '../kernels/webgpu/flash_attention_grad_dkdv_sliced_webgpu';
+import {FlashAttentionGradDqProgram} from '../kernels/webgpu/flash_attention_grad_dq_webgpu';
+import {FlashAttentionGradDqSlicedProgram} from '../kernels/webgpu/flash_attention_grad_dq_sliced_webgpu';
+import {gradFeatures} from '../kernels/webgpu/flash_attention_grad_wgsl';
+import {DS_SCRATCH_PLANS, setDsScratchBudget, setForwardOverride, STREAMED_GRAD_CANDIDATES} from '../kernels/webgpu/tuning';
+import {FLASH_ATTENTION_IMPL, flashAttention} from '../src';
+import {normalizeOptions} from '../src/options';
+
+import {selectedBackends} from './harness/backends';
+import {OptionCase} from './harness/cases';
+import {checkGradUnderTiles, expectValidWGSL, useFusedGradWebGPU} from './harness/small_tiles';
+
+const describeWebGPU = selectedBackends().includes('webgpu') ? describe : describe.skip;
+
+/** Whole-row tiles: several key and query blocks per head at these lengths. */
+const PLAIN: GradTiles = {
+  dkdv: {bc: 16, br: 8, threads: 32},
+  dq: {br: 8, bc: 16, threads: 32},
+  dsScratch: true,
+};
+/** S2's streamed passes scaled down to head dims of 32 (2 slices each). */
+const STREAMED: GradTiles = {
+  dkdv: {bc: 16, br: 8, threads: 64, dimChunks: 2, streamed: true},
+  dq: {br: 16, bc: 16, threads: 64, dimChunks: 2, streamed: true},
+  dsScratch: true,
+};
+
+function gpuBytes(): number {
+  return (tf.memory() as tf.MemoryInfo & {numBytesInGPU?: number}).numBytesInGPU ?? 0;
+}
+
+describe('dS scratch chunks', () => {
+  it('take as many (batch, kv head) pairs as the budget and the binding size allow', () => {
+    // 4 pairs of 1000 bytes, 100 bytes of stats.
+    expect(dsChunkUnits(4, 1000, 100, 1e9, 1e9)).toBe(4);
+    expect(dsChunkUnits(4, 1000, 100, 2999, 1e9)).toBe(2);
+    expect(dsChunkUnits(4, 1000, 100, 1e9, 2100)).toBe(2);
+    expect(dsChunkUnits(4, 1000, 100, 999, 1e9)).toBe(0);
+    expect(dsChunkUnits(4, 1000, 100, 1e9, 1099)).toBe(0);
+  });
+
+  it('are off in the planner until a GPU measures them', () => {
+    expect(DS_SCRATCH_PLANS).toEqual([]);
+  });
+});
+
+describeWebGPU('fused WebGPU backward with the dS scratch [webgpu]', () => {
+  useFusedGradWebGPU();
+  afterEach(() => setDsScratchBudget(null));
+
+  const CASES: Array<{tiles: GradTiles, c: OptionCase}> = [
+    {
+      tiles: PLAIN,
+      c: {
+        name: 'D=32, Sq < Sk, not causal',
+        shape: {batch: 2, seqQ: 37, seqK: 70, heads: 2, headsKV: 2, headDim: 32, headDimV: 32},
+        opts: {}
+      }
+    },
+    {
+      tiles: PLAIN,
+      c: {
+        name: 'D=32, causal, GQA, dropout',
+        shape: {batch: 1, seqQ: 50, seqK: 50, heads: 4, headsKV: 2, headDim: 32, headDimV: 32},
+        opts: {causal: true, dropoutRate: 0.2, seed: 7}
+      }
+    },
+    {
+      tiles: {...PLAIN, dkdv: {...PLAIN.dkdv, split: true}},
+      c: {
+        name: 'D=30, Dv=34, Sq > Sk, window, softcap, alibi per head, split S/dP',
+        shape: {
+          batch: 1,
+          seqQ: 60,
+          seqK: 41,
+          heads: 2,
+          headsKV: 1,
+          headDim: 30,
+          headDimV: 34,
+          alibi: 'head'
+        },
+        opts: {windowSize: [12, 5], softcap: 2}
+      }
+    },
+    {
+      tiles: STREAMED,
+      c: {
+        name: 'D=32, causal, GQA, softcap, alibi per batch',
+        shape: {
+          batch: 2,
+          seqQ: 45,
+          seqK: 45,
+          heads: 4,
+          headsKV: 2,
+          headDim: 32,
+          headDimV: 32,
+          alibi: 'batch'
+        },
+        opts: {causal: true, softcap: 3}
+      }
+    },
+    {
+      tiles: STREAMED,
+      c: {
+        name: 'D=32, Sq < Sk, window, dropout',
+        shape: {batch: 1, seqQ: 29, seqK: 66, heads: 2, headsKV: 2, headDim: 32, headDimV: 32},
+        opts: {windowSize: [20, 9], dropoutRate: 0.25, seed: 3}
+      }
+    },
+  ];
+  for (const {tiles, c} of CASES) {
+    it(`kernel vs oracle, ${tiles.dkdv.streamed ? 'streamed' : 'whole-row'} tiles: ${c.name}`,
+       async () => {
+         const chunks = dsScratchChunkRuns();
+         const bytes = gpuBytes();
+         await checkGradUnderTiles(tiles, c);
+         // One chunk per run, both runs.
+         expect(dsScratchChunkRuns()).toBe(chunks + 2);
+         expect(gpuBytes()).toBe(bytes);
+       });
+  }
+
+  // B = 2, Hk = 2: four (batch, kv head) pairs of 2 query heads.
+  const GQA: OptionCase = {
+    name: 'D=32, GQA, causal',
+    shape: {batch: 2, seqQ: 40, seqK: 44, heads: 4, headsKV: 2, headDim: 32, headDimV: 32},
+    opts: {causal: true}
+  };
+  const pairBytes = 2 * 40 * Math.ceil(44 / 4) * 16;
+  for (const tiles of [PLAIN, STREAMED]) {
+    const what = tiles.dkdv.streamed ? 'streamed' : 'whole-row';
+    it(`in chunks under a lowered budget (${what}): 3 + 1 pairs, then 1 pair each`, async () => {
+      // Room for 3 pairs: chunks of 3 and 1.
+      setDsScratchBudget(3 * pairBytes + 5);
+      const chunks = dsScratchChunkRuns();
+      const bytes = gpuBytes();
+      await checkGradUnderTiles(tiles, GQA);
+      expect(dsScratchChunkRuns()).toBe(chunks + 2 * 2);
+      // One pair per chunk.
+      setDsScratchBudget(pairBytes);
+      await checkGradUnderTiles(tiles, GQA);
+      expect(dsScratchChunkRuns()).toBe(chunks + 2 * 2 + 2 * 4);
+      expect(gpuBytes()).toBe(bytes);
+    });
+
+    it(`falls back to recomputing dS when one pair does not fit (${what})`, async () => {
+      setDsScratchBudget(pairBytes - 1);
+      const chunks = dsScratchChunkRuns();
+      await checkGradUnderTiles(tiles, GQA);
+      expect(dsScratchChunkRuns()).toBe(chunks);
+    });
+  }
+
+  it('the planned D=128 tiles (S2) and D=64 tiles with the scratch pass Dawn\'s validation',
+     async () => {
+       const features = [
+         gradFeatures(normalizeOptions({}, 128, 'test'), false),
+         gradFeatures(
+             normalizeOptions({dropoutRate: 0.1, softcap: 2, windowSize: [9, 3]}, 128, 'test'),
+             true),
+       ];
+       const S2 = STREAMED_GRAD_CANDIDATES[1];
+       const D64 = {dkdv: {bc: 32, br: 32, threads: 128}, dq: {br: 64, bc: 16, threads: 128}};
+       for (const f of features) {
+         for (const program
+                  of [new FlashAttentionGradDkDvSlicedProgram(128, 128, S2.dkdv, f, true),
+                      new FlashAttentionGradDqSlicedProgram(128, 128, S2.dq, f, true),
+                      new FlashAttentionGradDqSlicedProgram(
+                          128, 128, {...S2.dq, prefetch: false}, f, true),
+                      new FlashAttentionGradDkDvProgram(64, 64, D64.dkdv, f, true),
+                      new FlashAttentionGradDqProgram(64, 64, D64.dq, f, true),
+         ]) {
+           await expectValidWGSL(program.key, program.code());
+         }
+       }
+     });
+
+  it('is not taken by calls with per-batch lengths (the recomputing dQ pass runs)', async () => {
+    const [batch, seq, heads, dim] = [2, 24, 2, 32];
+    const [q, k, v, dOut] = [0, 1, 2, 3].map(() => tf.randomNormal([batch, seq, heads, dim]));
+    const seqlensQ = tf.tensor1d([24, 13], 'int32');
+    const seqlensK = tf.tensor1d([17, 24], 'int32');
+    tf.env().set(FLASH_ATTENTION_IMPL, 'fused');
+    // Small forward tiles: SwiftShader compiles the planned ones slowly.
+    setForwardOverride({tiles: {tm: 1, tx: 2, nq: 1, ty: 8}});
+    const grads = async (tiles: GradTiles) => {
+      setGradTilesOverride(tiles);
+      const g = tf.grads(
+          (a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) => tf.sum(tf.mul(
+              flashAttention(
+                  a as tf.Tensor4D, b as tf.Tensor4D, c as tf.Tensor4D,
+                  {seqlensQ, seqlensK, causal: true}),
+              dOut)))([q, k, v]);
+      const data = await Promise.all(g.map(x => x.data() as Promise<Float32Array>));
+      tf.dispose(g);
+      return data;
+    };
+    try {
+      const chunks = dsScratchChunkRuns();
+      const runs = fusedGradRunCount();
+      const withScratch = await grads(PLAIN);
+      const without = await grads({...PLAIN, dsScratch: false});
+      expect(fusedGradRunCount()).toBe(runs + 2);
+      expect(dsScratchChunkRuns()).toBe(chunks);
+      withScratch.forEach(
+          (x, n) => expect(Buffer.from(x.buffer)).toEqual(Buffer.from(without[n].buffer)));
+    } finally {
+      setGradTilesOverride(null);
+      setForwardOverride(null);
+      tf.env().set(FLASH_ATTENTION_IMPL, 'auto');
+      tf.dispose([q, k, v, dOut, seqlensQ, seqlensK]);
+    }
+  });
+});
