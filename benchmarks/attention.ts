@@ -39,8 +39,10 @@
  * (dQ pass) streamed in N head-dim slices, `ckN`/`cqN` in one pass; `st`:
  * with cN, the other operand streamed too (K^T/V^T in dK/dV, Q/dO rows in
  * dQ), `stk`/`stq` in one pass; `p0`: with cN, no register prefetch of the
- * slices, `p0k`/`p0q` in one pass; `sliced` / `streamed`: every candidate of
- * tuning.ts's SLICED_ / STREAMED_GRAD_CANDIDATES) on the fwdbwd rows.
+ * slices, `p0k`/`p0q` in one pass; `ds`: the dQ pass reads the dS the
+ * dK/dV pass stored, `ds0` never; a `D:` prefix: for head dim D only;
+ * `sliced` / `streamed`: every candidate of tuning.ts's SLICED_ /
+ * STREAMED_GRAD_CANDIDATES) on the fwdbwd rows.
  * --variants forces forward tilings
  * (`o` outer-product mode, `pN` prefetch off/on, `kN` N key-range splits,
  * `cN` K^T and V in N head-dim slices, `qs` Q^T streamed with K^T, `db`
@@ -63,7 +65,7 @@
 import * as fs from 'fs';
 import * as path from 'path';
 
-import {parseForwardVariant, parseGradVariant} from './plan_variants';
+import {gradVariantForDim, parseForwardVariant, parseGradVariant} from './plan_variants';
 import {adapterName, openWebGPUDevice, useWebGPUBackend} from './webgpu_setup';
 
 type TF = typeof import('@tensorflow/tfjs-core');
@@ -465,8 +467,12 @@ async function main(): Promise<void> {
       const label = `B=${p.b} H=${p.h}${p.hk !== p.h ? `/${p.hk}` : ''} D=${d} S=${s}`;
       for (const mode of args.modes) {
         for (const causal of args.causal) {
-          const fusedVariants =
-              [...variants, ...(mode === 'fwd' ? [] : gradVariants.map(g => `g:${g}`))];
+          const fusedVariants = [
+            ...variants,
+            ...(mode === 'fwd' ?
+                    [] :
+                    gradVariants.filter(g => gradVariantForDim(g, d)).map(g => `g:${g}`))
+          ];
           const entries = args.impls.flatMap(
               impl => (impl === 'fused' ? fusedVariants : ['-']).map(variant => ({impl, variant})));
           // Each pass measures every entry of this row; odd passes go in

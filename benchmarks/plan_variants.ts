@@ -4,7 +4,12 @@
  * benchmarks/shader_stats.ts (which compiles it without timing it):
  *
  *   forward  "tm,tx,nq,ty[,o][,p0|p1][,kN][,cN][,qs][,db][,uN]", or "kN" alone
- *   backward "bc,br,qbr,qbc[,s|sk|sq][,tN|tkN|tqN][,cN|ckN|cqN][,st|stk|stq][,p0|p0k|p0q]"
+ *   backward "[D:]bc,br,qbr,qbc[,s|sk|sq][,tN|tkN|tqN][,cN|ckN|cqN][,st|stk|stq][,p0|p0k|p0q][,ds]"
+ *
+ * A backward variant with a `D:` prefix (e.g. "128:64,32,64,64,...") is
+ * meant for head dim D only (gradVariantForDim); `ds` turns the dS scratch
+ * on (GradTiles.dsScratch: the dQ pass reads the dS the dK/dV pass
+ * stored), `ds0` off (else the planner's DS_SCRATCH_PLANS decide).
  *
  * (docs/webgpu_tuning.md, "The sweep", says what each flag does.)
  */
@@ -57,17 +62,18 @@ export function parseForwardVariant(variant: string): ForwardOverride {
  * the flag instead of compiling other kernels.
  */
 export function parseGradVariant(variant: string, hasStreamed: boolean): GradTiles {
-  const fields = variant.split(',');
+  const fields = variant.replace(/^\d+:/, '').split(',');
   const [bc, br, qbr, qbc] = fields.slice(0, 4).map(Number);
   const flags = fields.slice(4);
   const streamFlags = ['st', 'stk', 'stq'];
   const unknown = flags.filter(
-      x =>
-          !['s', 'sk', 'sq', 'p0', 'p0k', 'p0q', ...(hasStreamed ? streamFlags : [])].includes(x) &&
+      x => !['s', 'sk', 'sq', 'p0', 'p0k', 'p0q', 'ds', 'ds0', ...(hasStreamed ? streamFlags : [])]
+                .includes(x) &&
           !/^(t|tk|tq|c|ck|cq)\d+$/.test(x));
   if (unknown.length > 0 || fields.length < 4 || [bc, br, qbr, qbc].some(x => !(x > 0))) {
-    throw new Error(`--grad-variants: expected "bc,br,qbr,qbc[,s|sk|sq][,tN|tkN|tqN][,cN|ckN|cqN]${
-        hasStreamed ? '[,st|stk|stq]' : ''}[,p0|p0k|p0q]", got "${variant}"`);
+    throw new Error(
+        `--grad-variants: expected "[D:]bc,br,qbr,qbc[,s|sk|sq][,tN|tkN|tqN][,cN|ckN|cqN]${
+            hasStreamed ? '[,st|stk|stq]' : ''}[,p0|p0k|p0q][,ds|ds0]", got "${variant}"`);
   }
   // The value of flag `name`, else of `both`, as a number.
   const value = (name: string, both: string) => {
@@ -96,5 +102,17 @@ export function parseGradVariant(variant: string, hasStreamed: boolean): GradTil
       ...(has('stq', 'st') ? {streamed: true} : {}),
       ...(has('p0q', 'p0') ? {prefetch: false} : {}),
     },
+    ...(flags.includes('ds')      ? {dsScratch: true} :
+            flags.includes('ds0') ? {dsScratch: false} :
+                                    {}),
   };
+}
+
+/**
+ * Is a backward variant meant for head dim `d`: one without a `D:` prefix
+ * is meant for every head dim, one with it for that D only.
+ */
+export function gradVariantForDim(variant: string, d: number): boolean {
+  const prefix = /^(\d+):/.exec(variant);
+  return prefix == null || Number(prefix[1]) === d;
 }

@@ -21,6 +21,7 @@ import {gradFeatures} from '../kernels/webgpu/flash_attention_grad_wgsl';
 import {DS_SCRATCH_PLANS, setDsScratchBudget, setForwardOverride, STREAMED_GRAD_CANDIDATES} from '../kernels/webgpu/tuning';
 import {FLASH_ATTENTION_IMPL, flashAttention} from '../src';
 import {normalizeOptions} from '../src/options';
+import {gradVariantForDim, parseGradVariant} from '../benchmarks/plan_variants';
 
 import {selectedBackends} from './harness/backends';
 import {OptionCase} from './harness/cases';
@@ -57,6 +58,21 @@ describe('dS scratch chunks', () => {
 
   it('are off in the planner until a GPU measures them', () => {
     expect(DS_SCRATCH_PLANS).toEqual([]);
+  });
+
+  it('are forced by `ds` in the benchmarks\' spelling, for one head dim with `D:`', () => {
+    const S2 = '64,32,64,64,ck2,cq4,tk256,tq256,stk,stq';
+    expect(parseGradVariant(`128:${S2},ds`, true))
+        .toEqual({...STREAMED_GRAD_CANDIDATES[1], dsScratch: true});
+    expect(parseGradVariant('32,32,64,16,ds0', false)).toEqual({
+      dkdv: {bc: 32, br: 32, threads: 128},
+      dq: {br: 64, bc: 16, threads: 128},
+      dsScratch: false
+    });
+    expect(parseGradVariant('32,32,64,16', false).dsScratch).toBeUndefined();
+    expect(() => parseGradVariant('32,32,64,16,dsx', false)).toThrow(/--grad-variants/);
+    expect([64, 128].map(d => gradVariantForDim(`128:${S2},ds`, d))).toEqual([false, true]);
+    expect(gradVariantForDim('32,32,64,16,ds', 128)).toBe(true);
   });
 });
 
