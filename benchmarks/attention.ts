@@ -40,7 +40,8 @@
  * with cN, the other operand streamed too (K^T/V^T in dK/dV, Q/dO rows in
  * dQ), `stk`/`stq` in one pass; `p0`: with cN, no register prefetch of the
  * slices, `p0k`/`p0q` in one pass; `ds`: the dQ pass reads the dS the
- * dK/dV pass stored, `ds0` never; a `D:` prefix: for head dim D only;
+ * dK/dV pass stored, `dsN` in chunks of N MiB, `ds0` never; a `D:` prefix:
+ * for head dim D only;
  * `sliced` / `streamed`: every candidate of tuning.ts's SLICED_ /
  * STREAMED_GRAD_CANDIDATES) on the fwdbwd rows.
  * --variants forces forward tilings

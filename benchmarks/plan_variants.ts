@@ -4,12 +4,15 @@
  * benchmarks/shader_stats.ts (which compiles it without timing it):
  *
  *   forward  "tm,tx,nq,ty[,o][,p0|p1][,kN][,cN][,qs][,db][,uN]", or "kN" alone
- *   backward "[D:]bc,br,qbr,qbc[,s|sk|sq][,tN|tkN|tqN][,cN|ckN|cqN][,st|stk|stq][,p0|p0k|p0q][,ds]"
+ *   backward
+ * "[D:]bc,br,qbr,qbc[,s|sk|sq][,tN|tkN|tqN][,cN|ckN|cqN][,st|stk|stq][,p0|p0k|p0q][,ds|dsN]"
  *
  * A backward variant with a `D:` prefix (e.g. "128:64,32,64,64,...") is
  * meant for head dim D only (gradVariantForDim); `ds` turns the dS scratch
  * on (GradTiles.dsScratch: the dQ pass reads the dS the dK/dV pass
- * stored), `ds0` off (else the planner's DS_SCRATCH_PLANS decide).
+ * stored), `dsN` on with chunks of at most N MiB of scratch instead of
+ * DS_SCRATCH_BUDGET_BYTES, `ds0` off (else the planner's DS_SCRATCH_PLANS
+ * decide).
  *
  * (docs/webgpu_tuning.md, "The sweep", says what each flag does.)
  */
@@ -67,13 +70,13 @@ export function parseGradVariant(variant: string, hasStreamed: boolean): GradTil
   const flags = fields.slice(4);
   const streamFlags = ['st', 'stk', 'stq'];
   const unknown = flags.filter(
-      x => !['s', 'sk', 'sq', 'p0', 'p0k', 'p0q', 'ds', 'ds0', ...(hasStreamed ? streamFlags : [])]
+      x => !['s', 'sk', 'sq', 'p0', 'p0k', 'p0q', 'ds', ...(hasStreamed ? streamFlags : [])]
                 .includes(x) &&
-          !/^(t|tk|tq|c|ck|cq)\d+$/.test(x));
+          !/^(t|tk|tq|c|ck|cq|ds)\d+$/.test(x));
   if (unknown.length > 0 || fields.length < 4 || [bc, br, qbr, qbc].some(x => !(x > 0))) {
     throw new Error(
         `--grad-variants: expected "[D:]bc,br,qbr,qbc[,s|sk|sq][,tN|tkN|tqN][,cN|ckN|cqN]${
-            hasStreamed ? '[,st|stk|stq]' : ''}[,p0|p0k|p0q][,ds|ds0]", got "${variant}"`);
+            hasStreamed ? '[,st|stk|stq]' : ''}[,p0|p0k|p0q][,ds|dsN]", got "${variant}"`);
   }
   // The value of flag `name`, else of `both`, as a number.
   const value = (name: string, both: string) => {
@@ -102,10 +105,19 @@ export function parseGradVariant(variant: string, hasStreamed: boolean): GradTil
       ...(has('stq', 'st') ? {streamed: true} : {}),
       ...(has('p0q', 'p0') ? {prefetch: false} : {}),
     },
-    ...(flags.includes('ds')      ? {dsScratch: true} :
-            flags.includes('ds0') ? {dsScratch: false} :
-                                    {}),
+    ...dsScratchFlag(flags),
   };
+}
+
+/** GradTiles' dS-scratch fields for the flags `ds`, `ds0` (off) or `dsN` (N MiB). */
+function dsScratchFlag(flags: string[]): Pick<GradTiles, 'dsScratch'|'dsScratchBudget'> {
+  const flag = flags.find(x => /^ds\d*$/.test(x));
+  if (flag == null) {
+    return {};
+  }
+  const mib = flag === 'ds' ? null : Number(flag.slice(2));
+  return mib === 0 ? {dsScratch: false} :
+                     {dsScratch: true, ...(mib == null ? {} : {dsScratchBudget: mib * 2 ** 20})};
 }
 
 /**

@@ -70,7 +70,10 @@ describe('dS scratch chunks', () => {
       dsScratch: false
     });
     expect(parseGradVariant('32,32,64,16', false).dsScratch).toBeUndefined();
+    expect(parseGradVariant('32,32,64,16,ds512', false))
+        .toEqual({...parseGradVariant('32,32,64,16,ds', false), dsScratchBudget: 512 * 2 ** 20});
     expect(() => parseGradVariant('32,32,64,16,dsx', false)).toThrow(/--grad-variants/);
+    expect(() => parseGradVariant('32,32,64,16,ds-1', false)).toThrow(/--grad-variants/);
     expect([64, 128].map(d => gradVariantForDim(`128:${S2},ds`, d))).toEqual([false, true]);
     expect(gradVariantForDim('32,32,64,16,ds', 128)).toBe(true);
   });

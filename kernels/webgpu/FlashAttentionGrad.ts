@@ -50,6 +50,8 @@ export interface GradTiles {
    * budget); false, never; unset, as DS_SCRATCH_PLANS say.
    */
   dsScratch?: boolean;
+  /** With dsScratch: the chunks' budget in bytes instead of DS_SCRATCH_BUDGET_BYTES. */
+  dsScratchBudget?: number;
 }
 
 /**
@@ -318,7 +320,7 @@ function planGradCall(
   const unitBytes = groups * seqQ * Math.ceil(seqK / 4) * 16;
   const chunkUnits = wantsDsScratch(tiles!, shapes, a, !isSoftwareDevice(device), hasSeqlens) ?
       dsChunkUnits(
-          units, unitBytes, statsRows * 8, getDsScratchBudget(),
+          units, unitBytes, statsRows * 8, tiles!.dsScratchBudget ?? getDsScratchBudget(),
           kernelLimits(device).maxStorageBufferBindingSize) :
       0;
   const ds = chunkUnits > 0;
