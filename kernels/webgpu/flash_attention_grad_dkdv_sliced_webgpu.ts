@@ -20,6 +20,9 @@
  * in A (B) comes with the same slice of K^T (V^T) through a second buffer,
  * re-read every step (the workgroup's keys stay hot in L1/L2). That frees
  * the 32 KiB they take at D=128 for 64 keys and 256 invocations.
+ *
+ * With the dS scratch (GradTiles.dsScratch) the dS of each step is also
+ * stored for the dQ pass (dsScratchWGSL).
  */
 import type {DkDvTiles} from './flash_attention_grad_dkdv_webgpu';
 import {DKDV_DS_HEAD, featureKey, fetchRowStatsWGSL, GradFeatures, GradPassProgram, gradPassWGSL, prefetchSlots, sPhase, sPhaseValid, sPhaseWGSL, storeDsWGSL, storeRowStatsWGSL} from './flash_attention_grad_wgsl';

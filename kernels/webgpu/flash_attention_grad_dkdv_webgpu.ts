@@ -13,7 +13,8 @@
  *   dV += Pd^T dO                  (thread: 4 keys x 4 dims per vec4)
  *   dS = P * (dP * keep - Delta) * score' * scale
  *   dK += dS^T Q
- * Head dims are padded to multiples of 4 with zeros in workgroup memory, so
+ * With the dS scratch (GradTiles.dsScratch) dS is also stored for the dQ
+ * pass (dsScratchWGSL). Head dims are padded to multiples of 4 with zeros in workgroup memory, so
  * every load is a vec4. The next block's Q/dO rows are read into registers
  * while the current block computes: without that the pass waits on those
  * loads (benchmarks/RESULTS.md, backward tuning).

@@ -19,6 +19,9 @@
  * buffer, re-read every block (the workgroup's rows stay hot in L1/L2).
  * That frees the 33 KiB they take at D=128 for 64 rows and 256
  * invocations.
+ *
+ * With the dS scratch (GradTiles.dsScratch) A and B are replaced by
+ * reading the block's dS from what the dK/dV pass stored; only K streams.
  */
 import type {DqTiles} from './flash_attention_grad_dq_webgpu';
 import {dqKeyRangeWGSL, featureKey, fetchDsTileWGSL, GradFeatures, GradPassProgram, gradPassWGSL, loadRowStatsWGSL, prefetchSlots, probsAndDsWGSL, sPhase, sPhaseValid, storeDsTileWGSL} from './flash_attention_grad_wgsl';

@@ -10,6 +10,8 @@
  *                                  halves of the workgroup)
  *   dS = P * (dP * keep - Delta) * score' * scale,  P = exp(score(S) - lse)
  *   dQ += dS K                     (thread: NR rows x ND dims)
+ * With the dS scratch (GradTiles.dsScratch) dS is read from what the dK/dV
+ * pass stored instead (dsScratchWGSL): dQ += dS K alone, no V, Q or dO.
  * Rows that see no key get dQ = 0. The next K/V tile is read into registers
  * while the current one computes: without that the pass waits on those
  * loads (benchmarks/RESULTS.md, backward tuning).
