@@ -4,15 +4,16 @@
  * benchmarks/shader_stats.ts (which compiles it without timing it):
  *
  *   forward  "tm,tx,nq,ty[,o][,p0|p1][,kN][,cN][,qs][,db][,uN]", or "kN" alone
- *   backward
- * "[D:]bc,br,qbr,qbc[,s|sk|sq][,tN|tkN|tqN][,cN|ckN|cqN][,st|stk|stq][,p0|p0k|p0q][,ds|dsN]"
+ *   backward "[D:]bc,br,qbr,qbc[,s|sk|sq][,tN|tkN|tqN][,cN|ckN|cqN][,st|stk|stq]
+ *             [,p0|p0k|p0q][,ds|dsN][,dsqRxK[tT]]" (one string)
  *
  * A backward variant with a `D:` prefix (e.g. "128:64,32,64,64,...") is
  * meant for head dim D only (gradVariantForDim); `ds` turns the dS scratch
  * on (GradTiles.dsScratch: the dQ pass reads the dS the dK/dV pass
  * stored), `dsN` on with chunks of at most N MiB of scratch instead of
  * DS_SCRATCH_BUDGET_BYTES, `ds0` off (else the planner's DS_SCRATCH_PLANS
- * decide).
+ * decide); `dsqRxK` or `dsqRxKtT`: whole-row tiles of R rows x K keys (T
+ * invocations, default 128) for the dQ pass that reads dS (GradTiles.dsDq).
  *
  * (docs/webgpu_tuning.md, "The sweep", says what each flag does.)
  */
@@ -72,11 +73,12 @@ export function parseGradVariant(variant: string, hasStreamed: boolean): GradTil
   const unknown = flags.filter(
       x => !['s', 'sk', 'sq', 'p0', 'p0k', 'p0q', 'ds', ...(hasStreamed ? streamFlags : [])]
                 .includes(x) &&
-          !/^(t|tk|tq|c|ck|cq|ds)\d+$/.test(x));
+          !/^(t|tk|tq|c|ck|cq|ds)\d+$/.test(x) && !DSQ_FLAG.test(x));
   if (unknown.length > 0 || fields.length < 4 || [bc, br, qbr, qbc].some(x => !(x > 0))) {
     throw new Error(
         `--grad-variants: expected "[D:]bc,br,qbr,qbc[,s|sk|sq][,tN|tkN|tqN][,cN|ckN|cqN]${
-            hasStreamed ? '[,st|stk|stq]' : ''}[,p0|p0k|p0q][,ds|dsN]", got "${variant}"`);
+            hasStreamed ? '[,st|stk|stq]' :
+                          ''}[,p0|p0k|p0q][,ds|dsN][,dsqRxK[tT]]", got "${variant}"`);
   }
   // The value of flag `name`, else of `both`, as a number.
   const value = (name: string, both: string) => {
@@ -109,15 +111,26 @@ export function parseGradVariant(variant: string, hasStreamed: boolean): GradTil
   };
 }
 
-/** GradTiles' dS-scratch fields for the flags `ds`, `ds0` (off) or `dsN` (N MiB). */
-function dsScratchFlag(flags: string[]): Pick<GradTiles, 'dsScratch'|'dsScratchBudget'> {
+/** `dsqRxK[tT]`: the dS-reading dQ pass's tiles. */
+const DSQ_FLAG = /^dsq(\d+)x(\d+)(?:t(\d+))?$/;
+
+/**
+ * GradTiles' dS-scratch fields for the flags `ds`, `ds0` (off) or `dsN` (N
+ * MiB), and `dsq...`.
+ */
+function dsScratchFlag(flags: string[]): Pick<GradTiles, 'dsScratch'|'dsScratchBudget'|'dsDq'> {
+  const dsq = flags.map(x => DSQ_FLAG.exec(x)).find(m => m != null);
+  const dsDq = dsq == null ? {} : {
+    dsDq: {br: Number(dsq[1]), bc: Number(dsq[2]), threads: dsq[3] == null ? 128 : Number(dsq[3])}
+  };
   const flag = flags.find(x => /^ds\d*$/.test(x));
   if (flag == null) {
-    return {};
+    return dsDq;
   }
   const mib = flag === 'ds' ? null : Number(flag.slice(2));
-  return mib === 0 ? {dsScratch: false} :
-                     {dsScratch: true, ...(mib == null ? {} : {dsScratchBudget: mib * 2 ** 20})};
+  return mib === 0 ?
+      {dsScratch: false} :
+      {dsScratch: true, ...(mib == null ? {} : {dsScratchBudget: mib * 2 ** 20}), ...dsDq};
 }
 
 /**

@@ -15,7 +15,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import {dsChunkUnits, dsScratchChunkRuns, fusedGradRunCount, GradTiles, setGradTilesOverride} from '../kernels/webgpu/FlashAttentionGrad';
 import {FlashAttentionGradDkDvProgram} from '../kernels/webgpu/flash_attention_grad_dkdv_webgpu';
 import {FlashAttentionGradDkDvSlicedProgram} from '../kernels/webgpu/flash_attention_grad_dkdv_sliced_webgpu';
-import {FlashAttentionGradDqProgram} from '../kernels/webgpu/flash_attention_grad_dq_webgpu';
+import {dqStorageBytes, dqTilesValid, FlashAttentionGradDqProgram} from '../kernels/webgpu/flash_attention_grad_dq_webgpu';
 import {FlashAttentionGradDqSlicedProgram} from '../kernels/webgpu/flash_attention_grad_dq_sliced_webgpu';
 import {gradFeatures} from '../kernels/webgpu/flash_attention_grad_wgsl';
 import {DS_SCRATCH_PLANS, setDsScratchBudget, setForwardOverride, STREAMED_GRAD_CANDIDATES} from '../kernels/webgpu/tuning';
@@ -28,6 +28,13 @@ import {OptionCase} from './harness/cases';
 import {checkGradUnderTiles, expectValidWGSL, useFusedGradWebGPU} from './harness/small_tiles';
 
 const describeWebGPU = selectedBackends().includes('webgpu') ? describe : describe.skip;
+
+/** A whole-row dS-reading dQ pass at D=128: 64 rows x 32 keys, 256 invocations. */
+const DSQ128 = {
+  br: 64,
+  bc: 32,
+  threads: 256
+};
 
 /** Whole-row tiles: several key and query blocks per head at these lengths. */
 const PLAIN: GradTiles = {
@@ -42,6 +49,12 @@ const STREAMED: GradTiles = {
   dsScratch: true,
 };
 
+/** The streamed dK/dV pass with a whole-row dS-reading dQ pass (GradTiles.dsDq). */
+const MIXED: GradTiles = {
+  ...STREAMED,
+  dsDq: {br: 8, bc: 16, threads: 32}
+};
+
 function gpuBytes(): number {
   return (tf.memory() as tf.MemoryInfo & {numBytesInGPU?: number}).numBytesInGPU ?? 0;
 }
@@ -54,6 +67,12 @@ describe('dS scratch chunks', () => {
     expect(dsChunkUnits(4, 1000, 100, 1e9, 2100)).toBe(2);
     expect(dsChunkUnits(4, 1000, 100, 999, 1e9)).toBe(0);
     expect(dsChunkUnits(4, 1000, 100, 1e9, 1099)).toBe(0);
+  });
+
+  it('whole-row dS-reading dQ tiles fit 48 KiB at D=128 where the recomputing ones do not', () => {
+    expect(dqStorageBytes(DSQ128, 128, 128, true)).toBe(26624);
+    expect(dqStorageBytes(DSQ128, 128, 128)).toBeGreaterThan(49152);
+    expect(dqTilesValid(DSQ128)).toBe(true);
   });
 
   it('are off in the planner until a GPU measures them', () => {
@@ -76,6 +95,9 @@ describe('dS scratch chunks', () => {
     expect(() => parseGradVariant('32,32,64,16,ds-1', false)).toThrow(/--grad-variants/);
     expect([64, 128].map(d => gradVariantForDim(`128:${S2},ds`, d))).toEqual([false, true]);
     expect(gradVariantForDim('32,32,64,16,ds', 128)).toBe(true);
+    expect(parseGradVariant(`${S2},ds,dsq64x32t256`, true))
+        .toEqual({...STREAMED_GRAD_CANDIDATES[1], dsScratch: true, dsDq: DSQ128});
+    expect(parseGradVariant(`${S2},ds,dsq64x32`, true).dsDq).toEqual({...DSQ128, threads: 128});
   });
 });
 
@@ -143,16 +165,34 @@ describeWebGPU('fused WebGPU backward with the dS scratch [webgpu]', () => {
       }
     },
   ];
+  CASES.push({
+    tiles: MIXED,
+    c: {
+      name: 'D=32, causal, GQA, dropout, alibi per head (its own dQ tiles)',
+      shape: {
+        batch: 1,
+        seqQ: 50,
+        seqK: 43,
+        heads: 4,
+        headsKV: 2,
+        headDim: 32,
+        headDimV: 32,
+        alibi: 'head'
+      },
+      opts: {causal: true, dropoutRate: 0.2, seed: 11}
+    }
+  });
+  const tilesName = (t: GradTiles) =>
+      `${t.dkdv.streamed ? 'streamed' : 'whole-row'}${t.dsDq != null ? ' + dsDq' : ''}`;
   for (const {tiles, c} of CASES) {
-    it(`kernel vs oracle, ${tiles.dkdv.streamed ? 'streamed' : 'whole-row'} tiles: ${c.name}`,
-       async () => {
-         const chunks = dsScratchChunkRuns();
-         const bytes = gpuBytes();
-         await checkGradUnderTiles(tiles, c);
-         // One chunk per run, both runs.
-         expect(dsScratchChunkRuns()).toBe(chunks + 2);
-         expect(gpuBytes()).toBe(bytes);
-       });
+    it(`kernel vs oracle, ${tilesName(tiles)} tiles: ${c.name}`, async () => {
+      const chunks = dsScratchChunkRuns();
+      const bytes = gpuBytes();
+      await checkGradUnderTiles(tiles, c);
+      // One chunk per run, both runs.
+      expect(dsScratchChunkRuns()).toBe(chunks + 2);
+      expect(gpuBytes()).toBe(bytes);
+    });
   }
 
   // B = 2, Hk = 2: four (batch, kv head) pairs of 2 query heads.
@@ -162,8 +202,8 @@ describeWebGPU('fused WebGPU backward with the dS scratch [webgpu]', () => {
     opts: {causal: true}
   };
   const pairBytes = 2 * 40 * Math.ceil(44 / 4) * 16;
-  for (const tiles of [PLAIN, STREAMED]) {
-    const what = tiles.dkdv.streamed ? 'streamed' : 'whole-row';
+  for (const tiles of [PLAIN, STREAMED, MIXED]) {
+    const what = tilesName(tiles);
     it(`in chunks under a lowered budget (${what}): 3 + 1 pairs, then 1 pair each`, async () => {
       // Room for 3 pairs: chunks of 3 and 1.
       setDsScratchBudget(3 * pairBytes + 5);
@@ -204,6 +244,8 @@ describeWebGPU('fused WebGPU backward with the dS scratch [webgpu]', () => {
                           128, 128, {...S2.dq, prefetch: false}, f, true),
                       new FlashAttentionGradDkDvProgram(64, 64, D64.dkdv, f, true),
                       new FlashAttentionGradDqProgram(64, 64, D64.dq, f, true),
+                      new FlashAttentionGradDqProgram(128, 128, DSQ128, f, true),
+                      new FlashAttentionGradDqProgram(128, 128, {...DSQ128, threads: 128}, f, true),
          ]) {
            await expectValidWGSL(program.key, program.code());
          }

@@ -52,6 +52,11 @@ export interface GradTiles {
   dsScratch?: boolean;
   /** With dsScratch: the chunks' budget in bytes instead of DS_SCRATCH_BUDGET_BYTES. */
   dsScratchBudget?: number;
+  /**
+   * With dsScratch: the tiles of the dQ pass that reads dS (a plain
+   * dS K product, which fits tiles the recomputing pass cannot); unset: `dq`'s.
+   */
+  dsDq?: DqTiles;
 }
 
 /**
@@ -94,7 +99,9 @@ let tilesOverride: GradTiles|null = null;
  */
 export function setGradTilesOverride(tiles: GradTiles|null): void {
   tf.util.assert(
-      tiles == null || (dkdvTilesValid(tiles.dkdv) && dqTilesValid(tiles.dq)),
+      tiles == null ||
+          (dkdvTilesValid(tiles.dkdv) && dqTilesValid(tiles.dq) &&
+           (tiles.dsDq == null || dqTilesValid(tiles.dsDq))),
       () => `setGradTilesOverride: inconsistent tiles ${JSON.stringify(tiles)}`);
   tilesOverride = tiles;
 }
@@ -108,7 +115,10 @@ function tilesFor(d: number, dv: number, device: GPUDevice): GradTiles|null {
     const fits = (tiles: GradTiles) =>
         dkdvStorageBytes(tiles.dkdv, d, dv) <= limits.maxComputeWorkgroupStorageSize &&
         dqStorageBytes(tiles.dq, d, dv) <= limits.maxComputeWorkgroupStorageSize &&
-        Math.max(tiles.dkdv.threads, tiles.dq.threads) <= limits.maxComputeInvocationsPerWorkgroup;
+        (tiles.dsDq == null ||
+         dqStorageBytes(tiles.dsDq, d, dv, true) <= limits.maxComputeWorkgroupStorageSize) &&
+        Math.max(tiles.dkdv.threads, tiles.dq.threads, tiles.dsDq?.threads ?? 0) <=
+            limits.maxComputeInvocationsPerWorkgroup;
     return fits(tilesOverride) ? tilesOverride : null;
   }
   // Both the op's support check and the kernel ask, on every call.
@@ -147,7 +157,7 @@ export function flashAttentionGradSupports(
   }
   const grid = Math.max(
       Math.ceil(shapes.seqK / tiles.dkdv.bc), Math.ceil(shapes.seqQ / tiles.dq.br),
-      shapes.batch * shapes.heads);
+      Math.ceil(shapes.seqQ / (tiles.dsDq ?? tiles.dq).br), shapes.batch * shapes.heads);
   if (grid > limits.maxComputeWorkgroupsPerDimension) {
     return `the backward's grid (${grid} workgroups along one dimension) exceeds the device's ${
         limits.maxComputeWorkgroupsPerDimension}`;
@@ -324,13 +334,15 @@ function planGradCall(
           kernelLimits(device).maxStorageBufferBindingSize) :
       0;
   const ds = chunkUnits > 0;
+  // The dQ pass's tiles: the dS-reading pass may have its own.
+  const dqTiles = ds ? tiles!.dsDq ?? dq : dq;
   const dsChunks = ds ? Array.from({length: Math.ceil(units / chunkUnits)}, (_, n) => {
     const unit0 = n * chunkUnits;
     const pairs = Math.min(chunkUnits, units - unit0);
     return {
       uniforms: gradUniforms(shapes, a, alibiShape, packedRows, {unit0, dsBase: statsRows}),
       dkdvGrid: [Math.ceil(seqK / dkdv.bc), pairs, 1] as [number, number, number],
-      dqGrid: [Math.ceil(seqQ / dq.br), pairs * groups, 1] as [number, number, number],
+      dqGrid: [Math.ceil(seqQ / dqTiles.br), pairs * groups, 1] as [number, number, number],
     };
   }) : null;
   const dsKey = ds ? ' ds' : '';
@@ -354,10 +366,10 @@ function planGradCall(
             new FlashAttentionGradDkDvSlicedProgram(headDim, headDimV, dkdv, features, ds) :
             new FlashAttentionGradDkDvProgram(headDim, headDimV, dkdv, features, ds)),
     dq: cachedProgram(
-        `dq ${headDim},${headDimV},${JSON.stringify(dq)},${f}${dsKey}`,
-        () => dq.dimChunks != null ?
-            new FlashAttentionGradDqSlicedProgram(headDim, headDimV, dq, features, ds) :
-            new FlashAttentionGradDqProgram(headDim, headDimV, dq, features, ds)),
+        `dq ${headDim},${headDimV},${JSON.stringify(dqTiles)},${f}${dsKey}`,
+        () => dqTiles.dimChunks != null ?
+            new FlashAttentionGradDqSlicedProgram(headDim, headDimV, dqTiles, features, ds) :
+            new FlashAttentionGradDqProgram(headDim, headDimV, dqTiles, features, ds)),
     dkdvGrid: [Math.ceil(seqK / dkdv.bc), batch * headsKV, 1],
     dqGrid: [Math.ceil(seqQ / dq.br), batch * heads, 1],
   };

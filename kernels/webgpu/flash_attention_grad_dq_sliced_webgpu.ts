@@ -32,8 +32,12 @@ function rowsPerThread(t: DqTiles): number {
   return Math.min(4, t.br);
 }
 
-export function dqSlicedStorageBytes(t: DqTiles, d: number, dv: number): number {
+export function dqSlicedStorageBytes(t: DqTiles, d: number, dv: number, dsScratch = false): number {
   const sw4 = sliceQuads(d, dv, t.dimChunks!);
+  if (dsScratch) {
+    // A slice of K and the dS tile.
+    return 16 * (4 * sw4 * swizzledRowsWGSL('keyAt', t.bc / 4).stride + t.br * t.bc / 4);
+  }
   if (t.streamed) {
     return streamedStorageBytes(t.bc, t.br, sw4);
   }

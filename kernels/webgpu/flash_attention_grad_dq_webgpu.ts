@@ -55,13 +55,20 @@ function kStride(sc: number): number {
   return sc % 2 === 1 ? sc : sc + 1;
 }
 
-export function dqStorageBytes(t: DqTiles, d: number, dv: number): number {
+/**
+ * Workgroup storage bytes of the program (must fit the device limit);
+ * `dsScratch`: of its mode that reads dS (K and the dS tile only).
+ */
+export function dqStorageBytes(t: DqTiles, d: number, dv: number, dsScratch = false): number {
   if (t.dimChunks != null) {
-    return dqSlicedStorageBytes(t, d, dv);
+    return dqSlicedStorageBytes(t, d, dv, dsScratch);
   }
   const sc = t.bc / 4;
   const d4 = Math.ceil(d / 4);
   const dv4 = Math.ceil(dv / 4);
+  if (dsScratch) {
+    return 16 * (4 * d4 * kStride(sc) + t.br * sc);
+  }
   return 16 * (t.br * (d4 + 1 + dv4 + 1) + 4 * d4 * kStride(sc) + 4 * dv4 * sc + t.br * sc) +
       8 * t.br;
 }
