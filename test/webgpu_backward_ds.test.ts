@@ -12,7 +12,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 
-import {dsChunkUnits, dsScratchChunkRuns, fusedGradRunCount, GradTiles, setGradTilesOverride} from '../kernels/webgpu/FlashAttentionGrad';
+import {dsChunkUnits, dsScratchChunkRuns, dsScratchPlan, fusedGradRunCount, GradTiles, setGradTilesOverride} from '../kernels/webgpu/FlashAttentionGrad';
 import {FlashAttentionGradDkDvProgram} from '../kernels/webgpu/flash_attention_grad_dkdv_webgpu';
 import {FlashAttentionGradDkDvSlicedProgram} from '../kernels/webgpu/flash_attention_grad_dkdv_sliced_webgpu';
 import {dqStorageBytes, dqTilesValid, FlashAttentionGradDqProgram} from '../kernels/webgpu/flash_attention_grad_dq_webgpu';
@@ -77,6 +77,39 @@ describe('dS scratch chunks', () => {
 
   it('are off in the planner until a GPU measures them', () => {
     expect(DS_SCRATCH_PLANS).toEqual([]);
+  });
+
+  it('are planned where a DS_SCRATCH_PLANS entry says, on hardware, without lengths', () => {
+    const S2 = STREAMED_GRAD_CANDIDATES[1];
+    const shapes =
+        {batch: 1, seqQ: 2048, seqK: 2048, heads: 16, headsKV: 16, headDim: 128, headDimV: 128};
+    const open = normalizeOptions({}, 128, 'test');
+    const causal = normalizeOptions({causal: true}, 128, 'test');
+    const plan = (t: GradTiles, a = open, hardware = true, seqlens = false, storage = 49152) =>
+        dsScratchPlan(t, shapes, a, hardware, seqlens, storage);
+    expect(plan(S2)).toBeNull();
+    DS_SCRATCH_PLANS.push({
+      minHeadDim: 96,
+      maxHeadDim: 128,
+      minKeys: 1024,
+      masked: false,
+      dsDq: DSQ128,
+      budgetBytes: 2 ** 30
+    });
+    try {
+      expect(plan(S2)).toEqual({...S2, dsScratch: true, dsDq: DSQ128, dsScratchBudget: 2 ** 30});
+      expect(plan(S2, causal)).toBeNull();
+      expect(plan(S2, open, false)).toBeNull();
+      expect(plan(S2, open, true, true)).toBeNull();
+      // Its dQ tiles need 26624 bytes.
+      expect(plan(S2, open, true, false, 26623)).toBeNull();
+      // Forced either way by the tiles (but never with lengths).
+      expect(plan({...S2, dsScratch: false})).toBeNull();
+      expect(plan({...PLAIN, dsScratch: true}, causal, false)).toEqual({...PLAIN, dsScratch: true});
+      expect(plan({...PLAIN, dsScratch: true}, causal, false, true)).toBeNull();
+    } finally {
+      DS_SCRATCH_PLANS.pop();
+    }
   });
 
   it('are forced by `ds` in the benchmarks\' spelling, for one head dim with `D:`', () => {

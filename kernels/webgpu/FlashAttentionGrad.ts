@@ -231,28 +231,37 @@ export function dsChunkUnits(
 }
 
 /**
- * Does a call take the dS scratch: forced by the tiles, else DS_SCRATCH_PLANS.
+ * The dS scratch of a call, as tiles with `dsScratch` (and `dsDq`,
+ * `dsScratchBudget`) filled in, or null: forced by the tiles, else the
+ * first of DS_SCRATCH_PLANS that fits the problem and the device (`storage`:
+ * its workgroup bytes).
  * Never with per-batch lengths (`seqlens`, packed varlen calls): those are
  * read from `stats`, which the dK/dV pass then binds read_write, and WGSL's
  * uniformity rules do not let loop bounds read from such a binding reach
  * the passes' barriers.
  */
-function wantsDsScratch(
+export function dsScratchPlan(
     tiles: GradTiles, shapes: AttentionShapes, a: FlashAttentionAttrs, hardware: boolean,
-    hasSeqlens: boolean): boolean {
+    hasSeqlens: boolean, storage: number): GradTiles|null {
   if (hasSeqlens) {
-    return false;
+    return null;
   }
   if (tiles.dsScratch != null) {
-    return tiles.dsScratch;
+    return tiles.dsScratch ? tiles : null;
   }
   const {headDim, headDimV, seqK} = shapes;
   const masked = a.windowLeft >= 0 || a.windowRight >= 0;
-  return hardware &&
-      DS_SCRATCH_PLANS.some(
-          c => Math.min(headDim, headDimV) > c.minHeadDim &&
-              Math.max(headDim, headDimV) <= c.maxHeadDim && seqK >= c.minKeys &&
-              (c.masked || !masked));
+  const choice = DS_SCRATCH_PLANS.find(
+      c => hardware && Math.min(headDim, headDimV) > c.minHeadDim &&
+          Math.max(headDim, headDimV) <= c.maxHeadDim && seqK >= c.minKeys &&
+          (c.masked || !masked) &&
+          (c.dsDq == null || dqStorageBytes(c.dsDq, headDim, headDimV, true) <= storage));
+  return choice == null ? null : {
+    ...tiles,
+    dsScratch: true,
+    ...(choice.dsDq != null ? {dsDq: choice.dsDq} : {}),
+    ...(choice.budgetBytes != null ? {dsScratchBudget: choice.budgetBytes} : {}),
+  };
 }
 
 /**
@@ -328,14 +337,18 @@ function planGradCall(
   const groups = heads / headsKV;
   const units = batch * headsKV;
   const unitBytes = groups * seqQ * Math.ceil(seqK / 4) * 16;
-  const chunkUnits = wantsDsScratch(tiles!, shapes, a, !isSoftwareDevice(device), hasSeqlens) ?
+  const limits = kernelLimits(device);
+  const dsTiles = dsScratchPlan(
+      tiles!, shapes, a, !isSoftwareDevice(device), hasSeqlens,
+      limits.maxComputeWorkgroupStorageSize);
+  const chunkUnits = dsTiles != null ?
       dsChunkUnits(
-          units, unitBytes, statsRows * 8, tiles!.dsScratchBudget ?? getDsScratchBudget(),
-          kernelLimits(device).maxStorageBufferBindingSize) :
+          units, unitBytes, statsRows * 8, dsTiles.dsScratchBudget ?? getDsScratchBudget(),
+          limits.maxStorageBufferBindingSize) :
       0;
   const ds = chunkUnits > 0;
   // The dQ pass's tiles: the dS-reading pass may have its own.
-  const dqTiles = ds ? tiles!.dsDq ?? dq : dq;
+  const dqTiles = ds ? dsTiles!.dsDq ?? dq : dq;
   const dsChunks = ds ? Array.from({length: Math.ceil(units / chunkUnits)}, (_, n) => {
     const unit0 = n * chunkUnits;
     const pairs = Math.min(chunkUnits, units - unit0);

@@ -10,6 +10,7 @@
  */
 import type {ForwardTiles} from './flash_attention_webgpu';
 import type {GradTiles} from './FlashAttentionGrad';
+import type {DqTiles} from './flash_attention_grad_dq_webgpu';
 
 /** A forward tiling and the problems it is meant for. */
 export interface ForwardTilingChoice extends ForwardTiles {
@@ -291,6 +292,10 @@ export interface DsScratchChoice {
   minKeys: number;
   /** Also with a causal mask or a window (else only without). */
   masked: boolean;
+  /** Tiles of the dS-reading dQ pass (GradTiles.dsDq); unset: the planned dQ tiles. */
+  dsDq?: DqTiles;
+  /** The chunks' budget instead of DS_SCRATCH_BUDGET_BYTES. */
+  budgetBytes?: number;
 }
 
 /**
