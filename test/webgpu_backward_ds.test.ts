@@ -20,6 +20,7 @@ import {FlashAttentionGradDqSlicedProgram} from '../kernels/webgpu/flash_attenti
 import {gradFeatures} from '../kernels/webgpu/flash_attention_grad_wgsl';
 import {DS_SCRATCH_PLANS, setDsScratchBudget, setForwardOverride, STREAMED_GRAD_CANDIDATES} from '../kernels/webgpu/tuning';
 import {FLASH_ATTENTION_IMPL, flashAttention} from '../src';
+import {webgpuBackendOf} from '../kernels/webgpu/own_pipeline';
 import {normalizeOptions} from '../src/options';
 import {gradVariantForDim, parseGradVariant} from '../benchmarks/plan_variants';
 
@@ -67,6 +68,9 @@ describe('dS scratch chunks', () => {
     expect(dsChunkUnits(4, 1000, 100, 1e9, 2100)).toBe(2);
     expect(dsChunkUnits(4, 1000, 100, 999, 1e9)).toBe(0);
     expect(dsChunkUnits(4, 1000, 100, 1e9, 1099)).toBe(0);
+    // Room for 3 of 4: two chunks of 2 (not 3 + 1); for 4 of 9: three of 3.
+    expect(dsChunkUnits(4, 1000, 100, 3000, 1e9)).toBe(2);
+    expect(dsChunkUnits(9, 1000, 100, 4000, 1e9)).toBe(3);
   });
 
   it('whole-row dS-reading dQ tiles fit 48 KiB at D=128 where the recomputing ones do not', () => {
@@ -75,9 +79,6 @@ describe('dS scratch chunks', () => {
     expect(dqTilesValid(DSQ128)).toBe(true);
   });
 
-  it('are off in the planner until a GPU measures them', () => {
-    expect(DS_SCRATCH_PLANS).toEqual([]);
-  });
 
   it('are planned where a DS_SCRATCH_PLANS entry says, on hardware, without lengths', () => {
     const S2 = STREAMED_GRAD_CANDIDATES[1];
@@ -87,7 +88,15 @@ describe('dS scratch chunks', () => {
     const causal = normalizeOptions({causal: true}, 128, 'test');
     const plan = (t: GradTiles, a = open, hardware = true, seqlens = false, storage = 49152) =>
         dsScratchPlan(t, shapes, a, hardware, seqlens, storage);
-    expect(plan(S2)).toBeNull();
+    // Planned on hardware at every head dim up to 128, masked or not; never on
+    // software devices or with per-batch lengths.
+    expect(plan(S2)).toEqual({...S2, dsScratch: true});
+    expect(plan(S2, causal)).toEqual({...S2, dsScratch: true});
+    expect(plan(S2, open, false)).toBeNull();
+    expect(plan(S2, open, true, true)).toBeNull();
+    expect(dsScratchPlan(S2, {...shapes, headDim: 160}, open, true, false, 49152)).toBeNull();
+    // An entry may name the dS-reading dQ tiles and the budget.
+    const planned = DS_SCRATCH_PLANS.splice(0);
     DS_SCRATCH_PLANS.push({
       minHeadDim: 96,
       maxHeadDim: 128,
@@ -108,7 +117,7 @@ describe('dS scratch chunks', () => {
       expect(plan({...PLAIN, dsScratch: true}, causal, false)).toEqual({...PLAIN, dsScratch: true});
       expect(plan({...PLAIN, dsScratch: true}, causal, false, true)).toBeNull();
     } finally {
-      DS_SCRATCH_PLANS.pop();
+      DS_SCRATCH_PLANS.splice(0, DS_SCRATCH_PLANS.length, ...planned);
     }
   });
 
@@ -228,26 +237,47 @@ describeWebGPU('fused WebGPU backward with the dS scratch [webgpu]', () => {
     });
   }
 
-  // B = 2, Hk = 2: four (batch, kv head) pairs of 2 query heads.
+  // B = 5, Hk = 1: five (batch, kv head) pairs of 2 query heads.
   const GQA: OptionCase = {
     name: 'D=32, GQA, causal',
-    shape: {batch: 2, seqQ: 40, seqK: 44, heads: 4, headsKV: 2, headDim: 32, headDimV: 32},
+    shape: {batch: 5, seqQ: 40, seqK: 44, heads: 2, headsKV: 1, headDim: 32, headDimV: 32},
     opts: {causal: true}
   };
   const pairBytes = 2 * 40 * Math.ceil(44 / 4) * 16;
+  // (lse, Delta) of every row, before the scratch.
+  const statsBytes = 5 * 2 * 40 * 8;
   for (const tiles of [PLAIN, STREAMED, MIXED]) {
     const what = tilesName(tiles);
-    it(`in chunks under a lowered budget (${what}): 3 + 1 pairs, then 1 pair each`, async () => {
-      // Room for 3 pairs: chunks of 3 and 1.
-      setDsScratchBudget(3 * pairBytes + 5);
+    it(`in chunks under a lowered budget (${what}): 2 + 2 + 1 pairs, then 1 each`, async () => {
+      // Room for 2 pairs: chunks of 2, 2 and 1.
+      setDsScratchBudget(2 * pairBytes + 5);
       const chunks = dsScratchChunkRuns();
       const bytes = gpuBytes();
-      await checkGradUnderTiles(tiles, GQA);
-      expect(dsScratchChunkRuns()).toBe(chunks + 2 * 2);
+      // The buffers the call takes from tfjs's pool: the stats rows come
+      // with the scratch of one chunk of 2 pairs, within the budget.
+      const manager = webgpuBackendOf().bufferManager;
+      const acquire = manager.acquireBuffer.bind(manager);
+      const acquired: number[] = [];
+      const spy = jest.spyOn(manager, 'acquireBuffer')
+                      .mockImplementation((...args: Parameters<typeof acquire>) => {
+                        acquired.push(args[0]);
+                        return acquire(...args);
+                      });
+      try {
+        await checkGradUnderTiles(tiles, GQA);
+      } finally {
+        spy.mockRestore();
+      }
+      expect(acquired).toContain(statsBytes + 2 * pairBytes);
+      for (const pairs of [1, 3, 4, 5]) {
+        expect(acquired).not.toContain(statsBytes + pairs * pairBytes);
+      }
+      expect(dsScratchChunkRuns()).toBe(chunks + 2 * 3);
       // One pair per chunk.
       setDsScratchBudget(pairBytes);
       await checkGradUnderTiles(tiles, GQA);
-      expect(dsScratchChunkRuns()).toBe(chunks + 2 * 2 + 2 * 4);
+      expect(dsScratchChunkRuns()).toBe(chunks + 2 * 3 + 2 * 5);
+      // Everything freed after the calls.
       expect(gpuBytes()).toBe(bytes);
     });
 

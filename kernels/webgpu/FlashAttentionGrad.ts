@@ -219,15 +219,17 @@ interface DsChunk {
 }
 
 /**
- * (batch, kv head) pairs per dS-scratch chunk: as many of `units` as fit
- * both the budget and, after the `statsBytes` of (lse, Delta) rows, the
- * device's largest storage binding; 0 when not even one fits.
+ * (batch, kv head) pairs per dS-scratch chunk: the fewest chunks whose
+ * scratch fits both the budget and, after the `statsBytes` of (lse, Delta)
+ * rows, the device's largest buffer and storage binding (`maxBuffer`),
+ * with the pairs spread evenly over them; 0 when not even one pair fits.
  */
 export function dsChunkUnits(
     units: number, unitBytes: number, statsBytes: number, budget: number,
-    maxBinding: number): number {
-  const room = Math.min(budget, maxBinding - statsBytes);
-  return Math.max(0, Math.min(units, Math.floor(room / unitBytes)));
+    maxBuffer: number): number {
+  const room = Math.min(budget, maxBuffer - statsBytes);
+  const most = Math.min(units, Math.floor(room / unitBytes));
+  return most <= 0 ? 0 : Math.ceil(units / Math.ceil(units / most));
 }
 
 /**
@@ -344,7 +346,7 @@ function planGradCall(
   const chunkUnits = dsTiles != null ?
       dsChunkUnits(
           units, unitBytes, statsRows * 8, dsTiles.dsScratchBudget ?? getDsScratchBudget(),
-          limits.maxStorageBufferBindingSize) :
+          Math.min(limits.maxStorageBufferBindingSize, device.limits.maxBufferSize)) :
       0;
   const ds = chunkUnits > 0;
   // The dQ pass's tiles: the dS-reading pass may have its own.

@@ -277,10 +277,13 @@ export const GRAD_TILINGS: GradTilingChoice[] = [
  * The dS scratch (GradTiles.dsScratch; docs/webgpu_tuning.md, "dS
  * scratch"): the dK/dV pass stores its dS tiles and the dQ pass reads them
  * instead of recomputing S, P, dP and dS, for (batch, kv head) pairs in
- * chunks whose scratch stays within this many bytes (a test hook,
- * setDsScratchBudget, lowers it).
+ * chunks whose scratch stays within this many bytes (and the device's
+ * buffer limits; a test hook, setDsScratchBudget, lowers it). 1 GiB: a
+ * causal chunk needs many heads to fill the GPU (with 256 MiB, D=128
+ * S=4096 H=16 ran in 4 chunks and lost the gain; benchmarks/RESULTS.md,
+ * session 11).
  */
-export const DS_SCRATCH_BUDGET_BYTES = 256 * 2 ** 20;
+export const DS_SCRATCH_BUDGET_BYTES = 2 ** 30;
 
 /** Problems the planner gives the dS scratch (on hardware GPUs). */
 export interface DsScratchChoice {
@@ -299,12 +302,16 @@ export interface DsScratchChoice {
 }
 
 /**
- * Where the planner turns the dS scratch on without a forced plan: none
- * until a GPU has measured it (forced by `ds` in `--grad-variants`). One
- * line turns it on, e.g. for non-causal D=128:
- *   {minHeadDim: 96, maxHeadDim: 128, minKeys: 1024, masked: false}
+ * Where the planner turns the dS scratch on without a forced plan (hardware
+ * GPUs only: software devices keep the recomputing dQ pass). Every head
+ * dim up to 128, masked or not: on the H100 it was faster than the
+ * recomputing dQ pass in every D=64 and D=128 row measured, causal and
+ * not, S=1024..4096 and B=4 x H=32 (benchmarks/RESULTS.md, session 11);
+ * the scratch only removes work at other head dims too.
  */
-export const DS_SCRATCH_PLANS: DsScratchChoice[] = [];
+export const DS_SCRATCH_PLANS: DsScratchChoice[] = [
+  {minHeadDim: 0, maxHeadDim: 128, minKeys: 0, masked: true},
+];
 
 let dsScratchBudget: number|null = null;
 /** Tests: lower the dS scratch budget (bytes); null restores DS_SCRATCH_BUDGET_BYTES. */
