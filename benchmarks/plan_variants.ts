@@ -12,8 +12,9 @@
  * on (GradTiles.dsScratch: the dQ pass reads the dS the dK/dV pass
  * stored), `dsN` on with chunks of at most N MiB of scratch instead of
  * DS_SCRATCH_BUDGET_BYTES, `ds0` off: the recomputing dQ pass (else the
- * planner's DS_SCRATCH_PLANS decide: on, on GPUs, up to D=128); `dsqRxK` or `dsqRxKtT`: whole-row tiles of R rows x K keys (T
- * invocations, default 128) for the dQ pass that reads dS (GradTiles.dsDq).
+ * planner's DS_SCRATCH_PLANS decide: on, on GPUs, up to D=128); `dsqRxK`
+ * or `dsqRxKtT`: whole-row tiles of R rows x K keys (T invocations, default
+ * 128) for the dQ pass that reads dS (GradTiles.dsDq).
  *
  * (docs/webgpu_tuning.md, "The sweep", says what each flag does.)
  */
