@@ -23,6 +23,9 @@
  * composed / PyTorch SDPA) last. `python3 torch_sdpa.py --sweep` measures
  * the same rows for --torch.
  *
+ * --keep-pool: tfjs's pooled buffers are never destroyed (no peak-memory
+ * figure); by default each entry empties the pool to measure its peak.
+ *
  * Warm-up: --warmup-ms of GPU work before each row, then on until two
  * repetitions agree within 5%, up to --max-warmup-ms (1500 under --sweep).
  * --repeat N (2 under --sweep) measures each row's implementations and
@@ -83,6 +86,11 @@ interface Args {
   warmupMs: number;
   /** Passes over each row's implementations and variants (odd ones reversed). */
   repeat: number;
+  /**
+   * --keep-pool: never destroy tfjs's pooled buffers (no peak-memory
+   * figure), so that no call after the first allocates GPU memory afresh.
+   */
+  keepPool: boolean;
   /** Warm-up continues past warmupMs until timings settle, up to this. */
   maxWarmupMs: number;
   check: boolean;
@@ -140,6 +148,7 @@ function parseArgs(argv: string[]): Args {
     budgetMs: Number(get('budget-ms', sweep ? '120' : '600')),
     warmupMs: Number(get('warmup-ms', '300')),
     repeat: Math.max(1, Number(get('repeat', sweep ? '2' : '1'))),
+    keepPool: argv.includes('--keep-pool'),
     maxWarmupMs: Number(get('max-warmup-ms', sweep ? '1500' : get('warmup-ms', '300'))),
     check: argv.includes('--check'),
     batch: Number(get('batch', '1')),
@@ -215,20 +224,29 @@ function emptyPool(b: Bench): void {
 }
 
 async function measure(
-    b: Bench, run: () => unknown, budgetMs: number, warmupMs = 0, maxWarmupMs = warmupMs):
-    Promise<
-        {ms: number, peakMiB: number, reps: number, cpuMs: number, api: NonNullable<Row['api']>}> {
+    b: Bench, run: () => unknown, budgetMs: number, warmupMs = 0, maxWarmupMs = warmupMs,
+    keepPool = false): Promise<{
+  ms: number,
+  peakMiB: number|null,
+  reps: number,
+  cpuMs: number,
+  repRange: [number, number],
+  api: NonNullable<Row['api']>
+}> {
   const {tf} = b;
   const once = () => tf.dispose(run() as import("@tensorflow/tfjs-core").Tensor[]);
   // First call: compiles and uploads the inputs; the second measures peak
   // memory from an empty pool.
   once();
   await sync(b);
-  emptyPool(b);
-  const before = b.backend.bufferManager.numBytesAllocated;
-  once();
-  await sync(b);
-  const peakMiB = (b.backend.bufferManager.numBytesAllocated - before) / 2 ** 20;
+  let peakMiB: number|null = null;
+  if (!keepPool) {
+    emptyPool(b);
+    const before = b.backend.bufferManager.numBytesAllocated;
+    once();
+    await sync(b);
+    peakMiB = (b.backend.bufferManager.numBytesAllocated - before) / 2 ** 20;
+  }
   const {webgpuCounters} = await import('./webgpu_counters');
   const counters = webgpuCounters();
   once();
@@ -277,7 +295,8 @@ async function measure(
     times.push((performance.now() - t0) / k);
   }
   const median = (xs: number[]) => xs.sort((x, y) => x - y)[Math.floor(xs.length / 2)];
-  return {ms: median(times), peakMiB, reps, cpuMs: median(cpu), api};
+  const repRange: [number, number] = [Math.min(...times), Math.max(...times)];
+  return {ms: median(times), peakMiB, reps, cpuMs: median(cpu), repRange, api};
 }
 
 async function main(): Promise<void> {
@@ -473,6 +492,7 @@ async function main(): Promise<void> {
           // reverse order, so that no entry is always the first measured
           // after a change of shape (which can be slowed by what ran before).
           const entryRows = new Map<string, Row>();
+          let lastRepRange: [number, number] = [NaN, NaN];
           for (let pass = 0; pass < args.repeat; pass++) {
             for (const {impl, variant} of pass % 2 === 0 ? entries : [...entries].reverse()) {
               const entryKey = `${impl} ${variant}`;
@@ -569,7 +589,8 @@ async function main(): Promise<void> {
                 device.pushErrorScope('out-of-memory');
                 device.pushErrorScope('validation');
                 const dispatches = forwardStats.dispatches;
-                const m = await measure(bench, run, args.budgetMs, args.warmupMs, args.maxWarmupMs);
+                const m = await measure(
+                    bench, run, args.budgetMs, args.warmupMs, args.maxWarmupMs, args.keepPool);
                 if (impl === 'fused' && forwardStats.dispatches === dispatches) {
                   throw new Error('the fused forward did not run');
                 }
@@ -592,6 +613,7 @@ async function main(): Promise<void> {
                   }
                   row.peakMiB = m.peakMiB;
                   row.api = m.api;
+                  lastRepRange = m.repRange;
                 }
               } catch (e) {
                 row.status = `error: ${(e as Error).message.slice(0, 160)}`;
@@ -607,9 +629,10 @@ async function main(): Promise<void> {
                   row.ms != null ?
                       `${row.passMs[row.passMs.length - 1].toFixed(3)} ms${
                           args.repeat > 1 ? ` (fastest pass ${row.ms.toFixed(3)})` :
-                                            ''}, ${row.tflops!.toFixed(2)} TFLOP/s, peak ${
-                          row.peakMiB!.toFixed(
-                              1)} MiB, JS ${row.cpuMs!.toFixed(3)} ms/call (${row.reps} reps), ${
+                                            ''}, ${row.tflops!.toFixed(2)} TFLOP/s, reps ${
+                          lastRepRange.map(x => x.toFixed(3)).join('..')} ms, peak ${
+                          row.peakMiB == null ? '-' : row.peakMiB.toFixed(1)} MiB, JS ${
+                          row.cpuMs!.toFixed(3)} ms/call (${row.reps} reps), ${
                           row.api!.dispatches} dispatches, ${row.api!.submits} submits, ${
                           row.api!.errorScopes} error scopes, ${row.api!.uploads} uploads/call` :
                       row.status}`);
