@@ -66,6 +66,7 @@
 import * as fs from 'fs';
 import * as path from 'path';
 
+import {drainQueue, gpuStepMs, TimedBackend} from './gpu_timer';
 import {parseForwardVariant, parseGradVariant} from './plan_variants';
 import {adapterName, openWebGPUDevice, useWebGPUBackend} from './webgpu_setup';
 
@@ -177,6 +178,11 @@ export interface Row {
   /** JavaScript time per call (enqueueing, no GPU wait). */
   cpuMs: number|null;
   /**
+   * GPU time per call from timestamp queries (the smallest of the passes'
+   * medians), null without the device feature.
+   */
+  gpuMs: number|null;
+  /**
    * WebGPU API calls of one steady-state call (benchmarks/webgpu_counters.ts):
    * dispatches, queue submits, error scopes, host uploads.
    */
@@ -193,21 +199,14 @@ function flops(mode: string, b: number, h: number, s: number, d: number, causal:
 
 interface Bench {
   tf: TF;
-  backend: {
-    device: GPUDevice,
+  backend: TimedBackend&{
     bufferManager:
         {numBytesAllocated: number, freeBuffers: Map<string, GPUBuffer[]>, numFreeBuffers: number},
-    ensureCommandEncoderReady(): void,
-    endComputePassEncoder(): void,
-    submitQueue(): void
   };
 }
 
 async function sync(b: Bench): Promise<void> {
-  b.backend.ensureCommandEncoderReady();
-  b.backend.endComputePassEncoder();
-  b.backend.submitQueue();
-  await b.backend.device.queue.onSubmittedWorkDone();
+  await drainQueue(b.backend);
 }
 
 /** Destroys the pooled free buffers so the next call's allocations show. */
@@ -227,10 +226,11 @@ async function measure(
     b: Bench, run: () => unknown, budgetMs: number, warmupMs = 0, maxWarmupMs = warmupMs,
     keepPool = false): Promise<{
   ms: number,
-  peakMiB: number|null,
+  peakMiB: number | null,
   reps: number,
   cpuMs: number,
   repRange: [number, number],
+  gpuMs: number | null,
   api: NonNullable<Row['api']>
 }> {
   const {tf} = b;
@@ -296,7 +296,17 @@ async function measure(
   }
   const median = (xs: number[]) => xs.sort((x, y) => x - y)[Math.floor(xs.length / 2)];
   const repRange: [number, number] = [Math.min(...times), Math.max(...times)];
-  return {ms: median(times), peakMiB, reps, cpuMs: median(cpu), repRange, api};
+  // The same calls timed on the GPU alone: a wall-clock repetition that is
+  // slow where these are not was slowed by the host, not by the kernels.
+  const gpu: number[] = [];
+  for (let r = 0; r < 3; r++) {
+    const g = await gpuStepMs(tf, b.backend, once, k);
+    if (g != null) {
+      gpu.push(g);
+    }
+  }
+  const gpuMs = gpu.length > 0 ? median(gpu) : null;
+  return {ms: median(times), peakMiB, reps, cpuMs: median(cpu), repRange, gpuMs, api};
 }
 
 async function main(): Promise<void> {
@@ -493,6 +503,7 @@ async function main(): Promise<void> {
           // after a change of shape (which can be slowed by what ran before).
           const entryRows = new Map<string, Row>();
           let lastRepRange: [number, number] = [NaN, NaN];
+          let lastGpuMs: number|null = null;
           for (let pass = 0; pass < args.repeat; pass++) {
             for (const {impl, variant} of pass % 2 === 0 ? entries : [...entries].reverse()) {
               const entryKey = `${impl} ${variant}`;
@@ -515,6 +526,7 @@ async function main(): Promise<void> {
                 peakMiB: null,
                 reps: 0,
                 cpuMs: null,
+                gpuMs: null,
                 api: null,
                 status: 'ok',
                 passMs: []
@@ -614,6 +626,10 @@ async function main(): Promise<void> {
                   row.peakMiB = m.peakMiB;
                   row.api = m.api;
                   lastRepRange = m.repRange;
+                  lastGpuMs = m.gpuMs;
+                  if (m.gpuMs != null && (row.gpuMs == null || m.gpuMs < row.gpuMs)) {
+                    row.gpuMs = m.gpuMs;
+                  }
                 }
               } catch (e) {
                 row.status = `error: ${(e as Error).message.slice(0, 160)}`;
@@ -630,7 +646,8 @@ async function main(): Promise<void> {
                       `${row.passMs[row.passMs.length - 1].toFixed(3)} ms${
                           args.repeat > 1 ? ` (fastest pass ${row.ms.toFixed(3)})` :
                                             ''}, ${row.tflops!.toFixed(2)} TFLOP/s, reps ${
-                          lastRepRange.map(x => x.toFixed(3)).join('..')} ms, peak ${
+                          lastRepRange.map(x => x.toFixed(3)).join('..')} ms, GPU ${
+                          lastGpuMs == null ? '-' : lastGpuMs.toFixed(3)} ms, peak ${
                           row.peakMiB == null ? '-' : row.peakMiB.toFixed(1)} MiB, JS ${
                           row.cpuMs!.toFixed(3)} ms/call (${row.reps} reps), ${
                           row.api!.dispatches} dispatches, ${row.api!.submits} submits, ${
