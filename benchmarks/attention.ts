@@ -53,10 +53,14 @@
  *
  * Time: median over repetitions after warm-up; a repetition runs the op K
  * times (K so that it lasts >= ~20 ms) and waits for the GPU queue to drain
- * (no read-back). TFLOP/s by docs/design.md, "Performance method": forward 4*B*S*S*H*D, halved for
- * causal; forward+backward 3.5x that. Peak memory: GPU bytes allocated by one
- * call starting from an empty buffer pool (inputs excluded, outputs
- * included). Progress on stderr, the table on stdout, JSON + SVG in --out.
+ * (no read-back). Each entry is also timed on the GPU alone (timestamp
+ * queries around K calls in one command buffer): the wall time includes
+ * the host, which can stall the GPU's feed for tens of milliseconds
+ * (benchmarks/RESULTS.md, "Session 11, calls 4 and 5"); the ratio table is
+ * printed for both clocks. TFLOP/s by docs/design.md, "Performance method": forward 4*B*S*S*H*D,
+ * halved for causal; forward+backward 3.5x that. Peak memory: GPU bytes allocated by one call
+ * starting from an empty buffer pool (inputs excluded, outputs included). Progress on stderr, the
+ * table on stdout, JSON + SVG in --out.
  *
  * The device is built here with the adapter's limits (large buffers, 48 KiB
  * of workgroup memory on an H100) and subgroups, and registered as tfjs's
@@ -692,6 +696,9 @@ async function main(): Promise<void> {
         `\nChecks (fused vs composed on this device):\n${checks.map(c => `- ${c}`).join('\n')}`);
   }
   console.log(`\n${ratioTable(rows, torch?.rows ?? [], B, H)}`);
+  if (rows.some(r => r.gpuMs != null)) {
+    console.log(`\n${ratioTable(rows, torch?.rows ?? [], B, H, 'gpu')}`);
+  }
   if (args.tensorCores) {
     console.log(`\n${tensorCoreUsage()}`);
   }
@@ -835,20 +842,26 @@ function table(rows: Row[], torch: TorchRow[], B: number, H: number): string {
  * the B x H grid (fused / composed in brackets where composed ran), and
  * the extra problems after it.
  */
-function ratioTable(rows: Row[], torch: TorchRow[], B: number, H: number): string {
+function ratioTable(
+    rows: Row[], torch: TorchRow[], B: number, H: number, clock: 'wall'|'gpu' = 'wall'): string {
   const all = lines(rows, torch, B, H);
   const grid = all.filter(l => l.b === B && l.h === H && l.hk === H);
   const seqs = [...new Set(grid.map(l => l.seq))].sort((a, b) => a - b);
+  const time = (r: Row|undefined) => clock === 'wall' ? r?.ms : r?.gpuMs;
   const cell = (l: Line|undefined) => {
-    if (l?.fused?.ms == null) {
+    const fusedMs = time(l?.fused);
+    if (l == null || fusedMs == null) {
       return '-';
     }
-    const t = l.torchMs != null ? `${(l.torchMs / l.fused.ms).toFixed(2)}x` : '-';
-    const c = l.composed?.ms != null ? ` (${(l.composed.ms / l.fused.ms).toFixed(2)}x)` : '';
+    const composedMs = time(l.composed);
+    const t = l.torchMs != null ? `${(l.torchMs / fusedMs).toFixed(2)}x` : '-';
+    const c = composedMs != null ? ` (${(composedMs / fusedMs).toFixed(2)}x)` : '';
     return `${t}${c}`;
   };
   const out = [
-    `fused / PyTorch SDPA f32 (fused / composed), B=${B}, H=${H}; ` +
+    `fused / PyTorch SDPA f32 (fused / composed), B=${B}, H=${H}, by ${
+        clock === 'wall' ? 'wall time per call' :
+                           'GPU time per call (timestamp queries; PyTorch: CUDA events)'}; ` +
         'higher is faster, below 1 in brackets: fused slower than composed',
     ''
   ];
