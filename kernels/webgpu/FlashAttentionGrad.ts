@@ -346,7 +346,7 @@ function planGradCall(
   const chunkUnits = dsTiles != null ?
       dsChunkUnits(
           units, unitBytes, statsRows * 8, dsTiles.dsScratchBudget ?? getDsScratchBudget(),
-          Math.min(limits.maxStorageBufferBindingSize, device.limits.maxBufferSize)) :
+          Math.min(limits.maxStorageBufferBindingSize, device.limits.maxBufferSize ?? Infinity)) :
       0;
   const ds = chunkUnits > 0;
   // The dQ pass's tiles: the dS-reading pass may have its own.
