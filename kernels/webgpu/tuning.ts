@@ -281,7 +281,7 @@ export const GRAD_TILINGS: GradTilingChoice[] = [
  * buffer limits; a test hook, setDsScratchBudget, lowers it). 1 GiB: a
  * causal chunk needs many heads to fill the GPU (with 256 MiB, D=128
  * S=4096 H=16 ran in 4 chunks and lost the gain; benchmarks/RESULTS.md,
- * session 11).
+ * "Session 11, call 7").
  */
 export const DS_SCRATCH_BUDGET_BYTES = 2 ** 30;
 
@@ -306,7 +306,8 @@ export interface DsScratchChoice {
  * GPUs only: software devices keep the recomputing dQ pass). Every head
  * dim up to 128, masked or not: on the H100 it was faster than the
  * recomputing dQ pass in every D=64 and D=128 row measured, causal and
- * not, S=1024..4096 and B=4 x H=32 (benchmarks/RESULTS.md, session 11);
+ * not, S=1024..4096 and B=4 x H=32 (benchmarks/RESULTS.md, "Session 11,
+ * call 7"; planned in "call 8 (continued)");
  * the scratch only removes work at other head dims too.
  */
 export const DS_SCRATCH_PLANS: DsScratchChoice[] = [
