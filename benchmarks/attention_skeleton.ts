@@ -21,14 +21,14 @@
  * rung really issues (x1.5 for two-pass, x3 for split).
  *
  *   node attention_skeleton.mjs [--quick] [--seqs 4096,16384] [--dims 64,128]
- *       [--rungs 0,1,2o,2t,3o,3t] [--tilings "rb,sg,bc,s|w;..."] [--all-seqs]
+ *       [--rungs 0,1,2o,2t,3o,3t] [--tilings "rb,sg,bc,s|w[,p];..."] [--all-seqs]
  *       [--all-shapes] [--budget-s 100] [--check-seq 256] [--no-robustness]
  *       [--print-wgsl] [--stand-in]
  *
  * A tiling is row blocks of M rows per subgroup, subgroups per workgroup,
- * keys per tile, and K/V matrices from storage (s) or staged in workgroup
- * memory (w). By default every tiling is timed at the first length and
- * each rung's best at the others (`--all-seqs`: all of them). Without the
+ * keys per tile, K/V matrices from storage (s) or staged in workgroup
+ * memory (w), and `p` for scratch and P rows padded by 16 bytes. By default every tiling is timed
+ * at the first length and each rung's best at the others (`--all-seqs`: all of them). Without the
  * subgroup-matrix feature it says so and exits 0. `--stand-in` runs the
  * kernels' plain-loop stand-in (8x8x8 matrices, 16 lanes) on any device,
  * e.g. SwiftShader with `--seqs 128 --dims 32 --tilings "1,2,16,s"`: a
@@ -67,11 +67,11 @@ function parseRungs(text: string): typeof RUNGS {
 
 function parseTilings(text: string): SkeletonTiling[] {
   return text.split(';').filter(x => x !== '').map(t => {
-    const [rb, sg, bc, kv] = t.split(',');
-    if (kv !== 's' && kv !== 'w') {
-      throw new Error(`--tilings: "${t}" should be rb,sg,bc,s|w`);
+    const [rb, sg, bc, kv, pad] = t.split(',');
+    if ((kv !== 's' && kv !== 'w') || (pad != null && pad !== 'p')) {
+      throw new Error(`--tilings: "${t}" should be rb,sg,bc,s|w[,p]`);
     }
-    return [Number(rb), Number(sg), Number(bc), kv === 's' ? 'storage' : 'workgroup'];
+    return [Number(rb), Number(sg), Number(bc), kv === 's' ? 'storage' : 'workgroup', pad === 'p'];
   });
 }
 
@@ -340,9 +340,10 @@ async function main(): Promise<void> {
           if (best == null) {
             return '-';
           }
-          const {rowBlocks, subgroups, keyTile, kvFrom} = best.c;
+          const {rowBlocks, subgroups, keyTile, kvFrom, pad} = best.c;
           const attn = 4 * seq * seq * d * HEADS / best.ms.get(seq)! / 1e9;
-          return `${attn.toFixed(1)} (${rowBlocks},${subgroups},${keyTile},${kvFrom[0]})`;
+          return `${attn.toFixed(1)} (${rowBlocks},${subgroups},${keyTile},${kvFrom[0]}${
+              pad ? ',p' : ''})`;
         });
         const name = rung < 2 ? `R${rung}` : `R${rung} ${softmax}`;
         console.log(`| ${shapeName(shape)} | ${name} | ${d} | ${cells.join(' | ')} |`);

@@ -7,8 +7,11 @@ import type {MatrixShape} from '../kernels/webgpu/subgroup_matrix';
 import {halfInputs} from './raw_webgpu';
 import {Rung, SkeletonConfig, SkeletonSoftmax} from './attention_skeleton_wgsl';
 
-/** A tiling: row blocks per subgroup, subgroups, keys per tile, K/V source. */
-export type SkeletonTiling = [number, number, number, SkeletonConfig['kvFrom']];
+/**
+ * A tiling: row blocks per subgroup, subgroups, keys per tile, K/V source,
+ * and whether the scratch and P rows are padded.
+ */
+export type SkeletonTiling = [number, number, number, SkeletonConfig['kvFrom'], boolean?];
 
 /** `--quick`'s tilings. */
 export const QUICK_TILINGS: SkeletonTiling[] =
@@ -17,7 +20,8 @@ export const QUICK_TILINGS: SkeletonTiling[] =
 /** The full grid's further tilings. */
 export const MORE_TILINGS: SkeletonTiling[] = [
   [4, 4, 32, 'storage'], [2, 8, 32, 'storage'], [1, 4, 16, 'storage'], [1, 8, 32, 'workgroup'],
-  [2, 2, 32, 'storage'], [4, 2, 32, 'storage'], [1, 4, 64, 'workgroup']
+  [2, 2, 32, 'storage'], [4, 2, 32, 'storage'], [1, 4, 64, 'workgroup'],
+  [2, 4, 64, 'storage', true], [2, 4, 32, 'workgroup', true]
 ];
 
 export const RUNGS: Array<[Rung, SkeletonSoftmax]> =
@@ -29,10 +33,18 @@ export function benchmarkGrid(
     rungs = RUNGS): SkeletonConfig[] {
   const list = tilings ?? (quick ? QUICK_TILINGS : [...QUICK_TILINGS, ...MORE_TILINGS]);
   return rungs.flatMap(
-      ([rung, softmax]) => dims.flatMap(
-          headDim => list.map(
-              ([rowBlocks, subgroups, keyTile, kvFrom]) =>
-                  ({shape, rung, softmax, headDim, rowBlocks, subgroups, keyTile, kvFrom}))));
+      ([rung, softmax]) =>
+          dims.flatMap(headDim => list.map(([rowBlocks, subgroups, keyTile, kvFrom, pad]) => ({
+                                             shape,
+                                             rung,
+                                             softmax,
+                                             headDim,
+                                             rowBlocks,
+                                             subgroups,
+                                             keyTile,
+                                             kvFrom,
+                                             pad: pad ?? false
+                                           }))));
 }
 
 /**

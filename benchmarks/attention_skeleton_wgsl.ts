@@ -56,6 +56,17 @@ export interface SkeletonConfig {
   keyTile: number;
   /** Where K's and V's matrices are loaded from. */
   kvFrom: 'storage'|'workgroup';
+  /**
+   * Rows of the scratch and of P padded by 16 bytes, so that the lanes'
+   * element-wise reads and writes of neighbouring rows fall in different
+   * banks (unpadded, rows of 32 f32 all start in the same bank).
+   */
+  pad?: boolean;
+}
+
+/** Row strides, in elements, of the f32 scratch and of P (f16 on the real path). */
+export function skeletonStrides(c: SkeletonConfig): {scratch: number, p: number} {
+  return {scratch: c.keyTile + (c.pad ? 4 : 0), p: c.keyTile + (c.pad ? 8 : 0)};
 }
 
 /** Query rows per workgroup. */
@@ -67,8 +78,9 @@ export function skeletonRows(c: SkeletonConfig): number {
 export function skeletonWorkgroupBytes(c: SkeletonConfig): number {
   const parts = c.rung === 3 ? 2 : 1;
   const br = skeletonRows(c);
-  const scratch = c.rung === 0 ? 0 : br * c.keyTile * 4;
-  const p = c.rung === 0 ? 0 : br * c.keyTile * 2 * parts;
+  const strides = skeletonStrides(c);
+  const scratch = c.rung === 0 ? 0 : br * strides.scratch * 4;
+  const p = c.rung === 0 ? 0 : br * strides.p * 2 * parts;
   const tiles =
       c.kvFrom === 'workgroup' ? (c.rung === 0 ? 1 : 2) * c.keyTile * c.headDim * 2 * parts : 0;
   const red = c.shape.standIn ? c.subgroups * c.shape.lanes * 4 : 0;
@@ -94,7 +106,7 @@ export function skeletonProblem(c: SkeletonConfig): string|null {
 export function skeletonName(c: SkeletonConfig): string {
   const rung = c.rung < 2 ? `R${c.rung}` : `R${c.rung} ${c.softmax}`;
   return `${rung} D=${c.headDim} rows ${c.rowBlocks * c.shape.M}/sg x ${c.subgroups} sg, BC=${
-      c.keyTile}, K/V ${c.kvFrom === 'workgroup' ? 'wg' : 'storage'}`;
+      c.keyTile}, K/V ${c.kvFrom === 'workgroup' ? 'wg' : 'storage'}${c.pad ? ', padded' : ''}`;
 }
 
 /** Matrix multiply-accumulate flops of one call on [H][S][D] (4 S^2 D H is attention's). */
@@ -119,6 +131,7 @@ function source(c: SkeletonConfig): string {
   const RB = c.rowBlocks;
   const D = c.headDim;
   const BC = c.keyTile;
+  const {scratch: SS, p: PS} = skeletonStrides(c);
   const BR = skeletonRows(c);
   const threads = c.subgroups * lanes;
   const epl = M * N / lanes;
@@ -167,10 +180,10 @@ function source(c: SkeletonConfig): string {
       };
   const pView = (p: string, rb: string, ks: string): MatrixView => ({
     arr: `p${p}`,
-    off: `(g * RB + ${rb}) * M * BC + ${ks} * K`,
-    stride: 'BC',
+    off: `(g * RB + ${rb}) * M * PS + ${ks} * K`,
+    stride: 'PS',
     colMajor: false,
-    len: BR * BC
+    len: BR * PS
   });
   const leftT = `subgroup_matrix_left<f16, ${K}, ${M}>`;
   const rightT = `subgroup_matrix_right<f16, ${N}, ${K}>`;
@@ -335,10 +348,12 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, off: u32) {
   };
 
   // The lane's part of a row of row block rb in the scratch / P.
-  const ownRow = (rb: number) => `((g * RB + ${rb}u) * M + lr) * BC + lc * CPL`;
+  const ownRow = (rb: number, stride: string) =>
+      `((g * RB + ${rb}u) * M + lr) * ${stride} + lc * CPL`;
   const forOwn = (body: (rb: number) => string) =>
       rbs.map(rb => `for (var j = 0u; j < ${lim('CPL')}; j++) {
-      let at = ${ownRow(rb)} + j;
+      let at = ${ownRow(rb, 'SS')} + j;
+      let atP = ${ownRow(rb, 'PS')} + j;
       ${body(rb)}
     }`).join('\n    ');
 
@@ -347,7 +362,7 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, off: u32) {
                             rb => sBlocks.map(
                                 cb => storeAcc(
                                     `s${rb}_${cb}`, 'scr',
-                                    `(g * RB + ${rb}u) * M * BC + ${cb}u * N`, 'BC', BR * BC))),
+                                    `(g * RB + ${rb}u) * M * SS + ${cb}u * N`, 'SS', BR * SS))),
                         'workgroupBarrier();',
   ].join('\n    ');
   const stageK = staged ? `${stage('kIn', 'kT')}
@@ -364,7 +379,7 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, off: u32) {
                                 'D', stor('o'))))
                      .join('\n  ');
   const writeP = (x: string) =>
-      split ? splitStoreWGSL(x, 'p[at]', 'pLo[at]') : `p[at] = sm_h(${x});`;
+      split ? splitStoreWGSL(x, 'p[atP]', 'pLo[atP]') : `p[atP] = sm_h(${x});`;
 
   let body: string;
   if (rung === 0) {
@@ -390,7 +405,7 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, off: u32) {
     ${sProducts()}
     ${storeS()}
     ${stageV}
-    ${forOwn(() => 'p[at] = sm_h(scr[at]);')}
+    ${forOwn(() => 'p[atP] = sm_h(scr[at]);')}
     workgroupBarrier();
     ${pvProducts()}
   }
@@ -478,10 +493,12 @@ const RB = ${RB}u;
 const BC = ${BC}u;
 const D = ${D}u;
 const CPL = ${BC / lpr}u;
+const SS = ${SS}u;
+const PS = ${PS}u;
 const THREADS = ${threads}u;
 
-${rung === 0 ? '' : `var<workgroup> scr: array<f32, ${BR * BC}>;
-${declare('p', BR * BC)}`}
+${rung === 0 ? '' : `var<workgroup> scr: array<f32, ${BR * SS}>;
+${declare('p', BR * PS)}`}
 ${staged ? declare('kT', BC * D) : ''}
 ${staged && rung > 0 ? declare('vT', BC * D) : ''}
 ${standIn ? `var<workgroup> red: array<f32, ${c.subgroups * lanes}>;` : ''}

@@ -35,6 +35,7 @@ describe('attention skeleton WGSL with the real built-ins', () => {
       expect(code).not.toContain('sm_mma_');
       if (c.rung >= 1) {
         expect(code).toContain('subgroupMatrixStore<row_major>(&scr,');
+        expect(code).toContain(`const SS = ${c.keyTile + (c.pad ? 4 : 0)}u;`);
       }
       if (c.rung >= 2 && c.softmax === 'online') {
         expect(code).toContain('subgroupMatrixScalarMultiply(');
@@ -117,7 +118,7 @@ describeWebGPU('attention skeleton on the stand-in [webgpu]', () => {
       }
     ],
     [
-      'R1, K/V staged', {
+      'R1, K/V staged, rows padded', {
         shape: SHAPE_A,
         rung: 1,
         softmax: 'online',
@@ -125,7 +126,8 @@ describeWebGPU('attention skeleton on the stand-in [webgpu]', () => {
         rowBlocks: 1,
         subgroups: 2,
         keyTile: 16,
-        kvFrom: 'workgroup'
+        kvFrom: 'workgroup',
+        pad: true
       }
     ],
     [
@@ -153,7 +155,7 @@ describeWebGPU('attention skeleton on the stand-in [webgpu]', () => {
       }
     ],
     [
-      'R3 online, K/V staged', {
+      'R3 online, K/V staged, rows padded', {
         shape: SHAPE_A,
         rung: 3,
         softmax: 'online',
@@ -161,7 +163,8 @@ describeWebGPU('attention skeleton on the stand-in [webgpu]', () => {
         rowBlocks: 1,
         subgroups: 2,
         keyTile: 16,
-        kvFrom: 'workgroup'
+        kvFrom: 'workgroup',
+        pad: true
       }
     ],
     [
