@@ -14,8 +14,10 @@ import {Rung, SkeletonConfig, SkeletonSoftmax} from './attention_skeleton_wgsl';
 export type SkeletonTiling = [number, number, number, SkeletonConfig['kvFrom'], boolean?];
 
 /** `--quick`'s tilings. */
-export const QUICK_TILINGS: SkeletonTiling[] =
-    [[1, 4, 32, 'storage'], [2, 4, 32, 'storage'], [2, 4, 64, 'storage'], [2, 4, 32, 'workgroup']];
+export const QUICK_TILINGS: SkeletonTiling[] = [
+  [1, 4, 32, 'storage'], [2, 4, 32, 'storage'], [2, 4, 32, 'storage', true], [2, 4, 64, 'storage'],
+  [2, 4, 32, 'workgroup']
+];
 
 /** The full grid's further tilings. */
 export const MORE_TILINGS: SkeletonTiling[] = [
