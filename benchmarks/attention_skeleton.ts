@@ -300,6 +300,14 @@ async function main(): Promise<void> {
     }
   }
 
+  // Printed rung-major, then by D, then in the grid's order of tilings.
+  const order = new Map(rows.map((r, i) => [r, i]));
+  const rungIndex = (c: SkeletonConfig) =>
+      rungs.findIndex(([rung, softmax]) => rung === c.rung && softmax === c.softmax);
+  rows.sort(
+      (a, b) => shapes.indexOf(a.c.shape) - shapes.indexOf(b.c.shape) ||
+          rungIndex(a.c) - rungIndex(b.c) || a.c.headDim - b.c.headDim ||
+          order.get(a)! - order.get(b)!);
   const tflops = (row: Row, seq: number) => {
     const ms = row.ms.get(seq);
     if (ms == null) {

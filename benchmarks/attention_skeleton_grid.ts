@@ -29,24 +29,27 @@ export const MORE_TILINGS: SkeletonTiling[] = [
 export const RUNGS: Array<[Rung, SkeletonSoftmax]> =
     [[0, 'online'], [1, 'online'], [2, 'online'], [2, 'two-pass'], [3, 'online'], [3, 'two-pass']];
 
-/** Every configuration of the grid for `shape` (rung-major, then D, then tiling). */
+/**
+ * Every configuration of the grid for `shape`, tiling-major (a run cut
+ * short by its time budget still has every rung of the first tilings),
+ * then D, then rung.
+ */
 export function benchmarkGrid(
     shape: MatrixShape, quick: boolean, dims = [64, 128], tilings?: SkeletonTiling[],
     rungs = RUNGS): SkeletonConfig[] {
   const list = tilings ?? (quick ? QUICK_TILINGS : [...QUICK_TILINGS, ...MORE_TILINGS]);
-  return rungs.flatMap(
-      ([rung, softmax]) =>
-          dims.flatMap(headDim => list.map(([rowBlocks, subgroups, keyTile, kvFrom, pad]) => ({
-                                             shape,
-                                             rung,
-                                             softmax,
-                                             headDim,
-                                             rowBlocks,
-                                             subgroups,
-                                             keyTile,
-                                             kvFrom,
-                                             pad: pad ?? false
-                                           }))));
+  return list.flatMap(([rowBlocks, subgroups, keyTile, kvFrom,
+                        pad]) => dims.flatMap(headDim => rungs.map(([rung, softmax]) => ({
+                                                                     shape,
+                                                                     rung,
+                                                                     softmax,
+                                                                     headDim,
+                                                                     rowBlocks,
+                                                                     subgroups,
+                                                                     keyTile,
+                                                                     kvFrom,
+                                                                     pad: pad ?? false
+                                                                   }))));
 }
 
 /**
