@@ -12,27 +12,33 @@
  *   rescaled by subgroupMatrixScalarMultiply) or `two-pass` (row maxima
  *   first, then P = exp(S - m) with no rescale).
  * - R3: R2 with Q, K, V and P split into hi + lo f16 (3 products each).
+ * - R1h, R2h: R1, R2 with S in f16 result matrices stored straight into
+ *   P (needs an f16 -> f16 configuration of the same shape).
  *
  * Raw WebGPU, no tfjs; B=1, H=16, non-causal. Every kernel is first
  * checked against a float64 reference on a small problem (S=256, H=2,
- * `--check-seq`);
- * then timed. TFLOP/s: `attn` counts 4 S^2 D H per call as the attention
- * benchmarks do (R0 does half of that work), `mma` the matrix products the
- * rung really issues (x1.5 for two-pass, x3 for split).
+ * `--check-seq`), then timed. TFLOP/s: `attn` counts 4 S^2 D H per call
+ * as the attention benchmarks do (R0 does half of that work), `mma` the
+ * matrix products the rung really issues (x1.5 two-pass, x3 split).
  *
  *   node attention_skeleton.mjs [--quick] [--seqs 4096,16384] [--dims 64,128]
- *       [--rungs 0,1,2o,2t,3o,3t] [--tilings "rb,sg,bc,s|w[,p];..."] [--all-seqs]
- *       [--all-shapes] [--budget-s 100] [--check-seq 256] [--no-robustness]
- *       [--print-wgsl] [--stand-in]
+ *       [--rungs 0,1,1h,2o,2oh,2t,2th,3o,3t] [--tilings "rb,sg,bc,s|w[,pqn];..."]
+ *       [--all-seqs] [--all-shapes] [--budget-s 100] [--check-seq 256]
+ *       [--no-robustness] [--print-wgsl] [--stand-in]
  *
  * A tiling is row blocks of M rows per subgroup, subgroups per workgroup,
  * keys per tile, K/V matrices from storage (s) or staged in workgroup
- * memory (w), and `p` for scratch and P rows padded by 16 bytes. By default every tiling is timed
- * at the first length and each rung's best at the others (`--all-seqs`: all of them). Without the
- * subgroup-matrix feature it says so and exits 0. `--stand-in` runs the
- * kernels' plain-loop stand-in (8x8x8 matrices, 16 lanes) on any device,
- * e.g. SwiftShader with `--seqs 128 --dims 32 --tilings "1,2,16,s"`: a
- * dry run of the plumbing, whose times mean nothing.
+ * memory (w), and flags: `p` scratch and P rows padded by 16 bytes, `q`
+ * Q's matrices reloaded from storage at each product, `n` the naive lane
+ * mapping of the element-wise pass (each lane's columns contiguous).
+ * `--quick` runs every rung at one tiling and a few tilings that explain
+ * it (S=4096 only); `--rungs`, `--dims`, `--tilings` replace its grid by
+ * their product. Every tiling is timed at the first length, each rung's
+ * best at the others (`--all-seqs`: all). Without the subgroup-matrix
+ * feature it says so and exits 0. `--stand-in` runs the kernels'
+ * plain-loop stand-in (8x8x8 matrices, 16 lanes) on any device, e.g.
+ * SwiftShader with `--seqs 128 --dims 32 --tilings "1,2,16,s"`: a dry run
+ * of the plumbing, whose times mean nothing.
  */
 /// <reference types="@webgpu/types" />
 import {TENSOR_CORE_DAWN_FLAGS, TENSOR_CORE_FEATURES} from '../demo/tensor_cores';
@@ -40,12 +46,18 @@ import {MatrixShape, pickSubgroupMatrixShape, subgroupMatrixConfigs} from '../ke
 
 import {benchmarkGrid, RUNGS, skeletonInputs, SkeletonTiling, skeletonUniforms} from './attention_skeleton_grid';
 import {Rung, SkeletonConfig, skeletonError, skeletonMatrixFlops, skeletonName, skeletonProblem, skeletonReference, skeletonRows, skeletonWGSL, skeletonWorkgroupBytes} from './attention_skeleton_wgsl';
-import {argText, pipelineOf, readBack, storage, submitDispatches, timeDispatch} from './raw_webgpu';
+import {argText, compileAsync, readBack, storage, submitDispatches, timeDispatch} from './raw_webgpu';
 import {adapterName, openWebGPUDevice} from './webgpu_setup';
 
 const HEADS = 16;
 const CHECK_HEADS = 2;
-/** Largest error / max |reference| accepted per rung (f16 S or P: 2e-3; split: 1e-4). */
+/** Pipelines started ahead of the one measured (Dawn may compile them in parallel). */
+const COMPILE_AHEAD = 6;
+/**
+ * Largest error / max |reference| accepted per rung (f16 S or P: 2e-3;
+ * split: 1e-4; S accumulated in f16: 1e-2).
+ */
+const HALF_SCORE_BOUND = 1e-2;
 const BOUNDS: Record<Rung, number> = {
   0: 1e-6,
   1: 2e-3,
@@ -55,23 +67,13 @@ const BOUNDS: Record<Rung, number> = {
 
 const list = (text: string) => text.split(',').filter(x => x !== '');
 
-function parseRungs(text: string): typeof RUNGS {
-  return list(text).map(r => {
-    const found = RUNGS.find(([rung, softmax]) => r === `${rung}` || r === `${rung}${softmax[0]}`);
-    if (found == null) {
-      throw new Error(`--rungs: unknown rung ${r} (expected 0, 1, 2o, 2t, 3o or 3t)`);
-    }
-    return found;
-  });
-}
-
 function parseTilings(text: string): SkeletonTiling[] {
   return text.split(';').filter(x => x !== '').map(t => {
-    const [rb, sg, bc, kv, pad] = t.split(',');
-    if ((kv !== 's' && kv !== 'w') || (pad != null && pad !== 'p')) {
-      throw new Error(`--tilings: "${t}" should be rb,sg,bc,s|w[,p]`);
+    const [rb, sg, bc, kv, flags = ''] = t.split(',');
+    if ((kv !== 's' && kv !== 'w') || !/^[pqn]*$/.test(flags)) {
+      throw new Error(`--tilings: "${t}" should be rb,sg,bc,s|w[,flags of p, q, n]`);
     }
-    return [Number(rb), Number(sg), Number(bc), kv === 's' ? 'storage' : 'workgroup', pad === 'p'];
+    return [Number(rb), Number(sg), Number(bc), kv === 's' ? 'storage' : 'workgroup', flags];
   });
 }
 
@@ -133,11 +135,25 @@ class Operands {
   }
 }
 
+/** The id of `c`'s rung (RungSpec.id). */
+function rungId(c: SkeletonConfig): string {
+  return c.rung < 2 ? `${c.rung}${c.halfScores ? 'h' : ''}` :
+                      `${c.rung}${c.softmax[0]}${c.halfScores ? 'h' : ''}`;
+}
+
+/** `c`'s tiling as `--tilings` writes it. */
+function tilingLabel(c: SkeletonConfig): string {
+  const flags = `${c.pad ? 'p' : ''}${c.reloadQ ? 'q' : ''}${c.naiveLanes ? 'n' : ''}`;
+  return `${c.rowBlocks},${c.subgroups},${c.keyTile},${c.kvFrom[0]}${flags ? `,${flags}` : ''}`;
+}
+
 async function main(): Promise<void> {
   const quick = process.argv.includes('--quick');
   const seqs = list(argText('seqs', quick ? '4096' : '4096,16384')).map(Number);
-  const dims = list(argText('dims', '64,128')).map(Number);
-  const rungs = parseRungs(argText('rungs', '0,1,2o,2t,3o,3t'));
+  const dimText = argText('dims', '');
+  const dims = dimText === '' ? undefined : list(dimText).map(Number);
+  const rungText = argText('rungs', '');
+  const rungs = rungText === '' ? undefined : list(rungText);
   const tilingText = argText('tilings', '');
   const tilings = tilingText === '' ? undefined : parseTilings(tilingText);
   const budgetMs = Number(argText('budget-s', '100')) * 1000;
@@ -180,6 +196,9 @@ async function main(): Promise<void> {
   }
   const wgLimit = device.limits.maxComputeWorkgroupStorageSize;
   console.log(`workgroup memory limit ${wgLimit} B; B=1 H=${HEADS}, non-causal; seqs ${seqs}`);
+  const f16Scores = configs.some(
+      c => c.componentType === 'f16' && c.resultType === 'f16' && c.M === picked.M &&
+          c.N === picked.N && c.K === picked.K);
 
   const groupLayout = device.createBindGroupLayout({
     entries: [
@@ -228,62 +247,79 @@ async function main(): Promise<void> {
   };
 
   let outOfTime = false;
-  for (const shape of shapes) {
-    for (const c of benchmarkGrid(shape, quick, dims, tilings, rungs)) {
-      const row: Row = {c, note: '', ms: new Map()};
-      rows.push(row);
-      if (performance.now() - started > budgetMs) {
-        row.note = 'out of time';
-        outOfTime = true;
-        continue;
+  // Where the run's time goes (waiting for pipelines, checks, timing).
+  const phaseMs = {compile: 0, check: 0, time: 0};
+  const grid = shapes.flatMap(shape => benchmarkGrid(shape, quick, dims, tilings, rungs));
+  const whyNot = (c: SkeletonConfig) => skeletonProblem(c) ??
+      (skeletonWorkgroupBytes(c) > wgLimit ?
+           `needs ${skeletonWorkgroupBytes(c)} B of workgroup memory` :
+           c.halfScores && !f16Scores && !standIn ? 'no f16 -> f16 configuration' :
+                                                    null);
+  // Pipelines compile a few configurations ahead of the one measured.
+  const compiling = new Map<SkeletonConfig, Promise<GPUComputePipeline|null>>();
+  const compileAhead = (from: number) => {
+    for (const c of grid.slice(from, from + COMPILE_AHEAD)) {
+      if (!compiling.has(c) && whyNot(c) == null) {
+        compiling.set(c, compileAsync(device, skeletonName(c), skeletonWGSL(c), layout));
       }
-      const problem = skeletonProblem(c);
-      if (problem != null) {
-        row.note = problem;
-        continue;
-      }
-      if (skeletonWorkgroupBytes(c) > wgLimit) {
-        row.note = `needs ${skeletonWorkgroupBytes(c)} B of workgroup memory`;
-        continue;
-      }
-      const pipeline = await pipelineOf(device, skeletonName(c), skeletonWGSL(c), layout);
-      if (pipeline == null) {
-        row.note = 'compile error';
-        continue;
-      }
-      pipelines.set(c, pipeline);
-      // The check: S=256, H=2 against float64.
-      const d = c.headDim;
-      const {bufs, values} = operands.get(CHECK_HEADS, checkSeq, d, true);
-      const [q, k, v] = values[c.rung === 3 ? 1 : 0];
-      const refKey = `${c.rung},${d},${c.rung === 0 ? c.keyTile : 0}`;
-      let want = references.get(refKey);
-      if (want == null) {
-        want = skeletonReference(c.rung, q, k, v, CHECK_HEADS, checkSeq, d, c.keyTile);
-        references.set(refKey, want);
-      }
-      const n = CHECK_HEADS * checkSeq * d;
-      const enc = device.createCommandEncoder();
-      enc.clearBuffer(bufs[3]);
-      device.queue.submit([enc.finish()]);
-      submitDispatches(
-          device, pipeline, bindOf(bufs), [checkSeq / skeletonRows(c), CHECK_HEADS], 1);
-      row.err = skeletonError(c.rung, await readBack(device, bufs[3], n * 4), want, d, c.keyTile);
-      if (!(row.err < BOUNDS[c.rung])) {
-        row.note = `wrong result (bound ${BOUNDS[c.rung]})`;
-        continue;
-      }
-      await timeAt(row, seqs[0]);
     }
-    operands.release();
+  };
+  for (const [index, c] of grid.entries()) {
+    const row: Row = {c, note: '', ms: new Map()};
+    rows.push(row);
+    if (performance.now() - started > budgetMs) {
+      row.note = 'out of time';
+      outOfTime = true;
+      continue;
+    }
+    const why = whyNot(c);
+    if (why != null) {
+      row.note = why;
+      continue;
+    }
+    compileAhead(index);
+    let t0 = performance.now();
+    const pipeline = await compiling.get(c)!;
+    phaseMs.compile += performance.now() - t0;
+    t0 = performance.now();
+    if (pipeline == null) {
+      row.note = 'compile error';
+      continue;
+    }
+    pipelines.set(c, pipeline);
+    // The check: S=256, H=2 against float64.
+    const d = c.headDim;
+    const {bufs, values} = operands.get(CHECK_HEADS, checkSeq, d, true);
+    const [q, k, v] = values[c.rung === 3 ? 1 : 0];
+    const refKey = `${c.rung},${d},${c.rung === 0 ? c.keyTile : 0}`;
+    let want = references.get(refKey);
+    if (want == null) {
+      want = skeletonReference(c.rung, q, k, v, CHECK_HEADS, checkSeq, d, c.keyTile);
+      references.set(refKey, want);
+    }
+    const n = CHECK_HEADS * checkSeq * d;
+    const enc = device.createCommandEncoder();
+    enc.clearBuffer(bufs[3]);
+    device.queue.submit([enc.finish()]);
+    submitDispatches(device, pipeline, bindOf(bufs), [checkSeq / skeletonRows(c), CHECK_HEADS], 1);
+    row.err = skeletonError(c.rung, await readBack(device, bufs[3], n * 4), want, d, c.keyTile);
+    const bound = c.halfScores ? HALF_SCORE_BOUND : BOUNDS[c.rung];
+    if (!(row.err < bound)) {
+      row.note = `wrong result (bound ${bound})`;
+      continue;
+    }
+    phaseMs.check += performance.now() - t0;
+    t0 = performance.now();
+    await timeAt(row, seqs[0]);
+    phaseMs.time += performance.now() - t0;
   }
+  operands.release();
   // The other lengths: each rung's best tiling at the first (or all).
   const allSeqs = process.argv.includes('--all-seqs');
   for (const seq of seqs.slice(1)) {
     const groups = new Map<string, Row[]>();
     for (const row of rows) {
-      const key =
-          `${row.c.shape.M}x${row.c.shape.N} ${row.c.rung}${row.c.softmax} ${row.c.headDim}`;
+      const key = `${row.c.shape.M}x${row.c.shape.N} ${rungId(row.c)} ${row.c.headDim}`;
       groups.set(key, [...(groups.get(key) ?? []), row]);
     }
     for (const group of groups.values()) {
@@ -302,8 +338,7 @@ async function main(): Promise<void> {
 
   // Printed rung-major, then by D, then in the grid's order of tilings.
   const order = new Map(rows.map((r, i) => [r, i]));
-  const rungIndex = (c: SkeletonConfig) =>
-      rungs.findIndex(([rung, softmax]) => rung === c.rung && softmax === c.softmax);
+  const rungIndex = (c: SkeletonConfig) => RUNGS.findIndex(r => r.id === rungId(c));
   rows.sort(
       (a, b) => shapes.indexOf(a.c.shape) - shapes.indexOf(b.c.shape) ||
           rungIndex(a.c) - rungIndex(b.c) || a.c.headDim - b.c.headDim ||
@@ -333,32 +368,34 @@ async function main(): Promise<void> {
   console.log(`| matrices | rung | D | ${seqs.map(s => `S=${s}`).join(' | ')} |`);
   console.log(`| --- | --- | --- | ${seqs.map(() => '---').join(' | ')} |`);
   for (const shape of shapes) {
-    for (const [rung, softmax] of rungs) {
-      for (const d of dims) {
+    for (const r of RUNGS) {
+      for (const d of [...new Set(grid.map(c => c.headDim))]) {
         const mine = rows.filter(
-            r => r.c.shape === shape && r.c.rung === rung && r.c.softmax === softmax &&
-                r.c.headDim === d);
+            row => row.c.shape === shape && rungId(row.c) === r.id && row.c.headDim === d);
+        if (mine.length === 0) {
+          continue;
+        }
         const cells = seqs.map(seq => {
           let best: Row|null = null;
-          for (const r of mine) {
-            if (r.ms.has(seq) && (best == null || r.ms.get(seq)! < best.ms.get(seq)!)) {
-              best = r;
+          for (const row of mine) {
+            if (row.ms.has(seq) && (best == null || row.ms.get(seq)! < best.ms.get(seq)!)) {
+              best = row;
             }
           }
           if (best == null) {
             return '-';
           }
-          const {rowBlocks, subgroups, keyTile, kvFrom, pad} = best.c;
           const attn = 4 * seq * seq * d * HEADS / best.ms.get(seq)! / 1e9;
-          return `${attn.toFixed(1)} (${rowBlocks},${subgroups},${keyTile},${kvFrom[0]}${
-              pad ? ',p' : ''})`;
+          return `${attn.toFixed(1)} (${tilingLabel(best.c)})`;
         });
-        const name = rung < 2 ? `R${rung}` : `R${rung} ${softmax}`;
-        console.log(`| ${shapeName(shape)} | ${name} | ${d} | ${cells.join(' | ')} |`);
+        console.log(`| ${shapeName(shape)} | R${r.id} | ${d} | ${cells.join(' | ')} |`);
       }
     }
   }
-  console.log(`\n${((performance.now() - started) / 1000).toFixed(1)} s${
+  console.log(`\nwaiting for pipelines ${(phaseMs.compile / 1000).toFixed(1)} s, checks ${
+      (phaseMs.check / 1000).toFixed(1)} s, timing at S=${seqs[0]} ${
+      (phaseMs.time / 1000).toFixed(1)} s`);
+  console.log(`${((performance.now() - started) / 1000).toFixed(1)} s${
       outOfTime ? ' (budget reached: rows marked "out of time" or without times were skipped)' :
                   ''}`);
 }

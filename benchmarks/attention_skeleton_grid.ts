@@ -9,47 +9,100 @@ import {Rung, SkeletonConfig, SkeletonSoftmax} from './attention_skeleton_wgsl';
 
 /**
  * A tiling: row blocks per subgroup, subgroups, keys per tile, K/V source,
- * and whether the scratch and P rows are padded.
+ * and flags: `p` padded scratch and P rows, `q` Q reloaded at each
+ * product, `n` the naive lane mapping (SkeletonConfig).
  */
-export type SkeletonTiling = [number, number, number, SkeletonConfig['kvFrom'], boolean?];
+export type SkeletonTiling = [number, number, number, SkeletonConfig['kvFrom'], string?];
 
-/** `--quick`'s tilings. */
-export const QUICK_TILINGS: SkeletonTiling[] = [
-  [1, 4, 32, 'storage'], [2, 4, 32, 'storage'], [2, 4, 32, 'storage', true], [2, 4, 64, 'storage'],
-  [2, 4, 32, 'workgroup']
+/** A rung of the ladder as the command line names it (`--rungs 0,1h,2o`). */
+export interface RungSpec {
+  id: string;
+  rung: Rung;
+  softmax: SkeletonSoftmax;
+  halfScores: boolean;
+}
+
+const spec = (id: string, rung: Rung, softmax: SkeletonSoftmax, halfScores = false) =>
+    ({id, rung, softmax, halfScores});
+
+export const RUNGS: RungSpec[] = [
+  spec('0', 0, 'online'), spec('1', 1, 'online'), spec('1h', 1, 'online', true),
+  spec('2o', 2, 'online'), spec('2oh', 2, 'online', true), spec('2t', 2, 'two-pass'),
+  spec('2th', 2, 'two-pass', true), spec('3o', 3, 'online'), spec('3t', 3, 'two-pass')
 ];
 
-/** The full grid's further tilings. */
-export const MORE_TILINGS: SkeletonTiling[] = [
-  [4, 4, 32, 'storage'], [2, 8, 32, 'storage'], [1, 4, 16, 'storage'], [1, 8, 32, 'workgroup'],
-  [2, 2, 32, 'storage'], [4, 2, 32, 'storage'], [1, 4, 64, 'workgroup'],
-  [2, 4, 64, 'storage', true], [2, 4, 32, 'workgroup', true]
-];
+/** The rungs named by `ids`. */
+export function rungsOf(ids: string[]): RungSpec[] {
+  return ids.map(id => {
+    const found = RUNGS.find(r => r.id === id);
+    if (found == null) {
+      throw new Error(`unknown rung ${id} (expected one of ${RUNGS.map(r => r.id).join(', ')})`);
+    }
+    return found;
+  });
+}
 
-export const RUNGS: Array<[Rung, SkeletonSoftmax]> =
-    [[0, 'online'], [1, 'online'], [2, 'online'], [2, 'two-pass'], [3, 'online'], [3, 'two-pass']];
+/** A block of the grid: every rung x D x tiling. */
+interface GridBlock {
+  rungs: string[];
+  dims: number[];
+  tilings: SkeletonTiling[];
+}
 
 /**
- * Every configuration of the grid for `shape`, tiling-major (a run cut
- * short by its time budget still has every rung of the first tilings),
- * then D, then rung.
+ * `--quick`: every rung at one tiling, then what explains it: the naive
+ * lane mapping, D=128 at 16 rows per subgroup and with Q reloaded, K/V
+ * staged, padded rows.
+ */
+export const QUICK_GRID: GridBlock[] = [
+  {rungs: RUNGS.map(r => r.id), dims: [64, 128], tilings: [[2, 4, 32, 'storage']]},
+  {rungs: ['1', '2o'], dims: [64, 128], tilings: [[2, 4, 32, 'storage', 'n']]},
+  {rungs: ['0', '1h', '2oh', '3o'], dims: [128], tilings: [[1, 4, 32, 'storage']]},
+  {rungs: ['0', '2oh'], dims: [128], tilings: [[2, 4, 32, 'storage', 'q']]},
+  {rungs: ['1h', '2oh'], dims: [64, 128], tilings: [[2, 4, 32, 'workgroup']]},
+  {rungs: ['2o'], dims: [64], tilings: [[2, 4, 32, 'storage', 'p']]},
+];
+
+/** The full grid's tilings (every rung and D at each). */
+export const FULL_TILINGS: SkeletonTiling[] = [
+  [2, 4, 32, 'storage'], [1, 4, 32, 'storage'], [2, 4, 32, 'storage', 'n'],
+  [2, 4, 32, 'storage', 'p'], [2, 4, 32, 'storage', 'q'], [2, 4, 64, 'storage'],
+  [2, 4, 32, 'workgroup'], [4, 4, 32, 'storage'], [2, 8, 32, 'storage'], [1, 4, 16, 'storage'],
+  [1, 8, 32, 'workgroup'], [2, 2, 32, 'storage'], [4, 2, 32, 'storage'], [1, 4, 64, 'workgroup']
+];
+
+/**
+ * The configurations for `shape`: `--quick`'s blocks, or every rung x D x
+ * tiling of the full grid, with `dims`, `tilings` or `rungs` replacing the
+ * grid's where given. Tiling-major (a run cut short by its time budget
+ * still has every rung of the first tilings), then D, then rung.
  */
 export function benchmarkGrid(
-    shape: MatrixShape, quick: boolean, dims = [64, 128], tilings?: SkeletonTiling[],
-    rungs = RUNGS): SkeletonConfig[] {
-  const list = tilings ?? (quick ? QUICK_TILINGS : [...QUICK_TILINGS, ...MORE_TILINGS]);
-  return list.flatMap(([rowBlocks, subgroups, keyTile, kvFrom,
-                        pad]) => dims.flatMap(headDim => rungs.map(([rung, softmax]) => ({
-                                                                     shape,
-                                                                     rung,
-                                                                     softmax,
-                                                                     headDim,
-                                                                     rowBlocks,
-                                                                     subgroups,
-                                                                     keyTile,
-                                                                     kvFrom,
-                                                                     pad: pad ?? false
-                                                                   }))));
+    shape: MatrixShape, quick: boolean, dims?: number[], tilings?: SkeletonTiling[],
+    rungs?: string[]): SkeletonConfig[] {
+  const blocks: GridBlock[] =
+      quick && dims == null && tilings == null && rungs == null ? QUICK_GRID : [{
+        rungs: rungs ?? RUNGS.map(r => r.id),
+        dims: dims ?? [64, 128],
+        tilings: tilings ?? (quick ? [QUICK_GRID[0].tilings[0]] : FULL_TILINGS)
+      }];
+  return blocks.flatMap(
+      block => block.tilings.flatMap(
+          ([rowBlocks, subgroups, keyTile, kvFrom, flags = '']) => block.dims.flatMap(
+              headDim => rungsOf(block.rungs).map(r => ({
+                                                    shape,
+                                                    rung: r.rung,
+                                                    softmax: r.softmax,
+                                                    halfScores: r.halfScores,
+                                                    headDim,
+                                                    rowBlocks,
+                                                    subgroups,
+                                                    keyTile,
+                                                    kvFrom,
+                                                    pad: flags.includes('p'),
+                                                    reloadQ: flags.includes('q'),
+                                                    naiveLanes: flags.includes('n'),
+                                                  })))));
 }
 
 /**

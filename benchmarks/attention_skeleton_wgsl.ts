@@ -17,6 +17,10 @@
  *   with no rescale at all (1.5x the matrix work).
  * - R3: R2 with Q, K, V and P split into hi + lo f16 parts, three
  *   products per product (lo hi + hi lo + hi hi).
+ * - R1h, R2h (`halfScores`): R1, R2 with S accumulated in f16 result
+ *   matrices and stored straight into P's f16 array: the opaque-layout
+ *   round trip alone (store, barrier, load) in R1h, the softmax in place
+ *   in R2h.
  *
  * Q's matrices are loaded once into registers; K and V matrices straight
  * from storage or from tiles staged in workgroup memory (vec4 copies).
@@ -62,6 +66,20 @@ export interface SkeletonConfig {
    * banks (unpadded, rows of 32 f32 all start in the same bank).
    */
   pad?: boolean;
+  /**
+   * R1, R2: S accumulated in f16 result matrices (an f16 -> f16
+   * configuration) and stored straight into P's f16 array: no f32 scratch,
+   * no conversion pass in R1, the softmax in place in R2.
+   */
+  halfScores?: boolean;
+  /** Q's matrices loaded from storage at each product instead of held in registers. */
+  reloadQ?: boolean;
+  /**
+   * Each lane's CPL columns of a row contiguous, as first written (their
+   * reads of neighbouring rows hit one bank), instead of interleaved with
+   * the row's other lanes and rotated by the row.
+   */
+  naiveLanes?: boolean;
 }
 
 /** Row strides, in elements, of the f32 scratch and of P (f16 on the real path). */
@@ -79,7 +97,7 @@ export function skeletonWorkgroupBytes(c: SkeletonConfig): number {
   const parts = c.rung === 3 ? 2 : 1;
   const br = skeletonRows(c);
   const strides = skeletonStrides(c);
-  const scratch = c.rung === 0 ? 0 : br * strides.scratch * 4;
+  const scratch = c.rung === 0 || c.halfScores ? 0 : br * strides.scratch * 4;
   const p = c.rung === 0 ? 0 : br * strides.p * 2 * parts;
   const tiles =
       c.kvFrom === 'workgroup' ? (c.rung === 0 ? 1 : 2) * c.keyTile * c.headDim * 2 * parts : 0;
@@ -96,6 +114,9 @@ export function skeletonProblem(c: SkeletonConfig): string|null {
       c.headDim % 8 !== 0) {
     return `D=${c.headDim}, BC=${c.keyTile} do not suit ${M}x${N}x${K} matrices of ${lanes} lanes`;
   }
+  if (c.halfScores && (c.rung === 0 || c.rung === 3)) {
+    return `R${c.rung} has no f16 scores`;
+  }
   if (c.rung === 0 && c.keyTile > c.headDim) {
     return `R0 stores its BC=${c.keyTile} columns into rows of D=${c.headDim}`;
   }
@@ -104,9 +125,13 @@ export function skeletonProblem(c: SkeletonConfig): string|null {
 
 /** A short name of `c`'s rung and tiling, for tables. */
 export function skeletonName(c: SkeletonConfig): string {
-  const rung = c.rung < 2 ? `R${c.rung}` : `R${c.rung} ${c.softmax}`;
+  const h = c.halfScores ? 'h' : '';
+  const rung = c.rung < 2 ? `R${c.rung}${h}` : `R${c.rung}${h} ${c.softmax}`;
+  const flags = [
+    c.pad ? ', padded' : '', c.reloadQ ? ', Q reloaded' : '', c.naiveLanes ? ', naive lanes' : ''
+  ].join('');
   return `${rung} D=${c.headDim} rows ${c.rowBlocks * c.shape.M}/sg x ${c.subgroups} sg, BC=${
-      c.keyTile}, K/V ${c.kvFrom === 'workgroup' ? 'wg' : 'storage'}${c.pad ? ', padded' : ''}`;
+      c.keyTile}, K/V ${c.kvFrom === 'workgroup' ? 'wg' : 'storage'}${flags}`;
 }
 
 /** Matrix multiply-accumulate flops of one call on [H][S][D] (4 S^2 D H is attention's). */
@@ -140,6 +165,7 @@ function source(c: SkeletonConfig): string {
   const parts = split ? ['', 'Lo'] : [''];
   const staged = c.kvFrom === 'workgroup';
   const twoPass = rung >= 2 && c.softmax === 'two-pass';
+  const half = c.halfScores === true;
   const elem = standIn ? 'f32' : 'f16';
   const lim = (n: string) => loopBoundWGSL(shape, n);
   const rbs = range(RB);
@@ -198,35 +224,42 @@ function source(c: SkeletonConfig): string {
     return `${fn}(&${acc}, ln, ${l.off}, ${r.off});`;
   };
   // The stand-in's row-major stores of an accumulator, per destination.
-  const standInStore = (arr: string, stride: string, len: number|string) => {
+  const standInStore = (arr: string, stride: string, len: number|string, f16 = false) => {
     const fn = `sm_store_${arr}`;
     if (!fns.has(fn)) {
       const view: MatrixView = {arr, off: 'off', stride, colMajor: false, len};
-      fns.set(fn, `
+      fns.set(
+          fn,
+          `
 fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, off: u32) {
   let at = ${standInPlaceWGSL(view, M, N)};
-  let ok = ${standInAlignedWGSL(view, M, N, 4)};
+  let ok = ${standInAlignedWGSL(view, M, N, f16 ? 2 : 4)};
   for (var e = 0u; e < ${lim(`${epl}u`)}; e++) {
     let idx = ${standInElementWGSL(shape, 'e', 'ln')};
-    ${arr}[${standInIndexWGSL(view, 'at', 'idx / N', 'idx % N')}] = (*acc)[e] * ok;
+    ${arr}[${standInIndexWGSL(view, 'at', 'idx / N', 'idx % N')}] = ${
+              f16 ? 'sm_h((*acc)[e])' : '(*acc)[e]'} * ok;
   }
 }`);
     }
     return fn;
   };
-  const declAcc = (name: string) => standIn ? `var ${name} = array<f32, ${epl}>();` :
-                                              `var ${name} = ${zeroResultWGSL(shape, 'zero')};`;
-  const zeroAcc = (name: string) =>
-      standIn ? `${name} = array<f32, ${epl}>();` : `${name} = ${zeroResultWGSL(shape, 'zero')};`;
-  const storeAcc = (acc: string, arr: string, off: string, stride: string, len: number|string) =>
-      standIn ? `${standInStore(arr, stride, len)}(&${acc}, ln, ${off});` :
-                matrixStoreWGSL(shape, arr, off, acc, stride);
+  // Accumulators (f16 ones for half scores; the stand-in accumulates in
+  // f32 and rounds when it stores).
+  const zeroOf = (f16: boolean) => standIn ? `array<f32, ${epl}>()` :
+      f16 ? `subgroup_matrix_result<f16, ${N}, ${M}>(f16(zero))` :
+            zeroResultWGSL(shape, 'zero');
+  const declAcc = (name: string, f16 = false) => `var ${name} = ${zeroOf(f16)};`;
+  const zeroAcc = (name: string, f16 = false) => `${name} = ${zeroOf(f16)};`;
+  const storeAcc =
+      (acc: string, arr: string, off: string, stride: string, len: number|string, f16 = false) =>
+          standIn ? `${standInStore(arr, stride, len, f16)}(&${acc}, ln, ${off});` :
+                    matrixStoreWGSL(shape, arr, off, acc, stride);
   const scaleAcc = (acc: string, f: string) => standIn ?
       `for (var e = 0u; e < ${lim(`${epl}u`)}; e++) { ${acc}[e] *= ${f}; }` :
       `${acc} = subgroupMatrixScalarMultiply(${acc}, ${f});`;
 
   // Q's matrices in registers (the stand-in reads them from storage).
-  const qRegs = standIn ?
+  const qRegs = standIn || c.reloadQ ?
       '' :
       rbs.flatMap(
              rb => dSteps.flatMap(
@@ -262,8 +295,10 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, off: u32) {
       ${
                     rbs.flatMap(
                            rb => pairs.map(
-                               ([a, b]) => `s${rb}_${cb} = subgroupMatrixMultiplyAccumulate(q${
-                                   rb}_${kd}${a}, kr${b}, s${rb}_${cb});`))
+                               ([a, b]) => `s${rb}_${cb} = subgroupMatrixMultiplyAccumulate(${
+                                   c.reloadQ ?
+                                       matrixLoadWGSL(shape, leftT, qView(a, `${rb}u`, `${kd}u`)) :
+                                       `q${rb}_${kd}${a}`}, kr${b}, s${rb}_${cb});`))
                         .join('\n      ')}
     }`)).join('\n    ');
   };
@@ -348,29 +383,39 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, off: u32) {
   };
 
   // The lane's part of a row of row block rb in the scratch / P.
-  const ownRow = (rb: number, stride: string) =>
-      `((g * RB + ${rb}u) * M + lr) * ${stride} + lc * CPL`;
+  // Column j of a lane's CPL: interleaved with the row's other lanes and
+  // rotated by the row, so that the lanes of a step hit distinct banks.
+  const ownRow = (rb: number, stride: string) => `((g * RB + ${rb}u) * M + lr) * ${stride}`;
+  const col = c.naiveLanes ? 'lc * CPL + j' : 'lc + LPR * ((j + lr) % CPL)';
   const forOwn = (body: (rb: number) => string) =>
       rbs.map(rb => `for (var j = 0u; j < ${lim('CPL')}; j++) {
-      let at = ${ownRow(rb, 'SS')} + j;
-      let atP = ${ownRow(rb, 'PS')} + j;
+      let col = ${col};
+      let at = ${ownRow(rb, 'SS')} + col;
+      let atP = ${ownRow(rb, 'PS')} + col;
       ${body(rb)}
     }`).join('\n    ');
+  // A score as f32: from the scratch, or (half scores) from P in place.
+  const score = half ? (standIn ? 'p[atP]' : 'f32(p[atP])') : 'scr[at]';
 
-  const storeS = () => [...(staged ? [] : ['workgroupBarrier();']),
-                        ...rbs.flatMap(
-                            rb => sBlocks.map(
-                                cb => storeAcc(
-                                    `s${rb}_${cb}`, 'scr',
-                                    `(g * RB + ${rb}u) * M * SS + ${cb}u * N`, 'SS', BR * SS))),
-                        'workgroupBarrier();',
+  const storeS =
+      () => [...(staged ? [] : ['workgroupBarrier();']),
+             ...rbs.flatMap(
+                 rb => sBlocks.map(
+                     cb => half ?
+                         storeAcc(
+                             `s${rb}_${cb}`, 'p', `(g * RB + ${rb}u) * M * PS + ${cb}u * N`, 'PS',
+                             BR * PS, true) :
+                         storeAcc(
+                             `s${rb}_${cb}`, 'scr', `(g * RB + ${rb}u) * M * SS + ${cb}u * N`, 'SS',
+                             BR * SS))),
+             'workgroupBarrier();',
   ].join('\n    ');
   const stageK = staged ? `${stage('kIn', 'kT')}
     workgroupBarrier();` :
                           '';
   const stageV = staged ? stage('vIn', 'vT') : '';
-  const sDecls = rbs.flatMap(rb => sBlocks.map(cb => declAcc(`s${rb}_${cb}`))).join('\n  ');
-  const sZero = rbs.flatMap(rb => sBlocks.map(cb => zeroAcc(`s${rb}_${cb}`))).join('\n    ');
+  const sDecls = rbs.flatMap(rb => sBlocks.map(cb => declAcc(`s${rb}_${cb}`, half))).join('\n  ');
+  const sZero = rbs.flatMap(rb => sBlocks.map(cb => zeroAcc(`s${rb}_${cb}`, half))).join('\n    ');
   const oDecls = rbs.flatMap(rb => oBlocks.map(cd => declAcc(`o${rb}_${cd}`))).join('\n  ');
   const oStore = rbs.flatMap(
                         rb => oBlocks.map(
@@ -405,8 +450,8 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, off: u32) {
     ${sProducts()}
     ${storeS()}
     ${stageV}
-    ${forOwn(() => 'p[atP] = sm_h(scr[at]);')}
-    workgroupBarrier();
+    ${half ? '' : forOwn(() => 'p[atP] = sm_h(scr[at]);')}
+    ${half && !staged ? '' : 'workgroupBarrier();'}
     ${pvProducts()}
   }
   ${oStore}`;
@@ -422,16 +467,16 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, off: u32) {
     ${sZero}
     ${sProducts()}
     ${storeS()}
-    ${forOwn(rb => `m${rb} = max(m${rb}, scr[at] * u.scaleLog2);`)}
+    ${forOwn(rb => `m${rb} = max(m${rb}, ${score} * u.scaleLog2);`)}
   }
   ${rbs.map(rb => rowMerge(`m${rb}`, 'max')).join('\n  ')}`;
-      softmax = forOwn(rb => `let e = exp2(scr[at] * u.scaleLog2 - m${rb});
+      softmax = forOwn(rb => `let e = exp2(${score} * u.scaleLog2 - m${rb});
       l${rb} += e;
       ${writeP('e')}`);
     } else {
       // One running max per subgroup: O's rescale is one scalar per matrix.
       softmax = `var tmax = -1e30;
-    ${forOwn(() => 'tmax = max(tmax, scr[at]);')}
+    ${forOwn(() => `tmax = max(tmax, ${score});`)}
     let mNew = max(mRun, ${subgroupMax('tmax')} * u.scaleLog2);
     if (mNew > mRun) {
       let alpha = exp2(mRun - mNew);
@@ -439,7 +484,7 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, off: u32) {
       ${rbs.map(rb => `l${rb} *= alpha;`).join(' ')}
       mRun = mNew;
     }
-    ${forOwn(rb => `let e = exp2(scr[at] * u.scaleLog2 - mRun);
+    ${forOwn(rb => `let e = exp2(${score} * u.scaleLog2 - mRun);
       l${rb} += e;
       ${writeP('e')}`)}`;
     }
@@ -497,8 +542,8 @@ const SS = ${SS}u;
 const PS = ${PS}u;
 const THREADS = ${threads}u;
 
-${rung === 0 ? '' : `var<workgroup> scr: array<f32, ${BR * SS}>;
-${declare('p', BR * PS)}`}
+${rung === 0 || half ? '' : `var<workgroup> scr: array<f32, ${BR * SS}>;`}
+${rung === 0 ? '' : declare('p', BR * PS)}
 ${staged ? declare('kT', BC * D) : ''}
 ${staged && rung > 0 ? declare('vT', BC * D) : ''}
 ${standIn ? `var<workgroup> red: array<f32, ${c.subgroups * lanes}>;` : ''}

@@ -79,6 +79,24 @@ export async function pipelineOf(
   return null;
 }
 
+/**
+ * A compute pipeline created asynchronously without error scopes (several
+ * may compile at once), or null after printing why it does not compile.
+ */
+export async function compileAsync(
+    device: GPUDevice, name: string, code: string,
+    layout: GPUPipelineLayout|'auto'): Promise<GPUComputePipeline|null> {
+  const module = device.createShaderModule({code});
+  try {
+    return await device.createComputePipelineAsync({layout, compute: {module, entryPoint: 'main'}});
+  } catch (e) {
+    console.log(`${name}: ${(e as Error).message.slice(0, 400)}`);
+    const errors = (await module.getCompilationInfo()).messages.filter(m => m.type === 'error');
+    errors.forEach(m => console.log(`  ${m.lineNum}:${m.linePos} ${m.message.slice(0, 300)}`));
+    return null;
+  }
+}
+
 /** A storage buffer holding `data`, or `data` zeroed bytes. */
 export function storage(device: GPUDevice, data: ArrayBufferView|number): GPUBuffer {
   const size = typeof data === 'number' ? data : data.byteLength;

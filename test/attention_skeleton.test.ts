@@ -33,10 +33,20 @@ describe('attention skeleton WGSL with the real built-ins', () => {
       expect(code).toContain('subgroupMatrixMultiplyAccumulate(');
       expect(code).toContain('subgroupMatrixStore<row_major>(&o,');
       expect(code).not.toContain('sm_mma_');
-      if (c.rung >= 1) {
+      if (c.rung >= 1 && !c.halfScores) {
         expect(code).toContain('subgroupMatrixStore<row_major>(&scr,');
         expect(code).toContain(`const SS = ${c.keyTile + (c.pad ? 4 : 0)}u;`);
       }
+      if (c.halfScores) {
+        // S in f16 accumulators, stored straight into P: no f32 scratch.
+        expect(code).toContain('var s0_0 = subgroup_matrix_result<f16, 16, 16>(f16(zero));');
+        expect(code).toContain('subgroupMatrixStore<row_major>(&p,');
+        expect(code).not.toContain('scr');
+      }
+      expect(code.includes('let q0_0 =')).toBe(!c.reloadQ);
+      // R1h has no element-wise pass.
+      const elementwise = c.rung > 1 || (c.rung === 1 && !c.halfScores);
+      expect(code.includes('lc * CPL + j')).toBe(elementwise && c.naiveLanes === true);
       if (c.rung >= 2 && c.softmax === 'online') {
         expect(code).toContain('subgroupMatrixScalarMultiply(');
         expect(code).toContain('subgroupMax(');
@@ -104,6 +114,8 @@ describeWebGPU('attention skeleton on the stand-in [webgpu]', () => {
   }
 
   const bounds: Record<Rung, number> = {0: 1e-6, 1: 2e-3, 2: 2e-3, 3: 1e-4};
+  // The stand-in rounds f16 scores once, when they are stored.
+  const boundOf = (c: SkeletonConfig) => c.halfScores ? 1e-2 : bounds[c.rung];
   const cases: Array<[string, SkeletonConfig]> = [
     [
       'R0, K from storage', {
@@ -155,6 +167,46 @@ describeWebGPU('attention skeleton on the stand-in [webgpu]', () => {
       }
     ],
     [
+      'R1h (f16 scores straight into P), naive lanes', {
+        shape: SHAPE_A,
+        rung: 1,
+        softmax: 'online',
+        halfScores: true,
+        headDim: 32,
+        rowBlocks: 2,
+        subgroups: 2,
+        keyTile: 16,
+        kvFrom: 'storage',
+        naiveLanes: true
+      }
+    ],
+    [
+      'R2h online (softmax in place in P), K/V staged', {
+        shape: SHAPE_A,
+        rung: 2,
+        softmax: 'online',
+        halfScores: true,
+        headDim: 32,
+        rowBlocks: 1,
+        subgroups: 2,
+        keyTile: 16,
+        kvFrom: 'workgroup'
+      }
+    ],
+    [
+      'R2h two-pass, 16x8x16', {
+        shape: SHAPE_B,
+        rung: 2,
+        softmax: 'two-pass',
+        halfScores: true,
+        headDim: 32,
+        rowBlocks: 1,
+        subgroups: 2,
+        keyTile: 16,
+        kvFrom: 'storage'
+      }
+    ],
+    [
       'R3 online, K/V staged, rows padded', {
         shape: SHAPE_A,
         rung: 3,
@@ -183,12 +235,12 @@ describeWebGPU('attention skeleton on the stand-in [webgpu]', () => {
   for (const [label, c] of cases) {
     it(`${label} matches the float64 reference`, async () => {
       const {got, want} = await run(c);
-      expect(skeletonError(c.rung, got, want, c.headDim, c.keyTile)).toBeLessThan(bounds[c.rung]);
+      expect(skeletonError(c.rung, got, want, c.headDim, c.keyTile)).toBeLessThan(boundOf(c));
     });
   }
 
   it('R3 needs its lo parts: R2 on the same inputs misses the float32 bound', async () => {
-    const c = cases[5][1];
+    const c = cases.find(([label]) => label.startsWith('R3 two-pass'))![1];
     const {want} = await run(c);
     const {got} = await run({...c, rung: 2});
     expect(skeletonError(3, got, want, c.headDim, c.keyTile)).toBeGreaterThan(bounds[3]);
