@@ -22,7 +22,7 @@
  * matrix products the rung really issues (x1.5 two-pass, x3 split).
  *
  *   node attention_skeleton.mjs [--quick] [--seqs 4096,16384] [--dims 64,128]
- *       [--rungs 0,1,1h,2o,2oh,2t,2th,3o,3t] [--tilings "rb,sg,bc,s|w[,pqn];..."]
+ *       [--rungs 0,1,1h,2o,2oh,2t,2th,3o,3t] [--tilings "rb,sg,bc,s|w[,pqnb];..."]
  *       [--all-seqs] [--all-shapes] [--budget-s 100] [--check-seq 256]
  *       [--no-robustness] [--print-wgsl] [--stand-in]
  *
@@ -30,7 +30,9 @@
  * keys per tile, K/V matrices from storage (s) or staged in workgroup
  * memory (w), and flags: `p` scratch and P rows padded by 16 bytes, `q`
  * Q's matrices reloaded from storage at each product, `n` the naive lane
- * mapping of the element-wise pass (each lane's columns contiguous).
+ * mapping of the element-wise pass (each lane's columns contiguous), `b`
+ * no barriers between the steps on a subgroup's own rows (a data race,
+ * to measure what they cost; the check says if the order held).
  * `--quick` runs every rung at one tiling and a few tilings that explain
  * it (S=4096 only); `--rungs`, `--dims`, `--tilings` replace its grid by
  * their product. Every tiling is timed at the first length, each rung's
@@ -70,8 +72,8 @@ const list = (text: string) => text.split(',').filter(x => x !== '');
 function parseTilings(text: string): SkeletonTiling[] {
   return text.split(';').filter(x => x !== '').map(t => {
     const [rb, sg, bc, kv, flags = ''] = t.split(',');
-    if ((kv !== 's' && kv !== 'w') || !/^[pqn]*$/.test(flags)) {
-      throw new Error(`--tilings: "${t}" should be rb,sg,bc,s|w[,flags of p, q, n]`);
+    if ((kv !== 's' && kv !== 'w') || !/^[pqnb]*$/.test(flags)) {
+      throw new Error(`--tilings: "${t}" should be rb,sg,bc,s|w[,flags of p, q, n, b]`);
     }
     return [Number(rb), Number(sg), Number(bc), kv === 's' ? 'storage' : 'workgroup', flags];
   });
@@ -143,7 +145,8 @@ function rungId(c: SkeletonConfig): string {
 
 /** `c`'s tiling as `--tilings` writes it. */
 function tilingLabel(c: SkeletonConfig): string {
-  const flags = `${c.pad ? 'p' : ''}${c.reloadQ ? 'q' : ''}${c.naiveLanes ? 'n' : ''}`;
+  const flags = `${c.pad ? 'p' : ''}${c.reloadQ ? 'q' : ''}${c.naiveLanes ? 'n' : ''}${
+      c.noBarriers ? 'b' : ''}`;
   return `${c.rowBlocks},${c.subgroups},${c.keyTile},${c.kvFrom[0]}${flags ? `,${flags}` : ''}`;
 }
 

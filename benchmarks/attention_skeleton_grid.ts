@@ -10,7 +10,8 @@ import {Rung, SkeletonConfig, SkeletonSoftmax} from './attention_skeleton_wgsl';
 /**
  * A tiling: row blocks per subgroup, subgroups, keys per tile, K/V source,
  * and flags: `p` padded scratch and P rows, `q` Q reloaded at each
- * product, `n` the naive lane mapping (SkeletonConfig).
+ * product, `n` the naive lane mapping, `b` no barriers on a subgroup's
+ * own rows (SkeletonConfig).
  */
 export type SkeletonTiling = [number, number, number, SkeletonConfig['kvFrom'], string?];
 
@@ -51,16 +52,16 @@ interface GridBlock {
 
 /**
  * `--quick`: every rung at one tiling, then what explains it: the naive
- * lane mapping, D=128 at 16 rows per subgroup and with Q reloaded, K/V
- * staged, padded rows.
+ * lane mapping, padded rows, no barriers, D=128 at 16 rows per subgroup and
+ * with Q reloaded.
  */
 export const QUICK_GRID: GridBlock[] = [
   {rungs: RUNGS.map(r => r.id), dims: [64, 128], tilings: [[2, 4, 32, 'storage']]},
   {rungs: ['1', '2o'], dims: [64, 128], tilings: [[2, 4, 32, 'storage', 'n']]},
+  {rungs: ['1', '1h', '2oh'], dims: [64, 128], tilings: [[2, 4, 32, 'storage', 'p']]},
+  {rungs: ['1', '1h'], dims: [64], tilings: [[2, 4, 32, 'storage', 'b']]},
   {rungs: ['0', '1h', '2oh', '3o'], dims: [128], tilings: [[1, 4, 32, 'storage']]},
   {rungs: ['0', '2oh'], dims: [128], tilings: [[2, 4, 32, 'storage', 'q']]},
-  {rungs: ['1h', '2oh'], dims: [64, 128], tilings: [[2, 4, 32, 'workgroup']]},
-  {rungs: ['2o'], dims: [64], tilings: [[2, 4, 32, 'storage', 'p']]},
 ];
 
 /** The full grid's tilings (every rung and D at each). */
@@ -102,6 +103,7 @@ export function benchmarkGrid(
                                                     pad: flags.includes('p'),
                                                     reloadQ: flags.includes('q'),
                                                     naiveLanes: flags.includes('n'),
+                                                    noBarriers: flags.includes('b'),
                                                   })))));
 }
 

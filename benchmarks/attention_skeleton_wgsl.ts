@@ -80,6 +80,13 @@ export interface SkeletonConfig {
    * the row's other lanes and rotated by the row.
    */
   naiveLanes?: boolean;
+  /**
+   * No barriers between the steps on a subgroup's own rows (S stored, read,
+   * P written, loaded): a data race WGSL does not allow, run only to
+   * measure what those barriers cost (the check says whether the hardware
+   * happened to keep the order). K/V from storage only.
+   */
+  noBarriers?: boolean;
 }
 
 /** Row strides, in elements, of the f32 scratch and of P (f16 on the real path). */
@@ -114,6 +121,9 @@ export function skeletonProblem(c: SkeletonConfig): string|null {
       c.headDim % 8 !== 0) {
     return `D=${c.headDim}, BC=${c.keyTile} do not suit ${M}x${N}x${K} matrices of ${lanes} lanes`;
   }
+  if (c.noBarriers && c.kvFrom === 'workgroup') {
+    return 'staged K/V tiles need their barriers';
+  }
   if (c.halfScores && (c.rung === 0 || c.rung === 3)) {
     return `R${c.rung} has no f16 scores`;
   }
@@ -128,7 +138,8 @@ export function skeletonName(c: SkeletonConfig): string {
   const h = c.halfScores ? 'h' : '';
   const rung = c.rung < 2 ? `R${c.rung}${h}` : `R${c.rung}${h} ${c.softmax}`;
   const flags = [
-    c.pad ? ', padded' : '', c.reloadQ ? ', Q reloaded' : '', c.naiveLanes ? ', naive lanes' : ''
+    c.pad ? ', padded' : '', c.reloadQ ? ', Q reloaded' : '', c.naiveLanes ? ', naive lanes' : '',
+    c.noBarriers ? ', NO BARRIERS' : ''
   ].join('');
   return `${rung} D=${c.headDim} rows ${c.rowBlocks * c.shape.M}/sg x ${c.subgroups} sg, BC=${
       c.keyTile}, K/V ${c.kvFrom === 'workgroup' ? 'wg' : 'storage'}${flags}`;
@@ -166,6 +177,8 @@ function source(c: SkeletonConfig): string {
   const staged = c.kvFrom === 'workgroup';
   const twoPass = rung >= 2 && c.softmax === 'two-pass';
   const half = c.halfScores === true;
+  // A barrier that only orders steps on the subgroup's own rows.
+  const ownBarrier = c.noBarriers ? '' : 'workgroupBarrier();';
   const elem = standIn ? 'f32' : 'f16';
   const lim = (n: string) => loopBoundWGSL(shape, n);
   const rbs = range(RB);
@@ -398,7 +411,7 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, off: u32) {
   const score = half ? (standIn ? 'p[atP]' : 'f32(p[atP])') : 'scr[at]';
 
   const storeS =
-      () => [...(staged ? [] : ['workgroupBarrier();']),
+      () => [...(staged ? [] : [ownBarrier]),
              ...rbs.flatMap(
                  rb => sBlocks.map(
                      cb => half ?
@@ -408,7 +421,7 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, off: u32) {
                          storeAcc(
                              `s${rb}_${cb}`, 'scr', `(g * RB + ${rb}u) * M * SS + ${cb}u * N`, 'SS',
                              BR * SS))),
-             'workgroupBarrier();',
+             ownBarrier,
   ].join('\n    ');
   const stageK = staged ? `${stage('kIn', 'kT')}
     workgroupBarrier();` :
@@ -451,7 +464,10 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, off: u32) {
     ${storeS()}
     ${stageV}
     ${half ? '' : forOwn(() => 'p[atP] = sm_h(scr[at]);')}
-    ${half && !staged ? '' : 'workgroupBarrier();'}
+    ${
+        staged   ? 'workgroupBarrier();' :
+            half ? '' :
+                   ownBarrier}
     ${pvProducts()}
   }
   ${oStore}`;
@@ -500,7 +516,7 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, off: u32) {
     ${storeS()}
     ${stageV}
     ${softmax}
-    workgroupBarrier();
+    ${staged ? 'workgroupBarrier();' : ownBarrier}
     ${pvProducts()}
   }
   ${rbs.map(rb => rowMerge(`l${rb}`, '+')).join('\n  ')}
