@@ -403,7 +403,9 @@ async function main(): Promise<void> {
                   ''}`);
 }
 
-main().catch(e => {
+// Exits at once: pipelines compiled ahead of a run cut by its budget
+// would otherwise keep the process alive.
+main().then(() => process.exit(0), e => {
   console.error(e);
   process.exit(1);
 });
