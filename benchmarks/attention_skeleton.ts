@@ -47,7 +47,7 @@ import {TENSOR_CORE_DAWN_FLAGS, TENSOR_CORE_FEATURES} from '../demo/tensor_cores
 import {MatrixShape, pickSubgroupMatrixShape, subgroupMatrixConfigs} from '../kernels/webgpu/subgroup_matrix';
 
 import {benchmarkGrid, RUNGS, skeletonInputs, SkeletonTiling, skeletonUniforms} from './attention_skeleton_grid';
-import {Rung, SkeletonConfig, skeletonError, skeletonMatrixFlops, skeletonName, skeletonProblem, skeletonReference, skeletonRows, skeletonWGSL, skeletonWorkgroupBytes} from './attention_skeleton_wgsl';
+import {Rung, skeletonBarriersPerTile, SkeletonConfig, skeletonError, skeletonMatrixFlops, skeletonName, skeletonProblem, skeletonReference, skeletonRows, skeletonWGSL, skeletonWorkgroupBytes} from './attention_skeleton_wgsl';
 import {argText, compileAsync, readBack, storage, submitDispatches, timeDispatch} from './raw_webgpu';
 import {adapterName, openWebGPUDevice} from './webgpu_setup';
 
@@ -360,15 +360,16 @@ async function main(): Promise<void> {
   };
   const shapeName = (s: MatrixShape) => `${s.M}x${s.N}x${s.K}`;
   console.log(`\nattn TFLOP/s = 4 S^2 D H / time (mma: the rung's own matrix products)\n`);
-  console.log(`| matrices | config | check error | ${
+  console.log(`| matrices | config | barriers / key tile | workgroup KiB | check error | ${
       seqs.map(s => `S=${s}: ms, attn (mma) TFLOP/s`).join(' | ')} |`);
-  console.log(`| --- | --- | --- | ${seqs.map(() => '---').join(' | ')} |`);
+  console.log(`| --- | --- | --- | --- | --- | ${seqs.map(() => '---').join(' | ')} |`);
   for (const row of rows) {
     const err = row.err == null ? '-' : `${row.err.toExponential(1)}${row.wrong ? ' WRONG' : ''}`;
     const cells = row.note !== '' ? seqs.map((_, i) => i === 0 ? row.note : '-') :
                                     seqs.map(s => tflops(row, s));
-    console.log(
-        `| ${shapeName(row.c.shape)} | ${skeletonName(row.c)} | ${err} | ${cells.join(' | ')} |`);
+    console.log(`| ${shapeName(row.c.shape)} | ${skeletonName(row.c)} | ${
+        skeletonBarriersPerTile(row.c)} | ${(skeletonWorkgroupBytes(row.c) / 1024).toFixed(1)} | ${
+        err} | ${cells.join(' | ')} |`);
   }
   console.log(`\nBest per rung (attn TFLOP/s, tiling):\n`);
   console.log(`| matrices | rung | D | ${seqs.map(s => `S=${s}`).join(' | ')} |`);

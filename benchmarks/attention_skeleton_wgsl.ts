@@ -145,6 +145,25 @@ export function skeletonName(c: SkeletonConfig): string {
       c.keyTile}, K/V ${c.kvFrom === 'workgroup' ? 'wg' : 'storage'}${flags}`;
 }
 
+/**
+ * Workgroup barriers per key tile on the real path (both passes of the
+ * two-pass softmax), as generated: what each subgroup waits for.
+ */
+export function skeletonBarriersPerTile(c: SkeletonConfig): number {
+  const staged = c.kvFrom === 'workgroup' ? 1 : 0;
+  const own = c.noBarriers ? 0 : 1;
+  if (c.rung === 0) {
+    return 2 * staged;
+  }
+  // K staged; S stored (before: the array free, where nothing else
+  // separates it from the last tile's reads; after: S visible).
+  const sStore = (lead: boolean) => staged + (staged === 1 || !lead ? 0 : own) + own;
+  // V staged or P written, before P V.
+  const pv = staged === 1 ? 1 : c.rung === 1 && c.halfScores ? 0 : own;
+  const pass1 = c.rung >= 2 && c.softmax === 'two-pass' ? sStore(true) : 0;
+  return sStore(c.halfScores === true) + pv + pass1;
+}
+
 /** Matrix multiply-accumulate flops of one call on [H][S][D] (4 S^2 D H is attention's). */
 export function skeletonMatrixFlops(c: SkeletonConfig, heads: number, seq: number): number {
   const products = [1, 2, 2, 2][c.rung] + (c.rung >= 2 && c.softmax === 'two-pass' ? 1 : 0);
@@ -410,18 +429,20 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, off: u32) {
   // A score as f32: from the scratch, or (half scores) from P in place.
   const score = half ? (standIn ? 'p[atP]' : 'f32(p[atP])') : 'scr[at]';
 
-  const storeS =
-      () => [...(staged ? [] : [ownBarrier]),
-             ...rbs.flatMap(
-                 rb => sBlocks.map(
-                     cb => half ?
-                         storeAcc(
-                             `s${rb}_${cb}`, 'p', `(g * RB + ${rb}u) * M * PS + ${cb}u * N`, 'PS',
-                             BR * PS, true) :
-                         storeAcc(
-                             `s${rb}_${cb}`, 'scr', `(g * RB + ${rb}u) * M * SS + ${cb}u * N`, 'SS',
-                             BR * SS))),
-             ownBarrier,
+  // S stored (to the scratch, or to P), after a barrier where the array
+  // may still be read from the last tile with no barrier since (`lead`):
+  // pass 1's reads, or P V's loads of P holding half scores.
+  const storeS = (lead: boolean) =>
+      [...(staged || !lead ? [] : [ownBarrier]),
+       ...rbs.flatMap(
+           rb => sBlocks.map(
+               cb => half ? storeAcc(
+                                `s${rb}_${cb}`, 'p', `(g * RB + ${rb}u) * M * PS + ${cb}u * N`,
+                                'PS', BR * PS, true) :
+                            storeAcc(
+                                `s${rb}_${cb}`, 'scr', `(g * RB + ${rb}u) * M * SS + ${cb}u * N`,
+                                'SS', BR * SS))),
+       ownBarrier,
   ].join('\n    ');
   const stageK = staged ? `${stage('kIn', 'kT')}
     workgroupBarrier();` :
@@ -461,7 +482,7 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, off: u32) {
     ${stageK}
     ${sZero}
     ${sProducts()}
-    ${storeS()}
+    ${storeS(half)}
     ${stageV}
     ${half ? '' : forOwn(() => 'p[atP] = sm_h(scr[at]);')}
     ${
@@ -482,7 +503,7 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, off: u32) {
     ${stageK}
     ${sZero}
     ${sProducts()}
-    ${storeS()}
+    ${storeS(true)}
     ${forOwn(rb => `m${rb} = max(m${rb}, ${score} * u.scaleLog2);`)}
   }
   ${rbs.map(rb => rowMerge(`m${rb}`, 'max')).join('\n  ')}`;
@@ -513,7 +534,7 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, off: u32) {
     ${stageK}
     ${sZero}
     ${sProducts()}
-    ${storeS()}
+    ${storeS(half)}
     ${stageV}
     ${softmax}
     ${staged ? 'workgroupBarrier();' : ownBarrier}

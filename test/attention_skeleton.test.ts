@@ -9,7 +9,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import {checkOwnPipelineErrors, runOwnPipeline, webgpuBackendOf} from '../kernels/webgpu/own_pipeline';
 import type {MatrixShape} from '../kernels/webgpu/subgroup_matrix';
 import {benchmarkGrid, skeletonInputs, skeletonUniforms} from '../benchmarks/attention_skeleton_grid';
-import {Rung, SkeletonConfig, skeletonError, skeletonName, skeletonProblem, skeletonReference, skeletonRows, skeletonWGSL} from '../benchmarks/attention_skeleton_wgsl';
+import {Rung, skeletonBarriersPerTile, SkeletonConfig, skeletonError, skeletonName, skeletonProblem, skeletonReference, skeletonRows, skeletonWGSL} from '../benchmarks/attention_skeleton_wgsl';
 
 import {selectedBackends, useBackend} from './harness/backends';
 import {SHAPE_A, SHAPE_B} from './harness/matrix_shapes';
@@ -44,9 +44,8 @@ describe('attention skeleton WGSL with the real built-ins', () => {
         expect(code).not.toContain('scr');
       }
       expect(code.includes('let q0_0 =')).toBe(!c.reloadQ);
-      if (c.noBarriers) {
-        expect(code).not.toContain('workgroupBarrier');
-      }
+      // Every barrier of the real path is in a key-tile loop.
+      expect(code.match(/workgroupBarrier\(\)/g)?.length ?? 0).toBe(skeletonBarriersPerTile(c));
       // R1h has no element-wise pass.
       const elementwise = c.rung > 1 || (c.rung === 1 && !c.halfScores);
       expect(code.includes('lc * CPL + j')).toBe(elementwise && c.naiveLanes === true);
@@ -167,6 +166,18 @@ describeWebGPU('attention skeleton on the stand-in [webgpu]', () => {
         subgroups: 2,
         keyTile: 16,
         kvFrom: 'workgroup'
+      }
+    ],
+    [
+      'R1, K/V from storage', {
+        shape: SHAPE_A,
+        rung: 1,
+        softmax: 'online',
+        headDim: 32,
+        rowBlocks: 2,
+        subgroups: 2,
+        keyTile: 16,
+        kvFrom: 'storage'
       }
     ],
     [
