@@ -39,8 +39,8 @@
  */
 import {MatrixShape, matrixShapeKey} from './subgroup_matrix';
 import {assertWorkgroupAlignment, MatrixView as View, splitStoreWGSL} from './subgroup_matrix_wgsl';
-import {absMaxWGSL as absMax, KEY_TILES_WGSL, matrixTileSizes, kvRowWGSL as kvRow, loopBoundWGSL, matrixForwardMainStartWGSL, matrixForwardPreambleWGSL, qRegistersWGSL, scoreParamsWGSL, STANDIN_FNS} from './flash_attention_subgroup_matrix_webgpu';
-import {pvProductsWGSL, twoPassMatrixOps, twoPassRowsWGSL, twoPassSoftmaxWGSL} from './flash_attention_subgroup_matrix_two_pass_wgsl';
+import {absMaxWGSL as absMax, KEY_TILES_WGSL, matrixTileSizes, kvRowWGSL as kvRow, loopBoundWGSL, matrixForwardMainStartWGSL, matrixForwardPreambleWGSL, qRegistersWGSL, scoreParamsWGSL, STANDIN_FNS, suitedTileSizes} from './flash_attention_subgroup_matrix_webgpu';
+import {pvProductsWGSL, scoreProductsWGSL, twoPassMatrixOps, twoPassRowsWGSL, twoPassSoftmaxWGSL} from './flash_attention_subgroup_matrix_two_pass_wgsl';
 import {range, scoreKey, ScoreOptions, VEC4_COMPONENTS as COMP} from './wgsl_snippets';
 
 /** Everything baked into one pipeline. */
@@ -120,11 +120,7 @@ export function twoPassForwardWGSL(c: TwoPassForwardConfig): string {
 }
 
 function twoPassSource(c: TwoPassForwardConfig): string {
-  const sizes = twoPassTileSizes(c);
-  if (sizes == null) {
-    throw new Error(`FlashAttention forward: head dims D=${c.headDim}, Dv=${
-        c.headDimV} do not suit the subgroup-matrix tiling`);
-  }
+  const sizes = suitedTileSizes(twoPassTileSizes(c), c);
   const {N, K, standIn} = c.shape;
   const {br, bc, threads, lpr, cv, ops} = sizes;
   const rbs = range(c.rowBlocks);
@@ -138,8 +134,6 @@ function twoPassSource(c: TwoPassForwardConfig): string {
   const vOff = bc * d;
   const pOff = bc * (d + dv);
   const lim = (n: string) => loopBoundWGSL(c.shape, n);
-  // Split products as (left part, right part): the small terms first.
-  const pairs = c.split ? [['l', 'h'], ['h', 'l'], ['h', 'h']] : [['h', 'h']];
 
   // Operand views (per part); `off` are WGSL expressions.
   const qView = (p: string, off: string): View => ({
@@ -157,42 +151,11 @@ function twoPassSource(c: TwoPassForwardConfig): string {
       ({arr: `op${p}`, off, stride: 'BC', colMajor: false, len: ops});
 
   const matrixOps = twoPassMatrixOps(c.shape);
-  const {standInFns, standInMma, resultDecl, storeScr, left, right, rowOff} = matrixOps;
+  const {standInFns, resultDecl, storeScr, left, rowOff} = matrixOps;
 
   // S = Q K^T for this subgroup's RB x M rows and the tile's BC keys, into
   // the scratch ([BR][BC] f32).
-  const sBlocks = standIn ?
-      `for (var cb = 0u; cb < ${lim('BC / N')}; cb++) {
-      ${rbs.map(rb => resultDecl(`s${rb}`)).join('\n      ')}
-      for (var ks = 0u; ks < ${lim('D / K')}; ks++) {
-        ${
-          rbs.flatMap(
-                 rb => pairs.map(
-                     ([a, b]) => standInMma(
-                         `q${a}_k${b}`, `s${rb}`, qView(a, `${rowOff(rb)} * D + ks * K`),
-                         kView(b, 'cb * N * D + ks * K'))))
-              .join('\n        ')}
-      }
-      ${rbs.map(rb => storeScr(`s${rb}`, `${rowOff(rb)} * BC + cb * N`)).join('\n      ')}
-    }` :
-      `for (var cb = 0u; cb < BC / N; cb++) {
-      ${rbs.map(rb => resultDecl(`s${rb}`)).join('\n      ')}
-      ${
-          range(d / K)
-              .map(
-                  ks => `{
-        ${
-                      parts.map(p => `let k${p} = ${right(kView(p, `cb * N * D + ${ks * K}u`))};`)
-                          .join('\n        ')}
-        ${
-                      rbs.flatMap(
-                             rb => pairs.map(
-                                 ([a, b]) => `s${rb} = subgroupMatrixMultiplyAccumulate(qm${rb}_${
-                                     ks}_${a}, k${b}, s${rb});`))
-                          .join('\n        ')}
-      }`).join('\n      ')}
-      ${rbs.map(rb => storeScr(`s${rb}`, `${rowOff(rb)} * BC + cb * N`)).join('\n      ')}
-    }`;
+  const sBlocks = scoreProductsWGSL(c, matrixOps, qView, kView, '', '');
 
   // O += P V over the tile's keys; accumulators o{rb}_{cb} stay in registers.
   const oBlocks = range(dv / N);

@@ -313,6 +313,15 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) 
 }`;
 }
 
+/** The tile sizes `sizes` of `c`, or an error: its head dims do not suit the tiling. */
+export function suitedTileSizes<T>(sizes: T|null, c: {headDim: number, headDimV: number}): T {
+  if (sizes == null) {
+    throw new Error(`FlashAttention forward: head dims D=${c.headDim}, Dv=${
+        c.headDimV} do not suit the subgroup-matrix tiling`);
+  }
+  return sizes;
+}
+
 export function matrixForwardWGSL(c: MatrixForwardConfig): string {
   const code = forwardSource(c);
   if (!c.shape.diagnose?.unalignedWorkgroup) {
@@ -322,11 +331,7 @@ export function matrixForwardWGSL(c: MatrixForwardConfig): string {
 }
 
 function forwardSource(c: MatrixForwardConfig): string {
-  const sizes = matrixTileSizes(c);
-  if (sizes == null) {
-    throw new Error(`FlashAttention forward: head dims D=${c.headDim}, Dv=${
-        c.headDimV} do not suit the subgroup-matrix tiling`);
-  }
+  const sizes = suitedTileSizes(matrixTileSizes(c), c);
   const {M, N, K, standIn} = c.shape;
   const {br, bc, threads, lpr, cv} = sizes;
   const d = c.headDim;
