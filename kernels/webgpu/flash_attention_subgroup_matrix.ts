@@ -330,6 +330,14 @@ export function matrixForwardWebGPU(
   if (plan.tiling === 'twoPass') {
     matrixForwardStats.twoPassDispatches++;
   }
+  return runForwardKernel(backend, program, bound, q, v, uniforms, grid);
+}
+
+/** Records the attention kernel `program` on the `bound` inputs: returns [out, lse]. */
+function runForwardKernel(
+    backend: WebGPUBackend, program: {key: string, label: string, code: () => string},
+    bound: tf.TensorInfo[], q: tf.TensorInfo, v: tf.TensorInfo, uniforms: ArrayBuffer,
+    grid: [number, number, number]): tf.TensorInfo[] {
   return runOwnPipeline(
       backend, {
         ...program,
@@ -456,21 +464,12 @@ function storageForwardWebGPU(
   matrixForwardStats.dispatches++;
   matrixForwardStats.storageDispatches++;
   try {
-    return runOwnPipeline(
-        backend, {
-          key: storageForwardKey(config),
-          label: 'FlashAttention storage-loaded forward (subgroup matrices)',
-          code: () => storageForwardWGSL(config),
-          numInputs: bound.length,
-          numOutputs: 2,
-          hasUniforms: true,
-        },
-        {
-          inputs: bound,
-          outputs: forwardOutputs(q, v),
-          uniforms,
-          dispatch: grid,
-        });
+    const program = {
+      key: storageForwardKey(config),
+      label: 'FlashAttention storage-loaded forward (subgroup matrices)',
+      code: () => storageForwardWGSL(config),
+    };
+    return runForwardKernel(backend, program, bound, q, v, uniforms, grid);
   } finally {
     backend.disposeData(ops.dataId);
     backend.disposeData(scales.dataId);

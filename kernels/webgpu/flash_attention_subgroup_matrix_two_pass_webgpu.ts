@@ -39,7 +39,7 @@
  */
 import {MatrixShape, matrixShapeKey} from './subgroup_matrix';
 import {assertWorkgroupAlignment, MatrixView as View, splitStoreWGSL} from './subgroup_matrix_wgsl';
-import {absMaxWGSL as absMax, KEY_TILES_WGSL, matrixTileSizes, kvRowWGSL as kvRow, loopBoundWGSL, matrixForwardMainStartWGSL, matrixForwardPreambleWGSL, qRegistersWGSL, scoreParamsWGSL, STANDIN_FNS, suitedTileSizes} from './flash_attention_subgroup_matrix_webgpu';
+import {absMaxWGSL as absMax, KEY_TILES_WGSL, matrixTileSizes, kvRowWGSL as kvRow, loopBoundWGSL, matrixForwardMainStartWGSL, matrixForwardPreambleWGSL, qRegistersWGSL, qStagingWGSL, scoreParamsWGSL, STANDIN_FNS, suitedTileSizes} from './flash_attention_subgroup_matrix_webgpu';
 import {pvProductsWGSL, scoreProductsWGSL, twoPassMatrixOps, twoPassRowsWGSL, twoPassSoftmaxWGSL} from './flash_attention_subgroup_matrix_two_pass_wgsl';
 import {range, scoreKey, ScoreOptions, VEC4_COMPONENTS as COMP} from './wgsl_snippets';
 
@@ -335,15 +335,7 @@ ${matrixForwardMainStartWGSL(c, br, bc, threads)}
 
   // Q scaled and split into workgroup memory, from where each subgroup
   // loads its Q matrices once.
-  ${
-             range(nQL)
-                 .map(n => `{
-    let idx = lid + THREADS * ${n}u;
-    if (idx < BR * DQ4) {
-      let at = (idx / DQ4) * D + 4u * (idx % DQ4);
-      ${splitStore('op', 'at', `qr${n}`, 'qScale')}
-    }
-  }`).join('\n  ')}
+  ${qStagingWGSL(nQL, qr => splitStore('op', 'at', qr, 'qScale'))}
   workgroupBarrier();
   ${
              standIn ? `// The stand-in's "matrix loads" of Q: this subgroup's rows, copied

@@ -253,6 +253,21 @@ export function qRegistersWGSL(nQL: number): string {
   }`).join('\n  ')}`;
 }
 
+/**
+ * The registers qr0..qr{nQL-1} (qRegistersWGSL) into the workgroup's Q rows
+ * ([BR][D]): `store` gives the WGSL writing vec4 register `qr` at element `at`.
+ */
+export function qStagingWGSL(nQL: number, store: (qr: string) => string): string {
+  return range(nQL)
+      .map(n => `{
+    let idx = lid + THREADS * ${n}u;
+    if (idx < BR * DQ4) {
+      let at = (idx / DQ4) * D + 4u * (idx % DQ4);
+      ${store(`qr${n}`)}
+    }
+  }`).join('\n  ');
+}
+
 /** The key tiles [tBegin, tEnd) that rows r0..rEnd-1 can see. */
 export const KEY_TILES_WGSL = `let keys = fa_key_range(r0, rEnd, sp);
   let tBegin = keys.x / i32(BC);
@@ -490,15 +505,7 @@ ${matrixForwardMainStartWGSL(c, br, bc, threads)}
   workgroupBarrier();
   let qe = ${expOf(0)};
   let qScale = ldexp(1.0, -qe);
-  ${
-             range(nQL)
-                 .map(n => `{
-    let idx = lid + THREADS * ${n}u;
-    if (idx < BR * DQ4) {
-      let at = (idx / DQ4) * D + 4u * (idx % DQ4);
-      ${splitStore('q', 'at', `qr${n}`, 'qScale')}
-    }
-  }`).join('\n  ')}
+  ${qStagingWGSL(nQL, qr => splitStore('q', 'at', qr, 'qScale'))}
   workgroupBarrier();
   // Resets by a whole subgroup: no lane diverges from its subgroup right
   // before the matrix built-ins, which need all of its lanes.
