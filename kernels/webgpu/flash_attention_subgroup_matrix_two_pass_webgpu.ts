@@ -37,30 +37,19 @@
  * a workgroup array each subgroup copies its rows into where the real path
  * loads them, and row reductions go through workgroup memory.
  */
-import {MatrixShape, matrixShapeKey} from './subgroup_matrix';
+import {matrixShapeKey} from './subgroup_matrix';
 import {assertWorkgroupAlignment, MatrixView as View, splitStoreWGSL} from './subgroup_matrix_wgsl';
-import {absMaxWGSL as absMax, KEY_TILES_WGSL, matrixTileSizes, kvRowWGSL as kvRow, loopBoundWGSL, matrixForwardMainStartWGSL, matrixForwardPreambleWGSL, qRegistersWGSL, qStagingWGSL, scoreParamsWGSL, STANDIN_FNS, suitedTileSizes} from './flash_attention_subgroup_matrix_webgpu';
+import {absMaxWGSL as absMax, KEY_TILES_WGSL, MatrixForwardConfig, matrixTileSizes, kvRowWGSL as kvRow, loopBoundWGSL, matrixForwardMainStartWGSL, matrixForwardPreambleWGSL, qRegistersWGSL, qStagingWGSL, scoreParamsWGSL, STANDIN_FNS, suitedTileSizes} from './flash_attention_subgroup_matrix_webgpu';
 import {pvProductsWGSL, scoreProductsWGSL, twoPassMatrixOps, twoPassRowsWGSL, twoPassSoftmaxWGSL} from './flash_attention_subgroup_matrix_two_pass_wgsl';
-import {range, scoreKey, ScoreOptions, VEC4_COMPONENTS as COMP} from './wgsl_snippets';
+import {range, scoreKey, VEC4_COMPONENTS as COMP} from './wgsl_snippets';
 
-/** Everything baked into one pipeline. */
-export interface TwoPassForwardConfig {
-  headDim: number;
-  headDimV: number;
-  shape: MatrixShape;
-  /** Subgroups per workgroup. */
-  subgroups: number;
+/**
+ * Everything baked into one pipeline: the one-pass kernel's configuration
+ * (its `subgroups` each owning `rowBlocks` blocks of M rows here) and:
+ */
+export interface TwoPassForwardConfig extends MatrixForwardConfig {
   /** Blocks of M query rows per subgroup (BR = M * rowBlocks * subgroups). */
   rowBlocks: number;
-  /** Keys per tile. */
-  bc: number;
-  /** hi/lo split (float32-accurate) or one f16 product. */
-  split: boolean;
-  score: ScoreOptions;
-  alibiMode: 0|1|2;
-  dropout: boolean;
-  /** Heaviest query tiles first (causal-like masks). */
-  reverseRows: boolean;
   /**
    * Pass 1 finds each row's max only (no exponentials); pass 2 sums the
    * row's P = exp(S - max) itself and O is divided by that sum on the way
