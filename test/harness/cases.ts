@@ -83,6 +83,27 @@ export const OPTION_CASES: OptionCase[] = [
   },
 ];
 
+/**
+ * OPTION_CASES' case `name` at head dims d / dv, both sequences `extraRows`
+ * longer: 2-3 query and key tiles of the small forced tilings.
+ */
+export function optionCaseAtHeadDim(name: string, d: number, dv = d, extraRows = 24): OptionCase {
+  const c = OPTION_CASES.find(x => x.name === name)!;
+  expect(c).toBeDefined();
+  const longer = (n: number) => n + extraRows;
+  return {
+    ...c,
+    name: `${c.name}, D=${d}${dv !== d ? `, Dv=${dv}` : ''}`,
+    shape: {
+      ...c.shape,
+      seqQ: longer(c.shape.seqQ),
+      seqK: longer(c.shape.seqK),
+      headDim: d,
+      headDimV: dv
+    },
+  };
+}
+
 /** The op's options for a case (slopes as a tensor). */
 export function opOptions(c: OptionCase, problem: TestProblem): FlashAttentionOptions {
   return {...c.opts, alibiSlopes: problem.alibiSlopes};
