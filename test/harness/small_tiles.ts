@@ -6,7 +6,8 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 
-import {forwardStats, setForwardOverride} from '../../kernels/webgpu/FlashAttention';
+import {forwardStats, planForward, setForwardOverride} from '../../kernels/webgpu/FlashAttention';
+import type {ForwardTiles} from '../../kernels/webgpu/flash_attention_webgpu';
 import {fusedGradRunCount, GradTiles, registerFlashAttentionGradWebGPU, setGradTilesOverride} from '../../kernels/webgpu/FlashAttentionGrad';
 import {FlashAttentionGradDkDvSlicedProgram} from '../../kernels/webgpu/flash_attention_grad_dkdv_sliced_webgpu';
 import {FlashAttentionGradDqSlicedProgram} from '../../kernels/webgpu/flash_attention_grad_dq_sliced_webgpu';
@@ -18,6 +19,7 @@ import {FLASH_ATTENTION_IMPL, flashAttention} from '../../src';
 import type {TestBackend} from './backends';
 import {useBackend} from './backends';
 import {checkForward, OptionCase} from './cases';
+import {H100_STAND_IN} from './devices';
 import {runGradKernelOnOracle} from './grad_kernel';
 import {expectClose, FORWARD_BOUND, freshRng, GRADIENT_BOUND, seqlensInputs, seqlensRowExpected} from './problems';
 
@@ -48,6 +50,16 @@ export async function checkForwardUnderPlan(
     expect(forwardStats.dispatches).toBe(before + 1);
     expect(tf.memory().numTensors).toBe(tensors);
     await checkOwnPipelineErrors();
+  } finally {
+    setForwardOverride(null);
+  }
+}
+
+/** Forced, `tiles` is the forward plan of the H100 stand-in at D=128 (with subgroups). */
+export function expectForcibleAtD128(tiles: ForwardTiles): void {
+  setForwardOverride({tiles});
+  try {
+    expect(planForward(H100_STAND_IN, 128, 128, 16 * 4096)).toEqual({tiles, subgroups: true});
   } finally {
     setForwardOverride(null);
   }

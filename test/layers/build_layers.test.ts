@@ -136,47 +136,44 @@ describe('built layers entry', () => {
     expect(result.standInIsBias).toBe(true);
   });
 
-  it('UMD: after the core bundle, adds tf.flashMHA and uses the core bundle\'s global', () => {
+  /**
+   * On a page with tfjs's bundles, the core bundle and the layers bundle:
+   * a layer from `factory` (the JavaScript naming it) applied to X
+   * with WEIGHTS, then `[its output, ...the values of the expressions
+   * `checks`]`.
+   */
+  function umdLayerRun(factory: string, checks: string): unknown[] {
     const context = umdPageContext();
     for (const file
              of [...TFJS_UMD_SCRIPTS, dist('tfjs-flash-attention.umd.min.js'),
                  dist('tfjs-flash-attention-layers.umd.min.js')]) {
       loadScript(context, file);
     }
-    const result = vm.runInContext(
+    return vm.runInContext(
         `
       tf.setBackend('cpu');
-      const layer = tf.flashMHA(${JSON.stringify(ARGS)});
+      const layer = ${factory}(${JSON.stringify(ARGS)});
       const x = tf.tensor(${JSON.stringify(X)}, ${JSON.stringify(X_SHAPE)});
       layer.apply(x);
       layer.setWeights(${JSON.stringify(WEIGHTS)}.map((w, i) => tf.tensor(w, ${
             JSON.stringify(WEIGHT_SHAPES)}[i])));
-      [Array.from(layer.apply(x).dataSync()), layer instanceof tf.layers.Layer,
-       typeof tfFlashAttentionLayers.FlashMHA];`,
+      [Array.from(layer.apply(x).dataSync()), ${checks}];`,
         context);
+  }
+
+  it('UMD: after the core bundle, adds tf.flashMHA and uses the core bundle\'s global', () => {
+    const result = umdLayerRun(
+        'tf.flashMHA', 'layer instanceof tf.layers.Layer, typeof tfFlashAttentionLayers.FlashMHA');
     expect(result[0]).toEqual(expected);
     expect(result[1]).toBe(true);
     expect(result[2]).toBe('function');
   });
 
   it('UMD: puts the flashMHA factory on tf.layers too, as tfjs does its layers', () => {
-    const context = umdPageContext();
-    for (const file
-             of [...TFJS_UMD_SCRIPTS, dist('tfjs-flash-attention.umd.min.js'),
-                 dist('tfjs-flash-attention-layers.umd.min.js')]) {
-      loadScript(context, file);
-    }
-    const result = vm.runInContext(
-        `
-      tf.setBackend('cpu');
-      const layer = tf.layers.flashMHA(${JSON.stringify(ARGS)});
-      const x = tf.tensor(${JSON.stringify(X)}, ${JSON.stringify(X_SHAPE)});
-      layer.apply(x);
-      layer.setWeights(${JSON.stringify(WEIGHTS)}.map((w, i) => tf.tensor(w, ${
-            JSON.stringify(WEIGHT_SHAPES)}[i])));
-      [Array.from(layer.apply(x).dataSync()), layer instanceof tfFlashAttentionLayers.FlashMHA,
-       tf.layers.flashMHA === tf.flashMHA, typeof tf.layers.dense];`,
-        context);
+    const result = umdLayerRun(
+        'tf.layers.flashMHA',
+        'layer instanceof tfFlashAttentionLayers.FlashMHA, tf.layers.flashMHA === tf.flashMHA, ' +
+            'typeof tf.layers.dense');
     expect(result[0]).toEqual(expected);
     expect(result[1]).toBe(true);
     expect(result[2]).toBe(true);
