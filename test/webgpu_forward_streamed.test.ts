@@ -23,7 +23,7 @@ import {flashAttentionVarlen} from '../src';
 import {selectedBackends} from './harness/backends';
 import {OptionCase, optionCaseAtHeadDim as atHeadDim} from './harness/cases';
 import {H100_STAND_IN} from './harness/devices';
-import {expectClose, FORWARD_BOUND, freshRng, randomArray, sequenceProblem} from './harness/problems';
+import {cumulativeLengths, expectClose, FORWARD_BOUND, freshRng, randomArray, sequenceProblem} from './harness/problems';
 import {checkForwardUnderPlan, checkSeqlensForwardUnderPlan, expectForcibleAtD128, expectValidWGSL, useFusedWebGPU} from './harness/small_tiles';
 import {oracleForward} from './oracle';
 
@@ -250,9 +250,7 @@ describeWebGPU('fused WebGPU forward, streamed Q and double buffers [webgpu]', (
     const lensQ = [21, 5, 34];
     const lensK = [30, 5, 17];
     const total = (l: number[]) => l.reduce((a, b) => a + b, 0);
-    const cumulative = (l: number[]) =>
-        l.reduce((acc, x) => [...acc, acc[acc.length - 1] + x], [0]);
-    const [cuQ, cuK] = [cumulative(lensQ), cumulative(lensK)];
+    const [cuQ, cuK] = [cumulativeLengths(lensQ), cumulativeLengths(lensK)];
     const qv = randomArray(total(lensQ) * heads * dim, rng);
     const kv = randomArray(total(lensK) * headsKV * dim, rng);
     const vv = randomArray(total(lensK) * headsKV * dim, rng);

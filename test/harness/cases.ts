@@ -104,6 +104,26 @@ export function optionCaseAtHeadDim(name: string, d: number, dv = d, extraRows =
   };
 }
 
+/**
+ * D=80, causal, GQA, softcap and ALiBi per head over 70 rows: several key
+ * and query blocks of the sliced and streamed backward candidates' tiles
+ * (test/webgpu_backward_sliced.test.ts, test/webgpu_backward_streamed.test.ts).
+ */
+export const D80_CAUSAL_GQA_ALIBI: OptionCase = {
+  name: 'D=80, causal, GQA, softcap, alibi',
+  shape: {
+    batch: 1,
+    seqQ: 70,
+    seqK: 70,
+    heads: 4,
+    headsKV: 2,
+    headDim: 80,
+    headDimV: 80,
+    alibi: 'head'
+  },
+  opts: {causal: true, softcap: 2}
+};
+
 /** The op's options for a case (slopes as a tensor). */
 export function opOptions(c: OptionCase, problem: TestProblem): FlashAttentionOptions {
   return {...c.opts, alibiSlopes: problem.alibiSlopes};
