@@ -23,6 +23,9 @@
  * composed / PyTorch SDPA) last. `python3 torch_sdpa.py --sweep` measures
  * the same rows for --torch.
  *
+ * --keep-pool: tfjs's pooled buffers are never destroyed (no peak-memory
+ * figure); by default each entry empties the pool to measure its peak.
+ *
  * Warm-up: --warmup-ms of GPU work before each row, then on until two
  * repetitions agree within 5%, up to --max-warmup-ms (1500 under --sweep).
  * --repeat N (2 under --sweep) measures each row's implementations and
@@ -50,10 +53,14 @@
  *
  * Time: median over repetitions after warm-up; a repetition runs the op K
  * times (K so that it lasts >= ~20 ms) and waits for the GPU queue to drain
- * (no read-back). TFLOP/s by docs/design.md, "Performance method": forward 4*B*S*S*H*D, halved for
- * causal; forward+backward 3.5x that. Peak memory: GPU bytes allocated by one
- * call starting from an empty buffer pool (inputs excluded, outputs
- * included). Progress on stderr, the table on stdout, JSON + SVG in --out.
+ * (no read-back). Each entry is also timed on the GPU alone (timestamp
+ * queries around K calls in one command buffer): the wall time includes
+ * the host, which can stall the GPU's feed for tens of milliseconds
+ * (benchmarks/RESULTS.md, "Session 11, calls 4 and 5"); the ratio table is
+ * printed for both clocks. TFLOP/s by docs/design.md, "Performance method": forward 4*B*S*S*H*D,
+ * halved for causal; forward+backward 3.5x that. Peak memory: GPU bytes allocated by one call
+ * starting from an empty buffer pool (inputs excluded, outputs included). Progress on stderr, the
+ * table on stdout, JSON + SVG in --out.
  *
  * The device is built here with the adapter's limits (large buffers, 48 KiB
  * of workgroup memory on an H100) and subgroups, and registered as tfjs's
@@ -63,6 +70,7 @@
 import * as fs from 'fs';
 import * as path from 'path';
 
+import {drainQueue, gpuStepMs, TimedBackend} from './gpu_timer';
 import {parseForwardVariant, parseGradVariant} from './plan_variants';
 import {adapterName, openWebGPUDevice, useWebGPUBackend} from './webgpu_setup';
 
@@ -83,6 +91,11 @@ interface Args {
   warmupMs: number;
   /** Passes over each row's implementations and variants (odd ones reversed). */
   repeat: number;
+  /**
+   * --keep-pool: never destroy tfjs's pooled buffers (no peak-memory
+   * figure), so that no call after the first allocates GPU memory afresh.
+   */
+  keepPool: boolean;
   /** Warm-up continues past warmupMs until timings settle, up to this. */
   maxWarmupMs: number;
   check: boolean;
@@ -140,6 +153,7 @@ function parseArgs(argv: string[]): Args {
     budgetMs: Number(get('budget-ms', sweep ? '120' : '600')),
     warmupMs: Number(get('warmup-ms', '300')),
     repeat: Math.max(1, Number(get('repeat', sweep ? '2' : '1'))),
+    keepPool: argv.includes('--keep-pool'),
     maxWarmupMs: Number(get('max-warmup-ms', sweep ? '1500' : get('warmup-ms', '300'))),
     check: argv.includes('--check'),
     batch: Number(get('batch', '1')),
@@ -168,6 +182,11 @@ export interface Row {
   /** JavaScript time per call (enqueueing, no GPU wait). */
   cpuMs: number|null;
   /**
+   * GPU time per call from timestamp queries (the smallest of the passes'
+   * medians), null without the device feature.
+   */
+  gpuMs: number|null;
+  /**
    * WebGPU API calls of one steady-state call (benchmarks/webgpu_counters.ts):
    * dispatches, queue submits, error scopes, host uploads.
    */
@@ -184,21 +203,14 @@ function flops(mode: string, b: number, h: number, s: number, d: number, causal:
 
 interface Bench {
   tf: TF;
-  backend: {
-    device: GPUDevice,
+  backend: TimedBackend&{
     bufferManager:
         {numBytesAllocated: number, freeBuffers: Map<string, GPUBuffer[]>, numFreeBuffers: number},
-    ensureCommandEncoderReady(): void,
-    endComputePassEncoder(): void,
-    submitQueue(): void
   };
 }
 
 async function sync(b: Bench): Promise<void> {
-  b.backend.ensureCommandEncoderReady();
-  b.backend.endComputePassEncoder();
-  b.backend.submitQueue();
-  await b.backend.device.queue.onSubmittedWorkDone();
+  await drainQueue(b.backend);
 }
 
 /** Destroys the pooled free buffers so the next call's allocations show. */
@@ -215,20 +227,30 @@ function emptyPool(b: Bench): void {
 }
 
 async function measure(
-    b: Bench, run: () => unknown, budgetMs: number, warmupMs = 0, maxWarmupMs = warmupMs):
-    Promise<
-        {ms: number, peakMiB: number, reps: number, cpuMs: number, api: NonNullable<Row['api']>}> {
+    b: Bench, run: () => unknown, budgetMs: number, warmupMs = 0, maxWarmupMs = warmupMs,
+    keepPool = false): Promise<{
+  ms: number,
+  peakMiB: number | null,
+  reps: number,
+  cpuMs: number,
+  repRange: [number, number],
+  gpuMs: number | null,
+  api: NonNullable<Row['api']>
+}> {
   const {tf} = b;
   const once = () => tf.dispose(run() as import("@tensorflow/tfjs-core").Tensor[]);
   // First call: compiles and uploads the inputs; the second measures peak
   // memory from an empty pool.
   once();
   await sync(b);
-  emptyPool(b);
-  const before = b.backend.bufferManager.numBytesAllocated;
-  once();
-  await sync(b);
-  const peakMiB = (b.backend.bufferManager.numBytesAllocated - before) / 2 ** 20;
+  let peakMiB: number|null = null;
+  if (!keepPool) {
+    emptyPool(b);
+    const before = b.backend.bufferManager.numBytesAllocated;
+    once();
+    await sync(b);
+    peakMiB = (b.backend.bufferManager.numBytesAllocated - before) / 2 ** 20;
+  }
   const {webgpuCounters} = await import('./webgpu_counters');
   const counters = webgpuCounters();
   once();
@@ -277,7 +299,18 @@ async function measure(
     times.push((performance.now() - t0) / k);
   }
   const median = (xs: number[]) => xs.sort((x, y) => x - y)[Math.floor(xs.length / 2)];
-  return {ms: median(times), peakMiB, reps, cpuMs: median(cpu), api};
+  const repRange: [number, number] = [Math.min(...times), Math.max(...times)];
+  // The same calls timed on the GPU alone: a wall-clock repetition that is
+  // slow where these are not was slowed by the host, not by the kernels.
+  const gpu: number[] = [];
+  for (let r = 0; r < 3; r++) {
+    const g = await gpuStepMs(tf, b.backend, once, k);
+    if (g != null) {
+      gpu.push(g);
+    }
+  }
+  const gpuMs = gpu.length > 0 ? median(gpu) : null;
+  return {ms: median(times), peakMiB, reps, cpuMs: median(cpu), repRange, gpuMs, api};
 }
 
 async function main(): Promise<void> {
@@ -473,6 +506,8 @@ async function main(): Promise<void> {
           // reverse order, so that no entry is always the first measured
           // after a change of shape (which can be slowed by what ran before).
           const entryRows = new Map<string, Row>();
+          let lastRepRange: [number, number] = [NaN, NaN];
+          let lastGpuMs: number|null = null;
           for (let pass = 0; pass < args.repeat; pass++) {
             for (const {impl, variant} of pass % 2 === 0 ? entries : [...entries].reverse()) {
               const entryKey = `${impl} ${variant}`;
@@ -495,6 +530,7 @@ async function main(): Promise<void> {
                 peakMiB: null,
                 reps: 0,
                 cpuMs: null,
+                gpuMs: null,
                 api: null,
                 status: 'ok',
                 passMs: []
@@ -569,7 +605,8 @@ async function main(): Promise<void> {
                 device.pushErrorScope('out-of-memory');
                 device.pushErrorScope('validation');
                 const dispatches = forwardStats.dispatches;
-                const m = await measure(bench, run, args.budgetMs, args.warmupMs, args.maxWarmupMs);
+                const m = await measure(
+                    bench, run, args.budgetMs, args.warmupMs, args.maxWarmupMs, args.keepPool);
                 if (impl === 'fused' && forwardStats.dispatches === dispatches) {
                   throw new Error('the fused forward did not run');
                 }
@@ -592,6 +629,11 @@ async function main(): Promise<void> {
                   }
                   row.peakMiB = m.peakMiB;
                   row.api = m.api;
+                  lastRepRange = m.repRange;
+                  lastGpuMs = m.gpuMs;
+                  if (m.gpuMs != null && (row.gpuMs == null || m.gpuMs < row.gpuMs)) {
+                    row.gpuMs = m.gpuMs;
+                  }
                 }
               } catch (e) {
                 row.status = `error: ${(e as Error).message.slice(0, 160)}`;
@@ -607,9 +649,11 @@ async function main(): Promise<void> {
                   row.ms != null ?
                       `${row.passMs[row.passMs.length - 1].toFixed(3)} ms${
                           args.repeat > 1 ? ` (fastest pass ${row.ms.toFixed(3)})` :
-                                            ''}, ${row.tflops!.toFixed(2)} TFLOP/s, peak ${
-                          row.peakMiB!.toFixed(
-                              1)} MiB, JS ${row.cpuMs!.toFixed(3)} ms/call (${row.reps} reps), ${
+                                            ''}, ${row.tflops!.toFixed(2)} TFLOP/s, reps ${
+                          lastRepRange.map(x => x.toFixed(3)).join('..')} ms, GPU ${
+                          lastGpuMs == null ? '-' : lastGpuMs.toFixed(3)} ms, peak ${
+                          row.peakMiB == null ? '-' : row.peakMiB.toFixed(1)} MiB, JS ${
+                          row.cpuMs!.toFixed(3)} ms/call (${row.reps} reps), ${
                           row.api!.dispatches} dispatches, ${row.api!.submits} submits, ${
                           row.api!.errorScopes} error scopes, ${row.api!.uploads} uploads/call` :
                       row.status}`);
@@ -652,6 +696,9 @@ async function main(): Promise<void> {
         `\nChecks (fused vs composed on this device):\n${checks.map(c => `- ${c}`).join('\n')}`);
   }
   console.log(`\n${ratioTable(rows, torch?.rows ?? [], B, H)}`);
+  if (rows.some(r => r.gpuMs != null)) {
+    console.log(`\n${ratioTable(rows, torch?.rows ?? [], B, H, 'gpu')}`);
+  }
   if (args.tensorCores) {
     console.log(`\n${tensorCoreUsage()}`);
   }
@@ -795,20 +842,26 @@ function table(rows: Row[], torch: TorchRow[], B: number, H: number): string {
  * the B x H grid (fused / composed in brackets where composed ran), and
  * the extra problems after it.
  */
-function ratioTable(rows: Row[], torch: TorchRow[], B: number, H: number): string {
+function ratioTable(
+    rows: Row[], torch: TorchRow[], B: number, H: number, clock: 'wall'|'gpu' = 'wall'): string {
   const all = lines(rows, torch, B, H);
   const grid = all.filter(l => l.b === B && l.h === H && l.hk === H);
   const seqs = [...new Set(grid.map(l => l.seq))].sort((a, b) => a - b);
+  const time = (r: Row|undefined) => clock === 'wall' ? r?.ms : r?.gpuMs;
   const cell = (l: Line|undefined) => {
-    if (l?.fused?.ms == null) {
+    const fusedMs = time(l?.fused);
+    if (l == null || fusedMs == null) {
       return '-';
     }
-    const t = l.torchMs != null ? `${(l.torchMs / l.fused.ms).toFixed(2)}x` : '-';
-    const c = l.composed?.ms != null ? ` (${(l.composed.ms / l.fused.ms).toFixed(2)}x)` : '';
+    const composedMs = time(l.composed);
+    const t = l.torchMs != null ? `${(l.torchMs / fusedMs).toFixed(2)}x` : '-';
+    const c = composedMs != null ? ` (${(composedMs / fusedMs).toFixed(2)}x)` : '';
     return `${t}${c}`;
   };
   const out = [
-    `fused / PyTorch SDPA f32 (fused / composed), B=${B}, H=${H}; ` +
+    `fused / PyTorch SDPA f32 (fused / composed), B=${B}, H=${H}, by ${
+        clock === 'wall' ? 'wall time per call' :
+                           'GPU time per call (timestamp queries; PyTorch: CUDA events)'}; ` +
         'higher is faster, below 1 in brackets: fused slower than composed',
     ''
   ];

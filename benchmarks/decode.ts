@@ -54,6 +54,7 @@ import {flashAttentionWithKVCache} from '../src';
 import {flashMHA, IncrementalDecoder} from '../src/layers';
 
 import {composedAttention} from './baselines';
+import {drainQueue, gpuStepMs, TimedBackend} from './gpu_timer';
 import {webgpuCounters} from './webgpu_counters';
 
 interface Args {
@@ -117,22 +118,11 @@ function knownBandwidth(name: string): number|null {
   return null;
 }
 
-interface WebGPUish {
-  device: GPUDevice;
-  ensureCommandEncoderReady(): void;
-  endComputePassEncoder(): void;
-  submitQueue(): void;
-}
-
 async function sync(): Promise<void> {
-  const b = tf.backend() as unknown as WebGPUish;
-  if (typeof b.submitQueue !== 'function') {
-    return;
+  const b = tf.backend() as unknown as TimedBackend;
+  if (typeof b.submitQueue === 'function') {
+    await drainQueue(b);
   }
-  b.ensureCommandEncoderReady();
-  b.endComputePassEncoder();
-  b.submitQueue();
-  await b.device.queue.onSubmittedWorkDone();
 }
 
 /** Median ms of `step` (run K times per repetition, one wait each). */
@@ -156,54 +146,6 @@ async function timeSteps(step: () => void, budgetMs: number): Promise<number> {
   }
   times.sort((a, b) => a - b);
   return times[Math.floor(times.length / 2)];
-}
-
-/**
- * GPU milliseconds per `step` from timestamp queries, or null without the
- * device feature: K steps recorded into one command buffer (no submit in
- * between) after a first timestamp, a second one after them, so the GPU
- * runs them back to back and the time is theirs (kernels, copies and the
- * barriers between them), not the CPU's recording of them.
- */
-async function gpuStepMs(step: () => void, k: number): Promise<number|null> {
-  const b = tf.backend() as unknown as WebGPUish & {commandEncoder: GPUCommandEncoder | null};
-  if (typeof b.submitQueue !== 'function' || !b.device.features.has('timestamp-query')) {
-    return null;
-  }
-  const device = b.device;
-  const querySet = device.createQuerySet({type: 'timestamp', count: 2});
-  const resolved = device.createBuffer(
-      {size: 16, usage: GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC});
-  const staging =
-      device.createBuffer({size: 16, usage: GPUBufferUsage.COPY_DST | GPUBufferUsage.MAP_READ});
-  // An empty pass that only writes a timestamp, recorded into tfjs's encoder.
-  const mark = (timestampWrites: GPUComputePassTimestampWrites) => {
-    b.ensureCommandEncoderReady();
-    b.endComputePassEncoder();
-    b.commandEncoder!.beginComputePass({timestampWrites}).end();
-  };
-  await sync();
-  const flag = 'WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE';
-  const saved = tf.env().getNumber(flag);
-  tf.env().set(flag, 1 << 30);
-  try {
-    mark({querySet, beginningOfPassWriteIndex: 0});
-    for (let i = 0; i < k; i++) {
-      step();
-    }
-    mark({querySet, endOfPassWriteIndex: 1});
-    b.commandEncoder!.resolveQuerySet(querySet, 0, 2, resolved, 0);
-    b.commandEncoder!.copyBufferToBuffer(resolved, 0, staging, 0, 16);
-    b.submitQueue();
-  } finally {
-    tf.env().set(flag, saved);
-  }
-  await staging.mapAsync(GPUMapMode.READ);
-  const [t0, t1] = new BigUint64Array(staging.getMappedRange().slice(0));
-  staging.unmap();
-  [staging, resolved].forEach(x => x.destroy());
-  querySet.destroy();
-  return Number(t1 - t0) / 1e6 / k;
 }
 
 /** The WebGPU API calls `run` makes (it must not wait for the GPU). */
@@ -265,7 +207,8 @@ async function attentionRows(args: Args): Promise<AttentionRow[]> {
             q, kCache, vCache, {k, v, cacheSeqlens: [context - 1], causal: true, ...tables}) as
         tf.Tensor4D;
     const fusedMs = await timeSteps(() => fused().dispose(), args.budgetMs);
-    const gpuMs = await gpuStepMs(() => fused().dispose(), 50);
+    const gpuMs =
+        await gpuStepMs(tf, tf.backend() as unknown as TimedBackend, () => fused().dispose(), 50);
     const api = apiCalls(() => fused().dispose());
     await checkOwnPipelineErrors();
     const plan = planDecode(1, 1, H, Hk, context);

@@ -25,43 +25,8 @@
 import {TENSOR_CORE_DAWN_FLAGS, TENSOR_CORE_FEATURES} from '../demo/tensor_cores';
 import {MatrixShape, pickSubgroupMatrixShape} from '../kernels/webgpu/subgroup_matrix';
 
+import {arg, halfInputs, pipelineOf, readBack, storage, SUBGROUP_MATRIX_HEADER as HEADER, timeDispatch} from './raw_webgpu';
 import {adapterName, openWebGPUDevice} from './webgpu_setup';
-
-const HEADER = `enable f16;
-enable subgroups;
-enable chromium_experimental_subgroup_matrix;
-diagnostic(off, chromium.subgroup_matrix_uniformity);
-`;
-
-function arg(name: string, fallback: number): number {
-  const i = process.argv.indexOf(`--${name}`);
-  return i >= 0 ? Number(process.argv[i + 1]) : fallback;
-}
-
-/** IEEE half bits of `x`, which must be exactly representable (the inputs are). */
-function halfBits(x: number): number {
-  if (x === 0) {
-    return 0;
-  }
-  const sign = x < 0 ? 0x8000 : 0;
-  const a = Math.abs(x);
-  const e = Math.floor(Math.log2(a));
-  const mant = Math.round((a / 2 ** e - 1) * 1024);
-  return sign | ((e + 15) << 10) | mant;
-}
-
-/** f16-exact values in [-2, 2] (multiples of 1/16), as numbers and half bits. */
-function halfInputs(n: number, seed: number): {values: Float64Array, bits: Uint16Array} {
-  const values = new Float64Array(n);
-  const bits = new Uint16Array(n);
-  let s = seed >>> 0;
-  for (let i = 0; i < n; i++) {
-    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
-    values[i] = ((s >>> 8) % 65 - 32) / 16;
-    bits[i] = halfBits(values[i]);
-  }
-  return {values, bits};
-}
 
 const left = (s: MatrixShape) => `subgroup_matrix_left<f16, ${s.K}, ${s.M}>`;
 const right = (s: MatrixShape) => `subgroup_matrix_right<f16, ${s.N}, ${s.K}>`;
@@ -243,80 +208,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
                   n}u + col0 + wc + ${k * s.N}u, acc${i}_${k}, ${n}u);`)
           .join('\n  ')}
 }`;
-}
-
-async function pipelineOf(
-    device: GPUDevice, name: string, code: string): Promise<GPUComputePipeline|null> {
-  device.pushErrorScope('validation');
-  const module = device.createShaderModule({code});
-  const errors = (await module.getCompilationInfo()).messages.filter(m => m.type === 'error');
-  try {
-    const pipeline = await device.createComputePipelineAsync(
-        {layout: 'auto', compute: {module, entryPoint: 'main'}});
-    const err = await device.popErrorScope();
-    if (err == null && errors.length === 0) {
-      return pipeline;
-    }
-    console.log(`${name}: ${err?.message ?? ''}`);
-  } catch (e) {
-    await device.popErrorScope();
-    console.log(`${name}: ${(e as Error).message.slice(0, 400)}`);
-  }
-  errors.forEach(m => console.log(`  ${m.lineNum}:${m.linePos} ${m.message.slice(0, 300)}`));
-  return null;
-}
-
-function storage(device: GPUDevice, data: ArrayBufferView|number): GPUBuffer {
-  const size = typeof data === 'number' ? data : data.byteLength;
-  const buffer = device.createBuffer({
-    size: Math.ceil(size / 16) * 16,
-    usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST | GPUBufferUsage.COPY_SRC
-  });
-  if (typeof data !== 'number') {
-    device.queue.writeBuffer(buffer, 0, data.buffer, data.byteOffset, data.byteLength);
-  }
-  return buffer;
-}
-
-/** Median ms of one dispatch over 5 batches of `reps`, after one warm-up batch. */
-async function timeDispatch(
-    device: GPUDevice, pipeline: GPUComputePipeline, bind: GPUBindGroup, groups: [number, number],
-    reps: number): Promise<number> {
-  const batch = async () => {
-    const enc = device.createCommandEncoder();
-    for (let r = 0; r < reps; r++) {
-      const pass = enc.beginComputePass();
-      pass.setPipeline(pipeline);
-      pass.setBindGroup(0, bind);
-      pass.dispatchWorkgroups(groups[0], groups[1]);
-      pass.end();
-    }
-    const t0 = performance.now();
-    device.queue.submit([enc.finish()]);
-    await device.queue.onSubmittedWorkDone();
-    return (performance.now() - t0) / reps;
-  };
-  await batch();
-  const times: number[] = [];
-  for (let i = 0; i < 5; i++) {
-    times.push(await batch());
-  }
-  times.sort((x, y) => x - y);
-  return times[2];
-}
-
-async function readBack(
-    device: GPUDevice, buffer: GPUBuffer, bytes: number): Promise<Float32Array> {
-  const staging =
-      device.createBuffer({size: bytes, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST});
-  const enc = device.createCommandEncoder();
-  enc.copyBufferToBuffer(buffer, 0, staging, 0, bytes);
-  device.queue.submit([enc.finish()]);
-  await staging.mapAsync(GPUMapMode.READ);
-  const out = new Float32Array(staging.getMappedRange().slice(0));
-  staging.unmap();
-  staging.destroy();
-  return out;
 }
 
 async function main(): Promise<void> {
