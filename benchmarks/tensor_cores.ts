@@ -104,53 +104,14 @@ function timeModes(): TimeMode[] {
     {name: 'float32', precision: 'float32', override: tc, checkedAs: 'float32'},
     {name: 'float16', precision: 'float16', override: tc, checkedAs: 'float16'},
   ];
-  if (!process.argv.includes('--skip-accumulated')) {
-    for (const p of ['float32', 'float16'] as const) {
-      modes.push({
-        name: `${p} accumulated bwd`,
-        precision: p,
-        override: {...tc, gradTiling: 'accumulated'},
-        checkedAs: `${p} accumulated bwd`,
-        fwdbwdOnly: true
-      });
-    }
-  }
-  for (const tiles of dkdvPlans()) {
-    for (const p of ['float32', 'float16'] as const) {
-      modes.push({
-        name: `${p} ${dkdvPlanName(tiles)}`,
-        precision: p,
-        override: {...tc, gradTiling: 'accumulated', gradDkdvTiles: tiles},
-        checkedAs: `${p} ${dkdvPlanName(tiles)}`,
-        fwdbwdOnly: true
-      });
-    }
-  }
-  if (!process.argv.includes('--skip-one-pass')) {
-    for (const p of ['float32', 'float16'] as const) {
-      modes.push({
-        name: `${p} one-pass`,
-        precision: p,
-        override: {...tc, forwardTiling: 'online'},
-        checkedAs: `${p} one-pass`,
-        // Its backward is the two-pass modes' backward.
-        fwdOnly: true
-      });
-    }
-  }
-  for (const plan of storagePlans()) {
-    for (const p of ['float32', 'float16'] as const) {
-      modes.push({
-        name: `${p} ${storageName(plan)}`,
-        precision: p,
-        override: {...tc, ...plan, forwardTiling: 'storage'},
-        checkedAs: `${p} ${storageName(plan)}`,
-        fwdOnly: true
-      });
+  for (const v of tensorCoreVariants(tc)) {
+    for (const p of PRECISIONS) {
+      const name = `${p} ${v.name}`;
+      modes.push({name, precision: p, override: v.override, checkedAs: name, ...v.time});
     }
   }
   for (const plan of timePlans()) {
-    for (const p of ['float32', 'float16'] as const) {
+    for (const p of PRECISIONS) {
       modes.push({
         name: `${p} ${planName(plan)}`,
         precision: p,
@@ -161,6 +122,67 @@ function timeModes(): TimeMode[] {
     }
   }
   return modes;
+}
+
+const PRECISIONS = ['float32', 'float16'] as const;
+
+/**
+ * A forced tensor-core variant that is checked and timed at both
+ * precisions, as the mode `${precision} ${name}`.
+ */
+interface TensorCoreVariant {
+  name: string;
+  override: MatrixForwardOverride;
+  /** What its check expects (beside one forward and two backward matrix dispatches). */
+  check: Pick<CheckMode, 'twoPass'|'storage'|'accumulated'|'gradMayFallBack'|'mayFallBack'>;
+  /** What of it is timed. */
+  time: Pick<TimeMode, 'fwdOnly'|'fwdbwdOnly'>;
+}
+
+/**
+ * The accumulated dK/dV pass (unless --skip-accumulated), at --dkdv-plans'
+ * tilings, the one-pass forward (unless --skip-one-pass) and the
+ * storage-loaded forward's plans, on the tensor-core override `tc`.
+ */
+function tensorCoreVariants(tc: MatrixForwardOverride): TensorCoreVariant[] {
+  const variants: TensorCoreVariant[] = [];
+  if (!process.argv.includes('--skip-accumulated')) {
+    // The accumulated dK/dV pass (dK, dV in matrix accumulators), forced.
+    variants.push({
+      name: 'accumulated bwd',
+      override: {...tc, gradTiling: 'accumulated'},
+      check: {twoPass: true, accumulated: true},
+      time: {fwdbwdOnly: true}
+    });
+  }
+  for (const tiles of dkdvPlans()) {
+    // Forced tilings of the accumulated pass (one that does not fit some
+    // head dims falls back to the SIMT backward there: NOT TC, no failure).
+    variants.push({
+      name: dkdvPlanName(tiles),
+      override: {...tc, gradTiling: 'accumulated', gradDkdvTiles: tiles},
+      check: {twoPass: true, accumulated: true, gradMayFallBack: true},
+      time: {fwdbwdOnly: true}
+    });
+  }
+  if (!process.argv.includes('--skip-one-pass')) {
+    variants.push({
+      name: 'one-pass',
+      override: {...tc, forwardTiling: 'online'},
+      check: {twoPass: false},
+      // Its backward is the two-pass modes' backward.
+      time: {fwdOnly: true}
+    });
+  }
+  for (const plan of storagePlans()) {
+    variants.push({
+      name: storageName(plan),
+      override: {...tc, ...plan, forwardTiling: 'storage'},
+      check: {twoPass: false, storage: true, mayFallBack: plan.subgroups != null},
+      time: {fwdOnly: true}
+    });
+  }
+  return variants;
 }
 
 /** A two-pass forward plan to check and time. */
@@ -284,56 +306,10 @@ function checkModes(): CheckMode[] {
       accumulated: false
     },
   ];
-  if (!process.argv.includes('--skip-accumulated')) {
-    // The accumulated dK/dV pass (dK, dV in matrix accumulators), forced.
-    for (const p of ['float32', 'float16'] as const) {
-      modes.push({
-        name: `${p} accumulated bwd`,
-        precision: p,
-        override: {...tc, gradTiling: 'accumulated'},
-        expect: [1, 2],
-        twoPass: true,
-        accumulated: true
-      });
-    }
-  }
-  for (const tiles of dkdvPlans()) {
-    // Forced tilings of the accumulated pass (one that does not fit some
-    // head dims falls back to the SIMT backward there: NOT TC, no failure).
-    for (const p of ['float32', 'float16'] as const) {
-      modes.push({
-        name: `${p} ${dkdvPlanName(tiles)}`,
-        precision: p,
-        override: {...tc, gradTiling: 'accumulated', gradDkdvTiles: tiles},
-        expect: [1, 2],
-        twoPass: true,
-        accumulated: true,
-        gradMayFallBack: true
-      });
-    }
-  }
-  if (!process.argv.includes('--skip-one-pass')) {
-    for (const p of ['float32', 'float16'] as const) {
-      modes.push({
-        name: `${p} one-pass`,
-        precision: p,
-        override: {...tc, forwardTiling: 'online'},
-        expect: [1, 2],
-        twoPass: false
-      });
-    }
-  }
-  for (const plan of storagePlans()) {
-    for (const p of ['float32', 'float16'] as const) {
-      modes.push({
-        name: `${p} ${storageName(plan)}`,
-        precision: p,
-        override: {...tc, ...plan, forwardTiling: 'storage'},
-        expect: [1, 2],
-        twoPass: false,
-        storage: true,
-        mayFallBack: plan.subgroups != null
-      });
+  for (const v of tensorCoreVariants(tc)) {
+    for (const p of PRECISIONS) {
+      modes.push(
+          {name: `${p} ${v.name}`, precision: p, override: v.override, expect: [1, 2], ...v.check});
     }
   }
   for (const plan of timePlans()) {

@@ -17,27 +17,11 @@ import sys
 import torch
 import torch.nn.functional as F
 
+import torch_timing
+
 
 def median_ms(fn, budget_ms=300.0, warmup=5):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    est = max(start.elapsed_time(end), 1e-3)
-    reps = int(max(10, min(200, budget_ms / est)))
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2], reps
+    return torch_timing.median_ms(fn, budget_ms, warmup, min_reps=10, max_reps=200)
 
 
 def main():

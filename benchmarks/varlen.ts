@@ -36,6 +36,8 @@
 import * as tf from '@tensorflow/tfjs-core';
 import type {LayerVariable} from '@tensorflow/tfjs-layers';
 
+import {Rng} from '../test/harness/problems';
+
 import {webgpuCounters} from './webgpu_counters';
 import {adapterName, openWebGPUDevice, useWebGPUBackend} from './webgpu_setup';
 
@@ -66,18 +68,6 @@ const elapsedMs = () => performance.now() - start;
 const timeLeftMs = () => deadlineMs - elapsedMs();
 function progress(message: string): void {
   console.error(`[${(elapsedMs() / 1000).toFixed(1)} s] ${message}`);
-}
-
-/** mulberry32, so every run draws the same lengths. */
-function rng(seed: number): () => number {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6D2B79F5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 /**
@@ -309,9 +299,9 @@ async function main(): Promise<void> {
   const maxLen = numArg('--max-len', smoke ? 32 : 1024);
   const heads = numArg('--heads', smoke ? 2 : 16);
   const dim = numArg('--dim', smoke ? 16 : 64);
-  const random = rng(18);
-  const lengths =
-      Array.from({length: batch}, () => minLen + Math.floor(random() * (maxLen - minLen + 1)));
+  // A fixed seed: every run draws the same lengths.
+  const random = new Rng(18);
+  const lengths = Array.from({length: batch}, () => random.int(minLen, maxLen));
   const total = lengths.reduce((a, b) => a + b, 0);
   const cu = [0];
   lengths.forEach(l => cu.push(cu[cu.length - 1] + l));

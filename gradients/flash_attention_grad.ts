@@ -10,20 +10,14 @@ import {checkQKV} from '../src/checks';
 import {useFusedKernel} from '../src/dispatch';
 import {getReferenceBlockElements} from '../src/flags';
 import {FlashAttention, FlashAttentionAttrs, FlashAttentionGrad} from '../src/kernel_names';
-import {referenceBackward} from '../src/reference/backward';
+import {referenceBackward, ReferenceBackwardInputs} from '../src/reference/backward';
 import {markZeroLseGradient} from '../src/zero_gradients';
 
 /** Lazy gradient of each input, as tfjs's tape expects. */
 export type NamedGradientMap = Record<string, () => tf.Tensor>;
 
-export interface FlashAttentionGradTensors {
-  dy: tf.Tensor4D;
-  dLse: tf.Tensor3D;
-  q: tf.Tensor4D;
-  k: tf.Tensor4D;
-  v: tf.Tensor4D;
-  out: tf.Tensor4D;
-  softmaxLse: tf.Tensor3D;
+/** The reference backward's inputs, and the kernel-only ones. */
+export interface FlashAttentionGradTensors extends Omit<ReferenceBackwardInputs, 'alibiSlopes'> {
   /** Shape `[0]` when ALiBi is off (kernels always get this input). */
   alibiSlopes: tf.Tensor;
   /** `[B, 2]` int32 per-batch lengths, or shape `[0]` (kernel_names.ts). */

@@ -155,22 +155,22 @@ export function checkAlibi(alibiSlopes: unknown, shapes: AttentionShapes, opName
 
 /** qkv [B, S, 3, H, D]. */
 export function checkQKVPacked(qkv: unknown, opName: string): Tensor {
-  const t = checkTensor(qkv, 'qkv', opName, 5, '[B, S, 3, H, D]');
-  if (t.shape[2] !== 3) {
-    fail(
-        opName, 'qkv', 'shape [B, S, 3, H, D]', shapeString(t.shape),
-        `qkv must have shape [B, S, 3, H, D] with 3 at axis 2, got ${shapeString(t.shape)}`);
-  }
-  return t;
+  return checkPacked(qkv, 'qkv', '[B, S, 3, H, D]', 3, opName);
 }
 
 /** kv [B, Sk, 2, Hk, D]. */
 export function checkKVPacked(kv: unknown, opName: string): Tensor {
-  const t = checkTensor(kv, 'kv', opName, 5, '[B, Sk, 2, Hk, D]');
-  if (t.shape[2] !== 2) {
+  return checkPacked(kv, 'kv', '[B, Sk, 2, Hk, D]', 2, opName);
+}
+
+/** A packed input `name`: rank 5 (axes as `layout` names them), `parts` at axis 2. */
+function checkPacked(
+    x: unknown, name: string, layout: string, parts: number, opName: string): Tensor {
+  const t = checkTensor(x, name, opName, 5, layout);
+  if (t.shape[2] !== parts) {
     fail(
-        opName, 'kv', 'shape [B, Sk, 2, Hk, D]', shapeString(t.shape),
-        `kv must have shape [B, Sk, 2, Hk, D] with 2 at axis 2, got ${shapeString(t.shape)}`);
+        opName, name, `shape ${layout}`, shapeString(t.shape),
+        `${name} must have shape ${layout} with ${parts} at axis 2, got ${shapeString(t.shape)}`);
   }
   return t;
 }

@@ -13,6 +13,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import * as src from '../src';
 
 import {useBackend} from './harness/backends';
+import {loadScript, umdPageContext} from './harness/umd_page';
 
 const root = path.join(__dirname, '..');
 const dist = (file: string) => path.join(root, 'dist', file);
@@ -64,26 +65,13 @@ describe('built package', () => {
 
   it('UMD build adds tf.flashAttention to the global tf of a page', () => {
     // A page-like global scope: tfjs's own UMD bundles, then ours.
-    const context = vm.createContext({
-      console,
-      setTimeout,
-      clearTimeout,
-      performance,
-      TextEncoder,
-      TextDecoder,
-      document: {},
-      navigator: {userAgent: 'test'},
-      location: {search: ''},
-    });
-    context.globalThis = context;
-    context.window = context;
-    context.self = context;
+    const context = umdPageContext();
     for (const file
              of [require.resolve('@tensorflow/tfjs-core/dist/tf-core.js'),
                  require.resolve('@tensorflow/tfjs-backend-cpu/dist/tf-backend-cpu.js'),
                  dist('tfjs-flash-attention.umd.min.js'),
     ]) {
-      vm.runInContext(fs.readFileSync(file, 'utf8'), context, {filename: file});
+      loadScript(context, file);
     }
     const values = vm.runInContext(
         `

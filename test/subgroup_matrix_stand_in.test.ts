@@ -15,7 +15,7 @@ import {checkOwnPipelineErrors, OwnPipelineSpec, runOwnPipeline, webgpuBackendOf
 import type {MatrixShape} from '../kernels/webgpu/subgroup_matrix';
 import {matrixLoadWGSL, matrixStoreWGSL, standInElementWGSL, standInHelpersWGSL, subgroupIdsWGSL, workgroupAlignmentProblems, zeroResultWGSL} from '../kernels/webgpu/subgroup_matrix_wgsl';
 import {matrixForwardWGSL, matrixTileSizes} from '../kernels/webgpu/flash_attention_subgroup_matrix_webgpu';
-import {twoPassForwardWGSL, twoPassTileSizes} from '../kernels/webgpu/flash_attention_subgroup_matrix_two_pass_webgpu';
+import {TwoPassForwardConfig, twoPassForwardWGSL, twoPassTileSizes} from '../kernels/webgpu/flash_attention_subgroup_matrix_two_pass_webgpu';
 import {storageForwardWGSL} from '../kernels/webgpu/flash_attention_subgroup_matrix_storage_webgpu';
 import {storageOperandPlaces} from '../kernels/webgpu/flash_attention_subgroup_matrix';
 import {FlashAttentionGradMatrixProgram, matrixGradValid} from '../kernels/webgpu/flash_attention_grad_subgroup_matrix_webgpu';
@@ -74,6 +74,43 @@ describe('subgroup-matrix kernels: workgroup variables keep the matrix arrays al
   const plain = scoreOptionsFromAttrs({softcap: 0, windowLeft: -1, windowRight: -1}, false);
   const masked = scoreOptionsFromAttrs({softcap: 5, windowLeft: 9, windowRight: 3}, true);
 
+  /**
+   * Forward configurations over the shapes, head dims, `tilings`
+   * ([subgroups, row blocks]), key tiles and both precisions (split with
+   * the plain score, else every option compiled in) that `suits` accepts.
+   */
+  function* forwardConfigs(tilings: number[][], suits: (c: TwoPassForwardConfig) => boolean) {
+    for (const shape of shapes) {
+      for (const [d, dv] of [[32, 32], [64, 64], [128, 128], [32, 64]]) {
+        for (const [subgroups, rowBlocks] of tilings) {
+          for (const bc of [16, 32, 64]) {
+            for (const split of [true, false]) {
+              const c = {
+                headDim: d,
+                headDimV: dv,
+                shape,
+                subgroups,
+                rowBlocks,
+                bc,
+                split,
+                score: split ? plain : masked,
+                alibiMode: split ? 0 : 1,
+                dropout: !split,
+                reverseRows: false
+              } as const;
+              if (suits(c)) {
+                yield c;
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  /** The two-pass forwards' tilings that suit their shape. */
+  const twoPassConfigs = () =>
+      forwardConfigs([[1, 1], [2, 2], [4, 1], [4, 2], [8, 1]], c => twoPassTileSizes(c) != null);
+
   it('finds arrays of a size that shifts the others', () => {
     const code = `const BR = 16;
 var<workgroup> a: array<f16, 64>;
@@ -90,37 +127,15 @@ var<workgroup> e: array<mat2x2<f32>, 4>;`;
 
   it('holds for every forward tiling, and the sessions-6/7 layout breaks it', () => {
     let checked = 0;
-    for (const shape of shapes) {
-      for (const [d, dv] of [[32, 32], [64, 64], [128, 128], [32, 64]]) {
-        for (const subgroups of [1, 2, 4]) {
-          for (const bc of [16, 32, 64]) {
-            for (const split of [true, false]) {
-              const c = {
-                headDim: d,
-                headDimV: dv,
-                shape,
-                subgroups,
-                bc,
-                split,
-                score: split ? plain : masked,
-                alibiMode: split ? 0 : 1,
-                dropout: !split,
-                reverseRows: false
-              } as const;
-              if (matrixTileSizes(c) == null) {
-                continue;
-              }
-              expect(workgroupAlignmentProblems(matrixForwardWGSL(c))).toEqual([]);
-              checked++;
-              if (!shape.standIn) {
-                const old = {...c, shape: {...shape, diagnose: {unalignedWorkgroup: true}}};
-                expect(workgroupAlignmentProblems(matrixForwardWGSL(old))).toEqual([
-                  'wmax: array<atomic<u32>, 2> spans 8 bytes, not a multiple of 32'
-                ]);
-              }
-            }
-          }
-        }
+    // The one-pass kernel has no row blocks (rowBlocks 1 is ignored).
+    for (const c of forwardConfigs([[1, 1], [2, 1], [4, 1]], c => matrixTileSizes(c) != null)) {
+      expect(workgroupAlignmentProblems(matrixForwardWGSL(c))).toEqual([]);
+      checked++;
+      if (!c.shape.standIn) {
+        const old = {...c, shape: {...c.shape, diagnose: {unalignedWorkgroup: true}}};
+        expect(workgroupAlignmentProblems(matrixForwardWGSL(old))).toEqual([
+          'wmax: array<atomic<u32>, 2> spans 8 bytes, not a multiple of 32'
+        ]);
       }
     }
     expect(checked).toBeGreaterThan(50);
@@ -128,82 +143,34 @@ var<workgroup> e: array<mat2x2<f32>, 4>;`;
 
   it('holds for every two-pass forward tiling', () => {
     let checked = 0;
-    for (const shape of shapes) {
-      for (const [d, dv] of [[32, 32], [64, 64], [128, 128], [32, 64]]) {
-        for (const [subgroups, rowBlocks] of [[1, 1], [2, 2], [4, 1], [4, 2], [8, 1]]) {
-          for (const bc of [16, 32, 64]) {
-            for (const split of [true, false]) {
-              const c = {
-                headDim: d,
-                headDimV: dv,
-                shape,
-                subgroups,
-                rowBlocks,
-                bc,
-                split,
-                score: split ? plain : masked,
-                alibiMode: split ? 0 : 1,
-                dropout: !split,
-                reverseRows: false
-              } as const;
-              if (twoPassTileSizes(c) == null) {
-                continue;
-              }
-              expect(workgroupAlignmentProblems(twoPassForwardWGSL({...c, rowMaxOnly: split})))
-                  .toEqual([]);
-              checked++;
-            }
-          }
-        }
-      }
+    for (const c of twoPassConfigs()) {
+      expect(workgroupAlignmentProblems(twoPassForwardWGSL({...c, rowMaxOnly: c.split})))
+          .toEqual([]);
+      checked++;
     }
     expect(checked).toBeGreaterThan(100);
   });
 
   it('holds for every storage-loaded forward tiling, whose operands stay in storage', () => {
     let checked = 0;
-    for (const shape of shapes) {
-      for (const [d, dv] of [[32, 32], [64, 64], [128, 128], [32, 64]]) {
-        for (const [subgroups, rowBlocks] of [[1, 1], [2, 2], [4, 1], [4, 2], [8, 1]]) {
-          for (const bc of [16, 32, 64]) {
-            for (const split of [true, false]) {
-              const c = {
-                headDim: d,
-                headDimV: dv,
-                shape,
-                subgroups,
-                rowBlocks,
-                bc,
-                split,
-                score: split ? plain : masked,
-                alibiMode: split ? 0 : 1,
-                dropout: !split,
-                reverseRows: false
-              } as const;
-              if (twoPassTileSizes(c) == null) {
-                continue;
-              }
-              // Q reloaded from storage at each use, or held in registers;
-              // pass 1 with exponentials or finding row maxima only.
-              const code = storageForwardWGSL({...c, reloadQ: !split, rowMaxOnly: split});
-              expect(workgroupAlignmentProblems(code)).toEqual([]);
-              // Workgroup memory: the S scratch and P only.
-              const arrays = [...code.matchAll(/var<workgroup>\s+(\w+)/g)].map(m => m[1]);
-              expect(arrays.sort()).toEqual([
-                'ph', ...(split ? ['pl'] : []), ...(shape.standIn ? ['red'] : []), 'scr'
-              ].sort());
-              if (!shape.standIn) {
-                // K's and V's matrices come from the storage buffer.
-                expect(code).toMatch(
-                    /subgroupMatrixLoad<subgroup_matrix_right<f16, \d+, \d+>, col_major>\(&ops, u\.khOff/);
-                expect(code).toMatch(
-                    /subgroupMatrixLoad<subgroup_matrix_right<f16, \d+, \d+>, row_major>\(&ops, u\.vhOff/);
-              }
-              checked++;
-            }
-          }
-        }
+    for (const c of twoPassConfigs()) {
+      // Q reloaded from storage at each use, or held in registers;
+      // pass 1 with exponentials or finding row maxima only.
+      const code = storageForwardWGSL({...c, reloadQ: !c.split, rowMaxOnly: c.split});
+      expect(workgroupAlignmentProblems(code)).toEqual([]);
+      // Workgroup memory: the S scratch and P only.
+      const arrays = [...code.matchAll(/var<workgroup>\s+(\w+)/g)].map(m => m[1]);
+      expect(arrays.sort()).toEqual([
+        'ph', ...(c.split ? ['pl'] : []), ...(c.shape.standIn ? ['red'] : []), 'scr'
+      ].sort());
+      if (!c.shape.standIn) {
+        // K's and V's matrices come from the storage buffer.
+        expect(code).toMatch(
+            /subgroupMatrixLoad<subgroup_matrix_right<f16, \d+, \d+>, col_major>\(&ops, u\.khOff/);
+        expect(code).toMatch(
+            /subgroupMatrixLoad<subgroup_matrix_right<f16, \d+, \d+>, row_major>\(&ops, u\.vhOff/);
       }
+      checked++;
     }
     expect(checked).toBeGreaterThan(100);
   });

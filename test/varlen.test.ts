@@ -20,7 +20,7 @@ import {webgpuCounters, WebGPUCounts} from '../benchmarks/webgpu_counters';
 
 import {describeBackends} from './harness/backends';
 import {useSmallTiles} from './harness/small_tiles';
-import {expectClose, FORWARD_BOUND, freshRng, GRADIENT_BOUND, ProblemShape, randomArray, randomOracleProblem, Rng, seqlensInputs, seqlensRowExpected} from './harness/problems';
+import {cumulativeLengths, expectClose, FORWARD_BOUND, freshRng, GRADIENT_BOUND, ProblemShape, randomArray, randomOracleProblem, Rng, seqlensInputs, seqlensRowExpected} from './harness/problems';
 import {OracleOptions, OracleProblem, oracleBackward, oracleForward} from './oracle';
 
 interface VarlenCase {
@@ -144,14 +144,6 @@ interface VarlenProblem {
   packed: {q: Float64Array, k: Float64Array, v: Float64Array};
 }
 
-function cumulative(lengths: number[]): number[] {
-  const cu = [0];
-  for (const l of lengths) {
-    cu.push(cu[cu.length - 1] + l);
-  }
-  return cu;
-}
-
 function concat(parts: Float64Array[]): Float64Array {
   const out = new Float64Array(parts.reduce((n, p) => n + p.length, 0));
   let offset = 0;
@@ -203,7 +195,7 @@ function makeVarlenProblem(c: VarlenCase, batch: number, rng: Rng): VarlenProble
 
 /** Each sequence alone through the oracle; lse as [H, totalQ]. */
 function expectedForward(c: VarlenCase, p: VarlenProblem) {
-  const cu = cumulative(p.lenQ);
+  const cu = cumulativeLengths(p.lenQ);
   const totalQ = cu[cu.length - 1];
   const lse = new Float64Array(c.heads * totalQ);
   const outs = p.sequences.map((s, b) => {
@@ -226,8 +218,8 @@ function tensors(c: VarlenCase, p: VarlenProblem) {
     q: tf.tensor3d(Float32Array.from(p.packed.q), [totalQ, c.heads, c.headDim]),
     k: tf.tensor3d(Float32Array.from(p.packed.k), [totalK, c.headsKV, c.headDim]),
     v: tf.tensor3d(Float32Array.from(p.packed.v), [totalK, c.headsKV, c.headDimV]),
-    cuQ: tf.tensor1d(cumulative(p.lenQ), 'int32'),
-    cuK: tf.tensor1d(cumulative(p.lenK), 'int32'),
+    cuQ: tf.tensor1d(cumulativeLengths(p.lenQ), 'int32'),
+    cuK: tf.tensor1d(cumulativeLengths(p.lenK), 'int32'),
     slopes: p.slopes == null ?
         undefined :
         tf.tensor(Float32Array.from(p.slopes), c.alibi === 'head' ? [c.heads] : [batch, c.heads]),
@@ -268,7 +260,7 @@ async function checkVarlen(c: VarlenCase, rng: Rng, expectFused: boolean): Promi
     return tf.add(tf.sum(tf.mul(o, dOutT)), tf.sum(tf.mul(finite, dLseT)));
   })([t.q, t.k, t.v]);
   // The oracle's gradients, sequence by sequence.
-  const cuQ = cumulative(p.lenQ);
+  const cuQ = cumulativeLengths(p.lenQ);
   const dq: Float64Array[] = [];
   const dk: Float64Array[] = [];
   const dv: Float64Array[] = [];
@@ -369,8 +361,8 @@ describeBackends('flashAttentionVarlen: cut tokens, per-call counts', backend =>
        const lenQ = [9, 0, 1, 6];
        const lenK = [12, 3, 0, 7];
        const [maxQ, maxK, extra] = [5, 8, 2];
-       const cuQ = cumulative(lenQ);
-       const cuK = cumulative(lenK);
+       const cuQ = cumulativeLengths(lenQ);
+       const cuK = cumulativeLengths(lenK);
        const [totalQ, totalK] = [cuQ[4] + extra, cuK[4] + extra];
        const sequences = lenQ.map(
            (sq, b) => randomOracleProblem(
@@ -444,7 +436,7 @@ describeBackends('flashAttentionVarlen: cut tokens, per-call counts', backend =>
          const lenQ = randomLengths(batch, 11, rng);
          const lenK = randomLengths(batch, 14, rng);
          const [maxQ, maxK] = [Math.max(...lenQ) + 1, Math.max(...lenK) + 2];
-         const [totalQ, totalK] = [cumulative(lenQ)[batch], cumulative(lenK)[batch]];
+         const [totalQ, totalK] = [cumulativeLengths(lenQ)[batch], cumulativeLengths(lenK)[batch]];
          const random = (shape: number[]) =>
              tf.tensor(Float32Array.from(randomArray(tf.util.sizeFromShape(shape), rng)), shape);
          const q = random([totalQ, heads, dim]) as tf.Tensor3D;
@@ -454,7 +446,8 @@ describeBackends('flashAttentionVarlen: cut tokens, per-call counts', backend =>
          const dLse = random([heads, totalQ]);
          const slopes = tf.tensor2d(
              Array.from({length: batch * heads}, () => 0.05 + 0.2 * rng.uniform()), [batch, heads]);
-         const [cuQ, cuK] = [cumulative(lenQ), cumulative(lenK)].map(c => tf.tensor1d(c, 'int32'));
+         const [cuQ, cuK] =
+             [cumulativeLengths(lenQ), cumulativeLengths(lenK)].map(c => tf.tensor1d(c, 'int32'));
          const [seqlensQ, seqlensK] = [lenQ, lenK].map(l => tf.tensor1d(l, 'int32'));
          const rowsOf = (lengths: number[], seq: number) => tf.tensor1d(
              lengths.flatMap((l, b) => Array.from({length: l}, (_, s) => b * seq + s)), 'int32');
@@ -540,7 +533,7 @@ describeBackends('flashAttentionVarlen: cut tokens, per-call counts', backend =>
       const [heads, dim, seq] = [2, 16, 12];
       const lengths = [12, 0, 5, 1];
       const batch = lengths.length;
-      const cu = cumulative(lengths);
+      const cu = cumulativeLengths(lengths);
       const total = cu[batch];
       const packed = () => tf.tensor3d(
           Float32Array.from(randomArray(total * heads * dim, rng)), [total, heads, dim]);

@@ -18,9 +18,9 @@ import {dqStorageBytes, dqTilesValid} from '../kernels/webgpu/flash_attention_gr
 import {SLICED_GRAD_CANDIDATES, STREAMED_GRAD_CANDIDATES} from '../kernels/webgpu/tuning';
 
 import {selectedBackends} from './harness/backends';
-import {OptionCase} from './harness/cases';
+import {D80_CAUSAL_GQA_ALIBI, OptionCase} from './harness/cases';
 import {H100_STAND_IN} from './harness/devices';
-import {expectClose, freshRng, GRADIENT_BOUND, randomArray, sequenceProblem} from './harness/problems';
+import {cumulativeLengths, expectClose, freshRng, GRADIENT_BOUND, randomArray, sequenceProblem} from './harness/problems';
 import {checkGradUnderTiles, expectValidSlicedGradWGSL, useFusedGradWebGPU} from './harness/small_tiles';
 import {oracleBackward} from './oracle';
 
@@ -102,23 +102,7 @@ describeWebGPU('fused WebGPU backward, head-dim slices [webgpu]', () => {
         opts: {windowSize: [20, 7], softcap: 3}
       }
     },
-    {
-      tiles: A,
-      c: {
-        name: 'D=80, causal, GQA, softcap, alibi',
-        shape: {
-          batch: 1,
-          seqQ: 70,
-          seqK: 70,
-          heads: 4,
-          headsKV: 2,
-          headDim: 80,
-          headDimV: 80,
-          alibi: 'head'
-        },
-        opts: {causal: true, softcap: 2}
-      }
-    },
+    {tiles: A, c: D80_CAUSAL_GQA_ALIBI},
     {
       tiles: B,
       c: {
@@ -226,8 +210,7 @@ describeWebGPU('fused WebGPU backward, head-dim slices [webgpu]', () => {
          const [heads, headsKV, dim] = [4, 2, 64];
          const lensQ = [20, 0, 37];
          const lensK = [29, 6, 37];
-         const cumulative = (l: number[]) => l.reduce((c, x) => [...c, c[c.length - 1] + x], [0]);
-         const [cuQ, cuK] = [cumulative(lensQ), cumulative(lensK)];
+         const [cuQ, cuK] = [cumulativeLengths(lensQ), cumulativeLengths(lensK)];
          const [totalQ, totalK] = [cuQ[3], cuK[3]];
          const [qv, dov] = [0, 1].map(() => randomArray(totalQ * heads * dim, rng));
          const [kv, vv] = [0, 1].map(() => randomArray(totalK * headsKV * dim, rng));

@@ -18,7 +18,7 @@ import {dqStorageBytes, dqTilesValid} from '../kernels/webgpu/flash_attention_gr
 import {STREAMED_GRAD_CANDIDATES} from '../kernels/webgpu/tuning';
 
 import {selectedBackends} from './harness/backends';
-import {OptionCase} from './harness/cases';
+import {D80_CAUSAL_GQA_ALIBI, OptionCase} from './harness/cases';
 import {H100_STAND_IN} from './harness/devices';
 import {checkGradUnderTiles, expectValidSlicedGradWGSL, useFusedGradWebGPU} from './harness/small_tiles';
 
@@ -138,23 +138,7 @@ describeWebGPU('fused WebGPU backward, both operands streamed [webgpu]', () => {
         opts: {dropoutRate: 0.3, seed: 2 ** 33 + 5}
       }
     },
-    {
-      tiles: S2,
-      c: {
-        name: 'D=80, causal, GQA, softcap, alibi',
-        shape: {
-          batch: 1,
-          seqQ: 70,
-          seqK: 70,
-          heads: 4,
-          headsKV: 2,
-          headDim: 80,
-          headDimV: 80,
-          alibi: 'head'
-        },
-        opts: {causal: true, softcap: 2}
-      }
-    },
+    {tiles: S2, c: D80_CAUSAL_GQA_ALIBI},
     {
       tiles: S6,
       c: {

@@ -44,6 +44,23 @@ function tensorIdNow(): number {
   return probe.id;
 }
 
+/**
+ * `run()`, one call not yet read back, and what it did: countsOf, the bind
+ * groups it made and the tensors it made.
+ */
+function countedCall<T>(run: () => T) {
+  const counters = webgpuCounters();
+  const firstId = tensorIdNow();
+  const result = run();
+  const snapshot = counters.snapshot();
+  const counts = {
+    ...countsOf(snapshot),
+    bindGroups: snapshot.bindGroups,
+    tensorsMade: tensorIdNow() - firstId - 1,
+  };
+  return {result, counts};
+}
+
 describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
   beforeAll(() => useBackend('webgpu'));
   afterEach(() => setForwardOverride(null));
@@ -63,15 +80,8 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
       await out.data();
       out.dispose();
     }
-    const counters = webgpuCounters();
-    const firstId = tensorIdNow();
-    const out = flashAttention(p.q, p.k, p.v, opts) as tf.Tensor;
-    const snapshot = counters.snapshot();
-    const counts = {
-      ...countsOf(snapshot),
-      bindGroups: snapshot.bindGroups,
-      tensorsMade: tensorIdNow() - firstId - 1,
-    };
+    const {result: out, counts} =
+        countedCall(() => flashAttention(p.q, p.k, p.v, opts) as tf.Tensor);
     const got = await out.data();
     await checkOwnPipelineErrors();
     expect(counts).toEqual({
@@ -110,15 +120,7 @@ describeWebGPU('per-call WebGPU API counts [webgpu]', () => {
       await Promise.all(grads.map(g => g.data()));
       tf.dispose(grads);
     }
-    const counters = webgpuCounters();
-    const firstId = tensorIdNow();
-    const grads = gradsOf([p.q, p.k, p.v], dy);
-    const snapshot = counters.snapshot();
-    const counts = {
-      ...countsOf(snapshot),
-      bindGroups: snapshot.bindGroups,
-      tensorsMade: tensorIdNow() - firstId - 1,
-    };
+    const {result: grads, counts} = countedCall(() => gradsOf([p.q, p.k, p.v], dy));
     const [dq, dk, dv] = await Promise.all(grads.map(g => g.data()));
     await checkOwnPipelineErrors();
     expect(counts).toEqual({

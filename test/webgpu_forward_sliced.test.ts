@@ -9,20 +9,16 @@
  * lengths; plus what the planner sees of the H100 candidates, which its
  * default choice must not take.
  */
-import * as tf from '@tensorflow/tfjs-core';
-
-import {forwardStats, planForward, setForwardOverride} from '../kernels/webgpu/FlashAttention';
+import {planForward, setForwardOverride} from '../kernels/webgpu/FlashAttention';
 import {ForwardTiles, forwardWGSL, prefetchFloats, tileSizes, workgroupBytes} from '../kernels/webgpu/flash_attention_webgpu';
-import {checkOwnPipelineErrors, webgpuBackendOf} from '../kernels/webgpu/own_pipeline';
+import {webgpuBackendOf} from '../kernels/webgpu/own_pipeline';
 import {FORWARD_TILINGS, SLICED_FORWARD_CANDIDATES} from '../kernels/webgpu/tuning';
 import {scoreOptionsFromAttrs} from '../kernels/webgpu/wgsl_snippets';
-import {flashAttention} from '../src';
 
 import {selectedBackends} from './harness/backends';
-import {OPTION_CASES, OptionCase} from './harness/cases';
+import {OptionCase, optionCaseAtHeadDim as atHeadDim} from './harness/cases';
 import {H100_STAND_IN} from './harness/devices';
-import {expectClose, FORWARD_BOUND, freshRng, seqlensInputs, seqlensRowExpected} from './harness/problems';
-import {checkForwardUnderPlan, useFusedWebGPU} from './harness/small_tiles';
+import {checkForwardUnderPlan, checkSeqlensForwardUnderPlan, expectForcibleAtD128, expectValidWGSL, useFusedWebGPU} from './harness/small_tiles';
 
 const describeWebGPU = selectedBackends().includes('webgpu') ? describe : describe.skip;
 
@@ -42,24 +38,6 @@ const FITS_SWIFTSHADER = SLICED_FORWARD_CANDIDATES.find(
 
 type Override = Parameters<typeof setForwardOverride>[0];
 
-/** A case of OPTION_CASES at head dims d / dv, with 2-3 query and key tiles. */
-function atHeadDim(name: string, d: number, dv = d): OptionCase {
-  const c = OPTION_CASES.find(x => x.name === name)!;
-  expect(c).toBeDefined();
-  const longer = (n: number) => n + 24;
-  return {
-    ...c,
-    name: `${c.name}, D=${d}${dv !== d ? `, Dv=${dv}` : ''}`,
-    shape: {
-      ...c.shape,
-      seqQ: longer(c.shape.seqQ),
-      seqK: longer(c.shape.seqK),
-      headDim: d,
-      headDimV: dv
-    },
-  };
-}
-
 describe('head-dim-sliced tilings: sizes and plans (no GPU)', () => {
   const sizes = (tiles: ForwardTiles, d = 128, dv = d) =>
       ({c: {headDim: d, headDimV: dv, tiles}, s: tileSizes({headDim: d, headDimV: dv, tiles})});
@@ -70,12 +48,7 @@ describe('head-dim-sliced tilings: sizes and plans (no GPU)', () => {
     for (const tiles of SLICED_FORWARD_CANDIDATES) {
       const {c} = sizes(tiles);
       expect(workgroupBytes(c, true)).toBeLessThanOrEqual(49152);
-      setForwardOverride({tiles});
-      try {
-        expect(planForward(H100_STAND_IN, 128, 128, 16 * 4096)).toEqual({tiles, subgroups: true});
-      } finally {
-        setForwardOverride(null);
-      }
+      expectForcibleAtD128(tiles);
     }
   });
 
@@ -174,46 +147,12 @@ describeWebGPU('fused WebGPU forward, head-dim slices [webgpu]', () => {
              splitKeys,
            });
            expect(code).toContain(`const DC4 = ${32 / tiles.dimChunks!}u;`);
-           device.pushErrorScope('validation');
-           const module = device.createShaderModule({code});
-           const info = await module.getCompilationInfo();
-           const error = await device.popErrorScope();
-           const errors = info.messages.filter(m => m.type === 'error').map(m => m.message);
-           expect([JSON.stringify(tiles), ...errors]).toEqual([JSON.stringify(tiles)]);
-           expect(error).toBeNull();
+           await expectValidWGSL(JSON.stringify(tiles), code);
          }
        }
      });
 
   it('per-batch key lengths (seqlensK), the 32 x 32 candidate at D=128: each row alone',
-     async () => {
-       setForwardOverride({tiles: FITS_SWIFTSHADER});
-       const rng = freshRng();
-       const [batch, seq, heads, dim] = [3, 45, 2, 128];
-       const lengths = [45, 0, 19];
-       const {qv, kv, vv, q, k, v, seqlensK} =
-           seqlensInputs(rng, {batch, seq, heads, dim}, lengths);
-       const tensors = tf.memory().numTensors;
-       try {
-         const before = forwardStats.dispatches;
-         const out = flashAttention(q, k, v, {seqlensK, causal: true});
-         const got = await out.data();
-         out.dispose();
-         expect(forwardStats.dispatches).toBe(before + 1);
-         expect(tf.memory().numTensors).toBe(tensors);
-         const rowSize = seq * heads * dim;
-         for (let b = 0; b < batch; b++) {
-           const len = lengths[b];
-           const expected =
-               seqlensRowExpected({q: qv, k: kv, v: vv}, b, len, {seq, heads, dim}).out;
-           expectClose(
-               got.slice(b * rowSize, (b + 1) * rowSize), expected, FORWARD_BOUND,
-               `batch row ${b} (length ${len}, seed ${rng.seed})`);
-         }
-         await checkOwnPipelineErrors();
-       } finally {
-         setForwardOverride(null);
-         tf.dispose([q, k, v, seqlensK]);
-       }
-     });
+     () => checkSeqlensForwardUnderPlan(
+         {tiles: FITS_SWIFTSHADER}, {batch: 3, seq: 45, heads: 2, dim: 128}, [45, 0, 19]));
 });

@@ -18,13 +18,13 @@ import {ForwardTiles, forwardWGSL, prefetchFloats, tileSizes, workgroupBytes} fr
 import {checkOwnPipelineErrors, webgpuBackendOf} from '../kernels/webgpu/own_pipeline';
 import {forwardVariantName, STREAMED_FORWARD_CANDIDATES} from '../kernels/webgpu/tuning';
 import {scoreOptionsFromAttrs} from '../kernels/webgpu/wgsl_snippets';
-import {flashAttention, flashAttentionVarlen} from '../src';
+import {flashAttentionVarlen} from '../src';
 
 import {selectedBackends} from './harness/backends';
-import {OPTION_CASES, OptionCase} from './harness/cases';
+import {OptionCase, optionCaseAtHeadDim as atHeadDim} from './harness/cases';
 import {H100_STAND_IN} from './harness/devices';
-import {expectClose, FORWARD_BOUND, freshRng, randomArray, seqlensInputs, seqlensRowExpected, sequenceProblem} from './harness/problems';
-import {checkForwardUnderPlan, useFusedWebGPU} from './harness/small_tiles';
+import {cumulativeLengths, expectClose, FORWARD_BOUND, freshRng, randomArray, sequenceProblem} from './harness/problems';
+import {checkForwardUnderPlan, checkSeqlensForwardUnderPlan, expectForcibleAtD128, expectValidWGSL, useFusedWebGPU} from './harness/small_tiles';
 import {oracleForward} from './oracle';
 
 const describeWebGPU = selectedBackends().includes('webgpu') ? describe : describe.skip;
@@ -72,24 +72,6 @@ const SMALL_EIGHT_KEYS: ForwardTiles = {
 
 type Override = Parameters<typeof setForwardOverride>[0];
 
-/** A case of OPTION_CASES at head dims d / dv, with 2-3 query and key tiles. */
-function atHeadDim(name: string, d: number, dv = d, extraRows = 24): OptionCase {
-  const c = OPTION_CASES.find(x => x.name === name)!;
-  expect(c).toBeDefined();
-  const longer = (n: number) => n + extraRows;
-  return {
-    ...c,
-    name: `${c.name}, D=${d}${dv !== d ? `, Dv=${dv}` : ''}`,
-    shape: {
-      ...c.shape,
-      seqQ: longer(c.shape.seqQ),
-      seqK: longer(c.shape.seqK),
-      headDim: d,
-      headDimV: dv
-    },
-  };
-}
-
 describe('streamed and double-buffered forward candidates: sizes and plans (no GPU)', () => {
   const config = (tiles: ForwardTiles, d = 128, dv = d) => ({headDim: d, headDimV: dv, tiles});
 
@@ -100,12 +82,7 @@ describe('streamed and double-buffered forward candidates: sizes and plans (no G
         ['4,16,1,16,o,c2,qs', '8,16,1,8,o,c2,qs', '4,8,1,16,o,c4,db', '4,8,2,16,o,c2,qs']);
     for (const tiles of STREAMED_FORWARD_CANDIDATES) {
       expect(workgroupBytes(config(tiles), true)).toBe(49152);
-      setForwardOverride({tiles});
-      try {
-        expect(planForward(H100_STAND_IN, 128, 128, 16 * 4096)).toEqual({tiles, subgroups: true});
-      } finally {
-        setForwardOverride(null);
-      }
+      expectForcibleAtD128(tiles);
     }
   });
 
@@ -257,49 +234,14 @@ describeWebGPU('fused WebGPU forward, streamed Q and double buffers [webgpu]', (
              expect(code).toContain('key += 4u)');
              expect(code).not.toContain('d += 8u)');
            }
-           device.pushErrorScope('validation');
-           const module = device.createShaderModule({code});
-           const info = await module.getCompilationInfo();
-           const error = await device.popErrorScope();
-           const errors = info.messages.filter(m => m.type === 'error').map(m => m.message);
-           expect([JSON.stringify(tiles), ...errors]).toEqual([JSON.stringify(tiles)]);
-           expect(error).toBeNull();
+           await expectValidWGSL(JSON.stringify(tiles), code);
          }
        }
      });
 
-  it('per-batch key lengths (seqlensK), causal, D=128: each row alone', async () => {
-    setForwardOverride({tiles: both});
-    const rng = freshRng();
-    const [batch, seq, heads, dim] = [3, 37, 2, 128];
-    const lengths = [37, 0, 19];
-    const {qv, kv, vv, q, k, v, seqlensK} = seqlensInputs(rng, {batch, seq, heads, dim}, lengths);
-    const tensors = tf.memory().numTensors;
-    try {
-      const before = forwardStats.dispatches;
-      const [out, lse] = flashAttention(q, k, v, {seqlensK, causal: true, returnSoftmaxLse: true});
-      const [got, gotLse] = [await out.data(), await lse.data()];
-      tf.dispose([out, lse]);
-      expect(forwardStats.dispatches).toBe(before + 1);
-      expect(tf.memory().numTensors).toBe(tensors);
-      const rowSize = seq * heads * dim;
-      for (let b = 0; b < batch; b++) {
-        const len = lengths[b];
-        const {out: expected, lse: expectedLse} =
-            seqlensRowExpected({q: qv, k: kv, v: vv}, b, len, {seq, heads, dim});
-        const what = `batch row ${b} (length ${len}, seed ${rng.seed})`;
-        expectClose(
-            got.slice(b * rowSize, (b + 1) * rowSize), expected, FORWARD_BOUND, `${what}: out`);
-        expectClose(
-            gotLse.slice(b * heads * seq, (b + 1) * heads * seq), expectedLse, FORWARD_BOUND,
-            `${what}: lse`);
-      }
-      await checkOwnPipelineErrors();
-    } finally {
-      setForwardOverride(null);
-      tf.dispose([q, k, v, seqlensK]);
-    }
-  });
+  it('per-batch key lengths (seqlensK), causal, D=128: each row alone',
+     () => checkSeqlensForwardUnderPlan(
+         {tiles: both}, {batch: 3, seq: 37, heads: 2, dim: 128}, [37, 0, 19]));
 
   it('a packed varlen call (3 sequences, GQA, causal), D=100: each sequence alone', async () => {
     setForwardOverride({tiles: both});
@@ -308,9 +250,7 @@ describeWebGPU('fused WebGPU forward, streamed Q and double buffers [webgpu]', (
     const lensQ = [21, 5, 34];
     const lensK = [30, 5, 17];
     const total = (l: number[]) => l.reduce((a, b) => a + b, 0);
-    const cumulative = (l: number[]) =>
-        l.reduce((acc, x) => [...acc, acc[acc.length - 1] + x], [0]);
-    const [cuQ, cuK] = [cumulative(lensQ), cumulative(lensK)];
+    const [cuQ, cuK] = [cumulativeLengths(lensQ), cumulativeLengths(lensK)];
     const qv = randomArray(total(lensQ) * heads * dim, rng);
     const kv = randomArray(total(lensK) * headsKV * dim, rng);
     const vv = randomArray(total(lensK) * headsKV * dim, rng);

@@ -12,7 +12,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import type {WebGPUBackend} from '@tensorflow/tfjs-backend-webgpu';
 
-import {matrixShapeFor, getMatrixOverride} from './flash_attention_subgroup_matrix';
+import {fitsWorkgroup, matrixShapeFor, getMatrixOverride} from './flash_attention_subgroup_matrix';
 import {dkdvKeys, FlashAttentionGradDkdvMatrixProgram, MatrixDkdvConfig, matrixDkdvBytes, MatrixDkdvTiles, matrixDkdvValid} from './flash_attention_grad_subgroup_matrix_dkdv_webgpu';
 import {FlashAttentionGradMatrixProgram, MatrixGradConfig, matrixGradBytes, MatrixGradTiles, matrixGradValid} from './flash_attention_grad_subgroup_matrix_webgpu';
 import type {GradFeatures} from './flash_attention_grad_wgsl';
@@ -65,9 +65,7 @@ function planDkdv(
   for (const tiles of forced != null ? [forced] : MATRIX_DKDV_TILINGS) {
     const c: MatrixDkdvConfig = {...base, ...tiles};
     const threads = base.shape.lanes * tiles.subgroups;
-    if (matrixDkdvValid(c) && threads <= limits.maxComputeInvocationsPerWorkgroup &&
-        threads <= limits.maxComputeWorkgroupSizeX &&
-        matrixDkdvBytes(c) <= limits.maxComputeWorkgroupStorageSize) {
+    if (matrixDkdvValid(c) && fitsWorkgroup(limits, threads, matrixDkdvBytes(c))) {
       return c;
     }
   }
@@ -104,10 +102,8 @@ function planPerTile(device: GPUDevice, headDim: number, headDimV: number, preci
     const c:
         MatrixGradConfig = {...tiles, headDim, headDimV, shape, split: precision !== 'float16'};
     const threads = shape.lanes * tiles.subgroups;
-    if (matrixGradValid(c) && threads <= limits.maxComputeInvocationsPerWorkgroup &&
-        threads <= limits.maxComputeWorkgroupSizeX &&
-        Math.max(matrixGradBytes(c, 'dkdv'), matrixGradBytes(c, 'dq')) <=
-            limits.maxComputeWorkgroupStorageSize) {
+    const bytes = Math.max(matrixGradBytes(c, 'dkdv'), matrixGradBytes(c, 'dq'));
+    if (matrixGradValid(c) && fitsWorkgroup(limits, threads, bytes)) {
       return c;
     }
   }

@@ -43,6 +43,9 @@ import type {OwnPipelineSpec} from './own_pipeline';
 import {MatrixShape, matrixShapeKey} from './subgroup_matrix';
 import {assertWorkgroupAlignment, matrixLoadWGSL, matrixStoreWGSL, MatrixOpsWGSL, MatrixView as View, standInAlignedWGSL, standInElementWGSL, standInIndexWGSL, standInPlaceWGSL, subgroupIdsWGSL, subgroupParamsWGSL, zeroResultWGSL} from './subgroup_matrix_wgsl';
 import {constsWGSL, featureKey, GradFeatures, gradBindingsWGSL, gradCommonWGSL} from './flash_attention_grad_wgsl';
+import {matrixGradInputs} from './flash_attention_grad_subgroup_matrix_webgpu';
+import {absMaxWGSL as absMax} from './flash_attention_subgroup_matrix_webgpu';
+import {range} from './wgsl_snippets';
 
 /** The accumulated dK/dV pass's tiling. */
 export interface MatrixDkdvTiles {
@@ -114,14 +117,7 @@ export class FlashAttentionGradDkdvMatrixProgram implements OwnPipelineSpec {
         () => `subgroup-matrix dK/dV pass: invalid tiling ${
             JSON.stringify({...c, shape: undefined})} for ${JSON.stringify(c.shape)}`);
     this.key = matrixDkdvKey(c, f);
-    const inputs = [
-      {name: 'q', type: 'vec4<f32>'},
-      {name: 'k', type: 'vec4<f32>'},
-      {name: 'v', type: 'vec4<f32>'},
-      {name: 'dy', type: 'vec4<f32>'},
-      {name: 'stats', type: 'vec2<f32>'},
-      ...(f.alibi ? [{name: 'slopes', type: 'f32'}] : []),
-    ];
+    const inputs = matrixGradInputs(f);
     this.numInputs = inputs.length;
     const outputs = [{name: 'dk', type: 'f32'}, {name: 'dv', type: 'f32'}];
     this.source = dkdvWGSL(c, f, gradBindingsWGSL(inputs, outputs));
@@ -132,9 +128,6 @@ export class FlashAttentionGradDkdvMatrixProgram implements OwnPipelineSpec {
     return this.source;
   }
 }
-
-const range = (n: number) => Array.from({length: n}, (_, i) => i);
-const ABS_MAX = (v: string) => `max(max(abs(${v}.x), abs(${v}.y)), max(abs(${v}.z), abs(${v}.w)))`;
 
 function dkdvWGSL(c: MatrixDkdvConfig, f: GradFeatures, bindings: string): string {
   const {M, N, K, lanes, standIn} = c.shape;
@@ -394,7 +387,7 @@ fn ${name}(acc: ptr<function, array<f32, ${accLen}>>, base: u32, ln: u32, off: u
       val = ${src}[${kRow('j')} * ${w4}u + e % ${w4}u];
     }
     ${reg}[u] = val;
-    ${mx} = max(${mx}, ${ABS_MAX('val')});
+    ${mx} = max(${mx}, ${absMax('val')});
   }`;
   const splitVec = (arr: string, at: string, v: string, scale: string) =>
       range(4)
@@ -411,7 +404,7 @@ fn ${name}(acc: ptr<function, array<f32, ${accLen}>>, base: u32, ln: u32, off: u
   const rowScan = (src: string, w4: number, mx: string) => `
     for (var e = lid; e < u32(nRows) * ${w4}u; e += T) {
       let x = ${src}[${qRow(`iLo + i32(e / ${w4}u)`)} * ${w4}u + e % ${w4}u];
-      ${mx} = max(${mx}, ${ABS_MAX('x')});
+      ${mx} = max(${mx}, ${absMax('x')});
     }`;
   // Q and dO rows of the block into registers (before the barrier), then
   // split (after it). Rows outside [iLo, iHi) are zero: their scale may

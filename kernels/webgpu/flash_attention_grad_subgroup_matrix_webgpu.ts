@@ -21,9 +21,10 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 
-import type {OwnPipelineSpec} from './own_pipeline';
+import type {OwnPipelineSpec, StorageBinding} from './own_pipeline';
 import {MatrixShape, matrixShapeKey} from './subgroup_matrix';
 import {assertWorkgroupAlignment, MatrixOpsWGSL, MatrixView, subgroupIdsWGSL, subgroupParamsWGSL} from './subgroup_matrix_wgsl';
+import {absMaxWGSL as absMax} from './flash_attention_subgroup_matrix_webgpu';
 import {constsWGSL, dqBlockWGSL, featureKey, GradFeatures, gradBindingsWGSL, gradCommonWGSL, probsAndDsWGSL, sPhase, sPhaseValid, sPhaseWGSL} from './flash_attention_grad_wgsl';
 
 export type MatrixGradPass = 'dkdv'|'dq';
@@ -73,7 +74,20 @@ export function matrixGradKey(c: MatrixGradConfig, pass: MatrixGradPass, f: Grad
       c.subgroups}_br${c.br}_bc${c.bc}_sp${+ c.split}_${featureKey(f)}`;
 }
 
-const ABS_MAX = (v: string) => `max(max(abs(${v}.x), abs(${v}.y)), max(abs(${v}.z), abs(${v}.w)))`;
+/**
+ * The inputs of every subgroup-matrix backward pass, in binding order: q,
+ * k, v, dO as vec4 rows, the delta pass's (lse, Delta), the slopes.
+ */
+export function matrixGradInputs(f: GradFeatures): StorageBinding[] {
+  return [
+    {name: 'q', type: 'vec4<f32>'},
+    {name: 'k', type: 'vec4<f32>'},
+    {name: 'v', type: 'vec4<f32>'},
+    {name: 'dy', type: 'vec4<f32>'},
+    {name: 'stats', type: 'vec2<f32>'},
+    ...(f.alibi ? [{name: 'slopes', type: 'f32'}] : []),
+  ];
+}
 
 /** An operand tile: `rows` rows of one head of a [B, S, H, W] input. */
 interface OperandTile {
@@ -114,14 +128,7 @@ export class FlashAttentionGradMatrixProgram implements OwnPipelineSpec {
             JSON.stringify({...c, shape: undefined})} for ${JSON.stringify(c.shape)}`);
     this.key = matrixGradKey(c, pass, f);
     this.label = `FlashAttentionGrad ${pass} (subgroup matrices)`;
-    const inputs = [
-      {name: 'q', type: 'vec4<f32>'},
-      {name: 'k', type: 'vec4<f32>'},
-      {name: 'v', type: 'vec4<f32>'},
-      {name: 'dy', type: 'vec4<f32>'},
-      {name: 'stats', type: 'vec2<f32>'},
-      ...(f.alibi ? [{name: 'slopes', type: 'f32'}] : []),
-    ];
+    const inputs = matrixGradInputs(f);
     const outputs = pass === 'dkdv' ? [{name: 'dk', type: 'f32'}, {name: 'dv', type: 'f32'}] :
                                       [{name: 'dq', type: 'f32'}];
     this.numInputs = inputs.length;
@@ -176,7 +183,7 @@ function gradMatrixWGSL(
           val = ${t.src}[${rowIndex(t)} * ${t.w4}u + e % ${t.w4}u];
         }
         ${t.reg}[u] = val;
-        mx = max(mx, ${ABS_MAX('val')});
+        mx = max(mx, ${absMax('val')});
       }
       atomicMax(&wmax[${t.slot}], bitcast<u32>(mx));
     }`;
@@ -285,8 +292,8 @@ function gradMatrixWGSL(
           ${withP ? 'scrS[at + x] = pv[x];' : ''}
           scrP[at + x] = dsv[x];
         }
-        ${withP ? `pmax = max(pmax, ${ABS_MAX('pv')});` : ''}
-        dsmax = max(dsmax, ${ABS_MAX('dsv')});`)}
+        ${withP ? `pmax = max(pmax, ${absMax('pv')});` : ''}
+        dsmax = max(dsmax, ${absMax('dsv')});`)}
       }
       ${withP ? 'atomicMax(&wmax[SLOT_P], bitcast<u32>(pmax));' : ''}
       atomicMax(&wmax[SLOT_DS], bitcast<u32>(dsmax));

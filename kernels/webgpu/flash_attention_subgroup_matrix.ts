@@ -180,6 +180,15 @@ const MATRIX_TILINGS: Array<[number, number]> = [
   [1, 16],
 ];
 
+/**
+ * Do `threads` invocations and `bytes` of workgroup memory fit the
+ * device's workgroup limits (the planners' last test of a tiling)?
+ */
+export function fitsWorkgroup(limits: GPUSupportedLimits, threads: number, bytes: number): boolean {
+  return threads <= limits.maxComputeInvocationsPerWorkgroup &&
+      threads <= limits.maxComputeWorkgroupSizeX && bytes <= limits.maxComputeWorkgroupStorageSize;
+}
+
 /** Dispatches of the matrix forward (lets tests check that it ran). */
 export const matrixForwardStats = {
   dispatches: 0,
@@ -215,8 +224,7 @@ export function planMatrixForward(
   for (const [subgroups, bc] of tilings) {
     const c = {headDim, headDimV, shape, subgroups, bc, split};
     const sizes = matrixTileSizes(c);
-    if (sizes == null || sizes.threads > limits.maxComputeInvocationsPerWorkgroup ||
-        sizes.threads > limits.maxComputeWorkgroupSizeX) {
+    if (sizes == null) {
       continue;
     }
     const bytes = matrixWorkgroupBytes({
@@ -226,7 +234,7 @@ export function planMatrixForward(
       dropout: false,
       reverseRows: false
     });
-    if (bytes <= limits.maxComputeWorkgroupStorageSize) {
+    if (fitsWorkgroup(limits, sizes.threads, bytes)) {
       return {tiling: 'online', shape, subgroups, rowBlocks: 1, bc, split};
     }
   }
@@ -247,15 +255,14 @@ function planTwoPass(
   for (const [subgroups, rowBlocks, bc] of tilings) {
     const c = {headDim, headDimV, shape, subgroups, rowBlocks, bc, split};
     const sizes = twoPassTileSizes(c);
-    if (sizes == null || sizes.threads > limits.maxComputeInvocationsPerWorkgroup ||
-        sizes.threads > limits.maxComputeWorkgroupSizeX ||
+    if (sizes == null ||
         (!forced && !shape.standIn &&
          twoPassMatrixRegisters(shape, headDim, headDimV, rowBlocks, split, reloadQ) >
              MAX_MATRIX_REGISTERS)) {
       continue;
     }
     const bytes = storage ? storageWorkgroupBytes(c) : twoPassWorkgroupBytes(c);
-    if (bytes <= limits.maxComputeWorkgroupStorageSize) {
+    if (fitsWorkgroup(limits, sizes.threads, bytes)) {
       const rowMaxOnly = override?.rowMaxOnly === true;
       return storage ?
           {tiling: 'storage', shape, subgroups, rowBlocks, bc, split, reloadQ, rowMaxOnly} :
@@ -330,6 +337,14 @@ export function matrixForwardWebGPU(
   if (plan.tiling === 'twoPass') {
     matrixForwardStats.twoPassDispatches++;
   }
+  return runForwardKernel(backend, program, bound, q, v, uniforms, grid);
+}
+
+/** Records the attention kernel `program` on the `bound` inputs: returns [out, lse]. */
+function runForwardKernel(
+    backend: WebGPUBackend, program: {key: string, label: string, code: () => string},
+    bound: tf.TensorInfo[], q: tf.TensorInfo, v: tf.TensorInfo, uniforms: ArrayBuffer,
+    grid: [number, number, number]): tf.TensorInfo[] {
   return runOwnPipeline(
       backend, {
         ...program,
@@ -456,21 +471,12 @@ function storageForwardWebGPU(
   matrixForwardStats.dispatches++;
   matrixForwardStats.storageDispatches++;
   try {
-    return runOwnPipeline(
-        backend, {
-          key: storageForwardKey(config),
-          label: 'FlashAttention storage-loaded forward (subgroup matrices)',
-          code: () => storageForwardWGSL(config),
-          numInputs: bound.length,
-          numOutputs: 2,
-          hasUniforms: true,
-        },
-        {
-          inputs: bound,
-          outputs: forwardOutputs(q, v),
-          uniforms,
-          dispatch: grid,
-        });
+    const program = {
+      key: storageForwardKey(config),
+      label: 'FlashAttention storage-loaded forward (subgroup matrices)',
+      code: () => storageForwardWGSL(config),
+    };
+    return runForwardKernel(backend, program, bound, q, v, uniforms, grid);
   } finally {
     backend.disposeData(ops.dataId);
     backend.disposeData(scales.dataId);

@@ -31,9 +31,9 @@
  */
 import {matrixShapeKey} from './subgroup_matrix';
 import {assertWorkgroupAlignment, MatrixView as View, splitStoreWGSL} from './subgroup_matrix_wgsl';
-import {KEY_TILES_WGSL, loopBoundWGSL, MATRIX_FORWARD_UNIFORMS, matrixForwardMainStartWGSL, matrixForwardPreambleWGSL, scoreParamsWGSL, STANDIN_FNS} from './flash_attention_subgroup_matrix_webgpu';
+import {KEY_TILES_WGSL, MATRIX_FORWARD_UNIFORMS, matrixForwardMainStartWGSL, matrixForwardPreambleWGSL, scoreParamsWGSL, STANDIN_FNS, suitedTileSizes} from './flash_attention_subgroup_matrix_webgpu';
 import {TwoPassForwardConfig, twoPassTileSizes} from './flash_attention_subgroup_matrix_two_pass_webgpu';
-import {pvProductsWGSL, twoPassMatrixOps, twoPassRowsWGSL, twoPassSoftmaxWGSL} from './flash_attention_subgroup_matrix_two_pass_wgsl';
+import {pvProductsWGSL, scoreProductsWGSL, twoPassMatrixOps, twoPassRowsWGSL, twoPassSoftmaxWGSL} from './flash_attention_subgroup_matrix_two_pass_wgsl';
 import {bindingsWGSL, StorageBinding, uniformStructWGSL} from './own_pipeline';
 import {range, scoreKey, VEC4_COMPONENTS as COMP} from './wgsl_snippets';
 
@@ -99,11 +99,7 @@ export function storageForwardWGSL(c: StorageForwardConfig): string {
 }
 
 function storageSource(c: StorageForwardConfig): string {
-  const sizes = twoPassTileSizes(c);
-  if (sizes == null) {
-    throw new Error(`FlashAttention forward: head dims D=${c.headDim}, Dv=${
-        c.headDimV} do not suit the subgroup-matrix tiling`);
-  }
+  const sizes = suitedTileSizes(twoPassTileSizes(c), c);
   const {N, K, standIn} = c.shape;
   const {br, bc, threads, lpr, cv} = sizes;
   const rbs = range(c.rowBlocks);
@@ -111,9 +107,6 @@ function storageSource(c: StorageForwardConfig): string {
   const dv = c.headDimV;
   const elem = standIn ? 'f32' : 'f16';
   const parts = c.split ? ['h', 'l'] : ['h'];
-  const lim = (n: string) => loopBoundWGSL(c.shape, n);
-  // Split products as (left part, right part): the small terms first.
-  const pairs = c.split ? [['l', 'h'], ['h', 'l'], ['h', 'h']] : [['h', 'h']];
   const len = standIn ? 'arrayLength(&ops)' : 0;
 
   // Operand views (per part): Q, K, V in storage (`ops`, each part from
@@ -128,49 +121,17 @@ function storageSource(c: StorageForwardConfig): string {
       ({arr: `p${p}`, off, stride: 'BC', colMajor: false, len: br * bc});
 
   const matrixOps = twoPassMatrixOps(c.shape);
-  const {standInFns, standInMma, resultDecl, storeScr, left, right, rowOff} = matrixOps;
+  const {standInFns, resultDecl, storeScr, left, rowOff} = matrixOps;
   // Q's left matrix of row block rb, depth step ks, part p, from storage.
   const qMatrix = (rb: number, ks: number, p: string) =>
       `let qm${rb}_${ks}_${p} = ${left(qView(p, `qOff + ${rowOff(rb)} * D + ${ks * K}u`))};`;
 
   // S = Q K^T of this subgroup's row blocks and the tile's BC keys, into
   // the scratch; K's matrices from storage at kOff (the tile's first key).
-  const sBlocks = standIn ?
-      `for (var cb = 0u; cb < ${lim('BC / N')}; cb++) {
-      ${rbs.map(rb => resultDecl(`s${rb}`)).join('\n      ')}
-      for (var ks = 0u; ks < ${lim('D / K')}; ks++) {
-        ${
-          rbs.flatMap(
-                 rb => pairs.map(
-                     ([a, b]) => standInMma(
-                         `q${a}_k${b}`, `s${rb}`, qView(a, `qOff + ${rowOff(rb)} * D + ks * K`),
-                         kView(b, 'kOff + cb * N * D + ks * K'))))
-              .join('\n        ')}
-      }
-      ${rbs.map(rb => storeScr(`s${rb}`, `${rowOff(rb)} * BC + cb * N`)).join('\n      ')}
-    }` :
-      `for (var cb = 0u; cb < BC / N; cb++) {
-      ${rbs.map(rb => resultDecl(`s${rb}`)).join('\n      ')}
-      ${
-          range(d / K)
-              .map(
-                  ks => `{
-        ${
-                      parts
-                          .map(
-                              p => `let k${p} = ${
-                                  right(kView(p, `kOff + cb * N * D + ${ks * K}u`))};`)
-                          .join('\n        ')}
-        ${c.reloadQ ? rbs.flatMap(rb => parts.map(p => qMatrix(rb, ks, p))).join('\n        ') : ''}
-        ${
-                      rbs.flatMap(
-                             rb => pairs.map(
-                                 ([a, b]) => `s${rb} = subgroupMatrixMultiplyAccumulate(qm${rb}_${
-                                     ks}_${a}, k${b}, s${rb});`))
-                          .join('\n        ')}
-      }`).join('\n      ')}
-      ${rbs.map(rb => storeScr(`s${rb}`, `${rowOff(rb)} * BC + cb * N`)).join('\n      ')}
-    }`;
+  const sBlocks = scoreProductsWGSL(
+      c, matrixOps, qView, kView, 'qOff + ', 'kOff + ',
+      ks => c.reloadQ ? rbs.flatMap(rb => parts.map(p => qMatrix(rb, ks, p))).join('\n        ') :
+                        '');
 
   // O += P V over the tile's keys; V's matrices from storage at vOff.
   const oBlocks = range(dv / N);

@@ -37,30 +37,19 @@
  * a workgroup array each subgroup copies its rows into where the real path
  * loads them, and row reductions go through workgroup memory.
  */
-import {MatrixShape, matrixShapeKey} from './subgroup_matrix';
+import {matrixShapeKey} from './subgroup_matrix';
 import {assertWorkgroupAlignment, MatrixView as View, splitStoreWGSL} from './subgroup_matrix_wgsl';
-import {absMaxWGSL as absMax, KEY_TILES_WGSL, matrixTileSizes, kvRowWGSL as kvRow, loopBoundWGSL, matrixForwardMainStartWGSL, matrixForwardPreambleWGSL, qRegistersWGSL, scoreParamsWGSL, STANDIN_FNS} from './flash_attention_subgroup_matrix_webgpu';
-import {pvProductsWGSL, twoPassMatrixOps, twoPassRowsWGSL, twoPassSoftmaxWGSL} from './flash_attention_subgroup_matrix_two_pass_wgsl';
-import {range, scoreKey, ScoreOptions, VEC4_COMPONENTS as COMP} from './wgsl_snippets';
+import {absMaxWGSL as absMax, KEY_TILES_WGSL, MatrixForwardConfig, matrixTileSizes, kvRowWGSL as kvRow, loopBoundWGSL, matrixForwardMainStartWGSL, matrixForwardPreambleWGSL, qRegistersWGSL, qStagingWGSL, scoreParamsWGSL, STANDIN_FNS, suitedTileSizes} from './flash_attention_subgroup_matrix_webgpu';
+import {pvProductsWGSL, scoreProductsWGSL, twoPassMatrixOps, twoPassRowsWGSL, twoPassSoftmaxWGSL} from './flash_attention_subgroup_matrix_two_pass_wgsl';
+import {range, scoreKey, VEC4_COMPONENTS as COMP} from './wgsl_snippets';
 
-/** Everything baked into one pipeline. */
-export interface TwoPassForwardConfig {
-  headDim: number;
-  headDimV: number;
-  shape: MatrixShape;
-  /** Subgroups per workgroup. */
-  subgroups: number;
+/**
+ * Everything baked into one pipeline: the one-pass kernel's configuration
+ * (its `subgroups` each owning `rowBlocks` blocks of M rows here) and:
+ */
+export interface TwoPassForwardConfig extends MatrixForwardConfig {
   /** Blocks of M query rows per subgroup (BR = M * rowBlocks * subgroups). */
   rowBlocks: number;
-  /** Keys per tile. */
-  bc: number;
-  /** hi/lo split (float32-accurate) or one f16 product. */
-  split: boolean;
-  score: ScoreOptions;
-  alibiMode: 0|1|2;
-  dropout: boolean;
-  /** Heaviest query tiles first (causal-like masks). */
-  reverseRows: boolean;
   /**
    * Pass 1 finds each row's max only (no exponentials); pass 2 sums the
    * row's P = exp(S - max) itself and O is divided by that sum on the way
@@ -120,11 +109,7 @@ export function twoPassForwardWGSL(c: TwoPassForwardConfig): string {
 }
 
 function twoPassSource(c: TwoPassForwardConfig): string {
-  const sizes = twoPassTileSizes(c);
-  if (sizes == null) {
-    throw new Error(`FlashAttention forward: head dims D=${c.headDim}, Dv=${
-        c.headDimV} do not suit the subgroup-matrix tiling`);
-  }
+  const sizes = suitedTileSizes(twoPassTileSizes(c), c);
   const {N, K, standIn} = c.shape;
   const {br, bc, threads, lpr, cv, ops} = sizes;
   const rbs = range(c.rowBlocks);
@@ -138,8 +123,6 @@ function twoPassSource(c: TwoPassForwardConfig): string {
   const vOff = bc * d;
   const pOff = bc * (d + dv);
   const lim = (n: string) => loopBoundWGSL(c.shape, n);
-  // Split products as (left part, right part): the small terms first.
-  const pairs = c.split ? [['l', 'h'], ['h', 'l'], ['h', 'h']] : [['h', 'h']];
 
   // Operand views (per part); `off` are WGSL expressions.
   const qView = (p: string, off: string): View => ({
@@ -157,42 +140,11 @@ function twoPassSource(c: TwoPassForwardConfig): string {
       ({arr: `op${p}`, off, stride: 'BC', colMajor: false, len: ops});
 
   const matrixOps = twoPassMatrixOps(c.shape);
-  const {standInFns, standInMma, resultDecl, storeScr, left, right, rowOff} = matrixOps;
+  const {standInFns, resultDecl, storeScr, left, rowOff} = matrixOps;
 
   // S = Q K^T for this subgroup's RB x M rows and the tile's BC keys, into
   // the scratch ([BR][BC] f32).
-  const sBlocks = standIn ?
-      `for (var cb = 0u; cb < ${lim('BC / N')}; cb++) {
-      ${rbs.map(rb => resultDecl(`s${rb}`)).join('\n      ')}
-      for (var ks = 0u; ks < ${lim('D / K')}; ks++) {
-        ${
-          rbs.flatMap(
-                 rb => pairs.map(
-                     ([a, b]) => standInMma(
-                         `q${a}_k${b}`, `s${rb}`, qView(a, `${rowOff(rb)} * D + ks * K`),
-                         kView(b, 'cb * N * D + ks * K'))))
-              .join('\n        ')}
-      }
-      ${rbs.map(rb => storeScr(`s${rb}`, `${rowOff(rb)} * BC + cb * N`)).join('\n      ')}
-    }` :
-      `for (var cb = 0u; cb < BC / N; cb++) {
-      ${rbs.map(rb => resultDecl(`s${rb}`)).join('\n      ')}
-      ${
-          range(d / K)
-              .map(
-                  ks => `{
-        ${
-                      parts.map(p => `let k${p} = ${right(kView(p, `cb * N * D + ${ks * K}u`))};`)
-                          .join('\n        ')}
-        ${
-                      rbs.flatMap(
-                             rb => pairs.map(
-                                 ([a, b]) => `s${rb} = subgroupMatrixMultiplyAccumulate(qm${rb}_${
-                                     ks}_${a}, k${b}, s${rb});`))
-                          .join('\n        ')}
-      }`).join('\n      ')}
-      ${rbs.map(rb => storeScr(`s${rb}`, `${rowOff(rb)} * BC + cb * N`)).join('\n      ')}
-    }`;
+  const sBlocks = scoreProductsWGSL(c, matrixOps, qView, kView, '', '');
 
   // O += P V over the tile's keys; accumulators o{rb}_{cb} stay in registers.
   const oBlocks = range(dv / N);
@@ -372,15 +324,7 @@ ${matrixForwardMainStartWGSL(c, br, bc, threads)}
 
   // Q scaled and split into workgroup memory, from where each subgroup
   // loads its Q matrices once.
-  ${
-             range(nQL)
-                 .map(n => `{
-    let idx = lid + THREADS * ${n}u;
-    if (idx < BR * DQ4) {
-      let at = (idx / DQ4) * D + 4u * (idx % DQ4);
-      ${splitStore('op', 'at', `qr${n}`, 'qScale')}
-    }
-  }`).join('\n  ')}
+  ${qStagingWGSL(nQL, qr => splitStore('op', 'at', qr, 'qScale'))}
   workgroupBarrier();
   ${
              standIn ? `// The stand-in's "matrix loads" of Q: this subgroup's rows, copied

@@ -42,6 +42,59 @@ export function twoPassMatrixOps(shape: MatrixShape) {
 }
 
 /**
+ * S = Q K^T of this subgroup's row blocks and the tile's BC keys, into the
+ * scratch: Q's and K's matrices from the views `qView` and `kView` at the
+ * WGSL offset prefixes `qBase` and `kBase`. On the real path Q's matrices
+ * are registers qm{rb}_{ks}_{p}; `qLoads`, where given, declares them per
+ * depth step (on a line of its own, empty when it returns '').
+ */
+export function scoreProductsWGSL(
+    c: {shape: MatrixShape, rowBlocks: number, headDim: number, split: boolean},
+    ops: ReturnType<typeof twoPassMatrixOps>, qView: (p: string, off: string) => View,
+    kView: (p: string, off: string) => View, qBase: string, kBase: string,
+    qLoads?: (ks: number) => string): string {
+  const {K, standIn} = c.shape;
+  const rbs = range(c.rowBlocks);
+  const parts = c.split ? ['h', 'l'] : ['h'];
+  const pairs = c.split ? [['l', 'h'], ['h', 'l'], ['h', 'h']] : [['h', 'h']];
+  const decls = rbs.map(rb => ops.resultDecl(`s${rb}`)).join('\n      ');
+  const stores =
+      rbs.map(rb => ops.storeScr(`s${rb}`, `${ops.rowOff(rb)} * BC + cb * N`)).join('\n      ');
+  if (standIn) {
+    const lim = (n: string) => loopBoundWGSL(c.shape, n);
+    return `for (var cb = 0u; cb < ${lim('BC / N')}; cb++) {
+      ${decls}
+      for (var ks = 0u; ks < ${lim('D / K')}; ks++) {
+        ${
+        rbs.flatMap(
+               rb => pairs.map(
+                   ([a, b]) => ops.standInMma(
+                       `q${a}_k${b}`, `s${rb}`, qView(a, `${qBase}${ops.rowOff(rb)} * D + ks * K`),
+                       kView(b, `${kBase}cb * N * D + ks * K`))))
+            .join('\n        ')}
+      }
+      ${stores}
+    }`;
+  }
+  const step = (ks: number) => `{
+        ${
+      parts.map(p => `let k${p} = ${ops.right(kView(p, `${kBase}cb * N * D + ${ks * K}u`))};`)
+          .join('\n        ')}${qLoads == null ? '' : `\n        ${qLoads(ks)}`}
+        ${
+      rbs.flatMap(
+             rb => pairs.map(
+                 ([a, b]) => `s${rb} = subgroupMatrixMultiplyAccumulate(qm${rb}_${ks}_${a}, k${
+                     b}, s${rb});`))
+          .join('\n        ')}
+      }`;
+  return `for (var cb = 0u; cb < BC / N; cb++) {
+      ${decls}
+      ${range(c.headDim / K).map(step).join('\n      ')}
+      ${stores}
+    }`;
+}
+
+/**
  * O += P V over a tile's BC keys into the accumulators o{rb}_{cb}: P's and
  * V's matrices from the views `pView` and `vView` at the WGSL offset
  * prefixes `pBase` and `vBase`; split products as lo*hi + hi*lo + hi*hi.

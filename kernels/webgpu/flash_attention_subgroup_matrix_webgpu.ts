@@ -253,6 +253,21 @@ export function qRegistersWGSL(nQL: number): string {
   }`).join('\n  ')}`;
 }
 
+/**
+ * The registers qr0..qr{nQL-1} (qRegistersWGSL) into the workgroup's Q rows
+ * ([BR][D]): `store` gives the WGSL writing vec4 register `qr` at element `at`.
+ */
+export function qStagingWGSL(nQL: number, store: (qr: string) => string): string {
+  return range(nQL)
+      .map(n => `{
+    let idx = lid + THREADS * ${n}u;
+    if (idx < BR * DQ4) {
+      let at = (idx / DQ4) * D + 4u * (idx % DQ4);
+      ${store(`qr${n}`)}
+    }
+  }`).join('\n  ');
+}
+
 /** The key tiles [tBegin, tEnd) that rows r0..rEnd-1 can see. */
 export const KEY_TILES_WGSL = `let keys = fa_key_range(r0, rEnd, sp);
   let tBegin = keys.x / i32(BC);
@@ -313,6 +328,15 @@ fn ${fn}(acc: ptr<function, array<f32, ${epl}>>, ln: u32, offL: u32, offR: u32) 
 }`;
 }
 
+/** The tile sizes `sizes` of `c`, or an error: its head dims do not suit the tiling. */
+export function suitedTileSizes<T>(sizes: T|null, c: {headDim: number, headDimV: number}): T {
+  if (sizes == null) {
+    throw new Error(`FlashAttention forward: head dims D=${c.headDim}, Dv=${
+        c.headDimV} do not suit the subgroup-matrix tiling`);
+  }
+  return sizes;
+}
+
 export function matrixForwardWGSL(c: MatrixForwardConfig): string {
   const code = forwardSource(c);
   if (!c.shape.diagnose?.unalignedWorkgroup) {
@@ -322,11 +346,7 @@ export function matrixForwardWGSL(c: MatrixForwardConfig): string {
 }
 
 function forwardSource(c: MatrixForwardConfig): string {
-  const sizes = matrixTileSizes(c);
-  if (sizes == null) {
-    throw new Error(`FlashAttention forward: head dims D=${c.headDim}, Dv=${
-        c.headDimV} do not suit the subgroup-matrix tiling`);
-  }
+  const sizes = suitedTileSizes(matrixTileSizes(c), c);
   const {M, N, K, standIn} = c.shape;
   const {br, bc, threads, lpr, cv} = sizes;
   const d = c.headDim;
@@ -485,15 +505,7 @@ ${matrixForwardMainStartWGSL(c, br, bc, threads)}
   workgroupBarrier();
   let qe = ${expOf(0)};
   let qScale = ldexp(1.0, -qe);
-  ${
-             range(nQL)
-                 .map(n => `{
-    let idx = lid + THREADS * ${n}u;
-    if (idx < BR * DQ4) {
-      let at = (idx / DQ4) * D + 4u * (idx % DQ4);
-      ${splitStore('q', 'at', `qr${n}`, 'qScale')}
-    }
-  }`).join('\n  ')}
+  ${qStagingWGSL(nQL, qr => splitStore('q', 'at', qr, 'qScale'))}
   workgroupBarrier();
   // Resets by a whole subgroup: no lane diverges from its subgroup right
   // before the matrix built-ins, which need all of its lanes.

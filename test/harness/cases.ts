@@ -83,6 +83,47 @@ export const OPTION_CASES: OptionCase[] = [
   },
 ];
 
+/**
+ * OPTION_CASES' case `name` at head dims d / dv, both sequences `extraRows`
+ * longer: 2-3 query and key tiles of the small forced tilings.
+ */
+export function optionCaseAtHeadDim(name: string, d: number, dv = d, extraRows = 24): OptionCase {
+  const c = OPTION_CASES.find(x => x.name === name)!;
+  expect(c).toBeDefined();
+  const longer = (n: number) => n + extraRows;
+  return {
+    ...c,
+    name: `${c.name}, D=${d}${dv !== d ? `, Dv=${dv}` : ''}`,
+    shape: {
+      ...c.shape,
+      seqQ: longer(c.shape.seqQ),
+      seqK: longer(c.shape.seqK),
+      headDim: d,
+      headDimV: dv
+    },
+  };
+}
+
+/**
+ * D=80, causal, GQA, softcap and ALiBi per head over 70 rows: several key
+ * and query blocks of the sliced and streamed backward candidates' tiles
+ * (test/webgpu_backward_sliced.test.ts, test/webgpu_backward_streamed.test.ts).
+ */
+export const D80_CAUSAL_GQA_ALIBI: OptionCase = {
+  name: 'D=80, causal, GQA, softcap, alibi',
+  shape: {
+    batch: 1,
+    seqQ: 70,
+    seqK: 70,
+    heads: 4,
+    headsKV: 2,
+    headDim: 80,
+    headDimV: 80,
+    alibi: 'head'
+  },
+  opts: {causal: true, softcap: 2}
+};
+
 /** The op's options for a case (slopes as a tensor). */
 export function opOptions(c: OptionCase, problem: TestProblem): FlashAttentionOptions {
   return {...c.opts, alibiSlopes: problem.alibiSlopes};

@@ -96,6 +96,15 @@ export function randomOracleProblem(shape: ProblemShape, rng: Rng, inputScale = 
   };
 }
 
+/** cuSeqlens of packed varlen calls: [0, l0, l0 + l1, ...] for `lengths` [l0, l1, ...]. */
+export function cumulativeLengths(lengths: number[]): number[] {
+  const cu = [0];
+  for (const l of lengths) {
+    cu.push(cu[cu.length - 1] + l);
+  }
+  return cu;
+}
+
 /**
  * One sequence as an oracle problem: batch 1, D = Dv = dim, no ALiBi (the
  * varlen and seqlens tests' per-sequence references).

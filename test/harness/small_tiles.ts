@@ -6,20 +6,22 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 
-import {forwardStats, setForwardOverride} from '../../kernels/webgpu/FlashAttention';
+import {forwardStats, planForward, setForwardOverride} from '../../kernels/webgpu/FlashAttention';
+import type {ForwardTiles} from '../../kernels/webgpu/flash_attention_webgpu';
 import {fusedGradRunCount, GradTiles, registerFlashAttentionGradWebGPU, setGradTilesOverride} from '../../kernels/webgpu/FlashAttentionGrad';
 import {FlashAttentionGradDkDvSlicedProgram} from '../../kernels/webgpu/flash_attention_grad_dkdv_sliced_webgpu';
 import {FlashAttentionGradDqSlicedProgram} from '../../kernels/webgpu/flash_attention_grad_dq_sliced_webgpu';
 import {gradFeatures} from '../../kernels/webgpu/flash_attention_grad_wgsl';
 import {checkOwnPipelineErrors, setPoisonOutputs, webgpuBackendOf} from '../../kernels/webgpu/own_pipeline';
 import {normalizeOptions} from '../../src/options';
-import {FLASH_ATTENTION_IMPL} from '../../src';
+import {FLASH_ATTENTION_IMPL, flashAttention} from '../../src';
 
 import type {TestBackend} from './backends';
 import {useBackend} from './backends';
 import {checkForward, OptionCase} from './cases';
+import {H100_STAND_IN} from './devices';
 import {runGradKernelOnOracle} from './grad_kernel';
-import {expectClose, freshRng, GRADIENT_BOUND} from './problems';
+import {expectClose, FORWARD_BOUND, freshRng, GRADIENT_BOUND, seqlensInputs, seqlensRowExpected} from './problems';
 
 export function useSmallTiles(backend: TestBackend): void {
   beforeAll(() => {
@@ -50,6 +52,56 @@ export async function checkForwardUnderPlan(
     await checkOwnPipelineErrors();
   } finally {
     setForwardOverride(null);
+  }
+}
+
+/** Forced, `tiles` is the forward plan of the H100 stand-in at D=128 (with subgroups). */
+export function expectForcibleAtD128(tiles: ForwardTiles): void {
+  setForwardOverride({tiles});
+  try {
+    expect(planForward(H100_STAND_IN, 128, 128, 16 * 4096)).toEqual({tiles, subgroups: true});
+  } finally {
+    setForwardOverride(null);
+  }
+}
+
+/**
+ * A causal forward with per-batch key lengths (seqlensK, `lengths`) under a
+ * forced plan: one fused dispatch, nothing leaked, no GPU error, and each
+ * batch row's out and lse against the oracle on that row alone.
+ */
+export async function checkSeqlensForwardUnderPlan(
+    plan: Parameters<typeof setForwardOverride>[0],
+    dims: {batch: number, seq: number, heads: number, dim: number},
+    lengths: number[]): Promise<void> {
+  setForwardOverride(plan);
+  const rng = freshRng();
+  const {batch, seq, heads, dim} = dims;
+  const {qv, kv, vv, q, k, v, seqlensK} = seqlensInputs(rng, dims, lengths);
+  const tensors = tf.memory().numTensors;
+  try {
+    const before = forwardStats.dispatches;
+    const [out, lse] = flashAttention(q, k, v, {seqlensK, causal: true, returnSoftmaxLse: true});
+    const [got, gotLse] = [await out.data(), await lse.data()];
+    tf.dispose([out, lse]);
+    expect(forwardStats.dispatches).toBe(before + 1);
+    expect(tf.memory().numTensors).toBe(tensors);
+    const rowSize = seq * heads * dim;
+    for (let b = 0; b < batch; b++) {
+      const len = lengths[b];
+      const {out: expected, lse: expectedLse} =
+          seqlensRowExpected({q: qv, k: kv, v: vv}, b, len, {seq, heads, dim});
+      const what = `batch row ${b} (length ${len}, seed ${rng.seed})`;
+      expectClose(
+          got.slice(b * rowSize, (b + 1) * rowSize), expected, FORWARD_BOUND, `${what}: out`);
+      expectClose(
+          gotLse.slice(b * heads * seq, (b + 1) * heads * seq), expectedLse, FORWARD_BOUND,
+          `${what}: lse`);
+    }
+    await checkOwnPipelineErrors();
+  } finally {
+    setForwardOverride(null);
+    tf.dispose([q, k, v, seqlensK]);
   }
 }
 

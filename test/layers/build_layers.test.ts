@@ -14,6 +14,7 @@ import * as tf from '@tensorflow/tfjs-core';
 
 import {flashMHA} from '../../src/layers';
 import {useBackend} from '../harness/backends';
+import {loadScript, TFJS_UMD_SCRIPTS, umdPageContext} from '../harness/umd_page';
 
 const root = path.join(__dirname, '..', '..');
 const dist = (file: string) => path.join(root, 'dist', file);
@@ -135,72 +136,44 @@ describe('built layers entry', () => {
     expect(result.standInIsBias).toBe(true);
   });
 
-  function pageContext() {
-    const context = vm.createContext({
-      console,
-      setTimeout,
-      clearTimeout,
-      performance,
-      TextEncoder,
-      TextDecoder,
-      document: {},
-      navigator: {userAgent: 'test'},
-      location: {search: ''},
-    });
-    context.globalThis = context;
-    context.window = context;
-    context.self = context;
-    return context;
-  }
-  const tfjsScripts = [
-    require.resolve('@tensorflow/tfjs-core/dist/tf-core.js'),
-    require.resolve('@tensorflow/tfjs-backend-cpu/dist/tf-backend-cpu.js'),
-    require.resolve('@tensorflow/tfjs-layers/dist/tf-layers.js'),
-  ];
-  const load = (context: vm.Context, file: string) =>
-      vm.runInContext(fs.readFileSync(file, 'utf8'), context, {filename: file});
-
-  it('UMD: after the core bundle, adds tf.flashMHA and uses the core bundle\'s global', () => {
-    const context = pageContext();
+  /**
+   * On a page with tfjs's bundles, the core bundle and the layers bundle:
+   * a layer from `factory` (the JavaScript naming it) applied to X
+   * with WEIGHTS, then `[its output, ...the values of the expressions
+   * `checks`]`.
+   */
+  function umdLayerRun(factory: string, checks: string): unknown[] {
+    const context = umdPageContext();
     for (const file
-             of [...tfjsScripts, dist('tfjs-flash-attention.umd.min.js'),
+             of [...TFJS_UMD_SCRIPTS, dist('tfjs-flash-attention.umd.min.js'),
                  dist('tfjs-flash-attention-layers.umd.min.js')]) {
-      load(context, file);
+      loadScript(context, file);
     }
-    const result = vm.runInContext(
+    return vm.runInContext(
         `
       tf.setBackend('cpu');
-      const layer = tf.flashMHA(${JSON.stringify(ARGS)});
+      const layer = ${factory}(${JSON.stringify(ARGS)});
       const x = tf.tensor(${JSON.stringify(X)}, ${JSON.stringify(X_SHAPE)});
       layer.apply(x);
       layer.setWeights(${JSON.stringify(WEIGHTS)}.map((w, i) => tf.tensor(w, ${
             JSON.stringify(WEIGHT_SHAPES)}[i])));
-      [Array.from(layer.apply(x).dataSync()), layer instanceof tf.layers.Layer,
-       typeof tfFlashAttentionLayers.FlashMHA];`,
+      [Array.from(layer.apply(x).dataSync()), ${checks}];`,
         context);
+  }
+
+  it('UMD: after the core bundle, adds tf.flashMHA and uses the core bundle\'s global', () => {
+    const result = umdLayerRun(
+        'tf.flashMHA', 'layer instanceof tf.layers.Layer, typeof tfFlashAttentionLayers.FlashMHA');
     expect(result[0]).toEqual(expected);
     expect(result[1]).toBe(true);
     expect(result[2]).toBe('function');
   });
 
   it('UMD: puts the flashMHA factory on tf.layers too, as tfjs does its layers', () => {
-    const context = pageContext();
-    for (const file
-             of [...tfjsScripts, dist('tfjs-flash-attention.umd.min.js'),
-                 dist('tfjs-flash-attention-layers.umd.min.js')]) {
-      load(context, file);
-    }
-    const result = vm.runInContext(
-        `
-      tf.setBackend('cpu');
-      const layer = tf.layers.flashMHA(${JSON.stringify(ARGS)});
-      const x = tf.tensor(${JSON.stringify(X)}, ${JSON.stringify(X_SHAPE)});
-      layer.apply(x);
-      layer.setWeights(${JSON.stringify(WEIGHTS)}.map((w, i) => tf.tensor(w, ${
-            JSON.stringify(WEIGHT_SHAPES)}[i])));
-      [Array.from(layer.apply(x).dataSync()), layer instanceof tfFlashAttentionLayers.FlashMHA,
-       tf.layers.flashMHA === tf.flashMHA, typeof tf.layers.dense];`,
-        context);
+    const result = umdLayerRun(
+        'tf.layers.flashMHA',
+        'layer instanceof tfFlashAttentionLayers.FlashMHA, tf.layers.flashMHA === tf.flashMHA, ' +
+            'typeof tf.layers.dense');
     expect(result[0]).toEqual(expected);
     expect(result[1]).toBe(true);
     expect(result[2]).toBe(true);
@@ -208,9 +181,9 @@ describe('built layers entry', () => {
   });
 
   it('UMD: without the core bundle, says to load it first', () => {
-    const context = pageContext();
-    tfjsScripts.forEach(file => load(context, file));
-    expect(() => load(context, dist('tfjs-flash-attention-layers.umd.js')))
+    const context = umdPageContext();
+    TFJS_UMD_SCRIPTS.forEach(file => loadScript(context, file));
+    expect(() => loadScript(context, dist('tfjs-flash-attention-layers.umd.js')))
         .toThrow(/load tfjs-flash-attention \(the global tfFlashAttention\) before this script/);
   });
 });
