@@ -43,13 +43,12 @@
  * of the plumbing, whose times mean nothing.
  */
 /// <reference types="@webgpu/types" />
-import {TENSOR_CORE_DAWN_FLAGS, TENSOR_CORE_FEATURES} from '../demo/tensor_cores';
 import {MatrixShape, pickSubgroupMatrixShape, subgroupMatrixConfigs} from '../kernels/webgpu/subgroup_matrix';
 
 import {benchmarkGrid, RUNGS, skeletonInputs, SkeletonTiling, skeletonUniforms} from './attention_skeleton_grid';
 import {Rung, skeletonBarriersPerTile, SkeletonConfig, skeletonError, skeletonMatrixFlops, skeletonName, skeletonProblem, skeletonReference, skeletonRows, skeletonWGSL, skeletonWorkgroupBytes} from './attention_skeleton_wgsl';
 import {argText, compileAsync, readBack, storage, submitDispatches, timeDispatch} from './raw_webgpu';
-import {adapterName, openWebGPUDevice} from './webgpu_setup';
+import {openTensorCoreDevice} from './webgpu_setup';
 
 const HEADS = 16;
 const CHECK_HEADS = 2;
@@ -168,14 +167,7 @@ async function main(): Promise<void> {
     }
     return;
   }
-  const robust = !process.argv.includes('--no-robustness');
-  const {adapter, device} = await openWebGPUDevice({
-    dawnFlags: robust ? TENSOR_CORE_DAWN_FLAGS :
-                        TENSOR_CORE_DAWN_FLAGS.map(f => `${f},disable_robustness`),
-    features: TENSOR_CORE_FEATURES,
-    onError: m => console.log(m),
-  });
-  console.log(`adapter: ${adapterName(adapter)}${robust ? '' : ' (robustness off)'}`);
+  const {device} = await openTensorCoreDevice();
   // --stand-in: the plain-loop stand-in kernels on any device, small
   // shapes only: a dry run of this benchmark's plumbing (times mean nothing).
   const standIn = process.argv.includes('--stand-in');

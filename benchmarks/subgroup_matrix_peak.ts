@@ -22,11 +22,10 @@
  * Without the subgroup-matrix feature it says so and exits 0.
  */
 /// <reference types="@webgpu/types" />
-import {TENSOR_CORE_DAWN_FLAGS, TENSOR_CORE_FEATURES} from '../demo/tensor_cores';
 import {MatrixShape, pickSubgroupMatrixShape} from '../kernels/webgpu/subgroup_matrix';
 
 import {arg, halfInputs, pipelineOf, readBack, storage, SUBGROUP_MATRIX_HEADER as HEADER, timeDispatch} from './raw_webgpu';
-import {adapterName, openWebGPUDevice} from './webgpu_setup';
+import {openTensorCoreDevice} from './webgpu_setup';
 
 const left = (s: MatrixShape) => `subgroup_matrix_left<f16, ${s.K}, ${s.M}>`;
 const right = (s: MatrixShape) => `subgroup_matrix_right<f16, ${s.N}, ${s.K}>`;
@@ -211,16 +210,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
 }
 
 async function main(): Promise<void> {
-  // --no-robustness: Dawn's disable_robustness toggle (an unsafe API, as the
-  // matrices are): shows what its bounds checks cost the matrix loads.
-  const robust = !process.argv.includes('--no-robustness');
-  const {adapter, device} = await openWebGPUDevice({
-    dawnFlags: robust ? TENSOR_CORE_DAWN_FLAGS :
-                        TENSOR_CORE_DAWN_FLAGS.map(f => `${f},disable_robustness`),
-    features: TENSOR_CORE_FEATURES,
-    onError: m => console.log(m),
-  });
-  console.log(`adapter: ${adapterName(adapter)}${robust ? '' : ' (robustness off)'}`);
+  const {device} = await openTensorCoreDevice();
   if (process.argv.includes('--print-wgsl')) {
     // The kernels for a 16x16x16, 32-lane configuration, without running them.
     const s: MatrixShape = {M: 16, N: 16, K: 16, lanes: 32, standIn: false};

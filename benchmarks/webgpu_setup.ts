@@ -18,6 +18,25 @@ export interface WebGPUSetup {
 }
 
 /**
+ * The raw-WebGPU matrix benchmarks' device: the tensor-core Dawn flags and
+ * features; `--no-robustness` adds Dawn's disable_robustness toggle (an
+ * unsafe API, as the matrices are) to show what its bounds checks cost.
+ * Prints the adapter's name and GPU errors to stdout.
+ */
+export async function openTensorCoreDevice(): Promise<WebGPUSetup> {
+  const {TENSOR_CORE_DAWN_FLAGS, TENSOR_CORE_FEATURES} = await import('../demo/tensor_cores');
+  const robust = !process.argv.includes('--no-robustness');
+  const setup = await openWebGPUDevice({
+    dawnFlags: robust ? TENSOR_CORE_DAWN_FLAGS :
+                        TENSOR_CORE_DAWN_FLAGS.map(f => `${f},disable_robustness`),
+    features: TENSOR_CORE_FEATURES,
+    onError: m => console.log(m),
+  });
+  console.log(`adapter: ${adapterName(setup.adapter)}${robust ? '' : ' (robustness off)'}`);
+  return setup;
+}
+
+/**
  * Opens a device with those of `features` the adapter has and its largest
  * compute and storage limits, and sets `navigator.gpu` (tfjs-backend-webgpu
  * looks for it). GPU errors go to `onError` when given.
