@@ -218,24 +218,23 @@ function source(c: SkeletonConfig): string {
     colMajor: false,
     len: stor('qIn')
   });
-  const kView = (p: string, kd: string, cb: string): MatrixView => staged ?
-      {arr: `kT${p}`, off: `${cb} * N * D + ${kd} * K`, stride: 'D', colMajor: true, len: BC * D} :
+  // K and V tiles, `row` keys into the tile and `col` into the head dim:
+  // from their staged workgroup copies or straight from storage.
+  const kvView =
+      (name: 'k'|'v', p: string, row: string, col: string, colMajor: boolean): MatrixView =>
+          staged ?
+      {arr: `${name}T${p}`, off: `${row} * D + ${col}`, stride: 'D', colMajor, len: BC * D} :
       {
-        arr: 'kIn',
-        off: `${partOff(p)}base + (t + ${cb} * N) * D + ${kd} * K`,
+        arr: `${name}In`,
+        off: `${partOff(p)}base + (t + ${row}) * D + ${col}`,
         stride: 'D',
-        colMajor: true,
-        len: stor('kIn')
+        colMajor,
+        len: stor(`${name}In`)
       };
-  const vView = (p: string, ks: string, cd: string): MatrixView => staged ?
-      {arr: `vT${p}`, off: `${ks} * K * D + ${cd} * N`, stride: 'D', colMajor: false, len: BC * D} :
-      {
-        arr: 'vIn',
-        off: `${partOff(p)}base + (t + ${ks} * K) * D + ${cd} * N`,
-        stride: 'D',
-        colMajor: false,
-        len: stor('vIn')
-      };
+  const kView = (p: string, kd: string, cb: string) =>
+      kvView('k', p, `${cb} * N`, `${kd} * K`, true);
+  const vView = (p: string, ks: string, cd: string) =>
+      kvView('v', p, `${ks} * K`, `${cd} * N`, false);
   const pView = (p: string, rb: string, ks: string): MatrixView => ({
     arr: `p${p}`,
     off: `(g * RB + ${rb}) * M * PS + ${ks} * K`,

@@ -7,27 +7,19 @@
 import * as tf from '@tensorflow/tfjs-core';
 
 import {checkOwnPipelineErrors, runOwnPipeline, webgpuBackendOf} from '../kernels/webgpu/own_pipeline';
-import type {MatrixShape} from '../kernels/webgpu/subgroup_matrix';
 import {benchmarkGrid, skeletonInputs, skeletonUniforms} from '../benchmarks/attention_skeleton_grid';
 import {Rung, skeletonBarriersPerTile, SkeletonConfig, skeletonError, skeletonName, skeletonProblem, skeletonReference, skeletonRows, skeletonWGSL} from '../benchmarks/attention_skeleton_wgsl';
 
 import {selectedBackends, useBackend} from './harness/backends';
-import {SHAPE_A, SHAPE_B} from './harness/matrix_shapes';
+import {SHAPE_A, SHAPE_B, SHAPE_REAL} from './harness/matrix_shapes';
 
 const describeWebGPU = selectedBackends().includes('webgpu') ? describe : describe.skip;
 
-const REAL: MatrixShape = {
-  M: 16,
-  N: 16,
-  K: 16,
-  lanes: 32,
-  standIn: false
-};
 
 describe('attention skeleton WGSL with the real built-ins', () => {
   it('generates every configuration of the full and quick grids', () => {
     let generated = 0;
-    for (const c of [...benchmarkGrid(REAL, false), ...benchmarkGrid(REAL, true)]) {
+    for (const c of [...benchmarkGrid(SHAPE_REAL, false), ...benchmarkGrid(SHAPE_REAL, true)]) {
       const code = skeletonWGSL(c);
       expect(code).toContain('enable chromium_experimental_subgroup_matrix;');
       expect(code).toContain('subgroupMatrixMultiplyAccumulate(');
@@ -63,7 +55,7 @@ describe('attention skeleton WGSL with the real built-ins', () => {
 
   it('refuses tilings the matrices cannot cover, naming them', () => {
     const c: SkeletonConfig = {
-      shape: REAL,
+      shape: SHAPE_REAL,
       rung: 2,
       softmax: 'online',
       headDim: 40,

@@ -24,41 +24,35 @@ import {gradFeatures} from '../kernels/webgpu/flash_attention_grad_wgsl';
 import {scoreOptionsFromAttrs} from '../kernels/webgpu/wgsl_snippets';
 
 import {selectedBackends, useBackend} from './harness/backends';
-import {SHAPE_A, SHAPE_B} from './harness/matrix_shapes';
+import {SHAPE_A, SHAPE_B, SHAPE_REAL} from './harness/matrix_shapes';
 
 const describeWebGPU = selectedBackends().includes('webgpu') ? describe : describe.skip;
 
-const REAL: MatrixShape = {
-  M: 16,
-  N: 16,
-  K: 16,
-  lanes: 32,
-  standIn: false
-};
 
 describe('subgroup-matrix WGSL of the real built-ins', () => {
   const view = {arr: 'a', off: 'o', stride: 's', colMajor: true, len: 64};
 
   it('puts the layout in the template (the bool-argument forms are deprecated)', () => {
-    expect(matrixLoadWGSL(REAL, 'T', view)).toBe('subgroupMatrixLoad<T, col_major>(&a, o, s)');
-    expect(matrixStoreWGSL(REAL, 'b', 'o', 'm', 's'))
+    expect(matrixLoadWGSL(SHAPE_REAL, 'T', view))
+        .toBe('subgroupMatrixLoad<T, col_major>(&a, o, s)');
+    expect(matrixStoreWGSL(SHAPE_REAL, 'b', 'o', 'm', 's'))
         .toBe('subgroupMatrixStore<row_major>(&b, o, m, s);');
-    const legacy = {...REAL, diagnose: {legacyBuiltins: true}};
+    const legacy = {...SHAPE_REAL, diagnose: {legacyBuiltins: true}};
     expect(matrixLoadWGSL(legacy, 'T', view)).toBe('subgroupMatrixLoad<T>(&a, o, true, s)');
     expect(matrixStoreWGSL(legacy, 'b', 'o', 'm', 's'))
         .toBe('subgroupMatrixStore(&b, o, m, false, s);');
   });
 
   it('fills accumulators with a runtime zero, not the OpConstantNull constructor', () => {
-    expect(zeroResultWGSL(REAL, 'z')).toBe('subgroup_matrix_result<f32, 16, 16>(z)');
-    expect(zeroResultWGSL({...REAL, diagnose: {nullAccumulator: true}}, 'z'))
+    expect(zeroResultWGSL(SHAPE_REAL, 'z')).toBe('subgroup_matrix_result<f32, 16, 16>(z)');
+    expect(zeroResultWGSL({...SHAPE_REAL, diagnose: {nullAccumulator: true}}, 'z'))
         .toBe('subgroup_matrix_result<f32, 16, 16>()');
   });
 
   it('takes the subgroup and lane from the subgroup built-ins', () => {
-    expect(subgroupIdsWGSL(REAL, 4)).toContain('let g = sgId;');
-    expect(subgroupIdsWGSL(REAL, 4)).toContain('let ln = sgLane;');
-    const byIndex = subgroupIdsWGSL({...REAL, diagnose: {indexSubgroups: true}}, 4);
+    expect(subgroupIdsWGSL(SHAPE_REAL, 4)).toContain('let g = sgId;');
+    expect(subgroupIdsWGSL(SHAPE_REAL, 4)).toContain('let ln = sgLane;');
+    const byIndex = subgroupIdsWGSL({...SHAPE_REAL, diagnose: {indexSubgroups: true}}, 4);
     expect(byIndex).toContain('let g = lid / 32u;');
     expect(byIndex).toContain('let ln = lid % 32u;');
   });
@@ -70,7 +64,7 @@ describe('subgroup-matrix WGSL of the real built-ins', () => {
 // (docs/tensor_cores.md). No CPU device shows misalignment: the rule is
 // checked on the generated WGSL of every tiling.
 describe('subgroup-matrix kernels: workgroup variables keep the matrix arrays aligned', () => {
-  const shapes: MatrixShape[] = [REAL, {...REAL, N: 8}, SHAPE_A, SHAPE_B];
+  const shapes: MatrixShape[] = [SHAPE_REAL, {...SHAPE_REAL, N: 8}, SHAPE_A, SHAPE_B];
   const plain = scoreOptionsFromAttrs({softcap: 0, windowLeft: -1, windowRight: -1}, false);
   const masked = scoreOptionsFromAttrs({softcap: 5, windowLeft: 9, windowRight: 3}, true);
 

@@ -21,3 +21,11 @@ export const SHAPE_B: MatrixShape = {
   lanes: 32,
   standIn: true
 };
+/** The real built-ins' 16 x 16 x 16 shape on 32 lanes (an H100's f16 one). */
+export const SHAPE_REAL: MatrixShape = {
+  M: 16,
+  N: 16,
+  K: 16,
+  lanes: 32,
+  standIn: false
+};
